@@ -1,0 +1,180 @@
+"""``http`` backend: a reverse proxy to ``base_url`` on a persistent pool.
+
+Built on ``twisted.web.client.Agent`` directly (not treq) because this is the
+passthrough hot path: the request body goes up as a producer and the response
+body comes back as one, so neither is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.web.client import (Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed,
+                                ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+import ipaddress
+from twisted.web.http_headers import Headers
+
+from harmony.backends.base import Backend
+from harmony.backends.streams import ResponseBodyProducer
+from harmony.config.errors import OptionError
+from harmony.envelope import ResponseEnvelope, as_producer
+from harmony.errors import BackendTimeout, BackendUnavailable
+from harmony.web.headers import end_to_end
+
+
+def check_base_url(url: str, key: str = "base_url") -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OptionError(key, f"must be an absolute http(s) URL, got {url!r}")
+    if parts.query or parts.fragment:
+        raise OptionError(key, "must not carry a query or fragment")
+    return url.rstrip("/")
+
+
+def upstream_url(base_url: str, subpath: str, raw_query: bytes) -> bytes:
+    url = base_url + subpath
+    if not urlsplit(url).path:
+        url += "/"
+    out = url.encode("utf-8", "surrogateescape")
+    if raw_query:
+        out += b"?" + raw_query
+    return out
+
+
+def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
+    """End-to-end request headers plus the X-Forwarded-* and X-Request-ID a
+    reverse proxy owes its upstream.  Host and Content-Length are the client's
+    agent's to set (from the upstream URL and the body producer)."""
+    headers = end_to_end(request.headers, drop=drop)
+    xff = headers.getRawHeaders(b"x-forwarded-for")
+    client = request.client_ip.encode() if request.client_ip else b""
+    if client:
+        headers.setRawHeaders(b"x-forwarded-for", [b", ".join(xff + [client]) if xff else client])
+    if not headers.hasHeader(b"x-forwarded-proto"):
+        headers.setRawHeaders(b"x-forwarded-proto", [request.scheme.encode()])
+    if request.host and not headers.hasHeader(b"x-forwarded-host"):
+        headers.setRawHeaders(b"x-forwarded-host", [request.host.encode("latin-1")])
+    if request.request_id:
+        headers.setRawHeaders(b"x-request-id", [request.request_id.encode()])
+    return headers
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one "Starting factory" log line per upstream connection is noise
+
+
+@implementer(IAgentEndpointFactory)
+class _DirectEndpointFactory:
+    """Connect straight to IPv4 literals; HostnameEndpoint's happy-eyeballs
+    machinery adds ~300 ms to every refused connection, which makes failover slow."""
+
+    def __init__(self, reactor, connect_timeout, tls_policy):
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.standard = _StandardEndpointFactory(reactor, tls_policy, connect_timeout, None)
+
+    def endpointForURI(self, uri):
+        if uri.scheme == b"http":
+            try:
+                ipaddress.IPv4Address(uri.host.decode("ascii"))
+            except ValueError:
+                pass
+            else:
+                return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port,
+                                          timeout=self.connect_timeout)
+        return self.standard.endpointForURI(uri)
+
+
+class HttpBackend(Backend):
+    def __init__(self, name, base_urls, reactor, *, timeout=30.0, connect_timeout=None,
+                 max_connections=64):
+        super().__init__(name)
+        self.base_urls = list(base_urls)
+        self.reactor = reactor
+        self.timeout = timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections
+        self.pool.retryAutomatically = False  # a retry is a policy decision, not the pool's
+        self.pool._factory = _QuietClientFactory
+        endpoints = _DirectEndpointFactory(reactor, connect_timeout or timeout, BrowserLikePolicyForHTTPS())
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        urls = []
+        if "base_url" in options:
+            urls.append(check_base_url(options.str("base_url")))
+        for t in ctx.targets():
+            if "url" not in t:
+                raise OptionError("targets", f"target {t['name']!r} needs a 'url'")
+            urls.append(check_base_url(t["url"], f"targets.{t['name']}.url"))
+        if not urls:
+            raise OptionError("base_url", "is required (or name targets with a 'url')")
+        timeout = options.number("timeout_secs", 30.0, minimum=0.001)
+        connect = options.number("connect_timeout_secs", None, minimum=0.001)
+        maxconn = options.int("max_connections_per_host", 64, minimum=1, maximum=10000)
+        return cls(name, urls, ctx.reactor, timeout=timeout, connect_timeout=connect, max_connections=maxconn)
+
+    def pick_base_url(self, request) -> str:
+        return self.base_urls[0]
+
+    def prepare_headers(self, request) -> Headers:
+        return forwarded_headers(request)
+
+    def build_response(self, request, response) -> ResponseEnvelope:
+        return ResponseEnvelope(
+            status=response.code, reason=response.phrase,
+            headers=end_to_end(response.headers), body=ResponseBodyProducer(response),
+            metadata={"upstream_status": str(response.code)},
+        )
+
+    def send(self, request):
+        url = upstream_url(self.pick_base_url(request), request.subpath, request.raw_query)
+        return self.request(request.method.encode("ascii"), url, self.prepare_headers(request),
+                            as_producer(request.body)).addCallback(
+            lambda response: self.build_response(request, response))
+
+    def request(self, method: bytes, url: bytes, headers: Headers, body_producer):
+        """One upstream exchange with a deadline on the response head.
+
+        Fails with BackendTimeout past ``timeout_secs`` and BackendUnavailable
+        when the upstream cannot be reached or breaks off.
+        """
+        d = self.agent.request(method, url, headers, body_producer)
+        state = {"timed_out": False}
+
+        def expire():
+            state["timed_out"] = True
+            d.cancel()
+
+        timer = self.reactor.callLater(self.timeout, expire)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        def failed(failure):
+            if state["timed_out"]:
+                raise BackendTimeout(f"upstream did not answer within {self.timeout:g}s")
+            if failure.check(defer.CancelledError):
+                return failure
+            if failure.check(ResponseNeverReceived, ResponseFailed):
+                raise BackendUnavailable("upstream closed the connection before answering")
+            from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+            if failure.check(TimeoutError):
+                raise BackendTimeout("timed out connecting to upstream")
+            if failure.check(ConnectError, DNSLookupError):
+                raise BackendUnavailable(f"upstream unreachable: {failure.value.__class__.__name__}")
+            return failure
+
+        d.addBoth(done)
+        d.addErrback(failed)
+        return d
+
+    def close(self):
+        return self.pool.closeCachedConnections()

@@ -1,0 +1,107 @@
+"""``harmony`` command line: check a config, show its routes, and tools.
+
+Subcommands live in their own modules and register here with one line in
+``COMMANDS`` (name -> "module:function" taking the argparse subparsers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harmony.registry import load_object
+
+COMMANDS = {
+    "check": "harmony.cli:add_check",
+    "routes": "harmony.cli:add_routes",
+}
+
+
+def _load(config_path):
+    from harmony.config import ConfigErrors, load_config
+    from harmony.runtime import build_runtime
+
+    try:
+        config = load_config(config_path)
+        return build_runtime(config), None
+    except ConfigErrors as e:
+        return None, e
+
+
+def route_table(runtime) -> list[dict]:
+    rows = []
+    for net_name, routes in runtime.routes.items():
+        listen = runtime.config.networks[net_name].listen
+        for r in sorted(routes, key=lambda r: r.prefix):
+            rows.append({"network": net_name, "listen": listen, "prefix": r.prefix,
+                         "endpoint": r.endpoint.name, "service": runtime.config.endpoints[r.endpoint.name].type,
+                         "pipeline": r.pipeline.name})
+    for ep, pipe in runtime.listeners():
+        rows.append({"network": "-", "listen": getattr(ep, "listen_description", "-"), "prefix": "-",
+                     "endpoint": ep.name, "service": runtime.config.endpoints[ep.name].type,
+                     "pipeline": pipe.name})
+    return rows
+
+
+def _print_routes(runtime, out):
+    rows = route_table(runtime)
+    cols = ["network", "listen", "prefix", "endpoint", "service", "pipeline"]
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    out.write("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip() + "\n")
+    for r in rows:
+        out.write("  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() + "\n")
+
+
+def cmd_check(args) -> int:
+    runtime, errors = _load(args.config)
+    if errors is not None:
+        print(f"{args.config}: INVALID", file=sys.stdout)
+        print(errors.render(), file=sys.stdout)
+        return 1
+    cfg = runtime.config
+    print(f"{cfg.path}: OK (proxy id {cfg.proxy.id!r}, {len(cfg.files)} file(s))")
+    print(f"networks ({len(cfg.networks)}):")
+    for name, net in cfg.networks.items():
+        print(f"  {name}: {net.listen or '(no HTTP listener)'}")
+    print(f"pipelines ({len(runtime.pipelines)}):")
+    for name, pc in cfg.pipelines.items():
+        print(f"  {name}: endpoints={pc.endpoints} middleware={pc.middleware} backends={pc.backends}")
+    print("routes:")
+    _print_routes(runtime, sys.stdout)
+    for w in runtime.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_routes(args) -> int:
+    runtime, errors = _load(args.config)
+    if errors is not None:
+        print(errors.render(), file=sys.stderr)
+        return 1
+    _print_routes(runtime, sys.stdout)
+    return 0
+
+
+def add_check(sub):
+    p = sub.add_parser("check", help="validate a configuration and summarise it")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_check)
+
+
+def add_routes(sub):
+    p = sub.add_parser("routes", help="print the route table of a configuration")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_routes)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="harmony", description="Harmony healthcare proxy tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for spec in COMMANDS.values():
+        load_object(spec)(sub)
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The loaded configuration: plain attrs records, each remembering its source file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attr
+
+
+@attr.s(auto_attribs=True)
+class ProxySettings:
+    id: str = "harmony"
+    log_level: str = "info"
+    pipelines_path: Path | None = None
+    transforms_path: Path | None = None
+    workers: int = 1
+
+
+@attr.s(auto_attribs=True)
+class NetworkConfig:
+    name: str
+    source: str
+    #: A Twisted server endpoint description ("tcp:8080:interface=127.0.0.1").
+    listen: str | None = None
+    raw: dict = attr.Factory(dict)
+
+
+@attr.s(auto_attribs=True)
+class ComponentConfig:
+    """An ``[endpoints.X]``, ``[backends.X]`` or ``[middleware.X]`` table."""
+
+    name: str
+    type: str
+    options: dict
+    source: str
+    #: Table name used in messages, e.g. ``endpoints.api``.
+    table: str
+    targets: list = attr.Factory(list)
+    raw: dict = attr.Factory(dict)
+
+
+@attr.s(auto_attribs=True)
+class PipelineConfig:
+    name: str
+    source: str
+    description: str = ""
+    networks: list = attr.Factory(list)
+    endpoints: list = attr.Factory(list)
+    middleware: list = attr.Factory(list)
+    backends: list = attr.Factory(list)
+    raw: dict = attr.Factory(dict)
+
+
+@attr.s(auto_attribs=True)
+class HarmonyConfig:
+    path: Path
+    base_dir: Path
+    proxy: ProxySettings
+    networks: dict
+    pipelines: dict
+    endpoints: dict
+    backends: dict
+    middleware: dict
+    targets: dict
+    management: dict = attr.Factory(dict)
+    storage: dict = attr.Factory(dict)
+    logging: dict = attr.Factory(dict)
+    #: ``[services.*]`` / ``[endpoint_types.*]`` / ``[middleware_types.*]`` module specs.
+    custom_types: dict = attr.Factory(dict)
+    #: Every file read, in order (main file first).
+    files: list = attr.Factory(list)
+    #: Raw top-level tables by file, for types that read their own sections.
+    raw: dict = attr.Factory(dict)
+
+    @property
+    def storage_path(self) -> Path:
+        opts = self.storage.get("options", {}) if isinstance(self.storage, dict) else {}
+        p = Path(opts.get("path", "./var/harmony")).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)

@@ -1,0 +1,80 @@
+"""Behaviour shared by every endpoint type."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer, provider
+
+from harmony.config.errors import OptionError
+from harmony.errors import HarmonyError
+from harmony.interfaces import IComponentFactory, IHttpEndpoint
+from harmony.log import get_logger
+from harmony.web.bridge import envelope_from_request, log_access, write_response
+from harmony.web.problem import problem_response
+
+log = get_logger("harmony.endpoint")
+
+
+def check_prefix(prefix: str) -> str:
+    if not prefix.startswith("/"):
+        raise OptionError("path_prefix", f"must start with '/', got {prefix!r}")
+    if any(seg in (".", "..") for seg in prefix.split("/")) or "?" in prefix or "#" in prefix:
+        raise OptionError("path_prefix", f"must be a plain path, got {prefix!r}")
+    return "/" + "/".join(s for s in prefix.split("/") if s)
+
+
+@implementer(IHttpEndpoint)
+@provider(IComponentFactory)
+class HttpEndpointBase(Service):
+    """An endpoint mounted on a network's web site at ``path_prefix``.
+
+    Subclasses adjust ``pre_process``/``post_process``/``error_response`` (FHIR
+    answers errors as OperationOutcome) or override ``render_http`` entirely
+    (an endpoint with fixed routes of its own, such as JMIX).
+    """
+
+    transport = "http"
+    protocol = "http"
+
+    def __init__(self, name: str, path_prefix: str = "/", options=None):
+        self.name = name
+        self.path_prefix = path_prefix
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        return cls(name, check_prefix(options.str("path_prefix", "/")))
+
+    def pre_process(self, request):
+        return request
+
+    def post_process(self, request, response):
+        return response
+
+    def error_response(self, error: HarmonyError, request):
+        return problem_response(error, request.request_id, request.path)
+
+    def envelope(self, request, route):
+        return envelope_from_request(request, route.prefix, self.name, self.protocol)
+
+    def render_http(self, request, route):
+        started = time.monotonic()
+        env = self.envelope(request, route)
+        log_access(request, self.name, started)
+        d = defer.maybeDeferred(route.pipeline.handle, env, self)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallback(lambda response: write_response(request, response))
+        d.addErrback(self._unexpected, request, env)
+        return NOT_DONE_YET
+
+    def _unexpected(self, failure, request, env):
+        if failure.check(defer.CancelledError):
+            return None  # the client went away; nothing to answer
+        log.failure("endpoint {endpoint} failed to answer request {request_id}", failure,
+                    endpoint=self.name, request_id=env.request_id)
+        if not request.finished and not request.startedWriting:
+            return write_response(request, self.error_response(HarmonyError("internal error"), env))
+        return None

@@ -1,0 +1,241 @@
+"""The protocol-neutral request and response that flow through a pipeline.
+
+Every endpoint turns its protocol's request into a :class:`RequestEnvelope`;
+every backend answers with a :class:`ResponseEnvelope`.  Middleware only ever
+sees envelopes, which is what lets the same auth or transform run behind HTTP,
+FHIR, DICOMweb, JMIX and DIMSE alike.
+
+Bodies are either ``bytes`` (small, already in memory) or a Twisted
+``IBodyProducer`` (a stream).  Streams stay streams: only code that really needs
+the whole body (a JSON transform, say) calls :func:`read_body`, and that takes a
+size cap so a multi-GB upload can never be pulled into memory by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl
+
+import attr
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from harmony.errors import PayloadTooLarge
+
+JSON_TYPES = ("application/json", "application/fhir+json", "application/dicom+json",
+              "application/json+fhir", "application/problem+json")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def parse_query(raw: bytes | str) -> list[tuple[str, str]]:
+    """Decode a query string into ordered pairs, keeping repeats and blanks."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    return parse_qsl(raw, keep_blank_values=True)
+
+
+def media_type(value: str | bytes | None) -> str:
+    """``'Application/JSON; charset=utf-8'`` -> ``'application/json'``."""
+    if not value:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value.split(";", 1)[0].strip().lower()
+
+
+def is_json_type(value: str | bytes | None) -> bool:
+    mt = media_type(value)
+    return mt in JSON_TYPES or mt.endswith("+json")
+
+
+def header(headers: Headers, name: str, default: str | None = None) -> str | None:
+    """First value of a header as text, or *default*."""
+    values = headers.getRawHeaders(name)
+    if not values:
+        return default
+    v = values[0]
+    return v.decode("latin-1") if isinstance(v, bytes) else v
+
+
+@attr.s(auto_attribs=True, slots=True)
+class RequestEnvelope:
+    """One request, whatever protocol it arrived on."""
+
+    method: str = "GET"
+    #: Full request path as received (no query string).
+    path: str = "/"
+    #: The path below the endpoint's prefix, always starting with ``/``.
+    subpath: str = "/"
+    #: Decoded query pairs in order, repeated keys kept.
+    query: list = attr.Factory(list)
+    #: The query string exactly as received, for byte-exact forwarding.
+    raw_query: bytes = b""
+    headers: Headers = attr.Factory(Headers)
+    body: Any = b""
+    #: String map shared by endpoint, middleware and backend: ``protocol``,
+    #: ``request_id``, ``endpoint``, ``pipeline``, ``auth.sub`` ...
+    metadata: dict = attr.Factory(dict)
+    #: Parsed JSON view of the body (or DICOM JSON for DIMSE), when there is one.
+    normalized: Any = None
+    #: Client address and the scheme/host it used, for X-Forwarded-* and URL building.
+    client_ip: str = ""
+    scheme: str = "http"
+    host: str = ""
+    #: Protocol objects an endpoint wants its own middleware/backends to reach
+    #: (e.g. a DIMSE event); never serialised, never logged.
+    context: dict = attr.Factory(dict)
+
+    @property
+    def request_id(self) -> str:
+        return self.metadata.get("request_id", "")
+
+    def query_values(self, key: str) -> list[str]:
+        return [v for k, v in self.query if k == key]
+
+    def query_value(self, key: str, default: str | None = None) -> str | None:
+        values = self.query_values(key)
+        return values[0] if values else default
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        return header(self.headers, name, default)
+
+
+@attr.s(auto_attribs=True, slots=True)
+class ResponseEnvelope:
+    """One response, whatever protocol it will leave on."""
+
+    status: int = 200
+    headers: Headers = attr.Factory(Headers)
+    body: Any = b""
+    metadata: dict = attr.Factory(dict)
+    normalized: Any = None
+    #: HTTP reason phrase from an upstream, passed through when present.
+    reason: bytes | None = None
+    context: dict = attr.Factory(dict)
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        return header(self.headers, name, default)
+
+    @classmethod
+    def json(cls, status: int, document: Any, content_type: str = "application/json",
+             headers: Headers | None = None) -> "ResponseEnvelope":
+        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        h = headers if headers is not None else Headers()
+        h.setRawHeaders("Content-Type", [content_type])
+        return cls(status=status, headers=h, body=body, normalized=document)
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def body_length(body: Any) -> int | None:
+    """Length of a body when it is known without reading it."""
+    if body is None:
+        return 0
+    if isinstance(body, (bytes, bytearray)):
+        return len(body)
+    length = getattr(body, "length", UNKNOWN_LENGTH)
+    return None if length is UNKNOWN_LENGTH else length
+
+
+def as_producer(body: Any):
+    """A body as an ``IBodyProducer`` (or ``None`` for no body), for twisted.web clients."""
+    if body is None or (isinstance(body, (bytes, bytearray)) and not body):
+        return None
+    if isinstance(body, (bytes, bytearray)):
+        return BytesProducer(bytes(body))
+    return body
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """An in-memory body as a producer (for APIs that only take producers)."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self._data)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class _Collector(Protocol):
+    def __init__(self, finished: defer.Deferred, limit: int | None):
+        self.finished = finished
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.failed = False
+
+    def write(self, data: bytes):  # IConsumer side, for producers
+        self.dataReceived(data)
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        pass
+
+    def dataReceived(self, data: bytes):
+        if self.failed:
+            return
+        self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            self.failed = True
+            self.parts = []
+            if self.transport is not None:
+                self.transport.stopProducing()
+            if not self.finished.called:
+                self.finished.errback(PayloadTooLarge(f"body exceeds {self.limit} bytes"))
+            return
+        self.parts.append(data)
+
+
+def read_body(body: Any, max_bytes: int | None = 64 * 1024 * 1024) -> defer.Deferred:
+    """Read a whole body into ``bytes`` (fires with bytes).
+
+    Fails with :class:`PayloadTooLarge` past *max_bytes* instead of buffering a
+    body nobody should hold in memory.  A producer can only be read once; callers
+    that read a body replace it with the bytes they got.
+    """
+    if body is None:
+        return defer.succeed(b"")
+    if isinstance(body, (bytes, bytearray)):
+        if max_bytes is not None and len(body) > max_bytes:
+            return defer.fail(PayloadTooLarge(f"body exceeds {max_bytes} bytes"))
+        return defer.succeed(bytes(body))
+    length = body_length(body)
+    if max_bytes is not None and length is not None and length > max_bytes:
+        return defer.fail(PayloadTooLarge(f"body exceeds {max_bytes} bytes"))
+    finished: defer.Deferred = defer.Deferred()
+    collector = _Collector(finished, max_bytes)
+    collector.transport = None
+
+    def done(_):
+        if not finished.called:
+            finished.callback(b"".join(collector.parts))
+
+    def failed(f):
+        if not finished.called:
+            finished.errback(f)
+
+    body.startProducing(collector).addCallbacks(done, failed)
+    return finished

@@ -1,0 +1,46 @@
+"""Structured logging on twisted.logger, with Harmony's own level filter.
+
+twistd owns the global observers, so ``[proxy] log_level`` cannot filter them;
+instead every Harmony logger publishes through one filtering observer, whose
+level the configuration sets.  Twisted's own events pass untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
+                            globalLogPublisher, jsonFileLogObserver, textFileLogObserver)
+
+_LEVELS = {"trace": LogLevel.debug, "debug": LogLevel.debug, "info": LogLevel.info,
+           "warn": LogLevel.warn, "warning": LogLevel.warn, "error": LogLevel.error,
+           "critical": LogLevel.critical}
+
+_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+
+
+def _publish(event):
+    globalLogPublisher(event)
+
+
+_filtered = FilteringLogObserver(_publish, [_predicate])
+
+
+def get_logger(namespace: str) -> Logger:
+    return Logger(namespace=namespace, observer=_filtered)
+
+
+def set_level(level: str) -> None:
+    _predicate.setLogLevelForNamespace("", _LEVELS.get(level.lower(), LogLevel.info))
+
+
+def file_observer(path: str, fmt: str = "text"):
+    """An observer writing to *path* (``-`` for stdout), as text or JSON lines."""
+    if path == "-":
+        stream = sys.stdout
+    else:
+        stream = io.open(path, "a", encoding="utf-8")
+    if fmt == "json":
+        return jsonFileLogObserver(stream), stream
+    return textFileLogObserver(stream), stream

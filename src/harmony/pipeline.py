@@ -1,0 +1,111 @@
+"""The one Deferred-based executor every endpoint shares.
+
+    endpoint.pre_process -> middleware left (in order) -> backend
+      -> middleware right (reverse order) -> endpoint.post_process
+
+A middleware that answers a request itself (returns a ResponseEnvelope from
+``on_request``) short-circuits: the backend is not called, and only the
+middleware to its left see the response on the way out - an onion, as in
+Envoy's filter chains.  Exceptions become proxy-made errors rendered by the
+endpoint in its own dialect, carrying the request id.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.python.failure import Failure
+
+from harmony.envelope import RequestEnvelope, ResponseEnvelope
+from harmony.errors import (BackendTimeout, BackendUnavailable, ConfigurationFailure, HarmonyError,
+                            MiddlewareFailed)
+from harmony.log import get_logger
+
+log = get_logger("harmony.pipeline")
+
+
+def as_harmony_error(failure: Failure, stage: str) -> HarmonyError:
+    """Map any failure to the proxy error (and so status) a client should see."""
+    err = failure.value
+    if isinstance(err, HarmonyError):
+        return err
+    if isinstance(err, (defer.CancelledError, TimeoutError)):
+        return BackendTimeout("the backend did not answer in time")
+    if isinstance(err, (ConnectionRefusedError, DNSLookupError, ConnectError)):
+        return BackendUnavailable("the backend could not be reached")
+    if stage == "backend":
+        return BackendUnavailable(f"the backend failed: {type(err).__name__}")
+    return MiddlewareFailed(f"{stage} failed: {type(err).__name__}")
+
+
+class Pipeline:
+    def __init__(self, name: str, middleware: list, backends: list, description: str = ""):
+        self.name = name
+        self.middleware = list(middleware)
+        self.backends = list(backends)
+        self.description = description
+        #: Callables ``(request, response, seconds)`` told of every finished request
+        #: (metrics, audit); they must not raise.
+        self.observers: list = []
+
+    def select_backend(self, request: RequestEnvelope):
+        """The backend for this request: ``metadata['backend']`` when a routing
+        step chose one of this pipeline's backends, otherwise the first."""
+        if not self.backends:
+            raise ConfigurationFailure(f"pipeline {self.name!r} has no backend for this request")
+        wanted = request.metadata.get("backend")
+        if wanted:
+            for b in self.backends:
+                if b.name == wanted:
+                    return b
+        return self.backends[0]
+
+    @defer.inlineCallbacks
+    def handle(self, request: RequestEnvelope, endpoint):
+        """Run *request* through the pipeline; always fires with a ResponseEnvelope."""
+        started = time.monotonic()
+        request.metadata["pipeline"] = self.name
+        stage = "endpoint"
+        entered = []
+        try:
+            request = yield endpoint.pre_process(request)
+            response = None
+            stage = "middleware"
+            for mw in self.middleware:
+                stage = f"middleware {mw.name}"
+                result = yield mw.on_request(request)
+                if isinstance(result, ResponseEnvelope):
+                    response = result
+                    break
+                request = result
+                entered.append(mw)
+            if response is None:
+                backend = self.select_backend(request)
+                stage = "backend"
+                request.metadata["backend"] = backend.name
+                response = yield backend.send(request)
+            for mw in reversed(entered):
+                stage = f"middleware {mw.name}"
+                response = yield mw.on_response(request, response)
+            stage = "endpoint"
+            response = yield endpoint.post_process(request, response)
+        except Exception:
+            failure = Failure()
+            error = as_harmony_error(failure, "backend" if stage == "backend" else stage)
+            if error.status >= 500 and not isinstance(failure.value, HarmonyError):
+                log.failure("pipeline {pipeline} failed in {stage} (request {request_id})",
+                            failure, pipeline=self.name, stage=stage, request_id=request.request_id)
+            else:
+                log.debug("pipeline {pipeline}: {stage} answered {status}: {detail}",
+                          pipeline=self.name, stage=stage, status=error.status, detail=error.detail)
+            response = endpoint.error_response(error, request)
+            response.metadata.setdefault("error", error.code)
+        elapsed = time.monotonic() - started
+        for observer in self.observers:
+            try:
+                observer(request, response, elapsed)
+            except Exception:
+                log.failure("pipeline observer failed")
+        return response

@@ -1,0 +1,73 @@
+"""Type registry: maps the names used in TOML to implementing classes.
+
+Adding a type is one new module plus one line in the table below.  Classes are
+imported lazily, so a config that never uses DIMSE never imports pynetdicom, and
+an optional dependency's absence only matters to configs that need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ENDPOINT, BACKEND, MIDDLEWARE = "endpoint", "backend", "middleware"
+
+#: kind -> type name -> "module:attribute"
+BUILTIN: dict[str, dict[str, str]] = {
+    ENDPOINT: {
+        "http": "harmony.endpoints.http:HttpEndpoint",
+    },
+    BACKEND: {
+        "echo": "harmony.backends.echo:EchoBackend",
+        "http": "harmony.backends.http:HttpBackend",
+    },
+    MIDDLEWARE: {
+        "passthru": "harmony.middleware.passthru:Passthru",
+    },
+}
+
+
+class UnknownType(LookupError):
+    pass
+
+
+def load_object(spec: str):
+    """Import ``"package.module:Attribute"`` (or ``"package.module.Attribute"``)."""
+    if ":" in spec:
+        module_name, _, attr_name = spec.partition(":")
+    else:
+        module_name, _, attr_name = spec.rpartition(".")
+    if not module_name or not attr_name:
+        raise ValueError(f"expected 'package.module:Class', got {spec!r}")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr_name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr_name!r}") from None
+
+
+class Registry:
+    """The types one configuration can use: built-ins plus its custom modules."""
+
+    def __init__(self):
+        self._specs = {kind: dict(types) for kind, types in BUILTIN.items()}
+
+    def register(self, kind: str, name: str, spec):
+        """Register a class (or an import spec string) under *name*."""
+        self._specs.setdefault(kind, {})[name] = spec
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._specs.get(kind, {}))
+
+    def has(self, kind: str, name: str) -> bool:
+        return name in self._specs.get(kind, {})
+
+    def lookup(self, kind: str, name: str):
+        try:
+            spec = self._specs[kind][name]
+        except KeyError:
+            known = ", ".join(self.names(kind))
+            raise UnknownType(f"unknown {kind} type {name!r} (known: {known})") from None
+        if isinstance(spec, str):
+            spec = load_object(spec)
+            self._specs[kind][name] = spec
+        return spec

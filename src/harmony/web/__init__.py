@@ -1,0 +1,1 @@
+"""twisted.web plumbing shared by every HTTP-family endpoint."""

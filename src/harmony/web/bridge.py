@@ -1,0 +1,140 @@
+"""Between twisted.web requests and envelopes: in, out, and the access log."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
+
+from harmony.envelope import RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id
+from harmony.log import get_logger
+from harmony.web.headers import HOP_BY_HOP
+
+log = get_logger("harmony.access")
+errlog = get_logger("harmony.web")
+
+#: Bodies up to this size are read into memory (cheap, and lets JSON-aware
+#: middleware see them); larger ones stay a stream from twisted.web's spool file.
+INLINE_BODY_LIMIT = 256 * 1024
+_REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def request_body(request):
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0, 0)
+    if size == 0:
+        return b""
+    if size <= INLINE_BODY_LIMIT:
+        return content.read()
+    return FileBodyProducer(content)
+
+
+def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: str = "http") -> RequestEnvelope:
+    uri = request.uri
+    raw_path, _, raw_query = uri.partition(b"?")
+    path = _text(raw_path)
+    if prefix == "/":
+        subpath = path
+    else:
+        subpath = path[len(prefix):]
+    incoming_id = request.requestHeaders.getRawHeaders(b"x-request-id", [b""])[0]
+    request_id = _text(incoming_id) if _REQUEST_ID_OK.match(incoming_id) else new_request_id()
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        headers.setRawHeaders(name, list(values))
+    body = request_body(request)
+    env = RequestEnvelope(
+        method=_text(request.method), path=path, subpath=subpath,
+        raw_query=raw_query, headers=headers, body=body,
+        metadata={"protocol": protocol, "request_id": request_id, "endpoint": endpoint_name},
+        client_ip=getattr(request.getClientAddress(), "host", ""),
+        scheme="https" if request.isSecure() else "http",
+        host=_text(request.getHeader(b"host") or b""),
+    )
+    from harmony.envelope import parse_query
+    env.query = parse_query(raw_query)
+    if isinstance(body, bytes) and body and is_json_type(env.header("content-type")):
+        import json
+        try:
+            env.normalized = json.loads(body)
+        except ValueError:
+            env.normalized = None  # json_extractor(strict) decides whether that is an error
+    request._harmony_request_id = request_id
+    return env
+
+
+def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
+    """Write *response* to a twisted.web request, streaming producer bodies with
+    flow control; fires when the response is finished (or the client left)."""
+    if getattr(request, "_disconnected", False) or request.finished:
+        return defer.succeed(None)
+    request.setResponseCode(response.status, response.reason)
+    skip = HOP_BY_HOP | {b"content-length"}
+    for name, values in response.headers.getAllRawHeaders():
+        if name.lower() not in skip:
+            request.responseHeaders.setRawHeaders(name, list(values))
+    rid = getattr(request, "_harmony_request_id", None)
+    if rid and not request.responseHeaders.hasHeader(b"x-request-id"):
+        request.responseHeaders.setRawHeaders(b"x-request-id", [rid.encode()])
+    body = response.body
+    length = body_length(body)
+    if length is not None and response.status not in (204, 304) and not 100 <= response.status < 200:
+        request.responseHeaders.setRawHeaders(b"content-length", [str(length).encode()])
+    if body is None or isinstance(body, (bytes, bytearray)):
+        if body:
+            request.write(bytes(body))
+        request.finish()
+        return defer.succeed(None)
+    # A producer: let the transport pause it when the client reads slowly.
+    done = defer.Deferred()
+    request.registerProducer(body, True)
+
+    def client_gone(reason):
+        try:
+            body.stopProducing()
+        except Exception:  # noqa: BLE001 - a producer that already finished may complain
+            pass
+        return None
+
+    request.notifyFinish().addErrback(client_gone)
+
+    def finished(result):
+        request.unregisterProducer()
+        if isinstance(result, Failure):
+            # Headers are gone already; the only honest signal left is to cut
+            # the connection so the client sees a truncated body, not a whole one.
+            errlog.warn("response body stream failed (request {request_id}): {error}",
+                        request_id=rid, error=result.getErrorMessage())
+            if request.channel is not None and request.channel.transport is not None:
+                request.channel.transport.abortConnection()
+            done.callback(None)
+            return None
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.finish()
+        done.callback(None)
+        return None
+
+    body.startProducing(request).addBoth(finished)
+    return done
+
+
+def log_access(request, endpoint_name: str, started: float):
+    def _log(_):
+        log.info("{method} {path} {status} {bytes}B {duration_ms}ms id={request_id}",
+                 method=_text(request.method), path=_text(request.path),
+                 status=request.code, bytes=request.sentLength,
+                 duration_ms=round((time.monotonic() - started) * 1000, 1),
+                 request_id=getattr(request, "_harmony_request_id", ""), endpoint=endpoint_name)
+    request.notifyFinish().addBoth(_log)

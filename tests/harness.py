@@ -1,0 +1,116 @@
+"""Shared test harness: write configs, run Harmony on real loopback ports,
+and small real upstream servers.  Used by every test module."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import attr
+import treq
+from twisted.internet import defer, reactor
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from harmony.config import load_config
+from harmony.runtime import build_runtime
+from harmony.service import HarmonyService
+
+
+def write_config(folder: Path, main: str, pipelines: dict[str, str] | None = None) -> Path:
+    """Write ``harmony.toml`` (and ``pipelines/*.toml``) into *folder*."""
+    folder.mkdir(parents=True, exist_ok=True)
+    main = textwrap.dedent(main)
+    if pipelines is not None:
+        (folder / "pipelines").mkdir(exist_ok=True)
+        for name, text in pipelines.items():
+            (folder / "pipelines" / f"{name}.toml").write_text(textwrap.dedent(text))
+        if "pipelines_path" not in main:
+            main = main.replace("[proxy]", '[proxy]\npipelines_path = "pipelines"', 1)
+    path = folder / "harmony.toml"
+    path.write_text(main)
+    return path
+
+
+MINIMAL_MAIN = """
+[proxy]
+id = "test"
+log_level = "debug"
+
+[network.default.http]
+bind_address = "127.0.0.1"
+bind_port = 0
+"""
+
+
+@attr.s(auto_attribs=True)
+class RunningHarmony:
+    service: HarmonyService
+
+    def port(self, network="default") -> int:
+        return self.service.networks[network].port.getHost().port
+
+    def url(self, path="", network="default") -> str:
+        return f"http://127.0.0.1:{self.port(network)}{path}"
+
+    def stop(self):
+        return self.service.stopService()
+
+
+@defer.inlineCallbacks
+def start_harmony(config_path: Path):
+    """Build and start Harmony from a config file; fires once it listens."""
+    runtime = build_runtime(load_config(config_path), reactor)
+    service = HarmonyService(runtime, reactor)
+    service.startService()
+    yield service.when_listening()
+    return RunningHarmony(service)
+
+
+def listen(resource, interface="127.0.0.1"):
+    """Serve a twisted.web resource on a free loopback port; returns the port."""
+    site = Site(resource)
+    site.noisy = False
+    return reactor.listenTCP(0, site, interface=interface)
+
+
+class RecordingUpstream(Resource):
+    """A real HTTP upstream that records each request and answers as told.
+
+    ``respond`` maps a path to (status, headers, body); unknown paths get 200
+    with a JSON summary of the request.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+        self.respond = {}
+        self.hang = set()
+
+    def render(self, request):
+        body = request.content.read()
+        self.requests.append({
+            "method": request.method, "uri": request.uri, "path": request.path,
+            "headers": {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()},
+            "body": body,
+        })
+        if request.path in self.hang:
+            return NOT_DONE_YET
+        if request.path in self.respond:
+            status, headers, payload = self.respond[request.path]
+            request.setResponseCode(status)
+            for k, v in headers.items():
+                request.setHeader(k, v)
+            return payload
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"uri": request.uri.decode(), "length": len(body)}).encode()
+
+
+async def get_json(response):
+    return json.loads(await response.content())
+
+
+__all__ = ["write_config", "start_harmony", "listen", "RecordingUpstream", "MINIMAL_MAIN", "treq"]

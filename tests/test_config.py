@@ -1,0 +1,186 @@
+"""Configuration loading and validation: every problem named by file and key."""
+
+import pytest
+
+from harmony.config import ConfigErrors, load_config
+from harmony.runtime import build_runtime
+from tests.harness import MINIMAL_MAIN, write_config
+
+ECHO = """
+[pipelines.echo]
+networks = ["default"]
+endpoints = ["e"]
+backends = ["b"]
+
+[endpoints.e]
+service = "http"
+[endpoints.e.options]
+path_prefix = "/echo"
+
+[backends.b]
+service = "echo"
+"""
+
+
+def problems_of(path):
+    with pytest.raises(ConfigErrors) as info:
+        build_runtime(load_config(path))
+    return [str(p) for p in info.value.problems]
+
+
+def test_loads_main_and_pipeline_folder(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN, {"echo": ECHO})
+    runtime = build_runtime(load_config(path))
+    assert list(runtime.pipelines) == ["echo"]
+    [route] = runtime.routes["default"]
+    assert (route.prefix, route.endpoint.name, route.pipeline.name) == ("/echo", "e", "echo")
+    assert runtime.config.networks["default"].listen == "tcp:0:interface=127.0.0.1"
+
+
+def test_harmony_style_config_loads_unchanged(tmp_path):
+    """Shapes from Harmony's own examples: `type` instead of `service`, inline
+    options, 'middleware.x' references, registration tables, top-level paths."""
+    main = """
+pipelines_path = "pipelines"
+
+[proxy]
+id = "harmony-test"
+log_level = "debug"
+
+[network.default]
+enable_wireguard = false
+interface = "wg0"
+
+[network.default.http]
+bind_address = "127.0.0.1"
+bind_port = 0
+
+[services.http]
+module = ""
+[middleware_types.passthru]
+module = ""
+"""
+    pipe = """
+[pipelines.default]
+description = "Basic passthru test"
+networks = ["default"]
+endpoints = ["basic_test"]
+middleware = ['middleware.passthru']
+backends = ["test_backend"]
+
+[middleware.passthru]
+
+[endpoints.basic_test]
+type = "http"
+options = { path_prefix = "/test" }
+
+[backends.test_backend]
+type = "http"
+targets = ["test_target"]
+
+[targets.test_target]
+type = "http"
+url = "http://localhost:8081/test"
+"""
+    path = write_config(tmp_path, main, {"default": pipe})
+    runtime = build_runtime(load_config(path))
+    assert runtime.pipelines["default"].middleware[0].name == "passthru"
+    assert runtime.backends["test_backend"].base_urls == ["http://localhost:8081/test"]
+
+
+def test_invalid_toml_names_file(tmp_path):
+    path = write_config(tmp_path, "[proxy\nid = 1\n")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "invalid TOML" in str(info.value)
+
+
+def test_bad_pipeline_file_refuses_start_not_silently_dropped(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN, {"echo": ECHO, "broken": "[pipelines.x\n"})
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    assert "broken.toml" in str(info.value)
+
+
+def test_all_problems_reported_each_with_file_and_key(tmp_path):
+    bad = """
+[pipelines.p]
+networks = ["nonet"]
+endpoints = ["e", "missing_ep"]
+middleware = ["nomw"]
+backends = ["b", "nobackend"]
+
+[endpoints.e]
+service = "nosuchservice"
+
+[backends.b]
+service = "http"
+[backends.b.options]
+base_url = "ftp://x"
+"""
+    main = MINIMAL_MAIN.replace("bind_port = 0", "bind_port = 70000")
+    path = write_config(tmp_path, main, {"bad": bad})
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    msgs = [str(p) for p in info.value.problems]
+    assert any("[network.default.http.bind_port]" in m and "70000" in m for m in msgs), msgs
+
+    path = write_config(tmp_path, MINIMAL_MAIN, {"bad": bad})
+    msgs = problems_of(path)
+    expected = [
+        "[endpoints.e.service]: unknown endpoint type 'nosuchservice'",
+        "[backends.b.options.base_url]: must be an absolute http(s) URL",
+        "[pipelines.p.middleware]: names unknown middleware 'nomw'",
+        "[pipelines.p.backends]: names unknown backend 'nobackend'",
+        "[pipelines.p.networks]: names unknown network 'nonet'",
+        "[pipelines.p.endpoints]: names unknown endpoint 'missing_ep'",
+    ]
+    for e in expected:
+        assert any(e in m for m in msgs), (e, msgs)
+    assert all("bad.toml" in m for m in msgs), msgs
+
+
+def test_duplicate_names_across_files(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN, {"a": ECHO, "b": "[backends.b]\nservice = \"echo\"\n"})
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    [msg] = [str(p) for p in info.value.problems]
+    assert "b.toml: [backends.b]: is defined twice" in msg and "a.toml" in msg
+
+
+def test_route_conflict_names_both_pipelines(tmp_path):
+    other = ECHO.replace("pipelines.echo", "pipelines.echo2").replace('"e"', '"e2"').replace(
+        "endpoints.e]", "endpoints.e2]").replace("endpoints.e.options", "endpoints.e2.options").replace(
+        '"b"', '"b"').replace("[backends.b]\nservice = \"echo\"\n", "")
+    path = write_config(tmp_path, MINIMAL_MAIN, {"a": ECHO, "b": other})
+    msgs = problems_of(path)
+    assert any("route conflict" in m and "'echo'" in m and "'echo2'" in m and "/echo" in m for m in msgs), msgs
+
+
+def test_prefix_must_be_absolute(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN, {"a": ECHO.replace('"/echo"', '"echo"')})
+    msgs = problems_of(path)
+    assert any("[endpoints.e.options.path_prefix]: must start with '/'" in m for m in msgs), msgs
+
+
+def test_listen_description_accepted(tmp_path):
+    main = MINIMAL_MAIN.replace("[network.default.http]\nbind_address = \"127.0.0.1\"\nbind_port = 0",
+                                '[network.default]\nlisten = "tcp:0:interface=127.0.0.1"')
+    path = write_config(tmp_path, main, {"a": ECHO})
+    runtime = build_runtime(load_config(path))
+    assert runtime.config.networks["default"].listen == "tcp:0:interface=127.0.0.1"
+
+
+def test_custom_middleware_module(tmp_path):
+    main = MINIMAL_MAIN + '\n[middleware_types.stamp]\nmodule = "tests.custom_types:Stamp"\n'
+    pipe = ECHO.replace('backends = ["b"]', 'middleware = ["stamp"]\nbackends = ["b"]')
+    path = write_config(tmp_path, main, {"a": pipe})
+    runtime = build_runtime(load_config(path))
+    assert type(runtime.middleware["stamp"]).__name__ == "Stamp"
+
+
+def test_custom_module_that_cannot_load(tmp_path):
+    main = MINIMAL_MAIN + '\n[middleware_types.stamp]\nmodule = "tests.nope:Nope"\n'
+    path = write_config(tmp_path, main, {"a": ECHO})
+    msgs = problems_of(path)
+    assert any("[middleware_types.stamp.module]: cannot load 'tests.nope:Nope'" in m for m in msgs), msgs
