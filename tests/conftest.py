@@ -12,3 +12,23 @@ def upstream():
     resource.url = f"http://127.0.0.1:{port.getHost().port}"
     yield resource
     pytest_twisted.blockon(port.stopListening())
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The synthetic DICOM corpus (see tests/dicom_data.py), written once per run."""
+    from tests.dicom_data import make_corpus
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory, corpus):
+    """A real Orthanc (DICOM + DICOMweb) loaded with the corpus, shared by the run.
+
+    Tests that store into it use fresh UIDs so they never disturb each other.
+    """
+    from tests.peers import Orthanc
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    server.upload(i.path for i in corpus)
+    yield server
+    server.stop()

@@ -1,0 +1,234 @@
+"""Real DICOM peers for tests: Orthanc (+ DICOMweb plugin) and DCMTK servers.
+
+Each starts as a plain process on 127.0.0.1 with a temporary configuration and
+free ports, with ``TCP_NODELAY=1`` (see the field notes: without it every
+multi-PDU exchange stalls ~40 ms).  A missing binary fails loudly: these tests
+must never pass because a tool was absent.
+
+DCMTK tools are called by absolute path: pynetdicom installs console scripts of
+the same names into the venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DCMTK = {name: f"/usr/bin/{name}" for name in
+         ("echoscu", "findscu", "getscu", "movescu", "storescu", "storescp", "dcmqrscp", "dcmqridx", "dcmodify")}
+
+
+def require(path: str) -> str:
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing: run scripts/test, which installs dcmtk, orthanc and orthanc-dicomweb")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peer_env() -> dict:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll *predicate* until true; fail with *what* (and the process's exit) otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what}: not ready after {timeout}s")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Orthanc:
+    """An Orthanc process with the DICOMweb plugin and its own storage folder."""
+
+    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None):
+        self.folder = Path(folder)
+        self.aet = aet
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.modalities = modalities or {}
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def start(self):
+        require(ORTHANC)
+        require(DICOMWEB_PLUGIN)
+        storage = self.folder / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "HarmonyTestOrthanc",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {name: [aet, host, port] for name, (aet, host, port) in self.modalities.items()},
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "StableAge": 1,
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                         "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "HttpCompressionEnabled": False,
+            "SaveJobs": False,
+        }
+        cfg = self.folder / "orthanc.json"
+        cfg.write_text(json.dumps(config))
+        self.log = open(self.folder / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=peer_env(), cwd=self.folder)
+        wait_for(self._ready, 30, "Orthanc", self.proc)
+        wait_for(lambda: port_open(self.dicom_port), 30, "Orthanc DICOM port", self.proc)
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/system", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def rest(self, method: str, path: str, body: bytes | None = None, content_type="application/json"):
+        req = urllib.request.Request(f"{self.url}{path}", data=body, method=method,
+                                     headers={"Content-Type": content_type} if body is not None else {})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            data = r.read()
+            return json.loads(data) if data and r.headers.get_content_type() == "application/json" else data
+
+    def upload(self, paths) -> None:
+        for p in paths:
+            self.rest("POST", "/instances", Path(p).read_bytes(), "application/dicom")
+
+    def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1"):
+        self.rest("PUT", f"/modalities/{name}", json.dumps({"AET": aet, "Host": host, "Port": port}).encode())
+
+    def instance_ids(self) -> list[str]:
+        return self.rest("GET", "/instances")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+class Dcmqrscp:
+    """DCMTK's Query/Retrieve SCP as a second PACS, indexed from files."""
+
+    def __init__(self, folder: Path, aet: str = "DCMQRSCP", peers: dict | None = None):
+        self.folder = Path(folder)
+        self.aet = aet
+        self.port = free_port()
+        self.peers = peers or {}
+        self.proc = None
+
+    def start(self, files=()):
+        require(DCMTK["dcmqrscp"])
+        db = self.folder / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        hosts = "\n".join(f"{name} = ({aet}, 127.0.0.1, {port})" for name, (aet, port) in self.peers.items())
+        cfg = self.folder / "dcmqrscp.cfg"
+        cfg.write_text(f"""NetworkTCPPort = {self.port}
+MaxPDUSize = 65536
+MaxAssociations = 16
+HostTable BEGIN
+{hosts}
+HostTable END
+VendorTable BEGIN
+VendorTable END
+AETable BEGIN
+{self.aet} {db} RW (1000, 1024mb) ANY
+AETable END
+""")
+        files = [str(f) for f in files]
+        if files:
+            # dcmqridx indexes files in place, so give it copies inside the db folder.
+            copies = []
+            for f in files:
+                dst = db / Path(f).name
+                shutil.copyfile(f, dst)
+                copies.append(str(dst))
+            subprocess.run([require(DCMTK["dcmqridx"]), str(db), *copies], check=True, capture_output=True)
+        self.log = open(self.folder / "dcmqrscp.log", "wb")
+        self.proc = subprocess.Popen([DCMTK["dcmqrscp"], "--single-process", "-c", str(cfg), str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=peer_env())
+        wait_for(lambda: port_open(self.port), 30, "dcmqrscp", self.proc)
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+class Storescp:
+    """DCMTK's storescp, e.g. as a C-MOVE destination; files land in ``folder``."""
+
+    def __init__(self, folder: Path, aet: str = "STORESCP"):
+        self.folder = Path(folder)
+        self.aet = aet
+        self.port = free_port()
+        self.proc = None
+
+    def start(self):
+        require(DCMTK["storescp"])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.folder.parent / f"storescp-{self.port}.log", "wb")
+        self.proc = subprocess.Popen([DCMTK["storescp"], "--aetitle", self.aet, "-od", str(self.folder),
+                                      "--uid-filenames", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=peer_env())
+        wait_for(lambda: port_open(self.port), 30, "storescp", self.proc)
+        return self
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
