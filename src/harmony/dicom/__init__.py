@@ -1,0 +1,1 @@
+"""DICOM plumbing shared by the DIMSE, DICOMweb, JMIX and archive code."""

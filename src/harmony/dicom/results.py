@@ -1,0 +1,140 @@
+"""The contract between DICOM backends and whatever consumes their results.
+
+A DICOM backend (``dicom_scu``, ``dicomweb`` via the bridge, ``local_archive``)
+answers a pipeline request with a :class:`ResponseEnvelope` whose
+``context["dicom_results"]`` is a :class:`ResultStream`.  Consumers - the DIMSE
+SCP endpoint, the DICOMweb bridge, the JMIX builder, an HTTP JSON rendering -
+pull items from it *as they arrive*, so the first C-FIND match or retrieved
+instance goes onward long before the last one exists.
+
+Requests ask for an operation through envelope metadata:
+
+- ``metadata["dimse_op"]``: one of :data:`OPERATIONS`.
+- ``metadata["query_level"]``: ``PATIENT`` / ``STUDY`` / ``SERIES`` / ``IMAGE``.
+- ``metadata["query_model"]``: ``study`` (default) or ``patient`` root.
+- ``metadata["move_destination"]``: AE title for C-MOVE.
+- ``request.normalized``: the identifier as DICOM JSON (PS3.18 F.2), which is
+  what middleware transforms see and edit.
+- C-STORE: ``request.context["instance"]`` is a :class:`DicomInstance`
+  (or the body is Part-10 bytes / a producer with ``Content-Type: application/dicom``).
+
+Items are ``pydicom.Dataset`` identifiers for C-FIND and :class:`DicomInstance`
+for C-GET / C-MOVE.  Big instances live in files, never whole in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attr
+from twisted.internet import defer
+
+C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE = "C-ECHO", "C-FIND", "C-GET", "C-MOVE", "C-STORE"
+OPERATIONS = (C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE)
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+
+@attr.s(auto_attribs=True)
+class DicomInstance:
+    """One DICOM instance as a Part-10 file on disk.
+
+    ``owned`` instances live in a staging folder and are deleted by
+    :meth:`release` once the consumer has sent or copied them.
+    """
+
+    path: Path
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    transfer_syntax_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    size: int = 0
+    owned: bool = False
+
+    def release(self) -> None:
+        if self.owned:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class ResultStream:
+    """Items delivered one at a time, from any thread, to a consumer on the reactor.
+
+    Producer side (reactor thread; from other threads go through
+    ``reactor.callFromThread``): :meth:`put`, :meth:`finish`, :meth:`fail`.
+    Consumer side: :meth:`next` fires with the next item, or ``None`` at the end;
+    :meth:`cancel` asks the producer to stop (C-CANCEL) via ``on_cancel``.
+    Counters mirror PS3.4 sub-operation counts for retrieves.
+    """
+
+    def __init__(self, on_cancel=None):
+        self._items: list = []
+        self._waiting: defer.Deferred | None = None
+        self._done = False
+        self._failure = None
+        self.on_cancel = on_cancel
+        self.cancelled = False
+        #: Final DIMSE status (int) once finished, e.g. 0x0000, 0xB000, 0xA700.
+        self.status: int | None = None
+        self.error_comment: str | None = None
+        self.completed = self.failed = self.warning = 0
+        self.remaining: int | None = None
+        self.failed_sop_uids: list[str] = []
+
+    # -- producer
+    def put(self, item) -> None:
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.callback(item)
+        else:
+            self._items.append(item)
+
+    def finish(self, status: int = 0x0000, comment: str | None = None) -> None:
+        self.status = status
+        self.error_comment = comment
+        self._done = True
+        if self._waiting is not None and not self._items:
+            d, self._waiting = self._waiting, None
+            d.callback(None)
+
+    def fail(self, failure) -> None:
+        self._failure = failure
+        self._done = True
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.errback(failure)
+
+    # -- consumer
+    def next(self) -> defer.Deferred:
+        if self._items:
+            return defer.succeed(self._items.pop(0))
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        if self._done:
+            return defer.succeed(None)
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+    @property
+    def pending(self) -> int:
+        """Items produced but not yet taken (for flow control by producers)."""
+        return len(self._items)
+
+    def cancel(self) -> None:
+        if not self.cancelled and not self._done:
+            self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel()
+
+    @defer.inlineCallbacks
+    def collect(self):
+        """All remaining items as a list (for small results and tests only)."""
+        out = []
+        while True:
+            item = yield self.next()
+            if item is None:
+                return out
+            out.append(item)
