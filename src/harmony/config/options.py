@@ -6,6 +6,7 @@ options the same way and every message names what is wrong.
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 
 from harmony.config.errors import OptionError
@@ -70,13 +71,13 @@ class Options:
     def port(self, key, default=_MISSING) -> int:
         return self.int(key, default, minimum=0, maximum=65535)
 
-    def list(self, key, default=_MISSING, *, of=str) -> list:
+    def list(self, key, default=_MISSING, *, of=builtins.str) -> builtins.list:
         value = self._get(key, default)
         if value is None:
             return value
         if not isinstance(value, list) or not all(isinstance(v, of) for v in value):
             raise OptionError(key, f"must be a list of {of.__name__}")
-        return list(value)
+        return builtins.list(value)
 
     def table(self, key, default=_MISSING) -> dict:
         value = self._get(key, default)
