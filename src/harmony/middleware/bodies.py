@@ -1,0 +1,59 @@
+"""Body helpers shared by the JSON-aware middleware (json_extractor, transform).
+
+They read a body only up to a cap (a stream stays a stream until someone
+really needs it whole) and write bytes back with a matching Content-Length, so
+whichever endpoint or backend comes next sees a consistent envelope.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import defer
+
+from harmony.config.errors import OptionError
+from harmony.envelope import body_length, read_body
+
+#: Default cap on a body a JSON middleware will pull into memory.
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+DIRECTIONS = ("left", "right", "both")
+
+
+def dump_json(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def replace_body(envelope, data: bytes) -> None:
+    """Put *data* in place of the envelope's body, fixing Content-Length."""
+    envelope.body = data
+    if envelope.headers.hasHeader(b"content-length"):
+        envelope.headers.setRawHeaders(b"content-length", [str(len(data)).encode()])
+
+
+def too_big(envelope, max_bytes: int) -> bool:
+    """True when the body is known (without reading it) to exceed *max_bytes*."""
+    length = body_length(envelope.body)
+    return length is not None and length > max_bytes
+
+
+@defer.inlineCallbacks
+def read_whole(envelope, max_bytes: int):
+    """Read the envelope's body into bytes (capped) and keep them as the body:
+    a producer can be read only once, so later steps must see the bytes."""
+    data = yield read_body(envelope.body, max_bytes)
+    envelope.body = data
+    return data
+
+
+def direction_options(options, default="left") -> tuple[bool, bool]:
+    """``apply = "left" | "right" | "both"`` -> (on request, on response)."""
+    apply = options.str("apply", default, choices=DIRECTIONS)
+    return apply in ("left", "both"), apply in ("right", "both")
+
+
+def max_body_option(options) -> int:
+    value = options.int("max_body_bytes", DEFAULT_MAX_BODY, minimum=1, maximum=1 << 40)
+    if value is None:
+        raise OptionError("max_body_bytes", "must be an integer")
+    return value

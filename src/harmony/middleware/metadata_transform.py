@@ -1,0 +1,77 @@
+"""``metadata_transform``: a JOLT chain over the envelope's metadata map.
+
+Used to derive routing keys or protocol hints from what earlier steps found,
+e.g. set ``dimse_op`` from the path, or ``backend`` from a JWT claim::
+
+    [middleware.route_by_tenant]
+    type = "metadata_transform"
+    spec_path = "tenant_route.json"
+    apply = "left"
+
+The input is the metadata map as it is (flat keys such as ``auth.sub``); a
+shift output like ``{"route": {"key": "x"}}`` comes back as ``route.key``
+(JOLT's RHS dots nest, metadata keys are flat).  Only string outputs are
+written back; other values are ignored, and keys the output does not mention
+are kept, so a spec cannot silently drop ``request_id``.
+"""
+
+from __future__ import annotations
+
+from harmony.log import get_logger
+from harmony.middleware.base import Middleware
+from harmony.middleware.bodies import direction_options
+from harmony.middleware.transform import spec_option
+from harmony.errors import MiddlewareFailed
+from harmony.transform import TransformFailed
+
+log = get_logger("harmony.middleware.metadata_transform")
+
+
+def flatten(document, prefix="") -> dict:
+    """Nested objects -> dotted keys; only string leaves survive."""
+    out = {}
+    if not isinstance(document, dict):
+        return out
+    for key, value in document.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, str):
+            out[name] = value
+    return out
+
+
+class MetadataTransform(Middleware):
+    def __init__(self, name, spec, *, on_request=True, on_response=False, fail_on_error=True):
+        super().__init__(name)
+        self.spec = spec
+        self.requests = on_request
+        self.responses = on_response
+        self.fail_on_error = fail_on_error
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        spec = spec_option(options, ctx)
+        left, right = direction_options(options, "left")
+        return cls(name, spec, on_request=left, on_response=right,
+                   fail_on_error=options.bool("fail_on_error", True))
+
+    def _apply(self, metadata: dict):
+        try:
+            output = self.spec.apply(dict(metadata))
+        except TransformFailed as e:
+            log.warn("metadata_transform {name} failed: {error}", name=self.name, error=str(e))
+            if self.fail_on_error:
+                raise MiddlewareFailed(f"metadata transform {self.name!r} failed") from None
+            return
+        metadata.update(flatten(output))
+
+    def on_request(self, request):
+        if self.requests:
+            self._apply(request.metadata)
+        return request
+
+    def on_response(self, request, response):
+        if self.responses:
+            self._apply(response.metadata)
+        return response

@@ -1,0 +1,155 @@
+"""``transform``: a JOLT chain over JSON bodies, on the way in and/or out.
+
+    [middleware.to_fhir]
+    type = "transform"
+    spec_path = "patient_to_fhir.json"   # relative to [proxy] transforms_path
+    apply = "right"                      # "left" | "right" | "both"
+    fail_on_error = true
+    inject_context = false
+
+The spec is read and compiled once, when the configuration is built; a bad
+spec file is a configuration error naming the file.
+
+On the request side the body sent upstream (and ``normalized``) is rewritten;
+on the response side the body the client gets, with Content-Length fixed.
+Only JSON bodies (by Content-Type) are transformed; other bodies, empty ones
+and non-2xx responses (an upstream's error document has another shape) pass
+untouched.  A JSON body that does not parse, or a spec that fails on it, is an
+error when ``fail_on_error`` (400 for a client's request body, 500 otherwise)
+and passes untouched when not.
+
+``inject_context = true`` puts the request under ``_context`` in the input
+(method, path, subpath, query, headers, metadata; plus status on the response
+side) and also hands it to ``modify-*`` specs as JOLT's context (``^path``).
+``_context`` is removed from the output if the spec left it there.
+Credentials (Authorization, Cookie) are never exposed to a spec.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import defer
+
+from harmony.config.errors import OptionError
+from harmony.envelope import is_json_type
+from harmony.errors import BadRequest, MiddlewareFailed, PayloadTooLarge
+from harmony.log import get_logger
+from harmony.middleware.base import Middleware
+from harmony.middleware.bodies import (direction_options, dump_json, max_body_option, read_whole, replace_body,
+                                       too_big)
+from harmony.transform import SpecInvalid, TransformFailed, load_spec, parse_json_text
+
+log = get_logger("harmony.middleware.transform")
+
+CONTEXT_KEY = "_context"
+HIDDEN_HEADERS = {b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"}
+
+
+def spec_option(options, ctx, key="spec_path"):
+    """Load the spec named by *key* (relative to ``transforms_path``); a bad
+    file is an OptionError whose message names it."""
+    raw = Path(options.str(key)).expanduser()
+    path = raw if raw.is_absolute() else ctx.transforms_path / raw
+    try:
+        return load_spec(path)
+    except SpecInvalid as e:
+        raise OptionError(key, str(e)) from None
+
+
+def _multi(pairs) -> dict:
+    """Pairs -> {key: value} with repeated keys as lists (what a spec author expects)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            out[k] = out[k] + [v] if isinstance(out[k], list) else [out[k], v]
+        else:
+            out[k] = v
+    return out
+
+
+def request_context(request, response=None) -> dict:
+    headers = [(name.decode("latin-1").lower(), value.decode("latin-1"))
+               for name, values in request.headers.getAllRawHeaders()
+               if name.lower() not in HIDDEN_HEADERS for value in values]
+    context = {
+        "method": request.method,
+        "path": request.path,
+        "subpath": request.subpath,
+        "query": _multi(request.query),
+        "headers": _multi(headers),
+        "metadata": dict(request.metadata),
+    }
+    if response is not None:
+        context["status"] = response.status
+    return context
+
+
+class Transform(Middleware):
+    def __init__(self, name, spec, *, on_request=False, on_response=True, fail_on_error=True,
+                 inject_context=False, max_body_bytes=16 * 1024 * 1024):
+        super().__init__(name)
+        self.spec = spec
+        self.requests = on_request
+        self.responses = on_response
+        self.fail_on_error = fail_on_error
+        self.inject_context = inject_context
+        self.max_body_bytes = max_body_bytes
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        spec = spec_option(options, ctx)
+        left, right = direction_options(options, "right")
+        return cls(name, spec, on_request=left, on_response=right,
+                   fail_on_error=options.bool("fail_on_error", True),
+                   inject_context=options.bool("inject_context", False),
+                   max_body_bytes=max_body_option(options))
+
+    def run(self, document, context=None):
+        """The spec over one document (with the context injected when asked)."""
+        if context is not None and isinstance(document, dict):
+            document = {**document, CONTEXT_KEY: context}
+        output = self.spec.apply(document, context)
+        if context is not None and isinstance(output, dict):
+            output.pop(CONTEXT_KEY, None)
+        return output
+
+    @defer.inlineCallbacks
+    def _rewrite(self, envelope, context, bad_input):
+        if not is_json_type(envelope.header("content-type")):
+            return envelope
+        if too_big(envelope, self.max_body_bytes):
+            if self.fail_on_error:
+                raise PayloadTooLarge(f"JSON body exceeds {self.max_body_bytes} bytes for transform {self.name!r}")
+            return envelope
+        data = yield read_whole(envelope, self.max_body_bytes)
+        if not data.strip():
+            return envelope
+        try:
+            document = parse_json_text(data, "body")
+        except ValueError as e:
+            if self.fail_on_error:
+                raise bad_input(f"transform {self.name!r}: {e}") from None
+            return envelope
+        try:
+            output = self.run(document, context)
+        except TransformFailed as e:
+            log.warn("transform {name} failed: {error}", name=self.name, error=str(e))
+            if self.fail_on_error:
+                raise MiddlewareFailed(f"transform {self.name!r} failed on this document") from None
+            return envelope
+        replace_body(envelope, dump_json(output))
+        envelope.normalized = output
+        return envelope
+
+    def on_request(self, request):
+        if not self.requests:
+            return request
+        context = request_context(request) if self.inject_context else None
+        return self._rewrite(request, context, BadRequest)
+
+    def on_response(self, request, response):
+        if not self.responses or not 200 <= response.status < 300:
+            return response
+        context = request_context(request, response) if self.inject_context else None
+        return self._rewrite(response, context, MiddlewareFailed)
