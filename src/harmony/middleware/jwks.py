@@ -106,7 +106,8 @@ class JwksCache:
         usable key, the common single-key identity provider setup.  When the
         provider is down, the last good keys stay in use.
         """
-        if (not self._fresh() or self._lookup(kid) is None) and self._may_fetch():
+        stale = not self._fresh() or self._lookup(kid) is None
+        if self._fetching or (stale and self._may_fetch()):
             yield self.refresh()
         return self._lookup(kid)
 

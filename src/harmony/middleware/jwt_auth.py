@@ -39,7 +39,7 @@ RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 ASYMMETRIC_ALGS = RSA_ALGS + tuple(EC_ALGS.values()) + ("EdDSA",)
 MIN_HS256_SECRET = 32  # bytes: RFC 7518 3.2 wants a key at least as long as the hash
-MAX_TOKEN = 16 * 1024
+MAX_TOKEN = 8 * 1024  # far above any real token; bounds the work a stranger can ask for
 
 #: PyJWT exception -> what the client is told (general terms, nothing echoed).
 REASONS = [
@@ -185,7 +185,7 @@ class JwtAuth(Middleware):
         if audience is not None and not (isinstance(audience, str) or (
                 isinstance(audience, list) and audience and all(isinstance(a, str) for a in audience))):
             raise OptionError("audience", "must be a string or a list of strings")
-        required = options.list("required_claims", ["exp"])
+        required = options.list("required_claims", ["exp"], of=str)
         return cls(name, algorithm,
                    issuer=options.str("issuer", None), audience=audience,
                    leeway=options.number("leeway_secs", 0.0, minimum=0),

@@ -87,7 +87,7 @@ class PathFilter(Middleware):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        raw = options.list("rules")
+        raw = options.list("rules", of=str)
         if not raw:
             raise OptionError("rules", "must list at least one pattern (an empty allow-list refuses everything)")
         rules = []

@@ -114,10 +114,14 @@ def parse_json_text(text: str | bytes, source: str) -> Any:
     """Parse JSON, refusing NaN/Infinity (not JSON); raises ValueError naming *source*."""
     def no_constants(name):
         raise ValueError(f"{name} is not valid JSON")
+    if isinstance(text, (bytes, bytearray)):
+        # JSON is UTF-8 (RFC 8259); json.loads would guess UTF-16/32 from the first bytes.
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         return json.loads(text, parse_constant=no_constants)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except ValueError as e:
