@@ -119,3 +119,18 @@ def test_runtime_failure_is_transform_failed():
         node = node["x"]
     with pytest.raises(TransformFailed):
         compile_spec([{"operation": "sort"}]).apply(deep)
+
+
+def test_array_index_taken_from_input_is_bounded():
+    # x[&0] takes the index from an input key: a small request must not be
+    # able to make the proxy allocate a hundred-million-element list.
+    spec = compile_spec([{"operation": "shift", "spec": {"a": {"*": "x[&0]"}}}])
+    assert spec.apply({"a": {"3": "v"}}) == {"x": [None, None, None, "v"]}
+    with pytest.raises(TransformFailed, match="too far past the end"):
+        spec.apply({"a": {"100000000": "v"}})
+
+
+def test_deeply_nested_json_is_a_clean_error():
+    from harmony.transform import parse_json_text
+    with pytest.raises(ValueError, match="body: JSON nested too deeply"):
+        parse_json_text("[" * 100000, "body")

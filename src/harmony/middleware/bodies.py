@@ -8,6 +8,7 @@ whichever endpoint or backend comes next sees a consistent envelope.
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 from twisted.internet import defer
@@ -57,3 +58,30 @@ def max_body_option(options) -> int:
     if value is None:
         raise OptionError("max_body_bytes", "must be an integer")
     return value
+
+
+def content_coding(envelope) -> str:
+    """The body's Content-Encoding, lower-cased; "" for none/identity."""
+    value = (envelope.header("content-encoding") or "").strip().lower()
+    return "" if value == "identity" else value
+
+
+def decode_content(data: bytes, coding: str, max_bytes: int) -> bytes:
+    """Undo a gzip/deflate Content-Encoding, refusing to inflate past *max_bytes*
+    (a few KB of gzip can expand to gigabytes).  Raises ValueError."""
+    if not coding:
+        return data
+    if coding in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif coding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise ValueError(f"cannot read a body with Content-Encoding {coding!r}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as e:
+        raise ValueError(f"body is not valid {coding}: {e}") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise ValueError(f"decoded body exceeds {max_bytes} bytes")
+    return out

@@ -68,7 +68,10 @@ class Rule:
 
 def split_subpath(subpath: str) -> list[str] | None:
     """Decoded segments of a sub-path, or None when it is not one we can judge safely."""
-    stripped = subpath.strip("/") if subpath else ""
+    # One leading slash belongs to the sub-path, one trailing slash is forgiven;
+    # any other empty segment ("//") is refused rather than guessed at.
+    stripped = (subpath or "").removeprefix("/")
+    stripped = stripped[:-1] if stripped.endswith("/") else stripped
     if not stripped:
         return []
     segments = []

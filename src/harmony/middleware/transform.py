@@ -12,6 +12,9 @@ spec file is a configuration error naming the file.
 
 On the request side the body sent upstream (and ``normalized``) is rewritten;
 on the response side the body the client gets, with Content-Length fixed.
+gzip/deflate bodies are inflated (within ``max_body_bytes``) and written back
+plain; when responses are transformed, the upstream is not offered
+compression (Accept-Encoding is dropped).
 Only JSON bodies (by Content-Type) are transformed; other bodies, empty ones
 and non-2xx responses (an upstream's error document has another shape) pass
 untouched.  A JSON body that does not parse, or a spec that fails on it, is an
@@ -36,8 +39,8 @@ from harmony.envelope import is_json_type
 from harmony.errors import BadRequest, MiddlewareFailed, PayloadTooLarge
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
-from harmony.middleware.bodies import (direction_options, dump_json, max_body_option, read_whole, replace_body,
-                                       too_big)
+from harmony.middleware.bodies import (content_coding, decode_content, direction_options, dump_json,
+                                       max_body_option, read_whole, replace_body, too_big)
 from harmony.transform import SpecInvalid, TransformFailed, load_spec, parse_json_text
 
 log = get_logger("harmony.middleware.transform")
@@ -115,22 +118,34 @@ class Transform(Middleware):
         return output
 
     @defer.inlineCallbacks
-    def _rewrite(self, envelope, context, bad_input):
+    def _rewrite(self, envelope, context, client_side: bool):
+        """Transform one envelope's JSON body in place.
+
+        A client's own bad body is the client's error (400/413); anything
+        wrong with an upstream's body, or with the spec, is ours (500).
+        """
         if not is_json_type(envelope.header("content-type")):
             return envelope
+        limit = f"JSON body exceeds {self.max_body_bytes} bytes (transform {self.name!r}, max_body_bytes)"
         if too_big(envelope, self.max_body_bytes):
-            if self.fail_on_error:
-                raise PayloadTooLarge(f"JSON body exceeds {self.max_body_bytes} bytes for transform {self.name!r}")
-            return envelope
-        data = yield read_whole(envelope, self.max_body_bytes)
+            if not self.fail_on_error:
+                return envelope
+            raise PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)
+        try:
+            data = yield read_whole(envelope, self.max_body_bytes)
+        except PayloadTooLarge:
+            # A stream of unknown length ran past the cap; it is half read, so
+            # it cannot be passed on untouched whatever fail_on_error says.
+            raise (PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)) from None
         if not data.strip():
             return envelope
         try:
-            document = parse_json_text(data, "body")
+            document = parse_json_text(decode_content(data, content_coding(envelope), self.max_body_bytes), "body")
         except ValueError as e:
-            if self.fail_on_error:
-                raise bad_input(f"transform {self.name!r}: {e}") from None
-            return envelope
+            if not self.fail_on_error:
+                return envelope
+            detail = f"transform {self.name!r}: {e}"
+            raise (BadRequest(detail) if client_side else MiddlewareFailed(f"upstream {detail}")) from None
         try:
             output = self.run(document, context)
         except TransformFailed as e:
@@ -138,18 +153,23 @@ class Transform(Middleware):
             if self.fail_on_error:
                 raise MiddlewareFailed(f"transform {self.name!r} failed on this document") from None
             return envelope
+        envelope.headers.removeHeader(b"content-encoding")  # what we write back is plain JSON
         replace_body(envelope, dump_json(output))
         envelope.normalized = output
         return envelope
 
     def on_request(self, request):
+        if self.responses:
+            # The response body must be read to be rewritten: ask for it plain
+            # (gzip and deflate are still undone if an upstream sends them anyway).
+            request.headers.removeHeader(b"accept-encoding")
         if not self.requests:
             return request
         context = request_context(request) if self.inject_context else None
-        return self._rewrite(request, context, BadRequest)
+        return self._rewrite(request, context, client_side=True)
 
     def on_response(self, request, response):
         if not self.responses or not 200 <= response.status < 300:
             return response
         context = request_context(request, response) if self.inject_context else None
-        return self._rewrite(response, context, MiddlewareFailed)
+        return self._rewrite(response, context, client_side=False)

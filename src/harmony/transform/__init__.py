@@ -35,7 +35,36 @@ class TransformFailed(RuntimeError):
     """A valid spec could not be applied to a given input."""
 
 
+#: How far past its end a shift may grow an output array.  Array indexes in a
+#: shift can come from the *input* (``x[&0]`` with a key such as "99999999"),
+#: so without a bound one small request could make the proxy allocate
+#: gigabytes.  JOLT itself has no such bound; no sane document needs one this big.
+MAX_ARRAY_GAP = 10_000
+
 _engine = None
+
+
+def _guard_array_growth(engine):
+    """Bound shift's array padding (see MAX_ARRAY_GAP).
+
+    This reaches into the engine's private path step class; the engine is
+    pinned exactly and ``tests/test_jolt_fixtures.py`` checks the guard, so
+    an upgrade that moves it fails loudly rather than silently unguarded.
+    """
+    from pyjolt._common import paths
+    from pyjolt._common.util import parse_int
+    step = paths._ArrayStep
+    if getattr(step, "_harmony_guarded", False):
+        return
+    original = step.overwrite_set
+
+    def overwrite_set(self, tree, key, data):
+        if parse_int(key) - len(tree) > MAX_ARRAY_GAP:
+            raise engine.TransformError(f"array index {key} is too far past the end of the array")
+        return original(self, tree, key, data)
+
+    step.overwrite_set = overwrite_set
+    step._harmony_guarded = True
 
 
 def _load_engine():
@@ -47,6 +76,7 @@ def _load_engine():
             raise ImportError(f"the 'pyjolt' module must come from {ENGINE_DISTRIBUTION!r} only, "
                               f"found it provided by {owners or 'nothing'}")
         import pyjolt
+        _guard_array_growth(pyjolt)
         _engine = pyjolt
     return _engine
 
@@ -122,6 +152,8 @@ def parse_json_text(text: str | bytes, source: str) -> Any:
             raise ValueError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         return json.loads(text, parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError(f"{source}: JSON nested too deeply") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except ValueError as e:
