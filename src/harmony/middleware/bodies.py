@@ -14,7 +14,9 @@ from typing import Any
 from twisted.internet import defer
 
 from harmony.config.errors import OptionError
-from harmony.envelope import body_length, read_body
+from harmony.envelope import body_length, is_json_type, read_body
+from harmony.errors import BadRequest, MiddlewareFailed, PayloadTooLarge
+from harmony.transform import parse_json_text
 
 #: Default cap on a body a JSON middleware will pull into memory.
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
@@ -85,3 +87,40 @@ def decode_content(data: bytes, coding: str, max_bytes: int) -> bytes:
     if len(out) > max_bytes or inflater.unconsumed_tail:
         raise ValueError(f"decoded body exceeds {max_bytes} bytes")
     return out
+
+
+#: read_json's answer when there is no JSON body to work on (or it may be skipped).
+SKIP = object()
+
+
+@defer.inlineCallbacks
+def read_json(envelope, max_bytes: int, *, fail: bool, client_side: bool, who: str):
+    """The envelope's JSON body, parsed; or :data:`SKIP`.
+
+    Bodies that are not JSON by Content-Type, or empty, are SKIPped.  A body
+    that is too big, encoded in a way we cannot undo, or not valid JSON is
+    SKIPped when not *fail*, and otherwise is the client's error (400/413,
+    *client_side*) or the upstream's (500).  The body read stays on the
+    envelope as bytes.  *who* names the middleware in error details.
+    """
+    if not is_json_type(envelope.header("content-type")):
+        return SKIP
+    limit = f"JSON body exceeds {max_bytes} bytes ({who}, max_body_bytes)"
+    if too_big(envelope, max_bytes):
+        if not fail:
+            return SKIP
+        raise PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)
+    try:
+        data = yield read_whole(envelope, max_bytes)
+    except PayloadTooLarge:
+        # A stream of unknown length ran past the cap; it is half read, so it
+        # cannot be passed on untouched, whatever *fail* says.
+        raise (PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)) from None
+    if not data.strip():
+        return SKIP
+    try:
+        return parse_json_text(decode_content(data, content_coding(envelope), max_bytes), "body")
+    except ValueError as e:
+        if not fail:
+            return SKIP
+        raise (BadRequest(f"{who}: {e}") if client_side else MiddlewareFailed(f"upstream body, {who}: {e}")) from None

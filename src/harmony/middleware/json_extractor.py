@@ -12,15 +12,8 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from harmony.envelope import is_json_type
-from harmony.errors import BadRequest, MiddlewareFailed, PayloadTooLarge
-from harmony.log import get_logger
 from harmony.middleware.base import Middleware
-from harmony.middleware.bodies import (content_coding, decode_content, direction_options, max_body_option,
-                                       read_whole, too_big)
-from harmony.transform import parse_json_text
-
-log = get_logger("harmony.middleware.json_extractor")
+from harmony.middleware.bodies import SKIP, direction_options, max_body_option, read_json
 
 
 class JsonExtractor(Middleware):
@@ -40,26 +33,12 @@ class JsonExtractor(Middleware):
 
     @defer.inlineCallbacks
     def _extract(self, envelope, client_side: bool):
-        if envelope.normalized is not None or not is_json_type(envelope.header("content-type")):
+        if envelope.normalized is not None:
             return envelope
-        limit = f"JSON body exceeds {self.max_body_bytes} bytes (json_extractor {self.name!r})"
-        if too_big(envelope, self.max_body_bytes):
-            if not self.strict:
-                return envelope
-            raise PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)
-        try:
-            data = yield read_whole(envelope, self.max_body_bytes)
-        except PayloadTooLarge:
-            raise (PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)) from None
-        if not data.strip():
-            return envelope
-        try:
-            envelope.normalized = parse_json_text(
-                decode_content(data, content_coding(envelope), self.max_body_bytes), "body")
-        except ValueError as e:
-            if self.strict:
-                raise (BadRequest(str(e)) if client_side else MiddlewareFailed(f"upstream {e}")) from None
-            log.debug("{name}: body is not valid JSON, left as it is", name=self.name)
+        document = yield read_json(envelope, self.max_body_bytes, fail=self.strict, client_side=client_side,
+                                   who=f"json_extractor {self.name!r}")
+        if document is not SKIP:
+            envelope.normalized = document
         return envelope
 
     def on_request(self, request):

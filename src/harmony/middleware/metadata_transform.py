@@ -17,11 +17,9 @@ are kept, so a spec cannot silently drop ``request_id``.
 
 from __future__ import annotations
 
-from harmony.log import get_logger
-from harmony.middleware.base import Middleware
-from harmony.middleware.bodies import direction_options
-from harmony.middleware.transform import spec_option
 from harmony.errors import MiddlewareFailed
+from harmony.log import get_logger
+from harmony.middleware.transform import SpecMiddleware
 from harmony.transform import TransformFailed
 
 log = get_logger("harmony.middleware.metadata_transform")
@@ -41,20 +39,11 @@ def flatten(document, prefix="") -> dict:
     return out
 
 
-class MetadataTransform(Middleware):
-    def __init__(self, name, spec, *, on_request=True, on_response=False, fail_on_error=True):
-        super().__init__(name)
-        self.spec = spec
-        self.requests = on_request
-        self.responses = on_response
-        self.fail_on_error = fail_on_error
+class MetadataTransform(SpecMiddleware):
+    default_apply = "left"
 
-    @classmethod
-    def from_config(cls, name, options, ctx):
-        spec = spec_option(options, ctx)
-        left, right = direction_options(options, "left")
-        return cls(name, spec, on_request=left, on_response=right,
-                   fail_on_error=options.bool("fail_on_error", True))
+    def __init__(self, name, spec, *, on_request=True, on_response=False, fail_on_error=True):
+        super().__init__(name, spec, on_request=on_request, on_response=on_response, fail_on_error=fail_on_error)
 
     def _apply(self, metadata: dict):
         try:

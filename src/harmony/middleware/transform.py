@@ -35,13 +35,11 @@ from pathlib import Path
 from twisted.internet import defer
 
 from harmony.config.errors import OptionError
-from harmony.envelope import is_json_type
-from harmony.errors import BadRequest, MiddlewareFailed, PayloadTooLarge
+from harmony.errors import MiddlewareFailed
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
-from harmony.middleware.bodies import (content_coding, decode_content, direction_options, dump_json,
-                                       max_body_option, read_whole, replace_body, too_big)
-from harmony.transform import SpecInvalid, TransformFailed, load_spec, parse_json_text
+from harmony.middleware.bodies import SKIP, direction_options, dump_json, max_body_option, read_json, replace_body
+from harmony.transform import SpecInvalid, TransformFailed, load_spec
 
 log = get_logger("harmony.middleware.transform")
 
@@ -88,25 +86,42 @@ def request_context(request, response=None) -> dict:
     return context
 
 
-class Transform(Middleware):
-    def __init__(self, name, spec, *, on_request=False, on_response=True, fail_on_error=True,
-                 inject_context=False, max_body_bytes=16 * 1024 * 1024):
+class SpecMiddleware(Middleware):
+    """What ``transform`` and ``metadata_transform`` share: a spec loaded at
+    start-up, the directions it applies in, and ``fail_on_error``."""
+
+    default_apply = "right"
+
+    def __init__(self, name, spec, *, on_request=False, on_response=True, fail_on_error=True):
         super().__init__(name)
         self.spec = spec
         self.requests = on_request
         self.responses = on_response
         self.fail_on_error = fail_on_error
-        self.inject_context = inject_context
-        self.max_body_bytes = max_body_bytes
 
     @classmethod
     def from_config(cls, name, options, ctx):
         spec = spec_option(options, ctx)
-        left, right = direction_options(options, "right")
+        left, right = direction_options(options, cls.default_apply)
         return cls(name, spec, on_request=left, on_response=right,
-                   fail_on_error=options.bool("fail_on_error", True),
-                   inject_context=options.bool("inject_context", False),
-                   max_body_bytes=max_body_option(options))
+                   fail_on_error=options.bool("fail_on_error", True), **cls.more_options(options))
+
+    @classmethod
+    def more_options(cls, options) -> dict:
+        """Type-specific keyword arguments read from *options*."""
+        return {}
+
+
+class Transform(SpecMiddleware):
+    def __init__(self, name, spec, *, inject_context=False, max_body_bytes=16 * 1024 * 1024, **kwargs):
+        super().__init__(name, spec, **kwargs)
+        self.inject_context = inject_context
+        self.max_body_bytes = max_body_bytes
+
+    @classmethod
+    def more_options(cls, options) -> dict:
+        return {"inject_context": options.bool("inject_context", False),
+                "max_body_bytes": max_body_option(options)}
 
     def run(self, document, context=None):
         """The spec over one document (with the context injected when asked)."""
@@ -124,28 +139,10 @@ class Transform(Middleware):
         A client's own bad body is the client's error (400/413); anything
         wrong with an upstream's body, or with the spec, is ours (500).
         """
-        if not is_json_type(envelope.header("content-type")):
+        document = yield read_json(envelope, self.max_body_bytes, fail=self.fail_on_error,
+                                   client_side=client_side, who=f"transform {self.name!r}")
+        if document is SKIP:
             return envelope
-        limit = f"JSON body exceeds {self.max_body_bytes} bytes (transform {self.name!r}, max_body_bytes)"
-        if too_big(envelope, self.max_body_bytes):
-            if not self.fail_on_error:
-                return envelope
-            raise PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)
-        try:
-            data = yield read_whole(envelope, self.max_body_bytes)
-        except PayloadTooLarge:
-            # A stream of unknown length ran past the cap; it is half read, so
-            # it cannot be passed on untouched whatever fail_on_error says.
-            raise (PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)) from None
-        if not data.strip():
-            return envelope
-        try:
-            document = parse_json_text(decode_content(data, content_coding(envelope), self.max_body_bytes), "body")
-        except ValueError as e:
-            if not self.fail_on_error:
-                return envelope
-            detail = f"transform {self.name!r}: {e}"
-            raise (BadRequest(detail) if client_side else MiddlewareFailed(f"upstream {detail}")) from None
         try:
             output = self.run(document, context)
         except TransformFailed as e:
