@@ -131,10 +131,6 @@ def row(label: str, ours: float, ref: float, ref_label: str):
     print(f"{label:<44} {ours:>10,.0f}/s   {ref_label:<22} {ref:>10,.0f}/s   ratio {ours / ref:5.2f}")
 
 
-class _Ctx:  # the bits of BuildContext the transform middleware reads
-    transforms_path = Path(".")
-
-
 def bench_transforms(seconds: float):
     doc = document()
     raw = json.dumps(doc).encode()

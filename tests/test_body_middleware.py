@@ -279,6 +279,8 @@ async def test_transform_large_streamed_response_and_cap(tmp_path, upstream):
         assert doc["count"] == 5000 and doc["patients"][4999] == {"id": "p4999", "family": "F4999",
                                                                    "given": "G", "born": "2000-01-01"}
         assert content_length(resp) == len(got)
+        # A document this size is transformed on the thread pool, not the reactor thread.
+        assert running.service.runtime.middleware["t"].offloaded == 1
         resp = await treq.get(running.url("/api/huge"))
         assert resp.code == 500 and "max_body_bytes" in (await problem(resp))["detail"]
     finally:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from harmony.config.errors import OptionError
 from harmony.errors import MiddlewareFailed
@@ -104,24 +104,46 @@ class SpecMiddleware(Middleware):
         spec = spec_option(options, ctx)
         left, right = direction_options(options, cls.default_apply)
         return cls(name, spec, on_request=left, on_response=right,
-                   fail_on_error=options.bool("fail_on_error", True), **cls.more_options(options))
+                   fail_on_error=options.bool("fail_on_error", True), **cls.more_options(options, ctx))
 
     @classmethod
-    def more_options(cls, options) -> dict:
+    def more_options(cls, options, ctx) -> dict:
         """Type-specific keyword arguments read from *options*."""
         return {}
 
 
 class Transform(SpecMiddleware):
-    def __init__(self, name, spec, *, inject_context=False, max_body_bytes=16 * 1024 * 1024, **kwargs):
+    #: Bodies above this size are transformed on the reactor's thread pool:
+    #: a JOLT chain costs ~10x a json round trip, so a multi-MB document done
+    #: inline would stall every other connection for a noticeable while.
+    OFFLOAD_BYTES = 64 * 1024
+
+    def __init__(self, name, spec, *, inject_context=False, max_body_bytes=16 * 1024 * 1024,
+                 reactor=None, **kwargs):
         super().__init__(name, spec, **kwargs)
         self.inject_context = inject_context
         self.max_body_bytes = max_body_bytes
+        self.reactor = reactor
+        #: How many documents went to the thread pool (for tests and metrics).
+        self.offloaded = 0
 
     @classmethod
-    def more_options(cls, options) -> dict:
+    def more_options(cls, options, ctx) -> dict:
         return {"inject_context": options.bool("inject_context", False),
-                "max_body_bytes": max_body_option(options)}
+                "max_body_bytes": max_body_option(options), "reactor": ctx.reactor}
+
+    def _run_to_bytes(self, document, context) -> tuple:
+        output = self.run(document, context)
+        return output, dump_json(output)
+
+    def _transform(self, document, context, size: int):
+        if self.reactor is None or size <= self.OFFLOAD_BYTES:
+            return defer.maybeDeferred(self._run_to_bytes, document, context)
+        # Safe off the reactor: the spec is compiled once and keeps no state per
+        # call, and *document* belongs to this request alone.
+        self.offloaded += 1
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                         self._run_to_bytes, document, context)
 
     def run(self, document, context=None):
         """The spec over one document (with the context injected when asked)."""
@@ -144,14 +166,14 @@ class Transform(SpecMiddleware):
         if document is SKIP:
             return envelope
         try:
-            output = self.run(document, context)
+            output, data = yield self._transform(document, context, len(envelope.body))
         except TransformFailed as e:
             log.warn("transform {name} failed: {error}", name=self.name, error=str(e))
             if self.fail_on_error:
                 raise MiddlewareFailed(f"transform {self.name!r} failed on this document") from None
             return envelope
         envelope.headers.removeHeader(b"content-encoding")  # what we write back is plain JSON
-        replace_body(envelope, dump_json(output))
+        replace_body(envelope, data)
         envelope.normalized = output
         return envelope
 
