@@ -324,6 +324,21 @@ async def test_jwks_refresh_is_rate_limited_and_outage_keeps_keys(keys, jwks_ser
 
 
 @pytest_twisted.ensureDeferred
+async def test_jwks_unreachable_from_start_is_503_not_401(tmp_path, keys, jwks_server):
+    jwks_server.status = 500
+    mw = {"auth": f'type = "jwt_auth"\njwks_url = "{jwks_server.url}"'}
+    running = await start_pipeline(tmp_path, mw)
+    try:
+        token = jwt.encode(claims(), keys["rsa"], algorithm="RS256", headers={"kid": "k1"})
+        resp, body = await call(running, token)
+        assert resp.code == 503
+        assert "signing keys are not available" in json.loads(body)["detail"]
+        assert jwks_server.hits == 1
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_jwks_concurrent_lookups_share_one_fetch(keys, jwks_server):
     from twisted.internet import defer
     jwks_server.keys = [jwk(keys["rsa"], "k1")]

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
 
 from harmony.config.errors import OptionError
-from harmony.errors import AuthenticationFailed
+from harmony.errors import AuthenticationFailed, ServiceUnavailable
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
 from harmony.middleware.jwks import JwksCache, check_jwks_url
@@ -245,6 +245,10 @@ class JwtAuth(Middleware):
         return d
 
     def _verify_with_jwks_key(self, key, request, token):
+        if key is None and not self.jwks.keys:
+            # No keys at all: the identity provider is unreachable or publishes
+            # nothing usable.  That is not the token's fault, so not a 401.
+            raise ServiceUnavailable("the identity provider's signing keys are not available")
         if key is None:
             raise self._reject("the token's signing key is not known")
         return self._verify(request, token, key)
