@@ -412,3 +412,28 @@ async def test_metadata_transform_failure_is_500(tmp_path):
         assert "metadata transform 'm' failed" in (await problem(resp))["detail"]
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shipped_example_pipeline(tmp_path):
+    """etc/examples/patient-to-fhir.toml, as documented, with the shipped specs."""
+    import base64
+    text = (ROOT / "etc" / "examples" / "patient-to-fhir.toml").read_text()
+    from tests.harness import MINIMAL_MAIN
+    main = MINIMAL_MAIN.replace("[proxy]", f'[proxy]\ntransforms_path = "{EXAMPLES}"', 1)
+    running = await start_harmony(write_config(tmp_path, main, {"example": text}))
+    auth = {"Authorization": ["Basic " + base64.b64encode(b"demo:change-me").decode()],
+            "Content-Type": ["application/json"]}
+    try:
+        resp = await treq.post(running.url("/demo/patient-fhir/Patient"), json.dumps(PATIENT_IN).encode(),
+                               headers=auth)
+        doc = json.loads(await resp.content())
+        assert resp.code == 200 and json.loads(doc["body"]) == PATIENT_OUT
+        resp = await treq.post(running.url("/demo/patient-fhir/Observation"), b"{}", headers=auth)
+        assert resp.code == 404
+        await resp.content()
+        resp = await treq.post(running.url("/demo/patient-fhir/Patient"), b"{}", headers=JSON)
+        assert resp.code == 401
+        await resp.content()
+    finally:
+        await running.stop()
