@@ -97,3 +97,24 @@ async def test_passing_request_reaches_the_backend(pipeline):
     echoed = json.loads(response.body)
     assert echoed["metadata"]["auth.sub"] == "u" and echoed["metadata"]["path.rest"] == "x"
     assert echoed["body"] == "null"  # the shift matched nothing in {"b": 1}: JOLT's output is null
+
+
+@pytest_twisted.ensureDeferred
+async def test_transform_rewrites_the_normalized_view_of_a_bodiless_request(tmp_path):
+    """A DIMSE endpoint has no body: its C-FIND identifier is DICOM JSON in
+    ``normalized``.  The same transform applies to it."""
+    folder = tmp_path / "transforms"
+    folder.mkdir()
+    # Default a missing ModalitiesInStudy (0008,0061) to CT in every study-level query.
+    (folder / "ct.json").write_text(json.dumps([{"operation": "default", "spec": {
+        "00080061": {"vr": "CS", "Value": ["CT"]}}}]))
+    main, pipes = pipeline_config({"t": 'type = "transform"\nspec_path = "ct.json"\napply = "left"'},
+                                  transforms_path=str(folder))
+    pipeline = build_runtime(load_config(write_config(tmp_path, main, {"main": pipes}))).pipelines["main"]
+    identifier = {"00100020": {"vr": "LO", "Value": ["PAT-1"]}, "0020000D": {"vr": "UI"}}
+    request = RequestEnvelope(method="C-FIND", path="", subpath="", body=b"", normalized=identifier,
+                              metadata={"protocol": "dimse", "dimse_op": "C-FIND", "request_id": "r"})
+    response = await pipeline.handle(request, RecordingEndpoint())
+    echoed = json.loads(response.body)
+    assert echoed["normalized"] == {**identifier, "00080061": {"vr": "CS", "Value": ["CT"]}}
+    assert echoed["body"] == ""  # no body was invented

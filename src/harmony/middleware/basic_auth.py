@@ -18,7 +18,8 @@ from harmony.errors import AuthenticationFailed
 from harmony.middleware.base import Middleware
 
 
-def _quoted(value: str) -> str:
+def quoted(value: str) -> str:
+    """*value* as the inside of an RFC 9110 quoted-string (challenge parameters)."""
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
@@ -47,7 +48,7 @@ class BasicAuth(Middleware):
         self.realm = realm
         self.forward_credentials = forward_credentials
         self._expected = username.encode("utf-8") + b":" + password.encode("utf-8")
-        self._challenge = f'Basic realm="{_quoted(realm)}", charset="UTF-8"'
+        self._challenge = f'Basic realm="{quoted(realm)}", charset="UTF-8"'
 
     @classmethod
     def from_config(cls, name, options, ctx):

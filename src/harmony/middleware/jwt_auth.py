@@ -33,6 +33,7 @@ from harmony.config.errors import OptionError
 from harmony.errors import AuthenticationFailed, ServiceUnavailable
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
+from harmony.middleware.basic_auth import quoted
 from harmony.middleware.jwks import JwksCache, check_jwks_url
 
 log = get_logger("harmony.middleware.jwt_auth")
@@ -217,9 +218,9 @@ class JwtAuth(Middleware):
     # ------------------------------------------------------------------ request
 
     def _reject(self, reason: str, *, invalid=True):
-        challenge = f'Bearer realm="{self.realm}"'
+        challenge = f'Bearer realm="{quoted(self.realm)}"'
         if invalid:
-            challenge += f', error="invalid_token", error_description="{reason}"'
+            challenge += f', error="invalid_token", error_description="{quoted(reason)}"'
         return AuthenticationFailed(reason, headers=[("WWW-Authenticate", challenge)])
 
     def on_request(self, request):

@@ -35,6 +35,7 @@ from pathlib import Path
 from twisted.internet import defer, threads
 
 from harmony.config.errors import OptionError
+from harmony.envelope import body_length
 from harmony.errors import MiddlewareFailed
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
@@ -160,20 +161,28 @@ class Transform(SpecMiddleware):
 
         A client's own bad body is the client's error (400/413); anything
         wrong with an upstream's body, or with the spec, is ours (500).
+        An envelope with no body but a ``normalized`` view (a DIMSE C-FIND
+        identifier as DICOM JSON, say) has that view transformed instead.
         """
-        document = yield read_json(envelope, self.max_body_bytes, fail=self.fail_on_error,
-                                   client_side=client_side, who=f"transform {self.name!r}")
-        if document is SKIP:
-            return envelope
+        view_only = body_length(envelope.body) == 0 and envelope.normalized is not None
+        if view_only:
+            document, size = envelope.normalized, 0
+        else:
+            document = yield read_json(envelope, self.max_body_bytes, fail=self.fail_on_error,
+                                       client_side=client_side, who=f"transform {self.name!r}")
+            if document is SKIP:
+                return envelope
+            size = len(envelope.body)
         try:
-            output, data = yield self._transform(document, context, len(envelope.body))
+            output, data = yield self._transform(document, context, size)
         except TransformFailed as e:
             log.warn("transform {name} failed: {error}", name=self.name, error=str(e))
             if self.fail_on_error:
                 raise MiddlewareFailed(f"transform {self.name!r} failed on this document") from None
             return envelope
-        envelope.headers.removeHeader(b"content-encoding")  # what we write back is plain JSON
-        replace_body(envelope, data)
+        if not view_only:
+            envelope.headers.removeHeader(b"content-encoding")  # what we write back is plain JSON
+            replace_body(envelope, data)
         envelope.normalized = output
         return envelope
 
