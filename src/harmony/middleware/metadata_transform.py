@@ -49,7 +49,9 @@ class MetadataTransform(SpecMiddleware):
         try:
             output = self.spec.apply(dict(metadata))
         except TransformFailed as e:
-            log.warn("metadata_transform {name} failed: {error}", name=self.name, error=str(e))
+            # The engine's message may quote the document (patient data): debug only.
+            log.warn("metadata_transform {name} failed on a document (details at debug level)", name=self.name)
+            log.debug("metadata_transform {name} failure: {error}", name=self.name, error=str(e))
             if self.fail_on_error:
                 raise MiddlewareFailed(f"metadata transform {self.name!r} failed") from None
             return

@@ -176,7 +176,9 @@ class Transform(SpecMiddleware):
         try:
             output, data = yield self._transform(document, context, size)
         except TransformFailed as e:
-            log.warn("transform {name} failed: {error}", name=self.name, error=str(e))
+            # The engine's message may quote the document (patient data): debug only.
+            log.warn("transform {name} failed on a document (details at debug level)", name=self.name)
+            log.debug("transform {name} failure: {error}", name=self.name, error=str(e))
             if self.fail_on_error:
                 raise MiddlewareFailed(f"transform {self.name!r} failed on this document") from None
             return envelope
