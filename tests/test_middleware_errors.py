@@ -118,3 +118,25 @@ async def test_transform_rewrites_the_normalized_view_of_a_bodiless_request(tmp_
     echoed = json.loads(response.body)
     assert echoed["normalized"] == {**identifier, "00080061": {"vr": "CS", "Value": ["CT"]}}
     assert echoed["body"] == ""  # no body was invented
+
+
+@pytest_twisted.ensureDeferred
+async def test_transform_failure_keeps_document_data_out_of_info_logs(tmp_path):
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+    folder = tmp_path / "transforms"
+    folder.mkdir()
+    (folder / "index.json").write_text(json.dumps([{"operation": "shift", "spec": {"a": {"*": "x[&0]"}}}]))
+    main, pipes = pipeline_config({"t": 'type = "transform"\nspec_path = "index.json"\napply = "left"'},
+                                  transforms_path=str(folder))
+    pipeline = build_runtime(load_config(write_config(tmp_path, main, {"main": pipes}))).pipelines["main"]
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        # The engine's message names the offending key, which is document data.
+        response = await pipeline.handle(envelope(body=b'{"a": {"987654321": "x"}}', auth=None), RecordingEndpoint())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert response.status == 500
+    loud = [formatEvent(e) for e in events if e.get("log_level", LogLevel.info) >= LogLevel.info]
+    assert any("failed on a document" in text for text in loud)
+    assert not any("987654321" in text for text in loud)
