@@ -44,3 +44,22 @@ def start_pipeline(tmp_path, middleware, order=None, **kwargs):
 
 def http_backend(url: str) -> str:
     return f'service = "http"\nbase_url = "{url}"\ntimeout_secs = 5'
+
+
+def build_pipeline(tmp_path, middleware, **kwargs):
+    """Build (not start) the runtime for that pipeline: where config is checked."""
+    from harmony.config import load_config
+    from harmony.runtime import build_runtime
+    main, pipes = pipeline_config(middleware, **kwargs)
+    return build_runtime(load_config(write_config(tmp_path, main, {"main": pipes})))
+
+
+def assert_option_error(tmp_path, middleware, name: str, key: str, message: str, **kwargs) -> str:
+    """Building must fail with a problem naming ``[middleware.NAME.options.KEY]`` and *message*."""
+    import pytest
+    from harmony.config import ConfigErrors
+    with pytest.raises(ConfigErrors) as e:
+        build_pipeline(tmp_path, middleware, **kwargs)
+    text = e.value.render()
+    assert f"[middleware.{name}.options.{key}]" in text and message in text, text
+    return text

@@ -20,11 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import task
 from twisted.web.resource import Resource
 
-from harmony.config import ConfigErrors, load_config
+from harmony.config import ConfigErrors
 from harmony.middleware.jwks import JwksCache
-from harmony.runtime import build_runtime
-from tests.harness import MINIMAL_MAIN, listen, write_config
-from tests.middleware_harness import http_backend, pipeline_config, start_pipeline
+from tests.harness import MINIMAL_MAIN, listen
+from tests.middleware_harness import assert_option_error, build_pipeline, http_backend, start_pipeline
 
 ISSUER = "https://idp.example.test"
 AUDIENCE = "harmony-api"
@@ -351,12 +350,6 @@ async def test_jwks_concurrent_lookups_share_one_fetch(keys, jwks_server):
 # --------------------------------------------------------------------------- config
 
 
-def _build(tmp_path, mw):
-    main, pipes = pipeline_config(mw)
-    path = write_config(tmp_path, main, {"main": pipes})
-    return build_runtime(load_config(path))
-
-
 @pytest.mark.parametrize("body, key, message", [
     ('type = "jwt_auth"', "public_key_path", "a verification key is required"),
     ('type = "jwt_auth"\npublic_key_path = "{dir}/garbage.pem"', "public_key_path", "is not a PEM public key"),
@@ -377,12 +370,8 @@ def _build(tmp_path, mw):
      "jwks_url", "not both"),
 ])
 def test_jwt_config_errors_name_the_key(tmp_path, keys, body, key, message):
-    mw = {"auth": body.format(dir=keys["dir"], long="x" * 40)}
-    with pytest.raises(ConfigErrors) as e:
-        _build(tmp_path, mw)
-    text = e.value.render()
-    assert f"[middleware.auth.options.{key}]" in text and message in text, text
-    assert "harmony.toml" in text or "main.toml" in text
+    text = assert_option_error(tmp_path, {"auth": body.format(dir=keys["dir"], long="x" * 40)}, "auth", key, message)
+    assert "main.toml" in text  # the file is named too
 
 
 def test_jwt_config_accepts_certificate_and_small_rsa_is_refused(tmp_path):
@@ -393,7 +382,7 @@ def test_jwt_config_accepts_certificate_and_small_rsa_is_refused(tmp_path):
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     (tmp_path / "small.pem").write_bytes(_pem_public(small))
     with pytest.raises(ConfigErrors, match="at least 2048 bits"):
-        _build(tmp_path / "a", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/small.pem"'})
+        build_pipeline(tmp_path / "a", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/small.pem"'})
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.example.test")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -401,7 +390,7 @@ def test_jwt_config_accepts_certificate_and_small_rsa_is_refused(tmp_path):
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .sign(key, hashes.SHA256()))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    runtime = _build(tmp_path / "b", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/cert.pem"'})
+    runtime = build_pipeline(tmp_path / "b", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/cert.pem"'})
     assert runtime.middleware["auth"].algorithm == "ES384"
 
 
@@ -463,14 +452,11 @@ async def test_basic_auth_forward_credentials_and_metadata(tmp_path):
     ('type = "basic_auth"\nusername = "a"\npassword = "x"\npassword_file = "y"', "password", "not both"),
 ])
 def test_basic_auth_config_errors(tmp_path, body, key, message):
-    with pytest.raises(ConfigErrors) as e:
-        _build(tmp_path, {"basic": body})
-    text = e.value.render()
-    assert f"[middleware.basic.options.{key}]" in text and message in text, text
+    assert_option_error(tmp_path, {"basic": body}, "basic", key, message)
 
 
 def test_alias_and_unknown_option_warning(tmp_path, keys):
-    runtime = _build(tmp_path, {"a": f'type = "jwtauth"\npublic_key_path = "{keys["rsa_pem"]}"\nissuer_typo = "x"'})
+    runtime = build_pipeline(tmp_path, {"a": f'type = "jwtauth"\npublic_key_path = "{keys["rsa_pem"]}"\nissuer_typo = "x"'})
     assert type(runtime.middleware["a"]).__name__ == "JwtAuth"
     assert any("issuer_typo" in str(w) for w in runtime.warnings)
     assert MINIMAL_MAIN  # the shared harness stays the base of these configs

@@ -10,10 +10,10 @@ import pytest
 import pytest_twisted
 import treq
 
-from harmony.config import ConfigErrors, load_config
-from harmony.runtime import build_runtime
+from harmony.config import ConfigErrors
 from tests.harness import start_harmony, write_config
-from tests.middleware_harness import http_backend, pipeline_config, start_pipeline
+from tests.middleware_harness import (assert_option_error, build_pipeline, http_backend, pipeline_config,
+                                      start_pipeline)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "etc" / "transforms"
@@ -128,14 +128,7 @@ async def test_path_filter_captures_segments_into_metadata(tmp_path):
     ('"/Patient"', "rules", "must be a list of str"),
 ])
 def test_path_filter_config_errors(tmp_path, rules, key, message):
-    with pytest.raises(ConfigErrors) as e:
-        build(tmp_path, {"f": f'type = "path_filter"\nrules = {rules}'})
-    assert f"[middleware.f.options.{key}]" in e.value.render() and message in e.value.render()
-
-
-def build(tmp_path, middleware, **kw):
-    main, pipes = pipeline_config(middleware, **kw)
-    return build_runtime(load_config(write_config(tmp_path, main, {"main": pipes})))
+    assert_option_error(tmp_path, {"f": f'type = "path_filter"\nrules = {rules}'}, "f", key, message)
 
 
 # --------------------------------------------------------------------------- json_extractor
@@ -349,7 +342,7 @@ def test_bad_spec_file_is_a_config_error_naming_it(tmp_path, spec_text, message)
     if spec_text is not None:
         (folder / "bad.json").write_text(spec_text)
     with pytest.raises(ConfigErrors) as e:
-        build(tmp_path, {"t": 'type = "transform"\nspec_path = "bad.json"',
+        build_pipeline(tmp_path, {"t": 'type = "transform"\nspec_path = "bad.json"',
                          "m": 'type = "metadata_transform"\nspec_path = "bad.json"'},
               transforms_path=str(folder))
     text = e.value.render()
@@ -361,12 +354,10 @@ def test_bad_spec_file_is_a_config_error_naming_it(tmp_path, spec_text, message)
 
 def test_transform_options_checked(tmp_path):
     folder = transforms_dir(tmp_path)
-    with pytest.raises(ConfigErrors) as e:
-        build(tmp_path, {"t": 'type = "transform"\nspec_path = "patient_to_fhir.json"\napply = "sideways"'},
-              transforms_path=str(folder))
-    assert "[middleware.t.options.apply]: must be one of 'left', 'right', 'both'" in e.value.render()
+    assert_option_error(tmp_path, {"t": 'type = "transform"\nspec_path = "patient_to_fhir.json"\napply = "sideways"'},
+                        "t", "apply", "must be one of 'left', 'right', 'both'", transforms_path=str(folder))
     with pytest.raises(ConfigErrors, match=r"options.spec_path\]: is required"):
-        build(tmp_path / "b", {"t": 'type = "transform"'}, transforms_path=str(folder))
+        build_pipeline(tmp_path / "b", {"t": 'type = "transform"'}, transforms_path=str(folder))
 
 
 # --------------------------------------------------------------------------- metadata_transform

@@ -15,12 +15,9 @@ import pytest
 import pytest_twisted
 from twisted.web.http_headers import Headers
 
-from harmony.config import load_config
 from harmony.envelope import RequestEnvelope, ResponseEnvelope
 from harmony.errors import HarmonyError
-from harmony.runtime import build_runtime
-from tests.harness import write_config
-from tests.middleware_harness import pipeline_config
+from tests.middleware_harness import build_pipeline
 
 
 class RecordingEndpoint:
@@ -56,9 +53,7 @@ def pipeline(tmp_path_factory):
         "json": 'type = "json_extractor"\nstrict = true',
         "transform": 'type = "transform"\nspec_path = "fails.json"\napply = "left"',
     }
-    main, pipes = pipeline_config(mw, transforms_path=str(folder))
-    runtime = build_runtime(load_config(write_config(tmp, main, {"main": pipes})))
-    return runtime.pipelines["main"]
+    return build_pipeline(tmp, mw, transforms_path=str(folder)).pipelines["main"]
 
 
 def envelope(subpath="/ok/x", auth="u:p", body=b"", metadata=None):
@@ -108,9 +103,8 @@ async def test_transform_rewrites_the_normalized_view_of_a_bodiless_request(tmp_
     # Default a missing ModalitiesInStudy (0008,0061) to CT in every study-level query.
     (folder / "ct.json").write_text(json.dumps([{"operation": "default", "spec": {
         "00080061": {"vr": "CS", "Value": ["CT"]}}}]))
-    main, pipes = pipeline_config({"t": 'type = "transform"\nspec_path = "ct.json"\napply = "left"'},
-                                  transforms_path=str(folder))
-    pipeline = build_runtime(load_config(write_config(tmp_path, main, {"main": pipes}))).pipelines["main"]
+    pipeline = build_pipeline(tmp_path, {"t": 'type = "transform"\nspec_path = "ct.json"\napply = "left"'},
+                              transforms_path=str(folder)).pipelines["main"]
     identifier = {"00100020": {"vr": "LO", "Value": ["PAT-1"]}, "0020000D": {"vr": "UI"}}
     request = RequestEnvelope(method="C-FIND", path="", subpath="", body=b"", normalized=identifier,
                               metadata={"protocol": "dimse", "dimse_op": "C-FIND", "request_id": "r"})
@@ -126,9 +120,8 @@ async def test_transform_failure_keeps_document_data_out_of_info_logs(tmp_path):
     folder = tmp_path / "transforms"
     folder.mkdir()
     (folder / "index.json").write_text(json.dumps([{"operation": "shift", "spec": {"a": {"*": "x[&0]"}}}]))
-    main, pipes = pipeline_config({"t": 'type = "transform"\nspec_path = "index.json"\napply = "left"'},
-                                  transforms_path=str(folder))
-    pipeline = build_runtime(load_config(write_config(tmp_path, main, {"main": pipes}))).pipelines["main"]
+    pipeline = build_pipeline(tmp_path, {"t": 'type = "transform"\nspec_path = "index.json"\napply = "left"'},
+                              transforms_path=str(folder)).pipelines["main"]
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
