@@ -22,6 +22,13 @@ BUILTIN: dict[str, dict[str, str]] = {
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
+        "basic_auth": "harmony.middleware.basic_auth:BasicAuth",
+        "jwt_auth": "harmony.middleware.jwt_auth:JwtAuth",
+        "jwtauth": "harmony.middleware.jwt_auth:JwtAuth",
+        "path_filter": "harmony.middleware.path_filter:PathFilter",
+        "json_extractor": "harmony.middleware.json_extractor:JsonExtractor",
+        "transform": "harmony.middleware.transform:Transform",
+        "metadata_transform": "harmony.middleware.metadata_transform:MetadataTransform",
     },
 }
 
