@@ -14,6 +14,7 @@ from harmony.registry import load_object
 COMMANDS = {
     "check": "harmony.cli:add_check",
     "routes": "harmony.cli:add_routes",
+    "jmix": "harmony.jmix.cli:add_jmix",
 }
 
 
