@@ -9,9 +9,17 @@ the files, so no third-party data enters the repository.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
+from twisted.internet import reactor
+
+from harmony.backends.base import Backend
+from harmony.dicom.results import DicomInstance, ResultStream
+from harmony.envelope import ResponseEnvelope
+from harmony.jmix.dicom import read_header
 from tests.dicom_data import UID_ROOT, make_instance, save
 
 SAMPLE_STUDY_UID = UID_ROOT + "7133.3280065491876470"
@@ -62,3 +70,49 @@ def zip_of_folder(root: Path, path: Path, top: str = "") -> Path:
             if p.is_file():
                 zf.write(p, (Path(top) / p.relative_to(root)).as_posix() if top else p.relative_to(root).as_posix())
     return path
+
+
+# --------------------------------------------------------------------------- a stand-in DICOM backend
+
+
+class StagedStudyBackend(Backend):
+    """A stand-in for a C-GET backend, used only until the ``dicom_scu`` backend
+    (being written on the ``dimse`` branch) is merged: it honours the same
+    contract - ``dimse_op``/``query_level`` metadata and a DICOM JSON identifier
+    in, a :class:`ResultStream` of *owned* :class:`DicomInstance` files copied
+    into a staging folder out, delivered on later reactor turns - from a folder
+    of synthetic files instead of a PACS.  Every request is recorded in ``calls``.
+    """
+
+    calls: list = []
+
+    def __init__(self, name, folder: Path):
+        super().__init__(name)
+        self.folder = Path(folder)
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        return cls(name, options.path("folder"))
+
+    def send(self, request):
+        StagedStudyBackend.calls.append({"metadata": dict(request.metadata), "identifier": request.normalized})
+        uid = request.normalized["0020000D"]["Value"][0]
+        staging = Path(tempfile.mkdtemp(prefix="staged-"))
+        matches = [p for p in sorted(self.folder.rglob("*.dcm")) if read_header(p).study_uid == uid]
+        stream = ResultStream()
+
+        def deliver(remaining):
+            if not remaining:
+                stream.finish(0x0000)
+                return
+            src = remaining[0]
+            h = read_header(src)
+            dst = staging / f"{h.sop_uid}.dcm"
+            shutil.copyfile(src, dst)
+            stream.put(DicomInstance(path=dst, sop_instance_uid=h.sop_uid, study_instance_uid=h.study_uid,
+                                     series_instance_uid=h.series_uid, size=dst.stat().st_size, owned=True))
+            reactor.callLater(0, deliver, remaining[1:])
+
+        reactor.callLater(0, deliver, matches)
+        self.staging = staging
+        return ResponseEnvelope(200, context={"dicom_results": stream})

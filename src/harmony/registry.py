@@ -15,6 +15,7 @@ ENDPOINT, BACKEND, MIDDLEWARE = "endpoint", "backend", "middleware"
 BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
+        "jmix": "harmony.endpoints.jmix:JmixEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
@@ -22,6 +23,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
+        "jmix_builder": "harmony.middleware.jmix_builder:JmixBuilder",
     },
 }
 

@@ -15,6 +15,7 @@ import os
 import stat
 import tarfile
 import time
+import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -103,9 +104,10 @@ def pack(root: Path, out: Path, fmt: str = ZIP) -> Path:
     raise ValueError(f"unknown archive format {fmt!r}")
 
 
-def zip_to_targz(zip_path: Path, out: Path, limits: Limits = Limits()) -> Path:
+def zip_to_targz(zip_path: Path, out: Path) -> Path:
     """Re-pack a stored (trusted) zip as tar.gz without unpacking it to disk."""
-    tmp = Path(out).with_name(Path(out).name + ".part")
+    # A unique temporary name: two requests may convert the same envelope at once.
+    tmp = Path(out).with_name(f"{Path(out).name}.{uuid.uuid4().hex}.part")
     with zipfile.ZipFile(zip_path) as zf, tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
         for info in zf.infolist():
             ti = tarfile.TarInfo(info.filename.rstrip("/"))
