@@ -4,8 +4,9 @@ On the way in, a study request (``jmix.study_uid`` set by the ``jmix``
 endpoint, or ``?studyInstanceUid=`` behind any other endpoint) is answered from
 the store when an envelope for the study exists - the backend is not called.
 Otherwise the request is turned into a study-level retrieve for a DICOM backend
-(``metadata["dimse_op"]`` = C-GET or C-MOVE, ``query_level`` = STUDY, the
-identifier as DICOM JSON in ``request.normalized``).
+(``metadata["dimse_op"]`` = C-GET, ``query_level`` = STUDY, the identifier as
+DICOM JSON in ``request.normalized``; a ``dicom_scu`` backend configured for
+C-MOVE fetches the same way through its own store SCP).
 
 On the way back it drains ``response.context["dicom_results"]`` (the
 :mod:`harmony.dicom.results` contract: C-GET/C-MOVE items are
@@ -21,7 +22,7 @@ from pathlib import Path
 from twisted.internet import defer, threads
 
 from harmony.config.errors import OptionError
-from harmony.dicom.results import C_GET, C_MOVE, DicomInstance
+from harmony.dicom.results import C_GET, DicomInstance
 from harmony.errors import BackendUnavailable, NotFound
 from harmony.jmix import crypto
 from harmony.jmix.builder import AssertionSpec, BuildOptions, Entity, build_envelope, read_headers
@@ -55,14 +56,11 @@ def _entity(table, key) -> Entity:
 
 
 class JmixBuilder(Middleware):
-    def __init__(self, name, store, reactor, build_options: BuildOptions, retrieve: str = C_GET,
-                 move_destination: str | None = None):
+    def __init__(self, name, store, reactor, build_options: BuildOptions):
         super().__init__(name)
         self.store = store
         self.reactor = reactor
         self.build_options = build_options
-        self.retrieve = retrieve
-        self.move_destination = move_destination
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -84,11 +82,7 @@ class JmixBuilder(Middleware):
         assertion_key = _key(options, "assertion_key_file", crypto.ed25519_private, "an Ed25519 private key")
         if assertion_key is not None:
             bo.assertions["sender"] = AssertionSpec(assertion_key)
-        retrieve = options.str("retrieve", C_GET, choices=(C_GET, C_MOVE))
-        move_destination = options.str("move_destination", None)
-        if retrieve == C_MOVE and not move_destination:
-            raise OptionError("move_destination", "is required when retrieve is C-MOVE")
-        return cls(name, store_option(options, ctx), ctx.reactor, bo, retrieve, move_destination)
+        return cls(name, store_option(options, ctx), ctx.reactor, bo)
 
     def _thread(self, f, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -109,10 +103,10 @@ class JmixBuilder(Middleware):
         if env_id is not None:
             return envelope_response(self.store, env_id, fmt, request.method, self.reactor)
         request.context[BUILD_KEY] = (uid, fmt)
-        request.metadata["dimse_op"] = self.retrieve
+        # A retrieve to us: whether the PACS is asked by C-GET or by C-MOVE to the
+        # proxy's own store SCP is the DICOM backend's configuration, not ours.
+        request.metadata["dimse_op"] = C_GET
         request.metadata["query_level"] = "STUDY"
-        if self.move_destination:
-            request.metadata["move_destination"] = self.move_destination
         request.normalized = {"00080052": {"vr": "CS", "Value": ["STUDY"]},
                               "0020000D": {"vr": "UI", "Value": [uid]}}
         return request
