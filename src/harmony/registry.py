@@ -20,6 +20,8 @@ BUILTIN: dict[str, dict[str, str]] = {
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
+        "dicom_scu": "harmony.backends.dicom_scu:DicomScuBackend",
+        "dicom": "harmony.backends.dicom_scu:DicomScuBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
