@@ -206,6 +206,8 @@ class JmixEndpoint(HttpEndpointBase):
 
     def render_http(self, request, route):
         env = self.envelope(request, route)
+        # jmix_builder may ask the same backend whether a study exists (see there).
+        env.context["jmix.pipeline"] = route.pipeline
         pipeline = route.pipeline if self.needs_backend(env) else self._store_pipeline(route.pipeline)
         return super().render_http(request, _RouteWith(route, pipeline))
 

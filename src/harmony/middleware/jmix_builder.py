@@ -22,7 +22,8 @@ from pathlib import Path
 from twisted.internet import defer, threads
 
 from harmony.config.errors import OptionError
-from harmony.dicom.results import C_GET, DicomInstance
+from harmony.dicom.results import C_FIND, C_GET, DicomInstance
+from harmony.envelope import RequestEnvelope
 from harmony.errors import BackendUnavailable, NotFound
 from harmony.jmix import crypto
 from harmony.jmix.builder import AssertionSpec, BuildOptions, Entity, build_envelope, read_headers
@@ -133,8 +134,10 @@ class JmixBuilder(Middleware):
                     instances.append(item)
             if not instances:
                 if stream.status not in (None, 0x0000):
-                    raise BackendUnavailable(f"retrieve of study {uid} failed (status 0x{stream.status:04X}"
-                                             f"{': ' + stream.error_comment if stream.error_comment else ''})")
+                    exists = yield self._study_exists(request, uid)
+                    if exists is not False:
+                        raise BackendUnavailable(f"retrieve of study {uid} failed (status 0x{stream.status:04X}"
+                                                 f"{': ' + stream.error_comment if stream.error_comment else ''})")
                 raise NotFound(f"study {uid} not found")
             stored = yield self._thread(self._build_and_store, [Path(i.path) for i in instances], uid)
         finally:
@@ -145,6 +148,31 @@ class JmixBuilder(Middleware):
                  count=len(instances), size=stored["size"])
         answer = yield envelope_response(self.store, stored["id"], fmt, request.method, self.reactor)
         return answer
+
+    @defer.inlineCallbacks
+    def _study_exists(self, request, uid):
+        """Ask the backend a study-level C-FIND: True, False, or None (cannot tell).
+
+        PACSes answer a retrieve of an unknown study differently - Orthanc with
+        0xC000 "unable to process", others with success and no instances - so a
+        failed, empty retrieve is told apart from a missing study by asking.
+        The ``jmix`` endpoint passes its pipeline in ``request.context``.
+        """
+        pipeline = request.context.get("jmix.pipeline")
+        if pipeline is None:
+            return None
+        find = RequestEnvelope(method="GET", path=request.path, metadata={
+            **request.metadata, "dimse_op": C_FIND, "query_level": "STUDY"},
+            normalized={"00080052": {"vr": "CS", "Value": ["STUDY"]}, "0020000D": {"vr": "UI", "Value": [uid]}})
+        try:
+            response = yield pipeline.select_backend(request).send(find)
+            stream = response.context.get("dicom_results")
+            if stream is None:
+                return None
+            matches = yield stream.collect()
+        except Exception:  # noqa: BLE001 - any failure here just means "cannot tell"
+            return None
+        return bool(matches)
 
     def _build_and_store(self, paths, uid):
         """Build, store and index (worker thread); the work folder always goes."""
