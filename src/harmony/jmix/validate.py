@@ -75,6 +75,9 @@ class Report:
     #: The envelope folder and, once decrypted, its plaintext payload folder.
     root: Path | None = None
     payload: Path | None = None
+    #: ``relative path -> (sha256 hex, size)`` already computed, so the payload
+    #: hash does not read every file a second time.
+    digests: dict = attr.Factory(dict)
 
     @property
     def ok(self) -> bool:
@@ -287,7 +290,10 @@ def _consistency(report: Report, payload: Path, files_doc, options: VerifyOption
             continue
         need_hash = entry.get("hash") is not None
         if need_hash or "size_bytes" in entry:
-            digest, size = sha256_file(path) if need_hash else (None, path.stat().st_size)
+            if need_hash:
+                digest, size = report.digests[Path(rel).as_posix()] = sha256_file(path)
+            else:
+                digest, size = None, path.stat().st_size
             if "size_bytes" in entry and entry["size_bytes"] != size:
                 report.error(CONSISTENCY, f"{rel}: size {size} differs from files.json ({entry['size_bytes']})")
             if need_hash:
@@ -357,7 +363,7 @@ def _integrity(report: Report, security: dict, cipher_sha, tar_sha, payload: Pat
     if tar_sha:
         candidates.append(("plaintext-tar", lambda: tar_sha))
     if payload is not None:
-        candidates.append(("structured", lambda: structured_hash(payload)))
+        candidates.append(("structured", lambda: structured_hash(payload, report.digests)))
         candidates.append(("streamed", lambda: streamed_hash(payload)))
     if not candidates:
         report.info["payload_hash"] = "unchecked (encrypted, no key)"
