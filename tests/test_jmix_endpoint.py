@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -158,6 +157,9 @@ async def test_routes_by_id(harmony, tmp_path):
     resp, manifest = await fetch(base + "/manifest")
     assert resp.code == 200 and resp.headers.getRawHeaders("content-type") == ["application/json"]
     assert json.loads(manifest)["id"] == env_id
+    resp, head = await fetch(base + "/manifest", "HEAD")
+    assert resp.code == 200 and head == b""
+    assert resp.headers.getRawHeaders("content-length") == [str(len(manifest))]
 
     resp, tgz = await fetch(base, headers={"Accept": ["application/gzip"]})
     assert resp.code == 200 and resp.headers.getRawHeaders("content-type") == ["application/gzip"]
@@ -310,3 +312,20 @@ async def test_bad_uploads_are_clear_4xx_and_write_nothing(harmony, other_study,
     assert list((harmony.store_dir / ".staging").iterdir()) == []
     assert not outside.exists() and not (Path("/") / outside.name).exists()
     assert EnvelopeStore.open(harmony.store_dir).for_study(OTHER_STUDY) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipeline_without_builder_says_so(tmp_path, dicom):
+    """A study that must be built, in a pipeline lacking jmix_builder: a 500 naming it."""
+    pipes = PIPES.split("[middleware.builder]")[0].replace('middleware = ["builder"]\n', "")
+    pipes = pipes.replace('decryption_key_file = "{key}"\njws_public_key_files = ["{jws}"]\n', "")
+    pipes += '[backends.pacs]\nservice = "staged"\n[backends.pacs.options]\nfolder = "{dicom}"\n' \
+             '[backend_types.staged]\nmodule = "tests.jmix_support:StagedStudyBackend"\n'
+    main = MINIMAL_MAIN + f'\n[storage.options]\npath = "{tmp_path / "var"}"\n'
+    running = await start_harmony(write_config(tmp_path / "cfg", main, {"p": pipes.format(dicom=dicom)}))
+    try:
+        resp, body = await fetch(running.url(f"/jmix/api/jmix?studyInstanceUid={SAMPLE_STUDY_UID}"))
+        assert resp.code == 500 and "needs the jmix_builder middleware" in problem(body)["detail"]
+    finally:
+        await running.stop()
+        EnvelopeStore.open(tmp_path / "var" / "jmix").close()

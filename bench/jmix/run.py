@@ -137,14 +137,16 @@ def main() -> int:
 
         # 1. hashing (warm the page cache first)
         subprocess.run([SHA256SUM, *map(str, paths)], check=True, capture_output=True)
-        t0 = time.monotonic()
-        for p in paths:
-            sha256_file(p)
-        ours = time.monotonic() - t0
-        t0 = time.monotonic()
-        subprocess.run([SHA256SUM, *map(str, paths)], check=True, capture_output=True)
-        peer = time.monotonic() - t0
-        print("\n== hashing (SHA-256, all instances)")
+        ours = peer = float("inf")
+        for _ in range(3):  # best of three, alternating, on a shared machine
+            t0 = time.monotonic()
+            for p in paths:
+                sha256_file(p)
+            ours = min(ours, time.monotonic() - t0)
+            t0 = time.monotonic()
+            subprocess.run([SHA256SUM, *map(str, paths)], check=True, capture_output=True)
+            peer = min(peer, time.monotonic() - t0)
+        print("\n== hashing (SHA-256, all instances, best of 3)")
         print(f"harmony.jmix  {ours:7.3f} s  {total / MB / ours:8.1f} MB/s")
         print(f"sha256sum     {peer:7.3f} s  {total / MB / peer:8.1f} MB/s")
         print(f"ratio harmony/sha256sum throughput: {peer / ours:.2f}")

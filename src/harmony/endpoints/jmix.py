@@ -34,7 +34,7 @@ from harmony.jmix.archive import Limits
 from harmony.jmix.dicom import valid_uid
 from harmony.jmix.store import DuplicateEnvelope, EnvelopeStore, canonical_id
 from harmony.jmix.validate import VerifyOptions, discard, open_envelope
-from harmony.jmix.web import (JSON, TGZ_TYPES, ZIP_TYPES, envelope_response, negotiate, spool_body,
+from harmony.jmix.web import (JSON, TGZ_TYPES, ZIP_TYPES, HeadBody, envelope_response, negotiate, spool_body,
                               study_index_response)
 from harmony.log import get_logger
 from harmony.pipeline import Pipeline
@@ -44,8 +44,6 @@ log = get_logger("harmony.jmix")
 ROUTE_ENVELOPE, ROUTE_MANIFEST, ROUTE_STUDY, ROUTE_UPLOAD = "envelope", "manifest", "study", "upload"
 #: request.metadata keys shared with ``jmix_builder``.
 META_ROUTE, META_ID, META_STUDY = "jmix.route", "jmix.id", "jmix.study_uid"
-#: response.metadata key set by whoever answered with an envelope.
-META_ANSWERED = "jmix.envelope_id"
 
 
 class EnvelopeRejected(BadRequest):
@@ -86,7 +84,7 @@ class StoreBackend(Backend):
             if data is None:
                 raise NotFound(f"JMIX envelope {request.metadata[META_ID]} not found")
             h = Headers({"Content-Type": ["application/json"]})
-            return ResponseEnvelope(200, h, b"" if request.method == "HEAD" else data)
+            return ResponseEnvelope(200, h, HeadBody(len(data)) if request.method == "HEAD" else data)
         fmt = negotiate(request.header("accept"), allow_json=route == ROUTE_STUDY)
         if route == ROUTE_STUDY:
             uid = request.metadata[META_STUDY]
@@ -208,15 +206,14 @@ class JmixEndpoint(HttpEndpointBase):
         env = self.envelope(request, route)
         # jmix_builder may ask the same backend whether a study exists (see there).
         env.context["jmix.pipeline"] = route.pipeline
-        pipeline = route.pipeline if self.needs_backend(env) else self._store_pipeline(route.pipeline)
+        pipeline = self._store_pipeline(route.pipeline)
+        if self.needs_backend(env):
+            if any(getattr(mw, "builds_jmix", False) for mw in route.pipeline.middleware):
+                pipeline = route.pipeline
+            else:
+                env.context["jmix.error"] = ConfigurationFailure(
+                    f"endpoint {self.name!r}: its pipeline needs the jmix_builder middleware to build envelopes")
         return super().render_http(request, _RouteWith(route, pipeline))
-
-    def post_process(self, request, response):
-        if request.metadata.get(META_ROUTE) == ROUTE_STUDY and response.status < 300 \
-                and META_ANSWERED not in response.metadata and response.normalized is None:
-            raise ConfigurationFailure(
-                f"endpoint {self.name!r}: its pipeline needs the jmix_builder middleware to build envelopes")
-        return response
 
     def error_response(self, error, request):
         response = super().error_response(error, request)
@@ -278,5 +275,4 @@ class _RouteWith:
         return getattr(self._route, name)
 
 
-__all__ = ["JmixEndpoint", "EnvelopeRejected", "StoreBackend", "META_ROUTE", "META_ID", "META_STUDY",
-           "META_ANSWERED"]
+__all__ = ["JmixEndpoint", "EnvelopeRejected", "StoreBackend", "META_ROUTE", "META_ID", "META_STUDY"]

@@ -6,6 +6,7 @@ Exit status: 0 success, 1 an invalid envelope or failed build, 2 usage errors
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -78,17 +79,30 @@ def _print_report(report, as_json: bool, out=sys.stdout):
             out.write(f"  {key}: {value}\n")
 
 
-def cmd_verify(args) -> int:
+@contextlib.contextmanager
+def _opened(args, command: str):
+    """Load keys, unpack and validate ``args.file``; yields the report (or an exit
+    status for unusable keys) and removes every temporary folder afterwards."""
     try:
         options = _verify_options(args)
-    except crypto.CryptoError as e:
-        print(f"harmony jmix verify: {e}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="jmix-verify-") as work:
+    except (crypto.CryptoError, OSError) as e:
+        print(f"harmony jmix {command}: {e}", file=sys.stderr)
+        yield 2
+        return
+    with tempfile.TemporaryDirectory(prefix=f"jmix-{command}-") as work:
         report = open_envelope(Path(args.file), Path(work), options)
+        try:
+            yield report
+        finally:
+            discard(report)
+
+
+def cmd_verify(args) -> int:
+    with _opened(args, "verify") as report:
+        if isinstance(report, int):
+            return report
         _print_report(report, args.json)
-        discard(report)
-    return 0 if report.ok else 1
+        return 0 if report.ok else 1
 
 
 def cmd_extract(args) -> int:
@@ -97,21 +111,15 @@ def cmd_extract(args) -> int:
     if dest.exists():
         print(f"harmony jmix extract: {dest} already exists", file=sys.stderr)
         return 1
-    try:
-        options = _verify_options(args)
-    except crypto.CryptoError as e:
-        print(f"harmony jmix extract: {e}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="jmix-extract-") as work:
-        report = open_envelope(Path(args.file), Path(work), options)
+    with _opened(args, "extract") as report:
+        if isinstance(report, int):
+            return report
         if not report.ok:
             _print_report(report, False, sys.stderr)
-            discard(report)
             return 1
         shutil.copytree(report.root, dest, symlinks=False)
         if report.payload is not None and report.payload.parent != report.root:
             shutil.copytree(report.payload, dest / "payload")
-        discard(report)
     print(json.dumps({"id": report.envelope_id, "study_uid": report.study_uid, "output": str(dest)}))
     return 0
 

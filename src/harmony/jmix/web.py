@@ -8,10 +8,8 @@ from pathlib import Path
 from twisted.internet import defer, threads
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
-from harmony.envelope import ResponseEnvelope
+from harmony.envelope import BytesProducer, ResponseEnvelope
 from harmony.errors import NotAcceptable, NotFound, PayloadTooLarge
 from harmony.jmix.archive import TAR_GZ, ZIP
 from harmony.jmix.store import EnvelopeStore
@@ -69,24 +67,12 @@ def negotiate(accept: str | None, allow_json: bool = False) -> str:
     return best
 
 
-@implementer(IBodyProducer)
-class HeadBody:
+class HeadBody(BytesProducer):
     """A body that has a length but sends nothing: HEAD answers with the real Content-Length."""
 
     def __init__(self, length: int):
+        super().__init__(b"")
         self.length = length
-
-    def startProducing(self, consumer):
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 def file_response(path: Path, content_type: str, method: str, headers: Headers | None = None) -> ResponseEnvelope:

@@ -57,6 +57,9 @@ def _entity(table, key) -> Entity:
 
 
 class JmixBuilder(Middleware):
+    #: The ``jmix`` endpoint routes study builds only to pipelines with a builder.
+    builds_jmix = True
+
     def __init__(self, name, store, reactor, build_options: BuildOptions):
         super().__init__(name)
         self.store = store
