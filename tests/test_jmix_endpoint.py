@@ -41,6 +41,8 @@ service = "jmix"
 [endpoints.jmix.options]
 path_prefix = "/jmix"
 max_upload_bytes = 3000000
+max_unpacked_bytes = 8000000
+max_entries = 500
 decryption_key_file = "{key}"
 jws_public_key_files = ["{jws}"]
 
@@ -284,13 +286,20 @@ async def test_bad_uploads_are_clear_4xx_and_write_nothing(harmony, other_study,
         "absolute": write_zip(tmp_path / "abs.zip", {"manifest.json": MANIFEST, str(outside): b"x"}),
         "symlink": write_zip(tmp_path / "link.zip", {"manifest.json": MANIFEST}, {"payload": "/etc"}),
         "no-manifest": write_zip(tmp_path / "none.zip", {"payload/metadata.json": b"{}"}),
+        "bomb": write_zip(tmp_path / "bomb.zip", {"manifest.json": MANIFEST, "payload/a": b"\0" * 5_000_000,
+                                                  "payload/b": b"\0" * 5_000_000}),
+        "many-entries": write_zip(tmp_path / "many.zip", {"manifest.json": MANIFEST,
+                                                          **{f"payload/{i}": b"" for i in range(600)}}),
         "bad-id": write_zip(tmp_path / "badid.zip", {"manifest.json": MANIFEST.replace(
             "0b0f5bde-2c5d-4b5e-9a55-4c8a3bb0c6a1", "../../etc"), "payload/metadata.json": b"{}"}),
     }
+    assert hostile["bomb"].stat().st_size < 100_000  # small on the wire, 10 MB unpacked
     for name, archive in hostile.items():
         resp, body = await upload(harmony, archive.read_bytes())
         assert resp.code == 400, (name, body)
-        assert problem(body)["errors"], name
+        assert problem(body)["errors"][0]["stage"] == ("structure" if name == "bad-id" else "archive"), (name, body)
+        if name in ("bomb", "many-entries"):
+            assert ("bytes" if name == "bomb" else "entries") in problem(body)["detail"], body
 
     # Tampered payload: hash mismatch reported, upload refused.
     result = build_envelope([other_study], tmp_path / "t", BuildOptions())
