@@ -52,7 +52,11 @@ incoming_store_port = {store_port}
 def sample_in_orthanc(orthanc, tmp_path_factory):
     paths = make_sample_study(tmp_path_factory.mktemp("jmix-orthanc"), study_uid=STUDY)
     orthanc.upload(paths)
-    return {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in paths}
+    yield {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in paths}
+    # The Orthanc is the session's: leave it holding exactly the shared corpus again.
+    for found in orthanc.rest("POST", "/tools/lookup", STUDY.encode(), "text/plain"):
+        if found["Type"] == "Study":
+            orthanc.rest("DELETE", f"/studies/{found['ID']}")
 
 
 @pytest.fixture(params=["get", "move"])
