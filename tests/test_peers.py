@@ -6,9 +6,11 @@ from tests.peers import DCMTK, Dcmqrscp, peer_env
 
 
 def test_orthanc_holds_corpus(orthanc, corpus):
-    assert len(orthanc.instance_ids()) == len(corpus) == 22
-    studies = orthanc.rest("GET", "/studies")
-    assert len(studies) == 4
+    # Other tests may store extra studies of their own in the shared Orthanc;
+    # the corpus itself must all be there.
+    assert len(corpus) == 22
+    found = {orthanc.rest("GET", f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.instance_ids()}
+    assert {i.sop_uid for i in corpus} <= found
 
 
 def test_dcmtk_echo_against_orthanc(orthanc):

@@ -15,6 +15,7 @@ COMMANDS = {
     "check": "harmony.cli:add_check",
     "routes": "harmony.cli:add_routes",
     "transform": "harmony.transform.cli:add_transform",
+    "jmix": "harmony.jmix.cli:add_jmix",
 }
 
 

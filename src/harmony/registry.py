@@ -15,10 +15,13 @@ ENDPOINT, BACKEND, MIDDLEWARE = "endpoint", "backend", "middleware"
 BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
+        "jmix": "harmony.endpoints.jmix:JmixEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
+        "dicom_scu": "harmony.backends.dicom_scu:DicomScuBackend",
+        "dicom": "harmony.backends.dicom_scu:DicomScuBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
@@ -29,6 +32,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "json_extractor": "harmony.middleware.json_extractor:JsonExtractor",
         "transform": "harmony.middleware.transform:Transform",
         "metadata_transform": "harmony.middleware.metadata_transform:MetadataTransform",
+        "jmix_builder": "harmony.middleware.jmix_builder:JmixBuilder",
     },
 }
 

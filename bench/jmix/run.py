@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""JMIX benchmark: build and serve an envelope for a 500-instance study, next to peers.
+
+1. Hashing: SHA-256 over every instance with ``harmony.jmix.hashing`` vs
+   ``sha256sum`` on the same files (page cache warm for both): MB/s and ratio.
+2. Build: ``harmony jmix build`` (read headers, copy + hash every file, metadata,
+   files.json, payload hash, zip) in its own process: seconds, MB/s of DICOM
+   input, peak RSS (``ru_maxrss`` of that process), and the ratio to the
+   ``sha256sum`` time (the floor: the build must read every byte at least once).
+3. Upload and serve: a Harmony ``jmix`` endpoint (twistd, one process) takes the
+   envelope by POST (validated: schema, files.json hashes, payload hash, DICOM
+   headers), then serves it by id several times; nginx serves the same zip file
+   statically in the same run.  Seconds, MB/s, ratio, and Harmony's peak RSS
+   (VmHWM), which must not grow with the envelope size.
+
+Run with the interpreter of the venv Harmony is installed in::
+
+    .venv/bin/python bench/jmix/run.py [--instances 500] [--rows 512] [--downloads 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from harmony.jmix.hashing import sha256_file  # noqa: E402
+from tests.dicom_data import make_instance, save  # noqa: E402
+
+BIN = Path(sys.executable).parent
+NGINX = "/usr/sbin/nginx"
+CURL = "/usr/bin/curl"
+SHA256SUM = "/usr/bin/sha256sum"
+STUDY = "1.2.826.0.1.3680043.10.543.9.1"
+MB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"{what} did not listen on {port}")
+
+
+def vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise KeyError("VmHWM")
+
+
+def run_measured(argv) -> tuple[float, int, str]:
+    """Run *argv*; (wall seconds, peak RSS in KiB of that very process, stdout)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{argv[0]} failed ({proc.returncode}): {err.read().decode(errors='replace')}")
+        return elapsed, usage.ru_maxrss, out.read().decode()
+
+
+def make_study(folder: Path, instances: int, rows: int) -> list[Path]:
+    per_series = max(1, instances // 4)
+    paths = []
+    for i in range(instances):
+        series = i // per_series + 1
+        ds = make_instance(patient_id="BENCH01", patient_name="BENCH^JMIX", study_uid=STUDY,
+                           series_uid=f"{STUDY}.{series}", sop_uid=f"{STUDY}.{series}.{i + 1}",
+                           series_number=series, instance_number=i + 1, rows=rows, cols=rows, seed=i)
+        paths.append(save(ds, folder / f"s{series}" / f"{i + 1:05d}.dcm"))
+    return paths
+
+
+def curl(url: str, method="GET", data: Path | None = None, ctype: str | None = None) -> tuple[float, int, str]:
+    argv = [CURL, "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", "-X", method]
+    if data is not None:
+        argv += ["--data-binary", f"@{data}", "-H", f"Content-Type: {ctype}"]
+    argv.append(url)
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split()
+    return float(out[2]), int(out[1]), out[0]
+
+
+def best_of(n: int, url: str) -> tuple[float, int]:
+    times, size = [], 0
+    for _ in range(n):
+        t, size, code = curl(url)
+        if code != "200":
+            raise SystemExit(f"GET {url} answered {code}")
+        times.append(t)
+    return min(times), size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--rows", type=int, default=512, help="rows = columns of each 16-bit image")
+    ap.add_argument("--downloads", type=int, default=5, help="downloads per server (best is reported)")
+    args = ap.parse_args()
+    for tool in (NGINX, CURL, SHA256SUM, BIN / "twistd", BIN / "harmony"):
+        if not Path(tool).exists():
+            raise SystemExit(f"{tool} is missing")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-jmix-"))
+    procs = []
+    try:
+        print(f"making {args.instances} synthetic instances ({args.rows}x{args.rows}, 16-bit) ...", flush=True)
+        paths = make_study(work / "study", args.instances, args.rows)
+        total = sum(p.stat().st_size for p in paths)
+        print(f"study: {len(paths)} files, {total / MB:.1f} MB")
+
+        # 1. hashing (warm the page cache first)
+        subprocess.run([SHA256SUM, *map(str, paths)], check=True, capture_output=True)
+        ours = peer = float("inf")
+        for _ in range(3):  # best of three, alternating, on a shared machine
+            t0 = time.monotonic()
+            for p in paths:
+                sha256_file(p)
+            ours = min(ours, time.monotonic() - t0)
+            t0 = time.monotonic()
+            subprocess.run([SHA256SUM, *map(str, paths)], check=True, capture_output=True)
+            peer = min(peer, time.monotonic() - t0)
+        print("\n== hashing (SHA-256, all instances, best of 3)")
+        print(f"harmony.jmix  {ours:7.3f} s  {total / MB / ours:8.1f} MB/s")
+        print(f"sha256sum     {peer:7.3f} s  {total / MB / peer:8.1f} MB/s")
+        print(f"ratio harmony/sha256sum throughput: {peer / ours:.2f}")
+
+        # 2. build (CLI, own process)
+        out = work / "envelope.zip"
+        secs, rss_kb, stdout = run_measured([str(BIN / "harmony"), "jmix", "build", str(work / "study"), "-o", str(out)])
+        built = json.loads(stdout)
+        zip_size = out.stat().st_size
+        print("\n== build (harmony jmix build: headers, copy+hash, metadata, files.json, payload hash, zip)")
+        print(f"build         {secs:7.3f} s  {total / MB / secs:8.1f} MB/s of DICOM   peak RSS {rss_kb / 1024:.0f} MB"
+              f"   zip {zip_size / MB:.1f} MB")
+        print(f"ratio build/sha256sum time: {secs / peer:.2f}")
+
+        # 3. upload + serve, next to nginx serving the same file
+        port = free_port()
+        folder = work / "harmony"
+        folder.mkdir()
+        config = folder / "harmony.toml"
+        config.write_text(textwrap.dedent(f"""
+            [proxy]
+            id = "bench"
+            log_level = "warn"
+
+            [network.default.http]
+            bind_address = "127.0.0.1"
+            bind_port = {port}
+
+            [storage.options]
+            path = "{folder / 'var'}"
+
+            [pipelines.jmix]
+            networks = ["default"]
+            endpoints = ["jmix"]
+            backends = ["echo"]
+
+            [endpoints.jmix]
+            service = "jmix"
+            [endpoints.jmix.options]
+            path_prefix = "/"
+
+            [backends.echo]
+            service = "echo"
+            """))
+        log = (folder / "harmony.log").open("w")
+        harmony = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "harmony", "-c", str(config)],
+                                   cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(harmony)
+        wait_port(port, harmony, "harmony")
+        base = f"http://127.0.0.1:{port}"
+        rss_idle = vm_hwm_kb(harmony.pid)
+        t_up, _, code = curl(f"{base}/api/jmix", "POST", out, "application/zip")
+        if code != "201":
+            raise SystemExit(f"upload answered {code}: see {folder / 'harmony.log'}")
+        env_id = built["id"]
+        rss_upload = vm_hwm_kb(harmony.pid)
+        t_h, size_h = best_of(args.downloads, f"{base}/api/jmix/{env_id}")
+        t_study, _ = best_of(1, f"{base}/api/jmix?studyInstanceUid={STUDY}")
+        rss_serve = vm_hwm_kb(harmony.pid)
+
+        nport = free_port()
+        nfolder = work / "nginx"
+        (nfolder / "root").mkdir(parents=True)
+        shutil.copyfile(out, nfolder / "root" / "envelope.zip")
+        user = "user root;" if os.geteuid() == 0 else ""
+        (nfolder / "nginx.conf").write_text(textwrap.dedent(f"""
+            worker_processes 1;
+            daemon off;
+            pid {nfolder}/nginx.pid;
+            error_log {nfolder}/error.log warn;
+            {user}
+            events {{ worker_connections 64; }}
+            http {{
+                access_log off;
+                client_body_temp_path {nfolder};
+                proxy_temp_path {nfolder};
+                fastcgi_temp_path {nfolder};
+                uwsgi_temp_path {nfolder};
+                scgi_temp_path {nfolder};
+                server {{ listen 127.0.0.1:{nport}; root {nfolder / 'root'}; }}
+            }}
+            """))
+        nginx = subprocess.Popen([NGINX, "-p", str(nfolder), "-c", str(nfolder / "nginx.conf")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        procs.append(nginx)
+        wait_port(nport, nginx, "nginx")
+        t_n, size_n = best_of(args.downloads, f"http://127.0.0.1:{nport}/envelope.zip")
+        assert size_n == size_h == zip_size, (size_n, size_h, zip_size)
+
+        print("\n== upload (POST, validated: archive safety, schemas, files.json hashes, payload hash, DICOM headers)")
+        print(f"upload        {t_up:7.3f} s  {zip_size / MB / t_up:8.1f} MB/s   Harmony peak RSS {rss_upload / 1024:.0f} MB"
+              f" (idle {rss_idle / 1024:.0f} MB)")
+        print(f"\n== serve (GET by id, best of {args.downloads}, {zip_size / MB:.1f} MB zip streamed from disk)")
+        print(f"harmony       {t_h:7.3f} s  {zip_size / MB / t_h:8.1f} MB/s   peak RSS {rss_serve / 1024:.0f} MB")
+        print(f"nginx         {t_n:7.3f} s  {zip_size / MB / t_n:8.1f} MB/s")
+        print(f"ratio harmony/nginx throughput: {t_n / t_h:.2f}")
+        print(f"study query (cached, one GET): {t_study:.3f} s")
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
