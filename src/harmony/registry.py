@@ -15,10 +15,12 @@ ENDPOINT, BACKEND, MIDDLEWARE = "endpoint", "backend", "middleware"
 BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
+        "fhir": "harmony.endpoints.fhir:FhirEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
+        "fhir": "harmony.backends.fhir:FhirBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
