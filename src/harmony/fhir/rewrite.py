@@ -91,13 +91,19 @@ class UrlMap:
 
 # --------------------------------------------------------------------------- streaming JSON
 
-# An object key with its colon (group 1 is the key), a complete string value,
-# a bracket, or a lone quote (a string whose end the buffer does not hold yet).
-# Strings use the unrolled-loop form, far faster than an alternation per byte.
-# Commas and colons need no tokens of their own: a string followed by a colon
-# is a key, any other is a value.
-_STR = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
-_TOKEN = re.compile(rb"(" + _STR + rb")\s*:|" + _STR + rb'|[{}\[\]]|"')
+# Tokens: an object key with its colon (group 1 is the key); a *leaf* object or
+# array, one with no object or array inside (codings, references, quantities,
+# names: most of a FHIR resource), taken whole so Python never loops over its
+# insides; a complete string value; a bracket; or a lone quote (a string whose
+# end the buffer does not hold yet).  Commas and colons need no tokens: a
+# string followed by a colon is a key, any other is a value.  Possessive
+# quantifiers keep a failed leaf match from backtracking.
+_STR = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_LEAF_OBJ = rb'\{(?:[^{}\[\]"]++|' + _STR + rb')*+\}'
+_LEAF_ARR = rb'\[(?:[^{}\[\]"]++|' + _STR + rb')*+\]'
+_TOKEN = re.compile(rb"(" + _STR + rb")\s*:|" + _LEAF_OBJ + b"|" + _LEAF_ARR + b"|" + _STR + rb'|[{}\[\]]|"')
+#: Inside a leaf object: keys (group 1) and string values, in order.
+_MEMBER = re.compile(rb"(" + _STR + rb")\s*:|" + _STR)
 # The rest of a string being streamed: up to (not including) its closing quote.
 _STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')
 #: A value string this close to the end of the buffer may yet turn out to be a key.
@@ -188,13 +194,36 @@ class JsonUrlRewriter:
                         out.append(new)
                         last = m.end()
             elif c == 0x7B:  # '{'
-                stack.append(_NOKEY)
+                if len(t) == 1:
+                    stack.append(_NOKEY)
+                elif b'"url"' in t or b'"fullUrl"' in t or b'"location"' in t:
+                    last = self._leaf(buf, m.start(), t, out, last)
             elif c == 0x5B:  # '['
-                stack.append(_ARRAY)
+                if len(t) == 1:
+                    stack.append(_ARRAY)
+                # a leaf array holds no objects, so no target values
             elif stack:  # '}' or ']'
                 stack.pop()
         out.append(buf[last:] if last else buf)
         return b"".join(out)
+
+    def _leaf(self, buf: bytes, offset: int, leaf: bytes, out: list, last: int) -> int:
+        """Rewrite the target values of a leaf object found whole at *offset*."""
+        stack = self.stack
+        stack.append(_NOKEY)
+        try:
+            for m in _MEMBER.finditer(leaf):
+                if m.lastindex:
+                    stack[-1] = m.group(1)
+                elif stack[-1] in _VALUE_KEYS and _is_target(stack):
+                    new = self._rewrite(m.group())
+                    if new is not None:
+                        out.append(buf[last:offset + m.start()])
+                        out.append(new)
+                        last = offset + m.end()
+        finally:
+            stack.pop()
+        return last
 
     def close(self) -> bytes:
         """The held tail; a last value string held for its colon is rewritten if it is a target."""
