@@ -75,6 +75,9 @@ class UrlMap:
                 prefixes.add((origin, path))
         # Longest path first: /fhir/r4 must win over /fhir.
         self.prefixes = sorted(prefixes, key=lambda p: len(p[1]), reverse=True)
+        # The same, as the bytes of a JSON string's start, for the fast path.
+        self._quoted = [b'"' + (o + p).encode("utf-8") for o, p in self.prefixes]
+        self._proxy_quoted = b'"' + self.proxy_base.encode("utf-8")
 
     def __call__(self, url: str) -> str | None:
         split = _split_origin(url)
@@ -87,6 +90,28 @@ class UrlMap:
                 if not tail or tail[0] in "/?#":
                     return self.proxy_base + tail
         return None
+
+    def rewrite_token(self, token: bytes) -> bytes | None:
+        """Rewrite a JSON string token (quotes included); None when unchanged.
+
+        Plain tokens spelled as configured are done on bytes; anything else
+        (escapes, other letter case) is decoded and matched the careful way.
+        """
+        if b"\\" not in token:
+            for q in self._quoted:
+                if token.startswith(q):
+                    nxt = token[len(q):len(q) + 1]
+                    if nxt in (b'"', b"/", b"?", b"#"):
+                        return self._proxy_quoted + token[len(q):]
+                    break
+            if token[1:5].lower() != b"http":
+                return None
+        try:
+            value = json.loads(token)
+        except ValueError:
+            return None
+        new = self(value)
+        return None if new is None else json.dumps(new, ensure_ascii=False).encode("utf-8")
 
 
 # --------------------------------------------------------------------------- streaming JSON
@@ -144,7 +169,11 @@ class JsonUrlRewriter:
     """
 
     def __init__(self, rewrite):
+        """*rewrite* maps a URL to its new value or None; a :class:`UrlMap`
+        also rewrites raw tokens, which is faster."""
         self.rewrite = rewrite
+        if hasattr(rewrite, "rewrite_token"):
+            self._rewrite_token = rewrite.rewrite_token
         self.stack: list = []
         self.pending = b""
         self.in_string = False   # streaming through a long string
@@ -237,15 +266,18 @@ class JsonUrlRewriter:
         return rest
 
     def _rewrite(self, token: bytes) -> bytes | None:
+        new = self._rewrite_token(token)
+        if new is not None:
+            self.rewritten += 1
+        return new
+
+    def _rewrite_token(self, token: bytes) -> bytes | None:
         try:
             value = json.loads(token)
         except ValueError:
             return None
         new = self.rewrite(value)
-        if new is None:
-            return None
-        self.rewritten += 1
-        return json.dumps(new, ensure_ascii=False).encode("utf-8")
+        return None if new is None else json.dumps(new, ensure_ascii=False).encode("utf-8")
 
     def _track_escape(self, buf: bytes, start: int):
         """Enter long-string mode for a string that began at *start* - 1."""
