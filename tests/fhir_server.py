@@ -128,7 +128,7 @@ class FhirServer(Resource):
         segs = [s for s in request.path[len(self.base_path):].decode().split("/") if s]
         _, _, raw_query = request.uri.partition(b"?")
         params = parse_qsl(raw_query.decode(), keep_blank_values=True)
-        method = request.method.decode()
+        method = "GET" if request.method == b"HEAD" else request.method.decode()
         accept = (request.getHeader(b"accept") or b"").decode()
         if "xml" in accept and "json" not in accept:
             request.setResponseCode(200)

@@ -422,3 +422,74 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigErrors) as e:
         build_runtime(load_config(path), reactor)
     assert "endpoints.public.options.fhir_version" in str(e.value)
+
+
+GUARDED = """
+[middleware_types.deny]
+module = "tests.fhir_middleware:Deny"
+[middleware_types.problem]
+module = "tests.fhir_middleware:ProblemAnswer"
+
+[pipelines.guarded]
+networks = ["default"]
+endpoints = ["guarded"]
+middleware = ["deny"]
+backends = ["up"]
+
+[pipelines.blocked]
+networks = ["default"]
+endpoints = ["blocked"]
+middleware = ["problem"]
+backends = ["up"]
+
+[endpoints.guarded]
+service = "fhir"
+[endpoints.guarded.options]
+path_prefix = "/guarded"
+
+[endpoints.blocked]
+service = "fhir"
+[endpoints.blocked.options]
+path_prefix = "/blocked"
+
+[backends.up]
+service = "fhir"
+[backends.up.options]
+base_url = "{upstream}"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_middleware_errors_are_operation_outcomes(tmp_path, fhir_server):
+    path = write_config(tmp_path, MINIMAL_MAIN, {"p": GUARDED.format(upstream=fhir_server.base)})
+    running = await start_harmony(path)
+    try:
+        resp = await treq.get(running.url("/guarded/Patient/p1"))
+        first = await outcome(resp, 401, "login")
+        assert "bearer token" in first["diagnostics"]
+        assert resp.headers.getRawHeaders("www-authenticate") == ['Bearer realm="fhir"']
+        first = await outcome(await treq.delete(running.url("/blocked/Patient/p1")), 403, "forbidden")
+        assert first["diagnostics"] == "delete is not allowed here"
+        assert fhir_server.requests == []
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_format_xml_without_accept_asks_upstream_for_xml(harmony, fhir_server):
+    resp = await treq.get(harmony.url("/fhir/Patient/p1?_format=xml"))
+    assert resp.code == 200 and b"<Patient" in await resp.content()
+    assert fhir_server.requests[-1]["headers"][b"accept"] == [b"application/fhir+xml"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_operation_and_head_pass(harmony, fhir_server):
+    fhir_server.respond[b"/fhir/Patient/p1/$everything"] = (
+        200, {b"content-type": b"application/fhir+json"},
+        json.dumps({"resourceType": "Bundle", "type": "searchset",
+                    "entry": [{"fullUrl": fhir_server.base + "/Patient/p1"}]}).encode())
+    doc = await fhir_json(await treq.post(harmony.url("/fhir/Patient/p1/$everything"), b"",))
+    assert doc["entry"][0]["fullUrl"] == base_of(harmony) + "/Patient/p1"
+    resp = await treq.head(harmony.url("/fhir/Patient/p1"))
+    assert resp.code == 200 and await resp.content() == b""
+    assert fhir_server.requests[-1]["method"] == b"HEAD"
