@@ -83,7 +83,7 @@ def fhir_server():
 
 @pytest.fixture
 def harmony(tmp_path, fhir_server):
-    running = pytest_twisted.blockon(start_harmony(config(tmp_path, fhir_server.base, timeout=0.5)))
+    running = pytest_twisted.blockon(start_harmony(config(tmp_path, fhir_server.base, timeout=30)))
     yield running
     pytest_twisted.blockon(running.stop())
 
@@ -229,6 +229,9 @@ async def test_forwarded_headers_and_public_base_url(harmony, fhir_server):
         "X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.example.net", "X-Forwarded-Port": "8443"})
     doc = await fhir_json(resp)
     assert doc["entry"][0]["fullUrl"] == "https://gw.example.net:8443/fhir/Patient/p1"
+    resp = await treq.get(harmony.url("/fhir/Patient?_count=1"), headers={
+        "Forwarded": 'for=10.0.0.1;proto=https;host="gw2.example.net", for=10.0.0.2'})
+    assert (await fhir_json(resp))["entry"][0]["fullUrl"] == "https://gw2.example.net/fhir/Patient/p1"
     # a Host header without the port (as dicomweb-client sends) is why public_base_url exists
     resp = await treq.get(harmony.url("/r4b/Patient?_count=1"), headers={"Host": "127.0.0.1"})
     doc = await fhir_json(resp)
@@ -403,10 +406,14 @@ async def test_upstream_down_is_502_outcome(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_upstream_timeout_is_504_outcome(harmony, fhir_server):
+async def test_upstream_timeout_is_504_outcome(tmp_path, fhir_server):
     fhir_server.respond[b"/fhir/Patient/slow"] = (200, {}, lambda request: None)  # never answers
-    first = await outcome(await treq.get(harmony.url("/fhir/Patient/slow")), 504, "timeout")
-    assert "0.5s" in first["diagnostics"]
+    running = await start_harmony(config(tmp_path, fhir_server.base, timeout=0.2))
+    try:
+        first = await outcome(await treq.get(running.url("/fhir/Patient/slow")), 504, "timeout")
+        assert "0.2s" in first["diagnostics"]
+    finally:
+        await running.stop()
 
 
 def test_config_errors_name_the_key(tmp_path):

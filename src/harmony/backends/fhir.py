@@ -89,6 +89,16 @@ def _first(value: str | None) -> str:
     return value.split(",", 1)[0].strip() if value else ""
 
 
+def _forwarded(value: str | None) -> dict[str, str]:
+    """The first element of an RFC 7239 ``Forwarded`` header, as a dict."""
+    out: dict[str, str] = {}
+    for pair in _first(value).split(";"):
+        k, sep, v = pair.partition("=")
+        if sep:
+            out[k.strip().lower()] = v.strip().strip('"')
+    return out
+
+
 class FhirBackend(HttpBackend):
     public_base_url: str | None = None
     upstream_aliases: tuple = ()
@@ -141,10 +151,11 @@ class FhirBackend(HttpBackend):
             return self.public_base_url
         proto, host, port = request.scheme, request.host, ""
         if self.trust_forwarded:
-            xf_proto = _first(request.header("x-forwarded-proto")).lower()
+            fwd = _forwarded(request.header("forwarded"))
+            xf_proto = (_first(request.header("x-forwarded-proto")) or fwd.get("proto", "")).lower()
             if xf_proto in _DEFAULT_PORTS:
                 proto = xf_proto
-            xf_host = _first(request.header("x-forwarded-host"))
+            xf_host = _first(request.header("x-forwarded-host")) or fwd.get("host", "")
             if xf_host and _HOST.match(xf_host):
                 host = xf_host
             port = _first(request.header("x-forwarded-port"))
