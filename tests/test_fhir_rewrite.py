@@ -136,3 +136,16 @@ json_values = st.recursive(
 def test_any_chunking_matches_the_parsed_rewrite(doc, sizes, indent):
     raw = json.dumps(doc, indent=indent).encode()
     assert json.loads(run(raw, sizes)) == reference(json.loads(raw))
+
+
+def test_a_huge_key_resets_the_path():
+    raw = ('{"link":[{"url":"%s/a","%s":"%s/b"}]}' % (UP, "k" * (HOLD_LIMIT + 10), UP)).encode()
+    out = json.loads(run(raw, [1000]))
+    values = list(out["link"][0].values())
+    assert values == [PROXY + "/a", UP + "/b"]
+
+
+def test_proxy_base_is_json_escaped():
+    r = JsonUrlRewriter(UrlMap([UP], 'https://p.example/a"b'))
+    out = r.feed(('{"link":[{"url":"%s/x"}]}' % UP).encode()) + r.close()
+    assert json.loads(out)["link"][0]["url"] == 'https://p.example/a"b/x'

@@ -77,7 +77,7 @@ class UrlMap:
         self.prefixes = sorted(prefixes, key=lambda p: len(p[1]), reverse=True)
         # The same, as the bytes of a JSON string's start, for the fast path.
         self._quoted = [b'"' + (o + p).encode("utf-8") for o, p in self.prefixes]
-        self._proxy_quoted = b'"' + self.proxy_base.encode("utf-8")
+        self._proxy_quoted = json.dumps(self.proxy_base, ensure_ascii=False)[:-1].encode("utf-8")
 
     def __call__(self, url: str) -> str | None:
         split = _split_origin(url)
@@ -209,6 +209,8 @@ class JsonUrlRewriter:
                         self.pending = buf[start:]
                     else:
                         out.append(buf[last:])
+                        if stack and stack[-1] is not _ARRAY:
+                            stack[-1] = _NOKEY  # were it a (huge) key, no value after it is a target
                         self._track_escape(buf, start + 1)
                     return b"".join(out)
                 if m.end() + _TAIL > size and not buf[m.end():].strip():
