@@ -176,9 +176,11 @@ async def test_read_vread_and_conditional_headers_both_ways(harmony, fhir_server
     assert etag == 'W/"1"' and resp.headers.getRawHeaders("last-modified")
     assert resp.headers.getRawHeaders("content-location") == [base_of(harmony) + "/Patient/p1/_history/1"]
     assert doc["id"] == "p1"
-    resp = await treq.get(harmony.url("/fhir/Patient/p1"), headers={"If-None-Match": etag})
+    since = resp.headers.getRawHeaders("last-modified")[0]
+    resp = await treq.get(harmony.url("/fhir/Patient/p1"), headers={"If-None-Match": etag, "If-Modified-Since": since})
     assert resp.code == 304 and await resp.content() == b""
     assert fhir_server.requests[-1]["headers"][b"if-none-match"] == [etag.encode()]
+    assert fhir_server.requests[-1]["headers"][b"if-modified-since"] == [since.encode()]
     # update with a stale version: the upstream's 412 OperationOutcome comes back as it is
     doc["gender"] = "other"
     body = json.dumps(doc).encode()
@@ -420,6 +422,10 @@ def test_config_errors_name_the_key(tmp_path):
     from harmony.config import load_config
     from harmony.config.errors import ConfigErrors
     from harmony.runtime import build_runtime
+    path = config(tmp_path / "a", "http://127.0.0.1:1/fhir", extra='auth_header_value = "Bearer a\\nb"')
+    with pytest.raises(ConfigErrors) as e:
+        build_runtime(load_config(path), reactor)
+    assert "backends.fhir_up.options.auth_header_value" in str(e.value)
     path = config(tmp_path, "http://127.0.0.1:1/fhir", extra='public_base_url = "ftp://x"')
     with pytest.raises(ConfigErrors) as e:
         build_runtime(load_config(path), reactor)

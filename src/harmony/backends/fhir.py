@@ -115,14 +115,14 @@ class FhirBackend(HttpBackend):
                                          for u in options.list("upstream_base_urls", []))
         backend.trust_forwarded = options.bool("trust_forwarded_headers", True)
         backend.rewrite_urls = options.bool("rewrite_urls", True)
+        hname = options.str("auth_header_name", "Authorization")
+        if not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", hname):
+            raise OptionError("auth_header_name", f"is not a valid header name: {hname!r}")
         value = options.secret("auth_header_value", default=None)
         if value is not None:
-            hname = options.str("auth_header_name", "Authorization")
-            if not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", hname):
-                raise OptionError("auth_header_name", f"is not a valid header name: {hname!r}")
-            if "\r" in value or "\n" in value:
-                raise OptionError("auth_header_value", "must be a single line")
-            backend.auth_header = (hname.encode("ascii"), value.encode("latin-1"))
+            if not value or not value.isprintable() or not value.isascii():
+                raise OptionError("auth_header_value", "must be one line of printable ASCII")
+            backend.auth_header = (hname.encode("ascii"), value.encode("ascii"))
         return backend
 
     # ------------------------------------------------------------------ upstream
