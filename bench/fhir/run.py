@@ -10,7 +10,8 @@ upstream base by its own: the nearest off-the-shelf equivalent of Harmony's
 URL rewrite (a blind byte substitution; Harmony rewrites only the FHIR paths).
 
 1. Search: ``GET /fhir/Patient?name=Doe&_count=20`` with wrk, direct / nginx /
-   Harmony: req/s, p50, p99 and the ratios.
+   Harmony (fhir endpoint + backend) / Harmony's plain http passthrough to the
+   same upstream (what FHIR awareness costs): req/s, p50, p99 and the ratios.
 2. Streaming: a 50 MB searchset Bundle fetched through each proxy while the
    proxy's peak RSS (VmHWM) is read; checks every fullUrl came back rewritten.
 
@@ -232,6 +233,23 @@ class Harmony:
             base_url = "http://127.0.0.1:{up_port}/fhir"
             public_base_url = "http://127.0.0.1:{port}/fhir"
             timeout_secs = 120
+
+            # The same upstream through the plain http endpoint/backend: what
+            # FHIR awareness (classification, negotiation, URL rewriting) costs.
+            [pipelines.raw]
+            networks = ["default"]
+            endpoints = ["raw"]
+            backends = ["raw_up"]
+
+            [endpoints.raw]
+            service = "http"
+            [endpoints.raw.options]
+            path_prefix = "/raw"
+
+            [backends.raw_up]
+            service = "http"
+            [backends.raw_up.options]
+            base_url = "http://127.0.0.1:{up_port}"
             """))
         self.proc = None
 
@@ -333,16 +351,19 @@ def main(argv=None) -> int:
 
         print(f"search {SEARCH} (Bundle of 20 Patients, {len((folder / 'www/fhir/search.json').read_bytes())} B), "
               f"wrk -t2 -c{args.connections} -d{args.duration}s, loopback, {os.cpu_count()} cores")
-        print(f"{'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-        for name, port in targets.items():
-            wrk(f"http://127.0.0.1:{port}{SEARCH}", 1, args.connections)  # warm-up
-            r = wrk(f"http://127.0.0.1:{port}{SEARCH}", args.duration, args.connections)
+        print(f"{'target':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+        urls = {name: f"http://127.0.0.1:{port}{SEARCH}" for name, port in targets.items()}
+        urls["harmony-http"] = f"http://127.0.0.1:{h_port}/raw{SEARCH}"
+        for name, url in urls.items():
+            wrk(url, 1, args.connections)  # warm-up
+            r = wrk(url, args.duration, args.connections)
             report["search"][name] = r
-            print(f"{name:<8} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
+            print(f"{name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
         s = report["search"]
         print(f"Harmony/direct req/s = {s['harmony']['rps'] / s['direct']['rps']:.1%}, "
               f"Harmony/nginx req/s = {s['harmony']['rps'] / s['nginx']['rps']:.1%}, "
-              f"p50 Harmony/nginx = {s['harmony']['p50_ms'] / s['nginx']['p50_ms']:.1f}x")
+              f"p50 Harmony/nginx = {s['harmony']['p50_ms'] / s['nginx']['p50_ms']:.1f}x, "
+              f"fhir/http pipeline req/s = {s['harmony']['rps'] / s['harmony-http']['rps']:.1%}")
 
         print(f"\n{big_size / 2 ** 20:.1f} MiB searchset Bundle ({entries} entries) fetched once through each; "
               "peak RSS = VmHWM of the proxy process")
