@@ -192,9 +192,9 @@ class FhirBackend(HttpBackend):
             for name in (b"location", b"content-location"):
                 values = headers.getRawHeaders(name)
                 if values:
-                    new = mapper(values[0].decode("latin-1"))
+                    new = mapper(values[0].decode("utf-8", "replace"))
                     if new is not None:
-                        headers.setRawHeaders(name, [new.encode("latin-1")])
+                        headers.setRawHeaders(name, [new.encode("utf-8")])
             encoded = (header(response.headers, "content-encoding") or "identity").lower() != "identity"
             if media_type(ctype) in JSON_TYPES and not encoded and response.length != 0:
                 body = RewritingBodyProducer(response, JsonUrlRewriter(mapper))
