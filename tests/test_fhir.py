@@ -506,3 +506,18 @@ async def test_operation_and_head_pass(harmony, fhir_server):
     resp = await treq.head(harmony.url("/fhir/Patient/p1"))
     assert resp.code == 200 and await resp.content() == b""
     assert fhir_server.requests[-1]["method"] == b"HEAD"
+
+
+@pytest_twisted.ensureDeferred
+async def test_xml_bundle_urls_rewritten(harmony, fhir_server):
+    up = fhir_server.base
+    xml = (f'<Bundle xmlns="http://hl7.org/fhir"><type value="searchset"/>'
+           f'<link><relation value="next"/><url value="{up}?_getpages=p0&amp;_count=1"/></link>'
+           f'<entry><fullUrl value="{up}/Patient/p1"/><resource><Patient><id value="p1"/></Patient></resource></entry>'
+           f'</Bundle>').encode()
+    fhir_server.respond[b"/fhir/Patient"] = (200, {b"content-type": b"application/fhir+xml;charset=utf-8"}, xml)
+    resp = await treq.get(harmony.url("/fhir/Patient?_count=1"), headers={"Accept": "application/fhir+xml"})
+    text = (await resp.content()).decode()
+    assert resp.code == 200
+    assert f'<url value="{base_of(harmony)}?_getpages=p0&amp;_count=1"/>' in text
+    assert f'<fullUrl value="{base_of(harmony)}/Patient/p1"/>' in text and up not in text

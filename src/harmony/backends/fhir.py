@@ -33,9 +33,10 @@ from harmony.backends.streams import ResponseBodyProducer, _Relay
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, header, media_type
 from harmony.errors import BackendUnavailable
-from harmony.fhir.formats import FHIR_JSON, FHIR_XML, JSON_TYPES, XML_TYPES
+from harmony.fhir.formats import FHIR_JSON, FHIR_XML, JSON_TYPES, XML_TYPES, family
 from harmony.fhir.outcome import with_issue
 from harmony.fhir.rewrite import JsonUrlRewriter, UrlMap
+from harmony.fhir.rewrite_xml import XmlUrlRewriter
 from harmony.web.headers import end_to_end
 
 #: Content types a FHIR server legitimately answers with (bulk data's NDJSON included).
@@ -52,7 +53,7 @@ class _Discard(Protocol):
 
 
 class _RewritingRelay(_Relay):
-    def __init__(self, consumer, finished, rewriter: JsonUrlRewriter):
+    def __init__(self, consumer, finished, rewriter):
         super().__init__(consumer, finished)
         self.rewriter = rewriter
 
@@ -70,10 +71,10 @@ class _RewritingRelay(_Relay):
 
 
 class RewritingBodyProducer(ResponseBodyProducer):
-    """An upstream JSON body with its FHIR URLs rewritten on the fly; its
-    length changes, so it goes out chunked."""
+    """An upstream body with its FHIR URLs rewritten on the fly (a JSON or XML
+    rewriter: ``feed``/``close``); its length changes, so it goes out chunked."""
 
-    def __init__(self, response, rewriter: JsonUrlRewriter):
+    def __init__(self, response, rewriter):
         super().__init__(response)
         self.length = UNKNOWN_LENGTH
         self.rewriter = rewriter
@@ -196,8 +197,9 @@ class FhirBackend(HttpBackend):
                     if new is not None:
                         headers.setRawHeaders(name, [new.encode("utf-8")])
             encoded = (header(response.headers, "content-encoding") or "identity").lower() != "identity"
-            if media_type(ctype) in JSON_TYPES and not encoded and response.length != 0:
-                body = RewritingBodyProducer(response, JsonUrlRewriter(mapper))
+            rewriter = {"json": JsonUrlRewriter, "xml": XmlUrlRewriter}.get(family(ctype or ""))
+            if rewriter is not None and not encoded and response.length != 0:
+                body = RewritingBodyProducer(response, rewriter(mapper))
                 headers.removeHeader(b"content-length")
         return ResponseEnvelope(status=response.code, reason=response.phrase, headers=headers, body=body,
                                 metadata={"upstream_status": str(response.code)})
