@@ -7,11 +7,12 @@ repeated, modified (``name:exact``), chained and ``_include`` parameters keep
 their exact form and order.
 
 On the way down it rewrites the upstream's absolute URLs to the proxy's base:
-``Location`` and ``Content-Location`` headers, and in JSON bodies
+``Location`` and ``Content-Location`` headers, and in JSON and XML bodies
 ``Bundle.link[].url`` (so paging works through the proxy),
 ``Bundle.entry[].fullUrl``, ``entry[].response.location`` and
 ``CapabilityStatement.implementation.url``.  The body rewrite is a stream
-(:mod:`harmony.fhir.rewrite`): a 50 MB searchset is never held whole.  The
+(:mod:`harmony.fhir.rewrite`, :mod:`harmony.fhir.rewrite_xml`): a 50 MB
+searchset is never held whole.  The
 proxy's base is ``public_base_url`` when configured, else built from
 ``X-Forwarded-Proto``/``-Host``/``-Port`` and ``Host`` (some clients send
 ``Host`` without the port, hence the option).
