@@ -159,7 +159,49 @@ def _is_target(stack: list) -> bool:
     return path in _TARGETS
 
 
-class JsonUrlRewriter:
+class StreamingRewriter:
+    """What the JSON and XML rewriters share: ``feed(chunk)`` returns the bytes
+    that can be passed on now, ``close()`` the rest.  Between feeds a few bytes
+    may be ``pending`` (a token cut by the chunk boundary, at most about
+    HOLD_LIMIT); something larger is ``streaming`` instead (passed on as it
+    comes, tracked only to find its end)."""
+
+    def __init__(self, rewrite):
+        self.rewrite = rewrite
+        self.stack: list = []
+        self.pending = b""
+        self.streaming = False
+        self.rewritten = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        out: list = []
+        if self.streaming:
+            pos = self._stream(data, out)
+            if self.streaming:
+                return b"".join(out)
+            data = data[pos:]
+        buf = self.pending + data if self.pending else data
+        self.pending = b""
+        self._scan(buf, out)
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+    def _scan(self, buf: bytes, out: list):
+        """Append *buf*, rewritten, to *out*; leave an incomplete tail in ``pending``
+        or enter ``streaming``."""
+        raise NotImplementedError
+
+    def _stream(self, data: bytes, out: list) -> int:
+        """Pass on *data* while streaming; return where the streamed thing ended."""
+        raise NotImplementedError
+
+
+class JsonUrlRewriter(StreamingRewriter):
     """Incrementally rewrite URL values at the FHIR paths above.
 
     ``feed(chunk)`` returns the bytes that can be passed on now, ``close()``
@@ -171,26 +213,12 @@ class JsonUrlRewriter:
     def __init__(self, rewrite):
         """*rewrite* maps a URL to its new value or None; a :class:`UrlMap`
         also rewrites raw tokens, which is faster."""
-        self.rewrite = rewrite
+        super().__init__(rewrite)
         if hasattr(rewrite, "rewrite_token"):
             self._rewrite_token = rewrite.rewrite_token
-        self.stack: list = []
-        self.pending = b""
-        self.in_string = False   # streaming through a long string
-        self.escaped = False     # ... whose last byte so far was a lone backslash
-        self.rewritten = 0
+        self.escaped = False  # streaming a long string whose last byte so far was a lone backslash
 
-    def feed(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        out = []
-        pos = 0
-        if self.in_string:
-            pos = self._skip_string(data, out)
-            if self.in_string:
-                return b"".join(out)
-        buf = self.pending + data[pos:] if self.pending else (data[pos:] if pos else data)
-        self.pending = b""
+    def _scan(self, buf: bytes, out: list):
         last = 0
         stack = self.stack
         size = len(buf)
@@ -212,12 +240,12 @@ class JsonUrlRewriter:
                         if stack and stack[-1] is not _ARRAY:
                             stack[-1] = _NOKEY  # were it a (huge) key, no value after it is a target
                         self._track_escape(buf, start + 1)
-                    return b"".join(out)
+                    return
                 if m.end() + _TAIL > size and not buf[m.end():].strip():
                     # Its colon, if it is a key, has not arrived yet.
                     out.append(buf[last:start])
                     self.pending = buf[start:]
-                    return b"".join(out)
+                    return
                 if stack and stack[-1] in _VALUE_KEYS and _is_target(stack):
                     new = self._rewrite(t)
                     if new is not None:
@@ -236,7 +264,6 @@ class JsonUrlRewriter:
             elif stack:  # '}' or ']'
                 stack.pop()
         out.append(buf[last:] if last else buf)
-        return b"".join(out)
 
     def _leaf(self, buf: bytes, offset: int, leaf: bytes, out: list, last: int) -> int:
         """Rewrite the target values of a leaf object found whole at *offset*."""
@@ -258,7 +285,7 @@ class JsonUrlRewriter:
 
     def close(self) -> bytes:
         """The held tail; a last value string held for its colon is rewritten if it is a target."""
-        rest, self.pending = self.pending, b""
+        rest = super().close()
         if rest[:1] == b'"' and rest.rstrip()[-1:] == b'"' and self.stack and self.stack[-1] in _VALUE_KEYS \
                 and _is_target(self.stack):
             body = rest.rstrip()
@@ -282,19 +309,19 @@ class JsonUrlRewriter:
         return None if new is None else json.dumps(new, ensure_ascii=False).encode("utf-8")
 
     def _track_escape(self, buf: bytes, start: int):
-        """Enter long-string mode for a string that began at *start* - 1."""
-        self.in_string = True
+        """Enter streaming mode for a string that began at *start* - 1."""
+        self.streaming = True
         end = _STRING_BODY.match(buf, start).end()
         self.escaped = end == len(buf) - 1  # stopped on a trailing lone backslash
 
-    def _skip_string(self, data: bytes, out: list) -> int:
+    def _stream(self, data: bytes, out: list) -> int:
         """Stream the rest of a long string; return where it ends in *data*."""
         start = 1 if self.escaped else 0
         if start > len(data):
             return 0
         end = _STRING_BODY.match(data, start).end()
         if end < len(data) and data[end] == 0x22:
-            self.in_string = self.escaped = False
+            self.streaming = self.escaped = False
             out.append(data[:end + 1])
             return end + 1
         out.append(data)

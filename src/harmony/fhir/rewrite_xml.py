@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 import re
 
-from harmony.fhir.rewrite import HOLD_LIMIT
+from harmony.fhir.rewrite import HOLD_LIMIT, StreamingRewriter
 
 _TAG = re.compile(rb'<(?:!--.*?-->|!\[CDATA\[.*?\]\]>|\?.*?\?>|!(?:[^>"\']|"[^"]*"|\'[^\']*\')*>|'
                   rb'(/?)(?:[A-Za-z_][\w.\-]*:)?([A-Za-z_][\w.\-]*)((?:[^>"\']|"[^"]*"|\'[^\']*\')*)>)',
@@ -48,28 +48,14 @@ def _escape(value: str, quote: bytes) -> bytes:
     return quote + out.encode("utf-8") + quote
 
 
-class XmlUrlRewriter:
+class XmlUrlRewriter(StreamingRewriter):
     """``feed(chunk) -> bytes`` and ``close() -> bytes``, like the JSON one."""
 
     def __init__(self, rewrite):
-        self.rewrite = rewrite
-        self.stack: list[bytes] = []
-        self.pending = b""
-        self.in_tag = False    # streaming through a huge tag
-        self.quote = None      # ... currently inside this attribute quote
-        self.rewritten = 0
+        super().__init__(rewrite)
+        self.quote = None  # streaming a huge tag, currently inside this attribute quote
 
-    def feed(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        out = []
-        pos = 0
-        if self.in_tag:
-            pos = self._skip_tag(data, out)
-            if self.in_tag:
-                return b"".join(out)
-        buf = self.pending + data[pos:] if self.pending else (data[pos:] if pos else data)
-        self.pending = b""
+    def _scan(self, buf: bytes, out: list):
         last = 0
         at = 0
         stack = self.stack
@@ -83,10 +69,10 @@ class XmlUrlRewriter:
                 if len(buf) - lt <= HOLD_LIMIT:
                     out.append(buf[last:lt])
                     self.pending = buf[lt:]
-                    return b"".join(out)
+                    return
                 out.append(buf[last:])
                 self._enter_long_tag(buf, lt)
-                return b"".join(out)
+                return
             at = m.end()
             name = m.group(2)
             if name is None:
@@ -106,11 +92,6 @@ class XmlUrlRewriter:
             if not closed:
                 stack.append(name)
         out.append(buf[last:] if last else buf)
-        return b"".join(out)
-
-    def close(self) -> bytes:
-        rest, self.pending = self.pending, b""
-        return rest
 
     def _rewrite_attrs(self, attrs: bytes) -> bytes | None:
         m = _VALUE.search(attrs)
@@ -126,7 +107,7 @@ class XmlUrlRewriter:
 
     def _enter_long_tag(self, buf: bytes, lt: int):
         """Stream a tag too long to hold; track quotes to find its end."""
-        self.in_tag, self.quote = True, None
+        self.streaming, self.quote = True, None
         name = re.match(rb"</?(?:[A-Za-z_][\w.\-]*:)?([A-Za-z_][\w.\-]*)", buf[lt:lt + 256])
         self._long = (name.group(0).startswith(b"</"), name.group(1)) if name else (False, None)
         self._scan_long(buf, lt + 1)
@@ -150,7 +131,7 @@ class XmlUrlRewriter:
             c = data[i:i + 1]
             if c == b">":
                 closing, name = self._long
-                self.in_tag = False
+                self.streaming = False
                 if name is not None and not closing and data[i - 1:i] != b"/":
                     self.stack.append(name)
                 elif closing and self.stack:
@@ -160,7 +141,7 @@ class XmlUrlRewriter:
             i += 1
         return -1
 
-    def _skip_tag(self, data: bytes, out: list) -> int:
+    def _stream(self, data: bytes, out: list) -> int:
         end = self._scan_long(data, 0)
         if end == -1:
             out.append(data)
