@@ -62,6 +62,7 @@ service = "fhir"
 [backends.public_up.options]
 base_url = "{upstream}"
 public_base_url = "https://fhir.example.org/r4b"
+upstream_base_urls = ["https://fhir-upstream.example.net/fhir"]
 auth_header_value = "Bearer upstream-secret"
 """
 
@@ -521,3 +522,14 @@ async def test_xml_bundle_urls_rewritten(harmony, fhir_server):
     assert resp.code == 200
     assert f'<url value="{base_of(harmony)}?_getpages=p0&amp;_count=1"/>' in text
     assert f'<fullUrl value="{base_of(harmony)}/Patient/p1"/>' in text and up not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_aliases_rewritten_and_config_checked(harmony, fhir_server):
+    doc = {"resourceType": "Bundle", "type": "searchset",
+           "link": [{"relation": "next", "url": "https://fhir-upstream.example.net/fhir/Group?page=2"},
+                    {"relation": "previous", "url": "https://elsewhere.example.net/fhir/Group?page=0"}]}
+    fhir_server.respond[b"/fhir/Group"] = (200, {b"content-type": b"application/fhir+json"}, json.dumps(doc).encode())
+    got = await fhir_json(await treq.get(harmony.url("/r4b/Group")))
+    assert [link["url"] for link in got["link"]] == ["https://fhir.example.org/r4b/Group?page=2",
+                                                     "https://elsewhere.example.net/fhir/Group?page=0"]

@@ -23,6 +23,7 @@ turned into a 502 OperationOutcome that says what came back.
 
 from __future__ import annotations
 
+import builtins
 import re
 
 from twisted.internet import defer
@@ -114,7 +115,8 @@ class FhirBackend(HttpBackend):
         if "public_base_url" in options:
             backend.public_base_url = check_base_url(options.str("public_base_url"), "public_base_url")
         backend.upstream_aliases = tuple(check_base_url(u, "upstream_base_urls")
-                                         for u in options.list("upstream_base_urls", []))
+                                         # of= given: Options.list's default is shadowed by Options.str
+                                         for u in options.list("upstream_base_urls", [], of=builtins.str))
         backend.trust_forwarded = options.bool("trust_forwarded_headers", True)
         backend.rewrite_urls = options.bool("rewrite_urls", True)
         hname = options.str("auth_header_name", "Authorization")
