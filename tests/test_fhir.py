@@ -272,6 +272,11 @@ async def test_xml_and_legacy_formats_pass_through(harmony, fhir_server):
     await resp.content()
     sent = fhir_server.requests[-1]
     assert sent["headers"][b"accept"] == [b"application/json+fhir"] and sent["uri"].endswith(b"?_format=json")
+    for fmt in ("application/fhir+json", "application/fhir%2Bjson", "application/fhir+json;fhirVersion=4.0"):
+        resp = await treq.get(harmony.url("/fhir/Patient/p1?_format=" + fmt))
+        assert resp.code == 200, fmt
+        await resp.content()
+        assert fhir_server.requests[-1]["uri"].endswith(fmt.encode())
 
 
 @pytest.mark.parametrize("query,accept", [

@@ -54,6 +54,8 @@ def negotiate(format_param: str | None, accept: str | None, version: str) -> str
     ``_format`` wins over ``Accept`` (FHIR says so); no preference means JSON.
     """
     if format_param is not None:
+        # An unencoded '+' in a query string decodes to a space; no media type has one.
+        format_param = format_param.strip().replace(" ", "+")
         fam = SHORT.get(format_param.strip().lower()) or family(format_param)
         if fam is None:
             raise with_issue(NotAcceptable(f"_format {format_param!r} is not supported; use json or xml "
