@@ -281,7 +281,7 @@ async def test_xml_and_legacy_formats_pass_through(harmony, fhir_server):
 
 @pytest.mark.parametrize("query,accept", [
     ("?_format=text/turtle", None), ("?_format=html", None), (None, "text/html"), (None, "application/pdf, image/*"),
-    (None, "application/fhir+json; fhirVersion=5.0"),
+    (None, "application/fhir+json; fhirVersion=5.0"), (None, "application/fhir+json;q=0"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_unsupported_formats_are_406(harmony, fhir_server, query, accept):
@@ -396,8 +396,9 @@ async def test_html_from_upstream_is_502_outcome(harmony, fhir_server):
     assert "503" in first["diagnostics"] and "text/html" in first["diagnostics"]
     # a Binary read may answer in the binary's own type
     fhir_server.respond[b"/fhir/Binary/b1"] = (200, {b"content-type": b"application/pdf"}, b"%PDF-1.4")
-    resp = await treq.get(harmony.url("/fhir/Binary/b1"))
+    resp = await treq.get(harmony.url("/fhir/Binary/b1"), headers={"Accept": "application/pdf"})
     assert resp.code == 200 and await resp.content() == b"%PDF-1.4"
+    assert fhir_server.requests[-1]["headers"][b"accept"] == [b"application/pdf"]
 
 
 @pytest_twisted.ensureDeferred

@@ -58,8 +58,9 @@ class FhirEndpoint(HttpEndpointBase):
         request.metadata.update(interaction.metadata())
         request.metadata["fhir.version"] = self.fhir_version
         request.metadata["fhir.base_path"] = self.path_prefix.rstrip("/")
-        request.metadata["fhir.format"] = negotiate(request.query_value("_format"), request.header("accept"),
-                                                    self.version_number)
+        request.metadata["fhir.format"] = negotiate(
+            request.query_value("_format"), request.header("accept"), self.version_number,
+            any_accept=interaction.resource_type == "Binary" and interaction.name in ("read", "vread"))
         if interaction.name in RESOURCE_BODY:
             fmt = body_format(request.header("content-type"), self.version_number)
             body = yield read_body(request.body, self.max_resource_bytes)

@@ -16,6 +16,8 @@ FHIR_XML = "application/fhir+xml"
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json+fhir", "application/json", "text/json"})
 XML_TYPES = frozenset({"application/fhir+xml", "application/xml+fhir", "application/xml", "text/xml"})
+#: Also acceptable in ``Accept`` (bulk data answers NDJSON), as JSON.
+ACCEPT_JSON_EXTRA = frozenset({"application/fhir+ndjson", "application/ndjson", "*/*", "application/*"})
 #: ``_format`` shorthands (FHIR allows ``json``, ``xml`` and full media types).
 SHORT = {"json": "json", "xml": "xml"}
 
@@ -48,10 +50,12 @@ def _check_version(media: str, version: str, error_cls, what: str):
                          "not-supported")
 
 
-def negotiate(format_param: str | None, accept: str | None, version: str) -> str:
+def negotiate(format_param: str | None, accept: str | None, version: str, *, any_accept: bool = False) -> str:
     """The format the client wants (``'json'`` or ``'xml'``), or NotAcceptable.
 
     ``_format`` wins over ``Accept`` (FHIR says so); no preference means JSON.
+    *any_accept* lets any ``Accept`` through (a Binary read may ask for the
+    binary's own type, ``application/pdf``).
     """
     if format_param is not None:
         # An unencoded '+' in a query string decodes to a space; no media type has one.
@@ -74,12 +78,14 @@ def negotiate(format_param: str | None, accept: str | None, version: str) -> str
         except ValueError:
             q = 0.0
         mt = media.split(";", 1)[0].strip().lower()
-        fam = family(mt) or ("json" if mt in ("*/*", "application/*") else None)
+        fam = family(mt) or ("json" if mt in ACCEPT_JSON_EXTRA else None)
         if fam is None or q <= 0:
             continue
         _check_version(media, version, NotAcceptable, "Accept")
         if q > best_q:
             best, best_q = fam, q
+    if best is None and any_accept:
+        return "json"
     if best is None:
         raise with_issue(NotAcceptable(f"Accept {accept!r} names no FHIR format; use {FHIR_JSON} or {FHIR_XML}"),
                          "not-supported")
