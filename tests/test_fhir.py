@@ -354,7 +354,7 @@ async def test_unsupported_body_type_is_415(harmony, fhir_server):
 @pytest.mark.parametrize("method,path,status", [
     ("GET", "/fhir/patient", 404), ("GET", "/fhir/Patient/a%2F..%2Fb", 404), ("GET", "/fhir/Patient/..", 404),
     ("GET", "/fhir/Patient/p1/_history/1/extra", 404), ("POST", "/fhir/Patient/p1", 405),
-    ("DELETE", "/fhir/metadata", 405),
+    ("DELETE", "/fhir/metadata", 405), ("GET", "/fhir/.well-known/..", 404), ("GET", "/fhir/.well-known", 404),
 ])
 @pytest_twisted.ensureDeferred
 async def test_unknown_routes_are_operation_outcomes(harmony, fhir_server, method, path, status):
@@ -380,6 +380,7 @@ def test_interactions_are_classified():
         ("GET", "/Patient/1/_history/2", False): ("vread", "Patient", "1"),
         ("POST", "/Patient/1/$everything", False): ("operation", "Patient", "1"),
         ("GET", "/Patient/1/Observation", False): ("search-compartment", "Patient", "1"),
+        ("GET", "/.well-known/smart-configuration", False): ("well-known", "", ""),
     }
     for (method, path, q), (name, rt, rid) in cases.items():
         i = classify(method, path, q)

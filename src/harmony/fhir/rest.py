@@ -23,6 +23,7 @@ from harmony.fhir.outcome import with_issue
 TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 OPERATION = re.compile(r"^\$[A-Za-z][A-Za-z0-9_\-.]{0,63}$")
+WELL_KNOWN = re.compile(r"^[a-z0-9][a-z0-9\-_]{0,63}$")
 FHIR_NS = "http://hl7.org/fhir"
 
 READ = ("GET", "HEAD")
@@ -79,6 +80,9 @@ def classify(method: str, subpath: str, has_query: bool = False) -> Interaction:
         return _by_method(method, {READ: "history-system"})
     if n == 1 and first == "_search":
         return _by_method(method, {QUERY: "search-system"})
+    if first == ".well-known" and n == 2 and WELL_KNOWN.match(segs[1]):
+        # SMART on FHIR discovery (smart-configuration) lives under the FHIR base.
+        return _by_method(method, {READ: "well-known"})
     if OPERATION.match(first) and n == 1:
         return _by_method(method, {QUERY: "operation"}, operation=first[1:])
     if not TYPE.match(first):
