@@ -16,12 +16,14 @@ BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
         "jmix": "harmony.endpoints.jmix:JmixEndpoint",
+        "fhir": "harmony.endpoints.fhir:FhirEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
         "dicom_scu": "harmony.backends.dicom_scu:DicomScuBackend",
         "dicom": "harmony.backends.dicom_scu:DicomScuBackend",
+        "fhir": "harmony.backends.fhir:FhirBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
