@@ -22,6 +22,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
+        "route": "harmony.middleware.route:RouteMiddleware",
     },
 }
 

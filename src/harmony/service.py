@@ -114,13 +114,21 @@ class HarmonyService(MultiService):
             if isinstance(endpoint, Service):
                 endpoint.setServiceParent(self)
 
+    def target_pools(self):
+        """The TargetPool of every backend that has one (see harmony.targets)."""
+        return [b.target_pool for b in self.runtime.backends.values() if getattr(b, "target_pool", None) is not None]
+
     def startService(self):
         super().startService()
+        for pool in self.target_pools():
+            pool.start()
         log.info("harmony {id} started: {pipelines} pipeline(s), {networks} network(s)",
                  id=self.runtime.config.proxy.id, pipelines=len(self.runtime.pipelines),
                  networks=len(self.networks))
 
     def stopService(self):
+        for pool in self.target_pools():
+            pool.stop()
         d = defer.maybeDeferred(super().stopService)
 
         def close_backends(_):
