@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -151,6 +150,16 @@ async def test_token_file_and_mounting_on_a_network(tmp_path, servers):
         await r.content()
     finally:
         await running.stop()
+
+
+def test_mounted_base_path_must_not_collide_with_a_route(tmp_path, servers):
+    main = MINIMAL_MAIN + f'[management]\nenabled = true\nnetwork = "default"\nbase_path = "api"\ntoken = "{TOKEN}"\n'
+    path = write_config(tmp_path, main, {"lb": pipes(servers)})
+    with pytest.raises(ConfigErrors) as e:
+        HarmonyService(build_runtime(load_config(path), reactor), reactor)
+    assert "[management.base_path]: '/api' is also the prefix of endpoint 'api'" in e.value.render()
+    from harmony.cli import main as cli
+    assert cli(["check", "-c", str(path)]) == 1  # harmony check (ExecStartPre) catches it too
 
 
 # ---------------------------------------------------------------- resources

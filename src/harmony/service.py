@@ -101,7 +101,7 @@ class LoggingService(Service):
 class HarmonyService(MultiService):
     def __init__(self, runtime: Runtime, reactor):
         from harmony.management.metrics import HarmonyMetrics
-        from harmony.management.settings import ManagementSettings
+        from harmony.management.settings import ManagementSettings, check_routes
 
         super().__init__()
         self.runtime = runtime
@@ -111,9 +111,10 @@ class HarmonyService(MultiService):
         self.networks: dict[str, NetworkService] = {}
         #: Outcome of the last reload (None before any), for /admin/info.
         self.last_reload = None
-        #: Backends replaced by a reload, closed a little later (see harmony.management.reload).
-        self.retired_backends: list = []
+        #: Backends replaced by a reload -> the delayed call that closes them (harmony.management.reload).
+        self.retired_backends: dict = {}
         self.management_settings = ManagementSettings.from_config(runtime.config)
+        check_routes(self.management_settings, runtime)
         self.management = None
         self.metrics = HarmonyMetrics(self)
         self.metrics.instrument(runtime)
@@ -212,8 +213,11 @@ class HarmonyService(MultiService):
         d = defer.maybeDeferred(super().stopService)
 
         def close_backends(_):
-            retired, self.retired_backends = self.retired_backends, []
-            closing = [defer.maybeDeferred(b.close) for b in list(self.runtime.backends.values()) + retired
+            retired, self.retired_backends = self.retired_backends, {}
+            for call in retired.values():
+                if call.active():
+                    call.cancel()
+            closing = [defer.maybeDeferred(b.close) for b in list(self.runtime.backends.values()) + list(retired)
                        if hasattr(b, "close")]
             return defer.DeferredList(closing)
 

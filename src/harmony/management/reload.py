@@ -48,13 +48,14 @@ def _component_key(config, comp) -> tuple:
 
 @defer.inlineCallbacks
 def reload(service):
-    from harmony.management.settings import ManagementSettings
+    from harmony.management.settings import ManagementSettings, check_routes
 
     started = time.time()
     try:
         config = load_config(service.config_path)
         settings = ManagementSettings.from_config(config)
         runtime = build_runtime(config, service.reactor)
+        check_routes(settings, runtime)
     except ConfigErrors as e:
         errors = [str(p) for p in e.problems]
         log.error("reload failed, keeping the running configuration:\n{errors}", errors="\n".join(errors))
@@ -173,12 +174,11 @@ def apply(service, runtime, settings) -> dict:
         if pool is not None:
             pool.stop()
         if hasattr(backend, "close"):
-            service.retired_backends.append(backend)
-            service.reactor.callLater(RETIRE_SECS, _close_retired, service, backend)
+            service.retired_backends[backend] = service.reactor.callLater(RETIRE_SECS, _close_retired, service,
+                                                                          backend)
     return changes
 
 
 def _close_retired(service, backend):
-    if backend in service.retired_backends:
-        service.retired_backends.remove(backend)
+    if service.retired_backends.pop(backend, None) is not None:
         backend.close()

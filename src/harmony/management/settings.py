@@ -85,6 +85,17 @@ class ManagementSettings:
                    token=token, allow_unauthenticated=allow)
 
 
+def check_routes(settings: ManagementSettings, runtime) -> None:
+    """When mounted on a network, the API's base path must not shadow (or be shadowed by) a route."""
+    if not settings.enabled or settings.network is None:
+        return
+    for route in runtime.routes.get(settings.network, []):
+        if route.prefix == settings.base_path:
+            raise ConfigErrors([Problem(str(runtime.config.path), "management.base_path",
+                                        f"{settings.base_path!r} is also the prefix of endpoint {route.endpoint.name!r} "
+                                        f"on network {settings.network!r}")])
+
+
 def is_loopback(description: str) -> bool:
     """Whether a Twisted server endpoint description only accepts local connections."""
     kind = description.split(":", 1)[0]

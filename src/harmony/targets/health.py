@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import attr
 from twisted.internet import defer, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
