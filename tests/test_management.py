@@ -20,7 +20,7 @@ from harmony.runtime import build_runtime
 from harmony.service import HarmonyService
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port, wait_for
-from tests.upstreams import KillableUpstream, served_by
+from tests.upstreams import KillableUpstream, lb_pipeline as pipes, served_by
 
 TOKEN = "s3cret-token-0123456789"
 MANAGEMENT = f"""
@@ -29,28 +29,6 @@ enabled = true
 bind_port = 0
 token = "{TOKEN}"
 """
-
-
-def pipes(servers, description="lb", prefix="/api"):
-    names = [s.name for s in servers]
-    text = f"""
-[pipelines.lb]
-description = "{description}"
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-
-[endpoints.api]
-service = "http"
-path_prefix = "{prefix}"
-
-[backends.up]
-service = "http"
-targets = {json.dumps(names)}
-"""
-    for s in servers:
-        text += f'\n[targets.{s.name}]\nurl = "{s.url}"\n'
-    return text
 
 
 @pytest.fixture
@@ -302,7 +280,7 @@ async def test_reload_success_swaps_routes_and_keeps_listener_and_unchanged_back
 @pytest_twisted.ensureDeferred
 async def test_reload_failure_keeps_old_config_serving(harmony, servers, tmp_path):
     good = (tmp_path / "pipelines" / "lb.toml").read_text()
-    (tmp_path / "pipelines" / "lb.toml").write_text(good.replace('service = "http"\ntargets', 'service = "nope"\ntargets'))
+    (tmp_path / "pipelines" / "lb.toml").write_text(good.replace('[backends.up]\nservice = "http"', '[backends.up]\nservice = "nope"'))
     code, doc = await post_reload(harmony)
     assert code == 422
     assert doc["title"] == "Reload Failed" and "previous one keeps running" in doc["detail"]

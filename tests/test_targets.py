@@ -19,32 +19,7 @@ from harmony.errors import ServiceUnavailable
 from harmony.runtime import build_runtime
 from harmony.targets import CLOSED, HALF_OPEN, OPEN, Target, TargetPool
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.upstreams import KillableUpstream, served_by
-
-
-def pipeline_config(servers, backend="", rules="", health="", extra_targets=None):
-    names = [s.name for s in servers]
-    text = f"""
-[pipelines.lb]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-
-[endpoints.api]
-service = "http"
-path_prefix = "/api"
-
-[backends.up]
-service = "http"
-timeout_secs = 5
-targets = {json.dumps(names)}
-{backend}
-{health}
-{rules}
-"""
-    for s in servers:
-        text += f'\n[targets.{s.name}]\nurl = "{s.url}"\n' + (extra_targets or {}).get(s.name, "")
-    return text
+from tests.upstreams import KillableUpstream, lb_pipeline as pipeline_config, served_by
 
 
 @pytest.fixture

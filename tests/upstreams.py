@@ -92,6 +92,35 @@ class KillableUpstream:
         self.connections = []
 
 
+def lb_pipeline(servers, *, backend="", rules="", health="", extra_targets=None, description="lb",
+                prefix="/api"):
+    """Pipeline TOML: endpoint ``api`` at *prefix* -> http backend ``up`` over
+    one target per server (named after it); extra text goes into ``[backends.up]``."""
+    names = ", ".join(f'"{s.name}"' for s in servers)
+    text = f"""
+[pipelines.lb]
+description = "{description}"
+networks = ["default"]
+endpoints = ["api"]
+backends = ["up"]
+
+[endpoints.api]
+service = "http"
+path_prefix = "{prefix}"
+
+[backends.up]
+service = "http"
+timeout_secs = 5
+targets = [{names}]
+{backend}
+{health}
+{rules}
+"""
+    for s in servers:
+        text += f'\n[targets.{s.name}]\nurl = "{s.url}"\n' + (extra_targets or {}).get(s.name, "")
+    return text
+
+
 def served_by(bodies):
     """Count responses per upstream name."""
     counts = {}
