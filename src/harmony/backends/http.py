@@ -10,7 +10,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
-from twisted.web.client import (Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed,
+from twisted.web.client import (Agent, HTTPConnectionPool, ResponseFailed,
                                 ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.iweb import IAgentEndpointFactory
@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
 from harmony.backends.streams import ResponseBodyProducer
+from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
 from harmony.errors import BackendTimeout, BackendUnavailable
@@ -106,7 +107,9 @@ class HttpBackend(Backend):
         self.pool.maxPersistentPerHost = max_connections
         self.pool.retryAutomatically = False  # a retry is a policy decision, not the pool's
         self.pool._factory = _QuietClientFactory
-        endpoints = _DirectEndpointFactory(reactor, connect_timeout or timeout, BrowserLikePolicyForHTTPS())
+        # Health checks use the same per-target TLS settings.
+        target_pool.tls_policy = PerTargetTLSPolicy(target_pool.targets)
+        endpoints = _DirectEndpointFactory(reactor, connect_timeout or timeout, target_pool.tls_policy)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
     @classmethod

@@ -69,13 +69,13 @@ class HttpGetCheck:
     """GET ``target.url + path`` on fresh connections: a pooled connection the
     upstream already closed would make a healthy target look broken."""
 
-    def __init__(self, reactor, settings: HealthSettings):
+    def __init__(self, reactor, settings: HealthSettings, tls_policy=None):
         self.settings = settings
         self.reactor = reactor
         pool = HTTPConnectionPool(reactor, persistent=False)
         from harmony.backends.http import _DirectEndpointFactory  # noqa: PLC0415 - avoid an import cycle
 
-        endpoints = _DirectEndpointFactory(reactor, settings.timeout_secs, BrowserLikePolicyForHTTPS())
+        endpoints = _DirectEndpointFactory(reactor, settings.timeout_secs, tls_policy or BrowserLikePolicyForHTTPS())
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
     @defer.inlineCallbacks
@@ -104,12 +104,12 @@ class _Drain(Protocol):
         self.finished.callback(None)
 
 
-def make_check(reactor, settings: HealthSettings):
+def make_check(reactor, settings: HealthSettings, tls_policy=None):
     if settings.kind == "dimse":
         from harmony.targets.dimse_health import EchoCheck
 
         return EchoCheck(settings)
-    return HttpGetCheck(reactor, settings)
+    return HttpGetCheck(reactor, settings, tls_policy)
 
 
 class HealthMonitor:
@@ -117,7 +117,7 @@ class HealthMonitor:
         self.pool = pool
         self.settings = settings
         self.clock = clock
-        self.check = check or make_check(reactor or clock, settings)
+        self.check = check or make_check(reactor or clock, settings, getattr(pool, "tls_policy", None))
         self.loop = task.LoopingCall(self.run_once)
         self.loop.clock = clock
         self.done = None

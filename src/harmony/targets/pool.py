@@ -112,6 +112,8 @@ class TargetPool:
         #: :class:`harmony.targets.health.HealthSettings` or None (no active checks).
         self.health = health
         self.monitor = None
+        #: An IPolicyForHTTPS for HTTP health checks (set by HTTP-family backends).
+        self.tls_policy = None
 
     # ------------------------------------------------------------------ config
 
@@ -340,7 +342,7 @@ def build_target(name: str, table: dict, kind: str, source: str, check_url=None,
     headers = table.get("headers", {})
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         bad("headers", "must be a table of header name = string value")
-    common = dict(name=name, weight=weight, headers=dict(headers),
+    common = dict(name=name, weight=weight, headers=dict(headers), source=source,
                   options={k: v for k, v in table.items() if k != "name"})
     if kind == "url":
         url = table.get("url")

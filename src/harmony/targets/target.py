@@ -33,6 +33,8 @@ class Target:
     headers: dict = attr.Factory(dict)
     #: The whole ``[targets.NAME]`` table, for backend-specific keys.
     options: dict = attr.Factory(dict)
+    #: The file that defines it (for messages and relative paths).
+    source: str = ""
 
     # -- state (not configuration)
     healthy: bool = True
