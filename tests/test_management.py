@@ -395,3 +395,100 @@ def test_sighup_reloads_a_running_twistd(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0].decode()
     assert "SIGHUP: reloading configuration" in out and "configuration reloaded" in out, out
+
+
+# ---------------------------------------------------------------- self-listening endpoints across reloads
+
+
+LINE = """
+[endpoint_types.line]
+module = "tests.listener_endpoint:LineEndpoint"
+
+[pipelines.lines]
+endpoints = ["scp"]
+backends = ["{backend}"]
+
+[endpoints.scp]
+service = "line"
+listen = "tcp:{port}:interface=127.0.0.1"
+
+[backends.echo]
+service = "echo"
+
+[backends.up]
+service = "http"
+base_url = "{upstream}"
+"""
+
+
+class _Client:
+    """A line client on a real TCP connection that stays open (an 'association')."""
+
+    def __init__(self):
+        from twisted.internet.protocol import ClientFactory
+        from twisted.protocols.basic import LineReceiver
+
+        client = self
+
+        class P(LineReceiver):
+            delimiter = b"\n"
+
+            def connectionMade(self):
+                client.proto = self
+                client.connected.callback(None)
+
+            def lineReceived(self, line):
+                client.waiting.pop(0).callback(line)
+
+            def connectionLost(self, reason):
+                client.lost = True
+
+        self.factory = ClientFactory.forProtocol(P)
+        self.connected = defer.Deferred()
+        self.waiting = []
+        self.lost = False
+
+    def ask(self, text):
+        d = defer.Deferred()
+        self.waiting.append(d)
+        self.proto.sendLine(text.encode())
+        return d
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_connection_on_unchanged_listener_survives_reload(tmp_path, servers):
+    port = free_port()
+    text = LINE.format(port=port, upstream=servers[0].url, backend="echo")
+    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN + MANAGEMENT, {"l": text}))
+    try:
+        scp = running.service.runtime.endpoints["scp"]
+        await scp.listening
+        client = _Client()
+        reactor.connectTCP("127.0.0.1", port, client.factory)
+        await client.connected
+        assert json.loads(await client.ask("one"))["path"] == "/one"  # the echo backend
+        fams = families((await admin_get(running, "/metrics"))[1])
+        assert sample(fams, "harmony_associations_open", endpoint="scp") == 1
+        assert sample(fams, "harmony_requests_total", pipeline="lines", endpoint="scp", backend="echo") == 1
+        _, body = await admin_get(running, "/routes")
+        assert {"network": "-", "listen": f"tcp:{port}:interface=127.0.0.1", "prefix": "-", "endpoint": "scp",
+                "service": "line", "pipeline": "lines", "port": None} in json.loads(body)["routes"]
+        # Same listener, new backend for its pipeline.
+        write_config(tmp_path, MINIMAL_MAIN + MANAGEMENT, {"l": LINE.format(port=port, upstream=servers[0].url,
+                                                                              backend="up")})
+        code, doc = await post_reload(running)
+        assert code == 200 and doc["changes"]["listeners_restarted"] == []
+        assert running.service.runtime.endpoints["scp"] is scp
+        assert json.loads(await client.ask("two")) == {"served_by": "a", "path": "/two"}  # same connection
+        assert not client.lost
+        # A changed listener is restarted; its old connections are not the new pipeline's.
+        other = free_port()
+        write_config(tmp_path, MINIMAL_MAIN + MANAGEMENT, {"l": LINE.format(port=other, upstream=servers[0].url,
+                                                                              backend="echo")})
+        code, doc = await post_reload(running)
+        assert code == 200 and doc["changes"]["listeners_restarted"] == ["scp"]
+        new = running.service.runtime.endpoints["scp"]
+        assert new is not scp and new.port.getHost().port == other and scp.port is None
+        client.proto.transport.loseConnection()
+    finally:
+        await running.stop()

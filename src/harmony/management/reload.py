@@ -31,7 +31,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 
 from harmony.config import ConfigErrors, load_config
-from harmony.log import get_logger
+from harmony.log import get_logger, set_level
 from harmony.runtime import build_runtime
 
 log = get_logger("harmony.reload")
@@ -139,6 +139,7 @@ def apply(service, runtime, settings) -> dict:
 
     service.metrics.instrument(runtime)
     service.runtime = runtime
+    set_level(runtime.config.proxy.log_level)
     if service.set_management(settings) and service.running:
         changes["_started"].append(service.management)
 
