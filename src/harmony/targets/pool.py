@@ -271,7 +271,8 @@ class TargetPool:
                 raise self.all_down(request)
             if tried:
                 target.retries_total += 1
-                log.info("backend {backend}: retrying {method} on target {target} after {error}",
+                # debug: during a failover this is one line per request; the metric counts them
+                log.debug("backend {backend}: retrying {method} on target {target} after {error}",
                          backend=self.backend, method=request_operation(request), target=target.name,
                          error=tried[-1].last_error)
             tried.append(target)
