@@ -62,7 +62,14 @@ def reload(service):
         service.metrics.reloaded(False)
         service.last_reload = {"ok": False, "at": started, "errors": errors}
         return dict(service.last_reload)
-    changes = apply(service, runtime, settings)
+    try:
+        changes = apply(service, runtime, settings)
+    except Exception:  # a bug, not a config problem: say so rather than leave a silent half-swap
+        log.failure("reload failed while applying the new configuration")
+        service.metrics.reloaded(False)
+        service.last_reload = {"ok": False, "at": started,
+                               "errors": ["internal error while applying the configuration (see the log)"]}
+        return dict(service.last_reload)
     errors = []
     pending = [svc.listening for svc in changes.pop("_started") if svc.listening is not None]
     results = yield defer.DeferredList(pending, consumeErrors=True)
