@@ -154,9 +154,13 @@ class Orthanc:
 class Dcmqrscp:
     """DCMTK's Query/Retrieve SCP as a second PACS, indexed from files."""
 
-    def __init__(self, folder: Path, aet: str = "DCMQRSCP", peers: dict | None = None):
+    def __init__(self, folder: Path, aet: str = "DCMQRSCP", peers: dict | None = None,
+                 single_process: bool = True):
         self.folder = Path(folder)
         self.aet = aet
+        # dcmqrscp 3.6.7 --single-process was seen to die (SIGSEGV) after its first
+        # association on this machine; tests needing several pass False (fork mode).
+        self.single_process = single_process
         self.port = free_port()
         self.peers = peers or {}
         self.proc = None
@@ -189,7 +193,8 @@ AETable END
                 copies.append(str(dst))
             subprocess.run([require(DCMTK["dcmqridx"]), str(db), *copies], check=True, capture_output=True)
         self.log = open(self.folder / "dcmqrscp.log", "wb")
-        self.proc = subprocess.Popen([DCMTK["dcmqrscp"], "--single-process", "-c", str(cfg), str(self.port)],
+        mode = ["--single-process"] if self.single_process else []
+        self.proc = subprocess.Popen([DCMTK["dcmqrscp"], *mode, "-c", str(cfg), str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=peer_env())
         wait_for(lambda: port_open(self.port), 30, "dcmqrscp", self.proc)
         return self

@@ -21,11 +21,14 @@ COMMANDS = {
 
 def _load(config_path):
     from harmony.config import ConfigErrors, load_config
+    from harmony.management.settings import ManagementSettings, check_routes
     from harmony.runtime import build_runtime
 
     try:
         config = load_config(config_path)
-        return build_runtime(config), None
+        runtime = build_runtime(config)
+        check_routes(ManagementSettings.from_config(config), runtime)
+        return runtime, None
     except ConfigErrors as e:
         return None, e
 

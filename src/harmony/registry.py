@@ -35,6 +35,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "transform": "harmony.middleware.transform:Transform",
         "metadata_transform": "harmony.middleware.metadata_transform:MetadataTransform",
         "jmix_builder": "harmony.middleware.jmix_builder:JmixBuilder",
+        "route": "harmony.middleware.route:RouteMiddleware",
     },
 }
 

@@ -4,10 +4,15 @@
       +- LoggingService         (file / JSON-lines observers from [logging])
       +- NetworkService x N     (one twisted.web Site per [network.*])
       +- endpoint services      (endpoints that listen on their own, e.g. DIMSE)
+      +- ManagementService      ([management] on its own listener, when enabled)
+
+It also owns the metrics registry and hot reload (harmony.management).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -95,44 +100,133 @@ class LoggingService(Service):
 
 class HarmonyService(MultiService):
     def __init__(self, runtime: Runtime, reactor):
+        from harmony.management.metrics import HarmonyMetrics
+        from harmony.management.settings import ManagementSettings, check_routes
+
         super().__init__()
         self.runtime = runtime
         self.reactor = reactor
+        self.config_path = runtime.config.path
         self.started_at = time.time()
         self.networks: dict[str, NetworkService] = {}
+        #: Outcome of the last reload (None before any), for /admin/info.
+        self.last_reload = None
+        #: Backends replaced by a reload -> the delayed call that closes them (harmony.management.reload).
+        self.retired_backends: dict = {}
+        self.management_settings = ManagementSettings.from_config(runtime.config)
+        check_routes(self.management_settings, runtime)
+        self.management = None
+        self.metrics = HarmonyMetrics(self)
+        self.metrics.instrument(runtime)
+        self._previous_sighup = None
         hlog.set_level(runtime.config.proxy.log_level)
         LoggingService(runtime.config.logging, runtime.config.base_dir).setServiceParent(self)
         for name, net in runtime.config.networks.items():
-            if not net.listen:
-                continue
-            router = PrefixRouter(name, runtime.routes.get(name, []))
-            svc = NetworkService(name, net.listen, router, reactor)
-            svc.setServiceParent(self)
-            self.networks[name] = svc
+            if net.listen:
+                self.add_network(name, net.listen, runtime)
         for endpoint, pipeline in runtime.listeners():
             endpoint.pipeline = pipeline
             if isinstance(endpoint, Service):
                 endpoint.setServiceParent(self)
+        self.set_management(self.management_settings)
+
+    def routes_for(self, name: str, runtime: Runtime) -> list:
+        """A network's routes: the runtime's, plus the management API when mounted there."""
+        routes = list(runtime.routes.get(name, []))
+        settings = self.management_settings
+        if settings.enabled and settings.network == name:
+            from harmony.management.api import AdminApi
+            from harmony.runtime import Route
+
+            routes.append(Route(name, settings.base_path, AdminApi(self), None))
+            routes.sort(key=lambda r: len(r.segments), reverse=True)
+        return routes
+
+    def add_network(self, name: str, listen: str, runtime: Runtime) -> NetworkService:
+        svc = NetworkService(name, listen, PrefixRouter(name, self.routes_for(name, runtime)), self.reactor)
+        svc.setServiceParent(self)
+        self.networks[name] = svc
+        return svc
+
+    def set_management(self, settings) -> bool:
+        """Start, keep or restart the management API's own listener for *settings*;
+        True when a listener was (re)started."""
+        from harmony.management.service import ManagementService
+
+        self.management_settings = settings
+        wanted = settings.listen if settings.enabled and settings.network is None else None
+        current = self.management.description if self.management is not None else None
+        if wanted == current:
+            return False
+        if self.management is not None:
+            self.management.disownServiceParent()
+            self.management = None
+        if wanted is not None:
+            self.management = ManagementService(self, wanted, self.reactor)
+            self.management.setServiceParent(self)
+            return True
+        return False
+
+    def management_description(self) -> dict:
+        s = self.management_settings
+        port = self.management.port if self.management is not None else None
+        return {"enabled": s.enabled, "listen": s.listen, "network": s.network, "base_path": s.base_path,
+                "authenticated": s.token is not None,
+                "port": port.getHost().port if port is not None else None}
+
+    def reload(self) -> defer.Deferred:
+        """Re-read and apply the configuration (SIGHUP, POST /admin/reload); see harmony.management.reload."""
+        from harmony.management.reload import reload
+
+        return reload(self)
+
+    def target_pools(self):
+        """The TargetPool of every backend that has one (see harmony.targets)."""
+        return [b.target_pool for b in self.runtime.backends.values() if getattr(b, "target_pool", None) is not None]
 
     def startService(self):
         super().startService()
+        for pool in self.target_pools():
+            pool.start()
+        self._install_sighup()
         log.info("harmony {id} started: {pipelines} pipeline(s), {networks} network(s)",
                  id=self.runtime.config.proxy.id, pipelines=len(self.runtime.pipelines),
                  networks=len(self.networks))
 
+    def _install_sighup(self):
+        if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sighup(signum, frame):
+            log.info("SIGHUP: reloading configuration")
+            self.reactor.callFromThread(self.reload)
+
+        previous = signal.signal(signal.SIGHUP, on_sighup)
+        self._previous_sighup = previous if previous is not None else signal.SIG_DFL
+
     def stopService(self):
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        for pool in self.target_pools():
+            pool.stop()
         d = defer.maybeDeferred(super().stopService)
 
         def close_backends(_):
-            closing = [defer.maybeDeferred(b.close) for b in self.runtime.backends.values() if hasattr(b, "close")]
+            retired, self.retired_backends = self.retired_backends, {}
+            for call in retired.values():
+                if call.active():
+                    call.cancel()
+            closing = [defer.maybeDeferred(b.close) for b in list(self.runtime.backends.values()) + list(retired)
+                       if hasattr(b, "close")]
             return defer.DeferredList(closing)
 
         return d.addBoth(close_backends)
 
     def when_listening(self) -> defer.Deferred:
         """Fires once every network listens (for tests and readiness)."""
-        return defer.gatherResults([n.listening for n in self.networks.values() if n.listening],
-                                   consumeErrors=True)
+        services = list(self.networks.values()) + ([self.management] if self.management is not None else [])
+        return defer.gatherResults([n.listening for n in services if n.listening], consumeErrors=True)
 
 
 def make_service(config_path, reactor=None) -> HarmonyService:

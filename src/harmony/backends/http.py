@@ -1,4 +1,4 @@
-"""``http`` backend: a reverse proxy to ``base_url`` on a persistent pool.
+"""``http`` backend: a reverse proxy to ``base_url`` (or to ``targets``) on a persistent pool.
 
 Built on ``twisted.web.client.Agent`` directly (not treq) because this is the
 passthrough hot path: the request body goes up as a producer and the response
@@ -10,7 +10,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
-from twisted.web.client import (Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed,
+from twisted.web.client import (Agent, HTTPConnectionPool, ResponseFailed,
                                 ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.iweb import IAgentEndpointFactory
@@ -20,9 +20,11 @@ from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
 from harmony.backends.streams import ResponseBodyProducer
+from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
 from harmony.errors import BackendTimeout, BackendUnavailable
+from harmony.targets import Target, TargetPool
 from harmony.web.headers import end_to_end
 
 
@@ -91,36 +93,41 @@ class _DirectEndpointFactory:
 
 class HttpBackend(Backend):
     def __init__(self, name, base_urls, reactor, *, timeout=30.0, connect_timeout=None,
-                 max_connections=64):
+                 max_connections=64, target_pool: TargetPool | None = None):
         super().__init__(name)
-        self.base_urls = list(base_urls)
+        if target_pool is None:
+            names = [name] if len(base_urls) == 1 else [f"{name}-{i}" for i in range(len(base_urls))]
+            target_pool = TargetPool(name, [Target(n, url=u) for n, u in zip(names, base_urls)], reactor)
+        #: Chooses the upstream per request, with health, circuit and retries (harmony.targets).
+        self.target_pool = target_pool
+        self.base_urls = [t.url for t in target_pool.targets]
         self.reactor = reactor
         self.timeout = timeout
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.retryAutomatically = False  # a retry is a policy decision, not the pool's
         self.pool._factory = _QuietClientFactory
-        endpoints = _DirectEndpointFactory(reactor, connect_timeout or timeout, BrowserLikePolicyForHTTPS())
+        # Health checks use the same per-target TLS settings.
+        target_pool.tls_policy = PerTargetTLSPolicy(target_pool.targets)
+        endpoints = _DirectEndpointFactory(reactor, connect_timeout or timeout, target_pool.tls_policy)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        urls = []
-        if "base_url" in options:
-            urls.append(check_base_url(options.str("base_url")))
-        for t in ctx.targets():
-            if "url" not in t:
-                raise OptionError("targets", f"target {t['name']!r} needs a 'url'")
-            urls.append(check_base_url(t["url"], f"targets.{t['name']}.url"))
-        if not urls:
-            raise OptionError("base_url", "is required (or name targets with a 'url')")
+        implicit = {"url": options.str("base_url")} if "base_url" in options else None
+        pool = TargetPool.from_options(name, options, ctx, kind="url", implicit=implicit, check_url=check_base_url)
         timeout = options.number("timeout_secs", 30.0, minimum=0.001)
         connect = options.number("connect_timeout_secs", None, minimum=0.001)
         maxconn = options.int("max_connections_per_host", 64, minimum=1, maximum=10000)
-        return cls(name, urls, ctx.reactor, timeout=timeout, connect_timeout=connect, max_connections=maxconn)
+        return cls(name, [t.url for t in pool.targets], ctx.reactor, timeout=timeout, connect_timeout=connect,
+                   max_connections=maxconn, target_pool=pool)
 
     def pick_base_url(self, request) -> str:
-        return self.base_urls[0]
+        """The base URL the pool would choose now (no retries: prefer :meth:`send_to` via the pool)."""
+        target = self.target_pool.choose(request)
+        if target is None:
+            raise self.target_pool.all_down(request)
+        return target.url
 
     def prepare_headers(self, request) -> Headers:
         return forwarded_headers(request)
@@ -133,8 +140,15 @@ class HttpBackend(Backend):
         )
 
     def send(self, request):
-        url = upstream_url(self.pick_base_url(request), request.subpath, request.raw_query)
-        return self.request(request.method.encode("ascii"), url, self.prepare_headers(request),
+        return self.target_pool.call(request, lambda target: self.send_to(target, request))
+
+    def send_to(self, target, request):
+        """One attempt at one target (the pool calls this again for a retry)."""
+        url = upstream_url(target.url, request.subpath, request.raw_query)
+        headers = self.prepare_headers(request)
+        for hname, value in target.headers.items():
+            headers.setRawHeaders(hname, [value])
+        return self.request(request.method.encode("ascii"), url, headers,
                             as_producer(request.body)).addCallback(
             lambda response: self.build_response(request, response))
 
@@ -177,4 +191,5 @@ class HttpBackend(Backend):
         return d
 
     def close(self):
+        self.target_pool.stop()
         return self.pool.closeCachedConnections()

@@ -1,0 +1,147 @@
+"""Prometheus metrics for one HarmonyService, on its own CollectorRegistry.
+
+A registry per service (never prometheus_client's global one) keeps tests,
+reloads and two services in one process from colliding.  Request metrics come
+from :attr:`harmony.pipeline.Pipeline.observers`; target, association and
+reload state is read at scrape time by a custom collector, so it is always the
+live state and needs no bookkeeping when a reload swaps pools.
+
+Label values only ever come from configuration names (pipelines, endpoints,
+backends, targets) or small fixed sets (HTTP status codes, DIMSE operations
+and statuses); anything else becomes ``"other"``, so a client cannot mint
+label values (and series) by sending odd requests.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+import harmony
+from harmony.envelope import body_length
+from harmony.targets.target import CIRCUIT_STATES
+
+DIMSE_OPS = frozenset({"C-ECHO", "C-FIND", "C-GET", "C-MOVE", "C-STORE"})
+_DIMSE_STATUS = re.compile(r"^0x[0-9A-Fa-f]{4}$")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def status_label(status) -> str:
+    return str(status) if isinstance(status, int) and 100 <= status <= 599 else "other"
+
+
+class _LiveCollector:
+    """Target, association and reload state, read from the service at scrape time."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        healthy = GaugeMetricFamily("harmony_target_healthy", "1 when active health checks pass (or none are configured)",
+                                    labels=["backend", "target"])
+        circuit = GaugeMetricFamily("harmony_target_circuit_state", "1 for the circuit breaker's current state",
+                                    labels=["backend", "target", "state"])
+        in_flight = GaugeMetricFamily("harmony_target_in_flight", "Requests in flight to the target",
+                                      labels=["backend", "target"])
+        requests = CounterMetricFamily("harmony_target_requests", "Attempts sent to the target",
+                                       labels=["backend", "target"])
+        failures = CounterMetricFamily("harmony_target_failures", "Failed attempts (connection, timeout, 502/503/504)",
+                                       labels=["backend", "target"])
+        retries = CounterMetricFamily("harmony_target_retries", "Retries sent to the target after another failed",
+                                      labels=["backend", "target"])
+        for pool in self.service.target_pools():
+            for t in pool.targets:
+                labels = [pool.backend, t.name]
+                healthy.add_metric(labels, 1 if t.healthy else 0)
+                for state in CIRCUIT_STATES:
+                    circuit.add_metric(labels + [state], 1 if t.circuit == state else 0)
+                in_flight.add_metric(labels, t.in_flight)
+                requests.add_metric(labels, t.requests_total)
+                failures.add_metric(labels, t.failures_total)
+                retries.add_metric(labels, t.retries_total)
+        yield from (healthy, circuit, in_flight, requests, failures, retries)
+        assoc = GaugeMetricFamily("harmony_associations_open", "DIMSE associations open on a listening endpoint",
+                                  labels=["endpoint"])
+        for endpoint, _pipeline in self.service.runtime.listeners():
+            value = getattr(endpoint, "open_associations", None)
+            if callable(value):
+                value = value()
+            if isinstance(value, int):
+                assoc.add_metric([endpoint.name], value)
+        yield assoc
+
+
+class HarmonyMetrics:
+    def __init__(self, service, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("harmony_requests", "Requests finished, by pipeline, endpoint, backend and status",
+                                ["pipeline", "endpoint", "backend", "status"], registry=r)
+        self.latency = Histogram("harmony_request_duration_seconds", "Time from envelope to response head",
+                                 ["pipeline", "endpoint", "backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.bytes_in = Counter("harmony_request_bytes", "Request body bytes (when their length is known)",
+                                ["pipeline", "endpoint"], registry=r)
+        self.bytes_out = Counter("harmony_response_bytes", "Response body bytes (when their length is known)",
+                                 ["pipeline", "endpoint"], registry=r)
+        self.dimse = Counter("harmony_dimse_operations", "DIMSE operations by operation and final status",
+                             ["pipeline", "endpoint", "operation", "status"], registry=r)
+        self.reloads = Counter("harmony_reloads", "Configuration reloads by result", ["result"], registry=r)
+        self.last_reload_ok = Gauge("harmony_last_reload_success", "1 if the last reload succeeded (1 before any)",
+                                    registry=r)
+        self.last_reload_time = Gauge("harmony_last_reload_timestamp_seconds", "When the last reload was attempted",
+                                      registry=r)
+        self.info = Gauge("harmony_info", "Constant 1, labelled with version and proxy id",
+                          ["version", "proxy_id"], registry=r)
+        self.started = Gauge("harmony_start_time_seconds", "When this Harmony started (Unix time)", registry=r)
+        self.last_reload_ok.set(1)
+        self.started.set(time.time())
+        self.info.labels(harmony.__version__, service.runtime.config.proxy.id).set(1)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        r.register(_LiveCollector(service))
+
+    def instrument(self, runtime) -> None:
+        """Attach a request observer to every pipeline of *runtime*."""
+        endpoints = frozenset(runtime.endpoints)
+        for pipeline in runtime.pipelines.values():
+            pipeline.observers.append(self._observer(pipeline, endpoints))
+
+    def _observer(self, pipeline, endpoints):
+        backends = frozenset(b.name for b in pipeline.backends)
+        name = pipeline.name
+
+        def observe(request, response, seconds):
+            md = request.metadata
+            endpoint = md.get("endpoint")
+            endpoint = endpoint if endpoint in endpoints else "other"
+            backend = md.get("backend")
+            backend = backend if backend in backends else "none"
+            self.requests.labels(name, endpoint, backend, status_label(response.status)).inc()
+            self.latency.labels(name, endpoint, backend).observe(seconds)
+            n = body_length(request.body)
+            if n:
+                self.bytes_in.labels(name, endpoint).inc(n)
+            n = body_length(response.body)
+            if n:
+                self.bytes_out.labels(name, endpoint).inc(n)
+            op = md.get("dimse_op")
+            if op:
+                status = response.metadata.get("dimse_status", "")
+                self.dimse.labels(name, endpoint, op if op in DIMSE_OPS else "other",
+                                  status if _DIMSE_STATUS.match(status) else "other").inc()
+
+        return observe
+
+    def reloaded(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
+        self.last_reload_ok.set(1 if ok else 0)
+        self.last_reload_time.set(time.time())
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
