@@ -15,10 +15,12 @@ ENDPOINT, BACKEND, MIDDLEWARE = "endpoint", "backend", "middleware"
 BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
+        "dicomweb": "harmony.endpoints.dicomweb:DicomWebEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
+        "dicomweb": "harmony.backends.dicomweb:DicomWebBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
