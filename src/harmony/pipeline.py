@@ -63,10 +63,39 @@ class Pipeline:
         return self.backends[0]
 
     @defer.inlineCallbacks
+    def send_after(self, middleware, request: RequestEnvelope):
+        """Run *request* through the middleware right of *middleware* and the
+        backend, and back; fires with the ResponseEnvelope.
+
+        For middleware that fans one client request out into several backend
+        requests (the DICOMweb bridge turns one STOW-RS upload into a C-STORE
+        per instance).  Failures propagate to the caller; a middleware further
+        right may still answer itself.
+        """
+        index = self.middleware.index(middleware) + 1
+        entered = []
+        response = None
+        for mw in self.middleware[index:]:
+            result = yield mw.on_request(request)
+            if isinstance(result, ResponseEnvelope):
+                response = result
+                break
+            request = result
+            entered.append(mw)
+        if response is None:
+            backend = self.select_backend(request)
+            request.metadata["backend"] = backend.name
+            response = yield backend.send(request)
+        for mw in reversed(entered):
+            response = yield mw.on_response(request, response)
+        return response
+
+    @defer.inlineCallbacks
     def handle(self, request: RequestEnvelope, endpoint):
         """Run *request* through the pipeline; always fires with a ResponseEnvelope."""
         started = time.monotonic()
         request.metadata["pipeline"] = self.name
+        request.context.setdefault("pipeline", self)
         stage = "endpoint"
         entered = []
         try:
