@@ -21,6 +21,8 @@ BUILTIN: dict[str, dict[str, str]] = {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
         "dicomweb": "harmony.backends.dicomweb:DicomWebBackend",
+        "dicom_scu": "harmony.backends.dicom_scu:DicomScuBackend",
+        "dicom": "harmony.backends.dicom_scu:DicomScuBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
