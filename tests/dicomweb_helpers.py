@@ -48,3 +48,12 @@ def same_dataset(a: pydicom.Dataset, b: pydicom.Dataset) -> bool:
 
 def read(data: bytes) -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(data))
+
+
+def orthanc_qido(orthanc, path: str, params: dict | None = None) -> list:
+    """Orthanc's own QIDO answer, with the query sent unencoded (Orthanc 1.10
+    does not percent-decode, so dicomweb-client's '%2A' is no wildcard there)."""
+    import json as _json
+    query = "&".join(f"{k}={v}" for k, v in (params or {}).items())
+    raw = orthanc.rest("GET", "/dicom-web" + path + ("?" + query if query else ""))
+    return _json.loads(raw) if isinstance(raw, (bytes, str)) and raw else (raw or [])

@@ -116,7 +116,8 @@ def test_return_keys_span_parent_levels():
     q, _ = qido.parse_query([("includefield", "StudyDescription")])
     keys = qido.return_keys("IMAGE", q, study_in_path=False, series_in_path=False)
     assert "00100020" in keys and "0020000E" in keys and "00080018" in keys and keys[-1] == "00081030"
-    assert "00100020" not in qido.return_keys("SERIES", q, study_in_path=True, series_in_path=False)
+    assert "00100020" in qido.return_keys("SERIES", q, study_in_path=True, series_in_path=False)
+    assert "0020000E" not in qido.return_keys("STUDY", q)
 
 
 @pytest.mark.parametrize("kind,header,expected", [

@@ -26,6 +26,8 @@ BUILTIN: dict[str, dict[str, str]] = {
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
+        "dicomweb_bridge": "harmony.middleware.dicomweb_bridge:DicomWebBridge",
+        "dicomweb": "harmony.middleware.dicomweb_bridge:DicomWebBridge",
     },
 }
 

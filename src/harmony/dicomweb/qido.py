@@ -198,18 +198,17 @@ def add_path_uids(q: QidoQuery, study: str | None, series: str | None) -> None:
         q.match["0020000E"] = {"vr": "UI", "Value": [series]}
 
 
-def return_keys(level: str, q: QidoQuery, *, study_in_path: bool, series_in_path: bool) -> list[str]:
-    """Tags a C-FIND must ask for: the level's required ones, the parents' when
-    the search spans them (``/series`` also answers study attributes), plus
-    ``includefield``."""
+def return_keys(level: str, q: QidoQuery, *, study_in_path: bool = False, series_in_path: bool = False) -> list[str]:
+    """Tags a C-FIND must ask for: the level's required ones, its parents'
+    (PS3.18 requires them when the search spans studies; viewers rely on them
+    and Orthanc's plugin always sends them, so they are always asked for),
+    plus ``includefield``."""
     keys = list(LEVEL_KEYS[level])
-    if level == "SERIES" and not study_in_path:
+    if level == "SERIES":
         keys = list(STUDY_KEYS) + keys
     if level == "IMAGE":
-        if not series_in_path:
-            keys = list(SERIES_KEYS) + keys
-        if not study_in_path:
-            keys = list(STUDY_KEYS) + keys
+        keys = list(STUDY_KEYS) + list(SERIES_KEYS) + keys
+    keys = list(dict.fromkeys(keys))
     for k in q.includefield:
         if "." not in k and k not in keys:
             keys.append(k)

@@ -17,7 +17,7 @@ from harmony.config.errors import OptionError
 from harmony.dicomweb import accept as acc
 from harmony.dicomweb import qido
 from harmony.dicomweb.baseurl import public_root
-from harmony.dicomweb.routes import QIDO, STOW, WADO, parse_path
+from harmony.dicomweb.routes import QIDO, WADO, parse_path
 from harmony.endpoints.base import HttpEndpointBase, check_prefix
 from harmony.envelope import body_length
 from harmony.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType

@@ -1,0 +1,275 @@
+"""DICOMweb -> DIMSE bridge end to end: dicomweb-client -> Harmony (dicomweb
+endpoint, dicomweb_bridge, dicom_scu) -> the real Orthanc's DIMSE port,
+every answer compared with Orthanc's own DICOMweb plugin for the same data."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import pytest_twisted
+import treq
+from PIL import Image
+
+from tests.dicom_data import make_instance
+from tests.dicomweb_helpers import client, in_thread, orthanc_qido, same_dataset, summaries
+from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.peers import free_port
+
+PIPES = """
+[pipelines.bridge]
+networks = ["default"]
+endpoints = ["web"]
+middleware = ["bridge"]
+backends = ["pacs"]
+
+[endpoints.web]
+service = "dicomweb"
+[endpoints.web.options]
+path_prefix = "/dicomweb"
+
+[middleware.bridge]
+type = "dicomweb_bridge"
+
+[backends.pacs]
+service = "dicom_scu"
+[backends.pacs.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+local_aet = "HARMONY_DW"
+"""
+
+
+@pytest.fixture(scope="module")
+def harmony(tmp_path_factory, orthanc):
+    folder = tmp_path_factory.mktemp("bridge")
+    orthanc.add_modality("harmony_dw", "HARMONY_DW", free_port())
+    path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
+                        {"p": PIPES.format(aet=orthanc.aet, port=orthanc.dicom_port)})
+    running = pytest_twisted.blockon(start_harmony(path))
+    running.folder = folder
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@pytest.fixture
+def proxy(harmony):
+    return client(harmony.url("/dicomweb"))
+
+
+@pytest.fixture
+def native(orthanc):
+    return client(orthanc.dicomweb_url)
+
+
+S1, S3 = "1.2.826.0.1.3680043.10.543.1.1", "1.2.826.0.1.3680043.10.543.1.3"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("fn,kwargs,path,params", [
+    ("search_for_studies", {}, "/studies", {}),
+    ("search_for_studies", {"search_filters": {"PatientID": "PAT001"}}, "/studies", {"PatientID": "PAT001"}),
+    ("search_for_studies", {"search_filters": {"StudyDate": "20230101-20241231"}}, "/studies",
+     {"StudyDate": "20230101-20241231"}),
+    ("search_for_studies", {"search_filters": {"AccessionNumber": "ACC00*"}}, "/studies", {"AccessionNumber": "ACC00*"}),
+    ("search_for_studies", {"search_filters": {"PatientName": "TEST^B*"}}, "/studies", {"PatientName": "TEST^B*"}),
+    ("search_for_series", {"search_filters": {"Modality": "MR"}}, "/series", {"Modality": "MR"}),
+    ("search_for_series", {"study_instance_uid": S1}, f"/studies/{S1}/series", {}),
+    ("search_for_instances", {"study_instance_uid": S3, "series_instance_uid": S3 + ".1"},
+     f"/studies/{S3}/series/{S3}.1/instances", {}),
+    ("search_for_instances", {"search_filters": {"SeriesDescription": "AXIAL"}}, "/instances",
+     {"SeriesDescription": "AXIAL"}),
+    ("search_for_studies", {"fields": ["StudyDescription"]}, "/studies", {"includefield": "StudyDescription"}),
+])
+async def test_qido_equals_orthanc_native(proxy, orthanc, fn, kwargs, path, params):
+    ours = await in_thread(getattr(proxy, fn), **kwargs)
+    theirs = await in_thread(orthanc_qido, orthanc, path, params)
+    assert ours
+    assert summaries(ours) == summaries(theirs)
+    if "fields" in kwargs:
+        assert all("00081030" in r for r in ours)
+
+
+@pytest_twisted.ensureDeferred
+async def test_qido_paging_on_a_pacs_that_cannot_page(harmony, proxy, native):
+    everything = await in_thread(native.search_for_studies)
+    uids = sorted(r["0020000D"]["Value"][0] for r in everything)
+    pages = []
+    for offset in range(0, len(uids), 3):
+        pages.append(await in_thread(proxy.search_for_studies, limit=3, offset=offset))
+    assert [len(p) for p in pages] == [3, 1]
+    assert sorted(r["0020000D"]["Value"][0] for p in pages for r in p) == uids
+    resp = await treq.get(harmony.url("/dicomweb/studies?limit=2"))
+    assert resp.code == 200 and "additional results" in resp.headers.getRawHeaders("warning")[0]
+    assert len(json.loads(await resp.content())) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_qido_retrieve_url_and_empty_result(harmony, proxy):
+    results = await in_thread(proxy.search_for_series, search_filters={"Modality": "MR"})
+    assert results[0]["00081190"]["Value"][0].startswith(harmony.url("/dicomweb/studies/1.2.826"))
+    resp = await treq.get(harmony.url("/dicomweb/studies?PatientID=NOBODY"))
+    assert resp.code == 204
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_instance_series_study_equal_orthanc(proxy, native, corpus):
+    inst = corpus[0]
+    media = [("application/dicom", "*")]
+    ours = await in_thread(proxy.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid, media_types=media)
+    theirs = await in_thread(native.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid,
+                             media_types=media)
+    assert same_dataset(ours, theirs)
+    series = await in_thread(proxy.retrieve_series, inst.study_uid, inst.series_uid, media_types=media)
+    assert sorted(d.SOPInstanceUID for d in series) == sorted(i.sop_uid for i in corpus
+                                                             if i.series_uid == inst.series_uid)
+    study = await in_thread(proxy.retrieve_study, inst.study_uid, media_types=media)
+    native_study = await in_thread(native.retrieve_study, inst.study_uid, media_types=media)
+    by_uid = {d.SOPInstanceUID: d for d in native_study}
+    assert len(study) == len(native_study) and all(same_dataset(d, by_uid[d.SOPInstanceUID]) for d in study)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_explicit_le_request_decompresses_rle(harmony, proxy, native, corpus):
+    rle = next(i for i in corpus if i.study_uid.endswith(".1.3") and i.sop_uid.endswith(".1.3.1.1"))
+    ours = await in_thread(proxy.retrieve_instance, rle.study_uid, rle.series_uid, rle.sop_uid,
+                           media_types=[("application/dicom", "1.2.840.10008.1.2.1")])
+    assert ours.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    stored = await in_thread(native.retrieve_instance, rle.study_uid, rle.series_uid, rle.sop_uid,
+                             media_types=[("application/dicom", "*")])
+    assert stored.file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(ours.pixel_array, stored.pixel_array)
+    # No transfer-syntax parameter at all: PS3.18's default, Explicit VR Little Endian.
+    resp = await treq.get(harmony.url(f"/dicomweb/studies/{rle.study_uid}/series/{rle.series_uid}/instances/"
+                                      f"{rle.sop_uid}"), headers={"Accept": 'multipart/related; type="application/dicom"'})
+    body = await resp.content()
+    assert resp.code == 200 and b"transfer-syntax=1.2.840.10008.1.2.1" in body[:300]
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_metadata_equals_orthanc_with_bulkdata_uris(harmony, proxy, native, corpus):
+    inst = next(i for i in corpus if i.modality == "MR")
+    ours = await in_thread(proxy.retrieve_series_metadata, inst.study_uid, inst.series_uid)
+    theirs = await in_thread(native.retrieve_series_metadata, inst.study_uid, inst.series_uid)
+    assert summaries(ours) == summaries(theirs)
+    for doc in ours:
+        bulk = doc["7FE00010"]["BulkDataURI"]
+        assert bulk.startswith(harmony.url("/dicomweb/studies/")) and bulk.endswith("/bulkdata/7FE00010")
+    # The BulkDataURI answers with the pixel data itself.
+    uri = next(d for d in ours if d["00080018"]["Value"][0] == inst.sop_uid)["7FE00010"]["BulkDataURI"]
+    resp = await treq.get(uri, headers={"Accept": "application/octet-stream"})
+    assert resp.code == 200
+    stored = pydicom.dcmread(inst.path)
+    assert await resp.content() == stored.PixelData
+
+
+@pytest_twisted.ensureDeferred
+async def test_metadata_etag_and_cache(harmony, corpus):
+    inst = corpus[5]
+    url = harmony.url(f"/dicomweb/studies/{inst.study_uid}/series/{inst.series_uid}/metadata")
+    first, second = await treq.get(url), await treq.get(url)
+    assert first.code == second.code == 200
+    etag = first.headers.getRawHeaders("etag")[0]
+    assert second.headers.getRawHeaders("etag") == [etag]
+    assert await first.content() == await second.content()
+    again = await treq.get(url, headers={"If-None-Match": etag})
+    assert again.code == 304
+    assert list((harmony.folder / "var" / "dicomweb-bridge" / "bridge" / "metadata").glob("*.json"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_equal_orthanc_and_rendered(proxy, native, corpus):
+    mf = next(i for i in corpus if i.modality == "MR")  # 4 frames
+    media = [("application/octet-stream", "*")]
+    ours = await in_thread(proxy.retrieve_instance_frames, mf.study_uid, mf.series_uid, mf.sop_uid, [1, 3],
+                           media_types=media)
+    theirs = await in_thread(native.retrieve_instance_frames, mf.study_uid, mf.series_uid, mf.sop_uid, [1, 3],
+                             media_types=media)
+    assert ours == theirs and len(ours) == 2
+    png = await in_thread(proxy.retrieve_instance_rendered, mf.study_uid, mf.series_uid, mf.sop_uid,
+                          media_types=("image/png",))
+    assert Image.open(io.BytesIO(png)).size == (16, 16)
+    jpeg = await in_thread(proxy.retrieve_instance_frames_rendered, mf.study_uid, mf.series_uid, mf.sop_uid,
+                           [2], media_types=("image/jpeg",))
+    assert jpeg[:2] == b"\xff\xd8"
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_of_rle_instance_as_stored_and_decoded(harmony, corpus):
+    rle = next(i for i in corpus if i.study_uid.endswith(".1.3") and i.sop_uid.endswith(".1.3.1.1"))
+    base = harmony.url(f"/dicomweb/studies/{rle.study_uid}/series/{rle.series_uid}/instances/{rle.sop_uid}")
+    resp = await treq.get(base + "/frames/1", headers={"Accept": "application/octet-stream"})
+    assert resp.code == 200
+    raw = await resp.content()
+    stored = pydicom.dcmread(rle.path)
+    assert raw == stored.pixel_array.astype("<u2").tobytes()
+    missing = await treq.get(base + "/frames/7", headers={"Accept": "application/octet-stream"})
+    assert missing.code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_stores_through_c_store(harmony, proxy, native):
+    study = "1.2.826.0.1.3680043.10.543.88.1"
+    good = [make_instance(patient_id="STOWBR", study_uid=study, series_uid=study + ".1", sop_uid=f"{study}.1.{n}",
+                          instance_number=n) for n in (1, 2)]
+    for ds in good:
+        ds.preamble = b"\0" * 128
+    result = await in_thread(proxy.store_instances, good, study_instance_uid=study)
+    assert sorted(r.ReferencedSOPInstanceUID for r in result.ReferencedSOPSequence) == [f"{study}.1.1", f"{study}.1.2"]
+    assert result.ReferencedSOPSequence[0].RetrieveURL.startswith(harmony.url("/dicomweb/studies/" + study))
+    got = await in_thread(native.retrieve_instance, study, study + ".1", f"{study}.1.2")
+    assert got.PatientID == "STOWBR"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_study_mismatch_is_409_and_partial_is_202(harmony):
+    study = "1.2.826.0.1.3680043.10.543.88.2"
+    other = make_instance(study_uid="1.2.826.0.1.3680043.10.543.88.3", sop_uid="1.2.826.0.1.3680043.10.543.88.3.1.1")
+    good = make_instance(study_uid=study, sop_uid=study + ".1.1")
+    parts = [_part_bytes(other)]
+    body, ctype = _multipart(parts)
+    resp = await treq.post(harmony.url(f"/dicomweb/studies/{study}"), body, headers={"Content-Type": ctype})
+    assert resp.code == 409
+    doc = json.loads(await resp.content())
+    assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+    body, ctype = _multipart([_part_bytes(good), b"this is not DICOM"])
+    resp = await treq.post(harmony.url(f"/dicomweb/studies/{study}"), body, headers={"Content-Type": ctype})
+    assert resp.code == 202
+    doc = json.loads(await resp.content())
+    assert doc["00081199"]["Value"][0]["00081155"]["Value"] == [study + ".1.1"]
+    assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_malformed_multipart_is_400(harmony):
+    resp = await treq.post(harmony.url("/dicomweb/studies"), b"--B\r\nContent-Type: application/dicom\r\n\r\nDICM",
+                           headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary="B"'})
+    assert resp.code == 400
+    assert "closing boundary" in json.loads(await resp.content())["detail"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_uids_are_404(harmony):
+    resp = await treq.get(harmony.url("/dicomweb/studies/1.2.3.4.5.999"),
+                          headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert resp.code == 404
+    resp = await treq.get(harmony.url("/dicomweb/studies/1.2.3.4.5.999/metadata"))
+    assert resp.code == 404
+
+
+def _part_bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _multipart(parts: list[bytes], boundary="harmony-test-boundary"):
+    out = b""
+    for p in parts:
+        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f'multipart/related; type="application/dicom"; boundary="{boundary}"'
