@@ -55,7 +55,11 @@ def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_T
                      for i, item in enumerate(elem.value)]
             out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
             continue
-        out[key] = elem.to_json_dict(None, _NO_BULK)
+        attr = elem.to_json_dict(None, _NO_BULK)
+        if vr == "UI" and attr.get("Value"):
+            # DIMSE peers may pad UIDs with NUL; DICOM JSON carries them bare.
+            attr["Value"] = [v.rstrip("\0 ") if isinstance(v, str) else v for v in attr["Value"]]
+        out[key] = attr
     return out
 
 

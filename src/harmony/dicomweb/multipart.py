@@ -25,6 +25,7 @@ from zope.interface import implementer
 from harmony.errors import BadRequest, PayloadTooLarge
 
 CHUNK = 64 * 1024
+PREAMBLE_LIMIT = 64 * 1024
 
 
 def new_boundary() -> str:
@@ -175,6 +176,10 @@ class StowParser:
         self._current = None
         self._field = []
         self._value = []
+        self._delim = b"--" + boundary.encode("latin-1")
+        #: Bytes before the first delimiter (an RFC 2046 preamble) are skipped
+        #: here: python-multipart expects the body to open with the delimiter.
+        self._preamble: bytes | None = b""
         self._parser = MultipartParser(boundary.encode("latin-1"), {
             "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
             "on_header_field": lambda d, s, e: self._field.append(d[s:e]),
@@ -212,11 +217,30 @@ class StowParser:
         if self.max_bytes is not None and self.received > self.max_bytes:
             self.abort()
             raise PayloadTooLarge(f"STOW-RS body exceeds {self.max_bytes} bytes")
+        if self._preamble is not None:
+            data = self._skip_preamble(data)
+            if not data:
+                return
         try:
             self._parser.write(data)
         except MultipartParseError as e:
             self.abort()
             raise BadRequest(f"malformed multipart body: {e}") from None
+
+    def _skip_preamble(self, data: bytes) -> bytes:
+        buf = self._preamble + data
+        if buf.startswith(self._delim):
+            self._preamble = None
+            return buf
+        at = buf.find(b"\n" + self._delim)
+        if at >= 0:
+            self._preamble = None
+            return buf[at + 1:]
+        if len(buf) > PREAMBLE_LIMIT:
+            self.abort()
+            raise BadRequest("multipart body does not contain its boundary")
+        self._preamble = buf
+        return b""
 
     def close(self) -> list[ReceivedPart]:
         if self._file is not None or not self.ended:
