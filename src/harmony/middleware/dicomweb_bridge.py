@@ -69,8 +69,9 @@ def _release(stream):
 
 
 class DicomWebBridge(Middleware):
-    def __init__(self, name, reactor, storage, *, metadata_ttl=300.0, render_quality=90):
+    def __init__(self, name, reactor, storage, *, metadata_ttl=300.0, render_quality=90, stow_concurrency=4):
         super().__init__(name)
+        self.stow_concurrency = stow_concurrency
         self.reactor = reactor
         self.storage = storage
         self.cache = MetadataCache(storage / "metadata", reactor, metadata_ttl)
@@ -81,7 +82,8 @@ class DicomWebBridge(Middleware):
         storage = options.path("storage_dir", None) or (ctx.storage_path / "dicomweb-bridge" / name)
         return cls(name, ctx.reactor, storage,
                    metadata_ttl=options.number("metadata_cache_secs", 300.0, minimum=0),
-                   render_quality=options.int("jpeg_quality", 90, minimum=1, maximum=100))
+                   render_quality=options.int("jpeg_quality", 90, minimum=1, maximum=100),
+                   stow_concurrency=options.int("stow_concurrency", 4, minimum=1, maximum=64))
 
     # ------------------------------------------------------------------ requests
 
@@ -356,15 +358,18 @@ class DicomWebBridge(Middleware):
         parts = yield parse_body(request.body, parser)
         if not parts:
             raise BadRequest("the multipart body has no parts")
-        referenced, failed, mismatched = [], [], 0
+        referenced, failed = [], []
+        # A few C-STOREs in flight at once: each is a network round trip to the
+        # PACS, and the backend keeps a pool of associations for exactly this.
+        limiter = defer.DeferredSemaphore(self.stow_concurrency)
         try:
-            for part in parts:
-                ok, entry, reason = yield self._store_part(pipeline, request, dw, part)
-                (referenced if ok else failed).append(entry)
-                mismatched += reason == FAILURE_STUDY_MISMATCH
+            outcomes = yield defer.gatherResults(
+                [limiter.run(self._store_part, pipeline, request, dw, part) for part in parts], consumeErrors=True)
         finally:
             for part in parts:
                 part.release()
+        for ok, entry, _reason in outcomes:
+            (referenced if ok else failed).append(entry)
         doc = {}
         if dw.study_uid:
             doc["00081190"] = {"vr": "UR", "Value": [dw.base_url + resource_path(dw.study_uid)]}
