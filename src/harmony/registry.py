@@ -15,6 +15,8 @@ ENDPOINT, BACKEND, MIDDLEWARE = "endpoint", "backend", "middleware"
 BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
+        "dicom_scp": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
+        "dicom": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
