@@ -16,6 +16,8 @@ BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
         "dicomweb": "harmony.endpoints.dicomweb:DicomWebEndpoint",
+        "dicom_scp": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
+        "dicom": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",

@@ -23,8 +23,6 @@ import os
 import threading
 import time
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -163,8 +161,7 @@ class Job:
         self._ready()
 
     def counts(self, remaining, completed, failed, warning):
-        s = self.stream
-        s.remaining, s.completed, s.failed, s.warning = remaining, completed, failed, warning
+        self.stream.set_counts(remaining, completed, failed, warning)
 
     def finish(self, status, comment=None, failed_uids=()):
         self.stream.failed_sop_uids.extend(failed_uids)
@@ -581,30 +578,12 @@ class DicomScuBackend(Backend):
 
     def _store_blocking(self, job, instance: DicomInstance):
         def body(assoc):
-            status = send_instance(assoc, instance)
+            status = net.send_instance(assoc, instance)
             if not status:
                 raise _DeadAssociation(BackendTimeout("no C-STORE response"))
             job.finish_thread(int(status.Status), status.get("ErrorComment"))
             return True
         self._with_association(job, body)
-
-
-def send_instance(assoc, instance: DicomInstance, **kw):
-    """C-STORE a file: streamed from disk as-is when the peer accepted its exact
-    transfer syntax, otherwise decoded (and decompressed if needed) so that
-    pynetdicom can re-encode it for a syntax the peer did accept."""
-    for cx in assoc.accepted_contexts:
-        if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax[0] == instance.transfer_syntax_uid:
-            return assoc.send_c_store(instance.path, **kw)
-    ds = dcmread(instance.path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        offered = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
-                   if cx.abstract_syntax == instance.sop_class_uid}
-        if offered and not any(ts.is_compressed for ts in offered):
-            ds.decompress()
-            if ExplicitVRLittleEndian not in offered:
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return assoc.send_c_store(ds, **kw)
 
 
 class _DeadAssociation(Exception):
@@ -658,4 +637,4 @@ def _aet(options, key, default=...):
     return value.strip()
 
 
-__all__ = ["DicomScuBackend", "send_instance"]
+__all__ = ["DicomScuBackend"]

@@ -93,3 +93,30 @@ def durable_copy(src: Path, dst: Path) -> Path:
         raise
     fsync_dir(dst.parent)
     return dst
+
+
+class CorruptDataset(ValueError):
+    pass
+
+
+def check_complete(path: Path) -> None:
+    """Raise :class:`CorruptDataset` unless every element of the file fits in it.
+
+    pydicom reads a truncated file or an element whose length overruns the file
+    without complaint when values are deferred, so the element table is checked
+    against the file size - without loading large values into memory.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        ds = dcmread(path, defer_size=256)
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag, keep_deferred=True)
+            length = getattr(raw, "length", 0)
+            tell = getattr(raw, "value_tell", None)
+            if tell is not None and length != 0xFFFFFFFF and tell + length > size:
+                raise CorruptDataset(f"element {tag} runs past the end of the data")
+    except CorruptDataset:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad input
+        raise CorruptDataset(f"cannot decode the dataset: {e}") from None

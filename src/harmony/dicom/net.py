@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 
+from pydicom import dcmread
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
@@ -188,3 +189,29 @@ def storage_roles(contexts) -> list:
         seen.add(uid)
         roles.append(build_role(uid, scu_role=True, scp_role=True))
     return roles
+
+
+def storage_contexts():
+    """The storage part of :func:`requestor_contexts` (for C-STORE-only associations)."""
+    return [cx for cx in requestor_contexts() if cx.abstract_syntax != Verification
+            and cx.abstract_syntax not in MODEL_OF]
+
+
+def send_instance(assoc, instance, **kw):
+    """C-STORE a file: streamed from disk as-is when the peer accepted its exact
+    transfer syntax, otherwise decoded (and decompressed if needed) so that
+    pynetdicom can re-encode it for a syntax the peer did accept."""
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax[0] == instance.transfer_syntax_uid:
+            return assoc.send_c_store(instance.path, **kw)
+    ds = dcmread(instance.path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        offered = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                   if cx.abstract_syntax == instance.sop_class_uid}
+        if offered and not any(ts.is_compressed for ts in offered):
+            ds.decompress(generate_instance_uid=False)  # pydicom would otherwise mint a new UID
+            if ExplicitVRLittleEndian not in offered:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return assoc.send_c_store(ds, **kw)
+
+
