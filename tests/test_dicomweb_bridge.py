@@ -101,7 +101,8 @@ async def test_qido_paging_on_a_pacs_that_cannot_page(harmony, proxy, native):
     pages = []
     for offset in range(0, len(uids), 3):
         pages.append(await in_thread(proxy.search_for_studies, limit=3, offset=offset))
-    assert [len(p) for p in pages] == [3, 1]
+    assert [len(p) for p in pages] == [min(3, len(uids) - o) for o in range(0, len(uids), 3)]
+    assert len(pages) >= 2  # the corpus alone has 4 studies
     assert sorted(r["0020000D"]["Value"][0] for p in pages for r in p) == uids
     resp = await treq.get(harmony.url("/dicomweb/studies?limit=2"))
     assert resp.code == 200 and "additional results" in resp.headers.getRawHeaders("warning")[0]

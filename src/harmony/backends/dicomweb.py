@@ -31,8 +31,13 @@ JSON_LIMIT = 256 * 1024 * 1024
 
 
 class DicomWebBackend(HttpBackend):
-    def __init__(self, name, base_urls, reactor, *, aets=None, auth_header=None, json_limit=JSON_LIMIT, **kw):
+    def __init__(self, name, base_urls, reactor, *, aets=None, auth_header=None, json_limit=JSON_LIMIT,
+                 staging_dir=None, **kw):
         super().__init__(name, base_urls, reactor, **kw)
+        from harmony.backends.dicomweb_dimse import DimseOverDicomWeb
+        from harmony.dicom.files import Staging
+        #: DIMSE requests (a dicom_scp endpoint in front) are answered through DICOMweb.
+        self.dimse = DimseOverDicomWeb(self, Staging(staging_dir or "dicomweb-staging"))
         #: AE title -> base URL, for /aets/{aet}/rs requests.
         self.aets = dict(aets or {})
         self.auth_header = auth_header
@@ -62,7 +67,8 @@ class DicomWebBackend(HttpBackend):
         header = options.str("auth_header", None)
         if header:
             auth = header  # a literal Authorization value, e.g. from a vault-rendered file
-        return cls(name, urls, ctx.reactor, aets=aets, auth_header=auth,
+        staging = options.path("staging_dir", None) or (ctx.storage_path / "dicomweb-staging" / name)
+        return cls(name, urls, ctx.reactor, aets=aets, auth_header=auth, staging_dir=staging,
                    timeout=options.number("timeout_secs", 60.0, minimum=0.001),
                    connect_timeout=options.number("connect_timeout_secs", None, minimum=0.001),
                    max_connections=options.int("max_connections_per_host", 64, minimum=1, maximum=10000),
@@ -104,6 +110,8 @@ class DicomWebBackend(HttpBackend):
         return f"{request.scheme}://{request.host}{prefix}"
 
     def send(self, request):
+        if request.metadata.get("dimse_op") and "dicomweb" not in request.context:
+            return self.dimse.send(request)
         base = self.pick_base_url(request)
         path, query = self.upstream_target(request)
         url = base.encode("utf-8") + path.encode("utf-8") + (b"?" + query if query else b"")

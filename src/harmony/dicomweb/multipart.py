@@ -165,8 +165,11 @@ class StowParser:
     bounds the whole body.
     """
 
-    def __init__(self, boundary: str, folder, max_bytes: int | None = None):
+    def __init__(self, boundary: str, folder, max_bytes: int | None = None, on_part=None):
         self.folder = str(folder)
+        #: Called with each :class:`ReceivedPart` as soon as it is complete
+        #: (a WADO-RS answer's instances can go onward one by one).
+        self.on_part = on_part
         os.makedirs(self.folder, exist_ok=True)
         self.parts: list[ReceivedPart] = []
         self.max_bytes = max_bytes
@@ -208,6 +211,8 @@ class StowParser:
         if self._file is not None:
             self._file.close()
             self._file = None
+            if self.on_part is not None:
+                self.on_part(self._current)
 
     def _on_end(self):
         self.ended = True
