@@ -274,3 +274,31 @@ def _multipart(parts: list[bytes], boundary="harmony-test-boundary"):
         out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
     out += f"--{boundary}--\r\n".encode()
     return out, f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+
+
+@pytest_twisted.ensureDeferred
+async def test_pacs_down_metadata_waiters_do_not_hang(tmp_path):
+    """Concurrent identical metadata requests share one fetch; when it fails
+    (nothing listens on the PACS port) every waiter gets the error, and the
+    next request tries again instead of waiting on a dead fetch."""
+    from twisted.internet import defer
+    dead = free_port()
+    path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
+                        {"p": PIPES.format(aet="NOBODY", port=dead).replace(
+                            'local_aet = "HARMONY_DW"', 'local_aet = "HARMONY_DW"\nconnect_timeout_secs = 2')})
+    running = await start_harmony(path)
+    try:
+        url = running.url("/dicomweb/studies/1.2.3/series/1.2.3.4/metadata")
+        first = await defer.gatherResults([treq.get(url), treq.get(url)])
+        assert [r.code for r in first] == [502, 502]
+        for r in first:
+            assert json.loads(await r.content())["status"] == 502
+        again = await treq.get(url)
+        assert again.code == 502
+        stow_body = _multipart([_part_bytes(make_instance(study_uid="1.2.3", sop_uid="1.2.3.9"))])
+        stow = await treq.post(running.url("/dicomweb/studies"), stow_body[0], headers={"Content-Type": stow_body[1]})
+        assert stow.code == 503
+        doc = json.loads(await stow.content())
+        assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0x0110]
+    finally:
+        await running.stop()

@@ -31,6 +31,7 @@ import tempfile
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, UID
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
@@ -60,7 +61,8 @@ ALL_EXTRA = {
     "SERIES": ("00080021", "00080031", "00181030", "00180015", "00200060", "00081050"),
     "IMAGE": ("00080008", "00080023", "00080033", "00200020", "00200032", "00200037", "00280004"),
 }
-_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+#: C-STORE failures that say nothing about the request (PACS down or full).
+_UNAVAILABLE = (FAILURE_PROCESSING, 0xA700, 0xA701, 0xA702, 0xC001, 0xC002)
 
 
 def _release(stream):
@@ -128,6 +130,15 @@ class DicomWebBridge(Middleware):
             if waiting is not None:
                 return waiting.addCallback(lambda body: self._metadata_response(request, dw, body))
             request.context["dicomweb.cache_key"] = key
+            pipeline = request.context.get("pipeline")
+            if pipeline is not None:
+                # Fetch here rather than let the pipeline carry on: a backend
+                # failure would skip on_response and leave the waiters hanging.
+                self._prepare_retrieve(request, dw)
+                return self._fetch_metadata(pipeline, request, dw, key)
+        return self._prepare_retrieve(request, dw)
+
+    def _prepare_retrieve(self, request, dw):
         identifier = {"00080052": {"vr": "CS", "Value": [dw.level]}}
         for tag, uid in (("0020000D", dw.study_uid), ("0020000E", dw.series_uid), ("00080018", dw.instance_uid)):
             if uid:
@@ -136,6 +147,18 @@ class DicomWebBridge(Middleware):
         request.metadata["dimse_op"] = C_GET
         request.metadata["query_level"] = dw.level
         return request
+
+    @defer.inlineCallbacks
+    def _fetch_metadata(self, pipeline, request, dw, key):
+        try:
+            response = yield pipeline.send_after(self, request)
+            result = yield self._respond(request, dw, response)
+        except BaseException:
+            self.cache.settle(key, Failure())
+            raise
+        if self.cache.running(key):  # an error response some step made: waiters get it too
+            self.cache.settle(key, Failure(HarmonyError("metadata fetch failed", status=result.status)))
+        return result
 
     # ------------------------------------------------------------------ responses
 
@@ -368,8 +391,11 @@ class DicomWebBridge(Middleware):
         finally:
             for part in parts:
                 part.release()
-        for ok, entry, _reason in outcomes:
+        reasons = []
+        for ok, entry, reason in outcomes:
             (referenced if ok else failed).append(entry)
+            if not ok:
+                reasons.append(reason)
         doc = {}
         if dw.study_uid:
             doc["00081190"] = {"vr": "UR", "Value": [dw.base_url + resource_path(dw.study_uid)]}
@@ -381,6 +407,8 @@ class DicomWebBridge(Middleware):
             status = 200
         elif referenced:
             status = 202
+        elif all(r in _UNAVAILABLE for r in reasons):
+            status = 503  # nothing stored because the PACS could not take it, not because of the request
         else:
             status = 409
         return ResponseEnvelope.json(status, doc, "application/dicom+json")
