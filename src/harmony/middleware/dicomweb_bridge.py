@@ -257,9 +257,7 @@ class DicomWebBridge(Middleware):
     def _retrieve_response(self, request, dw, stream):
         first = yield stream.next()
         if first is None:
-            if _failed(stream):
-                raise BackendUnavailable(f"the PACS ended the retrieve with status 0x{stream.status or 0:04X}")
-            raise NotFound("no instances match")
+            raise _nothing_retrieved(stream)
         target = dw.transfer_syntax
         pending = [first]
 
@@ -313,9 +311,7 @@ class DicomWebBridge(Middleware):
             _release(stream)
             raise
         if not docs:
-            if _failed(stream):
-                raise BackendUnavailable(f"the PACS ended the retrieve with status 0x{stream.status or 0:04X}")
-            raise NotFound("no instances match")
+            raise _nothing_retrieved(stream)
         docs.sort(key=lambda d: (_int(d, "00200013"), _uid(d, "00080018") or ""))
         body = json.dumps(docs, separators=(",", ":")).encode("utf-8")
         if key is not None:
@@ -337,9 +333,7 @@ class DicomWebBridge(Middleware):
     def _single_instance_response(self, request, dw, stream):
         item = yield stream.next()
         if item is None:
-            if _failed(stream):
-                raise BackendUnavailable(f"the PACS ended the retrieve with status 0x{stream.status or 0:04X}")
-            raise NotFound("no instance matches")
+            raise _nothing_retrieved(stream)
         stream.cancel()  # a series/study thumbnail needs only the first instance
         _release(stream)
         try:
@@ -499,6 +493,13 @@ def _failed_entry(sop_class, sop, reason) -> dict:
 def _failed(stream) -> bool:
     from harmony.dicom.net import is_failure
     return stream.status is not None and is_failure(stream.status)
+
+
+def _nothing_retrieved(stream) -> HarmonyError:
+    """The error for a retrieve that produced no instance: the PACS failed, or nothing matched."""
+    if _failed(stream):
+        return BackendUnavailable(f"the PACS ended the retrieve with status 0x{stream.status or 0:04X}")
+    return NotFound("no instances match")
 
 
 def _status(stream) -> str:
