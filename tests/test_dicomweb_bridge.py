@@ -302,3 +302,18 @@ async def test_pacs_down_metadata_waiters_do_not_hang(tmp_path):
         assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0x0110]
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_thumbnails_and_includefield_all(harmony, corpus):
+    inst = corpus[0]
+    resp = await treq.get(harmony.url(f"/dicomweb/studies/{inst.study_uid}/series/{inst.series_uid}/thumbnail"))
+    assert resp.code == 200 and resp.headers.getRawHeaders("content-type") == ["image/jpeg"]
+    image = Image.open(io.BytesIO(await resp.content()))
+    assert image.format == "JPEG" and image.size == (16, 16)
+    resp = await treq.get(harmony.url(f"/dicomweb/studies?PatientID={inst.patient_id}&includefield=all"))
+    docs = json.loads(await resp.content())
+    assert docs and all("00081030" in d and "00201208" in d for d in docs)
+    resp = await treq.get(harmony.url(f"/dicomweb/studies/{inst.study_uid}/rendered"),
+                          headers={"Accept": "image/gif"})
+    assert resp.code == 406

@@ -16,7 +16,7 @@ from twisted.internet import threads
 from harmony.backends.dicomweb_dimse import qido_target, stow_status
 from tests.dicom_data import make_instance, save
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import DCMTK, free_port, peer_env
+from tests.peers import DCMTK, Storescp, free_port, peer_env
 
 SCP_AET = "HARMONY_DW"
 
@@ -33,7 +33,10 @@ bind_addr = "127.0.0.1"
 port = {scp_port}
 enable_find = true
 enable_get = true
+enable_move = true
 enable_store = true
+[endpoints.scp.options.move_destinations]
+DEST = {{ host = "127.0.0.1", port = {dest_port} }}
 
 [backends.cloud]
 service = "dicomweb"
@@ -43,12 +46,20 @@ base_url = "{url}"
 
 
 @pytest.fixture(scope="module")
-def harmony(tmp_path_factory, orthanc):
+def dest(tmp_path_factory):
+    server = Storescp(tmp_path_factory.mktemp("dest") / "in", aet="DEST").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def harmony(tmp_path_factory, orthanc, dest):
     for aet in ("FINDSCU", "GETSCU"):
         orthanc.add_modality(aet.lower(), aet, free_port())
     scp_port = free_port()
     path = write_config(tmp_path_factory.mktemp("reverse"), MINIMAL_MAIN,
-                        {"r": PIPE.format(scp_aet=SCP_AET, scp_port=scp_port, url=orthanc.dicomweb_url)})
+                        {"r": PIPE.format(scp_aet=SCP_AET, scp_port=scp_port, url=orthanc.dicomweb_url,
+                                          dest_port=dest.port)})
     running = pytest_twisted.blockon(start_harmony(path))
     running.scp_port = scp_port
     yield running
@@ -108,6 +119,21 @@ async def test_getscu_through_dicomweb_gets_identical_files(harmony, orthanc, tm
     assert proxied.keys() == direct.keys()
     for name in direct:
         a, b = dcmread(direct[name]), dcmread(proxied[name])
+        assert {e.tag: e.value for e in a} == {e.tag: e.value for e in b}
+
+
+@pytest_twisted.ensureDeferred
+async def test_movescu_through_dicomweb_to_a_destination(harmony, dest, corpus):
+    series = "1.2.826.0.1.3680043.10.543.1.4.2"
+    r = await run("movescu", "-S", "-aet", "MOVESCU", "-aec", SCP_AET, "-aem", "DEST",
+                  "-k", "QueryRetrieveLevel=SERIES", "-k", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.4",
+                  "-k", f"SeriesInstanceUID={series}", "127.0.0.1", harmony.scp_port)
+    assert r.returncode == 0, r.stderr
+    got = {dcmread(p).SOPInstanceUID: p for p in dest.files()}
+    expected = {i.sop_uid: i.path for i in corpus if i.series_uid == series}
+    assert got.keys() == expected.keys()
+    for uid, path in expected.items():
+        a, b = dcmread(path), dcmread(got[uid])
         assert {e.tag: e.value for e in a} == {e.tag: e.value for e in b}
 
 

@@ -186,6 +186,33 @@ def pynetdicom_get(orthanc: Orthanc, out: Path) -> float:
     return time.perf_counter() - t
 
 
+def pynetdicom_find(orthanc: Orthanc, rounds: int) -> float:
+    """p50 of the same study search as a C-FIND from pynetdicom on one open
+    association (what the dicom_scu backend does with its pool): the DIMSE
+    bound of the bridge's QIDO latency."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from harmony.dicom.net import NODELAY_HANDLERS
+    ae = AE(ae_title=AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet, evt_handlers=NODELAY_HANDLERS)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.PatientID = "BENCH"
+    for keyword in ("StudyInstanceUID", "StudyDate", "PatientName", "AccessionNumber", "ModalitiesInStudy"):
+        setattr(ident, keyword, "")
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _status, _ in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
+            pass
+        times.append(time.perf_counter() - t)
+    assoc.release()
+    return statistics.median(times) * 1000
+
+
 def stow(base: str, paths: list[Path]) -> float:
     boundary = "benchboundary"
     body = io.BytesIO()
@@ -241,6 +268,7 @@ def main():
             qido(bridge, 5), qido(native, 5)  # warm up associations and caches
             q_b = qido(bridge, args.qido_rounds)
             q_n = qido(native, args.qido_rounds)
+            f_pyn = pynetdicom_find(orthanc, args.qido_rounds)
 
             wado(native, STUDY)  # warm Orthanc's file cache
             sampler = RssSampler(harmony.pid)
@@ -259,6 +287,7 @@ def main():
             print()
             print(f"{'figure':44} {'harmony bridge':>16} {'orthanc native':>16} {'ratio':>8}")
             print(f"{'QIDO study search p50 (ms)':44} {q_b[0]:16.2f} {q_n[0]:16.2f} {q_b[0] / q_n[0]:7.2f}x")
+            print(f"{'  DIMSE bound: C-FIND by pynetdicom p50 (ms)':44} {f_pyn:16.2f}")
             print(f"{'QIDO study search p95 (ms)':44} {q_b[1]:16.2f} {q_n[1]:16.2f} {q_b[1] / q_n[1]:7.2f}x")
             print(f"{f'WADO study retrieve, {count} inst / {mb:.0f} MB (MB/s)':44} {w_b[0]:16.1f} {w_n[0]:16.1f} "
                   f"{w_b[0] / w_n[0] * 100:6.0f}%")
