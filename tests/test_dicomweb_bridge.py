@@ -317,3 +317,56 @@ async def test_thumbnails_and_includefield_all(harmony, corpus):
     resp = await treq.get(harmony.url(f"/dicomweb/studies/{inst.study_uid}/rendered"),
                           headers={"Accept": "image/gif"})
     assert resp.code == 406
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_metadata_requests_make_one_retrieve(harmony, corpus):
+    """Three clients ask for the same uncached series metadata at once: one
+    C-GET reaches the PACS, all three get the same answer."""
+    from twisted.internet import defer
+    backend = harmony.service.runtime.backends["pacs"]
+    calls = []
+    original = backend.send
+
+    def counting(request):  # instrumentation of the real backend, not a fake
+        calls.append(request.metadata.get("dimse_op"))
+        return original(request)
+
+    backend.send = counting
+    try:
+        inst = next(i for i in corpus if i.patient_id == "PAT003")
+        url = harmony.url(f"/dicomweb/studies/{inst.study_uid}/series/{inst.series_uid}/metadata")
+        responses = await defer.gatherResults([treq.get(url) for _ in range(3)])
+        bodies = [await r.content() for r in responses]
+    finally:
+        backend.send = original
+    assert [r.code for r in responses] == [200, 200, 200]
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert calls == ["C-GET"]
+
+
+MOVE_PIPES = PIPES.replace('local_aet = "HARMONY_DW"', '''local_aet = "HARMONY_MV"
+dimse_retrieve_mode = "move"
+incoming_store_port = {store_port}
+incoming_store_bind = "127.0.0.1"''')
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_through_c_move_mode(tmp_path, orthanc, native, corpus):
+    """The same WADO-RS retrieve when the backend fetches with C-MOVE to its own store SCP."""
+    store_port = free_port()
+    orthanc.add_modality("harmony_mv", "HARMONY_MV", store_port)
+    path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
+                        {"p": MOVE_PIPES.format(aet=orthanc.aet, port=orthanc.dicom_port, store_port=store_port)})
+    running = await start_harmony(path)
+    try:
+        inst = corpus[-1]
+        media = [("application/dicom", "*")]
+        ours = await in_thread(client(running.url("/dicomweb")).retrieve_series, inst.study_uid, inst.series_uid,
+                               media_types=media)
+        theirs = await in_thread(native.retrieve_series, inst.study_uid, inst.series_uid, media_types=media)
+        by_uid = {d.SOPInstanceUID: d for d in theirs}
+        assert len(ours) == len(theirs) == 3
+        assert all(same_dataset(d, by_uid[d.SOPInstanceUID]) for d in ours)
+    finally:
+        await running.stop()

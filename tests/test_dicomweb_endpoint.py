@@ -177,6 +177,17 @@ path_prefix = "/dw"
 max_upload_bytes = 1000
 qido_max_limit = 50
 
+[pipelines.public]
+networks = ["default"]
+endpoints = ["public"]
+backends = ["echo"]
+
+[endpoints.public]
+service = "dicomweb"
+[endpoints.public.options]
+path_prefix = "/pub"
+public_base_url = "https://images.example.org/dicom-web/"
+
 [backends.echo]
 service = "echo"
 """
@@ -206,6 +217,13 @@ async def test_envelope_for_qido(harmony):
     assert md["dicomweb.base_url"] == harmony.url("/dw")
     assert doc["normalized"] == {"00080060": {"vr": "CS", "Value": ["CT"]},
                                  "0020000D": {"vr": "UI", "Value": ["1.2.3"]}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_public_base_url_wins_over_forwarded_headers(harmony):
+    resp = await treq.get(harmony.url("/pub/aets/X/rs/instances"), headers={"X-Forwarded-Host": "evil.example"})
+    md = json.loads(await resp.content())["metadata"]
+    assert md["dicomweb.base_url"] == "https://images.example.org/dicom-web/aets/X/rs"
 
 
 @pytest_twisted.ensureDeferred
