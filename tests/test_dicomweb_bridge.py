@@ -370,3 +370,34 @@ async def test_wado_through_c_move_mode(tmp_path, orthanc, native, corpus):
         assert all(same_dataset(d, by_uid[d.SOPInstanceUID]) for d in ours)
     finally:
         await running.stop()
+
+
+AET_PIPES = PIPES.replace('backends = ["pacs"]', 'backends = ["pacs", "other"]') + """
+[backends.other]
+service = "dicom_scu"
+[backends.other.options]
+aet = "OTHERPACS"
+host = "127.0.0.1"
+port = {dead}
+local_aet = "HARMONY_DW"
+connect_timeout_secs = 2
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_aet_routes_pick_the_pacs(tmp_path, orthanc):
+    orthanc.add_modality("harmony_dw", "HARMONY_DW", free_port())
+    path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
+                        {"p": AET_PIPES.format(aet=orthanc.aet, port=orthanc.dicom_port, dead=free_port())})
+    running = await start_harmony(path)
+    try:
+        ok = await treq.get(running.url(f"/dicomweb/aets/{orthanc.aet}/rs/studies?PatientID=PAT002"))
+        assert ok.code == 200
+        doc = json.loads(await ok.content())
+        assert doc[0]["00081190"]["Value"][0].startswith(running.url(f"/dicomweb/aets/{orthanc.aet}/rs/studies/"))
+        down = await treq.get(running.url("/dicomweb/aets/OTHERPACS/rs/studies"))
+        assert down.code == 502  # routed to the other (unreachable) PACS, not to Orthanc
+        unknown = await treq.get(running.url("/dicomweb/aets/NOPE/rs/studies"))
+        assert unknown.code == 404
+    finally:
+        await running.stop()

@@ -93,11 +93,24 @@ class DicomWebBridge(Middleware):
         dw = request.context.get("dicomweb")
         if dw is None:
             return request
+        if dw.aet:
+            self._route_aet(request, dw.aet)
         if dw.service == QIDO:
             return self._qido_request(request, dw)
         if dw.service == STOW:
             return self._stow(request, dw)
         return self._wado_request(request, dw)
+
+    def _route_aet(self, request, aet):
+        """``/aets/{aet}/rs``: the pipeline backend named *aet*, or whose PACS
+        has that AE title (a pipeline may hold one dicom_scu backend per PACS)."""
+        pipeline = request.context.get("pipeline")
+        for backend in getattr(pipeline, "backends", ()):
+            titles = {p.aet for p in getattr(backend, "peers", ())}
+            if backend.name == aet or aet in titles:
+                request.metadata["backend"] = backend.name
+                return
+        raise NotFound(f"no PACS with AE title {aet!r} behind this DICOMweb service")
 
     def _qido_request(self, request, dw):
         q = dw.query
