@@ -32,12 +32,28 @@ targets = ["pacs"]
 [targets.pacs]
 url = "{url}"
 aet = "ORTHANC"
+
+[pipelines.store]
+networks = ["default"]
+endpoints = ["store"]
+backends = ["scratch"]
+
+[endpoints.store]
+service = "dicomweb"
+[endpoints.store.options]
+path_prefix = "/store"
+
+[backends.scratch]
+service = "dicomweb"
+[backends.scratch.options]
+base_url = "{store_url}"
 """
 
 
 @pytest.fixture(scope="module")
-def harmony(tmp_path_factory, orthanc):
-    path = write_config(tmp_path_factory.mktemp("dwb"), MINIMAL_MAIN, {"p": PIPES.format(url=orthanc.dicomweb_url)})
+def harmony(tmp_path_factory, orthanc, store_orthanc):
+    path = write_config(tmp_path_factory.mktemp("dwb"), MINIMAL_MAIN,
+                        {"p": PIPES.format(url=orthanc.dicomweb_url, store_url=store_orthanc.dicomweb_url)})
     running = pytest_twisted.blockon(start_harmony(path))
     yield running
     pytest_twisted.blockon(running.stop())
@@ -129,14 +145,15 @@ async def test_wado_metadata_frames_rendered(harmony, proxy, native, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_stow_through_proxy_lands_in_orthanc(harmony, proxy, native):
+async def test_stow_through_proxy_lands_in_orthanc(harmony, store_orthanc):
+    proxy, native = client(harmony.url("/store")), client(store_orthanc.dicomweb_url)
     ds = make_instance(patient_id="STOWB", study_uid="1.2.826.0.1.3680043.10.543.77.1",
                        series_uid="1.2.826.0.1.3680043.10.543.77.1.1", sop_uid="1.2.826.0.1.3680043.10.543.77.1.1.1")
     ds.preamble = b"\0" * 128  # dicomweb-client writes "like original": give it a Part-10 preamble
     result = await in_thread(proxy.store_instances, [ds])
     ref = result.ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == ds.SOPInstanceUID
-    assert ref.RetrieveURL.startswith(harmony.url("/dicomweb/studies/"))
+    assert ref.RetrieveURL.startswith(harmony.url("/store/studies/"))
     got = await in_thread(native.retrieve_instance, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     assert got.PatientID == "STOWB"
 

@@ -44,12 +44,40 @@ local_aet = "HARMONY_DW"
 """
 
 
+#: The same bridge in front of an empty Orthanc, for tests that store.
+STORE_PIPES = """
+[pipelines.store]
+networks = ["default"]
+endpoints = ["sweb"]
+middleware = ["sbridge"]
+backends = ["spacs"]
+
+[endpoints.sweb]
+service = "dicomweb"
+[endpoints.sweb.options]
+path_prefix = "/store"
+
+[middleware.sbridge]
+type = "dicomweb_bridge"
+
+[backends.spacs]
+service = "dicom_scu"
+[backends.spacs.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+local_aet = "HARMONY_DW"
+"""
+
+
 @pytest.fixture(scope="module")
-def harmony(tmp_path_factory, orthanc):
+def harmony(tmp_path_factory, orthanc, store_orthanc):
     folder = tmp_path_factory.mktemp("bridge")
     orthanc.add_modality("harmony_dw", "HARMONY_DW", free_port())
+    store_orthanc.add_modality("harmony_dw", "HARMONY_DW", free_port())
     path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
-                        {"p": PIPES.format(aet=orthanc.aet, port=orthanc.dicom_port)})
+                        {"p": PIPES.format(aet=orthanc.aet, port=orthanc.dicom_port),
+                         "s": STORE_PIPES.format(aet=store_orthanc.aet, port=store_orthanc.dicom_port)})
     running = pytest_twisted.blockon(start_harmony(path))
     running.folder = folder
     yield running
@@ -213,7 +241,8 @@ async def test_frames_of_rle_instance_as_stored_and_decoded(harmony, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_stow_stores_through_c_store(harmony, proxy, native):
+async def test_stow_stores_through_c_store(harmony, store_orthanc):
+    proxy, native = client(harmony.url("/store")), client(store_orthanc.dicomweb_url)
     study = "1.2.826.0.1.3680043.10.543.88.1"
     good = [make_instance(patient_id="STOWBR", study_uid=study, series_uid=study + ".1", sop_uid=f"{study}.1.{n}",
                           instance_number=n) for n in (1, 2)]
@@ -221,7 +250,7 @@ async def test_stow_stores_through_c_store(harmony, proxy, native):
         ds.preamble = b"\0" * 128
     result = await in_thread(proxy.store_instances, good, study_instance_uid=study)
     assert sorted(r.ReferencedSOPInstanceUID for r in result.ReferencedSOPSequence) == [f"{study}.1.1", f"{study}.1.2"]
-    assert result.ReferencedSOPSequence[0].RetrieveURL.startswith(harmony.url("/dicomweb/studies/" + study))
+    assert result.ReferencedSOPSequence[0].RetrieveURL.startswith(harmony.url("/store/studies/" + study))
     got = await in_thread(native.retrieve_instance, study, study + ".1", f"{study}.1.2")
     assert got.PatientID == "STOWBR"
 
@@ -233,12 +262,12 @@ async def test_stow_study_mismatch_is_409_and_partial_is_202(harmony):
     good = make_instance(study_uid=study, sop_uid=study + ".1.1")
     parts = [_part_bytes(other)]
     body, ctype = _multipart(parts)
-    resp = await treq.post(harmony.url(f"/dicomweb/studies/{study}"), body, headers={"Content-Type": ctype})
+    resp = await treq.post(harmony.url(f"/store/studies/{study}"), body, headers={"Content-Type": ctype})
     assert resp.code == 409
     doc = json.loads(await resp.content())
     assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
     body, ctype = _multipart([_part_bytes(good), b"this is not DICOM"])
-    resp = await treq.post(harmony.url(f"/dicomweb/studies/{study}"), body, headers={"Content-Type": ctype})
+    resp = await treq.post(harmony.url(f"/store/studies/{study}"), body, headers={"Content-Type": ctype})
     assert resp.code == 202
     doc = json.loads(await resp.content())
     assert doc["00081199"]["Value"][0]["00081155"]["Value"] == [study + ".1.1"]
@@ -247,7 +276,7 @@ async def test_stow_study_mismatch_is_409_and_partial_is_202(harmony):
 
 @pytest_twisted.ensureDeferred
 async def test_stow_malformed_multipart_is_400(harmony):
-    resp = await treq.post(harmony.url("/dicomweb/studies"), b"--B\r\nContent-Type: application/dicom\r\n\r\nDICM",
+    resp = await treq.post(harmony.url("/store/studies"), b"--B\r\nContent-Type: application/dicom\r\n\r\nDICM",
                            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary="B"'})
     assert resp.code == 400
     assert "closing boundary" in json.loads(await resp.content())["detail"]

@@ -42,6 +42,23 @@ DEST = {{ host = "127.0.0.1", port = {dest_port} }}
 service = "dicomweb"
 [backends.cloud.options]
 base_url = "{url}"
+
+[pipelines.store]
+endpoints = ["sscp"]
+backends = ["scratch"]
+
+[endpoints.sscp]
+service = "dicom_scp"
+[endpoints.sscp.options]
+local_aet = "{scp_aet}"
+bind_addr = "127.0.0.1"
+port = {store_port}
+enable_store = true
+
+[backends.scratch]
+service = "dicomweb"
+[backends.scratch.options]
+base_url = "{store_url}"
 """
 
 
@@ -53,15 +70,16 @@ def dest(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def harmony(tmp_path_factory, orthanc, dest):
+def harmony(tmp_path_factory, orthanc, store_orthanc, dest):
     for aet in ("FINDSCU", "GETSCU"):
         orthanc.add_modality(aet.lower(), aet, free_port())
-    scp_port = free_port()
+    scp_port, store_port = free_port(), free_port()
     path = write_config(tmp_path_factory.mktemp("reverse"), MINIMAL_MAIN,
                         {"r": PIPE.format(scp_aet=SCP_AET, scp_port=scp_port, url=orthanc.dicomweb_url,
-                                          dest_port=dest.port)})
+                                          dest_port=dest.port, store_port=store_port,
+                                          store_url=store_orthanc.dicomweb_url)})
     running = pytest_twisted.blockon(start_harmony(path))
-    running.scp_port = scp_port
+    running.scp_port, running.store_port = scp_port, store_port
     yield running
     pytest_twisted.blockon(running.stop())
 
@@ -138,13 +156,14 @@ async def test_movescu_through_dicomweb_to_a_destination(harmony, dest, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_storescu_through_dicomweb_lands_in_orthanc(harmony, orthanc, tmp_path):
+async def test_storescu_through_dicomweb_lands_in_orthanc(harmony, store_orthanc, tmp_path):
     study = "1.2.826.0.1.3680043.10.543.99.1"
     path = save(make_instance(patient_id="REVERSE", study_uid=study, series_uid=study + ".1",
                               sop_uid=study + ".1.1"), tmp_path / "x.dcm")
-    r = await run("storescu", "-aet", "STORESCU", "-aec", SCP_AET, "127.0.0.1", harmony.scp_port, path)
+    r = await run("storescu", "-aet", "STORESCU", "-aec", SCP_AET, "127.0.0.1", harmony.store_port, path)
     assert r.returncode == 0, r.stderr
-    raw = await threads.deferToThread(orthanc.rest, "GET", f"/dicom-web/studies/{study}/series/{study}.1/instances")
+    raw = await threads.deferToThread(store_orthanc.rest, "GET",
+                                      f"/dicom-web/studies/{study}/series/{study}.1/instances")
     found = json.loads(raw) if isinstance(raw, bytes) else raw
     assert [d["00080018"]["Value"][0] for d in found] == [study + ".1.1"]
 
