@@ -430,3 +430,28 @@ async def test_per_aet_routes_pick_the_pacs(tmp_path, orthanc):
         assert unknown.code == 404
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_undecodable_instance_is_406_unless_asked_as_stored(harmony):
+    """A JPEG instance whose pixel data cannot be decoded here: asking for
+    Explicit VR Little Endian is a clean 406 (before any byte of the body),
+    transfer-syntax=* still serves it as stored."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+    study = "1.2.826.0.1.3680043.10.543.88.5"
+    ds = make_instance(study_uid=study, series_uid=study + ".1", sop_uid=study + ".1.1", rows=8, cols=8)
+    ds.PixelData = encapsulate([b"\xff\xd8not really a jpeg\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    body, ctype = _multipart([_part_bytes(ds)])
+    stored = await treq.post(harmony.url("/store/studies"), body, headers={"Content-Type": ctype})
+    assert stored.code == 200, await stored.content()
+    url = harmony.url(f"/store/studies/{study}/series/{study}.1/instances/{study}.1.1")
+    refused = await treq.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert refused.code == 406
+    assert "transfer-syntax=*" in json.loads(await refused.content())["detail"]
+    as_stored = await treq.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert as_stored.code == 200
+    assert b"transfer-syntax=" + JPEGBaseline8Bit.encode() in (await as_stored.content())[:400]

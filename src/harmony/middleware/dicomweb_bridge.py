@@ -34,6 +34,7 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
 from harmony.dicomweb import accept as acc
 from harmony.dicomweb import qido
@@ -63,11 +64,6 @@ ALL_EXTRA = {
 }
 #: C-STORE failures that say nothing about the request (PACS down or full).
 _UNAVAILABLE = (FAILURE_PROCESSING, 0xA700, 0xA701, 0xA702, 0xC001, 0xC002)
-
-
-def _release(stream):
-    from harmony.dicom.render import release_rest
-    return release_rest(stream)
 
 
 class DicomWebBridge(Middleware):
@@ -165,7 +161,7 @@ class DicomWebBridge(Middleware):
     def _fetch_metadata(self, pipeline, request, dw, key):
         try:
             response = yield pipeline.send_after(self, request)
-            result = yield self._respond(request, dw, response)
+            result = yield defer.maybeDeferred(self._respond, request, dw, response).addErrback(_as_backend_error)
         except BaseException:
             self.cache.settle(key, Failure())
             raise
@@ -181,6 +177,7 @@ class DicomWebBridge(Middleware):
             return response
         key = request.context.get("dicomweb.cache_key")
         d = defer.maybeDeferred(self._respond, request, dw, response)
+        d.addErrback(_as_backend_error)
         if key is not None:
             def settle_failure(failure):
                 self.cache.settle(key, failure)
@@ -227,7 +224,7 @@ class DicomWebBridge(Middleware):
             raise NotFound("no such study, series or instance")
         if stream is not None:
             stream.cancel()
-            _release(stream)
+            release_rest(stream)
         raise error
 
     @defer.inlineCallbacks
@@ -245,7 +242,7 @@ class DicomWebBridge(Middleware):
             if take is not None and len(results) >= take:
                 more = True
                 stream.cancel()
-                _release(stream)
+                release_rest(stream)
                 break
             results.append(self._qido_item(dw, item))
         if not more and _failed(stream):
@@ -272,15 +269,25 @@ class DicomWebBridge(Middleware):
         if first is None:
             raise _nothing_retrieved(stream)
         target = dw.transfer_syntax
-        pending = [first]
+        try:
+            # The first part is made ready before the head goes out, so an
+            # instance this proxy cannot decode is still a clean error.
+            ready = yield self._instance_part(first, target)
+        except Exception as e:  # noqa: BLE001 - any decoder failure
+            stream.cancel()
+            release_rest(stream)
+            raise NotAcceptable(f"cannot convert the stored instance to {ExplicitVRLittleEndian} "
+                                f"({type(e).__name__}); ask with transfer-syntax=*") from None
+        pending = [ready]
 
         def next_part():
-            d = defer.succeed(pending.pop()) if pending else stream.next()
-            return d.addCallback(self._instance_part, target)
+            if pending:
+                return defer.succeed(pending.pop())
+            return stream.next().addCallback(self._instance_part, target)
 
         def on_stop():
             stream.cancel()
-            _release(stream)
+            release_rest(stream)
 
         writer = MultipartWriter(next_part, acc.DICOM, on_stop=on_stop)
         return ResponseEnvelope(200, Headers({"Content-Type": [writer.content_type]}), writer,
@@ -288,20 +295,24 @@ class DicomWebBridge(Middleware):
 
     def _instance_part(self, item, target):
         if item is None:
-            return None
+            return defer.succeed(None)
         if target == "*" or item.transfer_syntax_uid == (target or ExplicitVRLittleEndian):
-            return Part(f"{acc.DICOM}; transfer-syntax={item.transfer_syntax_uid}", path=item.path,
-                        release=item.release)
+            return defer.succeed(Part(f"{acc.DICOM}; transfer-syntax={item.transfer_syntax_uid}", path=item.path,
+                                      release=item.release))
 
         def done(path):
             item.release()
             return Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path,
                         release=lambda: _unlink(path))
-        return threads.deferToThread(transcode, item.path, self.storage).addCallback(done)
+        def failed(failure):
+            item.release()
+            return failure
+        return threads.deferToThread(transcode, item.path, self.storage).addCallbacks(done, failed)
 
     # -- metadata
     def _metadata_key(self, dw) -> str:
-        return "metadata:" + resource_path(dw.study_uid, dw.series_uid, dw.instance_uid)
+        # The AE title is part of the key: two PACS behind /aets/{aet}/rs may hold different data.
+        return f"metadata:{dw.aet or ''}:" + resource_path(dw.study_uid, dw.series_uid, dw.instance_uid)
 
     @defer.inlineCallbacks
     def _metadata_fetch(self, request, dw, stream):
@@ -321,7 +332,7 @@ class DicomWebBridge(Middleware):
                     item.release()
         except Exception:
             stream.cancel()
-            _release(stream)
+            release_rest(stream)
             raise
         if not docs:
             raise _nothing_retrieved(stream)
@@ -348,7 +359,7 @@ class DicomWebBridge(Middleware):
         if item is None:
             raise _nothing_retrieved(stream)
         stream.cancel()  # a series/study thumbnail needs only the first instance
-        _release(stream)
+        release_rest(stream)
         try:
             if dw.resource == "frames":
                 frames, ts = yield threads.deferToThread(self._frames, item, dw)
@@ -506,6 +517,14 @@ def _failed_entry(sop_class, sop, reason) -> dict:
 def _failed(stream) -> bool:
     from harmony.dicom.net import is_failure
     return stream.status is not None and is_failure(stream.status)
+
+
+def _as_backend_error(failure):
+    """A result stream that broke (the PACS association died mid-answer) is the
+    backend's failure (502), not this middleware's."""
+    if failure.check(HarmonyError, defer.CancelledError):
+        return failure
+    raise BackendUnavailable(f"the PACS answer broke off: {failure.getErrorMessage()}")
 
 
 def _nothing_retrieved(stream) -> HarmonyError:
