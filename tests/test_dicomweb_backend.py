@@ -200,3 +200,50 @@ async def test_malformed_stow_never_reaches_upstream(harmony, orthanc):
                            headers={"Content-Type": 'multipart/related; type="application/dicom"'})
     assert resp.code == 400
     assert len(orthanc.instance_ids()) == before
+
+
+AUTH_PIPES = """
+[pipelines.dw]
+networks = ["default"]
+endpoints = ["web"]
+backends = ["up"]
+
+[endpoints.web]
+service = "dicomweb"
+[endpoints.web.options]
+path_prefix = "/dw"
+
+[backends.up]
+service = "dicomweb"
+[backends.up.options]
+base_url = "{url}/base"
+bearer_token = "s3cret"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_header_and_rewriting_of_every_url_field(tmp_path, upstream):
+    """A recording upstream (real HTTP on loopback) answers with URLs of its own
+    in JSON (nested UR values, BulkDataURI) and in headers: all come back as the proxy's."""
+    up = upstream.url + "/base"
+    doc = [{"00081190": {"vr": "UR", "Value": [up + "/studies/1.2"]},
+            "7FE00010": {"vr": "OW", "BulkDataURI": "http://elsewhere:9/base/studies/1.2/bulk/7FE00010"},
+            "00081199": {"vr": "SQ", "Value": [{"00081190": {"vr": "UR", "Value": [up + "/studies/1.2/series/3"]}}]},
+            "00100020": {"vr": "LO", "Value": [up + "/not-a-url-field"]}}]
+    upstream.respond[b"/base/studies/1.2/metadata"] = (
+        200, {"Content-Type": "application/dicom+json", "Content-Location": up + "/studies/1.2/metadata"},
+        json.dumps(doc).encode())
+    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": AUTH_PIPES.format(url=upstream.url)}))
+    me = running.url("/dw")
+    try:
+        resp = await treq.get(me + "/studies/1.2/metadata", headers={"Authorization": "Basic client"})
+        got = json.loads(await resp.content())
+    finally:
+        await running.stop()
+    assert got[0]["00081190"]["Value"] == [me + "/studies/1.2"]
+    assert got[0]["7FE00010"]["BulkDataURI"] == me + "/studies/1.2/bulk/7FE00010"
+    assert got[0]["00081199"]["Value"][0]["00081190"]["Value"] == [me + "/studies/1.2/series/3"]
+    assert got[0]["00100020"]["Value"] == [up + "/not-a-url-field"]  # only URL fields are touched
+    assert resp.headers.getRawHeaders("content-location") == [me + "/studies/1.2/metadata"]
+    seen = upstream.requests[-1]["headers"]
+    assert seen[b"authorization"] == [b"Bearer s3cret"]

@@ -20,7 +20,7 @@ from harmony.dicomweb.baseurl import public_root
 from harmony.dicomweb.routes import QIDO, WADO, parse_path
 from harmony.endpoints.base import HttpEndpointBase, check_prefix
 from harmony.envelope import body_length
-from harmony.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from harmony.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from harmony.dicomweb.accept import parse_media_range
 
 DEFAULT_MAX_UPLOAD = 4 * 1024 ** 3
@@ -118,7 +118,7 @@ class DicomWebEndpoint(HttpEndpointBase):
             kind = _WADO_KIND[dw.resource]
             dw.accept, dw.multipart, dw.transfer_syntax = acc.negotiate(kind, request.header("accept"))
             if kind in ("frames", "bulkdata") and not dw.multipart and len(dw.frames) > 1:
-                raise acc.NotAcceptable("several frames need multipart/related; single-part Accept fits one frame")
+                raise NotAcceptable("several frames need multipart/related; single-part Accept fits one frame")
         else:
             self._check_stow(request, dw)
         md["dicomweb.service"] = dw.service
