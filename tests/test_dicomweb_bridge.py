@@ -19,55 +19,36 @@ from tests.dicomweb_helpers import client, in_thread, orthanc_qido, same_dataset
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
 
-PIPES = """
-[pipelines.bridge]
+def bridge_pipes(name: str = "bridge", prefix: str = "/dicomweb") -> str:
+    """TOML for endpoint -> dicomweb_bridge -> dicom_scu; ``{aet}``/``{port}`` name the PACS."""
+    return f"""
+[pipelines.{name}]
 networks = ["default"]
-endpoints = ["web"]
-middleware = ["bridge"]
-backends = ["pacs"]
+endpoints = ["{name}_web"]
+middleware = ["{name}"]
+backends = ["{name}_pacs"]
 
-[endpoints.web]
+[endpoints.{name}_web]
 service = "dicomweb"
-[endpoints.web.options]
-path_prefix = "/dicomweb"
+[endpoints.{name}_web.options]
+path_prefix = "{prefix}"
 
-[middleware.bridge]
+[middleware.{name}]
 type = "dicomweb_bridge"
 
-[backends.pacs]
+[backends.{name}_pacs]
 service = "dicom_scu"
-[backends.pacs.options]
-aet = "{aet}"
+[backends.{name}_pacs.options]
+aet = "{{aet}}"
 host = "127.0.0.1"
-port = {port}
+port = {{port}}
 local_aet = "HARMONY_DW"
 """
 
 
+PIPES = bridge_pipes()
 #: The same bridge in front of an empty Orthanc, for tests that store.
-STORE_PIPES = """
-[pipelines.store]
-networks = ["default"]
-endpoints = ["sweb"]
-middleware = ["sbridge"]
-backends = ["spacs"]
-
-[endpoints.sweb]
-service = "dicomweb"
-[endpoints.sweb.options]
-path_prefix = "/store"
-
-[middleware.sbridge]
-type = "dicomweb_bridge"
-
-[backends.spacs]
-service = "dicom_scu"
-[backends.spacs.options]
-aet = "{aet}"
-host = "127.0.0.1"
-port = {port}
-local_aet = "HARMONY_DW"
-"""
+STORE_PIPES = bridge_pipes("store", "/store")
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +334,7 @@ async def test_concurrent_metadata_requests_make_one_retrieve(harmony, corpus):
     """Three clients ask for the same uncached series metadata at once: one
     C-GET reaches the PACS, all three get the same answer."""
     from twisted.internet import defer
-    backend = harmony.service.runtime.backends["pacs"]
+    backend = harmony.service.runtime.backends["bridge_pacs"]
     calls = []
     original = backend.send
 
@@ -401,7 +382,7 @@ async def test_wado_through_c_move_mode(tmp_path, orthanc, native, corpus):
         await running.stop()
 
 
-AET_PIPES = PIPES.replace('backends = ["pacs"]', 'backends = ["pacs", "other"]') + """
+AET_PIPES = PIPES.replace('backends = ["bridge_pacs"]', 'backends = ["bridge_pacs", "other"]') + """
 [backends.other]
 service = "dicom_scu"
 [backends.other.options]
