@@ -89,7 +89,6 @@ class DicomScpEndpoint(Service):
                  max_pdu_size=16382, acse_timeout=30.0, dimse_timeout=30.0, network_timeout=60.0,
                  request_timeout=300.0, tls_context=None):
         self.name = name
-        self.setName(f"dimse:{name}")
         self.reactor = reactor
         self.local_aet = local_aet
         self.bind_addr = bind_addr
