@@ -61,7 +61,7 @@ def scratch_orthanc(tmp_path_factory):
 @pytest.fixture
 def harmony(tmp_path, orthanc):
     running = pytest_twisted.blockon(start_harmony(config(tmp_path, orthanc.aet, orthanc.dicom_port)))
-    orthanc.add_modality("harmony", "HARMONY_SCU", free_port())
+    orthanc.add_modality("harmony_scu", "HARMONY_SCU", free_port())
     yield running
     pytest_twisted.blockon(running.stop())
 
@@ -69,7 +69,7 @@ def harmony(tmp_path, orthanc):
 @pytest.fixture
 def harmony_move(tmp_path, orthanc):
     store_port = free_port()
-    orthanc.add_modality("harmony", "HARMONY_SCU", store_port)
+    orthanc.add_modality("harmony_scu", "HARMONY_SCU", store_port)
     running = pytest_twisted.blockon(start_harmony(
         config(tmp_path, orthanc.aet, orthanc.dicom_port, mode="move", store_port=store_port)))
     yield running

@@ -87,6 +87,7 @@ class AssociationPool:
         for assoc in stale:
             _close(assoc)
         if found is not None:
+            net.set_busy(found, True)
             return found, True
         return self.connect(), False
 
@@ -112,6 +113,7 @@ class AssociationPool:
 
     def give_back(self, assoc, reusable: bool):
         if reusable and assoc.is_established:
+            net.set_busy(assoc, False)
             with self.lock:
                 if len(self.idle) < self.max_idle:
                     self.idle.append((assoc, time.monotonic()))
@@ -376,22 +378,20 @@ class DicomScuBackend(Backend):
         dead before any result is replaced once by a fresh one."""
         assoc, reused = self.pool.acquire()
         try:
-            ok = body(assoc)
-        except _DeadAssociation:
+            ok = _guarded(body, assoc)
+        except _DeadAssociation as e:
             self.pool.give_back(assoc, False)
-            if reused and job.items == 0:
-                assoc = self.pool.connect()
-                try:
-                    ok = body(assoc)
-                except _DeadAssociation as e:
-                    self.pool.give_back(assoc, False)
-                    raise e.error from None
-                except BaseException:
-                    self.pool.give_back(assoc, False)
-                    raise
-                self.pool.give_back(assoc, ok)
-                return
-            raise BackendTimeout("the PACS stopped answering") from None
+            if not (reused and job.items == 0):
+                raise e.error from None
+            assoc = self.pool.connect()
+            try:
+                ok = _guarded(body, assoc)
+            except _DeadAssociation as e2:
+                self.pool.give_back(assoc, False)
+                raise e2.error from None
+            except BaseException:
+                self.pool.give_back(assoc, False)
+                raise
         except BaseException:
             self.pool.give_back(assoc, False)
             raise
@@ -584,6 +584,15 @@ class DicomScuBackend(Backend):
             job.finish_thread(int(status.Status), status.get("ErrorComment"))
             return True
         self._with_association(job, body)
+
+
+def _guarded(body, assoc):
+    try:
+        return body(assoc)
+    except ValueError as e:
+        # pynetdicom: no accepted presentation context for the SOP class, or a
+        # dataset it cannot encode for the one accepted.
+        raise BackendUnavailable(f"the PACS cannot serve this request: {e}") from None
 
 
 class _DeadAssociation(Exception):

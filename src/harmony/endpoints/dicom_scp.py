@@ -89,7 +89,6 @@ class DicomScpEndpoint(Service):
                  max_pdu_size=16382, acse_timeout=30.0, dimse_timeout=30.0, network_timeout=60.0,
                  request_timeout=300.0, tls_context=None):
         self.name = name
-        self.setName(f"dimse:{name}")
         self.reactor = reactor
         self.local_aet = local_aet
         self.bind_addr = bind_addr
@@ -200,8 +199,13 @@ class DicomScpEndpoint(Service):
     def startService(self):
         super().startService()
         self.ae = self.build_ae()
-        self.server = self.ae.start_server((self.bind_addr, self.port), block=False, ssl_context=self.tls_context,
-                                           evt_handlers=self.handlers())
+        try:
+            self.server = self.ae.start_server((self.bind_addr, self.port), block=False,
+                                               ssl_context=self.tls_context, evt_handlers=self.handlers())
+        except OSError as e:
+            log.critical("dicom_scp {name} cannot listen on {host}:{port}: {error}", name=self.name,
+                         host=self.bind_addr, port=self.port, error=e.strerror)
+            raise
         # Without this the reactor's thread pool join waits on pynetdicom's
         # threads for ~30 s at exit.
         self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
@@ -379,8 +383,7 @@ class DicomScpEndpoint(Service):
     def on_store(self, event):
         """Durable in storage_dir and/or accepted downstream before Success."""
         try:
-            check_complete(event.dataset_path)
-            instance = read_instance(event.dataset_path)
+            instance = read_instance(event.dataset_path, ds=check_complete(event.dataset_path))
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=self.name)
             return status_dataset(net.STORE_CANNOT_UNDERSTAND, "cannot decode the dataset")
