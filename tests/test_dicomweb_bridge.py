@@ -158,6 +158,8 @@ async def test_wado_explicit_le_request_decompresses_rle(harmony, proxy, native,
                                       f"{rle.sop_uid}"), headers={"Accept": 'multipart/related; type="application/dicom"'})
     body = await resp.content()
     assert resp.code == 200 and b"transfer-syntax=1.2.840.10008.1.2.1" in body[:300]
+    location = harmony.url(f"/dicomweb/studies/{rle.study_uid}/series/{rle.series_uid}/instances/{rle.sop_uid}")
+    assert b"Content-Location: " + location.encode() in body[:500]
 
 
 @pytest_twisted.ensureDeferred

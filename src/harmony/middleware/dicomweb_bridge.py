@@ -272,7 +272,7 @@ class DicomWebBridge(Middleware):
         try:
             # The first part is made ready before the head goes out, so an
             # instance this proxy cannot decode is still a clean error.
-            ready = yield self._instance_part(first, target)
+            ready = yield self._instance_part(first, target, dw)
         except Exception as e:  # noqa: BLE001 - any decoder failure
             stream.cancel()
             release_rest(stream)
@@ -283,7 +283,7 @@ class DicomWebBridge(Middleware):
         def next_part():
             if pending:
                 return defer.succeed(pending.pop())
-            return stream.next().addCallback(self._instance_part, target)
+            return stream.next().addCallback(self._instance_part, target, dw)
 
         def on_stop():
             stream.cancel()
@@ -293,17 +293,21 @@ class DicomWebBridge(Middleware):
         return ResponseEnvelope(200, Headers({"Content-Type": [writer.content_type]}), writer,
                                 metadata={"dimse_status": _status(stream)})
 
-    def _instance_part(self, item, target):
+    def _instance_part(self, item, target, dw):
         if item is None:
             return defer.succeed(None)
+        where = {"Content-Location": dw.base_url + resource_path(
+            item.study_instance_uid or dw.study_uid, item.series_instance_uid or dw.series_uid,
+            item.sop_instance_uid)}
         if target == "*" or item.transfer_syntax_uid == (target or ExplicitVRLittleEndian):
             return defer.succeed(Part(f"{acc.DICOM}; transfer-syntax={item.transfer_syntax_uid}", path=item.path,
-                                      release=item.release))
+                                      headers=where, release=item.release))
 
         def done(path):
             item.release()
-            return Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path,
+            return Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path, headers=where,
                         release=lambda: _unlink(path))
+
         def failed(failure):
             item.release()
             return failure
