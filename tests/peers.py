@@ -155,7 +155,7 @@ class Dcmqrscp:
     """DCMTK's Query/Retrieve SCP as a second PACS, indexed from files."""
 
     def __init__(self, folder: Path, aet: str = "DCMQRSCP", peers: dict | None = None,
-                 single_process: bool = True):
+                 single_process: bool = False):
         self.folder = Path(folder)
         self.aet = aet
         # dcmqrscp 3.6.7 --single-process was seen to die (SIGSEGV) after its first
@@ -193,6 +193,8 @@ AETable END
                 copies.append(str(dst))
             subprocess.run([require(DCMTK["dcmqridx"]), str(db), *copies], check=True, capture_output=True)
         self.log = open(self.folder / "dcmqrscp.log", "wb")
+        # Default is to fork per association: DCMTK 3.6.7's dcmqrscp segfaults after
+        # the first association is released in --single-process mode.
         mode = ["--single-process"] if self.single_process else []
         self.proc = subprocess.Popen([DCMTK["dcmqrscp"], *mode, "-c", str(cfg), str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=peer_env())
@@ -222,7 +224,7 @@ class Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = open(self.folder.parent / f"storescp-{self.port}.log", "wb")
         self.proc = subprocess.Popen([DCMTK["storescp"], "--aetitle", self.aet, "-od", str(self.folder),
-                                      "--uid-filenames", str(self.port)],
+                                      "--default-filenames", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=peer_env())
         wait_for(lambda: port_open(self.port), 30, "storescp", self.proc)
         return self

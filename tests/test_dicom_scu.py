@@ -17,7 +17,7 @@ from harmony.envelope import RequestEnvelope
 from tests.dicom_data import make_instance, save
 from tests.dimse_helpers import canonical, dataset_bytes, direct_find, parse_multipart, silent_peer
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import free_port
+from tests.peers import Orthanc, free_port
 
 PIPES = """
 [pipelines.scu]
@@ -50,10 +50,18 @@ def config(tmp_path, aet, port, mode="get", store_port=0, persistent="false", ac
         aet=aet, port=port, mode=mode, store_port=store_port or free_port(), persistent=persistent, acse=acse)})
 
 
+@pytest.fixture(scope="module")
+def scratch_orthanc(tmp_path_factory):
+    """An empty Orthanc for tests that store: the shared one must keep exactly the corpus."""
+    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def harmony(tmp_path, orthanc):
     running = pytest_twisted.blockon(start_harmony(config(tmp_path, orthanc.aet, orthanc.dicom_port)))
-    orthanc.add_modality("harmony", "HARMONY_SCU", free_port())
+    orthanc.add_modality("harmony_scu", "HARMONY_SCU", free_port())
     yield running
     pytest_twisted.blockon(running.stop())
 
@@ -61,7 +69,7 @@ def harmony(tmp_path, orthanc):
 @pytest.fixture
 def harmony_move(tmp_path, orthanc):
     store_port = free_port()
-    orthanc.add_modality("harmony", "HARMONY_SCU", store_port)
+    orthanc.add_modality("harmony_scu", "HARMONY_SCU", store_port)
     running = pytest_twisted.blockon(start_harmony(
         config(tmp_path, orthanc.aet, orthanc.dicom_port, mode="move", store_port=store_port)))
     yield running
@@ -176,7 +184,16 @@ async def test_result_stream_contract(harmony, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_store_over_http(harmony, orthanc, tmp_path):
+async def test_store_over_http(tmp_path, scratch_orthanc):
+    orthanc = scratch_orthanc
+    running = await start_harmony(config(tmp_path / "h", orthanc.aet, orthanc.dicom_port))
+    try:
+        await _store_over_http(running, orthanc, tmp_path)
+    finally:
+        await running.stop()
+
+
+async def _store_over_http(harmony, orthanc, tmp_path):
     ds = make_instance(patient_id="PATSTORE", seed=7)
     path = save(ds, tmp_path / "new.dcm")
     r = await treq.post(harmony.url("/q"), path.read_bytes(),

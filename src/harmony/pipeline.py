@@ -63,36 +63,59 @@ class Pipeline:
         return self.backends[0]
 
     @defer.inlineCallbacks
+    def _onion(self, request: RequestEnvelope, middleware: list, where: dict):
+        """*middleware* ``on_request`` in order -> backend -> ``on_response`` in
+        reverse; a middleware answering itself short-circuits.  *where* tracks
+        the current ``stage`` and ``request`` for the caller's error handling."""
+        entered = []
+        response = None
+        for mw in middleware:
+            where["stage"] = f"middleware {mw.name}"
+            result = yield mw.on_request(request)
+            if isinstance(result, ResponseEnvelope):
+                response = result
+                break
+            request = where["request"] = result
+            entered.append(mw)
+        if response is None:
+            backend = self.select_backend(request)
+            where["stage"] = "backend"
+            request.metadata["backend"] = backend.name
+            response = yield backend.send(request)
+        for mw in reversed(entered):
+            where["stage"] = f"middleware {mw.name}"
+            response = yield mw.on_response(request, response)
+        return response
+
+    def send_after(self, middleware, request: RequestEnvelope):
+        """Run *request* through the middleware right of *middleware* and the
+        backend, and back; fires with the ResponseEnvelope.
+
+        For middleware that fans one client request out into several backend
+        requests (the DICOMweb bridge turns one STOW-RS upload into a C-STORE
+        per instance).  Failures propagate to the caller; a middleware further
+        right may still answer itself.
+        """
+        index = self.middleware.index(middleware) + 1
+        return self._onion(request, self.middleware[index:], {"request": request})
+
+    @defer.inlineCallbacks
     def handle(self, request: RequestEnvelope, endpoint):
         """Run *request* through the pipeline; always fires with a ResponseEnvelope."""
         started = time.monotonic()
         request.metadata["pipeline"] = self.name
-        stage = "endpoint"
-        entered = []
+        request.context.setdefault("pipeline", self)
+        where = {"stage": "endpoint", "request": request}
         try:
-            request = yield endpoint.pre_process(request)
-            response = None
-            stage = "middleware"
-            for mw in self.middleware:
-                stage = f"middleware {mw.name}"
-                result = yield mw.on_request(request)
-                if isinstance(result, ResponseEnvelope):
-                    response = result
-                    break
-                request = result
-                entered.append(mw)
-            if response is None:
-                backend = self.select_backend(request)
-                stage = "backend"
-                request.metadata["backend"] = backend.name
-                response = yield backend.send(request)
-            for mw in reversed(entered):
-                stage = f"middleware {mw.name}"
-                response = yield mw.on_response(request, response)
-            stage = "endpoint"
+            request = where["request"] = yield endpoint.pre_process(request)
+            where["stage"] = "middleware"
+            response = yield self._onion(request, self.middleware, where)
+            request = where["request"]
+            where["stage"] = "endpoint"
             response = yield endpoint.post_process(request, response)
         except Exception:
             failure = Failure()
+            stage, request = where["stage"], where["request"]
             error = as_harmony_error(failure, "backend" if stage == "backend" else stage)
             if error.status >= 500 and not isinstance(failure.value, HarmonyError):
                 log.failure("pipeline {pipeline} failed in {stage} (request {request_id})",

@@ -17,10 +17,14 @@ BUILTIN: dict[str, dict[str, str]] = {
         "http": "harmony.endpoints.http:HttpEndpoint",
         "jmix": "harmony.endpoints.jmix:JmixEndpoint",
         "fhir": "harmony.endpoints.fhir:FhirEndpoint",
+        "dicomweb": "harmony.endpoints.dicomweb:DicomWebEndpoint",
+        "dicom_scp": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
+        "dicom": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
+        "dicomweb": "harmony.backends.dicomweb:DicomWebBackend",
         "dicom_scu": "harmony.backends.dicom_scu:DicomScuBackend",
         "dicom": "harmony.backends.dicom_scu:DicomScuBackend",
         "fhir": "harmony.backends.fhir:FhirBackend",
@@ -36,6 +40,8 @@ BUILTIN: dict[str, dict[str, str]] = {
         "metadata_transform": "harmony.middleware.metadata_transform:MetadataTransform",
         "jmix_builder": "harmony.middleware.jmix_builder:JmixBuilder",
         "route": "harmony.middleware.route:RouteMiddleware",
+        "dicomweb_bridge": "harmony.middleware.dicomweb_bridge:DicomWebBridge",
+        "dicomweb": "harmony.middleware.dicomweb_bridge:DicomWebBridge",
     },
 }
 

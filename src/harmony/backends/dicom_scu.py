@@ -23,8 +23,6 @@ import os
 import threading
 import time
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -89,6 +87,7 @@ class AssociationPool:
         for assoc in stale:
             _close(assoc)
         if found is not None:
+            net.set_busy(found, True)
             return found, True
         return self.connect(), False
 
@@ -114,6 +113,7 @@ class AssociationPool:
 
     def give_back(self, assoc, reusable: bool):
         if reusable and assoc.is_established:
+            net.set_busy(assoc, False)
             with self.lock:
                 if len(self.idle) < self.max_idle:
                     self.idle.append((assoc, time.monotonic()))
@@ -163,8 +163,7 @@ class Job:
         self._ready()
 
     def counts(self, remaining, completed, failed, warning):
-        s = self.stream
-        s.remaining, s.completed, s.failed, s.warning = remaining, completed, failed, warning
+        self.stream.set_counts(remaining, completed, failed, warning)
 
     def finish(self, status, comment=None, failed_uids=()):
         self.stream.failed_sop_uids.extend(failed_uids)
@@ -379,22 +378,20 @@ class DicomScuBackend(Backend):
         dead before any result is replaced once by a fresh one."""
         assoc, reused = self.pool.acquire()
         try:
-            ok = body(assoc)
-        except _DeadAssociation:
+            ok = _guarded(body, assoc)
+        except _DeadAssociation as e:
             self.pool.give_back(assoc, False)
-            if reused and job.items == 0:
-                assoc = self.pool.connect()
-                try:
-                    ok = body(assoc)
-                except _DeadAssociation as e:
-                    self.pool.give_back(assoc, False)
-                    raise e.error from None
-                except BaseException:
-                    self.pool.give_back(assoc, False)
-                    raise
-                self.pool.give_back(assoc, ok)
-                return
-            raise BackendTimeout("the PACS stopped answering") from None
+            if not (reused and job.items == 0):
+                raise e.error from None
+            assoc = self.pool.connect()
+            try:
+                ok = _guarded(body, assoc)
+            except _DeadAssociation as e2:
+                self.pool.give_back(assoc, False)
+                raise e2.error from None
+            except BaseException:
+                self.pool.give_back(assoc, False)
+                raise
         except BaseException:
             self.pool.give_back(assoc, False)
             raise
@@ -581,7 +578,7 @@ class DicomScuBackend(Backend):
 
     def _store_blocking(self, job, instance: DicomInstance):
         def body(assoc):
-            status = send_instance(assoc, instance)
+            status = net.send_instance(assoc, instance)
             if not status:
                 raise _DeadAssociation(BackendTimeout("no C-STORE response"))
             job.finish_thread(int(status.Status), status.get("ErrorComment"))
@@ -589,22 +586,13 @@ class DicomScuBackend(Backend):
         self._with_association(job, body)
 
 
-def send_instance(assoc, instance: DicomInstance, **kw):
-    """C-STORE a file: streamed from disk as-is when the peer accepted its exact
-    transfer syntax, otherwise decoded (and decompressed if needed) so that
-    pynetdicom can re-encode it for a syntax the peer did accept."""
-    for cx in assoc.accepted_contexts:
-        if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax[0] == instance.transfer_syntax_uid:
-            return assoc.send_c_store(instance.path, **kw)
-    ds = dcmread(instance.path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        offered = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
-                   if cx.abstract_syntax == instance.sop_class_uid}
-        if offered and not any(ts.is_compressed for ts in offered):
-            ds.decompress()
-            if ExplicitVRLittleEndian not in offered:
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return assoc.send_c_store(ds, **kw)
+def _guarded(body, assoc):
+    try:
+        return body(assoc)
+    except ValueError as e:
+        # pynetdicom: no accepted presentation context for the SOP class, or a
+        # dataset it cannot encode for the one accepted.
+        raise BackendUnavailable(f"the PACS cannot serve this request: {e}") from None
 
 
 class _DeadAssociation(Exception):
@@ -658,4 +646,4 @@ def _aet(options, key, default=...):
     return value.strip()
 
 
-__all__ = ["DicomScuBackend", "send_instance"]
+__all__ = ["DicomScuBackend"]

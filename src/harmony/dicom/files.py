@@ -26,10 +26,12 @@ def valid_uid(value) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
 
 
-def read_instance(path: Path, owned: bool = False) -> DicomInstance:
-    """Describe a Part-10 file without loading its pixel data."""
+def read_instance(path: Path, owned: bool = False, ds=None) -> DicomInstance:
+    """Describe a Part-10 file without loading its pixel data (*ds*: its
+    already parsed header, e.g. from :func:`check_complete`)."""
     path = Path(path)
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    if ds is None:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     meta = ds.file_meta
     return DicomInstance(
         path=path,
@@ -83,7 +85,7 @@ def durable_copy(src: Path, dst: Path) -> Path:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
             fout.flush()
-            os.fsync(fout.fileno())
+            os.fdatasync(fout.fileno())  # data and size; the rename below is made durable by the folder fsync
         os.replace(tmp, dst)
     except BaseException:
         try:
@@ -93,3 +95,32 @@ def durable_copy(src: Path, dst: Path) -> Path:
         raise
     fsync_dir(dst.parent)
     return dst
+
+
+class CorruptDataset(ValueError):
+    pass
+
+
+def check_complete(path: Path):
+    """Raise :class:`CorruptDataset` unless every element of the file fits in it;
+    return the parsed dataset (large values deferred, not loaded).
+
+    pydicom reads a truncated file or an element whose length overruns the file
+    without complaint when values are deferred, so the element table is checked
+    against the file size - without loading large values into memory.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        ds = dcmread(path, defer_size=256)
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag, keep_deferred=True)
+            length = getattr(raw, "length", 0)
+            tell = getattr(raw, "value_tell", None)
+            if tell is not None and length != 0xFFFFFFFF and tell + length > size:
+                raise CorruptDataset(f"element {tag} runs past the end of the data")
+        return ds
+    except CorruptDataset:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad input
+        raise CorruptDataset(f"cannot decode the dataset: {e}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 
+from pydicom import dcmread
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
@@ -34,6 +35,9 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 # Identifiers carry PHI; pynetdicom logs them at debug level unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# pynetdicom's "standard" handlers format a debug dump of every PDU and DIMSE
+# message, even when nothing logs at debug level; that is CPU on the hot path.
+_config.LOG_HANDLER_LEVEL = "none"
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                 ExplicitVRBigEndian]
@@ -123,7 +127,30 @@ def set_nodelay(event) -> None:
         pass  # a socket that is already gone has nothing to tune
 
 
-NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, set_nodelay)]
+#: pynetdicom's DUL thread polls its socket and queues, sleeping this long
+#: between empty polls (its default, 1 ms, is also its idle value).  Each DIMSE
+#: message waits for a few such polls, so while an association is busy a
+#: shorter pause roughly halves per-message latency (measured: a 40-instance
+#: C-GET from Orthanc 0.17 s -> 0.09 s); an idle association goes back to the
+#: default so pooled ones do not spin.
+BUSY_LOOP_DELAY = 0.0002
+IDLE_LOOP_DELAY = 0.001
+
+
+def set_busy(assoc, busy: bool = True) -> None:
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = BUSY_LOOP_DELAY if busy else IDLE_LOOP_DELAY
+
+
+def on_conn_open(event) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY, and a busy poll loop for the association's
+    working life (acceptor associations live as long as their client uses them)."""
+    set_nodelay(event)
+    set_busy(event.assoc, True)
+
+
+NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, on_conn_open)]
 
 
 def client_tls_context(cert=None, key=None, ca=None, verify: bool = True) -> ssl.SSLContext:
@@ -188,3 +215,29 @@ def storage_roles(contexts) -> list:
         seen.add(uid)
         roles.append(build_role(uid, scu_role=True, scp_role=True))
     return roles
+
+
+def storage_contexts():
+    """The storage part of :func:`requestor_contexts` (for C-STORE-only associations)."""
+    return [cx for cx in requestor_contexts() if cx.abstract_syntax != Verification
+            and cx.abstract_syntax not in MODEL_OF]
+
+
+def send_instance(assoc, instance, **kw):
+    """C-STORE a file: streamed from disk as-is when the peer accepted its exact
+    transfer syntax, otherwise decoded (and decompressed if needed) so that
+    pynetdicom can re-encode it for a syntax the peer did accept."""
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax[0] == instance.transfer_syntax_uid:
+            return assoc.send_c_store(instance.path, **kw)
+    ds = dcmread(instance.path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        offered = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                   if cx.abstract_syntax == instance.sop_class_uid}
+        if offered and not any(ts.is_compressed for ts in offered):
+            ds.decompress(generate_instance_uid=False)  # pydicom would otherwise mint a new UID
+            if ExplicitVRLittleEndian not in offered:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return assoc.send_c_store(ds, **kw)
+
+

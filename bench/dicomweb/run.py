@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""DICOMweb bridge benchmark: Harmony (dicomweb endpoint -> dicomweb_bridge ->
+dicom_scu -> Orthanc's DIMSE port) next to Orthanc's native DICOMweb plugin,
+same data, same run.
+
+    python bench/dicomweb/run.py [--instances 200] [--gib]
+
+Figures (each with the native one and the ratio):
+- QIDO-RS study search latency (p50/p95 over sequential requests);
+- WADO-RS whole-study retrieve: throughput (MB/s) and time to the first part;
+- STOW-RS of N instances (one request);
+- Harmony's peak RSS while retrieving the study (``--gib``: a 1 GiB study).
+Goals from the issue: QIDO <= 1.5x native latency, WADO >= 70% of native
+throughput, RSS < 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.dicom_data import make_instance, save  # noqa: E402
+from tests.peers import Orthanc, free_port, port_open, wait_for  # noqa: E402
+
+STUDY = "1.2.826.0.1.3680043.10.543.900.1"
+AET = "HARMONY_BENCH"
+
+
+def make_study(folder: Path, count: int, rows: int, study=STUDY, patient="BENCH") -> list[Path]:
+    paths = []
+    for n in range(1, count + 1):
+        series = n % 2 + 1
+        ds = make_instance(patient_id=patient, study_uid=study, series_uid=f"{study}.{series}",
+                           sop_uid=f"{study}.{series}.{n}", instance_number=n, rows=rows, cols=rows, seed=n)
+        paths.append(save(ds, folder / f"{n}.dcm"))
+    return paths
+
+
+def config(folder: Path, port: int, orthanc: Orthanc) -> Path:
+    text = f"""
+[proxy]
+id = "bench"
+log_level = "warn"
+
+[network.default.http]
+bind_address = "127.0.0.1"
+bind_port = {port}
+
+[storage.options]
+path = "{folder / 'var'}"
+
+[pipelines.bridge]
+networks = ["default"]
+endpoints = ["web"]
+middleware = ["bridge"]
+backends = ["pacs"]
+
+[endpoints.web]
+service = "dicomweb"
+[endpoints.web.options]
+path_prefix = "/dicomweb"
+max_upload_bytes = 8589934592
+
+[middleware.bridge]
+type = "dicomweb_bridge"
+
+[backends.pacs]
+service = "dicom_scu"
+[backends.pacs.options]
+aet = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+local_aet = "{AET}"
+dimse_timeout_secs = 120
+network_timeout_secs = 120
+"""
+    path = folder / "harmony.toml"
+    path.write_text(text)
+    return path
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0
+        self.running = True
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.01)  # a sampler, not synchronisation
+
+
+def qido(base: str, rounds: int) -> tuple[float, float]:
+    s = requests.Session()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        r = s.get(f"{base}/studies", params={"PatientID": "BENCH"}, headers={"Accept": "application/dicom+json"})
+        r.raise_for_status()
+        assert len(r.json()) == 1
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return statistics.median(times) * 1000, times[int(len(times) * 0.95) - 1] * 1000
+
+
+def wado(base: str, study: str) -> tuple[float, float, int]:
+    """-> (MB/s, seconds to the first complete part, bytes)."""
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    t = time.perf_counter()
+    r = requests.get(f"{base}/studies/{study}", headers={"Accept": accept}, stream=True)
+    r.raise_for_status()
+    boundary = r.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"').encode()
+    size, first, seen = 0, None, b""
+    for chunk in r.iter_content(256 * 1024):
+        size += len(chunk)
+        if first is None:
+            seen += chunk
+            if seen.count(b"--" + boundary) >= 2:
+                first = time.perf_counter() - t
+            elif len(seen) > 4 * 1024 * 1024:
+                seen = seen[-1024 * 1024:]
+    total = time.perf_counter() - t
+    return size / total / 1e6, first if first is not None else total, size
+
+
+def getscu(orthanc: Orthanc, out: Path) -> float:
+    """DCMTK's getscu pulling the study (the fastest DIMSE client here): the
+    DIMSE transfer bound the bridge works within."""
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    subprocess.run(["/usr/bin/getscu", "-aet", AET, "-aec", orthanc.aet, "-od", str(out), "-k",
+                    "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={STUDY}", "127.0.0.1",
+                    str(orthanc.dicom_port)], check=True, capture_output=True, env={**os.environ, "TCP_NODELAY": "1"})
+    return time.perf_counter() - t
+
+
+def pynetdicom_get(orthanc: Orthanc, out: Path) -> float:
+    """pynetdicom's own C-GET of the study, files written as received: what
+    the dicom_scu backend is built on."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt, build_role
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def on_store(event):
+        with open(out / event.request.AffectedSOPInstanceUID, "wb") as f:
+            f.write(event.encoded_dataset())
+        return 0x0000
+
+    ae = AE(ae_title=AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = STUDY
+    t = time.perf_counter()
+    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet,
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    for _status, _ in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet):
+        pass
+    assoc.release()
+    return time.perf_counter() - t
+
+
+def pynetdicom_find(orthanc: Orthanc, rounds: int) -> float:
+    """p50 of the same study search as a C-FIND from pynetdicom on one open
+    association (what the dicom_scu backend does with its pool): the DIMSE
+    bound of the bridge's QIDO latency."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from harmony.dicom.net import NODELAY_HANDLERS
+    ae = AE(ae_title=AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet, evt_handlers=NODELAY_HANDLERS)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.PatientID = "BENCH"
+    for keyword in ("StudyInstanceUID", "StudyDate", "PatientName", "AccessionNumber", "ModalitiesInStudy"):
+        setattr(ident, keyword, "")
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _status, _ in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
+            pass
+        times.append(time.perf_counter() - t)
+    assoc.release()
+    return statistics.median(times) * 1000
+
+
+def stow(base: str, paths: list[Path]) -> float:
+    boundary = "benchboundary"
+    body = io.BytesIO()
+    for p in paths:
+        body.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+        body.write(p.read_bytes())
+        body.write(b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    data = body.getvalue()
+    t = time.perf_counter()
+    r = requests.post(f"{base}/studies", data=data,
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                               "Accept": "application/dicom+json"})
+    elapsed = time.perf_counter() - t
+    if r.status_code != 200:
+        raise RuntimeError(f"STOW answered {r.status_code}: {r.text[:300]}")
+    return elapsed
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--rows", type=int, default=512, help="image size (rows=cols, 16-bit)")
+    ap.add_argument("--qido-rounds", type=int, default=100)
+    ap.add_argument("--gib", action="store_true", help="retrieve a 1 GiB study for the RSS figure")
+    args = ap.parse_args()
+    count = args.instances
+    if args.gib:
+        count = max(count, (1 << 30) // (args.rows * args.rows * 2) + 1)
+    with tempfile.TemporaryDirectory(prefix="harmony-bench-dw-") as tmp:
+        tmp = Path(tmp)
+        print(f"making a study of {count} instances ({args.rows}x{args.rows}, 16-bit)...", flush=True)
+        paths = make_study(tmp / "study", count, args.rows)
+        stow_a = make_study(tmp / "stow-a", args.instances, 128, study=STUDY + ".7", patient="STOWA")
+        stow_b = make_study(tmp / "stow-b", args.instances, 128, study=STUDY + ".8", patient="STOWB")
+        orthanc = Orthanc(tmp / "orthanc").start()
+        harmony = None
+        try:
+            print("loading Orthanc...", flush=True)
+            orthanc.upload(paths)
+            port = free_port()
+            orthanc.add_modality("harmony", AET, free_port())
+            twistd = Path(sys.executable).parent / "twistd"
+            harmony = subprocess.Popen([str(twistd), "-n", "--pidfile=", "harmony", "-c",
+                                        str(config(tmp, port, orthanc))],
+                                       stdout=open(tmp / "harmony.log", "wb"), stderr=subprocess.STDOUT,
+                                       env={**os.environ, "TCP_NODELAY": "1"})
+            wait_for(lambda: port_open(port), 30, "harmony", harmony)
+            bridge = f"http://127.0.0.1:{port}/dicomweb"
+            native = orthanc.dicomweb_url
+            idle_rss = RssSampler(harmony.pid).rss()
+
+            qido(bridge, 5), qido(native, 5)  # warm up associations and caches
+            q_b = qido(bridge, args.qido_rounds)
+            q_n = qido(native, args.qido_rounds)
+            f_pyn = pynetdicom_find(orthanc, args.qido_rounds)
+
+            wado(native, STUDY)  # warm Orthanc's file cache
+            sampler = RssSampler(harmony.pid)
+            sampler.start()
+            w_b = wado(bridge, STUDY)
+            sampler.running = False
+            sampler.join()
+            w_n = wado(native, STUDY)
+            g_dcmtk = getscu(orthanc, tmp / "getscu")
+            g_pyn = pynetdicom_get(orthanc, tmp / "pynetdicom")
+
+            s_b = stow(bridge, stow_a)
+            s_n = stow(native, stow_b)
+
+            mb = w_b[2] / 1e6
+            print()
+            print(f"{'figure':44} {'harmony bridge':>16} {'orthanc native':>16} {'ratio':>8}")
+            print(f"{'QIDO study search p50 (ms)':44} {q_b[0]:16.2f} {q_n[0]:16.2f} {q_b[0] / q_n[0]:7.2f}x")
+            print(f"{'  DIMSE bound: C-FIND by pynetdicom p50 (ms)':44} {f_pyn:16.2f}")
+            print(f"{'QIDO study search p95 (ms)':44} {q_b[1]:16.2f} {q_n[1]:16.2f} {q_b[1] / q_n[1]:7.2f}x")
+            print(f"{f'WADO study retrieve, {count} inst / {mb:.0f} MB (MB/s)':44} {w_b[0]:16.1f} {w_n[0]:16.1f} "
+                  f"{w_b[0] / w_n[0] * 100:6.0f}%")
+            print(f"{'  DIMSE bound: C-GET by pynetdicom / getscu (MB/s)':44} {mb / g_pyn:16.1f} {mb / g_dcmtk:16.1f}")
+            print(f"{'WADO time to first part (ms)':44} {w_b[1] * 1000:16.1f} {w_n[1] * 1000:16.1f} "
+                  f"{w_b[1] / w_n[1]:7.2f}x")
+            print(f"{f'STOW {args.instances} instances, one request (s)':44} {s_b:16.2f} {s_n:16.2f} "
+                  f"{s_b / s_n:7.2f}x")
+            print(f"{'Harmony RSS idle / peak during WADO (MB)':44} {idle_rss / 1e6:7.1f} / {sampler.peak / 1e6:6.1f}")
+            print()
+            print("goals: QIDO <= 1.5x native, WADO >= 70% of native throughput, RSS < 150 MB")
+        finally:
+            if harmony is not None:
+                harmony.terminate()
+                harmony.wait(30)
+            orthanc.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Datasets as DICOM JSON (PS3.18 F.2) for QIDO results and WADO metadata.
+
+Large binary values are never inlined: they become ``BulkDataURI``s that
+point at this proxy's WADO-RS bulkdata resource for the same instance, with
+the element's path in the URI so nested values are addressable too.  Files
+are read with deferred values, so pixel data is not loaded to describe it.
+"""
+
+from __future__ import annotations
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
+
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+BULK_THRESHOLD = 1024
+_NO_BULK = 1 << 62
+UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Pixel data (and float/double pixel data) are always bulk data in metadata,
+#: whatever their size: viewers fetch them through frames/bulkdata.
+ALWAYS_BULK = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def _vr(raw, tag) -> str:
+    vr = getattr(raw, "VR", None)
+    if vr:
+        return str(vr)
+    try:
+        return dictionary_VR(tag).split(" or ")[-1]
+    except KeyError:
+        return "UN"
+
+
+def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_THRESHOLD, _path=()) -> dict:
+    """DICOM JSON for *ds*; binary values longer than *threshold* become
+    ``{bulk_base}/bulkdata/{tag}[/{item}/{tag}...]`` (inlined when no base)."""
+    out = {}
+    for tag in ds.keys():
+        if tag.group == 0x0002 or tag.element == 0x0000:  # file meta and group lengths stay out
+            continue
+        raw = ds.get_item(tag)
+        key = f"{tag:08X}"
+        vr = _vr(raw, tag)
+        length = getattr(raw, "length", None) if isinstance(raw, RawDataElement) else None
+        if bulk_base and vr in BULK_VRS and vr != "SQ":
+            if length is None:
+                value = ds[tag].value
+                length = len(value) if isinstance(value, (bytes, bytearray)) else 0
+            if length > threshold or length == UNDEFINED_LENGTH or tag in ALWAYS_BULK:
+                out[key] = {"vr": vr, "BulkDataURI": bulk_base + "/bulkdata/" + "/".join(_path + (key,))}
+                continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            items = [dataset_to_json(item, bulk_base, threshold=threshold, _path=_path + (key, str(i)))
+                     for i, item in enumerate(elem.value)]
+            out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            continue
+        attr = elem.to_json_dict(None, _NO_BULK)
+        if vr == "UI" and attr.get("Value"):
+            # DIMSE peers may pad UIDs with NUL; DICOM JSON carries them bare.
+            attr["Value"] = [v.rstrip("\0 ") if isinstance(v, str) else v for v in attr["Value"]]
+        out[key] = attr
+    return out
+
+
+def instance_metadata(path, bulk_base: str, threshold: int = BULK_THRESHOLD) -> dict:
+    """WADO-RS metadata of one Part-10 file (blocking: call in a thread)."""
+    ds = dcmread(path, defer_size=threshold)
+    return dataset_to_json(ds, bulk_base, threshold=threshold)
+
+
+def find_result_to_json(ds) -> dict:
+    """A C-FIND match as DICOM JSON, trailing UID padding trimmed and the
+    QueryRetrieveLevel / RetrieveAETitle (DIMSE details) left out."""
+    out = dataset_to_json(ds, None)
+    for key in ("00080052", "00080054"):
+        out.pop(key, None)
+    return out

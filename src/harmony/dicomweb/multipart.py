@@ -1,0 +1,305 @@
+"""multipart/related bodies: a streaming writer and an incremental STOW parser.
+
+The writer is an ``IBodyProducer`` that asks for the next part only when the
+previous one is written, so a WADO-RS answer's first part leaves while the
+PACS is still sending the rest, and a slow client pauses the whole chain.
+The parser is python-multipart's incremental ``MultipartParser`` (it accepts
+parts without Content-Disposition, as DICOMweb sends them), writing each part
+to its own file: an upload of any size never sits in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+import attr
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from harmony.errors import BadRequest, PayloadTooLarge
+
+CHUNK = 64 * 1024
+PREAMBLE_LIMIT = 64 * 1024
+
+
+def new_boundary() -> str:
+    return uuid.uuid4().hex
+
+
+@attr.s(auto_attribs=True)
+class Part:
+    """One part to write: in-memory ``data`` or a file at ``path``."""
+
+    content_type: str
+    data: bytes | None = None
+    path: object = None
+    headers: dict = attr.Factory(dict)
+    #: Called once the part is written (or abandoned): releases staged files.
+    release: object = None
+
+    def done(self):
+        if self.release is not None:
+            rel, self.release = self.release, None
+            rel()
+
+
+@implementer(IBodyProducer)
+class MultipartWriter:
+    """Writes the parts ``next_part()`` yields (Deferreds firing with a
+    :class:`Part`, or ``None`` at the end) as one multipart/related body.
+
+    A failure from ``next_part`` after the head went out fails the producer,
+    which makes the HTTP layer cut the connection: a truncated body must
+    never look like a complete one.
+    """
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, next_part, part_type: str, boundary: str | None = None, on_stop=None):
+        self.next_part = next_part
+        self.part_type = part_type
+        self.boundary = boundary or new_boundary()
+        self.on_stop = on_stop
+        self._task = None
+        self.parts_written = 0
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
+
+    def startProducing(self, consumer):
+        self._task = task.cooperate(self._produce(consumer))
+        return self._task.whenDone().addCallback(lambda _: None)
+
+    def pauseProducing(self):
+        if self._task is not None:
+            self._task.pause()
+
+    def resumeProducing(self):
+        if self._task is not None:
+            self._task.resume()
+
+    def stopProducing(self):
+        if self._task is not None:
+            try:
+                self._task.stop()
+            except task.TaskDone:
+                pass
+        if self.on_stop is not None:
+            self.on_stop()
+
+    def _produce(self, consumer):
+        delim = b"--" + self.boundary.encode("ascii")
+        while True:
+            box = []
+            d = self.next_part().addCallback(box.append)
+            if not box:
+                yield d
+            part = box[0] if box else None
+            if part is None:
+                break
+            try:
+                head = [f"Content-Type: {part.content_type}"]
+                head += [f"{k}: {v}" for k, v in part.headers.items()]
+                size = len(part.data) if part.data is not None else os.path.getsize(part.path)
+                head.append(f"Content-Length: {size}")
+                consumer.write(delim + b"\r\n" + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n")
+                if part.data is not None:
+                    consumer.write(part.data)
+                else:
+                    with open(part.path, "rb") as f:
+                        while True:
+                            chunk = f.read(CHUNK)
+                            if not chunk:
+                                break
+                            consumer.write(chunk)
+                            yield None  # let the reactor breathe (and pause us) between chunks
+                consumer.write(b"\r\n")
+                self.parts_written += 1
+            finally:
+                part.done()
+        consumer.write(delim + b"--\r\n")
+
+
+def multipart_bytes(parts: list[Part], part_type: str, boundary: str | None = None) -> tuple[bytes, str]:
+    """A small multipart body in memory (frames, bulk data): (body, content type)."""
+    boundary = boundary or new_boundary()
+    delim = b"--" + boundary.encode("ascii")
+    out = []
+    for p in parts:
+        head = [f"Content-Type: {p.content_type}"] + [f"{k}: {v}" for k, v in p.headers.items()]
+        head.append(f"Content-Length: {len(p.data)}")
+        out += [delim, b"\r\n", "\r\n".join(head).encode("latin-1"), b"\r\n\r\n", p.data, b"\r\n"]
+    out += [delim, b"--\r\n"]
+    return b"".join(out), f'multipart/related; type="{part_type}"; boundary={boundary}'
+
+
+@attr.s(auto_attribs=True)
+class ReceivedPart:
+    path: str
+    headers: dict
+    size: int = 0
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    def release(self):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class StowParser:
+    """Incremental multipart/related parser writing each part to a file in *folder*.
+
+    ``feed(data)`` as bytes arrive, ``close()`` at the end; malformed input
+    raises :class:`BadRequest` (and removes what was written).  ``max_bytes``
+    bounds the whole body.
+    """
+
+    def __init__(self, boundary: str, folder, max_bytes: int | None = None, on_part=None):
+        self.folder = str(folder)
+        #: Called with each :class:`ReceivedPart` as soon as it is complete
+        #: (a WADO-RS answer's instances can go onward one by one).
+        self.on_part = on_part
+        os.makedirs(self.folder, exist_ok=True)
+        self.parts: list[ReceivedPart] = []
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.ended = False
+        self._file = None
+        self._current = None
+        self._field = []
+        self._value = []
+        self._delim = b"--" + boundary.encode("latin-1")
+        #: Bytes before the first delimiter (an RFC 2046 preamble) are skipped
+        #: here: python-multipart expects the body to open with the delimiter.
+        self._preamble: bytes | None = b""
+        self._parser = MultipartParser(boundary.encode("latin-1"), {
+            "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
+            "on_header_field": lambda d, s, e: self._field.append(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.append(d[s:e]),
+            "on_header_end": self._header_end, "on_end": self._on_end,
+        })
+
+    def _begin(self):
+        fd, path = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=self.folder)
+        self._file = os.fdopen(fd, "wb")
+        self._current = ReceivedPart(path, {})
+        self.parts.append(self._current)
+
+    def _header_end(self):
+        name = b"".join(self._field).decode("latin-1").strip().lower()
+        value = b"".join(self._value).decode("latin-1").strip()
+        self._field, self._value = [], []
+        if self._current is not None and name:
+            self._current.headers[name] = value
+
+    def _data(self, data, start, end):
+        self._file.write(data[start:end])
+        self._current.size += end - start
+
+    def _end(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self.on_part is not None:
+                self.on_part(self._current)
+
+    def _on_end(self):
+        self.ended = True
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.max_bytes is not None and self.received > self.max_bytes:
+            self.abort()
+            raise PayloadTooLarge(f"STOW-RS body exceeds {self.max_bytes} bytes")
+        if self._preamble is not None:
+            data = self._skip_preamble(data)
+            if not data:
+                return
+        try:
+            self._parser.write(data)
+        except MultipartParseError as e:
+            self.abort()
+            raise BadRequest(f"malformed multipart body: {e}") from None
+
+    def _skip_preamble(self, data: bytes) -> bytes:
+        buf = self._preamble + data
+        if buf.startswith(self._delim):
+            self._preamble = None
+            return buf
+        at = buf.find(b"\n" + self._delim)
+        if at >= 0:
+            self._preamble = None
+            return buf[at + 1:]
+        if len(buf) > PREAMBLE_LIMIT:
+            self.abort()
+            raise BadRequest("multipart body does not contain its boundary")
+        self._preamble = buf
+        return b""
+
+    def close(self) -> list[ReceivedPart]:
+        if self._file is not None or not self.ended:
+            self.abort()
+            raise BadRequest("multipart body ends before its closing boundary")
+        return self.parts
+
+    def abort(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for p in self.parts:
+            p.release()
+        self.parts = []
+
+
+def parse_body(body, parser: StowParser) -> defer.Deferred:
+    """Feed a request body (bytes or an ``IBodyProducer``) to *parser*; fires
+    with the parts once the body is done."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            parser.feed(bytes(body))
+            return defer.succeed(parser.close())
+        except Exception:
+            return defer.fail()
+
+    class Sink:
+        def __init__(self):
+            self.error = None
+
+        def write(self, data):
+            if self.error is None:
+                try:
+                    parser.feed(data)
+                except Exception as e:  # noqa: BLE001 - kept and re-raised once the producer stops
+                    self.error = e
+                    producer.stopProducing()
+
+        def registerProducer(self, p, streaming):
+            pass
+
+        def unregisterProducer(self):
+            pass
+
+    producer = body
+    sink = Sink()
+
+    def finished(result):
+        if sink.error is not None:
+            parser.abort()
+            raise sink.error
+        if isinstance(result, Failure):
+            parser.abort()
+            return result
+        return parser.close()
+
+    return body.startProducing(sink).addBoth(finished)

@@ -1,0 +1,565 @@
+"""``dicomweb_bridge`` middleware: DICOMweb in front of a DIMSE-only PACS.
+
+Placed before a ``dicom_scu`` backend, behind a ``dicomweb`` endpoint, it maps
+
+- QIDO-RS -> C-FIND at the resource's level (return keys: the level's required
+  attributes plus ``includefield``), with ``limit``/``offset`` applied here
+  (the rest of the matches are C-CANCELled), so paging works on any PACS;
+- WADO-RS -> C-GET (the backend's ``dimse_retrieve_mode`` may make it a C-MOVE
+  to itself), the multipart answer streamed as each instance arrives;
+  metadata built from the retrieved instances (BulkDataURIs pointing back
+  here), cached on disk with an ETag, concurrent identical fetches collapsed;
+  frames cut from the pixel data (decoded only for rendered types);
+  bulkdata, rendered and thumbnail;
+- STOW-RS -> one C-STORE per part (parsed incrementally to files), each
+  instance's status mapped into ReferencedSOPSequence / FailedSOPSequence.
+
+It follows :mod:`harmony.dicom.results`: the request names the operation in
+``metadata["dimse_op"]`` / ``["query_level"]`` and carries the identifier as
+DICOM JSON in ``request.normalized``; the backend answers with a
+``ResultStream`` in ``response.context["dicom_results"]``.  Requests that did
+not come through a ``dicomweb`` endpoint pass through untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, UID
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from harmony.dicom.render import release_rest
+from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
+from harmony.dicomweb import accept as acc
+from harmony.dicomweb import qido
+from harmony.dicomweb.cache import BASE_PLACEHOLDER, MetadataCache, etag_for, with_base
+from harmony.dicomweb.dicomjson import find_result_to_json, instance_metadata
+from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body
+from harmony.dicomweb.pixels import bulk_value, extract_frames, render
+from harmony.dicomweb.routes import QIDO, STOW, WADO, resource_path
+from harmony.dicomweb.uids import is_uid
+from harmony.envelope import RequestEnvelope, ResponseEnvelope
+from harmony.errors import BackendUnavailable, BadRequest, ConfigurationFailure, HarmonyError, NotAcceptable, NotFound
+from harmony.log import get_logger
+from harmony.middleware.base import Middleware
+
+log = get_logger("harmony.middleware.dicomweb_bridge")
+
+#: STOW-RS FailureReason values (PS3.18 Table 10.5.3-1 / PS3.4 C-STORE statuses).
+FAILURE_PROCESSING = 0x0110
+FAILURE_SOP_CLASS_UNSUPPORTED = 0x0122
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+FAILURE_STUDY_MISMATCH = 0xA900  # "Data Set does not match SOP Class" family: the UID conflicts with the URL
+#: Extra return keys asked for with includefield=all (beyond each level's required ones).
+ALL_EXTRA = {
+    "STUDY": ("00081030", "00080061", "00080062", "00101010", "00101020", "00101030", "00321060"),
+    "SERIES": ("00080021", "00080031", "00181030", "00180015", "00200060", "00081050"),
+    "IMAGE": ("00080008", "00080023", "00080033", "00200020", "00200032", "00200037", "00280004"),
+}
+#: C-STORE failures that say nothing about the request (PACS down or full).
+_UNAVAILABLE = (FAILURE_PROCESSING, 0xA700, 0xA701, 0xA702, 0xC001, 0xC002)
+
+
+class DicomWebBridge(Middleware):
+    def __init__(self, name, reactor, storage, *, metadata_ttl=300.0, render_quality=90, stow_concurrency=4):
+        super().__init__(name)
+        self.stow_concurrency = stow_concurrency
+        self.reactor = reactor
+        self.storage = storage
+        self.cache = MetadataCache(storage / "metadata", reactor, metadata_ttl)
+        self.render_quality = render_quality
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        storage = options.path("storage_dir", None) or (ctx.storage_path / "dicomweb-bridge" / name)
+        return cls(name, ctx.reactor, storage,
+                   metadata_ttl=options.number("metadata_cache_secs", 300.0, minimum=0),
+                   render_quality=options.int("jpeg_quality", 90, minimum=1, maximum=100),
+                   stow_concurrency=options.int("stow_concurrency", 4, minimum=1, maximum=64))
+
+    # ------------------------------------------------------------------ requests
+
+    def on_request(self, request):
+        dw = request.context.get("dicomweb")
+        if dw is None:
+            return request
+        if dw.aet:
+            self._route_aet(request, dw.aet)
+        if dw.service == QIDO:
+            return self._qido_request(request, dw)
+        if dw.service == STOW:
+            return self._stow(request, dw)
+        return self._wado_request(request, dw)
+
+    def _route_aet(self, request, aet):
+        """``/aets/{aet}/rs``: the pipeline backend named *aet*, or whose PACS
+        has that AE title (a pipeline may hold one dicom_scu backend per PACS)."""
+        pipeline = request.context.get("pipeline")
+        for backend in getattr(pipeline, "backends", ()):
+            titles = {p.aet for p in getattr(backend, "peers", ())}
+            if backend.name == aet or aet in titles:
+                request.metadata["backend"] = backend.name
+                return
+        raise NotFound(f"no PACS with AE title {aet!r} behind this DICOMweb service")
+
+    def _qido_request(self, request, dw):
+        q = dw.query
+        identifier = copy.deepcopy(request.normalized or {})
+        keys = qido.return_keys(dw.level, q, study_in_path=bool(dw.study_uid), series_in_path=bool(dw.series_uid))
+        keys += ["0020000D"] + (["0020000E"] if dw.level != "STUDY" else [])
+        if q.include_all:
+            keys += list(ALL_EXTRA[dw.level])
+        for tag in keys:
+            identifier.setdefault(tag, {"vr": qido.vr_of(tag)})
+        # DIMSE has no RetrieveURL; it is built from the UIDs on the way back.
+        identifier.pop("00081190", None)
+        identifier["00080052"] = {"vr": "CS", "Value": [dw.level]}
+        request.normalized = identifier
+        request.metadata["dimse_op"] = C_FIND
+        request.metadata["query_level"] = dw.level
+        return request
+
+    def _wado_request(self, request, dw):
+        if dw.resource in ("study", "series", "instance") and dw.transfer_syntax not in (
+                None, "*", ExplicitVRLittleEndian):
+            raise NotAcceptable(f"this proxy serves instances as stored (transfer-syntax=*) or as "
+                                f"{ExplicitVRLittleEndian}; it does not transcode to {dw.transfer_syntax}")
+        if dw.resource == "metadata":
+            key = self._metadata_key(dw)
+            cached = self.cache.get(key)
+            if cached is not None:
+                return self._metadata_response(request, dw, cached)
+            waiting = self.cache.join(key)
+            if waiting is not None:
+                return waiting.addCallback(lambda body: self._metadata_response(request, dw, body))
+            request.context["dicomweb.cache_key"] = key
+            pipeline = request.context.get("pipeline")
+            if pipeline is not None:
+                # Fetch here rather than let the pipeline carry on: a backend
+                # failure would skip on_response and leave the waiters hanging.
+                self._prepare_retrieve(request, dw)
+                return self._fetch_metadata(pipeline, request, dw, key)
+        return self._prepare_retrieve(request, dw)
+
+    def _prepare_retrieve(self, request, dw):
+        identifier = {"00080052": {"vr": "CS", "Value": [dw.level]}}
+        for tag, uid in (("0020000D", dw.study_uid), ("0020000E", dw.series_uid), ("00080018", dw.instance_uid)):
+            if uid:
+                identifier[tag] = {"vr": "UI", "Value": [uid]}
+        request.normalized = identifier
+        request.metadata["dimse_op"] = C_GET
+        request.metadata["query_level"] = dw.level
+        return request
+
+    @defer.inlineCallbacks
+    def _fetch_metadata(self, pipeline, request, dw, key):
+        try:
+            response = yield pipeline.send_after(self, request)
+            result = yield defer.maybeDeferred(self._respond, request, dw, response).addErrback(_as_backend_error)
+        except BaseException:
+            self.cache.settle(key, Failure())
+            raise
+        if self.cache.running(key):  # an error response some step made: waiters get it too
+            self.cache.settle(key, Failure(HarmonyError("metadata fetch failed", status=result.status)))
+        return result
+
+    # ------------------------------------------------------------------ responses
+
+    def on_response(self, request, response):
+        dw = request.context.get("dicomweb")
+        if dw is None or dw.service == STOW:
+            return response
+        key = request.context.get("dicomweb.cache_key")
+        d = defer.maybeDeferred(self._respond, request, dw, response)
+        d.addErrback(_as_backend_error)
+        if key is not None:
+            def settle_failure(failure):
+                self.cache.settle(key, failure)
+                return failure
+            d.addErrback(settle_failure)
+        return d
+
+    def _respond(self, request, dw, response):
+        stream = response.context.get("dicom_results")
+        if stream is None:
+            if response.status >= 400:
+                return response  # an error some other step made; pass it on
+            raise ConfigurationFailure("the dicomweb_bridge needs a DIMSE backend (dicom_scu) behind it")
+        if response.status >= 400:
+            return self._failed_retrieve(request, dw, response)
+        if dw.service == QIDO:
+            return self._qido_response(request, dw, stream)
+        if dw.resource in ("study", "series", "instance"):
+            return self._retrieve_response(request, dw, stream)
+        if dw.resource == "metadata":
+            return self._metadata_fetch(request, dw, stream)
+        return self._single_instance_response(request, dw, stream)
+
+    @defer.inlineCallbacks
+    def _failed_retrieve(self, request, dw, response):
+        """A PACS often fails a C-GET for UIDs it does not have (Orthanc: 0xC000)
+        instead of completing with no sub-operations; ask with a C-FIND whether
+        the entity exists, so the client gets 404 rather than 502."""
+        error = BackendUnavailable(_dimse_detail(response), status=response.status)
+        if dw.service != WADO or response.status < 500 or request.context.get("pipeline") is None:
+            raise error
+        identifier = dict(request.normalized or {})
+        identifier["00080052"] = {"vr": "CS", "Value": [dw.level]}
+        probe = RequestEnvelope(method="GET", path=request.path, subpath=request.subpath,
+                                metadata={**request.metadata, "dimse_op": C_FIND, "query_level": dw.level},
+                                normalized=identifier, client_ip=request.client_ip)
+        try:
+            found = yield request.context["pipeline"].send_after(self, probe)
+            stream = found.context.get("dicom_results")
+            first = (yield stream.next()) if stream is not None and found.status < 400 else "unknown"
+        except Exception:  # noqa: BLE001 - the probe is best effort; the retrieve's own error stands
+            raise error from None
+        if first is None:
+            raise NotFound("no such study, series or instance")
+        if stream is not None:
+            stream.cancel()
+            release_rest(stream)
+        raise error
+
+    @defer.inlineCallbacks
+    def _qido_response(self, request, dw, stream):
+        q = dw.query
+        skip, take = q.offset, q.limit
+        results, more = [], False
+        while True:
+            item = yield stream.next()
+            if item is None:
+                break
+            if skip:
+                skip -= 1
+                continue
+            if take is not None and len(results) >= take:
+                more = True
+                stream.cancel()
+                release_rest(stream)
+                break
+            results.append(self._qido_item(dw, item))
+        if not more and _failed(stream):
+            raise BackendUnavailable(f"the PACS ended the C-FIND with status 0x{stream.status or 0:04X}"
+                                     + (f": {stream.error_comment}" if stream.error_comment else ""))
+        headers = Headers()
+        if more:
+            headers.addRawHeader("Warning", '299 harmony "There are additional results that can be requested"')
+        return ResponseEnvelope.json(200, results, "application/dicom+json", headers)
+
+    def _qido_item(self, dw, ds) -> dict:
+        doc = find_result_to_json(ds)
+        study = _uid(doc, "0020000D") or dw.study_uid
+        series = _uid(doc, "0020000E") or dw.series_uid
+        sop = _uid(doc, "00080018")
+        if study and (dw.level == "STUDY" or series) and (dw.level != "IMAGE" or sop):
+            path = resource_path(study, series if dw.level != "STUDY" else None, sop if dw.level == "IMAGE" else None)
+            doc["00081190"] = {"vr": "UR", "Value": [dw.base_url + path]}
+        return dict(sorted(doc.items()))
+
+    @defer.inlineCallbacks
+    def _retrieve_response(self, request, dw, stream):
+        first = yield stream.next()
+        if first is None:
+            raise _nothing_retrieved(stream)
+        target = dw.transfer_syntax
+        try:
+            # The first part is made ready before the head goes out, so an
+            # instance this proxy cannot decode is still a clean error.
+            ready = yield self._instance_part(first, target, dw)
+        except Exception as e:  # noqa: BLE001 - any decoder failure
+            stream.cancel()
+            release_rest(stream)
+            raise NotAcceptable(f"cannot convert the stored instance to {ExplicitVRLittleEndian} "
+                                f"({type(e).__name__}); ask with transfer-syntax=*") from None
+        pending = [ready]
+
+        def next_part():
+            if pending:
+                return defer.succeed(pending.pop())
+            return stream.next().addCallback(self._instance_part, target, dw)
+
+        def on_stop():
+            stream.cancel()
+            release_rest(stream)
+
+        writer = MultipartWriter(next_part, acc.DICOM, on_stop=on_stop)
+        return ResponseEnvelope(200, Headers({"Content-Type": [writer.content_type]}), writer,
+                                metadata={"dimse_status": _status(stream)})
+
+    def _instance_part(self, item, target, dw):
+        if item is None:
+            return defer.succeed(None)
+        where = {"Content-Location": dw.base_url + resource_path(
+            item.study_instance_uid or dw.study_uid, item.series_instance_uid or dw.series_uid,
+            item.sop_instance_uid)}
+        if target == "*" or item.transfer_syntax_uid == (target or ExplicitVRLittleEndian):
+            return defer.succeed(Part(f"{acc.DICOM}; transfer-syntax={item.transfer_syntax_uid}", path=item.path,
+                                      headers=where, release=item.release))
+
+        def done(path):
+            item.release()
+            return Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path, headers=where,
+                        release=lambda: _unlink(path))
+
+        def failed(failure):
+            item.release()
+            return failure
+        return threads.deferToThread(transcode, item.path, self.storage).addCallbacks(done, failed)
+
+    # -- metadata
+    def _metadata_key(self, dw) -> str:
+        # The AE title is part of the key: two PACS behind /aets/{aet}/rs may hold different data.
+        return f"metadata:{dw.aet or ''}:" + resource_path(dw.study_uid, dw.series_uid, dw.instance_uid)
+
+    @defer.inlineCallbacks
+    def _metadata_fetch(self, request, dw, stream):
+        key = request.context.get("dicomweb.cache_key")
+        docs = []
+        try:
+            while True:
+                item = yield stream.next()
+                if item is None:
+                    break
+                try:
+                    base = BASE_PLACEHOLDER + resource_path(item.study_instance_uid or dw.study_uid,
+                                                           item.series_instance_uid or dw.series_uid,
+                                                           item.sop_instance_uid)
+                    docs.append((yield threads.deferToThread(instance_metadata, item.path, base)))
+                finally:
+                    item.release()
+        except Exception:
+            stream.cancel()
+            release_rest(stream)
+            raise
+        if not docs:
+            raise _nothing_retrieved(stream)
+        docs.sort(key=lambda d: (_int(d, "00200013"), _uid(d, "00080018") or ""))
+        body = json.dumps(docs, separators=(",", ":")).encode("utf-8")
+        if key is not None:
+            self.cache.put(key, body)
+            self.cache.settle(key, body)
+        return self._metadata_response(request, dw, body)
+
+    def _metadata_response(self, request, dw, body: bytes) -> ResponseEnvelope:
+        body = with_base(body, dw.base_url)
+        etag = etag_for(body)
+        headers = Headers({"ETag": [etag], "Cache-Control": ["private, no-cache"]})
+        if etag in [t.strip() for t in (request.header("if-none-match") or "").split(",")]:
+            return ResponseEnvelope(304, headers, b"")
+        headers.setRawHeaders("Content-Type", ["application/dicom+json"])
+        return ResponseEnvelope(200, headers, body)
+
+    # -- frames, bulkdata, rendered, thumbnail: one instance
+    @defer.inlineCallbacks
+    def _single_instance_response(self, request, dw, stream):
+        item = yield stream.next()
+        if item is None:
+            raise _nothing_retrieved(stream)
+        stream.cancel()  # a series/study thumbnail needs only the first instance
+        release_rest(stream)
+        try:
+            if dw.resource == "frames":
+                frames, ts = yield threads.deferToThread(self._frames, item, dw)
+            elif dw.resource == "bulkdata":
+                data = yield threads.deferToThread(bulk_value, item.path, dw.bulk_path)
+                frames, ts = [data], None
+            else:
+                frame = dw.frames[0] if dw.frames else 1
+                image = yield threads.deferToThread(render, item.path, frame, dw.accept,
+                                                    thumbnail=dw.resource == "thumbnail",
+                                                    quality=self.render_quality)
+                return ResponseEnvelope(200, Headers({"Content-Type": [dw.accept]}), image)
+        finally:
+            item.release()
+        ctype = dw.accept + (f"; transfer-syntax={ts}" if ts and dw.accept == acc.OCTET else "")
+        if not dw.multipart:
+            return ResponseEnvelope(200, Headers({"Content-Type": [ctype]}), frames[0])
+        body, content_type = multipart_bytes([Part(ctype, data=f) for f in frames], dw.accept)
+        return ResponseEnvelope(200, Headers({"Content-Type": [content_type]}), body)
+
+    def _frames(self, item, dw):
+        if dw.accept in (acc.JPEG, acc.PNG):
+            return [render(item.path, f, dw.accept, quality=self.render_quality) for f in dw.frames], None
+        return extract_frames(item.path, dw.frames, dw.transfer_syntax)
+
+    # ------------------------------------------------------------------ STOW
+
+    @defer.inlineCallbacks
+    def _stow(self, request, dw):
+        pipeline = request.context.get("pipeline")
+        if pipeline is None:
+            raise ConfigurationFailure("dicomweb_bridge STOW needs to run inside a pipeline")
+        boundary = request.metadata.get("dicomweb.boundary")
+        if not boundary:
+            raise BadRequest("STOW-RS needs a multipart/related body with a boundary")
+        parser = StowParser(boundary, self.storage / "stow")
+        parts = yield parse_body(request.body, parser)
+        if not parts:
+            raise BadRequest("the multipart body has no parts")
+        referenced, failed = [], []
+        # A few C-STOREs in flight at once: each is a network round trip to the
+        # PACS, and the backend keeps a pool of associations for exactly this.
+        limiter = defer.DeferredSemaphore(self.stow_concurrency)
+        try:
+            outcomes = yield defer.gatherResults(
+                [limiter.run(self._store_part, pipeline, request, dw, part) for part in parts], consumeErrors=True)
+        finally:
+            for part in parts:
+                part.release()
+        reasons = []
+        for ok, entry, reason in outcomes:
+            (referenced if ok else failed).append(entry)
+            if not ok:
+                reasons.append(reason)
+        doc = {}
+        if dw.study_uid:
+            doc["00081190"] = {"vr": "UR", "Value": [dw.base_url + resource_path(dw.study_uid)]}
+        if failed:
+            doc["00081198"] = {"vr": "SQ", "Value": failed}
+        if referenced:
+            doc["00081199"] = {"vr": "SQ", "Value": referenced}
+        if not failed:
+            status = 200
+        elif referenced:
+            status = 202
+        elif all(r in _UNAVAILABLE for r in reasons):
+            status = 503  # nothing stored because the PACS could not take it, not because of the request
+        else:
+            status = 409
+        return ResponseEnvelope.json(status, doc, "application/dicom+json")
+
+    @defer.inlineCallbacks
+    def _store_part(self, pipeline, request, dw, part):
+        ctype = acc.parse_media_range(part.content_type)[0] if part.content_type else acc.DICOM
+        try:
+            if ctype != acc.DICOM:
+                raise ValueError("not application/dicom")
+            instance = yield threads.deferToThread(_describe, part.path)
+        except Exception:  # noqa: BLE001 - any unreadable part is that part's failure, not the request's
+            return False, _failed_entry("", "", FAILURE_CANNOT_UNDERSTAND), FAILURE_CANNOT_UNDERSTAND
+        sop_class, sop = instance.sop_class_uid, instance.sop_instance_uid
+        if not (is_uid(sop) and is_uid(instance.study_instance_uid)):
+            return False, _failed_entry(sop_class, sop, FAILURE_CANNOT_UNDERSTAND), FAILURE_CANNOT_UNDERSTAND
+        if dw.study_uid and instance.study_instance_uid != dw.study_uid:
+            return False, _failed_entry(sop_class, sop, FAILURE_STUDY_MISMATCH), FAILURE_STUDY_MISMATCH
+        sub = RequestEnvelope(method="POST", path=request.path, subpath=request.subpath,
+                              metadata={**request.metadata, "dimse_op": C_STORE},
+                              context={"instance": instance, "dicomweb": dw}, client_ip=request.client_ip,
+                              scheme=request.scheme, host=request.host)
+        sub.metadata.pop("query_level", None)
+        try:
+            response = yield pipeline.send_after(self, sub)
+        except HarmonyError as e:
+            log.warn("dicomweb_bridge {name}: C-STORE failed: {error}", name=self.name, error=e.detail)
+            return False, _failed_entry(sop_class, sop, FAILURE_PROCESSING), FAILURE_PROCESSING
+        stream = response.context.get("dicom_results")
+        status = stream.status if stream is not None else None
+        if status is None or _failed(stream) or response.status >= 400:
+            reason = status if status not in (None, 0) else FAILURE_PROCESSING
+            return False, _failed_entry(sop_class, sop, reason), reason
+        entry = {"00081150": {"vr": "UI", "Value": [sop_class]}, "00081155": {"vr": "UI", "Value": [sop]},
+                 "00081190": {"vr": "UR", "Value": [dw.base_url + resource_path(
+                     instance.study_instance_uid, instance.series_instance_uid, sop)]}}
+        if status != 0:
+            entry["00081196"] = {"vr": "US", "Value": [status]}  # WarningReason
+        return True, entry, None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _describe(path) -> DicomInstance:
+    ds = dcmread(path, stop_before_pixels=True,
+                 specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+    meta = ds.file_meta
+    return DicomInstance(path=path, sop_class_uid=str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
+                         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")),
+                         transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+                         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+                         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+                         size=os.path.getsize(path))
+
+
+def transcode(path, folder) -> str:
+    """Re-encode a Part-10 file as Explicit VR Little Endian (decompressing if
+    needed) into a new file; blocking."""
+    ds = dcmread(path)
+    if UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed:
+        ds.decompress()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    os.makedirs(folder, exist_ok=True)
+    fd, out = tempfile.mkstemp(prefix="transcoded-", suffix=".dcm", dir=str(folder))
+    os.close(fd)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _failed_entry(sop_class, sop, reason) -> dict:
+    entry = {}
+    if sop_class:
+        entry["00081150"] = {"vr": "UI", "Value": [sop_class]}
+    if sop:
+        entry["00081155"] = {"vr": "UI", "Value": [sop]}
+    entry["00081197"] = {"vr": "US", "Value": [int(reason)]}
+    return entry
+
+
+def _failed(stream) -> bool:
+    from harmony.dicom.net import is_failure
+    return stream.status is not None and is_failure(stream.status)
+
+
+def _as_backend_error(failure):
+    """A result stream that broke (the PACS association died mid-answer) is the
+    backend's failure (502), not this middleware's."""
+    if failure.check(HarmonyError, defer.CancelledError):
+        return failure
+    raise BackendUnavailable(f"the PACS answer broke off: {failure.getErrorMessage()}")
+
+
+def _nothing_retrieved(stream) -> HarmonyError:
+    """The error for a retrieve that produced no instance: the PACS failed, or nothing matched."""
+    if _failed(stream):
+        return BackendUnavailable(f"the PACS ended the retrieve with status 0x{stream.status or 0:04X}")
+    return NotFound("no instances match")
+
+
+def _status(stream) -> str:
+    return "" if stream.status is None else f"0x{stream.status:04X}"
+
+
+def _uid(doc, tag):
+    v = doc.get(tag, {}).get("Value")
+    return str(v[0]).rstrip("\0 ") if v else None
+
+
+def _int(doc, tag):
+    v = doc.get(tag, {}).get("Value")
+    try:
+        return int(v[0]) if v else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def _dimse_detail(response) -> str:
+    if isinstance(response.normalized, dict):
+        doc = response.normalized
+        status = doc.get("dimse_status")
+        comment = doc.get("error_comment")
+        detail = f"the PACS answered {doc.get('dimse_op', 'DIMSE')} with status 0x{status or 0:04X}"
+        return detail + (f": {comment}" if comment else "")
+    return "the PACS could not serve the request"
