@@ -42,5 +42,13 @@ def file_observer(path: str, fmt: str = "text"):
     else:
         stream = io.open(path, "a", encoding="utf-8")
     if fmt == "json":
-        return jsonFileLogObserver(stream), stream
+        # No record separator: one JSON object per line ("JSON lines"), which
+        # jq, Loki, Vector and friends read as is.
+        return jsonFileLogObserver(stream, recordSeparator=""), stream
     return textFileLogObserver(stream), stream
+
+
+def json_stdout_observer():
+    """JSON lines on stdout in place of twistd's text log:
+    ``twistd -n --logger=harmony.log.json_stdout_observer harmony -c ...``."""
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")

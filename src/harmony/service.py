@@ -77,9 +77,11 @@ class LoggingService(Service):
     def startService(self):
         super().startService()
         s = self.settings
-        if s.get("log_to_file") or s.get("format") == "json":
-            path = s.get("log_file_path", "-") if s.get("log_to_file") else "-"
-            if path != "-" and not Path(path).is_absolute():
+        # twistd's own observer keeps writing to stdout/--logfile; this adds the
+        # file [logging] names (the loader resolved and checked its path).
+        if s.get("log_to_file"):
+            path = s["log_file_path"]
+            if not Path(path).is_absolute():
                 path = str(self.base_dir / path)
             self._observer, self._stream = hlog.file_observer(path, s.get("format", "text"))
             globalLogPublisher.addObserver(self._observer)

@@ -27,6 +27,7 @@ COMPONENT_TABLES = ("pipelines", "endpoints", "backends", "middleware", "targets
 TYPE_TABLES = {"services": None, "endpoint_types": "endpoint", "service_types": None,
                "backend_types": "backend", "middleware_types": "middleware"}
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 
 
 def read_toml(path: Path, problems: list) -> dict | None:
@@ -136,6 +137,39 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
         key = _resolve(Path(source).parent, tls.get("key", tls["cert"]))
         listen = f"ssl:{port}:interface={iface}:certKey={cert}:privateKey={key}"
     return NetworkConfig(name=name, source=source, listen=listen, raw=table)
+
+
+def _logging(raw, source: str, base: Path, problems: list) -> dict:
+    """``[logging]``: ``log_to_file``, ``log_file_path`` (relative to the config
+    file), ``format`` (``text`` or ``json`` lines).  Checked here so a typo is a
+    refusal to start, not a log file that silently never appears."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(source, "logging", "must be a table"))
+        return {}
+    out = dict(raw)
+    to_file = raw.get("log_to_file", False)
+    if not isinstance(to_file, bool):
+        problems.append(Problem(source, "logging.log_to_file", f"must be true or false, got {to_file!r}"))
+        to_file = False
+    fmt = raw.get("format", "text")
+    if fmt not in LOG_FORMATS:
+        problems.append(Problem(source, "logging.format", f"must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}"))
+    path = raw.get("log_file_path")
+    if path is not None and (not isinstance(path, str) or not path):
+        problems.append(Problem(source, "logging.log_file_path", "must be a file path string"))
+        path = None
+    if to_file:
+        if path is None:
+            problems.append(Problem(source, "logging.log_file_path", "is required when log_to_file = true"))
+        else:
+            resolved = _resolve(base, path)
+            if not resolved.parent.is_dir():
+                problems.append(Problem(source, "logging.log_file_path",
+                                        f"folder {resolved.parent} does not exist"))
+            out["log_file_path"] = str(resolved)
+    out["log_to_file"] = to_file
+    out["format"] = fmt
+    return out
 
 
 def load_config(path: str | Path) -> HarmonyConfig:
@@ -252,7 +286,8 @@ def load_config(path: str | Path) -> HarmonyConfig:
         path=path, base_dir=base, proxy=proxy, networks=networks,
         pipelines=tables["pipelines"], endpoints=tables["endpoints"], backends=tables["backends"],
         middleware=tables["middleware"], targets=tables["targets"],
-        management=section("management"), storage=section("storage"), logging=section("logging"),
+        management=section("management"), storage=section("storage"),
+        logging=_logging(main.get("logging", {}), src, base, problems),
         custom_types=custom_types, files=files, raw={str(f): d for f, d in documents},
     )
     if problems:
