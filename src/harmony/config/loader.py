@@ -133,8 +133,9 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
     listen = f"tcp:{port}:interface={iface}"
     tls = http.get("tls") or table.get("tls")
     if isinstance(tls, dict) and tls.get("cert"):
-        cert = _resolve(Path(source).parent, tls["cert"])
-        key = _resolve(Path(source).parent, tls.get("key", tls["cert"]))
+        # Colons separate endpoint-string fields, so they are escaped in paths too.
+        cert = str(_resolve(Path(source).parent, tls["cert"])).replace(":", "\\:")
+        key = str(_resolve(Path(source).parent, tls.get("key", tls["cert"]))).replace(":", "\\:")
         listen = f"ssl:{port}:interface={iface}:certKey={cert}:privateKey={key}"
     return NetworkConfig(name=name, source=source, listen=listen, raw=table)
 

@@ -111,7 +111,11 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     request.notifyFinish().addErrback(client_gone)
 
     def finished(result):
-        request.unregisterProducer()
+        if request.channel is not None:  # None once the client has gone
+            request.unregisterProducer()
+        if getattr(request, "_disconnected", False):
+            done.callback(None)  # we stopped the stream ourselves (client_gone)
+            return None
         if isinstance(result, Failure):
             # Headers are gone already; the only honest signal left is to cut
             # the connection so the client sees a truncated body, not a whole one.

@@ -1,0 +1,204 @@
+"""Networks: TLS listeners, and clients that leave mid-request."""
+
+import datetime
+import ipaddress
+import json
+
+import pytest
+import pytest_twisted
+import treq
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
+
+SAFETY = 20  # seconds: only a guard against hanging forever, never a synchronisation
+
+
+def self_signed(folder):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "harmony-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (folder / "cert.pem").write_bytes(cert_pem)
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return cert_pem
+
+
+ECHO = """
+[pipelines.echo]
+networks = ["default"]
+endpoints = ["e"]
+backends = ["b"]
+[endpoints.e]
+service = "http"
+[endpoints.e.options]
+path_prefix = "/echo"
+[backends.b]
+service = "echo"
+"""
+
+LISTEN = '[network.default]\nlisten = "ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"\n'
+HTTP_TLS = ('[network.default.http]\nbind_address = "127.0.0.1"\nbind_port = 0\n'
+            '[network.default.http.tls]\ncert = "cert.pem"\nkey = "key.pem"\n')
+
+
+@pytest.mark.parametrize("style", ["listen", "http.tls"])
+@pytest_twisted.ensureDeferred
+async def test_tls_listener(tmp_path, style):
+    cert_pem = self_signed(tmp_path)
+    network = (LISTEN.format(key=tmp_path / "key.pem", cert=tmp_path / "cert.pem") if style == "listen"
+               else HTTP_TLS)
+    main = MINIMAL_MAIN.split("[network.default.http]")[0] + network
+    running = await start_harmony(write_config(tmp_path, main, {"e": ECHO}))
+    try:
+        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(cert_pem)))
+        client = treq.client.HTTPClient(agent)
+        resp = await client.get(f"https://127.0.0.1:{running.port()}/echo/secure?x=1")
+        doc = json.loads(await resp.content())
+        assert resp.code == 200 and doc["subpath"] == "/secure"
+        # Plain HTTP on the TLS port gets no HTTP answer.
+        with pytest.raises(Exception):
+            await treq.get(f"http://127.0.0.1:{running.port()}/echo").addTimeout(SAFETY, reactor)
+    finally:
+        await running.stop()
+
+
+# ----------------------------------------------------------- clients that leave
+
+
+class Hanging(Resource):
+    """Upstream that never answers; reports arrival and loss of the request."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.arrived = defer.Deferred()
+        self.gone = defer.Deferred()
+
+    def _finished(self, result):
+        # Fires with None when the response finished, a Failure when the connection was lost.
+        self.gone.callback("finished" if result is None else type(result.value).__name__)
+
+    def render(self, request):
+        request.notifyFinish().addBoth(self._finished)
+        self.arrived.callback(None)
+        return NOT_DONE_YET
+
+
+class Endless:
+    """A pull producer writing an endless body: only flow control stops it."""
+
+    def __init__(self, request):
+        self.request = request
+        self.chunk = b"x" * 65536
+
+    def resumeProducing(self):
+        self.request.write(self.chunk)
+
+    def stopProducing(self):
+        pass
+
+
+class Streaming(Hanging):
+    def render(self, request):
+        request.notifyFinish().addBoth(self._finished)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.registerProducer(Endless(request), False)
+        return NOT_DONE_YET
+
+
+class RawClient(Protocol):
+    """Sends one request, reports once *enough* response bytes arrived."""
+
+    def __init__(self, request: bytes, enough: int = 0):
+        self.request = request
+        self.enough = enough
+        self.received = 0
+        self.got_enough = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        if self.enough and self.received >= self.enough and not self.got_enough.called:
+            self.got_enough.callback(self.received)
+
+
+PROXY = """
+[pipelines.proxy]
+networks = ["default"]
+endpoints = ["api"]
+backends = ["up"]
+[endpoints.api]
+service = "http"
+[endpoints.api.options]
+path_prefix = "/api"
+[backends.up]
+service = "http"
+[backends.up.options]
+base_url = "{upstream}"
+timeout_secs = 60
+"""
+
+
+async def proxy_to(tmp_path, resource):
+    port = listen(resource)
+    path = write_config(tmp_path, MINIMAL_MAIN, {"p": PROXY.format(upstream=f"http://127.0.0.1:{port.getHost().port}")})
+    return port, await start_harmony(path)
+
+
+async def connect(running, client):
+    return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", running.port()), client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_before_response_cancels_upstream_request(tmp_path):
+    upstream = Hanging()
+    port, running = await proxy_to(tmp_path, upstream)
+    try:
+        client = await connect(running, RawClient(b"GET /api/wait HTTP/1.1\r\nHost: h\r\n\r\n"))
+        await upstream.arrived.addTimeout(SAFETY, reactor)
+        client.transport.abortConnection()
+        outcome = await upstream.gone.addTimeout(SAFETY, reactor)
+        assert outcome in ("ConnectionDone", "ConnectionLost")  # the upstream saw its connection close
+    finally:
+        await running.stop()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_mid_stream_closes_upstream(tmp_path):
+    upstream = Streaming()
+    port, running = await proxy_to(tmp_path, upstream)
+    try:
+        client = await connect(running, RawClient(b"GET /api/stream HTTP/1.1\r\nHost: h\r\n\r\n", 1024 * 1024))
+        received = await client.got_enough.addTimeout(SAFETY, reactor)
+        assert received >= 1024 * 1024
+        client.transport.abortConnection()
+        outcome = await upstream.gone.addTimeout(SAFETY, reactor)
+        assert outcome in ("ConnectionDone", "ConnectionLost")
+    finally:
+        await running.stop()
+        await port.stopListening()
