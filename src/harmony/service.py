@@ -37,10 +37,14 @@ class NetworkService(Service):
         self.port = None
         self.listening: defer.Deferred | None = None
 
+    def listen(self) -> defer.Deferred:
+        """Start listening; fires with the ``IListeningPort``.  Worker processes
+        override this to adopt the main process's socket instead."""
+        return serverFromString(self.reactor, self.description).listen(self.site)
+
     def startService(self):
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
-        self.listening = endpoint.listen(self.site)
+        self.listening = self.listen()
 
         def up(port):
             self.port = port
@@ -96,7 +100,12 @@ class LoggingService(Service):
 
 
 class HarmonyService(MultiService):
-    def __init__(self, runtime: Runtime, reactor):
+    """*network_factory* builds each network's service (worker processes pass
+    one that adopts inherited sockets); *own_listeners* is False in workers,
+    because endpoints with listeners of their own (DIMSE) run in the main
+    process only."""
+
+    def __init__(self, runtime: Runtime, reactor, *, network_factory=NetworkService, own_listeners=True):
         super().__init__()
         self.runtime = runtime
         self.reactor = reactor
@@ -108,10 +117,10 @@ class HarmonyService(MultiService):
             if not net.listen:
                 continue
             router = PrefixRouter(name, runtime.routes.get(name, []))
-            svc = NetworkService(name, net.listen, router, reactor)
+            svc = network_factory(name, net.listen, router, reactor)
             svc.setServiceParent(self)
             self.networks[name] = svc
-        for endpoint, pipeline in runtime.listeners():
+        for endpoint, pipeline in (runtime.listeners() if own_listeners else ()):
             endpoint.pipeline = pipeline
             if isinstance(endpoint, Service):
                 endpoint.setServiceParent(self)
@@ -143,4 +152,16 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         reactor = default_reactor
     config = load_config(config_path)
     runtime = build_runtime(config, reactor)
-    return HarmonyService(runtime, reactor)
+    service = HarmonyService(runtime, reactor)
+
+    def not_listening(failure):
+        # A proxy that cannot bind its port must not linger looking healthy:
+        # stop, so the supervisor (systemd) sees it and says why.
+        log.critical("stopping: not every network could listen")
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
+    if config.proxy.workers > 1:
+        from harmony.workers import WorkerPool
+        WorkerPool(config.path, config.proxy.workers - 1, service, reactor).setServiceParent(service)
+    return service

@@ -1,0 +1,161 @@
+"""``[proxy] workers = N``: a real twistd with worker processes sharing its socket."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.harness import MINIMAL_MAIN, write_config
+from tests.peers import free_port
+
+BIN = Path(sys.executable).parent
+ECHO = """
+[pipelines.echo]
+networks = ["default"]
+endpoints = ["e"]
+backends = ["b"]
+[endpoints.e]
+service = "http"
+[endpoints.e.options]
+path_prefix = "/echo"
+[backends.b]
+service = "echo"
+"""
+SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving default")
+
+
+class Output:
+    """Reads a process's output line by line, keeping everything read."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.lines = []
+
+    def until(self, pattern, count=1):
+        """Read until *pattern* has matched *count* lines (in total); return the matches."""
+        regex = re.compile(pattern)
+        matches = [m for m in map(regex.search, self.lines) if m]
+        while len(matches) < count:
+            line = self.proc.stdout.readline()
+            if not line:
+                pytest.fail(f"process exited before {pattern!r}:\n" + "".join(self.lines))
+            self.lines.append(line)
+            m = regex.search(line)
+            if m:
+                matches.append(m)
+        return matches
+
+    def text(self):
+        return "".join(self.lines)
+
+
+def get(port, path="/echo/x", context=None):
+    scheme = "https" if context else "http"
+    with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}{path}", timeout=30, context=context) as resp:
+        return resp.status, resp.read()
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_workers_share_the_socket_restart_and_stop_with_twistd(tmp_path):
+    port = free_port()
+    main = MINIMAL_MAIN.replace("bind_port = 0", f"bind_port = {port}").replace(
+        'log_level = "debug"', 'log_level = "info"\nworkers = 3')
+    path = write_config(tmp_path, main, {"e": ECHO})
+    proc = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "harmony", "-c", str(path)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Output(proc)
+    try:
+        out.until(r"network default listening on")
+        workers = {int(m[1]): int(m[2]) for m in out.until(SERVING.pattern, 2)}
+        assert sorted(workers) == [1, 2] and proc.pid not in workers.values()
+        assert get(port)[0] == 200
+
+        # With the main process frozen, only the workers can accept: requests
+        # still succeed, so they really serve the shared socket.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(4):
+                status, body = get(port, "/echo/frozen")
+                assert status == 200 and b'"subpath":"/frozen"' in body
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        frozen = out.until(r"GET /echo/frozen 200", 4)
+        assert all("[worker-" in m.string for m in frozen), [m.string for m in frozen]
+
+        # A worker that dies is replaced.
+        os.kill(workers[1], signal.SIGKILL)
+        out.until(r"worker 1 exited unexpectedly .*signal 9.*restarting")
+        restarted = {int(m[1]): int(m[2]) for m in out.until(SERVING.pattern, 3)}
+        assert restarted[1] != workers[1]
+        assert get(port)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        out.lines.append(rest)
+    text = out.text()
+    assert proc.returncode in (0, -signal.SIGTERM), text
+    assert "Server Shut Down." in text
+    assert "worker 1 stopped" in text and "worker 2 stopped" in text
+    assert "Traceback" not in text
+    for pid in list(workers.values()) + list(restarted.values()):
+        assert not alive(pid), pid
+
+
+def test_workers_value_is_checked(tmp_path):
+    from harmony.config import ConfigErrors, load_config
+    path = write_config(tmp_path, MINIMAL_MAIN.replace("[proxy]", "[proxy]\nworkers = 0"))
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    assert "[proxy.workers]: must be an integer 1-256, got 0" in str(info.value)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_worker_serves_adopted_socket_and_exits_when_parent_vanishes(tmp_path, tls):
+    """Run a worker by hand with a pipe as stdin: it serves the socket it was
+    given (with TLS for an ssl: network), and closing the pipe (the parent
+    dying) stops it."""
+    import socket
+    import ssl
+
+    from tests.test_network import self_signed
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    main = MINIMAL_MAIN.replace('log_level = "debug"', 'log_level = "info"')
+    context = None
+    if tls:
+        self_signed(tmp_path)
+        main = main.split("[network.default.http]")[0] + (
+            f'[network.default]\nlisten = "ssl:0:interface=127.0.0.1:privateKey={tmp_path}/key.pem:'
+            f'certKey={tmp_path}/cert.pem"\n')
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    path = write_config(tmp_path, main, {"e": ECHO})
+    code = "import sys; from harmony.workers import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+    worker = subprocess.Popen([sys.executable, "-c", code, "-c", str(path), "--index", "7",
+                               "--listen", f"default={sock.fileno()}:{int(sock.family)}"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, pass_fds=[sock.fileno()])
+    out = Output(worker)
+    try:
+        out.until(r"worker 7 \(pid \d+\) serving default")
+        status, body = get(sock.getsockname()[1], context=context)
+        assert status == 200 and b'"subpath":"/x"' in body
+        worker.stdin.close()
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        sock.close()
+    assert worker.returncode == 0
