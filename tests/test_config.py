@@ -184,3 +184,25 @@ def test_custom_module_that_cannot_load(tmp_path):
     path = write_config(tmp_path, main, {"a": ECHO})
     msgs = problems_of(path)
     assert any("[middleware_types.stamp.module]: cannot load 'tests.nope:Nope'" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("network, key, message", [
+    ('[network.default]\nlisten = "tcpp:8080"', "[network.default.listen]", "Unknown endpoint type: 'tcpp'"),
+    ('[network.default]\nlisten = "tcp:notaport"', "[network.default.listen]", "is not a usable Twisted endpoint"),
+    ('[network.default]\nlisten = "ssl:0:certKey=/nonexistent.pem:privateKey=/nonexistent.key"',
+     "[network.default.listen]", "nonexistent"),
+    ('[network.default.http]\nbind_port = 0\n[network.default.http.tls]\ncert = "missing.pem"',
+     "[network.default.http.tls]", "missing.pem"),
+])
+def test_bad_listen_description_reported_before_listening(tmp_path, network, key, message):
+    main = MINIMAL_MAIN.split("[network.default.http]")[0] + network + "\n"
+    path = write_config(tmp_path, main)
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    [problem] = [str(p) for p in info.value.problems]
+    assert str(path) in problem and key in problem and message in problem, problem
+
+
+def test_systemd_listen_accepted_without_systemd(tmp_path):
+    main = MINIMAL_MAIN.split("[network.default.http]")[0] + '[network.default]\nlisten = "systemd:domain=INET:index=0"\n'
+    assert load_config(write_config(tmp_path, main)).networks["default"].listen.startswith("systemd:")

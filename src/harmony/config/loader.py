@@ -99,6 +99,21 @@ def _pipeline(name: str, table: dict, source: str, problems: list) -> PipelineCo
     return PipelineConfig(name=name, source=source, description=str(description), raw=table, **lists)
 
 
+def _usable_listen(listen: str, source: str, key: str, problems: list) -> bool:
+    """Parse an endpoint description the way twistd will, without listening, so
+    a typo or a missing certificate is reported before anything starts.
+    ``systemd:`` descriptions are left alone: they only parse under systemd."""
+    if listen.lstrip().startswith("systemd:"):
+        return True
+    from twisted.internet.endpoints import serverFromString
+    try:
+        serverFromString(None, listen)
+    except Exception as e:  # noqa: BLE001 - any parse failure (ValueError, OSError, SSL errors)
+        problems.append(Problem(source, key, f"is not a usable Twisted endpoint description {listen!r}: {e}"))
+        return False
+    return True
+
+
 def _network(name: str, table: dict, source: str, problems: list) -> NetworkConfig | None:
     where = f"network.{name}"
     if not isinstance(table, dict):
@@ -109,6 +124,8 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
         if not isinstance(listen, str) or not listen.strip():
             problems.append(Problem(source, f"{where}.listen",
                                     "must be a Twisted endpoint description such as 'tcp:8080:interface=127.0.0.1'"))
+            return None
+        if not _usable_listen(listen, source, f"{where}.listen", problems):
             return None
         return NetworkConfig(name=name, source=source, listen=listen, raw=table)
     http = table.get("http")
@@ -137,6 +154,8 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
         cert = str(_resolve(Path(source).parent, tls["cert"])).replace(":", "\\:")
         key = str(_resolve(Path(source).parent, tls.get("key", tls["cert"]))).replace(":", "\\:")
         listen = f"ssl:{port}:interface={iface}:certKey={cert}:privateKey={key}"
+        if not _usable_listen(listen, source, f"{where}.http.tls", problems):
+            return None
     return NetworkConfig(name=name, source=source, listen=listen, raw=table)
 
 
