@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -146,6 +149,12 @@ class HarmonyService(MultiService):
                                    consumeErrors=True)
 
 
+def _exit_failed():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def make_service(config_path, reactor=None) -> HarmonyService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -156,8 +165,10 @@ def make_service(config_path, reactor=None) -> HarmonyService:
 
     def not_listening(failure):
         # A proxy that cannot bind its port must not linger looking healthy:
-        # stop, so the supervisor (systemd) sees it and says why.
+        # stop, and exit non-zero once twistd has cleaned up, so the
+        # supervisor (systemd) sees a failure.
         log.critical("stopping: not every network could listen")
+        atexit.register(_exit_failed)
         reactor.stop()
 
     reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
