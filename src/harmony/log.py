@@ -31,6 +31,12 @@ def get_logger(namespace: str) -> Logger:
     return Logger(namespace=namespace, observer=_filtered)
 
 
+def enabled(namespace: str, level: str) -> bool:
+    """Whether an event at *level* in *namespace* would pass the level filter
+    (lets a hot path skip building an event nobody will see)."""
+    return _LEVELS[level] >= _predicate.logLevelForNamespace(namespace)
+
+
 def set_level(level: str) -> None:
     _predicate.setLogLevelForNamespace("", _LEVELS.get(level.lower(), LogLevel.info))
 
