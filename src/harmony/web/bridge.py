@@ -14,6 +14,7 @@ from harmony.envelope import (RequestEnvelope, ResponseEnvelope, body_length, is
                               parse_query)
 from harmony.log import enabled, get_logger
 from harmony.web.headers import HOP_BY_HOP, copy_headers
+from harmony.web.streaming import INLINE_BODY_LIMIT
 
 log = get_logger("harmony.access")
 
@@ -22,9 +23,6 @@ def access_log_enabled() -> bool:
     return enabled("harmony.access", "info")
 errlog = get_logger("harmony.web")
 
-#: Bodies up to this size are read into memory (cheap, and lets JSON-aware
-#: middleware see them); larger ones stay a stream from twisted.web's spool file.
-INLINE_BODY_LIMIT = 256 * 1024
 _NOT_COPIED = HOP_BY_HOP | {b"content-length"}
 _REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -34,6 +32,9 @@ def _text(b: bytes) -> str:
 
 
 def request_body(request):
+    stream = getattr(request, "body_stream", None)
+    if stream is not None:
+        return stream  # arriving as we go (harmony.web.streaming)
     content = request.content
     if content is None:
         return b""
