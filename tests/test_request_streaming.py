@@ -252,3 +252,42 @@ async def test_small_bodies_are_still_read_whole_and_parsed(tmp_path):
         assert doc["normalized"] == {"a": [1, 2]}
     finally:
         await running.stop()
+
+
+def test_deadline_waits_for_a_slow_upload_then_for_the_answer():
+    """timeout_secs measures an upstream that does not answer, not a slow upload:
+    each body chunk pushes the deadline back, and it restarts once the body is sent."""
+    from twisted.internet import task
+
+    from harmony.backends.streams import DeadlineBody
+
+    clock = task.Clock()
+    fired = []
+    deadline = clock.callLater(10, fired.append, "expired")
+
+    class Manual:
+        length = UNKNOWN_LENGTH
+
+        def startProducing(self, consumer):
+            self.consumer = consumer
+            self.done = defer.Deferred()
+            return self.done
+
+    class Sink(list):
+        def write(self, data):
+            self.append(data)
+
+    inner, sink = Manual(), Sink()
+    body = DeadlineBody(inner, deadline, 10)
+    finished = body.startProducing(sink)
+    for _ in range(5):  # 40 s of upload in total, never 10 s without progress
+        clock.advance(8)
+        inner.consumer.write(b"chunk")
+    assert fired == [] and sink == [b"chunk"] * 5
+    clock.advance(8)
+    inner.done.callback(None)  # body sent: now the wait for the response head starts
+    assert finished.called
+    clock.advance(9.9)
+    assert fired == []
+    clock.advance(0.2)
+    assert fired == ["expired"]
