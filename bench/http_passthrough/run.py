@@ -310,7 +310,13 @@ def streaming(folder: Path, size: int) -> dict:
 # ---------------------------------------------------------------------- main
 
 
-def throughput(folder: Path, workers: int, duration: int, warmup: int) -> dict:
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median req/s (its latencies belong to the same run)."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return {**ordered[len(ordered) // 2], "all_rps": [round(r["rps"]) for r in runs]}
+
+
+def throughput(folder: Path, workers: int, duration: int, warmup: int, rounds: int) -> dict:
     www = folder / "www"
     www.mkdir(exist_ok=True)
     (www / "hello.txt").write_bytes(STATIC_BODY)
@@ -318,17 +324,22 @@ def throughput(folder: Path, workers: int, duration: int, warmup: int) -> dict:
     up_port = free_port()
     upstream = Nginx(folder, f"upstream-{workers}", 1, f"""
         server {{ listen 127.0.0.1:{up_port}; location / {{ root {www}; }} }}""").start(up_port)
-    results = {}
     try:
         nginx_port, harmony_port = free_port(), free_port()
         proxy = Nginx(folder, f"nginx-{workers}", workers, proxy_block(nginx_port, up_port)).start(nginx_port)
         harmony = Harmony(folder, f"harmony-{workers}", workers, harmony_port, up_port).start()
         try:
-            for name, port in (("direct", up_port), ("nginx", nginx_port), ("harmony", harmony_port)):
-                url = f"http://127.0.0.1:{port}/hello.txt"
-                if warmup:
-                    wrk(url, warmup)
-                results[name] = wrk(url, duration)
+            targets = (("direct", up_port), ("nginx", nginx_port), ("harmony", harmony_port))
+            runs = {name: [] for name, _ in targets}
+            # Interleaved rounds, so a burst of load from elsewhere on the machine
+            # hits every target rather than one.
+            for _ in range(rounds):
+                for name, port in targets:
+                    url = f"http://127.0.0.1:{port}/hello.txt"
+                    if warmup:
+                        wrk(url, warmup)
+                    runs[name].append(wrk(url, duration))
+            results = {name: median_run(r) for name, r in runs.items()}
         finally:
             harmony.stop()
             proxy.stop()
@@ -341,6 +352,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each measured run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target; the median is shown")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--stream-bytes", type=int, default=GIB, help="body size for the RSS runs (default 1 GiB)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming/RSS runs")
@@ -353,13 +365,15 @@ def main(argv=None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="harmony-bench-"))
     report = {"throughput": {}, "streaming": {}}
     try:
-        print(f"wrk -t2 -c50 -d{args.duration}s, static {len(STATIC_BODY)} B file, loopback, {os.cpu_count()} cores")
-        print(f"{'workers':>7}  {'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+        print(f"wrk -t2 -c50 -d{args.duration}s, static {len(STATIC_BODY)} B file, loopback, {os.cpu_count()} cores, "
+              f"median of {args.rounds} interleaved rounds; load average before: {os.getloadavg()[0]:.2f}")
+        print(f"{'workers':>7}  {'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  all rounds req/s")
         for workers in args.workers:
-            res = throughput(folder, workers, args.duration, args.warmup)
+            res = throughput(folder, workers, args.duration, args.warmup, args.rounds)
             report["throughput"][workers] = res
             for name, r in res.items():
-                print(f"{workers:>7}  {name:<8} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
+                print(f"{workers:>7}  {name:<8} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}"
+                      f"  {r['all_rps']}")
             ratio = res["harmony"]["rps"] / res["nginx"]["rps"]
             res["harmony_over_nginx"] = ratio
             print(f"{workers:>7}  Harmony/nginx req/s = {ratio:.1%}   "
