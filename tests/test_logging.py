@@ -8,33 +8,14 @@ import treq
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from harmony.config import ConfigErrors, load_config
-from tests.harness import MINIMAL_MAIN, RecordingUpstream, listen, start_harmony, write_config
+from tests.harness import (MINIMAL_MAIN, RecordingUpstream, echo_pipeline, listen, proxy_pipeline, start_harmony,
+                           write_config)
 
-PIPES = """
-[pipelines.proxy]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-[endpoints.api]
-service = "http"
-[endpoints.api.options]
-path_prefix = "/api"
-[backends.up]
-service = "http"
-[backends.up.options]
-base_url = "{upstream}"
 
-[pipelines.echo]
-networks = ["default"]
-endpoints = ["echo"]
-backends = ["echo"]
-[endpoints.echo]
-service = "http"
-[endpoints.echo.options]
-path_prefix = "/echo"
-[backends.echo]
-service = "echo"
-"""
+
+def pipes(upstream):
+    return proxy_pipeline(upstream, prefix="/api") + echo_pipeline(endpoint="echo", backend="echo")
+
 
 PHI = "DOE^JOHN"
 LOGGING = """
@@ -77,7 +58,7 @@ def quiet_upstream():
 @pytest_twisted.ensureDeferred
 async def test_access_line_has_fields_and_no_phi_at_info(tmp_path, quiet_upstream, events):
     upstream = quiet_upstream
-    path = write_config(tmp_path, MINIMAL_MAIN, {"p": PIPES.format(upstream=upstream.url)})
+    path = write_config(tmp_path, MINIMAL_MAIN, {"p": pipes(upstream.url)})
     running = await start_harmony(path)
     try:
         headers = {"X-Patient": PHI, "Content-Type": "application/json", "X-Request-ID": "req-1"}
@@ -107,7 +88,7 @@ async def test_log_to_file(tmp_path, fmt):
     (tmp_path / "logs").mkdir()
     ext = "jsonl" if fmt == "json" else "log"
     main = MINIMAL_MAIN.replace('log_level = "debug"', 'log_level = "info"') + LOGGING.format(ext=ext, fmt=fmt)
-    path = write_config(tmp_path, main, {"p": PIPES.format(upstream="http://127.0.0.1:9")})
+    path = write_config(tmp_path, main, {"p": pipes("http://127.0.0.1:9")})
     running = await start_harmony(path)
     try:
         resp = await treq.get(running.url("/echo/file?q=1"), headers={"X-Request-ID": "file-1"})
@@ -130,7 +111,7 @@ async def test_log_to_file(tmp_path, fmt):
 @pytest_twisted.ensureDeferred
 async def test_debug_events_dropped_at_info_level(tmp_path, events):
     main = MINIMAL_MAIN.replace('log_level = "debug"', 'log_level = "info"')
-    path = write_config(tmp_path, main, {"p": PIPES.format(upstream="http://127.0.0.1:9")})
+    path = write_config(tmp_path, main, {"p": pipes("http://127.0.0.1:9")})
     running = await start_harmony(path)
     try:
         resp = await treq.get(running.url("/nowhere"))

@@ -19,7 +19,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
+from tests.harness import MINIMAL_MAIN, echo_pipeline, listen, proxy_pipeline, start_harmony, write_config
 
 SAFETY = 20  # seconds: only a guard against hanging forever, never a synchronisation
 
@@ -44,18 +44,7 @@ def self_signed(folder):
     return cert_pem
 
 
-ECHO = """
-[pipelines.echo]
-networks = ["default"]
-endpoints = ["e"]
-backends = ["b"]
-[endpoints.e]
-service = "http"
-[endpoints.e.options]
-path_prefix = "/echo"
-[backends.b]
-service = "echo"
-"""
+ECHO = echo_pipeline()
 
 LISTEN = '[network.default]\nlisten = "ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"\n'
 HTTP_TLS = ('[network.default.http]\nbind_address = "127.0.0.1"\nbind_port = 0\n'
@@ -146,26 +135,10 @@ class RawClient(Protocol):
             self.got_enough.callback(self.received)
 
 
-PROXY = """
-[pipelines.proxy]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-[endpoints.api]
-service = "http"
-[endpoints.api.options]
-path_prefix = "/api"
-[backends.up]
-service = "http"
-[backends.up.options]
-base_url = "{upstream}"
-timeout_secs = 60
-"""
-
-
 async def proxy_to(tmp_path, resource):
     port = listen(resource)
-    path = write_config(tmp_path, MINIMAL_MAIN, {"p": PROXY.format(upstream=f"http://127.0.0.1:{port.getHost().port}")})
+    upstream = f"http://127.0.0.1:{port.getHost().port}"
+    path = write_config(tmp_path, MINIMAL_MAIN, {"p": proxy_pipeline(upstream, timeout_secs=60)})
     return port, await start_harmony(path)
 
 

@@ -8,50 +8,15 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+from twisted.web.iweb import UNKNOWN_LENGTH
 
-from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
-from tests.pipeline_types import Deny  # noqa: F401 - registered by module path below
+from harmony.envelope import BytesProducer
+
+from tests.harness import MINIMAL_MAIN, echo_pipeline, proxy_pipeline, start_harmony, write_config
 
 SAFETY = 30  # seconds: a guard against hanging, never a synchronisation
 MiB = 1024 * 1024
 
-PIPES = """
-[pipelines.proxy]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-[endpoints.api]
-service = "http"
-[endpoints.api.options]
-path_prefix = "/api"
-[backends.up]
-service = "http"
-[backends.up.options]
-base_url = "{upstream}"
-
-[pipelines.guarded]
-networks = ["default"]
-endpoints = ["guarded"]
-middleware = ["deny"]
-backends = ["up"]
-[endpoints.guarded]
-service = "http"
-[endpoints.guarded.options]
-path_prefix = "/guarded"
-
-[pipelines.echo]
-networks = ["default"]
-endpoints = ["echo"]
-backends = ["echo"]
-[endpoints.echo]
-service = "http"
-[endpoints.echo.options]
-path_prefix = "/echo"
-[backends.echo]
-service = "echo"
-"""
 TYPES = '\n[middleware_types.deny]\nmodule = "tests.pipeline_types:Deny"\n'
 
 
@@ -119,7 +84,10 @@ class RawUpstream(Factory):
 
 
 async def harmony_for(tmp_path, upstream_url):
-    path = write_config(tmp_path, MINIMAL_MAIN + TYPES, {"p": PIPES.format(upstream=upstream_url)})
+    pipes = (proxy_pipeline(upstream_url)
+             + proxy_pipeline(upstream_url, "guarded", "/guarded", "guarded", "up2", middleware=["deny"])
+             + echo_pipeline(endpoint="echo", backend="echo"))
+    path = write_config(tmp_path, MINIMAL_MAIN + TYPES, {"p": pipes})
     return await start_harmony(path)
 
 
@@ -173,26 +141,11 @@ async def test_client_abort_mid_upload_closes_upstream(tmp_path):
         await port.stopListening()
 
 
-@implementer(IBodyProducer)
-class UnknownLength:
-    length = UNKNOWN_LENGTH
-
-    def __init__(self, data):
-        self.data = data
-
-    def startProducing(self, consumer):
-        for i in range(0, len(self.data), 65536):
-            consumer.write(self.data[i:i + 65536])
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
+def unknown_length(data: bytes):
+    """A body producer that does not say its length, so the client sends it chunked."""
+    producer = BytesProducer(data)
+    producer.length = UNKNOWN_LENGTH
+    return producer
 
 
 @pytest_twisted.ensureDeferred
@@ -200,12 +153,12 @@ async def test_chunked_upload_is_byte_exact(tmp_path, upstream):
     running = await harmony_for(tmp_path, upstream.url)
     try:
         body = os.urandom(600 * 1024 + 3)
-        resp = await treq.post(running.url("/api/chunked"), UnknownLength(body))
+        resp = await treq.post(running.url("/api/chunked"), unknown_length(body))
         doc = json.loads(await resp.content())
         assert resp.code == 200 and doc["length"] == len(body)
         assert upstream.requests[-1]["body"] == body
         # Small chunked bodies stream too (their size is unknown up front).
-        resp = await treq.post(running.url("/api/small"), UnknownLength(b"tiny"))
+        resp = await treq.post(running.url("/api/small"), unknown_length(b"tiny"))
         await resp.content()
         assert upstream.requests[-1]["body"] == b"tiny"
     finally:

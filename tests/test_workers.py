@@ -10,22 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import MINIMAL_MAIN, write_config
+from tests.harness import MINIMAL_MAIN, echo_pipeline, write_config
 from tests.peers import free_port
 
 BIN = Path(sys.executable).parent
-ECHO = """
-[pipelines.echo]
-networks = ["default"]
-endpoints = ["e"]
-backends = ["b"]
-[endpoints.e]
-service = "http"
-[endpoints.e.options]
-path_prefix = "/echo"
-[backends.b]
-service = "echo"
-"""
+ECHO = echo_pipeline()
 SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving default")
 
 
