@@ -206,3 +206,19 @@ def test_bad_listen_description_reported_before_listening(tmp_path, network, key
 def test_systemd_listen_accepted_without_systemd(tmp_path):
     main = MINIMAL_MAIN.split("[network.default.http]")[0] + '[network.default]\nlisten = "systemd:domain=INET:index=0"\n'
     assert load_config(write_config(tmp_path, main)).networks["default"].listen.startswith("systemd:")
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[storage]\nbackend = "s3"', "[storage.backend]: must be one of filesystem, got 's3'"),
+    ("[storage]\n[storage.options]\npath = 5", "[storage.options.path]: must be a folder path string"),
+])
+def test_storage_table_errors_name_the_key(tmp_path, table, message):
+    path = write_config(tmp_path, MINIMAL_MAIN + "\n" + table + "\n")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    assert any(message in str(p) for p in info.value.problems), info.value.render()
+
+
+def test_storage_path_relative_to_config_file(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage]\nbackend = "filesystem"\n[storage.options]\npath = "data"\n')
+    assert load_config(path).storage_path == tmp_path / "data"

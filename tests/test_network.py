@@ -175,3 +175,47 @@ async def test_client_leaving_mid_stream_closes_upstream(tmp_path):
     finally:
         await running.stop()
         await port.stopListening()
+
+
+class CloseOnRequest(Protocol):
+    """An upstream that reads the request and hangs up without a word."""
+
+    def dataReceived(self, data):
+        self.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_reset_is_502_problem(tmp_path):
+    from twisted.internet.protocol import Factory
+    port = reactor.listenTCP(0, Factory.forProtocol(CloseOnRequest), interface="127.0.0.1")
+    upstream = f"http://127.0.0.1:{port.getHost().port}"
+    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": proxy_pipeline(upstream)}))
+    try:
+        resp = await treq.post(running.url("/api/x"), b"payload")
+        doc = json.loads(await resp.content())
+        assert resp.code == 502 and resp.headers.getRawHeaders("content-type") == ["application/problem+json"]
+        assert doc["detail"] == "upstream closed the connection before answering"
+    finally:
+        await running.stop()
+        await port.stopListening()
+
+
+TWO_NETWORKS = MINIMAL_MAIN + '\n[network.internal]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_network_serves_only_its_pipelines(tmp_path):
+    pipes = (echo_pipeline("public", "/public", "pub", "b1", network="default")
+             + echo_pipeline("admin", "/admin", "adm", "b2", network="internal")
+             + echo_pipeline("both", "/both", "bth", "b3").replace('networks = ["default"]', "networks = []"))
+    running = await start_harmony(write_config(tmp_path, TWO_NETWORKS, {"p": pipes}))
+    try:
+        assert running.port("default") != running.port("internal")
+        expected = {("default", "/public"): 200, ("default", "/admin"): 404, ("default", "/both"): 200,
+                    ("internal", "/public"): 404, ("internal", "/admin"): 200, ("internal", "/both"): 200}
+        for (network, path), status in expected.items():
+            resp = await treq.get(running.url(path, network=network))
+            await resp.content()
+            assert resp.code == status, (network, path)
+    finally:
+        await running.stop()

@@ -192,6 +192,29 @@ def _logging(raw, source: str, base: Path, problems: list) -> dict:
     return out
 
 
+STORAGE_BACKENDS = ("filesystem",)
+
+
+def _storage(raw, source: str, problems: list) -> dict:
+    """``[storage]``: ``backend = "filesystem"`` and ``[storage.options] path``."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(source, "storage", "must be a table"))
+        return {}
+    backend = raw.get("backend", "filesystem")
+    if backend not in STORAGE_BACKENDS:
+        problems.append(Problem(source, "storage.backend",
+                                f"must be one of {', '.join(STORAGE_BACKENDS)}, got {backend!r}"))
+    options = raw.get("options", {})
+    if not isinstance(options, dict):
+        problems.append(Problem(source, "storage.options", "must be a table"))
+        return {**raw, "options": {}}
+    path = options.get("path")
+    if path is not None and (not isinstance(path, str) or not path):
+        problems.append(Problem(source, "storage.options.path", "must be a folder path string"))
+        return {**raw, "options": {k: v for k, v in options.items() if k != "path"}}
+    return raw
+
+
 def load_config(path: str | Path) -> HarmonyConfig:
     """Load and structurally check a configuration; raise :class:`ConfigErrors`.
 
@@ -306,7 +329,7 @@ def load_config(path: str | Path) -> HarmonyConfig:
         path=path, base_dir=base, proxy=proxy, networks=networks,
         pipelines=tables["pipelines"], endpoints=tables["endpoints"], backends=tables["backends"],
         middleware=tables["middleware"], targets=tables["targets"],
-        management=section("management"), storage=section("storage"),
+        management=section("management"), storage=_storage(main.get("storage", {}), src, problems),
         logging=_logging(main.get("logging", {}), src, base, problems),
         custom_types=custom_types, files=files, raw={str(f): d for f, d in documents},
     )
