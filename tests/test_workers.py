@@ -148,3 +148,43 @@ def test_worker_serves_adopted_socket_and_exits_when_parent_vanishes(tmp_path, t
             worker.kill()
         sock.close()
     assert worker.returncode == 0
+
+
+def test_systemd_socket_activation_with_workers(tmp_path):
+    """twistd started the way systemd starts a socket-activated service (the socket
+    as fd 3, LISTEN_FDS/LISTEN_PID set): the main process adopts it, and so do its workers."""
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    main = MINIMAL_MAIN.split("[network.default.http]")[0].replace(
+        'log_level = "debug"', 'log_level = "info"\nworkers = 2') + '[network.default]\nlisten = "systemd:domain=INET:index=0"\n'
+    path = write_config(tmp_path, main, {"e": ECHO})
+    fd = sock.fileno()
+
+    def as_fd_3():
+        os.dup2(fd, 3)
+        os.set_inheritable(3, True)
+
+    # LISTEN_PID must be twistd's own pid, known only in the child: let sh set it, then exec.
+    proc = subprocess.Popen(["/bin/sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=harmony.socket; exec "$0" "$@"', str(BIN / "twistd"),
+                             "-n", "--pidfile=", "harmony", "-c", str(path)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=as_fd_3, close_fds=False)
+    sock.close()  # only the server processes hold it now
+    out = Output(proc)
+    try:
+        out.until(SERVING.pattern)
+        assert get(port)[0] == 200
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            assert get(port, "/echo/via-worker")[0] == 200
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        out.lines.append(rest)
+    assert "[worker-1] GET /echo/via-worker 200" in out.text(), out.text()
+    assert "Traceback" not in out.text()

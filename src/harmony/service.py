@@ -18,6 +18,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from harmony import log as hlog
 from harmony.config import load_config
@@ -39,6 +40,8 @@ class NetworkService(Service):
         self.reactor = reactor
         self.port = None
         self.listening: defer.Deferred | None = None
+        self._outcome = None  # the port, or the Failure, once listen() settled
+        self._waiters: list[defer.Deferred] = []
 
     def listen(self) -> defer.Deferred:
         """Start listening; fires with the ``IListeningPort``.  Worker processes
@@ -47,7 +50,9 @@ class NetworkService(Service):
 
     def startService(self):
         super().startService()
-        self.listening = self.listen()
+        # maybeDeferred: a description that fails to resolve now (a systemd:
+        # socket that was not passed in) is a failure to listen, not a crash.
+        self.listening = defer.maybeDeferred(self.listen)
 
         def up(port):
             self.port = port
@@ -62,6 +67,30 @@ class NetworkService(Service):
             return failure
 
         self.listening.addCallbacks(up, down)
+        self.listening.addBoth(self._settled)
+
+    def _settled(self, outcome):
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            self._relay(d)
+        return None if isinstance(outcome, Failure) else outcome  # logged above, relayed to waiters
+
+    def _relay(self, d):
+        if isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self._outcome)
+
+    def wait_listening(self) -> defer.Deferred:
+        """A new Deferred for the listen outcome: each caller gets its own, so
+        one consuming a failure cannot hide it from another."""
+        d = defer.Deferred()
+        if self._outcome is None:
+            self._waiters.append(d)
+        else:
+            self._relay(d)
+        return d
 
     def stopService(self):
         super().stopService()
@@ -145,7 +174,7 @@ class HarmonyService(MultiService):
 
     def when_listening(self) -> defer.Deferred:
         """Fires once every network listens (for tests and readiness)."""
-        return defer.gatherResults([n.listening for n in self.networks.values() if n.listening],
+        return defer.gatherResults([n.wait_listening() for n in self.networks.values() if n.listening],
                                    consumeErrors=True)
 
 

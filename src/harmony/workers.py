@@ -105,7 +105,9 @@ class WorkerPool(Service):
             args += ["--listen", f"{name}={child_fd}:{int(family)}"]
         proc = _WorkerProcess(self, index)
         self.processes[index] = proc
-        self.reactor.spawnProcess(proc, self.executable, args, env=dict(os.environ), childFDs=child_fds)
+        # systemd's socket-activation variables describe the parent's sockets, not ours.
+        env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+        self.reactor.spawnProcess(proc, self.executable, args, env=env, childFDs=child_fds)
         log.info("worker {index} started (pid {pid})", index=index, pid=proc.transport.pid)
 
     def _ended(self, proc: _WorkerProcess, reason):
@@ -176,7 +178,9 @@ class _ParentWatch(FileDescriptor):
 def adopt_port(reactor, description: str, fd: int, family: int, factory):
     """Adopt an inherited listening socket, with TLS when *description* is ``ssl:``."""
     from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-    endpoint = serverFromString(reactor, description)
+    # Only ssl: needs anything from the description (its TLS context); others,
+    # systemd: above all (its sockets belong to the parent), are not parsed.
+    endpoint = serverFromString(reactor, description) if description.lstrip().startswith("ssl:") else None
     if isinstance(endpoint, SSL4ServerEndpoint):
         from twisted.protocols.tls import TLSMemoryBIOFactory
         factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
