@@ -172,8 +172,10 @@ class HarmonyRequest(Request):
     def finish(self):
         if self.body_stream is not None and not self.body_stream.complete and self.channel is not None:
             # Answered before the upload ended: close after the response
-            # instead of reading the rest of the body into the void.
+            # instead of reading the rest of the body into the void, and drop
+            # whatever still arrives before the close.
             self.channel.persistent = False
+            self.body_stream.stopProducing()
         return super().finish()
 
     def connectionLost(self, reason):
