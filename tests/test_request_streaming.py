@@ -244,3 +244,62 @@ def test_deadline_waits_for_a_slow_upload_then_for_the_answer():
     assert fired == []
     clock.advance(0.2)
     assert fired == ["expired"]
+
+
+class FakeClient:
+    """The reading side of a client connection: records pause/resume."""
+
+    def __init__(self):
+        self.paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+
+class PausingSink(list):
+    def write(self, data):
+        self.append(data)
+
+
+def test_streaming_body_flow_control():
+    """Memory stays bounded: the client is paused while the backend is not taking
+    data (not started yet, or its connection full) and resumed when it is."""
+    from harmony.web.streaming import BUFFER_LIMIT, StreamingBody
+
+    client, sink = FakeClient(), PausingSink()
+    body = StreamingBody(client, length=None)
+    chunk = b"x" * 65536
+    # Nobody reads yet: buffer up to the limit, then stop reading from the client.
+    while not client.paused:
+        body.feed(chunk)
+    assert body._buffered == BUFFER_LIMIT
+    finished = body.startProducing(sink)
+    assert b"".join(sink) == chunk * (BUFFER_LIMIT // len(chunk)) and not client.paused
+    # The backend's connection is full: the client is paused again, data waits.
+    body.pauseProducing()
+    assert client.paused
+    body.feed(b"late")
+    assert sink[-1] == chunk
+    body.resumeProducing()
+    assert sink[-1] == b"late" and not client.paused
+    assert not finished.called
+    body.finish()
+    assert finished.called and body.received == BUFFER_LIMIT + 4
+
+
+def test_streaming_body_reports_a_client_that_left():
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    from harmony.web.streaming import StreamingBody
+
+    body = StreamingBody(FakeClient(), length=10)
+    finished = body.startProducing(PausingSink())
+    body.feed(b"12345")
+    body.fail(Failure(ConnectionLost()))
+    failures = []
+    finished.addErrback(failures.append)
+    assert failures and failures[0].check(ConnectionLost)
