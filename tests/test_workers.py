@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 
 from tests.harness import MINIMAL_MAIN, echo_pipeline, write_config
 from tests.peers import free_port
@@ -188,3 +189,35 @@ def test_systemd_socket_activation_with_workers(tmp_path):
         out.lines.append(rest)
     assert "[worker-1] GET /echo/via-worker 200" in out.text(), out.text()
     assert "Traceback" not in out.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_workers_replaces_each_worker_and_stop_ends_them(tmp_path):
+    """WorkerPool in this test's reactor: a rolling restart (what a hot reload uses)
+    replaces each worker with a new process; stopping the service ends them all."""
+    from twisted.internet import reactor
+
+    from harmony.config import load_config
+    from harmony.runtime import build_runtime
+    from harmony.service import HarmonyService
+    from harmony.workers import WorkerPool
+
+    path = write_config(tmp_path, MINIMAL_MAIN.replace('log_level = "debug"', 'log_level = "info"'), {"e": ECHO})
+    service = HarmonyService(build_runtime(load_config(path), reactor), reactor)
+    pool = WorkerPool(path, 2, service, reactor)
+    pool.setServiceParent(service)
+    service.startService()
+    try:
+        await service.when_listening()
+        before = {i: p.transport.pid for i, p in pool.processes.items()}
+        assert sorted(before) == [1, 2]
+        await pool.restart_workers()
+        after = {i: p.transport.pid for i, p in pool.processes.items()}
+        assert sorted(after) == [1, 2] and not set(before.values()) & set(after.values())
+        assert pool._failures == {}  # a restart on purpose is not a crash
+        ended = [p.ended for p in pool.processes.values()]
+    finally:
+        await service.stopService()
+    assert all(d.called for d in ended) and pool.processes == {}
+    for pid in list(before.values()) + list(after.values()):
+        assert not alive(pid), pid

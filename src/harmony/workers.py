@@ -69,6 +69,8 @@ class WorkerPool(Service):
         self.processes: dict[int, _WorkerProcess] = {}
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, object] = {}
+        #: Workers being replaced on purpose (restart_workers), not after a crash.
+        self._replacing: set[int] = set()
 
     def startService(self):
         super().startService()
@@ -119,6 +121,11 @@ class WorkerPool(Service):
             log.info("worker {index} stopped (exit {status}, signal {signal})",
                      index=proc.index, status=status, signal=signo)
             return
+        if proc.index in self._replacing:
+            self._replacing.discard(proc.index)
+            log.info("worker {index} stopped for a restart", index=proc.index)
+            self._spawn(proc.index)
+            return
         lived = time.monotonic() - proc.started
         failures = self._failures.get(proc.index, 0) + 1 if lived < STABLE_SECS else 0
         self._failures[proc.index] = failures
@@ -126,6 +133,20 @@ class WorkerPool(Service):
         log.error("worker {index} exited unexpectedly (exit {status}, signal {signal}); restarting in {delay}s",
                   index=proc.index, status=status, signal=signo, delay=delay)
         self._restarts[proc.index] = self.reactor.callLater(delay, self._spawn, proc.index)
+
+    @defer.inlineCallbacks
+    def restart_workers(self):
+        """Replace every worker, one at a time, so they re-read the configuration
+        (a hot reload in the main process calls this).  The main process and the
+        other workers keep serving the shared socket meanwhile, so no connection
+        is refused.  Fires once every worker has been replaced."""
+        for index in sorted(self.processes):
+            proc = self.processes.get(index)
+            if proc is None or not self.running:
+                continue
+            self._replacing.add(index)
+            proc.transport.signalProcess("TERM")
+            yield proc.ended
 
     def stopService(self):
         super().stopService()
