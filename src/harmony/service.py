@@ -132,12 +132,7 @@ class LoggingService(Service):
 
 
 class HarmonyService(MultiService):
-    """*network_factory* builds each network's service (worker processes pass
-    one that adopts inherited sockets); *own_listeners* is False in workers,
-    because endpoints with listeners of their own (DIMSE) run in the main
-    process only."""
-
-    def __init__(self, runtime: Runtime, reactor, *, network_factory=NetworkService, own_listeners=True):
+    def __init__(self, runtime: Runtime, reactor):
         super().__init__()
         self.runtime = runtime
         self.reactor = reactor
@@ -146,16 +141,18 @@ class HarmonyService(MultiService):
         hlog.set_level(runtime.config.proxy.log_level)
         LoggingService(runtime.config.logging, runtime.config.base_dir).setServiceParent(self)
         for name, net in runtime.config.networks.items():
-            if not net.listen:
-                continue
-            router = PrefixRouter(name, runtime.routes.get(name, []))
-            svc = network_factory(name, net.listen, router, reactor)
-            svc.setServiceParent(self)
-            self.networks[name] = svc
-        for endpoint, pipeline in (runtime.listeners() if own_listeners else ()):
+            if net.listen:
+                self.add_network(name, net.listen, runtime)
+        for endpoint, pipeline in runtime.listeners():
             endpoint.pipeline = pipeline
             if isinstance(endpoint, Service):
                 endpoint.setServiceParent(self)
+
+    def add_network(self, name: str, listen: str, runtime: Runtime) -> NetworkService:
+        svc = NetworkService(name, listen, PrefixRouter(name, runtime.routes.get(name, [])), self.reactor)
+        svc.setServiceParent(self)
+        self.networks[name] = svc
+        return svc
 
     def startService(self):
         super().startService()

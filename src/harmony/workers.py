@@ -213,15 +213,33 @@ def adopt_port(reactor, description: str, fd: int, family: int, factory):
     return port
 
 
-def _network_factory(fds: dict):
-    from harmony.service import NetworkService
+def _worker_service(runtime, reactor, fds: dict):
+    """The HarmonyService of a worker: its networks adopt the inherited sockets,
+    and it runs nothing that listens on its own (DIMSE endpoints, a separate
+    management listener): those stay in the main process."""
+    from harmony.service import HarmonyService, NetworkService
+    from harmony.web.router import PrefixRouter
 
     class AdoptedNetworkService(NetworkService):
         def listen(self):
             fd, family = fds[self.network]
             return defer.maybeDeferred(adopt_port, self.reactor, self.description, fd, family, self.site)
 
-    return AdoptedNetworkService
+    class WorkerService(HarmonyService):
+        def add_network(self, name, listen, runtime):
+            svc = AdoptedNetworkService(name, listen, PrefixRouter(name, runtime.routes.get(name, [])),
+                                        self.reactor)
+            svc.setServiceParent(self)
+            self.networks[name] = svc
+            return svc
+
+        def set_management(self, settings):
+            self.management_settings = settings
+            return False
+
+    runtime.config.networks = {n: net for n, net in runtime.config.networks.items() if n in fds}
+    runtime.listeners = lambda: []
+    return WorkerService(runtime, reactor)
 
 
 def _log_to_stdout(tag: str):
@@ -256,7 +274,6 @@ def worker_main(argv) -> int:
 
     from harmony.config import ConfigErrors, load_config
     from harmony.runtime import build_runtime
-    from harmony.service import HarmonyService
 
     _log_to_stdout(f"worker-{args.index}")
     try:
@@ -264,8 +281,7 @@ def worker_main(argv) -> int:
     except ConfigErrors as e:
         sys.stderr.write(f"harmony worker {args.index}: not starting, {e.render()}\n")
         return 1
-    runtime.config.networks = {n: net for n, net in runtime.config.networks.items() if n in fds}
-    service = HarmonyService(runtime, reactor, network_factory=_network_factory(fds), own_listeners=False)
+    service = _worker_service(runtime, reactor, fds)
 
     stopping = []
 
