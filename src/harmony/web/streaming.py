@@ -20,6 +20,7 @@ response rather than reading and discarding the rest of the upload.
 
 from __future__ import annotations
 
+from io import BytesIO
 from urllib.parse import parse_qs
 
 from twisted.internet import defer
@@ -151,6 +152,9 @@ class HarmonyRequest(Request):
     def start_streaming(self, command: bytes, uri: bytes, version: bytes, length):
         client = IPushProducer(self.channel.transport, None)
         self.body_stream = StreamingBody(client, length)
+        if self.content is not None:
+            self.content.close()  # gotLength's spool file (an fd, for large bodies) goes unused
+        self.content = BytesIO()
         # What Request.requestReceived does, minus the (absent) form body.
         self.method, self.uri, self.clientproto = command, uri, version
         self.path, _, query = uri.partition(b"?")
