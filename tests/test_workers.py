@@ -221,3 +221,24 @@ async def test_restart_workers_replaces_each_worker_and_stop_ends_them(tmp_path)
     assert all(d.called for d in ended) and pool.processes == {}
     for pid in list(before.values()) + list(after.values()):
         assert not alive(pid), pid
+
+
+def test_workers_log_json_when_twistd_does(tmp_path):
+    port = free_port()
+    main = MINIMAL_MAIN.replace("bind_port = 0", f"bind_port = {port}").replace(
+        'log_level = "debug"', 'log_level = "info"\nworkers = 2')
+    path = write_config(tmp_path, main, {"e": ECHO})
+    proc = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "--logger=harmony.log.json_stdout_observer",
+                             "harmony", "-c", str(path)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Output(proc)
+    try:
+        out.until(r'"log_format": "worker \{index\} \(pid \{pid\}\) serving \{networks\}"')
+        assert get(port)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        out.lines.append(rest)
+    import json
+    records = [json.loads(line) for line in out.text().splitlines() if line.strip()]  # every line is JSON
+    assert any(r.get("log_system") == "worker-1" and r.get("log_namespace") == "harmony.workers" for r in records)

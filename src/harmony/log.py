@@ -54,7 +54,14 @@ def file_observer(path: str, fmt: str = "text"):
     return textFileLogObserver(stream), stream
 
 
+#: What this process's stdout log looks like ("text" or "json"); worker
+#: processes are told, so their lines match the main process's.
+stdout_format = "text"
+
+
 def json_stdout_observer():
     """JSON lines on stdout in place of twistd's text log:
     ``twistd -n --logger=harmony.log.json_stdout_observer harmony -c ...``."""
+    global stdout_format
+    stdout_format = "json"
     return jsonFileLogObserver(sys.stdout, recordSeparator="")

@@ -33,6 +33,7 @@ from twisted.internet import defer, fdesc
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import ProcessProtocol
 
+from harmony import log as hlog
 from harmony.log import get_logger
 
 log = get_logger("harmony.workers")
@@ -100,7 +101,8 @@ class WorkerPool(Service):
             return
         child_fds = {0: "w", 1: 1, 2: 2}
         args = [self.executable, "-c", "import sys; from harmony.workers import worker_main; "
-                "sys.exit(worker_main(sys.argv[1:]))", "-c", self.config_path, "--index", str(index)]
+                "sys.exit(worker_main(sys.argv[1:]))", "-c", self.config_path, "--index", str(index),
+                "--log-format", hlog.stdout_format]
         for offset, (name, fd, family) in enumerate(self._inherited()):
             child_fd = 3 + offset
             child_fds[child_fd] = fd
@@ -242,15 +244,15 @@ def _worker_service(runtime, reactor, fds: dict):
     return WorkerService(runtime, reactor)
 
 
-def _log_to_stdout(tag: str):
+def _log_to_stdout(tag: str, fmt: str):
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    text = textFileLogObserver(sys.stdout)
+    out = hlog.json_stdout_observer() if fmt == "json" else textFileLogObserver(sys.stdout)
 
     def observer(event):
         if not event.get("log_system") or event.get("log_system") == "-":
             event = {**event, "log_system": tag}
-        text(event)
+        out(event)
 
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
@@ -263,6 +265,7 @@ def worker_main(argv) -> int:
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[], help="NETWORK=FD:FAMILY")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
     fds = {}
     for spec in args.listen:
@@ -275,7 +278,7 @@ def worker_main(argv) -> int:
     from harmony.config import ConfigErrors, load_config
     from harmony.runtime import build_runtime
 
-    _log_to_stdout(f"worker-{args.index}")
+    _log_to_stdout(f"worker-{args.index}", args.log_format)
     try:
         runtime = build_runtime(load_config(args.config), reactor)
     except ConfigErrors as e:
