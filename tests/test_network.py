@@ -219,3 +219,19 @@ async def test_each_network_serves_only_its_pipelines(tmp_path):
             assert resp.code == status, (network, path)
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_keeps_the_upstream_content_length(tmp_path, upstream):
+    upstream.respond[b"/f"] = (200, {b"content-type": b"text/plain", b"etag": b'"v1"'}, b"x" * 1234)
+    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": proxy_pipeline(upstream.url)}))
+    try:
+        resp = await treq.head(running.url("/api/f"))
+        assert resp.code == 200 and await resp.content() == b""
+        assert resp.headers.getRawHeaders("content-length") == ["1234"]
+        assert resp.headers.getRawHeaders("etag") == ['"v1"']
+        # The connection stays usable after a HEAD (no phantom body expected).
+        resp = await treq.get(running.url("/api/f"))
+        assert await resp.content() == b"x" * 1234
+    finally:
+        await running.stop()

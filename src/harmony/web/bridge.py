@@ -94,7 +94,13 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
         request.responseHeaders.setRawHeaders(b"x-request-id", [rid.encode()])
     body = response.body
     length = body_length(body)
-    if length is not None and response.status not in (204, 304) and not 100 <= response.status < 200:
+    if request.method == b"HEAD" or response.status == 304:
+        # No body follows: the Content-Length given (by an upstream) describes
+        # the representation, and passes through as it is.
+        given = response.headers.getRawHeaders(b"content-length")
+        if given:
+            request.responseHeaders.setRawHeaders(b"content-length", given[:1])
+    elif length is not None and response.status != 204 and not 100 <= response.status < 200:
         request.responseHeaders.setRawHeaders(b"content-length", [str(length).encode()])
     if body is None or isinstance(body, (bytes, bytearray)):
         if body:
