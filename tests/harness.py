@@ -44,6 +44,37 @@ bind_port = 0
 """
 
 
+def http_pipeline(name, prefix, endpoint, backend, backend_table, middleware=(), network="default") -> str:
+    """TOML for a pipeline with one http endpoint at *prefix* and one backend."""
+    mws = ", ".join(f'"{m}"' for m in middleware)
+    return f"""
+[pipelines.{name}]
+networks = ["{network}"]
+endpoints = ["{endpoint}"]
+middleware = [{mws}]
+backends = ["{backend}"]
+[endpoints.{endpoint}]
+service = "http"
+[endpoints.{endpoint}.options]
+path_prefix = "{prefix}"
+[backends.{backend}]
+{backend_table}
+"""
+
+
+def echo_pipeline(name="echo", prefix="/echo", endpoint="e", backend="b", **kw) -> str:
+    """A pipeline answering with the echo backend under *prefix*."""
+    return http_pipeline(name, prefix, endpoint, backend, 'service = "echo"', **kw)
+
+
+def proxy_pipeline(upstream: str, name="proxy", prefix="/api", endpoint="api", backend="up",
+                   middleware=(), network="default", **options) -> str:
+    """An http endpoint at *prefix* proxying to *upstream* (extra backend options as keywords)."""
+    table = f'service = "http"\n[backends.{backend}.options]\nbase_url = "{upstream}"\n'
+    table += "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
+    return http_pipeline(name, prefix, endpoint, backend, table, middleware, network)
+
+
 @attr.s(auto_attribs=True)
 class RunningHarmony:
     service: HarmonyService
@@ -113,4 +144,5 @@ async def get_json(response):
     return json.loads(await response.content())
 
 
-__all__ = ["write_config", "start_harmony", "listen", "RecordingUpstream", "MINIMAL_MAIN", "treq"]
+__all__ = ["write_config", "start_harmony", "listen", "RecordingUpstream", "MINIMAL_MAIN", "treq",
+           "echo_pipeline", "proxy_pipeline"]

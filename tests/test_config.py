@@ -184,3 +184,120 @@ def test_custom_module_that_cannot_load(tmp_path):
     path = write_config(tmp_path, main, {"a": ECHO})
     msgs = problems_of(path)
     assert any("[middleware_types.stamp.module]: cannot load 'tests.nope:Nope'" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("network, key, message", [
+    ('[network.default]\nlisten = "tcpp:8080"', "[network.default.listen]", "Unknown endpoint type: 'tcpp'"),
+    ('[network.default]\nlisten = "tcp:notaport"', "[network.default.listen]", "is not a usable Twisted endpoint"),
+    ('[network.default]\nlisten = "ssl:0:certKey=/nonexistent.pem:privateKey=/nonexistent.key"',
+     "[network.default.listen]", "nonexistent"),
+    ('[network.default.http]\nbind_port = 0\n[network.default.http.tls]\ncert = "missing.pem"',
+     "[network.default.http.tls]", "missing.pem"),
+])
+def test_bad_listen_description_reported_before_listening(tmp_path, network, key, message):
+    main = MINIMAL_MAIN.split("[network.default.http]")[0] + network + "\n"
+    path = write_config(tmp_path, main)
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    [problem] = [str(p) for p in info.value.problems]
+    assert str(path) in problem and key in problem and message in problem, problem
+
+
+def test_systemd_listen_accepted_without_systemd(tmp_path):
+    main = MINIMAL_MAIN.split("[network.default.http]")[0] + '[network.default]\nlisten = "systemd:domain=INET:index=0"\n'
+    assert load_config(write_config(tmp_path, main)).networks["default"].listen.startswith("systemd:")
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[storage]\nbackend = "s3"', "[storage.backend]: must be one of filesystem, got 's3'"),
+    ("[storage]\n[storage.options]\npath = 5", "[storage.options.path]: must be a folder path string"),
+])
+def test_storage_table_errors_name_the_key(tmp_path, table, message):
+    path = write_config(tmp_path, MINIMAL_MAIN + "\n" + table + "\n")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    assert any(message in str(p) for p in info.value.problems), info.value.render()
+
+
+def test_storage_path_relative_to_config_file(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage]\nbackend = "filesystem"\n[storage.options]\npath = "data"\n')
+    assert load_config(path).storage_path == tmp_path / "data"
+
+
+def all_problems(path):
+    """Every problem, whether loading or building finds it."""
+    try:
+        build_runtime(load_config(path))
+    except ConfigErrors as e:
+        return [str(p) for p in e.problems]
+    return []
+
+
+BACKEND = '[backends.b]\nservice = "echo"\n'
+# (extra for the main file, pipeline file text, expected "[key]: message" fragment)
+MESSAGES = [
+    ('log_level = "loud"', "", "[proxy.log_level]: must be one of trace, debug, info"),
+    ("pipelines_path = 5", "", "[proxy.pipelines_path]: must be a path string"),
+    ('[network.x]\nlisten = 5', "", "[network.x.listen]: must be a Twisted endpoint description"),
+    ("[network.x.http]\nbind_address = 5", "", "[network.x.http.bind_address]: must be an IP address string"),
+    ("[network.x]\nhttp = 5", "", "[network.x.http]: must be a table"),
+    ("", "[endpoints]\ne = 5", "[endpoints.e]: must be a table"),
+    ("", "[endpoints.e]\npath_prefix = '/e'", "[endpoints.e]: needs a 'service' (or 'type') naming its type"),
+    ("", "[endpoints.e]\nservice = 5", "[endpoints.e.service]: must be a string"),
+    ("", '[endpoints.e]\nservice = "http"\noptions = 5', "[endpoints.e.options]: must be a table"),
+    ("", '[backends.b]\nservice = "http"\ntargets = "t"', "[backends.b.targets]: must be a list of target names"),
+    ("", '[backends.b]\nservice = "http"\ntargets = ["nope"]',
+     "[backends.b.options.targets]: names unknown target 'nope'"),
+    ("", '[backends.b]\nservice = "http"', "[backends.b.options.base_url]: is required"),
+    ("", '[backends.b]\nservice = "http"\nbase_url = "http://x"\ntimeout_secs = 0',
+     "[backends.b.options.timeout_secs]: must be at least 0.001"),
+    ('[backend_types.stamp]\nmodule = "tests.custom_types:Stamp"', '[backends.b]\nservice = "stamp"',
+     "[backends.b]: type 'stamp' is not a backend"),
+    ('[services.x]\nmodule = "tests.harness:MINIMAL_MAIN"', "",
+     "[services.x.module]: 'tests.harness:MINIMAL_MAIN' implements none of IEndpoint, IBackend, IMiddleware"),
+    ("[services.x]\nmodule = 5", "", "[services.x.module]: must be a string"),
+    ("", '[pipelines.p]\nendpoints = "e"', "[pipelines.p.endpoints]: must be a list of names"),
+    ("", "[pipelines.p]\nmiddleware = [1]", "[pipelines.p.middleware]: must be a list of names"),
+    ("", '[pipelines]\np = "x"', "[pipelines.p]: must be a table"),
+    ("", "pipelines = 5", "[pipelines]: must be a table of named entries"),
+    ("[network.grouping]\n", '[pipelines.p]\nnetworks = ["grouping"]\nendpoints = ["e"]\nbackends = ["b"]\n'
+     '[endpoints.e]\nservice = "http"\n' + BACKEND, "[pipelines.p.networks]: network 'grouping' has no HTTP listener"),
+]
+
+
+@pytest.mark.parametrize("main_extra, pipeline, message", MESSAGES, ids=[m[2].split("]")[0][1:] for m in MESSAGES])
+def test_each_config_error_message(tmp_path, main_extra, pipeline, message):
+    if main_extra.startswith("pipelines_path"):
+        main = main_extra + "\n" + MINIMAL_MAIN
+    elif main_extra.startswith("log_level"):
+        main = MINIMAL_MAIN.replace('log_level = "debug"', main_extra)
+    else:
+        main = MINIMAL_MAIN + "\n" + main_extra + "\n"
+    path = write_config(tmp_path, main, {"p": pipeline} if pipeline else None)
+    problems = all_problems(path)
+    assert any(message in p for p in problems), problems
+    assert all(p.startswith(str(tmp_path)) for p in problems), problems  # each names its file
+
+
+def test_http_endpoint_without_any_network(tmp_path):
+    main = '[proxy]\nid = "x"\n'
+    path = write_config(tmp_path, main, {"p": '[pipelines.p]\nendpoints = ["e"]\nbackends = ["b"]\n'
+                                              '[endpoints.e]\nservice = "http"\n' + BACKEND})
+    assert any("[pipelines.p.networks]: HTTP endpoint 'e' needs a network with [network.NAME.http] or 'listen'" in p
+               for p in all_problems(path))
+
+
+def test_unreadable_and_non_utf8_pipeline_files(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN, {"ok": ECHO})
+    (tmp_path / "pipelines" / "folder.toml").mkdir()
+    (tmp_path / "pipelines" / "latin1.toml").write_bytes(b"# caf\xe9\n")
+    problems = all_problems(path)
+    assert any("folder.toml: cannot read" in p for p in problems), problems
+    assert any("latin1.toml: is not UTF-8 text" in p for p in problems), problems
+
+
+def test_unknown_options_are_warnings_not_errors(tmp_path):
+    path = write_config(tmp_path, MINIMAL_MAIN, {"p": ECHO.replace('path_prefix = "/echo"',
+                                                                  'path_prefix = "/echo"\npath_prefx = "/oops"')})
+    runtime = build_runtime(load_config(path))
+    assert any("[endpoints.e]: unknown option(s) ignored: path_prefx" in str(w) for w in runtime.warnings)

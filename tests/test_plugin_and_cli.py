@@ -105,3 +105,20 @@ def test_twistd_refuses_bad_config(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode != 0
     assert "bind_port" in (r.stdout + r.stderr)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_twistd_exits_non_zero_when_a_network_cannot_listen(tmp_path, workers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        main = MINIMAL_MAIN.replace("bind_port = 0", f"bind_port = {port}").replace(
+            "[proxy]", f"[proxy]\nworkers = {workers}")
+        path = write_config(tmp_path, main)
+        r = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "harmony", "-c", str(path)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "network default cannot listen on" in out and "Address already in use" in out
+    assert "stopping: not every network could listen" in out

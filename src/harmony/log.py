@@ -31,6 +31,12 @@ def get_logger(namespace: str) -> Logger:
     return Logger(namespace=namespace, observer=_filtered)
 
 
+def enabled(namespace: str, level: str) -> bool:
+    """Whether an event at *level* in *namespace* would pass the level filter
+    (lets a hot path skip building an event nobody will see)."""
+    return _LEVELS[level] >= _predicate.logLevelForNamespace(namespace)
+
+
 def set_level(level: str) -> None:
     _predicate.setLogLevelForNamespace("", _LEVELS.get(level.lower(), LogLevel.info))
 
@@ -42,5 +48,20 @@ def file_observer(path: str, fmt: str = "text"):
     else:
         stream = io.open(path, "a", encoding="utf-8")
     if fmt == "json":
-        return jsonFileLogObserver(stream), stream
+        # No record separator: one JSON object per line ("JSON lines"), which
+        # jq, Loki, Vector and friends read as is.
+        return jsonFileLogObserver(stream, recordSeparator=""), stream
     return textFileLogObserver(stream), stream
+
+
+#: What this process's stdout log looks like ("text" or "json"); worker
+#: processes are told, so their lines match the main process's.
+stdout_format = "text"
+
+
+def json_stdout_observer():
+    """JSON lines on stdout in place of twistd's text log:
+    ``twistd -n --logger=harmony.log.json_stdout_observer harmony -c ...``."""
+    global stdout_format
+    stdout_format = "json"
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")

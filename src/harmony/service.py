@@ -11,7 +11,10 @@ It also owns the metrics registry and hot reload (harmony.management).
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from harmony import log as hlog
 from harmony.config import load_config
@@ -41,11 +45,19 @@ class NetworkService(Service):
         self.reactor = reactor
         self.port = None
         self.listening: defer.Deferred | None = None
+        self._outcome = None  # the port, or the Failure, once listen() settled
+        self._waiters: list[defer.Deferred] = []
+
+    def listen(self) -> defer.Deferred:
+        """Start listening; fires with the ``IListeningPort``.  Worker processes
+        override this to adopt the main process's socket instead."""
+        return serverFromString(self.reactor, self.description).listen(self.site)
 
     def startService(self):
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
-        self.listening = endpoint.listen(self.site)
+        # maybeDeferred: a description that fails to resolve now (a systemd:
+        # socket that was not passed in) is a failure to listen, not a crash.
+        self.listening = defer.maybeDeferred(self.listen)
 
         def up(port):
             self.port = port
@@ -60,6 +72,30 @@ class NetworkService(Service):
             return failure
 
         self.listening.addCallbacks(up, down)
+        self.listening.addBoth(self._settled)
+
+    def _settled(self, outcome):
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            self._relay(d)
+        return None if isinstance(outcome, Failure) else outcome  # logged above, relayed to waiters
+
+    def _relay(self, d):
+        if isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self._outcome)
+
+    def wait_listening(self) -> defer.Deferred:
+        """A new Deferred for the listen outcome: each caller gets its own, so
+        one consuming a failure cannot hide it from another."""
+        d = defer.Deferred()
+        if self._outcome is None:
+            self._waiters.append(d)
+        else:
+            self._relay(d)
+        return d
 
     def stopService(self):
         super().stopService()
@@ -82,9 +118,11 @@ class LoggingService(Service):
     def startService(self):
         super().startService()
         s = self.settings
-        if s.get("log_to_file") or s.get("format") == "json":
-            path = s.get("log_file_path", "-") if s.get("log_to_file") else "-"
-            if path != "-" and not Path(path).is_absolute():
+        # twistd's own observer keeps writing to stdout/--logfile; this adds the
+        # file [logging] names (the loader resolved and checked its path).
+        if s.get("log_to_file"):
+            path = s["log_file_path"]
+            if not Path(path).is_absolute():
                 path = str(self.base_dir / path)
             self._observer, self._stream = hlog.file_observer(path, s.get("format", "text"))
             globalLogPublisher.addObserver(self._observer)
@@ -225,8 +263,18 @@ class HarmonyService(MultiService):
 
     def when_listening(self) -> defer.Deferred:
         """Fires once every network listens (for tests and readiness)."""
-        services = list(self.networks.values()) + ([self.management] if self.management is not None else [])
-        return defer.gatherResults([n.listening for n in services if n.listening], consumeErrors=True)
+        # wait_listening() gives each caller its own Deferred, so a caller here can
+        # never swallow a listen failure that the exit-on-failure guard waits for.
+        waits = [n.wait_listening() for n in self.networks.values() if n.listening]
+        if self.management is not None and self.management.listening:
+            waits.append(self.management.wait_listening())
+        return defer.gatherResults(waits, consumeErrors=True)
+
+
+def _exit_failed():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def make_service(config_path, reactor=None) -> HarmonyService:
@@ -235,4 +283,18 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         reactor = default_reactor
     config = load_config(config_path)
     runtime = build_runtime(config, reactor)
-    return HarmonyService(runtime, reactor)
+    service = HarmonyService(runtime, reactor)
+
+    def not_listening(failure):
+        # A proxy that cannot bind its port must not linger looking healthy:
+        # stop, and exit non-zero once twistd has cleaned up, so the
+        # supervisor (systemd) sees a failure.
+        log.critical("stopping: not every network could listen")
+        atexit.register(_exit_failed)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
+    if config.proxy.workers > 1:
+        from harmony.workers import WorkerPool
+        WorkerPool(config.path, config.proxy.workers - 1, service, reactor).setServiceParent(service)
+    return service

@@ -19,7 +19,7 @@ import ipaddress
 from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
-from harmony.backends.streams import ResponseBodyProducer
+from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
 from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
@@ -158,7 +158,6 @@ class HttpBackend(Backend):
         Fails with BackendTimeout past ``timeout_secs`` and BackendUnavailable
         when the upstream cannot be reached or breaks off.
         """
-        d = self.agent.request(method, url, headers, body_producer)
         state = {"timed_out": False}
 
         def expire():
@@ -166,6 +165,9 @@ class HttpBackend(Backend):
             d.cancel()
 
         timer = self.reactor.callLater(self.timeout, expire)
+        if body_producer is not None:
+            body_producer = DeadlineBody(body_producer, timer, self.timeout)  # no 504 mid-upload
+        d = self.agent.request(method, url, headers, body_producer)
 
         def done(result):
             if timer.active():

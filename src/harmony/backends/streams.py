@@ -62,3 +62,55 @@ class ResponseBodyProducer:
         t = self._transport()
         if t is not None:
             t.stopProducing()
+
+
+class _ProgressConsumer:
+    def __init__(self, consumer, on_progress):
+        self._consumer = consumer
+        self._on_progress = on_progress
+
+    def write(self, data):
+        self._on_progress()
+        self._consumer.write(data)
+
+    def registerProducer(self, producer, streaming):
+        self._consumer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        self._consumer.unregisterProducer()
+
+
+@implementer(IBodyProducer)
+class DeadlineBody:
+    """A request body that keeps a response deadline from firing mid-upload.
+
+    A backend's ``timeout_secs`` is meant for an upstream that does not
+    answer, not for a client uploading a large body slowly (request bodies
+    stream as they arrive).  While the body is being sent, every chunk pushes
+    *deadline* (a ``DelayedCall``) *seconds* into the future, so it only fires
+    if the upload stalls that long; once the body is sent it restarts, and
+    then measures the wait for the response head.
+    """
+
+    def __init__(self, body, deadline, seconds: float):
+        self._body = body
+        self._deadline = deadline
+        self._seconds = seconds
+        self.length = getattr(body, "length", UNKNOWN_LENGTH)
+
+    def _push(self, result=None):
+        if self._deadline.active():
+            self._deadline.reset(self._seconds)
+        return result
+
+    def startProducing(self, consumer):
+        return self._body.startProducing(_ProgressConsumer(consumer, self._push)).addCallback(self._push)
+
+    def pauseProducing(self):
+        self._body.pauseProducing()
+
+    def resumeProducing(self):
+        self._body.resumeProducing()
+
+    def stopProducing(self):
+        self._body.stopProducing()

@@ -27,6 +27,7 @@ COMPONENT_TABLES = ("pipelines", "endpoints", "backends", "middleware", "targets
 TYPE_TABLES = {"services": None, "endpoint_types": "endpoint", "service_types": None,
                "backend_types": "backend", "middleware_types": "middleware"}
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 
 
 def read_toml(path: Path, problems: list) -> dict | None:
@@ -98,6 +99,21 @@ def _pipeline(name: str, table: dict, source: str, problems: list) -> PipelineCo
     return PipelineConfig(name=name, source=source, description=str(description), raw=table, **lists)
 
 
+def _usable_listen(listen: str, source: str, key: str, problems: list) -> bool:
+    """Parse an endpoint description the way twistd will, without listening, so
+    a typo or a missing certificate is reported before anything starts.
+    ``systemd:`` descriptions are left alone: they only parse under systemd."""
+    if listen.lstrip().startswith("systemd:"):
+        return True
+    from twisted.internet.endpoints import serverFromString
+    try:
+        serverFromString(None, listen)
+    except Exception as e:  # noqa: BLE001 - any parse failure (ValueError, OSError, SSL errors)
+        problems.append(Problem(source, key, f"is not a usable Twisted endpoint description {listen!r}: {e}"))
+        return False
+    return True
+
+
 def _network(name: str, table: dict, source: str, problems: list) -> NetworkConfig | None:
     where = f"network.{name}"
     if not isinstance(table, dict):
@@ -108,6 +124,8 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
         if not isinstance(listen, str) or not listen.strip():
             problems.append(Problem(source, f"{where}.listen",
                                     "must be a Twisted endpoint description such as 'tcp:8080:interface=127.0.0.1'"))
+            return None
+        if not _usable_listen(listen, source, f"{where}.listen", problems):
             return None
         return NetworkConfig(name=name, source=source, listen=listen, raw=table)
     http = table.get("http")
@@ -132,10 +150,69 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
     listen = f"tcp:{port}:interface={iface}"
     tls = http.get("tls") or table.get("tls")
     if isinstance(tls, dict) and tls.get("cert"):
-        cert = _resolve(Path(source).parent, tls["cert"])
-        key = _resolve(Path(source).parent, tls.get("key", tls["cert"]))
+        # Colons separate endpoint-string fields, so they are escaped in paths too.
+        cert = str(_resolve(Path(source).parent, tls["cert"])).replace(":", "\\:")
+        key = str(_resolve(Path(source).parent, tls.get("key", tls["cert"]))).replace(":", "\\:")
         listen = f"ssl:{port}:interface={iface}:certKey={cert}:privateKey={key}"
+        if not _usable_listen(listen, source, f"{where}.http.tls", problems):
+            return None
     return NetworkConfig(name=name, source=source, listen=listen, raw=table)
+
+
+def _logging(raw, source: str, base: Path, problems: list) -> dict:
+    """``[logging]``: ``log_to_file``, ``log_file_path`` (relative to the config
+    file), ``format`` (``text`` or ``json`` lines).  Checked here so a typo is a
+    refusal to start, not a log file that silently never appears."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(source, "logging", "must be a table"))
+        return {}
+    out = dict(raw)
+    to_file = raw.get("log_to_file", False)
+    if not isinstance(to_file, bool):
+        problems.append(Problem(source, "logging.log_to_file", f"must be true or false, got {to_file!r}"))
+        to_file = False
+    fmt = raw.get("format", "text")
+    if fmt not in LOG_FORMATS:
+        problems.append(Problem(source, "logging.format", f"must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}"))
+    path = raw.get("log_file_path")
+    if path is not None and (not isinstance(path, str) or not path):
+        problems.append(Problem(source, "logging.log_file_path", "must be a file path string"))
+        path = None
+    if to_file:
+        if path is None:
+            problems.append(Problem(source, "logging.log_file_path", "is required when log_to_file = true"))
+        else:
+            resolved = _resolve(base, path)
+            if not resolved.parent.is_dir():
+                problems.append(Problem(source, "logging.log_file_path",
+                                        f"folder {resolved.parent} does not exist"))
+            out["log_file_path"] = str(resolved)
+    out["log_to_file"] = to_file
+    out["format"] = fmt
+    return out
+
+
+STORAGE_BACKENDS = ("filesystem",)
+
+
+def _storage(raw, source: str, problems: list) -> dict:
+    """``[storage]``: ``backend = "filesystem"`` and ``[storage.options] path``."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(source, "storage", "must be a table"))
+        return {}
+    backend = raw.get("backend", "filesystem")
+    if backend not in STORAGE_BACKENDS:
+        problems.append(Problem(source, "storage.backend",
+                                f"must be one of {', '.join(STORAGE_BACKENDS)}, got {backend!r}"))
+    options = raw.get("options", {})
+    if not isinstance(options, dict):
+        problems.append(Problem(source, "storage.options", "must be a table"))
+        return {**raw, "options": {}}
+    path = options.get("path")
+    if path is not None and (not isinstance(path, str) or not path):
+        problems.append(Problem(source, "storage.options.path", "must be a folder path string"))
+        return {**raw, "options": {k: v for k, v in options.items() if k != "path"}}
+    return raw
 
 
 def load_config(path: str | Path) -> HarmonyConfig:
@@ -252,7 +329,8 @@ def load_config(path: str | Path) -> HarmonyConfig:
         path=path, base_dir=base, proxy=proxy, networks=networks,
         pipelines=tables["pipelines"], endpoints=tables["endpoints"], backends=tables["backends"],
         middleware=tables["middleware"], targets=tables["targets"],
-        management=section("management"), storage=section("storage"), logging=section("logging"),
+        management=section("management"), storage=_storage(main.get("storage", {}), src, problems),
+        logging=_logging(main.get("logging", {}), src, base, problems),
         custom_types=custom_types, files=files, raw={str(f): d for f, d in documents},
     )
     if problems:

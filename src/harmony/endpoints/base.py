@@ -39,6 +39,11 @@ class HttpEndpointBase(Service):
 
     transport = "http"
     protocol = "http"
+    #: True: a large or chunked request body reaches the pipeline as a stream
+    #: while it is still arriving.  False: twisted.web spools it first (and
+    #: ``request.content`` holds it), which endpoints that parse the whole
+    #: body anyway may prefer.
+    stream_request_body = False
 
     def __init__(self, name: str, path_prefix: str = "/", options=None):
         self.name = name

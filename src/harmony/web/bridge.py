@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
-from twisted.web.http_headers import Headers
 
-from harmony.envelope import RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id
-from harmony.log import get_logger
-from harmony.web.headers import HOP_BY_HOP
+from harmony.envelope import (RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id,
+                              parse_query)
+from harmony.log import enabled, get_logger
+from harmony.web.headers import HOP_BY_HOP, copy_headers
+from harmony.web.streaming import INLINE_BODY_LIMIT
 
 log = get_logger("harmony.access")
+
+
+def access_log_enabled() -> bool:
+    return enabled("harmony.access", "info")
 errlog = get_logger("harmony.web")
 
-#: Bodies up to this size are read into memory (cheap, and lets JSON-aware
-#: middleware see them); larger ones stay a stream from twisted.web's spool file.
-INLINE_BODY_LIMIT = 256 * 1024
+_NOT_COPIED = HOP_BY_HOP | {b"content-length"}
 _REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -28,6 +32,9 @@ def _text(b: bytes) -> str:
 
 
 def request_body(request):
+    stream = getattr(request, "body_stream", None)
+    if stream is not None:
+        return stream  # arriving as we go (harmony.web.streaming)
     content = request.content
     if content is None:
         return b""
@@ -51,9 +58,7 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
         subpath = path[len(prefix):]
     incoming_id = request.requestHeaders.getRawHeaders(b"x-request-id", [b""])[0]
     request_id = _text(incoming_id) if _REQUEST_ID_OK.match(incoming_id) else new_request_id()
-    headers = Headers()
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        headers.setRawHeaders(name, list(values))
+    headers = copy_headers(request.requestHeaders)
     body = request_body(request)
     env = RequestEnvelope(
         method=_text(request.method), path=path, subpath=subpath,
@@ -63,10 +68,8 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
         scheme="https" if request.isSecure() else "http",
         host=_text(request.getHeader(b"host") or b""),
     )
-    from harmony.envelope import parse_query
-    env.query = parse_query(raw_query)
+    env.query = parse_query(raw_query) if raw_query else []
     if isinstance(body, bytes) and body and is_json_type(env.header("content-type")):
-        import json
         try:
             env.normalized = json.loads(body)
         except ValueError:
@@ -81,16 +84,23 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     if getattr(request, "_disconnected", False) or request.finished:
         return defer.succeed(None)
     request.setResponseCode(response.status, response.reason)
-    skip = HOP_BY_HOP | {b"content-length"}
-    for name, values in response.headers.getAllRawHeaders():
-        if name.lower() not in skip:
-            request.responseHeaders.setRawHeaders(name, list(values))
+    out = copy_headers(response.headers, _NOT_COPIED)
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        if not out.hasHeader(name):  # e.g. Connection: close, set by twisted.web
+            out.setRawHeaders(name, values)
+    request.responseHeaders = out
     rid = getattr(request, "_harmony_request_id", None)
     if rid and not request.responseHeaders.hasHeader(b"x-request-id"):
         request.responseHeaders.setRawHeaders(b"x-request-id", [rid.encode()])
     body = response.body
     length = body_length(body)
-    if length is not None and response.status not in (204, 304) and not 100 <= response.status < 200:
+    if request.method == b"HEAD" or response.status == 304:
+        # No body follows: the Content-Length given (by an upstream) describes
+        # the representation, and passes through as it is.
+        given = response.headers.getRawHeaders(b"content-length")
+        if given:
+            request.responseHeaders.setRawHeaders(b"content-length", given[:1])
+    elif length is not None and response.status != 204 and not 100 <= response.status < 200:
         request.responseHeaders.setRawHeaders(b"content-length", [str(length).encode()])
     if body is None or isinstance(body, (bytes, bytearray)):
         if body:
@@ -111,7 +121,11 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     request.notifyFinish().addErrback(client_gone)
 
     def finished(result):
-        request.unregisterProducer()
+        if request.channel is not None:  # None once the client has gone
+            request.unregisterProducer()
+        if getattr(request, "_disconnected", False):
+            done.callback(None)  # we stopped the stream ourselves (client_gone)
+            return None
         if isinstance(result, Failure):
             # Headers are gone already; the only honest signal left is to cut
             # the connection so the client sees a truncated body, not a whole one.
@@ -131,6 +145,9 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
 
 
 def log_access(request, endpoint_name: str, started: float):
+    if not access_log_enabled():
+        return
+
     def _log(_):
         log.info("{method} {path} {status} {bytes}B {duration_ms}ms id={request_id}",
                  method=_text(request.method), path=_text(request.path),

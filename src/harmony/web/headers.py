@@ -22,11 +22,30 @@ def connection_listed(headers: Headers) -> set[bytes]:
     return listed
 
 
-def end_to_end(headers: Headers, *, drop=()) -> Headers:
-    """A copy of *headers* without hop-by-hop ones (and without *drop*)."""
-    skip = HOP_BY_HOP | connection_listed(headers) | {d.lower() for d in drop}
+def copy_headers(headers: Headers, skip=frozenset()) -> Headers:
+    """A copy of *headers* without the (lower-case) names in *skip*.
+
+    Values in a ``Headers`` are already encoded and sanitised, so they are
+    copied as they are instead of through ``setRawHeaders``, which would redo
+    that for every value of every header: this runs several times per proxied
+    request and showed up in the passthrough profile.
+    """
     out = Headers()
+    raw = getattr(out, "_rawHeaders", None)
+    if raw is None:  # a Twisted without the private dict: the public, slower way
+        for name, values in headers.getAllRawHeaders():
+            if name.lower() not in skip:
+                out.setRawHeaders(name, list(values))
+        return out
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in skip:
-            out.setRawHeaders(name, list(values))
+            raw[name] = list(values)
     return out
+
+
+def end_to_end(headers: Headers, *, drop=()) -> Headers:
+    """A copy of *headers* without hop-by-hop ones (and without *drop*)."""
+    skip = HOP_BY_HOP | connection_listed(headers)
+    if drop:
+        skip = skip | {d.lower() for d in drop}
+    return copy_headers(headers, skip)

@@ -14,6 +14,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from harmony.errors import NotFound
 from harmony.web.bridge import write_response
 from harmony.web.problem import problem_response
+from harmony.web.streaming import HarmonyChannel, HarmonyRequest
 
 
 class PrefixRouter(Resource):
@@ -31,6 +32,11 @@ class PrefixRouter(Resource):
                 return route
         return None
 
+    def streams_request_body(self, path: bytes) -> bool:
+        """Whether the endpoint *path* routes to takes its body as it arrives."""
+        route = self.match(path.decode("utf-8", "surrogateescape"))
+        return route is not None and getattr(route.endpoint, "stream_request_body", False)
+
     def render(self, request):
         path = request.path.decode("utf-8", "surrogateescape")
         route = self.match(path)
@@ -42,9 +48,12 @@ class PrefixRouter(Resource):
 
 class HarmonySite(Site):
     """A Site with twisted.web's own access log off: Harmony logs each request
-    itself, with its request id and without query strings (which carry PHI)."""
+    itself, with its request id and without query strings (which carry PHI).
+    Its channels can stream request bodies (see :mod:`harmony.web.streaming`)."""
 
     noisy = False
+    protocol = HarmonyChannel
+    requestFactory = HarmonyRequest
 
     def log(self, request):
         pass

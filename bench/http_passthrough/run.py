@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""HTTP passthrough benchmark: Harmony next to nginx, in one run, on loopback.
+
+1. Throughput: one static upstream (nginx serving a small file) measured with
+   wrk directly, through nginx ``proxy_pass`` and through Harmony's ``http``
+   endpoint + ``http`` backend, for each worker count (nginx gets the same
+   number of worker processes as Harmony gets ``[proxy] workers``).  Prints
+   req/s, p50/p99 latency and the ratio Harmony/nginx.
+2. Streaming: a 1 GiB body up and a 1 GiB body down through Harmony (one
+   worker) and through nginx (one worker, request and response buffering off),
+   to a sink/source upstream (bigserver.py) that holds nothing in memory.
+   Prints each proxy's peak RSS (VmHWM) and throughput.
+
+Run with the interpreter of the venv Harmony is installed in:
+
+    .venv/bin/python bench/http_passthrough/run.py [--duration 5] [--workers 1 2]
+
+Everything listens on 127.0.0.1 and every load run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NGINX = "/usr/sbin/nginx"
+WRK = "/usr/bin/wrk"
+TWISTD = Path(sys.executable).parent / "twistd"
+GIB = 1024 ** 3
+STATIC_BODY = b"x" * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------- servers
+
+
+class Nginx:
+    def __init__(self, folder: Path, name: str, workers: int, server_block: str):
+        self.folder = folder / name
+        self.folder.mkdir(parents=True)
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.folder / sub).mkdir()
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = f"""
+        worker_processes {workers};
+        daemon off;
+        pid {self.folder}/nginx.pid;
+        error_log {self.folder}/error.log warn;
+        {user}
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            keepalive_requests 1000000;
+            client_body_temp_path {self.folder}/client_body;
+            proxy_temp_path {self.folder}/proxy;
+            fastcgi_temp_path {self.folder}/fastcgi;
+            uwsgi_temp_path {self.folder}/uwsgi;
+            scgi_temp_path {self.folder}/scgi;
+            {server_block}
+        }}
+        """
+        self.conf = self.folder / "nginx.conf"
+        self.conf.write_text(textwrap.dedent(conf))
+        self.proc = None
+
+    def start(self, port: int):
+        self.proc = subprocess.Popen([NGINX, "-p", str(self.folder), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_port(port, self.proc, f"nginx ({self.conf})")
+        return self
+
+    def workers(self) -> list[int]:
+        return children(self.proc.pid)
+
+    def stop(self):
+        stop(self.proc, signal.SIGQUIT)
+
+
+def proxy_block(port: int, upstream_port: int, streaming: bool = False) -> str:
+    extra = ("proxy_request_buffering off; proxy_buffering off; client_max_body_size 0; "
+             "proxy_read_timeout 600s; proxy_send_timeout 600s;" if streaming else "")
+    return f"""
+        upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+        server {{
+            listen 127.0.0.1:{port};
+            location / {{
+                proxy_pass http://up;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+                {extra}
+            }}
+        }}"""
+
+
+class Harmony:
+    def __init__(self, folder: Path, name: str, workers: int, port: int, upstream_port: int):
+        self.folder = folder / name
+        self.folder.mkdir(parents=True)
+        self.port = port
+        self.workers = workers
+        self.config = self.folder / "harmony.toml"
+        self.config.write_text(textwrap.dedent(f"""
+            [proxy]
+            id = "bench"
+            log_level = "warn"
+            workers = {workers}
+
+            [network.default.http]
+            bind_address = "127.0.0.1"
+            bind_port = {port}
+
+            [pipelines.pass]
+            networks = ["default"]
+            endpoints = ["all"]
+            backends = ["up"]
+
+            [endpoints.all]
+            service = "http"
+            [endpoints.all.options]
+            path_prefix = "/"
+
+            [backends.up]
+            service = "http"
+            [backends.up.options]
+            base_url = "http://127.0.0.1:{upstream_port}"
+            # A 1 GiB upload is spooled, then sent, before the upstream answers.
+            timeout_secs = 600
+            """))
+        self.log = self.folder / "harmony.log"
+        self.proc = None
+
+    def start(self):
+        logf = self.log.open("w")
+        self.proc = subprocess.Popen([str(TWISTD), "-n", "--pidfile=", "harmony", "-c", str(self.config)],
+                                     cwd=self.folder, stdout=logf, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc, "harmony")
+        deadline = time.monotonic() + 30
+        # Twisted logs this (whatever log_level says) as each process's site starts.
+        while self.log.read_text().count("HarmonySite starting on") < self.workers:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("harmony workers did not start:\n" + self.log.read_text())
+            time.sleep(0.05)
+        return self
+
+    def stop(self):
+        stop(self.proc)
+
+
+# ---------------------------------------------------------------------- wrk
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(m[1]) * _UNITS[m[2]]
+
+
+def wrk(url: str, duration: int, threads: int = 2, connections: int = 50) -> dict:
+    r = subprocess.run([WRK, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
+                       capture_output=True, text=True, timeout=duration + 60, check=True)
+    out = r.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1])
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m[1])
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(map(int, m.groups()))
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors}
+
+
+# ----------------------------------------------------------------- streaming
+
+
+def upload(port: int, size: int) -> float:
+    chunk = b"\0" * (1024 * 1024)
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.putrequest("POST", "/upload")
+    conn.putheader("Content-Type", "application/octet-stream")
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders()
+    sent = 0
+    while sent < size:
+        n = min(len(chunk), size - sent)
+        conn.send(chunk[:n])
+        sent += n
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    if resp.status != 200 or json.loads(body)["received"] != size:
+        raise RuntimeError(f"upload through :{port} failed: {resp.status} {body[:200]!r}")
+    return time.monotonic() - started
+
+
+def download(port: int, size: int) -> float:
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("GET", f"/download?bytes={size}")
+    resp = conn.getresponse()
+    got = 0
+    while True:
+        data = resp.read(1024 * 1024)
+        if not data:
+            break
+        got += len(data)
+    conn.close()
+    if resp.status != 200 or got != size:
+        raise RuntimeError(f"download through :{port} failed: {resp.status}, {got} of {size} bytes")
+    return time.monotonic() - started
+
+
+def streaming(folder: Path, size: int) -> dict:
+    big_port = free_port()
+    big = subprocess.Popen([sys.executable, str(HERE / "bigserver.py"), str(big_port)])
+    results = {}
+    try:
+        wait_port(big_port, big, "bigserver")
+        for direction, run in (("upload", upload), ("download", download)):
+            port = free_port()
+            h = Harmony(folder, f"harmony-stream-{direction}", 1, port, big_port).start()
+            try:
+                base = status_kib(h.proc.pid, "VmRSS")
+                secs = run(port, size)
+                peak = status_kib(h.proc.pid, "VmHWM")
+            finally:
+                h.stop()
+            results[("harmony", direction)] = {"baseline_mib": base / 1024, "peak_mib": peak / 1024,
+                                               "mib_s": size / 2 ** 20 / secs}
+            port = free_port()
+            n = Nginx(folder, f"nginx-stream-{direction}", 1, proxy_block(port, big_port, streaming=True)).start(port)
+            try:
+                [worker] = n.workers()
+                base = status_kib(worker, "VmRSS")
+                secs = run(port, size)
+                peak = status_kib(worker, "VmHWM")
+            finally:
+                n.stop()
+            results[("nginx", direction)] = {"baseline_mib": base / 1024, "peak_mib": peak / 1024,
+                                             "mib_s": size / 2 ** 20 / secs}
+    finally:
+        stop(big)
+    return results
+
+
+# ---------------------------------------------------------------------- main
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median req/s (its latencies belong to the same run)."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return {**ordered[len(ordered) // 2], "all_rps": [round(r["rps"]) for r in runs]}
+
+
+def throughput(folder: Path, workers: int, duration: int, warmup: int, rounds: int) -> dict:
+    www = folder / "www"
+    www.mkdir(exist_ok=True)
+    (www / "hello.txt").write_bytes(STATIC_BODY)
+    os.chmod(folder, 0o755)
+    up_port = free_port()
+    upstream = Nginx(folder, f"upstream-{workers}", 1, f"""
+        server {{ listen 127.0.0.1:{up_port}; location / {{ root {www}; }} }}""").start(up_port)
+    try:
+        nginx_port, harmony_port = free_port(), free_port()
+        proxy = Nginx(folder, f"nginx-{workers}", workers, proxy_block(nginx_port, up_port)).start(nginx_port)
+        harmony = Harmony(folder, f"harmony-{workers}", workers, harmony_port, up_port).start()
+        try:
+            targets = (("direct", up_port), ("nginx", nginx_port), ("harmony", harmony_port))
+            runs = {name: [] for name, _ in targets}
+            # Interleaved rounds, so a burst of load from elsewhere on the machine
+            # hits every target rather than one.
+            for _ in range(rounds):
+                for name, port in targets:
+                    url = f"http://127.0.0.1:{port}/hello.txt"
+                    if warmup:
+                        wrk(url, warmup)
+                    runs[name].append(wrk(url, duration))
+            results = {name: median_run(r) for name, r in runs.items()}
+        finally:
+            harmony.stop()
+            proxy.stop()
+    finally:
+        upstream.stop()
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each measured run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target; the median is shown")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--stream-bytes", type=int, default=GIB, help="body size for the RSS runs (default 1 GiB)")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming/RSS runs")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    for tool in (NGINX, WRK, str(TWISTD)):
+        if not os.path.exists(tool):
+            sys.exit(f"{tool} is missing (apt-get install nginx-light wrk; run with Harmony's venv python)")
+
+    folder = Path(tempfile.mkdtemp(prefix="harmony-bench-"))
+    report = {"throughput": {}, "streaming": {}}
+    try:
+        print(f"wrk -t2 -c50 -d{args.duration}s, static {len(STATIC_BODY)} B file, loopback, {os.cpu_count()} cores, "
+              f"median of {args.rounds} interleaved rounds; load average before: {os.getloadavg()[0]:.2f}")
+        print(f"{'workers':>7}  {'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  all rounds req/s")
+        for workers in args.workers:
+            res = throughput(folder, workers, args.duration, args.warmup, args.rounds)
+            report["throughput"][workers] = res
+            for name, r in res.items():
+                print(f"{workers:>7}  {name:<8} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}"
+                      f"  {r['all_rps']}")
+            ratio = res["harmony"]["rps"] / res["nginx"]["rps"]
+            res["harmony_over_nginx"] = ratio
+            print(f"{workers:>7}  Harmony/nginx req/s = {ratio:.1%}   "
+                  f"p99 Harmony/nginx = {res['harmony']['p99_ms'] / res['nginx']['p99_ms']:.1f}x")
+        if not args.no_stream:
+            size = args.stream_bytes
+            print(f"\nstreaming {size / GIB:g} GiB each way, one worker (peak RSS = VmHWM of the proxy process)")
+            print(f"{'proxy':<8} {'direction':<9} {'baseline MiB':>12} {'peak MiB':>9} {'MiB/s':>7}")
+            res = streaming(folder, size)
+            for (proxy, direction), r in res.items():
+                print(f"{proxy:<8} {direction:<9} {r['baseline_mib']:>12.1f} {r['peak_mib']:>9.1f} {r['mib_s']:>7.0f}")
+                report["streaming"][f"{proxy}/{direction}"] = r
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
