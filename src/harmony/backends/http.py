@@ -115,6 +115,8 @@ class HttpBackend(Backend):
     @classmethod
     def from_config(cls, name, options, ctx):
         implicit = {"url": options.str("base_url")} if "base_url" in options else None
+        if implicit is None and not (ctx.component and ctx.component.targets):
+            raise OptionError("base_url", "is required (or name targets whose tables have a 'url')")
         pool = TargetPool.from_options(name, options, ctx, kind="url", implicit=implicit, check_url=check_base_url)
         timeout = options.number("timeout_secs", 30.0, minimum=0.001)
         connect = options.number("connect_timeout_secs", None, minimum=0.001)

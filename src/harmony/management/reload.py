@@ -81,9 +81,21 @@ def reload(service):
     service.last_reload = {"ok": ok, "at": started, "errors": errors, "changes": changes}
     if ok:
         log.info("configuration reloaded: {summary}", summary=_summary(changes))
+        # Worker processes ([proxy] workers) hold their own copy of the config:
+        # replace them one by one so every process serves the new one.
+        workers = _named_child(service, "workers")
+        if workers is not None:
+            workers.restart_workers()
     else:
         log.error("configuration reloaded, but: {errors}", errors="; ".join(errors))
     return dict(service.last_reload)
+
+
+def _named_child(service, name):
+    try:
+        return service.getServiceNamed(name)
+    except KeyError:
+        return None
 
 
 def _summary(changes: dict) -> str:

@@ -100,6 +100,10 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
         given = response.headers.getRawHeaders(b"content-length")
         if given:
             request.responseHeaders.setRawHeaders(b"content-length", given[:1])
+        elif request.method == b"HEAD" and length:
+            # A local HEAD answer carries a body object that knows the length
+            # it stands for (and sends nothing).
+            request.responseHeaders.setRawHeaders(b"content-length", [str(length).encode()])
     elif length is not None and response.status != 204 and not 100 <= response.status < 200:
         request.responseHeaders.setRawHeaders(b"content-length", [str(length).encode()])
     if body is None or isinstance(body, (bytes, bytearray)):
