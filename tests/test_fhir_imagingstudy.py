@@ -169,6 +169,7 @@ async def _in_thread(fn, *args, **kwargs):
     ("?modality=CT", {1, 3}),
     ("?modality=http://dicom.nema.org/resources/ontology/DCM|MR", {2}),
     ("?modality=CT&patient=PAT001", {1}),
+    ("?modality=MR,OT", {2, 4}),
     ("?identifier=urn:oid:1.2.826.0.1.3680043.10.543.1.2", {2}),
     ("?identifier=urn:dicom:uid|1.2.826.0.1.3680043.10.543.1.4", {4}),
     ("?_id=1.2.826.0.1.3680043.10.543.1.1,1.2.826.0.1.3680043.10.543.1.4", {1, 4}),
