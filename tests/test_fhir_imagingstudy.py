@@ -265,6 +265,11 @@ async def test_other_interactions_are_404_outcomes(facade, method, path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_xml_is_406_outcome(facade):
+    await outcome(await treq.get(facade.url("/fhir/ImagingStudy?patient=PAT001&_format=xml")), 406, "not-supported")
+
+
+@pytest_twisted.ensureDeferred
 async def test_pacs_down_is_502_outcome(tmp_path):
     port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
     dead = port.getHost().port

@@ -38,7 +38,7 @@ sends ``Prefer: handling=strict``; parameters starting with ``_`` that the
 response side reads (``_count``, ``_offset``) or that shape formatting are
 left alone.  A bad value is a 400, which a FHIR endpoint renders as an
 OperationOutcome; a non-search interaction, or a search of another resource
-type, is a 404.
+type, is a 404; asking for XML (``_format=xml``) is a 406.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from twisted.internet import defer
 
 from harmony.config.errors import OptionError
 from harmony.envelope import media_type, parse_query, read_body
-from harmony.errors import BadRequest, NotFound
+from harmony.errors import BadRequest, NotAcceptable, NotFound
 from harmony.middleware.base import Middleware
 
 KINDS = ("reference", "uid", "identifier", "date", "token", "string")
@@ -278,6 +278,9 @@ class FhirCFind(Middleware):
         interaction = md.get("fhir.interaction")
         if interaction is not None and (interaction != "search-type" or md.get("fhir.resource_type") != self.resource):
             raise NotFound(f"only {self.resource} search is served here")
+        if md.get("fhir.format") == "xml":
+            # The answer is made by a JSON transform; there is no XML to give.
+            raise NotAcceptable("this search answers in application/fhir+json only")
         strict = "handling=strict" in (request.header("prefer") or "").replace(" ", "").lower()
         pairs = await self._search_params(request)
         request.normalized = self.identifier(pairs, strict)
