@@ -211,6 +211,23 @@ async def test_count_pages_through_every_study_via_next_links(facade):
 
 
 @pytest_twisted.ensureDeferred
+async def test_full_urls_resolve_by_read(facade):
+    """Every entry's fullUrl is a read through the proxy giving the same resource."""
+    from fhir.resources.R4B.imagingstudy import ImagingStudy
+    doc = await search(facade, "?patient=PAT001")
+    for entry in doc["entry"]:
+        resp = await treq.get(entry["fullUrl"])
+        body = await resp.content()
+        assert resp.code == 200, body
+        assert resp.headers.getRawHeaders("content-type")[0].startswith("application/fhir+json")
+        study = json.loads(body)
+        ImagingStudy.model_validate(study)
+        assert study == entry["resource"]
+    await outcome(await treq.get(facade.url("/fhir/ImagingStudy/1.2.3.999")), 404, "not-found")
+    await outcome(await treq.get(facade.url("/fhir/ImagingStudy/not-a-uid")), 400, "invalid")
+
+
+@pytest_twisted.ensureDeferred
 async def test_post_search_form_body(facade):
     resp = await treq.post(facade.url("/fhir/ImagingStudy/_search"), b"patient=PAT002",
                            headers={"Content-Type": ["application/x-www-form-urlencoded"]})
@@ -256,6 +273,7 @@ async def test_strict_handling_refuses_unknown_parameters(facade):
 
 @pytest.mark.parametrize("method, path", [
     ("GET", "/fhir/Patient?name=x"),
+    ("GET", "/fhir/ImagingStudy/1.2.3/_history/1"),
     ("GET", "/fhir/ImagingStudy/1.2.3"),
     ("DELETE", "/fhir/ImagingStudy?patient=PAT001"),
 ])

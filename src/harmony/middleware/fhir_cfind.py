@@ -37,8 +37,14 @@ Unknown parameters are ignored (FHIR's lenient handling) unless the client
 sends ``Prefer: handling=strict``; parameters starting with ``_`` that the
 response side reads (``_count``, ``_offset``) or that shape formatting are
 left alone.  A bad value is a 400, which a FHIR endpoint renders as an
-OperationOutcome; a non-search interaction, or a search of another resource
-type, is a 404; asking for XML (``_format=xml``) is a 406.
+OperationOutcome; another interaction, or another resource type, is a 404;
+asking for XML (``_format=xml``) is a 406.
+
+A **read** (``GET /fhir/ImagingStudy/<id>``, where the id is the level's UID:
+the Study Instance UID for ImagingStudy) is the search for that one id; on the
+way back this middleware takes the one resource out of the Bundle the
+transform made (404 when there is none), so the ``fullUrl`` of every entry
+resolves through the proxy.
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ from pydicom.datadict import dictionary_VR, keyword_dict
 from twisted.internet import defer
 
 from harmony.config.errors import OptionError
-from harmony.envelope import media_type, parse_query, read_body
-from harmony.errors import BadRequest, NotAcceptable, NotFound
+from harmony.envelope import ResponseEnvelope, media_type, parse_query, read_body
+from harmony.errors import BadRequest, MiddlewareFailed, NotAcceptable, NotFound
+from harmony.fhir.formats import FHIR_JSON
 from harmony.middleware.base import Middleware
 
 KINDS = ("reference", "uid", "identifier", "date", "token", "string")
@@ -90,6 +97,11 @@ UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DATE = re.compile(r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
                   r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T[0-9:.]+(?:Z|[+-]\d{2}:\d{2})?)?)?)?$")
 DICOM_UID_SYSTEM = "urn:dicom:uid"
+#: request.context key marking a read (its value: the id asked for).
+READ = "fhir_cfind.read"
+#: A read's id is this key's value, at each level.
+ID_KEY = {"PATIENT": ("PatientID", "string"), "STUDY": ("StudyInstanceUID", "uid"),
+          "SERIES": ("SeriesInstanceUID", "uid"), "IMAGE": ("SOPInstanceUID", "uid")}
 DATE_MIN, DATE_MAX = date(1, 1, 1), date(9999, 12, 31)
 
 
@@ -233,12 +245,15 @@ class FhirCFind(Middleware):
             pairs += parse_query(body)
         return pairs
 
-    def identifier(self, pairs, strict: bool = False) -> dict:
-        """Search pairs -> the C-FIND identifier as DICOM JSON."""
+    def identifier(self, pairs, strict: bool = False, *, read_id: str | None = None) -> dict:
+        """Search pairs (or the id of a read) -> the C-FIND identifier as DICOM JSON."""
         values: dict[str, list[str]] = {}
         for key, value in pairs:
             values.setdefault(key, []).append(value)
         keys = {k: "" for k in self.return_keys}
+        if read_id is not None:
+            keyword, kind = ID_KEY[self.level]
+            keys[keyword] = [CONVERT[kind]("id", read_id)]
         for param, vals in values.items():
             name, _, modifier = param.partition(":")
             if name in PASSIVE:
@@ -276,14 +291,34 @@ class FhirCFind(Middleware):
     async def _on_request(self, request):
         md = request.metadata
         interaction = md.get("fhir.interaction")
-        if interaction is not None and (interaction != "search-type" or md.get("fhir.resource_type") != self.resource):
-            raise NotFound(f"only {self.resource} search is served here")
+        if interaction is not None and (interaction not in ("search-type", "read")
+                                        or md.get("fhir.resource_type") != self.resource):
+            raise NotFound(f"only {self.resource} search and read are served here")
         if md.get("fhir.format") == "xml":
             # The answer is made by a JSON transform; there is no XML to give.
             raise NotAcceptable("this search answers in application/fhir+json only")
-        strict = "handling=strict" in (request.header("prefer") or "").replace(" ", "").lower()
-        pairs = await self._search_params(request)
-        request.normalized = self.identifier(pairs, strict)
+        if interaction == "read":
+            # A read is the search for that one id; on_response unwraps the Bundle.
+            request.context[READ] = md.get("fhir.id", "")
+            request.normalized = self.identifier([], read_id=request.context[READ])
+        else:
+            strict = "handling=strict" in (request.header("prefer") or "").replace(" ", "").lower()
+            pairs = await self._search_params(request)
+            request.normalized = self.identifier(pairs, strict)
         md["dimse_op"] = "C-FIND"
         md["query_level"] = self.level
         return request
+
+    def on_response(self, request, response):
+        rid = request.context.get(READ)
+        if rid is None or not 200 <= response.status < 300:
+            return response
+        bundle = response.normalized
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise MiddlewareFailed(f"fhir_cfind {self.name!r}: a read needs the answer shaped into a Bundle")
+        entries = bundle.get("entry") or []
+        if not entries:
+            raise NotFound(f"{self.resource}/{rid} is not known")
+        out = ResponseEnvelope.json(200, entries[0].get("resource"), FHIR_JSON)
+        out.metadata.update(response.metadata)
+        return out
