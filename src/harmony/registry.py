@@ -42,6 +42,8 @@ BUILTIN: dict[str, dict[str, str]] = {
         "route": "harmony.middleware.route:RouteMiddleware",
         "dicomweb_bridge": "harmony.middleware.dicomweb_bridge:DicomWebBridge",
         "dicomweb": "harmony.middleware.dicomweb_bridge:DicomWebBridge",
+        "fhir_cfind": "harmony.middleware.fhir_cfind:FhirCFind",
+        "dicom_results_json": "harmony.middleware.dicom_results:DicomResultsJson",
     },
 }
 

@@ -92,6 +92,27 @@ def _first(value: str | None) -> str:
     return value.split(",", 1)[0].strip() if value else ""
 
 
+def request_origin(request, trust_forwarded: bool = True) -> str | None:
+    """``scheme://host[:port]`` a client used to reach the proxy, for a
+    RequestEnvelope: ``Forwarded``/``X-Forwarded-*`` when trusted, else the
+    request's own scheme and ``Host``; None when no sane host is known."""
+    proto, host, port = request.scheme, request.host, ""
+    if trust_forwarded:
+        fwd = _forwarded(request.header("forwarded"))
+        xf_proto = (_first(request.header("x-forwarded-proto")) or fwd.get("proto", "")).lower()
+        if xf_proto in _DEFAULT_PORTS:
+            proto = xf_proto
+        xf_host = _first(request.header("x-forwarded-host")) or fwd.get("host", "")
+        if xf_host and _HOST.match(xf_host):
+            host = xf_host
+        port = _first(request.header("x-forwarded-port"))
+    if not host or not _HOST.match(host):
+        return None
+    if port.isdigit() and not host.endswith("]") and ":" not in host and port != _DEFAULT_PORTS[proto]:
+        host = f"{host}:{port}"
+    return f"{proto}://{host}"
+
+
 def _forwarded(value: str | None) -> dict[str, str]:
     """The first element of an RFC 7239 ``Forwarded`` header, as a dict."""
     out: dict[str, str] = {}
@@ -153,24 +174,13 @@ class FhirBackend(HttpBackend):
         """The URL clients reach this FHIR base at, or None when unknowable."""
         if self.public_base_url:
             return self.public_base_url
-        proto, host, port = request.scheme, request.host, ""
-        if self.trust_forwarded:
-            fwd = _forwarded(request.header("forwarded"))
-            xf_proto = (_first(request.header("x-forwarded-proto")) or fwd.get("proto", "")).lower()
-            if xf_proto in _DEFAULT_PORTS:
-                proto = xf_proto
-            xf_host = _first(request.header("x-forwarded-host")) or fwd.get("host", "")
-            if xf_host and _HOST.match(xf_host):
-                host = xf_host
-            port = _first(request.header("x-forwarded-port"))
-        if not host or not _HOST.match(host):
+        origin = request_origin(request, self.trust_forwarded)
+        if origin is None:
             return None
-        if port.isdigit() and not host.endswith("]") and ":" not in host and port != _DEFAULT_PORTS[proto]:
-            host = f"{host}:{port}"
         base_path = request.metadata.get("fhir.base_path")
         if base_path is None:
             base_path = request.path[:len(request.path) - len(request.subpath)].rstrip("/")
-        return f"{proto}://{host}{base_path}"
+        return f"{origin}{base_path}"
 
     def url_map(self, request) -> UrlMap | None:
         if not self.rewrite_urls:

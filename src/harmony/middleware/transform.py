@@ -6,6 +6,7 @@
     apply = "right"                      # "left" | "right" | "both"
     fail_on_error = true
     inject_context = false
+    content_type = "application/fhir+json"   # optional: what the output is
 
 The spec is read and compiled once, when the configuration is built; a bad
 spec file is a configuration error naming the file.
@@ -25,6 +26,9 @@ and passes untouched when not.
 (method, path, subpath, query, headers, metadata; plus status on the response
 side) and also hands it to ``modify-*`` specs as JOLT's context (``^path``).
 ``_context`` is removed from the output if the spec left it there.
+``content_type``, when set, replaces the Content-Type of every body the spec
+rewrote (a transform may turn one kind of JSON into another: DICOM JSON into
+a FHIR Bundle).
 Credentials (Authorization, Cookie) are never exposed to a spec.
 """
 
@@ -120,9 +124,10 @@ class Transform(SpecMiddleware):
     OFFLOAD_BYTES = 64 * 1024
 
     def __init__(self, name, spec, *, inject_context=False, max_body_bytes=16 * 1024 * 1024,
-                 reactor=None, **kwargs):
+                 reactor=None, content_type=None, **kwargs):
         super().__init__(name, spec, **kwargs)
         self.inject_context = inject_context
+        self.content_type = content_type
         self.max_body_bytes = max_body_bytes
         self.reactor = reactor
         #: How many documents went to the thread pool (for tests and metrics).
@@ -131,7 +136,8 @@ class Transform(SpecMiddleware):
     @classmethod
     def more_options(cls, options, ctx) -> dict:
         return {"inject_context": options.bool("inject_context", False),
-                "max_body_bytes": max_body_option(options), "reactor": ctx.reactor}
+                "max_body_bytes": max_body_option(options), "reactor": ctx.reactor,
+                "content_type": options.str("content_type", "") or None}
 
     def _run_to_bytes(self, document, context) -> tuple:
         output = self.run(document, context)
@@ -185,6 +191,8 @@ class Transform(SpecMiddleware):
         if not view_only:
             envelope.headers.removeHeader(b"content-encoding")  # what we write back is plain JSON
             replace_body(envelope, data)
+            if self.content_type:
+                envelope.headers.setRawHeaders(b"content-type", [self.content_type.encode("latin-1")])
         envelope.normalized = output
         return envelope
 
