@@ -32,3 +32,13 @@ def orthanc(tmp_path_factory, corpus):
     server.upload(i.path for i in corpus)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def scratch_orthanc(tmp_path_factory):
+    """An empty Orthanc of the test module's own, for tests that store: the
+    session ``orthanc`` must keep exactly the corpus."""
+    from tests.peers import Orthanc
+    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
+    yield server
+    server.stop()

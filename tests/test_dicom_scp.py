@@ -4,6 +4,7 @@
 Every answer through Harmony is compared with the same client's answer from
 the PACS directly: same matches, the same bytes in retrieved files."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from twisted.internet import defer, threads
 from tests.dicom_data import make_instance, save
 from tests.dimse_helpers import dataset_bytes, silent_peer
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import Orthanc, DCMTK, Dcmqrscp, Storescp, free_port, peer_env
+from tests.peers import DCMTK, Dcmqrscp, Storescp, free_port, peer_env
 
 SCP_AET = "HARMONY"
 
@@ -81,17 +82,8 @@ async def find(port, aet, root, keys, out: Path):
 
 
 def canonical_file(path):
-    import json
     ds = dcmread(path)
     return json.dumps(ds.to_json_dict(), sort_keys=True)
-
-
-@pytest.fixture(scope="module")
-def scratch_orthanc(tmp_path_factory):
-    """An empty Orthanc for tests that store: the shared one must keep exactly the corpus."""
-    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -224,7 +216,6 @@ async def test_storescu_stores_durably_and_forwards(tmp_path, scratch_orthanc):
         stored = storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
         assert dataset_bytes(stored) == dataset_bytes(src)
         assert not list(storage.rglob("*.tmp"))
-        import json
         found = orthanc.rest("POST", "/tools/find", json.dumps(
             {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode())
         assert len(found) == 1
@@ -330,7 +321,6 @@ async def test_corrupt_dataset_store_is_refused(tmp_path, scratch_orthanc):
     finally:
         await running.stop()
     assert status == 0xC000
-    import json
     assert scratch_orthanc.rest("POST", "/tools/find", json.dumps(
         {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode()) == []
 

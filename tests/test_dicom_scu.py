@@ -10,14 +10,14 @@ import pytest
 import pytest_twisted
 import treq
 from pydicom.dataset import Dataset
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 
 from harmony.dicom.results import DicomInstance
 from harmony.envelope import RequestEnvelope
 from tests.dicom_data import make_instance, save
 from tests.dimse_helpers import canonical, dataset_bytes, direct_find, parse_multipart, silent_peer
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import Orthanc, free_port
+from tests.peers import free_port
 
 PIPES = """
 [pipelines.scu]
@@ -48,14 +48,6 @@ dimse_timeout_secs = 5
 def config(tmp_path, aet, port, mode="get", store_port=0, persistent="false", acse=5):
     return write_config(tmp_path, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n', {"p": PIPES.format(
         aet=aet, port=port, mode=mode, store_port=store_port or free_port(), persistent=persistent, acse=acse)})
-
-
-@pytest.fixture(scope="module")
-def scratch_orthanc(tmp_path_factory):
-    """An empty Orthanc for tests that store: the shared one must keep exactly the corpus."""
-    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

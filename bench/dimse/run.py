@@ -19,7 +19,6 @@ Harmony runs as its own twistd process, as in production.  Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import statistics

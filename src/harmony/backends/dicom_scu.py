@@ -232,7 +232,7 @@ class DicomScuBackend(Backend):
     def from_config(cls, name, options, ctx):
         peers = []
         if "host" in options or "aet" in options or "port" in options:
-            peers.append(Peer(name, _aet(options, "aet"), options.str("host"), options.port("port", 104)))
+            peers.append(Peer(name, net.check_aet(options, "aet"), options.str("host"), options.port("port", 104)))
         for t in ctx.targets():
             missing = [k for k in ("aet", "host", "port") if k not in t]
             if missing:
@@ -240,7 +240,7 @@ class DicomScuBackend(Backend):
             peers.append(Peer(t["name"], str(t["aet"]), str(t["host"]), int(t["port"])))
         if not peers:
             raise OptionError("aet", "is required (with host and port), or name targets with aet/host/port")
-        local_aet = _aet(options, "local_aet", "HARMONY_SCU")
+        local_aet = net.check_aet(options, "local_aet", "HARMONY_SCU")
         mode = options.str("dimse_retrieve_mode", "get", choices=("get", "move"))
         store_port = options.port("incoming_store_port", None)
         if mode == "move" and store_port is None:
@@ -637,13 +637,6 @@ def _spool(producer, staging: Staging) -> defer.Deferred:
         return path
 
     return producer.startProducing(Sink()).addBoth(done)
-
-
-def _aet(options, key, default=...):
-    value = options.str(key) if default is ... else options.str(key, default)
-    if not value or len(value) > 16 or not value.isascii() or "\\" in value or value.strip() != value.rstrip():
-        raise OptionError(key, f"must be an AE title of 1-16 ASCII characters, got {value!r}")
-    return value.strip()
 
 
 __all__ = ["DicomScuBackend"]

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
+from harmony.config.errors import OptionError
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE
 
 # Received C-STOREs go to a temporary file instead of memory, and a file sent
@@ -107,6 +108,14 @@ def http_status_for(status: int | None) -> int:
     if status == UNABLE_TO_PROCESS_TIMEOUT:
         return 504
     return 502
+
+
+def check_aet(options, key: str, default=None) -> str:
+    """An AE title option: 1-16 ASCII characters, no backslash (PS3.5 AE)."""
+    value = options.str(key) if default is None else options.str(key, default)
+    if not 0 < len(value.strip()) <= 16 or not value.isascii() or "\\" in value:
+        raise OptionError(key, f"must be an AE title of 1-16 ASCII characters, got {value!r}")
+    return value.strip()
 
 
 # --------------------------------------------------------------------------- sockets

@@ -68,15 +68,6 @@ def status_dataset(status: int, comment: str | None = None) -> Dataset:
     return ds
 
 
-def _aet(options, key, default=None):
-    value = options.str(key, default) if default is not None else options.str(key)
-    if value is None:
-        return None
-    if not 0 < len(value.strip()) <= 16 or not value.isascii() or "\\" in value:
-        raise OptionError(key, f"must be an AE title of 1-16 ASCII characters, got {value!r}")
-    return value.strip()
-
-
 @implementer(IEndpoint)
 @provider(IComponentFactory)
 class DicomScpEndpoint(Service):
@@ -138,7 +129,7 @@ class DicomScpEndpoint(Service):
         enable_store = options.bool("enable_store", False)
         forward = options.bool("forward_store", None) if "forward_store" in options else None
         return cls(
-            name, ctx.reactor, local_aet=_aet(options, "local_aet"),
+            name, ctx.reactor, local_aet=net.check_aet(options, "local_aet"),
             bind_addr=options.str("bind_addr", "0.0.0.0"), port=options.port("port", 11112),
             enable_echo=options.bool("enable_echo", True), enable_find=options.bool("enable_find", False),
             enable_get=options.bool("enable_get", False), enable_move=options.bool("enable_move", False),
@@ -308,20 +299,12 @@ class DicomScpEndpoint(Service):
         if failure is not None:
             yield failure, None
             return
-        while True:
-            if event.is_cancelled:
-                self._cancel(stream)
-                yield net.CANCEL, None
-                return
-            try:
-                item = self._next(stream)
-            except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
-                yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), None
-                return
-            if item is None:
-                break
+
+        def pending(item):
             yield net.PENDING, item if isinstance(item, Dataset) else Dataset.from_json(item)
-        if net.is_failure(stream.status):
+
+        ended = yield from self._relay(event, stream, pending, None)
+        if ended and net.is_failure(stream.status):
             yield status_dataset(stream.status, stream.error_comment), None
 
     def on_get(self, event):
@@ -341,6 +324,23 @@ class DicomScpEndpoint(Service):
         env = self.envelope(event, C_MOVE, event.identifier, move_destination=dest, move_delivery="proxy")
         yield from self._retrieve(event, env)
 
+    def _relay(self, event, stream, respond, failure_identifier):
+        """Yield ``respond(item)``'s responses for each item of *stream*, honouring
+        C-CANCEL and a backend that breaks mid-stream; True if the stream ended."""
+        while True:
+            if event.is_cancelled:
+                self._cancel(stream)
+                yield net.CANCEL, None
+                return False
+            try:
+                item = self._next(stream)
+            except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
+                yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), failure_identifier
+                return False
+            if item is None:
+                return True
+            yield from respond(item)
+
     def _retrieve(self, event, env):
         """The common body of C-GET and C-MOVE: announce the count, then one
         sub-operation per instance as it arrives from the backend."""
@@ -354,26 +354,20 @@ class DicomScpEndpoint(Service):
         total = blockingCallFromThread(self.reactor, stream.total)
         yield total
         sent = 0
-        while True:
-            if event.is_cancelled:
-                self._cancel(stream)
-                yield net.CANCEL, None
-                return
-            try:
-                item = self._next(stream)
-            except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
-                yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), _failed_list([])
-                return
-            if item is None:
-                break
+
+        def sub_operation(item):
+            nonlocal sent
             if sent >= total:
                 item.release()  # pynetdicom ignores sub-operations beyond the count it announced
-                continue
+                return
             sent += 1
             try:
                 yield net.PENDING, FileRef(item)
             finally:
                 item.release()
+
+        if not (yield from self._relay(event, stream, sub_operation, _failed_list([]))):
+            return
         if stream.failed or net.is_failure(stream.status) or sent < total:
             failed = list(stream.failed_sop_uids)
             status = net.WARNING_SUBOPS if sent else (stream.status if net.is_failure(stream.status)
