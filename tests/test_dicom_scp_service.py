@@ -146,3 +146,25 @@ async def test_getscu_through_a_move_mode_backend(tmp_path, orthanc):
     finally:
         await running.stop()
     assert backend._store_scp is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_stops_a_move_and_frees_staging(tmp_path, orthanc):
+    from tests.peers import Storescp
+    orthanc.add_modality("harmony_scu", "HARMONY_SCU", free_port())
+    dest = Storescp(tmp_path / "dest").start()
+    path, scp_port = dimse_only(tmp_path, orthanc)
+    text = path.read_text().replace("enable_get = true", "enable_get = true\nenable_move = true\n"
+                                    f'move_destinations = {{ STORESCP = "127.0.0.1:{dest.port}" }}')
+    path.write_text(text)
+    running = await start_harmony(path)
+    try:
+        r = await run("movescu", "-v", "-S", "-aec", SCP_AET, "-aem", "STORESCP", "--cancel", "1",
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.1",
+                      "127.0.0.1", scp_port)
+        assert b"Received Final Move Response (Cancel" in r.stderr, r.stderr
+        assert len(dest.files()) < 7  # the study has 7 instances; the move stopped early
+    finally:
+        await running.stop()
+        dest.stop()
+    assert not list((tmp_path / "var" / "dimse-staging").rglob("*.dcm"))  # nothing left behind

@@ -335,7 +335,9 @@ class DicomScuBackend(Backend):
             doc = doc["identifier"]
         op = (md.get("dimse_op") or "").upper()
         if op not in OPERATIONS:
-            raise BadRequest(f"dimse_op must be one of {', '.join(OPERATIONS)}, got {op or 'none'!r}")
+            raise BadRequest(f"dimse_op must be one of {', '.join(OPERATIONS)}, got {op or 'none'!r} "
+                             "(set it in metadata, or POST a JSON body {\"dimse_op\": ..., \"identifier\": ...} "
+                             "with Content-Type: application/json)")
         model = (md.get("query_model") or "study").lower()
         if model not in net.QUERY_MODELS:
             raise BadRequest(f"query_model must be 'study' or 'patient', got {model!r}")
