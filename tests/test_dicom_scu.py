@@ -176,28 +176,36 @@ async def test_result_stream_contract(harmony, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_store_over_http(tmp_path, scratch_orthanc):
+async def test_store_over_http_and_from_a_pipeline(tmp_path, scratch_orthanc):
     orthanc = scratch_orthanc
     running = await start_harmony(config(tmp_path / "h", orthanc.aet, orthanc.dicom_port))
+
+    def in_orthanc(ds):
+        return len(orthanc.rest("POST", "/tools/find", json.dumps(
+            {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode()))
     try:
-        await _store_over_http(running, orthanc, tmp_path)
+        ds = make_instance(patient_id="PATSTORE", seed=7)
+        data = save(ds, tmp_path / "new.dcm").read_bytes()
+        r = await treq.post(running.url("/q"), data, headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 400  # no operation named: refused clearly, nothing stored
+        assert "dimse_op" in (await r.json())["detail"] and in_orthanc(ds) == 0
+        r = await treq.post(running.url("/q?dimse_op=C-STORE"), data, headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 200 and (await r.json())["dimse_status"] == 0
+        assert in_orthanc(ds) == 1
+        r = await treq.post(running.url("/q?dimse_op=C-STORE"), b"not dicom",
+                            headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 400
+        # as a pipeline step would: an instance handed over in context
+        ds2 = make_instance(patient_id="PATSTORE", seed=8)
+        from harmony.dicom.files import read_instance
+        instance = read_instance(save(ds2, tmp_path / "new2.dcm"))
+        backend = running.service.runtime.backends["pacs"]
+        resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"}, context={"instance": instance}))
+        assert resp.status == 200 and resp.context["dicom_results"].status == 0
+        assert in_orthanc(ds2) == 1 and instance.path.exists()  # not owned: left in place
     finally:
         await running.stop()
-
-
-async def _store_over_http(harmony, orthanc, tmp_path):
-    ds = make_instance(patient_id="PATSTORE", seed=7)
-    path = save(ds, tmp_path / "new.dcm")
-    r = await treq.post(harmony.url("/q"), path.read_bytes(),
-                        headers={"Content-Type": ["application/dicom"], "X-Op": ["x"]})
-    # the op comes from metadata; without it the request is refused clearly
-    assert r.code == 400
-    backend = harmony.service.runtime.backends["pacs"]
-    resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"}, body=path.read_bytes()))
-    assert resp.status == 200 and resp.context["dicom_results"].status == 0
-    found = orthanc.rest("POST", "/tools/find", json.dumps(
-        {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode())
-    assert len(found) == 1
+    assert not list((tmp_path / "h" / "var" / "dimse-staging").rglob("*.dcm"))  # spooled bodies are removed
 
 
 @pytest_twisted.ensureDeferred

@@ -333,6 +333,8 @@ class DicomScuBackend(Backend):
                         raise BadRequest(f"{key} must be a string")
                     md[key] = doc[key]
             doc = doc["identifier"]
+        if "dimse_op" not in md and request.query_value("dimse_op"):
+            md["dimse_op"] = request.query_value("dimse_op")  # e.g. POST ?dimse_op=C-STORE with a DICOM body
         op = (md.get("dimse_op") or "").upper()
         if op not in OPERATIONS:
             raise BadRequest(f"dimse_op must be one of {', '.join(OPERATIONS)}, got {op or 'none'!r} "
