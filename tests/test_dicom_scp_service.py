@@ -168,3 +168,59 @@ async def test_cancel_stops_a_move_and_frees_staging(tmp_path, orthanc):
         await running.stop()
         dest.stop()
     assert not list((tmp_path / "var" / "dimse-staging").rglob("*.dcm"))  # nothing left behind
+
+
+NOT_DICOM = """
+[proxy]
+id = "limits"
+
+[pipelines.p]
+endpoints = ["scp"]
+backends = ["echo"]
+
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {port}
+enable_find = true
+max_associations = 1
+
+[backends.echo]
+service = "echo"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_association_limit(tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    from twisted.internet import threads
+    port = free_port()
+    running = await start_harmony(write_config(tmp_path, NOT_DICOM.format(port=port)))
+    try:
+        ae = AE("HOLDER")
+        ae.add_requested_context(Verification)
+        held = await threads.deferToThread(ae.associate, "127.0.0.1", port, ae_title=SCP_AET)
+        assert held.is_established
+        try:
+            r = await run("echoscu", "-v", "-aec", SCP_AET, "127.0.0.1", port)
+            assert r.returncode != 0 and b"Local Limit Exceeded" in r.stderr, r.stderr
+        finally:
+            await threads.deferToThread(held.release)
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_dicom_backend_is_a_failure_not_an_empty_answer(tmp_path):
+    port = free_port()
+    running = await start_harmony(write_config(tmp_path, NOT_DICOM.format(port=port)))
+    try:
+        r = await run("findscu", "-d", "-S", "-aec", SCP_AET, "-k", "QueryRetrieveLevel=STUDY",
+                      "127.0.0.1", port)
+        assert b"Received Final Find Response" in r.stderr, r.stderr
+        assert b"0xc000" in r.stderr.split(b"Received Final Find Response", 1)[1]
+    finally:
+        await running.stop()

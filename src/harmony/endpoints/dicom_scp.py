@@ -272,10 +272,11 @@ class DicomScpEndpoint(Service):
         """(stream, None) or (None, failure status dataset)."""
         stream = response.context.get("dicom_results")
         if stream is None:
-            status = response.context.get("dimse_status")
-            if status is None:
-                status = NO_RESULTS if response.status >= 300 else net.SUCCESS
-            return None, status_dataset(status, response.context.get("error_comment"))
+            # A backend that is not a DICOM one (or an error): never pass that
+            # off as "success, no matches".
+            status = response.context.get("dimse_status", NO_RESULTS)
+            comment = response.context.get("error_comment") or "the pipeline gave no DICOM results"
+            return None, status_dataset(status, comment)
         if stream.done and net.is_failure(stream.status) and stream.total() == 0:
             return None, status_dataset(stream.status if stream.status is not None else NO_RESULTS,
                                         stream.error_comment)
