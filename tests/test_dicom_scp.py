@@ -366,3 +366,60 @@ async def test_dcmqrscp_as_second_pacs(tmp_path, corpus):
     finally:
         await running.stop()
         pacs.stop()
+
+
+def pynetdicom_get(port, aet, identifier, refuse=()):
+    """C-GET with pynetdicom as the client; refuses the SOP Instance UIDs in *refuse*.
+    Returns (received UIDs, pending remaining counts, final status dataset)."""
+    from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for cx in StoragePresentationContexts[:100]:
+        ae.add_requested_context(cx.abstract_syntax)
+    roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in StoragePresentationContexts[:100]]
+    received = []
+
+    def on_store(event):
+        uid = event.request.AffectedSOPInstanceUID
+        if uid in refuse:
+            return 0xA700
+        received.append(uid)
+        return 0x0000
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    remaining, final = [], None
+    try:
+        for status, ident in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+            assert status
+            if status.Status in (0xFF00, 0xFF01):
+                remaining.append(status.NumberOfRemainingSuboperations)
+            else:
+                final = (status, ident)
+    finally:
+        assoc.release()
+    return received, remaining, final
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_counts_follow_ps34(harmony, orthanc, corpus):
+    """Pending responses count down, the final one counts everything, and a
+    refused sub-operation gives Warning - as Orthanc itself answers - with the
+    Failed SOP Instance UID List PS3.4 C.4.3.1.3.1 asks for."""
+    from pydicom.dataset import Dataset
+    study = "1.2.826.0.1.3680043.10.543.1.4"
+    uids = sorted(i.sop_uid for i in corpus if i.study_uid == study)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study
+    refused = uids[2]
+    for port, aet in ((orthanc.dicom_port, orthanc.aet), (harmony.scp_port, SCP_AET)):
+        got, remaining, (status, failed) = await threads.deferToThread(
+            pynetdicom_get, port, aet, ident, {refused})
+        assert sorted(got) == [u for u in uids if u != refused], aet
+        assert remaining == list(range(len(uids) - 1, -1, -1)), (aet, remaining)
+        assert status.Status == 0xB000, (aet, hex(status.Status))
+        assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations,
+                status.NumberOfWarningSuboperations) == (len(uids) - 1, 1, 0), aet
+        if aet == SCP_AET:  # Orthanc 1.10 leaves the (conditional) Failed SOP Instance UID List out
+            assert failed.FailedSOPInstanceUIDList == refused
