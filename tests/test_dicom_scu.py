@@ -153,7 +153,7 @@ async def test_move_streams_instances_via_incoming_store_scp(harmony_move, corpu
     parts = parse_multipart(await r.content(), r.headers.getRawHeaders("content-type")[0])
     assert sorted(dataset_bytes(p) for p in parts) == sorted(dataset_bytes(i.path) for i in series)
     # staged files are released once sent
-    assert not list((tmp_path / "var" / "dimse-staging" / "pacs").glob("*.dcm"))
+    assert not list((tmp_path / "var" / "dimse-staging" / "pacs").rglob("*.dcm"))
 
 
 @pytest_twisted.ensureDeferred
@@ -203,9 +203,9 @@ async def test_store_over_http_and_from_a_pipeline(tmp_path, scratch_orthanc):
         resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"}, context={"instance": instance}))
         assert resp.status == 200 and resp.context["dicom_results"].status == 0
         assert in_orthanc(ds2) == 1 and instance.path.exists()  # not owned: left in place
+        assert not list((tmp_path / "h" / "var" / "dimse-staging").rglob("*.dcm"))  # spooled bodies are removed
     finally:
         await running.stop()
-    assert not list((tmp_path / "h" / "var" / "dimse-staging").rglob("*.dcm"))  # spooled bodies are removed
 
 
 @pytest_twisted.ensureDeferred

@@ -293,6 +293,7 @@ class DicomScuBackend(Backend):
     def _close_blocking(self):
         self.pool.close_all()
         self._stop_store_scp()
+        self.staging.clear()  # instances no consumer released
 
     # ------------------------------------------------------------------ requests
 
@@ -573,21 +574,25 @@ class DicomScuBackend(Backend):
             except Exception:
                 os.unlink(path)
                 raise BadRequest("the body is not a readable DICOM Part-10 instance") from None
-        d = self._run(self._store_blocking, job, instance)
+        d = self._run(self._store_blocking, job, instance, spooled)
         d.addErrback(job.failed)
-        if spooled:
-            d.addBoth(lambda _: instance.release())
         yield job.ready
         return self.respond(job)
 
-    def _store_blocking(self, job, instance: DicomInstance):
+    def _store_blocking(self, job, instance: DicomInstance, spooled: bool):
         def body(assoc):
             status = net.send_instance(assoc, instance)
             if not status:
                 raise _DeadAssociation(BackendTimeout("no C-STORE response"))
+            if spooled:
+                instance.release()  # before the answer, so a caller never sees it linger
             job.finish_thread(int(status.Status), status.get("ErrorComment"))
             return True
-        self._with_association(job, body)
+        try:
+            self._with_association(job, body)
+        finally:
+            if spooled:
+                instance.release()
 
 
 def _guarded(body, assoc):
