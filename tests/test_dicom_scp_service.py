@@ -110,21 +110,6 @@ async def test_middleware_sees_and_edits_dimse_requests(tmp_path, orthanc):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_stops_a_find(tmp_path, orthanc):
-    orthanc.add_modality("harmony_scu", "HARMONY_SCU", free_port())
-    orthanc.add_modality("findscu", "FINDSCU", free_port())
-    path, scp_port = dimse_only(tmp_path, orthanc)
-    running = await start_harmony(path)
-    try:
-        r = await run("findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", SCP_AET, "--cancel", "1",
-                      "-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID", "127.0.0.1", scp_port)
-        assert b"Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in r.stderr, r.stderr
-        assert r.stderr.count(b"Find Response: ") < 22
-    finally:
-        await running.stop()
-
-
-@pytest_twisted.ensureDeferred
 async def test_getscu_through_a_move_mode_backend(tmp_path, orthanc):
     """SCP C-GET served by a backend that retrieves by C-MOVE into its
     persistent C-STORE SCP: two requests, one receiver."""
@@ -148,26 +133,61 @@ async def test_getscu_through_a_move_mode_backend(tmp_path, orthanc):
     assert backend._store_scp is None
 
 
+SLOW = """
+[proxy]
+id = "cancel"
+
+[backend_types.one_then_wait]
+module = "tests.dimse_backends:OneThenWait"
+
+[pipelines.p]
+endpoints = ["scp"]
+backends = ["slow"]
+
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {port}
+enable_find = true
+enable_move = true
+move_destinations = {{ STORESCP = "127.0.0.1:{dest_port}" }}
+
+[backends.slow]
+service = "one_then_wait"
+[backends.slow.options]
+file = "{file}"
+"""
+
+
 @pytest_twisted.ensureDeferred
-async def test_cancel_stops_a_move_and_frees_staging(tmp_path, orthanc):
+async def test_cancel_reaches_a_backend_that_is_still_working(tmp_path, corpus):
+    """C-CANCEL while the backend has more to give: the SCP notices it without
+    waiting for the backend, cancels the stream, answers Cancel (0xFE00), and
+    the instance it had staged is released."""
+    from tests.dimse_backends import OneThenWait
     from tests.peers import Storescp
-    orthanc.add_modality("harmony_scu", "HARMONY_SCU", free_port())
+    OneThenWait.cancelled.clear()
     dest = Storescp(tmp_path / "dest").start()
-    path, scp_port = dimse_only(tmp_path, orthanc)
-    text = path.read_text().replace("enable_get = true", "enable_get = true\nenable_move = true\n"
-                                    f'move_destinations = {{ STORESCP = "127.0.0.1:{dest.port}" }}')
-    path.write_text(text)
-    running = await start_harmony(path)
+    port = free_port()
+    source = tmp_path / "one.dcm"
+    source.write_bytes(corpus[0].path.read_bytes())
+    running = await start_harmony(write_config(tmp_path, SLOW.format(port=port, dest_port=dest.port, file=source)))
     try:
+        r = await run("findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", SCP_AET, "--cancel", "1",
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID", "127.0.0.1", port)
+        assert b"Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in r.stderr, r.stderr
+        assert r.stderr.count(b"(Pending)") == 1
         r = await run("movescu", "-v", "-S", "-aec", SCP_AET, "-aem", "STORESCP", "--cancel", "1",
-                      "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.1",
-                      "127.0.0.1", scp_port)
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3", "127.0.0.1", port)
         assert b"Received Final Move Response (Cancel" in r.stderr, r.stderr
-        assert len(dest.files()) < 7  # the study has 7 instances; the move stopped early
+        assert len(dest.files()) == 1
+        assert OneThenWait.cancelled == ["C-FIND", "C-MOVE"]
+        assert not Path(str(source) + ".copy").exists()  # the staged instance was released
     finally:
         await running.stop()
         dest.stop()
-    assert not list((tmp_path / "var" / "dimse-staging").rglob("*.dcm"))  # nothing left behind
 
 
 NOT_DICOM = """

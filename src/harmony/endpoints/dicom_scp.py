@@ -16,6 +16,7 @@ has a deadline so a stuck backend becomes a failure status, not a hang.
 from __future__ import annotations
 
 import functools
+import queue
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -24,6 +25,7 @@ from pynetdicom.sop_class import Verification
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.internet.threads import blockingCallFromThread
+from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
@@ -42,6 +44,9 @@ log = get_logger("harmony.endpoints.dicom_scp")
 
 #: Status when a request's pipeline gives no DICOM results at all.
 NO_RESULTS = net.UNABLE_TO_PROCESS
+#: How often a handler waiting on a slow backend looks for a C-CANCEL.
+CANCEL_POLL_SECS = 0.05
+CANCELLED = object()
 
 
 def dimse_status_for(error: HarmonyError, op: str) -> int:
@@ -282,8 +287,22 @@ class DicomScpEndpoint(Service):
                                         stream.error_comment)
         return stream, None
 
-    def _next(self, stream):
-        return blockingCallFromThread(self.reactor, stream.next)
+    def _next(self, event, stream):
+        """The stream's next item, or :data:`CANCELLED` once the peer sent a
+        C-CANCEL (or went away) - noticed even while the backend is still
+        working, by waking every :data:`CANCEL_POLL_SECS`."""
+        box: queue.Queue = queue.Queue(1)
+        self.reactor.callFromThread(lambda: stream.next().addBoth(box.put))
+        while True:
+            try:
+                result = box.get(timeout=CANCEL_POLL_SECS)
+            except queue.Empty:
+                if event.is_cancelled or not event.assoc.is_established:
+                    return CANCELLED
+                continue
+            if isinstance(result, Failure):
+                result.raiseException()
+            return result
 
     def _cancel(self, stream):
         self.reactor.callFromThread(lambda: (stream.cancel(), release_rest(stream)))
@@ -329,14 +348,17 @@ class DicomScpEndpoint(Service):
         """Yield ``respond(item)``'s responses for each item of *stream*, honouring
         C-CANCEL and a backend that breaks mid-stream; True if the stream ended."""
         while True:
-            if event.is_cancelled:
+            item = CANCELLED if event.is_cancelled else None
+            if item is None:
+                try:
+                    item = self._next(event, stream)
+                except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
+                    yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), failure_identifier
+                    return False
+            if item is CANCELLED:
                 self._cancel(stream)
-                yield net.CANCEL, None
-                return False
-            try:
-                item = self._next(stream)
-            except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
-                yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), failure_identifier
+                if event.assoc.is_established:
+                    yield net.CANCEL, None
                 return False
             if item is None:
                 return True
