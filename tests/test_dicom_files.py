@@ -70,3 +70,22 @@ def test_identifier_parsing():
             identifier_from_json(bad)
     with pytest.raises(BadRequest):
         query_level(identifier_from_json({}))
+
+
+@pytest.mark.parametrize("error,op,status", [
+    ("BadRequest", "C-FIND", 0xA900), ("BadRequest", "C-STORE", 0xC000),
+    ("BackendUnavailable", "C-GET", 0xC001), ("BackendTimeout", "C-MOVE", 0xC002),
+    ("Forbidden", "C-STORE", 0x0124), ("AuthenticationFailed", "C-FIND", 0xC000),
+    ("InsufficientStorage", "C-STORE", 0xA700), ("InsufficientStorage", "C-GET", 0xA702),
+    ("MiddlewareFailed", "C-STORE", 0x0110), ("MiddlewareFailed", "C-FIND", 0xC000),
+])
+def test_harmony_errors_map_to_dimse_statuses(error, op, status):
+    from harmony import errors
+    from harmony.endpoints.dicom_scp import DicomScpEndpoint, dimse_status_for
+    from harmony.envelope import RequestEnvelope
+    err = getattr(errors, error)("detail")
+    assert dimse_status_for(err, op) == status
+    ep = DicomScpEndpoint("scp", None, local_aet="H")
+    resp = ep.error_response(err, RequestEnvelope(metadata={"dimse_op": op}))
+    assert resp.context["dimse_status"] == status and resp.metadata["dimse_status"] == f"0x{status:04X}"
+    assert resp.status == err.status

@@ -35,7 +35,7 @@ from harmony.dicom.files import check_complete, durable_copy, read_instance, val
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.envelope import RequestEnvelope, ResponseEnvelope, new_request_id
-from harmony.errors import (BackendTimeout, BadRequest, Forbidden, HarmonyError, AuthenticationFailed,
+from harmony.errors import (AuthenticationFailed, BackendTimeout, BadRequest, Forbidden, HarmonyError,
                             InsufficientStorage, PayloadTooLarge)
 from harmony.interfaces import IComponentFactory, IEndpoint
 from harmony.log import get_logger
@@ -293,12 +293,17 @@ class DicomScpEndpoint(Service):
         working, by waking every :data:`CANCEL_POLL_SECS`."""
         box: queue.Queue = queue.Queue(1)
         self.reactor.callFromThread(lambda: stream.next().addBoth(box.put))
+        waited = 0.0
         while True:
             try:
                 result = box.get(timeout=CANCEL_POLL_SECS)
             except queue.Empty:
                 if event.is_cancelled or not event.assoc.is_established:
                     return CANCELLED
+                waited += CANCEL_POLL_SECS
+                if waited >= self.request_timeout:
+                    self._cancel(stream)
+                    raise BackendTimeout(f"no result from the backend for {self.request_timeout:g}s")
                 continue
             if isinstance(result, Failure):
                 result.raiseException()
@@ -352,8 +357,10 @@ class DicomScpEndpoint(Service):
             if item is None:
                 try:
                     item = self._next(event, stream)
-                except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
-                    yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), failure_identifier
+                except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
+                    status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
+                        else net.UNABLE_TO_PROCESS_BACKEND
+                    yield status_dataset(status, str(e)), failure_identifier
                     return False
             if item is CANCELLED:
                 self._cancel(stream)
