@@ -23,7 +23,7 @@ import os
 import threading
 import time
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -453,23 +453,34 @@ class DicomScuBackend(Backend):
     def _move_here(self, job, identifier, model):
         if self.incoming_store_port is None:
             raise BackendUnavailable("C-MOVE needs incoming_store_port (a C-STORE SCP to receive on)")
-        self._ensure_store_scp()
         sop_class = net.QUERY_MODELS[model][C_MOVE]
         msg_id = self._next_msg_id()
-        with self._moves_lock:
-            self._moves[msg_id] = job
+        # Registering the move and starting the receiver happen under one lock, as
+        # do unregistering and stopping it, so a move never loses its receiver to
+        # another move that just finished.
+        with self._store_lock:
+            with self._moves_lock:
+                self._moves[msg_id] = job
+            try:
+                self._start_store_scp_locked()
+            except BaseException:
+                with self._moves_lock:
+                    self._moves.pop(msg_id, None)
+                raise
         try:
             self._with_association(job, lambda assoc: self._retrieve(
                 job, assoc.send_c_move(identifier, self.local_aet, sop_class, msg_id=msg_id),
                 assoc, msg_id, sop_class))
         finally:
-            with self._moves_lock:
-                self._moves.pop(msg_id, None)
-            if not self.persistent_store_scp:
+            server = None
+            with self._store_lock:
                 with self._moves_lock:
+                    self._moves.pop(msg_id, None)
                     idle = not self._moves
-                if idle:
-                    self._stop_store_scp()
+                if idle and not self.persistent_store_scp:
+                    server, self._store_scp = self._store_scp, None
+            if server is not None:
+                server.shutdown()
 
     def _move_elsewhere(self, job, identifier, model):
         sop_class = net.QUERY_MODELS[model][C_MOVE]
@@ -519,24 +530,23 @@ class DicomScuBackend(Backend):
 
     # ------------------------------------------------------------------ C-MOVE receiver
 
-    def _ensure_store_scp(self):
-        with self._store_lock:
-            if self._store_scp is not None:
-                return
-            ae = AE(ae_title=self.local_aet)
-            ae.network_timeout = self.ae.network_timeout
-            ae.dimse_timeout = self.ae.dimse_timeout
-            ae.maximum_pdu_size = self.ae.maximum_pdu_size
-            for cx in net.requestor_contexts():
-                if cx.abstract_syntax not in net.MODEL_OF and len(ae.supported_contexts) < 128:
-                    ae.add_supported_context(cx.abstract_syntax, net.ALL_SYNTAXES)
-            handlers = net.NODELAY_HANDLERS + [(evt.EVT_C_STORE, self._on_move_store)]
-            try:
-                self._store_scp = ae.start_server((self.incoming_store_bind, self.incoming_store_port),
-                                                  block=False, evt_handlers=handlers)
-            except OSError as e:
-                raise BackendUnavailable(f"cannot listen for C-MOVE arrivals on port {self.incoming_store_port}: "
-                                         f"{e.strerror}") from None
+    def _start_store_scp_locked(self):
+        """Start the C-MOVE receiver unless it runs (caller holds ``_store_lock``)."""
+        if self._store_scp is not None:
+            return
+        ae = AE(ae_title=self.local_aet)
+        ae.network_timeout = self.ae.network_timeout
+        ae.dimse_timeout = self.ae.dimse_timeout
+        ae.maximum_pdu_size = self.ae.maximum_pdu_size
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, net.ALL_SYNTAXES)
+        handlers = net.NODELAY_HANDLERS + [(evt.EVT_C_STORE, self._on_move_store)]
+        try:
+            self._store_scp = ae.start_server((self.incoming_store_bind, self.incoming_store_port),
+                                              block=False, evt_handlers=handlers)
+        except OSError as e:
+            raise BackendUnavailable(f"cannot listen for C-MOVE arrivals on port {self.incoming_store_port}: "
+                                     f"{e.strerror}") from None
 
     def _stop_store_scp(self):
         with self._store_lock:
