@@ -203,6 +203,14 @@ async def test_store_over_http_and_from_a_pipeline(tmp_path, scratch_orthanc):
         resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"}, context={"instance": instance}))
         assert resp.status == 200 and resp.context["dicom_results"].status == 0
         assert in_orthanc(ds2) == 1 and instance.path.exists()  # not owned: left in place
+        # a storage class that does not fit in the pooled association's 128 contexts
+        from pynetdicom.sop_class import RespiratoryWaveformStorage
+        ds3 = make_instance(patient_id="PATSTORE", seed=9)
+        ds3.SOPClassUID = ds3.file_meta.MediaStorageSOPClassUID = RespiratoryWaveformStorage
+        r = await treq.post(running.url("/q?dimse_op=C-STORE"), save(ds3, tmp_path / "wave.dcm").read_bytes(),
+                            headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 200 and (await r.json())["dimse_status"] == 0
+        assert in_orthanc(ds3) == 1
         assert not list((tmp_path / "h" / "var" / "dimse-staging").rglob("*.dcm"))  # spooled bodies are removed
     finally:
         await running.stop()

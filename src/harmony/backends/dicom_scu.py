@@ -23,7 +23,7 @@ import os
 import threading
 import time
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -91,14 +91,16 @@ class AssociationPool:
             return found, True
         return self.connect(), False
 
-    def connect(self):
+    def connect(self, contexts=None):
+        """A new association (to the first peer that accepts one); *contexts*
+        replaces the standard set for a one-off association."""
         last: HarmonyError = BackendUnavailable("no PACS configured")
         for peer in self.peers:
             started = time.monotonic()
             tls = (self.tls_context, peer.host) if self.tls_context is not None else None
-            assoc = self.ae.associate(peer.host, peer.port, self.contexts, ae_title=peer.aet,
-                                      max_pdu=self.max_pdu, ext_neg=self.roles, tls_args=tls,
-                                      evt_handlers=net.NODELAY_HANDLERS)
+            assoc = self.ae.associate(peer.host, peer.port, contexts or self.contexts, ae_title=peer.aet,
+                                      max_pdu=self.max_pdu, ext_neg=None if contexts else self.roles,
+                                      tls_args=tls, evt_handlers=net.NODELAY_HANDLERS)
             if assoc.is_established:
                 return assoc
             elapsed = time.monotonic() - started
@@ -590,14 +592,35 @@ class DicomScuBackend(Backend):
         return self.respond(job)
 
     def _store_blocking(self, job, instance: DicomInstance, spooled: bool):
-        def body(assoc):
+        def send_and_finish(assoc):
             status = net.send_instance(assoc, instance)
             if not status:
                 raise _DeadAssociation(BackendTimeout("no C-STORE response"))
             if spooled:
                 instance.release()  # before the answer, so a caller never sees it linger
             job.finish_thread(int(status.Status), status.get("ErrorComment"))
+
+        def store_alone():
+            """A storage class outside the pooled association's 128 contexts (or one
+            the PACS did not accept there): a one-off association just for it."""
+            syntaxes = list(dict.fromkeys([instance.transfer_syntax_uid] + net.UNCOMPRESSED[:2]))
+            assoc = self.pool.connect([build_context(instance.sop_class_uid, syntaxes)])
+            try:
+                if not assoc.accepted_contexts:
+                    raise BackendUnavailable(f"the PACS does not accept SOP class {instance.sop_class_uid}")
+                send_and_finish(assoc)
+            except _DeadAssociation as e:
+                raise e.error from None
+            finally:
+                _close(assoc)
+
+        def body(assoc):
+            if any(cx.abstract_syntax == instance.sop_class_uid for cx in assoc.accepted_contexts):
+                send_and_finish(assoc)
+            else:
+                store_alone()
             return True
+
         try:
             self._with_association(job, body)
         finally:
