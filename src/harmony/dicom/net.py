@@ -7,6 +7,7 @@ TLS contexts, the query/retrieve model table and the DIMSE status names.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
 
 from harmony.config.errors import OptionError
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE
+from harmony.log import get_logger
 
 # Received C-STOREs go to a temporary file instead of memory, and a file sent
 # with C-STORE is streamed from disk without decoding: "streams stay streams",
@@ -36,6 +38,29 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 # Identifiers carry PHI; pynetdicom logs them at debug level unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+class _ToTwistedLogger(logging.Handler):
+    """pynetdicom reports association trouble (refused, aborted, timed out) only
+    through stdlib logging, where nothing listens under twistd: pass warnings
+    and errors on to Harmony's structured log."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.log = get_logger("harmony.pynetdicom")
+
+    def emit(self, record):
+        try:
+            level = "error" if record.levelno >= logging.ERROR else "warn"
+            getattr(self.log, level)("pynetdicom: {message}", message=record.getMessage())
+        except Exception:  # noqa: BLE001 - logging must never break a DIMSE thread
+            pass
+
+
+_pynetdicom_logger = logging.getLogger("pynetdicom")
+if not any(isinstance(h, _ToTwistedLogger) for h in _pynetdicom_logger.handlers):
+    _pynetdicom_logger.addHandler(_ToTwistedLogger())
+    if _pynetdicom_logger.level == logging.NOTSET or _pynetdicom_logger.level > logging.WARNING:
+        _pynetdicom_logger.setLevel(logging.WARNING)
+
 # pynetdicom's "standard" handlers format a debug dump of every PDU and DIMSE
 # message, even when nothing logs at debug level; that is CPU on the hot path.
 _config.LOG_HANDLER_LEVEL = "none"
