@@ -34,11 +34,10 @@ def orthanc(tmp_path_factory, corpus):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def scratch_orthanc(tmp_path_factory):
-    """An empty Orthanc of the test module's own, for tests that store: the
-    session ``orthanc`` must keep exactly the corpus."""
+@pytest.fixture(scope="session")
+def store_orthanc(tmp_path_factory):
+    """An empty Orthanc for tests that store (the shared ``orthanc`` must keep exactly the corpus)."""
     from tests.peers import Orthanc
-    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
+    server = Orthanc(tmp_path_factory.mktemp("store-orthanc")).start()
     yield server
     server.stop()

@@ -203,8 +203,8 @@ async def test_movescu_through_harmony_to_storescp(tmp_path, orthanc, pacs_modal
 
 
 @pytest_twisted.ensureDeferred
-async def test_storescu_stores_durably_and_forwards(tmp_path, scratch_orthanc):
-    orthanc = scratch_orthanc
+async def test_storescu_stores_durably_and_forwards(tmp_path, store_orthanc):
+    orthanc = store_orthanc
     storage = tmp_path / "store"
     running, scp_port = await start(tmp_path / "h", orthanc.aet, orthanc.dicom_port,
                                     extra=f'storage_dir = "{storage}"\nforward_store = true')
@@ -296,7 +296,7 @@ async def test_malformed_identifier(harmony):
 
 
 @pytest_twisted.ensureDeferred
-async def test_corrupt_dataset_store_is_refused(tmp_path, scratch_orthanc):
+async def test_corrupt_dataset_store_is_refused(tmp_path, store_orthanc):
     """A C-STORE whose dataset cannot be decoded gets 0xC000 and is not kept."""
     from pynetdicom import AE
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -315,19 +315,19 @@ async def test_corrupt_dataset_store_is_refused(tmp_path, scratch_orthanc):
             return assoc.send_c_store(bad).Status  # the path: sent raw, as the file is
         finally:
             assoc.release()
-    running, scp_port = await start(tmp_path / "h", scratch_orthanc.aet, scratch_orthanc.dicom_port)
+    running, scp_port = await start(tmp_path / "h", store_orthanc.aet, store_orthanc.dicom_port)
     try:
         status = await threads.deferToThread(send)
     finally:
         await running.stop()
     assert status == 0xC000
-    assert scratch_orthanc.rest("POST", "/tools/find", json.dumps(
+    assert store_orthanc.rest("POST", "/tools/find", json.dumps(
         {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode()) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_unwritable_storage_dir(tmp_path, scratch_orthanc):
-    orthanc = scratch_orthanc
+async def test_unwritable_storage_dir(tmp_path, store_orthanc):
+    orthanc = store_orthanc
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     running, scp_port = await start(tmp_path / "h", orthanc.aet, orthanc.dicom_port,

@@ -176,8 +176,8 @@ async def test_result_stream_contract(harmony, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_store_over_http_and_from_a_pipeline(tmp_path, scratch_orthanc):
-    orthanc = scratch_orthanc
+async def test_store_over_http_and_from_a_pipeline(tmp_path, store_orthanc):
+    orthanc = store_orthanc
     running = await start_harmony(config(tmp_path / "h", orthanc.aet, orthanc.dicom_port))
 
     def in_orthanc(ds):
