@@ -17,11 +17,10 @@ import uuid
 import attr
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
 
+from harmony.envelope import CooperativeProducer
 from harmony.errors import BadRequest, PayloadTooLarge
 
 CHUNK = 64 * 1024
@@ -49,8 +48,7 @@ class Part:
             rel()
 
 
-@implementer(IBodyProducer)
-class MultipartWriter:
+class MultipartWriter(CooperativeProducer):
     """Writes the parts ``next_part()`` yields (Deferreds firing with a
     :class:`Part`, or ``None`` at the end) as one multipart/related body.
 
@@ -59,38 +57,18 @@ class MultipartWriter:
     never look like a complete one.
     """
 
-    length = UNKNOWN_LENGTH
-
     def __init__(self, next_part, part_type: str, boundary: str | None = None, on_stop=None):
         self.next_part = next_part
         self.part_type = part_type
         self.boundary = boundary or new_boundary()
         self.on_stop = on_stop
-        self._task = None
         self.parts_written = 0
 
     @property
     def content_type(self) -> str:
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
-    def startProducing(self, consumer):
-        self._task = task.cooperate(self._produce(consumer))
-        return self._task.whenDone().addCallback(lambda _: None)
-
-    def pauseProducing(self):
-        if self._task is not None:
-            self._task.pause()
-
-    def resumeProducing(self):
-        if self._task is not None:
-            self._task.resume()
-
-    def stopProducing(self):
-        if self._task is not None:
-            try:
-                self._task.stop()
-            except task.TaskDone:
-                pass
+    def _stopped(self):
         if self.on_stop is not None:
             self.on_stop()
 
