@@ -100,6 +100,23 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def harmony_config(folder: Path, port: int, pipelines: str, *, workers: int | None = None,
+                   storage: bool = False) -> Path:
+    """Write *folder*/``harmony.toml``: logs at warn (access logs would cost
+    throughput in every figure), one HTTP network on 127.0.0.1:*port*, storage
+    under *folder*/``var`` if asked, then *pipelines* (TOML, dedented)."""
+    head = ["[proxy]", 'id = "bench"', 'log_level = "warn"']
+    if workers is not None:
+        head.append(f"workers = {workers}")
+    head += ["", "[network.default.http]", 'bind_address = "127.0.0.1"', f"bind_port = {port}", ""]
+    if storage:
+        head += ["[storage.options]", f'path = "{folder / "var"}"', ""]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "harmony.toml"
+    path.write_text("\n".join(head) + textwrap.dedent(pipelines))
+    return path
+
+
 def start_harmony(config: Path, port: int, *, log: Path | None = None, env: dict | None = None,
                   twistd_args=(), timeout: float = 30.0) -> subprocess.Popen:
     """Run Harmony under twistd on *config* (in the config's folder, output to

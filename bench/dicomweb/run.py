@@ -31,7 +31,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RssSampler, free_port, start_harmony, stop  # noqa: E402
+from bench.common import RssSampler, free_port, harmony_config, start_harmony, stop  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
 
@@ -50,18 +50,7 @@ def make_study(folder: Path, count: int, rows: int, study=STUDY, patient="BENCH"
 
 
 def config(folder: Path, port: int, orthanc: Orthanc) -> Path:
-    text = f"""
-[proxy]
-id = "bench"
-log_level = "warn"
-
-[network.default.http]
-bind_address = "127.0.0.1"
-bind_port = {port}
-
-[storage.options]
-path = "{folder / 'var'}"
-
+    return harmony_config(folder, port, f"""
 [pipelines.bridge]
 networks = ["default"]
 endpoints = ["web"]
@@ -86,10 +75,7 @@ port = {orthanc.dicom_port}
 local_aet = "{AET}"
 dimse_timeout_secs = 120
 network_timeout_secs = 120
-"""
-    path = folder / "harmony.toml"
-    path.write_text(text)
-    return path
+""", storage=True)
 
 
 def qido(base: str, rounds: int) -> tuple[float, float]:

@@ -29,13 +29,12 @@ import os
 import shutil
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, proxy_block, require,  # noqa: E402
+from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, harmony_config, proxy_block, require,  # noqa: E402
                           start_harmony, status_kib, stop, wrk)
 
 SEARCH = "/fhir/Patient?name=Doe&_count=20"
@@ -114,16 +113,7 @@ class Harmony:
         self.folder = folder / "harmony"
         self.folder.mkdir(parents=True)
         self.port = port
-        self.config = self.folder / "harmony.toml"
-        self.config.write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {port}
-
+        self.config = harmony_config(self.folder, port, f"""
             [pipelines.fhir]
             networks = ["default"]
             endpoints = ["fhir"]
@@ -157,7 +147,7 @@ class Harmony:
             service = "http"
             [backends.raw_up.options]
             base_url = "http://127.0.0.1:{up_port}"
-            """))
+            """)
         self.proc = None
 
     def start(self):

@@ -28,14 +28,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, proxy_block, require,  # noqa: E402
+from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, harmony_config, proxy_block, require,  # noqa: E402
                           start_harmony, status_kib, stop, wait_port, wrk)
 
 GIB = 1024 ** 3
@@ -54,17 +53,7 @@ class Harmony:
         self.folder.mkdir(parents=True)
         self.port = port
         self.workers = workers
-        self.config = self.folder / "harmony.toml"
-        self.config.write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-            workers = {workers}
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {port}
-
+        self.config = harmony_config(self.folder, port, f"""
             [pipelines.pass]
             networks = ["default"]
             endpoints = ["all"]
@@ -81,7 +70,7 @@ class Harmony:
             base_url = "http://127.0.0.1:{upstream_port}"
             # A 1 GiB upload is spooled, then sent, before the upstream answers.
             timeout_secs = 600
-            """))
+            """, workers=workers)
         self.log = self.folder / "harmony.log"
         self.proc = None
 

@@ -27,14 +27,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.common import NGINX, TWISTD, Nginx, free_port, require, start_harmony, status_kib, stop  # noqa: E402
+from bench.common import (NGINX, TWISTD, Nginx, free_port, harmony_config, require,  # noqa: E402
+                          start_harmony, status_kib, stop)
 from harmony.jmix.hashing import sha256_file  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
 
@@ -137,20 +137,7 @@ def main() -> int:
         # 3. upload + serve, next to nginx serving the same file
         port = free_port()
         folder = work / "harmony"
-        folder.mkdir()
-        config = folder / "harmony.toml"
-        config.write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {port}
-
-            [storage.options]
-            path = "{folder / 'var'}"
-
+        config = harmony_config(folder, port, """
             [pipelines.jmix]
             networks = ["default"]
             endpoints = ["jmix"]
@@ -163,7 +150,7 @@ def main() -> int:
 
             [backends.echo]
             service = "echo"
-            """))
+            """, storage=True)
         harmony = start_harmony(config, port)
         procs.append(harmony)
         base = f"http://127.0.0.1:{port}"

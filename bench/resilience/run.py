@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, proxy_block, require,  # noqa: E402
-                          start_harmony, stop, wrk)
+from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, harmony_config, proxy_block,  # noqa: E402
+                          require, start_harmony, stop, wrk)
 
 
 def upstream(folder: Path, port: int, body: str) -> Nginx:
@@ -59,17 +59,8 @@ class Harmony:
         self.proc = None
 
     def start(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
         targets = "\n".join(f'[targets.t{i}]\nurl = "http://127.0.0.1:{p}"\n' for i, p in enumerate(self.upstreams))
-        (self.folder / "harmony.toml").write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {self.port}
-
+        config = harmony_config(self.folder, self.port, textwrap.dedent(f"""
             [pipelines.lb]
             networks = ["default"]
             endpoints = ["api"]
@@ -97,7 +88,7 @@ class Harmony:
             unhealthy_threshold = 1
             healthy_threshold = 1
         """) + "\n" + targets)
-        self.proc = start_harmony(self.folder / "harmony.toml", self.port)
+        self.proc = start_harmony(config, self.port)
         return self
 
     def stop(self):
