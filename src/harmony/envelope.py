@@ -199,6 +199,30 @@ class CooperativeProducer:
     def _stopped(self):
         """The consumer gave up on the body before its end."""
 
+    @staticmethod
+    def _result(d: defer.Deferred):
+        """``value = yield from self._result(d)``: *d*'s result, handing *d* to
+        the cooperator only when it has not fired yet (a failure fails the
+        producer)."""
+        box: list = []
+        d.addCallback(box.append)
+        if not box:
+            yield d
+        return box[0]
+
+    @staticmethod
+    def _file_chunks(consumer, path, chunk_size: int = 64 * 1024):
+        """``yield from self._file_chunks(consumer, path)``: copy a file to
+        *consumer* a chunk at a time, letting the reactor (and a pause) in
+        between chunks."""
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(chunk_size)
+                if not chunk:
+                    return
+                consumer.write(chunk)
+                yield None
+
     def startProducing(self, consumer):
         self._task = task.cooperate(self._produce(consumer))
         return self._task.whenDone().addCallback(lambda _: None)

@@ -60,11 +60,7 @@ class ResultBodyProducer(CooperativeProducer):
             consumer.write(b"[")
         boundary = self.boundary.encode("ascii")
         while True:
-            box = []
-            d = self.stream.next().addCallback(box.append)
-            if not box:
-                yield d
-            item = box[0]
+            item = yield from self._result(self.stream.next())
             if item is None:
                 break
             if self.kind == "json":
@@ -75,13 +71,7 @@ class ResultBodyProducer(CooperativeProducer):
             try:
                 consumer.write(b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n"
                                + f"Content-Length: {item.path.stat().st_size}\r\n\r\n".encode())
-                with open(item.path, "rb") as f:
-                    while True:
-                        chunk = f.read(CHUNK)
-                        if not chunk:
-                            break
-                        consumer.write(chunk)
-                        yield None
+                yield from self._file_chunks(consumer, item.path, CHUNK)
                 consumer.write(b"\r\n")
             finally:
                 item.release()

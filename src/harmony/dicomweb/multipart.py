@@ -75,11 +75,7 @@ class MultipartWriter(CooperativeProducer):
     def _produce(self, consumer):
         delim = b"--" + self.boundary.encode("ascii")
         while True:
-            box = []
-            d = self.next_part().addCallback(box.append)
-            if not box:
-                yield d
-            part = box[0] if box else None
+            part = yield from self._result(self.next_part())
             if part is None:
                 break
             try:
@@ -91,13 +87,7 @@ class MultipartWriter(CooperativeProducer):
                 if part.data is not None:
                     consumer.write(part.data)
                 else:
-                    with open(part.path, "rb") as f:
-                        while True:
-                            chunk = f.read(CHUNK)
-                            if not chunk:
-                                break
-                            consumer.write(chunk)
-                            yield None  # let the reactor breathe (and pause us) between chunks
+                    yield from self._file_chunks(consumer, part.path, CHUNK)
                 consumer.write(b"\r\n")
                 self.parts_written += 1
             finally:
