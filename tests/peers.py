@@ -61,7 +61,26 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-class Orthanc:
+class PeerProcess:
+    """A peer run as a child process (``proc``) writing to ``log``, both set by ``start``."""
+
+    proc = None
+    log = None
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.log is not None:
+            self.log.close()
+
+
+class Orthanc(PeerProcess):
     """An Orthanc process with the DICOMweb plugin and its own storage folder."""
 
     def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None):
@@ -138,20 +157,8 @@ class Orthanc:
     def instance_ids(self) -> list[str]:
         return self.rest("GET", "/instances")
 
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if getattr(self, "log", None):
-            self.log.close()
 
-
-class Dcmqrscp:
+class Dcmqrscp(PeerProcess):
     """DCMTK's Query/Retrieve SCP as a second PACS, indexed from files."""
 
     def __init__(self, folder: Path, aet: str = "DCMQRSCP", peers: dict | None = None,
@@ -201,16 +208,8 @@ AETable END
         wait_for(lambda: port_open(self.port), 30, "dcmqrscp", self.proc)
         return self
 
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        self.proc = None
-        if getattr(self, "log", None):
-            self.log.close()
 
-
-class Storescp:
+class Storescp(PeerProcess):
     """DCMTK's storescp, e.g. as a C-MOVE destination; files land in ``folder``."""
 
     def __init__(self, folder: Path, aet: str = "STORESCP"):
@@ -232,10 +231,3 @@ class Storescp:
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.rglob("*") if p.is_file())
 
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        self.proc = None
-        if getattr(self, "log", None):
-            self.log.close()

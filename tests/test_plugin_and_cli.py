@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import MINIMAL_MAIN, write_config
+from tests.harness import MINIMAL_MAIN, echo_pipeline, write_config
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,18 +67,7 @@ def test_harmony_routes(tmp_path):
 
 def test_twistd_serves_and_stops(tmp_path):
     port = free_port()
-    path = write_config(tmp_path, MINIMAL_MAIN.replace("bind_port = 0", f"bind_port = {port}"), {"e": """
-[pipelines.echo]
-networks = ["default"]
-endpoints = ["e"]
-backends = ["b"]
-[endpoints.e]
-service = "http"
-[endpoints.e.options]
-path_prefix = "/echo"
-[backends.b]
-service = "echo"
-"""})
+    path = write_config(tmp_path, MINIMAL_MAIN.replace("bind_port = 0", f"bind_port = {port}"), {"e": echo_pipeline()})
     proc = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "harmony", "-c", str(path)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

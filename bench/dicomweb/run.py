@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +31,9 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RssSampler, free_port, harmony_config, start_harmony, stop  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
-from tests.peers import Orthanc, free_port, port_open, wait_for  # noqa: E402
+from tests.peers import Orthanc  # noqa: E402
 
 STUDY = "1.2.826.0.1.3680043.10.543.900.1"
 AET = "HARMONY_BENCH"
@@ -50,18 +50,7 @@ def make_study(folder: Path, count: int, rows: int, study=STUDY, patient="BENCH"
 
 
 def config(folder: Path, port: int, orthanc: Orthanc) -> Path:
-    text = f"""
-[proxy]
-id = "bench"
-log_level = "warn"
-
-[network.default.http]
-bind_address = "127.0.0.1"
-bind_port = {port}
-
-[storage.options]
-path = "{folder / 'var'}"
-
+    return harmony_config(folder, port, f"""
 [pipelines.bridge]
 networks = ["default"]
 endpoints = ["web"]
@@ -86,30 +75,7 @@ port = {orthanc.dicom_port}
 local_aet = "{AET}"
 dimse_timeout_secs = 120
 network_timeout_secs = 120
-"""
-    path = folder / "harmony.toml"
-    path.write_text(text)
-    return path
-
-
-class RssSampler(threading.Thread):
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak = 0
-        self.running = True
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.01)  # a sampler, not synchronisation
+""", storage=True)
 
 
 def qido(base: str, rounds: int) -> tuple[float, float]:
@@ -255,12 +221,7 @@ def main():
             orthanc.upload(paths)
             port = free_port()
             orthanc.add_modality("harmony", AET, free_port())
-            twistd = Path(sys.executable).parent / "twistd"
-            harmony = subprocess.Popen([str(twistd), "-n", "--pidfile=", "harmony", "-c",
-                                        str(config(tmp, port, orthanc))],
-                                       stdout=open(tmp / "harmony.log", "wb"), stderr=subprocess.STDOUT,
-                                       env={**os.environ, "TCP_NODELAY": "1"})
-            wait_for(lambda: port_open(port), 30, "harmony", harmony)
+            harmony = start_harmony(config(tmp, port, orthanc), port, env={**os.environ, "TCP_NODELAY": "1"})
             bridge = f"http://127.0.0.1:{port}/dicomweb"
             native = orthanc.dicomweb_url
             idle_rss = RssSampler(harmony.pid).rss()
@@ -274,8 +235,7 @@ def main():
             sampler = RssSampler(harmony.pid)
             sampler.start()
             w_b = wado(bridge, STUDY)
-            sampler.running = False
-            sampler.join()
+            sampler.finish()
             w_n = wado(native, STUDY)
             g_dcmtk = getscu(orthanc, tmp / "getscu")
             g_pyn = pynetdicom_get(orthanc, tmp / "pynetdicom")
@@ -300,9 +260,7 @@ def main():
             print()
             print("goals: QIDO <= 1.5x native, WADO >= 70% of native throughput, RSS < 150 MB")
         finally:
-            if harmony is not None:
-                harmony.terminate()
-                harmony.wait(30)
+            stop(harmony)
             orthanc.stop()
 
 

@@ -26,68 +26,20 @@ import argparse
 import http.client
 import json
 import os
-import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
-NGINX = "/usr/sbin/nginx"
-WRK = "/usr/bin/wrk"
-TWISTD = Path(sys.executable).parent / "twistd"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, harmony_config, proxy_block, require,  # noqa: E402
+                          start_harmony, status_kib, stop, wrk)
+
 SEARCH = "/fhir/Patient?name=Doe&_count=20"
 BIG = "/fhir/Observation?_count=100000"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
-
-
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def worker_pid(master: int) -> int:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master:
-                    return int(entry.name)
-            except OSError:
-                continue
-    raise RuntimeError(f"nginx {master} has no worker")
+FHIR_ACCEPT = ["Accept: application/fhir+json"]
 
 
 # ------------------------------------------------------------------ data
@@ -136,43 +88,6 @@ def write_data(www: Path, base: str, bundle_mb: int) -> int:
 # ------------------------------------------------------------------ servers
 
 
-class Nginx:
-    def __init__(self, folder: Path, name: str, server_block: str):
-        self.folder = folder / name
-        self.folder.mkdir(parents=True)
-        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.folder / sub).mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        self.conf = self.folder / "nginx.conf"
-        self.conf.write_text(textwrap.dedent(f"""
-            worker_processes 1;
-            daemon off;
-            pid {self.folder}/nginx.pid;
-            error_log {self.folder}/error.log warn;
-            {user}
-            events {{ worker_connections 4096; }}
-            http {{
-                access_log off;
-                keepalive_requests 1000000;
-                client_body_temp_path {self.folder}/client_body;
-                proxy_temp_path {self.folder}/proxy;
-                fastcgi_temp_path {self.folder}/fastcgi;
-                uwsgi_temp_path {self.folder}/uwsgi;
-                scgi_temp_path {self.folder}/scgi;
-                {server_block}
-            }}"""))
-        self.proc = None
-
-    def start(self, port: int):
-        self.proc = subprocess.Popen([NGINX, "-p", str(self.folder), "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_port(port, self.proc, f"nginx {self.conf}")
-        return self
-
-    def stop(self):
-        stop(self.proc, signal.SIGQUIT)
-
-
 def upstream_block(port: int, www: Path) -> str:
     return f"""
         server {{
@@ -185,21 +100,12 @@ def upstream_block(port: int, www: Path) -> str:
 
 
 def nginx_proxy_block(port: int, up_port: int) -> str:
-    return f"""
-        upstream up {{ server 127.0.0.1:{up_port}; keepalive 64; }}
-        server {{
-            listen 127.0.0.1:{port};
-            location /fhir {{
-                proxy_pass http://up;
-                proxy_http_version 1.1;
-                proxy_set_header Connection "";
+    return proxy_block(port, [up_port], location="/fhir", extra=f"""
                 proxy_set_header Accept-Encoding "";
                 proxy_buffering off;
                 sub_filter_types application/fhir+json;
                 sub_filter_once off;
-                sub_filter "http://127.0.0.1:{up_port}/fhir" "http://127.0.0.1:{port}/fhir";
-            }}
-        }}"""
+                sub_filter "http://127.0.0.1:{up_port}/fhir" "http://127.0.0.1:{port}/fhir";""")
 
 
 class Harmony:
@@ -207,16 +113,7 @@ class Harmony:
         self.folder = folder / "harmony"
         self.folder.mkdir(parents=True)
         self.port = port
-        self.config = self.folder / "harmony.toml"
-        self.config.write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {port}
-
+        self.config = harmony_config(self.folder, port, f"""
             [pipelines.fhir]
             networks = ["default"]
             endpoints = ["fhir"]
@@ -250,16 +147,13 @@ class Harmony:
             service = "http"
             [backends.raw_up.options]
             base_url = "http://127.0.0.1:{up_port}"
-            """))
+            """)
         self.proc = None
 
     def start(self):
-        self.log = (self.folder / "harmony.log").open("w")
         profile = ["--profile", os.environ["HARMONY_BENCH_PROFILE"], "--profiler", "cprofile", "--savestats"] \
             if os.environ.get("HARMONY_BENCH_PROFILE") else []
-        self.proc = subprocess.Popen([str(TWISTD), "-n", "--pidfile=", *profile, "harmony", "-c", str(self.config)],
-                                     cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc, "harmony")
+        self.proc = start_harmony(self.config, self.port, twistd_args=profile)
         return self
 
     def stop(self):
@@ -267,29 +161,6 @@ class Harmony:
 
 
 # ------------------------------------------------------------------ measurements
-
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    return float(m[1]) * _UNITS[m[2]]
-
-
-def wrk(url: str, duration: int, connections: int) -> dict:
-    r = subprocess.run([WRK, "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
-                        "-H", "Accept: application/fhir+json", url],
-                       capture_output=True, text=True, timeout=duration + 60, check=True)
-    out = r.stdout
-    errors = 0
-    for pattern in (r"Non-2xx or 3xx responses: (\d+)",
-                    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"):
-        m = re.search(pattern, out)
-        if m:
-            errors += sum(map(int, m.groups()))
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),
-            "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1]),
-            "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1]), "errors": errors}
 
 
 def fetch(port: int, path: str, expect_base: str) -> dict:
@@ -320,9 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle-mb", type=int, default=50)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    for tool in (NGINX, WRK, str(TWISTD)):
-        if not os.path.exists(tool):
-            sys.exit(f"{tool} is missing (apt-get install nginx-light wrk; run with Harmony's venv python)")
+    require(NGINX, WRK, str(TWISTD))
     folder = Path(tempfile.mkdtemp(prefix="harmony-bench-fhir-"))
     os.chmod(folder, 0o755)
     report: dict = {"search": {}, "bundle": {}}
@@ -332,8 +201,8 @@ def main(argv=None) -> int:
     try:
         entries = write_data(folder / "www", up_base, args.bundle_mb)
         big_size = (folder / "www" / "fhir" / "big.json").stat().st_size
-        procs.append(Nginx(folder, "upstream", upstream_block(up_port, folder / "www")).start(up_port))
-        proxy = Nginx(folder, "nginx-proxy", nginx_proxy_block(ngx_port, up_port)).start(ngx_port)
+        procs.append(Nginx(folder / "upstream", upstream_block(up_port, folder / "www"), up_port).start())
+        proxy = Nginx(folder / "nginx-proxy", nginx_proxy_block(ngx_port, up_port), ngx_port).start()
         procs.append(proxy)
         harmony = Harmony(folder, h_port, up_port).start()
         procs.append(harmony)
@@ -355,8 +224,8 @@ def main(argv=None) -> int:
         urls = {name: f"http://127.0.0.1:{port}{SEARCH}" for name, port in targets.items()}
         urls["harmony-http"] = f"http://127.0.0.1:{h_port}/raw{SEARCH}"
         for name, url in urls.items():
-            wrk(url, 1, args.connections)  # warm-up
-            r = wrk(url, args.duration, args.connections)
+            wrk(url, 1, connections=args.connections, headers=FHIR_ACCEPT)  # warm-up
+            r = wrk(url, args.duration, connections=args.connections, headers=FHIR_ACCEPT)
             report["search"][name] = r
             print(f"{name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
         s = report["search"]
@@ -368,12 +237,12 @@ def main(argv=None) -> int:
         print(f"\n{big_size / 2 ** 20:.1f} MiB searchset Bundle ({entries} entries) fetched once through each; "
               "peak RSS = VmHWM of the proxy process")
         print(f"{'target':<8} {'secs':>6} {'MiB/s':>7} {'base MiB':>9} {'peak MiB':>9} {'fullUrls rewritten':>19}")
-        pids = {"nginx": worker_pid(proxy.proc.pid), "harmony": harmony.proc.pid}
+        pids = {"nginx": proxy.workers()[0], "harmony": harmony.proc.pid}
         for name, port in targets.items():
             pid = pids.get(name)
-            base = kib(pid, "VmRSS") / 1024 if pid else 0.0
+            base = status_kib(pid, "VmRSS") / 1024 if pid else 0.0
             r = fetch(port, BIG, f"http://127.0.0.1:{port}/fhir")
-            peak = kib(pid, "VmHWM") / 1024 if pid else 0.0
+            peak = status_kib(pid, "VmHWM") / 1024 if pid else 0.0
             r.update(base_mib=base, peak_mib=peak, entries=entries)
             report["bundle"][name] = r
             ok = f"{r['rewritten']}/{entries}"

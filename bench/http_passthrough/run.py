@@ -24,132 +24,27 @@ import argparse
 import http.client
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NGINX = "/usr/sbin/nginx"
-WRK = "/usr/bin/wrk"
-TWISTD = Path(sys.executable).parent / "twistd"
+sys.path.insert(0, str(HERE.parents[1]))
+
+from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, harmony_config, proxy_block, require,  # noqa: E402
+                          start_harmony, status_kib, stop, wait_port, wrk)
+
 GIB = 1024 ** 3
 STATIC_BODY = b"x" * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+#: nginx's proxy settings for the streaming runs: nothing buffered either way.
+STREAMING = ("proxy_request_buffering off; proxy_buffering off; client_max_body_size 0; "
+             "proxy_read_timeout 600s; proxy_send_timeout 600s;")
 
 
 # ------------------------------------------------------------------- servers
-
-
-class Nginx:
-    def __init__(self, folder: Path, name: str, workers: int, server_block: str):
-        self.folder = folder / name
-        self.folder.mkdir(parents=True)
-        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.folder / sub).mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = f"""
-        worker_processes {workers};
-        daemon off;
-        pid {self.folder}/nginx.pid;
-        error_log {self.folder}/error.log warn;
-        {user}
-        events {{ worker_connections 4096; }}
-        http {{
-            access_log off;
-            keepalive_requests 1000000;
-            client_body_temp_path {self.folder}/client_body;
-            proxy_temp_path {self.folder}/proxy;
-            fastcgi_temp_path {self.folder}/fastcgi;
-            uwsgi_temp_path {self.folder}/uwsgi;
-            scgi_temp_path {self.folder}/scgi;
-            {server_block}
-        }}
-        """
-        self.conf = self.folder / "nginx.conf"
-        self.conf.write_text(textwrap.dedent(conf))
-        self.proc = None
-
-    def start(self, port: int):
-        self.proc = subprocess.Popen([NGINX, "-p", str(self.folder), "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_port(port, self.proc, f"nginx ({self.conf})")
-        return self
-
-    def workers(self) -> list[int]:
-        return children(self.proc.pid)
-
-    def stop(self):
-        stop(self.proc, signal.SIGQUIT)
-
-
-def proxy_block(port: int, upstream_port: int, streaming: bool = False) -> str:
-    extra = ("proxy_request_buffering off; proxy_buffering off; client_max_body_size 0; "
-             "proxy_read_timeout 600s; proxy_send_timeout 600s;" if streaming else "")
-    return f"""
-        upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
-        server {{
-            listen 127.0.0.1:{port};
-            location / {{
-                proxy_pass http://up;
-                proxy_http_version 1.1;
-                proxy_set_header Connection "";
-                {extra}
-            }}
-        }}"""
 
 
 class Harmony:
@@ -158,17 +53,7 @@ class Harmony:
         self.folder.mkdir(parents=True)
         self.port = port
         self.workers = workers
-        self.config = self.folder / "harmony.toml"
-        self.config.write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-            workers = {workers}
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {port}
-
+        self.config = harmony_config(self.folder, port, f"""
             [pipelines.pass]
             networks = ["default"]
             endpoints = ["all"]
@@ -185,15 +70,12 @@ class Harmony:
             base_url = "http://127.0.0.1:{upstream_port}"
             # A 1 GiB upload is spooled, then sent, before the upstream answers.
             timeout_secs = 600
-            """))
+            """, workers=workers)
         self.log = self.folder / "harmony.log"
         self.proc = None
 
     def start(self):
-        logf = self.log.open("w")
-        self.proc = subprocess.Popen([str(TWISTD), "-n", "--pidfile=", "harmony", "-c", str(self.config)],
-                                     cwd=self.folder, stdout=logf, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc, "harmony")
+        self.proc = start_harmony(self.config, self.port, log=self.log)
         deadline = time.monotonic() + 30
         # Twisted logs this (whatever log_level says) as each process's site starts.
         while self.log.read_text().count("HarmonySite starting on") < self.workers:
@@ -204,33 +86,6 @@ class Harmony:
 
     def stop(self):
         stop(self.proc)
-
-
-# ---------------------------------------------------------------------- wrk
-
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    return float(m[1]) * _UNITS[m[2]]
-
-
-def wrk(url: str, duration: int, threads: int = 2, connections: int = 50) -> dict:
-    r = subprocess.run([WRK, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
-                       capture_output=True, text=True, timeout=duration + 60, check=True)
-    out = r.stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1])
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])
-    errors = 0
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m[1])
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(map(int, m.groups()))
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors}
 
 
 # ----------------------------------------------------------------- streaming
@@ -292,7 +147,7 @@ def streaming(folder: Path, size: int) -> dict:
             results[("harmony", direction)] = {"baseline_mib": base / 1024, "peak_mib": peak / 1024,
                                                "mib_s": size / 2 ** 20 / secs}
             port = free_port()
-            n = Nginx(folder, f"nginx-stream-{direction}", 1, proxy_block(port, big_port, streaming=True)).start(port)
+            n = Nginx(folder / f"nginx-stream-{direction}", proxy_block(port, [big_port], extra=STREAMING), port).start()
             try:
                 [worker] = n.workers()
                 base = status_kib(worker, "VmRSS")
@@ -322,11 +177,12 @@ def throughput(folder: Path, workers: int, duration: int, warmup: int, rounds: i
     (www / "hello.txt").write_bytes(STATIC_BODY)
     os.chmod(folder, 0o755)
     up_port = free_port()
-    upstream = Nginx(folder, f"upstream-{workers}", 1, f"""
-        server {{ listen 127.0.0.1:{up_port}; location / {{ root {www}; }} }}""").start(up_port)
+    upstream = Nginx(folder / f"upstream-{workers}", f"""
+        server {{ listen 127.0.0.1:{up_port}; location / {{ root {www}; }} }}""", up_port).start()
     try:
         nginx_port, harmony_port = free_port(), free_port()
-        proxy = Nginx(folder, f"nginx-{workers}", workers, proxy_block(nginx_port, up_port)).start(nginx_port)
+        proxy = Nginx(folder / f"nginx-{workers}", proxy_block(nginx_port, [up_port]), nginx_port,
+                      workers=workers).start()
         harmony = Harmony(folder, f"harmony-{workers}", workers, harmony_port, up_port).start()
         try:
             targets = (("direct", up_port), ("nginx", nginx_port), ("harmony", harmony_port))
@@ -358,9 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming/RSS runs")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    for tool in (NGINX, WRK, str(TWISTD)):
-        if not os.path.exists(tool):
-            sys.exit(f"{tool} is missing (apt-get install nginx-light wrk; run with Harmony's venv python)")
+    require(NGINX, WRK, str(TWISTD))
 
     folder = Path(tempfile.mkdtemp(prefix="harmony-bench-"))
     report = {"throughput": {}, "streaming": {}}

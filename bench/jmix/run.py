@@ -24,51 +24,25 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from bench.common import (NGINX, TWISTD, Nginx, free_port, harmony_config, require,  # noqa: E402
+                          start_harmony, status_kib, stop)
 from harmony.jmix.hashing import sha256_file  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
 
 BIN = Path(sys.executable).parent
-NGINX = "/usr/sbin/nginx"
 CURL = "/usr/bin/curl"
 SHA256SUM = "/usr/bin/sha256sum"
 STUDY = "1.2.826.0.1.3680043.10.543.9.1"
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"{what} did not listen on {port}")
-
-
-def vm_hwm_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise KeyError("VmHWM")
 
 
 def run_measured(argv) -> tuple[float, int, str]:
@@ -123,9 +97,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=512, help="rows = columns of each 16-bit image")
     ap.add_argument("--downloads", type=int, default=5, help="downloads per server (best is reported)")
     args = ap.parse_args()
-    for tool in (NGINX, CURL, SHA256SUM, BIN / "twistd", BIN / "harmony"):
-        if not Path(tool).exists():
-            raise SystemExit(f"{tool} is missing")
+    require(NGINX, CURL, SHA256SUM, TWISTD, BIN / "harmony",
+            hint="apt-get install nginx-light curl; run with Harmony's venv python")
 
     work = Path(tempfile.mkdtemp(prefix="bench-jmix-"))
     procs = []
@@ -164,20 +137,7 @@ def main() -> int:
         # 3. upload + serve, next to nginx serving the same file
         port = free_port()
         folder = work / "harmony"
-        folder.mkdir()
-        config = folder / "harmony.toml"
-        config.write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {port}
-
-            [storage.options]
-            path = "{folder / 'var'}"
-
+        config = harmony_config(folder, port, """
             [pipelines.jmix]
             networks = ["default"]
             endpoints = ["jmix"]
@@ -190,49 +150,27 @@ def main() -> int:
 
             [backends.echo]
             service = "echo"
-            """))
-        log = (folder / "harmony.log").open("w")
-        harmony = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "harmony", "-c", str(config)],
-                                   cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+            """, storage=True)
+        harmony = start_harmony(config, port)
         procs.append(harmony)
-        wait_port(port, harmony, "harmony")
         base = f"http://127.0.0.1:{port}"
-        rss_idle = vm_hwm_kb(harmony.pid)
+        rss_idle = status_kib(harmony.pid, "VmHWM")
         t_up, _, code = curl(f"{base}/api/jmix", "POST", out, "application/zip")
         if code != "201":
             raise SystemExit(f"upload answered {code}: see {folder / 'harmony.log'}")
         env_id = built["id"]
-        rss_upload = vm_hwm_kb(harmony.pid)
+        rss_upload = status_kib(harmony.pid, "VmHWM")
         t_h, size_h = best_of(args.downloads, f"{base}/api/jmix/{env_id}")
         t_study, _ = best_of(1, f"{base}/api/jmix?studyInstanceUid={STUDY}")
-        rss_serve = vm_hwm_kb(harmony.pid)
+        rss_serve = status_kib(harmony.pid, "VmHWM")
 
         nport = free_port()
         nfolder = work / "nginx"
         (nfolder / "root").mkdir(parents=True)
         shutil.copyfile(out, nfolder / "root" / "envelope.zip")
-        user = "user root;" if os.geteuid() == 0 else ""
-        (nfolder / "nginx.conf").write_text(textwrap.dedent(f"""
-            worker_processes 1;
-            daemon off;
-            pid {nfolder}/nginx.pid;
-            error_log {nfolder}/error.log warn;
-            {user}
-            events {{ worker_connections 64; }}
-            http {{
-                access_log off;
-                client_body_temp_path {nfolder};
-                proxy_temp_path {nfolder};
-                fastcgi_temp_path {nfolder};
-                uwsgi_temp_path {nfolder};
-                scgi_temp_path {nfolder};
-                server {{ listen 127.0.0.1:{nport}; root {nfolder / 'root'}; }}
-            }}
-            """))
-        nginx = subprocess.Popen([NGINX, "-p", str(nfolder), "-c", str(nfolder / "nginx.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        procs.append(nginx)
-        wait_port(nport, nginx, "nginx")
+        nginx = Nginx(nfolder, f"server {{ listen 127.0.0.1:{nport}; root {nfolder / 'root'}; }}", nport,
+                      worker_connections=64).start()
+        procs.append(nginx.proc)
         t_n, size_n = best_of(args.downloads, f"http://127.0.0.1:{nport}/envelope.zip")
         assert size_n == size_h == zip_size, (size_n, size_h, zip_size)
 
@@ -247,12 +185,7 @@ def main() -> int:
         return 0
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(p)
         shutil.rmtree(work, ignore_errors=True)
 
 

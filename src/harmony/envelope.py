@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import attr
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -175,6 +175,98 @@ class BytesProducer:
 
     def stopProducing(self):
         pass
+
+
+@implementer(IBodyProducer)
+class CooperativeProducer:
+    """A streaming body written by the generator ``_produce(consumer)``, run
+    with ``task.cooperate``: it yields a Deferred to wait on (the next item of
+    a stream) or ``None`` between chunks, and those are the points where a slow
+    client pauses it and a gone one stops it.  A generator that raises fails
+    the producer, so the HTTP layer cuts the connection rather than ending a
+    truncated body as if it were complete.
+
+    Subclasses write ``_produce`` and, to release what an unfinished body
+    still holds (staged files, a PACS operation), ``_stopped``.
+    """
+
+    length = UNKNOWN_LENGTH
+    _task = None
+
+    def _produce(self, consumer):
+        raise NotImplementedError
+
+    def _stopped(self):
+        """The consumer gave up on the body before its end."""
+
+    @staticmethod
+    def _result(d: defer.Deferred):
+        """``value = yield from self._result(d)``: *d*'s result, handing *d* to
+        the cooperator only when it has not fired yet (a failure fails the
+        producer)."""
+        box: list = []
+        d.addCallback(box.append)
+        if not box:
+            yield d
+        return box[0]
+
+    @staticmethod
+    def _file_chunks(consumer, path, chunk_size: int = 64 * 1024):
+        """``yield from self._file_chunks(consumer, path)``: copy a file to
+        *consumer* a chunk at a time, letting the reactor (and a pause) in
+        between chunks."""
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(chunk_size)
+                if not chunk:
+                    return
+                consumer.write(chunk)
+                yield None
+
+    def startProducing(self, consumer):
+        self._task = task.cooperate(self._produce(consumer))
+        return self._task.whenDone().addCallback(lambda _: None)
+
+    def pauseProducing(self):
+        if self._task is not None:
+            self._task.pause()
+
+    def resumeProducing(self):
+        if self._task is not None:
+            self._task.resume()
+
+    def stopProducing(self):
+        if self._task is not None:
+            try:
+                self._task.stop()
+            except task.TaskDone:
+                pass
+        self._stopped()
+
+
+class ForwardingProducer:
+    """Pause, resume and stop handed on to the producer that does the work
+    (``_delegate()``; ``None`` until there is one): for bodies that wrap
+    another producer or a connection's transport, so flow control reaches
+    the source instead of stopping at the wrapper."""
+
+    def _delegate(self):
+        raise NotImplementedError
+
+    def pauseProducing(self):
+        inner = self._delegate()
+        if inner is not None:
+            inner.pauseProducing()
+
+    def resumeProducing(self):
+        inner = self._delegate()
+        if inner is not None:
+            inner.resumeProducing()
+
+    def stopProducing(self):
+        inner = self._delegate()
+        if inner is not None:
+            inner.stopProducing()
 
 
 class _Collector(Protocol):

@@ -35,7 +35,7 @@ from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomI
 from harmony.dicomweb import qido
 from harmony.dicomweb.accept import parse_media_range
 from harmony.dicomweb.multipart import StowParser
-from harmony.envelope import ResponseEnvelope, read_body
+from harmony.envelope import ForwardingProducer, ResponseEnvelope, read_body
 from harmony.errors import BackendUnavailable, BadRequest
 from harmony.log import get_logger
 
@@ -102,7 +102,7 @@ def filter_result(doc: dict, identifier: dict, level: str) -> Dataset:
 
 
 @implementer(IBodyProducer)
-class _InstanceStowBody:
+class _InstanceStowBody(ForwardingProducer):
     """One Part-10 file as a STOW-RS multipart body, streamed from disk."""
 
     def __init__(self, path, boundary: str):
@@ -125,17 +125,8 @@ class _InstanceStowBody:
             return result
         return self._inner.startProducing(consumer).addBoth(done)
 
-    def pauseProducing(self):
-        if self._inner is not None:
-            self._inner.pauseProducing()
-
-    def resumeProducing(self):
-        if self._inner is not None:
-            self._inner.resumeProducing()
-
-    def stopProducing(self):
-        if self._inner is not None:
-            self._inner.stopProducing()
+    def _delegate(self):
+        return self._inner
 
 
 class DimseOverDicomWeb:

@@ -14,6 +14,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from harmony.envelope import ForwardingProducer
+
 
 class _Relay(Protocol):
     def __init__(self, consumer, finished: defer.Deferred):
@@ -33,7 +35,7 @@ class _Relay(Protocol):
 
 
 @implementer(IBodyProducer)
-class ResponseBodyProducer:
+class ResponseBodyProducer(ForwardingProducer):
     def __init__(self, response):
         self.response = response
         self.length = response.length if response.length is not UNKNOWN_LENGTH else UNKNOWN_LENGTH
@@ -45,23 +47,8 @@ class ResponseBodyProducer:
         self.response.deliverBody(self._relay)
         return finished
 
-    def _transport(self):
+    def _delegate(self):
         return getattr(self._relay, "transport", None) if self._relay else None
-
-    def pauseProducing(self):
-        t = self._transport()
-        if t is not None:
-            t.pauseProducing()
-
-    def resumeProducing(self):
-        t = self._transport()
-        if t is not None:
-            t.resumeProducing()
-
-    def stopProducing(self):
-        t = self._transport()
-        if t is not None:
-            t.stopProducing()
 
 
 class _ProgressConsumer:
@@ -81,7 +68,7 @@ class _ProgressConsumer:
 
 
 @implementer(IBodyProducer)
-class DeadlineBody:
+class DeadlineBody(ForwardingProducer):
     """A request body that keeps a response deadline from firing mid-upload.
 
     A backend's ``timeout_secs`` is meant for an upstream that does not
@@ -106,11 +93,5 @@ class DeadlineBody:
     def startProducing(self, consumer):
         return self._body.startProducing(_ProgressConsumer(consumer, self._push)).addCallback(self._push)
 
-    def pauseProducing(self):
-        self._body.pauseProducing()
-
-    def resumeProducing(self):
-        self._body.resumeProducing()
-
-    def stopProducing(self):
-        self._body.stopProducing()
+    def _delegate(self):
+        return self._body

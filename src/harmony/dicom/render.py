@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import uuid
 
-from twisted.internet import defer, task
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+from twisted.internet import defer
 
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.net import is_failure
 from harmony.dicom.results import DicomInstance
+from harmony.envelope import CooperativeProducer
 
 CHUNK = 64 * 1024
 
@@ -39,15 +38,11 @@ def release_rest(stream) -> defer.Deferred:
     return stream.next().addCallback(loop).addErrback(lambda _: None)
 
 
-@implementer(IBodyProducer)
-class ResultBodyProducer:
-    length = UNKNOWN_LENGTH
-
+class ResultBodyProducer(CooperativeProducer):
     def __init__(self, stream, kind: str = "json", boundary: str | None = None):
         self.stream = stream
         self.kind = kind
         self.boundary = boundary or uuid.uuid4().hex
-        self._task = None
 
     @property
     def content_type(self) -> str:
@@ -55,24 +50,7 @@ class ResultBodyProducer:
             return "application/dicom+json"
         return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
 
-    def startProducing(self, consumer):
-        self._task = task.cooperate(self._produce(consumer))
-        return self._task.whenDone().addCallback(lambda _: None)
-
-    def pauseProducing(self):
-        if self._task is not None:
-            self._task.pause()
-
-    def resumeProducing(self):
-        if self._task is not None:
-            self._task.resume()
-
-    def stopProducing(self):
-        if self._task is not None:
-            try:
-                self._task.stop()
-            except task.TaskDone:
-                pass
+    def _stopped(self):
         self.stream.cancel()
         release_rest(self.stream)
 
@@ -82,11 +60,7 @@ class ResultBodyProducer:
             consumer.write(b"[")
         boundary = self.boundary.encode("ascii")
         while True:
-            box = []
-            d = self.stream.next().addCallback(box.append)
-            if not box:
-                yield d
-            item = box[0]
+            item = yield from self._result(self.stream.next())
             if item is None:
                 break
             if self.kind == "json":
@@ -97,13 +71,7 @@ class ResultBodyProducer:
             try:
                 consumer.write(b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n"
                                + f"Content-Length: {item.path.stat().st_size}\r\n\r\n".encode())
-                with open(item.path, "rb") as f:
-                    while True:
-                        chunk = f.read(CHUNK)
-                        if not chunk:
-                            break
-                        consumer.write(chunk)
-                        yield None
+                yield from self._file_chunks(consumer, item.path, CHUNK)
                 consumer.write(b"\r\n")
             finally:
                 item.release()

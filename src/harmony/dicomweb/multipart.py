@@ -17,11 +17,10 @@ import uuid
 import attr
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
 
+from harmony.envelope import CooperativeProducer
 from harmony.errors import BadRequest, PayloadTooLarge
 
 CHUNK = 64 * 1024
@@ -49,8 +48,7 @@ class Part:
             rel()
 
 
-@implementer(IBodyProducer)
-class MultipartWriter:
+class MultipartWriter(CooperativeProducer):
     """Writes the parts ``next_part()`` yields (Deferreds firing with a
     :class:`Part`, or ``None`` at the end) as one multipart/related body.
 
@@ -59,49 +57,25 @@ class MultipartWriter:
     never look like a complete one.
     """
 
-    length = UNKNOWN_LENGTH
-
     def __init__(self, next_part, part_type: str, boundary: str | None = None, on_stop=None):
         self.next_part = next_part
         self.part_type = part_type
         self.boundary = boundary or new_boundary()
         self.on_stop = on_stop
-        self._task = None
         self.parts_written = 0
 
     @property
     def content_type(self) -> str:
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
-    def startProducing(self, consumer):
-        self._task = task.cooperate(self._produce(consumer))
-        return self._task.whenDone().addCallback(lambda _: None)
-
-    def pauseProducing(self):
-        if self._task is not None:
-            self._task.pause()
-
-    def resumeProducing(self):
-        if self._task is not None:
-            self._task.resume()
-
-    def stopProducing(self):
-        if self._task is not None:
-            try:
-                self._task.stop()
-            except task.TaskDone:
-                pass
+    def _stopped(self):
         if self.on_stop is not None:
             self.on_stop()
 
     def _produce(self, consumer):
         delim = b"--" + self.boundary.encode("ascii")
         while True:
-            box = []
-            d = self.next_part().addCallback(box.append)
-            if not box:
-                yield d
-            part = box[0] if box else None
+            part = yield from self._result(self.next_part())
             if part is None:
                 break
             try:
@@ -113,13 +87,7 @@ class MultipartWriter:
                 if part.data is not None:
                     consumer.write(part.data)
                 else:
-                    with open(part.path, "rb") as f:
-                        while True:
-                            chunk = f.read(CHUNK)
-                            if not chunk:
-                                break
-                            consumer.write(chunk)
-                            yield None  # let the reactor breathe (and pause us) between chunks
+                    yield from self._file_chunks(consumer, part.path, CHUNK)
                 consumer.write(b"\r\n")
                 self.parts_written += 1
             finally:
