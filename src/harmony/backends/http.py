@@ -105,7 +105,12 @@ class HttpBackend(Backend):
         self.timeout = timeout
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
-        self.pool.retryAutomatically = False  # a retry is a policy decision, not the pool's
+        # A pooled keep-alive connection the upstream already closed fails before
+        # any response: Twisted then retries an idempotent, body-less request once
+        # on a fresh connection.  That is transport hygiene, not a retry policy
+        # (those live in the target pool), and without it a stale connection
+        # shows up as a 502 that opens the circuit.
+        self.pool.retryAutomatically = True
         self.pool._factory = _QuietClientFactory
         # Health checks use the same per-target TLS settings.
         target_pool.tls_policy = PerTargetTLSPolicy(target_pool.targets)
