@@ -19,6 +19,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
+        "local_archive": "harmony.backends.local_archive:LocalArchiveBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",
