@@ -20,6 +20,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
         "local_archive": "harmony.backends.local_archive:LocalArchiveBackend",
+        "store_forward": "harmony.backends.store_forward:StoreForwardBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
@@ -109,6 +109,12 @@ class HarmonyService(MultiService):
             svc = NetworkService(name, net.listen, router, reactor)
             svc.setServiceParent(self)
             self.networks[name] = svc
+        for backend in runtime.backends.values():
+            # Backends with background work (store_forward's delivery) run it
+            # as a service that starts and stops with Harmony.
+            svc = getattr(backend, "service", None)
+            if IService.providedBy(svc):
+                svc.setServiceParent(self)
         for endpoint, pipeline in runtime.listeners():
             endpoint.pipeline = pipeline
             if isinstance(endpoint, Service):

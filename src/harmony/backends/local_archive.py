@@ -135,17 +135,17 @@ class LocalArchiveBackend(Backend):
         return response
 
 
-def ingest(store, request, enqueue=()) -> defer.Deferred:
+def ingest(store, request, enqueue=(), now=None) -> defer.Deferred:
     """Write the request's instance (``context["instance"]`` or a Part-10 body) durably."""
     instance = request.context.get("instance")
     if isinstance(instance, DicomInstance):
-        return store.put_instance(instance, enqueue=enqueue)
+        return store.put_instance(instance, enqueue=enqueue, now=now)
     if isinstance(instance, (str, Path)):
-        return store.put_file(instance, enqueue=enqueue)
+        return store.put_file(instance, enqueue=enqueue, now=now)
     body = request.body
     if isinstance(body, (bytes, bytearray)):
         if not body:
             return defer.fail(InvalidInstance("C-STORE without an instance"))
         from harmony.envelope import BytesProducer
         body = BytesProducer(bytes(body))
-    return store.put_producer(body, enqueue=enqueue)
+    return store.put_producer(body, enqueue=enqueue, now=now)

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from pydicom import dcmread
@@ -31,7 +32,7 @@ from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.log import get_logger
 from harmony.storage import index as idx
 from harmony.storage import queue as q
-from harmony.storage.errors import InvalidInstance, StorageFailure
+from harmony.storage.errors import InvalidInstance, StorageFailure, StorageFull
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
 from harmony.storage.query import (IMAGE, STUDY_ROOT, attrs_from_dataset, levels_for, query_keys, record_matches,
                                    response_json)
@@ -73,6 +74,8 @@ class InstanceStore:
         self._shutdown_trigger = None
         self._refs = 0
         self.closed = False
+        #: stored / refused_full / refused_invalid / refused_failed, counted on the reactor.
+        self.counters: Counter = Counter()
 
     # ------------------------------------------------------------------ threads and connections
 
@@ -88,21 +91,21 @@ class InstanceStore:
                 self._connections.append(conn)
         return conn
 
-    def write_sync(self, fn, *args):
-        """Run ``fn(conn, *args)`` in one write transaction (storage thread only)."""
+    def write_sync(self, fn, *args, **kwargs):
+        """Run ``fn(conn, *args, **kwargs)`` in one write transaction (storage thread only)."""
         conn = self._conn()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = fn(conn, *args)
+                result = fn(conn, *args, **kwargs)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
             return result
 
-    def read_sync(self, fn, *args):
-        return fn(self._conn(), *args)
+    def read_sync(self, fn, *args, **kwargs):
+        return fn(self._conn(), *args, **kwargs)
 
     def run(self, fn, *args, **kwargs) -> defer.Deferred:
         """Run blocking ``fn`` on the store's thread pool."""
@@ -111,11 +114,11 @@ class InstanceStore:
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
-    def write(self, fn, *args) -> defer.Deferred:
-        return self.run(self.write_sync, fn, *args)
+    def write(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self.run(self.write_sync, fn, *args, **kwargs)
 
-    def read(self, fn, *args) -> defer.Deferred:
-        return self.run(self.read_sync, fn, *args)
+    def read(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self.run(self.read_sync, fn, *args, **kwargs)
 
     def _stop_pool(self):
         if self.pool.started:
@@ -260,12 +263,24 @@ class InstanceStore:
 
     # ------------------------------------------------------------------ ingest (reactor side)
 
-    def put_file(self, source, *, move=False, enqueue=()) -> defer.Deferred:
-        return self.run(self.put_file_sync, source, move=move, enqueue=enqueue)
+    def _count(self, d: defer.Deferred) -> defer.Deferred:
+        def ok(stored):
+            self.counters["stored"] += 1
+            return stored
 
-    def put_instance(self, instance: DicomInstance, *, enqueue=()) -> defer.Deferred:
+        def refused(f):
+            reason = ("full" if f.check(StorageFull) else "invalid" if f.check(InvalidInstance) else "failed")
+            self.counters[f"refused_{reason}"] += 1
+            return f
+
+        return d.addCallbacks(ok, refused)
+
+    def put_file(self, source, *, move=False, enqueue=(), now=None) -> defer.Deferred:
+        return self._count(self.run(self.put_file_sync, source, move=move, enqueue=enqueue, now=now))
+
+    def put_instance(self, instance: DicomInstance, *, enqueue=(), now=None) -> defer.Deferred:
         """File a :class:`DicomInstance`; an owned (staged) one is moved, not copied."""
-        d = self.put_file(instance.path, move=instance.owned, enqueue=enqueue)
+        d = self.put_file(instance.path, move=instance.owned, enqueue=enqueue, now=now)
 
         def done(stored):
             if instance.owned and Path(instance.path) != stored.path:
@@ -274,7 +289,7 @@ class InstanceStore:
 
         return d.addCallback(done)
 
-    def put_producer(self, producer, *, enqueue=()) -> defer.Deferred:
+    def put_producer(self, producer, *, enqueue=(), now=None) -> defer.Deferred:
         """Stream an ``IBodyProducer`` (a Part-10 body) into the store.
 
         Chunks are written on the storage threads, one batch at a time; the
@@ -286,12 +301,12 @@ class InstanceStore:
         if isinstance(length, int):
             try:
                 self.guard.check(length)
-            except Exception:
-                return defer.fail()
+            except StorageFull:
+                return self._count(defer.fail())
         consumer = ThreadedFileConsumer(self)
         d = consumer.consume(producer)
-        d.addCallback(lambda tmp: self.run(self.put_temp_sync, tmp, enqueue=enqueue))
-        return d
+        d.addCallback(lambda tmp: self.run(self.put_temp_sync, tmp, enqueue=enqueue, now=now))
+        return self._count(d)
 
     # ------------------------------------------------------------------ queries
 

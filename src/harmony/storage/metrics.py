@@ -1,0 +1,68 @@
+"""Prometheus metrics for the store and the store-and-forward queues.
+
+Collected from in-memory snapshots (refreshed by the services every few
+seconds), never by querying sqlite on a scrape.  Label values are config names
+(backend/target names), never data from requests.
+
+    from prometheus_client import CollectorRegistry
+    registry = CollectorRegistry()
+    register_metrics(registry, [backend.forward for backend in store_forward_backends])
+"""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from harmony.storage import queue as q
+
+
+class StoreForwardCollector:
+    def __init__(self, services):
+        self.services = list(services)
+
+    def collect(self):
+        depth = GaugeMetricFamily("harmony_store_forward_queue_entries",
+                                  "Queue entries per target and state (pending, delivering, delivered, dead)",
+                                  labels=["target", "state"])
+        oldest = GaugeMetricFamily("harmony_store_forward_oldest_age_seconds",
+                                   "Age of the oldest undelivered entry per target", labels=["target"])
+        attempts = CounterMetricFamily("harmony_store_forward_attempts",
+                                       "Delivery attempts per target by outcome (delivered, retry, dead)",
+                                       labels=["target", "outcome"])
+        free = GaugeMetricFamily("harmony_storage_free_bytes", "Free bytes on the store's filesystem",
+                                 labels=["store"])
+        floor = GaugeMetricFamily("harmony_storage_min_free_bytes",
+                                  "Free-space floor below which new instances are refused", labels=["store"])
+        stored = CounterMetricFamily("harmony_storage_instances_stored", "Instances durably stored",
+                                     labels=["store"])
+        refused = CounterMetricFamily("harmony_storage_instances_refused",
+                                      "Instances refused by the store, by reason", labels=["store", "reason"])
+        seen_stores = set()
+        for svc in self.services:
+            for target in svc.targets:
+                snap = svc.snapshot.get(target, {})
+                for state in q.STATES:
+                    depth.add_metric([target, state], snap.get(state, 0))
+                oldest.add_metric([target], snap.get("oldest_age_seconds", 0.0))
+                for outcome in ("delivered", "retry", "dead"):
+                    attempts.add_metric([target, outcome], svc.attempts.get((target, outcome), 0))
+            store = svc.store
+            if store is None or id(store) in seen_stores:
+                continue
+            seen_stores.add(id(store))
+            label = store.root.name
+            try:
+                free.add_metric([label], store.guard.free_bytes())
+            except OSError:
+                pass
+            floor.add_metric([label], store.guard.min_free_bytes)
+            stored.add_metric([label], store.counters.get("stored", 0))
+            for reason in ("full", "invalid", "failed"):
+                refused.add_metric([label, reason], store.counters.get(f"refused_{reason}", 0))
+        yield from (depth, oldest, attempts, free, floor, stored, refused)
+
+
+def register_metrics(registry, services) -> StoreForwardCollector:
+    collector = StoreForwardCollector(services)
+    registry.register(collector)
+    return collector

@@ -1,0 +1,253 @@
+"""Store-and-forward: persistent queue, backoff, ordering, dead letters, restart.
+
+Real sqlite store, real threads, real HTTP targets on 127.0.0.1 reached through
+the real ``http`` backend; time for backoff comes from ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor, task
+from twisted.web.resource import Resource
+
+from harmony.backends.http import HttpBackend
+from harmony.backends.store_forward import StoreForwardBackend
+from harmony.endpoints.base import HttpEndpointBase
+from harmony.envelope import RequestEnvelope
+from harmony.pipeline import Pipeline
+from harmony.storage import queue as q
+from harmony.storage.admin import QueuesResource
+from harmony.storage.forward import TargetSettings
+from harmony.storage.store import InstanceStore
+from tests.dicom_data import make_instance, save
+from tests.harness import listen
+from tests.peers import free_port
+from tests.sf_helpers import ScriptedTarget
+
+
+class Rig:
+    """A store_forward backend over a fresh store, delivering to HTTP targets."""
+
+    def __init__(self, root, targets: dict, clock, **target_opts):
+        self.clock = clock
+        self.store = InstanceStore(root, min_free_bytes=0)
+        self.http = {name: HttpBackend(name, [url], reactor, timeout=5) for name, url in targets.items()}
+        settings = [TargetSettings(name, **target_opts) for name in targets]
+        self.backend = StoreForwardBackend("sf", self.store, settings, clock=clock, rnd=lambda: 1.0)
+        self.backend.bind_backends(self.http)
+        self.forward = self.backend.forward
+        self.pipeline = Pipeline("ingest", [], [self.backend])
+
+    async def start(self):
+        self.forward.startService()
+        await self.forward.ready()
+
+    async def ingest(self, path):
+        request = RequestEnvelope(method="POST", metadata={"dimse_op": "C-STORE"},
+                                  context={"instance": _instance(path)})
+        response = await self.pipeline.handle(request, HttpEndpointBase("test"))
+        assert response.status == 200 and response.context["dimse_status"] == 0
+        return response
+
+    async def settle(self):
+        """Everything due now has been attempted."""
+        await self.forward.idle()
+
+    async def rows(self, target):
+        return await self.store.read(lambda c: c.execute(
+            "SELECT sop_uid, state, attempts FROM queue WHERE target=? ORDER BY id", (target,)).fetchall())
+
+    async def stop(self):
+        await self.forward.stopService()
+        for b in self.http.values():
+            await b.close()
+        self.store.close()
+
+
+def _instance(path):
+    from harmony.dicom.results import DicomInstance
+    return DicomInstance(path=path)
+
+
+def instances(tmp_path, n, prefix="5"):
+    from tests.dicom_data import UID_ROOT
+    out = []
+    for i in range(1, n + 1):
+        ds = make_instance(patient_id="SFPAT", study_uid=f"{UID_ROOT}{prefix}.1", series_uid=f"{UID_ROOT}{prefix}.1.1",
+                           sop_uid=f"{UID_ROOT}{prefix}.1.1.{i}", instance_number=i)
+        out.append(save(ds, tmp_path / f"in{prefix}-{i}.dcm"))
+    return out
+
+
+@pytest.fixture
+def serve():
+    ports = []
+
+    def start(resource):
+        port = listen(resource)
+        ports.append(port)
+        return f"http://127.0.0.1:{port.getHost().port}/"
+
+    yield start
+    for p in ports:
+        pytest_twisted.blockon(p.stopListening())
+
+
+def sop(path) -> str:
+    from pydicom import dcmread
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest_twisted.ensureDeferred
+async def test_poison_instance_is_dead_lettered_and_replayable(tmp_path, serve):
+    files = instances(tmp_path, 6)
+    poison = sop(files[2])
+    accept = {"poison": False}
+    target = ScriptedTarget(lambda s, n: 409 if s == poison and not accept["poison"] else 200)
+    clock = task.Clock()
+    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock, order=q.ROTATE, concurrency=2)
+    await rig.start()
+    try:
+        for f in files:
+            await rig.ingest(f)
+        await rig.settle()
+        assert sorted(target.stored) == sorted(sop(f) for f in files if sop(f) != poison)
+        rows = {s: (state, attempts) for s, state, attempts in await rig.rows("pacs")}
+        assert rows[poison] == (q.DEAD, 1)  # 409 is permanent: no pointless retries
+        # The operator's view, through the management resource on a real port.
+        admin = serve(QueuesResource([rig.forward]))
+        overview = json.loads(await (await treq.get(admin)).content())
+        assert overview["targets"]["pacs"]["dead"] == 1 and overview["targets"]["pacs"]["delivered"] == 5
+        dead = json.loads(await (await treq.get(admin + "pacs/dead")).content())["entries"]
+        assert [e["sop_instance_uid"] for e in dead] == [poison] and "409" in dead[0]["last_error"]
+        # Purge needs confirmation; retry replays it once the target accepts it.
+        refused = await treq.delete(admin + "pacs/dead")
+        assert refused.code == 400
+        assert "confirm" in json.loads(await refused.content())["detail"]
+        accept["poison"] = True
+        retried = json.loads(await (await treq.post(admin + f"pacs/retry?id={dead[0]['id']}")).content())
+        assert retried == {"target": "pacs", "retried": 1}
+        await rig.settle()
+        assert target.stored == {sop(f): 1 for f in files}  # every instance exactly once
+        assert (await treq.get(admin + "nosuch/dead")).code == 404
+    finally:
+        await rig.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_transient_failures_back_off_exponentially(tmp_path, serve):
+    target = ScriptedTarget(lambda s, n: 503 if n < 3 else 200)
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock, backoff_initial=1.0, backoff_max=3.0,
+              max_attempts=10)
+    await rig.start()
+    try:
+        [f] = instances(tmp_path, 1)
+        await rig.ingest(f)
+        await rig.settle()
+        assert len(target.seen) == 1
+        for delay in (1.0, 2.0, 3.0):  # 1, 2, then capped at backoff_max
+            clock.advance(delay - 0.001)
+            await rig.settle()
+            assert len(target.seen) == 1 + (1.0, 2.0, 3.0).index(delay), "retried before its backoff"
+            clock.advance(0.001)
+            await rig.settle()
+        assert len(target.seen) == 4 and target.stored == {sop(f): 1}
+        assert [r[1:] for r in await rig.rows("pacs")] == [(q.DELIVERED, 4)]
+    finally:
+        await rig.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_jitter_spreads_retries():
+    settings = TargetSettings("t", backoff_initial=10.0, backoff_max=1000.0, jitter=0.5)
+    assert settings.backoff(1, 0.0) == 5.0 and settings.backoff(1, 1.0) == 10.0
+    assert settings.backoff(3, 0.5) == 30.0  # 40 s, randomised down to 75 %
+
+
+@pytest.mark.parametrize("order", [q.FIFO, q.ROTATE])
+@pytest_twisted.ensureDeferred
+async def test_ordering_with_a_failing_head(tmp_path, serve, order):
+    """fifo: nothing overtakes a failing head until it is dead; rotate: the rest flows."""
+    files = instances(tmp_path, 4)
+    head = sop(files[0])
+    target = ScriptedTarget(lambda s, n: 503 if s == head else 200)
+    clock = task.Clock()
+    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock, order=order, backoff_initial=1.0,
+              max_attempts=3, concurrency=1)
+    await rig.start()
+    try:
+        for f in files:
+            await rig.ingest(f)
+        await rig.settle()
+        if order == q.FIFO:
+            assert target.stored == {}
+            for _ in range(3):
+                clock.advance(2.0)
+                await rig.settle()
+            assert sorted(target.stored) == sorted(sop(f) for f in files[1:])
+            assert target.seen[:3] == [head] * 3
+        else:
+            assert sorted(target.stored) == sorted(sop(f) for f in files[1:])
+        states = {s: st for s, st, _ in await rig.rows("pacs")}
+        assert states[head] == (q.DEAD if order == q.FIFO else q.PENDING)
+    finally:
+        await rig.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_survives_restart_and_redelivers_interrupted(tmp_path, serve):
+    """Rows left 'delivering' by a crash go back to pending at start-up."""
+    files = instances(tmp_path, 3)
+    down_port = free_port()  # nothing listens: connection refused
+    clock = task.Clock()
+    rig = Rig(tmp_path / "store", {"pacs": f"http://127.0.0.1:{down_port}/"}, clock, backoff_initial=60.0)
+    await rig.start()
+    for f in files:
+        await rig.ingest(f)
+    await rig.settle()
+    assert [r[1] for r in await rig.rows("pacs")] == [q.PENDING] * 3
+    # Simulate a crash in the middle of a delivery.
+    await rig.store.write(lambda c: c.execute("UPDATE queue SET state='delivering' WHERE id=(SELECT min(id) FROM queue)"))
+    await rig.stop()
+
+    target = ScriptedTarget()
+    clock2 = task.Clock()
+    rig2 = Rig(tmp_path / "store", {"pacs": serve(target)}, clock2, backoff_initial=60.0)
+    await rig2.start()
+    try:
+        await rig2.settle()
+        # The interrupted delivery is due at once; the others still wait out their backoff.
+        assert target.stored == {sop(files[0]): 1}
+        clock2.advance(1_000_000)  # the queue rows carry real timestamps: jump past them
+        rig2.forward.wake()
+        await rig2.settle()
+        assert target.stored == {sop(f): 1 for f in files}
+    finally:
+        await rig2.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_ingest_queues_once_and_retention_expires_history(tmp_path, serve):
+    target = ScriptedTarget()
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock)
+    rig.forward.delivered_retention = 3600
+    await rig.start()
+    try:
+        [f] = instances(tmp_path, 1)
+        await rig.store.write(q.enqueue, sop(f), ["pacs"], clock.seconds())  # queued twice before it is sent
+        await rig.ingest(f)
+        await rig.settle()
+        assert target.stored == {sop(f): 1}
+        clock.advance(3601)
+        await rig.forward.housekeeping()
+        assert await rig.rows("pacs") == []
+    finally:
+        await rig.stop()
