@@ -68,6 +68,20 @@ class Rig:
         self.store.close()
 
 
+def scrape(*services) -> dict:
+    """Metrics as Prometheus would read them: exposition text, parsed back."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from harmony.storage.metrics import register_metrics
+    registry = CollectorRegistry()
+    register_metrics(registry, services)
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
 def _instance(path):
     from harmony.dicom.results import DicomInstance
     return DicomInstance(path=path)
@@ -134,6 +148,14 @@ async def test_poison_instance_is_dead_lettered_and_replayable(tmp_path, serve):
         await rig.settle()
         assert target.stored == {sop(f): 1 for f in files}  # every instance exactly once
         assert (await treq.get(admin + "nosuch/dead")).code == 404
+        await rig.forward.stats()
+        metrics = scrape(rig.forward)
+        assert metrics[("harmony_store_forward_queue_entries", (("state", "delivered"), ("target", "pacs")))] == 6
+        assert metrics[("harmony_store_forward_queue_entries", (("state", "dead"), ("target", "pacs")))] == 0
+        assert metrics[("harmony_store_forward_attempts_total", (("outcome", "dead"), ("target", "pacs")))] == 1
+        assert metrics[("harmony_store_forward_attempts_total", (("outcome", "delivered"), ("target", "pacs")))] == 6
+        assert metrics[("harmony_storage_instances_stored_total", (("store", "store"),))] == 6
+        assert metrics[("harmony_storage_free_bytes", (("store", "store"),))] > 0
     finally:
         await rig.stop()
 

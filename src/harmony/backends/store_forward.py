@@ -83,7 +83,7 @@ class StoreForwardBackend(Backend):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        names = options.list("forward_to")
+        names = options.list("forward_to", of=str)  # Options.list's default "of" is shadowed by Options.str
         if not names:
             raise OptionError("forward_to", "must name at least one backend to deliver to")
         for n in names:

@@ -6,6 +6,7 @@ has no authentication of its own)::
     GET    /admin/queues                        depth, oldest age, delivering/dead per target
     GET    /admin/queues/{target}/dead          dead letters with last error (?limit=100&after=ID)
     POST   /admin/queues/{target}/retry         replay every dead letter (?id=N: just one)
+    POST   /admin/queues/{target}/wake          make pending entries due now (the target is back)
     DELETE /admin/queues/{target}/dead?confirm={target}   purge the dead letters
     DELETE /admin/queues/{target}?confirm={target}        purge dead *and pending* entries
 
@@ -79,12 +80,14 @@ class QueuesResource(Resource):
         if rest == ["retry"] and method == "POST":
             row_id = _int_arg(args, "id", None, 1, None)
             return svc.retry(target, row_id).addCallback(lambda n: {"target": target, "retried": n})
+        if rest == ["wake"] and method == "POST":
+            return svc.kick(target).addCallback(lambda n: {"target": target, "woken": n})
         if rest in (["dead"], []) and method == "DELETE":
             if args.get("confirm") != target:
                 raise BadRequest(f"purging needs ?confirm={target}")
             return svc.purge(target, include_pending=not rest).addCallback(
                 lambda n: {"target": target, "purged": n})
-        if rest in (["dead"], ["retry"], []):
+        if rest in (["dead"], ["retry"], ["wake"], []):
             raise MethodNotAllowed(f"{method} is not allowed here")
         raise NotFound("unknown queue resource")
 

@@ -252,6 +252,15 @@ class StoreForward(Service):
             return n
         return d.addCallback(done)
 
+    def kick(self, target: str) -> defer.Deferred:
+        """Make every pending entry due now (the target is back: stop waiting out backoffs)."""
+        d = self.store.write(q.make_due, target, self.now())
+
+        def done(n):
+            self.wake(target)
+            return n
+        return d.addCallback(done)
+
     def purge(self, target: str, include_pending: bool = False) -> defer.Deferred:
         states = (q.DEAD, q.PENDING) if include_pending else (q.DEAD,)
         return self.store.write(q.purge, target, states)

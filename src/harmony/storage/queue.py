@@ -123,6 +123,11 @@ def retry_dead(conn: sqlite3.Connection, target: str, now: float, row_id: int | 
     return conn.execute(sql, args).rowcount
 
 
+def make_due(conn: sqlite3.Connection, target: str, now: float) -> int:
+    return conn.execute("UPDATE queue SET next_attempt_at=? WHERE target=? AND state='pending' AND next_attempt_at>?",
+                        (now, target, now)).rowcount
+
+
 def purge(conn: sqlite3.Connection, target: str, states=(DEAD,)) -> int:
     marks = ",".join("?" * len(states))
     return conn.execute(f"DELETE FROM queue WHERE target=? AND state IN ({marks})", (target, *states)).rowcount
