@@ -10,44 +10,17 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-from tests.dicom_data import UID_ROOT, make_instance, save
-from tests.peers import Orthanc, free_port, port_open, wait_for
+from tests.peers import Orthanc, free_port, wait_for
+from tests.sf_helpers import HarmonyProcess, ingest_config, make_instances
 
 N_INSTANCES = 500
 KILLS_DURING_INGEST = 4
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
-class HarmonyProcess:
-    def __init__(self, folder: Path, config: Path):
-        self.folder = folder
-        self.config = config
-        self.proc = None
-        self.starts = 0
-
-    def start(self, port: int):
-        self.starts += 1
-        log = open(self.folder / f"twistd-{self.starts}.log", "wb")
-        self.proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "harmony", "-c", str(self.config)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
-        wait_for(lambda: port_open(port), 60, "harmony (twistd)", self.proc)
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(30)
 
 
 def post(url: str, data: bytes) -> int | None:
@@ -68,49 +41,17 @@ def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path):
     port = free_port()
     folder = tmp_path / "harmony"
     folder.mkdir()
-    config = folder / "harmony.toml"
-    config.write_text(textwrap.dedent(f"""
-        [proxy]
-        id = "crash"
-        log_level = "info"
-
-        [network.default.http]
-        bind_address = "127.0.0.1"
-        bind_port = {port}
-
-        [storage.options]
-        path = "store"
-        min_free_mb = 0
-
-        [endpoints.ingest]
-        service = "http"
-        path_prefix = "/ingest"
-
-        [backends.sf]
-        service = "store_forward"
-        forward_to = ["orthanc"]
-        backoff_initial_seconds = 0.1
-        backoff_max_seconds = 0.5
-        max_attempts = 1000000
-
-        [backends.orthanc]
-        service = "http"
-        base_url = "{orthanc.url}/instances"
-
-        [pipelines.ingest]
-        endpoints = ["ingest"]
-        backends = ["sf"]
-        """))
-    bodies = []
-    for i in range(1, N_INSTANCES + 1):
-        ds = make_instance(patient_id="CRASH", study_uid=f"{UID_ROOT}66.1", series_uid=f"{UID_ROOT}66.1.{i % 5}",
-                           sop_uid=f"{UID_ROOT}66.1.{i % 5}.{i}", instance_number=i, rows=8, cols=8)
-        bodies.append((str(ds.SOPInstanceUID), save(ds, tmp_path / "in" / f"{i}.dcm").read_bytes()))
-    harmony = HarmonyProcess(folder, config)
+    (folder / "harmony.toml").write_text(ingest_config(orthanc.url, port=port, sf_options="""
+backoff_initial_seconds = 0.1
+backoff_max_seconds = 0.5
+max_attempts = 1000000"""))
+    bodies = [(sop_of(p), p.read_bytes()) for p in make_instances(tmp_path / "in", N_INSTANCES, 66, patient_id="CRASH",
+                                                                   series=5, size=8)]
+    harmony = HarmonyProcess(folder, [port])
     url = f"http://127.0.0.1:{port}/ingest"
     acked, unanswered = set(), set()
     try:
-        harmony.start(port)
+        harmony.start()
         kills = sorted(rnd.sample(range(20, N_INSTANCES - 20), KILLS_DURING_INGEST))
         for n, (sop, body) in enumerate(bodies):
             if kills and n == kills[0]:
@@ -124,13 +65,13 @@ def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path):
                 assert status is None, f"unexpected HTTP {status}"
                 unanswered.add(sop)
                 harmony.kill()
-                harmony.start(port)
+                harmony.start()
         assert len(acked) >= N_INSTANCES - KILLS_DURING_INGEST
         orthanc.start()
         # One more kill while the queue drains into Orthanc.
         time.sleep(rnd.uniform(0.05, 0.5))  # a random kill moment, not synchronisation
         harmony.kill()
-        harmony.start(port)
+        harmony.start()
 
         assert harmony.starts == 1 + KILLS_DURING_INGEST + 1
 
@@ -153,6 +94,11 @@ def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path):
     finally:
         harmony.kill()
         orthanc.stop()
+
+
+def sop_of(path) -> str:
+    from pydicom import dcmread
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def sops_in(orthanc) -> list[str]:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import pytest
 import pytest_twisted
 from hypothesis import given, strategies as st
-from pydicom.dataset import Dataset
 from twisted.web.client import FileBodyProducer
 
 from harmony.storage.errors import InvalidInstance, StorageFull

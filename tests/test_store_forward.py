@@ -12,7 +12,6 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, task
-from twisted.web.resource import Resource
 
 from harmony.backends.http import HttpBackend
 from harmony.backends.store_forward import StoreForwardBackend
@@ -23,10 +22,9 @@ from harmony.storage import queue as q
 from harmony.storage.admin import QueuesResource
 from harmony.storage.forward import TargetSettings
 from harmony.storage.store import InstanceStore
-from tests.dicom_data import make_instance, save
 from tests.harness import listen
 from tests.peers import free_port
-from tests.sf_helpers import ScriptedTarget
+from tests.sf_helpers import ScriptedTarget, make_instances
 
 
 class Rig:
@@ -87,14 +85,8 @@ def _instance(path):
     return DicomInstance(path=path)
 
 
-def instances(tmp_path, n, prefix="5"):
-    from tests.dicom_data import UID_ROOT
-    out = []
-    for i in range(1, n + 1):
-        ds = make_instance(patient_id="SFPAT", study_uid=f"{UID_ROOT}{prefix}.1", series_uid=f"{UID_ROOT}{prefix}.1.1",
-                           sop_uid=f"{UID_ROOT}{prefix}.1.1.{i}", instance_number=i)
-        out.append(save(ds, tmp_path / f"in{prefix}-{i}.dcm"))
-    return out
+def instances(tmp_path, n, study=5):
+    return make_instances(tmp_path, n, study, patient_id="SFPAT")
 
 
 @pytest.fixture

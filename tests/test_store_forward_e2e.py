@@ -14,45 +14,19 @@ from twisted.internet import threads
 from harmony.config import ConfigErrors, load_config
 from harmony.runtime import build_runtime
 from harmony.storage.admin import queues_resource
-from tests.dicom_data import UID_ROOT, make_instance, save
-from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
+from tests.dicom_data import UID_ROOT
+from tests.harness import listen, start_harmony, write_config
 from tests.peers import Orthanc
+from tests.sf_helpers import ingest_config, make_instances
 
 
 def config(folder, orthanc_url, *, min_free_mb=0, extra=""):
-    return write_config(folder, MINIMAL_MAIN + f"""
-[storage.options]
-path = "store"
-min_free_mb = {min_free_mb}
-
-[endpoints.ingest]
-service = "http"
-path_prefix = "/ingest"
-
-[backends.sf]
-service = "store_forward"
-forward_to = ["orthanc"]
-backoff_initial_seconds = 30
-max_attempts = 1000
-{extra}
-
-[backends.orthanc]
-service = "http"
-base_url = "{orthanc_url}/instances"
-
-[pipelines.ingest]
-endpoints = ["ingest"]
-backends = ["sf"]
-""")
+    return write_config(folder, ingest_config(orthanc_url, min_free_mb=min_free_mb, log_level="debug",
+                                              sf_options="backoff_initial_seconds = 30\nmax_attempts = 1000\n" + extra))
 
 
 def instance_files(folder, n, study=7):
-    files = []
-    for i in range(1, n + 1):
-        ds = make_instance(patient_id="E2E", study_uid=f"{UID_ROOT}{study}.1", series_uid=f"{UID_ROOT}{study}.1.1",
-                           sop_uid=f"{UID_ROOT}{study}.1.1.{i}", instance_number=i)
-        files.append(save(ds, folder / f"e2e-{study}-{i}.dcm"))
-    return files
+    return make_instances(folder, n, study, patient_id="E2E")
 
 
 async def post(harmony, path):

@@ -26,7 +26,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,21 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.dicom_data import UID_ROOT, make_instance, save  # noqa: E402
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, port_open, wait_for  # noqa: E402
+from tests.sf_helpers import HarmonyProcess, ingest_config, make_instances  # noqa: E402
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
 def make_data(folder: Path, small: int, large: int) -> list[Path]:
-    files = []
-    for i in range(1, small + large + 1):
-        big = i > small
-        ds = make_instance(patient_id="BENCH", study_uid=f"{UID_ROOT}77.1", series_uid=f"{UID_ROOT}77.1.{int(big)}",
-                           sop_uid=f"{UID_ROOT}77.1.{int(big)}.{i}", instance_number=i,
-                           rows=512 if big else 64, cols=512 if big else 64, seed=i)
-        files.append(save(ds, folder / f"{i:05d}.dcm"))
-    return files
+    return (make_instances(folder, small, 77, patient_id="BENCH", size=64)
+            + make_instances(folder, large, 78, patient_id="BENCH", size=512))
 
 
 def post_all(host: str, port: int, path: str, files: list[Path], clients: int) -> float:
@@ -91,78 +83,34 @@ def storescu(port: int, aet: str, folder: Path) -> float:
     return time.perf_counter() - started
 
 
-class Harmony:
+class Harmony(HarmonyProcess):
+    """Harmony under twistd: HTTP ingest (and C-STORE when this build has dicom_scp) -> store_forward."""
+
     def __init__(self, folder: Path, orthanc_url: str, dimse: bool):
-        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         self.dimse_port = free_port() if dimse else None
-        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder, [p for p in (self.http_port, self.dimse_port) if p])
         dimse_part = ""
         if dimse:
-            dimse_part = f"""
-            [endpoints.scp]
-            service = "dicom_scp"
-            local_aet = "HARMONY"
-            bind_addr = "127.0.0.1"
-            port = {self.dimse_port}
-            enable_store = true
+            dimse_part = textwrap.dedent(f"""
+                [endpoints.scp]
+                service = "dicom_scp"
+                local_aet = "HARMONY"
+                bind_addr = "127.0.0.1"
+                port = {self.dimse_port}
+                enable_store = true
 
-            [pipelines.dimse_ingest]
-            endpoints = ["scp"]
-            backends = ["sf"]
-            """
-        (folder / "harmony.toml").write_text(textwrap.dedent(f"""
-            [proxy]
-            id = "bench"
-            log_level = "warn"
-
-            [network.default.http]
-            bind_address = "127.0.0.1"
-            bind_port = {self.http_port}
-
-            [storage.options]
-            path = "store"
-            min_free_mb = 64
-
-            [endpoints.ingest]
-            service = "http"
-            path_prefix = "/ingest"
-
-            [backends.sf]
-            service = "store_forward"
-            forward_to = ["orthanc"]
-            backoff_initial_seconds = 0.2
-            backoff_max_seconds = 0.5
-            max_attempts = 1000000
-            concurrency = 8
-
-            [backends.orthanc]
-            service = "http"
-            base_url = "{orthanc_url}/instances"
-
-            [pipelines.ingest]
-            endpoints = ["ingest"]
-            backends = ["sf"]
-            {dimse_part}
-            """))
-        self.proc = None
-
-    def start(self):
-        log = open(self.folder / "twistd.log", "ab")
-        self.proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "harmony", "-c", str(self.folder / "harmony.toml")],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, env=peer_env())
-        wait_for(lambda: port_open(self.http_port), 60, "harmony", self.proc)
-        if self.dimse_port:
-            wait_for(lambda: port_open(self.dimse_port), 60, "harmony dicom_scp", self.proc)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                [pipelines.dimse_ingest]
+                endpoints = ["scp"]
+                backends = ["sf"]
+                """)
+        self.config.write_text(ingest_config(orthanc_url, port=self.http_port, min_free_mb=64, log_level="warn",
+                                             extra=dimse_part, sf_options=textwrap.dedent("""
+                                                 backoff_initial_seconds = 0.2
+                                                 backoff_max_seconds = 0.5
+                                                 max_attempts = 1000000
+                                                 concurrency = 8""")))
 
     def delivered(self) -> int:
         import sqlite3
