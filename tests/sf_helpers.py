@@ -133,3 +133,20 @@ class HarmonyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class PortHold:
+    """Keeps a loopback port taken but closed (bound, not listening): connections
+    are refused, like a target that is down, and no other process on this busy
+    machine can grab the port before the real target starts on it."""
+
+    def __init__(self, port: int):
+        import socket
+        self.port = port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", port))
+
+    def release(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

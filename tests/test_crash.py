@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 
 from tests.peers import Orthanc, free_port, wait_for
-from tests.sf_helpers import HarmonyProcess, ingest_config, make_instances
+from tests.sf_helpers import HarmonyProcess, PortHold, ingest_config, make_instances
 
 N_INSTANCES = 500
 KILLS_DURING_INGEST = 4
@@ -38,6 +38,7 @@ def post(url: str, data: bytes) -> int | None:
 def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path):
     rnd = random.Random(int(os.environ.get("HARMONY_CRASH_SEED", "0")) or None)
     orthanc = Orthanc(tmp_path / "orthanc")  # ports chosen; started only later (an outage)
+    hold = PortHold(orthanc.http_port)
     port = free_port()
     folder = tmp_path / "harmony"
     folder.mkdir()
@@ -67,6 +68,7 @@ max_attempts = 1000000"""))
                 harmony.kill()
                 harmony.start()
         assert len(acked) >= N_INSTANCES - KILLS_DURING_INGEST
+        hold.release()
         orthanc.start()
         # One more kill while the queue drains into Orthanc.
         time.sleep(rnd.uniform(0.05, 0.5))  # a random kill moment, not synchronisation
@@ -93,6 +95,7 @@ max_attempts = 1000000"""))
         assert acked <= indexed
     finally:
         harmony.kill()
+        hold.release()
         orthanc.stop()
 
 

@@ -17,7 +17,7 @@ from harmony.storage.admin import queues_resource
 from tests.dicom_data import UID_ROOT
 from tests.harness import listen, start_harmony, write_config
 from tests.peers import Orthanc
-from tests.sf_helpers import ingest_config, make_instances
+from tests.sf_helpers import PortHold, ingest_config, make_instances
 
 
 def config(folder, orthanc_url, *, min_free_mb=0, extra=""):
@@ -41,6 +41,7 @@ def forward_of(harmony):
 @pytest_twisted.ensureDeferred
 async def test_outage_restart_then_delivery_exactly_once(tmp_path):
     orthanc = Orthanc(tmp_path / "orthanc")  # ports chosen, not started yet: the target is down
+    hold = PortHold(orthanc.http_port)
     cfg = config(tmp_path / "h", orthanc.url)
     files = instance_files(tmp_path, 8)
     harmony = await start_harmony(cfg)
@@ -58,6 +59,7 @@ async def test_outage_restart_then_delivery_exactly_once(tmp_path):
     harmony = await start_harmony(cfg)  # a restart: the queue is read back from disk
     try:
         assert (await forward_of(harmony).stats())["orthanc"]["pending"] == 8
+        hold.release()
         await threads.deferToThread(orthanc.start)
         admin = listen(queues_resource(harmony.service.runtime))
         url = f"http://127.0.0.1:{admin.getHost().port}/"
@@ -81,6 +83,7 @@ async def test_outage_restart_then_delivery_exactly_once(tmp_path):
         assert len(await threads.deferToThread(orthanc.instance_ids)) == 8
     finally:
         await harmony.stop()
+        hold.release()
         await threads.deferToThread(orthanc.stop)
 
 

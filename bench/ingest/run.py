@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, port_open, wait_for  # noqa: E402
-from tests.sf_helpers import HarmonyProcess, ingest_config, make_instances  # noqa: E402
+from tests.sf_helpers import HarmonyProcess, PortHold, ingest_config, make_instances  # noqa: E402
 
 
 
@@ -112,13 +112,19 @@ class Harmony(HarmonyProcess):
                                                  max_attempts = 1000000
                                                  concurrency = 8""")))
 
-    def delivered(self) -> int:
+    def count(self, state: str) -> int:
         import sqlite3
         db = sqlite3.connect(self.folder / "store" / "index.sqlite", timeout=30)
         try:
-            return db.execute("SELECT count(*) FROM queue WHERE state='delivered'").fetchone()[0]
+            return db.execute("SELECT count(*) FROM queue WHERE state=?", (state,)).fetchone()[0]
         finally:
             db.close()
+
+    def delivered(self) -> int:
+        return self.count("delivered")
+
+    def dead(self) -> int:
+        return self.count("dead")
 
 
 def orthanc_count(orthanc: Orthanc) -> int:
@@ -154,13 +160,15 @@ def main():
         # --- HTTP Part-10 ingest
         print(f"\nHTTP POST application/dicom, {args.clients} keep-alive clients (ratio = Harmony / peer)")
         orthanc = Orthanc(tmp / "orthanc-http").start()
-        harmony = Harmony(tmp / "harmony-http", orthanc.url + "-down", dimse=False)  # target down: ingest only
+        down = PortHold(free_port())  # the forward target is down: this measures ingest only
+        harmony = Harmony(tmp / "harmony-http", f"http://127.0.0.1:{down.port}", dimse=False)
         harmony.start()
         try:
             t_orthanc = post_all("127.0.0.1", orthanc.http_port, "/instances", files, args.clients)
             t_harmony = post_all("127.0.0.1", harmony.http_port, "/ingest", files, args.clients)
         finally:
             harmony.stop()
+            down.release()
             orthanc.stop()
         r_orthanc = row("Orthanc POST /instances", t_orthanc, n, nbytes)
         row("Harmony http -> store_forward (fsync)", t_harmony, n, nbytes, r_orthanc)
@@ -200,14 +208,16 @@ def main():
         # --- queue drain
         print("\nQueue drain: instances queued while Orthanc is down, then delivered by store_forward")
         orthanc = Orthanc(tmp / "orthanc-drain")
+        hold = PortHold(orthanc.http_port)
         harmony = Harmony(tmp / "harmony-drain", orthanc.url, dimse=False)
         harmony.start()
         try:
             post_all("127.0.0.1", harmony.http_port, "/ingest", files, args.clients)
+            hold.release()
             orthanc.start()
             started = time.perf_counter()
-            # Wake the queue now instead of waiting out the backoff (what an operator's /wake does).
-            wait_for(lambda: harmony.delivered() >= n, 600, "queue drained")
+            wait_for(lambda: harmony.delivered() >= n or harmony.dead(), 600, "queue drained")
+            assert not harmony.dead(), "dead letters: see the twistd log"
             t_drain = time.perf_counter() - started
             assert orthanc_count(orthanc) == n
         finally:

@@ -146,6 +146,5 @@ def ingest(store, request, enqueue=(), now=None) -> defer.Deferred:
     if isinstance(body, (bytes, bytearray)):
         if not body:
             return defer.fail(InvalidInstance("C-STORE without an instance"))
-        from harmony.envelope import BytesProducer
-        body = BytesProducer(bytes(body))
+        return store.put_bytes(body, enqueue=enqueue, now=now)
     return store.put_producer(body, enqueue=enqueue, now=now)

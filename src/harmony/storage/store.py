@@ -197,6 +197,18 @@ class InstanceStore:
             tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
         return self._index_sync(header, final, tmp.size, enqueue, now)
 
+    def put_bytes_sync(self, data: bytes, *, enqueue=(), now=None) -> DicomInstance:
+        """File a small Part-10 body already in memory (one thread hop, no batching)."""
+        self.guard.check(len(data))
+        tmp = TempFile(self.tmp_dir, self.guard, self.fsync)
+        tmp.__enter__()
+        try:
+            tmp.write(data)
+        except BaseException:
+            tmp.__exit__(None, None, None)
+            raise
+        return self.put_temp_sync(tmp, enqueue=enqueue, now=now)
+
     def _read_header(self, path: Path) -> dict:
         try:
             ds = dcmread(path, stop_before_pixels=True)
@@ -288,6 +300,9 @@ class InstanceStore:
             return stored
 
         return d.addCallback(done)
+
+    def put_bytes(self, data: bytes, *, enqueue=(), now=None) -> defer.Deferred:
+        return self._count(self.run(self.put_bytes_sync, bytes(data), enqueue=enqueue, now=now))
 
     def put_producer(self, producer, *, enqueue=(), now=None) -> defer.Deferred:
         """Stream an ``IBodyProducer`` (a Part-10 body) into the store.
