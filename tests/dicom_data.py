@@ -76,7 +76,7 @@ def make_instance(*, patient_id="PAT001", patient_name="TEST^ALPHA", study_uid=N
         ds.NumberOfFrames = frames
     ds.PixelData = pixels.tobytes()
     if transfer_syntax == RLELossless:
-        ds.compress(RLELossless, pixels, generate_instance_uid=False)
+        ds.compress(RLELossless, pixels, generate_instance_uid=False)  # keep the planned, stable UID
     elif transfer_syntax == ImplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     return ds

@@ -189,7 +189,9 @@ AETable END
                 copies.append(str(dst))
             subprocess.run([require(DCMTK["dcmqridx"]), str(db), *copies], check=True, capture_output=True)
         self.log = open(self.folder / "dcmqrscp.log", "wb")
-        self.proc = subprocess.Popen([DCMTK["dcmqrscp"], "--single-process", "-c", str(cfg), str(self.port)],
+        # Not --single-process: DCMTK 3.6.7's dcmqrscp segfaults after the first
+        # association released in that mode; forking per association is its default.
+        self.proc = subprocess.Popen([DCMTK["dcmqrscp"], "-c", str(cfg), str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=peer_env())
         wait_for(lambda: port_open(self.port), 30, "dcmqrscp", self.proc)
         return self
@@ -217,7 +219,7 @@ class Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = open(self.folder.parent / f"storescp-{self.port}.log", "wb")
         self.proc = subprocess.Popen([DCMTK["storescp"], "--aetitle", self.aet, "-od", str(self.folder),
-                                      "--uid-filenames", str(self.port)],
+                                      "--default-filenames", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=peer_env())
         wait_for(lambda: port_open(self.port), 30, "storescp", self.proc)
         return self

@@ -15,10 +15,14 @@ ENDPOINT, BACKEND, MIDDLEWARE = "endpoint", "backend", "middleware"
 BUILTIN: dict[str, dict[str, str]] = {
     ENDPOINT: {
         "http": "harmony.endpoints.http:HttpEndpoint",
+        "dicom_scp": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
+        "dicom": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
         "http": "harmony.backends.http:HttpBackend",
+        "dicom_scu": "harmony.backends.dicom_scu:DicomScuBackend",
+        "dicom": "harmony.backends.dicom_scu:DicomScuBackend",
         "local_archive": "harmony.backends.local_archive:LocalArchiveBackend",
         "store_forward": "harmony.backends.store_forward:StoreForwardBackend",
     },

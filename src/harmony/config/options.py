@@ -6,6 +6,7 @@ options the same way and every message names what is wrong.
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 
 from harmony.config.errors import OptionError
@@ -70,7 +71,7 @@ class Options:
     def port(self, key, default=_MISSING) -> int:
         return self.int(key, default, minimum=0, maximum=65535)
 
-    def list(self, key, default=_MISSING, *, of=str) -> list:
+    def list(self, key, default=_MISSING, *, of=builtins.str) -> list:  # the method `str` shadows the type here
         value = self._get(key, default)
         if value is None:
             return value

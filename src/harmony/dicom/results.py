@@ -83,6 +83,8 @@ class ResultStream:
         self.completed = self.failed = self.warning = 0
         self.remaining: int | None = None
         self.failed_sop_uids: list[str] = []
+        self._counted: list[defer.Deferred] = []
+        self._total: int | None = None
 
     # -- producer
     def put(self, item) -> None:
@@ -92,6 +94,13 @@ class ResultStream:
         else:
             self._items.append(item)
 
+    def set_counts(self, remaining: int | None, completed: int = 0, failed: int = 0, warning: int = 0) -> None:
+        """Record PS3.4 sub-operation counts (e.g. from a PACS's pending responses)."""
+        self.remaining, self.completed, self.failed, self.warning = remaining, completed, failed, warning
+        if remaining is not None:
+            self._total = remaining + completed + failed + warning
+            self._fire_counted()
+
     def finish(self, status: int = 0x0000, comment: str | None = None) -> None:
         self.status = status
         self.error_comment = comment
@@ -99,6 +108,7 @@ class ResultStream:
         if self._waiting is not None and not self._items:
             d, self._waiting = self._waiting, None
             d.callback(None)
+        self._fire_counted()
 
     def fail(self, failure) -> None:
         self._failure = failure
@@ -106,6 +116,34 @@ class ResultStream:
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.errback(failure)
+        self._fire_counted()
+
+    def _fire_counted(self) -> None:
+        waiting, self._counted = self._counted, []
+        for d in waiting:
+            d.callback(self)
+
+    @property
+    def done(self) -> bool:
+        """True once the producer has finished or failed (items may remain)."""
+        return self._done
+
+    def when_counted(self) -> defer.Deferred:
+        """Fires (with the stream) once the total number of sub-operations is
+        known: counts were set with a ``remaining`` value, or the stream ended.
+        A C-GET/C-MOVE SCP must announce that total before its first sub-operation."""
+        if self._done or self._total is not None:
+            return defer.succeed(self)
+        d = defer.Deferred()
+        self._counted.append(d)
+        return d
+
+    def total(self) -> int:
+        """The number of sub-operations: as last counted by the producer, or else
+        (once finished, before anything was taken) the items queued."""
+        if self._total is not None:
+            return self._total
+        return len(self._items)
 
     # -- consumer
     def next(self) -> defer.Deferred:

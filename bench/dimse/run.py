@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""DIMSE benchmark: Harmony's SCP -> pipeline -> SCU against the peers it stands for.
+
+In one run, with TCP_NODELAY on every peer:
+
+1. C-ECHO and C-FIND latency (pynetdicom client, one association) through
+   Harmony vs directly against Orthanc.
+2. C-STORE ingest, 1,000 small instances over one association (DCMTK storescu),
+   into Harmony's SCP vs DCMTK storescp vs Orthanc.
+3. C-GET of a 200-instance study (DCMTK getscu) through Harmony vs directly,
+   and Harmony's peak RSS after a 50-instance and after the 200-instance
+   retrieve (memory must stay flat in study size).
+
+Harmony runs as its own twistd process, as in production.  Usage:
+
+    python bench/dimse/run.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from pydicom.dataset import Dataset  # noqa: E402
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification  # noqa: E402
+
+from harmony.dicom import net  # noqa: E402
+from tests.dicom_data import make_corpus, make_instance, save, uid  # noqa: E402
+from tests.peers import DCMTK, Orthanc, Storescp, free_port, peer_env, port_open, wait_for  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def harmony_config(folder: Path, orthanc: Orthanc, scp_port: int, ingest_port: int) -> Path:
+    (folder / "ingest").mkdir(parents=True, exist_ok=True)
+    cfg = folder / "harmony.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [proxy]
+        id = "bench"
+        log_level = "warn"
+
+        [storage.options]
+        path = "{folder / 'var'}"
+
+        [pipelines.router]
+        endpoints = ["scp"]
+        backends = ["pacs"]
+
+        [pipelines.ingest]
+        endpoints = ["ingest"]
+        backends = ["pacs"]
+
+        [endpoints.scp]
+        service = "dicom_scp"
+        [endpoints.scp.options]
+        local_aet = "HARMONY"
+        bind_addr = "127.0.0.1"
+        port = {scp_port}
+        enable_find = true
+        enable_get = true
+        max_pdu_size = 0
+
+        [endpoints.ingest]
+        service = "dicom_scp"
+        [endpoints.ingest.options]
+        local_aet = "INGEST"
+        bind_addr = "127.0.0.1"
+        port = {ingest_port}
+        enable_store = true
+        storage_dir = "{folder / 'ingest'}"
+        forward_store = false
+        max_pdu_size = 0
+
+        [backends.pacs]
+        service = "dicom_scu"
+        [backends.pacs.options]
+        aet = "{orthanc.aet}"
+        host = "127.0.0.1"
+        port = {orthanc.dicom_port}
+        """))
+    return cfg
+
+
+def start_harmony(cfg: Path, *ports) -> subprocess.Popen:
+    log = open(cfg.parent / "harmony.log", "wb")
+    proc = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "harmony", "-c", str(cfg)],
+                            cwd=cfg.parent, stdout=log, stderr=subprocess.STDOUT, env=peer_env())
+    for port in ports:
+        wait_for(lambda: port_open(port), 30, "harmony", proc)
+    return proc
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def latencies(port: int, aet: str, n_echo: int, n_find: int) -> dict:
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet, evt_handlers=net.NODELAY_HANDLERS, max_pdu=0)
+    assert assoc.is_established, f"cannot associate with {aet}"
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = ""
+    ident.PatientID = ""
+    ident.StudyDate = ""
+    echo, find, matches = [], [], 0
+    try:
+        for _ in range(n_echo):
+            t = time.perf_counter()
+            assert assoc.send_c_echo().Status == 0
+            echo.append(time.perf_counter() - t)
+        for _ in range(n_find):
+            t = time.perf_counter()
+            n = 0
+            for status, _ in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
+                assert status and status.Status in (0, 0xFF00, 0xFF01), status
+                n += status.Status != 0
+            find.append(time.perf_counter() - t)
+            matches = n
+    finally:
+        assoc.release()
+    return {"echo": echo, "find": find, "matches": matches}
+
+
+def ms(values) -> str:
+    return f"p50 {statistics.median(values) * 1000:7.2f} ms  mean {statistics.fmean(values) * 1000:7.2f} ms"
+
+
+# --------------------------------------------------------------------------- store / get
+
+
+def storescu(port: int, aet: str, folder: Path) -> float:
+    t = time.perf_counter()
+    r = subprocess.run([DCMTK["storescu"], "-aec", aet, "+sd", "-pdu", "131072", "127.0.0.1", str(port), str(folder)],
+                       capture_output=True, env=peer_env())
+    elapsed = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"storescu to {aet} failed: {r.stderr.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+def getscu(port: int, aet: str, out: Path, keys: list[str]) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    args = []
+    for k in keys:
+        args += ["-k", k]
+    t = time.perf_counter()
+    r = subprocess.run([DCMTK["getscu"], "-S", "-aet", "BENCH", "-aec", aet, "-od", str(out), "-pdu", "131072",
+                        *args, "127.0.0.1", str(port)], capture_output=True, env=peer_env())
+    elapsed = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"getscu from {aet} failed: {r.stderr.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+def make_big_study(folder: Path, n: int, side: int) -> list[Path]:
+    paths = []
+    per_series = max(1, n // 4)
+    for i in range(n):
+        s = i // per_series + 1
+        ds = make_instance(patient_id="BENCH01", patient_name="BENCH^BIG", study_uid=uid(9, 1),
+                           series_uid=uid(9, 1, s), sop_uid=uid(9, 1, s, i + 1), series_number=s,
+                           instance_number=i + 1, rows=side, cols=side, seed=i)
+        paths.append(save(ds, folder / f"{i:04d}.dcm"))
+    return paths
+
+
+def make_small(folder: Path, n: int) -> None:
+    for i in range(n):
+        ds = make_instance(patient_id="BENCH02", study_uid=uid(9, 2), series_uid=uid(9, 2, 1),
+                           sop_uid=uid(9, 2, 1, i + 1), instance_number=i + 1, rows=8, cols=8, seed=i)
+        save(ds, folder / f"{i:05d}.dcm")
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:5.2f}x" if b else "  n/a"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    args = ap.parse_args()
+    n_echo, n_find, n_store, n_get, side = (300, 100, 1000, 200, 256) if not args.quick else (50, 20, 100, 40, 64)
+
+    work = Path(tempfile.mkdtemp(prefix="harmony-bench-dimse-"))
+    procs = []
+    try:
+        print(f"preparing data in {work} ...", flush=True)
+        corpus = make_corpus(work / "corpus")
+        big = make_big_study(work / "big", n_get, side)
+        make_small(work / "small", n_store)
+
+        orthanc = Orthanc(work / "orthanc").start()
+        procs.append(orthanc)
+        orthanc.upload([i.path for i in corpus] + big)
+        for aet in ("BENCH", "HARMONY_SCU"):
+            orthanc.add_modality(aet.lower(), aet, free_port())
+        storescp = Storescp(work / "storescp-in").start()
+        procs.append(storescp)
+
+        scp_port, ingest_port = free_port(), free_port()
+        harmony = start_harmony(harmony_config(work / "harmony", orthanc, scp_port, ingest_port),
+                                scp_port, ingest_port)
+        rss_start = rss_mb(harmony.pid)
+
+        print("\n== latency (pynetdicom client, one association, TCP_NODELAY) ==")
+        direct = latencies(orthanc.dicom_port, orthanc.aet, n_echo, n_find)
+        proxied = latencies(scp_port, "HARMONY", n_echo, n_find)
+        assert proxied["matches"] == direct["matches"], (proxied["matches"], direct["matches"])
+        for op in ("echo", "find"):
+            d, p = statistics.median(direct[op]), statistics.median(proxied[op])
+            print(f"C-{op.upper():4s} direct Orthanc : {ms(direct[op])}")
+            print(f"C-{op.upper():4s} via Harmony    : {ms(proxied[op])}   ratio {ratio(p, d)} (goal <= 1.5x)")
+        print(f"(C-FIND at STUDY level, {direct['matches']} matches; C-ECHO is answered by Harmony itself)")
+
+        print(f"\n== C-STORE ingest: {n_store} small instances, one association (DCMTK storescu) ==")
+        small = work / "small"
+        t_storescp = storescu(storescp.port, storescp.aet, small)
+        t_harmony = storescu(ingest_port, "INGEST", small)
+        t_orthanc = storescu(orthanc.dicom_port, orthanc.aet, small)
+        stored = sum(1 for _ in (work / "harmony" / "ingest").rglob("*.dcm"))
+        assert stored == n_store, stored
+        for name, t in (("DCMTK storescp", t_storescp), ("Harmony SCP (durable)", t_harmony),
+                        ("Orthanc", t_orthanc)):
+            print(f"{name:22s}: {n_store / t:8.1f} inst/s  ({t:6.2f} s)")
+        print(f"Harmony / storescp: {t_storescp / t_harmony * 100:5.1f}% (goal >= 50%);"
+              f"  Harmony / Orthanc: {t_orthanc / t_harmony * 100:5.1f}%")
+
+        print(f"\n== C-GET: study of {n_get} instances ({side}x{side} 16-bit) (DCMTK getscu) ==")
+        per_series = max(1, n_get // 4)
+        series_keys = ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={uid(9, 1)}",
+                       f"SeriesInstanceUID={uid(9, 1, 1)}"]
+        study_keys = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid(9, 1)}"]
+        getscu(scp_port, "HARMONY", work / "warm", series_keys)  # warm the association pool
+        rss_warm = peak_rss_mb(harmony.pid)
+        t_series = getscu(scp_port, "HARMONY", work / "get-series", series_keys)
+        rss_series = peak_rss_mb(harmony.pid)
+        t_direct = getscu(orthanc.dicom_port, orthanc.aet, work / "get-direct", study_keys)
+        t_proxied = getscu(scp_port, "HARMONY", work / "get-proxied", study_keys)
+        rss_study = peak_rss_mb(harmony.pid)
+        got_direct = sorted(p.name for p in (work / "get-direct").iterdir())
+        got_proxied = sorted(p.name for p in (work / "get-proxied").iterdir())
+        assert got_direct == got_proxied and len(got_direct) == n_get, (len(got_direct), len(got_proxied))
+        same = all((work / "get-direct" / n).read_bytes() == (work / "get-proxied" / n).read_bytes()
+                   for n in got_direct)
+        size_mb = sum(p.stat().st_size for p in (work / "get-direct").iterdir()) / 1e6
+        print(f"direct Orthanc : {t_direct:6.2f} s  ({n_get / t_direct:7.1f} inst/s, {size_mb / t_direct:6.1f} MB/s)")
+        print(f"via Harmony    : {t_proxied:6.2f} s  ({n_get / t_proxied:7.1f} inst/s, {size_mb / t_proxied:6.1f} MB/s)"
+              f"   ratio {ratio(t_proxied, t_direct)}")
+        print(f"files byte-identical to direct: {same}")
+        print(f"Harmony RSS: start {rss_start:.0f} MB; peak after warm-up {rss_warm:.0f} MB, "
+              f"after {per_series}-instance series {rss_series:.0f} MB ({t_series:.2f} s), "
+              f"after {n_get}-instance study ({size_mb:.0f} MB) {rss_study:.0f} MB")
+        print(f"memory growth from {per_series} to {n_get} instances: {rss_study - rss_series:+.1f} MB "
+              f"(flat means independent of study size)")
+        return 0
+    finally:
+        for p in locals().get("procs", []):
+            p.stop()
+        h = locals().get("harmony")
+        if h is not None and h.poll() is None:
+            h.send_signal(signal.SIGTERM)
+            try:
+                h.wait(30)
+            except subprocess.TimeoutExpired:
+                h.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""DICOM files on disk: validated UIDs, staging folders and durable writes.
+
+Paths are never built from raw input: only from UIDs that pass
+:func:`valid_uid` or from names Harmony made itself, so a crafted
+SOP Instance UID like ``../../etc`` can never leave the storage folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from pydicom import dcmread
+
+from harmony.dicom.results import DicomInstance
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+
+
+def valid_uid(value) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
+
+
+def read_instance(path: Path, owned: bool = False, ds=None) -> DicomInstance:
+    """Describe a Part-10 file without loading its pixel data (*ds*: its
+    already parsed header, e.g. from :func:`check_complete`)."""
+    path = Path(path)
+    if ds is None:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    meta = ds.file_meta
+    return DicomInstance(
+        path=path,
+        sop_class_uid=str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")),
+        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        size=path.stat().st_size,
+        owned=owned,
+    )
+
+
+class Staging:
+    """A private folder for instances in flight (retrieved, not yet sent on).
+
+    Names are random, so two retrieves of the same instance never collide.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def ensure(self) -> "Staging":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def new_path(self) -> Path:
+        return self.folder / f"{uuid.uuid4().hex}.dcm"
+
+    def adopt(self, src: Path) -> Path:
+        """Move a finished temporary file into staging (a rename when possible)."""
+        dst = self.new_path()
+        shutil.move(str(src), dst)
+        return dst
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_copy(src: Path, dst: Path) -> Path:
+    """Copy *src* to *dst* so that *dst* is either absent or complete and on disk:
+    write a temporary file beside it, fsync, rename, fsync the folder."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fdatasync(fout.fileno())  # data and size; the rename below is made durable by the folder fsync
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(dst.parent)
+    return dst
+
+
+class CorruptDataset(ValueError):
+    pass
+
+
+def check_complete(path: Path):
+    """Raise :class:`CorruptDataset` unless every element of the file fits in it;
+    return the parsed dataset (large values deferred, not loaded).
+
+    pydicom reads a truncated file or an element whose length overruns the file
+    without complaint when values are deferred, so the element table is checked
+    against the file size - without loading large values into memory.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        ds = dcmread(path, defer_size=256)
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag, keep_deferred=True)
+            length = getattr(raw, "length", 0)
+            tell = getattr(raw, "value_tell", None)
+            if tell is not None and length != 0xFFFFFFFF and tell + length > size:
+                raise CorruptDataset(f"element {tag} runs past the end of the data")
+        return ds
+    except CorruptDataset:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad input
+        raise CorruptDataset(f"cannot decode the dataset: {e}") from None

@@ -1,0 +1,92 @@
+"""Helpers for DIMSE tests: direct pynetdicom queries (the reference answers),
+DICOM JSON comparison, multipart parsing and a silent TCP peer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_preamble, read_partial
+from pynetdicom import AE
+from twisted.internet import protocol, reactor
+
+from harmony.dicom import net
+
+
+def ds_from(**kw) -> Dataset:
+    ds = Dataset()
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def direct_find(host, port, aet, identifier: Dataset, model="study", calling="HARMONY_SCU") -> list[dict]:
+    """C-FIND straight to the PACS with pynetdicom: the answers Harmony must equal."""
+    ae = AE(ae_title=calling)
+    sop = net.QUERY_MODELS[model]["C-FIND"]
+    ae.add_requested_context(sop)
+    assoc = ae.associate(host, port, ae_title=aet, evt_handlers=net.NODELAY_HANDLERS)
+    assert assoc.is_established
+    out = []
+    try:
+        for status, ident in assoc.send_c_find(identifier, sop):
+            assert status
+            if status.Status in (0xFF00, 0xFF01):
+                out.append(ident.to_json_dict())
+            else:
+                assert status.Status == 0, hex(status.Status)
+    finally:
+        assoc.release()
+    return out
+
+
+def canonical(results: list[dict]) -> list[str]:
+    """A comparable form of a list of DICOM JSON matches (order-insensitive,
+    trailing UID padding trimmed as pydicom does)."""
+    import json
+    out = []
+    for r in results:
+        ds = Dataset.from_json(r)
+        out.append(json.dumps(ds.to_json_dict(), sort_keys=True))
+    return sorted(out)
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[bytes]:
+    boundary = re.search(r"boundary=([^;]+)", content_type).group(1).strip('"').encode()
+    parts = []
+    for chunk in body.split(b"--" + boundary)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, rest = chunk.partition(b"\r\n\r\n")
+        assert rest.endswith(b"\r\n")
+        parts.append(rest[:-2])
+    return parts
+
+
+def dataset_bytes(data_or_path) -> bytes:
+    """The encoded dataset of a Part-10 file without preamble and file meta:
+    what went over the wire, and what must be identical through Harmony."""
+    import io
+    f = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else open(data_or_path, "rb")
+    with f:
+        read_preamble(f, False)
+        from pydicom.filereader import _read_file_meta_info
+        _read_file_meta_info(f)
+        return f.read()
+
+
+class _Silent(protocol.Protocol):
+    def dataReceived(self, data):
+        pass
+
+
+def silent_peer():
+    """A TCP port that accepts connections and never answers (a hung PACS)."""
+    factory = protocol.Factory.forProtocol(_Silent)
+    return reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+
+__all__ = ["ds_from", "direct_find", "canonical", "parse_multipart", "dataset_bytes", "silent_peer", "dcmread",
+           "read_partial", "Path"]

@@ -1,0 +1,378 @@
+"""``dicom_scp`` endpoint: DCMTK clients -> Harmony's SCP -> pipeline ->
+``dicom_scu`` -> a real PACS (Orthanc; DCMTK dcmqrscp as a second one).
+
+Every answer through Harmony is compared with the same client's answer from
+the PACS directly: same matches, the same bytes in retrieved files."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from pydicom import dcmread
+from twisted.internet import defer, threads
+
+from tests.dicom_data import make_instance, save
+from tests.dimse_helpers import dataset_bytes, silent_peer
+from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.peers import Orthanc, DCMTK, Dcmqrscp, Storescp, free_port, peer_env
+
+SCP_AET = "HARMONY"
+
+PIPE = """
+[pipelines.router]
+endpoints = ["scp"]
+backends = ["pacs"]
+
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {scp_port}
+enable_find = {find}
+enable_get = true
+enable_move = true
+enable_store = true
+{extra}
+[endpoints.scp.options.move_destinations]
+STORESCP = {{ host = "127.0.0.1", port = {dest_port} }}
+
+[backends.pacs]
+service = "dicom_scu"
+[backends.pacs.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+connect_timeout_secs = 2
+acse_timeout_secs = {acse}
+dimse_timeout_secs = 10
+"""
+
+
+def harmony_config(tmp_path, aet, port, *, find="true", extra="", dest_port=1, acse=5):
+    scp_port = free_port()
+    path = write_config(tmp_path, MINIMAL_MAIN, {"router": PIPE.format(
+        scp_port=scp_port, find=find, extra=extra, dest_port=dest_port, aet=aet, port=port, acse=acse)})
+    return path, scp_port
+
+
+async def start(tmp_path, aet, port, **kw):
+    path, scp_port = harmony_config(tmp_path, aet, port, **kw)
+    running = await start_harmony(path)
+    return running, scp_port
+
+
+def run(tool, *args, cwd=None):
+    """Run a DCMTK tool off the reactor (Harmony serves it from this process)."""
+    return threads.deferToThread(subprocess.run, [DCMTK[tool], *map(str, args)], capture_output=True,
+                                 env=peer_env(), cwd=cwd)
+
+
+async def find(port, aet, root, keys, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["-v", root, "-X", "-od", out, "-aet", "FINDSCU", "-aec", aet]
+    for k in keys:
+        args += ["-k", k]
+    r = await run("findscu", *args, "127.0.0.1", port)
+    assert r.returncode == 0, r.stderr
+    assert b"Received Final Find Response (Success)" in r.stderr, r.stderr
+    return sorted(canonical_file(p) for p in out.glob("rsp*.dcm")), r.stderr.decode(errors="replace")
+
+
+def canonical_file(path):
+    import json
+    ds = dcmread(path)
+    return json.dumps(ds.to_json_dict(), sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def scratch_orthanc(tmp_path_factory):
+    """An empty Orthanc for tests that store: the shared one must keep exactly the corpus."""
+    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pacs_modality(orthanc):
+    """Orthanc lets FINDSCU/GETSCU/MOVESCU (direct) and HARMONY_SCU (through Harmony) query it."""
+    for aet in ("FINDSCU", "GETSCU", "MOVESCU", "HARMONY_SCU"):
+        orthanc.add_modality(aet.lower(), aet, free_port())
+    return orthanc
+
+
+@pytest.fixture
+def harmony(tmp_path, pacs_modality):
+    running, scp_port = pytest_twisted.blockon(defer.ensureDeferred(
+        start(tmp_path, pacs_modality.aet, pacs_modality.dicom_port)))
+    running.scp_port = scp_port
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_echo(harmony):
+    r = await run("echoscu", "-aec", SCP_AET, "127.0.0.1", harmony.scp_port)
+    assert r.returncode == 0, r.stderr
+
+
+FINDS = [
+    ("-S", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "PatientID", "StudyDate", "AccessionNumber"]),
+    ("-P", ["QueryRetrieveLevel=PATIENT", "PatientID", "PatientName"]),
+    ("-P", ["QueryRetrieveLevel=STUDY", "PatientID=PAT001", "StudyInstanceUID", "StudyDescription"]),
+    ("-S", ["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.2", "SeriesInstanceUID",
+            "Modality", "SeriesDescription"]),
+    ("-S", ["QueryRetrieveLevel=IMAGE", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.3",
+            "SeriesInstanceUID=1.2.826.0.1.3680043.10.543.1.3.1", "SOPInstanceUID", "InstanceNumber"]),
+]
+
+
+@pytest.mark.parametrize("root,keys", FINDS, ids=["study-root-STUDY", "patient-root-PATIENT", "patient-root-STUDY",
+                                                  "study-root-SERIES", "study-root-IMAGE"])
+@pytest_twisted.ensureDeferred
+async def test_findscu_through_harmony_equals_orthanc(harmony, orthanc, tmp_path, root, keys):
+    direct, _ = await find(orthanc.dicom_port, orthanc.aet, root, keys, tmp_path / "direct")
+    proxied, log = await find(harmony.scp_port, SCP_AET, root, keys, tmp_path / "proxied")
+    assert direct, "the PACS should match something"
+    assert proxied == direct
+    assert "Received Final Find Response (Success)" in log
+
+
+def retrieved(folder: Path) -> dict:
+    return {p.name: p for p in folder.iterdir() if p.is_file()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_getscu_through_harmony_gets_the_same_files(harmony, orthanc, tmp_path, corpus):
+    study = "1.2.826.0.1.3680043.10.543.1.2"  # MR study with a multi-frame instance
+    for name, port, aet in (("direct", orthanc.dicom_port, orthanc.aet), ("proxied", harmony.scp_port, SCP_AET)):
+        (tmp_path / name).mkdir()
+        r = await run("getscu", "-S", "-aet", "GETSCU", "-aec", aet, "-od", tmp_path / name,
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", port)
+        assert r.returncode == 0, r.stderr
+    direct, proxied = retrieved(tmp_path / "direct"), retrieved(tmp_path / "proxied")
+    assert len(direct) == len([i for i in corpus if i.study_uid == study])
+    assert proxied.keys() == direct.keys()
+    for name in direct:
+        assert proxied[name].read_bytes() == direct[name].read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_getscu_compressed_instance(harmony, orthanc, tmp_path):
+    """The RLE instance: getscu accepts only uncompressed syntaxes by default, so
+    Orthanc (directly) and Harmony (through) both decompress; the pixels agree."""
+    series = "1.2.826.0.1.3680043.10.543.1.3.1"
+    for name, port, aet in (("direct", orthanc.dicom_port, orthanc.aet), ("proxied", harmony.scp_port, SCP_AET)):
+        (tmp_path / name).mkdir()
+        r = await run("getscu", "-S", "-aet", "GETSCU", "-aec", aet, "-od", tmp_path / name,
+                      "-k", "QueryRetrieveLevel=SERIES", "-k", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.3",
+                      "-k", f"SeriesInstanceUID={series}", "127.0.0.1", port)
+        assert r.returncode == 0, r.stderr
+    direct, proxied = retrieved(tmp_path / "direct"), retrieved(tmp_path / "proxied")
+    assert proxied.keys() == direct.keys() and len(direct) == 3
+    for name in direct:
+        a, b = dcmread(direct[name]), dcmread(proxied[name])
+        assert a.SOPInstanceUID == b.SOPInstanceUID
+        assert (a.pixel_array == b.pixel_array).all()
+
+
+@pytest_twisted.ensureDeferred
+async def test_movescu_through_harmony_to_storescp(tmp_path, orthanc, pacs_modality):
+    dest_direct = Storescp(tmp_path / "direct", aet="STOREDIRECT").start()
+    dest_proxied = Storescp(tmp_path / "proxied", aet="STORESCP").start()
+    orthanc.add_modality("storedirect", "STOREDIRECT", dest_direct.port)
+    running, scp_port = await start(tmp_path / "h", orthanc.aet, orthanc.dicom_port, dest_port=dest_proxied.port)
+    try:
+        series = ["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.1",
+                  "SeriesInstanceUID=1.2.826.0.1.3680043.10.543.1.1.1"]
+        args = []
+        for k in series:
+            args += ["-k", k]
+        r = await run("movescu", "-S", "-aet", "MOVESCU", "-aec", orthanc.aet, "-aem", "STOREDIRECT", *args,
+                      "127.0.0.1", orthanc.dicom_port)
+        assert r.returncode == 0, r.stderr
+        r = await run("movescu", "-v", "-S", "-aet", "MOVESCU", "-aec", SCP_AET, "-aem", "STORESCP", *args,
+                      "127.0.0.1", scp_port)
+        assert r.returncode == 0, r.stderr
+        direct = {p.name: p for p in dest_direct.files()}
+        proxied = {p.name: p for p in dest_proxied.files()}
+        assert len(direct) == 3 and proxied.keys() == direct.keys()
+        for name in direct:
+            assert dataset_bytes(proxied[name]) == dataset_bytes(direct[name])
+        # unknown destination: A801
+        r = await run("movescu", "-v", "-S", "-aet", "MOVESCU", "-aec", SCP_AET, "-aem", "NOWHERE", *args,
+                      "127.0.0.1", scp_port)
+        assert b"Received Final Move Response (Refused: MoveDestinationUnknown)" in r.stderr
+    finally:
+        await running.stop()
+        dest_direct.stop()
+        dest_proxied.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_storescu_stores_durably_and_forwards(tmp_path, scratch_orthanc):
+    orthanc = scratch_orthanc
+    storage = tmp_path / "store"
+    running, scp_port = await start(tmp_path / "h", orthanc.aet, orthanc.dicom_port,
+                                    extra=f'storage_dir = "{storage}"\nforward_store = true')
+    try:
+        ds = make_instance(patient_id="PATSCP", seed=11)
+        src = save(ds, tmp_path / "in.dcm")
+        r = await run("storescu", "-aec", SCP_AET, "127.0.0.1", scp_port, src)
+        assert r.returncode == 0, r.stderr
+        stored = storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        assert dataset_bytes(stored) == dataset_bytes(src)
+        assert not list(storage.rglob("*.tmp"))
+        import json
+        found = orthanc.rest("POST", "/tools/find", json.dumps(
+            {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode())
+        assert len(found) == 1
+    finally:
+        await running.stop()
+
+
+# ------------------------------------------------------------------ rejections
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_called_aet_is_rejected(harmony):
+    r = await run("echoscu", "-v", "-aec", "SOMEONE", "127.0.0.1", harmony.scp_port)
+    assert r.returncode != 0
+    assert b"Called AE Title Not Recognized" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_calling_aet_outside_allow_list_is_rejected(tmp_path, orthanc):
+    running, scp_port = await start(tmp_path, orthanc.aet, orthanc.dicom_port,
+                                    extra='allowed_calling_aets = ["GOODSCU"]')
+    try:
+        r = await run("echoscu", "-v", "-aet", "BADSCU", "-aec", SCP_AET, "127.0.0.1", scp_port)
+        assert r.returncode != 0 and b"Calling AE Title Not Recognized" in r.stderr
+        r = await run("echoscu", "-aet", "GOODSCU", "-aec", SCP_AET, "127.0.0.1", scp_port)
+        assert r.returncode == 0, r.stderr
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disabled_find_is_refused(tmp_path, orthanc):
+    running, scp_port = await start(tmp_path, orthanc.aet, orthanc.dicom_port, find="false")
+    try:
+        r = await run("findscu", "-v", "-S", "-aec", SCP_AET, "-k", "QueryRetrieveLevel=STUDY", "127.0.0.1", scp_port)
+        assert b"No Acceptable Presentation Contexts" in r.stderr or b"0x0122" in r.stderr
+    finally:
+        await running.stop()
+
+
+def final_status(stderr: bytes) -> str:
+    """The final C-FIND status as findscu -d prints it ("0xc001: Failed: ...")."""
+    text = stderr.decode(errors="replace")
+    assert "Received Final Find Response" in text, text
+    tail = text.split("Received Final Find Response", 1)[1]
+    return next(line for line in tail.splitlines() if "DIMSE Status" in line)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pacs_down_gives_failure_status(tmp_path):
+    running, scp_port = await start(tmp_path, "NOBODY", free_port())
+    try:
+        r = await run("findscu", "-d", "-S", "-aec", SCP_AET, "-k", "QueryRetrieveLevel=STUDY", "-k",
+                      "StudyInstanceUID", "127.0.0.1", scp_port)
+        assert "0xc001" in final_status(r.stderr).lower()
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pacs_silent_gives_timeout_status(tmp_path):
+    port = silent_peer()
+    running, scp_port = await start(tmp_path, "SILENT", port.getHost().port, acse=0.5)
+    try:
+        r = await run("findscu", "-d", "-S", "-aec", SCP_AET, "-k", "QueryRetrieveLevel=STUDY", "-k",
+                      "StudyInstanceUID", "127.0.0.1", scp_port)
+        assert "0xc002" in final_status(r.stderr).lower()
+    finally:
+        await running.stop()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_identifier(harmony):
+    r = await run("findscu", "-d", "-S", "-aec", SCP_AET, "-k", "QueryRetrieveLevel=BOGUS", "-k",
+                  "StudyInstanceUID", "127.0.0.1", harmony.scp_port)
+    assert "0xa900" in final_status(r.stderr)
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_dataset_store_is_refused(tmp_path, scratch_orthanc):
+    """A C-STORE whose dataset cannot be decoded gets 0xC000 and is not kept."""
+    from pynetdicom import AE
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    ds = make_instance(seed=3)
+    good = save(ds, tmp_path / "good.dcm")
+    data = good.read_bytes()
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(data[:-200] + b"\xff\xff\xff\xff\x00\x00\x00\x10" + b"\x01" * 8)
+
+    def send():
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", scp_port, ae_title=SCP_AET)
+        assert assoc.is_established
+        try:
+            return assoc.send_c_store(bad).Status  # the path: sent raw, as the file is
+        finally:
+            assoc.release()
+    running, scp_port = await start(tmp_path / "h", scratch_orthanc.aet, scratch_orthanc.dicom_port)
+    try:
+        status = await threads.deferToThread(send)
+    finally:
+        await running.stop()
+    assert status == 0xC000
+    import json
+    assert scratch_orthanc.rest("POST", "/tools/find", json.dumps(
+        {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unwritable_storage_dir(tmp_path, scratch_orthanc):
+    orthanc = scratch_orthanc
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    running, scp_port = await start(tmp_path / "h", orthanc.aet, orthanc.dicom_port,
+                                    extra=f'storage_dir = "{blocker}/store"')
+    try:
+        src = save(make_instance(seed=5), tmp_path / "in.dcm")
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, src)
+        assert b"Received Store Response (Refused: OutOfResources)" in r.stderr
+    finally:
+        await running.stop()
+
+
+# ------------------------------------------------------------------ a second PACS
+
+
+@pytest_twisted.ensureDeferred
+async def test_dcmqrscp_as_second_pacs(tmp_path, corpus):
+    pacs = Dcmqrscp(tmp_path / "qr", peers={"harmony": ("HARMONY_SCU", free_port())}).start(
+        i.path for i in corpus[:7])
+    running, scp_port = await start(tmp_path / "h", pacs.aet, pacs.port)
+    try:
+        keys = ["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.1",
+                "SeriesInstanceUID", "Modality"]
+        direct, _ = await find(pacs.port, pacs.aet, "-S", keys, tmp_path / "direct")
+        proxied, _ = await find(scp_port, SCP_AET, "-S", keys, tmp_path / "proxied")
+        assert len(direct) == 3 and proxied == direct
+        for name, port, aet in (("gd", pacs.port, pacs.aet), ("gp", scp_port, SCP_AET)):
+            (tmp_path / name).mkdir()
+            r = await run("getscu", "-S", "-aec", aet, "-od", tmp_path / name, "-k", "QueryRetrieveLevel=SERIES",
+                          "-k", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.1",
+                          "-k", "SeriesInstanceUID=1.2.826.0.1.3680043.10.543.1.1.1", "127.0.0.1", port)
+            assert r.returncode == 0, r.stderr
+        gd, gp = retrieved(tmp_path / "gd"), retrieved(tmp_path / "gp")
+        assert len(gd) == 3 and gd.keys() == gp.keys()
+        assert all(gd[n].read_bytes() == gp[n].read_bytes() for n in gd)
+    finally:
+        await running.stop()
+        pacs.stop()
