@@ -114,7 +114,7 @@ class LocalArchiveBackend(Backend):
             return list(self.store.instances_sync(identifier, level, model))
 
         def found(instances):
-            stream.remaining = len(instances)
+            stream.set_counts(len(instances))
             for inst in instances:
                 if stream.cancelled:
                     stream.finish(0xFE00, "cancelled")
