@@ -47,7 +47,8 @@ async def test_corpus_is_filed_by_uid_and_indexed(store, corpus):
 
 @pytest_twisted.ensureDeferred
 async def test_owned_staging_file_is_moved_not_copied(store, corpus, tmp_path):
-    staged = store.root / "staged.dcm"
+    store.open_sync()
+    staged = store.root / "staged.dcm"  # same filesystem as the store
     staged.write_bytes(corpus[3].path.read_bytes())
     from harmony.dicom.results import DicomInstance
     stored = await store.put_instance(DicomInstance(path=staged, owned=True))
@@ -132,12 +133,24 @@ async def test_producer_ingest_streams_to_the_same_file(store, corpus):
     assert leftovers(store) == []
 
 
+def test_building_a_store_touches_no_disk(tmp_path):
+    """``harmony check`` builds every component: that must not create a store."""
+    s = InstanceStore(tmp_path / "not-yet", min_free_bytes=0)
+    try:
+        assert not (tmp_path / "not-yet").exists()
+        assert s.guard.free_bytes() > 0  # measured on the nearest existing parent
+    finally:
+        s.close()
+
+
 def test_crash_leftovers_are_cleared_on_open(tmp_path):
     s = InstanceStore(tmp_path / "s", min_free_bytes=0)
+    s.open_sync()
     s.close()
     (s.tmp_dir / ".deadbeef.part").write_bytes(b"half an instance")
     s2 = InstanceStore(tmp_path / "s", min_free_bytes=0)
     try:
+        s2.open_sync()
         assert leftovers(s2) == []
     finally:
         s2.close()

@@ -67,7 +67,10 @@ class SpaceGuard:
         self._free_bytes = free_bytes or self._statvfs_free
 
     def _statvfs_free(self) -> int:
-        st = os.statvfs(self.root)
+        where = self.root
+        while not where.exists() and where.parent != where:
+            where = where.parent  # not created yet: its filesystem is its nearest parent's
+        st = os.statvfs(where)
         return st.f_bavail * st.f_frsize
 
     def free_bytes(self) -> int:

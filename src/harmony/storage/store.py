@@ -58,18 +58,12 @@ class InstanceStore:
         self.reactor = reactor
         self.fsync = fsync
         self.clock = clock
-        for d in (self.root, self.instances_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
         self.guard = SpaceGuard(self.root, min_free_bytes, free_bytes)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._conn_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        left = clear_temp(self.tmp_dir)
-        if left:
-            log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash", root=str(self.root), n=left)
-        conn = self._conn()
-        conn.executescript(idx.SCHEMA + q.SCHEMA)
+        self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
         self._shutdown_trigger = None
         self._refs = 0
@@ -79,9 +73,35 @@ class InstanceStore:
 
     # ------------------------------------------------------------------ threads and connections
 
+    def open_sync(self) -> None:
+        """Create the folders and schema and clear crash leftovers, once.
+
+        Deferred to first use so that building a configuration (``harmony
+        check``) never creates a store on disk.
+        """
+        if self._opened:
+            return
+        with self._conn_lock:
+            if self._opened:
+                return
+            for d in (self.root, self.instances_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            left = clear_temp(self.tmp_dir)
+            if left:
+                log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
+                         root=str(self.root), n=left)
+            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(idx.SCHEMA + q.SCHEMA)
+            finally:
+                conn.close()
+            self._opened = True
+
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            self.open_sync()
             conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
@@ -162,6 +182,7 @@ class InstanceStore:
         *enqueue* names store-and-forward targets to queue it for, in the same
         transaction as the index row.
         """
+        self.open_sync()
         source = Path(source)
         try:
             size = source.stat().st_size
@@ -188,6 +209,7 @@ class InstanceStore:
 
     def put_temp_sync(self, tmp: TempFile, *, enqueue=(), now=None) -> DicomInstance:
         """File a :class:`TempFile` already written (and closed) in ``tmp_dir``."""
+        self.open_sync()
         try:
             tmp.close()
             header = self._read_header(tmp.path)
@@ -199,6 +221,7 @@ class InstanceStore:
 
     def put_bytes_sync(self, data: bytes, *, enqueue=(), now=None) -> DicomInstance:
         """File a small Part-10 body already in memory (one thread hop, no batching)."""
+        self.open_sync()
         self.guard.check(len(data))
         tmp = TempFile(self.tmp_dir, self.guard, self.fsync)
         tmp.__enter__()

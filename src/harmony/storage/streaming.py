@@ -55,6 +55,7 @@ class ThreadedFileConsumer:
             self._flush()
 
     def _write_batch(self, batch):
+        self.store.open_sync()
         if not self._opened:
             self.tmp.__enter__()
             self._opened = True
@@ -89,6 +90,7 @@ class ThreadedFileConsumer:
 
     def _finish(self):
         def close():
+            self.store.open_sync()
             if not self._opened:
                 self.tmp.__enter__()
                 self._opened = True
