@@ -182,7 +182,7 @@ async def test_storescu_store_forward_to_orthanc_through_outage_and_restart(tmp_
         hold.release()
         await threads.deferToThread(orthanc.start)
         forward = harmony.service.runtime.backends["sf"].forward
-        assert await forward.kick("pacs") == 12
+        assert 0 < await forward.kick("pacs") <= 12  # some may already be in flight again
         await forward.idle()
         stats = await forward.stats()
         assert stats["pacs"]["delivered"] == 12 and stats["pacs"]["dead"] == 0, stats

@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, task
+from twisted.web.server import Site
 
 from harmony.backends.http import HttpBackend
 from harmony.backends.store_forward import StoreForwardBackend
@@ -24,7 +25,7 @@ from harmony.storage.forward import TargetSettings
 from harmony.storage.store import InstanceStore
 from tests.harness import listen
 from tests.peers import free_port
-from tests.sf_helpers import ScriptedTarget, make_instances
+from tests.sf_helpers import PortHold, ScriptedTarget, make_instances
 
 
 class Rig:
@@ -226,7 +227,8 @@ async def test_queue_survives_restart_and_redelivers_interrupted(tmp_path, serve
         await rig.ingest(f)
     await rig.settle()
     assert [r[1] for r in await rig.rows("pacs")] == [q.PENDING] * 3
-    # Simulate a crash in the middle of a delivery.
+    # Simulate a crash in the middle of a delivery, the others waiting out a backoff.
+    await rig.store.write(lambda c: c.execute("UPDATE queue SET next_attempt_at=500000"))
     await rig.store.write(lambda c: c.execute("UPDATE queue SET state='delivering' WHERE id=(SELECT min(id) FROM queue)"))
     await rig.stop()
 
@@ -238,12 +240,48 @@ async def test_queue_survives_restart_and_redelivers_interrupted(tmp_path, serve
         await rig2.settle()
         # The interrupted delivery is due at once; the others still wait out their backoff.
         assert target.stored == {sop(files[0]): 1}
-        clock2.advance(1_000_000)  # the queue rows carry real timestamps: jump past them
+        clock2.advance(500_000)
         rig2.forward.wake()
         await rig2.settle()
         assert target.stored == {sop(f): 1 for f in files}
     finally:
         await rig2.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_target_pauses_the_whole_queue(tmp_path, serve):
+    """Connection refused says nothing about the instance: the queue waits (with
+    backoff) instead of trying every other instance against a dead target."""
+    files = instances(tmp_path, 4)
+    hold = PortHold(free_port())
+    clock = task.Clock()
+    rig = Rig(tmp_path / "store", {"pacs": f"http://127.0.0.1:{hold.port}/"}, clock, backoff_initial=10.0,
+              concurrency=1)
+    try:
+        for f in files:  # queued before the service runs: one claim sees all four
+            await rig.store.put_file(f, enqueue=["pacs"], now=0.0)
+        await rig.start()
+        await rig.settle()
+        assert sum(r[2] for r in await rig.rows("pacs")) == 1
+        clock.advance(9.9)
+        rig.forward.wake()  # a new instance arriving: still paused
+        await rig.settle()
+        assert sum(r[2] for r in await rig.rows("pacs")) == 1
+        clock.advance(0.1)
+        await rig.settle()
+        assert sum(r[2] for r in await rig.rows("pacs")) == 2  # one probe per pause, 20 s next
+        hold.release()
+        target = ScriptedTarget()  # the target comes back on its port
+        back = reactor.listenTCP(hold.port, Site(target), interface="127.0.0.1")
+        try:
+            assert await rig.forward.kick("pacs") == 4  # the operator's /wake: resume now
+            await rig.settle()
+            assert sorted(target.stored) == sorted(sop(f) for f in files)
+        finally:
+            await back.stopListening()
+    finally:
+        hold.release()
+        await rig.stop()
 
 
 @pytest_twisted.ensureDeferred

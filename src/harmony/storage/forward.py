@@ -69,6 +69,9 @@ class Outcome:
     ok: bool
     permanent: bool = False
     detail: str = ""
+    #: The target itself could not be reached (no answer at all): pause the
+    #: whole queue rather than try every other instance against it.
+    unreachable: bool = False
 
 
 def dimse_outcome(status: int, comment: str | None = None) -> Outcome:
@@ -134,10 +137,12 @@ def classify_failure(failure: Failure) -> Outcome:
         status = getattr(err, "dimse_status", None)
         if status is not None and err.status < 500:
             return dimse_outcome(status, err.detail)
-        return http_outcome(err.status, err.detail)
+        outcome = http_outcome(err.status, err.detail)
+        outcome.unreachable = err.status >= 500
+        return outcome
     if isinstance(err, defer.TimeoutError) or isinstance(err, defer.CancelledError):
-        return Outcome(False, detail="timed out")
-    return Outcome(False, detail=f"{type(err).__name__}: {err}"[:500])
+        return Outcome(False, detail="timed out", unreachable=True)
+    return Outcome(False, detail=f"{type(err).__name__}: {err}"[:500], unreachable=True)
 
 
 def delivery_request(instance, target: str, attempt: int) -> RequestEnvelope:
@@ -183,7 +188,7 @@ class StoreForward(Service):
     # -- lifecycle
     def startService(self):
         super().startService()
-        self._ready = self.store.write(q.recover, self.now())
+        self._ready = self.store.bookkeep(q.recover, self.now())
 
         def recovered(n):
             if n:
@@ -248,7 +253,7 @@ class StoreForward(Service):
         d = self.store.write(q.retry_dead, target, self.now(), row_id)
 
         def done(n):
-            self.wake(target)
+            self.drainers[target].resume()
             return n
         return d.addCallback(done)
 
@@ -257,7 +262,7 @@ class StoreForward(Service):
         d = self.store.write(q.make_due, target, self.now())
 
         def done(n):
-            self.wake(target)
+            self.drainers[target].resume()
             return n
         return d.addCallback(done)
 
@@ -269,7 +274,7 @@ class StoreForward(Service):
         now = self.now()
         delivered_before = now - self.delivered_retention if self.delivered_retention else None
         dead_before = now - self.dead_retention if self.dead_retention else None
-        d = self.store.write(q.expire, delivered_before, dead_before)
+        d = self.store.bookkeep(q.expire, delivered_before, dead_before)
         d.addCallback(lambda _: self.stats())
         d.addErrback(lambda f: log.failure("store_forward housekeeping failed", f))
         return d
@@ -278,7 +283,7 @@ class StoreForward(Service):
     def record(self, settings: TargetSettings, row_id: int, sop_uid: str, attempts: int, outcome: Outcome):
         now = self.now()
         if outcome.ok:
-            d = self.store.write(q.delivered, row_id, now)
+            d = self.store.bookkeep(q.delivered, row_id, now)
             result = "delivered"
             if self.delete_after_delivery:
                 d.addCallback(lambda _: self.store.run(self._forget_if_done, sop_uid))
@@ -287,7 +292,7 @@ class StoreForward(Service):
                 retry_at = None
             else:
                 retry_at = now + settings.backoff(attempts, self.rnd())
-            d = self.store.write(q.failed, row_id, outcome.detail or "failed", now, retry_at=retry_at)
+            d = self.store.bookkeep(q.failed, row_id, outcome.detail or "failed", now, retry_at=retry_at)
             result = "dead" if retry_at is None else "retry"
             if retry_at is None:
                 log.warn("store_forward {target}: instance parked in the dead-letter list after {attempts} "
@@ -311,6 +316,9 @@ class _Drainer:
         self.again = False
         self.timer = None
         self.stopped = False
+        #: While the target is unreachable: no claims before this time.
+        self.paused_until: float | None = None
+        self.unreachable_streak = 0
         self._idle_waiters: list[defer.Deferred] = []
 
     @property
@@ -320,6 +328,11 @@ class _Drainer:
     def wake(self):
         if self.stopped:
             return
+        if self.paused_until is not None:
+            if self.svc.now() < self.paused_until:
+                self._schedule(self.paused_until)
+                return
+            self.paused_until = None
         if self.claiming:
             self.again = True
             return
@@ -327,7 +340,7 @@ class _Drainer:
         if free <= 0:
             return
         self.claiming = True
-        d = self.svc.store.write(q.claim, self.settings.name, self.settings.order, free, self.svc.now())
+        d = self.svc.store.bookkeep(q.claim, self.settings.name, self.settings.order, free, self.svc.now())
         d.addCallbacks(self._claimed, self._claim_failed)
 
     def _claim_failed(self, failure):
@@ -378,6 +391,7 @@ class _Drainer:
                     outcome = yield classify_response(response)
                 except Exception:  # noqa: BLE001 - every failure is classified, none escapes
                     outcome = classify_failure(Failure())
+            self._note_reachability(outcome)
             yield self.svc.record(settings, row_id, sop_uid, attempts, outcome)
         except Exception:  # noqa: BLE001 - the row stays 'delivering' and is recovered at restart
             log.failure("store_forward {target}: bookkeeping failed", target=settings.name)
@@ -385,6 +399,21 @@ class _Drainer:
             self.in_flight.pop(row_id, None)
             self.wake()
             self._maybe_idle()
+
+    def _note_reachability(self, outcome: Outcome):
+        if outcome.unreachable:
+            self.unreachable_streak += 1
+            pause = self.settings.backoff(self.unreachable_streak, self.svc.rnd())
+            self.paused_until = self.svc.now() + pause
+        elif outcome.ok or not outcome.unreachable:
+            self.unreachable_streak = 0
+            self.paused_until = None
+
+    def resume(self):
+        """An operator says the target is back: stop pausing and try now."""
+        self.unreachable_streak = 0
+        self.paused_until = None
+        self.wake()
 
     def stop(self) -> list:
         self.stopped = True

@@ -124,8 +124,9 @@ def retry_dead(conn: sqlite3.Connection, target: str, now: float, row_id: int | 
 
 
 def make_due(conn: sqlite3.Connection, target: str, now: float) -> int:
-    return conn.execute("UPDATE queue SET next_attempt_at=? WHERE target=? AND state='pending' AND next_attempt_at>?",
-                        (now, target, now)).rowcount
+    """Every pending entry of *target* due now; returns how many are pending."""
+    return conn.execute("UPDATE queue SET next_attempt_at=min(next_attempt_at, ?) WHERE target=? AND state='pending'",
+                        (now, target)).rowcount
 
 
 def purge(conn: sqlite3.Connection, target: str, states=(DEAD,)) -> int:

@@ -104,7 +104,6 @@ class InstanceStore:
             self.open_sync()
             conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._conn_lock:
@@ -112,9 +111,25 @@ class InstanceStore:
         return conn
 
     def write_sync(self, fn, *args, **kwargs):
-        """Run ``fn(conn, *args, **kwargs)`` in one write transaction (storage thread only)."""
+        """Run ``fn(conn, *args, **kwargs)`` in one write transaction, durable
+        (fsynced) when it commits (storage thread only)."""
+        return self._transaction(True, fn, args, kwargs)
+
+    def bookkeep_sync(self, fn, *args, **kwargs):
+        """A write transaction that survives a process crash (kill -9) but may be
+        lost with the last moments before a power failure: WAL with
+        ``synchronous=NORMAL``.  For queue state changes whose loss only means a
+        redundant, idempotent re-delivery - never for what an acknowledgement
+        depends on."""
+        return self._transaction(False, fn, args, kwargs)
+
+    def _transaction(self, durable: bool, fn, args, kwargs):
         conn = self._conn()
         with self._write_lock:
+            mode = "FULL" if durable and self.fsync else "NORMAL" if self.fsync else "OFF"
+            if getattr(self._local, "sync_mode", None) != mode:
+                conn.execute(f"PRAGMA synchronous={mode}")
+                self._local.sync_mode = mode
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn, *args, **kwargs)
@@ -136,6 +151,9 @@ class InstanceStore:
 
     def write(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.write_sync, fn, *args, **kwargs)
+
+    def bookkeep(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self.run(self.bookkeep_sync, fn, *args, **kwargs)
 
     def read(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.read_sync, fn, *args, **kwargs)
