@@ -231,8 +231,10 @@ class StoreForward(Service):
                 drainer.wake()
 
     def idle(self) -> defer.Deferred:
-        """Fires when no target has a claim or delivery in flight (tests, benchmarks)."""
-        return defer.DeferredList([d.idle() for d in self.drainers.values()])
+        """Fires once start-up recovery is done and no target has a claim or
+        delivery in flight (tests, benchmarks)."""
+        d = self.ready() if self._ready is not None else defer.succeed(None)
+        return d.addCallback(lambda _: defer.DeferredList([dr.idle() for dr in self.drainers.values()]))
 
     # -- management
     def stats(self) -> defer.Deferred:
@@ -319,6 +321,8 @@ class _Drainer:
         #: While the target is unreachable: no claims before this time.
         self.paused_until: float | None = None
         self.unreachable_streak = 0
+        #: Bumped by resume(): failures of attempts started before it do not pause again.
+        self.epoch = 0
         self._idle_waiters: list[defer.Deferred] = []
 
     @property
@@ -378,6 +382,7 @@ class _Drainer:
     @defer.inlineCallbacks
     def _deliver(self, row_id: int, sop_uid: str, attempts: int):
         settings = self.settings
+        epoch = self.epoch
         try:
             instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
             if instance is None:
@@ -391,7 +396,8 @@ class _Drainer:
                     outcome = yield classify_response(response)
                 except Exception:  # noqa: BLE001 - every failure is classified, none escapes
                     outcome = classify_failure(Failure())
-            self._note_reachability(outcome)
+            if epoch == self.epoch:
+                self._note_reachability(outcome)
             yield self.svc.record(settings, row_id, sop_uid, attempts, outcome)
         except Exception:  # noqa: BLE001 - the row stays 'delivering' and is recovered at restart
             log.failure("store_forward {target}: bookkeeping failed", target=settings.name)
@@ -411,6 +417,7 @@ class _Drainer:
 
     def resume(self):
         """An operator says the target is back: stop pausing and try now."""
+        self.epoch += 1
         self.unreachable_streak = 0
         self.paused_until = None
         self.wake()
