@@ -270,6 +270,7 @@ async def test_unreachable_target_pauses_the_whole_queue(tmp_path, serve):
         clock.advance(0.1)
         await rig.settle()
         assert sum(r[2] for r in await rig.rows("pacs")) == 2  # one probe per pause, 20 s next
+        assert scrape(rig.forward)[("harmony_store_forward_paused", (("target", "pacs"),))] == 1
         hold.release()
         target = ScriptedTarget()  # the target comes back on its port
         back = reactor.listenTCP(hold.port, Site(target), interface="127.0.0.1")

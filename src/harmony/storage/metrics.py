@@ -29,6 +29,9 @@ class StoreForwardCollector:
         attempts = CounterMetricFamily("harmony_store_forward_attempts",
                                        "Delivery attempts per target by outcome (delivered, retry, dead)",
                                        labels=["target", "outcome"])
+        paused = GaugeMetricFamily("harmony_store_forward_paused",
+                                   "1 while a target's queue is paused because the target is unreachable",
+                                   labels=["target"])
         free = GaugeMetricFamily("harmony_storage_free_bytes", "Free bytes on the store's filesystem",
                                  labels=["store"])
         floor = GaugeMetricFamily("harmony_storage_min_free_bytes",
@@ -44,6 +47,8 @@ class StoreForwardCollector:
                 for state in q.STATES:
                     depth.add_metric([target, state], snap.get(state, 0))
                 oldest.add_metric([target], snap.get("oldest_age_seconds", 0.0))
+                drainer = svc.drainers.get(target)
+                paused.add_metric([target], 1.0 if drainer is not None and drainer.paused_until is not None else 0.0)
                 for outcome in ("delivered", "retry", "dead"):
                     attempts.add_metric([target, outcome], svc.attempts.get((target, outcome), 0))
             store = svc.store
@@ -59,7 +64,7 @@ class StoreForwardCollector:
             stored.add_metric([label], store.counters.get("stored", 0))
             for reason in ("full", "invalid", "failed"):
                 refused.add_metric([label, reason], store.counters.get(f"refused_{reason}", 0))
-        yield from (depth, oldest, attempts, free, floor, stored, refused)
+        yield from (depth, oldest, attempts, paused, free, floor, stored, refused)
 
 
 def register_metrics(registry, services) -> StoreForwardCollector:
