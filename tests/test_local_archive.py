@@ -213,3 +213,21 @@ async def test_echo_store_and_errors(archive, tmp_path):
                                             "query_model": model}, normalized=ds.to_json_dict())
         response = await archive.handle(request, Endpoint())
         assert response.status == 400, (op, ds)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_stops_the_scan(archive):
+    """C-CANCEL reaches the storage thread: a scan that would never end stops."""
+    store = archive.backends[0].store
+
+    def endless(should_stop):
+        n = 0
+        while not should_stop():
+            yield n
+            n += 1
+
+    stream = store.stream(endless)
+    assert await stream.next() == 0
+    stream.cancel()
+    rest = await stream.collect()
+    assert stream.status == 0xFE00 and rest == list(range(1, len(rest) + 1))

@@ -304,3 +304,27 @@ async def test_duplicate_ingest_queues_once_and_retention_expires_history(tmp_pa
         assert await rig.rows("pacs") == []
     finally:
         await rig.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_mode_forgets_instances_once_every_target_has_them(tmp_path, serve):
+    """delete_after_delivery: a pure relay keeps a file only while some target still needs it."""
+    a, b = ScriptedTarget(), ScriptedTarget(lambda s, n: 409)
+    clock = task.Clock()
+    rig = Rig(tmp_path / "store", {"a": serve(a), "b": serve(b)}, clock)
+    rig.forward.delete_after_delivery = True
+    await rig.start()
+    try:
+        [f] = instances(tmp_path, 1)
+        stored = (await rig.ingest(f)).context["stored_instance"]
+        await rig.settle()
+        assert a.stored == {sop(f): 1} and stored.path.exists()  # b refused it: kept for a replay
+        b.rules = lambda s, n: 200
+        await rig.forward.retry("b")
+        await rig.settle()
+        await rig.store.run(lambda: None)  # the clean-up runs on the storage threads after the record
+        assert b.stored == {sop(f): 1}
+        assert not stored.path.exists()
+        assert await rig.store.run(rig.store.get_sync, sop(f)) is None
+    finally:
+        await rig.stop()

@@ -195,21 +195,15 @@ def record_matches(keys: list, record: dict) -> bool:
     return True
 
 
-def response_json(keys: list, record: dict, level: str, extra: dict | None = None) -> dict:
+def response_json(keys: list, record: dict, level: str) -> dict:
     """The C-FIND response identifier, as DICOM JSON: every requested key, with
-    the stored value or empty, plus QueryRetrieveLevel."""
+    the stored value or empty, plus QueryRetrieveLevel.  *record* holds only
+    the query level and those above it, so lower-level keys come back empty."""
     out = {}
     for th, vr, _values in keys:
         found = record.get(th)
-        if found is not None and (vr == found.get("vr") or vr in ("UN",)):
-            out[th] = found
-        elif found is not None and "Value" in found:
-            out[th] = {"vr": found.get("vr", vr), "Value": found["Value"]}
-        else:
-            out[th] = {"vr": _dictionary_vr(th, vr)}
+        out[th] = found if found is not None else {"vr": _dictionary_vr(th, vr) if vr == "UN" else vr}
     out[tag_hex("QueryRetrieveLevel")] = {"vr": "CS", "Value": [level]}
-    if extra:
-        out.update(extra)
     return out
 
 
