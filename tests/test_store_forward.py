@@ -328,3 +328,27 @@ async def test_relay_mode_forgets_instances_once_every_target_has_them(tmp_path,
         assert await rig.store.run(rig.store.get_sync, sop(f)) is None
     finally:
         await rig.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_does_not_wait_for_a_hung_target(tmp_path):
+    """A target that never answers must not hold up stopService; the
+    interrupted delivery is sent again after the restart."""
+    from tests.dimse_helpers import silent_peer
+    hung = silent_peer()
+    clock = task.Clock()
+    rig = Rig(tmp_path / "store", {"pacs": f"http://127.0.0.1:{hung.getHost().port}/"}, clock)
+    try:
+        await rig.start()
+        [f] = instances(tmp_path, 1)
+        await rig.ingest(f)
+        await rig.store.run(lambda: None)
+        drainer = rig.forward.drainers["pacs"]
+        while drainer.claiming:  # the claim is a storage-thread round trip
+            await rig.store.run(lambda: None)
+        assert len(drainer.in_flight) == 1
+        await rig.forward.stopService()  # returns without the target ever answering
+        assert [r[1] for r in await rig.rows("pacs")] == [q.DELIVERING]
+    finally:
+        await rig.stop()
+        await hung.stopListening()

@@ -396,6 +396,8 @@ class _Drainer:
                     outcome = yield classify_response(response)
                 except Exception:  # noqa: BLE001 - every failure is classified, none escapes
                     outcome = classify_failure(Failure())
+            if self.stopped:
+                return  # shutting down: left 'delivering', recovered and sent again at start-up
             if epoch == self.epoch:
                 self._note_reachability(outcome)
             yield self.svc.record(settings, row_id, sop_uid, attempts, outcome)
@@ -423,10 +425,15 @@ class _Drainer:
         self.wake()
 
     def stop(self) -> list:
+        """Stop claiming and cut deliveries in flight short: a slow target must
+        not hold up shutdown, and an interrupted delivery is simply sent again."""
         self.stopped = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        return list(self.in_flight.values())
+        waiting = list(self.in_flight.values())
+        for d in waiting:
+            d.cancel()
+        return [d.addErrback(lambda f: None) for d in waiting]
 
     def idle(self) -> defer.Deferred:
         d = defer.Deferred()
