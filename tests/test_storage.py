@@ -180,3 +180,17 @@ def test_wildcards_agree_with_fnmatch(pattern, value):
     import fnmatch
     if pattern:  # an empty key is universal matching, decided before value_matches
         assert value_matches("LO", pattern, [value]) == fnmatch.fnmatchcase(value, pattern)
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncated_instance_is_refused(store, corpus, tmp_path):
+    """A body cut short (a dropped connection, a full disk upstream) parses as a
+    header with missing pixels; it must be refused, not filed and acknowledged."""
+    data = corpus[0].path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(InvalidInstance):
+        await store.put_file(cut)
+    with pytest.raises(InvalidInstance):
+        await store.put_bytes(data[:-100])
+    assert list(store.instances_dir.rglob("*.dcm")) == [] and leftovers(store) == []

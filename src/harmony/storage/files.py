@@ -13,6 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
+from harmony.dicom.files import fsync_dir as fsync_path
 from harmony.storage.errors import StorageFailure, StorageFull
 
 CHUNK = 1024 * 1024
@@ -20,21 +21,8 @@ CHUNK = 1024 * 1024
 RECHECK_EVERY = 16 * 1024 * 1024
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside *path* durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# One fsync helper for files and folders (a folder fsync makes a rename or create in it durable).
+fsync_dir = fsync_file = fsync_path
 
 
 def make_dirs(path: Path, stop: Path) -> None:

@@ -75,20 +75,27 @@ def levels_for(level: str, model: str = STUDY_ROOT) -> tuple:
 
 
 def attrs_from_dataset(ds: Dataset) -> dict:
-    """Header attributes as DICOM JSON, without binary, private, sequence or huge values."""
+    """Header attributes as DICOM JSON, without binary, private, sequence or huge values.
+
+    Decides from the raw element (tag, VR, length) before touching a value, so
+    a value the reader deferred (pixel data, big blobs) is never loaded.
+    """
     out = {}
-    for elem in ds:
-        if elem.tag.is_private or elem.VR in BINARY_VRS or elem.VR == "SQ" or elem.tag.group in (0x0002, 0x7FE0):
+    for tag in list(ds.keys()):
+        tag = Tag(tag)
+        if tag.is_private or tag.group in (0x0002, 0x7FE0):
+            continue
+        raw = ds.get_item(tag, keep_deferred=True)
+        vr = getattr(raw, "VR", None) or _dictionary_vr(f"{int(tag):08X}", "UN")
+        if vr in BINARY_VRS or vr == "SQ" or (getattr(raw, "length", 0) or 0) > 4 * MAX_VALUE_CHARS:
             continue
         try:
-            js = elem.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=MAX_VALUE_CHARS)
+            js = ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=MAX_VALUE_CHARS)
         except Exception:  # noqa: BLE001 - a malformed value is skipped, not fatal to ingest
             continue
-        if "BulkDataURI" in js or "InlineBinary" in js:
+        if "BulkDataURI" in js or "InlineBinary" in js or len(str(js.get("Value", ""))) > MAX_VALUE_CHARS:
             continue
-        if len(str(js.get("Value", ""))) > MAX_VALUE_CHARS:
-            continue
-        out[f"{int(elem.tag):08X}"] = js
+        out[f"{int(tag):08X}"] = js
     return out
 
 

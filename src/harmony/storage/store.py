@@ -22,12 +22,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from harmony.dicom.files import CorruptDataset, check_complete
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.log import get_logger
 from harmony.storage import index as idx
@@ -251,12 +250,16 @@ class InstanceStore:
         return self.put_temp_sync(tmp, enqueue=enqueue, now=now)
 
     def _read_header(self, path: Path) -> dict:
+        # check_complete: a truncated body (every element must fit in the file)
+        # is refused here, never acknowledged; large values stay deferred on disk.
         try:
-            ds = dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InvalidInstance(f"not a readable DICOM Part-10 file: {type(e).__name__}") from None
+            ds = check_complete(path)
+        except CorruptDataset as e:
+            raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
         except OSError as e:
             raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
+        if getattr(ds, "preamble", None) is None and not getattr(ds, "file_meta", None):
+            raise InvalidInstance("not a DICOM Part-10 file (no preamble or file meta)")
         meta = getattr(ds, "file_meta", None)
         ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
         sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
