@@ -150,3 +150,8 @@ class PortHold:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def sops_in(orthanc) -> list[str]:
+    """SOP Instance UIDs Orthanc holds, one entry per stored instance (blocking)."""
+    return [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.rest("GET", "/instances?expand")]

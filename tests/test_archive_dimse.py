@@ -17,7 +17,7 @@ from twisted.internet import threads
 from tests.dimse_helpers import dataset_bytes
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc, free_port
-from tests.sf_helpers import PortHold, make_instances
+from tests.sf_helpers import PortHold, make_instances, sops_in
 from tests.test_dicom_scp import SCP_AET, run
 
 ARCHIVE = """
@@ -189,9 +189,7 @@ async def test_storescu_store_forward_to_orthanc_through_outage_and_restart(tmp_
         errors = await forward.store.read(lambda c: c.execute(
             "SELECT state, attempts, last_error FROM queue WHERE state != 'delivered'").fetchall())
         assert stats["pacs"]["delivered"] == 12 and stats["pacs"]["dead"] == 0, errors
-        stored = await threads.deferToThread(orthanc.rest, "GET", "/instances?expand")
-        assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in stored) == \
-            sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
+        assert sorted(await threads.deferToThread(sops_in, orthanc)) == sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
     finally:
         await harmony.stop()
         hold.release()

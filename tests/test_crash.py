@@ -22,7 +22,7 @@ import urllib.request
 from pydicom import dcmread
 
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, wait_for
-from tests.sf_helpers import HarmonyProcess, PortHold, ingest_config, make_instances
+from tests.sf_helpers import HarmonyProcess, PortHold, ingest_config, make_instances, sops_in
 
 N_INSTANCES = 500
 KILLS_DURING_INGEST = 4
@@ -104,10 +104,6 @@ class Rig:
         self.harmony.kill()
         self.hold.release()
         self.orthanc.stop()
-
-
-def sops_in(orthanc) -> list[str]:
-    return [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.rest("GET", "/instances?expand")]
 
 
 def post(url: str, data: bytes) -> int | None:

@@ -17,7 +17,7 @@ from harmony.storage.admin import queues_resource
 from tests.dicom_data import UID_ROOT
 from tests.harness import listen, start_harmony, write_config
 from tests.peers import Orthanc
-from tests.sf_helpers import PortHold, ingest_config, make_instances
+from tests.sf_helpers import PortHold, ingest_config, make_instances, sops_in
 
 
 def config(folder, orthanc_url, *, min_free_mb=0, extra=""):
@@ -71,9 +71,7 @@ async def test_outage_restart_then_delivery_exactly_once(tmp_path):
             assert overview["delivered"] == 8 and overview["pending"] == 0 and overview["dead"] == 0
         finally:
             await admin.stopListening()
-        stored = await threads.deferToThread(orthanc.rest, "GET", "/instances?expand")
-        assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in stored) == \
-            sorted(f"{UID_ROOT}7.1.1.{i}" for i in range(1, 9))
+        assert sorted(await threads.deferToThread(sops_in, orthanc)) == sorted(f"{UID_ROOT}7.1.1.{i}" for i in range(1, 9))
         # A crash after sending but before recording means a second delivery:
         # the target still holds each instance once.
         fwd = forward_of(harmony)
