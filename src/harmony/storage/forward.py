@@ -188,9 +188,11 @@ class StoreForward(Service):
     # -- lifecycle
     def startService(self):
         super().startService()
-        self._ready = self.store.bookkeep(q.recover, self.now())
+        self._ready = self.store.bookkeep(q.recover, self.now(), list(self.targets))
 
         def recovered(n):
+            if not self.running:
+                return  # stopped before recovery finished
             if n:
                 log.info("store_forward: {n} interrupted deliveries queued again", n=n)
             self._housekeeping = task.LoopingCall(self.housekeeping)
@@ -239,6 +241,7 @@ class StoreForward(Service):
     # -- management
     def stats(self) -> defer.Deferred:
         def refreshed(s):
+            s = {name: v for name, v in s.items() if name in self.targets}
             for name in self.targets:
                 s.setdefault(name, {state: 0 for state in q.STATES} | {"oldest_age_seconds": 0.0})
             self.snapshot = s

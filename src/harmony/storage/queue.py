@@ -56,10 +56,11 @@ def enqueue(conn: sqlite3.Connection, sop_uid: str, targets: list[str], now: flo
             (target, sop_uid, now, now))
 
 
-def recover(conn: sqlite3.Connection, now: float) -> int:
-    """Return interrupted deliveries to the queue (start-up only)."""
-    return conn.execute("UPDATE queue SET state='pending', next_attempt_at=? WHERE state='delivering'",
-                        (now,)).rowcount
+def recover(conn: sqlite3.Connection, now: float, targets: list[str]) -> int:
+    """Return *targets*' interrupted deliveries to the queue (start-up only)."""
+    marks = ",".join("?" * len(targets))
+    return conn.execute(f"UPDATE queue SET state='pending', next_attempt_at=? WHERE state='delivering' "
+                        f"AND target IN ({marks})", (now, *targets)).rowcount
 
 
 def claim(conn: sqlite3.Connection, target: str, order: str, limit: int, now: float) -> tuple[list, float | None]:
