@@ -100,6 +100,17 @@ async def test_refused_instances_are_not_acknowledged(tmp_path):
         assert junk.code == 400
         stats = await forward_of(harmony).stats()
         assert sum(stats["orthanc"][s] for s in ("pending", "delivering", "delivered", "dead")) == 0
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+        from harmony.storage.metrics import register_runtime_metrics
+        registry = CollectorRegistry()
+        register_runtime_metrics(registry, harmony.service.runtime)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples}
+        refused = "harmony_storage_instances_refused_total"
+        assert samples[(refused, (("reason", "full"), ("store", "store")))] == 1
+        assert samples[(refused, (("reason", "invalid"), ("store", "store")))] == 1
+        assert samples[("harmony_storage_instances_stored_total", (("store", "store"),))] == 0
         store_root = tmp_path / "h" / "store"
         assert list((store_root / "instances").rglob("*.dcm")) == []
         assert list((store_root / "tmp").iterdir()) == []

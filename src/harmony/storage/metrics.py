@@ -17,8 +17,10 @@ from harmony.storage import queue as q
 
 
 class StoreForwardCollector:
-    def __init__(self, services):
+    def __init__(self, services, stores=()):
         self.services = list(services)
+        #: Stores with no store_forward service on them (a local_archive's).
+        self.stores = list(stores)
 
     def collect(self):
         depth = GaugeMetricFamily("harmony_store_forward_queue_entries",
@@ -41,6 +43,7 @@ class StoreForwardCollector:
         refused = CounterMetricFamily("harmony_storage_instances_refused",
                                       "Instances refused by the store, by reason", labels=["store", "reason"])
         seen_stores = set()
+        stores = [svc.store for svc in self.services] + self.stores
         for svc in self.services:
             for target in svc.targets:
                 snap = svc.snapshot.get(target, {})
@@ -51,7 +54,7 @@ class StoreForwardCollector:
                 paused.add_metric([target], 1.0 if drainer is not None and drainer.paused_until is not None else 0.0)
                 for outcome in ("delivered", "retry", "dead"):
                     attempts.add_metric([target, outcome], svc.attempts.get((target, outcome), 0))
-            store = svc.store
+        for store in stores:
             if store is None or id(store) in seen_stores:
                 continue
             seen_stores.add(id(store))
@@ -67,7 +70,15 @@ class StoreForwardCollector:
         yield from (depth, oldest, attempts, paused, free, floor, stored, refused)
 
 
-def register_metrics(registry, services) -> StoreForwardCollector:
-    collector = StoreForwardCollector(services)
+def register_metrics(registry, services, stores=()) -> StoreForwardCollector:
+    collector = StoreForwardCollector(services, stores)
     registry.register(collector)
     return collector
+
+
+def register_runtime_metrics(registry, runtime) -> StoreForwardCollector:
+    """Metrics for every store_forward and local_archive backend of a runtime."""
+    backends = list(runtime.backends.values())
+    services = [b.forward for b in backends if hasattr(b, "forward")]
+    stores = [b.store for b in backends if hasattr(b, "store") and not hasattr(b, "forward")]
+    return register_metrics(registry, services, stores)
