@@ -32,3 +32,12 @@ def orthanc(tmp_path_factory, corpus):
     server.upload(i.path for i in corpus)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def store_orthanc(tmp_path_factory):
+    """An empty Orthanc for tests that store (the shared ``orthanc`` must keep exactly the corpus)."""
+    from tests.peers import Orthanc
+    server = Orthanc(tmp_path_factory.mktemp("store-orthanc")).start()
+    yield server
+    server.stop()

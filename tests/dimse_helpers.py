@@ -3,12 +3,12 @@ DICOM JSON comparison, multipart parsing and a silent TCP peer."""
 
 from __future__ import annotations
 
+import io
+import json
 import re
-from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_preamble, read_partial
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE
 from twisted.internet import protocol, reactor
 
@@ -45,7 +45,6 @@ def direct_find(host, port, aet, identifier: Dataset, model="study", calling="HA
 def canonical(results: list[dict]) -> list[str]:
     """A comparable form of a list of DICOM JSON matches (order-insensitive,
     trailing UID padding trimmed as pydicom does)."""
-    import json
     out = []
     for r in results:
         ds = Dataset.from_json(r)
@@ -68,11 +67,9 @@ def parse_multipart(body: bytes, content_type: str) -> list[bytes]:
 def dataset_bytes(data_or_path) -> bytes:
     """The encoded dataset of a Part-10 file without preamble and file meta:
     what went over the wire, and what must be identical through Harmony."""
-    import io
     f = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else open(data_or_path, "rb")
     with f:
         read_preamble(f, False)
-        from pydicom.filereader import _read_file_meta_info
         _read_file_meta_info(f)
         return f.read()
 
@@ -88,5 +85,4 @@ def silent_peer():
     return reactor.listenTCP(0, factory, interface="127.0.0.1")
 
 
-__all__ = ["ds_from", "direct_find", "canonical", "parse_multipart", "dataset_bytes", "silent_peer", "dcmread",
-           "read_partial", "Path"]
+__all__ = ["ds_from", "direct_find", "canonical", "parse_multipart", "dataset_bytes", "silent_peer"]

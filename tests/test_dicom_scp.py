@@ -4,6 +4,7 @@
 Every answer through Harmony is compared with the same client's answer from
 the PACS directly: same matches, the same bytes in retrieved files."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from twisted.internet import defer, threads
 from tests.dicom_data import make_instance, save
 from tests.dimse_helpers import dataset_bytes, silent_peer
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import Orthanc, DCMTK, Dcmqrscp, Storescp, free_port, peer_env
+from tests.peers import DCMTK, Dcmqrscp, Storescp, free_port, peer_env
 
 SCP_AET = "HARMONY"
 
@@ -81,17 +82,8 @@ async def find(port, aet, root, keys, out: Path):
 
 
 def canonical_file(path):
-    import json
     ds = dcmread(path)
     return json.dumps(ds.to_json_dict(), sort_keys=True)
-
-
-@pytest.fixture(scope="module")
-def scratch_orthanc(tmp_path_factory):
-    """An empty Orthanc for tests that store: the shared one must keep exactly the corpus."""
-    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -211,8 +203,8 @@ async def test_movescu_through_harmony_to_storescp(tmp_path, orthanc, pacs_modal
 
 
 @pytest_twisted.ensureDeferred
-async def test_storescu_stores_durably_and_forwards(tmp_path, scratch_orthanc):
-    orthanc = scratch_orthanc
+async def test_storescu_stores_durably_and_forwards(tmp_path, store_orthanc):
+    orthanc = store_orthanc
     storage = tmp_path / "store"
     running, scp_port = await start(tmp_path / "h", orthanc.aet, orthanc.dicom_port,
                                     extra=f'storage_dir = "{storage}"\nforward_store = true')
@@ -224,7 +216,6 @@ async def test_storescu_stores_durably_and_forwards(tmp_path, scratch_orthanc):
         stored = storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
         assert dataset_bytes(stored) == dataset_bytes(src)
         assert not list(storage.rglob("*.tmp"))
-        import json
         found = orthanc.rest("POST", "/tools/find", json.dumps(
             {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode())
         assert len(found) == 1
@@ -305,7 +296,7 @@ async def test_malformed_identifier(harmony):
 
 
 @pytest_twisted.ensureDeferred
-async def test_corrupt_dataset_store_is_refused(tmp_path, scratch_orthanc):
+async def test_corrupt_dataset_store_is_refused(tmp_path, store_orthanc):
     """A C-STORE whose dataset cannot be decoded gets 0xC000 and is not kept."""
     from pynetdicom import AE
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -324,20 +315,19 @@ async def test_corrupt_dataset_store_is_refused(tmp_path, scratch_orthanc):
             return assoc.send_c_store(bad).Status  # the path: sent raw, as the file is
         finally:
             assoc.release()
-    running, scp_port = await start(tmp_path / "h", scratch_orthanc.aet, scratch_orthanc.dicom_port)
+    running, scp_port = await start(tmp_path / "h", store_orthanc.aet, store_orthanc.dicom_port)
     try:
         status = await threads.deferToThread(send)
     finally:
         await running.stop()
     assert status == 0xC000
-    import json
-    assert scratch_orthanc.rest("POST", "/tools/find", json.dumps(
+    assert store_orthanc.rest("POST", "/tools/find", json.dumps(
         {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode()) == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_unwritable_storage_dir(tmp_path, scratch_orthanc):
-    orthanc = scratch_orthanc
+async def test_unwritable_storage_dir(tmp_path, store_orthanc):
+    orthanc = store_orthanc
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     running, scp_port = await start(tmp_path / "h", orthanc.aet, orthanc.dicom_port,
@@ -376,3 +366,60 @@ async def test_dcmqrscp_as_second_pacs(tmp_path, corpus):
     finally:
         await running.stop()
         pacs.stop()
+
+
+def pynetdicom_get(port, aet, identifier, refuse=()):
+    """C-GET with pynetdicom as the client; refuses the SOP Instance UIDs in *refuse*.
+    Returns (received UIDs, pending remaining counts, final status dataset)."""
+    from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for cx in StoragePresentationContexts[:100]:
+        ae.add_requested_context(cx.abstract_syntax)
+    roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in StoragePresentationContexts[:100]]
+    received = []
+
+    def on_store(event):
+        uid = event.request.AffectedSOPInstanceUID
+        if uid in refuse:
+            return 0xA700
+        received.append(uid)
+        return 0x0000
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    remaining, final = [], None
+    try:
+        for status, ident in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+            assert status
+            if status.Status in (0xFF00, 0xFF01):
+                remaining.append(status.NumberOfRemainingSuboperations)
+            else:
+                final = (status, ident)
+    finally:
+        assoc.release()
+    return received, remaining, final
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_counts_follow_ps34(harmony, orthanc, corpus):
+    """Pending responses count down, the final one counts everything, and a
+    refused sub-operation gives Warning - as Orthanc itself answers - with the
+    Failed SOP Instance UID List PS3.4 C.4.3.1.3.1 asks for."""
+    from pydicom.dataset import Dataset
+    study = "1.2.826.0.1.3680043.10.543.1.4"
+    uids = sorted(i.sop_uid for i in corpus if i.study_uid == study)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study
+    refused = uids[2]
+    for port, aet in ((orthanc.dicom_port, orthanc.aet), (harmony.scp_port, SCP_AET)):
+        got, remaining, (status, failed) = await threads.deferToThread(
+            pynetdicom_get, port, aet, ident, {refused})
+        assert sorted(got) == [u for u in uids if u != refused], aet
+        assert remaining == list(range(len(uids) - 1, -1, -1)), (aet, remaining)
+        assert status.Status == 0xB000, (aet, hex(status.Status))
+        assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations,
+                status.NumberOfWarningSuboperations) == (len(uids) - 1, 1, 0), aet
+        if aet == SCP_AET:  # Orthanc 1.10 leaves the (conditional) Failed SOP Instance UID List out
+            assert failed.FailedSOPInstanceUIDList == refused

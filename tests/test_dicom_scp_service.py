@@ -110,21 +110,6 @@ async def test_middleware_sees_and_edits_dimse_requests(tmp_path, orthanc):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_stops_a_find(tmp_path, orthanc):
-    orthanc.add_modality("harmony_scu", "HARMONY_SCU", free_port())
-    orthanc.add_modality("findscu", "FINDSCU", free_port())
-    path, scp_port = dimse_only(tmp_path, orthanc)
-    running = await start_harmony(path)
-    try:
-        r = await run("findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", SCP_AET, "--cancel", "1",
-                      "-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID", "127.0.0.1", scp_port)
-        assert b"Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in r.stderr, r.stderr
-        assert r.stderr.count(b"Find Response: ") < 22
-    finally:
-        await running.stop()
-
-
-@pytest_twisted.ensureDeferred
 async def test_getscu_through_a_move_mode_backend(tmp_path, orthanc):
     """SCP C-GET served by a backend that retrieves by C-MOVE into its
     persistent C-STORE SCP: two requests, one receiver."""
@@ -146,3 +131,116 @@ async def test_getscu_through_a_move_mode_backend(tmp_path, orthanc):
     finally:
         await running.stop()
     assert backend._store_scp is None
+
+
+SLOW = """
+[proxy]
+id = "cancel"
+
+[backend_types.one_then_wait]
+module = "tests.dimse_backends:OneThenWait"
+
+[pipelines.p]
+endpoints = ["scp"]
+backends = ["slow"]
+
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {port}
+enable_find = true
+enable_move = true
+move_destinations = {{ STORESCP = "127.0.0.1:{dest_port}" }}
+
+[backends.slow]
+service = "one_then_wait"
+[backends.slow.options]
+file = "{file}"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_reaches_a_backend_that_is_still_working(tmp_path, corpus):
+    """C-CANCEL while the backend has more to give: the SCP notices it without
+    waiting for the backend, cancels the stream, answers Cancel (0xFE00), and
+    the instance it had staged is released."""
+    from tests.dimse_backends import OneThenWait
+    from tests.peers import Storescp
+    OneThenWait.cancelled.clear()
+    dest = Storescp(tmp_path / "dest").start()
+    port = free_port()
+    source = tmp_path / "one.dcm"
+    source.write_bytes(corpus[0].path.read_bytes())
+    running = await start_harmony(write_config(tmp_path, SLOW.format(port=port, dest_port=dest.port, file=source)))
+    try:
+        r = await run("findscu", "-v", "-S", "-aet", "FINDSCU", "-aec", SCP_AET, "--cancel", "1",
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID", "127.0.0.1", port)
+        assert b"Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in r.stderr, r.stderr
+        assert r.stderr.count(b"(Pending)") == 1
+        r = await run("movescu", "-v", "-S", "-aec", SCP_AET, "-aem", "STORESCP", "--cancel", "1",
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3", "127.0.0.1", port)
+        assert b"Received Final Move Response (Cancel" in r.stderr, r.stderr
+        assert len(dest.files()) == 1
+        assert OneThenWait.cancelled == ["C-FIND", "C-MOVE"]
+        assert not Path(str(source) + ".copy").exists()  # the staged instance was released
+    finally:
+        await running.stop()
+        dest.stop()
+
+
+NOT_DICOM = """
+[proxy]
+id = "limits"
+
+[pipelines.p]
+endpoints = ["scp"]
+backends = ["echo"]
+
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {port}
+enable_find = true
+max_associations = 1
+
+[backends.echo]
+service = "echo"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_association_limit(tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    from twisted.internet import threads
+    port = free_port()
+    running = await start_harmony(write_config(tmp_path, NOT_DICOM.format(port=port)))
+    try:
+        ae = AE("HOLDER")
+        ae.add_requested_context(Verification)
+        held = await threads.deferToThread(ae.associate, "127.0.0.1", port, ae_title=SCP_AET)
+        assert held.is_established
+        try:
+            r = await run("echoscu", "-v", "-aec", SCP_AET, "127.0.0.1", port)
+            assert r.returncode != 0 and b"Local Limit Exceeded" in r.stderr, r.stderr
+        finally:
+            await threads.deferToThread(held.release)
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_dicom_backend_is_a_failure_not_an_empty_answer(tmp_path):
+    port = free_port()
+    running = await start_harmony(write_config(tmp_path, NOT_DICOM.format(port=port)))
+    try:
+        r = await run("findscu", "-d", "-S", "-aec", SCP_AET, "-k", "QueryRetrieveLevel=STUDY",
+                      "127.0.0.1", port)
+        assert b"Received Final Find Response" in r.stderr, r.stderr
+        assert b"0xc000" in r.stderr.split(b"Received Final Find Response", 1)[1]
+    finally:
+        await running.stop()

@@ -10,14 +10,14 @@ import pytest
 import pytest_twisted
 import treq
 from pydicom.dataset import Dataset
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 
 from harmony.dicom.results import DicomInstance
 from harmony.envelope import RequestEnvelope
 from tests.dicom_data import make_instance, save
 from tests.dimse_helpers import canonical, dataset_bytes, direct_find, parse_multipart, silent_peer
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import Orthanc, free_port
+from tests.peers import free_port
 
 PIPES = """
 [pipelines.scu]
@@ -48,14 +48,6 @@ dimse_timeout_secs = 5
 def config(tmp_path, aet, port, mode="get", store_port=0, persistent="false", acse=5):
     return write_config(tmp_path, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n', {"p": PIPES.format(
         aet=aet, port=port, mode=mode, store_port=store_port or free_port(), persistent=persistent, acse=acse)})
-
-
-@pytest.fixture(scope="module")
-def scratch_orthanc(tmp_path_factory):
-    """An empty Orthanc for tests that store: the shared one must keep exactly the corpus."""
-    server = Orthanc(tmp_path_factory.mktemp("scratch-orthanc")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -161,7 +153,7 @@ async def test_move_streams_instances_via_incoming_store_scp(harmony_move, corpu
     parts = parse_multipart(await r.content(), r.headers.getRawHeaders("content-type")[0])
     assert sorted(dataset_bytes(p) for p in parts) == sorted(dataset_bytes(i.path) for i in series)
     # staged files are released once sent
-    assert not list((tmp_path / "var" / "dimse-staging" / "pacs").glob("*.dcm"))
+    assert not list((tmp_path / "var" / "dimse-staging" / "pacs").rglob("*.dcm"))
 
 
 @pytest_twisted.ensureDeferred
@@ -184,28 +176,44 @@ async def test_result_stream_contract(harmony, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_store_over_http(tmp_path, scratch_orthanc):
-    orthanc = scratch_orthanc
+async def test_store_over_http_and_from_a_pipeline(tmp_path, store_orthanc):
+    orthanc = store_orthanc
     running = await start_harmony(config(tmp_path / "h", orthanc.aet, orthanc.dicom_port))
+
+    def in_orthanc(ds):
+        return len(orthanc.rest("POST", "/tools/find", json.dumps(
+            {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode()))
     try:
-        await _store_over_http(running, orthanc, tmp_path)
+        ds = make_instance(patient_id="PATSTORE", seed=7)
+        data = save(ds, tmp_path / "new.dcm").read_bytes()
+        r = await treq.post(running.url("/q"), data, headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 400  # no operation named: refused clearly, nothing stored
+        assert "dimse_op" in (await r.json())["detail"] and in_orthanc(ds) == 0
+        r = await treq.post(running.url("/q?dimse_op=C-STORE"), data, headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 200 and (await r.json())["dimse_status"] == 0
+        assert in_orthanc(ds) == 1
+        r = await treq.post(running.url("/q?dimse_op=C-STORE"), b"not dicom",
+                            headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 400
+        # as a pipeline step would: an instance handed over in context
+        ds2 = make_instance(patient_id="PATSTORE", seed=8)
+        from harmony.dicom.files import read_instance
+        instance = read_instance(save(ds2, tmp_path / "new2.dcm"))
+        backend = running.service.runtime.backends["pacs"]
+        resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"}, context={"instance": instance}))
+        assert resp.status == 200 and resp.context["dicom_results"].status == 0
+        assert in_orthanc(ds2) == 1 and instance.path.exists()  # not owned: left in place
+        # a storage class that does not fit in the pooled association's 128 contexts
+        from pynetdicom.sop_class import RespiratoryWaveformStorage
+        ds3 = make_instance(patient_id="PATSTORE", seed=9)
+        ds3.SOPClassUID = ds3.file_meta.MediaStorageSOPClassUID = RespiratoryWaveformStorage
+        r = await treq.post(running.url("/q?dimse_op=C-STORE"), save(ds3, tmp_path / "wave.dcm").read_bytes(),
+                            headers={"Content-Type": ["application/dicom"]})
+        assert r.code == 200 and (await r.json())["dimse_status"] == 0
+        assert in_orthanc(ds3) == 1
+        assert not list((tmp_path / "h" / "var" / "dimse-staging").rglob("*.dcm"))  # spooled bodies are removed
     finally:
         await running.stop()
-
-
-async def _store_over_http(harmony, orthanc, tmp_path):
-    ds = make_instance(patient_id="PATSTORE", seed=7)
-    path = save(ds, tmp_path / "new.dcm")
-    r = await treq.post(harmony.url("/q"), path.read_bytes(),
-                        headers={"Content-Type": ["application/dicom"], "X-Op": ["x"]})
-    # the op comes from metadata; without it the request is refused clearly
-    assert r.code == 400
-    backend = harmony.service.runtime.backends["pacs"]
-    resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"}, body=path.read_bytes()))
-    assert resp.status == 200 and resp.context["dicom_results"].status == 0
-    found = orthanc.rest("POST", "/tools/find", json.dumps(
-        {"Level": "Instance", "Query": {"SOPInstanceUID": str(ds.SOPInstanceUID)}}).encode())
-    assert len(found) == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -19,7 +19,7 @@ Harmony runs as its own twistd process, as in production.  Usage:
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import shutil
 import signal
 import statistics
@@ -136,7 +136,8 @@ def latencies(port: int, aet: str, n_echo: int, n_find: int) -> dict:
     try:
         for _ in range(n_echo):
             t = time.perf_counter()
-            assert assoc.send_c_echo().Status == 0
+            st = assoc.send_c_echo()
+            assert st and st.Status == 0, (st, assoc.is_established, assoc.is_aborted, assoc.is_released)
             echo.append(time.perf_counter() - t)
         for _ in range(n_find):
             t = time.perf_counter()
@@ -206,6 +207,7 @@ def ratio(a: float, b: float) -> str:
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.WARNING)  # pynetdicom reports association trouble through logging
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     args = ap.parse_args()

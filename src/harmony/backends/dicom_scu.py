@@ -23,7 +23,7 @@ import os
 import threading
 import time
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -91,14 +91,16 @@ class AssociationPool:
             return found, True
         return self.connect(), False
 
-    def connect(self):
+    def connect(self, contexts=None):
+        """A new association (to the first peer that accepts one); *contexts*
+        replaces the standard set for a one-off association."""
         last: HarmonyError = BackendUnavailable("no PACS configured")
         for peer in self.peers:
             started = time.monotonic()
             tls = (self.tls_context, peer.host) if self.tls_context is not None else None
-            assoc = self.ae.associate(peer.host, peer.port, self.contexts, ae_title=peer.aet,
-                                      max_pdu=self.max_pdu, ext_neg=self.roles, tls_args=tls,
-                                      evt_handlers=net.NODELAY_HANDLERS)
+            assoc = self.ae.associate(peer.host, peer.port, contexts or self.contexts, ae_title=peer.aet,
+                                      max_pdu=self.max_pdu, ext_neg=None if contexts else self.roles,
+                                      tls_args=tls, evt_handlers=net.NODELAY_HANDLERS)
             if assoc.is_established:
                 return assoc
             elapsed = time.monotonic() - started
@@ -232,7 +234,7 @@ class DicomScuBackend(Backend):
     def from_config(cls, name, options, ctx):
         peers = []
         if "host" in options or "aet" in options or "port" in options:
-            peers.append(Peer(name, _aet(options, "aet"), options.str("host"), options.port("port", 104)))
+            peers.append(Peer(name, net.check_aet(options, "aet"), options.str("host"), options.port("port", 104)))
         for t in ctx.targets():
             missing = [k for k in ("aet", "host", "port") if k not in t]
             if missing:
@@ -240,7 +242,7 @@ class DicomScuBackend(Backend):
             peers.append(Peer(t["name"], str(t["aet"]), str(t["host"]), int(t["port"])))
         if not peers:
             raise OptionError("aet", "is required (with host and port), or name targets with aet/host/port")
-        local_aet = _aet(options, "local_aet", "HARMONY_SCU")
+        local_aet = net.check_aet(options, "local_aet", "HARMONY_SCU")
         mode = options.str("dimse_retrieve_mode", "get", choices=("get", "move"))
         store_port = options.port("incoming_store_port", None)
         if mode == "move" and store_port is None:
@@ -293,6 +295,7 @@ class DicomScuBackend(Backend):
     def _close_blocking(self):
         self.pool.close_all()
         self._stop_store_scp()
+        self.staging.clear()  # instances no consumer released
 
     # ------------------------------------------------------------------ requests
 
@@ -333,9 +336,13 @@ class DicomScuBackend(Backend):
                         raise BadRequest(f"{key} must be a string")
                     md[key] = doc[key]
             doc = doc["identifier"]
+        if "dimse_op" not in md and request.query_value("dimse_op"):
+            md["dimse_op"] = request.query_value("dimse_op")  # e.g. POST ?dimse_op=C-STORE with a DICOM body
         op = (md.get("dimse_op") or "").upper()
         if op not in OPERATIONS:
-            raise BadRequest(f"dimse_op must be one of {', '.join(OPERATIONS)}, got {op or 'none'!r}")
+            raise BadRequest(f"dimse_op must be one of {', '.join(OPERATIONS)}, got {op or 'none'!r} "
+                             "(set it in metadata, or POST a JSON body {\"dimse_op\": ..., \"identifier\": ...} "
+                             "with Content-Type: application/json)")
         model = (md.get("query_model") or "study").lower()
         if model not in net.QUERY_MODELS:
             raise BadRequest(f"query_model must be 'study' or 'patient', got {model!r}")
@@ -448,23 +455,34 @@ class DicomScuBackend(Backend):
     def _move_here(self, job, identifier, model):
         if self.incoming_store_port is None:
             raise BackendUnavailable("C-MOVE needs incoming_store_port (a C-STORE SCP to receive on)")
-        self._ensure_store_scp()
         sop_class = net.QUERY_MODELS[model][C_MOVE]
         msg_id = self._next_msg_id()
-        with self._moves_lock:
-            self._moves[msg_id] = job
+        # Registering the move and starting the receiver happen under one lock, as
+        # do unregistering and stopping it, so a move never loses its receiver to
+        # another move that just finished.
+        with self._store_lock:
+            with self._moves_lock:
+                self._moves[msg_id] = job
+            try:
+                self._start_store_scp_locked()
+            except BaseException:
+                with self._moves_lock:
+                    self._moves.pop(msg_id, None)
+                raise
         try:
             self._with_association(job, lambda assoc: self._retrieve(
                 job, assoc.send_c_move(identifier, self.local_aet, sop_class, msg_id=msg_id),
                 assoc, msg_id, sop_class))
         finally:
-            with self._moves_lock:
-                self._moves.pop(msg_id, None)
-            if not self.persistent_store_scp:
+            server = None
+            with self._store_lock:
                 with self._moves_lock:
+                    self._moves.pop(msg_id, None)
                     idle = not self._moves
-                if idle:
-                    self._stop_store_scp()
+                if idle and not self.persistent_store_scp:
+                    server, self._store_scp = self._store_scp, None
+            if server is not None:
+                server.shutdown()
 
     def _move_elsewhere(self, job, identifier, model):
         sop_class = net.QUERY_MODELS[model][C_MOVE]
@@ -514,24 +532,23 @@ class DicomScuBackend(Backend):
 
     # ------------------------------------------------------------------ C-MOVE receiver
 
-    def _ensure_store_scp(self):
-        with self._store_lock:
-            if self._store_scp is not None:
-                return
-            ae = AE(ae_title=self.local_aet)
-            ae.network_timeout = self.ae.network_timeout
-            ae.dimse_timeout = self.ae.dimse_timeout
-            ae.maximum_pdu_size = self.ae.maximum_pdu_size
-            for cx in net.requestor_contexts():
-                if cx.abstract_syntax not in net.MODEL_OF and len(ae.supported_contexts) < 128:
-                    ae.add_supported_context(cx.abstract_syntax, net.ALL_SYNTAXES)
-            handlers = net.NODELAY_HANDLERS + [(evt.EVT_C_STORE, self._on_move_store)]
-            try:
-                self._store_scp = ae.start_server((self.incoming_store_bind, self.incoming_store_port),
-                                                  block=False, evt_handlers=handlers)
-            except OSError as e:
-                raise BackendUnavailable(f"cannot listen for C-MOVE arrivals on port {self.incoming_store_port}: "
-                                         f"{e.strerror}") from None
+    def _start_store_scp_locked(self):
+        """Start the C-MOVE receiver unless it runs (caller holds ``_store_lock``)."""
+        if self._store_scp is not None:
+            return
+        ae = AE(ae_title=self.local_aet)
+        ae.network_timeout = self.ae.network_timeout
+        ae.dimse_timeout = self.ae.dimse_timeout
+        ae.maximum_pdu_size = self.ae.maximum_pdu_size
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, net.ALL_SYNTAXES)
+        handlers = net.NODELAY_HANDLERS + [(evt.EVT_C_STORE, self._on_move_store)]
+        try:
+            self._store_scp = ae.start_server((self.incoming_store_bind, self.incoming_store_port),
+                                              block=False, evt_handlers=handlers)
+        except OSError as e:
+            raise BackendUnavailable(f"cannot listen for C-MOVE arrivals on port {self.incoming_store_port}: "
+                                     f"{e.strerror}") from None
 
     def _stop_store_scp(self):
         with self._store_lock:
@@ -569,21 +586,46 @@ class DicomScuBackend(Backend):
             except Exception:
                 os.unlink(path)
                 raise BadRequest("the body is not a readable DICOM Part-10 instance") from None
-        d = self._run(self._store_blocking, job, instance)
+        d = self._run(self._store_blocking, job, instance, spooled)
         d.addErrback(job.failed)
-        if spooled:
-            d.addBoth(lambda _: instance.release())
         yield job.ready
         return self.respond(job)
 
-    def _store_blocking(self, job, instance: DicomInstance):
-        def body(assoc):
+    def _store_blocking(self, job, instance: DicomInstance, spooled: bool):
+        def send_and_finish(assoc):
             status = net.send_instance(assoc, instance)
             if not status:
                 raise _DeadAssociation(BackendTimeout("no C-STORE response"))
+            if spooled:
+                instance.release()  # before the answer, so a caller never sees it linger
             job.finish_thread(int(status.Status), status.get("ErrorComment"))
+
+        def store_alone():
+            """A storage class outside the pooled association's 128 contexts (or one
+            the PACS did not accept there): a one-off association just for it."""
+            syntaxes = list(dict.fromkeys([instance.transfer_syntax_uid] + net.UNCOMPRESSED[:2]))
+            assoc = self.pool.connect([build_context(instance.sop_class_uid, syntaxes)])
+            try:
+                if not assoc.accepted_contexts:
+                    raise BackendUnavailable(f"the PACS does not accept SOP class {instance.sop_class_uid}")
+                send_and_finish(assoc)
+            except _DeadAssociation as e:
+                raise e.error from None
+            finally:
+                _close(assoc)
+
+        def body(assoc):
+            if any(cx.abstract_syntax == instance.sop_class_uid for cx in assoc.accepted_contexts):
+                send_and_finish(assoc)
+            else:
+                store_alone()
             return True
-        self._with_association(job, body)
+
+        try:
+            self._with_association(job, body)
+        finally:
+            if spooled:
+                instance.release()
 
 
 def _guarded(body, assoc):
@@ -637,13 +679,6 @@ def _spool(producer, staging: Staging) -> defer.Deferred:
         return path
 
     return producer.startProducing(Sink()).addBoth(done)
-
-
-def _aet(options, key, default=...):
-    value = options.str(key) if default is ... else options.str(key, default)
-    if not value or len(value) > 16 or not value.isascii() or "\\" in value or value.strip() != value.rstrip():
-        raise OptionError(key, f"must be an AE title of 1-16 ASCII characters, got {value!r}")
-    return value.strip()
 
 
 __all__ = ["DicomScuBackend"]

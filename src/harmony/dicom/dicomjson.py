@@ -7,9 +7,13 @@ Identifiers travel through pipelines as DICOM JSON so that middleware
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
+from pydicom.valuerep import VR
 
 from harmony.dicom.results import LEVELS
 from harmony.errors import BadRequest
+
+
+_KNOWN_VRS = {vr.value for vr in VR}
 
 
 def identifier_from_json(doc) -> Dataset:
@@ -21,8 +25,9 @@ def identifier_from_json(doc) -> Dataset:
     try:
         ds = Dataset.from_json(doc)
         # Decode every element now: a bad value must fail here, not in a pynetdicom thread.
-        for _ in ds.iterall():
-            pass
+        for elem in ds.iterall():
+            if elem.VR not in _KNOWN_VRS:
+                raise ValueError(f"unknown VR {elem.VR!r} for {elem.tag}")
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad JSON
         raise BadRequest(f"malformed DICOM JSON identifier: {e}") from None
     return ds

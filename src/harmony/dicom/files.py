@@ -48,15 +48,28 @@ def read_instance(path: Path, owned: bool = False, ds=None) -> DicomInstance:
 class Staging:
     """A private folder for instances in flight (retrieved, not yet sent on).
 
-    Names are random, so two retrieves of the same instance never collide.
+    Each process stages under ``<base>/<pid>`` (worker processes share the
+    storage path), names are random so two retrieves of the same instance never
+    collide, and whatever a consumer never released is removed when the owner
+    closes - or, after a crash, by the next process that starts staging there.
     """
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.folder = self.base / str(os.getpid())
+        self._ready = False
 
     def ensure(self) -> "Staging":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self._ready:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._purge_dead()
+            self._ready = True
         return self
+
+    def _purge_dead(self) -> None:
+        for child in self.base.iterdir():
+            if child.is_dir() and child.name.isdigit() and child != self.folder and not _alive(int(child.name)):
+                shutil.rmtree(child, ignore_errors=True)
 
     def new_path(self) -> Path:
         return self.folder / f"{uuid.uuid4().hex}.dcm"
@@ -66,6 +79,20 @@ class Staging:
         dst = self.new_path()
         shutil.move(str(src), dst)
         return dst
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._ready = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fsync_dir(folder: Path) -> None:
@@ -113,6 +140,8 @@ def check_complete(path: Path):
     size = path.stat().st_size
     try:
         ds = dcmread(path, defer_size=256)
+        if len(ds) == 0:
+            raise CorruptDataset("the dataset has no elements")
         for tag in list(ds.keys()):
             raw = ds.get_item(tag, keep_deferred=True)
             length = getattr(raw, "length", 0)

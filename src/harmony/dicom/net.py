@@ -7,6 +7,7 @@ TLS contexts, the query/retrieve model table and the DIMSE status names.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 
@@ -24,7 +25,9 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
+from harmony.config.errors import OptionError
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE
+from harmony.log import get_logger
 
 # Received C-STOREs go to a temporary file instead of memory, and a file sent
 # with C-STORE is streamed from disk without decoding: "streams stay streams",
@@ -35,6 +38,29 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 # Identifiers carry PHI; pynetdicom logs them at debug level unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+class _ToTwistedLogger(logging.Handler):
+    """pynetdicom reports association trouble (refused, aborted, timed out) only
+    through stdlib logging, where nothing listens under twistd: pass warnings
+    and errors on to Harmony's structured log."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.log = get_logger("harmony.pynetdicom")
+
+    def emit(self, record):
+        try:
+            level = "error" if record.levelno >= logging.ERROR else "warn"
+            getattr(self.log, level)("pynetdicom: {message}", message=record.getMessage())
+        except Exception:  # noqa: BLE001 - logging must never break a DIMSE thread
+            pass
+
+
+_pynetdicom_logger = logging.getLogger("pynetdicom")
+if not any(isinstance(h, _ToTwistedLogger) for h in _pynetdicom_logger.handlers):
+    _pynetdicom_logger.addHandler(_ToTwistedLogger())
+    if _pynetdicom_logger.level == logging.NOTSET or _pynetdicom_logger.level > logging.WARNING:
+        _pynetdicom_logger.setLevel(logging.WARNING)
+
 # pynetdicom's "standard" handlers format a debug dump of every PDU and DIMSE
 # message, even when nothing logs at debug level; that is CPU on the hot path.
 _config.LOG_HANDLER_LEVEL = "none"
@@ -109,6 +135,14 @@ def http_status_for(status: int | None) -> int:
     return 502
 
 
+def check_aet(options, key: str, default=None) -> str:
+    """An AE title option: 1-16 ASCII characters, no backslash (PS3.5 AE)."""
+    value = options.str(key) if default is None else options.str(key, default)
+    if not 0 < len(value.strip()) <= 16 or not value.isascii() or "\\" in value:
+        raise OptionError(key, f"must be an AE title of 1-16 ASCII characters, got {value!r}")
+    return value.strip()
+
+
 # --------------------------------------------------------------------------- sockets
 
 
@@ -177,32 +211,45 @@ def server_tls_context(cert, key, ca=None) -> ssl.SSLContext:
 #: syntax, so a PACS can send compressed instances as stored (each context
 #: negotiates exactly one syntax, and a C-GET sub-operation or a chunked
 #: C-STORE needs an exact match to pass bytes through unchanged).
-_COMPRESSIBLE = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7",
-                 "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.1.1")
-_COMPRESSED_PER_CONTEXT = (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless)
+_COMPRESSIBLE = {
+    "1.2.840.10008.5.1.4.1.1.2": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # CT
+    "1.2.840.10008.5.1.4.1.1.4": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # MR
+    "1.2.840.10008.5.1.4.1.1.7": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # SC
+    "1.2.840.10008.5.1.4.1.1.1": (JPEGBaseline8Bit, JPEGLosslessSV1),  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1": (JPEGBaseline8Bit, JPEGLosslessSV1),  # DX
+    "1.2.840.10008.5.1.4.1.1.6.1": (JPEGBaseline8Bit, RLELossless),  # US
+}
+#: Common non-image classes that must fit in the 128 contexts before rarer ones.
+_COMMON = (
+    "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.11.1",
+    "1.2.840.10008.5.1.4.1.1.481.1", "1.2.840.10008.5.1.4.1.1.481.2", "1.2.840.10008.5.1.4.1.1.481.3",
+    "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.20",
+    "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.66.4",
+)
 MAX_CONTEXTS = 128
 
 
 def requestor_contexts():
     """Presentation contexts for one association that can do everything:
     verification, find/get/move in both roots, and storage (SCU for C-STORE,
-    SCP role for C-GET sub-operations).  PS3.8 caps a request at 128."""
+    SCP role for C-GET sub-operations).  PS3.8 caps a request at 128, so the
+    retired storage classes are left out and the rarest current ones come last
+    (a C-STORE of a class that did not fit gets an association of its own)."""
     contexts = [build_context(Verification)]
     for ops in QUERY_MODELS.values():
         contexts.extend(build_context(uid) for uid in ops.values())
-    compressed = [build_context(uid, [ts]) for uid in _COMPRESSIBLE for ts in _COMPRESSED_PER_CONTEXT]
+    compressed = [build_context(uid, [ts]) for uid, syntaxes in _COMPRESSIBLE.items() for ts in syntaxes]
     room = MAX_CONTEXTS - len(contexts) - len(compressed)
-    storage = [build_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-               for cx in _storage_by_priority()[:room]]
+    storage = [build_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+               for uid in _storage_by_priority()[:room]]
     return contexts + storage + compressed
 
 
-def _storage_by_priority():
-    """Storage classes with the common image classes first (they must fit in 128)."""
-    first = set(_COMPRESSIBLE)
-    ordered = [cx for cx in StoragePresentationContexts if cx.abstract_syntax in first]
-    ordered += [cx for cx in StoragePresentationContexts if cx.abstract_syntax not in first]
-    return ordered
+def _storage_by_priority() -> list:
+    current = [cx.abstract_syntax for cx in StoragePresentationContexts if not cx.abstract_syntax.is_retired]
+    first = list(_COMPRESSIBLE) + [uid for uid in _COMMON if uid in current]
+    return first + [uid for uid in current if uid not in first]
 
 
 def storage_roles(contexts) -> list:

@@ -16,6 +16,7 @@ has a deadline so a stuck backend becomes a failure status, not a hang.
 from __future__ import annotations
 
 import functools
+import queue
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -24,6 +25,7 @@ from pynetdicom.sop_class import Verification
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.internet.threads import blockingCallFromThread
+from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
@@ -33,7 +35,7 @@ from harmony.dicom.files import check_complete, durable_copy, read_instance, val
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.envelope import RequestEnvelope, ResponseEnvelope, new_request_id
-from harmony.errors import (BackendTimeout, BadRequest, Forbidden, HarmonyError, AuthenticationFailed,
+from harmony.errors import (AuthenticationFailed, BackendTimeout, BadRequest, Forbidden, HarmonyError,
                             InsufficientStorage, PayloadTooLarge)
 from harmony.interfaces import IComponentFactory, IEndpoint
 from harmony.log import get_logger
@@ -42,6 +44,9 @@ log = get_logger("harmony.endpoints.dicom_scp")
 
 #: Status when a request's pipeline gives no DICOM results at all.
 NO_RESULTS = net.UNABLE_TO_PROCESS
+#: How often a handler waiting on a slow backend looks for a C-CANCEL.
+CANCEL_POLL_SECS = 0.05
+CANCELLED = object()
 
 
 def dimse_status_for(error: HarmonyError, op: str) -> int:
@@ -66,15 +71,6 @@ def status_dataset(status: int, comment: str | None = None) -> Dataset:
     if comment:
         ds.ErrorComment = comment.encode("ascii", "replace").decode("ascii")[:64]
     return ds
-
-
-def _aet(options, key, default=None):
-    value = options.str(key, default) if default is not None else options.str(key)
-    if value is None:
-        return None
-    if not 0 < len(value.strip()) <= 16 or not value.isascii() or "\\" in value:
-        raise OptionError(key, f"must be an AE title of 1-16 ASCII characters, got {value!r}")
-    return value.strip()
 
 
 @implementer(IEndpoint)
@@ -138,7 +134,7 @@ class DicomScpEndpoint(Service):
         enable_store = options.bool("enable_store", False)
         forward = options.bool("forward_store", None) if "forward_store" in options else None
         return cls(
-            name, ctx.reactor, local_aet=_aet(options, "local_aet"),
+            name, ctx.reactor, local_aet=net.check_aet(options, "local_aet"),
             bind_addr=options.str("bind_addr", "0.0.0.0"), port=options.port("port", 11112),
             enable_echo=options.bool("enable_echo", True), enable_find=options.bool("enable_find", False),
             enable_get=options.bool("enable_get", False), enable_move=options.bool("enable_move", False),
@@ -281,17 +277,37 @@ class DicomScpEndpoint(Service):
         """(stream, None) or (None, failure status dataset)."""
         stream = response.context.get("dicom_results")
         if stream is None:
-            status = response.context.get("dimse_status")
-            if status is None:
-                status = NO_RESULTS if response.status >= 300 else net.SUCCESS
-            return None, status_dataset(status, response.context.get("error_comment"))
+            # A backend that is not a DICOM one (or an error): never pass that
+            # off as "success, no matches".
+            status = response.context.get("dimse_status", NO_RESULTS)
+            comment = response.context.get("error_comment") or "the pipeline gave no DICOM results"
+            return None, status_dataset(status, comment)
         if stream.done and net.is_failure(stream.status) and stream.total() == 0:
             return None, status_dataset(stream.status if stream.status is not None else NO_RESULTS,
                                         stream.error_comment)
         return stream, None
 
-    def _next(self, stream):
-        return blockingCallFromThread(self.reactor, stream.next)
+    def _next(self, event, stream):
+        """The stream's next item, or :data:`CANCELLED` once the peer sent a
+        C-CANCEL (or went away) - noticed even while the backend is still
+        working, by waking every :data:`CANCEL_POLL_SECS`."""
+        box: queue.Queue = queue.Queue(1)
+        self.reactor.callFromThread(lambda: stream.next().addBoth(box.put))
+        waited = 0.0
+        while True:
+            try:
+                result = box.get(timeout=CANCEL_POLL_SECS)
+            except queue.Empty:
+                if event.is_cancelled or not event.assoc.is_established:
+                    return CANCELLED
+                waited += CANCEL_POLL_SECS
+                if waited >= self.request_timeout:
+                    self._cancel(stream)
+                    raise BackendTimeout(f"no result from the backend for {self.request_timeout:g}s")
+                continue
+            if isinstance(result, Failure):
+                result.raiseException()
+            return result
 
     def _cancel(self, stream):
         self.reactor.callFromThread(lambda: (stream.cancel(), release_rest(stream)))
@@ -308,20 +324,12 @@ class DicomScpEndpoint(Service):
         if failure is not None:
             yield failure, None
             return
-        while True:
-            if event.is_cancelled:
-                self._cancel(stream)
-                yield net.CANCEL, None
-                return
-            try:
-                item = self._next(stream)
-            except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
-                yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), None
-                return
-            if item is None:
-                break
+
+        def pending(item):
             yield net.PENDING, item if isinstance(item, Dataset) else Dataset.from_json(item)
-        if net.is_failure(stream.status):
+
+        ended = yield from self._relay(event, stream, pending, None)
+        if ended and net.is_failure(stream.status):
             yield status_dataset(stream.status, stream.error_comment), None
 
     def on_get(self, event):
@@ -341,6 +349,28 @@ class DicomScpEndpoint(Service):
         env = self.envelope(event, C_MOVE, event.identifier, move_destination=dest, move_delivery="proxy")
         yield from self._retrieve(event, env)
 
+    def _relay(self, event, stream, respond, failure_identifier):
+        """Yield ``respond(item)``'s responses for each item of *stream*, honouring
+        C-CANCEL and a backend that breaks mid-stream; True if the stream ended."""
+        while True:
+            item = CANCELLED if event.is_cancelled else None
+            if item is None:
+                try:
+                    item = self._next(event, stream)
+                except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
+                    status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
+                        else net.UNABLE_TO_PROCESS_BACKEND
+                    yield status_dataset(status, str(e)), failure_identifier
+                    return False
+            if item is CANCELLED:
+                self._cancel(stream)
+                if event.assoc.is_established:
+                    yield net.CANCEL, None
+                return False
+            if item is None:
+                return True
+            yield from respond(item)
+
     def _retrieve(self, event, env):
         """The common body of C-GET and C-MOVE: announce the count, then one
         sub-operation per instance as it arrives from the backend."""
@@ -354,26 +384,20 @@ class DicomScpEndpoint(Service):
         total = blockingCallFromThread(self.reactor, stream.total)
         yield total
         sent = 0
-        while True:
-            if event.is_cancelled:
-                self._cancel(stream)
-                yield net.CANCEL, None
-                return
-            try:
-                item = self._next(stream)
-            except Exception as e:  # noqa: BLE001 - the backend broke mid-stream
-                yield status_dataset(net.UNABLE_TO_PROCESS_BACKEND, str(e)), _failed_list([])
-                return
-            if item is None:
-                break
+
+        def sub_operation(item):
+            nonlocal sent
             if sent >= total:
                 item.release()  # pynetdicom ignores sub-operations beyond the count it announced
-                continue
+                return
             sent += 1
             try:
                 yield net.PENDING, FileRef(item)
             finally:
                 item.release()
+
+        if not (yield from self._relay(event, stream, sub_operation, _failed_list([]))):
+            return
         if stream.failed or net.is_failure(stream.status) or sent < total:
             failed = list(stream.failed_sop_uids)
             status = net.WARNING_SUBOPS if sent else (stream.status if net.is_failure(stream.status)
