@@ -155,3 +155,30 @@ class PortHold:
 def sops_in(orthanc) -> list[str]:
     """SOP Instance UIDs Orthanc holds, one entry per stored instance (blocking)."""
     return [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.rest("GET", "/instances?expand")]
+
+
+def dimse_toml(scp_port: int, backend: str, pacs_aet: str, pacs_port: int, *, query: bool = False) -> str:
+    """A ``dicom_scp`` endpoint ``scp`` (C-STORE; C-FIND/C-GET too with *query*)
+    piped to *backend*, and a ``dicom_scu`` backend ``pacs``."""
+    enable = "enable_find = true\nenable_get = true\n" if query else ""
+    return f"""
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {scp_port}
+enable_store = true
+{enable}
+[pipelines.dimse]
+endpoints = ["scp"]
+backends = ["{backend}"]
+
+[backends.pacs]
+service = "dicom_scu"
+[backends.pacs.options]
+aet = "{pacs_aet}"
+host = "127.0.0.1"
+port = {pacs_port}
+connect_timeout_secs = 2
+"""

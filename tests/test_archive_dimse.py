@@ -17,27 +17,13 @@ from twisted.internet import threads
 from tests.dimse_helpers import dataset_bytes
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc, free_port
-from tests.sf_helpers import PortHold, make_instances, sops_in
+from tests.sf_helpers import PortHold, dimse_toml, make_instances, sops_in
 from tests.test_dicom_scp import SCP_AET, run
 
 ARCHIVE = """
 [storage.options]
 path = "store"
 min_free_mb = {min_free_mb}
-
-[pipelines.archive]
-endpoints = ["scp"]
-backends = ["{backend}"]
-
-[endpoints.scp]
-service = "dicom_scp"
-[endpoints.scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {scp_port}
-enable_find = true
-enable_get = true
-enable_store = true
 
 [backends.archive]
 service = "local_archive"
@@ -48,21 +34,13 @@ service = "store_forward"
 forward_to = ["pacs"]
 backoff_initial_seconds = 30
 max_attempts = 1000
-
-[backends.pacs]
-service = "dicom_scu"
-[backends.pacs.options]
-aet = "{aet}"
-host = "127.0.0.1"
-port = {port}
-connect_timeout_secs = 2
 """
 
 
 def config(folder, backend, *, aet="ORTHANC", port=1, min_free_mb=0):
     scp_port = free_port()
-    text = MINIMAL_MAIN + ARCHIVE.format(backend=backend, scp_port=scp_port, aet=aet, port=port,
-                                         min_free_mb=min_free_mb)
+    text = MINIMAL_MAIN + ARCHIVE.format(min_free_mb=min_free_mb) + dimse_toml(scp_port, backend, aet, port,
+                                                                                query=True)
     return write_config(folder, text), scp_port
 
 

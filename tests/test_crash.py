@@ -22,7 +22,7 @@ import urllib.request
 from pydicom import dcmread
 
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, wait_for
-from tests.sf_helpers import HarmonyProcess, PortHold, ingest_config, make_instances, sops_in
+from tests.sf_helpers import HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances, sops_in
 
 N_INSTANCES = 500
 KILLS_DURING_INGEST = 4
@@ -30,29 +30,6 @@ SF_OPTIONS = """
 backoff_initial_seconds = 0.1
 backoff_max_seconds = 0.5
 max_attempts = 1000000"""
-DIMSE = """
-[endpoints.scp]
-service = "dicom_scp"
-[endpoints.scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {port}
-enable_store = true
-
-[pipelines.dimse_ingest]
-endpoints = ["scp"]
-backends = ["sf"]
-
-[backends.pacs]
-service = "dicom_scu"
-[backends.pacs.options]
-aet = "{aet}"
-host = "127.0.0.1"
-port = {pacs_port}
-connect_timeout_secs = 2
-"""
-
-
 class Rig:
     """Orthanc (down until :meth:`target_up`) and a Harmony process forwarding to it."""
 
@@ -64,7 +41,7 @@ class Rig:
         self.folder = tmp_path / "harmony"
         self.folder.mkdir()
         if protocol == "dimse":
-            extra = DIMSE.format(port=self.dimse_port, aet=self.orthanc.aet, pacs_port=self.orthanc.dicom_port)
+            extra = dimse_toml(self.dimse_port, "sf", self.orthanc.aet, self.orthanc.dicom_port)
             text = ingest_config(self.orthanc.url, port=self.http_port, sf_options=SF_OPTIONS, extra=extra)
             text = text.replace('forward_to = ["orthanc"]', 'forward_to = ["pacs"]')
             ports = [self.http_port, self.dimse_port]

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, port_open, wait_for  # noqa: E402
-from tests.sf_helpers import HarmonyProcess, PortHold, ingest_config, make_instances  # noqa: E402
+from tests.sf_helpers import HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances  # noqa: E402
 
 
 
@@ -91,20 +91,7 @@ class Harmony(HarmonyProcess):
         self.http_port = free_port()
         self.dimse_port = free_port() if dimse else None
         super().__init__(folder, [p for p in (self.http_port, self.dimse_port) if p])
-        dimse_part = ""
-        if dimse:
-            dimse_part = textwrap.dedent(f"""
-                [endpoints.scp]
-                service = "dicom_scp"
-                local_aet = "HARMONY"
-                bind_addr = "127.0.0.1"
-                port = {self.dimse_port}
-                enable_store = true
-
-                [pipelines.dimse_ingest]
-                endpoints = ["scp"]
-                backends = ["sf"]
-                """)
+        dimse_part = dimse_toml(self.dimse_port, "sf", "ORTHANC", 9) if dimse else ""
         self.config.write_text(ingest_config(orthanc_url, port=self.http_port, min_free_mb=64, log_level="warn",
                                              extra=dimse_part, sf_options=textwrap.dedent("""
                                                  backoff_initial_seconds = 0.2
