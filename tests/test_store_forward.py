@@ -352,3 +352,32 @@ async def test_shutdown_does_not_wait_for_a_hung_target(tmp_path):
     finally:
         await rig.stop()
         await hung.stopListening()
+
+
+def test_queue_rows_for_repeated_copies():
+    """The queue's SQL on a real (in-memory) sqlite: a copy arriving while
+    queued, while being delivered, and after being dead-lettered."""
+    import sqlite3
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(q.SCHEMA)
+
+    def rows():
+        return conn.execute("SELECT state, attempts, dirty FROM queue ORDER BY id").fetchall()
+
+    q.enqueue(conn, "1.2.3", ["t"], 0.0)
+    q.enqueue(conn, "1.2.3", ["t"], 1.0)  # queued twice: one row
+    assert rows() == [(q.PENDING, 0, 0)]
+    [(row_id, _sop, attempts)], _ = q.claim(conn, "t", q.ROTATE, 4, 2.0)
+    q.enqueue(conn, "1.2.3", ["t"], 3.0)  # a newer copy while the old one is on the wire
+    assert rows() == [(q.DELIVERING, 1, 1)]
+    q.delivered(conn, row_id, 4.0)
+    assert rows() == [(q.PENDING, 0, 0)]  # so it is sent again
+    [(row_id, _sop, _a)], _ = q.claim(conn, "t", q.ROTATE, 4, 5.0)
+    q.delivered(conn, row_id, 6.0)
+    q.enqueue(conn, "1.2.3", ["t"], 7.0)  # after delivery: a new row, the old one is history
+    assert rows() == [(q.DELIVERED, 1, 0), (q.PENDING, 0, 0)]
+    [(row_id, _sop, _a)], _ = q.claim(conn, "t", q.ROTATE, 4, 8.0)
+    assert q.failed(conn, row_id, "refused", 9.0, retry_at=None) == q.DEAD
+    q.enqueue(conn, "1.2.3", ["t"], 10.0)  # the modality sends it again: revived
+    assert rows()[-1] == (q.PENDING, 0, 0)
+    assert q.claim(conn, "t", q.FIFO, 4, 10.0)[0][0][1] == "1.2.3"
