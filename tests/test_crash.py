@@ -34,7 +34,9 @@ class Rig:
     """Orthanc (down until :meth:`target_up`) and a Harmony process forwarding to it."""
 
     def __init__(self, tmp_path, protocol: str):
-        self.rnd = random.Random(int(os.environ.get("HARMONY_CRASH_SEED", "0")) or None)
+        seed = int(os.environ.get("HARMONY_CRASH_SEED", "0")) or random.randrange(1, 2**31)
+        print(f"kill points from HARMONY_CRASH_SEED={seed}")  # shown on failure: rerun with it to reproduce
+        self.rnd = random.Random(seed)
         self.orthanc = Orthanc(tmp_path / "orthanc")
         self.hold = PortHold(self.orthanc.dicom_port if protocol == "dimse" else self.orthanc.http_port)
         self.http_port, self.dimse_port = free_port(), free_port()
