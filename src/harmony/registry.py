@@ -28,6 +28,8 @@ BUILTIN: dict[str, dict[str, str]] = {
         "dicom_scu": "harmony.backends.dicom_scu:DicomScuBackend",
         "dicom": "harmony.backends.dicom_scu:DicomScuBackend",
         "fhir": "harmony.backends.fhir:FhirBackend",
+        "local_archive": "harmony.backends.local_archive:LocalArchiveBackend",
+        "store_forward": "harmony.backends.store_forward:StoreForwardBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",

@@ -178,6 +178,16 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
         obj = _build(BACKEND, IBackend, comp, ctx, problems, warnings)
         if obj is not None:
             backends[name] = obj
+    for name, obj in backends.items():
+        # A backend that delivers through other backends (store_forward) gets
+        # them once all are built.
+        bind = getattr(obj, "bind_backends", None)
+        if bind is not None:
+            comp = config.backends[name]
+            try:
+                bind(backends)
+            except OptionError as e:
+                problems.append(Problem(comp.source, f"{comp.table}.options.{e.key}", e.message))
     endpoints = {}
     for name, comp in config.endpoints.items():
         obj = _build(ENDPOINT, IEndpoint, comp, ctx, problems, warnings)

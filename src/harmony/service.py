@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
@@ -162,11 +162,26 @@ class HarmonyService(MultiService):
         for name, net in runtime.config.networks.items():
             if net.listen:
                 self.add_network(name, net.listen, runtime)
+        for backend in runtime.backends.values():
+            self.adopt_backend_service(backend)
         for endpoint, pipeline in runtime.listeners():
             endpoint.pipeline = pipeline
             if isinstance(endpoint, Service):
                 endpoint.setServiceParent(self)
         self.set_management(self.management_settings)
+
+    def adopt_backend_service(self, backend) -> None:
+        """Backends with background work (store_forward's delivery) run it as a
+        service that starts and stops with Harmony (and with hot reload)."""
+        svc = getattr(backend, "service", None)
+        if IService.providedBy(svc) and svc.parent is None:
+            svc.setServiceParent(self)
+
+    def release_backend_service(self, backend):
+        svc = getattr(backend, "service", None)
+        if IService.providedBy(svc) and svc.parent is self:
+            return svc.disownServiceParent()
+        return None
 
     def routes_for(self, name: str, runtime: Runtime) -> list:
         """A network's routes: the runtime's, plus the management API when mounted there."""

@@ -183,7 +183,13 @@ def apply(service, runtime, settings) -> dict:
 
     # Start health checks of new pools; stop the retired ones' and close them later.
     kept = {id(b) for b in runtime.backends.values()}
+    # Background services (store_forward's delivery) of retired backends stop
+    # before those of their replacements start, so two never drain one queue.
+    for backend in retired:
+        if id(backend) not in kept:
+            service.release_backend_service(backend)
     for backend in runtime.backends.values():
+        service.adopt_backend_service(backend)
         pool = getattr(backend, "target_pool", None)
         if pool is not None and service.running:
             pool.start()

@@ -1,0 +1,150 @@
+"""``local_archive`` backend: Harmony's own archive, answered from the durable store.
+
+C-ECHO, C-FIND (PATIENT/STUDY/SERIES/IMAGE, study and patient root), C-GET and
+C-MOVE (the instances under the matched entities, as files the consumer sends)
+and C-STORE (a durable write, acknowledged only once it is on disk and
+indexed), following the :mod:`harmony.dicom.results` contract.  With the
+DICOMweb bridge in front, QIDO-RS and WADO-RS are answered from the same store.
+
+    [backends.archive]
+    service = "local_archive"
+    # path = "archive"       # default: [storage.options] path
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from twisted.internet import defer
+
+from harmony.backends.base import Backend
+from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
+from harmony.envelope import ResponseEnvelope
+from harmony.errors import BadRequest
+from harmony.storage.config import store_from_context
+from harmony.storage.errors import InvalidInstance, InvalidQuery
+from harmony.storage.query import STUDY_ROOT, levels_for
+from harmony.storage.store import release_store
+
+SUCCESS = 0x0000
+
+
+def identifier_of(request) -> Dataset:
+    """The request's identifier (DICOM JSON in ``normalized``) as a Dataset."""
+    doc = request.normalized
+    if doc is None:
+        return Dataset()
+    if isinstance(doc, Dataset):
+        return doc
+    if not isinstance(doc, dict):
+        raise InvalidQuery("the identifier must be a DICOM JSON object")
+    try:
+        return Dataset.from_json(doc)
+    except Exception as e:  # noqa: BLE001 - any malformed DICOM JSON is the client's error
+        raise InvalidQuery(f"the identifier is not valid DICOM JSON: {e}") from None
+
+
+def query_level(request, identifier: Dataset) -> str:
+    level = request.metadata.get("query_level") or str(identifier.get("QueryRetrieveLevel", "") or "")
+    level = level.strip().upper()
+    if not level:
+        raise InvalidQuery("no query level (metadata 'query_level' or QueryRetrieveLevel)")
+    return level
+
+
+def results_response(stream: ResultStream) -> ResponseEnvelope:
+    return ResponseEnvelope(status=200, context={"dicom_results": stream})
+
+
+class LocalArchiveBackend(Backend):
+    def __init__(self, name: str, store):
+        super().__init__(name)
+        self.store = store
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        return cls(name, store_from_context(ctx, options))
+
+    def close(self):
+        if self.store is not None:
+            store, self.store = self.store, None
+            release_store(store)
+
+    def send(self, request):
+        op = request.metadata.get("dimse_op", "")
+        handler = {C_ECHO: self.echo, C_FIND: self.find, C_GET: self.retrieve, C_MOVE: self.retrieve,
+                   C_STORE: self.store_instance}.get(op)
+        if handler is None:
+            return defer.fail(BadRequest(f"local_archive answers C-ECHO, C-FIND, C-GET, C-MOVE and C-STORE, "
+                                         f"not {op or 'a request without dimse_op'}"))
+        try:
+            return defer.maybeDeferred(handler, request)
+        except Exception:  # noqa: BLE001
+            return defer.fail()
+
+    def echo(self, request):
+        stream = ResultStream()
+        stream.finish(SUCCESS)
+        return results_response(stream)
+
+    def find(self, request):
+        identifier = identifier_of(request)
+        level = query_level(request, identifier)
+        model = request.metadata.get("query_model", STUDY_ROOT) or STUDY_ROOT
+        levels_for(level, model)  # a bad level fails now, not half-way through the stream
+
+        def matches(should_stop):
+            for doc in self.store.query_sync(identifier, level, model, should_stop=should_stop):
+                yield Dataset.from_json(doc)
+
+        return results_response(self.store.stream(matches))
+
+    def retrieve(self, request):
+        identifier = identifier_of(request)
+        level = query_level(request, identifier)
+        model = request.metadata.get("query_model", STUDY_ROOT) or STUDY_ROOT
+        levels_for(level, model)
+        if not any(elem.value not in (None, "") for elem in identifier
+                   if elem.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet")):
+            raise InvalidQuery("a retrieve needs at least one unique key")
+        stream = ResultStream()
+
+        def listing():
+            return list(self.store.instances_sync(identifier, level, model))
+
+        def found(instances):
+            stream.set_counts(len(instances))
+            for inst in instances:
+                if stream.cancelled:
+                    stream.finish(0xFE00, "cancelled")
+                    return
+                stream.put(inst)
+            stream.finish(SUCCESS)
+
+        self.store.run(listing).addCallbacks(found, stream.fail)
+        return results_response(stream)
+
+    @defer.inlineCallbacks
+    def store_instance(self, request):
+        stored = yield ingest(self.store, request)
+        response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
+                                               "sop_class_uid": stored.sop_class_uid})
+        response.context["dimse_status"] = SUCCESS
+        response.context["stored_instance"] = stored
+        return response
+
+
+def ingest(store, request, enqueue=(), now=None) -> defer.Deferred:
+    """Write the request's instance (``context["instance"]`` or a Part-10 body) durably."""
+    instance = request.context.get("instance")
+    if isinstance(instance, DicomInstance):
+        return store.put_instance(instance, enqueue=enqueue, now=now)
+    if isinstance(instance, (str, Path)):
+        return store.put_file(instance, enqueue=enqueue, now=now)
+    body = request.body
+    if isinstance(body, (bytes, bytearray)):
+        if not body:
+            return defer.fail(InvalidInstance("C-STORE without an instance"))
+        return store.put_bytes(body, enqueue=enqueue, now=now)
+    return store.put_producer(body, enqueue=enqueue, now=now)

@@ -1,0 +1,141 @@
+"""``store_forward`` backend: acknowledge after the durable write, deliver later.
+
+Put it behind a C-STORE (``dicom_scp``) or STOW-RS endpoint.  Each instance is
+written to the durable store and queued for every backend in ``forward_to``
+in one transaction; only then does the pipeline answer (so the DIMSE endpoint
+answers Success, the STOW endpoint lists the instance as stored).  A
+:class:`~harmony.storage.forward.StoreForward` service, started with Harmony,
+delivers from the persistent queues through each target backend's ``send()``.
+
+    [backends.ingest]
+    service = "store_forward"
+    forward_to = ["pacs", "cloud"]     # names of other [backends.*]
+    order = "rotate"                   # or "fifo"
+    max_attempts = 10
+    backoff_initial_seconds = 5
+    backoff_max_seconds = 600
+    jitter = 0.5
+    concurrency = 4                    # rotate only; fifo sends one at a time
+    timeout_seconds = 120
+    delivered_retention_hours = 24     # queue history kept for operators
+    dead_retention_days = 0            # 0: dead letters stay until replayed or purged
+    delete_after_delivery = false      # true: a pure relay, files go once every target has them
+    # path = "spool"                   # default: [storage.options] path
+    [backends.ingest.options.per_target.pacs]
+    order = "fifo"
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from harmony.backends.base import Backend
+from harmony.backends.local_archive import ingest
+from harmony.config.errors import OptionError
+from harmony.config.options import Options
+from harmony.dicom.results import C_STORE
+from harmony.envelope import ResponseEnvelope
+from harmony.errors import BadRequest
+from harmony.storage import queue as q
+from harmony.storage.config import store_from_context
+from harmony.storage.forward import StoreForward, TargetSettings
+from harmony.storage.store import release_store
+
+SUCCESS = 0x0000
+
+
+def target_settings(name: str, opts: Options, defaults: TargetSettings | None = None) -> TargetSettings:
+    d = defaults or TargetSettings(name)
+    return TargetSettings(
+        name=name,
+        order=opts.str("order", d.order, choices=(q.FIFO, q.ROTATE)),
+        max_attempts=opts.int("max_attempts", d.max_attempts, minimum=1, maximum=1_000_000),
+        backoff_initial=opts.number("backoff_initial_seconds", d.backoff_initial, minimum=0.001),
+        backoff_max=opts.number("backoff_max_seconds", d.backoff_max, minimum=0.001),
+        jitter=_fraction(opts, "jitter", d.jitter),
+        concurrency=opts.int("concurrency", d.concurrency, minimum=1, maximum=256),
+        timeout=opts.number("timeout_seconds", d.timeout, minimum=0.001),
+    )
+
+
+def _fraction(opts: Options, key: str, default: float) -> float:
+    value = opts.number(key, default, minimum=0)
+    if value > 1:
+        raise OptionError(key, f"must be between 0 and 1, got {value}")
+    return value
+
+
+class StoreForwardBackend(Backend):
+    def __init__(self, name: str, store, targets: list[TargetSettings], **service_options):
+        super().__init__(name)
+        self.store = store
+        self.forward = StoreForward(store, targets, **service_options)
+        self.forward.setName(f"store_forward:{name}")
+
+    @property
+    def service(self):
+        """The delivery service Harmony starts and stops with itself."""
+        return self.forward
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.forward.targets)
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        names = options.list("forward_to", of=str)  # Options.list's default "of" is shadowed by Options.str
+        if not names:
+            raise OptionError("forward_to", "must name at least one backend to deliver to")
+        for n in names:
+            if n == name:
+                raise OptionError("forward_to", "cannot forward to itself")
+            if n not in ctx.config.backends:
+                raise OptionError("forward_to", f"names unknown backend {n!r}")
+        defaults = target_settings("*", options)
+        per_target = options.table("per_target", {})
+        unknown = sorted(set(per_target) - set(names))
+        if unknown:
+            raise OptionError("per_target", f"names backend(s) not in forward_to: {', '.join(unknown)}")
+        targets = []
+        for n in names:
+            sub = Options(per_target.get(n, {}))
+            try:
+                targets.append(target_settings(n, sub, defaults))
+            except OptionError as e:
+                raise OptionError(f"per_target.{n}.{e.key}", e.message) from None
+            extra = sorted(set(sub.raw) - sub.used)
+            if extra:
+                raise OptionError(f"per_target.{n}", f"unknown option(s): {', '.join(extra)}")
+        delivered_h = options.number("delivered_retention_hours", 24, minimum=0)
+        dead_days = options.number("dead_retention_days", 0, minimum=0)
+        delete_after = options.bool("delete_after_delivery", False)
+        store = store_from_context(ctx, options)
+        return cls(name, store, targets, delivered_retention=delivered_h * 3600 or None,
+                   dead_retention=dead_days * 86400 or None, delete_after_delivery=delete_after)
+
+    def bind_backends(self, backends: dict) -> None:
+        """Called by the runtime once every backend is built: resolve ``forward_to``."""
+        for t in self.forward.targets.values():
+            backend = backends.get(t.name)
+            if backend is None:
+                raise OptionError("forward_to", f"backend {t.name!r} could not be built")
+            t.backend = backend
+
+    def close(self):
+        if self.store is not None:
+            store, self.store = self.store, None
+            release_store(store)
+
+    @defer.inlineCallbacks
+    def send(self, request):
+        op = request.metadata.get("dimse_op", C_STORE)
+        if op != C_STORE:
+            raise BadRequest(f"store_forward accepts C-STORE only, not {op}")
+        stored = yield ingest(self.store, request, enqueue=self.target_names, now=self.forward.now())
+        self.forward.wake()
+        response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
+                                               "sop_class_uid": stored.sop_class_uid,
+                                               "queued_for": self.target_names})
+        response.context["dimse_status"] = SUCCESS
+        response.context["stored_instance"] = stored
+        return response

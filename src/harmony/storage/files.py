@@ -1,0 +1,168 @@
+"""Crash-safe file writing: temp file in the same filesystem, fsync, rename,
+directory fsync - the sequence after which a file survives power loss.
+
+Also the disk-space guard: :class:`SpaceGuard` refuses a write *before* it
+would take the filesystem below a configured floor, and re-checks while a
+stream of unknown length is being written, so the disk never fills and a
+refusal never follows a partial write that anybody was told about.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from harmony.dicom.files import fsync_dir as fsync_path
+from harmony.storage.errors import StorageFailure, StorageFull
+
+CHUNK = 1024 * 1024
+#: While streaming, re-check free space after this many bytes.
+RECHECK_EVERY = 16 * 1024 * 1024
+
+
+# One fsync helper for files and folders (a folder fsync makes a rename or create in it durable).
+fsync_dir = fsync_file = fsync_path
+
+
+def make_dirs(path: Path, stop: Path) -> None:
+    """``mkdir -p`` that fsyncs each parent it adds an entry to (below *stop*)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p == stop or p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+
+
+class SpaceGuard:
+    """Keeps ``min_free_bytes`` free on the store's filesystem.
+
+    ``free_bytes`` is injectable so the refusal path can be tested without
+    filling a real disk.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int, free_bytes=None):
+        self.root = Path(root)
+        self.min_free_bytes = int(min_free_bytes)
+        self._free_bytes = free_bytes or self._statvfs_free
+
+    def _statvfs_free(self) -> int:
+        where = self.root
+        while not where.exists() and where.parent != where:
+            where = where.parent  # not created yet: its filesystem is its nearest parent's
+        st = os.statvfs(where)
+        return st.f_bavail * st.f_frsize
+
+    def free_bytes(self) -> int:
+        return self._free_bytes()
+
+    def check(self, incoming: int) -> None:
+        """Refuse (StorageFull) if writing *incoming* more bytes crosses the floor."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise StorageFull(f"refusing {incoming} bytes: {free} bytes free, floor is {self.min_free_bytes}")
+
+
+class TempFile:
+    """A temp file in *folder* that becomes durable only by :meth:`commit`.
+
+    Use as a context manager: leaving the block without a commit (an exception,
+    a refusal) deletes the temp file, so nothing half-written is ever left
+    where a reader could find it.
+    """
+
+    def __init__(self, folder: Path, guard: SpaceGuard | None = None, fsync: bool = True):
+        self.path = Path(folder) / f".{uuid.uuid4().hex}.part"
+        self.guard = guard
+        self.fsync = fsync
+        self.size = 0
+        self._since_check = 0
+        self._fh = None
+        self.committed = False
+
+    def __enter__(self):
+        self._fh = open(self.path, "xb")
+        return self
+
+    def write(self, data: bytes) -> None:
+        if self.guard is not None:
+            self._since_check += len(data)
+            if self._since_check >= RECHECK_EVERY:
+                self._since_check = 0
+                self.guard.check(len(data))
+        try:
+            self._fh.write(data)
+        except OSError as e:
+            raise _io_error(e) from None
+        self.size += len(data)
+
+    def copy_from(self, source: Path) -> None:
+        with open(source, "rb") as src:
+            while True:
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                self.write(chunk)
+
+    def close(self) -> None:
+        """Flush and fsync the data (the rename comes later, in :meth:`commit`)."""
+        if self._fh is not None:
+            try:
+                self._fh.flush()
+                if self.fsync:
+                    os.fsync(self._fh.fileno())
+            except OSError as e:
+                raise _io_error(e) from None
+            finally:
+                self._fh.close()
+                self._fh = None
+
+    def commit(self, final: Path, stop: Path) -> None:
+        """Atomically move the (closed, synced) file to *final*; fsync its folder."""
+        self.close()
+        make_dirs(final.parent, stop)
+        os.replace(self.path, final)
+        if self.fsync:
+            fsync_dir(final.parent)
+        self.committed = True
+
+    def __exit__(self, *exc):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if not self.committed:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        return False
+
+
+def _io_error(e: OSError):
+    import errno
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull("the disk is full")
+    return StorageFailure(f"write failed: {e.strerror}")
+
+
+def clear_temp(folder: Path) -> int:
+    """Delete temp files a crash left behind (none of them was acknowledged)."""
+    n = 0
+    for p in Path(folder).glob(".*.part"):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+__all__ = ["SpaceGuard", "TempFile", "fsync_dir", "fsync_file", "make_dirs", "clear_temp"]

@@ -1,0 +1,451 @@
+"""Store-and-forward delivery: drains the persistent per-target queues.
+
+One :class:`StoreForward` service serves one store and a set of targets, each
+a backend reached through its ordinary ``send()``: a C-STORE request envelope
+(``metadata["dimse_op"] = "C-STORE"``, ``context["instance"]`` a
+:class:`~harmony.dicom.results.DicomInstance` of the store's file, a Part-10
+body for HTTP-family backends).  Per target:
+
+- ``fifo``: strictly in arrival order, one at a time; the head is retried
+  until delivered or dead, so nothing overtakes it.
+- ``rotate``: up to ``concurrency`` at once, due rows first; a failing
+  instance waits out its backoff at the back while the rest flow.
+
+Transient failures (connection refused, timeouts, 5xx, 0xA7xx out of
+resources) are retried with exponential backoff and jitter; permanent ones
+(4xx, 0xA9xx / 0xCxxx refusals) and ``max_attempts`` exhaustion park the row in
+the dead-letter list, from which an operator can replay it.  Time comes from
+an injectable ``IReactorTime`` (``task.Clock`` in tests).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import attr
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from harmony.dicom.results import C_STORE, ResultStream
+from harmony.envelope import RequestEnvelope, new_request_id, read_body
+from harmony.errors import HarmonyError
+from harmony.log import get_logger
+from harmony.storage import queue as q
+from harmony.storage.bodies import FileProducer
+
+log = get_logger("harmony.store_forward")
+
+#: DIMSE C-STORE statuses that mean "stored" (success and the B0xx warnings).
+DIMSE_OK = {0x0000, 0xB000, 0xB006, 0xB007}
+#: Statuses worth retrying: out of resources, processing failure, resource limitation.
+DIMSE_TRANSIENT_RANGES = ((0xA700, 0xA7FF), (0x0110, 0x0110), (0x0213, 0x0213))
+HTTP_TRANSIENT = {408, 425, 429}
+
+
+@attr.s(auto_attribs=True)
+class TargetSettings:
+    name: str
+    backend: object = None
+    order: str = q.ROTATE
+    max_attempts: int = 10
+    backoff_initial: float = 5.0
+    backoff_max: float = 600.0
+    #: Fraction of each delay that is randomised (0: none; 0.5: 50-100% of the delay).
+    jitter: float = 0.5
+    concurrency: int = 4
+    timeout: float = 120.0
+
+    def backoff(self, attempts: int, rnd: float) -> float:
+        delay = min(self.backoff_max, self.backoff_initial * (2 ** max(0, attempts - 1)))
+        return delay * (1.0 - self.jitter + self.jitter * rnd)
+
+
+@attr.s(auto_attribs=True)
+class Outcome:
+    ok: bool
+    permanent: bool = False
+    detail: str = ""
+    #: The target itself could not be reached (no answer at all): pause the
+    #: whole queue rather than try every other instance against it.
+    unreachable: bool = False
+
+
+def dimse_outcome(status: int, comment: str | None = None) -> Outcome:
+    text = f"DIMSE status 0x{status:04X}" + (f": {comment}" if comment else "")
+    if status in DIMSE_OK:
+        return Outcome(True, detail=text)
+    transient = any(lo <= status <= hi for lo, hi in DIMSE_TRANSIENT_RANGES)
+    return Outcome(False, permanent=not transient, detail=text)
+
+
+def http_outcome(status: int, detail: str = "") -> Outcome:
+    text = f"HTTP {status}" + (f": {detail}" if detail else "")
+    if 200 <= status < 300:
+        return Outcome(True, detail=text)
+    transient = status >= 500 or status in HTTP_TRANSIENT
+    return Outcome(False, permanent=not transient, detail=text)
+
+
+def _as_int(value):
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value), 0)
+    except ValueError:
+        return None
+
+
+@defer.inlineCallbacks
+def classify_response(response) -> Outcome:
+    """What a backend's answer to a C-STORE means for the queue."""
+    status = _as_int(response.context.get("dimse_status"))
+    if status is None:
+        status = _as_int(response.metadata.get("dimse_status"))
+    stream = response.context.get("dicom_results")
+    if status is None and isinstance(stream, ResultStream):
+        yield stream.collect()
+        status = stream.status
+        if status is not None:
+            return dimse_outcome(status, stream.error_comment)
+    if status is not None:
+        return dimse_outcome(status, response.metadata.get("dimse_error"))
+    detail = ""
+    if not 200 <= response.status < 300:
+        try:
+            body = yield read_body(response.body, 4096)
+            detail = body.decode("utf-8", "replace")[:500]
+        except Exception:  # noqa: BLE001 - an unreadable error body only loses the detail
+            detail = ""
+    elif not isinstance(response.body, (bytes, bytearray)) and response.body is not None:
+        # Drain a streamed success body so the connection is reusable.
+        try:
+            yield read_body(response.body, None)
+        except Exception:  # noqa: BLE001
+            pass
+    return http_outcome(response.status, detail)
+
+
+def classify_failure(failure: Failure) -> Outcome:
+    err = failure.value
+    if isinstance(err, HarmonyError):
+        status = getattr(err, "dimse_status", None)
+        if status is not None and err.status < 500:
+            return dimse_outcome(status, err.detail)
+        outcome = http_outcome(err.status, err.detail)
+        outcome.unreachable = err.status >= 500
+        return outcome
+    if isinstance(err, defer.TimeoutError) or isinstance(err, defer.CancelledError):
+        return Outcome(False, detail="timed out", unreachable=True)
+    return Outcome(False, detail=f"{type(err).__name__}: {err}"[:500], unreachable=True)
+
+
+def delivery_request(instance, target: str, attempt: int) -> RequestEnvelope:
+    """The C-STORE envelope a target backend gets for one queued instance."""
+    headers = Headers({b"content-type": [b"application/dicom"]})
+    return RequestEnvelope(
+        method="POST", path="/", subpath="/", headers=headers,
+        body=FileProducer(instance.path),
+        metadata={"protocol": "store_forward", "dimse_op": C_STORE, "request_id": new_request_id(),
+                  "sop_class_uid": instance.sop_class_uid, "sop_instance_uid": instance.sop_instance_uid,
+                  "store_forward.target": target, "store_forward.attempt": str(attempt)},
+        context={"instance": instance})
+
+
+class StoreForward(Service):
+    def __init__(self, store, targets: list[TargetSettings], *, clock=None, rnd=random.random,
+                 delivered_retention: float | None = 86400.0, dead_retention: float | None = None,
+                 delete_after_delivery: bool = False, housekeeping_interval: float = 60.0,
+                 wall_clock=None, stats_interval: float = 5.0):
+        self.store = store
+        self.targets = {t.name: t for t in targets}
+        if clock is None:
+            clock = store.reactor
+        self.clock = clock
+        #: Seconds since the epoch for queue timestamps; follows ``clock`` when
+        #: it is a test clock so backoff and retention are testable.
+        self.now = wall_clock or (clock.seconds if isinstance(clock, task.Clock) else time.time)
+        self.rnd = rnd
+        self.delivered_retention = delivered_retention
+        self.dead_retention = dead_retention
+        self.delete_after_delivery = delete_after_delivery
+        self.housekeeping_interval = housekeeping_interval
+        self.drainers = {name: _Drainer(self, t) for name, t in self.targets.items()}
+        #: Last per-target stats (what metrics and dashboards read without touching sqlite).
+        self.snapshot: dict = {}
+        #: (target, outcome) -> attempts; outcome is delivered, retry or dead.
+        self.attempts: Counter = Counter()
+        self.stats_interval = stats_interval
+        self._housekeeping = None
+        self._stats_loop = None
+        self._ready: defer.Deferred | None = None
+
+    # -- lifecycle
+    def startService(self):
+        super().startService()
+        self._ready = self.store.bookkeep(q.recover, self.now(), list(self.targets))
+
+        def recovered(n):
+            if not self.running:
+                return  # stopped before recovery finished
+            if n:
+                log.info("store_forward: {n} interrupted deliveries queued again", n=n)
+            self._housekeeping = task.LoopingCall(self.housekeeping)
+            self._housekeeping.clock = self.clock
+            self._housekeeping.start(self.housekeeping_interval, now=True).addErrback(
+                lambda f: log.failure("store_forward housekeeping stopped", f))
+            self._stats_loop = task.LoopingCall(self._refresh_stats)
+            self._stats_loop.clock = self.clock
+            self._stats_loop.start(self.stats_interval, now=False)
+            self.wake()
+
+        self._ready.addCallback(recovered)
+        self._ready.addErrback(lambda f: log.failure("store_forward could not start", f))
+        return self._ready
+
+    def stopService(self):
+        super().stopService()
+        for loop in (self._housekeeping, self._stats_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        waiting = []
+        for d in self.drainers.values():
+            waiting.extend(d.stop())
+        return defer.DeferredList(waiting)
+
+    def ready(self) -> defer.Deferred:
+        """Fires once start-up recovery is done (tests)."""
+        d = defer.Deferred()
+        self._ready.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def wake(self, target: str | None = None) -> None:
+        """New work may be due: claim it now rather than at the next timer."""
+        if not self.running:
+            return
+        for name, drainer in self.drainers.items():
+            if target is None or name == target:
+                drainer.wake()
+
+    def idle(self) -> defer.Deferred:
+        """Fires once start-up recovery is done and no target has a claim or
+        delivery in flight (tests, benchmarks)."""
+        d = self.ready() if self._ready is not None else defer.succeed(None)
+        return d.addCallback(lambda _: defer.DeferredList([dr.idle() for dr in self.drainers.values()]))
+
+    # -- management
+    def stats(self) -> defer.Deferred:
+        def refreshed(s):
+            s = {name: v for name, v in s.items() if name in self.targets}
+            for name in self.targets:
+                s.setdefault(name, {state: 0 for state in q.STATES} | {"oldest_age_seconds": 0.0})
+            self.snapshot = s
+            return s
+        return self.store.read(q.stats, self.now()).addCallback(refreshed)
+
+    def _refresh_stats(self):
+        return self.stats().addErrback(lambda f: log.failure("store_forward stats failed", f))
+
+    def dead(self, target: str, limit: int = 100, after_id: int = 0) -> defer.Deferred:
+        return self.store.read(q.dead_entries, target, limit, after_id)
+
+    def retry(self, target: str, row_id: int | None = None) -> defer.Deferred:
+        d = self.store.write(q.retry_dead, target, self.now(), row_id)
+
+        def done(n):
+            self.drainers[target].resume()
+            return n
+        return d.addCallback(done)
+
+    def kick(self, target: str) -> defer.Deferred:
+        """Make every pending entry due now (the target is back: stop waiting out backoffs)."""
+        d = self.store.write(q.make_due, target, self.now())
+
+        def done(n):
+            self.drainers[target].resume()
+            return n
+        return d.addCallback(done)
+
+    def purge(self, target: str, include_pending: bool = False) -> defer.Deferred:
+        states = (q.DEAD, q.PENDING) if include_pending else (q.DEAD,)
+        return self.store.write(q.purge, target, states)
+
+    def housekeeping(self) -> defer.Deferred:
+        now = self.now()
+        delivered_before = now - self.delivered_retention if self.delivered_retention else None
+        dead_before = now - self.dead_retention if self.dead_retention else None
+        d = self.store.bookkeep(q.expire, delivered_before, dead_before)
+        d.addCallback(lambda _: self.stats())
+        d.addErrback(lambda f: log.failure("store_forward housekeeping failed", f))
+        return d
+
+    # -- delivery bookkeeping (called by drainers)
+    def record(self, settings: TargetSettings, row_id: int, sop_uid: str, attempts: int, outcome: Outcome):
+        now = self.now()
+        if outcome.ok:
+            d = self.store.bookkeep(q.delivered, row_id, now)
+            result = "delivered"
+            if self.delete_after_delivery:
+                d.addCallback(lambda _: self.store.run(self._forget_if_done, sop_uid))
+        else:
+            if outcome.permanent or attempts >= settings.max_attempts:
+                retry_at = None
+            else:
+                retry_at = now + settings.backoff(attempts, self.rnd())
+            d = self.store.bookkeep(q.failed, row_id, outcome.detail or "failed", now, retry_at=retry_at)
+            result = "dead" if retry_at is None else "retry"
+            if retry_at is None:
+                log.warn("store_forward {target}: instance parked in the dead-letter list after {attempts} "
+                         "attempt(s): {detail}", target=settings.name, attempts=attempts, detail=outcome.detail)
+        self.attempts[(settings.name, result)] += 1
+        return d
+
+    def _forget_if_done(self, sop_uid: str):
+        if self.store.read_sync(q.fully_delivered, sop_uid):
+            self.store.delete_sync(sop_uid)
+
+
+class _Drainer:
+    """The delivery loop of one target."""
+
+    def __init__(self, service: StoreForward, settings: TargetSettings):
+        self.svc = service
+        self.settings = settings
+        self.in_flight: dict[int, defer.Deferred] = {}
+        self.claiming = False
+        self.again = False
+        self.timer = None
+        self.stopped = False
+        #: While the target is unreachable: no claims before this time.
+        self.paused_until: float | None = None
+        self.unreachable_streak = 0
+        #: Bumped by resume(): failures of attempts started before it do not pause again.
+        self.epoch = 0
+        self._idle_waiters: list[defer.Deferred] = []
+
+    @property
+    def capacity(self) -> int:
+        return 1 if self.settings.order == q.FIFO else self.settings.concurrency
+
+    def wake(self):
+        if self.stopped:
+            return
+        if self.paused_until is not None:
+            if self.svc.now() < self.paused_until:
+                self._schedule(self.paused_until)
+                return
+            self.paused_until = None
+        if self.claiming:
+            self.again = True
+            return
+        free = self.capacity - len(self.in_flight)
+        if free <= 0:
+            return
+        self.claiming = True
+        d = self.svc.store.bookkeep(q.claim, self.settings.name, self.settings.order, free, self.svc.now())
+        d.addCallbacks(self._claimed, self._claim_failed)
+
+    def _claim_failed(self, failure):
+        self.claiming = False
+        log.failure("store_forward {target}: cannot read the queue", failure, target=self.settings.name)
+        self._schedule(self.svc.now() + 5.0)
+        self._maybe_idle()
+
+    def _claimed(self, result):
+        self.claiming = False
+        rows, next_due = result
+        for row_id, sop_uid, attempts in rows:
+            d = self._deliver(row_id, sop_uid, attempts)
+            if not d.called:
+                self.in_flight[row_id] = d
+        if self.again or (rows and len(self.in_flight) < self.capacity):
+            self.again = False
+            self.wake()
+        elif not rows and next_due is not None:
+            self._schedule(next_due)
+        self._maybe_idle()
+
+    def _schedule(self, due: float):
+        delay = max(0.0, due - self.svc.now())
+        if self.timer is not None and self.timer.active():
+            if self.timer.getTime() <= self.svc.clock.seconds() + delay:
+                return
+            self.timer.cancel()
+        self.timer = self.svc.clock.callLater(delay, self._timer_fired)
+
+    def _timer_fired(self):
+        self.timer = None
+        self.wake()
+
+    @defer.inlineCallbacks
+    def _deliver(self, row_id: int, sop_uid: str, attempts: int):
+        settings = self.settings
+        epoch = self.epoch
+        try:
+            instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
+            if instance is None:
+                outcome = Outcome(False, permanent=True, detail="the instance is no longer in the store")
+            else:
+                request = delivery_request(instance, settings.name, attempts)
+                try:
+                    d = defer.maybeDeferred(settings.backend.send, request)
+                    d.addTimeout(settings.timeout, self.svc.clock)
+                    response = yield d
+                    outcome = yield classify_response(response)
+                except Exception:  # noqa: BLE001 - every failure is classified, none escapes
+                    outcome = classify_failure(Failure())
+            if self.stopped:
+                return  # shutting down: left 'delivering', recovered and sent again at start-up
+            if epoch == self.epoch:
+                self._note_reachability(outcome)
+            yield self.svc.record(settings, row_id, sop_uid, attempts, outcome)
+        except Exception:  # noqa: BLE001 - the row stays 'delivering' and is recovered at restart
+            log.failure("store_forward {target}: bookkeeping failed", target=settings.name)
+        finally:
+            self.in_flight.pop(row_id, None)
+            self.wake()
+            self._maybe_idle()
+
+    def _note_reachability(self, outcome: Outcome):
+        if outcome.unreachable:
+            self.unreachable_streak += 1
+            pause = self.settings.backoff(self.unreachable_streak, self.svc.rnd())
+            self.paused_until = self.svc.now() + pause
+        elif outcome.ok or not outcome.unreachable:
+            self.unreachable_streak = 0
+            self.paused_until = None
+
+    def resume(self):
+        """An operator says the target is back: stop pausing and try now."""
+        self.epoch += 1
+        self.unreachable_streak = 0
+        self.paused_until = None
+        self.wake()
+
+    def stop(self) -> list:
+        """Stop claiming and cut deliveries in flight short: a slow target must
+        not hold up shutdown, and an interrupted delivery is simply sent again."""
+        self.stopped = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        waiting = list(self.in_flight.values())
+        for d in waiting:
+            d.cancel()
+        return [d.addErrback(lambda f: None) for d in waiting]
+
+    def idle(self) -> defer.Deferred:
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        self._maybe_idle()
+        return d
+
+    def _maybe_idle(self):
+        if not self.claiming and not self.in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)

@@ -1,0 +1,84 @@
+"""Prometheus metrics for the store and the store-and-forward queues.
+
+Collected from in-memory snapshots (refreshed by the services every few
+seconds), never by querying sqlite on a scrape.  Label values are config names
+(backend/target names), never data from requests.
+
+    from prometheus_client import CollectorRegistry
+    registry = CollectorRegistry()
+    register_metrics(registry, [backend.forward for backend in store_forward_backends])
+"""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from harmony.storage import queue as q
+
+
+class StoreForwardCollector:
+    def __init__(self, services, stores=()):
+        self.services = list(services)
+        #: Stores with no store_forward service on them (a local_archive's).
+        self.stores = list(stores)
+
+    def collect(self):
+        depth = GaugeMetricFamily("harmony_store_forward_queue_entries",
+                                  "Queue entries per target and state (pending, delivering, delivered, dead)",
+                                  labels=["target", "state"])
+        oldest = GaugeMetricFamily("harmony_store_forward_oldest_age_seconds",
+                                   "Age of the oldest undelivered entry per target", labels=["target"])
+        attempts = CounterMetricFamily("harmony_store_forward_attempts",
+                                       "Delivery attempts per target by outcome (delivered, retry, dead)",
+                                       labels=["target", "outcome"])
+        paused = GaugeMetricFamily("harmony_store_forward_paused",
+                                   "1 while a target's queue is paused because the target is unreachable",
+                                   labels=["target"])
+        free = GaugeMetricFamily("harmony_storage_free_bytes", "Free bytes on the store's filesystem",
+                                 labels=["store"])
+        floor = GaugeMetricFamily("harmony_storage_min_free_bytes",
+                                  "Free-space floor below which new instances are refused", labels=["store"])
+        stored = CounterMetricFamily("harmony_storage_instances_stored", "Instances durably stored",
+                                     labels=["store"])
+        refused = CounterMetricFamily("harmony_storage_instances_refused",
+                                      "Instances refused by the store, by reason", labels=["store", "reason"])
+        seen_stores = set()
+        stores = [svc.store for svc in self.services] + self.stores
+        for svc in self.services:
+            for target in svc.targets:
+                snap = svc.snapshot.get(target, {})
+                for state in q.STATES:
+                    depth.add_metric([target, state], snap.get(state, 0))
+                oldest.add_metric([target], snap.get("oldest_age_seconds", 0.0))
+                drainer = svc.drainers.get(target)
+                paused.add_metric([target], 1.0 if drainer is not None and drainer.paused_until is not None else 0.0)
+                for outcome in ("delivered", "retry", "dead"):
+                    attempts.add_metric([target, outcome], svc.attempts.get((target, outcome), 0))
+        for store in stores:
+            if store is None or id(store) in seen_stores:
+                continue
+            seen_stores.add(id(store))
+            label = store.root.name
+            try:
+                free.add_metric([label], store.guard.free_bytes())
+            except OSError:
+                pass
+            floor.add_metric([label], store.guard.min_free_bytes)
+            stored.add_metric([label], store.counters.get("stored", 0))
+            for reason in ("full", "invalid", "failed"):
+                refused.add_metric([label, reason], store.counters.get(f"refused_{reason}", 0))
+        yield from (depth, oldest, attempts, paused, free, floor, stored, refused)
+
+
+def register_metrics(registry, services, stores=()) -> StoreForwardCollector:
+    collector = StoreForwardCollector(services, stores)
+    registry.register(collector)
+    return collector
+
+
+def register_runtime_metrics(registry, runtime) -> StoreForwardCollector:
+    """Metrics for every store_forward and local_archive backend of a runtime."""
+    backends = list(runtime.backends.values())
+    services = [b.forward for b in backends if hasattr(b, "forward")]
+    stores = [b.store for b in backends if hasattr(b, "store") and not hasattr(b, "forward")]
+    return register_metrics(registry, services, stores)

@@ -1,0 +1,225 @@
+"""C-FIND matching (PS3.4 C.2.2.2) over stored attributes, independent of storage.
+
+Attributes are held as DICOM JSON (PS3.18 F.2) dicts, ``tag -> {"vr", "Value"}``,
+one per level (patient, study, series, instance).  A query is a pydicom
+``Dataset`` identifier; each non-empty key is a matching key, every key is a
+return key.  Supported: single value, universal (empty), wildcard (``*``/``?``
+on string VRs), UID list (``\\``-separated, for any VR as Orthanc and dcm4chee
+do), and range matching for DA/TM/DT (``a-b``, ``-b``, ``a-``).  PN matching is
+case-insensitive (Orthanc's default).  Sequence keys are return-only.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from harmony.storage.errors import InvalidQuery
+
+PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
+LEVELS = (PATIENT, STUDY, SERIES, IMAGE)
+STUDY_ROOT, PATIENT_ROOT = "study", "patient"
+
+#: Attributes kept at each level (PS3.4 C.6.1.1 / C.6.2.1 plus common extras).
+LEVEL_KEYWORDS = {
+    PATIENT: ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
+              "PatientSex", "OtherPatientIDs", "OtherPatientNames", "EthnicGroup", "PatientComments",
+              "PatientSpeciesDescription", "PatientBreedDescription", "ResponsiblePerson"),
+    STUDY: ("StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyInstanceUID",
+            "ReferringPhysicianName", "StudyDescription", "PhysiciansOfRecord",
+            "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription", "PatientAge", "PatientSize",
+            "PatientWeight", "Occupation", "AdditionalPatientHistory", "InstitutionName"),
+    SERIES: ("Modality", "SeriesNumber", "SeriesInstanceUID", "SeriesDescription", "SeriesDate", "SeriesTime",
+             "BodyPartExamined", "ProtocolName", "PerformedProcedureStepStartDate",
+             "PerformedProcedureStepStartTime", "Laterality", "OperatorsName", "PerformingPhysicianName",
+             "StationName", "Manufacturer"),
+}
+#: Attributes the archive computes per level.
+COMPUTED = {
+    PATIENT: ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"),
+    STUDY: ("ModalitiesInStudy", "SOPClassesInStudy", "NumberOfStudyRelatedSeries",
+            "NumberOfStudyRelatedInstances"),
+    SERIES: ("NumberOfSeriesRelatedInstances",),
+    IMAGE: (),
+}
+#: Keys never used for matching: they describe the query, not the data.
+CONTROL_KEYWORDS = ("QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC", "RetrieveAETitle",
+                    "InstanceAvailability")
+NON_WILDCARD_VRS = {"DA", "TM", "DT", "UI", "IS", "DS", "SS", "US", "SL", "UL", "SV", "UV", "FL", "FD", "AT"}
+RANGE_VRS = {"DA", "TM", "DT"}
+BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+#: Longest value kept in the index; longer text stays only in the file.
+MAX_VALUE_CHARS = 1024
+
+
+def tag_hex(keyword: str) -> str:
+    return f"{tag_for_keyword(keyword):08X}"
+
+
+LEVEL_TAGS = {lvl: {tag_hex(k) for k in kws + COMPUTED[lvl]} for lvl, kws in LEVEL_KEYWORDS.items()}
+LEVEL_TAGS[IMAGE] = set()
+CONTROL_TAGS = {tag_hex(k) for k in CONTROL_KEYWORDS}
+
+
+def levels_for(level: str, model: str = STUDY_ROOT) -> tuple:
+    """The levels whose keys a query at *level* may use, top first."""
+    if level not in LEVELS:
+        raise InvalidQuery(f"unknown query level {level!r}")
+    if model == STUDY_ROOT and level == PATIENT:
+        raise InvalidQuery("the study root model has no PATIENT level")
+    return LEVELS[: LEVELS.index(level) + 1]
+
+
+def attrs_from_dataset(ds: Dataset) -> dict:
+    """Header attributes as DICOM JSON, without binary, private, sequence or huge values.
+
+    Decides from the raw element (tag, VR, length) before touching a value, so
+    a value the reader deferred (pixel data, big blobs) is never loaded.
+    """
+    out = {}
+    for tag in list(ds.keys()):
+        tag = Tag(tag)
+        if tag.is_private or tag.group in (0x0002, 0x7FE0):
+            continue
+        raw = ds.get_item(tag, keep_deferred=True)
+        vr = getattr(raw, "VR", None) or _dictionary_vr(f"{int(tag):08X}", "UN")
+        if vr in BINARY_VRS or vr == "SQ" or (getattr(raw, "length", 0) or 0) > 4 * MAX_VALUE_CHARS:
+            continue
+        try:
+            js = ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=MAX_VALUE_CHARS)
+        except Exception:  # noqa: BLE001 - a malformed value is skipped, not fatal to ingest
+            continue
+        if "BulkDataURI" in js or "InlineBinary" in js or len(str(js.get("Value", ""))) > MAX_VALUE_CHARS:
+            continue
+        out[f"{int(tag):08X}"] = js
+    return out
+
+
+def split_levels(attrs: dict) -> dict:
+    """Instance attributes split into the patient, study and series records."""
+    return {lvl: {t: v for t, v in attrs.items() if t in LEVEL_TAGS[lvl]} for lvl in (PATIENT, STUDY, SERIES)}
+
+
+def text_values(element: dict | None) -> list[str]:
+    """The values of a DICOM JSON element as strings (PN: the alphabetic form)."""
+    if not element:
+        return []
+    out = []
+    for v in element.get("Value", []) or []:
+        if isinstance(v, dict):
+            v = v.get("Alphabetic", "")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        out.append(str(v))
+    return out
+
+
+@lru_cache(maxsize=512)
+def _wildcard(pattern: str, ignore_case: bool):
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile(regex + r"\Z", re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL)
+
+
+def _range_match(value: str, lo: str, hi: str) -> bool:
+    value = value.replace(":", "")
+    lo, hi = lo.replace(":", "").strip(), hi.replace(":", "").strip()
+    if lo and value[: len(lo)] < lo:
+        return False
+    if hi and value[: len(hi)] > hi:
+        return False
+    return True
+
+
+def value_matches(vr: str, query: str, stored: list[str]) -> bool:
+    """Does one query value match any of the stored values?"""
+    query = query.strip() if vr != "PN" else query.strip(" ")
+    if vr in RANGE_VRS and "-" in query:
+        lo, _, hi = query.partition("-")
+        return any(_range_match(s, lo, hi) for s in stored if s)
+    if vr in ("IS", "DS"):
+        try:
+            q = float(query)
+            return any(s.strip() and float(s) == q for s in stored)
+        except ValueError:
+            return False
+    if vr not in NON_WILDCARD_VRS and ("*" in query or "?" in query):
+        rx = _wildcard(query, vr == "PN")
+        return any(rx.match(s) for s in stored)
+    if vr == "PN":
+        return any(s.strip().lower() == query.lower() for s in stored)
+    if vr in ("TM",):
+        return any(_range_match(s, query, query) for s in stored)
+    return any(s.strip() == query for s in stored)
+
+
+def query_keys(identifier: Dataset, level: str, model: str = STUDY_ROOT) -> list:
+    """The identifier's keys as ``(tag_hex, vr, [values])``; values empty = return key only.
+
+    Keys of levels below *level* are ignored for matching (PS3.4 C.4.1.1.3):
+    dcmtk and Orthanc do the same.
+    """
+    allowed_levels = levels_for(level, model)
+    keys = []
+    for elem in identifier:
+        th = f"{int(elem.tag):08X}"
+        if th in CONTROL_TAGS or elem.tag.group == 0x0002:
+            continue
+        vr = elem.VR
+        if vr == "SQ" or vr in BINARY_VRS:
+            keys.append((th, vr, []))
+            continue
+        values = _query_values(elem)
+        if values and level != IMAGE and not any(th in LEVEL_TAGS[lvl] for lvl in allowed_levels):
+            values = []  # a lower-level key: return-only, never filters
+        keys.append((th, vr, values))
+    return keys
+
+
+def _query_values(elem) -> list[str]:
+    v = elem.value
+    if v is None or v == "":
+        return []
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        return [str(x) for x in v if str(x) != ""]
+    text = str(v)
+    return [x for x in text.split("\\") if x != ""] if text else []
+
+
+def record_matches(keys: list, record: dict) -> bool:
+    """*record*: tag_hex -> DICOM JSON element (all levels merged)."""
+    for th, vr, values in keys:
+        if not values:
+            continue
+        stored = text_values(record.get(th))
+        if not stored:
+            return False
+        if not any(value_matches(vr, q, stored) for q in values):
+            return False
+    return True
+
+
+def response_json(keys: list, record: dict, level: str) -> dict:
+    """The C-FIND response identifier, as DICOM JSON: every requested key, with
+    the stored value or empty, plus QueryRetrieveLevel.  *record* holds only
+    the query level and those above it, so lower-level keys come back empty."""
+    out = {}
+    for th, vr, _values in keys:
+        found = record.get(th)
+        out[th] = found if found is not None else {"vr": _dictionary_vr(th, vr) if vr == "UN" else vr}
+    out[tag_hex("QueryRetrieveLevel")] = {"vr": "CS", "Value": [level]}
+    return out
+
+
+def _dictionary_vr(th: str, fallback: str) -> str:
+    try:
+        return dictionary_VR(Tag(int(th, 16)))
+    except KeyError:
+        return fallback
+
+
+def keyword(th: str) -> str:
+    return keyword_for_tag(Tag(int(th, 16))) or th

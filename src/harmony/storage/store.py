@@ -1,0 +1,454 @@
+"""The durable instance store: files in a UID-based layout plus a sqlite index.
+
+    <root>/instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    <root>/tmp/          temp files (same filesystem, so the final rename is atomic)
+    <root>/index.sqlite  index + store-and-forward queue (WAL, synchronous=FULL)
+
+An instance is *durable* once :meth:`InstanceStore.put_file_sync` returns: the
+file was fsynced, renamed into place, its folder fsynced, and the index row
+(with any queue rows for forwarding) committed in one transaction.  Only then
+may a C-STORE be answered with Success or a STOW part be listed as stored.
+
+Blocking work runs on the store's own thread pool; the ``*_sync`` methods are
+what runs there, the others return Deferreds and are safe on the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from harmony.dicom.files import CorruptDataset, check_complete
+from harmony.dicom.results import DicomInstance, ResultStream
+from harmony.log import get_logger
+from harmony.storage import index as idx
+from harmony.storage import queue as q
+from harmony.storage.errors import InvalidInstance, StorageFailure, StorageFull
+from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
+from harmony.storage.query import (IMAGE, STUDY_ROOT, attrs_from_dataset, levels_for, query_keys, record_matches,
+                                   response_json)
+from harmony.storage.uids import clean_uid
+
+log = get_logger("harmony.storage")
+
+DEFAULT_MIN_FREE = 512 * 1024 * 1024
+#: Results are handed to the reactor in batches of this many.
+BATCH = 32
+
+
+class InstanceStore:
+    def __init__(self, root, *, reactor=None, min_free_bytes: int = DEFAULT_MIN_FREE, fsync: bool = True,
+                 threads: int = 4, free_bytes=None, clock=time.time):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.root = Path(root).resolve()
+        self.instances_dir = self.root / "instances"
+        self.tmp_dir = self.root / "tmp"
+        self.db_path = self.root / "index.sqlite"
+        self.reactor = reactor
+        self.fsync = fsync
+        self.clock = clock
+        self.guard = SpaceGuard(self.root, min_free_bytes, free_bytes)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._conn_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._opened = False
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
+        self._shutdown_trigger = None
+        self._refs = 0
+        self.closed = False
+        #: stored / refused_full / refused_invalid / refused_failed, counted on the reactor.
+        self.counters: Counter = Counter()
+
+    # ------------------------------------------------------------------ threads and connections
+
+    def open_sync(self) -> None:
+        """Create the folders and schema and clear crash leftovers, once.
+
+        Deferred to first use so that building a configuration (``harmony
+        check``) never creates a store on disk.
+        """
+        if self._opened:
+            return
+        with self._conn_lock:
+            if self._opened:
+                return
+            for d in (self.root, self.instances_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            left = clear_temp(self.tmp_dir)
+            if left:
+                log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
+                         root=str(self.root), n=left)
+            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(idx.SCHEMA + q.SCHEMA)
+            finally:
+                conn.close()
+            self._opened = True
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            self.open_sync()
+            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._conn_lock:
+                self._connections.append(conn)
+        return conn
+
+    def write_sync(self, fn, *args, **kwargs):
+        """Run ``fn(conn, *args, **kwargs)`` in one write transaction, durable
+        (fsynced) when it commits (storage thread only)."""
+        return self._transaction(True, fn, args, kwargs)
+
+    def bookkeep_sync(self, fn, *args, **kwargs):
+        """A write transaction that survives a process crash (kill -9) but may be
+        lost with the last moments before a power failure: WAL with
+        ``synchronous=NORMAL``.  For queue state changes whose loss only means a
+        redundant, idempotent re-delivery - never for what an acknowledgement
+        depends on."""
+        return self._transaction(False, fn, args, kwargs)
+
+    def _transaction(self, durable: bool, fn, args, kwargs):
+        conn = self._conn()
+        with self._write_lock:
+            mode = "FULL" if durable and self.fsync else "NORMAL" if self.fsync else "OFF"
+            if getattr(self._local, "sync_mode", None) != mode:
+                conn.execute(f"PRAGMA synchronous={mode}")
+                self._local.sync_mode = mode
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args, **kwargs)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    def read_sync(self, fn, *args, **kwargs):
+        return fn(self._conn(), *args, **kwargs)
+
+    def run(self, fn, *args, **kwargs) -> defer.Deferred:
+        """Run blocking ``fn`` on the store's thread pool."""
+        if not self.pool.started:
+            self.pool.start()
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+
+    def write(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self.run(self.write_sync, fn, *args, **kwargs)
+
+    def bookkeep(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self.run(self.bookkeep_sync, fn, *args, **kwargs)
+
+    def read(self, fn, *args, **kwargs) -> defer.Deferred:
+        return self.run(self.read_sync, fn, *args, **kwargs)
+
+    def _stop_pool(self):
+        if self.pool.started:
+            self.pool.stop()
+
+    def close(self) -> None:
+        """Stop the threads and close every connection (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._shutdown_trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            except ValueError:
+                pass
+        self._stop_pool()
+        with self._conn_lock:
+            for c in self._connections:
+                c.close()
+            self._connections.clear()
+
+    # ------------------------------------------------------------------ layout
+
+    def relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        # clean_uid guarantees digits and dots only: no separator, no "..".
+        return f"{clean_uid(study_uid)}/{clean_uid(series_uid)}/{clean_uid(sop_uid)}.dcm"
+
+    def path_of(self, relpath: str) -> Path:
+        p = (self.instances_dir / relpath).resolve()
+        if self.instances_dir not in p.parents:
+            raise InvalidInstance("path outside the store")
+        return p
+
+    # ------------------------------------------------------------------ ingest (storage thread)
+
+    def put_file_sync(self, source, *, move: bool = False, enqueue=(), now: float | None = None) -> DicomInstance:
+        """File the Part-10 file *source*; durable on return.
+
+        ``move=True`` renames *source* into place when it is on the same
+        filesystem (a staging file nobody else needs) instead of copying it.
+        *enqueue* names store-and-forward targets to queue it for, in the same
+        transaction as the index row.
+        """
+        self.open_sync()
+        source = Path(source)
+        try:
+            size = source.stat().st_size
+        except OSError as e:
+            raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
+        header = self._read_header(source)
+        self.guard.check(size)
+        final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
+        if move:
+            try:
+                if self.fsync:
+                    fsync_file(source)
+                make_dirs(final.parent, self.instances_dir)
+                os.replace(source, final)
+                if self.fsync:
+                    fsync_dir(final.parent)
+            except OSError:
+                move = False  # another filesystem (EXDEV) or a read-only source: copy instead
+        if not move:
+            with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
+                tmp.copy_from(source)
+                tmp.commit(final, self.instances_dir)
+        return self._index_sync(header, final, size, enqueue, now)
+
+    def put_temp_sync(self, tmp: TempFile, *, enqueue=(), now=None) -> DicomInstance:
+        """File a :class:`TempFile` already written (and closed) in ``tmp_dir``."""
+        self.open_sync()
+        try:
+            tmp.close()
+            header = self._read_header(tmp.path)
+            final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
+            tmp.commit(final, self.instances_dir)
+        finally:
+            tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
+        return self._index_sync(header, final, tmp.size, enqueue, now)
+
+    def put_bytes_sync(self, data: bytes, *, enqueue=(), now=None) -> DicomInstance:
+        """File a small Part-10 body already in memory (one thread hop, no batching)."""
+        self.open_sync()
+        self.guard.check(len(data))
+        tmp = TempFile(self.tmp_dir, self.guard, self.fsync)
+        tmp.__enter__()
+        try:
+            tmp.write(data)
+        except BaseException:
+            tmp.__exit__(None, None, None)
+            raise
+        return self.put_temp_sync(tmp, enqueue=enqueue, now=now)
+
+    def _read_header(self, path: Path) -> dict:
+        # check_complete: a truncated body (every element must fit in the file)
+        # is refused here, never acknowledged; large values stay deferred on disk.
+        try:
+            ds = check_complete(path)
+        except CorruptDataset as e:
+            raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
+        except OSError as e:
+            raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
+        if getattr(ds, "preamble", None) is None and not getattr(ds, "file_meta", None):
+            raise InvalidInstance("not a DICOM Part-10 file (no preamble or file meta)")
+        meta = getattr(ds, "file_meta", None)
+        ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+        sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+        return {
+            "study": clean_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+            "series": clean_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+            "sop": clean_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+            "sop_class": clean_uid(sop_class, "SOPClassUID"),
+            "ts": clean_uid(ts, "TransferSyntaxUID"),
+            "attrs": attrs_from_dataset(ds),
+        }
+
+    def _index_sync(self, header: dict, final: Path, size: int, enqueue, now) -> DicomInstance:
+        now = self.clock() if now is None else now
+        rel = final.relative_to(self.instances_dir).as_posix()
+
+        def tx(conn):
+            old = idx.upsert_instance(conn, header["attrs"], sop_class_uid=header["sop_class"],
+                                      transfer_syntax_uid=header["ts"], relpath=rel, size=size, now=now)
+            if enqueue:
+                q.enqueue(conn, header["sop"], list(enqueue), now)
+            return old
+
+        try:
+            old = self.write_sync(tx)
+        except sqlite3.Error as e:
+            raise StorageFailure(f"index update failed: {e}") from None
+        if old:
+            try:
+                os.unlink(self.path_of(old))
+            except (FileNotFoundError, InvalidInstance):
+                pass
+        return DicomInstance(path=final, sop_class_uid=header["sop_class"], sop_instance_uid=header["sop"],
+                             transfer_syntax_uid=header["ts"], study_instance_uid=header["study"],
+                             series_instance_uid=header["series"], size=size, owned=False)
+
+    def delete_sync(self, sop_uid: str) -> bool:
+        rel = self.write_sync(idx.delete_instance, sop_uid)
+        if rel is None:
+            return False
+        try:
+            os.unlink(self.path_of(rel))
+        except FileNotFoundError:
+            pass
+        return True
+
+    def get_sync(self, sop_uid: str) -> DicomInstance | None:
+        row = self._conn().execute(
+            "SELECT i.relpath, i.sop_class_uid, i.transfer_syntax_uid, i.size, se.series_uid, st.study_uid "
+            "FROM instances i JOIN series se ON i.series_pk=se.pk JOIN studies st ON se.study_pk=st.pk "
+            "WHERE i.sop_uid=?", (sop_uid,)).fetchone()
+        if row is None:
+            return None
+        return DicomInstance(path=self.path_of(row[0]), sop_class_uid=row[1], sop_instance_uid=sop_uid,
+                             transfer_syntax_uid=row[2], size=row[3], series_instance_uid=row[4],
+                             study_instance_uid=row[5], owned=False)
+
+    # ------------------------------------------------------------------ ingest (reactor side)
+
+    def _count(self, d: defer.Deferred) -> defer.Deferred:
+        def ok(stored):
+            self.counters["stored"] += 1
+            return stored
+
+        def refused(f):
+            reason = ("full" if f.check(StorageFull) else "invalid" if f.check(InvalidInstance) else "failed")
+            self.counters[f"refused_{reason}"] += 1
+            return f
+
+        return d.addCallbacks(ok, refused)
+
+    def put_file(self, source, *, move=False, enqueue=(), now=None) -> defer.Deferred:
+        return self._count(self.run(self.put_file_sync, source, move=move, enqueue=enqueue, now=now))
+
+    def put_instance(self, instance: DicomInstance, *, enqueue=(), now=None) -> defer.Deferred:
+        """File a :class:`DicomInstance`; an owned (staged) one is moved, not copied."""
+        d = self.put_file(instance.path, move=instance.owned, enqueue=enqueue, now=now)
+
+        def done(stored):
+            if instance.owned and Path(instance.path) != stored.path:
+                instance.release()
+            return stored
+
+        return d.addCallback(done)
+
+    def put_bytes(self, data: bytes, *, enqueue=(), now=None) -> defer.Deferred:
+        return self._count(self.run(self.put_bytes_sync, bytes(data), enqueue=enqueue, now=now))
+
+    def put_producer(self, producer, *, enqueue=(), now=None) -> defer.Deferred:
+        """Stream an ``IBodyProducer`` (a Part-10 body) into the store.
+
+        Chunks are written on the storage threads, one batch at a time; the
+        producer is paused while a batch is being written, so memory holds at
+        most one batch however big the body.
+        """
+        from harmony.storage.streaming import ThreadedFileConsumer
+        length = getattr(producer, "length", None)
+        if isinstance(length, int):
+            try:
+                self.guard.check(length)
+            except StorageFull:
+                return self._count(defer.fail())
+        consumer = ThreadedFileConsumer(self)
+        d = consumer.consume(producer)
+        d.addCallback(lambda tmp: self.run(self.put_temp_sync, tmp, enqueue=enqueue, now=now))
+        return self._count(d)
+
+    # ------------------------------------------------------------------ queries
+
+    def query_sync(self, identifier, level: str, model: str = STUDY_ROOT, should_stop=lambda: False):
+        """Yield C-FIND response identifiers (DICOM JSON dicts) for *identifier*."""
+        keys = query_keys(identifier, level, model)
+        conn = self._conn()
+        for record, _row in idx.candidates(conn, keys, level):
+            if should_stop():
+                return
+            if record_matches(keys, record):
+                yield response_json(keys, record, level)
+
+    def instances_sync(self, identifier, level: str, model: str = STUDY_ROOT, should_stop=lambda: False):
+        """Yield the stored :class:`DicomInstance` files under the entities *identifier* matches."""
+        levels_for(level, model)  # validates the level for the model
+        keys = query_keys(identifier, IMAGE, model)
+        keys = [k for k in keys if k[2]]  # retrieval: only matching keys matter
+        for record, row in idx.candidates(self._conn(), keys, IMAGE):
+            if should_stop():
+                return
+            if record_matches(keys, record):
+                relpath, sop_class, ts, size, sop, series, study = row
+                yield DicomInstance(path=self.path_of(relpath), sop_class_uid=sop_class, sop_instance_uid=sop,
+                                    transfer_syntax_uid=ts, study_instance_uid=study, series_instance_uid=series,
+                                    size=size or 0, owned=False)
+
+    def stream(self, generator_fn, *args, transform=None) -> ResultStream:
+        """Run a ``*_sync`` generator on a storage thread, feeding a ResultStream
+        batch by batch as results are found; C-CANCEL stops the generator."""
+        stop = threading.Event()
+        stream = ResultStream(on_cancel=stop.set)
+        call = self.reactor.callFromThread
+
+        def put_batch(batch):
+            for item in batch:
+                stream.put(transform(item) if transform else item)
+
+        def work():
+            batch = []
+            for item in generator_fn(*args, should_stop=stop.is_set):
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    call(put_batch, batch)
+                    batch = []
+            if batch:
+                call(put_batch, batch)
+
+        def finished(_):
+            stream.finish(0xFE00 if stop.is_set() else 0x0000, "cancelled" if stop.is_set() else None)
+
+        def failed(f):
+            log.failure("storage query failed", f)
+            stream.fail(f)
+
+        self.run(work).addCallbacks(finished, failed)
+        return stream
+
+    def counts_sync(self) -> dict:
+        conn = self._conn()
+        return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("patients", "studies", "series", "instances")}
+
+
+# ---------------------------------------------------------------------- sharing
+
+_OPEN: dict[Path, InstanceStore] = {}
+
+
+def open_store(root, **options) -> InstanceStore:
+    """The process-wide store for *root*, shared by every component that names
+    it (one index writer per folder); pair with :func:`release_store`."""
+    key = Path(root).resolve()
+    store = _OPEN.get(key)
+    if store is None or store.closed:
+        store = InstanceStore(key, **options)
+        _OPEN[key] = store
+    store._refs += 1
+    return store
+
+
+def release_store(store: InstanceStore) -> None:
+    store._refs -= 1
+    if store._refs <= 0:
+        _OPEN.pop(store.root, None)
+        store.close()

@@ -1,0 +1,184 @@
+"""Helpers for the store-and-forward tests: a scripted DICOM-receiving HTTP target."""
+
+from __future__ import annotations
+
+import io
+
+from pydicom import dcmread
+from twisted.web.resource import Resource
+
+
+class ScriptedTarget(Resource):
+    """A real HTTP server that receives Part-10 bodies and answers as scripted.
+
+    ``rules(sop_uid, times_seen)`` returns the status to answer; deliveries
+    answered 2xx are recorded in ``stored`` (SOP UID -> count), every request
+    in ``seen``.  This stands in for a target that refuses one instance
+    permanently, which no real PACS here can be told to do.
+    """
+
+    isLeaf = True
+
+    def __init__(self, rules=lambda sop, n: 200):
+        super().__init__()
+        self.rules = rules
+        self.seen: list[str] = []
+        self.stored: dict[str, int] = {}
+
+    def render_POST(self, request):
+        ds = dcmread(io.BytesIO(request.content.read()))
+        sop = str(ds.SOPInstanceUID)
+        n = self.seen.count(sop)
+        self.seen.append(sop)
+        status = self.rules(sop, n)
+        request.setResponseCode(status)
+        if 200 <= status < 300:
+            self.stored[sop] = self.stored.get(sop, 0) + 1
+            return b"{}"
+        return f"refused {sop}".encode()
+
+
+def ingest_config(target_url: str, *, port: int = 0, min_free_mb: float = 0, sf_options: str = "",
+                  extra: str = "", log_level: str = "info") -> str:
+    """Harmony TOML: HTTP Part-10 ingest at /ingest -> ``store_forward`` (backend
+    ``sf``, store folder ``store``) -> the ``http`` backend ``orthanc`` posting to
+    ``{target_url}/instances``.  *sf_options* adds lines to ``[backends.sf]``."""
+    return f"""
+[proxy]
+id = "ingest-test"
+log_level = "{log_level}"
+
+[network.default.http]
+bind_address = "127.0.0.1"
+bind_port = {port}
+
+[storage.options]
+path = "store"
+min_free_mb = {min_free_mb}
+
+[endpoints.ingest]
+service = "http"
+path_prefix = "/ingest"
+
+[backends.sf]
+service = "store_forward"
+forward_to = ["orthanc"]
+{sf_options}
+
+[backends.orthanc]
+service = "http"
+base_url = "{target_url}/instances"
+
+[pipelines.ingest]
+endpoints = ["ingest"]
+backends = ["sf"]
+{extra}
+"""
+
+
+def make_instances(folder, n: int, study: int, *, patient_id: str = "SF", series: int = 1, size: int = 16):
+    """*n* small instances of one study under the test UID root, spread over *series* series."""
+    from pathlib import Path
+
+    from tests.dicom_data import UID_ROOT, make_instance, save
+    out = []
+    for i in range(1, n + 1):
+        s = i % series + 1
+        ds = make_instance(patient_id=patient_id, study_uid=f"{UID_ROOT}{study}.1",
+                           series_uid=f"{UID_ROOT}{study}.1.{s}", sop_uid=f"{UID_ROOT}{study}.1.{s}.{i}",
+                           instance_number=i, rows=size, cols=size, seed=i)
+        out.append(save(ds, Path(folder) / f"{study}-{i:05d}.dcm"))
+    return out
+
+
+class HarmonyProcess:
+    """``twistd -n harmony`` as a real process (for kill -9 tests and benchmarks)."""
+
+    def __init__(self, folder, ports=()):
+        import sys
+        from pathlib import Path
+        self.folder = Path(folder)
+        self.config = self.folder / "harmony.toml"
+        self.ports = list(ports)
+        self.twistd = str(Path(sys.executable).with_name("twistd"))
+        self.proc = None
+        self.starts = 0
+
+    def start(self):
+        import subprocess
+
+        from tests.peers import peer_env, port_open, wait_for
+        self.starts += 1
+        log = open(self.folder / f"twistd-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen([self.twistd, "-n", "--pidfile=", "harmony", "-c", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, env=peer_env())
+        for port in self.ports:
+            wait_for(lambda: port_open(port), 60, f"harmony (twistd) port {port}", self.proc)
+        return self
+
+    def kill(self):
+        """SIGKILL: no shutdown code runs."""
+        import signal
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(30)
+
+    def stop(self):
+        import subprocess
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class PortHold:
+    """Keeps a loopback port taken but closed (bound, not listening): connections
+    are refused, like a target that is down, and no other process on this busy
+    machine can grab the port before the real target starts on it."""
+
+    def __init__(self, port: int):
+        import socket
+        self.port = port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", port))
+
+    def release(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def sops_in(orthanc) -> list[str]:
+    """SOP Instance UIDs Orthanc holds, one entry per stored instance (blocking)."""
+    return [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.rest("GET", "/instances?expand")]
+
+
+def dimse_toml(scp_port: int, backend: str, pacs_aet: str, pacs_port: int, *, query: bool = False) -> str:
+    """A ``dicom_scp`` endpoint ``scp`` (C-STORE; C-FIND/C-GET too with *query*)
+    piped to *backend*, and a ``dicom_scu`` backend ``pacs``."""
+    enable = "enable_find = true\nenable_get = true\n" if query else ""
+    return f"""
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {scp_port}
+enable_store = true
+{enable}
+[pipelines.dimse]
+endpoints = ["scp"]
+backends = ["{backend}"]
+
+[backends.pacs]
+service = "dicom_scu"
+[backends.pacs.options]
+aet = "{pacs_aet}"
+host = "127.0.0.1"
+port = {pacs_port}
+connect_timeout_secs = 2
+"""

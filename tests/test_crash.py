@@ -1,0 +1,169 @@
+"""Kill -9 tests: a real ``twistd harmony`` process ingesting (HTTP Part-10
+POSTs, or DCMTK ``storescu`` C-STOREs) into ``store_forward`` is killed with
+SIGKILL at random moments - during ingest and during delivery - and
+restarted, while its forward target (Orthanc) is down at first.  Every
+instance that got Success/200 must end up in Orthanc, once; nothing that was
+never sent appears there; nothing is dead-lettered.
+
+Plain synchronous tests: they drive processes, not the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from pydicom import dcmread
+
+from tests.peers import DCMTK, Orthanc, free_port, peer_env, wait_for
+from tests.sf_helpers import HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances, sops_in
+
+N_INSTANCES = 500
+KILLS_DURING_INGEST = 4
+SF_OPTIONS = """
+backoff_initial_seconds = 0.1
+backoff_max_seconds = 0.5
+max_attempts = 1000000"""
+class Rig:
+    """Orthanc (down until :meth:`target_up`) and a Harmony process forwarding to it."""
+
+    def __init__(self, tmp_path, protocol: str):
+        seed = int(os.environ.get("HARMONY_CRASH_SEED", "0")) or random.randrange(1, 2**31)
+        print(f"kill points from HARMONY_CRASH_SEED={seed}")  # shown on failure: rerun with it to reproduce
+        self.rnd = random.Random(seed)
+        self.orthanc = Orthanc(tmp_path / "orthanc")
+        self.hold = PortHold(self.orthanc.dicom_port if protocol == "dimse" else self.orthanc.http_port)
+        self.http_port, self.dimse_port = free_port(), free_port()
+        self.folder = tmp_path / "harmony"
+        self.folder.mkdir()
+        if protocol == "dimse":
+            extra = dimse_toml(self.dimse_port, "sf", self.orthanc.aet, self.orthanc.dicom_port)
+            text = ingest_config(self.orthanc.url, port=self.http_port, sf_options=SF_OPTIONS, extra=extra)
+            text = text.replace('forward_to = ["orthanc"]', 'forward_to = ["pacs"]')
+            ports = [self.http_port, self.dimse_port]
+        else:
+            text = ingest_config(self.orthanc.url, port=self.http_port, sf_options=SF_OPTIONS)
+            ports = [self.http_port]
+        (self.folder / "harmony.toml").write_text(text)
+        self.harmony = HarmonyProcess(self.folder, ports)
+        self.files = make_instances(tmp_path / "in", N_INSTANCES, 66, patient_id="CRASH", series=5, size=8)
+        self.sops = {str(p): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.files}
+
+    def kill_soon(self, within: float):
+        threading.Timer(self.rnd.uniform(0, within), self.harmony.kill).start()
+
+    def target_up_and_kill_while_draining(self):
+        self.hold.release()
+        self.orthanc.start()
+        time.sleep(self.rnd.uniform(0.05, 0.5))  # a random kill moment, not synchronisation
+        self.harmony.kill()
+        self.harmony.start()
+
+    def check(self, acked: set, sent: set):
+        wait_for(lambda: acked <= set(sops_in(self.orthanc)), 120, "every acknowledged instance in Orthanc")
+        in_orthanc = sops_in(self.orthanc)
+        assert len(in_orthanc) == len(set(in_orthanc)), "an instance is in Orthanc twice"
+        assert set(in_orthanc) <= sent, "Orthanc holds an instance nobody sent"
+        db = sqlite3.connect(self.folder / "store" / "index.sqlite")
+        try:
+            states = dict(db.execute("SELECT state, count(*) FROM queue GROUP BY state").fetchall())
+            indexed = {r[0] for r in db.execute("SELECT sop_uid FROM instances")}
+        finally:
+            db.close()
+        assert states.get("dead", 0) == 0
+        assert acked <= indexed
+
+    def close(self):
+        self.harmony.kill()
+        self.hold.release()
+        self.orthanc.stop()
+
+
+def post(url: str, data: bytes) -> int | None:
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/dicom"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None  # killed mid-request: no answer is not a Success
+
+
+def test_http_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path):
+    rig = Rig(tmp_path, "http")
+    url = f"http://127.0.0.1:{rig.http_port}/ingest"
+    acked, sent = set(), set()
+    try:
+        rig.harmony.start()
+        kills = sorted(rig.rnd.sample(range(20, N_INSTANCES - 20), KILLS_DURING_INGEST))
+        for n, path in enumerate(rig.files):
+            if kills and n == kills[0]:
+                kills.pop(0)
+                rig.kill_soon(0.02)  # inside the next request: fsync, rename, commit...
+            sop = rig.sops[str(path)]
+            sent.add(sop)
+            status = post(url, path.read_bytes())
+            if status == 200:
+                acked.add(sop)
+            else:
+                assert status is None, f"unexpected HTTP {status}"
+                rig.harmony.kill()
+                rig.harmony.start()
+        assert rig.harmony.starts == 1 + KILLS_DURING_INGEST
+        assert len(acked) >= N_INSTANCES - KILLS_DURING_INGEST
+        rig.target_up_and_kill_while_draining()
+        rig.check(acked, sent)
+    finally:
+        rig.close()
+
+
+def storescu(port: int, files) -> list[tuple[str, bool]]:
+    """Send *files* on one association; (file, got Success) for each file storescu tried."""
+    r = subprocess.run([DCMTK["storescu"], "-v", "-aec", "HARMONY", "127.0.0.1", str(port), *map(str, files)],
+                       capture_output=True, env=peer_env(), timeout=300)
+    tried, current = [], None
+    for line in r.stderr.decode(errors="replace").splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+            tried.append([current, False])
+        elif "Received Store Response (Success)" in line and tried:
+            tried[-1][1] = True
+    return [(f, ok) for f, ok in tried]
+
+
+def test_storescu_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path):
+    """The issue's crash test over DIMSE: a modality (storescu) resends what got no Success."""
+    rig = Rig(tmp_path, "dimse")
+    acked, sent = set(), set()
+    remaining = [str(p) for p in rig.files]
+    try:
+        rig.harmony.start()
+        rounds = 0
+        while remaining:
+            rounds += 1
+            killing = rounds <= KILLS_DURING_INGEST
+            if killing:
+                rig.kill_soon(1.5)
+            for f, ok in storescu(rig.dimse_port, remaining):
+                sent.add(rig.sops[f])
+                if ok:
+                    acked.add(rig.sops[f])
+            remaining = [f for f in remaining if rig.sops[f] not in acked]
+            if killing:
+                rig.harmony.proc.wait(30)  # the kill timer may still be pending
+                rig.harmony.start()
+            assert rounds < 20, "storescu made no progress"
+        assert len(acked) == N_INSTANCES
+        assert rig.harmony.starts >= 2  # at least one kill while storescu was sending
+        rig.target_up_and_kill_while_draining()
+        rig.check(acked, sent)
+    finally:
+        rig.close()

@@ -1,0 +1,196 @@
+"""The durable store: atomic layout, UID validation, disk guard, index, streaming ingest."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import pytest_twisted
+from hypothesis import given, strategies as st
+from twisted.web.client import FileBodyProducer
+
+from harmony.storage.errors import InvalidInstance, StorageFull
+from harmony.storage.query import value_matches
+from harmony.storage.store import InstanceStore
+from harmony.storage.uids import is_valid_uid
+from tests.dicom_data import make_instance, save
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = InstanceStore(tmp_path / "store", min_free_bytes=0)
+    yield s
+    s.close()
+
+
+def leftovers(store) -> list:
+    return list(store.tmp_dir.iterdir())
+
+
+@pytest_twisted.ensureDeferred
+async def test_corpus_is_filed_by_uid_and_indexed(store, corpus):
+    for inst in corpus:
+        stored = await store.put_file(inst.path)
+        assert stored.path == store.instances_dir / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+        assert stored.path.read_bytes() == inst.path.read_bytes()
+        assert not stored.owned
+    counts = await store.read(lambda c: {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                                         for t in ("patients", "studies", "series", "instances")})
+    assert counts == {"patients": 3, "studies": 4, "series": 9, "instances": 22}
+    assert leftovers(store) == []
+    # Storing the same instance again replaces it: still one row, one file.
+    await store.put_file(corpus[0].path)
+    assert (await store.run(store.counts_sync))["instances"] == 22
+    mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+    assert mode == "wal"
+
+
+@pytest_twisted.ensureDeferred
+async def test_owned_staging_file_is_moved_not_copied(store, corpus, tmp_path):
+    store.open_sync()
+    staged = store.root / "staged.dcm"  # same filesystem as the store
+    staged.write_bytes(corpus[3].path.read_bytes())
+    from harmony.dicom.results import DicomInstance
+    stored = await store.put_instance(DicomInstance(path=staged, owned=True))
+    assert not staged.exists()
+    assert stored.path.read_bytes() == corpus[3].path.read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize("bad_uid", ["../../../../tmp/evil", "1.2.3/../../x", "1.2.abc", "", "1." + "2" * 70,
+                                     "1..2", "/etc/passwd"])
+@pytest_twisted.ensureDeferred
+async def test_uids_that_are_not_uids_never_become_paths(store, tmp_path, bad_uid):
+    ds = make_instance()
+    ds.SOPInstanceUID = bad_uid
+    path = save(ds, tmp_path / "bad.dcm")
+    with pytest.raises(InvalidInstance):
+        await store.put_file(path)
+    assert list(store.instances_dir.rglob("*")) == []
+    assert leftovers(store) == []
+    assert (await store.run(store.counts_sync))["instances"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_dicom_is_refused(store, tmp_path):
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"hello, this is not DICOM" * 10)
+    with pytest.raises(InvalidInstance):
+        await store.put_file(junk)
+    assert leftovers(store) == []
+
+
+@given(st.text(max_size=80))
+def test_uid_validation_admits_only_digits_and_dots(text):
+    if is_valid_uid(text):
+        assert set(text) <= set("0123456789.") and ".." not in text and not text.startswith(".")
+        assert len(text) <= 64 and not text.endswith(".")
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_guard_refuses_before_writing(tmp_path, corpus):
+    free = {"bytes": 10_000_000}
+    s = InstanceStore(tmp_path / "guarded", min_free_bytes=9_999_000, free_bytes=lambda: free["bytes"])
+    try:
+        with pytest.raises(StorageFull) as e:
+            await s.put_file(corpus[0].path)
+        assert e.value.status == 507 and e.value.dimse_status == 0xA700
+        assert list(s.instances_dir.rglob("*.dcm")) == [] and leftovers(s) == []
+        free["bytes"] = 100_000_000
+        await s.put_file(corpus[0].path)
+        assert len(list(s.instances_dir.rglob("*.dcm"))) == 1
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_refused_midway_leaves_nothing(tmp_path):
+    """A body of unknown length crossing the floor while it streams is refused
+    and its temp file removed: the refusal never follows a claimed write."""
+    checks = []
+
+    def free_bytes():
+        checks.append(1)
+        return 10**12 if len(checks) < 2 else 1  # plenty at first, then the disk "fills"
+
+    s = InstanceStore(tmp_path / "filling", min_free_bytes=1024, free_bytes=free_bytes)
+    try:
+        body = FileBodyProducer(io.BytesIO(b"\0" * (40 * 1024 * 1024)))
+        body.length = object()  # unknown length: only the streaming re-check can catch it
+        with pytest.raises(StorageFull):
+            await s.put_producer(body)
+        assert leftovers(s) == [] and list(s.instances_dir.rglob("*")) == []
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_producer_ingest_streams_to_the_same_file(store, corpus):
+    inst = corpus[5]
+    stored = await store.put_producer(FileBodyProducer(open(inst.path, "rb")))
+    assert stored.path.read_bytes() == inst.path.read_bytes()
+    assert stored.sop_instance_uid == inst.sop_uid
+    assert leftovers(store) == []
+
+
+def test_building_a_store_touches_no_disk(tmp_path):
+    """``harmony check`` builds every component: that must not create a store."""
+    s = InstanceStore(tmp_path / "not-yet", min_free_bytes=0)
+    try:
+        assert not (tmp_path / "not-yet").exists()
+        assert s.guard.free_bytes() > 0  # measured on the nearest existing parent
+    finally:
+        s.close()
+
+
+def test_crash_leftovers_are_cleared_on_open(tmp_path):
+    s = InstanceStore(tmp_path / "s", min_free_bytes=0)
+    s.open_sync()
+    s.close()
+    (s.tmp_dir / ".deadbeef.part").write_bytes(b"half an instance")
+    s2 = InstanceStore(tmp_path / "s", min_free_bytes=0)
+    try:
+        s2.open_sync()
+        assert leftovers(s2) == []
+    finally:
+        s2.close()
+
+
+@pytest.mark.parametrize("vr,query,stored,expected", [
+    ("PN", "test^al*", ["TEST^ALPHA"], True),
+    ("PN", "TEST^ALPH?", ["TEST^ALPHA"], True),
+    ("PN", "TEST", ["TEST^ALPHA"], False),
+    ("LO", "pat00*", ["PAT001"], False),  # only PN is case-insensitive
+    ("LO", "PAT00*", ["PAT001"], True),
+    ("DA", "20240101-20241231", ["20240315"], True),
+    ("DA", "-20231231", ["20240315"], False),
+    ("DA", "2024-", ["20240315"], True),
+    ("TM", "1000-1100", ["101500"], True),
+    ("TM", "1020-", ["101500"], False),
+    ("UI", "1.2*", ["1.2.3"], False),  # no wildcards on UIDs
+    ("IS", "1", ["1"], True),
+    ("CS", "MR", ["CT", "MR"], True),
+])
+def test_matching_rules(vr, query, stored, expected):
+    assert value_matches(vr, query, stored) is expected
+
+
+@given(st.text(alphabet="AB*?^", max_size=8), st.text(alphabet="AB^", max_size=8))
+def test_wildcards_agree_with_fnmatch(pattern, value):
+    import fnmatch
+    if pattern:  # an empty key is universal matching, decided before value_matches
+        assert value_matches("LO", pattern, [value]) == fnmatch.fnmatchcase(value, pattern)
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncated_instance_is_refused(store, corpus, tmp_path):
+    """A body cut short (a dropped connection, a full disk upstream) parses as a
+    header with missing pixels; it must be refused, not filed and acknowledged."""
+    data = corpus[0].path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(InvalidInstance):
+        await store.put_file(cut)
+    with pytest.raises(InvalidInstance):
+        await store.put_bytes(data[:-100])
+    assert list(store.instances_dir.rglob("*.dcm")) == [] and leftovers(store) == []
