@@ -57,3 +57,32 @@ def orthanc_qido(orthanc, path: str, params: dict | None = None) -> list:
     query = "&".join(f"{k}={v}" for k, v in (params or {}).items())
     raw = orthanc.rest("GET", "/dicom-web" + path + ("?" + query if query else ""))
     return _json.loads(raw) if isinstance(raw, (bytes, str)) and raw else (raw or [])
+
+
+def multipart(parts: list[bytes], boundary="harmony-test-boundary"):
+    """A STOW-RS body of application/dicom *parts*, and its Content-Type."""
+    out = b""
+    for p in parts:
+        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+
+
+#: Corpus studies 1 and 3 (tests/dicom_data.py).
+S1, S3 = "1.2.826.0.1.3680043.10.543.1.1", "1.2.826.0.1.3680043.10.543.1.3"
+#: (client method, its kwargs, the same query as an Orthanc QIDO path, params): compared answer for answer.
+QIDO_CASES = [
+    ("search_for_studies", {}, "/studies", {}),
+    ("search_for_studies", {"search_filters": {"PatientID": "PAT001"}}, "/studies", {"PatientID": "PAT001"}),
+    ("search_for_studies", {"search_filters": {"StudyDate": "20230101-20241231"}}, "/studies",
+     {"StudyDate": "20230101-20241231"}),
+    ("search_for_studies", {"search_filters": {"AccessionNumber": "ACC00*"}}, "/studies", {"AccessionNumber": "ACC00*"}),
+    ("search_for_studies", {"search_filters": {"PatientName": "TEST^B*"}}, "/studies", {"PatientName": "TEST^B*"}),
+    ("search_for_series", {"search_filters": {"Modality": "MR"}}, "/series", {"Modality": "MR"}),
+    ("search_for_series", {"study_instance_uid": S1}, f"/studies/{S1}/series", {}),
+    ("search_for_instances", {"study_instance_uid": S3, "series_instance_uid": S3 + ".1"},
+     f"/studies/{S3}/series/{S3}.1/instances", {}),
+    ("search_for_instances", {"search_filters": {"SeriesDescription": "AXIAL"}}, "/instances",
+     {"SeriesDescription": "AXIAL"}),
+    ("search_for_studies", {"fields": ["StudyDescription"]}, "/studies", {"includefield": "StudyDescription"}),
+]

@@ -15,7 +15,7 @@ import treq
 from PIL import Image
 
 from tests.dicom_data import make_instance
-from tests.dicomweb_helpers import client, in_thread, orthanc_qido, same_dataset, summaries
+from tests.dicomweb_helpers import QIDO_CASES, client, in_thread, multipart, orthanc_qido, same_dataset, summaries
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
 
@@ -75,25 +75,8 @@ def native(orthanc):
     return client(orthanc.dicomweb_url)
 
 
-S1, S3 = "1.2.826.0.1.3680043.10.543.1.1", "1.2.826.0.1.3680043.10.543.1.3"
-
-
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("fn,kwargs,path,params", [
-    ("search_for_studies", {}, "/studies", {}),
-    ("search_for_studies", {"search_filters": {"PatientID": "PAT001"}}, "/studies", {"PatientID": "PAT001"}),
-    ("search_for_studies", {"search_filters": {"StudyDate": "20230101-20241231"}}, "/studies",
-     {"StudyDate": "20230101-20241231"}),
-    ("search_for_studies", {"search_filters": {"AccessionNumber": "ACC00*"}}, "/studies", {"AccessionNumber": "ACC00*"}),
-    ("search_for_studies", {"search_filters": {"PatientName": "TEST^B*"}}, "/studies", {"PatientName": "TEST^B*"}),
-    ("search_for_series", {"search_filters": {"Modality": "MR"}}, "/series", {"Modality": "MR"}),
-    ("search_for_series", {"study_instance_uid": S1}, f"/studies/{S1}/series", {}),
-    ("search_for_instances", {"study_instance_uid": S3, "series_instance_uid": S3 + ".1"},
-     f"/studies/{S3}/series/{S3}.1/instances", {}),
-    ("search_for_instances", {"search_filters": {"SeriesDescription": "AXIAL"}}, "/instances",
-     {"SeriesDescription": "AXIAL"}),
-    ("search_for_studies", {"fields": ["StudyDescription"]}, "/studies", {"includefield": "StudyDescription"}),
-])
+@pytest.mark.parametrize("fn,kwargs,path,params", QIDO_CASES)
 async def test_qido_equals_orthanc_native(proxy, orthanc, fn, kwargs, path, params):
     ours = await in_thread(getattr(proxy, fn), **kwargs)
     theirs = await in_thread(orthanc_qido, orthanc, path, params)
@@ -244,12 +227,12 @@ async def test_stow_study_mismatch_is_409_and_partial_is_202(harmony):
     other = make_instance(study_uid="1.2.826.0.1.3680043.10.543.88.3", sop_uid="1.2.826.0.1.3680043.10.543.88.3.1.1")
     good = make_instance(study_uid=study, sop_uid=study + ".1.1")
     parts = [_part_bytes(other)]
-    body, ctype = _multipart(parts)
+    body, ctype = multipart(parts)
     resp = await treq.post(harmony.url(f"/store/studies/{study}"), body, headers={"Content-Type": ctype})
     assert resp.code == 409
     doc = json.loads(await resp.content())
     assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
-    body, ctype = _multipart([_part_bytes(good), b"this is not DICOM"])
+    body, ctype = multipart([_part_bytes(good), b"this is not DICOM"])
     resp = await treq.post(harmony.url(f"/store/studies/{study}"), body, headers={"Content-Type": ctype})
     assert resp.code == 202
     doc = json.loads(await resp.content())
@@ -280,14 +263,6 @@ def _part_bytes(ds) -> bytes:
     return buf.getvalue()
 
 
-def _multipart(parts: list[bytes], boundary="harmony-test-boundary"):
-    out = b""
-    for p in parts:
-        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
-    out += f"--{boundary}--\r\n".encode()
-    return out, f'multipart/related; type="application/dicom"; boundary="{boundary}"'
-
-
 @pytest_twisted.ensureDeferred
 async def test_pacs_down_metadata_waiters_do_not_hang(tmp_path):
     """Concurrent identical metadata requests share one fetch; when it fails
@@ -307,7 +282,7 @@ async def test_pacs_down_metadata_waiters_do_not_hang(tmp_path):
             assert json.loads(await r.content())["status"] == 502
         again = await treq.get(url)
         assert again.code == 502
-        stow_body = _multipart([_part_bytes(make_instance(study_uid="1.2.3", sop_uid="1.2.3.9"))])
+        stow_body = multipart([_part_bytes(make_instance(study_uid="1.2.3", sop_uid="1.2.3.9"))])
         stow = await treq.post(running.url("/dicomweb/studies"), stow_body[0], headers={"Content-Type": stow_body[1]})
         assert stow.code == 503
         doc = json.loads(await stow.content())
@@ -428,7 +403,7 @@ async def test_undecodable_instance_is_406_unless_asked_as_stored(harmony):
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    body, ctype = _multipart([_part_bytes(ds)])
+    body, ctype = multipart([_part_bytes(ds)])
     stored = await treq.post(harmony.url("/store/studies"), body, headers={"Content-Type": ctype})
     assert stored.code == 200, await stored.content()
     url = harmony.url(f"/store/studies/{study}/series/{study}.1/instances/{study}.1.1")

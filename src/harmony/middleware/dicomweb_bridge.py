@@ -34,6 +34,7 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from harmony.dicom.net import is_failure
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
 from harmony.dicomweb import accept as acc
@@ -63,6 +64,7 @@ ALL_EXTRA = {
     "IMAGE": ("00080008", "00080023", "00080033", "00200020", "00200032", "00200037", "00280004"),
 }
 #: C-STORE failures that say nothing about the request (PACS down or full).
+_OUT_OF_RESOURCES = (0xA700, 0xA701, 0xA702)
 _UNAVAILABLE = (FAILURE_PROCESSING, 0xA700, 0xA701, 0xA702, 0xC001, 0xC002)
 
 
@@ -429,6 +431,8 @@ class DicomWebBridge(Middleware):
             status = 200
         elif referenced:
             status = 202
+        elif all(r in _OUT_OF_RESOURCES for r in reasons):
+            status = 507  # a full store (or PACS): nothing was written, try again once there is room
         elif all(r in _UNAVAILABLE for r in reasons):
             status = 503  # nothing stored because the PACS could not take it, not because of the request
         else:
@@ -458,10 +462,10 @@ class DicomWebBridge(Middleware):
             response = yield pipeline.send_after(self, sub)
         except HarmonyError as e:
             log.warn("dicomweb_bridge {name}: C-STORE failed: {error}", name=self.name, error=e.detail)
-            return False, _failed_entry(sop_class, sop, FAILURE_PROCESSING), FAILURE_PROCESSING
-        stream = response.context.get("dicom_results")
-        status = stream.status if stream is not None else None
-        if status is None or _failed(stream) or response.status >= 400:
+            reason = getattr(e, "dimse_status", None) or FAILURE_PROCESSING  # e.g. 0xA700 from a full store
+            return False, _failed_entry(sop_class, sop, reason), reason
+        status = _store_status(response)
+        if status is None or is_failure(status) or response.status >= 400:
             reason = status if status not in (None, 0) else FAILURE_PROCESSING
             return False, _failed_entry(sop_class, sop, reason), reason
         entry = {"00081150": {"vr": "UI", "Value": [sop_class]}, "00081155": {"vr": "UI", "Value": [sop]},
@@ -519,8 +523,19 @@ def _failed_entry(sop_class, sop, reason) -> dict:
 
 
 def _failed(stream) -> bool:
-    from harmony.dicom.net import is_failure
     return stream.status is not None and is_failure(stream.status)
+
+
+def _store_status(response):
+    """A C-STORE answer's DIMSE status: the result stream's final status
+    (``dicom_scu``), or ``context["dimse_status"]`` from a backend that answers
+    without a stream once the instance is durably written (``store_forward``,
+    ``local_archive``); None when the answer says nothing."""
+    stream = response.context.get("dicom_results")
+    if stream is not None:
+        return stream.status
+    status = response.context.get("dimse_status")
+    return status if isinstance(status, int) else None
 
 
 def _as_backend_error(failure):

@@ -1,0 +1,165 @@
+"""Harmony as a DICOMweb archive over its own store: dicomweb-client ->
+``dicomweb`` endpoint -> ``dicomweb_bridge`` -> ``local_archive``.
+
+The corpus goes in by STOW-RS; QIDO-RS and WADO-RS answers are then compared
+with Orthanc's own DICOMweb plugin holding the same corpus (the session
+``orthanc`` fixture), and retrieved instances are the bytes that were stored.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+import pytest
+import pytest_twisted
+import treq
+
+from tests.dicomweb_helpers import COMPARE, QIDO_CASES, client, in_thread, multipart, orthanc_qido, same_dataset, summaries
+from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+
+ARCHIVE_WEB = """
+[storage.options]
+path = "store"
+min_free_mb = {min_free_mb}
+
+[pipelines.web]
+networks = ["default"]
+endpoints = ["web"]
+middleware = ["bridge"]
+backends = ["archive"]
+
+[endpoints.web]
+service = "dicomweb"
+[endpoints.web.options]
+path_prefix = "/dicomweb"
+
+[middleware.bridge]
+type = "dicomweb_bridge"
+
+[backends.archive]
+service = "local_archive"
+"""
+#: Counts of a parent level: NumberOfStudyRelatedSeries/-Instances, NumberOfSeriesRelatedInstances.
+PARENT_COUNTS = {"search_for_studies": (), "search_for_series": ("00201206", "00201208"),
+                 "search_for_instances": ("00201206", "00201208", "00201209")}
+
+
+def archive_config(folder, min_free_mb=0):
+    return write_config(folder, MINIMAL_MAIN + ARCHIVE_WEB.format(min_free_mb=min_free_mb))
+
+
+@pytest.fixture(scope="module")
+def web_archive(tmp_path_factory, corpus):
+    folder = tmp_path_factory.mktemp("archive-web")
+    harmony = pytest_twisted.blockon(start_harmony(archive_config(folder)))
+    datasets = [pydicom.dcmread(i.path) for i in corpus]
+    harmony.stow_result = pytest_twisted.blockon(
+        in_thread(client(harmony.url("/dicomweb")).store_instances, datasets))
+    yield harmony
+    pytest_twisted.blockon(harmony.stop())
+
+
+@pytest.fixture
+def proxy(web_archive):
+    return client(web_archive.url("/dicomweb"))
+
+
+@pytest.fixture
+def native(orthanc):
+    return client(orthanc.dicomweb_url)
+
+
+def test_stow_lists_every_instance_and_files_it(web_archive, corpus):
+    result = web_archive.stow_result
+    assert sorted(r.ReferencedSOPInstanceUID for r in result.ReferencedSOPSequence) == sorted(i.sop_uid for i in corpus)
+    assert "FailedSOPSequence" not in result
+    store = web_archive.service.runtime.backends["archive"].store
+    indexed = store.read_sync(lambda c: [r[0] for r in c.execute("SELECT sop_uid FROM instances")])
+    assert sorted(indexed) == sorted(i.sop_uid for i in corpus)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("fn,kwargs,path,params", QIDO_CASES)
+async def test_qido_over_the_archive_equals_orthanc(proxy, orthanc, fn, kwargs, path, params):
+    ours = await in_thread(getattr(proxy, fn), **kwargs)
+    theirs = await in_thread(orthanc_qido, orthanc, path, params)
+    assert ours
+    # The archive also returns the parent levels' counts (PS3.18 lists the
+    # study/series attributes in a search without them in the path); Orthanc
+    # leaves them out.
+    keys = tuple(k for k in COMPARE if k not in PARENT_COUNTS[fn])
+    assert summaries(ours, keys=keys) == summaries(theirs, keys=keys)
+
+
+@pytest_twisted.ensureDeferred
+async def test_qido_paging_and_empty_result(web_archive, proxy, native):
+    everything = await in_thread(native.search_for_studies)
+    pages = [await in_thread(proxy.search_for_studies, limit=3, offset=o) for o in (0, 3)]
+    assert [len(p) for p in pages] == [3, len(everything) - 3]
+    assert (sorted(r["0020000D"]["Value"][0] for p in pages for r in p)
+            == sorted(r["0020000D"]["Value"][0] for r in everything))
+    resp = await treq.get(web_archive.url("/dicomweb/studies?PatientID=NOBODY"))
+    assert resp.code == 204
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_instance_series_study_equal_orthanc(proxy, native, corpus):
+    media = [("application/dicom", "*")]
+    for inst in (corpus[0], next(i for i in corpus if i.modality == "MR")):
+        ours = await in_thread(proxy.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid,
+                               media_types=media)
+        theirs = await in_thread(native.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid,
+                                 media_types=media)
+        assert same_dataset(ours, theirs)
+    inst = corpus[0]
+    series = await in_thread(proxy.retrieve_series, inst.study_uid, inst.series_uid, media_types=media)
+    assert sorted(d.SOPInstanceUID for d in series) == sorted(i.sop_uid for i in corpus
+                                                             if i.series_uid == inst.series_uid)
+    study = await in_thread(proxy.retrieve_study, inst.study_uid, media_types=media)
+    native_study = await in_thread(native.retrieve_study, inst.study_uid, media_types=media)
+    by_uid = {d.SOPInstanceUID: d for d in native_study}
+    assert len(study) == len(native_study) and all(same_dataset(d, by_uid[d.SOPInstanceUID]) for d in study)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_returns_the_stored_bytes(web_archive, corpus):
+    for inst in corpus[:3]:
+        resp = await treq.get(web_archive.url(f"/dicomweb/studies/{inst.study_uid}/series/{inst.series_uid}"
+                                              f"/instances/{inst.sop_uid}"),
+                              headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert resp.code == 200
+        assert inst.path.read_bytes() in await resp.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_metadata_equals_orthanc(proxy, native, corpus):
+    inst = next(i for i in corpus if i.modality == "MR")
+    ours = await in_thread(proxy.retrieve_series_metadata, inst.study_uid, inst.series_uid)
+    theirs = await in_thread(native.retrieve_series_metadata, inst.study_uid, inst.series_uid)
+    assert summaries(ours) == summaries(theirs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_uids_are_404(web_archive):
+    resp = await treq.get(web_archive.url("/dicomweb/studies/1.2.3.4.5.999"),
+                          headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert resp.code == 404
+    resp = await treq.get(web_archive.url("/dicomweb/studies/1.2.3.4.5.999/metadata"))
+    assert resp.code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_into_a_full_archive_is_507_and_keeps_nothing(tmp_path, corpus):
+    harmony = await start_harmony(archive_config(tmp_path, min_free_mb=10**9))
+    try:
+        body, ctype = multipart([corpus[0].path.read_bytes()])
+        resp = await treq.post(harmony.url("/dicomweb/studies"), body, headers={"Content-Type": ctype})
+        assert resp.code == 507
+        doc = json.loads(await resp.content())
+        assert doc["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
+        assert "00081199" not in doc
+        assert list((tmp_path / "store" / "instances").rglob("*.dcm")) == []
+    finally:
+        await harmony.stop()
+
