@@ -1,5 +1,6 @@
 """Kill -9 tests: a real ``twistd harmony`` process ingesting (HTTP Part-10
-POSTs, or DCMTK ``storescu`` C-STOREs) into ``store_forward`` is killed with
+POSTs, DCMTK ``storescu`` C-STOREs, or STOW-RS through the ``dicomweb_bridge``)
+into ``store_forward`` is killed with
 SIGKILL at random moments - during ingest and during delivery - and
 restarted, while its forward target (Orthanc) is down at first.  Every
 instance that got Success/200 must end up in Orthanc, once; nothing that was
@@ -10,6 +11,7 @@ Plain synchronous tests: they drive processes, not the reactor.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -22,7 +24,9 @@ import urllib.request
 from pydicom import dcmread
 
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, wait_for
+from tests.dicomweb_helpers import multipart
 from tests.sf_helpers import HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances, sops_in
+from tests.test_stow_forward import stow_forward_toml
 
 N_INSTANCES = 500
 KILLS_DURING_INGEST = 4
@@ -47,6 +51,13 @@ class Rig:
             text = ingest_config(self.orthanc.url, port=self.http_port, sf_options=SF_OPTIONS, extra=extra)
             text = text.replace('forward_to = ["orthanc"]', 'forward_to = ["pacs"]')
             ports = [self.http_port, self.dimse_port]
+        elif protocol == "stow":
+            # STOW-RS in, delivered by STOW-RS (the dicomweb backend) to Orthanc's DICOMweb plugin.
+            text = (f'[network.default.http]\nbind_address = "127.0.0.1"\nbind_port = {self.http_port}\n'
+                    + stow_forward_toml('["cloud"]', sf_options=SF_OPTIONS)
+                    + f'\n[backends.cloud]\nservice = "dicomweb"\n[backends.cloud.options]\n'
+                      f'base_url = "{self.orthanc.dicomweb_url}"\n')
+            ports = [self.http_port]
         else:
             text = ingest_config(self.orthanc.url, port=self.http_port, sf_options=SF_OPTIONS)
             ports = [self.http_port]
@@ -163,6 +174,61 @@ def test_storescu_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_
             assert rounds < 20, "storescu made no progress"
         assert len(acked) == N_INSTANCES
         assert rig.harmony.starts >= 2  # at least one kill while storescu was sending
+        rig.target_up_and_kill_while_draining()
+        rig.check(acked, sent)
+    finally:
+        rig.close()
+
+
+def stow(url: str, files) -> list[str] | None:
+    """One STOW-RS request; the SOP Instance UIDs its ReferencedSOPSequence lists,
+    or None when there was no answer (Harmony killed mid-request)."""
+    body, ctype = multipart([f.read_bytes() for f in files])
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            doc = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"unexpected HTTP {e.code}: {e.read()[:300]!r}") from None
+    except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+        return None  # killed mid-request (or mid-answer): nothing is acknowledged
+    assert "00081198" not in doc, doc  # no part failed: these are all valid instances
+    return [e["00081155"]["Value"][0] for e in doc.get("00081199", {}).get("Value", [])]
+
+
+def test_stow_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path):
+    """The issue's crash test over STOW-RS: every instance listed in a
+    ReferencedSOPSequence reaches Orthanc exactly once; a client resends a
+    request that got no answer."""
+    rig = Rig(tmp_path, "stow")
+    url = f"http://127.0.0.1:{rig.http_port}/dicomweb/studies"
+    acked, sent = set(), set()
+    batches = [rig.files[i:i + 10] for i in range(0, N_INSTANCES, 10)]
+    kills = set(rig.rnd.sample(range(2, len(batches) - 2), KILLS_DURING_INGEST))
+    try:
+        rig.harmony.start()
+        for n, batch in enumerate(batches):
+            tries = 0
+            while True:
+                tries += 1
+                assert tries < 10, "STOW made no progress"
+                killing = n in kills
+                if killing:
+                    kills.discard(n)
+                    rig.kill_soon(0.2)  # inside this request: parts parsed, written, committed...
+                sent.update(rig.sops[str(f)] for f in batch)
+                listed = stow(url, batch)
+                if listed is not None:
+                    assert sorted(listed) == sorted(rig.sops[str(f)] for f in batch)
+                    acked.update(listed)
+                if killing or listed is None:
+                    rig.harmony.proc.wait(30)  # the kill timer may still be pending
+                    rig.harmony.start()
+                if listed is not None:
+                    break
+        assert len(acked) == N_INSTANCES
+        assert rig.harmony.starts == 1 + KILLS_DURING_INGEST
         rig.target_up_and_kill_while_draining()
         rig.check(acked, sent)
     finally:
