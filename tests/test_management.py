@@ -216,7 +216,7 @@ def test_metrics_labels_never_come_from_the_request():
 
     class FakeService:  # the metrics only read .runtime and target_pools() from it
         runtime = type("R", (), {"config": type("C", (), {"proxy": type("P", (), {"id": "x"})})(),
-                                 "endpoints": {"scp": object()}, "pipelines": {},
+                                 "endpoints": {"scp": object()}, "pipelines": {}, "backends": {},
                                  "listeners": lambda self: []})()
 
         def target_pools(self):

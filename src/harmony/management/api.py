@@ -5,6 +5,7 @@
     GET  {base}/routes     HTTP routes per network and self-listening (DIMSE) endpoints
     GET  {base}/targets    per backend: strategy and per target health, circuit, in-flight, last error
     GET  {base}/metrics    Prometheus text exposition
+    ...  {base}/queues     store-and-forward queues (see harmony.storage.admin)
     POST {base}/reload     re-read and apply the configuration (see harmony.management.reload)
 
 Every call needs ``Authorization: Bearer <token>`` (compared in constant time)
@@ -65,6 +66,8 @@ class AdminApi:
             error = AuthenticationFailed("a valid bearer token is required",
                                          headers=[(b"WWW-Authenticate", b'Bearer realm="harmony-management"')])
             return self._send(request, problem_response(error, instance=path))
+        if sub == "/queues" or sub.startswith("/queues/"):
+            return self.queues(request, prefix)
         handlers = {"/info": self.info, "/pipelines": self.pipelines, "/routes": self.routes,
                     "/targets": self.targets, "/metrics": self.metrics, "/reload": self.reload}
         handler = handlers.get(sub)
@@ -128,6 +131,20 @@ class AdminApi:
 
     def targets(self):
         return ResponseEnvelope.json(200, {"backends": [p.snapshot() for p in self.service.target_pools()]})
+
+    def queues(self, request, prefix: str):
+        """Store-and-forward queues (harmony.storage.admin): GET overview, dead
+        letters, retry, wake, purge with confirmation.  Built per request from
+        the live runtime, so a reload's new backends are what it manages."""
+        from harmony.storage.admin import queues_resource
+
+        segments = request.path[len(prefix.encode()):].split(b"/")  # b"", b"queues", target, ...
+        request.postpath = [s for s in segments[2:] if s]
+        result = queues_resource(self.service.runtime).render(request)
+        if result is not NOT_DONE_YET:  # an error it answered at once
+            request.write(result)
+            request.finish()
+        return NOT_DONE_YET
 
     def metrics(self):
         response = ResponseEnvelope(200, body=self.service.metrics.text())

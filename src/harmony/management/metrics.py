@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import harmony
 from harmony.envelope import body_length
+from harmony.storage.metrics import LiveRuntimeCollector
 from harmony.targets.target import CIRCUIT_STATES
 
 DIMSE_OPS = frozenset({"C-ECHO", "C-FIND", "C-GET", "C-MOVE", "C-STORE"})
@@ -105,6 +106,8 @@ class HarmonyMetrics:
         for result in ("success", "failure"):
             self.reloads.labels(result)
         r.register(_LiveCollector(service))
+        # Store and queue state (harmony_store_forward_*, harmony_storage_*), read from the live runtime.
+        r.register(LiveRuntimeCollector(lambda: service.runtime))
 
     def instrument(self, runtime) -> None:
         """Attach a request observer to every pipeline of *runtime*."""

@@ -76,9 +76,30 @@ def register_metrics(registry, services, stores=()) -> StoreForwardCollector:
     return collector
 
 
-def register_runtime_metrics(registry, runtime) -> StoreForwardCollector:
-    """Metrics for every store_forward and local_archive backend of a runtime."""
+def runtime_collector(runtime) -> StoreForwardCollector:
+    """A collector for every store_forward and local_archive backend of a runtime."""
     backends = list(runtime.backends.values())
     services = [b.forward for b in backends if hasattr(b, "forward")]
     stores = [b.store for b in backends if hasattr(b, "store") and not hasattr(b, "forward")]
-    return register_metrics(registry, services, stores)
+    return StoreForwardCollector(services, stores)
+
+
+def register_runtime_metrics(registry, runtime) -> StoreForwardCollector:
+    """Metrics for every store_forward and local_archive backend of a runtime."""
+    collector = runtime_collector(runtime)
+    registry.register(collector)
+    return collector
+
+
+class LiveRuntimeCollector:
+    """The same metrics for whatever runtime *current* returns at scrape time,
+    so a hot reload that replaces backends needs no re-registration."""
+
+    def __init__(self, current):
+        self.current = current
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        yield from runtime_collector(self.current()).collect()
