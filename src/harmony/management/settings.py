@@ -3,13 +3,17 @@
 Secure by default: off unless ``enabled = true``; on 127.0.0.1:9901 unless told
 otherwise; and it refuses to start without a bearer token (``token`` or
 ``token_file``) unless it is bound to loopback *and* ``allow_unauthenticated =
-true`` says that is deliberate.
+true`` says that is deliberate.  ``create_token_file = true`` writes a random
+token to ``token_file`` (mode 0600) when the file does not exist yet, so a
+fresh installation is protected without a setup step.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import secrets
 from pathlib import Path
 
 import attr
@@ -51,6 +55,10 @@ class ManagementSettings:
         base_path = o.str("base_path", "admin").strip("/")
         if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", base_path) or ".." in base_path.split("/"):
             raise OptionError("base_path", f"must be a plain path such as 'admin', got {base_path!r}")
+        if o.bool("create_token_file", False):
+            if "token_file" not in o.raw:
+                raise OptionError("create_token_file", "needs token_file: where to keep the generated token")
+            create_token_file(o.path("token_file"))
         token = o.secret("token", default=None)
         if token is not None and len(token) < 16:
             raise OptionError("token", "must be at least 16 characters (use a random one)")
@@ -110,3 +118,24 @@ def is_loopback(description: str) -> bool:
         return ipaddress.ip_address(m.group(1).replace("\\:", ":")).is_loopback
     except ValueError:
         return m.group(1) == "localhost"
+
+
+def create_token_file(path: Path) -> bool:
+    """Write a random token to *path* unless it exists; only its owner may read it.
+
+    Created with ``O_EXCL`` and mode 0600 (its folder 0700 when made here), so
+    the token is never readable by anyone else, not even for a moment.
+    Returns whether a token was written.
+    """
+    if path.exists():
+        return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False  # another process made it first: use theirs
+    except OSError as e:
+        raise OptionError("token_file", f"cannot create {path}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return True
