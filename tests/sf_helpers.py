@@ -182,3 +182,39 @@ host = "127.0.0.1"
 port = {pacs_port}
 connect_timeout_secs = 2
 """
+
+
+#: STOW-RS in front of the ``store_forward`` backend ``sf``: a ``dicomweb``
+#: endpoint at /dicomweb -> ``dicomweb_bridge`` -> ``sf``.
+STOW_PIPELINE = """
+[pipelines.stow]
+networks = ["default"]
+endpoints = ["web"]
+middleware = ["bridge"]
+backends = ["sf"]
+
+[endpoints.web]
+service = "dicomweb"
+[endpoints.web.options]
+path_prefix = "/dicomweb"
+
+[middleware.bridge]
+type = "dicomweb_bridge"
+"""
+
+
+def stow_forward_toml(targets: str, *, sf_options: str = "", min_free_mb: float = 0) -> str:
+    """:data:`STOW_PIPELINE` with its store (folder ``store``) and the ``sf``
+    backend forwarding to ``forward_to`` = *targets* (a TOML list); the target
+    backends are added by the caller."""
+    return f"""
+[storage.options]
+path = "store"
+min_free_mb = {min_free_mb}
+
+[backends.sf]
+service = "store_forward"
+[backends.sf.options]
+forward_to = {targets}
+{sf_options}
+""" + STOW_PIPELINE

@@ -25,8 +25,8 @@ from pydicom import dcmread
 
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, wait_for
 from tests.dicomweb_helpers import multipart
-from tests.sf_helpers import HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances, sops_in
-from tests.test_stow_forward import stow_forward_toml
+from tests.sf_helpers import (HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances, sops_in,
+                              stow_forward_toml)
 
 N_INSTANCES = 500
 KILLS_DURING_INGEST = 4

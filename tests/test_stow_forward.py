@@ -17,38 +17,7 @@ from twisted.internet import threads
 from tests.dicomweb_helpers import client, in_thread, multipart
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc
-from tests.sf_helpers import PortHold, make_instances, sops_in
-
-
-def stow_forward_toml(targets: str, *, sf_options: str = "", min_free_mb: float = 0) -> str:
-    """A ``dicomweb`` endpoint at /dicomweb -> ``dicomweb_bridge`` -> ``store_forward``
-    backend ``sf`` (store folder ``store``) forwarding to ``forward_to`` = *targets*
-    (a TOML list); the target backends are added by the caller."""
-    return f"""
-[storage.options]
-path = "store"
-min_free_mb = {min_free_mb}
-
-[pipelines.stow]
-networks = ["default"]
-endpoints = ["web"]
-middleware = ["bridge"]
-backends = ["sf"]
-
-[endpoints.web]
-service = "dicomweb"
-[endpoints.web.options]
-path_prefix = "/dicomweb"
-
-[middleware.bridge]
-type = "dicomweb_bridge"
-
-[backends.sf]
-service = "store_forward"
-[backends.sf.options]
-forward_to = {targets}
-{sf_options}
-"""
+from tests.sf_helpers import PortHold, make_instances, sops_in, stow_forward_toml
 
 
 def targets_toml(pacs: Orthanc, cloud: Orthanc) -> str:

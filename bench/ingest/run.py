@@ -8,6 +8,10 @@ large ones), all on 127.0.0.1, TCP_NODELAY=1 for the peers:
    connections): Harmony ``http`` endpoint -> ``store_forward`` (fsync on,
    acknowledged after the durable write + queue row) vs Orthanc's
    ``POST /instances``.
+   STOW-RS ingest (``--stow-batch`` instances per request, same clients):
+   Harmony ``dicomweb`` endpoint -> ``dicomweb_bridge`` -> ``store_forward``
+   (each instance listed in ReferencedSOPSequence after its durable write) vs
+   Orthanc's DICOMweb plugin STOW-RS.
 2. DIMSE C-STORE ingest (DCMTK ``storescu``, one association): Harmony's
    ``dicom_scp`` -> ``store_forward`` (when this build has ``dicom_scp``) vs
    DCMTK ``storescp`` (writes files, no fsync) vs Orthanc.
@@ -16,7 +20,7 @@ large ones), all on 127.0.0.1, TCP_NODELAY=1 for the peers:
 
 Prints instances/s, MB/s, and Harmony's ratio to each peer.
 
-    .venv/bin/python bench/ingest/run.py [--small 1000] [--large 20] [--clients 4]
+    .venv/bin/python bench/ingest/run.py [--small 1000] [--large 20] [--clients 4] [--stow-batch 10]
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, port_open, wait_for  # noqa: E402
-from tests.sf_helpers import HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances  # noqa: E402
+from tests.dicomweb_helpers import multipart  # noqa: E402
+from tests.sf_helpers import (STOW_PIPELINE, HarmonyProcess, PortHold, dimse_toml, ingest_config,  # noqa: E402
+                              make_instances)
 
 
 
@@ -50,14 +56,26 @@ def make_data(folder: Path, small: int, large: int) -> list[Path]:
 
 def post_all(host: str, port: int, path: str, files: list[Path], clients: int) -> float:
     """POST every file (keep-alive, *clients* connections); returns seconds."""
-    bodies = [f.read_bytes() for f in files]
+    return post_bodies(host, port, path, [f.read_bytes() for f in files], "application/dicom", clients)
+
+
+def stow_all(host: str, port: int, path: str, files: list[Path], clients: int, batch: int) -> float:
+    """STOW-RS every file, *batch* instances per request; returns seconds."""
+    body_of = []
+    for i in range(0, len(files), batch):
+        body, ctype = multipart([f.read_bytes() for f in files[i:i + batch]])
+        body_of.append(body)
+    return post_bodies(host, port, path, body_of, ctype, clients, accept="application/dicom+json")
+
+
+def post_bodies(host, port, path, bodies, content_type, clients, accept="*/*") -> float:
     shares = [bodies[i::clients] for i in range(clients)]
     errors = []
 
     def worker(share):
         conn = http.client.HTTPConnection(host, port, timeout=120)
         for body in share:
-            conn.request("POST", path, body, {"Content-Type": "application/dicom"})
+            conn.request("POST", path, body, {"Content-Type": content_type, "Accept": accept})
             r = conn.getresponse()
             r.read()
             if r.status != 200:
@@ -93,7 +111,7 @@ class Harmony(HarmonyProcess):
         super().__init__(folder, [p for p in (self.http_port, self.dimse_port) if p])
         dimse_part = dimse_toml(self.dimse_port, "sf", "ORTHANC", 9) if dimse else ""
         self.config.write_text(ingest_config(orthanc_url, port=self.http_port, min_free_mb=64, log_level="warn",
-                                             extra=dimse_part, sf_options=textwrap.dedent("""
+                                             extra=dimse_part + STOW_PIPELINE, sf_options=textwrap.dedent("""
                                                  backoff_initial_seconds = 0.2
                                                  backoff_max_seconds = 0.5
                                                  max_attempts = 1000000
@@ -132,6 +150,7 @@ def main():
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--large", type=int, default=20)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--stow-batch", type=int, default=10, help="instances per STOW-RS request")
     args = ap.parse_args()
     from harmony.registry import BUILTIN
     have_scp = "dicom_scp" in BUILTIN["endpoint"]
@@ -159,6 +178,26 @@ def main():
             orthanc.stop()
         r_orthanc = row("Orthanc POST /instances", t_orthanc, n, nbytes)
         row("Harmony http -> store_forward (fsync)", t_harmony, n, nbytes, r_orthanc)
+
+        # --- STOW-RS ingest
+        print(f"\nSTOW-RS, {args.stow_batch} instances per request, {args.clients} keep-alive clients "
+              f"(ratio = Harmony / peer)")
+        orthanc = Orthanc(tmp / "orthanc-stow").start()
+        down = PortHold(free_port())
+        harmony = Harmony(tmp / "harmony-stow", f"http://127.0.0.1:{down.port}", dimse=False)
+        harmony.start()
+        try:
+            t_orthanc_stow = stow_all("127.0.0.1", orthanc.http_port, "/dicom-web/studies", files, args.clients,
+                                      args.stow_batch)
+            t_harmony_stow = stow_all("127.0.0.1", harmony.http_port, "/dicomweb/studies", files, args.clients,
+                                      args.stow_batch)
+            assert harmony.count("pending") == n, "every STOW instance is queued"
+        finally:
+            harmony.stop()
+            down.release()
+            orthanc.stop()
+        r_orthanc_stow = row("Orthanc DICOMweb STOW-RS", t_orthanc_stow, n, nbytes)
+        row("Harmony dicomweb -> bridge -> store_forward (fsync)", t_harmony_stow, n, nbytes, r_orthanc_stow)
 
         # --- DIMSE C-STORE ingest
         print("\nDIMSE C-STORE, DCMTK storescu, one association (ratio = Harmony / peer)")
