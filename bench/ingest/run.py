@@ -235,7 +235,7 @@ def main():
             finally:
                 harmony.stop()
             rate = row("Harmony dicom_scp -> store_forward (fsync)", t_h, n, nbytes, r_scp)
-            print(f"  {'':<46} vs Orthanc: {rate / r_odimse:.2f}x")
+            print(f"  {'':<52} vs Orthanc: {rate / r_odimse:.2f}x")
         else:
             print("  Harmony dicom_scp: not in this build (issue 4); HTTP ingest above covers the store path")
 
@@ -258,7 +258,7 @@ def main():
             harmony.stop()
             orthanc.stop()
         r_drain = row("store_forward -> http backend -> Orthanc", t_drain, n, nbytes)
-        print(f"  {'':<46} vs Orthanc's own HTTP ingest: {r_drain / r_orthanc:.2f}x")
+        print(f"  {'':<52} vs Orthanc's own HTTP ingest: {r_drain / r_orthanc:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -488,7 +488,10 @@ def _describe(path) -> DicomInstance:
                          transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
                          study_instance_uid=str(ds.get("StudyInstanceUID", "")),
                          series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-                         size=os.path.getsize(path))
+                         size=os.path.getsize(path),
+                         # The part's file is ours alone: a store may move it into place
+                         # rather than copy it (the part's release tolerates it gone).
+                         owned=True)
 
 
 def transcode(path, folder) -> str:
