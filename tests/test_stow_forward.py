@@ -115,3 +115,20 @@ port = 9
         assert (await forward_of(harmony).stats())["pacs"]["pending"] == 0
     finally:
         await harmony.stop()
+
+
+def test_stow_parts_left_by_a_crash_are_removed_at_start(tmp_path):
+    import os
+    import time
+
+    from harmony.middleware.dicomweb_bridge import STALE_PART_SECONDS, remove_stale_parts
+    folder = tmp_path / "stow"
+    folder.mkdir()
+    old, fresh = folder / "part-old", folder / "part-fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    now = time.time()
+    os.utime(old, (now - STALE_PART_SECONDS - 10, now - STALE_PART_SECONDS - 10))
+    assert remove_stale_parts(folder, now=now) == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["part-fresh"]  # maybe a live request's (a reload)
+    assert remove_stale_parts(tmp_path / "missing", now=now) == 0

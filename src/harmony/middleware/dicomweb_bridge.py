@@ -76,6 +76,7 @@ class DicomWebBridge(Middleware):
         self.storage = storage
         self.cache = MetadataCache(storage / "metadata", reactor, metadata_ttl)
         self.render_quality = render_quality
+        remove_stale_parts(storage / "stow")
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -492,6 +493,33 @@ def _describe(path) -> DicomInstance:
                          # The part's file is ours alone: a store may move it into place
                          # rather than copy it (the part's release tolerates it gone).
                          owned=True)
+
+
+#: STOW part files older than this are leftovers of a crash (a live request's
+#: parts are minutes old at most); younger ones may belong to the bridge a
+#: reload is replacing, which shares the folder.
+STALE_PART_SECONDS = 6 * 3600
+
+
+def remove_stale_parts(folder, now=None, older_than=STALE_PART_SECONDS) -> int:
+    """Delete STOW part files a killed process left behind; how many."""
+    import time
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > older_than:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove: never a reason not to start
+    if removed:
+        log.info("dicomweb_bridge: removed {n} STOW part file(s) left by an earlier run", n=removed)
+    return removed
 
 
 def transcode(path, folder) -> str:

@@ -280,7 +280,7 @@ class StoreForward(Service):
         delivered_before = now - self.delivered_retention if self.delivered_retention else None
         dead_before = now - self.dead_retention if self.dead_retention else None
         d = self.store.bookkeep(q.expire, delivered_before, dead_before)
-        d.addCallback(lambda _: self.stats())
+        d.addCallback(lambda _: self.stats() if self.running else None)  # stopped meanwhile: the store may be closed
         d.addErrback(lambda f: log.failure("store_forward housekeeping failed", f))
         return d
 

@@ -143,6 +143,10 @@ class InstanceStore:
 
     def run(self, fn, *args, **kwargs) -> defer.Deferred:
         """Run blocking ``fn`` on the store's thread pool."""
+        if self.closed:
+            # Never restart the pool of a closed store: its threads would outlive
+            # it, and the shutdown trigger would stop a pool already stopped.
+            return defer.fail(StorageFailure("the store is closed"))
         if not self.pool.started:
             self.pool.start()
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
