@@ -86,3 +86,40 @@ QIDO_CASES = [
      {"SeriesDescription": "AXIAL"}),
     ("search_for_studies", {"fields": ["StudyDescription"]}, "/studies", {"includefield": "StudyDescription"}),
 ]
+
+
+def bridge_pipeline(name: str, backend: str, prefix: str = "/dicomweb") -> str:
+    """TOML: pipeline *name* = ``dicomweb`` endpoint ``{name}_web`` at *prefix* ->
+    ``dicomweb_bridge`` ``{name}_bridge`` -> the backend *backend* (defined elsewhere)."""
+    return f"""
+[pipelines.{name}]
+networks = ["default"]
+endpoints = ["{name}_web"]
+middleware = ["{name}_bridge"]
+backends = ["{backend}"]
+
+[endpoints.{name}_web]
+service = "dicomweb"
+[endpoints.{name}_web.options]
+path_prefix = "{prefix}"
+
+[middleware.{name}_bridge]
+type = "dicomweb_bridge"
+"""
+
+
+def assert_wado_equal(proxy, native, corpus, inst):
+    """Blocking: WADO-RS instance, series and study of *inst* from *proxy* equal
+    *native*'s (Orthanc's plugin) answers, as stored (transfer-syntax=*)."""
+    media = [("application/dicom", "*")]
+    ours = proxy.retrieve_instance(inst.study_uid, inst.series_uid, inst.sop_uid, media_types=media)
+    theirs = native.retrieve_instance(inst.study_uid, inst.series_uid, inst.sop_uid, media_types=media)
+    assert same_dataset(ours, theirs)
+    series = proxy.retrieve_series(inst.study_uid, inst.series_uid, media_types=media)
+    assert sorted(d.SOPInstanceUID for d in series) == sorted(i.sop_uid for i in corpus
+                                                             if i.series_uid == inst.series_uid)
+    study = proxy.retrieve_study(inst.study_uid, media_types=media)
+    native_study = native.retrieve_study(inst.study_uid, media_types=media)
+    by_uid = {d.SOPInstanceUID: d for d in native_study}
+    assert len(study) == len(native_study) and all(same_dataset(d, by_uid[d.SOPInstanceUID]) for d in study)
+

@@ -7,6 +7,8 @@ import io
 from pydicom import dcmread
 from twisted.web.resource import Resource
 
+from tests.dicomweb_helpers import bridge_pipeline
+
 
 class ScriptedTarget(Resource):
     """A real HTTP server that receives Part-10 bodies and answers as scripted.
@@ -186,21 +188,7 @@ connect_timeout_secs = 2
 
 #: STOW-RS in front of the ``store_forward`` backend ``sf``: a ``dicomweb``
 #: endpoint at /dicomweb -> ``dicomweb_bridge`` -> ``sf``.
-STOW_PIPELINE = """
-[pipelines.stow]
-networks = ["default"]
-endpoints = ["web"]
-middleware = ["bridge"]
-backends = ["sf"]
-
-[endpoints.web]
-service = "dicomweb"
-[endpoints.web.options]
-path_prefix = "/dicomweb"
-
-[middleware.bridge]
-type = "dicomweb_bridge"
-"""
+STOW_PIPELINE = bridge_pipeline("stow", "sf")
 
 
 def stow_forward_toml(targets: str, *, sf_options: str = "", min_free_mb: float = 0) -> str:

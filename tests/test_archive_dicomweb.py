@@ -15,7 +15,8 @@ import pytest
 import pytest_twisted
 import treq
 
-from tests.dicomweb_helpers import COMPARE, QIDO_CASES, client, in_thread, multipart, orthanc_qido, same_dataset, summaries
+from tests.dicomweb_helpers import (COMPARE, QIDO_CASES, assert_wado_equal, bridge_pipeline, client, in_thread,
+                                    multipart, orthanc_qido, summaries)
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 
 ARCHIVE_WEB = """
@@ -23,23 +24,9 @@ ARCHIVE_WEB = """
 path = "store"
 min_free_mb = {min_free_mb}
 
-[pipelines.web]
-networks = ["default"]
-endpoints = ["web"]
-middleware = ["bridge"]
-backends = ["archive"]
-
-[endpoints.web]
-service = "dicomweb"
-[endpoints.web.options]
-path_prefix = "/dicomweb"
-
-[middleware.bridge]
-type = "dicomweb_bridge"
-
 [backends.archive]
 service = "local_archive"
-"""
+""" + bridge_pipeline("web", "archive")
 #: Counts of a parent level: NumberOfStudyRelatedSeries/-Instances, NumberOfSeriesRelatedInstances.
 PARENT_COUNTS = {"search_for_studies": (), "search_for_series": ("00201206", "00201208"),
                  "search_for_instances": ("00201206", "00201208", "00201209")}
@@ -105,21 +92,8 @@ async def test_qido_paging_and_empty_result(web_archive, proxy, native):
 
 @pytest_twisted.ensureDeferred
 async def test_wado_instance_series_study_equal_orthanc(proxy, native, corpus):
-    media = [("application/dicom", "*")]
-    for inst in (corpus[0], next(i for i in corpus if i.modality == "MR")):
-        ours = await in_thread(proxy.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid,
-                               media_types=media)
-        theirs = await in_thread(native.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid,
-                                 media_types=media)
-        assert same_dataset(ours, theirs)
-    inst = corpus[0]
-    series = await in_thread(proxy.retrieve_series, inst.study_uid, inst.series_uid, media_types=media)
-    assert sorted(d.SOPInstanceUID for d in series) == sorted(i.sop_uid for i in corpus
-                                                             if i.series_uid == inst.series_uid)
-    study = await in_thread(proxy.retrieve_study, inst.study_uid, media_types=media)
-    native_study = await in_thread(native.retrieve_study, inst.study_uid, media_types=media)
-    by_uid = {d.SOPInstanceUID: d for d in native_study}
-    assert len(study) == len(native_study) and all(same_dataset(d, by_uid[d.SOPInstanceUID]) for d in study)
+    for inst in (corpus[0], next(i for i in corpus if i.modality == "MR"), corpus[-1]):
+        await in_thread(assert_wado_equal, proxy, native, corpus, inst)
 
 
 @pytest_twisted.ensureDeferred

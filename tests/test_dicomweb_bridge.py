@@ -15,7 +15,8 @@ import treq
 from PIL import Image
 
 from tests.dicom_data import make_instance
-from tests.dicomweb_helpers import QIDO_CASES, client, in_thread, multipart, orthanc_qido, same_dataset, summaries
+from tests.dicomweb_helpers import (QIDO_CASES, assert_wado_equal, client, in_thread, multipart, orthanc_qido,
+                                    same_dataset, summaries)
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
 
@@ -111,19 +112,7 @@ async def test_qido_retrieve_url_and_empty_result(harmony, proxy):
 
 @pytest_twisted.ensureDeferred
 async def test_wado_instance_series_study_equal_orthanc(proxy, native, corpus):
-    inst = corpus[0]
-    media = [("application/dicom", "*")]
-    ours = await in_thread(proxy.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid, media_types=media)
-    theirs = await in_thread(native.retrieve_instance, inst.study_uid, inst.series_uid, inst.sop_uid,
-                             media_types=media)
-    assert same_dataset(ours, theirs)
-    series = await in_thread(proxy.retrieve_series, inst.study_uid, inst.series_uid, media_types=media)
-    assert sorted(d.SOPInstanceUID for d in series) == sorted(i.sop_uid for i in corpus
-                                                             if i.series_uid == inst.series_uid)
-    study = await in_thread(proxy.retrieve_study, inst.study_uid, media_types=media)
-    native_study = await in_thread(native.retrieve_study, inst.study_uid, media_types=media)
-    by_uid = {d.SOPInstanceUID: d for d in native_study}
-    assert len(study) == len(native_study) and all(same_dataset(d, by_uid[d.SOPInstanceUID]) for d in study)
+    await in_thread(assert_wado_equal, proxy, native, corpus, corpus[0])
 
 
 @pytest_twisted.ensureDeferred
