@@ -88,14 +88,15 @@ QIDO_CASES = [
 ]
 
 
-def bridge_pipeline(name: str, backend: str, prefix: str = "/dicomweb") -> str:
+def bridge_pipeline(name: str, backend: str, prefix: str = "/dicomweb", middleware: str | None = None) -> str:
     """TOML: pipeline *name* = ``dicomweb`` endpoint ``{name}_web`` at *prefix* ->
-    ``dicomweb_bridge`` ``{name}_bridge`` -> the backend *backend* (defined elsewhere)."""
+    ``dicomweb_bridge`` *middleware* (``{name}_bridge``) -> the backend *backend* (defined elsewhere)."""
+    middleware = middleware or f"{name}_bridge"
     return f"""
 [pipelines.{name}]
 networks = ["default"]
 endpoints = ["{name}_web"]
-middleware = ["{name}_bridge"]
+middleware = ["{middleware}"]
 backends = ["{backend}"]
 
 [endpoints.{name}_web]
@@ -103,7 +104,7 @@ service = "dicomweb"
 [endpoints.{name}_web.options]
 path_prefix = "{prefix}"
 
-[middleware.{name}_bridge]
+[middleware.{middleware}]
 type = "dicomweb_bridge"
 """
 

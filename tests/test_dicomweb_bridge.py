@@ -15,28 +15,15 @@ import treq
 from PIL import Image
 
 from tests.dicom_data import make_instance
-from tests.dicomweb_helpers import (QIDO_CASES, assert_wado_equal, client, in_thread, multipart, orthanc_qido,
-                                    same_dataset, summaries)
+from tests.dicomweb_helpers import (QIDO_CASES, assert_wado_equal, bridge_pipeline, client, in_thread, multipart,
+                                    orthanc_qido, same_dataset, summaries)
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
 
+
 def bridge_pipes(name: str = "bridge", prefix: str = "/dicomweb") -> str:
     """TOML for endpoint -> dicomweb_bridge -> dicom_scu; ``{aet}``/``{port}`` name the PACS."""
-    return f"""
-[pipelines.{name}]
-networks = ["default"]
-endpoints = ["{name}_web"]
-middleware = ["{name}"]
-backends = ["{name}_pacs"]
-
-[endpoints.{name}_web]
-service = "dicomweb"
-[endpoints.{name}_web.options]
-path_prefix = "{prefix}"
-
-[middleware.{name}]
-type = "dicomweb_bridge"
-
+    return bridge_pipeline(name, f"{name}_pacs", prefix, middleware=name) + f"""
 [backends.{name}_pacs]
 service = "dicom_scu"
 [backends.{name}_pacs.options]
