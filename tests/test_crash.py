@@ -180,9 +180,10 @@ def test_storescu_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_
         rig.close()
 
 
-def stow(url: str, files) -> list[str] | None:
-    """One STOW-RS request; the SOP Instance UIDs its ReferencedSOPSequence lists,
-    or None when there was no answer (Harmony killed mid-request)."""
+def stow(url: str, files) -> tuple[list[str], list[str]] | None:
+    """One STOW-RS request; the SOP Instance UIDs its ReferencedSOPSequence and
+    FailedSOPSequence list, or None when there was no answer (Harmony killed
+    mid-request)."""
     body, ctype = multipart([f.read_bytes() for f in files])
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
@@ -193,18 +194,37 @@ def stow(url: str, files) -> list[str] | None:
         raise AssertionError(f"unexpected HTTP {e.code}: {e.read()[:300]!r}") from None
     except (urllib.error.URLError, ConnectionError, OSError, ValueError):
         return None  # killed mid-request (or mid-answer): nothing is acknowledged
-    assert "00081198" not in doc, doc  # no part failed: these are all valid instances
-    return [e["00081155"]["Value"][0] for e in doc.get("00081199", {}).get("Value", [])]
+    return tuple([e["00081155"]["Value"][0] for e in doc.get(tag, {}).get("Value", [])]
+                 for tag in ("00081199", "00081198"))
+
+
+def unstorable(folder, n: int) -> dict:
+    """*n* DICOM files with a valid, unique SOPInstanceUID but an invalid
+    StudyInstanceUID: STOW must list each as failed, and nothing may deliver it."""
+    import warnings
+    from pathlib import Path
+
+    from tests.dicom_data import UID_ROOT, make_instance, save
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID, which is the point
+        for i in range(1, n + 1):
+            sop = f"{UID_ROOT}67.1.1.{i}"
+            out[save(make_instance(patient_id="CRASHBAD", study_uid="1.2.3.x67", series_uid=f"{UID_ROOT}67.1.1",
+                                   sop_uid=sop, rows=8, cols=8), Path(folder) / f"bad-{i}.dcm")] = sop
+    return out
 
 
 def test_stow_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path):
     """The issue's crash test over STOW-RS: every instance listed in a
     ReferencedSOPSequence reaches Orthanc exactly once; a client resends a
-    request that got no answer."""
+    request that got no answer.  Each request also carries one part the store
+    must refuse: it is listed as failed, and never claimed or delivered."""
     rig = Rig(tmp_path, "stow")
     url = f"http://127.0.0.1:{rig.http_port}/dicomweb/studies"
     acked, sent = set(), set()
     batches = [rig.files[i:i + 10] for i in range(0, N_INSTANCES, 10)]
+    bad = list(unstorable(tmp_path / "bad", len(batches)).items())
     kills = set(rig.rnd.sample(range(2, len(batches) - 2), KILLS_DURING_INGEST))
     try:
         rig.harmony.start()
@@ -218,9 +238,12 @@ def test_stow_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path
                     kills.discard(n)
                     rig.kill_soon(0.2)  # inside this request: parts parsed, written, committed...
                 sent.update(rig.sops[str(f)] for f in batch)
-                listed = stow(url, batch)
-                if listed is not None:
+                bad_file, bad_sop = bad[n]
+                answer = stow(url, [*batch, bad_file])
+                listed = None if answer is None else answer[0]
+                if answer is not None:
                     assert sorted(listed) == sorted(rig.sops[str(f)] for f in batch)
+                    assert answer[1] == [bad_sop]
                     acked.update(listed)
                 if killing or listed is None:
                     rig.harmony.proc.wait(30)  # the kill timer may still be pending
@@ -230,6 +253,6 @@ def test_stow_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path
         assert len(acked) == N_INSTANCES
         assert rig.harmony.starts == 1 + KILLS_DURING_INGEST
         rig.target_up_and_kill_while_draining()
-        rig.check(acked, sent)
+        rig.check(acked, sent)  # Orthanc holds only what was sent valid: no refused part
     finally:
         rig.close()
