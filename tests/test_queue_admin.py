@@ -1,6 +1,7 @@
 """The store-and-forward queues through the real management API (own loopback
 listener, bearer token): overview, dead letters, retry, purge with
-confirmation, and the queue metrics on /admin/metrics.
+confirmation, and the queue metrics on /admin/metrics - before and after a
+reload that rebuilds the ``store_forward`` backend.
 
 The target is a real HTTP server that permanently refuses one instance
 (``ScriptedTarget``): no real PACS here can be told to do that.
@@ -92,6 +93,18 @@ async def test_queues_through_the_management_api(tmp_path):
         assert metrics[("harmony_store_forward_attempts_total", (("outcome", "delivered"), ("target", "orthanc")))] == 3
         assert metrics[("harmony_storage_instances_stored_total", (("store", "store"),))] == 4
 
+        # A reload that rebuilds the store_forward backend: the API manages the new one.
+        cfg = tmp_path / "h" / "harmony.toml"
+        cfg.write_text(cfg.read_text().replace("max_attempts = 3", "max_attempts = 4"))
+        status, doc = await call("POST", admin(harmony, "/reload"))
+        assert status == 200 and doc["ok"], doc
+        new_forward = harmony.service.runtime.backends["sf"].forward
+        assert new_forward is not forward
+        forward = new_forward
+        await forward.idle()
+        status, doc = await call("GET", admin(harmony, "/queues/orthanc/dead"))
+        assert [e["sop_instance_uid"] for e in doc["entries"]] == [poison]
+
         # Replayed once the target takes it.
         accept["poison"] = True
         status, doc = await call("POST", admin(harmony, "/queues/orthanc/retry"))
@@ -100,6 +113,9 @@ async def test_queues_through_the_management_api(tmp_path):
         assert target.stored == {sop(f): 1 for f in files}
         status, doc = await call("GET", admin(harmony, "/queues"))
         assert (doc["targets"]["orthanc"]["delivered"], doc["targets"]["orthanc"]["dead"]) == (4, 0)
+        metrics = queue_metrics((await call("GET", admin(harmony, "/metrics")))[1])  # the reloaded backend's
+        assert metrics[("harmony_store_forward_queue_entries", (("state", "delivered"), ("target", "orthanc")))] == 4
+        assert metrics[("harmony_store_forward_queue_entries", labels)] == 0
 
         # Purging needs the confirmation; unknown targets are 404, as problem+json.
         status, doc = await call("DELETE", admin(harmony, "/queues/orthanc/dead"))
