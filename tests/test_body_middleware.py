@@ -407,9 +407,9 @@ async def test_metadata_transform_failure_is_500(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_shipped_example_pipeline(tmp_path):
-    """etc/examples/patient-to-fhir.toml, as documented, with the shipped specs."""
+    """etc/examples/patient-to-fhir's pipeline, as documented, with the shipped specs."""
     import base64
-    text = (ROOT / "etc" / "examples" / "patient-to-fhir.toml").read_text()
+    text = (ROOT / "etc" / "examples" / "patient-to-fhir" / "pipelines" / "patient-to-fhir.toml").read_text()
     from tests.harness import MINIMAL_MAIN
     main = MINIMAL_MAIN.replace("[proxy]", f'[proxy]\ntransforms_path = "{EXAMPLES}"', 1)
     running = await start_harmony(write_config(tmp_path, main, {"example": text}))
