@@ -103,9 +103,12 @@ async def test_path_filter_refuses_with_real_404(filtered, path):
     running, up = filtered
     before = len(up.requests)
     resp = await treq.get(running.url(path))
-    assert resp.code == 404, path
+    # Dot segments are refused (400) by the router before any middleware runs.
+    from harmony.web.router import has_dot_segment
+    status, title = (400, "Bad Request") if has_dot_segment(path) else (404, "Not Found")
+    assert resp.code == status, path
     doc = await problem(resp)
-    assert doc["status"] == 404 and doc["title"] == "Not Found"
+    assert doc["status"] == status and doc["title"] == title
     assert len(up.requests) == before  # the backend was never called
 
 

@@ -191,6 +191,13 @@ class HarmonyRequest(Request):
 class HarmonyChannel(HTTPChannel):
     """Dispatches streaming requests once their headers are in."""
 
+    def lineLengthExceeded(self, line):
+        # LineReceiver's default drops the connection without a word, which a
+        # client (or the operator reading its log) cannot tell from a crash.
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        self.loseConnection()
+
     def allHeadersReceived(self):
         super().allHeadersReceived()
         if self.length == 0 or (self.length is not None and self.length <= INLINE_BODY_LIMIT):
