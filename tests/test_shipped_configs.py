@@ -22,3 +22,19 @@ def test_examples_are_found():
 def test_shipped_config_passes_check(config, capsys):
     assert main(["check", "-c", str(config)]) == 0, capsys.readouterr()
     assert ": OK" in capsys.readouterr().out
+
+
+def test_jmix_report_goes_to_the_stdout_of_the_moment():
+    """`harmony jmix verify` printed to the sys.stdout of the moment the module
+    was first imported (a default argument), so any later redirect (or a test
+    capture that had since closed) lost the report or raised."""
+    import contextlib
+    import io
+
+    from harmony.jmix import cli as jmix_cli
+    from harmony.jmix.validate import Report
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        jmix_cli._print_report(Report(), True)
+    assert '"errors": []' in buf.getvalue()
