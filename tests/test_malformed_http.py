@@ -80,3 +80,107 @@ async def test_dots_inside_a_segment_pass(harmony, upstream, path):
     answer = await exchange(harmony.port("default"), data)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert upstream.requests[-1]["path"] == b"/base" + path[len(b"/api"):]
+
+
+DEEP = b"[" * 50_000 + b"]" * 50_000  # 100 KB: under every body limit, far past the parser's recursion limit
+
+DEEP_PIPELINES = """
+[pipelines.fhir]
+networks = ["default"]
+endpoints = ["fhir"]
+backends = ["deep_echo"]
+[endpoints.fhir]
+service = "fhir"
+[endpoints.fhir.options]
+path_prefix = "/fhir"
+
+[pipelines.jwt]
+networks = ["default"]
+endpoints = ["j"]
+middleware = ["auth"]
+backends = ["deep_echo"]
+[endpoints.j]
+service = "http"
+path_prefix = "/jwt"
+[middleware.auth]
+type = "jwt_auth"
+use_hs256 = true
+hs256_secret = "0123456789abcdef0123456789abcdef"
+
+[pipelines.jmix]
+networks = ["default"]
+endpoints = ["jmix"]
+backends = ["deep_echo"]
+[endpoints.jmix]
+service = "jmix"
+path_prefix = "/jmix"
+
+[backends.deep_echo]
+service = "echo"
+"""
+
+
+@pytest.fixture
+def deep_harmony(tmp_path):
+    running = pytest_twisted.blockon(defer.ensureDeferred(start_harmony(write_config(
+        tmp_path, MINIMAL_MAIN, {"echo": echo_pipeline(), "deep": DEEP_PIPELINES}))))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+async def post(port, path, body, headers=b""):
+    head = (b"POST " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            + headers + b"Content-Length: %d\r\n\r\n" % len(body))
+    return await exchange(port, head + body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_json_body_is_not_a_crash(deep_harmony):
+    """The http endpoint parses JSON bodies for middleware; RecursionError there
+    gave twisted.web's HTML 'Processing Failed' page."""
+    answer = await post(deep_harmony.port(), b"/echo/x", DEEP)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert b"Content-Type: application/json" in answer and b'"normalized"' not in answer  # not parsed
+
+
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_fhir_resource_is_400_outcome(deep_harmony):
+    answer = await post(deep_harmony.port(), b"/fhir/Patient", DEEP, b"Accept: application/fhir+json\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"OperationOutcome" in answer and b"nested too deeply" in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_jwt_header_is_401(deep_harmony):
+    import base64
+    header = base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).rstrip(b"=")
+    answer = await post(deep_harmony.port(), b"/jwt/x", b"{}", b"Authorization: Bearer " + header + b".e30.c2ln\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_that_raises_gets_problem_json_not_html(harmony, monkeypatch):
+    endpoint = harmony.service.runtime.endpoints["e"]
+
+    def broken(request, route):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(endpoint, "render_http", broken)
+    answer = await exchange(harmony.port(), b"GET /echo/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 500 "), answer[:300]
+    assert b"application/problem+json" in answer and b"a bug" not in answer and b"<html" not in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_jmix_manifest_is_400(deep_harmony):
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("manifest.json", DEEP)
+    body = buf.getvalue()
+    head = (b"POST /jmix/api/jmix HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: application/zip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    answer = await exchange(deep_harmony.port(), head + body)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert b"nested too deeply" in answer

@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from harmony import jsonutil
 from harmony.backends.streams import ResponseBodyProducer
 from harmony.dicom.files import read_instance, valid_uid
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
@@ -180,7 +181,7 @@ class DimseOverDicomWeb:
         if resp.code >= 400:
             raise BackendUnavailable(f"the DICOMweb server answered {resp.code} to a search")
         try:
-            doc = json.loads(body)
+            doc = jsonutil.loads(body)
         except ValueError:
             raise BackendUnavailable("the DICOMweb server answered malformed DICOM JSON") from None
         return doc if isinstance(doc, list) else [doc]
@@ -324,7 +325,7 @@ class DimseOverDicomWeb:
 def stow_status(code: int, body: bytes, sop_uid: str) -> tuple[int, str | None]:
     """A STOW-RS answer for one instance as a C-STORE status."""
     try:
-        doc = json.loads(body) if body.strip() else {}
+        doc = jsonutil.loads(body) if body.strip() else {}
     except ValueError:
         doc = {}
     if isinstance(doc, list):

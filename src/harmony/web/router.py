@@ -19,11 +19,14 @@ from urllib.parse import unquote
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from harmony.errors import BadRequest, NotFound
+from harmony.errors import BadRequest, HarmonyError, NotFound
+from harmony.log import get_logger
 from harmony.web.bridge import write_response
 from harmony.web.problem import problem_response
 from harmony.web.streaming import HarmonyChannel, HarmonyRequest
 
+
+log = get_logger("harmony.web")
 
 _SEPARATORS = re.compile(r"[/\\]")
 
@@ -64,7 +67,16 @@ class PrefixRouter(Resource):
         if route is None:
             write_response(request, problem_response(NotFound(f"no route for {path}"), instance=path))
             return NOT_DONE_YET
-        return route.endpoint.render_http(request, route)
+        try:
+            return route.endpoint.render_http(request, route)
+        except Exception:  # noqa: BLE001 - the last line of defence for one request
+            # Otherwise twisted.web answers its own HTML "Processing Failed" page.
+            log.failure("endpoint {endpoint} failed on a request", endpoint=route.endpoint.name)
+            if not request.startedWriting:
+                write_response(request, problem_response(HarmonyError("internal error"), instance=path))
+            elif not request.finished:
+                request.loseConnection()
+            return NOT_DONE_YET
 
     @staticmethod
     def _refuse_dot_segments(request, route, path):
