@@ -51,6 +51,13 @@ async def test_oversized_header_line_is_431_not_a_silent_close(harmony):
 
 
 @pytest_twisted.ensureDeferred
+async def test_oversized_request_line_is_414(harmony):
+    data = b"GET /echo/x?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    answer = await exchange(harmony.port("default"), data)
+    assert answer.startswith(b"HTTP/1.1 414 "), answer[:200]
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_chunked_encoding_is_400(harmony, upstream):
     data = b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n"
     answer = await exchange(harmony.port("default"), data)

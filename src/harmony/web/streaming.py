@@ -194,8 +194,10 @@ class HarmonyChannel(HTTPChannel):
     def lineLengthExceeded(self, line):
         # LineReceiver's default drops the connection without a word, which a
         # client (or the operator reading its log) cannot tell from a crash.
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                             b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        # Still on the request line (twisted.web's own flag): the URI is too long.
+        status = (b"414 URI Too Long" if getattr(self, "_HTTPChannel__first_line", 0)
+                  else b"431 Request Header Fields Too Large")
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
         self.loseConnection()
 
     def allHeadersReceived(self):
