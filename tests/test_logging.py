@@ -71,7 +71,7 @@ async def test_access_line_has_fields_and_no_phi_at_info(tmp_path, quiet_upstrea
         await running.stop()
     lines = access_events(events)
     assert [(e["method"], e["path"], e["status"]) for e in lines] == [
-        ("POST", "/api/Patient", 200), ("POST", "/echo/x", 200)]
+        ("POST", "/api/Patient", 200), ("POST", "/echo/x", 200), ("POST", "/nowhere", 404)]
     first = lines[0]
     assert first["request_id"] == "req-1" and first["bytes"] > 0 and first["duration_ms"] >= 0
     assert formatEvent(first).startswith("POST /api/Patient 200 ")

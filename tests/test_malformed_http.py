@@ -191,3 +191,17 @@ async def test_deeply_nested_jmix_manifest_is_400(deep_harmony):
     answer = await exchange(deep_harmony.port(), head + body)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b"nested too deeply" in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_and_unrouted_requests_are_in_the_access_log(harmony):
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for path in (b"/api/%2e%2e/admin", b"/nowhere"):
+            await exchange(harmony.port(), b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    access = [(e["path"], e["status"]) for e in events if e.get("log_namespace") == "harmony.access"]
+    assert access == [("/api/%2e%2e/admin", 400), ("/nowhere", 404)]

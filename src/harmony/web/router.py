@@ -14,6 +14,7 @@ the base path it was meant to confine requests to.
 from __future__ import annotations
 
 import re
+import time
 from urllib.parse import unquote
 
 from twisted.web.resource import Resource
@@ -21,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from harmony.errors import BadRequest, HarmonyError, NotFound
 from harmony.log import get_logger
-from harmony.web.bridge import write_response
+from harmony.web.bridge import log_access, write_response
 from harmony.web.problem import problem_response
 from harmony.web.streaming import HarmonyChannel, HarmonyRequest
 
@@ -62,9 +63,12 @@ class PrefixRouter(Resource):
         path = request.path.decode("utf-8", "surrogateescape")
         route = self.match(path)
         if has_dot_segment(path):
+            # Logged like any request: a refused traversal attempt is what an operator wants to see.
+            log_access(request, route.endpoint.name if route is not None else "", time.monotonic())
             write_response(request, self._refuse_dot_segments(request, route, path))
             return NOT_DONE_YET
         if route is None:
+            log_access(request, "", time.monotonic())
             write_response(request, problem_response(NotFound(f"no route for {path}"), instance=path))
             return NOT_DONE_YET
         try:
