@@ -38,3 +38,21 @@ def test_jmix_report_goes_to_the_stdout_of_the_moment():
     with contextlib.redirect_stdout(buf):
         jmix_cli._print_report(Report(), True)
     assert '"errors": []' in buf.getvalue()
+
+
+def test_check_into_a_closed_pipe_has_no_traceback():
+    """`harmony check -c harmony.toml | head -1` printed a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written: every write fails with EPIPE
+    try:
+        r = subprocess.run([str(Path(sys.executable).parent / "harmony"), "check", "-c", str(SHIPPED[0])],
+                           stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+    assert r.returncode == 1
