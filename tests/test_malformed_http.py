@@ -205,3 +205,30 @@ async def test_refused_and_unrouted_requests_are_in_the_access_log(harmony):
         globalLogPublisher.removeObserver(events.append)
     access = [(e["path"], e["status"]) for e in events if e.get("log_namespace") == "harmony.access"]
     assert access == [("/api/%2e%2e/admin", 400), ("/nowhere", 404)]
+
+
+def test_malformed_multipart_read_from_a_file_body_is_answered(tmp_path):
+    """Bodies over 256 KB reach endpoints as twisted's FileBodyProducer, whose
+    Deferred never fires once stopped: a parse error (here a 1 MB part header)
+    stopped it and then waited on it, so the STOW-RS request hung.  The
+    producer's cooperator is driven by hand: no reactor, no time."""
+    import io
+
+    from twisted.internet.task import Cooperator
+    from twisted.web.client import FileBodyProducer
+
+    from harmony.dicomweb.multipart import StowParser, parse_body
+    from harmony.errors import BadRequest
+
+    pending = []
+    cooperator = Cooperator(terminationPredicateFactory=lambda: (lambda: False), scheduler=pending.append)
+    data = (b"--XX\r\nContent-Type: application/dicom\r\nX-Junk: " + b"a" * 1_000_000
+            + b"\r\n\r\nabc\r\n--XX--\r\n")
+    d = parse_body(FileBodyProducer(io.BytesIO(data), cooperator=cooperator), StowParser("XX", tmp_path))
+    while pending:
+        pending.pop(0)()
+    failures = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(BadRequest), d
+    assert "malformed multipart body" in str(failures[0].value)
+    assert list(tmp_path.iterdir()) == []  # nothing kept
