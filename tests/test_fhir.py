@@ -352,9 +352,9 @@ async def test_unsupported_body_type_is_415(harmony, fhir_server):
 
 
 @pytest.mark.parametrize("method,path,status", [
-    ("GET", "/fhir/patient", 404), ("GET", "/fhir/Patient/a%2F..%2Fb", 404), ("GET", "/fhir/Patient/..", 404),
+    ("GET", "/fhir/patient", 404), ("GET", "/fhir/Patient/a%2F..%2Fb", 400), ("GET", "/fhir/Patient/..", 400),
     ("GET", "/fhir/Patient/p1/_history/1/extra", 404), ("POST", "/fhir/Patient/p1", 405),
-    ("DELETE", "/fhir/metadata", 405), ("GET", "/fhir/.well-known/..", 404), ("GET", "/fhir/.well-known", 404),
+    ("DELETE", "/fhir/metadata", 405), ("GET", "/fhir/.well-known/..", 400), ("GET", "/fhir/.well-known", 404),
 ])
 @pytest_twisted.ensureDeferred
 async def test_unknown_routes_are_operation_outcomes(harmony, fhir_server, method, path, status):

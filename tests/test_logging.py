@@ -71,7 +71,7 @@ async def test_access_line_has_fields_and_no_phi_at_info(tmp_path, quiet_upstrea
         await running.stop()
     lines = access_events(events)
     assert [(e["method"], e["path"], e["status"]) for e in lines] == [
-        ("POST", "/api/Patient", 200), ("POST", "/echo/x", 200)]
+        ("POST", "/api/Patient", 200), ("POST", "/echo/x", 200), ("POST", "/nowhere", 404)]
     first = lines[0]
     assert first["request_id"] == "req-1" and first["bytes"] > 0 and first["duration_ms"] >= 0
     assert formatEvent(first).startswith("POST /api/Patient 200 ")
@@ -136,3 +136,28 @@ def test_logging_table_errors_name_the_key(tmp_path, table, message):
     with pytest.raises(ConfigErrors) as info:
         load_config(path)
     assert any(message in str(p) and str(path) in str(p) for p in info.value.problems), info.value.render()
+
+
+def test_pydicom_value_warnings_are_withheld_above_debug():
+    """pydicom quotes invalid values in its warnings ("Invalid value for VR DA:
+    '<birth date>'"), and twistd logs warnings at warn: at info they must not
+    appear; at debug they may."""
+    import warnings
+
+    from pydicom.dataelem import DataElement
+
+    from harmony import log as hlog
+
+    def shown(level):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hlog.set_level(level)
+            DataElement(0x00100030, "DA", "SECRETDOB1")  # PatientBirthDate
+            DataElement(0x00101010, "AS", "SECRETAGE")  # PatientAge
+        return " ".join(str(w.message) for w in caught)
+
+    try:
+        assert "SECRET" not in shown("info")
+        assert "SECRETDOB1" in shown("debug")
+    finally:
+        hlog.set_level("info")

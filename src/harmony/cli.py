@@ -7,6 +7,7 @@ Subcommands live in their own modules and register here with one line in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from harmony.registry import load_object
@@ -105,7 +106,13 @@ def main(argv=None) -> int:
     for spec in COMMANDS.values():
         load_object(spec)(sub)
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except BrokenPipeError:
+        # `harmony check ... | head`: the reader left, which is not our error.
+        # Point stdout at /dev/null so the interpreter's final flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

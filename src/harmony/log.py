@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
                             globalLogPublisher, jsonFileLogObserver, textFileLogObserver)
@@ -37,8 +38,25 @@ def enabled(namespace: str, level: str) -> bool:
     return _LEVELS[level] >= _predicate.logLevelForNamespace(namespace)
 
 
+#: pydicom warnings that quote an element's value ("Invalid value for VR DA:
+#: '19700101X'."): a query's PatientBirthDate or PatientName would reach the log.
+_VALUE_WARNINGS = dict(action="ignore", message=r"Invalid value for VR", module=r"pydicom(\.|$)")
+
+
 def set_level(level: str) -> None:
-    _predicate.setLogLevelForNamespace("", _LEVELS.get(level.lower(), LogLevel.info))
+    chosen = _LEVELS.get(level.lower(), LogLevel.info)
+    _predicate.setLogLevelForNamespace("", chosen)
+    # twistd logs Python warnings at warn whatever our level, so PHI-quoting ones
+    # are dropped unless the operator asked for debug (where PHI may appear).
+    warnings.filterwarnings(**_VALUE_WARNINGS)
+    if chosen <= LogLevel.debug:
+        warnings.filters[:] = [f for f in warnings.filters if not _is_value_filter(f)]
+
+
+def _is_value_filter(f) -> bool:
+    action, message, _category, module, _lineno = f
+    return (action == "ignore" and getattr(message, "pattern", None) == _VALUE_WARNINGS["message"]
+            and getattr(module, "pattern", None) == _VALUE_WARNINGS["module"])
 
 
 def file_observer(path: str, fmt: str = "text"):

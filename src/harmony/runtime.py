@@ -164,7 +164,7 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
     problems: list[Problem] = []
-    warnings: list[Problem] = []
+    warnings: list[Problem] = list(config.warnings)
     registry = _registry_for(config, problems)
     ctx = BuildContext(config=config, reactor=reactor, registry=registry)
 

@@ -242,6 +242,8 @@ class HarmonyService(MultiService):
         for pool in self.target_pools():
             pool.start()
         self._install_sighup()
+        for warning in self.runtime.warnings:
+            log.warn("configuration: {warning}", warning=str(warning))
         log.info("harmony {id} started: {pipelines} pipeline(s), {networks} network(s)",
                  id=self.runtime.config.proxy.id, pipelines=len(self.runtime.pipelines),
                  networks=len(self.networks))

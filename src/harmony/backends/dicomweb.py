@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
+from harmony import jsonutil
 from harmony.backends.http import HttpBackend, check_base_url, forwarded_headers
 from harmony.config.errors import OptionError
 from harmony.dicomweb import qido
@@ -132,7 +133,7 @@ class DicomWebBackend(HttpBackend):
         body = yield read_body(response.body, self.json_limit)
         if body.strip():
             try:
-                doc = json.loads(body)
+                doc = jsonutil.loads(body)
             except ValueError:
                 raise BackendUnavailable("upstream answered malformed DICOM JSON") from None
             doc = rewriter.dicom_json(doc)

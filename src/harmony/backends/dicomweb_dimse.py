@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from harmony.backends.streams import ResponseBodyProducer
+from harmony import jsonutil
 from harmony.dicom.files import read_instance, valid_uid
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.dicomweb import qido
@@ -172,7 +172,7 @@ class DimseOverDicomWeb:
     async def _get_json(self, request, path, pairs):
         resp = await self.backend.request(b"GET", self._url(request, path, pairs),
                                           self._headers(request, "application/dicom+json"), None)
-        body = await read_body(ResponseBodyProducer(resp), QIDO_JSON_LIMIT)
+        body = await read_body(self.backend.body_producer(resp), QIDO_JSON_LIMIT)
         if resp.code == 204 or (resp.code == 200 and not body.strip()):
             return []
         if resp.code == 404:
@@ -180,7 +180,7 @@ class DimseOverDicomWeb:
         if resp.code >= 400:
             raise BackendUnavailable(f"the DICOMweb server answered {resp.code} to a search")
         try:
-            doc = json.loads(body)
+            doc = jsonutil.loads(body)
         except ValueError:
             raise BackendUnavailable("the DICOMweb server answered malformed DICOM JSON") from None
         return doc if isinstance(doc, list) else [doc]
@@ -267,11 +267,11 @@ class DimseOverDicomWeb:
         accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
         resp = await self.backend.request(b"GET", self._url(request, path), self._headers(request, accept), None)
         if resp.code >= 400:
-            await read_body(ResponseBodyProducer(resp), 1 << 20)
+            await read_body(self.backend.body_producer(resp), 1 << 20)
             raise BackendUnavailable(f"the DICOMweb server answered {resp.code} to a retrieve")
         mtype, params = parse_media_range((resp.headers.getRawHeaders("content-type") or [""])[0])
         if mtype != "multipart/related" or not params.get("boundary"):
-            await read_body(ResponseBodyProducer(resp), 1 << 20)
+            await read_body(self.backend.body_producer(resp), 1 << 20)
             raise BackendUnavailable("the DICOMweb server did not answer multipart/related")
         self.staging.ensure()
 
@@ -290,7 +290,7 @@ class DimseOverDicomWeb:
             stream.put(instance)
 
         parser = StowParser(params["boundary"], self.staging.folder, on_part=on_part)
-        producer = ResponseBodyProducer(resp)
+        producer = self.backend.body_producer(resp)
         stream.on_cancel = producer.stopProducing
 
         class Sink:
@@ -314,7 +314,7 @@ class DimseOverDicomWeb:
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
         resp = await self.backend.request(b"POST", self._url(request, "/studies"),
                                           self._headers(request, "application/dicom+json", ctype), body)
-        raw = await read_body(ResponseBodyProducer(resp), 16 * 1024 * 1024)
+        raw = await read_body(self.backend.body_producer(resp), 16 * 1024 * 1024)
         status, comment = stow_status(resp.code, raw, instance.sop_instance_uid)
         stream = ResultStream()
         stream.finish(status, comment)
@@ -324,7 +324,7 @@ class DimseOverDicomWeb:
 def stow_status(code: int, body: bytes, sop_uid: str) -> tuple[int, str | None]:
     """A STOW-RS answer for one instance as a C-STORE status."""
     try:
-        doc = json.loads(body) if body.strip() else {}
+        doc = jsonutil.loads(body) if body.strip() else {}
     except ValueError:
         doc = {}
     if isinstance(doc, list):

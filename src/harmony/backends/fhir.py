@@ -60,6 +60,7 @@ class _RewritingRelay(_Relay):
         self.rewriter = rewriter
 
     def dataReceived(self, data):
+        self.progress()
         out = self.rewriter.feed(data)
         if out:
             self.consumer.write(out)
@@ -76,14 +77,14 @@ class RewritingBodyProducer(ResponseBodyProducer):
     """An upstream body with its FHIR URLs rewritten on the fly (a JSON or XML
     rewriter: ``feed``/``close``); its length changes, so it goes out chunked."""
 
-    def __init__(self, response, rewriter):
-        super().__init__(response)
+    def __init__(self, response, rewriter, **kwargs):
+        super().__init__(response, **kwargs)
         self.length = UNKNOWN_LENGTH
         self.rewriter = rewriter
 
     def startProducing(self, consumer):
         finished = defer.Deferred()
-        self._relay = _RewritingRelay(consumer, finished, self.rewriter)
+        self._relay = self._watched(_RewritingRelay(consumer, finished, self.rewriter))
         self.response.deliverBody(self._relay)
         return finished
 
@@ -201,7 +202,7 @@ class FhirBackend(HttpBackend):
                 f"the FHIR server answered {response.code} with {what}, not a FHIR resource"), "transient")
         headers = end_to_end(response.headers)
         mapper = self.url_map(request)
-        body = ResponseBodyProducer(response)
+        body = self.body_producer(response)
         if mapper is not None:
             for name in (b"location", b"content-location"):
                 values = headers.getRawHeaders(name)
@@ -212,7 +213,8 @@ class FhirBackend(HttpBackend):
             encoded = (header(response.headers, "content-encoding") or "identity").lower() != "identity"
             rewriter = {"json": JsonUrlRewriter, "xml": XmlUrlRewriter}.get(family(ctype or ""))
             if rewriter is not None and not encoded and response.length != 0:
-                body = RewritingBodyProducer(response, rewriter(mapper))
+                body = RewritingBodyProducer(response, rewriter(mapper), idle_timeout=self.timeout,
+                                             clock=self.reactor)
                 headers.removeHeader(b"content-length")
         return ResponseEnvelope(status=response.code, reason=response.phrase, headers=headers, body=body,
                                 metadata={"upstream_status": str(response.code)})

@@ -142,9 +142,13 @@ class HttpBackend(Backend):
     def build_response(self, request, response) -> ResponseEnvelope:
         return ResponseEnvelope(
             status=response.code, reason=response.phrase,
-            headers=end_to_end(response.headers), body=ResponseBodyProducer(response),
+            headers=end_to_end(response.headers), body=self.body_producer(response),
             metadata={"upstream_status": str(response.code)},
         )
+
+    def body_producer(self, response) -> ResponseBodyProducer:
+        """The upstream body as a stream, failed if the upstream stalls for timeout_secs."""
+        return ResponseBodyProducer(response, idle_timeout=self.timeout, clock=self.reactor)
 
     def send(self, request):
         return self.target_pool.call(request, lambda target: self.send_to(target, request))

@@ -15,6 +15,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from harmony.envelope import ForwardingProducer
+from harmony.errors import BackendTimeout
 
 
 class _Relay(Protocol):
@@ -22,7 +23,11 @@ class _Relay(Protocol):
         self.consumer = consumer
         self.finished = finished
 
+    def progress(self):
+        """Called for every chunk that arrives (the producer's idle timer)."""
+
     def dataReceived(self, data):
+        self.progress()
         self.consumer.write(data)
 
     def connectionLost(self, reason):
@@ -36,19 +41,67 @@ class _Relay(Protocol):
 
 @implementer(IBodyProducer)
 class ResponseBodyProducer(ForwardingProducer):
-    def __init__(self, response):
+    """With *idle_timeout* (and a *clock*), an upstream that sends nothing for
+    that long while we are ready for more fails the body with BackendTimeout and
+    its connection is dropped; otherwise an upstream that stalls mid-body would
+    hold our client's connection open for as long as its own stays open.  Time
+    spent paused because *our* client reads slowly does not count."""
+
+    def __init__(self, response, idle_timeout: float | None = None, clock=None):
         self.response = response
         self.length = response.length if response.length is not UNKNOWN_LENGTH else UNKNOWN_LENGTH
         self._relay = None
+        self._idle_timeout = idle_timeout if clock is not None else None
+        self._clock = clock
+        self._timer = None
+        self._finished = None
 
     def startProducing(self, consumer):
         finished = defer.Deferred()
-        self._relay = _Relay(consumer, finished)
+        self._relay = self._watched(_Relay(consumer, finished))
         self.response.deliverBody(self._relay)
         return finished
 
     def _delegate(self):
         return getattr(self._relay, "transport", None) if self._relay else None
+
+    def _watched(self, relay: _Relay) -> _Relay:
+        """*relay*, re-arming the idle timer on every chunk that reaches it."""
+        if self._idle_timeout:
+            self._finished = relay.finished
+            self._arm()
+            relay.finished.addBoth(self._disarm)
+            relay.progress = self._rearm
+        return relay
+
+    def _arm(self):
+        self._timer = self._clock.callLater(self._idle_timeout, self._stalled)
+
+    def _rearm(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+
+    def _disarm(self, result=None):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        return result
+
+    def _stalled(self):
+        if self._finished is not None and not self._finished.called:
+            self._finished.errback(BackendTimeout(f"upstream sent no body data for {self._idle_timeout:g}s"))
+        transport = self._delegate()
+        if transport is not None:
+            transport.stopProducing()  # drops the upstream connection; it never goes back to the pool
+
+    def pauseProducing(self):
+        self._disarm()
+        super().pauseProducing()
+
+    def resumeProducing(self):
+        if self._idle_timeout and self._finished is not None and not self._finished.called \
+                and not (self._timer is not None and self._timer.active()):
+            self._arm()
+        super().resumeProducing()
 
 
 class _ProgressConsumer:

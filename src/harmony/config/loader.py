@@ -26,6 +26,15 @@ COMPONENT_TABLES = ("pipelines", "endpoints", "backends", "middleware", "targets
 #: Registration tables Harmony configs carry; ``module = ""`` means built-in.
 TYPE_TABLES = {"services": None, "endpoint_types": "endpoint", "service_types": None,
                "backend_types": "backend", "middleware_types": "middleware"}
+#: Keys each fixed table knows; anything else is warned about (a typo such as
+#: ``log_levl`` or ``bind_adress`` would otherwise be silently ignored).
+KNOWN_KEYS = {
+    "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers"),
+    "logging": ("log_to_file", "log_file_path", "format"),
+    "http": ("bind_address", "bind_port", "tls"),
+    "tls": ("cert", "key"),
+}
+MAIN_TABLES = ("proxy", "network", "management", "storage", "logging", "pipelines_path", "transforms_path")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 
@@ -99,6 +108,13 @@ def _pipeline(name: str, table: dict, source: str, problems: list) -> PipelineCo
     return PipelineConfig(name=name, source=source, description=str(description), raw=table, **lists)
 
 
+def _unknown_keys(table, known, source: str, where: str, warnings: list) -> None:
+    if isinstance(table, dict):
+        unknown = sorted(k for k in table if k not in known)
+        if unknown:
+            warnings.append(Problem(source, where, f"unknown key(s) ignored: {', '.join(unknown)}"))
+
+
 def _usable_listen(listen: str, source: str, key: str, problems: list) -> bool:
     """Parse an endpoint description the way twistd will, without listening, so
     a typo or a missing certificate is reported before anything starts.
@@ -114,7 +130,8 @@ def _usable_listen(listen: str, source: str, key: str, problems: list) -> bool:
     return True
 
 
-def _network(name: str, table: dict, source: str, problems: list) -> NetworkConfig | None:
+def _network(name: str, table: dict, source: str, problems: list, warnings: list | None = None) -> NetworkConfig | None:
+    warnings = [] if warnings is None else warnings
     where = f"network.{name}"
     if not isinstance(table, dict):
         problems.append(Problem(source, where, "must be a table"))
@@ -135,6 +152,7 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
     if not isinstance(http, dict):
         problems.append(Problem(source, f"{where}.http", "must be a table"))
         return None
+    _unknown_keys(http, KNOWN_KEYS["http"], source, f"{where}.http", warnings)
     address = http.get("bind_address", "127.0.0.1")
     port = http.get("bind_port", 8080)
     ok = True
@@ -148,7 +166,14 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
         return None
     iface = address.replace(":", "\\:")  # IPv6 colons must be escaped in endpoint strings
     listen = f"tcp:{port}:interface={iface}"
-    tls = http.get("tls") or table.get("tls")
+    tls_where, tls = (f"{where}.http.tls", http["tls"]) if "tls" in http else (f"{where}.tls", table.get("tls"))
+    if tls is not None:
+        if not isinstance(tls, dict) or not isinstance(tls.get("cert"), str) or not tls["cert"]:
+            # Without this, a misspelt cert key would serve plain HTTP where HTTPS was asked for.
+            problems.append(Problem(source, f"{tls_where}.cert",
+                                    "is required (a PEM certificate path) when a tls table is given"))
+            return None
+        _unknown_keys(tls, KNOWN_KEYS["tls"], source, tls_where, warnings)
     if isinstance(tls, dict) and tls.get("cert"):
         # Colons separate endpoint-string fields, so they are escaped in paths too.
         cert = str(_resolve(Path(source).parent, tls["cert"])).replace(":", "\\:")
@@ -159,13 +184,14 @@ def _network(name: str, table: dict, source: str, problems: list) -> NetworkConf
     return NetworkConfig(name=name, source=source, listen=listen, raw=table)
 
 
-def _logging(raw, source: str, base: Path, problems: list) -> dict:
+def _logging(raw, source: str, base: Path, problems: list, warnings: list | None = None) -> dict:
     """``[logging]``: ``log_to_file``, ``log_file_path`` (relative to the config
     file), ``format`` (``text`` or ``json`` lines).  Checked here so a typo is a
     refusal to start, not a log file that silently never appears."""
     if not isinstance(raw, dict):
         problems.append(Problem(source, "logging", "must be a table"))
         return {}
+    _unknown_keys(raw, KNOWN_KEYS["logging"], source, "logging", [] if warnings is None else warnings)
     out = dict(raw)
     to_file = raw.get("log_to_file", False)
     if not isinstance(to_file, bool):
@@ -224,6 +250,7 @@ def load_config(path: str | Path) -> HarmonyConfig:
     """
     path = Path(path).resolve()
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     main = read_toml(path, problems)
     if main is None:
         raise ConfigErrors(problems)
@@ -234,6 +261,7 @@ def load_config(path: str | Path) -> HarmonyConfig:
     if not isinstance(proxy_raw, dict):
         problems.append(Problem(src, "proxy", "must be a table"))
         proxy_raw = {}
+    _unknown_keys(proxy_raw, KNOWN_KEYS["proxy"], src, "proxy", warnings)
     proxy = ProxySettings(id=str(proxy_raw.get("id", "harmony")))
     level = str(proxy_raw.get("log_level", "info")).lower()
     if level not in LOG_LEVELS:
@@ -274,6 +302,10 @@ def load_config(path: str | Path) -> HarmonyConfig:
     custom_types: dict[str, dict] = {}
     for fpath, doc in documents:
         fsrc = str(fpath)
+        known = COMPONENT_TABLES + ("network",) + tuple(TYPE_TABLES) + (MAIN_TABLES if fpath == path else ())
+        for key in sorted(k for k in doc if k not in known):
+            warnings.append(Problem(fsrc, key, "unknown top-level key, ignored"
+                                    + ("" if fpath == path else " (in a pipeline file)")))
         for table in COMPONENT_TABLES + ("network",):
             section = doc.get(table, {})
             if not isinstance(section, dict):
@@ -287,7 +319,7 @@ def load_config(path: str | Path) -> HarmonyConfig:
                     continue
                 seen[(table, name)] = fsrc
                 if table == "network":
-                    net = _network(name, value, fsrc, problems)
+                    net = _network(name, value, fsrc, problems, warnings)
                     if net:
                         networks[name] = net
                 elif table == "pipelines":
@@ -330,8 +362,8 @@ def load_config(path: str | Path) -> HarmonyConfig:
         pipelines=tables["pipelines"], endpoints=tables["endpoints"], backends=tables["backends"],
         middleware=tables["middleware"], targets=tables["targets"],
         management=section("management"), storage=_storage(main.get("storage", {}), src, problems),
-        logging=_logging(main.get("logging", {}), src, base, problems),
-        custom_types=custom_types, files=files, raw={str(f): d for f, d in documents},
+        logging=_logging(main.get("logging", {}), src, base, problems, warnings),
+        custom_types=custom_types, files=files, raw={str(f): d for f, d in documents}, warnings=warnings,
     )
     if problems:
         raise ConfigErrors(problems)

@@ -71,6 +71,9 @@ class HarmonyConfig:
     files: list = attr.Factory(list)
     #: Raw top-level tables by file, for types that read their own sections.
     raw: dict = attr.Factory(dict)
+    #: Non-fatal problems found while loading (unknown keys): ``harmony check``
+    #: prints them and the service logs them at start, with the runtime's own.
+    warnings: list = attr.Factory(list)
 
     @property
     def storage_path(self) -> Path:

@@ -240,6 +240,12 @@ def parse_body(body, parser: StowParser) -> defer.Deferred:
         except Exception:
             return defer.fail()
 
+    # Our own Deferred: once we stop a producer, the one its startProducing
+    # returned may never fire (IBodyProducer's contract; FileBodyProducer, which
+    # twisted.web bodies over 256 KB are read through, keeps it), so waiting on it
+    # after a parse error left the request hanging.
+    outcome = defer.Deferred()
+
     class Sink:
         def __init__(self):
             self.error = None
@@ -248,9 +254,12 @@ def parse_body(body, parser: StowParser) -> defer.Deferred:
             if self.error is None:
                 try:
                     parser.feed(data)
-                except Exception as e:  # noqa: BLE001 - kept and re-raised once the producer stops
+                except Exception as e:  # noqa: BLE001 - answered at once, the producer stopped
                     self.error = e
                     producer.stopProducing()
+                    parser.abort()
+                    if not outcome.called:
+                        outcome.errback(e)
 
         def registerProducer(self, p, streaming):
             pass
@@ -262,12 +271,17 @@ def parse_body(body, parser: StowParser) -> defer.Deferred:
     sink = Sink()
 
     def finished(result):
-        if sink.error is not None:
-            parser.abort()
-            raise sink.error
+        if outcome.called:
+            return None  # already answered (a parse error); the producer's own outcome is moot
         if isinstance(result, Failure):
             parser.abort()
-            return result
-        return parser.close()
+            outcome.errback(result)
+            return None
+        try:
+            outcome.callback(parser.close())
+        except Exception:  # noqa: BLE001 - close() reports a truncated body
+            outcome.errback()
+        return None
 
-    return body.startProducing(sink).addBoth(finished)
+    body.startProducing(sink).addBoth(finished)
+    return outcome

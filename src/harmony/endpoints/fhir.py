@@ -15,10 +15,10 @@ not the resource its URL names (400) or is larger than ``max_resource_bytes``
 
 from __future__ import annotations
 
-import json
 
 from twisted.internet import defer
 
+from harmony import jsonutil
 from harmony.endpoints.base import HttpEndpointBase, check_prefix
 from harmony.envelope import media_type, read_body
 from harmony.errors import HarmonyError
@@ -76,7 +76,7 @@ class FhirEndpoint(HttpEndpointBase):
         if media_type(response.header("content-type")) == "application/problem+json" \
                 and isinstance(response.body, (bytes, bytearray)):
             try:
-                doc = json.loads(response.body)
+                doc = jsonutil.loads(response.body)
                 detail = str(doc.get("detail") or doc.get("title") or "")
             except (ValueError, AttributeError):
                 detail = ""

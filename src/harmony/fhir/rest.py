@@ -11,12 +11,12 @@ percent-encoded tricks from ever reaching an upstream URL.
 
 from __future__ import annotations
 
-import json
 import re
 import xml.parsers.expat
 
 import attr
 
+from harmony import jsonutil
 from harmony.errors import BadRequest, MethodNotAllowed, NotFound
 from harmony.fhir.outcome import with_issue
 
@@ -131,7 +131,7 @@ def _invalid(detail: str, issue: str = "invalid"):
 
 def parse_json_resource(body: bytes) -> dict:
     try:
-        doc = json.loads(body)
+        doc = jsonutil.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise _invalid(f"body is not valid JSON: {e}", "structure") from None
     if not isinstance(doc, dict):

@@ -64,7 +64,10 @@ def _verify_options(args) -> VerifyOptions:
         verify_assertions=not args.no_assertions)
 
 
-def _print_report(report, as_json: bool, out=sys.stdout):
+def _print_report(report, as_json: bool, out=None):
+    # Looked up per call: a default of sys.stdout would pin whatever stdout was
+    # when the module was first imported (a closed capture, a redirect gone by).
+    out = sys.stdout if out is None else out
     if as_json:
         out.write(json.dumps(report.to_json(), indent=2) + "\n")
         return

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from harmony import jsonutil
 from harmony.jmix.hashing import CHUNK
 
 ALGORITHM = "AES-256-GCM"
@@ -238,7 +239,7 @@ def jws_verify(token: str, public_keys) -> tuple[bytes, str]:
     if len(parts) != 3:
         raise CryptoError("JWS is not in compact form (three dot-separated parts)")
     try:
-        header = json.loads(_unb64url(parts[0]))
+        header = jsonutil.loads(_unb64url(parts[0]))
     except ValueError:
         raise CryptoError("JWS header is not JSON") from None
     if not isinstance(header, dict) or header.get("alg") != "EdDSA":

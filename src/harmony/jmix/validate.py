@@ -24,6 +24,7 @@ from pathlib import Path
 import attr
 from jsonschema import Draft202012Validator
 
+from harmony import jsonutil
 from harmony.jmix import crypto
 from harmony.jmix.archive import ArchiveError, Limits, _Budget, check_name, check_tree, extract, extract_tar
 from harmony.jmix.dicom import DicomInputError, read_header
@@ -126,7 +127,7 @@ class VerifyOptions:
 def _load_json(path: Path, name: str, report: Report, stage: str = STRUCTURE):
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            return jsonutil.loads(f.read())
     except FileNotFoundError:
         report.error(stage, f"{name} is missing")
     except (ValueError, UnicodeDecodeError) as e:
@@ -407,7 +408,7 @@ def _authenticity(report: Report, root: Path, manifest: dict, options: VerifyOpt
             else:
                 raw = (root / "manifest.json").read_bytes()
                 try:
-                    same = signed == raw or json.loads(signed) == manifest
+                    same = signed == raw or jsonutil.loads(signed) == manifest
                 except ValueError:
                     same = False
                 if same:

@@ -37,11 +37,11 @@ would be a wrong answer.
 
 from __future__ import annotations
 
-import json
 from urllib.parse import urlencode
 
 from twisted.internet import defer
 
+from harmony import jsonutil
 from harmony.backends.fhir import request_origin
 from harmony.backends.http import check_base_url
 from harmony.dicom.dicomjson import identifier_to_json
@@ -126,7 +126,7 @@ class DicomResultsJson(Middleware):
         detail = f"the PACS answered with HTTP status {response.status}"
         if is_json_type(response.header("content-type")):
             try:
-                doc = json.loads((yield read_body(response.body, 64 * 1024)))
+                doc = jsonutil.loads((yield read_body(response.body, 64 * 1024)))
                 status = doc.get("dimse_status")
                 comment = doc.get("error_comment")
                 if isinstance(status, int):

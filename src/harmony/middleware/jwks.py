@@ -11,7 +11,6 @@ lookups share one in-flight fetch.
 from __future__ import annotations
 
 import ipaddress
-import json
 from urllib.parse import urlsplit
 
 import treq
@@ -19,6 +18,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 from twisted.internet import defer
 
+from harmony import jsonutil
 from harmony.config.errors import OptionError
 from harmony.log import get_logger
 
@@ -148,7 +148,7 @@ class JwksCache:
             if len(body) > MAX_JWKS_BYTES:
                 raise JwksUnavailable("the key set is too large")
             try:
-                document = json.loads(body)
+                document = jsonutil.loads(body)
             except ValueError:
                 raise JwksUnavailable("the key set is not valid JSON") from None
             keys = parse_jwks(document, self.algorithm)

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
 
+from harmony import jsonutil
 from harmony.config.errors import OptionError
 from harmony.errors import AuthenticationFailed, ServiceUnavailable
 from harmony.log import get_logger
@@ -137,7 +138,7 @@ def token_header(token: str) -> dict | None:
         return None
     segment = parts[0]
     try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        header = jsonutil.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except (ValueError, binascii.Error):
         return None
     return header if isinstance(header, dict) else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -10,6 +9,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 
+from harmony import jsonutil
 from harmony.envelope import (RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id,
                               parse_query)
 from harmony.log import enabled, get_logger
@@ -71,7 +71,7 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
     env.query = parse_query(raw_query) if raw_query else []
     if isinstance(body, bytes) and body and is_json_type(env.header("content-type")):
         try:
-            env.normalized = json.loads(body)
+            env.normalized = jsonutil.loads(body)
         except ValueError:
             env.normalized = None  # json_extractor(strict) decides whether that is an error
     request._harmony_request_id = request_id

@@ -4,17 +4,39 @@ A bare Resource rather than Klein at the root: the passthrough hot path should
 pay for nothing it does not use (see the field notes' throughput table).
 Routes match on segment boundaries: ``/api`` takes ``/api`` and ``/api/x``,
 never ``/apix``.  Swapping ``routes`` is atomic, which hot reload relies on.
+A path with a ``.`` or ``..`` segment (raw, percent-encoded, or between
+backslashes) is refused with 400 before any route sees it: ``/echo/../api``
+would otherwise reach the ``/echo`` route, and ``/api/../../admin`` would be
+forwarded as ``base_url + "/../../admin"`` for the upstream to resolve outside
+the base path it was meant to confine requests to.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from urllib.parse import unquote
+
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from harmony.errors import NotFound
-from harmony.web.bridge import write_response
+from harmony.errors import BadRequest, HarmonyError, NotFound
+from harmony.log import get_logger
+from harmony.web.bridge import log_access, write_response
 from harmony.web.problem import problem_response
 from harmony.web.streaming import HarmonyChannel, HarmonyRequest
+
+
+log = get_logger("harmony.web")
+
+_SEPARATORS = re.compile(r"[/\\]")
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether *path* has a ``.``/``..`` segment once percent-decoded, counting
+    ``\\`` as a separator too (some servers do, and decode ``%2f`` before resolving)."""
+    decoded = unquote(path, errors="replace") if "%" in path else path
+    return any(seg in (".", "..") for seg in _SEPARATORS.split(decoded))
 
 
 class PrefixRouter(Resource):
@@ -40,10 +62,35 @@ class PrefixRouter(Resource):
     def render(self, request):
         path = request.path.decode("utf-8", "surrogateescape")
         route = self.match(path)
+        if has_dot_segment(path):
+            # Logged like any request: a refused traversal attempt is what an operator wants to see.
+            log_access(request, route.endpoint.name if route is not None else "", time.monotonic())
+            write_response(request, self._refuse_dot_segments(request, route, path))
+            return NOT_DONE_YET
         if route is None:
+            log_access(request, "", time.monotonic())
             write_response(request, problem_response(NotFound(f"no route for {path}"), instance=path))
             return NOT_DONE_YET
-        return route.endpoint.render_http(request, route)
+        try:
+            return route.endpoint.render_http(request, route)
+        except Exception:  # noqa: BLE001 - the last line of defence for one request
+            # Otherwise twisted.web answers its own HTML "Processing Failed" page.
+            log.failure("endpoint {endpoint} failed on a request", endpoint=route.endpoint.name)
+            if not request.startedWriting:
+                write_response(request, problem_response(HarmonyError("internal error"), instance=path))
+            elif not request.finished:
+                request.loseConnection()
+            return NOT_DONE_YET
+
+    @staticmethod
+    def _refuse_dot_segments(request, route, path):
+        """400, in the dialect of the endpoint the path names (OperationOutcome on FHIR)."""
+        error = BadRequest("the path has a '.' or '..' segment (also percent-encoded or between "
+                           "backslashes); send the resolved path")
+        endpoint = route.endpoint if route is not None else None
+        if hasattr(endpoint, "envelope") and hasattr(endpoint, "error_response"):
+            return endpoint.error_response(error, endpoint.envelope(request, route))
+        return problem_response(error, instance=path)
 
 
 class HarmonySite(Site):

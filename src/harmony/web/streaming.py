@@ -189,9 +189,44 @@ class HarmonyRequest(Request):
 
 
 class HarmonyChannel(HTTPChannel):
-    """Dispatches streaming requests once their headers are in."""
+    """Dispatches streaming requests once their headers are in, and gives each
+    request's head (request line + headers) ``head_deadline`` seconds from its
+    first byte: the Site's idle timeout restarts on every byte, so without this
+    a client dripping a header byte a minute would hold a connection for ever."""
+
+    head_deadline = 30.0
+    _head_timer = None
+
+    def dataReceived(self, data):
+        if self._head_timer is None and data and getattr(self, "_HTTPChannel__first_line", 0):
+            self._head_timer = self.callLater(self.head_deadline, self._head_too_slow)
+        super().dataReceived(data)
+
+    def _cancel_head_timer(self):
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+
+    def _head_too_slow(self):
+        self._head_timer = None
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        self.loseConnection()
+
+    def connectionLost(self, reason):
+        self._cancel_head_timer()
+        super().connectionLost(reason)
+
+    def lineLengthExceeded(self, line):
+        # LineReceiver's default drops the connection without a word, which a
+        # client (or the operator reading its log) cannot tell from a crash.
+        # Still on the request line (twisted.web's own flag): the URI is too long.
+        status = (b"414 URI Too Long" if getattr(self, "_HTTPChannel__first_line", 0)
+                  else b"431 Request Header Fields Too Large")
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        self.loseConnection()
 
     def allHeadersReceived(self):
+        self._cancel_head_timer()
         super().allHeadersReceived()
         if self.length == 0 or (self.length is not None and self.length <= INLINE_BODY_LIMIT):
             return
