@@ -1,5 +1,4 @@
-"""Security defaults a platform engineer relies on without reading every page:
-listeners are on loopback unless the configuration says otherwise."""
+"""Listener defaults a platform engineer relies on without reading every page."""
 
 import pytest_twisted
 
@@ -22,11 +21,13 @@ service = "echo"
 
 
 @pytest_twisted.ensureDeferred
-async def test_dicom_scp_listens_on_loopback_unless_told(tmp_path):
+async def test_dicom_scp_binds_all_interfaces_by_default_as_harmony_does(tmp_path):
+    """Issue 4 and Harmony's own dicom_scp: bind_addr defaults to 0.0.0.0, so a
+    config written for Harmony keeps reaching its modalities."""
     port = free_port()
     running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"scp": SCP.format(port=port)}))
     try:
         scp = running.service.runtime.endpoints["scp"]
-        assert scp.server.server_address == ("127.0.0.1", port)
+        assert scp.server.server_address == ("0.0.0.0", port)
     finally:
         await running.stop()

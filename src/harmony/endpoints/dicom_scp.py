@@ -79,7 +79,7 @@ class DicomScpEndpoint(Service):
     transport = "dimse"
     protocol = "dimse"
 
-    def __init__(self, name, reactor, *, local_aet, bind_addr="127.0.0.1", port=11112, enable_echo=True,
+    def __init__(self, name, reactor, *, local_aet, bind_addr="0.0.0.0", port=11112, enable_echo=True,
                  enable_find=False, enable_get=False, enable_move=False, enable_store=False, storage_dir=None,
                  forward_store=None, allowed_calling_aets=None, move_destinations=None, max_associations=10,
                  max_pdu_size=16382, acse_timeout=30.0, dimse_timeout=30.0, network_timeout=60.0,
@@ -135,9 +135,10 @@ class DicomScpEndpoint(Service):
         forward = options.bool("forward_store", None) if "forward_store" in options else None
         return cls(
             name, ctx.reactor, local_aet=net.check_aet(options, "local_aet"),
-            # Loopback unless told otherwise, like every HTTP network: a node that
-            # takes C-STORE from any calling AE is exposed only deliberately.
-            bind_addr=options.str("bind_addr", "127.0.0.1"), port=options.port("port", 11112),
+            # All interfaces, as Harmony's own dicom_scp does (issue 4, and configs
+            # written for it must keep working): modalities must reach a DICOM node.
+            # Restrict callers with allowed_calling_aets; the default etc/ config binds loopback.
+            bind_addr=options.str("bind_addr", "0.0.0.0"), port=options.port("port", 11112),
             enable_echo=options.bool("enable_echo", True), enable_find=options.bool("enable_find", False),
             enable_get=options.bool("enable_get", False), enable_move=options.bool("enable_move", False),
             enable_store=enable_store, storage_dir=storage_dir, forward_store=forward,

@@ -64,6 +64,8 @@ def reload(service):
         return dict(service.last_reload)
     try:
         changes = apply(service, runtime, settings)
+        for warning in runtime.warnings:  # typos in the new config, as at start-up
+            log.warn("configuration warning: {warning}", warning=str(warning))
     except Exception:  # a bug, not a config problem: say so rather than leave a silent half-swap
         log.failure("reload failed while applying the new configuration")
         service.metrics.reloaded(False)
