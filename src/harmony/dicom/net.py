@@ -8,6 +8,7 @@ TLS contexts, the query/retrieve model table and the DIMSE status names.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
 from harmony.config.errors import OptionError
+from harmony.dicom import fastcmd
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE
 from harmony.log import get_logger
 
@@ -38,6 +40,12 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 # Identifiers carry PHI; pynetdicom logs them at debug level unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# pynetdicom encodes every command set twice with pydicom's general writer, and
+# re-encodes relayed C-FIND matches: encode both directly (harmony.dicom.fastcmd,
+# byte-identical, falling back to pydicom for anything unusual).
+# HARMONY_DIMSE_STOCK=1 keeps stock pynetdicom, for A/B runs and as an escape hatch.
+if os.environ.get("HARMONY_DIMSE_STOCK") != "1":
+    fastcmd.install()
 class _ToTwistedLogger(logging.Handler):
     """pynetdicom reports association trouble (refused, aborted, timed out) only
     through stdlib logging, where nothing listens under twistd: pass warnings
