@@ -118,13 +118,14 @@ class HarmonyProcess:
             wait_for(lambda: port_open(port), 60, f"harmony (twistd) port {port}", self.proc)
         return self
 
-    def kill(self):
-        """SIGKILL: no shutdown code runs."""
+    def kill(self, proc=None):
+        """SIGKILL (the current process, or *proc* if given): no shutdown code runs."""
         import signal
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(30)
+        proc = proc if proc is not None else self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        if proc is not None:
+            proc.wait(30)
 
     def stop(self):
         import subprocess

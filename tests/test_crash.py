@@ -67,7 +67,11 @@ class Rig:
         self.sops = {str(p): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.files}
 
     def kill_soon(self, within: float):
-        threading.Timer(self.rnd.uniform(0, within), self.harmony.kill).start()
+        # Kill the process running *now*: a timer that fires late must never hit
+        # the process a restart has just started (that would be a kill nobody
+        # planned, and could land inside HarmonyProcess.start's readiness wait).
+        proc = self.harmony.proc
+        threading.Timer(self.rnd.uniform(0, within), self.harmony.kill, kwargs={"proc": proc}).start()
 
     def target_up_and_kill_while_draining(self):
         self.hold.release()
@@ -114,7 +118,8 @@ def test_http_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path
     acked, sent = set(), set()
     try:
         rig.harmony.start()
-        kills = sorted(rig.rnd.sample(range(20, N_INSTANCES - 20), KILLS_DURING_INGEST))
+        # Kill points 3 apart: each planned kill lands on its own process.
+        kills = sorted(rig.rnd.sample(range(20, N_INSTANCES - 20, 3), KILLS_DURING_INGEST))
         for n, path in enumerate(rig.files):
             if kills and n == kills[0]:
                 kills.pop(0)
