@@ -213,17 +213,20 @@ def test_metadata_cache_expires_on_the_clock(tmp_path):
     assert cache.get("k") is None
 
 
-def test_concurrent_identical_metadata_requests_collapse(bridge):
-    first = bridge.on_request(_request("GET", "/studies/1.2/series/1.3/metadata"))
+@pytest_twisted.ensureDeferred
+async def test_concurrent_identical_metadata_requests_collapse(bridge):
+    first = await bridge.on_request(_request("GET", "/studies/1.2/series/1.3/metadata"))
     assert isinstance(first, RequestEnvelope) and first.metadata["dimse_op"] == "C-GET"
     second = bridge.on_request(_request("GET", "/studies/1.2/series/1.3/metadata"))
-    assert isinstance(second, defer.Deferred) and not second.called   # waits; no second C-GET
+    outcome = []
+    second.addCallback(lambda r: outcome.append(r) or r)
+    assert isinstance(second, defer.Deferred) and outcome == []   # waits; no second C-GET
     key = first.context["dicomweb.cache_key"]
-    bridge.cache.put(key, b"[]")
+    await bridge.cache.put_async(key, b"[]")   # the cache file is written off the reactor
     bridge.cache.settle(key, b"[]")
-    response = second.result
+    response = await second
     assert isinstance(response, ResponseEnvelope) and response.status == 200
     assert response.headers.getRawHeaders("etag")
-    # Later requests are served from the cache without touching the backend.
-    third = bridge.on_request(_request("GET", "/studies/1.2/series/1.3/metadata"))
+    # Later requests are served from the cache (read in a thread) without touching the backend.
+    third = await bridge.on_request(_request("GET", "/studies/1.2/series/1.3/metadata"))
     assert isinstance(third, ResponseEnvelope)

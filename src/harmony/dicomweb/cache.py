@@ -15,7 +15,7 @@ import os
 import uuid
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 BASE_PLACEHOLDER = "urn:harmony:dicomweb-base"
 
@@ -38,27 +38,64 @@ class MetadataCache:
         # Keys contain validated UIDs only, but hashing keeps names fixed-size and safe regardless.
         return self.folder / (hashlib.sha256(key.encode()).hexdigest() + ".json")
 
-    def get(self, key: str) -> bytes | None:
+    def _fresh(self, key: str) -> bool:
         expires = self._expires.get(key)
         if expires is None or expires <= self.clock.seconds():
             self._expires.pop(key, None)
-            return None
+            return False
+        return True
+
+    def _read(self, key: str) -> bytes | None:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            self._expires.pop(key, None)
             return None
 
-    def put(self, key: str, body: bytes) -> None:
-        if self.ttl <= 0:
-            return
+    def _write(self, key: str, body: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(body)
         os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes | None:
+        """The cached body, read in the calling thread (tests, tools)."""
+        if not self._fresh(key):
+            return None
+        body = self._read(key)
+        if body is None:
+            self._expires.pop(key, None)
+        return body
+
+    def put(self, key: str, body: bytes) -> None:
+        """Store *body*, written in the calling thread (tests, tools)."""
+        if self.ttl <= 0:
+            return
+        self._write(key, body)
         self._expires[key] = self.clock.seconds() + self.ttl
+
+    # Series metadata can run to megabytes: on the reactor, file I/O goes to a
+    # thread and only the in-memory expiry index is touched on the reactor.
+    def get_async(self, key: str) -> defer.Deferred:
+        if not self._fresh(key):
+            return defer.succeed(None)
+
+        def read(body):
+            if body is None:
+                self._expires.pop(key, None)
+            return body
+
+        return threads.deferToThread(self._read, key).addCallback(read)
+
+    def put_async(self, key: str, body: bytes) -> defer.Deferred:
+        if self.ttl <= 0:
+            return defer.succeed(None)
+
+        def written(_):
+            self._expires[key] = self.clock.seconds() + self.ttl
+
+        return threads.deferToThread(self._write, key, body).addCallback(written)
 
     # -- collapsing identical fetches
     def join(self, key: str) -> defer.Deferred | None:

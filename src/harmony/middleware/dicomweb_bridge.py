@@ -135,19 +135,22 @@ class DicomWebBridge(Middleware):
                                 f"{ExplicitVRLittleEndian}; it does not transcode to {dw.transfer_syntax}")
         if dw.resource == "metadata":
             key = self._metadata_key(dw)
-            cached = self.cache.get(key)
-            if cached is not None:
-                return self._metadata_response(request, dw, cached)
-            waiting = self.cache.join(key)
-            if waiting is not None:
-                return waiting.addCallback(lambda body: self._metadata_response(request, dw, body))
-            request.context["dicomweb.cache_key"] = key
-            pipeline = request.context.get("pipeline")
-            if pipeline is not None:
-                # Fetch here rather than let the pipeline carry on: a backend
-                # failure would skip on_response and leave the waiters hanging.
-                self._prepare_retrieve(request, dw)
-                return self._fetch_metadata(pipeline, request, dw, key)
+            return self.cache.get_async(key).addCallback(self._metadata_request, request, dw, key)
+        return self._prepare_retrieve(request, dw)
+
+    def _metadata_request(self, cached, request, dw, key):
+        if cached is not None:
+            return self._metadata_response(request, dw, cached)
+        waiting = self.cache.join(key)
+        if waiting is not None:
+            return waiting.addCallback(lambda body: self._metadata_response(request, dw, body))
+        request.context["dicomweb.cache_key"] = key
+        pipeline = request.context.get("pipeline")
+        if pipeline is not None:
+            # Fetch here rather than let the pipeline carry on: a backend
+            # failure would skip on_response and leave the waiters hanging.
+            self._prepare_retrieve(request, dw)
+            return self._fetch_metadata(pipeline, request, dw, key)
         return self._prepare_retrieve(request, dw)
 
     def _prepare_retrieve(self, request, dw):
@@ -346,8 +349,10 @@ class DicomWebBridge(Middleware):
         docs.sort(key=lambda d: (_int(d, "00200013"), _uid(d, "00080018") or ""))
         body = json.dumps(docs, separators=(",", ":")).encode("utf-8")
         if key is not None:
-            self.cache.put(key, body)
+            # Waiters get the body now; a failed cache write only costs a refetch later.
             self.cache.settle(key, body)
+            self.cache.put_async(key, body).addErrback(
+                lambda f: log.warn("metadata cache write failed: {error}", error=f.getErrorMessage()))
         return self._metadata_response(request, dw, body)
 
     def _metadata_response(self, request, dw, body: bytes) -> ResponseEnvelope:

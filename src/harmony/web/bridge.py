@@ -17,11 +17,11 @@ from harmony.web.headers import HOP_BY_HOP, copy_headers
 from harmony.web.streaming import INLINE_BODY_LIMIT
 
 log = get_logger("harmony.access")
+errlog = get_logger("harmony.web")
 
 
 def access_log_enabled() -> bool:
     return enabled("harmony.access", "info")
-errlog = get_logger("harmony.web")
 
 _NOT_COPIED = HOP_BY_HOP | {b"content-length"}
 _REQUEST_ID_OK = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
