@@ -18,6 +18,8 @@ results ``jmix_builder`` turns into an envelope on the way back.
 
 from __future__ import annotations
 
+from functools import partial
+
 import shutil
 
 from twisted.internet import defer, threads
@@ -78,23 +80,33 @@ class StoreBackend(Backend):
         ep = self.endpoint
         if route == ROUTE_UPLOAD:
             return ep.upload(request)
+        # Index lookups and manifest reads wait on the store's lock, which a
+        # build or upload in a worker thread may hold: keep them off the reactor.
+        in_thread = partial(threads.deferToThreadPool, ep.reactor, ep.reactor.getThreadPool())
         if route == ROUTE_MANIFEST:
-            data = ep.store.read_manifest(request.metadata[META_ID]) if ep.store.get(request.metadata[META_ID]) \
-                else None
-            if data is None:
-                raise NotFound(f"JMIX envelope {request.metadata[META_ID]} not found")
-            h = Headers({"Content-Type": ["application/json"]})
-            return ResponseEnvelope(200, h, HeadBody(len(data)) if request.method == "HEAD" else data)
+            return in_thread(self._manifest, request.metadata[META_ID]).addCallback(self._manifest_response, request)
         fmt = negotiate(request.header("accept"), allow_json=route == ROUTE_STUDY)
         if route == ROUTE_STUDY:
             uid = request.metadata[META_STUDY]
             if fmt == JSON:
-                return study_index_response(ep.store, uid)
-            env_id = ep.store.newest_for_study(uid)
-            if env_id is None:
-                raise NotFound(f"no JMIX envelope for study {uid}")
-            return envelope_response(ep.store, env_id, fmt, request.method, ep.reactor)
+                return in_thread(study_index_response, ep.store, uid)
+            return in_thread(ep.store.newest_for_study, uid).addCallback(self._newest, uid, fmt, request)
         return envelope_response(ep.store, request.metadata[META_ID], fmt, request.method, ep.reactor)
+
+    def _manifest(self, env_id):
+        store = self.endpoint.store
+        return store.read_manifest(env_id) if store.get(env_id) else None
+
+    def _manifest_response(self, data, request):
+        if data is None:
+            raise NotFound(f"JMIX envelope {request.metadata[META_ID]} not found")
+        h = Headers({"Content-Type": ["application/json"]})
+        return ResponseEnvelope(200, h, HeadBody(len(data)) if request.method == "HEAD" else data)
+
+    def _newest(self, env_id, uid, fmt, request):
+        if env_id is None:
+            raise NotFound(f"no JMIX envelope for study {uid}")
+        return envelope_response(self.endpoint.store, env_id, fmt, request.method, self.endpoint.reactor)
 
 
 class JmixEndpoint(HttpEndpointBase):

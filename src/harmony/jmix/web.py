@@ -90,11 +90,13 @@ def file_response(path: Path, content_type: str, method: str, headers: Headers |
 @defer.inlineCallbacks
 def envelope_response(store: EnvelopeStore, env_id: str, fmt: str, method: str, reactor=None):
     """The stored envelope *env_id* as a zip or tar.gz response (tar.gz made once, off the reactor)."""
-    if store.get(env_id) is None:
+    if reactor is None:
+        from twisted.internet import reactor
+    # The index lookup waits on the store's lock: off the reactor, like the tar.gz.
+    found = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), store.get, env_id)
+    if found is None:
         raise NotFound(f"JMIX envelope {env_id} not found")
     if fmt == TAR_GZ:
-        if reactor is None:
-            from twisted.internet import reactor
         path = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), store.targz_path, env_id)
         suffix = ".tar.gz"
     else:
