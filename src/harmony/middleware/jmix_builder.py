@@ -103,7 +103,10 @@ class JmixBuilder(Middleware):
         fmt = negotiate(request.header("accept"), allow_json=True)
         if fmt == JSON:
             return request  # the JSON index is the jmix endpoint's store to answer, not a build
-        env_id = self.store.newest_for_study(uid)
+        # The index lookup waits on the store's lock, which a build may hold.
+        return self._thread(self.store.newest_for_study, uid).addCallback(self._cached_or_build, request, uid, fmt)
+
+    def _cached_or_build(self, env_id, request, uid, fmt):
         if env_id is not None:
             return envelope_response(self.store, env_id, fmt, request.method, self.reactor)
         request.context[BUILD_KEY] = (uid, fmt)
