@@ -20,7 +20,7 @@ def adt(control_id: str, event: str = "A01", *, family="Testperson", given="Anna
     """A synthetic ADT message (no real patient)."""
     f, c = seps[0], seps[1]
     msh = f.join(["MSH", seps[1:], "SENDAPP", "SENDFAC", "RECVAPP", "RECVFAC", "20260101120000", "",
-                  c.join(["ADT", event, "ADT_A01"]), control_id, "P", "2.5", "", "", msh15, msh16, "", charset])
+                  c.join(["ADT", event, "ADT_A01"]), control_id, "P", "2.5", "", "", msh15, msh16, "", charset]).rstrip(f)
     pid = f.join(["PID", "1", "", c.join([mrn, "", "", "HOSP"]), "", c.join([family, given]), "", "19800101", "F"])
     pv1 = f.join(["PV1", "1", "I", c.join(["WARD1", "101", "A"]), "", "", "", "", "", "", "", "", "", "", "", "", "",
                   "", "", "VISIT0001"])

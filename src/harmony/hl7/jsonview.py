@@ -204,9 +204,11 @@ def to_er7(view: dict, *, segment_terminator: str = "\r") -> bytes:
     _, codec = view_codec(view)
     order = view.get("order")
     if order is None:
-        order = ["MSH"] * len(view.get("MSH", [])) + [
+        def count(occurrences):
+            return len(occurrences) if isinstance(occurrences, list) else 1
+        order = ["MSH"] * count(view.get("MSH", [])) + [
             k for k, occurrences in view.items() if k not in HEADER_KEYS and k != "MSH"
-            for _ in (occurrences if isinstance(occurrences, list) else [occurrences])]
+            for _ in range(count(occurrences))]
     if not order or order[0] != "MSH":
         raise ViewError("order: a message begins with MSH")
     seen: dict = {}
