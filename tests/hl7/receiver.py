@@ -43,7 +43,8 @@ async def serve(log_path):
         finally:
             writer.close()
 
-    server = await start_hl7_server(client, "127.0.0.1", 0)
+    # python-hl7 decodes as ASCII unless told (it does not read MSH-18)
+    server = await start_hl7_server(client, "127.0.0.1", 0, encoding="utf-8")
     port = server.sockets[0].getsockname()[1]
     print(f"READY {port}", flush=True)
     async with server:

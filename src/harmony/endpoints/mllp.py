@@ -316,9 +316,11 @@ class MllpEndpoint(Service):
     def envelope(self, message: V2Message, peer: str, secure: bool) -> RequestEnvelope:
         md = {"protocol": "hl7v2", "request_id": new_request_id(), "endpoint": self.name}
         md.update(message.metadata())
+        # path names the message for routing rules; subpath "/" posts to an
+        # HTTP/FHIR backend's base URL (a FHIR transaction Bundle, say).
         path = f"/{message.message_type}/{message.trigger_event}".rstrip("/")
         headers = Headers({b"content-type": [CONTENT_TYPE]})
-        return RequestEnvelope(method="POST", path=path, subpath=path, headers=headers, body=message.raw,
+        return RequestEnvelope(method="POST", path=path, subpath="/", headers=headers, body=message.raw,
                                metadata=md, normalized=to_view(message), client_ip=peer,
                                scheme="mllps" if secure else "mllp", host=self.name,
                                context={"hl7_message": message})
