@@ -40,15 +40,16 @@ def oru(control_id: str) -> bytes:
 class Receiver:
     """python-hl7's asyncio MLLP server in a process (see receiver.py)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, port: int = 0):
         self.log = folder / "received.jsonl"
         self.proc = None
-        self.port = None
+        self.port = port
 
     def start(self):
-        self.log.write_text("")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "receiver.py"), "--log", str(self.log)],
-                                     stdout=subprocess.PIPE, text=True)
+        if not self.log.exists():
+            self.log.write_text("")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "receiver.py"), "--log", str(self.log),
+                                      "--port", str(self.port or 0)], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY"):
             self.stop()

@@ -18,7 +18,7 @@ from hl7.mllp import start_hl7_server
 seen: dict = {}
 
 
-async def serve(log_path):
+async def serve(log_path, port=0):
     async def client(reader, writer):
         try:
             while not writer.is_closing():
@@ -44,7 +44,7 @@ async def serve(log_path):
             writer.close()
 
     # python-hl7 decodes as ASCII unless told (it does not read MSH-18)
-    server = await start_hl7_server(client, "127.0.0.1", 0, encoding="utf-8")
+    server = await start_hl7_server(client, "127.0.0.1", port, encoding="utf-8")
     port = server.sockets[0].getsockname()[1]
     print(f"READY {port}", flush=True)
     async with server:
@@ -54,4 +54,6 @@ async def serve(log_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--log", required=True)
-    asyncio.run(serve(parser.parse_args().log))
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    asyncio.run(serve(args.log, args.port))
