@@ -111,7 +111,8 @@ class _TargetConnections:
 
 class MllpBackend(Backend):
     def __init__(self, name, reactor, target_pool: TargetPool, *, ack_timeout=30.0, connect_timeout=10.0,
-                 retries=2, retry_delay=1.0, max_connections=4, tls=None, max_ack_bytes=1024 * 1024):
+                 retries=2, retry_delay=1.0, max_connections=4, tls=None, max_ack_bytes=1024 * 1024,
+                 keep_connection_open=True):
         super().__init__(name)
         self.reactor = reactor
         self.target_pool = target_pool
@@ -122,6 +123,9 @@ class MllpBackend(Backend):
         self.max_connections = max_connections
         self.tls = tls
         self.max_ack_bytes = max_ack_bytes
+        #: False: one connection per message, closed after its ACK (receivers that
+        #: mishandle a second message on a connection, e.g. node-hl7-server 2.5).
+        self.keep_connection_open = keep_connection_open
         self.connections: dict[str, _TargetConnections] = {}
 
     @classmethod
@@ -141,7 +145,8 @@ class MllpBackend(Backend):
                    retries=options.int("ack_retries", 2, minimum=0, maximum=100),
                    retry_delay=options.number("retry_delay_secs", 1.0, minimum=0),
                    max_connections=options.int("max_connections_per_target", 4, minimum=1, maximum=1000),
-                   tls=tls, max_ack_bytes=options.int("max_ack_bytes", 1024 * 1024, minimum=64, maximum=1 << 30))
+                   tls=tls, max_ack_bytes=options.int("max_ack_bytes", 1024 * 1024, minimum=64, maximum=1 << 30),
+                   keep_connection_open=options.bool("keep_connection_open", True))
 
     # ------------------------------------------------------------------ sending
 
@@ -205,7 +210,10 @@ class MllpBackend(Backend):
                 raise BackendUnavailable(f"the receiver's answer is not an ACK: {e.text}") from None
             if info.control_id != control_id:
                 raise BackendUnavailable("the receiver acknowledged another message (MSA-2)")
-            pool.idle.append(conn)
+            if self.keep_connection_open:
+                pool.idle.append(conn)
+            else:
+                conn.transport.loseConnection()
             conn = None
             status = STATUS_OF[info.code]
             return ResponseEnvelope(
