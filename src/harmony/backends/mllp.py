@@ -38,7 +38,8 @@ from harmony.errors import BackendTimeout, BackendUnavailable, BadRequest
 from harmony.hl7 import ack as hack
 from harmony.hl7.framing import FramingError, MllpDecoder, frame
 from harmony.hl7.jsonview import ViewError, to_er7
-from harmony.hl7.message import HL7Error, parse_message
+from harmony.hl7.escaping import unescape
+from harmony.hl7.message import HL7Error, read_header
 from harmony.log import get_logger
 from harmony.targets import TargetPool
 
@@ -59,6 +60,8 @@ class MllpClientProtocol(Protocol):
 
     def connectionMade(self):
         self.connected = True
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)  # one small frame per message: no Nagle delay
 
     def exchange(self, payload: bytes) -> defer.Deferred:
         self.waiting = defer.Deferred(self._cancelled)
@@ -173,10 +176,12 @@ class MllpBackend(Backend):
     async def _send(self, request):
         payload = await self.payload_of(request)
         try:
-            message = parse_message(payload)
+            seps, fields = read_header(payload)
         except HL7Error as e:
             raise BadRequest(f"not an HL7 v2 message: {e.text}") from None
-        control_id = message.control_id
+        control_id = unescape(fields[10], seps) if len(fields) > 10 else ""
+        if not control_id:
+            raise BadRequest("not an HL7 v2 message: MSH-10 (control ID) is missing")
         attempt = 0
         while True:
             attempt += 1

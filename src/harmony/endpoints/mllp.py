@@ -113,6 +113,9 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
             self.transport.abortConnection()
             return
         ep.connections.add(self)
+        # An ACK is one small write per message: never hold it back for Nagle.
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         self.setTimeout(ep.idle_timeout)
 
     def timeoutConnection(self):
@@ -190,7 +193,8 @@ class MllpEndpoint(Service):
 
     def __init__(self, name, reactor, *, bind_addr="127.0.0.1", port=2575, tls=None, allowed_sources=None,
                  idle_timeout=300.0, max_message_bytes=1024 * 1024, max_connections=100, request_timeout=60.0,
-                 ack_mode="auto", duplicate_window=0.0, duplicate_policy="ack", default_charset="utf-8"):
+                 ack_mode="auto", duplicate_window=0.0, duplicate_policy="ack", default_charset="utf-8",
+                 json_view=True):
         self.name = name
         self.reactor = reactor
         self.bind_addr = bind_addr
@@ -205,6 +209,8 @@ class MllpEndpoint(Service):
         self.duplicates = DuplicateWindow(duplicate_window, reactor) if duplicate_window > 0 else None
         self.duplicate_policy = duplicate_policy
         self.default_charset = default_charset
+        #: False: no JSON view in ``normalized`` (a pure relay skips parsing the body).
+        self.json_view = json_view
         self.pipeline = None
         self.listening_port = None
         self.connections: set = set()
@@ -245,6 +251,7 @@ class MllpEndpoint(Service):
             duplicate_window=options.number("duplicate_window_secs", 0.0, minimum=0),
             duplicate_policy=options.str("duplicate_policy", "ack", choices=DUPLICATE_POLICIES),
             default_charset=CHARSETS[charset.upper()],
+            json_view=options.bool("json_view", True),
         )
 
     # ------------------------------------------------------------------ service
@@ -321,7 +328,8 @@ class MllpEndpoint(Service):
         path = f"/{message.message_type}/{message.trigger_event}".rstrip("/")
         headers = Headers({b"content-type": [CONTENT_TYPE]})
         return RequestEnvelope(method="POST", path=path, subpath="/", headers=headers, body=message.raw,
-                               metadata=md, normalized=to_view(message), client_ip=peer,
+                               metadata=md, normalized=to_view(message) if self.json_view else None,
+                               client_ip=peer,
                                scheme="mllps" if secure else "mllp", host=self.name,
                                context={"hl7_message": message})
 
@@ -362,7 +370,11 @@ class MllpEndpoint(Service):
         return acks
 
     async def _through_pipeline(self, message: V2Message, peer: str, secure: bool) -> tuple[list[bytes], bool]:
-        request = self.envelope(message, peer, secure)
+        try:
+            request = self.envelope(message, peer, secure)
+        except HL7Error as e:
+            self.refused["parse error"] += 1
+            return [self._ack(message, e.ack_code, error=e, text=e.text)], False
         if self.pipeline is None:
             response = self.error_response(HarmonyError("no pipeline serves this endpoint"), request)
         else:

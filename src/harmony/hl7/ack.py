@@ -20,7 +20,7 @@ import time
 
 import attr
 
-from harmony.hl7.escaping import DEFAULT, Separators, escape
+from harmony.hl7.escaping import DEFAULT, Separators, escape, unescape
 from harmony.hl7.message import ERROR_NAMES, HL7Error, V2Message, parse_message
 
 ACCEPT, ERROR, REJECT = "AA", "AE", "AR"
@@ -131,25 +131,26 @@ def err_segment(error: HL7Error, seps: Separators, version: str, codec: str = "u
 
 
 def read_ack(raw: bytes) -> AckInfo:
-    """Parse a peer's ACK; HL7Error when it is not one."""
+    """Read a peer's ACK (MSA, and ERR-3 when there is one); HL7Error when it is not one."""
     message = parse_message(raw, required=(10,))
-    try:
-        msa = message.parsed.segment("MSA")
-    except KeyError:
-        raise HL7Error(REQUIRED_SEGMENT, "the acknowledgement has no MSA segment", segment="MSA") from None
-    code = str(msa(1)).strip().upper() if len(msa) > 1 else ""
+    msa = err = None
+    for fields in message.segments():
+        if fields[0] == "MSA" and msa is None:
+            msa = fields
+        elif fields[0] == "ERR" and err is None:
+            err = fields
+    if msa is None:
+        raise HL7Error(REQUIRED_SEGMENT, "the acknowledgement has no MSA segment", segment="MSA")
+
+    def at(fields, n):
+        return fields[n] if n < len(fields) else ""
+    code = at(msa, 1).strip().upper()
     if code not in (ACCEPT, ERROR, REJECT, COMMIT_ACCEPT, COMMIT_ERROR, COMMIT_REJECT):
         raise HL7Error(TABLE_VALUE, "MSA-1 is not an acknowledgement code", segment="MSA", field=1)
-    acked = str(msa(2)) if len(msa) > 2 else ""
-    text = str(msa(3)) if len(msa) > 3 else ""
-    error_code = ""
-    try:
-        err = message.parsed.segment("ERR")
-        if len(err) > 3:
-            error_code = str(err(3)).split(message.separators.component)[0]
-    except KeyError:
-        pass
-    return AckInfo(code=code, control_id=acked, text=text, error_code=error_code, raw=raw)
+    seps, codec = message.separators, message.codec
+    error_code = at(err, 3).split(seps.component)[0] if err is not None else ""
+    return AckInfo(code=code, control_id=unescape(at(msa, 2), seps, codec), text=unescape(at(msa, 3), seps, codec),
+                   error_code=error_code, raw=raw)
 
 
 REQUIRED_SEGMENT = 100

@@ -134,7 +134,26 @@ class V2Message:
     codec: str
     #: MSH fields as written (ER7, escaped), by number: msh[1] is MSH-1.
     msh: list
-    parsed: hl7.Message
+    #: The text with segments ended by CR only (what python-hl7 parses).
+    normalised: str = ""
+    _tree: object = None
+
+    @property
+    def parsed(self) -> hl7.Message:
+        """python-hl7's parse tree, made on first use: a relay that only reads the
+        header never pays for parsing the body (python-hl7 costs ~1 ms a message)."""
+        if self._tree is None:
+            try:
+                self._tree = hl7.parse(self.normalised)
+            except Exception as e:  # noqa: BLE001 - any parser failure is a malformed message
+                raise HL7Error(SEGMENT_SEQUENCE_ERROR,
+                               f"the message cannot be parsed ({type(e).__name__})") from None
+        return self._tree
+
+    def segments(self) -> list[list[str]]:
+        """Each segment's fields as written (ER7), without python-hl7: for the few
+        fields an ACK reader needs."""
+        return [seg.split(self.separators.field) for seg in self.normalised.split("\r")]
 
     def raw_field(self, n: int) -> str:
         return self.msh[n] if n < len(self.msh) else ""
@@ -235,13 +254,15 @@ def _parse(raw, default_charset, required, seps, fields) -> V2Message:
         if not value.strip():
             raise HL7Error(REQUIRED_FIELD_MISSING, f"MSH-{n} is required", field=n)
     normalised = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
-    try:
-        parsed = hl7.parse(normalised)
-    except Exception as e:  # noqa: BLE001 - any parser failure is a malformed message
-        raise HL7Error(SEGMENT_SEQUENCE_ERROR, f"the message cannot be parsed ({type(e).__name__})") from None
-    for index, segment in enumerate(parsed, start=1):
-        seg_id = str(segment[0]) if len(segment) else ""
-        if not SEGMENT_ID.fullmatch(seg_id):
+    for index, segment in enumerate(normalised.split("\r"), start=1):
+        if not SEGMENT_ID.fullmatch(segment[:3]) or segment[3:4] not in ("", seps.field):
             raise HL7Error(SEGMENT_SEQUENCE_ERROR, f"segment {index} has no valid segment ID",
                            segment="", sequence=index)
-    return V2Message(raw=raw, text=text, separators=seps, charset=charset, codec=codec, msh=msh, parsed=parsed)
+    return V2Message(raw=raw, text=text, separators=seps, charset=charset, codec=codec, msh=msh,
+                     normalised=normalised)
+
+
+def read_header(raw: bytes) -> tuple[Separators, list]:
+    """The separators and MSH fields (ER7, as written) without decoding or
+    parsing the rest: what a relay needs (MSH-10) at the cost of one split."""
+    return _msh_fields(raw)
