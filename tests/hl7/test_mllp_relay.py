@@ -116,3 +116,31 @@ async def test_unparseable_message_gets_ar_with_err(tmp_path, receiver):
     assert "ERR||MSH^1^10|101^Required field missing^HL70357|E||||MSH-10 is required" in acks[1]
     assert "MSA|AR|BADCS" in acks[2] and "ERR||MSH^1^18|102^" in acks[2]
     assert receiver.control_ids() == []     # nothing unreadable was passed on
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_phi_in_the_log_at_info(tmp_path, receiver):
+    """Relayed, refused, rejected and timed-out messages: no log event names the patient."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    cfg = relay_config(tmp_path, receiver.port, "duplicate_window_secs = 60")
+    cfg.write_text(cfg.read_text().replace('log_level = "debug"', 'log_level = "info"'))
+    secret = dict(family="PHIPROBE", given="ZELDA", mrn="PHIMRN4711")
+    try:
+        h, ep = await running(cfg)
+        try:
+            await mllp_send(ep.bound_port, framed_file(tmp_path / "in.hl7", [
+                adt("PHI-1", **secret), adt("PHI-1", **secret), adt("AR-PHI-2", **secret),
+                adt("SILENT-PHI-3", **secret), adt("", **secret),
+                adt("PHI-4", **secret).replace(b"|2.5", b"|2.5||||||WHATEVER")]))
+        finally:
+            await h.stop()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = "\n".join(formatEvent(e) or "" for e in events if e.get("log_level").name != "debug")
+    assert "PHI-1" in text or "refused" in text          # the log did see these messages
+    for s in secret.values():
+        assert s not in text
