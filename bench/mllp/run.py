@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import free_port, harmony_config, start_harmony, stop, wait_port  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+#: The peer: python-hl7's asyncio MLLP server answering AA (the tests' receiver, without its log).
+PEER = ROOT / "tests" / "hl7" / "receiver.py"
 
 
 def adt(n: int) -> str:
@@ -136,7 +138,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-mllp-") as tmp:
         tmp = Path(tmp)
         try:
-            peer = subprocess.Popen([sys.executable, str(HERE / "peer.py"), str(receiver_port)],
+            peer = subprocess.Popen([sys.executable, str(PEER), "--port", str(receiver_port)],
                                     stdout=subprocess.PIPE, text=True)
             assert peer.stdout.readline().startswith("READY")
             config = harmony_config(tmp / "harmony", http_port,

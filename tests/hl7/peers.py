@@ -70,6 +70,39 @@ class Receiver:
             self.proc.stdout.close()
 
 
+def durable_relay_toml(feed_port: int, receiver_port: int, spool: Path, *, ack_timeout: float = 2) -> str:
+    """Pipeline ``hl7``: ``mllp`` endpoint ``feed`` -> ``store_forward`` ``relay``
+    (fifo, short backoff) -> ``mllp`` backend ``ris`` at *receiver_port*."""
+    return f"""
+[pipelines.hl7]
+endpoints = ["feed"]
+backends = ["relay"]
+
+[endpoints.feed]
+service = "mllp"
+[endpoints.feed.options]
+port = {feed_port}
+
+[backends.relay]
+service = "store_forward"
+[backends.relay.options]
+forward_to = ["ris"]
+order = "fifo"
+path = "{spool}"
+backoff_initial_seconds = 0.05
+backoff_max_seconds = 0.3
+max_attempts = 1000000
+
+[backends.ris]
+service = "mllp"
+[backends.ris.options]
+host = "127.0.0.1"
+port = {receiver_port}
+ack_timeout_secs = {ack_timeout}
+ack_retries = 0
+"""
+
+
 def framed_file(path: Path, messages: list[bytes]) -> Path:
     path.write_bytes(b"".join(b"\x0b" + m + b"\x1c\r" for m in messages))
     return path

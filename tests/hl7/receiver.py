@@ -5,7 +5,8 @@ It appends every message it gets to ``--log`` (one JSON line: control ID,
 raw text) and answers by the control ID's prefix, so a test says per
 message what the receiver does: ``AE-`` -> AE, ``AR-`` -> AR, ``SILENT-`` ->
 no answer (an ACK timeout), ``AEONCE-`` -> AE the first time, AA after;
-anything else AA.  Prints ``READY <port>`` once it listens.
+anything else AA.  Prints ``READY <port>`` once it listens.  Without
+``--log`` it only answers (bench/mllp uses it so as the peer).
 """
 
 import argparse
@@ -24,8 +25,9 @@ async def serve(log_path, port=0):
             while not writer.is_closing():
                 message = await reader.readmessage()
                 control_id = str(message.segment("MSH")(10))
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"control_id": control_id, "text": str(message)}) + "\n")
+                if log_path:
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"control_id": control_id, "text": str(message)}) + "\n")
                 seen[control_id] = seen.get(control_id, 0) + 1
                 if control_id.startswith("SILENT-"):
                     continue
@@ -53,7 +55,7 @@ async def serve(log_path, port=0):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--log", required=True)
+    parser.add_argument("--log", default="")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     asyncio.run(serve(args.log, args.port))

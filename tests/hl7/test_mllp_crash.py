@@ -21,7 +21,7 @@ import time
 import hl7
 from hl7.client import MLLPClient
 
-from tests.hl7.peers import Receiver, adt
+from tests.hl7.peers import Receiver, adt, durable_relay_toml
 from tests.peers import free_port, wait_for
 from tests.sf_helpers import HarmonyProcess, PortHold
 
@@ -39,36 +39,10 @@ log_level = "info"
 bind_address = "127.0.0.1"
 bind_port = {http_port}
 
-[pipelines.hl7]
-endpoints = ["feed"]
-backends = ["relay"]
-
-[endpoints.feed]
-service = "mllp"
-[endpoints.feed.options]
-port = {mllp_port}
-
-[backends.relay]
-service = "store_forward"
-[backends.relay.options]
-forward_to = ["ris"]
-order = "fifo"
-path = "{spool}"
-backoff_initial_seconds = 0.05
-backoff_max_seconds = 0.3
-max_attempts = 1000000
-
-[backends.ris]
-service = "mllp"
-[backends.ris.options]
-host = "127.0.0.1"
-port = {receiver_port}
-ack_timeout_secs = 5
-ack_retries = 0
-"""
+""" + durable_relay_toml(mllp_port, receiver_port, spool, ack_timeout=5)
 
 
-def send_until_acked(harmony: HarmonyProcess, port: int, message: bytes, client: list) -> None:
+def send_until_acked(harmony: HarmonyProcess, port: int, message: str, client: list) -> None:
     """Send *message* until it gets AA; a dead Harmony is restarted (what a sender's
     operator would do) and the message sent again."""
     while True:

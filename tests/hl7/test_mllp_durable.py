@@ -13,7 +13,7 @@ import treq
 from twisted.internet import reactor, task
 
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.hl7.peers import Receiver, adt, framed_file, mllp_send
+from tests.hl7.peers import Receiver, adt, durable_relay_toml, framed_file, mllp_send
 from tests.peers import free_port
 from tests.sf_helpers import PortHold
 
@@ -27,32 +27,7 @@ enabled = true
 network = "default"
 token = "{TOKEN}"
 """
-    return write_config(tmp_path / "cfg", main, {"hl7": f"""
-        [pipelines.hl7]
-        networks = ["default"]
-        endpoints = ["feed"]
-        backends = ["relay"]
-        [endpoints.feed]
-        service = "mllp"
-        [endpoints.feed.options]
-        port = 0
-        [backends.relay]
-        service = "store_forward"
-        [backends.relay.options]
-        forward_to = ["ris"]
-        order = "fifo"
-        path = "{tmp_path / 'spool'}"
-        backoff_initial_seconds = 0.05
-        backoff_max_seconds = 0.2
-        max_attempts = 1000
-        [backends.ris]
-        service = "mllp"
-        [backends.ris.options]
-        host = "127.0.0.1"
-        port = {receiver_port}
-        ack_timeout_secs = 2
-        ack_retries = 0
-        """})
+    return write_config(tmp_path / "cfg", main, {"hl7": durable_relay_toml(0, receiver_port, tmp_path / "spool")})
 
 
 async def until(predicate, what, timeout=30.0):
