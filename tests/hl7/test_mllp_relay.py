@@ -144,3 +144,18 @@ async def test_no_phi_in_the_log_at_info(tmp_path, receiver):
     assert "PHI-1" in text or "refused" in text          # the log did see these messages
     for s in secret.values():
         assert s not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_acks_and_refusals(tmp_path, receiver):
+    h, ep = await running(relay_config(tmp_path, receiver.port))
+    try:
+        await mllp_send(ep.bound_port, framed_file(tmp_path / "in.hl7",
+                                                   [adt("M-1"), adt("AR-M-2"), b"NOT HL7\r"]))
+        from prometheus_client import generate_latest
+        text = generate_latest(h.service.metrics.registry).decode()
+    finally:
+        await h.stop()
+    assert 'harmony_hl7_acks_total{code="AA",endpoint="feed"} 1.0' in text
+    assert 'harmony_hl7_acks_total{code="AR",endpoint="feed"} 2.0' in text
+    assert 'harmony_mllp_refused_total{endpoint="feed",reason="parse error"} 1.0' in text

@@ -105,11 +105,13 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
         if not ep.source_allowed(self.peer):
             log.warn("mllp {name}: connection from {peer} refused (not in allowed_sources)",
                      name=ep.name, peer=self.peer)
+            ep.refused["source not allowed"] += 1
             self.transport.abortConnection()
             return
         if len(ep.connections) >= ep.max_connections:
             log.warn("mllp {name}: connection from {peer} refused (max_connections {n})",
                      name=ep.name, peer=self.peer, n=ep.max_connections)
+            ep.refused["too many connections"] += 1
             self.transport.abortConnection()
             return
         ep.connections.add(self)
@@ -159,6 +161,7 @@ class MllpServerProtocol(Protocol, TimeoutMixin):
         self.busy = False
         if not self.gone:
             for ack in acks:
+                self.endpoint.acks_sent[_ack_code(ack)] += 1
                 self.transport.write(frame(ack))
         self._next()
 
@@ -214,8 +217,10 @@ class MllpEndpoint(Service):
         self.pipeline = None
         self.listening_port = None
         self.connections: set = set()
-        #: refusals by reason (oversized message, bad framing, parse error, duplicate), for tests and metrics
+        #: refusals by reason (oversized message, bad framing, parse error, duplicate, source, connections)
         self.refused: Counter = Counter()
+        #: ACKs sent, by MSA-1 code (harmony_hl7_acks)
+        self.acks_sent: Counter = Counter()
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -418,6 +423,15 @@ class MllpEndpoint(Service):
 
     def _ack(self, message, code, *, error=None, text=""):
         return hack.build_ack(code, message, error=error, text=text, now=time.time())
+
+
+def _ack_code(ack: bytes) -> str:
+    """MSA-1 of an ACK we are about to send (for metrics), without parsing it."""
+    start = ack.find(b"\rMSA")
+    if start < 0 or len(ack) < start + 7:
+        return "other"
+    code = ack[start + 5:start + 7].decode("latin-1")
+    return code if code in ("AA", "AE", "AR", "CA", "CE", "CR") else "other"
 
 
 async def _wait(d: defer.Deferred):
