@@ -135,3 +135,22 @@ async def test_fhir_patient_becomes_adt_a08_over_mllp(tmp_path, receiver):
     pid = [s for s in a08 if s.startswith("PID")][0].split("|")
     # the field separator in the name is escaped, the non-ASCII given name survives
     assert pid[3] == "MRN9^^^&urn:oid:1.2.3&ISO" and pid[5] == "Testperson\\F\\Jr^Zoë" and pid[7] == "19800102"
+
+
+@pytest_twisted.ensureDeferred
+async def test_latin1_message_becomes_unicode_fhir(tmp_path, receiver):
+    """MSH-18 8859/1: the bytes are Latin-1 on the wire, the Patient's name is right in UTF-8 JSON."""
+    fhir = start_fhir_server()
+    h = await started(example_config(tmp_path, fhir.base, receiver.port))
+    raw = adt("L1-1", charset="8859/1", family="Müller", given="Zoë")
+    assert "Müller".encode("latin-1") in raw
+    try:
+        acks = await mllp_send(h.service.runtime.endpoints["adt_feed"].bound_port,
+                               framed_file(tmp_path / "adt.hl7", [raw]))
+    finally:
+        await h.stop()
+        await fhir.port.stopListening()
+    assert acks_by_control_id(acks)["L1-1"][0] == "AA"
+    [post] = [r for r in fhir.requests if r["method"] == b"POST"]
+    name = json.loads(post["body"].decode("utf-8"))["entry"][0]["resource"]["name"][0]
+    assert name == {"family": "Müller", "given": ["Zoë"]}

@@ -140,3 +140,43 @@ async def test_tls_needs_a_client_certificate(tmp_path, receiver):
 def deferLater(seconds):
     from twisted.internet import task
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_past_the_limit_are_refused(tmp_path, receiver):
+    h, ep = await running(relay_config(tmp_path, receiver.port, "max_connections = 2"))
+    try:
+        first, second = await connect(ep.bound_port), await connect(ep.bound_port)
+        third = await connect(ep.bound_port)
+        data = await within(third.closed)
+        first.transport.write(b"\x0b" + adt("LIM-1") + b"\x1c\r")
+        while b"\x1c\r" not in first.data:
+            await within(deferLater(0.01))
+        for c in (first, second):
+            c.transport.loseConnection()
+    finally:
+        await h.stop()
+    assert data == b"" and ep.refused["too many connections"] == 1
+    assert b"MSA|AA|LIM-1" in first.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_flood_is_answered_in_order(tmp_path, receiver):
+    """300 messages written at once without waiting for ACKs: the connection is
+    read one message at a time (back-pressure), every message is relayed and
+    acknowledged, in order."""
+    h, ep = await running(relay_config(tmp_path, receiver.port))
+    ids = [f"FLOOD-{i:03d}" for i in range(300)]
+    try:
+        c = await connect(ep.bound_port)
+        c.transport.write(b"".join(b"\x0b" + adt(i) + b"\x1c\r" for i in ids))
+        waited = 0.0
+        while c.data.count(b"\x1c\r") < len(ids):
+            assert waited < 60, "not every message was acknowledged"
+            await within(deferLater(0.05))
+            waited += 0.05
+        c.transport.loseConnection()
+    finally:
+        await h.stop()
+    acked = [f.split(b"MSA|")[1].split(b"|")[1].split(b"\r")[0].decode() for f in c.data.split(b"\x1c\r") if f]
+    assert acked == ids and receiver.control_ids() == ids
