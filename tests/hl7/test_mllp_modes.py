@@ -165,3 +165,34 @@ def test_bad_options_name_their_keys(tmp_path, capsys):
     text = out.out + out.err
     assert "endpoints.feed" in text and ("default_charset" in text or "allowed_sources" in text)
     assert "backends.ris" in text and "host" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_keeps_an_unchanged_listener_and_its_connections(tmp_path, receiver):
+    cfg = relay_config(tmp_path, receiver.port)
+    h, ep = await running(cfg)
+    try:
+        c = await connect(ep.bound_port)
+        c.transport.write(b"\x0b" + adt("RL-1") + b"\x1c\r")
+        await frames(c, 1)
+        cfg.parent.joinpath("pipelines", "hl7.toml").write_text(
+            (cfg.parent / "pipelines" / "hl7.toml").read_text().replace("ack_timeout_secs = 0.5",
+                                                                         "ack_timeout_secs = 5"))
+        result = await h.service.reload()
+        assert result["ok"] and result["changes"]["listeners_restarted"] == []
+        assert h.service.runtime.endpoints["feed"] is ep
+        assert h.service.runtime.backends["ris"].ack_timeout == 5
+        c.transport.write(b"\x0b" + adt("RL-2") + b"\x1c\r")      # same connection, new backend
+        acks = await frames(c, 2)
+        c.transport.loseConnection()
+        other = free_port()
+        cfg.parent.joinpath("pipelines", "hl7.toml").write_text(
+            (cfg.parent / "pipelines" / "hl7.toml").read_text().replace("port = 0", f"port = {other}", 1))
+        result = await h.service.reload()
+        new = h.service.runtime.endpoints["feed"]
+        new_port, old_port = new.bound_port, ep.bound_port
+    finally:
+        await h.stop()
+    assert b"MSA|AA|RL-2" in acks[1] and receiver.control_ids() == ["RL-1", "RL-2"]
+    assert result["ok"] and result["changes"]["listeners_restarted"] == ["feed"]
+    assert new is not ep and new_port == other and old_port is None
