@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 
-import hl7
 from hl7.mllp import start_hl7_server
 
 seen: dict = {}

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 
 from harmony.cli import main
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.hl7.peers import Receiver, adt, framed_file, mllp_send
-from tests.hl7.test_mllp_hostile import Client, connect, within
+from tests.hl7.test_mllp_hostile import Client, connect
 from tests.hl7.test_mllp_relay import relay_config, running
 from tests.peers import free_port
 from tests.sf_helpers import PortHold

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
 
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.hl7.peers import Receiver, adt, framed_file, mllp_send
