@@ -21,17 +21,26 @@ COMMANDS = {
 
 
 def _load(config_path):
+    """(runtime, None), or (None, ConfigErrors with every problem of every section)."""
     from harmony.config import ConfigErrors, load_config
     from harmony.management.settings import ManagementSettings, check_routes
     from harmony.runtime import build_runtime
 
+    problems = []
+    config = load_config(config_path, problems=problems)
+    if config is None:
+        return None, ConfigErrors(problems)
+    # Build even when loading found problems: the components, pipelines and
+    # routes of the sections that did load have problems of their own, and an
+    # operator fixes them all in one pass.
+    runtime = build_runtime(config, problems=problems)
     try:
-        config = load_config(config_path)
-        runtime = build_runtime(config)
         check_routes(ManagementSettings.from_config(config), runtime)
-        return runtime, None
     except ConfigErrors as e:
-        return None, e
+        problems.extend(e.problems)
+    if problems:
+        return None, ConfigErrors(problems)
+    return runtime, None
 
 
 def route_table(runtime) -> list[dict]:

@@ -23,6 +23,8 @@ class NetworkConfig:
     #: A Twisted server endpoint description ("tcp:8080:interface=127.0.0.1").
     listen: str | None = None
     raw: dict = attr.Factory(dict)
+    #: False for a network whose table has errors (only in a config loaded for checking).
+    valid: bool = True
 
 
 @attr.s(auto_attribs=True)
@@ -74,6 +76,11 @@ class HarmonyConfig:
     #: Non-fatal problems found while loading (unknown keys): ``harmony check``
     #: prints them and the service logs them at start, with the runtime's own.
     warnings: list = attr.Factory(list)
+    #: ``(table, name)`` of entries that were defined but failed to load (a bad
+    #: port, a table that is not a table).  Only a config loaded for checking
+    #: (``load_config(path, problems=[...])``) has any: references to them are
+    #: not reported again as "unknown".
+    broken: set = attr.Factory(set)
 
     @property
     def storage_path(self) -> Path:
