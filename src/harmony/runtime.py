@@ -234,6 +234,13 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
                 problems.append(Problem(pc.source, f"{where}.networks", f"names unknown network {nname!r}"))
         if not pc.endpoints:
             warnings.append(Problem(pc.source, where, "has no endpoints, so nothing reaches it"))
+        for mw in mws:
+            # A middleware whose security checks were explicitly waived (jwt_auth
+            # with verify_audience = false) says so, and each pipeline running
+            # it is named: `harmony check` prints it, the service logs it.
+            for waived in getattr(mw, "waived_checks", ()):
+                warnings.append(Problem(pc.source, where, f"runs without checking {waived} "
+                                                          f"in middleware {mw.name!r}"))
         pipeline = Pipeline(pname, mws, bes, pc.description)
         pipelines[pname] = pipeline
         for ename in pc.endpoints:
