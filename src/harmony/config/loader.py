@@ -12,6 +12,7 @@ fixes a config in one pass rather than one error per restart.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import tomlkit
@@ -29,7 +30,7 @@ TYPE_TABLES = {"services": None, "endpoint_types": "endpoint", "service_types": 
 #: Keys each fixed table knows; anything else is warned about (a typo such as
 #: ``log_levl`` or ``bind_adress`` would otherwise be silently ignored).
 KNOWN_KEYS = {
-    "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers"),
+    "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers", "state_dir"),
     "logging": ("log_to_file", "log_file_path", "format"),
     "network": ("listen", "http", "tls"),
     "http": ("bind_address", "bind_port", "tls"),
@@ -49,6 +50,32 @@ STORAGE_BACKENDS = ("filesystem",)
 STORAGE_INDEXES = ("sqlite",)
 MAIN_TABLES = ("proxy", "network", "management", "storage", "logging", "pipelines_path", "transforms_path")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
+#: A string value starting with this is a path in the state directory.
+STATE_DIR_PLACEHOLDER = "{state_dir}"
+#: Where the state directory is when nothing says (relative to the main file):
+#: the folder the store always defaulted to.
+DEFAULT_STATE_DIR = "var/harmony"
+
+
+def state_dir_override(environ=None) -> str | None:
+    """The state directory the process was given, if any: ``$STATE_DIRECTORY``,
+    which systemd sets for ``StateDirectory=`` (several are colon-separated:
+    the first is Harmony's).  ``--state-dir`` sets it too."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("STATE_DIRECTORY", "")
+    return value.split(":", 1)[0] or None
+
+
+def _expand_state_dir(value, state_dir: Path):
+    """Replace a leading ``{state_dir}`` in every string of a parsed document."""
+    if isinstance(value, dict):
+        return {k: _expand_state_dir(v, state_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_state_dir(v, state_dir) for v in value]
+    if isinstance(value, str) and value.startswith(STATE_DIR_PLACEHOLDER):
+        rest = value[len(STATE_DIR_PLACEHOLDER):].lstrip("/")
+        return str(state_dir / rest) if rest else str(state_dir)
+    return value
 LOG_FORMATS = ("text", "json")
 
 
@@ -262,7 +289,8 @@ def _storage(raw, source: str, problems: list) -> dict:
     return raw
 
 
-def load_config(path: str | Path, *, problems: list | None = None) -> HarmonyConfig | None:
+def load_config(path: str | Path, *, problems: list | None = None, state_dir: str | Path | None = None
+                ) -> HarmonyConfig | None:
     """Load and structurally check a configuration; raise :class:`ConfigErrors`.
 
     Types and cross-references are checked later, when the runtime is built
@@ -274,6 +302,11 @@ def load_config(path: str | Path, *, problems: list | None = None) -> HarmonyCon
     left out and named in ``config.broken``), so ``harmony check`` can go on and
     report the problems of every other section too.  None when the main file
     cannot be read at all.
+
+    The state directory (the store, generated secrets) is *state_dir* if
+    given, else ``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``), else
+    ``[proxy] state_dir`` relative to the main file, else ``var/harmony`` next to
+    it.  A string value starting with ``{state_dir}`` is a path inside it.
     """
     collect = problems is not None
     path = Path(path).resolve()
@@ -293,6 +326,12 @@ def load_config(path: str | Path, *, problems: list | None = None) -> HarmonyCon
         proxy_raw = {}
     _unknown_keys(proxy_raw, KNOWN_KEYS["proxy"], src, "proxy", warnings)
     proxy = ProxySettings(id=str(proxy_raw.get("id", "harmony")))
+    configured = proxy_raw.get("state_dir", DEFAULT_STATE_DIR)
+    if not isinstance(configured, str) or not configured:
+        problems.append(Problem(src, "proxy.state_dir", "must be a folder path string"))
+        configured = DEFAULT_STATE_DIR
+    given = state_dir if state_dir is not None else state_dir_override()
+    proxy.state_dir = Path(given).resolve() if given else _resolve(base, configured).resolve()
     level = str(proxy_raw.get("log_level", "info")).lower()
     if level not in LOG_LEVELS:
         problems.append(Problem(src, "proxy.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}"))
@@ -311,6 +350,7 @@ def load_config(path: str | Path, *, problems: list | None = None) -> HarmonyCon
             else:
                 setattr(proxy, key, _resolve(base, value))
 
+    main = _expand_state_dir(main, proxy.state_dir)
     files = [path]
     documents = [(path, main)]
     if proxy.pipelines_path is not None:
@@ -322,6 +362,8 @@ def load_config(path: str | Path, *, problems: list | None = None) -> HarmonyCon
                 if f.resolve() == path:
                     continue
                 doc = read_toml(f, problems)
+                if doc is not None:
+                    doc = _expand_state_dir(doc, proxy.state_dir)
                 files.append(f)
                 if doc is not None:
                     documents.append((f, doc))

@@ -14,6 +14,8 @@ class ProxySettings:
     pipelines_path: Path | None = None
     transforms_path: Path | None = None
     workers: int = 1
+    #: Absolute: where state lives (the store, generated secrets); see load_config.
+    state_dir: Path | None = None
 
 
 @attr.s(auto_attribs=True)
@@ -83,7 +85,14 @@ class HarmonyConfig:
     broken: set = attr.Factory(set)
 
     @property
+    def state_dir(self) -> Path:
+        return self.proxy.state_dir or (self.base_dir / "var" / "harmony")
+
+    @property
     def storage_path(self) -> Path:
+        """``[storage.options] path`` (relative to the main file), else the state directory."""
         opts = self.storage.get("options", {}) if isinstance(self.storage, dict) else {}
-        p = Path(opts.get("path", "./var/harmony")).expanduser()
+        if "path" not in opts:
+            return self.state_dir
+        p = Path(opts["path"]).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)

@@ -214,7 +214,7 @@ class InstanceStore:
                     if entry.is_file(follow_symlinks=False):
                         self._recover_file(conn, Path(entry.path), found)
         found.seconds = time.monotonic() - started
-        if found.indexed or found.removed or found.ignored or reason == "unknown":
+        if found.indexed or found.removed or found.ignored or (reason == "unknown" and found.series_scanned):
             log.info("storage {root}: start-up scan after an {reason} stop: {series} series folder(s) "
                      "scanned, {indexed} complete instance(s) without an index row indexed, {removed} "
                      "incomplete or invalid file(s) removed, {ignored} unexpected file(s) left alone "
