@@ -160,6 +160,15 @@ middelware = ["m"]
 """
 
 
+def test_routing_rule_conditions_are_refused_with_a_did_you_mean(tmp_path):
+    pipes = EVERY_TABLE_PIPES + '\n[[backends.b.rules]]\nheaderz = { "x-site" = "north" }\ntargets = ["up"]\n'
+    path = write_config(tmp_path, MINIMAL_MAIN, {"p": pipes})
+    problems = []
+    build_runtime(load_config(path, problems=problems), problems=problems)
+    bad = [p for p in problems if p.key == "backends.b.options.rules[0].headerz"]
+    assert bad and "(did you mean 'header'?)" in bad[0].message, problems
+
+
 def test_every_table_names_its_unknown_keys_with_a_did_you_mean(tmp_path):
     from tests.tls_certs import make_pki
 
