@@ -59,6 +59,15 @@ def test_check_reports_all_four_problems_each_naming_file_and_key(tmp_path, caps
     assert f"{pipes}: [pipelines.second.endpoints]: route conflict on network 'default': prefix '/same'" in out
 
 
+def test_check_prints_the_warnings_with_the_errors(tmp_path, capsys):
+    main = FOUR_PROBLEMS_MAIN.replace("bind_port = 70000", "bind_port = 70000\nbind_prot = 8080")
+    path = write_config(tmp_path, main, {"p": FOUR_PROBLEMS_PIPES})
+    assert harmony_main(["check", "-c", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert (f"warning: {path}: [network.default.http.bind_prot]: unknown key, ignored (did you mean 'bind_port'?)"
+            in out), out
+
+
 def test_starting_reports_them_all_too(tmp_path):
     path = write_config(tmp_path, FOUR_PROBLEMS_MAIN, {"p": FOUR_PROBLEMS_PIPES})
     with pytest.raises(ConfigErrors) as info:

@@ -20,8 +20,12 @@ COMMANDS = {
 }
 
 
-def _load(config_path, state_dir=None):
-    """(runtime, None), or (None, ConfigErrors with every problem of every section)."""
+def _load(config_path, state_dir=None, warnings=None):
+    """(runtime, None), or (None, ConfigErrors with every problem of every section).
+
+    *warnings*, a list, receives the warnings found on the way, even when
+    there are errors too (a misspelt key is often why something else fails).
+    """
     from harmony.config import ConfigErrors, load_config
     from harmony.management.settings import ManagementSettings, check_routes
     from harmony.runtime import build_runtime
@@ -34,6 +38,8 @@ def _load(config_path, state_dir=None):
     # routes of the sections that did load have problems of their own, and an
     # operator fixes them all in one pass.
     runtime = build_runtime(config, problems=problems)
+    if warnings is not None:
+        warnings.extend(runtime.warnings)
     try:
         check_routes(ManagementSettings.from_config(config), runtime)
     except ConfigErrors as e:
@@ -68,10 +74,13 @@ def _print_routes(runtime, out):
 
 
 def cmd_check(args) -> int:
-    runtime, errors = _load(args.config, args.state_dir)
+    warnings = []
+    runtime, errors = _load(args.config, args.state_dir, warnings)
     if errors is not None:
         print(f"{args.config}: INVALID", file=sys.stdout)
         print(errors.render(), file=sys.stdout)
+        for w in warnings:
+            print(f"warning: {w}")
         return 1
     cfg = runtime.config
     print(f"{cfg.path}: OK (proxy id {cfg.proxy.id!r}, {len(cfg.files)} file(s))")
