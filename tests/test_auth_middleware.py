@@ -189,7 +189,8 @@ async def test_leeway_accepts_recently_expired(rs256, keys):
 @pytest.mark.parametrize("kind, alg", [("ec", "ES256"), ("ed", "EdDSA")])
 @pytest_twisted.ensureDeferred
 async def test_key_type_selects_es256_and_eddsa(tmp_path, keys, kind, alg):
-    running = await start_pipeline(tmp_path, {"auth": f'type = "jwtauth"\npublic_key_path = "{keys[kind + "_pem"]}"\naudience = "{AUDIENCE}"'})
+    mw = {"auth": f'type = "jwtauth"\npublic_key_path = "{keys[kind + "_pem"]}"\naudience = "{AUDIENCE}"'}
+    running = await start_pipeline(tmp_path, mw)
     try:
         resp, body = await call(running, jwt.encode(claims(), keys[kind], algorithm=alg))
         assert resp.code == 200, body
@@ -383,7 +384,8 @@ def test_jwt_config_accepts_certificate_and_small_rsa_is_refused(tmp_path):
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     (tmp_path / "small.pem").write_bytes(_pem_public(small))
     with pytest.raises(ConfigErrors, match="at least 2048 bits"):
-        build_pipeline(tmp_path / "a", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/small.pem"\naudience = "a"'})
+        build_pipeline(tmp_path / "a", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/small.pem"\n'
+                                                'audience = "a"'})
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.example.test")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -391,7 +393,8 @@ def test_jwt_config_accepts_certificate_and_small_rsa_is_refused(tmp_path):
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .sign(key, hashes.SHA256()))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    runtime = build_pipeline(tmp_path / "b", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/cert.pem"\naudience = "a"'})
+    runtime = build_pipeline(tmp_path / "b", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/cert.pem"\n'
+                                                      'audience = "a"'})
     assert runtime.middleware["auth"].algorithm == "ES384"
 
 
@@ -457,7 +460,8 @@ def test_basic_auth_config_errors(tmp_path, body, key, message):
 
 
 def test_alias_and_unknown_option_warning(tmp_path, keys):
-    runtime = build_pipeline(tmp_path, {"a": f'type = "jwtauth"\npublic_key_path = "{keys["rsa_pem"]}"\naudience = "a"\nissuer_typo = "x"'})
+    runtime = build_pipeline(tmp_path, {"a": f'type = "jwtauth"\npublic_key_path = "{keys["rsa_pem"]}"\n'
+                                             'audience = "a"\nissuer_typo = "x"'})
     assert type(runtime.middleware["a"]).__name__ == "JwtAuth"
     assert any("issuer_typo" in str(w) for w in runtime.warnings)
     assert MINIMAL_MAIN  # the shared harness stays the base of these configs
