@@ -9,7 +9,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from harmony.dicom.ul import commands
 from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
-from harmony.dicom.ul.association import Association, MemorySink
+from harmony.dicom.ul.association import Association
+from harmony.dicom.ul.datasets import MemorySink
 from harmony.dicom.ul.requestor import RequestorSettings, request_primitive
 
 CONTEXTS = [build_context(Verification), build_context(CTImageStorage)]

@@ -72,25 +72,6 @@ class AssociationRejected(Exception):
         self.result, self.source, self.reason = result, source, reason
 
 
-class MemorySink:
-    """A data set received into memory, up to *limit* bytes (identifiers, small objects)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.data = bytearray()
-
-    def write(self, fragment) -> None:
-        if len(self.data) + len(fragment) > self.limit:
-            raise pdu.PDUError(f"data set over the limit of {self.limit} bytes", reason=0x00)
-        self.data += fragment
-
-    def close(self):
-        return bytes(self.data)
-
-    def abort(self) -> None:
-        self.data = bytearray()
-
-
 class Message:
     """A received DIMSE message: command (``dict``), context, data set (what the sink's ``close`` gave)."""
 

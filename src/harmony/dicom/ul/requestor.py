@@ -18,6 +18,7 @@ from twisted.internet import protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 from harmony.dicom.ul.association import APPLICATION_CONTEXT, Association
+from harmony.dicom.ul.datasets import MemorySink
 
 
 @attr.s(auto_attribs=True, kw_only=True)
@@ -45,7 +46,6 @@ class NoRequests:
     """The handler of an association that accepts no requests from the peer."""
 
     def dataset_sink(self, assoc, context_id, command):
-        from harmony.dicom.ul.association import MemorySink
         return MemorySink(64 * 1024)
 
     def on_request(self, assoc, message):
