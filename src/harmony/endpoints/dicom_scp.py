@@ -89,7 +89,7 @@ class DicomScpEndpoint(Service):
                  enable_find=False, enable_get=False, enable_move=False, enable_store=False, storage_dir=None,
                  forward_store=None, allowed_calling_aets=None, move_destinations=None, max_associations=10,
                  max_pdu_size=65536, acse_timeout=30.0, dimse_timeout=30.0, network_timeout=60.0,
-                 request_timeout=300.0, tls=None, max_connections=200, max_connections_per_source=32,
+                 request_timeout=300.0, tls=None, max_connections=512, max_connections_per_source=128,
                  max_dataset_bytes=DEFAULT_MAX_DATASET_BYTES, backlog=128, staging_dir=None):
         self.name = name
         self.reactor = reactor
@@ -158,8 +158,8 @@ class DicomScpEndpoint(Service):
             allowed_calling_aets=[a.strip() for a in allowed] if allowed else None,
             move_destinations=dests,
             max_associations=options.int("max_associations", 10, minimum=1, maximum=10000),
-            max_connections=options.int("max_connections", 200, minimum=1, maximum=100000),
-            max_connections_per_source=options.int("max_connections_per_source", 32, minimum=1, maximum=100000),
+            max_connections=options.int("max_connections", 512, minimum=1, maximum=100000),
+            max_connections_per_source=options.int("max_connections_per_source", 128, minimum=1, maximum=100000),
             max_pdu_size=options.int("max_pdu_size", 65536, minimum=4096, maximum=2 ** 24),
             max_dataset_bytes=options.int("max_dataset_bytes", DEFAULT_MAX_DATASET_BYTES, minimum=1024),
             backlog=options.int("backlog", 128, minimum=1, maximum=65535),

@@ -41,9 +41,9 @@ class AcceptorLimits:
 
     max_associations: int = 10
     #: TCP connections at once, negotiated or not.
-    max_connections: int = 200
+    max_connections: int = 512
     #: TCP connections at once from one source address.
-    max_connections_per_source: int = 32
+    max_connections_per_source: int = 128
     #: Our maximum PDU length (advertised; a larger PDU from the peer is an A-ABORT).
     max_pdu: int = 65536
     acse_timeout: float = 30.0
