@@ -28,7 +28,7 @@ from zope.interface import implementer, provider
 from harmony.config.errors import OptionError
 from harmony.dicom import blocking, net
 from harmony.dicom.dicomjson import identifier_to_json
-from harmony.dicom.files import Staging, check_complete, durable_copy, read_instance, valid_uid
+from harmony.dicom.files import Staging, check_complete, durable_move, read_instance, valid_uid
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.ul import commands, datasets, storage
@@ -49,6 +49,8 @@ NO_RESULTS = net.UNABLE_TO_PROCESS
 CANCELLED = object()
 #: Largest C-STORE data set accepted by default (a large multi-frame study object fits; a 4 GiB claim does not).
 DEFAULT_MAX_DATASET_BYTES = 4 * 1024 ** 3 - 1
+#: Largest maximum PDU length we advertise (and accept).
+MAX_PDU_LIMIT = 16 * 1024 * 1024
 
 _RESPONSE_OF = {commands.C_FIND_RQ: commands.C_FIND_RSP, commands.C_GET_RQ: commands.C_GET_RSP,
                 commands.C_MOVE_RQ: commands.C_MOVE_RSP, commands.C_STORE_RQ: commands.C_STORE_RSP,
@@ -144,7 +146,10 @@ class DicomScpEndpoint(Service):
         enable_store = options.bool("enable_store", False)
         forward = options.bool("forward_store", None) if "forward_store" in options else None
         staging = options.path("staging_dir", None)
-        if staging is None and ctx.storage_path is not None:
+        if staging is None and storage_dir is not None:
+            # Beside the store, on its file system: storing a received instance is then a rename.
+            staging = Path(storage_dir) / ".staging"
+        elif staging is None and ctx.storage_path is not None:
             staging = Path(ctx.storage_path) / "dicom_scp-staging" / name
         return cls(
             name, ctx.reactor, local_aet=net.check_aet(options, "local_aet"),
@@ -160,7 +165,9 @@ class DicomScpEndpoint(Service):
             max_associations=options.int("max_associations", 10, minimum=1, maximum=10000),
             max_connections=options.int("max_connections", 512, minimum=1, maximum=100000),
             max_connections_per_source=options.int("max_connections_per_source", 128, minimum=1, maximum=100000),
-            max_pdu_size=options.int("max_pdu_size", 65536, minimum=4096, maximum=2 ** 24),
+            # 0 meant "unlimited" under pynetdicom; a peer must never be allowed an
+            # unlimited PDU, so it now means the largest we accept.
+            max_pdu_size=options.int("max_pdu_size", 65536, minimum=0, maximum=MAX_PDU_LIMIT) or MAX_PDU_LIMIT,
             max_dataset_bytes=options.int("max_dataset_bytes", DEFAULT_MAX_DATASET_BYTES, minimum=1024),
             backlog=options.int("backlog", 128, minimum=1, maximum=65535),
             acse_timeout=options.number("acse_timeout_secs", 30.0, minimum=0.01),
@@ -213,7 +220,12 @@ class DicomScpEndpoint(Service):
                                     allowed_calling_aets=self.allowed_calling_aets)
         self.factory = AcceptorFactory(settings, self.services, self.reactor)
         if self.enabled[C_STORE]:
-            self.staging.ensure()
+            try:
+                self.staging.ensure()
+            except OSError as e:
+                # Still serve echo/find/get; each C-STORE is refused with Out of Resources.
+                log.error("dicom_scp {name}: cannot create its staging folder {path}: {error}", name=self.name,
+                          path=str(self.staging.base), error=e.strerror)
         try:
             if self.tls is not None:
                 self.listening = self.reactor.listenSSL(self.port, self.factory, self.tls,
@@ -379,10 +391,15 @@ class ScpServices:
 
     def dataset_sink(self, assoc, context_id, command):
         if command["CommandField"] == commands.C_STORE_RQ and self.endpoint.enabled[C_STORE]:
-            staging = self.endpoint.staging.ensure()
             transfer_syntax = str(assoc.contexts[context_id].transfer_syntax[0])
-            return datasets.PartTenSink(staging.new_path(), command, transfer_syntax,
-                                        self.endpoint.max_dataset_bytes, source_aet=assoc.calling_aet)
+            try:
+                staging = self.endpoint.staging.ensure()
+                return datasets.PartTenSink(staging.new_path(), command, transfer_syntax,
+                                            self.endpoint.max_dataset_bytes, source_aet=assoc.calling_aet)
+            except OSError as e:
+                log.error("dicom_scp {name}: cannot stage a C-STORE data set: {error}", name=self.endpoint.name,
+                          error=e.strerror)
+                return datasets.DiscardSink(self.endpoint.max_dataset_bytes)
         return datasets.MemorySink()
 
     def on_request(self, assoc, message):
@@ -605,8 +622,11 @@ class ScpServices:
         endpoint = self.endpoint
         path = op.message.dataset
         command = op.message.command
+        if path is None:       # the data set could not be staged (see dataset_sink)
+            await op.respond(net.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
+            return
         try:
-            instance, header = await blocking.run(endpoint.reactor, _read_received, path)
+            instance = await blocking.run(endpoint.reactor, _read_received, path)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
@@ -626,20 +646,19 @@ class ScpServices:
                 dest = endpoint.storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
                     f"{instance.sop_instance_uid}.dcm"
                 try:
-                    await blocking.run(endpoint.reactor, durable_copy, instance.path, dest)
+                    await blocking.run(endpoint.reactor, durable_move, instance.path, dest)
                 except OSError as e:
                     log.error("dicom_scp {name}: cannot store an instance: {error}", name=endpoint.name,
                               error=e.strerror)
                     await op.respond(net.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
                     return
-                instance.release()
                 instance.path, instance.owned = dest, False
             if not endpoint.forward_store:
                 await op.respond(net.SUCCESS)
                 return
             env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
             env.context["instance"] = instance
-            env.normalized = header
+            env.normalized = await blocking.run(endpoint.reactor, _header_json, instance.path)
             response = await endpoint.run_pipeline(env)
             stream = response.context.get("dicom_results")
             if stream is None:
@@ -678,8 +697,7 @@ def _unlink(path) -> None:
 
 def _read_received(path):
     """Validate a received Part-10 file (every element inside it) and describe it (a worker thread)."""
-    instance = read_instance(path, ds=check_complete(path))
-    return instance, _header_json(path)
+    return read_instance(path, ds=check_complete(path))
 
 
 def _failed_list(uids, op: Operation) -> bytes | None:

@@ -49,6 +49,25 @@ class MemorySink:
         self.data = bytearray()
 
 
+class DiscardSink:
+    """A data set read and dropped (it cannot be kept: the service answers with a failure status)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.received = 0
+
+    def write(self, fragment) -> None:
+        self.received += len(fragment)
+        if self.received > self.limit:
+            raise PDUError(f"data set over the limit of {self.limit} bytes", reason=0x00)
+
+    def close(self):
+        return None
+
+    def abort(self) -> None:
+        pass
+
+
 def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                     source_aet: str | None = None) -> bytes:
     """Preamble, ``DICM`` and the group-0002 elements of a Part-10 file."""
