@@ -94,7 +94,8 @@ async def test_qido_retrieve_url_and_empty_result(harmony, proxy):
     results = await in_thread(proxy.search_for_series, search_filters={"Modality": "MR"})
     assert results[0]["00081190"]["Value"][0].startswith(harmony.url("/dicomweb/studies/1.2.826"))
     resp = await treq.get(harmony.url("/dicomweb/studies?PatientID=NOBODY"))
-    assert resp.code == 204
+    assert resp.code == 200 and await resp.content() == b"[]"
+    assert resp.headers.getRawHeaders("content-type") == [b"application/dicom+json"]
 
 
 @pytest_twisted.ensureDeferred

@@ -13,6 +13,7 @@ from harmony import jsonutil
 from harmony.envelope import (RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id,
                               parse_query)
 from harmony.log import enabled, get_logger
+from harmony.web import coding
 from harmony.web.headers import HOP_BY_HOP, copy_headers
 from harmony.web.streaming import INLINE_BODY_LIMIT
 
@@ -83,6 +84,8 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     flow control; fires when the response is finished (or the client left)."""
     if getattr(request, "_disconnected", False) or request.finished:
         return defer.succeed(None)
+    response = coding.compress_response(request.requestHeaders.getRawHeaders(b"accept-encoding"),
+                                        request.method, response)
     request.setResponseCode(response.status, response.reason)
     out = copy_headers(response.headers, _NOT_COPIED)
     for name, values in request.responseHeaders.getAllRawHeaders():

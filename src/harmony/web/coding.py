@@ -18,7 +18,8 @@ Public API:
 
 - :func:`content_coding` - the coding a message's headers declare ("" for none).
 - :class:`Decoder`, :func:`decode_bytes`, :class:`DecodedBody`,
-  :func:`decoded_body` - undo gzip/deflate, capped on decoded bytes.
+  :func:`decoded_body`, :func:`decode_request`, :func:`decoded_head` - undo
+  gzip/deflate, capped on decoded bytes.
 - :func:`wants_gzip` - does an ``Accept-Encoding`` value let us send gzip.
 - :func:`compress_response` - the one call the response writer makes.
 - :func:`etag_matches` - ``If-None-Match`` by weak comparison (our gzipped
@@ -176,6 +177,17 @@ def decode_bytes(data: bytes, coding: str, max_bytes: int | None = None) -> byte
     return b"".join(decoder.decode(data) + decoder.finish())
 
 
+def decoded_head(data: bytes, coding: str, size: int) -> bytes:
+    """At most the first *size* decoded bytes of *data* (the start of an
+    encoded body): enough to sniff a body's start without inflating it."""
+    if not coding:
+        return data[:size]
+    try:
+        return Decoder(coding)._new_inflater(data).decompress(data, size)
+    except zlib.error as e:
+        raise CodingError(f"body is not valid {coding}: {e}") from None
+
+
 class _DecodingSink:
     """The consumer a wrapped producer writes its encoded bytes to."""
 
@@ -314,7 +326,7 @@ def _qvalues(accept_encoding: str) -> dict[str, float]:
     return out
 
 
-def wants_gzip(accept_encoding: str | bytes | None) -> tuple[bool, bool]:
+def wants_gzip(accept_encoding: str | bytes | list | None) -> tuple[bool, bool]:
     """(gzip acceptable and preferred, identity refused) for an Accept-Encoding value.
 
     No header: nothing is asked for, so nothing is compressed (RFC 9110 lets
@@ -324,6 +336,8 @@ def wants_gzip(accept_encoding: str | bytes | None) -> tuple[bool, bool]:
     """
     if accept_encoding is None:
         return False, False
+    if isinstance(accept_encoding, (list, tuple)):  # a header given more than once
+        accept_encoding = b", ".join(v if isinstance(v, bytes) else v.encode("latin-1") for v in accept_encoding)
     if isinstance(accept_encoding, bytes):
         accept_encoding = accept_encoding.decode("latin-1")
     q = _qvalues(accept_encoding)
