@@ -408,11 +408,16 @@ def compress_response(accept_encoding, method: bytes | str, response, *, level: 
     status = response.status
     if isinstance(method, bytes):
         method = method.decode("latin-1")
-    if method == "HEAD" or status < 200 or status in (204, 206, 304) or body is None or body == b"":
-        return response
     if getattr(body, "passthrough", False):
         return response
     headers = response.headers
+    if status == 304 and headers.hasHeader(b"etag") and wants_gzip(accept_encoding)[0]:
+        # Not modified: the ETag must be the one the 200 would have carried.
+        headers.setRawHeaders(b"etag", [_weak(headers.getRawHeaders(b"etag")[0])])
+        _add_vary(headers)
+        return response
+    if method == "HEAD" or status < 200 or status in (204, 206, 304) or body is None or body == b"":
+        return response
     if headers.hasHeader(b"content-encoding") or headers.hasHeader(b"content-range"):
         return response
     if not compressible(response.header("content-type")):
