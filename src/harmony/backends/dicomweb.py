@@ -36,7 +36,7 @@ from harmony.dicomweb import qido
 from harmony.dicomweb.rewrite import UrlRewriter
 from harmony.dicomweb.routes import WADO
 from harmony.envelope import as_producer, is_json_type, read_body
-from harmony.errors import BackendUnavailable, NotFound
+from harmony.errors import BackendUnavailable, NotFound, PayloadTooLarge
 from harmony.web import coding
 
 JSON_LIMIT = 256 * 1024 * 1024
@@ -149,8 +149,12 @@ class DicomWebBackend(HttpBackend):
                 response.headers.setRawHeaders(name, [rewriter.url(v) for v in values])
         if not is_json_type(response.header("content-type")) or response.status == 204:
             return response
-        body = yield read_body(_decoded(response.body, response.headers, self.json_limit, "DICOM JSON"),
-                               self.json_limit)
+        try:
+            body = yield read_body(_decoded(response.body, response.headers, self.json_limit, "DICOM JSON"),
+                                   self.json_limit)
+        except PayloadTooLarge:
+            # The upstream's answer, not the client's request: a gateway error.
+            raise BackendUnavailable(f"upstream DICOM JSON exceeds {self.json_limit} bytes (max_json_bytes)") from None
         response.headers.removeHeader(b"content-encoding")
         response.headers.removeHeader(b"content-length")
         if body.strip():

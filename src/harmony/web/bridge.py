@@ -70,7 +70,8 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
         host=_text(request.getHeader(b"host") or b""),
     )
     env.query = parse_query(raw_query) if raw_query else []
-    if isinstance(body, bytes) and body and is_json_type(env.header("content-type")):
+    if isinstance(body, bytes) and body and is_json_type(env.header("content-type")) \
+            and not env.headers.hasHeader(b"content-encoding"):  # coded bodies: json_extractor decodes
         try:
             env.normalized = jsonutil.loads(body)
         except ValueError:

@@ -1,0 +1,191 @@
+"""Content codings through a running Harmony, hostile cases included.
+
+The upstream here is the recording test server (tests/harness.py) made to
+compress *regardless* of what it was asked: real servers do that (and
+Orthanc, which honours the request, is used in test_dicomweb_third_party.py),
+but none we can run can be made to, or to send a gzip bomb or a coding we do
+not support.  The clients are python requests (gzip by default) and treq.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pytest
+import pytest_twisted
+import requests
+import treq
+
+from tests.dicom_data import make_instance
+from tests.dicomweb_helpers import bridge_pipeline, in_thread, multipart
+from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+
+PIPES = """
+[storage.options]
+path = "store"
+min_free_mb = 0
+
+[backends.archive]
+service = "local_archive"
+
+[pipelines.up]
+networks = ["default"]
+endpoints = ["up_web"]
+backends = ["up"]
+
+[endpoints.up_web]
+service = "dicomweb"
+[endpoints.up_web.options]
+path_prefix = "/up"
+max_upload_bytes = 200000
+
+[backends.up]
+service = "dicomweb"
+[backends.up.options]
+base_url = "{upstream}/dw"
+max_json_bytes = 100000
+
+[pipelines.api]
+networks = ["default"]
+endpoints = ["api"]
+middleware = ["extract"]
+backends = ["echo"]
+
+[endpoints.api]
+service = "http"
+[endpoints.api.options]
+path_prefix = "/api"
+
+[middleware.extract]
+type = "json_extractor"
+strict = true
+max_body_bytes = 100000
+
+[backends.echo]
+service = "echo"
+""" + bridge_pipeline("web", "archive", prefix="/archive")
+
+DICOM_JSON = b"application/dicom+json"
+
+
+@pytest.fixture
+def harmony(tmp_path, upstream):
+    path = write_config(tmp_path, MINIMAL_MAIN + PIPES.format(upstream=upstream.url))
+    running = pytest_twisted.blockon(start_harmony(path))
+    running.upstream = upstream
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+def studies(upstream_url: str, n: int = 30) -> list:
+    return [{"0020000D": {"vr": "UI", "Value": [f"1.2.3.{i}"]},
+             "00081190": {"vr": "UR", "Value": [f"{upstream_url}/dw/studies/1.2.3.{i}"]},
+             "00100010": {"vr": "PN", "Value": [{"Alphabetic": "CODING^TEST"}]}} for i in range(n)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_the_upstream_was_not_asked_for_is_decoded_and_rewritten(harmony):
+    up = harmony.upstream
+    docs = studies(up.url)
+    up.respond[b"/dw/studies"] = (200, {b"content-type": DICOM_JSON, b"content-encoding": b"gzip"},
+                                  gzip.compress(json.dumps(docs).encode()))
+    resp = await in_thread(requests.get, harmony.url("/up/studies"), timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert up.requests[-1]["headers"][b"accept-encoding"] == [b"identity"]  # we asked for it plain
+    got = resp.json()
+    assert [d["00081190"]["Value"][0] for d in got] == [harmony.url(f"/up/studies/1.2.3.{i}") for i in range(30)]
+    assert resp.headers["content-encoding"] == "gzip"  # and compressed it again for requests
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("coding,body", [
+    ("gzip", gzip.compress(b"[" + b" " * 5_000_000 + b"]")),   # ~5 KB on the wire, over max_json_bytes decoded
+    ("gzip", b"not gzip"),
+    ("br", b"\x0b\x01\x80[]\x03"),
+])
+async def test_upstream_bodies_we_cannot_read_are_502(harmony, coding, body):
+    harmony.upstream.respond[b"/dw/studies"] = (200, {b"content-type": DICOM_JSON,
+                                                      b"content-encoding": coding.encode()}, body)
+    resp = await treq.get(harmony.url("/up/studies"))
+    assert resp.code == 502
+    problem = json.loads(await resp.content())
+    assert problem["detail"] and problem["request_id"]
+
+
+def _stow_body():
+    datasets = [make_instance(patient_id="GZ-STOW", sop_uid=f"1.2.826.0.1.3680043.10.1207.7.{i}", seed=i)
+                for i in (1, 2)]
+    parts = []
+    for ds in datasets:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        parts.append(buf.getvalue())
+    return datasets, *multipart(parts)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_with_a_gzip_request_body_is_stored(harmony):
+    datasets, body, ctype = _stow_body()
+    packed = gzip.compress(body)
+    resp = await in_thread(requests.post, harmony.url("/archive/studies"), data=packed, timeout=30,
+                           headers={"Content-Type": ctype, "Content-Encoding": "gzip",
+                                    "Accept": "application/dicom+json"})
+    assert resp.status_code == 200, resp.text
+    refs = resp.json()["00081199"]["Value"]
+    assert sorted(r["00081155"]["Value"][0] for r in refs) == sorted(ds.SOPInstanceUID for ds in datasets)
+    # A proxied STOW is decoded too: the upstream (which may not read gzip) gets it plain.
+    await in_thread(requests.post, harmony.url("/up/studies"), data=packed, timeout=30,
+                    headers={"Content-Type": ctype, "Content-Encoding": "gzip"})
+    sent = harmony.upstream.requests[-1]
+    assert sent["body"] == body and b"content-encoding" not in sent["headers"]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("prefix", ["/archive", "/up"])
+@pytest.mark.parametrize("coding,mangle,status", [
+    ("br", lambda b: b, 415),
+    ("gzip, gzip", lambda b: gzip.compress(gzip.compress(b)), 415),
+    ("gzip", lambda b: b"\x1f\x8b" + b"broken" * 100, 400),
+    ("gzip", lambda b: gzip.compress(b)[:-100], 400),     # cut short
+])
+async def test_stow_request_codings_refused_clearly(harmony, prefix, coding, mangle, status):
+    _, body, ctype = _stow_body()
+    resp = await treq.post(harmony.url(prefix + "/studies"), mangle(body),
+                           headers={"Content-Type": [ctype], "Content-Encoding": [coding]})
+    assert resp.code == status
+    assert json.loads(await resp.content())["status"] == status
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_gzip_bomb_is_cut_at_the_upload_cap_on_decoded_bytes(harmony):
+    boundary = "harmony-test-boundary"
+    bomb = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + b"\0" * 20_000_000)
+    packed = gzip.compress(bomb)
+    assert len(packed) < 200_000  # under max_upload_bytes on the wire
+    resp = await treq.post(harmony.url("/up/studies"), packed,
+                           headers={"Content-Type": [f'multipart/related; type="application/dicom"; boundary={boundary}'],
+                                    "Content-Encoding": ["gzip"]})
+    assert resp.code == 413
+    if harmony.upstream.requests:
+        assert len(harmony.upstream.requests[-1]["body"]) <= 200_000 + 64 * 1024
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("coding,data,status", [
+    ("gzip", gzip.compress(b'{"a": 1}'), 200),
+    ("deflate", __import__("zlib").compress(b'{"a": 1}'), 200),
+    ("br", b'{"a": 1}', 415),
+    ("gzip", gzip.compress(b"[" + b" " * 1_000_000 + b"]"), 413),
+    ("gzip", b"garbage", 400),
+])
+async def test_json_extractor_reads_coded_request_bodies(harmony, coding, data, status):
+    resp = await treq.post(harmony.url("/api/x"), data,
+                           headers={"Content-Type": ["application/json"], "Content-Encoding": [coding]})
+    assert resp.code == status
+    doc = json.loads(await resp.content())
+    if status == 200:
+        assert doc["normalized"] == {"a": 1}
+
+
