@@ -280,9 +280,9 @@ async def test_transform_large_streamed_response_and_cap(tmp_path, upstream):
         assert doc["count"] == 5000 and doc["patients"][4999] == {"id": "p4999", "family": "F4999",
                                                                    "given": "G", "born": "2000-01-01"}
         assert content_length(resp) == len(got)
-        # One that accepts gzip gets it compressed (treq's default).
+        # A remote one (via a local proxy) that accepts gzip gets it compressed.
         resp = await Agent(reactor).request(b"GET", running.url("/api/Patient").encode(),
-                                            Headers({"Accept-Encoding": ["gzip"]}))
+                                            Headers({"Accept-Encoding": ["gzip"], "X-Forwarded-For": ["198.51.100.7"]}))
         assert resp.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
         assert gzip.decompress(await treq.content(resp)) == got
         # A document this size is transformed on the thread pool, not the reactor thread.

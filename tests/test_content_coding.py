@@ -91,7 +91,8 @@ async def test_gzip_the_upstream_was_not_asked_for_is_decoded_and_rewritten(harm
     docs = studies(up.url)
     up.respond[b"/dw/studies"] = (200, {b"content-type": DICOM_JSON, b"content-encoding": b"gzip"},
                                   gzip.compress(json.dumps(docs).encode()))
-    resp = await in_thread(requests.get, harmony.url("/up/studies"), timeout=30)
+    resp = await in_thread(requests.get, harmony.url("/up/studies"), timeout=30,
+                           headers={"X-Forwarded-For": "198.51.100.7"})  # a remote client, via a local proxy
     assert resp.status_code == 200, resp.text
     assert up.requests[-1]["headers"][b"accept-encoding"] == [b"identity"]  # we asked for it plain
     got = resp.json()

@@ -153,7 +153,8 @@ async def test_compressed_searchsets_are_rewritten_and_compressed_again(harmony,
     for i in range(4, 30):
         fhir_server.seed("Patient", f"p{i}", name=[{"family": "Doe", "given": [f"G{i}"]}])
     fhir_server.gzip = server_gzip
-    resp = await deferToThread(requests.get, harmony.url("/fhir/Patient?name=Do&_count=20"), timeout=30)
+    resp = await deferToThread(requests.get, harmony.url("/fhir/Patient?name=Do&_count=20"), timeout=30,
+                               headers={"X-Forwarded-For": "198.51.100.7"})  # a remote client via a local proxy
     assert resp.status_code == 200
     assert fhir_server.requests[-1]["headers"][b"accept-encoding"] == [b"identity"]
     assert resp.headers["content-encoding"] == "gzip" and "Accept-Encoding" in resp.headers["vary"]

@@ -251,3 +251,37 @@ def test_stopped_stream_cancels_its_pending_flush():
     source.consumer.write(DOC)
     body.stopProducing()
     assert not clock.getDelayedCalls()
+
+
+def _request(peer="127.0.0.1", **headers):
+    from twisted.internet.address import IPv4Address
+    from twisted.web.test.requesthelper import DummyRequest
+    req = DummyRequest([b""])
+    req.client = IPv4Address("TCP", peer, 40000)
+    for k, v in headers.items():
+        req.requestHeaders.setRawHeaders(k.replace("_", "-"), [v])
+    return req
+
+
+@pytest.mark.parametrize("peer,headers,gzipped", [
+    ("203.0.113.9", {"Accept_Encoding": "gzip"}, True),          # a remote client
+    ("127.0.0.1", {"Accept_Encoding": "gzip"}, False),           # loopback: gzip only costs
+    ("127.0.0.1", {"Accept_Encoding": "gzip", "X_Forwarded_For": "198.51.100.7"}, True),  # relayed
+    ("127.0.0.1", {"Accept_Encoding": "gzip", "Forwarded": "for=198.51.100.7"}, True),
+    ("127.0.0.1", {"Accept_Encoding": "gzip, identity;q=0"}, True),  # identity refused: honoured
+    ("203.0.113.9", {}, False),
+])
+def test_compress_for_adapts_to_the_link(peer, headers, gzipped):
+    r = coding.compress_for(_request(peer, **headers), _response(DOC))
+    assert (r.header("content-encoding") == "gzip") is gzipped
+    assert r.header("vary") == "Accept-Encoding"
+
+
+def test_small_known_bodies_get_the_better_level_large_ones_the_fast_one():
+    def gz(data, level):
+        c = zlib.compressobj(level, zlib.DEFLATED, 31)
+        return c.compress(data) + c.flush()
+    big_doc = DOC * 40
+    assert len(DOC) <= coding.SMALL_BYTES < len(big_doc)
+    assert coding.compress_response("gzip", "GET", _response(DOC)).body == gz(DOC, coding.SMALL_LEVEL)
+    assert coding.compress_response("gzip", "GET", _response(big_doc)).body == gz(big_doc, coding.LEVEL)

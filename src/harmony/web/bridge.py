@@ -85,8 +85,7 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     flow control; fires when the response is finished (or the client left)."""
     if getattr(request, "_disconnected", False) or request.finished:
         return defer.succeed(None)
-    response = coding.compress_response(request.requestHeaders.getRawHeaders(b"accept-encoding"),
-                                        request.method, response)
+    response = coding.compress_for(request, response)  # gzip for clients that ask (harmony.web.coding)
     request.setResponseCode(response.status, response.reason)
     out = copy_headers(response.headers, _NOT_COPIED)
     for name, values in request.responseHeaders.getAllRawHeaders():
