@@ -253,6 +253,22 @@ async def test_create_conditional_create_prefer_and_location(harmony, fhir_serve
 
 
 @pytest_twisted.ensureDeferred
+async def test_create_with_a_gzip_body_and_refused_codings(harmony, fhir_server):
+    import gzip
+    patient = {"resourceType": "Patient", "name": [{"family": "Gzipped"}]}
+    resp = await treq.post(harmony.url("/fhir/Patient"), gzip.compress(json.dumps(patient).encode()),
+                           headers={"Content-Type": "application/fhir+json", "Content-Encoding": "gzip"})
+    assert resp.code == 201, await resp.content()
+    sent = fhir_server.requests[-1]
+    assert json.loads(sent["body"]) == patient and b"content-encoding" not in sent["headers"]
+    for coding, body, status in (("br", b"\x0b", 415), ("gzip", b"not gzip", 400),
+                                 ("gzip", gzip.compress(b" " * 20_000_000), 413)):
+        resp = await treq.post(harmony.url("/fhir/Patient"), body,
+                               headers={"Content-Type": "application/fhir+json", "Content-Encoding": coding})
+        await outcome(resp, status)
+
+
+@pytest_twisted.ensureDeferred
 async def test_transaction_response_locations_rewritten(harmony, fhir_server):
     tx = {"resourceType": "Bundle", "type": "transaction",
           "entry": [{"fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",
