@@ -285,3 +285,14 @@ def test_small_known_bodies_get_the_better_level_large_ones_the_fast_one():
     assert len(DOC) <= coding.SMALL_BYTES < len(big_doc)
     assert coding.compress_response("gzip", "GET", _response(DOC)).body == gz(DOC, coding.SMALL_LEVEL)
     assert coding.compress_response("gzip", "GET", _response(big_doc)).body == gz(big_doc, coding.LEVEL)
+
+
+@pytest.mark.parametrize("peer,headers,weak", [
+    ("203.0.113.9", {"Accept_Encoding": "gzip"}, True),
+    ("127.0.0.1", {"Accept_Encoding": "gzip"}, False),   # its 200 went out plain, strong ETag
+    ("203.0.113.9", {}, False),
+])
+def test_a_304_carries_the_etag_its_200_would_have(peer, headers, weak):
+    r = ResponseEnvelope(304, Headers({"ETag": ['"abc"']}), b"")
+    r = coding.compress_for(_request(peer, **headers), r)
+    assert r.header("etag") == ('W/"abc"' if weak else '"abc"')

@@ -447,10 +447,13 @@ def compress_response(accept_encoding, method: bytes | str, response, *, level: 
     if getattr(body, "passthrough", False):
         return response
     headers = response.headers
-    if status == 304 and headers.hasHeader(b"etag") and wants_gzip(accept_encoding)[0]:
-        # Not modified: the ETag must be the one the 200 would have carried.
-        headers.setRawHeaders(b"etag", [_weak(headers.getRawHeaders(b"etag")[0])])
-        _add_vary(headers)
+    if status == 304 and headers.hasHeader(b"etag"):
+        # Not modified: the ETag must be the one the 200 would have carried
+        # (assuming that body was worth compressing; its size is unknown here).
+        gzip_ok, identity_refused = wants_gzip(accept_encoding)
+        if gzip_ok and (identity_refused or not local):
+            headers.setRawHeaders(b"etag", [_weak(headers.getRawHeaders(b"etag")[0])])
+            _add_vary(headers)
         return response
     if method == "HEAD" or status < 200 or status in (204, 206, 304) or body is None or body == b"":
         return response
