@@ -19,34 +19,10 @@ import requests
 import treq
 
 from tests.dicom_data import make_instance
-from tests.dicomweb_helpers import bridge_pipeline, in_thread, multipart
+from tests.dicomweb_helpers import ARCHIVE_BACKEND, bridge_pipeline, dicomweb_proxy_pipeline, in_thread, multipart
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 
-PIPES = """
-[storage.options]
-path = "store"
-min_free_mb = 0
-
-[backends.archive]
-service = "local_archive"
-
-[pipelines.up]
-networks = ["default"]
-endpoints = ["up_web"]
-backends = ["up"]
-
-[endpoints.up_web]
-service = "dicomweb"
-[endpoints.up_web.options]
-path_prefix = "/up"
-max_upload_bytes = 200000
-
-[backends.up]
-service = "dicomweb"
-[backends.up.options]
-base_url = "{upstream}/dw"
-max_json_bytes = 100000
-
+PIPES = ARCHIVE_BACKEND + bridge_pipeline("web", "archive", prefix="/archive") + """
 [pipelines.api]
 networks = ["default"]
 endpoints = ["api"]
@@ -65,14 +41,16 @@ max_body_bytes = 100000
 
 [backends.echo]
 service = "echo"
-""" + bridge_pipeline("web", "archive", prefix="/archive")
+"""
 
 DICOM_JSON = b"application/dicom+json"
 
 
 @pytest.fixture
 def harmony(tmp_path, upstream):
-    path = write_config(tmp_path, MINIMAL_MAIN + PIPES.format(upstream=upstream.url))
+    pipes = PIPES + dicomweb_proxy_pipeline("up", "/up", f"{upstream.url}/dw", "max_upload_bytes = 200000",
+                                   "max_json_bytes = 100000")
+    path = write_config(tmp_path, MINIMAL_MAIN + pipes)
     running = pytest_twisted.blockon(start_harmony(path))
     running.upstream = upstream
     yield running
@@ -165,9 +143,9 @@ async def test_stow_gzip_bomb_is_cut_at_the_upload_cap_on_decoded_bytes(harmony)
     bomb = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + b"\0" * 20_000_000)
     packed = gzip.compress(bomb)
     assert len(packed) < 200_000  # under max_upload_bytes on the wire
+    ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
     resp = await treq.post(harmony.url("/up/studies"), packed,
-                           headers={"Content-Type": [f'multipart/related; type="application/dicom"; boundary={boundary}'],
-                                    "Content-Encoding": ["gzip"]})
+                           headers={"Content-Type": [ctype], "Content-Encoding": ["gzip"]})
     assert resp.code == 413
     if harmony.upstream.requests:
         assert len(harmony.upstream.requests[-1]["body"]) <= 200_000 + 64 * 1024

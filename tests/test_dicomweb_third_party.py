@@ -22,36 +22,14 @@ import pytest_twisted
 import requests
 
 from tests.dicom_data import make_instance
-from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
+from tests.dicomweb_helpers import ARCHIVE_BACKEND, bridge_pipeline, client, dicomweb_proxy_pipeline, in_thread
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc
 
 STUDY = "1.2.826.0.1.3680043.10.1207.1"
 REMOTE = "198.51.100.7"
 SERIES = STUDY + ".1"
-PIPES = """
-[storage.options]
-path = "store"
-min_free_mb = 0
-
-[backends.archive]
-service = "local_archive"
-
-[pipelines.proxied]
-networks = ["default"]
-endpoints = ["proxied_web"]
-backends = ["pacs"]
-
-[endpoints.proxied_web]
-service = "dicomweb"
-[endpoints.proxied_web.options]
-path_prefix = "/proxied"
-
-[backends.pacs]
-service = "dicomweb"
-[backends.pacs.options]
-base_url = "{pacs}"
-""" + bridge_pipeline("web", "archive", prefix="/archive")
+PIPES = ARCHIVE_BACKEND + bridge_pipeline("web", "archive", prefix="/archive")
 
 
 def series(n=40):
@@ -78,7 +56,8 @@ def pacs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def harmony(tmp_path_factory, pacs):
-    path = write_config(tmp_path_factory.mktemp("third-party"), MINIMAL_MAIN + PIPES.format(pacs=pacs.dicomweb_url))
+    path = write_config(tmp_path_factory.mktemp("third-party"),
+                        MINIMAL_MAIN + PIPES + dicomweb_proxy_pipeline("proxied", "/proxied", pacs.dicomweb_url))
     running = pytest_twisted.blockon(start_harmony(path))
     yield running
     pytest_twisted.blockon(running.stop())

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import WRK, free_port, harmony_config, require, start_harmony, stop, wrk  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
-from tests.dicomweb_helpers import multipart  # noqa: E402
+from tests.dicomweb_helpers import bridge_pipeline, dicomweb_proxy_pipeline, multipart  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
 
 STUDY = "1.2.826.0.1.3680043.10.543.901.1"
@@ -85,39 +85,11 @@ def make_series(folder: Path, count: int) -> list[Path]:
 
 
 def config(folder: Path, port: int, orthanc: Orthanc) -> Path:
-    return harmony_config(folder, port, f"""
-[pipelines.proxy]
-networks = ["default"]
-endpoints = ["web"]
-backends = ["pacs"]
-
-[endpoints.web]
-service = "dicomweb"
-[endpoints.web.options]
-path_prefix = "/dicomweb"
-
-[backends.pacs]
-service = "dicomweb"
-[backends.pacs.options]
-base_url = "{orthanc.dicomweb_url}"
-
-[backends.archive]
-service = "local_archive"
-
-[pipelines.archive]
-networks = ["default"]
-endpoints = ["archive_web"]
-middleware = ["bridge"]
-backends = ["archive"]
-
-[endpoints.archive_web]
-service = "dicomweb"
-[endpoints.archive_web.options]
-path_prefix = "/archive"
-
-[middleware.bridge]
-type = "dicomweb_bridge"
-""", storage=True)
+    """/dicomweb proxies Orthanc; /archive is Harmony's own archive (storage under *folder*)."""
+    pipelines = (dicomweb_proxy_pipeline("proxy", "/dicomweb", orthanc.dicomweb_url)
+                 + '\n[backends.archive]\nservice = "local_archive"\n'
+                 + bridge_pipeline("archive", "archive", prefix="/archive"))
+    return harmony_config(folder, port, pipelines, storage=True)
 
 
 def wire_bytes(url: str, coding: str) -> tuple[int, bytes, str]:

@@ -186,24 +186,17 @@ def test_head_and_passthrough_are_left_alone():
     assert coding.compress_response("gzip", "GET", _response(body)).body is body
 
 
-class _Manual:
+class _Manual(BytesProducer):
     """A producer the test drives: it writes what the test says, when it says."""
 
-    length = UNKNOWN_LENGTH
+    def __init__(self):
+        super().__init__(b"")
+        self.length = UNKNOWN_LENGTH
 
     def startProducing(self, consumer):
         from twisted.internet import defer
         self.consumer, self.done = consumer, defer.Deferred()
         return self.done
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 class _Sink:
