@@ -20,7 +20,7 @@ import treq
 
 from tests.dicom_data import make_instance
 from tests.dicomweb_helpers import ARCHIVE_BACKEND, bridge_pipeline, dicomweb_proxy_pipeline, in_thread, multipart
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.harness import MINIMAL_MAIN, proxy_pipeline, start_harmony, write_config
 
 PIPES = ARCHIVE_BACKEND + bridge_pipeline("web", "archive", prefix="/archive") + """
 [pipelines.api]
@@ -49,7 +49,8 @@ DICOM_JSON = b"application/dicom+json"
 @pytest.fixture
 def harmony(tmp_path, upstream):
     pipes = PIPES + dicomweb_proxy_pipeline("up", "/up", f"{upstream.url}/dw", "max_upload_bytes = 200000",
-                                   "max_json_bytes = 100000")
+                                            "max_json_bytes = 100000")
+    pipes += proxy_pipeline(upstream.url, name="raw", prefix="/raw", endpoint="raw", backend="rawup")
     path = write_config(tmp_path, MINIMAL_MAIN + pipes)
     running = pytest_twisted.blockon(start_harmony(path))
     running.upstream = upstream
@@ -76,6 +77,23 @@ async def test_gzip_the_upstream_was_not_asked_for_is_decoded_and_rewritten(harm
     got = resp.json()
     assert [d["00081190"]["Value"][0] for d in got] == [harmony.url(f"/up/studies/1.2.3.{i}") for i in range(30)]
     assert resp.headers["content-encoding"] == "gzip"  # and compressed it again for requests
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_passthrough_keeps_the_upstreams_coding_and_bytes(harmony):
+    from twisted.internet import reactor
+    from twisted.web.client import Agent
+    from twisted.web.http_headers import Headers
+    packed = gzip.compress(json.dumps(studies(harmony.upstream.url)).encode())
+    harmony.upstream.respond[b"/doc"] = (200, {b"content-type": b"application/json",
+                                               b"content-encoding": b"gzip"}, packed)
+    resp = await Agent(reactor).request(b"GET", harmony.url("/raw/doc").encode(),
+                                        Headers({"Accept-Encoding": ["gzip"], "X-Forwarded-For": ["198.51.100.7"]}))
+    assert resp.code == 200, await treq.content(resp)
+    assert resp.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
+    assert await treq.content(resp) == packed  # not decoded, not compressed twice
+    assert not resp.headers.hasHeader(b"vary")  # the upstream's choice, not negotiated by us
+    assert harmony.upstream.requests[-1]["headers"][b"accept-encoding"] == [b"gzip"]  # the client's, as sent
 
 
 @pytest_twisted.ensureDeferred
