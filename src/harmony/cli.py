@@ -11,6 +11,7 @@ import os
 import sys
 
 from harmony.registry import load_object
+from harmony.runtime import route_table
 
 COMMANDS = {
     "check": "harmony.cli:add_check",
@@ -47,21 +48,6 @@ def _load(config_path, state_dir=None, warnings=None):
     if problems:
         return None, ConfigErrors(problems)
     return runtime, None
-
-
-def route_table(runtime) -> list[dict]:
-    rows = []
-    for net_name, routes in runtime.routes.items():
-        listen = runtime.config.networks[net_name].listen
-        for r in sorted(routes, key=lambda r: r.prefix):
-            rows.append({"network": net_name, "listen": listen, "prefix": r.prefix,
-                         "endpoint": r.endpoint.name, "service": runtime.config.endpoints[r.endpoint.name].type,
-                         "pipeline": r.pipeline.name})
-    for ep, pipe in runtime.listeners():
-        rows.append({"network": "-", "listen": getattr(ep, "listen_description", "-"), "prefix": "-",
-                     "endpoint": ep.name, "service": runtime.config.endpoints[ep.name].type,
-                     "pipeline": pipe.name})
-    return rows
 
 
 def _print_routes(runtime, out):

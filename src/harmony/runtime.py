@@ -301,3 +301,19 @@ def load_runtime(config_path, reactor=None) -> Runtime:
     if problems:
         raise ConfigErrors(problems)
     return runtime
+
+
+def route_table(runtime) -> list[dict]:
+    """One row per HTTP route and self-listening endpoint (``harmony routes``, the admin API)."""
+    rows = []
+    for net_name, routes in runtime.routes.items():
+        listen = runtime.config.networks[net_name].listen
+        for r in sorted(routes, key=lambda r: r.prefix):
+            rows.append({"network": net_name, "listen": listen, "prefix": r.prefix,
+                         "endpoint": r.endpoint.name, "service": runtime.config.endpoints[r.endpoint.name].type,
+                         "pipeline": r.pipeline.name})
+    for ep, pipe in runtime.listeners():
+        rows.append({"network": "-", "listen": getattr(ep, "listen_description", "-"), "prefix": "-",
+                     "endpoint": ep.name, "service": runtime.config.endpoints[ep.name].type,
+                     "pipeline": pipe.name})
+    return rows

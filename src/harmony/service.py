@@ -6,102 +6,33 @@
       +- endpoint services      (endpoints that listen on their own, e.g. DIMSE)
       +- ManagementService      ([management] on its own listener, when enabled)
 
-It also owns the metrics registry and hot reload (harmony.management).
+It also owns the metrics registry and hot reload (harmony.management).  These are the
+service classes only; :mod:`harmony.tap` builds one from a config path (Twisted's own
+``web/tap.py`` split), so nothing here imports the worker processes that run one.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 
 from harmony import log as hlog
-from harmony.runtime import Runtime, load_runtime
-from harmony.web.router import HarmonySite, PrefixRouter
+from harmony.management.api import AdminApi
+from harmony.management.metrics import HarmonyMetrics
+from harmony.management.reload import reload as reload_config
+from harmony.management.service import ManagementService
+from harmony.management.settings import ManagementSettings, check_routes
+from harmony.runtime import Route, Runtime
+from harmony.web.network import NetworkService
+from harmony.web.router import PrefixRouter
 
 log = hlog.get_logger("harmony.service")
-
-
-class NetworkService(Service):
-    """Listens on one network's endpoint description and serves its routes."""
-
-    def __init__(self, name: str, description: str, router: PrefixRouter, reactor):
-        self.setName(f"network:{name}")
-        self.network = name
-        self.description = description
-        self.router = router
-        self.site = HarmonySite(router)
-        self.reactor = reactor
-        self.port = None
-        self.listening: defer.Deferred | None = None
-        self._outcome = None  # the port, or the Failure, once listen() settled
-        self._waiters: list[defer.Deferred] = []
-
-    def listen(self) -> defer.Deferred:
-        """Start listening; fires with the ``IListeningPort``.  Worker processes
-        override this to adopt the main process's socket instead."""
-        return serverFromString(self.reactor, self.description).listen(self.site)
-
-    def startService(self):
-        super().startService()
-        # maybeDeferred: a description that fails to resolve now (a systemd:
-        # socket that was not passed in) is a failure to listen, not a crash.
-        self.listening = defer.maybeDeferred(self.listen)
-
-        def up(port):
-            self.port = port
-            addr = port.getHost()
-            log.info("network {network} listening on {host}:{port}", network=self.network,
-                     host=getattr(addr, "host", "?"), port=getattr(addr, "port", "?"))
-            return port
-
-        def down(failure):
-            log.critical("network {network} cannot listen on {description}: {error}",
-                         network=self.network, description=self.description, error=failure.getErrorMessage())
-            return failure
-
-        self.listening.addCallbacks(up, down)
-        self.listening.addBoth(self._settled)
-
-    def _settled(self, outcome):
-        self._outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            self._relay(d)
-        return None if isinstance(outcome, Failure) else outcome  # logged above, relayed to waiters
-
-    def _relay(self, d):
-        if isinstance(self._outcome, Failure):
-            d.errback(self._outcome)
-        else:
-            d.callback(self._outcome)
-
-    def wait_listening(self) -> defer.Deferred:
-        """A new Deferred for the listen outcome: each caller gets its own, so
-        one consuming a failure cannot hide it from another."""
-        d = defer.Deferred()
-        if self._outcome is None:
-            self._waiters.append(d)
-        else:
-            self._relay(d)
-        return d
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
 
 
 class LoggingService(Service):
@@ -137,9 +68,6 @@ class LoggingService(Service):
 
 class HarmonyService(MultiService):
     def __init__(self, runtime: Runtime, reactor):
-        from harmony.management.metrics import HarmonyMetrics
-        from harmony.management.settings import ManagementSettings, check_routes
-
         super().__init__()
         self.runtime = runtime
         self.reactor = reactor
@@ -187,9 +115,6 @@ class HarmonyService(MultiService):
         routes = list(runtime.routes.get(name, []))
         settings = self.management_settings
         if settings.enabled and settings.network == name:
-            from harmony.management.api import AdminApi
-            from harmony.runtime import Route
-
             routes.append(Route(name, settings.base_path, AdminApi(self), None))
             routes.sort(key=lambda r: len(r.segments), reverse=True)
         return routes
@@ -203,8 +128,6 @@ class HarmonyService(MultiService):
     def set_management(self, settings) -> bool:
         """Start, keep or restart the management API's own listener for *settings*;
         True when a listener was (re)started."""
-        from harmony.management.service import ManagementService
-
         self.management_settings = settings
         wanted = settings.listen if settings.enabled and settings.network is None else None
         current = self.management.description if self.management is not None else None
@@ -228,9 +151,7 @@ class HarmonyService(MultiService):
 
     def reload(self) -> defer.Deferred:
         """Re-read and apply the configuration (SIGHUP, POST /admin/reload); see harmony.management.reload."""
-        from harmony.management.reload import reload
-
-        return reload(self)
+        return reload_config(self)
 
     def target_pools(self):
         """The TargetPool of every backend that has one (see harmony.targets)."""
@@ -285,31 +206,3 @@ class HarmonyService(MultiService):
         if self.management is not None and self.management.listening:
             waits.append(self.management.wait_listening())
         return defer.gatherResults(waits, consumeErrors=True)
-
-
-def _exit_failed():
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
-def make_service(config_path, reactor=None) -> HarmonyService:
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-        reactor = default_reactor
-    runtime = load_runtime(config_path, reactor)
-    service = HarmonyService(runtime, reactor)
-
-    def not_listening(failure):
-        # A proxy that cannot bind its port must not linger looking healthy:
-        # stop, and exit non-zero once twistd has cleaned up, so the
-        # supervisor (systemd) sees a failure.
-        log.critical("stopping: not every network could listen")
-        atexit.register(_exit_failed)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
-    if runtime.config.proxy.workers > 1:
-        from harmony.workers import WorkerPool
-        WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)
-    return service

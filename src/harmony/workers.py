@@ -34,6 +34,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import ProcessProtocol
 
 from harmony import log as hlog
+from harmony.compat.twisted import server_tls_options
 from harmony.log import get_logger
 
 log = get_logger("harmony.workers")
@@ -206,7 +207,7 @@ def adopt_port(reactor, description: str, fd: int, family: int, factory):
     endpoint = serverFromString(reactor, description) if description.lstrip().startswith("ssl:") else None
     if isinstance(endpoint, SSL4ServerEndpoint):
         from twisted.protocols.tls import TLSMemoryBIOFactory
-        factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
+        factory = TLSMemoryBIOFactory(server_tls_options(endpoint), False, factory)
     # A blocking listening socket would block the reactor in accept() once
     # another process took the connection; the parent's is non-blocking already.
     fdesc.setNonBlocking(fd)
@@ -219,7 +220,8 @@ def _worker_service(runtime, reactor, fds: dict):
     """The HarmonyService of a worker: its networks adopt the inherited sockets,
     and it runs nothing that listens on its own (DIMSE endpoints, a separate
     management listener): those stay in the main process."""
-    from harmony.service import HarmonyService, NetworkService
+    from harmony.service import HarmonyService
+    from harmony.web.network import NetworkService
     from harmony.web.router import PrefixRouter
 
     class AdoptedNetworkService(NetworkService):

@@ -32,7 +32,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from harmony.backends.http import HttpBackend, check_base_url
+from harmony.backends.http import HttpBackend
 from harmony.backends.streams import ResponseBodyProducer, _Relay
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, header, media_type
@@ -43,11 +43,10 @@ from harmony.fhir.rewrite import JsonUrlRewriter, UrlMap
 from harmony.fhir.rewrite_xml import XmlUrlRewriter
 from harmony.web import coding
 from harmony.web.headers import end_to_end
+from harmony.web.urls import check_base_url, request_origin
 
 #: Content types a FHIR server legitimately answers with (bulk data's NDJSON included).
 FHIR_RESPONSE_TYPES = JSON_TYPES | XML_TYPES | {"application/fhir+ndjson", "application/ndjson"}
-_HOST = re.compile(r"^(?:[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
-_DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
 class _Discard(Protocol):
@@ -115,41 +114,6 @@ class RewritingBodyProducer(ResponseBodyProducer):
         self._relay = self._watched(_RewritingRelay(consumer, finished, self.rewriter, self.decoder))
         self.response.deliverBody(self._relay)
         return finished
-
-
-def _first(value: str | None) -> str:
-    return value.split(",", 1)[0].strip() if value else ""
-
-
-def request_origin(request, trust_forwarded: bool = True) -> str | None:
-    """``scheme://host[:port]`` a client used to reach the proxy, for a
-    RequestEnvelope: ``Forwarded``/``X-Forwarded-*`` when trusted, else the
-    request's own scheme and ``Host``; None when no sane host is known."""
-    proto, host, port = request.scheme, request.host, ""
-    if trust_forwarded:
-        fwd = _forwarded(request.header("forwarded"))
-        xf_proto = (_first(request.header("x-forwarded-proto")) or fwd.get("proto", "")).lower()
-        if xf_proto in _DEFAULT_PORTS:
-            proto = xf_proto
-        xf_host = _first(request.header("x-forwarded-host")) or fwd.get("host", "")
-        if xf_host and _HOST.match(xf_host):
-            host = xf_host
-        port = _first(request.header("x-forwarded-port"))
-    if not host or not _HOST.match(host):
-        return None
-    if port.isdigit() and not host.endswith("]") and ":" not in host and port != _DEFAULT_PORTS[proto]:
-        host = f"{host}:{port}"
-    return f"{proto}://{host}"
-
-
-def _forwarded(value: str | None) -> dict[str, str]:
-    """The first element of an RFC 7239 ``Forwarded`` header, as a dict."""
-    out: dict[str, str] = {}
-    for pair in _first(value).split(";"):
-        k, sep, v = pair.partition("=")
-        if sep:
-            out[k.strip().lower()] = v.strip().strip('"')
-    return out
 
 
 class FhirBackend(HttpBackend):

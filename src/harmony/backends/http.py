@@ -10,12 +10,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
-from twisted.web.client import (Agent, HTTPConnectionPool, ResponseFailed,
-                                ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
-import ipaddress
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
@@ -23,18 +18,14 @@ from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
 from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
+from harmony.compat.twisted import HTTP11ClientFactory, set_pool_factory
 from harmony.errors import BackendTimeout, BackendUnavailable
 from harmony.targets import Target, TargetPool
+from harmony.web.client import DirectEndpointFactory
 from harmony.web.headers import end_to_end
+from harmony.web.urls import check_base_url
 
 
-def check_base_url(url: str, key: str = "base_url") -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise OptionError(key, f"must be an absolute http(s) URL, got {url!r}")
-    if parts.query or parts.fragment:
-        raise OptionError(key, "must not carry a query or fragment")
-    return url.rstrip("/")
 
 
 def upstream_url(base_url: str, subpath: str, raw_query: bytes) -> bytes:
@@ -65,30 +56,8 @@ def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
     return headers
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
+class _QuietClientFactory(HTTP11ClientFactory):
     noisy = False  # one "Starting factory" log line per upstream connection is noise
-
-
-@implementer(IAgentEndpointFactory)
-class _DirectEndpointFactory:
-    """Connect straight to IPv4 literals; HostnameEndpoint's happy-eyeballs
-    machinery adds ~300 ms to every refused connection, which makes failover slow."""
-
-    def __init__(self, reactor, connect_timeout, tls_policy):
-        self.reactor = reactor
-        self.connect_timeout = connect_timeout
-        self.standard = _StandardEndpointFactory(reactor, tls_policy, connect_timeout, None)
-
-    def endpointForURI(self, uri):
-        if uri.scheme == b"http":
-            try:
-                ipaddress.IPv4Address(uri.host.decode("ascii"))
-            except ValueError:
-                pass
-            else:
-                return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port,
-                                          timeout=self.connect_timeout)
-        return self.standard.endpointForURI(uri)
 
 
 class HttpBackend(Backend):
@@ -111,10 +80,10 @@ class HttpBackend(Backend):
         # (those live in the target pool), and without it a stale connection
         # shows up as a 502 that opens the circuit.
         self.pool.retryAutomatically = True
-        self.pool._factory = _QuietClientFactory
+        set_pool_factory(self.pool, _QuietClientFactory)
         # Health checks use the same per-target TLS settings.
         target_pool.tls_policy = PerTargetTLSPolicy(target_pool.targets)
-        endpoints = _DirectEndpointFactory(reactor, connect_timeout or timeout, target_pool.tls_policy)
+        endpoints = DirectEndpointFactory(reactor, connect_timeout or timeout, target_pool.tls_policy)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
     @classmethod

@@ -23,6 +23,7 @@ from harmony.envelope import body_length
 from harmony.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from harmony.dicomweb.accept import parse_media_range
 from harmony.web import coding
+from harmony.web.urls import check_base_url
 
 DEFAULT_MAX_UPLOAD = 4 * 1024 ** 3
 #: RFC 2046 caps a boundary at 70 characters, and ours are 32; deployed clients
@@ -69,7 +70,6 @@ class DicomWebEndpoint(HttpEndpointBase):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        from harmony.backends.http import check_base_url
         prefix = check_prefix(options.str("path_prefix", "/"))
         public = options.str("public_base_url", None)
         if public is not None:

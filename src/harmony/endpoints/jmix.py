@@ -24,8 +24,8 @@ import shutil
 
 from twisted.internet import defer, threads
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
-from harmony.backends.base import Backend
 from harmony.config.errors import OptionError
 from harmony.endpoints.base import HttpEndpointBase, check_prefix
 from harmony.envelope import ResponseEnvelope, body_length, media_type
@@ -34,7 +34,8 @@ from harmony.errors import (BadRequest, ConfigurationFailure, Conflict, HarmonyE
 from harmony.jmix import crypto
 from harmony.jmix.archive import Limits
 from harmony.jmix.dicom import valid_uid
-from harmony.jmix.store import DuplicateEnvelope, EnvelopeStore, canonical_id
+from harmony.interfaces import IBackend
+from harmony.jmix.store import DuplicateEnvelope, EnvelopeStore, canonical_id, store_option
 from harmony.jmix.validate import VerifyOptions, discard, open_envelope
 from harmony.jmix.web import (JSON, TGZ_TYPES, ZIP_TYPES, HeadBody, envelope_response, negotiate, spool_body,
                               study_index_response)
@@ -56,20 +57,13 @@ class EnvelopeRejected(BadRequest):
         self.report = report
 
 
-def store_option(options, ctx):
-    """``store_dir``, default ``<storage>/jmix`` - the same default for endpoint and builder."""
-    path = options.path("store_dir", None) or (ctx.storage_path / "jmix")
-    try:
-        return EnvelopeStore.open(path)
-    except OSError as e:
-        raise OptionError("store_dir", f"cannot use {path}: {e.strerror}") from None
-
-
-class StoreBackend(Backend):
-    """Answers the routes the store can serve; stands in for the pipeline's backends."""
+@implementer(IBackend)
+class StoreBackend:
+    """Answers the routes the store can serve; stands in for the pipeline's backends.
+    Built by the endpoint, never named in a config: so not a ``Backend`` plug-in."""
 
     def __init__(self, endpoint: "JmixEndpoint"):
-        super().__init__(f"{endpoint.name}:store")
+        self.name = f"{endpoint.name}:store"
         self.endpoint = endpoint
 
     def send(self, request):

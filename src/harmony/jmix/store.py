@@ -27,6 +27,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from harmony.config.errors import OptionError
 from harmony.jmix.archive import pack_zip, zip_to_targz
 from harmony.jmix.crypto import parse_time
 
@@ -187,3 +188,12 @@ class EnvelopeStore:
             self._db.close()
         with self._open_lock:
             self._open.pop(os.path.realpath(self.folder), None)
+
+
+def store_option(options, ctx):
+    """``store_dir``, default ``<storage>/jmix`` - the same default for endpoint and builder."""
+    path = options.path("store_dir", None) or (ctx.storage_path / "jmix")
+    try:
+        return EnvelopeStore.open(path)
+    except OSError as e:
+        raise OptionError("store_dir", f"cannot use {path}: {e.strerror}") from None

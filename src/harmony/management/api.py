@@ -120,7 +120,7 @@ class AdminApi:
              "middleware": p.middleware, "backends": p.backends} for p in cfg.pipelines.values()]})
 
     def routes(self):
-        from harmony.cli import route_table
+        from harmony.runtime import route_table
 
         svc = self.service
         rows = route_table(svc.runtime)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harmony.management.api import AdminApi, AdminResource
-from harmony.service import NetworkService
+from harmony.web.network import NetworkService
 
 
 class ManagementService(NetworkService):

@@ -42,13 +42,12 @@ from urllib.parse import urlencode
 from twisted.internet import defer
 
 from harmony import jsonutil
-from harmony.backends.fhir import request_origin
-from harmony.backends.http import check_base_url
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.net import is_failure
 from harmony.envelope import ResponseEnvelope, is_json_type, read_body
 from harmony.errors import BadRequest, BackendUnavailable, HarmonyError
 from harmony.middleware.base import Middleware
+from harmony.web.urls import check_base_url, request_origin
 
 RESULTS = "dicom_results"
 

@@ -29,6 +29,7 @@ from harmony.jmix import crypto
 from harmony.jmix.builder import AssertionSpec, BuildOptions, Entity, build_envelope, read_headers
 from harmony.jmix.dicom import valid_uid
 from harmony.jmix.profiles import PROFILES
+from harmony.jmix.store import store_option
 from harmony.jmix.web import JSON, envelope_response, negotiate
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
@@ -68,7 +69,6 @@ class JmixBuilder(Middleware):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        from harmony.endpoints.jmix import store_option
         sender = _entity(options.table("sender", {"id": "org:harmony-proxy", "name": "Harmony Proxy"}), "sender")
         receivers = [_entity(t, "receivers") for t in options.list("receivers", [], of=dict)]
         requester = options.table("requester", None)

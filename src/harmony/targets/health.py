@@ -18,6 +18,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 
 from harmony.config.errors import OptionError
 from harmony.log import get_logger
+from harmony.web.client import DirectEndpointFactory
 
 log = get_logger("harmony.targets.health")
 
@@ -77,9 +78,7 @@ class HttpGetCheck:
         self.settings = settings
         self.reactor = reactor
         pool = HTTPConnectionPool(reactor, persistent=False)
-        from harmony.backends.http import _DirectEndpointFactory  # noqa: PLC0415 - avoid an import cycle
-
-        endpoints = _DirectEndpointFactory(reactor, settings.timeout_secs, tls_policy or BrowserLikePolicyForHTTPS())
+        endpoints = DirectEndpointFactory(reactor, settings.timeout_secs, tls_policy or BrowserLikePolicyForHTTPS())
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
     @defer.inlineCallbacks

@@ -26,7 +26,7 @@ class HarmonyServiceMaker:
         import sys
 
         from harmony.config import ConfigErrors
-        from harmony.service import make_service
+        from harmony.tap import make_service
 
         if options["state-dir"]:
             import os

@@ -1,0 +1,47 @@
+"""Build the running service from a config path: what ``twistd harmony`` calls.
+
+Why apart from :mod:`harmony.service`: like Twisted's ``web/tap.py`` beside its
+service classes, this is the one module that knows about every way of running
+Harmony (the main service, worker processes, exiting when a port cannot be bound),
+so the service classes import none of them and nothing imports back in a circle.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from harmony import log as hlog
+from harmony.runtime import load_runtime
+from harmony.service import HarmonyService
+from harmony.workers import WorkerPool
+
+log = hlog.get_logger("harmony.service")
+
+
+def _exit_failed():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def make_service(config_path, reactor=None) -> HarmonyService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+        reactor = default_reactor
+    runtime = load_runtime(config_path, reactor)
+    service = HarmonyService(runtime, reactor)
+
+    def not_listening(failure):
+        # A proxy that cannot bind its port must not linger looking healthy:
+        # stop, and exit non-zero once twistd has cleaned up, so the
+        # supervisor (systemd) sees a failure.
+        log.critical("stopping: not every network could listen")
+        atexit.register(_exit_failed)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
+    if runtime.config.proxy.workers > 1:
+        WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)
+    return service
