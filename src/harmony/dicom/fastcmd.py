@@ -39,6 +39,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from harmony.compat.pydicom import dataset_character_set
 from pynetdicom import dimse_messages as _messages
 from pynetdicom import dsutils as _dsutils
 from pynetdicom import service_class as _services
@@ -117,7 +118,7 @@ def encode_raw(ds, is_implicit_vr: bool) -> bytes:
     changed element when the encoding changes, a sequence whose items would
     need re-encoding, an ambiguous or private VR, another character set)."""
     original = ds.original_encoding
-    if None in original or not original[1] or ds.original_character_set != ds._character_set:
+    if None in original or not original[1] or ds.original_character_set != dataset_character_set(ds):
         raise _Unsupported("encoding")
     same = original[0] == is_implicit_vr
     fp = DicomBytesIO()
