@@ -11,8 +11,15 @@ import io
 import sys
 import warnings
 
-from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
-                            globalLogPublisher, jsonFileLogObserver, textFileLogObserver)
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
 
 _LEVELS = {"trace": LogLevel.debug, "debug": LogLevel.debug, "info": LogLevel.info,
            "warn": LogLevel.warn, "warning": LogLevel.warn, "error": LogLevel.error,
@@ -25,11 +32,11 @@ def _publish(event):
     globalLogPublisher(event)
 
 
-_filtered = FilteringLogObserver(_publish, [_predicate])
+_filtered = FilteringLogObserver(_publish, [_predicate])  # type: ignore[arg-type,list-item]  # zope interfaces
 
 
 def get_logger(namespace: str) -> Logger:
-    return Logger(namespace=namespace, observer=_filtered)
+    return Logger(namespace=namespace, observer=_filtered)  # type: ignore[arg-type]  # zope interface
 
 
 def enabled(namespace: str, level: str) -> bool:
@@ -40,7 +47,7 @@ def enabled(namespace: str, level: str) -> bool:
 
 #: pydicom warnings that quote an element's value ("Invalid value for VR DA:
 #: '19700101X'."): a query's PatientBirthDate or PatientName would reach the log.
-_VALUE_WARNINGS = dict(action="ignore", message=r"Invalid value for VR", module=r"pydicom(\.|$)")
+_VALUE_WARNINGS = {"message": r"Invalid value for VR", "module": r"pydicom(\.|$)"}
 
 
 def set_level(level: str) -> None:
@@ -48,9 +55,9 @@ def set_level(level: str) -> None:
     _predicate.setLogLevelForNamespace("", chosen)
     # twistd logs Python warnings at warn whatever our level, so PHI-quoting ones
     # are dropped unless the operator asked for debug (where PHI may appear).
-    warnings.filterwarnings(**_VALUE_WARNINGS)
+    warnings.filterwarnings("ignore", message=_VALUE_WARNINGS["message"], module=_VALUE_WARNINGS["module"])
     if chosen <= LogLevel.debug:
-        warnings.filters[:] = [f for f in warnings.filters if not _is_value_filter(f)]
+        warnings.filters[:] = [f for f in warnings.filters if not _is_value_filter(f)]  # type: ignore[index]
 
 
 def _is_value_filter(f) -> bool:

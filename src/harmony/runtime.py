@@ -256,13 +256,15 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
                 first = own_listener.get(ename)
                 if first:
                     problems.append(Problem(pc.source, f"{where}.endpoints",
-                                            f"endpoint {ename!r} listens on its own and is already used by pipeline {first!r}"))
+                                            f"endpoint {ename!r} listens on its own and is already used by "
+                                            f"pipeline {first!r}"))
                 own_listener[ename] = pname
                 continue
             nets = pc.networks or [n for n, net in config.networks.items() if net.listen or not net.valid]
             if not nets:
                 problems.append(Problem(pc.source, f"{where}.networks",
-                                        f"HTTP endpoint {ename!r} needs a network with [network.NAME.http] or 'listen'"))
+                                        f"HTTP endpoint {ename!r} needs a network with [network.NAME.http] "
+                                        "or 'listen'"))
             for nname in nets:
                 net = config.networks.get(nname)
                 if net is None:

@@ -36,9 +36,9 @@ from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, is_json_type, read_body
 from harmony.errors import BackendTimeout, BackendUnavailable, BadRequest
 from harmony.hl7 import ack as hack
+from harmony.hl7.escaping import unescape
 from harmony.hl7.framing import FramingError, MllpDecoder, frame
 from harmony.hl7.jsonview import ViewError, to_er7
-from harmony.hl7.escaping import unescape
 from harmony.hl7.message import HL7Error, read_header
 from harmony.log import get_logger
 from harmony.targets import TargetPool

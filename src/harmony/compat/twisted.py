@@ -41,3 +41,7 @@ def version_tuple(version: str) -> tuple[int, int]:
 def tested(version: str) -> bool:
     low, high = TESTED_RANGE
     return low <= version_tuple(version) < high
+
+
+__all__ = ["HTTP11ClientFactory", "StandardEndpointFactory", "TESTED_RANGE", "set_pool_factory",
+           "server_tls_options", "tested", "version_tuple"]

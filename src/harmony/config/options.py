@@ -68,7 +68,7 @@ class Options:
             raise OptionError(key, f"must be at least {minimum}, got {value}")
         return float(value)
 
-    def port(self, key, default=_MISSING) -> int:
+    def port(self, key, default=_MISSING) -> builtins.int:
         return self.int(key, default, minimum=0, maximum=65535)
 
     def list(self, key, default=_MISSING, *, of=builtins.str) -> builtins.list:
@@ -95,7 +95,7 @@ class Options:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
-    def secret(self, key, file_key=None, default=_MISSING) -> str | None:
+    def secret(self, key, file_key=None, default=_MISSING) -> builtins.str | None:
         """A secret given inline (*key*) or in a file (*file_key*, first line)."""
         file_key = file_key or f"{key}_file"
         if file_key in self.raw:

@@ -12,7 +12,6 @@ from pydicom.valuerep import VR
 from harmony.dicom.results import LEVELS
 from harmony.errors import BadRequest
 
-
 _KNOWN_VRS = {vr.value for vr in VR}
 
 

@@ -39,10 +39,11 @@ from pydicom.datadict import dictionary_VR
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-from harmony.compat.pydicom import dataset_character_set
 from pynetdicom import dimse_messages as _messages
 from pynetdicom import dsutils as _dsutils
 from pynetdicom import service_class as _services
+
+from harmony.compat.pydicom import dataset_character_set
 
 _original = _dsutils.encode
 _TEXT_PAD = {"AE": b" ", "CS": b" ", "LO": b" ", "SH": b" ", "ST": b" ", "LT": b" ", "UI": b"\0"}

@@ -29,7 +29,9 @@ OFFERS = {
 
 def _split_top(text: str, sep: str) -> list[str]:
     """Split on *sep* outside double quotes."""
-    out, cur, quoted = [], [], False
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = False
     for ch in text:
         if ch == '"':
             quoted = not quoted

@@ -105,7 +105,7 @@ class MetadataCache:
         if waiters is None:
             self._inflight[key] = []
             return None
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         waiters.append(d)
         return d
 

@@ -37,8 +37,7 @@ from harmony.errors import BackendTimeout, HarmonyError
 from harmony.hl7 import ack as hack
 from harmony.hl7.framing import FramingError, MessageTooLarge, MllpDecoder, frame
 from harmony.hl7.jsonview import to_view
-from harmony.hl7.message import (APPLICATION_INTERNAL_ERROR, CHARSETS, DUPLICATE_KEY, HL7Error, V2Message,
-                                 parse_message)
+from harmony.hl7.message import APPLICATION_INTERNAL_ERROR, CHARSETS, DUPLICATE_KEY, HL7Error, V2Message, parse_message
 from harmony.interfaces import IComponentFactory, IEndpoint
 from harmony.log import get_logger
 

@@ -29,7 +29,6 @@ delimiters (which carry no meaning in v2).
 from __future__ import annotations
 
 import hl7
-
 from harmony.hl7.escaping import DEFAULT, Separators, escape, unescape
 from harmony.hl7.message import CHARSETS, SEGMENT_ID, V2Message
 

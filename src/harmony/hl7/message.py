@@ -15,8 +15,8 @@ import codecs
 import re
 
 import attr
-import hl7
 
+import hl7
 from harmony.hl7.escaping import Separators, unescape
 
 #: HL7 table 0211 (MSH-18) -> Python codec.  ISO IR-87/159 (JIS X 0208/0212

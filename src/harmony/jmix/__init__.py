@@ -16,8 +16,15 @@ reference libraries disagree, :mod:`harmony.jmix.profiles` fixes the choices.
 """
 
 from harmony.jmix.archive import ArchiveError, Limits, extract, pack, pack_targz, pack_zip
-from harmony.jmix.builder import (AssertionSpec, BuildError, BuildOptions, BuildResult, Entity,
-                                  build_envelope, read_headers)
+from harmony.jmix.builder import (
+                                  AssertionSpec,
+                                  BuildError,
+                                  BuildOptions,
+                                  BuildResult,
+                                  Entity,
+                                  build_envelope,
+                                  read_headers,
+)
 from harmony.jmix.crypto import CryptoError
 from harmony.jmix.dicom import DicomInputError
 from harmony.jmix.profiles import PROFILES, get_profile

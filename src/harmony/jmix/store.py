@@ -122,7 +122,7 @@ class EnvelopeStore:
         rows = self._query("SELECT id, study_uid, created_at, size, source FROM envelopes WHERE id = ?", (cid,))
         if not rows or not self.zip_path(cid).is_file():
             return None
-        return dict(zip(("id", "study_uid", "created_at", "size", "source"), rows[0]))
+        return dict(zip(("id", "study_uid", "created_at", "size", "source"), rows[0], strict=True))
 
     def exists(self, env_id: str) -> bool:
         cid = canonical_id(env_id)
@@ -132,7 +132,7 @@ class EnvelopeStore:
         """Envelopes of a study, newest (by manifest timestamp) first."""
         rows = self._query("SELECT id, study_uid, created_at, size, source FROM envelopes WHERE study_uid = ? "
                            "ORDER BY created_at DESC, stored_at DESC", (study_uid,))
-        return [dict(zip(("id", "study_uid", "created_at", "size", "source"), r)) for r in rows
+        return [dict(zip(("id", "study_uid", "created_at", "size", "source"), r, strict=True)) for r in rows
                 if self.zip_path(r[0]).is_file()]
 
     def newest_for_study(self, study_uid: str) -> str | None:

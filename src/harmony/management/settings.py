@@ -100,8 +100,8 @@ def check_routes(settings: ManagementSettings, runtime) -> None:
     for route in runtime.routes.get(settings.network, []):
         if route.prefix == settings.base_path:
             raise ConfigErrors([Problem(str(runtime.config.path), "management.base_path",
-                                        f"{settings.base_path!r} is also the prefix of endpoint {route.endpoint.name!r} "
-                                        f"on network {settings.network!r}")])
+                                        f"{settings.base_path!r} is also the prefix of endpoint "
+                                        f"{route.endpoint.name!r} on network {settings.network!r}")])
 
 
 def is_loopback(description: str) -> bool:

@@ -55,7 +55,7 @@ class Rule:
         if len(segments) < len(self.parts) or (self.rest is None and len(segments) != len(self.parts)):
             return None
         captured = {}
-        for (kind, value), seg in zip(self.parts, segments):
+        for (kind, value), seg in zip(self.parts, segments, strict=False):  # segments may run on into `rest`
             if kind == "lit":
                 if seg != value:
                     return None

@@ -76,7 +76,7 @@ class NetworkService(Service):
     def wait_listening(self) -> defer.Deferred:
         """A new Deferred for the listen outcome: each caller gets its own, so
         one consuming a failure cannot hide it from another."""
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         if self._outcome is None:
             self._waiters.append(d)
         else:

@@ -37,7 +37,7 @@ class HarmonyServiceMaker:
         except ConfigErrors as e:
             # Refuse to start; nothing has listened yet.
             sys.stderr.write(f"harmony: not starting, {e.render()}\n")
-            raise SystemExit(1)
+            raise SystemExit(1) from None
 
 
 serviceMaker = HarmonyServiceMaker()

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import Counter
 
 import attr
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from twisted.internet import protocol
 
 from harmony.dicom.ul.association import Association, Reject
