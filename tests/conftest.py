@@ -3,6 +3,9 @@ import pytest_twisted
 
 from tests.harness import RecordingUpstream, listen
 
+#: the peers / in-process tiers: tests/tiers.py
+pytest_plugins = ["tests.tiers"]
+
 
 @pytest.fixture
 def upstream():
