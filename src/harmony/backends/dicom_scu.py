@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 from harmony.backends.base import Backend
 from harmony.config.errors import OptionError
 from harmony.dicom import net
+from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_from_json, query_level
 from harmony.dicom.files import Staging, read_instance
 from harmony.dicom.render import ResultBodyProducer
@@ -181,7 +182,7 @@ class Job:
             self.ready.errback(failure)
         else:
             err = failure.value
-            status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(err, BackendTimeout) else net.UNABLE_TO_PROCESS_BACKEND
+            status = dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(err, BackendTimeout) else dimse.UNABLE_TO_PROCESS_BACKEND
             self.stream.finish(status, str(err))
 
     # worker side
@@ -363,10 +364,10 @@ class DicomScuBackend(Backend):
         md = {"dimse_op": job.op}
         if stream.status is not None:
             md["dimse_status"] = f"0x{stream.status:04X}"
-        if stream.status is not None and net.is_failure(stream.status) and job.items == 0:
+        if stream.status is not None and dimse.is_failure(stream.status) and job.items == 0:
             doc = {"dimse_op": job.op, "dimse_status": stream.status, "error_comment": stream.error_comment,
                    "completed": stream.completed, "failed": stream.failed}
-            resp = ResponseEnvelope.json(net.http_status_for(stream.status), doc)
+            resp = ResponseEnvelope.json(dimse.http_status_for(stream.status), doc)
         elif job.op in (C_FIND, C_GET) or job.op == C_MOVE and not self._third_party(job.request):
             body = ResultBodyProducer(stream, "json" if job.op == C_FIND else "multipart")
             resp = ResponseEnvelope(status=200, headers=Headers({"Content-Type": [body.content_type]}), body=body)
@@ -424,7 +425,7 @@ class DicomScuBackend(Backend):
                 if not status:
                     raise _DeadAssociation(BackendTimeout("the PACS stopped answering the C-FIND"))
                 code = int(status.Status)
-                if net.is_pending(code):
+                if dimse.is_pending(code):
                     if ident is not None and not job.cancel_event.is_set():
                         job.put_thread(ident)
                     if job.cancel_event.is_set() and not cancel_sent:
@@ -499,7 +500,7 @@ class DicomScuBackend(Backend):
                 raise _DeadAssociation(BackendTimeout("the PACS stopped answering the retrieve"))
             code = int(status.Status)
             job.counts_thread(status)
-            if net.is_pending(code):
+            if dimse.is_pending(code):
                 if job.cancel_event.is_set() and not cancel_sent:
                     assoc.send_c_cancel(msg_id, query_model=sop_class)
                     cancel_sent = True
@@ -521,11 +522,11 @@ class DicomScuBackend(Backend):
             job.put_thread(read_instance(staged, owned=True))
         except OSError as e:
             log.error("dicom_scu {name}: cannot stage a received instance: {error}", name=self.name, error=str(e))
-            return net.STORE_OUT_OF_RESOURCES
+            return dimse.STORE_OUT_OF_RESOURCES
         except Exception as e:  # noqa: BLE001 - a corrupt dataset fails this sub-operation, not the thread
             log.warn("dicom_scu {name}: received an unreadable instance: {error}", name=self.name, error=str(e))
-            return net.STORE_CANNOT_UNDERSTAND
-        return net.SUCCESS
+            return dimse.STORE_CANNOT_UNDERSTAND
+        return dimse.SUCCESS
 
     def _next_msg_id(self) -> int:
         return next(self._msg_ids) % 65535 + 1
@@ -564,7 +565,7 @@ class DicomScuBackend(Backend):
                 job = next(iter(self._moves.values()))
         if job is None:
             log.warn("dicom_scu {name}: refused a C-STORE that belongs to no C-MOVE", name=self.name)
-            return net.STORE_REFUSED_NOT_AUTHORISED
+            return dimse.REFUSED_NOT_AUTHORISED
         return self._accept_instance(event, job)
 
     # ------------------------------------------------------------------ C-STORE

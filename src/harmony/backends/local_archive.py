@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from twisted.internet import defer
 
 from harmony.backends.base import Backend
+from harmony.dicom import status as dimse
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BadRequest
@@ -27,7 +28,6 @@ from harmony.storage.errors import InvalidInstance, InvalidQuery
 from harmony.storage.query import STUDY_ROOT, levels_for
 from harmony.storage.store import release_store
 
-SUCCESS = 0x0000
 
 
 def identifier_of(request) -> Dataset:
@@ -85,7 +85,7 @@ class LocalArchiveBackend(Backend):
 
     def echo(self, request):
         stream = ResultStream()
-        stream.finish(SUCCESS)
+        stream.finish(dimse.SUCCESS)
         return results_response(stream)
 
     def find(self, request):
@@ -117,10 +117,10 @@ class LocalArchiveBackend(Backend):
             stream.set_counts(len(instances))
             for inst in instances:
                 if stream.cancelled:
-                    stream.finish(0xFE00, "cancelled")
+                    stream.finish(dimse.CANCEL, "cancelled")
                     return
                 stream.put(inst)
-            stream.finish(SUCCESS)
+            stream.finish(dimse.SUCCESS)
 
         self.store.run(listing).addCallbacks(found, stream.fail)
         return results_response(stream)
@@ -130,7 +130,7 @@ class LocalArchiveBackend(Backend):
         stored = yield ingest(self.store, request)
         response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
                                                "sop_class_uid": stored.sop_class_uid})
-        response.context["dimse_status"] = SUCCESS
+        response.context["dimse_status"] = dimse.SUCCESS
         response.context["stored_instance"] = stored
         return response
 

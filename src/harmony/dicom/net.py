@@ -2,7 +2,8 @@
 
 What lives here is what both sides of a DICOM association need: the
 presentation contexts Harmony proposes and accepts, the TCP_NODELAY fix,
-TLS contexts, the query/retrieve model table and the DIMSE status names.
+TLS contexts and the query/retrieve model table.  DIMSE statuses live in
+:mod:`harmony.dicom.status`.
 """
 
 from __future__ import annotations
@@ -90,58 +91,6 @@ QUERY_MODELS = {
 }
 #: SOP Class UID -> (model, operation), for the SCP side
 MODEL_OF = {str(uid): (model, op) for model, ops in QUERY_MODELS.items() for op, uid in ops.items()}
-
-# PS3.4 status codes, by name (C.4 / Annex B).
-SUCCESS = 0x0000
-PENDING = 0xFF00
-PENDING_WARNING = 0xFF01
-CANCEL = 0xFE00
-WARNING_SUBOPS = 0xB000
-OUT_OF_RESOURCES_FIND = 0xA700
-OUT_OF_RESOURCES_MATCHES = 0xA701
-OUT_OF_RESOURCES_SUBOPS = 0xA702
-MOVE_DESTINATION_UNKNOWN = 0xA801
-IDENTIFIER_MISMATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
-UNABLE_TO_PROCESS_BACKEND = 0xC001   # Harmony: the backend could not be reached
-UNABLE_TO_PROCESS_TIMEOUT = 0xC002   # Harmony: the backend did not answer in time
-STORE_OUT_OF_RESOURCES = 0xA700
-STORE_DATASET_MISMATCH = 0xA900
-STORE_CANNOT_UNDERSTAND = 0xC000
-STORE_REFUSED_NOT_AUTHORISED = 0x0124
-PROCESSING_FAILURE = 0x0110
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-
-
-def is_pending(status: int | None) -> bool:
-    return status in (PENDING, PENDING_WARNING)
-
-
-def is_failure(status: int | None) -> bool:
-    """True for failure statuses (not success, warning, pending or cancel)."""
-    if status is None:
-        return True
-    return not (status == SUCCESS or is_pending(status) or status == CANCEL
-                or status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF)
-
-
-def http_status_for(status: int | None) -> int:
-    """The HTTP status a DIMSE final status becomes for HTTP clients."""
-    if status is None:
-        return 502
-    if not is_failure(status):
-        return 200
-    if status in (IDENTIFIER_MISMATCH, STORE_CANNOT_UNDERSTAND) or 0xC000 <= status <= 0xCFFF and status not in (
-            UNABLE_TO_PROCESS_BACKEND, UNABLE_TO_PROCESS_TIMEOUT):
-        return 400 if status == IDENTIFIER_MISMATCH else 502
-    if status == MOVE_DESTINATION_UNKNOWN:
-        return 400
-    if status == STORE_REFUSED_NOT_AUTHORISED:
-        return 403
-    if status == UNABLE_TO_PROCESS_TIMEOUT:
-        return 504
-    return 502
-
 
 def check_aet(options, key: str, default=None) -> str:
     """An AE title option: 1-16 ASCII characters, no backslash (PS3.5 AE)."""

@@ -30,6 +30,7 @@ from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
 from harmony.dicom import net
+from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.files import check_complete, durable_copy, read_instance, valid_uid
 from harmony.dicom.render import release_rest
@@ -43,7 +44,7 @@ from harmony.log import get_logger
 log = get_logger("harmony.endpoints.dicom_scp")
 
 #: Status when a request's pipeline gives no DICOM results at all.
-NO_RESULTS = net.UNABLE_TO_PROCESS
+NO_RESULTS = dimse.UNABLE_TO_PROCESS
 #: How often a handler waiting on a slow backend looks for a C-CANCEL.
 CANCEL_POLL_SECS = 0.05
 CANCELLED = object()
@@ -52,17 +53,17 @@ CANCELLED = object()
 def dimse_status_for(error: HarmonyError, op: str) -> int:
     """The PS3.4 failure status a proxy error becomes on a DIMSE association."""
     if isinstance(error, BackendTimeout) or error.status == 504:
-        return net.UNABLE_TO_PROCESS_TIMEOUT
+        return dimse.UNABLE_TO_PROCESS_TIMEOUT
     if isinstance(error, (InsufficientStorage, PayloadTooLarge)):
-        return net.STORE_OUT_OF_RESOURCES if op == C_STORE else net.OUT_OF_RESOURCES_SUBOPS if op in (
-            C_GET, C_MOVE) else net.OUT_OF_RESOURCES_FIND
+        return dimse.STORE_OUT_OF_RESOURCES if op == C_STORE else dimse.OUT_OF_RESOURCES_SUBOPS if op in (
+            C_GET, C_MOVE) else dimse.OUT_OF_RESOURCES
     if isinstance(error, (Forbidden, AuthenticationFailed)):
-        return net.STORE_REFUSED_NOT_AUTHORISED if op == C_STORE else net.UNABLE_TO_PROCESS
+        return dimse.REFUSED_NOT_AUTHORISED if op == C_STORE else dimse.UNABLE_TO_PROCESS
     if isinstance(error, BadRequest) or error.status in (400, 422):
-        return net.STORE_CANNOT_UNDERSTAND if op == C_STORE else net.IDENTIFIER_MISMATCH
+        return dimse.STORE_CANNOT_UNDERSTAND if op == C_STORE else dimse.IDENTIFIER_MISMATCH
     if error.status in (502, 503):
-        return net.UNABLE_TO_PROCESS_BACKEND
-    return net.PROCESSING_FAILURE if op == C_STORE else net.UNABLE_TO_PROCESS
+        return dimse.UNABLE_TO_PROCESS_BACKEND
+    return dimse.PROCESSING_FAILURE if op == C_STORE else dimse.UNABLE_TO_PROCESS
 
 
 def status_dataset(status: int, comment: str | None = None) -> Dataset:
@@ -285,7 +286,7 @@ class DicomScpEndpoint(Service):
             status = response.context.get("dimse_status", NO_RESULTS)
             comment = response.context.get("error_comment") or "the pipeline gave no DICOM results"
             return None, status_dataset(status, comment)
-        if stream.done and net.is_failure(stream.status) and stream.total() == 0:
+        if stream.done and dimse.is_failure(stream.status) and stream.total() == 0:
             return None, status_dataset(stream.status if stream.status is not None else NO_RESULTS,
                                         stream.error_comment)
         return stream, None
@@ -318,7 +319,7 @@ class DicomScpEndpoint(Service):
     # ------------------------------------------------------------------ handlers (pynetdicom threads)
 
     def on_echo(self, event):
-        return net.SUCCESS
+        return dimse.SUCCESS
 
     def on_find(self, event):
         env = self.envelope(event, C_FIND, event.identifier)
@@ -329,10 +330,10 @@ class DicomScpEndpoint(Service):
             return
 
         def pending(item):
-            yield net.PENDING, item if isinstance(item, Dataset) else Dataset.from_json(item)
+            yield dimse.PENDING, item if isinstance(item, Dataset) else Dataset.from_json(item)
 
         ended = yield from self._relay(event, stream, pending, None)
-        if ended and net.is_failure(stream.status):
+        if ended and dimse.is_failure(stream.status):
             yield status_dataset(stream.status, stream.error_comment), None
 
     def on_get(self, event):
@@ -361,14 +362,14 @@ class DicomScpEndpoint(Service):
                 try:
                     item = self._next(event, stream)
                 except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
-                    status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
-                        else net.UNABLE_TO_PROCESS_BACKEND
+                    status = dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
+                        else dimse.UNABLE_TO_PROCESS_BACKEND
                     yield status_dataset(status, str(e)), failure_identifier
                     return False
             if item is CANCELLED:
                 self._cancel(stream)
                 if event.assoc.is_established:
-                    yield net.CANCEL, None
+                    yield dimse.CANCEL, None
                 return False
             if item is None:
                 return True
@@ -395,16 +396,16 @@ class DicomScpEndpoint(Service):
                 return
             sent += 1
             try:
-                yield net.PENDING, FileRef(item)
+                yield dimse.PENDING, FileRef(item)
             finally:
                 item.release()
 
         if not (yield from self._relay(event, stream, sub_operation, _failed_list([]))):
             return
-        if stream.failed or net.is_failure(stream.status) or sent < total:
+        if stream.failed or dimse.is_failure(stream.status) or sent < total:
             failed = list(stream.failed_sop_uids)
-            status = net.WARNING_SUBOPS if sent else (stream.status if net.is_failure(stream.status)
-                                                      else net.OUT_OF_RESOURCES_SUBOPS)
+            status = dimse.WARNING_SUBOPS if sent else (stream.status if dimse.is_failure(stream.status)
+                                                      else dimse.OUT_OF_RESOURCES_SUBOPS)
             yield status_dataset(status, stream.error_comment), _failed_list(failed)
 
     def on_store(self, event):
@@ -413,14 +414,14 @@ class DicomScpEndpoint(Service):
             instance = read_instance(event.dataset_path, ds=check_complete(event.dataset_path))
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=self.name)
-            return status_dataset(net.STORE_CANNOT_UNDERSTAND, "cannot decode the dataset")
+            return status_dataset(dimse.STORE_CANNOT_UNDERSTAND, "cannot decode the dataset")
         req = event.request
         uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
         if not all(valid_uid(u) for u in uids):
-            return status_dataset(net.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
+            return status_dataset(dimse.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
         if instance.sop_instance_uid != req.AffectedSOPInstanceUID or \
                 instance.sop_class_uid != req.AffectedSOPClassUID:
-            return status_dataset(net.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
+            return status_dataset(dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
         if self.storage_dir is not None:
             dest = self.storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
                 f"{instance.sop_instance_uid}.dcm"
@@ -428,10 +429,10 @@ class DicomScpEndpoint(Service):
                 durable_copy(instance.path, dest)
             except OSError as e:
                 log.error("dicom_scp {name}: cannot store an instance: {error}", name=self.name, error=e.strerror)
-                return status_dataset(net.STORE_OUT_OF_RESOURCES, "cannot write to storage")
+                return status_dataset(dimse.STORE_OUT_OF_RESOURCES, "cannot write to storage")
             instance.path = dest
         if not self.forward_store:
-            return net.SUCCESS
+            return dimse.SUCCESS
         env = self.envelope(event, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
         env.context["instance"] = instance
         env.normalized = _header_json(instance.path)
@@ -440,10 +441,10 @@ class DicomScpEndpoint(Service):
         if stream is None:
             status = response.context.get("dimse_status")
             if status is None:
-                status = net.SUCCESS if response.status < 300 else net.PROCESSING_FAILURE
+                status = dimse.SUCCESS if response.status < 300 else dimse.PROCESSING_FAILURE
             return status_dataset(status, response.context.get("error_comment"))
         blockingCallFromThread(self.reactor, stream.when_counted)
-        return status_dataset(stream.status if stream.status is not None else net.PROCESSING_FAILURE,
+        return status_dataset(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
                               stream.error_comment)
 
 

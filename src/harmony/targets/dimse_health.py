@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from twisted.internet.threads import deferToThread
 
-SUCCESS = 0x0000
+from harmony.dicom import status as dimse
 
 
 class EchoFailed(Exception):
@@ -35,7 +35,7 @@ def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout: float
         assoc.release()
     if not status or "Status" not in status:
         raise EchoFailed("no C-ECHO response")
-    if status.Status != SUCCESS:
+    if status.Status != dimse.SUCCESS:
         raise EchoFailed(f"C-ECHO status 0x{status.Status:04X}")
     return status.Status
 

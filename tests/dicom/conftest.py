@@ -1,0 +1,105 @@
+"""One real gateway for the DICOM real-world tests (issue 12, defects 4-9).
+
+``gateway`` is a Harmony with
+
+- the archive: ``dicom_scp`` AE ``HARMONY`` (echo/store/find/get/move, Orthanc
+  as the one named C-MOVE destination) and DICOMweb at ``/dicomweb``, both over
+  the ``local_archive``;
+- a relay: ``dicom_scp`` AE ``RELAY`` (store/find/get/move) -> ``dicom_scu`` ->
+  Orthanc, and DICOMweb at ``/pacs`` -> ``dicomweb_bridge`` -> the same
+  ``dicom_scu``;
+
+and a real Orthanc that knows Harmony's AEs (so it may query and retrieve from
+the archive, and Harmony may query it).  Tests use fresh UIDs, so they share
+both processes without disturbing each other.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from tests.dicomweb_helpers import bridge_pipeline
+from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.peers import Orthanc, free_port
+
+
+def gateway_toml(archive_port: int, relay_port: int, orthanc: Orthanc) -> str:
+    return MINIMAL_MAIN + f"""
+[storage.options]
+path = "store"
+
+[backends.archive]
+service = "local_archive"
+
+[pipelines.archive]
+endpoints = ["archive_scp"]
+backends = ["archive"]
+
+[endpoints.archive_scp]
+service = "dicom_scp"
+[endpoints.archive_scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {archive_port}
+enable_store = true
+enable_find = true
+enable_get = true
+enable_move = true
+[endpoints.archive_scp.options.move_destinations]
+{orthanc.aet} = "127.0.0.1:{orthanc.dicom_port}"
+
+[pipelines.relay]
+endpoints = ["relay_scp"]
+backends = ["pacs"]
+
+[endpoints.relay_scp]
+service = "dicom_scp"
+[endpoints.relay_scp.options]
+local_aet = "RELAY"
+bind_addr = "127.0.0.1"
+port = {relay_port}
+enable_store = true
+enable_find = true
+
+[backends.pacs]
+service = "dicom_scu"
+[backends.pacs.options]
+aet = "{orthanc.aet}"
+host = "127.0.0.1"
+port = {orthanc.dicom_port}
+local_aet = "HARMONY_SCU"
+""" + bridge_pipeline("archive_web", "archive", "/dicomweb") + bridge_pipeline("pacs_web", "pacs", "/pacs")
+
+
+class Gateway:
+    def __init__(self, harmony, orthanc, archive_port, relay_port):
+        self.harmony, self.orthanc = harmony, orthanc
+        self.archive_port, self.relay_port = archive_port, relay_port
+
+    @property
+    def store(self):
+        return self.harmony.service.runtime.backends["archive"].store
+
+    def url(self, path=""):
+        return self.harmony.url(path)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gateway")
+    archive_port, relay_port = free_port(), free_port()
+    orthanc = Orthanc(folder / "orthanc", modalities={
+        "harmony": ("HARMONY", "127.0.0.1", archive_port),
+        "harmony_scu": ("HARMONY_SCU", "127.0.0.1", 1),
+        "findscu": ("FINDSCU", "127.0.0.1", 1),
+    }).start()
+    try:
+        cfg = write_config(folder / "harmony", gateway_toml(archive_port, relay_port, orthanc))
+        harmony = pytest_twisted.blockon(start_harmony(cfg))
+    except BaseException:
+        orthanc.stop()
+        raise
+    yield Gateway(harmony, orthanc, archive_port, relay_port)
+    pytest_twisted.blockon(harmony.stop())
+    orthanc.stop()
