@@ -5,9 +5,13 @@
 - the archive: ``dicom_scp`` AE ``HARMONY`` (echo/store/find/get/move, Orthanc
   as the one named C-MOVE destination) and DICOMweb at ``/dicomweb``, both over
   the ``local_archive``;
-- a relay: ``dicom_scp`` AE ``RELAY`` (store/find/get/move) -> ``dicom_scu`` ->
+- a relay: ``dicom_scp`` AE ``RELAY`` (store/find) -> ``dicom_scu`` ->
   Orthanc, and DICOMweb at ``/pacs`` -> ``dicomweb_bridge`` -> the same
   ``dicom_scu``;
+- a second relay: ``dicom_scp`` AE ``PLAIN`` -> ``dicom_scu`` -> DCMTK's
+  ``storescp``, which accepts uncompressed transfer syntaxes only (and
+  another, ``MOVESCP``, as the archive's second C-MOVE destination: storescp
+  serves one association at a time);
 
 and a real Orthanc that knows Harmony's AEs (so it may query and retrieve from
 the archive, and Harmony may query it).  Tests use fresh UIDs, so they share
@@ -21,10 +25,11 @@ import pytest_twisted
 
 from tests.dicomweb_helpers import bridge_pipeline
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import Orthanc, free_port
+from tests.peers import Orthanc, Storescp, free_port
 
 
-def gateway_toml(archive_port: int, relay_port: int, orthanc: Orthanc) -> str:
+def gateway_toml(archive_port: int, relay_port: int, plain_port: int, orthanc: Orthanc, storescp: Storescp,
+                 movescp: Storescp) -> str:
     return MINIMAL_MAIN + f"""
 [storage.options]
 path = "store"
@@ -48,6 +53,7 @@ enable_get = true
 enable_move = true
 [endpoints.archive_scp.options.move_destinations]
 {orthanc.aet} = "127.0.0.1:{orthanc.dicom_port}"
+{movescp.aet} = "127.0.0.1:{movescp.port}"
 
 [pipelines.relay]
 endpoints = ["relay_scp"]
@@ -69,13 +75,32 @@ aet = "{orthanc.aet}"
 host = "127.0.0.1"
 port = {orthanc.dicom_port}
 local_aet = "HARMONY_SCU"
+
+[pipelines.plain]
+endpoints = ["plain_scp"]
+backends = ["plain"]
+
+[endpoints.plain_scp]
+service = "dicom_scp"
+[endpoints.plain_scp.options]
+local_aet = "PLAIN"
+bind_addr = "127.0.0.1"
+port = {plain_port}
+enable_store = true
+
+[backends.plain]
+service = "dicom_scu"
+[backends.plain.options]
+aet = "{storescp.aet}"
+host = "127.0.0.1"
+port = {storescp.port}
 """ + bridge_pipeline("archive_web", "archive", "/dicomweb") + bridge_pipeline("pacs_web", "pacs", "/pacs")
 
 
 class Gateway:
-    def __init__(self, harmony, orthanc, archive_port, relay_port):
-        self.harmony, self.orthanc = harmony, orthanc
-        self.archive_port, self.relay_port = archive_port, relay_port
+    def __init__(self, harmony, orthanc, storescp, movescp, archive_port, relay_port, plain_port):
+        self.harmony, self.orthanc, self.storescp, self.movescp = harmony, orthanc, storescp, movescp
+        self.archive_port, self.relay_port, self.plain_port = archive_port, relay_port, plain_port
 
     @property
     def store(self):
@@ -88,18 +113,26 @@ class Gateway:
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gateway")
-    archive_port, relay_port = free_port(), free_port()
+    archive_port, relay_port, plain_port = free_port(), free_port(), free_port()
+    storescp = Storescp(folder / "storescp" / "in").start()
+    movescp = Storescp(folder / "movescp" / "in", aet="MOVESCP").start()
     orthanc = Orthanc(folder / "orthanc", modalities={
         "harmony": ("HARMONY", "127.0.0.1", archive_port),
         "harmony_scu": ("HARMONY_SCU", "127.0.0.1", 1),
         "findscu": ("FINDSCU", "127.0.0.1", 1),
-    }).start()
+    })
     try:
-        cfg = write_config(folder / "harmony", gateway_toml(archive_port, relay_port, orthanc))
+        orthanc.start()
+        cfg = write_config(folder / "harmony", gateway_toml(archive_port, relay_port, plain_port, orthanc, storescp,
+                                                          movescp))
         harmony = pytest_twisted.blockon(start_harmony(cfg))
     except BaseException:
         orthanc.stop()
+        storescp.stop()
+        movescp.stop()
         raise
-    yield Gateway(harmony, orthanc, archive_port, relay_port)
+    yield Gateway(harmony, orthanc, storescp, movescp, archive_port, relay_port, plain_port)
     pytest_twisted.blockon(harmony.stop())
     orthanc.stop()
+    storescp.stop()
+    movescp.stop()

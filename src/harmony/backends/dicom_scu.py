@@ -23,7 +23,7 @@ import os
 import threading
 import time
 
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
 from harmony.config.errors import OptionError
-from harmony.dicom import net
+from harmony.dicom import net, transfer
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_from_json, query_level
 from harmony.dicom.files import Staging, read_instance
@@ -44,6 +44,8 @@ from harmony.log import get_logger
 log = get_logger("harmony.backends.dicom_scu")
 
 STORE_BODY_LIMIT = 2 * 1024 * 1024 * 1024
+#: How many extra (SOP class, transfer syntax) pairs the pool proposes at most.
+MAX_LEARNED = 16
 
 
 class Peer:
@@ -73,6 +75,25 @@ class AssociationPool:
         self.roles = net.storage_roles(self.contexts)
         self.lock = threading.Lock()
         self.idle: list = []
+        #: (SOP class, transfer syntax) pairs met that the standard contexts lack, newest first.
+        self.learned: list = []
+
+    def learn(self, sop_class, syntax) -> None:
+        """Propose (*sop_class*, *syntax*) on every association from now on:
+        an instance in a syntax the standard contexts lack (JPEG-LS near-lossless
+        CT, an MPEG-4 video) is then sent as stored, and so are the rest of its
+        study, over the pooled association rather than one opened per instance
+        (which a peer serving one association at a time could not even accept)."""
+        pair = (str(sop_class), str(syntax))
+        with self.lock:
+            if pair in self.learned:
+                return
+            self.learned = [pair] + self.learned[:MAX_LEARNED - 1]
+            self.contexts = net.requestor_contexts(self.learned)
+            self.roles = net.storage_roles(self.contexts)
+            stale, self.idle = self.idle, []
+        for assoc, _ in stale:
+            _close(assoc)
 
     def acquire(self):
         stale = []
@@ -593,37 +614,35 @@ class DicomScuBackend(Backend):
         return self.respond(job)
 
     def _store_blocking(self, job, instance: DicomInstance, spooled: bool):
-        def send_and_finish(assoc):
-            status = net.send_instance(assoc, instance)
+        """C-STORE on a pooled association.  A (SOP class, transfer syntax) pair
+        the association did not propose is learned by the pool and the instance
+        sent on a fresh association that proposes it; a syntax the PACS refuses
+        is decompressed, or fails with a status naming it (0xC003)."""
+        pair = (instance.sop_class_uid, instance.transfer_syntax_uid)
+        unproposed = []
+
+        def body(assoc, may_learn=True):
+            if may_learn and not transfer.accepts_as_stored(assoc, *pair) and not transfer.was_proposed(assoc, *pair):
+                unproposed.append(pair)
+                return False  # not pooled: its contexts are about to be out of date
+            try:
+                status = net.send_instance(assoc, instance)
+            except transfer.SyntaxRefused as e:
+                log.warn("dicom_scu {name}: {detail}", name=self.name, detail=str(e))
+                job.finish_thread(e.status, e.comment)
+                return True
             if not status:
                 raise _DeadAssociation(BackendTimeout("no C-STORE response"))
             if spooled:
                 instance.release()  # before the answer, so a caller never sees it linger
             job.finish_thread(int(status.Status), status.get("ErrorComment"))
-
-        def store_alone():
-            """A storage class outside the pooled association's 128 contexts (or one
-            the PACS did not accept there): a one-off association just for it."""
-            syntaxes = list(dict.fromkeys([instance.transfer_syntax_uid] + net.UNCOMPRESSED[:2]))
-            assoc = self.pool.connect([build_context(instance.sop_class_uid, syntaxes)])
-            try:
-                if not assoc.accepted_contexts:
-                    raise BackendUnavailable(f"the PACS does not accept SOP class {instance.sop_class_uid}")
-                send_and_finish(assoc)
-            except _DeadAssociation as e:
-                raise e.error from None
-            finally:
-                _close(assoc)
-
-        def body(assoc):
-            if any(cx.abstract_syntax == instance.sop_class_uid for cx in assoc.accepted_contexts):
-                send_and_finish(assoc)
-            else:
-                store_alone()
             return True
 
         try:
             self._with_association(job, body)
+            if unproposed:
+                self.pool.learn(*pair)
+                self._with_association(job, lambda assoc: body(assoc, may_learn=False))
         finally:
             if spooled:
                 instance.release()

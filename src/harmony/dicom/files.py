@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from harmony.dicom.results import DicomInstance
 from harmony.dicom.uids import is_uid as valid_uid
@@ -136,6 +137,10 @@ def check_complete(path: Path):
         ds = dcmread(path, defer_size=256)
         if len(ds) == 0:
             raise CorruptDataset("the dataset has no elements")
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # Offsets are into the inflated stream, not the file: read it whole
+            # instead (a truncated deflate stream fails to inflate).
+            return dcmread(path)
         for tag in list(ds.keys()):
             raw = ds.get_item(tag, keep_deferred=True)
             length = getattr(raw, "length", 0)

@@ -14,10 +14,8 @@ import socket
 import ssl
 
 from pydicom import dcmread
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
-                         JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-                         RLELossless)
+from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGLosslessSV1, JPEGLSLossless, RLELossless)
 from pynetdicom import _config, build_context, build_role, evt
 from pynetdicom import StoragePresentationContexts
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
@@ -28,7 +26,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
 from harmony.config.errors import OptionError
-from harmony.dicom import fastcmd
+from harmony.dicom import fastcmd, transfer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE
 from harmony.log import get_logger
 
@@ -74,11 +72,9 @@ if not any(isinstance(h, _ToTwistedLogger) for h in _pynetdicom_logger.handlers)
 # message, even when nothing logs at debug level; that is CPU on the hot path.
 _config.LOG_HANDLER_LEVEL = "none"
 
-UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                ExplicitVRBigEndian]
-COMPRESSED = [RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless,
-              JPEGLSNearLossless, JPEG2000Lossless, JPEG2000]
-ALL_SYNTAXES = UNCOMPRESSED + COMPRESSED
+UNCOMPRESSED = transfer.UNCOMPRESSED
+#: Every standard storage transfer syntax: what Harmony's storage SCPs accept.
+ALL_SYNTAXES = transfer.STORAGE
 
 #: query model -> operation -> SOP Class
 QUERY_MODELS = {
@@ -164,13 +160,18 @@ def server_tls_context(cert, key, ca=None) -> ssl.SSLContext:
 
 # --------------------------------------------------------------------------- contexts
 
-#: Image classes that get one presentation context per compressed transfer
-#: syntax, so a PACS can send compressed instances as stored (each context
-#: negotiates exactly one syntax, and a C-GET sub-operation or a chunked
-#: C-STORE needs an exact match to pass bytes through unchanged).
+#: Image classes that get one presentation context per common compressed
+#: transfer syntax, so a PACS can send compressed instances as stored (each
+#: context negotiates exactly one syntax, and a C-GET sub-operation or a chunked
+#: C-STORE needs an exact match to pass bytes through unchanged).  Any other
+#: (class, syntax) pair a sender meets gets a side association of its own
+#: (:func:`send_instance`); only a C-GET, which has no second association,
+#: must make do with these.
 _COMPRESSIBLE = {
-    "1.2.840.10008.5.1.4.1.1.2": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # CT
-    "1.2.840.10008.5.1.4.1.1.4": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # MR
+    "1.2.840.10008.5.1.4.1.1.2": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
+                                  JPEG2000Lossless),  # CT
+    "1.2.840.10008.5.1.4.1.1.4": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
+                                  JPEG2000Lossless),  # MR
     "1.2.840.10008.5.1.4.1.1.7": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # SC
     "1.2.840.10008.5.1.4.1.1.1": (JPEGBaseline8Bit, JPEGLosslessSV1),  # CR
     "1.2.840.10008.5.1.4.1.1.1.1": (JPEGBaseline8Bit, JPEGLosslessSV1),  # DX
@@ -187,20 +188,36 @@ _COMMON = (
 MAX_CONTEXTS = 128
 
 
-def requestor_contexts():
+def requestor_contexts(pairs=()):
     """Presentation contexts for one association that can do everything:
     verification, find/get/move in both roots, and storage (SCU for C-STORE,
     SCP role for C-GET sub-operations).  PS3.8 caps a request at 128, so the
     retired storage classes are left out and the rarest current ones come last
-    (a C-STORE of a class that did not fit gets an association of its own)."""
+    (a C-STORE of a class that did not fit gets an association of its own).
+
+    *pairs* are (SOP class, transfer syntax) pairs known to be needed - the
+    instances of a C-MOVE, the pairs a sender has met: each gets its own
+    context (with the uncompressed fall-backs for its class) ahead of the
+    standard storage set, so they go through as stored."""
     contexts = [build_context(Verification)]
     for ops in QUERY_MODELS.values():
         contexts.extend(build_context(uid) for uid in ops.values())
     compressed = [build_context(uid, [ts]) for uid, syntaxes in _COMPRESSIBLE.items() for ts in syntaxes]
-    room = MAX_CONTEXTS - len(contexts) - len(compressed)
-    storage = [build_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-               for uid in _storage_by_priority()[:room]]
-    return contexts + storage + compressed
+    have = {(str(cx.abstract_syntax), str(ts)) for cx in compressed for ts in cx.transfer_syntax}
+    standard = _storage_by_priority()
+    extra, covered = [], set()
+    for sop_class, syntax in pairs:
+        sop_class, syntax = str(sop_class), str(syntax)
+        if (sop_class, syntax) not in have and syntax not in transfer.FALLBACK:
+            extra.append(build_context(sop_class, [syntax]))
+            have.add((sop_class, syntax))
+        if sop_class not in covered:
+            extra.append(build_context(sop_class, list(transfer.FALLBACK)))
+            covered.add(sop_class)
+    extra = extra[:MAX_CONTEXTS - len(contexts) - len(compressed)]
+    room = MAX_CONTEXTS - len(contexts) - len(compressed) - len(extra)
+    storage = [build_context(uid, list(transfer.FALLBACK)) for uid in standard if uid not in covered][:room]
+    return contexts + extra + storage + compressed
 
 
 def _storage_by_priority() -> list:
@@ -221,27 +238,74 @@ def storage_roles(contexts) -> list:
     return roles
 
 
-def storage_contexts():
+def storage_contexts(pairs=()):
     """The storage part of :func:`requestor_contexts` (for C-STORE-only associations)."""
-    return [cx for cx in requestor_contexts() if cx.abstract_syntax != Verification
+    return [cx for cx in requestor_contexts(pairs) if cx.abstract_syntax != Verification
             and cx.abstract_syntax not in MODEL_OF]
 
 
-def send_instance(assoc, instance, **kw):
-    """C-STORE a file: streamed from disk as-is when the peer accepted its exact
-    transfer syntax, otherwise decoded (and decompressed if needed) so that
-    pynetdicom can re-encode it for a syntax the peer did accept."""
-    for cx in assoc.accepted_contexts:
-        if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax[0] == instance.transfer_syntax_uid:
-            return assoc.send_c_store(instance.path, **kw)
-    ds = dcmread(instance.path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        offered = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
-                   if cx.abstract_syntax == instance.sop_class_uid}
-        if offered and not any(ts.is_compressed for ts in offered):
-            ds.decompress(generate_instance_uid=False)  # pydicom would otherwise mint a new UID
-            if ExplicitVRLittleEndian not in offered:
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return assoc.send_c_store(ds, **kw)
+def send_instance(assoc, instance, *, side=None, **kw):
+    """C-STORE a file over *assoc*, as stored whenever possible.
+
+    - The peer accepted the instance's (SOP class, transfer syntax): the file
+      is streamed from disk unchanged.
+    - This association never proposed that pair and *side* is given (a
+      :class:`SideAssociations`): a side association proposes it (with the
+      uncompressed fall-backs) and the instance goes there.
+    - Otherwise the peer refused it: the instance is decompressed/converted
+      for a syntax the peer did accept (:func:`harmony.dicom.transfer.converted`),
+      or :class:`~harmony.dicom.transfer.SyntaxRefused` names the syntax.
+    """
+    sop_class, syntax = instance.sop_class_uid, instance.transfer_syntax_uid
+    if transfer.accepts_as_stored(assoc, sop_class, syntax):
+        if syntax == transfer.DeflatedExplicitVRLittleEndian:
+            # A deflate stream streamed from disk as is was refused now and then by
+            # DCMTK receivers (Orthanc: "Odd Fragment Length"): re-deflate it.
+            return assoc.send_c_store(dcmread(instance.path), **kw)
+        return assoc.send_c_store(instance.path, **kw)
+    if side is not None and not transfer.was_proposed(assoc, sop_class, syntax):
+        other = side.get(sop_class, syntax)
+        if other is not None and transfer.accepted_syntaxes(other, sop_class):
+            return send_instance(other, instance, **kw)
+    accepted = transfer.accepted_syntaxes(assoc, sop_class)
+    if not accepted:
+        raise transfer.SyntaxRefused(sop_class, syntax, accepted)
+    return assoc.send_c_store(transfer.converted(instance.path, sop_class, syntax, accepted), **kw)
 
 
+class SideAssociations:
+    """Associations to the same peer beside a main one, each proposing one
+    (SOP class, transfer syntax) pair the main association did not, kept
+    open until :meth:`close` (the main association's release) so a study of
+    300 JPEG-LS images opens one side association, not 300."""
+
+    def __init__(self, main, connect=None):
+        self.main = main
+        self._connect = connect or self._associate
+        self.open: dict = {}
+
+    def get(self, sop_class, syntax):
+        key = (str(sop_class), str(syntax))
+        if key not in self.open:
+            assoc = self._connect(transfer.contexts_for(sop_class, syntax))
+            self.open[key] = assoc if assoc is not None and assoc.is_established else None
+        return self.open[key]
+
+    def _associate(self, contexts):
+        peer = self.main.acceptor
+        return self.main.ae.associate(peer.address, peer.port, contexts, ae_title=peer.ae_title,
+                                      max_pdu=self.main.requestor.maximum_length,
+                                      evt_handlers=NODELAY_HANDLERS)
+
+    def close(self):
+        opened, self.open = self.open, {}
+        for assoc in opened.values():
+            if assoc is None:
+                continue
+            try:
+                if assoc.is_established:
+                    assoc.release()
+                else:
+                    assoc.abort()
+            except Exception:  # noqa: BLE001 - closing a dead association may complain; it is gone either way
+                pass

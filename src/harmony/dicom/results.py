@@ -158,6 +158,11 @@ class ResultStream:
         self._waiting = defer.Deferred()
         return self._waiting
 
+    def queued(self) -> list:
+        """The items produced but not yet taken, without taking them (a C-MOVE
+        SCP reads their transfer syntaxes before it opens its association)."""
+        return list(self._items)
+
     @property
     def pending(self) -> int:
         """Items produced but not yet taken (for flow control by producers)."""

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
-from harmony.dicom import net
+from harmony.dicom import net, transfer
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.files import check_complete, durable_copy, read_instance, valid_uid
@@ -348,10 +348,14 @@ class DicomScpEndpoint(Service):
             log.warn("dicom_scp {name}: C-MOVE to unknown destination {dest}", name=self.name, dest=dest)
             yield None, None
             return
-        yield where[0], where[1], {"contexts": net.storage_contexts(),
-                                   "evt_handlers": net.NODELAY_HANDLERS + [(evt.EVT_CONN_OPEN, _file_refs_on_open)]}
+        # pynetdicom reads this dict only after the sub-operation count is
+        # yielded, and opens the association then: _retrieve fills in contexts
+        # for the instances the backend has already listed by that time.
+        association = {"contexts": net.storage_contexts(),
+                       "evt_handlers": net.NODELAY_HANDLERS + [(evt.EVT_CONN_OPEN, _move_association_opened)]}
+        yield where[0], where[1], association
         env = self.envelope(event, C_MOVE, event.identifier, move_destination=dest, move_delivery="proxy")
-        yield from self._retrieve(event, env)
+        yield from self._retrieve(event, env, association)
 
     def _relay(self, event, stream, respond, failure_identifier):
         """Yield ``respond(item)``'s responses for each item of *stream*, honouring
@@ -375,7 +379,7 @@ class DicomScpEndpoint(Service):
                 return True
             yield from respond(item)
 
-    def _retrieve(self, event, env):
+    def _retrieve(self, event, env, move_association=None):
         """The common body of C-GET and C-MOVE: announce the count, then one
         sub-operation per instance as it arrives from the backend."""
         response = self.run_pipeline(env)
@@ -386,6 +390,9 @@ class DicomScpEndpoint(Service):
             return
         blockingCallFromThread(self.reactor, stream.when_counted)
         total = blockingCallFromThread(self.reactor, stream.total)
+        if move_association is not None:
+            pairs = blockingCallFromThread(self.reactor, _pairs_listed, stream)
+            move_association["contexts"] = net.storage_contexts(pairs)
         yield total
         sent = 0
 
@@ -464,8 +471,11 @@ class FileRef(Dataset):
         self._instance = instance
 
 
-def enable_file_refs(assoc) -> None:
-    """Teach one association's ``send_c_store`` to send :class:`FileRef`s from disk."""
+def enable_file_refs(assoc, side=None) -> None:
+    """Teach one association's ``send_c_store`` to send :class:`FileRef`s from
+    disk; with *side* (:class:`net.SideAssociations`, C-MOVE only: a C-GET has
+    no second association), a pair this association did not propose goes
+    through a side association to the same destination."""
     if getattr(assoc, "_harmony_file_refs", False):
         return
     original = assoc.send_c_store
@@ -473,15 +483,42 @@ def enable_file_refs(assoc) -> None:
     @functools.wraps(original)
     def send_c_store(dataset, *args, **kwargs):
         if isinstance(dataset, FileRef):
-            return net.send_instance(assoc, dataset._instance, *args, **kwargs)
+            try:
+                return net.send_instance(assoc, dataset._instance, side=side, **kwargs)
+            except transfer.SyntaxRefused as e:
+                # pynetdicom counts an exception as a failed sub-operation; say why.
+                log.warn("dicom_scp: C-STORE sub-operation failed: {detail}", detail=str(e))
+                raise
         return original(dataset, *args, **kwargs)
 
     assoc.send_c_store = send_c_store
     assoc._harmony_file_refs = True
 
 
-def _file_refs_on_open(event):
-    enable_file_refs(event.assoc)
+def _move_association_opened(event):
+    """EVT_CONN_OPEN of a C-MOVE's association to its destination: file refs,
+    and side associations that end when it does."""
+    assoc = event.assoc
+    side = net.SideAssociations(assoc)
+    enable_file_refs(assoc, side)
+    for name in ("release", "abort"):
+        original = getattr(assoc, name)
+
+        def closing(*args, _original=original, **kwargs):
+            side.close()
+            return _original(*args, **kwargs)
+        setattr(assoc, name, closing)
+
+
+def _pairs_listed(stream) -> list:
+    """The distinct (SOP class, transfer syntax) pairs of the instances queued
+    in *stream* so far (a local archive lists them all at once), commonest first."""
+    counts: dict = {}
+    for item in stream.queued():
+        if isinstance(item, DicomInstance) and item.sop_class_uid and item.transfer_syntax_uid:
+            pair = (item.sop_class_uid, item.transfer_syntax_uid)
+            counts[pair] = counts.get(pair, 0) + 1
+    return sorted(counts, key=counts.get, reverse=True)
 
 
 def _failed_list(uids) -> Dataset:
