@@ -23,6 +23,8 @@ loss.  Everything here is blocking: call it from a DIMSE thread.
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 from pydicom import dcmread
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
@@ -134,5 +136,41 @@ def converted(path, sop_class, syntax, accepted):
     raise SyntaxRefused(sop_class, syntax, accepted)
 
 
-__all__ = ["COMPRESSED", "FALLBACK", "HTJ2K", "STORAGE", "SyntaxRefused", "UNCOMPRESSED", "accepted_syntaxes",
+def explicit_copy(path, folder) -> str:
+    """A new file in *folder*: the instance at *path* in Explicit VR Little
+    Endian, decompressed if need be, same SOP Instance UID (what WADO-RS answers
+    a client that did not ask for ``transfer-syntax=*``); blocking.
+
+    :class:`NotConvertible` names the stored syntax when there is no decoder
+    or decoding fails."""
+    ds = dcmread(path)
+    stored = UID(str(ds.file_meta.TransferSyntaxUID))
+    if stored.is_compressed:
+        if not can_decompress(stored):
+            raise NotConvertible(stored, "Harmony has no decoder for it")
+        try:
+            ds.decompress(generate_instance_uid=False)  # pydicom would otherwise mint a new SOP Instance UID
+        except Exception as e:  # noqa: BLE001 - any decoder failure
+            raise NotConvertible(stored, f"decoding failed ({type(e).__name__})") from e
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    os.makedirs(folder, exist_ok=True)
+    fd, out = tempfile.mkstemp(prefix="transcoded-", suffix=".dcm", dir=str(folder))
+    os.close(fd)
+    try:
+        ds.save_as(out, enforce_file_format=True)
+    except BaseException:
+        os.unlink(out)
+        raise
+    return out
+
+
+class NotConvertible(Exception):
+    """An instance that cannot be given to a client in an uncompressed syntax."""
+
+    def __init__(self, syntax, why: str):
+        self.syntax = str(syntax)
+        super().__init__(f"the instance is stored as {name(syntax)} ({syntax}) and {why}")
+
+
+__all__ = ["NotConvertible", "explicit_copy", "COMPRESSED", "FALLBACK", "HTJ2K", "STORAGE", "SyntaxRefused", "UNCOMPRESSED", "accepted_syntaxes",
            "accepts_as_stored", "can_decompress", "contexts_for", "converted", "name", "was_proposed"]

@@ -26,15 +26,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from harmony.dicom import status as dimse
+from harmony.dicom import transfer
 from harmony.dicom.status import is_failure
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
@@ -275,8 +275,9 @@ class DicomWebBridge(Middleware):
         except Exception as e:  # noqa: BLE001 - any decoder failure
             stream.cancel()
             release_rest(stream)
-            raise NotAcceptable(f"cannot convert the stored instance to {ExplicitVRLittleEndian} "
-                                f"({type(e).__name__}); ask with transfer-syntax=*") from None
+            why = str(e) if isinstance(e, transfer.NotConvertible) else f"converting it failed ({type(e).__name__})"
+            raise NotAcceptable(f"cannot serve it as {ExplicitVRLittleEndian}: {why}; "
+                                f"ask with transfer-syntax=* for the instance as stored") from None
         pending = [ready]
 
         def next_part():
@@ -310,7 +311,7 @@ class DicomWebBridge(Middleware):
         def failed(failure):
             item.release()
             return failure
-        return threads.deferToThread(transcode, item.path, self.storage).addCallbacks(done, failed)
+        return threads.deferToThread(transfer.explicit_copy, item.path, self.storage).addCallbacks(done, failed)
 
     # -- metadata
     def _metadata_key(self, dw) -> str:
@@ -518,20 +519,6 @@ def remove_stale_parts(folder, now=None, older_than=STALE_PART_SECONDS) -> int:
     if removed:
         log.info("dicomweb_bridge: removed {n} STOW part file(s) left by an earlier run", n=removed)
     return removed
-
-
-def transcode(path, folder) -> str:
-    """Re-encode a Part-10 file as Explicit VR Little Endian (decompressing if
-    needed) into a new file; blocking."""
-    ds = dcmread(path)
-    if UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed:
-        ds.decompress()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    os.makedirs(folder, exist_ok=True)
-    fd, out = tempfile.mkstemp(prefix="transcoded-", suffix=".dcm", dir=str(folder))
-    os.close(fd)
-    ds.save_as(out, enforce_file_format=True)
-    return out
 
 
 def _unlink(path):
