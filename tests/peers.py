@@ -83,9 +83,12 @@ class PeerProcess:
 class Orthanc(PeerProcess):
     """An Orthanc process with the DICOMweb plugin and its own storage folder."""
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None):
+    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None,
+                 extra_config: dict | None = None):
         self.folder = Path(folder)
         self.aet = aet
+        #: More Orthanc settings, e.g. ``{"DefaultEncoding": "Utf8"}``.
+        self.extra_config = extra_config or {}
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities = modalities or {}
@@ -123,6 +126,7 @@ class Orthanc(PeerProcess):
                          "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
             "HttpCompressionEnabled": False,
             "SaveJobs": False,
+            **self.extra_config,
         }
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config))

@@ -120,7 +120,7 @@ def gateway(tmp_path_factory):
         "harmony": ("HARMONY", "127.0.0.1", archive_port),
         "harmony_scu": ("HARMONY_SCU", "127.0.0.1", 1),
         "findscu": ("FINDSCU", "127.0.0.1", 1),
-    })
+    }, extra_config={"DefaultEncoding": "Utf8"})  # Orthanc answers in Latin-1 otherwise, losing Greek
     try:
         orthanc.start()
         cfg = write_config(folder / "harmony", gateway_toml(archive_port, relay_port, plain_port, orthanc, storescp,

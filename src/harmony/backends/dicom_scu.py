@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
 from harmony.config.errors import OptionError
-from harmony.dicom import net, transfer
+from harmony.dicom import charset, net, transfer
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_from_json, query_level
 from harmony.dicom.files import Staging, read_instance
@@ -370,7 +370,8 @@ class DicomScuBackend(Backend):
             raise BadRequest(f"query_model must be 'study' or 'patient', got {model!r}")
         if op in (C_ECHO, C_STORE):
             return op, None, None, model
-        identifier = identifier_from_json(doc)
+        # Unicode from JSON: ISO_IR 192 when not ASCII, or pydicom would send '?'.
+        identifier = charset.declare(identifier_from_json(doc))
         level = query_level(identifier, md.get("query_level"))
         identifier.QueryRetrieveLevel = level
         md["query_level"] = level

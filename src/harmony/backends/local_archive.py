@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from twisted.internet import defer
 
 from harmony.backends.base import Backend
+from harmony.dicom import charset
 from harmony.dicom import status as dimse
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope
@@ -96,7 +97,7 @@ class LocalArchiveBackend(Backend):
 
         def matches(should_stop):
             for doc in self.store.query_sync(identifier, level, model, should_stop=should_stop):
-                yield Dataset.from_json(doc)
+                yield charset.declare(Dataset.from_json(doc))  # ISO_IR 192 when not ASCII
 
         return results_response(self.store.stream(matches))
 

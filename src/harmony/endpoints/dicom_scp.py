@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
-from harmony.dicom import net, transfer
+from harmony.dicom import charset, net, transfer
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.files import check_complete, durable_copy, read_instance, valid_uid
@@ -330,7 +330,8 @@ class DicomScpEndpoint(Service):
             return
 
         def pending(item):
-            yield dimse.PENDING, item if isinstance(item, Dataset) else Dataset.from_json(item)
+            # A JSON match is Unicode: give it a character set that encodes it.
+            yield dimse.PENDING, item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
 
         ended = yield from self._relay(event, stream, pending, None)
         if ended and dimse.is_failure(stream.status):
