@@ -116,6 +116,22 @@ def make_all(folder: Path, study_uid: str, patient_id: str = "TSYNTAX") -> dict[
     return out
 
 
+async def archive_all(gateway, folder: Path, study_uid: str | None = None, orthanc: bool = False) -> dict:
+    """:func:`make_all` in a fresh study, filed in the gateway's archive (and
+    uploaded to its Orthanc with *orthanc*)."""
+    from twisted.internet import threads
+    made = await threads.deferToThread(make_all, folder, study_uid or new_study_uid())
+    for m in made.values():
+        await gateway.store.put_file(m.path)
+    if orthanc:
+        await threads.deferToThread(gateway.orthanc.upload, [m.path for m in made.values()])
+    return made
+
+
+def study_of(made: dict) -> str:
+    return str(dcmread(next(iter(made.values())).path, stop_before_pixels=True).StudyInstanceUID)
+
+
 def pixel_bytes(path_or_bytes) -> bytes:
     """The Pixel Data value as stored (encapsulated fragments included)."""
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes

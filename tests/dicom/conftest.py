@@ -28,73 +28,51 @@ from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc, Storescp, free_port
 
 
+def scp_pipeline(name: str, aet: str, port: int, backend: str, services=("store",), extra: str = "") -> str:
+    """TOML: pipeline *name* = a ``dicom_scp`` endpoint ``{name}_scp`` (AE *aet*) -> *backend*."""
+    enables = "".join(f"enable_{s} = true\n" for s in services)
+    return f"""
+[pipelines.{name}]
+endpoints = ["{name}_scp"]
+backends = ["{backend}"]
+[endpoints.{name}_scp]
+service = "dicom_scp"
+[endpoints.{name}_scp.options]
+local_aet = "{aet}"
+bind_addr = "127.0.0.1"
+port = {port}
+{enables}{extra}"""
+
+
+def scu_backend(name: str, aet: str, port: int) -> str:
+    return f"""
+[backends.{name}]
+service = "dicom_scu"
+[backends.{name}.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+local_aet = "HARMONY_SCU"
+"""
+
+
 def gateway_toml(archive_port: int, relay_port: int, plain_port: int, orthanc: Orthanc, storescp: Storescp,
                  movescp: Storescp) -> str:
-    return MINIMAL_MAIN + f"""
-[storage.options]
-path = "store"
-
-[backends.archive]
-service = "local_archive"
-
-[pipelines.archive]
-endpoints = ["archive_scp"]
-backends = ["archive"]
-
-[endpoints.archive_scp]
-service = "dicom_scp"
-[endpoints.archive_scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {archive_port}
-enable_store = true
-enable_find = true
-enable_get = true
-enable_move = true
-[endpoints.archive_scp.options.move_destinations]
+    destinations = f"""[endpoints.archive_scp.options.move_destinations]
 {orthanc.aet} = "127.0.0.1:{orthanc.dicom_port}"
 {movescp.aet} = "127.0.0.1:{movescp.port}"
-
-[pipelines.relay]
-endpoints = ["relay_scp"]
-backends = ["pacs"]
-
-[endpoints.relay_scp]
-service = "dicom_scp"
-[endpoints.relay_scp.options]
-local_aet = "RELAY"
-bind_addr = "127.0.0.1"
-port = {relay_port}
-enable_store = true
-enable_find = true
-
-[backends.pacs]
-service = "dicom_scu"
-[backends.pacs.options]
-aet = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-local_aet = "HARMONY_SCU"
-
-[pipelines.plain]
-endpoints = ["plain_scp"]
-backends = ["plain"]
-
-[endpoints.plain_scp]
-service = "dicom_scp"
-[endpoints.plain_scp.options]
-local_aet = "PLAIN"
-bind_addr = "127.0.0.1"
-port = {plain_port}
-enable_store = true
-
-[backends.plain]
-service = "dicom_scu"
-[backends.plain.options]
-aet = "{storescp.aet}"
-host = "127.0.0.1"
-port = {storescp.port}
-""" + bridge_pipeline("archive_web", "archive", "/dicomweb") + bridge_pipeline("pacs_web", "pacs", "/pacs")
+"""
+    return (MINIMAL_MAIN + '''
+[storage.options]
+path = "store"
+[backends.archive]
+service = "local_archive"
+''' + scp_pipeline("archive", "HARMONY", archive_port, "archive", ("store", "find", "get", "move"), destinations)
+            + scp_pipeline("relay", "RELAY", relay_port, "pacs", ("store", "find"))
+            + scu_backend("pacs", orthanc.aet, orthanc.dicom_port)
+            + scp_pipeline("plain", "PLAIN", plain_port, "plain")
+            + scu_backend("plain", storescp.aet, storescp.port)
+            + bridge_pipeline("archive_web", "archive", "/dicomweb") + bridge_pipeline("pacs_web", "pacs", "/pacs"))
 
 
 class Gateway:

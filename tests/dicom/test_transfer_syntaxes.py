@@ -22,7 +22,7 @@ from pydicom import dcmread
 from twisted.internet import threads
 
 from harmony.dicom import net, transfer
-from tests.dicom.compressed import Made, make_all, new_study_uid, pixel_bytes
+from tests.dicom.compressed import Made, archive_all, make_all, new_study_uid, pixel_bytes, study_of
 from tests.test_dicom_scp import run
 
 
@@ -114,10 +114,8 @@ async def test_refused_syntax_is_decompressed_or_named(gateway, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_c_move_from_the_archive_keeps_each_syntax(gateway, tmp_path):
-    study = new_study_uid()
-    made = await threads.deferToThread(make_all, tmp_path, study)
-    for m in made.values():
-        await gateway.store.put_file(m.path)
+    made = await archive_all(gateway, tmp_path)
+    study = study_of(made)
     await threads.deferToThread(gateway.orthanc.rest, "POST", "/modalities/harmony/move", json.dumps(
         {"Level": "Study", "Resources": [{"StudyInstanceUID": study}], "TargetAet": "ORTHANC",
          "Synchronous": True}).encode())
@@ -127,10 +125,8 @@ async def test_c_move_from_the_archive_keeps_each_syntax(gateway, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_c_move_to_an_uncompressed_only_destination_decompresses(gateway, tmp_path):
-    study = new_study_uid()
-    made = await threads.deferToThread(make_all, tmp_path, study)
-    for m in made.values():
-        await gateway.store.put_file(m.path)
+    made = await archive_all(gateway, tmp_path)
+    study = study_of(made)
     r = await run("movescu", "-v", "-S", "-aec", "HARMONY", "-aem", "MOVESCP", "-k", "QueryRetrieveLevel=STUDY",
                   "-k", f"StudyInstanceUID={study}", "127.0.0.1", gateway.archive_port)
     # Every instance but the video arrives; the video is the one failed sub-operation.

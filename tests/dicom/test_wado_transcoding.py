@@ -21,22 +21,13 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import threads
 
-from tests.dicom.compressed import make_all, new_study_uid
+from tests.dicom.compressed import _dcmtk, archive_all, new_study_uid
 from tests.dicomweb_helpers import client, in_thread
 from tests.dimse_helpers import parse_multipart
 
 NO_SYNTAX = 'multipart/related; type="application/dicom"'
 DECODABLE = ("jpegls", "jpegls-near", "jpeg-sv1", "jpeg-lossless", "jpeg-extended", "jpeg-baseline", "rle",
              "j2k-lossless", "j2k", "deflated")
-
-
-async def archive(gateway, tmp_path):
-    """One instance per syntax, in Harmony's archive and in Orthanc."""
-    made = await threads.deferToThread(make_all, tmp_path, new_study_uid())
-    for m in made.values():
-        await gateway.store.put_file(m.path)
-    await threads.deferToThread(gateway.orthanc.upload, [m.path for m in made.values()])
-    return made
 
 
 def _uids(path):
@@ -56,7 +47,7 @@ def _get_instance(base, path, accept):
 
 @pytest_twisted.ensureDeferred
 async def test_retrieve_instance_without_transfer_syntax_decompresses(gateway, tmp_path):
-    archived = await archive(gateway, tmp_path)
+    archived = await archive_all(gateway, tmp_path, orthanc=True)
     web = client(gateway.url("/dicomweb"))
     for label in DECODABLE:
         m = archived[label]
@@ -92,7 +83,7 @@ async def test_retrieve_instance_without_transfer_syntax_decompresses(gateway, t
 
 @pytest_twisted.ensureDeferred
 async def test_frames_and_rendered_for_every_decodable_syntax(gateway, tmp_path):
-    archived = await archive(gateway, tmp_path)
+    archived = await archive_all(gateway, tmp_path, orthanc=True)
     web = client(gateway.url("/dicomweb"))
     for label in DECODABLE:
         m = archived[label]
@@ -110,7 +101,6 @@ async def test_frames_and_rendered_for_every_decodable_syntax(gateway, tmp_path)
 async def test_rendered_colour_jpeg_keeps_its_colours(gateway, tmp_path):
     """A YBR_FULL_422 JPEG baseline (as cameras and img2dcm make them) renders
     in its own colours, not converted to RGB twice."""
-    from tests.dicom.compressed import _dcmtk
     jpg, dcm = tmp_path / "red.jpg", tmp_path / "red.dcm"
     Image.new("RGB", (32, 32), (200, 30, 40)).save(jpg, format="JPEG", quality=95)
     study = new_study_uid()
@@ -126,7 +116,7 @@ async def test_rendered_colour_jpeg_keeps_its_colours(gateway, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_video_without_transfer_syntax_is_a_406_naming_it(gateway, tmp_path):
-    archived = await archive(gateway, tmp_path)
+    archived = await archive_all(gateway, tmp_path, orthanc=True)
     study, series, sop = _uids(archived["mpeg4"].path)
     url = gateway.url(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}")
     r = await threads.deferToThread(requests.get, url, timeout=30, headers={"Accept": NO_SYNTAX})

@@ -151,14 +151,7 @@ class AssociationPool:
             _close(assoc)
 
 
-def _close(assoc):
-    try:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-    except Exception:  # noqa: BLE001 - closing a dead association may complain; it is gone either way
-        pass
+_close = net.close_association
 
 
 class Job:

@@ -300,12 +300,16 @@ class SideAssociations:
     def close(self):
         opened, self.open = self.open, {}
         for assoc in opened.values():
-            if assoc is None:
-                continue
-            try:
-                if assoc.is_established:
-                    assoc.release()
-                else:
-                    assoc.abort()
-            except Exception:  # noqa: BLE001 - closing a dead association may complain; it is gone either way
-                pass
+            if assoc is not None:
+                close_association(assoc)
+
+
+def close_association(assoc) -> None:
+    """Release *assoc* if it is up, else abort it; never raises."""
+    try:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()
+    except Exception:  # noqa: BLE001 - closing a dead association may complain; it is gone either way
+        pass
