@@ -139,3 +139,37 @@ async def test_c_move_to_an_uncompressed_only_destination_decompresses(gateway, 
             assert np.array_equal(dcmread(received[m.sop_uid]).pixel_array, m.pixels)
         else:
             assert_decompressed(received[m.sop_uid], m)
+
+
+def _send_with_side_associations(orthanc, instances):
+    """Blocking: one association with the standard storage contexts (which lack
+    JPEG-LS near-lossless CT and video), sending *instances* with side associations."""
+    from pynetdicom import AE
+    ae = AE(ae_title="HARMONY")
+    main = ae.associate("127.0.0.1", orthanc.dicom_port, net.storage_contexts(), ae_title=orthanc.aet,
+                        evt_handlers=net.NODELAY_HANDLERS)
+    side = net.SideAssociations(main)
+    try:
+        statuses = [int(net.send_instance(main, i, side=side).Status) for i in instances]
+        opened = sum(1 for a in side.open.values() if a is not None)
+    finally:
+        side.close()
+        net.close_association(main)
+    return statuses, opened
+
+
+@pytest_twisted.ensureDeferred
+async def test_pairs_the_association_lacks_go_over_side_associations(gateway, tmp_path):
+    """What a C-MOVE does for instances its backend streams after the count (a
+    PACS retrieve): the pair gets a side association to the same peer, once."""
+    from harmony.dicom.files import read_instance
+    made = await threads.deferToThread(make_all, tmp_path, new_study_uid())
+    wanted = [made["jpegls-near"], made["mpeg4"], made["jpegls"]]
+    contexts = {(str(cx.abstract_syntax), cx.transfer_syntax[0]) for cx in net.storage_contexts()}
+    assert (str(dcmread(wanted[0].path).SOPClassUID), wanted[0].syntax) not in contexts
+    instances = [read_instance(m.path) for m in wanted] + [read_instance(made["jpegls-near"].path)]
+    statuses, opened = await threads.deferToThread(_send_with_side_associations, gateway.orthanc, instances)
+    assert statuses == [0, 0, 0, 0]
+    assert opened == 2  # JPEG-LS near-lossless CT and MPEG-4 video; plain JPEG-LS CT went on the main one
+    for m in wanted:
+        assert_as_stored(gateway.orthanc, m)
