@@ -50,8 +50,9 @@ def assert_decompressed(path, made: Made):
         assert np.array_equal(got.pixel_array, made.pixels), made.label
 
 
-def received_by(storescp) -> dict:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in storescp.files()}
+def received_by(files) -> dict:
+    """SOP Instance UID -> path, for the files a receiver wrote."""
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
 
 
 def test_every_standard_syntax_is_proposed_and_accepted():
@@ -100,7 +101,7 @@ async def test_refused_syntax_is_decompressed_or_named(gateway, tmp_path):
             assert b"ErrorComment" in r.stderr and b"1.2.840.10008.1.2.4.102 refused by the peer" in r.stderr
         else:
             assert b"Received Store Response (Success)" in r.stderr, (m.label, r.stderr)
-    received = received_by(gateway.storescp)
+    received = received_by(gateway.storescp.files())
     for m in made.values():
         if m.propose is None or m.label == "mpeg4":
             continue
@@ -131,7 +132,7 @@ async def test_c_move_to_an_uncompressed_only_destination_decompresses(gateway, 
                   "-k", f"StudyInstanceUID={study}", "127.0.0.1", gateway.archive_port)
     # Every instance but the video arrives; the video is the one failed sub-operation.
     assert b"Received Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in r.stderr, r.stderr
-    received = received_by(gateway.movescp)
+    received = received_by(gateway.movescp.files())
     for m in made.values():
         if m.label == "mpeg4":
             assert m.sop_uid not in received
@@ -173,3 +174,21 @@ async def test_pairs_the_association_lacks_go_over_side_associations(gateway, tm
     assert opened == 2  # JPEG-LS near-lossless CT and MPEG-4 video; plain JPEG-LS CT went on the main one
     for m in wanted:
         assert_as_stored(gateway.orthanc, m)
+
+
+@pytest_twisted.ensureDeferred
+async def test_c_get_decompresses_what_the_requestor_did_not_propose(gateway, tmp_path):
+    """getscu proposes uncompressed storage only: a C-GET of compressed instances
+    from the archive gets them decompressed, UIDs and pixels intact."""
+    made = await archive_all(gateway, tmp_path / "made")
+    out = tmp_path / "got"
+    out.mkdir()
+    r = await run("getscu", "-v", "-S", "-aec", "HARMONY", "-od", out, "-k", "QueryRetrieveLevel=SERIES",
+                  "-k", f"StudyInstanceUID={study_of(made)}", "-k", f"SeriesInstanceUID={study_of(made)}.1",
+                  "127.0.0.1", gateway.archive_port)
+    # Series .1 holds the nine CT images (the JPEG baseline SC and the video are series .2 and .3).
+    assert b"Number of Completed Suboperations : 9" in r.stderr, r.stderr
+    assert b"Number of Failed Suboperations    : 0" in r.stderr, r.stderr
+    received = received_by(out.iterdir())
+    for label in ("jpegls", "jpeg-sv1", "rle", "j2k-lossless"):
+        assert_decompressed(received[made[label].sop_uid], made[label])
