@@ -22,6 +22,7 @@ from pydicom import dcmread
 from twisted.internet import threads
 
 from harmony.dicom import net, transfer
+from tests.dicom.compressed import VIDEO_PHOTOGRAPHIC as VIDEO
 from tests.dicom.compressed import Made, archive_all, make_all, new_study_uid, pixel_bytes, study_of
 from tests.test_dicom_scp import run
 
@@ -192,3 +193,28 @@ async def test_c_get_decompresses_what_the_requestor_did_not_propose(gateway, tm
     received = received_by(out.iterdir())
     for label in ("jpegls", "jpeg-sv1", "rle", "j2k-lossless"):
         assert_decompressed(received[made[label].sop_uid], made[label])
+
+
+def test_learned_pairs_fit_in_128_contexts():
+    ct, video = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.77.1.4.1"
+    pairs = [(ct, str(t)) for t in transfer.COMPRESSED] + [(video, "1.2.840.10008.1.2.4.102")]
+    contexts = net.requestor_contexts(pairs)
+    assert len(contexts) == net.MAX_CONTEXTS
+    offered = {(str(cx.abstract_syntax), str(ts)) for cx in contexts for ts in cx.transfer_syntax}
+    assert all(pair in offered for pair in pairs)
+    assert (video, "1.2.840.10008.1.2.1") in offered  # the class's fall-back comes with it
+    assert len(net.storage_contexts(pairs)) <= net.MAX_CONTEXTS
+
+
+def test_converted_names_what_it_cannot_convert(tmp_path):
+    made = make_all(tmp_path, new_study_uid())
+    ds = transfer.converted(made["jpegls"].path, "1.2.840.10008.5.1.4.1.1.2", made["jpegls"].syntax,
+                            ["1.2.840.10008.1.2"])
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and ds.SOPInstanceUID == made["jpegls"].sop_uid
+    with pytest.raises(transfer.SyntaxRefused) as e:
+        transfer.converted(made["mpeg4"].path, VIDEO, made["mpeg4"].syntax, ["1.2.840.10008.1.2.1"])
+    assert "MPEG-4 AVC/H.264" in str(e.value) and e.value.status == 0xC003
+    assert e.value.comment.startswith("1.2.840.10008.1.2.4.102") and len(e.value.comment) <= 64
+    with pytest.raises(transfer.SyntaxRefused):  # the peer took only another compressed syntax
+        transfer.converted(made["jpegls"].path, "1.2.840.10008.5.1.4.1.1.2", made["jpegls"].syntax,
+                           ["1.2.840.10008.1.2.4.90"])
