@@ -143,40 +143,6 @@ async def test_c_move_to_an_uncompressed_only_destination_decompresses(gateway, 
             assert_decompressed(received[m.sop_uid], m)
 
 
-def _send_with_side_associations(orthanc, instances):
-    """Blocking: one association with the standard storage contexts (which lack
-    JPEG-LS near-lossless CT and video), sending *instances* with side associations."""
-    from pynetdicom import AE
-    ae = AE(ae_title="HARMONY")
-    main = ae.associate("127.0.0.1", orthanc.dicom_port, net.storage_contexts(), ae_title=orthanc.aet,
-                        evt_handlers=net.NODELAY_HANDLERS)
-    side = net.SideAssociations(main)
-    try:
-        statuses = [int(net.send_instance(main, i, side=side).Status) for i in instances]
-        opened = sum(1 for a in side.open.values() if a is not None)
-    finally:
-        side.close()
-        net.close_association(main)
-    return statuses, opened
-
-
-@pytest_twisted.ensureDeferred
-async def test_pairs_the_association_lacks_go_over_side_associations(gateway, tmp_path):
-    """What a C-MOVE does for instances its backend streams after the count (a
-    PACS retrieve): the pair gets a side association to the same peer, once."""
-    from harmony.dicom.files import read_instance
-    made = await threads.deferToThread(make_all, tmp_path, new_study_uid())
-    wanted = [made["jpegls-near"], made["mpeg4"], made["jpegls"]]
-    contexts = {(str(cx.abstract_syntax), cx.transfer_syntax[0]) for cx in net.storage_contexts()}
-    assert (str(dcmread(wanted[0].path).SOPClassUID), wanted[0].syntax) not in contexts
-    instances = [read_instance(m.path) for m in wanted] + [read_instance(made["jpegls-near"].path)]
-    statuses, opened = await threads.deferToThread(_send_with_side_associations, gateway.orthanc, instances)
-    assert statuses == [0, 0, 0, 0]
-    assert opened == 2  # JPEG-LS near-lossless CT and MPEG-4 video; plain JPEG-LS CT went on the main one
-    for m in wanted:
-        assert_as_stored(gateway.orthanc, m)
-
-
 @pytest_twisted.ensureDeferred
 async def test_c_get_decompresses_what_the_requestor_did_not_propose(gateway, tmp_path):
     """getscu proposes uncompressed storage only: a C-GET of compressed instances
@@ -206,15 +172,15 @@ def test_learned_pairs_fit_in_128_contexts():
     assert len(net.storage_contexts(pairs)) <= net.MAX_CONTEXTS
 
 
-def test_converted_names_what_it_cannot_convert(tmp_path):
+def test_a_refusal_names_the_syntax(tmp_path):
+    from harmony.dicom.ul import storage
     made = make_all(tmp_path, new_study_uid())
-    ds = transfer.converted(made["jpegls"].path, "1.2.840.10008.5.1.4.1.1.2", made["jpegls"].syntax,
-                            ["1.2.840.10008.1.2"])
-    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and ds.SOPInstanceUID == made["jpegls"].sop_uid
-    with pytest.raises(transfer.SyntaxRefused) as e:
-        transfer.converted(made["mpeg4"].path, VIDEO, made["mpeg4"].syntax, ["1.2.840.10008.1.2.1"])
-    assert "MPEG-4 AVC/H.264" in str(e.value) and e.value.status == 0xC003
-    assert e.value.comment.startswith("1.2.840.10008.1.2.4.102") and len(e.value.comment) <= 64
-    with pytest.raises(transfer.SyntaxRefused):  # the peer took only another compressed syntax
-        transfer.converted(made["jpegls"].path, "1.2.840.10008.5.1.4.1.1.2", made["jpegls"].syntax,
-                           ["1.2.840.10008.1.2.4.90"])
+    raw = storage.transcode(made["jpegls"].path, "1.2.840.10008.1.2.1")  # decompressed, re-encoded
+    assert len(raw) > 32 * 32 * 2
+    with pytest.raises(Exception):
+        storage.transcode(made["mpeg4"].path, "1.2.840.10008.1.2.1")  # no decoder for video
+    refused = transfer.SyntaxRefused(VIDEO, made["mpeg4"].syntax, ["1.2.840.10008.1.2.1"])
+    assert "MPEG-4 AVC/H.264" in str(refused) and refused.status == 0xC003
+    instance = type("I", (), {"transfer_syntax_uid": made["mpeg4"].syntax})()
+    comment = storage.comment_for(0xC003, instance)
+    assert comment.startswith("1.2.840.10008.1.2.4.102") and len(comment) <= 64

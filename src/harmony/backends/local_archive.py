@@ -115,12 +115,14 @@ class LocalArchiveBackend(Backend):
             return list(self.store.instances_sync(identifier, level, model))
 
         def found(instances):
-            stream.set_counts(len(instances))
+            # Queued before the count is announced: a consumer woken by the count
+            # then sees every instance (a C-MOVE proposes their transfer syntaxes).
             for inst in instances:
                 if stream.cancelled:
                     stream.finish(dimse.CANCEL, "cancelled")
                     return
                 stream.put(inst)
+            stream.set_counts(len(instances))
             stream.finish(dimse.SUCCESS)
 
         self.store.run(listing).addCallbacks(found, stream.fail)

@@ -13,7 +13,6 @@ import os
 import socket
 import ssl
 
-from pydicom import dcmread
 from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGLosslessSV1, JPEGLSLossless, RLELossless)
 from pynetdicom import _config, build_context, build_role, evt
@@ -163,10 +162,9 @@ def server_tls_context(cert, key, ca=None) -> ssl.SSLContext:
 #: Image classes that get one presentation context per common compressed
 #: transfer syntax, so a PACS can send compressed instances as stored (each
 #: context negotiates exactly one syntax, and a C-GET sub-operation or a chunked
-#: C-STORE needs an exact match to pass bytes through unchanged).  Any other
-#: (class, syntax) pair a sender meets gets a side association of its own
-#: (:func:`send_instance`); only a C-GET, which has no second association,
-#: must make do with these.
+#: C-STORE needs an exact match to pass bytes through unchanged).  Other
+#: (class, syntax) pairs are added per association where they are known: the
+#: instances a C-MOVE sends, the pairs a dicom_scu pool has met.
 _COMPRESSIBLE = {
     "1.2.840.10008.5.1.4.1.1.2": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
                                   JPEG2000Lossless),  # CT
@@ -242,74 +240,3 @@ def storage_contexts(pairs=()):
     """The storage part of :func:`requestor_contexts` (for C-STORE-only associations)."""
     return [cx for cx in requestor_contexts(pairs) if cx.abstract_syntax != Verification
             and cx.abstract_syntax not in MODEL_OF]
-
-
-def send_instance(assoc, instance, *, side=None, **kw):
-    """C-STORE a file over *assoc*, as stored whenever possible.
-
-    - The peer accepted the instance's (SOP class, transfer syntax): the file
-      is streamed from disk unchanged.
-    - This association never proposed that pair and *side* is given (a
-      :class:`SideAssociations`): a side association proposes it (with the
-      uncompressed fall-backs) and the instance goes there.
-    - Otherwise the peer refused it: the instance is decompressed/converted
-      for a syntax the peer did accept (:func:`harmony.dicom.transfer.converted`),
-      or :class:`~harmony.dicom.transfer.SyntaxRefused` names the syntax.
-    """
-    sop_class, syntax = instance.sop_class_uid, instance.transfer_syntax_uid
-    if transfer.accepts_as_stored(assoc, sop_class, syntax):
-        if syntax == transfer.DeflatedExplicitVRLittleEndian:
-            # A deflate stream streamed from disk as is was refused now and then by
-            # DCMTK receivers (Orthanc: "Odd Fragment Length"): re-deflate it.
-            return assoc.send_c_store(dcmread(instance.path), **kw)
-        return assoc.send_c_store(instance.path, **kw)
-    if side is not None and not transfer.was_proposed(assoc, sop_class, syntax):
-        other = side.get(sop_class, syntax)
-        if other is not None and transfer.accepted_syntaxes(other, sop_class):
-            return send_instance(other, instance, **kw)
-    accepted = transfer.accepted_syntaxes(assoc, sop_class)
-    if not accepted:
-        raise transfer.SyntaxRefused(sop_class, syntax, accepted)
-    return assoc.send_c_store(transfer.converted(instance.path, sop_class, syntax, accepted), **kw)
-
-
-class SideAssociations:
-    """Associations to the same peer beside a main one, each proposing one
-    (SOP class, transfer syntax) pair the main association did not, kept
-    open until :meth:`close` (the main association's release) so a study of
-    300 JPEG-LS images opens one side association, not 300."""
-
-    def __init__(self, main, connect=None):
-        self.main = main
-        self._connect = connect or self._associate
-        self.open: dict = {}
-
-    def get(self, sop_class, syntax):
-        key = (str(sop_class), str(syntax))
-        if key not in self.open:
-            assoc = self._connect(transfer.contexts_for(sop_class, syntax))
-            self.open[key] = assoc if assoc is not None and assoc.is_established else None
-        return self.open[key]
-
-    def _associate(self, contexts):
-        peer = self.main.acceptor
-        return self.main.ae.associate(peer.address, peer.port, contexts, ae_title=peer.ae_title,
-                                      max_pdu=self.main.requestor.maximum_length,
-                                      evt_handlers=NODELAY_HANDLERS)
-
-    def close(self):
-        opened, self.open = self.open, {}
-        for assoc in opened.values():
-            if assoc is not None:
-                close_association(assoc)
-
-
-def close_association(assoc) -> None:
-    """Release *assoc* if it is up, else abort it; never raises."""
-    try:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-    except Exception:  # noqa: BLE001 - closing a dead association may complain; it is gone either way
-        pass

@@ -96,48 +96,6 @@ def contexts_for(sop_class, syntax) -> list:
     return [build_context(sop_class, [ts]) for ts in wanted]
 
 
-def accepted_syntaxes(assoc, sop_class) -> list:
-    return [cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
-
-
-def accepts_as_stored(assoc, sop_class, syntax) -> bool:
-    return str(syntax) in {str(t) for t in accepted_syntaxes(assoc, sop_class)}
-
-
-def was_proposed(assoc, sop_class, syntax) -> bool:
-    """True when this association already asked the peer for (*sop_class*,
-    *syntax*): a refusal then is the peer's answer, not an omission of ours."""
-    for cx in getattr(assoc.requestor, "requested_contexts", None) or ():
-        if cx.abstract_syntax == sop_class and str(syntax) in {str(t) for t in cx.transfer_syntax}:
-            return True
-    return False
-
-
-def converted(path, sop_class, syntax, accepted):
-    """The instance at *path* as a dataset pynetdicom can encode in one of the
-    *accepted* syntaxes (it converts Explicit <-> Implicit VR and inflates
-    deflated data itself); :class:`SyntaxRefused` when no such form exists."""
-    accepted = [UID(str(t)) for t in accepted]
-    native = [t for t in accepted if not t.is_compressed]
-    syntax = UID(str(syntax))
-    little = [t for t in native if t.is_little_endian]
-    if syntax.is_compressed:
-        if not little or not can_decompress(syntax):
-            raise SyntaxRefused(sop_class, syntax, accepted)
-        ds = dcmread(path)
-        try:
-            # pydicom would otherwise mint a new SOP Instance UID.
-            ds.decompress(generate_instance_uid=False)
-        except Exception as e:  # noqa: BLE001 - any decoder failure is this instance's refusal
-            raise SyntaxRefused(sop_class, syntax, accepted) from e
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return ds
-    if syntax.is_little_endian and little or not syntax.is_little_endian and any(
-            not t.is_little_endian for t in native):
-        return dcmread(path)
-    raise SyntaxRefused(sop_class, syntax, accepted)
-
-
 def explicit_copy(path, folder) -> str:
     """A new file in *folder*: the instance at *path* in Explicit VR Little
     Endian, decompressed if need be, same SOP Instance UID (what WADO-RS answers
@@ -174,5 +132,5 @@ class NotConvertible(Exception):
         super().__init__(f"the instance is stored as {name(syntax)} ({syntax}) and {why}")
 
 
-__all__ = ["NotConvertible", "explicit_copy", "COMPRESSED", "FALLBACK", "HTJ2K", "STORAGE", "SyntaxRefused", "UNCOMPRESSED", "accepted_syntaxes",
-           "accepts_as_stored", "can_decompress", "contexts_for", "converted", "name", "was_proposed"]
+__all__ = ["COMPRESSED", "FALLBACK", "HTJ2K", "NotConvertible", "STORAGE", "SyntaxRefused", "UNCOMPRESSED",
+           "can_decompress", "contexts_for", "explicit_copy", "name"]

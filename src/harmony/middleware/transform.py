@@ -13,9 +13,11 @@ spec file is a configuration error naming the file.
 
 On the request side the body sent upstream (and ``normalized``) is rewritten;
 on the response side the body the client gets, with Content-Length fixed.
-gzip/deflate bodies are inflated (within ``max_body_bytes``) and written back
-plain; when responses are transformed, the upstream is not offered
-compression (Accept-Encoding is dropped).
+gzip/deflate bodies are inflated (within ``max_body_bytes``, counted on the
+decoded bytes too) and written back plain; a request body in another coding is
+415.  When responses are transformed, the upstream is asked for
+``Accept-Encoding: identity``; the transformed body is compressed for clients
+that accept gzip by the response writer (:mod:`harmony.web.coding`).
 Only JSON bodies (by Content-Type) are transformed; other bodies, empty ones
 and non-2xx responses (an upstream's error document has another shape) pass
 untouched.  A JSON body that does not parse, or a spec that fails on it, is an
@@ -28,7 +30,9 @@ side) and also hands it to ``modify-*`` specs as JOLT's context (``^path``).
 ``_context`` is removed from the output if the spec left it there.
 ``content_type``, when set, replaces the Content-Type of every body the spec
 rewrote (a transform may turn one kind of JSON into another: DICOM JSON into
-a FHIR Bundle).
+a FHIR Bundle).  A request whose body is not JSON but that carries a JSON
+view in ``normalized`` (an HL7 v2 message from the ``mllp`` endpoint) has
+the view transformed; with ``content_type`` set, the output becomes the body.
 Credentials (Authorization, Cookie) are never exposed to a spec.
 """
 
@@ -39,7 +43,7 @@ from pathlib import Path
 from twisted.internet import defer, threads
 
 from harmony.config.errors import OptionError
-from harmony.envelope import body_length
+from harmony.envelope import body_length, is_json_type
 from harmony.errors import MiddlewareFailed
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
@@ -168,9 +172,14 @@ class Transform(SpecMiddleware):
         A client's own bad body is the client's error (400/413); anything
         wrong with an upstream's body, or with the spec, is ours (500).
         An envelope with no body but a ``normalized`` view (a DIMSE C-FIND
-        identifier as DICOM JSON, say) has that view transformed instead.
+        identifier as DICOM JSON, say) has that view transformed instead, and
+        so has one whose body is not JSON but which carries a JSON view (an
+        HL7 v2 message): there, with ``content_type`` set, the output also
+        becomes the body (v2 in, FHIR JSON out to an HTTP backend).
         """
-        view_only = body_length(envelope.body) == 0 and envelope.normalized is not None
+        empty = body_length(envelope.body) == 0
+        view_only = envelope.normalized is not None and (
+            empty or not is_json_type(envelope.header("content-type")))
         if view_only:
             document, size = envelope.normalized, 0
         else:
@@ -193,14 +202,20 @@ class Transform(SpecMiddleware):
             replace_body(envelope, data)
             if self.content_type:
                 envelope.headers.setRawHeaders(b"content-type", [self.content_type.encode("latin-1")])
+        elif not empty and self.content_type:
+            envelope.headers.removeHeader(b"content-encoding")
+            envelope.headers.setRawHeaders(b"content-type", [self.content_type.encode("latin-1")])
+            replace_body(envelope, data)
         envelope.normalized = output
         return envelope
 
     def on_request(self, request):
         if self.responses:
             # The response body must be read to be rewritten: ask for it plain
-            # (gzip and deflate are still undone if an upstream sends them anyway).
-            request.headers.removeHeader(b"accept-encoding")
+            # (no Accept-Encoding would mean "any coding", RFC 9110 12.5.3); gzip
+            # and deflate are still undone if an upstream sends them anyway, and
+            # the response writer compresses the result for a client that asks.
+            request.headers.setRawHeaders(b"accept-encoding", [b"identity"])
         if not self.requests:
             return request
         context = request_context(request) if self.inject_context else None
