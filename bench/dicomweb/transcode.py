@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, harmony_config, start_harmony, stop  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
+from tests.dicomweb_helpers import ARCHIVE_BACKEND, bridge_pipeline  # noqa: E402
 from tests.peers import Orthanc, peer_env  # noqa: E402
 
 SYNTAXES = {"JPEG-LS lossless": ("dcmcjpls", []), "JPEG lossless SV1": ("dcmcjpeg", []), "RLE": ("dcmcrle", [])}
@@ -84,21 +85,7 @@ def main():
                 for n0, (label, (tool, opts)) in enumerate(SYNTAXES.items())}
         orthanc = Orthanc(tmp / "orthanc").start()
         port = free_port()
-        cfg = harmony_config(tmp / "harmony", port, """
-[backends.archive]
-service = "local_archive"
-[pipelines.web]
-networks = ["default"]
-endpoints = ["web"]
-middleware = ["bridge"]
-backends = ["archive"]
-[endpoints.web]
-service = "dicomweb"
-[endpoints.web.options]
-path_prefix = "/dicomweb"
-[middleware.bridge]
-type = "dicomweb_bridge"
-""", storage=True)
+        cfg = harmony_config(tmp / "harmony", port, ARCHIVE_BACKEND + bridge_pipeline("web", "archive", "/dicomweb"))
         proc = start_harmony(cfg, port)
         try:
             ours, theirs = f"http://127.0.0.1:{port}/dicomweb", orthanc.dicomweb_url

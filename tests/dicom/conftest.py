@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from tests.dicomweb_helpers import bridge_pipeline
+from tests.dicomweb_helpers import ARCHIVE_BACKEND, bridge_pipeline
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc, Storescp, free_port
 
@@ -62,12 +62,7 @@ def gateway_toml(archive_port: int, relay_port: int, plain_port: int, orthanc: O
 {orthanc.aet} = "127.0.0.1:{orthanc.dicom_port}"
 {movescp.aet} = "127.0.0.1:{movescp.port}"
 """
-    return (MINIMAL_MAIN + '''
-[storage.options]
-path = "store"
-[backends.archive]
-service = "local_archive"
-''' + scp_pipeline("archive", "HARMONY", archive_port, "archive", ("store", "find", "get", "move"), destinations)
+    return (MINIMAL_MAIN + ARCHIVE_BACKEND + scp_pipeline("archive", "HARMONY", archive_port, "archive", ("store", "find", "get", "move"), destinations)
             + scp_pipeline("relay", "RELAY", relay_port, "pacs", ("store", "find"))
             + scu_backend("pacs", orthanc.aet, orthanc.dicom_port)
             + scp_pipeline("plain", "PLAIN", plain_port, "plain")
