@@ -48,6 +48,21 @@ def _attrs(text) -> dict:
         return {}
 
 
+def person_name(attrs: dict) -> str:
+    """A PN value as DICOM writes it: its alphabetic, ideographic and phonetic
+    groups joined by ``=`` (so a name is shown whole, not just its first group)."""
+    values = (attrs.get(T["PatientName"]) or {}).get("Value") or []
+    if not values:
+        return ""
+    v = values[0]
+    if not isinstance(v, dict):
+        return str(v)
+    groups = [str(v.get(k, "")) for k in ("Alphabetic", "Ideographic", "Phonetic")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
 def _patients(conn, q: str, limit: int) -> list[dict]:
     rows = conn.execute(
         "SELECT p.pk, p.patient_id, p.attrs, count(s.pk) FROM patients p LEFT JOIN studies s ON s.patient_pk = p.pk "
@@ -56,7 +71,7 @@ def _patients(conn, q: str, limit: int) -> list[dict]:
     needle = q.lower()
     for pk, pid, attrs, n in rows:
         a = _attrs(attrs)
-        name = first(a, T["PatientName"])
+        name = person_name(a)
         if needle and needle not in (pid or "").lower() and needle not in name.lower():
             continue
         out.append({"pk": pk, "patient_id": pid, "name": name, "birth_date": first(a, T["PatientBirthDate"]),

@@ -71,12 +71,44 @@ def running(config) -> dict:
     return {"path": str(config.path), "files": files}
 
 
+def unredact(text: str, running_path) -> str:
+    """Put the running file's values back where the edited copy still says
+    ``<redacted>`` (same table and key), so a check sees the real secrets."""
+    if REDACTED not in text:
+        return text
+    try:
+        edited = tomlkit.parse(text)
+    except Exception as e:
+        raise BadRequest(f"the edited copy is not valid TOML: {e}") from None
+    try:
+        original = tomlkit.parse(running_path.read_text(encoding="utf-8"))
+    except Exception:
+        original = {}
+    missing = []
+
+    def walk(node, orig, where):
+        if isinstance(node, dict):
+            for key in list(node.keys()):
+                value, there = node[key], orig.get(key) if isinstance(orig, dict) else None
+                if isinstance(value, str) and value == REDACTED:
+                    if there is None or there == REDACTED:
+                        missing.append(".".join(where + [str(key)]))
+                    else:
+                        node[key] = there
+                else:
+                    walk(value, there, where + [str(key)])
+
+    walk(edited, original, [])
+    if missing or REDACTED in tomlkit.dumps(edited):
+        raise BadRequest("put real values back for " + (", ".join(missing) or f"the {REDACTED} placeholders"))
+    return tomlkit.dumps(edited)
+
+
 async def check(config, text: str) -> dict:
     """Run ``harmony check`` on *text* as if it were the main configuration file."""
     if not text.strip():
         raise BadRequest("send the configuration text to check as the request body")
-    if REDACTED in text:
-        raise BadRequest(f"the text still holds {REDACTED} placeholders: put the real values (or *_file keys) back")
+    text = unredact(text, config.path)
     folder = config.path.parent
     copy = folder / f".harmony-console-check-{secrets.token_hex(6)}.toml"
     try:

@@ -143,8 +143,6 @@ def overview(services) -> defer.Deferred:
 
 
 def dead_letters(svc, target: str, flt: DeadFilter, limit: int = 100, after_id: int = 0) -> defer.Deferred:
-    if flt.empty:
-        return svc.dead(target, limit, after_id).addCallback(lambda e: {"target": target, "entries": e})
     d = svc.store.read(select_dead, target, flt, limit, after_id)
     d.addCallback(lambda entries: svc.store.read(count_dead, target, flt).addCallback(
         lambda n: {"target": target, "entries": entries, "matching": n}))
