@@ -124,7 +124,14 @@ async def test_console_in_chromium(tmp_path):
         await b.screenshot(shots / "archive-study.png")
 
         # -- traffic: charts per pipeline, lines once two samples exist
-        await page(b, admin, "traffic", ".traffic-pipeline[data-pipeline='lb'] svg.chart polyline")
+        await page(b, admin, "traffic", ".traffic-pipeline[data-pipeline='lb'] svg.chart")
+        for _ in range(30):  # while the page polls: a non-zero request rate appears on lb's chart
+            await (await treq.get(rig.harmony.url("/api/x"))).content()
+        await b.wait(lambda d: d.execute_script(
+            "const l = document.querySelector(\".traffic-pipeline[data-pipeline='lb'] svg.chart polyline\");"
+            "if (!l) return false; const p = l.getAttribute('points').split(' ');"
+            "return p.length >= 2 && p.some(x => parseFloat(x.split(',')[1]) < 100)"),
+            message="no request rate drawn")
         await b.screenshot(shots / "traffic.png")
 
         # -- configuration: secrets redacted, harmony check of the edited copy, reload

@@ -3,7 +3,7 @@
 import { api } from "../api.js";
 import { h, s, clear, ms } from "../dom.js";
 
-const W = 320, H = 120, PAD = 28;
+const W = 300, H = 120, PAD = 28;
 
 function chart(title, series, unit, fmt = v => v.toFixed(2)) {
   const all = series.flatMap(x => x.points);
@@ -20,7 +20,9 @@ function chart(title, series, unit, fmt = v => v.toFixed(2)) {
              s("text", { x: PAD, y: H - 2, class: "tick" }, `-${Math.round(maxX)} s`));
   series.forEach((ser, i) => {
     if (!ser.points.length) return;
-    svg.append(s("polyline", { class: `line c${i}`, points: ser.points.map(p => `${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" ") }));
+    svg.append(s("polyline", { class: `line c${i}`, points: ser.points.map(p => `${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" ") }),
+               ...ser.points.map(p => s("circle", { class: `dot c${i}`, cx: X(p.x).toFixed(1), cy: Y(p.y).toFixed(1), r: 2 },
+                                         s("title", {}, `${fmt(p.y)} ${p.x.toFixed(0)} s ago`))));
   });
   return h("figure", { class: "chart-box" }, h("figcaption", {}, title, " ",
     series.map((ser, i) => h("span", { class: `legend c${i}` }, ser.name))), svg);
