@@ -68,10 +68,10 @@ async def test_console_in_chromium(tmp_path):
         # -- login: a wrong token is refused on the page, the right one opens the console
         await b.get(f"{admin}/ui/")
         token_input = await b.wait(by_css("#login-token"))
+        await b.screenshot(shots / "login.png")
         await b.run(token_input.send_keys, "not-the-token-at-all")
         await b.run((await b.css("#login-submit")).click)
         await b.wait(by_css("#login-error", text="Wrong token."))
-        await b.screenshot(shots / "login.png")
         await b.run(token_input.clear)
         await b.run(token_input.send_keys, TOKEN)
         await b.run((await b.css("#login-operator")).send_keys, "night-shift")
