@@ -127,6 +127,14 @@ def test_sessions_expire_when_idle_and_cookie_is_secure_over_tls():
     for _ in range(console.MAX_SESSIONS + 10):
         store.create(Req(), "127.0.0.1")
     assert len(store) == console.MAX_SESSIONS
+    # Failed logins are counted per address over a sliding minute.
+    throttle = console.LoginThrottle(limit=3, window=60.0, clock=lambda: now[0])
+    for _ in range(3):
+        assert not throttle.blocked("10.9.9.9")
+        throttle.failed("10.9.9.9")
+    assert throttle.blocked("10.9.9.9") and not throttle.blocked("127.0.0.1")
+    now[0] += 61
+    assert not throttle.blocked("10.9.9.9")
 
 
 @pytest_twisted.ensureDeferred
@@ -213,3 +221,50 @@ def test_config_redaction(text, hidden):
     out = redact_text(text)
     assert all(h not in out for h in hidden), out
     assert "keep/me" in out or "token_file" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_input_to_the_console(rig):
+    # Malformed, deeply nested, wrongly typed and oversized login bodies: clear refusals, never a 500.
+    for body in (b"not json", b"[" * 100_000, b'{"token": 5}', b'"just a string"', b"\xff\xfe"):
+        r, doc = await call("POST", rig.admin("/session"), data=body, headers={"Content-Type": "application/json"})
+        assert r.code == 401 and doc["status"] == 401, body[:20]
+    r, doc = await call("POST", rig.admin("/session"), data=b"x" * (1024 * 1024 + 1))
+    assert r.code == 413
+    # Guessing the token: after 10 failures a minute from one address (the 5 above count), 429 - even
+    # for the right token - and the audit log stays bounded.
+    codes = []
+    for _ in range(20):
+        r, _ = await call("POST", rig.admin("/session"), data=b'{"token": "guess-guess-guess-guess"}')
+        codes.append(r.code)
+    assert codes == [401] * 5 + [429] * 15
+    r, doc = await call("POST", rig.admin("/session"), data=json.dumps({"token": TOKEN}).encode())
+    assert r.code == 429 and "too many failed logins" in doc["detail"]
+    r, doc = await call("GET", rig.admin("/audit"), headers=BEARER)
+    assert len([e for e in doc["entries"] if e["action"] == "session.login"]) == 10
+    # Forged, empty and garbage cookies are simply no session.
+    for cookie in ("harmony_console=forged", "harmony_console=", "harmony_console=\x7f\x7f", "x" * 4000):
+        r, _ = await call("GET", rig.admin("/info"), headers={"Cookie": cookie})
+        assert r.code == 401
+    # Paths that are not UTF-8 or try to climb out of the assets: 400/404 as problem+json.
+    r, doc = await call("GET", rig.admin("/%ff%fe"), headers=BEARER)
+    assert r.code == 400 and doc["detail"] == "the path is not UTF-8"
+    for path in ("/ui/%2e%2e%2fapi.py", "/ui/..%2f..%2fsetup.cfg", "/archive/sf/instances/%2e%2e/thumbnail"):
+        r, doc = await call("GET", rig.admin(path), headers=BEARER)
+        assert r.code == 404, path
+    # Percent-encoded names reach the routes decoded (a target name is a TOML key).
+    r, doc = await call("GET", rig.admin("/queues/%6Frthanc/dead"), headers=BEARER)
+    assert r.code == 200 and doc["target"] == "orthanc"
+
+
+def test_traffic_percentiles_from_cumulative_buckets():
+    from harmony.management.metrics import LATENCY_BUCKETS
+    from harmony.management.traffic import percentile
+    n = len(LATENCY_BUCKETS) + 1
+    assert percentile([0.0] * n, 0.5) is None
+    # 100 observations: 50 in (0, 1 ms], 50 in (1 ms, 2.5 ms].
+    cumulative = [50.0] + [100.0] * (n - 1)
+    assert percentile(cumulative, 0.5) == pytest.approx(0.001)
+    assert percentile(cumulative, 0.75) == pytest.approx(0.001 + 0.0015 / 2)
+    # Everything beyond the last bucket: the last bound, not infinity.
+    assert percentile([0.0] * (n - 1) + [10.0], 0.99) == LATENCY_BUCKETS[-1]

@@ -28,6 +28,7 @@ import datetime
 import json
 import platform
 import time
+from urllib.parse import unquote_to_bytes
 
 import twisted
 from klein import Klein
@@ -39,7 +40,8 @@ from twisted.web.server import NOT_DONE_YET
 
 import harmony
 from harmony.envelope import ResponseEnvelope
-from harmony.errors import AuthenticationFailed, BadRequest, Forbidden, HarmonyError, NotFound, PayloadTooLarge
+from harmony.errors import (AuthenticationFailed, BadRequest, Conflict, Forbidden, HarmonyError, NotFound,
+                            PayloadTooLarge)
 from harmony.log import get_logger
 from harmony.management import archive, configview, console
 from harmony.management.console import SECURITY_HEADERS, console_state
@@ -81,15 +83,21 @@ class AdminApi:
         raw = request.path
         if not raw.startswith(prefix.encode()):
             raw = prefix.encode()
-        sub = raw[len(prefix.encode()):].decode("utf-8", "replace")
         for name, value in SECURITY_HEADERS:
             request.setHeader(name, value)
+        try:
+            sub = raw[len(prefix.encode()):].decode("utf-8")
+            segments = [unquote_to_bytes(s).decode("utf-8") for s in sub.split("/")]
+        except UnicodeDecodeError:
+            write_response(request, problem_response(BadRequest("the path is not UTF-8")))
+            return NOT_DONE_YET
+        sub = "/".join(segments)
         if not sub.startswith("/ui/") and sub != "/ui":
             sub = sub.rstrip("/") or "/"  # /info/ is /info, as before Klein
         if sub == "/queues":
             sub = "/queues/"  # the queue routes' root
         request.prepath = [s.encode() for s in prefix.strip("/").split("/")]
-        request.postpath = [s.encode() for s in sub.lstrip("/").split("/")] if sub != "/" else []
+        request.postpath = [s.encode() for s in sub[1:].split("/")] if sub != "/" else []
         request.harmony_operator = None
         try:
             request.harmony_operator = self._authenticate(request, sub)
@@ -238,8 +246,16 @@ class AdminApi:
     @app.route("/config/check", methods=["POST"])
     def config_check(self, request):
         text = _body(request).decode("utf-8", "replace")
-        return self.reply(request, defer.ensureDeferred(configview.check(self.service.runtime.config, text)),
-                          audit=("config.check", str(self.service.runtime.config.path), {}))
+        if self.state.checking:
+            raise Conflict("a configuration check is already running: try again when it has finished")
+        self.state.checking = True
+        d = defer.ensureDeferred(configview.check(self.service.runtime.config, text))
+
+        def done(result):
+            self.state.checking = False
+            return result
+        d.addBoth(done)
+        return self.reply(request, d, audit=("config.check", str(self.service.runtime.config.path), {}))
 
     @app.route("/audit", methods=["GET"])
     def audit(self, request):
@@ -294,11 +310,16 @@ class AdminApi:
     @app.route("/session", methods=["POST"])
     def login(self, request):
         token = self.service.management_settings.token
+        client = _client(request)
+        if self.state.login_failures.blocked(client):
+            return self.reply(request, defer.fail(HarmonyError(
+                "too many failed logins from this address: wait a minute", status=429)))
         body = _body(request)
         given = console.token_from_login(body)
         if token is not None and not console.token_matches(given, token):
-            log.warn("console: failed login from {client}", client=_client(request))
-            self.state.audit.record(f"login attempt from {_client(request)}", "session.login", "", {}, 401)
+            log.warn("console: failed login from {client}", client=client)
+            self.state.login_failures.failed(client)
+            self.state.audit.record(f"login attempt from {client}", "session.login", "", {}, 401)
             return self.reply(request, defer.fail(AuthenticationFailed("wrong token")))
         session = self.state.sessions.create(request, _client(request), console.operator_from_login(body))
         request.harmony_operator = session.who

@@ -170,6 +170,34 @@ def clear_cookie(request, path: str) -> None:
     request.responseHeaders.addRawHeader(b"set-cookie", f"{COOKIE}={flags}".encode())
 
 
+class LoginThrottle:
+    """At most ``limit`` failed logins per client address per ``window`` seconds:
+    guessing the token from a script gets a 429, and the audit log a bounded
+    number of entries, however fast it tries."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0, clock=time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self._failures: dict[str, collections.deque] = {}
+
+    def _recent(self, client: str) -> collections.deque:
+        now = self.clock()
+        q = self._failures.get(client)
+        if q is None:
+            if len(self._failures) > 10_000:  # many addresses: forget the quiet ones
+                for c in [c for c, f in self._failures.items() if not f or now - f[-1] > self.window]:
+                    del self._failures[c]
+            q = self._failures[client] = collections.deque(maxlen=self.limit)
+        while q and now - q[0] > self.window:
+            q.popleft()
+        return q
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent(client)) >= self.limit
+
+    def failed(self, client: str) -> None:
+        self._recent(client).append(self.clock())
+
+
 # ------------------------------------------------------------------ audit
 
 
@@ -223,6 +251,9 @@ class ConsoleState:
         from harmony.management.traffic import Traffic
 
         self.sessions = SessionStore()
+        self.login_failures = LoginThrottle()
+        #: A ``harmony check`` child process is running (one at a time).
+        self.checking = False
         self.audit = AuditLog(service.runtime.config.storage_path / "management-audit.jsonl")
         self.traffic = Traffic()
 
