@@ -34,7 +34,6 @@ import twisted
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -48,7 +47,7 @@ from harmony.management.console import SECURITY_HEADERS, console_state
 from harmony.storage.admin import QueueRoutes, forward_services, query_args, send_study
 from harmony.web.bridge import write_response
 from harmony.web.problem import problem_response
-from harmony.web.routes import HTTPException, apply_response, harmony_error
+from harmony.web.routes import apply_response, routing_failure
 
 log = get_logger("harmony.management")
 
@@ -161,9 +160,7 @@ class AdminApi:
     @app.handle_errors(Exception)
     def failed(self, request, failure):
         """Routing misses (werkzeug's 404/405) and errors raised by a route, as problem+json."""
-        if failure.check(HTTPException):
-            failure = Failure(harmony_error(failure.value, request.path.decode("utf-8", "replace")))
-        return self.reply(request, defer.fail(failure))
+        return self.reply(request, defer.fail(routing_failure(request, failure)))
 
     # -- the API
 

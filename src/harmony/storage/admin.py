@@ -28,14 +28,13 @@ import attr
 from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BadRequest, HarmonyError, NotFound
 from harmony.log import get_logger
 from harmony.storage import queue as q
 from harmony.web.problem import problem_response
-from harmony.web.routes import HTTPException, apply_response, harmony_error
+from harmony.web.routes import apply_response, routing_failure
 
 log = get_logger("harmony.store_forward.admin")
 
@@ -225,9 +224,7 @@ class QueueRoutes:
     @app.handle_errors(Exception)
     def failed(self, request, failure):
         """Routing misses (werkzeug's 404/405) and errors raised by a route, as problem+json."""
-        if failure.check(HTTPException):
-            failure = Failure(harmony_error(failure.value, request.path.decode("utf-8", "replace")))
-        return self.reply(request, defer.fail(failure))
+        return self.reply(request, defer.fail(routing_failure(request, failure)))
 
     @app.route("/", methods=["GET"])
     def list_queues(self, request):

@@ -8,6 +8,7 @@ the routers turn werkzeug's exceptions into :class:`HarmonyError`\\ s here.
 
 from __future__ import annotations
 
+from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
@@ -28,6 +29,14 @@ def harmony_error(exc: HTTPException, path: str = "") -> HarmonyError:
     return HarmonyError(exc.description or "routing failed", status=exc.code or 500)
 
 
+def routing_failure(request, failure: Failure) -> Failure:
+    """For a Klein app's error handler: a werkzeug routing miss as the
+    matching HarmonyError, any other failure as it is."""
+    if failure.check(HTTPException):
+        return Failure(harmony_error(failure.value, request.path.decode("utf-8", "replace")))
+    return failure
+
+
 def match(url_map, path: str, method: str):
     """``(endpoint, arguments)`` for *path* and *method* in a Klein app's URL map,
     or raise the matching HarmonyError (404, 405 with Allow)."""
@@ -38,7 +47,7 @@ def match(url_map, path: str, method: str):
         raise harmony_error(e, path) from None
 
 
-__all__ = ["harmony_error", "match", "HTTPException"]
+__all__ = ["harmony_error", "routing_failure", "match", "apply_response", "HTTPException"]
 
 
 def apply_response(request, response) -> bytes:
