@@ -268,3 +268,20 @@ def test_traffic_percentiles_from_cumulative_buckets():
     assert percentile(cumulative, 0.75) == pytest.approx(0.001 + 0.0015 / 2)
     # Everything beyond the last bucket: the last bound, not infinity.
     assert percentile([0.0] * (n - 1) + [10.0], 0.99) == LATENCY_BUCKETS[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_mounted_on_a_network(tmp_path):
+    from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+    main = MINIMAL_MAIN + f'[management]\nenabled = true\nnetwork = "default"\nbase_path = "ops/admin"\ntoken = "{TOKEN}"\n'
+    running = await start_harmony(write_config(tmp_path, main))
+    try:
+        r, body = await call("GET", running.url("/ops/admin/ui/"))
+        assert r.code == 200 and b"app.js" in body and r.headers.getRawHeaders("content-security-policy")
+        r, doc = await call("POST", running.url("/ops/admin/session"), data=json.dumps({"token": TOKEN}).encode())
+        cookie = r.headers.getRawHeaders("set-cookie")[0]
+        assert r.code == 200 and "Path=/ops/admin;" in cookie
+        r, doc = await call("GET", running.url("/ops/admin/info"), headers={"Cookie": cookie.split(";")[0]})
+        assert r.code == 200 and doc["proxy_id"] == "test"
+    finally:
+        await running.stop()

@@ -123,6 +123,31 @@ async def test_console_in_chromium(tmp_path):
             "return i.length === 3 && i.every(x => x.complete && x.naturalWidth > 0)"), message="thumbnails")
         await b.screenshot(shots / "archive-study.png")
 
+        # -- send to target: the study goes to orthanc again, which refuses one instance again
+        rig.accept_poison = False
+        await click(b, "a.crumb-patient")
+        await click(b, "tr.study button.send")
+        await b.run((await b.wait(by_css("#confirm-ok"))).click)
+        await b.wait(by_css("#status", text="queued 3 instance(s) for orthanc"))
+        await rig.forward.idle()
+
+        # -- bulk purge by filter: only after typing the target's name in the confirmation
+        await page(b, admin, "queues", "tr[data-queue='orthanc']")
+        await click(b, "tr[data-queue='orthanc'] button.show-dead")
+        await b.wait(by_css(f"tr.dead-letter[data-sop='{rig.poison}']"))
+        await b.run((await b.css("#filter-error")).send_keys, "409")
+        await click(b, "#dead-filters button[type=submit]")
+        await b.wait(by_css("#purge-matching", text="Purge matching (1)"))
+        for typed in ("orthan", "orthanc"):
+            await click(b, "#purge-matching")
+            await b.run((await b.wait(by_css("#confirm-typed"))).send_keys, typed)
+            await b.run((await b.css("#confirm-ok")).click)
+            if typed == "orthan":  # a wrong name purges nothing
+                await b.wait(lambda d: not d.execute_script("return document.getElementById('confirm').open"))
+                assert len(await rig.forward.dead("orthanc")) == 1
+        await b.wait(by_css("#status", text='"purged":1'))
+        assert await rig.forward.dead("orthanc") == []
+
         # -- traffic: charts per pipeline, lines once two samples exist
         await page(b, admin, "traffic", ".traffic-pipeline[data-pipeline='lb'] svg.chart")
         for _ in range(30):  # while the page polls: a non-zero request rate appears on lb's chart

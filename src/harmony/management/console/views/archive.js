@@ -35,7 +35,7 @@ export async function render(root, { status }) {
   }
 
   async function studies(p) {
-    clear(crumbs, link("Patients", patients), " › ", p.name || p.patient_id);
+    clear(crumbs, link("Patients", patients, "crumb-patients"), " › ", p.name || p.patient_id);
     const d = await api(`/archive/${store()}/patients/${p.pk}/studies`);
     const targetSel = () => h("select", { class: "send-target" }, doc.targets.map(t => h("option", { value: t }, t)));
     clear(body, table([
@@ -58,7 +58,7 @@ export async function render(root, { status }) {
   }
 
   async function series(p, st) {
-    clear(crumbs, link("Patients", patients), " › ", link(p.name || p.patient_id, () => studies(p)), " › ", st.description || st.study_instance_uid);
+    clear(crumbs, link("Patients", patients, "crumb-patients"), " › ", link(p.name || p.patient_id, () => studies(p), "crumb-patient"), " › ", st.description || st.study_instance_uid);
     const d = await api(`/archive/${store()}/studies/${encodeURIComponent(st.study_instance_uid)}/series`);
     const out = h("div");
     for (const se of d.series) {
@@ -72,7 +72,7 @@ export async function render(root, { status }) {
     clear(body, out);
   }
 
-  function link(text, fn) { return h("a", { href: "#/archive", onclick: ev => { ev.preventDefault(); fn(); } }, text); }
+  function link(text, fn, cls) { return h("a", { href: "#/archive", class: cls, onclick: ev => { ev.preventDefault(); fn(); } }, text); }
 
   await patients();
   return null;
