@@ -25,21 +25,24 @@ from tests.console_support import TOKEN, XSS, ConsoleRig
 
 
 def by_css(selector, *, text=None, cls=None, count=None):
-    """A selenium wait condition: elements matching *selector* (with *text* / class *cls*, or *count* of them)."""
-    from selenium.webdriver.common.by import By
+    """A selenium wait condition: an element matching *selector* (with *text*
+    in its rendered text and/or class *cls*), or *count* of them.  Checked in
+    one script call, so a table re-rendered by a poll cannot go stale under it."""
 
     def check(driver):
-        found = driver.find_elements(By.CSS_SELECTOR, selector)
-        if count is not None:
-            return found if len(found) >= count else False
-        for el in found:
-            if text is not None and text not in el.text:
-                continue
-            if cls is not None and cls not in (el.get_attribute("class") or "").split():
-                continue
-            return el
-        return False
+        return driver.execute_script(
+            "const [sel, text, cls, count] = arguments;"
+            "const found = [...document.querySelectorAll(sel)];"
+            "if (count !== null) return found.length >= count;"
+            "return found.some(e => (text === null || e.innerText.includes(text))"
+            " && (cls === null || e.classList.contains(cls)));", selector, text, cls, count)
     return check
+
+
+async def element(b, selector, **kw):
+    """Wait for *selector*, then the (stable, not re-rendered) element."""
+    await b.wait(by_css(selector, **kw), message=f"no {selector}")
+    return await b.css(selector)
 
 
 async def text(b, selector) -> str:
@@ -67,7 +70,7 @@ async def test_console_in_chromium(tmp_path):
     try:
         # -- login: a wrong token is refused on the page, the right one opens the console
         await b.get(f"{admin}/ui/")
-        token_input = await b.wait(by_css("#login-token"))
+        token_input = await element(b, "#login-token")
         await b.screenshot(shots / "login.png")
         await b.run(token_input.send_keys, "not-the-token-at-all")
         await b.run((await b.css("#login-submit")).click)
@@ -116,7 +119,8 @@ async def test_console_in_chromium(tmp_path):
         assert XSS in names, names
         assert await b.script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
         await b.screenshot(shots / "archive.png")
-        await b.run((await b.wait(by_css("a.patient-name", text="DOE^JANE"))).click)
+        assert await b.script("const a = [...document.querySelectorAll('a.patient-name')]"
+                              ".find(e => e.textContent === 'DOE^JANE'); a.click(); return true")
         await click(b, "tr.study a")
         await b.wait(lambda d: d.execute_script(
             "const i = [...document.querySelectorAll('figure.thumb img')];"
@@ -127,7 +131,7 @@ async def test_console_in_chromium(tmp_path):
         rig.accept_poison = False
         await click(b, "a.crumb-patient")
         await click(b, "tr.study button.send")
-        await b.run((await b.wait(by_css("#confirm-ok"))).click)
+        await b.run((await element(b, "#confirm-ok")).click)
         await b.wait(by_css("#status", text="queued 3 instance(s) for orthanc"))
         await rig.forward.idle()
 
@@ -140,7 +144,7 @@ async def test_console_in_chromium(tmp_path):
         await b.wait(by_css("#purge-matching", text="Purge matching (1)"))
         for typed in ("orthan", "orthanc"):
             await click(b, "#purge-matching")
-            await b.run((await b.wait(by_css("#confirm-typed"))).send_keys, typed)
+            await b.run((await element(b, "#confirm-typed")).send_keys, typed)
             await b.run((await b.css("#confirm-ok")).click)
             if typed == "orthan":  # a wrong name purges nothing
                 await b.wait(lambda d: not d.execute_script("return document.getElementById('confirm').open"))
@@ -166,7 +170,7 @@ async def test_console_in_chromium(tmp_path):
         await click(b, "#config-check")
         await b.wait(by_css("#config-result", text="harmony check: OK"))
         await click(b, "#config-reload")
-        await b.run((await b.wait(by_css("#confirm-ok"))).click)
+        await b.run((await element(b, "#confirm-ok")).click)
         await b.wait(by_css("#reload-outcome", text="Reloaded."))
         await b.screenshot(shots / "config.png")
 
