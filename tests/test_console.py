@@ -285,3 +285,39 @@ async def test_console_mounted_on_a_network(tmp_path):
         assert r.code == 200 and doc["proxy_id"] == "test"
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_calls_leave_no_phi_in_the_info_log(rig, tmp_path):
+    """Searching the archive by name, listing patients and studies, thumbnails and
+    sending a study: no event at info level names the patient (log_level is info)."""
+    import treq
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from tests.dicom_data import UID_ROOT, make_instance, save
+    ds = make_instance(patient_id="PHIPID0815", patient_name="PHIPROBE^CONSOLE", study_uid=f"{UID_ROOT}63.1",
+                       series_uid=f"{UID_ROOT}63.1.1", sop_uid=f"{UID_ROOT}63.1.1.1", rows=16, cols=16)
+    ds.PatientBirthDate = "19121231"
+    f = save(ds, tmp_path / "phi.dcm")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        r = await treq.post(rig.harmony.url("/ingest"), data=f.read_bytes(), headers={"Content-Type": "application/dicom"})
+        assert r.code == 200
+        cookie, jar, csrf = await login(rig, operator="phi-check")
+        r, doc = await call("GET", rig.admin("/archive/sf/patients?q=PHIPROBE"), headers=jar)
+        (patient,) = doc["patients"]
+        assert patient["patient_id"] == "PHIPID0815"  # the search did find the patient
+        await call("GET", rig.admin(f"/archive/sf/patients/{patient['pk']}/studies"), headers=jar)
+        await call("GET", rig.admin(f"/archive/sf/instances/{UID_ROOT}63.1.1.1/thumbnail"), headers=jar)
+        r, doc = await call("POST", rig.admin(f"/archive/sf/studies/{UID_ROOT}63.1/send?target=orthanc"),
+                            headers={**jar, "X-CSRF-Token": csrf})
+        assert doc["queued"] == 1
+        await rig.forward.idle()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any(e.get("log_namespace") == "harmony.management.console" for e in events)  # actions were logged
+    text = "\n".join(f"{formatEvent(e)} {e!r}" for e in events if e.get("log_level") is None
+                     or e["log_level"].name != "debug")
+    leaked = [s for s in ("PHIPROBE", "CONSOLE", "PHIPID0815", "19121231") if s in text]
+    assert not leaked, [line for line in text.splitlines() if any(s in line for s in leaked)][:5]

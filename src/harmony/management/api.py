@@ -101,8 +101,9 @@ class AdminApi:
         try:
             request.harmony_operator = self._authenticate(request, sub)
         except HarmonyError as error:
-            if isinstance(error, AuthenticationFailed):
-                log.warn("management API: rejected unauthenticated {method} {path} from {client}",
+            if isinstance(error, (AuthenticationFailed, Forbidden)):
+                log.warn("management API: rejected {kind} {method} {path} from {client}",
+                         kind="unauthenticated" if isinstance(error, AuthenticationFailed) else "CSRF-less",
                          method=request.method.decode("ascii", "replace"), path=request.path.decode("utf-8", "replace"),
                          client=_client(request))
             write_response(request, problem_response(error, instance=request.path.decode("utf-8", "replace")))
