@@ -197,6 +197,12 @@ async def test_console_data_calls(rig):
     r, doc = await call("POST", rig.admin(f"/archive/sf/studies/{study}/send?target=nobody"), headers=BEARER)
     assert r.code == 404
 
+    # The topology the overview draws: backends, their targets, what store_forward queues for.
+    r, doc = await call("GET", rig.admin("/backends"), headers=BEARER)
+    by_name = {b["name"]: b for b in doc["backends"]}
+    assert by_name["sf"] == {"name": "sf", "type": "store_forward", "targets": [], "forwards_to": ["orthanc"]}
+    assert by_name["up"]["targets"] == ["pacs-a", "pacs-b"] and by_name["orthanc"]["targets"] == ["orthanc"]
+
     # Traffic: per pipeline totals and points from the Prometheus histogram.
     r, doc = await call("GET", rig.admin("/traffic"), headers=BEARER)
     ingest = doc["pipelines"]["ingest"]["total"]

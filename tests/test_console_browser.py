@@ -86,6 +86,9 @@ async def test_console_in_chromium(tmp_path):
 
         # -- overview: a pipeline description that is an XSS payload shows as text
         assert await text(b, ".pipeline-row[data-pipeline='lb'] h4 span") == XSS
+        # ingest -> sf -> orthanc (its queue) -> the orthanc target, drawn
+        assert await b.script("return [...document.querySelectorAll(\".pipeline-row[data-pipeline='ingest'] text\")]"
+                              ".map(t => t.textContent)") == ["ingest", "sf", "orthanc (queued)", "orthanc"]
         assert await b.script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
         await b.screenshot(shots / "overview.png")
 

@@ -185,6 +185,19 @@ class AdminApi:
             {"name": p.name, "description": p.description, "networks": p.networks, "endpoints": p.endpoints,
              "middleware": p.middleware, "backends": p.backends} for p in cfg.pipelines.values()]})
 
+    @app.route("/backends", methods=["GET"])
+    def backends(self, request):
+        """Per backend: type, its targets (pool) and the backends it queues for (store_forward)."""
+        runtime = self.service.runtime
+        out = []
+        for name, backend in runtime.backends.items():
+            pool = getattr(backend, "target_pool", None)
+            cfg = runtime.config.backends.get(name)
+            out.append({"name": name, "type": cfg.type if cfg is not None else None,
+                        "targets": [t.name for t in pool.targets] if pool is not None else [],
+                        "forwards_to": list(getattr(backend, "target_names", None) or [])})
+        return self.reply(request, {"backends": out})
+
     @app.route("/routes", methods=["GET"])
     def routes(self, request):
         from harmony.cli import route_table

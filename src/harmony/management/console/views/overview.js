@@ -6,20 +6,27 @@ import { h, s, clear, table, age, when } from "../dom.js";
 const BOX_W = 150, BOX_H = 30, GAP_X = 36, GAP_Y = 10;
 
 function stageBoxes(items, cls) {
-  return items.map(it => ({ label: it.label ?? it, cls: it.cls || cls, title: it.title || "" }));
+  return items.map(it => typeof it === "string" ? { label: it, cls, title: "" }
+    : { label: it.label, cls: it.cls || cls, title: it.title || "" });
 }
 
-// One pipeline as columns of boxes joined by arrows.
-function pipelineDiagram(p, targetsByBackend) {
+// One pipeline as columns of boxes joined by arrows: endpoints, each
+// middleware, backends, the backends a store_forward backend queues for, targets.
+function pipelineDiagram(p, targetsByBackend, backendInfo) {
+  const queued = [];
+  for (const b of p.backends) for (const f of (backendInfo[b]?.forwards_to || [])) {
+    queued.push({ label: `${f} (queued)`, cls: "backend", name: f, title: `store-and-forward queue of ${b}` });
+  }
   const targets = [];
-  for (const b of p.backends) for (const t of (targetsByBackend[b] || [])) {
+  for (const b of (queued.length ? queued.map(q => q.name) : p.backends)) for (const t of (targetsByBackend[b] || [])) {
     targets.push({ label: `${t.name}`, cls: t.healthy && t.circuit !== "open" ? "ok" : "bad", title: t.address || "" });
   }
   const columns = [
     stageBoxes(p.endpoints, "endpoint"),
     ...p.middleware.map(m => stageBoxes([m], "middleware")),
-    stageBoxes(p.backends, "backend"),
+    stageBoxes(p.backends.map(b => ({ label: b, title: backendInfo[b]?.type || "" })), "backend"),
   ];
+  if (queued.length) columns.push(queued);
   if (targets.length) columns.push(targets);
   const rows = Math.max(...columns.map(c => c.length));
   const width = columns.length * (BOX_W + GAP_X) - GAP_X + 4;
@@ -59,7 +66,8 @@ export async function render(root, { poller }) {
   root.append(info, h("h3", {}, "Last reload"), reload, h("h3", {}, "Listeners"), listeners, h("h3", {}, "Pipelines"), pipes);
 
   const refresh = async () => {
-    const [i, r, p, t] = await Promise.all([api("/info"), api("/routes"), api("/pipelines"), api("/targets")]);
+    const [i, r, p, t, bk] = await Promise.all([api("/info"), api("/routes"), api("/pipelines"), api("/targets"),
+                                                api("/backends")]);
     clear(info,
       card("Version", i.version, `Python ${i.python_version}, Twisted ${i.twisted_version}`),
       card("Proxy", i.proxy_id, i.config_path),
@@ -81,9 +89,11 @@ export async function render(root, { poller }) {
                        endpoint: "management", service: "management API + console", pipeline: "" }]));
     const byBackend = {};
     for (const b of t.backends) byBackend[b.backend] = b.targets;
+    const backendInfo = {};
+    for (const b of bk.backends) backendInfo[b.name] = b;
     clear(pipes, p.pipelines.map(pl => h("div", { class: "pipeline-row", dataset: { pipeline: pl.name } },
       h("h4", {}, pl.name, " ", h("span", { class: "muted" }, pl.description || "")),
-      pipelineDiagram(pl, byBackend))));
+      pipelineDiagram(pl, byBackend, backendInfo))));
   };
   const stop = poller(refresh, 5);
   return { stop };
