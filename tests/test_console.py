@@ -204,6 +204,8 @@ async def test_console_data_calls(rig):
     assert by_name["up"]["targets"] == ["pacs-a", "pacs-b"] and by_name["orthanc"]["targets"] == ["orthanc"]
 
     # Traffic: per pipeline totals and points from the Prometheus histogram.
+    from harmony.management.console import console_state
+    assert console_state(rig.harmony.service).traffic.history  # sampled since start, before anyone asked
     r, doc = await call("GET", rig.admin("/traffic"), headers=BEARER)
     ingest = doc["pipelines"]["ingest"]["total"]
     assert ingest["requests"] == 4 and ingest["errors"] == 0 and 0 < ingest["p50"] <= ingest["p99"]

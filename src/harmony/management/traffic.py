@@ -1,12 +1,11 @@
 """Traffic history for the console's charts, read from the Prometheus metrics.
 
 The counters and the latency histogram already hold everything the charts
-need; this keeps a short history of their totals (one snapshot per call,
+need; this keeps a short history of their totals (a snapshot per call of
+``GET {base}/traffic`` and every 5 s from the management listener's sampler,
 at most one a second, the last ten minutes) and answers rates, error rates
 and latency percentiles per pipeline as differences between snapshots.
-Nothing runs while nobody looks: the history fills while a console (or any
-caller of ``GET {base}/traffic``) polls, which costs the proxy nothing when
-the console is closed.
+A snapshot reads three metric families; nothing else runs.
 """
 
 from __future__ import annotations
@@ -78,6 +77,10 @@ class Traffic:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.history: collections.deque = collections.deque(maxlen=int(HISTORY_SECONDS / MIN_INTERVAL) + 1)
+
+    def record(self, metrics) -> None:
+        """Take a snapshot now (the management listener's sampler calls this)."""
+        self._snapshot(metrics)
 
     def _snapshot(self, metrics):
         now = self.clock()
