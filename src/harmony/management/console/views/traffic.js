@@ -34,7 +34,7 @@ export async function render(root, { poller }) {
   root.append(note, body);
   const refresh = async () => {
     const doc = await api("/traffic");
-    note.textContent = `History kept while the console polls: ${Math.round(doc.window_seconds)} s so far (up to 10 min).`;
+    note.textContent = `History: the last ${Math.round(doc.window_seconds)} s (up to 10 min), sampled every 5 s and on each refresh.`;
     const names = Object.keys(doc.pipelines).sort();
     clear(body, names.length ? names.map(name => {
       const p = doc.pipelines[name];
