@@ -5,8 +5,8 @@ patient name, a pipeline description) rendered as inert text, CSRF refused
 without the token, inline script blocked by the CSP, reload from the
 configuration page, the audit trail, logout.
 
-A screenshot of every page is saved as a test artifact (the path is
-printed); with ``HARMONY_CONSOLE_SCREENSHOTS=DIR`` they are also copied to
+A screenshot of every page is saved as a test artifact under the test's
+tmp_path (the path is printed; pytest keeps the last three runs); with ``HARMONY_CONSOLE_SCREENSHOTS=DIR`` they are also copied to
 DIR (``scripts/console-screenshots`` makes docs/console/ that way).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest_twisted
@@ -63,7 +62,7 @@ async def page(b, admin, name, ready_selector, **kw):
 
 @pytest_twisted.ensureDeferred
 async def test_console_in_chromium(tmp_path):
-    shots = Path(tempfile.mkdtemp(prefix="harmony-console-shots-"))
+    shots = tmp_path / "screenshots"  # pytest keeps the last few runs' tmp_path: the artifacts
     rig = await ConsoleRig(tmp_path).start()
     b = await Browser().start()
     admin = rig.admin()
