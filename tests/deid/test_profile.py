@@ -33,8 +33,8 @@ def expected_action(basic, opts, selected):
 
 
 def patient_key(original):
-    """Patient ID qualified by its issuer: two issuers' "12345" are different people."""
-    return f"{original.IssuerOfPatientID}^{PATIENT_ID}"
+    """The Patient ID alone keys pseudonyms and shifts (C-FIND answers rarely carry its issuer)."""
+    return str(original.PatientID)
 
 
 def run(options: ProfileOptions, **kw):

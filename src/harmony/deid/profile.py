@@ -75,7 +75,7 @@ _NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT", "
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y", "IS": "0", "DS": "0",
           "PN": "ANONYMIZED", "UR": "urn:anonymized"}
-PATIENT_ID, PATIENT_NAME, ISSUER = 0x00100020, 0x00100010, 0x00100021
+PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
 SOP_INSTANCE_UID, STUDY_UID = 0x00080018, 0x0020000D
 #: File meta attributes that name systems (removed) beyond Media Storage SOP Instance UID (in the table).
 FILE_META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
@@ -189,7 +189,7 @@ class Deidentifier:
 
     Thread-safe for concurrent use except for the UID cache, whose races are harmless
     (the same key always gives the same UID).  ``on_uid(original, new)`` is called
-    for every replaced UID, for reverse lookups by a serving proxy.
+    for every replaced UID and Patient ID, for reverse lookups by a serving proxy.
     """
 
     def __init__(self, profile: Profile, keyring: Keyring, lookup: LookupTable | None = None, on_uid=None):
@@ -369,8 +369,9 @@ class _Context:
     def __init__(self, deid: Deidentifier, ds: Dataset, report):
         self.deid = deid
         self.report = report
+        # Keyed on the Patient ID alone, not qualified by its issuer: a C-FIND answer rarely carries
+        # the issuer, and its pseudonym must equal the one the instances get.
         pid = ds.get(PATIENT_ID)
-        issuer = ds.get(ISSUER)
         self.patient_id = str(pid.value).strip() if pid is not None and pid.value else ""
         key = self.patient_id
         if not key:
@@ -378,8 +379,6 @@ class _Context:
             study = ds.get(STUDY_UID)
             key = "name:" + str(name.value) if name is not None and name.value else \
                 "study:" + (str(study.value) if study is not None else "")
-        elif issuer is not None and issuer.value:
-            key = str(issuer.value).strip() + "^" + key
         self.patient_key = key
         self._shift = None
         self._looked_up = None
@@ -393,6 +392,8 @@ class _Context:
         if self._looked_up is None:
             found = self.deid.lookup.get(self.patient_id) if self.deid.lookup is not None else None
             self._looked_up = found or (self.deid.keys.patient_pseudonym(self.patient_key), None)
+            if self.patient_id and self.deid.on_uid is not None:
+                self.deid.on_uid(self.patient_id, self._looked_up[0])
         return self._looked_up
 
     def pseudonym(self) -> str:

@@ -1,0 +1,410 @@
+"""``deidentify`` middleware: DICOM PS3.15 de-identification on every DICOM path of a pipeline.
+
+Why a middleware working on the DICOM result contract rather than on each
+protocol: placed right of the ``dicomweb_bridge`` / ``jmix_builder`` and left of
+a DICOM backend, it sees
+
+- C-STORE requests (from ``dicom_scp``, or STOW-RS parts turned into C-STOREs by
+  the bridge): the instance is de-identified before the backend gets it, so a
+  ``store_forward`` backend stores and forwards only the de-identified copy, and
+  a ``dicom_scu`` backend sends only it;
+- C-FIND answers (``ResultStream`` of datasets): the identifiers are replaced
+  with exactly the values the instances get, so QIDO-RS answers built from them
+  match what WADO-RS returns;
+- C-GET / C-MOVE answers (``ResultStream`` of Part-10 files): each instance is
+  de-identified off the reactor as it arrives, so WADO-RS multipart answers,
+  metadata, frames and JMIX envelopes are all built from de-identified files.
+
+Requests coming back with pseudonymous UIDs (a WADO-RS URL taken from a QIDO
+answer) are mapped to the originals through the UIDs this middleware has
+replaced; query keys that would match on identity (a name, a birth date) are
+blanked so a client cannot probe for a person.  Instances that may carry
+burned-in identity are quarantined (kept apart, never forwarded) unless a mask
+rule cleans them or the policy says to forward them.
+
+    [middleware.deid]
+    service = "deidentify"
+    secret_file = "secrets/deid.key"        # harmony deidentify --keygen secrets/deid.key
+    retain_longitudinal = "modified"        # "no" (default), "full", "modified"
+    retain_uids = false                     # ... and every other PS3.15 E.3 option by name
+    # lookup_table = "project-ids.csv"      # PatientID,Pseudonym[,PseudonymName]
+    # safe_private = ["0029,SIEMENS CSA HEADER,10"]
+    # [middleware.deid.options.pixels] suspect = "quarantine" ... mask_rules = [...]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+import weakref
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from twisted.internet import defer, threads
+
+from harmony.config.errors import OptionError
+from harmony.config.options import Options
+from harmony.deid import (Deidentifier, Keyring, LookupTable, MaskRule, PixelPolicy, Profile, ProfileError,
+                          ProfileOptions, deidentify_file, read_secret)
+from harmony.deid.files import QUARANTINED
+from harmony.deid.keys import KeyError_
+from harmony.deid.pixels import FORWARD, QUARANTINE, SUSPECT_MODALITIES, SUSPECT_SOP_CLASSES, PixelPolicyError
+from harmony.deid.profile import KEEP, parse_private_entry
+from harmony.dicom.files import Staging, read_instance
+from harmony.dicom.render import ResultBodyProducer
+from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
+from harmony.envelope import ResponseEnvelope, read_body
+from harmony.errors import BadRequest
+from harmony.log import get_logger
+from harmony.middleware.base import Middleware
+
+log = get_logger("harmony.middleware.deidentify")
+
+SUCCESS = 0x0000
+#: Every live instance, for the management API and metrics (see :func:`quarantine_report`).
+ACTIVE: "weakref.WeakSet[Deidentify]" = weakref.WeakSet()
+_UID_KEYS = ("0020000D", "0020000E", "00080018")
+_PATIENT_ID = "00100020"
+_ALWAYS_ALLOWED = {"00080052", "00080005", "00080016", "00080060", "00080061", "00080062", "00200010"}
+
+
+class ReverseMap:
+    """Pseudonym -> original for the UIDs and Patient IDs this process has replaced,
+    bounded (oldest first out), so requests naming pseudonyms reach the originals."""
+
+    def __init__(self, limit: int = 1_000_000):
+        self.limit = limit
+        self._map: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, original: str, pseudonym: str) -> None:
+        with self._lock:
+            self._map[pseudonym] = original
+            self._map.move_to_end(pseudonym)
+            while len(self._map) > self.limit:
+                self._map.popitem(last=False)
+
+    def get(self, pseudonym: str) -> str | None:
+        with self._lock:
+            return self._map.get(pseudonym)
+
+    def __len__(self):
+        return len(self._map)
+
+
+def profile_options(options: Options) -> ProfileOptions:
+    longitudinal = options.str("retain_longitudinal", "no", choices=("no", "full", "modified"))
+    safe = options.list("safe_private", [], of=str)
+    try:
+        entries = tuple(parse_private_entry(e) for e in safe)
+        opts = ProfileOptions(
+            retain_safe_private=bool(entries) or options.bool("retain_safe_private", False),
+            retain_uids=options.bool("retain_uids", False),
+            retain_device_identity=options.bool("retain_device_identity", False),
+            retain_institution_identity=options.bool("retain_institution_identity", False),
+            retain_patient_characteristics=options.bool("retain_patient_characteristics", False),
+            retain_long_full_dates=longitudinal == "full",
+            retain_long_modified_dates=longitudinal == "modified",
+            clean_descriptors=options.bool("clean_descriptors", False),
+            clean_structured_content=options.bool("clean_structured_content", False),
+            clean_graphics=options.bool("clean_graphics", False),
+            safe_private=entries,
+            pseudonymous_name=options.bool("pseudonymous_name", True),
+        )
+        opts.check()
+    except ProfileError as e:
+        raise OptionError(e.key, e.message) from None
+    return opts
+
+
+def pixel_policy(raw: dict) -> PixelPolicy:
+    opts = Options(raw)
+    try:
+        rules = tuple(MaskRule.from_dict(i, r) for i, r in enumerate(opts.list("mask_rules", [], of=dict)))
+    except PixelPolicyError as e:
+        raise OptionError(f"pixels.{e.key}", e.message) from None
+    policy = PixelPolicy(
+        suspect=opts.str("suspect", QUARANTINE, choices=(QUARANTINE, FORWARD)),
+        modalities=frozenset(m.upper() for m in opts.list("modalities", sorted(SUSPECT_MODALITIES), of=str)),
+        sop_classes=frozenset(opts.list("sop_classes", sorted(SUSPECT_SOP_CLASSES), of=str)),
+        trust_burned_in_no=opts.bool("trust_burned_in_no", False),
+        rules=rules,
+    )
+    extra = sorted(set(opts.raw) - opts.used)
+    if extra:
+        raise OptionError("pixels", f"unknown option(s): {', '.join(extra)}")
+    return policy
+
+
+class Deidentify(Middleware):
+    def __init__(self, name, deid: Deidentifier, policy: PixelPolicy, folder: Path, *, max_body_bytes=1 << 30):
+        super().__init__(name)
+        self.deid = deid
+        self.policy = policy
+        self.folder = Path(folder)
+        self.quarantine_dir = self.folder / "quarantine"
+        self.staging = Staging(self.folder / "staging")
+        self.max_body_bytes = max_body_bytes
+        self.reverse = ReverseMap()
+        deid.on_uid = self.reverse.add
+        self.counts = collections.Counter()
+        ACTIVE.add(self)
+
+    @classmethod
+    def from_config(cls, name, options, ctx):
+        secret_path = options.path("secret_file")
+        try:
+            keyring = Keyring(read_secret(secret_path),
+                              date_shift_max_days=options.int("date_shift_max_days", 3650, minimum=1, maximum=36500))
+        except KeyError_ as e:
+            raise OptionError("secret_file", str(e)) from None
+        lookup = None
+        if "lookup_table" in options:
+            try:
+                lookup = LookupTable.load(options.path("lookup_table"))
+            except ValueError as e:
+                raise OptionError("lookup_table", str(e)) from None
+        deid = Deidentifier(Profile(profile_options(options)), keyring, lookup)
+        policy = pixel_policy(options.table("pixels", {}))
+        folder = options.path("storage_dir", None) or (ctx.storage_path / "deidentify" / name)
+        return cls(name, deid, policy, folder,
+                   max_body_bytes=options.int("max_body_bytes", 1 << 30, minimum=1024))
+
+    # ------------------------------------------------------------------ requests
+
+    def on_request(self, request):
+        op = request.metadata.get("dimse_op")
+        if op == C_STORE:
+            return self._store_request(request)
+        if op in (C_FIND, C_GET, C_MOVE):
+            self._translate_identifier(request)
+            if op == C_MOVE:
+                # Instances must come back through here to be de-identified, never PACS -> destination.
+                request.metadata["move_delivery"] = "proxy"
+        return request
+
+    def _translate_identifier(self, request) -> None:
+        doc = request.normalized
+        if isinstance(doc, dict) and "identifier" in doc and isinstance(doc["identifier"], dict):
+            doc = doc["identifier"]
+        if not isinstance(doc, dict):
+            return
+        actions = self.deid.profile.actions
+        for key, attr_ in list(doc.items()):
+            if not isinstance(attr_, dict) or not attr_.get("Value"):
+                continue
+            if key in _UID_KEYS or key == _PATIENT_ID:
+                attr_["Value"] = [self.reverse.get(v) or v if isinstance(v, str) else v for v in attr_["Value"]]
+                continue
+            if key in _ALWAYS_ALLOWED:
+                continue
+            try:
+                action = actions.get(int(key, 16))
+            except ValueError:
+                continue
+            if action is not None and action != KEEP:
+                attr_.pop("Value", None)  # no matching on what the answer will not show
+
+    def _store_request(self, request):
+        instance = request.context.get("instance")
+        if isinstance(instance, DicomInstance):
+            return self._store_file(request, instance.path, instance)
+        if isinstance(instance, (str, Path)):
+            return self._store_file(request, Path(instance), None)
+        body = request.body
+        if isinstance(body, (bytes, bytearray)):
+            if not body:
+                raise BadRequest("C-STORE needs a DICOM instance")
+            return self._spool(request, bytes(body))
+        return read_body(body, self.max_body_bytes).addCallback(lambda data: self._spool(request, data))
+
+    def _spool(self, request, data: bytes):
+        def write():
+            path = self.staging.ensure().new_path()
+            path.write_bytes(data)
+            return path
+
+        return threads.deferToThread(write).addCallback(lambda path: self._store_file(request, path, None, True))
+
+    @defer.inlineCallbacks
+    def _store_file(self, request, path: Path, original: DicomInstance | None, spooled: bool = False):
+        calling = request.metadata.get("calling_aet", "")
+        try:
+            outcome, staged = yield threads.deferToThread(self._deidentify_path, path, calling)
+        except Exception as e:  # noqa: BLE001 - unreadable input is the sender's problem
+            raise BadRequest(f"cannot de-identify the instance: {type(e).__name__}") from None
+        finally:
+            if spooled:
+                _unlink(path)
+        if outcome.verdict == QUARANTINED:
+            self.counts["quarantined"] += 1
+            log.warn("deidentify {name}: quarantined an instance ({reason})", name=self.name, reason=outcome.reason)
+            response = ResponseEnvelope.json(202, {"quarantined": outcome.sop_instance_uid, "reason": outcome.reason})
+            response.context["dimse_status"] = SUCCESS
+            return response
+        self.counts["deidentified"] += 1
+        request.context["instance"] = staged
+        request.context["deidentify.staged"] = staged
+        request.body = b""
+        request.metadata["sop_instance_uid"] = staged.sop_instance_uid
+        if isinstance(request.normalized, dict):
+            request.normalized = yield threads.deferToThread(_header_json, staged.path)
+        return request
+
+    def _deidentify_path(self, path: Path, quarantine_from: str | None = None):
+        """(outcome, staged DicomInstance or None); with *quarantine_from* (the calling AE
+        title), a quarantined original is kept in the quarantine folder."""
+        dst = self.staging.ensure().new_path()
+        outcome = deidentify_file(self.deid, self.policy, path, dst)
+        if outcome.verdict == QUARANTINED:
+            if quarantine_from is not None:
+                self._quarantine(path, outcome, quarantine_from)
+            return outcome, None
+        return outcome, read_instance(dst, owned=True)
+
+    def _quarantine(self, path: Path, outcome, calling_aet: str) -> None:
+        """Keep the original apart for review: the file, and a sidecar without PHI."""
+        day = time.strftime("%Y%m%d", time.gmtime())
+        folder = self.quarantine_dir / day
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = uuid.uuid4().hex
+        shutil.copyfile(path, folder / f"{stem}.dcm")
+        sidecar = {"reason": outcome.reason, "sop_class_uid": outcome.sop_class_uid,
+                   "pseudonymous_sop_instance_uid": outcome.sop_instance_uid, "calling_aet": calling_aet,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (folder / f"{stem}.json").write_text(json.dumps(sidecar))
+
+    # ------------------------------------------------------------------ responses
+
+    def on_response(self, request, response):
+        staged = request.context.pop("deidentify.staged", None)
+        if staged is not None:
+            staged.release()  # the backend has copied or sent it by now
+        op = request.metadata.get("dimse_op")
+        stream = response.context.get("dicom_results")
+        if stream is None or op not in (C_FIND, C_GET, C_MOVE):
+            return response
+        out = ResultStream(on_cancel=stream.cancel)
+        self._pump(stream, out, op)
+        response.context["dicom_results"] = out
+        body = response.body
+        if isinstance(body, ResultBodyProducer):
+            kind = "json" if op == C_FIND else "multipart"
+            response.body = ResultBodyProducer(out, kind)
+            response.headers.setRawHeaders("Content-Type", [response.body.content_type])
+        return response
+
+    def _pump(self, source: ResultStream, out: ResultStream, op: str) -> None:
+        def counted(s):
+            if not s.done and s.remaining is not None:
+                out.set_counts(s.remaining, s.completed, s.failed, s.warning)
+
+        source.when_counted().addCallback(counted)
+        state = {"withheld": []}
+
+        def finish():
+            out.completed, out.warning = source.completed, source.warning
+            out.failed = source.failed + len(state["withheld"])
+            out.failed_sop_uids = list(source.failed_sop_uids) + state["withheld"]
+            out.remaining = source.remaining
+            status = source.status if source.status is not None else SUCCESS
+            if state["withheld"] and status == SUCCESS:
+                status = 0xB000  # sub-operations complete, one or more failures (withheld: quarantined)
+            out.finish(status, source.error_comment or ("withheld for burned-in identity" if state["withheld"] else None))
+
+        @defer.inlineCallbacks
+        def loop():
+            while True:
+                item = yield source.next()
+                if item is None:
+                    finish()
+                    return
+                if isinstance(item, DicomInstance):
+                    try:
+                        outcome, staged = yield threads.deferToThread(self._deidentify_path, item.path)
+                    finally:
+                        item.release()
+                    if outcome.verdict == QUARANTINED:
+                        self.counts["withheld"] += 1
+                        state["withheld"].append(outcome.sop_instance_uid)
+                        continue
+                    self.counts["deidentified"] += 1
+                    out.put(staged)
+                else:
+                    ds = item if isinstance(item, Dataset) else Dataset.from_json(item)
+                    self.deid.identifier(ds)
+                    self.counts["identifiers"] += 1
+                    out.put(ds)
+
+        def failed(failure):
+            out.fail(failure)
+
+        loop().addErrback(failed)
+
+    # ------------------------------------------------------------------ operators
+
+    def quarantine_items(self, limit: int = 100) -> list[dict]:
+        """The newest quarantined instances (sidecars only: no PHI)."""
+        items = []
+        if not self.quarantine_dir.is_dir():
+            return items
+        for day in sorted(self.quarantine_dir.iterdir(), reverse=True):
+            for sidecar in sorted(day.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+                try:
+                    doc = json.loads(sidecar.read_text())
+                except (OSError, ValueError):
+                    continue
+                doc["id"] = f"{day.name}/{sidecar.stem}"
+                items.append(doc)
+                if len(items) >= limit:
+                    return items
+        return items
+
+    def close(self):
+        self.staging.clear()
+
+
+def quarantine_report(limit: int = 100) -> dict:
+    """What the management API shows: per deidentify middleware, its counters and the
+    newest quarantined instances (reasons and pseudonymous UIDs, never PHI).  Blocking
+    (reads sidecar files): call it off the reactor."""
+    return {m.name: {"counts": dict(m.counts), "quarantined": m.quarantine_items(limit)} for m in list(ACTIVE)}
+
+
+class DeidentifyCollector:
+    """Prometheus collector: ``harmony_deidentify_instances_total{middleware, outcome}`` and
+    ``harmony_deidentify_reverse_map_entries``.  Register it on a metrics registry."""
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        total = CounterMetricFamily("harmony_deidentify_instances", "Instances and identifiers handled by deidentify",
+                                    labels=["middleware", "outcome"])
+        entries = GaugeMetricFamily("harmony_deidentify_reverse_map_entries",
+                                    "Pseudonyms this process can map back to originals", labels=["middleware"])
+        for m in list(ACTIVE):
+            for outcome in ("deidentified", "quarantined", "withheld", "identifiers"):
+                total.add_metric([m.name, outcome], m.counts.get(outcome, 0))
+            entries.add_metric([m.name], len(m.reverse))
+        yield total
+        yield entries
+
+
+def _header_json(path) -> dict:
+    ds = dcmread(path, stop_before_pixels=True)
+    return ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda _: "")
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

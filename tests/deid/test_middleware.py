@@ -1,0 +1,182 @@
+"""The ``deidentify`` middleware on real paths:
+
+- DCMTK ``storescu`` -> ``dicom_scp`` -> deidentify -> ``store_forward`` -> ``dicom_scu`` -> a real Orthanc:
+  what arrives carries no original identifier anywhere in Orthanc's stored bytes; a US instance is
+  quarantined (never forwarded, listed for operators);
+- dicomweb-client -> ``dicomweb`` endpoint -> ``dicomweb_bridge`` -> deidentify -> ``local_archive`` holding
+  originals: QIDO-RS answers carry the same pseudonymous UIDs and Patient ID as the instances WADO-RS
+  returns for them, and a query on a real name finds nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from pydicom import dcmread
+from twisted.internet import threads
+
+from harmony.deid import Keyring, generate_secret_file, read_secret
+from harmony.middleware.deidentify import DeidentifyCollector, quarantine_report
+from tests.deid.synthetic import PATIENT_ID, full_instance, simple_instance
+from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
+from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.peers import Orthanc, free_port
+from tests.sf_helpers import dimse_toml
+from tests.test_dicom_scp import SCP_AET, run
+
+ROOT = "1.2.826.0.1.3680043.9999.77."
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+def deid_toml(name="deid", extra="") -> str:
+    return f"""
+[middleware.{name}]
+service = "deidentify"
+[middleware.{name}.options]
+secret_file = "deid.key"
+retain_longitudinal = "modified"
+{extra}
+"""
+
+
+def write_inputs(folder: Path) -> tuple[list[Path], list[str], Path]:
+    """Three instances of one study (one carrying every table attribute) and a US image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = ROOT + "1", ROOT + "1.1"
+    files = []
+    full = full_instance()
+    full.StudyInstanceUID, full.SeriesInstanceUID, full.SOPInstanceUID = study, series, ROOT + "1.1.1"
+    full.file_meta.MediaStorageSOPInstanceUID = full.SOPInstanceUID
+    for i, ds in enumerate([full, simple_instance(study, series, ROOT + "1.1.2"),
+                            simple_instance(study, series, ROOT + "1.1.3")]):
+        path = folder / f"in{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    us = folder / "us.dcm"
+    simple_instance(study, ROOT + "1.2", ROOT + "1.2.1", modality="US", sop_class=US_IMAGE).save_as(
+        us, enforce_file_format=True)
+    identifiers = [PATIENT_ID, "DOE^JOHN", "SECRET", study, series, ROOT + "1.1.1", ROOT + "1.1.2", "20190314",
+                   "19610203", "ACC-SECRET-77"]
+    return files, identifiers, us
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_forward_to_orthanc_leaves_no_identifier_in_its_files(tmp_path):
+    orthanc = Orthanc(tmp_path / "orthanc")
+    await threads.deferToThread(orthanc.start)
+    scp_port = free_port()
+    cfg = write_config(tmp_path / "h", MINIMAL_MAIN + """
+[storage.options]
+path = "store"
+min_free_mb = 0
+
+[backends.sf]
+service = "store_forward"
+[backends.sf.options]
+forward_to = ["pacs"]
+""" + dimse_toml(scp_port, "sf", orthanc.aet, orthanc.dicom_port).replace(
+        'backends = ["sf"]', 'middleware = ["deid"]\nbackends = ["sf"]') + deid_toml())
+    generate_secret_file(tmp_path / "h" / "deid.key")
+    files, identifiers, us = write_inputs(tmp_path / "in")
+    harmony = await start_harmony(cfg)
+    try:
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, *files, us)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.count(b"Received Store Response (Success)") == 4, r.stderr
+        forward = harmony.service.runtime.backends["sf"].forward
+        await forward.idle()
+        assert (await forward.stats())["pacs"]["delivered"] == 3
+        stored = list((tmp_path / "orthanc" / "storage").rglob("*"))
+        blobs = [p.read_bytes() for p in stored if p.is_file() and not p.name.startswith("index")]
+        assert len(blobs) >= 3
+        for value in identifiers:
+            assert not any(value.encode() in b for b in blobs), f"{value!r} reached Orthanc"
+        # ... nor in Harmony's own store-and-forward spool; only the quarantine keeps an original, for review
+        spool = [p for p in (tmp_path / "h" / "store").rglob("*.dcm") if "deidentify" not in p.parts]
+        assert len(spool) == 3
+        assert not [p for p in spool if PATIENT_ID.encode() in p.read_bytes() or b"SECRET" in p.read_bytes()]
+        (held_back,) = (tmp_path / "h" / "store" / "deidentify" / "deid" / "quarantine").rglob("*.dcm")
+        assert dcmread(held_back).Modality == "US"
+        keys = Keyring(read_secret(tmp_path / "h" / "deid.key"))
+        held = await threads.deferToThread(lambda: orthanc.rest("GET", "/instances?expand"))
+        assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in held) == sorted(
+            keys.uid(ROOT + f"1.1.{n}") for n in (1, 2, 3))
+        report = await threads.deferToThread(quarantine_report)
+        assert report["deid"]["counts"] == {"deidentified": 3, "quarantined": 1}
+        (item,) = report["deid"]["quarantined"]
+        assert item["reason"] == "modality US" and item["pseudonymous_sop_instance_uid"] == keys.uid(ROOT + "1.2.1")
+        metrics = {tuple(s.labels.values()): s.value for fam in DeidentifyCollector().collect() for s in fam.samples
+                   if s.name == "harmony_deidentify_instances_total"}
+        assert metrics[("deid", "quarantined")] == 1
+    finally:
+        await harmony.stop()
+        await threads.deferToThread(orthanc.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_qido_and_wado_answers_agree_and_identity_queries_find_nothing(tmp_path):
+    folder = tmp_path / "h"
+    cfg = write_config(folder, MINIMAL_MAIN + """
+[storage.options]
+path = "store"
+min_free_mb = 0
+
+[backends.archive]
+service = "local_archive"
+""" + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]',
+                                                  'middleware = ["web_bridge", "deid"]') + deid_toml())
+    generate_secret_file(folder / "deid.key")
+    files, identifiers, _ = write_inputs(tmp_path / "in")
+    harmony = await start_harmony(cfg)
+    try:
+        store = harmony.service.runtime.backends["archive"].store
+        for f in files:  # the archive holds the originals
+            await store.put_file(f)
+        web = client(harmony.url("/dicomweb"))
+        studies = await in_thread(web.search_for_studies, search_filters={"PatientID": "*"})
+        assert len(studies) == 1
+        study = studies[0]
+        pseudo_study = study["0020000D"]["Value"][0]
+        assert pseudo_study.startswith("2.25.") and "PID-ALPHA" not in str(study) and "SECRET" not in str(study)
+        instances = await in_thread(web.search_for_instances, study_instance_uid=pseudo_study)
+        pseudo_sops = sorted(i["00080018"]["Value"][0] for i in instances)
+        retrieved = await in_thread(web.retrieve_study, pseudo_study)
+        assert sorted(ds.SOPInstanceUID for ds in retrieved) == pseudo_sops
+        for ds in retrieved:
+            assert ds.StudyInstanceUID == pseudo_study
+            assert ds.PatientID == study["00100020"]["Value"][0]
+            assert ds.PatientIdentityRemoved == "YES"
+            raw = bytes(ds.PixelData) + str(ds).encode()
+            assert not any(v.encode() in raw for v in identifiers)
+        meta = await in_thread(web.retrieve_study_metadata, pseudo_study)
+        assert sorted(m["00080018"]["Value"][0] for m in meta) == pseudo_sops
+        # a query on identity is not answered by identity
+        by_name = await in_thread(web.search_for_studies, search_filters={"PatientName": "DOE*"})
+        assert all("DOE" not in str(s) for s in by_name)
+        by_pseudonym = await in_thread(web.search_for_studies,
+                                       search_filters={"PatientID": study["00100020"]["Value"][0]})
+        assert [s["0020000D"]["Value"][0] for s in by_pseudonym] == [pseudo_study]
+    finally:
+        await harmony.stop()
+
+
+def test_config_errors_name_their_keys(tmp_path):
+    from harmony.config import ConfigErrors, load_config
+    from harmony.runtime import build_runtime
+    cfg = write_config(tmp_path, MINIMAL_MAIN + """
+[backends.echo]
+service = "echo"
+[endpoints.e]
+service = "http"
+path_prefix = "/e"
+[pipelines.p]
+endpoints = ["e"]
+middleware = ["deid"]
+backends = ["echo"]
+""" + deid_toml(extra='retain_longitudinal = "sometimes"\n'))
+    with pytest.raises(ConfigErrors) as e:
+        build_runtime(load_config(cfg))
+    text = e.value.render()
+    assert "secret_file" in text or "retain_longitudinal" in text
