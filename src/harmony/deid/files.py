@@ -34,7 +34,8 @@ class Outcome:
 
 def deidentify_file(deid: Deidentifier, policy: PixelPolicy | None, src, dst, *, report: bool = False,
                     dry_run: bool = False) -> Outcome:
-    """De-identify the Part-10 file *src* into *dst* (not written when quarantined or *dry_run*)."""
+    """De-identify the Part-10 file *src* into *dst* (not written when quarantined or *dry_run*);
+    *dst* may be a function of the de-identified dataset (to name files by their new UIDs)."""
     ds = dcmread(src)
     verdict, reason, rule = (policy.decide(ds) if policy is not None else ("clean", None, None))
     changes = [] if report else None
@@ -51,6 +52,8 @@ def deidentify_file(deid: Deidentifier, policy: PixelPolicy | None, src, dst, *,
                            sop_instance_uid=str(ds.get("SOPInstanceUID", "")), changes=changes)
         deid.add_code(ds, "clean_pixel_data")
         masked_by = rule.name
+    if callable(dst):
+        dst = dst(ds)
     if not dry_run:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(dst, enforce_file_format=True)

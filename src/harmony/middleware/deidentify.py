@@ -49,14 +49,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from twisted.internet import defer, threads
 
-from harmony.config.errors import OptionError
-from harmony.config.options import Options
-from harmony.deid import (Deidentifier, Keyring, LookupTable, MaskRule, PixelPolicy, Profile, ProfileError,
-                          ProfileOptions, deidentify_file, read_secret)
+from harmony.deid import Deidentifier, PixelPolicy, deidentify_file
+from harmony.deid.config import build
 from harmony.deid.files import QUARANTINED
-from harmony.deid.keys import KeyError_
-from harmony.deid.pixels import FORWARD, QUARANTINE, SUSPECT_MODALITIES, SUSPECT_SOP_CLASSES, PixelPolicyError
-from harmony.deid.profile import KEEP, parse_private_entry
+from harmony.deid.profile import KEEP
 from harmony.dicom.files import Staging, read_instance
 from harmony.dicom.render import ResultBodyProducer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
@@ -99,50 +95,6 @@ class ReverseMap:
         return len(self._map)
 
 
-def profile_options(options: Options) -> ProfileOptions:
-    longitudinal = options.str("retain_longitudinal", "no", choices=("no", "full", "modified"))
-    safe = options.list("safe_private", [], of=str)
-    try:
-        entries = tuple(parse_private_entry(e) for e in safe)
-        opts = ProfileOptions(
-            retain_safe_private=bool(entries) or options.bool("retain_safe_private", False),
-            retain_uids=options.bool("retain_uids", False),
-            retain_device_identity=options.bool("retain_device_identity", False),
-            retain_institution_identity=options.bool("retain_institution_identity", False),
-            retain_patient_characteristics=options.bool("retain_patient_characteristics", False),
-            retain_long_full_dates=longitudinal == "full",
-            retain_long_modified_dates=longitudinal == "modified",
-            clean_descriptors=options.bool("clean_descriptors", False),
-            clean_structured_content=options.bool("clean_structured_content", False),
-            clean_graphics=options.bool("clean_graphics", False),
-            safe_private=entries,
-            pseudonymous_name=options.bool("pseudonymous_name", True),
-        )
-        opts.check()
-    except ProfileError as e:
-        raise OptionError(e.key, e.message) from None
-    return opts
-
-
-def pixel_policy(raw: dict) -> PixelPolicy:
-    opts = Options(raw)
-    try:
-        rules = tuple(MaskRule.from_dict(i, r) for i, r in enumerate(opts.list("mask_rules", [], of=dict)))
-    except PixelPolicyError as e:
-        raise OptionError(f"pixels.{e.key}", e.message) from None
-    policy = PixelPolicy(
-        suspect=opts.str("suspect", QUARANTINE, choices=(QUARANTINE, FORWARD)),
-        modalities=frozenset(m.upper() for m in opts.list("modalities", sorted(SUSPECT_MODALITIES), of=str)),
-        sop_classes=frozenset(opts.list("sop_classes", sorted(SUSPECT_SOP_CLASSES), of=str)),
-        trust_burned_in_no=opts.bool("trust_burned_in_no", False),
-        rules=rules,
-    )
-    extra = sorted(set(opts.raw) - opts.used)
-    if extra:
-        raise OptionError("pixels", f"unknown option(s): {', '.join(extra)}")
-    return policy
-
-
 class Deidentify(Middleware):
     def __init__(self, name, deid: Deidentifier, policy: PixelPolicy, folder: Path, *, max_body_bytes=1 << 30):
         super().__init__(name)
@@ -159,20 +111,7 @@ class Deidentify(Middleware):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        secret_path = options.path("secret_file")
-        try:
-            keyring = Keyring(read_secret(secret_path),
-                              date_shift_max_days=options.int("date_shift_max_days", 3650, minimum=1, maximum=36500))
-        except KeyError_ as e:
-            raise OptionError("secret_file", str(e)) from None
-        lookup = None
-        if "lookup_table" in options:
-            try:
-                lookup = LookupTable.load(options.path("lookup_table"))
-            except ValueError as e:
-                raise OptionError("lookup_table", str(e)) from None
-        deid = Deidentifier(Profile(profile_options(options)), keyring, lookup)
-        policy = pixel_policy(options.table("pixels", {}))
+        deid, policy = build(options)
         folder = options.path("storage_dir", None) or (ctx.storage_path / "deidentify" / name)
         return cls(name, deid, policy, folder,
                    max_body_bytes=options.int("max_body_bytes", 1 << 30, minimum=1024))
