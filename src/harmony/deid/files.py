@@ -30,10 +30,12 @@ class Outcome:
     series_instance_uid: str = ""
     masked_by: str | None = None
     changes: list | None = None
+    #: The de-identified dataset, when asked for (``keep_dataset``), to describe it without re-reading.
+    dataset: object = None
 
 
 def deidentify_file(deid: Deidentifier, policy: PixelPolicy | None, src, dst, *, report: bool = False,
-                    dry_run: bool = False) -> Outcome:
+                    dry_run: bool = False, keep_dataset: bool = False) -> Outcome:
     """De-identify the Part-10 file *src* into *dst* (not written when quarantined or *dry_run*);
     *dst* may be a function of the de-identified dataset (to name files by their new UIDs)."""
     ds = dcmread(src)
@@ -54,10 +56,14 @@ def deidentify_file(deid: Deidentifier, policy: PixelPolicy | None, src, dst, *,
         masked_by = rule.name
     if callable(dst):
         dst = dst(ds)
+    written = None
     if not dry_run:
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(dst, enforce_file_format=True)
-    return Outcome(DEIDENTIFIED, reason, Path(dst) if not dry_run else None,
+        if isinstance(dst, (str, Path)):
+            written = Path(dst)
+            written.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(dst, enforce_file_format=True)  # a path, or a file-like object
+    return Outcome(DEIDENTIFIED, reason, written,
                    sop_class_uid=str(ds.get("SOPClassUID", "")), sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
                    study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-                   series_instance_uid=str(ds.get("SeriesInstanceUID", "")), masked_by=masked_by, changes=changes)
+                   series_instance_uid=str(ds.get("SeriesInstanceUID", "")), masked_by=masked_by, changes=changes,
+                   dataset=ds if keep_dataset else None)

@@ -160,6 +160,9 @@ class Profile:
         self.safe_private = frozenset(options.safe_private) if self.private_action == PRIVATE else frozenset()
         self.text_cleaning = TEXT in self.actions.values() or any(a == TEXT for _, _, a in self.masked)
         self.shift_dates = options.retain_long_modified_dates
+        #: Attributes whose text values identify (removed or replaced, of a text VR): cut out of free text.
+        self.identity_tags = frozenset(t for t, a in self.actions.items() if a not in (KEEP, UID)
+                                       and _dictionary_vr(t) in ("PN", "LO", "SH", "DA", "LT", "ST", "UT", "UC"))
         codes = [BASIC_CODE] + [OPTION_CODES[o] for o in options.selected()]
         self.codes = codes
 
@@ -418,18 +421,25 @@ def _redactor(ds: Dataset, profile: Profile):
     """One regular expression matching every identifying value of the instance (the
     text values of attributes the profile removes or replaces), longest first."""
     words: set[str] = set()
-    for elem in ds.iterall():
-        action = profile.actions.get(int(elem.tag))
-        if action in (None, KEEP) or elem.VR not in ("PN", "LO", "SH", "DA", "LT", "ST", "UT", "UC"):
-            continue
-        values = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
-        for v in values:
-            text = str(v or "").strip()
-            parts = [text] + (re.split(r"[\^=]", text) if elem.VR == "PN" else [])
-            words.update(p.strip() for p in parts if len(p.strip()) >= 3)
+    _collect_words(ds, profile.identity_tags, words)
     if not words:
         return None
     return re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)), re.IGNORECASE)
+
+
+def _collect_words(ds: Dataset, identity_tags: frozenset, words: set) -> None:
+    for t in ds.keys():
+        t = int(t)
+        if t in identity_tags:
+            elem = ds[t]
+            values = elem.value if elem.VM > 1 else [elem.value]
+            for v in values:
+                text = str(v or "").strip()
+                parts = [text] + (re.split(r"[\^=]", text) if elem.VR == "PN" else [])
+                words.update(p.strip() for p in parts if len(p.strip()) >= 3)
+        elif not (t >> 16) & 1 and _vr_of(ds, t) == "SQ":
+            for item in ds[t].value:
+                _collect_words(item, identity_tags, words)
 
 
 def _map_values(value, fn):
@@ -481,6 +491,10 @@ def _vr_of(ds: Dataset, t: int) -> str:
     vr = getattr(raw, "VR", None)
     if vr:
         return str(vr)
+    return _dictionary_vr(t)
+
+
+def _dictionary_vr(t: int) -> str:
     vr = _VR_CACHE.get(t)
     if vr is None:
         try:

@@ -45,7 +45,6 @@ import weakref
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from twisted.internet import defer, threads
 
@@ -53,7 +52,7 @@ from harmony.deid import Deidentifier, PixelPolicy, deidentify_file
 from harmony.deid.config import build
 from harmony.deid.files import QUARANTINED
 from harmony.deid.profile import KEEP
-from harmony.dicom.files import Staging, read_instance
+from harmony.dicom.files import Staging
 from harmony.dicom.render import ResultBodyProducer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope, read_body
@@ -176,7 +175,8 @@ class Deidentify(Middleware):
     def _store_file(self, request, path: Path, original: DicomInstance | None, spooled: bool = False):
         calling = request.metadata.get("calling_aet", "")
         try:
-            outcome, staged = yield threads.deferToThread(self._deidentify_path, path, calling)
+            outcome, staged, header = yield threads.deferToThread(self._deidentify_path, path, calling,
+                                                                  isinstance(request.normalized, dict))
         except Exception as e:  # noqa: BLE001 - unreadable input is the sender's problem
             raise BadRequest(f"cannot de-identify the instance: {type(e).__name__}") from None
         finally:
@@ -193,20 +193,26 @@ class Deidentify(Middleware):
         request.context["deidentify.staged"] = staged
         request.body = b""
         request.metadata["sop_instance_uid"] = staged.sop_instance_uid
-        if isinstance(request.normalized, dict):
-            request.normalized = yield threads.deferToThread(_header_json, staged.path)
+        if header is not None:
+            request.normalized = header
         return request
 
-    def _deidentify_path(self, path: Path, quarantine_from: str | None = None):
-        """(outcome, staged DicomInstance or None); with *quarantine_from* (the calling AE
-        title), a quarantined original is kept in the quarantine folder."""
+    def _deidentify_path(self, path: Path, quarantine_from: str | None = None, header: bool = False):
+        """(outcome, staged DicomInstance or None, header DICOM JSON or None), all in one thread
+        hop; with *quarantine_from* (the calling AE title) a quarantined original is kept for review."""
         dst = self.staging.ensure().new_path()
-        outcome = deidentify_file(self.deid, self.policy, path, dst)
+        outcome = deidentify_file(self.deid, self.policy, path, dst, keep_dataset=True)
         if outcome.verdict == QUARANTINED:
             if quarantine_from is not None:
                 self._quarantine(path, outcome, quarantine_from)
-            return outcome, None
-        return outcome, read_instance(dst, owned=True)
+            return outcome, None, None
+        ds = outcome.dataset
+        outcome.dataset = None
+        staged = DicomInstance(path=dst, sop_class_uid=outcome.sop_class_uid, sop_instance_uid=outcome.sop_instance_uid,
+                               transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                               study_instance_uid=outcome.study_instance_uid,
+                               series_instance_uid=outcome.series_instance_uid, size=dst.stat().st_size, owned=True)
+        return outcome, staged, (_header_json(ds) if header else None)
 
     def _quarantine(self, path: Path, outcome, calling_aet: str) -> None:
         """Keep the original apart for review: the file, and a sidecar without PHI."""
@@ -267,7 +273,7 @@ class Deidentify(Middleware):
                     return
                 if isinstance(item, DicomInstance):
                     try:
-                        outcome, staged = yield threads.deferToThread(self._deidentify_path, item.path)
+                        outcome, staged, _ = yield threads.deferToThread(self._deidentify_path, item.path)
                     finally:
                         item.release()
                     if outcome.verdict == QUARANTINED:
@@ -337,8 +343,8 @@ class DeidentifyCollector:
         yield entries
 
 
-def _header_json(path) -> dict:
-    ds = dcmread(path, stop_before_pixels=True)
+def _header_json(ds: Dataset) -> dict:
+    """The de-identified header as DICOM JSON for middleware to its right (bulk values left out)."""
     return ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda _: "")
 
 
