@@ -213,3 +213,21 @@ def test_report_names_actions_not_values():
     Deidentifier(Profile(ProfileOptions()), Keyring(SECRET)).dataset(ds, report)
     assert any(c.tag == 0x00100010 and c.name == "Patient's Name" for c in report)
     assert not any(PATIENT_NAME in repr(c) for c in report)
+
+
+def test_own_pseudonyms_are_recognised_and_never_hashed_twice():
+    keys = Keyring(SECRET)
+    uid = keys.uid("1.2.3.4")
+    assert keys.is_ours_uid(uid) and not keys.is_ours_uid("1.2.3.4")
+    assert not Keyring(b"another secret of 32 bytes......").is_ours_uid(uid)
+    import uuid as _uuid
+    assert _uuid.UUID(int=int(uid[5:])).version == 8
+    randoms = [f"2.25.{_uuid.uuid4().int}" for _ in range(2000)]
+    assert not any(keys.is_ours_uid(u) for u in randoms)
+    assert keys.is_ours_patient(keys.patient_pseudonym("P1")) and not keys.is_ours_patient("PAT12345")
+    once = full_instance()
+    deid = Deidentifier(Profile(ProfileOptions(retain_long_modified_dates=True)), keys)
+    deid.dataset(once)
+    before = once.to_json_dict()
+    deid.dataset(once)
+    assert once.to_json_dict() == before  # idempotent: dates not shifted twice, UIDs not re-hashed

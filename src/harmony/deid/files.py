@@ -39,7 +39,8 @@ def deidentify_file(deid: Deidentifier, policy: PixelPolicy | None, src, dst, *,
     """De-identify the Part-10 file *src* into *dst* (not written when quarantined or *dry_run*);
     *dst* may be a function of the de-identified dataset (to name files by their new UIDs)."""
     ds = dcmread(src)
-    verdict, reason, rule = (policy.decide(ds) if policy is not None else ("clean", None, None))
+    done = deid.already_done(ds)  # de-identified with this secret before: it passed the pixel policy then
+    verdict, reason, rule = (policy.decide(ds) if policy is not None and not done else ("clean", None, None))
     changes = [] if report else None
     if verdict == QUARANTINE:
         return Outcome(QUARANTINED, reason, sop_class_uid=str(ds.get("SOPClassUID", "")),

@@ -65,25 +65,48 @@ class Keyring:
                         hashlib.sha256).digest()
 
     def uid(self, original: str) -> str:
-        """``2.25.`` + the keyed hash as a version-8 (custom) UUID: PS3.5 B.2 form, at most 44 characters."""
+        """``2.25.`` + a version-8 (custom) UUID: PS3.5 B.2 form, at most 44 characters.  Its 122 free
+        bits are 90 bits of the keyed hash of the original and a 32-bit keyed check of those, so
+        :meth:`is_ours_uid` recognises Harmony's own pseudonyms (and never hashes them twice)."""
         cached = self._uids.get(original)
         if cached is not None:
             return cached
-        raw = bytearray(self.digest("uid", original)[:16])
-        raw[6] = (raw[6] & 0x0F) | 0x80  # version 8: vendor-specific UUID
-        raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 9562 variant
-        new = "2.25." + str(int.from_bytes(raw, "big"))
+        h = int.from_bytes(self.digest("uid", original)[:12], "big") >> 6  # 90 bits
+        payload = (h << 32) | self._uid_check(h)
+        value = ((payload >> 74) << 80) | (0x8 << 76) | (((payload >> 62) & 0xFFF) << 64) | (0b10 << 62) \
+            | (payload & ((1 << 62) - 1))
+        new = "2.25." + str(value)
         if len(self._uids) > 200_000:  # a bound for long-running processes; recomputing is cheap
             self._uids.clear()
         self._uids[original] = new
         return new
+
+    def _uid_check(self, h: int) -> int:
+        return int.from_bytes(self.digest("uid-check", str(h))[:4], "big")
+
+    def is_ours_uid(self, uid: str) -> bool:
+        """True for a UID this secret made (a random UID passes by chance once in 2**32)."""
+        if not isinstance(uid, str) or not uid.startswith("2.25.") or not uid[5:].isdigit():
+            return False
+        value = int(uid[5:])
+        if value >> 128 or (value >> 76) & 0xF != 0x8 or (value >> 62) & 0b11 != 0b10:
+            return False
+        payload = ((value >> 80) << 74) | (((value >> 64) & 0xFFF) << 62) | (value & ((1 << 62) - 1))
+        return payload & 0xFFFFFFFF == self._uid_check(payload >> 32)
 
     def token(self, domain: str, value: str, length: int = 16) -> str:
         """A short upper-case base32 token (no padding), e.g. for pseudonymous IDs."""
         return base64.b32encode(self.digest(domain, value)).decode("ascii").rstrip("=")[:length]
 
     def patient_pseudonym(self, patient_key: str) -> str:
-        return "PAT" + self.token("patient", patient_key, 16)
+        """``PAT`` + 16 base32 characters of the keyed hash + a 4-character keyed check (23 in all)."""
+        body = self.token("patient", patient_key, 16)
+        return "PAT" + body + self.token("patient-check", body, 4)
+
+    def is_ours_patient(self, value: str) -> bool:
+        value = str(value or "").strip()
+        return len(value) == 23 and value.startswith("PAT") and \
+            self.token("patient-check", value[3:19], 4) == value[19:]
 
     def date_shift(self, patient_key: str) -> datetime.timedelta:
         """The per-patient shift: 1 to ``date_shift_max_days`` days into the past (whole days, so
@@ -121,3 +144,8 @@ class LookupTable:
 
     def get(self, patient_id: str):
         return self.rows.get(patient_id)
+
+    def is_pseudonym(self, value: str) -> bool:
+        if not hasattr(self, "_pseudonyms"):
+            self._pseudonyms = {p for p, _ in self.rows.values()}
+        return str(value or "").strip() in self._pseudonyms

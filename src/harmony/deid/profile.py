@@ -76,7 +76,7 @@ _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y", "IS": "0", "DS": "0",
           "PN": "ANONYMIZED", "UR": "urn:anonymized"}
 PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
-SOP_INSTANCE_UID, STUDY_UID = 0x00080018, 0x0020000D
+SOP_INSTANCE_UID, SERIES_UID, STUDY_UID = 0x00080018, 0x0020000E, 0x0020000D
 #: File meta attributes that name systems (removed) beyond Media Storage SOP Instance UID (in the table).
 FILE_META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 #: Harmony's own, a 2.25 UUID-derived UID (needs no registered root): uuid5(URL, "urn:harmony-proxy:deidentify").
@@ -203,8 +203,25 @@ class Deidentifier:
 
     # ------------------------------------------------------------------ entry points
 
+    def already_done(self, ds: Dataset) -> bool:
+        """True when *ds* was de-identified with this secret already: its Patient ID or a UID is
+        one of our pseudonyms.  Such data (an archive of de-identified instances answering
+        through the middleware, a second CLI run) passes unchanged rather than hashed twice."""
+        pid = ds.get(PATIENT_ID)
+        if pid is not None and pid.value:
+            value = str(pid.value)
+            if self.keys.is_ours_patient(value) or (self.lookup is not None and self.lookup.is_pseudonym(value)):
+                return True
+        for t in (SOP_INSTANCE_UID, SERIES_UID, STUDY_UID):
+            elem = ds.get(t)
+            if elem is not None and elem.value and self.keys.is_ours_uid(str(elem.value)):
+                return True
+        return False
+
     def dataset(self, ds: Dataset, report: list | None = None) -> Dataset:
         """De-identify *ds* in place (file meta included when present) and return it."""
+        if self.already_done(ds):
+            return ds
         ctx = _Context(self, ds, report)
         self._walk(ds, ctx, "")
         meta = getattr(ds, "file_meta", None)
@@ -216,6 +233,8 @@ class Deidentifier:
     def identifier(self, ds: Dataset) -> Dataset:
         """De-identify a C-FIND answer: the same replacements, without the method attributes
         a query answer did not ask for."""
+        if self.already_done(ds):
+            return ds
         ctx = _Context(self, ds, None)
         self._walk(ds, ctx, "")
         return ds

@@ -54,9 +54,9 @@ from harmony.deid.files import QUARANTINED
 from harmony.deid.profile import KEEP
 from harmony.dicom.files import Staging
 from harmony.dicom.render import ResultBodyProducer
-from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
-from harmony.envelope import ResponseEnvelope, read_body
-from harmony.errors import BadRequest
+from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, OPERATIONS, DicomInstance, ResultStream
+from harmony.envelope import ResponseEnvelope, media_type, read_body
+from harmony.errors import BadRequest, PayloadTooLarge
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
 
@@ -95,8 +95,12 @@ class ReverseMap:
 
 
 class Deidentify(Middleware):
-    def __init__(self, name, deid: Deidentifier, policy: PixelPolicy, folder: Path, *, max_body_bytes=1 << 30):
+    def __init__(self, name, deid: Deidentifier, policy: PixelPolicy, folder: Path, *, max_body_bytes=1 << 30,
+                 backend_data: str = "original"):
         super().__init__(name)
+        #: "original": the backend holds identified data, so pseudonyms in requests are mapped back;
+        #: "deidentified": it holds what this middleware (same secret) wrote, so they are not.
+        self.backend_data = backend_data
         self.deid = deid
         self.policy = policy
         self.folder = Path(folder)
@@ -113,12 +117,18 @@ class Deidentify(Middleware):
         deid, policy = build(options)
         folder = options.path("storage_dir", None) or (ctx.storage_path / "deidentify" / name)
         return cls(name, deid, policy, folder,
-                   max_body_bytes=options.int("max_body_bytes", 1 << 30, minimum=1024))
+                   max_body_bytes=options.int("max_body_bytes", 1 << 30, minimum=1024),
+                   backend_data=options.str("backend_data", "original", choices=("original", "deidentified")))
 
     # ------------------------------------------------------------------ requests
 
     def on_request(self, request):
-        op = request.metadata.get("dimse_op")
+        op = self._operation(request)
+        if op is None:
+            # Fail closed: what is not a DICOM operation cannot be de-identified, so it does not pass.
+            raise BadRequest("the deidentify middleware passes DICOM operations only (C-ECHO, C-FIND, C-GET, "
+                             "C-MOVE, C-STORE; or a Part-10 body with Content-Type application/dicom)")
+        request.metadata["dimse_op"] = op
         if op == C_STORE:
             return self._store_request(request)
         if op in (C_FIND, C_GET, C_MOVE):
@@ -127,6 +137,20 @@ class Deidentify(Middleware):
                 # Instances must come back through here to be de-identified, never PACS -> destination.
                 request.metadata["move_delivery"] = "proxy"
         return request
+
+    @staticmethod
+    def _operation(request) -> str | None:
+        """The DICOM operation a request asks for, however its endpoint said it (metadata, a
+        ``{"dimse_op": ...}`` JSON body or ``?dimse_op=`` as ``dicom_scu`` reads them, or a Part-10 body)."""
+        op = request.metadata.get("dimse_op")
+        if not op and isinstance(request.normalized, dict) and isinstance(request.normalized.get("dimse_op"), str):
+            op = request.normalized["dimse_op"]
+        if not op:
+            op = request.query_value("dimse_op")
+        if not op and media_type(request.header("Content-Type")) == "application/dicom":
+            op = C_STORE
+        op = (op or "").upper()
+        return op if op in OPERATIONS else None
 
     def _translate_identifier(self, request) -> None:
         doc = request.normalized
@@ -139,7 +163,8 @@ class Deidentify(Middleware):
             if not isinstance(attr_, dict) or not attr_.get("Value"):
                 continue
             if key in _UID_KEYS or key == _PATIENT_ID:
-                attr_["Value"] = [self.reverse.get(v) or v if isinstance(v, str) else v for v in attr_["Value"]]
+                if self.backend_data == "original":
+                    attr_["Value"] = [self.reverse.get(v) or v if isinstance(v, str) else v for v in attr_["Value"]]
                 continue
             if key in _ALWAYS_ALLOWED:
                 continue
@@ -160,6 +185,8 @@ class Deidentify(Middleware):
         if isinstance(body, (bytes, bytearray)):
             if not body:
                 raise BadRequest("C-STORE needs a DICOM instance")
+            if len(body) > self.max_body_bytes:
+                raise PayloadTooLarge(f"the instance is larger than max_body_bytes ({self.max_body_bytes})")
             return self._spool(request, bytes(body))
         return read_body(body, self.max_body_bytes).addCallback(lambda data: self._spool(request, data))
 
