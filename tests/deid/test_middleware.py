@@ -5,7 +5,8 @@
   quarantined (never forwarded, listed for operators);
 - dicomweb-client -> ``dicomweb`` endpoint -> ``dicomweb_bridge`` -> deidentify -> ``local_archive`` holding
   originals: QIDO-RS answers carry the same pseudonymous UIDs and Patient ID as the instances WADO-RS
-  returns for them, and a query on a real name finds nothing.
+  returns for them, a query on a real name finds nothing, and a JMIX envelope of the study (``jmix`` ->
+  ``jmix_builder`` -> deidentify) holds only de-identified instances.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+import treq
 from pydicom import dcmread
 from twisted.internet import threads
 
 from harmony.deid import Keyring, generate_secret_file, read_secret
+from harmony.jmix import VerifyOptions, open_envelope
+from harmony.jmix.store import EnvelopeStore
 from harmony.middleware.deidentify import DeidentifyCollector, quarantine_report
 from tests.deid.synthetic import PATIENT_ID, full_instance, simple_instance
 from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
@@ -125,6 +129,17 @@ min_free_mb = 0
 
 [backends.archive]
 service = "local_archive"
+
+[pipelines.jmix]
+networks = ["default"]
+endpoints = ["jmix"]
+middleware = ["jmix_builder", "deid"]
+backends = ["archive"]
+
+[endpoints.jmix]
+service = "jmix"
+[endpoints.jmix.options]
+path_prefix = "/jx"
 """ + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]',
                                                   'middleware = ["web_bridge", "deid"]') + deid_toml())
     generate_secret_file(folder / "deid.key")
@@ -158,8 +173,21 @@ service = "local_archive"
         by_pseudonym = await in_thread(web.search_for_studies,
                                        search_filters={"PatientID": study["00100020"]["Value"][0]})
         assert [s["0020000D"]["Value"][0] for s in by_pseudonym] == [pseudo_study]
+        # a JMIX envelope of the study, built from the de-identified instances
+        resp = await treq.get(harmony.url(f"/jx/api/jmix?studyInstanceUid={pseudo_study}"))
+        body = await resp.content()
+        assert resp.code == 200, body
+        (tmp_path / "e.zip").write_bytes(body)
+        report = open_envelope(tmp_path / "e.zip", tmp_path / "open", VerifyOptions())
+        assert report.ok, report.errors
+        files = sorted((report.payload / "dicom").iterdir())
+        assert sorted(f.name[:-4] for f in files) == pseudo_sops
+        opened = [p.read_bytes() for p in (tmp_path / "open").rglob("*") if p.is_file()]
+        for value in identifiers:
+            assert not any(value.encode() in b for b in opened), f"{value!r} in the JMIX envelope"
     finally:
         await harmony.stop()
+        EnvelopeStore.open(folder / "store" / "jmix").close()
 
 
 def test_config_errors_name_their_keys(tmp_path):

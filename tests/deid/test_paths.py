@@ -24,6 +24,7 @@ from harmony.deid import read_secret
 from harmony.deid.files import DEIDENTIFIED, QUARANTINED, deidentify_file
 from tests.deid.synthetic import PATIENT_ID, simple_instance
 from tests.deid.test_middleware import deid_toml
+from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
 from tests.test_dicom_scp import find
@@ -61,7 +62,8 @@ backends = ["archive"]
 endpoints = ["scp"]
 middleware = ["deid"]
 backends = ["archive"]
-""" + deid_toml(extra="max_body_bytes = 20000\nbackend_data = \"deidentified\"\n"))
+""" + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]', 'middleware = ["web_bridge", "deid"]')
+        + deid_toml(extra="max_body_bytes = 20000\nbackend_data = \"deidentified\"\n"))
 
 
 def part10(ds) -> bytes:
@@ -113,6 +115,31 @@ async def test_http_ingest_cfind_and_refusals(tmp_path):
                                                             f"PatientID={keys.patient_pseudonym(PATIENT_ID)}"],
                                 tmp_path / "find2")
         assert [json.loads(a)["0020000D"]["Value"] for a in answers] == [[keys.uid(ROOT + "1")]]
+    finally:
+        await harmony.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stow_parts_are_stored_deidentified_and_the_answer_names_what_was_stored(tmp_path):
+    cfg = config(tmp_path / "h", free_port())
+    generate_secret_file(tmp_path / "h" / "deid.key")
+    keys = Keyring(read_secret(tmp_path / "h" / "deid.key"))
+    harmony = await start_harmony(cfg)
+    try:
+        sent = [simple_instance(ROOT + "5", ROOT + "5.1", ROOT + f"5.1.{i}") for i in (1, 2)]
+        for ds in sent:  # dicomweb-client writes a dataset as it is: without a preamble it is not Part-10
+            ds.preamble = b"\0" * 128
+        result = await in_thread(client(harmony.url("/dicomweb")).store_instances, sent)
+        refs = result.ReferencedSOPSequence
+        assert sorted(r.ReferencedSOPInstanceUID for r in refs) == sorted(keys.uid(ROOT + f"5.1.{i}") for i in (1, 2))
+        assert all(r.WarningReason == 0xB000 for r in refs)  # coercion of data elements
+        assert all(keys.uid(ROOT + "5") in r.RetrieveURL for r in refs)
+        archived = [p for p in (tmp_path / "h" / "store").rglob("*.dcm") if "deidentify" not in p.parts]
+        assert len(archived) == 2
+        assert not any(PATIENT_ID.encode() in p.read_bytes() or b"SECRET" in p.read_bytes() for p in archived)
+        # and WADO-RS by the UIDs the answer gave returns them (the archive holds de-identified data)
+        got = await in_thread(client(harmony.url("/dicomweb")).retrieve_study, keys.uid(ROOT + "5"))
+        assert sorted(ds.SOPInstanceUID for ds in got) == sorted(r.ReferencedSOPInstanceUID for r in refs)
     finally:
         await harmony.stop()
 
