@@ -107,11 +107,11 @@ forward_to = ["pacs"]
         held = await threads.deferToThread(lambda: orthanc.rest("GET", "/instances?expand"))
         assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in held) == sorted(
             keys.uid(ROOT + f"1.1.{n}") for n in (1, 2, 3))
-        report = await threads.deferToThread(quarantine_report)
+        report = await threads.deferToThread(quarantine_report, harmony.service.runtime)
         assert report["deid"]["counts"] == {"deidentified": 3, "quarantined": 1}
         (item,) = report["deid"]["quarantined"]
         assert item["reason"] == "modality US" and item["pseudonymous_sop_instance_uid"] == keys.uid(ROOT + "1.2.1")
-        metrics = {tuple(s.labels.values()): s.value for fam in DeidentifyCollector().collect() for s in fam.samples
+        metrics = {tuple(s.labels.values()): s.value for fam in DeidentifyCollector(lambda: harmony.service.runtime).collect() for s in fam.samples
                    if s.name == "harmony_deidentify_instances_total"}
         assert metrics[("deid", "quarantined")] == 1
     finally:
@@ -208,3 +208,16 @@ backends = ["echo"]
         build_runtime(load_config(cfg))
     text = e.value.render()
     assert "secret_file" in text or "retain_longitudinal" in text
+
+
+def test_pseudonym_map_survives_a_restart_and_is_shared(tmp_path):
+    from harmony.middleware.deidentify import ReverseMap
+    first = ReverseMap(tmp_path / "p.sqlite", cache_limit=2)
+    for i in range(5):
+        first.add(f"1.2.3.{i}", f"2.25.{i}")
+    assert first.get("2.25.0") == "1.2.3.0"  # past the cache bound: read from the file
+    other = ReverseMap(tmp_path / "p.sqlite")  # another worker process, or the next start
+    assert other.get("2.25.4") == "1.2.3.4" and other.get("2.25.9") is None
+    assert len(other) == 5
+    first.close()
+    other.close()

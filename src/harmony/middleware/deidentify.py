@@ -38,13 +38,13 @@ import collections
 import json
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
-import weakref
 from pathlib import Path
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily
 from pydicom.dataset import Dataset
 from twisted.internet import defer, threads
 
@@ -63,35 +63,69 @@ from harmony.middleware.base import Middleware
 log = get_logger("harmony.middleware.deidentify")
 
 SUCCESS = 0x0000
-#: Every live instance, for the management API and metrics (see :func:`quarantine_report`).
-ACTIVE: "weakref.WeakSet[Deidentify]" = weakref.WeakSet()
 _UID_KEYS = ("0020000D", "0020000E", "00080018")
 _PATIENT_ID = "00100020"
 _ALWAYS_ALLOWED = {"00080052", "00080005", "00080016", "00080060", "00080061", "00080062", "00200010"}
 
 
 class ReverseMap:
-    """Pseudonym -> original for the UIDs and Patient IDs this process has replaced,
-    bounded (oldest first out), so requests naming pseudonyms reach the originals."""
+    """Pseudonym -> original for the UIDs and Patient IDs this middleware has replaced, so requests
+    naming pseudonyms (a WADO-RS URL taken from a QIDO answer) reach the originals.
 
-    def __init__(self, limit: int = 1_000_000):
-        self.limit = limit
-        self._map: collections.OrderedDict[str, str] = collections.OrderedDict()
+    Kept in a small sqlite file (WAL) beside the quarantine, shared by worker processes and kept
+    across restarts, with a bounded in-memory cache in front.  It is a cache of what the secret
+    computes anyway: losing it costs a client one query, never consistency; it holds originals,
+    so it lives in the middleware's private folder.  Blocking: call it off the reactor.
+    """
+
+    def __init__(self, path: Path | None, cache_limit: int = 200_000):
+        self.path = path
+        self.cache_limit = cache_limit
+        self._cache: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._db = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")  # a cache: a crash loses recent entries, nothing else
+            self._db.execute("CREATE TABLE IF NOT EXISTS pseudonyms (pseudonym TEXT PRIMARY KEY, original TEXT)")
 
     def add(self, original: str, pseudonym: str) -> None:
         with self._lock:
-            self._map[pseudonym] = original
-            self._map.move_to_end(pseudonym)
-            while len(self._map) > self.limit:
-                self._map.popitem(last=False)
+            if pseudonym in self._cache:
+                self._cache.move_to_end(pseudonym)
+                return
+            self._remember(pseudonym, original)
+            if self._db is not None:
+                self._db.execute("INSERT OR IGNORE INTO pseudonyms VALUES (?, ?)", (pseudonym, original))
 
     def get(self, pseudonym: str) -> str | None:
         with self._lock:
-            return self._map.get(pseudonym)
+            found = self._cache.get(pseudonym)
+            if found is None and self._db is not None:
+                row = self._db.execute("SELECT original FROM pseudonyms WHERE pseudonym = ?", (pseudonym,)).fetchone()
+                if row is not None:
+                    found = row[0]
+                    self._remember(pseudonym, found)
+            return found
+
+    def _remember(self, pseudonym: str, original: str) -> None:
+        self._cache[pseudonym] = original
+        while len(self._cache) > self.cache_limit:
+            self._cache.popitem(last=False)
 
     def __len__(self):
-        return len(self._map)
+        with self._lock:
+            if self._db is not None:
+                return self._db.execute("SELECT count(*) FROM pseudonyms").fetchone()[0]
+            return len(self._cache)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 class Deidentify(Middleware):
@@ -107,10 +141,9 @@ class Deidentify(Middleware):
         self.quarantine_dir = self.folder / "quarantine"
         self.staging = Staging(self.folder / "staging")
         self.max_body_bytes = max_body_bytes
-        self.reverse = ReverseMap()
+        self.reverse = ReverseMap(self.folder / "pseudonyms.sqlite")
         deid.on_uid = self.reverse.add
         self.counts = collections.Counter()
-        ACTIVE.add(self)
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -132,10 +165,11 @@ class Deidentify(Middleware):
         if op == C_STORE:
             return self._store_request(request)
         if op in (C_FIND, C_GET, C_MOVE):
-            self._translate_identifier(request)
             if op == C_MOVE:
                 # Instances must come back through here to be de-identified, never PACS -> destination.
                 request.metadata["move_delivery"] = "proxy"
+            # the pseudonym map may read its file: off the reactor
+            return threads.deferToThread(self._translate_identifier, request).addCallback(lambda _: request)
         return request
 
     @staticmethod
@@ -310,8 +344,7 @@ class Deidentify(Middleware):
                     self.counts["deidentified"] += 1
                     out.put(staged)
                 else:
-                    ds = item if isinstance(item, Dataset) else Dataset.from_json(item)
-                    self.deid.identifier(ds)
+                    ds = yield threads.deferToThread(self._identifier, item)
                     self.counts["identifiers"] += 1
                     out.put(ds)
 
@@ -319,6 +352,10 @@ class Deidentify(Middleware):
             out.fail(failure)
 
         loop().addErrback(failed)
+
+    def _identifier(self, item):
+        ds = item if isinstance(item, Dataset) else Dataset.from_json(item)
+        return self.deid.identifier(ds)
 
     # ------------------------------------------------------------------ operators
 
@@ -341,18 +378,29 @@ class Deidentify(Middleware):
 
     def close(self):
         self.staging.clear()
+        self.reverse.close()
 
 
-def quarantine_report(limit: int = 100) -> dict:
-    """What the management API shows: per deidentify middleware, its counters and the
-    newest quarantined instances (reasons and pseudonymous UIDs, never PHI).  Blocking
-    (reads sidecar files): call it off the reactor."""
-    return {m.name: {"counts": dict(m.counts), "quarantined": m.quarantine_items(limit)} for m in list(ACTIVE)}
+def deidentifiers(runtime) -> list[Deidentify]:
+    """The ``deidentify`` middleware of a runtime (``service.runtime``)."""
+    return [m for m in getattr(runtime, "middleware", {}).values() if isinstance(m, Deidentify)]
+
+
+def quarantine_report(runtime, limit: int = 100) -> dict:
+    """What the management API shows: per deidentify middleware of *runtime*, its counters and the
+    newest quarantined instances (reasons and pseudonymous UIDs, never PHI).  Blocking (reads
+    sidecar files): call it off the reactor."""
+    return {m.name: {"counts": dict(m.counts), "quarantined": m.quarantine_items(limit)}
+            for m in deidentifiers(runtime)}
 
 
 class DeidentifyCollector:
-    """Prometheus collector: ``harmony_deidentify_instances_total{middleware, outcome}`` and
-    ``harmony_deidentify_reverse_map_entries``.  Register it on a metrics registry."""
+    """Prometheus collector: ``harmony_deidentify_instances_total{middleware, outcome}``.
+    ``runtime_of()`` returns the live runtime (e.g. ``lambda: service.runtime``), so a reload's new
+    middleware are reported without re-registering."""
+
+    def __init__(self, runtime_of):
+        self.runtime_of = runtime_of
 
     def describe(self):
         return []
@@ -360,14 +408,10 @@ class DeidentifyCollector:
     def collect(self):
         total = CounterMetricFamily("harmony_deidentify_instances", "Instances and identifiers handled by deidentify",
                                     labels=["middleware", "outcome"])
-        entries = GaugeMetricFamily("harmony_deidentify_reverse_map_entries",
-                                    "Pseudonyms this process can map back to originals", labels=["middleware"])
-        for m in list(ACTIVE):
+        for m in deidentifiers(self.runtime_of()):
             for outcome in ("deidentified", "quarantined", "withheld", "identifiers"):
                 total.add_metric([m.name, outcome], m.counts.get(outcome, 0))
-            entries.add_metric([m.name], len(m.reverse))
         yield total
-        yield entries
 
 
 def _header_json(ds: Dataset) -> dict:
