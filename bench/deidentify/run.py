@@ -34,7 +34,7 @@ from harmony.deid.files import deidentify_file  # noqa: E402
 from harmony.deid.pixels import PixelPolicy  # noqa: E402
 from tests.deid.synthetic import full_instance  # noqa: E402
 from tests.peers import DCMTK, Storescp, free_port, peer_env  # noqa: E402
-from tests.sf_helpers import HarmonyProcess, make_instances  # noqa: E402
+from tests.sf_helpers import HarmonyProcess, dimse_toml, make_instances  # noqa: E402
 
 
 def make_data(folder: Path, small: int, large: int) -> list[Path]:
@@ -83,49 +83,36 @@ def throughput(files, rounds: int):
         print(f"  {name:40s} {rate:8.1f} inst/s   {'-' if name == 'dicognito' else f'{rate / base:.2f}x'}")
 
 
-FORWARD = """
+DEID = """
 [proxy]
 id = "bench-deid"
 log_level = "warn"
-
-[endpoints.scp]
-service = "dicom_scp"
-[endpoints.scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {scp_port}
-enable_store = true
-
-[backends.out]
-service = "dicom_scu"
-[backends.out.options]
-aet = "STORESCP"
-host = "127.0.0.1"
-port = {out_port}
 
 [middleware.deid]
 service = "deidentify"
 [middleware.deid.options]
 secret_file = "deid.key"
-
-[pipelines.fwd]
-endpoints = ["scp"]
-middleware = {middleware}
-backends = ["out"]
 """
+
+
+def forward_config(scp_port: int, sink_port: int, deidentify: bool) -> str:
+    """storescu -> dicom_scp (HARMONY) -> [deidentify] -> dicom_scu ``pacs`` -> the sink."""
+    pipeline = dimse_toml(scp_port, "pacs", "STORESCP", sink_port)
+    if deidentify:
+        pipeline = pipeline.replace('backends = ["pacs"]', 'middleware = ["deid"]\nbackends = ["pacs"]', 1)
+    return DEID + pipeline
 
 
 def forward_latency(work: Path, files, rounds: int):
     sink = Storescp(work / "sink").start()
     results = {}
     try:
-        for label, middleware in (("forward", "[]"), ("forward + deidentify", '["deid"]')):
+        for label, deidentify in (("forward", False), ("forward + deidentify", True)):
             folder = work / label.replace(" ", "").replace("+", "_")
             folder.mkdir()
             generate_secret_file(folder / "deid.key")
             scp_port = free_port()
-            (folder / "harmony.toml").write_text(FORWARD.format(scp_port=scp_port, out_port=sink.port,
-                                                                middleware=middleware))
+            (folder / "harmony.toml").write_text(forward_config(scp_port, sink.port, deidentify))
             harmony = HarmonyProcess(folder, ports=[scp_port]).start()
             try:
                 best = None

@@ -83,19 +83,24 @@ def full_instance(uid_seed: str = "", patient_id: str = PATIENT_ID, patient_name
     src.ReferencedSOPInstanceUID = f"{ROOT}55.1{uid_seed}"
     fg.DerivationImageSequence[0].SourceImageSequence = Sequence([src])
     ds.SharedFunctionalGroupsSequence = Sequence([fg])
-    ds.Rows = ds.Columns = 4
+    add_image(ds, np.arange(16, dtype=np.uint16).reshape(4, 4))
+    ds.file_meta.ImplementationClassUID = generate_uid()
+    ds.file_meta.SourceApplicationEntityTitle = "SRCAE-SECRET"
+    return ds
+
+
+def add_image(ds: Dataset, pixels) -> Dataset:
+    """Monochrome pixel data (a 2-D uint8 or uint16 array) and the file meta of a Part-10 file."""
+    ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 0
-    ds.PixelData = np.arange(16, dtype=np.uint16).tobytes()
+    ds.PixelData = pixels.tobytes()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = generate_uid()
-    meta.SourceApplicationEntityTitle = "SRCAE-SECRET"
     ds.file_meta = meta
     return ds
 
@@ -115,18 +120,7 @@ def simple_instance(study_uid: str, series_uid: str, sop_uid: str, *, patient_id
     ds.Modality = modality
     if burned_in is not None:
         ds.BurnedInAnnotation = burned_in
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(range(64))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    return ds
+    return add_image(ds, np.arange(64, dtype=np.uint8).reshape(8, 8))
 
 
 IDENTIFYING_STRINGS = ("PID-ALPHA", "SECRET", "DOE^JOHN", "19610203", STUDY_DATE)

@@ -27,13 +27,14 @@ from tests.deid.test_middleware import deid_toml
 from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
+from tests.sf_helpers import dimse_toml
 from tests.test_dicom_scp import find
 
 ROOT = "1.2.826.0.1.3680043.9999.66."
 
 
 def config(folder, scp_port):
-    return write_config(folder, MINIMAL_MAIN + f"""
+    return write_config(folder, MINIMAL_MAIN + """
 [storage.options]
 path = "store"
 min_free_mb = 0
@@ -45,24 +46,13 @@ service = "local_archive"
 service = "http"
 path_prefix = "/ingest"
 
-[endpoints.scp]
-service = "dicom_scp"
-[endpoints.scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {scp_port}
-enable_find = true
-
 [pipelines.http]
 endpoints = ["ingest"]
 middleware = ["deid"]
 backends = ["archive"]
-
-[pipelines.dimse]
-endpoints = ["scp"]
-middleware = ["deid"]
-backends = ["archive"]
-""" + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]', 'middleware = ["web_bridge", "deid"]')
+""" + dimse_toml(scp_port, "archive", "UNUSED", 1, query=True).replace('backends = ["archive"]',
+                                                                   'middleware = ["deid"]\nbackends = ["archive"]')
+        + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]', 'middleware = ["web_bridge", "deid"]')
         + deid_toml(extra="max_body_bytes = 20000\nbackend_data = \"deidentified\"\n"))
 
 
