@@ -221,3 +221,53 @@ def test_pseudonym_map_survives_a_restart_and_is_shared(tmp_path):
     assert len(other) == 5
     first.close()
     other.close()
+
+
+def test_staged_leftovers_of_failed_requests_are_swept(tmp_path):
+    import os
+    import time
+
+    from harmony.deid import Deidentifier, PixelPolicy, Profile, ProfileOptions
+    from harmony.middleware.deidentify import STAGED_MAX_AGE_SECS, Deidentify
+    mw = Deidentify("d", Deidentifier(Profile(ProfileOptions()), Keyring(b"k" * 32)), PixelPolicy(), tmp_path)
+    folder = mw.staging.ensure().folder
+    old, fresh = folder / "old.dcm", folder / "fresh.dcm"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    now = time.time()
+    os.utime(old, (now - STAGED_MAX_AGE_SECS - 10,) * 2)
+    assert mw._sweep_staging(now) == 1
+    assert not old.exists() and fresh.exists()
+    assert mw._sweep_staging(now + 1) == 0  # not again before the sweep interval
+    mw.close()
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached")  # the corrupt instance, on purpose
+@pytest_twisted.ensureDeferred
+async def test_retrieve_withholds_suspect_and_unreadable_instances_and_goes_on(tmp_path):
+    """C-GET answer through the middleware (in process): a good instance comes out de-identified, a US
+    instance is withheld (quarantine policy) and a corrupt one fails alone; status 0xB000, failed list."""
+    from harmony.deid import Deidentifier, PixelPolicy, Profile, ProfileOptions
+    from harmony.dicom.results import C_GET, DicomInstance, ResultStream
+    from harmony.envelope import RequestEnvelope, ResponseEnvelope
+    from harmony.middleware.deidentify import Deidentify
+    keys = Keyring(b"k" * 32)
+    mw = Deidentify("d", Deidentifier(Profile(ProfileOptions()), keys), PixelPolicy(), tmp_path / "mw")
+    files, _, us = write_inputs(tmp_path / "in")
+    bad = tmp_path / "in" / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    source = ResultStream()
+    for path, sop in ((files[1], ROOT + "1.1.2"), (us, ROOT + "1.2.1"), (bad, ROOT + "9.9")):
+        source.put(DicomInstance(path=path, sop_instance_uid=sop))
+    source.finish(0x0000)
+    request = RequestEnvelope(metadata={"dimse_op": C_GET})
+    response = mw.on_response(request, ResponseEnvelope(context={"dicom_results": source}))
+    out = response.context["dicom_results"]
+    items = await out.collect()
+    assert [i.sop_instance_uid for i in items] == [keys.uid(ROOT + "1.1.2")]
+    assert dcmread(items[0].path).PatientIdentityRemoved == "YES"
+    assert out.status == 0xB000 and out.failed == 2
+    assert sorted(out.failed_sop_uids) == sorted([keys.uid(ROOT + "1.2.1"), keys.uid(ROOT + "9.9")])
+    assert mw.counts["withheld"] == 1 and mw.counts["failed"] == 1
+    items[0].release()
+    mw.close()

@@ -63,6 +63,9 @@ from harmony.middleware.base import Middleware
 log = get_logger("harmony.middleware.deidentify")
 
 SUCCESS = 0x0000
+#: Staged de-identified copies live for one request; anything older is a leftover of a failed one.
+STAGED_MAX_AGE_SECS = 3600
+STAGING_SWEEP_SECS = 300
 _UID_KEYS = ("0020000D", "0020000E", "00080018")
 _PATIENT_ID = "00100020"
 _ALWAYS_ALLOWED = {"00080052", "00080005", "00080016", "00080060", "00080061", "00080062", "00200010"}
@@ -144,6 +147,7 @@ class Deidentify(Middleware):
         self.reverse = ReverseMap(self.folder / "pseudonyms.sqlite")
         deid.on_uid = self.reverse.add
         self.counts = collections.Counter()
+        self._swept = 0.0
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -261,8 +265,13 @@ class Deidentify(Middleware):
     def _deidentify_path(self, path: Path, quarantine_from: str | None = None, header: bool = False):
         """(outcome, staged DicomInstance or None, header DICOM JSON or None), all in one thread
         hop; with *quarantine_from* (the calling AE title) a quarantined original is kept for review."""
+        self._sweep_staging()
         dst = self.staging.ensure().new_path()
-        outcome = deidentify_file(self.deid, self.policy, path, dst, keep_dataset=True)
+        try:
+            outcome = deidentify_file(self.deid, self.policy, path, dst, keep_dataset=True)
+        except BaseException:
+            _unlink(dst)
+            raise
         if outcome.verdict == QUARANTINED:
             if quarantine_from is not None:
                 self._quarantine(path, outcome, quarantine_from)
@@ -274,6 +283,25 @@ class Deidentify(Middleware):
                                study_instance_uid=outcome.study_instance_uid,
                                series_instance_uid=outcome.series_instance_uid, size=dst.stat().st_size, owned=True)
         return outcome, staged, (_header_json(ds) if header else None)
+
+    def _sweep_staging(self, now=None) -> int:
+        """Remove staged copies older than an hour, at most every few minutes: on_response releases
+        them, but a pipeline that failed after this middleware never calls it."""
+        now = time.time() if now is None else now
+        if now - self._swept < STAGING_SWEEP_SECS:
+            return 0
+        self._swept = now
+        removed = 0
+        folder = self.staging.folder
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                try:
+                    if entry.stat().st_mtime < now - STAGED_MAX_AGE_SECS:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def _quarantine(self, path: Path, outcome, calling_aet: str) -> None:
         """Keep the original apart for review: the file, and a sidecar without PHI."""
@@ -335,6 +363,12 @@ class Deidentify(Middleware):
                 if isinstance(item, DicomInstance):
                     try:
                         outcome, staged, _ = yield threads.deferToThread(self._deidentify_path, item.path)
+                    except Exception as e:  # noqa: BLE001 - one unreadable instance fails its sub-operation only
+                        log.warn("deidentify {name}: cannot de-identify a retrieved instance: {error}",
+                                 name=self.name, error=type(e).__name__)
+                        self.counts["failed"] += 1
+                        state["withheld"].append(self.deid.keys.uid(item.sop_instance_uid))
+                        continue
                     finally:
                         item.release()
                     if outcome.verdict == QUARANTINED:
@@ -409,7 +443,7 @@ class DeidentifyCollector:
         total = CounterMetricFamily("harmony_deidentify_instances", "Instances and identifiers handled by deidentify",
                                     labels=["middleware", "outcome"])
         for m in deidentifiers(self.runtime_of()):
-            for outcome in ("deidentified", "quarantined", "withheld", "identifiers"):
+            for outcome in ("deidentified", "quarantined", "withheld", "failed", "identifiers"):
                 total.add_metric([m.name, outcome], m.counts.get(outcome, 0))
         yield total
 
