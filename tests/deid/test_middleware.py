@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc, free_port
 from tests.sf_helpers import dimse_toml
-from tests.test_dicom_scp import SCP_AET, run
+from tests.test_dicom_scp import SCP_AET, find, run
 
 ROOT = "1.2.826.0.1.3680043.9999.77."
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -271,3 +272,51 @@ async def test_retrieve_withholds_suspect_and_unreadable_instances_and_goes_on(t
     assert mw.counts["withheld"] == 1 and mw.counts["failed"] == 1
     items[0].release()
     mw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dimse_clients_into_an_upstream_dicomweb_server(tmp_path):
+    """storescu / findscu -> dicom_scp -> deidentify -> ``dicomweb`` backend -> a real Orthanc's DICOMweb
+    plugin (the backend answers DIMSE through STOW-RS and QIDO-RS): what is stored upstream is
+    de-identified, and C-FIND answers over the upstream's originals come back de-identified too."""
+    orthanc = Orthanc(tmp_path / "orthanc")
+    await threads.deferToThread(orthanc.start)
+    files, identifiers, _ = write_inputs(tmp_path / "in")
+    await threads.deferToThread(orthanc.upload, files[2:])  # an original already upstream
+    scp_port = free_port()
+    folder = tmp_path / "h"
+    cfg = write_config(folder, MINIMAL_MAIN + f"""
+[storage.options]
+path = "store"
+min_free_mb = 0
+
+[backends.upstream]
+service = "dicomweb"
+[backends.upstream.options]
+base_url = "{orthanc.dicomweb_url}"
+""" + dimse_toml(scp_port, "upstream", "UNUSED", 1, query=True).replace(
+        'backends = ["upstream"]', 'middleware = ["deid"]\nbackends = ["upstream"]') + deid_toml())
+    generate_secret_file(folder / "deid.key")
+    keys = Keyring(read_secret(folder / "deid.key"))
+    harmony = await start_harmony(cfg)
+    try:
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, *files[:2])
+        assert r.stderr.count(b"Received Store Response (Success)") == 2, r.stderr
+        held = await threads.deferToThread(lambda: orthanc.rest("GET", "/instances?expand"))
+        assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in held) == sorted(
+            [keys.uid(ROOT + "1.1.1"), keys.uid(ROOT + "1.1.2"), ROOT + "1.1.3"])
+        stored = [p.read_bytes() for p in (tmp_path / "orthanc" / "storage").rglob("*") if p.is_file()
+                  and not p.name.startswith("index")]
+        assert sum(PATIENT_ID.encode() in b for b in stored) == 1  # only the original uploaded directly
+        answers, _ = await find(scp_port, SCP_AET, "-S", ["QueryRetrieveLevel=SERIES", "StudyInstanceUID",
+                                                          "SeriesInstanceUID", "PatientID", "PatientName"],
+                                tmp_path / "find")
+        got = sorted((a["0020000D"]["Value"][0], a["00100020"]["Value"][0]) for a in map(json.loads, answers))
+        pseudo = keys.patient_pseudonym(PATIENT_ID)
+        # two series upstream (the original one, and the de-identified copy of the same series) answer
+        # alike: the same keyed pseudonyms, whichever side of the gateway the data came from
+        assert got == [(keys.uid(ROOT + "1"), pseudo)] * 2
+        assert not any(v in json.dumps(answers) for v in identifiers)
+    finally:
+        await harmony.stop()
+        await threads.deferToThread(orthanc.stop)
