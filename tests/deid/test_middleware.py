@@ -320,3 +320,50 @@ base_url = "{orthanc.dicomweb_url}"
     finally:
         await harmony.stop()
         await threads.deferToThread(orthanc.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dicomweb_clients_into_an_upstream_dicomweb_server(tmp_path):
+    """dicomweb-client -> dicomweb endpoint -> bridge -> deidentify -> ``dicomweb`` backend -> a real Orthanc's
+    DICOMweb plugin holding originals: the backend answers the bridge's DIMSE operations through DICOMweb
+    (never the client's HTTP request as it came), so QIDO, WADO-RS and STOW-RS are de-identified."""
+    orthanc = Orthanc(tmp_path / "orthanc")
+    await threads.deferToThread(orthanc.start)
+    files, identifiers, _ = write_inputs(tmp_path / "in")
+    await threads.deferToThread(orthanc.upload, files)
+    folder = tmp_path / "h"
+    cfg = write_config(folder, MINIMAL_MAIN + f"""
+[storage.options]
+path = "store"
+min_free_mb = 0
+
+[backends.upstream]
+service = "dicomweb"
+[backends.upstream.options]
+base_url = "{orthanc.dicomweb_url}"
+""" + bridge_pipeline("web", "upstream").replace('middleware = ["web_bridge"]',
+                                                   'middleware = ["web_bridge", "deid"]') + deid_toml())
+    generate_secret_file(folder / "deid.key")
+    keys = Keyring(read_secret(folder / "deid.key"))
+    harmony = await start_harmony(cfg)
+    try:
+        web = client(harmony.url("/dicomweb"))
+        (study,) = await in_thread(web.search_for_studies, search_filters={"PatientID": "*"})
+        assert study["0020000D"]["Value"] == [keys.uid(ROOT + "1")]
+        assert "SECRET" not in json.dumps(study) and PATIENT_ID not in json.dumps(study)
+        retrieved = await in_thread(web.retrieve_study, keys.uid(ROOT + "1"))
+        assert sorted(ds.SOPInstanceUID for ds in retrieved) == sorted(keys.uid(ROOT + f"1.1.{n}") for n in (1, 2, 3))
+        for ds in retrieved:
+            assert not any(v.encode() in str(ds).encode() for v in identifiers)
+        new = simple_instance(ROOT + "2", ROOT + "2.1", ROOT + "2.1.1")
+        new.preamble = b"\0" * 128
+        result = await in_thread(web.store_instances, [new])
+        assert [r.ReferencedSOPInstanceUID for r in result.ReferencedSOPSequence] == [keys.uid(ROOT + "2.1.1")]
+        held = await threads.deferToThread(lambda: orthanc.rest("GET", f"/instances?expand"))
+        stored = [i for i in held if i["MainDicomTags"]["SOPInstanceUID"] == keys.uid(ROOT + "2.1.1")]
+        assert len(stored) == 1
+        tags = await threads.deferToThread(lambda: orthanc.rest("GET", f"/instances/{stored[0]['ID']}/simplified-tags"))
+        assert tags["PatientID"] == keys.patient_pseudonym(PATIENT_ID) and tags["PatientIdentityRemoved"] == "YES"
+    finally:
+        await harmony.stop()
+        await threads.deferToThread(orthanc.stop)

@@ -67,6 +67,7 @@ SUCCESS = 0x0000
 STAGED_MAX_AGE_SECS = 3600
 STAGING_SWEEP_SECS = 300
 _UID_KEYS = ("0020000D", "0020000E", "00080018")
+_HIDDEN_DICOMWEB = "deidentify.dicomweb"
 _PATIENT_ID = "00100020"
 _ALWAYS_ALLOWED = {"00080052", "00080005", "00080016", "00080060", "00080061", "00080062", "00200010"}
 
@@ -166,6 +167,11 @@ class Deidentify(Middleware):
             raise BadRequest("the deidentify middleware passes DICOM operations only (C-ECHO, C-FIND, C-GET, "
                              "C-MOVE, C-STORE; or a Part-10 body with Content-Type application/dicom)")
         request.metadata["dimse_op"] = op
+        if "dicomweb" in request.context:
+            # A DICOMweb request the bridge turned into this DIMSE operation: the backend must answer the
+            # operation (whose identifier and instance are de-identified here), never forward the client's
+            # HTTP request as it came (the dicomweb backend would).  Put back for the bridge on the way out.
+            request.context[_HIDDEN_DICOMWEB] = request.context.pop("dicomweb")
         if op == C_STORE:
             return self._store_request(request)
         if op in (C_FIND, C_GET, C_MOVE):
@@ -318,6 +324,8 @@ class Deidentify(Middleware):
     # ------------------------------------------------------------------ responses
 
     def on_response(self, request, response):
+        if _HIDDEN_DICOMWEB in request.context:
+            request.context["dicomweb"] = request.context.pop(_HIDDEN_DICOMWEB)
         staged = request.context.pop("deidentify.staged", None)
         if staged is not None:
             staged.release()  # the backend has copied or sent it by now
