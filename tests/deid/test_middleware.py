@@ -23,10 +23,10 @@ from twisted.internet import threads
 from harmony.deid import Keyring, generate_secret_file, read_secret
 from harmony.jmix import VerifyOptions, open_envelope
 from harmony.jmix.store import EnvelopeStore
-from harmony.middleware.deidentify import DeidentifyCollector, quarantine_report
+from harmony.middleware.deidentify import DeidentifyCollector, QuarantineResource, quarantine_report
 from tests.deid.synthetic import PATIENT_ID, full_instance, simple_instance
 from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
 from tests.peers import Orthanc, free_port
 from tests.sf_helpers import dimse_toml
 from tests.test_dicom_scp import SCP_AET, find, run
@@ -108,7 +108,13 @@ forward_to = ["pacs"]
         held = await threads.deferToThread(lambda: orthanc.rest("GET", "/instances?expand"))
         assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in held) == sorted(
             keys.uid(ROOT + f"1.1.{n}") for n in (1, 2, 3))
-        report = await threads.deferToThread(quarantine_report, harmony.service.runtime)
+        admin = listen(QuarantineResource(lambda: harmony.service.runtime))
+        try:
+            r = await treq.get(f"http://127.0.0.1:{admin.getHost().port}/?limit=10")
+            report = json.loads(await r.content())
+        finally:
+            await admin.stopListening()
+        assert report == await threads.deferToThread(quarantine_report, harmony.service.runtime)
         assert report["deid"]["counts"] == {"deidentified": 3, "quarantined": 1}
         (item,) = report["deid"]["quarantined"]
         assert item["reason"] == "modality US" and item["pseudonymous_sop_instance_uid"] == keys.uid(ROOT + "1.2.1")

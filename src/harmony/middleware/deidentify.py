@@ -47,6 +47,8 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily
 from pydicom.dataset import Dataset
 from twisted.internet import defer, threads
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from harmony.deid import Deidentifier, PixelPolicy, deidentify_file
 from harmony.deid.config import build
@@ -434,6 +436,36 @@ def quarantine_report(runtime, limit: int = 100) -> dict:
     sidecar files): call it off the reactor."""
     return {m.name: {"counts": dict(m.counts), "quarantined": m.quarantine_items(limit)}
             for m in deidentifiers(runtime)}
+
+
+class QuarantineResource(Resource):
+    """``GET`` -> :func:`quarantine_report` as JSON (``?limit=N``, default 100), for the management API
+    to mount (e.g. at ``/admin/deidentify``) behind its token check: it has no authentication of its own."""
+
+    isLeaf = True
+
+    def __init__(self, runtime_of):
+        super().__init__()
+        self.runtime_of = runtime_of
+
+    def render_GET(self, request):
+        try:
+            limit = max(1, min(1000, int((request.args.get(b"limit") or [b"100"])[0])))
+        except ValueError:
+            limit = 100
+
+        def done(doc):
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(doc).encode())
+            request.finish()
+
+        def failed(f):
+            log.failure("deidentify quarantine report failed", f)
+            request.setResponseCode(500)
+            request.finish()
+
+        threads.deferToThread(quarantine_report, self.runtime_of(), limit).addCallbacks(done, failed)
+        return NOT_DONE_YET
 
 
 class DeidentifyCollector:
