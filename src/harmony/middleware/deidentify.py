@@ -24,6 +24,7 @@ rule cleans them or the policy says to forward them.
 
     [middleware.deid]
     service = "deidentify"
+    [middleware.deid.options]
     secret_file = "secrets/deid.key"        # harmony deidentify --keygen secrets/deid.key
     retain_longitudinal = "modified"        # "no" (default), "full", "modified"
     retain_uids = false                     # ... and every other PS3.15 E.3 option by name
@@ -71,7 +72,6 @@ STAGING_SWEEP_SECS = 300
 _UID_KEYS = ("0020000D", "0020000E", "00080018")
 _HIDDEN_DICOMWEB = "deidentify.dicomweb"
 _PATIENT_ID = "00100020"
-_ALWAYS_ALLOWED = {"00080052", "00080005", "00080016", "00080060", "00080061", "00080062", "00200010"}
 
 
 class ReverseMap:
@@ -211,8 +211,6 @@ class Deidentify(Middleware):
             if key in _UID_KEYS or key == _PATIENT_ID:
                 if self.backend_data == "original":
                     attr_["Value"] = [self.reverse.get(v) or v if isinstance(v, str) else v for v in attr_["Value"]]
-                continue
-            if key in _ALWAYS_ALLOWED:
                 continue
             try:
                 action = actions.get(int(key, 16))
