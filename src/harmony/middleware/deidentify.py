@@ -222,9 +222,9 @@ class Deidentify(Middleware):
     def _store_request(self, request):
         instance = request.context.get("instance")
         if isinstance(instance, DicomInstance):
-            return self._store_file(request, instance.path, instance)
+            return self._store_file(request, instance.path)
         if isinstance(instance, (str, Path)):
-            return self._store_file(request, Path(instance), None)
+            return self._store_file(request, Path(instance))
         body = request.body
         if isinstance(body, (bytes, bytearray)):
             if not body:
@@ -240,10 +240,10 @@ class Deidentify(Middleware):
             path.write_bytes(data)
             return path
 
-        return threads.deferToThread(write).addCallback(lambda path: self._store_file(request, path, None, True))
+        return threads.deferToThread(write).addCallback(lambda path: self._store_file(request, path, spooled=True))
 
     @defer.inlineCallbacks
-    def _store_file(self, request, path: Path, original: DicomInstance | None, spooled: bool = False):
+    def _store_file(self, request, path: Path, spooled: bool = False):
         calling = request.metadata.get("calling_aet", "")
         try:
             outcome, staged, header = yield threads.deferToThread(self._deidentify_path, path, calling,
