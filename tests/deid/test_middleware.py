@@ -118,7 +118,8 @@ forward_to = ["pacs"]
         assert report["deid"]["counts"] == {"deidentified": 3, "quarantined": 1}
         (item,) = report["deid"]["quarantined"]
         assert item["reason"] == "modality US" and item["pseudonymous_sop_instance_uid"] == keys.uid(ROOT + "1.2.1")
-        metrics = {tuple(s.labels.values()): s.value for fam in DeidentifyCollector(lambda: harmony.service.runtime).collect() for s in fam.samples
+        collector = DeidentifyCollector(lambda: harmony.service.runtime)
+        metrics = {tuple(s.labels.values()): s.value for fam in collector.collect() for s in fam.samples
                    if s.name == "harmony_deidentify_instances_total"}
         assert metrics[("deid", "quarantined")] == 1
     finally:

@@ -52,7 +52,8 @@ middleware = ["deid"]
 backends = ["archive"]
 """ + dimse_toml(scp_port, "archive", "UNUSED", 1, query=True).replace('backends = ["archive"]',
                                                                    'middleware = ["deid"]\nbackends = ["archive"]')
-        + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]', 'middleware = ["web_bridge", "deid"]')
+        + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]',
+                                                      'middleware = ["web_bridge", "deid"]')
         + deid_toml(extra="max_body_bytes = 20000\nbackend_data = \"deidentified\"\n"))
 
 

@@ -170,7 +170,8 @@ def test_consistent_across_runs_and_processes():
             "from harmony.deid import *;"
             "ds = full_instance();"
             f"Deidentifier(Profile(ProfileOptions(retain_long_modified_dates=True)), Keyring({SECRET!r})).dataset(ds);"
-            "print(ds.StudyInstanceUID, ds.SOPInstanceUID, ds.PatientID, ds.StudyDate, ds[0x00081140][0].ReferencedSOPInstanceUID)")
+            "print(ds.StudyInstanceUID, ds.SOPInstanceUID, ds.PatientID, ds.StudyDate,"
+            " ds[0x00081140][0].ReferencedSOPInstanceUID)")
     other = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     assert other == [a.StudyInstanceUID, a.SOPInstanceUID, a.PatientID, a.StudyDate,
                      a[0x00081140][0].ReferencedSOPInstanceUID]

@@ -58,7 +58,8 @@ OPTION_CODES = {
 METHOD_TEXT = "PS3.15 E.1 Basic Profile (Harmony, table " + table.REVISION + ")"
 
 # Resolved actions.
-REMOVE, EMPTY, DUMMY, KEEP, UID, SHIFT, DEVICE, TEXT, PRIVATE = "X", "Z", "D", "K", "U", "shift", "device", "text", "private"
+REMOVE, EMPTY, DUMMY, KEEP, UID = "X", "Z", "D", "K", "U"
+SHIFT, DEVICE, TEXT, PRIVATE = "shift", "device", "text", "private"  # the kinds of C (clean)
 _COMBINED = {"X/Z": EMPTY, "X/D": DUMMY, "Z/D": DUMMY, "X/Z/D": DUMMY, "X/Z/U*": UID}
 _CLEAN_BY_OPTION = {
     "retain_long_modified_dates": SHIFT,
@@ -380,7 +381,8 @@ class Deidentifier:
         item = Dataset()
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         ds.DeidentificationMethodCodeSequence.append(item)
-        methods = list(ds.DeidentificationMethod) if ds["DeidentificationMethod"].VM > 1 else [ds.DeidentificationMethod]
+        method = ds["DeidentificationMethod"]
+        methods = list(method.value) if method.VM > 1 else [method.value]
         ds.DeidentificationMethod = methods + [meaning]
 
 

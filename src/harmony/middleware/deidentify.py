@@ -359,7 +359,8 @@ class Deidentify(Middleware):
             status = source.status if source.status is not None else SUCCESS
             if state["withheld"] and status == SUCCESS:
                 status = 0xB000  # sub-operations complete, one or more failures (withheld: quarantined)
-            out.finish(status, source.error_comment or ("withheld for burned-in identity" if state["withheld"] else None))
+            comment = "withheld for burned-in identity or unreadable" if state["withheld"] else None
+            out.finish(status, source.error_comment or comment)
 
         @defer.inlineCallbacks
         def loop():
