@@ -46,6 +46,35 @@ retain_longitudinal = "modified"
 """
 
 
+#: Harmony's store under the config folder (what store_forward and local_archive use).
+STORE = """
+[storage.options]
+path = "store"
+min_free_mb = 0
+"""
+ARCHIVE = STORE + """
+[backends.archive]
+service = "local_archive"
+"""
+
+
+def upstream_toml(orthanc) -> str:
+    """A ``dicomweb`` backend ``upstream`` on *orthanc*'s DICOMweb plugin."""
+    return STORE + f"""
+[backends.upstream]
+service = "dicomweb"
+[backends.upstream.options]
+base_url = "{orthanc.dicomweb_url}"
+"""
+
+
+async def orthanc_holding(folder: Path, files) -> Orthanc:
+    orthanc = Orthanc(folder)
+    await threads.deferToThread(orthanc.start)
+    await threads.deferToThread(orthanc.upload, files)
+    return orthanc
+
+
 def write_inputs(folder: Path) -> tuple[list[Path], list[str], Path]:
     """Three instances of one study (one carrying every table attribute) and a US image."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,11 +101,7 @@ async def test_store_forward_to_orthanc_leaves_no_identifier_in_its_files(tmp_pa
     orthanc = Orthanc(tmp_path / "orthanc")
     await threads.deferToThread(orthanc.start)
     scp_port = free_port()
-    cfg = write_config(tmp_path / "h", MINIMAL_MAIN + """
-[storage.options]
-path = "store"
-min_free_mb = 0
-
+    cfg = write_config(tmp_path / "h", MINIMAL_MAIN + STORE + """
 [backends.sf]
 service = "store_forward"
 [backends.sf.options]
@@ -130,14 +155,7 @@ forward_to = ["pacs"]
 @pytest_twisted.ensureDeferred
 async def test_qido_and_wado_answers_agree_and_identity_queries_find_nothing(tmp_path):
     folder = tmp_path / "h"
-    cfg = write_config(folder, MINIMAL_MAIN + """
-[storage.options]
-path = "store"
-min_free_mb = 0
-
-[backends.archive]
-service = "local_archive"
-
+    cfg = write_config(folder, MINIMAL_MAIN + ARCHIVE + """
 [pipelines.jmix]
 networks = ["default"]
 endpoints = ["jmix"]
@@ -286,22 +304,11 @@ async def test_dimse_clients_into_an_upstream_dicomweb_server(tmp_path):
     """storescu / findscu -> dicom_scp -> deidentify -> ``dicomweb`` backend -> a real Orthanc's DICOMweb
     plugin (the backend answers DIMSE through STOW-RS and QIDO-RS): what is stored upstream is
     de-identified, and C-FIND answers over the upstream's originals come back de-identified too."""
-    orthanc = Orthanc(tmp_path / "orthanc")
-    await threads.deferToThread(orthanc.start)
     files, identifiers, _ = write_inputs(tmp_path / "in")
-    await threads.deferToThread(orthanc.upload, files[2:])  # an original already upstream
+    orthanc = await orthanc_holding(tmp_path / "orthanc", files[2:])  # an original already upstream
     scp_port = free_port()
     folder = tmp_path / "h"
-    cfg = write_config(folder, MINIMAL_MAIN + f"""
-[storage.options]
-path = "store"
-min_free_mb = 0
-
-[backends.upstream]
-service = "dicomweb"
-[backends.upstream.options]
-base_url = "{orthanc.dicomweb_url}"
-""" + dimse_toml(scp_port, "upstream", "UNUSED", 1, query=True).replace(
+    cfg = write_config(folder, MINIMAL_MAIN + upstream_toml(orthanc) + dimse_toml(scp_port, "upstream", "UNUSED", 1, query=True).replace(
         'backends = ["upstream"]', 'middleware = ["deid"]\nbackends = ["upstream"]') + deid_toml())
     generate_secret_file(folder / "deid.key")
     keys = Keyring(read_secret(folder / "deid.key"))
@@ -334,21 +341,10 @@ async def test_dicomweb_clients_into_an_upstream_dicomweb_server(tmp_path):
     """dicomweb-client -> dicomweb endpoint -> bridge -> deidentify -> ``dicomweb`` backend -> a real Orthanc's
     DICOMweb plugin holding originals: the backend answers the bridge's DIMSE operations through DICOMweb
     (never the client's HTTP request as it came), so QIDO, WADO-RS and STOW-RS are de-identified."""
-    orthanc = Orthanc(tmp_path / "orthanc")
-    await threads.deferToThread(orthanc.start)
     files, identifiers, _ = write_inputs(tmp_path / "in")
-    await threads.deferToThread(orthanc.upload, files)
+    orthanc = await orthanc_holding(tmp_path / "orthanc", files)
     folder = tmp_path / "h"
-    cfg = write_config(folder, MINIMAL_MAIN + f"""
-[storage.options]
-path = "store"
-min_free_mb = 0
-
-[backends.upstream]
-service = "dicomweb"
-[backends.upstream.options]
-base_url = "{orthanc.dicomweb_url}"
-""" + bridge_pipeline("web", "upstream").replace('middleware = ["web_bridge"]',
+    cfg = write_config(folder, MINIMAL_MAIN + upstream_toml(orthanc) + bridge_pipeline("web", "upstream").replace('middleware = ["web_bridge"]',
                                                    'middleware = ["web_bridge", "deid"]') + deid_toml())
     generate_secret_file(folder / "deid.key")
     keys = Keyring(read_secret(folder / "deid.key"))

@@ -23,7 +23,7 @@ from harmony.deid import Deidentifier, Keyring, MaskRule, PixelPolicy, Profile, 
 from harmony.deid import read_secret
 from harmony.deid.files import DEIDENTIFIED, QUARANTINED, deidentify_file
 from tests.deid.synthetic import PATIENT_ID, simple_instance
-from tests.deid.test_middleware import deid_toml
+from tests.deid.test_middleware import ARCHIVE, deid_toml
 from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
@@ -34,14 +34,7 @@ ROOT = "1.2.826.0.1.3680043.9999.66."
 
 
 def config(folder, scp_port):
-    return write_config(folder, MINIMAL_MAIN + """
-[storage.options]
-path = "store"
-min_free_mb = 0
-
-[backends.archive]
-service = "local_archive"
-
+    return write_config(folder, MINIMAL_MAIN + ARCHIVE + """
 [endpoints.ingest]
 service = "http"
 path_prefix = "/ingest"
