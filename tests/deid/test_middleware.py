@@ -27,7 +27,7 @@ from harmony.middleware.deidentify import DeidentifyCollector, QuarantineResourc
 from tests.deid.synthetic import PATIENT_ID, full_instance, simple_instance
 from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
-from tests.peers import Orthanc, free_port
+from tests.peers import Orthanc, Storescp, free_port
 from tests.sf_helpers import dimse_toml
 from tests.test_dicom_scp import SCP_AET, find, run
 
@@ -68,6 +68,17 @@ base_url = "{orthanc.dicomweb_url}"
 """
 
 
+def dimse_via_deid(scp_port: int, backend: str, pacs_aet: str = "UNUSED", pacs_port: int = 1, **kw) -> str:
+    """:func:`dimse_toml` (``dicom_scp`` -> *backend*) with the ``deid`` middleware in the pipeline."""
+    return dimse_toml(scp_port, backend, pacs_aet, pacs_port, **kw).replace(
+        f'backends = ["{backend}"]', f'middleware = ["deid"]\nbackends = ["{backend}"]')
+
+
+def bridge_via_deid(backend: str) -> str:
+    """:func:`bridge_pipeline` (``dicomweb`` endpoint -> bridge -> *backend*) with ``deid`` after the bridge."""
+    return bridge_pipeline("web", backend).replace('middleware = ["web_bridge"]', 'middleware = ["web_bridge", "deid"]')
+
+
 async def orthanc_holding(folder: Path, files) -> Orthanc:
     orthanc = Orthanc(folder)
     await threads.deferToThread(orthanc.start)
@@ -106,8 +117,7 @@ async def test_store_forward_to_orthanc_leaves_no_identifier_in_its_files(tmp_pa
 service = "store_forward"
 [backends.sf.options]
 forward_to = ["pacs"]
-""" + dimse_toml(scp_port, "sf", orthanc.aet, orthanc.dicom_port).replace(
-        'backends = ["sf"]', 'middleware = ["deid"]\nbackends = ["sf"]') + deid_toml())
+""" + dimse_via_deid(scp_port, "sf", orthanc.aet, orthanc.dicom_port) + deid_toml())
     generate_secret_file(tmp_path / "h" / "deid.key")
     files, identifiers, us = write_inputs(tmp_path / "in")
     harmony = await start_harmony(cfg)
@@ -166,8 +176,7 @@ backends = ["archive"]
 service = "jmix"
 [endpoints.jmix.options]
 path_prefix = "/jx"
-""" + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]',
-                                                  'middleware = ["web_bridge", "deid"]') + deid_toml())
+""" + bridge_via_deid("archive") + deid_toml())
     generate_secret_file(folder / "deid.key")
     files, identifiers, _ = write_inputs(tmp_path / "in")
     harmony = await start_harmony(cfg)
@@ -308,8 +317,8 @@ async def test_dimse_clients_into_an_upstream_dicomweb_server(tmp_path):
     orthanc = await orthanc_holding(tmp_path / "orthanc", files[2:])  # an original already upstream
     scp_port = free_port()
     folder = tmp_path / "h"
-    cfg = write_config(folder, MINIMAL_MAIN + upstream_toml(orthanc) + dimse_toml(scp_port, "upstream", "UNUSED", 1, query=True).replace(
-        'backends = ["upstream"]', 'middleware = ["deid"]\nbackends = ["upstream"]') + deid_toml())
+    cfg = write_config(folder, MINIMAL_MAIN + upstream_toml(orthanc) + dimse_via_deid(scp_port, "upstream", query=True)
+                       + deid_toml())
     generate_secret_file(folder / "deid.key")
     keys = Keyring(read_secret(folder / "deid.key"))
     harmony = await start_harmony(cfg)
@@ -344,8 +353,7 @@ async def test_dicomweb_clients_into_an_upstream_dicomweb_server(tmp_path):
     files, identifiers, _ = write_inputs(tmp_path / "in")
     orthanc = await orthanc_holding(tmp_path / "orthanc", files)
     folder = tmp_path / "h"
-    cfg = write_config(folder, MINIMAL_MAIN + upstream_toml(orthanc) + bridge_pipeline("web", "upstream").replace('middleware = ["web_bridge"]',
-                                                   'middleware = ["web_bridge", "deid"]') + deid_toml())
+    cfg = write_config(folder, MINIMAL_MAIN + upstream_toml(orthanc) + bridge_via_deid("upstream") + deid_toml())
     generate_secret_file(folder / "deid.key")
     keys = Keyring(read_secret(folder / "deid.key"))
     harmony = await start_harmony(cfg)
@@ -370,3 +378,29 @@ async def test_dicomweb_clients_into_an_upstream_dicomweb_server(tmp_path):
     finally:
         await harmony.stop()
         await threads.deferToThread(orthanc.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cstore_forward_to_dcmtk_storescp(tmp_path):
+    """storescu -> dicom_scp -> deidentify -> dicom_scu -> DCMTK storescp (direct forwarding, no store):
+    the files storescp writes carry no original value; the US instance never reaches it."""
+    sink = await threads.deferToThread(Storescp(tmp_path / "sink").start)
+    scp_port = free_port()
+    cfg = write_config(tmp_path / "h", MINIMAL_MAIN + STORE + dimse_via_deid(scp_port, "pacs", sink.aet, sink.port)
+                       + deid_toml())
+    generate_secret_file(tmp_path / "h" / "deid.key")
+    keys = Keyring(read_secret(tmp_path / "h" / "deid.key"))
+    files, identifiers, us = write_inputs(tmp_path / "in")
+    harmony = await start_harmony(cfg)
+    try:
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, *files, us)
+        assert r.stderr.count(b"Received Store Response (Success)") == 4, r.stderr
+        received = sink.files()
+        assert sorted(dcmread(p).SOPInstanceUID for p in received) == sorted(
+            keys.uid(ROOT + f"1.1.{n}") for n in (1, 2, 3))
+        for p in received:
+            raw = p.read_bytes()
+            assert not any(v.encode() in raw for v in identifiers), p
+    finally:
+        await harmony.stop()
+        await threads.deferToThread(sink.stop)

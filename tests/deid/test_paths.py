@@ -23,11 +23,10 @@ from harmony.deid import Deidentifier, Keyring, MaskRule, PixelPolicy, Profile, 
 from harmony.deid import read_secret
 from harmony.deid.files import DEIDENTIFIED, QUARANTINED, deidentify_file
 from tests.deid.synthetic import PATIENT_ID, simple_instance
-from tests.deid.test_middleware import ARCHIVE, deid_toml
-from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
+from tests.deid.test_middleware import ARCHIVE, bridge_via_deid, deid_toml, dimse_via_deid
+from tests.dicomweb_helpers import client, in_thread
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
-from tests.sf_helpers import dimse_toml
 from tests.test_dicom_scp import find
 
 ROOT = "1.2.826.0.1.3680043.9999.66."
@@ -43,10 +42,8 @@ path_prefix = "/ingest"
 endpoints = ["ingest"]
 middleware = ["deid"]
 backends = ["archive"]
-""" + dimse_toml(scp_port, "archive", "UNUSED", 1, query=True).replace('backends = ["archive"]',
-                                                                   'middleware = ["deid"]\nbackends = ["archive"]')
-        + bridge_pipeline("web", "archive").replace('middleware = ["web_bridge"]',
-                                                      'middleware = ["web_bridge", "deid"]')
+""" + dimse_via_deid(scp_port, "archive", query=True)
+        + bridge_via_deid("archive")
         + deid_toml(extra="max_body_bytes = 20000\nbackend_data = \"deidentified\"\n"))
 
 
