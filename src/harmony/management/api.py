@@ -33,7 +33,7 @@ from urllib.parse import unquote_to_bytes
 import twisted
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -224,6 +224,18 @@ class AdminApi:
         response = ResponseEnvelope(200, body=self.service.metrics.text())
         response.headers.setRawHeaders(b"content-type", [CONTENT_TYPE_LATEST.encode()])
         return self.reply(request, response)
+
+    @app.route("/deidentify", methods=["GET"])
+    def deidentify(self, request):
+        """Each deidentify middleware's counters and quarantined instances (reasons and pseudonymous UIDs only)."""
+        from harmony.middleware.deidentify import quarantine_report
+
+        try:
+            limit = max(1, min(1000, int((request.args.get(b"limit") or [b"100"])[0])))
+        except ValueError:
+            limit = 100
+        runtime = self.service.runtime
+        return self.reply(request, threads.deferToThread(lambda: {"deidentify": quarantine_report(runtime, limit)}))
 
     @app.route("/queues/", branch=True)
     def queues(self, request):

@@ -24,6 +24,8 @@ has received.
 
 from __future__ import annotations
 
+import json
+
 import attr
 from klein import Klein
 from klein.resource import KleinResource
@@ -82,8 +84,9 @@ class DeadFilter:
         return "".join(" AND " + s for s in sql), args
 
 
-_DEAD_FROM = ("FROM queue q LEFT JOIN instances i ON i.sop_uid = q.sop_uid "
+_DEAD_FROM = ("FROM queue q LEFT JOIN instances i ON q.kind = 'dicom' AND i.sop_uid = q.sop_uid "
               "LEFT JOIN series s ON s.pk = i.series_pk LEFT JOIN studies st ON st.pk = s.study_pk "
+              "LEFT JOIN messages m ON q.kind != 'dicom' AND q.sop_uid = 'msg:' || m.id "
               "WHERE q.target = ? AND q.state = 'dead'")
 
 
@@ -92,10 +95,20 @@ def select_dead(conn, target: str, flt: DeadFilter, limit: int, after_id: int) -
     where, args = flt.where()
     rows = conn.execute(
         "SELECT q.id, q.sop_uid, q.attempts, q.enqueued_at, q.finished_at, q.last_error, i.sop_class_uid, "
-        "st.study_uid " + _DEAD_FROM + where + " AND q.id > ? ORDER BY q.id LIMIT ?",
+        "st.study_uid, q.kind, m.metadata " + _DEAD_FROM + where + " AND q.id > ? ORDER BY q.id LIMIT ?",
         [target, *args, after_id, limit])
-    return [{"id": r[0], "sop_instance_uid": r[1], "attempts": r[2], "enqueued_at": r[3], "failed_at": r[4],
-             "last_error": r[5], "sop_class_uid": r[6], "study_instance_uid": r[7]} for r in rows]
+    out = []
+    for r in rows:
+        entry = {"id": r[0], "kind": r[8], "attempts": r[2], "enqueued_at": r[3], "failed_at": r[4],
+                 "last_error": r[5]}
+        if r[8] == q.DICOM:
+            entry.update(sop_instance_uid=r[1], sop_class_uid=r[6], study_instance_uid=r[7])
+        else:
+            # A message: its kind and header summary (no patient data), as harmony.storage.queue keeps it.
+            entry["item"] = r[1]
+            entry.update({k: v for k, v in json.loads(r[9] or "{}").items() if k in q.MESSAGE_SUMMARY})
+        out.append(entry)
+    return out
 
 
 def count_dead(conn, target: str, flt: DeadFilter) -> int:
