@@ -10,6 +10,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.client import (Agent, HTTPConnectionPool, ResponseFailed,
                                 ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -23,7 +24,7 @@ from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
 from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
-from harmony.errors import BackendTimeout, BackendUnavailable
+from harmony.errors import BackendTimeout, BackendUnavailable, ClientClosedRequest, HarmonyError
 from harmony.targets import Target, TargetPool
 from harmony.web.headers import end_to_end
 
@@ -63,6 +64,24 @@ def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
     if request.request_id:
         headers.setRawHeaders(b"x-request-id", [request.request_id.encode()])
     return headers
+
+
+def client_side_cause(failure):
+    """The client-side cause inside one of Agent's wrapper failures, or None.
+
+    Agent reports "we cancelled the request" (our client hung up) as
+    ResponseNeverReceived([CancelledError]), and a request body that failed
+    (an upload cut mid-body, one over the size limit) as
+    RequestGenerationFailed([...]): neither is the upstream's doing, and
+    mapping them to 502 "upstream closed the connection" would count them
+    against the target.
+    """
+    for reason in getattr(failure.value, "reasons", None) or ():
+        if reason.check(defer.CancelledError):
+            return Failure(ClientClosedRequest("the request was cancelled before the upstream answered"))
+        if reason.check(HarmonyError) and reason.value.status < 500:
+            return reason
+    return None
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -190,6 +209,9 @@ class HttpBackend(Backend):
                 raise BackendTimeout(f"upstream did not answer within {self.timeout:g}s")
             if failure.check(defer.CancelledError):
                 return failure
+            client_side = client_side_cause(failure)
+            if client_side is not None:
+                return client_side
             if failure.check(ResponseNeverReceived, ResponseFailed):
                 raise BackendUnavailable("upstream closed the connection before answering")
             from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError

@@ -10,7 +10,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
-from harmony.errors import HarmonyError
+from harmony.errors import HarmonyError, mark_client_gone
 from harmony.interfaces import IComponentFactory, IHttpEndpoint
 from harmony.log import get_logger
 from harmony.web.bridge import envelope_from_request, log_access, write_response
@@ -70,10 +70,17 @@ class HttpEndpointBase(Service):
         env = self.envelope(request, route)
         log_access(request, self.name, started)
         d = defer.maybeDeferred(route.pipeline.handle, env, self)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        request.notifyFinish().addErrback(self._client_gone, env, d)
         d.addCallback(lambda response: write_response(request, response))
         d.addErrback(self._unexpected, request, env)
         return NOT_DONE_YET
+
+    @staticmethod
+    def _client_gone(_reason, env, d):
+        """The connection closed before the answer: mark it first, so that what fails
+        because of the cancel is not blamed on a backend (harmony.targets), then cancel."""
+        mark_client_gone(env)
+        d.cancel()
 
     def _unexpected(self, failure, request, env):
         if failure.check(defer.CancelledError):

@@ -24,11 +24,14 @@ from io import BytesIO
 from urllib.parse import parse_qs
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from harmony.errors import ClientClosedRequest
 
 #: Bodies up to this size are read whole (cheap, and lets JSON-aware middleware
 #: see them); larger or unknown-length ones stream to endpoints that opt in.
@@ -183,9 +186,13 @@ class HarmonyRequest(Request):
         return super().finish()
 
     def connectionLost(self, reason):
-        if self.body_stream is not None:
-            self.body_stream.fail(reason)
+        # Tell the pipeline first (notifyFinish: the endpoint marks the client
+        # gone and cancels), then fail the body: an upload cut mid-body must
+        # read as the client's doing, never as the upstream failing.
         super().connectionLost(reason)
+        if self.body_stream is not None:
+            self.body_stream.fail(Failure(ClientClosedRequest(
+                f"the client closed the connection mid-body: {reason.getErrorMessage()}")))
 
 
 class HarmonyChannel(HTTPChannel):
