@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import (Agent, HTTPConnectionPool, ResponseFailed,
                                 ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 import ipaddress
@@ -84,8 +85,34 @@ def client_side_cause(failure):
     return None
 
 
+class _ConnectionKeepingProtocol(HTTP11ClientProtocol):
+    """Twisted's client parser files an answer's ``Connection`` header away
+    with the framing headers, so ``response.headers`` no longer says which
+    other headers it names as hop-by-hop (RFC 9110 section 7.6.1): a
+    ``Connection: X-Internal`` upstream would leak ``X-Internal`` to the
+    client.  This keeps a copy among the response headers, where
+    :func:`harmony.web.headers.end_to_end` drops it and every name it lists."""
+
+    def request(self, request):
+        d = super().request(request)
+        parser = getattr(self, "_parser", None)
+        if parser is not None:
+            received = parser.headerReceived
+
+            def header_received(name, value):
+                received(name, value)
+                if name.lower() == b"connection":
+                    parser.headers.addRawHeader(b"connection", value)
+
+            parser.headerReceived = header_received
+        return d
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # one "Starting factory" log line per upstream connection is noise
+
+    def buildProtocol(self, addr):
+        return _ConnectionKeepingProtocol(self._quiescentCallback)
 
 
 @implementer(IAgentEndpointFactory)

@@ -13,7 +13,7 @@ from harmony import jsonutil
 from harmony.envelope import (RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id,
                               parse_query)
 from harmony.log import enabled, get_logger
-from harmony.web.headers import HOP_BY_HOP, copy_headers
+from harmony.web.headers import HOP_BY_HOP, connection_listed, copy_headers
 from harmony.web.streaming import INLINE_BODY_LIMIT
 
 log = get_logger("harmony.access")
@@ -84,7 +84,10 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     if getattr(request, "_disconnected", False) or request.finished:
         return defer.succeed(None)
     request.setResponseCode(response.status, response.reason)
-    out = copy_headers(response.headers, _NOT_COPIED)
+    skip = _NOT_COPIED
+    if response.headers.hasHeader(b"connection"):
+        skip = skip | connection_listed(response.headers)  # RFC 9110 7.6.1: hop-by-hop too
+    out = copy_headers(response.headers, skip)
     for name, values in request.responseHeaders.getAllRawHeaders():
         if not out.hasHeader(name):  # e.g. Connection: close, set by twisted.web
             out.setRawHeaders(name, values)
