@@ -68,6 +68,9 @@ async def test_bad_chunked_encoding_is_400(harmony, upstream):
 @pytest.mark.parametrize("path", [
     b"/api/../admin", b"/api/x/../../admin", b"/api/%2e%2e/admin", b"/api/%2E%2e/admin", b"/api/.%2e/admin",
     b"/api/..%2fadmin", b"/api/..%5cadmin", b"/api/a\\..\\..\\admin", b"/api/./x", b"/echo/../api/x",
+    # path parameters: Tomcat/Jetty strip ';...' per segment, then resolve (issue 12, defect 14)
+    b"/api/..;/admin", b"/api/.;x/admin", b"/api/..;foo/admin", b"/api/%2e%2e;/admin", b"/api/..%3b/admin",
+    b"/api/%2e;x/y", b"/api/x/..;",
 ])
 @pytest_twisted.ensureDeferred
 async def test_dot_segments_never_reach_a_route(harmony, upstream, path):
@@ -78,9 +81,26 @@ async def test_dot_segments_never_reach_a_route(harmony, upstream, path):
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b"application/problem+json" in answer and b"Traceback" not in answer
     assert upstream.requests == []
+    assert b'"request_id"' in answer
 
 
-@pytest.mark.parametrize("path", [b"/api/file..txt", b"/api/.well-known/x", b"/api/a%2e%2eb"])
+@pytest_twisted.ensureDeferred
+async def test_the_no_route_404_carries_a_request_id(harmony):
+    """Every proxy-made problem body carries request_id (issue 12, defect 12)."""
+    import json
+
+    data = b"GET /nowhere HTTP/1.1\r\nHost: a\r\nX-Request-ID: trace-42\r\nConnection: close\r\n\r\n"
+    answer = await exchange(harmony.port("default"), data)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ") and b"X-Request-Id: trace-42" in head
+    assert json.loads(body)["request_id"] == "trace-42"
+    answer = await exchange(harmony.port("default"), data.replace(b"X-Request-ID: trace-42\r\n", b""))
+    doc = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert len(doc["request_id"]) == 32 and doc["status"] == 404
+
+
+@pytest.mark.parametrize("path", [b"/api/file..txt", b"/api/.well-known/x", b"/api/a%2e%2eb", b"/api/x;v=1/y",
+                                  b"/api/...;x"])
 @pytest_twisted.ensureDeferred
 async def test_dots_inside_a_segment_pass(harmony, upstream, path):
     data = b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"

@@ -48,6 +48,17 @@ def request_body(request):
     return FileBodyProducer(content)
 
 
+def request_id_for(request) -> str:
+    """The request's id: the client's ``X-Request-ID`` when it is sane, else a new
+    one; decided once per request, so every answer and log line agrees."""
+    rid = getattr(request, "_harmony_request_id", None)
+    if rid is None:
+        incoming = request.requestHeaders.getRawHeaders(b"x-request-id", [b""])[0]
+        rid = _text(incoming) if _REQUEST_ID_OK.match(incoming) else new_request_id()
+        request._harmony_request_id = rid
+    return rid
+
+
 def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: str = "http") -> RequestEnvelope:
     uri = request.uri
     raw_path, _, raw_query = uri.partition(b"?")
@@ -56,8 +67,7 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
         subpath = path
     else:
         subpath = path[len(prefix):]
-    incoming_id = request.requestHeaders.getRawHeaders(b"x-request-id", [b""])[0]
-    request_id = _text(incoming_id) if _REQUEST_ID_OK.match(incoming_id) else new_request_id()
+    request_id = request_id_for(request)
     headers = copy_headers(request.requestHeaders)
     body = request_body(request)
     env = RequestEnvelope(
@@ -74,7 +84,6 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
             env.normalized = jsonutil.loads(body)
         except ValueError:
             env.normalized = None  # json_extractor(strict) decides whether that is an error
-    request._harmony_request_id = request_id
     return env
 
 

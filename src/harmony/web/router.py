@@ -4,8 +4,8 @@ A bare Resource rather than Klein at the root: the passthrough hot path should
 pay for nothing it does not use (see the field notes' throughput table).
 Routes match on segment boundaries: ``/api`` takes ``/api`` and ``/api/x``,
 never ``/apix``.  Swapping ``routes`` is atomic, which hot reload relies on.
-A path with a ``.`` or ``..`` segment (raw, percent-encoded, or between
-backslashes) is refused with 400 before any route sees it: ``/echo/../api``
+A path with a ``.`` or ``..`` segment (raw, percent-encoded, between
+backslashes, or with path parameters such as ``..;x``) is refused with 400 before any route sees it: ``/echo/../api``
 would otherwise reach the ``/echo`` route, and ``/api/../../admin`` would be
 forwarded as ``base_url + "/../../admin"`` for the upstream to resolve outside
 the base path it was meant to confine requests to.
@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from harmony.errors import BadRequest, HarmonyError, NotFound
 from harmony.log import get_logger
-from harmony.web.bridge import log_access, write_response
+from harmony.web.bridge import log_access, request_id_for, write_response
 from harmony.web.problem import problem_response
 from harmony.web.streaming import HarmonyChannel, HarmonyRequest
 
@@ -34,9 +34,11 @@ _SEPARATORS = re.compile(r"[/\\]")
 
 def has_dot_segment(path: str) -> bool:
     """Whether *path* has a ``.``/``..`` segment once percent-decoded, counting
-    ``\\`` as a separator too (some servers do, and decode ``%2f`` before resolving)."""
+    ``\\`` as a separator too (some servers do, and decode ``%2f`` before resolving),
+    and ignoring path parameters: Tomcat and Jetty strip ``;...`` from each
+    segment before resolving, so ``..;/admin`` and ``.;x`` are dot segments too."""
     decoded = unquote(path, errors="replace") if "%" in path else path
-    return any(seg in (".", "..") for seg in _SEPARATORS.split(decoded))
+    return any(seg.partition(";")[0] in (".", "..") for seg in _SEPARATORS.split(decoded))
 
 
 class PrefixRouter(Resource):
@@ -69,7 +71,8 @@ class PrefixRouter(Resource):
             return NOT_DONE_YET
         if route is None:
             log_access(request, "", time.monotonic())
-            write_response(request, problem_response(NotFound(f"no route for {path}"), instance=path))
+            write_response(request, problem_response(NotFound(f"no route for {path}"), request_id_for(request),
+                                                     instance=path))
             return NOT_DONE_YET
         try:
             return route.endpoint.render_http(request, route)
@@ -77,7 +80,8 @@ class PrefixRouter(Resource):
             # Otherwise twisted.web answers its own HTML "Processing Failed" page.
             log.failure("endpoint {endpoint} failed on a request", endpoint=route.endpoint.name)
             if not request.startedWriting:
-                write_response(request, problem_response(HarmonyError("internal error"), instance=path))
+                write_response(request, problem_response(HarmonyError("internal error"), request_id_for(request),
+                                                         instance=path))
             elif not request.finished:
                 request.loseConnection()
             return NOT_DONE_YET
@@ -85,12 +89,12 @@ class PrefixRouter(Resource):
     @staticmethod
     def _refuse_dot_segments(request, route, path):
         """400, in the dialect of the endpoint the path names (OperationOutcome on FHIR)."""
-        error = BadRequest("the path has a '.' or '..' segment (also percent-encoded or between "
-                           "backslashes); send the resolved path")
+        error = BadRequest("the path has a '.' or '..' segment (also percent-encoded, between "
+                           "backslashes or with ';' parameters); send the resolved path")
         endpoint = route.endpoint if route is not None else None
         if hasattr(endpoint, "envelope") and hasattr(endpoint, "error_response"):
             return endpoint.error_response(error, endpoint.envelope(request, route))
-        return problem_response(error, instance=path)
+        return problem_response(error, request_id_for(request), instance=path)
 
 
 class HarmonySite(Site):
