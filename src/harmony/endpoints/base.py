@@ -44,6 +44,8 @@ class HttpEndpointBase(Service):
     #: ``request.content`` holds it), which endpoints that parse the whole
     #: body anyway may prefer.
     stream_request_body = False
+    #: The largest request body this endpoint takes (None: no limit); see request_body_limit.
+    max_body_bytes: int | None = None
 
     def __init__(self, name: str, path_prefix: str = "/", options=None):
         self.name = name
@@ -52,6 +54,16 @@ class HttpEndpointBase(Service):
     @classmethod
     def from_config(cls, name, options, ctx):
         return cls(name, check_prefix(options.str("path_prefix", "/")))
+
+    def request_body_limit(self, method: str, subpath: str) -> tuple[int, str] | None:
+        """The largest request body *method* on *subpath* may carry, and the
+        option that sets it (for the 413's message), or None for no limit.
+
+        Asked when a request's head arrives: the channel refuses a declared
+        Content-Length over it at once and cuts a chunked body as it passes it
+        (harmony.web.streaming), so an oversized upload is never read, spooled
+        or sent upstream."""
+        return None if self.max_body_bytes is None else (self.max_body_bytes, "max_body_bytes")
 
     def pre_process(self, request):
         return request

@@ -77,6 +77,9 @@ class DicomWebEndpoint(HttpEndpointBase):
                    qido_max_limit=options.int("qido_max_limit", None, minimum=1),
                    empty_search_status=empty)
 
+    def request_body_limit(self, method, subpath):
+        return (self.max_upload_bytes, "max_upload_bytes") if method == "POST" else None  # STOW-RS
+
     # -- request side
     def envelope(self, request, route):
         env = super().envelope(request, route)

@@ -48,6 +48,10 @@ class FhirEndpoint(HttpEndpointBase):
                                            minimum=1024, maximum=2 ** 40),
         )
 
+    def request_body_limit(self, method, subpath):
+        # create, update, batch/transaction (and a POSTed search form) carry a resource body
+        return (self.max_resource_bytes, "max_resource_bytes") if method in ("POST", "PUT") else None
+
     @defer.inlineCallbacks
     def pre_process(self, request):
         if request.method == "OPTIONS":

@@ -150,6 +150,9 @@ class JmixEndpoint(HttpEndpointBase):
         return cls(name, prefix, store_option(options, ctx), ctx.reactor, max_upload_bytes=max_upload,
                    limits=limits, verify=verify)
 
+    def request_body_limit(self, method, subpath):
+        return (self.max_upload_bytes, "max_upload_bytes") if method == "POST" else None  # uploads
+
     # -- routing
     def _store_pipeline(self, pipeline: Pipeline) -> Pipeline:
         """The configured pipeline's middleware in front of the store backend."""

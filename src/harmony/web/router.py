@@ -56,10 +56,28 @@ class PrefixRouter(Resource):
                 return route
         return None
 
-    def streams_request_body(self, path: bytes) -> bool:
-        """Whether the endpoint *path* routes to takes its body as it arrives."""
-        route = self.match(path.decode("utf-8", "surrogateescape"))
-        return route is not None and getattr(route.endpoint, "stream_request_body", False)
+    def body_policy(self, path: bytes, method: bytes) -> tuple[bool, tuple[int, str] | None]:
+        """For a request head: does the endpoint take the body as it arrives, and
+        what is the largest body it takes (bytes, option name; None: no limit)."""
+        text = path.decode("utf-8", "surrogateescape")
+        route = self.match(text)
+        if route is None:
+            return False, None
+        endpoint = route.endpoint
+        limit_for = getattr(endpoint, "request_body_limit", None)
+        limit = None
+        if limit_for is not None:
+            subpath = text if route.prefix == "/" else text[len(route.prefix):]
+            limit = limit_for(method.decode("latin-1"), subpath or "/")
+        return bool(getattr(endpoint, "stream_request_body", False)), limit
+
+    def refuse(self, request, error: HarmonyError) -> None:
+        """Answer *error* to a request refused on its head (body too large, too
+        slow), in the dialect of the endpoint its path names, and log it."""
+        path = request.path.decode("utf-8", "surrogateescape")
+        route = self.match(path)
+        log_access(request, route.endpoint.name if route is not None else "", time.monotonic())
+        write_response(request, self._in_dialect(request, route, path, error))
 
     def render(self, request):
         path = request.path.decode("utf-8", "surrogateescape")
@@ -86,11 +104,15 @@ class PrefixRouter(Resource):
                 request.loseConnection()
             return NOT_DONE_YET
 
-    @staticmethod
-    def _refuse_dot_segments(request, route, path):
+    @classmethod
+    def _refuse_dot_segments(cls, request, route, path):
         """400, in the dialect of the endpoint the path names (OperationOutcome on FHIR)."""
         error = BadRequest("the path has a '.' or '..' segment (also percent-encoded, between "
                            "backslashes or with ';' parameters); send the resolved path")
+        return cls._in_dialect(request, route, path, error)
+
+    @staticmethod
+    def _in_dialect(request, route, path, error):
         endpoint = route.endpoint if route is not None else None
         if hasattr(endpoint, "envelope") and hasattr(endpoint, "error_response"):
             return endpoint.error_response(error, endpoint.envelope(request, route))

@@ -16,6 +16,16 @@ endpoints that do not opt in, and the request/response cycle of keep-alive
 connections.  If the response is finished before the body has fully arrived
 (an auth failure, an upstream error), the connection is closed after the
 response rather than reading and discarding the rest of the upload.
+
+Request bodies are also bounded here, where the bytes arrive, not after
+twisted.web has spooled them: an endpoint names its limit per request
+(``request_body_limit``); a declared ``Content-Length`` over it is refused
+with 413 as soon as the head is in (no ``100 Continue``, nothing read or
+spooled), and a chunked body is cut the moment it passes it.  A body that
+arrives slower than the network's minimum data rate is cut with 408
+(:class:`BodyRateGuard`): the idle timeout restarts on every byte, so a
+client dripping one byte every few seconds would otherwise hold the
+connection for ever.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from harmony.errors import ClientClosedRequest
+from harmony.errors import ClientClosedRequest, HarmonyError, PayloadTooLarge
 
 #: Bodies up to this size are read whole (cheap, and lets JSON-aware middleware
 #: see them); larger or unknown-length ones stream to endpoints that opt in.
@@ -151,6 +161,16 @@ class HarmonyRequest(Request):
     """A twisted.web request that can be dispatched before its body is in."""
 
     body_stream: StreamingBody | None = None
+    #: (bytes, option name) the endpoint takes at most, set when the head is in.
+    body_limit: tuple[int, str] | None = None
+    body_received = 0
+    _body_cut = False
+
+    def _received_head(self, command: bytes, uri: bytes, version: bytes):
+        # What Request.requestReceived does, minus the (absent) form body.
+        self.method, self.uri, self.clientproto = command, uri, version
+        self.path, _, query = uri.partition(b"?")
+        self.args = parse_qs(query, 1) if query else {}
 
     def start_streaming(self, command: bytes, uri: bytes, version: bytes, length):
         client = IPushProducer(self.channel.transport, None)
@@ -158,23 +178,68 @@ class HarmonyRequest(Request):
         if self.content is not None:
             self.content.close()  # gotLength's spool file (an fd, for large bodies) goes unused
         self.content = BytesIO()
-        # What Request.requestReceived does, minus the (absent) form body.
-        self.method, self.uri, self.clientproto = command, uri, version
-        self.path, _, query = uri.partition(b"?")
-        self.args = parse_qs(query, 1) if query else {}
+        self._received_head(command, uri, version)
         self.process()
 
+    def refuse_body(self, command: bytes, uri: bytes, version: bytes, error: HarmonyError):
+        """Answer *error* now, before the body is in (or while it arrives), and
+        close after the answer: what the client still sends is dropped unread."""
+        self._body_cut = True
+        self.body_stream = StreamingBody(None, None)
+        self.body_stream.stopProducing()  # nothing will read it
+        if self.content is not None:
+            self.content.close()  # drop what was spooled so far
+        self.content = BytesIO()
+        self.channel.persistent = False
+        self._received_head(command, uri, version)
+        refuse = getattr(getattr(self.channel.site, "resource", None), "refuse", None)
+        if refuse is not None:
+            refuse(self, error)
+        else:
+            self.setResponseCode(error.status)
+            self.finish()
+
     def handleContentChunk(self, data):
+        if self._body_cut:
+            return  # refused: what still arrives before the close is dropped unread
+        self.body_received += len(data)
+        limit = self.body_limit
+        if limit is not None and self.body_received > limit[0]:
+            self._over_limit(limit)
+            return
         if self.body_stream is not None:
             self.body_stream.feed(data)
         else:
             super().handleContentChunk(data)
+
+    def _over_limit(self, limit):
+        """A chunked body just passed the endpoint's limit: cut it here."""
+        self._body_cut = True
+        error = PayloadTooLarge(f"the request body exceeds this endpoint's limit of {limit[0]} bytes ({limit[1]})")
+        if self.body_stream is None:
+            # Not dispatched yet (twisted.web was spooling it): answer now.
+            channel = self.channel
+            self.refuse_body(channel._command, channel._path, channel._version, error)
+        else:
+            # Dispatched: the backend reading the body sees the 413 (not a target failure).
+            self.channel.persistent = False
+            self.body_stream.fail(Failure(error))
 
     def requestReceived(self, command, path, version):
         if self.body_stream is not None:
             self.body_stream.finish()  # already dispatched; the body is now complete
             return
         super().requestReceived(command, path, version)
+
+    def write(self, data):
+        if not self.startedWriting and self.channel is not None and (
+                self._body_cut or (self.body_stream is not None and not self.body_stream.complete)):
+            # Answered before the body was in (refused, or answered early): the
+            # connection closes after this answer, and the client must know not
+            # to send its next request on it.
+            self.channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        super().write(data)
 
     def finish(self):
         if self.body_stream is not None and not self.body_stream.complete and self.channel is not None:
@@ -234,15 +299,28 @@ class HarmonyChannel(HTTPChannel):
 
     def allHeadersReceived(self):
         self._cancel_head_timer()
+        request = self.requests[-1] if self.requests else None
+        if not isinstance(request, HarmonyRequest):
+            super().allHeadersReceived()
+            return
+        resource = getattr(self.site, "resource", None)
+        body_policy = getattr(resource, "body_policy", None)
+        streams, limit = (False, None)
+        if body_policy is not None and self.length != 0:
+            streams, limit = body_policy(self._path.partition(b"?")[0], self._command)
+        if limit is not None and self.length is not None and self.length > limit[0]:
+            # Refused on the declared length: before 100 Continue, before a byte
+            # of the body is read or spooled (twisted.web's gotLength would open
+            # a temporary file for it).
+            request.refuse_body(self._command, self._path, self._version, PayloadTooLarge(
+                f"a request body of {self.length} bytes exceeds this endpoint's limit of {limit[0]} bytes "
+                f"({limit[1]})"))
+            return
+        request.body_limit = limit
         super().allHeadersReceived()
         if self.length == 0 or (self.length is not None and self.length <= INLINE_BODY_LIMIT):
             return
-        request = self.requests[-1] if self.requests else None
-        if not isinstance(request, HarmonyRequest):
-            return
-        resource = getattr(self.site, "resource", None)
-        wants = getattr(resource, "streams_request_body", None)
-        if wants is not None and wants(self._path.partition(b"?")[0]):
+        if streams:
             request.start_streaming(self._command, self._path, self._version, self.length)
 
     def allContentReceived(self):
