@@ -49,6 +49,12 @@ class NotAcceptable(HarmonyError):
     status, title, code = 406, "Not Acceptable", "not-acceptable"
 
 
+class RequestTimeout(HarmonyError):
+    """The client was too slow sending its request (its body, past the network's minimum rate)."""
+
+    status, title, code = 408, "Request Timeout", "request-timeout"
+
+
 class Conflict(HarmonyError):
     status, title, code = 409, "Conflict", "conflict"
 

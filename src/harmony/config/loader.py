@@ -31,7 +31,7 @@ TYPE_TABLES = {"services": None, "endpoint_types": "endpoint", "service_types": 
 KNOWN_KEYS = {
     "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers"),
     "logging": ("log_to_file", "log_file_path", "format"),
-    "http": ("bind_address", "bind_port", "tls"),
+    "http": ("bind_address", "bind_port", "tls", "head_timeout_secs", "body_timeout_secs", "body_min_rate"),
     "tls": ("cert", "key"),
 }
 MAIN_TABLES = ("proxy", "network", "management", "storage", "logging", "pipelines_path", "transforms_path")
@@ -130,6 +130,20 @@ def _usable_listen(listen: str, source: str, key: str, problems: list) -> bool:
     return True
 
 
+def _slow_client_bounds(http: dict, source: str, where: str, problems: list) -> bool:
+    """``head_timeout_secs``, ``body_timeout_secs`` (0: no body clock) and ``body_min_rate``
+    (bytes/s; 0: one byte per window) of ``[network.X.http]``; see harmony.web.streaming."""
+    ok = True
+    for key, low in (("head_timeout_secs", 0.001), ("body_timeout_secs", 0.0), ("body_min_rate", 0.0)):
+        value = http.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            problems.append(Problem(source, f"{where}.{key}", f"must be a number >= {low:g}, got {value!r}"))
+            ok = False
+    return ok
+
+
 def _network(name: str, table: dict, source: str, problems: list, warnings: list | None = None) -> NetworkConfig | None:
     warnings = [] if warnings is None else warnings
     where = f"network.{name}"
@@ -155,7 +169,7 @@ def _network(name: str, table: dict, source: str, problems: list, warnings: list
     _unknown_keys(http, KNOWN_KEYS["http"], source, f"{where}.http", warnings)
     address = http.get("bind_address", "127.0.0.1")
     port = http.get("bind_port", 8080)
-    ok = True
+    ok = _slow_client_bounds(http, source, f"{where}.http", problems)
     if not isinstance(address, str) or not address:
         problems.append(Problem(source, f"{where}.http.bind_address", "must be an IP address string"))
         ok = False

@@ -24,7 +24,7 @@ from harmony.errors import BadRequest, HarmonyError, NotFound
 from harmony.log import get_logger
 from harmony.web.bridge import log_access, request_id_for, write_response
 from harmony.web.problem import problem_response
-from harmony.web.streaming import HarmonyChannel, HarmonyRequest
+from harmony.web.streaming import BODY_MIN_RATE, BODY_TIMEOUT, HEAD_TIMEOUT, HarmonyChannel, HarmonyRequest
 
 
 log = get_logger("harmony.web")
@@ -127,6 +127,18 @@ class HarmonySite(Site):
     noisy = False
     protocol = HarmonyChannel
     requestFactory = HarmonyRequest
+    #: Slow-client bounds read by HarmonyChannel; ``[network.X.http]`` sets them (apply_settings).
+    head_timeout = HEAD_TIMEOUT
+    body_timeout = BODY_TIMEOUT
+    body_min_rate = BODY_MIN_RATE
+
+    def apply_settings(self, http: dict | None) -> None:
+        """Take ``head_timeout_secs``, ``body_timeout_secs`` and ``body_min_rate``
+        from a network's (already checked) ``[network.X.http]`` table."""
+        http = http or {}
+        self.head_timeout = float(http.get("head_timeout_secs", HEAD_TIMEOUT))
+        self.body_timeout = float(http.get("body_timeout_secs", BODY_TIMEOUT))
+        self.body_min_rate = float(http.get("body_min_rate", BODY_MIN_RATE))
 
     def log(self, request):
         pass

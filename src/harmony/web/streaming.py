@@ -23,7 +23,8 @@ twisted.web has spooled them: an endpoint names its limit per request
 with 413 as soon as the head is in (no ``100 Continue``, nothing read or
 spooled), and a chunked body is cut the moment it passes it.  A body that
 arrives slower than the network's minimum data rate is cut with 408
-(:class:`BodyRateGuard`): the idle timeout restarts on every byte, so a
+(``body_timeout_secs``/``body_min_rate`` of the network, see
+:class:`HarmonyChannel`): the idle timeout restarts on every byte, so a
 client dripping one byte every few seconds would otherwise hold the
 connection for ever.
 """
@@ -41,7 +42,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from harmony.errors import ClientClosedRequest, HarmonyError, PayloadTooLarge
+from harmony.errors import ClientClosedRequest, HarmonyError, PayloadTooLarge, RequestTimeout
 
 #: Bodies up to this size are read whole (cheap, and lets JSON-aware middleware
 #: see them); larger or unknown-length ones stream to endpoints that opt in.
@@ -69,6 +70,9 @@ class StreamingBody:
         self._stopped = False
         self._consumer_paused = False
         self._client_paused = False
+        #: How often we stopped reading from the client (flow control): time
+        #: spent so is ours, not the client's, when judging its data rate.
+        self.client_pauses = 0
 
     @property
     def complete(self) -> bool:
@@ -149,6 +153,7 @@ class StreamingBody:
     def _pause_client(self):
         if not self._client_paused and not self._complete and self._client is not None:
             self._client_paused = True
+            self.client_pauses += 1
             self._client.pauseProducing()
 
     def _resume_client(self):
@@ -212,16 +217,31 @@ class HarmonyRequest(Request):
         else:
             super().handleContentChunk(data)
 
+    def body_too_slow(self, error: HarmonyError):
+        """The body stopped arriving at the network's minimum rate: 408, close."""
+        if self.startedWriting:
+            # Already answering (a streamed response to a streamed upload):
+            # nothing left to say but to close.
+            self._body_cut = True
+            self.channel.persistent = False
+            self.channel.transport.loseConnection()
+            return
+        self._cut_body(error)
+
     def _over_limit(self, limit):
         """A chunked body just passed the endpoint's limit: cut it here."""
+        self._cut_body(PayloadTooLarge(
+            f"the request body exceeds this endpoint's limit of {limit[0]} bytes ({limit[1]})"))
+
+    def _cut_body(self, error: HarmonyError):
+        """Stop reading this body and answer *error* (413, 408) in the endpoint's dialect."""
         self._body_cut = True
-        error = PayloadTooLarge(f"the request body exceeds this endpoint's limit of {limit[0]} bytes ({limit[1]})")
         if self.body_stream is None:
             # Not dispatched yet (twisted.web was spooling it): answer now.
             channel = self.channel
             self.refuse_body(channel._command, channel._path, channel._version, error)
         else:
-            # Dispatched: the backend reading the body sees the 413 (not a target failure).
+            # Dispatched: the backend reading the body sees the error (not a target failure).
             self.channel.persistent = False
             self.body_stream.fail(Failure(error))
 
@@ -260,14 +280,38 @@ class HarmonyRequest(Request):
                 f"the client closed the connection mid-body: {reason.getErrorMessage()}")))
 
 
-class HarmonyChannel(HTTPChannel):
-    """Dispatches streaming requests once their headers are in, and gives each
-    request's head (request line + headers) ``head_deadline`` seconds from its
-    first byte: the Site's idle timeout restarts on every byte, so without this
-    a client dripping a header byte a minute would hold a connection for ever."""
+#: Defaults of the per-network settings (``[network.X.http]``), see docs/configuration.md.
+HEAD_TIMEOUT = 30.0
+BODY_TIMEOUT = 20.0
+BODY_MIN_RATE = 256
 
-    head_deadline = 30.0
+
+class HarmonyChannel(HTTPChannel):
+    """Dispatches streaming requests once their headers are in, and bounds how
+    slowly a client may send.  The Site's idle timeout restarts on every byte,
+    so without these a client dripping a byte a minute would hold a connection
+    for ever:
+
+    * a request's head (request line + headers) must be complete
+      ``head_timeout_secs`` after its first byte (else 408 and close);
+    * its body must arrive at ``body_min_rate`` bytes/s or more, judged over
+      each window of ``body_timeout_secs`` (at least one byte per window when
+      the rate is 0, nginx's ``client_body_timeout``); a window in which less
+      arrived ends the request with 408 and closes the connection.  A window
+      in which Harmony itself stopped reading (flow control: the upstream
+      was slow to take the body) is not held against the client.
+
+    The values come from the site (``HarmonySite``), i.e. the network's config.
+    """
+
     _head_timer = None
+    _body_timer = None
+    _body_request = None
+    _window_start = (0, 0)  # (bytes received, client pauses) when the window began
+
+    @property
+    def head_deadline(self) -> float:
+        return getattr(self.site, "head_timeout", HEAD_TIMEOUT)
 
     def dataReceived(self, data):
         if self._head_timer is None and data and getattr(self, "_HTTPChannel__first_line", 0):
@@ -286,7 +330,49 @@ class HarmonyChannel(HTTPChannel):
 
     def connectionLost(self, reason):
         self._cancel_head_timer()
+        self._stop_body_clock()
         super().connectionLost(reason)
+
+    # -------------------------------------------------------- body data rate
+
+    def _start_body_clock(self, request):
+        window = getattr(self.site, "body_timeout", BODY_TIMEOUT)
+        if not window:
+            return
+        self._body_request = request
+        self._window_start = (request.body_received, self._pauses(request))
+        self._body_timer = self.callLater(window, self._body_window_over, window)
+
+    def _stop_body_clock(self):
+        if self._body_timer is not None and self._body_timer.active():
+            self._body_timer.cancel()
+        self._body_timer = self._body_request = None
+
+    @staticmethod
+    def _pauses(request):
+        stream = request.body_stream
+        return 0 if stream is None else stream.client_pauses
+
+    @staticmethod
+    def _reading_paused(request):
+        stream = request.body_stream
+        return stream is not None and stream._client_paused
+
+    def _body_window_over(self, window):
+        self._body_timer = None
+        request = self._body_request
+        if request is None or request._body_cut or request.finished or request._disconnected:
+            return
+        received, pauses = self._window_start
+        got = request.body_received - received
+        wanted = max(1, int(getattr(self.site, "body_min_rate", BODY_MIN_RATE) * window))
+        if got >= wanted or self._pauses(request) != pauses or self._reading_paused(request):
+            self._start_body_clock(request)  # fast enough, or we were the slow side: next window
+            return
+        self._body_request = None
+        request.body_too_slow(RequestTimeout(
+            f"the request body arrived too slowly: {got} bytes in {window:g}s, at least {wanted} expected "
+            f"(body_min_rate, body_timeout_secs)"))
 
     def lineLengthExceeded(self, line):
         # LineReceiver's default drops the connection without a word, which a
@@ -318,12 +404,15 @@ class HarmonyChannel(HTTPChannel):
             return
         request.body_limit = limit
         super().allHeadersReceived()
+        if self.length != 0:
+            self._start_body_clock(request)
         if self.length == 0 or (self.length is not None and self.length <= INLINE_BODY_LIMIT):
             return
         if streams:
             request.start_streaming(self._command, self._path, self._version, self.length)
 
     def allContentReceived(self):
+        self._stop_body_clock()
         if not self.requests:
             # The streamed request was answered and the connection is closing.
             return
