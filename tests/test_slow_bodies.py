@@ -104,3 +104,15 @@ async def test_a_dripped_body_is_cut_with_408(harmony, upstream, path, framing, 
         target = harmony.service.runtime.backends["up"].target_pool.targets[0]
         assert target.failures_total == 0  # the client's slowness is not the upstream's failure
     assert client.sent < 5000 and upstream.requests == []
+
+
+def test_bad_slow_client_settings_are_config_errors_naming_each_key(tmp_path):
+    from harmony.config import ConfigErrors, load_config
+
+    main = MINIMAL_MAIN.replace("bind_port = 0", "bind_port = 70000")
+    path = write_config(tmp_path, main + 'head_timeout_secs = "soon"\nbody_min_rate = -1\n')
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    text = str(info.value)
+    for key in ("head_timeout_secs", "body_min_rate", "bind_port"):
+        assert f"network.default.http.{key}" in text, text
