@@ -10,10 +10,11 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
-from harmony.errors import HarmonyError, mark_client_gone
+from harmony.errors import Forbidden, HarmonyError, mark_client_gone
 from harmony.interfaces import IComponentFactory, IHttpEndpoint
 from harmony.log import get_logger
-from harmony.web.bridge import envelope_from_request, log_access, write_response
+from harmony.web.bridge import envelope_from_request, log_access, request_id_for, write_response
+from harmony.web.cors import CorsPolicy
 from harmony.web.problem import problem_response
 
 log = get_logger("harmony.endpoint")
@@ -46,6 +47,10 @@ class HttpEndpointBase(Service):
     stream_request_body = False
     #: The largest request body this endpoint takes (None: no limit); see request_body_limit.
     max_body_bytes: int | None = None
+    #: Methods a CORS preflight is told this endpoint takes (``cors.allow_methods`` overrides).
+    cors_methods: tuple = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    #: :class:`harmony.web.cors.CorsPolicy` from ``options.cors``; None: CORS off (the default).
+    cors: CorsPolicy | None = None
 
     def __init__(self, name: str, path_prefix: str = "/", options=None):
         self.name = name
@@ -53,7 +58,20 @@ class HttpEndpointBase(Service):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        return cls(name, check_prefix(options.str("path_prefix", "/")))
+        return cls(name, check_prefix(options.str("path_prefix", "/"))).take_shared_options(options)
+
+    def take_shared_options(self, options):
+        """Read the options every HTTP-family endpoint type understands (``cors``);
+        each type's ``from_config`` ends with it.  Returns self."""
+        self.cors = CorsPolicy.from_options(options, self.cors_methods)
+        return self
+
+    def finish_response(self, request, response):
+        """Last touch on any answer this endpoint gives (pipeline's or proxy-made),
+        given the twisted.web *request*: CORS headers when configured."""
+        if self.cors is not None:
+            response = self.cors.decorate(request, response)
+        return response
 
     def request_body_limit(self, method: str, subpath: str) -> tuple[int, str] | None:
         """The largest request body *method* on *subpath* may carry, and the
@@ -79,11 +97,22 @@ class HttpEndpointBase(Service):
 
     def render_http(self, request, route):
         started = time.monotonic()
+        if self.cors is not None and CorsPolicy.is_preflight(request):
+            # Before the pipeline: a browser never sends credentials on a preflight,
+            # so authentication middleware would refuse every one.
+            log_access(request, self.name, started)
+            answer = self.cors.preflight(request)
+            if answer is None:
+                answer = problem_response(Forbidden("this origin is not allowed by the endpoint's CORS policy "
+                                                    "(cors.allow_origins)"), request_id_for(request),
+                                          request.path.decode("utf-8", "surrogateescape"))
+            write_response(request, answer)
+            return NOT_DONE_YET
         env = self.envelope(request, route)
         log_access(request, self.name, started)
         d = defer.maybeDeferred(route.pipeline.handle, env, self)
         request.notifyFinish().addErrback(self._client_gone, env, d)
-        d.addCallback(lambda response: write_response(request, response))
+        d.addCallback(lambda response: write_response(request, self.finish_response(request, response)))
         d.addErrback(self._unexpected, request, env)
         return NOT_DONE_YET
 
@@ -100,5 +129,6 @@ class HttpEndpointBase(Service):
         log.failure("endpoint {endpoint} failed to answer request {request_id}", failure,
                     endpoint=self.name, request_id=env.request_id)
         if not request.finished and not request.startedWriting:
-            return write_response(request, self.error_response(HarmonyError("internal error"), env))
+            return write_response(request, self.finish_response(
+                request, self.error_response(HarmonyError("internal error"), env)))
         return None

@@ -18,4 +18,4 @@ class HttpEndpoint(HttpEndpointBase):
     def from_config(cls, name, options, ctx):
         endpoint = cls(name, check_prefix(options.str("path_prefix", "/")))
         endpoint.max_body_bytes = options.int("max_body_bytes", None, minimum=1)
-        return endpoint
+        return endpoint.take_shared_options(options)

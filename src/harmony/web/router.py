@@ -113,9 +113,12 @@ class PrefixRouter(Resource):
 
     @staticmethod
     def _in_dialect(request, route, path, error):
+        """*error* as the endpoint *route* names would answer it (its dialect, its CORS headers)."""
         endpoint = route.endpoint if route is not None else None
         if hasattr(endpoint, "envelope") and hasattr(endpoint, "error_response"):
-            return endpoint.error_response(error, endpoint.envelope(request, route))
+            response = endpoint.error_response(error, endpoint.envelope(request, route))
+            finish = getattr(endpoint, "finish_response", None)
+            return response if finish is None else finish(request, response)
         return problem_response(error, request_id_for(request), instance=path)
 
 
