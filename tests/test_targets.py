@@ -544,6 +544,26 @@ def test_a_client_going_away_is_no_verdict_on_the_target(cause):
                                                                                     0 if cause == "cancel" else 2)
 
 
+def test_an_outer_timeout_cancelling_an_attempt_stays_a_timeout():
+    """Store-and-forward bounds a delivery with addTimeout: Agent reports that
+    cancel as ResponseNeverReceived([CancelledError]); it must come out as the
+    TimeoutError addTimeout makes of a cancel (target unreachable, retried later),
+    not as a 499 a queue would treat as the request's own fault."""
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+    from harmony.backends.http import client_side_cause
+
+    clock = task.Clock()
+    pool = _pool(clock, 2)
+    pending = defer.Deferred(lambda d: d.errback(client_side_cause(
+        Failure(ResponseNeverReceived([Failure(defer.CancelledError())])))))
+    d = pool.call(RequestEnvelope(method="POST"), lambda t: pending)
+    d.addTimeout(5, clock)
+    clock.advance(5)
+    assert _result(d).check(defer.TimeoutError)
+    assert [(t.in_flight, t.client_aborts_total) for t in pool.targets] == [(0, 0), (0, 0)]
+
+
 def test_cancelled_request_releases_target():
     clock = task.Clock()
     pool = _pool(clock, 1)

@@ -25,7 +25,7 @@ from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
 from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
-from harmony.errors import BackendTimeout, BackendUnavailable, ClientClosedRequest, HarmonyError
+from harmony.errors import BackendTimeout, BackendUnavailable, HarmonyError
 from harmony.targets import Target, TargetPool
 from harmony.web.headers import end_to_end
 
@@ -79,7 +79,10 @@ def client_side_cause(failure):
     """
     for reason in getattr(failure.value, "reasons", None) or ():
         if reason.check(defer.CancelledError):
-            return Failure(ClientClosedRequest("the request was cancelled before the upstream answered"))
+            # Still a cancellation: whoever cancelled decides what it means (our
+            # client left: the pool counts a client abort; an outer timeout such
+            # as store-and-forward's addTimeout: it becomes that TimeoutError).
+            return Failure(defer.CancelledError("the request was cancelled before the upstream answered"))
         if reason.check(HarmonyError) and reason.value.status < 500:
             return reason
     return None
