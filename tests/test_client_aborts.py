@@ -111,6 +111,11 @@ async def test_wrk_closing_connections_mid_request_leaves_the_circuit_closed(tmp
         assert_untouched(pool)
         resp = await treq.get(running.url("/api/fast"))
         assert resp.code == 200 and await resp.content() == b"fast\n"
+        metrics = running.service.metrics.text().decode()
+        assert 'status="499"' in metrics  # counted apart, as nginx logs 499
+        for bad in ('status="502"', 'status="503"', 'status="504"'):
+            assert bad not in metrics, metrics
+        assert 'harmony_target_failures_total{backend="up",target="n0"} 0.0' in metrics
     finally:
         await running.stop()
 
