@@ -13,91 +13,25 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer
 
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.harness import ECHO, MINIMAL_MAIN, http_pipeline, raw_exchange, start_harmony, write_config
 
-SAFETY = 20  # seconds: a guard against hanging for ever, never a synchronisation
 TWO_GIB = 2 * 1024 ** 3
 
-PIPES = """
-[pipelines.api]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-[endpoints.api]
-service = "http"
-[endpoints.api.options]
-path_prefix = "/api"
-max_body_bytes = 100000
-[backends.up]
-service = "http"
-[backends.up.options]
-base_url = "{upstream}"
-
-[pipelines.dw]
-networks = ["default"]
-endpoints = ["dw"]
-backends = ["echo"]
-[endpoints.dw]
-service = "dicomweb"
-[endpoints.dw.options]
-path_prefix = "/dw"
-max_upload_bytes = 100000
-
-[pipelines.fhir]
-networks = ["default"]
-endpoints = ["fhir"]
-backends = ["echo"]
-[endpoints.fhir]
-service = "fhir"
-[endpoints.fhir.options]
-path_prefix = "/fhir"
-max_resource_bytes = 4096
-
-[pipelines.jmix]
-networks = ["default"]
-endpoints = ["jmix"]
-backends = ["echo"]
-[endpoints.jmix]
-service = "jmix"
-[endpoints.jmix.options]
-path_prefix = "/jmix"
-store_dir = "{store}"
-max_upload_bytes = 100000
-
-[backends.echo]
-service = "echo"
-"""
-
-
-class RawClient(Protocol):
-    """Sends bytes and collects the answer until the server closes."""
-
-    def __init__(self, data):
-        self.data, self.received, self.done = data, b"", defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.data)
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.done.callback(self.received)
-
-
-async def exchange(port, data):
-    client = RawClient(data)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    return await client.done.addTimeout(SAFETY, reactor)
+def pipelines(upstream: str, store) -> str:
+    """One endpoint of each HTTP-family type, each with a small body limit."""
+    up = f'service = "http"\n[backends.up.options]\nbase_url = "{upstream}"'
+    return (http_pipeline("api", "/api", "api", "up", up, options="max_body_bytes = 100000")
+            + http_pipeline("dw", "/dw", "dw", "echo", ECHO, service="dicomweb", options="max_upload_bytes = 100000")
+            + http_pipeline("fhir", "/fhir", "fhir", "echo", "", service="fhir", options="max_resource_bytes = 4096")
+            + http_pipeline("jmix", "/jmix", "jmix", "echo", "", service="jmix",
+                            options=f'store_dir = "{store}"\nmax_upload_bytes = 100000'))
 
 
 @pytest.fixture
 def harmony(tmp_path, upstream):
-    text = PIPES.format(upstream=upstream.url + "/base", store=tmp_path / "jmix")
+    text = pipelines(upstream.url + "/base", tmp_path / "jmix")
     running = pytest_twisted.blockon(defer.ensureDeferred(start_harmony(
         write_config(tmp_path / "conf", MINIMAL_MAIN, {"p": text}))))
     yield running
@@ -136,7 +70,7 @@ async def test_a_declared_length_over_the_limit_is_refused_when_the_head_arrives
         harmony, upstream, path, ctype, option, dialect, expect):
     head = (f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: {ctype}\r\nContent-Length: {TWO_GIB}\r\n"
             + ("Expect: 100-continue\r\n" if expect else "") + "\r\n").encode()
-    answer = await exchange(harmony.port(), head)  # the body is never sent
+    answer = await raw_exchange(harmony.port(), head)  # the body is never sent
     check_refusal(answer, option, dialect)
     assert upstream.requests == []
 
@@ -147,7 +81,7 @@ async def test_a_chunked_body_is_cut_as_it_passes_the_limit(harmony, upstream, p
     chunk = b"\x00" * 65536
     data = (f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n"
             .encode() + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2)  # 128 KiB, and no last chunk
-    answer = await exchange(harmony.port(), data)
+    answer = await raw_exchange(harmony.port(), data)
     check_refusal(answer, option, dialect)
     assert upstream.requests == []
     target = harmony.service.runtime.backends["up"].target_pool.targets[0]

@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from harmony.targets import CLOSED
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.harness import MINIMAL_MAIN, http_pipeline, start_harmony, write_config
 from tests.peers import Nginx, free_port, require
 
 WRK = "/usr/bin/wrk"
@@ -53,24 +53,11 @@ def nginx(tmp_path_factory):
 
 
 def config(nginx, failures=5):
+    """/api -> http backend "up" over one target per nginx port."""
     targets = "".join(f'\n[targets.n{i}]\nurl = "http://127.0.0.1:{p}"\n' for i, p in enumerate(nginx.ports))
-    return f"""
-[pipelines.p]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-[endpoints.api]
-service = "http"
-path_prefix = "/api"
-[backends.up]
-service = "http"
-timeout_secs = 60
-targets = ["n0", "n1"]
-[backends.up.circuit]
-failures = {failures}
-open_secs = 30
-{targets}
-"""
+    backend = (f'service = "http"\ntimeout_secs = 60\ntargets = ["n0", "n1"]\n'
+               f'[backends.up.circuit]\nfailures = {failures}\nopen_secs = 30\n')
+    return http_pipeline("p", "/api", "api", "up", backend) + targets
 
 
 async def settled(pool, timeout=10.0):

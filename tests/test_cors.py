@@ -17,95 +17,47 @@ import json
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer
 
 from harmony.config import ConfigErrors, load_config
 from harmony.runtime import build_runtime
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.harness import ECHO, MINIMAL_MAIN, http_pipeline, raw_exchange, start_harmony, write_config
 
 VIEWER = "https://viewer.example"
 AUTH = "Basic " + base64.b64encode(b"alice:secret").decode()
 
-PIPES = """
-[pipelines.dw]
-networks = ["default"]
-endpoints = ["dw"]
-middleware = ["basic"]
-backends = ["echo"]
-[endpoints.dw]
-service = "dicomweb"
-[endpoints.dw.options]
-path_prefix = "/dw"
-max_upload_bytes = 1000
-[endpoints.dw.options.cors]
-allow_origins = ["https://viewer.example", "http://localhost:3000"]
-allow_credentials = true
-[middleware.basic]
-type = "basic_auth"
-username = "alice"
-password_file = "pw"
+BASIC = '[middleware.basic]\ntype = "basic_auth"\nusername = "alice"\npassword_file = "pw"\n'
 
-[pipelines.fhir]
-networks = ["default"]
-endpoints = ["fhir"]
-backends = ["echo"]
-[endpoints.fhir]
-service = "fhir"
-[endpoints.fhir.options]
-path_prefix = "/fhir"
-[endpoints.fhir.options.cors]
-allow_origins = ["*"]
-max_age_secs = 7200
 
-[pipelines.jmix]
-networks = ["default"]
-endpoints = ["jmix"]
-backends = ["echo"]
-[endpoints.jmix]
-service = "jmix"
-[endpoints.jmix.options]
-path_prefix = "/jmix"
-store_dir = "{store}"
-[endpoints.jmix.options.cors]
-allow_origins = ["https://viewer.example"]
-
-[pipelines.api]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-[endpoints.api]
-service = "http"
-[endpoints.api.options]
-path_prefix = "/api"
-[endpoints.api.options.cors]
-allow_origins = ["https://viewer.example"]
-expose_headers = ["X-Upstream"]
-[backends.up]
-service = "http"
-[backends.up.options]
-base_url = "{upstream}"
-
-[pipelines.plain]
-networks = ["default"]
-endpoints = ["plain"]
-backends = ["echo"]
-[endpoints.plain]
-service = "http"
-[endpoints.plain.options]
-path_prefix = "/plain"
-
-[backends.echo]
-service = "echo"
-"""
+def pipelines(upstream: str, store) -> str:
+    """dicomweb (credentials, behind basic_auth), fhir ("*"), jmix and http with CORS; one http without."""
+    up = f'service = "http"\n[backends.up.options]\nbase_url = "{upstream}"'
+    return (http_pipeline("dw", "/dw", "dw", "echo", ECHO, ["basic"], service="dicomweb", options="""
+                max_upload_bytes = 1000
+                [endpoints.dw.options.cors]
+                allow_origins = ["https://viewer.example", "http://localhost:3000"]
+                allow_credentials = true""")
+            + http_pipeline("fhir", "/fhir", "fhir", "echo", "", service="fhir", options="""
+                [endpoints.fhir.options.cors]
+                allow_origins = ["*"]
+                max_age_secs = 7200""")
+            + http_pipeline("jmix", "/jmix", "jmix", "echo", "", service="jmix", options=f"""
+                store_dir = "{store}"
+                [endpoints.jmix.options.cors]
+                allow_origins = ["https://viewer.example"]""")
+            + http_pipeline("api", "/api", "api", "up", up, options="""
+                [endpoints.api.options.cors]
+                allow_origins = ["https://viewer.example"]
+                expose_headers = ["X-Upstream"]""")
+            + http_pipeline("plain", "/plain", "plain", "echo", "")
+            + BASIC)
 
 
 @pytest.fixture
 def harmony(tmp_path, upstream):
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines" / "pw").write_text("secret\n")
-    text = PIPES.format(upstream=upstream.url + "/base", store=tmp_path / "jmix")
+    text = pipelines(upstream.url + "/base", tmp_path / "jmix")
     running = pytest_twisted.blockon(defer.ensureDeferred(start_harmony(
         write_config(tmp_path, MINIMAL_MAIN, {"p": text}))))
     yield running
@@ -217,27 +169,11 @@ async def test_cors_is_off_unless_configured(harmony):
     assert h(resp, "access-control-allow-origin") is None and h(resp, "vary") is None
 
 
-class RawClient(Protocol):
-    def __init__(self, data):
-        self.data, self.received, self.done = data, b"", defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.data)
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.done.callback(self.received)
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_refusal_at_the_head_carries_cors_too(harmony):
     """A 413 on the declared length is answered before the pipeline: the browser must still read it."""
-    client = RawClient(f"POST /dw/studies HTTP/1.1\r\nHost: a\r\nOrigin: {VIEWER}\r\n"
-                       "Content-Type: multipart/related; boundary=B\r\nContent-Length: 999999\r\n\r\n".encode())
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), client)
-    answer = await client.done.addTimeout(20, reactor)
+    answer = await raw_exchange(harmony.port(), f"POST /dw/studies HTTP/1.1\r\nHost: a\r\nOrigin: {VIEWER}\r\n"
+                                "Content-Type: multipart/related; boundary=B\r\nContent-Length: 999999\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert f"access-control-allow-origin: {VIEWER}".encode() in answer.lower()
 
@@ -250,18 +186,7 @@ async def test_a_refusal_at_the_head_carries_cors_too(harmony):
     ('allow_origins = ["https://a.example"]\nmax_age_secs = -1', "cors.max_age_secs", "between"),
 ])
 def test_cors_config_errors_name_the_key(tmp_path, table, key, message):
-    text = f"""
-[pipelines.p]
-networks = ["default"]
-endpoints = ["e"]
-backends = ["b"]
-[endpoints.e]
-service = "dicomweb"
-[endpoints.e.options.cors]
-{table}
-[backends.b]
-service = "echo"
-"""
+    text = http_pipeline("p", "/", "e", "b", ECHO, service="dicomweb", options="[endpoints.e.options.cors]\n" + table)
     with pytest.raises(ConfigErrors) as info:
         build_runtime(load_config(write_config(tmp_path, MINIMAL_MAIN, {"p": text})))
     text = str(info.value)

@@ -21,41 +21,17 @@ from twisted.internet import defer, reactor, threads
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.harness import ECHO, MINIMAL_MAIN, http_pipeline, start_harmony, write_config
 from tests.peers import require
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
-PIPES = """
-[pipelines.dw]
-networks = ["default"]
-endpoints = ["dw"]
-middleware = ["basic"]
-backends = ["echo"]
-[endpoints.dw]
-service = "dicomweb"
-[endpoints.dw.options]
-path_prefix = "/dw"
-[endpoints.dw.options.cors]
-allow_origins = ["{origin}"]
-[middleware.basic]
-type = "basic_auth"
-username = "alice"
-password_file = "pw"
-
-[pipelines.plain]
-networks = ["default"]
-endpoints = ["plain"]
-middleware = ["basic"]
-backends = ["echo"]
-[endpoints.plain]
-service = "dicomweb"
-[endpoints.plain.options]
-path_prefix = "/plain"
-
-[backends.echo]
-service = "echo"
-"""
+def pipelines(origin: str) -> str:
+    """The same DICOMweb pipeline behind basic_auth at /dw (CORS for *origin*) and /plain (none)."""
+    return (http_pipeline("dw", "/dw", "dw", "echo", ECHO, ["basic"], service="dicomweb",
+                          options=f'[endpoints.dw.options.cors]\nallow_origins = ["{origin}"]')
+            + http_pipeline("plain", "/plain", "plain", "echo", "", ["basic"], service="dicomweb")
+            + '[middleware.basic]\ntype = "basic_auth"\nusername = "alice"\npassword_file = "pw"\n')
 
 PAGE = """<!doctype html><html><head><title>waiting</title></head><body><script>
 const auth = "Basic " + btoa("alice:secret");
@@ -114,7 +90,7 @@ async def test_chromium_on_another_origin_reads_answers_only_where_cors_is_confi
     origin = f"http://127.0.0.1:{port.getHost().port}"
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines" / "pw").write_text("secret\n")
-    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": PIPES.format(origin=origin)}))
+    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": pipelines(origin)}))
     try:
         page.html = PAGE.replace("HARMONY", json.dumps(running.url("")))
         results = await threads.deferToThread(run_browser, origin + "/")

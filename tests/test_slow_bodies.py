@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.harness import ECHO, MINIMAL_MAIN, http_pipeline, start_harmony, write_config
 
 SAFETY = 20  # seconds: a guard against hanging for ever, never a synchronisation
 
@@ -25,31 +25,10 @@ MAIN = MINIMAL_MAIN + """body_timeout_secs = 1
 body_min_rate = 100
 """
 
-PIPES = """
-[pipelines.api]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["up"]
-[endpoints.api]
-service = "http"
-[endpoints.api.options]
-path_prefix = "/api"
-[backends.up]
-service = "http"
-[backends.up.options]
-base_url = "{upstream}"
-
-[pipelines.fhir]
-networks = ["default"]
-endpoints = ["fhir"]
-backends = ["echo"]
-[endpoints.fhir]
-service = "fhir"
-[endpoints.fhir.options]
-path_prefix = "/fhir"
-[backends.echo]
-service = "echo"
-"""
+def pipelines(upstream: str) -> str:
+    up = f'service = "http"\n[backends.up.options]\nbase_url = "{upstream}"'
+    return (http_pipeline("api", "/api", "api", "up", up)
+            + http_pipeline("fhir", "/fhir", "fhir", "echo", ECHO, service="fhir"))
 
 
 class Dripper(Protocol):
@@ -79,7 +58,7 @@ class Dripper(Protocol):
 @pytest.fixture
 def harmony(tmp_path, upstream):
     running = pytest_twisted.blockon(defer.ensureDeferred(start_harmony(
-        write_config(tmp_path, MAIN, {"p": PIPES.format(upstream=upstream.url + "/base")}))))
+        write_config(tmp_path, MAIN, {"p": pipelines(upstream.url + "/base")}))))
     yield running
     pytest_twisted.blockon(running.stop())
 
