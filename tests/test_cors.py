@@ -137,6 +137,19 @@ async def test_another_origin_gets_no_allow_origin_but_caches_still_see_vary(har
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_refused_preflight_on_fhir_is_an_operation_outcome(tmp_path):
+    text = http_pipeline("f", "/fhir", "fhir", "echo", ECHO, service="fhir",
+                         options='[endpoints.fhir.options.cors]\nallow_origins = ["https://viewer.example"]')
+    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": text}))
+    try:
+        resp = await preflight(running, "/fhir/Patient", origin="https://evil.example")
+        doc = json.loads(await resp.content())
+        assert resp.code == 403 and doc["resourceType"] == "OperationOutcome"
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_wildcard_without_credentials_answers_star(harmony):
     resp = await treq.get(harmony.url("/fhir/Patient/1"), headers={"Origin": "https://anyone.example"})
     await resp.content()

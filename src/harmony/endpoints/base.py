@@ -13,7 +13,7 @@ from harmony.config.errors import OptionError
 from harmony.errors import Forbidden, HarmonyError, mark_client_gone
 from harmony.interfaces import IComponentFactory, IHttpEndpoint
 from harmony.log import get_logger
-from harmony.web.bridge import envelope_from_request, log_access, request_id_for, write_response
+from harmony.web.bridge import envelope_from_request, log_access, write_response
 from harmony.web.cors import CorsPolicy
 from harmony.web.problem import problem_response
 
@@ -102,10 +102,9 @@ class HttpEndpointBase(Service):
             # so authentication middleware would refuse every one.
             log_access(request, self.name, started)
             answer = self.cors.preflight(request)
-            if answer is None:
-                answer = problem_response(Forbidden("this origin is not allowed by the endpoint's CORS policy "
-                                                    "(cors.allow_origins)"), request_id_for(request),
-                                          request.path.decode("utf-8", "surrogateescape"))
+            if answer is None:  # in the endpoint's dialect (an OperationOutcome on FHIR)
+                answer = self.error_response(Forbidden("this origin is not allowed by the endpoint's CORS policy "
+                                                       "(cors.allow_origins)"), self.envelope(request, route))
             write_response(request, answer)
             return NOT_DONE_YET
         env = self.envelope(request, route)
