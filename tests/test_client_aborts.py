@@ -30,6 +30,7 @@ def nginx(tmp_path_factory):
     ports = [free_port(), free_port()]
     inner = free_port()
     listens = "\n".join(f"listen 127.0.0.1:{p};" for p in ports)
+    patient = '{"resourceType": "Patient", "id": "1"}'  # what the FHIR case's upstream answers
     # limit_req acts before the content phase (proxy_pass), but after 'return',
     # so the held locations hand over to a second server block that answers.
     server = Nginx(tmp_path_factory.mktemp("nginx"), f"""
@@ -39,25 +40,28 @@ def nginx(tmp_path_factory):
             {listens}
             client_max_body_size 0;
             location /fast {{ return 200 "fast\\n"; }}
+            location /Fast {{ default_type application/fhir+json; return 200 '{patient}'; }}
             location /slow {{ limit_req zone=slow burst=10000; proxy_pass http://127.0.0.1:{inner}/; }}
+            location /Slow {{ limit_req zone=slow burst=10000; proxy_pass http://127.0.0.1:{inner}/; }}
             location /upload {{ limit_req zone=upload burst=10000; proxy_pass http://127.0.0.1:{inner}/; }}
         }}
         server {{
             listen 127.0.0.1:{inner};
             client_max_body_size 0;
-            location / {{ return 200 "done\\n"; }}
+            default_type application/fhir+json;
+            location / {{ return 200 '{patient}'; }}
         }}""", ports + [inner]).start()
     server.ports = ports
     yield server
     server.stop()
 
 
-def config(nginx, failures=5):
-    """/api -> http backend "up" over one target per nginx port."""
+def config(nginx, failures=5, kind="http", prefix="/api"):
+    """*prefix* -> endpoint and backend of type *kind* ("up") over one target per nginx port."""
     targets = "".join(f'\n[targets.n{i}]\nurl = "http://127.0.0.1:{p}"\n' for i, p in enumerate(nginx.ports))
-    backend = (f'service = "http"\ntimeout_secs = 60\ntargets = ["n0", "n1"]\n'
+    backend = (f'service = "{kind}"\ntimeout_secs = 60\ntargets = ["n0", "n1"]\n'
                f'[backends.up.circuit]\nfailures = {failures}\nopen_secs = 30\n')
-    return http_pipeline("p", "/api", "api", "up", backend) + targets
+    return http_pipeline("p", prefix, "api", "up", backend, service=kind) + targets
 
 
 async def settled(pool, timeout=10.0):
@@ -84,20 +88,26 @@ def assert_untouched(pool):
         assert t.last_error is None, t.state(0)
 
 
+@pytest.mark.parametrize("kind,prefix,slow,fast", [
+    ("http", "/api", "/api/slow", "/api/fast"),
+    ("fhir", "/fhir", "/fhir/Slow/1", "/fhir/Fast/1"),  # the fhir backend sends through the same pool
+])
 @pytest_twisted.ensureDeferred
-async def test_wrk_closing_connections_mid_request_leaves_the_circuit_closed(tmp_path, nginx):
-    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": config(nginx)}))
+async def test_wrk_closing_connections_mid_request_leaves_the_circuit_closed(tmp_path, nginx, kind, prefix, slow,
+                                                                             fast):
+    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": config(nginx, kind=kind,
+                                                                                    prefix=prefix)}))
     pool = running.service.runtime.backends["up"].target_pool
     try:
         for _ in range(2):  # two short bursts, each ending with 40 requests held by nginx
             out, err, code = await getProcessOutputAndValue(
-                require(WRK), ["-t2", "-c40", "-d1s", running.url("/api/slow")])
+                require(WRK), ["-t2", "-c40", "-d1s", running.url(slow)])
             assert code == 0, err
             await settled(pool)
         assert sum(t.client_aborts_total for t in pool.targets) >= 60, [t.state(0) for t in pool.targets]
         assert_untouched(pool)
-        resp = await treq.get(running.url("/api/fast"))
-        assert resp.code == 200 and await resp.content() == b"fast\n"
+        resp = await treq.get(running.url(fast))
+        assert resp.code == 200 and await resp.content()
         metrics = running.service.metrics.text().decode()
         assert 'status="499"' in metrics  # counted apart, as nginx logs 499
         for bad in ('status="502"', 'status="503"', 'status="504"'):
