@@ -181,6 +181,23 @@ async def test_killed_target_fails_no_idempotent_request_and_recovers(tmp_path, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_single_target_that_dies_is_tried_every_time_and_serves_as_soon_as_it_is_back(tmp_path, servers):
+    """nginx's rule for a group of one (issue 12, defect 1): no 503 fast-fail for open_secs."""
+    running = await run(tmp_path, servers[:1], backend="[backends.up.circuit]\nfailures = 2\nopen_secs = 30")
+    try:
+        await servers[0].kill()
+        codes, _ = await get_many(running, 6)
+        assert codes == [502] * 6  # each request tried, each its own answer; never 503 "circuit open"
+        t = pool_of(running).targets[0]
+        assert t.circuit == CLOSED and t.failures_total == 6
+        servers[0].start()  # back on the same port: served at once, not 30 s later
+        codes, bodies = await get_many(running, 2)
+        assert codes == [200, 200] and served_by(bodies) == {"a": 2}
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_upstream_503_is_retried_on_next_target_but_post_is_not(tmp_path, servers):
     servers[0].resource.status["/x"] = 503
     running = await run(tmp_path, servers[:2])
