@@ -113,6 +113,7 @@ class StoreBackend(Backend):
 
 class JmixEndpoint(HttpEndpointBase):
     protocol = "jmix"
+    cors_methods = ("GET", "HEAD", "POST", "OPTIONS")
 
     def __init__(self, name, path_prefix, store: EnvelopeStore, reactor, *, max_upload_bytes: int,
                  limits: Limits, verify: VerifyOptions):
@@ -153,7 +154,10 @@ class JmixEndpoint(HttpEndpointBase):
                                trusted_fingerprints=options.list("trusted_fingerprints", None, of=str),
                                verify_assertions=options.bool("verify_assertions", True), limits=limits)
         return cls(name, prefix, store_option(options, ctx), ctx.reactor, max_upload_bytes=max_upload,
-                   limits=limits, verify=verify)
+                   limits=limits, verify=verify).take_shared_options(options)
+
+    def request_body_limit(self, method, subpath):
+        return (self.max_upload_bytes, "max_upload_bytes") if method == "POST" else None  # uploads
 
     # -- routing
     def _store_pipeline(self, pipeline: Pipeline) -> Pipeline:
