@@ -470,6 +470,11 @@ class DicomWebBridge(Middleware):
         if status is None or is_failure(status) or response.status >= 400:
             reason = status if status not in (None, 0) else dimse.PROCESSING_FAILURE
             return False, _failed_entry(sop_class, sop, reason), reason
+        # A middleware that rewrote the instance (deidentify) left the one it stored in the request:
+        # the answer names that one, with the coercion warning PS3.18 asks for.
+        stored = sub.context.get("instance")
+        if isinstance(stored, DicomInstance) and stored.sop_instance_uid != sop and status == 0:
+            instance, sop, status = stored, stored.sop_instance_uid, dimse.STORE_COERCION
         entry = {"00081150": {"vr": "UI", "Value": [sop_class]}, "00081155": {"vr": "UI", "Value": [sop]},
                  "00081190": {"vr": "UR", "Value": [dw.base_url + resource_path(
                      instance.study_instance_uid, instance.series_instance_uid, sop)]}}
