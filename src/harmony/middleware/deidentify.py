@@ -56,6 +56,7 @@ from harmony.deid.config import build
 from harmony.deid.files import QUARANTINED
 from harmony.deid.profile import KEEP
 from harmony.dicom.files import Staging
+from harmony.dicom.status import SUCCESS
 from harmony.dicom.render import ResultBodyProducer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, OPERATIONS, DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope, media_type, read_body
@@ -65,7 +66,6 @@ from harmony.middleware.base import Middleware
 
 log = get_logger("harmony.middleware.deidentify")
 
-SUCCESS = 0x0000
 #: Staged de-identified copies live for one request; anything older is a leftover of a failed one.
 STAGED_MAX_AGE_SECS = 3600
 STAGING_SWEEP_SECS = 300
