@@ -29,7 +29,7 @@ from harmony.management.reload import reload as reload_config
 from harmony.management.service import ManagementService
 from harmony.management.settings import ManagementSettings, check_routes
 from harmony.runtime import Route, Runtime
-from harmony.web.network import NetworkService
+from harmony.web.network import NetworkService, network_http_table
 from harmony.web.router import PrefixRouter
 
 log = hlog.get_logger("harmony.service")
@@ -121,6 +121,7 @@ class HarmonyService(MultiService):
 
     def add_network(self, name: str, listen: str, runtime: Runtime) -> NetworkService:
         svc = NetworkService(name, listen, PrefixRouter(name, self.routes_for(name, runtime)), self.reactor)
+        svc.site.apply_settings(network_http_table(runtime, name))
         svc.setServiceParent(self)
         self.networks[name] = svc
         return svc

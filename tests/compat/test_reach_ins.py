@@ -18,12 +18,7 @@ KNOWN_PRIVATE_ATTRIBUTES = {"_sslContextFactory", "_run_loop_delay", "_character
                             "_quiescentCallback", "_factory", "_config"}
 
 #: "path:name" -> why it is not in harmony.compat yet.
-EXCEPTIONS = {
-    "dicom/net.py:_config": "harmony.dicom is being rewritten on the dicom branch; use compat.pynetdicom once it lands",
-    "dicom/net.py:_run_loop_delay": "same (pynetdicom's own association threads, gone with the engine change)",
-    "dicom/ul/storage.py:_read_file_meta_info": "harmony.dicom is being rewritten on the dicom branch; "
-                                                 "use compat.pydicom once it lands",
-}
+EXCEPTIONS: dict[str, str] = {}
 
 
 def _private(name: str) -> bool:

@@ -80,3 +80,29 @@ def test_server_tls_options_of_an_ssl_listen_string(tmp_path):
     assert isinstance(endpoint, SSL4ServerEndpoint)
     options = compat.server_tls_options(endpoint)
     assert options.getContext() is not None  # a usable OpenSSL context for TLSMemoryBIOFactory
+
+
+def test_quiescent_callback_is_what_the_factory_hands_its_protocols():
+    def idle_again(protocol):
+        return None
+
+    factory = compat.HTTP11ClientFactory(idle_again, "metadata")
+    assert compat.quiescent_callback(factory) is idle_again
+    assert isinstance(factory.buildProtocol(None), compat.HTTP11ClientProtocol)
+
+
+def test_response_parser_of_a_protocol_with_a_request_in_flight():
+    from twisted.internet.testing import StringTransport
+    from twisted.web._newclient import Request
+    from twisted.web.http_headers import Headers
+
+    protocol = compat.HTTP11ClientProtocol()
+    protocol.makeConnection(StringTransport())
+    assert compat.response_parser(protocol) is None  # no request yet
+    protocol.request(Request(b"GET", b"/", Headers({b"host": [b"upstream"]}), None))
+    parser = compat.response_parser(protocol)
+    assert parser is not None and callable(parser.headerReceived)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nX-Internal: 1\r\nConnection: X-Internal\r\nX-Other: 2\r\n")
+    assert parser.headers.hasHeader(b"x-internal")  # filed as each header line completes
+    assert parser.connHeaders.hasHeader(b"connection")
+    assert not parser.headers.hasHeader(b"connection")  # why harmony.backends.http copies it back

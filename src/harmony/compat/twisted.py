@@ -7,6 +7,10 @@ the tested range, so a new major release fails there first.
 
 from __future__ import annotations
 
+# The HTTP/1.1 client protocol (Agent's), subclassed to keep the ``Connection`` header of
+# an answer visible, so the hop-by-hop names it lists can be dropped (harmony.backends.http).
+from twisted.web._newclient import HTTP11ClientProtocol
+
 # The HTTP/1.1 client connection factory: subclassed to silence its per-connection
 # "Starting factory" log line (Agent offers no public switch).
 from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
@@ -27,6 +31,18 @@ def set_pool_factory(pool, factory) -> None:
     pool._factory = factory
 
 
+def quiescent_callback(factory):
+    """The callback an ``HTTP11ClientFactory`` hands each protocol it builds (the pool's
+    "connection idle again" hook), for a ``buildProtocol`` that builds a subclass."""
+    return factory._quiescentCallback
+
+
+def response_parser(protocol):
+    """The response parser of an ``HTTP11ClientProtocol`` with a request in flight
+    (``_parser``: its ``headers`` and ``headerReceived``), or None between requests."""
+    return getattr(protocol, "_parser", None)
+
+
 def server_tls_options(endpoint):
     """The TLS context factory of an ``SSL4ServerEndpoint`` (from an ``ssl:`` listen
     string), so a worker process can wrap an adopted socket in the same TLS."""
@@ -43,5 +59,5 @@ def tested(version: str) -> bool:
     return low <= version_tuple(version) < high
 
 
-__all__ = ["HTTP11ClientFactory", "StandardEndpointFactory", "TESTED_RANGE", "set_pool_factory",
-           "server_tls_options", "tested", "version_tuple"]
+__all__ = ["HTTP11ClientFactory", "HTTP11ClientProtocol", "StandardEndpointFactory", "TESTED_RANGE",
+           "quiescent_callback", "response_parser", "set_pool_factory", "server_tls_options", "tested", "version_tuple"]

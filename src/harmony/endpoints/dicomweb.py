@@ -11,17 +11,15 @@ are refused here, before any backend is bothered.
 
 from __future__ import annotations
 
-
-
 from harmony.config.errors import OptionError
 from harmony.dicomweb import accept as acc
 from harmony.dicomweb import qido
+from harmony.dicomweb.accept import parse_media_range
 from harmony.dicomweb.baseurl import public_root
 from harmony.dicomweb.routes import QIDO, WADO, parse_path
 from harmony.endpoints.base import HttpEndpointBase, check_prefix
 from harmony.envelope import body_length
 from harmony.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
-from harmony.dicomweb.accept import parse_media_range
 from harmony.web import coding
 from harmony.web.urls import check_base_url
 
@@ -58,6 +56,7 @@ def stow_boundary(content_type: str | None) -> str:
 
 class DicomWebEndpoint(HttpEndpointBase):
     protocol = "dicomweb"
+    cors_methods = ("GET", "HEAD", "POST", "DELETE", "OPTIONS")
 
     def __init__(self, name, path_prefix="/", *, public_base_url=None, trust_forwarded=True,
                  max_upload_bytes=DEFAULT_MAX_UPLOAD, qido_max_limit=None, empty_search_status=200):
@@ -83,7 +82,10 @@ class DicomWebEndpoint(HttpEndpointBase):
                    trust_forwarded=options.bool("trust_forwarded_headers", True),
                    max_upload_bytes=options.int("max_upload_bytes", DEFAULT_MAX_UPLOAD, minimum=1),
                    qido_max_limit=options.int("qido_max_limit", None, minimum=1),
-                   empty_search_status=empty)
+                   empty_search_status=empty).take_shared_options(options)
+
+    def request_body_limit(self, method, subpath):
+        return (self.max_upload_bytes, "max_upload_bytes") if method == "POST" else None  # STOW-RS
 
     # -- request side
     def envelope(self, request, route):

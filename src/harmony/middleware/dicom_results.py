@@ -43,9 +43,9 @@ from twisted.internet import defer
 
 from harmony import jsonutil
 from harmony.dicom.dicomjson import identifier_to_json
-from harmony.dicom.net import is_failure
+from harmony.dicom.status import is_failure
 from harmony.envelope import ResponseEnvelope, is_json_type, read_body
-from harmony.errors import BadRequest, BackendUnavailable, HarmonyError
+from harmony.errors import BackendUnavailable, BadRequest, HarmonyError
 from harmony.middleware.base import Middleware
 from harmony.web.urls import check_base_url, request_origin
 
@@ -86,8 +86,8 @@ class DicomResultsJson(Middleware):
         value = request.query_value(key)
         if value is None or value == "":
             return default
-        if not value.isdigit():
-            raise BadRequest(f"{key} must be a non-negative integer, got {value!r}")
+        if not (value.isascii() and value.isdigit() and len(value) <= 18):  # int() refuses 4,301+ digits: a 500
+            raise BadRequest(f"{key} must be a non-negative integer of at most 18 digits, got {value[:40]!r}")
         return int(value)
 
     def page(self, request) -> tuple[int, int]:

@@ -26,15 +26,20 @@ import itertools
 from collections import deque
 
 from pynetdicom import pdu as pn_pdu
-from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
-                                       ImplementationVersionNameNotification, MaximumLengthNotification,
-                                       SCP_SCU_RoleSelectionNegotiation)
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
 from pynetdicom.presentation import negotiate_as_requestor
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from harmony.dicom import status as dimse
 from harmony.dicom.ul import commands, pdu
 from harmony.log import get_logger
 
@@ -362,7 +367,7 @@ class Association(protocol.Protocol):
                          field=commands.NAMES.get(message.field, hex(message.field)), mid=responding_to)
                 return
             status = command.get("Status")
-            if status in (0xFF00, 0xFF01):
+            if dimse.is_pending(status):
                 if waiting.timer is not None and waiting.timer.active():
                     waiting.timer.reset(self.settings.dimse_timeout)
                 if waiting.on_pending is not None:
