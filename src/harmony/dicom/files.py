@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from harmony.dicom.results import DicomInstance
+from harmony.dicom.uids import is_uid as valid_uid  # noqa: F401 - re-exported: harmony.dicom.files.valid_uid
 from harmony.dicom.uids import strip_padding
 
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
