@@ -61,6 +61,16 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def merge_config(base: dict, extra: dict) -> dict:
+    """Merge *extra* into *base* in place: dicts key by key, anything else replaced."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_config(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 class PeerProcess:
     """A peer run as a child process (``proc``) writing to ``log``, both set by ``start``."""
 
@@ -83,12 +93,17 @@ class PeerProcess:
 class Orthanc(PeerProcess):
     """An Orthanc process with the DICOMweb plugin and its own storage folder."""
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None):
+    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None,
+                 extra_config: dict | None = None):
+        """*modalities*: name -> (aet, host, port); *extra_config*: Orthanc
+        configuration merged over the defaults below (nested tables merged key by key,
+        e.g. ``{"DicomWeb": {"Servers": {...}}}`` keeps the plugin's other settings)."""
         self.folder = Path(folder)
         self.aet = aet
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities = modalities or {}
+        self.extra_config = extra_config or {}
         self.proc = None
 
     @property
@@ -124,6 +139,7 @@ class Orthanc(PeerProcess):
             "HttpCompressionEnabled": False,
             "SaveJobs": False,
         }
+        merge_config(config, self.extra_config)
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config))
         self.log = open(self.folder / "orthanc.log", "wb")

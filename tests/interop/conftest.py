@@ -1,0 +1,153 @@
+"""Fixtures of the interop suite: real peers on 127.0.0.1 around a Harmony
+run under twistd, in the two shapes a site deploys.
+
+- ``archive``: the shipped ``etc/`` config as it is (ports rewritten), loaded
+  with the shared corpus by DCMTK's storescu, with an Orthanc as its client.
+- ``router``: ``dicom_scp`` -> ``dicom_scu`` in front of a second Orthanc (the
+  PACS, loaded with the corpus); the client Orthanc is the C-MOVE destination.
+  The same node serves DICOMweb over the PACS (``dicomweb`` endpoint ->
+  ``dicomweb_bridge`` -> the same ``dicom_scu``) at ``/bridge``.
+
+Each client Orthanc knows Harmony both as a DICOM modality (``harmony``) and
+as a DICOMweb server (``harmony``), and the PACS directly (``pacs``) when
+there is one, so every answer through Harmony can be compared with the same
+client's answer without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.interop.data import make_charsets, make_compressed
+from tests.interop.support import Node, storescu
+from tests.peers import Orthanc, free_port
+
+
+@pytest.fixture(scope="session")
+def compressed(tmp_path_factory):
+    """One study, one instance per compressed transfer syntax (DCMTK-made); see data.COMPRESSED."""
+    return make_compressed(tmp_path_factory.mktemp("compressed"))
+
+
+@pytest.fixture(scope="session")
+def charsets(tmp_path_factory):
+    """One patient per character set (see data.CHARSETS)."""
+    return make_charsets(tmp_path_factory.mktemp("charsets"))
+
+
+def client_orthanc(folder, *, harmony_dimse: int | None = None, harmony_web: str | None = None,
+                   pacs: Orthanc | None = None, aet: str = "ORTHANC") -> Orthanc:
+    """An Orthanc acting as a client of Harmony (UTF-8 by default, as modern sites run it)."""
+    modalities, servers = {}, {}
+    if harmony_dimse:
+        modalities["harmony"] = ("HARMONY", "127.0.0.1", harmony_dimse)
+    if pacs is not None:
+        modalities["pacs"] = (pacs.aet, "127.0.0.1", pacs.dicom_port)
+        servers["pacs"] = [pacs.dicomweb_url + "/"]
+    if harmony_web:
+        servers["harmony"] = [harmony_web.rstrip("/") + "/"]
+    return Orthanc(folder, aet=aet, modalities=modalities,
+                   extra_config={"DefaultEncoding": "Utf8", "DicomWeb": {"Servers": servers}})
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, corpus):
+    """The default ``etc/`` archive under twistd, holding the corpus, and a client Orthanc."""
+    from tests.test_default_config import copy_etc
+    from tests.sf_helpers import HarmonyProcess
+    root = tmp_path_factory.mktemp("archive")
+    ports = copy_etc(root / "etc")
+    node = HarmonyProcess(root / "etc", ports.values())
+    node.config = root / "etc" / "harmony.toml"
+    node.start()
+    client = client_orthanc(root / "client", harmony_dimse=ports["scp"],
+                            harmony_web=f"http://127.0.0.1:{ports['http']}/dicomweb")
+    try:
+        client.start()
+        storescu(ports["scp"], (i.path for i in corpus))
+        yield Stack(node=node, client=client, scp_port=ports["scp"],
+                    web_url=f"http://127.0.0.1:{ports['http']}/dicomweb", root=root)
+    finally:
+        client.stop()
+        node.stop()
+
+
+class Stack:
+    """Harmony (``node``), its client Orthanc, and the PACS behind it (router only)."""
+
+    def __init__(self, *, node, client, scp_port, web_url, root, pacs=None):
+        self.node, self.client, self.scp_port, self.web_url, self.root, self.pacs = \
+            node, client, scp_port, web_url, root, pacs
+
+
+def router_toml(scp_port: int, pacs: Orthanc, client: Orthanc) -> str:
+    """dicom_scp HARMONY (echo/find/get/move/store) -> dicom_scu to *pacs*; the
+    client Orthanc is the C-MOVE destination ``ORTHANC``; DICOMweb over the
+    same PACS at /bridge."""
+    return f"""
+[pipelines.router]
+endpoints = ["scp"]
+backends = ["pacs"]
+
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {scp_port}
+enable_find = true
+enable_get = true
+enable_move = true
+enable_store = true
+[endpoints.scp.options.move_destinations]
+{client.aet} = "127.0.0.1:{client.dicom_port}"
+
+[backends.pacs]
+service = "dicom_scu"
+[backends.pacs.options]
+aet = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+local_aet = "HARMONY_SCU"
+
+[pipelines.bridge]
+networks = ["default"]
+endpoints = ["bridge_web"]
+middleware = ["bridge"]
+backends = ["pacs"]
+
+[endpoints.bridge_web]
+service = "dicomweb"
+[endpoints.bridge_web.options]
+path_prefix = "/bridge"
+
+[middleware.bridge]
+type = "dicomweb_bridge"
+"""
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory, corpus):
+    """Orthanc (client) -> Harmony dicom_scp -> dicom_scu -> Orthanc (PACS, holding the corpus)."""
+    root = tmp_path_factory.mktemp("router")
+    scp_port = free_port()
+    pacs = Orthanc(root / "pacs", aet="PACS", extra_config={"DefaultEncoding": "Utf8"})
+    # Orthanc answers C-FIND/C-GET only to callers it lists: Harmony's SCU, and the client (the oracle).
+    pacs.modalities = {"harmony": ("HARMONY_SCU", "127.0.0.1", 1), "client": ("ORTHANC", "127.0.0.1", 1)}
+    node = None
+    client = None
+    try:
+        pacs.start()
+        pacs.upload(i.path for i in corpus)
+        http_port = free_port()
+        client = client_orthanc(root / "client", harmony_dimse=scp_port, pacs=pacs,
+                                harmony_web=f"http://127.0.0.1:{http_port}/bridge")
+        node = Node(root / "harmony", router_toml(scp_port, pacs, client), dimse_ports=[scp_port],
+                    http_port=http_port).start()
+        client.start()
+        yield Stack(node=node, client=client, scp_port=scp_port, web_url=node.url("/bridge"), root=root,
+                    pacs=pacs)
+    finally:
+        for peer in (client, node, pacs):
+            if peer is not None:
+                peer.stop()
