@@ -1,0 +1,69 @@
+"""Issue 12, defect 7: Orthanc 1.10 retrieves only by C-MOVE, so the default
+``etc/`` archive must accept C-MOVE.  The test leaves ``enable_move`` to the
+shipped config and only names the destination (Orthanc) the documented way,
+a ``move_destinations`` entry of the archive's ``dicom_scp`` endpoint.
+
+Fails until defect 7's fix is merged ("C-MOVE command is not supported").
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.dicom_data import uid
+from tests.interop.conftest import client_orthanc
+from tests.interop.support import orthanc_ok, orthanc_sops, storescu
+from tests.peers import free_port
+from tests.sf_helpers import HarmonyProcess
+
+
+def name_destination(etc, aet: str, port: int):
+    """Add ``AET = "127.0.0.1:port"`` to the archive endpoint's move_destinations (creating the table if needed)."""
+    path = etc / "pipelines" / "archive.toml"
+    text = path.read_text()
+    entry = f'{aet} = "127.0.0.1:{port}"\n'
+    table = "[endpoints.archive_scp.options.move_destinations]"
+    if table in text:
+        text = text.replace(table + "\n", table + "\n" + entry, 1)
+    else:
+        assert not re.search(r"^\s*move_destinations\s*=", text, re.M), "inline move_destinations: extend this helper"
+        text += f"\n{table}\n{entry}"
+    path.write_text(text)
+
+
+@pytest.fixture(scope="module")
+def movable_archive(tmp_path_factory, corpus):
+    from tests.test_default_config import copy_etc
+    root = tmp_path_factory.mktemp("archive-move")
+    ports = copy_etc(root / "etc")
+    client = client_orthanc(root / "client", harmony_dimse=ports["scp"])
+    name_destination(root / "etc", client.aet, client.dicom_port)
+    node = HarmonyProcess(root / "etc", ports.values())
+    node.config = root / "etc" / "harmony.toml"
+    try:
+        node.start()
+        client.start()
+        storescu(ports["scp"], (i.path for i in corpus))
+        yield client
+    finally:
+        client.stop()
+        node.stop()
+
+
+def test_orthanc_retrieves_from_default_archive(movable_archive, corpus):
+    study = uid(1, 3)  # the study with the RLE instance
+    q = orthanc_ok(movable_archive, "POST", "/modalities/harmony/query",
+                   {"Level": "Study", "Query": {"StudyInstanceUID": study}})
+    orthanc_ok(movable_archive, "POST", f"/queries/{q['ID']}/retrieve",
+               {"TargetAet": movable_archive.aet, "Synchronous": True})
+    assert {i.sop_uid for i in corpus if i.study_uid == study} <= orthanc_sops(movable_archive)
+
+
+def test_orthanc_moves_series_from_default_archive(movable_archive, corpus):
+    series = uid(1, 4, 2)
+    orthanc_ok(movable_archive, "POST", "/modalities/harmony/move",
+               {"Level": "Series", "TargetAet": movable_archive.aet, "Synchronous": True,
+                "Resources": [{"StudyInstanceUID": uid(1, 4), "SeriesInstanceUID": series}]})
+    assert {i.sop_uid for i in corpus if i.series_uid == series} <= orthanc_sops(movable_archive)
