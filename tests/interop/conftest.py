@@ -8,6 +8,9 @@ run under twistd, in the two shapes a site deploys.
   The same node serves DICOMweb over the PACS (``dicomweb`` endpoint ->
   ``dicomweb_bridge`` -> the same ``dicom_scu``) at ``/bridge``.
 
+Both are shared by the run: tests store fresh UIDs, and a test that retrieves
+into the client Orthanc empties it first (``support.clear``).
+
 Each client Orthanc knows Harmony both as a DICOM modality (``harmony``) and
 as a DICOMweb server (``harmony``), and the PACS directly (``pacs``) when
 there is one, so every answer through Harmony can be compared with the same
@@ -50,7 +53,7 @@ def client_orthanc(folder, *, harmony_dimse: int | None = None, harmony_web: str
                    extra_config={"DefaultEncoding": "Utf8", "DicomWeb": {"Servers": servers}})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def archive(tmp_path_factory, corpus):
     """The default ``etc/`` archive under twistd, holding the corpus, and a client Orthanc."""
     from tests.test_default_config import copy_etc
@@ -126,7 +129,7 @@ type = "dicomweb_bridge"
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def router(tmp_path_factory, corpus):
     """Orthanc (client) -> Harmony dicom_scp -> dicom_scu -> Orthanc (PACS, holding the corpus)."""
     root = tmp_path_factory.mktemp("router")

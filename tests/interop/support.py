@@ -12,6 +12,7 @@ process.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import textwrap
@@ -128,6 +129,20 @@ def orthanc_find(orthanc, modality: str, level: str, query: dict) -> list[dict]:
 def orthanc_sops(orthanc) -> set[str]:
     """SOP Instance UIDs Orthanc holds."""
     return {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc_ok(orthanc, "GET", "/instances?expand")}
+
+
+def orthanc_file(orthanc, sop_uid: str) -> pydicom.Dataset:
+    """The instance *sop_uid* as Orthanc holds it."""
+    found = orthanc.rest("POST", "/tools/lookup", sop_uid.encode(), "text/plain")
+    [instance] = [f for f in found if f["Type"] == "Instance"]
+    return pydicom.dcmread(io.BytesIO(orthanc.rest("GET", f"/instances/{instance['ID']}/file")))
+
+
+def clear(orthanc):
+    """Delete every study from *orthanc* (a client about to retrieve), and check it is empty."""
+    for study in orthanc_ok(orthanc, "GET", "/studies"):
+        orthanc_ok(orthanc, "DELETE", f"/studies/{study}")
+    assert orthanc_ok(orthanc, "GET", "/instances") == []
 
 
 def upload(orthanc, paths) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dicom_data import make_instance, save, uid
-from tests.interop.support import orthanc_find, orthanc_ok, orthanc_sops, upload
+from tests.interop.support import clear, orthanc_find, orthanc_ok, orthanc_sops, upload
 
 #: Orthanc level -> (query, keys compared between the answers)
 LEVELS = {
@@ -98,6 +98,7 @@ def test_orthanc_retrieve_query_through_router(router, corpus):
     which fetches from the PACS and C-STOREs each instance back to Orthanc
     (the RLE-compressed one and the multi-frame one included)."""
     study = uid(1, 3)
+    clear(router.client)
     q = orthanc_ok(router.client, "POST", "/modalities/harmony/query",
                    {"Level": "Study", "Query": {"StudyInstanceUID": study}})
     job = orthanc_ok(router.client, "POST", f"/queries/{q['ID']}/retrieve",
@@ -110,6 +111,7 @@ def test_orthanc_retrieve_query_through_router(router, corpus):
 def test_orthanc_move_series_through_router(router, corpus):
     """``/modalities/{id}/move`` at series level (the multi-frame MR series)."""
     series = uid(1, 2, 1)
+    clear(router.client)
     orthanc_ok(router.client, "POST", "/modalities/harmony/move",
                {"Level": "Series", "TargetAet": router.client.aet, "Synchronous": True,
                 "Resources": [{"StudyInstanceUID": uid(1, 2), "SeriesInstanceUID": series}]})

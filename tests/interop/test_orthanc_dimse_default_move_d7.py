@@ -14,7 +14,7 @@ import pytest
 
 from tests.dicom_data import uid
 from tests.interop.conftest import client_orthanc
-from tests.interop.support import orthanc_ok, orthanc_sops, storescu
+from tests.interop.support import clear, orthanc_ok, orthanc_sops, storescu
 from tests.peers import free_port
 from tests.sf_helpers import HarmonyProcess
 
@@ -54,6 +54,7 @@ def movable_archive(tmp_path_factory, corpus):
 
 def test_orthanc_retrieves_from_default_archive(movable_archive, corpus):
     study = uid(1, 3)  # the study with the RLE instance
+    clear(movable_archive)
     q = orthanc_ok(movable_archive, "POST", "/modalities/harmony/query",
                    {"Level": "Study", "Query": {"StudyInstanceUID": study}})
     orthanc_ok(movable_archive, "POST", f"/queries/{q['ID']}/retrieve",
@@ -63,6 +64,7 @@ def test_orthanc_retrieves_from_default_archive(movable_archive, corpus):
 
 def test_orthanc_moves_series_from_default_archive(movable_archive, corpus):
     series = uid(1, 4, 2)
+    clear(movable_archive)
     orthanc_ok(movable_archive, "POST", "/modalities/harmony/move",
                {"Level": "Series", "TargetAet": movable_archive.aet, "Synchronous": True,
                 "Resources": [{"StudyInstanceUID": uid(1, 4), "SeriesInstanceUID": series}]})
