@@ -78,15 +78,16 @@ def archive(tmp_path_factory, corpus):
 class Stack:
     """Harmony (``node``), its client Orthanc, and the PACS behind it (router only)."""
 
-    def __init__(self, *, node, client, scp_port, web_url, root, pacs=None):
+    def __init__(self, *, node, client, scp_port, web_url, root, pacs=None, movescu_port=None):
         self.node, self.client, self.scp_port, self.web_url, self.root, self.pacs = \
             node, client, scp_port, web_url, root, pacs
+        self.movescu_port = movescu_port  # the router's C-MOVE destination MOVESCU
 
 
-def router_toml(scp_port: int, pacs: Orthanc, client: Orthanc) -> str:
+def router_toml(scp_port: int, pacs: Orthanc, client: Orthanc, movescu_port: int) -> str:
     """dicom_scp HARMONY (echo/find/get/move/store) -> dicom_scu to *pacs*; the
-    client Orthanc is the C-MOVE destination ``ORTHANC``; DICOMweb over the
-    same PACS at /bridge."""
+    C-MOVE destinations are the client Orthanc and DCMTK's movescu (``MOVESCU``
+    on *movescu_port*); DICOMweb over the same PACS at /bridge."""
     return f"""
 [pipelines.router]
 endpoints = ["scp"]
@@ -104,6 +105,7 @@ enable_move = true
 enable_store = true
 [endpoints.scp.options.move_destinations]
 {client.aet} = "127.0.0.1:{client.dicom_port}"
+MOVESCU = "127.0.0.1:{movescu_port}"
 
 [backends.pacs]
 service = "dicom_scu"
@@ -145,11 +147,12 @@ def router(tmp_path_factory, corpus):
         http_port = free_port()
         client = client_orthanc(root / "client", harmony_dimse=scp_port, pacs=pacs,
                                 harmony_web=f"http://127.0.0.1:{http_port}/bridge")
-        node = Node(root / "harmony", router_toml(scp_port, pacs, client), dimse_ports=[scp_port],
+        movescu_port = free_port()
+        node = Node(root / "harmony", router_toml(scp_port, pacs, client, movescu_port), dimse_ports=[scp_port],
                     http_port=http_port).start()
         client.start()
         yield Stack(node=node, client=client, scp_port=scp_port, web_url=node.url("/bridge"), root=root,
-                    pacs=pacs)
+                    pacs=pacs, movescu_port=movescu_port)
     finally:
         for peer in (client, node, pacs):
             if peer is not None:

@@ -117,3 +117,17 @@ def make_charsets(folder: Path) -> dict[str, Item]:
         assert str(check.PatientName) == person, (name, check.PatientName)
         out[name] = Item(path, name, ds.PatientID, study, series, sop, "1.2.840.10008.1.2.1", person, charset)
     return out
+
+
+#: transfer syntax -> the DCMTK tool that decodes it (the reference decoder for pixel comparisons)
+DECODERS = {"1.2.840.10008.1.2.4.70": "dcmdjpeg", "1.2.840.10008.1.2.4.51": "dcmdjpeg",
+            "1.2.840.10008.1.2.4.50": "dcmdjpeg", "1.2.840.10008.1.2.4.80": "dcmdjpls", "1.2.840.10008.1.2.5": "dcmdrle"}
+
+
+def reference_pixels(item: Item, folder: Path) -> np.ndarray:
+    """*item*'s pixels as DCMTK decodes them (pydicom decodes only RLE without extra codecs)."""
+    if item.transfer_syntax not in DECODERS:
+        return pydicom.dcmread(item.path).pixel_array
+    out = Path(folder) / f"{item.name}-decoded.dcm"
+    _run(DECODERS[item.transfer_syntax], item.path, out)
+    return pydicom.dcmread(out).pixel_array

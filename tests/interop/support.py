@@ -27,7 +27,7 @@ from tests.peers import DCMTK, free_port, peer_env, require
 from tests.sf_helpers import HarmonyProcess
 
 #: DCMTK tools the interop tests call beyond those tests.peers names.
-TOOLS = {**DCMTK, **{name: f"/usr/bin/{name}" for name in ("dcmcjpeg", "dcmcjpls", "dcmcrle", "img2dcm", "dcmdjpeg")}}
+TOOLS = {**DCMTK, **{name: f"/usr/bin/{name}" for name in ("dcmcjpeg", "dcmcjpls", "dcmcrle", "img2dcm", "dcmdjpeg", "dcmdjpls", "dcmdrle")}}
 
 
 def dcmtk(tool: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -61,6 +61,34 @@ def storescu(port: int, paths, *, aec: str = "HARMONY") -> str:
         log += out
         assert r.returncode == 0 and out.count("Received Store Response (Success)") == len(files), out
     return log
+
+
+def getscu(port: int, keys: dict, out: Path, *, prefer: str | None = None, aec: str = "HARMONY") -> list[pydicom.Dataset]:
+    """DCMTK getscu (Study Root) with *keys*, preferring the transfer syntax
+    *prefer* (its instances may then arrive in it; uncompressed otherwise); what arrived."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["-v", "-S", "-aec", aec, "-od", out]
+    if prefer is not None:
+        args.append("+" + STORESCU_PROPOSE[prefer][1:])  # getscu's "+x?" (prefer) mirrors storescu's "-x?" (propose)
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    r = dcmtk("getscu", *args, "127.0.0.1", port)
+    log = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 0, log
+    return [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+
+
+def movescu(port: int, keys: dict, out: Path, receive_port: int, *, aec: str = "HARMONY") -> list[pydicom.Dataset]:
+    """DCMTK movescu to itself (AE ``MOVESCU`` listening on *receive_port*,
+    accepting every syntax it knows) with *keys*; what arrived."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["-v", "-S", "-aet", "MOVESCU", "-aem", "MOVESCU", "-aec", aec, "--port", receive_port, "+xa", "-od", out]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    r = dcmtk("movescu", *args, "127.0.0.1", port)
+    log = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 0, log
+    return [pydicom.dcmread(p) for p in sorted(out.iterdir())]
 
 
 def main_toml(http_port: int, *, log_level: str = "info", extra: str = "") -> str:

@@ -1,0 +1,83 @@
+"""DCMTK clients with compressed transfer syntaxes (made by dcmcjpeg, dcmcjpls,
+dcmcrle and img2dcm) through Harmony's DIMSE paths.
+
+Here: storescu into the default archive in each syntax (kept as sent: read
+back with dicomweb-client, ``transfer-syntax=*``), findscu finding it, and
+getscu of the RLE instance for a client that takes only uncompressed syntaxes
+(pixels as DCMTK decodes them).  Paths that wait on a fix:
+test_dcmtk_compressed_d4.py (the router forwarding compressed syntaxes),
+test_dcmtk_compressed_d5.py (decompressing JPEG families for C-GET and
+WADO-RS) and test_dcmtk_compressed_get_n1.py (C-GET in the syntax the
+requestor prefers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests.dicomweb_helpers import client
+from tests.interop.data import COMPRESSED, reference_pixels
+from tests.interop.support import findscu, getscu, movescu, orthanc_file, storescu, upload
+
+#: what the router forwards in the instance's own syntax today; JPEG extended
+#: and JPEG-LS wait on defect 4 (test_dcmtk_compressed_d4.py)
+ROUTER_KEEPS = ["explicit", "jpeg_lossless", "rle", "jpeg_baseline"]
+
+
+def image_keys(item) -> dict:
+    return {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": item.study_uid,
+            "SeriesInstanceUID": item.series_uid, "SOPInstanceUID": item.sop_uid}
+
+
+@pytest.mark.parametrize("variant", list(COMPRESSED))
+def test_dcmtk_compressed_store_into_archive(archive, compressed, variant, tmp_path):
+    item = compressed[variant]
+    storescu(archive.scp_port, [item.path])
+    answers, final = findscu(archive.scp_port, "IMAGE", {"StudyInstanceUID": item.study_uid,
+                                                         "SeriesInstanceUID": item.series_uid, "SOPInstanceUID": None},
+                             tmp_path / "find")
+    assert "Success" in final and [a.SOPInstanceUID for a in answers] == [item.sop_uid]
+    stored = client(archive.web_url).retrieve_instance(item.study_uid, item.series_uid, item.sop_uid,
+                                                       media_types=[("application/dicom", "*")])
+    assert str(stored.file_meta.TransferSyntaxUID) == item.transfer_syntax
+    assert stored.PixelData == pydicom.dcmread(item.path).PixelData
+
+
+@pytest.mark.parametrize("variant", ["explicit", "rle"])
+def test_dcmtk_get_uncompressed_from_archive(archive, compressed, variant, tmp_path):
+    item = compressed[variant]
+    storescu(archive.scp_port, [item.path])
+    [got] = getscu(archive.scp_port, image_keys(item), tmp_path / "got")
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(got.pixel_array, reference_pixels(item, tmp_path))
+
+
+@pytest.mark.parametrize("variant", ROUTER_KEEPS)
+def test_dcmtk_compressed_store_through_router(router, compressed, variant):
+    """storescu -> dicom_scp -> dicom_scu -> Orthanc: the PACS holds the instance in the syntax sent."""
+    item = compressed[variant]
+    storescu(router.scp_port, [item.path])
+    held = orthanc_file(router.pacs, item.sop_uid)
+    assert str(held.file_meta.TransferSyntaxUID) == item.transfer_syntax
+    assert held.PixelData == pydicom.dcmread(item.path).PixelData
+
+
+@pytest.mark.parametrize("variant", ROUTER_KEEPS)
+def test_dcmtk_compressed_move_through_router(router, compressed, variant, tmp_path):
+    """movescu (accepting every syntax) -> Harmony -> C-GET from the PACS -> C-STORE to movescu: unchanged."""
+    item = compressed[variant]
+    upload(router.pacs, [item.path])
+    [got] = movescu(router.scp_port, image_keys(item), tmp_path, router.movescu_port)
+    assert str(got.file_meta.TransferSyntaxUID) == item.transfer_syntax
+    assert got.PixelData == pydicom.dcmread(item.path).PixelData
+
+
+@pytest.mark.parametrize("variant", ["explicit", "rle"])
+def test_dcmtk_get_uncompressed_through_router(router, compressed, variant, tmp_path):
+    item = compressed[variant]
+    upload(router.pacs, [item.path])
+    [got] = getscu(router.scp_port, image_keys(item), tmp_path / "got")
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(got.pixel_array, reference_pixels(item, tmp_path))
