@@ -1,0 +1,59 @@
+"""Issue 12, defect 5: JPEG-family instances must be decompressed for clients
+that take only uncompressed syntaxes - getscu's default, dicomweb-client's
+default ``retrieve_instance``, Orthanc's WADO-RS retrieve.  Today getscu
+receives nothing and WADO-RS answers 406.  Fails until defect 5's fix is
+merged.  Pixels are compared with DCMTK's own decoders (exact for the
+lossless syntaxes, within a few grey levels for the lossy ones: decoders may
+round differently).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.dicomweb_helpers import client
+from tests.interop.data import reference_pixels
+from tests.interop.support import clear, getscu, orthanc_file, orthanc_ok, storescu
+from tests.interop.test_dcmtk_compressed import image_keys
+
+JPEG_FAMILY = ["jpeg_lossless", "jpeg_extended", "jpegls", "jpeg_baseline"]
+LOSSY = {"jpeg_extended", "jpeg_baseline"}
+
+
+def assert_same_pixels(got, item, folder):
+    want = reference_pixels(item, folder).astype(np.int32)
+    have = got.pixel_array.astype(np.int32)
+    assert have.shape == want.shape
+    tolerance = 4 if item.name in LOSSY else 0
+    assert np.abs(have - want).max() <= tolerance, item.name
+
+
+@pytest.mark.parametrize("variant", JPEG_FAMILY)
+def test_dcmtk_get_decompressed_from_archive_d5(archive, compressed, variant, tmp_path):
+    item = compressed[variant]
+    storescu(archive.scp_port, [item.path])
+    [got] = getscu(archive.scp_port, image_keys(item), tmp_path / "got")
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert_same_pixels(got, item, tmp_path)
+
+
+@pytest.mark.parametrize("variant", JPEG_FAMILY)
+def test_dicomweb_client_default_retrieve_d5(archive, compressed, variant, tmp_path):
+    """dicomweb-client's ``retrieve_instance`` with its default Accept (no transfer-syntax)."""
+    item = compressed[variant]
+    storescu(archive.scp_port, [item.path])
+    got = client(archive.web_url).retrieve_instance(item.study_uid, item.series_uid, item.sop_uid)
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert_same_pixels(got, item, tmp_path)
+
+
+def test_orthanc_wado_retrieve_compressed_d5(archive, compressed, tmp_path):
+    """Orthanc's WADO-RS client retrieves the whole compressed study from the archive."""
+    storescu(archive.scp_port, [c.path for c in compressed.values()])
+    clear(archive.client)
+    study = next(iter(compressed.values())).study_uid
+    job = orthanc_ok(archive.client, "POST", "/dicom-web/servers/harmony/retrieve", {"Resources": [{"Study": study}]})
+    assert int(job["ReceivedInstancesCount"]) == len(compressed), job
+    for item in compressed.values():
+        assert_same_pixels(orthanc_file(archive.client, item.sop_uid), item, tmp_path)
