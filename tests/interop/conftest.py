@@ -157,3 +157,19 @@ def router(tmp_path_factory, corpus):
         for peer in (client, node, pacs):
             if peer is not None:
                 peer.stop()
+
+
+@pytest.fixture(scope="session")
+def gzip_upstreams(tmp_path_factory):
+    """Orthanc and nginx answering gzip (see gzip_peers.py)."""
+    from tests.interop.gzip_peers import start_upstreams
+    yield from start_upstreams(tmp_path_factory.mktemp("gzip"))
+
+
+@pytest.fixture(scope="session")
+def gzip_proxy(tmp_path_factory, gzip_upstreams):
+    """Harmony proxying FHIR, HTTP and DICOMweb to the gzip upstreams."""
+    from tests.interop.gzip_peers import start_proxy
+    node = start_proxy(tmp_path_factory.mktemp("gzip-proxy"), gzip_upstreams)
+    yield node
+    node.stop()
