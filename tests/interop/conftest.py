@@ -173,3 +173,12 @@ def gzip_proxy(tmp_path_factory, gzip_upstreams):
     node = start_proxy(tmp_path_factory.mktemp("gzip-proxy"), gzip_upstreams)
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="module")
+def load_stack(tmp_path_factory):
+    """Harmony with a passthrough to a healthy nginx and a small archive (see load_peers.py)."""
+    from tests.interop.load_peers import LoadStack
+    stack = LoadStack(tmp_path_factory.mktemp("load"))
+    yield stack
+    stack.stop()

@@ -112,10 +112,25 @@ class Node(HarmonyProcess):
     HTTP network on ``http_port`` and the DIMSE ports in *dimse_ports* waited for."""
 
     def __init__(self, folder: Path, pipelines: str, *, dimse_ports=(), http_port: int | None = None,
-                 log_level: str = "info"):
+                 log_level: str = "info", management: bool = False):
         self.http_port = http_port or free_port()
-        write_config(Path(folder), main_toml(self.http_port, log_level=log_level), {"interop": pipelines})
-        super().__init__(folder, [self.http_port, *dimse_ports])
+        extra, ports = "", [self.http_port, *dimse_ports]
+        if management:  # the admin API on loopback, behind a token of our own
+            self.admin_port, self.admin_token = free_port(), "interop-admin-token-0123456789"
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "admin-token").write_text(self.admin_token)
+            extra = (f'[management]\nenabled = true\nbind_address = "127.0.0.1"\nbind_port = {self.admin_port}\n'
+                     'token_file = "admin-token"\n')
+            ports.append(self.admin_port)
+        write_config(Path(folder), main_toml(self.http_port, log_level=log_level, extra=extra), {"interop": pipelines})
+        super().__init__(folder, ports)
+
+    def admin(self, path: str):
+        """A management API call (``management=True``): the decoded JSON."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/admin{path}",
+                                     headers={"Authorization": f"Bearer {self.admin_token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
 
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"

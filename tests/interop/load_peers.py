@@ -1,0 +1,127 @@
+"""The node the real-load interop tests drive: Harmony (twistd, admin API on)
+with an HTTP passthrough to a healthy nginx - a fast small file and a slow
+large one (``limit_rate``) so that a client going away always leaves requests
+in flight - and a small archive (dicom_scp C-STORE/C-FIND and DICOMweb QIDO
+over local_archive)."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from bench.common import Nginx, status_kib
+from tests.interop.support import Node
+from tests.peers import free_port
+
+SMALL = "ok " * 300
+SLOW_BYTES = 256 * 1024
+
+
+def start_nginx(folder: Path) -> Nginx:
+    www = folder / "www"
+    www.mkdir(parents=True)
+    (www / "small.txt").write_text(SMALL)
+    (www / "slow.bin").write_bytes(b"s" * SLOW_BYTES)
+    port = free_port()
+    return Nginx(folder / "nginx", f"""
+        server {{
+            listen 127.0.0.1:{port};
+            root {www};
+            location = /slow.bin {{ limit_rate 16k; }}
+        }}""", port, workers=1).start()
+
+
+def node_toml(nginx_url: str, scp_port: int) -> str:
+    return f"""
+[pipelines.pass]
+networks = ["default"]
+endpoints = ["pass"]
+backends = ["up"]
+[endpoints.pass]
+service = "http"
+[endpoints.pass.options]
+path_prefix = "/pass"
+[backends.up]
+service = "http"
+[backends.up.options]
+base_url = "{nginx_url}"
+timeout_secs = 30
+
+[pipelines.archive]
+endpoints = ["scp"]
+backends = ["archive"]
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {scp_port}
+enable_find = true
+enable_store = true
+max_associations = 20
+[backends.archive]
+service = "local_archive"
+
+[pipelines.web]
+networks = ["default"]
+endpoints = ["web"]
+middleware = ["bridge"]
+backends = ["archive"]
+[endpoints.web]
+service = "dicomweb"
+[endpoints.web.options]
+path_prefix = "/dicomweb"
+[middleware.bridge]
+type = "dicomweb_bridge"
+"""
+
+
+class LoadStack:
+    def __init__(self, root: Path):
+        self.nginx = start_nginx(root)
+        self.nginx_url = f"http://127.0.0.1:{self.nginx.port}"
+        self.scp_port = free_port()
+        try:
+            self.node = Node(root / "harmony", node_toml(self.nginx_url, self.scp_port), dimse_ports=[self.scp_port],
+                             management=True).start()
+        except Exception:
+            self.nginx.stop()
+            raise
+
+    def stop(self):
+        self.node.stop()
+        self.nginx.stop()
+
+    def circuits(self) -> dict:
+        """target -> circuit state, for the passthrough backend."""
+        [pool] = [p for p in self.node.admin("/targets")["backends"] if p["backend"] == "up"]
+        return {t["name"]: t["circuit"] for t in pool["targets"]}
+
+
+class RssSampler(threading.Thread):
+    """VmRSS of *pid* every *interval* seconds (a sampler, not synchronisation)."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, int]] = []
+        self.stopping = threading.Event()
+
+    def run(self):
+        start = time.monotonic()
+        while not self.stopping.wait(self.interval):
+            self.samples.append((time.monotonic() - start, status_kib(self.pid, "VmRSS")))
+
+    def finish(self) -> dict:
+        """Stop; the RSS figures in MiB: warm (median of the second fifth of the run),
+        end (median of the last fifth), peak, and the growth end - warm."""
+        self.stopping.set()
+        self.join()
+        kib = [k for _, k in self.samples]
+        fifth = max(1, len(kib) // 5)
+        warm = statistics.median(kib[fifth:2 * fifth]) / 1024
+        end = statistics.median(kib[-fifth:]) / 1024
+        return {"samples": len(kib), "warm_mib": round(warm, 1), "end_mib": round(end, 1),
+                "peak_mib": round(max(kib) / 1024, 1), "growth_mib": round(end - warm, 1)}
