@@ -5,7 +5,7 @@ RLE-compressed and the multi-frame instance included).
 
 STOW-RS from Orthanc is in test_orthanc_dicomweb_stow_d3.py, the empty search
 in test_orthanc_dicomweb_empty_qido_d8.py and compressed retrieves needing
-decompression in test_orthanc_dicomweb_codecs_d5.py: each waits on its fix.
+decompression in test_dcmtk_compressed_d5.py: each waits on its fix.
 """
 
 from __future__ import annotations
