@@ -8,10 +8,13 @@ archive is in test_orthanc_dimse_default_move_d7.py (needs defect 7's fix).
 
 from __future__ import annotations
 
+import pydicom
 import pytest
 
 from tests.dicom_data import make_instance, save, uid
-from tests.interop.support import clear, orthanc_find, orthanc_ok, orthanc_sops, upload
+from tests.interop.data import COMPRESSED
+from tests.interop.support import clear, orthanc_file, orthanc_find, orthanc_ok, orthanc_sops, upload
+from tests.interop.test_dcmtk_compressed import ROUTER_KEEPS
 
 #: Orthanc level -> (query, keys compared between the answers)
 LEVELS = {
@@ -126,3 +129,24 @@ def test_orthanc_move_unknown_destination_is_refused(router):
                          "Resources": [{"StudyInstanceUID": uid(1, 4)}]})
     assert status != 200, body
     assert "a801" in str(body).lower() or "move" in str(body).lower(), body
+
+
+def orthanc_store_compressed(stack, item):
+    """Orthanc C-STOREs *item* to Harmony; the instance as Harmony's store (or the PACS behind it) holds it."""
+    from tests.dicomweb_helpers import client
+    ids = upload(stack.client, [item.path])
+    job = orthanc_ok(stack.client, "POST", "/modalities/harmony/store", {"Resources": ids, "Synchronous": True})
+    assert job["FailedInstancesCount"] == 0, job
+    if stack.pacs is not None:
+        return orthanc_file(stack.pacs, item.sop_uid)
+    return client(stack.web_url).retrieve_instance(item.study_uid, item.series_uid, item.sop_uid,
+                                                   media_types=[("application/dicom", "*")])
+
+
+@pytest.mark.parametrize("shape,variant", [("archive", v) for v in COMPRESSED] + [("router", v) for v in ROUTER_KEEPS])
+def test_orthanc_store_compressed(shape, variant, request, compressed):
+    """Orthanc sends each instance in its own syntax; it is kept (archive) or forwarded (router) as sent."""
+    item = compressed[variant]
+    held = orthanc_store_compressed(request.getfixturevalue(shape), item)
+    assert str(held.file_meta.TransferSyntaxUID) == item.transfer_syntax
+    assert held.PixelData == pydicom.dcmread(item.path).PixelData
