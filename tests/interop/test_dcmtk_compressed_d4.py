@@ -1,7 +1,7 @@
 """Issue 12, defect 4: the router's dicom_scu must send JPEG extended and
 JPEG-LS instances in their own syntax (storescu gets CannotUnderstand today,
 and a C-MOVE through the router has the PACS transcode them to Explicit VR
-Little Endian).  Fails until defect 4's fix is merged.
+Little Endian; Orthanc's C-STORE through the router fails with 0xC001).  Fails until defect 4's fix is merged.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 
 from tests.interop.support import movescu, orthanc_file, storescu, upload
 from tests.interop.test_dcmtk_compressed import image_keys
+from tests.interop.test_orthanc_dimse import orthanc_store_compressed
 
 WAITING = ["jpeg_extended", "jpegls"]
 
@@ -31,3 +32,10 @@ def test_dcmtk_compressed_move_through_router_d4(router, compressed, variant, tm
     [got] = movescu(router.scp_port, image_keys(item), tmp_path, router.movescu_port)
     assert str(got.file_meta.TransferSyntaxUID) == item.transfer_syntax
     assert got.PixelData == pydicom.dcmread(item.path).PixelData
+
+
+@pytest.mark.parametrize("variant", WAITING)
+def test_orthanc_store_compressed_through_router_d4(router, compressed, variant):
+    item = compressed[variant]
+    held = orthanc_store_compressed(router, item)
+    assert str(held.file_meta.TransferSyntaxUID) == item.transfer_syntax
