@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.common import Nginx, status_kib
 from tests.interop.support import Node
-from tests.peers import free_port
+from tests.peers import Orthanc, free_port
 
 SMALL = "ok " * 300
 SLOW_BYTES = 256 * 1024
@@ -33,8 +33,22 @@ def start_nginx(folder: Path) -> Nginx:
         }}""", port, workers=1).start()
 
 
-def node_toml(nginx_url: str, scp_port: int) -> str:
+def node_toml(nginx_url: str, scp_port: int, orthanc_url: str) -> str:
     return f"""
+[pipelines.upload]
+networks = ["default"]
+endpoints = ["upload"]
+backends = ["orthanc"]
+[endpoints.upload]
+service = "http"
+[endpoints.upload.options]
+path_prefix = "/orthanc"
+[backends.orthanc]
+service = "http"
+[backends.orthanc.options]
+base_url = "{orthanc_url}"
+timeout_secs = 30
+
 [pipelines.pass]
 networks = ["default"]
 endpoints = ["pass"]
@@ -79,24 +93,30 @@ type = "dicomweb_bridge"
 
 
 class LoadStack:
+    """nginx and Orthanc (an upload target that waits for whole bodies) behind one Harmony."""
+
     def __init__(self, root: Path):
         self.nginx = start_nginx(root)
         self.nginx_url = f"http://127.0.0.1:{self.nginx.port}"
+        self.orthanc = Orthanc(root / "orthanc")
         self.scp_port = free_port()
+        self.node = None
         try:
-            self.node = Node(root / "harmony", node_toml(self.nginx_url, self.scp_port), dimse_ports=[self.scp_port],
-                             management=True).start()
+            self.orthanc.start()
+            self.node = Node(root / "harmony", node_toml(self.nginx_url, self.scp_port, self.orthanc.url),
+                             dimse_ports=[self.scp_port], management=True).start()
         except Exception:
-            self.nginx.stop()
+            self.stop()
             raise
 
     def stop(self):
-        self.node.stop()
-        self.nginx.stop()
+        for peer in (self.node, self.orthanc, self.nginx):
+            if peer is not None:
+                peer.stop()
 
-    def circuits(self) -> dict:
-        """target -> circuit state, for the passthrough backend."""
-        [pool] = [p for p in self.node.admin("/targets")["backends"] if p["backend"] == "up"]
+    def circuits(self, backend: str = "up") -> dict:
+        """target -> circuit state, for *backend* (``up``: the passthrough to nginx; ``orthanc``)."""
+        [pool] = [p for p in self.node.admin("/targets")["backends"] if p["backend"] == backend]
         return {t["name"]: t["circuit"] for t in pool["targets"]}
 
 
