@@ -10,7 +10,7 @@ import json
 
 from bench.common import Nginx
 from tests.dicom_data import make_corpus
-from tests.interop.support import Node
+from tests.interop.support import Node, web_pipeline
 from tests.peers import Orthanc, free_port
 
 #: nginx compresses every JSON-ish answer, however small, and proxies keep-alive.
@@ -68,73 +68,14 @@ def start_upstreams(root):
 
 
 def proxy_toml(upstreams) -> str:
-    return f"""
-[pipelines.fhir]
-networks = ["default"]
-endpoints = ["fhir"]
-backends = ["fhir_up"]
-[endpoints.fhir]
-service = "fhir"
-[endpoints.fhir.options]
-path_prefix = "/fhir"
-[backends.fhir_up]
-service = "fhir"
-[backends.fhir_up.options]
-base_url = "{upstreams['fhir_base']}"
-
-[pipelines.fhir_raw]
-networks = ["default"]
-endpoints = ["fhir_raw"]
-backends = ["fhir_raw_up"]
-[endpoints.fhir_raw]
-service = "fhir"
-[endpoints.fhir_raw.options]
-path_prefix = "/fhir-raw"
-[backends.fhir_raw_up]
-service = "fhir"
-[backends.fhir_raw_up.options]
-base_url = "{upstreams['fhir_base']}"
-rewrite_urls = false
-
-[pipelines.pass]
-networks = ["default"]
-endpoints = ["pass"]
-backends = ["pass_up"]
-[endpoints.pass]
-service = "http"
-[endpoints.pass.options]
-path_prefix = "/pass"
-[backends.pass_up]
-service = "http"
-[backends.pass_up.options]
-base_url = "{upstreams['nginx']}"
-
-[pipelines.dw_orthanc]
-networks = ["default"]
-endpoints = ["dw_orthanc"]
-backends = ["dw_orthanc_up"]
-[endpoints.dw_orthanc]
-service = "dicomweb"
-[endpoints.dw_orthanc.options]
-path_prefix = "/dw-orthanc"
-[backends.dw_orthanc_up]
-service = "dicomweb"
-[backends.dw_orthanc_up.options]
-base_url = "{upstreams['orthanc'].dicomweb_url}"
-
-[pipelines.dw_nginx]
-networks = ["default"]
-endpoints = ["dw_nginx"]
-backends = ["dw_nginx_up"]
-[endpoints.dw_nginx]
-service = "dicomweb"
-[endpoints.dw_nginx.options]
-path_prefix = "/dw-nginx"
-[backends.dw_nginx_up]
-service = "dicomweb"
-[backends.dw_nginx_up.options]
-base_url = "{upstreams['nginx']}/dicom-web"
-"""
+    fhir, orthanc, nginx = upstreams["fhir_base"], upstreams["orthanc"].dicomweb_url, upstreams["nginx"]
+    return "".join([
+        web_pipeline("fhir", "fhir", "/fhir", {"base_url": fhir}),
+        web_pipeline("fhir_raw", "fhir", "/fhir-raw", {"base_url": fhir, "rewrite_urls": False}),
+        web_pipeline("pass", "http", "/pass", {"base_url": nginx}),
+        web_pipeline("dw_orthanc", "dicomweb", "/dw-orthanc", {"base_url": orthanc}),
+        web_pipeline("dw_nginx", "dicomweb", "/dw-nginx", {"base_url": nginx + "/dicom-web"}),
+    ])
 
 
 def start_proxy(folder, upstreams) -> Node:

@@ -1,7 +1,7 @@
 """The node the real-load interop tests drive: Harmony (twistd, admin API on)
-with an HTTP passthrough to a healthy nginx - a fast small file and a slow
-large one (``limit_rate``) so that a client going away always leaves requests
-in flight - and a small archive (dicom_scp C-STORE/C-FIND and DICOMweb QIDO
+with an HTTP passthrough to a healthy nginx - a fast small file, a slow large
+one (``limit_rate``) and a queued one (``limit_req``) so that a client going
+away always leaves requests in flight - and a small archive (dicom_scp C-STORE/C-FIND and DICOMweb QIDO
 over local_archive)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench.common import Nginx, status_kib
-from tests.interop.support import Node
+from tests.interop.support import Node, web_pipeline
 from tests.peers import Orthanc, free_port
 
 SMALL = "ok " * 300
@@ -25,44 +25,23 @@ def start_nginx(folder: Path) -> Nginx:
     (www / "small.txt").write_text(SMALL)
     (www / "slow.bin").write_bytes(b"s" * SLOW_BYTES)
     port = free_port()
+    (www / "queued.txt").write_text(SMALL)
+    # /queued.txt: nginx answers one request a second and queues the rest
+    # (limit_req without nodelay), so a client that leaves finds its request
+    # still waiting for its head - the case nginx logs as 499.
     return Nginx(folder / "nginx", f"""
+        limit_req_zone $server_name zone=queue:1m rate=1r/s;
         server {{
             listen 127.0.0.1:{port};
             root {www};
             location = /slow.bin {{ limit_rate 16k; }}
+            location = /queued.txt {{ limit_req zone=queue burst=10000; }}
         }}""", port, workers=1).start()
 
 
 def node_toml(nginx_url: str, scp_port: int, orthanc_url: str) -> str:
-    return f"""
-[pipelines.upload]
-networks = ["default"]
-endpoints = ["upload"]
-backends = ["orthanc"]
-[endpoints.upload]
-service = "http"
-[endpoints.upload.options]
-path_prefix = "/orthanc"
-[backends.orthanc]
-service = "http"
-[backends.orthanc.options]
-base_url = "{orthanc_url}"
-timeout_secs = 30
-
-[pipelines.pass]
-networks = ["default"]
-endpoints = ["pass"]
-backends = ["up"]
-[endpoints.pass]
-service = "http"
-[endpoints.pass.options]
-path_prefix = "/pass"
-[backends.up]
-service = "http"
-[backends.up.options]
-base_url = "{nginx_url}"
-timeout_secs = 30
-
+    return web_pipeline("upload", "http", "/orthanc", {"base_url": orthanc_url, "timeout_secs": 30}) + \
+        web_pipeline("pass", "http", "/pass", {"base_url": nginx_url, "timeout_secs": 30}) + f"""
 [pipelines.archive]
 endpoints = ["scp"]
 backends = ["archive"]
@@ -114,8 +93,8 @@ class LoadStack:
             if peer is not None:
                 peer.stop()
 
-    def circuits(self, backend: str = "up") -> dict:
-        """target -> circuit state, for *backend* (``up``: the passthrough to nginx; ``orthanc``)."""
+    def circuits(self, backend: str = "pass_up") -> dict:
+        """target -> circuit state, for *backend* (``pass_up``: the passthrough to nginx; ``upload_up``: to Orthanc)."""
         [pool] = [p for p in self.node.admin("/targets")["backends"] if p["backend"] == backend]
         return {t["name"]: t["circuit"] for t in pool["targets"]}
 

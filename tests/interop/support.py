@@ -63,6 +63,11 @@ def storescu(port: int, paths, *, aec: str = "HARMONY") -> str:
     return log
 
 
+def key_args(keys: dict) -> list[str]:
+    """DCMTK ``-k`` arguments: ``KEY=VALUE``, or a bare ``KEY`` (a return key) for None."""
+    return [a for k, v in keys.items() for a in ("-k", k if v is None else f"{k}={v}")]
+
+
 def getscu(port: int, keys: dict, out: Path, *, prefer: str | None = None, aec: str = "HARMONY") -> list[pydicom.Dataset]:
     """DCMTK getscu (Study Root) with *keys*, preferring the transfer syntax
     *prefer* (its instances may then arrive in it; uncompressed otherwise); what arrived."""
@@ -70,9 +75,7 @@ def getscu(port: int, keys: dict, out: Path, *, prefer: str | None = None, aec: 
     args = ["-v", "-S", "-aec", aec, "-od", out]
     if prefer is not None:
         args.append("+" + STORESCU_PROPOSE[prefer][1:])  # getscu's "+x?" (prefer) mirrors storescu's "-x?" (propose)
-    for k, v in keys.items():
-        args += ["-k", f"{k}={v}"]
-    r = dcmtk("getscu", *args, "127.0.0.1", port)
+    r = dcmtk("getscu", *args, *key_args(keys), "127.0.0.1", port)
     log = (r.stdout + r.stderr).decode(errors="replace")
     assert r.returncode == 0, log
     return [pydicom.dcmread(p) for p in sorted(out.iterdir())]
@@ -83,12 +86,31 @@ def movescu(port: int, keys: dict, out: Path, receive_port: int, *, aec: str = "
     accepting every syntax it knows) with *keys*; what arrived."""
     out.mkdir(parents=True, exist_ok=True)
     args = ["-v", "-S", "-aet", "MOVESCU", "-aem", "MOVESCU", "-aec", aec, "--port", receive_port, "+xa", "-od", out]
-    for k, v in keys.items():
-        args += ["-k", f"{k}={v}"]
-    r = dcmtk("movescu", *args, "127.0.0.1", port)
+    r = dcmtk("movescu", *args, *key_args(keys), "127.0.0.1", port)
     log = (r.stdout + r.stderr).decode(errors="replace")
     assert r.returncode == 0, log
     return [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+
+
+def web_pipeline(name: str, service: str, prefix: str, backend_options: dict, *,
+                 backend_service: str | None = None) -> str:
+    """TOML for pipeline *name*: one *service* endpoint at *prefix* on the default
+    network and one backend ``{name}_up`` (of *backend_service*, default the
+    endpoint's) with *backend_options*."""
+    options = "".join(f"{k} = {json.dumps(v)}\n" for k, v in backend_options.items())
+    return f"""
+[pipelines.{name}]
+networks = ["default"]
+endpoints = ["{name}"]
+backends = ["{name}_up"]
+[endpoints.{name}]
+service = "{service}"
+[endpoints.{name}.options]
+path_prefix = "{prefix}"
+[backends.{name}_up]
+service = "{backend_service or service}"
+[backends.{name}_up.options]
+{options}"""
 
 
 def main_toml(http_port: int, *, log_level: str = "info", extra: str = "") -> str:
@@ -208,9 +230,7 @@ def findscu(port: int, level: str, keys: dict, out: Path, *, aec: str = "HARMONY
     for old in out.glob("rsp*.dcm"):
         old.unlink()
     args = ["-v", "-S", "-aec", aec, "-X", "-od", out, "-k", f"QueryRetrieveLevel={level}", *extra]
-    for k, v in keys.items():
-        args += ["-k", f"{k}={v}" if v is not None else k]
-    r = dcmtk("findscu", *args, "127.0.0.1", port)
+    r = dcmtk("findscu", *args, *key_args(keys), "127.0.0.1", port)
     log = (r.stdout + r.stderr).decode(errors="replace")
     finals = [line for line in log.splitlines() if "Received Final Find Response" in line]
     assert r.returncode == 0 and finals, log

@@ -88,21 +88,29 @@ def test_dcmtk_get_preferring_compressed(shape, variant, request, compressed, tm
     get_and_compare(request.getfixturevalue(shape), item, tmp_path, prefer=item.transfer_syntax)
 
 
+def assert_unchanged(got, item):
+    assert str(got.file_meta.TransferSyntaxUID) == item.transfer_syntax
+    assert got.PixelData == pydicom.dcmread(item.path).PixelData
+
+
+def store_through_router(router, item):
+    """storescu -> dicom_scp -> dicom_scu -> Orthanc: the PACS holds the instance in the syntax sent."""
+    storescu(router.scp_port, [item.path])
+    assert_unchanged(orthanc_file(router.pacs, item.sop_uid), item)
+
+
+def move_through_router(router, item, folder):
+    """movescu (accepting every syntax) -> Harmony -> C-GET from the PACS -> C-STORE to movescu: unchanged."""
+    upload(router.pacs, [item.path])
+    [got] = movescu(router.scp_port, image_keys(item), folder, router.movescu_port)
+    assert_unchanged(got, item)
+
+
 @pytest.mark.parametrize("variant", ROUTER_KEEPS)
 def test_dcmtk_compressed_store_through_router(router, compressed, variant):
-    """storescu -> dicom_scp -> dicom_scu -> Orthanc: the PACS holds the instance in the syntax sent."""
-    item = compressed[variant]
-    storescu(router.scp_port, [item.path])
-    held = orthanc_file(router.pacs, item.sop_uid)
-    assert str(held.file_meta.TransferSyntaxUID) == item.transfer_syntax
-    assert held.PixelData == pydicom.dcmread(item.path).PixelData
+    store_through_router(router, compressed[variant])
 
 
 @pytest.mark.parametrize("variant", ROUTER_KEEPS)
 def test_dcmtk_compressed_move_through_router(router, compressed, variant, tmp_path):
-    """movescu (accepting every syntax) -> Harmony -> C-GET from the PACS -> C-STORE to movescu: unchanged."""
-    item = compressed[variant]
-    upload(router.pacs, [item.path])
-    [got] = movescu(router.scp_port, image_keys(item), tmp_path, router.movescu_port)
-    assert str(got.file_meta.TransferSyntaxUID) == item.transfer_syntax
-    assert got.PixelData == pydicom.dcmread(item.path).PixelData
+    move_through_router(router, compressed[variant], tmp_path)

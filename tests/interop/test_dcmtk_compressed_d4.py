@@ -6,11 +6,9 @@ Little Endian; Orthanc's C-STORE through the router fails with 0xC001).  Fails u
 
 from __future__ import annotations
 
-import pydicom
 import pytest
 
-from tests.interop.support import movescu, orthanc_file, storescu, upload
-from tests.interop.test_dcmtk_compressed import image_keys
+from tests.interop.test_dcmtk_compressed import move_through_router, store_through_router
 from tests.interop.test_orthanc_dimse import orthanc_store_compressed
 
 WAITING = ["jpeg_extended", "jpegls"]
@@ -18,20 +16,12 @@ WAITING = ["jpeg_extended", "jpegls"]
 
 @pytest.mark.parametrize("variant", WAITING)
 def test_dcmtk_compressed_store_through_router_d4(router, compressed, variant):
-    item = compressed[variant]
-    storescu(router.scp_port, [item.path])
-    held = orthanc_file(router.pacs, item.sop_uid)
-    assert str(held.file_meta.TransferSyntaxUID) == item.transfer_syntax
-    assert held.PixelData == pydicom.dcmread(item.path).PixelData
+    store_through_router(router, compressed[variant])
 
 
 @pytest.mark.parametrize("variant", WAITING)
 def test_dcmtk_compressed_move_through_router_d4(router, compressed, variant, tmp_path):
-    item = compressed[variant]
-    upload(router.pacs, [item.path])
-    [got] = movescu(router.scp_port, image_keys(item), tmp_path, router.movescu_port)
-    assert str(got.file_meta.TransferSyntaxUID) == item.transfer_syntax
-    assert got.PixelData == pydicom.dcmread(item.path).PixelData
+    move_through_router(router, compressed[variant], tmp_path)
 
 
 @pytest.mark.parametrize("variant", WAITING)

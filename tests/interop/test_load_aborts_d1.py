@@ -1,6 +1,7 @@
 """Issue 12, defects 1 and 13 as a client sees them: bursts of wrk clients
 that go away with requests in flight (wrk drops its connections when its time
-is up; against a slow body, every connection is mid-response) must not change
+is up; against a slow body every connection is mid-response, against a queue
+before the head) must not change
 a healthy backend's state - the circuit stays closed, and the next requests
 are answered 200, not 503.  Fails until defect 1's fix is merged.
 """
@@ -18,6 +19,7 @@ def test_wrk_hangups_leave_a_healthy_backend_alone(load_stack):
         # issue 12's reproduction: wrk -t2 -c50 -d3s ends with its 50 connections' requests in flight
         wrk(node.url("/pass/small.txt"), 3, threads=2, connections=50)
         wrk(node.url("/pass/slow.bin"), 1, threads=1, connections=20)  # every response cut mid-body
+        wrk(node.url("/pass/queued.txt"), 1, threads=1, connections=20)  # ~all cut before their head
     assert set(load_stack.circuits().values()) == {"closed"}, node.admin("/targets")
     with requests.Session() as s:
         statuses = [s.get(node.url("/pass/small.txt"), timeout=30).status_code for _ in range(20)]

@@ -31,7 +31,7 @@ def test_curl_uploads_cut_midway_leave_the_upstream_alone(load_stack):
         assert p.wait(30) == 28, p.stderr.read()  # 28: curl gave up at --max-time, mid-body
         p.stdin.close()
         p.stderr.close()
-    assert set(load_stack.circuits("orthanc").values()) == {"closed"}, node.admin("/targets")
+    assert set(load_stack.circuits("upload_up").values()) == {"closed"}, node.admin("/targets")
     r = requests.get(node.url("/orthanc/system"), timeout=30)
     assert r.status_code == 200 and r.json()["Name"]
     assert "circuit of target" not in node.log_text()
