@@ -19,11 +19,24 @@ client's answer without it.
 
 from __future__ import annotations
 
+import attr
 import pytest
 
 from tests.interop.data import make_charsets, make_compressed
 from tests.interop.support import Node, storescu
 from tests.peers import Orthanc, free_port
+
+
+@attr.s(auto_attribs=True)
+class Stack:
+    """Harmony (``node``), its client Orthanc, and the PACS behind it (router only)."""
+
+    node: object
+    client: Orthanc
+    scp_port: int
+    web_url: str
+    pacs: Orthanc | None = None
+    movescu_port: int | None = None  # the router's C-MOVE destination MOVESCU
 
 
 @pytest.fixture(scope="session")
@@ -62,26 +75,17 @@ def archive(tmp_path_factory, corpus):
     ports = copy_etc(root / "etc")
     node = HarmonyProcess(root / "etc", ports.values())
     node.config = root / "etc" / "harmony.toml"
-    node.start()
     client = client_orthanc(root / "client", harmony_dimse=ports["scp"],
                             harmony_web=f"http://127.0.0.1:{ports['http']}/dicomweb")
     try:
+        node.start()
         client.start()
         storescu(ports["scp"], (i.path for i in corpus))
         yield Stack(node=node, client=client, scp_port=ports["scp"],
-                    web_url=f"http://127.0.0.1:{ports['http']}/dicomweb", root=root)
+                    web_url=f"http://127.0.0.1:{ports['http']}/dicomweb")
     finally:
         client.stop()
         node.stop()
-
-
-class Stack:
-    """Harmony (``node``), its client Orthanc, and the PACS behind it (router only)."""
-
-    def __init__(self, *, node, client, scp_port, web_url, root, pacs=None, movescu_port=None):
-        self.node, self.client, self.scp_port, self.web_url, self.root, self.pacs = \
-            node, client, scp_port, web_url, root, pacs
-        self.movescu_port = movescu_port  # the router's C-MOVE destination MOVESCU
 
 
 def router_toml(scp_port: int, pacs: Orthanc, client: Orthanc, movescu_port: int) -> str:
@@ -151,8 +155,8 @@ def router(tmp_path_factory, corpus):
         node = Node(root / "harmony", router_toml(scp_port, pacs, client, movescu_port), dimse_ports=[scp_port],
                     http_port=http_port).start()
         client.start()
-        yield Stack(node=node, client=client, scp_port=scp_port, web_url=node.url("/bridge"), root=root,
-                    pacs=pacs, movescu_port=movescu_port)
+        yield Stack(node=node, client=client, scp_port=scp_port, web_url=node.url("/bridge"), pacs=pacs,
+                    movescu_port=movescu_port)
     finally:
         for peer in (client, node, pacs):
             if peer is not None:

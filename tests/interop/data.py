@@ -121,7 +121,8 @@ def make_charsets(folder: Path) -> dict[str, Item]:
 
 #: transfer syntax -> the DCMTK tool that decodes it (the reference decoder for pixel comparisons)
 DECODERS = {"1.2.840.10008.1.2.4.70": "dcmdjpeg", "1.2.840.10008.1.2.4.51": "dcmdjpeg",
-            "1.2.840.10008.1.2.4.50": "dcmdjpeg", "1.2.840.10008.1.2.4.80": "dcmdjpls", "1.2.840.10008.1.2.5": "dcmdrle"}
+            "1.2.840.10008.1.2.4.50": "dcmdjpeg", "1.2.840.10008.1.2.4.80": "dcmdjpls",
+            "1.2.840.10008.1.2.5": "dcmdrle"}
 
 
 def reference_pixels(item: Item, folder: Path) -> np.ndarray:

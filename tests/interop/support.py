@@ -27,7 +27,8 @@ from tests.peers import DCMTK, free_port, peer_env, require
 from tests.sf_helpers import HarmonyProcess
 
 #: DCMTK tools the interop tests call beyond those tests.peers names.
-TOOLS = {**DCMTK, **{name: f"/usr/bin/{name}" for name in ("dcmcjpeg", "dcmcjpls", "dcmcrle", "img2dcm", "dcmdjpeg", "dcmdjpls", "dcmdrle")}}
+TOOLS = {**DCMTK, **{name: f"/usr/bin/{name}"
+                     for name in ("dcmcjpeg", "dcmcjpls", "dcmcrle", "img2dcm", "dcmdjpeg", "dcmdjpls", "dcmdrle")}}
 
 
 def dcmtk(tool: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -68,7 +69,8 @@ def key_args(keys: dict) -> list[str]:
     return [a for k, v in keys.items() for a in ("-k", k if v is None else f"{k}={v}")]
 
 
-def getscu(port: int, keys: dict, out: Path, *, prefer: str | None = None, aec: str = "HARMONY") -> list[pydicom.Dataset]:
+def getscu(port: int, keys: dict, out: Path, *, prefer: str | None = None,
+           aec: str = "HARMONY") -> list[pydicom.Dataset]:
     """DCMTK getscu (Study Root) with *keys*, preferring the transfer syntax
     *prefer* (its instances may then arrive in it; uncompressed otherwise); what arrived."""
     out.mkdir(parents=True, exist_ok=True)

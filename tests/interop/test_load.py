@@ -77,8 +77,9 @@ def test_mixed_soak(load_stack, tmp_path):
     for loop in loops.values():
         loop.join(timeout=120)
     memory = sampler.finish()
-    figures = {"secs": SOAK_SECS, "http_requests": http["total"], "http_rps": http["rps"], "http_p99_ms": http["p99_ms"],
-               "http_errors": http["errors"], "dimse_cycles": loops["dimse"].ok, "qido": loops["qido"].ok, **memory}
+    figures = {"secs": SOAK_SECS, "http_requests": http["total"], "http_rps": http["rps"],
+               "http_p99_ms": http["p99_ms"], "http_errors": http["errors"], "dimse_cycles": loops["dimse"].ok,
+               "qido": loops["qido"].ok, **memory}
     print("\nsoak figures:", figures)
     assert http["total"] > 0 and http["errors"] == 0, http
     for name, loop in loops.items():

@@ -43,7 +43,8 @@ def test_orthanc_stow(shape, study, request, tmp_path):
 
 def test_orthanc_stow_compressed_into_archive(archive, compressed):
     stow(archive, [c.path for c in compressed.values()])
-    assert {c.sop_uid for c in compressed.values()} <= stored_in_harmony(archive, next(iter(compressed.values())).study_uid)
+    study = next(iter(compressed.values())).study_uid
+    assert {c.sop_uid for c in compressed.values()} <= stored_in_harmony(archive, study)
 
 
 def test_orthanc_stow_compressed_through_bridge_d4(router, compressed):

@@ -15,7 +15,6 @@ import pytest
 from tests.dicom_data import uid
 from tests.interop.conftest import client_orthanc
 from tests.interop.support import clear, orthanc_ok, orthanc_sops, storescu
-from tests.peers import free_port
 from tests.sf_helpers import HarmonyProcess
 
 
