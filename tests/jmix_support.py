@@ -9,9 +9,13 @@ the files, so no third-party data enters the repository.
 
 from __future__ import annotations
 
+import gzip
 import shutil
+import struct
+import tarfile
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -116,3 +120,78 @@ class StagedStudyBackend(Backend):
         reactor.callLater(0, deliver, matches)
         self.staging = staging
         return ResponseEnvelope(200, context={"dicom_results": stream})
+
+
+# --------------------------------------------------------------------------- hostile archives, made fast
+
+ZEROS_MIB = 1024 * 1024
+
+
+def _deflated_zeros(mib: int) -> bytes:
+    """Raw deflate of *mib* MiB of zeros, made from one compressed MiB repeated.
+
+    After a full flush a deflate stream starts afresh, so the bytes for each
+    further MiB of zeros are the same: a 2 GiB bomb costs one MiB of CPU."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(b"\0" * ZEROS_MIB) + c.flush(zlib.Z_FULL_FLUSH)
+    return block * mib + c.flush(zlib.Z_FINISH)
+
+
+def crafted_zip(path: Path, entries: list) -> Path:
+    """A zip written byte by byte: ``[(name, data_or_None, declared_size, zero_mib)]``.
+
+    ``zero_mib`` > 0 makes a deflated entry of that many MiB of zeros (declared
+    as ``declared_size``, honest when it is ``zero_mib`` MiB); otherwise *data*
+    is stored as is.  The CRC of the bomb is not computed (it would cost the
+    full inflation): Harmony must refuse it before it ever checks one.
+    """
+    local, central = bytearray(), bytearray()
+    for name, data, declared, zero_mib in entries:
+        raw = name.encode()
+        data = data.encode() if isinstance(data, str) else data
+        if zero_mib:
+            body, method, crc = _deflated_zeros(zero_mib), 8, 0
+        else:
+            body, method, crc = data, 0, zlib.crc32(data)
+        offset = len(local)
+        local += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(body), declared,
+                             len(raw), 0) + raw + body
+        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(body), declared,
+                               len(raw), 0, 0, 0, 0, 0o100644 << 16, offset) + raw
+    count = len(entries)
+    end = b""
+    if count > 0xFFFF:  # ZIP64 end records carry the real count; the classic one says 0xFFFF
+        zip64_at = len(local) + len(central)
+        end = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(central), len(local))
+        end += struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_at, 1)
+        count = 0xFFFF
+    end += struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, len(central), len(local), 0)
+    path.write_bytes(bytes(local + central + end))
+    return path
+
+
+def many_entries_zip(path: Path, count: int, manifest: bytes) -> Path:
+    """A real zip of *count* empty entries plus a manifest (written directly: fast)."""
+    manifest = manifest.encode() if isinstance(manifest, str) else manifest
+    entries = [("manifest.json", manifest, len(manifest), 0)]
+    entries += [(f"payload/{i}", b"", 0, 0) for i in range(count)]
+    return crafted_zip(path, entries)
+
+
+def targz_bomb(path: Path, zero_mib: int, *, declared: int | None = None, pax_mib: int = 0) -> Path:
+    """A tar.gz whose single member is *zero_mib* MiB of zeros (gzip members
+    concatenated, as gzip allows), optionally behind a PAX header of *pax_mib* MiB."""
+    size = zero_mib * ZEROS_MIB if declared is None else declared
+    out = bytearray()
+    if pax_mib:
+        record = b"x" * (pax_mib * ZEROS_MIB)
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tarfile.XHDTYPE, len(record)
+        out += gzip.compress(pax.tobuf(tarfile.USTAR_FORMAT) + record + b"\0" * (-len(record) % 512))
+    info = tarfile.TarInfo("payload/zeros")
+    info.size = size
+    out += gzip.compress(info.tobuf(tarfile.USTAR_FORMAT))
+    one = gzip.compress(b"\0" * ZEROS_MIB)
+    out += one * zero_mib
+    path.write_bytes(bytes(out))
+    return path

@@ -61,14 +61,14 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def merge_config(base: dict, extra: dict) -> dict:
-    """Merge *extra* into *base* in place: dicts key by key, anything else replaced."""
+def merge_config(config: dict, extra: dict) -> dict:
+    """Merge *extra* into *config* in place: nested tables key by key, other values replaced."""
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge_config(base[key], value)
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            merge_config(config[key], value)
         else:
-            base[key] = value
-    return base
+            config[key] = value
+    return config
 
 
 class PeerProcess:
@@ -95,15 +95,15 @@ class Orthanc(PeerProcess):
 
     def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None,
                  extra_config: dict | None = None):
-        """*modalities*: name -> (aet, host, port); *extra_config*: Orthanc
-        configuration merged over the defaults below (nested tables merged key by key,
-        e.g. ``{"DicomWeb": {"Servers": {...}}}`` keeps the plugin's other settings)."""
         self.folder = Path(folder)
         self.aet = aet
+        #: Merged into the generated configuration (tables merged key by key,
+        #: anything else replaced), e.g. ``{"HttpCompressionEnabled": True}`` or
+        #: ``{"DicomWeb": {"Servers": {"harmony": [url]}}}``.
+        self.extra_config = extra_config or {}
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities = modalities or {}
-        self.extra_config = extra_config or {}
         self.proc = None
 
     @property

@@ -189,7 +189,8 @@ async def test_leeway_accepts_recently_expired(rs256, keys):
 @pytest.mark.parametrize("kind, alg", [("ec", "ES256"), ("ed", "EdDSA")])
 @pytest_twisted.ensureDeferred
 async def test_key_type_selects_es256_and_eddsa(tmp_path, keys, kind, alg):
-    running = await start_pipeline(tmp_path, {"auth": f'type = "jwtauth"\npublic_key_path = "{keys[kind + "_pem"]}"'})
+    mw = {"auth": f'type = "jwtauth"\npublic_key_path = "{keys[kind + "_pem"]}"\naudience = "{AUDIENCE}"'}
+    running = await start_pipeline(tmp_path, mw)
     try:
         resp, body = await call(running, jwt.encode(claims(), keys[kind], algorithm=alg))
         assert resp.code == 200, body
@@ -205,7 +206,7 @@ async def test_hs256_only_when_enabled_and_required_claims(tmp_path):
     secret = "s3cret-" * 10
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines" / "secret.txt").write_text(secret + "\n")
-    mw = {"auth": 'type = "jwt_auth"\nuse_hs256 = true\nhs256_secret_file = "secret.txt"\n'
+    mw = {"auth": f'type = "jwt_auth"\nuse_hs256 = true\nhs256_secret_file = "secret.txt"\naudience = "{AUDIENCE}"\n'
                   'required_claims = ["exp", "sub", "tenant"]\nforward_token = false'}
     running = await start_pipeline(tmp_path, mw)
     try:
@@ -265,7 +266,8 @@ def jwks_server():
 async def test_jwks_unknown_kid_triggers_refresh(tmp_path, keys, jwks_server):
     jwks_server.keys = [jwk(keys["rsa"], "k1"), {"kty": "oct", "k": "c2VjcmV0", "kid": "k-hmac"},
                         jwk(keys["rsa_other"], "k-enc", use="enc")]
-    mw = {"auth": f'type = "jwt_auth"\njwks_url = "{jwks_server.url}"\njwks_min_refresh_secs = 0'}
+    mw = {"auth": f'type = "jwt_auth"\njwks_url = "{jwks_server.url}"\njwks_min_refresh_secs = 0\n'
+                  f'issuer = "{ISSUER}"\naudience = "{AUDIENCE}"'}
     running = await start_pipeline(tmp_path, mw)
     try:
         t1 = jwt.encode(claims(), keys["rsa"], algorithm="RS256", headers={"kid": "k1"})
@@ -325,7 +327,7 @@ async def test_jwks_refresh_is_rate_limited_and_outage_keeps_keys(keys, jwks_ser
 @pytest_twisted.ensureDeferred
 async def test_jwks_unreachable_from_start_is_503_not_401(tmp_path, keys, jwks_server):
     jwks_server.status = 500
-    mw = {"auth": f'type = "jwt_auth"\njwks_url = "{jwks_server.url}"'}
+    mw = {"auth": f'type = "jwt_auth"\njwks_url = "{jwks_server.url}"\nissuer = "{ISSUER}"\naudience = "{AUDIENCE}"'}
     running = await start_pipeline(tmp_path, mw)
     try:
         token = jwt.encode(claims(), keys["rsa"], algorithm="RS256", headers={"kid": "k1"})
@@ -382,7 +384,8 @@ def test_jwt_config_accepts_certificate_and_small_rsa_is_refused(tmp_path):
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     (tmp_path / "small.pem").write_bytes(_pem_public(small))
     with pytest.raises(ConfigErrors, match="at least 2048 bits"):
-        build_pipeline(tmp_path / "a", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/small.pem"'})
+        build_pipeline(tmp_path / "a", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/small.pem"\n'
+                                                'audience = "a"'})
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.example.test")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -390,7 +393,8 @@ def test_jwt_config_accepts_certificate_and_small_rsa_is_refused(tmp_path):
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .sign(key, hashes.SHA256()))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    runtime = build_pipeline(tmp_path / "b", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/cert.pem"'})
+    runtime = build_pipeline(tmp_path / "b", {"auth": f'type = "jwt_auth"\npublic_key_path = "{tmp_path}/cert.pem"\n'
+                                                      'audience = "a"'})
     assert runtime.middleware["auth"].algorithm == "ES384"
 
 
@@ -456,7 +460,64 @@ def test_basic_auth_config_errors(tmp_path, body, key, message):
 
 
 def test_alias_and_unknown_option_warning(tmp_path, keys):
-    runtime = build_pipeline(tmp_path, {"a": f'type = "jwtauth"\npublic_key_path = "{keys["rsa_pem"]}"\nissuer_typo = "x"'})
+    runtime = build_pipeline(tmp_path, {"a": f'type = "jwtauth"\npublic_key_path = "{keys["rsa_pem"]}"\n'
+                                             'audience = "a"\nissuer_typo = "x"'})
     assert type(runtime.middleware["a"]).__name__ == "JwtAuth"
     assert any("issuer_typo" in str(w) for w in runtime.warnings)
     assert MINIMAL_MAIN  # the shared harness stays the base of these configs
+
+
+# --------------------------------------------------------------------------- audience and issuer (RFC 8725 3.9)
+
+
+@pytest.mark.parametrize("body, key, message", [
+    ('type = "jwt_auth"\npublic_key_path = "{dir}/rsa.pub.pem"', "audience", "is required"),
+    ('type = "jwt_auth"\nuse_hs256 = true\nhs256_secret = "{long}"', "audience", "is required"),
+    ('type = "jwt_auth"\njwks_url = "https://idp.example.test/jwks"\naudience = "a"', "issuer", "is required"),
+    ('type = "jwt_auth"\npublic_key_path = "{dir}/rsa.pub.pem"\naudience = "a"\nverify_audience = false',
+     "verify_audience", "drop one of them"),
+    ('type = "jwt_auth"\npublic_key_path = "{dir}/rsa.pub.pem"\naudience = ""', "audience", "non-empty"),
+])
+def test_audience_and_jwks_issuer_are_required(tmp_path, keys, body, key, message):
+    assert_option_error(tmp_path, {"auth": body.format(dir=keys["dir"], long="x" * 40)}, "auth", key, message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_for_another_application_is_refused(tmp_path, keys):
+    """The defect: with no audience configured, a token the shared identity
+    provider minted for another application was accepted.  Now a config must
+    name its audience, and that token gets a 401."""
+    mw = {"auth": f'type = "jwt_auth"\npublic_key_path = "{keys["rsa_pem"]}"\naudience = "{AUDIENCE}"'}
+    running = await start_pipeline(tmp_path, mw)
+    try:
+        resp, body = await call(running, jwt.encode(claims(aud="billing-app"), keys["rsa"], algorithm="RS256"))
+        assert_rejected(resp, body, "audience")
+        resp, body = await call(running, jwt.encode(claims(), keys["rsa"], algorithm="RS256"))
+        assert resp.code == 200, body
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_explicit_opt_out_accepts_any_audience_and_check_names_the_pipeline(tmp_path, keys, capsys):
+    from harmony.cli import main as harmony_main
+    mw = {"auth": f'type = "jwt_auth"\npublic_key_path = "{keys["rsa_pem"]}"\nverify_audience = false'}
+    running = await start_pipeline(tmp_path, mw)
+    try:
+        resp, body = await call(running, jwt.encode(claims(aud="billing-app"), keys["rsa"], algorithm="RS256"))
+        assert resp.code == 200, body
+        config_path = running.service.runtime.config.path
+    finally:
+        await running.stop()
+    assert harmony_main(["check", "-c", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "without checking token audience" in line]
+    assert len(lines) == 1, out
+    assert "[pipelines." in lines[0] and "verify_audience = false" in lines[0] and "'auth'" in lines[0], lines
+
+
+def test_jwks_issuer_opt_out_is_listed_too(tmp_path):
+    runtime = build_pipeline(tmp_path, {"auth": 'type = "jwt_auth"\njwks_url = "https://idp.example.test/jwks"\n'
+                                                'audience = "a"\nverify_issuer = false'})
+    assert runtime.middleware["auth"].unverified_claims == ("iss",)
+    assert any("without checking token issuer (verify_issuer = false)" in str(w) for w in runtime.warnings)

@@ -35,10 +35,11 @@ def test_typos_are_warnings_naming_file_and_key(tmp_path):
     runtime = build_runtime(load_config(path))
     warnings = [str(w) for w in runtime.warnings]
     main, pipes = str(path), str(tmp_path / "pipelines" / "echo.toml")
-    assert f"{main}: [proxy]: unknown key(s) ignored: log_levl" in warnings
+    assert f"{main}: [proxy.log_levl]: unknown key, ignored (did you mean 'log_level'?)" in warnings
     assert f"{main}: [netwrok]: unknown top-level key, ignored" in warnings
-    assert f"{main}: [network.default.http]: unknown key(s) ignored: bind_adress" in warnings
-    assert f"{main}: [logging]: unknown key(s) ignored: log_to_fiel" in warnings
+    assert (f"{main}: [network.default.http.bind_adress]: unknown key, ignored (did you mean 'bind_address'?)"
+            in warnings)
+    assert f"{main}: [logging.log_to_fiel]: unknown key, ignored (did you mean 'log_to_file'?)" in warnings
     assert f"{pipes}: [pipelnes]: unknown top-level key, ignored (in a pipeline file)" in warnings
 
 
@@ -67,7 +68,8 @@ format = "text"
 def test_check_prints_the_warnings(tmp_path, capsys):
     path = write_config(tmp_path, TYPOS, {"echo": echo_pipeline()})
     assert harmony_main(["check", "-c", str(path)]) == 0
-    assert "warning: " + f"{path}: [proxy]: unknown key(s) ignored: log_levl" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"warning: {path}: [proxy.log_levl]: unknown key, ignored (did you mean 'log_level'?)" in out
 
 
 @pytest.mark.parametrize("tls", ['[network.default.http.tls]\ncertificate = "tls.pem"\n',
@@ -92,4 +94,4 @@ async def test_service_logs_the_warnings_at_start(tmp_path):
     finally:
         globalLogPublisher.removeObserver(events.append)
     logged = [e.get("warning", "") for e in events if e.get("log_namespace") == "harmony.service"]
-    assert any("[proxy]: unknown key(s) ignored: log_levl" in w for w in logged), logged
+    assert any("[proxy.log_levl]: unknown key, ignored (did you mean 'log_level'?)" in w for w in logged), logged

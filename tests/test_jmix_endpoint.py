@@ -22,7 +22,8 @@ from harmony.jmix import (AssertionSpec, BuildOptions, VerifyOptions, build_enve
                           open_envelope, pack, pack_zip)
 from harmony.jmix.store import EnvelopeStore
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.jmix_support import (SAMPLE_SERIES, SAMPLE_STUDY_UID, StagedStudyBackend, make_sample_study, write_zip,
+from tests.jmix_support import (SAMPLE_SERIES, SAMPLE_STUDY_UID, StagedStudyBackend, crafted_zip, make_sample_study,
+                                many_entries_zip, targz_bomb, write_zip,
                                 zip_of_folder)
 from tests.test_jmix_library import MANIFEST
 
@@ -321,6 +322,29 @@ async def test_bad_uploads_are_clear_4xx_and_write_nothing(harmony, other_study,
     assert list((harmony.store_dir / ".staging").iterdir()) == []
     assert not outside.exists() and not (Path("/") / outside.name).exists()
     assert EnvelopeStore.open(harmony.store_dir).for_study(OTHER_STUDY) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_zip_and_targz_bombs_are_refused_with_a_problem_body_and_staging_left_clean(harmony, tmp_path):
+    """Issue 12, defect 17: a 2 MiB upload inflating to 2 GiB; defect 18: more
+    entries than the cap.  Each is refused with a problem body naming the cap
+    before anything is unpacked, and the staging folder is left empty."""
+    store_before = sorted(p.name for p in harmony.store_dir.iterdir())
+    zip_bomb = crafted_zip(tmp_path / "bomb.zip", [("manifest.json", MANIFEST, len(MANIFEST.encode()), 0),
+                                                   ("payload/zeros", None, 2048 * 1024 * 1024, 2048)])
+    tgz_bomb = targz_bomb(tmp_path / "bomb.tar.gz", 2048, declared=2048 * 1024 * 1024)
+    many = many_entries_zip(tmp_path / "many.zip", 5000, MANIFEST)  # the fixture caps entries at 500
+    for archive, ctype, says in ((zip_bomb, "application/zip", "bytes unpacked"),
+                                 (tgz_bomb, "application/gzip", "bytes unpacked"),
+                                 (many, "application/zip", "more than 500 entries (5001)")):
+        assert archive.stat().st_size < 3_000_000  # under max_upload_bytes: the archive limits must act
+        resp, body = await upload(harmony, archive.read_bytes(), ctype)
+        assert resp.code == 400, (archive.name, body)
+        assert resp.headers.getRawHeaders("content-type") == ["application/problem+json"]
+        doc = problem(body)
+        assert doc["errors"][0]["stage"] == "archive" and says in doc["detail"], (archive.name, doc)
+        assert list((harmony.store_dir / ".staging").iterdir()) == []
+    assert sorted(p.name for p in harmony.store_dir.iterdir()) == store_before
 
 
 @pytest_twisted.ensureDeferred

@@ -17,10 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from harmony.jmix import (ArchiveError, AssertionSpec, BuildOptions, DicomInputError, Entity, Limits, VerifyOptions,
                           build_envelope, crypto, discard, extract, open_envelope, pack, pack_zip, validate)
+from harmony.jmix.archive import ArchiveTooLarge
 from harmony.jmix.hashing import streamed_hash, structured_hash
 from harmony.jmix.validate import schema_errors
 from tests.dicom_data import make_instance, save
-from tests.jmix_support import SAMPLE_SERIES, SAMPLE_STUDY_UID, make_sample_study, write_zip, zip_of_folder
+from tests.jmix_support import (SAMPLE_SERIES, SAMPLE_STUDY_UID, crafted_zip, make_sample_study, many_entries_zip,
+                                targz_bomb, write_zip, zip_of_folder)
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +310,77 @@ def test_zip_bomb_and_entry_caps(tmp_path):
     many = write_zip(tmp_path / "many.zip", {f"f{i}": b"" for i in range(50)})
     with pytest.raises(ArchiveError, match="more than 10 entries"):
         extract(many, tmp_path / "b", Limits(max_entries=10))
+
+
+def _left_clean(dest: Path) -> int:
+    """Bytes written under *dest* (0 when nothing, or nothing at all there)."""
+    return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) if dest.exists() else 0
+
+
+def test_2gib_zip_bomb_is_refused_from_its_central_directory_before_a_byte_is_written(tmp_path):
+    """Issue 12, defect 17: a 2 MiB upload used to be inflated to 2 GiB in staging
+    before the 400.  With the default limits it is refused on the sizes its
+    central directory declares (2 GiB > 100 x 2 MiB, and > the 256 MiB floor)."""
+    bomb = crafted_zip(tmp_path / "bomb.zip", [("manifest.json", MANIFEST, len(MANIFEST.encode()), 0),
+                                               ("payload/zeros", None, 2048 * 1024 * 1024, 2048)])
+    assert os.path.getsize(bomb) < 3 * 1024 * 1024
+    with pytest.raises(ArchiveTooLarge, match="declares its entries larger"):
+        extract(bomb, tmp_path / "out")
+    assert _left_clean(tmp_path / "out") == 0
+
+
+def test_zip_bomb_under_the_declared_cap_is_stopped_by_the_ratio_while_streaming(tmp_path):
+    """Declared sizes the caps allow, yet a ratio no study has: counting the
+    actual bytes stops it at the ratio cap (here 20 x the archive, 1 MiB floor)."""
+    bomb = crafted_zip(tmp_path / "bomb.zip", [("manifest.json", MANIFEST, len(MANIFEST.encode()), 0),
+                                               ("payload/zeros", None, 64 * 1024 * 1024, 64)])
+    limits = Limits(max_ratio=20, ratio_floor_bytes=1024 * 1024)
+    with pytest.raises(ArchiveTooLarge):
+        extract(bomb, tmp_path / "out", limits)
+    assert _left_clean(tmp_path / "out") <= limits.allowed_total(os.path.getsize(bomb))
+
+
+def test_100000_entries_are_counted_from_the_end_record_before_parsing(tmp_path, monkeypatch):
+    """Issue 12, defect 18: 100,000 entries took 12-45 s and +60 MB before the 400.
+    The count comes from the end-of-central-directory record: zipfile never
+    parses the directory, nothing is written."""
+    many = many_entries_zip(tmp_path / "many.zip", 100_000, MANIFEST)
+    opened = []
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", lambda *a, **k: opened.append(a))  # must not be reached
+    with pytest.raises(ArchiveTooLarge, match=r"more than 20000 entries \(100001\)"):
+        extract(many, tmp_path / "out")
+    assert opened == [] and _left_clean(tmp_path / "out") == 0
+
+
+def test_a_central_directory_larger_than_its_count_explains_is_refused(tmp_path):
+    many = many_entries_zip(tmp_path / "many.zip", 3000, MANIFEST)
+    raw = bytearray(many.read_bytes())
+    eocd = raw.rfind(b"PK\x05\x06")
+    raw[eocd + 8:eocd + 12] = (5).to_bytes(2, "little") * 2  # the end record claims 5 entries
+    many.write_bytes(bytes(raw))
+    with pytest.raises(ArchiveTooLarge, match="central directory"):
+        extract(many, tmp_path / "out", Limits(max_entries=10))
+
+
+def test_targz_bomb_is_refused_on_its_declared_size(tmp_path):
+    bomb = targz_bomb(tmp_path / "bomb.tar.gz", 300)
+    with pytest.raises(ArchiveTooLarge):
+        extract(bomb, tmp_path / "out")
+    assert _left_clean(tmp_path / "out") == 0
+
+
+def test_targz_pax_header_bomb_is_refused_before_tarfile_holds_it(tmp_path):
+    """tarfile reads a PAX header into memory whole: 64 MiB of it is refused at 1 MiB."""
+    bomb = targz_bomb(tmp_path / "pax.tar.gz", 1, pax_mib=64)
+    with pytest.raises(ArchiveTooLarge, match="tar headers larger"):
+        extract(bomb, tmp_path / "out")
+
+
+def test_default_limits_open_a_real_study(tmp_path):
+    root = build_envelope(make_sample_study(tmp_path / "study"), tmp_path / "env", BuildOptions()).root
+    for fmt in ("zip", "tar.gz"):
+        archive = pack(root, tmp_path / f"e.{fmt}", fmt)
+        assert (extract(archive, tmp_path / f"out-{fmt}") / "manifest.json").is_file()
 
 
 def test_zip_that_lies_about_sizes_is_stopped(tmp_path):

@@ -113,6 +113,7 @@ path_prefix = "/jwt"
 type = "jwt_auth"
 use_hs256 = true
 hs256_secret = "0123456789abcdef0123456789abcdef"
+audience = "harmony-tests"
 
 [pipelines.jmix]
 networks = ["default"]

@@ -75,7 +75,7 @@ def harmony(tmp_path, servers):
     ("enabled = true\ntoken_file = 'missing.txt'", "management.token_file", "cannot read"),
     ("enabled = true\nnetwork = 'nope'\ntoken = '0123456789abcdef'", "management.network", "unknown network"),
     ("enabled = true\nbase_path = '../x'\ntoken = '0123456789abcdef'", "management.base_path", "plain path"),
-    ("enabeld = true", "management.enabeld", "unknown option"),
+    ("enabeld = true", "management.enabeld", "unknown key (did you mean 'enabled'?)"),
 ])
 def test_management_settings_refuse_insecure_or_bad(tmp_path, section, key, message):
     path = write_config(tmp_path, MINIMAL_MAIN + "\n[management]\n" + section + "\n")

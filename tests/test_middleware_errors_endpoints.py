@@ -36,7 +36,7 @@ FAILS = json.dumps([{"operation": "shift", "spec": {"*": "x[&(5,0)]"}}])
 
 MIDDLEWARE = {
     "basic": 'type = "basic_auth"\nusername = "u"\npassword = "p"',
-    "jwt": f'type = "jwt_auth"\nuse_hs256 = true\nhs256_secret = "{SECRET}"',
+    "jwt": f'type = "jwt_auth"\nuse_hs256 = true\nhs256_secret = "{SECRET}"\naudience = "harmony-tests"',
     "transform": 'type = "transform"\nspec_path = "fails.json"\napply = "left"',
     "meta": 'type = "metadata_transform"\nspec_path = "fails.json"\napply = "left"',
 }
@@ -92,7 +92,8 @@ def harmony(tmp_path_factory):
 
 def good_token() -> str:
     import time
-    return jwt.encode({"sub": "tester", "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    return jwt.encode({"sub": "tester", "aud": "harmony-tests", "exp": int(time.time()) + 600}, SECRET,
+                      algorithm="HS256")
 
 
 def credentials(case: str, good: bool) -> dict:

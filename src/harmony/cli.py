@@ -20,18 +20,33 @@ COMMANDS = {
 }
 
 
-def _load(config_path):
+def _load(config_path, state_dir=None, warnings=None):
+    """(runtime, None), or (None, ConfigErrors with every problem of every section).
+
+    *warnings*, a list, receives the warnings found on the way, even when
+    there are errors too (a misspelt key is often why something else fails).
+    """
     from harmony.config import ConfigErrors, load_config
     from harmony.management.settings import ManagementSettings, check_routes
     from harmony.runtime import build_runtime
 
+    problems = []
+    config = load_config(config_path, problems=problems, state_dir=state_dir)
+    if config is None:
+        return None, ConfigErrors(problems)
+    # Build even when loading found problems: the components, pipelines and
+    # routes of the sections that did load have problems of their own, and an
+    # operator fixes them all in one pass.
+    runtime = build_runtime(config, problems=problems)
+    if warnings is not None:
+        warnings.extend(runtime.warnings)
     try:
-        config = load_config(config_path)
-        runtime = build_runtime(config)
         check_routes(ManagementSettings.from_config(config), runtime)
-        return runtime, None
     except ConfigErrors as e:
-        return None, e
+        problems.extend(e.problems)
+    if problems:
+        return None, ConfigErrors(problems)
+    return runtime, None
 
 
 def route_table(runtime) -> list[dict]:
@@ -59,13 +74,17 @@ def _print_routes(runtime, out):
 
 
 def cmd_check(args) -> int:
-    runtime, errors = _load(args.config)
+    warnings = []
+    runtime, errors = _load(args.config, args.state_dir, warnings)
     if errors is not None:
         print(f"{args.config}: INVALID", file=sys.stdout)
         print(errors.render(), file=sys.stdout)
+        for w in warnings:
+            print(f"warning: {w}")
         return 1
     cfg = runtime.config
     print(f"{cfg.path}: OK (proxy id {cfg.proxy.id!r}, {len(cfg.files)} file(s))")
+    print(f"state directory: {cfg.state_dir}")
     print(f"networks ({len(cfg.networks)}):")
     for name, net in cfg.networks.items():
         print(f"  {name}: {net.listen or '(no HTTP listener)'}")
@@ -80,7 +99,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_routes(args) -> int:
-    runtime, errors = _load(args.config)
+    runtime, errors = _load(args.config, args.state_dir)
     if errors is not None:
         print(errors.render(), file=sys.stderr)
         return 1
@@ -88,15 +107,23 @@ def cmd_routes(args) -> int:
     return 0
 
 
+def _state_dir_argument(parser):
+    parser.add_argument("--state-dir", default=None,
+                        help="where state lives (the store, generated secrets); default: $STATE_DIRECTORY, "
+                             "then [proxy] state_dir, then var/harmony next to the config")
+
+
 def add_check(sub):
     p = sub.add_parser("check", help="validate a configuration and summarise it")
     p.add_argument("-c", "--config", required=True)
+    _state_dir_argument(p)
     p.set_defaults(func=cmd_check)
 
 
 def add_routes(sub):
     p = sub.add_parser("routes", help="print the route table of a configuration")
     p.add_argument("-c", "--config", required=True)
+    _state_dir_argument(p)
     p.set_defaults(func=cmd_routes)
 
 

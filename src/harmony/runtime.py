@@ -12,7 +12,7 @@ from pathlib import Path
 import attr
 from zope.interface.verify import verifyObject
 
-from harmony.config.errors import ConfigErrors, OptionError, Problem
+from harmony.config.errors import ConfigErrors, OptionError, Problem, unknown_key_problems
 from harmony.config.model import ComponentConfig, HarmonyConfig
 from harmony.config.options import Options
 from harmony.interfaces import IBackend, IEndpoint, IHttpEndpoint, IMiddleware
@@ -148,9 +148,10 @@ def _build(kind, iface, comp: ComponentConfig, ctx: BuildContext, problems, warn
     except ConfigErrors as e:
         problems.extend(e.problems)
         return None
-    unused = sorted(set(options.raw) - options.used)
-    if unused:
-        warnings.append(Problem(comp.source, comp.table, f"unknown option(s) ignored: {', '.join(unused)}"))
+    # The keys the type asked for are the ones it knows: the rest are typos or
+    # leftovers, named one by one with the closest known key.
+    warnings.extend(unknown_key_problems({k: None for k in options.raw}, options.used, comp.source,
+                                         f"{comp.table}.options"))
     if not iface.providedBy(obj):
         problems.append(Problem(comp.source, comp.table, f"type {comp.type!r} is not a {kind}"))
         return None
@@ -158,12 +159,18 @@ def _build(kind, iface, comp: ComponentConfig, ctx: BuildContext, problems, warn
     return obj
 
 
-def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok: bool = True) -> Runtime:
-    """Construct every component and route; raise :class:`ConfigErrors` listing all problems."""
+def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok: bool = True,
+                  problems: list | None = None) -> Runtime:
+    """Construct every component and route; raise :class:`ConfigErrors` listing all problems.
+
+    With a *problems* list (``harmony check``), problems are appended to it and
+    the runtime is returned as far as it could be built, never raised.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
-    problems: list[Problem] = []
+    collect = problems is not None
+    problems = [] if problems is None else problems
     warnings: list[Problem] = list(config.warnings)
     registry = _registry_for(config, problems)
     ctx = BuildContext(config=config, reactor=reactor, registry=registry)
@@ -204,7 +211,7 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
         for mname in pc.middleware:
             if mname in middleware:
                 mws.append(middleware[mname])
-            elif mname in config.middleware:
+            elif mname in config.middleware or ("middleware", mname) in config.broken:
                 continue  # failed to build; already reported
             elif builtin_middleware_ok and registry.has(MIDDLEWARE, mname):
                 # Harmony lets a pipeline name a built-in middleware with no table.
@@ -220,16 +227,25 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
         for bname in pc.backends:
             if bname in backends:
                 bes.append(backends[bname])
-            elif bname not in config.backends:
+            elif bname not in config.backends and ("backends", bname) not in config.broken:
                 problems.append(Problem(pc.source, f"{where}.backends", f"names unknown backend {bname!r}"))
         for nname in pc.networks:
             if nname not in config.networks:
                 problems.append(Problem(pc.source, f"{where}.networks", f"names unknown network {nname!r}"))
         if not pc.endpoints:
             warnings.append(Problem(pc.source, where, "has no endpoints, so nothing reaches it"))
+        for mw in mws:
+            # A middleware whose security checks were explicitly waived (jwt_auth
+            # with verify_audience = false) says so, and each pipeline running
+            # it is named: `harmony check` prints it, the service logs it.
+            for waived in getattr(mw, "waived_checks", ()):
+                warnings.append(Problem(pc.source, where, f"runs without checking {waived} "
+                                                          f"in middleware {mw.name!r}"))
         pipeline = Pipeline(pname, mws, bes, pc.description)
         pipelines[pname] = pipeline
         for ename in pc.endpoints:
+            if ("endpoints", ename) in config.broken:
+                continue
             if ename not in config.endpoints:
                 problems.append(Problem(pc.source, f"{where}.endpoints", f"names unknown endpoint {ename!r}"))
                 continue
@@ -243,7 +259,7 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
                                             f"endpoint {ename!r} listens on its own and is already used by pipeline {first!r}"))
                 own_listener[ename] = pname
                 continue
-            nets = pc.networks or [n for n, net in config.networks.items() if net.listen]
+            nets = pc.networks or [n for n, net in config.networks.items() if net.listen or not net.valid]
             if not nets:
                 problems.append(Problem(pc.source, f"{where}.networks",
                                         f"HTTP endpoint {ename!r} needs a network with [network.NAME.http] or 'listen'"))
@@ -251,7 +267,7 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
                 net = config.networks.get(nname)
                 if net is None:
                     continue
-                if not net.listen:
+                if not net.listen and net.valid:
                     problems.append(Problem(pc.source, f"{where}.networks",
                                             f"network {nname!r} has no HTTP listener for endpoint {ename!r}"))
                     continue
@@ -266,7 +282,22 @@ def build_runtime(config: HarmonyConfig, reactor=None, *, builtin_middleware_ok:
                 routes[nname].append(Route(nname, prefix, ep, pipeline))
     for rlist in routes.values():
         rlist.sort(key=lambda r: len(r.segments), reverse=True)
-    if problems:
+    if problems and not collect:
         raise ConfigErrors(problems)
     return Runtime(config=config, registry=registry, endpoints=endpoints, backends=backends,
                    middleware=middleware, pipelines=pipelines, routes=routes, warnings=warnings)
+
+
+def load_runtime(config_path, reactor=None) -> Runtime:
+    """Load and build a configuration; raise :class:`ConfigErrors` with the problems
+    of every section at once (a bad port does not hide a missing backend)."""
+    from harmony.config.loader import load_config
+
+    problems: list[Problem] = []
+    config = load_config(config_path, problems=problems)
+    if config is None:
+        raise ConfigErrors(problems)
+    runtime = build_runtime(config, reactor, problems=problems)
+    if problems:
+        raise ConfigErrors(problems)
+    return runtime

@@ -26,8 +26,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from harmony import log as hlog
-from harmony.config import load_config
-from harmony.runtime import Runtime, build_runtime
+from harmony.runtime import Runtime, load_runtime
 from harmony.web.router import HarmonySite, PrefixRouter
 
 log = hlog.get_logger("harmony.service")
@@ -298,8 +297,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
-    config = load_config(config_path)
-    runtime = build_runtime(config, reactor)
+    runtime = load_runtime(config_path, reactor)
     service = HarmonyService(runtime, reactor)
 
     def not_listening(failure):
@@ -311,7 +309,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
-    if config.proxy.workers > 1:
+    if runtime.config.proxy.workers > 1:
         from harmony.workers import WorkerPool
-        WorkerPool(config.path, config.proxy.workers - 1, service, reactor).setServiceParent(service)
+        WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)
     return service

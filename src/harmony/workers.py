@@ -275,12 +275,12 @@ def worker_main(argv) -> int:
 
     from twisted.internet import reactor
 
-    from harmony.config import ConfigErrors, load_config
-    from harmony.runtime import build_runtime
+    from harmony.config import ConfigErrors
+    from harmony.runtime import load_runtime
 
     _log_to_stdout(f"worker-{args.index}", args.log_format)
     try:
-        runtime = build_runtime(load_config(args.config), reactor)
+        runtime = load_runtime(args.config, reactor)
     except ConfigErrors as e:
         sys.stderr.write(f"harmony worker {args.index}: not starting, {e.render()}\n")
         return 1

@@ -12,12 +12,13 @@ fixes a config in one pass rather than one error per restart.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import tomlkit
 from tomlkit.exceptions import ParseError
 
-from harmony.config.errors import ConfigErrors, Problem
+from harmony.config.errors import ConfigErrors, Problem, unknown_key_problems
 from harmony.config.model import (ComponentConfig, HarmonyConfig, NetworkConfig, PipelineConfig,
                                   ProxySettings)
 
@@ -29,13 +30,52 @@ TYPE_TABLES = {"services": None, "endpoint_types": "endpoint", "service_types": 
 #: Keys each fixed table knows; anything else is warned about (a typo such as
 #: ``log_levl`` or ``bind_adress`` would otherwise be silently ignored).
 KNOWN_KEYS = {
-    "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers"),
+    "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers", "state_dir"),
     "logging": ("log_to_file", "log_file_path", "format"),
+    "network": ("listen", "http", "tls"),
     "http": ("bind_address", "bind_port", "tls"),
     "tls": ("cert", "key"),
+    "pipelines": ("description", "networks", "endpoints", "middleware", "backends"),
+    # Read by harmony.targets.pool.build_target and harmony.backends.target_tls:
+    # a key added there is added here, or it draws an "unknown key" warning.
+    "targets": ("url", "host", "port", "aet", "weight", "headers",
+                "tls_ca_file", "tls_cert_file", "tls_key_file"),
+    "storage": ("backend", "index", "options"),
+    "storage.options": ("path", "min_free_mb", "fsync", "threads"),
 }
+#: What ``[storage]`` accepts, in one place (harmony.storage.config builds from
+#: the same tuples).  A value outside them is refused, never quietly replaced by
+#: the default: ``index = "postgresql"`` must not start a node on sqlite.
+STORAGE_BACKENDS = ("filesystem",)
+STORAGE_INDEXES = ("sqlite",)
 MAIN_TABLES = ("proxy", "network", "management", "storage", "logging", "pipelines_path", "transforms_path")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
+#: A string value starting with this is a path in the state directory.
+STATE_DIR_PLACEHOLDER = "{state_dir}"
+#: Where the state directory is when nothing says (relative to the main file):
+#: the folder the store always defaulted to.
+DEFAULT_STATE_DIR = "var/harmony"
+
+
+def state_dir_override(environ=None) -> str | None:
+    """The state directory the process was given, if any: ``$STATE_DIRECTORY``,
+    which systemd sets for ``StateDirectory=`` (several are colon-separated:
+    the first is Harmony's).  ``--state-dir`` sets it too."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("STATE_DIRECTORY", "")
+    return value.split(":", 1)[0] or None
+
+
+def _expand_state_dir(value, state_dir: Path):
+    """Replace a leading ``{state_dir}`` in every string of a parsed document."""
+    if isinstance(value, dict):
+        return {k: _expand_state_dir(v, state_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_state_dir(v, state_dir) for v in value]
+    if isinstance(value, str) and value.startswith(STATE_DIR_PLACEHOLDER):
+        rest = value[len(STATE_DIR_PLACEHOLDER):].lstrip("/")
+        return str(state_dir / rest) if rest else str(state_dir)
+    return value
 LOG_FORMATS = ("text", "json")
 
 
@@ -91,11 +131,12 @@ def _component(kind: str, name: str, table: dict, source: str, problems: list) -
                            table=where, targets=targets, raw=table)
 
 
-def _pipeline(name: str, table: dict, source: str, problems: list) -> PipelineConfig | None:
+def _pipeline(name: str, table: dict, source: str, problems: list, warnings: list) -> PipelineConfig | None:
     where = f"pipelines.{name}"
     if not isinstance(table, dict):
         problems.append(Problem(source, where, "must be a table"))
         return None
+    _unknown_keys(table, KNOWN_KEYS["pipelines"], source, where, warnings)
     lists = {}
     for key in ("networks", "endpoints", "middleware", "backends"):
         value = table.get(key, [])
@@ -109,10 +150,7 @@ def _pipeline(name: str, table: dict, source: str, problems: list) -> PipelineCo
 
 
 def _unknown_keys(table, known, source: str, where: str, warnings: list) -> None:
-    if isinstance(table, dict):
-        unknown = sorted(k for k in table if k not in known)
-        if unknown:
-            warnings.append(Problem(source, where, f"unknown key(s) ignored: {', '.join(unknown)}"))
+    warnings.extend(unknown_key_problems(table, known, source, where))
 
 
 def _usable_listen(listen: str, source: str, key: str, problems: list) -> bool:
@@ -136,6 +174,7 @@ def _network(name: str, table: dict, source: str, problems: list, warnings: list
     if not isinstance(table, dict):
         problems.append(Problem(source, where, "must be a table"))
         return None
+    _unknown_keys(table, KNOWN_KEYS["network"], source, where, warnings)
     listen = table.get("listen")
     if listen is not None:
         if not isinstance(listen, str) or not listen.strip():
@@ -218,22 +257,31 @@ def _logging(raw, source: str, base: Path, problems: list, warnings: list | None
     return out
 
 
-STORAGE_BACKENDS = ("filesystem",)
+def _supported(value, supported: tuple, source: str, key: str, problems: list) -> None:
+    if value not in supported:
+        problems.append(Problem(source, key, f"{value!r} is not supported by this version of Harmony "
+                                             f"(supported: {', '.join(map(repr, supported))})"))
 
 
 def _storage(raw, source: str, problems: list) -> dict:
-    """``[storage]``: ``backend = "filesystem"`` and ``[storage.options] path``."""
+    """``[storage]``: ``backend``, ``index`` and ``[storage.options]``.
+
+    Unknown keys here are errors, not warnings: a misspelt ``path`` or an
+    unsupported ``index`` would otherwise put patient data somewhere the
+    operator did not ask for, without a word.
+    """
     if not isinstance(raw, dict):
         problems.append(Problem(source, "storage", "must be a table"))
         return {}
-    backend = raw.get("backend", "filesystem")
-    if backend not in STORAGE_BACKENDS:
-        problems.append(Problem(source, "storage.backend",
-                                f"must be one of {', '.join(STORAGE_BACKENDS)}, got {backend!r}"))
+    problems.extend(unknown_key_problems(raw, KNOWN_KEYS["storage"], source, "storage", refused=True))
+    _supported(raw.get("backend", STORAGE_BACKENDS[0]), STORAGE_BACKENDS, source, "storage.backend", problems)
+    _supported(raw.get("index", STORAGE_INDEXES[0]), STORAGE_INDEXES, source, "storage.index", problems)
     options = raw.get("options", {})
     if not isinstance(options, dict):
         problems.append(Problem(source, "storage.options", "must be a table"))
         return {**raw, "options": {}}
+    problems.extend(unknown_key_problems(options, KNOWN_KEYS["storage.options"], source, "storage.options",
+                                         refused=True))
     path = options.get("path")
     if path is not None and (not isinstance(path, str) or not path):
         problems.append(Problem(source, "storage.options.path", "must be a folder path string"))
@@ -241,18 +289,33 @@ def _storage(raw, source: str, problems: list) -> dict:
     return raw
 
 
-def load_config(path: str | Path) -> HarmonyConfig:
+def load_config(path: str | Path, *, problems: list | None = None, state_dir: str | Path | None = None
+                ) -> HarmonyConfig | None:
     """Load and structurally check a configuration; raise :class:`ConfigErrors`.
 
     Types and cross-references are checked later, when the runtime is built
     (:func:`harmony.runtime.build_runtime`), because only the type classes know
     their options.
+
+    With a *problems* list, nothing is raised: problems are appended to it and
+    the configuration is returned as far as it could be read (broken tables are
+    left out and named in ``config.broken``), so ``harmony check`` can go on and
+    report the problems of every other section too.  None when the main file
+    cannot be read at all.
+
+    The state directory (the store, generated secrets) is *state_dir* if
+    given, else ``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``), else
+    ``[proxy] state_dir`` relative to the main file, else ``var/harmony`` next to
+    it.  A string value starting with ``{state_dir}`` is a path inside it.
     """
+    collect = problems is not None
     path = Path(path).resolve()
-    problems: list[Problem] = []
+    problems = [] if problems is None else problems
     warnings: list[Problem] = []
     main = read_toml(path, problems)
     if main is None:
+        if collect:
+            return None
         raise ConfigErrors(problems)
     base = path.parent
     src = str(path)
@@ -263,6 +326,12 @@ def load_config(path: str | Path) -> HarmonyConfig:
         proxy_raw = {}
     _unknown_keys(proxy_raw, KNOWN_KEYS["proxy"], src, "proxy", warnings)
     proxy = ProxySettings(id=str(proxy_raw.get("id", "harmony")))
+    configured = proxy_raw.get("state_dir", DEFAULT_STATE_DIR)
+    if not isinstance(configured, str) or not configured:
+        problems.append(Problem(src, "proxy.state_dir", "must be a folder path string"))
+        configured = DEFAULT_STATE_DIR
+    given = state_dir if state_dir is not None else state_dir_override()
+    proxy.state_dir = Path(given).resolve() if given else _resolve(base, configured).resolve()
     level = str(proxy_raw.get("log_level", "info")).lower()
     if level not in LOG_LEVELS:
         problems.append(Problem(src, "proxy.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}"))
@@ -281,6 +350,7 @@ def load_config(path: str | Path) -> HarmonyConfig:
             else:
                 setattr(proxy, key, _resolve(base, value))
 
+    main = _expand_state_dir(main, proxy.state_dir)
     files = [path]
     documents = [(path, main)]
     if proxy.pipelines_path is not None:
@@ -292,11 +362,14 @@ def load_config(path: str | Path) -> HarmonyConfig:
                 if f.resolve() == path:
                     continue
                 doc = read_toml(f, problems)
+                if doc is not None:
+                    doc = _expand_state_dir(doc, proxy.state_dir)
                 files.append(f)
                 if doc is not None:
                     documents.append((f, doc))
 
     seen: dict[tuple[str, str], str] = {}
+    broken: set[tuple[str, str]] = set()
     tables: dict[str, dict] = {t: {} for t in COMPONENT_TABLES}
     networks: dict[str, NetworkConfig] = {}
     custom_types: dict[str, dict] = {}
@@ -322,19 +395,29 @@ def load_config(path: str | Path) -> HarmonyConfig:
                     net = _network(name, value, fsrc, problems, warnings)
                     if net:
                         networks[name] = net
+                    else:
+                        # Kept as a placeholder so a check still places its
+                        # routes and reports their conflicts.
+                        broken.add((table, name))
+                        networks[name] = NetworkConfig(name=name, source=fsrc, listen=None,
+                                                       raw=value if isinstance(value, dict) else {}, valid=False)
                 elif table == "pipelines":
-                    p = _pipeline(name, value, fsrc, problems)
+                    p = _pipeline(name, value, fsrc, problems, warnings)
                     if p:
                         tables["pipelines"][name] = p
                 elif table == "targets":
                     if not isinstance(value, dict):
                         problems.append(Problem(fsrc, f"targets.{name}", "must be a table"))
+                        broken.add((table, name))
                     else:
+                        _unknown_keys(value, KNOWN_KEYS["targets"], fsrc, f"targets.{name}", warnings)
                         tables["targets"][name] = {**value, "_source": fsrc}
                 else:
                     c = _component(table, name, value, fsrc, problems)
                     if c:
                         tables[table][name] = c
+                    else:
+                        broken.add((table, name))
         for table, kind in TYPE_TABLES.items():
             section = doc.get(table, {})
             if not isinstance(section, dict):
@@ -364,7 +447,8 @@ def load_config(path: str | Path) -> HarmonyConfig:
         management=section("management"), storage=_storage(main.get("storage", {}), src, problems),
         logging=_logging(main.get("logging", {}), src, base, problems, warnings),
         custom_types=custom_types, files=files, raw={str(f): d for f, d in documents}, warnings=warnings,
+        broken=broken,
     )
-    if problems:
+    if problems and not collect:
         raise ConfigErrors(problems)
     return config

@@ -14,6 +14,8 @@ class ProxySettings:
     pipelines_path: Path | None = None
     transforms_path: Path | None = None
     workers: int = 1
+    #: Absolute: where state lives (the store, generated secrets); see load_config.
+    state_dir: Path | None = None
 
 
 @attr.s(auto_attribs=True)
@@ -23,6 +25,8 @@ class NetworkConfig:
     #: A Twisted server endpoint description ("tcp:8080:interface=127.0.0.1").
     listen: str | None = None
     raw: dict = attr.Factory(dict)
+    #: False for a network whose table has errors (only in a config loaded for checking).
+    valid: bool = True
 
 
 @attr.s(auto_attribs=True)
@@ -74,9 +78,21 @@ class HarmonyConfig:
     #: Non-fatal problems found while loading (unknown keys): ``harmony check``
     #: prints them and the service logs them at start, with the runtime's own.
     warnings: list = attr.Factory(list)
+    #: ``(table, name)`` of entries that were defined but failed to load (a bad
+    #: port, a table that is not a table).  Only a config loaded for checking
+    #: (``load_config(path, problems=[...])``) has any: references to them are
+    #: not reported again as "unknown".
+    broken: set = attr.Factory(set)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.proxy.state_dir or (self.base_dir / "var" / "harmony")
 
     @property
     def storage_path(self) -> Path:
+        """``[storage.options] path`` (relative to the main file), else the state directory."""
         opts = self.storage.get("options", {}) if isinstance(self.storage, dict) else {}
-        p = Path(opts.get("path", "./var/harmony")).expanduser()
+        if "path" not in opts:
+            return self.state_dir
+        p = Path(opts["path"]).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)

@@ -127,9 +127,12 @@ class JmixEndpoint(HttpEndpointBase):
     def from_config(cls, name, options, ctx):
         prefix = check_prefix(options.str("path_prefix"))
         max_upload = options.int("max_upload_bytes", 4 * 1024 ** 3, minimum=1)
-        limits = Limits(max_entries=options.int("max_entries", 200_000, minimum=1),
-                        max_total_bytes=options.int("max_unpacked_bytes", 16 * 1024 ** 3, minimum=1),
-                        max_file_bytes=options.int("max_file_bytes", 4 * 1024 ** 3, minimum=1))
+        defaults = Limits()  # sized for real studies: see harmony.jmix.archive.Limits
+        limits = Limits(max_entries=options.int("max_entries", defaults.max_entries, minimum=1),
+                        max_total_bytes=options.int("max_unpacked_bytes", defaults.max_total_bytes, minimum=1),
+                        max_file_bytes=options.int("max_file_bytes", defaults.max_file_bytes, minimum=1),
+                        max_ratio=options.int("max_ratio", defaults.max_ratio, minimum=1),
+                        ratio_floor_bytes=options.int("ratio_floor_bytes", defaults.ratio_floor_bytes, minimum=0))
         key = None
         if "decryption_key_file" in options:
             path = options.path("decryption_key_file")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attr
 
-from harmony.config.errors import ConfigErrors, OptionError, Problem
+from harmony.config.errors import ConfigErrors, OptionError, Problem, unknown_key_problems
 from harmony.config.options import Options
 
 DEFAULT_PORT = 9901
@@ -44,9 +44,9 @@ class ManagementSettings:
             settings = cls._parse(o, config)
         except OptionError as e:
             raise ConfigErrors([Problem(source, f"management.{e.key}", e.message)]) from None
-        unknown = sorted(set(o.raw) - o.used)
+        unknown = unknown_key_problems(o.raw, o.used, source, "management", refused=True)
         if unknown:
-            raise ConfigErrors([Problem(source, f"management.{unknown[0]}", "unknown option")])
+            raise ConfigErrors(unknown)
         return settings
 
     @classmethod

@@ -11,6 +11,14 @@ Verification is PyJWT's; what this module adds is policy:
   without blocking the reactor (see :mod:`harmony.middleware.jwks`).
 * ``exp`` is required unless ``required_claims`` says otherwise: a token that
   never expires is a password that cannot be changed.
+* ``audience`` is required (and ``issuer`` with a JWKS URL), RFC 8725 §3.9:
+  behind an identity provider shared by several applications, a token minted
+  for another one verifies with the same keys, and only ``aud``/``iss`` tell
+  them apart.  An operator who really has a private provider may opt out with
+  ``verify_audience = false`` / ``verify_issuer = false``; the opt-out is
+  visible: the middleware lists it in :attr:`JwtAuth.unverified_claims`,
+  ``harmony check`` names the pipelines that run so, and a warning is logged
+  when the service starts.
 * Failures answer 401 with ``WWW-Authenticate: Bearer error="invalid_token"``
   and a reason in general terms; the token itself is never echoed or logged.
 
@@ -95,6 +103,29 @@ def load_public_key(path, key="public_key_path"):
     raise OptionError(key, f"{path}: unsupported key type {type(public).__name__}")
 
 
+def _claim_policy(options, key: str, value, *, required: bool) -> bool:
+    """Whether the *key* claim (``audience``/``issuer``) is verified.
+
+    A required one must be configured, or explicitly waived with
+    ``verify_<key> = false``; waiving it while also giving a value is a
+    contradiction, refused rather than guessed at.
+    """
+    flag = f"verify_{key}"
+    verify = options.bool(flag, True)
+    if value is not None:
+        if not verify:
+            raise OptionError(flag, f"is false but {key} is set: drop one of them")
+        return True
+    if not verify:
+        return False
+    if required:
+        why = ("a token minted for another application of the same identity provider would pass"
+               if key == "audience" else "with a JWKS URL, any issuer publishing those keys would be trusted")
+        raise OptionError(key, f"is required: {why} (RFC 8725 3.9); set {key}, or {flag} = false to "
+                               f"accept any {key} knowingly")
+    return True  # issuer with a pinned key: the key already names the issuer
+
+
 def _compatible(key_alg: str, alg: str) -> bool:
     if key_alg == "RS256":
         return alg in RSA_ALGS
@@ -147,7 +178,7 @@ def token_header(token: str) -> dict | None:
 class JwtAuth(Middleware):
     def __init__(self, name, algorithm: str, *, key=None, jwks: JwksCache | None = None,
                  issuer=None, audience=None, leeway=0.0, required_claims=("exp",),
-                 forward_token=True, realm="Harmony"):
+                 forward_token=True, realm="Harmony", unverified_claims=()):
         super().__init__(name)
         if (key is None) == (jwks is None):
             raise ValueError("exactly one of key and jwks")
@@ -160,6 +191,15 @@ class JwtAuth(Middleware):
         self.required_claims = list(required_claims)
         self.forward_token = forward_token
         self.realm = realm
+        #: Claims an explicit opt-out leaves unchecked (``("aud",)``, ``("aud", "iss")``):
+        #: read by ``harmony check`` and the service's start-up warnings.
+        self.unverified_claims = tuple(unverified_claims)
+
+    @property
+    def waived_checks(self) -> list[str]:
+        """Security checks configured away, in words, for the pipeline warnings."""
+        names = {"aud": "token audience (verify_audience = false)", "iss": "token issuer (verify_issuer = false)"}
+        return [names[c] for c in self.unverified_claims]
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -205,12 +245,20 @@ class JwtAuth(Middleware):
                                                  "(or use_hs256 = true with hs256_secret)")
         audience = options.raw.get("audience")
         options.used.add("audience")
-        if audience is not None and not (isinstance(audience, str) or (
-                isinstance(audience, list) and audience and all(isinstance(a, str) for a in audience))):
-            raise OptionError("audience", "must be a string or a list of strings")
+        if audience is not None and not (isinstance(audience, str) and audience or (
+                isinstance(audience, list) and audience and all(isinstance(a, str) and a for a in audience))):
+            raise OptionError("audience", "must be a non-empty string or list of strings")
+        issuer = options.str("issuer", None)
+        if issuer == "":
+            raise OptionError("issuer", "must not be empty")
+        unverified = []
+        if not _claim_policy(options, "audience", audience, required=True):
+            unverified.append("aud")
+        if not _claim_policy(options, "issuer", issuer, required=has_jwks):
+            unverified.append("iss")
         required = options.list("required_claims", ["exp"], of=str)
-        return cls(name, algorithm,
-                   issuer=options.str("issuer", None), audience=audience,
+        return cls(name, algorithm, unverified_claims=unverified,
+                   issuer=issuer, audience=audience,
                    leeway=options.number("leeway_secs", 0.0, minimum=0),
                    required_claims=required,
                    forward_token=options.bool("forward_token", True),

@@ -24,7 +24,7 @@ import re
 
 import attr
 
-from harmony.config.errors import OptionError
+from harmony.config.errors import OptionError, did_you_mean
 
 KINDS = ("header", "query", "metadata", "path", "tag")
 #: Condition tables a rule may carry (``path`` is a plain regex string instead).
@@ -142,7 +142,8 @@ def parse_rule(table, option_key: str, choice_key: str, index: int = 0) -> Rule:
             for name, pattern in value.items():
                 conditions.append((KeySource.of(key, name, f"{where}.{name}"), _compile(pattern, f"{where}.{name}")))
         else:
-            raise OptionError(where, f"unknown condition (known: path, {', '.join(CONDITION_TABLES)}, {choice_key})")
+            known = ("path", *CONDITION_TABLES, choice_key)
+            raise OptionError(where, f"unknown condition{did_you_mean(key, known)} (known: {', '.join(known)})")
     if choice_key not in table:
         raise OptionError(option_key, f"needs {choice_key!r}: what the rule chooses")
     if not conditions:

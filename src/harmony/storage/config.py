@@ -1,7 +1,8 @@
 """Building a store from configuration: ``[storage.options]`` plus a component's own ``path``.
 
     [storage]
-    backend = "filesystem"
+    backend = "filesystem"      # the only one (harmony.config.loader.STORAGE_BACKENDS)
+    index = "sqlite"            # the only one (harmony.config.loader.STORAGE_INDEXES)
     [storage.options]
     path = "../var/harmony"     # ctx.storage_path
     min_free_mb = 512           # refuse new instances below this much free space
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 from harmony.config.errors import ConfigErrors, OptionError, Problem
+from harmony.config.loader import STORAGE_BACKENDS, STORAGE_INDEXES
 from harmony.config.options import Options
 from harmony.storage.store import open_store
 
@@ -19,10 +21,14 @@ from harmony.storage.store import open_store
 def store_from_context(ctx, options: Options):
     """The shared store a component uses: its ``path`` option, else ``[storage]``'s."""
     storage = ctx.config.storage if isinstance(ctx.config.storage, dict) else {}
-    backend = storage.get("backend", "filesystem")
-    if backend != "filesystem":
-        raise ConfigErrors([Problem(str(ctx.config.path), "storage.backend",
-                                    f"only 'filesystem' is supported, got {backend!r}")])
+    # The loader already refused anything else; checked again because a
+    # runtime may be built from a config made in code.
+    for key, supported in (("backend", STORAGE_BACKENDS), ("index", STORAGE_INDEXES)):
+        value = storage.get(key, supported[0])
+        if value not in supported:
+            raise ConfigErrors([Problem(str(ctx.config.path), f"storage.{key}",
+                                        f"{value!r} is not supported by this version of Harmony "
+                                        f"(supported: {', '.join(map(repr, supported))})")])
     global_opts = Options(storage.get("options", {}), base_dir=ctx.base_dir)
     try:
         min_free_mb = global_opts.number("min_free_mb", 512, minimum=0)

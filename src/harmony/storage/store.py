@@ -3,6 +3,8 @@
     <root>/instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     <root>/tmp/          temp files (same filesystem, so the final rename is atomic)
     <root>/index.sqlite  index + store-and-forward queue (WAL, synchronous=FULL)
+    <root>/opened-at     when the store was last opened (its mtime and content)
+    <root>/clean-shutdown  present only while the store is closed cleanly
 
 An instance is *durable* once :meth:`InstanceStore.put_file_sync` returns: the
 file was fsynced, renamed into place, its folder fsynced, and the index row
@@ -11,18 +13,31 @@ may a C-STORE be answered with Success or a STOW part be listed as stored.
 
 Blocking work runs on the store's own thread pool; the ``*_sync`` methods are
 what runs there, the others return Deferreds and are safe on the reactor.
+
+A crash between the rename and the index commit leaves a file in
+``instances/`` without an index row.  Opening a store that was not closed
+cleanly (no ``clean-shutdown`` marker) scans for such files - only in series
+folders changed since the previous open (a rename into a folder updates its
+mtime), so the cost is a stat per series folder plus the files of the folders
+that changed, not a walk of every instance.  Complete, valid instances are
+indexed; anything else is removed (it was never acknowledged, the sender
+resends).  See docs/storage.md, "Crash recovery".
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import re
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import attr
+
 from twisted.internet import defer
+from twisted.python.threadable import isInIOThread
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -42,6 +57,26 @@ log = get_logger("harmony.storage")
 DEFAULT_MIN_FREE = 512 * 1024 * 1024
 #: Results are handed to the reactor in batches of this many.
 BATCH = 32
+#: Markers at the store's root (see the module docstring).
+CLEAN_MARKER, OPENED_MARKER = "clean-shutdown", "opened-at"
+#: Folder mtimes are compared with this much slack (coarse filesystem timestamps, clock steps).
+MTIME_SLACK_SECS = 2.0
+_UID_PART = re.compile(r"[0-9.]+")
+
+
+@attr.s(auto_attribs=True)
+class Recovery:
+    """What the start-up scan found (counts only: UIDs stay out of info logs)."""
+
+    #: Why it ran: "clean" (no scan needed), "unclean" (since the last open), "unknown" (a full scan).
+    reason: str = "clean"
+    since: float | None = None
+    series_scanned: int = 0
+    files_checked: int = 0
+    indexed: int = 0
+    removed: int = 0
+    ignored: int = 0
+    seconds: float = 0.0
 
 
 class InstanceStore:
@@ -69,6 +104,12 @@ class InstanceStore:
         self.closed = False
         #: stored / refused_full / refused_invalid / refused_failed, counted on the reactor.
         self.counters: Counter = Counter()
+        #: The start-up scan's findings, once it ran (see :meth:`recover_sync`).
+        self.recovery: Recovery | None = None
+        #: Fires when the start-up scan is done (it runs on a storage thread).
+        self.recovered: defer.Deferred | None = None
+        #: An index commit failed after its file was placed: not a clean shutdown then.
+        self._dirty = False
 
     # ------------------------------------------------------------------ threads and connections
 
@@ -95,7 +136,120 @@ class InstanceStore:
                 conn.executescript(idx.SCHEMA + q.SCHEMA)
             finally:
                 conn.close()
+            plan = self._mark_opened()
             self._opened = True
+        # The scan reads files and the index: never on the reactor thread.
+        if isInIOThread():
+            self.recovered = self.run(self.recover_sync, *plan)
+        else:
+            self.recover_sync(*plan)
+            self.recovered = defer.succeed(self.recovery)
+
+    def _mark_opened(self) -> tuple:
+        """Consume the clean-shutdown marker and stamp this open; returns the
+        ``(reason, since)`` the recovery scan needs."""
+        clean = self.root / CLEAN_MARKER
+        opened = self.root / OPENED_MARKER
+        if clean.exists():
+            reason, since = "clean", None
+        else:
+            try:
+                since = opened.stat().st_mtime - MTIME_SLACK_SECS
+                reason = "unclean"
+            except FileNotFoundError:
+                # Never stamped (a store older than this scan): look at everything, once.
+                reason, since = "unknown", None
+        opened_at = time.time()  # compared with folder mtimes: the real clock, not self.clock
+        opened.write_text(f"{opened_at}\n")
+        os.utime(opened, (opened_at, opened_at))
+        if self.fsync:
+            fsync_file(opened)
+        try:
+            clean.unlink()
+        except FileNotFoundError:
+            pass
+        if self.fsync:
+            fsync_dir(self.root)
+        return reason, since
+
+    def _mark_clean(self) -> None:
+        """Leave the clean-shutdown marker: every placed file has its row."""
+        if not self._opened or self._dirty:
+            return
+        try:
+            marker = self.root / CLEAN_MARKER
+            marker.write_text(f"{time.time()}\n")
+            if self.fsync:
+                fsync_file(marker)
+                fsync_dir(self.root)
+        except OSError as e:
+            log.warn("storage {root}: cannot write the clean-shutdown marker ({error}); the next start "
+                     "will scan for unindexed files", root=str(self.root), error=e.strerror)
+
+    # ------------------------------------------------------------------ crash recovery
+
+    def recover_sync(self, reason: str, since: float | None) -> Recovery:
+        """Index or remove files a crash left without an index row (storage thread).
+
+        Only series folders whose mtime is at or after *since* are listed
+        (``since`` None: all of them).  Instances this run files meanwhile are
+        complete and get their own rows, so a scan racing them is harmless.
+        """
+        started = time.monotonic()
+        found = Recovery(reason=reason, since=since)
+        self.recovery = found
+        if reason == "clean":
+            return found
+        conn = self._conn()
+        for study in _subdirs(self.instances_dir):
+            for series in _subdirs(study):
+                try:
+                    mtime = series.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if since is not None and mtime < since:
+                    continue
+                found.series_scanned += 1
+                for entry in os.scandir(series):
+                    if entry.is_file(follow_symlinks=False):
+                        self._recover_file(conn, Path(entry.path), found)
+        found.seconds = time.monotonic() - started
+        if found.indexed or found.removed or found.ignored or (reason == "unknown" and found.series_scanned):
+            log.info("storage {root}: start-up scan after an {reason} stop: {series} series folder(s) "
+                     "scanned, {indexed} complete instance(s) without an index row indexed, {removed} "
+                     "incomplete or invalid file(s) removed, {ignored} unexpected file(s) left alone "
+                     "({seconds:.2f} s)", root=str(self.root), reason=reason, series=found.series_scanned,
+                     indexed=found.indexed, removed=found.removed, ignored=found.ignored, seconds=found.seconds)
+        return found
+
+    def _recover_file(self, conn, path: Path, found: Recovery) -> None:
+        rel = path.relative_to(self.instances_dir).as_posix()
+        parts = rel.split("/")
+        if len(parts) != 3 or not parts[2].endswith(".dcm") or not all(
+                _UID_PART.fullmatch(p) for p in (parts[0], parts[1], parts[2][:-4])):
+            found.ignored += 1  # not a name the store makes: not ours to delete
+            log.warn("storage {root}: unexpected file in instances/ left alone", root=str(self.root))
+            return
+        found.files_checked += 1
+        row = conn.execute("SELECT relpath FROM instances WHERE sop_uid=?", (parts[2][:-4],)).fetchone()
+        if row is not None and row[0] == rel:
+            return  # indexed: the normal case
+        try:
+            header = self._read_header(path)
+            if self.path_of(self.relpath(header["study"], header["series"], header["sop"])) != path.resolve():
+                raise InvalidInstance("its UIDs do not match its place in the layout")
+            size = path.stat().st_size
+        except (InvalidInstance, OSError) as e:
+            log.debug("storage: removing unindexed file {rel}: {why}", rel=rel, why=str(e))
+            try:
+                path.unlink()
+                found.removed += 1
+            except FileNotFoundError:
+                pass
+            return
+        self._index_sync(header, path, size, (), path.stat().st_mtime)
+        log.debug("storage: indexed unindexed file {rel}", rel=rel)
+        found.indexed += 1
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -175,7 +329,8 @@ class InstanceStore:
                 self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
             except ValueError:
                 pass
-        self._stop_pool()
+        self._stop_pool()  # joins the storage threads: every write has finished
+        self._mark_clean()
         with self._conn_lock:
             for c in self._connections:
                 c.close()
@@ -290,6 +445,8 @@ class InstanceStore:
         try:
             old = self.write_sync(tx)
         except sqlite3.Error as e:
+            # The file is in place without its row: the next start must scan.
+            self._dirty = True
             raise StorageFailure(f"index update failed: {e}") from None
         if old:
             try:
@@ -432,6 +589,15 @@ class InstanceStore:
         conn = self._conn()
         return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 for table in ("patients", "studies", "series", "instances")}
+
+
+def _subdirs(folder: Path):
+    try:
+        with os.scandir(folder) as it:
+            entries = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    return sorted(entries)
 
 
 # ---------------------------------------------------------------------- sharing

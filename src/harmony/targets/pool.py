@@ -21,7 +21,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from harmony.config.errors import ConfigErrors, OptionError, Problem
+from harmony.config.errors import ConfigErrors, OptionError, Problem, did_you_mean
 from harmony.config.options import Options
 from harmony.errors import HarmonyError, ServiceUnavailable
 from harmony.log import get_logger
@@ -46,7 +46,7 @@ def sub_options(options: Options, key: str) -> tuple[Options | None, str]:
 def finish_sub(sub: Options, key: str) -> None:
     unknown = sorted(set(sub.raw) - sub.used)
     if unknown:
-        raise OptionError(f"{key}.{unknown[0]}", "unknown option")
+        raise OptionError(f"{key}.{unknown[0]}", "unknown option" + did_you_mean(unknown[0], sub.used))
 
 
 def _prefixed(key, fn):

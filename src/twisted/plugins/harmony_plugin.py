@@ -11,7 +11,9 @@ from zope.interface import implementer
 
 
 class Options(usage.Options):
-    optParameters = [["config", "c", "/etc/harmony/harmony.toml", "Path to the Harmony TOML configuration."]]
+    optParameters = [["config", "c", "/etc/harmony/harmony.toml", "Path to the Harmony TOML configuration."],
+                     ["state-dir", None, None, "Where state lives (the store, generated secrets); default: "
+                                               "$STATE_DIRECTORY (systemd StateDirectory=), then [proxy] state_dir."]]
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -26,6 +28,10 @@ class HarmonyServiceMaker:
         from harmony.config import ConfigErrors
         from harmony.service import make_service
 
+        if options["state-dir"]:
+            import os
+            # The same as systemd's variable, so worker processes and reloads see it too.
+            os.environ["STATE_DIRECTORY"] = os.path.abspath(options["state-dir"])
         try:
             return make_service(options["config"])
         except ConfigErrors as e:
