@@ -1,6 +1,6 @@
-"""Issue 12, defect 8: a QIDO-RS search with no match answered 204 makes
-Orthanc's DICOMweb client report "Bad file format"; the default must be an
-answer it reads (200 with ``[]``).  Fails until defect 8's fix is merged.
+"""Issue 12, defect 8: a QIDO-RS search with no match answered 204 made
+Orthanc's DICOMweb client report "Bad file format"; the default is now an
+answer it reads (200 with ``[]``), from the archive and through the bridge.
 """
 
 from __future__ import annotations
