@@ -23,7 +23,7 @@ import attr
 import pytest
 
 from tests.interop.data import make_charsets, make_compressed
-from tests.interop.support import Node, storescu
+from tests.interop.support import Node, scp_pipeline, storescu
 from tests.peers import Orthanc, free_port
 
 
@@ -92,25 +92,9 @@ def router_toml(scp_port: int, pacs: Orthanc, client: Orthanc, movescu_port: int
     """dicom_scp HARMONY (echo/find/get/move/store) -> dicom_scu to *pacs*; the
     C-MOVE destinations are the client Orthanc and DCMTK's movescu (``MOVESCU``
     on *movescu_port*); DICOMweb over the same PACS at /bridge."""
-    return f"""
-[pipelines.router]
-endpoints = ["scp"]
-backends = ["pacs"]
-
-[endpoints.scp]
-service = "dicom_scp"
-[endpoints.scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {scp_port}
-enable_find = true
-enable_get = true
-enable_move = true
-enable_store = true
-[endpoints.scp.options.move_destinations]
-{client.aet} = "127.0.0.1:{client.dicom_port}"
-MOVESCU = "127.0.0.1:{movescu_port}"
-
+    destinations = f'{client.aet} = "127.0.0.1:{client.dicom_port}"\nMOVESCU = "127.0.0.1:{movescu_port}"\n'
+    return scp_pipeline("router", scp_port, "pacs", ("find", "get", "move", "store"),
+                        "[endpoints.router_scp.options.move_destinations]\n" + destinations) + f"""
 [backends.pacs]
 service = "dicom_scu"
 [backends.pacs.options]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench.common import Nginx, status_kib
-from tests.interop.support import Node, web_pipeline
+from tests.interop.support import Node, scp_pipeline, web_pipeline
 from tests.peers import Orthanc, free_port
 
 SMALL = "ok " * 300
@@ -41,19 +41,8 @@ def start_nginx(folder: Path) -> Nginx:
 
 def node_toml(nginx_url: str, scp_port: int, orthanc_url: str) -> str:
     return web_pipeline("upload", "http", "/orthanc", {"base_url": orthanc_url, "timeout_secs": 30}) + \
-        web_pipeline("pass", "http", "/pass", {"base_url": nginx_url, "timeout_secs": 30}) + f"""
-[pipelines.archive]
-endpoints = ["scp"]
-backends = ["archive"]
-[endpoints.scp]
-service = "dicom_scp"
-[endpoints.scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {scp_port}
-enable_find = true
-enable_store = true
-max_associations = 20
+        web_pipeline("pass", "http", "/pass", {"base_url": nginx_url, "timeout_secs": 30}) + \
+        scp_pipeline("archive", scp_port, "archive", options="max_associations = 20\n") + """
 [backends.archive]
 service = "local_archive"
 
