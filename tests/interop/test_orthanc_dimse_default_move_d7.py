@@ -1,7 +1,8 @@
 """Issue 12, defect 7: Orthanc 1.10 retrieves only by C-MOVE, so the default
 ``etc/`` archive must accept C-MOVE.  The test leaves ``enable_move`` to the
-shipped config and only names the destination (Orthanc) the documented way,
-a ``move_destinations`` entry of the archive's ``dicom_scp`` endpoint.
+shipped config and only names the destination (this run's Orthanc) the
+documented way, a ``move_destinations`` entry of the archive's ``dicom_scp``
+endpoint.
 
 Fails until defect 7's fix is merged ("C-MOVE command is not supported").
 """
@@ -19,16 +20,19 @@ from tests.sf_helpers import HarmonyProcess
 
 
 def name_destination(etc, aet: str, port: int):
-    """Add ``AET = "127.0.0.1:port"`` to the archive endpoint's move_destinations (creating the table if needed)."""
+    """Name *aet* at 127.0.0.1:*port* in the archive endpoint's move_destinations:
+    its line replaced when the shipped table has one, else added (with the table if needed)."""
     path = etc / "pipelines" / "archive.toml"
     text = path.read_text()
-    entry = f'{aet} = "127.0.0.1:{port}"\n'
+    entry = f'{aet} = "127.0.0.1:{port}"'
     table = "[endpoints.archive_scp.options.move_destinations]"
-    if table in text:
-        text = text.replace(table + "\n", table + "\n" + entry, 1)
-    else:
-        assert not re.search(r"^\s*move_destinations\s*=", text, re.M), "inline move_destinations: extend this helper"
-        text += f"\n{table}\n{entry}"
+    text, replaced = re.subn(rf"^{aet}\s*=.*$", entry, text, flags=re.M)
+    if not replaced:
+        if table in text:
+            text = text.replace(table + "\n", table + "\n" + entry + "\n", 1)
+        else:
+            assert not re.search(r"^\s*move_destinations\s*=", text, re.M), "inline move_destinations: extend this"
+            text += f"\n{table}\n{entry}\n"
     path.write_text(text)
 
 
