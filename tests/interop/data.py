@@ -33,7 +33,9 @@ COMPRESSED = {
 #: name -> (SpecificCharacterSet, PatientName, a query prefix that matches only it)
 CHARSETS = {
     "greek": ("ISO_IR 192", "Ωμέγα^Άλφα", "Ωμέγα*"),
-    "japanese": ("ISO_IR 192", "山田^太郎", "山田*"),
+    # not 山田: the ISO 2022 name's ideographic group is 山田^太郎, and an archive
+    # may match a query against every component group
+    "japanese": ("ISO_IR 192", "佐藤^花子", "佐藤*"),
     "german": ("ISO_IR 192", "Müller^Jürgen", "Müller*"),
     "latin1": ("ISO_IR 100", "Größe^Jörg", "Größe*"),
     "iso2022": ("\\ISO 2022 IR 87", "Yamada^Tarou=山田^太郎=やまだ^たろう", "Yamada*"),

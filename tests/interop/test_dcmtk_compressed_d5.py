@@ -1,6 +1,7 @@
 """Issue 12, defect 5: JPEG-family instances must be decompressed for clients
-that take only uncompressed syntaxes - getscu's default, dicomweb-client's
-default ``retrieve_instance``, Orthanc's WADO-RS retrieve.  Today getscu
+that take only uncompressed syntaxes - getscu's default, dicomweb-client
+asking for ``application/dicom`` without a transfer syntax (PS3.18's default:
+Explicit VR Little Endian), Orthanc's WADO-RS retrieve.  Today getscu
 receives nothing and WADO-RS answers 406.  Fails until defect 5's fix is
 merged.  Pixels are compared with DCMTK's own decoders.
 """
@@ -28,11 +29,13 @@ def test_dcmtk_get_decompressed_from_archive_d5(variant, prefer, archive, compre
 
 
 @pytest.mark.parametrize("variant", JPEG_FAMILY)
-def test_dicomweb_client_default_retrieve_d5(archive, compressed, variant, tmp_path):
-    """dicomweb-client's ``retrieve_instance`` with its default Accept (no transfer-syntax)."""
+def test_dicomweb_client_retrieve_uncompressed_d5(archive, compressed, variant, tmp_path):
+    """dicomweb-client asking for ``application/dicom`` with no transfer-syntax
+    parameter: PS3.18's default, Explicit VR Little Endian (406 today)."""
     item = compressed[variant]
     storescu(archive.scp_port, [item.path])
-    got = client(archive.web_url).retrieve_instance(item.study_uid, item.series_uid, item.sop_uid)
+    got = client(archive.web_url).retrieve_instance(item.study_uid, item.series_uid, item.sop_uid,
+                                                    media_types=("application/dicom",))
     assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert_same_pixels(got, item, tmp_path)
 
