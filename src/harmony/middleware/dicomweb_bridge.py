@@ -106,7 +106,7 @@ class DicomWebBridge(Middleware):
         has that AE title (a pipeline may hold one dicom_scu backend per PACS)."""
         pipeline = request.context.get("pipeline")
         for backend in getattr(pipeline, "backends", ()):
-            titles = {p.aet for p in getattr(backend, "peers", ())}
+            titles = set(getattr(backend, "ae_titles", ()))
             if backend.name == aet or aet in titles:
                 request.metadata["backend"] = backend.name
                 return

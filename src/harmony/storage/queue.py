@@ -1,8 +1,11 @@
-"""The persistent store-and-forward queue: one row per (target, instance).
+"""The persistent store-and-forward queue: one row per (target, item).
 
-Rows live in the store's sqlite database next to the index, so an instance
-and its queue rows are committed together: nothing is acknowledged that is
-not both on disk and queued.  States::
+An item is a DICOM instance (``kind = 'dicom'``, the key its SOP Instance
+UID, the file in the store) or a message (``kind = 'hl7v2'``, the key
+``msg:<id>`` naming a row of ``messages``, which holds the bytes and their
+``hl7.*`` metadata).  Rows live in the store's sqlite database next to the
+index, so an item and its queue rows are committed together: nothing is
+acknowledged that is not both on disk and queued.  States::
 
     pending --claim--> delivering --ok--> delivered (kept for the retention period)
        ^                   |--transient failure--> pending (later, with backoff)
@@ -11,7 +14,8 @@ not both on disk and queued.  States::
 
 At start-up every ``delivering`` row goes back to ``pending``: a crash may
 have interrupted a delivery, and re-sending the same SOP Instance is
-idempotent at a DICOM target.  All functions take a connection and *now*
+idempotent at a DICOM target (an HL7 receiver sees the same control ID
+again, which is what its duplicate detection is for).  All functions take a connection and *now*
 (seconds since the epoch, from the caller's clock) and run on a storage thread.
 """
 
@@ -20,6 +24,8 @@ from __future__ import annotations
 import sqlite3
 
 PENDING, DELIVERING, DELIVERED, DEAD = "pending", "delivering", "delivered", "dead"
+DICOM, HL7V2 = "dicom", "hl7v2"
+MESSAGE_PREFIX = "msg:"
 STATES = (PENDING, DELIVERING, DELIVERED, DEAD)
 FIFO, ROTATE = "fifo", "rotate"
 
@@ -36,10 +42,48 @@ CREATE TABLE IF NOT EXISTS queue (
   finished_at REAL,
   last_error TEXT,
   -- set when a new copy arrives while the old one is being delivered
-  dirty INTEGER NOT NULL DEFAULT 0);
+  dirty INTEGER NOT NULL DEFAULT 0,
+  kind TEXT NOT NULL DEFAULT 'dicom');
+CREATE TABLE IF NOT EXISTS messages (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  kind TEXT NOT NULL,
+  body BLOB NOT NULL,
+  metadata TEXT NOT NULL DEFAULT '{}',
+  received_at REAL NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS queue_active ON queue(target, sop_uid) WHERE state != 'delivered';
 CREATE INDEX IF NOT EXISTS queue_ready ON queue(target, state, next_attempt_at, id);
 """
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a queue made by an older Harmony (DICOM only) up to date."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(queue)")}
+    if "kind" not in columns:
+        conn.execute("ALTER TABLE queue ADD COLUMN kind TEXT NOT NULL DEFAULT 'dicom'")
+
+
+def message_key(message_id: int) -> str:
+    return f"{MESSAGE_PREFIX}{message_id}"
+
+
+def enqueue_message(conn: sqlite3.Connection, kind: str, body: bytes, metadata: str, targets: list[str],
+                    now: float) -> int:
+    """Keep a message and queue it for each target (one transaction); its id."""
+    message_id = conn.execute("INSERT INTO messages(kind, body, metadata, received_at) VALUES(?,?,?,?)",
+                              (kind, body, metadata, now)).lastrowid
+    key = message_key(message_id)
+    for target in targets:
+        conn.execute("INSERT INTO queue(target, sop_uid, state, enqueued_at, next_attempt_at, kind) "
+                     "VALUES(?,?,'pending',?,?,?)", (target, key, now, now, kind))
+    return message_id
+
+
+def load_message(conn: sqlite3.Connection, key: str):
+    """(kind, body, metadata JSON) of a queued message, or None when it is gone."""
+    if not key.startswith(MESSAGE_PREFIX):
+        return None
+    return conn.execute("SELECT kind, body, metadata FROM messages WHERE id=?",
+                        (int(key[len(MESSAGE_PREFIX):]),)).fetchone()
 
 
 def enqueue(conn: sqlite3.Connection, sop_uid: str, targets: list[str], now: float) -> None:
@@ -66,7 +110,8 @@ def recover(conn: sqlite3.Connection, now: float, targets: list[str]) -> int:
 def claim(conn: sqlite3.Connection, target: str, order: str, limit: int, now: float) -> tuple[list, float | None]:
     """Mark up to *limit* ready rows as delivering.
 
-    Returns ``(rows, next_due)``: rows as ``(id, sop_uid, attempts)``, and when
+    Returns ``(rows, next_due)``: rows as ``(id, item key, attempts)`` (a key
+    starting ``msg:`` is a message), and when
     nothing is ready, the time the next row becomes due (or None if empty).
     ``fifo`` only ever hands out the oldest row, and only when nothing is in
     flight; ``rotate`` hands out any due rows, oldest due first, so a failing
@@ -132,7 +177,9 @@ def make_due(conn: sqlite3.Connection, target: str, now: float) -> int:
 
 def purge(conn: sqlite3.Connection, target: str, states=(DEAD,)) -> int:
     marks = ",".join("?" * len(states))
-    return conn.execute(f"DELETE FROM queue WHERE target=? AND state IN ({marks})", (target, *states)).rowcount
+    n = conn.execute(f"DELETE FROM queue WHERE target=? AND state IN ({marks})", (target, *states)).rowcount
+    forget_messages(conn)
+    return n
 
 
 def expire(conn: sqlite3.Connection, delivered_before: float | None, dead_before: float | None) -> int:
@@ -143,7 +190,14 @@ def expire(conn: sqlite3.Connection, delivered_before: float | None, dead_before
                           (delivered_before,)).rowcount
     if dead_before is not None:
         n += conn.execute("DELETE FROM queue WHERE state='dead' AND finished_at < ?", (dead_before,)).rowcount
+    forget_messages(conn)
     return n
+
+
+def forget_messages(conn: sqlite3.Connection) -> int:
+    """Drop messages no queue row refers to any more (delivered and expired, or purged)."""
+    return conn.execute("DELETE FROM messages WHERE NOT EXISTS (SELECT 1 FROM queue WHERE queue.kind != 'dicom' "
+                        "AND queue.sop_uid = 'msg:' || messages.id)").rowcount
 
 
 def fully_delivered(conn: sqlite3.Connection, sop_uid: str) -> bool:
@@ -165,9 +219,28 @@ def stats(conn: sqlite3.Connection, now: float) -> dict:
 
 
 def dead_entries(conn: sqlite3.Connection, target: str, limit: int = 100, after_id: int = 0) -> list[dict]:
+    """Dead letters, oldest first.  DICOM ones name the instance; messages
+    their kind and the ``hl7.*`` header fields kept with them (no patient data)."""
+    import json
+
     rows = conn.execute(
-        "SELECT q.id, q.sop_uid, q.attempts, q.enqueued_at, q.finished_at, q.last_error, i.sop_class_uid "
-        "FROM queue q LEFT JOIN instances i ON i.sop_uid=q.sop_uid "
+        "SELECT q.id, q.sop_uid, q.attempts, q.enqueued_at, q.finished_at, q.last_error, i.sop_class_uid, q.kind, "
+        "m.metadata FROM queue q LEFT JOIN instances i ON q.kind='dicom' AND i.sop_uid=q.sop_uid "
+        "LEFT JOIN messages m ON q.kind!='dicom' AND q.sop_uid = 'msg:' || m.id "
         "WHERE q.target=? AND q.state='dead' AND q.id > ? ORDER BY q.id LIMIT ?", (target, after_id, limit))
-    return [{"id": r[0], "sop_instance_uid": r[1], "attempts": r[2], "enqueued_at": r[3], "failed_at": r[4],
-             "last_error": r[5], "sop_class_uid": r[6]} for r in rows]
+    out = []
+    for r in rows:
+        entry = {"id": r[0], "kind": r[7], "attempts": r[2], "enqueued_at": r[3], "failed_at": r[4],
+                 "last_error": r[5]}
+        if r[7] == DICOM:
+            entry.update(sop_instance_uid=r[1], sop_class_uid=r[6])
+        else:
+            entry["item"] = r[1]
+            entry.update({k: v for k, v in json.loads(r[8] or "{}").items() if k in MESSAGE_SUMMARY})
+        out.append(entry)
+    return out
+
+
+#: Message metadata shown with a dead letter: enough to find it at the sender, no patient data.
+MESSAGE_SUMMARY = ("hl7.message_type", "hl7.trigger_event", "hl7.control_id", "hl7.sending_application",
+                   "hl7.sending_facility")

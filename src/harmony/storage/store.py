@@ -134,6 +134,7 @@ class InstanceStore:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(idx.SCHEMA + q.SCHEMA)
+                q.migrate(conn)
             finally:
                 conn.close()
             plan = self._mark_opened()
