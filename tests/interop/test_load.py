@@ -5,7 +5,7 @@ throughout).
 
 The soak lasts ``HARMONY_SOAK_SECS`` seconds, 20 by default so that the suite
 stays fast; issue 12's 60 s figure is ``HARMONY_SOAK_SECS=60`` (figures in
-docs/interop.md).  Client hang-ups under load: test_load_aborts_d1.py.
+docs/interop.md).  Client hang-ups under load: test_load_aborts.py, test_load_upload_aborts.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Issue 12, defects 1 and 13 as a client sees them: bursts of wrk clients
-that go away with requests in flight (wrk drops its connections when its time
-is up; against a slow body every connection is mid-response, against a queue
-before the head) must not change
-a healthy backend's state - the circuit stays closed, and the next requests
-are answered 200, not 503.  Fails until defect 1's fix is merged.
+"""Issue 12, defect 1 as a client sees it: bursts of wrk clients that go away
+with requests in flight (wrk drops its connections when its time is up;
+against a slow body every connection is mid-response, against a queue before
+the head) must not change a healthy backend's state - the circuit stays
+closed, and the next requests are answered 200 (before defect 1's fix the
+circuit opened: 503 for 30 s).  Uploads given up: test_load_upload_aborts.py.
 """
 
 from __future__ import annotations
