@@ -22,6 +22,7 @@ from __future__ import annotations
 import attr
 import pytest
 
+from tests.dicomweb_helpers import bridge_pipeline
 from tests.interop.data import make_charsets, make_compressed
 from tests.interop.support import Node, scp_pipeline, storescu
 from tests.peers import Orthanc, free_port
@@ -102,21 +103,7 @@ aet = "{pacs.aet}"
 host = "127.0.0.1"
 port = {pacs.dicom_port}
 local_aet = "HARMONY_SCU"
-
-[pipelines.bridge]
-networks = ["default"]
-endpoints = ["bridge_web"]
-middleware = ["bridge"]
-backends = ["pacs"]
-
-[endpoints.bridge_web]
-service = "dicomweb"
-[endpoints.bridge_web.options]
-path_prefix = "/bridge"
-
-[middleware.bridge]
-type = "dicomweb_bridge"
-"""
+""" + bridge_pipeline("bridge", "pacs", "/bridge")
 
 
 @pytest.fixture(scope="session")
