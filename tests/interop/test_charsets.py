@@ -52,25 +52,16 @@ def check_qido(stack, name, charsets, _tmp_path):
         [(charsets[name].study_uid, person)]
 
 
-#: (query path, stack, character set) that hold today; the rest wait on defect 6
-#: (test_charsets_d6.py): the archive's C-FIND answers carry no character set
-#: and are encoded as Latin-1, and the bridge sends QIDO values to the PACS as
-#: Latin-1 without (0008,0005).
-PASSING = [("findscu", "archive", n) for n in ("german", "latin1")] + \
-          [("findscu", "router", n) for n in CHARSETS] + \
-          [("orthanc", "router", n) for n in CHARSETS] + \
-          [("qido", "archive", n) for n in CHARSETS] + \
-          [("qido", "router", n) for n in ("latin1", "iso2022")]
-
 CHECKS = {"findscu": check_findscu, "orthanc": check_orthanc, "qido": check_qido}
 
 
-def run_check(path, shape, name, request, charsets, tmp_path):
+@pytest.mark.parametrize("shape", ["archive", "router"])
+@pytest.mark.parametrize("name", list(CHARSETS))
+@pytest.mark.parametrize("path", list(CHECKS))
+def test_charset_query(path, shape, name, request, charsets, tmp_path):
+    """Before defect 6's fix the archive's C-FIND answers carried no character
+    set and were encoded as Latin-1 (Greek came back as ``?????^????``), and the
+    bridge sent QIDO values to the PACS as Latin-1 without (0008,0005)."""
     stack = request.getfixturevalue(shape)
     load(stack, charsets)
     CHECKS[path](stack, name, charsets, tmp_path)
-
-
-@pytest.mark.parametrize("path,shape,name", PASSING)
-def test_charset_query(path, shape, name, request, charsets, tmp_path):
-    run_check(path, shape, name, request, charsets, tmp_path)

@@ -4,10 +4,10 @@ dcmcrle and img2dcm) through Harmony's DIMSE paths.
 Here: storescu into the default archive in each syntax (kept as sent: read
 back with dicomweb-client, ``transfer-syntax=*``), findscu finding it, and
 getscu of the RLE instance for a client that takes only uncompressed syntaxes
-(pixels as DCMTK decodes them).  Paths that wait on a fix:
-test_dcmtk_compressed_d4.py (the router forwarding compressed syntaxes),
-test_dcmtk_compressed_d5.py (decompressing JPEG families for C-GET and
-WADO-RS).
+(pixels as DCMTK decodes them).  Through the router
+every syntax is forwarded as sent (defect 4: JPEG extended and JPEG-LS got
+CannotUnderstand, or were transcoded by the PACS for a C-MOVE).
+Decompression for clients that want uncompressed data: test_decompression.py.
 
 A C-GET requestor that prefers a compressed syntax (getscu ``+xr``, ``+xy``)
 gets Explicit VR Little Endian with the same pixels: Harmony accepts each
@@ -26,9 +26,6 @@ from tests.dicomweb_helpers import client
 from tests.interop.data import COMPRESSED, reference_pixels
 from tests.interop.support import findscu, getscu, movescu, orthanc_file, storescu, upload
 
-#: what the router forwards in the instance's own syntax today; JPEG extended
-#: and JPEG-LS wait on defect 4 (test_dcmtk_compressed_d4.py)
-ROUTER_KEEPS = ["explicit", "jpeg_lossless", "rle", "jpeg_baseline"]
 
 
 LOSSY = {"jpeg_extended", "jpeg_baseline"}
@@ -106,11 +103,11 @@ def move_through_router(router, item, folder):
     assert_unchanged(got, item)
 
 
-@pytest.mark.parametrize("variant", ROUTER_KEEPS)
+@pytest.mark.parametrize("variant", list(COMPRESSED))
 def test_dcmtk_compressed_store_through_router(router, compressed, variant):
     store_through_router(router, compressed[variant])
 
 
-@pytest.mark.parametrize("variant", ROUTER_KEEPS)
+@pytest.mark.parametrize("variant", list(COMPRESSED))
 def test_dcmtk_compressed_move_through_router(router, compressed, variant, tmp_path):
     move_through_router(router, compressed[variant], tmp_path)

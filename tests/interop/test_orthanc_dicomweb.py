@@ -3,9 +3,9 @@ against Harmony's ``dicomweb`` endpoint over the default archive and over the
 bridge to a PACS: QIDO-RS with matches, metadata, WADO-RS retrieve (the
 RLE-compressed and the multi-frame instance included).
 
-STOW-RS from Orthanc is in test_orthanc_dicomweb_stow_d3.py, the empty search
-in test_orthanc_dicomweb_empty_qido_d8.py and compressed retrieves needing
-decompression in test_dcmtk_compressed_d5.py: each waits on its fix.
+STOW-RS from Orthanc is in test_orthanc_dicomweb_stow.py, the empty search
+in test_orthanc_dicomweb_empty_qido.py and compressed retrieves needing
+decompression in test_decompression.py.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 (``<uuid>-<uuid>``) with ``Transfer-Encoding: chunked``, which Harmony refused
 (400 "boundary parameter of 1-70 characters").  Orthanc stores into Harmony
 (archive and bridge) with ``/dicom-web/servers/harmony/stow``, the compressed
-instances included (through the bridge, those wait on defect 4:
-test_dcmtk_compressed_d4.py).
+instances included (through the bridge JPEG extended and JPEG-LS failed
+before defect 4's fix).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dicom_data import make_instance, save, uid
-from tests.interop.support import orthanc_find, orthanc_ok, orthanc_sops, upload
+from tests.interop.support import orthanc_file, orthanc_find, orthanc_ok, orthanc_sops, upload
 
 
 def stow(stack, paths) -> None:
@@ -42,3 +42,10 @@ def test_orthanc_stow_compressed_into_archive(archive, compressed):
     stow(archive, [c.path for c in compressed.values()])
     study = next(iter(compressed.values())).study_uid
     assert {c.sop_uid for c in compressed.values()} <= stored_in_harmony(archive, study)
+
+
+def test_orthanc_stow_compressed_through_bridge(router, compressed):
+    """Orthanc's STOW-RS through the bridge: each instance reaches the PACS in its own transfer syntax."""
+    stow(router, [c.path for c in compressed.values()])
+    for c in compressed.values():
+        assert str(orthanc_file(router.pacs, c.sop_uid).file_meta.TransferSyntaxUID) == c.transfer_syntax, c.name

@@ -2,9 +2,8 @@
 ``etc/`` archive must accept C-MOVE.  The test leaves ``enable_move`` to the
 shipped config and only names the destination (this run's Orthanc) the
 documented way, a ``move_destinations`` entry of the archive's ``dicom_scp``
-endpoint.
-
-Fails until defect 7's fix is merged ("C-MOVE command is not supported").
+endpoint.  Before defect 7's fix Orthanc reported "C-MOVE command is not
+supported".
 """
 
 from __future__ import annotations
