@@ -24,7 +24,8 @@ import pytest
 
 from tests.dicomweb_helpers import bridge_pipeline
 from tests.interop.data import make_charsets, make_compressed
-from tests.interop.support import Node, scp_pipeline, storescu
+from tests.dimse_helpers import scp_pipeline, scu_backend
+from tests.interop.support import Node, storescu
 from tests.peers import Orthanc, free_port
 
 
@@ -94,16 +95,9 @@ def router_toml(scp_port: int, pacs: Orthanc, client: Orthanc, movescu_port: int
     C-MOVE destinations are the client Orthanc and DCMTK's movescu (``MOVESCU``
     on *movescu_port*); DICOMweb over the same PACS at /bridge."""
     destinations = f'{client.aet} = "127.0.0.1:{client.dicom_port}"\nMOVESCU = "127.0.0.1:{movescu_port}"\n'
-    return scp_pipeline("router", scp_port, "pacs", ("find", "get", "move", "store"),
-                        "[endpoints.router_scp.options.move_destinations]\n" + destinations) + f"""
-[backends.pacs]
-service = "dicom_scu"
-[backends.pacs.options]
-aet = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-local_aet = "HARMONY_SCU"
-""" + bridge_pipeline("bridge", "pacs", "/bridge")
+    return (scp_pipeline("router", "HARMONY", scp_port, "pacs", ("find", "get", "move", "store"),
+                         "[endpoints.router_scp.options.move_destinations]\n" + destinations)
+            + scu_backend("pacs", pacs.aet, pacs.dicom_port) + bridge_pipeline("bridge", "pacs", "/bridge"))
 
 
 @pytest.fixture(scope="session")

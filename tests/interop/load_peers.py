@@ -13,7 +13,8 @@ from pathlib import Path
 
 from bench.common import Nginx, status_kib
 from tests.dicomweb_helpers import bridge_pipeline
-from tests.interop.support import Node, scp_pipeline, web_pipeline
+from tests.dimse_helpers import scp_pipeline
+from tests.interop.support import Node, web_pipeline
 from tests.peers import Orthanc, free_port
 
 SMALL = "ok " * 300
@@ -43,7 +44,7 @@ def start_nginx(folder: Path) -> Nginx:
 def node_toml(nginx_url: str, scp_port: int, orthanc_url: str) -> str:
     return web_pipeline("upload", "http", "/orthanc", {"base_url": orthanc_url, "timeout_secs": 30}) + \
         web_pipeline("pass", "http", "/pass", {"base_url": nginx_url, "timeout_secs": 30}) + \
-        scp_pipeline("archive", scp_port, "archive", options="max_associations = 20\n") + \
+        scp_pipeline("archive", "HARMONY", scp_port, "archive", ("find", "store"), "max_associations = 20\n") + \
         '\n[backends.archive]\nservice = "local_archive"\n' + bridge_pipeline("web", "archive")
 
 

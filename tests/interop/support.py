@@ -115,23 +115,6 @@ service = "{backend_service or service}"
 {options}"""
 
 
-def scp_pipeline(name: str, port: int, backend: str, services=("find", "store"), options: str = "") -> str:
-    """TOML for pipeline *name*: a ``dicom_scp`` endpoint (AE ``HARMONY`` on
-    127.0.0.1:*port*, echo and *services* enabled, extra *options* lines) to *backend*."""
-    enabled = "".join(f"enable_{service} = true\n" for service in services)
-    return f"""
-[pipelines.{name}]
-endpoints = ["{name}_scp"]
-backends = ["{backend}"]
-[endpoints.{name}_scp]
-service = "dicom_scp"
-[endpoints.{name}_scp.options]
-local_aet = "HARMONY"
-bind_addr = "127.0.0.1"
-port = {port}
-{enabled}{options}"""
-
-
 def main_toml(http_port: int, *, log_level: str = "info", extra: str = "") -> str:
     """``harmony.toml`` for a test node: one HTTP network on 127.0.0.1, the store in ``store``."""
     return textwrap.dedent(f"""
