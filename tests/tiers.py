@@ -78,7 +78,16 @@ def starts_a_process(item) -> bool:
     if function is None:
         return False
     roots = [function]
-    for defs in item._fixtureinfo.name2fixturedefs.values():
+    fixtures = list(item._fixtureinfo.name2fixturedefs.values())
+    if "getfixturevalue" in _source(function):
+        # Fixtures chosen at run time by name (``request.getfixturevalue(shape)``): the
+        # names are among the test's parameters.
+        callspec = getattr(item, "callspec", None)
+        manager = item.session._fixturemanager
+        for value in (callspec.params.values() if callspec else ()):
+            if isinstance(value, str) and value.isidentifier():
+                fixtures.append(manager.getfixturedefs(value, item) or ())
+    for defs in fixtures:
         roots.extend(d.func for d in defs if _ours(d.func) and d.func.__module__ != __name__)
     seen = {id(root) for root in roots}
     for root in roots:
