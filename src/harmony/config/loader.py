@@ -41,13 +41,13 @@ KNOWN_KEYS = {
     "targets": ("url", "host", "port", "aet", "weight", "headers",
                 "tls_ca_file", "tls_cert_file", "tls_key_file"),
     "storage": ("backend", "index", "options"),
-    "storage.options": ("path", "min_free_mb", "fsync", "threads"),
+    "storage.options": ("path", "min_free_mb", "fsync", "threads", "dsn", "password_file", "node"),
 }
 #: What ``[storage]`` accepts, in one place (harmony.storage.config builds from
 #: the same tuples).  A value outside them is refused, never quietly replaced by
 #: the default: ``index = "postgresql"`` must not start a node on sqlite.
 STORAGE_BACKENDS = ("filesystem",)
-STORAGE_INDEXES = ("sqlite",)
+STORAGE_INDEXES = ("sqlite", "postgresql")
 MAIN_TABLES = ("proxy", "network", "management", "storage", "logging", "pipelines_path", "transforms_path")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 #: A string value starting with this is a path in the state directory.
@@ -282,6 +282,14 @@ def _storage(raw, source: str, problems: list) -> dict:
         return {**raw, "options": {}}
     problems.extend(unknown_key_problems(options, KNOWN_KEYS["storage.options"], source, "storage.options",
                                          refused=True))
+    if raw.get("index", STORAGE_INDEXES[0]) == "postgresql":
+        dsn = options.get("dsn")
+        if not isinstance(dsn, str) or not dsn.strip():
+            problems.append(Problem(source, "storage.options.dsn", 'index = "postgresql" needs a dsn, e.g. '
+                                    '"host=db.example port=5432 dbname=harmony user=harmony"'))
+    else:
+        problems.extend(Problem(source, f"storage.options.{key}", 'only used with index = "postgresql"')
+                        for key in ("dsn", "password_file") if key in options)
     path = options.get("path")
     if path is not None and (not isinstance(path, str) or not path):
         problems.append(Problem(source, "storage.options.path", "must be a folder path string"))

@@ -27,6 +27,7 @@ resends).  See docs/storage.md, "Crash recovery".
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import re
 import threading
@@ -46,6 +47,7 @@ from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.log import get_logger
 from harmony.storage import index as idx
 from harmony.storage import queue as q
+from harmony.storage.database import SQLITE, SqliteDatabase
 from harmony.storage.errors import InvalidInstance, StorageFailure, StorageFull
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
 from harmony.storage.query import (IMAGE, STUDY_ROOT, attrs_from_dataset, levels_for, query_keys, record_matches,
@@ -81,7 +83,7 @@ class Recovery:
 
 class InstanceStore:
     def __init__(self, root, *, reactor=None, min_free_bytes: int = DEFAULT_MIN_FREE, fsync: bool = True,
-                 threads: int = 4, free_bytes=None, clock=time.time):
+                 threads: int = 4, free_bytes=None, clock=time.time, database=None, node: str = ""):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -93,10 +95,13 @@ class InstanceStore:
         self.fsync = fsync
         self.clock = clock
         self.guard = SpaceGuard(self.root, min_free_bytes, free_bytes)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        #: The index and queue: sqlite next to the files unless a shared database is given.
+        self.db = database if database is not None else SqliteDatabase(self.db_path, fsync)
+        #: True when other nodes share the index and queue (a PostgreSQL database).
+        self.shared = self.db.dialect != SQLITE
+        #: This node's name on the queue's leases (``[storage.options] node``).
+        self.node = node or socket.gethostname()
         self._conn_lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
         self._shutdown_trigger = None
@@ -130,12 +135,8 @@ class InstanceStore:
             if left:
                 log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
                          root=str(self.root), n=left)
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(idx.SCHEMA + q.SCHEMA)
-            finally:
-                conn.close()
+            self.db.create_schema(idx.SCHEMA + q.SCHEMA, idx.PG_SCHEMA + q.PG_SCHEMA)
+            self.db.transaction(True, q.upgrade)
             plan = self._mark_opened()
             self._opened = True
         # The scan reads files and the index: never on the reactor thread.
@@ -251,17 +252,9 @@ class InstanceStore:
         log.debug("storage: indexed unindexed file {rel}", rel=rel)
         found.indexed += 1
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            self.open_sync()
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._conn_lock:
-                self._connections.append(conn)
-        return conn
+    def _conn(self):
+        self.open_sync()
+        return self.db.connection()
 
     def write_sync(self, fn, *args, **kwargs):
         """Run ``fn(conn, *args, **kwargs)`` in one write transaction, durable
@@ -277,23 +270,12 @@ class InstanceStore:
         return self._transaction(False, fn, args, kwargs)
 
     def _transaction(self, durable: bool, fn, args, kwargs):
-        conn = self._conn()
-        with self._write_lock:
-            mode = "FULL" if durable and self.fsync else "NORMAL" if self.fsync else "OFF"
-            if getattr(self._local, "sync_mode", None) != mode:
-                conn.execute(f"PRAGMA synchronous={mode}")
-                self._local.sync_mode = mode
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn, *args, **kwargs)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+        self.open_sync()
+        return self.db.transaction(durable, fn, args, kwargs)
 
     def read_sync(self, fn, *args, **kwargs):
-        return fn(self._conn(), *args, **kwargs)
+        self.open_sync()
+        return self.db.read(fn, args, kwargs)
 
     def run(self, fn, *args, **kwargs) -> defer.Deferred:
         """Run blocking ``fn`` on the store's thread pool."""
@@ -331,10 +313,7 @@ class InstanceStore:
                 pass
         self._stop_pool()  # joins the storage threads: every write has finished
         self._mark_clean()
-        with self._conn_lock:
-            for c in self._connections:
-                c.close()
-            self._connections.clear()
+        self.db.close()
 
     # ------------------------------------------------------------------ layout
 
@@ -444,7 +423,7 @@ class InstanceStore:
 
         try:
             old = self.write_sync(tx)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, StorageFailure) as e:
             # The file is in place without its row: the next start must scan.
             self._dirty = True
             raise StorageFailure(f"index update failed: {e}") from None
