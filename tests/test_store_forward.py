@@ -228,7 +228,11 @@ async def test_queue_survives_restart_and_redelivers_interrupted(new_store, tmp_
     assert [r[1] for r in await rig.rows("pacs")] == [q.PENDING] * 3
     # Simulate a crash in the middle of a delivery, the others waiting out a backoff.
     await rig.store.write(lambda c: c.execute("UPDATE queue SET next_attempt_at=500000"))
-    await rig.store.write(lambda c: c.execute("UPDATE queue SET state='delivering' WHERE id=(SELECT min(id) FROM queue)"))
+    # (leased to this node, as a claim leaves it: on a shared queue a restarted
+    # node takes back its own leases at once, the others' only when they expire)
+    await rig.store.write(lambda c: c.execute("UPDATE queue SET state='delivering', lease_owner=?, "
+                                              "lease_until=900000 WHERE id=(SELECT min(id) FROM queue)",
+                                              (rig.store.node,)))
     await rig.stop()
 
     target = ScriptedTarget()

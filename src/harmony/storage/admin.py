@@ -68,8 +68,10 @@ class QueuesResource(Resource):
         if not segments:
             if method != "GET":
                 raise MethodNotAllowed("use GET")
-            return defer.gatherResults([svc.stats() for svc in self.services]).addCallback(
-                lambda all_stats: {"targets": {t: s for stats in all_stats for t, s in sorted(stats.items())}})
+            # The database down: the last snapshot, and "databases" says why it is stale.
+            return defer.gatherResults([svc.stats().addErrback(lambda f, svc=svc: svc.snapshot)
+                                        for svc in self.services]).addCallback(
+                lambda all_stats: queues_overview(self.services, all_stats))
         target = segments[0]
         svc = self._service_for(target)
         rest = segments[1:]
@@ -108,6 +110,20 @@ class QueuesResource(Resource):
             request.finish()
             return None
         return response.body
+
+
+def queues_overview(services, all_stats) -> dict:
+    """``GET /queues``: every target's counts and lease holders (the cluster's
+    on a shared queue), and this node's view of each store's database."""
+    databases = {}
+    for svc in services:
+        db = getattr(svc.store, "db", None)
+        if db is not None:
+            error = getattr(db, "last_error", None)
+            databases[db.describe()] = {"up": error is None, "error": error, "shared": svc.store.shared}
+    return {"node": services[0].node if services else None,
+            "targets": {t: s for stats in all_stats for t, s in sorted(stats.items())},
+            "databases": databases}
 
 
 def _int_arg(args: dict, key: str, default, minimum, maximum):

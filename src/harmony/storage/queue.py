@@ -100,7 +100,8 @@ def enqueue(conn: sqlite3.Connection, sop_uid: str, targets: list[str], now: flo
 
 
 def recover(conn: sqlite3.Connection, now: float, targets: list[str], node: str | None = None) -> int:
-    """Return *targets*' interrupted deliveries to the queue (start-up only).
+    """Return *targets*' interrupted deliveries to the queue, and lift their
+    pauses (start-up only).
 
     With *node* (a shared database) only that node's own leases are returned:
     the other nodes' deliveries are alive, and a dead node's come back when
@@ -110,9 +111,14 @@ def recover(conn: sqlite3.Connection, now: float, targets: list[str], node: str 
     sql = (f"UPDATE queue SET state='pending', next_attempt_at=?, lease_owner=NULL, lease_until=NULL "
            f"WHERE state='delivering' AND target IN ({marks})")
     args: list = [now, *targets]
+    # A restarted node tries its targets at once, as it always did: its own
+    # "unreachable" pauses go (another node's stay until they expire).
+    pauses = f"UPDATE target_state SET paused_until=NULL WHERE target IN ({marks})"
     if node is not None:
         sql += " AND lease_owner=?"
+        pauses += " AND paused_by=?"
         args.append(node)
+    conn.execute(pauses, [*targets] + ([node] if node is not None else []))
     return conn.execute(sql, args).rowcount
 
 
