@@ -91,7 +91,7 @@ def database_for(request, index_kind: str):
     dsn = request.getfixturevalue("postgres").new_database()
 
     def make(root, **options):
-        options.setdefault("database", PostgresDatabase(dsn, max_connections=options.get("threads", 4)))
+        options.setdefault("database", PostgresDatabase(dsn))
         return InstanceStore(root, **options)
     make.dsn = dsn
     return make

@@ -18,7 +18,7 @@ from __future__ import annotations
 from harmony.config.errors import ConfigErrors, OptionError, Problem
 from harmony.config.loader import STORAGE_BACKENDS, STORAGE_INDEXES
 from harmony.config.options import Options
-from harmony.storage.database import PostgresDatabase, read_password_file
+from harmony.storage.database import SPARE_CONNECTIONS, PostgresDatabase, read_password_file
 from harmony.storage.store import open_store
 
 
@@ -68,5 +68,5 @@ def database_from_options(index: str, opts: Options, threads: int, node: str = "
             password = read_password_file(password_file)
         except OSError as e:
             raise OptionError("password_file", f"cannot read {password_file}: {e.strerror}") from None
-    return PostgresDatabase(dsn, password=password, max_connections=threads,
+    return PostgresDatabase(dsn, password=password, max_connections=threads + SPARE_CONNECTIONS,
                             application_name=f"harmony {node}".strip()[:63])

@@ -39,6 +39,12 @@ SQLITE, POSTGRESQL = "sqlite", "postgresql"
 PG_RETRIES = 4
 #: Pause before a retry after a lost connection (doubled each time).
 PG_RETRY_DELAY = 0.25
+#: Connections a node may hold beyond one per storage thread: a thread that
+#: is not a storage thread (start-up, a command-line tool) must not wait for
+#: a storage thread's slot.
+SPARE_CONNECTIONS = 2
+#: pg_advisory_xact_lock key for schema creation (any constant unlikely to clash).
+SCHEMA_LOCK = 0x4861726D6F6E79  # "Harmony"
 
 
 class IDatabase(Interface):
@@ -178,7 +184,7 @@ class PostgresDatabase:
 
     dialect = POSTGRESQL
 
-    def __init__(self, dsn: str, *, password: str | None = None, max_connections: int = 4,
+    def __init__(self, dsn: str, *, password: str | None = None, max_connections: int = 4 + SPARE_CONNECTIONS,
                  application_name: str = "harmony"):
         self.dsn = dsn
         self.password = password
@@ -313,10 +319,6 @@ class PostgresDatabase:
             except Exception:  # noqa: BLE001
                 pass
             self._slots.release()
-
-
-#: pg_advisory_xact_lock key for schema creation (any constant unlikely to clash).
-SCHEMA_LOCK = 0x4861726D6F6E79  # "Harmony"
 
 
 def read_password_file(path) -> str:
