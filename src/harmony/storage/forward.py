@@ -203,6 +203,7 @@ class StoreForward(Service):
         self._housekeeping = None
         self._stats_loop = None
         self._renew_loop = None
+        self._pruning: defer.Deferred = defer.succeed(None)
         self._ready: defer.Deferred | None = None
 
     # -- lifecycle
@@ -321,6 +322,15 @@ class StoreForward(Service):
         return self.store.write(q.purge, target, states)
 
     def housekeeping(self) -> defer.Deferred:
+        """Apply retention.  Runs one at a time in this node: on a shared queue
+        a pruner that finds another one at work skips its round, which must
+        mean another node, never this node's own previous round."""
+        self._pruning = self._pruning.addBoth(lambda _: self._prune())
+        d = defer.Deferred()
+        self._pruning.addBoth(lambda r: (d.callback(r), r)[1])
+        return d
+
+    def _prune(self) -> defer.Deferred:
         now = self.now()
         delivered_before = now - self.delivered_retention if self.delivered_retention else None
         dead_before = now - self.dead_retention if self.dead_retention else None
