@@ -30,7 +30,7 @@ from functools import lru_cache
 from zope.interface import Attribute, Interface, implementer
 
 from harmony.log import get_logger
-from harmony.storage.errors import StorageFailure
+from harmony.storage.errors import DatabaseUnavailable, StorageFailure
 
 log = get_logger("harmony.storage.database")
 
@@ -223,7 +223,7 @@ class PostgresDatabase:
             self._forget(conn)
         self._reap()
         if not self._slots.acquire(timeout=60):
-            raise StorageFailure("no PostgreSQL connection free (pool exhausted)")
+            raise DatabaseUnavailable("no PostgreSQL connection free (pool exhausted)")
         try:
             conn = self._connect()
         except BaseException:
@@ -303,7 +303,7 @@ class PostgresDatabase:
                              error=str(e).strip()[:300])
                 self.last_error = str(e).strip()[:300] or type(e).__name__
                 if attempt == PG_RETRIES or self.closed:
-                    raise StorageFailure(f"the database is unreachable: {self.last_error}") from None
+                    raise DatabaseUnavailable(f"the database is unreachable: {self.last_error}") from None
                 time.sleep(delay)  # a retry pause on a storage thread, never the reactor
                 delay *= 2
             except psycopg.Error as e:

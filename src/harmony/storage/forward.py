@@ -283,11 +283,14 @@ class StoreForward(Service):
         return self.store.read(read, self.now()).addCallback(refreshed)
 
     def _renew_leases(self):
-        """Heartbeat: extend this node's leases on the rows it is delivering."""
+        """Heartbeat: extend this node's leases on the rows it is delivering,
+        and give back the ones it holds but no longer delivers."""
         ids = [row_id for drainer in self.drainers.values() for row_id in drainer.in_flight]
-        if not ids:
-            return None
-        d = self.store.bookkeep(q.renew, ids, self.node, self.now() + self.lease)
+        now = self.now()
+        # Rows this node claimed but is not delivering (their outcome could not
+        # be recorded) go back at once; a claim of the last moments may not be
+        # in flight yet, hence the grace.
+        d = self.store.bookkeep(q.renew, ids, self.node, now + self.lease, now, self.lease / 3.0)
         return d.addErrback(lambda f: log.warn("store_forward: cannot renew leases ({error}); other nodes take "
                                                "the rows over when they expire", error=f.getErrorMessage()))
 

@@ -184,13 +184,26 @@ def claim(conn: sqlite3.Connection, target: str, order: str, limit: int, now: fl
     return rows, None
 
 
-def renew(conn: sqlite3.Connection, ids: list[int], node: str, until: float) -> int:
-    """Extend *node*'s leases on rows it is still delivering (a heartbeat)."""
-    if not ids:
-        return 0
-    marks = ",".join("?" * len(ids))
-    return conn.execute(f"UPDATE queue SET lease_until=? WHERE state='delivering' AND lease_owner=? "
-                        f"AND id IN ({marks})", (until, node, *ids)).rowcount
+def renew(conn: sqlite3.Connection, ids: list[int], node: str, until: float, now: float | None = None,
+          grace: float = 0.0) -> int:
+    """Extend *node*'s leases on the rows it is still delivering (a heartbeat).
+
+    With *now*, the node's other leases - rows it claimed at least *grace*
+    seconds ago but no longer delivers, because recording the outcome failed
+    (the database was away) - go back to pending at once rather than when
+    their lease expires.  Returns how many leases were renewed.
+    """
+    renewed = 0
+    if ids:
+        marks = ",".join("?" * len(ids))
+        renewed = conn.execute(f"UPDATE queue SET lease_until=? WHERE state='delivering' AND lease_owner=? "
+                               f"AND id IN ({marks})", (until, node, *ids)).rowcount
+    if now is not None:
+        keep = f" AND id NOT IN ({','.join('?' * len(ids))})" if ids else ""
+        conn.execute("UPDATE queue SET state='pending', next_attempt_at=?, lease_owner=NULL, lease_until=NULL "
+                     "WHERE state='delivering' AND lease_owner=? AND last_attempt_at < ?" + keep,
+                     (now, node, now - grace, *ids))
+    return renewed
 
 
 def pause(conn: sqlite3.Connection, target: str, until: float, node: str, error: str, now: float) -> None:

@@ -48,7 +48,7 @@ from harmony.log import get_logger
 from harmony.storage import index as idx
 from harmony.storage import queue as q
 from harmony.storage.database import SQLITE, SqliteDatabase
-from harmony.storage.errors import InvalidInstance, StorageFailure, StorageFull
+from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
 from harmony.storage.query import (IMAGE, STUDY_ROOT, attrs_from_dataset, levels_for, query_keys, record_matches,
                                    response_json)
@@ -423,8 +423,11 @@ class InstanceStore:
 
         try:
             old = self.write_sync(tx)
-        except (sqlite3.Error, StorageFailure) as e:
+        except DatabaseUnavailable:
             # The file is in place without its row: the next start must scan.
+            self._dirty = True
+            raise
+        except (sqlite3.Error, StorageFailure) as e:
             self._dirty = True
             raise StorageFailure(f"index update failed: {e}") from None
         if old:
