@@ -1,10 +1,15 @@
-"""The durable instance store: files in a UID-based layout plus a sqlite index.
+"""The durable instance store: files in a UID-based layout plus an index database.
 
     <root>/instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     <root>/tmp/          temp files (same filesystem, so the final rename is atomic)
     <root>/index.sqlite  index + store-and-forward queue (WAL, synchronous=FULL)
     <root>/opened-at     when the store was last opened (its mtime and content)
     <root>/clean-shutdown  present only while the store is closed cleanly
+
+With ``[storage] index = "postgresql"`` the index and queue live in the shared
+PostgreSQL instead (:mod:`harmony.storage.database`), and temp files and
+markers are per node (``tmp/<node>/``, ``clean-shutdown.<node>``) so nodes
+sharing the folder never clear each other's work in progress.
 
 An instance is *durable* once :meth:`InstanceStore.put_file_sync` returns: the
 file was fsynced, renamed into place, its folder fsynced, and the index row
@@ -101,6 +106,13 @@ class InstanceStore:
         self.shared = self.db.dialect != SQLITE
         #: This node's name on the queue's leases (``[storage.options] node``).
         self.node = node or socket.gethostname()
+        if self.shared:
+            # Nodes may share the folder (NFS): each clears and marks only its own.
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.node)
+            self.tmp_dir = self.root / "tmp" / safe
+            self._markers = (f"{CLEAN_MARKER}.{safe}", f"{OPENED_MARKER}.{safe}")
+        else:
+            self._markers = (CLEAN_MARKER, OPENED_MARKER)
         self._conn_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
@@ -129,7 +141,7 @@ class InstanceStore:
         with self._conn_lock:
             if self._opened:
                 return
-            for d in (self.root, self.instances_dir, self.tmp_dir):
+            for d in (self.root, self.instances_dir, self.tmp_dir.parent, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
             left = clear_temp(self.tmp_dir)
             if left:
@@ -149,8 +161,8 @@ class InstanceStore:
     def _mark_opened(self) -> tuple:
         """Consume the clean-shutdown marker and stamp this open; returns the
         ``(reason, since)`` the recovery scan needs."""
-        clean = self.root / CLEAN_MARKER
-        opened = self.root / OPENED_MARKER
+        clean = self.root / self._markers[0]
+        opened = self.root / self._markers[1]
         if clean.exists():
             reason, since = "clean", None
         else:
@@ -178,7 +190,7 @@ class InstanceStore:
         if not self._opened or self._dirty:
             return
         try:
-            marker = self.root / CLEAN_MARKER
+            marker = self.root / self._markers[0]
             marker.write_text(f"{time.time()}\n")
             if self.fsync:
                 fsync_file(marker)
