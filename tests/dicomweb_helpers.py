@@ -109,6 +109,40 @@ type = "dicomweb_bridge"
 """
 
 
+#: TOML: Harmony's own archive as backend ``archive`` (storage under the config's folder).
+ARCHIVE_BACKEND = """
+[storage.options]
+path = "store"
+min_free_mb = 0
+
+[backends.archive]
+service = "local_archive"
+"""
+
+
+def dicomweb_proxy_pipeline(name: str, prefix: str, base_url: str, endpoint_options: str = "",
+                            backend_options: str = "") -> str:
+    """TOML: pipeline *name* = ``dicomweb`` endpoint ``{name}_web`` at *prefix* ->
+    ``dicomweb`` backend *name* forwarding to *base_url* (extra option lines for either)."""
+    return f"""
+[pipelines.{name}]
+networks = ["default"]
+endpoints = ["{name}_web"]
+backends = ["{name}"]
+
+[endpoints.{name}_web]
+service = "dicomweb"
+[endpoints.{name}_web.options]
+path_prefix = "{prefix}"
+{endpoint_options}
+[backends.{name}]
+service = "dicomweb"
+[backends.{name}.options]
+base_url = "{base_url}"
+{backend_options}
+"""
+
+
 def assert_wado_equal(proxy, native, corpus, inst):
     """Blocking: WADO-RS instance, series and study of *inst* from *proxy* equal
     *native*'s (Orthanc's plugin) answers, as stored (transfer-syntax=*)."""

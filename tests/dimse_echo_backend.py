@@ -3,7 +3,7 @@ status of the target the pool chose.  It shows how a DIMSE backend adopts
 harmony.targets in a few lines (see docs/targets.md) and lets the tests drive
 failover between two real DIMSE peers (Orthanc and DCMTK dcmqrscp)."""
 
-from twisted.internet.threads import deferToThread
+from twisted.internet import defer, reactor
 
 from harmony.backends.base import Backend
 from harmony.envelope import ResponseEnvelope
@@ -30,7 +30,7 @@ class EchoScuBackend(Backend):
             f.trap(EchoFailed)
             raise BackendUnavailable(f"C-ECHO to {target.name} failed: {f.getErrorMessage()}")
 
-        d = deferToThread(echo, target.host, target.port, target.aet, "HARMONY", 5)
+        d = defer.ensureDeferred(echo(reactor, target.host, target.port, target.aet, "HARMONY", 5))
         return d.addCallbacks(lambda status: ResponseEnvelope.json(200, {"target": target.name, "status": status}),
                               failed)
 

@@ -17,6 +17,7 @@ exactly what the proxy sent.
 
 from __future__ import annotations
 
+import gzip
 import json
 from email.utils import formatdate
 from urllib.parse import parse_qsl
@@ -46,6 +47,10 @@ class FhirServer(Resource):
         self.pages: dict[str, list] = {}
         self.next_id = 1
         self.clock = 1_700_000_000
+        #: "asked": gzip answers when the request accepts gzip (what servers
+        #: behind nginx do); "always": whatever the request said (servers
+        #: that ignore Accept-Encoding exist); None: never.
+        self.gzip = None
 
     # -------------------------------------------------------------- helpers
 
@@ -69,7 +74,12 @@ class FhirServer(Resource):
         if doc is None:
             return b""
         request.setHeader(b"content-type", FHIR_JSON)
-        return json.dumps(doc).encode()
+        body = json.dumps(doc).encode()
+        accepted = b"gzip" in b",".join(request.requestHeaders.getRawHeaders(b"accept-encoding", []))
+        if self.gzip == "always" or (self.gzip == "asked" and accepted):
+            request.setHeader(b"content-encoding", b"gzip")
+            body = gzip.compress(body)
+        return body
 
     def _version_headers(self, res):
         return {b"etag": f'W/"{res["meta"]["versionId"]}"'.encode(),

@@ -61,6 +61,16 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def merge_config(config: dict, extra: dict) -> dict:
+    """Merge *extra* into *config* in place: nested tables key by key, other values replaced."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            merge_config(config[key], value)
+        else:
+            config[key] = value
+    return config
+
+
 class PeerProcess:
     """A peer run as a child process (``proc``) writing to ``log``, both set by ``start``."""
 
@@ -83,9 +93,14 @@ class PeerProcess:
 class Orthanc(PeerProcess):
     """An Orthanc process with the DICOMweb plugin and its own storage folder."""
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None):
+    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None,
+                 extra_config: dict | None = None):
         self.folder = Path(folder)
         self.aet = aet
+        #: Merged into the generated configuration (tables merged key by key,
+        #: anything else replaced), e.g. ``{"HttpCompressionEnabled": True}`` or
+        #: ``{"DicomWeb": {"Servers": {"harmony": [url]}}}``.
+        self.extra_config = extra_config or {}
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities = modalities or {}
@@ -124,6 +139,7 @@ class Orthanc(PeerProcess):
             "HttpCompressionEnabled": False,
             "SaveJobs": False,
         }
+        merge_config(config, self.extra_config)
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config))
         self.log = open(self.folder / "orthanc.log", "wb")

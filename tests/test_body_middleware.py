@@ -2,6 +2,7 @@
 Harmony, with real HTTP upstreams on loopback: the statuses, bodies and
 Content-Length the client and the upstream actually see."""
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -269,14 +270,23 @@ async def test_transform_large_streamed_response_and_cap(tmp_path, upstream):
     upstream.respond[b"/Patient"] = (200, {b"content-type": b"application/fhir+json"}, bundle)
     upstream.respond[b"/huge"] = (200, {b"content-type": b"application/json"}, bundle * 4)
     try:
-        resp = await treq.get(running.url("/api/Patient"))
-        got = await resp.content()
+        # A client that asks for nothing gets the transformed body plain, its length fixed.
+        from twisted.internet import reactor
+        from twisted.web.client import Agent
+        from twisted.web.http_headers import Headers
+        resp = await Agent(reactor).request(b"GET", running.url("/api/Patient").encode())
+        got = await treq.content(resp)
         doc = json.loads(got)
         assert doc["count"] == 5000 and doc["patients"][4999] == {"id": "p4999", "family": "F4999",
                                                                    "given": "G", "born": "2000-01-01"}
         assert content_length(resp) == len(got)
+        # A remote one (via a local proxy) that accepts gzip gets it compressed.
+        resp = await Agent(reactor).request(b"GET", running.url("/api/Patient").encode(),
+                                            Headers({"Accept-Encoding": ["gzip"], "X-Forwarded-For": ["198.51.100.7"]}))
+        assert resp.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
+        assert gzip.decompress(await treq.content(resp)) == got
         # A document this size is transformed on the thread pool, not the reactor thread.
-        assert running.service.runtime.middleware["t"].offloaded == 1
+        assert running.service.runtime.middleware["t"].offloaded == 2
         resp = await treq.get(running.url("/api/huge"))
         assert resp.code == 500 and "max_body_bytes" in (await problem(resp))["detail"]
     finally:
@@ -302,7 +312,7 @@ async def test_transform_gzip_bodies(tmp_path, upstream):
         sent = upstream.requests[-1]
         assert json.loads(sent["body"]) == PATIENT_OUT  # request side: inflated, transformed, sent plain
         assert b"content-encoding" not in sent["headers"]
-        assert b"accept-encoding" not in sent["headers"]  # upstream asked for a plain body
+        assert sent["headers"][b"accept-encoding"] == [b"identity"]  # upstream asked for a plain body
         resp = await treq.get(running.url("/api/bomb"))
         assert resp.code == 500 and "exceeds 100000 bytes" in (await problem(resp))["detail"]
         resp = await treq.get(running.url("/api/br"))

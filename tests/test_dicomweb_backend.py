@@ -42,6 +42,7 @@ backends = ["scratch"]
 service = "dicomweb"
 [endpoints.store.options]
 path_prefix = "/store"
+empty_search_status = 204
 
 [backends.scratch]
 service = "dicomweb"
@@ -178,10 +179,20 @@ async def test_forwarded_headers_shape_urls(harmony):
 
 
 @pytest_twisted.ensureDeferred
-async def test_empty_search_is_204_per_current_ps318(harmony, proxy):
+async def test_empty_search_is_200_with_an_empty_array_by_default(harmony, proxy):
+    # Orthanc's own DICOMweb client reads 204 as "Bad file format" (issue 12, defect 8).
     resp = await treq.get(harmony.url("/dicomweb/studies?PatientID=NOBODY"))
-    assert resp.code == 204 and await resp.content() == b""
+    assert resp.code == 200 and await resp.content() == b"[]"
     assert await in_thread(proxy.search_for_studies, search_filters={"PatientID": "NOBODY"}) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_search_status_204_is_an_option(harmony):
+    resp = await treq.get(harmony.url("/store/studies?PatientID=NOBODY"))
+    assert resp.code == 204 and await resp.content() == b""
+    assert not resp.headers.hasHeader("content-type")
+    assert await in_thread(client(harmony.url("/store")).search_for_studies,
+                           search_filters={"PatientID": "NOBODY"}) == []
 
 
 @pytest_twisted.ensureDeferred

@@ -160,6 +160,13 @@ def test_stow_content_types():
         stow_boundary('multipart/related; type="application/dicom+json"; boundary=x')
     with pytest.raises(BadRequest):
         stow_boundary('multipart/related; type="application/dicom"')
+    # Orthanc 1.10's STOW-RS client: "<uuid>-<uuid>", 73 characters (RFC 2046 says 70).
+    orthanc = "3b5a8e2c-6f0e-4a7b-9d1e-0c2f4e6a8b10-8d1f2e3c-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
+    assert len(orthanc) == 73
+    assert stow_boundary(f'multipart/related; type="application/dicom"; boundary={orthanc}') == orthanc
+    assert stow_boundary("multipart/related; boundary=" + "b" * 200) == "b" * 200
+    with pytest.raises(BadRequest):
+        stow_boundary("multipart/related; boundary=" + "b" * 201)
 
 
 # ---------------------------------------------------------------- through a pipeline

@@ -143,6 +143,46 @@ async def test_search_paging_works_through_the_proxy(harmony, fhir_server):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("server_gzip", ["always", "asked"])
+async def test_compressed_searchsets_are_rewritten_and_compressed_again(harmony, fhir_server, server_gzip):
+    """python requests sends Accept-Encoding: gzip.  The backend asks the server
+    for identity; one that compresses anyway is decoded while the URLs are
+    rewritten, and the rewritten Bundle goes to the client gzipped again."""
+    import requests
+    from twisted.internet.threads import deferToThread
+    for i in range(4, 30):
+        fhir_server.seed("Patient", f"p{i}", name=[{"family": "Doe", "given": [f"G{i}"]}])
+    fhir_server.gzip = server_gzip
+    resp = await deferToThread(requests.get, harmony.url("/fhir/Patient?name=Do&_count=20"), timeout=30,
+                               headers={"X-Forwarded-For": "198.51.100.7"})  # a remote client via a local proxy
+    assert resp.status_code == 200
+    assert fhir_server.requests[-1]["headers"][b"accept-encoding"] == [b"identity"]
+    assert resp.headers["content-encoding"] == "gzip" and "Accept-Encoding" in resp.headers["vary"]
+    page = resp.json()
+    Bundle.model_validate(page)
+    assert len(page["entry"]) == 20
+    assert all(e["fullUrl"].startswith(base_of(harmony) + "/Patient/") for e in page["entry"])
+    assert {link["relation"]: link["url"] for link in page["link"]}["next"].startswith(base_of(harmony) + "?")
+    # A client that asks for nothing gets it plain.
+    resp = await deferToThread(requests.get, harmony.url("/fhir/Patient?name=Do&_count=20"), timeout=30,
+                               headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in resp.headers and resp.json()["entry"][0]["fullUrl"].startswith(base_of(harmony))
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_gzip_from_the_server_is_a_cut_body_not_a_rewritten_one(harmony, fhir_server):
+    fhir_server.respond[b"/fhir/Patient/bad"] = (200, {b"content-type": b"application/fhir+json",
+                                                     b"content-encoding": b"gzip"}, b"this is not gzip" * 100)
+    from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+    # The body streams (it is rewritten as it arrives), so the answer was
+    # committed before the bad bytes were seen: the connection is cut, and the
+    # client never takes a truncated or garbled Bundle for a whole one.
+    with pytest.raises((ResponseNeverReceived, ResponseFailed)):
+        resp = await treq.get(harmony.url("/fhir/Patient/bad"), headers={"Accept-Encoding": ["identity"]})
+        await resp.content()
+
+
+@pytest_twisted.ensureDeferred
 async def test_search_parameters_kept_exactly(harmony, fhir_server):
     raw = ("/fhir/Observation?subject:Patient.name:exact=Doe&code=http%3A%2F%2Floinc.org%7C8867-4"
            "&_include=Observation:subject&date=ge2020&date=lt2021&_revinclude:iterate=Provenance:target"
@@ -210,6 +250,22 @@ async def test_create_conditional_create_prefer_and_location(harmony, fhir_serve
                            headers={"If-None-Exist": "name:exact=Roe", "Content-Type": "application/fhir+json"})
     assert resp.code == 200 and (await fhir_json(resp))["id"] == "n1"
     assert fhir_server.requests[-1]["headers"][b"if-none-exist"] == [b"name:exact=Roe"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_with_a_gzip_body_and_refused_codings(harmony, fhir_server):
+    import gzip
+    patient = {"resourceType": "Patient", "name": [{"family": "Gzipped"}]}
+    resp = await treq.post(harmony.url("/fhir/Patient"), gzip.compress(json.dumps(patient).encode()),
+                           headers={"Content-Type": "application/fhir+json", "Content-Encoding": "gzip"})
+    assert resp.code == 201, await resp.content()
+    sent = fhir_server.requests[-1]
+    assert json.loads(sent["body"]) == patient and b"content-encoding" not in sent["headers"]
+    for coding, body, status in (("br", b"\x0b", 415), ("gzip", b"not gzip", 400),
+                                 ("gzip", gzip.compress(b" " * 20_000_000), 413)):
+        resp = await treq.post(harmony.url("/fhir/Patient"), body,
+                               headers={"Content-Type": "application/fhir+json", "Content-Encoding": coding})
+        await outcome(resp, status)
 
 
 @pytest_twisted.ensureDeferred

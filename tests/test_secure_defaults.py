@@ -28,6 +28,6 @@ async def test_dicom_scp_binds_all_interfaces_by_default_as_harmony_does(tmp_pat
     running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"scp": SCP.format(port=port)}))
     try:
         scp = running.service.runtime.endpoints["scp"]
-        assert scp.server.server_address == ("0.0.0.0", port)
+        assert scp.bound_address == ("0.0.0.0", port)
     finally:
         await running.stop()

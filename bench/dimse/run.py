@@ -19,6 +19,7 @@ Harmony runs as its own twistd process, as in production.  Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import signal
@@ -34,11 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from pydicom.dataset import Dataset  # noqa: E402
-from pynetdicom import AE  # noqa: E402
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification  # noqa: E402
 
-from harmony.dicom import net  # noqa: E402
 from tests.dicom_data import make_corpus, make_instance, save, uid  # noqa: E402
 from tests.peers import DCMTK, Orthanc, Storescp, free_port, peer_env, port_open, wait_for  # noqa: E402
 
@@ -122,34 +119,12 @@ def rss_mb(pid: int) -> float:
 
 
 def latencies(port: int, aet: str, n_echo: int, n_find: int) -> dict:
-    ae = AE(ae_title="BENCH")
-    ae.add_requested_context(Verification)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title=aet, evt_handlers=net.NODELAY_HANDLERS, max_pdu=0)
-    assert assoc.is_established, f"cannot associate with {aet}"
-    ident = Dataset()
-    ident.QueryRetrieveLevel = "STUDY"
-    ident.StudyInstanceUID = ""
-    ident.PatientID = ""
-    ident.StudyDate = ""
-    echo, find, matches = [], [], 0
-    try:
-        for _ in range(n_echo):
-            t = time.perf_counter()
-            st = assoc.send_c_echo()
-            assert st and st.Status == 0, (st, assoc.is_established, assoc.is_aborted, assoc.is_released)
-            echo.append(time.perf_counter() - t)
-        for _ in range(n_find):
-            t = time.perf_counter()
-            n = 0
-            for status, _ in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
-                assert status and status.Status in (0, 0xFF00, 0xFF01), status
-                n += status.Status != 0
-            find.append(time.perf_counter() - t)
-            matches = n
-    finally:
-        assoc.release()
-    return {"echo": echo, "find": find, "matches": matches}
+    """C-ECHO and C-FIND round trips on one association (bench/dimse/client.py)."""
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("client.py")), str(port), aet,
+                          str(n_echo), str(n_find)], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"latency client against {aet} failed: {out.stderr[-1000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def ms(values) -> str:

@@ -1,18 +1,21 @@
-"""``dicom_scu`` backend: a DICOM SCU (pynetdicom) in front of a PACS.
+"""``dicom_scu`` backend: a DICOM SCU in front of one or more PACS.
 
 It performs the operation a request names in ``metadata["dimse_op"]``
 (C-ECHO, C-FIND, C-GET, C-MOVE, C-STORE) and answers, following
 :mod:`harmony.dicom.results`, with a :class:`ResultStream` in
 ``response.context["dicom_results"]`` that is fed *as the PACS answers*: C-FIND
-matches as pynetdicom yields them, retrieved instances as files the moment each
-sub-operation lands.  The response body renders the same stream for HTTP
-clients (DICOM JSON array, or multipart/related of application/dicom).
+matches as their pending responses arrive, retrieved instances as files the
+moment each sub-operation lands.  The response body renders the same stream
+for HTTP clients (DICOM JSON array, or multipart/related of application/dicom).
 
-pynetdicom is blocking, so every association runs in this backend's own thread
-pool (sized by ``max_concurrency``: each thread holds one association, and the
-reactor's shared pool must stay free for DNS and other users).  Results cross
-back with ``reactor.callFromThread``.  The response fires once the association
-is up and the first result (or the final status) is in, so a PACS that is down,
+Associations are carried by the reactor (:mod:`harmony.dicom.ul`): no thread
+per association, no polling.  The PACS are targets of a
+:class:`~harmony.targets.TargetPool` like every HTTP-family backend's: a
+strategy chooses one, C-ECHO health checks and a circuit breaker keep broken
+ones out, and idempotent operations (C-ECHO, C-FIND, C-GET) are retried on the
+next target when an association cannot be had.  Established associations are
+pooled per target and reused.  The response fires once the association is up
+and the first result (or the final status) is in, so a PACS that is down,
 refuses or stalls gives 502/504 quickly instead of a response that never ends.
 """
 
@@ -20,142 +23,52 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
-from twisted.internet import defer, threads
+from pynetdicom import AllStoragePresentationContexts, build_context
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
 from harmony.config.errors import OptionError
-from harmony.dicom import net
+from harmony.dicom import blocking, net
 from harmony.dicom.dicomjson import identifier_from_json, query_level
 from harmony.dicom.files import Staging, read_instance
 from harmony.dicom.render import ResultBodyProducer
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, OPERATIONS, DicomInstance, ResultStream
+from harmony.dicom.ul import commands, datasets, storage
+from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
+from harmony.dicom.ul.association import ESTABLISHED, AssociationAborted, AssociationRejected
+from harmony.dicom.ul.requestor import RequestorSettings, associate
+from harmony.dicom.ul.tls import client_options
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BackendTimeout, BackendUnavailable, BadRequest, HarmonyError
 from harmony.log import get_logger
+from harmony.targets import TargetPool
 
 log = get_logger("harmony.backends.dicom_scu")
 
 STORE_BODY_LIMIT = 2 * 1024 * 1024 * 1024
-
-
-class Peer:
-    def __init__(self, name, aet, host, port):
-        self.name, self.aet, self.host, self.port = name, aet, host, port
-
-    def __repr__(self):
-        return f"{self.aet}@{self.host}:{self.port}"
-
-
-class AssociationPool:
-    """Idle associations to reuse, one AE for all of them.
-
-    Every association proposes the same contexts (verification, Q/R in both
-    roots, storage with the SCP role for C-GET), so any idle one can serve any
-    operation.  Runs in worker threads; ``lock`` guards the idle list.
-    """
-
-    def __init__(self, ae, peers, *, max_pdu, tls_context=None, max_idle=4, idle_secs=15.0):
-        self.ae = ae
-        self.peers = peers
-        self.max_pdu = max_pdu
-        self.tls_context = tls_context
-        self.max_idle = max_idle
-        self.idle_secs = idle_secs
-        self.contexts = net.requestor_contexts()
-        self.roles = net.storage_roles(self.contexts)
-        self.lock = threading.Lock()
-        self.idle: list = []
-
-    def acquire(self):
-        stale = []
-        with self.lock:
-            now = time.monotonic()
-            found = None
-            while self.idle:
-                assoc, since = self.idle.pop()
-                if assoc.is_established and now - since < self.idle_secs:
-                    found = assoc
-                    break
-                stale.append(assoc)
-        for assoc in stale:
-            _close(assoc)
-        if found is not None:
-            net.set_busy(found, True)
-            return found, True
-        return self.connect(), False
-
-    def connect(self, contexts=None):
-        """A new association (to the first peer that accepts one); *contexts*
-        replaces the standard set for a one-off association."""
-        last: HarmonyError = BackendUnavailable("no PACS configured")
-        for peer in self.peers:
-            started = time.monotonic()
-            tls = (self.tls_context, peer.host) if self.tls_context is not None else None
-            assoc = self.ae.associate(peer.host, peer.port, contexts or self.contexts, ae_title=peer.aet,
-                                      max_pdu=self.max_pdu, ext_neg=None if contexts else self.roles,
-                                      tls_args=tls, evt_handlers=net.NODELAY_HANDLERS)
-            if assoc.is_established:
-                return assoc
-            elapsed = time.monotonic() - started
-            if assoc.is_rejected:
-                last = BackendUnavailable(f"PACS {peer.aet} rejected the association")
-            elif elapsed >= min(t for t in (self.ae.connection_timeout, self.ae.acse_timeout) if t) * 0.9:
-                last = BackendTimeout(f"PACS {peer.aet} did not accept an association in time")
-            else:
-                last = BackendUnavailable(f"PACS {peer.aet} could not be reached")
-            log.warn("dicom_scu: association to {peer} failed: {detail}", peer=repr(peer), detail=last.detail)
-        raise last
-
-    def give_back(self, assoc, reusable: bool):
-        if reusable and assoc.is_established:
-            net.set_busy(assoc, False)
-            with self.lock:
-                if len(self.idle) < self.max_idle:
-                    self.idle.append((assoc, time.monotonic()))
-                    return
-        _close(assoc)
-
-    def close_all(self):
-        with self.lock:
-            idle, self.idle = self.idle, []
-        for assoc, _ in idle:
-            _close(assoc)
-
-
-def _close(assoc):
-    try:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-    except Exception:  # noqa: BLE001 - closing a dead association may complain; it is gone either way
-        pass
+#: Largest maximum PDU we advertise (0 in the config means this).
+MAX_PDU_LIMIT = 16 * 1024 * 1024
 
 
 class Job:
-    """One operation in flight: the stream it feeds and the readiness signal.
+    """One operation in flight: the stream it feeds and the readiness signal (all on the reactor)."""
 
-    Methods without ``_thread`` run on the reactor; workers call the
-    ``*_thread`` variants, which hop over with ``callFromThread``.
-    """
-
-    def __init__(self, reactor, op, request):
-        self.reactor = reactor
+    def __init__(self, op, request):
         self.op = op
         self.request = request
-        self.cancel_event = threading.Event()
-        self.stream = ResultStream(on_cancel=self.cancel_event.set)
+        self.cancel_requested = defer.Deferred()
+        self.stream = ResultStream(on_cancel=self._on_cancel)
         self.ready: defer.Deferred = defer.Deferred()
         self.items = 0
 
-    # reactor side
+    def _on_cancel(self):
+        if not self.cancel_requested.called:
+            self.cancel_requested.callback(None)
+
     def put(self, item):
         self.items += 1
         if self.stream.cancelled and isinstance(item, DicomInstance):
@@ -164,8 +77,11 @@ class Job:
         self.stream.put(item)
         self._ready()
 
-    def counts(self, remaining, completed, failed, warning):
-        self.stream.set_counts(remaining, completed, failed, warning)
+    def counts(self, command: dict):
+        self.stream.set_counts(command.get("NumberOfRemainingSuboperations"),
+                               command.get("NumberOfCompletedSuboperations") or 0,
+                               command.get("NumberOfFailedSuboperations") or 0,
+                               command.get("NumberOfWarningSuboperations") or 0)
 
     def finish(self, status, comment=None, failed_uids=()):
         self.stream.failed_sop_uids.extend(failed_uids)
@@ -179,69 +95,180 @@ class Job:
     def failed(self, failure):
         if not self.ready.called:
             self.ready.errback(failure)
-        else:
+        elif not self.stream.done:
             err = failure.value
             status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(err, BackendTimeout) else net.UNABLE_TO_PROCESS_BACKEND
             self.stream.finish(status, str(err))
 
-    # worker side
-    def put_thread(self, item):
-        self.reactor.callFromThread(self.put, item)
 
-    def counts_thread(self, status_ds):
-        self.reactor.callFromThread(self.counts, *suboperation_counts(status_ds))
+class _Receiver:
+    """The association handler of an SCU association: C-STORE sub-operations of a C-GET
+    (or C-MOVE arrivals on the incoming store listener) land here as staged files."""
 
-    def finish_thread(self, status, comment=None, failed_uids=()):
-        self.reactor.callFromThread(self.finish, status, comment, list(failed_uids))
+    def __init__(self, backend, job_for):
+        self.backend = backend
+        self.job_for = job_for
+
+    def association_established(self, assoc):
+        pass
+
+    def association_closed(self, assoc):
+        pass
+
+    def dataset_sink(self, assoc, context_id, command):
+        if command["CommandField"] != commands.C_STORE_RQ:
+            return datasets.MemorySink()
+        staging = self.backend.staging.ensure()
+        return datasets.PartTenSink(staging.new_path(), command, str(assoc.contexts[context_id].transfer_syntax[0]),
+                                    STORE_BODY_LIMIT, source_aet=assoc.calling_aet)
+
+    def on_request(self, assoc, message):
+        command = message.command
+        if message.field == commands.C_ECHO_RQ:
+            assoc.send(message.context_id, {"AffectedSOPClassUID": command["AffectedSOPClassUID"],
+                                            "CommandField": commands.C_ECHO_RSP, "Status": net.SUCCESS,
+                                            "MessageIDBeingRespondedTo": message.message_id})
+            return
+        if message.field != commands.C_STORE_RQ:
+            assoc.abort("unexpected request on an SCU association")
+            return
+        defer.ensureDeferred(self._store(assoc, message))
+
+    async def _store(self, assoc, message):
+        command = message.command
+        status = net.SUCCESS
+        job = self.job_for(assoc, command)
+        path = message.dataset
+        if job is None:
+            log.warn("dicom_scu {name}: refused a C-STORE that belongs to no retrieve", name=self.backend.name)
+            status = net.STORE_REFUSED_NOT_AUTHORISED
+            _unlink(path)
+        else:
+            try:
+                instance = await blocking.run(self.backend.reactor, read_instance, path, True)
+                job.put(instance)
+            except OSError as e:
+                log.error("dicom_scu {name}: cannot stage a received instance: {error}", name=self.backend.name,
+                          error=str(e))
+                status = net.STORE_OUT_OF_RESOURCES
+                _unlink(path)
+            except Exception as e:  # noqa: BLE001 - a corrupt dataset fails this sub-operation, not the backend
+                log.warn("dicom_scu {name}: received an unreadable instance: {error}", name=self.backend.name,
+                         error=str(e))
+                status = net.STORE_CANNOT_UNDERSTAND
+                _unlink(path)
+        if assoc.state == ESTABLISHED:
+            await assoc.send(message.context_id, {
+                "AffectedSOPClassUID": command.get("AffectedSOPClassUID"), "CommandField": commands.C_STORE_RSP,
+                "MessageIDBeingRespondedTo": message.message_id, "Status": status,
+                "AffectedSOPInstanceUID": command.get("AffectedSOPInstanceUID")})
 
 
-def suboperation_counts(status_ds):
-    get = status_ds.get
-    return (get("NumberOfRemainingSuboperations"), get("NumberOfCompletedSuboperations") or 0,
-            get("NumberOfFailedSuboperations") or 0, get("NumberOfWarningSuboperations") or 0)
+class AssociationPool:
+    """Established associations per target, reused while idle for less than *idle_secs*.
+
+    Every pooled association proposes the same contexts (verification, Q/R in
+    both roots, storage with the SCP role for C-GET), so any idle one can serve
+    any operation.  ``max_concurrency`` caps associations in use at once.
+    """
+
+    def __init__(self, backend, *, max_idle=4, idle_secs=15.0, max_concurrency=8):
+        self.backend = backend
+        self.max_idle = max_idle
+        self.idle_secs = idle_secs
+        self.limit = defer.DeferredSemaphore(max_concurrency)
+        self.contexts = net.requestor_contexts()
+        self.roles = net.storage_roles(self.contexts)
+        self.idle: dict[str, list] = {}
+
+    def take_idle(self, target):
+        idle = self.idle.get(target.name, [])
+        now = time.monotonic()
+        while idle:
+            assoc, since = idle.pop()
+            if assoc.state == ESTABLISHED and now - since < self.idle_secs:
+                return assoc
+            assoc.release()
+        return None
+
+    async def connect(self, target, contexts=None, roles=None):
+        backend = self.backend
+        try:
+            return await associate(backend.reactor, target.host, target.port, backend.settings, target.aet,
+                                   contexts or self.contexts, handler=_Receiver(backend, backend.job_for),
+                                   tls_context=backend.tls_for(target),
+                                   extra_items=self.roles if contexts is None else (roles or ()))
+        except AssociationRejected:
+            raise BackendUnavailable(f"PACS {target.aet} rejected the association") from None
+        except (defer.TimeoutError, TimeoutError):
+            raise BackendTimeout(f"PACS {target.aet} did not accept an association in time") from None
+        except AssociationAborted as e:
+            if "ACSE timeout" in str(e):
+                raise BackendTimeout(f"PACS {target.aet} did not accept an association in time") from None
+            raise BackendUnavailable(f"PACS {target.aet} aborted the association") from None
+        except Exception as e:  # noqa: BLE001 - connection refused, DNS, TLS handshake ...
+            if "timeout" in type(e).__name__.lower():
+                raise BackendTimeout(f"PACS {target.aet} did not accept an association in time") from None
+            raise BackendUnavailable(f"PACS {target.aet} could not be reached ({type(e).__name__})") from None
+
+    def give_back(self, target, assoc, reusable: bool):
+        if reusable and assoc.state == ESTABLISHED:
+            idle = self.idle.setdefault(target.name, [])
+            if len(idle) < self.max_idle:
+                idle.append((assoc, time.monotonic()))
+                return
+        if assoc.state == ESTABLISHED:
+            assoc.release()
+
+    def close_all(self):
+        waits = []
+        for idle in self.idle.values():
+            for assoc, _ in idle:
+                waits.append(assoc.release())
+        self.idle = {}
+        return defer.DeferredList(waits, consumeErrors=True)
 
 
 class DicomScuBackend(Backend):
-    def __init__(self, name, reactor, peers, *, local_aet="HARMONY_SCU", retrieve_mode="get",
+    def __init__(self, name, reactor, target_pool: TargetPool, *, local_aet="HARMONY_SCU", retrieve_mode="get",
                  incoming_store_port=None, incoming_store_bind="0.0.0.0", persistent_store_scp=False,
-                 tls_context=None, connect_timeout=5.0, acse_timeout=10.0, dimse_timeout=30.0,
+                 tls=None, connect_timeout=5.0, acse_timeout=10.0, dimse_timeout=30.0,
                  network_timeout=60.0, max_pdu=0, max_concurrency=8, max_idle=4, staging_dir=None):
         super().__init__(name)
         self.reactor = reactor
-        self.peers = peers
+        self.target_pool = target_pool
+        #: The AE titles of this backend's PACS (the DICOMweb bridge routes /aets/{aet}/rs by them).
+        self.ae_titles = tuple(t.aet for t in target_pool.targets)
         self.local_aet = local_aet
         self.retrieve_mode = retrieve_mode
         self.incoming_store_port = incoming_store_port
         self.incoming_store_bind = incoming_store_bind
         self.persistent_store_scp = persistent_store_scp
+        self.tls = tls
         self.staging = Staging(staging_dir)
-        self.ae = AE(ae_title=local_aet)
-        self.ae.connection_timeout = connect_timeout
-        self.ae.acse_timeout = acse_timeout
-        self.ae.dimse_timeout = dimse_timeout
-        self.ae.network_timeout = network_timeout
-        self.ae.maximum_pdu_size = max_pdu
-        self.pool = AssociationPool(self.ae, peers, max_pdu=max_pdu, tls_context=tls_context, max_idle=max_idle)
-        self.threads = ThreadPool(minthreads=0, maxthreads=max_concurrency, name=f"dicom_scu:{name}")
-        self._trigger = None
+        self.settings = RequestorSettings(local_aet=local_aet, max_pdu=max_pdu or MAX_PDU_LIMIT,
+                                          acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
+                                          network_timeout=network_timeout, connect_timeout=connect_timeout)
+        self.pool = AssociationPool(self, max_idle=max_idle, max_concurrency=max_concurrency)
         self._msg_ids = itertools.count(1)
-        self._moves: dict[int, Job] = {}
-        self._moves_lock = threading.Lock()
+        self._gets: dict[int, Job] = {}       # id(association) -> C-GET job receiving on it
+        self._moves: dict[int, Job] = {}      # message id -> C-MOVE job receiving on the store listener
         self._store_scp = None
-        self._store_lock = threading.Lock()
+        self._store_factory = None
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        peers = []
+        implicit = None
         if "host" in options or "aet" in options or "port" in options:
-            peers.append(Peer(name, net.check_aet(options, "aet"), options.str("host"), options.port("port", 104)))
-        for t in ctx.targets():
-            missing = [k for k in ("aet", "host", "port") if k not in t]
-            if missing:
-                raise OptionError("targets", f"target {t['name']!r} needs {', '.join(missing)}")
-            peers.append(Peer(t["name"], str(t["aet"]), str(t["host"]), int(t["port"])))
-        if not peers:
-            raise OptionError("aet", "is required (with host and port), or name targets with aet/host/port")
+            implicit = {"name": name, "aet": net.check_aet(options, "aet"), "host": options.str("host"),
+                        "port": options.port("port", 104)}
+        try:
+            pool = TargetPool.from_options(name, options, ctx, kind="dimse", implicit=implicit)
+        except OptionError as e:
+            if e.key == "targets":
+                raise OptionError("aet", "is required (with host and port), or name targets with aet/host/port") \
+                    from None
+            raise
         local_aet = net.check_aet(options, "local_aet", "HARMONY_SCU")
         mode = options.str("dimse_retrieve_mode", "get", choices=("get", "move"))
         store_port = options.port("incoming_store_port", None)
@@ -249,19 +276,19 @@ class DicomScuBackend(Backend):
             raise OptionError("incoming_store_port", "is required when dimse_retrieve_mode = 'move'")
         tls = None
         if options.bool("use_tls", False):
-            tls = net.client_tls_context(options.path("tls_cert", None), options.path("tls_key", None),
-                                         options.path("tls_ca", None), options.bool("tls_verify", True))
+            tls = {"cert": options.path("tls_cert", None), "key": options.path("tls_key", None),
+                   "ca": options.path("tls_ca", None), "verify": options.bool("tls_verify", True)}
         staging = options.path("staging_dir", None) or (ctx.storage_path / "dimse-staging" / name)
         return cls(
-            name, ctx.reactor, peers, local_aet=local_aet, retrieve_mode=mode,
+            name, ctx.reactor, pool, local_aet=local_aet, retrieve_mode=mode,
             incoming_store_port=store_port,
             incoming_store_bind=options.str("incoming_store_bind", "0.0.0.0"),
-            persistent_store_scp=options.bool("persistent_store_scp", False), tls_context=tls,
+            persistent_store_scp=options.bool("persistent_store_scp", False), tls=tls,
             connect_timeout=options.number("connect_timeout_secs", 5.0, minimum=0.01),
             acse_timeout=options.number("acse_timeout_secs", 10.0, minimum=0.01),
             dimse_timeout=options.number("dimse_timeout_secs", 30.0, minimum=0.01),
             network_timeout=options.number("network_timeout_secs", 60.0, minimum=0.01),
-            max_pdu=options.int("max_pdu_size", 0, minimum=0, maximum=2 ** 32 - 1),
+            max_pdu=options.int("max_pdu_size", 0, minimum=0, maximum=MAX_PDU_LIMIT),
             max_concurrency=options.int("max_concurrency", 8, minimum=1, maximum=256),
             max_idle=options.int("max_idle_associations", 4, minimum=0, maximum=256),
             staging_dir=staging,
@@ -269,55 +296,43 @@ class DicomScuBackend(Backend):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _run(self, fn, *args):
-        if not self.threads.started:
-            self.threads.start()
-            self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
-        return threads.deferToThreadPool(self.reactor, self.threads, fn, *args)
-
-    def _stop_threads(self):
-        if self.threads.started:
-            self.threads.stop()
+    def tls_for(self, target):
+        if self.tls is None:
+            return None
+        return client_options(target.host, self.tls["cert"], self.tls["key"], self.tls["ca"], self.tls["verify"])
 
     def close(self):
-        """Release idle associations and stop the store SCP, then the threads."""
-        if not self.threads.started:
-            return defer.succeed(None)
-
-        def stop(_):
-            if self._trigger is not None:
-                self.reactor.removeSystemEventTrigger(self._trigger)
-                self._trigger = None
-            self._stop_threads()
-
-        return self._run(self._close_blocking).addBoth(stop)
-
-    def _close_blocking(self):
-        self.pool.close_all()
+        """Release idle associations and stop the store listener."""
+        closing = self.pool.close_all()
         self._stop_store_scp()
         self.staging.clear()  # instances no consumer released
+        return closing
 
     # ------------------------------------------------------------------ requests
 
     def send(self, request):
         try:
-            op, identifier, level, model = self.parse(request)
+            op, identifier, _level, model = self.parse(request)
         except HarmonyError:
             return defer.fail()
-        job = Job(self.reactor, op, request)
+        if op == C_STORE:
+            return defer.ensureDeferred(self._store_request(request))
+        return self.target_pool.call(request, lambda target: self._attempt(target, op, request, identifier, model))
+
+    def _attempt(self, target, op, request, identifier, model):
+        job = Job(op, request)
         if op == C_ECHO:
             work = self._echo
         elif op == C_FIND:
             work = self._find
-        elif op == C_STORE:
-            return self._store(job, request)
         elif op == C_MOVE and self._third_party(request):
             work = self._move_elsewhere
         else:
             # A retrieve whose instances come back through Harmony: how to fetch
             # them from the PACS is this backend's choice, not the caller's.
             work = self._move_here if self.retrieve_mode == "move" else self._get
-        d = self._run(work, job, identifier, model)
+        d = defer.ensureDeferred(self._with_association(target, job, lambda assoc: work(assoc, job, identifier,
+                                                                                          model)))
         d.addErrback(job.failed)
         return job.ready.addCallback(self.respond)
 
@@ -378,199 +393,177 @@ class DicomScuBackend(Backend):
         resp.context["dicom_results"] = stream
         return resp
 
-    # ------------------------------------------------------------------ workers (threads)
+    # ------------------------------------------------------------------ operations (on the reactor)
 
-    def _with_association(self, job, body):
-        """Run *body(assoc)* on a pooled association; a reused one that turns out
-        dead before any result is replaced once by a fresh one."""
-        assoc, reused = self.pool.acquire()
+    async def _with_association(self, target, job, body):
+        """Run ``body(assoc)`` on a pooled association to *target*; a reused one that
+        turns out dead before any result is replaced once by a fresh one."""
+        await self.pool.limit.acquire()
         try:
-            ok = _guarded(body, assoc)
-        except _DeadAssociation as e:
-            self.pool.give_back(assoc, False)
-            if not (reused and job.items == 0):
-                raise e.error from None
-            assoc = self.pool.connect()
+            assoc = self.pool.take_idle(target)
+            reused = assoc is not None
+            if assoc is None:
+                assoc = await self.pool.connect(target)
             try:
-                ok = _guarded(body, assoc)
-            except _DeadAssociation as e2:
-                self.pool.give_back(assoc, False)
-                raise e2.error from None
+                reusable = await body(assoc)
+            except AssociationAborted as e:
+                self.pool.give_back(target, assoc, False)
+                if not (reused and job.items == 0):
+                    raise BackendTimeout(str(e)) if "timeout" in str(e).lower() else \
+                        BackendUnavailable(f"PACS {target.aet}: {e}") from None
+                assoc = await self.pool.connect(target)
+                try:
+                    reusable = await body(assoc)
+                except AssociationAborted as e2:
+                    self.pool.give_back(target, assoc, False)
+                    raise BackendTimeout(str(e2)) if "timeout" in str(e2).lower() else \
+                        BackendUnavailable(f"PACS {target.aet}: {e2}") from None
             except BaseException:
-                self.pool.give_back(assoc, False)
+                self.pool.give_back(target, assoc, False)
                 raise
-        except BaseException:
-            self.pool.give_back(assoc, False)
-            raise
-        self.pool.give_back(assoc, ok)
-
-    def _echo(self, job, _identifier, _model):
-        def body(assoc):
-            status = assoc.send_c_echo()
-            if not status:
-                raise _DeadAssociation(BackendTimeout("no C-ECHO response"))
-            job.finish_thread(int(status.Status))
-            return True
-        self._with_association(job, body)
-
-    def _find(self, job, identifier, model):
-        sop_class = net.QUERY_MODELS[model][C_FIND]
-        msg_id = self._next_msg_id()
-
-        def body(assoc):
-            final = None
-            cancel_sent = False
-            for status, ident in assoc.send_c_find(identifier, sop_class, msg_id=msg_id):
-                if not status:
-                    raise _DeadAssociation(BackendTimeout("the PACS stopped answering the C-FIND"))
-                code = int(status.Status)
-                if net.is_pending(code):
-                    if ident is not None and not job.cancel_event.is_set():
-                        job.put_thread(ident)
-                    if job.cancel_event.is_set() and not cancel_sent:
-                        assoc.send_c_cancel(msg_id, query_model=sop_class)
-                        cancel_sent = True
-                else:
-                    final = (code, status.get("ErrorComment"))
-            job.finish_thread(*final)
-            return not cancel_sent
-        self._with_association(job, body)
-
-    def _get(self, job, identifier, model):
-        sop_class = net.QUERY_MODELS[model][C_GET]
-        msg_id = self._next_msg_id()
-
-        def on_store(event):
-            return self._accept_instance(event, job)
-
-        def body(assoc):
-            assoc.bind(evt.EVT_C_STORE, on_store)
-            try:
-                return self._retrieve(job, assoc.send_c_get(identifier, sop_class, msg_id=msg_id),
-                                      assoc, msg_id, sop_class)
-            finally:
-                assoc.unbind(evt.EVT_C_STORE, on_store)
-        self._with_association(job, body)
-
-    def _move_here(self, job, identifier, model):
-        if self.incoming_store_port is None:
-            raise BackendUnavailable("C-MOVE needs incoming_store_port (a C-STORE SCP to receive on)")
-        sop_class = net.QUERY_MODELS[model][C_MOVE]
-        msg_id = self._next_msg_id()
-        # Registering the move and starting the receiver happen under one lock, as
-        # do unregistering and stopping it, so a move never loses its receiver to
-        # another move that just finished.
-        with self._store_lock:
-            with self._moves_lock:
-                self._moves[msg_id] = job
-            try:
-                self._start_store_scp_locked()
-            except BaseException:
-                with self._moves_lock:
-                    self._moves.pop(msg_id, None)
-                raise
-        try:
-            self._with_association(job, lambda assoc: self._retrieve(
-                job, assoc.send_c_move(identifier, self.local_aet, sop_class, msg_id=msg_id),
-                assoc, msg_id, sop_class))
+            self.pool.give_back(target, assoc, reusable)
         finally:
-            server = None
-            with self._store_lock:
-                with self._moves_lock:
-                    self._moves.pop(msg_id, None)
-                    idle = not self._moves
-                if idle and not self.persistent_store_scp:
-                    server, self._store_scp = self._store_scp, None
-            if server is not None:
-                server.shutdown()
+            self.pool.limit.release()
 
-    def _move_elsewhere(self, job, identifier, model):
-        sop_class = net.QUERY_MODELS[model][C_MOVE]
-        msg_id = self._next_msg_id()
-        dest = job.request.metadata["move_destination"]
-        self._with_association(job, lambda assoc: self._retrieve(
-            job, assoc.send_c_move(identifier, dest, sop_class, msg_id=msg_id), assoc, msg_id, sop_class))
-
-    def _retrieve(self, job, responses, assoc, msg_id, sop_class):
-        final = None
-        cancel_sent = False
-        for status, ident in responses:
-            if not status:
-                raise _DeadAssociation(BackendTimeout("the PACS stopped answering the retrieve"))
-            code = int(status.Status)
-            job.counts_thread(status)
-            if net.is_pending(code):
-                if job.cancel_event.is_set() and not cancel_sent:
-                    assoc.send_c_cancel(msg_id, query_model=sop_class)
-                    cancel_sent = True
-                continue
-            failed = []
-            if ident is not None and "FailedSOPInstanceUIDList" in ident:
-                value = ident.FailedSOPInstanceUIDList
-                failed = [str(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__")
-                                           and not isinstance(value, str) else [value])]
-            final = (code, status.get("ErrorComment"), failed)
-        job.finish_thread(*final)
-        return not cancel_sent
-
-    def _accept_instance(self, event, job):
-        """EVT_C_STORE (C-GET sub-operation or C-MOVE arrival): stage the file as received."""
-        try:
-            self.staging.ensure()
-            staged = self.staging.adopt(event.dataset_path)
-            job.put_thread(read_instance(staged, owned=True))
-        except OSError as e:
-            log.error("dicom_scu {name}: cannot stage a received instance: {error}", name=self.name, error=str(e))
-            return net.STORE_OUT_OF_RESOURCES
-        except Exception as e:  # noqa: BLE001 - a corrupt dataset fails this sub-operation, not the thread
-            log.warn("dicom_scu {name}: received an unreadable instance: {error}", name=self.name, error=str(e))
-            return net.STORE_CANNOT_UNDERSTAND
-        return net.SUCCESS
+    def _context(self, assoc, sop_class) -> int:
+        for cid, cx in assoc.contexts.items():
+            if str(cx.abstract_syntax) == str(sop_class):
+                return cid
+        raise BackendUnavailable(f"the PACS did not accept {sop_class} on the association")
 
     def _next_msg_id(self) -> int:
         return next(self._msg_ids) % 65535 + 1
 
+    async def _echo(self, assoc, job, _identifier, _model):
+        cid = self._context(assoc, net.Verification)
+        response = await assoc.request(cid, {"AffectedSOPClassUID": str(net.Verification),
+                                             "CommandField": commands.C_ECHO_RQ})
+        job.finish(response.command.get("Status"))
+        return True
+
+    def _cancel_on(self, assoc, job, cid, sop_class, msg_id):
+        """Send C-CANCEL when the consumer cancels the stream; the result says whether it was sent."""
+        sent = []
+
+        def cancel(_):
+            if assoc.state == ESTABLISHED:
+                sent.append(True)
+                assoc.send(cid, {"CommandField": commands.C_CANCEL_RQ, "MessageIDBeingRespondedTo": msg_id})
+        job.cancel_requested.addCallback(cancel)
+        return sent
+
+    async def _find(self, assoc, job, identifier, model):
+        sop_class = net.QUERY_MODELS[model][C_FIND]
+        cid = self._context(assoc, sop_class)
+        syntax = str(assoc.contexts[cid].transfer_syntax[0])
+        msg_id = self._next_msg_id()
+        cancelled = self._cancel_on(assoc, job, cid, sop_class, msg_id)
+
+        def pending(message):
+            if message.dataset is not None and not job.stream.cancelled:
+                try:
+                    job.put(datasets.decode(message.dataset, syntax))
+                except Exception:  # noqa: BLE001 - one undecodable match must not end the query
+                    log.warn("dicom_scu {name}: dropped an undecodable C-FIND match", name=self.name)
+
+        response = await assoc.request(cid, {"AffectedSOPClassUID": str(sop_class), "CommandField":
+                                             commands.C_FIND_RQ, "MessageID": msg_id, "Priority": 0},
+                                       datasets.encode(identifier, syntax), on_pending=pending)
+        job.finish(response.command.get("Status"), response.command.get("ErrorComment"))
+        return not cancelled
+
+    async def _retrieve(self, assoc, job, identifier, sop_class, msg_id, extra=None):
+        cid = self._context(assoc, sop_class)
+        syntax = str(assoc.contexts[cid].transfer_syntax[0])
+        cancelled = self._cancel_on(assoc, job, cid, sop_class, msg_id)
+        command = {"AffectedSOPClassUID": str(sop_class), "CommandField": extra.pop("CommandField"),
+                   "MessageID": msg_id, "Priority": 0, **extra}
+        response = await assoc.request(cid, command, datasets.encode(identifier, syntax),
+                                       on_pending=lambda m: job.counts(m.command))
+        final = response.command
+        job.counts(final)
+        failed = []
+        if response.dataset:
+            try:
+                ds = datasets.decode(response.dataset, syntax)
+                value = ds.get("FailedSOPInstanceUIDList")
+                if value:
+                    failed = [str(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(
+                        value, "__iter__") and not isinstance(value, str) else [value])]
+            except Exception:  # noqa: BLE001 - the list is informative only
+                pass
+        job.finish(final.get("Status"), final.get("ErrorComment"), failed)
+        return not cancelled
+
+    def job_for(self, assoc, command):
+        job = self._gets.get(id(assoc))
+        if job is not None:
+            return job
+        originator = command.get("MoveOriginatorMessageID")
+        job = self._moves.get(originator) if originator else None
+        if job is None and len(self._moves) == 1:
+            job = next(iter(self._moves.values()))
+        return job
+
+    async def _get(self, assoc, job, identifier, model):
+        msg_id = self._next_msg_id()
+        self._gets[id(assoc)] = job
+        try:
+            return await self._retrieve(assoc, job, identifier, net.QUERY_MODELS[model][C_GET], msg_id,
+                                        {"CommandField": commands.C_GET_RQ})
+        finally:
+            self._gets.pop(id(assoc), None)
+
+    async def _move_here(self, assoc, job, identifier, model):
+        if self.incoming_store_port is None:
+            raise BackendUnavailable("C-MOVE needs incoming_store_port (a C-STORE SCP to receive on)")
+        msg_id = self._next_msg_id()
+        self._moves[msg_id] = job
+        try:
+            self._start_store_scp()
+            return await self._retrieve(assoc, job, identifier, net.QUERY_MODELS[model][C_MOVE], msg_id,
+                                        {"CommandField": commands.C_MOVE_RQ, "MoveDestination": self.local_aet})
+        finally:
+            self._moves.pop(msg_id, None)
+            if not self._moves and not self.persistent_store_scp:
+                self._stop_store_scp()
+
+    async def _move_elsewhere(self, assoc, job, identifier, model):
+        return await self._retrieve(assoc, job, identifier, net.QUERY_MODELS[model][C_MOVE], self._next_msg_id(),
+                                    {"CommandField": commands.C_MOVE_RQ,
+                                     "MoveDestination": job.request.metadata["move_destination"]})
+
     # ------------------------------------------------------------------ C-MOVE receiver
 
-    def _start_store_scp_locked(self):
-        """Start the C-MOVE receiver unless it runs (caller holds ``_store_lock``)."""
+    def _start_store_scp(self):
+        """Listen for C-MOVE arrivals unless already listening."""
         if self._store_scp is not None:
             return
-        ae = AE(ae_title=self.local_aet)
-        ae.network_timeout = self.ae.network_timeout
-        ae.dimse_timeout = self.ae.dimse_timeout
-        ae.maximum_pdu_size = self.ae.maximum_pdu_size
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, net.ALL_SYNTAXES)
-        handlers = net.NODELAY_HANDLERS + [(evt.EVT_C_STORE, self._on_move_store)]
+        contexts = [build_context(cx.abstract_syntax, net.ALL_SYNTAXES) for cx in AllStoragePresentationContexts]
+        contexts.append(build_context(net.Verification, net.UNCOMPRESSED))
+        limits = AcceptorLimits(max_associations=64, max_pdu=self.settings.max_pdu,
+                                dimse_timeout=self.settings.dimse_timeout,
+                                network_timeout=self.settings.network_timeout)
+        settings = AcceptorSettings(self.local_aet, contexts, limits, require_called_aet=False)
+        factory = AcceptorFactory(settings, _Receiver(self, self.job_for), self.reactor)
         try:
-            self._store_scp = ae.start_server((self.incoming_store_bind, self.incoming_store_port),
-                                              block=False, evt_handlers=handlers)
-        except OSError as e:
+            self._store_scp = self.reactor.listenTCP(self.incoming_store_port, factory, backlog=64,
+                                                     interface=self.incoming_store_bind)
+        except Exception as e:
             raise BackendUnavailable(f"cannot listen for C-MOVE arrivals on port {self.incoming_store_port}: "
-                                     f"{e.strerror}") from None
+                                     f"{e}") from None
+        self._store_factory = factory
 
     def _stop_store_scp(self):
-        with self._store_lock:
-            server, self._store_scp = self._store_scp, None
-        if server is not None:
-            server.shutdown()
-
-    def _on_move_store(self, event):
-        originator = event.request.MoveOriginatorMessageID
-        with self._moves_lock:
-            job = self._moves.get(originator) if originator else None
-            if job is None and len(self._moves) == 1:
-                job = next(iter(self._moves.values()))
-        if job is None:
-            log.warn("dicom_scu {name}: refused a C-STORE that belongs to no C-MOVE", name=self.name)
-            return net.STORE_REFUSED_NOT_AUTHORISED
-        return self._accept_instance(event, job)
+        port, self._store_scp = self._store_scp, None
+        if port is not None:
+            port.stopListening()
+            for assoc in list(self._store_factory.settings.associations):
+                assoc.release()
 
     # ------------------------------------------------------------------ C-STORE
 
-    @defer.inlineCallbacks
-    def _store(self, job, request):
+    async def _store_request(self, request):
         """C-STORE ``context["instance"]``, or a Part-10 request body spooled to staging."""
         instance = request.context.get("instance")
         spooled = instance is None
@@ -578,69 +571,56 @@ class DicomScuBackend(Backend):
             if isinstance(request.body, (bytes, bytearray)):
                 if not request.body:
                     raise BadRequest("C-STORE needs a DICOM instance (application/dicom body)")
-                path = yield self._run(_write_temp, self.staging, bytes(request.body))
+                path = await blocking.run(self.reactor, _write_temp, self.staging, bytes(request.body))
             else:
-                path = yield _spool(request.body, self.staging)
+                path = await _spool(request.body, self.staging)
             try:
-                instance = yield self._run(read_instance, path, True)
+                instance = await blocking.run(self.reactor, read_instance, path, True)
             except Exception:
                 os.unlink(path)
                 raise BadRequest("the body is not a readable DICOM Part-10 instance") from None
-        d = self._run(self._store_blocking, job, instance, spooled)
-        d.addErrback(job.failed)
-        yield job.ready
-        return self.respond(job)
-
-    def _store_blocking(self, job, instance: DicomInstance, spooled: bool):
-        def send_and_finish(assoc):
-            status = net.send_instance(assoc, instance)
-            if not status:
-                raise _DeadAssociation(BackendTimeout("no C-STORE response"))
-            if spooled:
-                instance.release()  # before the answer, so a caller never sees it linger
-            job.finish_thread(int(status.Status), status.get("ErrorComment"))
-
-        def store_alone():
-            """A storage class outside the pooled association's 128 contexts (or one
-            the PACS did not accept there): a one-off association just for it."""
-            syntaxes = list(dict.fromkeys([instance.transfer_syntax_uid] + net.UNCOMPRESSED[:2]))
-            assoc = self.pool.connect([build_context(instance.sop_class_uid, syntaxes)])
-            try:
-                if not assoc.accepted_contexts:
-                    raise BackendUnavailable(f"the PACS does not accept SOP class {instance.sop_class_uid}")
-                send_and_finish(assoc)
-            except _DeadAssociation as e:
-                raise e.error from None
-            finally:
-                _close(assoc)
-
-        def body(assoc):
-            if any(cx.abstract_syntax == instance.sop_class_uid for cx in assoc.accepted_contexts):
-                send_and_finish(assoc)
-            else:
-                store_alone()
-            return True
-
         try:
-            self._with_association(job, body)
+            return await self.target_pool.call(request, lambda target: defer.ensureDeferred(
+                self._store_to(target, request, instance)))
         finally:
             if spooled:
                 instance.release()
 
+    async def _store_to(self, target, request, instance):
+        job = Job(C_STORE, request)
 
-def _guarded(body, assoc):
+        async def body(assoc):
+            if any(str(cx.abstract_syntax) == instance.sop_class_uid for cx in assoc.contexts.values()):
+                status = await storage.c_store(assoc, instance, self.reactor)
+            else:
+                status = await self._store_alone(target, instance)
+            job.finish(status)
+            return True
+
+        d = defer.ensureDeferred(self._with_association(target, job, body))
+        d.addErrback(job.failed)
+        await job.ready
+        return self.respond(job)
+
+    async def _store_alone(self, target, instance) -> int:
+        """A storage class outside the pooled association's 128 contexts (or one the
+        PACS did not accept there): a one-off association just for it."""
+        syntaxes = list(dict.fromkeys([instance.transfer_syntax_uid] + net.UNCOMPRESSED[:2]))
+        assoc = await self.pool.connect(target, [build_context(instance.sop_class_uid, syntaxes)])
+        try:
+            if not assoc.contexts:
+                raise BackendUnavailable(f"the PACS does not accept SOP class {instance.sop_class_uid}")
+            return await storage.c_store(assoc, instance, self.reactor)
+        finally:
+            if assoc.state == ESTABLISHED:
+                assoc.release()
+
+
+def _unlink(path) -> None:
     try:
-        return body(assoc)
-    except ValueError as e:
-        # pynetdicom: no accepted presentation context for the SOP class, or a
-        # dataset it cannot encode for the one accepted.
-        raise BackendUnavailable(f"the PACS cannot serve this request: {e}") from None
-
-
-class _DeadAssociation(Exception):
-    def __init__(self, error):
-        super().__init__(str(error))
-        self.error = error
+        os.unlink(path)
+    except (FileNotFoundError, TypeError):
+        pass
 
 
 def _write_temp(staging: Staging, data: bytes):

@@ -3,7 +3,16 @@
 Bodies stream both ways (a STOW upload goes up as a producer, a WADO multipart
 answer comes back as one).  The only bodies read whole are DICOM JSON answers
 (QIDO results, metadata, STOW responses), because their RetrieveURLs and
-BulkDataURIs must be rewritten to this proxy's address; a cap bounds them.
+BulkDataURIs must be rewritten to this proxy's address; a cap bounds them,
+counted on decoded bytes.
+
+Content codings: for requests whose answer is read (everything but a WADO-RS
+retrieve of instances, frames, bulk data or renderings) the upstream is asked
+for ``Accept-Encoding: identity`` - between proxy and PACS compression costs
+more CPU than the LAN time it saves, and the rewritten body is compressed for
+the client anyway (:mod:`harmony.web.coding`).  A gzip or deflate answer is
+still decoded (servers may ignore the request); a coding we cannot undo is a
+502.  A retrieve answer passes through untouched, its Content-Encoding with it.
 
 Behind a ``dicomweb`` endpoint the request's parsed form is used: the path
 comes from the parsed resource (so ``/aets/{aet}/rs`` picks the target whose
@@ -25,8 +34,10 @@ from harmony.backends.http import HttpBackend, check_base_url, forwarded_headers
 from harmony.config.errors import OptionError
 from harmony.dicomweb import qido
 from harmony.dicomweb.rewrite import UrlRewriter
+from harmony.dicomweb.routes import WADO
 from harmony.envelope import as_producer, is_json_type, read_body
-from harmony.errors import BackendUnavailable, NotFound
+from harmony.errors import BackendUnavailable, NotFound, PayloadTooLarge
+from harmony.web import coding
 
 JSON_LIMIT = 256 * 1024 * 1024
 
@@ -88,7 +99,15 @@ class DicomWebBackend(HttpBackend):
         headers = forwarded_headers(request, drop=(b"host", b"content-length", b"authorization"))
         if self.auth_header:
             headers.setRawHeaders(b"authorization", [self.auth_header.encode("latin-1")])
+        dw = request.context.get("dicomweb")
+        if dw is None or dw.service != WADO or dw.resource == "metadata":
+            headers.setRawHeaders(b"accept-encoding", [b"identity"])  # the answer is read and rewritten
         return headers
+
+    def decoded_body(self, response, limit: int | None):
+        """An upstream ``IResponse``'s body as a producer with its content coding
+        undone (capped at *limit* decoded bytes)."""
+        return _decoded(self.body_producer(response), response.headers, limit, "a body")
 
     def upstream_target(self, request) -> tuple[str, bytes]:
         dw = request.context.get("dicomweb")
@@ -130,7 +149,14 @@ class DicomWebBackend(HttpBackend):
                 response.headers.setRawHeaders(name, [rewriter.url(v) for v in values])
         if not is_json_type(response.header("content-type")) or response.status == 204:
             return response
-        body = yield read_body(response.body, self.json_limit)
+        try:
+            body = yield read_body(_decoded(response.body, response.headers, self.json_limit, "DICOM JSON"),
+                                   self.json_limit)
+        except PayloadTooLarge:
+            # The upstream's answer, not the client's request: a gateway error.
+            raise BackendUnavailable(f"upstream DICOM JSON exceeds {self.json_limit} bytes (max_json_bytes)") from None
+        response.headers.removeHeader(b"content-encoding")
+        response.headers.removeHeader(b"content-length")
         if body.strip():
             try:
                 doc = jsonutil.loads(body)
@@ -141,3 +167,22 @@ class DicomWebBackend(HttpBackend):
             response.normalized = doc
         response.body = body
         return response
+
+
+class _Ignore:
+    def write(self, data):
+        pass
+
+
+def _decoded(body, headers, limit: int | None, what: str):
+    """*body* (an upstream producer) with the coding *headers* declare undone,
+    capped at *limit* decoded bytes; 502 for a coding we cannot undo (the
+    connection is dropped rather than read) or bytes that are not what the
+    coding says."""
+    try:
+        body_coding = coding.content_coding(headers)
+    except coding.UnsupportedCoding as e:
+        body.startProducing(_Ignore()).addErrback(lambda _: None)
+        body.stopProducing()
+        raise BackendUnavailable(f"upstream answered {what} with {e}") from None
+    return coding.decoded_body(body, body_coding, limit, BackendUnavailable, f"upstream {what}")

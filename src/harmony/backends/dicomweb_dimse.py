@@ -140,7 +140,9 @@ class DimseOverDicomWeb:
         return (base + path + ("?" + query if query else "")).encode("utf-8")
 
     def _headers(self, request, accept: str, content_type: str | None = None) -> Headers:
-        h = Headers({"Accept": [accept]})
+        # No Accept-Encoding would mean "any coding" (RFC 9110 12.5.3); these
+        # answers are parsed here, so ask for them plain (and decode anyway).
+        h = Headers({"Accept": [accept], "Accept-Encoding": ["identity"]})
         if content_type:
             h.setRawHeaders("Content-Type", [content_type])
         if self.backend.auth_header:
@@ -172,7 +174,7 @@ class DimseOverDicomWeb:
     async def _get_json(self, request, path, pairs):
         resp = await self.backend.request(b"GET", self._url(request, path, pairs),
                                           self._headers(request, "application/dicom+json"), None)
-        body = await read_body(self.backend.body_producer(resp), QIDO_JSON_LIMIT)
+        body = await read_body(self.backend.decoded_body(resp, QIDO_JSON_LIMIT), QIDO_JSON_LIMIT)
         if resp.code == 204 or (resp.code == 200 and not body.strip()):
             return []
         if resp.code == 404:
@@ -290,7 +292,7 @@ class DimseOverDicomWeb:
             stream.put(instance)
 
         parser = StowParser(params["boundary"], self.staging.folder, on_part=on_part)
-        producer = self.backend.body_producer(resp)
+        producer = self.backend.decoded_body(resp, None)
         stream.on_cancel = producer.stopProducing
 
         class Sink:
@@ -314,7 +316,7 @@ class DimseOverDicomWeb:
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
         resp = await self.backend.request(b"POST", self._url(request, "/studies"),
                                           self._headers(request, "application/dicom+json", ctype), body)
-        raw = await read_body(self.backend.body_producer(resp), 16 * 1024 * 1024)
+        raw = await read_body(self.backend.decoded_body(resp, 16 * 1024 * 1024), 16 * 1024 * 1024)
         status, comment = stow_status(resp.code, raw, instance.sop_instance_uid)
         stream = ResultStream()
         stream.finish(status, comment)

@@ -28,6 +28,8 @@ import re
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from harmony.backends.http import HttpBackend, check_base_url
@@ -39,6 +41,7 @@ from harmony.fhir.formats import FHIR_JSON, FHIR_XML, JSON_TYPES, XML_TYPES, fam
 from harmony.fhir.outcome import with_issue
 from harmony.fhir.rewrite import JsonUrlRewriter, UrlMap
 from harmony.fhir.rewrite_xml import XmlUrlRewriter
+from harmony.web import coding
 from harmony.web.headers import end_to_end
 
 #: Content types a FHIR server legitimately answers with (bulk data's NDJSON included).
@@ -55,21 +58,43 @@ class _Discard(Protocol):
 
 
 class _RewritingRelay(_Relay):
-    def __init__(self, consumer, finished, rewriter):
+    """Decodes (when the upstream compressed anyway) and rewrites as bytes arrive."""
+
+    def __init__(self, consumer, finished, rewriter, decoder=None):
         super().__init__(consumer, finished)
         self.rewriter = rewriter
+        self.decoder = decoder
+
+    def _fail(self, error: Exception):
+        if not self.finished.called:
+            self.finished.errback(with_issue(BackendUnavailable(f"the FHIR server's body: {error}"), "transient"))
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def dataReceived(self, data):
         self.progress()
-        out = self.rewriter.feed(data)
-        if out:
-            self.consumer.write(out)
+        if self.finished.called:
+            return
+        try:
+            pieces = self.decoder.decode(data) if self.decoder is not None else [data]
+        except ValueError as e:
+            self._fail(e)
+            return
+        for piece in pieces:
+            out = self.rewriter.feed(piece)
+            if out:
+                self.consumer.write(out)
 
     def connectionLost(self, reason):
-        if not self.finished.called:
-            tail = self.rewriter.close()
-            if tail:
-                self.consumer.write(tail)
+        if not self.finished.called and reason.check(ResponseDone, PotentialDataLoss):
+            try:
+                pieces = self.decoder.finish() if self.decoder is not None else []
+            except ValueError as e:
+                self._fail(e)
+                return
+            out = b"".join(self.rewriter.feed(p) for p in pieces) + self.rewriter.close()
+            if out:
+                self.consumer.write(out)
         super().connectionLost(reason)
 
 
@@ -77,14 +102,17 @@ class RewritingBodyProducer(ResponseBodyProducer):
     """An upstream body with its FHIR URLs rewritten on the fly (a JSON or XML
     rewriter: ``feed``/``close``); its length changes, so it goes out chunked."""
 
-    def __init__(self, response, rewriter, **kwargs):
+    passthrough = False  # rewritten here: compressed for the client when it asks
+
+    def __init__(self, response, rewriter, decoder=None, **kwargs):
         super().__init__(response, **kwargs)
         self.length = UNKNOWN_LENGTH
         self.rewriter = rewriter
+        self.decoder = decoder
 
     def startProducing(self, consumer):
         finished = defer.Deferred()
-        self._relay = self._watched(_RewritingRelay(consumer, finished, self.rewriter))
+        self._relay = self._watched(_RewritingRelay(consumer, finished, self.rewriter, self.decoder))
         self.response.deliverBody(self._relay)
         return finished
 
@@ -163,8 +191,11 @@ class FhirBackend(HttpBackend):
         if has_body and not headers.hasHeader(b"content-type"):
             headers.setRawHeaders(b"content-type", [FHIR_JSON.encode()])
         if self.rewrite_urls:
-            # The body rewrite needs identity encoding; a proxy may ask for it.
-            headers.removeHeader(b"accept-encoding")
+            # The body is rewritten as it streams: ask for it plain (no
+            # Accept-Encoding at all would mean "any coding", RFC 9110 12.5.3).
+            # gzip and deflate are still undone if the server compresses anyway,
+            # and the rewritten body is compressed for a client that asks.
+            headers.setRawHeaders(b"accept-encoding", [b"identity"])
         if self.auth_header is not None:
             headers.setRawHeaders(self.auth_header[0], [self.auth_header[1]])
         return headers
@@ -210,12 +241,17 @@ class FhirBackend(HttpBackend):
                     new = mapper(values[0].decode("utf-8", "replace"))
                     if new is not None:
                         headers.setRawHeaders(name, [new.encode("utf-8")])
-            encoded = (header(response.headers, "content-encoding") or "identity").lower() != "identity"
+            try:
+                body_coding = coding.content_coding(response.headers)
+            except coding.UnsupportedCoding:
+                body_coding = None  # one we cannot undo: the body passes as it came, unrewritten
             rewriter = {"json": JsonUrlRewriter, "xml": XmlUrlRewriter}.get(family(ctype or ""))
-            if rewriter is not None and not encoded and response.length != 0:
-                body = RewritingBodyProducer(response, rewriter(mapper), idle_timeout=self.timeout,
-                                             clock=self.reactor)
+            if rewriter is not None and body_coding is not None and response.length != 0:
+                body = RewritingBodyProducer(response, rewriter(mapper),
+                                             coding.Decoder(body_coding) if body_coding else None,
+                                             idle_timeout=self.timeout, clock=self.reactor)
                 headers.removeHeader(b"content-length")
+                headers.removeHeader(b"content-encoding")
         return ResponseEnvelope(status=response.code, reason=response.phrase, headers=headers, body=body,
                                 metadata={"upstream_status": str(response.code)})
 

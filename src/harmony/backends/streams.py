@@ -47,6 +47,10 @@ class ResponseBodyProducer(ForwardingProducer):
     hold our client's connection open for as long as its own stays open.  Time
     spent paused because *our* client reads slowly does not count."""
 
+    #: The upstream's representation, untouched: its content coding was the
+    #: upstream's choice, so the response writer does not compress it again.
+    passthrough = True
+
     def __init__(self, response, idle_timeout: float | None = None, clock=None):
         self.response = response
         self.length = response.length if response.length is not UNKNOWN_LENGTH else UNKNOWN_LENGTH

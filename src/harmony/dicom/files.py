@@ -7,6 +7,7 @@ SOP Instance UID like ``../../etc`` can never leave the storage folder.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -120,6 +121,28 @@ def durable_copy(src: Path, dst: Path) -> Path:
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(dst.parent)
+    return dst
+
+
+def durable_move(src: Path, dst: Path) -> Path:
+    """Move *src* (a file we own, e.g. a received instance in staging) to *dst* durably:
+    its data synced, renamed into place, the folder synced.  A rename when both are on
+    one file system (staging beside the store is), :func:`durable_copy` otherwise."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        durable_copy(src, dst)
+        os.unlink(src)
+        return dst
     fsync_dir(dst.parent)
     return dst
 

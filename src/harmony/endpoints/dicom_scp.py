@@ -1,39 +1,41 @@
 """``dicom_scp`` endpoint: Harmony as a DICOM application entity (SCP).
 
-A Twisted service that runs a pynetdicom association server on its own port.
-Each DIMSE request becomes a :class:`RequestEnvelope` (``protocol = dimse``,
-the identifier as DICOM JSON in ``normalized``) and goes through the pipeline,
-so auth, transforms and filters apply to DIMSE traffic as to HTTP.  The
-backend answers with a :class:`~harmony.dicom.results.ResultStream`; the
-handlers turn it back into DIMSE *as it fills*: a pending C-FIND response per
-match, a C-STORE sub-operation per retrieved instance.
-
-pynetdicom calls the handlers in its own association threads; they wait on the
-reactor with ``blockingCallFromThread``, never the other way round, and each
-has a deadline so a stuck backend becomes a failure status, not a hang.
+A Twisted service listening with :mod:`harmony.dicom.ul` -- associations
+carried by the reactor, no thread per association.  Each DIMSE request
+becomes a :class:`RequestEnvelope` (``protocol = dimse``, the identifier as
+DICOM JSON in ``normalized``) and goes through the pipeline, so auth,
+transforms and filters apply to DIMSE traffic as to HTTP.  The backend answers
+with a :class:`~harmony.dicom.results.ResultStream`; the service handlers
+(:class:`ScpServices`, one coroutine per DIMSE service) turn it back into
+DIMSE *as it fills*: a pending C-FIND response per match, a C-STORE
+sub-operation per retrieved instance.  A C-STORE data set is written to a
+Part-10 file while it arrives; reading it (validation) happens on the DICOM
+thread pool (:mod:`harmony.dicom.blocking`), never on the reactor.
 """
 
 from __future__ import annotations
 
-import functools
-import queue
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 from twisted.application.service import Service
-from twisted.internet import defer, threads
-from twisted.internet.threads import blockingCallFromThread
-from twisted.python.failure import Failure
+from twisted.internet import defer
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
-from harmony.dicom import net
+from harmony.dicom import blocking, net
 from harmony.dicom.dicomjson import identifier_to_json
-from harmony.dicom.files import check_complete, durable_copy, read_instance, valid_uid
+from harmony.dicom.files import Staging, check_complete, durable_move, read_instance, valid_uid
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
+from harmony.dicom.ul import commands, datasets, storage
+from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
+from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
+from harmony.dicom.ul.requestor import RequestorSettings, associate
+from harmony.dicom.ul.tls import server_options
 from harmony.envelope import RequestEnvelope, ResponseEnvelope, new_request_id
 from harmony.errors import (AuthenticationFailed, BackendTimeout, BadRequest, Forbidden, HarmonyError,
                             InsufficientStorage, PayloadTooLarge)
@@ -44,9 +46,17 @@ log = get_logger("harmony.endpoints.dicom_scp")
 
 #: Status when a request's pipeline gives no DICOM results at all.
 NO_RESULTS = net.UNABLE_TO_PROCESS
-#: How often a handler waiting on a slow backend looks for a C-CANCEL.
-CANCEL_POLL_SECS = 0.05
 CANCELLED = object()
+#: Largest C-STORE data set accepted by default (a large multi-frame study object fits; a 4 GiB claim does not).
+DEFAULT_MAX_DATASET_BYTES = 4 * 1024 ** 3 - 1
+#: Largest maximum PDU length we advertise (and accept).
+MAX_PDU_LIMIT = 16 * 1024 * 1024
+
+_RESPONSE_OF = {commands.C_FIND_RQ: commands.C_FIND_RSP, commands.C_GET_RQ: commands.C_GET_RSP,
+                commands.C_MOVE_RQ: commands.C_MOVE_RSP, commands.C_STORE_RQ: commands.C_STORE_RSP,
+                commands.C_ECHO_RQ: commands.C_ECHO_RSP}
+_OPERATION_OF = {commands.C_FIND_RQ: C_FIND, commands.C_GET_RQ: C_GET, commands.C_MOVE_RQ: C_MOVE,
+                 commands.C_STORE_RQ: C_STORE, commands.C_ECHO_RQ: C_ECHO}
 
 
 def dimse_status_for(error: HarmonyError, op: str) -> int:
@@ -65,12 +75,10 @@ def dimse_status_for(error: HarmonyError, op: str) -> int:
     return net.PROCESSING_FAILURE if op == C_STORE else net.UNABLE_TO_PROCESS
 
 
-def status_dataset(status: int, comment: str | None = None) -> Dataset:
-    ds = Dataset()
-    ds.Status = status
-    if comment:
-        ds.ErrorComment = comment.encode("ascii", "replace").decode("ascii")[:64]
-    return ds
+def _comment(text: str | None) -> str | None:
+    if not text:
+        return None
+    return text.encode("ascii", "replace").decode("ascii")[:64]
 
 
 @implementer(IEndpoint)
@@ -82,8 +90,9 @@ class DicomScpEndpoint(Service):
     def __init__(self, name, reactor, *, local_aet, bind_addr="0.0.0.0", port=11112, enable_echo=True,
                  enable_find=False, enable_get=False, enable_move=False, enable_store=False, storage_dir=None,
                  forward_store=None, allowed_calling_aets=None, move_destinations=None, max_associations=10,
-                 max_pdu_size=16382, acse_timeout=30.0, dimse_timeout=30.0, network_timeout=60.0,
-                 request_timeout=300.0, tls_context=None):
+                 max_pdu_size=65536, acse_timeout=30.0, dimse_timeout=30.0, network_timeout=60.0,
+                 request_timeout=300.0, tls=None, max_connections=512, max_connections_per_source=128,
+                 max_dataset_bytes=DEFAULT_MAX_DATASET_BYTES, backlog=128, staging_dir=None):
         self.name = name
         self.reactor = reactor
         self.local_aet = local_aet
@@ -95,16 +104,19 @@ class DicomScpEndpoint(Service):
         self.forward_store = storage_dir is None if forward_store is None else forward_store
         self.allowed_calling_aets = allowed_calling_aets
         self.move_destinations = move_destinations or {}
-        self.max_associations = max_associations
-        self.max_pdu_size = max_pdu_size
-        self.timeouts = (acse_timeout, dimse_timeout, network_timeout)
+        self.limits = AcceptorLimits(max_associations=max_associations, max_connections=max_connections,
+                                     max_connections_per_source=max_connections_per_source,
+                                     max_pdu=max_pdu_size, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
+                                     network_timeout=network_timeout, backlog=backlog)
+        self.max_dataset_bytes = max_dataset_bytes
         self.request_timeout = request_timeout
-        self.tls_context = tls_context
+        self.tls = tls
+        self.staging = Staging(Path(staging_dir) if staging_dir else Path("dicom_scp-staging") / name)
         #: Set by HarmonyService from the pipeline that names this endpoint.
         self.pipeline = None
-        self.ae = None
-        self.server = None
-        self._trigger = None
+        self.factory = None
+        self.listening = None
+        self.services = ScpServices(self)
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -127,12 +139,18 @@ class DicomScpEndpoint(Service):
         if "tls_cert" in options or "tls_key" in options:
             cert, key = options.path("tls_cert"), options.path("tls_key")
             try:
-                tls = net.server_tls_context(cert, key, options.path("tls_ca", None))
-            except (OSError, ValueError) as e:
+                tls = server_options(cert, key, options.path("tls_ca", None))
+            except Exception as e:  # noqa: BLE001 - OpenSSL and PEM parsing raise many types
                 raise OptionError("tls_cert", f"cannot load the certificate/key: {e}") from None
         storage_dir = options.path("storage_dir", None)
         enable_store = options.bool("enable_store", False)
         forward = options.bool("forward_store", None) if "forward_store" in options else None
+        staging = options.path("staging_dir", None)
+        if staging is None and storage_dir is not None:
+            # Beside the store, on its file system: storing a received instance is then a rename.
+            staging = Path(storage_dir) / ".staging"
+        elif staging is None and ctx.storage_path is not None:
+            staging = Path(ctx.storage_path) / "dicom_scp-staging" / name
         return cls(
             name, ctx.reactor, local_aet=net.check_aet(options, "local_aet"),
             # All interfaces, as Harmony's own dicom_scp does (issue 4, and configs
@@ -144,85 +162,95 @@ class DicomScpEndpoint(Service):
             enable_store=enable_store, storage_dir=storage_dir, forward_store=forward,
             allowed_calling_aets=[a.strip() for a in allowed] if allowed else None,
             move_destinations=dests,
-            max_associations=options.int("max_associations", 10, minimum=1, maximum=1000),
-            max_pdu_size=options.int("max_pdu_size", 16382, minimum=0, maximum=2 ** 32 - 1),
+            max_associations=options.int("max_associations", 10, minimum=1, maximum=10000),
+            max_connections=options.int("max_connections", 512, minimum=1, maximum=100000),
+            max_connections_per_source=options.int("max_connections_per_source", 128, minimum=1, maximum=100000),
+            # 0 meant "unlimited" under pynetdicom; a peer must never be allowed an
+            # unlimited PDU, so it now means the largest we accept.
+            max_pdu_size=options.int("max_pdu_size", 65536, minimum=0, maximum=MAX_PDU_LIMIT) or MAX_PDU_LIMIT,
+            max_dataset_bytes=options.int("max_dataset_bytes", DEFAULT_MAX_DATASET_BYTES, minimum=1024),
+            backlog=options.int("backlog", 128, minimum=1, maximum=65535),
             acse_timeout=options.number("acse_timeout_secs", 30.0, minimum=0.01),
             dimse_timeout=options.number("dimse_timeout_secs", 30.0, minimum=0.01),
             network_timeout=options.number("network_timeout_secs", 60.0, minimum=0.01),
             request_timeout=options.number("request_timeout_secs", 300.0, minimum=0.01),
-            tls_context=tls,
+            tls=tls, staging_dir=staging,
         )
 
     # ------------------------------------------------------------------ service
 
     @property
     def listen_description(self) -> str:
-        tls = "+tls" if self.tls_context is not None else ""
+        tls = "+tls" if self.tls is not None else ""
         return f"dimse{tls}:{self.bind_addr}:{self.port} aet={self.local_aet}"
 
     @property
     def bound_port(self) -> int | None:
-        return self.server.server_address[1] if self.server is not None else None
+        return self.listening.getHost().port if self.listening is not None else None
 
-    def build_ae(self) -> AE:
-        ae = AE(ae_title=self.local_aet)
-        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = self.timeouts
-        ae.maximum_associations = self.max_associations
-        ae.maximum_pdu_size = self.max_pdu_size
-        # pynetdicom answers these with A-ASSOCIATE-RJ (called/calling AE not recognised).
-        ae.require_called_aet = True
-        ae.require_calling_aet = list(self.allowed_calling_aets or [])
+    @property
+    def bound_address(self) -> tuple[str, int] | None:
+        if self.listening is None:
+            return None
+        host = self.listening.getHost()
+        return host.host, host.port
+
+    def supported_contexts(self) -> list:
+        contexts = []
         if self.enabled[C_ECHO]:
-            ae.add_supported_context(Verification)
+            contexts.append(build_context(Verification, net.UNCOMPRESSED))
         for model in net.QUERY_MODELS.values():
             for op in (C_FIND, C_GET, C_MOVE):
                 if self.enabled[op]:
-                    ae.add_supported_context(model[op])
+                    contexts.append(build_context(model[op], net.UNCOMPRESSED))
         if self.enabled[C_STORE] or self.enabled[C_GET]:
             for cx in AllStoragePresentationContexts:
-                # scp_role: a C-GET requestor proposes to be the storage SCP for
-                # our sub-operations; accepting the role needs this flag.
-                role = True if self.enabled[C_GET] else None
-                ae.add_supported_context(cx.abstract_syntax, net.ALL_SYNTAXES, scu_role=role, scp_role=role)
-        return ae
-
-    def handlers(self) -> list:
-        return net.NODELAY_HANDLERS + [
-            (evt.EVT_C_ECHO, self.on_echo),
-            (evt.EVT_C_FIND, self.on_find),
-            (evt.EVT_C_GET, self.on_get),
-            (evt.EVT_C_MOVE, self.on_move),
-            (evt.EVT_C_STORE, self.on_store),
-        ]
+                context = build_context(cx.abstract_syntax, net.ALL_SYNTAXES)
+                if self.enabled[C_GET]:
+                    # A C-GET requestor proposes to be the storage SCP for our
+                    # sub-operations; accepting that role needs both flags.
+                    context.scu_role = True
+                    context.scp_role = True
+                contexts.append(context)
+        return contexts
 
     def startService(self):
         super().startService()
-        self.ae = self.build_ae()
+        settings = AcceptorSettings(self.local_aet, self.supported_contexts(), self.limits,
+                                    allowed_calling_aets=self.allowed_calling_aets)
+        self.factory = AcceptorFactory(settings, self.services, self.reactor)
+        if self.enabled[C_STORE]:
+            try:
+                self.staging.ensure()
+            except OSError as e:
+                # Still serve echo/find/get; each C-STORE is refused with Out of Resources.
+                log.error("dicom_scp {name}: cannot create its staging folder {path}: {error}", name=self.name,
+                          path=str(self.staging.base), error=e.strerror)
         try:
-            self.server = self.ae.start_server((self.bind_addr, self.port), block=False,
-                                               ssl_context=self.tls_context, evt_handlers=self.handlers())
-        except OSError as e:
+            if self.tls is not None:
+                self.listening = self.reactor.listenSSL(self.port, self.factory, self.tls,
+                                                        backlog=self.limits.backlog, interface=self.bind_addr)
+            else:
+                self.listening = self.reactor.listenTCP(self.port, self.factory, backlog=self.limits.backlog,
+                                                        interface=self.bind_addr)
+        except Exception as e:
             log.critical("dicom_scp {name} cannot listen on {host}:{port}: {error}", name=self.name,
-                         host=self.bind_addr, port=self.port, error=e.strerror)
+                         host=self.bind_addr, port=self.port, error=str(e))
             raise
-        # Without this the reactor's thread pool join waits on pynetdicom's
-        # threads for ~30 s at exit.
-        self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
         log.info("dicom_scp {name} listening on {host}:{port} as {aet}", name=self.name, host=self.bind_addr,
                  port=self.bound_port, aet=self.local_aet)
 
-    def _shutdown(self):
-        server, self.server = self.server, None
-        if server is None:
-            return None
-        return threads.deferToThread(server.shutdown)
-
     def stopService(self):
         super().stopService()
-        if self._trigger is not None:
-            self.reactor.removeSystemEventTrigger(self._trigger)
-            self._trigger = None
-        return self._shutdown()
+        listening, self.listening = self.listening, None
+        waits = []
+        if listening is not None:
+            waits.append(defer.maybeDeferred(listening.stopListening))
+        if self.factory is not None:
+            for assoc in list(self.factory.settings.associations):
+                assoc.abort("Harmony is stopping")
+                waits.append(assoc.closed)
+        return defer.DeferredList(waits, consumeErrors=True)
 
     # ------------------------------------------------------------------ pipeline glue
 
@@ -241,12 +269,10 @@ class DicomScpEndpoint(Service):
         resp.context["error_comment"] = error.detail
         return resp
 
-    def envelope(self, event, op: str, identifier: Dataset | None = None, **extra) -> RequestEnvelope:
-        assoc = event.assoc
-        requestor = assoc.requestor
+    def envelope(self, assoc, context, op: str, identifier: Dataset | None = None, **extra) -> RequestEnvelope:
         md = {"protocol": "dimse", "request_id": new_request_id(), "endpoint": self.name, "dimse_op": op,
-              "calling_aet": _text(requestor.ae_title), "called_aet": _text(assoc.acceptor.ae_title),
-              "sop_class_uid": str(event.context.abstract_syntax)}
+              "calling_aet": assoc.calling_aet, "called_aet": assoc.called_aet,
+              "sop_class_uid": str(context.abstract_syntax)}
         model_op = net.MODEL_OF.get(md["sop_class_uid"])
         if model_op:
             md["query_model"] = model_op[0]
@@ -258,235 +284,428 @@ class DicomScpEndpoint(Service):
             normalized = identifier_to_json(identifier)
         md.update({k: v for k, v in extra.items() if v is not None})
         return RequestEnvelope(method="DIMSE", path=f"/{md['called_aet']}/{op}", metadata=md,
-                               normalized=normalized, client_ip=str(requestor.address),
-                               scheme="dimse+tls" if self.tls_context is not None else "dimse",
-                               host=self.local_aet, context={"dimse_event": event})
+                               normalized=normalized, client_ip=str(assoc.peer_address[0]),
+                               scheme="dimse+tls" if self.tls is not None else "dimse",
+                               host=self.local_aet, context={"association": assoc})
 
-    def run_pipeline(self, env) -> ResponseEnvelope:
-        """Run *env* through the pipeline from a pynetdicom thread, with a deadline."""
+    async def run_pipeline(self, env) -> ResponseEnvelope:
+        """Run *env* through the pipeline, with a deadline."""
         if self.pipeline is None:
             return self.error_response(HarmonyError("no pipeline serves this endpoint"), env)
-
-        def call():
-            d = self.pipeline.handle(env, self)
-            d.addTimeout(self.request_timeout, self.reactor)
-            return d
+        d = self.pipeline.handle(env, self)
+        d.addTimeout(self.request_timeout, self.reactor)
         try:
-            return blockingCallFromThread(self.reactor, call)
+            return await d
         except defer.TimeoutError:
             return self.error_response(BackendTimeout("the pipeline did not answer in time"), env)
 
-    def results_of(self, env, response):
-        """(stream, None) or (None, failure status dataset)."""
+    def results_of(self, response):
+        """(stream, None) or (None, (failure status, comment))."""
         stream = response.context.get("dicom_results")
         if stream is None:
             # A backend that is not a DICOM one (or an error): never pass that
             # off as "success, no matches".
             status = response.context.get("dimse_status", NO_RESULTS)
             comment = response.context.get("error_comment") or "the pipeline gave no DICOM results"
-            return None, status_dataset(status, comment)
+            return None, (status, comment)
         if stream.done and net.is_failure(stream.status) and stream.total() == 0:
-            return None, status_dataset(stream.status if stream.status is not None else NO_RESULTS,
-                                        stream.error_comment)
+            return None, (stream.status if stream.status is not None else NO_RESULTS, stream.error_comment)
         return stream, None
 
-    def _next(self, event, stream):
-        """The stream's next item, or :data:`CANCELLED` once the peer sent a
-        C-CANCEL (or went away) - noticed even while the backend is still
-        working, by waking every :data:`CANCEL_POLL_SECS`."""
-        box: queue.Queue = queue.Queue(1)
-        self.reactor.callFromThread(lambda: stream.next().addBoth(box.put))
-        waited = 0.0
+
+class Operation:
+    """One DIMSE request being served: its message, and a C-CANCEL that may arrive meanwhile."""
+
+    def __init__(self, assoc, message):
+        self.assoc = assoc
+        self.message = message
+        self.context = assoc.contexts[message.context_id]
+        self.transfer_syntax = str(self.context.transfer_syntax[0])
+        self._cancel_waiters: list[defer.Deferred] = []
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        waiters, self._cancel_waiters = self._cancel_waiters, []
+        for d in waiters:
+            d.callback(CANCELLED)
+
+    def respond(self, status: int, *, identifier: bytes | None = None, comment: str | None = None, **counts):
+        command = {"AffectedSOPClassUID": self.message.command.get("AffectedSOPClassUID", str(
+            self.context.abstract_syntax)), "CommandField": _RESPONSE_OF[self.message.field],
+            "MessageIDBeingRespondedTo": self.message.message_id, "Status": status}
+        if self.message.field == commands.C_STORE_RQ:
+            command["AffectedSOPInstanceUID"] = self.message.command.get("AffectedSOPInstanceUID")
+        command.update({k: v for k, v in counts.items() if v is not None})
+        if comment and status not in (net.SUCCESS, net.PENDING, net.PENDING_WARNING):
+            command["ErrorComment"] = _comment(comment)
+        return self.assoc.send(self.message.context_id, command, identifier)
+
+    async def next(self, stream, timeout: float, reactor):
+        """The stream's next item, :data:`CANCELLED` once the peer sent C-CANCEL or left,
+        or :class:`BackendTimeout` when the backend is silent for *timeout* seconds."""
+        if self.cancelled or self.assoc.state != "established":
+            return CANCELLED
+        item = stream.next()
+        if item.called:
+            return await item
+        cancel = defer.Deferred()
+        self._cancel_waiters.append(cancel)
+        gone = defer.Deferred()
+        self.assoc.closed.addBoth(lambda _: gone.called or gone.callback(CANCELLED))
+        first = defer.DeferredList([item, cancel, gone], fireOnOneCallback=True, fireOnOneErrback=True,
+                                   consumeErrors=True)
+        first.addTimeout(timeout, reactor)
+        try:
+            result, _index = await first
+        except defer.TimeoutError:
+            raise BackendTimeout(f"no result from the backend for {timeout:g}s") from None
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        finally:
+            if cancel in self._cancel_waiters:
+                self._cancel_waiters.remove(cancel)
+        return result
+
+
+class ScpServices:
+    """The DIMSE service handlers of one ``dicom_scp`` endpoint: one coroutine per service.
+
+    Requests on an association are served in order (asynchronous operations are
+    not negotiated), except C-CANCEL, which reaches the operation it names at once.
+    """
+
+    def __init__(self, endpoint: DicomScpEndpoint):
+        self.endpoint = endpoint
+        self.running: dict[tuple[int, int], Operation] = {}
+
+    # -- association hooks
+
+    def association_established(self, assoc):
+        pass
+
+    def association_closed(self, assoc):
+        for key, op in list(self.running.items()):
+            if key[0] == id(assoc):
+                op.cancel()
+
+    def dataset_sink(self, assoc, context_id, command):
+        if command["CommandField"] == commands.C_STORE_RQ and self.endpoint.enabled[C_STORE]:
+            transfer_syntax = str(assoc.contexts[context_id].transfer_syntax[0])
+            try:
+                staging = self.endpoint.staging.ensure()
+                return datasets.PartTenSink(staging.new_path(), command, transfer_syntax,
+                                            self.endpoint.max_dataset_bytes, source_aet=assoc.calling_aet)
+            except OSError as e:
+                log.error("dicom_scp {name}: cannot stage a C-STORE data set: {error}", name=self.endpoint.name,
+                          error=e.strerror)
+                return datasets.DiscardSink(self.endpoint.max_dataset_bytes)
+        return datasets.MemorySink()
+
+    def on_request(self, assoc, message):
+        field = message.field
+        if field == commands.C_CANCEL_RQ:
+            op = self.running.get((id(assoc), message.command.get("MessageIDBeingRespondedTo")))
+            if op is not None:
+                op.cancel()
+            return
+        op = Operation(assoc, message)
+        name = _OPERATION_OF.get(field)
+        handler = getattr(self, f"on_{name[2:].lower()}", None) if name else None
+        if handler is None:
+            # An N-service or a request we do not serve on this context.
+            if field in (commands.C_ECHO_RQ,) or field in _RESPONSE_OF:
+                op.respond(net.SOP_CLASS_NOT_SUPPORTED)
+            else:
+                assoc.abort("unsupported DIMSE request")
+            return
+        if not self.endpoint.enabled[name] or not _serves(op.context, name):
+            _discard(message)
+            op.respond(net.SOP_CLASS_NOT_SUPPORTED)
+            return
+        key = (id(assoc), message.message_id)
+        self.running[key] = op
+        d = defer.ensureDeferred(handler(op))
+        d.addErrback(self._failed, op)
+        d.addBoth(lambda _: self.running.pop(key, None))
+
+    def _failed(self, failure, op: Operation):
+        if failure.check(AssociationAborted):
+            return None
+        log.failure("dicom_scp {name}: {op} failed", failure, name=self.endpoint.name,
+                    op=_OPERATION_OF.get(op.message.field, "?"))
+        if op.assoc.state == "established":
+            op.respond(net.PROCESSING_FAILURE if op.message.field == commands.C_STORE_RQ
+                       else net.UNABLE_TO_PROCESS, comment="internal error")
+        return None
+
+    # -- C-ECHO
+
+    async def on_echo(self, op: Operation):
+        await op.respond(net.SUCCESS)
+
+    # -- C-FIND
+
+    def identifier(self, op: Operation):
+        try:
+            return datasets.decode(op.message.dataset or b"", op.transfer_syntax)
+        except Exception:  # noqa: BLE001 - pydicom raises many types for bad input
+            return None
+
+    async def on_find(self, op: Operation):
+        endpoint = self.endpoint
+        identifier = self.identifier(op)
+        if identifier is None:
+            await op.respond(net.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+            return
+        env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier)
+        response = await endpoint.run_pipeline(env)
+        stream, failure = endpoint.results_of(response)
+        if failure is not None:
+            await op.respond(failure[0], comment=failure[1])
+            return
         while True:
             try:
-                result = box.get(timeout=CANCEL_POLL_SECS)
-            except queue.Empty:
-                if event.is_cancelled or not event.assoc.is_established:
-                    return CANCELLED
-                waited += CANCEL_POLL_SECS
-                if waited >= self.request_timeout:
-                    self._cancel(stream)
-                    raise BackendTimeout(f"no result from the backend for {self.request_timeout:g}s")
-                continue
-            if isinstance(result, Failure):
-                result.raiseException()
-            return result
-
-    def _cancel(self, stream):
-        self.reactor.callFromThread(lambda: (stream.cancel(), release_rest(stream)))
-
-    # ------------------------------------------------------------------ handlers (pynetdicom threads)
-
-    def on_echo(self, event):
-        return net.SUCCESS
-
-    def on_find(self, event):
-        env = self.envelope(event, C_FIND, event.identifier)
-        response = self.run_pipeline(env)
-        stream, failure = self.results_of(env, response)
-        if failure is not None:
-            yield failure, None
-            return
-
-        def pending(item):
-            yield net.PENDING, item if isinstance(item, Dataset) else Dataset.from_json(item)
-
-        ended = yield from self._relay(event, stream, pending, None)
-        if ended and net.is_failure(stream.status):
-            yield status_dataset(stream.status, stream.error_comment), None
-
-    def on_get(self, event):
-        env = self.envelope(event, C_GET, event.identifier)
-        enable_file_refs(event.assoc)
-        yield from self._retrieve(event, env)
-
-    def on_move(self, event):
-        dest = _text(event.move_destination)
-        where = self.move_destinations.get(dest)
-        if where is None:
-            log.warn("dicom_scp {name}: C-MOVE to unknown destination {dest}", name=self.name, dest=dest)
-            yield None, None
-            return
-        yield where[0], where[1], {"contexts": net.storage_contexts(),
-                                   "evt_handlers": net.NODELAY_HANDLERS + [(evt.EVT_CONN_OPEN, _file_refs_on_open)]}
-        env = self.envelope(event, C_MOVE, event.identifier, move_destination=dest, move_delivery="proxy")
-        yield from self._retrieve(event, env)
-
-    def _relay(self, event, stream, respond, failure_identifier):
-        """Yield ``respond(item)``'s responses for each item of *stream*, honouring
-        C-CANCEL and a backend that breaks mid-stream; True if the stream ended."""
-        while True:
-            item = CANCELLED if event.is_cancelled else None
-            if item is None:
-                try:
-                    item = self._next(event, stream)
-                except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
-                    status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
-                        else net.UNABLE_TO_PROCESS_BACKEND
-                    yield status_dataset(status, str(e)), failure_identifier
-                    return False
+                item = await op.next(stream, endpoint.request_timeout, endpoint.reactor)
+            except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
+                stream.cancel()
+                status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
+                    else net.UNABLE_TO_PROCESS_BACKEND
+                await op.respond(status, comment=str(e))
+                return
             if item is CANCELLED:
-                self._cancel(stream)
-                if event.assoc.is_established:
-                    yield net.CANCEL, None
-                return False
+                stream.cancel()
+                release_rest(stream)
+                if op.assoc.state == "established":
+                    await op.respond(net.CANCEL)
+                return
             if item is None:
-                return True
-            yield from respond(item)
+                break
+            match = item if isinstance(item, Dataset) else Dataset.from_json(item)
+            await op.respond(net.PENDING, identifier=datasets.encode(match, op.transfer_syntax))
+        if net.is_failure(stream.status):
+            await op.respond(stream.status, comment=stream.error_comment)
+        else:
+            await op.respond(net.SUCCESS)
 
-    def _retrieve(self, event, env):
+    # -- C-GET and C-MOVE
+
+    async def on_get(self, op: Operation):
+        identifier = self.identifier(op)
+        if identifier is None:
+            await op.respond(net.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+            return
+        env = self.endpoint.envelope(op.assoc, op.context, C_GET, identifier)
+        await self._retrieve(op, env, op.assoc, None)
+
+    async def on_move(self, op: Operation):
+        endpoint = self.endpoint
+        destination = op.message.command.get("MoveDestination", "").strip()
+        where = endpoint.move_destinations.get(destination)
+        if where is None:
+            log.warn("dicom_scp {name}: C-MOVE to unknown destination {dest}", name=endpoint.name, dest=destination)
+            await op.respond(net.MOVE_DESTINATION_UNKNOWN, comment="move destination unknown")
+            return
+        identifier = self.identifier(op)
+        if identifier is None:
+            await op.respond(net.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+            return
+        env = endpoint.envelope(op.assoc, op.context, C_MOVE, identifier, move_destination=destination,
+                                move_delivery="proxy")
+        await self._retrieve(op, env, None, (destination, where))
+
+    async def _open_destination(self, destination, where):
+        endpoint = self.endpoint
+        settings = RequestorSettings(local_aet=endpoint.local_aet, max_pdu=endpoint.limits.max_pdu,
+                                     acse_timeout=endpoint.limits.acse_timeout,
+                                     dimse_timeout=endpoint.limits.dimse_timeout,
+                                     network_timeout=endpoint.limits.network_timeout)
+        return await associate(endpoint.reactor, where[0], where[1], settings, destination,
+                               net.storage_contexts())
+
+    async def _retrieve(self, op: Operation, env, target, destination):
         """The common body of C-GET and C-MOVE: announce the count, then one
         sub-operation per instance as it arrives from the backend."""
-        response = self.run_pipeline(env)
-        stream, failure = self.results_of(env, response)
+        endpoint = self.endpoint
+        response = await endpoint.run_pipeline(env)
+        stream, failure = endpoint.results_of(response)
         if failure is not None:
-            yield 1  # pynetdicom sends a failure status only after a sub-operation count
-            yield failure, _failed_list([])
+            await op.respond(failure[0], comment=failure[1], NumberOfRemainingSuboperations=0,
+                             NumberOfCompletedSuboperations=0, NumberOfFailedSuboperations=0,
+                             NumberOfWarningSuboperations=0)
             return
-        blockingCallFromThread(self.reactor, stream.when_counted)
-        total = blockingCallFromThread(self.reactor, stream.total)
-        yield total
-        sent = 0
-
-        def sub_operation(item):
-            nonlocal sent
-            if sent >= total:
-                item.release()  # pynetdicom ignores sub-operations beyond the count it announced
-                return
-            sent += 1
-            try:
-                yield net.PENDING, FileRef(item)
-            finally:
-                item.release()
-
-        if not (yield from self._relay(event, stream, sub_operation, _failed_list([]))):
-            return
-        if stream.failed or net.is_failure(stream.status) or sent < total:
-            failed = list(stream.failed_sop_uids)
-            status = net.WARNING_SUBOPS if sent else (stream.status if net.is_failure(stream.status)
-                                                      else net.OUT_OF_RESOURCES_SUBOPS)
-            yield status_dataset(status, stream.error_comment), _failed_list(failed)
-
-    def on_store(self, event):
-        """Durable in storage_dir and/or accepted downstream before Success."""
+        await stream.when_counted()
+        total = stream.total()
+        completed = failed = warning = 0
+        failed_uids: list[str] = []
+        originator = None
+        if destination is not None:
+            originator = (op.assoc.calling_aet, op.message.message_id)
         try:
-            instance = read_instance(event.dataset_path, ds=check_complete(event.dataset_path))
+            while True:
+                try:
+                    item = await op.next(stream, endpoint.request_timeout, endpoint.reactor)
+                except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
+                    stream.cancel()
+                    status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
+                        else net.UNABLE_TO_PROCESS_BACKEND
+                    await op.respond(status, comment=str(e), identifier=_failed_list(failed_uids, op))
+                    return
+                if item is CANCELLED:
+                    stream.cancel()
+                    release_rest(stream)
+                    if op.assoc.state == "established":
+                        await op.respond(net.CANCEL, NumberOfRemainingSuboperations=max(
+                            total - completed - failed - warning, 0), NumberOfCompletedSuboperations=completed,
+                            NumberOfFailedSuboperations=failed, NumberOfWarningSuboperations=warning,
+                            identifier=_failed_list(failed_uids, op))
+                    return
+                if item is None:
+                    break
+                if not isinstance(item, DicomInstance) or completed + failed + warning >= total:
+                    if isinstance(item, DicomInstance):
+                        item.release()  # beyond the announced count: cannot be reported
+                    continue
+                try:
+                    if target is None:
+                        try:
+                            target = await self._open_destination(*destination)
+                        except (AssociationRejected, AssociationAborted, OSError, ConnectionError) as e:
+                            log.warn("dicom_scp {name}: C-MOVE destination {dest} unreachable: {error}",
+                                     name=endpoint.name, dest=destination[0], error=str(e))
+                            stream.cancel()
+                            release_rest(stream)
+                            item.release()
+                            await op.respond(net.UNABLE_TO_PROCESS_BACKEND,
+                                             comment="move destination unreachable",
+                                             NumberOfRemainingSuboperations=0,
+                                             NumberOfCompletedSuboperations=0,
+                                             NumberOfFailedSuboperations=total, NumberOfWarningSuboperations=0)
+                            return
+                    status = await storage.c_store(target, item, endpoint.reactor, originator=originator)
+                finally:
+                    item.release()
+                if status is None or net.is_failure(status):
+                    failed += 1
+                    failed_uids.append(item.sop_instance_uid)
+                elif status != net.SUCCESS:
+                    warning += 1
+                else:
+                    completed += 1
+                # A pending response after every sub-operation, the last one too
+                # (remaining 0), as Orthanc and pynetdicom answer.
+                await op.respond(net.PENDING, NumberOfRemainingSuboperations=max(total - completed - failed - warning, 0),
+                                 NumberOfCompletedSuboperations=completed, NumberOfFailedSuboperations=failed,
+                                 NumberOfWarningSuboperations=warning)
+        finally:
+            if destination is not None and target is not None:
+                target.release()
+        sent = completed + failed + warning
+        if stream.failed or net.is_failure(stream.status) or sent < total:
+            failed_uids += [u for u in stream.failed_sop_uids if u not in failed_uids]
+            failed += max(total - sent, 0)
+        if failed or warning:
+            status = net.WARNING_SUBOPS if completed or warning else (
+                stream.status if net.is_failure(stream.status) else net.OUT_OF_RESOURCES_SUBOPS)
+        else:
+            status = net.SUCCESS
+        await op.respond(status, comment=stream.error_comment if status != net.SUCCESS else None,
+                         NumberOfRemainingSuboperations=0 if status != net.SUCCESS else None,
+                         NumberOfCompletedSuboperations=completed, NumberOfFailedSuboperations=failed,
+                         NumberOfWarningSuboperations=warning,
+                         identifier=_failed_list(failed_uids, op) if failed_uids else None)
+
+    # -- C-STORE
+
+    async def on_store(self, op: Operation):
+        """Durable in storage_dir and/or accepted downstream before Success."""
+        endpoint = self.endpoint
+        path = op.message.dataset
+        command = op.message.command
+        if path is None:       # the data set could not be staged (see dataset_sink)
+            await op.respond(net.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
+            return
+        try:
+            instance = await blocking.run(endpoint.reactor, _read_received, path)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
-            log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=self.name)
-            return status_dataset(net.STORE_CANNOT_UNDERSTAND, "cannot decode the dataset")
-        req = event.request
-        uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
-        if not all(valid_uid(u) for u in uids):
-            return status_dataset(net.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
-        if instance.sop_instance_uid != req.AffectedSOPInstanceUID or \
-                instance.sop_class_uid != req.AffectedSOPClassUID:
-            return status_dataset(net.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
-        if self.storage_dir is not None:
-            dest = self.storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
-                f"{instance.sop_instance_uid}.dcm"
-            try:
-                durable_copy(instance.path, dest)
-            except OSError as e:
-                log.error("dicom_scp {name}: cannot store an instance: {error}", name=self.name, error=e.strerror)
-                return status_dataset(net.STORE_OUT_OF_RESOURCES, "cannot write to storage")
-            instance.path = dest
-        if not self.forward_store:
-            return net.SUCCESS
-        env = self.envelope(event, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
-        env.context["instance"] = instance
-        env.normalized = _header_json(instance.path)
-        response = self.run_pipeline(env)
-        stream = response.context.get("dicom_results")
-        if stream is None:
-            status = response.context.get("dimse_status")
-            if status is None:
-                status = net.SUCCESS if response.status < 300 else net.PROCESSING_FAILURE
-            return status_dataset(status, response.context.get("error_comment"))
-        blockingCallFromThread(self.reactor, stream.when_counted)
-        return status_dataset(stream.status if stream.status is not None else net.PROCESSING_FAILURE,
-                              stream.error_comment)
+            _unlink(path)
+            log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
+            await op.respond(net.STORE_CANNOT_UNDERSTAND, comment="cannot decode the dataset")
+            return
+        instance.owned = True
+        try:
+            uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
+            if not all(valid_uid(u) for u in uids):
+                await op.respond(net.STORE_CANNOT_UNDERSTAND, comment="missing or invalid UIDs in the dataset")
+                return
+            if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
+                    instance.sop_class_uid != command.get("AffectedSOPClassUID"):
+                await op.respond(net.STORE_DATASET_MISMATCH, comment="dataset does not match the C-STORE request")
+                return
+            if endpoint.storage_dir is not None:
+                dest = endpoint.storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
+                    f"{instance.sop_instance_uid}.dcm"
+                try:
+                    await blocking.run(endpoint.reactor, durable_move, instance.path, dest)
+                except OSError as e:
+                    log.error("dicom_scp {name}: cannot store an instance: {error}", name=endpoint.name,
+                              error=e.strerror)
+                    await op.respond(net.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
+                    return
+                instance.path, instance.owned = dest, False
+            if not endpoint.forward_store:
+                await op.respond(net.SUCCESS)
+                return
+            env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
+            env.context["instance"] = instance
+            env.normalized = await blocking.run(endpoint.reactor, _header_json, instance.path)
+            response = await endpoint.run_pipeline(env)
+            stream = response.context.get("dicom_results")
+            if stream is None:
+                status = response.context.get("dimse_status")
+                if status is None:
+                    status = net.SUCCESS if response.status < 300 else net.PROCESSING_FAILURE
+                await op.respond(status, comment=response.context.get("error_comment"))
+                return
+            await stream.when_counted()
+            await op.respond(stream.status if stream.status is not None else net.PROCESSING_FAILURE,
+                             comment=stream.error_comment)
+        finally:
+            instance.release()
 
 
-# --------------------------------------------------------------------------- sending files
+def _serves(context, op: str) -> bool:
+    uid = str(context.abstract_syntax)
+    if op == C_ECHO:
+        return uid == str(Verification)
+    if op == C_STORE:
+        return uid not in net.MODEL_OF and uid != str(Verification)
+    return net.MODEL_OF.get(uid, (None, None))[1] == op
 
 
-class FileRef(Dataset):
-    """A dataset that stands for a file: pynetdicom's C-GET/C-MOVE service
-    only yields ``Dataset``s to C-STORE, so this marker carries the path to
-    :func:`enable_file_refs`' ``send_c_store``, which streams it from disk
-    unchanged instead of decoding and re-encoding it in memory."""
-
-    def __init__(self, instance: DicomInstance):
-        super().__init__()
-        self.SOPInstanceUID = instance.sop_instance_uid
-        self.SOPClassUID = instance.sop_class_uid
-        self._instance = instance
+def _discard(message) -> None:
+    if isinstance(message.dataset, Path):
+        _unlink(message.dataset)
 
 
-def enable_file_refs(assoc) -> None:
-    """Teach one association's ``send_c_store`` to send :class:`FileRef`s from disk."""
-    if getattr(assoc, "_harmony_file_refs", False):
-        return
-    original = assoc.send_c_store
-
-    @functools.wraps(original)
-    def send_c_store(dataset, *args, **kwargs):
-        if isinstance(dataset, FileRef):
-            return net.send_instance(assoc, dataset._instance, *args, **kwargs)
-        return original(dataset, *args, **kwargs)
-
-    assoc.send_c_store = send_c_store
-    assoc._harmony_file_refs = True
+def _unlink(path) -> None:
+    try:
+        Path(path).unlink()
+    except (FileNotFoundError, TypeError):
+        pass
 
 
-def _file_refs_on_open(event):
-    enable_file_refs(event.assoc)
+def _read_received(path):
+    """Validate a received Part-10 file (every element inside it) and describe it (a worker thread)."""
+    return read_instance(path, ds=check_complete(path))
 
 
-def _failed_list(uids) -> Dataset:
+def _failed_list(uids, op: Operation) -> bytes | None:
+    if not uids:
+        return None
     ds = Dataset()
     ds.FailedSOPInstanceUIDList = list(uids)
-    return ds
+    return datasets.encode(ds, op.transfer_syntax)
 
 
 def _header_json(path) -> dict:
@@ -499,3 +718,4 @@ def _text(value) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value).strip()
+

@@ -22,8 +22,13 @@ from harmony.endpoints.base import HttpEndpointBase, check_prefix
 from harmony.envelope import body_length
 from harmony.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 from harmony.dicomweb.accept import parse_media_range
+from harmony.web import coding
 
 DEFAULT_MAX_UPLOAD = 4 * 1024 ** 3
+#: RFC 2046 caps a boundary at 70 characters, and ours are 32; deployed clients
+#: send longer ones (Orthanc 1.10's STOW-RS client: 73, "<uuid>-<uuid>"), so
+#: we read up to this many and refuse only what no client has a reason to send.
+MAX_BOUNDARY = 200
 _WADO_KIND = {"study": "retrieve", "series": "retrieve", "instance": "retrieve", "metadata": "metadata",
               "frames": "frames", "bulkdata": "bulkdata", "rendered": "rendered", "thumbnail": "rendered"}
 _BODY_HEAD = 4096
@@ -33,7 +38,8 @@ def stow_boundary(content_type: str | None) -> str:
     """Check a STOW-RS Content-Type and return its boundary.
 
     Tolerant where PS3.18 clients differ (quoted or bare boundary, extra
-    parameters, any order), strict where it matters: no multipart/related is
+    parameters, any order, boundaries longer than RFC 2046's 70 characters up
+    to :data:`MAX_BOUNDARY`), strict where it matters: no multipart/related is
     415, a non-DICOM ``type`` is 415, no boundary is 400 (Orthanc accepts that;
     we do not guess where parts begin).
     """
@@ -44,8 +50,8 @@ def stow_boundary(content_type: str | None) -> str:
     if ptype != "application/dicom":
         raise UnsupportedMediaType(f"STOW-RS part type {ptype!r} is not supported (only application/dicom)")
     boundary = params.get("boundary", "")
-    if not 1 <= len(boundary) <= 70:
-        raise BadRequest("multipart/related body needs a boundary parameter of 1-70 characters")
+    if not 1 <= len(boundary) <= MAX_BOUNDARY:
+        raise BadRequest(f"multipart/related body needs a boundary parameter of 1-{MAX_BOUNDARY} characters")
     return boundary
 
 
@@ -53,7 +59,7 @@ class DicomWebEndpoint(HttpEndpointBase):
     protocol = "dicomweb"
 
     def __init__(self, name, path_prefix="/", *, public_base_url=None, trust_forwarded=True,
-                 max_upload_bytes=DEFAULT_MAX_UPLOAD, qido_max_limit=None, empty_search_status=204):
+                 max_upload_bytes=DEFAULT_MAX_UPLOAD, qido_max_limit=None, empty_search_status=200):
         super().__init__(name, path_prefix)
         self.public_base_url = public_base_url
         self.trust_forwarded = trust_forwarded
@@ -68,7 +74,9 @@ class DicomWebEndpoint(HttpEndpointBase):
         public = options.str("public_base_url", None)
         if public is not None:
             public = check_base_url(public, "public_base_url")
-        empty = options.int("empty_search_status", 204)
+        # 200 with [] by default: Orthanc's DICOMweb client reads 204 as "Bad file
+        # format" (docs/endpoints/dicomweb.md has the interop evidence).
+        empty = options.int("empty_search_status", 200)
         if empty not in (200, 204):
             raise OptionError("empty_search_status", f"must be 200 or 204, got {empty}")
         return cls(name, prefix, public_base_url=public,
@@ -146,9 +154,22 @@ class DicomWebEndpoint(HttpEndpointBase):
         size = body_length(request.body)
         if size is not None and size > self.max_upload_bytes:
             raise PayloadTooLarge(f"STOW-RS body of {size} bytes exceeds the limit of {self.max_upload_bytes}")
+        try:
+            body_coding = coding.content_coding(request.headers)
+        except coding.UnsupportedCoding as e:
+            raise UnsupportedMediaType(str(e)) from None
         head = request.context.get("dicomweb.body_head")
         if head is None and isinstance(request.body, bytes):
             head = request.body[:_BODY_HEAD]
+        if head and body_coding:
+            try:
+                head = coding.decoded_head(head, body_coding, _BODY_HEAD)
+            except coding.CodingError as e:
+                raise BadRequest(f"STOW-RS request body: {e}") from None
+            # Every backend sees the body decoded (streaming, the upload cap
+            # counted on decoded bytes): the bridge parses it, and an upstream
+            # DICOMweb server need not understand a compressed request.
+            coding.decode_request(request, self.max_upload_bytes)
         if not head:
             raise BadRequest("STOW-RS request has an empty body")
         # RFC 2046: an optional preamble, then the first delimiter line.

@@ -25,6 +25,7 @@ from harmony.errors import HarmonyError
 from harmony.fhir.formats import FHIR_VERSIONS, body_format, negotiate
 from harmony.fhir.outcome import outcome_response
 from harmony.fhir.rest import RESOURCE_BODY, Interaction, check_resource_body, classify
+from harmony.web import coding
 
 DEFAULT_MAX_RESOURCE_BYTES = 16 * 1024 * 1024
 
@@ -63,6 +64,7 @@ class FhirEndpoint(HttpEndpointBase):
             any_accept=interaction.resource_type == "Binary" and interaction.name in ("read", "vread"))
         if interaction.name in RESOURCE_BODY:
             fmt = body_format(request.header("content-type"), self.version_number)
+            coding.decode_request(request, self.max_resource_bytes)  # gzip/deflate bodies: read decoded
             body = yield read_body(request.body, self.max_resource_bytes)
             request.body = body
             doc = check_resource_body(interaction, fmt, body)

@@ -8,15 +8,15 @@ whichever endpoint or backend comes next sees a consistent envelope.
 from __future__ import annotations
 
 import json
-import zlib
 from typing import Any
 
 from twisted.internet import defer
 
 from harmony.config.errors import OptionError
 from harmony.envelope import body_length, is_json_type, read_body
-from harmony.errors import BadRequest, MiddlewareFailed, PayloadTooLarge
+from harmony.errors import BadRequest, MiddlewareFailed, PayloadTooLarge, UnsupportedMediaType
 from harmony.transform import parse_json_text
+from harmony.web import coding
 
 #: Default cap on a body a JSON middleware will pull into memory.
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
@@ -62,33 +62,6 @@ def max_body_option(options) -> int:
     return value
 
 
-def content_coding(envelope) -> str:
-    """The body's Content-Encoding, lower-cased; "" for none/identity."""
-    value = (envelope.header("content-encoding") or "").strip().lower()
-    return "" if value == "identity" else value
-
-
-def decode_content(data: bytes, coding: str, max_bytes: int) -> bytes:
-    """Undo a gzip/deflate Content-Encoding, refusing to inflate past *max_bytes*
-    (a few KB of gzip can expand to gigabytes).  Raises ValueError."""
-    if not coding:
-        return data
-    if coding in ("gzip", "x-gzip"):
-        wbits = 16 + zlib.MAX_WBITS
-    elif coding == "deflate":
-        wbits = zlib.MAX_WBITS
-    else:
-        raise ValueError(f"cannot read a body with Content-Encoding {coding!r}")
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(data, max_bytes + 1)
-    except zlib.error as e:
-        raise ValueError(f"body is not valid {coding}: {e}") from None
-    if len(out) > max_bytes or inflater.unconsumed_tail:
-        raise ValueError(f"decoded body exceeds {max_bytes} bytes")
-    return out
-
-
 #: read_json's answer when there is no JSON body to work on (or it may be skipped).
 SKIP = object()
 
@@ -100,11 +73,21 @@ def read_json(envelope, max_bytes: int, *, fail: bool, client_side: bool, who: s
     Bodies that are not JSON by Content-Type, or empty, are SKIPped.  A body
     that is too big, encoded in a way we cannot undo, or not valid JSON is
     SKIPped when not *fail*, and otherwise is the client's error (400/413,
-    *client_side*) or the upstream's (500).  The body read stays on the
-    envelope as bytes.  *who* names the middleware in error details.
+    415 for a coding we cannot undo; *client_side*) or the upstream's (500).
+    The body read stays on the envelope as bytes, in its content coding: gzip
+    and deflate are undone on a copy, and *max_bytes* bounds both the bytes
+    read and the bytes they decode to (a small gzip bomb stops at the cap).
+    *who* names the middleware in error details.
     """
     if not is_json_type(envelope.header("content-type")):
         return SKIP
+    try:
+        body_coding = coding.content_coding(envelope.headers)
+    except coding.UnsupportedCoding as e:
+        if not fail:
+            return SKIP
+        raise (UnsupportedMediaType(f"{who}: {e}") if client_side
+               else MiddlewareFailed(f"upstream body, {who}: {e}")) from None
     limit = f"JSON body exceeds {max_bytes} bytes ({who}, max_body_bytes)"
     if too_big(envelope, max_bytes):
         if not fail:
@@ -119,7 +102,11 @@ def read_json(envelope, max_bytes: int, *, fail: bool, client_side: bool, who: s
     if not data.strip():
         return SKIP
     try:
-        return parse_json_text(decode_content(data, content_coding(envelope), max_bytes), "body")
+        return parse_json_text(coding.decode_bytes(data, body_coding, max_bytes), "body")
+    except PayloadTooLarge:
+        if not fail:
+            return SKIP
+        raise (PayloadTooLarge(limit) if client_side else MiddlewareFailed(limit)) from None
     except ValueError as e:
         if not fail:
             return SKIP

@@ -49,6 +49,7 @@ from harmony.envelope import RequestEnvelope, ResponseEnvelope
 from harmony.errors import BackendUnavailable, BadRequest, ConfigurationFailure, HarmonyError, NotAcceptable, NotFound
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
+from harmony.web import coding
 
 log = get_logger("harmony.middleware.dicomweb_bridge")
 
@@ -105,7 +106,7 @@ class DicomWebBridge(Middleware):
         has that AE title (a pipeline may hold one dicom_scu backend per PACS)."""
         pipeline = request.context.get("pipeline")
         for backend in getattr(pipeline, "backends", ()):
-            titles = {p.aet for p in getattr(backend, "peers", ())}
+            titles = set(getattr(backend, "ae_titles", ()))
             if backend.name == aet or aet in titles:
                 request.metadata["backend"] = backend.name
                 return
@@ -359,7 +360,8 @@ class DicomWebBridge(Middleware):
         body = with_base(body, dw.base_url)
         etag = etag_for(body)
         headers = Headers({"ETag": [etag], "Cache-Control": ["private, no-cache"]})
-        if etag in [t.strip() for t in (request.header("if-none-match") or "").split(",")]:
+        # Weak comparison (RFC 9110 13.1.2): a gzipped answer went out with W/ (harmony.web.coding).
+        if coding.etag_matches(request.header("if-none-match"), etag):
             return ResponseEnvelope(304, headers, b"")
         headers.setRawHeaders("Content-Type", ["application/dicom+json"])
         return ResponseEnvelope(200, headers, body)

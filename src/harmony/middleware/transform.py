@@ -13,9 +13,11 @@ spec file is a configuration error naming the file.
 
 On the request side the body sent upstream (and ``normalized``) is rewritten;
 on the response side the body the client gets, with Content-Length fixed.
-gzip/deflate bodies are inflated (within ``max_body_bytes``) and written back
-plain; when responses are transformed, the upstream is not offered
-compression (Accept-Encoding is dropped).
+gzip/deflate bodies are inflated (within ``max_body_bytes``, counted on the
+decoded bytes too) and written back plain; a request body in another coding is
+415.  When responses are transformed, the upstream is asked for
+``Accept-Encoding: identity``; the transformed body is compressed for clients
+that accept gzip by the response writer (:mod:`harmony.web.coding`).
 Only JSON bodies (by Content-Type) are transformed; other bodies, empty ones
 and non-2xx responses (an upstream's error document has another shape) pass
 untouched.  A JSON body that does not parse, or a spec that fails on it, is an
@@ -199,8 +201,10 @@ class Transform(SpecMiddleware):
     def on_request(self, request):
         if self.responses:
             # The response body must be read to be rewritten: ask for it plain
-            # (gzip and deflate are still undone if an upstream sends them anyway).
-            request.headers.removeHeader(b"accept-encoding")
+            # (no Accept-Encoding would mean "any coding", RFC 9110 12.5.3); gzip
+            # and deflate are still undone if an upstream sends them anyway, and
+            # the response writer compresses the result for a client that asks.
+            request.headers.setRawHeaders(b"accept-encoding", [b"identity"])
         if not self.requests:
             return request
         context = request_context(request) if self.inject_context else None

@@ -1,13 +1,19 @@
 """DIMSE C-ECHO health check for DIMSE targets (``host``/``port``/``aet``).
 
-pynetdicom blocks, so each echo runs in the reactor's thread pool; its own
-timeouts are set to the check's so a dead peer cannot hold a thread longer
-than one check.  Kept apart so HTTP-only configs never import pynetdicom.
+One association with one C-ECHO, carried by the reactor
+(:mod:`harmony.dicom.ul`): a dead peer costs a socket and a timer, not a
+thread, and every timeout of the exchange is the check's own.
 """
 
 from __future__ import annotations
 
-from twisted.internet.threads import deferToThread
+from pynetdicom import build_context
+from pynetdicom.sop_class import Verification
+from twisted.internet import defer
+
+from harmony.dicom.ul import commands
+from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
+from harmony.dicom.ul.requestor import RequestorSettings, associate
 
 SUCCESS = 0x0000
 
@@ -16,35 +22,40 @@ class EchoFailed(Exception):
     pass
 
 
-def echo(host: str, port: int, called_aet: str, calling_aet: str, timeout: float) -> int:
+async def echo(reactor, host: str, port: int, called_aet: str, calling_aet: str, timeout: float,
+               tls_context=None) -> int:
     """One association with one C-ECHO; returns the DIMSE status or raises EchoFailed."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=called_aet)
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            raise EchoFailed(f"association rejected by {called_aet}")
-        raise EchoFailed(f"no association with {called_aet}@{host}:{port}")
+    settings = RequestorSettings(local_aet=calling_aet, acse_timeout=timeout, dimse_timeout=timeout,
+                                 network_timeout=timeout, connect_timeout=timeout)
     try:
-        status = assoc.send_c_echo()
+        assoc = await associate(reactor, host, port, settings, called_aet, [build_context(Verification)],
+                                tls_context=tls_context)
+    except AssociationRejected:
+        raise EchoFailed(f"association rejected by {called_aet}") from None
+    except Exception:  # noqa: BLE001 - refused, unreachable, timed out, aborted
+        raise EchoFailed(f"no association with {called_aet}@{host}:{port}") from None
+    try:
+        response = await assoc.request(next(iter(assoc.contexts)), {
+            "AffectedSOPClassUID": str(Verification), "CommandField": commands.C_ECHO_RQ})
+    except (AssociationAborted, StopIteration):
+        raise EchoFailed("no C-ECHO response") from None
     finally:
-        assoc.release()
-    if not status or "Status" not in status:
-        raise EchoFailed("no C-ECHO response")
-    if status.Status != SUCCESS:
-        raise EchoFailed(f"C-ECHO status 0x{status.Status:04X}")
-    return status.Status
+        if assoc.state == "established":
+            assoc.release()
+    status = response.command.get("Status")
+    if status != SUCCESS:
+        raise EchoFailed(f"C-ECHO status 0x{status:04X}" if isinstance(status, int) else "no C-ECHO status")
+    return status
 
 
 class EchoCheck:
-    def __init__(self, settings):
+    def __init__(self, settings, reactor=None):
         self.settings = settings
+        self.reactor = reactor
 
     def __call__(self, target):
+        from twisted.internet import reactor as default_reactor
         s = self.settings
-        d = deferToThread(echo, target.host, target.port, target.aet, s.calling_aet, s.timeout_secs)
+        d = defer.ensureDeferred(echo(self.reactor or default_reactor, target.host, target.port, target.aet,
+                                      s.calling_aet, s.timeout_secs))
         return d.addCallback(lambda _: True)

@@ -108,7 +108,7 @@ def make_check(reactor, settings: HealthSettings, tls_policy=None):
     if settings.kind == "dimse":
         from harmony.targets.dimse_health import EchoCheck
 
-        return EchoCheck(settings)
+        return EchoCheck(settings, reactor)
     return HttpGetCheck(reactor, settings, tls_policy)
 
 

@@ -13,6 +13,7 @@ from harmony import jsonutil
 from harmony.envelope import (RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id,
                               parse_query)
 from harmony.log import enabled, get_logger
+from harmony.web import coding
 from harmony.web.headers import HOP_BY_HOP, copy_headers
 from harmony.web.streaming import INLINE_BODY_LIMIT
 
@@ -69,7 +70,8 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
         host=_text(request.getHeader(b"host") or b""),
     )
     env.query = parse_query(raw_query) if raw_query else []
-    if isinstance(body, bytes) and body and is_json_type(env.header("content-type")):
+    if isinstance(body, bytes) and body and is_json_type(env.header("content-type")) \
+            and not env.headers.hasHeader(b"content-encoding"):  # coded bodies: json_extractor decodes
         try:
             env.normalized = jsonutil.loads(body)
         except ValueError:
@@ -83,6 +85,7 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     flow control; fires when the response is finished (or the client left)."""
     if getattr(request, "_disconnected", False) or request.finished:
         return defer.succeed(None)
+    response = coding.compress_for(request, response)  # gzip for clients that ask (harmony.web.coding)
     request.setResponseCode(response.status, response.reason)
     out = copy_headers(response.headers, _NOT_COPIED)
     for name, values in request.responseHeaders.getAllRawHeaders():

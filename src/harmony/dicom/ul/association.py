@@ -1,0 +1,673 @@
+"""One DICOM association as a Twisted protocol (PS3.8 upper layer, PS3.7 DIMSE framing).
+
+Why not pynetdicom's :class:`~pynetdicom.association.Association`: it runs
+two threads per association that poll with sleeps and watch the socket with
+``select()``; here the reactor delivers bytes when they arrive, timers are
+``callLater``, and nothing runs while a peer is silent.  The state machine
+is PS3.8 §9.2's, reduced to the states a DIMSE application can be in:
+
+``AWAIT_RQ`` (acceptor, ARTIM running) -> ``ESTABLISHED`` -> ``RELEASING``
+(we sent A-RELEASE-RQ) -> ``CLOSED``; a requestor starts in ``AWAIT_AC``.
+
+What arrives is checked before it is kept: a PDU's declared length against the
+limit of the state (:mod:`.pdu`), a command set against
+:data:`~.commands.MAX_COMMAND_BYTES`, a data set against the sink the service
+handler chose for it (in memory with a cap, or spooled to a file).  Any
+violation is an A-ABORT and a closed connection, never a growing buffer.
+
+Sending is flow-controlled: a data set from a file is read and written in
+blocks only while the transport is not paused, and messages never interleave
+(a send queue per association), so a slow peer holds one block of memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+from pynetdicom import pdu as pn_pdu
+from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
+                                       ImplementationVersionNameNotification, MaximumLengthNotification,
+                                       SCP_SCU_RoleSelectionNegotiation)
+from pynetdicom.presentation import negotiate_as_requestor
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from harmony.dicom.ul import commands, pdu
+from harmony.log import get_logger
+
+log = get_logger("harmony.dicom.ul")
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1442.1"   # Harmony's implementation class
+IMPLEMENTATION_VERSION = "HARMONY_UL_1"
+
+AWAIT_RQ, AWAIT_AC, ESTABLISHED, RELEASING, CLOSED = "await-rq", "await-ac", "established", "releasing", "closed"
+
+#: Slack above our advertised maximum PDU: some peers count the PDV header into the
+#: fragment, some do not; refusing a PDU 12 bytes too long helps nobody.
+PDU_SLACK = 64
+#: Block size for data sets sent from files (fragmented into PDUs of the peer's maximum).
+FILE_BLOCK = 1024 * 1024
+#: How long a closing connection may take to flush before it is cut.
+CLOSE_GRACE_SECS = 5.0
+
+
+class AssociationAborted(Exception):
+    """The association ended (A-ABORT, a closed connection or a timeout) before the operation finished."""
+
+
+class Reject(tuple):
+    """A negotiation's refusal: (result, source, reason) of an A-ASSOCIATE-RJ (PS3.8 Table 9-21)."""
+
+    def __new__(cls, result: int, source: int, reason: int):
+        return super().__new__(cls, (result, source, reason))
+
+
+class AssociationRejected(Exception):
+    def __init__(self, result: int, source: int, reason: int):
+        super().__init__(f"association rejected (result {result}, source {source}, reason {reason})")
+        self.result, self.source, self.reason = result, source, reason
+
+
+class Message:
+    """A received DIMSE message: command (``dict``), context, data set (what the sink's ``close`` gave)."""
+
+    __slots__ = ("context_id", "command", "dataset")
+
+    def __init__(self, context_id: int, command: dict, dataset=None):
+        self.context_id = context_id
+        self.command = command
+        self.dataset = dataset
+
+    @property
+    def field(self) -> int:
+        return self.command["CommandField"]
+
+    @property
+    def message_id(self) -> int | None:
+        return self.command.get("MessageID")
+
+
+class FileDataset:
+    """A data set to send from a file, starting at *offset* (after a Part-10 header)."""
+
+    __slots__ = ("path", "offset")
+
+    def __init__(self, path, offset: int = 0):
+        self.path = path
+        self.offset = offset
+
+
+@implementer(IPushProducer)
+class _Flow:
+    """The transport's back-pressure as Deferreds: :meth:`ready` fires when writing may go on."""
+
+    def __init__(self):
+        self.paused = False
+        self._waiters: list[defer.Deferred] = []
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def stopProducing(self):
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.errback(AssociationAborted("connection closed while sending"))
+
+    def ready(self) -> defer.Deferred:
+        if not self.paused:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+class _Pending:
+    """A request we sent, waiting for its response(s)."""
+
+    __slots__ = ("deferred", "on_pending", "timer")
+
+    def __init__(self, on_pending):
+        self.deferred = defer.Deferred()
+        self.on_pending = on_pending
+        self.timer = None
+
+
+class Association(protocol.Protocol):
+    """One association, acceptor or requestor; :class:`ServiceUser` subclasses hold the DIMSE side.
+
+    *settings* carries the local AE title, our maximum PDU, timeouts and, for an
+    acceptor, the negotiation policy; *handler* answers DIMSE requests
+    (``handler.dataset_sink(assoc, context_id, command)`` and
+    ``handler.on_request(assoc, message)``).
+    """
+
+    def __init__(self, settings, handler, reactor, *, requestor: A_ASSOCIATE | None = None):
+        self.settings = settings
+        self.handler = handler
+        self.reactor = reactor
+        self.is_requestor = requestor is not None
+        self.state = AWAIT_AC if self.is_requestor else AWAIT_RQ
+        self._rq_primitive = requestor
+        self.framer = pdu.PDUFramer(pdu.MAX_ASSOCIATE_PDU)
+        self.calling_aet = ""
+        self.called_aet = ""
+        self.peer_address = None
+        #: Accepted presentation contexts by id: (abstract syntax, transfer syntax, PresentationContext).
+        self.contexts: dict[int, object] = {}
+        self.peer_max_pdu = 0
+        self.implementation_class_uid = ""
+        self.user_identity = None
+        self.established = defer.Deferred()   # fires with self once established (requestor & acceptor)
+        self.closed = defer.Deferred()        # fires with the reason (None for a clean release)
+        self._command = bytearray()
+        self._command_context = None
+        self._incoming: Message | None = None
+        self._sink = None
+        self._flow = _Flow()
+        self._send_queue: deque = deque()
+        self._sending = False
+        self._message_ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._artim = None
+        self._idle = None
+        self._release_waiter: defer.Deferred | None = None
+        self._end_reason = None
+
+    # ------------------------------------------------------------------ connection
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.peer_address = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        _set_nodelay(self.transport)
+        self.transport.registerProducer(self._flow, True)
+        self.settings.connection_made(self)
+        if self.state == AWAIT_AC:
+            self._write(self._encode_associate_rq())
+            self._start_artim()
+        else:
+            self._start_artim()
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        was = self.state
+        self.state = CLOSED
+        self._cancel_timers()
+        if self._sink is not None:
+            self._sink.abort()
+            self._sink = None
+        self._flow.stopProducing()
+        error = AssociationAborted(self._end_reason or "connection closed")
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.timer is not None and p.timer.active():
+                p.timer.cancel()
+            p.deferred.errback(Failure(error))
+        if self.is_requestor and not self.established.called:
+            self.established.errback(Failure(error))
+        if self._release_waiter is not None and not self._release_waiter.called:
+            self._release_waiter.callback(None)
+        self.settings.connection_lost(self, was)
+        self.handler.association_closed(self)
+        if not self.closed.called:
+            self.closed.callback(self._end_reason)
+
+    # ------------------------------------------------------------------ timers
+
+    def _start_artim(self):
+        self._stop_artim()
+        self._artim = self.reactor.callLater(self.settings.acse_timeout, self._artim_expired)
+
+    def _stop_artim(self):
+        if self._artim is not None and self._artim.active():
+            self._artim.cancel()
+        self._artim = None
+
+    def _artim_expired(self):
+        self._artim = None
+        if self.state in (AWAIT_RQ, AWAIT_AC):
+            self._abort_connection("no association negotiated within the ACSE timeout", reason=0x00)
+        elif self.state == RELEASING:
+            self._end_reason = "release not confirmed in time"
+            self.transport.abortConnection()
+
+    def _touch(self):
+        """Activity in either direction: restart the idle (network) timer."""
+        timeout = self.settings.network_timeout
+        if not timeout:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(timeout)
+        else:
+            self._idle = self.reactor.callLater(timeout, self._idle_expired)
+
+    def _idle_expired(self):
+        self._idle = None
+        if self._pending or self._sending or self._incoming is not None:
+            self._abort_connection("network timeout during an operation")
+        else:
+            self._abort_connection("idle association closed after the network timeout")
+
+    def _cancel_timers(self):
+        self._stop_artim()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    # ------------------------------------------------------------------ receiving
+
+    def dataReceived(self, data: bytes):
+        if self.state == CLOSED:
+            return
+        self._touch()
+        try:
+            for pdu_type, body in self.framer.feed(data):
+                self._on_pdu(pdu_type, body)
+                if self.state == CLOSED:
+                    return
+        except pdu.PDUError as e:
+            self._abort_connection(str(e), reason=e.reason)
+        except commands.CommandError as e:
+            self._abort_connection(f"malformed command set: {e}", reason=0x06)
+
+    def _on_pdu(self, pdu_type: int, body: bytes):
+        state = self.state
+        if pdu_type == pdu.P_DATA_TF:
+            if state not in (ESTABLISHED, RELEASING):
+                raise pdu.PDUError("P-DATA-TF before the association was established", reason=0x02)
+            self._on_pdata(body)
+        elif pdu_type == pdu.A_ASSOCIATE_RQ:
+            if state != AWAIT_RQ:
+                raise pdu.PDUError("unexpected A-ASSOCIATE-RQ", reason=0x02)
+            self._on_associate_rq(body)
+        elif pdu_type == pdu.A_ASSOCIATE_AC:
+            if state != AWAIT_AC:
+                raise pdu.PDUError("unexpected A-ASSOCIATE-AC", reason=0x02)
+            self._on_associate_ac(body)
+        elif pdu_type == pdu.A_ASSOCIATE_RJ:
+            if state != AWAIT_AC:
+                raise pdu.PDUError("unexpected A-ASSOCIATE-RJ", reason=0x02)
+            result, source, reason = pdu.parse_rj(body)
+            self._end_reason = "association rejected"
+            self.state = CLOSED
+            self.established.errback(Failure(AssociationRejected(result, source, reason)))
+            self._close()
+        elif pdu_type == pdu.A_RELEASE_RQ:
+            if state not in (ESTABLISHED, RELEASING):
+                raise pdu.PDUError("unexpected A-RELEASE-RQ", reason=0x02)
+            self._write(pdu.release_rp())
+            self._end_reason = None
+            self.state = CLOSED
+            self._close()
+        elif pdu_type == pdu.A_RELEASE_RP:
+            if state != RELEASING:
+                raise pdu.PDUError("unexpected A-RELEASE-RP", reason=0x02)
+            self._end_reason = None
+            self.state = CLOSED
+            self._close()
+        elif pdu_type == pdu.A_ABORT:
+            source, reason = pdu.parse_abort(body)
+            self._end_reason = f"peer aborted the association (source {source}, reason {reason})"
+            self.state = CLOSED
+            self.transport.abortConnection()
+
+    def _on_pdata(self, body: bytes):
+        for context_id, control, fragment in pdu.pdvs(body):
+            if context_id not in self.contexts:
+                raise pdu.PDUError(f"PDV on presentation context {context_id}, which was not accepted", 0x06)
+            if control & 0x01:                       # command fragment
+                if self._incoming is not None:
+                    raise pdu.PDUError("command fragment while a data set was expected", reason=0x02)
+                if self._command_context is not None and self._command_context != context_id:
+                    raise pdu.PDUError("command fragments on two presentation contexts", reason=0x02)
+                self._command_context = context_id
+                if len(self._command) + len(fragment) > commands.MAX_COMMAND_BYTES:
+                    raise pdu.PDUError("command set over the limit", reason=0x06)
+                self._command += fragment
+                if control & 0x02:
+                    command = commands.decode(bytes(self._command))
+                    self._command = bytearray()
+                    self._command_context = None
+                    message = Message(context_id, command)
+                    if commands.has_dataset(command):
+                        self._incoming = message
+                        self._sink = self.handler.dataset_sink(self, context_id, command)
+                    else:
+                        self._dispatch(message)
+            else:                                    # data set fragment
+                message = self._incoming
+                if message is None or message.context_id != context_id:
+                    raise pdu.PDUError("data set fragment without its command", reason=0x02)
+                self._sink.write(fragment)
+                if control & 0x02:
+                    sink, self._sink, self._incoming = self._sink, None, None
+                    message.dataset = sink.close()
+                    self._dispatch(message)
+
+    def _dispatch(self, message: Message):
+        command = message.command
+        if commands.is_response(command):
+            responding_to = command.get("MessageIDBeingRespondedTo")
+            waiting = self._pending.get(responding_to)
+            if waiting is None:
+                log.warn("dicom ul: {field} answers message {mid}, which is not outstanding",
+                         field=commands.NAMES.get(message.field, hex(message.field)), mid=responding_to)
+                return
+            status = command.get("Status")
+            if status in (0xFF00, 0xFF01):
+                if waiting.timer is not None and waiting.timer.active():
+                    waiting.timer.reset(self.settings.dimse_timeout)
+                if waiting.on_pending is not None:
+                    waiting.on_pending(message)
+                return
+            del self._pending[responding_to]
+            if waiting.timer is not None and waiting.timer.active():
+                waiting.timer.cancel()
+            waiting.deferred.callback(message)
+            return
+        try:
+            self.handler.on_request(self, message)
+        except Exception:
+            log.failure("dicom ul: the service handler failed on {field}",
+                        field=commands.NAMES.get(message.field, hex(message.field)))
+            self.abort()
+
+    # ------------------------------------------------------------------ negotiation
+
+    def _on_associate_rq(self, body: bytes):
+        rq = pn_pdu.A_ASSOCIATE_RQ()
+        try:
+            rq.decode(pdu.header(pdu.A_ASSOCIATE_RQ, len(body)) + body)
+            primitive = rq.to_primitive()
+        except Exception as e:   # pynetdicom raises assorted errors on garbage
+            raise pdu.PDUError(f"malformed A-ASSOCIATE-RQ: {e.__class__.__name__}", reason=0x06) from None
+        self.calling_aet = _aet(primitive.calling_ae_title)
+        self.called_aet = _aet(primitive.called_ae_title)
+        self._rq_primitive = primitive
+        for item in primitive.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = item.maximum_length_received or 0
+            elif isinstance(item, ImplementationClassUIDNotification):
+                self.implementation_class_uid = str(item.implementation_class_uid or "")
+            elif item.__class__.__name__ == "UserIdentityNegotiation":
+                self.user_identity = item
+        decision = self.settings.negotiate(self, primitive)
+        if isinstance(decision, Reject):
+            result, source, reason = decision
+            self._write(pdu.associate_rj(result, source, reason))
+            self._end_reason = "association rejected"
+            self.state = CLOSED
+            self._stop_artim()
+            self._close()
+            return
+        accepted, extra_items = decision
+        self.contexts = {cx.context_id: cx for cx in accepted if cx.result == 0x00}
+        ac = A_ASSOCIATE()
+        ac.application_context_name = APPLICATION_CONTEXT
+        ac.calling_ae_title = primitive.calling_ae_title
+        ac.called_ae_title = primitive.called_ae_title
+        ac.result = 0x00
+        ac.result_source = 0x01
+        ac.presentation_context_definition_results_list = accepted
+        ac.user_information = self._user_information() + list(extra_items)
+        self._write(pn_pdu.A_ASSOCIATE_AC(ac).encode())
+        self._stop_artim()
+        self._set_established()
+
+    def _user_information(self) -> list:
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.settings.max_pdu
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION
+        return [max_length, impl, version]
+
+    def _encode_associate_rq(self) -> bytes:
+        primitive = self._rq_primitive
+        primitive.user_information = self._user_information() + list(primitive.user_information or [])
+        return pn_pdu.A_ASSOCIATE_RQ(primitive).encode()
+
+    def _on_associate_ac(self, body: bytes):
+        ac = pn_pdu.A_ASSOCIATE_AC()
+        try:
+            ac.decode(pdu.header(pdu.A_ASSOCIATE_AC, len(body)) + body)
+            primitive = ac.to_primitive()
+        except Exception as e:
+            raise pdu.PDUError(f"malformed A-ASSOCIATE-AC: {e.__class__.__name__}", reason=0x06) from None
+        roles = {}
+        for item in primitive.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = item.maximum_length_received or 0
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+                roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+        rq = self._rq_primitive
+        results = negotiate_as_requestor(rq.presentation_context_definition_list,
+                                         primitive.presentation_context_definition_results_list, roles)
+        self.calling_aet = _aet(rq.calling_ae_title)
+        self.called_aet = _aet(rq.called_ae_title)
+        self.contexts = {cx.context_id: cx for cx in results if cx.result == 0x00}
+        self._stop_artim()
+        self._set_established()
+
+    def _set_established(self):
+        self.state = ESTABLISHED
+        self.framer.max_length = (self.settings.max_pdu or 0xFFFFFFFF) + PDU_SLACK
+        self._touch()
+        self.settings.association_established(self)
+        self.handler.association_established(self)
+        if not self.established.called:
+            self.established.callback(self)
+
+    # ------------------------------------------------------------------ sending
+
+    def _write(self, data: bytes):
+        self.transport.write(data)
+
+    def _fragment_size(self) -> int:
+        # PDU length = 6 (PDV item header) + fragment; the peer's maximum counts the whole PDU body.
+        peer = self.peer_max_pdu or 0
+        if peer <= 0 or peer > 4 * 1024 * 1024:
+            peer = 4 * 1024 * 1024
+        return max(peer - 6, 1)
+
+    def send(self, context_id: int, command: dict, dataset=None) -> defer.Deferred:
+        """Send one message (*dataset*: ``None``, bytes, or a :class:`FileDataset`); fires once written."""
+        if self.state != ESTABLISHED:
+            return defer.fail(AssociationAborted(f"association is {self.state}"))
+        if dataset is not None:
+            command = dict(command, CommandDataSetType=commands.HAS_DATASET)
+        d = defer.Deferred()
+        self._send_queue.append((context_id, commands.encode(command), dataset, d))
+        if not self._sending:
+            self._drain()
+        return d
+
+    def request(self, context_id: int, command: dict, dataset=None, on_pending=None,
+                timeout: float | None = None) -> defer.Deferred:
+        """Send a request; fires with its final response :class:`Message`.
+
+        Pending responses (0xFF00/0xFF01) go to *on_pending* and restart the DIMSE timer.
+        """
+        message_id = command.get("MessageID")
+        if message_id is None:
+            message_id = self.next_message_id()
+            command = dict(command, MessageID=message_id)
+        waiting = _Pending(on_pending)
+        self._pending[message_id] = waiting
+        timeout = self.settings.dimse_timeout if timeout is None else timeout
+        if timeout:
+            waiting.timer = self.reactor.callLater(timeout, self._dimse_timeout, message_id)
+        sent = self.send(context_id, command, dataset)
+        sent.addErrback(self._send_failed, message_id)
+        return waiting.deferred
+
+    def _send_failed(self, failure, message_id):
+        waiting = self._pending.pop(message_id, None)
+        if waiting is not None:
+            if waiting.timer is not None and waiting.timer.active():
+                waiting.timer.cancel()
+            waiting.deferred.errback(failure)
+
+    def _dimse_timeout(self, message_id):
+        waiting = self._pending.get(message_id)
+        if waiting is None:
+            return
+        waiting.timer = None
+        self._abort_connection(f"no response to message {message_id} within the DIMSE timeout")
+
+    def next_message_id(self) -> int:
+        message_id = next(self._message_ids) & 0xFFFF
+        if message_id == 0:
+            message_id = next(self._message_ids) & 0xFFFF
+        return message_id
+
+    def _drain(self):
+        """Write queued messages in order; one data set from a file at a time, paced by the transport."""
+        self._sending = True
+        while self._send_queue and self.state in (ESTABLISHED, RELEASING):
+            context_id, command_bytes, dataset, d = self._send_queue[0]
+            if isinstance(dataset, FileDataset):
+                self._send_queue.popleft()
+                self._write_command(context_id, command_bytes)
+                result = defer.ensureDeferred(self._send_file(context_id, dataset))
+                result.addBoth(self._file_sent, d)
+                return
+            self._send_queue.popleft()
+            self._write_command(context_id, command_bytes)
+            if dataset is not None:
+                self._write_data(context_id, dataset)
+            self._touch()
+            d.callback(None)
+        self._sending = False
+        if self.state == CLOSED:
+            self._fail_queue()
+
+    def _file_sent(self, result, d):
+        self._sending = False
+        if isinstance(result, Failure):
+            d.errback(result)
+            if self.state != CLOSED:
+                self.abort()
+            return None
+        d.callback(None)
+        if self._send_queue:
+            self._drain()
+        return None
+
+    def _fail_queue(self):
+        queue, self._send_queue = self._send_queue, deque()
+        for *_rest, d in queue:
+            d.errback(AssociationAborted("association closed before the message was sent"))
+
+    def _write_command(self, context_id: int, command_bytes: bytes):
+        size = self._fragment_size()
+        if len(command_bytes) <= size:
+            self._write(pdu.pdata(context_id, 0x03, command_bytes))
+            return
+        for start in range(0, len(command_bytes), size):
+            last = start + size >= len(command_bytes)
+            self._write(pdu.pdata(context_id, 0x03 if last else 0x01, command_bytes[start:start + size]))
+
+    def _write_data(self, context_id: int, data: bytes):
+        size = self._fragment_size()
+        view = memoryview(data)
+        n = len(data)
+        if n == 0:
+            self._write(pdu.pdata(context_id, 0x02, b""))
+            return
+        chunks = []
+        for start in range(0, n, size):
+            last = start + size >= n
+            chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
+        self.transport.writeSequence(chunks)
+
+    async def _send_file(self, context_id: int, dataset: FileDataset):
+        size = self._fragment_size()
+        block = max(FILE_BLOCK - FILE_BLOCK % size, size)
+        with open(dataset.path, "rb") as f:
+            f.seek(dataset.offset)
+            current = f.read(block)
+            while True:
+                await self._flow.ready()
+                if self.state == CLOSED:
+                    raise AssociationAborted("association closed while sending a data set")
+                following = f.read(block)
+                view = memoryview(current)
+                n = len(current)
+                chunks = []
+                for start in range(0, max(n, 1), size):
+                    last = not following and start + size >= n
+                    chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
+                self.transport.writeSequence(chunks)
+                self._touch()
+                if not following:
+                    return
+                current = following
+
+    # ------------------------------------------------------------------ ending
+
+    def release(self) -> defer.Deferred:
+        """A-RELEASE-RQ; fires when the peer confirmed (or the connection ended)."""
+        if self.state != ESTABLISHED:
+            return defer.succeed(None)
+        self.state = RELEASING
+        self._release_waiter = defer.Deferred()
+        self._write(pdu.release_rq())
+        self._start_artim()
+        return self._release_waiter
+
+    def abort(self, reason: str = "aborted by Harmony"):
+        """A-ABORT as the service user, then close."""
+        if self.state == CLOSED:
+            return
+        self._end_reason = reason
+        self.state = CLOSED
+        self._write(pdu.abort(source=0x00))
+        self._close()
+
+    def _abort_connection(self, why: str, reason: int = 0x00):
+        """A-ABORT as the service provider (a protocol fault or a timer), then close."""
+        if self.state == CLOSED:
+            return
+        log.info("dicom ul: aborting association with {peer}: {why}", peer=self.peer_address and
+                 self.peer_address[0], why=why)
+        self._end_reason = why
+        self.state = CLOSED
+        self._write(pdu.abort(source=0x02, reason=reason))
+        self._close()
+
+    def _close(self):
+        """Close after what is written went out -- but a peer that stops reading
+        cannot hold the connection: it is cut after :data:`CLOSE_GRACE_SECS`."""
+        self.transport.loseConnection()
+        self._cancel_timers()
+        self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, self.transport.abortConnection)
+
+
+def _aet(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return (value or "").strip()
+
+
+def _set_nodelay(transport) -> None:
+    """TCP_NODELAY on the connection (under TLS too): without it every multi-PDU
+    exchange waits ~40 ms on Nagle and delayed ACKs (field notes)."""
+    while transport is not None:
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)

@@ -1,0 +1,102 @@
+"""C-STORE of a Part-10 file over an established association (SCU side).
+
+Used for every instance Harmony sends: C-GET and C-MOVE sub-operations of the
+SCP, and the SCU backend's C-STORE.  A file whose transfer syntax the peer
+accepted for its SOP class is sent from disk unchanged -- its data set is
+read in blocks and fragmented straight into P-DATA PDUs, never decoded.
+Otherwise it is decoded on the DICOM thread pool and re-encoded for a syntax
+the peer did accept (decompressed first when it only accepted uncompressed
+ones); when no accepted context fits, the answer is a failure status, not a
+silent drop.
+"""
+
+from __future__ import annotations
+
+import struct
+from pydicom import dcmread
+from pydicom.filewriter import write_dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from harmony.dicom import blocking
+from harmony.dicom.ul import commands
+from harmony.dicom.ul.association import FileDataset
+
+#: C-STORE failure when no presentation context can carry the instance (PS3.4 C.4.2.1.4 "refused: SOP class not supported").
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+CANNOT_UNDERSTAND = 0xC000
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+
+
+def dataset_offset(path) -> int:
+    """Where the data set starts in a Part-10 file (after preamble, ``DICM`` and group 0002)."""
+    with open(path, "rb") as f:
+        head = f.read(132 + 12)
+        if len(head) == 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
+            (group_length,) = struct.unpack_from("<I", head, 140)
+            return 144 + group_length
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)
+        return f.tell()
+
+
+def choose_context(assoc, sop_class_uid: str, transfer_syntax: str):
+    """(context id, accepted syntax, exact) for sending an instance of *sop_class_uid*."""
+    candidates = [(cid, str(cx.transfer_syntax[0])) for cid, cx in assoc.contexts.items()
+                  if str(cx.abstract_syntax) == sop_class_uid]
+    for cid, ts in candidates:
+        if ts == transfer_syntax:
+            return cid, ts, True
+    compressed = UID(transfer_syntax).is_compressed if transfer_syntax else False
+    for preferred in _UNCOMPRESSED:
+        for cid, ts in candidates:
+            if ts == preferred:
+                return cid, ts, False
+    if candidates and not compressed:
+        return candidates[0][0], candidates[0][1], False
+    return None, None, False
+
+
+def transcode(path, target_syntax: str) -> bytes:
+    """The data set of *path* encoded in *target_syntax* (decompressed first if needed); blocking."""
+    ds = dcmread(path)
+    source = UID(ds.file_meta.TransferSyntaxUID)
+    target = UID(target_syntax)
+    if source.is_compressed and not target.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    elif target.is_compressed:
+        raise ValueError(f"cannot compress to {target_syntax}")
+    out = DicomBytesIO()
+    out.is_little_endian = target.is_little_endian
+    out.is_implicit_VR = target.is_implicit_VR
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+async def c_store(assoc, instance, reactor, *, originator=None, priority: int = 0) -> int:
+    """C-STORE *instance* (a :class:`~harmony.dicom.results.DicomInstance`); the peer's status.
+
+    *originator*: ``(AE title, message ID)`` of the C-MOVE this sub-operation serves.
+    """
+    cid, syntax, exact = choose_context(assoc, instance.sop_class_uid, instance.transfer_syntax_uid)
+    if cid is None:
+        return SOP_CLASS_NOT_SUPPORTED
+    if exact:
+        offset = await blocking.run(reactor, dataset_offset, instance.path)
+        dataset = FileDataset(instance.path, offset)
+    else:
+        try:
+            dataset = await blocking.run(reactor, transcode, instance.path, syntax)
+        except Exception:  # noqa: BLE001 - no codec, corrupt pixel data, ...
+            return CANNOT_UNDERSTAND
+    command = {"AffectedSOPClassUID": instance.sop_class_uid, "CommandField": commands.C_STORE_RQ,
+               "Priority": priority, "AffectedSOPInstanceUID": instance.sop_instance_uid}
+    if originator is not None:
+        command["MoveOriginatorApplicationEntityTitle"] = originator[0]
+        command["MoveOriginatorMessageID"] = originator[1]
+    response = await assoc.request(cid, command, dataset)
+    return response.command.get("Status", CANNOT_UNDERSTAND)
+
+

@@ -1,0 +1,197 @@
+"""harmony.dicom.ul.association and .acceptor in memory: negotiation, limits, timers, faults."""
+
+import struct
+
+from twisted.python.failure import Failure
+
+from harmony.dicom.ul import commands, pdu
+from harmony.dicom.ul.acceptor import AcceptorLimits
+from harmony.dicom.ul.association import CLOSED, ESTABLISHED, AssociationAborted, AssociationRejected
+from tests.dicom.ul.memory import EchoStoreHandler, acceptor, connect, pump, requestor
+
+ECHO = {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_ECHO_RQ}
+STORE = {"AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "CommandField": commands.C_STORE_RQ,
+         "Priority": 0, "AffectedSOPInstanceUID": "1.2.3"}
+
+
+def established_pair(limits=None, handler=None, **kw):
+    clock, factory = acceptor(limits, handler, **kw)
+    server, st = connect(factory)
+    client, ct = requestor(clock)
+    pump(client, ct, server, st)
+    return clock, factory, server, st, client, ct
+
+
+def lost(assoc):
+    """What the reactor does once a closing transport is gone."""
+    if not assoc.closed.called:
+        assoc.connectionLost(Failure(ConnectionError("closed")))
+
+
+def test_echo_round_trip_and_release():
+    clock, factory, server, st, client, ct = established_pair()
+    assert server.state == client.state == ESTABLISHED
+    assert server.calling_aet == "SCU" and server.called_aet == "HARMONY"
+    assert client.peer_max_pdu == 65536
+    answers = []
+    client.request(1, ECHO).addCallback(answers.append)
+    pump(client, ct, server, st)
+    assert answers[0].command["Status"] == 0
+    client.release()
+    pump(client, ct, server, st)
+    assert st.disconnecting and ct.disconnecting
+
+
+def test_store_dataset_reassembled_from_fragments_of_the_peers_maximum():
+    handler = EchoStoreHandler()
+    clock, factory, server, st, client, ct = established_pair(handler=handler)
+    client.peer_max_pdu = 1000                       # as if the acceptor had advertised 1000
+    data = bytes(range(256)) * 40
+    client.request(3, STORE, data)
+    written = ct.value()
+    sizes = []
+    offset = 0
+    while offset < len(written):
+        _t, length = struct.unpack_from(">BxI", written, offset)
+        sizes.append(length)
+        offset += 6 + length
+    assert max(sizes) <= 1000 and len(sizes) > 10
+    pump(client, ct, server, st)
+    assert handler.stored == [data]
+
+
+def test_silent_connections_cut_after_acse_timeout_and_never_counted():
+    clock, factory = acceptor(AcceptorLimits(max_associations=1, acse_timeout=5))
+    silent = [connect(factory, port=50000 + i) for i in range(12)]
+    assert factory.settings.connections == 12 and not factory.settings.associations
+    # A real association still gets in while twelve sockets say nothing.
+    server, st = connect(factory, port=41000)
+    client, ct = requestor(clock)
+    pump(client, ct, server, st)
+    assert server.state == ESTABLISHED
+    clock.advance(5)
+    for assoc, transport in silent:
+        assert assoc.state == CLOSED and transport.disconnecting
+        assert transport.value() == pdu.abort(2, 0)
+        lost(assoc)
+    assert factory.settings.connections == 1
+    assert server.state == ESTABLISHED                  # established associations have no ARTIM
+
+
+def test_association_limit_counts_associations_and_answers_busy():
+    clock, factory = acceptor(AcceptorLimits(max_associations=1))
+    first, ft = connect(factory, port=1)
+    c1, c1t = requestor(clock)
+    pump(c1, c1t, first, ft)
+    second, sec_t = connect(factory, port=2)
+    c2, c2t = requestor(clock)
+    failures = []
+    c2.established.addErrback(failures.append)
+    pump(c2, c2t, second, sec_t)
+    rejected = failures[0].value
+    assert isinstance(rejected, AssociationRejected)
+    assert (rejected.result, rejected.source, rejected.reason) == (2, 3, 2)
+    lost(first)                                       # the first one ends: room again
+    third, tt = connect(factory, port=3)
+    c3, c3t = requestor(clock)
+    pump(c3, c3t, third, tt)
+    assert third.state == ESTABLISHED
+
+
+def test_connection_caps_total_and_per_source():
+    clock, factory = acceptor(AcceptorLimits(max_connections=5, max_connections_per_source=2))
+    assert connect(factory, "10.0.0.1", 1)[0] and connect(factory, "10.0.0.1", 2)[0]
+    assert connect(factory, "10.0.0.1", 3)[0] is None
+    for i in range(3):
+        assert connect(factory, f"10.0.0.{i + 2}", 4)[0]
+    assert connect(factory, "10.0.0.9", 5)[0] is None
+    assert factory.refused == 2
+
+
+def test_wrong_calling_and_called_aet_rejected():
+    clock, factory = acceptor(allowed_calling_aets=["MODALITY"])
+    for called, calling, reason in (("HARMONY", "INTRUDER", 3), ("OTHER", "MODALITY", 7)):
+        server, st = connect(factory)
+        client, ct = requestor(clock, called=called, calling=calling)
+        failures = []
+        client.established.addErrback(failures.append)
+        pump(client, ct, server, st)
+        assert failures[0].value.reason == reason
+
+
+def test_oversized_pdu_after_association_is_aborted_at_its_header():
+    clock, factory, server, st, client, ct = established_pair(AcceptorLimits(max_pdu=16384))
+    st.clear()
+    server.dataReceived(struct.pack(">BxI", pdu.P_DATA_TF, 0xFFFFFFFF) + b"\0" * 65536)
+    assert server.state == CLOSED and st.disconnecting
+    assert st.value() == pdu.abort(2, 6)
+
+
+def test_pdata_before_association_aborts():
+    clock, factory = acceptor()
+    server, st = connect(factory)
+    server.dataReceived(pdu.pdata(1, 3, b"\0" * 10))
+    assert server.state == CLOSED and st.value() == pdu.abort(2, 2)
+
+
+def test_garbage_association_request_aborts():
+    clock, factory = acceptor()
+    server, st = connect(factory)
+    server.dataReceived(pdu.header(pdu.A_ASSOCIATE_RQ, 10) + b"\x01" * 10)
+    assert server.state == CLOSED and st.value() == pdu.abort(2, 6)
+
+
+def test_dataset_over_the_sinks_limit_aborts():
+    clock, factory, server, st, client, ct = established_pair(handler=EchoStoreHandler(limit=1000))
+    failures = []
+    client.request(3, STORE, b"x" * 5000).addErrback(failures.append)
+    pump(client, ct, server, st)
+    assert server.state == CLOSED and client.state == CLOSED     # the client got the A-ABORT
+    lost(client)
+    assert failures and failures[0].check(AssociationAborted)
+
+
+def test_dimse_timeout_aborts_and_fails_the_request():
+    clock, factory, server, st, client, ct = established_pair()
+    server.handler.on_request = lambda assoc, message: None     # never answers
+    failures = []
+    client.request(1, ECHO).addErrback(failures.append)
+    pump(client, ct, server, st)
+    clock.advance(client.settings.dimse_timeout)
+    assert client.state == CLOSED
+    lost(client)
+    assert failures[0].check(AssociationAborted)
+    assert "DIMSE timeout" in str(failures[0].value)
+
+
+def test_idle_association_closed_after_network_timeout():
+    clock, factory, server, st, client, ct = established_pair(AcceptorLimits(network_timeout=60))
+    clock.advance(59)
+    assert server.state == ESTABLISHED
+    clock.advance(1)
+    assert server.state == CLOSED
+
+
+def test_closing_peer_that_stops_reading_is_cut():
+    clock, factory = acceptor()
+    server, st = connect(factory)
+    st.abortConnection = lambda: setattr(st, "aborted", True)
+    server.dataReceived(b"\x09garbage")
+    assert st.disconnecting and not getattr(st, "aborted", False)
+    clock.advance(5)
+    assert st.aborted
+
+
+def test_pending_responses_reach_the_caller_before_the_final_one():
+    clock, factory, server, st, client, ct = established_pair()
+
+    def answer(assoc, message):
+        for status in (0xFF00, 0xFF00, 0x0000):
+            assoc.send(message.context_id, {"AffectedSOPClassUID": "1.2.840.10008.1.1",
+                                            "CommandField": commands.C_ECHO_RSP, "Status": status,
+                                            "MessageIDBeingRespondedTo": message.message_id})
+    server.handler.on_request = answer
+    pending, final = [], []
+    client.request(1, ECHO, on_pending=pending.append).addCallback(final.append)
+    pump(client, ct, server, st)
+    assert len(pending) == 2 and final[0].command["Status"] == 0

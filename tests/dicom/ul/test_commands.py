@@ -1,0 +1,67 @@
+"""harmony.dicom.ul.commands: command sets equal to what pydicom/pynetdicom encode, and back."""
+
+import pytest
+from hypothesis import given, strategies as st
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+
+from harmony.dicom.ul import commands
+
+uids = st.from_regex(r"1\.2(\.[1-9][0-9]{0,5}){1,8}", fullmatch=True)
+us = st.integers(min_value=0, max_value=0xFFFF)
+
+
+def pydicom_encoding(command: dict) -> bytes:
+    ds = Dataset()
+    for keyword, value in command.items():
+        setattr(ds, keyword, value)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    write_dataset(body, ds)
+    length = Dataset()
+    length.CommandGroupLength = len(body.getvalue())
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, True
+    write_dataset(head, length)
+    return head.getvalue() + body.getvalue()
+
+
+@given(sop_class=uids, sop_instance=uids, message_id=us, priority=st.sampled_from([0, 1, 2]),
+       destination=st.from_regex(r"[A-Z][A-Z0-9_]{0,15}", fullmatch=True))
+def test_requests_byte_identical_to_pydicom(sop_class, sop_instance, message_id, priority, destination):
+    command = {"AffectedSOPClassUID": sop_class, "CommandField": commands.C_STORE_RQ, "MessageID": message_id,
+               "Priority": priority, "CommandDataSetType": 0, "AffectedSOPInstanceUID": sop_instance,
+               "MoveOriginatorApplicationEntityTitle": destination, "MoveOriginatorMessageID": message_id}
+    assert commands.encode(command) == pydicom_encoding(command)
+
+
+@given(remaining=us, completed=us, failed=us, warning=us, status=us)
+def test_responses_round_trip(remaining, completed, failed, warning, status):
+    command = {"AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.2.2.3", "CommandField": commands.C_GET_RSP,
+               "MessageIDBeingRespondedTo": 3, "CommandDataSetType": commands.NO_DATASET, "Status": status,
+               "NumberOfRemainingSuboperations": remaining, "NumberOfCompletedSuboperations": completed,
+               "NumberOfFailedSuboperations": failed, "NumberOfWarningSuboperations": warning}
+    encoded = commands.encode(command)
+    assert encoded == pydicom_encoding(command)
+    decoded = commands.decode(encoded)
+    assert {k: v for k, v in decoded.items() if k != "CommandGroupLength"} == command
+    ds = read_dataset(DicomBytesIO(encoded), True, True)
+    assert ds.Status == status
+
+
+def test_error_comment_and_unknown_elements_survive():
+    raw = commands.encode({"CommandField": commands.C_STORE_RSP, "Status": 0xC000, "ErrorComment": "odd"})
+    raw += b"\x00\x00\x99\x99\x02\x00\x00\x00ab"          # a private-ish group-0000 element
+    decoded = commands.decode(raw)
+    assert decoded["ErrorComment"] == "odd"
+    assert decoded["_unknown"] == [(0x9999, b"ab")]
+    assert commands.decode(commands.encode(decoded))["_unknown"] == [(0x9999, b"ab")]
+
+
+@pytest.mark.parametrize("raw", [b"\x00\x00\x00\x00\x04\x00", b"\x08\x00\x00\x01\x02\x00\x00\x00\x01\x00",
+                                 b"\x00\x00\x00\x01\xff\x00\x00\x00\x01\x00", b""])
+def test_malformed_command_sets(raw):
+    with pytest.raises(commands.CommandError):
+        commands.decode(raw)
