@@ -80,3 +80,12 @@ def queue_conn(request, index_kind):
     conn = bare_connection(request, index_kind)
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL of the test's own, for tests that restart or stop it."""
+    from tests.postgres import PostgresServer
+    server = PostgresServer().start()
+    yield server
+    server.stop()

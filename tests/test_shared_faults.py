@@ -9,7 +9,7 @@ the management view pick up again by themselves when it returns.
 
 from __future__ import annotations
 
-import pytest
+
 import pytest_twisted
 from twisted.internet import reactor
 
@@ -22,14 +22,6 @@ from harmony.storage.store import InstanceStore
 from harmony.web.problem import problem_response
 from tests.harness import listen
 from tests.sf_helpers import ScriptedTarget, make_instances
-
-
-@pytest.fixture
-def own_postgres():
-    from tests.postgres import PostgresServer
-    server = PostgresServer().start()
-    yield server
-    server.stop()
 
 
 @pytest_twisted.ensureDeferred
