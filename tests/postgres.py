@@ -25,7 +25,8 @@ PG_BIN = Path(os.environ.get("HARMONY_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"
 
 
 class PostgresServer:
-    def __init__(self):
+    def __init__(self, fsync: bool = False):
+        self.fsync = fsync
         if not (PG_BIN / "initdb").exists():
             raise RuntimeError(f"PostgreSQL is missing ({PG_BIN}/initdb): run scripts/test as root to install "
                                "the 'postgresql' package")
@@ -52,7 +53,8 @@ class PostgresServer:
 
     def _start_server(self):
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-t", "30", "-l", str(self.dir / "log"),
-                  "-o", f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c max_connections=200",
+                  "-o", f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync={'on' if self.fsync else 'off'} "
+                        "-c max_connections=200",
                   "start")
 
     def restart(self, down_for: float = 0.0):
