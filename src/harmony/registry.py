@@ -20,6 +20,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "dicomweb": "harmony.endpoints.dicomweb:DicomWebEndpoint",
         "dicom_scp": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
         "dicom": "harmony.endpoints.dicom_scp:DicomScpEndpoint",
+        "mllp": "harmony.endpoints.mllp:MllpEndpoint",
     },
     BACKEND: {
         "echo": "harmony.backends.echo:EchoBackend",
@@ -30,6 +31,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "fhir": "harmony.backends.fhir:FhirBackend",
         "local_archive": "harmony.backends.local_archive:LocalArchiveBackend",
         "store_forward": "harmony.backends.store_forward:StoreForwardBackend",
+        "mllp": "harmony.backends.mllp:MllpBackend",
     },
     MIDDLEWARE: {
         "passthru": "harmony.middleware.passthru:Passthru",

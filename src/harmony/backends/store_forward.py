@@ -1,9 +1,11 @@
 """``store_forward`` backend: acknowledge after the durable write, deliver later.
 
-Put it behind a C-STORE (``dicom_scp``) or STOW-RS endpoint.  Each instance is
-written to the durable store and queued for every backend in ``forward_to``
-in one transaction; only then does the pipeline answer (so the DIMSE endpoint
-answers Success, the STOW endpoint lists the instance as stored).  A
+Put it behind a C-STORE (``dicom_scp``) or STOW-RS endpoint, or an ``mllp``
+endpoint for HL7 v2.  Each instance (or message) is written to the durable
+store and queued for every backend in ``forward_to`` in one transaction; only
+then does the pipeline answer (so the DIMSE endpoint answers Success, the
+STOW endpoint lists the instance as stored, the MLLP endpoint sends AA).
+HL7 feeds are order-sensitive: give their targets ``order = "fifo"``.  A
 :class:`~harmony.storage.forward.StoreForward` service, started with Harmony,
 delivers from the persistent queues through each target backend's ``send()``.
 
@@ -29,6 +31,8 @@ delivers from the persistent queues through each target backend's ``send()``.
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import defer
 
 from harmony.backends.base import Backend
@@ -36,7 +40,7 @@ from harmony.backends.local_archive import ingest
 from harmony.config.errors import OptionError
 from harmony.config.options import Options
 from harmony.dicom.results import C_STORE
-from harmony.envelope import ResponseEnvelope
+from harmony.envelope import ResponseEnvelope, read_body
 from harmony.errors import BadRequest
 from harmony.storage import queue as q
 from harmony.storage.config import store_from_context
@@ -44,6 +48,8 @@ from harmony.storage.forward import DEFAULT_LEASE, DEFAULT_POLL, StoreForward, T
 from harmony.storage.store import release_store
 
 SUCCESS = 0x0000
+#: A queued message is held in the index database: v2 messages are kilobytes.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def target_settings(name: str, opts: Options, defaults: TargetSettings | None = None) -> TargetSettings:
@@ -127,6 +133,18 @@ class StoreForwardBackend(Backend):
                 raise OptionError("forward_to", f"backend {t.name!r} could not be built")
             t.backend = backend
 
+    @defer.inlineCallbacks
+    def queue_message(self, request):
+        """Keep an HL7 v2 message (bytes as received, ``hl7.*`` metadata) and queue it."""
+        body = yield read_body(request.body, MAX_MESSAGE_BYTES)
+        if not body:
+            raise BadRequest("an empty message cannot be queued")
+        metadata = json.dumps({k: v for k, v in request.metadata.items() if k.startswith("hl7.")})
+        message_id = yield self.store.write(q.enqueue_message, q.HL7V2, body, metadata, self.target_names,
+                                            self.forward.now())
+        self.forward.wake()
+        return ResponseEnvelope.json(200, {"queued": q.message_key(message_id), "queued_for": self.target_names})
+
     def close(self):
         if self.store is not None:
             store, self.store = self.store, None
@@ -134,6 +152,8 @@ class StoreForwardBackend(Backend):
 
     @defer.inlineCallbacks
     def send(self, request):
+        if request.metadata.get("protocol") == q.HL7V2:
+            return (yield self.queue_message(request))
         op = request.metadata.get("dimse_op", C_STORE)
         if op != C_STORE:
             raise BadRequest(f"store_forward accepts C-STORE only, not {op}")

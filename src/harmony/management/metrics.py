@@ -76,6 +76,27 @@ class _LiveCollector:
             if isinstance(value, int):
                 assoc.add_metric([endpoint.name], value)
         yield assoc
+        yield from _mllp_families(self.service.runtime.listeners())
+
+
+def _mllp_families(listeners):
+    """HL7 v2 listeners (``mllp`` endpoints): open connections, ACKs sent by code,
+    messages and connections refused by reason."""
+    conns = GaugeMetricFamily("harmony_mllp_connections_open", "MLLP connections open on a listening endpoint",
+                              labels=["endpoint"])
+    acks = CounterMetricFamily("harmony_hl7_acks", "HL7 acknowledgements sent, by ACK code",
+                               labels=["endpoint", "code"])
+    refused = CounterMetricFamily("harmony_mllp_refused", "Messages or connections refused, by reason",
+                                  labels=["endpoint", "reason"])
+    for endpoint, _pipeline in listeners:
+        if getattr(endpoint, "transport", None) != "mllp":
+            continue
+        conns.add_metric([endpoint.name], len(endpoint.connections))
+        for code, n in sorted(endpoint.acks_sent.items()):
+            acks.add_metric([endpoint.name, code], n)
+        for reason, n in sorted(endpoint.refused.items()):
+            refused.add_metric([endpoint.name, reason], n)
+    yield from (conns, acks, refused)
 
 
 class HarmonyMetrics:

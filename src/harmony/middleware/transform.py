@@ -30,7 +30,9 @@ side) and also hands it to ``modify-*`` specs as JOLT's context (``^path``).
 ``_context`` is removed from the output if the spec left it there.
 ``content_type``, when set, replaces the Content-Type of every body the spec
 rewrote (a transform may turn one kind of JSON into another: DICOM JSON into
-a FHIR Bundle).
+a FHIR Bundle).  A request whose body is not JSON but that carries a JSON
+view in ``normalized`` (an HL7 v2 message from the ``mllp`` endpoint) has
+the view transformed; with ``content_type`` set, the output becomes the body.
 Credentials (Authorization, Cookie) are never exposed to a spec.
 """
 
@@ -41,7 +43,7 @@ from pathlib import Path
 from twisted.internet import defer, threads
 
 from harmony.config.errors import OptionError
-from harmony.envelope import body_length
+from harmony.envelope import body_length, is_json_type
 from harmony.errors import MiddlewareFailed
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
@@ -170,9 +172,14 @@ class Transform(SpecMiddleware):
         A client's own bad body is the client's error (400/413); anything
         wrong with an upstream's body, or with the spec, is ours (500).
         An envelope with no body but a ``normalized`` view (a DIMSE C-FIND
-        identifier as DICOM JSON, say) has that view transformed instead.
+        identifier as DICOM JSON, say) has that view transformed instead, and
+        so has one whose body is not JSON but which carries a JSON view (an
+        HL7 v2 message): there, with ``content_type`` set, the output also
+        becomes the body (v2 in, FHIR JSON out to an HTTP backend).
         """
-        view_only = body_length(envelope.body) == 0 and envelope.normalized is not None
+        empty = body_length(envelope.body) == 0
+        view_only = envelope.normalized is not None and (
+            empty or not is_json_type(envelope.header("content-type")))
         if view_only:
             document, size = envelope.normalized, 0
         else:
@@ -195,6 +202,10 @@ class Transform(SpecMiddleware):
             replace_body(envelope, data)
             if self.content_type:
                 envelope.headers.setRawHeaders(b"content-type", [self.content_type.encode("latin-1")])
+        elif not empty and self.content_type:
+            envelope.headers.removeHeader(b"content-encoding")
+            envelope.headers.setRawHeaders(b"content-type", [self.content_type.encode("latin-1")])
+            replace_body(envelope, data)
         envelope.normalized = output
         return envelope
 

@@ -1,10 +1,13 @@
 """Store-and-forward delivery: drains the persistent per-target queues.
 
 One :class:`StoreForward` service serves one store and a set of targets, each
-a backend reached through its ordinary ``send()``: a C-STORE request envelope
-(``metadata["dimse_op"] = "C-STORE"``, ``context["instance"]`` a
-:class:`~harmony.dicom.results.DicomInstance` of the store's file, a Part-10
-body for HTTP-family backends).  Per target:
+a backend reached through its ordinary ``send()``: for a DICOM instance a
+C-STORE request envelope (``metadata["dimse_op"] = "C-STORE"``,
+``context["instance"]`` a :class:`~harmony.dicom.results.DicomInstance` of
+the store's file, a Part-10 body for HTTP-family backends); for an HL7 v2
+message the message's bytes with its ``hl7.*`` metadata, as the ``mllp``
+endpoint made them (the ``mllp`` backend answers 200 for AA, 500 for AE,
+422 for AR: delivered, retried, dead).  Per target:
 
 - ``fifo``: strictly in arrival order, one at a time; the head is retried
   until delivered or dead, so nothing overtakes it.
@@ -20,6 +23,7 @@ an injectable ``IReactorTime`` (``task.Clock`` in tests).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -95,6 +99,16 @@ def http_outcome(status: int, detail: str = "") -> Outcome:
     return Outcome(False, permanent=not transient, detail=text)
 
 
+def hl7_outcome(code: str, info=None) -> Outcome:
+    """An HL7 receiver's ACK: AA/CA delivered, AE/CE try again, AR/CR never."""
+    detail = f"HL7 {code}"
+    if info is not None and getattr(info, "error_code", ""):
+        detail += f" (error {info.error_code})"
+    if code in ("AA", "CA"):
+        return Outcome(True, detail=detail)
+    return Outcome(False, permanent=code in ("AR", "CR"), detail=detail)
+
+
 def _as_int(value):
     if value is None or value == "":
         return None
@@ -108,7 +122,10 @@ def _as_int(value):
 
 @defer.inlineCallbacks
 def classify_response(response) -> Outcome:
-    """What a backend's answer to a C-STORE means for the queue."""
+    """What a backend's answer to a C-STORE (or an HL7 message) means for the queue."""
+    ack_code = response.context.get("hl7_ack_code")
+    if ack_code is not None:
+        return hl7_outcome(ack_code, response.context.get("hl7_ack_info"))
     status = _as_int(response.context.get("dimse_status"))
     if status is None:
         status = _as_int(response.metadata.get("dimse_status"))
@@ -148,6 +165,19 @@ def classify_failure(failure: Failure) -> Outcome:
     if isinstance(err, defer.TimeoutError) or isinstance(err, defer.CancelledError):
         return Outcome(False, detail="timed out", unreachable=True)
     return Outcome(False, detail=f"{type(err).__name__}: {err}"[:500], unreachable=True)
+
+
+def message_request(kind: str, body: bytes, metadata: str, target: str, attempt: int) -> RequestEnvelope:
+    """The envelope a target backend gets for one queued message."""
+    md = {k: v for k, v in json.loads(metadata or "{}").items() if isinstance(v, str)}
+    md.update({"protocol": kind, "request_id": new_request_id(), "store_forward.target": target,
+               "store_forward.attempt": str(attempt)})
+    return RequestEnvelope(method="POST", path="/", subpath="/", body=body, metadata=md,
+                           headers=Headers({b"content-type": [MESSAGE_TYPES.get(kind, b"application/octet-stream")]}))
+
+
+#: Content-Type of a queued message's body, by kind.
+MESSAGE_TYPES = {q.HL7V2: b"x-application/hl7-v2+er7"}
 
 
 def delivery_request(instance, target: str, attempt: int) -> RequestEnvelope:
@@ -349,7 +379,7 @@ class StoreForward(Service):
             d = self.store.bookkeep(q.delivered, row_id, now, self.node)
             d.addCallback(lambda recorded: recorded or self._lease_lost(settings, row_id))
             result = "delivered"
-            if self.delete_after_delivery:
+            if self.delete_after_delivery and not sop_uid.startswith(q.MESSAGE_PREFIX):
                 d.addCallback(lambda _: self.store.run(self._forget_if_done, sop_uid))
         else:
             if outcome.permanent or attempts >= settings.max_attempts:
@@ -429,8 +459,8 @@ class _Drainer:
     def _claimed(self, result):
         self.claiming = False
         rows, next_due = result
-        for row_id, sop_uid, attempts in rows:
-            d = self._deliver(row_id, sop_uid, attempts)
+        for row_id, item, attempts in rows:
+            d = self._deliver(row_id, item, attempts)
             if not d.called:
                 self.in_flight[row_id] = d
         if self.again or (rows and len(self.in_flight) < self.capacity):
@@ -457,12 +487,20 @@ class _Drainer:
     def _deliver(self, row_id: int, sop_uid: str, attempts: int):
         settings = self.settings
         epoch = self.epoch
+        kind = "message" if sop_uid.startswith(q.MESSAGE_PREFIX) else "instance"
         try:
-            instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
-            if instance is None:
-                outcome = Outcome(False, permanent=True, detail="the instance is no longer in the store")
+            request = None
+            if kind == "instance":
+                instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
+                if instance is not None:
+                    request = delivery_request(instance, settings.name, attempts)
             else:
-                request = delivery_request(instance, settings.name, attempts)
+                message = yield self.svc.store.read(q.load_message, sop_uid)
+                if message is not None:
+                    request = message_request(message[0], message[1], message[2], settings.name, attempts)
+            if request is None:
+                outcome = Outcome(False, permanent=True, detail=f"the {kind} is no longer in the store")
+            else:
                 try:
                     d = defer.maybeDeferred(settings.backend.send, request)
                     d.addTimeout(settings.timeout, self.svc.clock)

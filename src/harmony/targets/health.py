@@ -1,5 +1,6 @@
 """Active health checks: every ``interval_secs`` each target of a pool is
-checked (HTTP GET of ``path`` expecting ``expect_status``, or a DIMSE C-ECHO),
+checked (HTTP GET of ``path`` expecting ``expect_status``, a DIMSE C-ECHO, or
+a TCP connect for MLLP targets),
 each check bounded by ``timeout_secs``; thresholds turn results into a health
 state so one lost packet does not eject a target, nor one lucky answer
 readmit it.
@@ -20,7 +21,9 @@ from harmony.log import get_logger
 
 log = get_logger("harmony.targets.health")
 
-CHECK_KINDS = ("http", "dimse")
+CHECK_KINDS = ("http", "dimse", "tcp")
+#: The check a target kind gets unless [health] type says otherwise.
+DEFAULT_CHECK = {"url": "http", "dimse": "dimse", "mllp": "tcp"}
 
 
 @attr.s(auto_attribs=True)
@@ -38,11 +41,12 @@ class HealthSettings:
 
     @classmethod
     def from_options(cls, o, target_kind: str) -> "HealthSettings":
-        default_kind = "dimse" if target_kind == "dimse" else "http"
-        kind = o.str("type", default_kind, choices=CHECK_KINDS)
+        kind = o.str("type", DEFAULT_CHECK.get(target_kind, "http"), choices=CHECK_KINDS)
+        if kind == "tcp" and target_kind == "url":
+            raise OptionError("type", "'tcp' checks need targets with 'host' and 'port'")
         if kind == "dimse" and target_kind != "dimse":
             raise OptionError("type", "'dimse' checks need DIMSE targets (host/port/aet)")
-        if kind == "http" and target_kind == "dimse":
+        if kind == "http" and target_kind != "url":
             raise OptionError("type", "'http' checks need targets with a 'url'")
         path = o.str("path", "/")
         if not path.startswith("/"):
@@ -104,7 +108,29 @@ class _Drain(Protocol):
         self.finished.callback(None)
 
 
+class TcpConnectCheck:
+    """A target is up when it accepts a TCP connection (MLLP peers have no
+    "ping" message every receiver understands); the connection is closed at once."""
+
+    def __init__(self, reactor, settings: HealthSettings):
+        self.reactor = reactor
+        self.settings = settings
+
+    def __call__(self, target):
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        endpoint = TCP4ClientEndpoint(self.reactor, target.host, target.port, timeout=self.settings.timeout_secs)
+        d = connectProtocol(endpoint, Protocol())
+
+        def connected(protocol):
+            protocol.transport.loseConnection()
+            return True
+        return d.addCallback(connected)
+
+
 def make_check(reactor, settings: HealthSettings, tls_policy=None):
+    if settings.kind == "tcp":
+        return TcpConnectCheck(reactor, settings)
     if settings.kind == "dimse":
         from harmony.targets.dimse_health import EchoCheck
 

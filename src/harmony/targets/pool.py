@@ -122,8 +122,8 @@ class TargetPool:
                      implicit: dict | None = None, check_url=None) -> "TargetPool":
         """Build from a backend's options and ``ctx.targets()``.
 
-        *kind* is ``"url"`` (HTTP-family: each target needs ``url``) or
-        ``"dimse"`` (``host``, ``port``, ``aet``).  *implicit* is a target
+        *kind* is ``"url"`` (HTTP-family: each target needs ``url``),
+        ``"dimse"`` (``host``, ``port``, ``aet``) or ``"mllp"`` (``host``, ``port``).  *implicit* is a target
         table for a backend's single-URL shorthand (``base_url``); it is named
         after the backend.  *check_url* validates a URL (and may normalise it).
         """
@@ -135,7 +135,7 @@ class TargetPool:
             source = ctx.config.targets.get(name, {}).get("_source", "")
             targets.append(build_target(name, table, kind, source, check_url))
         if not targets:
-            what = "'url'" if kind == "url" else "'host', 'port' and 'aet'"
+            what = {"url": "'url'", "mllp": "'host' and 'port'"}.get(kind, "'host', 'port' and 'aet'")
             raise OptionError("targets", f"names no targets (give it targets = [...] whose tables have {what})")
         strategy = options.str("strategy", "round_robin", choices=tuple(STRATEGIES))
         hash_key = None
@@ -360,6 +360,8 @@ def build_target(name: str, table: dict, kind: str, source: str, check_url=None,
         bad("host", "is required (a host name or IP address)")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         bad("port", f"must be a port number 1-65535, got {port!r}")
+    if kind == "mllp":
+        return Target(host=host, port=port, **common)
     if not isinstance(aet, str) or not 1 <= len(aet.strip()) <= 16:
         bad("aet", f"must be an AE title of 1-16 characters, got {aet!r}")
     return Target(host=host, port=port, aet=aet.strip(), **common)
