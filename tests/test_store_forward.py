@@ -382,3 +382,18 @@ def test_queue_rows_for_repeated_copies(queue_conn):
     q.enqueue(conn, "1.2.3", ["t"], 10.0)  # the modality sends it again: revived
     assert rows()[-1] == (q.PENDING, 0, 0)
     assert q.claim(conn, "t", q.FIFO, 4, 10.0)[0][0][1] == "1.2.3"
+
+
+def test_message_items_on_each_database(queue_conn):
+    """HL7 message items (kind + payload row) through the same queue SQL on both databases."""
+    conn = queue_conn
+    mid = q.enqueue_message(conn, q.HL7V2, b"MSH|^~\\&|A\r", '{"hl7.control_id": "1"}', ["t"], 0.0)
+    kind, body, metadata = q.load_message(conn, q.message_key(mid))
+    assert (kind, type(body), body, metadata) == (q.HL7V2, bytes, b"MSH|^~\\&|A\r", '{"hl7.control_id": "1"}')
+    [(row_id, key, _n)], _ = q.claim(conn, "t", q.FIFO, 1, 1.0)
+    assert key == q.message_key(mid)
+    assert q.failed(conn, row_id, "AR", 2.0, retry_at=None) == q.DEAD
+    [entry] = q.dead_entries(conn, "t")
+    assert (entry["kind"], entry["item"], entry["hl7.control_id"]) == (q.HL7V2, key, "1")
+    assert q.purge(conn, "t") == 1
+    assert q.load_message(conn, key) is None  # forgotten with its last queue row

@@ -125,8 +125,10 @@ def load_message(conn: sqlite3.Connection, key: str):
     """(kind, body, metadata JSON) of a queued message, or None when it is gone."""
     if not key.startswith(MESSAGE_PREFIX):
         return None
-    return conn.execute("SELECT kind, body, metadata FROM messages WHERE id=?",
-                        (int(key[len(MESSAGE_PREFIX):]),)).fetchone()
+    row = conn.execute("SELECT kind, body, metadata FROM messages WHERE id=?",
+                       (int(key[len(MESSAGE_PREFIX):]),)).fetchone()
+    # bytes from either database (PostgreSQL's bytea may come back as a memoryview)
+    return None if row is None else (row[0], bytes(row[1]), row[2])
 
 
 def enqueue(conn: sqlite3.Connection, sop_uid: str, targets: list[str], now: float) -> None:
