@@ -121,9 +121,10 @@ def queues_overview(services, all_stats) -> dict:
         if db is not None:
             error = getattr(db, "last_error", None)
             databases[db.describe()] = {"up": error is None, "error": error, "shared": svc.store.shared}
-    return {"node": services[0].node if services else None,
-            "targets": {t: s for stats in all_stats for t, s in sorted(stats.items())},
-            "databases": databases}
+    doc = {"targets": {t: s for stats in all_stats for t, s in sorted(stats.items())}}
+    if services:
+        doc.update(node=services[0].node, databases=databases)
+    return doc
 
 
 def _int_arg(args: dict, key: str, default, minimum, maximum):
