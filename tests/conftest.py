@@ -89,3 +89,12 @@ def own_postgres():
     server = PostgresServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (SeaweedFS, tests/s3.py) on 127.0.0.1, shared by the run."""
+    from tests.s3 import S3Server
+    server = S3Server().start()
+    yield server
+    server.stop()

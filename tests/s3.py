@@ -78,7 +78,7 @@ class S3Server:
             self.thaw()
             self.proc.terminate()
             try:
-                self.proc.wait(30)
+                self.proc.wait(3)  # a throwaway server: no need to wait for its graceful shutdown
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

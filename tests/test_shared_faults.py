@@ -9,7 +9,7 @@ the management view pick up again by themselves when it returns.
 
 from __future__ import annotations
 
-
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 

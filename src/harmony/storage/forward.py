@@ -40,6 +40,7 @@ from harmony.errors import HarmonyError
 from harmony.log import get_logger
 from harmony.storage import queue as q
 from harmony.storage.bodies import FileProducer
+from harmony.storage.errors import StorageFailure
 
 log = get_logger("harmony.store_forward")
 
@@ -490,15 +491,23 @@ class _Drainer:
         kind = "message" if sop_uid.startswith(q.MESSAGE_PREFIX) else "instance"
         try:
             request = None
+            outcome = None
             if kind == "instance":
-                instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
+                try:
+                    instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
+                except StorageFailure as e:
+                    # Not readable now (its file still to come from S3, the database
+                    # away): a transient failure of this instance, retried with backoff.
+                    instance, outcome = None, Outcome(False, detail=e.detail)
                 if instance is not None:
                     request = delivery_request(instance, settings.name, attempts)
             else:
                 message = yield self.svc.store.read(q.load_message, sop_uid)
                 if message is not None:
                     request = message_request(message[0], message[1], message[2], settings.name, attempts)
-            if request is None:
+            if outcome is not None:
+                pass
+            elif request is None:
                 outcome = Outcome(False, permanent=True, detail=f"the {kind} is no longer in the store")
             else:
                 try:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import attr
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.threadable import isInIOThread
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -51,7 +51,9 @@ from harmony.dicom.files import CorruptDataset, check_complete
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.log import get_logger
 from harmony.storage import index as idx
+from harmony.storage import blobs as blob_sql
 from harmony.storage import queue as q
+from harmony.storage.blobs import BlobUnavailable
 from harmony.storage.database import SQLITE, SqliteDatabase
 from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
@@ -62,6 +64,8 @@ from harmony.storage.uids import clean_uid
 log = get_logger("harmony.storage")
 
 DEFAULT_MIN_FREE = 512 * 1024 * 1024
+#: Seconds between looks for files still to upload to S3 (after an outage or a crash).
+UPLOAD_INTERVAL = 10.0
 #: Results are handed to the reactor in batches of this many.
 BATCH = 32
 #: Markers at the store's root (see the module docstring).
@@ -88,7 +92,8 @@ class Recovery:
 
 class InstanceStore:
     def __init__(self, root, *, reactor=None, min_free_bytes: int = DEFAULT_MIN_FREE, fsync: bool = True,
-                 threads: int = 4, free_bytes=None, clock=time.time, database=None, node: str = ""):
+                 threads: int = 4, free_bytes=None, clock=time.time, database=None, node: str = "",
+                 blobs=None, upload_interval: float = UPLOAD_INTERVAL):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -113,6 +118,14 @@ class InstanceStore:
             self._markers = (f"{CLEAN_MARKER}.{safe}", f"{OPENED_MARKER}.{safe}")
         else:
             self._markers = (CLEAN_MARKER, OPENED_MARKER)
+        #: S3-compatible object storage for the files (None: the folder is the store).
+        self.blobs = blobs
+        self.upload_interval = upload_interval
+        self._uploading = False
+        self._upload_again = False
+        self._upload_loop = None
+        #: Files durable here but not yet in S3, as last counted (metrics).
+        self.uploads_pending = 0
         self._conn_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
@@ -147,7 +160,8 @@ class InstanceStore:
             if left:
                 log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
                          root=str(self.root), n=left)
-            self.db.create_schema(idx.SCHEMA + q.SCHEMA, idx.PG_SCHEMA + q.PG_SCHEMA)
+            self.db.create_schema(idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA,
+                                  idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA)
             self.db.transaction(True, q.upgrade)
             plan = self._mark_opened()
             self._opened = True
@@ -298,6 +312,11 @@ class InstanceStore:
         if not self.pool.started:
             self.pool.start()
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+            if self.blobs is not None and self._upload_loop is None:
+                # Also finishes what a crash (kill -9) left pending, at start.
+                self._upload_loop = task.LoopingCall(self.upload_soon)
+                self._upload_loop.clock = self.reactor
+                self.reactor.callLater(0, self._upload_loop.start, self.upload_interval, now=True)
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
     def write(self, fn, *args, **kwargs) -> defer.Deferred:
@@ -318,6 +337,8 @@ class InstanceStore:
         if self.closed:
             return
         self.closed = True
+        if self._upload_loop is not None and self._upload_loop.running:
+            self._upload_loop.stop()
         if self._shutdown_trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
@@ -431,6 +452,8 @@ class InstanceStore:
                                       transfer_syntax_uid=header["ts"], relpath=rel, size=size, now=now)
             if enqueue:
                 q.enqueue(conn, header["sop"], list(enqueue), now)
+            if self.blobs is not None:
+                blob_sql.mark_pending(conn, rel, self.node, now)
             return old
 
         try:
@@ -447,6 +470,8 @@ class InstanceStore:
                 os.unlink(self.path_of(old))
             except (FileNotFoundError, InvalidInstance):
                 pass
+        if self.blobs is not None:
+            self.reactor.callFromThread(self.upload_soon)
         return DicomInstance(path=final, sop_class_uid=header["sop_class"], sop_instance_uid=header["sop"],
                              transfer_syntax_uid=header["ts"], study_instance_uid=header["study"],
                              series_instance_uid=header["series"], size=size, owned=False)
@@ -459,6 +484,12 @@ class InstanceStore:
             os.unlink(self.path_of(rel))
         except FileNotFoundError:
             pass
+        if self.blobs is not None:
+            self.write_sync(lambda conn: conn.execute("DELETE FROM blob_uploads WHERE relpath=?", (rel,)))
+            try:
+                self.blobs.delete_sync(rel)
+            except (BlobUnavailable, FileNotFoundError):
+                log.warn("storage: could not delete an object from S3 (left for the bucket's lifecycle rules)")
         return True
 
     def get_sync(self, sop_uid: str) -> DicomInstance | None:
@@ -468,9 +499,61 @@ class InstanceStore:
             "WHERE i.sop_uid=?", (sop_uid,)).fetchone()
         if row is None:
             return None
-        return DicomInstance(path=self.path_of(row[0]), sop_class_uid=row[1], sop_instance_uid=sop_uid,
+        return DicomInstance(path=self.local_copy_sync(row[0]), sop_class_uid=row[1], sop_instance_uid=sop_uid,
                              transfer_syntax_uid=row[2], size=row[3], series_instance_uid=row[4],
                              study_instance_uid=row[5], owned=False)
+
+    # ------------------------------------------------------------------ object storage (S3)
+
+    def local_copy_sync(self, relpath: str) -> Path:
+        """The file of *relpath* in the folder, fetched from S3 first if this
+        node does not have it (storage thread)."""
+        path = self.path_of(relpath)
+        if self.blobs is None or path.exists():
+            return path
+        with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
+            try:
+                self.blobs.download_sync(relpath, tmp._fh)
+            except FileNotFoundError:
+                raise BlobUnavailable("the instance is not in S3 yet (its upload is pending on the node "
+                                      "that received it)") from None
+            tmp.commit(path, self.instances_dir)
+        return path
+
+    def upload_soon(self) -> None:
+        """Upload this node's pending files now (reactor; one run at a time)."""
+        if self.closed or self.blobs is None:
+            return
+        if self._uploading:
+            self._upload_again = True
+            return
+        self._uploading = True
+        self._upload_again = False
+
+        def done(more):
+            self._uploading = False
+            if (more or self._upload_again) and not self.closed:
+                self.upload_soon()
+
+        def failed(f):
+            self._uploading = False
+            if not f.check(BlobUnavailable, StorageFailure):
+                log.failure("storage: upload to S3 failed", f)
+            # S3 or the database away: the periodic run tries again.
+        self.run(self.upload_pending_sync).addCallbacks(done, failed)
+
+    def upload_pending_sync(self, limit: int = 64) -> bool:
+        """Upload up to *limit* of this node's pending files; True if more remain."""
+        self.uploads_pending = self.read_sync(blob_sql.backlog)
+        rels = self.read_sync(blob_sql.pending, self.node, limit)
+        for rel in rels:
+            path = self.path_of(rel)
+            if path.exists():
+                self.blobs.upload_sync(path, rel)
+            # (a file gone meanwhile was deleted or replaced: nothing to upload)
+            self.bookkeep_sync(blob_sql.uploaded, rel, self.node)
+            self.uploads_pending = max(0, self.uploads_pending - 1)
+        return len(rels) == limit
 
     # ------------------------------------------------------------------ ingest (reactor side)
 
@@ -544,7 +627,7 @@ class InstanceStore:
                 return
             if record_matches(keys, record):
                 relpath, sop_class, ts, size, sop, series, study = row
-                yield DicomInstance(path=self.path_of(relpath), sop_class_uid=sop_class, sop_instance_uid=sop,
+                yield DicomInstance(path=self.local_copy_sync(relpath), sop_class_uid=sop_class, sop_instance_uid=sop,
                                     transfer_syntax_uid=ts, study_instance_uid=study, series_instance_uid=series,
                                     size=size or 0, owned=False)
 
