@@ -91,6 +91,12 @@ async def test_s3_hung_ingest_goes_on_and_uploads_resume(s3, postgres, tmp_path)
         stored = [await a.put_file(f) for f in files]  # acknowledged: durable here, upload pending
         assert await a.read(lambda c: c.execute("SELECT count(*) FROM blob_uploads").fetchone()[0]) == 4
         await until(lambda: a.blobs.last_error is not None, what="S3 noticed down")
+        from harmony.storage.metrics import StoreForwardCollector
+        from prometheus_client import CollectorRegistry, generate_latest
+        registry = CollectorRegistry()
+        registry.register(StoreForwardCollector([], [a]))
+        text = generate_latest(registry).decode()
+        assert f'harmony_storage_object_store_up{{object_store="s3 {s3.endpoint}/{s3.bucket}",store="a"}} 0.0' in text
         with pytest.raises(BlobUnavailable) as refused:
             await b.run(b.get_sync, stored[0].sop_instance_uid)
         assert refused.value.status == 503

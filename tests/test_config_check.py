@@ -217,3 +217,15 @@ def test_every_table_names_its_unknown_keys_with_a_did_you_mean(tmp_path):
     for key, suggestion in expected.items():
         assert key in messages, (key, sorted(messages))
         assert f"(did you mean {suggestion!r}?)" in messages[key], (key, messages[key])
+
+
+def test_storage_backend_s3_needs_endpoint_and_bucket(tmp_path, capsys):
+    path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage]\nbackend = "s3"\n', {"echo": echo_pipeline()})
+    assert harmony_main(["check", "-c", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f'{path}: [storage.options.s3_endpoint]: backend = "s3" needs it' in out
+    assert f'{path}: [storage.options.s3_bucket]: backend = "s3" needs it' in out
+    stray = write_config(tmp_path / "stray", MINIMAL_MAIN + '\n[storage.options]\ns3_bucket = "b"\n',
+                         {"echo": echo_pipeline()})
+    assert harmony_main(["check", "-c", str(stray)]) == 1
+    assert '[storage.options.s3_bucket]: only used with backend = "s3"' in capsys.readouterr().out

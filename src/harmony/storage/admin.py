@@ -121,6 +121,10 @@ def queues_overview(services, all_stats) -> dict:
         if db is not None:
             error = getattr(db, "last_error", None)
             databases[db.describe()] = {"up": error is None, "error": error, "shared": svc.store.shared}
+        blobs = getattr(svc.store, "blobs", None)
+        if blobs is not None:
+            databases[blobs.describe()] = {"up": blobs.last_error is None, "error": blobs.last_error,
+                                           "uploads_pending": svc.store.uploads_pending}
     doc = {"targets": {t: s for stats in all_stats for t, s in sorted(stats.items())}}
     if services:
         doc.update(node=services[0].node, databases=databases)

@@ -46,6 +46,12 @@ class StoreForwardCollector:
         db_up = GaugeMetricFamily("harmony_storage_database_up",
                                   "0 while the store's database (the shared PostgreSQL) is unreachable",
                                   labels=["store", "database"])
+        uploads = GaugeMetricFamily("harmony_storage_uploads_pending",
+                                    "Instance files durable locally and still to be uploaded to S3 (cluster-wide)",
+                                    labels=["store"])
+        blobs_up = GaugeMetricFamily("harmony_storage_object_store_up",
+                                     "0 while the S3-compatible object storage does not answer",
+                                     labels=["store", "object_store"])
         free = GaugeMetricFamily("harmony_storage_free_bytes", "Free bytes on the store's filesystem",
                                  labels=["store"])
         floor = GaugeMetricFamily("harmony_storage_min_free_bytes",
@@ -78,6 +84,10 @@ class StoreForwardCollector:
             db = getattr(store, "db", None)
             if db is not None:
                 db_up.add_metric([label, db.describe()], 0.0 if getattr(db, "last_error", None) else 1.0)
+            blobs = getattr(store, "blobs", None)
+            if blobs is not None:
+                blobs_up.add_metric([label, blobs.describe()], 0.0 if blobs.last_error else 1.0)
+                uploads.add_metric([label], store.uploads_pending)
             try:
                 free.add_metric([label], store.guard.free_bytes())
             except OSError:
@@ -91,7 +101,8 @@ class StoreForwardCollector:
             lost.add_metric([label], getattr(svc, "leases_lost", 0))
             if "dead_tuples" in getattr(svc, "table_health", {}):
                 dead_rows.add_metric([label], svc.table_health["dead_tuples"])
-        yield from (depth, oldest, attempts, paused, leases, lost, dead_rows, db_up, free, floor, stored, refused)
+        yield from (depth, oldest, attempts, paused, leases, lost, dead_rows, db_up, uploads, blobs_up, free, floor,
+                    stored, refused)
 
 
 def register_metrics(registry, services, stores=()) -> StoreForwardCollector:
