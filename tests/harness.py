@@ -10,6 +10,8 @@ from pathlib import Path
 import attr
 import treq
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -44,27 +46,36 @@ bind_port = 0
 """
 
 
-def http_pipeline(name, prefix, endpoint, backend, backend_table, middleware=(), network="default") -> str:
-    """TOML for a pipeline with one http endpoint at *prefix* and one backend."""
+#: The body of a ``[backends.X]`` table for the echo backend.
+ECHO = 'service = "echo"'
+
+
+def http_pipeline(name, prefix, endpoint, backend, backend_table, middleware=(), network="default", *,
+                  service="http", options="") -> str:
+    """TOML for a pipeline with one HTTP-family endpoint (*service*) at *prefix* and one
+    backend; *options* is extra TOML for the endpoint's options table (sub-tables included),
+    an empty *backend_table* names a backend defined elsewhere."""
     mws = ", ".join(f'"{m}"' for m in middleware)
-    return f"""
+    text = f"""
 [pipelines.{name}]
 networks = ["{network}"]
 endpoints = ["{endpoint}"]
 middleware = [{mws}]
 backends = ["{backend}"]
 [endpoints.{endpoint}]
-service = "http"
+service = "{service}"
 [endpoints.{endpoint}.options]
 path_prefix = "{prefix}"
-[backends.{backend}]
-{backend_table}
+{textwrap.dedent(options).strip()}
 """
+    if backend_table:
+        text += f"[backends.{backend}]\n{backend_table}\n"
+    return text
 
 
 def echo_pipeline(name="echo", prefix="/echo", endpoint="e", backend="b", **kw) -> str:
     """A pipeline answering with the echo backend under *prefix*."""
-    return http_pipeline(name, prefix, endpoint, backend, 'service = "echo"', **kw)
+    return http_pipeline(name, prefix, endpoint, backend, ECHO, **kw)
 
 
 def proxy_pipeline(upstream: str, name="proxy", prefix="/api", endpoint="api", backend="up",
@@ -140,9 +151,34 @@ class RecordingUpstream(Resource):
         return json.dumps({"uri": request.uri.decode(), "length": len(body)}).encode()
 
 
+class RawClient(Protocol):
+    """Sends bytes as they are (hostile or malformed input), collects whatever
+    comes back until the server closes."""
+
+    def __init__(self, data: bytes):
+        self.data, self.received, self.done = data, b"", defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.data)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.received)
+
+
+async def raw_exchange(port: int, data: bytes, safety: float = 20.0) -> bytes:
+    """Send *data* on a fresh loopback connection; the whole answer once the server
+    closes.  *safety* only guards against hanging for ever; it is no synchronisation."""
+    client = RawClient(data)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    return await client.done.addTimeout(safety, reactor)
+
+
 async def get_json(response):
     return json.loads(await response.content())
 
 
 __all__ = ["write_config", "start_harmony", "listen", "RecordingUpstream", "MINIMAL_MAIN", "treq",
-           "echo_pipeline", "proxy_pipeline"]
+           "echo_pipeline", "proxy_pipeline", "RawClient", "raw_exchange"]

@@ -247,3 +247,42 @@ class Storescp(PeerProcess):
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.rglob("*") if p.is_file())
 
+
+
+NGINX = "/usr/sbin/nginx"
+
+
+class Nginx(PeerProcess):
+    """A real nginx of its own in *folder* (config, pid, logs, temp paths) with
+    *server_block* inside ``http {}``; *ports* are the ports that block listens on."""
+
+    def __init__(self, folder: Path, server_block: str, ports):
+        self.folder = Path(folder)
+        self.ports = list(ports)
+        temps = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        for sub in temps:
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        temp_paths = "\n".join(f"{sub}_temp_path {self.folder}/{sub};" for sub in temps)
+        user = "user root;" if os.geteuid() == 0 else ""
+        self.conf = self.folder / "nginx.conf"
+        self.conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {self.folder}/nginx.pid;
+error_log {self.folder}/error.log warn;
+{user}
+events {{ worker_connections 1024; }}
+http {{
+    access_log {self.folder}/access.log;
+    {temp_paths}
+    {server_block}
+}}
+""")
+
+    def start(self):
+        self.log = open(self.folder / "stdout.log", "wb")
+        self.proc = subprocess.Popen([require(NGINX), "-p", str(self.folder), "-c", str(self.conf)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        for port in self.ports:
+            wait_for(lambda: port_open(port), 10, f"nginx on {port} ({self.conf})", self.proc)
+        return self

@@ -106,6 +106,9 @@ def test_qido_parameters_to_dicom_json():
     [("StudyDate", "2024")], [("StudyDate", "20240101-2024")], [("StudyInstanceUID", "1.2.*")],
     [("SeriesNumber", "abc")], [("PatientID", "A"), ("PatientID", "B")], [("PixelData", "x")],
     [("includefield", "Bogus")],
+    # absurd numbers (issue 12, defect 15): int() refuses 4,301+ digits, isdigit() admits superscripts
+    [("limit", "9" * 5000)], [("offset", "1" * 5000)], [("limit", "1" * 19)], [("limit", "\u00b2")],
+    [("offset", "\u0661")],
 ])
 def test_qido_refusals(pairs):
     with pytest.raises(BadRequest):
@@ -247,6 +250,8 @@ async def test_envelope_for_frames_and_forwarded_base(harmony):
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("method,path,headers,body,status", [
     ("GET", "/dw/studies?limit=0", {}, b"", 400),
+    ("GET", "/dw/studies?limit=" + "9" * 5000, {}, b"", 400),
+    ("GET", "/dw/studies?offset=" + "9" * 5000, {}, b"", 400),
     ("GET", "/dw/studies?Bogus=1", {}, b"", 400),
     ("GET", "/dw/studies/1.2.x/series", {}, b"", 400),
     ("GET", "/dw/studies/1.2/series/..%2F..%2F", {}, b"", 400),

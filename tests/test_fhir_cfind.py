@@ -206,3 +206,13 @@ async def test_transform_content_type_option(tmp_path):
     # An answer the spec did not rewrite keeps its own type.
     err = ResponseEnvelope.json(500, {"a": "x"})
     assert (await defer.maybeDeferred(mw.on_response, RequestEnvelope(), err)).header("content-type") == "application/json"
+
+
+@pytest.mark.parametrize("offset", ["9" * 5000, "\u00b2", "1" * 19])
+@pytest_twisted.ensureDeferred
+async def test_absurd_paging_numbers_are_the_clients_error(offset):
+    """int() refuses 4,301+ digits and isdigit() admits superscripts: both used to be a 500."""
+    from harmony.errors import BadRequest
+    resp, _ = results([match(1)])
+    with pytest.raises(BadRequest):
+        await DicomResultsJson("r").on_response(request([("_offset", offset)]), resp)

@@ -130,6 +130,19 @@ async def test_hop_by_hop_dropped_end_to_end_kept(harmony, upstream):
     assert not resp.headers.hasHeader("proxy-authenticate")
 
 
+@pytest_twisted.ensureDeferred
+async def test_response_headers_named_in_the_upstreams_connection_header_are_dropped(harmony, upstream):
+    """RFC 9110 7.6.1, upstream to client (issue 12, defect 11): Twisted's client parser
+    keeps the answer's Connection header apart, so the names it lists used to leak."""
+    upstream.respond[b"/base/c"] = (200, {b"Connection": b"X-Secret-Hop, Keep-Alive", b"X-Secret-Hop": b"internal",
+                                          b"X-Kept": b"yes"}, b"ok")
+    resp = await treq.get(harmony.url("/api/c"))
+    assert await resp.content() == b"ok"
+    assert not resp.headers.hasHeader("x-secret-hop")
+    assert resp.headers.getRawHeaders("x-kept") == ["yes"]
+    assert b"x-secret-hop" not in (resp.headers.getRawHeaders("connection", [""])[0].lower().encode())
+
+
 def test_connection_listed_headers_are_hop_by_hop():
     from harmony.web.headers import end_to_end
     h = Headers({"Connection": ["close, X-Private"], "X-Private": ["a"], "X-Public": ["b"],

@@ -4,35 +4,9 @@ traceback) and nothing reaches a backend it should not."""
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer
 
-from tests.harness import MINIMAL_MAIN, echo_pipeline, proxy_pipeline, start_harmony, write_config
-
-SAFETY = 20  # seconds: only a guard against hanging forever, never a synchronisation
-
-
-class RawClient(Protocol):
-    """Sends bytes, collects whatever comes back until the server closes."""
-
-    def __init__(self, data):
-        self.data, self.received, self.done = data, b"", defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.data)
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.done.callback(self.received)
-
-
-async def exchange(port, data):
-    client = RawClient(data)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    return await client.done.addTimeout(SAFETY, reactor)
+from tests.harness import MINIMAL_MAIN, echo_pipeline, proxy_pipeline, raw_exchange, start_harmony, write_config
 
 
 @pytest.fixture
@@ -46,21 +20,21 @@ def harmony(tmp_path, upstream):
 @pytest_twisted.ensureDeferred
 async def test_oversized_header_line_is_431_not_a_silent_close(harmony):
     data = b"GET /echo/x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
-    answer = await exchange(harmony.port("default"), data)
+    answer = await raw_exchange(harmony.port("default"), data)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
 
 
 @pytest_twisted.ensureDeferred
 async def test_oversized_request_line_is_414(harmony):
     data = b"GET /echo/x?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
-    answer = await exchange(harmony.port("default"), data)
+    answer = await raw_exchange(harmony.port("default"), data)
     assert answer.startswith(b"HTTP/1.1 414 "), answer[:200]
 
 
 @pytest_twisted.ensureDeferred
 async def test_bad_chunked_encoding_is_400(harmony, upstream):
     data = b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n"
-    answer = await exchange(harmony.port("default"), data)
+    answer = await raw_exchange(harmony.port("default"), data)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert upstream.requests == []
 
@@ -68,23 +42,43 @@ async def test_bad_chunked_encoding_is_400(harmony, upstream):
 @pytest.mark.parametrize("path", [
     b"/api/../admin", b"/api/x/../../admin", b"/api/%2e%2e/admin", b"/api/%2E%2e/admin", b"/api/.%2e/admin",
     b"/api/..%2fadmin", b"/api/..%5cadmin", b"/api/a\\..\\..\\admin", b"/api/./x", b"/echo/../api/x",
+    # path parameters: Tomcat/Jetty strip ';...' per segment, then resolve (issue 12, defect 14)
+    b"/api/..;/admin", b"/api/.;x/admin", b"/api/..;foo/admin", b"/api/%2e%2e;/admin", b"/api/..%3b/admin",
+    b"/api/%2e;x/y", b"/api/x/..;",
 ])
 @pytest_twisted.ensureDeferred
 async def test_dot_segments_never_reach_a_route(harmony, upstream, path):
     """/api/../../admin would leave base_url's /base at an upstream that resolves
     dot segments; /echo/../api/x would reach /echo's route with a path for /api's."""
     data = b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-    answer = await exchange(harmony.port("default"), data)
+    answer = await raw_exchange(harmony.port("default"), data)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b"application/problem+json" in answer and b"Traceback" not in answer
     assert upstream.requests == []
+    assert b'"request_id"' in answer
 
 
-@pytest.mark.parametrize("path", [b"/api/file..txt", b"/api/.well-known/x", b"/api/a%2e%2eb"])
+@pytest_twisted.ensureDeferred
+async def test_the_no_route_404_carries_a_request_id(harmony):
+    """Every proxy-made problem body carries request_id (issue 12, defect 12)."""
+    import json
+
+    data = b"GET /nowhere HTTP/1.1\r\nHost: a\r\nX-Request-ID: trace-42\r\nConnection: close\r\n\r\n"
+    answer = await raw_exchange(harmony.port("default"), data)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ") and b"X-Request-Id: trace-42" in head
+    assert json.loads(body)["request_id"] == "trace-42"
+    answer = await raw_exchange(harmony.port("default"), data.replace(b"X-Request-ID: trace-42\r\n", b""))
+    doc = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert len(doc["request_id"]) == 32 and doc["status"] == 404
+
+
+@pytest.mark.parametrize("path", [b"/api/file..txt", b"/api/.well-known/x", b"/api/a%2e%2eb", b"/api/x;v=1/y",
+                                  b"/api/...;x"])
 @pytest_twisted.ensureDeferred
 async def test_dots_inside_a_segment_pass(harmony, upstream, path):
     data = b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-    answer = await exchange(harmony.port("default"), data)
+    answer = await raw_exchange(harmony.port("default"), data)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert upstream.requests[-1]["path"] == b"/base" + path[len(b"/api"):]
 
@@ -139,7 +133,7 @@ def deep_harmony(tmp_path):
 async def post(port, path, body, headers=b""):
     head = (b"POST " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: application/json\r\n"
             + headers + b"Content-Length: %d\r\n\r\n" % len(body))
-    return await exchange(port, head + body)
+    return await raw_exchange(port, head + body)
 
 
 @pytest_twisted.ensureDeferred
@@ -174,7 +168,7 @@ async def test_an_endpoint_that_raises_gets_problem_json_not_html(harmony, monke
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(endpoint, "render_http", broken)
-    answer = await exchange(harmony.port(), b"GET /echo/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    answer = await raw_exchange(harmony.port(), b"GET /echo/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 500 "), answer[:300]
     assert b"application/problem+json" in answer and b"a bug" not in answer and b"<html" not in answer
 
@@ -189,7 +183,7 @@ async def test_deeply_nested_jmix_manifest_is_400(deep_harmony):
     body = buf.getvalue()
     head = (b"POST /jmix/api/jmix HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: application/zip\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body))
-    answer = await exchange(deep_harmony.port(), head + body)
+    answer = await raw_exchange(deep_harmony.port(), head + body)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b"nested too deeply" in answer
 
@@ -201,7 +195,7 @@ async def test_refused_and_unrouted_requests_are_in_the_access_log(harmony):
     globalLogPublisher.addObserver(events.append)
     try:
         for path in (b"/api/%2e%2e/admin", b"/nowhere"):
-            await exchange(harmony.port(), b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            await raw_exchange(harmony.port(), b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     finally:
         globalLogPublisher.removeObserver(events.append)
     access = [(e["path"], e["status"]) for e in events if e.get("log_namespace") == "harmony.access"]

@@ -181,6 +181,23 @@ async def test_killed_target_fails_no_idempotent_request_and_recovers(tmp_path, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_single_target_that_dies_is_tried_every_time_and_serves_as_soon_as_it_is_back(tmp_path, servers):
+    """nginx's rule for a group of one (issue 12, defect 1): no 503 fast-fail for open_secs."""
+    running = await run(tmp_path, servers[:1], backend="[backends.up.circuit]\nfailures = 2\nopen_secs = 30")
+    try:
+        await servers[0].kill()
+        codes, _ = await get_many(running, 6)
+        assert codes == [502] * 6  # each request tried, each its own answer; never 503 "circuit open"
+        t = pool_of(running).targets[0]
+        assert t.circuit == CLOSED and t.failures_total == 6
+        servers[0].start()  # back on the same port: served at once, not 30 s later
+        codes, bodies = await get_many(running, 2)
+        assert codes == [200, 200] and served_by(bodies) == {"a": 2}
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_upstream_503_is_retried_on_next_target_but_post_is_not(tmp_path, servers):
     servers[0].resource.status["/x"] = 503
     running = await run(tmp_path, servers[:2])
@@ -441,7 +458,8 @@ def _result(d):
 
 def test_circuit_closed_open_half_open_closed_on_clock():
     clock = task.Clock()
-    pool = _pool(clock, 1, circuit_failures=3, circuit_open_secs=10)
+    pool = _pool(clock, 2, circuit_failures=3, circuit_open_secs=10, retries=0)
+    pool.targets[1].healthy = False  # out of the game: every request goes to t0
     t = pool.targets[0]
     for i in range(3):
         assert t.circuit == CLOSED
@@ -495,6 +513,72 @@ def test_retries_bounded_by_count_and_deadline():
     import io
     _result(pool.call(RequestEnvelope(body=FileBodyProducer(io.BytesIO(b"x"))), slow_refusal))
     assert len(seen) == 1  # a streamed body cannot be sent twice
+
+
+def test_a_pool_of_one_target_never_fast_fails():
+    """nginx: "if there is only a single server in a group ... such a server will
+    never be considered unavailable"; failures are still counted."""
+    clock = task.Clock()
+    pool = _pool(clock, 1, circuit_failures=2, circuit_open_secs=30)
+    t = pool.targets[0]
+    for _ in range(10):
+        assert isinstance(_result(pool.call(RequestEnvelope(), _refused)).value, Exception)
+    assert t.circuit == CLOSED and t.failures_total == 10 and t.last_error
+    assert _result(pool.call(RequestEnvelope(), _ok)).status == 200
+    assert t.consecutive_failures == 0
+    # Active health checks, when configured, still take it out.
+    t.healthy = False
+    assert isinstance(_result(pool.call(RequestEnvelope(), _ok)).value, ServiceUnavailable)
+
+
+@pytest.mark.parametrize("cause", ["cancel", "client_gone_flag", "wrapped_body_failure"])
+def test_a_client_going_away_is_no_verdict_on_the_target(cause):
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import RequestGenerationFailed
+    from harmony.backends.http import client_side_cause
+    from harmony.errors import ClientClosedRequest, mark_client_gone
+
+    clock = task.Clock()
+    pool = _pool(clock, 2, circuit_failures=1, retries=3)
+    seen = []
+    for _ in range(4):
+        request = RequestEnvelope()
+        pending = defer.Deferred()
+        d = pool.call(request, lambda t: seen.append(t.name) or pending)
+        if cause == "cancel":
+            d.cancel()
+        elif cause == "client_gone_flag":
+            mark_client_gone(request)
+            pending.errback(ConnectionRefusedError())  # whatever fails next is not the target's doing
+        else:  # what Agent reports for an upload our client cut mid-body
+            wrapped = Failure(RequestGenerationFailed([Failure(ClientClosedRequest("cut"))]))
+            pending.errback(client_side_cause(wrapped))
+        failure = _result(d)
+        assert failure.check(defer.CancelledError, ClientClosedRequest)
+    assert seen == ["t0", "t1", "t0", "t1"]  # never retried
+    for t in pool.targets:
+        assert (t.circuit, t.failures_total, t.in_flight, t.client_aborts_total) == (CLOSED, 0, 0,
+                                                                                    0 if cause == "cancel" else 2)
+
+
+def test_an_outer_timeout_cancelling_an_attempt_stays_a_timeout():
+    """Store-and-forward bounds a delivery with addTimeout: Agent reports that
+    cancel as ResponseNeverReceived([CancelledError]); it must come out as the
+    TimeoutError addTimeout makes of a cancel (target unreachable, retried later),
+    not as a 499 a queue would treat as the request's own fault."""
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+    from harmony.backends.http import client_side_cause
+
+    clock = task.Clock()
+    pool = _pool(clock, 2)
+    pending = defer.Deferred(lambda d: d.errback(client_side_cause(
+        Failure(ResponseNeverReceived([Failure(defer.CancelledError())])))))
+    d = pool.call(RequestEnvelope(method="POST"), lambda t: pending)
+    d.addTimeout(5, clock)
+    clock.advance(5)
+    assert _result(d).check(defer.TimeoutError)
+    assert [(t.in_flight, t.client_aborts_total) for t in pool.targets] == [(0, 0), (0, 0)]
 
 
 def test_cancelled_request_releases_target():

@@ -11,8 +11,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from harmony.backends.streams import ResponseBodyProducer
 from harmony.errors import BackendTimeout
-from tests.harness import MINIMAL_MAIN, listen, proxy_pipeline, start_harmony, write_config
-from tests.test_malformed_http import exchange
+from tests.harness import MINIMAL_MAIN, listen, proxy_pipeline, raw_exchange, start_harmony, write_config
 
 
 class _Transport:
@@ -97,9 +96,9 @@ async def test_client_connection_is_cut_when_the_upstream_stalls_mid_body(tmp_pa
     running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN,
                                                {"p": proxy_pipeline(upstream, timeout_secs=0.3)}))
     try:
-        # exchange() waits for the server to close (SAFETY-bounded): before the
+        # raw_exchange() waits for the server to close (SAFETY-bounded): before the
         # fix it timed out because the connection stayed open as long as the upstream's.
-        answer = await exchange(running.port(), b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        answer = await raw_exchange(running.port(), b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
         head, _, rest = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 1000" in head
         assert rest == b"partial"

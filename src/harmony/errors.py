@@ -49,6 +49,12 @@ class NotAcceptable(HarmonyError):
     status, title, code = 406, "Not Acceptable", "not-acceptable"
 
 
+class RequestTimeout(HarmonyError):
+    """The client was too slow sending its request (its body, past the network's minimum rate)."""
+
+    status, title, code = 408, "Request Timeout", "request-timeout"
+
+
 class Conflict(HarmonyError):
     status, title, code = 409, "Conflict", "conflict"
 
@@ -59,6 +65,28 @@ class PayloadTooLarge(HarmonyError):
 
 class UnsupportedMediaType(HarmonyError):
     status, title, code = 415, "Unsupported Media Type", "unsupported-media-type"
+
+
+class ClientClosedRequest(HarmonyError):
+    """The client went away before its answer was ready (nginx logs this 499).
+
+    Nobody is left to read it; it is what the pipeline's observers (metrics,
+    audit) see, and it is never evidence against an upstream."""
+
+    status, title, code = 499, "Client Closed Request", "client-closed-request"
+
+
+#: ``RequestEnvelope.context`` key an endpoint sets when the client hangs up.
+CLIENT_GONE = "client_gone"
+
+
+def mark_client_gone(request) -> None:
+    """Say that *request*'s client went away: whatever fails from now on is not the upstream's doing."""
+    request.context[CLIENT_GONE] = True
+
+
+def client_gone(request) -> bool:
+    return bool(request.context.get(CLIENT_GONE))
 
 
 class MiddlewareFailed(HarmonyError):

@@ -19,8 +19,8 @@ from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLook
 from twisted.python.failure import Failure
 
 from harmony.envelope import RequestEnvelope, ResponseEnvelope
-from harmony.errors import (BackendTimeout, BackendUnavailable, ConfigurationFailure, HarmonyError,
-                            MiddlewareFailed)
+from harmony.errors import (BackendTimeout, BackendUnavailable, ClientClosedRequest, ConfigurationFailure,
+                            HarmonyError, MiddlewareFailed, client_gone)
 from harmony.log import get_logger
 
 log = get_logger("harmony.pipeline")
@@ -116,6 +116,10 @@ class Pipeline:
         except Exception:
             failure = Failure()
             stage, request = where["stage"], where["request"]
+            if client_gone(request) and not isinstance(failure.value, ClientClosedRequest):
+                # Whatever failed after our client hung up failed because it did: a 499
+                # for the observers (metrics count it apart), not a 502/504 to blame on a backend.
+                failure = Failure(ClientClosedRequest("the client went away before the answer"))
             error = as_harmony_error(failure, "backend" if stage == "backend" else stage)
             if error.status >= 500 and not isinstance(failure.value, HarmonyError):
                 log.failure("pipeline {pipeline} failed in {stage} (request {request_id})",

@@ -32,6 +32,13 @@ from harmony.web.router import HarmonySite, PrefixRouter
 log = hlog.get_logger("harmony.service")
 
 
+def network_http_table(runtime: Runtime, name: str) -> dict | None:
+    """A network's ``[network.X.http]`` table (slow-client timeouts), if any."""
+    net = runtime.config.networks.get(name)
+    http = net.raw.get("http") if net is not None and isinstance(net.raw, dict) else None
+    return http if isinstance(http, dict) else None
+
+
 class NetworkService(Service):
     """Listens on one network's endpoint description and serves its routes."""
 
@@ -196,6 +203,7 @@ class HarmonyService(MultiService):
 
     def add_network(self, name: str, listen: str, runtime: Runtime) -> NetworkService:
         svc = NetworkService(name, listen, PrefixRouter(name, self.routes_for(name, runtime)), self.reactor)
+        svc.site.apply_settings(network_http_table(runtime, name))
         svc.setServiceParent(self)
         self.networks[name] = svc
         return svc

@@ -219,7 +219,7 @@ def _worker_service(runtime, reactor, fds: dict):
     """The HarmonyService of a worker: its networks adopt the inherited sockets,
     and it runs nothing that listens on its own (DIMSE endpoints, a separate
     management listener): those stay in the main process."""
-    from harmony.service import HarmonyService, NetworkService
+    from harmony.service import HarmonyService, NetworkService, network_http_table
     from harmony.web.router import PrefixRouter
 
     class AdoptedNetworkService(NetworkService):
@@ -231,6 +231,7 @@ def _worker_service(runtime, reactor, fds: dict):
         def add_network(self, name, listen, runtime):
             svc = AdoptedNetworkService(name, listen, PrefixRouter(name, runtime.routes.get(name, [])),
                                         self.reactor)
+            svc.site.apply_settings(network_http_table(runtime, name))
             svc.setServiceParent(self)
             self.networks[name] = svc
             return svc

@@ -10,9 +10,11 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.client import (Agent, HTTPConnectionPool, ResponseFailed,
                                 ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 import ipaddress
@@ -23,7 +25,7 @@ from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
 from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
-from harmony.errors import BackendTimeout, BackendUnavailable
+from harmony.errors import BackendTimeout, BackendUnavailable, HarmonyError
 from harmony.targets import Target, TargetPool
 from harmony.web.headers import end_to_end
 
@@ -65,8 +67,55 @@ def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
     return headers
 
 
+def client_side_cause(failure):
+    """The client-side cause inside one of Agent's wrapper failures, or None.
+
+    Agent reports "we cancelled the request" (our client hung up) as
+    ResponseNeverReceived([CancelledError]), and a request body that failed
+    (an upload cut mid-body, one over the size limit) as
+    RequestGenerationFailed([...]): neither is the upstream's doing, and
+    mapping them to 502 "upstream closed the connection" would count them
+    against the target.
+    """
+    for reason in getattr(failure.value, "reasons", None) or ():
+        if reason.check(defer.CancelledError):
+            # Still a cancellation: whoever cancelled decides what it means (our
+            # client left: the pool counts a client abort; an outer timeout such
+            # as store-and-forward's addTimeout: it becomes that TimeoutError).
+            return Failure(defer.CancelledError("the request was cancelled before the upstream answered"))
+        if reason.check(HarmonyError) and reason.value.status < 500:
+            return reason
+    return None
+
+
+class _ConnectionKeepingProtocol(HTTP11ClientProtocol):
+    """Twisted's client parser files an answer's ``Connection`` header away
+    with the framing headers, so ``response.headers`` no longer says which
+    other headers it names as hop-by-hop (RFC 9110 section 7.6.1): a
+    ``Connection: X-Internal`` upstream would leak ``X-Internal`` to the
+    client.  This keeps a copy among the response headers, where
+    :func:`harmony.web.headers.end_to_end` drops it and every name it lists."""
+
+    def request(self, request):
+        d = super().request(request)
+        parser = getattr(self, "_parser", None)
+        if parser is not None:
+            received = parser.headerReceived
+
+            def header_received(name, value):
+                received(name, value)
+                if name.lower() == b"connection":
+                    parser.headers.addRawHeader(b"connection", value)
+
+            parser.headerReceived = header_received
+        return d
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # one "Starting factory" log line per upstream connection is noise
+
+    def buildProtocol(self, addr):
+        return _ConnectionKeepingProtocol(self._quiescentCallback)
 
 
 @implementer(IAgentEndpointFactory)
@@ -190,6 +239,9 @@ class HttpBackend(Backend):
                 raise BackendTimeout(f"upstream did not answer within {self.timeout:g}s")
             if failure.check(defer.CancelledError):
                 return failure
+            client_side = client_side_cause(failure)
+            if client_side is not None:
+                return client_side
             if failure.check(ResponseNeverReceived, ResponseFailed):
                 raise BackendUnavailable("upstream closed the connection before answering")
             from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError

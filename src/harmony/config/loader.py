@@ -33,7 +33,7 @@ KNOWN_KEYS = {
     "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers", "state_dir"),
     "logging": ("log_to_file", "log_file_path", "format"),
     "network": ("listen", "http", "tls"),
-    "http": ("bind_address", "bind_port", "tls"),
+    "http": ("bind_address", "bind_port", "tls", "head_timeout_secs", "body_timeout_secs", "body_min_rate"),
     "tls": ("cert", "key"),
     "pipelines": ("description", "networks", "endpoints", "middleware", "backends"),
     # Read by harmony.targets.pool.build_target and harmony.backends.target_tls:
@@ -169,6 +169,20 @@ def _usable_listen(listen: str, source: str, key: str, problems: list) -> bool:
     return True
 
 
+def _slow_client_bounds(http: dict, source: str, where: str, problems: list) -> bool:
+    """``head_timeout_secs``, ``body_timeout_secs`` (0: no body clock) and ``body_min_rate``
+    (bytes/s; 0: one byte per window) of ``[network.X.http]``; see harmony.web.streaming."""
+    ok = True
+    for key, low in (("head_timeout_secs", 0.001), ("body_timeout_secs", 0.0), ("body_min_rate", 0.0)):
+        value = http.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            problems.append(Problem(source, f"{where}.{key}", f"must be a number >= {low:g}, got {value!r}"))
+            ok = False
+    return ok
+
+
 def _network(name: str, table: dict, source: str, problems: list, warnings: list | None = None) -> NetworkConfig | None:
     warnings = [] if warnings is None else warnings
     where = f"network.{name}"
@@ -184,6 +198,9 @@ def _network(name: str, table: dict, source: str, problems: list, warnings: list
             return None
         if not _usable_listen(listen, source, f"{where}.listen", problems):
             return None
+        http = table.get("http")
+        if isinstance(http, dict) and not _slow_client_bounds(http, source, f"{where}.http", problems):
+            return None  # its slow-client bounds apply to a listen= network too
         return NetworkConfig(name=name, source=source, listen=listen, raw=table)
     http = table.get("http")
     if http is None:
@@ -195,7 +212,7 @@ def _network(name: str, table: dict, source: str, problems: list, warnings: list
     _unknown_keys(http, KNOWN_KEYS["http"], source, f"{where}.http", warnings)
     address = http.get("bind_address", "127.0.0.1")
     port = http.get("bind_port", 8080)
-    ok = True
+    ok = _slow_client_bounds(http, source, f"{where}.http", problems)
     if not isinstance(address, str) or not address:
         problems.append(Problem(source, f"{where}.http.bind_address", "must be an IP address string"))
         ok = False

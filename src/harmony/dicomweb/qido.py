@@ -142,9 +142,16 @@ def _put(match: dict, path: list[str], value_text: str, repeated: set):
     node[leaf] = value
 
 
+#: ``limit``/``offset``: ASCII digits, at most 18 of them.  ``str.isdigit`` admits
+#: superscripts that ``int`` refuses, and ``int`` refuses 4,301 digits or more
+#: (Python's int-string limit): either used to surface as a 500.
+_COUNT = re.compile(r"^[0-9]{1,18}$")
+
+
 def _int_param(name: str, text: str, minimum: int) -> int:
-    if not text.isdigit() or int(text) < minimum:
-        raise BadRequest(f"{name} must be an integer of at least {minimum}, got {text!r}")
+    if not _COUNT.match(text) or int(text) < minimum:
+        shown = text if len(text) <= 40 else text[:40] + f"... ({len(text)} characters)"
+        raise BadRequest(f"{name} must be an integer of at least {minimum} and at most 18 digits, got {shown!r}")
     return int(text)
 
 

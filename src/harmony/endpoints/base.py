@@ -10,10 +10,11 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
-from harmony.errors import HarmonyError
+from harmony.errors import Forbidden, HarmonyError, mark_client_gone
 from harmony.interfaces import IComponentFactory, IHttpEndpoint
 from harmony.log import get_logger
 from harmony.web.bridge import envelope_from_request, log_access, write_response
+from harmony.web.cors import CorsPolicy
 from harmony.web.problem import problem_response
 
 log = get_logger("harmony.endpoint")
@@ -44,6 +45,12 @@ class HttpEndpointBase(Service):
     #: ``request.content`` holds it), which endpoints that parse the whole
     #: body anyway may prefer.
     stream_request_body = False
+    #: The largest request body this endpoint takes (None: no limit); see request_body_limit.
+    max_body_bytes: int | None = None
+    #: Methods a CORS preflight is told this endpoint takes (``cors.allow_methods`` overrides).
+    cors_methods: tuple = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    #: :class:`harmony.web.cors.CorsPolicy` from ``options.cors``; None: CORS off (the default).
+    cors: CorsPolicy | None = None
 
     def __init__(self, name: str, path_prefix: str = "/", options=None):
         self.name = name
@@ -51,7 +58,30 @@ class HttpEndpointBase(Service):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        return cls(name, check_prefix(options.str("path_prefix", "/")))
+        return cls(name, check_prefix(options.str("path_prefix", "/"))).take_shared_options(options)
+
+    def take_shared_options(self, options):
+        """Read the options every HTTP-family endpoint type understands (``cors``);
+        each type's ``from_config`` ends with it.  Returns self."""
+        self.cors = CorsPolicy.from_options(options, self.cors_methods)
+        return self
+
+    def finish_response(self, request, response):
+        """Last touch on any answer this endpoint gives (pipeline's or proxy-made),
+        given the twisted.web *request*: CORS headers when configured."""
+        if self.cors is not None:
+            response = self.cors.decorate(request, response)
+        return response
+
+    def request_body_limit(self, method: str, subpath: str) -> tuple[int, str] | None:
+        """The largest request body *method* on *subpath* may carry, and the
+        option that sets it (for the 413's message), or None for no limit.
+
+        Asked when a request's head arrives: the channel refuses a declared
+        Content-Length over it at once and cuts a chunked body as it passes it
+        (harmony.web.streaming), so an oversized upload is never read, spooled
+        or sent upstream."""
+        return None if self.max_body_bytes is None else (self.max_body_bytes, "max_body_bytes")
 
     def pre_process(self, request):
         return request
@@ -67,13 +97,30 @@ class HttpEndpointBase(Service):
 
     def render_http(self, request, route):
         started = time.monotonic()
+        if self.cors is not None and CorsPolicy.is_preflight(request):
+            # Before the pipeline: a browser never sends credentials on a preflight,
+            # so authentication middleware would refuse every one.
+            log_access(request, self.name, started)
+            answer = self.cors.preflight(request)
+            if answer is None:  # in the endpoint's dialect (an OperationOutcome on FHIR)
+                answer = self.error_response(Forbidden("this origin is not allowed by the endpoint's CORS policy "
+                                                       "(cors.allow_origins)"), self.envelope(request, route))
+            write_response(request, answer)
+            return NOT_DONE_YET
         env = self.envelope(request, route)
         log_access(request, self.name, started)
         d = defer.maybeDeferred(route.pipeline.handle, env, self)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallback(lambda response: write_response(request, response))
+        request.notifyFinish().addErrback(self._client_gone, env, d)
+        d.addCallback(lambda response: write_response(request, self.finish_response(request, response)))
         d.addErrback(self._unexpected, request, env)
         return NOT_DONE_YET
+
+    @staticmethod
+    def _client_gone(_reason, env, d):
+        """The connection closed before the answer: mark it first, so that what fails
+        because of the cancel is not blamed on a backend (harmony.targets), then cancel."""
+        mark_client_gone(env)
+        d.cancel()
 
     def _unexpected(self, failure, request, env):
         if failure.check(defer.CancelledError):
@@ -81,5 +128,6 @@ class HttpEndpointBase(Service):
         log.failure("endpoint {endpoint} failed to answer request {request_id}", failure,
                     endpoint=self.name, request_id=env.request_id)
         if not request.finished and not request.startedWriting:
-            return write_response(request, self.error_response(HarmonyError("internal error"), env))
+            return write_response(request, self.finish_response(
+                request, self.error_response(HarmonyError("internal error"), env)))
         return None

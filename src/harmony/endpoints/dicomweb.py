@@ -57,6 +57,7 @@ def stow_boundary(content_type: str | None) -> str:
 
 class DicomWebEndpoint(HttpEndpointBase):
     protocol = "dicomweb"
+    cors_methods = ("GET", "HEAD", "POST", "DELETE", "OPTIONS")
 
     def __init__(self, name, path_prefix="/", *, public_base_url=None, trust_forwarded=True,
                  max_upload_bytes=DEFAULT_MAX_UPLOAD, qido_max_limit=None, empty_search_status=200):
@@ -83,7 +84,10 @@ class DicomWebEndpoint(HttpEndpointBase):
                    trust_forwarded=options.bool("trust_forwarded_headers", True),
                    max_upload_bytes=options.int("max_upload_bytes", DEFAULT_MAX_UPLOAD, minimum=1),
                    qido_max_limit=options.int("qido_max_limit", None, minimum=1),
-                   empty_search_status=empty)
+                   empty_search_status=empty).take_shared_options(options)
+
+    def request_body_limit(self, method, subpath):
+        return (self.max_upload_bytes, "max_upload_bytes") if method == "POST" else None  # STOW-RS
 
     # -- request side
     def envelope(self, request, route):

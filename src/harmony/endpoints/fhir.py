@@ -47,7 +47,11 @@ class FhirEndpoint(HttpEndpointBase):
             fhir_version=options.str("fhir_version", "R4", choices=tuple(FHIR_VERSIONS)),
             max_resource_bytes=options.int("max_resource_bytes", DEFAULT_MAX_RESOURCE_BYTES,
                                            minimum=1024, maximum=2 ** 40),
-        )
+        ).take_shared_options(options)
+
+    def request_body_limit(self, method, subpath):
+        # create, update, batch/transaction (and a POSTed search form) carry a resource body
+        return (self.max_resource_bytes, "max_resource_bytes") if method in ("POST", "PUT") else None
 
     @defer.inlineCallbacks
     def pre_process(self, request):

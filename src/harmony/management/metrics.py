@@ -56,6 +56,9 @@ class _LiveCollector:
                                        labels=["backend", "target"])
         retries = CounterMetricFamily("harmony_target_retries", "Retries sent to the target after another failed",
                                       labels=["backend", "target"])
+        aborts = CounterMetricFamily("harmony_target_client_aborts",
+                                     "Attempts cut short because the client went away (nginx's 499); never failures",
+                                     labels=["backend", "target"])
         for pool in self.service.target_pools():
             for t in pool.targets:
                 labels = [pool.backend, t.name]
@@ -66,7 +69,8 @@ class _LiveCollector:
                 requests.add_metric(labels, t.requests_total)
                 failures.add_metric(labels, t.failures_total)
                 retries.add_metric(labels, t.retries_total)
-        yield from (healthy, circuit, in_flight, requests, failures, retries)
+                aborts.add_metric(labels, t.client_aborts_total)
+        yield from (healthy, circuit, in_flight, requests, failures, retries, aborts)
         assoc = GaugeMetricFamily("harmony_associations_open", "DIMSE associations open on a listening endpoint",
                                   labels=["endpoint"])
         for endpoint, _pipeline in self.service.runtime.listeners():
@@ -129,6 +133,8 @@ class HarmonyMetrics:
         r.register(_LiveCollector(service))
         # Store and queue state (harmony_store_forward_*, harmony_storage_*), read from the live runtime.
         r.register(LiveRuntimeCollector(lambda: service.runtime))
+        from harmony.middleware.deidentify import DeidentifyCollector
+        r.register(DeidentifyCollector(lambda: service.runtime))
 
     def instrument(self, runtime) -> None:
         """Attach a request observer to every pipeline of *runtime*."""

@@ -170,6 +170,8 @@ def apply(service, runtime, settings) -> dict:
         svc = service.networks[name]
         if wanted.get(name) == svc.description:
             svc.router.routes = service.routes_for(name, runtime)  # one assignment: atomic for requests
+            from harmony.service import network_http_table
+            svc.site.apply_settings(network_http_table(runtime, name))  # slow-client bounds, for new requests
             continue
         service.networks.pop(name)
         svc.disownServiceParent()  # stops listening; open connections finish their requests

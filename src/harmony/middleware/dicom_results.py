@@ -87,8 +87,8 @@ class DicomResultsJson(Middleware):
         value = request.query_value(key)
         if value is None or value == "":
             return default
-        if not value.isdigit():
-            raise BadRequest(f"{key} must be a non-negative integer, got {value!r}")
+        if not (value.isascii() and value.isdigit() and len(value) <= 18):  # int() refuses 4,301+ digits: a 500
+            raise BadRequest(f"{key} must be a non-negative integer of at most 18 digits, got {value[:40]!r}")
         return int(value)
 
     def page(self, request) -> tuple[int, int]:

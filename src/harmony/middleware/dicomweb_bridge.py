@@ -57,6 +57,7 @@ log = get_logger("harmony.middleware.dicomweb_bridge")
 FAILURE_PROCESSING = 0x0110
 FAILURE_SOP_CLASS_UNSUPPORTED = 0x0122
 FAILURE_CANNOT_UNDERSTAND = 0xC000
+COERCED = 0xB000  # WarningReason: coercion of data elements
 FAILURE_STUDY_MISMATCH = 0xA900  # "Data Set does not match SOP Class" family: the UID conflicts with the URL
 #: Extra return keys asked for with includefield=all (beyond each level's required ones).
 ALL_EXTRA = {
@@ -476,6 +477,11 @@ class DicomWebBridge(Middleware):
         if status is None or is_failure(status) or response.status >= 400:
             reason = status if status not in (None, 0) else FAILURE_PROCESSING
             return False, _failed_entry(sop_class, sop, reason), reason
+        # A middleware that rewrote the instance (deidentify) left the one it stored in the request:
+        # the answer names that one, with the coercion warning PS3.18 asks for.
+        stored = sub.context.get("instance")
+        if isinstance(stored, DicomInstance) and stored.sop_instance_uid != sop and status == 0:
+            instance, sop, status = stored, stored.sop_instance_uid, COERCED
         entry = {"00081150": {"vr": "UI", "Value": [sop_class]}, "00081155": {"vr": "UI", "Value": [sop]},
                  "00081190": {"vr": "UR", "Value": [dw.base_url + resource_path(
                      instance.study_instance_uid, instance.series_instance_uid, sop)]}}

@@ -146,8 +146,8 @@ def pg_sql(sql: str) -> str:
                              sql.replace("%", "%%").replace("?", "%s"))
 
 
-_PG_FUNCTION_NAMES = {"group_concat": "string_agg"}
-_PG_FUNCTIONS = re.compile(r"\b(group_concat)\(", re.IGNORECASE)
+_PG_FUNCTION_NAMES = {"group_concat": "string_agg", "instr": "strpos"}
+_PG_FUNCTIONS = re.compile(r"\b(group_concat|instr)\(", re.IGNORECASE)
 
 
 class PgConnection:

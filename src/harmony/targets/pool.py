@@ -14,6 +14,16 @@ the outcome to the circuit breaker and, for idempotent requests with a
 replayable body, tries the next target on connection failures, timeouts and
 502/503 answers - bounded by ``retries`` and ``deadline_secs``.  When no
 target can take the request it fails fast with 503 and says why.
+
+Two rules keep the circuit honest:
+
+* A request cancelled because *our client* went away (a hang-up, an upload
+  cut mid-body) says nothing about the target: it is counted apart
+  (``client_aborts``, nginx's 499) and never in failures, circuit or retries.
+* A pool of ONE target never opens its circuit (nginx's rule for an upstream
+  group of one): failing every request fast for ``open_secs`` helps nobody
+  when there is no other target to send them to.  Failures are still counted,
+  and active health checks, when configured, still take it out.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from twisted.python.failure import Failure
 
 from harmony.config.errors import ConfigErrors, OptionError, Problem, did_you_mean
 from harmony.config.options import Options
-from harmony.errors import HarmonyError, ServiceUnavailable
+from harmony.errors import ClientClosedRequest, HarmonyError, ServiceUnavailable, client_gone
 from harmony.log import get_logger
 from harmony.routing import KeySource, first_match, parse_rules
 from harmony.targets.strategies import STRATEGIES, ConsistentHash
@@ -214,6 +224,9 @@ class TargetPool:
     def choose(self, request, exclude=()) -> Target | None:
         allowed, _ = self.allowed(request)
         now = self.now()
+        if len(self.targets) == 1:
+            # A pool of one: its circuit never holds requests back (see the module docstring).
+            return None if exclude or not self.targets[0].healthy else self.targets[0]
         candidates = [t for t in allowed if t not in exclude and t.available(now, self.circuit_open_secs)]
         if not candidates:
             return None
@@ -280,12 +293,15 @@ class TargetPool:
             request.metadata["target"] = target.name
             try:
                 response = yield attempt(target)
-            except defer.CancelledError:
-                target.released()
-                raise
             except Exception:
                 failure = Failure()
                 err = failure.value
+                if client_gone(request) or isinstance(err, (defer.CancelledError, ClientClosedRequest)):
+                    # Our client left (or we were cancelled): no verdict on the target, no retry.
+                    target.released(client_left=client_gone(request) or isinstance(err, ClientClosedRequest))
+                    if client_gone(request) and not isinstance(err, ClientClosedRequest):
+                        raise ClientClosedRequest("the client went away before the answer") from None
+                    raise
                 if isinstance(err, HarmonyError) and err.status not in FAILURE_STATUSES:
                     target.released()  # the request's fault, not the target's
                     raise
@@ -314,7 +330,8 @@ class TargetPool:
         return any(t not in tried and t.available(now, self.circuit_open_secs) for t in allowed)
 
     def _failed(self, target: Target, error: str) -> None:
-        if target.failed(error, self.now(), self.circuit_failures):
+        threshold = self.circuit_failures if len(self.targets) > 1 else None
+        if target.failed(error, self.now(), threshold):
             log.warn("backend {backend}: circuit of target {target} opened after {n} consecutive failure(s): {error}",
                      backend=self.backend, target=target.name, n=target.consecutive_failures, error=error)
 

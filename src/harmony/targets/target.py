@@ -50,6 +50,8 @@ class Target:
     requests_total: int = 0
     failures_total: int = 0
     retries_total: int = 0
+    #: Attempts cut short because our client went away (nginx's 499): never failures.
+    client_aborts_total: int = 0
 
     def describe(self) -> str:
         if self.url:
@@ -66,7 +68,7 @@ class Target:
     def adopt_state(self, other: "Target") -> None:
         for field in ("healthy", "circuit", "opened_at", "consecutive_failures", "check_successes",
                       "check_failures", "last_error", "last_error_at", "requests_total",
-                      "failures_total", "retries_total"):
+                      "failures_total", "retries_total", "client_aborts_total"):
             setattr(self, field, getattr(other, field))
 
     # -- circuit breaker
@@ -97,12 +99,15 @@ class Target:
             self.circuit = CLOSED
             self.probing = False
 
-    def failed(self, error: str, now: float, threshold: int) -> bool:
-        """Record a failed request; returns True when this failure opened the circuit."""
+    def failed(self, error: str, now: float, threshold: int | None) -> bool:
+        """Record a failed request; returns True when this failure opened the circuit.
+        A *threshold* of None never opens it (a pool of one target)."""
         self.in_flight -= 1
         self.failures_total += 1
         self.consecutive_failures += 1
         self.last_error, self.last_error_at = error, now
+        if threshold is None:
+            return False
         if self.circuit == HALF_OPEN or (self.circuit == CLOSED and self.consecutive_failures >= threshold):
             self.circuit = OPEN
             self.opened_at = now
@@ -110,10 +115,12 @@ class Target:
             return True
         return False
 
-    def released(self) -> None:
+    def released(self, client_left: bool = False) -> None:
         """The attempt ended without a verdict on the target (e.g. the client left)."""
         self.in_flight -= 1
         self.probing = False
+        if client_left:
+            self.client_aborts_total += 1
 
     # -- active health checks
 
@@ -144,5 +151,5 @@ class Target:
             "consecutive_failures": self.consecutive_failures, "last_error": self.last_error,
             "last_error_age_secs": None if self.last_error_at is None else round(now - self.last_error_at, 3),
             "requests_total": self.requests_total, "failures_total": self.failures_total,
-            "retries_total": self.retries_total,
+            "retries_total": self.retries_total, "client_aborts_total": self.client_aborts_total,
         }

@@ -14,7 +14,7 @@ from harmony.envelope import (RequestEnvelope, ResponseEnvelope, body_length, is
                               parse_query)
 from harmony.log import enabled, get_logger
 from harmony.web import coding
-from harmony.web.headers import HOP_BY_HOP, copy_headers
+from harmony.web.headers import HOP_BY_HOP, connection_listed, copy_headers
 from harmony.web.streaming import INLINE_BODY_LIMIT
 
 log = get_logger("harmony.access")
@@ -49,6 +49,17 @@ def request_body(request):
     return FileBodyProducer(content)
 
 
+def request_id_for(request) -> str:
+    """The request's id: the client's ``X-Request-ID`` when it is sane, else a new
+    one; decided once per request, so every answer and log line agrees."""
+    rid = getattr(request, "_harmony_request_id", None)
+    if rid is None:
+        incoming = request.requestHeaders.getRawHeaders(b"x-request-id", [b""])[0]
+        rid = _text(incoming) if _REQUEST_ID_OK.match(incoming) else new_request_id()
+        request._harmony_request_id = rid
+    return rid
+
+
 def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: str = "http") -> RequestEnvelope:
     uri = request.uri
     raw_path, _, raw_query = uri.partition(b"?")
@@ -57,8 +68,7 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
         subpath = path
     else:
         subpath = path[len(prefix):]
-    incoming_id = request.requestHeaders.getRawHeaders(b"x-request-id", [b""])[0]
-    request_id = _text(incoming_id) if _REQUEST_ID_OK.match(incoming_id) else new_request_id()
+    request_id = request_id_for(request)
     headers = copy_headers(request.requestHeaders)
     body = request_body(request)
     env = RequestEnvelope(
@@ -76,7 +86,6 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
             env.normalized = jsonutil.loads(body)
         except ValueError:
             env.normalized = None  # json_extractor(strict) decides whether that is an error
-    request._harmony_request_id = request_id
     return env
 
 
@@ -87,7 +96,10 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
         return defer.succeed(None)
     response = coding.compress_for(request, response)  # gzip for clients that ask (harmony.web.coding)
     request.setResponseCode(response.status, response.reason)
-    out = copy_headers(response.headers, _NOT_COPIED)
+    skip = _NOT_COPIED
+    if response.headers.hasHeader(b"connection"):
+        skip = skip | connection_listed(response.headers)  # RFC 9110 7.6.1: hop-by-hop too
+    out = copy_headers(response.headers, skip)
     for name, values in request.responseHeaders.getAllRawHeaders():
         if not out.hasHeader(name):  # e.g. Connection: close, set by twisted.web
             out.setRawHeaders(name, values)

@@ -4,8 +4,8 @@ A bare Resource rather than Klein at the root: the passthrough hot path should
 pay for nothing it does not use (see the field notes' throughput table).
 Routes match on segment boundaries: ``/api`` takes ``/api`` and ``/api/x``,
 never ``/apix``.  Swapping ``routes`` is atomic, which hot reload relies on.
-A path with a ``.`` or ``..`` segment (raw, percent-encoded, or between
-backslashes) is refused with 400 before any route sees it: ``/echo/../api``
+A path with a ``.`` or ``..`` segment (raw, percent-encoded, between
+backslashes, or with path parameters such as ``..;x``) is refused with 400 before any route sees it: ``/echo/../api``
 would otherwise reach the ``/echo`` route, and ``/api/../../admin`` would be
 forwarded as ``base_url + "/../../admin"`` for the upstream to resolve outside
 the base path it was meant to confine requests to.
@@ -22,9 +22,9 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from harmony.errors import BadRequest, HarmonyError, NotFound
 from harmony.log import get_logger
-from harmony.web.bridge import log_access, write_response
+from harmony.web.bridge import log_access, request_id_for, write_response
 from harmony.web.problem import problem_response
-from harmony.web.streaming import HarmonyChannel, HarmonyRequest
+from harmony.web.streaming import BODY_MIN_RATE, BODY_TIMEOUT, HEAD_TIMEOUT, HarmonyChannel, HarmonyRequest
 
 
 log = get_logger("harmony.web")
@@ -34,9 +34,11 @@ _SEPARATORS = re.compile(r"[/\\]")
 
 def has_dot_segment(path: str) -> bool:
     """Whether *path* has a ``.``/``..`` segment once percent-decoded, counting
-    ``\\`` as a separator too (some servers do, and decode ``%2f`` before resolving)."""
+    ``\\`` as a separator too (some servers do, and decode ``%2f`` before resolving),
+    and ignoring path parameters: Tomcat and Jetty strip ``;...`` from each
+    segment before resolving, so ``..;/admin`` and ``.;x`` are dot segments too."""
     decoded = unquote(path, errors="replace") if "%" in path else path
-    return any(seg in (".", "..") for seg in _SEPARATORS.split(decoded))
+    return any(seg.partition(";")[0] in (".", "..") for seg in _SEPARATORS.split(decoded))
 
 
 class PrefixRouter(Resource):
@@ -54,10 +56,28 @@ class PrefixRouter(Resource):
                 return route
         return None
 
-    def streams_request_body(self, path: bytes) -> bool:
-        """Whether the endpoint *path* routes to takes its body as it arrives."""
-        route = self.match(path.decode("utf-8", "surrogateescape"))
-        return route is not None and getattr(route.endpoint, "stream_request_body", False)
+    def body_policy(self, path: bytes, method: bytes) -> tuple[bool, tuple[int, str] | None]:
+        """For a request head: does the endpoint take the body as it arrives, and
+        what is the largest body it takes (bytes, option name; None: no limit)."""
+        text = path.decode("utf-8", "surrogateescape")
+        route = self.match(text)
+        if route is None:
+            return False, None
+        endpoint = route.endpoint
+        limit_for = getattr(endpoint, "request_body_limit", None)
+        limit = None
+        if limit_for is not None:
+            subpath = text if route.prefix == "/" else text[len(route.prefix):]
+            limit = limit_for(method.decode("latin-1"), subpath or "/")
+        return bool(getattr(endpoint, "stream_request_body", False)), limit
+
+    def refuse(self, request, error: HarmonyError) -> None:
+        """Answer *error* to a request refused on its head (body too large, too
+        slow), in the dialect of the endpoint its path names, and log it."""
+        path = request.path.decode("utf-8", "surrogateescape")
+        route = self.match(path)
+        log_access(request, route.endpoint.name if route is not None else "", time.monotonic())
+        write_response(request, self._in_dialect(request, route, path, error))
 
     def render(self, request):
         path = request.path.decode("utf-8", "surrogateescape")
@@ -69,7 +89,8 @@ class PrefixRouter(Resource):
             return NOT_DONE_YET
         if route is None:
             log_access(request, "", time.monotonic())
-            write_response(request, problem_response(NotFound(f"no route for {path}"), instance=path))
+            write_response(request, problem_response(NotFound(f"no route for {path}"), request_id_for(request),
+                                                     instance=path))
             return NOT_DONE_YET
         try:
             return route.endpoint.render_http(request, route)
@@ -77,20 +98,28 @@ class PrefixRouter(Resource):
             # Otherwise twisted.web answers its own HTML "Processing Failed" page.
             log.failure("endpoint {endpoint} failed on a request", endpoint=route.endpoint.name)
             if not request.startedWriting:
-                write_response(request, problem_response(HarmonyError("internal error"), instance=path))
+                write_response(request, problem_response(HarmonyError("internal error"), request_id_for(request),
+                                                         instance=path))
             elif not request.finished:
                 request.loseConnection()
             return NOT_DONE_YET
 
-    @staticmethod
-    def _refuse_dot_segments(request, route, path):
+    @classmethod
+    def _refuse_dot_segments(cls, request, route, path):
         """400, in the dialect of the endpoint the path names (OperationOutcome on FHIR)."""
-        error = BadRequest("the path has a '.' or '..' segment (also percent-encoded or between "
-                           "backslashes); send the resolved path")
+        error = BadRequest("the path has a '.' or '..' segment (also percent-encoded, between "
+                           "backslashes or with ';' parameters); send the resolved path")
+        return cls._in_dialect(request, route, path, error)
+
+    @staticmethod
+    def _in_dialect(request, route, path, error):
+        """*error* as the endpoint *route* names would answer it (its dialect, its CORS headers)."""
         endpoint = route.endpoint if route is not None else None
         if hasattr(endpoint, "envelope") and hasattr(endpoint, "error_response"):
-            return endpoint.error_response(error, endpoint.envelope(request, route))
-        return problem_response(error, instance=path)
+            response = endpoint.error_response(error, endpoint.envelope(request, route))
+            finish = getattr(endpoint, "finish_response", None)
+            return response if finish is None else finish(request, response)
+        return problem_response(error, request_id_for(request), instance=path)
 
 
 class HarmonySite(Site):
@@ -101,6 +130,18 @@ class HarmonySite(Site):
     noisy = False
     protocol = HarmonyChannel
     requestFactory = HarmonyRequest
+    #: Slow-client bounds read by HarmonyChannel; ``[network.X.http]`` sets them (apply_settings).
+    head_timeout = HEAD_TIMEOUT
+    body_timeout = BODY_TIMEOUT
+    body_min_rate = BODY_MIN_RATE
+
+    def apply_settings(self, http: dict | None) -> None:
+        """Take ``head_timeout_secs``, ``body_timeout_secs`` and ``body_min_rate``
+        from a network's (already checked) ``[network.X.http]`` table."""
+        http = http or {}
+        self.head_timeout = float(http.get("head_timeout_secs", HEAD_TIMEOUT))
+        self.body_timeout = float(http.get("body_timeout_secs", BODY_TIMEOUT))
+        self.body_min_rate = float(http.get("body_min_rate", BODY_MIN_RATE))
 
     def log(self, request):
         pass
