@@ -397,3 +397,19 @@ def test_message_items_on_each_database(queue_conn):
     assert (entry["kind"], entry["item"], entry["hl7.control_id"]) == (q.HL7V2, key, "1")
     assert q.purge(conn, "t") == 1
     assert q.load_message(conn, key) is None  # forgotten with its last queue row
+
+
+def test_dead_letter_filters_on_each_database(queue_conn):
+    """The management API's dead-letter filters (harmony.storage.admin) are the same SQL on both databases."""
+    from harmony.storage.admin import DeadFilter, count_dead, purge_matching, retry_matching, select_dead
+    conn = queue_conn
+    for sop, error in (("1.1", "HTTP 409: Conflict"), ("1.2", "DIMSE status 0xA900"), ("1.3", "http 409 again")):
+        q.enqueue(conn, sop, ["t"], 0.0)
+        [(row_id, _s, _n)], _ = q.claim(conn, "t", q.ROTATE, 1, 1.0)
+        q.failed(conn, row_id, error, 2.0, retry_at=None)
+    conflict = DeadFilter(error="409")
+    assert [e["sop_instance_uid"] for e in select_dead(conn, "t", conflict, 10, 0)] == ["1.1", "1.3"]
+    assert count_dead(conn, "t", conflict) == 2
+    assert retry_matching(conn, "t", DeadFilter(error="a900"), 3.0) == 1
+    assert purge_matching(conn, "t", conflict) == 2
+    assert count_dead(conn, "t", DeadFilter()) == 0
