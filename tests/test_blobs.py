@@ -15,6 +15,8 @@ Real SeaweedFS (tests/s3.py) and real PostgreSQL.  What is checked:
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import pytest_twisted
 import treq
@@ -26,7 +28,7 @@ from harmony.storage.database import PostgresDatabase
 from harmony.storage.store import InstanceStore
 from tests.peers import free_port
 from tests.s3 import ACCESS_KEY, SECRET_KEY
-from tests.sf_helpers import HarmonyProcess, PortHold, make_instances
+from tests.sf_helpers import HarmonyProcess, PortHold, make_instances, node_config
 
 
 def blobs_for(s3, prefix, timeout=10.0):
@@ -111,41 +113,9 @@ async def test_s3_hung_ingest_goes_on_and_uploads_resume(s3, postgres, tmp_path)
         b.close()
 
 
-def s3_node_config(port, dsn, endpoint, bucket, prefix, credentials, pacs) -> str:
-    return f"""
-[network.default.http]
-bind_address = "127.0.0.1"
-bind_port = {port}
-
-[storage]
-backend = "s3"
-index = "postgresql"
-[storage.options]
-path = "store"
-min_free_mb = 0
-node = "k"
-dsn = "{dsn}"
-s3_endpoint = "{endpoint}"
-s3_bucket = "{bucket}"
-s3_prefix = "{prefix}"
-s3_credentials_file = "{credentials}"
-
-[endpoints.ingest]
-service = "http"
-path_prefix = "/ingest"
-
-[backends.sf]
-service = "store_forward"
-forward_to = ["pacs"]
-
-[backends.pacs]                # never up here: the queue just holds the rows
-service = "http"
-base_url = "http://127.0.0.1:{pacs}/"
-
-[pipelines.ingest]
-endpoints = ["ingest"]
-backends = ["sf"]
-"""
+def s3_options(endpoint, bucket, prefix, credentials) -> str:
+    return (f's3_endpoint = "{endpoint}"\ns3_bucket = "{bucket}"\ns3_prefix = "{prefix}"\n'
+            f's3_credentials_file = "{credentials}"\n')
 
 
 @pytest_twisted.ensureDeferred
@@ -159,8 +129,10 @@ async def test_kill_9_with_uploads_pending_loses_nothing(s3, postgres, tmp_path)
     port = free_port()
     harmony = HarmonyProcess(tmp_path / "node", ports=[port])
     harmony.folder.mkdir()
-    harmony.config.write_text(s3_node_config(port, dsn, f"http://127.0.0.1:{down.port}", s3.bucket, prefix,
-                                             credentials, down.port))
+    # the queue's target ("pacs") is never up: its rows just wait
+    config = partial(node_config, port, node="k", path="store", dsn=dsn, targets={"pacs": down.port}, backend="s3")
+    harmony.config.write_text(config(storage=s3_options(f"http://127.0.0.1:{down.port}", s3.bucket, prefix,
+                                                        credentials)))
     try:
         harmony.start()
         acknowledged = 0
@@ -172,7 +144,7 @@ async def test_kill_9_with_uploads_pending_loses_nothing(s3, postgres, tmp_path)
             acknowledged += 1
         harmony.kill()  # SIGKILL: nothing uploaded, nothing flushed beyond what was acknowledged
         assert keys_under(s3, prefix) == set()
-        harmony.config.write_text(s3_node_config(port, dsn, s3.endpoint, s3.bucket, prefix, credentials, down.port))
+        harmony.config.write_text(config(storage=s3_options(s3.endpoint, s3.bucket, prefix, credentials)))
         harmony.start()
         await until(lambda: len(keys_under(s3, prefix)) == acknowledged, 60, "uploads after the restart")
     finally:

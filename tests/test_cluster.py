@@ -25,62 +25,11 @@ from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 from tests.peers import free_port
-from tests.sf_helpers import HarmonyProcess, PortHold, ScriptedTarget, make_instances
+from tests.sf_helpers import HarmonyProcess, PortHold, ScriptedTarget, make_instances, node_config
 
 N_INSTANCES = 90
 CONCURRENCY = 4
 LEASE_SECONDS = 2
-
-
-def node_config(name: str, port: int, dsn: str, shared: str, pacs: int, archive: int) -> str:
-    return f"""
-[proxy]
-id = "cluster-{name}"
-
-[network.default.http]
-bind_address = "127.0.0.1"
-bind_port = {port}
-
-[storage]
-index = "postgresql"
-[storage.options]
-path = "{shared}"
-min_free_mb = 0
-node = "{name}"
-dsn = "{dsn}"
-
-[endpoints.ingest]
-service = "http"
-path_prefix = "/ingest"
-
-[backends.sf]
-service = "store_forward"
-forward_to = ["pacs", "archive"]
-backoff_initial_seconds = 0.1
-backoff_max_seconds = 0.5
-max_attempts = 1000000
-concurrency = {CONCURRENCY}
-lease_seconds = {LEASE_SECONDS}
-poll_seconds = 0.2
-[backends.sf.options.per_target.archive]
-order = "fifo"
-
-[backends.pacs]
-service = "http"
-base_url = "http://127.0.0.1:{pacs}/"
-[backends.pacs.circuit]
-open_secs = 0.2
-
-[backends.archive]
-service = "http"
-base_url = "http://127.0.0.1:{archive}/"
-[backends.archive.circuit]
-open_secs = 0.2
-
-[pipelines.ingest]
-endpoints = ["ingest"]
-backends = ["sf"]
-"""
 
 
 @pytest_twisted.ensureDeferred
@@ -98,8 +47,10 @@ async def test_three_nodes_one_killed_nothing_lost(own_postgres, tmp_path):
         port = free_port()
         node = HarmonyProcess(tmp_path / f"node{i}", ports=[port])
         node.folder.mkdir()
-        node.config.write_text(node_config(f"node{i}", port, dsn, str(shared),
-                                           holds["pacs"].port, holds["archive"].port))
+        node.config.write_text(node_config(
+            port, node=f"node{i}", path=shared, dsn=dsn, targets={n: h.port for n, h in holds.items()},
+            sf_options=f"concurrency = {CONCURRENCY}\nlease_seconds = {LEASE_SECONDS}\n"
+                       "[backends.sf.options.per_target.archive]\norder = \"fifo\""))
         node.url = f"http://127.0.0.1:{port}/ingest"
         node.name = f"node{i}"
         nodes.append(node)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.ingest.run import post_bodies  # noqa: E402
 from tests.peers import free_port  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
-from tests.sf_helpers import HarmonyProcess, PortHold, make_instances  # noqa: E402
+from tests.sf_helpers import HarmonyProcess, PortHold, make_instances, node_config  # noqa: E402
 
 
 class Sink(http.server.BaseHTTPRequestHandler):
@@ -54,40 +54,6 @@ class Sink(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def config(port, target_port, shared, node, dsn=None) -> str:
-    storage = (f'[storage]\nindex = "postgresql"\n[storage.options]\npath = "{shared}"\nmin_free_mb = 0\n'
-               f'node = "{node}"\ndsn = "{dsn}"\n' if dsn else
-               f'[storage.options]\npath = "{shared}"\nmin_free_mb = 0\n')
-    return f"""
-[proxy]
-id = "bench-{node}"
-log_level = "warn"
-[network.default.http]
-bind_address = "127.0.0.1"
-bind_port = {port}
-{storage}
-[endpoints.ingest]
-service = "http"
-path_prefix = "/ingest"
-[backends.sf]
-service = "store_forward"
-forward_to = ["pacs"]
-backoff_initial_seconds = 0.2
-backoff_max_seconds = 0.5
-max_attempts = 1000000
-concurrency = 8
-poll_seconds = 0.2
-[backends.pacs]
-service = "http"
-base_url = "http://127.0.0.1:{target_port}/"
-[backends.pacs.circuit]
-open_secs = 0.2
-[pipelines.ingest]
-endpoints = ["ingest"]
-backends = ["sf"]
-"""
 
 
 def undelivered(dsn, sqlite_path) -> int:
@@ -108,7 +74,8 @@ def run(name, work: Path, bodies, clients, n_nodes, dsn=None):
         port = free_port()
         node = HarmonyProcess(work / name / f"node{i}", ports=[port])
         node.folder.mkdir()
-        node.config.write_text(config(port, hold.port, shared, f"n{i}", dsn))
+        node.config.write_text(node_config(port, node=f"n{i}", path=shared, dsn=dsn, targets={"pacs": hold.port},
+                                           sf_options="concurrency = 8", log_level="warn"))
         node.port = port
         nodes.append(node.start())
     try:
