@@ -61,6 +61,9 @@ class IDatabase(Interface):
     def read(fn, args: tuple, kwargs: dict):
         """``fn(conn, *args, **kwargs)`` outside any write transaction."""
 
+    def rows(make_rows):
+        """Iterate ``make_rows(conn)`` (a query's rows, streamed)."""
+
     def close() -> None:
         """Close every connection."""
 
@@ -125,6 +128,9 @@ class SqliteDatabase:
 
     def read(self, fn, args=(), kwargs=None):
         return fn(self.connection(), *args, **(kwargs or {}))
+
+    def rows(self, make_rows):
+        return make_rows(self.connection())
 
     def close(self) -> None:
         with self._lock:
@@ -266,6 +272,28 @@ class PostgresDatabase:
 
     def read(self, fn, args=(), kwargs=None):
         return self._with_retries(fn, args, kwargs or {}, None)
+
+    def rows(self, make_rows):
+        """Stream ``make_rows(conn)``; a connection found dead at the first row
+        (PostgreSQL restarted since it was last used) is replaced once."""
+        psycopg = _pg_errors()
+        for attempt in (0, 1):
+            conn = self.connection()
+            try:
+                it = iter(make_rows(conn))
+                first = next(it)
+            except StopIteration:
+                return
+            except psycopg.OperationalError as e:
+                self._forget(conn)
+                self.last_error = str(e).strip()[:300] or type(e).__name__
+                if attempt:
+                    raise DatabaseUnavailable(f"the database is unreachable: {self.last_error}") from None
+                continue
+            self.last_error = None
+            yield first
+            yield from it
+            return
 
     def _with_retries(self, fn, args, kwargs, durable):
         psycopg = _pg_errors()

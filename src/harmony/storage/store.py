@@ -493,10 +493,10 @@ class InstanceStore:
         return True
 
     def get_sync(self, sop_uid: str) -> DicomInstance | None:
-        row = self._conn().execute(
+        row = self.read_sync(lambda conn: conn.execute(
             "SELECT i.relpath, i.sop_class_uid, i.transfer_syntax_uid, i.size, se.series_uid, st.study_uid "
             "FROM instances i JOIN series se ON i.series_pk=se.pk JOIN studies st ON se.study_pk=st.pk "
-            "WHERE i.sop_uid=?", (sop_uid,)).fetchone()
+            "WHERE i.sop_uid=?", (sop_uid,)).fetchone())
         if row is None:
             return None
         return DicomInstance(path=self.local_copy_sync(row[0]), sop_class_uid=row[1], sop_instance_uid=sop_uid,
@@ -610,8 +610,8 @@ class InstanceStore:
     def query_sync(self, identifier, level: str, model: str = STUDY_ROOT, should_stop=lambda: False):
         """Yield C-FIND response identifiers (DICOM JSON dicts) for *identifier*."""
         keys = query_keys(identifier, level, model)
-        conn = self._conn()
-        for record, _row in idx.candidates(conn, keys, level):
+        self.open_sync()
+        for record, _row in self.db.rows(lambda conn: idx.candidates(conn, keys, level)):
             if should_stop():
                 return
             if record_matches(keys, record):
@@ -622,7 +622,8 @@ class InstanceStore:
         levels_for(level, model)  # validates the level for the model
         keys = query_keys(identifier, IMAGE, model)
         keys = [k for k in keys if k[2]]  # retrieval: only matching keys matter
-        for record, row in idx.candidates(self._conn(), keys, IMAGE):
+        self.open_sync()
+        for record, row in self.db.rows(lambda conn: idx.candidates(conn, keys, IMAGE)):
             if should_stop():
                 return
             if record_matches(keys, record):
@@ -663,9 +664,8 @@ class InstanceStore:
         return stream
 
     def counts_sync(self) -> dict:
-        conn = self._conn()
-        return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                for table in ("patients", "studies", "series", "instances")}
+        return self.read_sync(lambda conn: {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                                            for table in ("patients", "studies", "series", "instances")})
 
 
 def _subdirs(folder: Path):
