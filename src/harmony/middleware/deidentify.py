@@ -56,6 +56,7 @@ from harmony.deid.config import build
 from harmony.deid.files import QUARANTINED
 from harmony.deid.profile import KEEP
 from harmony.dicom.files import Staging
+from harmony.dicom.status import SUCCESS, WARNING_SUBOPS
 from harmony.dicom.render import ResultBodyProducer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, OPERATIONS, DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope, media_type, read_body
@@ -65,7 +66,6 @@ from harmony.middleware.base import Middleware
 
 log = get_logger("harmony.middleware.deidentify")
 
-SUCCESS = 0x0000
 #: Staged de-identified copies live for one request; anything older is a leftover of a failed one.
 STAGED_MAX_AGE_SECS = 3600
 STAGING_SWEEP_SECS = 300
@@ -358,7 +358,7 @@ class Deidentify(Middleware):
             out.remaining = source.remaining
             status = source.status if source.status is not None else SUCCESS
             if state["withheld"] and status == SUCCESS:
-                status = 0xB000  # sub-operations complete, one or more failures (withheld: quarantined)
+                status = WARNING_SUBOPS  # one or more sub-operations failed (withheld: quarantined)
             comment = "withheld for burned-in identity or unreadable" if state["withheld"] else None
             out.finish(status, source.error_comment or comment)
 
