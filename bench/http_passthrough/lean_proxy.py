@@ -190,10 +190,12 @@ class _RequestSink:
         self.request.write(data)
 
     def done(self):
-        self.request.finish()
+        if not self.request._disconnected:
+            self.request.finish()
 
     def failed(self):
-        self.request.loseConnection()
+        if not self.request._disconnected:
+            self.request.loseConnection()
 
 
 class _Relay(protocol.Protocol):
@@ -240,7 +242,7 @@ class ProxyResource(Resource):
             response.deliverBody(_Relay(request, done))
             return done
 
-        d.addCallback(answered).addBoth(lambda _: request.finish())
+        d.addCallback(answered).addBoth(lambda _: None if request._disconnected else request.finish())
         return NOT_DONE_YET
 
 

@@ -11,6 +11,14 @@ that, unlike req/s, hardly moves with the load from elsewhere).
 
     .venv/bin/python bench/http_passthrough/profile.py [--duration 10] [--top 40] [--out FILE]
     .venv/bin/python bench/http_passthrough/profile.py --py-spy flame.svg   # sampling flame graph instead
+    .venv/bin/python bench/http_passthrough/profile.py --ab /tmp/old       # before/after: CPU per request
+
+``--ab DIR`` compares the installed Harmony with another build of it
+(``pip install --no-deps --target DIR <old checkout>``; it runs with
+``PYTHONPATH=DIR``) in alternating rounds against the same upstream, and
+prints each one's median CPU microseconds per request: the way to tell
+whether a change to the hot path helped on a machine whose req/s swing
+with other people's load.
 
 cProfile's own overhead inflates functions called very often (it roughly
 doubles CPU per request); the split between layers is what to read, the
@@ -33,7 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from bench.common import NGINX, TWISTD, WRK, Nginx, cpu_seconds, free_port, require, stop, wait_port, wrk  # noqa: E402
+from bench.common import (NGINX, TWISTD, WRK, Nginx, cpu_seconds, free_port, require, start_harmony,  # noqa: E402
+                          wait_port, wrk)
 from bench.http_passthrough.run import STATIC_BODY, Harmony  # noqa: E402
 
 #: Runs twistd in this interpreter under cProfile(process_time) and dumps the stats on exit.
@@ -61,12 +70,37 @@ def measure(url: str, pid: int, duration: int) -> tuple[dict, float]:
     return r, used / max(1, r["total"]) * 1e6
 
 
+def compare(folder: Path, up_port: int, other: str, rounds: int, duration: int) -> int:
+    builds = {"installed": None, other: dict(os.environ, PYTHONPATH=other)}
+    figures = {name: [] for name in builds}
+    for i in range(rounds):
+        for name, env in builds.items():
+            port = free_port()
+            h = Harmony(folder, f"ab-{i}-{len(figures[name])}-{abs(hash(name))}", 1, port, up_port)
+            h.proc = start_harmony(h.config, port, log=h.log, env=env)
+            url = f"http://127.0.0.1:{port}/hello.txt"
+            try:
+                wrk(url, 1)
+                r, us = measure(url, h.proc.pid, duration)
+            finally:
+                h.stop()
+            figures[name].append((us, r["rps"]))
+            print(f"round {i + 1} {name}: {us:.0f} CPU µs per request, {r['rps']:.0f} req/s", flush=True)
+    for name, runs in figures.items():
+        cpu = sorted(us for us, _ in runs)[len(runs) // 2]
+        rps = sorted(rps for _, rps in runs)[len(runs) // 2]
+        print(f"median {name}: {cpu:.0f} CPU µs per request, {rps:.0f} req/s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", help="also write the text profile to this file")
     parser.add_argument("--save", help="keep the raw cProfile stats (for pstats/snakeviz) in this file")
+    parser.add_argument("--ab", metavar="DIR", help="compare with the Harmony installed in DIR (PYTHONPATH)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds for --ab")
     parser.add_argument("--py-spy", metavar="SVG", help="record a py-spy flame graph instead (.txt: collapsed stacks)")
     args = parser.parse_args(argv)
     require(NGINX, WRK, str(TWISTD))
@@ -80,6 +114,8 @@ def main(argv=None) -> int:
         upstream = Nginx(folder / "upstream", f"""
             server {{ listen 127.0.0.1:{up_port}; location / {{ root {www}; }} }}""", up_port).start()
         try:
+            if args.ab:
+                return compare(folder, up_port, args.ab, args.rounds, args.duration)
             port = free_port()
             plain = Harmony(folder, "plain", 1, port, up_port).start()
             url = f"http://127.0.0.1:{port}/hello.txt"

@@ -177,7 +177,7 @@ LEAN_BUILDS = (("web+agent", "twisted", "agent"), ("web+lean", "twisted", "lean"
 
 def start_lean(port: int, upstream_port: int, front: str, back: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(HERE / "lean_proxy.py"), str(port), str(upstream_port),
-                             "--front", front, "--back", back])
+                             "--front", front, "--back", back], stderr=subprocess.DEVNULL)
     wait_port(port, proc, f"lean_proxy {front}/{back}")
     return proc
 
