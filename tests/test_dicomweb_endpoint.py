@@ -54,7 +54,7 @@ def test_route_details():
     ("GET", "/studies/..", BadRequest),
     ("GET", "/studies/1.2/series/%2e%2e", BadRequest),
     ("GET", "/studies/1.2/series/..%2F..%2Fetc", BadRequest),
-    ("GET", "/studies/1.02", BadRequest),          # leading zero: not a UID
+    ("GET", "/studies/1.2a", BadRequest),          # a letter: not a UID
     ("GET", "/studies/" + "1." * 40 + "1", BadRequest),  # longer than 64
     ("GET", "/studies/1/series/2/instances/3/frames/0", BadRequest),
     ("GET", "/studies/1/series/2/instances/3/frames/1,x", BadRequest),

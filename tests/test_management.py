@@ -492,3 +492,44 @@ async def test_open_connection_on_unchanged_listener_survives_reload(tmp_path, s
         client.proto.transport.loseConnection()
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deidentify_quarantine_and_counters_behind_the_token(tmp_path):
+    """The deidentify middleware's report (counters, quarantined instances) is an API route and a metric."""
+    from harmony.deid import generate_secret_file
+
+    generate_secret_file(tmp_path / "deid.key")
+    pipeline = f"""
+[pipelines.research]
+endpoints = ["scp"]
+middleware = ["deid"]
+backends = ["archive"]
+[endpoints.scp]
+service = "dicom_scp"
+[endpoints.scp.options]
+local_aet = "HARMONY"
+bind_addr = "127.0.0.1"
+port = {free_port()}
+enable_store = true
+[middleware.deid]
+service = "deidentify"
+[middleware.deid.options]
+secret_file = "{tmp_path / 'deid.key'}"
+[backends.archive]
+service = "local_archive"
+"""
+    main = MINIMAL_MAIN + MANAGEMENT + f'\n[storage.options]\npath = "{tmp_path / "var"}"\n'
+    running = await start_harmony(write_config(tmp_path, main, {"research": pipeline}))
+    try:
+        r, body = await admin_get(running, "/deidentify", token="wrong-token-0123456789")
+        assert r.code == 401
+        r, body = await admin_get(running, "/deidentify")
+        assert r.code == 200, body
+        report = json.loads(body)["deidentify"]
+        assert set(report) == {"deid"} and report["deid"]["quarantined"] == []
+        assert isinstance(report["deid"]["counts"], dict)
+        r, body = await admin_get(running, "/metrics")
+        assert b"harmony_deidentify_instances" in body
+    finally:
+        await running.stop()

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from twisted.internet import threads
 
 from harmony.dicom import net
+from harmony.dicom import status as dimse
 from tests.dicom_data import make_instance
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
@@ -211,11 +212,11 @@ def dimse_exchange(port: int):
 
 
 @pytest.mark.parametrize("case, find_status, store_status, words", [
-    ("basic", net.UNABLE_TO_PROCESS, net.STORE_REFUSED_NOT_AUTHORISED, "credentials are required"),
-    ("jwt", net.UNABLE_TO_PROCESS, net.STORE_REFUSED_NOT_AUTHORISED, "Bearer token is required"),
-    ("path", net.UNABLE_TO_PROCESS, net.PROCESSING_FAILURE, "no route for"),
-    ("transform", net.UNABLE_TO_PROCESS, net.PROCESSING_FAILURE, "'mw_dicom_scp_transform' failed"),
-    ("meta", net.UNABLE_TO_PROCESS, net.PROCESSING_FAILURE, "'mw_dicom_scp_meta' failed"),
+    ("basic", dimse.UNABLE_TO_PROCESS, dimse.REFUSED_NOT_AUTHORISED, "credentials are required"),
+    ("jwt", dimse.UNABLE_TO_PROCESS, dimse.REFUSED_NOT_AUTHORISED, "Bearer token is required"),
+    ("path", dimse.UNABLE_TO_PROCESS, dimse.PROCESSING_FAILURE, "no route for"),
+    ("transform", dimse.UNABLE_TO_PROCESS, dimse.PROCESSING_FAILURE, "'mw_dicom_scp_transform' failed"),
+    ("meta", dimse.UNABLE_TO_PROCESS, dimse.PROCESSING_FAILURE, "'mw_dicom_scp_meta' failed"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_middleware_errors_are_dimse_failure_statuses(harmony, case, find_status, store_status, words):

@@ -17,6 +17,7 @@ COMMANDS = {
     "routes": "harmony.cli:add_routes",
     "transform": "harmony.transform.cli:add_transform",
     "jmix": "harmony.jmix.cli:add_jmix",
+    "deidentify": "harmony.deid.cli:add_deidentify",
 }
 
 

@@ -48,6 +48,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "dicomweb": "harmony.middleware.dicomweb_bridge:DicomWebBridge",
         "fhir_cfind": "harmony.middleware.fhir_cfind:FhirCFind",
         "dicom_results_json": "harmony.middleware.dicom_results:DicomResultsJson",
+        "deidentify": "harmony.middleware.deidentify:Deidentify",
     },
 }
 

@@ -32,7 +32,8 @@ from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
 from harmony.config.errors import OptionError
-from harmony.dicom import blocking, net
+from harmony.dicom import blocking, charset, net, transfer
+from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_from_json, query_level
 from harmony.dicom.files import Staging, read_instance
 from harmony.dicom.render import ResultBodyProducer
@@ -46,6 +47,9 @@ from harmony.envelope import ResponseEnvelope
 from harmony.errors import BackendTimeout, BackendUnavailable, BadRequest, HarmonyError
 from harmony.log import get_logger
 from harmony.targets import TargetPool
+
+#: How many extra (SOP class, transfer syntax) pairs the pool proposes at most.
+MAX_LEARNED = 16
 
 log = get_logger("harmony.backends.dicom_scu")
 
@@ -97,7 +101,7 @@ class Job:
             self.ready.errback(failure)
         elif not self.stream.done:
             err = failure.value
-            status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(err, BackendTimeout) else net.UNABLE_TO_PROCESS_BACKEND
+            status = dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(err, BackendTimeout) else dimse.UNABLE_TO_PROCESS_BACKEND
             self.stream.finish(status, str(err))
 
 
@@ -126,7 +130,7 @@ class _Receiver:
         command = message.command
         if message.field == commands.C_ECHO_RQ:
             assoc.send(message.context_id, {"AffectedSOPClassUID": command["AffectedSOPClassUID"],
-                                            "CommandField": commands.C_ECHO_RSP, "Status": net.SUCCESS,
+                                            "CommandField": commands.C_ECHO_RSP, "Status": dimse.SUCCESS,
                                             "MessageIDBeingRespondedTo": message.message_id})
             return
         if message.field != commands.C_STORE_RQ:
@@ -136,12 +140,12 @@ class _Receiver:
 
     async def _store(self, assoc, message):
         command = message.command
-        status = net.SUCCESS
+        status = dimse.SUCCESS
         job = self.job_for(assoc, command)
         path = message.dataset
         if job is None:
             log.warn("dicom_scu {name}: refused a C-STORE that belongs to no retrieve", name=self.backend.name)
-            status = net.STORE_REFUSED_NOT_AUTHORISED
+            status = dimse.REFUSED_NOT_AUTHORISED
             _unlink(path)
         else:
             try:
@@ -150,12 +154,12 @@ class _Receiver:
             except OSError as e:
                 log.error("dicom_scu {name}: cannot stage a received instance: {error}", name=self.backend.name,
                           error=str(e))
-                status = net.STORE_OUT_OF_RESOURCES
+                status = dimse.STORE_OUT_OF_RESOURCES
                 _unlink(path)
             except Exception as e:  # noqa: BLE001 - a corrupt dataset fails this sub-operation, not the backend
                 log.warn("dicom_scu {name}: received an unreadable instance: {error}", name=self.backend.name,
                          error=str(e))
-                status = net.STORE_CANNOT_UNDERSTAND
+                status = dimse.STORE_CANNOT_UNDERSTAND
                 _unlink(path)
         if assoc.state == ESTABLISHED:
             await assoc.send(message.context_id, {
@@ -180,6 +184,30 @@ class AssociationPool:
         self.contexts = net.requestor_contexts()
         self.roles = net.storage_roles(self.contexts)
         self.idle: dict[str, list] = {}
+        #: (SOP class, transfer syntax) pairs met that the standard contexts lack, newest first.
+        self.learned: list = []
+        self._proposed = _pairs_of(self.contexts)
+
+    def proposes(self, sop_class, syntax) -> bool:
+        return (str(sop_class), str(syntax)) in self._proposed
+
+    def learn(self, sop_class, syntax) -> None:
+        """Propose (*sop_class*, *syntax*) on every association from now on: an
+        instance in a syntax the standard contexts lack (JPEG-LS near-lossless
+        CT, an MPEG-4 video) then goes as stored, and so does the rest of its
+        study, over pooled associations - never a second association at once,
+        which a peer serving one at a time (DCMTK's storescp) could not accept."""
+        pair = (str(sop_class), str(syntax))
+        if pair in self.learned:
+            return
+        self.learned = [pair] + self.learned[:MAX_LEARNED - 1]
+        self.contexts = net.requestor_contexts(self.learned)
+        self.roles = net.storage_roles(self.contexts)
+        self._proposed = _pairs_of(self.contexts)
+        stale, self.idle = self.idle, {}
+        for idle in stale.values():
+            for assoc, _ in idle:
+                assoc.release()
 
     def take_idle(self, target):
         idle = self.idle.get(target.name, [])
@@ -363,7 +391,8 @@ class DicomScuBackend(Backend):
             raise BadRequest(f"query_model must be 'study' or 'patient', got {model!r}")
         if op in (C_ECHO, C_STORE):
             return op, None, None, model
-        identifier = identifier_from_json(doc)
+        # Unicode from JSON: ISO_IR 192 when not ASCII, or the PACS would get '?'.
+        identifier = charset.declare(identifier_from_json(doc))
         level = query_level(identifier, md.get("query_level"))
         identifier.QueryRetrieveLevel = level
         md["query_level"] = level
@@ -378,10 +407,10 @@ class DicomScuBackend(Backend):
         md = {"dimse_op": job.op}
         if stream.status is not None:
             md["dimse_status"] = f"0x{stream.status:04X}"
-        if stream.status is not None and net.is_failure(stream.status) and job.items == 0:
+        if stream.status is not None and dimse.is_failure(stream.status) and job.items == 0:
             doc = {"dimse_op": job.op, "dimse_status": stream.status, "error_comment": stream.error_comment,
                    "completed": stream.completed, "failed": stream.failed}
-            resp = ResponseEnvelope.json(net.http_status_for(stream.status), doc)
+            resp = ResponseEnvelope.json(dimse.http_status_for(stream.status), doc)
         elif job.op in (C_FIND, C_GET) or job.op == C_MOVE and not self._third_party(job.request):
             body = ResultBodyProducer(stream, "json" if job.op == C_FIND else "multipart")
             resp = ResponseEnvelope(status=200, headers=Headers({"Content-Type": [body.content_type]}), body=body)
@@ -587,17 +616,32 @@ class DicomScuBackend(Backend):
                 instance.release()
 
     async def _store_to(self, target, request, instance):
+        """C-STORE on a pooled association.  A (SOP class, transfer syntax) pair
+        the pool does not propose is learned and the instance sent on a fresh
+        association that proposes it; a syntax the PACS refuses is decompressed,
+        or fails with 0xC003 and a comment naming it (harmony.dicom.transfer)."""
         job = Job(C_STORE, request)
+        pair = (instance.sop_class_uid, instance.transfer_syntax_uid)
+        unproposed = []
 
-        async def body(assoc):
+        async def body(assoc, may_learn=True):
+            if may_learn and not storage.accepts_as_stored(assoc, *pair) and not self.pool.proposes(*pair):
+                unproposed.append(pair)
+                return False  # not pooled: its contexts are about to be out of date
             if any(str(cx.abstract_syntax) == instance.sop_class_uid for cx in assoc.contexts.values()):
                 status = await storage.c_store(assoc, instance, self.reactor)
             else:
                 status = await self._store_alone(target, instance)
-            job.finish(status)
+            job.finish(status, storage.comment_for(status, instance))
             return True
 
-        d = defer.ensureDeferred(self._with_association(target, job, body))
+        async def store():
+            await self._with_association(target, job, body)
+            if unproposed:
+                self.pool.learn(*pair)
+                await self._with_association(target, job, lambda assoc: body(assoc, may_learn=False))
+
+        d = defer.ensureDeferred(store())
         d.addErrback(job.failed)
         await job.ready
         return self.respond(job)
@@ -605,8 +649,8 @@ class DicomScuBackend(Backend):
     async def _store_alone(self, target, instance) -> int:
         """A storage class outside the pooled association's 128 contexts (or one the
         PACS did not accept there): a one-off association just for it."""
-        syntaxes = list(dict.fromkeys([instance.transfer_syntax_uid] + net.UNCOMPRESSED[:2]))
-        assoc = await self.pool.connect(target, [build_context(instance.sop_class_uid, syntaxes)])
+        assoc = await self.pool.connect(target, transfer.contexts_for(instance.sop_class_uid,
+                                                                       instance.transfer_syntax_uid))
         try:
             if not assoc.contexts:
                 raise BackendUnavailable(f"the PACS does not accept SOP class {instance.sop_class_uid}")
@@ -614,6 +658,10 @@ class DicomScuBackend(Backend):
         finally:
             if assoc.state == ESTABLISHED:
                 assoc.release()
+
+
+def _pairs_of(contexts) -> set:
+    return {(str(cx.abstract_syntax), str(ts)) for cx in contexts for ts in cx.transfer_syntax}
 
 
 def _unlink(path) -> None:

@@ -30,6 +30,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from harmony import jsonutil
+from harmony.dicom import status as dimse
 from harmony.dicom.files import read_instance, valid_uid
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.dicomweb import qido
@@ -41,9 +42,6 @@ from harmony.log import get_logger
 
 log = get_logger("harmony.backends.dicomweb")
 
-SUCCESS, WARNING_SUBOPS = 0x0000, 0xB000
-UNABLE_TO_PROCESS, PROCESSING_FAILURE, OUT_OF_RESOURCES = 0xC000, 0x0110, 0xA700
-STORE_MISMATCH = 0xA900
 _SKIP_PARAMS = ("00080052", "00080005", "00080054", "00081190")
 QIDO_JSON_LIMIT = 64 * 1024 * 1024
 
@@ -190,7 +188,7 @@ class DimseOverDicomWeb:
     async def echo(self, request):
         stream = ResultStream()
         await self._get_json(request, "/studies", [("limit", "1")])
-        stream.finish(SUCCESS)
+        stream.finish(dimse.SUCCESS)
         return self._respond(stream, C_ECHO)
 
     # -- C-FIND
@@ -212,7 +210,7 @@ class DimseOverDicomWeb:
                     continue
                 seen.add(pid)
             stream.put(filter_result(doc, identifier, level))
-        stream.finish(SUCCESS)
+        stream.finish(dimse.SUCCESS)
         return self._respond(stream, C_FIND)
 
     # -- C-GET / C-MOVE
@@ -246,10 +244,11 @@ class DimseOverDicomWeb:
         stream = ResultStream()
         stream.set_counts(total)
         if total == 0:
-            stream.finish(SUCCESS)
+            stream.finish(dimse.SUCCESS)
             return self._respond(stream, op)
         d = defer.ensureDeferred(self._fetch_all(request, targets, stream, total))
-        d.addErrback(lambda f: stream.finish(UNABLE_TO_PROCESS, f.getErrorMessage()) if not stream.done else None)
+        d.addErrback(lambda f: stream.finish(dimse.UNABLE_TO_PROCESS, f.getErrorMessage())
+                     if not stream.done else None)
         return self._respond(stream, op)
 
     async def _fetch_all(self, request, targets, stream, total):
@@ -263,7 +262,8 @@ class DimseOverDicomWeb:
                 log.warn("dicomweb backend: WADO-RS retrieve failed: {error}", error=str(e))
         failed = max(0, total - state["completed"])
         stream.set_counts(0, state["completed"], failed, 0)
-        stream.finish(SUCCESS if failed == 0 else (WARNING_SUBOPS if state["completed"] else UNABLE_TO_PROCESS))
+        stream.finish(dimse.SUCCESS if failed == 0 else (
+            dimse.WARNING_SUBOPS if state["completed"] else dimse.UNABLE_TO_PROCESS))
 
     async def _fetch(self, request, path, stream, state, total):
         accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -334,19 +334,19 @@ def stow_status(code: int, body: bytes, sop_uid: str) -> tuple[int, str | None]:
     for item in (doc.get("00081198") or {}).get("Value") or []:
         uid = ((item.get("00081155") or {}).get("Value") or [""])[0]
         if not uid or uid == sop_uid:
-            reason = ((item.get("00081197") or {}).get("Value") or [PROCESSING_FAILURE])[0]
+            reason = ((item.get("00081197") or {}).get("Value") or [dimse.PROCESSING_FAILURE])[0]
             return int(reason), f"the DICOMweb server refused the instance (HTTP {code})"
     if code in (200, 202):
         for item in (doc.get("00081199") or {}).get("Value") or []:
             warn = (item.get("00081196") or {}).get("Value")
             if warn:
                 return int(warn[0]), None
-        return SUCCESS, None
+        return dimse.SUCCESS, None
     if code == 409:
-        return STORE_MISMATCH, "the DICOMweb server reported a conflict"
+        return dimse.STORE_DATASET_MISMATCH, "the DICOMweb server reported a conflict"
     if code == 413 or code == 507:
-        return OUT_OF_RESOURCES, f"the DICOMweb server is out of resources (HTTP {code})"
-    return PROCESSING_FAILURE, f"the DICOMweb server answered HTTP {code}"
+        return dimse.STORE_OUT_OF_RESOURCES, f"the DICOMweb server is out of resources (HTTP {code})"
+    return dimse.PROCESSING_FAILURE, f"the DICOMweb server answered HTTP {code}"
 
 
 __all__ = ["DimseOverDicomWeb", "qido_target", "filter_result", "stow_status"]

@@ -19,6 +19,8 @@ from pydicom.dataset import Dataset
 from twisted.internet import defer
 
 from harmony.backends.base import Backend
+from harmony.dicom import charset
+from harmony.dicom import status as dimse
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BadRequest
@@ -27,7 +29,6 @@ from harmony.storage.errors import InvalidInstance, InvalidQuery
 from harmony.storage.query import STUDY_ROOT, levels_for
 from harmony.storage.store import release_store
 
-SUCCESS = 0x0000
 
 
 def identifier_of(request) -> Dataset:
@@ -85,7 +86,7 @@ class LocalArchiveBackend(Backend):
 
     def echo(self, request):
         stream = ResultStream()
-        stream.finish(SUCCESS)
+        stream.finish(dimse.SUCCESS)
         return results_response(stream)
 
     def find(self, request):
@@ -96,7 +97,7 @@ class LocalArchiveBackend(Backend):
 
         def matches(should_stop):
             for doc in self.store.query_sync(identifier, level, model, should_stop=should_stop):
-                yield Dataset.from_json(doc)
+                yield charset.declare(Dataset.from_json(doc))  # ISO_IR 192 when not ASCII
 
         return results_response(self.store.stream(matches))
 
@@ -114,13 +115,15 @@ class LocalArchiveBackend(Backend):
             return list(self.store.instances_sync(identifier, level, model))
 
         def found(instances):
-            stream.set_counts(len(instances))
+            # Queued before the count is announced: a consumer woken by the count
+            # then sees every instance (a C-MOVE proposes their transfer syntaxes).
             for inst in instances:
                 if stream.cancelled:
-                    stream.finish(0xFE00, "cancelled")
+                    stream.finish(dimse.CANCEL, "cancelled")
                     return
                 stream.put(inst)
-            stream.finish(SUCCESS)
+            stream.set_counts(len(instances))
+            stream.finish(dimse.SUCCESS)
 
         self.store.run(listing).addCallbacks(found, stream.fail)
         return results_response(stream)
@@ -130,7 +133,7 @@ class LocalArchiveBackend(Backend):
         stored = yield ingest(self.store, request)
         response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
                                                "sop_class_uid": stored.sop_class_uid})
-        response.context["dimse_status"] = SUCCESS
+        response.context["dimse_status"] = dimse.SUCCESS
         response.context["stored_instance"] = stored
         return response
 

@@ -37,6 +37,7 @@ from harmony.backends.base import Backend
 from harmony.backends.local_archive import ingest
 from harmony.config.errors import OptionError
 from harmony.config.options import Options
+from harmony.dicom import status as dimse
 from harmony.dicom.results import C_STORE
 from harmony.envelope import ResponseEnvelope, read_body
 from harmony.errors import BadRequest
@@ -45,7 +46,6 @@ from harmony.storage.config import store_from_context
 from harmony.storage.forward import StoreForward, TargetSettings
 from harmony.storage.store import release_store
 
-SUCCESS = 0x0000
 #: A queued message is held in the index database: v2 messages are kilobytes.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -156,6 +156,6 @@ class StoreForwardBackend(Backend):
         response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
                                                "sop_class_uid": stored.sop_class_uid,
                                                "queued_for": self.target_names})
-        response.context["dimse_status"] = SUCCESS
+        response.context["dimse_status"] = dimse.SUCCESS
         response.context["stored_instance"] = stored
         return response

@@ -1,7 +1,7 @@
 """DICOM files on disk: validated UIDs, staging folders and durable writes.
 
 Paths are never built from raw input: only from UIDs that pass
-:func:`valid_uid` or from names Harmony made itself, so a crafted
+:func:`valid_uid` (Harmony's one UID policy, :mod:`harmony.dicom.uids`) or from names Harmony made itself, so a crafted
 SOP Instance UID like ``../../etc`` can never leave the storage folder.
 """
 
@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from harmony.dicom.results import DicomInstance
-
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+from harmony.dicom.uids import is_uid as valid_uid
+from harmony.dicom.uids import strip_padding
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
-
-
-def valid_uid(value) -> bool:
-    """PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
 
 
 def read_instance(path: Path, owned: bool = False, ds=None) -> DicomInstance:
@@ -36,11 +31,11 @@ def read_instance(path: Path, owned: bool = False, ds=None) -> DicomInstance:
     meta = ds.file_meta
     return DicomInstance(
         path=path,
-        sop_class_uid=str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")),
-        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
-        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        sop_class_uid=strip_padding(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
+        sop_instance_uid=strip_padding(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")),
+        transfer_syntax_uid=strip_padding(meta.get("TransferSyntaxUID", "")),
+        study_instance_uid=strip_padding(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=strip_padding(ds.get("SeriesInstanceUID", "")),
         size=path.stat().st_size,
         owned=owned,
     )
@@ -165,6 +160,10 @@ def check_complete(path: Path):
         ds = dcmread(path, defer_size=256)
         if len(ds) == 0:
             raise CorruptDataset("the dataset has no elements")
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # Offsets are into the inflated stream, not the file: read it whole
+            # instead (a truncated deflate stream fails to inflate).
+            return dcmread(path)
         for tag in list(ds.keys()):
             raw = ds.get_item(tag, keep_deferred=True)
             length = getattr(raw, "length", 0)

@@ -2,7 +2,8 @@
 
 What lives here is what both sides of a DICOM association need: the
 presentation contexts Harmony proposes and accepts, the TCP_NODELAY fix,
-TLS contexts, the query/retrieve model table and the DIMSE status names.
+TLS contexts and the query/retrieve model table.  DIMSE statuses live in
+:mod:`harmony.dicom.status`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import os
 import socket
 import ssl
 
-from pydicom import dcmread
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
-                         JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-                         RLELossless)
+from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGLosslessSV1, JPEGLSLossless, RLELossless)
 from pynetdicom import _config, build_context, build_role, evt
 from pynetdicom import StoragePresentationContexts
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
@@ -27,7 +25,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
 from harmony.config.errors import OptionError
-from harmony.dicom import fastcmd
+from harmony.dicom import fastcmd, transfer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE
 from harmony.log import get_logger
 
@@ -73,11 +71,9 @@ if not any(isinstance(h, _ToTwistedLogger) for h in _pynetdicom_logger.handlers)
 # message, even when nothing logs at debug level; that is CPU on the hot path.
 _config.LOG_HANDLER_LEVEL = "none"
 
-UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                ExplicitVRBigEndian]
-COMPRESSED = [RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless,
-              JPEGLSNearLossless, JPEG2000Lossless, JPEG2000]
-ALL_SYNTAXES = UNCOMPRESSED + COMPRESSED
+UNCOMPRESSED = transfer.UNCOMPRESSED
+#: Every standard storage transfer syntax: what Harmony's storage SCPs accept.
+ALL_SYNTAXES = transfer.STORAGE
 
 #: query model -> operation -> SOP Class
 QUERY_MODELS = {
@@ -90,58 +86,6 @@ QUERY_MODELS = {
 }
 #: SOP Class UID -> (model, operation), for the SCP side
 MODEL_OF = {str(uid): (model, op) for model, ops in QUERY_MODELS.items() for op, uid in ops.items()}
-
-# PS3.4 status codes, by name (C.4 / Annex B).
-SUCCESS = 0x0000
-PENDING = 0xFF00
-PENDING_WARNING = 0xFF01
-CANCEL = 0xFE00
-WARNING_SUBOPS = 0xB000
-OUT_OF_RESOURCES_FIND = 0xA700
-OUT_OF_RESOURCES_MATCHES = 0xA701
-OUT_OF_RESOURCES_SUBOPS = 0xA702
-MOVE_DESTINATION_UNKNOWN = 0xA801
-IDENTIFIER_MISMATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
-UNABLE_TO_PROCESS_BACKEND = 0xC001   # Harmony: the backend could not be reached
-UNABLE_TO_PROCESS_TIMEOUT = 0xC002   # Harmony: the backend did not answer in time
-STORE_OUT_OF_RESOURCES = 0xA700
-STORE_DATASET_MISMATCH = 0xA900
-STORE_CANNOT_UNDERSTAND = 0xC000
-STORE_REFUSED_NOT_AUTHORISED = 0x0124
-PROCESSING_FAILURE = 0x0110
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-
-
-def is_pending(status: int | None) -> bool:
-    return status in (PENDING, PENDING_WARNING)
-
-
-def is_failure(status: int | None) -> bool:
-    """True for failure statuses (not success, warning, pending or cancel)."""
-    if status is None:
-        return True
-    return not (status == SUCCESS or is_pending(status) or status == CANCEL
-                or status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF)
-
-
-def http_status_for(status: int | None) -> int:
-    """The HTTP status a DIMSE final status becomes for HTTP clients."""
-    if status is None:
-        return 502
-    if not is_failure(status):
-        return 200
-    if status in (IDENTIFIER_MISMATCH, STORE_CANNOT_UNDERSTAND) or 0xC000 <= status <= 0xCFFF and status not in (
-            UNABLE_TO_PROCESS_BACKEND, UNABLE_TO_PROCESS_TIMEOUT):
-        return 400 if status == IDENTIFIER_MISMATCH else 502
-    if status == MOVE_DESTINATION_UNKNOWN:
-        return 400
-    if status == STORE_REFUSED_NOT_AUTHORISED:
-        return 403
-    if status == UNABLE_TO_PROCESS_TIMEOUT:
-        return 504
-    return 502
-
 
 def check_aet(options, key: str, default=None) -> str:
     """An AE title option: 1-16 ASCII characters, no backslash (PS3.5 AE)."""
@@ -215,13 +159,17 @@ def server_tls_context(cert, key, ca=None) -> ssl.SSLContext:
 
 # --------------------------------------------------------------------------- contexts
 
-#: Image classes that get one presentation context per compressed transfer
-#: syntax, so a PACS can send compressed instances as stored (each context
-#: negotiates exactly one syntax, and a C-GET sub-operation or a chunked
-#: C-STORE needs an exact match to pass bytes through unchanged).
+#: Image classes that get one presentation context per common compressed
+#: transfer syntax, so a PACS can send compressed instances as stored (each
+#: context negotiates exactly one syntax, and a C-GET sub-operation or a chunked
+#: C-STORE needs an exact match to pass bytes through unchanged).  Other
+#: (class, syntax) pairs are added per association where they are known: the
+#: instances a C-MOVE sends, the pairs a dicom_scu pool has met.
 _COMPRESSIBLE = {
-    "1.2.840.10008.5.1.4.1.1.2": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # CT
-    "1.2.840.10008.5.1.4.1.1.4": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # MR
+    "1.2.840.10008.5.1.4.1.1.2": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
+                                  JPEG2000Lossless),  # CT
+    "1.2.840.10008.5.1.4.1.1.4": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
+                                  JPEG2000Lossless),  # MR
     "1.2.840.10008.5.1.4.1.1.7": (RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEG2000Lossless),  # SC
     "1.2.840.10008.5.1.4.1.1.1": (JPEGBaseline8Bit, JPEGLosslessSV1),  # CR
     "1.2.840.10008.5.1.4.1.1.1.1": (JPEGBaseline8Bit, JPEGLosslessSV1),  # DX
@@ -238,20 +186,36 @@ _COMMON = (
 MAX_CONTEXTS = 128
 
 
-def requestor_contexts():
+def requestor_contexts(pairs=()):
     """Presentation contexts for one association that can do everything:
     verification, find/get/move in both roots, and storage (SCU for C-STORE,
     SCP role for C-GET sub-operations).  PS3.8 caps a request at 128, so the
     retired storage classes are left out and the rarest current ones come last
-    (a C-STORE of a class that did not fit gets an association of its own)."""
+    (a C-STORE of a class that did not fit gets an association of its own).
+
+    *pairs* are (SOP class, transfer syntax) pairs known to be needed - the
+    instances of a C-MOVE, the pairs a sender has met: each gets its own
+    context (with the uncompressed fall-backs for its class) ahead of the
+    standard storage set, so they go through as stored."""
     contexts = [build_context(Verification)]
     for ops in QUERY_MODELS.values():
         contexts.extend(build_context(uid) for uid in ops.values())
     compressed = [build_context(uid, [ts]) for uid, syntaxes in _COMPRESSIBLE.items() for ts in syntaxes]
-    room = MAX_CONTEXTS - len(contexts) - len(compressed)
-    storage = [build_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-               for uid in _storage_by_priority()[:room]]
-    return contexts + storage + compressed
+    have = {(str(cx.abstract_syntax), str(ts)) for cx in compressed for ts in cx.transfer_syntax}
+    standard = _storage_by_priority()
+    extra, covered = [], set()
+    for sop_class, syntax in pairs:
+        sop_class, syntax = str(sop_class), str(syntax)
+        if (sop_class, syntax) not in have and syntax not in transfer.FALLBACK:
+            extra.append(build_context(sop_class, [syntax]))
+            have.add((sop_class, syntax))
+        if sop_class not in covered:
+            extra.append(build_context(sop_class, list(transfer.FALLBACK)))
+            covered.add(sop_class)
+    extra = extra[:MAX_CONTEXTS - len(contexts) - len(compressed)]
+    room = MAX_CONTEXTS - len(contexts) - len(compressed) - len(extra)
+    storage = [build_context(uid, list(transfer.FALLBACK)) for uid in standard if uid not in covered][:room]
+    return contexts + extra + storage + compressed
 
 
 def _storage_by_priority() -> list:
@@ -272,27 +236,7 @@ def storage_roles(contexts) -> list:
     return roles
 
 
-def storage_contexts():
+def storage_contexts(pairs=()):
     """The storage part of :func:`requestor_contexts` (for C-STORE-only associations)."""
-    return [cx for cx in requestor_contexts() if cx.abstract_syntax != Verification
+    return [cx for cx in requestor_contexts(pairs) if cx.abstract_syntax != Verification
             and cx.abstract_syntax not in MODEL_OF]
-
-
-def send_instance(assoc, instance, **kw):
-    """C-STORE a file: streamed from disk as-is when the peer accepted its exact
-    transfer syntax, otherwise decoded (and decompressed if needed) so that
-    pynetdicom can re-encode it for a syntax the peer did accept."""
-    for cx in assoc.accepted_contexts:
-        if cx.abstract_syntax == instance.sop_class_uid and cx.transfer_syntax[0] == instance.transfer_syntax_uid:
-            return assoc.send_c_store(instance.path, **kw)
-    ds = dcmread(instance.path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        offered = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
-                   if cx.abstract_syntax == instance.sop_class_uid}
-        if offered and not any(ts.is_compressed for ts in offered):
-            ds.decompress(generate_instance_uid=False)  # pydicom would otherwise mint a new UID
-            if ExplicitVRLittleEndian not in offered:
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return assoc.send_c_store(ds, **kw)
-
-

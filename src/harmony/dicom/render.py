@@ -16,7 +16,7 @@ import uuid
 from twisted.internet import defer
 
 from harmony.dicom.dicomjson import identifier_to_json
-from harmony.dicom.net import is_failure
+from harmony.dicom.status import is_failure
 from harmony.dicom.results import DicomInstance
 from harmony.envelope import CooperativeProducer
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import attr
 from twisted.internet import defer
 
+from harmony.dicom.status import SUCCESS
+
 C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE = "C-ECHO", "C-FIND", "C-GET", "C-MOVE", "C-STORE"
 OPERATIONS = (C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE)
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -101,7 +103,7 @@ class ResultStream:
             self._total = remaining + completed + failed + warning
             self._fire_counted()
 
-    def finish(self, status: int = 0x0000, comment: str | None = None) -> None:
+    def finish(self, status: int = SUCCESS, comment: str | None = None) -> None:
         self.status = status
         self.error_comment = comment
         self._done = True
@@ -155,6 +157,11 @@ class ResultStream:
             return defer.succeed(None)
         self._waiting = defer.Deferred()
         return self._waiting
+
+    def queued(self) -> list:
+        """The items produced but not yet taken, without taking them (a C-MOVE
+        SCP reads their transfer syntaxes before it opens its association)."""
+        return list(self._items)
 
     @property
     def pending(self) -> int:

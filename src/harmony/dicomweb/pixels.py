@@ -3,9 +3,9 @@
 Frames are cut out of the pixel data as stored whenever the client accepts
 that (``transfer-syntax=*`` or the stored syntax): encapsulated frames are
 split along their fragments, native frames sliced by size, nothing decoded.
-Decoding (pydicom's pixel handlers, one frame at a time) happens only for
-rendered media types or when an uncompressed frame of a compressed instance
-is asked for.  Everything here is blocking: call it in a thread.
+Decoding (pydicom's pixel handlers with the pylibjpeg plug-ins, one frame at
+a time: JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE) happens only for rendered media
+types or when an uncompressed frame of a compressed instance is asked for.  Everything here is blocking: call it in a thread.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import io
 
 from pydicom import dcmread
 from pydicom.encaps import get_frame
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from harmony.dicom.transfer import can_decompress, name
 from harmony.dicomweb.accept import EXPLICIT_VR_LITTLE_ENDIAN, JPEG
 from harmony.errors import NotAcceptable, NotFound
 
@@ -46,14 +47,22 @@ def extract_frames(path, frames, want_ts: str | None) -> tuple[list[bytes], str]
     count = number_of_frames(ds)
     _check(frames, count)
     as_stored = want_ts in ("*", str(stored)) or (want_ts is None and not stored.is_compressed)
-    if as_stored:
-        if stored.is_encapsulated:
-            return [get_frame(ds.PixelData, f - 1, number_of_frames=count) for f in frames], str(stored)
+    if as_stored and stored.is_encapsulated:
+        return [get_frame(ds.PixelData, f - 1, number_of_frames=count) for f in frames], str(stored)
+    native_le = not stored.is_compressed and stored.is_little_endian
+    if native_le and (as_stored or want_ts == EXPLICIT_VR_LITTLE_ENDIAN):
+        # Native little-endian pixels are the same bytes in Implicit, Explicit or
+        # (once inflated) deflated data: slice them; a deflated "frame" is named
+        # Explicit VR Little Endian, since frames are never deflated.
         size = native_frame_size(ds)
         data = ds.PixelData
-        return [bytes(data[(f - 1) * size:f * size]) for f in frames], str(stored)
+        named = str(stored) if as_stored and stored != DeflatedExplicitVRLittleEndian else EXPLICIT_VR_LITTLE_ENDIAN
+        return [bytes(data[(f - 1) * size:f * size]) for f in frames], named
     if want_ts in (None, EXPLICIT_VR_LITTLE_ENDIAN):
         from pydicom.pixels import pixel_array
+        if not can_decompress(stored):
+            raise NotAcceptable(f"frames are stored as {name(stored)} ({stored}), which this proxy cannot "
+                                f"decode; ask with transfer-syntax=* for them as stored")
         out = []
         for f in frames:
             arr = pixel_array(path, index=f - 1)
@@ -71,7 +80,12 @@ def render(path, frame: int, media_type: str = JPEG, *, thumbnail: bool = False,
 
     header = dcmread(path, stop_before_pixels=True)
     _check([frame], number_of_frames(header))
-    arr = pixel_array(path, index=frame - 1)
+    stored = header.file_meta.get("TransferSyntaxUID", EXPLICIT_VR_LITTLE_ENDIAN)
+    if not can_decompress(stored):
+        raise NotAcceptable(f"the instance is stored as {name(stored)} ({stored}), which this proxy cannot "
+                            f"render")
+    # pydicom reads frames straight from the file, which a deflated one is not.
+    arr = pixel_array(dcmread(path) if stored == DeflatedExplicitVRLittleEndian else path, index=frame - 1)
     photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2"))
     if int(header.get("SamplesPerPixel", 1)) == 1:
         if "WindowCenter" in header or "VOILUTSequence" in header:
@@ -83,9 +97,8 @@ def render(path, frame: int, media_type: str = JPEG, *, thumbnail: bool = False,
             arr = 255.0 - arr
         image = Image.fromarray(np.clip(arr, 0, 255).astype("uint8"), mode="L")
     else:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-            arr = convert_color_space(arr, photometric, "RGB")
+        # pixel_array already gives RGB for YBR data (decoded JPEG included):
+        # converting again would tint the image.
         if arr.dtype != np.uint8:
             arr = (arr.astype("float64") * 255.0 / max(1.0, float(arr.max()))).astype("uint8")
         image = Image.fromarray(arr, mode="RGB")

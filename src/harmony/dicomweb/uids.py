@@ -1,27 +1,24 @@
 """UID and AE-title checks for anything that arrives in a URL.
 
-A UID is digits and dots and nothing else (PS3.5 9.1), so checking the grammar
-also rules out every path-traversal trick (``..``, ``%2F``, backslashes) for
-code that later turns UIDs into file names or upstream URLs.
+UIDs follow Harmony's one policy (:mod:`harmony.dicom.uids`: digits and dots,
+leading zeros accepted), so checking them also rules out every path-traversal
+trick (``..``, ``%2F``, backslashes) for code that later turns UIDs into file
+names or upstream URLs.  Here a bad one becomes a 400.
 """
 
 from __future__ import annotations
 
 import re
 
+from harmony.dicom.uids import RULE, is_uid
 from harmony.errors import BadRequest
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _AET = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
-
-
-def is_uid(value: str) -> bool:
-    return len(value) <= 64 and bool(_UID.match(value))
 
 
 def check_uid(value: str, what: str = "UID") -> str:
     if not is_uid(value):
-        raise BadRequest(f"{what} is not a valid DICOM UID (digits and dots, at most 64 characters)")
+        raise BadRequest(f"{what} is not a valid DICOM UID ({RULE})")
     return value
 
 

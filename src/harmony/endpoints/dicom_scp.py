@@ -26,7 +26,8 @@ from twisted.internet import defer
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
-from harmony.dicom import blocking, net
+from harmony.dicom import blocking, charset, net, transfer
+from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.files import Staging, check_complete, durable_move, read_instance, valid_uid
 from harmony.dicom.render import release_rest
@@ -45,7 +46,7 @@ from harmony.log import get_logger
 log = get_logger("harmony.endpoints.dicom_scp")
 
 #: Status when a request's pipeline gives no DICOM results at all.
-NO_RESULTS = net.UNABLE_TO_PROCESS
+NO_RESULTS = dimse.UNABLE_TO_PROCESS
 CANCELLED = object()
 #: Largest C-STORE data set accepted by default (a large multi-frame study object fits; a 4 GiB claim does not).
 DEFAULT_MAX_DATASET_BYTES = 4 * 1024 ** 3 - 1
@@ -62,17 +63,17 @@ _OPERATION_OF = {commands.C_FIND_RQ: C_FIND, commands.C_GET_RQ: C_GET, commands.
 def dimse_status_for(error: HarmonyError, op: str) -> int:
     """The PS3.4 failure status a proxy error becomes on a DIMSE association."""
     if isinstance(error, BackendTimeout) or error.status == 504:
-        return net.UNABLE_TO_PROCESS_TIMEOUT
+        return dimse.UNABLE_TO_PROCESS_TIMEOUT
     if isinstance(error, (InsufficientStorage, PayloadTooLarge)):
-        return net.STORE_OUT_OF_RESOURCES if op == C_STORE else net.OUT_OF_RESOURCES_SUBOPS if op in (
-            C_GET, C_MOVE) else net.OUT_OF_RESOURCES_FIND
+        return dimse.STORE_OUT_OF_RESOURCES if op == C_STORE else dimse.OUT_OF_RESOURCES_SUBOPS if op in (
+            C_GET, C_MOVE) else dimse.OUT_OF_RESOURCES
     if isinstance(error, (Forbidden, AuthenticationFailed)):
-        return net.STORE_REFUSED_NOT_AUTHORISED if op == C_STORE else net.UNABLE_TO_PROCESS
+        return dimse.REFUSED_NOT_AUTHORISED if op == C_STORE else dimse.UNABLE_TO_PROCESS
     if isinstance(error, BadRequest) or error.status in (400, 422):
-        return net.STORE_CANNOT_UNDERSTAND if op == C_STORE else net.IDENTIFIER_MISMATCH
+        return dimse.STORE_CANNOT_UNDERSTAND if op == C_STORE else dimse.IDENTIFIER_MISMATCH
     if error.status in (502, 503):
-        return net.UNABLE_TO_PROCESS_BACKEND
-    return net.PROCESSING_FAILURE if op == C_STORE else net.UNABLE_TO_PROCESS
+        return dimse.UNABLE_TO_PROCESS_BACKEND
+    return dimse.PROCESSING_FAILURE if op == C_STORE else dimse.UNABLE_TO_PROCESS
 
 
 def _comment(text: str | None) -> str | None:
@@ -308,7 +309,7 @@ class DicomScpEndpoint(Service):
             status = response.context.get("dimse_status", NO_RESULTS)
             comment = response.context.get("error_comment") or "the pipeline gave no DICOM results"
             return None, (status, comment)
-        if stream.done and net.is_failure(stream.status) and stream.total() == 0:
+        if stream.done and dimse.is_failure(stream.status) and stream.total() == 0:
             return None, (stream.status if stream.status is not None else NO_RESULTS, stream.error_comment)
         return stream, None
 
@@ -337,7 +338,7 @@ class Operation:
         if self.message.field == commands.C_STORE_RQ:
             command["AffectedSOPInstanceUID"] = self.message.command.get("AffectedSOPInstanceUID")
         command.update({k: v for k, v in counts.items() if v is not None})
-        if comment and status not in (net.SUCCESS, net.PENDING, net.PENDING_WARNING):
+        if comment and status not in (dimse.SUCCESS, dimse.PENDING, dimse.PENDING_WARNING):
             command["ErrorComment"] = _comment(comment)
         return self.assoc.send(self.message.context_id, command, identifier)
 
@@ -415,13 +416,13 @@ class ScpServices:
         if handler is None:
             # An N-service or a request we do not serve on this context.
             if field in (commands.C_ECHO_RQ,) or field in _RESPONSE_OF:
-                op.respond(net.SOP_CLASS_NOT_SUPPORTED)
+                op.respond(dimse.SOP_CLASS_NOT_SUPPORTED)
             else:
                 assoc.abort("unsupported DIMSE request")
             return
         if not self.endpoint.enabled[name] or not _serves(op.context, name):
             _discard(message)
-            op.respond(net.SOP_CLASS_NOT_SUPPORTED)
+            op.respond(dimse.SOP_CLASS_NOT_SUPPORTED)
             return
         key = (id(assoc), message.message_id)
         self.running[key] = op
@@ -435,14 +436,14 @@ class ScpServices:
         log.failure("dicom_scp {name}: {op} failed", failure, name=self.endpoint.name,
                     op=_OPERATION_OF.get(op.message.field, "?"))
         if op.assoc.state == "established":
-            op.respond(net.PROCESSING_FAILURE if op.message.field == commands.C_STORE_RQ
-                       else net.UNABLE_TO_PROCESS, comment="internal error")
+            op.respond(dimse.PROCESSING_FAILURE if op.message.field == commands.C_STORE_RQ
+                       else dimse.UNABLE_TO_PROCESS, comment="internal error")
         return None
 
     # -- C-ECHO
 
     async def on_echo(self, op: Operation):
-        await op.respond(net.SUCCESS)
+        await op.respond(dimse.SUCCESS)
 
     # -- C-FIND
 
@@ -456,7 +457,7 @@ class ScpServices:
         endpoint = self.endpoint
         identifier = self.identifier(op)
         if identifier is None:
-            await op.respond(net.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+            await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
             return
         env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier)
         response = await endpoint.run_pipeline(env)
@@ -469,31 +470,32 @@ class ScpServices:
                 item = await op.next(stream, endpoint.request_timeout, endpoint.reactor)
             except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
                 stream.cancel()
-                status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
-                    else net.UNABLE_TO_PROCESS_BACKEND
+                status = dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
+                    else dimse.UNABLE_TO_PROCESS_BACKEND
                 await op.respond(status, comment=str(e))
                 return
             if item is CANCELLED:
                 stream.cancel()
                 release_rest(stream)
                 if op.assoc.state == "established":
-                    await op.respond(net.CANCEL)
+                    await op.respond(dimse.CANCEL)
                 return
             if item is None:
                 break
-            match = item if isinstance(item, Dataset) else Dataset.from_json(item)
-            await op.respond(net.PENDING, identifier=datasets.encode(match, op.transfer_syntax))
-        if net.is_failure(stream.status):
+            # A JSON match is Unicode: give it a character set that encodes it.
+            match = item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
+            await op.respond(dimse.PENDING, identifier=datasets.encode(match, op.transfer_syntax))
+        if dimse.is_failure(stream.status):
             await op.respond(stream.status, comment=stream.error_comment)
         else:
-            await op.respond(net.SUCCESS)
+            await op.respond(dimse.SUCCESS)
 
     # -- C-GET and C-MOVE
 
     async def on_get(self, op: Operation):
         identifier = self.identifier(op)
         if identifier is None:
-            await op.respond(net.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+            await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
             return
         env = self.endpoint.envelope(op.assoc, op.context, C_GET, identifier)
         await self._retrieve(op, env, op.assoc, None)
@@ -504,24 +506,27 @@ class ScpServices:
         where = endpoint.move_destinations.get(destination)
         if where is None:
             log.warn("dicom_scp {name}: C-MOVE to unknown destination {dest}", name=endpoint.name, dest=destination)
-            await op.respond(net.MOVE_DESTINATION_UNKNOWN, comment="move destination unknown")
+            await op.respond(dimse.MOVE_DESTINATION_UNKNOWN, comment="move destination unknown")
             return
         identifier = self.identifier(op)
         if identifier is None:
-            await op.respond(net.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+            await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
             return
         env = endpoint.envelope(op.assoc, op.context, C_MOVE, identifier, move_destination=destination,
                                 move_delivery="proxy")
         await self._retrieve(op, env, None, (destination, where))
 
-    async def _open_destination(self, destination, where):
+    async def _open_destination(self, destination, where, pairs=()):
+        """The association to a C-MOVE destination; it proposes *pairs* (SOP
+        class, transfer syntax) of the instances to send ahead of the standard
+        storage contexts, so compressed ones go as stored."""
         endpoint = self.endpoint
         settings = RequestorSettings(local_aet=endpoint.local_aet, max_pdu=endpoint.limits.max_pdu,
                                      acse_timeout=endpoint.limits.acse_timeout,
                                      dimse_timeout=endpoint.limits.dimse_timeout,
                                      network_timeout=endpoint.limits.network_timeout)
         return await associate(endpoint.reactor, where[0], where[1], settings, destination,
-                               net.storage_contexts())
+                               net.storage_contexts(pairs))
 
     async def _retrieve(self, op: Operation, env, target, destination):
         """The common body of C-GET and C-MOVE: announce the count, then one
@@ -547,15 +552,15 @@ class ScpServices:
                     item = await op.next(stream, endpoint.request_timeout, endpoint.reactor)
                 except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
                     stream.cancel()
-                    status = net.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
-                        else net.UNABLE_TO_PROCESS_BACKEND
+                    status = dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
+                        else dimse.UNABLE_TO_PROCESS_BACKEND
                     await op.respond(status, comment=str(e), identifier=_failed_list(failed_uids, op))
                     return
                 if item is CANCELLED:
                     stream.cancel()
                     release_rest(stream)
                     if op.assoc.state == "established":
-                        await op.respond(net.CANCEL, NumberOfRemainingSuboperations=max(
+                        await op.respond(dimse.CANCEL, NumberOfRemainingSuboperations=max(
                             total - completed - failed - warning, 0), NumberOfCompletedSuboperations=completed,
                             NumberOfFailedSuboperations=failed, NumberOfWarningSuboperations=warning,
                             identifier=_failed_list(failed_uids, op))
@@ -569,14 +574,17 @@ class ScpServices:
                 try:
                     if target is None:
                         try:
-                            target = await self._open_destination(*destination)
+                            # Opened at the first instance: by then a local archive has
+                            # listed them all, so their own syntaxes can be proposed.
+                            pairs = [(item.sop_class_uid, item.transfer_syntax_uid)] + _pairs_listed(stream)
+                            target = await self._open_destination(*destination, pairs)
                         except (AssociationRejected, AssociationAborted, OSError, ConnectionError) as e:
                             log.warn("dicom_scp {name}: C-MOVE destination {dest} unreachable: {error}",
                                      name=endpoint.name, dest=destination[0], error=str(e))
                             stream.cancel()
                             release_rest(stream)
                             item.release()
-                            await op.respond(net.UNABLE_TO_PROCESS_BACKEND,
+                            await op.respond(dimse.UNABLE_TO_PROCESS_BACKEND,
                                              comment="move destination unreachable",
                                              NumberOfRemainingSuboperations=0,
                                              NumberOfCompletedSuboperations=0,
@@ -585,32 +593,32 @@ class ScpServices:
                     status = await storage.c_store(target, item, endpoint.reactor, originator=originator)
                 finally:
                     item.release()
-                if status is None or net.is_failure(status):
+                if status is None or dimse.is_failure(status):
                     failed += 1
                     failed_uids.append(item.sop_instance_uid)
-                elif status != net.SUCCESS:
+                elif status != dimse.SUCCESS:
                     warning += 1
                 else:
                     completed += 1
                 # A pending response after every sub-operation, the last one too
                 # (remaining 0), as Orthanc and pynetdicom answer.
-                await op.respond(net.PENDING, NumberOfRemainingSuboperations=max(total - completed - failed - warning, 0),
+                await op.respond(dimse.PENDING, NumberOfRemainingSuboperations=max(total - completed - failed - warning, 0),
                                  NumberOfCompletedSuboperations=completed, NumberOfFailedSuboperations=failed,
                                  NumberOfWarningSuboperations=warning)
         finally:
             if destination is not None and target is not None:
                 target.release()
         sent = completed + failed + warning
-        if stream.failed or net.is_failure(stream.status) or sent < total:
+        if stream.failed or dimse.is_failure(stream.status) or sent < total:
             failed_uids += [u for u in stream.failed_sop_uids if u not in failed_uids]
             failed += max(total - sent, 0)
         if failed or warning:
-            status = net.WARNING_SUBOPS if completed or warning else (
-                stream.status if net.is_failure(stream.status) else net.OUT_OF_RESOURCES_SUBOPS)
+            status = dimse.WARNING_SUBOPS if completed or warning else (
+                stream.status if dimse.is_failure(stream.status) else dimse.OUT_OF_RESOURCES_SUBOPS)
         else:
-            status = net.SUCCESS
-        await op.respond(status, comment=stream.error_comment if status != net.SUCCESS else None,
-                         NumberOfRemainingSuboperations=0 if status != net.SUCCESS else None,
+            status = dimse.SUCCESS
+        await op.respond(status, comment=stream.error_comment if status != dimse.SUCCESS else None,
+                         NumberOfRemainingSuboperations=0 if status != dimse.SUCCESS else None,
                          NumberOfCompletedSuboperations=completed, NumberOfFailedSuboperations=failed,
                          NumberOfWarningSuboperations=warning,
                          identifier=_failed_list(failed_uids, op) if failed_uids else None)
@@ -623,24 +631,24 @@ class ScpServices:
         path = op.message.dataset
         command = op.message.command
         if path is None:       # the data set could not be staged (see dataset_sink)
-            await op.respond(net.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
+            await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
             return
         try:
             instance = await blocking.run(endpoint.reactor, _read_received, path)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
-            await op.respond(net.STORE_CANNOT_UNDERSTAND, comment="cannot decode the dataset")
+            await op.respond(dimse.STORE_CANNOT_UNDERSTAND, comment="cannot decode the dataset")
             return
         instance.owned = True
         try:
             uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
             if not all(valid_uid(u) for u in uids):
-                await op.respond(net.STORE_CANNOT_UNDERSTAND, comment="missing or invalid UIDs in the dataset")
+                await op.respond(dimse.STORE_CANNOT_UNDERSTAND, comment="missing or invalid UIDs in the dataset")
                 return
             if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
                     instance.sop_class_uid != command.get("AffectedSOPClassUID"):
-                await op.respond(net.STORE_DATASET_MISMATCH, comment="dataset does not match the C-STORE request")
+                await op.respond(dimse.STORE_DATASET_MISMATCH, comment="dataset does not match the C-STORE request")
                 return
             if endpoint.storage_dir is not None:
                 dest = endpoint.storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
@@ -650,11 +658,11 @@ class ScpServices:
                 except OSError as e:
                     log.error("dicom_scp {name}: cannot store an instance: {error}", name=endpoint.name,
                               error=e.strerror)
-                    await op.respond(net.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
+                    await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
                     return
                 instance.path, instance.owned = dest, False
             if not endpoint.forward_store:
-                await op.respond(net.SUCCESS)
+                await op.respond(dimse.SUCCESS)
                 return
             env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
             env.context["instance"] = instance
@@ -664,11 +672,11 @@ class ScpServices:
             if stream is None:
                 status = response.context.get("dimse_status")
                 if status is None:
-                    status = net.SUCCESS if response.status < 300 else net.PROCESSING_FAILURE
+                    status = dimse.SUCCESS if response.status < 300 else dimse.PROCESSING_FAILURE
                 await op.respond(status, comment=response.context.get("error_comment"))
                 return
             await stream.when_counted()
-            await op.respond(stream.status if stream.status is not None else net.PROCESSING_FAILURE,
+            await op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
                              comment=stream.error_comment)
         finally:
             instance.release()
@@ -698,6 +706,17 @@ def _unlink(path) -> None:
 def _read_received(path):
     """Validate a received Part-10 file (every element inside it) and describe it (a worker thread)."""
     return read_instance(path, ds=check_complete(path))
+
+
+def _pairs_listed(stream) -> list:
+    """The distinct (SOP class, transfer syntax) pairs of the instances queued
+    in *stream* so far, commonest first."""
+    counts: dict = {}
+    for item in stream.queued():
+        if isinstance(item, DicomInstance) and item.sop_class_uid and item.transfer_syntax_uid:
+            pair = (item.sop_class_uid, item.transfer_syntax_uid)
+            counts[pair] = counts.get(pair, 0) + 1
+    return sorted(counts, key=counts.get, reverse=True)
 
 
 def _failed_list(uids, op: Operation) -> bytes | None:

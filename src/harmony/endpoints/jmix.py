@@ -1,6 +1,6 @@
 """``jmix`` endpoint: JMIX envelopes over HTTP under ``{path_prefix}/api/jmix``.
 
-Routes (notes, section 10.4)::
+Routes (notes, section 10.4), declared as Klein routes (:class:`JmixRoutes`)::
 
     GET|HEAD {prefix}/api/jmix/{id}            the envelope: zip, or tar.gz by Accept; 406 otherwise
     GET|HEAD {prefix}/api/jmix/{id}/manifest   manifest.json
@@ -22,6 +22,7 @@ from functools import partial
 
 import shutil
 
+from klein import Klein
 from twisted.internet import defer, threads
 from twisted.web.http_headers import Headers
 
@@ -29,8 +30,8 @@ from harmony.backends.base import Backend
 from harmony.config.errors import OptionError
 from harmony.endpoints.base import HttpEndpointBase, check_prefix
 from harmony.envelope import ResponseEnvelope, body_length, media_type
-from harmony.errors import (BadRequest, ConfigurationFailure, Conflict, HarmonyError, MethodNotAllowed, NotFound,
-                            PayloadTooLarge, UnsupportedMediaType)
+from harmony.errors import (BadRequest, ConfigurationFailure, Conflict, HarmonyError, NotFound, PayloadTooLarge,
+                            UnsupportedMediaType)
 from harmony.jmix import crypto
 from harmony.jmix.archive import Limits
 from harmony.jmix.dicom import valid_uid
@@ -40,6 +41,7 @@ from harmony.jmix.web import (JSON, TGZ_TYPES, ZIP_TYPES, HeadBody, envelope_res
                               study_index_response)
 from harmony.log import get_logger
 from harmony.pipeline import Pipeline
+from harmony.web.routes import match
 
 log = get_logger("harmony.jmix")
 
@@ -168,39 +170,16 @@ class JmixEndpoint(HttpEndpointBase):
         return shadow
 
     def classify(self, env) -> None:
-        """Set ``jmix.*`` metadata for *env*; a bad request is kept for the store
-        backend to raise, so auth middleware still answers first."""
-        segs = [s for s in env.subpath.split("/") if s]
-        method = env.method.upper()
-        getlike = ("GET", "HEAD")
+        """Set ``jmix.*`` metadata for *env* by the Klein routes below; a bad
+        request is kept for the store backend to raise, so auth middleware still
+        answers first."""
+        path = "/" + "/".join(s for s in env.subpath.split("/") if s)
         try:
-            if segs[:2] != ["api", "jmix"] or len(segs) > 4:
-                raise NotFound(f"no JMIX route {env.path}")
-            rest = segs[2:]
-            if not rest:
-                if method == "POST":
-                    env.metadata[META_ROUTE] = ROUTE_UPLOAD
-                    return
-                if method not in getlike:
-                    raise MethodNotAllowed(f"{method} is not allowed here", headers=[("Allow", "GET, HEAD, POST")])
-                env.metadata[META_ROUTE] = ROUTE_STUDY
-                uid = env.query_value("studyInstanceUid")
-                if not uid:
-                    raise BadRequest("missing studyInstanceUid")
-                if not valid_uid(uid):
-                    raise BadRequest("studyInstanceUid is not a valid DICOM UID")
-                env.metadata[META_STUDY] = uid
-                return
-            if rest[0] == "prime" or len(rest) > 2 or (len(rest) == 2 and rest[1] != "manifest"):
-                raise NotFound(f"no JMIX route {env.path}")
-            env.metadata[META_ROUTE] = ROUTE_MANIFEST if len(rest) == 2 else ROUTE_ENVELOPE
-            if method not in getlike:
-                raise MethodNotAllowed(f"{method} is not allowed here", headers=[("Allow", "GET, HEAD")])
-            cid = canonical_id(rest[0])
-            if cid is None:
-                raise BadRequest(f"envelope id {rest[0][:64]!r} is not a UUID")
-            env.metadata[META_ID] = cid
+            endpoint, args = match(_ROUTES.app.url_map, path, env.method.upper())
+            _ROUTES.app.execute_endpoint(endpoint, env, **args)
         except HarmonyError as e:
+            if isinstance(e, NotFound):
+                e = NotFound(f"no JMIX route {env.path}")
             env.context["jmix.error"] = e
 
     def envelope(self, request, route):
@@ -281,6 +260,49 @@ class JmixEndpoint(HttpEndpointBase):
                 raise Conflict(f"envelope id {report.envelope_id} already exists") from None
         finally:
             discard(report)
+
+
+class JmixRoutes:
+    """The endpoint's routes, on Klein's URL map (werkzeug matching, 404/405
+    with Allow).  Handlers only classify the envelope; the pipeline answers."""
+
+    app = Klein()
+
+    @app.route("/api/jmix", methods=["POST"])
+    def upload(self, env):
+        env.metadata[META_ROUTE] = ROUTE_UPLOAD
+
+    @app.route("/api/jmix", methods=["GET"])
+    def study(self, env):
+        env.metadata[META_ROUTE] = ROUTE_STUDY
+        uid = env.query_value("studyInstanceUid")
+        if not uid:
+            raise BadRequest("missing studyInstanceUid")
+        if not valid_uid(uid):
+            raise BadRequest("studyInstanceUid is not a valid DICOM UID")
+        env.metadata[META_STUDY] = uid
+
+    @app.route("/api/jmix/<envelope_id>", methods=["GET"])
+    def envelope(self, env, envelope_id):
+        env.metadata[META_ROUTE] = ROUTE_ENVELOPE
+        self._id(env, envelope_id)
+
+    @app.route("/api/jmix/<envelope_id>/manifest", methods=["GET"])
+    def manifest(self, env, envelope_id):
+        env.metadata[META_ROUTE] = ROUTE_MANIFEST
+        self._id(env, envelope_id)
+
+    @staticmethod
+    def _id(env, envelope_id):
+        if envelope_id == "prime":
+            raise NotFound("reserved")
+        cid = canonical_id(envelope_id)
+        if cid is None:
+            raise BadRequest(f"envelope id {envelope_id[:64]!r} is not a UUID")
+        env.metadata[META_ID] = cid
+
+
+_ROUTES = JmixRoutes()
 
 
 class _RouteWith:

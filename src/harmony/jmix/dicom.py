@@ -8,7 +8,6 @@ description stay two entries.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,7 +15,8 @@ import attr
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+from harmony.dicom.uids import is_uid
+
 _HEADER_TAGS = ["PatientID", "PatientName", "PatientBirthDate", "PatientSex", "IssuerOfPatientID",
                 "StudyInstanceUID", "StudyDescription", "SeriesInstanceUID", "SeriesNumber",
                 "SeriesDescription", "Modality", "BodyPartExamined", "SOPInstanceUID", "SOPClassUID"]
@@ -27,12 +27,12 @@ class DicomInputError(ValueError):
 
 
 def valid_uid(value: str) -> bool:
-    """A DICOM UID (PS3.5 9.1): digits and dots, no leading zeros, at most 64 chars.
+    """A DICOM UID under Harmony's one policy (:mod:`harmony.dicom.uids`).
 
     SOPInstanceUIDs become file names, so this check is also what keeps a
     hostile UID such as ``../x`` out of the filesystem.
     """
-    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+    return is_uid(value)
 
 
 @attr.s(auto_attribs=True)

@@ -133,6 +133,8 @@ class HarmonyMetrics:
         r.register(_LiveCollector(service))
         # Store and queue state (harmony_store_forward_*, harmony_storage_*), read from the live runtime.
         r.register(LiveRuntimeCollector(lambda: service.runtime))
+        from harmony.middleware.deidentify import DeidentifyCollector
+        r.register(DeidentifyCollector(lambda: service.runtime))
 
     def instrument(self, runtime) -> None:
         """Attach a request observer to every pipeline of *runtime*."""

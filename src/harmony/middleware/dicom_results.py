@@ -45,7 +45,7 @@ from harmony import jsonutil
 from harmony.backends.fhir import request_origin
 from harmony.backends.http import check_base_url
 from harmony.dicom.dicomjson import identifier_to_json
-from harmony.dicom.net import is_failure
+from harmony.dicom.status import is_failure
 from harmony.envelope import ResponseEnvelope, is_json_type, read_body
 from harmony.errors import BadRequest, BackendUnavailable, HarmonyError
 from harmony.middleware.base import Middleware

@@ -26,15 +26,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from harmony.dicom.net import is_failure
+from harmony.dicom import status as dimse
+from harmony.dicom import transfer
+from harmony.dicom.status import is_failure
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
 from harmony.dicomweb import accept as acc
@@ -53,20 +54,12 @@ from harmony.web import coding
 
 log = get_logger("harmony.middleware.dicomweb_bridge")
 
-#: STOW-RS FailureReason values (PS3.18 Table 10.5.3-1 / PS3.4 C-STORE statuses).
-FAILURE_PROCESSING = 0x0110
-FAILURE_SOP_CLASS_UNSUPPORTED = 0x0122
-FAILURE_CANNOT_UNDERSTAND = 0xC000
-FAILURE_STUDY_MISMATCH = 0xA900  # "Data Set does not match SOP Class" family: the UID conflicts with the URL
 #: Extra return keys asked for with includefield=all (beyond each level's required ones).
 ALL_EXTRA = {
     "STUDY": ("00081030", "00080061", "00080062", "00101010", "00101020", "00101030", "00321060"),
     "SERIES": ("00080021", "00080031", "00181030", "00180015", "00200060", "00081050"),
     "IMAGE": ("00080008", "00080023", "00080033", "00200020", "00200032", "00200037", "00280004"),
 }
-#: C-STORE failures that say nothing about the request (PACS down or full).
-_OUT_OF_RESOURCES = (0xA700, 0xA701, 0xA702)
-_UNAVAILABLE = (FAILURE_PROCESSING, 0xA700, 0xA701, 0xA702, 0xC001, 0xC002)
 
 
 class DicomWebBridge(Middleware):
@@ -283,8 +276,9 @@ class DicomWebBridge(Middleware):
         except Exception as e:  # noqa: BLE001 - any decoder failure
             stream.cancel()
             release_rest(stream)
-            raise NotAcceptable(f"cannot convert the stored instance to {ExplicitVRLittleEndian} "
-                                f"({type(e).__name__}); ask with transfer-syntax=*") from None
+            why = str(e) if isinstance(e, transfer.NotConvertible) else f"converting it failed ({type(e).__name__})"
+            raise NotAcceptable(f"cannot serve it as {ExplicitVRLittleEndian}: {why}; "
+                                f"ask with transfer-syntax=* for the instance as stored") from None
         pending = [ready]
 
         def next_part():
@@ -318,7 +312,7 @@ class DicomWebBridge(Middleware):
         def failed(failure):
             item.release()
             return failure
-        return threads.deferToThread(transcode, item.path, self.storage).addCallbacks(done, failed)
+        return threads.deferToThread(transfer.explicit_copy, item.path, self.storage).addCallbacks(done, failed)
 
     # -- metadata
     def _metadata_key(self, dw) -> str:
@@ -439,9 +433,9 @@ class DicomWebBridge(Middleware):
             status = 200
         elif referenced:
             status = 202
-        elif all(r in _OUT_OF_RESOURCES for r in reasons):
+        elif all(dimse.is_out_of_resources(r) for r in reasons):
             status = 507  # a full store (or PACS): nothing was written, try again once there is room
-        elif all(r in _UNAVAILABLE for r in reasons):
+        elif all(dimse.is_unavailable(r) for r in reasons):
             status = 503  # nothing stored because the PACS could not take it, not because of the request
         else:
             status = 409
@@ -455,12 +449,12 @@ class DicomWebBridge(Middleware):
                 raise ValueError("not application/dicom")
             instance = yield threads.deferToThread(_describe, part.path)
         except Exception:  # noqa: BLE001 - any unreadable part is that part's failure, not the request's
-            return False, _failed_entry("", "", FAILURE_CANNOT_UNDERSTAND), FAILURE_CANNOT_UNDERSTAND
+            return False, _failed_entry("", "", dimse.STORE_CANNOT_UNDERSTAND), dimse.STORE_CANNOT_UNDERSTAND
         sop_class, sop = instance.sop_class_uid, instance.sop_instance_uid
         if not (is_uid(sop) and is_uid(instance.study_instance_uid)):
-            return False, _failed_entry(sop_class, sop, FAILURE_CANNOT_UNDERSTAND), FAILURE_CANNOT_UNDERSTAND
+            return False, _failed_entry(sop_class, sop, dimse.STORE_CANNOT_UNDERSTAND), dimse.STORE_CANNOT_UNDERSTAND
         if dw.study_uid and instance.study_instance_uid != dw.study_uid:
-            return False, _failed_entry(sop_class, sop, FAILURE_STUDY_MISMATCH), FAILURE_STUDY_MISMATCH
+            return False, _failed_entry(sop_class, sop, dimse.STORE_DATASET_MISMATCH), dimse.STORE_DATASET_MISMATCH
         sub = RequestEnvelope(method="POST", path=request.path, subpath=request.subpath,
                               metadata={**request.metadata, "dimse_op": C_STORE},
                               context={"instance": instance, "dicomweb": dw}, client_ip=request.client_ip,
@@ -470,12 +464,17 @@ class DicomWebBridge(Middleware):
             response = yield pipeline.send_after(self, sub)
         except HarmonyError as e:
             log.warn("dicomweb_bridge {name}: C-STORE failed: {error}", name=self.name, error=e.detail)
-            reason = getattr(e, "dimse_status", None) or FAILURE_PROCESSING  # e.g. 0xA700 from a full store
+            reason = getattr(e, "dimse_status", None) or dimse.PROCESSING_FAILURE  # e.g. 0xA700 from a full store
             return False, _failed_entry(sop_class, sop, reason), reason
         status = _store_status(response)
         if status is None or is_failure(status) or response.status >= 400:
-            reason = status if status not in (None, 0) else FAILURE_PROCESSING
+            reason = status if status not in (None, 0) else dimse.PROCESSING_FAILURE
             return False, _failed_entry(sop_class, sop, reason), reason
+        # A middleware that rewrote the instance (deidentify) left the one it stored in the request:
+        # the answer names that one, with the coercion warning PS3.18 asks for.
+        stored = sub.context.get("instance")
+        if isinstance(stored, DicomInstance) and stored.sop_instance_uid != sop and status == 0:
+            instance, sop, status = stored, stored.sop_instance_uid, dimse.STORE_COERCION
         entry = {"00081150": {"vr": "UI", "Value": [sop_class]}, "00081155": {"vr": "UI", "Value": [sop]},
                  "00081190": {"vr": "UR", "Value": [dw.base_url + resource_path(
                      instance.study_instance_uid, instance.series_instance_uid, sop)]}}
@@ -527,20 +526,6 @@ def remove_stale_parts(folder, now=None, older_than=STALE_PART_SECONDS) -> int:
     if removed:
         log.info("dicomweb_bridge: removed {n} STOW part file(s) left by an earlier run", n=removed)
     return removed
-
-
-def transcode(path, folder) -> str:
-    """Re-encode a Part-10 file as Explicit VR Little Endian (decompressing if
-    needed) into a new file; blocking."""
-    ds = dcmread(path)
-    if UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed:
-        ds.decompress()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    os.makedirs(folder, exist_ok=True)
-    fd, out = tempfile.mkstemp(prefix="transcoded-", suffix=".dcm", dir=str(folder))
-    os.close(fd)
-    ds.save_as(out, enforce_file_format=True)
-    return out
 
 
 def _unlink(path):

@@ -57,6 +57,7 @@ from pydicom.datadict import dictionary_VR, keyword_dict
 from twisted.internet import defer
 
 from harmony.config.errors import OptionError
+from harmony.dicom.uids import is_uid
 from harmony.envelope import ResponseEnvelope, media_type, parse_query, read_body
 from harmony.errors import BadRequest, MiddlewareFailed, NotAcceptable, NotFound
 from harmony.fhir.formats import FHIR_JSON
@@ -93,7 +94,6 @@ RETURN_KEYS = {
 PASSIVE = {"_count", "_offset", "_getpagesoffset", "_format", "_pretty", "_summary",
            "_elements", "_total", "_sort"}
 
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DATE = re.compile(r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
                   r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T[0-9:.]+(?:Z|[+-]\d{2}:\d{2})?)?)?)?$")
 DICOM_UID_SYSTEM = "urn:dicom:uid"
@@ -119,7 +119,7 @@ def _uid(param: str, value: str) -> str:
     value = value.strip()
     if value.startswith("urn:oid:"):
         value = value[len("urn:oid:"):]
-    if not UID.match(value) or len(value) > 64:
+    if not is_uid(value):
         raise BadRequest(f"{param}: {value!r} is not a DICOM UID")
     return value
 

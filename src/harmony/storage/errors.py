@@ -7,38 +7,33 @@ DIMSE endpoint answers with instead (C-STORE failure codes, PS3.4 Annex B.2.3).
 
 from __future__ import annotations
 
+from harmony.dicom import status as dimse
 from harmony.errors import BadRequest, HarmonyError, InsufficientStorage
-
-#: PS3.4 statuses used by the store.
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
 
 
 class StorageFull(InsufficientStorage):
     """Refused *before* writing: the free-space floor would be crossed."""
 
     code = "storage-full"
-    dimse_status = OUT_OF_RESOURCES
+    dimse_status = dimse.STORE_OUT_OF_RESOURCES
 
 
 class InvalidInstance(BadRequest):
     """The data is not a DICOM instance the store can file (bad UIDs, not DICOM)."""
 
     code = "invalid-instance"
-    dimse_status = CANNOT_UNDERSTAND
+    dimse_status = dimse.STORE_CANNOT_UNDERSTAND
 
 
 class InvalidQuery(BadRequest):
     """A C-FIND/C-GET/C-MOVE identifier the archive cannot answer."""
 
     code = "invalid-query"
-    dimse_status = IDENTIFIER_DOES_NOT_MATCH
+    dimse_status = dimse.IDENTIFIER_MISMATCH
 
 
 class StorageFailure(HarmonyError):
     """An I/O error while writing; nothing was acknowledged."""
 
     status, title, code = 500, "Storage Failure", "storage-failure"
-    dimse_status = PROCESSING_FAILURE
+    dimse_status = dimse.PROCESSING_FAILURE

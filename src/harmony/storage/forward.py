@@ -34,6 +34,7 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from harmony.dicom import status as dimse
 from harmony.dicom.results import C_STORE, ResultStream
 from harmony.envelope import RequestEnvelope, new_request_id, read_body
 from harmony.errors import HarmonyError
@@ -43,10 +44,6 @@ from harmony.storage.bodies import FileProducer
 
 log = get_logger("harmony.store_forward")
 
-#: DIMSE C-STORE statuses that mean "stored" (success and the B0xx warnings).
-DIMSE_OK = {0x0000, 0xB000, 0xB006, 0xB007}
-#: Statuses worth retrying: out of resources, processing failure, resource limitation.
-DIMSE_TRANSIENT_RANGES = ((0xA700, 0xA7FF), (0x0110, 0x0110), (0x0213, 0x0213))
 HTTP_TRANSIENT = {408, 425, 429}
 
 
@@ -79,11 +76,10 @@ class Outcome:
 
 
 def dimse_outcome(status: int, comment: str | None = None) -> Outcome:
-    text = f"DIMSE status 0x{status:04X}" + (f": {comment}" if comment else "")
-    if status in DIMSE_OK:
+    text = dimse.describe(status, comment)
+    if dimse.is_stored(status):
         return Outcome(True, detail=text)
-    transient = any(lo <= status <= hi for lo, hi in DIMSE_TRANSIENT_RANGES)
-    return Outcome(False, permanent=not transient, detail=text)
+    return Outcome(False, permanent=not dimse.is_transient(status), detail=text)
 
 
 def http_outcome(status: int, detail: str = "") -> Outcome:

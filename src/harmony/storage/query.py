@@ -105,13 +105,20 @@ def split_levels(attrs: dict) -> dict:
 
 
 def text_values(element: dict | None) -> list[str]:
-    """The values of a DICOM JSON element as strings (PN: the alphabetic form)."""
+    """The values of a DICOM JSON element as strings.  A PN gives each of its
+    component groups (alphabetic, ideographic, phonetic) and, when it has more
+    than one, the whole ``A=I=P`` form: ``山田*`` finds ``Yamada^Tarou=山田^太郎``."""
     if not element:
         return []
     out = []
     for v in element.get("Value", []) or []:
         if isinstance(v, dict):
-            v = v.get("Alphabetic", "")
+            groups = [v.get(k, "") or "" for k in ("Alphabetic", "Ideographic", "Phonetic")]
+            present = [g for g in groups if g]
+            if len(present) > 1:
+                out.append("=".join(groups).rstrip("="))
+            out.extend(present or [""])
+            continue
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         out.append(str(v))

@@ -41,6 +41,7 @@ from twisted.python.threadable import isInIOThread
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from harmony.dicom import status as dimse
 from harmony.dicom.files import CorruptDataset, check_complete
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.log import get_logger
@@ -577,7 +578,7 @@ class InstanceStore:
                 call(put_batch, batch)
 
         def finished(_):
-            stream.finish(0xFE00 if stop.is_set() else 0x0000, "cancelled" if stop.is_set() else None)
+            stream.finish(dimse.CANCEL if stop.is_set() else dimse.SUCCESS, "cancelled" if stop.is_set() else None)
 
         def failed(f):
             log.failure("storage query failed", f)

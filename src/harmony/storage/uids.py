@@ -1,29 +1,24 @@
-"""DICOM UID validation: the only way a UID becomes part of a file path.
+"""DICOM UID validation for the store: the only way a UID becomes part of a file path.
 
-A UID (PS3.5 9.1) is at most 64 characters of digits and dots, components
-non-empty.  Anything else - ``..``, ``/``, NUL, letters - is refused, so a
-hostile SOPInstanceUID can never escape the store's folder.  Leading zeros in
-components are tolerated: real modalities send them, and they are path-safe.
+The rule is Harmony's one UID policy (:mod:`harmony.dicom.uids`): digits and
+dots, components non-empty, leading zeros accepted.  Anything else - ``..``,
+``/``, NUL, letters - is refused, so a hostile SOPInstanceUID can never escape
+the store's folder.  This module only turns a refusal into the store's error.
 """
 
 from __future__ import annotations
 
-import re
-
+from harmony.dicom.uids import RULE, is_uid, strip_padding
 from harmony.storage.errors import InvalidInstance
 
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
-
-
-def is_valid_uid(value) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and _UID.match(value) is not None
+is_valid_uid = is_uid
 
 
 def clean_uid(value, what: str = "UID") -> str:
     """*value* as a UID string (DICOM padding stripped), or :class:`InvalidInstance`."""
     if value is None:
         raise InvalidInstance(f"{what} is missing")
-    text = str(value).rstrip("\x00 ")
-    if not is_valid_uid(text):
-        raise InvalidInstance(f"{what} is not a valid DICOM UID")
+    text = strip_padding(value)
+    if not is_uid(text):
+        raise InvalidInstance(f"{what} is not a valid DICOM UID ({RULE})")
     return text

@@ -11,11 +11,11 @@ from pynetdicom import build_context
 from pynetdicom.sop_class import Verification
 from twisted.internet import defer
 
+from harmony.dicom import status as dimse
 from harmony.dicom.ul import commands
 from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 
-SUCCESS = 0x0000
 
 
 class EchoFailed(Exception):
@@ -43,7 +43,7 @@ async def echo(reactor, host: str, port: int, called_aet: str, calling_aet: str,
         if assoc.state == "established":
             assoc.release()
     status = response.command.get("Status")
-    if status != SUCCESS:
+    if status != dimse.SUCCESS:
         raise EchoFailed(f"C-ECHO status 0x{status:04X}" if isinstance(status, int) else "no C-ECHO status")
     return status
 

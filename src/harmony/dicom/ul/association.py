@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from harmony.dicom import status as dimse
 from harmony.dicom.ul import commands, pdu
 from harmony.log import get_logger
 
@@ -362,7 +363,7 @@ class Association(protocol.Protocol):
                          field=commands.NAMES.get(message.field, hex(message.field)), mid=responding_to)
                 return
             status = command.get("Status")
-            if status in (0xFF00, 0xFF01):
+            if dimse.is_pending(status):
                 if waiting.timer is not None and waiting.timer.active():
                     waiting.timer.reset(self.settings.dimse_timeout)
                 if waiting.on_pending is not None:

@@ -8,24 +8,49 @@ Otherwise it is decoded on the DICOM thread pool and re-encoded for a syntax
 the peer did accept (decompressed first when it only accepted uncompressed
 ones); when no accepted context fits, the answer is a failure status, not a
 silent drop.
+
+Which syntaxes can be converted, and the status when none can (0xC003 with a
+comment naming the syntax), are :mod:`harmony.dicom.transfer`'s rules; this
+module applies them to an association.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
+
 from pydicom import dcmread
 from pydicom.filewriter import write_dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from harmony.dicom import blocking
+from harmony.dicom import blocking, transfer
+from harmony.dicom import status as dimse
 from harmony.dicom.ul import commands
 from harmony.dicom.ul.association import FileDataset
+from harmony.log import get_logger
 
-#: C-STORE failure when no presentation context can carry the instance (PS3.4 C.4.2.1.4 "refused: SOP class not supported").
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-CANNOT_UNDERSTAND = 0xC000
+log = get_logger("harmony.dicom.ul.storage")
+
+#: C-STORE failure when the peer accepted nothing for the SOP class (PS3.4 "refused: SOP class not supported").
+SOP_CLASS_NOT_SUPPORTED = dimse.SOP_CLASS_NOT_SUPPORTED
+#: The peer refused the stored syntax and it cannot be converted to one it took.
+SYNTAX_REFUSED = dimse.UNABLE_TO_PROCESS_TRANSFER_SYNTAX
 _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+
+
+def accepts_as_stored(assoc, sop_class_uid: str, transfer_syntax: str) -> bool:
+    return any(str(cx.abstract_syntax) == str(sop_class_uid) and str(cx.transfer_syntax[0]) == str(transfer_syntax)
+               for cx in assoc.contexts.values())
+
+
+def comment_for(status, instance) -> str | None:
+    """The ErrorComment for a status :func:`c_store` chose itself."""
+    if status == SYNTAX_REFUSED:
+        return f"{instance.transfer_syntax_uid} refused by the peer, not convertible"[:64]
+    if status == SOP_CLASS_NOT_SUPPORTED:
+        return "the peer accepted no context for this SOP class"
+    return None
 
 
 def dataset_offset(path) -> int:
@@ -66,12 +91,18 @@ def transcode(path, target_syntax: str) -> bytes:
     target = UID(target_syntax)
     if source.is_compressed and not target.is_compressed:
         ds.decompress(generate_instance_uid=False)
-    elif target.is_compressed:
+    elif target.is_compressed and target != source:
         raise ValueError(f"cannot compress to {target_syntax}")
     out = DicomBytesIO()
     out.is_little_endian = target.is_little_endian
     out.is_implicit_VR = target.is_implicit_VR
     write_dataset(out, ds)
+    if target.is_deflated:
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        deflated = packer.compress(out.getvalue()) + packer.flush()
+        # PS3.5 A.5: an odd-length deflate stream gets a trailing NUL byte.  DCMTK
+        # receivers (Orthanc 1.10) refuse an odd one ("Odd Fragment Length").
+        return deflated + b"\x00" if len(deflated) % 2 else deflated
     return out.getvalue()
 
 
@@ -82,7 +113,17 @@ async def c_store(assoc, instance, reactor, *, originator=None, priority: int = 
     """
     cid, syntax, exact = choose_context(assoc, instance.sop_class_uid, instance.transfer_syntax_uid)
     if cid is None:
-        return SOP_CLASS_NOT_SUPPORTED
+        accepted = [cx.transfer_syntax[0] for cx in assoc.contexts.values()
+                    if str(cx.abstract_syntax) == instance.sop_class_uid]
+        if not accepted:
+            return SOP_CLASS_NOT_SUPPORTED
+        log.warn("C-STORE: {why}", why=str(transfer.SyntaxRefused(instance.sop_class_uid,
+                                                                   instance.transfer_syntax_uid, accepted)))
+        return SYNTAX_REFUSED
+    if exact and UID(syntax).is_deflated:
+        # Re-deflated (and padded to even length) rather than passed on as stored:
+        # a stored deflate stream of odd length was refused by DCMTK receivers.
+        exact = False
     if exact:
         offset = await blocking.run(reactor, dataset_offset, instance.path)
         dataset = FileDataset(instance.path, offset)
@@ -90,13 +131,15 @@ async def c_store(assoc, instance, reactor, *, originator=None, priority: int = 
         try:
             dataset = await blocking.run(reactor, transcode, instance.path, syntax)
         except Exception:  # noqa: BLE001 - no codec, corrupt pixel data, ...
-            return CANNOT_UNDERSTAND
+            log.warn("C-STORE: {why}", why=str(transfer.SyntaxRefused(instance.sop_class_uid,
+                                                                       instance.transfer_syntax_uid, [syntax])))
+            return SYNTAX_REFUSED
     command = {"AffectedSOPClassUID": instance.sop_class_uid, "CommandField": commands.C_STORE_RQ,
                "Priority": priority, "AffectedSOPInstanceUID": instance.sop_instance_uid}
     if originator is not None:
         command["MoveOriginatorApplicationEntityTitle"] = originator[0]
         command["MoveOriginatorMessageID"] = originator[1]
     response = await assoc.request(cid, command, dataset)
-    return response.command.get("Status", CANNOT_UNDERSTAND)
+    return response.command.get("Status", dimse.STORE_CANNOT_UNDERSTAND)
 
 
