@@ -101,6 +101,28 @@ def storescu(port: int, aet: str, folder: Path) -> float:
     return time.perf_counter() - started
 
 
+def storescu_parallel(port: int, aet: str, folders: list[Path]) -> float:
+    """One storescu per folder, all at once (one association each); wall time of the slowest."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen([DCMTK["storescu"], "-aec", aet, "+sd", "-nh", "127.0.0.1", str(port), str(f)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=peer_env()) for f in folders]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu to {aet} failed: {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - started
+
+
+def split_folder(files: list[Path], into: Path, parts: int) -> list[Path]:
+    """*files* hard-linked into *parts* folders, round robin (for one association per folder)."""
+    folders = [into / str(i) for i in range(parts)]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        os.link(f, folders[i % parts] / f.name)
+    return folders
+
+
 #: The forward target's circuit breaker (docs/targets.md) opens during the outage and would
 #: hold deliveries for its default 30 s after Orthanc is back; the drain measures delivery.
 DRAIN_CIRCUIT = """
@@ -236,6 +258,23 @@ def main():
                 harmony.stop()
             rate = row("Harmony dicom_scp -> store_forward (fsync)", t_h, n, nbytes, r_scp)
             print(f"  {'':<52} vs Orthanc: {rate / r_odimse:.2f}x")
+
+        print(f"\nDIMSE C-STORE, DCMTK storescu, {args.clients} associations at once (ratio = Harmony / peer)")
+        folders = split_folder(files, tmp / "split", args.clients)
+        orthanc = Orthanc(tmp / "orthanc-dimse4").start()
+        try:
+            t_orthanc4 = storescu_parallel(orthanc.dicom_port, orthanc.aet, folders)
+        finally:
+            orthanc.stop()
+        r_o4 = row("Orthanc C-STORE", t_orthanc4, n, nbytes)
+        if have_scp:
+            harmony = Harmony(tmp / "harmony-dimse4", "http://127.0.0.1:9", dimse=True)
+            harmony.start()
+            try:
+                t_h4 = storescu_parallel(harmony.dimse_port, "HARMONY", folders)
+            finally:
+                harmony.stop()
+            row("Harmony dicom_scp -> store_forward (fsync)", t_h4, n, nbytes, r_o4)
         else:
             print("  Harmony dicom_scp: not in this build (issue 4); HTTP ingest above covers the store path")
 

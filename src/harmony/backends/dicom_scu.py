@@ -68,6 +68,8 @@ class Job:
         self.stream = ResultStream(on_cancel=self._on_cancel)
         self.ready: defer.Deferred = defer.Deferred()
         self.items = 0
+        #: Received instances being described on the DICOM pool, chained to keep their order.
+        self.arrivals: defer.Deferred = defer.succeed(None)
 
     def _on_cancel(self):
         if not self.cancel_requested.called:
@@ -139,33 +141,33 @@ class _Receiver:
         defer.ensureDeferred(self._store(assoc, message))
 
     async def _store(self, assoc, message):
+        """A sub-operation landed: answer the PACS at once (the file is complete in staging),
+        then describe it on the DICOM pool and hand it to the job, in arrival order."""
         command = message.command
-        status = dimse.SUCCESS
         job = self.job_for(assoc, command)
         path = message.dataset
+        status = dimse.SUCCESS
         if job is None:
             log.warn("dicom_scu {name}: refused a C-STORE that belongs to no retrieve", name=self.backend.name)
             status = dimse.REFUSED_NOT_AUTHORISED
             _unlink(path)
-        else:
-            try:
-                instance = await blocking.run(self.backend.reactor, read_instance, path, True)
-                job.put(instance)
-            except OSError as e:
-                log.error("dicom_scu {name}: cannot stage a received instance: {error}", name=self.backend.name,
-                          error=str(e))
-                status = dimse.STORE_OUT_OF_RESOURCES
-                _unlink(path)
-            except Exception as e:  # noqa: BLE001 - a corrupt dataset fails this sub-operation, not the backend
-                log.warn("dicom_scu {name}: received an unreadable instance: {error}", name=self.backend.name,
-                         error=str(e))
-                status = dimse.STORE_CANNOT_UNDERSTAND
-                _unlink(path)
         if assoc.state == ESTABLISHED:
-            await assoc.send(message.context_id, {
+            assoc.send(message.context_id, {
                 "AffectedSOPClassUID": command.get("AffectedSOPClassUID"), "CommandField": commands.C_STORE_RSP,
                 "MessageIDBeingRespondedTo": message.message_id, "Status": status,
                 "AffectedSOPInstanceUID": command.get("AffectedSOPInstanceUID")})
+        if job is None:
+            return
+        described = blocking.run(self.backend.reactor, read_instance, path, True)
+        # Items reach the job in the order the PACS sent them, however the threads finish.
+        job.arrivals = job.arrivals.addCallback(lambda _: described).addCallbacks(
+            job.put, self._unreadable, errbackArgs=(path, job))
+
+    def _unreadable(self, failure, path, job):
+        log.warn("dicom_scu {name}: received an unreadable instance: {error}", name=self.backend.name,
+                 error=failure.getErrorMessage())
+        _unlink(path)   # the consumer sees one instance fewer than counted: a failed sub-operation
+        return None
 
 
 class AssociationPool:
@@ -521,6 +523,7 @@ class DicomScuBackend(Backend):
                         value, "__iter__") and not isinstance(value, str) else [value])]
             except Exception:  # noqa: BLE001 - the list is informative only
                 pass
+        await job.arrivals   # every received instance handed over before the stream ends
         job.finish(final.get("Status"), final.get("ErrorComment"), failed)
         return not cancelled
 

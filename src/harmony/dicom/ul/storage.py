@@ -125,8 +125,9 @@ async def c_store(assoc, instance, reactor, *, originator=None, priority: int = 
         # a stored deflate stream of odd length was refused by DCMTK receivers.
         exact = False
     if exact:
-        offset = await blocking.run(reactor, dataset_offset, instance.path)
-        dataset = FileDataset(instance.path, offset)
+        # 144 bytes of a file Harmony just wrote or keeps (in the page cache): read here,
+        # as a thread hop would cost more than the read, once per sub-operation.
+        dataset = FileDataset(instance.path, dataset_offset(instance.path))
     else:
         try:
             dataset = await blocking.run(reactor, transcode, instance.path, syntax)
