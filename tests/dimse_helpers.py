@@ -1,5 +1,6 @@
 """Helpers for DIMSE tests: direct pynetdicom queries (the reference answers),
-DICOM JSON comparison, multipart parsing and a silent TCP peer."""
+DICOM JSON comparison, multipart parsing, a silent TCP peer, and the TOML of
+a ``dicom_scp`` pipeline and a ``dicom_scu`` backend."""
 
 from __future__ import annotations
 
@@ -13,6 +14,34 @@ from pynetdicom import AE
 from twisted.internet import protocol, reactor
 
 from harmony.dicom import net
+
+
+def scp_pipeline(name: str, aet: str, port: int, backend: str, services=("store",), extra: str = "") -> str:
+    """TOML: pipeline *name* = a ``dicom_scp`` endpoint ``{name}_scp`` (AE *aet*) -> *backend*."""
+    enables = "".join(f"enable_{s} = true\n" for s in services)
+    return f"""
+[pipelines.{name}]
+endpoints = ["{name}_scp"]
+backends = ["{backend}"]
+[endpoints.{name}_scp]
+service = "dicom_scp"
+[endpoints.{name}_scp.options]
+local_aet = "{aet}"
+bind_addr = "127.0.0.1"
+port = {port}
+{enables}{extra}"""
+
+
+def scu_backend(name: str, aet: str, port: int) -> str:
+    return f"""
+[backends.{name}]
+service = "dicom_scu"
+[backends.{name}.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+local_aet = "HARMONY_SCU"
+"""
 
 
 def ds_from(**kw) -> Dataset:

@@ -124,6 +124,19 @@ def test_a_relayed_match_goes_out_byte_identical():
                 assert fastcmd.encode_raw(wire, implicit) == expected
 
 
+def test_padding_beyond_one_byte_follows_pydicom_across_vr_encodings():
+    """A name of spaces (or a value with extra trailing spaces) relayed from
+    Explicit to Implicit VR: pydicom converts the element and writes it
+    without the extra padding, and so must the fast path (found by the
+    property test below, as name=' ', explicit in, implicit out)."""
+    for name in (" ", "DOE^JANE   ", "A ^B  "):
+        for implicit in (True, False):
+            ds = match(name=name)
+            wire = relayed(ds, implicit)
+            assert fastcmd.encode_dataset(wire, not implicit, True) == pydicom_encode(relayed(ds, implicit),
+                                                                                       not implicit, True), name
+
+
 @settings(max_examples=100, deadline=None)
 @given(name=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="\\"), max_size=40),
        pid=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="\\"), max_size=16),

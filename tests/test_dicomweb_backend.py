@@ -258,3 +258,52 @@ async def test_auth_header_and_rewriting_of_every_url_field(tmp_path, upstream):
     assert resp.headers.getRawHeaders("content-location") == [me + "/studies/1.2/metadata"]
     seen = upstream.requests[-1]["headers"]
     assert seen[b"authorization"] == [b"Bearer s3cret"]
+
+
+POOLED = """
+[pipelines.pooled]
+networks = ["default"]
+endpoints = ["pooled"]
+backends = ["pooled"]
+
+[endpoints.pooled]
+service = "dicomweb"
+[endpoints.pooled.options]
+path_prefix = "/pooled"
+
+[backends.pooled]
+service = "dicomweb"
+targets = ["gone", "pacs"]
+[backends.pooled.options]
+retries = 1
+[backends.pooled.circuit]
+failures = 2
+open_secs = 60
+
+[targets.gone]
+url = "http://127.0.0.1:{dead_port}/dicom-web"
+[targets.pacs]
+url = "{url}"
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_targets_are_a_pool_with_retries_and_a_circuit(tmp_path, orthanc):
+    """Like the http backend: a QIDO the dead target cannot answer is retried on the live one,
+    and the dead target's circuit opens (it used to send everything to the first target)."""
+    from tests.peers import free_port
+
+    path = write_config(tmp_path, MINIMAL_MAIN, {"p": POOLED.format(url=orthanc.dicomweb_url,
+                                                                    dead_port=free_port())})
+    running = await start_harmony(path)
+    try:
+        for _ in range(6):
+            r = await treq.get(running.url("/pooled/studies"), headers={"Accept": "application/dicom+json"})
+            assert r.code == 200, await r.text()
+            assert json.loads(await r.content())
+        pool = running.service.runtime.backends["pooled"].target_pool
+        gone, pacs = pool.by_name["gone"], pool.by_name["pacs"]
+        assert gone.circuit == "open" and gone.failures_total == 2
+        assert pacs.circuit == "closed" and pacs.failures_total == 0
+    finally:
+        await running.stop()

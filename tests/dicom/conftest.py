@@ -24,36 +24,9 @@ import pytest
 import pytest_twisted
 
 from tests.dicomweb_helpers import ARCHIVE_BACKEND, bridge_pipeline
+from tests.dimse_helpers import scp_pipeline, scu_backend
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc, Storescp, free_port
-
-
-def scp_pipeline(name: str, aet: str, port: int, backend: str, services=("store",), extra: str = "") -> str:
-    """TOML: pipeline *name* = a ``dicom_scp`` endpoint ``{name}_scp`` (AE *aet*) -> *backend*."""
-    enables = "".join(f"enable_{s} = true\n" for s in services)
-    return f"""
-[pipelines.{name}]
-endpoints = ["{name}_scp"]
-backends = ["{backend}"]
-[endpoints.{name}_scp]
-service = "dicom_scp"
-[endpoints.{name}_scp.options]
-local_aet = "{aet}"
-bind_addr = "127.0.0.1"
-port = {port}
-{enables}{extra}"""
-
-
-def scu_backend(name: str, aet: str, port: int) -> str:
-    return f"""
-[backends.{name}]
-service = "dicom_scu"
-[backends.{name}.options]
-aet = "{aet}"
-host = "127.0.0.1"
-port = {port}
-local_aet = "HARMONY_SCU"
-"""
 
 
 def gateway_toml(archive_port: int, relay_port: int, plain_port: int, orthanc: Orthanc, storescp: Storescp,

@@ -37,6 +37,7 @@ from harmony.dicomweb.rewrite import UrlRewriter
 from harmony.dicomweb.routes import WADO
 from harmony.envelope import as_producer, is_json_type, read_body
 from harmony.errors import BackendUnavailable, NotFound, PayloadTooLarge
+from harmony.targets import TargetPool
 from harmony.web import coding
 
 JSON_LIMIT = 256 * 1024 * 1024
@@ -57,17 +58,16 @@ class DicomWebBackend(HttpBackend):
 
     @classmethod
     def from_config(cls, name, options, ctx):
-        urls, aets = [], {}
-        if "base_url" in options:
-            urls.append(check_base_url(options.str("base_url")))
+        aets = {}
+        implicit = {"url": check_base_url(options.str("base_url"))} if "base_url" in options else None
         for t in ctx.targets():
             if "url" not in t:
                 raise OptionError("targets", f"target {t['name']!r} needs a 'url'")
-            url = check_base_url(t["url"], f"targets.{t['name']}.url")
-            urls.append(url)
-            aets[str(t.get("aet", t["name"]))] = url
-        if not urls:
+            aets[str(t.get("aet", t["name"]))] = check_base_url(t["url"], f"targets.{t['name']}.url")
+        if implicit is None and not aets:
             raise OptionError("base_url", "is required (or name targets with a 'url')")
+        # The same pool as the http backend's: strategy, health checks, circuit, retries.
+        pool = TargetPool.from_options(name, options, ctx, kind="url", implicit=implicit, check_url=check_base_url)
         auth = None
         token = options.secret("bearer_token", default=None)
         user = options.str("username", None)
@@ -80,7 +80,8 @@ class DicomWebBackend(HttpBackend):
         if header:
             auth = header  # a literal Authorization value, e.g. from a vault-rendered file
         staging = options.path("staging_dir", None) or (ctx.storage_path / "dicomweb-staging" / name)
-        return cls(name, urls, ctx.reactor, aets=aets, auth_header=auth, staging_dir=staging,
+        return cls(name, [t.url for t in pool.targets], ctx.reactor, aets=aets, auth_header=auth,
+                   staging_dir=staging, target_pool=pool,
                    timeout=options.number("timeout_secs", 60.0, minimum=0.001),
                    connect_timeout=options.number("connect_timeout_secs", None, minimum=0.001),
                    max_connections=options.int("max_connections_per_host", 64, minimum=1, maximum=10000),
@@ -132,11 +133,20 @@ class DicomWebBackend(HttpBackend):
     def send(self, request):
         if request.metadata.get("dimse_op") and "dicomweb" not in request.context:
             return self.dimse.send(request)
-        base = self.pick_base_url(request)
+        if request.metadata.get("dicomweb.aet"):
+            # /aets/{aet}/rs names its PACS: no other target may answer for it.
+            return self._send_to(self.pick_base_url(request), {}, request)
+        # Like every HTTP-family backend: the pool's strategy picks a target, broken ones are
+        # skipped (health, circuit), idempotent requests are retried on the next one.
+        return self.target_pool.call(request, lambda target: self._send_to(target.url, target.headers, request))
+
+    def _send_to(self, base, target_headers, request):
         path, query = self.upstream_target(request)
         url = base.encode("utf-8") + path.encode("utf-8") + (b"?" + query if query else b"")
-        d = self.request(request.method.encode("ascii"), url, self.prepare_headers(request),
-                         as_producer(request.body))
+        headers = self.prepare_headers(request)
+        for hname, value in target_headers.items():
+            headers.setRawHeaders(hname, [value])
+        d = self.request(request.method.encode("ascii"), url, headers, as_producer(request.body))
         d.addCallback(lambda response: self.build_response(request, response))
         d.addCallback(self._rewrite, UrlRewriter(base, self.public_base(request)))
         return d

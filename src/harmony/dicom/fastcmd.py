@@ -46,6 +46,8 @@ from pynetdicom import service_class as _services
 _original = _dsutils.encode
 _TEXT_PAD = {"AE": b" ", "CS": b" ", "LO": b" ", "SH": b" ", "ST": b" ", "LT": b" ", "UI": b"\0"}
 _NUMBER = {"UL": "<I", "US": "<H"}
+#: VRs whose values pydicom strips of trailing padding when it converts a raw element
+_STRINGS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 
 
 class _Unsupported(Exception):
@@ -110,6 +112,14 @@ def _raw_vr(elem, from_implicit: bool) -> str:
     return vr
 
 
+def _as_converted(vr: str, value: bytes) -> bytes:
+    """*value* as pydicom writes it after converting the raw element: trailing
+    padding stripped, then padded to an even length again."""
+    pad = b"\0" if vr == "UI" else b" "
+    stripped = value.rstrip(pad)
+    return stripped + pad if len(stripped) % 2 else stripped
+
+
 def encode_raw(ds, is_implicit_vr: bool) -> bytes:
     """Little Endian bytes of a decoded dataset made of raw elements: what
     pydicom's ``write_dataset`` writes, with its per-element work skipped; or
@@ -139,11 +149,15 @@ def encode_raw(ds, is_implicit_vr: bool) -> bytes:
             raise _Unsupported(tag)
         if not same and elem.VR == "SQ":
             raise _Unsupported(tag)  # its items are encoded in the old VR encoding
+        vr = None if same and is_implicit_vr else _raw_vr(elem, original[0])
+        if not same and vr in _STRINGS and _as_converted(vr, value) != value:
+            # Across VR encodings pydicom converts the element, which drops
+            # padding beyond one byte (a name of spaces becomes empty).
+            raise _Unsupported(tag)
         if is_implicit_vr:
             fp.write(struct.pack("<HHI", tag.group, tag.element, len(value)))
             fp.write(value)
             continue
-        vr = _raw_vr(elem, original[0])
         if not isinstance(vr, str) or len(vr) != 2:
             raise _Unsupported(tag)
         if vr in EXPLICIT_VR_LENGTH_32:
