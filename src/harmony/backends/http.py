@@ -41,7 +41,9 @@ def check_base_url(url: str, key: str = "base_url") -> str:
 
 def upstream_url(base_url: str, subpath: str, raw_query: bytes) -> bytes:
     url = base_url + subpath
-    if not urlsplit(url).path:
+    # base_url is checked and has no trailing "/": only an empty sub-path can leave
+    # the URL without a path (spared a urlsplit per request otherwise).
+    if not subpath.startswith("/") and not urlsplit(url).path:
         url += "/"
     out = url.encode("utf-8", "surrogateescape")
     if raw_query:
@@ -127,17 +129,24 @@ class _DirectEndpointFactory:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.standard = _StandardEndpointFactory(reactor, tls_policy, connect_timeout, None)
+        #: Agent asks for an endpoint on every request; a target's is always the same.
+        self._plain: dict = {}
 
     def endpointForURI(self, uri):
         if uri.scheme == b"http":
-            try:
-                ipaddress.IPv4Address(uri.host.decode("ascii"))
-            except ValueError:
-                pass
-            else:
-                return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port,
-                                          timeout=self.connect_timeout)
+            key = (uri.host, uri.port)
+            endpoint = self._plain.get(key)
+            if endpoint is None:
+                endpoint = self._plain[key] = self._plain_endpoint(uri)
+            return endpoint
         return self.standard.endpointForURI(uri)
+
+    def _plain_endpoint(self, uri):
+        try:
+            ipaddress.IPv4Address(uri.host.decode("ascii"))
+        except ValueError:
+            return self.standard.endpointForURI(uri)
+        return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=self.connect_timeout)
 
 
 class HttpBackend(Backend):
