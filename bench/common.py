@@ -86,6 +86,21 @@ def stop(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 30)
         proc.wait()
 
 
+def cpu_seconds(*pids: int) -> float:
+    """CPU time (user + system, seconds) used so far by *pids* together.
+
+    On a machine shared with other work, req/s measures the load as much as
+    the server; CPU per request hardly moves with it, so benches print both."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     """Direct children of *pid* (nginx's workers), read from /proc."""
     out = []

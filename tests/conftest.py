@@ -44,3 +44,60 @@ def store_orthanc(tmp_path_factory):
     server = Orthanc(tmp_path_factory.mktemp("store-orthanc")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (tests/postgres.py), shared by the run."""
+    from tests.postgres import PostgresServer
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+#: The index and queue implementations every storage test runs against.
+INDEXES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=INDEXES)
+def index_kind(request):
+    return request.param
+
+
+@pytest.fixture
+def new_store(request, index_kind):
+    """``new_store(root, **options)``: an InstanceStore on *index_kind*.
+
+    On PostgreSQL each test gets a fresh database, and every store the test
+    opens shares it (a store reopened on the same root finds its rows).
+    """
+    from tests.postgres import database_for
+    database = database_for(request, index_kind)
+    return database
+
+
+@pytest.fixture
+def queue_conn(request, index_kind):
+    """A bare connection with the queue and index schema, on *index_kind*."""
+    from tests.postgres import bare_connection
+    conn = bare_connection(request, index_kind)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL of the test's own, for tests that restart or stop it."""
+    from tests.postgres import PostgresServer
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (SeaweedFS, tests/s3.py) on 127.0.0.1, shared by the run."""
+    from tests.s3 import S3Server
+    server = S3Server().start()
+    yield server
+    server.stop()

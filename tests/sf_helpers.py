@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 from pydicom import dcmread
 from twisted.web.resource import Resource
@@ -207,3 +208,45 @@ service = "store_forward"
 forward_to = {targets}
 {sf_options}
 """ + STOW_PIPELINE
+
+
+def node_config(port: int, *, node: str, path, targets: dict, dsn: str | None = None, storage: str = "",
+                backend: str = "filesystem", sf_options: str = "", log_level: str = "info") -> str:
+    """Harmony TOML for one node of a cluster (tests/test_cluster.py, tests/test_blobs.py, bench/scale):
+    HTTP Part-10 ingest at /ingest -> ``store_forward`` ``sf`` -> an ``http`` backend per entry of
+    *targets* (name -> port on 127.0.0.1, retried quickly), the store at *path*, on PostgreSQL when
+    *dsn* is given.  *storage* adds lines to ``[storage.options]``, *sf_options* to ``[backends.sf]``."""
+    index = f'[storage]\nbackend = "{backend}"\n' + ('index = "postgresql"\n' if dsn else "")
+    shared = f'node = "{node}"\ndsn = "{dsn}"\n' if dsn else ""
+    backends = "".join(f'\n[backends.{name}]\nservice = "http"\nbase_url = "http://127.0.0.1:{p}/"\n'
+                       f'[backends.{name}.circuit]\nopen_secs = 0.2\n' for name, p in targets.items())
+    return f"""
+[proxy]
+id = "node-{node}"
+log_level = "{log_level}"
+
+[network.default.http]
+bind_address = "127.0.0.1"
+bind_port = {port}
+
+{index}[storage.options]
+path = "{path}"
+min_free_mb = 0
+{shared}{storage}
+[endpoints.ingest]
+service = "http"
+path_prefix = "/ingest"
+
+[pipelines.ingest]
+endpoints = ["ingest"]
+backends = ["sf"]
+
+[backends.sf]
+service = "store_forward"
+forward_to = {json.dumps(list(targets))}
+backoff_initial_seconds = 0.1
+backoff_max_seconds = 0.5
+max_attempts = 1000000
+poll_seconds = 0.2
+{sf_options}
+{backends}"""

@@ -209,7 +209,7 @@ def test_systemd_listen_accepted_without_systemd(tmp_path):
 
 
 @pytest.mark.parametrize("table, message", [
-    ('[storage]\nbackend = "s3"', "[storage.backend]: 's3' is not supported by this version of Harmony"),
+    ('[storage]\nbackend = "nfs"', "[storage.backend]: 'nfs' is not supported by this version of Harmony"),
     ("[storage]\n[storage.options]\npath = 5", "[storage.options.path]: must be a folder path string"),
 ])
 def test_storage_table_errors_name_the_key(tmp_path, table, message):

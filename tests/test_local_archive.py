@@ -15,7 +15,8 @@ from harmony.backends.local_archive import LocalArchiveBackend
 from harmony.endpoints.base import HttpEndpointBase
 from harmony.envelope import RequestEnvelope
 from harmony.pipeline import Pipeline
-from harmony.storage.store import InstanceStore
+from tests.conftest import INDEXES
+from tests.postgres import database_for
 from tests.dicom_data import UID_ROOT
 from tests.peers import free_port
 
@@ -30,9 +31,11 @@ def Endpoint():
     return HttpEndpointBase("test")
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory, corpus):
-    store = InstanceStore(tmp_path_factory.mktemp("archive"), min_free_bytes=0)
+@pytest.fixture(scope="module", params=INDEXES)
+def archive(request, tmp_path_factory, corpus):
+    """The corpus in a local archive, on each index implementation (the same
+    answers are expected from both: SQL narrows, Python decides)."""
+    store = database_for(request, request.param)(tmp_path_factory.mktemp("archive"), min_free_bytes=0)
     for inst in corpus:
         store.put_file_sync(inst.path)
     backend = LocalArchiveBackend("archive", store)

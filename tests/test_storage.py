@@ -17,8 +17,8 @@ from tests.dicom_data import make_instance, save
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = InstanceStore(tmp_path / "store", min_free_bytes=0)
+def store(tmp_path, new_store):
+    s = new_store(tmp_path / "store", min_free_bytes=0)
     yield s
     s.close()
 
@@ -41,8 +41,9 @@ async def test_corpus_is_filed_by_uid_and_indexed(store, corpus):
     # Storing the same instance again replaces it: still one row, one file.
     await store.put_file(corpus[0].path)
     assert (await store.run(store.counts_sync))["instances"] == 22
-    mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
-    assert mode == "wal"
+    if not store.shared:
+        mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        assert mode == "wal"
 
 
 @pytest_twisted.ensureDeferred
@@ -88,9 +89,9 @@ def test_uid_validation_admits_only_digits_and_dots(text):
 
 
 @pytest_twisted.ensureDeferred
-async def test_disk_guard_refuses_before_writing(tmp_path, corpus):
+async def test_disk_guard_refuses_before_writing(tmp_path, new_store, corpus):
     free = {"bytes": 10_000_000}
-    s = InstanceStore(tmp_path / "guarded", min_free_bytes=9_999_000, free_bytes=lambda: free["bytes"])
+    s = new_store(tmp_path / "guarded", min_free_bytes=9_999_000, free_bytes=lambda: free["bytes"])
     try:
         with pytest.raises(StorageFull) as e:
             await s.put_file(corpus[0].path)
@@ -104,7 +105,7 @@ async def test_disk_guard_refuses_before_writing(tmp_path, corpus):
 
 
 @pytest_twisted.ensureDeferred
-async def test_stream_refused_midway_leaves_nothing(tmp_path):
+async def test_stream_refused_midway_leaves_nothing(tmp_path, new_store):
     """A body of unknown length crossing the floor while it streams is refused
     and its temp file removed: the refusal never follows a claimed write."""
     checks = []
@@ -113,7 +114,7 @@ async def test_stream_refused_midway_leaves_nothing(tmp_path):
         checks.append(1)
         return 10**12 if len(checks) < 2 else 1  # plenty at first, then the disk "fills"
 
-    s = InstanceStore(tmp_path / "filling", min_free_bytes=1024, free_bytes=free_bytes)
+    s = new_store(tmp_path / "filling", min_free_bytes=1024, free_bytes=free_bytes)
     try:
         body = FileBodyProducer(io.BytesIO(b"\0" * (40 * 1024 * 1024)))
         body.length = object()  # unknown length: only the streaming re-check can catch it
@@ -143,12 +144,12 @@ def test_building_a_store_touches_no_disk(tmp_path):
         s.close()
 
 
-def test_crash_leftovers_are_cleared_on_open(tmp_path):
-    s = InstanceStore(tmp_path / "s", min_free_bytes=0)
+def test_crash_leftovers_are_cleared_on_open(tmp_path, new_store):
+    s = new_store(tmp_path / "s", min_free_bytes=0)
     s.open_sync()
     s.close()
     (s.tmp_dir / ".deadbeef.part").write_bytes(b"half an instance")
-    s2 = InstanceStore(tmp_path / "s", min_free_bytes=0)
+    s2 = new_store(tmp_path / "s", min_free_bytes=0)
     try:
         s2.open_sync()
         assert leftovers(s2) == []

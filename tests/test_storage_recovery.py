@@ -115,8 +115,7 @@ async def test_a_clean_shutdown_means_no_scan_and_an_unclean_one_scans_only_chan
     for inst in later:
         store.put_file_sync(inst.path)
     store._stop_pool()  # a crash: no close, so no clean-shutdown marker
-    for c in store._connections:
-        c.close()
+    store.db.close()
 
     again = InstanceStore(root, min_free_bytes=0)
     try:

@@ -22,7 +22,6 @@ from harmony.pipeline import Pipeline
 from harmony.storage import queue as q
 from harmony.storage.admin import QueuesResource
 from harmony.storage.forward import TargetSettings
-from harmony.storage.store import InstanceStore
 from tests.harness import listen
 from tests.peers import free_port
 from tests.sf_helpers import PortHold, ScriptedTarget, make_instances
@@ -31,9 +30,9 @@ from tests.sf_helpers import PortHold, ScriptedTarget, make_instances
 class Rig:
     """A store_forward backend over a fresh store, delivering to HTTP targets."""
 
-    def __init__(self, root, targets: dict, clock, **target_opts):
+    def __init__(self, make_store, root, targets: dict, clock, **target_opts):
         self.clock = clock
-        self.store = InstanceStore(root, min_free_bytes=0)
+        self.store = make_store(root, min_free_bytes=0)
         self.http = {name: HttpBackend(name, [url], reactor, timeout=5) for name, url in targets.items()}
         settings = [TargetSettings(name, **target_opts) for name in targets]
         self.backend = StoreForwardBackend("sf", self.store, settings, clock=clock, rnd=lambda: 1.0)
@@ -110,13 +109,13 @@ def sop(path) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_poison_instance_is_dead_lettered_and_replayable(tmp_path, serve):
+async def test_poison_instance_is_dead_lettered_and_replayable(new_store, tmp_path, serve):
     files = instances(tmp_path, 6)
     poison = sop(files[2])
     accept = {"poison": False}
     target = ScriptedTarget(lambda s, n: 409 if s == poison and not accept["poison"] else 200)
     clock = task.Clock()
-    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock, order=q.ROTATE, concurrency=2)
+    rig = Rig(new_store, tmp_path / "store", {"pacs": serve(target)}, clock, order=q.ROTATE, concurrency=2)
     await rig.start()
     try:
         for f in files:
@@ -154,11 +153,11 @@ async def test_poison_instance_is_dead_lettered_and_replayable(tmp_path, serve):
 
 
 @pytest_twisted.ensureDeferred
-async def test_transient_failures_back_off_exponentially(tmp_path, serve):
+async def test_transient_failures_back_off_exponentially(new_store, tmp_path, serve):
     target = ScriptedTarget(lambda s, n: 503 if n < 3 else 200)
     clock = task.Clock()
     clock.advance(1_000_000)
-    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock, backoff_initial=1.0, backoff_max=3.0,
+    rig = Rig(new_store, tmp_path / "store", {"pacs": serve(target)}, clock, backoff_initial=1.0, backoff_max=3.0,
               max_attempts=10)
     await rig.start()
     try:
@@ -187,13 +186,13 @@ async def test_jitter_spreads_retries():
 
 @pytest.mark.parametrize("order", [q.FIFO, q.ROTATE])
 @pytest_twisted.ensureDeferred
-async def test_ordering_with_a_failing_head(tmp_path, serve, order):
+async def test_ordering_with_a_failing_head(new_store, tmp_path, serve, order):
     """fifo: nothing overtakes a failing head until it is dead; rotate: the rest flows."""
     files = instances(tmp_path, 4)
     head = sop(files[0])
     target = ScriptedTarget(lambda s, n: 503 if s == head else 200)
     clock = task.Clock()
-    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock, order=order, backoff_initial=1.0,
+    rig = Rig(new_store, tmp_path / "store", {"pacs": serve(target)}, clock, order=order, backoff_initial=1.0,
               max_attempts=3, concurrency=1)
     await rig.start()
     try:
@@ -216,12 +215,12 @@ async def test_ordering_with_a_failing_head(tmp_path, serve, order):
 
 
 @pytest_twisted.ensureDeferred
-async def test_queue_survives_restart_and_redelivers_interrupted(tmp_path, serve):
+async def test_queue_survives_restart_and_redelivers_interrupted(new_store, tmp_path, serve):
     """Rows left 'delivering' by a crash go back to pending at start-up."""
     files = instances(tmp_path, 3)
     down_port = free_port()  # nothing listens: connection refused
     clock = task.Clock()
-    rig = Rig(tmp_path / "store", {"pacs": f"http://127.0.0.1:{down_port}/"}, clock, backoff_initial=60.0)
+    rig = Rig(new_store, tmp_path / "store", {"pacs": f"http://127.0.0.1:{down_port}/"}, clock, backoff_initial=60.0)
     await rig.start()
     for f in files:
         await rig.ingest(f)
@@ -229,12 +228,16 @@ async def test_queue_survives_restart_and_redelivers_interrupted(tmp_path, serve
     assert [r[1] for r in await rig.rows("pacs")] == [q.PENDING] * 3
     # Simulate a crash in the middle of a delivery, the others waiting out a backoff.
     await rig.store.write(lambda c: c.execute("UPDATE queue SET next_attempt_at=500000"))
-    await rig.store.write(lambda c: c.execute("UPDATE queue SET state='delivering' WHERE id=(SELECT min(id) FROM queue)"))
+    # (leased to this node, as a claim leaves it: on a shared queue a restarted
+    # node takes back its own leases at once, the others' only when they expire)
+    await rig.store.write(lambda c: c.execute("UPDATE queue SET state='delivering', lease_owner=?, "
+                                              "lease_until=900000 WHERE id=(SELECT min(id) FROM queue)",
+                                              (rig.store.node,)))
     await rig.stop()
 
     target = ScriptedTarget()
     clock2 = task.Clock()
-    rig2 = Rig(tmp_path / "store", {"pacs": serve(target)}, clock2, backoff_initial=60.0)
+    rig2 = Rig(new_store, tmp_path / "store", {"pacs": serve(target)}, clock2, backoff_initial=60.0)
     await rig2.start()
     try:
         await rig2.settle()
@@ -249,13 +252,13 @@ async def test_queue_survives_restart_and_redelivers_interrupted(tmp_path, serve
 
 
 @pytest_twisted.ensureDeferred
-async def test_unreachable_target_pauses_the_whole_queue(tmp_path, serve):
+async def test_unreachable_target_pauses_the_whole_queue(new_store, tmp_path, serve):
     """Connection refused says nothing about the instance: the queue waits (with
     backoff) instead of trying every other instance against a dead target."""
     files = instances(tmp_path, 4)
     hold = PortHold(free_port())
     clock = task.Clock()
-    rig = Rig(tmp_path / "store", {"pacs": f"http://127.0.0.1:{hold.port}/"}, clock, backoff_initial=10.0,
+    rig = Rig(new_store, tmp_path / "store", {"pacs": f"http://127.0.0.1:{hold.port}/"}, clock, backoff_initial=10.0,
               concurrency=1)
     try:
         for f in files:  # queued before the service runs: one claim sees all four
@@ -286,13 +289,16 @@ async def test_unreachable_target_pauses_the_whole_queue(tmp_path, serve):
 
 
 @pytest_twisted.ensureDeferred
-async def test_duplicate_ingest_queues_once_and_retention_expires_history(tmp_path, serve):
+async def test_duplicate_ingest_queues_once_and_retention_expires_history(new_store, tmp_path, serve):
     target = ScriptedTarget()
     clock = task.Clock()
     clock.advance(1_000_000)
-    rig = Rig(tmp_path / "store", {"pacs": serve(target)}, clock)
+    rig = Rig(new_store, tmp_path / "store", {"pacs": serve(target)}, clock)
     rig.forward.delivered_retention = 3600
     await rig.start()
+    # The start-up claim is over before the row exists (else it could take the
+    # row before its instance is stored: a race of this test, not of ingest).
+    await rig.settle()
     try:
         [f] = instances(tmp_path, 1)
         await rig.store.write(q.enqueue, sop(f), ["pacs"], clock.seconds())  # queued twice before it is sent
@@ -307,11 +313,11 @@ async def test_duplicate_ingest_queues_once_and_retention_expires_history(tmp_pa
 
 
 @pytest_twisted.ensureDeferred
-async def test_relay_mode_forgets_instances_once_every_target_has_them(tmp_path, serve):
+async def test_relay_mode_forgets_instances_once_every_target_has_them(new_store, tmp_path, serve):
     """delete_after_delivery: a pure relay keeps a file only while some target still needs it."""
     a, b = ScriptedTarget(), ScriptedTarget(lambda s, n: 409)
     clock = task.Clock()
-    rig = Rig(tmp_path / "store", {"a": serve(a), "b": serve(b)}, clock)
+    rig = Rig(new_store, tmp_path / "store", {"a": serve(a), "b": serve(b)}, clock)
     rig.forward.delete_after_delivery = True
     await rig.start()
     try:
@@ -331,13 +337,13 @@ async def test_relay_mode_forgets_instances_once_every_target_has_them(tmp_path,
 
 
 @pytest_twisted.ensureDeferred
-async def test_shutdown_does_not_wait_for_a_hung_target(tmp_path):
+async def test_shutdown_does_not_wait_for_a_hung_target(new_store, tmp_path):
     """A target that never answers must not hold up stopService; the
     interrupted delivery is sent again after the restart."""
     from tests.dimse_helpers import silent_peer
     hung = silent_peer()
     clock = task.Clock()
-    rig = Rig(tmp_path / "store", {"pacs": f"http://127.0.0.1:{hung.getHost().port}/"}, clock)
+    rig = Rig(new_store, tmp_path / "store", {"pacs": f"http://127.0.0.1:{hung.getHost().port}/"}, clock)
     try:
         await rig.start()
         [f] = instances(tmp_path, 1)
@@ -354,12 +360,10 @@ async def test_shutdown_does_not_wait_for_a_hung_target(tmp_path):
         await hung.stopListening()
 
 
-def test_queue_rows_for_repeated_copies():
-    """The queue's SQL on a real (in-memory) sqlite: a copy arriving while
+def test_queue_rows_for_repeated_copies(queue_conn):
+    """The queue's SQL on each real database: a copy arriving while
     queued, while being delivered, and after being dead-lettered."""
-    import sqlite3
-    conn = sqlite3.connect(":memory:")
-    conn.executescript(q.SCHEMA)
+    conn = queue_conn
 
     def rows():
         return conn.execute("SELECT state, attempts, dirty FROM queue ORDER BY id").fetchall()
@@ -381,3 +385,34 @@ def test_queue_rows_for_repeated_copies():
     q.enqueue(conn, "1.2.3", ["t"], 10.0)  # the modality sends it again: revived
     assert rows()[-1] == (q.PENDING, 0, 0)
     assert q.claim(conn, "t", q.FIFO, 4, 10.0)[0][0][1] == "1.2.3"
+
+
+def test_message_items_on_each_database(queue_conn):
+    """HL7 message items (kind + payload row) through the same queue SQL on both databases."""
+    conn = queue_conn
+    mid = q.enqueue_message(conn, q.HL7V2, b"MSH|^~\\&|A\r", '{"hl7.control_id": "1"}', ["t"], 0.0)
+    kind, body, metadata = q.load_message(conn, q.message_key(mid))
+    assert (kind, type(body), body, metadata) == (q.HL7V2, bytes, b"MSH|^~\\&|A\r", '{"hl7.control_id": "1"}')
+    [(row_id, key, _n)], _ = q.claim(conn, "t", q.FIFO, 1, 1.0)
+    assert key == q.message_key(mid)
+    assert q.failed(conn, row_id, "AR", 2.0, retry_at=None) == q.DEAD
+    [entry] = q.dead_entries(conn, "t")
+    assert (entry["kind"], entry["item"], entry["hl7.control_id"]) == (q.HL7V2, key, "1")
+    assert q.purge(conn, "t") == 1
+    assert q.load_message(conn, key) is None  # forgotten with its last queue row
+
+
+def test_dead_letter_filters_on_each_database(queue_conn):
+    """The management API's dead-letter filters (harmony.storage.admin) are the same SQL on both databases."""
+    from harmony.storage.admin import DeadFilter, count_dead, purge_matching, retry_matching, select_dead
+    conn = queue_conn
+    for sop, error in (("1.1", "HTTP 409: Conflict"), ("1.2", "DIMSE status 0xA900"), ("1.3", "http 409 again")):
+        q.enqueue(conn, sop, ["t"], 0.0)
+        [(row_id, _s, _n)], _ = q.claim(conn, "t", q.ROTATE, 1, 1.0)
+        q.failed(conn, row_id, error, 2.0, retry_at=None)
+    conflict = DeadFilter(error="409")
+    assert [e["sop_instance_uid"] for e in select_dead(conn, "t", conflict, 10, 0)] == ["1.1", "1.3"]
+    assert count_dead(conn, "t", conflict) == 2
+    assert retry_matching(conn, "t", DeadFilter(error="a900"), 3.0) == 1
+    assert purge_matching(conn, "t", conflict) == 2
+    assert count_dead(conn, "t", DeadFilter()) == 0

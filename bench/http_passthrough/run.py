@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from bench.common import (NGINX, TWISTD, WRK, Nginx, free_port, harmony_config, proxy_block, require,  # noqa: E402
+from bench.common import (NGINX, TWISTD, WRK, Nginx, children, cpu_seconds, free_port, harmony_config, proxy_block, require,  # noqa: E402
                           start_harmony, status_kib, stop, wait_port, wrk)
 
 GIB = 1024 ** 3
@@ -171,7 +171,18 @@ def median_run(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "all_rps": [round(r["rps"]) for r in runs]}
 
 
-def throughput(folder: Path, workers: int, duration: int, warmup: int, rounds: int) -> dict:
+#: The decision builds of lean_proxy.py (``--lean``): front, back.
+LEAN_BUILDS = (("web+agent", "twisted", "agent"), ("web+lean", "twisted", "lean"), ("lean+lean", "lean", "lean"))
+
+
+def start_lean(port: int, upstream_port: int, front: str, back: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(HERE / "lean_proxy.py"), str(port), str(upstream_port),
+                             "--front", front, "--back", back], stderr=subprocess.DEVNULL)
+    wait_port(port, proc, f"lean_proxy {front}/{back}")
+    return proc
+
+
+def throughput(folder: Path, workers: int, duration: int, warmup: int, rounds: int, lean: bool = False) -> dict:
     www = folder / "www"
     www.mkdir(exist_ok=True)
     (www / "hello.txt").write_bytes(STATIC_BODY)
@@ -179,24 +190,43 @@ def throughput(folder: Path, workers: int, duration: int, warmup: int, rounds: i
     up_port = free_port()
     upstream = Nginx(folder / f"upstream-{workers}", f"""
         server {{ listen 127.0.0.1:{up_port}; location / {{ root {www}; }} }}""", up_port).start()
+    extra = []
     try:
         nginx_port, harmony_port = free_port(), free_port()
         proxy = Nginx(folder / f"nginx-{workers}", proxy_block(nginx_port, [up_port]), nginx_port,
                       workers=workers).start()
         harmony = Harmony(folder, f"harmony-{workers}", workers, harmony_port, up_port).start()
         try:
-            targets = (("direct", up_port), ("nginx", nginx_port), ("harmony", harmony_port))
-            runs = {name: [] for name, _ in targets}
+            # (name, port, the processes whose CPU the figure is charged with)
+            targets = [("direct", up_port, lambda: upstream.workers()),
+                       ("nginx", nginx_port, lambda: proxy.workers()),
+                       ("harmony", harmony_port, lambda: [harmony.proc.pid, *children(harmony.proc.pid)])]
+            if lean and workers == 1:
+                for name, front, back in LEAN_BUILDS:
+                    port = free_port()
+                    proc = start_lean(port, up_port, front, back)
+                    extra.append(proc)
+                    targets.append((name, port, lambda proc=proc: [proc.pid]))
+            runs = {name: [] for name, _, _ in targets}
             # Interleaved rounds, so a burst of load from elsewhere on the machine
             # hits every target rather than one.
             for _ in range(rounds):
-                for name, port in targets:
+                for name, port, pids in targets:
                     url = f"http://127.0.0.1:{port}/hello.txt"
                     if warmup:
                         wrk(url, warmup)
-                    runs[name].append(wrk(url, duration))
+                    watched = pids()
+                    before = cpu_seconds(*watched)
+                    r = wrk(url, duration)
+                    r["cpu_us"] = (cpu_seconds(*watched) - before) / max(1, r["total"]) * 1e6
+                    runs[name].append(r)
             results = {name: median_run(r) for name, r in runs.items()}
+            for name, r in runs.items():
+                # CPU per request from every round, median: it moves little with outside load.
+                results[name]["cpu_us"] = sorted(x["cpu_us"] for x in r)[len(r) // 2]
         finally:
+            for proc in extra:
+                stop(proc)
             harmony.stop()
             proxy.stop()
     finally:
@@ -213,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stream-bytes", type=int, default=GIB, help="body size for the RSS runs (default 1 GiB)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming/RSS runs")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--lean", action="store_true",
+                        help="also measure lean_proxy.py's builds (one worker): the C-parser decision")
     args = parser.parse_args(argv)
     require(NGINX, WRK, str(TWISTD))
 
@@ -221,17 +253,24 @@ def main(argv=None) -> int:
     try:
         print(f"wrk -t2 -c50 -d{args.duration}s, static {len(STATIC_BODY)} B file, loopback, {os.cpu_count()} cores, "
               f"median of {args.rounds} interleaved rounds; load average before: {os.getloadavg()[0]:.2f}")
-        print(f"{'workers':>7}  {'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  all rounds req/s")
+        print(f"{'workers':>7}  {'target':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU us/req':>10}"
+              f"  all rounds req/s")
         for workers in args.workers:
-            res = throughput(folder, workers, args.duration, args.warmup, args.rounds)
+            res = throughput(folder, workers, args.duration, args.warmup, args.rounds, lean=args.lean)
             report["throughput"][workers] = res
             for name, r in res.items():
-                print(f"{workers:>7}  {name:<8} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}"
-                      f"  {r['all_rps']}")
+                print(f"{workers:>7}  {name:<9} {r['rps']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['errors']:>6}"
+                      f" {r['cpu_us']:>10.0f}  {r['all_rps']}")
             ratio = res["harmony"]["rps"] / res["nginx"]["rps"]
+            cpu_ratio = res["nginx"]["cpu_us"] / res["harmony"]["cpu_us"]
             res["harmony_over_nginx"] = ratio
-            print(f"{workers:>7}  Harmony/nginx req/s = {ratio:.1%}   "
+            res["harmony_over_nginx_per_cpu"] = cpu_ratio
+            print(f"{workers:>7}  Harmony/nginx req/s = {ratio:.1%} (goal >= 20%)   per CPU second = {cpu_ratio:.1%}   "
                   f"p99 Harmony/nginx = {res['harmony']['p99_ms'] / res['nginx']['p99_ms']:.1f}x")
+            for name, _, _ in LEAN_BUILDS:
+                if name in res:
+                    print(f"{workers:>7}  {name}/nginx req/s = {res[name]['rps'] / res['nginx']['rps']:.1%}   "
+                          f"per CPU second = {res['nginx']['cpu_us'] / res[name]['cpu_us']:.1%}")
         if not args.no_stream:
             size = args.stream_bytes
             print(f"\nstreaming {size / GIB:g} GiB each way, one worker (peak RSS = VmHWM of the proxy process)")

@@ -18,6 +18,7 @@ COMMANDS = {
     "routes": "harmony.cli:add_routes",
     "transform": "harmony.transform.cli:add_transform",
     "jmix": "harmony.jmix.cli:add_jmix",
+    "storage": "harmony.storage.migrate:add_storage",
     "deidentify": "harmony.deid.cli:add_deidentify",
 }
 

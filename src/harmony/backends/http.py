@@ -17,10 +17,15 @@ from twisted.web.http_headers import Headers
 from harmony.backends.base import Backend
 from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
 from harmony.backends.target_tls import PerTargetTLSPolicy
+from harmony.compat.twisted import (
+    HTTP11ClientFactory,
+    HTTP11ClientProtocol,
+    quiescent_callback,
+    response_parser,
+    set_pool_factory,
+)
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
-from harmony.compat.twisted import (HTTP11ClientFactory, HTTP11ClientProtocol, quiescent_callback, response_parser,
-                                     set_pool_factory)
 from harmony.errors import BackendTimeout, BackendUnavailable, HarmonyError
 from harmony.targets import Target, TargetPool
 from harmony.web.client import DirectEndpointFactory
@@ -28,11 +33,11 @@ from harmony.web.headers import end_to_end
 from harmony.web.urls import check_base_url
 
 
-
-
 def upstream_url(base_url: str, subpath: str, raw_query: bytes) -> bytes:
     url = base_url + subpath
-    if not urlsplit(url).path:
+    # base_url is checked and has no trailing "/": only an empty sub-path can leave
+    # the URL without a path (spared a urlsplit per request otherwise).
+    if not subpath.startswith("/") and not urlsplit(url).path:
         url += "/"
     out = url.encode("utf-8", "surrogateescape")
     if raw_query:
@@ -115,7 +120,7 @@ class HttpBackend(Backend):
         super().__init__(name)
         if target_pool is None:
             names = [name] if len(base_urls) == 1 else [f"{name}-{i}" for i in range(len(base_urls))]
-            target_pool = TargetPool(name, [Target(n, url=u) for n, u in zip(names, base_urls)], reactor)
+            target_pool = TargetPool(name, [Target(n, url=u) for n, u in zip(names, base_urls, strict=True)], reactor)
         #: Chooses the upstream per request, with health, circuit and retries (harmony.targets).
         self.target_pool = target_pool
         self.base_urls = [t.url for t in target_pool.targets]

@@ -22,6 +22,8 @@ delivers from the persistent queues through each target backend's ``send()``.
     delivered_retention_hours = 24     # queue history kept for operators
     dead_retention_days = 0            # 0: dead letters stay until replayed or purged
     delete_after_delivery = false      # true: a pure relay, files go once every target has them
+    lease_seconds = 60                 # a claim unrenewed this long goes to another node (a dead node's work)
+    poll_seconds = 5                   # shared queue ([storage] index = "postgresql"): look for work this often
     # path = "spool"                   # default: [storage.options] path
     [backends.ingest.options.per_target.pacs]
     order = "fifo"
@@ -43,7 +45,7 @@ from harmony.envelope import ResponseEnvelope, read_body
 from harmony.errors import BadRequest
 from harmony.storage import queue as q
 from harmony.storage.config import store_from_context
-from harmony.storage.forward import StoreForward, TargetSettings
+from harmony.storage.forward import DEFAULT_LEASE, DEFAULT_POLL, StoreForward, TargetSettings
 from harmony.storage.store import release_store
 
 #: A queued message is held in the index database: v2 messages are kilobytes.
@@ -115,9 +117,13 @@ class StoreForwardBackend(Backend):
         delivered_h = options.number("delivered_retention_hours", 24, minimum=0)
         dead_days = options.number("dead_retention_days", 0, minimum=0)
         delete_after = options.bool("delete_after_delivery", False)
+        lease = options.number("lease_seconds", DEFAULT_LEASE, minimum=0.5)
+        poll = options.number("poll_seconds", DEFAULT_POLL, minimum=0.05) if "poll_seconds" in options \
+            else None
         store = store_from_context(ctx, options)
         return cls(name, store, targets, delivered_retention=delivered_h * 3600 or None,
-                   dead_retention=dead_days * 86400 or None, delete_after_delivery=delete_after)
+                   dead_retention=dead_days * 86400 or None, delete_after_delivery=delete_after, lease=lease,
+                   poll_interval=poll)
 
     def bind_backends(self, backends: dict) -> None:
         """Called by the runtime once every backend is built: resolve ``forward_to``."""

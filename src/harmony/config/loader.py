@@ -19,8 +19,7 @@ import tomlkit
 from tomlkit.exceptions import ParseError
 
 from harmony.config.errors import ConfigErrors, Problem, unknown_key_problems
-from harmony.config.model import (ComponentConfig, HarmonyConfig, NetworkConfig, PipelineConfig,
-                                  ProxySettings)
+from harmony.config.model import ComponentConfig, HarmonyConfig, NetworkConfig, PipelineConfig, ProxySettings
 
 #: Tables that hold named components; a name may be defined in one file only.
 COMPONENT_TABLES = ("pipelines", "endpoints", "backends", "middleware", "targets")
@@ -41,13 +40,14 @@ KNOWN_KEYS = {
     "targets": ("url", "host", "port", "aet", "weight", "headers",
                 "tls_ca_file", "tls_cert_file", "tls_key_file"),
     "storage": ("backend", "index", "options"),
-    "storage.options": ("path", "min_free_mb", "fsync", "threads"),
+    "storage.options": ("path", "min_free_mb", "fsync", "threads", "dsn", "password_file", "node",
+                        "s3_endpoint", "s3_bucket", "s3_region", "s3_prefix", "s3_credentials_file"),
 }
 #: What ``[storage]`` accepts, in one place (harmony.storage.config builds from
 #: the same tuples).  A value outside them is refused, never quietly replaced by
 #: the default: ``index = "postgresql"`` must not start a node on sqlite.
-STORAGE_BACKENDS = ("filesystem",)
-STORAGE_INDEXES = ("sqlite",)
+STORAGE_BACKENDS = ("filesystem", "s3")
+STORAGE_INDEXES = ("sqlite", "postgresql")
 MAIN_TABLES = ("proxy", "network", "management", "storage", "logging", "pipelines_path", "transforms_path")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 #: A string value starting with this is a path in the state directory.
@@ -299,6 +299,22 @@ def _storage(raw, source: str, problems: list) -> dict:
         return {**raw, "options": {}}
     problems.extend(unknown_key_problems(options, KNOWN_KEYS["storage.options"], source, "storage.options",
                                          refused=True))
+    if raw.get("index", STORAGE_INDEXES[0]) == "postgresql":
+        dsn = options.get("dsn")
+        if not isinstance(dsn, str) or not dsn.strip():
+            problems.append(Problem(source, "storage.options.dsn", 'index = "postgresql" needs a dsn, e.g. '
+                                    '"host=db.example port=5432 dbname=harmony user=harmony"'))
+    else:
+        problems.extend(Problem(source, f"storage.options.{key}", 'only used with index = "postgresql"')
+                        for key in ("dsn", "password_file") if key in options)
+    s3_keys = [k for k in KNOWN_KEYS["storage.options"] if k.startswith("s3_")]
+    if raw.get("backend", STORAGE_BACKENDS[0]) == "s3":
+        for key in ("s3_endpoint", "s3_bucket"):
+            if not isinstance(options.get(key), str) or not options[key].strip():
+                problems.append(Problem(source, f"storage.options.{key}", 'backend = "s3" needs it'))
+    else:
+        problems.extend(Problem(source, f"storage.options.{key}", 'only used with backend = "s3"')
+                        for key in s3_keys if key in options)
     path = options.get("path")
     if path is not None and (not isinstance(path, str) or not path):
         problems.append(Problem(source, "storage.options.path", "must be a folder path string"))

@@ -150,8 +150,29 @@ def service_for(services, target: str):
 
 
 def overview(services) -> defer.Deferred:
-    d = defer.gatherResults([svc.stats() for svc in services])
-    return d.addCallback(lambda all_stats: {"targets": {t: s for stats in all_stats for t, s in sorted(stats.items())}})
+    # The database down: the last snapshot, and "databases" says why it is stale.
+    d = defer.gatherResults([svc.stats().addErrback(lambda f, svc=svc: svc.snapshot) for svc in services])
+    return d.addCallback(lambda all_stats: queues_overview(services, all_stats))
+
+
+def queues_overview(services, all_stats) -> dict:
+    """``GET /queues``: every target's counts and lease holders (the cluster's
+    on a shared queue), and this node's view of each store's database and
+    object storage."""
+    databases = {}
+    for svc in services:
+        db = getattr(svc.store, "db", None)
+        if db is not None:
+            error = getattr(db, "last_error", None)
+            databases[db.describe()] = {"up": error is None, "error": error, "shared": svc.store.shared}
+        blobs = getattr(svc.store, "blobs", None)
+        if blobs is not None:
+            databases[blobs.describe()] = {"up": blobs.last_error is None, "error": blobs.last_error,
+                                           "uploads_pending": svc.store.uploads_pending}
+    doc = {"targets": {t: s for stats in all_stats for t, s in sorted(stats.items())}}
+    if services:
+        doc.update(node=services[0].node, databases=databases)
+    return doc
 
 
 def dead_letters(svc, target: str, flt: DeadFilter, limit: int = 100, after_id: int = 0) -> defer.Deferred:

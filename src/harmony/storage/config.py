@@ -2,12 +2,21 @@
 
     [storage]
     backend = "filesystem"      # the only one (harmony.config.loader.STORAGE_BACKENDS)
-    index = "sqlite"            # the only one (harmony.config.loader.STORAGE_INDEXES)
+    index = "sqlite"            # or "postgresql" (harmony.config.loader.STORAGE_INDEXES)
     [storage.options]
     path = "../var/harmony"     # ctx.storage_path
     min_free_mb = 512           # refuse new instances below this much free space
     fsync = true                # false only for throw-away test data
-    threads = 4                 # storage thread pool size
+    threads = 4                 # storage thread pool size (and PostgreSQL connections per node)
+    dsn = "host=db.example port=5432 dbname=harmony user=harmony"   # index = "postgresql" only
+    password_file = "/run/secrets/harmony-db"                        # optional; or PGPASSWORD / .pgpass
+    node = "node-a"             # this node's name on queue leases (default: the host name)
+    # backend = "s3" only (harmony.storage.blobs): files also go to S3-compatible object storage
+    s3_endpoint = "https://s3.eu-west-1.amazonaws.com"
+    s3_bucket = "harmony-archive"
+    s3_region = "eu-west-1"
+    s3_prefix = ""
+    s3_credentials_file = "/run/secrets/harmony-s3"   # ACCESS_KEY:SECRET_KEY; else AWS_ACCESS_KEY_ID/...
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 from harmony.config.errors import ConfigErrors, OptionError, Problem
 from harmony.config.loader import STORAGE_BACKENDS, STORAGE_INDEXES
 from harmony.config.options import Options
+from harmony.storage.database import SPARE_CONNECTIONS, PostgresDatabase, read_password_file
 from harmony.storage.store import open_store
 
 
@@ -34,11 +44,53 @@ def store_from_context(ctx, options: Options):
         min_free_mb = global_opts.number("min_free_mb", 512, minimum=0)
         fsync = global_opts.bool("fsync", True)
         threads = global_opts.int("threads", 4, minimum=1, maximum=64)
+        node = global_opts.str("node", "")
+        database = database_from_options(storage.get("index", STORAGE_INDEXES[0]), global_opts, threads, node)
+        blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), global_opts)
     except OptionError as e:
         raise ConfigErrors([Problem(str(ctx.config.path), f"storage.options.{e.key}", e.message)]) from None
     root = options.path("path", None) or ctx.storage_path
     try:
         return open_store(root, reactor=ctx.reactor, min_free_bytes=int(min_free_mb * 1024 * 1024), fsync=fsync,
-                          threads=threads)
+                          threads=threads, database=database, node=node, blobs=blobs)
     except OSError as e:
         raise OptionError("path", f"cannot open the store at {root}: {e.strerror}") from None
+
+
+def database_from_options(index: str, opts: Options, threads: int, node: str = ""):
+    """None for the embedded sqlite (the store makes it), else the shared PostgreSQL."""
+    if index != "postgresql":
+        for key in ("dsn", "password_file"):
+            if key in opts.raw:
+                raise OptionError(key, 'only used with index = "postgresql"')
+        return None
+    dsn = opts.str("dsn", "")
+    if not dsn:
+        raise OptionError("dsn", 'index = "postgresql" needs a dsn (e.g. "host=db port=5432 dbname=harmony '
+                                 'user=harmony")')
+    password = None
+    password_file = opts.path("password_file", None)
+    if password_file is not None:
+        try:
+            password = read_password_file(password_file)
+        except OSError as e:
+            raise OptionError("password_file", f"cannot read {password_file}: {e.strerror}") from None
+    return PostgresDatabase(dsn, password=password, max_connections=threads + SPARE_CONNECTIONS,
+                            application_name=f"harmony {node}".strip()[:63])
+
+
+def blobs_from_options(backend: str, opts: Options):
+    """None for plain files, else the S3-compatible bucket the files also go to."""
+    if backend != "s3":
+        return None
+    from harmony.storage.blobs import S3Blobs, read_credentials
+    access = secret = None
+    credentials = opts.path("s3_credentials_file", None)
+    if credentials is not None:
+        try:
+            access, secret = read_credentials(credentials)
+        except (OSError, ValueError) as e:
+            raise OptionError("s3_credentials_file", f"cannot use {credentials}: "
+                                                     f"{getattr(e, 'strerror', None) or e}") from None
+    return S3Blobs(opts.str("s3_endpoint"), opts.str("s3_bucket"), opts.str("s3_region", "us-east-1"),
+                   access_key=access, secret_key=secret, prefix=opts.str("s3_prefix", ""))

@@ -37,3 +37,17 @@ class StorageFailure(HarmonyError):
 
     status, title, code = 500, "Storage Failure", "storage-failure"
     dimse_status = dimse.PROCESSING_FAILURE
+
+
+class DatabaseUnavailable(StorageFailure):
+    """The store's database (the shared PostgreSQL) cannot be reached: nothing
+    was acknowledged; try again shortly (a restart or failover is under way)."""
+
+    status, title, code = 503, "Service Unavailable", "database-unavailable"
+    dimse_status = dimse.STORE_OUT_OF_RESOURCES
+    #: Seconds a client is asked to wait (HTTP Retry-After).
+    RETRY_AFTER = 5
+
+    def __init__(self, detail: str = "", **kwargs):
+        kwargs.setdefault("headers", [(b"Retry-After", str(self.RETRY_AFTER).encode())])
+        super().__init__(detail, **kwargs)

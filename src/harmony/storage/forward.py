@@ -41,8 +41,14 @@ from harmony.errors import HarmonyError
 from harmony.log import get_logger
 from harmony.storage import queue as q
 from harmony.storage.bodies import FileProducer
+from harmony.storage.errors import StorageFailure
 
 log = get_logger("harmony.store_forward")
+
+#: Seconds a claim holds a row without renewal (renewed every third of it).
+DEFAULT_LEASE = 60.0
+#: Seconds between looks for work on a shared queue with nothing due locally.
+DEFAULT_POLL = 5.0
 
 HTTP_TRANSIENT = {408, 425, 429}
 
@@ -187,7 +193,8 @@ class StoreForward(Service):
     def __init__(self, store, targets: list[TargetSettings], *, clock=None, rnd=random.random,
                  delivered_retention: float | None = 86400.0, dead_retention: float | None = None,
                  delete_after_delivery: bool = False, housekeeping_interval: float = 60.0,
-                 wall_clock=None, stats_interval: float = 5.0):
+                 wall_clock=None, stats_interval: float = 5.0, lease: float = DEFAULT_LEASE,
+                 poll_interval: float | None = None):
         self.store = store
         self.targets = {t.name: t for t in targets}
         if clock is None:
@@ -201,6 +208,19 @@ class StoreForward(Service):
         self.dead_retention = dead_retention
         self.delete_after_delivery = delete_after_delivery
         self.housekeeping_interval = housekeeping_interval
+        #: This node's name on its leases, and how long a lease lasts unrenewed:
+        #: a node that dies (or loses the database) mid-delivery gives its rows
+        #: back to the other nodes when its leases run out.
+        self.node = getattr(store, "node", "")
+        self.lease = lease
+        #: On a shared queue other nodes enqueue too: look for work this often
+        #: even with no local wake-up (None: only on wake-ups and due times).
+        self.poll_interval = poll_interval if poll_interval is not None else (
+            DEFAULT_POLL if getattr(store, "shared", False) else None)
+        #: Rows whose lease this node lost to another (a redelivery follows).
+        self.leases_lost = 0
+        #: Queue table health (PostgreSQL dead row versions), refreshed with the stats.
+        self.table_health: dict = {}
         self.drainers = {name: _Drainer(self, t) for name, t in self.targets.items()}
         #: Last per-target stats (what metrics and dashboards read without touching sqlite).
         self.snapshot: dict = {}
@@ -209,12 +229,17 @@ class StoreForward(Service):
         self.stats_interval = stats_interval
         self._housekeeping = None
         self._stats_loop = None
+        self._renew_loop = None
+        self._pruning: defer.Deferred = defer.succeed(None)
         self._ready: defer.Deferred | None = None
 
     # -- lifecycle
     def startService(self):
         super().startService()
-        self._ready = self.store.bookkeep(q.recover, self.now(), list(self.targets))
+        # Alone on its sqlite file, every interrupted delivery is this node's;
+        # on a shared queue only the rows leased under its own name are.
+        node = self.node if getattr(self.store, "shared", False) else None
+        self._ready = self.store.bookkeep(q.recover, self.now(), list(self.targets), node)
 
         def recovered(n):
             if not self.running:
@@ -228,6 +253,9 @@ class StoreForward(Service):
             self._stats_loop = task.LoopingCall(self._refresh_stats)
             self._stats_loop.clock = self.clock
             self._stats_loop.start(self.stats_interval, now=False)
+            self._renew_loop = task.LoopingCall(self._renew_leases)
+            self._renew_loop.clock = self.clock
+            self._renew_loop.start(self.lease / 3.0, now=False)
             self.wake()
 
         self._ready.addCallback(recovered)
@@ -236,7 +264,7 @@ class StoreForward(Service):
 
     def stopService(self):
         super().stopService()
-        for loop in (self._housekeeping, self._stats_loop):
+        for loop in (self._housekeeping, self._stats_loop, self._renew_loop):
             if loop is not None and loop.running:
                 loop.stop()
         waiting = []
@@ -266,13 +294,32 @@ class StoreForward(Service):
 
     # -- management
     def stats(self) -> defer.Deferred:
-        def refreshed(s):
+        """Per target: entries per state, oldest age, lease holders (node ->
+        rows in delivery, the whole cluster's on a shared queue) and any pause."""
+        def read(conn, now):
+            return q.stats(conn, now), q.table_health(conn)
+
+        def refreshed(result):
+            s, health = result
             s = {name: v for name, v in s.items() if name in self.targets}
             for name in self.targets:
-                s.setdefault(name, {state: 0 for state in q.STATES} | {"oldest_age_seconds": 0.0})
+                s.setdefault(name, q.empty_stats())
             self.snapshot = s
+            self.table_health = health
             return s
-        return self.store.read(q.stats, self.now()).addCallback(refreshed)
+        return self.store.read(read, self.now()).addCallback(refreshed)
+
+    def _renew_leases(self):
+        """Heartbeat: extend this node's leases on the rows it is delivering,
+        and give back the ones it holds but no longer delivers."""
+        ids = [row_id for drainer in self.drainers.values() for row_id in drainer.in_flight]
+        now = self.now()
+        # Rows this node claimed but is not delivering (their outcome could not
+        # be recorded) go back at once; a claim of the last moments may not be
+        # in flight yet, hence the grace.
+        d = self.store.bookkeep(q.renew, ids, self.node, now + self.lease, now, self.lease / 3.0)
+        return d.addErrback(lambda f: log.warn("store_forward: cannot renew leases ({error}); other nodes take "
+                                               "the rows over when they expire", error=f.getErrorMessage()))
 
     def _refresh_stats(self):
         return self.stats().addErrback(lambda f: log.failure("store_forward stats failed", f))
@@ -290,7 +337,10 @@ class StoreForward(Service):
 
     def kick(self, target: str) -> defer.Deferred:
         """Make every pending entry due now (the target is back: stop waiting out backoffs)."""
-        d = self.store.write(q.make_due, target, self.now())
+        def make_due(conn, now):
+            q.unpause(conn, target)
+            return q.make_due(conn, target, now)
+        d = self.store.write(make_due, self.now())
 
         def done(n):
             self.drainers[target].resume()
@@ -302,6 +352,15 @@ class StoreForward(Service):
         return self.store.write(q.purge, target, states)
 
     def housekeeping(self) -> defer.Deferred:
+        """Apply retention.  Runs one at a time in this node: on a shared queue
+        a pruner that finds another one at work skips its round, which must
+        mean another node, never this node's own previous round."""
+        self._pruning = self._pruning.addBoth(lambda _: self._prune())
+        d = defer.Deferred()
+        self._pruning.addBoth(lambda r: (d.callback(r), r)[1])
+        return d
+
+    def _prune(self) -> defer.Deferred:
         now = self.now()
         delivered_before = now - self.delivered_retention if self.delivered_retention else None
         dead_before = now - self.dead_retention if self.dead_retention else None
@@ -314,7 +373,8 @@ class StoreForward(Service):
     def record(self, settings: TargetSettings, row_id: int, sop_uid: str, attempts: int, outcome: Outcome):
         now = self.now()
         if outcome.ok:
-            d = self.store.bookkeep(q.delivered, row_id, now)
+            d = self.store.bookkeep(q.delivered, row_id, now, self.node)
+            d.addCallback(lambda recorded: recorded or self._lease_lost(settings, row_id))
             result = "delivered"
             if self.delete_after_delivery and not sop_uid.startswith(q.MESSAGE_PREFIX):
                 d.addCallback(lambda _: self.store.run(self._forget_if_done, sop_uid))
@@ -323,13 +383,23 @@ class StoreForward(Service):
                 retry_at = None
             else:
                 retry_at = now + settings.backoff(attempts, self.rnd())
-            d = self.store.bookkeep(q.failed, row_id, outcome.detail or "failed", now, retry_at=retry_at)
+            d = self.store.bookkeep(q.failed, row_id, outcome.detail or "failed", now, retry_at=retry_at,
+                                    node=self.node)
+            d.addCallback(lambda recorded: recorded or self._lease_lost(settings, row_id))
             result = "dead" if retry_at is None else "retry"
             if retry_at is None:
                 log.warn("store_forward {target}: instance parked in the dead-letter list after {attempts} "
                          "attempt(s): {detail}", target=settings.name, attempts=attempts, detail=outcome.detail)
         self.attempts[(settings.name, result)] += 1
         return d
+
+    def _lease_lost(self, settings: TargetSettings, row_id: int):
+        """Our lease ran out mid-delivery and another node took the row: its
+        outcome counts, ours is dropped (the target may get the instance twice,
+        which a DICOM target takes as the same SOP Instance)."""
+        self.leases_lost += 1
+        log.warn("store_forward {target}: a lease expired before its delivery was recorded (another node "
+                 "delivers it again)", target=settings.name)
 
     def _forget_if_done(self, sop_uid: str):
         if self.store.read_sync(q.fully_delivered, sop_uid):
@@ -373,7 +443,8 @@ class _Drainer:
         if free <= 0:
             return
         self.claiming = True
-        d = self.svc.store.bookkeep(q.claim, self.settings.name, self.settings.order, free, self.svc.now())
+        d = self.svc.store.bookkeep(q.claim, self.settings.name, self.settings.order, free, self.svc.now(),
+                                    node=self.svc.node, lease=self.svc.lease)
         d.addCallbacks(self._claimed, self._claim_failed)
 
     def _claim_failed(self, failure):
@@ -392,8 +463,9 @@ class _Drainer:
         if self.again or (rows and len(self.in_flight) < self.capacity):
             self.again = False
             self.wake()
-        elif not rows and next_due is not None:
-            self._schedule(next_due)
+        elif not rows and (next_due is not None or self.svc.poll_interval):
+            poll = self.svc.now() + self.svc.poll_interval if self.svc.poll_interval else None
+            self._schedule(min(t for t in (next_due, poll) if t is not None))
         self._maybe_idle()
 
     def _schedule(self, due: float):
@@ -415,15 +487,23 @@ class _Drainer:
         kind = "message" if sop_uid.startswith(q.MESSAGE_PREFIX) else "instance"
         try:
             request = None
+            outcome = None
             if kind == "instance":
-                instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
+                try:
+                    instance = yield self.svc.store.run(self.svc.store.get_sync, sop_uid)
+                except StorageFailure as e:
+                    # Not readable now (its file still to come from S3, the database
+                    # away): a transient failure of this instance, retried with backoff.
+                    instance, outcome = None, Outcome(False, detail=e.detail)
                 if instance is not None:
                     request = delivery_request(instance, settings.name, attempts)
             else:
                 message = yield self.svc.store.read(q.load_message, sop_uid)
                 if message is not None:
                     request = message_request(message[0], message[1], message[2], settings.name, attempts)
-            if request is None:
+            if outcome is not None:
+                pass
+            elif request is None:
                 outcome = Outcome(False, permanent=True, detail=f"the {kind} is no longer in the store")
             else:
                 try:
@@ -436,7 +516,7 @@ class _Drainer:
             if self.stopped:
                 return  # shutting down: left 'delivering', recovered and sent again at start-up
             if epoch == self.epoch:
-                self._note_reachability(outcome)
+                yield self._note_reachability(outcome)
             yield self.svc.record(settings, row_id, sop_uid, attempts, outcome)
         except Exception:  # noqa: BLE001 - the row stays 'delivering' and is recovered at restart
             log.failure("store_forward {target}: bookkeeping failed", target=settings.name)
@@ -446,13 +526,22 @@ class _Drainer:
             self._maybe_idle()
 
     def _note_reachability(self, outcome: Outcome):
+        """Pause the target's queue while it is unreachable - in the database,
+        so every node sharing the queue pauses (three nodes must not hammer a
+        dead PACS three times) - and lift the pause on the next answer."""
+        store, name = self.svc.store, self.settings.name
         if outcome.unreachable:
             self.unreachable_streak += 1
             pause = self.settings.backoff(self.unreachable_streak, self.svc.rnd())
             self.paused_until = self.svc.now() + pause
-        elif outcome.ok or not outcome.unreachable:
-            self.unreachable_streak = 0
-            self.paused_until = None
+            return store.bookkeep(q.pause, name, self.paused_until, self.svc.node, outcome.detail, self.svc.now()
+                                  ).addErrback(lambda f: None)  # the local pause holds anyway
+        had_pause = self.unreachable_streak > 0
+        self.unreachable_streak = 0
+        self.paused_until = None
+        if had_pause:
+            return store.bookkeep(q.unpause, name).addErrback(lambda f: None)
+        return None
 
     def resume(self):
         """An operator says the target is back: stop pausing and try now."""

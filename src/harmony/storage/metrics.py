@@ -34,6 +34,24 @@ class StoreForwardCollector:
         paused = GaugeMetricFamily("harmony_store_forward_paused",
                                    "1 while a target's queue is paused because the target is unreachable",
                                    labels=["target"])
+        leases = GaugeMetricFamily("harmony_store_forward_leases",
+                                   "Entries in delivery per target and lease-holding node (the cluster's, "
+                                   "on a shared queue)", labels=["target", "node"])
+        lost = CounterMetricFamily("harmony_store_forward_leases_lost",
+                                   "Deliveries whose lease expired and passed to another node before they "
+                                   "were recorded (each means one redelivery)", labels=["store"])
+        dead_rows = GaugeMetricFamily("harmony_store_forward_queue_dead_rows",
+                                      "Dead row versions in the PostgreSQL queue table (vacuum lag: a SKIP "
+                                      "LOCKED queue slows down as they pile up)", labels=["store"])
+        db_up = GaugeMetricFamily("harmony_storage_database_up",
+                                  "0 while the store's database (the shared PostgreSQL) is unreachable",
+                                  labels=["store", "database"])
+        uploads = GaugeMetricFamily("harmony_storage_uploads_pending",
+                                    "Instance files durable locally and still to be uploaded to S3 (cluster-wide)",
+                                    labels=["store"])
+        blobs_up = GaugeMetricFamily("harmony_storage_object_store_up",
+                                     "0 while the S3-compatible object storage does not answer",
+                                     labels=["store", "object_store"])
         free = GaugeMetricFamily("harmony_storage_free_bytes", "Free bytes on the store's filesystem",
                                  labels=["store"])
         floor = GaugeMetricFamily("harmony_storage_min_free_bytes",
@@ -51,7 +69,11 @@ class StoreForwardCollector:
                     depth.add_metric([target, state], snap.get(state, 0))
                 oldest.add_metric([target], snap.get("oldest_age_seconds", 0.0))
                 drainer = svc.drainers.get(target)
-                paused.add_metric([target], 1.0 if drainer is not None and drainer.paused_until is not None else 0.0)
+                shared_pause = snap.get("paused_until") is not None
+                paused.add_metric([target], 1.0 if shared_pause or (drainer is not None and
+                                                                    drainer.paused_until is not None) else 0.0)
+                for node, n in sorted((snap.get("leases") or {}).items()):
+                    leases.add_metric([target, node], n)
                 for outcome in ("delivered", "retry", "dead"):
                     attempts.add_metric([target, outcome], svc.attempts.get((target, outcome), 0))
         for store in stores:
@@ -59,6 +81,13 @@ class StoreForwardCollector:
                 continue
             seen_stores.add(id(store))
             label = store.root.name
+            db = getattr(store, "db", None)
+            if db is not None:
+                db_up.add_metric([label, db.describe()], 0.0 if getattr(db, "last_error", None) else 1.0)
+            blobs = getattr(store, "blobs", None)
+            if blobs is not None:
+                blobs_up.add_metric([label, blobs.describe()], 0.0 if blobs.last_error else 1.0)
+                uploads.add_metric([label], store.uploads_pending)
             try:
                 free.add_metric([label], store.guard.free_bytes())
             except OSError:
@@ -67,7 +96,13 @@ class StoreForwardCollector:
             stored.add_metric([label], store.counters.get("stored", 0))
             for reason in ("full", "invalid", "failed"):
                 refused.add_metric([label, reason], store.counters.get(f"refused_{reason}", 0))
-        yield from (depth, oldest, attempts, paused, free, floor, stored, refused)
+        for svc in self.services:
+            label = svc.store.root.name
+            lost.add_metric([label], getattr(svc, "leases_lost", 0))
+            if "dead_tuples" in getattr(svc, "table_health", {}):
+                dead_rows.add_metric([label], svc.table_health["dead_tuples"])
+        yield from (depth, oldest, attempts, paused, leases, lost, dead_rows, db_up, uploads, blobs_up, free, floor,
+                    stored, refused)
 
 
 def register_metrics(registry, services, stores=()) -> StoreForwardCollector:

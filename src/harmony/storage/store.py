@@ -1,10 +1,15 @@
-"""The durable instance store: files in a UID-based layout plus a sqlite index.
+"""The durable instance store: files in a UID-based layout plus an index database.
 
     <root>/instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     <root>/tmp/          temp files (same filesystem, so the final rename is atomic)
     <root>/index.sqlite  index + store-and-forward queue (WAL, synchronous=FULL)
     <root>/opened-at     when the store was last opened (its mtime and content)
     <root>/clean-shutdown  present only while the store is closed cleanly
+
+With ``[storage] index = "postgresql"`` the index and queue live in the shared
+PostgreSQL instead (:mod:`harmony.storage.database`), and temp files and
+markers are per node (``tmp/<node>/``, ``clean-shutdown.<node>``) so nodes
+sharing the folder never clear each other's work in progress.
 
 An instance is *durable* once :meth:`InstanceStore.put_file_sync` returns: the
 file was fsynced, renamed into place, its folder fsynced, and the index row
@@ -27,35 +32,47 @@ resends).  See docs/storage.md, "Crash recovery".
 from __future__ import annotations
 
 import os
-import sqlite3
 import re
+import socket
+import sqlite3
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import attr
-
-from twisted.internet import defer
-from twisted.python.threadable import isInIOThread
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 
 from harmony.dicom import status as dimse
 from harmony.dicom.files import CorruptDataset, check_complete
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.log import get_logger
+from harmony.storage import blobs as blob_sql
 from harmony.storage import index as idx
 from harmony.storage import queue as q
-from harmony.storage.errors import InvalidInstance, StorageFailure, StorageFull
+from harmony.storage.blobs import BlobUnavailable
+from harmony.storage.database import SQLITE, SqliteDatabase
+from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
-from harmony.storage.query import (IMAGE, STUDY_ROOT, attrs_from_dataset, levels_for, query_keys, record_matches,
-                                   response_json)
+from harmony.storage.query import (
+    IMAGE,
+    STUDY_ROOT,
+    attrs_from_dataset,
+    levels_for,
+    query_keys,
+    record_matches,
+    response_json,
+)
 from harmony.storage.uids import clean_uid
 
 log = get_logger("harmony.storage")
 
 DEFAULT_MIN_FREE = 512 * 1024 * 1024
+#: Seconds between looks for files still to upload to S3 (after an outage or a crash).
+UPLOAD_INTERVAL = 10.0
 #: Results are handed to the reactor in batches of this many.
 BATCH = 32
 #: Markers at the store's root (see the module docstring).
@@ -82,7 +99,8 @@ class Recovery:
 
 class InstanceStore:
     def __init__(self, root, *, reactor=None, min_free_bytes: int = DEFAULT_MIN_FREE, fsync: bool = True,
-                 threads: int = 4, free_bytes=None, clock=time.time):
+                 threads: int = 4, free_bytes=None, clock=time.time, database=None, node: str = "",
+                 blobs=None, upload_interval: float = UPLOAD_INTERVAL):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -94,10 +112,28 @@ class InstanceStore:
         self.fsync = fsync
         self.clock = clock
         self.guard = SpaceGuard(self.root, min_free_bytes, free_bytes)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        #: The index and queue: sqlite next to the files unless a shared database is given.
+        self.db = database if database is not None else SqliteDatabase(self.db_path, fsync)
+        #: True when other nodes share the index and queue (a PostgreSQL database).
+        self.shared = self.db.dialect != SQLITE
+        #: This node's name on the queue's leases (``[storage.options] node``).
+        self.node = node or socket.gethostname()
+        if self.shared:
+            # Nodes may share the folder (NFS): each clears and marks only its own.
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.node)
+            self.tmp_dir = self.root / "tmp" / safe
+            self._markers = (f"{CLEAN_MARKER}.{safe}", f"{OPENED_MARKER}.{safe}")
+        else:
+            self._markers = (CLEAN_MARKER, OPENED_MARKER)
+        #: S3-compatible object storage for the files (None: the folder is the store).
+        self.blobs = blobs
+        self.upload_interval = upload_interval
+        self._uploading = False
+        self._upload_again = False
+        self._upload_loop = None
+        #: Files durable here but not yet in S3, as last counted (metrics).
+        self.uploads_pending = 0
         self._conn_lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
         self._shutdown_trigger = None
@@ -125,19 +161,15 @@ class InstanceStore:
         with self._conn_lock:
             if self._opened:
                 return
-            for d in (self.root, self.instances_dir, self.tmp_dir):
+            for d in (self.root, self.instances_dir, self.tmp_dir.parent, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
             left = clear_temp(self.tmp_dir)
             if left:
                 log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
                          root=str(self.root), n=left)
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(idx.SCHEMA + q.SCHEMA)
-                q.migrate(conn)
-            finally:
-                conn.close()
+            self.db.create_schema(idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA,
+                                  idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA)
+            self.db.transaction(True, q.upgrade)
             plan = self._mark_opened()
             self._opened = True
         # The scan reads files and the index: never on the reactor thread.
@@ -150,8 +182,8 @@ class InstanceStore:
     def _mark_opened(self) -> tuple:
         """Consume the clean-shutdown marker and stamp this open; returns the
         ``(reason, since)`` the recovery scan needs."""
-        clean = self.root / CLEAN_MARKER
-        opened = self.root / OPENED_MARKER
+        clean = self.root / self._markers[0]
+        opened = self.root / self._markers[1]
         if clean.exists():
             reason, since = "clean", None
         else:
@@ -179,7 +211,7 @@ class InstanceStore:
         if not self._opened or self._dirty:
             return
         try:
-            marker = self.root / CLEAN_MARKER
+            marker = self.root / self._markers[0]
             marker.write_text(f"{time.time()}\n")
             if self.fsync:
                 fsync_file(marker)
@@ -253,17 +285,9 @@ class InstanceStore:
         log.debug("storage: indexed unindexed file {rel}", rel=rel)
         found.indexed += 1
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            self.open_sync()
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._conn_lock:
-                self._connections.append(conn)
-        return conn
+    def _conn(self):
+        self.open_sync()
+        return self.db.connection()
 
     def write_sync(self, fn, *args, **kwargs):
         """Run ``fn(conn, *args, **kwargs)`` in one write transaction, durable
@@ -279,23 +303,12 @@ class InstanceStore:
         return self._transaction(False, fn, args, kwargs)
 
     def _transaction(self, durable: bool, fn, args, kwargs):
-        conn = self._conn()
-        with self._write_lock:
-            mode = "FULL" if durable and self.fsync else "NORMAL" if self.fsync else "OFF"
-            if getattr(self._local, "sync_mode", None) != mode:
-                conn.execute(f"PRAGMA synchronous={mode}")
-                self._local.sync_mode = mode
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn, *args, **kwargs)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+        self.open_sync()
+        return self.db.transaction(durable, fn, args, kwargs)
 
     def read_sync(self, fn, *args, **kwargs):
-        return fn(self._conn(), *args, **kwargs)
+        self.open_sync()
+        return self.db.read(fn, args, kwargs)
 
     def run(self, fn, *args, **kwargs) -> defer.Deferred:
         """Run blocking ``fn`` on the store's thread pool."""
@@ -306,6 +319,11 @@ class InstanceStore:
         if not self.pool.started:
             self.pool.start()
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+            if self.blobs is not None and self._upload_loop is None:
+                # Also finishes what a crash (kill -9) left pending, at start.
+                self._upload_loop = task.LoopingCall(self.upload_soon)
+                self._upload_loop.clock = self.reactor
+                self.reactor.callLater(0, self._upload_loop.start, self.upload_interval, now=True)
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
     def write(self, fn, *args, **kwargs) -> defer.Deferred:
@@ -326,6 +344,8 @@ class InstanceStore:
         if self.closed:
             return
         self.closed = True
+        if self._upload_loop is not None and self._upload_loop.running:
+            self._upload_loop.stop()
         if self._shutdown_trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
@@ -333,10 +353,7 @@ class InstanceStore:
                 pass
         self._stop_pool()  # joins the storage threads: every write has finished
         self._mark_clean()
-        with self._conn_lock:
-            for c in self._connections:
-                c.close()
-            self._connections.clear()
+        self.db.close()
 
     # ------------------------------------------------------------------ layout
 
@@ -442,12 +459,17 @@ class InstanceStore:
                                       transfer_syntax_uid=header["ts"], relpath=rel, size=size, now=now)
             if enqueue:
                 q.enqueue(conn, header["sop"], list(enqueue), now)
+            if self.blobs is not None:
+                blob_sql.mark_pending(conn, rel, self.node, now)
             return old
 
         try:
             old = self.write_sync(tx)
-        except sqlite3.Error as e:
+        except DatabaseUnavailable:
             # The file is in place without its row: the next start must scan.
+            self._dirty = True
+            raise
+        except (sqlite3.Error, StorageFailure) as e:
             self._dirty = True
             raise StorageFailure(f"index update failed: {e}") from None
         if old:
@@ -455,6 +477,8 @@ class InstanceStore:
                 os.unlink(self.path_of(old))
             except (FileNotFoundError, InvalidInstance):
                 pass
+        if self.blobs is not None:
+            self.reactor.callFromThread(self.upload_soon)
         return DicomInstance(path=final, sop_class_uid=header["sop_class"], sop_instance_uid=header["sop"],
                              transfer_syntax_uid=header["ts"], study_instance_uid=header["study"],
                              series_instance_uid=header["series"], size=size, owned=False)
@@ -467,18 +491,76 @@ class InstanceStore:
             os.unlink(self.path_of(rel))
         except FileNotFoundError:
             pass
+        if self.blobs is not None:
+            self.write_sync(lambda conn: conn.execute("DELETE FROM blob_uploads WHERE relpath=?", (rel,)))
+            try:
+                self.blobs.delete_sync(rel)
+            except (BlobUnavailable, FileNotFoundError):
+                log.warn("storage: could not delete an object from S3 (left for the bucket's lifecycle rules)")
         return True
 
     def get_sync(self, sop_uid: str) -> DicomInstance | None:
-        row = self._conn().execute(
+        row = self.read_sync(lambda conn: conn.execute(
             "SELECT i.relpath, i.sop_class_uid, i.transfer_syntax_uid, i.size, se.series_uid, st.study_uid "
             "FROM instances i JOIN series se ON i.series_pk=se.pk JOIN studies st ON se.study_pk=st.pk "
-            "WHERE i.sop_uid=?", (sop_uid,)).fetchone()
+            "WHERE i.sop_uid=?", (sop_uid,)).fetchone())
         if row is None:
             return None
-        return DicomInstance(path=self.path_of(row[0]), sop_class_uid=row[1], sop_instance_uid=sop_uid,
+        return DicomInstance(path=self.local_copy_sync(row[0]), sop_class_uid=row[1], sop_instance_uid=sop_uid,
                              transfer_syntax_uid=row[2], size=row[3], series_instance_uid=row[4],
                              study_instance_uid=row[5], owned=False)
+
+    # ------------------------------------------------------------------ object storage (S3)
+
+    def local_copy_sync(self, relpath: str) -> Path:
+        """The file of *relpath* in the folder, fetched from S3 first if this
+        node does not have it (storage thread)."""
+        path = self.path_of(relpath)
+        if self.blobs is None or path.exists():
+            return path
+        with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
+            try:
+                self.blobs.download_sync(relpath, tmp._fh)
+            except FileNotFoundError:
+                raise BlobUnavailable("the instance is not in S3 yet (its upload is pending on the node "
+                                      "that received it)") from None
+            tmp.commit(path, self.instances_dir)
+        return path
+
+    def upload_soon(self) -> None:
+        """Upload this node's pending files now (reactor; one run at a time)."""
+        if self.closed or self.blobs is None:
+            return
+        if self._uploading:
+            self._upload_again = True
+            return
+        self._uploading = True
+        self._upload_again = False
+
+        def done(more):
+            self._uploading = False
+            if (more or self._upload_again) and not self.closed:
+                self.upload_soon()
+
+        def failed(f):
+            self._uploading = False
+            if not f.check(BlobUnavailable, StorageFailure):
+                log.failure("storage: upload to S3 failed", f)
+            # S3 or the database away: the periodic run tries again.
+        self.run(self.upload_pending_sync).addCallbacks(done, failed)
+
+    def upload_pending_sync(self, limit: int = 64) -> bool:
+        """Upload up to *limit* of this node's pending files; True if more remain."""
+        self.uploads_pending = self.read_sync(blob_sql.backlog)
+        rels = self.read_sync(blob_sql.pending, self.node, limit)
+        for rel in rels:
+            path = self.path_of(rel)
+            if path.exists():
+                self.blobs.upload_sync(path, rel)
+            # (a file gone meanwhile was deleted or replaced: nothing to upload)
+            self.bookkeep_sync(blob_sql.uploaded, rel, self.node)
+            self.uploads_pending = max(0, self.uploads_pending - 1)
+        return len(rels) == limit
 
     # ------------------------------------------------------------------ ingest (reactor side)
 
@@ -535,8 +617,8 @@ class InstanceStore:
     def query_sync(self, identifier, level: str, model: str = STUDY_ROOT, should_stop=lambda: False):
         """Yield C-FIND response identifiers (DICOM JSON dicts) for *identifier*."""
         keys = query_keys(identifier, level, model)
-        conn = self._conn()
-        for record, _row in idx.candidates(conn, keys, level):
+        self.open_sync()
+        for record, _row in self.db.rows(lambda conn: idx.candidates(conn, keys, level)):
             if should_stop():
                 return
             if record_matches(keys, record):
@@ -547,12 +629,13 @@ class InstanceStore:
         levels_for(level, model)  # validates the level for the model
         keys = query_keys(identifier, IMAGE, model)
         keys = [k for k in keys if k[2]]  # retrieval: only matching keys matter
-        for record, row in idx.candidates(self._conn(), keys, IMAGE):
+        self.open_sync()
+        for record, row in self.db.rows(lambda conn: idx.candidates(conn, keys, IMAGE)):
             if should_stop():
                 return
             if record_matches(keys, record):
                 relpath, sop_class, ts, size, sop, series, study = row
-                yield DicomInstance(path=self.path_of(relpath), sop_class_uid=sop_class, sop_instance_uid=sop,
+                yield DicomInstance(path=self.local_copy_sync(relpath), sop_class_uid=sop_class, sop_instance_uid=sop,
                                     transfer_syntax_uid=ts, study_instance_uid=study, series_instance_uid=series,
                                     size=size or 0, owned=False)
 
@@ -588,9 +671,8 @@ class InstanceStore:
         return stream
 
     def counts_sync(self) -> dict:
-        conn = self._conn()
-        return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                for table in ("patients", "studies", "series", "instances")}
+        return self.read_sync(lambda conn: {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                                            for table in ("patients", "studies", "series", "instances")})
 
 
 def _subdirs(folder: Path):

@@ -159,8 +159,9 @@ class TargetPool:
                 raise OptionError(f"rules[{rule.index}].targets", "must be a non-empty list of target names")
             for n in chosen:
                 if n not in names:
-                    raise OptionError(f"rules[{rule.index}].targets", f"names {n!r}, which is not one of "
-                                                                      f"this backend's targets ({', '.join(sorted(names))})")
+                    known = ", ".join(sorted(names))
+                    raise OptionError(f"rules[{rule.index}].targets",
+                                      f"names {n!r}, which is not one of this backend's targets ({known})")
         retries = options.int("retries", 1, minimum=0, maximum=100)
         deadline = options.number("deadline_secs", 60.0, minimum=0.001)
         retry_any = options.bool("retry_non_idempotent", False)
@@ -268,7 +269,52 @@ class TargetPool:
 
     def call(self, request, attempt) -> defer.Deferred:
         """Send *request* via ``attempt(target) -> Deferred[ResponseEnvelope]``."""
+        if len(self.targets) == 1:
+            return self._call_one(request, attempt)
         return self._call(request, attempt)
+
+    def _call_one(self, request, attempt) -> defer.Deferred:
+        """:meth:`_call` for a pool of one, without its generator: there is never
+        another target to retry on, so one attempt (and its verdict) is all of it.
+        This is the plain passthrough's hot path."""
+        target = self.choose(request)
+        if target is None:
+            return defer.fail(self.all_down(request))
+        target.begin()
+        request.metadata["target"] = target.name
+        try:
+            d = attempt(target)
+        except Exception:
+            d = defer.fail()
+
+        def answered(response):
+            if response.status not in FAILURE_STATUSES:
+                target.succeeded()
+            else:
+                self._failed(target, f"answered {response.status}")
+            return response  # an upstream's own answer passes through
+
+        def failed(failure):
+            self._attempt_failed(target, request, failure)
+            return failure
+
+        return d.addCallbacks(answered, failed)
+
+    def _attempt_failed(self, target, request, failure: Failure) -> None:
+        """The verdict on *target* for an attempt that failed; raises when the
+        failure ends the request whatever the retry policy (client gone, cancelled,
+        the request's own fault)."""
+        err = failure.value
+        if client_gone(request) or isinstance(err, (defer.CancelledError, ClientClosedRequest)):
+            # Our client left (or we were cancelled): no verdict on the target, no retry.
+            target.released(client_left=client_gone(request) or isinstance(err, ClientClosedRequest))
+            if client_gone(request) and not isinstance(err, ClientClosedRequest):
+                raise ClientClosedRequest("the client went away before the answer") from None
+            failure.raiseException()
+        if isinstance(err, HarmonyError) and err.status not in FAILURE_STATUSES:
+            target.released()  # the request's fault, not the target's
+            failure.raiseException()
+        self._failed(target, _describe_failure(failure))
 
     @defer.inlineCallbacks
     def _call(self, request, attempt):
@@ -295,17 +341,7 @@ class TargetPool:
                 response = yield attempt(target)
             except Exception:
                 failure = Failure()
-                err = failure.value
-                if client_gone(request) or isinstance(err, (defer.CancelledError, ClientClosedRequest)):
-                    # Our client left (or we were cancelled): no verdict on the target, no retry.
-                    target.released(client_left=client_gone(request) or isinstance(err, ClientClosedRequest))
-                    if client_gone(request) and not isinstance(err, ClientClosedRequest):
-                        raise ClientClosedRequest("the client went away before the answer") from None
-                    raise
-                if isinstance(err, HarmonyError) and err.status not in FAILURE_STATUSES:
-                    target.released()  # the request's fault, not the target's
-                    raise
-                self._failed(target, _describe_failure(failure))
+                self._attempt_failed(target, request, failure)
                 last_failure = failure
             else:
                 if response.status not in FAILURE_STATUSES:

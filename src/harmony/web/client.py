@@ -26,14 +26,21 @@ class DirectEndpointFactory:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.standard = StandardEndpointFactory(reactor, tls_policy, connect_timeout, None)
+        #: Agent asks for an endpoint on every request; a target's is always the same.
+        self._plain: dict = {}
 
     def endpointForURI(self, uri):
         if uri.scheme == b"http":
-            try:
-                ipaddress.IPv4Address(uri.host.decode("ascii"))
-            except ValueError:
-                pass
-            else:
-                return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port,
-                                          timeout=self.connect_timeout)
+            key = (uri.host, uri.port)
+            endpoint = self._plain.get(key)
+            if endpoint is None:
+                endpoint = self._plain[key] = self._plain_endpoint(uri)
+            return endpoint
         return self.standard.endpointForURI(uri)
+
+    def _plain_endpoint(self, uri):
+        try:
+            ipaddress.IPv4Address(uri.host.decode("ascii"))
+        except ValueError:
+            return self.standard.endpointForURI(uri)
+        return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=self.connect_timeout)

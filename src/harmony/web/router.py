@@ -26,7 +26,6 @@ from harmony.web.bridge import log_access, request_id_for, write_response
 from harmony.web.problem import problem_response
 from harmony.web.streaming import BODY_MIN_RATE, BODY_TIMEOUT, HEAD_TIMEOUT, HarmonyChannel, HarmonyRequest
 
-
 log = get_logger("harmony.web")
 
 _SEPARATORS = re.compile(r"[/\\]")
@@ -37,7 +36,12 @@ def has_dot_segment(path: str) -> bool:
     ``\\`` as a separator too (some servers do, and decode ``%2f`` before resolving),
     and ignoring path parameters: Tomcat and Jetty strip ``;...`` from each
     segment before resolving, so ``..;/admin`` and ``.;x`` are dot segments too."""
-    decoded = unquote(path, errors="replace") if "%" in path else path
+    if "%" not in path:
+        if "." not in path:
+            return False  # the common case, without splitting the path
+        decoded = path
+    else:
+        decoded = unquote(path, errors="replace")
     return any(seg.partition(";")[0] in (".", "..") for seg in _SEPARATORS.split(decoded))
 
 

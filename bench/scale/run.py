@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Scale-out benchmark: ingest and drain rates of Harmony on sqlite, on PostgreSQL, and three nodes on PostgreSQL.
+
+One run, the same synthetic instances for each set-up, all on 127.0.0.1:
+
+1. one node, ``[storage] index = "sqlite"`` (the embedded default);
+2. one node, ``index = "postgresql"`` (a local PostgreSQL 15, fsync on);
+3. three nodes (three ``twistd`` processes) sharing that PostgreSQL and one folder.
+
+Each set-up: HTTP Part-10 ingest into ``store_forward`` (``--clients``
+keep-alive connections in total, spread over the nodes) with its target down
+(ingest measured alone), then the target comes up and the queue drains
+(instances/s from target up to the last row delivered, every node
+delivering).  Harmony runs with ``fsync = true``; PostgreSQL with
+``fsync = on``.  The target is a small threaded HTTP sink.
+
+Prints instances/s and the ratios: PostgreSQL / sqlite (one node) and
+3 nodes / 1 node (both PostgreSQL).  On a 2-core machine three nodes share
+the same cores as one: the ratio shows the cost of coordination, not the
+gain of more machines.
+
+    .venv/bin/python bench/scale/run.py [--instances 600] [--clients 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.ingest.run import post_bodies  # noqa: E402
+from tests.peers import free_port  # noqa: E402
+from tests.postgres import PostgresServer  # noqa: E402
+from tests.sf_helpers import HarmonyProcess, PortHold, make_instances, node_config  # noqa: E402
+
+
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def undelivered(dsn, sqlite_path) -> int:
+    if dsn:
+        import psycopg
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM queue WHERE state != 'delivered'").fetchone()[0]
+    with sqlite3.connect(sqlite_path) as conn:
+        return conn.execute("SELECT count(*) FROM queue WHERE state != 'delivered'").fetchone()[0]
+
+
+def run(name, work: Path, bodies, clients, n_nodes, dsn=None):
+    shared = work / name / "store"
+    shared.mkdir(parents=True)
+    hold = PortHold(free_port())
+    nodes = []
+    for i in range(n_nodes):
+        port = free_port()
+        node = HarmonyProcess(work / name / f"node{i}", ports=[port])
+        node.folder.mkdir()
+        node.config.write_text(node_config(port, node=f"n{i}", path=shared, dsn=dsn, targets={"pacs": hold.port},
+                                           sf_options="concurrency = 8", log_level="warn"))
+        node.port = port
+        nodes.append(node.start())
+    try:
+        per_node = [bodies[i::n_nodes] for i in range(n_nodes)]
+        times = [0.0] * n_nodes
+
+        def ingest(i):
+            times[i] = post_bodies("127.0.0.1", nodes[i].port, "/ingest", per_node[i], "application/dicom",
+                                   max(1, clients // n_nodes))
+        started = time.perf_counter()
+        threads = [threading.Thread(target=ingest, args=(i,)) for i in range(n_nodes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ingest_s = time.perf_counter() - started
+        hold.release()
+        sink = http.server.ThreadingHTTPServer(("127.0.0.1", hold.port), Sink)
+        threading.Thread(target=sink.serve_forever, daemon=True).start()
+        started = time.perf_counter()
+        while undelivered(dsn, shared / "index.sqlite"):
+            if time.perf_counter() - started > 600:
+                raise RuntimeError("the queue did not drain in 10 minutes")
+            time.sleep(0.05)  # polling a measurement, not synchronising a test
+        drain_s = time.perf_counter() - started
+        sink.shutdown()
+        sink.server_close()
+        return len(bodies) / ingest_s, len(bodies) / drain_s
+    finally:
+        for node in nodes:
+            node.stop()
+        hold.release()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=600)
+    ap.add_argument("--clients", type=int, default=6)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="harmony-bench-scale-") as tmp:
+        work = Path(tmp)
+        files = make_instances(work / "data", args.instances, 91, patient_id="SCALE", size=64)
+        bodies = [f.read_bytes() for f in files]
+        pg = PostgresServer(fsync=True).start()
+        try:
+            results = {
+                "1 node, sqlite": run("sqlite", work, bodies, args.clients, 1),
+                "1 node, PostgreSQL": run("pg1", work, bodies, args.clients, 1, pg.new_database()),
+                "3 nodes, PostgreSQL": run("pg3", work, bodies, args.clients, 3, pg.new_database()),
+            }
+        finally:
+            pg.stop()
+    print(f"{args.instances} instances (64x64), {args.clients} HTTP clients in total, fsync on\n")
+    print(f"  {'set-up':<24}{'ingest inst/s':>16}{'drain inst/s':>16}")
+    for name, (ingest, drain) in results.items():
+        print(f"  {name:<24}{ingest:>16.1f}{drain:>16.1f}")
+    s, p1, p3 = results["1 node, sqlite"], results["1 node, PostgreSQL"], results["3 nodes, PostgreSQL"]
+    print(f"\n  PostgreSQL / sqlite, one node:   ingest {p1[0] / s[0]:.2f}x   drain {p1[1] / s[1]:.2f}x")
+    print(f"  3 nodes / 1 node, PostgreSQL:    ingest {p3[0] / p1[0]:.2f}x   drain {p3[1] / p1[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""The database under the store: one interface, two implementations.
+
+The instance index and the store-and-forward queue are SQL kept in
+:mod:`harmony.storage.index` and :mod:`harmony.storage.queue`, written once
+with ``?`` placeholders.  A *database* gives the store's threads a connection
+on which that SQL runs, and transactions with the store's two durability
+levels:
+
+- :class:`SqliteDatabase` - the embedded default: a WAL file next to the
+  instances, one connection per storage thread, writes serialised.
+- :class:`PostgresDatabase` - the shared index and queue of a cluster of
+  nodes: psycopg 3, one connection per storage thread (so the pool is bounded
+  by ``[storage.options] threads``), Read Committed, retried on deadlock and
+  on a lost connection (PostgreSQL restarted or failed over).
+
+Where the dialects differ (a few functions, the schema's key columns), the
+SQL asks :func:`dialect` for the fragment.  Errors of either database surface
+as :class:`~harmony.storage.errors.StorageFailure`, so callers (C-STORE, STOW)
+answer "not stored" the same way whichever database refused.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from functools import lru_cache
+
+from zope.interface import Attribute, Interface, implementer
+
+from harmony.log import get_logger
+from harmony.storage.errors import DatabaseUnavailable, StorageFailure
+
+log = get_logger("harmony.storage.database")
+
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
+#: How often a PostgreSQL transaction is retried after a deadlock or a lost connection.
+PG_RETRIES = 4
+#: Pause before a retry after a lost connection (doubled each time).
+PG_RETRY_DELAY = 0.25
+#: Connections a node may hold beyond one per storage thread: a thread that
+#: is not a storage thread (start-up, a command-line tool) must not wait for
+#: a storage thread's slot.
+SPARE_CONNECTIONS = 2
+#: pg_advisory_xact_lock key for schema creation (any constant unlikely to clash).
+SCHEMA_LOCK = 0x4861726D6F6E79  # "Harmony"
+
+
+class IDatabase(Interface):
+    """Connections and transactions for the store's threads (see the module docstring)."""
+
+    dialect = Attribute("SQLITE or POSTGRESQL")
+
+    def create_schema(script: str, pg_script: str) -> None:
+        """Create the tables (idempotent)."""
+
+    def transaction(durable: bool, fn, args: tuple, kwargs: dict):
+        """``fn(conn, *args, **kwargs)`` in one transaction; committed on return."""
+
+    def read(fn, args: tuple, kwargs: dict):
+        """``fn(conn, *args, **kwargs)`` outside any write transaction."""
+
+    def rows(make_rows):
+        """Iterate ``make_rows(conn)`` (a query's rows, streamed)."""
+
+    def close() -> None:
+        """Close every connection."""
+
+
+class SqliteConnection(sqlite3.Connection):
+    """A sqlite connection that says which dialect it speaks."""
+
+    dialect = SQLITE
+
+
+def dialect(conn) -> str:
+    return getattr(conn, "dialect", SQLITE)
+
+
+@implementer(IDatabase)
+class SqliteDatabase:
+    dialect = SQLITE
+
+    def __init__(self, path, fsync: bool = True):
+        self.path = path
+        self.fsync = fsync
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+
+    def create_schema(self, script: str, pg_script: str) -> None:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(script)
+        finally:
+            conn.close()
+
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False,
+                                   factory=SqliteConnection)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def transaction(self, durable: bool, fn, args=(), kwargs=None):
+        conn = self.connection()
+        with self._write_lock:
+            mode = "FULL" if durable and self.fsync else "NORMAL" if self.fsync else "OFF"
+            if getattr(self._local, "sync_mode", None) != mode:
+                conn.execute(f"PRAGMA synchronous={mode}")
+                self._local.sync_mode = mode
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args, **(kwargs or {}))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    def read(self, fn, args=(), kwargs=None):
+        return fn(self.connection(), *args, **(kwargs or {}))
+
+    def rows(self, make_rows):
+        return make_rows(self.connection())
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._connections:
+                c.close()
+            self._connections.clear()
+
+    def describe(self) -> str:
+        return f"sqlite {self.path}"
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+
+@lru_cache(maxsize=1024)
+def pg_sql(sql: str) -> str:
+    """Our ``?``-placeholder SQL in psycopg's format style.  The store's SQL
+    never has ``?`` or ``%`` inside a literal, so this is a plain rewrite."""
+    return _PG_FUNCTIONS.sub(lambda m: _PG_FUNCTION_NAMES[m.group(1).lower()] + "(",
+                             sql.replace("%", "%%").replace("?", "%s"))
+
+
+_PG_FUNCTION_NAMES = {"group_concat": "string_agg", "instr": "strpos"}
+_PG_FUNCTIONS = re.compile(r"\b(group_concat|instr)\(", re.IGNORECASE)
+
+
+class PgConnection:
+    """A psycopg connection that runs the store's ``?`` SQL (the same calls as a
+    sqlite connection: ``execute(sql, args)`` returning a cursor)."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.thread = None
+
+    def execute(self, sql: str, args=()):
+        return self.raw.execute(pg_sql(sql), tuple(args) if args else None)
+
+    def executescript(self, script: str):
+        self.raw.execute(script)
+
+
+def _pg_errors():
+    import psycopg
+    return psycopg
+
+
+@implementer(IDatabase)
+class PostgresDatabase:
+    """The shared index and queue (see the module docstring).
+
+    ``synchronous_commit`` is on for what an acknowledgement depends on and off
+    for queue bookkeeping (:meth:`transaction` with ``durable=False``): losing
+    the last bookkeeping before a PostgreSQL crash only means an idempotent
+    re-delivery, the same promise as sqlite's ``synchronous=NORMAL``.
+    """
+
+    dialect = POSTGRESQL
+
+    def __init__(self, dsn: str, *, password: str | None = None, max_connections: int = 4 + SPARE_CONNECTIONS,
+                 application_name: str = "harmony"):
+        self.dsn = dsn
+        self.password = password
+        self.max_connections = max_connections
+        self.application_name = application_name
+        self._local = threading.local()
+        self._connections: list = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.closed = False
+        #: Last connection error text, None while connected (management and metrics say which part is down).
+        self.last_error: str | None = None
+
+    def describe(self) -> str:
+        from psycopg.conninfo import conninfo_to_dict
+        try:
+            info = conninfo_to_dict(self.dsn)
+        except Exception:  # noqa: BLE001 - a malformed DSN is reported when connecting
+            return "postgresql"
+        return f"postgresql {info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+    def _connect(self):
+        psycopg = _pg_errors()
+        extra = {"password": self.password} if self.password is not None else {}
+        raw = psycopg.connect(self.dsn, autocommit=True, application_name=self.application_name, **extra)
+        # Read Committed, stated rather than assumed: the claims rely on its row
+        # re-check (Orthanc left Serializable for it: parallel ingest aborted).
+        raw.execute("SET default_transaction_isolation = 'read committed'")
+        return PgConnection(raw)
+
+    def connection(self) -> PgConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not conn.raw.closed and not conn.raw.broken:
+            return conn
+        if conn is not None:
+            self._forget(conn)
+        self._reap()
+        if not self._slots.acquire(timeout=60):
+            raise DatabaseUnavailable("no PostgreSQL connection free (pool exhausted)")
+        try:
+            conn = self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+        self._local.conn = conn
+        conn.thread = threading.current_thread()
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _reap(self) -> None:
+        """Close the connections of threads that have ended (their slots come back)."""
+        with self._lock:
+            gone = [c for c in self._connections if not c.thread.is_alive()]
+        for c in gone:
+            self._forget(c)
+
+    def _forget(self, conn) -> None:
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+                self._slots.release()
+        try:
+            conn.raw.close()
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+
+    def create_schema(self, script: str, pg_script: str) -> None:
+        def create(conn):
+            # Nodes starting together must not race each other's CREATE TABLE.
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
+            conn.executescript(pg_script)
+        self.transaction(True, create)
+
+    def transaction(self, durable: bool, fn, args=(), kwargs=None):
+        return self._with_retries(fn, args, kwargs or {}, durable)
+
+    def read(self, fn, args=(), kwargs=None):
+        return self._with_retries(fn, args, kwargs or {}, None)
+
+    def rows(self, make_rows):
+        """Stream ``make_rows(conn)``; a connection found dead at the first row
+        (PostgreSQL restarted since it was last used) is replaced once."""
+        psycopg = _pg_errors()
+        for attempt in (0, 1):
+            conn = self.connection()
+            try:
+                it = iter(make_rows(conn))
+                first = next(it)
+            except StopIteration:
+                return
+            except psycopg.OperationalError as e:
+                self._forget(conn)
+                self.last_error = str(e).strip()[:300] or type(e).__name__
+                if attempt:
+                    raise DatabaseUnavailable(f"the database is unreachable: {self.last_error}") from None
+                continue
+            self.last_error = None
+            yield first
+            yield from it
+            return
+
+    def _with_retries(self, fn, args, kwargs, durable):
+        psycopg = _pg_errors()
+        from psycopg import errors as pg_errors
+        delay = PG_RETRY_DELAY
+        for attempt in range(PG_RETRIES + 1):
+            try:
+                conn = self.connection()
+                if durable is None:
+                    result = fn(conn, *args, **kwargs)
+                    if hasattr(result, "__next__"):
+                        result = list(result)
+                else:
+                    with conn.raw.transaction():
+                        if not durable:
+                            conn.raw.execute("SET LOCAL synchronous_commit = off")
+                        result = fn(conn, *args, **kwargs)
+                if self.last_error is not None:
+                    log.info("storage: PostgreSQL is reachable again ({db})", db=self.describe())
+                self.last_error = None
+                return result
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
+                if attempt == PG_RETRIES:
+                    raise StorageFailure("the database kept aborting the transaction (deadlock)") from None
+            except psycopg.OperationalError as e:
+                # The server went away (restart, failover, partition): drop the
+                # connection and retry on a new one; a transaction cut before its
+                # commit is rolled back by the server, and every write here is an
+                # idempotent upsert, so running it again is safe.
+                conn = getattr(self._local, "conn", None)
+                if conn is not None:
+                    self._forget(conn)
+                if self.last_error is None:
+                    log.warn("storage: PostgreSQL unreachable ({db}): {error}", db=self.describe(),
+                             error=str(e).strip()[:300])
+                self.last_error = str(e).strip()[:300] or type(e).__name__
+                if attempt == PG_RETRIES or self.closed:
+                    raise DatabaseUnavailable(f"the database is unreachable: {self.last_error}") from None
+                time.sleep(delay)  # a retry pause on a storage thread, never the reactor
+                delay *= 2
+            except psycopg.Error as e:
+                raise StorageFailure(f"database error: {type(e).__name__}: {str(e).strip()[:300]}") from None
+
+    def close(self) -> None:
+        self.closed = True
+        with self._lock:
+            conns, self._connections = list(self._connections), []
+        for c in conns:
+            try:
+                c.raw.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._slots.release()
+
+
+def read_password_file(path) -> str:
+    from pathlib import Path
+    return Path(path).read_text(encoding="utf-8").strip("\r\n")
