@@ -477,10 +477,8 @@ class ScpServices:
             try:
                 item = await op.next(stream, endpoint.request_timeout, endpoint.reactor)
             except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
-                stream.cancel()
-                status = dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
-                    else dimse.UNABLE_TO_PROCESS_BACKEND
-                await op.respond(status, comment=str(e))
+                status, comment = _broken(stream, e)
+                await op.respond(status, comment=comment)
                 return
             if item is CANCELLED:
                 stream.cancel()
@@ -559,10 +557,8 @@ class ScpServices:
                 try:
                     item = await op.next(stream, endpoint.request_timeout, endpoint.reactor)
                 except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
-                    stream.cancel()
-                    status = dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(e, BackendTimeout) \
-                        else dimse.UNABLE_TO_PROCESS_BACKEND
-                    await op.respond(status, comment=str(e), identifier=_failed_list(failed_uids, op))
+                    status, comment = _broken(stream, e)
+                    await op.respond(status, comment=comment, identifier=_failed_list(failed_uids, op))
                     return
                 if item is CANCELLED:
                     stream.cancel()
@@ -689,6 +685,14 @@ class ScpServices:
                              comment=stream.error_comment)
         finally:
             instance.release()
+
+
+def _broken(stream, error) -> tuple[int, str]:
+    """(status, comment) for a backend that broke or stalled mid-stream; its stream is cancelled."""
+    stream.cancel()
+    if isinstance(error, BackendTimeout):
+        return dimse.UNABLE_TO_PROCESS_TIMEOUT, str(error)
+    return dimse.UNABLE_TO_PROCESS_BACKEND, str(error)
 
 
 def _serves(context, op: str) -> bool:
