@@ -21,11 +21,9 @@ import pytest_twisted
 import treq
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import build_context
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
-from twisted.internet import threads
 
-from harmony.dicom import net
 from harmony.dicom import status as dimse
 from tests.dicom_data import make_instance
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
@@ -186,29 +184,44 @@ async def test_passing_requests_reach_the_backend(harmony, etype, case):
 
 # ---------------------------------------------------------------- DIMSE
 
-def dimse_exchange(port: int):
-    """C-FIND, C-STORE, then C-ECHO on one association (pynetdicom client)."""
-    ae = AE(ae_title="CLIENT")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.add_requested_context(CTImageStorage)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="HARMONY", evt_handlers=net.NODELAY_HANDLERS)
-    assert assoc.is_established
+async def dimse_exchange(port: int):
+    """C-FIND, C-STORE, then C-ECHO on one association.
+
+    The client is Harmony's own requestor: pynetdicom's client raced on a loaded
+    machine ("Received unexpected C-STORE service message", then a DIMSE timeout)."""
+    from twisted.internet import reactor
+
+    from harmony.dicom.ul import commands, datasets
+    from harmony.dicom.ul.requestor import RequestorSettings, associate
+
+    contexts = [build_context(StudyRootQueryRetrieveInformationModelFind), build_context(CTImageStorage),
+                build_context(Verification)]
+    assoc = await associate(reactor, "127.0.0.1", port, RequestorSettings(local_aet="CLIENT"), "HARMONY", contexts)
     try:
+        cid = {str(cx.abstract_syntax): c for c, cx in assoc.contexts.items()}
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = ""
-        finds = [(int(s.Status), s.get("ErrorComment")) for s, _ in
-                 assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+        find_cx = cid[str(StudyRootQueryRetrieveInformationModelFind)]
+        finds = []
+        final = await assoc.request(find_cx, {"AffectedSOPClassUID": str(StudyRootQueryRetrieveInformationModelFind),
+                                              "CommandField": commands.C_FIND_RQ, "Priority": 0},
+                                    datasets.encode(query, str(assoc.contexts[find_cx].transfer_syntax[0])),
+                                    on_pending=lambda m: finds.append((m.command["Status"], None)))
+        finds.append((final.command["Status"], final.command.get("ErrorComment")))
         ds = make_instance(patient_id="P", patient_name="T^T", study_uid="1.2.3.4", series_uid="1.2.3.4.1",
                            sop_uid="1.2.3.4.1.1", modality="CT", series_number=1, instance_number=1,
                            study_date="20240101", series_description="S", accession="A", seed=1)
-        store = assoc.send_c_store(ds)
-        echo = assoc.send_c_echo()
-        return finds, int(store.Status), int(echo.Status), assoc.is_established
+        store_cx = cid[str(CTImageStorage)]
+        store = await assoc.request(store_cx, {"AffectedSOPClassUID": str(CTImageStorage),
+                                               "CommandField": commands.C_STORE_RQ, "Priority": 0,
+                                               "AffectedSOPInstanceUID": "1.2.3.4.1.1"},
+                                    datasets.encode(ds, str(assoc.contexts[store_cx].transfer_syntax[0])))
+        echo = await assoc.request(cid[str(Verification)], {"AffectedSOPClassUID": str(Verification),
+                                                             "CommandField": commands.C_ECHO_RQ})
+        return finds, store.command["Status"], echo.command["Status"], assoc.state == "established"
     finally:
-        assoc.release()
-        ae.shutdown()
+        await assoc.release()
 
 
 @pytest.mark.parametrize("case, find_status, store_status, words", [
@@ -220,7 +233,7 @@ def dimse_exchange(port: int):
 ])
 @pytest_twisted.ensureDeferred
 async def test_middleware_errors_are_dimse_failure_statuses(harmony, case, find_status, store_status, words):
-    finds, store, echo, alive = await threads.deferToThread(dimse_exchange, harmony.scp_ports[case])
+    finds, store, echo, alive = await dimse_exchange(harmony.scp_ports[case])
     assert len(finds) == 1, finds  # no pending matches: the failure is the only answer
     status, comment = finds[0]
     assert status == find_status, hex(status)
