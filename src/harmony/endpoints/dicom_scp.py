@@ -639,7 +639,7 @@ class ScpServices:
             await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
             return
         try:
-            instance = await blocking.run(endpoint.reactor, _read_received, path)
+            instance, header = await blocking.run(endpoint.reactor, _read_received, path, endpoint.forward_store)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
@@ -671,7 +671,7 @@ class ScpServices:
                 return
             env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
             env.context["instance"] = instance
-            env.normalized = await blocking.run(endpoint.reactor, _header_json, instance.path)
+            env.normalized = header
             response = await endpoint.run_pipeline(env)
             stream = response.context.get("dicom_results")
             if stream is None:
@@ -716,9 +716,11 @@ def _unlink(path) -> None:
         pass
 
 
-def _read_received(path):
-    """Validate a received Part-10 file (every element inside it) and describe it (a worker thread)."""
-    return read_instance(path, ds=check_complete(path))
+def _read_received(path, with_header: bool):
+    """Validate a received Part-10 file (every element inside it) and describe it, with its
+    header as DICOM JSON when it goes on through the pipeline: one worker-thread hop per instance."""
+    instance = read_instance(path, ds=check_complete(path))
+    return instance, _header_json(path) if with_header else None
 
 
 def _pairs_listed(stream) -> list:
