@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sqlite3
 import threading
 import time
@@ -52,6 +51,7 @@ from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.log import get_logger
 from harmony.storage import blobs as blob_sql
 from harmony.storage import index as idx
+from harmony.storage import nodes
 from harmony.storage import queue as q
 from harmony.storage.blobs import BlobUnavailable
 from harmony.storage.database import SQLITE, SqliteDatabase
@@ -116,8 +116,9 @@ class InstanceStore:
         self.db = database if database is not None else SqliteDatabase(self.db_path, fsync)
         #: True when other nodes share the index and queue (a PostgreSQL database).
         self.shared = self.db.dialect != SQLITE
-        #: This node's name on the queue's leases (``[storage.options] node``).
-        self.node = node or socket.gethostname()
+        #: This node's name on the queue's leases (``[storage.options] node``;
+        #: default: host name + folder digest, :func:`harmony.storage.nodes.default_node`).
+        self.node = node or nodes.default_node(self.root)
         if self.shared:
             # Nodes may share the folder (NFS): each clears and marks only its own.
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.node)
@@ -131,6 +132,7 @@ class InstanceStore:
         self._uploading = False
         self._upload_again = False
         self._upload_loop = None
+        self._heartbeat_loop = None
         #: Files durable here but not yet in S3, as last counted (metrics).
         self.uploads_pending = 0
         self._conn_lock = threading.Lock()
@@ -167,9 +169,11 @@ class InstanceStore:
             if left:
                 log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
                          root=str(self.root), n=left)
-            self.db.create_schema(idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA,
-                                  idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA)
+            self.db.create_schema(schema_sqlite(), schema_pg())
             self.db.transaction(True, q.upgrade)
+            if self.shared:
+                # Refuses to open while another live process uses this node id.
+                self.db.transaction(True, nodes.claim, (self.node, time.time()))
             plan = self._mark_opened()
             self._opened = True
         # The scan reads files and the index: never on the reactor thread.
@@ -319,6 +323,10 @@ class InstanceStore:
         if not self.pool.started:
             self.pool.start()
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+            if self.shared and self._heartbeat_loop is None:
+                self._heartbeat_loop = task.LoopingCall(self._heartbeat)
+                self._heartbeat_loop.clock = self.reactor
+                self.reactor.callLater(0, self._heartbeat_loop.start, nodes.HEARTBEAT_SECONDS, now=False)
             if self.blobs is not None and self._upload_loop is None:
                 # Also finishes what a crash (kill -9) left pending, at start.
                 self._upload_loop = task.LoopingCall(self.upload_soon)
@@ -335,6 +343,14 @@ class InstanceStore:
     def read(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.read_sync, fn, *args, **kwargs)
 
+    def _heartbeat(self) -> None:
+        """Renew this node's claim on its id (reactor; the work on a storage thread)."""
+        def renewed(ours):
+            if not ours:
+                log.critical("storage: node id {node!r} was taken over by another process: two nodes run "
+                             "under one id (set [storage.options] node on each)", node=self.node)
+        self.bookkeep(nodes.heartbeat, self.node, time.time()).addCallbacks(renewed, lambda f: None)
+
     def _stop_pool(self):
         if self.pool.started:
             self.pool.stop()
@@ -344,8 +360,9 @@ class InstanceStore:
         if self.closed:
             return
         self.closed = True
-        if self._upload_loop is not None and self._upload_loop.running:
-            self._upload_loop.stop()
+        for loop in (self._upload_loop, self._heartbeat_loop):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._shutdown_trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
@@ -675,6 +692,15 @@ class InstanceStore:
                                             for table in ("patients", "studies", "series", "instances")})
 
 
+def schema_sqlite() -> str:
+    """Every table the store keeps (harmony storage migrate checks each one is copied)."""
+    return idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA + nodes.SCHEMA
+
+
+def schema_pg() -> str:
+    return idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA + nodes.PG_SCHEMA
+
+
 def _subdirs(folder: Path):
     try:
         with os.scandir(folder) as it:
@@ -699,6 +725,11 @@ def open_store(root, **options) -> InstanceStore:
         _OPEN[key] = store
     store._refs += 1
     return store
+
+
+def open_stores() -> list[InstanceStore]:
+    """Every store this process has open."""
+    return [s for s in _OPEN.values() if not s.closed]
 
 
 def release_store(store: InstanceStore) -> None:
