@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import attr
+
 from harmony.config.errors import ConfigErrors, OptionError, Problem
 from harmony.config.loader import STORAGE_BACKENDS, STORAGE_INDEXES
 from harmony.config.options import Options
@@ -94,3 +96,35 @@ def blobs_from_options(backend: str, opts: Options):
                                                      f"{getattr(e, 'strerror', None) or e}") from None
     return S3Blobs(opts.str("s3_endpoint"), opts.str("s3_bucket"), opts.str("s3_region", "us-east-1"),
                    access_key=access, secret_key=secret, prefix=opts.str("s3_prefix", ""))
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class SharedParts:
+    """What a component beside the instance store (the JMIX index, the DICOMweb
+    metadata cache) needs to be shared by a cluster's nodes."""
+
+    database: object
+    blobs: object
+    node: str
+
+
+#: Connections each such component may hold (its work is small next to ingest's).
+AUX_CONNECTIONS = 2
+
+
+def shared_parts(ctx, purpose: str, folder) -> SharedParts | None:
+    """The cluster's database (a small pool of its own), bucket and node id when
+    ``[storage] index = "postgresql"``; None on a single node (the component keeps
+    its own sqlite file)."""
+    storage = ctx.config.storage if isinstance(ctx.config.storage, dict) else {}
+    if storage.get("index", STORAGE_INDEXES[0]) != "postgresql":
+        return None
+    opts = Options(storage.get("options", {}), base_dir=ctx.base_dir)
+    try:
+        node = opts.str("node", "")
+        database = database_from_options("postgresql", opts, AUX_CONNECTIONS, f"{node} {purpose}".strip())
+        blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), opts)
+    except OptionError as e:
+        raise ConfigErrors([Problem(str(ctx.config.path), f"storage.options.{e.key}", e.message)]) from None
+    from harmony.storage.nodes import default_node
+    return SharedParts(database, blobs, node or default_node(folder))
