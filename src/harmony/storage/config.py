@@ -17,6 +17,8 @@
     s3_region = "eu-west-1"
     s3_prefix = ""
     s3_credentials_file = "/run/secrets/harmony-s3"   # ACCESS_KEY:SECRET_KEY; else AWS_ACCESS_KEY_ID/...
+    s3_cache_max_mb = 0         # bound on the local folder in front of S3 (0: unbounded); never evicts
+                                # a file not yet uploaded
 """
 
 from __future__ import annotations
@@ -49,12 +51,16 @@ def store_from_context(ctx, options: Options):
         node = global_opts.str("node", "")
         database = database_from_options(storage.get("index", STORAGE_INDEXES[0]), global_opts, threads, node)
         blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), global_opts)
+        cache_mb = global_opts.number("s3_cache_max_mb", 0, minimum=0)
+        if cache_mb and blobs is None:
+            raise OptionError("s3_cache_max_mb", 'only used with backend = "s3"')
     except OptionError as e:
         raise ConfigErrors([Problem(str(ctx.config.path), f"storage.options.{e.key}", e.message)]) from None
     root = options.path("path", None) or ctx.storage_path
     try:
         return open_store(root, reactor=ctx.reactor, min_free_bytes=int(min_free_mb * 1024 * 1024), fsync=fsync,
-                          threads=threads, database=database, node=node, blobs=blobs)
+                          threads=threads, database=database, node=node, blobs=blobs,
+                          cache_max_bytes=int(cache_mb * 1024 * 1024))
     except OSError as e:
         raise OptionError("path", f"cannot open the store at {root}: {e.strerror}") from None
 

@@ -53,7 +53,7 @@ from harmony.storage import blobs as blob_sql
 from harmony.storage import index as idx
 from harmony.storage import nodes
 from harmony.storage import queue as q
-from harmony.storage.blobs import BlobUnavailable
+from harmony.storage.blobs import BlobUnavailable, LocalCache
 from harmony.storage.database import SQLITE, SqliteDatabase
 from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
@@ -100,7 +100,7 @@ class Recovery:
 class InstanceStore:
     def __init__(self, root, *, reactor=None, min_free_bytes: int = DEFAULT_MIN_FREE, fsync: bool = True,
                  threads: int = 4, free_bytes=None, clock=time.time, database=None, node: str = "",
-                 blobs=None, upload_interval: float = UPLOAD_INTERVAL):
+                 blobs=None, upload_interval: float = UPLOAD_INTERVAL, cache_max_bytes: int = 0):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -135,6 +135,9 @@ class InstanceStore:
         self._heartbeat_loop = None
         #: Files durable here but not yet in S3, as last counted (metrics).
         self.uploads_pending = 0
+        #: The size bound of the local folder in front of S3 (None: unbounded).
+        self.cache = (LocalCache(self.instances_dir, cache_max_bytes)
+                      if blobs is not None and cache_max_bytes > 0 else None)
         self._conn_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
@@ -533,7 +536,11 @@ class InstanceStore:
         """The file of *relpath* in the folder, fetched from S3 first if this
         node does not have it (storage thread)."""
         path = self.path_of(relpath)
-        if self.blobs is None or path.exists():
+        if self.blobs is None:
+            return path
+        if path.exists():
+            if self.cache is not None:
+                self.cache.touch(path)
             return path
         with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
             try:
@@ -542,6 +549,10 @@ class InstanceStore:
                 raise BlobUnavailable("the instance is not in S3 yet (its upload is pending on the node "
                                       "that received it)") from None
             tmp.commit(path, self.instances_dir)
+        if self.cache is not None:
+            self.cache.added(path.stat().st_size)
+            if self.cache.due():
+                self.reactor.callFromThread(self.upload_soon)  # evicts on its storage thread
         return path
 
     def upload_soon(self) -> None:
@@ -568,12 +579,24 @@ class InstanceStore:
 
     def upload_pending_sync(self, limit: int = 64) -> bool:
         """Upload up to *limit* of this node's pending files; True if more remain."""
+        try:
+            return self._upload_some_sync(limit)
+        finally:
+            if self.cache is not None and self.cache.due():
+                # Also while S3 is away (fetched files can still go).  The pending set
+                # is read before the walk: a file made pending after it was renamed
+                # into place moments ago, inside the cache's grace.
+                self.cache.evict_sync(self.read_sync(blob_sql.pending_set, self.node))
+
+    def _upload_some_sync(self, limit: int) -> bool:
         self.uploads_pending = self.read_sync(blob_sql.backlog)
         rels = self.read_sync(blob_sql.pending, self.node, limit)
         for rel in rels:
             path = self.path_of(rel)
             if path.exists():
                 self.blobs.upload_sync(path, rel)
+                if self.cache is not None:
+                    self.cache.added(path.stat().st_size)
             # (a file gone meanwhile was deleted or replaced: nothing to upload)
             self.bookkeep_sync(blob_sql.uploaded, rel, self.node)
             self.uploads_pending = max(0, self.uploads_pending - 1)
