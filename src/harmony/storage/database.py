@@ -158,19 +158,53 @@ _PG_FUNCTIONS = re.compile(r"\b(group_concat|instr)\(", re.IGNORECASE)
 
 class PgConnection:
     """A psycopg connection that runs the store's ``?`` SQL (the same calls as a
-    sqlite connection: ``execute(sql, args)`` returning a cursor)."""
+    sqlite connection: ``execute(sql, args)`` returning a cursor).
+
+    Inside a write transaction the connection is in psycopg's pipeline mode:
+    a statement whose result nobody reads (an INSERT, the enqueue, BEGIN and
+    COMMIT themselves) is sent without waiting for its answer, and the
+    round trip is paid once, when a result is read or at the commit.  An
+    ingest's transaction thus costs one round trip per query whose answer it
+    needs, not one per statement.  Reading ``rowcount`` syncs first (in
+    pipeline mode it is only known once the answer is in).
+    """
 
     dialect = POSTGRESQL
 
     def __init__(self, raw):
         self.raw = raw
         self.thread = None
+        #: The psycopg Pipeline while a write transaction runs, else None.
+        self.pipeline = None
 
     def execute(self, sql: str, args=()):
-        return self.raw.execute(pg_sql(sql), tuple(args) if args else None)
+        cur = self.raw.execute(pg_sql(sql), tuple(args) if args else None)
+        return cur if self.pipeline is None else _PipelinedCursor(cur, self.pipeline)
 
     def executescript(self, script: str):
-        self.raw.execute(script)
+        # One statement at a time: pipeline mode (a write transaction) takes no
+        # multi-statement strings.  The schema scripts hold no ';' in a literal.
+        for statement in script.split(";"):
+            if statement.strip():
+                self.raw.execute(statement)
+
+
+class _PipelinedCursor:
+    """A cursor in pipeline mode whose ``rowcount`` waits for the answer (fetches already do)."""
+
+    def __init__(self, cursor, pipeline):
+        self._cursor, self._pipeline = cursor, pipeline
+
+    @property
+    def rowcount(self) -> int:
+        self._pipeline.sync()
+        return self._cursor.rowcount
+
+    def __iter__(self):
+        return iter(self._cursor.fetchall())
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
 
 
 def _healthy(conn: PgConnection) -> bool:
@@ -358,10 +392,13 @@ class PostgresDatabase:
                     if hasattr(result, "__next__"):
                         result = list(result)
                 else:
-                    with conn.raw.transaction():
-                        if not durable:
-                            conn.raw.execute("SET LOCAL synchronous_commit = off")
-                        result = fn(conn, *args, **kwargs)
+                    with conn.raw.pipeline() as conn.pipeline, conn.raw.transaction():
+                        try:
+                            if not durable:
+                                conn.raw.execute("SET LOCAL synchronous_commit = off")
+                            result = fn(conn, *args, **kwargs)
+                        finally:
+                            conn.pipeline = None
                 if self.last_error is not None:
                     log.info("storage: PostgreSQL is reachable again ({db})", db=self.describe())
                 self.last_error = None
