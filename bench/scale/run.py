@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
@@ -114,21 +115,31 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--instances", type=int, default=600)
     ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the medians are reported")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="harmony-bench-scale-") as tmp:
         work = Path(tmp)
         files = make_instances(work / "data", args.instances, 91, patient_id="SCALE", size=64)
         bodies = [f.read_bytes() for f in files]
         pg = PostgresServer(fsync=True).start()
+        rounds: dict[str, list] = {}
         try:
-            results = {
-                "1 node, sqlite": run("sqlite", work, bodies, args.clients, 1),
-                "1 node, PostgreSQL": run("pg1", work, bodies, args.clients, 1, pg.new_database()),
-                "3 nodes, PostgreSQL": run("pg3", work, bodies, args.clients, 3, pg.new_database()),
-            }
+            # Interleaved: a load spike from the other engineers' tests hits every set-up alike.
+            for r in range(args.rounds):
+                for name, key, n_nodes, shared in (("1 node, sqlite", "sqlite", 1, False),
+                                                   ("1 node, PostgreSQL", "pg1", 1, True),
+                                                   ("3 nodes, PostgreSQL", "pg3", 3, True)):
+                    got = run(f"{key}-{r}", work, bodies, args.clients, n_nodes,
+                              pg.new_database() if shared else None)
+                    rounds.setdefault(name, []).append(got)
+                    print(f"  round {r + 1}: {name:<22} ingest {got[0]:7.1f}  drain {got[1]:7.1f}", flush=True)
         finally:
             pg.stop()
-    print(f"{args.instances} instances (64x64), {args.clients} HTTP clients in total, fsync on\n")
+    results = {name: (statistics.median(g[0] for g in got), statistics.median(g[1] for g in got))
+               for name, got in rounds.items()}
+    print()
+    print(f"{args.instances} instances (64x64), {args.clients} HTTP clients in total, fsync on, "
+          f"medians of {args.rounds} interleaved rounds\n")
     print(f"  {'set-up':<24}{'ingest inst/s':>16}{'drain inst/s':>16}")
     for name, (ingest, drain) in results.items():
         print(f"  {name:<24}{ingest:>16.1f}{drain:>16.1f}")

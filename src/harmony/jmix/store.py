@@ -112,7 +112,15 @@ class EnvelopeStore:
         self.staging.mkdir(parents=True)
         self._fetch_lock = threading.Lock()
         self.db = database if database is not None else SqliteDatabase(self.folder / "index.sqlite3")
-        self.db.create_schema(_SCHEMA, _PG_SCHEMA)
+        self._schema_ready = False
+
+    def _database(self):
+        # The schema on first use: building a configuration (harmony check)
+        # must not need the cluster's database to be reachable.
+        if not self._schema_ready:
+            self.db.create_schema(_SCHEMA, _PG_SCHEMA)
+            self._schema_ready = True
+        return self.db
 
     # -- paths
     def envelope_dir(self, env_id: str) -> Path:
@@ -136,7 +144,7 @@ class EnvelopeStore:
     # -- queries (small and indexed; on a shared database they are network
     # round trips, so callers on the reactor should prefer a thread)
     def _query(self, sql: str, args=()) -> list:
-        return self.db.read(lambda conn: conn.execute(sql, args).fetchall())
+        return self._database().read(lambda conn: conn.execute(sql, args).fetchall())
 
     def get(self, env_id: str) -> dict | None:
         """The envelope's row, its files present locally (fetched from S3 if need be; blocking)."""
@@ -237,7 +245,7 @@ class EnvelopeStore:
         def insert(conn):
             return conn.execute("INSERT INTO envelopes(id, study_uid, created_at, stored_at, size, source) "
                                 f"VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) {conflict}", row).rowcount
-        if not self.db.transaction(True, insert):
+        if not self._database().transaction(True, insert):
             shutil.rmtree(final, ignore_errors=True)  # the first node's copy is the one served
             raise DuplicateEnvelope(cid)  # another node indexed the same id meanwhile
         return {"id": cid, "study_uid": study_uid, "size": size, "source": source}
