@@ -26,7 +26,6 @@ The kill point comes from a seed printed on failure (``HARMONY_CLUSTER_SEED``).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -42,59 +41,32 @@ from twisted.web.server import Site
 from tests.dicomweb_helpers import bridge_pipeline, multipart
 from tests.peers import DCMTK, Storescp, free_port, peer_env
 from tests.s3 import ACCESS_KEY, SECRET_KEY
-from tests.sf_helpers import HarmonyProcess, PortHold, ScriptedTarget, make_instances
+from tests.sf_helpers import HarmonyProcess, PortHold, ScriptedTarget, make_instances, node_config
 
 N_INSTANCES = 60
 CONCURRENCY = 4
 LEASE_SECONDS = 2
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.2  # node_config's poll_seconds
 SCP_AET = "HARMONY"
 TOKEN = "cluster-test-token"
+ENABLE_QUERY = "enable_find = true\nenable_get = true\nenable_move = true"
 
 
 def cluster_config(node, ports, *, dsn, s3, prefix, credentials, targets: dict, sink_port: int) -> str:
     """One node: HTTP ingest, STOW-RS and a C-STORE SCP into ``store_forward`` (sf); QIDO/WADO-RS and a
-    C-FIND/C-GET/C-MOVE SCP over the same store (``local_archive``); PostgreSQL + S3."""
-    backends = "".join(f'\n[backends.{name}]\nservice = "http"\nbase_url = "http://127.0.0.1:{p}/"\n'
-                       f'[backends.{name}.circuit]\nopen_secs = 0.2\n' for name, p in targets.items())
+    C-FIND/C-GET/C-MOVE SCP over the same store (``local_archive``); PostgreSQL + S3; management."""
     scp = ('\n[endpoints.{name}]\nservice = "dicom_scp"\n[endpoints.{name}.options]\nlocal_aet = "HARMONY"\n'
            'bind_addr = "127.0.0.1"\nport = {port}\n{enable}\n')
-    store_scp = scp.format(name="store_scp", port=ports["store"], enable="enable_store = true")
-    query_scp = scp.format(name="query_scp", port=ports["query"],
-                           enable="enable_find = true\nenable_get = true\nenable_move = true")
-    return f"""
-[proxy]
-id = "node-{node}"
-
-[network.default.http]
-bind_address = "127.0.0.1"
-bind_port = {ports["http"]}
-
+    return node_config(
+        ports["http"], node=node, path="store", targets=targets, dsn=dsn, backend="s3",
+        storage=(f's3_endpoint = "{s3.endpoint}"\ns3_bucket = "{s3.bucket}"\ns3_prefix = "{prefix}"\n'
+                 f's3_credentials_file = "{credentials}"\n'),
+        sf_options=f"concurrency = {CONCURRENCY}\nlease_seconds = {LEASE_SECONDS}\n"
+                   '[backends.sf.options.per_target.vault]\norder = "fifo"') + f"""
 [management]
 enabled = true
 bind_port = {ports["admin"]}
 token = "{TOKEN}"
-
-[storage]
-index = "postgresql"
-backend = "s3"
-[storage.options]
-path = "store"
-min_free_mb = 0
-node = "{node}"
-dsn = "{dsn}"
-s3_endpoint = "{s3.endpoint}"
-s3_bucket = "{s3.bucket}"
-s3_prefix = "{prefix}"
-s3_credentials_file = "{credentials}"
-
-[endpoints.ingest]
-service = "http"
-path_prefix = "/ingest"
-
-[pipelines.ingest]
-endpoints = ["ingest"]
-backends = ["sf"]
 
 [pipelines.dimse_in]
 endpoints = ["store_scp"]
@@ -103,27 +75,13 @@ backends = ["sf"]
 [pipelines.dimse_query]
 endpoints = ["query_scp"]
 backends = ["archive"]
-{store_scp}
-{query_scp}
+{scp.format(name="store_scp", port=ports["store"], enable="enable_store = true")}
+{scp.format(name="query_scp", port=ports["query"], enable=ENABLE_QUERY)}
 [endpoints.query_scp.options.move_destinations]
 SINK = "127.0.0.1:{sink_port}"
 
 [backends.archive]
 service = "local_archive"
-
-[backends.sf]
-service = "store_forward"
-[backends.sf.options]
-forward_to = {json.dumps(list(targets))}
-backoff_initial_seconds = 0.1
-backoff_max_seconds = 0.5
-max_attempts = 1000000
-poll_seconds = {POLL_SECONDS}
-concurrency = {CONCURRENCY}
-lease_seconds = {LEASE_SECONDS}
-[backends.sf.options.per_target.vault]
-order = "fifo"
-{backends}
 {bridge_pipeline("stow", "sf", prefix="/stow")}
 {bridge_pipeline("web", "archive", prefix="/dicomweb")}
 """

@@ -26,6 +26,7 @@ import re
 import socket
 import uuid
 
+from harmony.dicom.files import _alive as process_alive
 from harmony.log import get_logger
 from harmony.storage.database import POSTGRESQL, dialect
 from harmony.storage.errors import StorageFailure
@@ -80,15 +81,8 @@ def default_node(root) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a previous process of ours that had the same pid (a container's pid 1)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # Our own pid: a previous process that had it (a container's pid 1), so gone.
+    return pid != os.getpid() and process_alive(pid)
 
 
 def claim(conn, node: str, now: float, token: str | None = None, host: str | None = None) -> None:
