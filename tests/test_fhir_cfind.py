@@ -117,7 +117,7 @@ def results(items, status=0x0000):
         stream.put(item)
     stream.finish(status)
     resp = ResponseEnvelope(status=200, headers=Headers({"Content-Type": ["application/dicom+json"]}))
-    resp.context["dicom_results"] = stream
+    resp.state.dicom_results = stream
     return resp, stream
 
 

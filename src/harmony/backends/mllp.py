@@ -41,6 +41,7 @@ from harmony.hl7.framing import FramingError, MllpDecoder, frame
 from harmony.hl7.jsonview import ViewError, to_er7
 from harmony.hl7.message import HL7Error, read_header
 from harmony.log import get_logger
+from harmony.state import ResponseState
 from harmony.targets import TargetPool
 
 log = get_logger("harmony.backends.mllp")
@@ -224,7 +225,7 @@ class MllpBackend(Backend):
             return ResponseEnvelope(
                 status=status, headers=Headers({b"content-type": [CONTENT_TYPE]}), body=raw,
                 metadata={"hl7.ack_code": info.code, "upstream_status": info.code},
-                context={"hl7_ack": raw, "hl7_ack_code": info.code, "hl7_ack_info": info})
+                state=ResponseState(hl7_ack=raw, hl7_ack_code=info.code, hl7_ack_info=info))
         finally:
             if conn is not None and conn.connected:
                 conn.transport.abortConnection()  # never reuse a connection in an unknown state

@@ -15,7 +15,7 @@ Requests ask for an operation through envelope metadata:
 - ``metadata["move_destination"]``: AE title for C-MOVE.
 - ``request.normalized``: the identifier as DICOM JSON (PS3.18 F.2), which is
   what middleware transforms see and edit.
-- C-STORE: ``request.context["instance"]`` is a :class:`DicomInstance`
+- C-STORE: ``request.state.dicom.instance`` is a :class:`DicomInstance`
   (or the body is Part-10 bytes / a producer with ``Content-Type: application/dicom``).
 
 Items are ``pydicom.Dataset`` identifiers for C-FIND and :class:`DicomInstance`
