@@ -40,8 +40,9 @@ class DicomRequestFacts:
 
     #: The ``harmony.dicom.ul.association`` the request arrived on (``dicom_scp``).
     association: Any = None
-    #: The ``harmony.dicom.results.DicomInstance`` a C-STORE sends (``dicom_scp``,
-    #: the DICOMweb bridge's STOW-RS, store-and-forward delivery, de-identification).
+    #: The ``harmony.dicom.results.DicomInstance`` a C-STORE sends (``dicom_scp``, the
+    #: DICOMweb bridge's STOW-RS, store-and-forward delivery, de-identification); the
+    #: stores also take a file path here.
     instance: Any = None
 
 

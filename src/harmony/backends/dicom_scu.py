@@ -597,7 +597,7 @@ class DicomScuBackend(Backend):
     # ------------------------------------------------------------------ C-STORE
 
     async def _store_request(self, request):
-        """C-STORE ``context["instance"]``, or a Part-10 request body spooled to staging."""
+        """C-STORE ``state.dicom.instance``, or a Part-10 request body spooled to staging."""
         instance = request.state.dicom.instance
         spooled = instance is None
         if spooled:

@@ -139,7 +139,7 @@ class LocalArchiveBackend(Backend):
 
 
 def ingest(store, request, enqueue=(), now=None) -> defer.Deferred:
-    """Write the request's instance (``context["instance"]`` or a Part-10 body) durably."""
+    """Write the request's instance (``state.dicom.instance`` or a Part-10 body) durably."""
     instance = request.state.dicom.instance
     if isinstance(instance, DicomInstance):
         return store.put_instance(instance, enqueue=enqueue, now=now)

@@ -5,7 +5,7 @@ A message is sent on a pooled connection to a target chosen by the shared
 breaker); the backend then waits up to ``ack_timeout_secs`` for the
 acknowledgement of *that* message (MSA-2 must name its control ID).
 
-- AA/CA: 200, the peer's ACK as body and ``context["hl7_ack"]``, so the
+- AA/CA: 200, the peer's ACK as body and ``state.hl7_ack``, so the
   ``mllp`` endpoint hands the downstream's own ACK back upstream;
 - AE/CE and timeouts: sent again after ``retry_delay_secs``, up to
   ``retries`` times (a receiver's AE means "try again"); then 500 (or 504);

@@ -2,7 +2,7 @@
 
 A DICOM backend (``dicom_scu``, ``dicomweb`` via the bridge, ``local_archive``)
 answers a pipeline request with a :class:`ResponseEnvelope` whose
-``context["dicom_results"]`` is a :class:`ResultStream`.  Consumers - the DIMSE
+``state.dicom_results`` is a :class:`ResultStream`.  Consumers - the DIMSE
 SCP endpoint, the DICOMweb bridge, the JMIX builder, an HTTP JSON rendering -
 pull items from it *as they arrive*, so the first C-FIND match or retrieved
 instance goes onward long before the last one exists.

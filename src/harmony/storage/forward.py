@@ -3,7 +3,7 @@
 One :class:`StoreForward` service serves one store and a set of targets, each
 a backend reached through its ordinary ``send()``: for a DICOM instance a
 C-STORE request envelope (``metadata["dimse_op"] = "C-STORE"``,
-``context["instance"]`` a :class:`~harmony.dicom.results.DicomInstance` of
+``state.dicom.instance`` a :class:`~harmony.dicom.results.DicomInstance` of
 the store's file, a Part-10 body for HTTP-family backends); for an HL7 v2
 message the message's bytes with its ``hl7.*`` metadata, as the ``mllp``
 endpoint made them (the ``mllp`` backend answers 200 for AA, 500 for AE,
