@@ -242,6 +242,12 @@ async def test_three_nodes_postgresql_and_s3_faults_one_killed_nothing_lost(own_
         for sop in foreign:
             ds = await threads.deferToThread(wado_instance, reader, study, sop)
             assert ds.PixelData == dcmread(by_sop[sop]).PixelData
+        # WADO-RS metadata built on one node is the cluster's: another node serves it from the shared cache.
+        first_body = await threads.deferToThread(series_metadata, nodes[0], study, series_of(by_sop, foreign[0]))
+        cached = metadata_rows(dsn)
+        assert len(cached) == 1
+        again = await threads.deferToThread(series_metadata, nodes[2], study, series_of(by_sop, foreign[0]))
+        assert again == first_body and metadata_rows(dsn) == cached  # not rebuilt (same row, same expiry)
         assert await c_find(nodes[0], study, tmp_path / "find") == set(acknowledged)
         got = await c_get(nodes[2], study, tmp_path / "get")
         assert got == {sop: dcmread(by_sop[sop]).PixelData for sop in acknowledged}  # (file meta is getscu's)
@@ -308,6 +314,23 @@ def wado_instance(node: Node, study: str, sop: str):
     series = [r["0020000E"]["Value"][0] for r in client.search_for_instances(study_instance_uid=study)
               if r["00080018"]["Value"][0] == sop][0]
     return client.retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
+
+
+def series_of(by_sop, sop) -> str:
+    return str(dcmread(by_sop[sop], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def series_metadata(node: Node, study: str, series: str) -> bytes:
+    import requests
+    r = requests.get(node.url(f"/dicomweb/studies/{study}/series/{series}/metadata"),
+                     headers={"Accept": "application/dicom+json"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.content.replace(f"127.0.0.1:{node.port['http']}".encode(), b"NODE")  # BulkDataURIs name the node
+
+
+def metadata_rows(dsn) -> list:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT key, expires_at FROM dicomweb_metadata").fetchall()
 
 
 async def c_find(node: Node, study: str, out) -> set[str]:

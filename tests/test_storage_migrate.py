@@ -125,3 +125,24 @@ def test_an_unknown_sqlite_table_stops_the_migration(postgres, tmp_path, capsys)
     dsn = postgres.new_database()
     assert harmony_main(["storage", "migrate", "--from", str(tmp_path / "store"), "--dsn", dsn]) == 1
     assert "added_later" in capsys.readouterr().err
+
+
+def test_migrate_to_s3_queues_every_file_for_upload(postgres, corpus, tmp_path, capsys):
+    """A node moving to backend = "s3" as well: --upload-as queues each instance file for that node's
+    uploader (files already pending keep their node)."""
+    root = tmp_path / "store"
+    lite = InstanceStore(root, min_free_bytes=0)
+    for inst in corpus[:4]:
+        lite.put_file_sync(inst.path)
+    rels = sorted(r[0] for r in lite.read_sync(lambda c: c.execute("SELECT relpath FROM instances").fetchall()))
+    lite.write_sync(blob_sql.mark_pending, rels[0], "old-node", 5.0)
+    lite.close()
+    dsn = postgres.new_database()
+    assert harmony_main(["storage", "migrate", "--from", str(root), "--dsn", dsn, "--upload-as", "n1"]) == 0
+    assert "3 instance file(s) queued for upload to S3 by node 'n1'" in capsys.readouterr().out
+    pg = InstanceStore(root, min_free_bytes=0, database=PostgresDatabase(dsn), node="n1")
+    try:
+        assert pg.read_sync(lambda c: c.execute("SELECT relpath, node FROM blob_uploads ORDER BY relpath")
+                            .fetchall()) == [(rels[0], "old-node")] + [(r, "n1") for r in rels[1:]]
+    finally:
+        pg.close()

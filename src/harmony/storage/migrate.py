@@ -38,6 +38,8 @@ NOT_COPIED = {
 #: keyed by text (blob_uploads: relpath) are checked by count.
 ID_COLUMNS = {"patients": "pk", "studies": "pk", "series": "pk", "instances": "pk", "messages": "id", "queue": "id"}
 BATCH = 1000
+#: The report's entry for files queued for upload (``--upload-as``), not a table.
+UPLOADS_QUEUED = "uploads queued"
 
 
 class MigrationError(Exception):
@@ -52,23 +54,29 @@ def add_storage(sub):
     m.add_argument("--from", dest="source", help="the store folder (or its index.sqlite); default: the config's")
     m.add_argument("--dsn", help="PostgreSQL connection string; default: the config's [storage.options] dsn")
     m.add_argument("--password-file", help="a file holding the PostgreSQL password")
+    m.add_argument("--upload-as", metavar="NODE",
+                   help='queue every instance file for upload to S3 by NODE, the node that will run on this '
+                        'folder (default with -c and backend = "s3": that config\'s node id)')
     m.set_defaults(func=cmd_migrate)
 
 
 def cmd_migrate(args) -> int:
     try:
-        source, dsn, password = _resolve(args)
-        report = migrate(source, PostgresDatabase(dsn, password=password, max_connections=1))
+        source, dsn, password, upload_as = _resolve(args)
+        report = migrate(source, PostgresDatabase(dsn, password=password, max_connections=1), upload_as=upload_as)
     except MigrationError as e:
         print(f"harmony storage migrate: {e}", file=sys.stderr)
         return 1
     for table, n in report.items():
-        print(f"{table}: {n} row(s) copied and checked")
+        if table == UPLOADS_QUEUED:
+            print(f"{n} instance file(s) queued for upload to S3 by node {upload_as!r}")
+        else:
+            print(f"{table}: {n} row(s) copied and checked")
     return 0
 
 
 def _resolve(args):
-    source, dsn, password = args.source, args.dsn, None
+    source, dsn, password, upload_as = args.source, args.dsn, None, args.upload_as
     if args.config:
         from harmony.config import ConfigErrors, load_config
         from harmony.config.options import Options
@@ -81,17 +89,22 @@ def _resolve(args):
         dsn = dsn or opts.raw.get("dsn")
         if opts.raw.get("password_file") and not args.password_file:
             password = read_password_file(opts.path("password_file"))
+        if config.storage.get("backend") == "s3" and not upload_as:
+            from harmony.storage.nodes import default_node
+            upload_as = opts.raw.get("node") or default_node(Path(source).resolve())
     if args.password_file:
         password = read_password_file(args.password_file)
     if not source:
         raise MigrationError("name the sqlite store with --from or -c")
     if not dsn:
         raise MigrationError("name the PostgreSQL database with --dsn or a config whose [storage.options] has dsn")
-    return source, dsn, password
+    return source, dsn, password, upload_as
 
 
-def migrate(source, database: PostgresDatabase) -> dict:
-    """Copy the sqlite store at *source* into *database*; ``{table: rows}``."""
+def migrate(source, database: PostgresDatabase, upload_as: str | None = None) -> dict:
+    """Copy the sqlite store at *source* into *database*; ``{table: rows}``.  With
+    *upload_as*, every instance file is also queued for upload to S3 by that node
+    (a node moving from local files to ``backend = "s3"``)."""
     path = Path(source)
     if path.is_dir():
         path = path / "index.sqlite"
@@ -102,7 +115,7 @@ def migrate(source, database: PostgresDatabase) -> dict:
     try:
         lite.execute("BEGIN")
         database.create_schema(schema_sqlite(), schema_pg())
-        return database.transaction(True, _copy_all, (lite,))
+        return database.transaction(True, _copy_all, (lite, upload_as))
     except sqlite3.Error as e:
         raise MigrationError(f"cannot read {path}: {e}") from None
     finally:
@@ -124,7 +137,7 @@ def sqlite_tables(lite) -> set[str]:
                                        "AND name NOT LIKE 'sqlite_%'")}
 
 
-def _copy_all(conn, lite) -> dict:
+def _copy_all(conn, lite, upload_as=None) -> dict:
     report = {}
     unknown = sorted(sqlite_tables(lite) - set(TABLES) - set(NOT_COPIED))
     if unknown:
@@ -142,6 +155,10 @@ def _copy_all(conn, lite) -> dict:
         # The node that held these deliveries is stopped: they are pending again.
         conn.execute("UPDATE queue SET state='pending', lease_owner=NULL, lease_until=NULL "
                      "WHERE state='delivering'")
+    if upload_as:
+        report[UPLOADS_QUEUED] = conn.execute(
+            "INSERT INTO blob_uploads(relpath, node, queued_at) SELECT relpath, ?, 0 FROM instances "
+            "ON CONFLICT(relpath) DO NOTHING", (upload_as,)).rowcount
     return report
 
 
