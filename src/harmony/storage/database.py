@@ -316,6 +316,14 @@ class PostgresDatabase:
             if conn in self._connections:
                 self._idle.append(conn)
 
+    def _drop_idle(self) -> None:
+        """After a lost connection the idle ones went with it (the server restarted
+        or failed over): close them rather than find out one retry at a time."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self._forget(conn)
+
     def _reap(self) -> None:
         """Close the pinned connections of threads that have ended (their slots come back)."""
         with self._lock:
@@ -364,6 +372,7 @@ class PostgresDatabase:
                 return
             except psycopg.OperationalError as e:
                 self._forget(conn)
+                self._drop_idle()
                 self.last_error = str(e).strip()[:300] or type(e).__name__
                 if attempt:
                     raise DatabaseUnavailable(f"the database is unreachable: {self.last_error}") from None
@@ -414,6 +423,7 @@ class PostgresDatabase:
                 broken, conn = conn, None
                 if broken is not None:
                     self._forget(broken)
+                self._drop_idle()
                 if self.last_error is None:
                     log.warn("storage: PostgreSQL unreachable ({db}): {error}", db=self.describe(),
                              error=str(e).strip()[:300])
