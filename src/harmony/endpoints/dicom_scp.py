@@ -15,6 +15,8 @@ thread pool (:mod:`harmony.dicom.blocking`), never on the reactor.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from pydicom import dcmread
@@ -22,7 +24,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, fdesc
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
@@ -33,7 +36,7 @@ from harmony.dicom.files import Staging, check_complete, durable_move, read_inst
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.ul import commands, datasets, storage
-from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
+from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings, SharedAssociationCount
 from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import server_options
@@ -124,6 +127,11 @@ class DicomScpEndpoint(Service):
         self.pipeline = None
         self.factory = None
         self.listening = None
+        #: In a worker process: (fd, family, count fd, slots, slot) of the main
+        #: process's listening socket and association count (harmony.workers).
+        self.inherited: tuple | None = None
+        #: Associations of this listener across every process sharing it.
+        self.shared_count: SharedAssociationCount | None = None
         self.services = ScpServices(self)
 
     @classmethod
@@ -235,6 +243,9 @@ class DicomScpEndpoint(Service):
                 # Still serve echo/find/get; each C-STORE is refused with Out of Resources.
                 log.error("dicom_scp {name}: cannot create its staging folder {path}: {error}", name=self.name,
                           path=str(self.staging.base), error=e.strerror)
+        if self.inherited is not None:
+            self._adopt(*self.inherited)
+            return
         try:
             if self.tls is not None:
                 self.listening = self.reactor.listenSSL(self.port, self.factory, self.tls,
@@ -248,6 +259,37 @@ class DicomScpEndpoint(Service):
             raise
         log.info("dicom_scp {name} listening on {host}:{port} as {aet}", name=self.name, host=self.bind_addr,
                  port=self.bound_port, aet=self.local_aet)
+
+    # ------------------------------------------------------------------ worker processes
+
+    def share(self, slots: int) -> tuple[int, int, int]:
+        """Let worker processes serve this listener too (harmony.workers, main
+        process): (listening fd, address family, association count fd); from
+        now on ``max_associations`` counts the associations of all *slots*
+        processes (slot 0 is ours)."""
+        if self.shared_count is None:
+            self.shared_count = SharedAssociationCount.create(slots)
+            self.shared_count.set(len(self.factory.settings.associations))
+            self.factory.settings.shared_count = self.shared_count
+        return self.listening.fileno(), int(self.listening.socket.family), self.shared_count.fd
+
+    def worker_ended(self, slot: int) -> None:
+        """A worker process is gone: its associations went with it (main process)."""
+        if self.shared_count is not None:
+            self.shared_count.set(0, slot)
+
+    def _adopt(self, fd: int, family: int, count_fd: int, slots: int, slot: int) -> None:
+        """Serve the main process's listening socket (a worker process)."""
+        factory = self.factory
+        self.shared_count = SharedAssociationCount(count_fd, slots, slot)
+        factory.settings.shared_count = self.shared_count
+        if self.tls is not None:
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+        fdesc.setNonBlocking(fd)  # another process may take the connection first: never block in accept()
+        self.listening = self.reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
+        os.close(fd)  # adoptStreamPort dup()s it
+        log.info("dicom_scp {name} serving the shared {host}:{port} as {aet}", name=self.name,
+                 host=self.bind_addr, port=self.bound_port, aet=self.local_aet)
 
     def stopService(self):
         super().stopService()
