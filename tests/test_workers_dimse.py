@@ -174,8 +174,11 @@ def test_cstore_across_two_processes_with_a_worker_killed_stores_each_acknowledg
             threading.Timer(rnd.uniform(0.1, 1.0), os.kill, (starts, signal.SIGKILL)).start()
         shares = [remaining[i::ASSOCIATIONS] for i in range(ASSOCIATIONS)]
         results: list = []
-        threads = [threading.Thread(target=lambda s=s: results.extend(storescu(harmony.dimse_port, s)))
-                   for s in shares if s]
+
+        def send(share, into=results):
+            into.extend(storescu(harmony.dimse_port, share))
+
+        threads = [threading.Thread(target=send, args=(s,)) for s in shares if s]
         for t in threads:
             t.start()
         for t in threads:
