@@ -4,13 +4,13 @@
 import json
 
 import pytest_twisted
+from pydicom.dataset import Dataset
 
 from tests.dimse_helpers import canonical, direct_find
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
 from tests.test_dicom_scp import SCP_AET, run
 from tests.tls_certs import make_pki
-from pydicom.dataset import Dataset
 
 CONFIG = """
 [pipelines.router]
