@@ -113,7 +113,7 @@ class InstanceStore:
         self.clock = clock
         self.guard = SpaceGuard(self.root, min_free_bytes, free_bytes)
         #: The index and queue: sqlite next to the files unless a shared database is given.
-        self.db = database if database is not None else SqliteDatabase(self.db_path, fsync)
+        self.db = database if database is not None else SqliteDatabase(self.db_path, fsync, per_process)
         #: True when other nodes share the index and queue (a PostgreSQL database),
         #: or other processes of this node do (``per_process``: [proxy] workers > 1).
         self.shared = self.db.dialect != SQLITE or per_process
