@@ -70,6 +70,10 @@ _OPERATION_OF = {commands.C_FIND_RQ: C_FIND, commands.C_GET_RQ: C_GET, commands.
                  commands.C_STORE_RQ: C_STORE, commands.C_ECHO_RQ: C_ECHO}
 
 
+#: Staging files a dicom_scp keeps created ahead for the next C-STOREs.
+SPARE_STAGED_FILES = 4
+
+
 def dimse_status_for(error: HarmonyError, op: str) -> int:
     """The PS3.4 failure status a proxy error becomes on a DIMSE association."""
     if isinstance(error, BackendTimeout) or error.status == 504:
@@ -297,6 +301,7 @@ class DicomScpEndpoint(Service):
         waits = []
         if listening is not None:
             waits.append(defer.maybeDeferred(listening.stopListening))
+        self.services.discard_spares()
         if self.factory is not None:
             for assoc in list(self.factory.settings.associations):
                 assoc.abort("Harmony is stopping")
@@ -429,6 +434,9 @@ class ScpServices:
     def __init__(self, endpoint: DicomScpEndpoint):
         self.endpoint = endpoint
         self.running: dict[tuple[int, int], Operation] = {}
+        #: Staging files created ahead, off the reactor: (path, open file) (see _staged_file).
+        self._spares: list[tuple] = []
+        self._making = False
 
     # -- association hooks
 
@@ -444,14 +452,57 @@ class ScpServices:
         if command["CommandField"] == commands.C_STORE_RQ and self.endpoint.enabled[C_STORE]:
             transfer_syntax = str(assoc.contexts[context_id].transfer_syntax[0])
             try:
-                staging = self.endpoint.staging.ensure()
-                return datasets.PartTenSink(staging.new_path(), command, transfer_syntax,
-                                            self.endpoint.max_dataset_bytes, source_aet=assoc.calling_aet)
+                path, file = self._staged_file()
+                return datasets.PartTenSink(path, command, transfer_syntax, self.endpoint.max_dataset_bytes,
+                                            source_aet=assoc.calling_aet, file=file)
             except OSError as e:
                 log.error("dicom_scp {name}: cannot stage a C-STORE data set: {error}", name=self.endpoint.name,
                           error=e.strerror)
                 return datasets.DiscardSink(self.endpoint.max_dataset_bytes)
         return datasets.MemorySink()
+
+    def _staged_file(self):
+        """A new staging file for a C-STORE data set, open for writing.
+
+        Creating a file can block for a millisecond or more while the file
+        system commits other writers' fsyncs: on the reactor thread that was
+        the largest cost of a received instance (py-spy, bench/dimse C-STORE).
+        So a few are created ahead on a worker thread and handed out here; the
+        reactor creates one itself only when the spares ran out."""
+        staging = self.endpoint.staging.ensure()
+        if self._spares:
+            spare = self._spares.pop()
+        else:
+            path = staging.new_path()
+            spare = (path, open(path, "wb"))
+        self._make_spares(staging)
+        return spare
+
+    def _make_spares(self, staging) -> None:
+        if self._making or len(self._spares) >= SPARE_STAGED_FILES or not self.endpoint.running:
+            return
+        self._making = True
+
+        def make():
+            path = staging.new_path()
+            return path, open(path, "wb")
+
+        def made(spare):
+            self._making = False
+            if self.endpoint.running:
+                self._spares.append(spare)
+                self._make_spares(staging)
+            else:
+                _discard_spare(spare)
+
+        def failed(failure):
+            self._making = False  # the next C-STORE opens its own file and reports the error
+        blocking.run(self.endpoint.reactor, make).addCallbacks(made, failed)
+
+    def discard_spares(self) -> None:
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            _discard_spare(spare)
 
     def on_request(self, assoc, message):
         field = message.field
@@ -681,33 +732,22 @@ class ScpServices:
             await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
             return
         try:
-            instance, header = await blocking.run(endpoint.reactor, _read_received, path, endpoint.forward_store)
+            instance, header, refusal = await blocking.run(endpoint.reactor, _read_received, path,
+                                                           endpoint.forward_store, command, endpoint.storage_dir)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
             await op.respond(dimse.STORE_CANNOT_UNDERSTAND, comment="cannot decode the dataset")
             return
-        instance.owned = True
         try:
-            uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
-            if not all(valid_uid(u) for u in uids):
-                await op.respond(dimse.STORE_CANNOT_UNDERSTAND, comment="missing or invalid UIDs in the dataset")
+            if isinstance(refusal, OSError):
+                log.error("dicom_scp {name}: cannot store an instance: {error}", name=endpoint.name,
+                          error=refusal.strerror)
+                await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
                 return
-            if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
-                    instance.sop_class_uid != command.get("AffectedSOPClassUID"):
-                await op.respond(dimse.STORE_DATASET_MISMATCH, comment="dataset does not match the C-STORE request")
+            if refusal is not None:
+                await op.respond(refusal[0], comment=refusal[1])
                 return
-            if endpoint.storage_dir is not None:
-                dest = endpoint.storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
-                    f"{instance.sop_instance_uid}.dcm"
-                try:
-                    await blocking.run(endpoint.reactor, durable_move, instance.path, dest)
-                except OSError as e:
-                    log.error("dicom_scp {name}: cannot store an instance: {error}", name=endpoint.name,
-                              error=e.strerror)
-                    await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
-                    return
-                instance.path, instance.owned = dest, False
             if not endpoint.forward_store:
                 await op.respond(dimse.SUCCESS)
                 return
@@ -751,6 +791,12 @@ def _discard(message) -> None:
         _unlink(message.dataset)
 
 
+def _discard_spare(spare) -> None:
+    path, file = spare
+    file.close()
+    _unlink(path)
+
+
 def _unlink(path) -> None:
     try:
         Path(path).unlink()
@@ -758,11 +804,32 @@ def _unlink(path) -> None:
         pass
 
 
-def _read_received(path, with_header: bool):
-    """Validate a received Part-10 file (every element inside it) and describe it, with its
-    header as DICOM JSON when it goes on through the pipeline: one worker-thread hop per instance."""
+def _read_received(path, with_header: bool, command: dict, storage_dir: Path | None = None):
+    """Validate a received Part-10 file (every element inside it, its UIDs, its
+    match with the C-STORE request), describe it, with its header as DICOM JSON
+    when it goes on through the pipeline, and file it durably in *storage_dir*:
+    one worker-thread hop per instance (each hop cost a thread hand-off and a
+    reactor wake-up per instance, bench/dimse).
+
+    Returns ``(instance, header, refusal)``: refusal None, a (status, comment),
+    or the OSError that kept the file out of *storage_dir*."""
     instance = read_instance(path, ds=check_complete(path))
-    return instance, _header_json(path) if with_header else None
+    instance.owned = True
+    uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
+    if not all(valid_uid(u) for u in uids):
+        return instance, None, (dimse.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
+    if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
+            instance.sop_class_uid != command.get("AffectedSOPClassUID"):
+        return instance, None, (dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
+    if storage_dir is not None:
+        dest = storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
+            f"{instance.sop_instance_uid}.dcm"
+        try:
+            durable_move(instance.path, dest)
+        except OSError as e:
+            return instance, None, e
+        instance.path, instance.owned = dest, False
+    return instance, _header_json(instance.path) if with_header else None, None
 
 
 def _pairs_listed(stream) -> list:
