@@ -484,7 +484,7 @@ class ScpServices:
         self._making = True
 
         def make():
-            path = staging.new_path()
+            path = staging.new_path().with_suffix(".part")  # not yet an instance: nothing counts it as one
             return path, open(path, "wb")
 
         def made(spare):
