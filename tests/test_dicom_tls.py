@@ -6,8 +6,8 @@ import json
 import pytest_twisted
 from pydicom.dataset import Dataset
 
-from tests.dimse_helpers import canonical, direct_find
-from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.dimse_helpers import canonical, direct_find, scu_backend
+from tests.harness import MINIMAL_MAIN, http_pipeline, start_harmony, write_config
 from tests.peers import free_port
 from tests.test_dicom_scp import SCP_AET, run
 from tests.tls_certs import make_pki
@@ -96,29 +96,10 @@ async def test_tls_scp_requires_a_client_certificate(tmp_path, orthanc):
 
 # --------------------------------------------------------------------------- our SCU against DCMTK's TLS SCP
 
-STORE_PIPES = """
-[pipelines.{name}]
-networks = ["default"]
-endpoints = ["{name}_in"]
-backends = ["{name}"]
-
-[endpoints.{name}_in]
-service = "http"
-[endpoints.{name}_in.options]
-path_prefix = "/{name}"
-
-[backends.{name}]
-service = "dicom_scu"
-[backends.{name}.options]
-aet = "STORESCP"
-host = "127.0.0.1"
-port = {port}
-use_tls = true
-tls_ca = "{ca}"
-connect_timeout_secs = 5
-acse_timeout_secs = 5
-{cert}
-"""
+def tls_store_pipeline(name: str, port: int, ca, cert: str) -> str:
+    """TOML: HTTP at /*name* -> a ``dicom_scu`` backend *name* storing to STORESCP over TLS."""
+    return (http_pipeline(name, f"/{name}", f"{name}_in", name, "") + scu_backend(name, "STORESCP", port)
+            + f'use_tls = true\ntls_ca = "{ca}"\nconnect_timeout_secs = 5\nacse_timeout_secs = 5\n{cert}\n')
 
 
 class TlsStorescp:
@@ -158,7 +139,7 @@ async def test_scu_stores_to_dcmtk_storescp_over_tls_and_a_wrong_ca_fails_fast(t
     storescp = TlsStorescp(tmp_path / "received", pki["server"][0], pki["server"][1], pki["ca"])
     client = f'tls_cert = "{pki["client"][1]}"\ntls_key = "{pki["client"][0]}"'
     stranger_client = f'tls_cert = "{stranger["client"][1]}"\ntls_key = "{stranger["client"][0]}"'
-    pipes = "".join(STORE_PIPES.format(name=name, port=storescp.port, ca=ca, cert=cert) for name, ca, cert in (
+    pipes = "".join(tls_store_pipeline(name, storescp.port, ca, cert) for name, ca, cert in (
         ("good", pki["ca"], client),                 # both certificates check out
         ("wrongca", stranger["ca"], client),         # we cannot verify storescp's certificate
         ("nocert", pki["ca"], ""),                   # storescp requires ours
