@@ -50,6 +50,11 @@ class Workers(HarmonyProcess):
         wait_for(serving, 60, "worker 1 serving the DIMSE port", self.proc)
         return found[-1]
 
+    def wait_log(self, text: str, count: int = 1) -> None:
+        """Until *text* is in the log *count* times (the main process logged what the test caused)."""
+        log = self.folder / f"twistd-{self.starts}.log"
+        wait_for(lambda: log.read_text(errors="replace").count(text) >= count, 60, repr(text), self.proc)
+
 
 def storescu(port: int, files) -> list[tuple[str, bool]]:
     """One association sending *files*: (file, got Success) for each file storescu tried."""
@@ -143,6 +148,7 @@ def test_the_worker_serves_the_dimse_port_and_max_associations_counts_every_proc
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: all(not a.is_alive() or a.is_aborted for a in held[:2]), 30,
                  "the dead worker's associations to end")
+        harmony.wait_log("worker 1 exited unexpectedly")  # the main process has seen it go
         again = associate(port)
         assert again.is_established, "the dead worker's associations still count against the limit"
         again.release()
@@ -169,9 +175,11 @@ def test_cstore_across_two_processes_with_a_worker_killed_stores_each_acknowledg
         rounds += 1
         assert rounds < 15, "storescu made no progress"
         starts = harmony.worker_pid(after=kills)
+        timer = None
         if rounds <= 2:
             kills += 1
-            threading.Timer(rnd.uniform(0.1, 1.0), os.kill, (starts, signal.SIGKILL)).start()
+            timer = threading.Timer(rnd.uniform(0.1, 1.0), os.kill, (starts, signal.SIGKILL))
+            timer.start()
         shares = [remaining[i::ASSOCIATIONS] for i in range(ASSOCIATIONS)]
         results: list = []
 
@@ -183,6 +191,9 @@ def test_cstore_across_two_processes_with_a_worker_killed_stores_each_acknowledg
             t.start()
         for t in threads:
             t.join()
+        if timer is not None:
+            timer.join()  # killed, if not during this round's sends then right after them
+            harmony.wait_log("worker 1 exited unexpectedly", count=kills)
         for f, ok in results:
             sent.add(sops[f])
             if ok:
