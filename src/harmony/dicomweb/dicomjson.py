@@ -69,10 +69,26 @@ def instance_metadata(path, bulk_base: str, threshold: int = BULK_THRESHOLD) -> 
     return dataset_to_json(ds, bulk_base, threshold=threshold)
 
 
+_DIMSE_ONLY = ("00080052", "00080054")  # QueryRetrieveLevel, RetrieveAETitle
+
+
 def find_result_to_json(ds) -> dict:
     """A C-FIND match as DICOM JSON, trailing UID padding trimmed and the
     QueryRetrieveLevel / RetrieveAETitle (DIMSE details) left out."""
     out = dataset_to_json(ds, None)
-    for key in ("00080052", "00080054"):
+    for key in _DIMSE_ONLY:
         out.pop(key, None)
+    return out
+
+
+def find_result_json(doc: dict) -> dict:
+    """:func:`find_result_to_json` for a match a backend gave as DICOM JSON
+    already (harmony.dicom.results, ``RESULTS_AS``): a new dict, *doc* untouched."""
+    out = {}
+    for key, attr in doc.items():
+        if key in _DIMSE_ONLY:
+            continue
+        if attr.get("vr") == "UI" and attr.get("Value"):
+            attr = {**attr, "Value": [v.rstrip("\0 ") if isinstance(v, str) else v for v in attr["Value"]]}
+        out[key] = attr
     return out

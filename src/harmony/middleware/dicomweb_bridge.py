@@ -36,12 +36,12 @@ from twisted.web.http_headers import Headers
 from harmony.dicom import status as dimse
 from harmony.dicom import transfer
 from harmony.dicom.render import release_rest
-from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
+from harmony.dicom.results import C_FIND, C_GET, C_STORE, DICOM_JSON, RESULTS_AS, DicomInstance
 from harmony.dicom.status import is_failure
 from harmony.dicomweb import accept as acc
 from harmony.dicomweb import qido
 from harmony.dicomweb.cache import BASE_PLACEHOLDER, MetadataCache, etag_for, with_base
-from harmony.dicomweb.dicomjson import find_result_to_json, instance_metadata
+from harmony.dicomweb.dicomjson import find_result_json, find_result_to_json, instance_metadata
 from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body
 from harmony.dicomweb.pixels import bulk_value, extract_frames, render
 from harmony.dicomweb.routes import QIDO, STOW, WADO, resource_path
@@ -120,6 +120,7 @@ class DicomWebBridge(Middleware):
         request.normalized = identifier
         request.metadata["dimse_op"] = C_FIND
         request.metadata["query_level"] = dw.level
+        request.metadata[RESULTS_AS] = DICOM_JSON  # matches as DICOM JSON where the backend holds it
         return request
 
     def _wado_request(self, request, dw):
@@ -253,8 +254,8 @@ class DicomWebBridge(Middleware):
             headers.addRawHeader("Warning", '299 harmony "There are additional results that can be requested"')
         return ResponseEnvelope.json(200, results, "application/dicom+json", headers)
 
-    def _qido_item(self, dw, ds) -> dict:
-        doc = find_result_to_json(ds)
+    def _qido_item(self, dw, item) -> dict:
+        doc = find_result_json(item) if isinstance(item, dict) else find_result_to_json(item)
         study = _uid(doc, "0020000D") or dw.study_uid
         series = _uid(doc, "0020000E") or dw.series_uid
         sop = _uid(doc, "00080018")

@@ -162,7 +162,6 @@ _FROM = {
     IMAGE: "FROM instances i JOIN series se ON i.series_pk=se.pk JOIN studies st ON se.study_pk=st.pk "
            "JOIN patients p ON st.patient_pk=p.pk",
 }
-_ATTR_COLS = {PATIENT: ("p",), STUDY: ("p", "st"), SERIES: ("p", "st", "se"), IMAGE: ("p", "st", "se", "i")}
 
 
 def _prefilter(keys: list, level: str) -> tuple[list[str], list]:
@@ -194,34 +193,72 @@ def _prefilter(keys: list, level: str) -> tuple[list[str], list]:
     return where, args
 
 
-def candidates(conn: sqlite3.Connection, keys: list, level: str):
+def candidates(conn: sqlite3.Connection, keys: list, level: str, extra=()):
     """Yield ``(record, row)`` for each entity at *level* the SQL prefilter lets
-    through; *record* merges every level's attributes plus computed ones, and
-    *row* carries the instance's file columns at IMAGE level."""
-    cols = [f"{a}.attrs" for a in _ATTR_COLS[level]]
-    computed = []
-    for lvl in _ATTR_COLS_LEVELS[level]:
-        computed.extend(zip(COMPUTED[lvl], _COUNTS[lvl], strict=True))
-    cols += [expr for _name, expr in computed]
+    through; *record* merges every level's attributes plus the computed ones
+    *keys* name, and *row* carries the instance's file columns at IMAGE level
+    (then the *extra* instance columns, e.g. ``i.metadata``).
+
+    The levels above *level* (a study's patient, an instance's series and
+    study) repeat from row to row: their attributes are parsed, and their
+    computed attributes counted, once per entity rather than once per row.
+    Computed attributes are correlated subqueries (SOPClassesInStudy reads
+    every instance of the study), so only those the keys name are run: per
+    row, instance-level QIDO of one study was O(n^2) (bench/archive).
+    """
+    asked = {th for th, _vr, _values in keys}
+    own_alias = _ALIAS[level]
+    parents = [lvl for lvl in _ATTR_COLS_LEVELS[level] if lvl != level]
+    cols = []
+    for lvl in parents:
+        cols += [f"{_ALIAS[lvl]}.pk", f"{_ALIAS[lvl]}.attrs"]
+    own = _asked_computed(level, asked) if level != IMAGE else []
+    cols += [f"{own_alias}.attrs"] + [expr for _name, expr in own]
     if level == IMAGE:
         cols += ["i.relpath", "i.sop_class_uid", "i.transfer_syntax_uid", "i.size", "i.sop_uid",
-                 "se.series_uid", "st.study_uid"]
+                 "se.series_uid", "st.study_uid"] + list(extra)
     where, args = _prefilter(keys, level)
     sql = f"SELECT {', '.join(cols)} {_FROM[level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    n_attrs = len(_ATTR_COLS[level])
+    parent_computed = {lvl: _asked_computed(lvl, asked) for lvl in parents}
+    seen: dict = {}  # (level, pk) -> that entity's attributes, computed ones included
+
+    def parent(lvl, pk, blob) -> dict:
+        known = seen.get((lvl, pk))
+        if known is None:
+            known = json.loads(blob)
+            wanted = parent_computed[lvl]
+            if wanted:
+                values = conn.execute(f"SELECT {', '.join(e for _n, e in wanted)} FROM {_TABLE[lvl]} "
+                                      f"WHERE {_ALIAS[lvl]}.pk=?", (pk,)).fetchone()
+                for (name, _expr), value in zip(wanted, values, strict=True):
+                    known[tag_hex(name)] = _computed_json(name, value)
+            seen[(lvl, pk)] = known
+        return known
+
+    n_parents = 2 * len(parents)
     for row in conn.execute(sql, args):
-        record: dict = {}
         # Instance attributes first; each level's own record then wins for its
         # own tags (a patient renamed by a later study is renamed everywhere).
-        for blob in reversed(row[:n_attrs]):
-            record.update(json.loads(blob))
-        for (name, _expr), value in zip(computed, row[n_attrs:n_attrs + len(computed)], strict=True):
+        record: dict = json.loads(row[n_parents])
+        for i in range(len(parents) - 1, -1, -1):
+            record.update(parent(parents[i], row[2 * i], row[2 * i + 1]))
+        at = n_parents + 1
+        for (name, _expr), value in zip(own, row[at:at + len(own)], strict=True):
             record[tag_hex(name)] = _computed_json(name, value)
-        yield record, row[n_attrs + len(computed):]
+        yield record, row[at + len(own):]
 
 
+def _asked_computed(level: str, asked: set) -> list:
+    if level == IMAGE:
+        return []
+    return [(name, expr) for name, expr in zip(COMPUTED[level], _COUNTS[level], strict=True)
+            if tag_hex(name) in asked]
+
+
+_ALIAS = {PATIENT: "p", STUDY: "st", SERIES: "se", IMAGE: "i"}
+_TABLE = {PATIENT: "patients p", STUDY: "studies st", SERIES: "series se"}
 _ATTR_COLS_LEVELS = {PATIENT: (PATIENT,), STUDY: (PATIENT, STUDY), SERIES: (PATIENT, STUDY, SERIES),
                      IMAGE: (PATIENT, STUDY, SERIES)}
 
