@@ -126,9 +126,11 @@ class LocalArchiveBackend(Backend):
                    if elem.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet")):
             raise InvalidQuery("a retrieve needs at least one unique key")
         stream = ResultStream()
+        # The DICOMweb bridge building metadata: the index holds it, made at ingest.
+        with_metadata = request.metadata.get(RESULTS_AS) == DICOM_JSON
 
         def listing():
-            return list(self.store.instances_sync(identifier, level, model))
+            return list(self.store.instances_sync(identifier, level, model, metadata=with_metadata))
 
         def found(instances):
             # Queued before the count is announced: a consumer woken by the count

@@ -8,6 +8,8 @@ are read with deferred values, so pixel data is not loaded to describe it.
 
 from __future__ import annotations
 
+import json
+
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -38,7 +40,11 @@ def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_T
     for tag in ds.keys():
         if tag.group == 0x0002 or tag.element == 0x0000:  # file meta and group lengths stay out
             continue
-        raw = ds.get_item(tag)
+        # A deferred value (pixel data) is judged by its length, never loaded
+        # to be described; one whose VR the file does not say is read as before.
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is None and not getattr(raw, "VR", None):
+            raw = ds.get_item(tag)
         key = f"{tag:08X}"
         vr = _vr(raw, tag)
         length = getattr(raw, "length", None) if isinstance(raw, RawDataElement) else None
@@ -67,6 +73,14 @@ def instance_metadata(path, bulk_base: str, threshold: int = BULK_THRESHOLD) -> 
     """WADO-RS metadata of one Part-10 file (blocking: call in a thread)."""
     ds = dcmread(path, defer_size=threshold)
     return dataset_to_json(ds, bulk_base, threshold=threshold)
+
+
+def stored_metadata(ds, bulk_base: str) -> str:
+    """An instance's WADO-RS metadata as compact JSON text, to keep beside it
+    in an archive's index: serving metadata then concatenates stored text
+    instead of parsing every file (bench/archive).  *ds* is the instance as
+    read at ingest (values deferred or not: the same answer either way)."""
+    return json.dumps(dataset_to_json(ds, bulk_base), separators=(",", ":"))
 
 
 _DIMSE_ONLY = ("00080052", "00080054")  # QueryRetrieveLevel, RetrieveAETitle

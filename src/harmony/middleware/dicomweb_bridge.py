@@ -141,12 +141,13 @@ class DicomWebBridge(Middleware):
             return waiting.addCallback(lambda body: self._metadata_response(request, dw, body))
         request.context["dicomweb.cache_key"] = key
         pipeline = request.context.get("pipeline")
+        self._prepare_retrieve(request, dw)
+        request.metadata[RESULTS_AS] = DICOM_JSON  # a backend that keeps each instance's metadata sends it
         if pipeline is not None:
             # Fetch here rather than let the pipeline carry on: a backend
             # failure would skip on_response and leave the waiters hanging.
-            self._prepare_retrieve(request, dw)
             return self._fetch_metadata(pipeline, request, dw, key)
-        return self._prepare_retrieve(request, dw)
+        return request
 
     def _prepare_retrieve(self, request, dw):
         identifier = {"00080052": {"vr": "CS", "Value": [dw.level]}}
@@ -330,10 +331,15 @@ class DicomWebBridge(Middleware):
                 if item is None:
                     break
                 try:
+                    if item.metadata_json is not None:
+                        # Kept by the backend (local_archive, made at ingest): no file to parse.
+                        docs.append((json.loads(item.metadata_json), item.metadata_json))
+                        continue
                     base = BASE_PLACEHOLDER + resource_path(item.study_instance_uid or dw.study_uid,
                                                            item.series_instance_uid or dw.series_uid,
                                                            item.sop_instance_uid)
-                    docs.append((yield threads.deferToThread(instance_metadata, item.path, base)))
+                    doc = yield threads.deferToThread(instance_metadata, item.path, base)
+                    docs.append((doc, None))
                 finally:
                     item.release()
         except Exception:
@@ -342,8 +348,10 @@ class DicomWebBridge(Middleware):
             raise
         if not docs:
             raise _nothing_retrieved(stream)
-        docs.sort(key=lambda d: (_int(d, "00200013"), _uid(d, "00080018") or ""))
-        body = json.dumps(docs, separators=(",", ":")).encode("utf-8")
+        docs.sort(key=lambda d: (_int(d[0], "00200013"), _uid(d[0], "00080018") or ""))
+        # Kept texts are joined as they are: the same compact JSON json.dumps makes.
+        body = ("[" + ",".join(text if text is not None else json.dumps(doc, separators=(",", ":"))
+                               for doc, text in docs) + "]").encode("utf-8")
         if key is not None:
             # Waiters get the body now; a failed cache write only costs a refetch later.
             self.cache.settle(key, body)

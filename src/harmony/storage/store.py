@@ -49,6 +49,9 @@ from twisted.python.threadpool import ThreadPool
 from harmony.dicom import status as dimse
 from harmony.dicom.files import CorruptDataset, check_complete
 from harmony.dicom.results import DicomInstance, ResultStream
+from harmony.dicomweb.cache import BASE_PLACEHOLDER
+from harmony.dicomweb.dicomjson import stored_metadata
+from harmony.dicomweb.routes import resource_path
 from harmony.log import get_logger
 from harmony.storage import blobs as blob_sql
 from harmony.storage import index as idx
@@ -170,6 +173,7 @@ class InstanceStore:
             self.db.create_schema(idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA,
                                   idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA)
             self.db.transaction(True, q.upgrade)
+            self.db.transaction(True, idx.upgrade)
             plan = self._mark_opened()
             self._opened = True
         # The scan reads files and the index: never on the reactor thread.
@@ -441,7 +445,7 @@ class InstanceStore:
         meta = getattr(ds, "file_meta", None)
         ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
         sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-        return {
+        header = {
             "study": clean_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
             "series": clean_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
             "sop": clean_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
@@ -449,6 +453,11 @@ class InstanceStore:
             "ts": clean_uid(ts, "TransferSyntaxUID"),
             "attrs": attrs_from_dataset(ds),
         }
+        try:
+            header["metadata"] = metadata_of(ds, header["study"], header["series"], header["sop"])
+        except Exception:  # noqa: BLE001 - never a reason to refuse an instance: made from the file when asked
+            header["metadata"] = None
+        return header
 
     def _index_sync(self, header: dict, final: Path, size: int, enqueue, now) -> DicomInstance:
         now = self.clock() if now is None else now
@@ -456,7 +465,8 @@ class InstanceStore:
 
         def tx(conn):
             old = idx.upsert_instance(conn, header["attrs"], sop_class_uid=header["sop_class"],
-                                      transfer_syntax_uid=header["ts"], relpath=rel, size=size, now=now)
+                                      transfer_syntax_uid=header["ts"], relpath=rel, size=size, now=now,
+                                      metadata=header.get("metadata"))
             if enqueue:
                 q.enqueue(conn, header["sop"], list(enqueue), now)
             if self.blobs is not None:
@@ -624,20 +634,43 @@ class InstanceStore:
             if record_matches(keys, record):
                 yield response_json(keys, record, level)
 
-    def instances_sync(self, identifier, level: str, model: str = STUDY_ROOT, should_stop=lambda: False):
-        """Yield the stored :class:`DicomInstance` files under the entities *identifier* matches."""
+    def instances_sync(self, identifier, level: str, model: str = STUDY_ROOT, should_stop=lambda: False,
+                       metadata: bool = False):
+        """Yield the stored :class:`DicomInstance` files under the entities *identifier* matches;
+        with *metadata*, each carries its WADO-RS metadata (``metadata_json``)."""
         levels_for(level, model)  # validates the level for the model
         keys = query_keys(identifier, IMAGE, model)
         keys = [k for k in keys if k[2]]  # retrieval: only matching keys matter
         self.open_sync()
-        for record, row in self.db.rows(lambda conn: idx.candidates(conn, keys, IMAGE)):
+        made = []
+        extra = ("i.metadata",) if metadata else ()
+        for record, row in self.db.rows(lambda conn: idx.candidates(conn, keys, IMAGE, extra)):
             if should_stop():
-                return
+                break
             if record_matches(keys, record):
-                relpath, sop_class, ts, size, sop, series, study = row
-                yield DicomInstance(path=self.local_copy_sync(relpath), sop_class_uid=sop_class, sop_instance_uid=sop,
-                                    transfer_syntax_uid=ts, study_instance_uid=study, series_instance_uid=series,
-                                    size=size or 0, owned=False)
+                relpath, sop_class, ts, size, sop, series, study = row[:7]
+                inst = DicomInstance(path=self.local_copy_sync(relpath), sop_class_uid=sop_class,
+                                     sop_instance_uid=sop, transfer_syntax_uid=ts, study_instance_uid=study,
+                                     series_instance_uid=series, size=size or 0, owned=False)
+                if metadata:
+                    inst.metadata_json = row[7]
+                    if inst.metadata_json is None:  # a row older than the column: made once, then kept
+                        inst.metadata_json = self._make_metadata(inst)
+                        if inst.metadata_json is not None:
+                            made.append((sop, relpath, inst.metadata_json))
+                yield inst
+        if made:
+            # Derived data: losing it to a power cut only means making it again.
+            self.bookkeep_sync(idx.fill_metadata, made)
+
+    @staticmethod
+    def _make_metadata(inst: DicomInstance) -> str | None:
+        from pydicom import dcmread
+        try:
+            return metadata_of(dcmread(inst.path, defer_size=1024), inst.study_instance_uid,
+                               inst.series_instance_uid, inst.sop_instance_uid)
+        except Exception:  # noqa: BLE001 - unreadable now: the consumer reads the file itself
+            return None
 
     def stream(self, generator_fn, *args, transform=None) -> ResultStream:
         """Run a ``*_sync`` generator on a storage thread, feeding a ResultStream
@@ -673,6 +706,13 @@ class InstanceStore:
     def counts_sync(self) -> dict:
         return self.read_sync(lambda conn: {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                                             for table in ("patients", "studies", "series", "instances")})
+
+
+def metadata_of(ds, study: str, series: str, sop: str) -> str:
+    """The instance's WADO-RS metadata (JSON text) as the index keeps it: its
+    BulkDataURIs under the DICOMweb base placeholder, filled in per answer
+    (the same text the DICOMweb bridge makes from the file)."""
+    return stored_metadata(ds, BASE_PLACEHOLDER + resource_path(study, series, sop))
 
 
 def _subdirs(folder: Path):
