@@ -23,7 +23,9 @@ from twisted.python.failure import Failure
 from harmony.envelope import CooperativeProducer
 from harmony.errors import BadRequest, PayloadTooLarge
 
-CHUNK = 64 * 1024
+#: File parts are read and written in blocks of this size: one read for a typical
+#: CT or MR slice, few enough writes that the per-write cost stays small (bench/archive).
+CHUNK = 256 * 1024
 PREAMBLE_LIMIT = 64 * 1024
 
 

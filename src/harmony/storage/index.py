@@ -246,8 +246,7 @@ def candidates(conn: sqlite3.Connection, keys: list, level: str, extra=()):
     own = _asked_computed(level, asked) if level != IMAGE else []
     cols += [f"{own_alias}.attrs"] + [expr for _name, expr in own]
     if level == IMAGE:
-        cols += ["i.relpath", "i.sop_class_uid", "i.transfer_syntax_uid", "i.size", "i.sop_uid",
-                 "se.series_uid", "st.study_uid"] + list(extra)
+        cols += list(INSTANCE_FILE_COLUMNS + tuple(extra))
     where, args = _prefilter(keys, level)
     sql = f"SELECT {', '.join(cols)} {_FROM[level]}"
     if where:
@@ -279,6 +278,29 @@ def candidates(conn: sqlite3.Connection, keys: list, level: str, extra=()):
         for (name, _expr), value in zip(own, row[at:at + len(own)], strict=True):
             record[tag_hex(name)] = _computed_json(name, value)
         yield record, row[at + len(own):]
+
+
+_UID_TAGS = frozenset({T_STUDY_UID, T_SERIES_UID, T_SOP_UID})
+INSTANCE_FILE_COLUMNS = ("i.relpath", "i.sop_class_uid", "i.transfer_syntax_uid", "i.size", "i.sop_uid",
+                         "se.series_uid", "st.study_uid")
+
+
+def sql_decides(keys: list) -> bool:
+    """True when the SQL prefilter alone decides an IMAGE-level match: every
+    matching key is a UID (or UID list) on an indexed column - what a retrieve
+    sends.  Then no attributes need parsing (:func:`instance_rows`)."""
+    return all(not values or (th in _UID_TAGS and not any("*" in v or "?" in v for v in values))
+               for th, _vr, values in keys)
+
+
+def instance_rows(conn, keys: list, extra=()):
+    """The file columns (:data:`INSTANCE_FILE_COLUMNS`, then *extra*) of the
+    instances *keys* match, for keys :func:`sql_decides`."""
+    where, args = _prefilter(keys, IMAGE)
+    sql = f"SELECT {', '.join(INSTANCE_FILE_COLUMNS + tuple(extra))} {_FROM[IMAGE]}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return conn.execute(sql, args)
 
 
 def _asked_computed(level: str, asked: set) -> list:
