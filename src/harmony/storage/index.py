@@ -16,7 +16,6 @@ import json
 import sqlite3
 
 from harmony.storage.database import POSTGRESQL, dialect
-
 from harmony.storage.query import COMPUTED, IMAGE, PATIENT, SERIES, STUDY, split_levels, tag_hex, text_values
 
 SCHEMA = """
