@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_seconds, free_port, harmony_config, start_harmony, stop  # noqa: E402
+from bench.compression.run import scanner_like  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
 from tests.dicomweb_helpers import multipart  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
@@ -63,7 +65,6 @@ def make_study(folder: Path, count: int, rows: int) -> list[Path]:
     """Two CT series of *rows* x *rows* 16-bit slices with per-slice varying
     position, times and windowing (bench/compression's shape), so metadata and
     QIDO answers are as varied as a scanner's."""
-    import random
     rng = random.Random(7)
     paths = []
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,18 +72,7 @@ def make_study(folder: Path, count: int, rows: int) -> list[Path]:
         series = SERIES[n % 2]
         ds = make_instance(patient_id=PATIENT, study_uid=STUDY, series_uid=series, sop_uid=f"{series}.{n}",
                            series_number=n % 2 + 1, instance_number=n, rows=rows, cols=rows, seed=n)
-        z = -250.0 + n * 1.25
-        ds.ImagePositionPatient = [f"{-175.0 + rng.random():.6f}", f"{-180.0 + rng.random():.6f}", f"{z:.2f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.SliceLocation = f"{z:.2f}"
-        ds.SliceThickness = "1.25"
-        ds.PixelSpacing = ["0.683594", "0.683594"]
-        ds.AcquisitionTime = f"1015{n % 60:02d}.{rng.randrange(10**6):06d}"
-        ds.ContentTime = f"1016{n % 60:02d}.{rng.randrange(10**6):06d}"
-        ds.WindowCenter = str(rng.choice((40, 50, 60, 400)))
-        ds.WindowWidth = str(rng.choice((350, 400, 1500)))
-        ds.KVP = "120"
-        ds.ImageComments = f"slice {n} reconstructed {rng.randrange(10**9):09d}"
+        scanner_like(ds, n, rng)
         paths.append(save(ds, folder / f"{n}.dcm"))
     return paths
 
@@ -126,29 +116,18 @@ def _get(s, url, headers, accept, params=None):
     return elapsed, body, r.headers.get("Content-Encoding", "identity")
 
 
-def wado(s, base, headers):
-    t, body, enc = _get(s, f"{base}/studies/{STUDY}", headers, DICOM_ALL)
-    return t, len(body), enc
+def _workload(path: str, accept: str, params=None):
+    def run(s, base, headers):
+        t, body, enc = _get(s, base + path, headers, accept, params)
+        return t, len(body), enc
+    return run
 
 
-def qido_instances(s, base, headers):
-    t, body, enc = _get(s, f"{base}/studies/{STUDY}/instances", headers, JSON)
-    return t, len(body), enc
-
-
-def qido_studies(s, base, headers):
-    t, body, enc = _get(s, f"{base}/studies", headers, JSON, {"PatientID": PATIENT})
-    return t, len(body), enc
-
-
-def series_metadata(s, base, headers):
-    t, body, enc = _get(s, f"{base}/studies/{STUDY}/series/{SERIES[0]}/metadata", headers, JSON)
-    return t, len(body), enc
-
-
-def study_metadata(s, base, headers):
-    t, body, enc = _get(s, f"{base}/studies/{STUDY}/metadata", headers, JSON)
-    return t, len(body), enc
+wado = _workload(f"/studies/{STUDY}", DICOM_ALL)
+qido_instances = _workload(f"/studies/{STUDY}/instances", JSON)
+qido_studies = _workload("/studies", JSON, {"PatientID": PATIENT})
+series_metadata = _workload(f"/studies/{STUDY}/series/{SERIES[0]}/metadata", JSON)
+study_metadata = _workload(f"/studies/{STUDY}/metadata", JSON)
 
 
 #: (row label, workload, goal (ratio), higher is better, codings measured)
