@@ -130,6 +130,9 @@ series_metadata = _workload(f"/studies/{STUDY}/series/{SERIES[0]}/metadata", JSO
 study_metadata = _workload(f"/studies/{STUDY}/metadata", JSON)
 
 
+WORKLOADS = {"wado": wado, "qido-instances": qido_instances, "qido-studies": qido_studies,
+             "series-metadata": series_metadata, "study-metadata": study_metadata}
+
 #: (row label, workload, goal (ratio), higher is better, codings measured)
 ROWS = [
     ("WADO-RS study retrieve (MB/s)", wado, 1.0, True, ("identity", "gzip")),
@@ -149,7 +152,7 @@ def check_same_data(harmony: str, orthanc: str, count: int):
             raise RuntimeError(f"{base} holds {len(got)} instances of the study, not {count}")
 
 
-def measure(harmony: str, orthanc: str, rounds: int, pids: dict) -> dict:
+def measure(harmony: str, orthanc: str, rounds: int, pids: dict, only=None) -> dict:
     """{(row, coding, side): [(seconds, bytes, wire coding, cpu seconds)]}, interleaved."""
     sessions = {"harmony": requests.Session(), "orthanc": requests.Session()}
     bases = {"harmony": harmony, "orthanc": orthanc}
@@ -157,6 +160,8 @@ def measure(harmony: str, orthanc: str, rounds: int, pids: dict) -> dict:
     for n in range(rounds + 1):  # round 0 warms up (connections, page cache, Orthanc's cache)
         order = ("harmony", "orthanc") if n % 2 else ("orthanc", "harmony")
         for label, fn, _goal, _higher, codings in ROWS:
+            if only and fn not in only:
+                continue
             for coding in codings:
                 for side in order:
                     cpu = cpu_seconds(pids[side])
@@ -173,6 +178,8 @@ def report(results: dict, count: int, mb: float):
           f"  {'CPU ms h/o':>13}  wire h/o")
     for label, _fn, goal, higher, codings in ROWS:
         for coding in codings:
+            if (label, coding, "harmony") not in results:
+                continue
             h, o = results[(label, coding, "harmony")], results[(label, coding, "orthanc")]
             if higher:
                 hv = statistics.median(size / t / 1e6 for t, size, *_ in h)
@@ -199,8 +206,7 @@ def load(harmony: str, paths: list[Path], batch: int = 20):
 def profile(harmony_pid: int, harmony: str, workload: str, seconds: int, out: Path):
     """py-spy (not a dependency: ``pip install py-spy`` into the venv) samples
     Harmony while one workload runs in a loop; writes *out* (flame graph SVG)."""
-    fn = {"wado": wado, "qido-instances": qido_instances, "qido-studies": qido_studies,
-          "series-metadata": series_metadata, "study-metadata": study_metadata}[workload]
+    fn = WORKLOADS[workload]
     spy = Path(sys.executable).parent / "py-spy"
     gil = os.environ.get("PYSPY_GIL") == "1"
     rec = subprocess.Popen([str(spy), "record", "-p", str(harmony_pid), "-o", str(out), "-d", str(seconds),
@@ -223,8 +229,8 @@ def main():
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--rows", type=int, default=256, help="image size (rows = cols, 16-bit)")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--profile", choices=("wado", "qido-instances", "qido-studies", "series-metadata",
-                                          "study-metadata"))
+    ap.add_argument("--profile", choices=tuple(WORKLOADS))
+    ap.add_argument("--only", action="append", choices=tuple(WORKLOADS), help="measure only these workloads")
     ap.add_argument("--profile-seconds", type=int, default=15)
     ap.add_argument("--profile-out", type=Path, default=None)
     args = ap.parse_args()
@@ -248,7 +254,8 @@ def main():
                 profile(proc.pid, harmony, args.profile, args.profile_seconds, out)
                 return
             results = measure(harmony, orthanc.dicomweb_url, args.rounds,
-                              {"harmony": proc.pid, "orthanc": orthanc.proc.pid})
+                              {"harmony": proc.pid, "orthanc": orthanc.proc.pid},
+                              [WORKLOADS[w] for w in args.only or ()])
             report(results, args.instances, mb)
         finally:
             stop(proc)

@@ -701,10 +701,10 @@ class InstanceStore:
                 if len(batch) >= BATCH:
                     call(put_batch, batch)
                     batch = []
-            if batch:
-                call(put_batch, batch)
+            return batch  # the last one rides with the result: one reactor wake-up, not two
 
-        def finished(_):
+        def finished(last):
+            put_batch(last)
             stream.finish(dimse.CANCEL if stop.is_set() else dimse.SUCCESS, "cancelled" if stop.is_set() else None)
 
         def failed(f):
