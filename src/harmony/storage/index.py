@@ -71,10 +71,16 @@ def upgrade(conn) -> None:
     """Bring an index made by an older Harmony up to date, in place (sqlite or
     PostgreSQL; cheap and idempotent: run at every open)."""
     for table, column, sql_type in ADDED_COLUMNS:
+        # Looked up first: on PostgreSQL even a no-op ALTER takes the table's
+        # exclusive lock, which would queue every node's reads behind it.
         if dialect(conn) == POSTGRESQL:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {sql_type}")
-        elif column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+            present = conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema=current_schema() "
+                                   "AND table_name=? AND column_name=?", (table, column)).fetchone() is not None
+        else:
+            present = column in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {sql_type}"
+                         if dialect(conn) == POSTGRESQL else f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
 
 T_PATIENT_ID = tag_hex("PatientID")
