@@ -4,6 +4,7 @@ the same corpus (the session ``orthanc`` fixture), queried with pynetdicom."""
 
 from __future__ import annotations
 
+import pydicom
 import pytest
 import pytest_twisted
 from pydicom.dataset import Dataset
@@ -299,6 +300,8 @@ def test_metadata_made_at_ingest_is_what_the_file_gives(new_store, tmp_path, cor
         assert len(found) == len(corpus) + 1
         for inst in found:
             assert inst.metadata_json == _file_metadata(inst), inst.sop_instance_uid
+            # The sort key sent with it (the bridge sorts by it without parsing the text).
+            assert inst.instance_number == int(pydicom.dcmread(inst.path).get("InstanceNumber") or 0)
         assert store.read_sync(lambda c: c.execute(
             "SELECT count(*) FROM instances WHERE metadata IS NULL").fetchone()[0]) == 0
     finally:

@@ -67,6 +67,9 @@ class DicomInstance:
     #: ``harmony.dicomweb.cache.BASE_PLACEHOLDER`` + its resource path), when
     #: the backend keeps it precomputed and was asked (:data:`RESULTS_AS`).
     metadata_json: str | None = None
+    #: Its InstanceNumber (0 when it has none), sent with ``metadata_json``:
+    #: what a metadata answer is sorted by, without parsing the text.
+    instance_number: int = 0
 
     def release(self) -> None:
         if self.owned:

@@ -332,14 +332,15 @@ class DicomWebBridge(Middleware):
                     break
                 try:
                     if item.metadata_json is not None:
-                        # Kept by the backend (local_archive, made at ingest): no file to parse.
-                        docs.append((json.loads(item.metadata_json), item.metadata_json))
+                        # Kept by the backend (local_archive, made at ingest): no file to
+                        # parse, nor the text (parsing 200 of them cost more than the rest).
+                        docs.append(((item.instance_number, item.sop_instance_uid), item.metadata_json))
                         continue
                     base = BASE_PLACEHOLDER + resource_path(item.study_instance_uid or dw.study_uid,
                                                            item.series_instance_uid or dw.series_uid,
                                                            item.sop_instance_uid)
                     doc = yield threads.deferToThread(instance_metadata, item.path, base)
-                    docs.append((doc, None))
+                    docs.append(((_int(doc, "00200013"), _uid(doc, "00080018") or ""), doc))
                 finally:
                     item.release()
         except Exception:
@@ -348,10 +349,10 @@ class DicomWebBridge(Middleware):
             raise
         if not docs:
             raise _nothing_retrieved(stream)
-        docs.sort(key=lambda d: (_int(d[0], "00200013"), _uid(d[0], "00080018") or ""))
+        docs.sort(key=lambda d: d[0])
         # Kept texts are joined as they are: the same compact JSON json.dumps makes.
-        body = ("[" + ",".join(text if text is not None else json.dumps(doc, separators=(",", ":"))
-                               for doc, text in docs) + "]").encode("utf-8")
+        body = ("[" + ",".join(doc if isinstance(doc, str) else json.dumps(doc, separators=(",", ":"))
+                               for _key, doc in docs) + "]").encode("utf-8")
         if key is not None:
             # Waiters get the body now; a failed cache write only costs a refetch later.
             self.cache.settle(key, body)

@@ -156,6 +156,21 @@ def prune_empty(conn: sqlite3.Connection, series_pk: int) -> None:
                      (row[0], row[0]))
 
 
+def instance_number_sql(conn) -> str:
+    """SQL for an instance row's InstanceNumber, read from its attributes
+    (NULL when it has none): sorting a metadata answer needs no more."""
+    if dialect(conn) == POSTGRESQL:
+        return "(i.attrs::jsonb #>> '{00200013,Value,0}')"
+    return "json_extract(i.attrs, '$.\"00200013\".Value[0]')"
+
+
+def as_instance_number(value) -> int:
+    try:
+        return int(float(value)) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def fill_metadata(conn, made: list) -> None:
     """Keep WADO-RS metadata made for rows that had none, ``[(sop_uid, relpath, text)]``
     (only where the row still names that file: a newer copy keeps its own)."""

@@ -649,12 +649,14 @@ class InstanceStore:
         keys = [k for k in keys if k[2]]  # retrieval: only matching keys matter
         self.open_sync()
         made = []
-        extra = ("i.metadata",) if metadata else ()
+
+        def extra(conn):
+            return ("i.metadata", idx.instance_number_sql(conn)) if metadata else ()
         if idx.sql_decides(keys):
             # UIDs only (every retrieve the bridge makes): SQL decides, nothing to parse.
-            found = ((None, row) for row in self.db.rows(lambda conn: idx.instance_rows(conn, keys, extra)))
+            found = ((None, row) for row in self.db.rows(lambda conn: idx.instance_rows(conn, keys, extra(conn))))
         else:
-            found = self.db.rows(lambda conn: idx.candidates(conn, keys, IMAGE, extra))
+            found = self.db.rows(lambda conn: idx.candidates(conn, keys, IMAGE, extra(conn)))
         for record, row in found:
             if should_stop():
                 break
@@ -664,7 +666,7 @@ class InstanceStore:
                                      sop_instance_uid=sop, transfer_syntax_uid=ts, study_instance_uid=study,
                                      series_instance_uid=series, size=size or 0, owned=False)
                 if metadata:
-                    inst.metadata_json = row[7]
+                    inst.metadata_json, inst.instance_number = row[7], idx.as_instance_number(row[8])
                     if inst.metadata_json is None:  # a row older than the column: made once, then kept
                         inst.metadata_json = self._make_metadata(inst)
                         if inst.metadata_json is not None:
