@@ -270,7 +270,7 @@ async def test_matches_as_dicom_json_equal_the_dataset_round_trip(new_store, tmp
                 "dimse_op": "C-FIND", "query_level": ds.QueryRetrieveLevel, "query_model": model,
                 RESULTS_AS: DICOM_JSON}, normalized=ds.to_json_dict())
             response = await pipeline.handle(request, Endpoint())
-            fast = await response.context["dicom_results"].collect()
+            fast = await response.state.dicom_results.collect()
             assert plain and all(isinstance(d, dict) for d in fast)
             assert [find_result_json(d) for d in fast] == [find_result_to_json(d) for d in plain]
         # The non-ASCII match declares UTF-8 on both paths.

@@ -4,7 +4,9 @@ Four tables - patients, studies, series, instances - each with a few indexed
 columns for the common narrowing keys and the level's attributes as DICOM JSON.
 A query narrows in SQL (UIDs, PatientID, AccessionNumber, dates, modality) and
 decides in Python with :mod:`harmony.storage.query`, so every C-FIND matching
-rule applies to every stored attribute, not just the indexed ones.
+rule applies to every stored attribute, not just the indexed ones.  Each
+instance row also keeps the instance's whole WADO-RS metadata, made at ingest,
+so DICOMweb metadata is read from here rather than from the files.
 
 All functions take a connection of the store's database (sqlite or
 PostgreSQL, :mod:`harmony.storage.database`) and run on a storage thread.

@@ -673,8 +673,12 @@ class InstanceStore:
                             made.append((sop, relpath, inst.metadata_json))
                 yield inst
         if made:
-            # Derived data: losing it to a power cut only means making it again.
-            self.bookkeep_sync(idx.fill_metadata, made)
+            # Derived data: losing it (a power cut, a write refused) only means making it again.
+            try:
+                self.bookkeep_sync(idx.fill_metadata, made)
+            except (sqlite3.Error, StorageFailure, DatabaseUnavailable) as e:
+                log.warn("storage: could not keep the metadata made for {n} older instance(s): {error}",
+                         n=len(made), error=str(e))
 
     @staticmethod
     def _make_metadata(inst: DicomInstance) -> str | None:
