@@ -23,12 +23,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+
 import attr
 
 from harmony.config.errors import ConfigErrors, OptionError, Problem
 from harmony.config.loader import STORAGE_BACKENDS, STORAGE_INDEXES
 from harmony.config.options import Options
 from harmony.storage.database import SPARE_CONNECTIONS, PostgresDatabase, read_password_file
+from harmony.storage.nodes import default_node
 from harmony.storage.store import open_store
 
 
@@ -44,11 +49,16 @@ def store_from_context(ctx, options: Options):
                                         f"{value!r} is not supported by this version of Harmony "
                                         f"(supported: {', '.join(map(repr, supported))})")])
     global_opts = Options(storage.get("options", {}), base_dir=ctx.base_dir)
+    root = options.path("path", None) or ctx.storage_path
     try:
         min_free_mb = global_opts.number("min_free_mb", 512, minimum=0)
         fsync = global_opts.bool("fsync", True)
         threads = global_opts.int("threads", 4, minimum=1, maximum=64)
         node = global_opts.str("node", "")
+        # Unset: the host name + a digest of the folder (harmony.storage.nodes), per worker process too.
+        processes = process_name(ctx.config, node or default_node(Path(root).resolve()))
+        if processes is not None:
+            node = processes
         database = database_from_options(storage.get("index", STORAGE_INDEXES[0]), global_opts, threads, node)
         blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), global_opts)
         cache_mb = global_opts.number("s3_cache_max_mb", 0, minimum=0)
@@ -56,13 +66,29 @@ def store_from_context(ctx, options: Options):
             raise OptionError("s3_cache_max_mb", 'only used with backend = "s3"')
     except OptionError as e:
         raise ConfigErrors([Problem(str(ctx.config.path), f"storage.options.{e.key}", e.message)]) from None
-    root = options.path("path", None) or ctx.storage_path
     try:
         return open_store(root, reactor=ctx.reactor, min_free_bytes=int(min_free_mb * 1024 * 1024), fsync=fsync,
                           threads=threads, database=database, node=node, blobs=blobs,
-                          cache_max_bytes=int(cache_mb * 1024 * 1024))
+                          per_process=processes is not None, cache_max_bytes=int(cache_mb * 1024 * 1024))
     except OSError as e:
         raise OptionError("path", f"cannot open the store at {root}: {e.strerror}") from None
+
+
+def process_name(config, node: str) -> str | None:
+    """This process's name on the store when ``[proxy] workers`` > 1, else None.
+
+    Worker processes share the store folder and its index: each must clear
+    only its own temp files and crash markers on start, and take back only
+    its own queue leases, exactly like nodes sharing a PostgreSQL index.  The
+    worker pool tells each process which one it is in ``HARMONY_WORKER``
+    (harmony.workers; the main process is 0), which is stable across a
+    worker's restarts, so a restarted worker cleans up after the one it
+    replaces.
+    """
+    proxy = getattr(config, "proxy", None)
+    if getattr(proxy, "workers", 1) <= 1:
+        return None
+    return f"{node or socket.gethostname()}.w{os.environ.get('HARMONY_WORKER', '0')}"
 
 
 def database_from_options(index: str, opts: Options, threads: int, node: str = ""):
@@ -132,5 +158,4 @@ def shared_parts(ctx, purpose: str, folder) -> SharedParts | None:
         blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), opts)
     except OptionError as e:
         raise ConfigErrors([Problem(str(ctx.config.path), f"storage.options.{e.key}", e.message)]) from None
-    from harmony.storage.nodes import default_node
     return SharedParts(database, blobs, node or default_node(folder))

@@ -22,6 +22,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from harmony.storage import index as idx
 from harmony.storage.database import PostgresDatabase, read_password_file
 from harmony.storage.store import schema_pg, schema_sqlite
 
@@ -115,6 +116,7 @@ def migrate(source, database: PostgresDatabase, upload_as: str | None = None) ->
     try:
         lite.execute("BEGIN")
         database.create_schema(schema_sqlite(), schema_pg())
+        database.transaction(True, idx.upgrade)  # a database an older Harmony made: its columns first
         return database.transaction(True, _copy_all, (lite, upload_as))
     except sqlite3.Error as e:
         raise MigrationError(f"cannot read {path}: {e}") from None
