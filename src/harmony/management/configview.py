@@ -83,7 +83,7 @@ def unredact(text: str, running_path) -> str:
     try:
         original = tomlkit.parse(running_path.read_text(encoding="utf-8"))
     except Exception:
-        original = {}
+        original = tomlkit.document()
     missing = []
 
     def walk(node, orig, where):
