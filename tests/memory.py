@@ -61,3 +61,50 @@ def response(status=200, *, headers: dict | None = None, body=b"", **kwargs):
     for key, value in (headers or {}).items():
         raw.setRawHeaders(key, [value] if isinstance(value, (str, bytes)) else list(value))
     return ResponseEnvelope(status=status, headers=raw, body=body, **kwargs)
+
+
+class HttpStub:
+    """An HTTP endpoint mounted on a real twisted.web Site in memory (treq's StubTreq):
+    requests go through twisted.web's parser and the endpoint's ``render_http``, the
+    pipeline runs for real, and nothing listens on a port."""
+
+    def __init__(self, endpoint, backends, middleware=(), prefix: str | None = None):
+        from treq.testing import StubTreq
+
+        from harmony.pipeline import Pipeline
+        from harmony.runtime import Route
+        from harmony.web.router import PrefixRouter
+
+        self.pipeline = Pipeline("memory", list(middleware), list(backends))
+        route = Route("default", prefix if prefix is not None else endpoint.path_prefix, endpoint, self.pipeline)
+        self.treq = StubTreq(PrefixRouter("default", [route]))
+
+    def request(self, method: str, path: str, **kwargs):
+        """(response, body bytes) once the exchange is over."""
+        d = self.treq.request(method, "http://harmony.test" + path, **kwargs)
+        self.treq.flush()
+        answer = result_of(d)
+        body = self.treq.content(answer)
+        self.treq.flush()
+        return answer, result_of(body)
+
+
+class Answering:
+    """A backend that answers each request with *respond(request)* (a ResponseEnvelope, a
+    Deferred, or an exception to raise), and keeps what it was sent."""
+
+    def __init__(self, respond, name: str = "answering"):
+        from zope.interface import directlyProvides
+
+        from harmony.interfaces import IBackend
+        self.name = name
+        self.respond = respond
+        self.requests: list = []
+        directlyProvides(self, IBackend)
+
+    def send(self, request):
+        self.requests.append(request)
+        answer = self.respond(request)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
