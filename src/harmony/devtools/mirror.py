@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", type=Path, default=Path("src/harmony"), help="the harmony package folder")
     parser.add_argument("--tests", type=Path, default=Path("tests"), help="the tests folder")
     parser.add_argument("--plan", action="store_true", help="print the proposed moves of existing test files")
+    parser.add_argument("--names", action="store_true",
+                        help="print only the names of modules without a mirror (the allow-list's form)")
     args = parser.parse_args(argv)
+    if args.names:
+        print("\n".join(sorted(m.name for m in missing(args.src, args.tests))))
+        return 0
     if args.plan:
         for old, new, why in plan(args.src, args.tests):
             print(f"{'tests/' + str(old):48} -> {('tests/' + str(new)) if new else '(stays)':48} {why}")
