@@ -108,3 +108,28 @@ class Answering:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+
+ECHO_PIPELINE = """
+[pipelines.main]
+networks = ["default"]
+endpoints = ["api"]
+backends = ["be"]
+
+[endpoints.api]
+service = "http"
+path_prefix = "/api"
+
+[backends.be]
+service = "echo"
+"""
+
+
+def built_runtime(folder: Path, main: str = "", pipelines: str = ECHO_PIPELINE):
+    """A runtime built (not started) from a config written into *folder*: every component made
+    the way ``harmony`` makes it, nothing listening.  *main* is added to a minimal ``[proxy]``."""
+    from harmony.config import load_config
+    from harmony.runtime import build_runtime
+    from tests.harness import MINIMAL_MAIN, write_config
+    path = write_config(folder, MINIMAL_MAIN + main, {"main": pipelines})
+    return build_runtime(load_config(path))
