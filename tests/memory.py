@@ -133,3 +133,38 @@ def built_runtime(folder: Path, main: str = "", pipelines: str = ECHO_PIPELINE):
     from tests.harness import MINIMAL_MAIN, write_config
     path = write_config(folder, MINIMAL_MAIN + main, {"main": pipelines})
     return build_runtime(load_config(path))
+
+
+class Wires:
+    """TCP connections on a MemoryReactorClock, completed in memory (twisted.test.iosim).
+
+    A server listens with ``reactor.listenTCP(port, factory)``; the code under test connects with
+    ``connectTCP`` (or an endpoint on that reactor) as it would to a real peer; :meth:`run` joins
+    each pending connection to the listener on its port and moves bytes both ways until a Deferred
+    fires.  Nothing touches a socket."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.pumps: list = []
+
+    def run(self, d, rounds: int = 50):
+        for _ in range(rounds):
+            if d.called:
+                break
+            self.connect_pending()
+            for pump in self.pumps:
+                pump.flush()
+        return d
+
+    def connect_pending(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.test import iosim
+        while self.reactor.tcpClients:
+            host, port, client_factory, _timeout, _bind = self.reactor.tcpClients.pop(0)
+            listeners = [f for p, f, *_rest in self.reactor.tcpServers if p == port]
+            assert listeners, f"nothing listens on port {port} in this test"
+            peer = IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps))
+            server = listeners[0].buildProtocol(peer)
+            client = client_factory.buildProtocol(IPv4Address("TCP", host, port))
+            self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server),
+                                            client, iosim.makeFakeClient(client), greet=False))

@@ -15,9 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
-from twisted.test import iosim
 
 from harmony.backends.dicom_scu import DicomScuBackend
 from harmony.config.errors import OptionError
@@ -25,7 +23,7 @@ from harmony.dicom.ul import commands, datasets
 from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
 from harmony.dicom.ul.datasets import MemorySink
 from harmony.errors import BadRequest, HarmonyError
-from tests.memory import build, failure_of, request, result_of
+from tests.memory import Wires, build, failure_of, request, result_of
 
 PACS_PORT = 11112
 
@@ -78,28 +76,11 @@ class Rig:
                                     config=types.SimpleNamespace(targets={}))
         self.backend = build(DicomScuBackend, {"aet": "PACS", "host": "127.0.0.1", "port": PACS_PORT, **options},
                              name="pacs", ctx=ctx)
-        self.pumps = []
+        self.wires = Wires(self.reactor)
 
     def run(self, d):
         """Complete the connections the backend opened and move bytes until *d* fires."""
-        for _ in range(50):
-            if d.called:
-                break
-            self._connect_pending()
-            for pump in self.pumps:
-                pump.flush()
-        return d
-
-    def _connect_pending(self):
-        while self.reactor.tcpClients:
-            host, port, client_factory, _timeout, _bind = self.reactor.tcpClients.pop(0)
-            assert (host, port) == ("127.0.0.1", PACS_PORT)
-            server_factory = self.reactor.tcpServers[0][1]
-            peer = IPv4Address("TCP", "127.0.0.1", 40000 + len(self.pumps))
-            server = server_factory.buildProtocol(peer)
-            client = client_factory.buildProtocol(IPv4Address("TCP", host, port))
-            self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server),
-                                            client, iosim.makeFakeClient(client), greet=False))
+        return self.wires.run(d)
 
 
 def _match(patient_id):
