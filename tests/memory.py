@@ -168,3 +168,37 @@ class Wires:
             client = client_factory.buildProtocol(IPv4Address("TCP", host, port))
             self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server),
                                             client, iosim.makeFakeClient(client), greet=False))
+
+
+def tls_handshake(server_options, client_options, greeting: bytes = b"hello"):
+    """A TLS connection in memory (TLSMemoryBIOFactory over twisted.test.iosim): the client sends
+    *greeting*, the server echoes it.  Returns (bytes the client got back, its connectionLost reason
+    or None): the greeting when the handshake succeeded, b"" and a reason when either side refused."""
+    from twisted.internet import task
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test import iosim
+
+    class Echo(Protocol):
+        def dataReceived(self, data):
+            self.transport.write(data)
+
+    class Client(Protocol):
+        received, lost = b"", None
+
+        def connectionMade(self):
+            self.transport.write(greeting)
+
+        def dataReceived(self, data):
+            self.received += data
+
+        def connectionLost(self, reason):
+            self.lost = reason
+
+    client_protocol = Client()
+    clock = task.Clock()  # TLS aggregates small writes until a clock turns: the pump turns this one
+    server = TLSMemoryBIOFactory(server_options, False, Factory.forProtocol(Echo), clock=clock).buildProtocol(None)
+    client = TLSMemoryBIOFactory(client_options, True, Factory.forProtocol(lambda: client_protocol),
+                                 clock=clock).buildProtocol(None)
+    iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), clock=clock).flush()
+    return client_protocol.received, client_protocol.lost
