@@ -111,9 +111,9 @@ def test_c_find_streams_each_match_as_it_arrives(tmp_path):
     response = result_of(rig.run(rig.backend.send(_find(PatientID="SYN-*"))))
     assert response.status == 200
     assert response.header("content-type") == "application/dicom+json"
-    found = result_of(response.context["dicom_results"].collect())
+    found = result_of(response.state.dicom_results.collect())
     assert [ds.PatientID for ds in found] == ["SYN-1", "SYN-2"]
-    assert response.context["dicom_results"].status == 0x0000
+    assert response.state.dicom_results.status == 0x0000
     sent = rig.handler.queries[0]
     assert sent.PatientID == "SYN-*" and sent.QueryRetrieveLevel == "STUDY"
 

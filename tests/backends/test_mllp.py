@@ -69,7 +69,7 @@ def _send(backend, wires, body=MESSAGE, **kwargs):
 def test_the_receivers_ack_comes_back_and_the_connection_is_reused():
     backend, peer, _reactor, wires = _rig()
     response = result_of(_send(backend, wires))
-    assert response.status == 200 and response.context["hl7_ack_code"] == "AA"
+    assert response.status == 200 and response.state.hl7_ack_code == "AA"
     assert peer.received == [MESSAGE] and b"MSA|AA|MSG42" in response.body
     assert result_of(_send(backend, wires)).status == 200
     assert peer.connections == 1

@@ -7,6 +7,7 @@ import types
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from harmony.dicom.status import record
 from harmony.management.metrics import HarmonyMetrics, status_label
 from tests.memory import built_runtime, request, response
 
@@ -46,10 +47,9 @@ def test_requests_latency_and_bytes_per_pipeline(tmp_path):
 def test_dimse_operations_and_reloads(tmp_path):
     runtime, metrics = _metrics(tmp_path)
     (observe,) = runtime.pipelines["main"].observers
-    observe(request(metadata={"endpoint": "api", "dimse_op": "C-FIND"}), response(metadata={"dimse_status": "0xA700"}),
-            0.1)
+    observe(request(metadata={"endpoint": "api", "dimse_op": "C-FIND"}), record(response(), 0xA700), 0.1)
     observe(request(metadata={"endpoint": "api", "dimse_op": "C-NONSENSE"}),
-            response(metadata={"dimse_status": "<script>"}), 0.1)
+            response(metadata={"dimse_status": "<script>"}), 0.1)  # a forged metadata view is not the status
     metrics.reloaded(False)
     samples = _samples(metrics)
     find = (("endpoint", "api"), ("operation", "C-FIND"), ("pipeline", "main"), ("status", "0xA700"))
