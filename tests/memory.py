@@ -31,6 +31,14 @@ def result_of(value):
     return results[0]
 
 
+def fired(d) -> bool:
+    """Whether *d* has its final result (``d.called`` is also true for a Deferred that was
+    fired but is paused waiting on another one)."""
+    results: list = []
+    d.addBoth(lambda result: results.append(True) or result)
+    return bool(results)
+
+
 def failure_of(value, *kinds):
     """The exception a fired Deferred (or a call that raised) failed with, checked against *kinds*."""
     results: list = []
@@ -149,7 +157,7 @@ class Wires:
 
     def run(self, d, rounds: int = 50):
         for _ in range(rounds):
-            if d.called:
+            if fired(d):
                 break
             self.connect_pending()
             for pump in self.pumps:

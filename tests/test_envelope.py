@@ -24,7 +24,7 @@ from harmony.envelope import (
     read_body,
 )
 from harmony.errors import PayloadTooLarge
-from tests.memory import failure_of, request, result_of
+from tests.memory import failure_of, fired, request, result_of
 
 
 def _file_producer(data: bytes, clock: task.Clock, **kwargs):
@@ -34,7 +34,7 @@ def _file_producer(data: bytes, clock: task.Clock, **kwargs):
 
 
 def _drive(d, clock):
-    while not d.called:
+    while not fired(d):
         clock.advance(0)
     return d
 

@@ -9,7 +9,7 @@ from twisted.internet import task
 from twisted.web.client import FileBodyProducer
 
 from harmony.backends.echo import EchoBackend
-from tests.memory import build, request, result_of
+from tests.memory import build, fired, request, result_of
 
 
 def test_the_echo_describes_the_request():
@@ -34,6 +34,6 @@ def test_a_streamed_body_is_read_whole():
     cooperator = task.Cooperator(scheduler=lambda step: clock.callLater(0, step))
     body = FileBodyProducer(io.BytesIO(b"abc" * 1000), cooperator=cooperator, readSize=512)
     d = EchoBackend("echo").send(request(body=body))
-    while not d.called:
+    while not fired(d):
         clock.advance(0)
     assert json.loads(result_of(d).body)["body"] == "abc" * 1000

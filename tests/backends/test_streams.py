@@ -16,7 +16,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
 from harmony.errors import BackendTimeout
-from tests.memory import failure_of, result_of
+from tests.memory import failure_of, fired, result_of
 
 
 class UpstreamResponse:
@@ -103,8 +103,8 @@ def test_time_paused_by_a_slow_client_does_not_count():
 
 def test_a_deadline_is_pushed_back_by_every_uploaded_chunk():
     clock = task.Clock()
-    fired = []
-    deadline = clock.callLater(10, fired.append, "deadline")
+    expired = []
+    deadline = clock.callLater(10, expired.append, "deadline")
     # A slow uploader: one 10-byte chunk every 8 s.
     cooperator = task.Cooperator(scheduler=lambda step: clock.callLater(8, step),
                                  terminationPredicateFactory=lambda: lambda: True)
@@ -113,7 +113,7 @@ def test_a_deadline_is_pushed_back_by_every_uploaded_chunk():
     sent = DeadlineBody(body, deadline, 10).startProducing(consumer)
     for _ in range(4):
         clock.advance(8)
-    assert sent.called and b"".join(consumer.data) == b"x" * 30
-    assert fired == [] and clock.seconds() == 32  # 32 s of upload, never 10 s without progress
+    assert fired(sent) and b"".join(consumer.data) == b"x" * 30
+    assert expired == [] and clock.seconds() == 32  # 32 s of upload, never 10 s without progress
     clock.advance(10)
-    assert fired == ["deadline"]  # now it measures the wait for the response
+    assert expired == ["deadline"]  # now it measures the wait for the response

@@ -12,7 +12,7 @@ from twisted.web.client import FileBodyProducer
 
 from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body
 from harmony.errors import BadRequest, PayloadTooLarge
-from tests.memory import failure_of, result_of
+from tests.memory import failure_of, fired, result_of
 
 PARTS = [Part("application/dicom", data=b"DICM-one"), Part("application/dicom", data=b"\r\n--not-a-boundary\r\n")]
 
@@ -69,7 +69,7 @@ def test_parse_body_reads_a_producer(tmp_path):
     cooperator = task.Cooperator(scheduler=lambda step: clock.callLater(0, step))
     d = parse_body(FileBodyProducer(io.BytesIO(body), cooperator=cooperator, readSize=7),
                    StowParser("b0undary", tmp_path))
-    while not d.called:
+    while not fired(d):
         clock.advance(0)
     assert _contents(result_of(d)) == [b"DICM-one", b"\r\n--not-a-boundary\r\n"]
     failure_of(parse_body(b"garbage", StowParser("b0undary", tmp_path / "x")), BadRequest)

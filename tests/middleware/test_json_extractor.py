@@ -10,7 +10,7 @@ from twisted.web.client import FileBodyProducer
 
 from harmony.errors import BadRequest, PayloadTooLarge
 from harmony.middleware.json_extractor import JsonExtractor
-from tests.memory import build, failure_of, request, response, result_of
+from tests.memory import build, failure_of, fired, request, response, result_of
 
 JSON = {"Content-Type": "application/fhir+json"}
 
@@ -41,7 +41,7 @@ def test_a_stream_is_read_within_the_cap_and_kept_as_bytes():
     cooperator = task.Cooperator(scheduler=lambda step: clock.callLater(0, step))
     body = FileBodyProducer(io.BytesIO(b'{"k": "' + b"v" * 100 + b'"}'), cooperator=cooperator, readSize=16)
     d = build(JsonExtractor).on_request(request("POST", headers=JSON, body=body))
-    while not d.called:
+    while not fired(d):
         clock.advance(0)
     out = result_of(d)
     assert out.normalized == {"k": "v" * 100} and isinstance(out.body, bytes)
