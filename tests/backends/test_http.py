@@ -9,7 +9,9 @@ import json
 import types
 
 import pytest
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -96,10 +98,8 @@ def test_nothing_listening_is_a_502():
     backend, _upstream, reactor, wires = _rig()
     d = backend.send(request("GET", "/x"))
     _host, _port, factory, _timeout, _bind = reactor.tcpClients.pop()
-    from twisted.internet.error import ConnectionRefusedError
-    factory.clientConnectionFailed(None, __import__("twisted.python.failure", fromlist=["Failure"]).Failure(
-        ConnectionRefusedError()))
-    assert isinstance(failure_of(d, BackendUnavailable), BackendUnavailable)
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))  # what the kernel would say
+    assert "unreachable" in str(failure_of(d, BackendUnavailable))
 
 
 @pytest.mark.parametrize("base, subpath, query, expected", [
