@@ -210,3 +210,17 @@ def tls_handshake(server_options, client_options, greeting: bytes = b"hello"):
                                  clock=clock).buildProtocol(None)
     iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), clock=clock).flush()
     return client_protocol.received, client_protocol.lost
+
+
+def plugin_context(reactor, **more):
+    """The BuildContext a plug-in's ``from_config`` reads, for types built outside a runtime."""
+    import types
+    return types.SimpleNamespace(reactor=reactor, component=None, targets=lambda: [],
+                                 config=types.SimpleNamespace(targets={}, backends={}), **more)
+
+
+def upstream_site(reactor, resource, port: int):
+    """*resource* served by a twisted.web Site listening on *port* of a MemoryReactorClock,
+    reached through :class:`Wires` by any Agent built on that reactor."""
+    from twisted.web.server import Site
+    reactor.listenTCP(port, Site(resource, reactor=reactor), interface="127.0.0.1")

@@ -6,19 +6,18 @@ streamed body, hop-by-hop headers named in Connection dropped), and the timeouts
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from harmony.backends.http import HttpBackend, upstream_url
 from harmony.envelope import read_body
 from harmony.errors import BackendTimeout, BackendUnavailable
-from tests.memory import Wires, build, failure_of, fired, request, result_of
+from tests.memory import Wires, build, failure_of, fired, plugin_context, request, result_of, upstream_site
 
 PORT = 8042
 
@@ -45,10 +44,9 @@ class Upstream(Resource):
 def _rig(**options):
     reactor = MemoryReactorClock()
     upstream = Upstream()
-    reactor.listenTCP(PORT, Site(upstream, reactor=reactor), interface="127.0.0.1")
-    ctx = types.SimpleNamespace(reactor=reactor, component=None, targets=lambda: [],
-                                config=types.SimpleNamespace(targets={}))
-    backend = build(HttpBackend, {"base_url": f"http://127.0.0.1:{PORT}/base", **options}, name="up", ctx=ctx)
+    upstream_site(reactor, upstream, PORT)
+    backend = build(HttpBackend, {"base_url": f"http://127.0.0.1:{PORT}/base", **options}, name="up",
+                    ctx=plugin_context(reactor))
     return backend, upstream, reactor, Wires(reactor)
 
 
