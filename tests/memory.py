@@ -118,19 +118,13 @@ class Answering:
         return answer
 
 
-ECHO_PIPELINE = """
-[pipelines.main]
-networks = ["default"]
-endpoints = ["api"]
-backends = ["be"]
+def _echo_pipeline() -> str:
+    from tests.harness import echo_pipeline
+    return echo_pipeline("main", "/api", "api", "be")
 
-[endpoints.api]
-service = "http"
-path_prefix = "/api"
 
-[backends.be]
-service = "echo"
-"""
+#: One pipeline: the ``http`` endpoint ``api`` at /api to the echo backend ``be``.
+ECHO_PIPELINE = _echo_pipeline()
 
 
 def built_runtime(folder: Path, main: str = "", pipelines: str = ECHO_PIPELINE):
