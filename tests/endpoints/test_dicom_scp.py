@@ -68,8 +68,9 @@ class Rig:
     def request(self, assoc, sop_class, command, dataset=None):
         cid = next(i for i, cx in assoc.contexts.items() if str(cx.abstract_syntax) == str(sop_class))
         pending = []
+        syntax = str(assoc.contexts[cid].transfer_syntax[0])  # the syntax negotiated for this context
         d = assoc.request(cid, dict(command, AffectedSOPClassUID=str(sop_class)),
-                          dataset if dataset is None else datasets.encode(dataset, "1.2.840.10008.1.2"),
+                          dataset if dataset is None else datasets.encode(dataset, syntax),
                           on_pending=pending.append)
         final = result_of(self.wires.run(d))
         return final, pending
