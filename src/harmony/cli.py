@@ -62,7 +62,7 @@ def _print_routes(runtime, out):
 
 
 def cmd_check(args) -> int:
-    warnings = []
+    warnings: list = []
     runtime, errors = _load(args.config, args.state_dir, warnings)
     if errors is not None:
         print(f"{args.config}: INVALID", file=sys.stdout)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zope.interface import implementer, provider
+from zope.interface import alsoProvides, implementer, provider
 
 from harmony.interfaces import IBackend, IComponentFactory
 
@@ -10,6 +10,12 @@ from harmony.interfaces import IBackend, IComponentFactory
 @implementer(IBackend)
 @provider(IComponentFactory)
 class Backend:
+    def __init_subclass__(cls, **kwargs):
+        # zope's @provider declares the class object alone: without this every
+        # subclass (each concrete type) would not provide IComponentFactory.
+        super().__init_subclass__(**kwargs)
+        alsoProvides(cls, IComponentFactory)
+
     def __init__(self, name: str):
         self.name = name
 

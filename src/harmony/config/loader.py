@@ -413,11 +413,11 @@ def load_config(path: str | Path, *, problems: list | None = None, state_dir: st
             warnings.append(Problem(fsrc, key, "unknown top-level key, ignored"
                                     + ("" if fpath == path else " (in a pipeline file)")))
         for table in COMPONENT_TABLES + ("network",):
-            section = doc.get(table, {})
-            if not isinstance(section, dict):
+            entries = doc.get(table, {})
+            if not isinstance(entries, dict):
                 problems.append(Problem(fsrc, table, "must be a table of named entries"))
                 continue
-            for name, value in section.items():
+            for name, value in entries.items():
                 first = seen.get((table, name))
                 if first is not None:
                     problems.append(Problem(fsrc, f"{table}.{name}",
@@ -452,11 +452,11 @@ def load_config(path: str | Path, *, problems: list | None = None, state_dir: st
                     else:
                         broken.add((table, name))
         for table, kind in TYPE_TABLES.items():
-            section = doc.get(table, {})
-            if not isinstance(section, dict):
+            types = doc.get(table, {})
+            if not isinstance(types, dict):
                 problems.append(Problem(fsrc, table, "must be a table"))
                 continue
-            for name, value in section.items():
+            for name, value in types.items():
                 module = value.get("module", "") if isinstance(value, dict) else None
                 if not isinstance(module, str):
                     problems.append(Problem(fsrc, f"{table}.{name}.module",

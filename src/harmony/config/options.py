@@ -101,7 +101,9 @@ class Options:
         if file_key in self.raw:
             path = self.path(file_key)
             try:
-                return path.read_text().strip()
+                text = path.read_text()
             except OSError as e:
                 raise OptionError(file_key, f"cannot read {path}: {e.strerror}") from None
+            lines = text.strip().splitlines()
+            return lines[0].strip() if lines else ""
         return self.str(key, default)

@@ -117,11 +117,11 @@ def cmd_deidentify(args) -> int:
     except OptionError as e:
         print(f"harmony deidentify: {e.key}: {e.message}", file=sys.stderr)
         return 1
-    totals = collections.Counter()
-    actions = collections.Counter()
+    totals: collections.Counter[str] = collections.Counter()
+    actions: collections.Counter[str] = collections.Counter()
     files = []
     for path in _files(args.inputs):
-        entry = {"input": str(path)}
+        entry: dict[str, object] = {"input": str(path)}
         try:
             outcome = deidentify_file(deid, policy, path, lambda ds: _named(args.output, ds), report=True,
                                       dry_run=args.dry_run)

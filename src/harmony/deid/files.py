@@ -41,7 +41,7 @@ def deidentify_file(deid: Deidentifier, policy: PixelPolicy | None, src, dst, *,
     ds = dcmread(src)
     done = deid.already_done(ds)  # de-identified with this secret before: it passed the pixel policy then
     verdict, reason, rule = (policy.decide(ds) if policy is not None and not done else ("clean", None, None))
-    changes = [] if report else None
+    changes: list | None = [] if report else None
     if verdict == QUARANTINE:
         return Outcome(QUARANTINED, reason, sop_class_uid=str(ds.get("SOPClassUID", "")),
                        sop_instance_uid=deid.keys.uid(str(ds.get("SOPInstanceUID", ""))), changes=changes)

@@ -404,7 +404,7 @@ class _Context:
             key = "name:" + str(name.value) if name is not None and name.value else \
                 "study:" + (str(study.value) if study is not None else "")
         self.patient_key = key
-        self._shift = None
+        self._shift: datetime.timedelta | None = None
         self._looked_up = None
         self._redact = _redactor(ds, deid.profile) if deid.profile.text_cleaning else None
 
@@ -449,8 +449,8 @@ def _redactor(ds: Dataset, profile: Profile):
 
 
 def _collect_words(ds: Dataset, identity_tags: frozenset, words: set) -> None:
-    for t in ds.keys():
-        t = int(t)
+    for key in ds.keys():
+        t = int(key)
         if t in identity_tags:
             elem = ds[t]
             values = elem.value if elem.VM > 1 else [elem.value]

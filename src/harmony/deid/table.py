@@ -13,7 +13,7 @@ SOURCE_SHA256 = 'a99a35d1278e2bace8d90ff791b11aea2d45f1e3e1230388eb5224c9dbcd29e
 OPTIONS = ('retain_safe_private', 'retain_uids', 'retain_device_identity', 'retain_institution_identity', 'retain_patient_characteristics', 'retain_long_full_dates', 'retain_long_modified_dates', 'clean_descriptors', 'clean_structured_content', 'clean_graphics')
 
 #: (tag as int, name, basic profile action, {option: action})
-ATTRIBUTES = (
+ATTRIBUTES: tuple[tuple[int, str, str, dict[str, str]], ...] = (
     (0x00001000, 'Affected SOP Instance UID', 'X', {'retain_uids': 'K'}),
     (0x00001001, 'Requested SOP Instance UID', 'U', {'retain_uids': 'K'}),
     (0x00020003, 'Media Storage SOP Instance UID', 'U', {'retain_uids': 'K'}),

@@ -17,6 +17,7 @@ import argparse
 import ast
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import attr
@@ -144,7 +145,7 @@ class _Collector(ast.NodeVisitor):
             self.found.append((node.lineno, target, self.depth > 0))
 
 
-def scan(root: Path, extra: list[Path] = ()) -> list[Import]:
+def scan(root: Path, extra: Iterable[Path] = ()) -> list[Import]:
     """Every import of ``harmony`` made by a module under *root* (the ``harmony`` folder)."""
     imports: list[Import] = []
     files = sorted(root.rglob("*.py")) + [Path(p) for p in extra]

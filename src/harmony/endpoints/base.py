@@ -7,7 +7,7 @@ import time
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer, provider
+from zope.interface import alsoProvides, implementer, provider
 
 from harmony.config.errors import OptionError
 from harmony.errors import Forbidden, HarmonyError, mark_client_gone
@@ -51,6 +51,12 @@ class HttpEndpointBase(Service):
     cors_methods: tuple = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
     #: :class:`harmony.web.cors.CorsPolicy` from ``options.cors``; None: CORS off (the default).
     cors: CorsPolicy | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        # zope's @provider declares the class object alone: without this every
+        # subclass (each concrete type) would not provide IComponentFactory.
+        super().__init_subclass__(**kwargs)
+        alsoProvides(cls, IComponentFactory)
 
     def __init__(self, name: str, path_prefix: str = "/", options=None):
         self.name = name

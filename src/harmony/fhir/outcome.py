@@ -47,5 +47,6 @@ def outcome_response(error: HarmonyError, request_id: str = "") -> ResponseEnvel
 def with_issue(error: HarmonyError, issue: str) -> HarmonyError:
     """Name the issue code for *error* when its status alone would say too little
     (``structure`` for an unparseable body, where 400 alone says ``invalid``)."""
-    error.fhir_issue_code = issue
+    # An optional attribute of any HarmonyError, read back with getattr by issue_code().
+    error.fhir_issue_code = issue  # type: ignore[attr-defined]
     return error

@@ -148,8 +148,8 @@ class _XmlRoot:
     entity expansion bombs)."""
 
     def __init__(self, body: bytes):
-        self.root = None
-        self.id = None
+        self.root: tuple[str, str] | None = None
+        self.id: str | None = None
         self.depth = 0
         p = xml.parsers.expat.ParserCreate(namespace_separator=" ")
         p.StartElementHandler = self._start

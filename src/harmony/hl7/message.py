@@ -72,7 +72,7 @@ class HL7Error(Exception):
         self.field = field
         self.ack_code = ack_code
         #: (Separators, raw MSH fields) when MSH could be read (see parse_message).
-        self.header = None
+        self.header: tuple | None = None
 
 
 def codec_for(charset: str, default: str = "utf-8") -> str:

@@ -83,8 +83,13 @@ def unredact(text: str, running_path) -> str:
     try:
         original = tomlkit.parse(running_path.read_text(encoding="utf-8"))
     except Exception:
-        original = {}
+        original = tomlkit.document()
     missing = []
+
+    def same_url(value, there) -> bool:
+        """*value* is *there* as redact_text shows it (a URL with its password hidden)."""
+        return isinstance(value, str) and isinstance(there, str) and REDACTED in value \
+            and _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{REDACTED}@", there) == value
 
     def walk(node, orig, where):
         if isinstance(node, dict):
@@ -95,8 +100,17 @@ def unredact(text: str, running_path) -> str:
                         missing.append(".".join(where + [str(key)]))
                     else:
                         node[key] = there
+                elif same_url(value, there):
+                    node[key] = there
                 else:
                     walk(value, there, where + [str(key)])
+        elif isinstance(node, list) and isinstance(orig, list):
+            for i, value in enumerate(node):
+                there = orig[i] if i < len(orig) else None
+                if same_url(value, there):
+                    node[i] = there
+                else:
+                    walk(value, there, where + [str(i)])
 
     walk(edited, original, [])
     if missing or REDACTED in tomlkit.dumps(edited):

@@ -108,8 +108,9 @@ def apply(service, runtime, settings) -> dict:
     """Swap *runtime* in for the service's current one (synchronously: no request
     runs in between), returning what changed."""
     old = service.runtime
-    changes = {"backends_kept": [], "backends_rebuilt": [], "networks_rebound": [], "networks_added": [],
-               "networks_removed": [], "listeners_restarted": [], "_started": []}
+    changes: dict[str, list] = {
+        "backends_kept": [], "backends_rebuilt": [], "networks_rebound": [], "networks_added": [],
+        "networks_removed": [], "listeners_restarted": [], "_started": []}
 
     # Backends: keep unchanged ones (pools, health, circuits); rebuild the rest.
     replace = {}

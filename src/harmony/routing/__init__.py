@@ -55,7 +55,7 @@ def _compile(pattern, option_key: str):
 class KeySource:
     kind: str
     arg: str
-    regex: object = None
+    regex: re.Pattern | None = None
 
     @classmethod
     def parse(cls, spec, option_key: str) -> "KeySource":

@@ -12,9 +12,10 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
 from harmony import log as hlog
-from harmony.web.router import HarmonySite, PrefixRouter
+from harmony.web.router import HarmonySite
 
 log = hlog.get_logger("harmony.service")
 
@@ -29,7 +30,7 @@ def network_http_table(runtime, name: str) -> dict | None:
 class NetworkService(Service):
     """Listens on one network's endpoint description and serves its routes."""
 
-    def __init__(self, name: str, description: str, router: PrefixRouter, reactor):
+    def __init__(self, name: str, description: str, router: Resource, reactor):
         self.setName(f"network:{name}")
         self.network = name
         self.description = description

@@ -1,0 +1,173 @@
+"""harmony.backends.dicom_scu in memory: the backend's associations to a PACS, on a MemoryReactorClock.
+
+The "PACS" is Harmony's own DICOM acceptor (harmony.dicom.ul) with a small handler answering C-ECHO
+and C-FIND; the TCP connection between them is Twisted's in-memory one (twisted.test.iosim), so every
+PDU goes through both state machines and nothing listens on a port.  The real-peer tier keeps the
+tests against Orthanc and DCMTK (tests/test_dicom_scu.py); these pin the backend's own logic.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from twisted.internet.testing import MemoryReactorClock
+
+from harmony.backends.dicom_scu import DicomScuBackend
+from harmony.config.errors import OptionError
+from harmony.dicom.ul import commands, datasets
+from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
+from harmony.dicom.ul.datasets import MemorySink
+from harmony.errors import BadRequest, HarmonyError
+from tests.memory import Wires, build, failure_of, request, result_of
+
+PACS_PORT = 11112
+
+
+class FakePacsHandler:
+    """Answers C-ECHO with success and C-FIND with ``matches`` (pending) then ``final``."""
+
+    def __init__(self, matches=(), final=0x0000):
+        self.matches = list(matches)
+        self.final = final
+        self.queries = []
+        self.associations = 0
+
+    def association_established(self, assoc):
+        self.associations += 1
+
+    def association_closed(self, assoc):
+        pass
+
+    def dataset_sink(self, assoc, context_id, command):
+        return MemorySink(1 << 20)
+
+    def on_request(self, assoc, message):
+        reply = {"AffectedSOPClassUID": message.command["AffectedSOPClassUID"],
+                 "MessageIDBeingRespondedTo": message.message_id}
+        if message.field == commands.C_ECHO_RQ:
+            assoc.send(message.context_id, dict(reply, CommandField=commands.C_ECHO_RSP, Status=0))
+        elif message.field == commands.C_FIND_RQ:
+            syntax = str(assoc.contexts[message.context_id].transfer_syntax[0])
+            self.queries.append(datasets.decode(message.dataset, syntax))
+            for match in self.matches:
+                assoc.send(message.context_id, dict(reply, CommandField=commands.C_FIND_RSP, Status=0xFF00),
+                           datasets.encode(match, syntax))
+            final = dict(reply, CommandField=commands.C_FIND_RSP, Status=self.final)
+            if self.final not in (0x0000, 0xFF00):
+                final["ErrorComment"] = "synthetic failure"
+            assoc.send(message.context_id, final)
+
+
+class Rig:
+    """A dicom_scu backend and a fake PACS listening on one MemoryReactorClock."""
+
+    def __init__(self, tmp_path, handler, **options):
+        self.reactor = MemoryReactorClock()
+        self.handler = handler
+        contexts = [build_context(Verification), build_context(StudyRootQueryRetrieveInformationModelFind)]
+        settings = AcceptorSettings("PACS", contexts, AcceptorLimits())
+        self.reactor.listenTCP(PACS_PORT, AcceptorFactory(settings, handler, self.reactor), interface="127.0.0.1")
+        ctx = types.SimpleNamespace(reactor=self.reactor, storage_path=tmp_path, targets=lambda: [],
+                                    config=types.SimpleNamespace(targets={}))
+        self.backend = build(DicomScuBackend, {"aet": "PACS", "host": "127.0.0.1", "port": PACS_PORT, **options},
+                             name="pacs", ctx=ctx)
+        self.wires = Wires(self.reactor)
+
+    def run(self, d):
+        """Complete the connections the backend opened and move bytes until *d* fires."""
+        return self.wires.run(d)
+
+
+def _match(patient_id):
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.543.{patient_id[-1]}"
+    return ds
+
+
+def _find(**identifier):
+    return request("POST", metadata={"dimse_op": "C-FIND", "query_level": "STUDY"},
+                   normalized={"00100020": {"vr": "LO", "Value": [identifier.get("PatientID", "*")]},
+                               "0020000D": {"vr": "UI"}})
+
+
+def test_c_echo_over_a_pooled_association(tmp_path):
+    rig = Rig(tmp_path, FakePacsHandler())
+    response = result_of(rig.run(rig.backend.send(request(metadata={"dimse_op": "C-ECHO"}))))
+    assert response.status == 200 and response.metadata["dimse_status"] == "0x0000"
+    again = result_of(rig.run(rig.backend.send(request(metadata={"dimse_op": "C-ECHO"}))))
+    assert again.metadata["dimse_status"] == "0x0000"
+    assert rig.handler.associations == 1  # the idle association was reused
+
+
+def test_c_find_streams_each_match_as_it_arrives(tmp_path):
+    rig = Rig(tmp_path, FakePacsHandler([_match("SYN-1"), _match("SYN-2")]))
+    response = result_of(rig.run(rig.backend.send(_find(PatientID="SYN-*"))))
+    assert response.status == 200
+    assert response.header("content-type") == "application/dicom+json"
+    found = result_of(response.state.dicom_results.collect())
+    assert [ds.PatientID for ds in found] == ["SYN-1", "SYN-2"]
+    assert response.state.dicom_results.status == 0x0000
+    sent = rig.handler.queries[0]
+    assert sent.PatientID == "SYN-*" and sent.QueryRetrieveLevel == "STUDY"
+
+
+def test_a_failed_c_find_without_matches_is_an_http_error_with_the_status(tmp_path):
+    rig = Rig(tmp_path, FakePacsHandler(final=0xA700))
+    response = result_of(rig.run(rig.backend.send(_find())))
+    doc = json.loads(response.body)
+    assert response.status >= 500 and doc["dimse_status"] == 0xA700 and doc["error_comment"] == "synthetic failure"
+    assert response.metadata["dimse_status"] == "0xA700"
+
+
+def test_an_unknown_called_aet_is_a_rejected_association(tmp_path):
+    rig = Rig(tmp_path, FakePacsHandler())
+    rig.backend.target_pool.targets[0].aet = "NOT_PACS"
+    error = failure_of(rig.run(rig.backend.send(request(metadata={"dimse_op": "C-ECHO"}))), HarmonyError)
+    assert error.status in (502, 503)
+
+
+def test_parse_takes_metadata_or_a_json_body(tmp_path):
+    rig = Rig(tmp_path, FakePacsHandler())
+    body = request(normalized={"dimse_op": "C-FIND", "query_level": "patient",
+                               "identifier": {"00100020": {"vr": "LO", "Value": ["Ωμέγα*"]}}})
+    op, identifier, level, model = rig.backend.parse(body)
+    assert (op, level, model) == ("C-FIND", "PATIENT", "study")
+    assert identifier.SpecificCharacterSet == "ISO_IR 192"  # non-ASCII text declares UTF-8
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({}, "dimse_op must be one of"),
+    ({"dimse_op": "C-FIND", "query_model": "worklist"}, "query_model"),
+    ({"dimse_op": "C-FIND", "query_level": "FRAME"}, "query level"),
+])
+def test_a_request_the_backend_cannot_send_is_a_bad_request(tmp_path, metadata, message):
+    rig = Rig(tmp_path, FakePacsHandler())
+    error = failure_of(rig.backend.send(request(metadata=dict(metadata), normalized={})), BadRequest)
+    assert message in str(error)
+    assert rig.reactor.tcpClients == []  # refused before any association
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"dimse_retrieve_mode": "move"}, "incoming_store_port"),
+    ({"max_pdu_size": -1}, "max_pdu_size"),
+    ({"local_aet": "WAY_TOO_LONG_FOR_AN_AE_TITLE"}, "local_aet"),
+])
+def test_option_errors_name_their_key(tmp_path, options, key):
+    with pytest.raises(OptionError) as e:
+        Rig(tmp_path, FakePacsHandler(), **options)
+    assert e.value.key == key
+
+
+def test_no_pacs_at_all_is_refused_naming_aet(tmp_path):
+    ctx = types.SimpleNamespace(reactor=MemoryReactorClock(), storage_path=tmp_path, targets=lambda: [],
+                                config=types.SimpleNamespace(targets={}))
+    with pytest.raises(OptionError) as e:
+        build(DicomScuBackend, {}, ctx=ctx)
+    assert e.value.key == "aet"

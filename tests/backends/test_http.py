@@ -1,0 +1,109 @@
+"""harmony.backends.http in memory: the reverse-proxy backend's Agent talking to a twisted.web Site
+that listens on the same MemoryReactorClock (connections completed by tests.memory.Wires).  What
+goes up (URL, headers a proxy owes its upstream, hop-by-hop ones dropped), what comes back (status,
+streamed body, hop-by-hop headers named in Connection dropped), and the timeouts, on the clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from harmony.backends.http import HttpBackend, upstream_url
+from harmony.envelope import read_body
+from harmony.errors import BackendTimeout, BackendUnavailable
+from tests.memory import Wires, build, failure_of, fired, plugin_context, request, result_of, upstream_site
+
+PORT = 8042
+
+
+class Upstream(Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.hold = False
+
+    def render(self, req):
+        self.seen.append(req)
+        if self.hold:
+            return NOT_DONE_YET  # never answers
+        req.setResponseCode(207, b"Multi")
+        req.setHeader(b"connection", b"x-internal")
+        req.setHeader(b"x-internal", b"secret hop")
+        req.setHeader(b"x-kept", b"yes")
+        return json.dumps({"uri": req.uri.decode(), "body": req.content.read().decode()}).encode()
+
+
+def _rig(**options):
+    reactor = MemoryReactorClock()
+    upstream = Upstream()
+    upstream_site(reactor, upstream, PORT)
+    backend = build(HttpBackend, {"base_url": f"http://127.0.0.1:{PORT}/base", **options}, name="up",
+                    ctx=plugin_context(reactor))
+    return backend, upstream, reactor, Wires(reactor)
+
+
+def _body(response, wires):
+    return result_of(wires.run(read_body(response.body)))
+
+
+def test_a_request_goes_up_with_what_a_proxy_owes_and_comes_back_streamed():
+    backend, upstream, _reactor, wires = _rig()
+    req = request("POST", "/items/7", headers={"X-A": "1", "Connection": "close, X-Secret", "X-Secret": "hop",
+                                               "Host": "client-facing.test"},
+                  body=b"payload", raw_query=b"b=2&a=1", client_ip="192.0.2.9", host="client-facing.test",
+                  metadata={"request_id": "rid-42"})
+    response = result_of(wires.run(backend.send(req)))
+    assert (response.status, response.reason) == (207, b"Multi")
+    doc = json.loads(_body(response, wires))
+    assert doc == {"uri": "/base/items/7?b=2&a=1", "body": "payload"}
+    seen = upstream.seen[0].requestHeaders
+    assert seen.getRawHeaders(b"x-a") == [b"1"] and not seen.hasHeader(b"x-secret")
+    assert seen.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.9"]
+    assert seen.getRawHeaders(b"x-forwarded-host") == [b"client-facing.test"]
+    assert seen.getRawHeaders(b"x-request-id") == [b"rid-42"]
+    assert seen.getRawHeaders(b"host") == [b"127.0.0.1:8042"]
+    assert response.headers.getRawHeaders(b"x-kept") == [b"yes"]
+    assert not response.headers.hasHeader(b"x-internal")  # named in the upstream's Connection header
+
+
+def test_the_connection_is_kept_for_the_next_request():
+    backend, upstream, _reactor, wires = _rig()
+    for _ in range(2):
+        response = result_of(wires.run(backend.send(request("GET", "/x"))))
+        _body(response, wires)
+    assert len(upstream.seen) == 2 and len(wires.pumps) == 1
+
+
+def test_an_upstream_that_does_not_answer_is_a_504_on_the_clock():
+    backend, upstream, reactor, wires = _rig(timeout_secs=5)
+    upstream.hold = True
+    d = wires.run(backend.send(request("GET", "/slow")))
+    reactor.advance(4)
+    assert not fired(d)
+    reactor.advance(1.5)
+    failure_of(d, BackendTimeout)
+
+
+def test_nothing_listening_is_a_502():
+    backend, _upstream, reactor, wires = _rig()
+    d = backend.send(request("GET", "/x"))
+    _host, _port, factory, _timeout, _bind = reactor.tcpClients.pop()
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))  # what the kernel would say
+    assert "unreachable" in str(failure_of(d, BackendUnavailable))
+
+
+@pytest.mark.parametrize("base, subpath, query, expected", [
+    ("http://u", "", b"", b"http://u/"),
+    ("http://u/base", "", b"q=1", b"http://u/base?q=1"),
+    ("http://u/base", "/a%2Fb", b"", b"http://u/base/a%2Fb"),
+])
+def test_upstream_url(base, subpath, query, expected):
+    assert upstream_url(base, subpath, query) == expected

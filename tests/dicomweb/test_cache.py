@@ -1,0 +1,59 @@
+"""harmony.dicomweb.cache: metadata answers kept until they expire (on a task.Clock), written
+atomically, and identical fetches collapsed into one."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import task
+from twisted.python.failure import Failure
+
+from harmony.dicomweb.cache import BASE_PLACEHOLDER, MetadataCache, etag_for, with_base
+from tests.memory import failure_of, result_of
+
+
+def test_an_entry_lives_for_its_ttl(tmp_path):
+    clock = task.Clock()
+    cache = MetadataCache(tmp_path, clock, ttl=300)
+    cache.put("series:1.2.3", b"[]")
+    assert cache.get("series:1.2.3") == b"[]"
+    clock.advance(301)
+    assert cache.get("series:1.2.3") is None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_a_zero_ttl_caches_nothing_and_a_lost_file_is_a_miss(tmp_path):
+    clock = task.Clock()
+    off = MetadataCache(tmp_path / "off", clock, ttl=0)
+    off.put("k", b"x")
+    assert off.get("k") is None and not (tmp_path / "off").exists()
+    cache = MetadataCache(tmp_path / "on", clock)
+    cache.put("k", b"x")
+    for f in (tmp_path / "on").iterdir():
+        f.unlink()
+    assert cache.get("k") is None and not cache._fresh("k")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_reactor_side_reads_and_writes_off_thread(tmp_path):
+    cache = MetadataCache(tmp_path, task.Clock())
+    await cache.put_async("k", b'{"a":1}')
+    assert await cache.get_async("k") == b'{"a":1}'
+    assert await cache.get_async("other") is None
+
+
+def test_identical_fetches_wait_for_the_first(tmp_path):
+    cache = MetadataCache(tmp_path, task.Clock())
+    assert cache.join("k") is None and cache.running("k")
+    second, third = cache.join("k"), cache.join("k")
+    cache.settle("k", b"body")
+    assert result_of(second) == b"body" and result_of(third) == b"body" and not cache.running("k")
+    assert cache.join("k") is None
+    waiting = cache.join("k")
+    cache.settle("k", Failure(RuntimeError("pacs down")))
+    failure_of(waiting, RuntimeError)
+
+
+def test_etags_and_the_base_placeholder():
+    assert etag_for(b"a") == etag_for(b"a") != etag_for(b"b") and etag_for(b"a").startswith('"')
+    body = f'{{"url": "{BASE_PLACEHOLDER}/studies/1"}}'.encode()
+    assert with_base(body, "https://h.test/dicomweb") == b'{"url": "https://h.test/dicomweb/studies/1"}'

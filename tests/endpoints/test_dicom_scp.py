@@ -1,0 +1,136 @@
+"""harmony.endpoints.dicom_scp in memory: the DIMSE listener on a MemoryReactorClock, a client
+association made with Harmony's own requestor (harmony.dicom.ul.requestor) and joined to it by
+tests.memory.Wires, and the pipeline run for real.  C-ECHO, a C-FIND whose matches stream back as
+pending responses, failures as DIMSE statuses, refusals of what is not enabled or not allowed.
+(C-STORE writes through the DICOM thread pool: that is the real-peer tier's, tests/test_dicom_scp.py.)"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from harmony.config.errors import OptionError
+from harmony.dicom import status as dimse
+from harmony.dicom.results import ResultStream
+from harmony.dicom.ul import commands, datasets
+from harmony.dicom.ul.association import AssociationRejected
+from harmony.dicom.ul.requestor import RequestorSettings, associate
+from harmony.endpoints.dicom_scp import DicomScpEndpoint
+from harmony.envelope import ResponseEnvelope
+from harmony.errors import BackendUnavailable
+from harmony.pipeline import Pipeline
+from harmony.state import ResponseState
+from tests.memory import Answering, Wires, build, failure_of, result_of
+
+PORT = 11112
+FIND = StudyRootQueryRetrieveInformationModelFind
+
+
+def _match(patient_id):
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = patient_id
+    return ds
+
+
+def _answer_with(matches, final=dimse.SUCCESS):
+    def respond(request):
+        stream = ResultStream()
+        for m in matches:
+            stream.put(m)
+        stream.finish(final, None if final == dimse.SUCCESS else "synthetic")
+        return ResponseEnvelope(status=200, state=ResponseState(dicom_results=stream))
+    return respond
+
+
+class Rig:
+    def __init__(self, respond=None, **options):
+        self.reactor = MemoryReactorClock()
+        ctx = types.SimpleNamespace(reactor=self.reactor, storage_path=None)
+        self.endpoint = build(DicomScpEndpoint, {"local_aet": "HARMONY", "port": PORT, "bind_addr": "127.0.0.1",
+                                                 "enable_find": True, **options}, name="scp", ctx=ctx)
+        self.backend = Answering(respond or _answer_with([]))
+        self.endpoint.pipeline = Pipeline("dimse", [], [self.backend])
+        self.endpoint.startService()
+        self.wires = Wires(self.reactor)
+
+    def associate(self, calling="MODALITY", called="HARMONY", contexts=(Verification, FIND)):
+        d = defer.ensureDeferred(associate(self.reactor, "127.0.0.1", PORT, RequestorSettings(local_aet=calling),
+                                           called, [build_context(c) for c in contexts]))
+        return self.wires.run(d)
+
+    def request(self, assoc, sop_class, command, dataset=None):
+        cid = next(i for i, cx in assoc.contexts.items() if str(cx.abstract_syntax) == str(sop_class))
+        pending = []
+        syntax = str(assoc.contexts[cid].transfer_syntax[0])  # the syntax negotiated for this context
+        d = assoc.request(cid, dict(command, AffectedSOPClassUID=str(sop_class)),
+                          dataset if dataset is None else datasets.encode(dataset, syntax),
+                          on_pending=pending.append)
+        final = result_of(self.wires.run(d))
+        return final, pending
+
+
+def test_c_echo():
+    rig = Rig()
+    assoc = result_of(rig.associate())
+    final, _ = rig.request(assoc, Verification, {"CommandField": commands.C_ECHO_RQ})
+    assert final.command["Status"] == dimse.SUCCESS
+    assert rig.backend.requests == []  # an echo is the listener's own answer
+
+
+def test_c_find_matches_stream_back_as_pending_responses():
+    rig = Rig(_answer_with([_match("SYN-1"), _match("SYN-2")]))
+    assoc = result_of(rig.associate())
+    query = _match("SYN-*")
+    final, pending = rig.request(assoc, FIND, {"CommandField": commands.C_FIND_RQ, "Priority": 0}, query)
+    assert final.command["Status"] == dimse.SUCCESS
+    assert [p.command["Status"] for p in pending] == [dimse.PENDING, dimse.PENDING]
+    syntax = str(next(iter(assoc.contexts.values())).transfer_syntax[0])
+    assert [datasets.decode(p.dataset, syntax).PatientID for p in pending] == ["SYN-1", "SYN-2"]
+    request = rig.backend.requests[0]
+    assert request.metadata["dimse_op"] == "C-FIND" and request.metadata["calling_aet"] == "MODALITY"
+    assert request.metadata["query_level"] == "STUDY" and request.normalized["00100020"]["Value"] == ["SYN-*"]
+
+
+def test_a_failing_backend_is_a_dimse_failure_status():
+    rig = Rig(lambda request: BackendUnavailable("the PACS is down"))
+    assoc = result_of(rig.associate())
+    final, pending = rig.request(assoc, FIND, {"CommandField": commands.C_FIND_RQ, "Priority": 0}, _match("X"))
+    assert pending == [] and dimse.is_failure(final.command["Status"])
+    failed = Rig(_answer_with([], final=0xA700))
+    assoc = result_of(failed.associate())
+    final, _ = failed.request(assoc, FIND, {"CommandField": commands.C_FIND_RQ, "Priority": 0}, _match("X"))
+    assert final.command["Status"] == 0xA700
+
+
+def test_what_is_not_enabled_is_refused():
+    rig = Rig(enable_find=False)
+    assoc = result_of(rig.associate(contexts=(Verification, FIND)))
+    accepted = {str(cx.abstract_syntax) for cx in assoc.contexts.values()}
+    assert str(Verification) in accepted and str(FIND) not in accepted  # C-FIND is not even negotiated
+    assert rig.backend.requests == []
+
+
+def test_a_calling_aet_not_allowed_is_rejected():
+    rig = Rig(allowed_calling_aets=["CT_ONE"])
+    failure_of(rig.associate(calling="INTRUDER"), AssociationRejected)
+    assert result_of(rig.associate(calling="CT_ONE")).calling_aet == "CT_ONE"
+    failure_of(rig.associate(called="SOMEONE_ELSE"), AssociationRejected)
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"local_aet": "WAY_TOO_LONG_FOR_AN_AE"}, "local_aet"),
+    ({"max_associations": 0}, "max_associations"),
+    ({"move_destinations": {"ORTHANC": "not-a-host-port"}}, "move_destinations"),
+])
+def test_option_errors_name_their_key(options, key):
+    with pytest.raises(OptionError) as e:
+        build(DicomScpEndpoint, {"local_aet": "HARMONY", **options},
+              ctx=types.SimpleNamespace(reactor=MemoryReactorClock(), storage_path=None))
+    assert e.value.key.startswith(key)
