@@ -484,14 +484,19 @@ class Association(protocol.Protocol):
             peer = 4 * 1024 * 1024
         return max(peer - 6, 1)
 
-    def send(self, context_id: int, command: dict, dataset=None) -> defer.Deferred:
-        """Send one message (*dataset*: ``None``, bytes, or a :class:`FileDataset`); fires once written."""
+    def send(self, context_id: int, command: dict | bytes, dataset=None) -> defer.Deferred:
+        """Send one message (*dataset*: ``None``, bytes, or a :class:`FileDataset`); fires once written.
+
+        *command* may be already encoded (bytes, its CommandDataSetType right), for a
+        response sent many times over (a C-FIND's pending responses)."""
         if self.state != ESTABLISHED:
             return defer.fail(AssociationAborted(f"association is {self.state}"))
-        if dataset is not None:
-            command = dict(command, CommandDataSetType=commands.HAS_DATASET)
+        if not isinstance(command, bytes):
+            if dataset is not None:
+                command = dict(command, CommandDataSetType=commands.HAS_DATASET)
+            command = commands.encode(command)
         d = defer.Deferred()
-        self._send_queue.append((context_id, commands.encode(command), dataset, d))
+        self._send_queue.append((context_id, command, dataset, d))
         if not self._sending:
             self._drain()
         return d
