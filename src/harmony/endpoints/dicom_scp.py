@@ -229,7 +229,8 @@ class DicomScpEndpoint(Service):
     def startService(self):
         super().startService()
         settings = AcceptorSettings(self.local_aet, self.supported_contexts(), self.limits,
-                                    allowed_calling_aets=self.allowed_calling_aets)
+                                    allowed_calling_aets=self.allowed_calling_aets,
+                                    honour_compressed_preference=self.enabled[C_GET])
         self.factory = AcceptorFactory(settings, self.services, self.reactor)
         if self.enabled[C_STORE]:
             try:
