@@ -21,10 +21,12 @@ refuses or stalls gives 502/504 quickly instead of a response that never ends.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import time
+from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts, build_context
@@ -66,18 +68,63 @@ MAX_LEARNED = 16
 log = get_logger("harmony.backends.dicom_scu")
 
 STORE_BODY_LIMIT = 2 * 1024 * 1024 * 1024
+#: Retrieved instances staged and not yet taken by the consumer, per retrieve, before the
+#: PACS's next C-STORE sub-operation is answered (DICOM's own flow control).
+DEFAULT_MAX_STAGED_BYTES = 128 * 1024 * 1024
+#: Memory-backed file system for retrieved instances in flight, when the machine has one.
+SHM = Path("/dev/shm")
 #: Largest maximum PDU we advertise (0 in the config means this).
 MAX_PDU_LIMIT = 16 * 1024 * 1024
+
+
+class _StagedStream(ResultStream):
+    """A result stream that counts the bytes of staged instances queued in it and
+    lets a waiting producer go on once the consumer has taken enough of them."""
+
+    def __init__(self, on_cancel, limit: int):
+        super().__init__(on_cancel=on_cancel)
+        self.limit = limit
+        self.queued_bytes = 0
+        self._room: list[defer.Deferred] = []
+
+    def put(self, item) -> None:
+        if self._waiting is None and isinstance(item, DicomInstance):
+            self.queued_bytes += item.size
+        super().put(item)
+
+    def next(self) -> defer.Deferred:
+        if self._items and isinstance(self._items[0], DicomInstance):
+            self.queued_bytes -= self._items[0].size
+            if self.queued_bytes < self.limit and self._room:
+                self._wake()
+        return super().next()
+
+    def room(self) -> defer.Deferred:
+        """Fires once the queued instances are under the limit (at once when they are)."""
+        if self.queued_bytes < self.limit or self.cancelled or self.done:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._room.append(d)
+        return d
+
+    def _wake(self) -> None:
+        waiting, self._room = self._room, []
+        for d in waiting:
+            d.callback(None)
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._wake()
 
 
 class Job:
     """One operation in flight: the stream it feeds and the readiness signal (all on the reactor)."""
 
-    def __init__(self, op, request):
+    def __init__(self, op, request, max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES):
         self.op = op
         self.request = request
         self.cancel_requested = defer.Deferred()
-        self.stream = ResultStream(on_cancel=self._on_cancel)
+        self.stream = _StagedStream(self._on_cancel, max_staged_bytes)
         # Cancelled when the pipeline is (the DIMSE or HTTP client left, or gave
         # up): the PACS is asked to stop too (C-CANCEL), or never asked at all.
         self.ready: defer.Deferred = defer.Deferred(lambda _: self._on_cancel())
@@ -139,7 +186,7 @@ class _Receiver:
     def dataset_sink(self, assoc, context_id, command):
         if command["CommandField"] != commands.C_STORE_RQ:
             return datasets.MemorySink()
-        staging = self.backend.staging.ensure()
+        staging = self.backend.retrieve_staging.ensure()
         return datasets.PartTenSink(staging.new_path(), command, str(assoc.contexts[context_id].transfer_syntax[0]),
                                     STORE_BODY_LIMIT, source_aet=assoc.calling_aet)
 
@@ -166,6 +213,10 @@ class _Receiver:
             log.warn("dicom_scu {name}: refused a C-STORE that belongs to no retrieve", name=self.backend.name)
             status = dimse.REFUSED_NOT_AUTHORISED
             _unlink(path)
+        else:
+            # The PACS waits for this answer: while the consumer is behind, it waits
+            # (memory or disk in staging stays bounded whatever the study's size).
+            await job.stream.room()
         if assoc.state == ESTABLISHED:
             assoc.send(message.context_id, {
                 "AffectedSOPClassUID": command.get("AffectedSOPClassUID"), "CommandField": commands.C_STORE_RSP,
@@ -173,7 +224,18 @@ class _Receiver:
                 "AffectedSOPInstanceUID": command.get("AffectedSOPInstanceUID")})
         if job is None:
             return
-        described = blocking.run(self.backend.reactor, read_instance, path, True)
+        sink = message.sink
+        if getattr(sink, "described", None) is not None:
+            # The sink read the UIDs on the way in: no thread hop, no second read of the file.
+            study, series = sink.described
+            described = defer.succeed(DicomInstance(
+                path=path, sop_class_uid=command.get("AffectedSOPClassUID", ""),
+                sop_instance_uid=command.get("AffectedSOPInstanceUID", ""),
+                transfer_syntax_uid=str(assoc.contexts[message.context_id].transfer_syntax[0]),
+                study_instance_uid=study, series_instance_uid=series,
+                size=sink.meta_length + sink.received, owned=True))
+        else:
+            described = blocking.run(self.backend.reactor, read_instance, path, True)
         # Items reach the job in the order the PACS sent them, however the threads finish.
         job.arrivals = job.arrivals.addCallback(lambda _: described).addCallbacks(
             job.put, self._unreadable, errbackArgs=(path, job))
@@ -300,7 +362,8 @@ class DicomScuBackend(Backend):
     def __init__(self, name, reactor, target_pool: TargetPool, *, local_aet="HARMONY_SCU", retrieve_mode="get",
                  incoming_store_port=None, incoming_store_bind="0.0.0.0", persistent_store_scp=False,
                  tls=None, connect_timeout=5.0, acse_timeout=10.0, dimse_timeout=30.0,
-                 network_timeout=60.0, max_pdu=0, max_concurrency=8, max_idle=4, staging_dir=None):
+                 network_timeout=60.0, max_pdu=0, max_concurrency=8, max_idle=4, staging_dir=None,
+                 retrieve_staging_dir=None, max_staged_bytes=DEFAULT_MAX_STAGED_BYTES):
         super().__init__(name)
         self.reactor = reactor
         self.target_pool = target_pool
@@ -313,6 +376,11 @@ class DicomScuBackend(Backend):
         self.persistent_store_scp = persistent_store_scp
         self.tls = tls
         self.staging = Staging(staging_dir)
+        #: Retrieved instances in flight: in memory (tmpfs) when available, since each
+        #: is written, read once and deleted -- on a busy disk the write blocked the
+        #: reactor for ~2 ms per instance (bench/dimse); the stream's limit bounds it.
+        self.retrieve_staging = Staging(retrieve_staging_dir or staging_dir)
+        self.max_staged_bytes = max_staged_bytes
         self.settings = RequestorSettings(local_aet=local_aet, max_pdu=max_pdu or MAX_PDU_LIMIT,
                                           acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
                                           network_timeout=network_timeout, connect_timeout=connect_timeout)
@@ -345,7 +413,9 @@ class DicomScuBackend(Backend):
         if options.bool("use_tls", False):
             tls = {"cert": options.path("tls_cert", None), "key": options.path("tls_key", None),
                    "ca": options.path("tls_ca", None), "verify": options.bool("tls_verify", True)}
-        staging = options.path("staging_dir", None) or (ctx.storage_path / "dimse-staging" / name)
+        staging = options.path("staging_dir", None)
+        retrieve_staging = staging or _memory_staging(name, ctx.storage_path)
+        staging = staging or (ctx.storage_path / "dimse-staging" / name)
         return cls(
             name, ctx.reactor, pool, local_aet=local_aet, retrieve_mode=mode,
             incoming_store_port=store_port,
@@ -358,7 +428,9 @@ class DicomScuBackend(Backend):
             max_pdu=options.int("max_pdu_size", 0, minimum=0, maximum=MAX_PDU_LIMIT),
             max_concurrency=options.int("max_concurrency", 8, minimum=1, maximum=256),
             max_idle=options.int("max_idle_associations", 4, minimum=0, maximum=256),
-            staging_dir=staging,
+            staging_dir=staging, retrieve_staging_dir=retrieve_staging,
+            max_staged_bytes=options.int("max_staged_mb", DEFAULT_MAX_STAGED_BYTES >> 20, minimum=1,
+                                         maximum=1 << 20) << 20,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -373,6 +445,9 @@ class DicomScuBackend(Backend):
         closing = self.pool.close_all()
         self._stop_store_scp()
         self.staging.clear()  # instances no consumer released
+        if self.retrieve_staging.base != self.staging.base:
+            self.retrieve_staging.clear()
+            _remove_empty(self.retrieve_staging.base, SHM)
         return closing
 
     # ------------------------------------------------------------------ requests
@@ -387,7 +462,7 @@ class DicomScuBackend(Backend):
         return self.target_pool.call(request, lambda target: self._attempt(target, op, request, identifier, model))
 
     def _attempt(self, target, op, request, identifier, model):
-        job = Job(op, request)
+        job = Job(op, request, self.max_staged_bytes)
         if op == C_ECHO:
             work = self._echo
         elif op == C_FIND:
@@ -721,6 +796,26 @@ class DicomScuBackend(Backend):
         finally:
             if assoc.state == ESTABLISHED:
                 assoc.release()
+
+
+def _memory_staging(name: str, storage_path) -> Path | None:
+    """A folder on /dev/shm for retrieved instances in flight, when it is there and writable:
+    one per Harmony storage path and backend, as the disk one (a process that died leaves
+    its files to the next that stages there, as files.Staging does on disk)."""
+    if storage_path is None or not (SHM.is_dir() and os.access(SHM, os.W_OK | os.X_OK)):
+        return None
+    owner = hashlib.sha256(str(Path(storage_path).resolve()).encode()).hexdigest()[:16]
+    return SHM / f"harmony-{os.getuid()}" / owner / "dimse-staging" / name
+
+
+def _remove_empty(folder: Path, stop: Path) -> None:
+    """Remove *folder* and its parents up to *stop* while they are empty (others may still use them)."""
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _relayed_identifier(request, doc):

@@ -19,7 +19,7 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from twisted.internet import protocol
 
-from harmony.dicom.ul.association import Association, Reject
+from harmony.dicom.ul.association import Association, BoundedCache, Reject
 from harmony.dicom.ul.storage import can_compress
 from harmony.log import get_logger
 
@@ -73,6 +73,10 @@ class AcceptorSettings:
         self.dimse_timeout = limits.dimse_timeout
         self.network_timeout = limits.network_timeout
         self.connections = 0
+        #: Negotiation results and the A-ASSOCIATE-AC bytes, by (cached, shared) request
+        #: primitive: a client asks with the same request every time (see decode_associate_rq).
+        self.negotiated = BoundedCache()
+        self.accept_pdus = BoundedCache()
         self.by_source: Counter = Counter()
         self.associations: set[Association] = set()
 
@@ -108,6 +112,13 @@ class AcceptorSettings:
                 return REJECT_IDENTITY
         if len(self.associations) >= self.limits.max_associations:
             return REJECT_BUSY
+        known = self.negotiated.get(rq)
+        if known is None:
+            known = self._negotiate_contexts(rq)
+            self.negotiated.put(rq, known)
+        return known
+
+    def _negotiate_contexts(self, rq):
         roles = {}
         for item in rq.user_information:
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation):

@@ -18,14 +18,13 @@ bytes unchanged only while nothing has, and only in the syntax they came in.
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
 from harmony.dicom import fastcmd
@@ -35,6 +34,7 @@ from harmony.dicom.ul.pdu import PDUError
 MAX_IDENTIFIER_BYTES = 1024 * 1024
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1442.1"
+IMPLEMENTATION_VERSION = "HARMONY_UL_1"
 
 
 class MemorySink:
@@ -75,38 +75,75 @@ class DiscardSink:
         pass
 
 
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 2, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
 def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                     source_aet: str | None = None) -> bytes:
-    """Preamble, ``DICM`` and the group-0002 elements of a Part-10 file."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    if source_aet:
-        meta.SourceApplicationEntityTitle = source_aet
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return b"\0" * 128 + b"DICM" + buffer.getvalue()
+    """Preamble, ``DICM`` and the group-0002 elements of a Part-10 file (PS3.10 §7.1).
+
+    Built with ``struct``: pydicom's ``write_file_meta_info`` took ~0.7 ms, once per
+    received instance on the reactor (a fifth of its time in a proxied C-GET)."""
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01", b"\0"),
+        _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii", "replace"), b"\0"),
+        _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii", "replace"), b"\0"),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii", "replace"), b"\0"),
+        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\0"),
+        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"), b" "),
+        _meta_element(0x0016, b"AE", source_aet.encode("ascii", "replace")[:16], b" ") if source_aet else b"",
+    ))
+    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
 
 
 class PartTenSink:
-    """A C-STORE data set written to *path* as a Part-10 file while it arrives, up to *limit* bytes."""
+    """A C-STORE data set written to *path* as a Part-10 file while it arrives, up to *limit* bytes.
+
+    On the way it reads the Study and Series Instance UIDs from the head of the
+    data set (:func:`head_uids`), so a retrieved instance can be described on the
+    reactor: :attr:`described` is ``(study, series)`` once both were seen, else
+    ``None`` (and whoever needs them reads the file).
+    """
 
     def __init__(self, path: Path, command: dict, transfer_syntax: str, limit: int, source_aet: str = ""):
         self.path = Path(path)
         self.limit = limit
         self.received = 0
-        self._file = open(self.path, "wb")
-        self._file.write(file_meta_bytes(command.get("AffectedSOPClassUID", ""),
-                                         command.get("AffectedSOPInstanceUID", ""), transfer_syntax, source_aet))
+        self.described: tuple[str, str] | None = None
+        # One write per instance of ordinary size rather than one per PDU.
+        self._file = open(self.path, "wb", buffering=FILE_BUFFER)
+        meta = file_meta_bytes(command.get("AffectedSOPClassUID", ""), command.get("AffectedSOPInstanceUID", ""),
+                               transfer_syntax, source_aet)
+        self.meta_length = len(meta)
+        self._file.write(meta)
+        implicit = _HEAD_SYNTAXES.get(transfer_syntax)
+        self._head: bytearray | None = bytearray() if implicit is not None else None
+        self._implicit = bool(implicit)
 
     def write(self, fragment) -> None:
         self.received += len(fragment)
         if self.received > self.limit:
             raise PDUError(f"data set over the limit of {self.limit} bytes", reason=0x00)
         self._file.write(fragment)
+        if self._head is not None:
+            self._read_head(fragment)
+
+    def _read_head(self, fragment) -> None:
+        head = self._head
+        head += fragment
+        try:
+            self.described = head_uids(head, self._implicit)
+        except _NeedMore:
+            if len(head) < MAX_HEAD_BYTES:
+                return
+        except (ValueError, struct.error):
+            pass
+        self._head = None
 
     def close(self) -> Path:
         self._file.close()
@@ -118,6 +155,91 @@ class PartTenSink:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+#: Transfer syntax -> implicit VR? for the syntaxes :func:`head_uids` reads (little
+#: endian, not deflated; encapsulated ones are explicit VR LE up to the pixel data).
+_HEAD_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
+#: Write buffer of a received instance's file.
+FILE_BUFFER = 256 * 1024
+#: How much of a data set's head is kept while looking for its UIDs.
+MAX_HEAD_BYTES = 64 * 1024
+_STUDY_UID, _SERIES_UID = 0x0020000D, 0x0020000E
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"))
+_UNDEFINED = 0xFFFFFFFF
+_TAG_LENGTH = struct.Struct("<HHI")
+_TAG_VR_LENGTH = struct.Struct("<HH2sH")
+
+
+class _NeedMore(Exception):
+    """The head read so far ends before the UIDs."""
+
+
+def head_uids(data, implicit: bool) -> tuple[str, str] | None:
+    """(Study, Series Instance UID) from the start of a little-endian data set, or
+    ``None`` when it has passed (0020,000E) without both; :class:`_NeedMore` when
+    *data* ends first.  Sequences before them are skipped, nested or not."""
+    found: dict[int, str] = {}
+    offset, end = 0, len(data)
+    while True:
+        if offset + 8 > end:
+            raise _NeedMore
+        tag, vr, length, offset = _element(data, offset, implicit)
+        if tag > _SERIES_UID:
+            break
+        if length == _UNDEFINED:
+            offset = _skip_sequence(data, offset, implicit or vr == b"UN")
+            continue
+        if offset + length > end:
+            raise _NeedMore
+        if tag in (_STUDY_UID, _SERIES_UID):
+            found[tag] = bytes(data[offset:offset + length]).decode("ascii").rstrip("\0 ")
+            if len(found) == 2:
+                break
+        offset += length
+    if len(found) != 2:
+        return None
+    return found[_STUDY_UID], found[_SERIES_UID]
+
+
+def _element(data, offset: int, implicit: bool):
+    group, element, length = _TAG_LENGTH.unpack_from(data, offset)
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:
+        return tag, None, length, offset + 8
+    _g, _e, vr, short = _TAG_VR_LENGTH.unpack_from(data, offset)
+    if vr in _LONG_VRS:
+        if offset + 12 > len(data):
+            raise _NeedMore
+        return tag, vr, struct.unpack_from("<I", data, offset + 8)[0], offset + 12
+    return tag, vr, short, offset + 8
+
+
+def _skip_sequence(data, offset: int, implicit: bool) -> int:
+    """Past an undefined-length sequence's delimiter (its items defined or undefined in length)."""
+    end = len(data)
+    while True:
+        if offset + 8 > end:
+            raise _NeedMore
+        tag, _vr, length, offset = _element(data, offset, True)
+        if tag == _SEQUENCE_END:
+            return offset
+        if tag != _ITEM:
+            raise ValueError("sequence without its item")
+        if length != _UNDEFINED:
+            offset += length
+            continue
+        while True:   # an undefined-length item: its elements until the item delimiter
+            if offset + 8 > end:
+                raise _NeedMore
+            tag, vr, length, offset = _element(data, offset, implicit)
+            if tag == _ITEM_END:
+                break
+            if length == _UNDEFINED:
+                offset = _skip_sequence(data, offset, implicit or vr == b"UN")
+            else:
+                offset += length
 
 
 class ReceivedIdentifier(Dataset):

@@ -99,7 +99,16 @@ def dataset_offset(path) -> int:
 
 
 def choose_context(assoc, sop_class_uid: str, transfer_syntax: str):
-    """(context id, accepted syntax, exact) for sending an instance of *sop_class_uid*."""
+    """(context id, accepted syntax, exact) for sending an instance of *sop_class_uid*
+    (worked out once per association and pair: a C-GET asks 200 times for the same)."""
+    key = ("context", sop_class_uid, transfer_syntax)
+    known = assoc.memo.get(key)
+    if known is None:
+        known = assoc.memo[key] = _choose_context(assoc, sop_class_uid, transfer_syntax)
+    return known
+
+
+def _choose_context(assoc, sop_class_uid: str, transfer_syntax: str):
     candidates = [(cid, str(cx.transfer_syntax[0])) for cid, cx in assoc.contexts.items()
                   if str(cx.abstract_syntax) == sop_class_uid]
     for cid, ts in candidates:
