@@ -282,8 +282,8 @@ class DicomScpEndpoint(Service):
         resp.context["error_comment"] = error.detail
         return resp
 
-    def envelope(self, assoc, context, op: str, identifier: Dataset | None = None, received: bytes | None = None,
-                 **extra) -> RequestEnvelope:
+    def envelope(self, assoc, context, op: str, identifier: Dataset | dict | None = None,
+                 received: bytes | None = None, **extra) -> RequestEnvelope:
         """The pipeline request for one DIMSE operation; *received*: the identifier's
         bytes as the client sent them, which a ``dicom_scu`` backend relays unchanged
         when no middleware changed ``normalized``."""
@@ -298,10 +298,12 @@ class DicomScpEndpoint(Service):
             md["query_model"] = model_op[0]
         normalized = None
         if identifier is not None:
-            level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+            # The identifier as DICOM JSON already (ScpServices.identifier), or a Dataset.
+            normalized = identifier if isinstance(identifier, dict) else identifier_to_json(identifier)
+            level = (normalized.get("00080052", {}).get("Value") or [""])[0]
+            level = str(level or "").strip().upper()
             if level:
                 md["query_level"] = level
-            normalized = identifier_to_json(identifier)
         md.update({k: v for k, v in extra.items() if v is not None})
         ctx = {"association": assoc}
         if received is not None and normalized is not None:
@@ -514,9 +516,14 @@ class ScpServices:
 
     # -- C-FIND
 
-    def identifier(self, op: Operation):
+    def identifier(self, op: Operation) -> dict | None:
+        """The request's identifier as DICOM JSON (what middleware reads), ``None`` if undecodable."""
+        data = op.message.dataset or b""
+        doc = datasets.identifier_json(data, op.transfer_syntax)
+        if doc is not None:
+            return doc
         try:
-            return datasets.decode(op.message.dataset or b"", op.transfer_syntax)
+            return identifier_to_json(datasets.decode(data, op.transfer_syntax))
         except Exception:  # noqa: BLE001 - pydicom raises many types for bad input
             return None
 

@@ -17,12 +17,14 @@ bytes unchanged only while nothing has, and only in the syntax they came in.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
 from io import BytesIO
 from pathlib import Path
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
@@ -240,6 +242,67 @@ def _skip_sequence(data, offset: int, implicit: bool) -> int:
                 offset = _skip_sequence(data, offset, implicit or vr == b"UN")
             else:
                 offset += length
+
+
+#: VRs whose values :func:`identifier_json` converts itself (text, single-byte ASCII).
+_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI", "PN"))
+_STRIP_EACH = frozenset(("LO", "SH"))
+
+
+def identifier_json(data: bytes, transfer_syntax: str) -> dict | None:
+    """A C-FIND/C-GET/C-MOVE identifier as DICOM JSON, for the common shape only:
+    flat, ASCII, little endian, text VRs (and empty elements of any VR); ``None``
+    for anything else, which pydicom then decodes.  The same JSON as pydicom's
+    ``to_json_dict`` (property-tested against it) in a tenth of the time: decoding
+    the identifier and converting it was a fifth of a proxied C-FIND's CPU."""
+    implicit = _HEAD_SYNTAXES.get(transfer_syntax)
+    if implicit is None or not data.isascii() or b"\x1b" in data:   # ISO 2022 escapes: pydicom's job
+        return None
+    doc: dict = {}
+    offset, end = 0, len(data)
+    try:
+        while offset < end:
+            tag, vr, length, offset = _element(data, offset, implicit)
+            if length == _UNDEFINED or offset + length > end:
+                return None
+            if implicit:
+                vr = _dictionary_vr(tag)
+            else:
+                vr = vr.decode("ascii")
+            if vr is None or (length and vr not in _TEXT_VRS):
+                return None
+            if tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
+                return None   # file meta or a group length: not in an identifier
+            key = f"{tag:08X}"
+            raw = data[offset:offset + length]
+            offset += length
+            text = raw.decode("ascii").rstrip("\0 ")
+            if not text:
+                doc[key] = {"vr": vr}
+                continue
+            values = text.split("\\")
+            if vr in _STRIP_EACH:          # as pydicom reads them: text strips each value's end,
+                values = [v.rstrip(" ") for v in values]
+            elif vr == "AE":               # an AE title both ends
+                values = [v.strip(" ") for v in values]
+            if vr == "PN":
+                if any("=" in v for v in values):
+                    return None
+                doc[key] = {"vr": vr, "Value": [{"Alphabetic": v} if v else None for v in values]}
+            else:
+                doc[key] = {"vr": vr, "Value": values}
+    except (_NeedMore, struct.error, UnicodeDecodeError):
+        return None
+    return doc
+
+
+@functools.lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return None
+    return vr if vr in _TEXT_VRS or vr.isalpha() and len(vr) == 2 else None
 
 
 class ReceivedIdentifier(Dataset):
