@@ -3,7 +3,7 @@
 It performs the operation a request names in ``metadata["dimse_op"]``
 (C-ECHO, C-FIND, C-GET, C-MOVE, C-STORE) and answers, following
 :mod:`harmony.dicom.results`, with a :class:`ResultStream` in
-``response.context["dicom_results"]`` that is fed *as the PACS answers*: C-FIND
+``response.state.dicom_results`` that is fed *as the PACS answers*: C-FIND
 matches as their pending responses arrive, retrieved instances as files the
 moment each sub-operation lands.  The response body renders the same stream
 for HTTP clients (DICOM JSON array, or multipart/related of application/dicom).
@@ -523,8 +523,8 @@ class DicomScuBackend(Backend):
     def respond(self, job: Job) -> ResponseEnvelope:
         stream = job.stream
         md = {"dimse_op": job.op}
-        if stream.status is not None:
-            md["dimse_status"] = f"0x{stream.status:04X}"
+        if stream.status is not None:  # the metadata view; the status itself is the stream's
+            md[dimse.METADATA_KEY] = dimse.label(stream.status)
         if stream.status is not None and dimse.is_failure(stream.status) and job.items == 0:
             doc = {"dimse_op": job.op, "dimse_status": stream.status, "error_comment": stream.error_comment,
                    "completed": stream.completed, "failed": stream.failed}
@@ -537,7 +537,7 @@ class DicomScuBackend(Backend):
                    "failed": stream.failed, "warning": stream.warning, "remaining": stream.remaining}
             resp = ResponseEnvelope.json(200, doc)
         resp.metadata.update(md)
-        resp.context["dicom_results"] = stream
+        resp.state.dicom_results = stream
         return resp
 
     # ------------------------------------------------------------------ operations (on the reactor)
@@ -731,8 +731,8 @@ class DicomScuBackend(Backend):
     # ------------------------------------------------------------------ C-STORE
 
     async def _store_request(self, request):
-        """C-STORE ``context["instance"]``, or a Part-10 request body spooled to staging."""
-        instance = request.context.get("instance")
+        """C-STORE ``state.dicom.instance``, or a Part-10 request body spooled to staging."""
+        instance = request.state.dicom.instance
         spooled = instance is None
         if spooled:
             if isinstance(request.body, (bytes, bytearray)):
@@ -820,10 +820,10 @@ def _remove_empty(folder: Path, stop: Path) -> None:
 
 def _relayed_identifier(request, doc):
     """The identifier exactly as a DIMSE client sent it (``dicom_scp`` keeps it in
-    ``context["dimse_identifier"]``), as long as no middleware changed the request's
+    ``state.dicom.received_identifier``), as long as no middleware changed the request's
     DICOM JSON since: sent on unchanged (no JSON -> Dataset -> bytes, ~20 % of a
     proxied C-FIND's CPU); ``None`` otherwise."""
-    kept = request.context.get("dimse_identifier")
+    kept = request.state.dicom.received_identifier
     if kept is None or not isinstance(doc, dict):
         return None
     data, syntax, snapshot = kept

@@ -52,6 +52,7 @@ from harmony.errors import (
 )
 from harmony.interfaces import IComponentFactory, IEndpoint
 from harmony.log import get_logger
+from harmony.state import DicomRequestFacts, RequestState
 
 log = get_logger("harmony.endpoints.dicom_scp")
 
@@ -277,10 +278,7 @@ class DicomScpEndpoint(Service):
         op = request.metadata.get("dimse_op", "")
         status = dimse_status_for(error, op)
         resp = ResponseEnvelope.json(error.status, {"dimse_status": status, "detail": error.detail})
-        resp.metadata["dimse_status"] = f"0x{status:04X}"
-        resp.context["dimse_status"] = status
-        resp.context["error_comment"] = error.detail
-        return resp
+        return dimse.record(resp, status, error.detail)
 
     def envelope(self, assoc, context, op: str, identifier: Dataset | dict | None = None,
                  received: bytes | None = None, **extra) -> RequestEnvelope:
@@ -305,13 +303,15 @@ class DicomScpEndpoint(Service):
             if level:
                 md["query_level"] = level
         md.update({k: v for k, v in extra.items() if v is not None})
-        ctx = {"association": assoc}
+        received_identifier = None
         if received is not None and normalized is not None:
-            ctx["dimse_identifier"] = (received, md["dimse_transfer_syntax"], json.dumps(normalized))
+            received_identifier = (received, md["dimse_transfer_syntax"], json.dumps(normalized))
         return RequestEnvelope(method="DIMSE", path=f"/{md['called_aet']}/{op}", metadata=md,
                                normalized=normalized, client_ip=str(assoc.peer_address[0]),
                                scheme="dimse+tls" if self.tls is not None else "dimse",
-                               host=self.local_aet, context=ctx)
+                               host=self.local_aet,
+                               state=RequestState(dicom=DicomRequestFacts(association=assoc,
+                                                                          received_identifier=received_identifier)))
 
     async def run_pipeline(self, env, op: Operation | None = None) -> ResponseEnvelope:
         """Run *env* through the pipeline, with a deadline; *op*'s C-CANCEL or
@@ -329,12 +329,12 @@ class DicomScpEndpoint(Service):
 
     def results_of(self, response):
         """(stream, None) or (None, (failure status, comment))."""
-        stream = response.context.get("dicom_results")
+        stream = response.state.dicom_results
         if stream is None:
             # A backend that is not a DICOM one (or an error): never pass that
             # off as "success, no matches".
-            status = response.context.get("dimse_status", NO_RESULTS)
-            comment = response.context.get("error_comment") or "the pipeline gave no DICOM results"
+            status = NO_RESULTS if response.state.dimse_status is None else response.state.dimse_status
+            comment = response.state.error_comment or "the pipeline gave no DICOM results"
             return None, (status, comment)
         if stream.done and dimse.is_failure(stream.status) and stream.total() == 0:
             return None, (stream.status if stream.status is not None else NO_RESULTS, stream.error_comment)
@@ -758,15 +758,15 @@ class ScpServices:
                 await op.respond(dimse.SUCCESS)
                 return
             env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
-            env.context["instance"] = instance
+            env.state.dicom.instance = instance
             env.normalized = header
             response = await endpoint.run_pipeline(env)
-            stream = response.context.get("dicom_results")
+            stream = response.state.dicom_results
             if stream is None:
-                status = response.context.get("dimse_status")
+                status = response.state.dimse_status
                 if status is None:
                     status = dimse.SUCCESS if response.status < 300 else dimse.PROCESSING_FAILURE
-                await op.respond(status, comment=response.context.get("error_comment"))
+                await op.respond(status, comment=response.state.error_comment)
                 return
             await stream.when_counted()
             await op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
