@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.task import deferLater
 
 from tests.dimse_helpers import silent_peer
 from tests.peers import DCMTK, peer_env, require
+from tests.test_client_aborts import until
 from tests.test_dicom_scp import SCP_AET, start
 
 TOOLS = {
@@ -33,14 +33,6 @@ class _Exited(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         self.exited.callback(reason.value.exitCode)
-
-
-async def until(predicate, what, timeout=10.0):
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"not after {timeout}s: {what}")
 
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))
