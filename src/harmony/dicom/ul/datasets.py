@@ -36,6 +36,7 @@ from harmony.dicom.ul.pdu import PDUError
 MAX_IDENTIFIER_BYTES = 1024 * 1024
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1442.1"
+#: (0002,0013) of the files Harmony writes (the same name it gives in A-ASSOCIATE).
 IMPLEMENTATION_VERSION = "HARMONY_UL_1"
 
 
@@ -77,30 +78,32 @@ class DiscardSink:
         pass
 
 
-def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
-    if len(value) % 2:
-        value += pad
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 2, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
-
-
 def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                     source_aet: str | None = None) -> bytes:
-    """Preamble, ``DICM`` and the group-0002 elements of a Part-10 file (PS3.10 §7.1).
+    """Preamble, ``DICM`` and the group-0002 elements of a Part-10 file
+    (Explicit VR Little Endian, PS3.10 §7.1), written directly: pydicom's
+    ``FileMetaDataset`` and ``write_file_meta_info`` took ~1 ms per received
+    instance on the reactor thread (profiled, bench/dimse C-STORE into
+    storage_dir).  tests/dicom/ul/test_datasets.py compares it with pydicom's."""
+    elements = [_meta(0x0001, "OB", b"\0\1"),
+                _meta(0x0002, "UI", sop_class_uid), _meta(0x0003, "UI", sop_instance_uid),
+                _meta(0x0010, "UI", transfer_syntax), _meta(0x0012, "UI", IMPLEMENTATION_CLASS_UID),
+                _meta(0x0013, "SH", IMPLEMENTATION_VERSION)]
+    if source_aet:
+        elements.append(_meta(0x0016, "AE", source_aet))
+    body = b"".join(elements)
+    return b"\0" * 128 + b"DICM" + _meta(0x0000, "UL", struct.pack("<I", len(body))) + body
 
-    Built with ``struct``: pydicom's ``write_file_meta_info`` took ~0.7 ms, once per
-    received instance on the reactor (a fifth of its time in a proxied C-GET)."""
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01", b"\0"),
-        _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii", "replace"), b"\0"),
-        _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii", "replace"), b"\0"),
-        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii", "replace"), b"\0"),
-        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\0"),
-        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"), b" "),
-        _meta_element(0x0016, b"AE", source_aet.encode("ascii", "replace")[:16], b" ") if source_aet else b"",
-    ))
-    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
+
+def _meta(element: int, vr: str, value) -> bytes:
+    """One group-0002 element; text padded to an even length (UI with NUL, others with a space)."""
+    if isinstance(value, str):
+        value = value.encode("ascii")
+        if len(value) % 2:
+            value += b"\0" if vr == "UI" else b" "
+    if vr == "OB":
+        return struct.pack("<HH2sHI", 0x0002, element, b"OB", 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr.encode("ascii"), len(value)) + value
 
 
 class PartTenSink:
@@ -112,13 +115,15 @@ class PartTenSink:
     ``None`` (and whoever needs them reads the file).
     """
 
-    def __init__(self, path: Path, command: dict, transfer_syntax: str, limit: int, source_aet: str = ""):
+    def __init__(self, path: Path, command: dict, transfer_syntax: str, limit: int, source_aet: str = "",
+                 file=None):
         self.path = Path(path)
         self.limit = limit
         self.received = 0
         self.described: tuple[str, str] | None = None
-        # One write per instance of ordinary size rather than one per PDU.
-        self._file = open(self.path, "wb", buffering=FILE_BUFFER)
+        #: *file*: *path* already created and open for writing (see dicom_scp's spare files);
+        #: otherwise one write per instance of ordinary size rather than one per PDU.
+        self._file = file if file is not None else open(self.path, "wb", buffering=FILE_BUFFER)
         meta = file_meta_bytes(command.get("AffectedSOPClassUID", ""), command.get("AffectedSOPInstanceUID", ""),
                                transfer_syntax, source_aet)
         self.meta_length = len(meta)
