@@ -170,6 +170,30 @@ async def test_getscu_compressed_instance(harmony, orthanc, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_getscu_preferring_rle_gets_rle(harmony, orthanc, tmp_path, corpus):
+    """``getscu +xr`` proposes RLE Lossless first for its storage contexts (one
+    context per SOP class): the RLE instance goes as stored, the uncompressed
+    ones are compressed losslessly for it -- the pixels are the originals'.
+    Harmony used to accept explicit VR little endian and send all three uncompressed."""
+    series = "1.2.826.0.1.3680043.10.543.1.3.1"
+    out = tmp_path / "rle"
+    out.mkdir()
+    r = await run("getscu", "+xr", "-S", "-aet", "GETSCU", "-aec", SCP_AET, "-od", out,
+                  "-k", "QueryRetrieveLevel=SERIES", "-k", "StudyInstanceUID=1.2.826.0.1.3680043.10.543.1.3",
+                  "-k", f"SeriesInstanceUID={series}", "127.0.0.1", harmony.scp_port)
+    assert r.returncode == 0, r.stderr
+    got = {dcmread(p).SOPInstanceUID: p for p in retrieved(out).values()}
+    originals = {i.sop_uid: i.path for i in corpus if i.series_uid == series}
+    assert got.keys() == originals.keys() and len(got) == 3
+    for sop, path in got.items():
+        ds, original = dcmread(path), dcmread(originals[sop])
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5", (sop, ds.file_meta.TransferSyntaxUID)
+        assert (ds.pixel_array == original.pixel_array).all()
+        if original.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5":
+            assert ds.PixelData == original.PixelData  # as stored, not re-encoded
+
+
+@pytest_twisted.ensureDeferred
 async def test_movescu_through_harmony_to_storescp(tmp_path, orthanc, pacs_modality):
     dest_direct = Storescp(tmp_path / "direct", aet="STOREDIRECT").start()
     dest_proxied = Storescp(tmp_path / "proxied", aet="STORESCP").start()

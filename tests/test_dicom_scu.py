@@ -251,3 +251,27 @@ async def test_pacs_silent_is_504(tmp_path):
     finally:
         await running.stop()
         await port.stopListening()
+
+
+def test_staged_instances_hold_the_pacs_back_once_over_the_limit(tmp_path):
+    """Retrieved instances wait in staging (memory-backed when /dev/shm exists) until
+    the consumer takes them; beyond ``max_staged_mb`` the next C-STORE sub-operation
+    is answered only once the consumer caught up, so staging stays bounded."""
+    from harmony.backends.dicom_scu import _StagedStream
+    from harmony.dicom.results import DicomInstance
+
+    stream = _StagedStream(None, limit=300)
+    first = stream.next()                      # a consumer already waiting: nothing is queued
+    stream.put(DicomInstance(tmp_path / "a", size=200))
+    assert first.called and stream.queued_bytes == 0
+    stream.put(DicomInstance(tmp_path / "b", size=200))
+    assert stream.room().called                # 200 < 300
+    stream.put(DicomInstance(tmp_path / "c", size=200))
+    room = stream.room()
+    assert not room.called and stream.queued_bytes == 400
+    stream.next()
+    assert room.called and stream.queued_bytes == 200
+    stream.put(DicomInstance(tmp_path / "d", size=500))
+    held = stream.room()
+    stream.cancel()                            # a cancelled retrieve never holds the PACS
+    assert held.called

@@ -10,8 +10,8 @@ Figures (each with the native one and the ratio):
 - WADO-RS whole-study retrieve: throughput (MB/s) and time to the first part;
 - STOW-RS of N instances (one request);
 - Harmony's peak RSS while retrieving the study (``--gib``: a 1 GiB study).
-Goals from the issue: QIDO <= 1.5x native latency, WADO >= 70% of native
-throughput, RSS < 150 MB.
+Goals from issue 13: QIDO <= 1.5x native latency, WADO >= 1.0x DCMTK getscu's
+MB/s for the same study; RSS < 150 MB.
 """
 
 from __future__ import annotations
@@ -178,6 +178,12 @@ def pynetdicom_find(orthanc: Orthanc, rounds: int) -> float:
     return statistics.median(times) * 1000
 
 
+def median_by(results: list[tuple], index: int) -> tuple:
+    """The result whose *index*-th figure is the median one (its other figures with it)."""
+    ordered = sorted(results, key=lambda r: r[index])
+    return ordered[len(ordered) // 2]
+
+
 def stow(base: str, paths: list[Path]) -> float:
     boundary = "benchboundary"
     body = io.BytesIO()
@@ -203,6 +209,7 @@ def main():
     ap.add_argument("--rows", type=int, default=512, help="image size (rows=cols, 16-bit)")
     ap.add_argument("--qido-rounds", type=int, default=100)
     ap.add_argument("--gib", action="store_true", help="retrieve a 1 GiB study for the RSS figure")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     args = ap.parse_args()
     count = args.instances
     if args.gib:
@@ -226,17 +233,25 @@ def main():
             idle_rss = RssSampler(harmony.pid).rss()
 
             qido(bridge, 5), qido(native, 5)  # warm up associations and caches
-            q_b = qido(bridge, args.qido_rounds)
-            q_n = qido(native, args.qido_rounds)
+            q_rounds = [(qido(bridge, args.qido_rounds), qido(native, args.qido_rounds)) for _ in range(args.rounds)]
+            q_b = median_by([b for b, _ in q_rounds], 0)
+            q_n = median_by([n for _, n in q_rounds], 0)
             f_pyn = pynetdicom_find(orthanc, args.qido_rounds)
 
             wado(native, STUDY)  # warm Orthanc's file cache
+            wado(bridge, STUDY)  # and the backend's retrieve association (QIDO warmed its query one)
             sampler = RssSampler(harmony.pid)
             sampler.start()
-            w_b = wado(bridge, STUDY)
+            rounds = {"bridge": [], "native": [], "getscu": []}
+            for r in range(args.rounds):  # interleaved: the machine's load moves between them
+                w_b = wado(bridge, STUDY)
+                rounds["bridge"].append(w_b)
+                rounds["native"].append(wado(native, STUDY))
+                rounds["getscu"].append(getscu(orthanc, tmp / f"getscu{r}"))
             sampler.finish()
-            w_n = wado(native, STUDY)
-            g_dcmtk = getscu(orthanc, tmp / "getscu")
+            w_b = median_by(rounds["bridge"], 0)
+            w_n = median_by(rounds["native"], 0)
+            g_dcmtk = statistics.median(rounds["getscu"])
             g_pyn = pynetdicom_get(orthanc, tmp / "pynetdicom")
 
             s_b = stow(bridge, stow_a)
@@ -245,19 +260,24 @@ def main():
             mb = w_b[2] / 1e6
             print()
             print(f"{'figure':44} {'harmony bridge':>16} {'orthanc native':>16} {'ratio':>8}")
-            print(f"{'QIDO study search p50 (ms)':44} {q_b[0]:16.2f} {q_n[0]:16.2f} {q_b[0] / q_n[0]:7.2f}x")
+            print(f"{'QIDO study search p50 (ms)':44} {q_b[0]:16.2f} {q_n[0]:16.2f} {q_b[0] / q_n[0]:7.2f}x"
+                  "  (goal <= 1.5x)")
             print(f"{'  DIMSE bound: C-FIND by pynetdicom p50 (ms)':44} {f_pyn:16.2f}")
             print(f"{'QIDO study search p95 (ms)':44} {q_b[1]:16.2f} {q_n[1]:16.2f} {q_b[1] / q_n[1]:7.2f}x")
             print(f"{f'WADO study retrieve, {count} inst / {mb:.0f} MB (MB/s)':44} {w_b[0]:16.1f} {w_n[0]:16.1f} "
                   f"{w_b[0] / w_n[0] * 100:6.0f}%")
             print(f"{'  DIMSE bound: C-GET by pynetdicom / getscu (MB/s)':44} {mb / g_pyn:16.1f} {mb / g_dcmtk:16.1f}")
+            print(f"{'WADO via bridge / DCMTK getscu (MB/s)':44} {w_b[0]:16.1f} {mb / g_dcmtk:16.1f} "
+                  f"{w_b[0] / (mb / g_dcmtk):7.2f}x  (goal >= 1.0x)")
+            print(f"  WADO per round (MB/s): bridge {' '.join(f'{x[0]:.0f}' for x in rounds['bridge'])}; "
+                  f"getscu {' '.join(f'{mb / x:.0f}' for x in rounds['getscu'])}")
             print(f"{'WADO time to first part (ms)':44} {w_b[1] * 1000:16.1f} {w_n[1] * 1000:16.1f} "
                   f"{w_b[1] / w_n[1]:7.2f}x")
             print(f"{f'STOW {args.instances} instances, one request (s)':44} {s_b:16.2f} {s_n:16.2f} "
                   f"{s_b / s_n:7.2f}x")
             print(f"{'Harmony RSS idle / peak during WADO (MB)':44} {idle_rss / 1e6:7.1f} / {sampler.peak / 1e6:6.1f}")
             print()
-            print("goals: QIDO <= 1.5x native, WADO >= 70% of native throughput, RSS < 150 MB")
+            print("goals: QIDO <= 1.5x native, WADO >= 1.0x getscu's MB/s, RSS < 150 MB")
         finally:
             stop(harmony)
             orthanc.stop()

@@ -44,6 +44,10 @@ class DicomRequestFacts:
     #: DICOMweb bridge's STOW-RS, store-and-forward delivery, de-identification); the
     #: stores also take a file path here.
     instance: Any = None
+    #: The identifier as the DIMSE client sent it: ``(bytes, transfer syntax, json.dumps of
+    #: normalized then)`` (``dicom_scp``); ``dicom_scu`` relays the bytes while no
+    #: middleware changed ``normalized``.
+    received_identifier: tuple | None = None
 
 
 @attr.s(auto_attribs=True, slots=True)

@@ -15,6 +15,7 @@ thread pool (:mod:`harmony.dicom.blocking`), never on the reactor.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import Verification
 from twisted.application.service import Service
 from twisted.internet import defer, fdesc
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
@@ -49,6 +51,7 @@ from harmony.errors import (
     HarmonyError,
     InsufficientStorage,
     PayloadTooLarge,
+    mark_client_gone,
 )
 from harmony.interfaces import IComponentFactory, IEndpoint
 from harmony.log import get_logger
@@ -239,7 +242,8 @@ class DicomScpEndpoint(Service):
     def startService(self):
         super().startService()
         settings = AcceptorSettings(self.local_aet, self.supported_contexts(), self.limits,
-                                    allowed_calling_aets=self.allowed_calling_aets)
+                                    allowed_calling_aets=self.allowed_calling_aets,
+                                    honour_compressed_preference=self.enabled[C_GET])
         self.factory = AcceptorFactory(settings, self.services, self.reactor)
         if self.enabled[C_STORE]:
             try:
@@ -323,31 +327,47 @@ class DicomScpEndpoint(Service):
         resp = ResponseEnvelope.json(error.status, {"dimse_status": status, "detail": error.detail})
         return dimse.record(resp, status, error.detail)
 
-    def envelope(self, assoc, context, op: str, identifier: Dataset | None = None, **extra) -> RequestEnvelope:
+    def envelope(self, assoc, context, op: str, identifier: Dataset | dict | None = None,
+                 received: bytes | None = None, **extra) -> RequestEnvelope:
+        """The pipeline request for one DIMSE operation; *received*: the identifier's
+        bytes as the client sent them, which a ``dicom_scu`` backend relays unchanged
+        when no middleware changed ``normalized``."""
         md = {"protocol": "dimse", "request_id": new_request_id(), "endpoint": self.name, "dimse_op": op,
               "calling_aet": assoc.calling_aet, "called_aet": assoc.called_aet,
-              "sop_class_uid": str(context.abstract_syntax)}
+              "sop_class_uid": str(context.abstract_syntax),
+              # A dicom_scu backend queries in this syntax when it can, so that
+              # C-FIND matches pass through without being decoded.
+              "dimse_transfer_syntax": str(context.transfer_syntax[0])}
         model_op = net.MODEL_OF.get(md["sop_class_uid"])
         if model_op:
             md["query_model"] = model_op[0]
         normalized = None
         if identifier is not None:
-            level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+            # The identifier as DICOM JSON already (ScpServices.identifier), or a Dataset.
+            normalized = identifier if isinstance(identifier, dict) else identifier_to_json(identifier)
+            level = (normalized.get("00080052", {}).get("Value") or [""])[0]
+            level = str(level or "").strip().upper()
             if level:
                 md["query_level"] = level
-            normalized = identifier_to_json(identifier)
         md.update({k: v for k, v in extra.items() if v is not None})
+        received_identifier = None
+        if received is not None and normalized is not None:
+            received_identifier = (received, md["dimse_transfer_syntax"], json.dumps(normalized))
         return RequestEnvelope(method="DIMSE", path=f"/{md['called_aet']}/{op}", metadata=md,
                                normalized=normalized, client_ip=str(assoc.peer_address[0]),
                                scheme="dimse+tls" if self.tls is not None else "dimse",
                                host=self.local_aet,
-                               state=RequestState(dicom=DicomRequestFacts(association=assoc)))
+                               state=RequestState(dicom=DicomRequestFacts(association=assoc,
+                                                                          received_identifier=received_identifier)))
 
-    async def run_pipeline(self, env) -> ResponseEnvelope:
-        """Run *env* through the pipeline, with a deadline."""
+    async def run_pipeline(self, env, op: Operation | None = None) -> ResponseEnvelope:
+        """Run *env* through the pipeline, with a deadline; *op*'s C-CANCEL or
+        hang-up cancels it (a hang-up first marks the request as its client's doing)."""
         if self.pipeline is None:
             return self.error_response(HarmonyError("no pipeline serves this endpoint"), env)
         d = self.pipeline.handle(env, self)
+        if op is not None:
+            op.watch(env, d)
         d.addTimeout(self.request_timeout, self.reactor)
         try:
             return await d
@@ -376,14 +396,34 @@ class Operation:
         self.message = message
         self.context = assoc.contexts[message.context_id]
         self.transfer_syntax = str(self.context.transfer_syntax[0])
-        self._cancel_waiters: list[defer.Deferred] = []
+        self._waiter: defer.Deferred | None = None
+        self._pending_command: bytes | None = None
+        self._pipeline: tuple | None = None
         self.cancelled = False
 
-    def cancel(self) -> None:
+    def watch(self, env, d: defer.Deferred) -> None:
+        """*d*, the pipeline running *env*, is cancelled with the operation."""
+        self._pipeline = (env, d)
+        d.addBoth(self._unwatch)
+
+    def _unwatch(self, result):
+        self._pipeline = None
+        return result
+
+    def cancel(self, client_left: bool = False) -> None:
+        """C-CANCEL arrived, or the association ended (*client_left*): the operation
+        stops at its next item, and a pipeline still waiting for its first result
+        is cancelled -- when the client left, as the client's doing, so a backend's
+        target pool counts a client abort, never a failure of the PACS."""
         self.cancelled = True
-        waiters, self._cancel_waiters = self._cancel_waiters, []
-        for d in waiters:
-            d.callback(CANCELLED)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.called:
+            waiter.callback(CANCELLED)
+        if self._pipeline is not None:
+            env, d = self._pipeline
+            if client_left:
+                mark_client_gone(env)
+            d.cancel()
 
     def respond(self, status: int, *, identifier: bytes | None = None, comment: str | None = None, **counts):
         command = {"AffectedSOPClassUID": self.message.command.get("AffectedSOPClassUID", str(
@@ -396,31 +436,53 @@ class Operation:
             command["ErrorComment"] = _comment(comment)
         return self.assoc.send(self.message.context_id, command, identifier)
 
+    def respond_match(self, identifier: bytes):
+        """A pending C-FIND response with *identifier*: the same command every time, encoded once."""
+        if self._pending_command is None:
+            self._pending_command = commands.encode({
+                "AffectedSOPClassUID": self.message.command.get("AffectedSOPClassUID", str(
+                    self.context.abstract_syntax)), "CommandField": _RESPONSE_OF[self.message.field],
+                "MessageIDBeingRespondedTo": self.message.message_id, "Status": dimse.PENDING,
+                "CommandDataSetType": commands.HAS_DATASET})
+        return self.assoc.send(self.message.context_id, self._pending_command, identifier)
+
     async def next(self, stream, timeout: float, reactor):
         """The stream's next item, :data:`CANCELLED` once the peer sent C-CANCEL or left,
-        or :class:`BackendTimeout` when the backend is silent for *timeout* seconds."""
+        or :class:`BackendTimeout` when the backend is silent for *timeout* seconds.
+
+        An item already queued is taken at once; otherwise one Deferred waits for
+        whichever comes first (per match, a DeferredList and a callback on the
+        association's end cost more than the rest of relaying it)."""
         if self.cancelled or self.assoc.state != "established":
             return CANCELLED
         item = stream.next()
         if item.called:
             return await item
-        cancel = defer.Deferred()
-        self._cancel_waiters.append(cancel)
-        gone = defer.Deferred()
-        self.assoc.closed.addBoth(lambda _: gone.called or gone.callback(CANCELLED))
-        first = defer.DeferredList([item, cancel, gone], fireOnOneCallback=True, fireOnOneErrback=True,
-                                   consumeErrors=True)
-        first.addTimeout(timeout, reactor)
+        waiter = self._waiter = defer.Deferred()
+
+        def arrived(result):
+            if waiter.called:
+                if isinstance(result, DicomInstance):
+                    result.release()   # came after the wait ended: nobody will send it
+            elif isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+            return None
+
+        def silent():
+            if not waiter.called:
+                waiter.errback(BackendTimeout(f"no result from the backend for {timeout:g}s"))
+
+        item.addBoth(arrived)
+        timer = reactor.callLater(timeout, silent)
         try:
-            result, _index = await first
-        except defer.TimeoutError:
-            raise BackendTimeout(f"no result from the backend for {timeout:g}s") from None
-        except defer.FirstError as e:
-            e.subFailure.raiseException()
+            return await waiter
         finally:
-            if cancel in self._cancel_waiters:
-                self._cancel_waiters.remove(cancel)
-        return result
+            if timer.active():
+                timer.cancel()
+            if self._waiter is waiter:
+                self._waiter = None
 
 
 class ScpServices:
@@ -445,7 +507,7 @@ class ScpServices:
     def association_closed(self, assoc):
         for key, op in list(self.running.items()):
             if key[0] == id(assoc):
-                op.cancel()
+                op.cancel(client_left=True)
 
     def dataset_sink(self, assoc, context_id, command):
         if command["CommandField"] == commands.C_STORE_RQ and self.endpoint.enabled[C_STORE]:
@@ -547,9 +609,14 @@ class ScpServices:
 
     # -- C-FIND
 
-    def identifier(self, op: Operation):
+    def identifier(self, op: Operation) -> dict | None:
+        """The request's identifier as DICOM JSON (what middleware reads), ``None`` if undecodable."""
+        data = op.message.dataset or b""
+        doc = datasets.identifier_json(data, op.transfer_syntax)
+        if doc is not None:
+            return doc
         try:
-            return datasets.decode(op.message.dataset or b"", op.transfer_syntax)
+            return identifier_to_json(datasets.decode(data, op.transfer_syntax))
         except Exception:  # noqa: BLE001 - pydicom raises many types for bad input
             return None
 
@@ -559,9 +626,16 @@ class ScpServices:
         if identifier is None:
             await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
             return
-        env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier)
-        response = await endpoint.run_pipeline(env)
+        env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier, op.message.dataset)
+        response = await endpoint.run_pipeline(env, op)
         stream, failure = endpoint.results_of(response)
+        if op.cancelled:
+            if stream is not None:
+                stream.cancel()
+                release_rest(stream)
+            if op.assoc.state == "established":
+                await op.respond(dimse.CANCEL)
+            return
         if failure is not None:
             await op.respond(failure[0], comment=failure[1])
             return
@@ -582,7 +656,13 @@ class ScpServices:
                 break
             # A JSON match is Unicode: give it a character set that encodes it.
             match = item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
-            await op.respond(dimse.PENDING, identifier=datasets.encode(match, op.transfer_syntax))
+            try:
+                # A match nobody changed goes as the PACS sent it, when it came in our syntax.
+                encoded = datasets.encode_relayed(match, op.transfer_syntax)
+            except Exception:  # noqa: BLE001 - one undecodable match must not end the query
+                log.warn("dicom_scp {name}: dropped a C-FIND match that cannot be encoded", name=endpoint.name)
+                continue
+            await op.respond_match(encoded)
         if dimse.is_failure(stream.status):
             await op.respond(stream.status, comment=stream.error_comment)
         else:
@@ -595,7 +675,7 @@ class ScpServices:
         if identifier is None:
             await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
             return
-        env = self.endpoint.envelope(op.assoc, op.context, C_GET, identifier)
+        env = self.endpoint.envelope(op.assoc, op.context, C_GET, identifier, op.message.dataset)
         await self._retrieve(op, env, op.assoc, None)
 
     async def on_move(self, op: Operation):
@@ -610,7 +690,8 @@ class ScpServices:
         if identifier is None:
             await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
             return
-        env = endpoint.envelope(op.assoc, op.context, C_MOVE, identifier, move_destination=destination,
+        env = endpoint.envelope(op.assoc, op.context, C_MOVE, identifier, op.message.dataset,
+                                move_destination=destination,
                                 move_delivery="proxy")
         await self._retrieve(op, env, None, (destination, where))
 
@@ -630,8 +711,16 @@ class ScpServices:
         """The common body of C-GET and C-MOVE: announce the count, then one
         sub-operation per instance as it arrives from the backend."""
         endpoint = self.endpoint
-        response = await endpoint.run_pipeline(env)
+        response = await endpoint.run_pipeline(env, op)
         stream, failure = endpoint.results_of(response)
+        if op.cancelled:
+            if stream is not None:
+                stream.cancel()
+                release_rest(stream)
+            if op.assoc.state == "established":
+                await op.respond(dimse.CANCEL, NumberOfRemainingSuboperations=0, NumberOfCompletedSuboperations=0,
+                                 NumberOfFailedSuboperations=0, NumberOfWarningSuboperations=0)
+            return
         if failure is not None:
             await op.respond(failure[0], comment=failure[1], NumberOfRemainingSuboperations=0,
                              NumberOfCompletedSuboperations=0, NumberOfFailedSuboperations=0,

@@ -1,5 +1,8 @@
-"""harmony.dicom.ul.datasets.file_meta_bytes: the group-0002 header of every
-received instance, written directly, equal to what pydicom writes."""
+"""harmony.dicom.ul.datasets: the group-0002 header of every received instance
+(written directly, equal to what pydicom writes), and identifiers and matches relayed
+as received: ``identifier_json`` gives exactly the DICOM JSON pydicom gives (middleware
+reads it) or ``None``; ``ReceivedIdentifier`` is a Dataset like any other once looked
+into, and the received bytes only while nobody did."""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
 
+from harmony.dicom.dicomjson import identifier_to_json
+from harmony.dicom.ul import datasets
 from harmony.dicom.ul.datasets import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, file_meta_bytes
 
 UIDS = st.from_regex(r"\A[1-9][0-9]{0,10}(\.[1-9][0-9]{0,8}){1,6}\Z")
@@ -51,3 +56,81 @@ def test_pydicom_reads_it_back(aet):
     assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION
     assert meta.get("SourceApplicationEntityTitle") == aet
     assert meta.FileMetaInformationGroupLength == len(raw) - 128 - 4 - 12
+
+
+IMPLICIT, EXPLICIT = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+KEYWORDS = ["PatientName", "PatientID", "StudyDate", "StudyTime", "ModalitiesInStudy", "StudyInstanceUID",
+            "AccessionNumber", "QueryRetrieveLevel", "StudyDescription", "ReferringPhysicianName", "PatientSex",
+            "RetrieveAETitle", "PatientAge", "AcquisitionDateTime", "NumberOfStudyRelatedInstances",
+            "SOPClassesInStudy"]
+TEXT = st.text(alphabet="AB1.^ -*?\\", max_size=10)
+
+
+def encoded(ds: Dataset, syntax: str) -> bytes:
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, syntax == IMPLICIT
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the odd values drawn
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYWORDS), TEXT, min_size=1), st.sampled_from([IMPLICIT, EXPLICIT]))
+def test_identifier_json_is_pydicoms_json(values, syntax):
+    ds = Dataset()
+    for keyword, value in values.items():
+        if keyword == "NumberOfStudyRelatedInstances":
+            value = "".join(c for c in value if c.isdigit())[:4]
+        elif keyword.endswith("UID") or keyword == "SOPClassesInStudy":
+            value = "".join(c for c in value if c in "1.\\")
+        setattr(ds, keyword, value)
+    try:
+        data = encoded(ds, syntax)
+        reference = identifier_to_json(datasets.decode(data, syntax))
+    except Exception:  # noqa: BLE001 - a value pydicom itself cannot write or read back
+        return
+    fast = datasets.identifier_json(data, syntax)
+    assert fast is None or fast == reference
+
+
+def test_identifier_json_leaves_the_rest_to_pydicom():
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Hans"
+    assert datasets.identifier_json(encoded(ds, EXPLICIT), EXPLICIT) is None      # not ASCII
+    ds = Dataset()
+    ds.NumberOfStudyRelatedInstances = "3"
+    assert datasets.identifier_json(encoded(ds, IMPLICIT), IMPLICIT) is None      # IS: a number in JSON
+    assert datasets.identifier_json(b"\x08\x00\x52\x00CS\x06\x00STUDY ", "1.2.840.10008.1.2.2") is None  # big endian
+
+
+def test_a_received_match_is_sent_as_received_until_looked_into():
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Hans"
+    ds.StudyInstanceUID = "1.2.3"
+    data = encoded(ds, IMPLICIT)
+    match = datasets.ReceivedIdentifier(data, IMPLICIT)
+    assert not match.decoded
+    assert datasets.encode_relayed(match, IMPLICIT) is match.received
+    assert datasets.encode_relayed(match, EXPLICIT) == encoded(ds, EXPLICIT)   # another syntax: re-encoded
+    match = datasets.ReceivedIdentifier(data, IMPLICIT)
+    assert str(match.PatientName) == "Müller^Hans" and match.decoded
+    match.PatientName = "Other^Name"                                           # what a middleware may do
+    ds.PatientName = "Other^Name"
+    assert datasets.encode_relayed(match, IMPLICIT) == encoded(ds, IMPLICIT)
+    assert match == ds
+
+
+def test_the_head_of_a_data_set_names_its_study_and_series():
+    from pydicom.sequence import Sequence
+    ds = Dataset()
+    ds.SOPClassUID = "1.2"
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3"
+    ds.ReferencedImageSequence = Sequence([item])
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.SeriesInstanceUID = "1.2.3.4.5"
+    for syntax in (IMPLICIT, EXPLICIT):
+        data = encoded(ds, syntax)
+        assert datasets.head_uids(data, syntax == IMPLICIT) == ("1.2.3.4", "1.2.3.4.5")

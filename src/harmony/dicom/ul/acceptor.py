@@ -29,7 +29,8 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from twisted.internet import protocol
 
-from harmony.dicom.ul.association import Association, Reject
+from harmony.dicom.ul.association import Association, BoundedCache, Reject
+from harmony.dicom.ul.storage import can_compress
 from harmony.log import get_logger
 
 log = get_logger("harmony.dicom.ul.acceptor")
@@ -120,18 +121,26 @@ class AcceptorSettings:
     """What an :class:`~.association.Association` asks its listener: limits, timers and negotiation."""
 
     def __init__(self, local_aet: str, contexts: list[PresentationContext], limits: AcceptorLimits, *,
-                 allowed_calling_aets=None, require_called_aet: bool = True, identity_check=None):
+                 allowed_calling_aets=None, require_called_aet: bool = True, identity_check=None,
+                 honour_compressed_preference: bool = False):
         self.local_aet = local_aet
         self.supported_contexts = contexts
         self.limits = limits
         self.allowed_calling_aets = set(allowed_calling_aets) if allowed_calling_aets else None
         self.require_called_aet = require_called_aet
         self.identity_check = identity_check
+        #: A C-GET requestor's storage contexts (SCP role) take its first syntax when
+        #: that is a compressed one Harmony can produce (ul.storage.can_compress).
+        self.honour_compressed_preference = honour_compressed_preference
         self.max_pdu = limits.max_pdu
         self.acse_timeout = limits.acse_timeout
         self.dimse_timeout = limits.dimse_timeout
         self.network_timeout = limits.network_timeout
         self.connections = 0
+        #: Negotiation results and the A-ASSOCIATE-AC bytes, by (cached, shared) request
+        #: primitive: a client asks with the same request every time (see decode_associate_rq).
+        self.negotiated = BoundedCache()
+        self.accept_pdus = BoundedCache()
         self.by_source: Counter = Counter()
         self.associations: set[Association] = set()
         #: Set when worker processes share the listener (see :class:`SharedAssociationCount`).
@@ -177,13 +186,34 @@ class AcceptorSettings:
                 return REJECT_BUSY
         elif len(self.associations) >= self.limits.max_associations:
             return REJECT_BUSY
+        known = self.negotiated.get(rq)
+        if known is None:
+            known = self._negotiate_contexts(rq)
+            self.negotiated.put(rq, known)
+        return known
+
+    def _negotiate_contexts(self, rq):
         roles = {}
         for item in rq.user_information:
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
                 roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
         accepted, role_items = negotiate_as_acceptor(rq.presentation_context_definition_list,
                                                      self.supported_contexts, roles)
+        if self.honour_compressed_preference:
+            self._prefer_compressed(rq.presentation_context_definition_list, accepted, roles)
         return accepted, role_items
+
+    def _prefer_compressed(self, proposed, accepted, roles) -> None:
+        """pynetdicom picks the first syntax in *our* order (uncompressed first); a
+        C-GET client that put a lossless compressed syntax first gets that one."""
+        first = {cx.context_id: str(cx.transfer_syntax[0]) for cx in proposed if cx.transfer_syntax}
+        ours = {str(cx.abstract_syntax): {str(ts) for ts in cx.transfer_syntax} for cx in self.supported_contexts}
+        for cx in accepted:
+            wanted = first.get(cx.context_id)
+            if (cx.result == 0x00 and wanted and str(cx.transfer_syntax[0]) != wanted
+                    and roles.get(cx.abstract_syntax, (None, None))[1] and wanted in ours.get(
+                        str(cx.abstract_syntax), ()) and can_compress(wanted)):
+                cx.transfer_syntax = [wanted]
 
 
 class AcceptorFactory(protocol.Factory):

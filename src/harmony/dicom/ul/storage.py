@@ -12,17 +12,31 @@ silent drop.
 Which syntaxes can be converted, and the status when none can (0xC003 with a
 comment naming the syntax), are :mod:`harmony.dicom.transfer`'s rules; this
 module applies them to an association.
+
+A C-GET client may prefer a compressed syntax (``getscu +xr``, ``+xt``, ``+xv``):
+the acceptor takes its preference when it is one Harmony can also *produce*
+(:func:`can_compress`: the lossless RLE, JPEG-LS and JPEG 2000 encoders), so an
+instance stored in it goes as stored and any other is compressed losslessly
+for it -- never lossy, and never a syntax some instances could not be sent in.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from harmony.dicom import blocking, transfer
 from harmony.dicom import status as dimse
@@ -37,6 +51,21 @@ SOP_CLASS_NOT_SUPPORTED = dimse.SOP_CLASS_NOT_SUPPORTED
 #: The peer refused the stored syntax and it cannot be converted to one it took.
 SYNTAX_REFUSED = dimse.UNABLE_TO_PROCESS_TRANSFER_SYNTAX
 _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+#: Compressed syntaxes Harmony may produce itself: lossless, with an encoder in pydicom or a plug-in.
+_LOSSLESS_ENCODED = (str(RLELossless), str(JPEGLSLossless), str(JPEG2000Lossless))
+
+
+@functools.lru_cache(maxsize=None)
+def can_compress(syntax) -> bool:
+    """True when Harmony can encode pixel data losslessly in *syntax* (whatever the source)."""
+    syntax = str(syntax)
+    if syntax not in _LOSSLESS_ENCODED:
+        return False
+    from pydicom.pixels import get_encoder
+    try:
+        return bool(get_encoder(syntax).is_available)
+    except (NotImplementedError, ValueError):
+        return False
 
 
 def accepts_as_stored(assoc, sop_class_uid: str, transfer_syntax: str) -> bool:
@@ -70,7 +99,16 @@ def dataset_offset(path) -> int:
 
 
 def choose_context(assoc, sop_class_uid: str, transfer_syntax: str):
-    """(context id, accepted syntax, exact) for sending an instance of *sop_class_uid*."""
+    """(context id, accepted syntax, exact) for sending an instance of *sop_class_uid*
+    (worked out once per association and pair: a C-GET asks 200 times for the same)."""
+    key = ("context", sop_class_uid, transfer_syntax)
+    known = assoc.memo.get(key)
+    if known is None:
+        known = assoc.memo[key] = _choose_context(assoc, sop_class_uid, transfer_syntax)
+    return known
+
+
+def _choose_context(assoc, sop_class_uid: str, transfer_syntax: str):
     candidates = [(cid, str(cx.transfer_syntax[0])) for cid, cx in assoc.contexts.items()
                   if str(cx.abstract_syntax) == sop_class_uid]
     for cid, ts in candidates:
@@ -81,6 +119,9 @@ def choose_context(assoc, sop_class_uid: str, transfer_syntax: str):
         for cid, ts in candidates:
             if ts == preferred:
                 return cid, ts, False
+    for cid, ts in candidates:
+        if can_compress(ts):   # the peer prefers a lossless syntax we can make
+            return cid, ts, False
     if candidates and not compressed:
         return candidates[0][0], candidates[0][1], False
     return None, None, False
@@ -94,7 +135,13 @@ def transcode(path, target_syntax: str) -> bytes:
     if source.is_compressed and not target.is_compressed:
         ds.decompress(generate_instance_uid=False)
     elif target.is_compressed and target != source:
-        raise ValueError(f"cannot compress to {target_syntax}")
+        if not can_compress(target):
+            raise ValueError(f"cannot compress to {target_syntax}")
+        # Without pixel data an encapsulated syntax is explicit VR little endian throughout.
+        if "PixelData" in ds:
+            if source.is_compressed:
+                ds.decompress(generate_instance_uid=False)
+            ds.compress(target, generate_instance_uid=False)
     out = DicomBytesIO()
     out.is_little_endian = target.is_little_endian
     out.is_implicit_VR = target.is_implicit_VR
