@@ -53,6 +53,9 @@ class DicomInstance:
     series_instance_uid: str = ""
     size: int = 0
     owned: bool = False
+    #: ``(stamp, dataset)`` of a parse already done (:func:`harmony.dicom.files.parse_stamped`),
+    #: so the store does not parse the file again; ignored once the file changed.
+    parsed: object = attr.ib(default=None, eq=False, repr=False)
 
     def release(self) -> None:
         if self.owned:

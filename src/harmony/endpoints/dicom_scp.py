@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
@@ -29,7 +28,7 @@ from harmony.config.errors import OptionError
 from harmony.dicom import blocking, charset, net
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_to_json
-from harmony.dicom.files import Staging, check_complete, durable_move, read_instance, valid_uid
+from harmony.dicom.files import Staging, durable_move, parse_stamped, read_instance, valid_uid
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.ul import commands, datasets, storage
@@ -718,9 +717,12 @@ def _unlink(path) -> None:
 
 def _read_received(path, with_header: bool):
     """Validate a received Part-10 file (every element inside it) and describe it, with its
-    header as DICOM JSON when it goes on through the pipeline: one worker-thread hop per instance."""
-    instance = read_instance(path, ds=check_complete(path))
-    return instance, _header_json(path) if with_header else None
+    header as DICOM JSON when it goes on through the pipeline: one worker-thread hop and one
+    parse per instance (the parse rides on the instance, so the store does not parse again)."""
+    parsed = parse_stamped(path)
+    instance = read_instance(path, ds=parsed[1])
+    instance.parsed = parsed
+    return instance, _header_json(parsed[1]) if with_header else None
 
 
 def _pairs_listed(stream) -> list:
@@ -742,10 +744,20 @@ def _failed_list(uids, op: Operation) -> bytes | None:
     return datasets.encode(ds, op.transfer_syntax)
 
 
-def _header_json(path) -> dict:
-    """The stored dataset without pixel data, as DICOM JSON for middleware to read."""
-    ds = dcmread(path, stop_before_pixels=True)
-    return ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda _: "")
+#: The first of the pixel data elements, (7FE0,0008) Float Pixel Data: where pydicom's
+#: ``stop_before_pixels`` stops, and so where the header middleware sees ends.
+_PIXELS_FROM = 0x7FE00008
+
+
+def _header_json(ds) -> dict:
+    """The received dataset without pixel data (nor anything after it), as DICOM JSON for
+    middleware to read."""
+    header = Dataset()
+    for tag in sorted(ds.keys()):  # stop at the pixels without touching their (deferred) value
+        if tag >= _PIXELS_FROM:
+            break
+        header.add(ds[tag])
+    return header.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda _: "")
 
 
 def _text(value) -> str:

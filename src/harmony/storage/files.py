@@ -125,12 +125,13 @@ class TempFile:
                 self._fh.close()
                 self._fh = None
 
-    def commit(self, final: Path, stop: Path) -> None:
-        """Atomically move the (closed, synced) file to *final*; fsync its folder."""
+    def commit(self, final: Path, stop: Path, sync_folder: bool = True) -> None:
+        """Atomically move the (closed, synced) file to *final*; fsync its folder
+        unless the caller does that for a batch of files (*sync_folder* False)."""
         self.close()
         make_dirs(final.parent, stop)
         os.replace(self.path, final)
-        if self.fsync:
+        if self.fsync and sync_folder:
             fsync_dir(final.parent)
         self.committed = True
 
