@@ -34,6 +34,7 @@ from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomI
 from harmony.dicom.ul import commands, datasets, storage
 from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
 from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
+from harmony.dicom.ul.pdu import PDUError
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import server_options
 from harmony.envelope import RequestEnvelope, ResponseEnvelope, new_request_id
@@ -402,8 +403,8 @@ class ScpServices:
             transfer_syntax = str(assoc.contexts[context_id].transfer_syntax[0])
             try:
                 staging = self.endpoint.staging.ensure()
-                return datasets.PartTenSink(staging.new_path(), command, transfer_syntax,
-                                            self.endpoint.max_dataset_bytes, source_aet=assoc.calling_aet)
+                return HeldSink(staging.new_path(), command, transfer_syntax, self.endpoint.max_dataset_bytes,
+                                source_aet=assoc.calling_aet)
             except OSError as e:
                 log.error("dicom_scp {name}: cannot stage a C-STORE data set: {error}", name=self.endpoint.name,
                           error=e.strerror)
@@ -632,13 +633,20 @@ class ScpServices:
     async def on_store(self, op: Operation):
         """Durable in storage_dir and/or accepted downstream before Success."""
         endpoint = self.endpoint
-        path = op.message.dataset
+        received = op.message.dataset
         command = op.message.command
-        if path is None:       # the data set could not be staged (see dataset_sink)
+        if received is None:       # the data set could not be staged (see dataset_sink)
             await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
             return
+        path = received.path if isinstance(received, HeldDataset) else received
         try:
-            instance, header = await blocking.run(endpoint.reactor, _read_received, path, endpoint.forward_store)
+            instance, header = await blocking.run(endpoint.reactor, _read_received, received, endpoint.forward_store)
+        except StagingFailed as e:
+            _unlink(path)
+            log.error("dicom_scp {name}: cannot stage a C-STORE data set: {error}", name=endpoint.name,
+                      error=e.strerror)
+            await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
+            return
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
@@ -715,10 +723,88 @@ def _unlink(path) -> None:
         pass
 
 
-def _read_received(path, with_header: bool):
-    """Validate a received Part-10 file (every element inside it) and describe it, with its
-    header as DICOM JSON when it goes on through the pipeline: one worker-thread hop and one
-    parse per instance (the parse rides on the instance, so the store does not parse again)."""
+#: A C-STORE data set up to this size is held in memory while it arrives and written to its
+#: staging file by the worker thread that validates it, so the reactor never waits on the
+#: filesystem (creating a file blocks behind the journal while storage threads fsync); a larger
+#: one goes to its file as it arrives.  Memory: at most this much per association.
+HOLD_IN_MEMORY = 256 * 1024
+
+
+class StagingFailed(OSError):
+    """A held data set could not be written to its staging file (a full or broken disk)."""
+
+
+class HeldDataset:
+    """A received C-STORE data set not yet on disk: where it goes and its bytes."""
+
+    def __init__(self, path: Path, command: dict, transfer_syntax: str, source_aet: str, chunks: list):
+        self.path = Path(path)
+        self.command = command
+        self.transfer_syntax = transfer_syntax
+        self.source_aet = source_aet
+        self.chunks = chunks
+
+    def write_sync(self) -> Path:
+        """Write the Part-10 file (worker thread); the store fsyncs it when it files it."""
+        meta = datasets.file_meta_bytes(self.command.get("AffectedSOPClassUID", ""),
+                                        self.command.get("AffectedSOPInstanceUID", ""), self.transfer_syntax,
+                                        self.source_aet)
+        try:
+            with open(self.path, "xb") as f:
+                f.write(meta)
+                f.writelines(self.chunks)
+        except OSError as e:
+            raise StagingFailed(e.errno, e.strerror) from None
+        self.chunks = []
+        return self.path
+
+
+class HeldSink:
+    """A C-STORE data set kept in memory up to :data:`HOLD_IN_MEMORY` bytes (a
+    :class:`HeldDataset` when it ends), written to a Part-10 file as it arrives
+    beyond that (:class:`~harmony.dicom.ul.datasets.PartTenSink`)."""
+
+    def __init__(self, path: Path, command: dict, transfer_syntax: str, limit: int, source_aet: str = "",
+                 hold: int = HOLD_IN_MEMORY):
+        self.args = (path, command, transfer_syntax, limit, source_aet)
+        self.limit, self.hold = limit, hold
+        self.received = 0
+        self.chunks: list[bytes] = []
+        self.file_sink = None
+
+    def write(self, fragment) -> None:
+        if self.file_sink is not None:
+            self.file_sink.write(fragment)
+            return
+        self.received += len(fragment)
+        if self.received > self.limit:
+            raise PDUError(f"data set over the limit of {self.limit} bytes", reason=0x00)
+        self.chunks.append(bytes(fragment))
+        if self.received > self.hold:  # a large instance: to its file as it arrives
+            path, command, ts, limit, aet = self.args
+            self.file_sink = datasets.PartTenSink(path, command, ts, limit, source_aet=aet)
+            for chunk in self.chunks:
+                self.file_sink.write(chunk)
+            self.chunks = []
+
+    def close(self):
+        if self.file_sink is not None:
+            return self.file_sink.close()
+        path, command, ts, _, aet = self.args
+        return HeldDataset(path, command, ts, aet, self.chunks)
+
+    def abort(self) -> None:
+        if self.file_sink is not None:
+            self.file_sink.abort()
+        self.chunks = []
+
+
+def _read_received(received, with_header: bool):
+    """Write a held data set to its staging file, validate the Part-10 file (every element
+    inside it) and describe it, with its header as DICOM JSON when it goes on through the
+    pipeline: one worker-thread hop and one parse per instance (the parse rides on the
+    instance, so the store does not parse again)."""
+    path = received.write_sync() if isinstance(received, HeldDataset) else received
     parsed = parse_stamped(path)
     instance = read_instance(path, ds=parsed[1])
     instance.parsed = parsed

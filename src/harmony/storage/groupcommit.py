@@ -23,6 +23,7 @@ store's threads).
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 #: Instances per commit at most (a batch is one transaction: keep it short).
 MAX_BATCH = 128
@@ -72,11 +73,14 @@ class GroupCommit:
         running.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _committed(self, results, batch) -> None:
+        if len(results) != len(batch):  # a broken commit_batch must not leave callers waiting forever
+            self._failed(Failure(RuntimeError(f"{len(results)} results for {len(batch)} entries")), batch)
+            return
         self.batches += 1
         self.entries += len(batch)
         # Callers are told while _busy is still set: whatever their callbacks
         # submit joins the queue and goes into the next batch together.
-        for (_, d), result in zip(batch, results):
+        for (_, d), result in zip(batch, results, strict=True):
             d.callback(result)
         self._after()
 

@@ -59,8 +59,8 @@ from harmony.storage import queue as q
 from harmony.storage.blobs import BlobUnavailable
 from harmony.storage.database import SQLITE, SqliteDatabase
 from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
-from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
+from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.query import (
     IMAGE,
     STUDY_ROOT,
@@ -97,6 +97,8 @@ class Placed:
     size: int
     enqueue: tuple
     now: float | None
+    #: The source file itself was renamed into place (not copied).
+    moved: bool = False
 
 
 @attr.s(auto_attribs=True)
@@ -374,6 +376,10 @@ class InstanceStore:
             except ValueError:
                 pass
         self._stop_pool()  # joins the storage threads: every write has finished
+        c = self.committer
+        if c.entries:
+            log.info("storage {root}: {n} instance(s) committed in {batches} commit(s), largest {largest}",
+                     root=str(self.root), n=c.entries, batches=c.batches, largest=c.largest)
         if self._uncommitted:
             self._dirty = True  # placed files whose batch never ran: the next start indexes them
         self._mark_clean()
@@ -443,7 +449,9 @@ class InstanceStore:
             with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
                 tmp.copy_from(source)
                 tmp.commit(final, self.instances_dir, sync_folder=False)
-        return self._placed(header, final, size, enqueue, now)
+        placed = self._placed(header, final, size, enqueue, now)
+        placed.moved = move
+        return placed
 
     def _place_temp_sync(self, tmp: TempFile, enqueue, now) -> Placed:
         """Place a :class:`TempFile` already written (and closed) in ``tmp_dir``."""
@@ -660,7 +668,13 @@ class InstanceStore:
 
     def put_instance(self, instance: DicomInstance, *, enqueue=(), now=None) -> defer.Deferred:
         """File a :class:`DicomInstance`; an owned (staged) one is moved, not copied."""
-        d = self.put_file(instance.path, move=instance.owned, enqueue=enqueue, now=now, parsed=instance.parsed)
+        def placed(p: Placed) -> Placed:
+            if p.moved:
+                instance.owned = False  # its file is the store's now: nothing left to release
+            return p
+
+        d = self._ingest(self.run(self._place_file_sync, instance.path, instance.owned, enqueue, now,
+                                  instance.parsed).addCallback(placed))
 
         def done(stored):
             if instance.owned and Path(instance.path) != stored.path:
