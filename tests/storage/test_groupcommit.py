@@ -105,6 +105,24 @@ def test_a_failed_batch_fails_every_caller_in_it_and_nothing_acknowledged_before
     assert outcome["d"] == "durable:d"
 
 
+def test_an_inline_commit_of_a_lone_writer_makes_the_others_queue():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None)
+    assert gc.claim()        # idle: the storage thread commits its own instance
+    assert not gc.claim()    # one commit at a time
+    results = []
+    gc.submit("b").addCallback(results.append)
+    gc.submit("c").addCallback(results.append)
+    assert fake.batches == []  # waiting for the inline commit
+    gc.inline_done(True)
+    assert fake.batches == [["b", "c"]]
+    assert not gc.claim()    # that batch is running
+    fake.finish(0)
+    assert results == ["durable:b", "durable:c"]
+    assert (gc.batches, gc.entries) == (2, 3)
+    assert gc.claim()
+
+
 def test_batches_are_capped():
     fake = FakeThreads()
     gc = GroupCommit(fake.run, None, max_batch=3)
@@ -154,14 +172,14 @@ def hold_first_commit_until_all_placed(store, n):
         return result
 
     def commit(batch, **kw):
-        if not first:
+        if not first:  # the first instance, committed inline by its own storage thread
             first.append(batch)
             for _ in range(n):
                 assert placed.acquire(timeout=60)
         return real_commit(batch, **kw)
 
     store._place_file_sync = place
-    store.committer._commit_batch = commit
+    store._commit_placed_sync = commit
 
 
 @pytest_twisted.ensureDeferred

@@ -17,10 +17,15 @@ fails fails every caller in it (none of them was acknowledged) and nothing
 committed earlier is touched.
 
 Runs on the reactor; the batch itself runs wherever *run* sends it (the
-store's threads).
+store's commit thread).  A lone writer goes faster still: finding the
+committer idle, the storage thread that placed the instance commits it at once
+(:meth:`GroupCommit.claim`), saving a round trip through the reactor and
+another thread (on this busy 2-core machine each such hop cost milliseconds).
 """
 
 from __future__ import annotations
+
+import threading
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -35,6 +40,11 @@ class GroupCommit:
     ``run(fn, *args)`` returns a Deferred of ``fn(*args)`` (run on a storage
     thread); ``commit_batch(entries)`` makes every entry durable at once and
     returns one result per entry, in order, or raises to fail them all.
+
+    A writer already on a storage thread may :meth:`claim` an idle committer
+    and commit its own entry inline - the lone-writer case, which then skips a
+    round trip through the reactor - and reports with :meth:`inline_done`.
+    Everything else runs on the reactor.
     """
 
     def __init__(self, run, commit_batch, *, max_batch: int = MAX_BATCH):
@@ -43,6 +53,8 @@ class GroupCommit:
         self.max_batch = max_batch
         self._queue: list[tuple[object, defer.Deferred]] = []
         self._busy = False
+        #: Guards _busy and the queue's emptiness against claim() from a storage thread.
+        self._lock = threading.Lock()
         #: Committed batches, committed entries, failed batches, largest batch (metrics and tests).
         self.batches = 0
         self.entries = 0
@@ -54,17 +66,40 @@ class GroupCommit:
         """A commit is in flight or entries are waiting for one."""
         return self._busy or bool(self._queue)
 
+    def claim(self) -> bool:
+        """(Any thread.) True if no commit is running or waiting: the caller then
+        commits its entry itself and must call :meth:`inline_done` on the reactor
+        afterwards; meanwhile submissions queue for the next batch."""
+        with self._lock:
+            if self._busy or self._queue:
+                return False
+            self._busy = True
+            return True
+
+    def inline_done(self, ok: bool) -> None:
+        """(Reactor.) The claimed, inline commit of one entry is over."""
+        if ok:
+            self.batches += 1
+            self.entries += 1
+            self.largest = max(self.largest, 1)
+        else:
+            self.failed_batches += 1
+        self._after()
+
     def submit(self, entry) -> defer.Deferred:
         """Queue *entry*; fires with its result once its batch has committed."""
         d = defer.Deferred()
-        self._queue.append((entry, d))
-        if not self._busy:
+        with self._lock:
+            self._queue.append((entry, d))
+            start = not self._busy
+            self._busy = True
+        if start:
             self._commit_next()
         return d
 
     def _commit_next(self) -> None:
-        batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-        self._busy = True
+        with self._lock:
+            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
         self.largest = max(self.largest, len(batch))
         try:
             running = self._run(self._commit_batch, [entry for entry, _ in batch])
@@ -91,6 +126,8 @@ class GroupCommit:
         self._after()
 
     def _after(self) -> None:
-        self._busy = False
-        if self._queue:
+        with self._lock:
+            more = bool(self._queue)
+            self._busy = more
+        if more:
             self._commit_next()

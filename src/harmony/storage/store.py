@@ -46,6 +46,7 @@ from pathlib import Path
 import attr
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 
@@ -99,6 +100,15 @@ class Placed:
     now: float | None
     #: The source file itself was renamed into place (not copied).
     moved: bool = False
+
+
+@attr.s(auto_attribs=True, slots=True)
+class _Inline:
+    """A placed instance its own storage thread committed (the committer was idle)."""
+
+    placed: Placed
+    result: DicomInstance | None = None
+    failure: Failure | None = None
 
 
 @attr.s(auto_attribs=True)
@@ -155,6 +165,9 @@ class InstanceStore:
         self._conn_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
+        #: Group commits run on a thread of their own: queued behind placements on the
+        #: pool (FIFO), a commit would wait for every placement ahead of it.
+        self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
         self._shutdown_trigger = None
         self._refs = 0
         self.closed = False
@@ -170,7 +183,7 @@ class InstanceStore:
         self._uncommitted = 0
         self._placed_lock = threading.Lock()
         #: Concurrent ingests share fsync rounds and index transactions (see harmony.storage.groupcommit).
-        self.committer = GroupCommit(self.run, self._commit_placed_sync)
+        self.committer = GroupCommit(self.run_commit, lambda batch: self._commit_placed_sync(batch))
 
     # ------------------------------------------------------------------ threads and connections
 
@@ -336,6 +349,13 @@ class InstanceStore:
 
     def run(self, fn, *args, **kwargs) -> defer.Deferred:
         """Run blocking ``fn`` on the store's thread pool."""
+        return self._run_on(self.pool, fn, args, kwargs)
+
+    def run_commit(self, fn, *args) -> defer.Deferred:
+        """Run a group commit on the store's commit thread."""
+        return self._run_on(self.commit_pool, fn, args, {})
+
+    def _run_on(self, pool: ThreadPool, fn, args, kwargs) -> defer.Deferred:
         if self.closed:
             # Never restart the pool of a closed store: its threads would outlive
             # it, and the shutdown trigger would stop a pool already stopped.
@@ -348,7 +368,9 @@ class InstanceStore:
                 self._upload_loop = task.LoopingCall(self.upload_soon)
                 self._upload_loop.clock = self.reactor
                 self.reactor.callLater(0, self._upload_loop.start, self.upload_interval, now=True)
-        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+        if not self.commit_pool.started:
+            self.commit_pool.start()
+        return deferToThreadPool(self.reactor, pool, fn, *args, **kwargs)
 
     def write(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.write_sync, fn, *args, **kwargs)
@@ -361,7 +383,9 @@ class InstanceStore:
 
     def _stop_pool(self):
         if self.pool.started:
-            self.pool.stop()
+            self.pool.stop()  # placements first: what they placed may still queue a commit
+        if self.commit_pool.started:
+            self.commit_pool.stop()
 
     def close(self) -> None:
         """Stop the threads and close every connection (idempotent)."""
@@ -659,22 +683,39 @@ class InstanceStore:
 
         return d.addCallbacks(ok, refused)
 
+    def _place_sync(self, place, *args):
+        """Place an instance (storage thread); commit it here and now if the
+        committer is idle (the lone writer), else hand it to the next batch."""
+        placed = place(*args)
+        if not self.committer.claim():
+            return placed
+        try:
+            return _Inline(placed, self._commit_placed_sync([placed])[0])
+        except Exception:  # noqa: BLE001 - reported on the reactor, after the claim is released
+            return _Inline(placed, failure=Failure())
+
     def _ingest(self, placing: defer.Deferred) -> defer.Deferred:
         """Commit what *placing* placed with whatever else is waiting (group commit)."""
-        return self._count(placing.addCallback(self.committer.submit))
+        def commit(outcome):
+            if not isinstance(outcome, _Inline):
+                return self.committer.submit(outcome)
+            self.committer.inline_done(outcome.failure is None)
+            return outcome.failure if outcome.failure is not None else outcome.result
+
+        return self._count(placing.addCallback(commit))
 
     def put_file(self, source, *, move=False, enqueue=(), now=None, parsed=None) -> defer.Deferred:
-        return self._ingest(self.run(self._place_file_sync, source, move, enqueue, now, parsed))
+        return self._ingest(self.run(self._place_sync, self._place_file_sync, source, move, enqueue, now, parsed))
 
     def put_instance(self, instance: DicomInstance, *, enqueue=(), now=None) -> defer.Deferred:
         """File a :class:`DicomInstance`; an owned (staged) one is moved, not copied."""
-        def placed(p: Placed) -> Placed:
-            if p.moved:
+        def placed(outcome):
+            if (outcome.placed if isinstance(outcome, _Inline) else outcome).moved:
                 instance.owned = False  # its file is the store's now: nothing left to release
-            return p
+            return outcome
 
-        d = self._ingest(self.run(self._place_file_sync, instance.path, instance.owned, enqueue, now,
-                                  instance.parsed).addCallback(placed))
+        d = self._ingest(self.run(self._place_sync, self._place_file_sync, instance.path, instance.owned, enqueue,
+                                  now, instance.parsed).addCallback(placed))
 
         def done(stored):
             if instance.owned and Path(instance.path) != stored.path:
@@ -684,7 +725,7 @@ class InstanceStore:
         return d.addCallback(done)
 
     def put_bytes(self, data: bytes, *, enqueue=(), now=None) -> defer.Deferred:
-        return self._ingest(self.run(self._place_bytes_sync, bytes(data), enqueue, now))
+        return self._ingest(self.run(self._place_sync, self._place_bytes_sync, bytes(data), enqueue, now))
 
     def put_producer(self, producer, *, enqueue=(), now=None) -> defer.Deferred:
         """Stream an ``IBodyProducer`` (a Part-10 body) into the store.
@@ -702,7 +743,7 @@ class InstanceStore:
                 return self._count(defer.fail())
         consumer = ThreadedFileConsumer(self)
         d = consumer.consume(producer)
-        d.addCallback(lambda tmp: self.run(self._place_temp_sync, tmp, enqueue, now))
+        d.addCallback(lambda tmp: self.run(self._place_sync, self._place_temp_sync, tmp, enqueue, now))
         return self._ingest(d)
 
     # ------------------------------------------------------------------ queries
