@@ -25,6 +25,16 @@ RECHECK_EVERY = 16 * 1024 * 1024
 fsync_dir = fsync_file = fsync_path
 
 
+def fdatasync_file(path: Path) -> None:
+    """A file's data and size on disk (what a later rename needs; its name is made
+    durable by the folder fsync, and timestamps need not be)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def make_dirs(path: Path, stop: Path) -> None:
     """``mkdir -p`` that fsyncs each parent it adds an entry to (below *stop*)."""
     missing = []
@@ -118,7 +128,7 @@ class TempFile:
             try:
                 self._fh.flush()
                 if self.fsync:
-                    os.fsync(self._fh.fileno())
+                    os.fdatasync(self._fh.fileno())  # data and size: the folder fsync makes the name durable
             except OSError as e:
                 raise _io_error(e) from None
             finally:
@@ -166,4 +176,4 @@ def clear_temp(folder: Path) -> int:
     return n
 
 
-__all__ = ["SpaceGuard", "TempFile", "fsync_dir", "fsync_file", "make_dirs", "clear_temp"]
+__all__ = ["SpaceGuard", "TempFile", "fdatasync_file", "fsync_dir", "fsync_file", "make_dirs", "clear_temp"]

@@ -60,7 +60,7 @@ from harmony.storage import queue as q
 from harmony.storage.blobs import BlobUnavailable
 from harmony.storage.database import SQLITE, SqliteDatabase
 from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
-from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
+from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fdatasync_file, fsync_dir, fsync_file, make_dirs
 from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.query import (
     IMAGE,
@@ -464,7 +464,7 @@ class InstanceStore:
         if move:
             try:
                 if self.fsync:
-                    fsync_file(source)
+                    fdatasync_file(source)
                 make_dirs(final.parent, self.instances_dir)
                 os.replace(source, final)
             except OSError:
