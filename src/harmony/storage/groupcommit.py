@@ -88,7 +88,7 @@ class GroupCommit:
 
     def submit(self, entry) -> defer.Deferred:
         """Queue *entry*; fires with its result once its batch has committed."""
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         with self._lock:
             self._queue.append((entry, d))
             start = not self._busy
