@@ -238,6 +238,13 @@ def goal_rows(label: str, t_o, t_h, ratios, n, nbytes, goal: float):
           f"{'met' if ratio >= goal else 'MISSED'})")
 
 
+def cstore_goal(tmp: Path, name: str, rounds: int, send, n: int, nbytes: int):
+    """A C-STORE goal row: ``send(port, called_aet)`` to Orthanc and to Harmony, interleaved."""
+    t_o, t_h, ratios = interleaved(tmp, name, rounds, lambda o: send(o.dicom_port, o.aet),
+                                   lambda h: send(h.dimse_port, "HARMONY"), n)
+    goal_rows(("C-STORE", "dicom_scp -> local_archive"), t_o, t_h, ratios, n, nbytes, 1.0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", type=int, default=600)
@@ -283,18 +290,13 @@ def main():
                 scp.terminate()
                 scp.wait(30)
             row("DCMTK storescp (files, no fsync; reference)", t_storescp, n, nbytes)
-            t_o, t_h, ratios = interleaved(tmp, "dimse1", args.rounds,
-                                           lambda o: storescu(o.dicom_port, o.aet, data),
-                                           lambda h: storescu(h.dimse_port, "HARMONY", data), n)
-            goal_rows(("C-STORE", "dicom_scp -> local_archive"), t_o, t_h, ratios, n, nbytes, 1.0)
+            cstore_goal(tmp, "dimse1", args.rounds, lambda port, aet: storescu(port, aet, data), n, nbytes)
 
         if "dimse4" in only:
             print(f"\nDIMSE C-STORE, DCMTK storescu, {args.clients} associations at once, durable, into local_archive")
             folders = split_folder(files, tmp / "split", args.clients)
-            t_o, t_h, ratios = interleaved(tmp, "dimse4", args.rounds,
-                                           lambda o: storescu_parallel(o.dicom_port, o.aet, folders),
-                                           lambda h: storescu_parallel(h.dimse_port, "HARMONY", folders), n)
-            goal_rows(("C-STORE", "dicom_scp -> local_archive"), t_o, t_h, ratios, n, nbytes, 1.0)
+            cstore_goal(tmp, "dimse4", args.rounds, lambda port, aet: storescu_parallel(port, aet, folders), n,
+                        nbytes)
 
         if "http" in only:
             print(f"\nHTTP POST application/dicom, {args.clients} keep-alive clients, into store_forward (one round)")
