@@ -89,27 +89,3 @@ def test_harmony_errors_map_to_dimse_statuses(error, op, status):
     resp = ep.error_response(err, RequestEnvelope(metadata={"dimse_op": op}))
     assert resp.state.dimse_status == status and resp.metadata["dimse_status"] == f"0x{status:04X}"
     assert resp.status == err.status
-
-
-@pytest.mark.parametrize("sop_class,sop,ts,aet", [
-    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1", "STORESCU"),   # even UID, even AE
-    ("1.2.3", "1.2.34", "1.2.840.10008.1.2", None),                              # odd UIDs padded, no AE
-    ("1.2.3", "1.2.3", "1.2.840.10008.1.2.4.50", "ODD"),                          # odd AE padded with a space
-])
-def test_received_file_meta_is_what_pydicom_writes(sop_class, sop, ts, aet):
-    """The hand-encoded group 0002 of a received C-STORE file equals pydicom's, byte for byte."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-
-    from harmony.dicom.ul.association import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
-    from harmony.dicom.ul.datasets import file_meta_bytes
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = sop_class, sop, ts
-    meta.ImplementationClassUID, meta.ImplementationVersionName = IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
-    if aet:
-        meta.SourceApplicationEntityTitle = aet
-    expected = DicomBytesIO()
-    expected.is_little_endian, expected.is_implicit_VR = True, False
-    write_file_meta_info(expected, meta, enforce_standard=True)
-    assert file_meta_bytes(sop_class, sop, ts, aet) == b"\0" * 128 + b"DICM" + expected.getvalue()

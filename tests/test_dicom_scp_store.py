@@ -1,10 +1,9 @@
-"""The C-STORE path of ``dicom_scp``: how a received data set is staged, and what
+"""The C-STORE path of ``dicom_scp`` into a store: one parse per instance, and what
 a sender hears when the durable write fails.
 
-- :class:`HeldSink` keeps a small data set in memory (the worker thread that
-  validates it writes the staging file, never the reactor) and streams a large
-  one to its file as it arrives; either way the file is the same Part-10 bytes
-  :class:`PartTenSink` writes, and the size limit holds.
+- The received file is parsed once: validation, the header JSON middleware reads
+  (equal to pydicom's ``stop_before_pixels`` reading) and the store's index header
+  all come from that parse, handed on with the instance (``DicomInstance.parsed``).
 - DCMTK ``storescu`` -> ``dicom_scp`` -> ``local_archive`` with the store's index
   commit failing: each instance is answered 0x0110 (Processing Failure), nothing
   is indexed, and instances acknowledged before are untouched (that a failed
@@ -13,83 +12,29 @@ a sender hears when the durable write fails.
 
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
+from pydicom import dcmread
 from twisted.internet import defer
 
-from harmony.dicom.ul.datasets import PartTenSink
-from harmony.dicom.ul.pdu import PDUError
-from harmony.endpoints.dicom_scp import HeldDataset, HeldSink, StagingFailed, _read_received
+from harmony.endpoints.dicom_scp import _read_received
 from harmony.storage.errors import StorageFailure
-from tests.dicom_data import make_instance, save
 from tests.harness import start_harmony
 from tests.sf_helpers import make_instances
 from tests.test_archive_dimse import config
 from tests.test_dicom_scp import SCP_AET, run
 
-COMMAND = {"AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "AffectedSOPInstanceUID": "1.2.826.0.1.3680043.10.543.9"}
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
-
-def dataset_body(tmp_path, size: int) -> bytes:
-    """The data set part (after group 0002) of a synthetic instance with *size* x *size* pixels."""
-    ds = make_instance(sop_uid=COMMAND["AffectedSOPInstanceUID"], rows=size, cols=size)
-    whole = save(ds, tmp_path / f"src-{size}.dcm").read_bytes()
-    group_length = int.from_bytes(whole[140:144], "little")  # (0002,0000) after preamble, DICM, tag, VR, length
-    return whole[144 + group_length:]
-
-
-def feed(sink, body: bytes, fragment: int = 16000):
-    for i in range(0, len(body), fragment):
-        sink.write(memoryview(body)[i:i + fragment])
-    return sink.close()
-
-
-def reference(tmp_path, body: bytes) -> bytes:
-    return feed(PartTenSink(tmp_path / "ref.dcm", COMMAND, EXPLICIT_LE, 1 << 30, source_aet="STORESCU"),
-                body).read_bytes()
-
-
-def test_a_small_data_set_waits_in_memory_for_the_worker(tmp_path):
-    body = dataset_body(tmp_path, 32)
-    staged = tmp_path / "staged.dcm"
-    held = feed(HeldSink(staged, COMMAND, EXPLICIT_LE, 1 << 30, source_aet="STORESCU", hold=64 * 1024), body)
-    assert isinstance(held, HeldDataset)
-    assert not staged.exists()  # nothing touched the filesystem on the way in
-    instance, header = _read_received(held, True)  # the worker's hop: write, then one parse
-    assert staged.read_bytes() == reference(tmp_path, body)
-    assert instance.sop_instance_uid == COMMAND["AffectedSOPInstanceUID"]
-    assert instance.parsed is not None and header["00080018"]["Value"] == [COMMAND["AffectedSOPInstanceUID"]]
-
-
-def test_a_large_data_set_goes_to_its_file_as_it_arrives(tmp_path):
-    body = dataset_body(tmp_path, 256)  # 128 KiB of pixels
-    staged = tmp_path / "staged.dcm"
-    sink = HeldSink(staged, COMMAND, EXPLICIT_LE, 1 << 30, source_aet="STORESCU", hold=64 * 1024)
-    sink.write(body[:32 * 1024])
-    assert not staged.exists()
-    sink.write(body[32 * 1024:80 * 1024])
-    assert staged.exists() and sink.chunks == []  # spilled: memory holds no more than the hold
-    sink.write(body[80 * 1024:])
-    assert sink.close() == staged
-    assert staged.read_bytes() == reference(tmp_path, body)
-
-
-@pytest.mark.parametrize("hold", [1 << 20, 1024])
-def test_the_size_limit_holds_in_memory_and_on_disk(tmp_path, hold):
-    staged = tmp_path / "staged.dcm"
-    sink = HeldSink(staged, COMMAND, EXPLICIT_LE, 4096, hold=hold)
-    sink.write(b"\0" * 4000)
-    with pytest.raises(PDUError):
-        sink.write(b"\0" * 200)
-    sink.abort()
-    assert not staged.exists()
-
-
-def test_a_held_data_set_that_cannot_be_written_is_a_staging_failure(tmp_path):
-    held = feed(HeldSink(tmp_path / "gone" / "staged.dcm", COMMAND, EXPLICIT_LE, 1 << 30), b"\0" * 100)
-    with pytest.raises(StagingFailed):
-        _read_received(held, False)
+def test_a_received_instance_is_parsed_once_and_its_parse_rides_along(tmp_path):
+    [path] = make_instances(tmp_path / "in", 1, 48, patient_id="ONCE")
+    ds = dcmread(path, stop_before_pixels=True)
+    command = {"AffectedSOPInstanceUID": str(ds.SOPInstanceUID), "AffectedSOPClassUID": str(ds.SOPClassUID)}
+    instance, header, refusal = _read_received(path, True, command)
+    assert refusal is None
+    assert header == ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda _: "")
+    stamp, parsed = instance.parsed
+    assert stamp[0] == str(path) and parsed.SOPInstanceUID == ds.SOPInstanceUID
+    _, no_header, _ = _read_received(path, False, command)
+    assert no_header is None
 
 
 @pytest_twisted.ensureDeferred

@@ -151,8 +151,9 @@ open_secs = 0.5
 class Harmony(HarmonyProcess):
     """Harmony under twistd: HTTP ingest (and C-STORE when this build has dicom_scp) -> store_forward."""
 
-    def __init__(self, folder: Path, orthanc_url: str, dimse: bool, backend: str = "sf"):
+    def __init__(self, folder: Path, orthanc_url: str, dimse: bool, backend: str = "sf", workers: int = 1):
         folder.mkdir(parents=True, exist_ok=True)
+        self.workers = workers
         self.http_port = free_port()
         self.dimse_port = free_port() if dimse else None
         super().__init__(folder, [p for p in (self.http_port, self.dimse_port) if p])
@@ -164,6 +165,18 @@ class Harmony(HarmonyProcess):
                                                  backoff_max_seconds = 0.5
                                                  max_attempts = 1000000
                                                  concurrency = 8""")))
+        if workers > 1:
+            # Info level, to see the workers come up; nothing is logged per instance at info.
+            text = self.config.read_text().replace('log_level = "warn"', f'log_level = "info"\nworkers = {workers}')
+            self.config.write_text(text)
+
+    def start(self):
+        super().start()
+        if self.workers > 1:
+            log = self.folder / f"twistd-{self.starts}.log"
+            wait_for(lambda: log.read_text(errors="replace").count(") serving ") >= self.workers - 1, 60,
+                     "every worker serving", self.proc)
+        return self
 
     def count(self, state: str) -> int:
         import sqlite3
@@ -201,7 +214,7 @@ def row(name, seconds, n, nbytes, ref=None):
     return rate
 
 
-def interleaved(tmp: Path, name: str, rounds: int, orthanc_run, harmony_run, n: int) -> tuple:
+def interleaved(tmp: Path, name: str, rounds: int, orthanc_run, harmony_run, n: int, workers: int = 1) -> tuple:
     """Run Orthanc and Harmony (``local_archive``) *rounds* times each, alternating which
     goes first, fresh folders every time; returns (orthanc seconds, harmony seconds, ratios)."""
     t_o, t_h, ratios = [], [], []
@@ -216,7 +229,8 @@ def interleaved(tmp: Path, name: str, rounds: int, orthanc_run, harmony_run, n: 
                 finally:
                     orthanc.stop()
             else:
-                harmony = Harmony(tmp / f"harmony-{name}-{r}", "http://127.0.0.1:9", dimse=True, backend="archive")
+                harmony = Harmony(tmp / f"harmony-{name}-{r}", "http://127.0.0.1:9", dimse=True, backend="archive",
+                                  workers=workers)
                 harmony.start()
                 try:
                     pair[who] = harmony_run(harmony)
@@ -238,11 +252,12 @@ def goal_rows(label: str, t_o, t_h, ratios, n, nbytes, goal: float):
           f"{'met' if ratio >= goal else 'MISSED'})")
 
 
-def cstore_goal(tmp: Path, name: str, rounds: int, send, n: int, nbytes: int):
+def cstore_goal(tmp: Path, name: str, rounds: int, send, n: int, nbytes: int, workers: int = 1):
     """A C-STORE goal row: ``send(port, called_aet)`` to Orthanc and to Harmony, interleaved."""
     t_o, t_h, ratios = interleaved(tmp, name, rounds, lambda o: send(o.dicom_port, o.aet),
-                                   lambda h: send(h.dimse_port, "HARMONY"), n)
-    goal_rows(("C-STORE", "dicom_scp -> local_archive"), t_o, t_h, ratios, n, nbytes, 1.0)
+                                   lambda h: send(h.dimse_port, "HARMONY"), n, workers)
+    label = "dicom_scp -> local_archive" + (f", workers = {workers}" if workers > 1 else "")
+    goal_rows(("C-STORE", label), t_o, t_h, ratios, n, nbytes, 1.0)
 
 
 def main():
@@ -297,6 +312,8 @@ def main():
             folders = split_folder(files, tmp / "split", args.clients)
             cstore_goal(tmp, "dimse4", args.rounds, lambda port, aet: storescu_parallel(port, aet, folders), n,
                         nbytes)
+            cstore_goal(tmp, "dimse4w2", args.rounds, lambda port, aet: storescu_parallel(port, aet, folders), n,
+                        nbytes, workers=2)
 
         if "http" in only:
             print(f"\nHTTP POST application/dicom, {args.clients} keep-alive clients, into store_forward (one round)")
