@@ -11,6 +11,7 @@ Plain synchronous tests: they drive processes, not the reactor.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import random
@@ -37,7 +38,7 @@ max_attempts = 1000000"""
 class Rig:
     """Orthanc (down until :meth:`target_up`) and a Harmony process forwarding to it."""
 
-    def __init__(self, tmp_path, protocol: str):
+    def __init__(self, tmp_path, protocol: str, n: int = N_INSTANCES):
         seed = int(os.environ.get("HARMONY_CRASH_SEED", "0")) or random.randrange(1, 2**31)
         print(f"kill points from HARMONY_CRASH_SEED={seed}")  # shown on failure: rerun with it to reproduce
         self.rnd = random.Random(seed)
@@ -63,7 +64,7 @@ class Rig:
             ports = [self.http_port]
         (self.folder / "harmony.toml").write_text(text)
         self.harmony = HarmonyProcess(self.folder, ports)
-        self.files = make_instances(tmp_path / "in", N_INSTANCES, 66, patient_id="CRASH", series=5, size=8)
+        self.files = make_instances(tmp_path / "in", n, 66, patient_id="CRASH", series=5, size=8)
         self.sops = {str(p): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.files}
 
     def kill_soon(self, within: float):
@@ -155,30 +156,56 @@ def storescu(port: int, files) -> list[tuple[str, bool]]:
     return [(f, ok) for f, ok in tried]
 
 
+def storescu_until_all_acked(rig, associations: int, kill_rounds: int, within: float) -> tuple[set, set]:
+    """Send every file on *associations* concurrent storescu runs, round after round (a
+    modality resends what got no Success), killing Harmony at a random moment within
+    *within* seconds of each of the first *kill_rounds* rounds; (acknowledged, sent) SOPs."""
+    acked, sent = set(), set()
+    remaining = [str(p) for p in rig.files]
+    rounds = 0
+    while remaining:
+        rounds += 1
+        killing = rounds <= kill_rounds
+        if killing:
+            rig.kill_soon(within)
+        shares = [remaining[i::associations] for i in range(associations)]
+        with concurrent.futures.ThreadPoolExecutor(associations) as pool:
+            outcomes = [o for share in pool.map(lambda s: storescu(rig.dimse_port, s), shares) for o in share]
+        for f, ok in outcomes:
+            sent.add(rig.sops[f])
+            if ok:
+                acked.add(rig.sops[f])
+        remaining = [f for f in remaining if rig.sops[f] not in acked]
+        if killing:
+            rig.harmony.proc.wait(30)  # the kill timer may still be pending
+            rig.harmony.start()
+        assert rounds < 20, "storescu made no progress"
+    return acked, sent
+
+
 def test_storescu_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path):
     """The issue's crash test over DIMSE: a modality (storescu) resends what got no Success."""
     rig = Rig(tmp_path, "dimse")
-    acked, sent = set(), set()
-    remaining = [str(p) for p in rig.files]
     try:
         rig.harmony.start()
-        rounds = 0
-        while remaining:
-            rounds += 1
-            killing = rounds <= KILLS_DURING_INGEST
-            if killing:
-                rig.kill_soon(1.5)
-            for f, ok in storescu(rig.dimse_port, remaining):
-                sent.add(rig.sops[f])
-                if ok:
-                    acked.add(rig.sops[f])
-            remaining = [f for f in remaining if rig.sops[f] not in acked]
-            if killing:
-                rig.harmony.proc.wait(30)  # the kill timer may still be pending
-                rig.harmony.start()
-            assert rounds < 20, "storescu made no progress"
+        acked, sent = storescu_until_all_acked(rig, 1, KILLS_DURING_INGEST, 1.5)
         assert len(acked) == N_INSTANCES
         assert rig.harmony.starts >= 2  # at least one kill while storescu was sending
+        rig.target_up_and_kill_while_draining()
+        rig.check(acked, sent)
+    finally:
+        rig.close()
+
+
+def test_concurrent_associations_killed_at_random_points_lose_nothing_acknowledged(tmp_path):
+    """Four associations at once, so instances are committed in shared batches (group
+    commit): a kill -9 inside a batch loses nothing any association heard Success for."""
+    n = 240
+    rig = Rig(tmp_path, "dimse", n=n)
+    try:
+        rig.harmony.start()
+        acked, sent = storescu_until_all_acked(rig, 4, 2, 1.0)
+        assert len(acked) == n
         rig.target_up_and_kill_while_draining()
         rig.check(acked, sent)
     finally:

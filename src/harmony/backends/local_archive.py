@@ -69,6 +69,10 @@ def results_response(stream: ResultStream) -> ResponseEnvelope:
 
 
 class LocalArchiveBackend(Backend):
+    #: C-STORE: the instance is filed from its file; the header JSON a DIMSE endpoint
+    #: could make for middleware (``request.normalized``) is never read here.
+    reads_store_header = False
+
     def __init__(self, name: str, store):
         super().__init__(name)
         self.store = store

@@ -74,6 +74,9 @@ def _fraction(opts: Options, key: str, default: float) -> float:
 
 
 class StoreForwardBackend(Backend):
+    #: Like local_archive's: a C-STORE's ``request.normalized`` is never read (the file is queued).
+    reads_store_header = False
+
     def __init__(self, name: str, store, targets: list[TargetSettings], **service_options):
         super().__init__(name)
         self.store = store

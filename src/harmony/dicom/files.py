@@ -147,6 +147,21 @@ class CorruptDataset(ValueError):
     pass
 
 
+def stamp_of(path) -> tuple:
+    """What tells cheaply whether a file is still the one parsed: its name, size,
+    modification time and inode (a rename, a rewrite or a replacement changes it)."""
+    st = os.stat(path)
+    return (os.fspath(Path(path)), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def parse_stamped(path: Path) -> tuple:
+    """``(stamp, dataset)``: :func:`check_complete` of *path* with the stamp it had
+    before the parse, so a parse can be handed on (``DicomInstance.parsed``) and
+    reused only while the file is unchanged."""
+    stamp = stamp_of(path)
+    return stamp, check_complete(path)
+
+
 def check_complete(path: Path):
     """Raise :class:`CorruptDataset` unless every element of the file fits in it;
     return the parsed dataset (large values deferred, not loaded).

@@ -70,6 +70,9 @@ class DicomInstance:
     #: Its InstanceNumber (0 when it has none), sent with ``metadata_json``:
     #: what a metadata answer is sorted by, without parsing the text.
     instance_number: int = 0
+    #: ``(stamp, dataset)`` of a parse already done (:func:`harmony.dicom.files.parse_stamped`),
+    #: so the store does not parse the file again; ignored once the file changed.
+    parsed: object = attr.ib(default=None, eq=False, repr=False)
 
     def release(self) -> None:
         if self.owned:

@@ -27,7 +27,6 @@ import copy
 import json
 import os
 
-from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -35,6 +34,7 @@ from twisted.web.http_headers import Headers
 
 from harmony.dicom import status as dimse
 from harmony.dicom import transfer
+from harmony.dicom.files import parse_stamped, read_instance
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DICOM_JSON, RESULTS_AS, DicomInstance
 from harmony.dicom.status import is_failure
@@ -503,19 +503,14 @@ class DicomWebBridge(Middleware):
 
 
 def _describe(path) -> DicomInstance:
-    ds = dcmread(path, stop_before_pixels=True,
-                 specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
-    meta = ds.file_meta
-    sop_class = ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")
-    sop_instance = ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")
-    return DicomInstance(path=path, sop_class_uid=str(sop_class), sop_instance_uid=str(sop_instance),
-                         transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
-                         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-                         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-                         size=os.path.getsize(path),
-                         # The part's file is ours alone: a store may move it into place
-                         # rather than copy it (the part's release tolerates it gone).
-                         owned=True)
+    """The part's header, checked whole once (every element inside the file); the parse rides
+    on the instance so a store behind the bridge does not parse the part again."""
+    parsed = parse_stamped(path)
+    # The part's file is ours alone: a store may move it into place rather than
+    # copy it (the part's release tolerates it gone).
+    instance = read_instance(path, owned=True, ds=parsed[1])
+    instance.parsed = parsed
+    return instance
 
 
 #: STOW part files older than this are leftovers of a crash (a live request's

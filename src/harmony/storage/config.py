@@ -109,7 +109,8 @@ def database_from_options(index: str, opts: Options, threads: int, node: str = "
             password = read_password_file(password_file)
         except OSError as e:
             raise OptionError("password_file", f"cannot read {password_file}: {e.strerror}") from None
-    return PostgresDatabase(dsn, password=password, max_connections=threads + SPARE_CONNECTIONS,
+    # One connection per storage thread, the commit thread's, and the spares.
+    return PostgresDatabase(dsn, password=password, max_connections=threads + 1 + SPARE_CONNECTIONS,
                             application_name=f"harmony {node}".strip()[:63])
 
 

@@ -25,6 +25,16 @@ RECHECK_EVERY = 16 * 1024 * 1024
 fsync_dir = fsync_file = fsync_path
 
 
+def fdatasync_file(path: Path) -> None:
+    """A file's data and size on disk (what a later rename needs; its name is made
+    durable by the folder fsync, and timestamps need not be)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def make_dirs(path: Path, stop: Path) -> None:
     """``mkdir -p`` that fsyncs each parent it adds an entry to (below *stop*)."""
     missing = []
@@ -118,19 +128,20 @@ class TempFile:
             try:
                 self._fh.flush()
                 if self.fsync:
-                    os.fsync(self._fh.fileno())
+                    os.fdatasync(self._fh.fileno())  # data and size: the folder fsync makes the name durable
             except OSError as e:
                 raise _io_error(e) from None
             finally:
                 self._fh.close()
                 self._fh = None
 
-    def commit(self, final: Path, stop: Path) -> None:
-        """Atomically move the (closed, synced) file to *final*; fsync its folder."""
+    def commit(self, final: Path, stop: Path, sync_folder: bool = True) -> None:
+        """Atomically move the (closed, synced) file to *final*; fsync its folder
+        unless the caller does that for a batch of files (*sync_folder* False)."""
         self.close()
         make_dirs(final.parent, stop)
         os.replace(self.path, final)
-        if self.fsync:
+        if self.fsync and sync_folder:
             fsync_dir(final.parent)
         self.committed = True
 
@@ -165,4 +176,4 @@ def clear_temp(folder: Path) -> int:
     return n
 
 
-__all__ = ["SpaceGuard", "TempFile", "fsync_dir", "fsync_file", "make_dirs", "clear_temp"]
+__all__ = ["SpaceGuard", "TempFile", "fdatasync_file", "fsync_dir", "fsync_file", "make_dirs", "clear_temp"]

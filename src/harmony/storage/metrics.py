@@ -72,6 +72,9 @@ class StoreForwardCollector:
                                      labels=["store"])
         refused = CounterMetricFamily("harmony_storage_instances_refused",
                                       "Instances refused by the store, by reason", labels=["store", "reason"])
+        commits = CounterMetricFamily("harmony_storage_commits",
+                                      "Index commits of ingested instances (group commit: one covers every "
+                                      "instance placed while the previous one ran)", labels=["store"])
         seen_stores = set()
         stores = [svc.store for svc in self.services] + self.stores
         for svc in self.services:
@@ -114,6 +117,9 @@ class StoreForwardCollector:
                 pass
             floor.add_metric([label], store.guard.min_free_bytes)
             stored.add_metric([label], store.counters.get("stored", 0))
+            committer = getattr(store, "committer", None)
+            if committer is not None:
+                commits.add_metric([label], committer.batches)
             for reason in ("full", "invalid", "failed"):
                 refused.add_metric([label, reason], store.counters.get(f"refused_{reason}", 0))
         for svc in self.services:
@@ -122,7 +128,7 @@ class StoreForwardCollector:
             if "dead_tuples" in getattr(svc, "table_health", {}):
                 dead_rows.add_metric([label], svc.table_health["dead_tuples"])
         yield from (depth, oldest, attempts, paused, leases, lost, dead_rows, db_up, uploads, blobs_up, cache_bytes,
-                    cache_max, evicted, node_info, free, floor, stored, refused)
+                    cache_max, evicted, node_info, free, floor, stored, refused, commits)
 
 
 def register_metrics(registry, services, stores=()) -> StoreForwardCollector:

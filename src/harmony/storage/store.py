@@ -11,10 +11,13 @@ PostgreSQL instead (:mod:`harmony.storage.database`), and temp files and
 markers are per node (``tmp/<node>/``, ``clean-shutdown.<node>``) so nodes
 sharing the folder never clear each other's work in progress.
 
-An instance is *durable* once :meth:`InstanceStore.put_file_sync` returns: the
+An instance is *durable* once :meth:`InstanceStore.put_file_sync` returns (or
+the Deferred of :meth:`InstanceStore.put_file` and its siblings fires): the
 file was fsynced, renamed into place, its folder fsynced, and the index row
-(with any queue rows for forwarding) committed in one transaction.  Only then
-may a C-STORE be answered with Success or a STOW part be listed as stored.
+(with any queue rows for forwarding) committed.  Only then may a C-STORE be
+answered with Success or a STOW part be listed as stored.  Concurrent ingests
+share the folder fsyncs and the transaction (group commit,
+:mod:`harmony.storage.groupcommit`).
 
 Blocking work runs on the store's own thread pool; the ``*_sync`` methods are
 what runs there, the others return Deferreds and are safe on the reactor.
@@ -42,11 +45,12 @@ from pathlib import Path
 import attr
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 
 from harmony.dicom import status as dimse
-from harmony.dicom.files import CorruptDataset, check_complete
+from harmony.dicom.files import CorruptDataset, check_complete, stamp_of
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.dicomweb.cache import BASE_PLACEHOLDER
 from harmony.dicomweb.dicomjson import stored_metadata
@@ -59,7 +63,8 @@ from harmony.storage import queue as q
 from harmony.storage.blobs import BlobUnavailable, LocalCache
 from harmony.storage.database import SQLITE, SqliteDatabase
 from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
-from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
+from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fdatasync_file, fsync_dir, fsync_file, make_dirs
+from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.query import (
     IMAGE,
     STUDY_ROOT,
@@ -84,6 +89,30 @@ CLEAN_MARKER, OPENED_MARKER = "clean-shutdown", "opened-at"
 MTIME_SLACK_SECS = 2.0
 _UID_PART = re.compile(r"[0-9.]+")
 _LAYOUT_PATH = re.compile(r"(?:[0-9][0-9.]*/){2}[0-9][0-9.]*\.dcm")
+
+
+@attr.s(auto_attribs=True, slots=True)
+class Placed:
+    """An instance renamed into its folder, its rows not yet committed."""
+
+    header: dict
+    final: Path
+    #: *final* relative to ``instances/`` (the index's relpath).
+    rel: str
+    size: int
+    enqueue: tuple
+    now: float | None
+    #: The source file itself was renamed into place (not copied).
+    moved: bool = False
+
+
+@attr.s(auto_attribs=True, slots=True)
+class _Inline:
+    """A placed instance its own storage thread committed (the committer was idle)."""
+
+    placed: Placed
+    result: DicomInstance | None = None
+    failure: Failure | None = None
 
 
 @attr.s(auto_attribs=True)
@@ -147,6 +176,9 @@ class InstanceStore:
         self._conn_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
+        #: Group commits run on a thread of their own: queued behind placements on the
+        #: pool (FIFO), a commit would wait for every placement ahead of it.
+        self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
         self._shutdown_trigger = None
         self._refs = 0
         self.closed = False
@@ -158,6 +190,11 @@ class InstanceStore:
         self.recovered: defer.Deferred | None = None
         #: An index commit failed after its file was placed: not a clean shutdown then.
         self._dirty = False
+        #: Files placed whose rows are not committed yet (a close with some left is not clean).
+        self._uncommitted = 0
+        self._placed_lock = threading.Lock()
+        #: Concurrent ingests share fsync rounds and index transactions (see harmony.storage.groupcommit).
+        self.committer = GroupCommit(self.run_commit, lambda batch: self._commit_placed_sync(batch))
 
     # ------------------------------------------------------------------ threads and connections
 
@@ -326,6 +363,13 @@ class InstanceStore:
 
     def run(self, fn, *args, **kwargs) -> defer.Deferred:
         """Run blocking ``fn`` on the store's thread pool."""
+        return self._run_on(self.pool, fn, args, kwargs)
+
+    def run_commit(self, fn, *args) -> defer.Deferred:
+        """Run a group commit on the store's commit thread."""
+        return self._run_on(self.commit_pool, fn, args, {})
+
+    def _run_on(self, pool: ThreadPool, fn, args, kwargs) -> defer.Deferred:
         if self.closed:
             # Never restart the pool of a closed store: its threads would outlive
             # it, and the shutdown trigger would stop a pool already stopped.
@@ -342,7 +386,9 @@ class InstanceStore:
                 self._upload_loop = task.LoopingCall(self.upload_soon)
                 self._upload_loop.clock = self.reactor
                 self.reactor.callLater(0, self._upload_loop.start, self.upload_interval, now=True)
-        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+        if not self.commit_pool.started:
+            self.commit_pool.start()
+        return deferToThreadPool(self.reactor, pool, fn, *args, **kwargs)
 
     def write(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.write_sync, fn, *args, **kwargs)
@@ -363,7 +409,9 @@ class InstanceStore:
 
     def _stop_pool(self):
         if self.pool.started:
-            self.pool.stop()
+            self.pool.stop()  # placements first: what they placed may still queue a commit
+        if self.commit_pool.started:
+            self.commit_pool.stop()
 
     def close(self) -> None:
         """Stop the threads and close every connection (idempotent)."""
@@ -379,6 +427,12 @@ class InstanceStore:
             except ValueError:
                 pass
         self._stop_pool()  # joins the storage threads: every write has finished
+        c = self.committer
+        if c.entries:
+            log.info("storage {root}: {n} instance(s) committed in {batches} commit(s), largest {largest}",
+                     root=str(self.root), n=c.entries, batches=c.batches, largest=c.largest)
+        if self._uncommitted:
+            self._dirty = True  # placed files whose batch never ran: the next start indexes them
         self._mark_clean()
         self.db.close()
 
@@ -401,53 +455,73 @@ class InstanceStore:
 
     # ------------------------------------------------------------------ ingest (storage thread)
 
-    def put_file_sync(self, source, *, move: bool = False, enqueue=(), now: float | None = None) -> DicomInstance:
+    def put_file_sync(self, source, *, move: bool = False, enqueue=(), now: float | None = None,
+                      parsed=None) -> DicomInstance:
         """File the Part-10 file *source*; durable on return.
 
         ``move=True`` renames *source* into place when it is on the same
         filesystem (a staging file nobody else needs) instead of copying it.
         *enqueue* names store-and-forward targets to queue it for, in the same
-        transaction as the index row.
+        transaction as the index row.  *parsed*: see :meth:`_place_file_sync`.
         """
+        return self._commit_placed_sync([self._place_file_sync(source, move, enqueue, now, parsed)])[0]
+
+    def put_temp_sync(self, tmp: TempFile, *, enqueue=(), now=None) -> DicomInstance:
+        """File a :class:`TempFile` already written (and closed) in ``tmp_dir``."""
+        return self._commit_placed_sync([self._place_temp_sync(tmp, enqueue, now)])[0]
+
+    def put_bytes_sync(self, data: bytes, *, enqueue=(), now=None) -> DicomInstance:
+        """File a small Part-10 body already in memory."""
+        return self._commit_placed_sync([self._place_bytes_sync(data, enqueue, now)])[0]
+
+    # An ingest is two steps: *placing* (header parsed, file fsynced and renamed
+    # into its folder; runs on any storage thread, several at once) and
+    # *committing* (folder fsyncs, then the index and queue rows; one batch of
+    # placed instances at a time, see harmony.storage.groupcommit).  A crash
+    # between the two leaves files without rows: the start-up scan's case.
+
+    def _place_file_sync(self, source, move: bool, enqueue, now, parsed=None) -> Placed:
+        """*parsed*: ``(stamp, dataset)`` from :func:`harmony.dicom.files.parse_stamped`
+        when the caller already parsed (and checked) *source*: used only while
+        the file is unchanged since, so it is never parsed twice."""
         self.open_sync()
         source = Path(source)
         try:
             size = source.stat().st_size
         except OSError as e:
             raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
-        header = self._read_header(source)
+        header = self._read_header(source, parsed)
         self.guard.check(size)
         final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
         if move:
             try:
                 if self.fsync:
-                    fsync_file(source)
+                    fdatasync_file(source)
                 make_dirs(final.parent, self.instances_dir)
                 os.replace(source, final)
-                if self.fsync:
-                    fsync_dir(final.parent)
             except OSError:
                 move = False  # another filesystem (EXDEV) or a read-only source: copy instead
         if not move:
             with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
                 tmp.copy_from(source)
-                tmp.commit(final, self.instances_dir)
-        return self._index_sync(header, final, size, enqueue, now)
+                tmp.commit(final, self.instances_dir, sync_folder=False)
+        placed = self._placed(header, final, size, enqueue, now)
+        placed.moved = move
+        return placed
 
-    def put_temp_sync(self, tmp: TempFile, *, enqueue=(), now=None) -> DicomInstance:
-        """File a :class:`TempFile` already written (and closed) in ``tmp_dir``."""
+    def _place_temp_sync(self, tmp: TempFile, enqueue, now) -> Placed:
+        """Place a :class:`TempFile` already written (and closed) in ``tmp_dir``."""
         self.open_sync()
         try:
             tmp.close()
             header = self._read_header(tmp.path)
             final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
-            tmp.commit(final, self.instances_dir)
+            tmp.commit(final, self.instances_dir, sync_folder=False)
         finally:
             tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
-        return self._index_sync(header, final, tmp.size, enqueue, now)
+        return self._placed(header, final, tmp.size, enqueue, now)
 
-    def put_bytes_sync(self, data: bytes, *, enqueue=(), now=None) -> DicomInstance:
-        """File a small Part-10 body already in memory (one thread hop, no batching)."""
+    def _place_bytes_sync(self, data: bytes, enqueue, now) -> Placed:
         self.open_sync()
         self.guard.check(len(data))
         tmp = TempFile(self.tmp_dir, self.guard, self.fsync)
@@ -457,17 +531,24 @@ class InstanceStore:
         except BaseException:
             tmp.__exit__(None, None, None)
             raise
-        return self.put_temp_sync(tmp, enqueue=enqueue, now=now)
+        return self._place_temp_sync(tmp, enqueue, now)
 
-    def _read_header(self, path: Path) -> dict:
+    def _placed(self, header: dict, final: Path, size: int, enqueue, now) -> Placed:
+        with self._placed_lock:
+            self._uncommitted += 1
+        return Placed(header, final, final.relative_to(self.instances_dir).as_posix(), size, tuple(enqueue), now)
+
+    def _read_header(self, path: Path, parsed=None) -> dict:
         # check_complete: a truncated body (every element must fit in the file)
         # is refused here, never acknowledged; large values stay deferred on disk.
-        try:
-            ds = check_complete(path)
-        except CorruptDataset as e:
-            raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
-        except OSError as e:
-            raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
+        ds = parsed[1] if parsed is not None and parsed[0] == stamp_of(path) else None
+        if ds is None:
+            try:
+                ds = check_complete(path)
+            except CorruptDataset as e:
+                raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
+            except OSError as e:
+                raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
         if getattr(ds, "preamble", None) is None and not getattr(ds, "file_meta", None):
             raise InvalidInstance("not a DICOM Part-10 file (no preamble or file meta)")
         meta = getattr(ds, "file_meta", None)
@@ -488,38 +569,63 @@ class InstanceStore:
         return header
 
     def _index_sync(self, header: dict, final: Path, size: int, enqueue, now) -> DicomInstance:
-        now = self.clock() if now is None else now
-        rel = final.relative_to(self.instances_dir).as_posix()
+        """Index a file already in place (the start-up scan's case)."""
+        return self._commit_placed_sync([self._placed(header, final, size, enqueue, now)], sync_folders=False)[0]
+
+    def _commit_placed_sync(self, batch: list[Placed], sync_folders: bool = True) -> list[DicomInstance]:
+        """Make placed instances durable together: each folder they were renamed
+        into fsynced once, then every index and queue row in one transaction."""
+        if sync_folders and self.fsync:
+            for folder in sorted({p.final.parent for p in batch}):
+                try:
+                    fsync_dir(folder)
+                except OSError as e:
+                    self._dirty = True  # files in place without rows: the next start must scan
+                    raise StorageFailure(f"cannot sync the folder of an instance: {e.strerror}") from None
+        # Rows in one order whichever batch they come in (PostgreSQL: concurrent
+        # nodes lock studies and series in the same order, no deadlock); a stable
+        # sort, so the same instance twice in a batch keeps its arrival order.
+        order = sorted(range(len(batch)), key=lambda i: batch[i].header["sop"])
 
         def tx(conn):
-            old = idx.upsert_instance(conn, header["attrs"], sop_class_uid=header["sop_class"],
-                                      transfer_syntax_uid=header["ts"], relpath=rel, size=size, now=now,
-                                      metadata=header.get("metadata"))
-            if enqueue:
-                q.enqueue(conn, header["sop"], list(enqueue), now)
-            if self.blobs is not None:
-                blob_sql.mark_pending(conn, rel, self.node, now)
-            return old
+            olds = [None] * len(batch)
+            for i in order:
+                p = batch[i]
+                now = self.clock() if p.now is None else p.now
+                olds[i] = idx.upsert_instance(conn, p.header["attrs"], sop_class_uid=p.header["sop_class"],
+                                              transfer_syntax_uid=p.header["ts"], relpath=p.rel,
+                                              size=p.size, now=now, metadata=p.header.get("metadata"))
+                if p.enqueue:
+                    q.enqueue(conn, p.header["sop"], list(p.enqueue), now)
+                if self.blobs is not None:
+                    blob_sql.mark_pending(conn, p.rel, self.node, now)
+            return olds
 
         try:
-            old = self.write_sync(tx)
+            olds = self.write_sync(tx)
         except DatabaseUnavailable:
-            # The file is in place without its row: the next start must scan.
+            # The files are in place without their rows: the next start must scan.
             self._dirty = True
             raise
         except (sqlite3.Error, StorageFailure) as e:
             self._dirty = True
             raise StorageFailure(f"index update failed: {e}") from None
-        if old:
-            try:
-                os.unlink(self.path_of(old))
-            except (FileNotFoundError, InvalidInstance):
-                pass
+        with self._placed_lock:
+            self._uncommitted -= len(batch)
+        # A copy filed elsewhere before goes - unless it is where the row now
+        # points (the same instance twice in one batch, at the same place).
+        indexed_at = {batch[i].header["sop"]: batch[i].rel for i in order}
+        for i, old in enumerate(olds):
+            if old and old != indexed_at[batch[i].header["sop"]]:
+                try:
+                    os.unlink(self.path_of(old))
+                except (FileNotFoundError, InvalidInstance):
+                    pass
         if self.blobs is not None:
             self.reactor.callFromThread(self.upload_soon)
-        return DicomInstance(path=final, sop_class_uid=header["sop_class"], sop_instance_uid=header["sop"],
-                             transfer_syntax_uid=header["ts"], study_instance_uid=header["study"],
-                             series_instance_uid=header["series"], size=size, owned=False)
+        return [DicomInstance(path=p.final, sop_class_uid=p.header["sop_class"], sop_instance_uid=p.header["sop"],
+                              transfer_syntax_uid=p.header["ts"], study_instance_uid=p.header["study"],
+                              series_instance_uid=p.header["series"], size=p.size, owned=False) for p in batch]
 
     def delete_sync(self, sop_uid: str) -> bool:
         rel = self.write_sync(idx.delete_instance, sop_uid)
@@ -634,12 +740,39 @@ class InstanceStore:
 
         return d.addCallbacks(ok, refused)
 
-    def put_file(self, source, *, move=False, enqueue=(), now=None) -> defer.Deferred:
-        return self._count(self.run(self.put_file_sync, source, move=move, enqueue=enqueue, now=now))
+    def _place_sync(self, place, *args):
+        """Place an instance (storage thread); commit it here and now if the
+        committer is idle (the lone writer), else hand it to the next batch."""
+        placed = place(*args)
+        if not self.committer.claim():
+            return placed
+        try:
+            return _Inline(placed, self._commit_placed_sync([placed])[0])
+        except Exception:  # noqa: BLE001 - reported on the reactor, after the claim is released
+            return _Inline(placed, failure=Failure())
+
+    def _ingest(self, placing: defer.Deferred) -> defer.Deferred:
+        """Commit what *placing* placed with whatever else is waiting (group commit)."""
+        def commit(outcome):
+            if not isinstance(outcome, _Inline):
+                return self.committer.submit(outcome)
+            self.committer.inline_done(outcome.failure is None)
+            return outcome.failure if outcome.failure is not None else outcome.result
+
+        return self._count(placing.addCallback(commit))
+
+    def put_file(self, source, *, move=False, enqueue=(), now=None, parsed=None) -> defer.Deferred:
+        return self._ingest(self.run(self._place_sync, self._place_file_sync, source, move, enqueue, now, parsed))
 
     def put_instance(self, instance: DicomInstance, *, enqueue=(), now=None) -> defer.Deferred:
         """File a :class:`DicomInstance`; an owned (staged) one is moved, not copied."""
-        d = self.put_file(instance.path, move=instance.owned, enqueue=enqueue, now=now)
+        def placed(outcome):
+            if (outcome.placed if isinstance(outcome, _Inline) else outcome).moved:
+                instance.owned = False  # its file is the store's now: nothing left to release
+            return outcome
+
+        d = self._ingest(self.run(self._place_sync, self._place_file_sync, instance.path, instance.owned, enqueue,
+                                  now, instance.parsed).addCallback(placed))
 
         def done(stored):
             if instance.owned and Path(instance.path) != stored.path:
@@ -649,7 +782,7 @@ class InstanceStore:
         return d.addCallback(done)
 
     def put_bytes(self, data: bytes, *, enqueue=(), now=None) -> defer.Deferred:
-        return self._count(self.run(self.put_bytes_sync, bytes(data), enqueue=enqueue, now=now))
+        return self._ingest(self.run(self._place_sync, self._place_bytes_sync, bytes(data), enqueue, now))
 
     def put_producer(self, producer, *, enqueue=(), now=None) -> defer.Deferred:
         """Stream an ``IBodyProducer`` (a Part-10 body) into the store.
@@ -667,8 +800,8 @@ class InstanceStore:
                 return self._count(defer.fail())
         consumer = ThreadedFileConsumer(self)
         d = consumer.consume(producer)
-        d.addCallback(lambda tmp: self.run(self.put_temp_sync, tmp, enqueue=enqueue, now=now))
-        return self._count(d)
+        d.addCallback(lambda tmp: self.run(self._place_sync, self._place_temp_sync, tmp, enqueue, now))
+        return self._ingest(d)
 
     # ------------------------------------------------------------------ queries
 

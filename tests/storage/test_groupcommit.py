@@ -1,0 +1,285 @@
+"""Group commit (harmony.storage.groupcommit) and the store's batched write path.
+
+The rule under test: a caller is told "durable" only after the batch holding its
+instance has fsynced its folder and committed its rows; a failed batch fails every
+caller in it and touches nothing acknowledged before; concurrent ingests share
+batches (fewer commits than instances); a lone writer is committed at once.
+
+The first tests drive :class:`GroupCommit` in memory with Deferreds standing in
+for the storage threads; the others run the real store (sqlite and PostgreSQL)
+with fsync on, and one drives a real ``storescu`` -> ``dicom_scp`` -> ``local_archive``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, threads
+
+from harmony.storage import store as store_module
+from harmony.storage.errors import StorageFailure
+from harmony.storage.groupcommit import GroupCommit
+from tests.sf_helpers import make_instances
+
+
+class FakeThreads:
+    """``run(fn, entries)`` that records each batch and fires only when told."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+        self.pending: list[defer.Deferred] = []
+
+    def run(self, fn, entries):
+        self.batches.append(list(entries))
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def finish(self, index=-1):
+        d = self.pending[index]
+        d.callback([f"durable:{e}" for e in self.batches[index]])
+
+    def fail(self, index=-1, error=None):
+        self.pending[index].errback(error or StorageFailure("fsync failed: I/O error"))
+
+
+def test_a_lone_writer_is_committed_at_once_and_told_only_after_its_commit():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None)
+    results = []
+    gc.submit("a").addCallback(results.append)
+    assert fake.batches == [["a"]]  # no waiting for company: idle means commit now
+    assert results == []            # not durable until the batch says so
+    fake.finish()
+    assert results == ["durable:a"]
+    assert not gc.busy
+
+
+def test_what_arrives_during_a_commit_shares_the_next_one():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None)
+    results = []
+    for name in "abcdef":
+        gc.submit(name).addCallback(results.append)
+    assert fake.batches == [["a"]]
+    fake.finish(0)
+    assert results == ["durable:a"]
+    assert fake.batches[1] == list("bcdef")
+    assert results == ["durable:a"]  # b-f wait for their own commit
+    fake.finish(1)
+    assert results == [f"durable:{n}" for n in "abcdef"]
+    assert (gc.batches, gc.entries, gc.largest) == (2, 6, 5)  # 2 commits for 6 instances
+
+
+def test_submissions_from_a_callers_callback_join_the_next_batch():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None)
+    gc.submit("a").addCallback(lambda _: gc.submit("a2"))
+    gc.submit("b").addCallback(lambda _: gc.submit("b2"))
+    fake.finish(0)
+    assert fake.batches[1] == ["b", "a2"]  # a2 was queued while a's batch was still in flight
+    fake.finish(1)
+    assert fake.batches[2] == ["b2"]
+
+
+def test_a_failed_batch_fails_every_caller_in_it_and_nothing_acknowledged_before():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None)
+    outcome = {}
+
+    def track(name):
+        gc.submit(name).addCallbacks(lambda r: outcome.__setitem__(name, r),
+                                     lambda f: outcome.__setitem__(name, f.trap(StorageFailure)))
+    for name in "abc":
+        track(name)
+    fake.finish(0)
+    fake.fail(1)
+    assert outcome == {"a": "durable:a", "b": StorageFailure, "c": StorageFailure}
+    assert gc.failed_batches == 1
+    # The committer carries on: the next writer commits normally.
+    track("d")
+    assert fake.batches[2] == ["d"]
+    fake.finish(2)
+    assert outcome["d"] == "durable:d"
+
+
+def test_an_inline_commit_of_a_lone_writer_makes_the_others_queue():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None)
+    assert gc.claim()        # idle: the storage thread commits its own instance
+    assert not gc.claim()    # one commit at a time
+    results = []
+    gc.submit("b").addCallback(results.append)
+    gc.submit("c").addCallback(results.append)
+    assert fake.batches == []  # waiting for the inline commit
+    gc.inline_done(True)
+    assert fake.batches == [["b", "c"]]
+    assert not gc.claim()    # that batch is running
+    fake.finish(0)
+    assert results == ["durable:b", "durable:c"]
+    assert (gc.batches, gc.entries) == (2, 3)
+    assert gc.claim()
+
+
+def test_batches_are_capped():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None, max_batch=3)
+    for i in range(8):
+        gc.submit(i)
+    fake.finish(0)
+    assert fake.batches[1] == [1, 2, 3]
+    fake.finish(1)
+    assert fake.batches[2] == [4, 5, 6]
+
+
+def test_a_store_refusing_to_run_fails_the_batch():
+    def closed(fn, entries):
+        raise StorageFailure("the store is closed")
+    gc = GroupCommit(closed, None)
+    failures = []
+    gc.submit("a").addErrback(failures.append)
+    assert failures and failures[0].check(StorageFailure)
+    assert not gc.busy
+
+
+# ---------------------------------------------------------------------- the real store
+
+
+@pytest.fixture
+def files(tmp_path):
+    return make_instances(tmp_path / "in", 24, 61, patient_id="GC", size=16)
+
+
+@pytest.fixture
+def store(tmp_path, new_store):
+    s = new_store(tmp_path / "store", min_free_bytes=0, fsync=True)
+    yield s
+    s.close()
+
+
+def hold_first_commit_until_all_placed(store, n):
+    """Make the first batch wait (on its storage thread) until *n* instances are
+    placed, so the rest must queue behind it: batching without timing luck."""
+    placed = threading.Semaphore(0)
+    real_place, real_commit = store._place_file_sync, store._commit_placed_sync
+    first = []
+
+    def place(*args):
+        result = real_place(*args)
+        placed.release()
+        return result
+
+    def commit(batch, **kw):
+        if not first:  # the first instance, committed inline by its own storage thread
+            first.append(batch)
+            for _ in range(n):
+                assert placed.acquire(timeout=60)
+        return real_commit(batch, **kw)
+
+    store._place_file_sync = place
+    store._commit_placed_sync = commit
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_ingests_share_commits(store, files):
+    hold_first_commit_until_all_placed(store, len(files))
+    stored = await defer.gatherResults([store.put_file(f) for f in files])
+    assert len({s.sop_instance_uid for s in stored}) == len(files)
+    assert store.committer.entries == len(files)
+    assert store.committer.batches == 2  # the first instance alone, then all the others in one
+    assert (await store.run(store.counts_sync))["instances"] == len(files)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files, monkeypatch):
+    events = []
+    lock = threading.Lock()
+
+    def log(*event):
+        with lock:
+            events.append(event)
+
+    store.open_sync()
+    real_fsync_dir, real_write = store_module.fsync_dir, store.write_sync
+    monkeypatch.setattr(store_module, "fsync_dir", lambda folder: (real_fsync_dir(folder), log("dir", folder)))
+
+    def write_sync(fn, *args, **kwargs):
+        result = real_write(fn, *args, **kwargs)
+        log("committed")
+        return result
+    store.write_sync = write_sync
+    staged = []
+    for f in files:  # owned staging files: the move path (fsync, rename, batch folder fsync)
+        s = store.root / "staged" / f.name
+        s.parent.mkdir(parents=True, exist_ok=True)
+        s.write_bytes(f.read_bytes())
+        staged.append(s)
+    hold_first_commit_until_all_placed(store, len(files))
+    from harmony.dicom.results import DicomInstance
+
+    def acked(stored):
+        log("acked", stored.path)
+        return stored
+    await defer.gatherResults([store.put_instance(DicomInstance(path=s, owned=True)).addCallback(acked)
+                               for s in staged])
+    acks = [i for i, e in enumerate(events) if e[0] == "acked"]
+    assert len(acks) == len(files)
+    for i in acks:
+        path = events[i][1]
+        assert path.exists()
+        dir_synced = [j for j, e in enumerate(events[:i]) if e == ("dir", path.parent)]
+        commits = [j for j, e in enumerate(events[:i]) if e == ("committed",)]
+        assert dir_synced and commits, f"acknowledged before its folder fsync or commit: {events[:i + 1]}"
+        assert dir_synced[-1] < commits[-1]  # folder entry durable before the row that points at it
+    # one folder fsync per batch and folder, not one per instance
+    assert len([e for e in events if e[0] == "dir"]) == store.committer.batches == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_commit_fails_its_batch_and_loses_nothing(tmp_path, new_store, files):
+    store = new_store(tmp_path / "store", min_free_bytes=0, fsync=True)
+    try:
+        first = await defer.gatherResults([store.put_file(f) for f in files[:4]])
+        hold_first_commit_until_all_placed(store, len(files) - 4)
+        real_write = store.write_sync
+        calls = []
+
+        def failing_once(fn, *args, **kwargs):
+            calls.append(fn)
+            if len(calls) == 2:  # the second batch (all but one of the rest)
+                raise StorageFailure("disk I/O error")
+            return real_write(fn, *args, **kwargs)
+        store.write_sync = failing_once
+        outcomes = await defer.DeferredList([store.put_file(f) for f in files[4:]], consumeErrors=True)
+        ok = [r for good, r in outcomes if good]
+        failed = [r for good, r in outcomes if not good]
+        assert len(ok) == 1 and len(failed) == len(files) - 5
+        assert all(f.check(StorageFailure) for f in failed)
+        assert store.counters["refused_failed"] == len(failed)
+        counts = await store.run(store.counts_sync)
+        assert counts["instances"] == 5  # the acknowledged ones, nothing else
+        assert all(s.path.exists() for s in first + ok)
+    finally:
+        store.close()
+    # Files of the failed batch are in place without rows: the store knows it was not
+    # a clean stop, and the next open indexes them (never acknowledged, but not lost).
+    reopened = new_store(tmp_path / "store", min_free_bytes=0, fsync=True)
+    try:
+        await threads.deferToThread(reopened.open_sync)
+        assert reopened.recovery.reason == "unclean"
+        assert (await reopened.run(reopened.counts_sync))["instances"] == len(files)
+    finally:
+        reopened.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_folder_fsync_fails_the_batch(store, files, monkeypatch):
+    def broken(folder):
+        raise OSError(5, "Input/output error")
+    store.open_sync()
+    monkeypatch.setattr(store_module, "fsync_dir", broken)
+    with pytest.raises(StorageFailure):
+        await store.put_file(files[0])
+    assert (await store.run(store.counts_sync))["instances"] == 0
