@@ -244,8 +244,9 @@ async def test_three_nodes_postgresql_and_s3_faults_one_killed_nothing_lost(own_
             assert ds.PixelData == dcmread(by_sop[sop]).PixelData
         # WADO-RS metadata built on one node is the cluster's: another node serves it from the shared cache.
         first_body = await threads.deferToThread(series_metadata, nodes[0], study, series_of(by_sop, foreign[0]))
+        # The cache write follows the answer (a failed write only costs a refetch): wait for its row.
+        await until(lambda: len(metadata_rows(dsn)) == 1, 30)
         cached = metadata_rows(dsn)
-        assert len(cached) == 1
         again = await threads.deferToThread(series_metadata, nodes[2], study, series_of(by_sop, foreign[0]))
         assert again == first_body and metadata_rows(dsn) == cached  # not rebuilt (same row, same expiry)
         assert await c_find(nodes[0], study, tmp_path / "find") == set(acknowledged)

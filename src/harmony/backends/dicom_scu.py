@@ -103,7 +103,7 @@ class _StagedStream(ResultStream):
         """Fires once the queued instances are under the limit (at once when they are)."""
         if self.queued_bytes < self.limit or self.cancelled or self.done:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._room.append(d)
         return d
 
@@ -123,7 +123,7 @@ class Job:
     def __init__(self, op, request, max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES):
         self.op = op
         self.request = request
-        self.cancel_requested = defer.Deferred()
+        self.cancel_requested: defer.Deferred[None] = defer.Deferred()
         self.stream = _StagedStream(self._on_cancel, max_staged_bytes)
         # Cancelled when the pipeline is (the DIMSE or HTTP client left, or gave
         # up): the PACS is asked to stop too (C-CANCEL), or never asked at all.
