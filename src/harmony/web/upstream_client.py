@@ -39,6 +39,7 @@ asked for (pipelined leftovers, data on an idle connection).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httptools
 from twisted.internet import defer
@@ -56,6 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from harmony.compat.twisted import header_name_encoder
 from harmony.envelope import BytesProducer
 
 #: The most bytes a response head (status line and header lines) may take.
@@ -77,17 +79,8 @@ _OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection
 #: drops them too).  ``Connection`` stays: see the module docstring.
 _FRAMING = frozenset({b"transfer-encoding", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
 
-_canonical: dict[bytes, bytes] = {}
-
-
-def _header_name(name: bytes) -> bytes:
-    """*name* in the Header-Case ``Headers`` stores (cached: upstreams send few distinct names)."""
-    canon = _canonical.get(name)
-    if canon is None:
-        canon = b"-".join(word.capitalize() for word in name.split(b"-"))
-        if len(_canonical) < 4096:  # an upstream inventing names cannot grow this without bound
-            _canonical[name] = canon
-    return canon
+#: A response header name as ``Headers`` stores it (Header-Case, ``ETag``...), cached by Twisted.
+_header_name = header_name_encoder().encode
 
 
 class UpstreamProtocolError(Exception):
@@ -262,6 +255,8 @@ class _BodyWriter:
 class _Connection(Protocol):
     """One keep-alive connection to an upstream, one exchange at a time."""
 
+    transport: Any  # an ITCPTransport (or TLS over one): pause/resume/abort, producers
+
     def __init__(self, client, key):
         self.client = client
         self.key = key
@@ -281,6 +276,7 @@ class _Connection(Protocol):
         self.head_seen = False
         self.interim = False
         self.message_done = False
+        self.keep_alive = False
         self.bytes_in = False
         self.delimited = False  # by Content-Length or chunked coding (else by the close)
         self.body_sending = False
@@ -299,7 +295,7 @@ class _Connection(Protocol):
             transport.write(exchange.head + (b"Content-Length: 0\r\n\r\n" if exchange.method in BODY_EXPECTED
                                              else b"\r\n"))
             return
-        length = getattr(body, "length", UNKNOWN_LENGTH)
+        length: Any = getattr(body, "length", UNKNOWN_LENGTH)
         if length is UNKNOWN_LENGTH:
             transport.write(exchange.head + b"Transfer-Encoding: chunked\r\n\r\n")
         else:
@@ -439,6 +435,7 @@ class _Connection(Protocol):
             self.interim = True  # 100 Continue, 103 Early Hints: the real answer follows
             return
         self.head_seen = True
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body):
         self.exchange.body_data(body)
@@ -450,6 +447,8 @@ class _Connection(Protocol):
         if self.interim:
             return
         self.message_done = True
+        # Only now: llhttp forgets the answer's keep-alive once it is past it.
+        self.keep_alive = self.parser.should_keep_alive()
 
     # ------------------------------------------------------------ answer
 
@@ -485,10 +484,12 @@ class _Connection(Protocol):
 
     def _finish_body(self):
         exchange = self.exchange
+        if not self.body_sending:
+            # Back to the pool first: whoever reads the end of this body may send
+            # the next request at once, and should find this connection idle.
+            self._after_answer()
         if not exchange.complete:
             exchange.body_end(Failure(ResponseDone("the answer is complete")))
-        if not self.body_sending:
-            self._after_answer()
 
     def _after_answer(self):
         exchange, self.exchange = self.exchange, None
@@ -496,7 +497,7 @@ class _Connection(Protocol):
             exchange.connection = None
         if self.lost:
             return
-        keep = self.parser.should_keep_alive()
+        keep = self.keep_alive
         if exchange is not None and exchange.method == b"HEAD":
             # llhttp cannot be told an answer has no body: it would wait for the
             # Content-Length a HEAD answer announces.  The next answer starts afresh.
@@ -505,7 +506,7 @@ class _Connection(Protocol):
             self.transport.resumeProducing()
             self.client.release(self)
         else:
-            self.transport.loseConnection()
+            self.close()
 
     def _answer_or_fail(self, reason: Failure):
         """The connection closed mid-exchange: finish what can be finished."""
@@ -550,6 +551,10 @@ class _Connection(Protocol):
     def abort(self):
         if self.transport is not None and not self.lost:
             self.transport.abortConnection()
+
+    def close(self):
+        if self.transport is not None and not self.lost:
+            self.transport.loseConnection()
 
 
 class _ConnectionFactory(Factory):
@@ -644,7 +649,7 @@ class UpstreamClient:
         def connected(conn):
             exchange.connecting = None
             if exchange.cancelled:
-                conn.transport.loseConnection()
+                conn.close()
                 return
             conn.send(exchange)
 
@@ -663,7 +668,7 @@ class UpstreamClient:
     def release(self, conn: _Connection):
         target = self._targets.get(conn.key)
         if target is None or len(target.idle) >= self.max_idle_per_target or self._closing:
-            conn.transport.loseConnection()
+            conn.close()
             return
         conn.idle_since = time.monotonic()
         target.idle.append(conn)
@@ -689,10 +694,10 @@ class UpstreamClient:
         conns = [c for t in self._targets.values() for c in t.idle]
         if not conns:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._closing.append(d)
         for conn in conns:
-            conn.transport.loseConnection()
+            conn.close()
         return d
 
     def log_refusal(self, key: bytes, why: str):
