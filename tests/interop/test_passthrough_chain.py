@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 import requests
-
 from bench.common import Nginx, proxy_block, wrk
+
 from tests.interop.support import Node, web_pipeline
 from tests.peers import free_port
 
