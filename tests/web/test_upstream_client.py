@@ -378,3 +378,105 @@ async def test_stop_producing_a_body_drops_the_connection_not_a_pooled_one(upstr
 def deferLater0():
     from twisted.internet import task
     return task.deferLater(reactor, 0, lambda: None)
+
+
+# ------------------------------------------------------------- flow control
+
+LIMIT = 16 * 1024 * 1024  # kernel socket buffers plus Twisted's are a few MiB on loopback
+CHUNK = b"z" * 65536
+
+
+class Source:
+    """A push producer writing CHUNKs to a transport until told to pause; counts bytes."""
+
+    def __init__(self, transport, total):
+        self.transport, self.total, self.sent = transport, total, 0
+        self.paused = defer.Deferred()
+        self.running = True
+
+    def start(self):
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self):
+        self.running = True
+        while self.running and self.sent < self.total:
+            self.transport.write(CHUNK)
+            self.sent += len(CHUNK)
+        if self.sent >= self.total:
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self):
+        self.running = False
+        if not self.paused.called:
+            self.paused.callback(self.sent)
+
+    def stopProducing(self):
+        self.running = False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_pauses_the_upstream_with_bounded_buffering(upstream):
+    total = 64 * 1024 * 1024
+    sources = []
+
+    def big(proto):
+        proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        sources.append(Source(proto.transport, total))
+        sources[0].start()
+
+    factory, base, client = upstream(big)
+    response = await client.request(b"GET", base + b"/").addTimeout(SAFETY, reactor)
+
+    class Slow(Collect):
+        def dataReceived(self, data):
+            self.data_len = getattr(self, "data_len", 0) + len(data)
+            self.transport.pauseProducing()  # after the first chunk, like a client that stopped reading
+
+    sink = Slow()
+    response.deliverBody(sink)
+    sent_when_paused = await sources[0].paused.addTimeout(SAFETY, reactor)
+    assert sent_when_paused < LIMIT and sink.data_len < LIMIT
+    sink.dataReceived = lambda data: setattr(sink, "data_len", sink.data_len + len(data))
+    sink.transport.resumeProducing()
+    await sink.done.addTimeout(60, reactor)
+    assert sink.data_len == total and sink.reason.check(ResponseDone)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_stops_reading_pauses_the_request_body(upstream):
+    factory, base, client = upstream()
+    body_paused = defer.Deferred()
+
+    class Upload:
+        length = UNKNOWN_LENGTH
+
+        def startProducing(self, consumer):
+            self.consumer, self.sent, self.finished = consumer, 0, defer.Deferred()
+            self.resumeProducing()
+            return self.finished
+
+        def resumeProducing(self):
+            self.running = True
+            while self.running and self.sent < 256 * 1024 * 1024:
+                self.consumer.write(CHUNK)
+                self.sent += len(CHUNK)
+
+        def pauseProducing(self):
+            self.running = False
+            if not body_paused.called:
+                body_paused.callback(self.sent)
+
+        def stopProducing(self):
+            self.running = False
+
+    upload = Upload()
+    d = client.request(b"POST", base + b"/", None, upload)
+    while not factory.connections:
+        await deferLater0()
+    factory.connections[0].transport.pauseProducing()  # the upstream stops reading
+    sent = await body_paused.addTimeout(SAFETY, reactor)
+    assert sent < LIMIT
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
