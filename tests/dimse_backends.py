@@ -48,7 +48,7 @@ class OneThenWait(Backend):
             stream.set_counts(4, 1)
             stream.put(read_instance(copy, owned=True))
         response = ResponseEnvelope()
-        response.context["dicom_results"] = stream
+        response.state.dicom_results = stream
         return defer.succeed(response)
 
 

@@ -24,6 +24,7 @@ from harmony.backends.base import Backend
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope
 from harmony.jmix.dicom import read_header
+from harmony.state import ResponseState
 from tests.dicom_data import UID_ROOT, make_instance, save
 
 SAMPLE_STUDY_UID = UID_ROOT + "7133.3280065491876470"
@@ -119,7 +120,7 @@ class StagedStudyBackend(Backend):
 
         reactor.callLater(0, deliver, matches)
         self.staging = staging
-        return ResponseEnvelope(200, context={"dicom_results": stream})
+        return ResponseEnvelope(200, state=ResponseState(dicom_results=stream))
 
 
 # --------------------------------------------------------------------------- hostile archives, made fast

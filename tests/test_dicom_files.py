@@ -87,5 +87,5 @@ def test_harmony_errors_map_to_dimse_statuses(error, op, status):
     assert dimse_status_for(err, op) == status
     ep = DicomScpEndpoint("scp", None, local_aet="H")
     resp = ep.error_response(err, RequestEnvelope(metadata={"dimse_op": op}))
-    assert resp.context["dimse_status"] == status and resp.metadata["dimse_status"] == f"0x{status:04X}"
+    assert resp.state.dimse_status == status and resp.metadata["dimse_status"] == f"0x{status:04X}"
     assert resp.status == err.status

@@ -14,6 +14,7 @@ from twisted.internet import threads
 
 from harmony.dicom.results import DicomInstance
 from harmony.envelope import RequestEnvelope
+from harmony.state import DicomRequestFacts, RequestState
 from tests.dicom_data import make_instance, save
 from tests.dimse_helpers import canonical, dataset_bytes, direct_find, parse_multipart, silent_peer
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
@@ -165,7 +166,7 @@ async def test_result_stream_contract(harmony, corpus):
              "0020000E": {"vr": "UI", "Value": [corpus[0].series_uid]}}
     req = RequestEnvelope(metadata={"dimse_op": "C-GET", "query_level": "SERIES"}, normalized=ident)
     resp = await backend.send(req)
-    stream = resp.context["dicom_results"]
+    stream = resp.state.dicom_results
     items = await stream.collect()
     assert all(isinstance(i, DicomInstance) and i.owned and i.path.exists() for i in items)
     assert {i.sop_instance_uid for i in items} == {c.sop_uid for c in corpus if c.series_uid == corpus[0].series_uid}
@@ -200,8 +201,9 @@ async def test_store_over_http_and_from_a_pipeline(tmp_path, store_orthanc):
         from harmony.dicom.files import read_instance
         instance = read_instance(save(ds2, tmp_path / "new2.dcm"))
         backend = running.service.runtime.backends["pacs"]
-        resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"}, context={"instance": instance}))
-        assert resp.status == 200 and resp.context["dicom_results"].status == 0
+        resp = await backend.send(RequestEnvelope(metadata={"dimse_op": "C-STORE"},
+                                                  state=RequestState(dicom=DicomRequestFacts(instance=instance))))
+        assert resp.status == 200 and resp.state.dicom_results.status == 0
         assert in_orthanc(ds2) == 1 and instance.path.exists()  # not owned: left in place
         # a storage class that does not fit in the pooled association's 128 contexts
         from pynetdicom.sop_class import RespiratoryWaveformStorage

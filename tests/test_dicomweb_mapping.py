@@ -33,7 +33,7 @@ def _request(method, path, query=()):
         qido.add_path_uids(dw.query, dw.study_uid, dw.series_uid)
         env.normalized = dw.query.match
     dw.base_url = "http://proxy.example/dw"
-    env.context["dicomweb"] = dw
+    env.state.dicomweb.request = dw
     return env
 
 
@@ -66,7 +66,7 @@ def test_wado_becomes_c_get_identifier(bridge):
 
 def test_wado_refuses_transcoding_it_cannot_do(bridge):
     env = _request("GET", "/studies/1.2")
-    env.context["dicomweb"].transfer_syntax = "1.2.840.10008.1.2.4.50"
+    env.state.dicomweb.request.transfer_syntax = "1.2.840.10008.1.2.4.50"
     with pytest.raises(NotAcceptable):
         bridge.on_request(env)
 
@@ -78,7 +78,7 @@ def test_qido_result_gets_retrieve_url_and_loses_dimse_keys(bridge):
     ds.QueryRetrieveLevel = "IMAGE"
     ds.RetrieveAETitle = "PACS"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2\0", "1.3", "1.4"
-    doc = bridge._qido_item(env.context["dicomweb"], ds)
+    doc = bridge._qido_item(env.state.dicomweb.request, ds)
     assert "00080052" not in doc and "00080054" not in doc
     assert doc["00081190"]["Value"] == ["http://proxy.example/dw/studies/1.2/series/1.3/instances/1.4"]
     assert find_result_to_json(ds)["0020000D"]["Value"] == ["1.2"]
@@ -221,7 +221,7 @@ async def test_concurrent_identical_metadata_requests_collapse(bridge):
     outcome = []
     second.addCallback(lambda r: outcome.append(r) or r)
     assert isinstance(second, defer.Deferred) and outcome == []   # waits; no second C-GET
-    key = first.context["dicomweb.cache_key"]
+    key = first.state.dicomweb.cache_key
     await bridge.cache.put_async(key, b"[]")   # the cache file is written off the reactor
     bridge.cache.settle(key, b"[]")
     response = await second

@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
+from harmony.dicom import status as dimse
 from harmony.dicom.results import ResultStream
 from harmony.envelope import RequestEnvelope, ResponseEnvelope
 from harmony.errors import BadRequest, HarmonyError, NotFound
@@ -117,7 +118,7 @@ def results(items, status=0x0000):
         stream.put(item)
     stream.finish(status)
     resp = ResponseEnvelope(status=200, headers=Headers({"Content-Type": ["application/dicom+json"]}))
-    resp.context["dicom_results"] = stream
+    resp.state.dicom_results = stream
     return resp, stream
 
 
@@ -158,8 +159,9 @@ async def test_failure_after_matches_is_502():
 
 @pytest_twisted.ensureDeferred
 async def test_backend_dimse_failure_document_becomes_an_error():
+    # dicom_scu's failure answer: a JSON rendering for HTTP clients, the status in the typed state.
     resp = ResponseEnvelope.json(502, {"dimse_op": "C-FIND", "dimse_status": 0xA700, "error_comment": "no"})
-    resp.metadata["dimse_status"] = "0xA700"
+    dimse.record(resp, 0xA700, "no")
     with pytest.raises(HarmonyError) as e:
         await DicomResultsJson("r").on_response(request(), resp)
     assert e.value.status == 502 and "0xA700 (no)" in e.value.detail

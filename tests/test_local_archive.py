@@ -15,6 +15,7 @@ from harmony.backends.local_archive import LocalArchiveBackend
 from harmony.endpoints.base import HttpEndpointBase
 from harmony.envelope import RequestEnvelope
 from harmony.pipeline import Pipeline
+from harmony.state import DicomRequestFacts, RequestState
 from tests.conftest import INDEXES
 from tests.postgres import database_for
 from tests.dicom_data import UID_ROOT
@@ -81,7 +82,7 @@ async def archive_call(pipeline, op: str, ds: Dataset, model="study"):
                               normalized=ds.to_json_dict())
     response = await pipeline.handle(request, Endpoint())
     assert response.status == 200, response.body
-    stream = response.context["dicom_results"]
+    stream = response.state.dicom_results
     items = await stream.collect()
     assert stream.status == 0x0000
     return items, stream
@@ -203,9 +204,9 @@ async def test_echo_store_and_errors(archive, tmp_path):
     from harmony.dicom.results import DicomInstance
     path = save(ds, tmp_path / "new.dcm")
     request = RequestEnvelope(method="POST", metadata={"dimse_op": "C-STORE"},
-                              context={"instance": DicomInstance(path=path)})
+                              state=RequestState(dicom=DicomRequestFacts(instance=DicomInstance(path=path))))
     response = await archive.handle(request, Endpoint())
-    assert response.status == 200 and response.context["dimse_status"] == 0
+    assert response.status == 200 and response.state.dimse_status == 0
     items, _ = await archive_call(archive, "C-FIND", identifier("STUDY", PatientID="NEWPAT", StudyInstanceUID=""))
     assert [d.StudyInstanceUID for d in items] == [UID_ROOT + "9.1"]
     # A PATIENT level in the study root, and a retrieve with no key, are the client's errors.

@@ -213,6 +213,7 @@ def test_metrics_labels_never_come_from_the_request():
     from harmony.envelope import RequestEnvelope, ResponseEnvelope
     from harmony.management.metrics import HarmonyMetrics
     from harmony.pipeline import Pipeline
+    from harmony.state import ResponseState
 
     class FakeService:  # the metrics only read .runtime and target_pools() from it
         runtime = type("R", (), {"config": type("C", (), {"proxy": type("P", (), {"id": "x"})})(),
@@ -226,9 +227,10 @@ def test_metrics_labels_never_come_from_the_request():
     p = Pipeline("dimse", [], [])
     m.instrument(type("R", (), {"endpoints": {"scp": None}, "pipelines": {"dimse": p}})())
     req = RequestEnvelope(metadata={"endpoint": "scp", "backend": "x" * 50, "dimse_op": "C-FIND"})
-    p.observers[0](req, ResponseEnvelope(200, metadata={"dimse_status": "0xFF00"}), 0.01)
+    p.observers[0](req, ResponseEnvelope(200, state=ResponseState(dimse_status=0xFF00)), 0.01)
     req = RequestEnvelope(metadata={"endpoint": "made-up", "dimse_op": "C-HACK"})
-    p.observers[0](req, ResponseEnvelope(999, metadata={"dimse_status": "rm -rf"}), 0.01)
+    p.observers[0](req, ResponseEnvelope(999, metadata={"dimse_status": "rm -rf"},
+                                         state=ResponseState(dimse_status=0x1FFFF)), 0.01)
     fams = families(m.text())
     assert sample(fams, "harmony_dimse_operations_total", endpoint="scp", operation="C-FIND", status="0xFF00") == 1
     assert sample(fams, "harmony_dimse_operations_total", endpoint="other", operation="other", status="other") == 1

@@ -19,6 +19,7 @@ from harmony.backends.store_forward import StoreForwardBackend
 from harmony.endpoints.base import HttpEndpointBase
 from harmony.envelope import RequestEnvelope
 from harmony.pipeline import Pipeline
+from harmony.state import DicomRequestFacts, RequestState
 from harmony.storage import queue as q
 from harmony.storage.admin import QueuesResource
 from harmony.storage.forward import TargetSettings
@@ -46,9 +47,9 @@ class Rig:
 
     async def ingest(self, path):
         request = RequestEnvelope(method="POST", metadata={"dimse_op": "C-STORE"},
-                                  context={"instance": _instance(path)})
+                                  state=RequestState(dicom=DicomRequestFacts(instance=_instance(path))))
         response = await self.pipeline.handle(request, HttpEndpointBase("test"))
-        assert response.status == 200 and response.context["dimse_status"] == 0
+        assert response.status == 200 and response.state.dimse_status == 0
         return response
 
     async def settle(self):
@@ -322,7 +323,7 @@ async def test_relay_mode_forgets_instances_once_every_target_has_them(new_store
     await rig.start()
     try:
         [f] = instances(tmp_path, 1)
-        stored = (await rig.ingest(f)).context["stored_instance"]
+        stored = (await rig.ingest(f)).state.stored_instance
         await rig.settle()
         assert a.stored == {sop(f): 1} and stored.path.exists()  # b refused it: kept for a replay
         b.rules = lambda s, n: 200

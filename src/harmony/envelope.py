@@ -26,6 +26,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from harmony.errors import PayloadTooLarge
+from harmony.state import RequestState, ResponseState
 
 JSON_TYPES = ("application/json", "application/fhir+json", "application/dicom+json",
               "application/json+fhir", "application/problem+json")
@@ -89,8 +90,11 @@ class RequestEnvelope:
     client_ip: str = ""
     scheme: str = "http"
     host: str = ""
-    #: Protocol objects an endpoint wants its own middleware/backends to reach
-    #: (e.g. a DIMSE event); never serialised, never logged.
+    #: The well-known facts Harmony's components hand each other (the
+    #: association, a C-STORE's instance, the pipeline ...): ``harmony.state``.
+    state: RequestState = attr.Factory(RequestState)
+    #: Free-form, for user middleware only: Harmony's own code never touches it
+    #: (``harmony.state`` says why; tests/test_state.py enforces it).
     context: dict = attr.Factory(dict)
 
     @property
@@ -119,6 +123,9 @@ class ResponseEnvelope:
     normalized: Any = None
     #: HTTP reason phrase from an upstream, passed through when present.
     reason: bytes | None = None
+    #: The well-known facts of the answer (result stream, DIMSE status, HL7 ACK): ``harmony.state``.
+    state: ResponseState = attr.Factory(ResponseState)
+    #: Free-form, for user middleware only (as on the request).
     context: dict = attr.Factory(dict)
 
     def header(self, name: str, default: str | None = None) -> str | None:

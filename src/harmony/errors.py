@@ -76,17 +76,13 @@ class ClientClosedRequest(HarmonyError):
     status, title, code = 499, "Client Closed Request", "client-closed-request"
 
 
-#: ``RequestEnvelope.context`` key an endpoint sets when the client hangs up.
-CLIENT_GONE = "client_gone"
-
-
 def mark_client_gone(request) -> None:
     """Say that *request*'s client went away: whatever fails from now on is not the upstream's doing."""
-    request.context[CLIENT_GONE] = True
+    request.state.client_gone = True
 
 
 def client_gone(request) -> bool:
-    return bool(request.context.get(CLIENT_GONE))
+    return request.state.client_gone
 
 
 class MiddlewareFailed(HarmonyError):

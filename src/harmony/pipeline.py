@@ -129,7 +129,8 @@ class Pipeline:
         (the backend's Deferred)."""
         started = time.monotonic()
         request.metadata["pipeline"] = self.name
-        request.context.setdefault("pipeline", self)
+        if request.state.pipeline is None:
+            request.state.pipeline = self
         where = {"stage": "endpoint", "request": request}
         try:
             pre = endpoint.pre_process(request)

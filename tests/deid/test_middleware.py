@@ -24,6 +24,7 @@ from harmony.deid import Keyring, generate_secret_file, read_secret
 from harmony.jmix import VerifyOptions, open_envelope
 from harmony.jmix.store import EnvelopeStore
 from harmony.middleware.deidentify import DeidentifyCollector, QuarantineResource, quarantine_report
+from harmony.state import ResponseState
 from tests.deid.synthetic import PATIENT_ID, full_instance, simple_instance
 from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
@@ -296,8 +297,8 @@ async def test_retrieve_withholds_suspect_and_unreadable_instances_and_goes_on(t
         source.put(DicomInstance(path=path, sop_instance_uid=sop))
     source.finish(0x0000)
     request = RequestEnvelope(metadata={"dimse_op": C_GET})
-    response = mw.on_response(request, ResponseEnvelope(context={"dicom_results": source}))
-    out = response.context["dicom_results"]
+    response = mw.on_response(request, ResponseEnvelope(state=ResponseState(dicom_results=source)))
+    out = response.state.dicom_results
     items = await out.collect()
     assert [i.sop_instance_uid for i in items] == [keys.uid(ROOT + "1.1.2")]
     assert dcmread(items[0].path).PatientIdentityRemoved == "YES"

@@ -3,7 +3,7 @@
 It performs the operation a request names in ``metadata["dimse_op"]``
 (C-ECHO, C-FIND, C-GET, C-MOVE, C-STORE) and answers, following
 :mod:`harmony.dicom.results`, with a :class:`ResultStream` in
-``response.context["dicom_results"]`` that is fed *as the PACS answers*: C-FIND
+``response.state.dicom_results`` that is fed *as the PACS answers*: C-FIND
 matches as their pending responses arrive, retrieved instances as files the
 moment each sub-operation lands.  The response body renders the same stream
 for HTTP clients (DICOM JSON array, or multipart/related of application/dicom).
@@ -408,8 +408,8 @@ class DicomScuBackend(Backend):
     def respond(self, job: Job) -> ResponseEnvelope:
         stream = job.stream
         md = {"dimse_op": job.op}
-        if stream.status is not None:
-            md["dimse_status"] = f"0x{stream.status:04X}"
+        if stream.status is not None:  # the metadata view; the status itself is the stream's
+            md[dimse.METADATA_KEY] = dimse.label(stream.status)
         if stream.status is not None and dimse.is_failure(stream.status) and job.items == 0:
             doc = {"dimse_op": job.op, "dimse_status": stream.status, "error_comment": stream.error_comment,
                    "completed": stream.completed, "failed": stream.failed}
@@ -422,7 +422,7 @@ class DicomScuBackend(Backend):
                    "failed": stream.failed, "warning": stream.warning, "remaining": stream.remaining}
             resp = ResponseEnvelope.json(200, doc)
         resp.metadata.update(md)
-        resp.context["dicom_results"] = stream
+        resp.state.dicom_results = stream
         return resp
 
     # ------------------------------------------------------------------ operations (on the reactor)
@@ -597,8 +597,8 @@ class DicomScuBackend(Backend):
     # ------------------------------------------------------------------ C-STORE
 
     async def _store_request(self, request):
-        """C-STORE ``context["instance"]``, or a Part-10 request body spooled to staging."""
-        instance = request.context.get("instance")
+        """C-STORE ``state.dicom.instance``, or a Part-10 request body spooled to staging."""
+        instance = request.state.dicom.instance
         spooled = instance is None
         if spooled:
             if isinstance(request.body, (bytes, bytearray)):

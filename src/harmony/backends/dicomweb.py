@@ -100,7 +100,7 @@ class DicomWebBackend(HttpBackend):
         headers = forwarded_headers(request, drop=(b"host", b"content-length", b"authorization"))
         if self.auth_header:
             headers.setRawHeaders(b"authorization", [self.auth_header.encode("latin-1")])
-        dw = request.context.get("dicomweb")
+        dw = request.state.dicomweb.request
         if dw is None or dw.service != WADO or dw.resource == "metadata":
             headers.setRawHeaders(b"accept-encoding", [b"identity"])  # the answer is read and rewritten
         return headers
@@ -111,7 +111,7 @@ class DicomWebBackend(HttpBackend):
         return _decoded(self.body_producer(response), response.headers, limit, "a body")
 
     def upstream_target(self, request) -> tuple[str, bytes]:
-        dw = request.context.get("dicomweb")
+        dw = request.state.dicomweb.request
         if dw is None:
             return request.subpath, request.raw_query
         if dw.service == "qido" and isinstance(request.normalized, dict):
@@ -131,7 +131,7 @@ class DicomWebBackend(HttpBackend):
         return f"{request.scheme}://{request.host}{prefix}"
 
     def send(self, request):
-        if request.metadata.get("dimse_op") and "dicomweb" not in request.context:
+        if request.metadata.get("dimse_op") and request.state.dicomweb.request is None:
             return self.dimse.send(request)
         if request.metadata.get("dicomweb.aet"):
             # /aets/{aet}/rs names its PACS: no other target may answer for it.

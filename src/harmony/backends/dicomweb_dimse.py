@@ -12,7 +12,7 @@ side of the DIMSE -> DICOMweb direction (a ``dicom_scp`` endpoint in front).
   response's status / FailureReason becomes the C-STORE status.
 
 Results follow :mod:`harmony.dicom.results`: a ``ResultStream`` in
-``response.context["dicom_results"]``.
+``response.state.dicom_results``.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class DimseOverDicomWeb:
     @staticmethod
     def _respond(stream: ResultStream, op: str, status: int = 200) -> ResponseEnvelope:
         resp = ResponseEnvelope(status=status, headers=Headers(), body=b"", metadata={"dimse_op": op})
-        resp.context["dicom_results"] = stream
+        resp.state.dicom_results = stream
         return resp
 
     async def _get_json(self, request, path, pairs):
@@ -308,7 +308,7 @@ class DimseOverDicomWeb:
 
     # -- C-STORE
     async def store(self, request):
-        instance = request.context.get("instance")
+        instance = request.state.dicom.instance
         if not isinstance(instance, DicomInstance):
             raise BadRequest("C-STORE through DICOMweb needs context['instance'] (a DicomInstance)")
         boundary = uuid.uuid4().hex

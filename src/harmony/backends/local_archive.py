@@ -24,6 +24,7 @@ from harmony.dicom import status as dimse
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BadRequest
+from harmony.state import ResponseState
 from harmony.storage.config import store_from_context
 from harmony.storage.errors import InvalidInstance, InvalidQuery
 from harmony.storage.query import STUDY_ROOT, levels_for
@@ -54,7 +55,7 @@ def query_level(request, identifier: Dataset) -> str:
 
 
 def results_response(stream: ResultStream) -> ResponseEnvelope:
-    return ResponseEnvelope(status=200, context={"dicom_results": stream})
+    return ResponseEnvelope(status=200, state=ResponseState(dicom_results=stream))
 
 
 class LocalArchiveBackend(Backend):
@@ -132,14 +133,14 @@ class LocalArchiveBackend(Backend):
         stored = yield ingest(self.store, request)
         response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
                                                "sop_class_uid": stored.sop_class_uid})
-        response.context["dimse_status"] = dimse.SUCCESS
-        response.context["stored_instance"] = stored
+        dimse.record(response, dimse.SUCCESS)
+        response.state.stored_instance = stored
         return response
 
 
 def ingest(store, request, enqueue=(), now=None) -> defer.Deferred:
-    """Write the request's instance (``context["instance"]`` or a Part-10 body) durably."""
-    instance = request.context.get("instance")
+    """Write the request's instance (``state.dicom.instance`` or a Part-10 body) durably."""
+    instance = request.state.dicom.instance
     if isinstance(instance, DicomInstance):
         return store.put_instance(instance, enqueue=enqueue, now=now)
     if isinstance(instance, (str, Path)):

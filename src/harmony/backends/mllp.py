@@ -5,7 +5,7 @@ A message is sent on a pooled connection to a target chosen by the shared
 breaker); the backend then waits up to ``ack_timeout_secs`` for the
 acknowledgement of *that* message (MSA-2 must name its control ID).
 
-- AA/CA: 200, the peer's ACK as body and ``context["hl7_ack"]``, so the
+- AA/CA: 200, the peer's ACK as body and ``state.hl7_ack``, so the
   ``mllp`` endpoint hands the downstream's own ACK back upstream;
 - AE/CE and timeouts: sent again after ``retry_delay_secs``, up to
   ``retries`` times (a receiver's AE means "try again"); then 500 (or 504);
@@ -41,6 +41,7 @@ from harmony.hl7.framing import FramingError, MllpDecoder, frame
 from harmony.hl7.jsonview import ViewError, to_er7
 from harmony.hl7.message import HL7Error, read_header
 from harmony.log import get_logger
+from harmony.state import ResponseState
 from harmony.targets import TargetPool
 
 log = get_logger("harmony.backends.mllp")
@@ -224,7 +225,7 @@ class MllpBackend(Backend):
             return ResponseEnvelope(
                 status=status, headers=Headers({b"content-type": [CONTENT_TYPE]}), body=raw,
                 metadata={"hl7.ack_code": info.code, "upstream_status": info.code},
-                context={"hl7_ack": raw, "hl7_ack_code": info.code, "hl7_ack_info": info})
+                state=ResponseState(hl7_ack=raw, hl7_ack_code=info.code, hl7_ack_info=info))
         finally:
             if conn is not None and conn.connected:
                 conn.transport.abortConnection()  # never reuse a connection in an unknown state

@@ -162,6 +162,6 @@ class StoreForwardBackend(Backend):
         response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
                                                "sop_class_uid": stored.sop_class_uid,
                                                "queued_for": self.target_names})
-        response.context["dimse_status"] = dimse.SUCCESS
-        response.context["stored_instance"] = stored
+        dimse.record(response, dimse.SUCCESS)
+        response.state.stored_instance = stored
         return response

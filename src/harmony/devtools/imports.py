@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     # core: the contracts every part speaks
     "__init__": CORE,
     "envelope": CORE,
+    "state": CORE,
     "pipeline": CORE,
     "config": CORE,
     "registry": CORE,

@@ -4,7 +4,7 @@
 Both are ``IBodyProducer``s that pull from the stream only once an HTTP
 response is being written, and write each match or file as it arrives; a slow
 client pauses them.  An endpoint that wants the items themselves (the DIMSE
-SCP, the DICOMweb bridge) reads ``context["dicom_results"]`` instead and never
+SCP, the DICOMweb bridge) reads ``state.dicom_results`` instead and never
 starts the body.
 """
 

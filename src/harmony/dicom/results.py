@@ -2,7 +2,7 @@
 
 A DICOM backend (``dicom_scu``, ``dicomweb`` via the bridge, ``local_archive``)
 answers a pipeline request with a :class:`ResponseEnvelope` whose
-``context["dicom_results"]`` is a :class:`ResultStream`.  Consumers - the DIMSE
+``state.dicom_results`` is a :class:`ResultStream`.  Consumers - the DIMSE
 SCP endpoint, the DICOMweb bridge, the JMIX builder, an HTTP JSON rendering -
 pull items from it *as they arrive*, so the first C-FIND match or retrieved
 instance goes onward long before the last one exists.
@@ -15,7 +15,7 @@ Requests ask for an operation through envelope metadata:
 - ``metadata["move_destination"]``: AE title for C-MOVE.
 - ``request.normalized``: the identifier as DICOM JSON (PS3.18 F.2), which is
   what middleware transforms see and edit.
-- C-STORE: ``request.context["instance"]`` is a :class:`DicomInstance`
+- C-STORE: ``request.state.dicom.instance`` is a :class:`DicomInstance`
   (or the body is Part-10 bytes / a producer with ``Content-Type: application/dicom``).
 
 Items are ``pydicom.Dataset`` identifiers for C-FIND and :class:`DicomInstance`

@@ -155,6 +155,35 @@ def http_status_for(status: int | None) -> int:
     return 502  # the PACS failed (0xC000 "unable to process" included): a gateway error
 
 
+#: The response metadata key users read the status under (``0x0000`` form): a
+#: view written by :func:`record`, never read back by Harmony's own code.
+METADATA_KEY = "dimse_status"
+
+
+def label(status: int | None) -> str:
+    """``0xC000``, or ``""`` for no status: the metadata view and metric label form."""
+    return "" if status is None else f"0x{status:04X}"
+
+
+def of_response(response) -> int | None:
+    """The DIMSE status of an answer: its result stream's (``dicom_scu``, the
+    DICOMweb backends), else ``response.state.dimse_status`` (an answer without
+    a stream: ``store_forward``, ``local_archive``, an error rendered for DIMSE).
+    The one way Harmony's code reads a status off a response."""
+    stream = response.state.dicom_results
+    if stream is not None and stream.status is not None:
+        return stream.status
+    return response.state.dimse_status
+
+
+def record(response, status: int | None, comment: str | None = None):
+    """Give *response* its DIMSE status: the typed field, and the metadata view users address."""
+    response.state.dimse_status = status
+    response.state.error_comment = comment
+    response.metadata[METADATA_KEY] = label(status)
+    return response
+
+
 __all__ = [n for n in dir() if n.isupper() or n in (
     "category", "name", "describe", "is_pending", "is_failure", "is_stored", "is_out_of_resources", "is_transient",
-    "is_unavailable", "http_status_for")]
+    "is_unavailable", "http_status_for", "label", "of_response", "record")]

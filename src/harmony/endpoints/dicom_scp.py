@@ -49,6 +49,7 @@ from harmony.errors import (
 )
 from harmony.interfaces import IComponentFactory, IEndpoint
 from harmony.log import get_logger
+from harmony.state import DicomRequestFacts, RequestState
 
 log = get_logger("harmony.endpoints.dicom_scp")
 
@@ -273,10 +274,7 @@ class DicomScpEndpoint(Service):
         op = request.metadata.get("dimse_op", "")
         status = dimse_status_for(error, op)
         resp = ResponseEnvelope.json(error.status, {"dimse_status": status, "detail": error.detail})
-        resp.metadata["dimse_status"] = f"0x{status:04X}"
-        resp.context["dimse_status"] = status
-        resp.context["error_comment"] = error.detail
-        return resp
+        return dimse.record(resp, status, error.detail)
 
     def envelope(self, assoc, context, op: str, identifier: Dataset | None = None, **extra) -> RequestEnvelope:
         md = {"protocol": "dimse", "request_id": new_request_id(), "endpoint": self.name, "dimse_op": op,
@@ -295,7 +293,8 @@ class DicomScpEndpoint(Service):
         return RequestEnvelope(method="DIMSE", path=f"/{md['called_aet']}/{op}", metadata=md,
                                normalized=normalized, client_ip=str(assoc.peer_address[0]),
                                scheme="dimse+tls" if self.tls is not None else "dimse",
-                               host=self.local_aet, context={"association": assoc})
+                               host=self.local_aet,
+                               state=RequestState(dicom=DicomRequestFacts(association=assoc)))
 
     async def run_pipeline(self, env) -> ResponseEnvelope:
         """Run *env* through the pipeline, with a deadline."""
@@ -310,12 +309,12 @@ class DicomScpEndpoint(Service):
 
     def results_of(self, response):
         """(stream, None) or (None, (failure status, comment))."""
-        stream = response.context.get("dicom_results")
+        stream = response.state.dicom_results
         if stream is None:
             # A backend that is not a DICOM one (or an error): never pass that
             # off as "success, no matches".
-            status = response.context.get("dimse_status", NO_RESULTS)
-            comment = response.context.get("error_comment") or "the pipeline gave no DICOM results"
+            status = NO_RESULTS if response.state.dimse_status is None else response.state.dimse_status
+            comment = response.state.error_comment or "the pipeline gave no DICOM results"
             return None, (status, comment)
         if stream.done and dimse.is_failure(stream.status) and stream.total() == 0:
             return None, (stream.status if stream.status is not None else NO_RESULTS, stream.error_comment)
@@ -670,15 +669,15 @@ class ScpServices:
                 await op.respond(dimse.SUCCESS)
                 return
             env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
-            env.context["instance"] = instance
+            env.state.dicom.instance = instance
             env.normalized = header
             response = await endpoint.run_pipeline(env)
-            stream = response.context.get("dicom_results")
+            stream = response.state.dicom_results
             if stream is None:
-                status = response.context.get("dimse_status")
+                status = response.state.dimse_status
                 if status is None:
                     status = dimse.SUCCESS if response.status < 300 else dimse.PROCESSING_FAILURE
-                await op.respond(status, comment=response.context.get("error_comment"))
+                await op.respond(status, comment=response.state.error_comment)
                 return
             await stream.when_counted()
             await op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,

@@ -91,21 +91,21 @@ class DicomWebEndpoint(HttpEndpointBase):
     def envelope(self, request, route):
         env = super().envelope(request, route)
         if self.public_base_url:
-            env.context["dicomweb.root"] = self.public_base_url
+            env.state.dicomweb.root = self.public_base_url
         else:
             root = public_root(request, trust_forwarded=self.trust_forwarded)
-            env.context["dicomweb.root"] = root + ("" if route.prefix == "/" else route.prefix)
+            env.state.dicomweb.root = root + ("" if route.prefix == "/" else route.prefix)
         if request.method == b"POST" and request.content is not None:
             # The body is already spooled by twisted.web; peek at its start so
             # a non-multipart body is refused before any backend sees it.
             request.content.seek(0)
-            env.context["dicomweb.body_head"] = request.content.read(_BODY_HEAD)
+            env.state.dicomweb.body_head = request.content.read(_BODY_HEAD)
             request.content.seek(0)
         return env
 
     def pre_process(self, request):
         dw = parse_path(request.method, request.subpath)
-        root = request.context.get("dicomweb.root", "")
+        root = request.state.dicomweb.root
         dw.base_url = root + (f"/aets/{dw.aet}/rs" if dw.aet else "")
         md = request.metadata
         if dw.service == QIDO:
@@ -123,7 +123,7 @@ class DicomWebEndpoint(HttpEndpointBase):
                 md["dicomweb.limit"] = str(q.limit)
             md["dicomweb.offset"] = str(q.offset)
             if warnings:
-                request.context["dicomweb.warnings"] = warnings
+                request.state.dicomweb.warnings = warnings
         elif dw.service == WADO:
             kind = _WADO_KIND[dw.resource]
             dw.accept, dw.multipart, dw.transfer_syntax = acc.negotiate(kind, request.header("accept"))
@@ -148,7 +148,7 @@ class DicomWebEndpoint(HttpEndpointBase):
             md["dicomweb.frames"] = ",".join(map(str, dw.frames))
         if dw.bulk_path:
             md["dicomweb.bulk_path"] = "/".join(dw.bulk_path)
-        request.context["dicomweb"] = dw
+        request.state.dicomweb.request = dw
         return request
 
     def _check_stow(self, request, dw):
@@ -160,7 +160,7 @@ class DicomWebEndpoint(HttpEndpointBase):
             body_coding = coding.content_coding(request.headers)
         except coding.UnsupportedCoding as e:
             raise UnsupportedMediaType(str(e)) from None
-        head = request.context.get("dicomweb.body_head")
+        head = request.state.dicomweb.body_head
         if head is None and isinstance(request.body, bytes):
             head = request.body[:_BODY_HEAD]
         if head and body_coding:
@@ -182,10 +182,10 @@ class DicomWebEndpoint(HttpEndpointBase):
 
     # -- response side
     def post_process(self, request, response):
-        dw = request.context.get("dicomweb")
+        dw = request.state.dicomweb.request
         if dw is None or dw.service != QIDO:
             return response
-        for w in request.context.get("dicomweb.warnings", ()):
+        for w in request.state.dicomweb.warnings:
             response.headers.addRawHeader("Warning", w)
         empty = response.status == 204 or (response.status == 200 and isinstance(response.body, bytes)
                                             and response.body.strip() in (b"[]", b""))

@@ -83,7 +83,7 @@ class StoreBackend:
         self.endpoint = endpoint
 
     def send(self, request):
-        error = request.context.get("jmix.error")
+        error = request.state.jmix.error
         if error is not None:
             raise error
         route = request.metadata.get(META_ROUTE)
@@ -188,7 +188,7 @@ class JmixEndpoint(HttpEndpointBase):
         except HarmonyError as e:
             if isinstance(e, NotFound):
                 e = NotFound(f"no JMIX route {env.path}")
-            env.context["jmix.error"] = e
+            env.state.jmix.error = e
 
     def envelope(self, request, route):
         env = getattr(request, "_jmix_envelope", None)
@@ -200,7 +200,7 @@ class JmixEndpoint(HttpEndpointBase):
     def needs_backend(self, env) -> bool:
         """Only a study query with no stored envelope (and no JSON index asked
         for) goes to the real backend; the store answers everything else."""
-        if env.metadata.get(META_ROUTE) != ROUTE_STUDY or "jmix.error" in env.context:
+        if env.metadata.get(META_ROUTE) != ROUTE_STUDY or env.state.jmix.error is not None:
             return False
         try:
             fmt = negotiate(env.header("accept"), allow_json=True)
@@ -211,13 +211,13 @@ class JmixEndpoint(HttpEndpointBase):
     def render_http(self, request, route):
         env = self.envelope(request, route)
         # jmix_builder may ask the same backend whether a study exists (see there).
-        env.context["jmix.pipeline"] = route.pipeline
+        env.state.jmix.pipeline = route.pipeline
         pipeline = self._store_pipeline(route.pipeline)
         if self.needs_backend(env):
             if any(getattr(mw, "builds_jmix", False) for mw in route.pipeline.middleware):
                 pipeline = route.pipeline
             else:
-                env.context["jmix.error"] = ConfigurationFailure(
+                env.state.jmix.error = ConfigurationFailure(
                     f"endpoint {self.name!r}: its pipeline needs the jmix_builder middleware to build envelopes")
         return super().render_http(request, _RouteWith(route, pipeline))
 

@@ -40,6 +40,7 @@ from harmony.hl7.jsonview import to_view
 from harmony.hl7.message import APPLICATION_INTERNAL_ERROR, CHARSETS, DUPLICATE_KEY, HL7Error, V2Message, parse_message
 from harmony.interfaces import IComponentFactory, IEndpoint
 from harmony.log import get_logger
+from harmony.state import RequestState
 
 log = get_logger("harmony.endpoints.mllp")
 
@@ -320,7 +321,7 @@ class MllpEndpoint(Service):
     def error_response(self, error: HarmonyError, request):
         hl7_error = hl7_error_for(error)
         resp = ResponseEnvelope.json(error.status, {"detail": error.detail})
-        resp.context["hl7_error"] = hl7_error
+        resp.state.hl7_error = hl7_error
         resp.metadata["hl7.ack_code"] = hl7_error.ack_code
         return resp
 
@@ -335,7 +336,7 @@ class MllpEndpoint(Service):
                                metadata=md, normalized=to_view(message) if self.json_view else None,
                                client_ip=peer,
                                scheme="mllps" if secure else "mllp", host=self.name,
-                               context={"hl7_message": message})
+                               state=RequestState(hl7_message=message))
 
     async def handle(self, raw: bytes, peer: str, secure: bool = False) -> list[bytes]:
         """One message in, the ACK(s) to send back (possibly none in enhanced mode)."""
@@ -388,12 +389,12 @@ class MllpEndpoint(Service):
                 response = await d
             except defer.TimeoutError:
                 response = self.error_response(BackendTimeout("the pipeline did not answer in time"), request)
-        downstream = response.context.get("hl7_ack")  # an MLLP backend's peer's own ACK
-        error = response.context.get("hl7_error")
+        downstream = response.state.hl7_ack  # an MLLP backend's peer's own ACK
+        error = response.state.hl7_error
         if error is not None:
             code, text = error.ack_code, error.text
         elif downstream is not None:
-            code, text = response.context.get("hl7_ack_code", hack.ACCEPT), ""
+            code, text = response.state.hl7_ack_code or hack.ACCEPT, ""
         elif 200 <= response.status < 300:
             code, text = hack.ACCEPT, ""
         else:

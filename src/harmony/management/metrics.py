@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import harmony
+from harmony.dicom import status as dimse
 from harmony.envelope import body_length
 from harmony.storage.metrics import LiveRuntimeCollector
 from harmony.targets.target import CIRCUIT_STATES
@@ -175,7 +176,7 @@ class HarmonyMetrics:
                 child(self.bytes_out, endpoint).inc(n)
             op = md.get("dimse_op")
             if op:
-                status = response.metadata.get("dimse_status", "")
+                status = dimse.label(dimse.of_response(response))
                 self.dimse.labels(name, endpoint, op if op in DIMSE_OPS else "other",
                                   status if _DIMSE_STATUS.match(status) else "other").inc()
 

@@ -58,7 +58,7 @@ from harmony.deid.profile import KEEP
 from harmony.dicom.files import Staging
 from harmony.dicom.render import ResultBodyProducer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, OPERATIONS, DicomInstance, ResultStream
-from harmony.dicom.status import SUCCESS, WARNING_SUBOPS
+from harmony.dicom.status import SUCCESS, WARNING_SUBOPS, record
 from harmony.envelope import ResponseEnvelope, media_type, read_body
 from harmony.errors import BadRequest, PayloadTooLarge
 from harmony.log import get_logger
@@ -70,7 +70,6 @@ log = get_logger("harmony.middleware.deidentify")
 STAGED_MAX_AGE_SECS = 3600
 STAGING_SWEEP_SECS = 300
 _UID_KEYS = ("0020000D", "0020000E", "00080018")
-_HIDDEN_DICOMWEB = "deidentify.dicomweb"
 _PATIENT_ID = "00100020"
 
 
@@ -169,11 +168,12 @@ class Deidentify(Middleware):
             raise BadRequest("the deidentify middleware passes DICOM operations only (C-ECHO, C-FIND, C-GET, "
                              "C-MOVE, C-STORE; or a Part-10 body with Content-Type application/dicom)")
         request.metadata["dimse_op"] = op
-        if "dicomweb" in request.context:
+        if request.state.dicomweb.request is not None:
             # A DICOMweb request the bridge turned into this DIMSE operation: the backend must answer the
             # operation (whose identifier and instance are de-identified here), never forward the client's
             # HTTP request as it came (the dicomweb backend would).  Put back for the bridge on the way out.
-            request.context[_HIDDEN_DICOMWEB] = request.context.pop("dicomweb")
+            request.state.deid_hidden_dicomweb = request.state.dicomweb.request
+            request.state.dicomweb.request = None
         if op == C_STORE:
             return self._store_request(request)
         if op in (C_FIND, C_GET, C_MOVE):
@@ -220,7 +220,7 @@ class Deidentify(Middleware):
                 attr_.pop("Value", None)  # no matching on what the answer will not show
 
     def _store_request(self, request):
-        instance = request.context.get("instance")
+        instance = request.state.dicom.instance
         if isinstance(instance, DicomInstance):
             return self._store_file(request, instance.path)
         if isinstance(instance, (str, Path)):
@@ -257,11 +257,10 @@ class Deidentify(Middleware):
             self.counts["quarantined"] += 1
             log.warn("deidentify {name}: quarantined an instance ({reason})", name=self.name, reason=outcome.reason)
             response = ResponseEnvelope.json(202, {"quarantined": outcome.sop_instance_uid, "reason": outcome.reason})
-            response.context["dimse_status"] = SUCCESS
-            return response
+            return record(response, SUCCESS)
         self.counts["deidentified"] += 1
-        request.context["instance"] = staged
-        request.context["deidentify.staged"] = staged
+        request.state.dicom.instance = staged
+        request.state.deid_staged = staged
         request.body = b""
         request.metadata["sop_instance_uid"] = staged.sop_instance_uid
         if header is not None:
@@ -324,18 +323,19 @@ class Deidentify(Middleware):
     # ------------------------------------------------------------------ responses
 
     def on_response(self, request, response):
-        if _HIDDEN_DICOMWEB in request.context:
-            request.context["dicomweb"] = request.context.pop(_HIDDEN_DICOMWEB)
-        staged = request.context.pop("deidentify.staged", None)
+        if request.state.deid_hidden_dicomweb is not None:
+            request.state.dicomweb.request = request.state.deid_hidden_dicomweb
+            request.state.deid_hidden_dicomweb = None
+        staged, request.state.deid_staged = request.state.deid_staged, None
         if staged is not None:
             staged.release()  # the backend has copied or sent it by now
         op = request.metadata.get("dimse_op")
-        stream = response.context.get("dicom_results")
+        stream = response.state.dicom_results
         if stream is None or op not in (C_FIND, C_GET, C_MOVE):
             return response
         out = ResultStream(on_cancel=stream.cancel)
         self._pump(stream, out, op)
-        response.context["dicom_results"] = out
+        response.state.dicom_results = out
         body = response.body
         if isinstance(body, ResultBodyProducer):
             kind = "json" if op == C_FIND else "multipart"

@@ -1,7 +1,7 @@
 """``dicom_results_json``: C-FIND results as one JSON document, paged.
 
 A DICOM backend answers C-FIND with a :class:`~harmony.dicom.results.ResultStream`
-(``response.context["dicom_results"]``).  HTTP clients that want DICOM JSON can
+(``response.state.dicom_results``).  HTTP clients that want DICOM JSON can
 take the backend's body as it is; a *transform* that reshapes the results into
 another document (a FHIR searchset Bundle) needs them whole, with the total
 and paging links a search answer carries.  This middleware, on the response
@@ -41,15 +41,12 @@ from urllib.parse import urlencode
 
 from twisted.internet import defer
 
-from harmony import jsonutil
 from harmony.dicom.dicomjson import identifier_to_json
-from harmony.dicom.status import is_failure
-from harmony.envelope import ResponseEnvelope, is_json_type, read_body
+from harmony.dicom.status import is_failure, of_response
+from harmony.envelope import ResponseEnvelope
 from harmony.errors import BackendUnavailable, BadRequest, HarmonyError
 from harmony.middleware.base import Middleware
 from harmony.web.urls import check_base_url, request_origin
-
-RESULTS = "dicom_results"
 
 
 class DicomResultsJson(Middleware):
@@ -119,29 +116,24 @@ class DicomResultsJson(Middleware):
                 stream.cancel()
                 return matches, True
 
-    @defer.inlineCallbacks
-    def _failed(self, response):
-        """The HarmonyError a backend's non-2xx DIMSE answer means."""
+    def _failed(self, request, response, status):
+        """The HarmonyError a backend's non-2xx DIMSE answer means (from its typed status)."""
         detail = f"the PACS answered with HTTP status {response.status}"
-        if is_json_type(response.header("content-type")):
-            try:
-                doc = jsonutil.loads((yield read_body(response.body, 64 * 1024)))
-                status = doc.get("dimse_status")
-                comment = doc.get("error_comment")
-                if isinstance(status, int):
-                    detail = f"the PACS answered {doc.get('dimse_op', 'the query')} with status 0x{status:04X}"
-                    if comment:
-                        detail += f" ({comment})"
-            except (ValueError, AttributeError, HarmonyError):
-                pass
-        raise HarmonyError(detail, status=response.status if response.status >= 400 else 502)
+        if status is not None:
+            detail = f"the PACS answered {request.metadata.get('dimse_op', 'the query')} with status 0x{status:04X}"
+            stream = response.state.dicom_results
+            comment = (stream.error_comment if stream is not None else None) or response.state.error_comment
+            if comment:
+                detail += f" ({comment})"
+        return HarmonyError(detail, status=response.status if response.status >= 400 else 502)
 
     @defer.inlineCallbacks
     def on_response(self, request, response):
-        stream = response.context.get(RESULTS)
+        stream = response.state.dicom_results
         if not 200 <= response.status < 300:
-            if stream is not None or "dimse_status" in response.metadata:
-                yield self._failed(response)
+            status = of_response(response)
+            if stream is not None or status is not None:
+                raise self._failed(request, response, status)
             return response
         if stream is None:
             return response

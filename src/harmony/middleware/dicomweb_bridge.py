@@ -17,7 +17,7 @@ Placed before a ``dicom_scu`` backend, behind a ``dicomweb`` endpoint, it maps
 It follows :mod:`harmony.dicom.results`: the request names the operation in
 ``metadata["dimse_op"]`` / ``["query_level"]`` and carries the identifier as
 DICOM JSON in ``request.normalized``; the backend answers with a
-``ResultStream`` in ``response.context["dicom_results"]``.  Requests that did
+``ResultStream`` in ``response.state.dicom_results``.  Requests that did
 not come through a ``dicomweb`` endpoint pass through untouched.
 """
 
@@ -83,7 +83,7 @@ class DicomWebBridge(Middleware):
     # ------------------------------------------------------------------ requests
 
     def on_request(self, request):
-        dw = request.context.get("dicomweb")
+        dw = request.state.dicomweb.request
         if dw is None:
             return request
         if dw.aet:
@@ -97,7 +97,7 @@ class DicomWebBridge(Middleware):
     def _route_aet(self, request, aet):
         """``/aets/{aet}/rs``: the pipeline backend named *aet*, or whose PACS
         has that AE title (a pipeline may hold one dicom_scu backend per PACS)."""
-        pipeline = request.context.get("pipeline")
+        pipeline = request.state.pipeline
         for backend in getattr(pipeline, "backends", ()):
             titles = set(getattr(backend, "ae_titles", ()))
             if backend.name == aet or aet in titles:
@@ -138,8 +138,8 @@ class DicomWebBridge(Middleware):
         waiting = self.cache.join(key)
         if waiting is not None:
             return waiting.addCallback(lambda body: self._metadata_response(request, dw, body))
-        request.context["dicomweb.cache_key"] = key
-        pipeline = request.context.get("pipeline")
+        request.state.dicomweb.cache_key = key
+        pipeline = request.state.pipeline
         if pipeline is not None:
             # Fetch here rather than let the pipeline carry on: a backend
             # failure would skip on_response and leave the waiters hanging.
@@ -172,10 +172,10 @@ class DicomWebBridge(Middleware):
     # ------------------------------------------------------------------ responses
 
     def on_response(self, request, response):
-        dw = request.context.get("dicomweb")
+        dw = request.state.dicomweb.request
         if dw is None or dw.service == STOW:
             return response
-        key = request.context.get("dicomweb.cache_key")
+        key = request.state.dicomweb.cache_key
         d = defer.maybeDeferred(self._respond, request, dw, response)
         d.addErrback(_as_backend_error)
         if key is not None:
@@ -186,7 +186,7 @@ class DicomWebBridge(Middleware):
         return d
 
     def _respond(self, request, dw, response):
-        stream = response.context.get("dicom_results")
+        stream = response.state.dicom_results
         if stream is None:
             if response.status >= 400:
                 return response  # an error some other step made; pass it on
@@ -206,8 +206,8 @@ class DicomWebBridge(Middleware):
         """A PACS often fails a C-GET for UIDs it does not have (Orthanc: 0xC000)
         instead of completing with no sub-operations; ask with a C-FIND whether
         the entity exists, so the client gets 404 rather than 502."""
-        error = BackendUnavailable(_dimse_detail(response), status=response.status)
-        if dw.service != WADO or response.status < 500 or request.context.get("pipeline") is None:
+        error = BackendUnavailable(_dimse_detail(request, response), status=response.status)
+        if dw.service != WADO or response.status < 500 or request.state.pipeline is None:
             raise error
         identifier = dict(request.normalized or {})
         identifier["00080052"] = {"vr": "CS", "Value": [dw.level]}
@@ -215,8 +215,8 @@ class DicomWebBridge(Middleware):
                                 metadata={**request.metadata, "dimse_op": C_FIND, "query_level": dw.level},
                                 normalized=identifier, client_ip=request.client_ip)
         try:
-            found = yield request.context["pipeline"].send_after(self, probe)
-            stream = found.context.get("dicom_results")
+            found = yield request.state.pipeline.send_after(self, probe)
+            stream = found.state.dicom_results
             first = (yield stream.next()) if stream is not None and found.status < 400 else "unknown"
         except Exception:  # noqa: BLE001 - the probe is best effort; the retrieve's own error stands
             raise error from None
@@ -292,7 +292,7 @@ class DicomWebBridge(Middleware):
 
         writer = MultipartWriter(next_part, acc.DICOM, on_stop=on_stop)
         return ResponseEnvelope(200, Headers({"Content-Type": [writer.content_type]}), writer,
-                                metadata={"dimse_status": _status(stream)})
+                                metadata={dimse.METADATA_KEY: dimse.label(stream.status)})
 
     def _instance_part(self, item, target, dw):
         if item is None:
@@ -321,7 +321,7 @@ class DicomWebBridge(Middleware):
 
     @defer.inlineCallbacks
     def _metadata_fetch(self, request, dw, stream):
-        key = request.context.get("dicomweb.cache_key")
+        key = request.state.dicomweb.cache_key
         docs = []
         try:
             while True:
@@ -397,7 +397,7 @@ class DicomWebBridge(Middleware):
 
     @defer.inlineCallbacks
     def _stow(self, request, dw):
-        pipeline = request.context.get("pipeline")
+        pipeline = request.state.pipeline
         if pipeline is None:
             raise ConfigurationFailure("dicomweb_bridge STOW needs to run inside a pipeline")
         boundary = request.metadata.get("dicomweb.boundary")
@@ -457,8 +457,9 @@ class DicomWebBridge(Middleware):
             return False, _failed_entry(sop_class, sop, dimse.STORE_DATASET_MISMATCH), dimse.STORE_DATASET_MISMATCH
         sub = RequestEnvelope(method="POST", path=request.path, subpath=request.subpath,
                               metadata={**request.metadata, "dimse_op": C_STORE},
-                              context={"instance": instance, "dicomweb": dw}, client_ip=request.client_ip,
-                              scheme=request.scheme, host=request.host)
+                              client_ip=request.client_ip, scheme=request.scheme, host=request.host)
+        sub.state.dicom.instance = instance
+        sub.state.dicomweb.request = dw
         sub.metadata.pop("query_level", None)
         try:
             response = yield pipeline.send_after(self, sub)
@@ -466,13 +467,13 @@ class DicomWebBridge(Middleware):
             log.warn("dicomweb_bridge {name}: C-STORE failed: {error}", name=self.name, error=e.detail)
             reason = getattr(e, "dimse_status", None) or dimse.PROCESSING_FAILURE  # e.g. 0xA700 from a full store
             return False, _failed_entry(sop_class, sop, reason), reason
-        status = _store_status(response)
+        status = dimse.of_response(response)
         if status is None or is_failure(status) or response.status >= 400:
             reason = status if status not in (None, 0) else dimse.PROCESSING_FAILURE
             return False, _failed_entry(sop_class, sop, reason), reason
         # A middleware that rewrote the instance (deidentify) left the one it stored in the request:
         # the answer names that one, with the coercion warning PS3.18 asks for.
-        stored = sub.context.get("instance")
+        stored = sub.state.dicom.instance
         if isinstance(stored, DicomInstance) and stored.sop_instance_uid != sop and status == 0:
             instance, sop, status = stored, stored.sop_instance_uid, dimse.STORE_COERCION
         entry = {"00081150": {"vr": "UI", "Value": [sop_class]}, "00081155": {"vr": "UI", "Value": [sop]},
@@ -550,18 +551,6 @@ def _failed(stream) -> bool:
     return stream.status is not None and is_failure(stream.status)
 
 
-def _store_status(response):
-    """A C-STORE answer's DIMSE status: the result stream's final status
-    (``dicom_scu``), or ``context["dimse_status"]`` from a backend that answers
-    without a stream once the instance is durably written (``store_forward``,
-    ``local_archive``); None when the answer says nothing."""
-    stream = response.context.get("dicom_results")
-    if stream is not None:
-        return stream.status
-    status = response.context.get("dimse_status")
-    return status if isinstance(status, int) else None
-
-
 def _as_backend_error(failure):
     """A result stream that broke (the PACS association died mid-answer) is the
     backend's failure (502), not this middleware's."""
@@ -577,10 +566,6 @@ def _nothing_retrieved(stream) -> HarmonyError:
     return NotFound("no instances match")
 
 
-def _status(stream) -> str:
-    return "" if stream.status is None else f"0x{stream.status:04X}"
-
-
 def _uid(doc, tag):
     v = doc.get(tag, {}).get("Value")
     return str(v[0]).rstrip("\0 ") if v else None
@@ -594,11 +579,12 @@ def _int(doc, tag):
         return 0
 
 
-def _dimse_detail(response) -> str:
-    if isinstance(response.normalized, dict):
-        doc = response.normalized
-        status = doc.get("dimse_status")
-        comment = doc.get("error_comment")
-        detail = f"the PACS answered {doc.get('dimse_op', 'DIMSE')} with status 0x{status or 0:04X}"
-        return detail + (f": {comment}" if comment else "")
-    return "the PACS could not serve the request"
+def _dimse_detail(request, response) -> str:
+    """What a failed DIMSE answer says, from its typed status and comment."""
+    status = dimse.of_response(response)
+    if status is None:
+        return "the PACS could not serve the request"
+    stream = response.state.dicom_results
+    comment = (stream.error_comment if stream is not None else None) or response.state.error_comment
+    detail = f"the PACS answered {request.metadata.get('dimse_op', 'DIMSE')} with status 0x{status:04X}"
+    return detail + (f": {comment}" if comment else "")

@@ -97,8 +97,6 @@ PASSIVE = {"_count", "_offset", "_getpagesoffset", "_format", "_pretty", "_summa
 DATE = re.compile(r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?"
                   r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T[0-9:.]+(?:Z|[+-]\d{2}:\d{2})?)?)?)?$")
 DICOM_UID_SYSTEM = "urn:dicom:uid"
-#: request.context key marking a read (its value: the id asked for).
-READ = "fhir_cfind.read"
 #: A read's id is this key's value, at each level.
 ID_KEY = {"PATIENT": ("PatientID", "string"), "STUDY": ("StudyInstanceUID", "uid"),
           "SERIES": ("SeriesInstanceUID", "uid"), "IMAGE": ("SOPInstanceUID", "uid")}
@@ -299,8 +297,8 @@ class FhirCFind(Middleware):
             raise NotAcceptable("this search answers in application/fhir+json only")
         if interaction == "read":
             # A read is the search for that one id; on_response unwraps the Bundle.
-            request.context[READ] = md.get("fhir.id", "")
-            request.normalized = self.identifier([], read_id=request.context[READ])
+            request.state.fhir_read_id = md.get("fhir.id", "")
+            request.normalized = self.identifier([], read_id=request.state.fhir_read_id)
         else:
             strict = "handling=strict" in (request.header("prefer") or "").replace(" ", "").lower()
             pairs = await self._search_params(request)
@@ -310,7 +308,7 @@ class FhirCFind(Middleware):
         return request
 
     def on_response(self, request, response):
-        rid = request.context.get(READ)
+        rid = request.state.fhir_read_id
         if rid is None or not 200 <= response.status < 300:
             return response
         bundle = response.normalized

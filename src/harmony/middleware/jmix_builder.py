@@ -8,7 +8,7 @@ Otherwise the request is turned into a study-level retrieve for a DICOM backend
 DICOM JSON in ``request.normalized``; a ``dicom_scu`` backend configured for
 C-MOVE fetches the same way through its own store SCP).
 
-On the way back it drains ``response.context["dicom_results"]`` (the
+On the way back it drains ``response.state.dicom_results`` (the
 :mod:`harmony.dicom.results` contract: C-GET/C-MOVE items are
 :class:`DicomInstance` files), builds the envelope off the reactor, stores and
 indexes it, releases the backend's staged files and answers with the archive.
@@ -36,7 +36,6 @@ from harmony.middleware.base import Middleware
 
 log = get_logger("harmony.jmix")
 
-BUILD_KEY = "jmix.build_study"
 _META_STUDY = "jmix.study_uid"  # set by harmony.endpoints.jmix (kept literal to avoid importing it)
 _META_ROUTE = "jmix.route"
 
@@ -109,7 +108,7 @@ class JmixBuilder(Middleware):
     def _cached_or_build(self, env_id, request, uid, fmt):
         if env_id is not None:
             return envelope_response(self.store, env_id, fmt, request.method, self.reactor)
-        request.context[BUILD_KEY] = (uid, fmt)
+        request.state.jmix.build = (uid, fmt)
         # A retrieve to us: whether the PACS is asked by C-GET or by C-MOVE to the
         # proxy's own store SCP is the DICOM backend's configuration, not ours.
         request.metadata["dimse_op"] = C_GET
@@ -121,11 +120,11 @@ class JmixBuilder(Middleware):
     # -- way back
     @defer.inlineCallbacks
     def on_response(self, request, response):
-        wanted = request.context.get(BUILD_KEY)
+        wanted = request.state.jmix.build
         if wanted is None:
             return response
         uid, fmt = wanted
-        stream = response.context.get("dicom_results")
+        stream = response.state.dicom_results
         if stream is None:
             if response.status >= 400:
                 return response  # the backend's own error, passed on
@@ -162,9 +161,9 @@ class JmixBuilder(Middleware):
         PACSes answer a retrieve of an unknown study differently - Orthanc with
         0xC000 "unable to process", others with success and no instances - so a
         failed, empty retrieve is told apart from a missing study by asking.
-        The ``jmix`` endpoint passes its pipeline in ``request.context``.
+        The ``jmix`` endpoint passes its pipeline in ``request.state.jmix.pipeline``.
         """
-        pipeline = request.context.get("jmix.pipeline")
+        pipeline = request.state.jmix.pipeline
         if pipeline is None:
             return None
         find = RequestEnvelope(method="GET", path=request.path, metadata={
@@ -172,7 +171,7 @@ class JmixBuilder(Middleware):
             normalized={"00080052": {"vr": "CS", "Value": ["STUDY"]}, "0020000D": {"vr": "UI", "Value": [uid]}})
         try:
             response = yield pipeline.select_backend(request).send(find)
-            stream = response.context.get("dicom_results")
+            stream = response.state.dicom_results
             if stream is None:
                 return None
             matches = yield stream.collect()

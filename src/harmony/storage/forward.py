@@ -3,7 +3,7 @@
 One :class:`StoreForward` service serves one store and a set of targets, each
 a backend reached through its ordinary ``send()``: for a DICOM instance a
 C-STORE request envelope (``metadata["dimse_op"] = "C-STORE"``,
-``context["instance"]`` a :class:`~harmony.dicom.results.DicomInstance` of
+``state.dicom.instance`` a :class:`~harmony.dicom.results.DicomInstance` of
 the store's file, a Part-10 body for HTTP-family backends); for an HL7 v2
 message the message's bytes with its ``hl7.*`` metadata, as the ``mllp``
 endpoint made them (the ``mllp`` backend answers 200 for AA, 500 for AE,
@@ -39,6 +39,7 @@ from harmony.dicom.results import C_STORE, ResultStream
 from harmony.envelope import RequestEnvelope, new_request_id, read_body
 from harmony.errors import HarmonyError
 from harmony.log import get_logger
+from harmony.state import DicomRequestFacts, RequestState
 from harmony.storage import queue as q
 from harmony.storage.bodies import FileProducer
 from harmony.storage.errors import StorageFailure
@@ -106,34 +107,21 @@ def hl7_outcome(code: str, info=None) -> Outcome:
     return Outcome(False, permanent=code in ("AR", "CR"), detail=detail)
 
 
-def _as_int(value):
-    if value is None or value == "":
-        return None
-    if isinstance(value, int):
-        return value
-    try:
-        return int(str(value), 0)
-    except ValueError:
-        return None
-
-
 @defer.inlineCallbacks
 def classify_response(response) -> Outcome:
     """What a backend's answer to a C-STORE (or an HL7 message) means for the queue."""
-    ack_code = response.context.get("hl7_ack_code")
+    ack_code = response.state.hl7_ack_code
     if ack_code is not None:
-        return hl7_outcome(ack_code, response.context.get("hl7_ack_info"))
-    status = _as_int(response.context.get("dimse_status"))
-    if status is None:
-        status = _as_int(response.metadata.get("dimse_status"))
-    stream = response.context.get("dicom_results")
+        return hl7_outcome(ack_code, response.state.hl7_ack_info)
+    status = response.state.dimse_status
+    stream = response.state.dicom_results
     if status is None and isinstance(stream, ResultStream):
         yield stream.collect()
         status = stream.status
         if status is not None:
             return dimse_outcome(status, stream.error_comment)
     if status is not None:
-        return dimse_outcome(status, response.metadata.get("dimse_error"))
+        return dimse_outcome(status, response.state.error_comment)
     detail = ""
     if not 200 <= response.status < 300:
         try:
@@ -186,7 +174,7 @@ def delivery_request(instance, target: str, attempt: int) -> RequestEnvelope:
         metadata={"protocol": "store_forward", "dimse_op": C_STORE, "request_id": new_request_id(),
                   "sop_class_uid": instance.sop_class_uid, "sop_instance_uid": instance.sop_instance_uid,
                   "store_forward.target": target, "store_forward.attempt": str(attempt)},
-        context={"instance": instance})
+        state=RequestState(dicom=DicomRequestFacts(instance=instance)))
 
 
 class StoreForward(Service):
