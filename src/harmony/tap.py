@@ -14,7 +14,7 @@ import sys
 
 from harmony import log as hlog
 from harmony.runtime import load_runtime
-from harmony.service import HarmonyService
+from harmony.service import HarmonyService, settle_heap
 from harmony.workers import WorkerPool
 
 log = hlog.get_logger("harmony.service")
@@ -41,7 +41,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         atexit.register(_exit_failed)
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
+    reactor.callWhenRunning(lambda: service.when_listening().addCallbacks(lambda _: settle_heap(), not_listening))
     if runtime.config.proxy.workers > 1:
         WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)
     return service
