@@ -480,3 +480,51 @@ async def test_an_upstream_that_stops_reading_pauses_the_request_body(upstream):
     d.cancel()
     with pytest.raises(defer.CancelledError):
         await d
+
+
+# ------------------------------------------------- through Harmony's http backend
+
+
+@pytest.fixture
+def proxied(tmp_path, upstream):
+    """A Harmony (in-process) whose /api proxies to a scripted upstream: (factory, Harmony)."""
+    from tests.harness import MINIMAL_MAIN, proxy_pipeline, start_harmony, write_config
+    running = []
+
+    async def make(*script):
+        factory, base, _client = upstream(*script)
+        config = write_config(tmp_path, MINIMAL_MAIN, {"p": proxy_pipeline(base.decode(), timeout_secs=5)})
+        running.append(await start_harmony(config))
+        return factory, running[0]
+
+    yield make
+    for harmony in running:
+        pytest_twisted.blockon(harmony.stop())
+
+
+async def get(url):
+    import treq
+    response = await treq.get(url).addTimeout(SAFETY, reactor)
+    return response, await response.content()
+
+
+@pytest.mark.parametrize("answer", [
+    b"SSH-2.0-OpenSSH_9.2\r\n\r\n",  # not HTTP
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 * MAX_HEAD_BYTES) + b"\r\n\r\n",  # a head over the limit
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",  # two lengths: smuggling
+], ids=["garbage", "oversized-head", "two-lengths"])
+@pytest_twisted.ensureDeferred
+async def test_a_broken_upstream_answer_is_a_502_problem(proxied, answer):
+    import json
+    factory, harmony = await proxied(answer)
+    response, body = await get(harmony.url("/api/x"))
+    assert response.code == 502
+    assert response.headers.getRawHeaders("content-type") == ["application/problem+json"]
+    assert json.loads(body)["status"] == 502
+
+
+@pytest_twisted.ensureDeferred
+async def test_leftover_bytes_never_become_the_next_clients_answer(proxied):
+    factory, harmony = await proxied(ok(b"first") + ok(b"smuggled"), ok(b"second"))
+    assert (await get(harmony.url("/api/a")))[1] == b"first"
+    assert (await get(harmony.url("/api/b")))[1] == b"second"
