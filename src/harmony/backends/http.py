@@ -67,10 +67,10 @@ def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
 def client_side_cause(failure):
     """The client-side cause inside one of Agent's wrapper failures, or None.
 
-    Agent reports "we cancelled the request" (our client hung up) as
-    ResponseNeverReceived([CancelledError]), and a request body that failed
-    (an upload cut mid-body, one over the size limit) as
-    RequestGenerationFailed([...]): neither is the upstream's doing, and
+    The upstream client (like ``Agent``) reports a request body that failed (an
+    upload cut mid-body, one over the size limit) as RequestGenerationFailed([...]),
+    and ``Agent`` reported "we cancelled the request" (our client hung up) as
+    ResponseNeverReceived([CancelledError]): neither is the upstream's doing, and
     mapping them to 502 "upstream closed the connection" would count them
     against the target.
     """
@@ -101,8 +101,8 @@ class HttpBackend(Backend):
         target_pool.tls_policy = PerTargetTLSPolicy(target_pool.targets)
         endpoints = DirectEndpointFactory(reactor, connect_timeout or timeout, target_pool.tls_policy)
         # A pooled keep-alive connection the upstream already closed fails before
-        # any answer: the client then sends an idempotent request whose body it can
-        # replay once more on a fresh connection.  That is transport hygiene, not a
+        # any answer: the client then sends an idempotent request without a body
+        # once more on a fresh connection (harmony.web.upstream_client).  That is transport hygiene, not a
         # retry policy (those live in the target pool), and without it a stale
         # connection shows up as a 502 that opens the circuit.
         self.client = UpstreamClient(reactor, endpoints, max_idle_per_target=max_connections, log=log)
