@@ -86,7 +86,9 @@ def settle_heap() -> None:
     full collections every few hundred requests.  ``gc.freeze()`` moves the start-up
     objects to the permanent generation; a larger young generation lets a request's
     objects be freed by reference counting before a collection sees them.  Cycles are
-    still collected; the young generation costs a few MB more at most.
+    still collected, except among frozen objects dropped later (a reloaded config's
+    cycles, at most: reference counting still frees the rest); the young generation
+    costs a few MB more at most.
     """
     gc.collect()
     gc.freeze()
