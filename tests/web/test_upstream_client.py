@@ -528,3 +528,27 @@ async def test_leftover_bytes_never_become_the_next_clients_answer(proxied):
     factory, harmony = await proxied(ok(b"first") + ok(b"smuggled"), ok(b"second"))
     assert (await get(harmony.url("/api/a")))[1] == b"first"
     assert (await get(harmony.url("/api/b")))[1] == b"second"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_never_accepts_is_a_504_after_the_connect_timeout(tmp_path):
+    """A listening socket whose accept queue is full: the kernel drops further SYNs,
+    so connecting hangs as it does to a host that is down."""
+    import json
+    import socket
+
+    from tests.harness import MINIMAL_MAIN, proxy_pipeline, start_harmony, write_config
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)  # takes the one place in the queue
+    harmony = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"p": proxy_pipeline(
+        f"http://127.0.0.1:{port}", timeout_secs=30, connect_timeout_secs=0.3)}))
+    try:
+        response, body = await get(harmony.url("/api/x"))
+        assert response.code == 504 and json.loads(body)["detail"] == "timed out connecting to upstream"
+    finally:
+        await harmony.stop()
+        filler.close()
+        full.close()
