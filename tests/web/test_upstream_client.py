@@ -552,3 +552,30 @@ async def test_an_upstream_that_never_accepts_is_a_504_after_the_connect_timeout
         await harmony.stop()
         filler.close()
         full.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_came_with_its_head_is_whole_a_longer_one_streams(upstream):
+    factory, base, client = upstream(ok(b"small"), b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+    small = await client.request(b"GET", base + b"/").addTimeout(SAFETY, reactor)
+    assert small.whole_body() == b"small"
+    assert client.idle_connections() == 1  # back in the pool before anyone read the body
+    partial = await client.request(b"GET", base + b"/").addTimeout(SAFETY, reactor)
+    assert partial.whole_body() is None
+    sink = Collect()
+    partial.deliverBody(sink)
+    factory.connections[0].transport.write(b"-rest")
+    await sink.done.addTimeout(SAFETY, reactor)
+    assert sink.data == b"first-rest" and sink.reason.check(ResponseDone)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_upstream_body_passes_through_uncompressed_to_a_gzip_client(proxied):
+    from tests.harness import raw_exchange
+    plain = b'{"a": "' + b"x" * 4000 + b'"}'
+    factory, harmony = await proxied(ok(plain, b"Content-Type: application/json\r\n"))
+    answer = await raw_exchange(harmony.port(), b"GET /api/x HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n"
+                                                b"X-Forwarded-For: 198.51.100.7\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-encoding" not in head.lower(), head  # the upstream's choice stands
+    assert body == plain

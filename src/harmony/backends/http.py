@@ -19,7 +19,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
-from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
+from harmony.backends.streams import DeadlineBody, ResponseBodyProducer, UpstreamBytes
 from harmony.backends.target_tls import PerTargetTLSPolicy
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
@@ -132,9 +132,19 @@ class HttpBackend(Backend):
     def build_response(self, request, response) -> ResponseEnvelope:
         return ResponseEnvelope(
             status=response.code, reason=response.phrase,
-            headers=end_to_end(response.headers), body=self.body_producer(response),
+            headers=end_to_end(response.headers), body=self.passthrough_body(response),
             metadata={"upstream_status": str(response.code)},
         )
+
+    def passthrough_body(self, response):
+        """The upstream body as bytes when it all came with the head (most small
+        answers: no producer, timer or Deferreds to write it), else as a stream."""
+        whole = getattr(response, "whole_body", None)
+        if whole is not None:
+            data = whole()
+            if data is not None:
+                return UpstreamBytes(data)
+        return self.body_producer(response)
 
     def body_producer(self, response) -> ResponseBodyProducer:
         """The upstream body as a stream, failed if the upstream stalls for timeout_secs."""

@@ -112,6 +112,11 @@ class UpstreamResponse:
     def deliverBody(self, protocol):
         self._exchange.deliver(protocol)
 
+    def whole_body(self) -> bytes | None:
+        """The body as bytes if all of it arrived with the head (most small answers
+        do), taken instead of :meth:`deliverBody`; None when it is still coming."""
+        return self._exchange.take_whole()
+
 
 class _BodyTransport:
     """What a ``deliverBody`` protocol sees as its transport: flow control on the
@@ -200,6 +205,15 @@ class _Exchange:
         else:
             self.outcome = outcome
 
+    def take_whole(self) -> bytes | None:
+        outcome = self.outcome
+        if self.protocol is not None or outcome is None or not outcome.check(ResponseDone, PotentialDataLoss):
+            return None
+        self.protocol = _TAKEN
+        self.outcome = None
+        buffered, self.buffered = self.buffered, []
+        return b"".join(buffered)
+
     def deliver(self, protocol):
         if self.protocol is not None:
             raise RuntimeError("the body of this response was already delivered")
@@ -213,6 +227,10 @@ class _Exchange:
             self.outcome = None
         elif self.connection is not None and self.connection.transport is not None:
             self.connection.transport.resumeProducing()  # paused until someone wanted the body
+
+
+#: An exchange's ``protocol`` once its whole body was taken as bytes.
+_TAKEN = Protocol()
 
 
 class _BodyWriter:
@@ -381,16 +399,19 @@ class _Connection(Protocol):
             return
         if self.exchange is not exchange:
             return  # finished (and possibly reused) inside the parser's callbacks
+        answer = None
         if self.head_seen and exchange.response is None:
-            self._answer()
-            if self.exchange is not exchange:
-                return
+            answer = self._answer()
         if self.message_done:
             if exchange.method == b"HEAD" and not data.endswith(b"\r\n\r\n"):
                 self.reusable = False  # a HEAD answer's body (if any) would poison the next answer
+            # Before the head is handed on: whoever gets it finds the body whole
+            # (UpstreamResponse.whole_body) and this connection back in the pool.
             self._finish_body()
-        elif exchange.response is not None and exchange.protocol is None and not self.lost:
+        elif answer is not None and not self.lost:
             self.transport.pauseProducing()  # hold the rest until someone reads the body
+        if answer is not None:
+            exchange.answered(answer)  # (deliverBody resumes the connection)
 
     def _broken(self, error):
         exchange = self.exchange
@@ -480,7 +501,7 @@ class _Connection(Protocol):
             self.delimited = True
             self.message_done = True  # llhttp would wait for a HEAD answer's body
         self.pairs = []
-        exchange.answered(UpstreamResponse(exchange, code, self.phrase, headers, length))
+        return UpstreamResponse(exchange, code, self.phrase, headers, length)
 
     def _finish_body(self):
         exchange = self.exchange
@@ -513,7 +534,7 @@ class _Connection(Protocol):
         exchange = self.exchange
         if exchange.response is None:
             if self.head_seen:
-                self._answer()
+                exchange.answered(self._answer())
             else:
                 if not self.bytes_in and self.uses > 1 and exchange.retryable and not exchange.cancelled:
                     # A keep-alive connection the upstream had closed: it never saw this request.
