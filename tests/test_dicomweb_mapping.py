@@ -150,6 +150,47 @@ async def test_multipart_writer_sends_each_instance_as_it_arrives(tmp_path):
     assert writer.parts_written == 3 and not any(f.path.exists() for f in files)
 
 
+@pytest_twisted.ensureDeferred
+async def test_multipart_writer_parts_of_several_blocks_round_trip(tmp_path):
+    """Parts longer than a block, data and file parts mixed: the body parses back to the same bytes."""
+    from harmony.dicomweb.multipart import CHUNK
+    big = tmp_path / "big.dcm"
+    big.write_bytes(bytes(range(256)) * (CHUNK * 2 // 256 + 3))
+    parts = [Part("application/dicom", path=big), Part("application/dicom", data=b"small\r\n--not-the-boundary"),
+             Part("application/dicom", path=big)]
+    writer = MultipartWriter(lambda: defer.succeed(parts.pop(0) if parts else None), "application/dicom",
+                             boundary="BND")
+    consumer = Consumer()
+    await writer.startProducing(consumer)
+    parser = StowParser("BND", tmp_path / "parsed")
+    parser.feed(consumer.data)
+    got = [Path(p.path).read_bytes() for p in parser.close()]
+    assert got == [big.read_bytes(), b"small\r\n--not-the-boundary", big.read_bytes()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_multipart_writer_fails_the_body_when_a_file_ends_early(tmp_path):
+    """A file cut short while it is sent must not end as a complete part of
+    the announced length: the producer fails, so the connection is cut."""
+    from harmony.dicomweb.multipart import CHUNK
+    path = tmp_path / "shrinks.dcm"
+    path.write_bytes(b"x" * (CHUNK * 3))
+
+    class Truncating(Consumer):
+        def write(self, data):
+            super().write(data)
+            with open(path, "r+b") as f:
+                f.truncate(CHUNK + 10)  # after the first block went out
+
+    parts = [Part("application/dicom", path=path)]
+    writer = MultipartWriter(lambda: defer.succeed(parts.pop(0) if parts else None), "application/dicom",
+                             boundary="BND")
+    consumer = Truncating()
+    with pytest.raises(OSError, match="ended"):
+        await writer.startProducing(consumer)
+    assert not consumer.data.endswith(b"--BND--\r\n")
+
+
 def test_multipart_bytes_round_trip(tmp_path):
     body, ctype = multipart_bytes([Part("application/octet-stream", data=b"a\r\n--x"), Part("application/octet-stream", data=b"")],
                                   "application/octet-stream", boundary="q1")

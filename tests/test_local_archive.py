@@ -4,6 +4,7 @@ the same corpus (the session ``orthanc`` fixture), queried with pynetdicom."""
 
 from __future__ import annotations
 
+import pydicom
 import pytest
 import pytest_twisted
 from pydicom.dataset import Dataset
@@ -235,3 +236,97 @@ async def test_cancel_stops_the_scan(archive):
     stream.cancel()
     rest = await stream.collect()
     assert stream.status == 0xFE00 and rest == list(range(1, len(rest) + 1))
+
+
+# ---------------------------------------------------------------------- DICOM JSON read path (issue 14)
+
+def _ascii_and_unicode_store(new_store, tmp_path, corpus):
+    """The corpus plus an instance whose name is not ASCII, on a fresh store."""
+    from tests.dicom_data import make_instance, save
+    store = new_store(tmp_path / "store", min_free_bytes=0)
+    for inst in corpus:
+        store.put_file_sync(inst.path)
+    ds = make_instance(patient_id="UNI001", patient_name="Yamada^Tarou=山田^太郎", study_uid=UID_ROOT + "77.1",
+                       series_uid=UID_ROOT + "77.1.1", sop_uid=UID_ROOT + "77.1.1.1", study_description="Ωμέγα")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    store.put_file_sync(save(ds, tmp_path / "unicode.dcm"))
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_matches_as_dicom_json_equal_the_dataset_round_trip(new_store, tmp_path, corpus):
+    """The bridge's hint (results_as = dicom+json) skips the Dataset round trip;
+    the QIDO answer it makes must be the one it made from Datasets."""
+    from harmony.dicom.results import DICOM_JSON, RESULTS_AS
+    from harmony.dicomweb.dicomjson import find_result_json, find_result_to_json
+    store = _ascii_and_unicode_store(new_store, tmp_path, corpus)
+    pipeline = Pipeline("archive", [], [LocalArchiveBackend("archive", store)])
+    unicode_study = identifier("STUDY", **{**STUDY_KEYS, "PatientName": "山田*", "SpecificCharacterSet": ""})
+    cases = [(model, ds) for model, _what, ds in QUERIES] + [("study", unicode_study)]
+    try:
+        for model, ds in cases:
+            plain, _ = await archive_call(pipeline, "C-FIND", ds, model)
+            request = RequestEnvelope(method="POST", metadata={
+                "dimse_op": "C-FIND", "query_level": ds.QueryRetrieveLevel, "query_model": model,
+                RESULTS_AS: DICOM_JSON}, normalized=ds.to_json_dict())
+            response = await pipeline.handle(request, Endpoint())
+            fast = await response.state.dicom_results.collect()
+            assert plain and all(isinstance(d, dict) for d in fast)
+            assert [find_result_json(d) for d in fast] == [find_result_to_json(d) for d in plain]
+        # The non-ASCII match declares UTF-8 on both paths.
+        assert any(d.get("00080005", {}).get("Value") == ["ISO_IR 192"] for d in fast)
+    finally:
+        store.close()
+
+
+def _file_metadata(inst) -> str:
+    import json
+
+    from harmony.dicomweb.cache import BASE_PLACEHOLDER
+    from harmony.dicomweb.dicomjson import instance_metadata
+    from harmony.dicomweb.routes import resource_path
+    base = BASE_PLACEHOLDER + resource_path(inst.study_instance_uid, inst.series_instance_uid,
+                                            inst.sop_instance_uid)
+    return json.dumps(instance_metadata(inst.path, base), separators=(",", ":"))
+
+
+def _with_metadata(store):
+    return list(store.instances_sync(identifier("PATIENT", PatientID="*"), "PATIENT", "patient", metadata=True))
+
+
+def test_metadata_made_at_ingest_is_what_the_file_gives(new_store, tmp_path, corpus):
+    store = _ascii_and_unicode_store(new_store, tmp_path, corpus)
+    try:
+        found = _with_metadata(store)
+        assert len(found) == len(corpus) + 1
+        for inst in found:
+            assert inst.metadata_json == _file_metadata(inst), inst.sop_instance_uid
+            # The sort key sent with it (the bridge sorts by it without parsing the text).
+            assert inst.instance_number == int(pydicom.dcmread(inst.path).get("InstanceNumber") or 0)
+        assert store.read_sync(lambda c: c.execute(
+            "SELECT count(*) FROM instances WHERE metadata IS NULL").fetchone()[0]) == 0
+    finally:
+        store.close()
+
+
+def test_an_index_older_than_the_metadata_column_is_upgraded_in_place(new_store, tmp_path, corpus):
+    """An archive an earlier Harmony made (no metadata column) opens, gains the
+    column, answers metadata from the files and keeps it for the next time."""
+    root = tmp_path / "store"
+    store = new_store(root, min_free_bytes=0)
+    for inst in corpus:
+        store.put_file_sync(inst.path)
+    store.write_sync(lambda c: c.execute("ALTER TABLE instances DROP COLUMN metadata"))  # the old schema
+    store.close()
+    store = new_store(root, min_free_bytes=0)
+    try:
+        assert store.read_sync(lambda c: c.execute(
+            "SELECT count(*) FROM instances WHERE metadata IS NULL").fetchone()[0]) == len(corpus)
+        found = _with_metadata(store)
+        assert sorted(i.sop_instance_uid for i in found) == sorted(i.sop_uid for i in corpus)
+        for inst in found:
+            assert inst.metadata_json == _file_metadata(inst)
+        kept = dict(store.read_sync(lambda c: c.execute("SELECT sop_uid, metadata FROM instances").fetchall()))
+        assert kept == {i.sop_instance_uid: i.metadata_json for i in found}
+    finally:
+        store.close()

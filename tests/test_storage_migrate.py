@@ -94,3 +94,42 @@ async def test_migrate_moves_index_and_queues_without_losing_an_entry(postgres, 
     # The database is no longer empty: a second run refuses and changes nothing.
     assert harmony_main(["storage", "migrate", "--from", str(root), "--dsn", dsn]) == 1
     assert "already holds rows" in capsys.readouterr().err
+
+
+def _metadata(store):
+    return dict(store.read_sync(lambda c: c.execute("SELECT sop_uid, metadata FROM instances").fetchall()))
+
+
+def test_migrate_keeps_metadata_and_takes_an_index_older_than_its_column(postgres, corpus, tmp_path, capsys):
+    """Each instance's WADO-RS metadata (made at ingest) is copied as it is; a
+    sqlite index made before that column existed migrates too, and PostgreSQL
+    then makes the metadata when first asked for."""
+    from pydicom.dataset import Dataset
+    stores = {}
+    for name, old in (("current", False), ("old", True)):
+        root = tmp_path / name
+        lite = InstanceStore(root, min_free_bytes=0)
+        for inst in corpus[:4]:
+            lite.put_file_sync(inst.path)
+        kept = _metadata(lite)
+        assert all(kept.values())
+        if old:
+            lite.write_sync(lambda c: c.execute("ALTER TABLE instances DROP COLUMN metadata"))
+        lite.close()
+        dsn = postgres.new_database()
+        assert harmony_main(["storage", "migrate", "--from", str(root), "--dsn", dsn]) == 0
+        capsys.readouterr()
+        stores[name] = (InstanceStore(root, min_free_bytes=0, database=PostgresDatabase(dsn), node="n"), kept)
+    try:
+        current, kept = stores["current"]
+        assert _metadata(current) == kept
+        old, kept = stores["old"]
+        assert set(_metadata(old).values()) == {None}
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "PATIENT"
+        ident.PatientID = "*"
+        found = list(old.instances_sync(ident, "PATIENT", "patient", metadata=True))
+        assert {i.sop_instance_uid: i.metadata_json for i in found} == kept == _metadata(old)
+    finally:
+        for store, _ in stores.values():
+            store.close()

@@ -63,25 +63,30 @@ def make_series(folder: Path, count: int) -> list[Path]:
     for n in range(1, count + 1):
         ds = make_instance(patient_id="BENCHGZ", study_uid=STUDY, series_uid=SERIES,
                            sop_uid=f"{SERIES}.{n}", instance_number=n, seed=n)
-        z = -250.0 + n * 1.25
-        ds.ImagePositionPatient = [f"{-175.0 + rng.random():.6f}", f"{-180.0 + rng.random():.6f}", f"{z:.2f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.SliceLocation = f"{z:.2f}"
-        ds.SliceThickness = "1.25"
-        ds.PixelSpacing = ["0.683594", "0.683594"]
-        ds.AcquisitionTime = f"1015{n % 60:02d}.{rng.randrange(10**6):06d}"
-        ds.ContentTime = f"1016{n % 60:02d}.{rng.randrange(10**6):06d}"
-        ds.WindowCenter = str(rng.choice((40, 50, 60, 400)))
-        ds.WindowWidth = str(rng.choice((350, 400, 1500)))
-        ds.KVP = "120"
-        ds.XRayTubeCurrent = str(rng.randrange(100, 400))
-        ds.Exposure = str(rng.randrange(50, 300))
-        ds.CTDIvol = round(rng.uniform(5, 15), 4)
-        ds.DataCollectionDiameter = "500"
-        ds.ReconstructionDiameter = f"{rng.uniform(340, 360):.3f}"
-        ds.ImageComments = f"slice {n} reconstructed {rng.randrange(10**9):09d}"
+        scanner_like(ds, n, rng)
         paths.append(save(ds, folder / f"{n}.dcm"))
     return paths
+
+
+def scanner_like(ds, n: int, rng: random.Random):
+    """Give slice *n* the per-slice attributes a CT scanner varies."""
+    z = -250.0 + n * 1.25
+    ds.ImagePositionPatient = [f"{-175.0 + rng.random():.6f}", f"{-180.0 + rng.random():.6f}", f"{z:.2f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.SliceLocation = f"{z:.2f}"
+    ds.SliceThickness = "1.25"
+    ds.PixelSpacing = ["0.683594", "0.683594"]
+    ds.AcquisitionTime = f"1015{n % 60:02d}.{rng.randrange(10**6):06d}"
+    ds.ContentTime = f"1016{n % 60:02d}.{rng.randrange(10**6):06d}"
+    ds.WindowCenter = str(rng.choice((40, 50, 60, 400)))
+    ds.WindowWidth = str(rng.choice((350, 400, 1500)))
+    ds.KVP = "120"
+    ds.XRayTubeCurrent = str(rng.randrange(100, 400))
+    ds.Exposure = str(rng.randrange(50, 300))
+    ds.CTDIvol = round(rng.uniform(5, 15), 4)
+    ds.DataCollectionDiameter = "500"
+    ds.ReconstructionDiameter = f"{rng.uniform(340, 360):.3f}"
+    ds.ImageComments = f"slice {n} reconstructed {rng.randrange(10**9):09d}"
 
 
 def config(folder: Path, port: int, orthanc: Orthanc) -> Path:

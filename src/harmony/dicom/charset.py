@@ -62,4 +62,25 @@ def declare(ds: Dataset) -> Dataset:
     return ds
 
 
-__all__ = ["TEXT_VRS", "UTF8", "declare", "has_non_ascii_text"]
+def _json_ascii(value) -> bool:
+    if isinstance(value, str):
+        return value.isascii()
+    if isinstance(value, dict):  # a PN's component groups, or a sequence item
+        return all(_json_ascii(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_json_ascii(v) for v in value)
+    return True
+
+
+def declare_json(doc: dict) -> dict:
+    """:func:`declare` for a DICOM JSON (PS3.18 F.2) object: the same
+    declaration a DICOM JSON answer gets when it went through a Dataset."""
+    for element in doc.values():
+        vr = element.get("vr")
+        if (vr in TEXT_VRS or vr == "SQ") and not _json_ascii(element.get("Value", ())):
+            doc["00080005"] = {"vr": "CS", "Value": [UTF8]}
+            break
+    return doc
+
+
+__all__ = ["TEXT_VRS", "UTF8", "declare", "declare_json", "has_non_ascii_text"]

@@ -20,6 +20,14 @@ Requests ask for an operation through envelope metadata:
 
 Items are ``pydicom.Dataset`` identifiers for C-FIND and :class:`DicomInstance`
 for C-GET / C-MOVE.  Big instances live in files, never whole in memory.
+
+A consumer that works in DICOM JSON (the DICOMweb bridge) may say so with
+``metadata[RESULTS_AS] = DICOM_JSON``; a backend that keeps DICOM JSON (the
+local archive) may then answer C-FIND with DICOM JSON dicts instead of
+Datasets, and fill :attr:`DicomInstance.metadata_json` on retrieved
+instances.  It is a hint: a backend that ignores it answers as usual, so the
+consumer takes either.  A middleware between them that reads or rewrites the
+results (de-identification) removes the hint on the way in.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from twisted.internet import defer
 from harmony.dicom.status import SUCCESS
 
 C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE = "C-ECHO", "C-FIND", "C-GET", "C-MOVE", "C-STORE"
+#: ``metadata[RESULTS_AS] = DICOM_JSON``: see the module docstring.
+RESULTS_AS, DICOM_JSON = "results_as", "dicom+json"
 OPERATIONS = (C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE)
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -53,6 +63,13 @@ class DicomInstance:
     series_instance_uid: str = ""
     size: int = 0
     owned: bool = False
+    #: The instance's WADO-RS metadata (DICOM JSON text, BulkDataURIs under
+    #: ``harmony.dicomweb.cache.BASE_PLACEHOLDER`` + its resource path), when
+    #: the backend keeps it precomputed and was asked (:data:`RESULTS_AS`).
+    metadata_json: str | None = None
+    #: Its InstanceNumber (0 when it has none), sent with ``metadata_json``:
+    #: what a metadata answer is sorted by, without parsing the text.
+    instance_number: int = 0
 
     def release(self) -> None:
         if self.owned:

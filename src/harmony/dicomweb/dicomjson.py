@@ -8,6 +8,8 @@ are read with deferred values, so pixel data is not loaded to describe it.
 
 from __future__ import annotations
 
+import json
+
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -38,7 +40,11 @@ def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_T
     for tag in ds.keys():
         if tag.group == 0x0002 or tag.element == 0x0000:  # file meta and group lengths stay out
             continue
-        raw = ds.get_item(tag)
+        # A deferred value (pixel data) is judged by its length, never loaded
+        # to be described; one whose VR the file does not say is read as before.
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is None and not getattr(raw, "VR", None):
+            raw = ds.get_item(tag)
         key = f"{tag:08X}"
         vr = _vr(raw, tag)
         length = getattr(raw, "length", None) if isinstance(raw, RawDataElement) else None
@@ -69,10 +75,34 @@ def instance_metadata(path, bulk_base: str, threshold: int = BULK_THRESHOLD) -> 
     return dataset_to_json(ds, bulk_base, threshold=threshold)
 
 
+def stored_metadata(ds, bulk_base: str) -> str:
+    """An instance's WADO-RS metadata as compact JSON text, to keep beside it
+    in an archive's index: serving metadata then concatenates stored text
+    instead of parsing every file (bench/archive).  *ds* is the instance as
+    read at ingest (values deferred or not: the same answer either way)."""
+    return json.dumps(dataset_to_json(ds, bulk_base), separators=(",", ":"))
+
+
+_DIMSE_ONLY = ("00080052", "00080054")  # QueryRetrieveLevel, RetrieveAETitle
+
+
 def find_result_to_json(ds) -> dict:
     """A C-FIND match as DICOM JSON, trailing UID padding trimmed and the
     QueryRetrieveLevel / RetrieveAETitle (DIMSE details) left out."""
     out = dataset_to_json(ds, None)
-    for key in ("00080052", "00080054"):
+    for key in _DIMSE_ONLY:
         out.pop(key, None)
+    return out
+
+
+def find_result_json(doc: dict) -> dict:
+    """:func:`find_result_to_json` for a match a backend gave as DICOM JSON
+    already (harmony.dicom.results, ``RESULTS_AS``): a new dict, *doc* untouched."""
+    out = {}
+    for key, attr in doc.items():
+        if key in _DIMSE_ONLY:
+            continue
+        if attr.get("vr") == "UI" and attr.get("Value"):
+            attr = {**attr, "Value": [v.rstrip("\0 ") if isinstance(v, str) else v for v in attr["Value"]]}
+        out[key] = attr
     return out

@@ -23,7 +23,9 @@ from twisted.python.failure import Failure
 from harmony.envelope import CooperativeProducer
 from harmony.errors import BadRequest, PayloadTooLarge
 
-CHUNK = 64 * 1024
+#: File parts are read and written in blocks of this size: one read for a typical
+#: CT or MR slice, few enough writes that the per-write cost stays small (bench/archive).
+CHUNK = 256 * 1024
 PREAMBLE_LIMIT = 64 * 1024
 
 
@@ -74,6 +76,11 @@ class MultipartWriter(CooperativeProducer):
 
     def _produce(self, consumer):
         delim = b"--" + self.boundary.encode("ascii")
+        # Each part goes out in as few writes as it can: its head rides with its
+        # first block and its closing CRLF with the next part's head (a write is
+        # an HTTP chunk and a transport call; three per part cost a retrieve
+        # of small instances ~10 %, bench/archive).
+        lead = b""
         while True:
             part = yield from self._result(self.next_part())
             if part is None:
@@ -81,18 +88,45 @@ class MultipartWriter(CooperativeProducer):
             try:
                 head = [f"Content-Type: {part.content_type}"]
                 head += [f"{k}: {v}" for k, v in part.headers.items()]
-                size = len(part.data) if part.data is not None else os.path.getsize(part.path)
-                head.append(f"Content-Length: {size}")
-                consumer.write(delim + b"\r\n" + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n")
                 if part.data is not None:
-                    consumer.write(part.data)
+                    head.append(f"Content-Length: {len(part.data)}")
+                    consumer.write(lead + delim + b"\r\n" + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
+                                   + part.data)
                 else:
-                    yield from self._file_chunks(consumer, part.path, CHUNK)
-                consumer.write(b"\r\n")
+                    # One open file for the length and the bytes: the length
+                    # announced is the length sent, whatever happens to the path.
+                    fd = os.open(part.path, os.O_RDONLY)
+                    try:
+                        size = os.fstat(fd).st_size
+                        head.append(f"Content-Length: {size}")
+                        first = lead + delim + b"\r\n" + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
+                        yield from _fd_chunks(consumer, fd, size, first)
+                    finally:
+                        os.close(fd)
+                lead = b"\r\n"
                 self.parts_written += 1
             finally:
                 part.done()
-        consumer.write(delim + b"--\r\n")
+        consumer.write(lead + delim + b"--\r\n")
+
+
+def _fd_chunks(consumer, fd: int, size: int, first: bytes):
+    """Write *size* bytes of *fd* to *consumer* in :data:`CHUNK` blocks, the
+    first prefixed with *first*; a pause or stop can come between blocks.  A
+    file that ends early fails the body (a part shorter than announced must
+    never look complete)."""
+    left = size
+    prefix = first
+    while left > 0:
+        block = os.read(fd, min(CHUNK, left))
+        if not block:
+            raise OSError(f"the file ended {left} bytes early")
+        left -= len(block)
+        consumer.write(prefix + block if prefix else block)
+        prefix = b""
+        yield None
+    if prefix:
+        consumer.write(prefix)
 
 
 def multipart_bytes(parts: list[Part], part_type: str, boundary: str | None = None) -> tuple[bytes, str]:

@@ -57,7 +57,16 @@ from harmony.deid.files import QUARANTINED
 from harmony.deid.profile import KEEP
 from harmony.dicom.files import Staging
 from harmony.dicom.render import ResultBodyProducer
-from harmony.dicom.results import C_FIND, C_GET, C_MOVE, C_STORE, OPERATIONS, DicomInstance, ResultStream
+from harmony.dicom.results import (
+    C_FIND,
+    C_GET,
+    C_MOVE,
+    C_STORE,
+    OPERATIONS,
+    RESULTS_AS,
+    DicomInstance,
+    ResultStream,
+)
 from harmony.dicom.status import SUCCESS, WARNING_SUBOPS, record
 from harmony.envelope import ResponseEnvelope, media_type, read_body
 from harmony.errors import BadRequest, PayloadTooLarge
@@ -168,6 +177,9 @@ class Deidentify(Middleware):
             raise BadRequest("the deidentify middleware passes DICOM operations only (C-ECHO, C-FIND, C-GET, "
                              "C-MOVE, C-STORE; or a Part-10 body with Content-Type application/dicom)")
         request.metadata["dimse_op"] = op
+        # Results are de-identified here, as Datasets and files: no precomputed
+        # DICOM JSON of the originals may pass by (harmony.dicom.results).
+        request.metadata.pop(RESULTS_AS, None)
         if request.state.dicomweb.request is not None:
             # A DICOMweb request the bridge turned into this DIMSE operation: the backend must answer the
             # operation (whose identifier and instance are de-identified here), never forward the client's

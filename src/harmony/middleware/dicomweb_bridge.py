@@ -36,12 +36,12 @@ from twisted.web.http_headers import Headers
 from harmony.dicom import status as dimse
 from harmony.dicom import transfer
 from harmony.dicom.render import release_rest
-from harmony.dicom.results import C_FIND, C_GET, C_STORE, DicomInstance
+from harmony.dicom.results import C_FIND, C_GET, C_STORE, DICOM_JSON, RESULTS_AS, DicomInstance
 from harmony.dicom.status import is_failure
 from harmony.dicomweb import accept as acc
 from harmony.dicomweb import qido
 from harmony.dicomweb.cache import BASE_PLACEHOLDER, MetadataCache, etag_for, with_base
-from harmony.dicomweb.dicomjson import find_result_to_json, instance_metadata
+from harmony.dicomweb.dicomjson import find_result_json, find_result_to_json, instance_metadata
 from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body
 from harmony.dicomweb.pixels import bulk_value, extract_frames, render
 from harmony.dicomweb.routes import QIDO, STOW, WADO, resource_path
@@ -120,6 +120,7 @@ class DicomWebBridge(Middleware):
         request.normalized = identifier
         request.metadata["dimse_op"] = C_FIND
         request.metadata["query_level"] = dw.level
+        request.metadata[RESULTS_AS] = DICOM_JSON  # matches as DICOM JSON where the backend holds it
         return request
 
     def _wado_request(self, request, dw):
@@ -140,12 +141,13 @@ class DicomWebBridge(Middleware):
             return waiting.addCallback(lambda body: self._metadata_response(request, dw, body))
         request.state.dicomweb.cache_key = key
         pipeline = request.state.pipeline
+        self._prepare_retrieve(request, dw)
+        request.metadata[RESULTS_AS] = DICOM_JSON  # a backend that keeps each instance's metadata sends it
         if pipeline is not None:
             # Fetch here rather than let the pipeline carry on: a backend
             # failure would skip on_response and leave the waiters hanging.
-            self._prepare_retrieve(request, dw)
             return self._fetch_metadata(pipeline, request, dw, key)
-        return self._prepare_retrieve(request, dw)
+        return request
 
     def _prepare_retrieve(self, request, dw):
         identifier = {"00080052": {"vr": "CS", "Value": [dw.level]}}
@@ -253,8 +255,8 @@ class DicomWebBridge(Middleware):
             headers.addRawHeader("Warning", '299 harmony "There are additional results that can be requested"')
         return ResponseEnvelope.json(200, results, "application/dicom+json", headers)
 
-    def _qido_item(self, dw, ds) -> dict:
-        doc = find_result_to_json(ds)
+    def _qido_item(self, dw, item) -> dict:
+        doc = find_result_json(item) if isinstance(item, dict) else find_result_to_json(item)
         study = _uid(doc, "0020000D") or dw.study_uid
         series = _uid(doc, "0020000E") or dw.series_uid
         sop = _uid(doc, "00080018")
@@ -329,10 +331,16 @@ class DicomWebBridge(Middleware):
                 if item is None:
                     break
                 try:
+                    if item.metadata_json is not None:
+                        # Kept by the backend (local_archive, made at ingest): no file to
+                        # parse, nor the text (parsing 200 of them cost more than the rest).
+                        docs.append(((item.instance_number, item.sop_instance_uid), item.metadata_json))
+                        continue
                     base = BASE_PLACEHOLDER + resource_path(item.study_instance_uid or dw.study_uid,
                                                            item.series_instance_uid or dw.series_uid,
                                                            item.sop_instance_uid)
-                    docs.append((yield threads.deferToThread(instance_metadata, item.path, base)))
+                    doc = yield threads.deferToThread(instance_metadata, item.path, base)
+                    docs.append(((_int(doc, "00200013"), _uid(doc, "00080018") or ""), doc))
                 finally:
                     item.release()
         except Exception:
@@ -341,8 +349,10 @@ class DicomWebBridge(Middleware):
             raise
         if not docs:
             raise _nothing_retrieved(stream)
-        docs.sort(key=lambda d: (_int(d, "00200013"), _uid(d, "00080018") or ""))
-        body = json.dumps(docs, separators=(",", ":")).encode("utf-8")
+        docs.sort(key=lambda d: d[0])
+        # Kept texts are joined as they are: the same compact JSON json.dumps makes.
+        body = ("[" + ",".join(doc if isinstance(doc, str) else json.dumps(doc, separators=(",", ":"))
+                               for _key, doc in docs) + "]").encode("utf-8")
         if key is not None:
             # Waiters get the body now; a failed cache write only costs a refetch later.
             self.cache.settle(key, body)

@@ -95,6 +95,7 @@ def migrate(source, database: PostgresDatabase) -> dict:
     try:
         lite.execute("BEGIN")
         database.create_schema(idx.SCHEMA + q.SCHEMA, idx.PG_SCHEMA + q.PG_SCHEMA)
+        database.transaction(True, idx.upgrade)  # a database an older Harmony made: its columns first
         return database.transaction(True, _copy_all, (lite,))
     except sqlite3.Error as e:
         raise MigrationError(f"cannot read {path}: {e}") from None
