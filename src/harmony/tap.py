@@ -14,7 +14,7 @@ import sys
 
 from harmony import log as hlog
 from harmony.runtime import load_runtime
-from harmony.service import HarmonyService
+from harmony.service import HarmonyService, settle_heap
 from harmony.storage.nodes import NodeIdInUse, new_process_group
 from harmony.storage.store import open_stores
 from harmony.workers import WorkerPool
@@ -60,7 +60,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         atexit.register(_exit_failed)
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
+    reactor.callWhenRunning(lambda: service.when_listening().addCallbacks(lambda _: settle_heap(), not_listening))
     reactor.callWhenRunning(_claim_node_ids, reactor)
     if runtime.config.proxy.workers > 1:
         WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)

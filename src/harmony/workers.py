@@ -337,6 +337,8 @@ def worker_main(argv) -> int:
         watch.startReading()
 
         def up(_):
+            from harmony.service import settle_heap
+            settle_heap()
             log.info("worker {index} (pid {pid}) serving {networks}", index=args.index, pid=os.getpid(),
                      networks=", ".join(sorted(fds) + [f"dimse:{name}" for name in sorted(dimse)]))
 

@@ -7,12 +7,12 @@ import configparser
 import re
 from pathlib import Path
 
-import twisted
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, URI
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 
+import twisted
 from harmony.compat import twisted as compat
 from tests.tls_certs import make_pki
 
@@ -39,32 +39,6 @@ def test_version_range_edges():
     assert not compat.tested("24.3.0") and not compat.tested("27.1.0")
 
 
-def test_the_pool_builds_connections_with_the_factory_we_set():
-    reactor = MemoryReactorClock()
-    pool = HTTPConnectionPool(reactor, persistent=False)
-
-    class Quiet(compat.HTTP11ClientFactory):
-        noisy = False
-
-    compat.set_pool_factory(pool, Quiet)
-    pool.getConnection(("http", b"127.0.0.1", 80), TCP4ClientEndpoint(reactor, "127.0.0.1", 80))
-    host, port, factory, _timeout, _bind = reactor.tcpClients[0]
-    assert (host, port) == ("127.0.0.1", 80)
-    assert isinstance(factory._wrappedFactory, Quiet)  # the endpoint wraps what the pool passes
-
-
-def test_set_pool_factory_refuses_a_pool_without_the_hook():
-    class NoHook:
-        pass
-
-    try:
-        compat.set_pool_factory(NoHook(), object)
-    except AttributeError as e:
-        assert "harmony.compat.twisted" in str(e)
-    else:
-        raise AssertionError("a pool without _factory was accepted")
-
-
 def test_the_standard_endpoint_factory_makes_tls_endpoints_from_the_policy():
     reactor = MemoryReactorClock()
     factory = compat.StandardEndpointFactory(reactor, BrowserLikePolicyForHTTPS(), 5, None)
@@ -82,27 +56,12 @@ def test_server_tls_options_of_an_ssl_listen_string(tmp_path):
     assert options.getContext() is not None  # a usable OpenSSL context for TLSMemoryBIOFactory
 
 
-def test_quiescent_callback_is_what_the_factory_hands_its_protocols():
-    def idle_again(protocol):
-        return None
-
-    factory = compat.HTTP11ClientFactory(idle_again, "metadata")
-    assert compat.quiescent_callback(factory) is idle_again
-    assert isinstance(factory.buildProtocol(None), compat.HTTP11ClientProtocol)
-
-
-def test_response_parser_of_a_protocol_with_a_request_in_flight():
-    from twisted.internet.testing import StringTransport
-    from twisted.web._newclient import Request
+def test_header_name_encoder_gives_the_keys_headers_stores_by():
     from twisted.web.http_headers import Headers
 
-    protocol = compat.HTTP11ClientProtocol()
-    protocol.makeConnection(StringTransport())
-    assert compat.response_parser(protocol) is None  # no request yet
-    protocol.request(Request(b"GET", b"/", Headers({b"host": [b"upstream"]}), None))
-    parser = compat.response_parser(protocol)
-    assert parser is not None and callable(parser.headerReceived)
-    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nX-Internal: 1\r\nConnection: X-Internal\r\nX-Other: 2\r\n")
-    assert parser.headers.hasHeader(b"x-internal")  # filed as each header line completes
-    assert parser.connHeaders.hasHeader(b"connection")
-    assert not parser.headers.hasHeader(b"connection")  # why harmony.backends.http copies it back
+    encode = compat.header_name_encoder().encode
+    headers = Headers()
+    headers.addRawHeader(b"etag", b'"1"')
+    headers.addRawHeader(b"x-request-id", b"a")
+    assert set(headers._rawHeaders) == {encode(b"ETAG"), encode(b"X-Request-Id")}
+    assert encode(b"etag") == b"ETag"  # Twisted's special cases, not plain capitalisation

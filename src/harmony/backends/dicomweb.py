@@ -192,7 +192,8 @@ def _decoded(body, headers, limit: int | None, what: str):
     try:
         body_coding = coding.content_coding(headers)
     except coding.UnsupportedCoding as e:
-        body.startProducing(_Ignore()).addErrback(lambda _: None)
-        body.stopProducing()
+        if not isinstance(body, (bytes, bytearray)):  # a stream: drop it unread
+            body.startProducing(_Ignore()).addErrback(lambda _: None)
+            body.stopProducing()
         raise BackendUnavailable(f"upstream answered {what} with {e}") from None
     return coding.decoded_body(body, body_coding, limit, BackendUnavailable, f"upstream {what}")

@@ -1,8 +1,12 @@
 """``http`` backend: a reverse proxy to ``base_url`` (or to ``targets``) on a persistent pool.
 
-Built on ``twisted.web.client.Agent`` directly (not treq) because this is the
-passthrough hot path: the request body goes up as a producer and the response
-body comes back as one, so neither is ever held whole in memory.
+This is the passthrough hot path, so it talks to upstreams through
+:class:`harmony.web.upstream_client.UpstreamClient` (llhttp via httptools, a
+keep-alive pool per target) rather than treq or ``Agent``: docs/architecture.md,
+"The HTTP passthrough hot path", has the numbers.  The client keeps ``Agent``'s
+contract, so the request body goes up as a producer and the response body comes
+back as one (neither is ever held whole in memory), and failures arrive as
+``Agent``'s types, mapped to 502/504 here.
 """
 
 from __future__ import annotations
@@ -11,26 +15,23 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from harmony.backends.base import Backend
-from harmony.backends.streams import DeadlineBody, ResponseBodyProducer
+from harmony.backends.streams import DeadlineBody, ResponseBodyProducer, UpstreamBytes
 from harmony.backends.target_tls import PerTargetTLSPolicy
-from harmony.compat.twisted import (
-    HTTP11ClientFactory,
-    HTTP11ClientProtocol,
-    quiescent_callback,
-    response_parser,
-    set_pool_factory,
-)
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
 from harmony.errors import BackendTimeout, BackendUnavailable, HarmonyError
+from harmony.log import get_logger
 from harmony.targets import Target, TargetPool
 from harmony.web.client import DirectEndpointFactory
 from harmony.web.headers import end_to_end
+from harmony.web.upstream_client import UpstreamClient
 from harmony.web.urls import check_base_url
+
+log = get_logger("harmony.backends.http")
 
 
 def upstream_url(base_url: str, subpath: str, raw_query: bytes) -> bytes:
@@ -66,10 +67,10 @@ def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
 def client_side_cause(failure):
     """The client-side cause inside one of Agent's wrapper failures, or None.
 
-    Agent reports "we cancelled the request" (our client hung up) as
-    ResponseNeverReceived([CancelledError]), and a request body that failed
-    (an upload cut mid-body, one over the size limit) as
-    RequestGenerationFailed([...]): neither is the upstream's doing, and
+    The upstream client (like ``Agent``) reports a request body that failed (an
+    upload cut mid-body, one over the size limit) as RequestGenerationFailed([...]),
+    and ``Agent`` reported "we cancelled the request" (our client hung up) as
+    ResponseNeverReceived([CancelledError]): neither is the upstream's doing, and
     mapping them to 502 "upstream closed the connection" would count them
     against the target.
     """
@@ -84,36 +85,6 @@ def client_side_cause(failure):
     return None
 
 
-class _ConnectionKeepingProtocol(HTTP11ClientProtocol):
-    """Twisted's client parser files an answer's ``Connection`` header away
-    with the framing headers, so ``response.headers`` no longer says which
-    other headers it names as hop-by-hop (RFC 9110 section 7.6.1): a
-    ``Connection: X-Internal`` upstream would leak ``X-Internal`` to the
-    client.  This keeps a copy among the response headers, where
-    :func:`harmony.web.headers.end_to_end` drops it and every name it lists."""
-
-    def request(self, request):
-        d = super().request(request)
-        parser = response_parser(self)
-        if parser is not None:
-            received = parser.headerReceived
-
-            def header_received(name, value):
-                received(name, value)
-                if name.lower() == b"connection":
-                    parser.headers.addRawHeader(b"connection", value)
-
-            parser.headerReceived = header_received
-        return d
-
-
-class _QuietClientFactory(HTTP11ClientFactory):
-    noisy = False  # one "Starting factory" log line per upstream connection is noise
-
-    def buildProtocol(self, addr):
-        return _ConnectionKeepingProtocol(quiescent_callback(self))
-
-
 class HttpBackend(Backend):
     def __init__(self, name, base_urls, reactor, *, timeout=30.0, connect_timeout=None,
                  max_connections=64, target_pool: TargetPool | None = None):
@@ -126,19 +97,15 @@ class HttpBackend(Backend):
         self.base_urls = [t.url for t in target_pool.targets]
         self.reactor = reactor
         self.timeout = timeout
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_connections
-        # A pooled keep-alive connection the upstream already closed fails before
-        # any response: Twisted then retries an idempotent, body-less request once
-        # on a fresh connection.  That is transport hygiene, not a retry policy
-        # (those live in the target pool), and without it a stale connection
-        # shows up as a 502 that opens the circuit.
-        self.pool.retryAutomatically = True
-        set_pool_factory(self.pool, _QuietClientFactory)
         # Health checks use the same per-target TLS settings.
         target_pool.tls_policy = PerTargetTLSPolicy(target_pool.targets)
         endpoints = DirectEndpointFactory(reactor, connect_timeout or timeout, target_pool.tls_policy)
-        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        # A pooled keep-alive connection the upstream already closed fails before
+        # any answer: the client then sends an idempotent request without a body
+        # once more on a fresh connection (harmony.web.upstream_client).  That is transport hygiene, not a
+        # retry policy (those live in the target pool), and without it a stale
+        # connection shows up as a 502 that opens the circuit.
+        self.client = UpstreamClient(reactor, endpoints, max_idle_per_target=max_connections, log=log)
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -165,9 +132,19 @@ class HttpBackend(Backend):
     def build_response(self, request, response) -> ResponseEnvelope:
         return ResponseEnvelope(
             status=response.code, reason=response.phrase,
-            headers=end_to_end(response.headers), body=self.body_producer(response),
+            headers=end_to_end(response.headers), body=self.passthrough_body(response),
             metadata={"upstream_status": str(response.code)},
         )
+
+    def passthrough_body(self, response):
+        """The upstream body as bytes when it all came with the head (most small
+        answers: no producer, timer or Deferreds to write it), else as a stream."""
+        whole = getattr(response, "whole_body", None)
+        if whole is not None:
+            data = whole()
+            if data is not None:
+                return UpstreamBytes(data)
+        return self.body_producer(response)
 
     def body_producer(self, response) -> ResponseBodyProducer:
         """The upstream body as a stream, failed if the upstream stalls for timeout_secs."""
@@ -201,7 +178,7 @@ class HttpBackend(Backend):
         timer = self.reactor.callLater(self.timeout, expire)
         if body_producer is not None:
             body_producer = DeadlineBody(body_producer, timer, self.timeout)  # no 504 mid-upload
-        d = self.agent.request(method, url, headers, body_producer)
+        d = self.client.request(method, url, headers, body_producer)
 
         def done(result):
             if timer.active():
@@ -231,4 +208,4 @@ class HttpBackend(Backend):
 
     def close(self):
         self.target_pool.stop()
-        return self.pool.closeCachedConnections()
+        return self.client.closeCachedConnections()

@@ -18,6 +18,14 @@ from harmony.envelope import ForwardingProducer
 from harmony.errors import BackendTimeout
 
 
+class UpstreamBytes(bytes):
+    """An upstream body that had all arrived with its head, as bytes: written in one
+    go instead of streamed, and, like :class:`ResponseBodyProducer`, the upstream's
+    representation untouched (the response writer does not compress it again)."""
+
+    passthrough = True
+
+
 class _Relay(Protocol):
     def __init__(self, consumer, finished: defer.Deferred):
         self.consumer = consumer

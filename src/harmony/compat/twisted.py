@@ -7,14 +7,6 @@ the tested range, so a new major release fails there first.
 
 from __future__ import annotations
 
-# The HTTP/1.1 client protocol (Agent's), subclassed to keep the ``Connection`` header of
-# an answer visible, so the hop-by-hop names it lists can be dropped (harmony.backends.http).
-from twisted.web._newclient import HTTP11ClientProtocol
-
-# The HTTP/1.1 client connection factory: subclassed to silence its per-connection
-# "Starting factory" log line (Agent offers no public switch).
-from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
-
 # The endpoint factory Agent uses by default (TLS via the policy, HostnameEndpoint):
 # wrapped so IPv4 literals skip HostnameEndpoint's happy-eyeballs delay.
 from twisted.web.client import _StandardEndpointFactory as StandardEndpointFactory
@@ -23,30 +15,18 @@ from twisted.web.client import _StandardEndpointFactory as StandardEndpointFacto
 TESTED_RANGE = ((24, 7), (27, 0))
 
 
-def set_pool_factory(pool, factory) -> None:
-    """Make *pool* (an ``HTTPConnectionPool``) build connections with *factory*.
-    The pool has no public hook for its protocol factory."""
-    if not hasattr(pool, "_factory"):
-        raise AttributeError("HTTPConnectionPool._factory is gone: see harmony.compat.twisted")
-    pool._factory = factory
-
-
-def quiescent_callback(factory):
-    """The callback an ``HTTP11ClientFactory`` hands each protocol it builds (the pool's
-    "connection idle again" hook), for a ``buildProtocol`` that builds a subclass."""
-    return factory._quiescentCallback
-
-
-def response_parser(protocol):
-    """The response parser of an ``HTTP11ClientProtocol`` with a request in flight
-    (``_parser``: its ``headers`` and ``headerReceived``), or None between requests."""
-    return getattr(protocol, "_parser", None)
-
-
 def server_tls_options(endpoint):
     """The TLS context factory of an ``SSL4ServerEndpoint`` (from an ``ssl:`` listen
     string), so a worker process can wrap an adopted socket in the same TLS."""
     return endpoint._sslContextFactory
+
+
+def header_name_encoder():
+    """twisted.web's cached header-name encoder (``encode(name)`` -> the Header-Case
+    bytes ``Headers`` keys by, validated once per distinct name), so headers parsed
+    elsewhere (harmony.web.upstream_client) can go into ``Headers._rawHeaders`` directly."""
+    from twisted.web import http_headers
+    return http_headers._nameEncoder
 
 
 def version_tuple(version: str) -> tuple[int, int]:
@@ -59,5 +39,5 @@ def tested(version: str) -> bool:
     return low <= version_tuple(version) < high
 
 
-__all__ = ["HTTP11ClientFactory", "HTTP11ClientProtocol", "StandardEndpointFactory", "TESTED_RANGE",
-           "quiescent_callback", "response_parser", "set_pool_factory", "server_tls_options", "tested", "version_tuple"]
+__all__ = ["StandardEndpointFactory", "TESTED_RANGE", "header_name_encoder", "server_tls_options", "tested",
+           "version_tuple"]
