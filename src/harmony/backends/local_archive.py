@@ -40,7 +40,6 @@ from harmony.storage.errors import InvalidInstance, InvalidQuery
 from harmony.storage.query import STUDY_ROOT, levels_for, plain_json_elements
 from harmony.storage.store import release_store
 
-
 #: QueryRetrieveLevel (0008,0052) as a DICOM JSON key.
 QUERY_LEVEL_TAG = "00080052"
 
