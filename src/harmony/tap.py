@@ -14,7 +14,7 @@ import sys
 
 from harmony import log as hlog
 from harmony.runtime import load_runtime
-from harmony.service import HarmonyService
+from harmony.service import HarmonyService, freeze_startup_heap
 from harmony.workers import WorkerPool
 
 log = hlog.get_logger("harmony.service")
@@ -42,6 +42,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
+    reactor.callWhenRunning(freeze_startup_heap)
     if runtime.config.proxy.workers > 1:
         WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)
     return service

@@ -280,6 +280,7 @@ def worker_main(argv) -> int:
 
     from harmony.config import ConfigErrors
     from harmony.runtime import load_runtime
+    from harmony.service import freeze_startup_heap
 
     _log_to_stdout(f"worker-{args.index}", args.log_format)
     try:
@@ -316,6 +317,7 @@ def worker_main(argv) -> int:
         service.when_listening().addCallbacks(up, down)
 
     reactor.callWhenRunning(started)
+    reactor.callWhenRunning(freeze_startup_heap)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     # Our own handlers: a terminal's Ctrl-C or `timeout` signals the whole
     # process group and the parent then sends TERM too; stop once, quietly.
