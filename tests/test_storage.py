@@ -6,7 +6,8 @@ import io
 
 import pytest
 import pytest_twisted
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 from twisted.web.client import FileBodyProducer
 
 from harmony.storage.errors import InvalidInstance, StorageFull
@@ -184,7 +185,12 @@ _plain_element = st.sampled_from(sorted(PLAIN_TEXT_VRS)).flatmap(lambda vr: st.t
     st.one_of(st.none(), st.lists(st.text(alphabet="1.2 A*\\-", max_size=6), max_size=3))))
 
 
-@given(st.lists(_plain_element, max_size=5), st.sampled_from(["PATIENT", "STUDY", "SERIES", "IMAGE"]))
+_return_key = st.tuples(st.sampled_from(["00100010", "00201206", "00081032", "7FE00010", "00080061"]),
+                        st.sampled_from(["PN", "IS", "SQ", "OB", "CS", "US"]), st.sampled_from([None, []]))
+
+
+@given(st.lists(st.one_of(_plain_element, _return_key), max_size=6),
+       st.sampled_from(["PATIENT", "STUDY", "SERIES", "IMAGE"]))
 @example([("0020000D", "UI", [" 1.2 \\ 3.4 "]), ("0020000E", "UI", [" 1.2 ", " ", "5"])], "IMAGE")
 @example([("00100020", "LO", [" a\\\\b "]), ("00080061", "CS", ["CT\\", ""]), ("00080020", "DA", [])], "STUDY")
 def test_plain_dicom_json_gives_the_keys_pydicom_reading_gives(elements, level):
@@ -209,6 +215,7 @@ def test_plain_dicom_json_gives_the_keys_pydicom_reading_gives(elements, level):
     {"0020000D": {"vr": "UI", "Value": [None]}},
     {"0020000D": {"vr": "UI", "Value": "1.2"}},  # not a list
     {"0020000D": {"vr": "UI", "InlineBinary": "AAAA"}},
+    {"00100010": {"vr": "XX"}},  # no such VR: left to pydicom
     {"0020000D": "1.2"},
 ])
 def test_anything_else_is_left_to_pydicom(doc):

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+from pydicom.valuerep import VR
 
 from harmony.storage.errors import InvalidQuery
 
@@ -199,13 +200,15 @@ def _dataset_elements(identifier: Dataset):
 
 #: VRs whose DICOM JSON value is the text itself: no person-name groups, numbers, bulk data or items.
 PLAIN_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+#: Every VR a DICOM JSON element may name (PS3.18 F.2.3).
+DICOM_VRS = frozenset(vr.value for vr in VR if " " not in vr.value)
 _TAG_KEY = re.compile(r"[0-9A-F]{8}")
 
 
 def plain_json_elements(doc: dict) -> list | None:
     """A DICOM JSON identifier's ``(tag_hex, vr, [values])`` in tag order, read
-    without pydicom when every element is text (:data:`PLAIN_TEXT_VRS`) given as
-    strings; None when any needs pydicom's reading. A DICOMweb query is nearly
+    without pydicom when every element is a return key (no value) or text
+    (:data:`PLAIN_TEXT_VRS`) given as strings; None when any needs pydicom's reading. A DICOMweb query is nearly
     always plain, and ``Dataset.from_json`` was a tenth of a study search's
     reactor time (bench/archive). The values are what :func:`_query_values`
     makes of the Dataset: one value splits at backslashes, UIDs lose padding
@@ -216,7 +219,12 @@ def plain_json_elements(doc: dict) -> list | None:
             return None
         vr = elem.get("vr")
         value = elem.get("Value", [])
-        if vr not in PLAIN_TEXT_VRS or len(elem) > 1 + ("Value" in elem) or type(value) is not list:
+        if len(elem) > 1 + ("Value" in elem) or type(value) is not list:
+            return None
+        if not value and vr in DICOM_VRS:  # a return key: no value to read, whatever its VR
+            out.append((th, vr, []))
+            continue
+        if vr not in PLAIN_TEXT_VRS:
             return None
         if not all(type(v) is str for v in value):
             return None
