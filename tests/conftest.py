@@ -1,10 +1,19 @@
 import pytest
 import pytest_twisted
+from pynetdicom import _config as pynetdicom_config
 
 from tests.harness import RecordingUpstream, listen
 
 #: the peers / in-process tiers: tests/tiers.py
 pytest_plugins = ["tests.tiers"]
+
+# Tests that drive plain pynetdicom clients and SCPs (reference peers) send a
+# file with C-STORE as its bytes are, and receive to files: a corrupt or
+# compressed test file must reach Harmony unchanged, not decoded and
+# re-encoded by pynetdicom.  (Harmony itself no longer runs pynetdicom's
+# association machinery, so nothing in src/ sets these any more.)
+pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
 
 
 @pytest.fixture

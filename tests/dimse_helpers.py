@@ -7,13 +7,26 @@ from __future__ import annotations
 import io
 import json
 import re
+import socket
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from twisted.internet import protocol, reactor
 
 from harmony.dicom import net
+
+
+def _nodelay(event) -> None:
+    """pynetdicom never sets TCP_NODELAY: without it a multi-PDU exchange waits
+    ~40 ms per round trip for delayed ACKs (docs/field notes)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+#: evt_handlers for a plain pynetdicom client used as a reference peer.
+NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, _nodelay)]
 
 
 def scp_pipeline(name: str, aet: str, port: int, backend: str, services=("store",), extra: str = "") -> str:
@@ -56,7 +69,7 @@ def direct_find(host, port, aet, identifier: Dataset, model="study", calling="HA
     ae = AE(ae_title=calling)
     sop = net.QUERY_MODELS[model]["C-FIND"]
     ae.add_requested_context(sop)
-    assoc = ae.associate(host, port, ae_title=aet, evt_handlers=net.NODELAY_HANDLERS)
+    assoc = ae.associate(host, port, ae_title=aet, evt_handlers=NODELAY_HANDLERS)
     assert assoc.is_established
     out = []
     try:

@@ -126,7 +126,7 @@ def pynetdicom_get(orthanc: Orthanc, out: Path) -> float:
     """pynetdicom's own C-GET of the study, files written as received: what
     the dicom_scu backend is built on."""
     from pydicom.dataset import Dataset
-    from pynetdicom import AE, evt, build_role
+    from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
     out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +159,7 @@ def pynetdicom_find(orthanc: Orthanc, rounds: int) -> float:
     from pydicom.dataset import Dataset
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-
-    from harmony.dicom.net import NODELAY_HANDLERS
+    from tests.dimse_helpers import NODELAY_HANDLERS
     ae = AE(ae_title=AET)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet, evt_handlers=NODELAY_HANDLERS)

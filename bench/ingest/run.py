@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,8 +135,9 @@ open_secs = 0.5
 class Harmony(HarmonyProcess):
     """Harmony under twistd: HTTP ingest (and C-STORE when this build has dicom_scp) -> store_forward."""
 
-    def __init__(self, folder: Path, orthanc_url: str, dimse: bool):
+    def __init__(self, folder: Path, orthanc_url: str, dimse: bool, workers: int = 1):
         folder.mkdir(parents=True, exist_ok=True)
+        self.workers = workers
         self.http_port = free_port()
         self.dimse_port = free_port() if dimse else None
         super().__init__(folder, [p for p in (self.http_port, self.dimse_port) if p])
@@ -146,6 +148,18 @@ class Harmony(HarmonyProcess):
                                                  backoff_max_seconds = 0.5
                                                  max_attempts = 1000000
                                                  concurrency = 8""")))
+        if workers > 1:
+            # Info level, to see the workers come up; nothing is logged per instance at info.
+            text = self.config.read_text().replace('log_level = "warn"', f'log_level = "info"\nworkers = {workers}')
+            self.config.write_text(text)
+
+    def start(self):
+        super().start()
+        if self.workers > 1:
+            log = self.folder / f"twistd-{self.starts}.log"
+            wait_for(lambda: log.read_text(errors="replace").count(") serving ") >= self.workers - 1, 60,
+                     "every worker serving", self.proc)
+        return self
 
     def count(self, state: str) -> int:
         import sqlite3
@@ -181,7 +195,11 @@ def main():
     ap.add_argument("--large", type=int, default=20)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--stow-batch", type=int, default=10, help="instances per STOW-RS request")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the 4-association C-STORE rows")
+    ap.add_argument("--only", default="http,stow,dimse,dimse4,drain",
+                    help="comma-separated sections to run (default: all)")
     args = ap.parse_args()
+    sections = set(args.only.split(","))
     from harmony.registry import BUILTIN
     have_scp = "dicom_scp" in BUILTIN["endpoint"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -193,111 +211,128 @@ def main():
         print(f"data: {n} instances ({args.small} x 64x64, {args.large} x 512x512), {nbytes / 1e6:.1f} MB; "
               f"{os.cpu_count()} cores")
 
-        # --- HTTP Part-10 ingest
-        print(f"\nHTTP POST application/dicom, {args.clients} keep-alive clients (ratio = Harmony / peer)")
-        orthanc = Orthanc(tmp / "orthanc-http").start()
-        down = PortHold(free_port())  # the forward target is down: this measures ingest only
-        harmony = Harmony(tmp / "harmony-http", f"http://127.0.0.1:{down.port}", dimse=False)
-        harmony.start()
-        try:
-            t_orthanc = post_all("127.0.0.1", orthanc.http_port, "/instances", files, args.clients)
-            t_harmony = post_all("127.0.0.1", harmony.http_port, "/ingest", files, args.clients)
-        finally:
-            harmony.stop()
-            down.release()
-            orthanc.stop()
-        r_orthanc = row("Orthanc POST /instances", t_orthanc, n, nbytes)
-        row("Harmony http -> store_forward (fsync)", t_harmony, n, nbytes, r_orthanc)
-
-        # --- STOW-RS ingest
-        print(f"\nSTOW-RS, {args.stow_batch} instances per request, {args.clients} keep-alive clients "
-              f"(ratio = Harmony / peer)")
-        orthanc = Orthanc(tmp / "orthanc-stow").start()
-        down = PortHold(free_port())
-        harmony = Harmony(tmp / "harmony-stow", f"http://127.0.0.1:{down.port}", dimse=False)
-        harmony.start()
-        try:
-            t_orthanc_stow = stow_all("127.0.0.1", orthanc.http_port, "/dicom-web/studies", files, args.clients,
-                                      args.stow_batch)
-            t_harmony_stow = stow_all("127.0.0.1", harmony.http_port, "/dicomweb/studies", files, args.clients,
-                                      args.stow_batch)
-            assert harmony.count("pending") == n, "every STOW instance is queued"
-        finally:
-            harmony.stop()
-            down.release()
-            orthanc.stop()
-        r_orthanc_stow = row("Orthanc DICOMweb STOW-RS", t_orthanc_stow, n, nbytes)
-        row("Harmony dicomweb -> bridge -> store_forward (fsync)", t_harmony_stow, n, nbytes, r_orthanc_stow)
-
-        # --- DIMSE C-STORE ingest
-        print("\nDIMSE C-STORE, DCMTK storescu, one association (ratio = Harmony / peer)")
-        scp_port = free_port()
-        (tmp / "storescp").mkdir()
-        # tests.peers.Storescp passes --uid-filenames, which DCMTK 3.6.7 does not have.
-        scp = subprocess.Popen([DCMTK["storescp"], "--aetitle", "STORESCP", "-od", str(tmp / "storescp"),
-                                str(scp_port)], env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: port_open(scp_port), 30, "storescp", scp)
-            t_storescp = storescu(scp_port, "STORESCP", data)
-        finally:
-            scp.terminate()
-            scp.wait(30)
-        orthanc = Orthanc(tmp / "orthanc-dimse").start()
-        try:
-            t_orthanc_dimse = storescu(orthanc.dicom_port, orthanc.aet, data)
-        finally:
-            orthanc.stop()
-        r_scp = row("DCMTK storescp (files, no fsync)", t_storescp, n, nbytes)
-        r_odimse = row("Orthanc C-STORE", t_orthanc_dimse, n, nbytes)
-        if have_scp:
-            harmony = Harmony(tmp / "harmony-dimse", "http://127.0.0.1:9", dimse=True)
+        if "http" in sections:
+            # --- HTTP Part-10 ingest
+            print(f"\nHTTP POST application/dicom, {args.clients} keep-alive clients (ratio = Harmony / peer)")
+            orthanc = Orthanc(tmp / "orthanc-http").start()
+            down = PortHold(free_port())  # the forward target is down: this measures ingest only
+            harmony = Harmony(tmp / "harmony-http", f"http://127.0.0.1:{down.port}", dimse=False)
             harmony.start()
             try:
-                t_h = storescu(harmony.dimse_port, "HARMONY", data)
+                t_orthanc = post_all("127.0.0.1", orthanc.http_port, "/instances", files, args.clients)
+                t_harmony = post_all("127.0.0.1", harmony.http_port, "/ingest", files, args.clients)
             finally:
                 harmony.stop()
-            rate = row("Harmony dicom_scp -> store_forward (fsync)", t_h, n, nbytes, r_scp)
-            print(f"  {'':<52} vs Orthanc: {rate / r_odimse:.2f}x")
+                down.release()
+                orthanc.stop()
+            r_orthanc = row("Orthanc POST /instances", t_orthanc, n, nbytes)
+            row("Harmony http -> store_forward (fsync)", t_harmony, n, nbytes, r_orthanc)
 
-        print(f"\nDIMSE C-STORE, DCMTK storescu, {args.clients} associations at once (ratio = Harmony / peer)")
-        folders = split_folder(files, tmp / "split", args.clients)
-        orthanc = Orthanc(tmp / "orthanc-dimse4").start()
-        try:
-            t_orthanc4 = storescu_parallel(orthanc.dicom_port, orthanc.aet, folders)
-        finally:
-            orthanc.stop()
-        r_o4 = row("Orthanc C-STORE", t_orthanc4, n, nbytes)
-        if have_scp:
-            harmony = Harmony(tmp / "harmony-dimse4", "http://127.0.0.1:9", dimse=True)
+        if "stow" in sections:
+            # --- STOW-RS ingest
+            print(f"\nSTOW-RS, {args.stow_batch} instances per request, {args.clients} keep-alive clients "
+                  f"(ratio = Harmony / peer)")
+            orthanc = Orthanc(tmp / "orthanc-stow").start()
+            down = PortHold(free_port())
+            harmony = Harmony(tmp / "harmony-stow", f"http://127.0.0.1:{down.port}", dimse=False)
             harmony.start()
             try:
-                t_h4 = storescu_parallel(harmony.dimse_port, "HARMONY", folders)
+                t_orthanc_stow = stow_all("127.0.0.1", orthanc.http_port, "/dicom-web/studies", files, args.clients,
+                                          args.stow_batch)
+                t_harmony_stow = stow_all("127.0.0.1", harmony.http_port, "/dicomweb/studies", files, args.clients,
+                                          args.stow_batch)
+                assert harmony.count("pending") == n, "every STOW instance is queued"
             finally:
                 harmony.stop()
-            row("Harmony dicom_scp -> store_forward (fsync)", t_h4, n, nbytes, r_o4)
-        else:
-            print("  Harmony dicom_scp: not in this build (issue 4); HTTP ingest above covers the store path")
+                down.release()
+                orthanc.stop()
+            r_orthanc_stow = row("Orthanc DICOMweb STOW-RS", t_orthanc_stow, n, nbytes)
+            row("Harmony dicomweb -> bridge -> store_forward (fsync)", t_harmony_stow, n, nbytes, r_orthanc_stow)
 
-        # --- queue drain
-        print("\nQueue drain: instances queued while Orthanc is down, then delivered by store_forward")
-        orthanc = Orthanc(tmp / "orthanc-drain")
-        hold = PortHold(orthanc.http_port)
-        harmony = Harmony(tmp / "harmony-drain", orthanc.url, dimse=False)
-        harmony.start()
-        try:
-            post_all("127.0.0.1", harmony.http_port, "/ingest", files, args.clients)
-            hold.release()
-            orthanc.start()
-            started = time.perf_counter()
-            wait_for(lambda: harmony.delivered() >= n or harmony.dead(), 600, "queue drained")
-            assert not harmony.dead(), "dead letters: see the twistd log"
-            t_drain = time.perf_counter() - started
-            assert orthanc_count(orthanc) == n
-        finally:
-            harmony.stop()
-            orthanc.stop()
-        r_drain = row("store_forward -> http backend -> Orthanc", t_drain, n, nbytes)
-        print(f"  {'':<52} vs Orthanc's own HTTP ingest: {r_drain / r_orthanc:.2f}x")
+        if "dimse" in sections:
+            # --- DIMSE C-STORE ingest
+            print("\nDIMSE C-STORE, DCMTK storescu, one association (ratio = Harmony / peer)")
+            scp_port = free_port()
+            (tmp / "storescp").mkdir()
+            # tests.peers.Storescp passes --uid-filenames, which DCMTK 3.6.7 does not have.
+            scp = subprocess.Popen([DCMTK["storescp"], "--aetitle", "STORESCP", "-od", str(tmp / "storescp"),
+                                    str(scp_port)], env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            try:
+                wait_for(lambda: port_open(scp_port), 30, "storescp", scp)
+                t_storescp = storescu(scp_port, "STORESCP", data)
+            finally:
+                scp.terminate()
+                scp.wait(30)
+            orthanc = Orthanc(tmp / "orthanc-dimse").start()
+            try:
+                t_orthanc_dimse = storescu(orthanc.dicom_port, orthanc.aet, data)
+            finally:
+                orthanc.stop()
+            r_scp = row("DCMTK storescp (files, no fsync)", t_storescp, n, nbytes)
+            r_odimse = row("Orthanc C-STORE", t_orthanc_dimse, n, nbytes)
+            if have_scp:
+                harmony = Harmony(tmp / "harmony-dimse", "http://127.0.0.1:9", dimse=True)
+                harmony.start()
+                try:
+                    t_h = storescu(harmony.dimse_port, "HARMONY", data)
+                finally:
+                    harmony.stop()
+                rate = row("Harmony dicom_scp -> store_forward (fsync)", t_h, n, nbytes, r_scp)
+                print(f"  {'':<52} vs Orthanc: {rate / r_odimse:.2f}x")
+
+        if "dimse4" in sections:
+            print(f"\nDIMSE C-STORE, DCMTK storescu, {args.clients} associations at once, median of {args.rounds} "
+                  f"interleaved round(s) (ratio = Harmony / peer)")
+            folders = split_folder(files, tmp / "split", args.clients)
+            times: dict[str, list[float]] = {"orthanc": [], "w1": [], "w2": []}
+            for r in range(args.rounds):
+                orthanc = Orthanc(tmp / f"orthanc-dimse4-{r}").start()
+                try:
+                    times["orthanc"].append(storescu_parallel(orthanc.dicom_port, orthanc.aet, folders))
+                finally:
+                    orthanc.stop()
+                if not have_scp:
+                    continue
+                for key, workers in (("w1", 1), ("w2", 2)):
+                    harmony = Harmony(tmp / f"harmony-dimse4-{key}-{r}", "http://127.0.0.1:9", dimse=True,
+                                      workers=workers)
+                    harmony.start()
+                    try:
+                        times[key].append(storescu_parallel(harmony.dimse_port, "HARMONY", folders))
+                        queued = sum(harmony.count(state) for state in ("pending", "delivering", "delivered", "dead"))
+                        assert queued == n, f"{queued} queue rows for {n} instances"
+                    finally:
+                        harmony.stop()
+            r_o4 = row("Orthanc C-STORE", statistics.median(times["orthanc"]), n, nbytes)
+            if have_scp:
+                row("Harmony dicom_scp -> store_forward (fsync)", statistics.median(times["w1"]), n, nbytes, r_o4)
+                row("Harmony dicom_scp, workers = 2 (fsync)", statistics.median(times["w2"]), n, nbytes, r_o4)
+            else:
+                print("  Harmony dicom_scp: not in this build (issue 4); HTTP ingest above covers the store path")
+
+        if "drain" in sections:
+            # --- queue drain
+            print("\nQueue drain: instances queued while Orthanc is down, then delivered by store_forward")
+            orthanc = Orthanc(tmp / "orthanc-drain")
+            hold = PortHold(orthanc.http_port)
+            harmony = Harmony(tmp / "harmony-drain", orthanc.url, dimse=False)
+            harmony.start()
+            try:
+                post_all("127.0.0.1", harmony.http_port, "/ingest", files, args.clients)
+                hold.release()
+                orthanc.start()
+                started = time.perf_counter()
+                wait_for(lambda: harmony.delivered() >= n or harmony.dead(), 600, "queue drained")
+                assert not harmony.dead(), "dead letters: see the twistd log"
+                t_drain = time.perf_counter() - started
+                assert orthanc_count(orthanc) == n
+            finally:
+                harmony.stop()
+                orthanc.stop()
+            r_drain = row("store_forward -> http backend -> Orthanc", t_drain, n, nbytes)
+            if "http" in sections:
+                print(f"  {'':<52} vs Orthanc's own HTTP ingest: {r_drain / r_orthanc:.2f}x")
+
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

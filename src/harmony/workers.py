@@ -10,9 +10,12 @@ again with ``SO_REUSEPORT``, keeps every listen form working unchanged: port 0,
 ``ssl:`` (workers wrap the adopted port in TLS with the same context) and
 ``systemd:`` socket activation.
 
-Only the ``[network.*]`` web sites run in workers.  Endpoints that own their
-listener (DIMSE SCPs) and anything else outside the sites stay in the main
-process.
+The ``[network.*]`` web sites and the ``dicom_scp`` listeners run in workers
+(a DIMSE listener's ``max_associations`` stays one limit across the processes:
+see :class:`harmony.dicom.ul.acceptor.SharedAssociationCount`).  A separate
+management listener stays in the main process.  Each process tells the store
+which one it is (``HARMONY_WORKER``): temp files, crash markers and queue
+leases are per process (harmony.storage.config).
 
 Lifecycle: workers start once the main process listens, are restarted (with a
 growing delay when they keep dying young) if they exit on their own, stop on
@@ -44,6 +47,8 @@ STOP_GRACE_SECS = 30.0
 #: A worker that dies sooner than this after starting counts as failing to start.
 STABLE_SECS = 10.0
 MAX_RESTART_DELAY_SECS = 30.0
+#: The environment variable that tells a process which worker it is (the main process: unset, 0).
+WORKER_ENV = "HARMONY_WORKER"
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -96,6 +101,11 @@ class WorkerPool(Service):
             out.append((name, port.fileno(), port.socket.family))
         return out
 
+    def _dimse_listeners(self) -> list:
+        """The listening DIMSE endpoints (those that can be shared: see DicomScpEndpoint.share)."""
+        return [ep for ep, _ in self.harmony.runtime.listeners()
+                if hasattr(ep, "share") and getattr(ep, "listening", None) is not None]
+
     def _spawn(self, index: int):
         self._restarts.pop(index, None)
         if not self.running:
@@ -108,16 +118,25 @@ class WorkerPool(Service):
             child_fd = 3 + offset
             child_fds[child_fd] = fd
             args += ["--listen", f"{name}={child_fd}:{int(family)}"]
+        child_fd = len(child_fds)  # the next free one: 0-2 and the networks' are taken
+        for ep in self._dimse_listeners():
+            fd, family, count_fd = ep.share(self.count + 1)
+            child_fds[child_fd], child_fds[child_fd + 1] = fd, count_fd
+            args += ["--dimse", f"{ep.name}={child_fd}:{family}:{child_fd + 1}:{self.count + 1}"]
+            child_fd += 2
         proc = _WorkerProcess(self, index)
         self.processes[index] = proc
         # systemd's socket-activation variables describe the parent's sockets, not ours.
         env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+        env[WORKER_ENV] = str(index)
         self.reactor.spawnProcess(proc, self.executable, args, env=env, childFDs=child_fds)
         log.info("worker {index} started (pid {pid})", index=index, pid=proc.transport.pid)
 
     def _ended(self, proc: _WorkerProcess, reason):
         if self.processes.get(proc.index) is proc:
             del self.processes[proc.index]
+        for ep in self._dimse_listeners():
+            ep.worker_ended(proc.index)
         status = getattr(reason.value, "exitCode", None)
         signo = getattr(reason.value, "signal", None)
         if not self.running:
@@ -216,10 +235,10 @@ def adopt_port(reactor, description: str, fd: int, family: int, factory):
     return port
 
 
-def _worker_service(runtime, reactor, fds: dict):
-    """The HarmonyService of a worker: its networks adopt the inherited sockets,
-    and it runs nothing that listens on its own (DIMSE endpoints, a separate
-    management listener): those stay in the main process."""
+def _worker_service(runtime, reactor, fds: dict, dimse: dict | None = None, index: int = 0):
+    """The HarmonyService of a worker: its networks and DIMSE endpoints adopt
+    the inherited sockets, and a separate management listener stays in the
+    main process."""
     from harmony.service import HarmonyService
     from harmony.web.network import NetworkService, network_http_table
     from harmony.web.router import PrefixRouter
@@ -243,7 +262,12 @@ def _worker_service(runtime, reactor, fds: dict):
             return False
 
     runtime.config.networks = {n: net for n, net in runtime.config.networks.items() if n in fds}
-    runtime.listeners = lambda: []
+    dimse = dimse or {}
+    listeners = [(ep, pipe) for ep, pipe in runtime.listeners() if ep.name in dimse]
+    for ep, _ in listeners:
+        fd, family, count_fd, slots = dimse[ep.name]
+        ep.inherited = (fd, family, count_fd, slots, index)
+    runtime.listeners = lambda: listeners
     return WorkerService(runtime, reactor)
 
 
@@ -268,6 +292,7 @@ def worker_main(argv) -> int:
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[], help="NETWORK=FD:FAMILY")
+    parser.add_argument("--dimse", action="append", default=[], help="ENDPOINT=FD:FAMILY:COUNT_FD:SLOTS")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
     fds = {}
@@ -275,6 +300,12 @@ def worker_main(argv) -> int:
         name, _, rest = spec.partition("=")
         fd, _, family = rest.partition(":")
         fds[name] = (int(fd), socket.AddressFamily(int(family)))
+    dimse = {}
+    for spec in args.dimse:
+        name, _, rest = spec.partition("=")
+        fd, family, count_fd, slots = (int(v) for v in rest.split(":"))
+        dimse[name] = (fd, family, count_fd, slots)
+    os.environ.setdefault(WORKER_ENV, str(args.index))
 
     from twisted.internet import reactor
 
@@ -288,7 +319,7 @@ def worker_main(argv) -> int:
     except ConfigErrors as e:
         sys.stderr.write(f"harmony worker {args.index}: not starting, {e.render()}\n")
         return 1
-    service = _worker_service(runtime, reactor, fds)
+    service = _worker_service(runtime, reactor, fds, dimse, args.index)
 
     stopping = []
 
@@ -308,7 +339,7 @@ def worker_main(argv) -> int:
 
         def up(_):
             log.info("worker {index} (pid {pid}) serving {networks}", index=args.index, pid=os.getpid(),
-                     networks=", ".join(sorted(fds)))
+                     networks=", ".join(sorted(fds) + [f"dimse:{name}" for name in sorted(dimse)]))
 
         def down(failure):
             log.critical("worker {index} cannot serve: {error}", index=args.index, error=failure.getErrorMessage())

@@ -236,6 +236,8 @@ class AssociationPool:
         except AssociationAborted as e:
             if "ACSE timeout" in str(e):
                 raise BackendTimeout(f"PACS {target.aet} did not accept an association in time") from None
+            if str(e).startswith("TLS handshake failed"):
+                raise BackendUnavailable(f"PACS {target.aet}: {e}") from None
             raise BackendUnavailable(f"PACS {target.aet} aborted the association") from None
         except Exception as e:  # noqa: BLE001 - connection refused, DNS, TLS handshake ...
             if "timeout" in type(e).__name__.lower():

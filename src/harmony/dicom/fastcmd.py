@@ -1,33 +1,22 @@
-"""Direct encoders for DIMSE command sets and relayed identifiers, in place of
-pydicom's general dataset writer.
+"""A direct encoder for the identifiers an SCP sends (C-FIND matches), in
+place of pydicom's general dataset writer.
 
-pynetdicom encodes every DIMSE message's command set twice with pydicom's
-dataset writer (once to compute *Command Group Length*, once to send it).  A
-command set is a handful of group-0000 elements in Implicit VR Little Endian,
-yet the general writer costs ~0.2 ms each; on a proxied C-FIND that was the
-largest single CPU cost of the process (profiled: a third of the SCP's time in
-``send_msg``).
+A match Harmony relays from a PACS is still the dataset pydicom decoded, all
+raw elements, and when it goes out in the encoding it came in, pydicom's
+writer would copy each raw value anyway -- at ~0.2 ms per match, the largest
+CPU cost of a proxied C-FIND when it was profiled.  :func:`encode_dataset`
+copies such a dataset's raw elements straight out, also across Implicit and
+Explicit VR Little Endian (the value bytes are the same; the VR comes from
+the data dictionary); changed or converted elements still go through
+pydicom's ``write_data_element``, and anything pydicom would have to
+re-encode (a sequence across VR encodings, an ambiguous or private VR,
+another character set, big endian) goes to pydicom whole.
 
-:func:`encode` writes such a command set with ``struct`` for the VRs command
-sets use (UL, US, UI and the text VRs) and hands everything else -- data sets,
-other transfer syntaxes, an unexpected VR or value -- to pynetdicom's own
-``encode`` unchanged.
-
-:func:`encode_dataset` does the same for the identifiers an SCP sends (C-FIND
-matches): a match Harmony relays from a PACS is still the dataset pydicom
-decoded, all raw elements, and when it goes out in the encoding it came in,
-pydicom's writer would copy each raw value anyway -- at ~0.2 ms per match.
-Such a dataset's raw elements are copied straight out, also across Implicit
-and Explicit VR Little Endian (the value bytes are the same; the VR comes from
-the data dictionary); changed or converted elements still go through pydicom's
-``write_data_element``, and anything pydicom would have to re-encode (a
-sequence across VR encodings, an ambiguous or private VR, another character
-set, big endian) goes to pydicom whole.
-
-tests/test_dicom_fastcmd.py checks both byte for byte against pydicom.
-:func:`install` points ``pynetdicom.dimse_messages.encode`` (called there for
-command sets only) and ``pynetdicom.service_class.encode`` (identifiers and
-data sets the SCP services send) at them.
+The native DIMSE engine calls it for every data set it sends
+(:func:`harmony.dicom.ul.datasets.encode`); command sets have their own
+encoder there (:mod:`harmony.dicom.ul.commands`).  The module name is from
+the pynetdicom era, when it also replaced pynetdicom's command-set encoder.
+tests/test_dicom_fastcmd.py checks it byte for byte against pydicom.
 """
 
 from __future__ import annotations
@@ -39,66 +28,17 @@ from pydicom.datadict import dictionary_VR
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-from pynetdicom import dimse_messages as _messages
 from pynetdicom import dsutils as _dsutils
-from pynetdicom import service_class as _services
 
 from harmony.compat.pydicom import dataset_character_set
 
 _original = _dsutils.encode
-_TEXT_PAD = {"AE": b" ", "CS": b" ", "LO": b" ", "SH": b" ", "ST": b" ", "LT": b" ", "UI": b"\0"}
-_NUMBER = {"UL": "<I", "US": "<H"}
 #: VRs whose values pydicom strips of trailing padding when it converts a raw element
 _STRINGS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 
 
 class _Unsupported(Exception):
     pass
-
-
-def _value_bytes(vr: str, value) -> bytes:
-    if value is None or value == "" or value == b"":
-        return b""
-    fmt = _NUMBER.get(vr)
-    if fmt is not None:
-        values = value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") else [value]
-        return b"".join(struct.pack(fmt, int(v)) for v in values)
-    pad = _TEXT_PAD.get(vr)
-    if pad is None:
-        raise _Unsupported(vr)
-    if isinstance(value, bytes):
-        raw = value
-    elif isinstance(value, str):
-        raw = value.encode("ascii")
-    elif isinstance(value, (list, tuple)) or hasattr(value, "__iter__"):
-        raw = "\\".join(str(v) for v in value).encode("ascii")
-    else:
-        raise _Unsupported(type(value))
-    return raw + pad if len(raw) % 2 else raw
-
-
-def encode_command(ds) -> bytes:
-    """Implicit VR Little Endian bytes of a command set (group 0000 only), or
-    :class:`_Unsupported`."""
-    out = []
-    for elem in ds:
-        tag = elem.tag
-        if tag.group != 0:
-            raise _Unsupported(tag)
-        value = _value_bytes(elem.VR, elem.value)
-        out.append(struct.pack("<HHI", 0, tag.element, len(value)))
-        out.append(value)
-    return b"".join(out)
-
-
-def encode(ds, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False):
-    """``pynetdicom.dsutils.encode``, fast for Implicit VR LE command sets."""
-    if is_implicit_vr and is_little_endian and not deflated:
-        try:
-            return encode_command(ds)
-        except (_Unsupported, UnicodeEncodeError, TypeError, ValueError, struct.error):
-            pass
-    return _original(ds, is_implicit_vr, is_little_endian, deflated)
 
 
 def _raw_vr(elem, from_implicit: bool) -> str:
@@ -181,12 +121,3 @@ def encode_dataset(ds, is_implicit_vr: bool, is_little_endian: bool, deflated: b
             pass
     return _original(ds, is_implicit_vr, is_little_endian, deflated)
 
-
-def install() -> None:
-    _messages.encode = encode
-    _services.encode = encode_dataset
-
-
-def uninstall() -> None:
-    _messages.encode = _original
-    _services.encode = _original

@@ -1,17 +1,17 @@
-"""pynetdicom plumbing shared by the DIMSE endpoint and the SCU backend.
+"""DICOM network vocabulary shared by the DIMSE endpoint and the SCU backend.
 
-What lives here is what both sides of a DICOM association need: the
-presentation contexts Harmony proposes and accepts, the TCP_NODELAY fix,
-TLS contexts and the query/retrieve model table.  DIMSE statuses live in
+What lives here is what both sides of an association need: the presentation
+contexts Harmony proposes and accepts, the query/retrieve model table and the
+AE title check.  Associations themselves are carried by Harmony's own engine
+(:mod:`harmony.dicom.ul`), which sets TCP_NODELAY, frames PDUs and does TLS
+(:mod:`harmony.dicom.ul.tls`); pynetdicom supplies the PDU and presentation
+classes and its service-class tables.  DIMSE statuses live in
 :mod:`harmony.dicom.status`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import ssl
 
 from pydicom.uid import (
     JPEG2000Lossless,
@@ -20,7 +20,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom import StoragePresentationContexts, build_context, build_role
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -31,32 +31,16 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from harmony.compat.pynetdicom import config as _config
-from harmony.compat.pynetdicom import set_dul_loop_delay
 from harmony.config.errors import OptionError
-from harmony.dicom import fastcmd, transfer
+from harmony.dicom import transfer
 from harmony.dicom.results import C_FIND, C_GET, C_MOVE
 from harmony.log import get_logger
 
-# Received C-STOREs go to a temporary file instead of memory, and a file sent
-# with C-STORE is streamed from disk without decoding: "streams stay streams",
-# and the bytes a PACS sent are the bytes Harmony passes on.  These are
-# process-wide pynetdicom switches; Harmony owns the process.
-_config.STORE_RECV_CHUNKED_DATASET = True
-_config.STORE_SEND_CHUNKED_DATASET = True
-# Identifiers carry PHI; pynetdicom logs them at debug level unless told not to.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-# pynetdicom encodes every command set twice with pydicom's general writer, and
-# re-encodes relayed C-FIND matches: encode both directly (harmony.dicom.fastcmd,
-# byte-identical, falling back to pydicom for anything unusual).
-# HARMONY_DIMSE_STOCK=1 keeps stock pynetdicom, for A/B runs and as an escape hatch.
-if os.environ.get("HARMONY_DIMSE_STOCK") != "1":
-    fastcmd.install()
+
 class _ToTwistedLogger(logging.Handler):
-    """pynetdicom reports association trouble (refused, aborted, timed out) only
-    through stdlib logging, where nothing listens under twistd: pass warnings
-    and errors on to Harmony's structured log."""
+    """pynetdicom reports trouble (a PDU or presentation context it cannot
+    decode or build) only through stdlib logging, where nothing listens under
+    twistd: pass warnings and errors on to Harmony's structured log."""
 
     def __init__(self):
         super().__init__(level=logging.WARNING)
@@ -75,10 +59,6 @@ if not any(isinstance(h, _ToTwistedLogger) for h in _pynetdicom_logger.handlers)
     _pynetdicom_logger.addHandler(_ToTwistedLogger())
     if _pynetdicom_logger.level == logging.NOTSET or _pynetdicom_logger.level > logging.WARNING:
         _pynetdicom_logger.setLevel(logging.WARNING)
-
-# pynetdicom's "standard" handlers format a debug dump of every PDU and DIMSE
-# message, even when nothing logs at debug level; that is CPU on the hot path.
-_config.LOG_HANDLER_LEVEL = "none"
 
 UNCOMPRESSED = transfer.UNCOMPRESSED
 #: Every standard storage transfer syntax: what Harmony's storage SCPs accept.
@@ -102,66 +82,6 @@ def check_aet(options, key: str, default=None) -> str:
     if not 0 < len(value.strip()) <= 16 or not value.isascii() or "\\" in value:
         raise OptionError(key, f"must be an AE title of 1-16 ASCII characters, got {value!r}")
     return value.strip()
-
-
-# --------------------------------------------------------------------------- sockets
-
-
-def set_nodelay(event) -> None:
-    """EVT_CONN_OPEN handler: disable Nagle on the association's socket.
-
-    pynetdicom never sets TCP_NODELAY, so every multi-PDU exchange (a C-FIND
-    with matches, a C-GET) waits ~40 ms per round trip for delayed ACKs.  The
-    event fires for requested (after connect) and accepted sockets alike.
-    """
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        pass  # a socket that is already gone has nothing to tune
-
-
-#: pynetdicom's DUL thread polls its socket and queues, sleeping this long
-#: between empty polls (its default, 1 ms, is also its idle value).  Each DIMSE
-#: message waits for a few such polls, so while an association is busy a
-#: shorter pause roughly halves per-message latency (measured: a 40-instance
-#: C-GET from Orthanc 0.17 s -> 0.09 s); an idle association goes back to the
-#: default so pooled ones do not spin.
-BUSY_LOOP_DELAY = 0.0002
-IDLE_LOOP_DELAY = 0.001
-
-
-def set_busy(assoc, busy: bool = True) -> None:
-    set_dul_loop_delay(getattr(assoc, "dul", None), BUSY_LOOP_DELAY if busy else IDLE_LOOP_DELAY)
-
-
-def on_conn_open(event) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY, and a busy poll loop for the association's
-    working life (acceptor associations live as long as their client uses them)."""
-    set_nodelay(event)
-    set_busy(event.assoc, True)
-
-
-NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, on_conn_open)]
-
-
-def client_tls_context(cert=None, key=None, ca=None, verify: bool = True) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if cert:
-        ctx.load_cert_chain(str(cert), str(key) if key else None)
-    return ctx
-
-
-def server_tls_context(cert, key, ca=None) -> ssl.SSLContext:
-    """TLS for an SCP; with *ca*, clients must present a certificate it signed."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca) if ca else None)
-    ctx.load_cert_chain(str(cert), str(key))
-    ctx.verify_mode = ssl.CERT_REQUIRED if ca else ssl.CERT_NONE
-    return ctx
 
 
 # --------------------------------------------------------------------------- contexts

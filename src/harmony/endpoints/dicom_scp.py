@@ -15,6 +15,8 @@ thread pool (:mod:`harmony.dicom.blocking`), never on the reactor.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from pydicom import dcmread
@@ -22,7 +24,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, fdesc
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
@@ -33,7 +36,7 @@ from harmony.dicom.files import Staging, check_complete, durable_move, read_inst
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.ul import commands, datasets, storage
-from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
+from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings, SharedAssociationCount
 from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import server_options
@@ -66,6 +69,10 @@ _RESPONSE_OF = {commands.C_FIND_RQ: commands.C_FIND_RSP, commands.C_GET_RQ: comm
                 commands.C_ECHO_RQ: commands.C_ECHO_RSP}
 _OPERATION_OF = {commands.C_FIND_RQ: C_FIND, commands.C_GET_RQ: C_GET, commands.C_MOVE_RQ: C_MOVE,
                  commands.C_STORE_RQ: C_STORE, commands.C_ECHO_RQ: C_ECHO}
+
+
+#: Staging files a dicom_scp keeps created ahead for the next C-STOREs.
+SPARE_STAGED_FILES = 4
 
 
 def dimse_status_for(error: HarmonyError, op: str) -> int:
@@ -125,6 +132,11 @@ class DicomScpEndpoint(Service):
         self.pipeline = None
         self.factory = None
         self.listening = None
+        #: In a worker process: (fd, family, count fd, slots, slot) of the main
+        #: process's listening socket and association count (harmony.workers).
+        self.inherited: tuple | None = None
+        #: Associations of this listener across every process sharing it.
+        self.shared_count: SharedAssociationCount | None = None
         self.services = ScpServices(self)
 
     @classmethod
@@ -236,6 +248,9 @@ class DicomScpEndpoint(Service):
                 # Still serve echo/find/get; each C-STORE is refused with Out of Resources.
                 log.error("dicom_scp {name}: cannot create its staging folder {path}: {error}", name=self.name,
                           path=str(self.staging.base), error=e.strerror)
+        if self.inherited is not None:
+            self._adopt(*self.inherited)
+            return
         try:
             if self.tls is not None:
                 self.listening = self.reactor.listenSSL(self.port, self.factory, self.tls,
@@ -250,12 +265,44 @@ class DicomScpEndpoint(Service):
         log.info("dicom_scp {name} listening on {host}:{port} as {aet}", name=self.name, host=self.bind_addr,
                  port=self.bound_port, aet=self.local_aet)
 
+    # ------------------------------------------------------------------ worker processes
+
+    def share(self, slots: int) -> tuple[int, int, int]:
+        """Let worker processes serve this listener too (harmony.workers, main
+        process): (listening fd, address family, association count fd); from
+        now on ``max_associations`` counts the associations of all *slots*
+        processes (slot 0 is ours)."""
+        if self.shared_count is None:
+            self.shared_count = SharedAssociationCount.create(slots)
+            self.shared_count.set(len(self.factory.settings.associations))
+            self.factory.settings.shared_count = self.shared_count
+        return self.listening.fileno(), int(self.listening.socket.family), self.shared_count.fd
+
+    def worker_ended(self, slot: int) -> None:
+        """A worker process is gone: its associations went with it (main process)."""
+        if self.shared_count is not None:
+            self.shared_count.set(0, slot)
+
+    def _adopt(self, fd: int, family: int, count_fd: int, slots: int, slot: int) -> None:
+        """Serve the main process's listening socket (a worker process)."""
+        factory = self.factory
+        self.shared_count = SharedAssociationCount(count_fd, slots, slot)
+        factory.settings.shared_count = self.shared_count
+        if self.tls is not None:
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+        fdesc.setNonBlocking(fd)  # another process may take the connection first: never block in accept()
+        self.listening = self.reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
+        os.close(fd)  # adoptStreamPort dup()s it
+        log.info("dicom_scp {name} serving the shared {host}:{port} as {aet}", name=self.name,
+                 host=self.bind_addr, port=self.bound_port, aet=self.local_aet)
+
     def stopService(self):
         super().stopService()
         listening, self.listening = self.listening, None
         waits = []
         if listening is not None:
             waits.append(defer.maybeDeferred(listening.stopListening))
+        self.services.discard_spares()
         if self.factory is not None:
             for assoc in list(self.factory.settings.associations):
                 assoc.abort("Harmony is stopping")
@@ -386,6 +433,9 @@ class ScpServices:
     def __init__(self, endpoint: DicomScpEndpoint):
         self.endpoint = endpoint
         self.running: dict[tuple[int, int], Operation] = {}
+        #: Staging files created ahead, off the reactor: (path, open file) (see _staged_file).
+        self._spares: list[tuple] = []
+        self._making = False
 
     # -- association hooks
 
@@ -401,14 +451,57 @@ class ScpServices:
         if command["CommandField"] == commands.C_STORE_RQ and self.endpoint.enabled[C_STORE]:
             transfer_syntax = str(assoc.contexts[context_id].transfer_syntax[0])
             try:
-                staging = self.endpoint.staging.ensure()
-                return datasets.PartTenSink(staging.new_path(), command, transfer_syntax,
-                                            self.endpoint.max_dataset_bytes, source_aet=assoc.calling_aet)
+                path, file = self._staged_file()
+                return datasets.PartTenSink(path, command, transfer_syntax, self.endpoint.max_dataset_bytes,
+                                            source_aet=assoc.calling_aet, file=file)
             except OSError as e:
                 log.error("dicom_scp {name}: cannot stage a C-STORE data set: {error}", name=self.endpoint.name,
                           error=e.strerror)
                 return datasets.DiscardSink(self.endpoint.max_dataset_bytes)
         return datasets.MemorySink()
+
+    def _staged_file(self):
+        """A new staging file for a C-STORE data set, open for writing.
+
+        Creating a file can block for a millisecond or more while the file
+        system commits other writers' fsyncs: on the reactor thread that was
+        the largest cost of a received instance (py-spy, bench/dimse C-STORE).
+        So a few are created ahead on a worker thread and handed out here; the
+        reactor creates one itself only when the spares ran out."""
+        staging = self.endpoint.staging.ensure()
+        if self._spares:
+            spare = self._spares.pop()
+        else:
+            path = staging.new_path()
+            spare = (path, open(path, "wb"))
+        self._make_spares(staging)
+        return spare
+
+    def _make_spares(self, staging) -> None:
+        if self._making or len(self._spares) >= SPARE_STAGED_FILES or not self.endpoint.running:
+            return
+        self._making = True
+
+        def make():
+            path = staging.new_path().with_suffix(".part")  # not yet an instance: nothing counts it as one
+            return path, open(path, "wb")
+
+        def made(spare):
+            self._making = False
+            if self.endpoint.running:
+                self._spares.append(spare)
+                self._make_spares(staging)
+            else:
+                _discard_spare(spare)
+
+        def failed(failure):
+            self._making = False  # the next C-STORE opens its own file and reports the error
+        blocking.run(self.endpoint.reactor, make).addCallbacks(made, failed)
+
+    def discard_spares(self) -> None:
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            _discard_spare(spare)
 
     def on_request(self, assoc, message):
         field = message.field
@@ -638,33 +731,22 @@ class ScpServices:
             await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
             return
         try:
-            instance, header = await blocking.run(endpoint.reactor, _read_received, path, endpoint.forward_store)
+            instance, header, refusal = await blocking.run(endpoint.reactor, _read_received, path,
+                                                           endpoint.forward_store, command, endpoint.storage_dir)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
             await op.respond(dimse.STORE_CANNOT_UNDERSTAND, comment="cannot decode the dataset")
             return
-        instance.owned = True
         try:
-            uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
-            if not all(valid_uid(u) for u in uids):
-                await op.respond(dimse.STORE_CANNOT_UNDERSTAND, comment="missing or invalid UIDs in the dataset")
+            if isinstance(refusal, OSError):
+                log.error("dicom_scp {name}: cannot store an instance: {error}", name=endpoint.name,
+                          error=refusal.strerror)
+                await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
                 return
-            if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
-                    instance.sop_class_uid != command.get("AffectedSOPClassUID"):
-                await op.respond(dimse.STORE_DATASET_MISMATCH, comment="dataset does not match the C-STORE request")
+            if refusal is not None:
+                await op.respond(refusal[0], comment=refusal[1])
                 return
-            if endpoint.storage_dir is not None:
-                dest = endpoint.storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
-                    f"{instance.sop_instance_uid}.dcm"
-                try:
-                    await blocking.run(endpoint.reactor, durable_move, instance.path, dest)
-                except OSError as e:
-                    log.error("dicom_scp {name}: cannot store an instance: {error}", name=endpoint.name,
-                              error=e.strerror)
-                    await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
-                    return
-                instance.path, instance.owned = dest, False
             if not endpoint.forward_store:
                 await op.respond(dimse.SUCCESS)
                 return
@@ -708,6 +790,12 @@ def _discard(message) -> None:
         _unlink(message.dataset)
 
 
+def _discard_spare(spare) -> None:
+    path, file = spare
+    file.close()
+    _unlink(path)
+
+
 def _unlink(path) -> None:
     try:
         Path(path).unlink()
@@ -715,11 +803,32 @@ def _unlink(path) -> None:
         pass
 
 
-def _read_received(path, with_header: bool):
-    """Validate a received Part-10 file (every element inside it) and describe it, with its
-    header as DICOM JSON when it goes on through the pipeline: one worker-thread hop per instance."""
+def _read_received(path, with_header: bool, command: dict, storage_dir: Path | None = None):
+    """Validate a received Part-10 file (every element inside it, its UIDs, its
+    match with the C-STORE request), describe it, with its header as DICOM JSON
+    when it goes on through the pipeline, and file it durably in *storage_dir*:
+    one worker-thread hop per instance (each hop cost a thread hand-off and a
+    reactor wake-up per instance, bench/dimse).
+
+    Returns ``(instance, header, refusal)``: refusal None, a (status, comment),
+    or the OSError that kept the file out of *storage_dir*."""
     instance = read_instance(path, ds=check_complete(path))
-    return instance, _header_json(path) if with_header else None
+    instance.owned = True
+    uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
+    if not all(valid_uid(u) for u in uids):
+        return instance, None, (dimse.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
+    if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
+            instance.sop_class_uid != command.get("AffectedSOPClassUID"):
+        return instance, None, (dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
+    if storage_dir is not None:
+        dest = storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
+            f"{instance.sop_instance_uid}.dcm"
+        try:
+            durable_move(instance.path, dest)
+        except OSError as e:
+            return instance, None, e
+        instance.path, instance.owned = dest, False
+    return instance, _header_json(instance.path) if with_header else None, None
 
 
 def _pairs_listed(stream) -> list:

@@ -21,6 +21,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from harmony.config.errors import ConfigErrors, OptionError, Problem
 from harmony.config.loader import STORAGE_BACKENDS, STORAGE_INDEXES
 from harmony.config.options import Options
@@ -45,6 +48,9 @@ def store_from_context(ctx, options: Options):
         fsync = global_opts.bool("fsync", True)
         threads = global_opts.int("threads", 4, minimum=1, maximum=64)
         node = global_opts.str("node", "")
+        processes = process_name(ctx.config, node)
+        if processes is not None:
+            node = processes
         database = database_from_options(storage.get("index", STORAGE_INDEXES[0]), global_opts, threads, node)
         blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), global_opts)
     except OptionError as e:
@@ -52,9 +58,27 @@ def store_from_context(ctx, options: Options):
     root = options.path("path", None) or ctx.storage_path
     try:
         return open_store(root, reactor=ctx.reactor, min_free_bytes=int(min_free_mb * 1024 * 1024), fsync=fsync,
-                          threads=threads, database=database, node=node, blobs=blobs)
+                          threads=threads, database=database, node=node, blobs=blobs,
+                          per_process=processes is not None)
     except OSError as e:
         raise OptionError("path", f"cannot open the store at {root}: {e.strerror}") from None
+
+
+def process_name(config, node: str) -> str | None:
+    """This process's name on the store when ``[proxy] workers`` > 1, else None.
+
+    Worker processes share the store folder and its index: each must clear
+    only its own temp files and crash markers on start, and take back only
+    its own queue leases, exactly like nodes sharing a PostgreSQL index.  The
+    worker pool tells each process which one it is in ``HARMONY_WORKER``
+    (harmony.workers; the main process is 0), which is stable across a
+    worker's restarts, so a restarted worker cleans up after the one it
+    replaces.
+    """
+    proxy = getattr(config, "proxy", None)
+    if getattr(proxy, "workers", 1) <= 1:
+        return None
+    return f"{node or socket.gethostname()}.w{os.environ.get('HARMONY_WORKER', '0')}"
 
 
 def database_from_options(index: str, opts: Options, threads: int, node: str = ""):

@@ -104,7 +104,7 @@ class Recovery:
 class InstanceStore:
     def __init__(self, root, *, reactor=None, min_free_bytes: int = DEFAULT_MIN_FREE, fsync: bool = True,
                  threads: int = 4, free_bytes=None, clock=time.time, database=None, node: str = "",
-                 blobs=None, upload_interval: float = UPLOAD_INTERVAL):
+                 blobs=None, upload_interval: float = UPLOAD_INTERVAL, per_process: bool = False):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -117,13 +117,14 @@ class InstanceStore:
         self.clock = clock
         self.guard = SpaceGuard(self.root, min_free_bytes, free_bytes)
         #: The index and queue: sqlite next to the files unless a shared database is given.
-        self.db = database if database is not None else SqliteDatabase(self.db_path, fsync)
-        #: True when other nodes share the index and queue (a PostgreSQL database).
-        self.shared = self.db.dialect != SQLITE
+        self.db = database if database is not None else SqliteDatabase(self.db_path, fsync, per_process)
+        #: True when other nodes share the index and queue (a PostgreSQL database),
+        #: or other processes of this node do (``per_process``: [proxy] workers > 1).
+        self.shared = self.db.dialect != SQLITE or per_process
         #: This node's name on the queue's leases (``[storage.options] node``).
         self.node = node or socket.gethostname()
         if self.shared:
-            # Nodes may share the folder (NFS): each clears and marks only its own.
+            # Nodes (or worker processes) may share the folder: each clears and marks only its own.
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.node)
             self.tmp_dir = self.root / "tmp" / safe
             self._markers = (f"{CLEAN_MARKER}.{safe}", f"{OPENED_MARKER}.{safe}")

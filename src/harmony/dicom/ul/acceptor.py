@@ -8,10 +8,20 @@ source address, so a storm of silent or garbage-sending sockets cannot starve
 real modalities; the listen backlog is sized for bursts.  Every refusal a
 peer can understand is an A-ASSOCIATE-RJ with the right reason; the rest are
 A-ABORTs.
+
+With ``[proxy] workers = N`` every process accepts on the same listening
+socket; ``max_associations`` stays one limit for the listener through a
+:class:`SharedAssociationCount` (one slot per process in a small shared file),
+while the connection caps stay per process (docs/endpoints/dicom_scp.md).
 """
 
 from __future__ import annotations
 
+import fcntl
+import mmap
+import os
+import struct
+import tempfile
 from collections import Counter
 
 import attr
@@ -52,6 +62,60 @@ class AcceptorLimits:
     backlog: int = 128
 
 
+class SharedAssociationCount:
+    """Associations of one listener across the processes sharing its socket.
+
+    A file of one 8-byte slot per process (the main process is slot 0, worker
+    *i* slot *i*), mapped by each: a process writes only its own slot, and the
+    check-and-reserve of a new association runs under a POSIX record lock
+    (``lockf`` is per process, so it excludes processes that share the file
+    descriptor, which ``flock`` would not).  A process killed with -9 leaves its
+    slot behind: the main process clears it when the worker ends and the
+    restarted worker starts from zero, so a crash never shrinks the limit.
+    """
+
+    SLOT = struct.Struct("<q")
+
+    def __init__(self, fd: int, slots: int, slot: int):
+        self.fd = fd
+        self.slots = slots
+        self.slot = slot
+        self._map = mmap.mmap(fd, self.SLOT.size * slots)
+        self.set(0)
+
+    @classmethod
+    def create(cls, slots: int) -> "SharedAssociationCount":
+        """A new count for *slots* processes, held by the main process (slot 0)."""
+        handle = tempfile.TemporaryFile(prefix="harmony-dimse-")
+        fd = os.dup(handle.fileno())
+        handle.close()
+        os.ftruncate(fd, cls.SLOT.size * slots)
+        os.set_inheritable(fd, False)
+        return cls(fd, slots, 0)
+
+    def total(self) -> int:
+        return sum(self.SLOT.unpack_from(self._map, i * self.SLOT.size)[0] for i in range(self.slots))
+
+    def set(self, count: int, slot: int | None = None) -> None:
+        self.SLOT.pack_into(self._map, (self.slot if slot is None else slot) * self.SLOT.size, count)
+
+    def reserve(self, mine: int, limit: int) -> bool:
+        """Count one more association of ours (we hold *mine*) unless the
+        listener already has *limit*; atomic across the processes."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            if self.total() >= limit:
+                return False
+            self.set(mine + 1)
+            return True
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
 class AcceptorSettings:
     """What an :class:`~.association.Association` asks its listener: limits, timers and negotiation."""
 
@@ -70,6 +134,8 @@ class AcceptorSettings:
         self.connections = 0
         self.by_source: Counter = Counter()
         self.associations: set[Association] = set()
+        #: Set when worker processes share the listener (see :class:`SharedAssociationCount`).
+        self.shared_count: SharedAssociationCount | None = None
 
     # -- counting (called by the association)
 
@@ -84,9 +150,13 @@ class AcceptorSettings:
         if self.by_source[host] <= 0:
             del self.by_source[host]
         self.associations.discard(assoc)
+        if self.shared_count is not None:
+            self.shared_count.set(len(self.associations))
 
     def association_established(self, assoc: Association) -> None:
         self.associations.add(assoc)
+        if self.shared_count is not None:
+            self.shared_count.set(len(self.associations))
 
     # -- negotiation
 
@@ -101,7 +171,11 @@ class AcceptorSettings:
         if self.identity_check is not None and assoc.user_identity is not None:
             if not self.identity_check(assoc, assoc.user_identity):
                 return REJECT_IDENTITY
-        if len(self.associations) >= self.limits.max_associations:
+        if self.shared_count is not None:
+            # Reserved now: an accepted negotiation is established in this same call.
+            if not self.shared_count.reserve(len(self.associations), self.limits.max_associations):
+                return REJECT_BUSY
+        elif len(self.associations) >= self.limits.max_associations:
             return REJECT_BUSY
         roles = {}
         for item in rq.user_information:

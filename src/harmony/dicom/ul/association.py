@@ -210,6 +210,8 @@ class Association(protocol.Protocol):
             self._sink.abort()
             self._sink = None
         self._flow.stopProducing()
+        if self._end_reason is None:
+            self._end_reason = _tls_failure(reason)
         error = AssociationAborted(self._end_reason or "connection closed")
         pending, self._pending = self._pending, {}
         for p in pending.values():
@@ -662,6 +664,18 @@ def _aet(value) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return (value or "").strip()
+
+
+def _tls_failure(reason) -> str | None:
+    """"TLS handshake failed: ..." when the connection ended on a TLS error
+    (a certificate the other side's CA did not sign, no client certificate):
+    the cause an operator needs, where "connection closed" says nothing."""
+    error = getattr(reason, "value", None)
+    if type(error).__module__.split(".")[0] != "OpenSSL":
+        return None
+    details = [part for arg in getattr(error, "args", ()) if isinstance(arg, list)
+               for entry in arg if isinstance(entry, tuple) for part in entry[-1:] if part]
+    return "TLS handshake failed: " + ("; ".join(map(str, details)) or str(error) or type(error).__name__)
 
 
 def _set_nodelay(transport) -> None:
