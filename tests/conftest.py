@@ -103,6 +103,15 @@ def own_postgres():
     server.stop()
 
 
+@pytest.fixture
+def own_s3():
+    """An S3-compatible server of the test's own, for tests that stop and start it."""
+    from tests.s3 import S3Server
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3-compatible server (SeaweedFS, tests/s3.py) on 127.0.0.1, shared by the run."""

@@ -32,6 +32,7 @@ class S3Server:
                                                "g_s3")}
         self.proc = None
         self.bucket = "harmony-test"
+        self.started_once = False
 
     @property
     def endpoint(self) -> str:
@@ -42,6 +43,8 @@ class S3Server:
         log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(
             [str(WEED), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir}", "-volume.max=8",
+             # a restarted master elects itself in a second, not the default ten
+             "-master.electionTimeout=1s",
              f"-master.port={p['master']}", f"-master.port.grpc={p['g_master']}",
              f"-volume.port={p['volume']}", f"-volume.port.grpc={p['g_volume']}",
              f"-filer.port={p['filer']}", f"-filer.port.grpc={p['g_filer']}",
@@ -61,11 +64,19 @@ class S3Server:
     def _ready(self) -> bool:
         try:
             s3 = self.client()
-            s3.create_bucket(Bucket=self.bucket)
+            if not self.started_once:
+                s3.create_bucket(Bucket=self.bucket)
             s3.put_object(Bucket=self.bucket, Key="ready", Body=b"1")
+            self.started_once = True
             return True
         except Exception:  # noqa: BLE001 - not up yet
             return False
+
+    def restart_server(self):
+        """Stop the server process and start it again on the same folder and ports (an
+        outage of the endpoint; what was stored stays)."""
+        self.stop_server()
+        self.start()
 
     def keys(self) -> set:
         out = set()

@@ -211,11 +211,13 @@ forward_to = {targets}
 
 
 def node_config(port: int, *, node: str, path, targets: dict, dsn: str | None = None, storage: str = "",
-                backend: str = "filesystem", sf_options: str = "", log_level: str = "info") -> str:
+                backend: str = "filesystem", sf_options: str = "", log_level: str = "info",
+                backoff: tuple = (0.1, 0.5)) -> str:
     """Harmony TOML for one node of a cluster (tests/test_cluster.py, tests/test_blobs.py, bench/scale):
     HTTP Part-10 ingest at /ingest -> ``store_forward`` ``sf`` -> an ``http`` backend per entry of
     *targets* (name -> port on 127.0.0.1, retried quickly), the store at *path*, on PostgreSQL when
-    *dsn* is given.  *storage* adds lines to ``[storage.options]``, *sf_options* to ``[backends.sf]``."""
+    *dsn* is given.  *storage* adds lines to ``[storage.options]``, *sf_options* to ``[backends.sf]``;
+    *backoff* is the retry delay's (initial, max) seconds."""
     index = f'[storage]\nbackend = "{backend}"\n' + ('index = "postgresql"\n' if dsn else "")
     shared = f'node = "{node}"\ndsn = "{dsn}"\n' if dsn else ""
     backends = "".join(f'\n[backends.{name}]\nservice = "http"\nbase_url = "http://127.0.0.1:{p}/"\n'
@@ -244,8 +246,8 @@ backends = ["sf"]
 [backends.sf]
 service = "store_forward"
 forward_to = {json.dumps(list(targets))}
-backoff_initial_seconds = 0.1
-backoff_max_seconds = 0.5
+backoff_initial_seconds = {backoff[0]}
+backoff_max_seconds = {backoff[1]}
 max_attempts = 1000000
 poll_seconds = 0.2
 {sf_options}

@@ -23,6 +23,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from harmony.storage import blobs as blob_sql
 from harmony.storage.blobs import BlobUnavailable, S3Blobs
 from harmony.storage.database import PostgresDatabase
 from harmony.storage.store import InstanceStore
@@ -150,3 +151,56 @@ async def test_kill_9_with_uploads_pending_loses_nothing(s3, postgres, tmp_path)
     finally:
         harmony.stop()
         down.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_cache_is_bounded_and_never_evicts_a_file_not_uploaded(s3, postgres, tmp_path):
+    """s3_cache_max_mb: least recently used uploaded files go first, down to the low-water mark;
+    files still to upload stay however old (S3 down); an evicted file is fetched again on use;
+    metrics count it."""
+    import os
+    import time
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from harmony.storage.metrics import StoreForwardCollector
+    prefix = f"{tmp_path.name}/"
+    dsn = postgres.new_database()
+    files = make_instances(tmp_path / "in", 8, 54, patient_id="CACHE")
+    size = files[0].stat().st_size
+    assert all(f.stat().st_size == size for f in files)
+    a = InstanceStore(tmp_path / "a", min_free_bytes=0, database=PostgresDatabase(dsn), node="a",
+                      blobs=blobs_for(s3, prefix, timeout=1.0), upload_interval=0.2, cache_max_bytes=10**12)
+    try:
+        a.cache.clock = lambda: time.time() + 3600  # every file past the grace (all are committed here)
+        stored = [await a.put_file(f) for f in files[:6]]
+        await until(lambda: len(keys_under(s3, prefix)) == 6, what="uploads")
+        await until(lambda: a.uploads_pending == 0, what="upload rows settled")
+        for n, s in enumerate(stored):  # used long ago, in order...
+            os.utime(s.path, (1000 + n, 1000 + n))
+        for s in stored[:2]:  # ...but these two were read just now
+            await a.run(a.get_sync, s.sop_instance_uid)
+        s3.freeze()  # two more arrive while S3 is away: their only copy is here, and the oldest
+        held = [await a.put_file(f) for f in files[6:]]
+        for s in held:
+            os.utime(s.path, (10, 10))
+        a.cache.max_bytes = 4 * size + size // 2  # low water: 4.05 files' worth
+        a.cache.bytes = None  # a size check is due
+        await until(lambda: a.cache.evicted_files > 0, what="eviction")
+        on_disk = {p.name for p in a.instances_dir.rglob("*.dcm")}
+        assert {s.path.name for s in held} <= on_disk, "a file not yet uploaded was evicted"
+        assert on_disk == {s.path.name for s in stored[:2] + held}  # least recently used went first
+        assert a.cache.evicted_files == 4 and a.cache.bytes == 4 * size
+        registry = CollectorRegistry()
+        registry.register(StoreForwardCollector([], [a]))
+        text = generate_latest(registry).decode()
+        assert 'harmony_storage_cache_evicted_files_total{store="a"} 4.0' in text
+        assert f'harmony_storage_cache_bytes{{store="a"}} {float(4 * size)}' in text
+        assert 'harmony_storage_node_info{node="a",store="a"} 1.0' in text
+        s3.thaw()
+        await until(lambda: len(keys_under(s3, prefix)) == 8, what="uploads after S3 returned")
+        got = await a.run(a.get_sync, stored[2].sop_instance_uid)  # evicted: fetched again
+        assert got.path.read_bytes() == files[2].read_bytes()
+    finally:
+        s3.thaw()
+        a.close()

@@ -15,6 +15,8 @@ import sys
 from harmony import log as hlog
 from harmony.runtime import load_runtime
 from harmony.service import HarmonyService, freeze_startup_heap
+from harmony.storage.nodes import NodeIdInUse, new_process_group
+from harmony.storage.store import open_stores
 from harmony.workers import WorkerPool
 
 log = hlog.get_logger("harmony.service")
@@ -26,10 +28,27 @@ def _exit_failed():
     os._exit(1)
 
 
+def _claim_node_ids(reactor):
+    """Open every shared store now, so that a node id another live process
+    holds stops this one at start, with the reason, instead of failing each
+    request later."""
+    def refused(failure):
+        if failure.check(NodeIdInUse):
+            log.critical("stopping: {error}", error=failure.getErrorMessage())
+            atexit.register(_exit_failed)
+            reactor.stop()
+        # anything else (the database down at start) is retried by the store's users
+    for store in open_stores():
+        if store.shared:
+            store.run(store.open_sync).addErrback(refused)
+
+
 def make_service(config_path, reactor=None) -> HarmonyService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
+    # Worker processes inherit this token: they are the same cluster node.
+    new_process_group()
     runtime = load_runtime(config_path, reactor)
     service = HarmonyService(runtime, reactor)
 
@@ -42,6 +61,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: service.when_listening().addErrback(not_listening))
+    reactor.callWhenRunning(_claim_node_ids, reactor)
     reactor.callWhenRunning(freeze_startup_heap)
     if runtime.config.proxy.workers > 1:
         WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)

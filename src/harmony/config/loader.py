@@ -41,7 +41,7 @@ KNOWN_KEYS = {
                 "tls_ca_file", "tls_cert_file", "tls_key_file"),
     "storage": ("backend", "index", "options"),
     "storage.options": ("path", "min_free_mb", "fsync", "threads", "dsn", "password_file", "node",
-                        "s3_endpoint", "s3_bucket", "s3_region", "s3_prefix", "s3_credentials_file"),
+                        "s3_endpoint", "s3_bucket", "s3_region", "s3_prefix", "s3_credentials_file", "s3_cache_max_mb"),
 }
 #: What ``[storage]`` accepts, in one place (harmony.storage.config builds from
 #: the same tuples).  A value outside them is refused, never quietly replaced by

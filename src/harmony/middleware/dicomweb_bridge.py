@@ -50,6 +50,7 @@ from harmony.envelope import RequestEnvelope, ResponseEnvelope
 from harmony.errors import BackendUnavailable, BadRequest, ConfigurationFailure, HarmonyError, NotAcceptable, NotFound
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
+from harmony.storage.config import shared_parts
 from harmony.web import coding
 
 log = get_logger("harmony.middleware.dicomweb_bridge")
@@ -63,19 +64,23 @@ ALL_EXTRA = {
 
 
 class DicomWebBridge(Middleware):
-    def __init__(self, name, reactor, storage, *, metadata_ttl=300.0, render_quality=90, stow_concurrency=4):
+    def __init__(self, name, reactor, storage, *, metadata_ttl=300.0, render_quality=90, stow_concurrency=4,
+                 cache_database=None):
         super().__init__(name)
         self.stow_concurrency = stow_concurrency
         self.reactor = reactor
         self.storage = storage
-        self.cache = MetadataCache(storage / "metadata", reactor, metadata_ttl)
+        # On a cluster the cache is the shared database's: any node serves what another fetched.
+        self.cache = MetadataCache(storage / "metadata", reactor, metadata_ttl, database=cache_database,
+                                   namespace=name)
         self.render_quality = render_quality
         remove_stale_parts(storage / "stow")
 
     @classmethod
     def from_config(cls, name, options, ctx):
         storage = options.path("storage_dir", None) or (ctx.storage_path / "dicomweb-bridge" / name)
-        return cls(name, ctx.reactor, storage,
+        shared = shared_parts(ctx, f"dicomweb {name}", storage)
+        return cls(name, ctx.reactor, storage, cache_database=shared.database if shared else None,
                    metadata_ttl=options.number("metadata_cache_secs", 300.0, minimum=0),
                    render_quality=options.int("jpeg_quality", 90, minimum=1, maximum=100),
                    stow_concurrency=options.int("stow_concurrency", 4, minimum=1, maximum=64))

@@ -34,6 +34,7 @@ from twisted.internet import defer
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BadRequest, HarmonyError, NotFound
 from harmony.log import get_logger
+from harmony.storage import nodes
 from harmony.storage import queue as q
 from harmony.web.problem import problem_response
 from harmony.web.routes import apply_response, routing_failure
@@ -152,13 +153,18 @@ def service_for(services, target: str):
 def overview(services) -> defer.Deferred:
     # The database down: the last snapshot, and "databases" says why it is stale.
     d = defer.gatherResults([svc.stats().addErrback(lambda f, svc=svc: svc.snapshot) for svc in services])
-    return d.addCallback(lambda all_stats: queues_overview(services, all_stats))
+    shared = next((svc.store for svc in services if getattr(svc.store, "shared", False)), None)
+    members = (shared.read(nodes.holders).addErrback(lambda f: None) if shared is not None
+               else defer.succeed(None))
+    d = defer.gatherResults([d, members])
+    return d.addCallback(lambda both: queues_overview(services, both[0], both[1]))
 
 
-def queues_overview(services, all_stats) -> dict:
+def queues_overview(services, all_stats, members=None) -> dict:
     """``GET /queues``: every target's counts and lease holders (the cluster's
-    on a shared queue), and this node's view of each store's database and
-    object storage."""
+    on a shared queue), this node's view of each store's database and object
+    storage, and - on a shared store - the cluster's nodes with their
+    heartbeats (``nodes``)."""
     databases = {}
     for svc in services:
         db = getattr(svc.store, "db", None)
@@ -172,6 +178,8 @@ def queues_overview(services, all_stats) -> dict:
     doc = {"targets": {t: s for stats in all_stats for t, s in sorted(stats.items())}}
     if services:
         doc.update(node=services[0].node, databases=databases)
+    if members is not None:
+        doc["nodes"] = members
     return doc
 
 

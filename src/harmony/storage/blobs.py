@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from harmony.log import get_logger
@@ -72,6 +73,11 @@ def pending(conn, node: str, limit: int) -> list[str]:
 
 def uploaded(conn, relpath: str, node: str) -> None:
     conn.execute("DELETE FROM blob_uploads WHERE relpath=? AND node=?", (relpath, node))
+
+
+def pending_set(conn, node: str) -> set[str]:
+    """Every file of *node* still to upload (never to be evicted)."""
+    return {r[0] for r in conn.execute("SELECT relpath FROM blob_uploads WHERE node=?", (node,))}
 
 
 def backlog(conn) -> int:
@@ -161,3 +167,90 @@ class S3Blobs:
 
     def delete_sync(self, relpath: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key(relpath))
+
+
+class LocalCache:
+    """A size bound on the local folder in front of S3 (``s3_cache_max_mb``).
+
+    Evicts least recently used files first (a read through the store touches
+    the file's mtime), down to :data:`LOW_WATER` of the bound.  Never evicted:
+    a file whose upload is pending (its only copy), nor one younger than
+    *grace_seconds* (it may be between its rename into place and the commit of
+    its upload-pending row).  The folder is walked only when the running
+    estimate (bytes uploaded or fetched since the last walk) passes the bound,
+    and at most every *walk_interval* seconds while nothing can go.
+    """
+
+    #: Eviction stops at this fraction of the bound, so it does not run on every new file.
+    LOW_WATER = 0.9
+
+    def __init__(self, folder: Path, max_bytes: int, *, grace_seconds: float = 300.0,
+                 walk_interval: float = 10.0, clock=time.time):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.grace_seconds = grace_seconds
+        self.walk_interval = walk_interval
+        self.clock = clock
+        #: Bytes in the folder at the last walk plus what came since (None before the first walk).
+        self.bytes: int | None = None
+        self.evicted_files = 0
+        self.evicted_bytes = 0
+        self._next_walk = 0.0
+        self._lock = threading.Lock()
+        self._walk_lock = threading.Lock()
+
+    def added(self, size: int) -> None:
+        with self._lock:
+            if self.bytes is not None:
+                self.bytes += size
+
+    def due(self) -> bool:
+        return (self.bytes is None or self.bytes > self.max_bytes) and self.clock() >= self._next_walk
+
+    def evict_sync(self, pending: set[str]) -> int:
+        """Walk the folder and evict down to the low-water mark; files evicted (storage thread)."""
+        with self._walk_lock:  # one walk at a time
+            return self._evict(pending)
+
+    def _evict(self, pending: set[str]) -> int:
+        now = self.clock()
+        files, total = [], 0
+        for dirpath, _dirs, names in os.walk(self.folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                total += st.st_size
+                rel = os.path.relpath(path, self.folder).replace(os.sep, "/")
+                # ctime too: a rename into place (a moved file keeps its old mtime) sets it.
+                if rel not in pending and max(st.st_mtime, st.st_ctime) < now - self.grace_seconds:
+                    files.append((st.st_mtime, st.st_size, path))
+        evicted = 0
+        if total > self.max_bytes:
+            target = int(self.max_bytes * self.LOW_WATER)
+            for _mtime, size, path in sorted(files):
+                if total <= target:
+                    break
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                total -= size
+                evicted += 1
+                self.evicted_bytes += size
+        self.evicted_files += evicted
+        with self._lock:
+            self.bytes = total
+        # Still over: what is left is pending or young; look again later, not at every file.
+        self._next_walk = now + self.walk_interval if total > self.max_bytes else 0.0
+        return evicted
+
+    @staticmethod
+    def touch(path: Path) -> None:
+        """Mark a cached file as just used (least recently used goes first)."""
+        try:
+            os.utime(path)
+        except OSError:
+            pass

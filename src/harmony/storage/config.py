@@ -17,17 +17,23 @@
     s3_region = "eu-west-1"
     s3_prefix = ""
     s3_credentials_file = "/run/secrets/harmony-s3"   # ACCESS_KEY:SECRET_KEY; else AWS_ACCESS_KEY_ID/...
+    s3_cache_max_mb = 0         # bound on the local folder in front of S3 (0: unbounded); never evicts
+                                # a file not yet uploaded
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
+
+import attr
 
 from harmony.config.errors import ConfigErrors, OptionError, Problem
 from harmony.config.loader import STORAGE_BACKENDS, STORAGE_INDEXES
 from harmony.config.options import Options
 from harmony.storage.database import SPARE_CONNECTIONS, PostgresDatabase, read_password_file
+from harmony.storage.nodes import default_node
 from harmony.storage.store import open_store
 
 
@@ -43,23 +49,27 @@ def store_from_context(ctx, options: Options):
                                         f"{value!r} is not supported by this version of Harmony "
                                         f"(supported: {', '.join(map(repr, supported))})")])
     global_opts = Options(storage.get("options", {}), base_dir=ctx.base_dir)
+    root = options.path("path", None) or ctx.storage_path
     try:
         min_free_mb = global_opts.number("min_free_mb", 512, minimum=0)
         fsync = global_opts.bool("fsync", True)
         threads = global_opts.int("threads", 4, minimum=1, maximum=64)
         node = global_opts.str("node", "")
-        processes = process_name(ctx.config, node)
+        # Unset: the host name + a digest of the folder (harmony.storage.nodes), per worker process too.
+        processes = process_name(ctx.config, node or default_node(Path(root).resolve()))
         if processes is not None:
             node = processes
         database = database_from_options(storage.get("index", STORAGE_INDEXES[0]), global_opts, threads, node)
         blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), global_opts)
+        cache_mb = global_opts.number("s3_cache_max_mb", 0, minimum=0)
+        if cache_mb and blobs is None:
+            raise OptionError("s3_cache_max_mb", 'only used with backend = "s3"')
     except OptionError as e:
         raise ConfigErrors([Problem(str(ctx.config.path), f"storage.options.{e.key}", e.message)]) from None
-    root = options.path("path", None) or ctx.storage_path
     try:
         return open_store(root, reactor=ctx.reactor, min_free_bytes=int(min_free_mb * 1024 * 1024), fsync=fsync,
                           threads=threads, database=database, node=node, blobs=blobs,
-                          per_process=processes is not None)
+                          per_process=processes is not None, cache_max_bytes=int(cache_mb * 1024 * 1024))
     except OSError as e:
         raise OptionError("path", f"cannot open the store at {root}: {e.strerror}") from None
 
@@ -118,3 +128,34 @@ def blobs_from_options(backend: str, opts: Options):
                                                      f"{getattr(e, 'strerror', None) or e}") from None
     return S3Blobs(opts.str("s3_endpoint"), opts.str("s3_bucket"), opts.str("s3_region", "us-east-1"),
                    access_key=access, secret_key=secret, prefix=opts.str("s3_prefix", ""))
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class SharedParts:
+    """What a component beside the instance store (the JMIX index, the DICOMweb
+    metadata cache) needs to be shared by a cluster's nodes."""
+
+    database: object
+    blobs: object
+    node: str
+
+
+#: Connections each such component may hold (its work is small next to ingest's).
+AUX_CONNECTIONS = 2
+
+
+def shared_parts(ctx, purpose: str, folder) -> SharedParts | None:
+    """The cluster's database (a small pool of its own), bucket and node id when
+    ``[storage] index = "postgresql"``; None on a single node (the component keeps
+    its own sqlite file)."""
+    storage = ctx.config.storage if isinstance(ctx.config.storage, dict) else {}
+    if storage.get("index", STORAGE_INDEXES[0]) != "postgresql":
+        return None
+    opts = Options(storage.get("options", {}), base_dir=ctx.base_dir)
+    try:
+        node = opts.str("node", "")
+        database = database_from_options("postgresql", opts, AUX_CONNECTIONS, f"{node} {purpose}".strip())
+        blobs = blobs_from_options(storage.get("backend", STORAGE_BACKENDS[0]), opts)
+    except OptionError as e:
+        raise ConfigErrors([Problem(str(ctx.config.path), f"storage.options.{e.key}", e.message)]) from None
+    return SharedParts(database, blobs, node or default_node(folder))

@@ -199,19 +199,57 @@ _PG_FUNCTIONS = re.compile(r"\b(group_concat|instr)\(", re.IGNORECASE)
 
 class PgConnection:
     """A psycopg connection that runs the store's ``?`` SQL (the same calls as a
-    sqlite connection: ``execute(sql, args)`` returning a cursor)."""
+    sqlite connection: ``execute(sql, args)`` returning a cursor).
+
+    Inside a write transaction the connection is in psycopg's pipeline mode:
+    a statement whose result nobody reads (an INSERT, the enqueue, BEGIN and
+    COMMIT themselves) is sent without waiting for its answer, and the
+    round trip is paid once, when a result is read or at the commit.  An
+    ingest's transaction thus costs one round trip per query whose answer it
+    needs, not one per statement.  Reading ``rowcount`` syncs first (in
+    pipeline mode it is only known once the answer is in).
+    """
 
     dialect = POSTGRESQL
 
     def __init__(self, raw):
         self.raw = raw
         self.thread = None
+        #: The psycopg Pipeline while a write transaction runs, else None.
+        self.pipeline = None
 
     def execute(self, sql: str, args=()):
-        return self.raw.execute(pg_sql(sql), tuple(args) if args else None)
+        cur = self.raw.execute(pg_sql(sql), tuple(args) if args else None)
+        return cur if self.pipeline is None else _PipelinedCursor(cur, self.pipeline)
 
     def executescript(self, script: str):
-        self.raw.execute(script)
+        # One statement at a time: pipeline mode (a write transaction) takes no
+        # multi-statement strings.  The schema scripts hold no ';' in a literal.
+        for statement in script.split(";"):
+            if statement.strip():
+                self.raw.execute(statement)
+
+
+class _PipelinedCursor:
+    """A cursor in pipeline mode whose ``rowcount`` waits for the answer (fetches already do)."""
+
+    def __init__(self, cursor, pipeline):
+        self._cursor, self._pipeline = cursor, pipeline
+
+    @property
+    def rowcount(self) -> int:
+        self._pipeline.sync()
+        return self._cursor.rowcount
+
+    def __iter__(self):
+        return iter(self._cursor.fetchall())
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+def _healthy(conn: PgConnection) -> bool:
+    return not conn.raw.closed and not conn.raw.broken
 
 
 def _pg_errors():
@@ -239,6 +277,8 @@ class PostgresDatabase:
         self.application_name = application_name
         self._local = threading.local()
         self._connections: list = []
+        #: Connections not pinned to a thread and not lent out (see :meth:`connection`).
+        self._idle: list = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         self.closed = False
@@ -263,11 +303,22 @@ class PostgresDatabase:
         return PgConnection(raw)
 
     def connection(self) -> PgConnection:
+        """A connection pinned to the calling thread until the thread ends (for
+        code that keeps a connection across calls, e.g. the start-up scan).
+        :meth:`transaction`, :meth:`read` and :meth:`rows` borrow one from the
+        pool for the call instead, so any thread may use the database without
+        holding a connection between calls."""
         conn = getattr(self._local, "conn", None)
-        if conn is not None and not conn.raw.closed and not conn.raw.broken:
+        if conn is not None and _healthy(conn):
             return conn
         if conn is not None:
             self._forget(conn)
+        conn = self._new_connection()
+        self._local.conn = conn
+        conn.thread = threading.current_thread()
+        return conn
+
+    def _new_connection(self) -> PgConnection:
         self._reap()
         if not self._slots.acquire(timeout=60):
             raise DatabaseUnavailable("no PostgreSQL connection free (pool exhausted)")
@@ -276,16 +327,48 @@ class PostgresDatabase:
         except BaseException:
             self._slots.release()
             raise
-        self._local.conn = conn
-        conn.thread = threading.current_thread()
         with self._lock:
             self._connections.append(conn)
         return conn
 
-    def _reap(self) -> None:
-        """Close the connections of threads that have ended (their slots come back)."""
+    def _borrow(self) -> PgConnection:
+        """The thread's pinned connection, else an idle one, else a new one (bounded)."""
+        pinned = getattr(self._local, "conn", None)
+        if pinned is not None:
+            if _healthy(pinned):
+                return pinned
+            self._forget(pinned)
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._new_connection()
+            if _healthy(conn):
+                return conn
+            self._forget(conn)
+
+    def _give_back(self, conn: PgConnection) -> None:
+        if conn.thread is not None:
+            return  # pinned: stays with its thread
+        if self.closed or not _healthy(conn):
+            self._forget(conn)
+            return
         with self._lock:
-            gone = [c for c in self._connections if not c.thread.is_alive()]
+            if conn in self._connections:
+                self._idle.append(conn)
+
+    def _drop_idle(self) -> None:
+        """After a lost connection the idle ones went with it (the server restarted
+        or failed over): close them rather than find out one retry at a time."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self._forget(conn)
+
+    def _reap(self) -> None:
+        """Close the pinned connections of threads that have ended (their slots come back)."""
+        with self._lock:
+            gone = [c for c in self._connections if c.thread is not None and not c.thread.is_alive()]
         for c in gone:
             self._forget(c)
 
@@ -293,6 +376,8 @@ class PostgresDatabase:
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
         with self._lock:
+            if conn in self._idle:
+                self._idle.remove(conn)
             if conn in self._connections:
                 self._connections.remove(conn)
                 self._slots.release()
@@ -319,21 +404,29 @@ class PostgresDatabase:
         (PostgreSQL restarted since it was last used) is replaced once."""
         psycopg = _pg_errors()
         for attempt in (0, 1):
-            conn = self.connection()
+            conn = self._borrow()
             try:
                 it = iter(make_rows(conn))
                 first = next(it)
             except StopIteration:
+                self._give_back(conn)
                 return
             except psycopg.OperationalError as e:
                 self._forget(conn)
+                self._drop_idle()
                 self.last_error = str(e).strip()[:300] or type(e).__name__
                 if attempt:
                     raise DatabaseUnavailable(f"the database is unreachable: {self.last_error}") from None
                 continue
+            except BaseException:
+                self._give_back(conn)
+                raise
             self.last_error = None
-            yield first
-            yield from it
+            try:
+                yield first
+                yield from it
+            finally:
+                self._give_back(conn)
             return
 
     def _with_retries(self, fn, args, kwargs, durable):
@@ -341,17 +434,21 @@ class PostgresDatabase:
         from psycopg import errors as pg_errors
         delay = PG_RETRY_DELAY
         for attempt in range(PG_RETRIES + 1):
+            conn = None
             try:
-                conn = self.connection()
+                conn = self._borrow()
                 if durable is None:
                     result = fn(conn, *args, **kwargs)
                     if hasattr(result, "__next__"):
                         result = list(result)
                 else:
-                    with conn.raw.transaction():
-                        if not durable:
-                            conn.raw.execute("SET LOCAL synchronous_commit = off")
-                        result = fn(conn, *args, **kwargs)
+                    with conn.raw.pipeline() as conn.pipeline, conn.raw.transaction():
+                        try:
+                            if not durable:
+                                conn.raw.execute("SET LOCAL synchronous_commit = off")
+                            result = fn(conn, *args, **kwargs)
+                        finally:
+                            conn.pipeline = None
                 if self.last_error is not None:
                     log.info("storage: PostgreSQL is reachable again ({db})", db=self.describe())
                 self.last_error = None
@@ -364,9 +461,10 @@ class PostgresDatabase:
                 # connection and retry on a new one; a transaction cut before its
                 # commit is rolled back by the server, and every write here is an
                 # idempotent upsert, so running it again is safe.
-                conn = getattr(self._local, "conn", None)
-                if conn is not None:
-                    self._forget(conn)
+                broken, conn = conn, None
+                if broken is not None:
+                    self._forget(broken)
+                self._drop_idle()
                 if self.last_error is None:
                     log.warn("storage: PostgreSQL unreachable ({db}): {error}", db=self.describe(),
                              error=str(e).strip()[:300])
@@ -377,11 +475,14 @@ class PostgresDatabase:
                 delay *= 2
             except psycopg.Error as e:
                 raise StorageFailure(f"database error: {type(e).__name__}: {str(e).strip()[:300]}") from None
+            finally:
+                if conn is not None:
+                    self._give_back(conn)  # (a broken one is closed there)
 
     def close(self) -> None:
         self.closed = True
         with self._lock:
-            conns, self._connections = list(self._connections), []
+            conns, self._connections, self._idle = list(self._connections), [], []
         for c in conns:
             try:
                 c.raw.close()

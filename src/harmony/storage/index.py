@@ -110,21 +110,27 @@ def upsert_instance(conn: sqlite3.Connection, attrs: dict, *, sop_class_uid: str
     """
     levels = split_levels(attrs)
     pid, issuer = first(attrs, T_PATIENT_ID), first(attrs, T_ISSUER)
-    patient_pk = conn.execute(
+    patient_key, patient_attrs = f"{pid}\\{issuer}", json.dumps(levels[PATIENT])
+    patient_pk = _parent_pk(
+        conn, "patients", "patient_key", patient_key, patient_attrs,
         "INSERT INTO patients(patient_key, patient_id, attrs) VALUES(?,?,?) "
         "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs RETURNING pk",
-        (f"{pid}\\{issuer}", pid, json.dumps(levels[PATIENT]))).fetchone()[0]
-    study_pk = conn.execute(
+        (patient_key, pid, patient_attrs))
+    study_uid, study_attrs = first(attrs, T_STUDY_UID), json.dumps(levels[STUDY])
+    study_pk = _parent_pk(
+        conn, "studies", "study_uid", study_uid, study_attrs,
         "INSERT INTO studies(study_uid, patient_pk, accession, study_date, attrs) VALUES(?,?,?,?,?) "
         "ON CONFLICT(study_uid) DO UPDATE SET patient_pk=excluded.patient_pk, accession=excluded.accession, "
         "study_date=excluded.study_date, attrs=excluded.attrs RETURNING pk",
-        (first(attrs, T_STUDY_UID), patient_pk, first(attrs, T_ACCESSION), first(attrs, T_STUDY_DATE),
-         json.dumps(levels[STUDY]))).fetchone()[0]
-    series_pk = conn.execute(
+        (study_uid, patient_pk, first(attrs, T_ACCESSION), first(attrs, T_STUDY_DATE), study_attrs),
+        parent=("patient_pk", patient_pk))
+    series_uid, series_attrs = first(attrs, T_SERIES_UID), json.dumps(levels[SERIES])
+    series_pk = _parent_pk(
+        conn, "series", "series_uid", series_uid, series_attrs,
         "INSERT INTO series(series_uid, study_pk, modality, attrs) VALUES(?,?,?,?) "
         "ON CONFLICT(series_uid) DO UPDATE SET study_pk=excluded.study_pk, modality=excluded.modality, "
         "attrs=excluded.attrs RETURNING pk",
-        (first(attrs, T_SERIES_UID), study_pk, first(attrs, T_MODALITY), json.dumps(levels[SERIES]))).fetchone()[0]
+        (series_uid, study_pk, first(attrs, T_MODALITY), series_attrs), parent=("study_pk", study_pk))
     sop = first(attrs, T_SOP_UID)
     old = conn.execute("SELECT relpath, series_pk FROM instances WHERE sop_uid=?", (sop,)).fetchone()
     conn.execute(
@@ -140,6 +146,24 @@ def upsert_instance(conn: sqlite3.Connection, attrs: dict, *, sop_class_uid: str
     if old is not None and old[0] != relpath:
         return old[0]
     return None
+
+
+def _parent_pk(conn, table: str, key_column: str, key: str, attrs_json: str, upsert: str, args: tuple,
+               parent: tuple | None = None) -> int:
+    """The pk of a patient/study/series row, written only when it is new or changed.
+
+    Every instance of a study carries the same patient, study and series
+    attributes: upserting them each time would make concurrent ingests of one
+    study queue on those rows' locks until each commit (on PostgreSQL, one WAL
+    flush after another: bench/scale measured 0.35x sqlite).  Read first (no
+    lock); write only what differs.  The instance row's foreign key still
+    takes a share lock on its series, which concurrent inserts do not contend for.
+    """
+    row = conn.execute(f"SELECT pk, attrs{', ' + parent[0] if parent else ''} FROM {table} WHERE {key_column}=?",
+                       (key,)).fetchone()
+    if row is not None and row[1] == attrs_json and (parent is None or row[2] == parent[1]):
+        return row[0]
+    return conn.execute(upsert, args).fetchone()[0]
 
 
 def prune_empty(conn: sqlite3.Connection, series_pk: int) -> None:

@@ -52,6 +52,18 @@ class StoreForwardCollector:
         blobs_up = GaugeMetricFamily("harmony_storage_object_store_up",
                                      "0 while the S3-compatible object storage does not answer",
                                      labels=["store", "object_store"])
+        cache_bytes = GaugeMetricFamily("harmony_storage_cache_bytes",
+                                        "Bytes in the local folder in front of S3 at its last size check",
+                                        labels=["store"])
+        cache_max = GaugeMetricFamily("harmony_storage_cache_max_bytes",
+                                      "Size bound of the local folder in front of S3 (s3_cache_max_mb)",
+                                      labels=["store"])
+        evicted = CounterMetricFamily("harmony_storage_cache_evicted_files",
+                                      "Files evicted from the local folder (already in S3; fetched again on use)",
+                                      labels=["store"])
+        node_info = GaugeMetricFamily("harmony_storage_node_info",
+                                      "1 for this process's node id on a shared store (which node a scrape is)",
+                                      labels=["store", "node"])
         free = GaugeMetricFamily("harmony_storage_free_bytes", "Free bytes on the store's filesystem",
                                  labels=["store"])
         floor = GaugeMetricFamily("harmony_storage_min_free_bytes",
@@ -88,6 +100,14 @@ class StoreForwardCollector:
             if blobs is not None:
                 blobs_up.add_metric([label, blobs.describe()], 0.0 if blobs.last_error else 1.0)
                 uploads.add_metric([label], store.uploads_pending)
+            cache = getattr(store, "cache", None)
+            if cache is not None:
+                if cache.bytes is not None:
+                    cache_bytes.add_metric([label], cache.bytes)
+                cache_max.add_metric([label], cache.max_bytes)
+                evicted.add_metric([label], cache.evicted_files)
+            if getattr(store, "shared", False):
+                node_info.add_metric([label, store.node], 1.0)
             try:
                 free.add_metric([label], store.guard.free_bytes())
             except OSError:
@@ -101,8 +121,8 @@ class StoreForwardCollector:
             lost.add_metric([label], getattr(svc, "leases_lost", 0))
             if "dead_tuples" in getattr(svc, "table_health", {}):
                 dead_rows.add_metric([label], svc.table_health["dead_tuples"])
-        yield from (depth, oldest, attempts, paused, leases, lost, dead_rows, db_up, uploads, blobs_up, free, floor,
-                    stored, refused)
+        yield from (depth, oldest, attempts, paused, leases, lost, dead_rows, db_up, uploads, blobs_up, cache_bytes,
+                    cache_max, evicted, node_info, free, floor, stored, refused)
 
 
 def register_metrics(registry, services, stores=()) -> StoreForwardCollector:

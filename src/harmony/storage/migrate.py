@@ -23,14 +23,24 @@ import sys
 from pathlib import Path
 
 from harmony.storage import index as idx
-from harmony.storage import queue as q
 from harmony.storage.database import PostgresDatabase, read_password_file
+from harmony.storage.store import schema_pg, schema_sqlite
 
 #: Tables copied, parents first; any not present in the sqlite file is skipped.
-TABLES = ("patients", "studies", "series", "instances", "messages", "queue")
-#: Identity columns whose sequences must continue after the copied ids.
+TABLES = ("patients", "studies", "series", "instances", "messages", "queue", "blob_uploads")
+#: Tables deliberately not copied, and why.  A sqlite table in neither list
+#: stops the migration (tests/test_storage_migrate.py checks the store's schema
+#: against both): a new table must be copied or explained here.
+NOT_COPIED = {
+    "target_state": "an 'unreachable' pause is a moment's state; the nodes find out again",
+    "nodes": "which process holds a node id right now; each node registers itself when it starts",
+}
+#: Identity columns whose sequences must continue after the copied ids; tables
+#: keyed by text (blob_uploads: relpath) are checked by count.
 ID_COLUMNS = {"patients": "pk", "studies": "pk", "series": "pk", "instances": "pk", "messages": "id", "queue": "id"}
 BATCH = 1000
+#: The report's entry for files queued for upload (``--upload-as``), not a table.
+UPLOADS_QUEUED = "uploads queued"
 
 
 class MigrationError(Exception):
@@ -45,23 +55,29 @@ def add_storage(sub):
     m.add_argument("--from", dest="source", help="the store folder (or its index.sqlite); default: the config's")
     m.add_argument("--dsn", help="PostgreSQL connection string; default: the config's [storage.options] dsn")
     m.add_argument("--password-file", help="a file holding the PostgreSQL password")
+    m.add_argument("--upload-as", metavar="NODE",
+                   help='queue every instance file for upload to S3 by NODE, the node that will run on this '
+                        'folder (default with -c and backend = "s3": that config\'s node id)')
     m.set_defaults(func=cmd_migrate)
 
 
 def cmd_migrate(args) -> int:
     try:
-        source, dsn, password = _resolve(args)
-        report = migrate(source, PostgresDatabase(dsn, password=password, max_connections=1))
+        source, dsn, password, upload_as = _resolve(args)
+        report = migrate(source, PostgresDatabase(dsn, password=password, max_connections=1), upload_as=upload_as)
     except MigrationError as e:
         print(f"harmony storage migrate: {e}", file=sys.stderr)
         return 1
     for table, n in report.items():
-        print(f"{table}: {n} row(s) copied and checked")
+        if table == UPLOADS_QUEUED:
+            print(f"{n} instance file(s) queued for upload to S3 by node {upload_as!r}")
+        else:
+            print(f"{table}: {n} row(s) copied and checked")
     return 0
 
 
 def _resolve(args):
-    source, dsn, password = args.source, args.dsn, None
+    source, dsn, password, upload_as = args.source, args.dsn, None, args.upload_as
     if args.config:
         from harmony.config import ConfigErrors, load_config
         from harmony.config.options import Options
@@ -74,17 +90,22 @@ def _resolve(args):
         dsn = dsn or opts.raw.get("dsn")
         if opts.raw.get("password_file") and not args.password_file:
             password = read_password_file(opts.path("password_file"))
+        if config.storage.get("backend") == "s3" and not upload_as:
+            from harmony.storage.nodes import default_node
+            upload_as = opts.raw.get("node") or default_node(Path(source).resolve())
     if args.password_file:
         password = read_password_file(args.password_file)
     if not source:
         raise MigrationError("name the sqlite store with --from or -c")
     if not dsn:
         raise MigrationError("name the PostgreSQL database with --dsn or a config whose [storage.options] has dsn")
-    return source, dsn, password
+    return source, dsn, password, upload_as
 
 
-def migrate(source, database: PostgresDatabase) -> dict:
-    """Copy the sqlite store at *source* into *database*; ``{table: rows}``."""
+def migrate(source, database: PostgresDatabase, upload_as: str | None = None) -> dict:
+    """Copy the sqlite store at *source* into *database*; ``{table: rows}``.  With
+    *upload_as*, every instance file is also queued for upload to S3 by that node
+    (a node moving from local files to ``backend = "s3"``)."""
     path = Path(source)
     if path.is_dir():
         path = path / "index.sqlite"
@@ -94,9 +115,9 @@ def migrate(source, database: PostgresDatabase) -> dict:
     lite = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
         lite.execute("BEGIN")
-        database.create_schema(idx.SCHEMA + q.SCHEMA, idx.PG_SCHEMA + q.PG_SCHEMA)
+        database.create_schema(schema_sqlite(), schema_pg())
         database.transaction(True, idx.upgrade)  # a database an older Harmony made: its columns first
-        return database.transaction(True, _copy_all, (lite,))
+        return database.transaction(True, _copy_all, (lite, upload_as))
     except sqlite3.Error as e:
         raise MigrationError(f"cannot read {path}: {e}") from None
     finally:
@@ -113,8 +134,17 @@ def _columns_pg(conn, table) -> list[str]:
                                        "table_schema=current_schema() AND table_name=?", (table,))]
 
 
-def _copy_all(conn, lite) -> dict:
+def sqlite_tables(lite) -> set[str]:
+    return {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type='table' "
+                                       "AND name NOT LIKE 'sqlite_%'")}
+
+
+def _copy_all(conn, lite, upload_as=None) -> dict:
     report = {}
+    unknown = sorted(sqlite_tables(lite) - set(TABLES) - set(NOT_COPIED))
+    if unknown:
+        raise MigrationError(f"the sqlite store has table(s) this migration does not know: {', '.join(unknown)}; "
+                             "nothing was copied")
     tables = [t for t in TABLES if _columns_sqlite(lite, t)]
     for table in tables:
         if not _columns_pg(conn, table):
@@ -127,6 +157,10 @@ def _copy_all(conn, lite) -> dict:
         # The node that held these deliveries is stopped: they are pending again.
         conn.execute("UPDATE queue SET state='pending', lease_owner=NULL, lease_until=NULL "
                      "WHERE state='delivering'")
+    if upload_as:
+        report[UPLOADS_QUEUED] = conn.execute(
+            "INSERT INTO blob_uploads(relpath, node, queued_at) SELECT relpath, ?, 0 FROM instances "
+            "ON CONFLICT(relpath) DO NOTHING", (upload_as,)).rowcount
     return report
 
 
@@ -136,10 +170,10 @@ def _copy(conn, lite, table) -> int:
     missing = [c for c in _columns_sqlite(lite, table) if c not in pg_cols]
     if missing:
         raise MigrationError(f"PostgreSQL's {table} lacks column(s) {', '.join(missing)}")
-    key = ID_COLUMNS[table]
+    key = ID_COLUMNS.get(table)
     names = ", ".join(cols)
     insert = f"INSERT INTO {table}({names}) VALUES({', '.join('?' * len(cols))})"
-    rows = lite.execute(f"SELECT {names} FROM {table} ORDER BY {key}")
+    rows = lite.execute(f"SELECT {names} FROM {table} ORDER BY {key or cols[0]}")
     copied = 0
     while True:
         batch = rows.fetchmany(BATCH)
@@ -148,11 +182,14 @@ def _copy(conn, lite, table) -> int:
         conn.raw.cursor().executemany(insert.replace("?", "%s"), batch)
         copied += len(batch)
     # Check before the commit: same count, same ids.
-    n_pg, sum_pg = conn.execute(f"SELECT count(*), coalesce(sum({key}), 0) FROM {table}").fetchone()
-    n_lite, sum_lite = lite.execute(f"SELECT count(*), coalesce(sum({key}), 0) FROM {table}").fetchone()
+    checksum = f"coalesce(sum({key}), 0)" if key else "0"
+    n_pg, sum_pg = conn.execute(f"SELECT count(*), {checksum} FROM {table}").fetchone()
+    n_lite, sum_lite = lite.execute(f"SELECT count(*), {checksum} FROM {table}").fetchone()
     if (n_pg, int(sum_pg)) != (n_lite, int(sum_lite)) or copied != n_lite:
         raise MigrationError(f"{table}: {n_lite} row(s) in sqlite, {n_pg} in PostgreSQL after the copy; "
                              "nothing was committed")
+    if key is None:
+        return copied
     conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{key}'), "
                  f"greatest((SELECT max({key}) FROM {table}), 1))")
     return copied

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sqlite3
 import threading
 import time
@@ -55,8 +54,9 @@ from harmony.dicomweb.routes import resource_path
 from harmony.log import get_logger
 from harmony.storage import blobs as blob_sql
 from harmony.storage import index as idx
+from harmony.storage import nodes
 from harmony.storage import queue as q
-from harmony.storage.blobs import BlobUnavailable
+from harmony.storage.blobs import BlobUnavailable, LocalCache
 from harmony.storage.database import SQLITE, SqliteDatabase
 from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fsync_dir, fsync_file, make_dirs
@@ -104,7 +104,8 @@ class Recovery:
 class InstanceStore:
     def __init__(self, root, *, reactor=None, min_free_bytes: int = DEFAULT_MIN_FREE, fsync: bool = True,
                  threads: int = 4, free_bytes=None, clock=time.time, database=None, node: str = "",
-                 blobs=None, upload_interval: float = UPLOAD_INTERVAL, per_process: bool = False):
+                 blobs=None, upload_interval: float = UPLOAD_INTERVAL, per_process: bool = False,
+                 cache_max_bytes: int = 0):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -121,8 +122,9 @@ class InstanceStore:
         #: True when other nodes share the index and queue (a PostgreSQL database),
         #: or other processes of this node do (``per_process``: [proxy] workers > 1).
         self.shared = self.db.dialect != SQLITE or per_process
-        #: This node's name on the queue's leases (``[storage.options] node``).
-        self.node = node or socket.gethostname()
+        #: This node's name on the queue's leases (``[storage.options] node``;
+        #: default: host name + folder digest, :func:`harmony.storage.nodes.default_node`).
+        self.node = node or nodes.default_node(self.root)
         if self.shared:
             # Nodes (or worker processes) may share the folder: each clears and marks only its own.
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.node)
@@ -136,8 +138,12 @@ class InstanceStore:
         self._uploading = False
         self._upload_again = False
         self._upload_loop = None
+        self._heartbeat_loop = None
         #: Files durable here but not yet in S3, as last counted (metrics).
         self.uploads_pending = 0
+        #: The size bound of the local folder in front of S3 (None: unbounded).
+        self.cache = (LocalCache(self.instances_dir, cache_max_bytes)
+                      if blobs is not None and cache_max_bytes > 0 else None)
         self._conn_lock = threading.Lock()
         self._opened = False
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="harmony-storage")
@@ -172,10 +178,12 @@ class InstanceStore:
             if left:
                 log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
                          root=str(self.root), n=left)
-            self.db.create_schema(idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA,
-                                  idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA)
+            self.db.create_schema(schema_sqlite(), schema_pg())
             self.db.transaction(True, q.upgrade)
             self.db.transaction(True, idx.upgrade)
+            if self.shared:
+                # Refuses to open while another live process uses this node id.
+                self.db.transaction(True, nodes.claim, (self.node, time.time()))
             plan = self._mark_opened()
             self._opened = True
         # The scan reads files and the index: never on the reactor thread.
@@ -325,6 +333,10 @@ class InstanceStore:
         if not self.pool.started:
             self.pool.start()
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+            if self.shared and self._heartbeat_loop is None:
+                self._heartbeat_loop = task.LoopingCall(self._heartbeat)
+                self._heartbeat_loop.clock = self.reactor
+                self.reactor.callLater(0, self._heartbeat_loop.start, nodes.HEARTBEAT_SECONDS, now=False)
             if self.blobs is not None and self._upload_loop is None:
                 # Also finishes what a crash (kill -9) left pending, at start.
                 self._upload_loop = task.LoopingCall(self.upload_soon)
@@ -341,6 +353,14 @@ class InstanceStore:
     def read(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.read_sync, fn, *args, **kwargs)
 
+    def _heartbeat(self) -> None:
+        """Renew this node's claim on its id (reactor; the work on a storage thread)."""
+        def renewed(ours):
+            if not ours:
+                log.critical("storage: node id {node!r} was taken over by another process: two nodes run "
+                             "under one id (set [storage.options] node on each)", node=self.node)
+        self.bookkeep(nodes.heartbeat, self.node, time.time()).addCallbacks(renewed, lambda f: None)
+
     def _stop_pool(self):
         if self.pool.started:
             self.pool.stop()
@@ -350,8 +370,9 @@ class InstanceStore:
         if self.closed:
             return
         self.closed = True
-        if self._upload_loop is not None and self._upload_loop.running:
-            self._upload_loop.stop()
+        for loop in (self._upload_loop, self._heartbeat_loop):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._shutdown_trigger is not None:
             try:
                 self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
@@ -533,7 +554,11 @@ class InstanceStore:
         """The file of *relpath* in the folder, fetched from S3 first if this
         node does not have it (storage thread)."""
         path = self.path_of(relpath)
-        if self.blobs is None or path.exists():
+        if self.blobs is None:
+            return path
+        if path.exists():
+            if self.cache is not None:
+                self.cache.touch(path)
             return path
         with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
             try:
@@ -542,6 +567,10 @@ class InstanceStore:
                 raise BlobUnavailable("the instance is not in S3 yet (its upload is pending on the node "
                                       "that received it)") from None
             tmp.commit(path, self.instances_dir)
+        if self.cache is not None:
+            self.cache.added(path.stat().st_size)
+            if self.cache.due():
+                self.reactor.callFromThread(self.upload_soon)  # evicts on its storage thread
         return path
 
     def upload_soon(self) -> None:
@@ -568,12 +597,24 @@ class InstanceStore:
 
     def upload_pending_sync(self, limit: int = 64) -> bool:
         """Upload up to *limit* of this node's pending files; True if more remain."""
+        try:
+            return self._upload_some_sync(limit)
+        finally:
+            if self.cache is not None and self.cache.due():
+                # Also while S3 is away (fetched files can still go).  The pending set
+                # is read before the walk: a file made pending after it was renamed
+                # into place moments ago, inside the cache's grace.
+                self.cache.evict_sync(self.read_sync(blob_sql.pending_set, self.node))
+
+    def _upload_some_sync(self, limit: int) -> bool:
         self.uploads_pending = self.read_sync(blob_sql.backlog)
         rels = self.read_sync(blob_sql.pending, self.node, limit)
         for rel in rels:
             path = self.path_of(rel)
             if path.exists():
                 self.blobs.upload_sync(path, rel)
+                if self.cache is not None:
+                    self.cache.added(path.stat().st_size)
             # (a file gone meanwhile was deleted or replaced: nothing to upload)
             self.bookkeep_sync(blob_sql.uploaded, rel, self.node)
             self.uploads_pending = max(0, self.uploads_pending - 1)
@@ -733,6 +774,15 @@ def metadata_of(ds, study: str, series: str, sop: str) -> str:
     return stored_metadata(ds, BASE_PLACEHOLDER + resource_path(study, series, sop))
 
 
+def schema_sqlite() -> str:
+    """Every table the store keeps (harmony storage migrate checks each one is copied)."""
+    return idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA + nodes.SCHEMA
+
+
+def schema_pg() -> str:
+    return idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA + nodes.PG_SCHEMA
+
+
 def _subdirs(folder: Path):
     try:
         with os.scandir(folder) as it:
@@ -757,6 +807,11 @@ def open_store(root, **options) -> InstanceStore:
         _OPEN[key] = store
     store._refs += 1
     return store
+
+
+def open_stores() -> list[InstanceStore]:
+    """Every store this process has open."""
+    return [s for s in _OPEN.values() if not s.closed]
 
 
 def release_store(store: InstanceStore) -> None:
