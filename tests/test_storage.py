@@ -6,11 +6,12 @@ import io
 
 import pytest
 import pytest_twisted
-from hypothesis import given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 from twisted.web.client import FileBodyProducer
 
 from harmony.storage.errors import InvalidInstance, StorageFull
-from harmony.storage.query import value_matches
+from harmony.storage.query import PATIENT_ROOT, PLAIN_TEXT_VRS, plain_json_elements, query_keys, value_matches
 from harmony.storage.store import InstanceStore
 from harmony.storage.uids import is_valid_uid
 from tests.dicom_data import make_instance, save
@@ -174,6 +175,51 @@ def test_crash_leftovers_are_cleared_on_open(tmp_path, new_store):
 ])
 def test_matching_rules(vr, query, stored, expected):
     assert value_matches(vr, query, stored) is expected
+
+
+_PLAIN_KEYS = {"UI": ["0020000D", "0020000E"], "LO": ["00100020"], "CS": ["00080061", "00080052"], "DA": ["00080020"],
+               "TM": ["00080030"], "SH": ["00080050"], "LT": ["00081030"], "AE": ["00080054"], "DT": ["0008002A"],
+               "AS": ["00101010"], "ST": ["00081080"], "UC": ["00189381"], "UR": ["00081190"], "UT": ["00400441"]}
+_plain_element = st.sampled_from(sorted(PLAIN_TEXT_VRS)).flatmap(lambda vr: st.tuples(
+    st.sampled_from(_PLAIN_KEYS[vr]), st.just(vr),
+    st.one_of(st.none(), st.lists(st.text(alphabet="1.2 A*\\-", max_size=6), max_size=3))))
+
+
+_return_key = st.tuples(st.sampled_from(["00100010", "00201206", "00081032", "7FE00010", "00080061"]),
+                        st.sampled_from(["PN", "IS", "SQ", "OB", "CS", "US"]), st.sampled_from([None, []]))
+
+
+@given(st.lists(st.one_of(_plain_element, _return_key), max_size=6),
+       st.sampled_from(["PATIENT", "STUDY", "SERIES", "IMAGE"]))
+@example([("0020000D", "UI", [" 1.2 \\ 3.4 "]), ("0020000E", "UI", [" 1.2 ", " ", "5"])], "IMAGE")
+@example([("00100020", "LO", [" a\\\\b "]), ("00080061", "CS", ["CT\\", ""]), ("00080020", "DA", [])], "STUDY")
+def test_plain_dicom_json_gives_the_keys_pydicom_reading_gives(elements, level):
+    """A DICOMweb query's identifier is read without pydicom when it is plain
+    text; the keys (values split, UIDs unpadded, empties dropped, tag order)
+    must be exactly those of the Dataset it used to become."""
+    import warnings
+
+    from pydicom.dataset import Dataset
+    doc = {tag: ({"vr": vr} if value is None else {"vr": vr, "Value": value}) for tag, vr, value in elements}
+    assert plain_json_elements(doc) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UIDs generated here
+        expected = query_keys(Dataset.from_json(doc), level, PATIENT_ROOT)
+    assert query_keys(doc, level, PATIENT_ROOT) == expected
+
+
+@pytest.mark.parametrize("doc", [
+    {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^J"}]}},  # person-name groups
+    {"00201208": {"vr": "IS", "Value": [3]}},  # numbers
+    {"0020000d": {"vr": "UI", "Value": ["1.2"]}},  # lower-case tag
+    {"0020000D": {"vr": "UI", "Value": [None]}},
+    {"0020000D": {"vr": "UI", "Value": "1.2"}},  # not a list
+    {"0020000D": {"vr": "UI", "InlineBinary": "AAAA"}},
+    {"00100010": {"vr": "XX"}},  # no such VR: left to pydicom
+    {"0020000D": "1.2"},
+])
+def test_anything_else_is_left_to_pydicom(doc):
+    assert plain_json_elements(doc) is None
 
 
 @given(st.text(alphabet="AB*?^", max_size=8), st.text(alphabet="AB^", max_size=8))

@@ -10,9 +10,11 @@ with its DICOMweb plugin (``StudiesMetadata``/``SeriesMetadata`` = Full, HTTP
 compression on, as shipped).  Both hold the same synthetic study (pydicom, CT
 slices whose per-slice attributes vary as a scanner's do).
 
-Each round asks every workload of both servers once, alternating who goes
-first, so both see the same machine load; the figures are medians over rounds
-and the ratio is Harmony / Orthanc (for MB/s: Harmony's share of Orthanc's).
+Each round asks every workload of both servers once (the study search five
+times, alternating: ``REPEATS``), alternating who goes first, so both see the
+same machine load; the figures are medians over the samples and the ratio is
+Harmony / Orthanc (for MB/s: Harmony's share of Orthanc's).  ``--gc-stats``
+also counts Harmony's garbage collections while the rounds run (gcstats/).
 Metadata is measured uncached on both sides: Harmony's bridge runs with
 ``metadata_cache_secs = 0`` here (its default caches for 5 minutes), Orthanc
 1.10's plugin has no cache.
@@ -27,8 +29,10 @@ asked.  Time is GET + read + inflate (requests inflates), as a client sees it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,6 +161,11 @@ ROWS = [
 ]
 
 
+#: Samples per round and side: a 3-8 ms answer's median over one sample a round
+#: was mostly this machine's scheduling noise (0.46-1.12x over runs).
+REPEATS = {qido_studies: 5}
+
+
 def check_same_data(harmony: str, orthanc: str, count: int):
     """Both sides hold the whole study (else the ratios compare different work)."""
     s = requests.Session()
@@ -177,12 +186,13 @@ def measure(harmony: str, orthanc: str, rounds: int, pids: dict, only=None) -> d
             if only and fn not in only:
                 continue
             for coding in codings:
-                for side in order:
-                    cpu = cpu_seconds(pids[side])
-                    t, size, enc = fn(sessions[side], bases[side], CODINGS[coding])
-                    cpu = cpu_seconds(pids[side]) - cpu
-                    if n:
-                        out.setdefault((label, coding, side), []).append((t, size, enc, cpu))
+                for _ in range(REPEATS.get(fn, 1)):
+                    for side in order:
+                        cpu = cpu_seconds(pids[side])
+                        t, size, enc = fn(sessions[side], bases[side], CODINGS[coding])
+                        cpu = cpu_seconds(pids[side]) - cpu
+                        if n:
+                            out.setdefault((label, coding, side), []).append((t, size, enc, cpu))
     return out
 
 
@@ -240,6 +250,19 @@ def profile(harmony_pid: int, harmony: str, workload: str, seconds: int, out: Pa
     print(f"{n} requests of {workload} profiled -> {out}")
 
 
+def gc_stats(pid: int, out: Path, timeout: float = 30.0) -> dict:
+    """Harmony's collections since the last call (gcstats/sitecustomize.py
+    writes them to *out* on SIGUSR2 and starts counting again)."""
+    out.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while not out.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("Harmony wrote no gc counts (run with --gc-stats from the start?)")
+        time.sleep(0.05)
+    return json.loads(out.read_text())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--instances", type=int, default=200)
@@ -248,6 +271,8 @@ def main():
     ap.add_argument("--profile", choices=tuple(WORKLOADS))
     ap.add_argument("--only", action="append", choices=tuple(WORKLOADS), help="measure only these workloads")
     ap.add_argument("--raw", action="store_true", help="also print every round's ms/CPU ms")
+    ap.add_argument("--gc-stats", action="store_true",
+                    help="count Harmony's garbage collections while measuring (bench/archive/gcstats)")
     ap.add_argument("--profile-seconds", type=int, default=15)
     ap.add_argument("--profile-out", type=Path, default=None)
     args = ap.parse_args()
@@ -260,7 +285,11 @@ def main():
         proc = None
         try:
             port = free_port()
-            proc = start_harmony(config(tmp, port), port)
+            env = None
+            if args.gc_stats:
+                env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "gcstats"),
+                       "HARMONY_GC_STATS_OUT": str(tmp / "gc.json")}
+            proc = start_harmony(config(tmp, port), port, env=env)
             harmony = f"http://127.0.0.1:{port}/dicomweb"
             print("loading both...", flush=True)
             orthanc.upload(paths)
@@ -270,6 +299,8 @@ def main():
                 out = args.profile_out or ROOT / "bench" / "archive" / f"flame-{args.profile}.svg"
                 profile(proc.pid, harmony, args.profile, args.profile_seconds, out)
                 return
+            if args.gc_stats:
+                gc_stats(proc.pid, tmp / "gc.json")  # count from here: loading is not what is measured
             results = measure(harmony, orthanc.dicomweb_url, args.rounds,
                               {"harmony": proc.pid, "orthanc": orthanc.proc.pid},
                               [WORKLOADS[w] for w in args.only or ()])
@@ -278,6 +309,14 @@ def main():
                 for (label, coding, side), got in sorted(results.items()):
                     print(f"{label:42} {coding:14} {side:8}", " ".join(f"{t * 1000:.1f}/{c * 1000:.0f}"
                                                                          for t, _s, _e, c in got))
+            if args.gc_stats:
+                stats = gc_stats(proc.pid, tmp / "gc.json")
+                freeze = os.environ.get("HARMONY_GC_FREEZE", "1")
+                print(f"\nHarmony's garbage collections while measuring (HARMONY_GC_FREEZE={freeze}, "
+                      f"{stats['frozen']} objects frozen):")
+                for gen, g in stats["generations"].items():
+                    print(f"  generation {gen}: {g['collections']:6d} collections, {g['ms']:8.1f} ms in all, "
+                          f"longest {g['max_ms']:.1f} ms")
         finally:
             stop(proc)
             orthanc.stop()

@@ -37,8 +37,11 @@ from harmony.errors import BadRequest
 from harmony.state import ResponseState
 from harmony.storage.config import store_from_context
 from harmony.storage.errors import InvalidInstance, InvalidQuery
-from harmony.storage.query import STUDY_ROOT, levels_for
+from harmony.storage.query import STUDY_ROOT, levels_for, plain_json_elements
 from harmony.storage.store import release_store
+
+#: QueryRetrieveLevel (0008,0052) as a DICOM JSON key.
+QUERY_LEVEL_TAG = "00080052"
 
 
 def identifier_of(request) -> Dataset:
@@ -56,8 +59,22 @@ def identifier_of(request) -> Dataset:
         raise InvalidQuery(f"the identifier is not valid DICOM JSON: {e}") from None
 
 
-def query_level(request, identifier: Dataset) -> str:
-    level = request.metadata.get("query_level") or str(identifier.get("QueryRetrieveLevel", "") or "")
+def query_identifier(request) -> Dataset | dict:
+    """What a C-FIND matches with: the request's DICOM JSON as it is when it is
+    plain text (a DICOMweb query nearly always is: ``Dataset.from_json`` was a
+    tenth of a study search's reactor time), else the Dataset."""
+    doc = request.normalized
+    if isinstance(doc, dict) and plain_json_elements(doc) is not None:
+        return doc
+    return identifier_of(request)
+
+
+def query_level(request, identifier: Dataset | dict) -> str:
+    level = request.metadata.get("query_level")
+    if not level and isinstance(identifier, dict):
+        level = (identifier.get(QUERY_LEVEL_TAG, {}).get("Value") or [""])[0]
+    elif not level:
+        level = str(identifier.get("QueryRetrieveLevel", "") or "")
     level = level.strip().upper()
     if not level:
         raise InvalidQuery("no query level (metadata 'query_level' or QueryRetrieveLevel)")
@@ -104,7 +121,7 @@ class LocalArchiveBackend(Backend):
         return results_response(stream)
 
     def find(self, request):
-        identifier = identifier_of(request)
+        identifier = query_identifier(request)
         level = query_level(request, identifier)
         model = request.metadata.get("query_model", STUDY_ROOT) or STUDY_ROOT
         levels_for(level, model)  # a bad level fails now, not half-way through the stream
