@@ -213,7 +213,7 @@ forward_to = {targets}
 def node_config(port: int, *, node: str, path, targets: dict, dsn: str | None = None, storage: str = "",
                 backend: str = "filesystem", sf_options: str = "", log_level: str = "info",
                 backoff: tuple = (0.1, 0.5)) -> str:
-    """Harmony TOML for one node of a cluster (tests/test_cluster.py, tests/test_blobs.py, bench/scale):
+    """Harmony TOML for one node of a cluster (tests/test_cluster.py, tests/storage/test_blobs.py, bench/scale):
     HTTP Part-10 ingest at /ingest -> ``store_forward`` ``sf`` -> an ``http`` backend per entry of
     *targets* (name -> port on 127.0.0.1, retried quickly), the store at *path*, on PostgreSQL when
     *dsn* is given.  *storage* adds lines to ``[storage.options]``, *sf_options* to ``[backends.sf]``;

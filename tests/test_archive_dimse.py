@@ -18,7 +18,7 @@ from tests.dimse_helpers import dataset_bytes
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import Orthanc, free_port
 from tests.sf_helpers import PortHold, dimse_toml, make_instances, sops_in
-from tests.test_dicom_scp import SCP_AET, run
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, run
 
 ARCHIVE = """
 [storage.options]

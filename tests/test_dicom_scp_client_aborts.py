@@ -18,7 +18,7 @@ from twisted.internet import defer, protocol, reactor
 from tests.dimse_helpers import silent_peer
 from tests.peers import DCMTK, peer_env, require
 from tests.test_client_aborts import until
-from tests.test_dicom_scp import SCP_AET, start
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, start
 
 TOOLS = {
     "findscu": ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID"],

@@ -13,7 +13,7 @@ import pytest_twisted
 from tests.dimse_middleware import OnlyPatient
 from tests.harness import start_harmony, write_config
 from tests.peers import DCMTK, free_port, peer_env
-from tests.test_dicom_scp import SCP_AET, find, run
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, find, run
 
 BIN = Path(sys.executable).parent
 

@@ -21,7 +21,7 @@ from harmony.storage.errors import StorageFailure
 from tests.harness import start_harmony
 from tests.sf_helpers import make_instances
 from tests.test_archive_dimse import config
-from tests.test_dicom_scp import SCP_AET, run
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, run
 
 
 def test_a_received_instance_is_parsed_once_and_its_parse_rides_along(tmp_path):

@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 from tests.dimse_helpers import canonical, direct_find, scu_backend
 from tests.harness import MINIMAL_MAIN, http_pipeline, start_harmony, write_config
 from tests.peers import free_port
-from tests.test_dicom_scp import SCP_AET, run
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, run
 from tests.tls_certs import make_pki
 
 CONFIG = """

@@ -13,7 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from tests.dicom_data import make_instance
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
-from tests.test_dicom_scp import run
+from tests.endpoints.test_dicom_scp_peers import run
 
 NAME, PID, DOB = "PHIPROBE^ZELDA", "PHIPID4711", "19121231"
 SECRETS = ["PHIPROBE", "ZELDA", PID, DOB]

@@ -119,7 +119,7 @@ def test_worker_serves_adopted_socket_and_exits_when_parent_vanishes(tmp_path, t
     import socket
     import ssl
 
-    from tests.test_network import self_signed
+    from tests.web.test_network_harmony import self_signed
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)

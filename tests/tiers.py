@@ -65,7 +65,7 @@ def _namespace(obj) -> dict:
 
 #: Tests that start a process no source scan can see (Harmony itself starts it).
 EXPLICIT = {
-    "tests/test_console.py::test_console_data_calls": "the console's config check runs `harmony check` "
+    "tests/management/test_console.py::test_console_data_calls": "the console's config check runs `harmony check` "
                                                       "in a subprocess (harmony.management.configview)",
 }
 

@@ -21,7 +21,7 @@ An envelope carries three kinds of data beside its body:
 The state is protocol-neutral core: values whose classes live in a toolkit
 (``DicomInstance``, ``ResultStream``, ``DicomWebRequest``, ``V2Message``, a
 ``Pipeline``) are typed ``Any`` here because the core imports nothing above it
-(tests/test_layering.py); each attribute's comment names the class it holds.
+(tests/devtools/test_imports.py); each attribute's comment names the class it holds.
 Per-protocol facts are grouped in small parts (``state.dicom``,
 ``state.dicomweb``, ``state.jmix``) created with the envelope; each is a
 slotted attrs class, so a request costs a handful of small allocations.

@@ -3,7 +3,7 @@
 The "PACS" is Harmony's own DICOM acceptor (harmony.dicom.ul) with a small handler answering C-ECHO
 and C-FIND; the TCP connection between them is Twisted's in-memory one (twisted.test.iosim), so every
 PDU goes through both state machines and nothing listens on a port.  The real-peer tier keeps the
-tests against Orthanc and DCMTK (tests/test_dicom_scu.py); these pin the backend's own logic.
+tests against Orthanc and DCMTK (tests/backends/test_dicom_scu_peers.py); these pin the backend's own logic.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.harness import MINIMAL_MAIN, listen, start_harmony, write_config
 from tests.peers import Orthanc, Storescp, free_port
 from tests.sf_helpers import dimse_toml
-from tests.test_dicom_scp import SCP_AET, find, run
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, find, run
 
 ROOT = "1.2.826.0.1.3680043.9999.77."
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"

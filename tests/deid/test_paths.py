@@ -27,7 +27,7 @@ from tests.deid.test_middleware import ARCHIVE, bridge_via_deid, deid_toml, dims
 from tests.dicomweb_helpers import client, in_thread
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port
-from tests.test_dicom_scp import find
+from tests.endpoints.test_dicom_scp_peers import find
 
 ROOT = "1.2.826.0.1.3680043.9999.66."
 

@@ -25,7 +25,7 @@ from harmony.dicom import charset
 from harmony.storage.query import text_values, value_matches
 from tests.dicom_data import make_instance, save, uid
 from tests.dicomweb_helpers import client, in_thread
-from tests.test_dicom_scp import run
+from tests.endpoints.test_dicom_scp_peers import run
 
 #: label -> (Specific Character Set, PatientName)
 PEOPLE = {

@@ -24,7 +24,7 @@ from twisted.internet import threads
 from harmony.dicom import net, transfer
 from tests.dicom.compressed import VIDEO_PHOTOGRAPHIC as VIDEO
 from tests.dicom.compressed import Made, archive_all, make_all, new_study_uid, pixel_bytes, study_of
-from tests.test_dicom_scp import run
+from tests.endpoints.test_dicom_scp_peers import run
 
 
 def orthanc_file(orthanc, sop_uid: str) -> bytes | None:

@@ -18,7 +18,7 @@ from harmony.storage.errors import InvalidInstance
 from harmony.storage.uids import clean_uid
 from tests.dicom_data import make_instance, save
 from tests.dicomweb_helpers import client, in_thread, same_dataset
-from tests.test_dicom_scp import run
+from tests.endpoints.test_dicom_scp_peers import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 

@@ -1,6 +1,6 @@
 """harmony.middleware.jwt_auth in memory: the pinned algorithm, the claims policy, what a refused
 token is told, and the configuration it refuses.  Keys are made here with cryptography; the
-end-to-end tests through a running Harmony are tests/test_auth_middleware.py."""
+end-to-end tests through a running Harmony are tests/middleware/test_jwt_auth_harmony.py."""
 
 from __future__ import annotations
 

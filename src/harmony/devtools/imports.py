@@ -3,7 +3,7 @@
 Why: the seams between parts (core, toolkits, plug-ins, process) only stay clean if
 something checks them. ``python -m harmony.devtools.imports`` prints the graph between
 packages (and, with ``--check``, every import that breaks the rule, as ``file:line``);
-``tests/test_layering.py`` runs the same check so a violation fails the suite.
+``tests/devtools/test_imports.py`` runs the same check so a violation fails the suite.
 
 The rule (docs/architecture.md, "Layers"): a module may import from its own layer or a
 lower one, never a higher one; the three plug-in kinds never import each other. Every

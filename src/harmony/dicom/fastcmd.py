@@ -16,7 +16,7 @@ The native DIMSE engine calls it for every data set it sends
 (:func:`harmony.dicom.ul.datasets.encode`); command sets have their own
 encoder there (:mod:`harmony.dicom.ul.commands`).  The module name is from
 the pynetdicom era, when it also replaced pynetdicom's command-set encoder.
-tests/test_dicom_fastcmd.py checks it byte for byte against pydicom.
+tests/dicom/test_fastcmd.py checks it byte for byte against pydicom.
 """
 
 from __future__ import annotations

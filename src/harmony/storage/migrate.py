@@ -29,7 +29,7 @@ from harmony.storage.store import schema_pg, schema_sqlite
 #: Tables copied, parents first; any not present in the sqlite file is skipped.
 TABLES = ("patients", "studies", "series", "instances", "messages", "queue", "blob_uploads")
 #: Tables deliberately not copied, and why.  A sqlite table in neither list
-#: stops the migration (tests/test_storage_migrate.py checks the store's schema
+#: stops the migration (tests/storage/test_migrate.py checks the store's schema
 #: against both): a new table must be copied or explained here.
 NOT_COPIED = {
     "target_state": "an 'unreachable' pause is a moment's state; the nodes find out again",

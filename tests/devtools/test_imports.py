@@ -13,7 +13,7 @@ from pathlib import Path
 
 from harmony.devtools import imports as layering
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 ROOT = SRC / "harmony"
 PLUGIN = SRC / "twisted" / "plugins" / "harmony_plugin.py"
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "etc" / "transforms" / "patient_to_fhir.json"
 GOLDEN_IN = ROOT / "tests" / "golden" / "patient_to_fhir.input.json"
 GOLDEN_OUT = ROOT / "tests" / "golden" / "patient_to_fhir.expected.json"

@@ -22,8 +22,8 @@ from harmony.middleware.fhir_cfind import FhirCFind
 from harmony.transform import load_spec
 from tests.middleware_harness import assert_option_error, build_pipeline
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "examples" / "fhir-imagingstudy"
-GOLDEN = Path(__file__).resolve().parent / "golden"
+EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "examples" / "fhir-imagingstudy"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def keys(doc) -> dict:
