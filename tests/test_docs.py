@@ -1,0 +1,132 @@
+"""docs/ must stay true to the code: the product promises a page per type.
+
+Each check here reads the code (not a hand-kept list) and fails when a page is
+missing something the code accepts or registers, so a change that adds an
+option, a metric or a module cannot land with its documentation forgotten.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harmony.config.loader import KNOWN_KEYS
+from harmony.config.options import Options
+from harmony.registry import BUILTIN
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+OPTION_READERS = {name for name, value in vars(Options).items() if callable(value) and not name.startswith("_")}
+KIND_FOLDERS = {"endpoint": "endpoints", "backend": "backends", "middleware": "middleware"}
+
+
+def _function_keys(func, param: str, seen: set) -> set[str]:
+    """Option keys *func* reads from its parameter *param*, following helpers it hands it to."""
+    if func in seen:
+        return set()
+    seen.add(func)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError):
+        return set()
+    module_globals = getattr(func, "__globals__", {})
+    keys: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) \
+                and isinstance(node.ops[0], ast.In) and isinstance(node.comparators[0], ast.Name) \
+                and node.comparators[0].id == param:
+            keys.add(node.left.value)
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in OPTION_READERS and isinstance(f.value, ast.Name) \
+                and f.value.id == param and node.args and isinstance(node.args[0], ast.Constant):
+            keys.add(node.args[0].value)
+            continue
+        if isinstance(f, ast.Attribute) and f.attr == "get" and isinstance(f.value, ast.Attribute) \
+                and f.value.attr == "raw" and isinstance(f.value.value, ast.Name) and f.value.value.id == param \
+                and node.args and isinstance(node.args[0], ast.Constant):
+            keys.add(node.args[0].value)  # options.raw.get("audience"): read raw, marked used by hand
+            continue
+        passed = [i for i, a in enumerate(node.args) if isinstance(a, ast.Name) and a.id == param]
+        passed_kw = [k.arg for k in node.keywords if isinstance(k.value, ast.Name) and k.value.id == param]
+        if not passed and not passed_kw:
+            continue
+        # A helper given the options with a literal key (net.check_aet(options, "local_aet")).
+        keys.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                    and re.fullmatch(r"[a-z][a-z0-9_]*", a.value))
+        callee = _resolve(f, module_globals)
+        if callee is None:
+            continue
+        try:
+            params = list(inspect.signature(callee).parameters)
+        except (TypeError, ValueError):
+            continue
+        names = [params[i] for i in passed if i < len(params)] + [k for k in passed_kw if k in params]
+        for name in names:
+            keys |= _function_keys(inspect.unwrap(callee), name, seen)
+    return keys
+
+
+def _resolve(func_node, module_globals):
+    if isinstance(func_node, ast.Name):
+        return module_globals.get(func_node.id)
+    if isinstance(func_node, ast.Attribute) and isinstance(func_node.value, ast.Name):
+        owner = module_globals.get(func_node.value.id)
+        target = getattr(owner, func_node.attr, None) if owner is not None else None
+        return target if callable(target) else None
+    return None
+
+
+def type_option_keys(spec: str) -> set[str]:
+    module_name, _, attr = spec.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    from_config = cls.from_config.__func__
+    return _function_keys(from_config, "options", set())
+
+
+def _doc_text(page: Path) -> str:
+    """The page plus the pages it links to (shared options live on one page: targets.md)."""
+    text = page.read_text()
+    for link in re.findall(r"\]\(([^)#]+\.md)", text):
+        linked = (page.parent / link).resolve()
+        if linked.is_file():
+            text += "\n" + linked.read_text()
+    return text
+
+
+def documented(key: str, text: str) -> bool:
+    return re.search(rf"(`{key}`|\b{key}\s*=|[.\[]{key}[\].]|`[^`\n]*\b{key}\b[^`\n]*`|\b{key}/|/{key}\b)",
+                     text) is not None
+
+
+TYPES = sorted({(kind, spec.partition(":")[2]): (kind, name, spec) for kind, types in BUILTIN.items()
+                for name, spec in reversed(list(types.items()))}.values())
+
+
+@pytest.mark.parametrize(("kind", "name", "spec"), TYPES, ids=[f"{k}-{n}" for k, n, _ in TYPES])
+def test_every_option_a_type_reads_is_on_its_page(kind, name, spec):
+    page = DOCS / KIND_FOLDERS[kind] / f"{name}.md"
+    assert page.is_file(), f"{kind} type {name!r} has no page {page.relative_to(ROOT)}"
+    text = _doc_text(page)
+    missing = sorted(k for k in type_option_keys(spec) if not documented(k, text))
+    assert not missing, f"{page.relative_to(ROOT)} does not document {missing}"
+
+
+def test_the_option_scan_sees_helpers():
+    """The scan follows options into helpers: a guard that it is not vacuous."""
+    assert {"retries", "connect_timeout_secs", "base_url"} <= type_option_keys(BUILTIN["backend"]["http"])
+    assert "local_aet" in type_option_keys(BUILTIN["endpoint"]["dicom_scp"])
+    assert "path" in type_option_keys(BUILTIN["backend"]["local_archive"])
+
+
+def test_every_storage_option_is_on_the_storage_page():
+    text = (DOCS / "storage.md").read_text()
+    missing = [k for k in KNOWN_KEYS["storage.options"] + KNOWN_KEYS["storage"] if not documented(k, text)]
+    assert not missing, f"docs/storage.md does not document [storage] keys {missing}"
