@@ -130,3 +130,21 @@ def test_every_storage_option_is_on_the_storage_page():
     text = (DOCS / "storage.md").read_text()
     missing = [k for k in KNOWN_KEYS["storage.options"] + KNOWN_KEYS["storage"] if not documented(k, text)]
     assert not missing, f"docs/storage.md does not document [storage] keys {missing}"
+
+
+@pytest.mark.parametrize("table", sorted(KNOWN_KEYS))
+def test_every_key_of_a_fixed_table_is_documented(table):
+    """The keys the loader knows (its did-you-mean list) are each on some page of docs/."""
+    text = "\n".join(p.read_text() for p in DOCS.glob("*.md"))
+    missing = [k for k in KNOWN_KEYS[table] if not documented(k, text)]
+    assert not missing, f"[{table}] keys {missing} are on no page of docs/"
+
+
+def test_every_management_option_is_on_the_management_page():
+    from harmony.management.settings import ManagementSettings
+
+    keys = _function_keys(ManagementSettings._parse.__func__, "o", set())
+    assert {"enabled", "base_path"} <= keys
+    text = (DOCS / "management.md").read_text()
+    missing = sorted(k for k in keys if not documented(k, text))
+    assert not missing, f"docs/management.md does not document [management] {missing}"
