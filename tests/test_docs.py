@@ -148,3 +148,52 @@ def test_every_management_option_is_on_the_management_page():
     text = (DOCS / "management.md").read_text()
     missing = sorted(k for k in keys if not documented(k, text))
     assert not missing, f"docs/management.md does not document [management] {missing}"
+
+
+METRIC_MAKERS = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram",
+                 "CounterMetricFamily": "counter", "GaugeMetricFamily": "gauge",
+                 "HistogramMetricFamily": "histogram"}
+
+
+def registered_metrics() -> dict[str, tuple[str, list[str]]]:
+    """Every metric family src/harmony makes: exposed name -> (type, labels), read from the calls."""
+    found = {}
+    for path in (ROOT / "src" / "harmony").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in METRIC_MAKERS and node.args and isinstance(node.args[0], ast.Constant)):
+                continue
+            kind = METRIC_MAKERS[node.func.id]
+            labels_node = next((k.value for k in node.keywords if k.arg in ("labels", "labelnames")),
+                               node.args[2] if len(node.args) > 2 else None)
+            labels = ast.literal_eval(labels_node) if labels_node is not None else []
+            name = node.args[0].value + ("_total" if kind == "counter" else "")
+            found[name] = (kind, list(labels))
+    return found
+
+
+def documented_metrics() -> dict[str, tuple[str, list[str]]]:
+    """docs/metrics.md's table: name -> (type, labels); a row may name several metrics."""
+    rows = {}
+    for line in (DOCS / "metrics.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`harmony_"):
+            continue
+        labels = [re.sub(r"\s*\(.*", "", part).strip() for part in re.sub(r"\([^)]*\)", "", cells[2]).split(",")]
+        for name in re.findall(r"`(harmony_[a-z0-9_]+)`", cells[0]):
+            rows[name] = (cells[1], [x for x in labels if x])
+    return rows
+
+
+def test_every_registered_metric_is_in_metrics_md_with_its_type_and_labels():
+    code, docs = registered_metrics(), documented_metrics()
+    assert len(code) >= 30, "the metric scan found too little to be trusted"
+    missing = sorted(set(code) - set(docs))
+    assert not missing, f"docs/metrics.md lacks {missing}"
+    wrong = {n: {"code": code[n], "docs": docs[n]} for n in code if code[n] != docs[n]}
+    assert not wrong, f"docs/metrics.md's type or labels differ from the code: {wrong}"
+
+
+def test_every_metric_in_metrics_md_exists():
+    extra = sorted(set(documented_metrics()) - set(registered_metrics()))
+    assert not extra, f"docs/metrics.md documents metrics no code registers: {extra}"
