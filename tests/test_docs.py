@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import re
 import textwrap
@@ -197,3 +198,39 @@ def test_every_registered_metric_is_in_metrics_md_with_its_type_and_labels():
 def test_every_metric_in_metrics_md_exists():
     extra = sorted(set(documented_metrics()) - set(registered_metrics()))
     assert not extra, f"docs/metrics.md documents metrics no code registers: {extra}"
+
+
+def _module_rows() -> dict[str, str]:
+    rows = {}
+    for line in (DOCS / "architecture.md").read_text().splitlines():
+        m = re.match(r"\| `(harmony(?:\.[a-z0-9_]+)*)`", line)
+        if m:
+            rows[m.group(1)] = line
+    return rows
+
+
+SRC = ROOT / "src" / "harmony"
+TOP_LEVEL = sorted(p.stem if p.suffix == ".py" else p.name for p in SRC.iterdir()
+                   if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file())
+
+
+def test_every_top_level_module_has_a_row_in_the_architecture_table():
+    rows = _module_rows()
+    missing = [f"harmony.{name}" for name in TOP_LEVEL if f"harmony.{name}" not in rows]
+    assert not missing, f"docs/architecture.md's module table has no row for {missing}"
+
+
+@pytest.mark.parametrize("package", [n for n in TOP_LEVEL if (SRC / n).is_dir()])
+def test_every_module_of_a_package_is_named_in_its_rows(package):
+    """A package's row (or rows of its sub-modules) names each of its modules, as `name` or `x.name`."""
+    rows = " ".join(v for k, v in _module_rows().items() if k == f"harmony.{package}"
+                    or k.startswith(f"harmony.{package}."))
+    names = {p.parent.name if p.name == "__init__.py" else p.stem for p in (SRC / package).rglob("*.py")
+             if p.parent != SRC / package or p.name != "__init__.py"}
+    missing = sorted(n for n in names if not re.search(rf"`([^`\s]*[./])?{n}([./(][^`]*)?`", rows))
+    assert not missing, f"docs/architecture.md's harmony.{package} row does not name {missing}"
+
+
+def test_every_row_of_the_architecture_table_names_a_real_module():
+    gone = [name for name in _module_rows() if importlib.util.find_spec(name) is None]
+    assert not gone, f"docs/architecture.md has rows for modules that do not exist: {gone}"
