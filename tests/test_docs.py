@@ -234,3 +234,21 @@ def test_every_module_of_a_package_is_named_in_its_rows(package):
 def test_every_row_of_the_architecture_table_names_a_real_module():
     gone = [name for name in _module_rows() if importlib.util.find_spec(name) is None]
     assert not gone, f"docs/architecture.md has rows for modules that do not exist: {gone}"
+
+
+def test_the_readme_names_every_debian_package_scripts_test_installs():
+    script = (ROOT / "scripts" / "test").read_text()
+    installed = set()
+    for group in re.findall(r"pkgs\+?=\(([^)]*)\)", script):
+        installed.update(group.split())
+    assert {"dcmtk", "orthanc", "postgresql"} <= installed, "the scan of scripts/test found too little"
+    readme = (ROOT / "README.md").read_text()
+    test_it = readme[readme.index("## Test it"):readme.index("```sh\nscripts/test")]
+    missing = sorted(p for p in installed if f"`{p}`" not in test_it)
+    assert not missing, f"README's 'Test it' does not name the Debian packages {missing}"
+
+
+@pytest.mark.parametrize(("kind", "name", "spec"), TYPES, ids=[f"{k}-{n}" for k, n, _ in TYPES])
+def test_the_readme_links_every_type_page(kind, name, spec):
+    link = f"(docs/{KIND_FOLDERS[kind]}/{name}.md)"
+    assert link in (ROOT / "README.md").read_text(), f"README.md does not link {link}"
