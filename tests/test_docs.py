@@ -252,3 +252,18 @@ def test_the_readme_names_every_debian_package_scripts_test_installs():
 def test_the_readme_links_every_type_page(kind, name, spec):
     link = f"(docs/{KIND_FOLDERS[kind]}/{name}.md)"
     assert link in (ROOT / "README.md").read_text(), f"README.md does not link {link}"
+
+
+BENCHES = sorted(p.name for p in (ROOT / "bench").iterdir() if p.is_dir() and any(p.glob("*.py")))
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_every_bench_readme_says_how_to_run_it_with_flags_its_script_has(bench):
+    readme = ROOT / "bench" / bench / "README.md"
+    assert readme.is_file(), f"bench/{bench} has no README.md"
+    commands = re.findall(rf"(bench/{bench}/[a-z_]+\.py)([^`#\n]*)", readme.read_text())
+    assert commands, f"bench/{bench}/README.md shows no command that runs it"
+    for script, args in commands:
+        source = (ROOT / script).read_text()
+        unknown = [f for f in re.findall(r"(?<![\w-])--[a-z][a-z-]*", args) if f'"{f}"' not in source]
+        assert not unknown, f"bench/{bench}/README.md runs {script} with {unknown}, which it does not take"
