@@ -27,8 +27,13 @@ OPTION_READERS = {name for name, value in vars(Options).items() if callable(valu
 KIND_FOLDERS = {"endpoint": "endpoints", "backend": "backends", "middleware": "middleware"}
 
 
-def _function_keys(func, param: str, seen: set) -> set[str]:
-    """Option keys *func* reads from its parameter *param*, following helpers it hands it to."""
+def _function_keys(func, param: str, seen: set, owner: type | None = None) -> set[str]:
+    """Option keys *func* reads from its parameter *param*, following helpers it hands it to.
+
+    *owner* is the plug-in class: ``super().from_config(name, options, ctx)``,
+    ``cls.more_options(options, ctx)`` and ``cls(...).take_shared_options(options)``
+    are looked up on it, so options read by a base class count for the type."""
+    func = inspect.unwrap(getattr(func, "__func__", func))
     if func in seen:
         return set()
     seen.add(func)
@@ -37,6 +42,13 @@ def _function_keys(func, param: str, seen: set) -> set[str]:
     except (OSError, TypeError):
         return set()
     module_globals = getattr(func, "__globals__", {})
+    # A key given as a parameter with a default (spec_option(options, ctx, key="spec_path")).
+    string_defaults = {}
+    try:
+        string_defaults = {n: p.default for n, p in inspect.signature(func).parameters.items()
+                           if isinstance(p.default, str)}
+    except (TypeError, ValueError):
+        pass
     keys: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) \
@@ -47,8 +59,12 @@ def _function_keys(func, param: str, seen: set) -> set[str]:
             continue
         f = node.func
         if isinstance(f, ast.Attribute) and f.attr in OPTION_READERS and isinstance(f.value, ast.Name) \
-                and f.value.id == param and node.args and isinstance(node.args[0], ast.Constant):
-            keys.add(node.args[0].value)
+                and f.value.id == param and node.args:
+            first = node.args[0]
+            if isinstance(first, ast.Constant):
+                keys.add(first.value)
+            elif isinstance(first, ast.Name) and first.id in string_defaults:
+                keys.add(string_defaults[first.id])
             continue
         if isinstance(f, ast.Attribute) and f.attr == "get" and isinstance(f.value, ast.Attribute) \
                 and f.value.attr == "raw" and isinstance(f.value.value, ast.Name) and f.value.value.id == param \
@@ -62,7 +78,7 @@ def _function_keys(func, param: str, seen: set) -> set[str]:
         # A helper given the options with a literal key (net.check_aet(options, "local_aet")).
         keys.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
                     and re.fullmatch(r"[a-z][a-z0-9_]*", a.value))
-        callee = _resolve(f, module_globals)
+        callee = _resolve(f, module_globals, owner, func)
         if callee is None:
             continue
         try:
@@ -71,25 +87,42 @@ def _function_keys(func, param: str, seen: set) -> set[str]:
             continue
         names = [params[i] for i in passed if i < len(params)] + [k for k in passed_kw if k in params]
         for name in names:
-            keys |= _function_keys(inspect.unwrap(callee), name, seen)
+            keys |= _function_keys(callee, name, seen, owner)
     return keys
 
 
-def _resolve(func_node, module_globals):
+def _resolve(func_node, module_globals, owner=None, caller=None):
     if isinstance(func_node, ast.Name):
         return module_globals.get(func_node.id)
-    if isinstance(func_node, ast.Attribute) and isinstance(func_node.value, ast.Name):
-        owner = module_globals.get(func_node.value.id)
-        target = getattr(owner, func_node.attr, None) if owner is not None else None
+    if not isinstance(func_node, ast.Attribute):
+        return None
+    value = func_node.value
+    if isinstance(value, ast.Name) and value.id in module_globals:
+        target = getattr(module_globals[value.id], func_node.attr, None)
         return target if callable(target) else None
+    if owner is None:
+        return None
+    # super().x, cls.x, self.x, cls(...).x: the plug-in class's own attribute,
+    # or for super() the next definition after the caller's in the MRO.
+    mro = owner.__mro__
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "super":
+        defining = [i for i, c in enumerate(mro)
+                    if getattr(c.__dict__.get(func_node.attr), "__func__", None) is caller]
+        mro = mro[defining[0] + 1:] if defining else mro[1:]
+    for klass in mro:
+        if func_node.attr in klass.__dict__:
+            # Bound to the plug-in class, so a signature's parameters line up with the call's arguments
+            # (an instance method's self is left out the same way).
+            target = klass.__dict__[func_node.attr].__get__(object.__new__(owner) if isinstance(
+                klass.__dict__[func_node.attr], type(_resolve)) else None, owner)
+            return target if callable(target) else None
     return None
 
 
 def type_option_keys(spec: str) -> set[str]:
     module_name, _, attr = spec.partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
-    from_config = cls.from_config.__func__
-    return _function_keys(from_config, "options", set())
+    return _function_keys(cls.from_config, "options", set(), cls)
 
 
 def _doc_text(page: Path) -> str:
@@ -267,3 +300,30 @@ def test_every_bench_readme_says_how_to_run_it_with_flags_its_script_has(bench):
         source = (ROOT / script).read_text()
         unknown = [f for f in re.findall(r"(?<![\w-])--[a-z][a-z-]*", args) if f'"{f}"' not in source]
         assert not unknown, f"bench/{bench}/README.md runs {script} with {unknown}, which it does not take"
+
+
+def _option_table_names(text: str) -> set[str]:
+    """Names in the first column of the page's tables headed ``| option |``."""
+    names, in_table = set(), False
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            in_table = False
+        elif re.match(r"\|\s*options?\s*\|", line, re.I):
+            in_table = True
+        elif in_table:
+            names.update(re.findall(r"`([a-z][a-z0-9_]*)`", line.strip("|").split("|")[0]))
+    return names
+
+
+#: Documented names that are not options the type reads: `targets` is the component's own key
+#: (beside `type`), and jwt_auth builds `verify_<claim>` with an f-string the scan cannot follow.
+NOT_READ_AS_OPTIONS = {"targets", "verify_audience", "verify_issuer"}
+
+
+@pytest.mark.parametrize(("kind", "name", "spec"), TYPES, ids=[f"{k}-{n}" for k, n, _ in TYPES])
+def test_every_option_a_page_lists_is_read_by_its_type(kind, name, spec):
+    page = DOCS / KIND_FOLDERS[kind] / f"{name}.md"
+    keys = type_option_keys(spec)
+    secrets = {f"{k}_file" for k in keys}  # Options.secret reads KEY or KEY_file
+    phantom = sorted(_option_table_names(page.read_text()) - keys - secrets - NOT_READ_AS_OPTIONS)
+    assert not phantom, f"{page.relative_to(ROOT)} lists options its type does not read: {phantom}"
