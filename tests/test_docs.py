@@ -327,3 +327,16 @@ def test_every_option_a_page_lists_is_read_by_its_type(kind, name, spec):
     secrets = {f"{k}_file" for k in keys}  # Options.secret reads KEY or KEY_file
     phantom = sorted(_option_table_names(page.read_text()) - keys - secrets - NOT_READ_AS_OPTIONS)
     assert not phantom, f"{page.relative_to(ROOT)} lists options its type does not read: {phantom}"
+
+
+def test_every_environment_variable_the_code_reads_is_documented():
+    """HARMONY_* names the code reads (os.environ / a *_ENV constant) are each on some page of docs/."""
+    names = set()
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        names.update(re.findall(r"""_ENV\s*=\s*["'](HARMONY_[A-Z_]+)["']""", text))
+        names.update(re.findall(r"""environ(?:\.get\(|\[)\s*["'](HARMONY_[A-Z_]+)["']""", text))
+    assert "HARMONY_GC_FREEZE" in names, "the environment scan found too little"
+    docs = "\n".join(p.read_text() for p in DOCS.rglob("*.md"))
+    missing = sorted(n for n in names if f"`{n}" not in docs)
+    assert not missing, f"environment variables on no page of docs/: {missing}"
