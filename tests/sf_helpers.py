@@ -110,13 +110,17 @@ class HarmonyProcess:
     def start(self):
         import subprocess
 
-        from tests.peers import peer_env, port_open, wait_for
+        from tests.peers import peer_env, pid_listens, port_open, wait_for
         self.starts += 1
         log = open(self.folder / f"twistd-{self.starts}.log", "wb")
         self.proc = subprocess.Popen([self.twistd, "-n", "--pidfile=", "harmony", "-c", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, env=peer_env())
+        # Up means THIS process listens (and answers): an open port alone may be a stranger's
+        # that took the "free" port first, or a previous process of ours not yet gone.
+        pid = self.proc.pid
         for port in self.ports:
-            wait_for(lambda: port_open(port), 60, f"harmony (twistd) port {port}", self.proc)
+            wait_for(lambda port=port: pid_listens(pid, port) and port_open(port), 60,
+                     f"harmony (twistd) pid {pid} listening on port {port}", self.proc)
         return self
 
     def kill(self, proc=None):
@@ -142,13 +146,14 @@ class HarmonyProcess:
 class PortHold:
     """Keeps a loopback port taken but closed (bound, not listening): connections
     are refused, like a target that is down, and no other process on this busy
-    machine can grab the port before the real target starts on it."""
+    machine can grab the port before the real target starts on it.  Port 0
+    takes a free one at once (no window between picking it and holding it)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int = 0):
         import socket
-        self.port = port
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
 
     def release(self):
         if self.sock is not None:
