@@ -24,7 +24,6 @@ from harmony.storage import queue as q
 from harmony.storage.admin import QueuesResource
 from harmony.storage.forward import TargetSettings
 from tests.harness import listen
-from tests.peers import free_port
 from tests.sf_helpers import PortHold, ScriptedTarget, make_instances
 
 
@@ -216,10 +215,10 @@ async def test_ordering_with_a_failing_head(new_store, tmp_path, serve, order):
 
 
 @pytest_twisted.ensureDeferred
-async def test_queue_survives_restart_and_redelivers_interrupted(new_store, tmp_path, serve):
+async def test_queue_survives_restart_and_redelivers_interrupted(new_store, tmp_path, serve, dead_port):
     """Rows left 'delivering' by a crash go back to pending at start-up."""
     files = instances(tmp_path, 3)
-    down_port = free_port()  # nothing listens: connection refused
+    down_port = dead_port  # nothing listens: connection refused
     clock = task.Clock()
     rig = Rig(new_store, tmp_path / "store", {"pacs": f"http://127.0.0.1:{down_port}/"}, clock, backoff_initial=60.0)
     await rig.start()
@@ -257,7 +256,7 @@ async def test_unreachable_target_pauses_the_whole_queue(new_store, tmp_path, se
     """Connection refused says nothing about the instance: the queue waits (with
     backoff) instead of trying every other instance against a dead target."""
     files = instances(tmp_path, 4)
-    hold = PortHold(free_port())
+    hold = PortHold()
     clock = task.Clock()
     rig = Rig(new_store, tmp_path / "store", {"pacs": f"http://127.0.0.1:{hold.port}/"}, clock, backoff_initial=10.0,
               concurrency=1)
