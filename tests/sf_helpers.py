@@ -97,17 +97,30 @@ def make_instances(folder, n: int, study: int, *, patient_id: str = "SF", series
 class HarmonyProcess:
     """``twistd -n harmony`` as a real process (for kill -9 tests and benchmarks)."""
 
-    def __init__(self, folder, ports=()):
+    def __init__(self, folder, ports=(), reconfigure=None):
         import sys
         from pathlib import Path
         self.folder = Path(folder)
         self.config = self.folder / "harmony.toml"
         self.ports = list(ports)
+        #: Called when another process took one of our "free" ports before the node
+        #: listened (the node then exits): writes a config on new ports, returns them.
+        self.reconfigure = reconfigure
         self.twistd = str(Path(sys.executable).with_name("twistd"))
         self.proc = None
         self.starts = 0
 
     def start(self):
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except RuntimeError:
+                log = (self.folder / f"twistd-{self.starts}.log").read_text(errors="replace")
+                if self.reconfigure is None or "CannotListenError" not in log or attempt == 2:
+                    raise
+                self.ports = list(self.reconfigure())
+
+    def _start_once(self):
         import subprocess
 
         from tests.peers import peer_env, pid_listens, port_open, wait_for

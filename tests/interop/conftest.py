@@ -19,6 +19,8 @@ client's answer without it.
 
 from __future__ import annotations
 
+import shutil
+
 import attr
 import pytest
 
@@ -75,18 +77,26 @@ def archive(tmp_path_factory, corpus):
     from tests.sf_helpers import HarmonyProcess
     root = tmp_path_factory.mktemp("archive")
     ports = copy_etc(root / "etc")
-    node = HarmonyProcess(root / "etc", ports.values())
+
+    def new_ports():
+        shutil.rmtree(root / "etc")
+        ports.update(copy_etc(root / "etc"))
+        return ports.values()
+
+    node = HarmonyProcess(root / "etc", ports.values(), reconfigure=new_ports)
     node.config = root / "etc" / "harmony.toml"
-    client = client_orthanc(root / "client", harmony_dimse=ports["scp"],
-                            harmony_web=f"http://127.0.0.1:{ports['http']}/dicomweb")
+    client = None
     try:
-        node.start()
+        node.start()  # the ports it listens on are final only now
+        client = client_orthanc(root / "client", harmony_dimse=ports["scp"],
+                                harmony_web=f"http://127.0.0.1:{ports['http']}/dicomweb")
         client.start()
         storescu(ports["scp"], (i.path for i in corpus))
         yield Stack(node=node, client=client, scp_port=ports["scp"],
                     web_url=f"http://127.0.0.1:{ports['http']}/dicomweb")
     finally:
-        client.stop()
+        if client is not None:
+            client.stop()
         node.stop()
 
 
