@@ -17,6 +17,17 @@ pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
 
 
 @pytest.fixture
+def dead_port():
+    """A loopback port where nothing listens for the whole test: bound, never
+    listening, so connections are refused and no other process can take it
+    (a port from free_port() may be listening by the time it is used)."""
+    from tests.sf_helpers import PortHold
+    hold = PortHold()
+    yield hold.port
+    hold.release()
+
+
+@pytest.fixture
 def upstream():
     """A recording HTTP upstream on a real loopback port."""
     resource = RecordingUpstream()

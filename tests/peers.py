@@ -61,6 +61,42 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes LISTENing on *port* (any address), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: TCP_LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def pid_listens(pid: int, port: int) -> bool:
+    """True when process *pid* itself holds the listening socket on *port*: an open
+    port alone may belong to another process that took a "free" port first."""
+    inodes = listening_inodes(port)
+    if not inodes:
+        return False
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
 def merge_config(config: dict, extra: dict) -> dict:
     """Merge *extra* into *config* in place: nested tables key by key, other values replaced."""
     for key, value in extra.items():

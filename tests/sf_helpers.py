@@ -97,26 +97,43 @@ def make_instances(folder, n: int, study: int, *, patient_id: str = "SF", series
 class HarmonyProcess:
     """``twistd -n harmony`` as a real process (for kill -9 tests and benchmarks)."""
 
-    def __init__(self, folder, ports=()):
+    def __init__(self, folder, ports=(), reconfigure=None):
         import sys
         from pathlib import Path
         self.folder = Path(folder)
         self.config = self.folder / "harmony.toml"
         self.ports = list(ports)
+        #: Called when another process took one of our "free" ports before the node
+        #: listened (the node then exits): writes a config on new ports, returns them.
+        self.reconfigure = reconfigure
         self.twistd = str(Path(sys.executable).with_name("twistd"))
         self.proc = None
         self.starts = 0
 
     def start(self):
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except RuntimeError:
+                log = (self.folder / f"twistd-{self.starts}.log").read_text(errors="replace")
+                if self.reconfigure is None or "CannotListenError" not in log or attempt == 2:
+                    raise
+                self.ports = list(self.reconfigure())
+
+    def _start_once(self):
         import subprocess
 
-        from tests.peers import peer_env, port_open, wait_for
+        from tests.peers import peer_env, pid_listens, port_open, wait_for
         self.starts += 1
         log = open(self.folder / f"twistd-{self.starts}.log", "wb")
         self.proc = subprocess.Popen([self.twistd, "-n", "--pidfile=", "harmony", "-c", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, env=peer_env())
+        # Up means THIS process listens (and answers): an open port alone may be a stranger's
+        # that took the "free" port first, or a previous process of ours not yet gone.
+        pid = self.proc.pid
         for port in self.ports:
-            wait_for(lambda: port_open(port), 60, f"harmony (twistd) port {port}", self.proc)
+            wait_for(lambda port=port: pid_listens(pid, port) and port_open(port), 60,
+                     f"harmony (twistd) pid {pid} listening on port {port}", self.proc)
         return self
 
     def kill(self, proc=None):
@@ -142,13 +159,14 @@ class HarmonyProcess:
 class PortHold:
     """Keeps a loopback port taken but closed (bound, not listening): connections
     are refused, like a target that is down, and no other process on this busy
-    machine can grab the port before the real target starts on it."""
+    machine can grab the port before the real target starts on it.  Port 0
+    takes a free one at once (no window between picking it and holding it)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int = 0):
         import socket
-        self.port = port
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
 
     def release(self):
         if self.sock is not None:

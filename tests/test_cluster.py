@@ -147,7 +147,7 @@ async def test_three_nodes_postgresql_and_s3_faults_one_killed_nothing_lost(own_
     files = make_instances(tmp_path / "in", N_INSTANCES, 62, patient_id="CLUSTER", series=2)
     by_sop = {sop_of(f): f for f in files}
     study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    holds = {name: PortHold(free_port()) for name in ("pacs", "vault")}
+    holds = {name: PortHold() for name in ("pacs", "vault")}
     targets = {name: SlowTarget() for name in holds}
     sink = Storescp(tmp_path / "sink", aet="SINK").start()
 

@@ -72,7 +72,19 @@ class Rig:
         # the process a restart has just started (that would be a kill nobody
         # planned, and could land inside HarmonyProcess.start's readiness wait).
         proc = self.harmony.proc
-        threading.Timer(self.rnd.uniform(0, within), self.harmony.kill, kwargs={"proc": proc}).start()
+        timer = threading.Timer(self.rnd.uniform(0, within), self.harmony.kill, kwargs={"proc": proc})
+        timer.start()
+        return timer
+
+    def after_kill(self, timer):
+        """Wait until *timer*'s kill has happened and, when no request noticed it yet (a
+        timer that fired late, between requests), restart: the next planned kill is then
+        armed on its own, new and listening process, never on the one already killed."""
+        if timer is None:
+            return
+        timer.join()
+        if self.harmony.proc.poll() is not None:
+            self.harmony.start()
 
     def target_up_and_kill_while_draining(self):
         self.hold.release()
@@ -119,12 +131,16 @@ def test_http_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path
     acked, sent = set(), set()
     try:
         rig.harmony.start()
-        # Kill points 3 apart: each planned kill lands on its own process.
+        # Each planned kill lands on its own process: the previous kill has happened and
+        # its restart is listening (HarmonyProcess.start checks the new pid) before the next
+        # one is armed, however late a loaded machine runs the kill timer.
         kills = sorted(rig.rnd.sample(range(20, N_INSTANCES - 20, 3), KILLS_DURING_INGEST))
+        pending = None
         for n, path in enumerate(rig.files):
             if kills and n == kills[0]:
                 kills.pop(0)
-                rig.kill_soon(0.02)  # inside the next request: fsync, rename, commit...
+                rig.after_kill(pending)
+                pending = rig.kill_soon(0.02)  # inside the next request: fsync, rename, commit...
             sop = rig.sops[str(path)]
             sent.add(sop)
             status = post(url, path.read_bytes())
@@ -134,6 +150,7 @@ def test_http_ingest_killed_at_random_points_loses_nothing_acknowledged(tmp_path
                 assert status is None, f"unexpected HTTP {status}"
                 rig.harmony.kill()
                 rig.harmony.start()
+        rig.after_kill(pending)
         assert rig.harmony.starts == 1 + KILLS_DURING_INGEST
         assert len(acked) >= N_INSTANCES - KILLS_DURING_INGEST
         rig.target_up_and_kill_while_draining()

@@ -229,8 +229,8 @@ async def test_malformed_identifier_is_400(harmony):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pacs_down_is_502_quickly(tmp_path):
-    running = await start_harmony(config(tmp_path, "NOBODY", free_port()))
+async def test_pacs_down_is_502_quickly(tmp_path, dead_port):
+    running = await start_harmony(config(tmp_path, "NOBODY", dead_port))
     try:
         started = time.monotonic()
         r = await post(running, {"dimse_op": "C-FIND", "identifier": study_find().to_json_dict()})

@@ -288,13 +288,11 @@ url = "{url}"
 
 
 @pytest_twisted.ensureDeferred
-async def test_targets_are_a_pool_with_retries_and_a_circuit(tmp_path, orthanc):
+async def test_targets_are_a_pool_with_retries_and_a_circuit(tmp_path, orthanc, dead_port):
     """Like the http backend: a QIDO the dead target cannot answer is retried on the live one,
     and the dead target's circuit opens (it used to send everything to the first target)."""
-    from tests.peers import free_port
-
     path = write_config(tmp_path, MINIMAL_MAIN, {"p": POOLED.format(url=orthanc.dicomweb_url,
-                                                                    dead_port=free_port())})
+                                                                    dead_port=dead_port)})
     running = await start_harmony(path)
     try:
         for _ in range(6):

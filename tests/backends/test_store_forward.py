@@ -24,7 +24,6 @@ from harmony.storage import queue as q
 from harmony.storage.admin import QueuesResource
 from harmony.storage.forward import TargetSettings
 from tests.harness import listen
-from tests.peers import free_port
 from tests.sf_helpers import PortHold, ScriptedTarget, make_instances
 
 
@@ -216,10 +215,10 @@ async def test_ordering_with_a_failing_head(new_store, tmp_path, serve, order):
 
 
 @pytest_twisted.ensureDeferred
-async def test_queue_survives_restart_and_redelivers_interrupted(new_store, tmp_path, serve):
+async def test_queue_survives_restart_and_redelivers_interrupted(new_store, tmp_path, serve, dead_port):
     """Rows left 'delivering' by a crash go back to pending at start-up."""
     files = instances(tmp_path, 3)
-    down_port = free_port()  # nothing listens: connection refused
+    down_port = dead_port  # nothing listens: connection refused
     clock = task.Clock()
     rig = Rig(new_store, tmp_path / "store", {"pacs": f"http://127.0.0.1:{down_port}/"}, clock, backoff_initial=60.0)
     await rig.start()
@@ -257,7 +256,7 @@ async def test_unreachable_target_pauses_the_whole_queue(new_store, tmp_path, se
     """Connection refused says nothing about the instance: the queue waits (with
     backoff) instead of trying every other instance against a dead target."""
     files = instances(tmp_path, 4)
-    hold = PortHold(free_port())
+    hold = PortHold()
     clock = task.Clock()
     rig = Rig(new_store, tmp_path / "store", {"pacs": f"http://127.0.0.1:{hold.port}/"}, clock, backoff_initial=10.0,
               concurrency=1)
@@ -417,3 +416,38 @@ def test_dead_letter_filters_on_each_database(queue_conn):
     assert retry_matching(conn, "t", DeadFilter(error="a900"), 3.0) == 1
     assert purge_matching(conn, "t", conflict) == 2
     assert count_dead(conn, "t", DeadFilter()) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_claim_before_start_up_recovery_so_nothing_is_delivered_twice(new_store, tmp_path, serve):
+    """An ingest that lands while start-up recovery is still queued (a loaded machine:
+    the listener is up, the recovery transaction not yet run) must not be claimed:
+    recovery would put its 'delivering' row back to pending and it would go out twice
+    (seen once as 4 deliveries of 3 instances in tests/test_queue_admin.py)."""
+    from twisted.internet import defer
+    files = instances(tmp_path, 1)
+    target = ScriptedTarget()
+    rig = Rig(new_store, tmp_path / "store", {"pacs": serve(target)}, task.Clock())
+    real_bookkeep = rig.store.bookkeep
+    held: list = []
+
+    def bookkeep(fn, *args, **kwargs):
+        if fn is q.recover:  # recovery waits until the test lets it run
+            d = defer.Deferred()
+            held.append(lambda: real_bookkeep(fn, *args, **kwargs).chainDeferred(d))
+            return d
+        return real_bookkeep(fn, *args, **kwargs)
+
+    rig.store.bookkeep = bookkeep
+    rig.forward.startService()
+    try:
+        await rig.ingest(files[0])  # wakes the queue, recovery still pending
+        await rig.forward.drainers["pacs"].idle()  # any claim (and delivery) it started is over
+        assert [r[1] for r in await rig.rows("pacs")] == [q.PENDING], "claimed before start-up recovery"
+        held.pop()()
+        await rig.forward.idle()
+        assert [r[1] for r in await rig.rows("pacs")] == [q.DELIVERED]
+        assert target.stored == {sop(files[0]): 1}
+        assert rig.forward.attempts[("pacs", "delivered")] == 1
+    finally:
+        await rig.stop()

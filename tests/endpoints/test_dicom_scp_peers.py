@@ -289,8 +289,8 @@ def final_status(stderr: bytes) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_pacs_down_gives_failure_status(tmp_path):
-    running, scp_port = await start(tmp_path, "NOBODY", free_port())
+async def test_pacs_down_gives_failure_status(tmp_path, dead_port):
+    running, scp_port = await start(tmp_path, "NOBODY", dead_port)
     try:
         r = await run("findscu", "-d", "-S", "-aec", SCP_AET, "-k", "QueryRetrieveLevel=STUDY", "-k",
                       "StudyInstanceUID", "127.0.0.1", scp_port)

@@ -105,7 +105,7 @@ async def test_backend_tls_with_client_certificate_to_a_tls_endpoint(tmp_path, r
 
 @pytest_twisted.ensureDeferred
 async def test_failover_between_receivers_and_tcp_health_checks(tmp_path, receiver):
-    down = PortHold(free_port())
+    down = PortHold()
     cfg = write_config(tmp_path / "cfg", MINIMAL_MAIN, {"hl7": f"""
         [pipelines.hl7]
         endpoints = ["feed"]

@@ -19,6 +19,8 @@ client's answer without it.
 
 from __future__ import annotations
 
+import shutil
+
 import attr
 import pytest
 
@@ -75,18 +77,26 @@ def archive(tmp_path_factory, corpus):
     from tests.sf_helpers import HarmonyProcess
     root = tmp_path_factory.mktemp("archive")
     ports = copy_etc(root / "etc")
-    node = HarmonyProcess(root / "etc", ports.values())
+
+    def new_ports():
+        shutil.rmtree(root / "etc")
+        ports.update(copy_etc(root / "etc"))
+        return ports.values()
+
+    node = HarmonyProcess(root / "etc", ports.values(), reconfigure=new_ports)
     node.config = root / "etc" / "harmony.toml"
-    client = client_orthanc(root / "client", harmony_dimse=ports["scp"],
-                            harmony_web=f"http://127.0.0.1:{ports['http']}/dicomweb")
+    client = None
     try:
-        node.start()
+        node.start()  # the ports it listens on are final only now
+        client = client_orthanc(root / "client", harmony_dimse=ports["scp"],
+                                harmony_web=f"http://127.0.0.1:{ports['http']}/dicomweb")
         client.start()
         storescu(ports["scp"], (i.path for i in corpus))
         yield Stack(node=node, client=client, scp_port=ports["scp"],
                     web_url=f"http://127.0.0.1:{ports['http']}/dicomweb")
     finally:
-        client.stop()
+        if client is not None:
+            client.stop()
         node.stop()
 
 
@@ -104,7 +114,6 @@ def router_toml(scp_port: int, pacs: Orthanc, client: Orthanc, movescu_port: int
 def router(tmp_path_factory, corpus):
     """Orthanc (client) -> Harmony dicom_scp -> dicom_scu -> Orthanc (PACS, holding the corpus)."""
     root = tmp_path_factory.mktemp("router")
-    scp_port = free_port()
     pacs = Orthanc(root / "pacs", aet="PACS", extra_config={"DefaultEncoding": "Utf8"})
     # Orthanc answers C-FIND/C-GET only to callers it lists: Harmony's SCU, and the client (the oracle).
     pacs.modalities = {"harmony": ("HARMONY_SCU", "127.0.0.1", 1), "client": ("ORTHANC", "127.0.0.1", 1)}
@@ -113,12 +122,20 @@ def router(tmp_path_factory, corpus):
     try:
         pacs.start()
         pacs.upload(i.path for i in corpus)
-        http_port = free_port()
-        client = client_orthanc(root / "client", harmony_dimse=scp_port, pacs=pacs,
-                                harmony_web=f"http://127.0.0.1:{http_port}/bridge")
-        movescu_port = free_port()
-        node = Node(root / "harmony", router_toml(scp_port, pacs, client, movescu_port), dimse_ports=[scp_port],
-                    http_port=http_port).start()
+        for attempt in range(3):
+            # Another process may take one of these "free" ports before Harmony listens
+            # (it then exits): pick them all again rather than talk to a stranger.
+            scp_port, http_port, movescu_port = free_port(), free_port(), free_port()
+            client = client_orthanc(root / f"client{attempt}", harmony_dimse=scp_port, pacs=pacs,
+                                    harmony_web=f"http://127.0.0.1:{http_port}/bridge")
+            node = Node(root / f"harmony{attempt}", router_toml(scp_port, pacs, client, movescu_port),
+                        dimse_ports=[scp_port], http_port=http_port)
+            try:
+                node.start()
+                break
+            except RuntimeError:
+                if "CannotListenError" not in node.log_text() or attempt == 2:
+                    raise
         client.start()
         yield Stack(node=node, client=client, scp_port=scp_port, web_url=node.url("/bridge"), pacs=pacs,
                     movescu_port=movescu_port)

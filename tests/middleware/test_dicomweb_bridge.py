@@ -248,12 +248,12 @@ def _part_bytes(ds) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_pacs_down_metadata_waiters_do_not_hang(tmp_path):
+async def test_pacs_down_metadata_waiters_do_not_hang(tmp_path, dead_port):
     """Concurrent identical metadata requests share one fetch; when it fails
     (nothing listens on the PACS port) every waiter gets the error, and the
     next request tries again instead of waiting on a dead fetch."""
     from twisted.internet import defer
-    dead = free_port()
+    dead = dead_port
     path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
                         {"p": PIPES.format(aet="NOBODY", port=dead).replace(
                             'local_aet = "HARMONY_DW"', 'local_aet = "HARMONY_DW"\nconnect_timeout_secs = 2')})
@@ -356,10 +356,10 @@ connect_timeout_secs = 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_per_aet_routes_pick_the_pacs(tmp_path, orthanc):
+async def test_per_aet_routes_pick_the_pacs(tmp_path, orthanc, dead_port):
     orthanc.add_modality("harmony_dw", "HARMONY_DW", free_port())
     path = write_config(tmp_path, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
-                        {"p": AET_PIPES.format(aet=orthanc.aet, port=orthanc.dicom_port, dead=free_port())})
+                        {"p": AET_PIPES.format(aet=orthanc.aet, port=orthanc.dicom_port, dead=dead_port)})
     running = await start_harmony(path)
     try:
         ok = await treq.get(running.url(f"/dicomweb/aets/{orthanc.aet}/rs/studies?PatientID=PAT002"))

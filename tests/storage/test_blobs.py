@@ -126,7 +126,7 @@ async def test_kill_9_with_uploads_pending_loses_nothing(s3, postgres, tmp_path)
     files = make_instances(tmp_path / "in", 8, 53, patient_id="BLOBS")
     credentials = tmp_path / "s3-credentials"
     credentials.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
-    down = PortHold(free_port())  # S3 unreachable while the first process runs
+    down = PortHold()  # S3 unreachable while the first process runs
     port = free_port()
     harmony = HarmonyProcess(tmp_path / "node", ports=[port])
     harmony.folder.mkdir()

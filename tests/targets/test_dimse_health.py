@@ -33,15 +33,14 @@ def dimse_pool(orthanc, dcmqrscp, clock, **health):
 
 
 @pytest_twisted.ensureDeferred
-async def test_echo_against_both_peers_and_a_closed_port(orthanc, dcmqrscp):
+async def test_echo_against_both_peers_and_a_closed_port(orthanc, dcmqrscp, dead_port):
     from twisted.internet import reactor
     assert await echo(reactor, "127.0.0.1", orthanc.dicom_port, orthanc.aet, "HARMONY", 5) == 0
     assert await echo(reactor, "127.0.0.1", dcmqrscp.port, dcmqrscp.aet, "HARMONY", 5) == 0
     # (A wrong called AE is not tried here: dcmqrscp 3.6.7 --single-process
     # crashes with SIGSEGV after rejecting such an association.)
-    from tests.peers import free_port
     with pytest.raises(EchoFailed, match="no association with X@127.0.0.1"):
-        await echo(reactor, "127.0.0.1", free_port(), "X", "HARMONY", 5)
+        await echo(reactor, "127.0.0.1", dead_port, "X", "HARMONY", 5)
 
 
 @pytest_twisted.ensureDeferred

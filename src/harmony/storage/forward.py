@@ -220,6 +220,11 @@ class StoreForward(Service):
         self._renew_loop = None
         self._pruning: defer.Deferred = defer.succeed(None)
         self._ready: defer.Deferred | None = None
+        #: Start-up recovery has run: only then may rows be claimed.  A claim
+        #: before it (an ingest's wake-up while the recovery transaction still
+        #: waits its turn on a loaded machine) would have its 'delivering' row
+        #: put back to pending by the recovery and delivered a second time.
+        self.recovered = False
 
     # -- lifecycle
     def startService(self):
@@ -232,6 +237,7 @@ class StoreForward(Service):
         def recovered(n):
             if not self.running:
                 return  # stopped before recovery finished
+            self.recovered = True
             if n:
                 log.info("store_forward: {n} interrupted deliveries queued again", n=n)
             self._housekeeping = task.LoopingCall(self.housekeeping)
@@ -252,6 +258,7 @@ class StoreForward(Service):
 
     def stopService(self):
         super().stopService()
+        self.recovered = False  # a restart of the service recovers again first
         for loop in (self._housekeeping, self._stats_loop, self._renew_loop):
             if loop is not None and loop.running:
                 loop.stop()
@@ -417,8 +424,8 @@ class _Drainer:
         return 1 if self.settings.order == q.FIFO else self.settings.concurrency
 
     def wake(self):
-        if self.stopped:
-            return
+        if self.stopped or not self.svc.recovered:
+            return  # (start-up recovery wakes every drainer once it has run)
         if self.paused_until is not None:
             if self.svc.now() < self.paused_until:
                 self._schedule(self.paused_until)
