@@ -85,6 +85,24 @@ def frozen(pid: int):
         os.kill(pid, signal.SIGCONT)
 
 
+def server_side_connections(port: int) -> int:
+    """Accepted TCP connections on *port* the server has not closed yet (any state
+    but LISTEN and TIME_WAIT, read from /proc/net/tcp*): an association the client
+    released still counts against max_associations until its process sees the close."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] not in ("0A", "06"):
+                count += 1
+    return count
+
+
 def associate(port: int):
     ae = AE(ae_title="WORKERTEST")
     ae.add_requested_context(Verification)
@@ -129,6 +147,10 @@ def test_the_worker_serves_the_dimse_port_and_max_associations_counts_every_proc
         assert echo(port), "the worker alone did not answer C-ECHO on the shared port"
     with frozen(worker):
         assert echo(port), "the main process alone did not answer C-ECHO"
+    # Both processes running: each sees its C-ECHO association's close and stops
+    # counting it before the limit is probed (a process frozen first, or one that
+    # reads a new association before the old close, would count it still).
+    wait_for(lambda: server_side_connections(port) == 0, 30, "the C-ECHO associations to be closed by Harmony")
 
     # Two associations held by the worker, two by the main process: the limit
     # (4) is reached across the processes, so a fifth is refused whichever
