@@ -149,8 +149,9 @@ def body_length(body: Any) -> int | None:
         return 0
     if isinstance(body, (bytes, bytearray)):
         return len(body)
+    # IBodyProducer.length: an int, or the UNKNOWN_LENGTH marker (a str).
     length = getattr(body, "length", UNKNOWN_LENGTH)
-    return None if length is UNKNOWN_LENGTH else length
+    return length if isinstance(length, int) else None
 
 
 def as_producer(body: Any):

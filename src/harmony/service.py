@@ -122,7 +122,7 @@ class HarmonyService(MultiService):
         self.retired_backends: dict = {}
         self.management_settings = ManagementSettings.from_config(runtime.config)
         check_routes(self.management_settings, runtime)
-        self.management = None
+        self.management: ManagementService | None = None
         self.metrics = HarmonyMetrics(self)
         self.metrics.instrument(runtime)
         self._previous_sighup = None

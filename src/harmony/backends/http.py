@@ -54,7 +54,7 @@ def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
     xff = headers.getRawHeaders(b"x-forwarded-for")
     client = request.client_ip.encode() if request.client_ip else b""
     if client:
-        headers.setRawHeaders(b"x-forwarded-for", [b", ".join(xff + [client]) if xff else client])
+        headers.setRawHeaders(b"x-forwarded-for", [b", ".join([*xff, client]) if xff else client])
     if not headers.hasHeader(b"x-forwarded-proto"):
         headers.setRawHeaders(b"x-forwarded-proto", [request.scheme.encode()])
     if request.host and not headers.hasHeader(b"x-forwarded-host"):

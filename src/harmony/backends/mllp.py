@@ -66,7 +66,8 @@ class MllpClientProtocol(Protocol):
 
     def exchange(self, payload: bytes) -> defer.Deferred:
         self.waiting = defer.Deferred(self._cancelled)
-        self.transport.write(frame(payload))
+        # ITransport's methods are declared without self (zope style): mypy has no zope plug-in here.
+        self.transport.write(frame(payload))  # type: ignore[call-arg,misc]
         return self.waiting
 
     def _cancelled(self, d):
@@ -219,7 +220,7 @@ class MllpBackend(Backend):
             if self.keep_connection_open:
                 pool.idle.append(conn)
             else:
-                conn.transport.loseConnection()
+                conn.transport.loseConnection()  # type: ignore[misc]  # zope-style ITransport method, as in exchange
             conn = None
             status = STATUS_OF[info.code]
             return ResponseEnvelope(
@@ -234,8 +235,8 @@ class MllpBackend(Backend):
     async def connect(self, target) -> MllpClientProtocol:
         if self.tls is not None:
             options = ssl.optionsForClientTLS(target.options.get("tls_server_name", target.host), **self.tls)
-            endpoint = SSL4ClientEndpoint(self.reactor, target.host, target.port, options,
-                                          timeout=self.connect_timeout)
+            endpoint: SSL4ClientEndpoint | TCP4ClientEndpoint = SSL4ClientEndpoint(
+                self.reactor, target.host, target.port, options, timeout=self.connect_timeout)
         else:
             endpoint = TCP4ClientEndpoint(self.reactor, target.host, target.port, timeout=self.connect_timeout)
         try:

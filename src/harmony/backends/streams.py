@@ -7,6 +7,8 @@ the transport pauses this producer, which pauses the upstream socket.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
@@ -26,13 +28,16 @@ class UpstreamBytes(bytes):
     passthrough = True
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Relay(Protocol):
     def __init__(self, consumer, finished: defer.Deferred):
         self.consumer = consumer
         self.finished = finished
-
-    def progress(self):
-        """Called for every chunk that arrives (the producer's idle timer)."""
+        #: Called for every chunk that arrives (the producer's idle timer re-arms it).
+        self.progress: Callable[[], object] = _nothing
 
     def dataReceived(self, data):
         self.progress()
@@ -66,7 +71,7 @@ class ResponseBodyProducer(ForwardingProducer):
         self._idle_timeout = idle_timeout if clock is not None else None
         self._clock = clock
         self._timer = None
-        self._finished = None
+        self._finished: defer.Deferred | None = None
 
     def startProducing(self, consumer):
         finished = defer.Deferred()

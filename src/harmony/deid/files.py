@@ -12,6 +12,7 @@ from pathlib import Path
 
 import attr
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from harmony.deid.pixels import MASK, QUARANTINE, CannotMask, PixelPolicy, apply_mask
 from harmony.deid.profile import Deidentifier
@@ -31,7 +32,7 @@ class Outcome:
     masked_by: str | None = None
     changes: list | None = None
     #: The de-identified dataset, when asked for (``keep_dataset``), to describe it without re-reading.
-    dataset: object = None
+    dataset: Dataset | None = None
 
 
 def deidentify_file(deid: Deidentifier, policy: PixelPolicy | None, src, dst, *, report: bool = False,

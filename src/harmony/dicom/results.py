@@ -156,7 +156,7 @@ class ResultStream:
         A C-GET/C-MOVE SCP must announce that total before its first sub-operation."""
         if self._done or self._total is not None:
             return defer.succeed(self)
-        d = defer.Deferred()
+        d: defer.Deferred[ResultStream] = defer.Deferred()
         self._counted.append(d)
         return d
 

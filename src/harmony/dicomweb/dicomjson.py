@@ -36,7 +36,7 @@ def _vr(raw, tag) -> str:
 def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_THRESHOLD, _path=()) -> dict:
     """DICOM JSON for *ds*; binary values longer than *threshold* become
     ``{bulk_base}/bulkdata/{tag}[/{item}/{tag}...]`` (inlined when no base)."""
-    out = {}
+    out: dict[str, dict] = {}
     for tag in ds.keys():
         if tag.group == 0x0002 or tag.element == 0x0000:  # file meta and group lengths stay out
             continue

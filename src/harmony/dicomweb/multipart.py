@@ -13,12 +13,16 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from typing import TYPE_CHECKING
 
 import attr
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:  # a TypedDict python-multipart declares for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 from harmony.envelope import CooperativeProducer
 from harmony.errors import BadRequest, PayloadTooLarge
@@ -179,18 +183,19 @@ class StowParser:
         self.ended = False
         self._file = None
         self._current = None
-        self._field = []
-        self._value = []
+        self._field: list[bytes] = []
+        self._value: list[bytes] = []
         self._delim = b"--" + boundary.encode("latin-1")
         #: Bytes before the first delimiter (an RFC 2046 preamble) are skipped
         #: here: python-multipart expects the body to open with the delimiter.
         self._preamble: bytes | None = b""
-        self._parser = MultipartParser(boundary.encode("latin-1"), {
+        callbacks: MultipartCallbacks = {
             "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
             "on_header_field": lambda d, s, e: self._field.append(d[s:e]),
             "on_header_value": lambda d, s, e: self._value.append(d[s:e]),
             "on_header_end": self._header_end, "on_end": self._on_end,
-        })
+        }
+        self._parser = MultipartParser(boundary.encode("latin-1"), callbacks)
 
     def _begin(self):
         fd, path = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=self.folder)
@@ -278,7 +283,7 @@ def parse_body(body, parser: StowParser) -> defer.Deferred:
     # returned may never fire (IBodyProducer's contract; FileBodyProducer, which
     # twisted.web bodies over 256 KB are read through, keeps it), so waiting on it
     # after a parse error left the request hanging.
-    outcome = defer.Deferred()
+    outcome: defer.Deferred[list[ReceivedPart]] = defer.Deferred()
 
     class Sink:
         def __init__(self):

@@ -8,6 +8,7 @@ result has to be a plain value that middleware and backends can read.
 from __future__ import annotations
 
 import re
+from typing import TypedDict
 
 import attr
 
@@ -21,6 +22,14 @@ RETRIEVE_SUFFIXES = ("metadata", "rendered", "thumbnail")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _INDEX = re.compile(r"^(0|[1-9][0-9]{0,8})$")
 _FRAME = re.compile(r"^[1-9][0-9]{0,8}$")
+
+
+class _InstanceIds(TypedDict):
+    """An instance's three UIDs, passed on as DicomWebRequest keywords."""
+
+    study_uid: str
+    series_uid: str
+    instance_uid: str
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -125,7 +134,7 @@ def _parse(method: str, segs: list[str]) -> DicomWebRequest:
     if segs[4] != "instances" or n < 6:
         raise NotFound("unknown resource below the series")
     sop = check_uid(segs[5], "SOPInstanceUID")
-    ids = dict(study_uid=study, series_uid=series, instance_uid=sop)
+    ids = _InstanceIds(study_uid=study, series_uid=series, instance_uid=sop)
     if n == 6:
         return DicomWebRequest(WADO, "instance", IMAGE, "", **ids)
     if n == 7 and segs[6] in RETRIEVE_SUFFIXES:

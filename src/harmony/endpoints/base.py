@@ -51,6 +51,8 @@ class HttpEndpointBase(Service):
     cors_methods: tuple = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
     #: :class:`harmony.web.cors.CorsPolicy` from ``options.cors``; None: CORS off (the default).
     cors: CorsPolicy | None = None
+    #: Every endpoint has one; twisted's Service says ``name = None`` unannotated, so mypy types it None.
+    name: str  # type: ignore[assignment]
 
     def __init_subclass__(cls, **kwargs):
         # zope's @provider declares the class object alone: without this every

@@ -769,7 +769,7 @@ class ScpServices:
                             # Opened at the first instance: by then a local archive has
                             # listed them all, so their own syntaxes can be proposed.
                             pairs = [(item.sop_class_uid, item.transfer_syntax_uid)] + _pairs_listed(stream)
-                            target = await self._open_destination(*destination, pairs)
+                            target = await self._open_destination(destination[0], destination[1], pairs)
                         except (AssociationRejected, AssociationAborted, OSError, ConnectionError) as e:
                             log.warn("dicom_scp {name}: C-MOVE destination {dest} unreachable: {error}",
                                      name=endpoint.name, dest=destination[0], error=str(e))

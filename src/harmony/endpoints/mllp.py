@@ -360,10 +360,10 @@ class MllpEndpoint(Service):
                          policy=self.duplicate_policy)
                 if self.duplicate_policy == "ack":
                     return previous  # answered as the first time, not sent on again
-                e = HL7Error(DUPLICATE_KEY, "duplicate message control ID (MSH-10) within the duplicate window",
-                             field=10)
-                return [self._ack(message, hack.REJECT, error=e, text=e.text)]
-            waiter = defer.Deferred()
+                refusal = HL7Error(DUPLICATE_KEY, "duplicate message control ID (MSH-10) within the duplicate window",
+                                   field=10)
+                return [self._ack(message, hack.REJECT, error=refusal, text=refusal.text)]
+            waiter: defer.Deferred[None] = defer.Deferred()
             self.duplicates.in_flight[key] = waiter
         try:
             acks, positive = await self._through_pipeline(message, peer, secure)
@@ -435,8 +435,13 @@ def _ack_code(ack: bytes) -> str:
 
 
 async def _wait(d: defer.Deferred):
-    mine = defer.Deferred()
-    d.addBoth(lambda r: (mine.callback(None), r)[1])
+    mine: defer.Deferred[None] = defer.Deferred()
+
+    def release(result):
+        mine.callback(None)
+        return result
+
+    d.addBoth(release)
     await mine
 
 

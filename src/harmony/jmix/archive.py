@@ -31,6 +31,7 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import attr
 
@@ -39,6 +40,8 @@ from harmony.jmix.hashing import CHUNK
 ZIP, TAR_GZ = "zip", "tar.gz"
 MEDIA_TYPES = {ZIP: "application/zip", TAR_GZ: "application/gzip"}
 SUFFIXES = {ZIP: ".zip", TAR_GZ: ".tar.gz"}
+#: The tar modes extract_tar reads (tarfile's stubs want the literal mode).
+TarReadMode = Literal["r:", "r:gz", "r|", "r|gz"]
 
 
 class ArchiveError(ValueError):
@@ -355,18 +358,21 @@ def _extract_zip(path: Path, dest: Path, budget: _Budget):
                 raise ArchiveError(f"entry {info.filename!r} is corrupt: {e}") from None
 
 
-def extract_tar(fileobj_or_path, dest: Path, budget: _Budget, mode: str = "r|gz", strip_prefix: str = ""):
+def extract_tar(fileobj_or_path, dest: Path, budget: _Budget, mode: TarReadMode = "r|gz", strip_prefix: str = ""):
     """Extract a tar stream member by member (regular files and folders only)."""
-    kwargs = {"fileobj": fileobj_or_path} if hasattr(fileobj_or_path, "read") else {"name": str(fileobj_or_path)}
-    if mode in ("r:gz", "r|gz") and "name" in kwargs:
+    fileobj = fileobj_or_path if hasattr(fileobj_or_path, "read") else None
+    name = None if fileobj is not None else str(fileobj_or_path)
+    counter: _CountingReader | None = None
+    if mode in ("r:gz", "r|gz") and name is not None:
         # Decompress ourselves, through a counter: headers and PAX records count
         # against the budget too.  (512-byte headers plus the end-of-archive
         # padding are allowed on top of the file data.)
         limit = budget.allowed + (budget.limits.max_entries + 64) * 1024
-        kwargs = {"fileobj": _CountingReader(gzip.open(kwargs["name"], "rb"), limit, budget)}
+        fileobj = counter = _CountingReader(gzip.open(name, "rb"), limit, budget)
+        name = None
         mode = "r|"
     try:
-        with tarfile.open(mode=mode, **kwargs) as tar:
+        with tarfile.open(name, mode, fileobj) as tar:
             for member in tar:
                 name = member.name
                 if strip_prefix and (name == strip_prefix.rstrip("/") or name.startswith(strip_prefix)):
@@ -383,22 +389,20 @@ def extract_tar(fileobj_or_path, dest: Path, budget: _Budget, mode: str = "r|gz"
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src = tar.extractfile(member)
-                counter = kwargs.get("fileobj")
-                counting = isinstance(counter, _CountingReader)
-                if counting:
+                if counter is not None:
                     counter.copying = True
                 try:
                     budget.copy(src, target, rel)
                 except FileExistsError:
                     raise ArchiveError(f"entry {member.name!r} collides with another entry") from None
                 finally:
-                    if counting:
+                    if counter is not None:
                         counter.copying, counter.header_bytes = False, 0
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ArchiveError(f"malformed tar archive: {e}") from None
     finally:
-        if isinstance(kwargs.get("fileobj"), _CountingReader):
-            kwargs["fileobj"].raw.close()
+        if counter is not None:
+            counter.raw.close()
 
 
 def find_root(dest: Path) -> Path:

@@ -157,7 +157,8 @@ def _encrypt_payload(payload: Path, out: Path, profile, recipient) -> tuple[dict
     """Tar *payload* through the encryptor into *out*; ``(encryption block, hash, plaintext tar sha)``."""
     with open(out, "xb") as f:
         enc = crypto.PayloadEncryptor(f, recipient, profile.hkdf_info)
-        with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        # typeshed wants a seekable, readable file for any mode; the stream mode "w|" only writes.
+        with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             for child in sorted(payload.iterdir()):
                 tar.add(child, arcname=profile.tar_prefix + child.name, filter=_tar_filter)
         block = enc.finish()

@@ -81,7 +81,7 @@ def file_response(path: Path, content_type: str, method: str, headers: Headers |
     h.setRawHeaders("Content-Type", [content_type])
     size = path.stat().st_size
     if method == "HEAD":
-        body = HeadBody(size)
+        body: HeadBody | FileBodyProducer = HeadBody(size)
     else:
         body = FileBodyProducer(open(path, "rb"))
     return ResponseEnvelope(status=200, headers=h, body=body)

@@ -157,7 +157,7 @@ class Deidentify(Middleware):
         self.max_body_bytes = max_body_bytes
         self.reverse = ReverseMap(self.folder / "pseudonyms.sqlite")
         deid.on_uid = self.reverse.add
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
         self._swept = 0.0
 
     @classmethod
@@ -361,7 +361,8 @@ class Deidentify(Middleware):
                 out.set_counts(s.remaining, s.completed, s.failed, s.warning)
 
         source.when_counted().addCallback(counted)
-        state = {"withheld": []}
+        #: SOP instance UIDs (as the client knows them) held back from the answer
+        state: dict[str, list[str]] = {"withheld": []}
 
         def finish():
             out.completed, out.warning = source.completed, source.warning
@@ -416,7 +417,7 @@ class Deidentify(Middleware):
 
     def quarantine_items(self, limit: int = 100) -> list[dict]:
         """The newest quarantined instances (sidecars only: no PHI)."""
-        items = []
+        items: list[dict] = []
         if not self.quarantine_dir.is_dir():
             return items
         for day in sorted(self.quarantine_dir.iterdir(), reverse=True):

@@ -248,7 +248,8 @@ class FhirCFind(Middleware):
         values: dict[str, list[str]] = {}
         for key, value in pairs:
             values.setdefault(key, []).append(value)
-        keys = {k: "" for k in self.return_keys}
+        #: keyword -> "" (a return key) or the values to match
+        keys: dict[str, str | list[str]] = {k: "" for k in self.return_keys}
         if read_id is not None:
             keyword, kind = ID_KEY[self.level]
             keys[keyword] = [CONVERT[kind]("id", read_id)]
@@ -274,10 +275,10 @@ class FhirCFind(Middleware):
             if keyword in keys and keys[keyword] and keys[keyword] != items:
                 raise BadRequest(f"{name}: conflicts with another parameter on {keyword}")
             keys[keyword] = items
-        doc = {"00080052": {"vr": "CS", "Value": [self.level]}}
+        doc: dict[str, dict[str, str | list[str]]] = {"00080052": {"vr": "CS", "Value": [self.level]}}
         for keyword, value in keys.items():
             tag = f"{keyword_dict[keyword]:08X}"
-            element = {"vr": dictionary_VR(keyword)}
+            element: dict[str, str | list[str]] = {"vr": dictionary_VR(keyword)}
             if value:
                 element["Value"] = value if isinstance(value, list) else [value]
             doc[tag] = element

@@ -120,7 +120,7 @@ class JwksCache:
         """Fetch the key set now (sharing a fetch already under way); never fails."""
         # Each caller waits on its own Deferred, so a client that goes away
         # (and cancels its request) cannot cancel the fetch others wait for.
-        waiter = defer.Deferred()
+        waiter: defer.Deferred[None] = defer.Deferred()
         self._waiters.append(waiter)
         if not self._fetching:
             self._fetching = True

@@ -70,7 +70,7 @@ REASONS = [
 def _reason(error: jwt.PyJWTError) -> str:
     for cls, text in REASONS:
         if isinstance(error, cls):
-            if text is None:
+            if isinstance(error, jwt.MissingRequiredClaimError):
                 return f"the token lacks the required '{error.claim}' claim"
             return text
     return "the token is invalid"

@@ -27,7 +27,7 @@ log = get_logger("harmony.middleware.metadata_transform")
 
 def flatten(document, prefix="") -> dict:
     """Nested objects -> dotted keys; only string leaves survive."""
-    out = {}
+    out: dict[str, str] = {}
     if not isinstance(document, dict):
         return out
     for key, value in document.items():

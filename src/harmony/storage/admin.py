@@ -66,7 +66,8 @@ class DeadFilter:
 
     def where(self) -> tuple[str, list]:
         """SQL conditions on ``queue q`` (joined with ``instances i`` and ``series s``, ``studies st``)."""
-        sql, args = [], []
+        sql: list[str] = []
+        args: list[str | float] = []
         if self.study_uid:
             sql.append("st.study_uid = ?")
             args.append(self.study_uid)

@@ -66,7 +66,7 @@ class IDatabase(Interface):
     def rows(make_rows):
         """Iterate ``make_rows(conn)`` (a query's rows, streamed)."""
 
-    def close() -> None:
+    def close() -> None:  # type: ignore[misc]  # a zope.interface method has no self; mypy has no zope plug-in here
         """Close every connection."""
 
 

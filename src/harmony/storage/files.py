@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from harmony.dicom.files import fsync_dir as fsync_path
 from harmony.storage.errors import StorageFailure, StorageFull
@@ -95,7 +96,7 @@ class TempFile:
         self.fsync = fsync
         self.size = 0
         self._since_check = 0
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self.committed = False
 
     def __enter__(self):

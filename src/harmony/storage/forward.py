@@ -27,6 +27,8 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Generator
+from typing import Any, Protocol
 
 import attr
 from twisted.application.service import Service
@@ -54,10 +56,17 @@ DEFAULT_POLL = 5.0
 HTTP_TRANSIENT = {408, 425, 429}
 
 
+class Sender(Protocol):
+    """What the queue needs of a backend (harmony.backends.base.Backend, which
+    this toolkit may not import): send a request, answer (or Deferred) back."""
+
+    def send(self, request: RequestEnvelope) -> object: ...
+
+
 @attr.s(auto_attribs=True)
 class TargetSettings:
     name: str
-    backend: object = None
+    backend: Sender = None
     order: str = q.ROTATE
     max_attempts: int = 10
     backoff_initial: float = 5.0
@@ -97,18 +106,20 @@ def http_outcome(status: int, detail: str = "") -> Outcome:
     return Outcome(False, permanent=not transient, detail=text)
 
 
-def hl7_outcome(code: str, info=None) -> Outcome:
-    """An HL7 receiver's ACK: AA/CA delivered, AE/CE try again, AR/CR never."""
+def hl7_outcome(code: str, info: object = None) -> Outcome:
+    """An HL7 receiver's ACK: AA/CA delivered, AE/CE try again, AR/CR never.
+    *info*: the parsed ACK (harmony.hl7.ack.AckInfo), when there is one."""
     detail = f"HL7 {code}"
-    if info is not None and getattr(info, "error_code", ""):
-        detail += f" (error {info.error_code})"
+    error_code = getattr(info, "error_code", "") if info is not None else ""
+    if error_code:
+        detail += f" (error {error_code})"
     if code in ("AA", "CA"):
         return Outcome(True, detail=detail)
     return Outcome(False, permanent=code in ("AR", "CR"), detail=detail)
 
 
 @defer.inlineCallbacks
-def classify_response(response) -> Outcome:
+def classify_response(response) -> Generator[defer.Deferred[Any], Any, Outcome]:
     """What a backend's answer to a C-STORE (or an HL7 message) means for the queue."""
     ack_code = response.state.hl7_ack_code
     if ack_code is not None:
@@ -269,8 +280,13 @@ class StoreForward(Service):
 
     def ready(self) -> defer.Deferred:
         """Fires once start-up recovery is done (tests)."""
-        d = defer.Deferred()
-        self._ready.addBoth(lambda r: (d.callback(None), r)[1])
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def recovered(result):
+            d.callback(None)
+            return result
+
+        self._ready.addBoth(recovered)
         return d
 
     def wake(self, target: str | None = None) -> None:
@@ -351,8 +367,13 @@ class StoreForward(Service):
         a pruner that finds another one at work skips its round, which must
         mean another node, never this node's own previous round."""
         self._pruning = self._pruning.addBoth(lambda _: self._prune())
-        d = defer.Deferred()
-        self._pruning.addBoth(lambda r: (d.callback(r), r)[1])
+        d: defer.Deferred = defer.Deferred()
+
+        def pruned(result):
+            d.callback(result)
+            return result
+
+        self._pruning.addBoth(pruned)
         return d
 
     def _prune(self) -> defer.Deferred:
@@ -557,7 +578,7 @@ class _Drainer:
         return [d.addErrback(lambda f: None) for d in waiting]
 
     def idle(self) -> defer.Deferred:
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._idle_waiters.append(d)
         self._maybe_idle()
         return d

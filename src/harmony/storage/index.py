@@ -243,7 +243,8 @@ _FROM = {
 
 def _prefilter(keys: list, level: str) -> tuple[list[str], list]:
     """SQL conditions for the indexed keys whose values are plain (no wildcard)."""
-    where, args = [], []
+    where: list[str] = []
+    args: list = []
     depth = ("PATIENT", "STUDY", "SERIES", "IMAGE").index(level)
     columns = {T_PATIENT_ID: ("p.patient_id", 0), T_STUDY_UID: ("st.study_uid", 1),
                T_ACCESSION: ("st.accession", 1), T_SERIES_UID: ("se.series_uid", 2),

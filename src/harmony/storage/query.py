@@ -179,7 +179,7 @@ def query_keys(identifier: Dataset | dict, level: str, model: str = STUDY_ROOT) 
             elements = _dataset_elements(Dataset.from_json(identifier))
     else:
         elements = _dataset_elements(identifier)
-    keys = []
+    keys: list[tuple[str, str, list[str]]] = []
     for th, vr, values in elements:
         if th in CONTROL_TAGS or th.startswith("0002"):
             continue
@@ -213,7 +213,7 @@ def plain_json_elements(doc: dict) -> list | None:
     reactor time (bench/archive). The values are what :func:`_query_values`
     makes of the Dataset: one value splits at backslashes, UIDs lose padding
     spaces, empty values drop out (tests/storage/test_query.py compares both)."""
-    out = []
+    out: list[tuple[str, str, list[str]]] = []
     for th, elem in doc.items():
         if type(elem) is not dict or not _TAG_KEY.fullmatch(th):
             return None

@@ -166,8 +166,8 @@ class InstanceStore:
         self.upload_interval = upload_interval
         self._uploading = False
         self._upload_again = False
-        self._upload_loop = None
-        self._heartbeat_loop = None
+        self._upload_loop: task.LoopingCall | None = None
+        self._heartbeat_loop: task.LoopingCall | None = None
         #: Files durable here but not yet in S3, as last counted (metrics).
         self.uploads_pending = 0
         #: The size bound of the local folder in front of S3 (None: unbounded).
@@ -554,16 +554,19 @@ class InstanceStore:
         meta = getattr(ds, "file_meta", None)
         ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
         sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-        header = {
-            "study": clean_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-            "series": clean_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-            "sop": clean_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+        study = clean_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series = clean_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop = clean_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        header: dict[str, str | dict | None] = {
+            "study": study,
+            "series": series,
+            "sop": sop,
             "sop_class": clean_uid(sop_class, "SOPClassUID"),
             "ts": clean_uid(ts, "TransferSyntaxUID"),
             "attrs": attrs_from_dataset(ds),
         }
         try:
-            header["metadata"] = metadata_of(ds, header["study"], header["series"], header["sop"])
+            header["metadata"] = metadata_of(ds, study, series, sop)
         except Exception:  # noqa: BLE001 - never a reason to refuse an instance: made from the file when asked
             header["metadata"] = None
         return header

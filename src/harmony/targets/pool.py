@@ -28,6 +28,8 @@ Two rules keep the circuit honest:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Protocol
+
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -35,11 +37,21 @@ from harmony.config.errors import ConfigErrors, OptionError, Problem, did_you_me
 from harmony.config.options import Options
 from harmony.errors import ClientClosedRequest, HarmonyError, ServiceUnavailable, client_gone
 from harmony.log import get_logger
-from harmony.routing import KeySource, first_match, parse_rules
+from harmony.routing import KeySource, Rule, first_match, parse_rules
 from harmony.targets.strategies import STRATEGIES, ConsistentHash
 from harmony.targets.target import Target
 
+if TYPE_CHECKING:  # health imports this module
+    from harmony.targets.health import HealthMonitor
+
 log = get_logger("harmony.targets")
+
+
+class TLSPolicy(Protocol):
+    """What the health checks need of twisted.web's IPolicyForHTTPS (a duck type:
+    the zope declaration is invisible to mypy)."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any: ...
 
 #: HTTP methods and DIMSE operations safe to send twice.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "C-ECHO", "C-FIND", "C-GET"})
@@ -121,9 +133,9 @@ class TargetPool:
         self.rules = list(rules)
         #: :class:`harmony.targets.health.HealthSettings` or None (no active checks).
         self.health = health
-        self.monitor = None
+        self.monitor: HealthMonitor | None = None
         #: An IPolicyForHTTPS for HTTP health checks (set by HTTP-family backends).
-        self.tls_policy = None
+        self.tls_policy: TLSPolicy | None = None
 
     # ------------------------------------------------------------------ config
 
@@ -215,7 +227,7 @@ class TargetPool:
     def now(self) -> float:
         return self.clock.seconds()
 
-    def allowed(self, request) -> tuple[list[Target], object]:
+    def allowed(self, request) -> tuple[list[Target], Rule | None]:
         """Targets this request may go to (routing rules), and the rule that said so."""
         rule = first_match(self.rules, request) if self.rules else None
         if rule is None:

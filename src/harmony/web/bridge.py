@@ -126,7 +126,7 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
         request.finish()
         return defer.succeed(None)
     # A producer: let the transport pause it when the client reads slowly.
-    done = defer.Deferred()
+    done: defer.Deferred[None] = defer.Deferred()
     request.registerProducer(body, True)
 
     def client_gone(reason):

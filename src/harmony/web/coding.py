@@ -30,6 +30,7 @@ Public API:
 from __future__ import annotations
 
 import zlib
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -95,6 +96,12 @@ def content_coding(headers) -> str:
     return coding
 
 
+class _Consumer(Protocol):
+    """The part of IConsumer a body writes to (zope's declaration is invisible to mypy)."""
+
+    def write(self, data: bytes) -> object: ...
+
+
 class Decoder:
     """Incremental gzip/deflate decoder that refuses to produce more than *max_bytes*.
 
@@ -112,7 +119,7 @@ class Decoder:
         self.coding = coding
         self.max_bytes = max_bytes
         self.decoded = 0
-        self._inflater = None
+        self._inflater: zlib._Decompress | None = None  # typeshed's name for decompressobj()'s type
         self._sniff = b""  # deflate: the first bytes, until zlib-wrapped or raw is known
         self._raw = False
 
@@ -520,7 +527,7 @@ class GzipBody(ForwardingProducer):
         self.clock = clock
         self._compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         self._flush_call = None
-        self._consumer = None
+        self._consumer: _Consumer | None = None
         self._done = False
         self.raw_bytes = 0
         self.sent_bytes = 0

@@ -132,12 +132,13 @@ class HarmonySite(Site):
     Its channels can stream request bodies (see :mod:`harmony.web.streaming`)."""
 
     noisy = False
-    protocol = HarmonyChannel
+    # twisted types it as the HTTP/1-or-2 chooser's signature; any HTTPChannel class builds.
+    protocol = HarmonyChannel  # type: ignore[assignment]
     requestFactory = HarmonyRequest
     #: Slow-client bounds read by HarmonyChannel; ``[network.X.http]`` sets them (apply_settings).
-    head_timeout = HEAD_TIMEOUT
-    body_timeout = BODY_TIMEOUT
-    body_min_rate = BODY_MIN_RATE
+    head_timeout: float = HEAD_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    body_min_rate: float = BODY_MIN_RATE
 
     def apply_settings(self, http: dict | None) -> None:
         """Take ``head_timeout_secs``, ``body_timeout_secs`` and ``body_min_rate``

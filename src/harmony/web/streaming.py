@@ -39,7 +39,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from harmony.errors import ClientClosedRequest, HarmonyError, PayloadTooLarge, RequestTimeout
@@ -170,19 +170,22 @@ class HarmonyRequest(Request):
     body_limit: tuple[int, str] | None = None
     body_received = 0
     _body_cut = False
+    #: Always one of ours (HarmonySite builds HarmonyChannels, which make these requests).
+    channel: HarmonyChannel
 
     def _received_head(self, command: bytes, uri: bytes, version: bytes):
         # What Request.requestReceived does, minus the (absent) form body.
         self.method, self.uri, self.clientproto = command, uri, version
         self.path, _, query = uri.partition(b"?")
-        self.args = parse_qs(query, 1) if query else {}
+        # twisted.web.http.Request says ``args = None`` unannotated, so mypy types it None.
+        self.args = parse_qs(query, keep_blank_values=True) if query else {}  # type: ignore[assignment]
 
     def start_streaming(self, command: bytes, uri: bytes, version: bytes, length):
         client = IPushProducer(self.channel.transport, None)
         self.body_stream = StreamingBody(client, length)
         if self.content is not None:
             self.content.close()  # gotLength's spool file (an fd, for large bodies) goes unused
-        self.content = BytesIO()
+        self.content = BytesIO()  # type: ignore[assignment]  # Request.content: ``= None`` in twisted, as args
         self._received_head(command, uri, version)
         self.process()
 
@@ -194,7 +197,7 @@ class HarmonyRequest(Request):
         self.body_stream.stopProducing()  # nothing will read it
         if self.content is not None:
             self.content.close()  # drop what was spooled so far
-        self.content = BytesIO()
+        self.content = BytesIO()  # type: ignore[assignment]  # as in start_streaming
         self.channel.persistent = False
         self._received_head(command, uri, version)
         refuse = getattr(getattr(self.channel.site, "resource", None), "refuse", None)
@@ -224,7 +227,7 @@ class HarmonyRequest(Request):
             # nothing left to say but to close.
             self._body_cut = True
             self.channel.persistent = False
-            self.channel.transport.loseConnection()
+            self.channel.transport.loseConnection()  # type: ignore[misc]  # zope ITransport method has no self
             return
         self._cut_body(error)
 
@@ -304,6 +307,8 @@ class HarmonyChannel(HTTPChannel):
     The values come from the site (``HarmonySite``), i.e. the network's config.
     """
 
+    #: Set by the Site that built the channel (twisted.web does it, undeclared).
+    site: Site
     _head_timer = None
     _body_timer = None
     _body_request = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import deque
+from typing import Protocol
 
 from pynetdicom import pdu as pn_pdu
 from pynetdicom.pdu_primitives import (
@@ -61,6 +62,18 @@ FILE_BLOCK = 1024 * 1024
 CLOSE_GRACE_SECS = 5.0
 
 
+
+class DatasetSink(Protocol):
+    """Where a data set's fragments go as they arrive (``handler.dataset_sink``:
+    harmony.dicom.ul.datasets' MemorySink, PartTenSink, DiscardSink)."""
+
+    def write(self, fragment) -> None: ...
+
+    def close(self) -> object: ...
+
+    def abort(self) -> None: ...
+
+
 class AssociationAborted(Exception):
     """The association ended (A-ABORT, a closed connection or a timeout) before the operation finished."""
 
@@ -88,7 +101,7 @@ class Message:
         self.context_id = context_id
         self.command = command
         self.dataset = dataset
-        self.sink = None
+        self.sink: DatasetSink | None = None
 
     @property
     def field(self) -> int:
@@ -134,7 +147,7 @@ class _Flow:
     def ready(self) -> defer.Deferred:
         if not self.paused:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._waiters.append(d)
         return d
 
@@ -169,18 +182,20 @@ class Association(protocol.Protocol):
         self.framer = pdu.PDUFramer(pdu.MAX_ASSOCIATE_PDU)
         self.calling_aet = ""
         self.called_aet = ""
-        self.peer_address = None
+        self.peer_address: tuple[str, int] | None = None
         #: Accepted presentation contexts by id: (abstract syntax, transfer syntax, PresentationContext).
         self.contexts: dict[int, object] = {}
         self.peer_max_pdu = 0
         self.implementation_class_uid = ""
         self.user_identity = None
-        self.established = defer.Deferred()   # fires with self once established (requestor & acceptor)
-        self.closed = defer.Deferred()        # fires with the reason (None for a clean release)
+        # fires with self once established (requestor & acceptor)
+        self.established: defer.Deferred[Association] = defer.Deferred()
+        # fires with the reason (None for a clean release)
+        self.closed: defer.Deferred = defer.Deferred()
         self._command = bytearray()
         self._command_context = None
         self._incoming: Message | None = None
-        self._sink = None
+        self._sink: DatasetSink | None = None
         self._flow = _Flow()
         self._send_queue: deque = deque()
         self._sending = False
@@ -189,7 +204,7 @@ class Association(protocol.Protocol):
         self._artim = None
         self._idle = None
         self._release_waiter: defer.Deferred | None = None
-        self._end_reason = None
+        self._end_reason: str | None = None
         #: What service code worked out once for this association (e.g. which context an instance goes on).
         self.memo: dict = {}
 
@@ -487,7 +502,7 @@ class Association(protocol.Protocol):
     # ------------------------------------------------------------------ sending
 
     def _write(self, data: bytes):
-        self.transport.write(data)
+        self.transport.write(data)  # type: ignore[call-arg,misc]  # zope ITransport methods have no self
 
     def _fragment_size(self) -> int:
         # PDU length = 6 (PDV item header) + fragment; the peer's maximum counts the whole PDU body.
@@ -507,7 +522,7 @@ class Association(protocol.Protocol):
             if dataset is not None:
                 command = dict(command, CommandDataSetType=commands.HAS_DATASET)
             command = commands.encode(command)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._send_queue.append((context_id, command, dataset, d))
         if not self._sending:
             self._drain()
@@ -610,7 +625,7 @@ class Association(protocol.Protocol):
         for start in range(0, n, size):
             last = start + size >= n
             chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
-        self.transport.writeSequence(chunks)
+        self.transport.writeSequence(chunks)  # type: ignore[call-arg,misc]  # as in _write
 
     async def _send_file(self, context_id: int, dataset: FileDataset):
         size = self._fragment_size()
@@ -629,7 +644,7 @@ class Association(protocol.Protocol):
                 for start in range(0, max(n, 1), size):
                     last = not following and start + size >= n
                     chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
-                self.transport.writeSequence(chunks)
+                self.transport.writeSequence(chunks)  # type: ignore[call-arg,misc]  # as in _write
                 self._touch()
                 if not following:
                     return

@@ -101,11 +101,12 @@ async def associate(reactor, host: str, port: int, settings: RequestorSettings, 
     assoc_handler = handler or NoRequests()
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=settings.connect_timeout)
     if tls_context is not None:
-        endpoint = wrapClientTLS(tls_context, endpoint)
+        # zope's @implementer(IStreamClientEndpoint) is invisible to mypy (no mypy-zope plug-in).
+        endpoint = wrapClientTLS(tls_context, endpoint)  # type: ignore[arg-type,assignment]
 
     def build():
         return Association(settings, assoc_handler, reactor, requestor=primitive)
 
-    assoc = await endpoint.connect(_Factory(build))
+    assoc = await endpoint.connect(_Factory(build))  # type: ignore[arg-type]  # Factory's zope IProtocolFactory, as above
     await assoc.established
     return assoc
