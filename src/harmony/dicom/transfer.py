@@ -6,9 +6,10 @@ JPEG-LS CT is forwarded as JPEG-LS, an MPEG-4 video as MPEG-4.  That needs,
 per instance, a presentation context for *its* SOP class with *its* transfer
 syntax (each context negotiates exactly one syntax).  No single association
 can propose every storage class with every syntax (PS3.8 caps a request at 128
-contexts), so senders propose the common pairs up front and open a side
-association proposing the exact pair (plus the uncompressed fall-backs) for
-anything else; see :func:`harmony.dicom.net.send_instance`.
+contexts), so senders propose the common pairs up front; a pair the pool does not
+propose is learned and the instance sent on a fresh association proposing it
+(plus the uncompressed fall-backs): see :mod:`harmony.backends.dicom_scu` and
+:func:`harmony.dicom.net.requestor_contexts`.
 
 When the peer refuses the stored syntax, the instance is decompressed (pydicom
 with the pylibjpeg, -libjpeg, -openjpeg and -rle plug-ins: JPEG baseline,
