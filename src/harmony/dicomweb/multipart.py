@@ -3,6 +3,8 @@
 The writer is an ``IBodyProducer`` that asks for the next part only when the
 previous one is written, so a WADO-RS answer's first part leaves while the
 PACS is still sending the rest, and a slow client pauses the whole chain.
+File parts go to the socket with ``os.sendfile`` where the connection allows
+(:mod:`harmony.web.sendfile`).
 The parser is python-multipart's incremental ``MultipartParser`` (it accepts
 parts without Content-Disposition, as DICOMweb sends them), writing each part
 to its own file: an upload of any size never sits in memory.
@@ -24,12 +26,12 @@ from twisted.python.failure import Failure
 if TYPE_CHECKING:  # a TypedDict python-multipart declares for type checkers only
     from python_multipart.multipart import MultipartCallbacks
 
-from harmony.envelope import CooperativeProducer
 from harmony.errors import BadRequest, PayloadTooLarge
+from harmony.web.sendfile import CHUNK, FileBody, Piece, file_piece
 
-#: File parts are read and written in blocks of this size: one read for a typical
-#: CT or MR slice, few enough writes that the per-write cost stays small (bench/archive).
-CHUNK = 256 * 1024
+__all__ = ["CHUNK", "MultipartWriter", "Part", "ReceivedPart", "StowParser", "multipart_bytes", "new_boundary",
+           "parse_body"]
+
 PREAMBLE_LIMIT = 64 * 1024
 
 
@@ -54,83 +56,67 @@ class Part:
             rel()
 
 
-class MultipartWriter(CooperativeProducer):
+class MultipartWriter(FileBody):
     """Writes the parts ``next_part()`` yields (Deferreds firing with a
     :class:`Part`, or ``None`` at the end) as one multipart/related body.
 
-    A failure from ``next_part`` after the head went out fails the producer,
-    which makes the HTTP layer cut the connection: a truncated body must
-    never look like a complete one.
+    A :class:`harmony.web.sendfile.FileBody`: on a plain TCP connection each
+    file part goes to the socket with ``os.sendfile``, its head with one send
+    before it.  Elsewhere (TLS, gzip, tests' consumers) it is copied in
+    :data:`CHUNK` blocks.  Either way, a failure from ``next_part`` or a file
+    cut short after the head went out fails the body, and the HTTP layer cuts
+    the connection: a truncated body must never look like a complete one.
     """
 
     def __init__(self, next_part, part_type: str, boundary: str | None = None, on_stop=None):
+        super().__init__(self._next_piece, on_stop)
         self.next_part = next_part
         self.part_type = part_type
         self.boundary = boundary or new_boundary()
-        self.on_stop = on_stop
         self.parts_written = 0
+        self._delim = b"--" + self.boundary.encode("ascii")
+        # A part's closing CRLF rides with the next part's head: one send, or
+        # one write, per part (three per part cost a retrieve of small
+        # instances ~10 %, bench/archive).
+        self._lead = b""
+        self._closed = False
+        self._part_out = False
 
     @property
     def content_type(self) -> str:
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
-    def _stopped(self):
-        if self.on_stop is not None:
-            self.on_stop()
+    def _next_piece(self) -> defer.Deferred:
+        if self._part_out:
+            self._part_out = False
+            self.parts_written += 1  # the previous part is out: its next piece is asked for
+        if self._closed:
+            return defer.succeed(None)
+        return self.next_part().addCallback(self._piece)
 
-    def _produce(self, consumer):
-        delim = b"--" + self.boundary.encode("ascii")
-        # Each part goes out in as few writes as it can: its head rides with its
-        # first block and its closing CRLF with the next part's head (a write is
-        # an HTTP chunk and a transport call; three per part cost a retrieve
-        # of small instances ~10 %, bench/archive).
-        lead = b""
-        while True:
-            part = yield from self._result(self.next_part())
-            if part is None:
-                break
-            try:
-                head = [f"Content-Type: {part.content_type}"]
-                head += [f"{k}: {v}" for k, v in part.headers.items()]
-                if part.data is not None:
-                    head.append(f"Content-Length: {len(part.data)}")
-                    consumer.write(lead + delim + b"\r\n" + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
-                                   + part.data)
-                else:
-                    # One open file for the length and the bytes: the length
-                    # announced is the length sent, whatever happens to the path.
-                    fd = os.open(part.path, os.O_RDONLY)
-                    try:
-                        size = os.fstat(fd).st_size
-                        head.append(f"Content-Length: {size}")
-                        first = lead + delim + b"\r\n" + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
-                        yield from _fd_chunks(consumer, fd, size, first)
-                    finally:
-                        os.close(fd)
-                lead = b"\r\n"
-                self.parts_written += 1
-            finally:
-                part.done()
-        consumer.write(lead + delim + b"--\r\n")
-
-
-def _fd_chunks(consumer, fd: int, size: int, first: bytes):
-    """Write *size* bytes of *fd* to *consumer* in :data:`CHUNK` blocks, the
-    first prefixed with *first*; a pause or stop can come between blocks.  A
-    file that ends early fails the body (a part shorter than announced must
-    never look complete)."""
-    left = size
-    prefix = first
-    while left > 0:
-        block = os.read(fd, min(CHUNK, left))
-        if not block:
-            raise OSError(f"the file ended {left} bytes early")
-        left -= len(block)
-        consumer.write(prefix + block if prefix else block)
-        prefix = b""
-        yield None
-    if prefix:
-        consumer.write(prefix)
+    def _piece(self, part: Part | None) -> Piece:
+        if part is None:
+            self._closed = True
+            return Piece(self._lead + self._delim + b"--\r\n")
+        try:
+            head = [f"Content-Type: {part.content_type}"]
+            head += [f"{k}: {v}" for k, v in part.headers.items()]
+            first = self._lead + self._delim + b"\r\n"
+            self._lead = b"\r\n"
+            self._part_out = True
+            if part.data is not None:
+                head.append(f"Content-Length: {len(part.data)}")
+                return Piece(first + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + part.data,
+                             release=part.done)
+            # One open file for the length and the bytes: the length announced
+            # is the length sent, whatever happens to the path.
+            piece = file_piece(b"", part.path, release=part.done)
+            head.append(f"Content-Length: {piece.size}")
+            piece.head = first + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
+            return piece
+        except BaseException:
+            part.done()
+            raise
 
 
 def multipart_bytes(parts: list[Part], part_type: str, boundary: str | None = None) -> tuple[bytes, str]:
