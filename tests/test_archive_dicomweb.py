@@ -9,6 +9,7 @@ with Orthanc's own DICOMweb plugin holding the same corpus (the session
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pydicom
 import pytest
@@ -137,3 +138,30 @@ async def test_stow_into_a_full_archive_is_507_and_keeps_nothing(tmp_path, corpu
     finally:
         await harmony.stop()
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_wado_study_goes_by_sendfile_to_dicomweb_client_and_curl(web_archive, native, corpus, tmp_path):
+    """The study's files reach dicomweb-client and curl by ``os.sendfile``
+    (harmony.web.sendfile) and are Orthanc's instances.  A ``Range`` header is
+    not honoured on a multipart retrieve: the whole body comes back with 200."""
+    from harmony.web import sendfile
+    inst = corpus[0]
+    study_files = [i for i in corpus if i.study_uid == inst.study_uid]
+    media = [("application/dicom", "*")]
+    before = sendfile.spliced_total
+    ours = await in_thread(client(web_archive.url("/dicomweb")).retrieve_study, inst.study_uid, media_types=media)
+    assert sendfile.spliced_total - before == sum(i.path.stat().st_size for i in study_files)
+    theirs = {d.SOPInstanceUID: d for d in await in_thread(native.retrieve_study, inst.study_uid, media_types=media)}
+    assert sorted(d.SOPInstanceUID for d in ours) == sorted(theirs)
+    assert all(d.PixelData == theirs[d.SOPInstanceUID].PixelData for d in ours)
+
+    url = web_archive.url(f"/dicomweb/studies/{inst.study_uid}")
+    accept = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
+    for extra in ([], ["-H", "Range: bytes=0-99"]):
+        out = tmp_path / "body"
+        got = await in_thread(subprocess.run, ["curl", "-sS", "-o", str(out), "-w", "%{http_code}", "-H", accept,
+                                               *extra, url], capture_output=True, text=True, timeout=60)
+        assert got.stdout == "200", got.stderr
+        body = out.read_bytes()
+        assert all(i.path.read_bytes() in body for i in study_files)

@@ -175,13 +175,13 @@ def check_same_data(harmony: str, orthanc: str, count: int):
             raise RuntimeError(f"{base} holds {len(got)} instances of the study, not {count}")
 
 
-def measure(harmony: str, orthanc: str, rounds: int, pids: dict, only=None) -> dict:
-    """{(row, coding, side): [(seconds, bytes, wire coding, cpu seconds)]}, interleaved."""
-    sessions = {"harmony": requests.Session(), "orthanc": requests.Session()}
-    bases = {"harmony": harmony, "orthanc": orthanc}
+def measure(bases: dict, rounds: int, pids: dict, only=None) -> dict:
+    """{(row, coding, side): [(seconds, bytes, wire coding, cpu seconds)]}, interleaved.
+    *bases*: side -> base URL ("harmony", "orthanc", and "copy" with ``--ab-copy``)."""
+    sessions = {side: requests.Session() for side in bases}
     out: dict = {}
     for n in range(rounds + 1):  # round 0 warms up (connections, page cache, Orthanc's cache)
-        order = ("harmony", "orthanc") if n % 2 else ("orthanc", "harmony")
+        order = tuple(bases) if n % 2 else tuple(reversed(bases))
         for label, fn, _goal, _higher, codings in ROWS:
             if only and fn not in only:
                 continue
@@ -199,8 +199,9 @@ def measure(harmony: str, orthanc: str, rounds: int, pids: dict, only=None) -> d
 def report(results: dict, count: int, mb: float):
     print(f"\n{count} instances, {mb:.1f} MB; medians of interleaved rounds; CPU = server utime+stime per "
           "request, mean over the rounds\n")
+    ab = any(side == "copy" for _l, _c, side in results)
     print(f"{'workload':42} {'Accept-Encoding':14} {'harmony':>9} {'orthanc':>9} {'ratio':>7} {'goal':>7}"
-          f"  {'CPU ms h/o':>13}  wire h/o")
+          f"  {'CPU ms h/o':>13}  wire h/o" + ("     copy path: ratio, CPU ms" if ab else ""))
     for label, _fn, goal, higher, codings in ROWS:
         for coding in codings:
             if (label, coding, "harmony") not in results:
@@ -218,8 +219,14 @@ def report(results: dict, count: int, mb: float):
                 want = f"<={goal:.1f}x"
             # CPU is read in clock ticks (10 ms): the mean over rounds resolves finer than any one request.
             cpu = (statistics.fmean(c for *_, c in h) * 1000, statistics.fmean(c for *_, c in o) * 1000)
+            extra = ""
+            c = results.get((label, coding, "copy"))
+            if c:  # the same build with HARMONY_SENDFILE=0, measured in the same rounds
+                cv = (statistics.median(size / t / 1e6 for t, size, *_ in c) if higher
+                      else statistics.median(t for t, *_ in c) * 1000)
+                extra = f"     {cv / ov:6.2f}x {statistics.fmean(x for *_, x in c) * 1000:6.1f}"
             print(f"{label:42} {coding:14} {hv:9.2f} {ov:9.2f} {ratio:6.2f}x {want:>7}{'' if ok else '!'}"
-                  f"  {cpu[0]:6.1f}/{cpu[1]:<6.1f}  {h[0][2]}/{o[0][2]}")
+                  f"  {cpu[0]:6.1f}/{cpu[1]:<6.1f}  {h[0][2]}/{o[0][2]}{extra}")
 
 
 def load(harmony: str, paths: list[Path], batch: int = 20):
@@ -275,6 +282,8 @@ def main():
                     help="count Harmony's garbage collections while measuring (bench/archive/gcstats)")
     ap.add_argument("--profile-seconds", type=int, default=15)
     ap.add_argument("--profile-out", type=Path, default=None)
+    ap.add_argument("--ab-copy", action="store_true",
+                    help="also run a second Harmony with HARMONY_SENDFILE=0 (the copying path) in the same rounds")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="harmony-bench-archive-") as tmp:
         tmp = Path(tmp)
@@ -282,7 +291,7 @@ def main():
         paths = make_study(tmp / "study", args.instances, args.rows)
         mb = sum(p.stat().st_size for p in paths) / 1e6
         orthanc = Orthanc(tmp / "orthanc", extra_config={"HttpCompressionEnabled": True}).start()
-        proc = None
+        proc = copy = None
         try:
             port = free_port()
             env = None
@@ -295,15 +304,23 @@ def main():
             orthanc.upload(paths)
             load(harmony, paths)
             check_same_data(harmony, orthanc.dicomweb_url, args.instances)
+            bases = {"harmony": harmony, "orthanc": orthanc.dicomweb_url}
+            pids = {"harmony": proc.pid, "orthanc": orthanc.proc.pid}
+            if args.ab_copy:
+                (tmp / "copy").mkdir()
+                copy_port = free_port()
+                copy = start_harmony(config(tmp / "copy", copy_port), copy_port,
+                                     env={**(env or os.environ), "HARMONY_SENDFILE": "0"})
+                bases["copy"] = f"http://127.0.0.1:{copy_port}/dicomweb"
+                pids["copy"] = copy.pid
+                load(bases["copy"], paths)
             if args.profile:
                 out = args.profile_out or ROOT / "bench" / "archive" / f"flame-{args.profile}.svg"
                 profile(proc.pid, harmony, args.profile, args.profile_seconds, out)
                 return
             if args.gc_stats:
                 gc_stats(proc.pid, tmp / "gc.json")  # count from here: loading is not what is measured
-            results = measure(harmony, orthanc.dicomweb_url, args.rounds,
-                              {"harmony": proc.pid, "orthanc": orthanc.proc.pid},
-                              [WORKLOADS[w] for w in args.only or ()])
+            results = measure(bases, args.rounds, pids, [WORKLOADS[w] for w in args.only or ()])
             report(results, args.instances, mb)
             if args.raw:
                 for (label, coding, side), got in sorted(results.items()):
@@ -318,6 +335,7 @@ def main():
                     print(f"  generation {gen}: {g['collections']:6d} collections, {g['ms']:8.1f} ms in all, "
                           f"longest {g['max_ms']:.1f} ms")
         finally:
+            stop(copy)
             stop(proc)
             orthanc.stop()
 

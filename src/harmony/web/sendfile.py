@@ -77,6 +77,10 @@ CHUNK = 256 * 1024
 TURN_BYTES = 1024 * 1024
 
 
+#: Bytes this process has sent with ``sendfile`` (a diagnostic; tests read it).
+spliced_total = 0
+
+
 def enabled() -> bool:
     """``HARMONY_SENDFILE=0`` sends every body through the copying path (A/B runs)."""
     return os.environ.get("HARMONY_SENDFILE", "1") != "0"
@@ -337,6 +341,8 @@ class _SocketPump:
                     self._offset += sent
                     self._left -= sent
                     self.body.spliced += sent
+                    global spliced_total
+                    spliced_total += sent
                     self.request.sentLength += sent
                     budget -= sent
                 elif self._ended:
