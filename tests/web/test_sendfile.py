@@ -50,9 +50,11 @@ class Files(Resource):
 
     isLeaf = True
 
-    def __init__(self, paths, part_type="application/dicom"):
+    def __init__(self, paths, part_type="application/dicom", later=False):
         super().__init__()
         self.paths = list(paths)
+        #: Each part arrives in a later reactor turn (as from a PACS or the deidentify middleware).
+        self.later = later
         self.part_type = part_type
         self.writers: list[MultipartWriter] = []
         self.done: list[defer.Deferred] = []
@@ -69,9 +71,10 @@ class Files(Resource):
 
         def next_part():
             self.asked += 1
-            if not paths:
-                return defer.succeed(None)
-            return defer.succeed(Part("application/dicom", path=paths.pop(0), release=self._release))
+            part = Part("application/dicom", path=paths.pop(0), release=self._release) if paths else None
+            if not self.later:
+                return defer.succeed(part)
+            return deferLater(reactor, 0, lambda: part)
 
         def on_stop():
             self.stopped += 1
@@ -136,6 +139,19 @@ async def test_parts_go_by_sendfile_and_parse_back(tmp_path, serve):
     writer = res.writers[0]
     assert writer.spliced == sum(SIZES)  # every file byte went by sendfile, none copied
     assert writer.parts_written == len(SIZES) and res.released == len(SIZES)
+
+
+@pytest_twisted.ensureDeferred
+async def test_parts_that_arrive_later_are_all_sent(tmp_path, serve):
+    """A source whose parts come in later reactor turns (a PACS, the deidentify
+    middleware): the body waits for each and ends only at the source's end."""
+    paths = make_files(tmp_path / "f", [5000, 300_000, 0, 17])
+    res = Files(paths, later=True)
+    port = await serve(res)
+    r = await threads.deferToThread(requests.get, f"http://127.0.0.1:{port}/", timeout=SAFETY)
+    assert parse(r.content, tmp_path / "p") == [p.read_bytes() for p in paths]
+    await res.done[0]
+    assert res.writers[0].spliced == 305_017 and res.released == 4
 
 
 @pytest_twisted.ensureDeferred

@@ -369,12 +369,12 @@ class _SocketPump:
         """Ask for the next piece.  True when it is here already."""
         box: list = []
         d = self.body.next_piece()
-        d.addBoth(box.append)
+        d.addBoth(box.append)  # the piece (or Failure) lands in box; d's own result is None
         if box:
             return self._take(box[0])
         self._drop_write()
         self._waiting = True
-        d.addBoth(self._arrived)
+        d.addCallback(lambda _: self._arrived(box[0]))
         return False
 
     def _arrived(self, result):
