@@ -90,7 +90,11 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
 
 def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     """Write *response* to a twisted.web request, streaming producer bodies with
-    flow control; fires when the response is finished (or the client left)."""
+    flow control; fires when the response is finished (or the client left).
+    A request that writes its own answers (harmony.web.fast_channel) does so."""
+    own = getattr(request, "write_response", None)
+    if own is not None:
+        return own(response)
     if getattr(request, "_disconnected", False) or request.finished:
         return defer.succeed(None)
     response = coding.compress_for(request, response)  # gzip for clients that ask (harmony.web.coding)
