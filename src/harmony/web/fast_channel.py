@@ -314,12 +314,23 @@ class FastRequest:
 class _Head:
     """What llhttp reports while parsing one head (its callbacks land here)."""
 
-    __slots__ = ("url", "pairs", "complete")
+    __slots__ = ("url", "pairs", "complete", "parser", "keep_alive", "method", "version")
 
     def __init__(self):
         self.url = b""
         self.pairs: list[tuple[bytes, bytes]] = []
         self.complete = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.keep_alive = False
+        self.method = b""
+        self.version = ""
+
+    def on_headers_complete(self):
+        # Read now: llhttp resets its flags (keep-alive among them) once the message is complete.
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive()
+        self.method = parser.get_method()
+        self.version = parser.get_http_version()
 
     def on_url(self, url: bytes):
         self.url += url
@@ -428,9 +439,8 @@ class FastChannel(Protocol):
             self._hand_off()  # a head in pieces, or not one we serve: twisted.web's rules
             return
         head = _Head()
-        parser = httptools.HttpRequestParser(head)
         try:
-            parser.feed_data(buffer[:end + 4])
+            head.parser.feed_data(buffer[:end + 4])
         except httptools.HttpParserError:
             self._hand_off()  # refused in twisted.web's words (400)
             return
@@ -453,8 +463,8 @@ class FastChannel(Protocol):
                 raw[name] = [value]
             else:
                 values.append(value)
-        version = b"HTTP/" + parser.get_http_version().encode("ascii")
-        request = FastRequest(self, parser.get_method(), url, version, headers, parser.should_keep_alive())
+        version = b"HTTP/" + head.version.encode("ascii")
+        request = FastRequest(self, head.method, url, version, headers, head.keep_alive)
         self._current = request
         self.router.render(request)
 
