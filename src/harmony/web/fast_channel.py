@@ -41,7 +41,7 @@ import time
 from email.utils import formatdate
 
 import httptools
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -51,6 +51,7 @@ from harmony.compat.twisted import header_name_encoder
 from harmony.envelope import body_length
 from harmony.log import get_logger
 from harmony.web import coding
+from harmony.web.direct_write import write_now
 from harmony.web.headers import HOP_BY_HOP, connection_listed
 
 log = get_logger("harmony.web")
@@ -96,28 +97,6 @@ class _DateCache:
 
 
 _date = _DateCache()
-
-
-def write_now(transport, data: bytes) -> None:
-    """``transport.write(data)``, but straight to the socket when nothing is buffered.
-
-    Twisted's TCP transport always buffers a write and sends it on the reactor's
-    next turn, after registering for write readiness (an ``epoll_ctl``) and
-    unregistering once sent (another): for a small answer on an idle socket that
-    is two system calls and a reactor turn spent to learn what ``send`` knows at
-    once.  Only a plain TCP connection with an empty buffer and no producer
-    qualifies; what the socket does not take (or an error) goes the usual way.
-    """
-    if (type(transport) is tcp.Server or type(transport) is tcp.Client) and not transport.TLS \
-            and not transport._tempDataBuffer and not transport.dataBuffer and transport.connected \
-            and not transport.disconnecting and transport.producer is None:
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
-            data = data[sent:]
-        # An error instance: transport.write below meets it in doWrite and closes as usual.
-    transport.write(data)
 
 
 class FastRequest:
