@@ -58,6 +58,11 @@ log = get_logger("harmony.web")
 
 #: Pipelined bytes held while an answer is being written; past this, reading pauses.
 PIPELINE_BUFFER = 64 * 1024
+#: The largest head served here (twisted.web's ``totalHeadersSize``); a longer one is
+#: handed off, and twisted.web answers it 414 or 431 as it always did.
+MAX_HEAD_BYTES = 16384
+#: The most header lines served here; more are twisted.web's to judge (it allows 500).
+MAX_HEADERS = 100
 #: twisted.web's default idle timeout (HTTPFactory), used when the Site has none.
 IDLE_TIMEOUT = 60.0
 #: Seconds a timed-out connection has to close before it is aborted (twisted.web's abortTimeout).
@@ -412,7 +417,7 @@ class FastChannel(Protocol):
 
     def _serve_one(self):
         buffer = self._buffer
-        end = buffer.find(b"\r\n\r\n")
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
         if end < 0 or not buffer.startswith((b"GET ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"POST ", b"PUT ",
                                                 b"PATCH ")):
             self._hand_off()  # a head in pieces, or not one we serve: twisted.web's rules
@@ -424,8 +429,8 @@ class FastChannel(Protocol):
             self._hand_off()  # refused in twisted.web's words (400)
             return
         url = head.url
-        if not head.complete or not url.startswith(b"/"):
-            self._hand_off()  # a body follows, or an absolute-form/asterisk target
+        if not head.complete or not url.startswith(b"/") or len(head.pairs) > MAX_HEADERS:
+            self._hand_off()  # a body follows, an absolute-form/asterisk target, a crowd of headers
             return
         path = url.partition(b"?")[0].decode("utf-8", "surrogateescape")
         route = self.router.match(path)
