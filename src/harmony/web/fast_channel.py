@@ -301,10 +301,13 @@ class _Head:
     __slots__ = ("url", "pairs", "complete", "parser", "keep_alive", "method", "version")
 
     def __init__(self):
+        self.parser = httptools.HttpRequestParser(self)  # one a connection: llhttp restarts after each message
+        self.reset()
+
+    def reset(self):
         self.url = b""
         self.pairs: list[tuple[bytes, bytes]] = []
         self.complete = False
-        self.parser = httptools.HttpRequestParser(self)
         self.keep_alive = False
         self.method = b""
         self.version = ""
@@ -345,6 +348,7 @@ class FastChannel(Protocol):
         self._idle_timer = None
         self._idle_since = 0.0
         self._serving = False
+        self._head: _Head | None = None
 
     # ------------------------------------------------------------ connection
 
@@ -422,7 +426,11 @@ class FastChannel(Protocol):
                                                 b"PATCH ")):
             self._hand_off()  # a head in pieces, or not one we serve: twisted.web's rules
             return
-        head = _Head()
+        head = self._head
+        if head is None:
+            head = self._head = _Head()
+        else:
+            head.reset()
         try:
             head.parser.feed_data(buffer[:end + 4])
         except httptools.HttpParserError:
