@@ -38,6 +38,7 @@ close-delimited on 1.0), a client that hangs up mid-answer reported through
 from __future__ import annotations
 
 import time
+from typing import Any
 from email.utils import formatdate
 
 import httptools
@@ -332,6 +333,10 @@ class _Head:
 class FastChannel(Protocol):
     """Serves complete, bodyless requests for fast-path routes; hands the
     connection to *fallback* (a ``HarmonyChannel``) for anything else."""
+
+    #: A TCP or TLS transport (``Protocol`` types it as the bare ``ITransport``, whose
+    #: zope method signatures mypy cannot call).
+    transport: Any
 
     def __init__(self, site, fallback):
         self.site = site
