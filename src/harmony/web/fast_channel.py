@@ -38,8 +38,8 @@ close-delimited on 1.0), a client that hangs up mid-answer reported through
 from __future__ import annotations
 
 import time
-from typing import Any
 from email.utils import formatdate
+from typing import Any
 
 import httptools
 from twisted.internet import defer
