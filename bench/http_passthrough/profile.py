@@ -62,12 +62,24 @@ finally:
 """
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """*pid*'s CPU seconds so far, in user space and in the kernel (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def measure(url: str, pid: int, duration: int) -> tuple[dict, float]:
-    """wrk for *duration* s; returns its figures and *pid*'s CPU µs per request."""
+    """wrk for *duration* s; returns its figures and *pid*'s CPU µs per request
+    (and prints how much of it was the kernel's: system calls, TCP on loopback)."""
     before = cpu_seconds(pid)
+    user0, sys0 = user_system(pid)
     r = wrk(url, duration)
     used = cpu_seconds(pid) - before
-    return r, used / max(1, r["total"]) * 1e6
+    user1, sys1 = user_system(pid)
+    n = max(1, r["total"])
+    print(f"  of which user {(user1 - user0) / n * 1e6:.0f} µs, kernel {(sys1 - sys0) / n * 1e6:.0f} µs per request")
+    return r, used / n * 1e6
 
 
 def count_syscalls(url: str, pid: int, duration: int) -> int:
