@@ -162,7 +162,8 @@ class FastRequest:
         writes one on twisted.web, framed here: fires when written (or the client left)."""
         if self._disconnected or self.finished:
             return defer.succeed(None)
-        response = coding.compress_for(self, response)  # gzip for clients that ask
+        if not getattr(response.body, "passthrough", False):  # an upstream's coding is the upstream's
+            response = coding.compress_for(self, response)  # gzip for clients that ask
         status = response.status
         headers = response.headers
         skip = _NOT_COPIED
