@@ -169,6 +169,18 @@ def test_head_and_304_answers_carry_no_body_but_keep_the_length():
     assert b"content-length" not in transport.value().lower() and not transport.disconnecting
 
 
+def test_a_head_answer_with_a_producer_runs_it_and_sends_none_of_it():
+    backend = HeldBackend()
+    _, proto, transport = connect(backend)
+    proto.dataReceived(b"HEAD /api/x HTTP/1.1\r\n\r\n")
+    body = Body()
+    body.length = 3
+    backend.waiting[-1][1].callback(ResponseEnvelope(status=200, headers=Headers(), body=body))
+    body.consumer.write(b"abc")
+    body.done.callback(None)
+    assert transport.value().endswith(b"Content-Length: 3\r\n\r\n") and not transport.disconnecting
+
+
 def test_hop_by_hop_and_connection_listed_headers_of_an_answer_are_dropped():
     backend = HeldBackend()
     _, proto, transport = connect(backend)

@@ -130,6 +130,7 @@ class FastRequest:
         self._disconnected = False
         self._waiters: list[defer.Deferred] | None = None
         self._chunked = False
+        self._discard = False
 
     # ----------------------------------------------------------- what is read
 
@@ -218,9 +219,9 @@ class FastRequest:
             self._finish()
             return defer.succeed(None)
         write_now(transport, b"".join(parts))
-        if bodyless:
-            self._finish()
-            return defer.succeed(None)
+        # A producer on a bodyless answer (HEAD) still runs, as on twisted.web, and what it
+        # writes is dropped: it then ends (and frees what it holds) the way it always does.
+        self._discard = bodyless
         return self._stream(body, rid)
 
     def _stream(self, body, rid) -> defer.Deferred:
@@ -262,7 +263,7 @@ class FastRequest:
 
     def write(self, data: bytes) -> None:
         """Body bytes from a producer (IConsumer)."""
-        if self._disconnected or self.finished or not data:
+        if self._disconnected or self.finished or not data or self._discard:
             return
         self.sentLength += len(data)
         if self._chunked:
