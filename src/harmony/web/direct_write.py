@@ -22,7 +22,7 @@ def write_now(transport, data: bytes) -> None:
     (the queue, and ``doWrite`` meeting the error and closing the connection)."""
     if (type(transport) is tcp.Server or type(transport) is tcp.Client) and not transport.TLS \
             and not transport._tempDataBuffer and not transport.dataBuffer and transport.connected \
-            and not transport.disconnecting and transport.producer is None:
+            and not transport.disconnecting and not transport._writeDisconnected and transport.producer is None:
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent == len(data):
