@@ -41,9 +41,9 @@ def new_request_id() -> str:
     return "%032x" % bits
 
 
-#: The version (4) and variant (RFC 9562) bits of a random UUID.
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+#: The version (4, bits 76-79) and variant (0b10, bits 62-63; RFC 9562) of a random UUID.
+_UUID4_CLEAR = ~((0xF << 76) | (0b11 << 62))
+_UUID4_SET = (4 << 76) | (0b10 << 62)
 
 
 def parse_query(raw: bytes | str) -> list[tuple[str, str]]:
