@@ -79,6 +79,12 @@ def connect(backend=None, *, max_body=None):
     return clock, proto, transport
 
 
+def answered_with(backend, proto, data: bytes, body) -> None:
+    """Send *data*, and answer its (last) request with *body*."""
+    proto.dataReceived(data)
+    backend.waiting[-1][1].callback(ResponseEnvelope(status=200, headers=Headers(), body=body))
+
+
 def answers(data: bytes) -> list[tuple[bytes, dict, bytes]]:
     """(status line, headers, body) of each Content-Length framed answer in *data*."""
     out = []
@@ -172,10 +178,9 @@ def test_head_and_304_answers_carry_no_body_but_keep_the_length():
 def test_a_head_answer_with_a_producer_runs_it_and_sends_none_of_it():
     backend = HeldBackend()
     _, proto, transport = connect(backend)
-    proto.dataReceived(b"HEAD /api/x HTTP/1.1\r\n\r\n")
     body = Body()
     body.length = 3
-    backend.waiting[-1][1].callback(ResponseEnvelope(status=200, headers=Headers(), body=body))
+    answered_with(backend, proto, b"HEAD /api/x HTTP/1.1\r\n\r\n", body)
     body.consumer.write(b"abc")
     body.done.callback(None)
     assert transport.value().endswith(b"Content-Length: 3\r\n\r\n") and not transport.disconnecting
@@ -196,9 +201,8 @@ def test_hop_by_hop_and_connection_listed_headers_of_an_answer_are_dropped():
 def test_a_streamed_answer_is_chunked_with_the_transport_pausing_its_producer():
     backend = HeldBackend()
     _, proto, transport = connect(backend)
-    proto.dataReceived(b"GET /api/x HTTP/1.1\r\n\r\nGET /api/y HTTP/1.1\r\n\r\n")
     body = Body()
-    backend.waiting[-1][1].callback(ResponseEnvelope(status=200, headers=Headers(), body=body))
+    answered_with(backend, proto, b"GET /api/x HTTP/1.1\r\n\r\nGET /api/y HTTP/1.1\r\n\r\n", body)
     assert transport.producer is body  # the socket's backpressure reaches the body
     transport.producer.pauseProducing()
     assert body.paused
@@ -215,9 +219,8 @@ def test_a_streamed_answer_is_chunked_with_the_transport_pausing_its_producer():
 def test_a_failing_streamed_answer_cuts_the_connection():
     backend = HeldBackend()
     _, proto, transport = connect(backend)
-    proto.dataReceived(b"GET /api/x HTTP/1.1\r\n\r\n")
     body = Body()
-    backend.waiting[-1][1].callback(ResponseEnvelope(status=200, headers=Headers(), body=body))
+    answered_with(backend, proto, b"GET /api/x HTTP/1.1\r\n\r\n", body)
     body.consumer.write(b"part")
     body.done.errback(Failure(RuntimeError("upstream broke off")))
     assert transport.disconnecting  # (StringTransport's abortConnection) never a clean end
@@ -235,9 +238,8 @@ def test_a_client_hanging_up_mid_answer_cancels_the_backend_and_stops_the_body()
     # and mid-body: the body producer is told to stop
     backend = HeldBackend()
     _, proto, transport = connect(backend)
-    proto.dataReceived(b"GET /api/x HTTP/1.1\r\n\r\n")
     body = Body()
-    backend.waiting[0][1].callback(ResponseEnvelope(status=200, headers=Headers(), body=body))
+    answered_with(backend, proto, b"GET /api/x HTTP/1.1\r\n\r\n", body)
     proto.connectionLost(Failure(ConnectionResetError()))
     assert body.stopped
 

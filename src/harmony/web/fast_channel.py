@@ -52,6 +52,7 @@ from harmony.compat.twisted import header_name_encoder
 from harmony.envelope import body_length
 from harmony.log import get_logger
 from harmony.web import coding
+from harmony.web.bridge import stop_producing
 from harmony.web.direct_write import write_now
 from harmony.web.headers import HOP_BY_HOP, connection_listed
 
@@ -230,13 +231,7 @@ class FastRequest:
         transport = self.channel.transport
         transport.registerProducer(body, True)
 
-        def client_gone(_reason):
-            try:
-                body.stopProducing()
-            except Exception:  # noqa: BLE001 - a producer that already finished may complain
-                pass
-
-        self.notifyFinish().addErrback(client_gone)
+        self.notifyFinish().addErrback(stop_producing, body)
 
         def finished(result):
             if not self._disconnected:
