@@ -278,6 +278,7 @@ def test_malformed_and_oversized_heads_get_twisted_webs_answers():
         (b"GET /api/x?" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n", b"414"),
         (b"POST /api/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n", b"400"),
         (b"GET /api/x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", b"400"),
+        (b"GET /api/x HTTP/1.1\r\n" + b"X-A: b\r\n" * 600 + b"\r\n", b"400"),  # over twisted.web's 500 lines
     ]:
         _, proto, transport = connect()
         proto.dataReceived(data)
