@@ -117,3 +117,24 @@ async def test_a_cooperative_producer_writes_pauses_and_fails_loudly():
     assert endless.stopped
     with pytest.raises(task.TaskStopped):
         await d
+
+
+def test_request_ids_are_random_v4_uuids_and_differ_in_forked_workers():
+    import os
+    import uuid
+
+    from harmony.envelope import new_request_id
+
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker process: CPython reseeds the generator after fork
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32 and child != new_request_id()

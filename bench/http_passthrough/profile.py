@@ -62,12 +62,47 @@ finally:
 """
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """*pid*'s CPU seconds so far, in user space and in the kernel (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def measure(url: str, pid: int, duration: int) -> tuple[dict, float]:
-    """wrk for *duration* s; returns its figures and *pid*'s CPU µs per request."""
+    """wrk for *duration* s; returns its figures and *pid*'s CPU µs per request
+    (and prints how much of it was the kernel's: system calls, TCP on loopback)."""
     before = cpu_seconds(pid)
+    user0, sys0 = user_system(pid)
     r = wrk(url, duration)
     used = cpu_seconds(pid) - before
-    return r, used / max(1, r["total"]) * 1e6
+    user1, sys1 = user_system(pid)
+    n = max(1, r["total"])
+    print(f"  of which user {(user1 - user0) / n * 1e6:.0f} µs, kernel {(sys1 - sys0) / n * 1e6:.0f} µs per request")
+    return r, used / n * 1e6
+
+
+def count_syscalls(url: str, pid: int, duration: int) -> int:
+    """System calls of *pid* per request under wrk, by name (strace -c; strace slows the
+    process, so req/s mean nothing here, but calls per request do not change)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        print("strace is not installed")
+        return 1
+    out = Path(tempfile.mkdtemp(prefix="harmony-strace-")) / "counts.txt"
+    rec = subprocess.Popen([strace, "-c", "-f", "-p", str(pid), "-o", str(out)], stderr=subprocess.DEVNULL)
+    time.sleep(1)  # let strace attach before the load starts
+    r = wrk(url, duration)
+    rec.send_signal(signal.SIGINT)
+    rec.wait(timeout=60)
+    total = max(1, r["total"])
+    print(f"{r['total']} requests under strace; system calls per request:")
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[3].isdigit():
+            print(f"  {fields[-1]:<16} {int(fields[3]) / total:6.2f}")
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return 0
 
 
 def compare(folder: Path, up_port: int, other: str, rounds: int, duration: int) -> int:
@@ -102,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ab", metavar="DIR", help="compare with the Harmony installed in DIR (PYTHONPATH)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds for --ab")
     parser.add_argument("--py-spy", metavar="SVG", help="record a py-spy flame graph instead (.txt: collapsed stacks)")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count system calls per request instead (strace -c on the Harmony process)")
     args = parser.parse_args(argv)
     require(NGINX, WRK, str(TWISTD))
     folder = Path(tempfile.mkdtemp(prefix="harmony-profile-"))
@@ -124,6 +161,8 @@ def main(argv=None) -> int:
                 r, us = measure(url, plain.proc.pid, args.duration)
                 print(f"un-profiled: {r['rps']:.0f} req/s, {us:.0f} CPU µs per request "
                       f"(load average {os.getloadavg()[0]:.2f})")
+                if args.syscalls:
+                    return count_syscalls(url, plain.proc.pid, args.duration)
                 if args.py_spy:
                     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                     rec = subprocess.Popen([spy, "record", "--pid", str(plain.proc.pid), "--rate", "500",

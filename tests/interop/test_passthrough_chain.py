@@ -20,6 +20,8 @@ from tests.interop.support import Node, web_pipeline
 from tests.peers import free_port
 
 BODY = ("passthrough " * 400).encode()
+#: Larger than any socket buffer: it streams through Harmony with flow control.
+BIG = bytes(range(256)) * (6 * 4096)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,7 @@ def chain(tmp_path_factory):
     www.mkdir()
     (www / "page.txt").write_bytes(BODY)
     (www / "page.txt.gz").write_bytes(gzip.compress(BODY))
+    (www / "big.bin").write_bytes(BIG)
     back_port, front_port = free_port(), free_port()
     log = root / "back-access.log"
     back = Nginx(root / "back", f"""
@@ -79,3 +82,23 @@ def test_curl_head_and_conditional_get(chain):
     # and the connection Harmony used for the HEAD and the 304 still serves a whole body
     with requests.Session() as s:
         assert [s.get(chain["harmony"] + "/page.txt", timeout=30).content for _ in range(3)] == [BODY] * 3
+
+
+def test_curl_streams_a_large_answer_whole(chain, tmp_path):
+    out = tmp_path / "big.bin"
+    status = subprocess.run(["curl", "-sS", "-o", str(out), "-w", "%{http_code}", chain["harmony"] + "/big.bin"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert status == "200" and out.read_bytes() == BIG
+
+
+def test_bodies_and_bodyless_requests_share_keep_alive_connections(chain):
+    """nginx keeps its connections to Harmony open: a request with a body arriving on a
+    connection the fast channel served is handed to twisted.web's channel, and the
+    requests after it on that connection are still answered."""
+    with requests.Session() as s:
+        for _ in range(3):
+            assert s.get(chain["front"] + "/page.txt", timeout=30).content == BODY
+            posted = s.post(chain["front"] + "/page.txt", data=b"x" * 300_000, timeout=30)
+            assert posted.status_code == 405  # the back nginx's answer to POST on a static file, passed through
+            assert s.get(chain["harmony"] + "/page.txt", timeout=30).content == BODY
+            assert s.post(chain["harmony"] + "/page.txt", data=b"y" * 10, timeout=30).status_code == 405

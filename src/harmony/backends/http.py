@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 from harmony.backends.base import Backend
 from harmony.backends.streams import DeadlineBody, ResponseBodyProducer, UpstreamBytes
 from harmony.backends.target_tls import PerTargetTLSPolicy
+from harmony.compat.twisted import header_name_encoder
 from harmony.config.errors import OptionError
 from harmony.envelope import ResponseEnvelope, as_producer
 from harmony.errors import BackendTimeout, BackendUnavailable, HarmonyError
@@ -49,19 +50,31 @@ def upstream_url(base_url: str, subpath: str, raw_query: bytes) -> bytes:
 def forwarded_headers(request, *, drop=(b"host", b"content-length")) -> Headers:
     """End-to-end request headers plus the X-Forwarded-* and X-Request-ID a
     reverse proxy owes its upstream.  Host and Content-Length are the client's
-    agent's to set (from the upstream URL and the body producer)."""
+    agent's to set (from the upstream URL and the body producer).
+
+    The values set here are the client's address, a scheme, a request id (checked
+    or made by harmony.web.bridge) and the Host header's value as parsed: written
+    into the copy's dict under the names ``Headers`` would give them, sparing four
+    name encodings and value checks per proxied request."""
     headers = end_to_end(request.headers, drop=drop)
-    xff = headers.getRawHeaders(b"x-forwarded-for")
-    client = request.client_ip.encode() if request.client_ip else b""
+    raw = headers._rawHeaders
+    client = request.client_ip
     if client:
-        headers.setRawHeaders(b"x-forwarded-for", [b", ".join([*xff, client]) if xff else client])
-    if not headers.hasHeader(b"x-forwarded-proto"):
-        headers.setRawHeaders(b"x-forwarded-proto", [request.scheme.encode()])
-    if request.host and not headers.hasHeader(b"x-forwarded-host"):
-        headers.setRawHeaders(b"x-forwarded-host", [request.host.encode("latin-1")])
+        client_b = client.encode()
+        xff = raw.get(_XFF)
+        raw[_XFF] = [b", ".join([*xff, client_b]) if xff else client_b]
+    if _XFP not in raw:
+        raw[_XFP] = [request.scheme.encode()]
+    host = request.host
+    if host and _XFH not in raw:
+        headers.setRawHeaders(_XFH, [host.encode("latin-1")])  # a middleware may have set it: checked
     if request.request_id:
-        headers.setRawHeaders(b"x-request-id", [request.request_id.encode()])
+        raw[_XRID] = [request.request_id.encode()]
     return headers
+
+
+_XFF, _XFP, _XFH, _XRID = (header_name_encoder().encode(n) for n in (
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"))
 
 
 def client_side_cause(failure):

@@ -13,6 +13,8 @@ from harmony.endpoints.base import HttpEndpointBase, check_prefix
 class HttpEndpoint(HttpEndpointBase):
     #: Large and chunked bodies go upstream as they arrive (harmony.web.streaming).
     stream_request_body = True
+    #: Complete bodyless requests are served by harmony.web.fast_channel (the hot path).
+    fast_path = True
 
     @classmethod
     def from_config(cls, name, options, ctx):

@@ -88,9 +88,21 @@ def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: st
     return env
 
 
+def stop_producing(_reason, body) -> None:
+    """Errback for a request's ``notifyFinish``: its client left, so its body stops."""
+    try:
+        body.stopProducing()
+    except Exception:  # noqa: BLE001 - a producer that already finished may complain
+        pass
+
+
 def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     """Write *response* to a twisted.web request, streaming producer bodies with
-    flow control; fires when the response is finished (or the client left)."""
+    flow control; fires when the response is finished (or the client left).
+    A request that writes its own answers (harmony.web.fast_channel) does so."""
+    own = getattr(request, "write_response", None)
+    if own is not None:
+        return own(response)
     if getattr(request, "_disconnected", False) or request.finished:
         return defer.succeed(None)
     response = coding.compress_for(request, response)  # gzip for clients that ask (harmony.web.coding)
@@ -129,14 +141,7 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     done: defer.Deferred[None] = defer.Deferred()
     request.registerProducer(body, True)
 
-    def client_gone(reason):
-        try:
-            body.stopProducing()
-        except Exception:  # noqa: BLE001 - a producer that already finished may complain
-            pass
-        return None
-
-    request.notifyFinish().addErrback(client_gone)
+    request.notifyFinish().addErrback(stop_producing, body)
 
     def finished(result):
         if request.channel is not None:  # None once the client has gone

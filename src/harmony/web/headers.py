@@ -45,7 +45,19 @@ def copy_headers(headers: Headers, skip=frozenset()) -> Headers:
 
 def end_to_end(headers: Headers, *, drop=()) -> Headers:
     """A copy of *headers* without hop-by-hop ones (and without *drop*)."""
-    skip = HOP_BY_HOP | connection_listed(headers)
-    if drop:
-        skip = skip | {d.lower() for d in drop}
+    skip = _skip_set(drop)
+    if headers.hasHeader(b"connection"):
+        skip = skip | connection_listed(headers)
     return copy_headers(headers, skip)
+
+
+_SKIP_SETS: dict[tuple, frozenset] = {}
+
+
+def _skip_set(drop) -> frozenset:
+    """HOP_BY_HOP plus *drop* (lower-cased), made once per distinct *drop*."""
+    key = tuple(drop)
+    found = _SKIP_SETS.get(key)
+    if found is None:
+        found = _SKIP_SETS[key] = HOP_BY_HOP | {d.lower() for d in drop}
+    return found

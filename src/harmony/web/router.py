@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from harmony.errors import BadRequest, HarmonyError, NotFound
 from harmony.log import get_logger
 from harmony.web.bridge import log_access, request_id_for, write_response
+from harmony.web.fast_channel import FastChannel
 from harmony.web.problem import problem_response
 from harmony.web.streaming import BODY_MIN_RATE, BODY_TIMEOUT, HEAD_TIMEOUT, HarmonyChannel, HarmonyRequest
 
@@ -150,3 +151,13 @@ class HarmonySite(Site):
 
     def log(self, request):
         pass
+
+    def buildProtocol(self, addr):
+        """A :class:`~harmony.web.fast_channel.FastChannel` in front of the usual
+        channel when a route's endpoint takes the fast path (the ``http``
+        passthrough), else the usual ``HarmonyChannel`` alone."""
+        channel = super().buildProtocol(addr)
+        routes = getattr(self.resource, "routes", ())
+        if any(getattr(route.endpoint, "fast_path", False) for route in routes):
+            return FastChannel(self, channel)
+        return channel

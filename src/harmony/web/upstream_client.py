@@ -59,6 +59,7 @@ from zope.interface import implementer
 
 from harmony.compat.twisted import header_name_encoder
 from harmony.envelope import BytesProducer
+from harmony.web.direct_write import write_now
 
 #: The most bytes a response head (status line and header lines) may take.
 #: Twisted's client allows 16 KiB a line; nginx's proxy_buffer_size is 4-8 KiB.
@@ -81,6 +82,11 @@ _FRAMING = frozenset({b"transfer-encoding", b"keep-alive", b"proxy-connection", 
 
 #: A response header name as ``Headers`` stores it (Header-Case, ``ETag``...), cached by Twisted.
 _header_name = header_name_encoder().encode
+#: The same names as ``Headers`` spells them (its keys): compared without lower-casing.
+_FRAMING_NAMES = frozenset(_header_name(n) for n in _FRAMING)
+_OWN_NAMES = frozenset(_header_name(n) for n in _OWN)
+_TRANSFER_ENCODING = _header_name(b"transfer-encoding")
+_CONTENT_LENGTH = _header_name(b"content-length")
 
 
 class UpstreamProtocolError(Exception):
@@ -116,6 +122,15 @@ class UpstreamResponse:
         """The body as bytes if all of it arrived with the head (most small answers
         do), taken instead of :meth:`deliverBody`; None when it is still coming."""
         return self._exchange.take_whole()
+
+
+#: The outcome of a body that ended well, made a ``Failure(ResponseDone)`` only for a
+#: protocol that reads it (an answer taken whole never needs one: a Failure a request saved).
+COMPLETE = object()
+
+
+def _as_failure(outcome) -> Failure:
+    return Failure(ResponseDone("the answer is complete")) if outcome is COMPLETE else outcome
 
 
 class _BodyTransport:
@@ -165,7 +180,8 @@ class _Exchange:
         self.response: UpstreamResponse | None = None
         self.protocol = None
         self.buffered: list[bytes] = []
-        self.outcome: Failure | None = None  # how the body ended, until a protocol takes it
+        #: How the body ended, until a protocol takes it (COMPLETE: it ended well).
+        self.outcome: Failure | object | None = None
         self.complete = False
         self.cancelled = False
 
@@ -198,16 +214,17 @@ class _Exchange:
         else:
             self.buffered.append(data)
 
-    def body_end(self, outcome: Failure):
+    def body_end(self, outcome: Failure | object):
         self.complete = True
         if self.protocol is not None:
-            self.protocol.connectionLost(outcome)
+            self.protocol.connectionLost(_as_failure(outcome))
         else:
             self.outcome = outcome
 
     def take_whole(self) -> bytes | None:
         outcome = self.outcome
-        if self.protocol is not None or outcome is None or not outcome.check(ResponseDone, PotentialDataLoss):
+        if self.protocol is not None or outcome is None or (outcome is not COMPLETE and not (
+                isinstance(outcome, Failure) and outcome.check(ResponseDone, PotentialDataLoss))):
             return None
         self.protocol = _TAKEN
         self.outcome = None
@@ -223,7 +240,7 @@ class _Exchange:
         for chunk in buffered:
             protocol.dataReceived(chunk)
         if self.outcome is not None:
-            protocol.connectionLost(self.outcome)
+            protocol.connectionLost(_as_failure(self.outcome))
             self.outcome = None
         elif self.connection is not None and self.connection.transport is not None:
             self.connection.transport.resumeProducing()  # paused until someone wanted the body
@@ -310,8 +327,8 @@ class _Connection(Protocol):
         body = exchange.body
         transport = self.transport
         if body is None:
-            transport.write(exchange.head + (b"Content-Length: 0\r\n\r\n" if exchange.method in BODY_EXPECTED
-                                             else b"\r\n"))
+            write_now(transport, exchange.head + (b"Content-Length: 0\r\n\r\n" if exchange.method in BODY_EXPECTED
+                                                  else b"\r\n"))
             return
         length: Any = getattr(body, "length", UNKNOWN_LENGTH)
         if length is UNKNOWN_LENGTH:
@@ -479,23 +496,24 @@ class _Connection(Protocol):
         headers = Headers()
         raw = headers._rawHeaders
         length = UNKNOWN_LENGTH
+        chunked = False
         for name, value in self.pairs:
-            lower = name.lower()
-            if lower in _FRAMING:
-                if lower == b"transfer-encoding":
-                    self.delimited = True
-                    length = UNKNOWN_LENGTH
+            canon = _header_name(name)  # cached: one dict lookup for the names an upstream sends
+            if canon in _FRAMING_NAMES:
+                if canon == _TRANSFER_ENCODING:
+                    chunked = True
                 continue
-            if lower == b"content-length":
+            if canon == _CONTENT_LENGTH:
                 self.delimited = True
-                if length is UNKNOWN_LENGTH and not any(n.lower() == b"transfer-encoding" for n, _ in self.pairs):
-                    length = int(value)  # llhttp has checked it is a number, and one number
-            canon = _header_name(name)
+                length = int(value)  # llhttp has checked it is a number, and one number
             values = raw.get(canon)
             if values is None:
                 raw[canon] = [value]
             else:
                 values.append(value)
+        if chunked:
+            self.delimited = True
+            length = UNKNOWN_LENGTH  # the chunked coding wins over a Content-Length
         if exchange.method == b"HEAD" or code in (204, 304):
             length = 0
             self.delimited = True
@@ -510,7 +528,7 @@ class _Connection(Protocol):
             # the next request at once, and should find this connection idle.
             self._after_answer()
         if not exchange.complete:
-            exchange.body_end(Failure(ResponseDone("the answer is complete")))
+            exchange.body_end(COMPLETE)
 
     def _after_answer(self):
         exchange, self.exchange = self.exchange, None
@@ -547,7 +565,7 @@ class _Connection(Protocol):
         if exchange.complete:
             return
         if self.message_done:
-            exchange.body_end(Failure(ResponseDone("the answer is complete")))
+            exchange.body_end(COMPLETE)
         elif not self.delimited:
             exchange.body_end(Failure(PotentialDataLoss()))  # close-delimited: this is its end
         else:
@@ -626,7 +644,7 @@ class UpstreamClient:
         parts = [method, b" ", path, b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
         if headers is not None:
             for name, values in headers.getAllRawHeaders():
-                if name.lower() in _OWN:
+                if name in _OWN_NAMES:  # Headers' keys are canonical names
                     continue
                 for value in values:
                     parts += (name, b": ", value, b"\r\n")
