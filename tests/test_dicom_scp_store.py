@@ -4,6 +4,11 @@ a sender hears when the durable write fails.
 - The received file is parsed once: validation, the header JSON middleware reads
   (equal to pydicom's ``stop_before_pixels`` reading) and the store's index header
   all come from that parse, handed on with the instance (``DicomInstance.parsed``).
+- Into a pipeline whose backends check instances themselves (``local_archive``,
+  ``store_forward``) and no middleware, the endpoint does not parse at all: the
+  instance is described from the request and the data set's head and the store
+  parses and checks it; a file that is corrupt, has invalid UIDs or is not the
+  instance the request named is still refused (0xC000, 0xA900) and not kept.
 - DCMTK ``storescu`` -> ``dicom_scp`` -> ``local_archive`` with the store's index
   commit failing: each instance is answered 0x0110 (Processing Failure), nothing
   is indexed, and instances acknowledged before are untouched (that a failed
@@ -80,3 +85,76 @@ def test_the_header_json_is_made_only_when_something_may_read_it():
     assert endpoint.header_has_readers()
     endpoint.pipeline = SimpleNamespace(middleware=[], backends=[archive, SimpleNamespace(name="echo")])
     assert endpoint.header_has_readers()
+
+
+@pytest_twisted.ensureDeferred
+async def test_into_the_archive_the_store_alone_parses_and_checks(tmp_path, monkeypatch):
+    from pynetdicom import AE
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from twisted.internet import threads
+
+    from harmony.endpoints import dicom_scp
+
+    def no_endpoint_parse(*args):
+        raise AssertionError("dicom_scp parsed an instance the store checks")
+    monkeypatch.setattr(dicom_scp, "_read_received", no_endpoint_parse)
+    cfg, scp_port = config(tmp_path / "h", "archive")
+    good = make_instances(tmp_path / "ok", 2, 45, patient_id="NOPARSE")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    ds = dcmread(good[0])
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1442.45.9"
+    ds.file_meta.MediaStorageSOPInstanceUID = dcmread(good[0]).SOPInstanceUID  # what the request will name
+    mismatched = bad / "mismatched.dcm"
+    ds.save_as(mismatched)
+    assert dcmread(mismatched).file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
+    data = good[1].read_bytes()
+    corrupt = bad / "corrupt.dcm"
+    corrupt.write_bytes(data[:-200] + b"\xff\xff\xff\xff\x00\x00\x00\x10" + b"\x01" * 8)
+    ds = dcmread(good[1])
+    ds.SeriesInstanceUID = "1.2.x"
+    invalid = bad / "invalid.dcm"
+    ds.save_as(invalid, enforce_file_format=True)
+    harmony = await start_harmony(cfg)
+    try:
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, *good)
+        assert r.stderr.count(b"Received Store Response (Success)") == 2, r.stderr
+
+        def send(path):
+            ae = AE(ae_title="STORESCU")
+            ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            assoc = ae.associate("127.0.0.1", scp_port, ae_title=SCP_AET)
+            assert assoc.is_established
+            try:
+                return assoc.send_c_store(path).Status  # the path: sent raw, as the file is
+            finally:
+                assoc.release()
+        assert await threads.deferToThread(send, mismatched) == 0xA900
+        assert await threads.deferToThread(send, corrupt) == 0xC000
+        assert await threads.deferToThread(send, invalid) == 0xC000
+        store = harmony.service.runtime.backends["archive"].store
+        assert (await store.run(store.counts_sync))["instances"] == 2
+        endpoint = harmony.service.runtime.endpoints["scp"]
+        left = [p for p in endpoint.staging.folder.iterdir() if p.suffix != ".part"]  # spares are .part
+        assert left == []
+    finally:
+        await harmony.stop()
+
+
+def test_only_a_bare_pipeline_into_checking_backends_skips_the_endpoint_parse():
+    from types import SimpleNamespace
+
+    from harmony.backends.local_archive import LocalArchiveBackend
+    from harmony.backends.store_forward import StoreForwardBackend
+    from harmony.endpoints.dicom_scp import DicomScpEndpoint
+    endpoint = DicomScpEndpoint("scp", None, local_aet="HARMONY")
+    archive = LocalArchiveBackend("archive", None)
+    endpoint.pipeline = SimpleNamespace(middleware=[], backends=[archive])
+    assert endpoint.checked_downstream() and StoreForwardBackend.checks_received_instances
+    endpoint.pipeline = SimpleNamespace(middleware=[object()], backends=[archive])
+    assert not endpoint.checked_downstream()
+    endpoint.pipeline = SimpleNamespace(middleware=[], backends=[archive, SimpleNamespace(name="relay")])
+    assert not endpoint.checked_downstream()
+    stored = DicomScpEndpoint("scp", None, local_aet="HARMONY", storage_dir="/tmp/x", forward_store=True)
+    stored.pipeline = SimpleNamespace(middleware=[], backends=[archive])
+    assert not stored.checked_downstream()

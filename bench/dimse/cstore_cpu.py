@@ -43,8 +43,13 @@ PY_SPY = Path(sys.executable).with_name("py-spy")
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process *pid* (all its threads) so far."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process *pid* so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def send(port: int, aet: str, data: Path, folders: list[Path] | None) -> float:
@@ -65,12 +70,21 @@ def run_orthanc(tmp: Path, name: str, data: Path, folders, n: int, fsync: bool) 
     return seconds, cpu
 
 
-def run_harmony(tmp: Path, name: str, data: Path, folders, n: int, fsync: bool, profile=None) -> tuple[float, float]:
+def run_harmony(tmp: Path, name: str, data: Path, folders, n: int, fsync: bool, profile=None,
+                pythonpath: str | None = None) -> tuple[float, float]:
+    """*pythonpath*: run another build of Harmony (``pip install --target DIR``), for an A/B."""
     harmony = ingest.Harmony(tmp / name, "http://127.0.0.1:9", dimse=True, backend="archive")
     if not fsync:
         harmony.config.write_text(harmony.config.read_text().replace("[storage.options]",
                                                                      "[storage.options]\nfsync = false"))
-    harmony.start()
+    saved = os.environ.get("PYTHONPATH")
+    if pythonpath:
+        os.environ["PYTHONPATH"] = pythonpath   # the twistd process's environment (tests.peers.peer_env)
+    try:
+        harmony.start()
+    finally:
+        if pythonpath:
+            os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
     spy = None
     try:
         if profile is not None:
@@ -78,9 +92,12 @@ def run_harmony(tmp: Path, name: str, data: Path, folders, n: int, fsync: bool, 
             spy = subprocess.Popen([str(PY_SPY), "record", "-p", str(harmony.proc.pid), "-o", out, "-f", fmt,
                                     "-r", "250", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # py-spy attached (a profile, not a measurement: no synchronisation relies on it)
-        before = cpu_seconds(harmony.proc.pid)
+        before = cpu_split(harmony.proc.pid)
         seconds = send(harmony.dimse_port, "HARMONY", data, folders)
-        cpu = cpu_seconds(harmony.proc.pid) - before
+        after = cpu_split(harmony.proc.pid)
+        cpu = sum(after) - sum(before)
+        print(f"    Harmony user {(after[0] - before[0]) / n * 1e3:.3f} + system {(after[1] - before[1]) / n * 1e3:.3f}"
+              " ms/instance")
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -99,6 +116,8 @@ def main():
     ap.add_argument("--profile", help="py-spy --gil output of one extra Harmony round")
     ap.add_argument("--format", default="raw", choices=["raw", "flamegraph", "speedscope"])
     ap.add_argument("--harmony-only", action="store_true")
+    ap.add_argument("--baseline", help="also run the Harmony build installed in this folder (pip install "
+                                       "--target), interleaved: an A/B of a change")
     args = ap.parse_args()
     fsync = args.fsync == "on"
     tmp = Path(tempfile.mkdtemp(prefix="bench-cstore-cpu-"))
@@ -109,13 +128,19 @@ def main():
         print(f"{n} instances, {args.clients} association(s), fsync {args.fsync}, "
               f"load {os.getloadavg()[0]:.1f}")
         rows: dict[str, list] = {"orthanc": [], "harmony": []}
+        if args.baseline:
+            rows["baseline"] = []
         for r in range(args.rounds):
-            order = ("orthanc", "harmony") if r % 2 == 0 else ("harmony", "orthanc")
+            order = ["orthanc", "harmony"] + (["baseline"] if args.baseline else [])
+            order = order[r % len(order):] + order[:r % len(order)]
             for who in order:
                 if who == "orthanc" and args.harmony_only:
                     continue
-                run = run_orthanc if who == "orthanc" else run_harmony
-                seconds, cpu = run(tmp, f"{who}-{r}", tmp / "data", folders, n, fsync)
+                if who == "orthanc":
+                    seconds, cpu = run_orthanc(tmp, f"{who}-{r}", tmp / "data", folders, n, fsync)
+                else:
+                    seconds, cpu = run_harmony(tmp, f"{who}-{r}", tmp / "data", folders, n, fsync,
+                                               pythonpath=args.baseline if who == "baseline" else None)
                 rows[who].append((seconds, cpu))
                 print(f"  round {r} {who:<8} {n / seconds:7.1f} inst/s  CPU {cpu / n * 1e3:6.3f} ms/instance")
         for who, got in rows.items():

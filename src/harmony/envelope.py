@@ -14,7 +14,7 @@ size cap so a multi-GB upload can never be pulled into memory by accident.
 from __future__ import annotations
 
 import json
-import uuid
+import random
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -33,7 +33,11 @@ JSON_TYPES = ("application/json", "application/fhir+json", "application/dicom+js
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits naming one request in logs and answers.  A correlation id,
+    not a secret: ``random`` (reseeded in a forked child), where ``uuid4`` asked the
+    kernel for entropy on every request, a syscall that gave up the GIL on the reactor
+    (~5 % of a received C-STORE's reactor time, bench/dimse "CPU per instance")."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def parse_query(raw: bytes | str) -> list[tuple[str, str]]:
