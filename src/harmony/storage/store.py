@@ -563,17 +563,21 @@ class InstanceStore:
             raise InvalidInstance("not a DICOM Part-10 file (no preamble or file meta)")
         meta = getattr(ds, "file_meta", None)
         ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-        sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-        study = clean_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        series = clean_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = clean_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        # The index attributes first: the UIDs are read from them (pydicom converting
+        # the four elements again cost as much as describing the rest).
+        attrs = attrs_from_dataset(ds)
+        sop_class = _uid_in(attrs, ds, "00080016", "SOPClassUID") or (
+            meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+        study = clean_uid(_uid_in(attrs, ds, "0020000D", "StudyInstanceUID"), "StudyInstanceUID")
+        series = clean_uid(_uid_in(attrs, ds, "0020000E", "SeriesInstanceUID"), "SeriesInstanceUID")
+        sop = clean_uid(_uid_in(attrs, ds, "00080018", "SOPInstanceUID"), "SOPInstanceUID")
         header: dict[str, str | dict | None] = {
             "study": study,
             "series": series,
             "sop": sop,
             "sop_class": clean_uid(sop_class, "SOPClassUID"),
             "ts": clean_uid(ts, "TransferSyntaxUID"),
-            "attrs": attrs_from_dataset(ds),
+            "attrs": attrs,
         }
         try:
             header["metadata"] = metadata_of(ds, study, series, sop)
@@ -912,6 +916,14 @@ class InstanceStore:
     def counts_sync(self) -> dict:
         return self.read_sync(lambda conn: {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                                             for table in ("patients", "studies", "series", "instances")})
+
+
+def _uid_in(attrs: dict, ds, tag: str, keyword: str):
+    """A UID as the index attributes hold it (one value: what pydicom reads), else as pydicom reads it."""
+    values = attrs.get(tag, {}).get("Value")
+    if values is not None and len(values) == 1 and isinstance(values[0], str):
+        return values[0]
+    return ds.get(keyword)
 
 
 def metadata_of(ds, study: str, series: str, sop: str) -> str:
