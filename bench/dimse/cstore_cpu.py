@@ -14,6 +14,7 @@ bench/ingest).
 
     .venv/bin/python bench/dimse/cstore_cpu.py [--instances 600] [--rounds 3] [--clients 1]
         [--fsync on|off] [--profile out.txt --format raw|flamegraph]   # profile: py-spy --gil, Harmony
+        [--baseline DIR [--profile-baseline]]   # A/B: a build of another commit (pip install --target DIR)
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def main():
     ap.add_argument("--harmony-only", action="store_true")
     ap.add_argument("--baseline", help="also run the Harmony build installed in this folder (pip install "
                                        "--target), interleaved: an A/B of a change")
+    ap.add_argument("--profile-baseline", action="store_true", help="profile the --baseline build instead")
     args = ap.parse_args()
     fsync = args.fsync == "on"
     tmp = Path(tempfile.mkdtemp(prefix="bench-cstore-cpu-"))
@@ -156,7 +158,8 @@ def main():
             if not PY_SPY.exists():
                 sys.exit(f"{PY_SPY} is missing: pip install py-spy into this venv")
             seconds, cpu = run_harmony(tmp, "harmony-profiled", tmp / "data", folders, n, fsync,
-                                       profile=(args.profile, args.format))
+                                       profile=(args.profile, args.format),
+                                       pythonpath=args.baseline if args.profile_baseline else None)
             print(f"profiled round: {n / seconds:.1f} inst/s, CPU {cpu / n * 1e3:.3f} ms/instance -> {args.profile}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
