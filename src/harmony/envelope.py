@@ -32,6 +32,10 @@ JSON_TYPES = ("application/json", "application/fhir+json", "application/dicom+js
               "application/json+fhir", "application/problem+json")
 
 
+#: ``json.dumps`` with these options builds an encoder per call (an answer per received C-STORE).
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def new_request_id() -> str:
     """32 random hex digits naming one request in logs and answers.  A correlation id,
     not a secret: ``random`` (reseeded in a forked child), where ``uuid4`` asked the
@@ -138,7 +142,7 @@ class ResponseEnvelope:
     @classmethod
     def json(cls, status: int, document: Any, content_type: str = "application/json",
              headers: Headers | None = None) -> "ResponseEnvelope":
-        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        body = _COMPACT_JSON.encode(document).encode("utf-8")
         h = headers if headers is not None else Headers()
         h.setRawHeaders("Content-Type", [content_type])
         return cls(status=status, headers=h, body=body, normalized=document)
