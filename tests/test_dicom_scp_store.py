@@ -23,10 +23,10 @@ from twisted.internet import defer
 
 from harmony.endpoints.dicom_scp import _read_received
 from harmony.storage.errors import StorageFailure
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, corrupted, run, store_raw
 from tests.harness import start_harmony
 from tests.sf_helpers import make_instances
 from tests.test_archive_dimse import config
-from tests.endpoints.test_dicom_scp_peers import SCP_AET, run
 
 
 def test_a_received_instance_is_parsed_once_and_its_parse_rides_along(tmp_path):
@@ -89,8 +89,6 @@ def test_the_header_json_is_made_only_when_something_may_read_it():
 
 @pytest_twisted.ensureDeferred
 async def test_into_the_archive_the_store_alone_parses_and_checks(tmp_path, monkeypatch):
-    from pynetdicom import AE
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from twisted.internet import threads
 
     from harmony.endpoints import dicom_scp
@@ -108,9 +106,7 @@ async def test_into_the_archive_the_store_alone_parses_and_checks(tmp_path, monk
     mismatched = bad / "mismatched.dcm"
     ds.save_as(mismatched)
     assert dcmread(mismatched).file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
-    data = good[1].read_bytes()
-    corrupt = bad / "corrupt.dcm"
-    corrupt.write_bytes(data[:-200] + b"\xff\xff\xff\xff\x00\x00\x00\x10" + b"\x01" * 8)
+    corrupt = corrupted(good[1], bad / "corrupt.dcm")
     ds = dcmread(good[1])
     ds.SeriesInstanceUID = "1.2.x"
     invalid = bad / "invalid.dcm"
@@ -119,19 +115,8 @@ async def test_into_the_archive_the_store_alone_parses_and_checks(tmp_path, monk
     try:
         r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, *good)
         assert r.stderr.count(b"Received Store Response (Success)") == 2, r.stderr
-
-        def send(path):
-            ae = AE(ae_title="STORESCU")
-            ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-            assoc = ae.associate("127.0.0.1", scp_port, ae_title=SCP_AET)
-            assert assoc.is_established
-            try:
-                return assoc.send_c_store(path).Status  # the path: sent raw, as the file is
-            finally:
-                assoc.release()
-        assert await threads.deferToThread(send, mismatched) == 0xA900
-        assert await threads.deferToThread(send, corrupt) == 0xC000
-        assert await threads.deferToThread(send, invalid) == 0xC000
+        for path, status in ((mismatched, 0xA900), (corrupt, 0xC000), (invalid, 0xC000)):
+            assert await threads.deferToThread(store_raw, scp_port, path) == status, path.name
         store = harmony.service.runtime.backends["archive"].store
         assert (await store.run(store.counts_sync))["instances"] == 2
         endpoint = harmony.service.runtime.endpoints["scp"]

@@ -35,7 +35,6 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parents[0] / "ingest"))
 
 import run as ingest  # noqa: E402  (bench/ingest/run.py)
-
 from tests.peers import Orthanc  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
