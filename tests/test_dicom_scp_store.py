@@ -4,6 +4,11 @@ a sender hears when the durable write fails.
 - The received file is parsed once: validation, the header JSON middleware reads
   (equal to pydicom's ``stop_before_pixels`` reading) and the store's index header
   all come from that parse, handed on with the instance (``DicomInstance.parsed``).
+- Into a pipeline whose backends check instances themselves (``local_archive``,
+  ``store_forward``) and no middleware, the endpoint does not parse at all: the
+  instance is described from the request and the data set's head and the store
+  parses and checks it; a file that is corrupt, has invalid UIDs or is not the
+  instance the request named is still refused (0xC000, 0xA900) and not kept.
 - DCMTK ``storescu`` -> ``dicom_scp`` -> ``local_archive`` with the store's index
   commit failing: each instance is answered 0x0110 (Processing Failure), nothing
   is indexed, and instances acknowledged before are untouched (that a failed
@@ -18,10 +23,10 @@ from twisted.internet import defer
 
 from harmony.endpoints.dicom_scp import _read_received
 from harmony.storage.errors import StorageFailure
+from tests.endpoints.test_dicom_scp_peers import SCP_AET, corrupted, run, store_raw
 from tests.harness import start_harmony
 from tests.sf_helpers import make_instances
 from tests.test_archive_dimse import config
-from tests.endpoints.test_dicom_scp_peers import SCP_AET, run
 
 
 def test_a_received_instance_is_parsed_once_and_its_parse_rides_along(tmp_path):
@@ -80,3 +85,61 @@ def test_the_header_json_is_made_only_when_something_may_read_it():
     assert endpoint.header_has_readers()
     endpoint.pipeline = SimpleNamespace(middleware=[], backends=[archive, SimpleNamespace(name="echo")])
     assert endpoint.header_has_readers()
+
+
+@pytest_twisted.ensureDeferred
+async def test_into_the_archive_the_store_alone_parses_and_checks(tmp_path, monkeypatch):
+    from twisted.internet import threads
+
+    from harmony.endpoints import dicom_scp
+
+    def no_endpoint_parse(*args):
+        raise AssertionError("dicom_scp parsed an instance the store checks")
+    monkeypatch.setattr(dicom_scp, "_read_received", no_endpoint_parse)
+    cfg, scp_port = config(tmp_path / "h", "archive")
+    good = make_instances(tmp_path / "ok", 2, 45, patient_id="NOPARSE")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    ds = dcmread(good[0])
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1442.45.9"
+    ds.file_meta.MediaStorageSOPInstanceUID = dcmread(good[0]).SOPInstanceUID  # what the request will name
+    mismatched = bad / "mismatched.dcm"
+    ds.save_as(mismatched)
+    assert dcmread(mismatched).file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
+    corrupt = corrupted(good[1], bad / "corrupt.dcm")
+    ds = dcmread(good[1])
+    ds.SeriesInstanceUID = "1.2.x"
+    invalid = bad / "invalid.dcm"
+    ds.save_as(invalid, enforce_file_format=True)
+    harmony = await start_harmony(cfg)
+    try:
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, *good)
+        assert r.stderr.count(b"Received Store Response (Success)") == 2, r.stderr
+        for path, status in ((mismatched, 0xA900), (corrupt, 0xC000), (invalid, 0xC000)):
+            assert await threads.deferToThread(store_raw, scp_port, path) == status, path.name
+        store = harmony.service.runtime.backends["archive"].store
+        assert (await store.run(store.counts_sync))["instances"] == 2
+        endpoint = harmony.service.runtime.endpoints["scp"]
+        left = [p for p in endpoint.staging.folder.iterdir() if p.suffix != ".part"]  # spares are .part
+        assert left == []
+    finally:
+        await harmony.stop()
+
+
+def test_only_a_bare_pipeline_into_checking_backends_skips_the_endpoint_parse():
+    from types import SimpleNamespace
+
+    from harmony.backends.local_archive import LocalArchiveBackend
+    from harmony.backends.store_forward import StoreForwardBackend
+    from harmony.endpoints.dicom_scp import DicomScpEndpoint
+    endpoint = DicomScpEndpoint("scp", None, local_aet="HARMONY")
+    archive = LocalArchiveBackend("archive", None)
+    endpoint.pipeline = SimpleNamespace(middleware=[], backends=[archive])
+    assert endpoint.checked_downstream() and StoreForwardBackend.checks_received_instances
+    endpoint.pipeline = SimpleNamespace(middleware=[object()], backends=[archive])
+    assert not endpoint.checked_downstream()
+    endpoint.pipeline = SimpleNamespace(middleware=[], backends=[archive, SimpleNamespace(name="relay")])
+    assert not endpoint.checked_downstream()
+    stored = DicomScpEndpoint("scp", None, local_aet="HARMONY", storage_dir="/tmp/x", forward_store=True)
+    stored.pipeline = SimpleNamespace(middleware=[], backends=[archive])
+    assert not stored.checked_downstream()

@@ -319,29 +319,35 @@ async def test_malformed_identifier(harmony):
     assert "0xa900" in final_status(r.stderr)
 
 
+def corrupted(good, bad):
+    """*good* with its last element's length overrunning the file: undecodable."""
+    data = good.read_bytes()
+    bad.write_bytes(data[:-200] + b"\xff\xff\xff\xff\x00\x00\x00\x10" + b"\x01" * 8)
+    return bad
+
+
+def store_raw(port: int, path) -> int:
+    """C-STORE the file *path* as it is (pynetdicom names it by its file meta); the status (blocking)."""
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AET)
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(path).Status
+    finally:
+        assoc.release()
+
+
 @pytest_twisted.ensureDeferred
 async def test_corrupt_dataset_store_is_refused(tmp_path, store_orthanc):
     """A C-STORE whose dataset cannot be decoded gets 0xC000 and is not kept."""
-    from pynetdicom import AE
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
     ds = make_instance(seed=3)
-    good = save(ds, tmp_path / "good.dcm")
-    data = good.read_bytes()
-    bad = tmp_path / "bad.dcm"
-    bad.write_bytes(data[:-200] + b"\xff\xff\xff\xff\x00\x00\x00\x10" + b"\x01" * 8)
-
-    def send():
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", scp_port, ae_title=SCP_AET)
-        assert assoc.is_established
-        try:
-            return assoc.send_c_store(bad).Status  # the path: sent raw, as the file is
-        finally:
-            assoc.release()
+    bad = corrupted(save(ds, tmp_path / "good.dcm"), tmp_path / "bad.dcm")
     running, scp_port = await start(tmp_path / "h", store_orthanc.aet, store_orthanc.dicom_port)
     try:
-        status = await threads.deferToThread(send)
+        status = await threads.deferToThread(store_raw, scp_port, bad)
     finally:
         await running.stop()
     assert status == 0xC000

@@ -76,6 +76,9 @@ def _fraction(opts: Options, key: str, default: float) -> float:
 class StoreForwardBackend(Backend):
     #: Like local_archive's: a C-STORE's ``request.normalized`` is never read (the file is queued).
     reads_store_header = False
+    #: The store parses and checks every received instance before filing it
+    #: (dicom_scp then skips its own parse: DicomInstance.unchecked).
+    checks_received_instances = True
 
     def __init__(self, name: str, store, targets: list[TargetSettings], **service_options):
         super().__init__(name)

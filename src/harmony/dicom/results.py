@@ -73,6 +73,10 @@ class DicomInstance:
     #: ``(stamp, dataset)`` of a parse already done (:func:`harmony.dicom.files.parse_stamped`),
     #: so the store does not parse the file again; ignored once the file changed.
     parsed: object = attr.ib(default=None, eq=False, repr=False)
+    #: Described from what came with it (a C-STORE request's UIDs, the data set's head),
+    #: never parsed: a consumer that files it must first check the file is complete and
+    #: is the instance these fields say (``InstanceStore.put_instance`` does).
+    unchecked: bool = attr.ib(default=False, eq=False)
 
     def release(self) -> None:
         if self.owned:

@@ -14,6 +14,8 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
+from harmony.dicom.rawjson import element_json
+
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_THRESHOLD = 1024
 _NO_BULK = 1 << 62
@@ -55,13 +57,15 @@ def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_T
             if length > threshold or length == UNDEFINED_LENGTH or tag in ALWAYS_BULK:
                 out[key] = {"vr": vr, "BulkDataURI": bulk_base + "/bulkdata/" + "/".join(_path + (key,))}
                 continue
-        elem = ds[tag]
-        if elem.VR == "SQ":
-            items = [dataset_to_json(item, bulk_base, threshold=threshold, _path=_path + (key, str(i)))
-                     for i, item in enumerate(elem.value)]
-            out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-            continue
-        attr = elem.to_json_dict(None, _NO_BULK)
+        attr = element_json(raw)  # the common elements without pydicom's conversions (harmony.dicom.rawjson)
+        if attr is None:
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                items = [dataset_to_json(item, bulk_base, threshold=threshold, _path=_path + (key, str(i)))
+                         for i, item in enumerate(elem.value)]
+                out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+                continue
+            attr = elem.to_json_dict(None, _NO_BULK)
         if vr == "UI" and attr.get("Value"):
             # DIMSE peers may pad UIDs with NUL; DICOM JSON carries them bare.
             attr["Value"] = [v.rstrip("\0 ") if isinstance(v, str) else v for v in attr["Value"]]

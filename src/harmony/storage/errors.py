@@ -25,6 +25,13 @@ class InvalidInstance(BadRequest):
     dimse_status = dimse.STORE_CANNOT_UNDERSTAND
 
 
+class MismatchedInstance(InvalidInstance):
+    """The file is not the instance it was sent as (its SOP Class or Instance UID differs)."""
+
+    code = "dataset-mismatch"
+    dimse_status = dimse.STORE_DATASET_MISMATCH
+
+
 class InvalidQuery(BadRequest):
     """A C-FIND/C-GET/C-MOVE identifier the archive cannot answer."""
 

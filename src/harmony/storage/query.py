@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.valuerep import VR
 
+from harmony.dicom.rawjson import element_json
 from harmony.storage.errors import InvalidQuery
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
@@ -90,10 +91,12 @@ def attrs_from_dataset(ds: Dataset) -> dict:
         vr = getattr(raw, "VR", None) or _dictionary_vr(f"{int(tag):08X}", "UN")
         if vr in BINARY_VRS or vr == "SQ" or (getattr(raw, "length", 0) or 0) > 4 * MAX_VALUE_CHARS:
             continue
-        try:
-            js = ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=MAX_VALUE_CHARS)
-        except Exception:  # noqa: BLE001 - a malformed value is skipped, not fatal to ingest
-            continue
+        js = element_json(raw)  # the common elements without pydicom's conversions (harmony.dicom.rawjson)
+        if js is None:
+            try:
+                js = ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=MAX_VALUE_CHARS)
+            except Exception:  # noqa: BLE001 - a malformed value is skipped, not fatal to ingest
+                continue
         if "BulkDataURI" in js or "InlineBinary" in js or len(str(js.get("Value", ""))) > MAX_VALUE_CHARS:
             continue
         out[f"{int(tag):08X}"] = js

@@ -62,7 +62,13 @@ from harmony.storage import nodes
 from harmony.storage import queue as q
 from harmony.storage.blobs import BlobUnavailable, LocalCache
 from harmony.storage.database import SQLITE, SqliteDatabase
-from harmony.storage.errors import DatabaseUnavailable, InvalidInstance, StorageFailure, StorageFull
+from harmony.storage.errors import (
+    DatabaseUnavailable,
+    InvalidInstance,
+    MismatchedInstance,
+    StorageFailure,
+    StorageFull,
+)
 from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fdatasync_file, fsync_dir, fsync_file, make_dirs
 from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.query import (
@@ -480,10 +486,12 @@ class InstanceStore:
     # placed instances at a time, see harmony.storage.groupcommit).  A crash
     # between the two leaves files without rows: the start-up scan's case.
 
-    def _place_file_sync(self, source, move: bool, enqueue, now, parsed=None) -> Placed:
+    def _place_file_sync(self, source, move: bool, enqueue, now, parsed=None, expect=None) -> Placed:
         """*parsed*: ``(stamp, dataset)`` from :func:`harmony.dicom.files.parse_stamped`
         when the caller already parsed (and checked) *source*: used only while
-        the file is unchanged since, so it is never parsed twice."""
+        the file is unchanged since, so it is never parsed twice.  *expect*:
+        ``(SOP Class UID, SOP Instance UID)`` the file must have (it came with
+        them, unchecked: :attr:`DicomInstance.unchecked`)."""
         self.open_sync()
         source = Path(source)
         try:
@@ -491,6 +499,8 @@ class InstanceStore:
         except OSError as e:
             raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
         header = self._read_header(source, parsed)
+        if expect is not None and (header["sop_class"], header["sop"]) != expect:
+            raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         self.guard.check(size)
         final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
         if move:
@@ -553,17 +563,21 @@ class InstanceStore:
             raise InvalidInstance("not a DICOM Part-10 file (no preamble or file meta)")
         meta = getattr(ds, "file_meta", None)
         ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-        sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-        study = clean_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        series = clean_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = clean_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        # The index attributes first: the UIDs are read from them (pydicom converting
+        # the four elements again cost as much as describing the rest).
+        attrs = attrs_from_dataset(ds)
+        sop_class = _uid_in(attrs, ds, "00080016", "SOPClassUID") or (
+            meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+        study = clean_uid(_uid_in(attrs, ds, "0020000D", "StudyInstanceUID"), "StudyInstanceUID")
+        series = clean_uid(_uid_in(attrs, ds, "0020000E", "SeriesInstanceUID"), "SeriesInstanceUID")
+        sop = clean_uid(_uid_in(attrs, ds, "00080018", "SOPInstanceUID"), "SOPInstanceUID")
         header: dict[str, str | dict | None] = {
             "study": study,
             "series": series,
             "sop": sop,
             "sop_class": clean_uid(sop_class, "SOPClassUID"),
             "ts": clean_uid(ts, "TransferSyntaxUID"),
-            "attrs": attrs_from_dataset(ds),
+            "attrs": attrs,
         }
         try:
             header["metadata"] = metadata_of(ds, study, series, sop)
@@ -774,8 +788,9 @@ class InstanceStore:
                 instance.owned = False  # its file is the store's now: nothing left to release
             return outcome
 
+        expect = (instance.sop_class_uid, instance.sop_instance_uid) if instance.unchecked else None
         d = self._ingest(self.run(self._place_sync, self._place_file_sync, instance.path, instance.owned, enqueue,
-                                  now, instance.parsed).addCallback(placed))
+                                  now, instance.parsed, expect).addCallback(placed))
 
         def done(stored):
             if instance.owned and Path(instance.path) != stored.path:
@@ -901,6 +916,14 @@ class InstanceStore:
     def counts_sync(self) -> dict:
         return self.read_sync(lambda conn: {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                                             for table in ("patients", "studies", "series", "instances")})
+
+
+def _uid_in(attrs: dict, ds, tag: str, keyword: str):
+    """A UID as the index attributes hold it (one value: what pydicom reads), else as pydicom reads it."""
+    values = attrs.get(tag, {}).get("Value")
+    if values is not None and len(values) == 1 and isinstance(values[0], str):
+        return values[0]
+    return ds.get(keyword)
 
 
 def metadata_of(ds, study: str, series: str, sop: str) -> str:
