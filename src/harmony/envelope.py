@@ -39,8 +39,9 @@ _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def new_request_id() -> str:
     """A random version-4 UUID as 32 hex digits, like ``uuid.uuid4().hex`` but without
     its ``getrandom`` system call and ``UUID`` object on every request (strace counted one
-    per proxied request; ~5 % of a received C-STORE's reactor time).  The ids label requests, they guard nothing; the module-level
-    generator is seeded from the OS and reseeded in each forked worker by CPython."""
+    per proxied request; ~5 % of a received C-STORE's reactor time).  The ids label
+    requests, they guard nothing; the module-level generator is seeded from the OS and
+    reseeded in each forked worker by CPython."""
     bits = random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET
     return "%032x" % bits
 
