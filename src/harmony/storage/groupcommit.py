@@ -97,6 +97,27 @@ class GroupCommit:
             self._commit_next()
         return d
 
+    def submit_many(self, entries: list) -> defer.Deferred:
+        """Queue *entries* together (the instances of one STOW-RS request): they
+        join the same batch (up to ``max_batch``), so the request waits for one
+        commit, not one per instance.  Fires with their results, in order, once
+        committed; fails if their batch does."""
+        if not entries:
+            return defer.succeed([])
+        waiting = []
+        with self._lock:
+            for entry in entries:
+                d: defer.Deferred = defer.Deferred()
+                self._queue.append((entry, d))
+                waiting.append(d)
+            start = not self._busy
+            self._busy = True
+        if start:
+            self._commit_next()
+        # A batch fails every entry with the same failure: hand on that one, not FirstError.
+        return defer.gatherResults(waiting, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+
     def _commit_next(self) -> None:
         with self._lock:
             batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
