@@ -182,3 +182,27 @@ async def test_curl_stow_files_a_request_in_one_commit_and_answers_in_part_order
         assert list((tmp_path / "h").rglob("stow-*.part")) == []  # every part file moved in or removed
     finally:
         await harmony.stop()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("body,why", [
+    # a 1 MB part header: python-multipart refuses it mid-body, while the rest is still being fed
+    (b"--B\r\nContent-Type: application/dicom\r\nX-Junk: " + b"a" * 1_000_000 + b"\r\n\r\nDICM\r\n--B--\r\n",
+     "malformed multipart body"),
+    # a body over 256 KB cut before its closing boundary: nothing of it is stored
+    (b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"\0" * 400_000, "closing boundary"),
+])
+async def test_a_large_malformed_stow_body_is_400_and_leaves_no_part_file(tmp_path, body, why):
+    """Bodies over 256 KB are parsed on a thread, a batch of chunks at a time: a parse error
+    is still a clear 400 with the reason, and every part file written so far is removed."""
+    harmony = await start_harmony(archive_config(tmp_path))
+    try:
+        resp = await treq.post(harmony.url("/dicomweb/studies"), body,
+                               headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+        assert resp.code == 400
+        assert why in json.loads(await resp.content())["detail"]
+        assert list(tmp_path.rglob("stow-*.part")) == []
+        store = harmony.service.runtime.backends["archive"].store
+        assert store.committer.entries == 0
+    finally:
+        await harmony.stop()
