@@ -300,6 +300,20 @@ def test_a_group_submitted_together_shares_one_batch_even_when_the_committer_is_
     assert gc.submit_many([]).result == []
 
 
+def test_a_group_split_over_capped_batches_fails_once_if_one_of_them_fails():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None, max_batch=2)
+    outcomes = []
+    gc.submit_many(list("abcde")).addBoth(outcomes.append)
+    assert fake.batches == [["a", "b"]]
+    fake.finish(0)
+    assert fake.batches[1] == ["c", "d"] and outcomes == []  # not told before every entry committed
+    fake.fail(1)
+    assert len(outcomes) == 1 and outcomes[0].check(StorageFailure)
+    fake.finish(2)  # the last entry's batch commits after the group was failed: told nobody twice
+    assert len(outcomes) == 1 and gc.entries == 3 and not gc.busy
+
+
 @pytest_twisted.ensureDeferred
 async def test_put_instances_commits_a_group_once_and_refuses_only_the_bad_one(store, files, tmp_path):
     """The parts of one STOW-RS request: staged files moved into place, one commit for
