@@ -165,3 +165,72 @@ async def test_wado_study_goes_by_sendfile_to_dicomweb_client_and_curl(web_archi
         assert got.stdout == "200", got.stderr
         body = out.read_bytes()
         assert all(i.path.read_bytes() in body for i in study_files)
+
+
+def _curl_stow(url: str, body_file, content_type: str) -> tuple[int, dict]:
+    import subprocess
+    out = subprocess.run(["/usr/bin/curl", "-sS", "-X", "POST", "--data-binary", f"@{body_file}",
+                          "-H", f"Content-Type: {content_type}", "-H", "Accept: application/dicom+json",
+                          "-w", "\n%{http_code}", url], check=True, capture_output=True, timeout=60).stdout
+    doc, _, code = out.rpartition(b"\n")
+    return int(code), json.loads(doc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_curl_stow_files_a_request_in_one_commit_and_answers_in_part_order(tmp_path):
+    """curl uploads a STOW-RS body over 256 KB (read through twisted.web's spooled file,
+    parsed on a thread) with good parts around a non-DICOM part and another study's
+    instance: one group commit for the request's good instances (not one each), the
+    answer lists them in part order, and each listed instance is in place and indexed
+    when the answer comes."""
+    from tests.sf_helpers import make_instances
+    study = "1.2.826.0.1.3680043.10.543.77.1"
+    good = make_instances(tmp_path / "data", 4, 77, size=256)  # ~130 KB each
+    other = make_instances(tmp_path / "other", 1, 78)
+    parts = [good[0].read_bytes(), b"not DICOM at all", good[1].read_bytes(), other[0].read_bytes(),
+             good[2].read_bytes(), good[3].read_bytes()]
+    body, ctype = multipart(parts)
+    assert len(body) > 256 * 1024
+    (tmp_path / "body").write_bytes(body)
+    harmony = await start_harmony(archive_config(tmp_path / "h"))
+    try:
+        store = harmony.service.runtime.backends["archive"].store
+        before = store.committer.batches
+        code, doc = await in_thread(_curl_stow, harmony.url(f"/dicomweb/studies/{study}"), tmp_path / "body", ctype)
+        assert code == 202
+        listed = [e["00081155"]["Value"][0] for e in doc["00081199"]["Value"]]
+        assert listed == [pydicom.dcmread(f).SOPInstanceUID for f in good]
+        assert [e["00081197"]["Value"] for e in doc["00081198"]["Value"]] == [[0xC000], [0xA900]]
+        assert store.committer.batches - before == 1
+        rows = store.read_sync(lambda c: dict(c.execute("SELECT sop_uid, relpath FROM instances")))
+        assert sorted(rows) == sorted(listed)
+        for sop in listed:
+            assert store.path_of(rows[sop]).read_bytes() == next(f.read_bytes() for f in good
+                                                                 if pydicom.dcmread(f).SOPInstanceUID == sop)
+        assert list((tmp_path / "h").rglob("stow-*.part")) == []  # every part file moved in or removed
+    finally:
+        await harmony.stop()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("body,why", [
+    # a 1 MB part header: python-multipart refuses it mid-body, while the rest is still being fed
+    (b"--B\r\nContent-Type: application/dicom\r\nX-Junk: " + b"a" * 1_000_000 + b"\r\n\r\nDICM\r\n--B--\r\n",
+     "malformed multipart body"),
+    # a body over 256 KB cut before its closing boundary: nothing of it is stored
+    (b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"\0" * 400_000, "closing boundary"),
+])
+async def test_a_large_malformed_stow_body_is_400_and_leaves_no_part_file(tmp_path, body, why):
+    """Bodies over 256 KB are parsed on a thread, a batch of chunks at a time: a parse error
+    is still a clear 400 with the reason, and every part file written so far is removed."""
+    harmony = await start_harmony(archive_config(tmp_path))
+    try:
+        resp = await treq.post(harmony.url("/dicomweb/studies"), body,
+                               headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+        assert resp.code == 400
+        assert why in json.loads(await resp.content())["detail"]
+        assert list(tmp_path.rglob("stow-*.part")) == []
+        store = harmony.service.runtime.backends["archive"].store
+        assert store.committer.entries == 0
+    finally:
+        await harmony.stop()

@@ -219,7 +219,9 @@ def test_malformed_multipart_read_from_a_file_body_is_answered(tmp_path):
     cooperator = Cooperator(terminationPredicateFactory=lambda: (lambda: False), scheduler=pending.append)
     data = (b"--XX\r\nContent-Type: application/dicom\r\nX-Junk: " + b"a" * 1_000_000
             + b"\r\n\r\nabc\r\n--XX--\r\n")
-    d = parse_body(FileBodyProducer(io.BytesIO(data), cooperator=cooperator), StowParser("XX", tmp_path))
+    from twisted.internet import defer
+    d = parse_body(FileBodyProducer(io.BytesIO(data), cooperator=cooperator), StowParser("XX", tmp_path),
+                   run=lambda fn, *args: defer.maybeDeferred(fn, *args))  # the parser's thread, inline
     while pending:
         pending.pop(0)()
     failures = []

@@ -170,3 +170,58 @@ def test_observers_see_every_request_even_errors():
     d = p.handle(RequestEnvelope(metadata={"request_id": "r1"}), HttpEndpoint("e"))
     response = d.result
     assert response.status == 404 and seen == [("p", 404, True)]
+
+
+def test_send_batch_after_is_one_backend_call_unless_a_middleware_must_see_each_request():
+    """A fanning middleware's batch (a STOW-RS upload's C-STOREs) reaches a backend that
+    files batches in one call; with a middleware right of the fanning one, each request
+    passes alone through it, and each outcome (a failure too) comes back in order."""
+    from twisted.python.failure import Failure
+    from zope.interface import implementer
+
+    from harmony.backends.base import Backend
+    from harmony.envelope import RequestEnvelope, ResponseEnvelope
+    from harmony.errors import BadRequest
+    from harmony.interfaces import IBatchBackend
+    from harmony.middleware.base import Middleware
+    from harmony.pipeline import Pipeline
+
+    @implementer(IBatchBackend)
+    class Batches(Backend):
+        def __init__(self, name):
+            super().__init__(name)
+            self.calls = []
+
+        def send(self, request):
+            self.calls.append("one")
+            if request.metadata["n"] == 1:
+                raise BadRequest("refused")
+            return ResponseEnvelope(200, body=str(request.metadata["n"]).encode())
+
+        def send_batch(self, requests):
+            self.calls.append(len(requests))
+            return [ResponseEnvelope(200, body=str(r.metadata["n"]).encode()) if r.metadata["n"] != 1
+                    else Failure(BadRequest("refused")) for r in requests]
+
+    class Seen(Middleware):
+        def __init__(self, name):
+            super().__init__(name)
+            self.seen = []
+
+        def on_request(self, request):
+            self.seen.append(request.metadata["n"])
+            return request
+
+    def requests():
+        return [RequestEnvelope(metadata={"n": n}) for n in range(3)]
+
+    fan, seen, backend = Seen("fan"), Seen("seen"), Batches("b")
+    alone = Pipeline("p", [fan], [backend]).send_batch_after(fan, requests()).result
+    assert backend.calls == [3]
+    assert [a.body if isinstance(a, ResponseEnvelope) else a.check(BadRequest) for a in alone] == [
+        b"0", BadRequest, b"2"]
+    backend.calls.clear()
+    each = Pipeline("p", [fan, seen], [backend]).send_batch_after(fan, requests(), concurrency=2).result
+    assert backend.calls == ["one"] * 3 and seen.seen == [0, 1, 2]
+    assert [a.body if isinstance(a, ResponseEnvelope) else a.check(BadRequest) for a in each] == [
+        b"0", BadRequest, b"2"]

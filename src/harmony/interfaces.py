@@ -53,6 +53,17 @@ class IBackend(Interface):
         """Return a Deferred firing with a ResponseEnvelope."""
 
 
+class IBatchBackend(IBackend):
+    """A backend that files several C-STOREs as one group (the instances of
+    one STOW-RS upload): one durable commit for the lot rather than one each.
+    ``Pipeline.send_batch_after`` uses it when nothing sits between the fanning
+    middleware and the backend (a middleware there sees each instance alone)."""
+
+    def send_batch(requests):
+        """Return a Deferred firing with one ResponseEnvelope or Failure per
+        request, in order (a Failure is that request's alone)."""
+
+
 class IMiddleware(Interface):
     """A step that runs on the way in (left) and/or on the way out (right)."""
 

@@ -63,16 +63,132 @@ def test_limits(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_parse_body_reads_a_producer(tmp_path):
+class HandOff:
+    """``run`` for parse_body: each call waits until :meth:`step` runs it (a thread
+    pool's hand-off made visible); counts the calls in flight at once."""
+
+    def __init__(self):
+        self.queue: list = []
+        self.most_in_flight = 0
+
+    def __call__(self, fn, *args):
+        d: defer.Deferred = defer.Deferred()
+        self.queue.append((fn, args, d))
+        self.most_in_flight = max(self.most_in_flight, len(self.queue))
+        return d
+
+    def step(self):
+        fn, args, d = self.queue.pop(0)
+        try:
+            d.callback(fn(*args))
+        except Exception:  # noqa: BLE001 - handed on like a thread's exception
+            d.errback()
+
+
+def now(fn, *args):
+    return defer.maybeDeferred(fn, *args)
+
+
+class OnlyInHandOff(StowParser):
+    """A parser that fails the test if it is fed outside the hand-off (on the reactor)."""
+
+    inside = False
+
+    def feed(self, data):
+        assert OnlyInHandOff.inside, "the parser ran on the reactor thread"
+        super().feed(data)
+
+
+def test_parse_body_reads_a_producer_off_the_reactor(tmp_path):
     body, _ = _body()
     clock = task.Clock()
     cooperator = task.Cooperator(scheduler=lambda step: clock.callLater(0, step))
+    hand_off = HandOff()
     d = parse_body(FileBodyProducer(io.BytesIO(body), cooperator=cooperator, readSize=7),
-                   StowParser("b0undary", tmp_path))
+                   OnlyInHandOff("b0undary", tmp_path), run=hand_off, finish=lambda parts: ("done", parts))
     while not fired(d):
         clock.advance(0)
-    assert _contents(result_of(d)) == [b"DICM-one", b"\r\n--not-a-boundary\r\n"]
-    failure_of(parse_body(b"garbage", StowParser("b0undary", tmp_path / "x")), BadRequest)
+        if hand_off.queue:
+            OnlyInHandOff.inside = True
+            hand_off.step()
+            OnlyInHandOff.inside = False
+    label, parts = result_of(d)
+    assert label == "done" and _contents(parts) == [b"DICM-one", b"\r\n--not-a-boundary\r\n"]
+    assert hand_off.most_in_flight == 1  # one thread at a time uses the parser
+    failure_of(parse_body(b"garbage", StowParser("b0undary", tmp_path / "x"), run=now), BadRequest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_parse_body_writes_part_files_on_a_thread_by_default(tmp_path):
+    import threading
+    threads_seen = []
+
+    class Watched(StowParser):
+        def _begin(self):
+            threads_seen.append(threading.current_thread() is threading.main_thread())
+            super()._begin()
+
+    body, _ = _body()
+    parts = await parse_body(body, Watched("b0undary", tmp_path))
+    assert len(parts) == 2 and threads_seen == [False, False]
+
+
+class Stalling:
+    """A body producer driven by hand: what it is told, and what it writes."""
+
+    def __init__(self):
+        self.paused = self.resumed = self.stopped = 0
+        self.consumer = None
+        self.done: defer.Deferred = defer.Deferred()
+
+    def startProducing(self, consumer):
+        self.consumer = consumer
+        return self.done
+
+    def pauseProducing(self):
+        self.paused += 1
+
+    def resumeProducing(self):
+        self.resumed += 1
+
+    def stopProducing(self):
+        self.stopped += 1
+
+
+def test_a_fast_body_pauses_its_producer_while_the_parser_is_behind(tmp_path):
+    from harmony.dicomweb.multipart import FEED_HIGH_WATER
+    hand_off = HandOff()
+    producer = Stalling()
+    body = (b"--bb\r\nContent-Type: application/dicom\r\n\r\n" + b"x" * (FEED_HIGH_WATER + 1000)
+            + b"\r\n--bb--\r\n")
+    d = parse_body(producer, StowParser("bb", tmp_path), run=hand_off)
+    producer.consumer.write(body[:100])  # a batch in flight ...
+    for at in range(100, len(body), 64 * 1024):
+        producer.consumer.write(body[at:at + 64 * 1024])  # ... while the rest arrives
+    assert producer.paused == 1 and producer.resumed == 0
+    hand_off.step()  # the first batch parsed: the rest goes to the thread at once
+    assert hand_off.queue and producer.resumed == 0
+    hand_off.step()
+    assert producer.resumed == 1  # caught up: read on
+    producer.done.callback(None)
+    while hand_off.queue:
+        hand_off.step()
+    parts = result_of(d)
+    assert [p.size for p in parts] == [FEED_HIGH_WATER + 1000]
+
+
+def test_a_body_that_fails_mid_parse_waits_for_the_batch_in_flight_then_removes_its_files(tmp_path):
+    hand_off = HandOff()
+    producer = Stalling()
+    d = parse_body(producer, StowParser("bb", tmp_path), run=hand_off)
+    producer.consumer.write(b"--bb\r\nContent-Type: application/dicom\r\n\r\nDICM")
+    producer.done.errback(PayloadTooLarge("the client sent too much"))  # e.g. the upload cap, while parsing
+    assert not fired(d) and len(hand_off.queue) == 1  # the parser is still the thread's: no abort yet
+    hand_off.step()  # the batch: a part file is open
+    assert list(tmp_path.iterdir()) and len(hand_off.queue) == 1
+    hand_off.step()  # then the abort
+    failure_of(d, PayloadTooLarge)
+    assert list(tmp_path.iterdir()) == []
 
 
 class Consumer:

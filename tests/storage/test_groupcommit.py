@@ -283,3 +283,57 @@ async def test_a_failed_folder_fsync_fails_the_batch(store, files, monkeypatch):
     with pytest.raises(StorageFailure):
         await store.put_file(files[0])
     assert (await store.run(store.counts_sync))["instances"] == 0
+
+
+def test_a_group_submitted_together_shares_one_batch_even_when_the_committer_is_idle():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None)
+    results = []
+    gc.submit_many(["a", "b", "c"]).addCallback(results.append)
+    assert fake.batches == [["a", "b", "c"]]  # submit() each would have committed "a" alone first
+    fake.finish()
+    assert results == [["durable:a", "durable:b", "durable:c"]]
+    failures = []
+    gc.submit_many(["d", "e"]).addErrback(failures.append)
+    fake.fail()
+    assert failures[0].check(StorageFailure)  # the batch's own error, not a FirstError wrapper
+    assert gc.submit_many([]).result == []
+
+
+def test_a_group_split_over_capped_batches_fails_once_if_one_of_them_fails():
+    fake = FakeThreads()
+    gc = GroupCommit(fake.run, None, max_batch=2)
+    outcomes = []
+    gc.submit_many(list("abcde")).addBoth(outcomes.append)
+    assert fake.batches == [["a", "b"]]
+    fake.finish(0)
+    assert fake.batches[1] == ["c", "d"] and outcomes == []  # not told before every entry committed
+    fake.fail(1)
+    assert len(outcomes) == 1 and outcomes[0].check(StorageFailure)
+    fake.finish(2)  # the last entry's batch commits after the group was failed: told nobody twice
+    assert len(outcomes) == 1 and gc.entries == 3 and not gc.busy
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_instances_commits_a_group_once_and_refuses_only_the_bad_one(store, files, tmp_path):
+    """The parts of one STOW-RS request: staged files moved into place, one commit for
+    the group, an invalid one refused alone, each outcome in order."""
+    from twisted.python.failure import Failure
+
+    from harmony.dicom.results import DicomInstance
+    from harmony.storage.errors import InvalidInstance
+    staged = []
+    for f in files[:5]:
+        s = tmp_path / "staged" / f.name
+        s.parent.mkdir(parents=True, exist_ok=True)
+        s.write_bytes(f.read_bytes())
+        staged.append(s)
+    staged[2].write_bytes(b"not DICOM")
+    outcomes = await store.put_instances([DicomInstance(path=s, owned=True) for s in staged])
+    assert [type(o) for o in outcomes] == [DicomInstance, DicomInstance, Failure, DicomInstance, DicomInstance]
+    assert outcomes[2].check(InvalidInstance)
+    assert store.committer.batches == 1 and store.committer.entries == 4
+    assert (await store.run(store.counts_sync))["instances"] == 4
+    assert [s.exists() for s in staged] == [False, False, False, False, False]  # moved in, or released
+    assert all(o.path.exists() for o in outcomes if not isinstance(o, Failure))
+    assert (store.counters["stored"], store.counters["refused_invalid"]) == (4, 1)

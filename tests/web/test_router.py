@@ -73,3 +73,30 @@ def test_body_policy_asks_the_endpoint():
     assert router.body_policy(b"/api/upload", b"POST") == (True, (100, "max_body_bytes"))
     assert router.body_policy(b"/fhir/Patient", b"GET") == (False, None)
     assert router.body_policy(b"/nowhere", b"POST") == (False, None)
+
+
+def test_form_bodies_are_never_parsed_by_twisted_web(monkeypatch):
+    """twisted.web's Site parses POST form bodies into ``request.args`` before any
+    resource runs: a multipart/form-data body read whole into memory, whatever the
+    endpoint (a STOW-RS endpoint takes gigabytes), and the email package run on
+    every POST's Content-Type.  HarmonySite turns that off; the body reaches the
+    endpoint untouched."""
+    from twisted.internet import task
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.web import http
+
+    from harmony.web.router import HarmonySite
+
+    parsed = []
+    monkeypatch.setattr(http, "_getMultiPartArgs", lambda *a: parsed.append(a) or {})
+    monkeypatch.setattr(http, "_parseContentType", lambda line: parsed.append(line) or b"multipart/form-data")
+    site = HarmonySite(_router(), reactor=task.Clock())
+    proto = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    body = b"--xx\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--xx--\r\n"
+    proto.dataReceived(b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert transport.value().startswith(b"HTTP/1.1 200 ")  # the echo backend got the body
+    assert parsed == []

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from harmony.backends.base import Backend
 from harmony.dicom import charset
@@ -34,6 +36,7 @@ from harmony.dicom.results import (
 )
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BadRequest
+from harmony.interfaces import IBatchBackend
 from harmony.state import ResponseState
 from harmony.storage.config import store_from_context
 from harmony.storage.errors import InvalidInstance, InvalidQuery
@@ -85,6 +88,7 @@ def results_response(stream: ResultStream) -> ResponseEnvelope:
     return ResponseEnvelope(status=200, state=ResponseState(dicom_results=stream))
 
 
+@implementer(IBatchBackend)
 class LocalArchiveBackend(Backend):
     #: C-STORE: the instance is filed from its file; the header JSON a DIMSE endpoint
     #: could make for middleware (``request.normalized``) is never read here.
@@ -175,6 +179,15 @@ class LocalArchiveBackend(Backend):
         # Plain callbacks: a generator per C-STORE was a visible share of its reactor time.
         return ingest(self.store, request).addCallback(_stored_response)
 
+    def send_batch(self, requests):
+        """Several C-STOREs (one STOW-RS upload) filed as one group: one commit for all."""
+        for request in requests:
+            op = request.metadata.get("dimse_op", "")
+            if op != C_STORE:
+                return defer.fail(BadRequest(f"local_archive files batches of C-STOREs only, not {op}"))
+        return ingest_batch(self.store, requests).addCallback(
+            lambda outcomes: [o if isinstance(o, Failure) else _stored_response(o) for o in outcomes])
+
 
 def _stored_response(stored: DicomInstance) -> ResponseEnvelope:
     response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid, "sop_class_uid": stored.sop_class_uid})
@@ -196,3 +209,14 @@ def ingest(store, request, enqueue=(), now=None) -> defer.Deferred:
             return defer.fail(InvalidInstance("C-STORE without an instance"))
         return store.put_bytes(body, enqueue=enqueue, now=now)
     return store.put_producer(body, enqueue=enqueue, now=now)
+
+
+def ingest_batch(store, requests, enqueue=(), now=None) -> defer.Deferred:
+    """Write several requests' instances durably as one group; fires with each
+    one's stored :class:`DicomInstance` or Failure, in order
+    (:meth:`~harmony.storage.store.InstanceStore.put_instances`)."""
+    instances = [r.state.dicom.instance for r in requests]
+    if all(isinstance(i, DicomInstance) for i in instances):
+        return store.put_instances(instances, enqueue=enqueue, now=now)
+    alone = [ingest(store, r, enqueue, now) for r in requests]
+    return defer.DeferredList(alone, consumeErrors=True).addCallback(lambda done: [v for _ok, v in done])

@@ -34,15 +34,18 @@ from __future__ import annotations
 import json
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from harmony.backends.base import Backend
-from harmony.backends.local_archive import ingest
+from harmony.backends.local_archive import ingest, ingest_batch
 from harmony.config.errors import OptionError
 from harmony.config.options import Options
 from harmony.dicom import status as dimse
 from harmony.dicom.results import C_STORE
 from harmony.envelope import ResponseEnvelope, read_body
 from harmony.errors import BadRequest
+from harmony.interfaces import IBatchBackend
 from harmony.storage import queue as q
 from harmony.storage.config import store_from_context
 from harmony.storage.forward import DEFAULT_LEASE, DEFAULT_POLL, StoreForward, TargetSettings
@@ -73,6 +76,7 @@ def _fraction(opts: Options, key: str, default: float) -> float:
     return value
 
 
+@implementer(IBatchBackend)
 class StoreForwardBackend(Backend):
     #: Like local_archive's: a C-STORE's ``request.normalized`` is never read (the file is queued).
     reads_store_header = False
@@ -165,6 +169,22 @@ class StoreForwardBackend(Backend):
             raise BadRequest(f"store_forward accepts C-STORE only, not {op}")
         stored = yield ingest(self.store, request, enqueue=self.target_names, now=self.forward.now())
         self.forward.wake()
+        return self._stored(stored)
+
+    def send_batch(self, requests):
+        """Several C-STOREs (one STOW-RS upload) stored and queued as one group: one commit for all."""
+        for request in requests:
+            op = request.metadata.get("dimse_op", C_STORE)
+            if request.metadata.get("protocol") == q.HL7V2 or op != C_STORE:
+                return defer.fail(BadRequest(f"store_forward batches C-STOREs only, not {op}"))
+
+        def stored(outcomes):
+            self.forward.wake()
+            return [o if isinstance(o, Failure) else self._stored(o) for o in outcomes]
+        return ingest_batch(self.store, requests, enqueue=self.target_names, now=self.forward.now()).addCallback(
+            stored)
+
+    def _stored(self, stored) -> ResponseEnvelope:
         response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid,
                                                "sop_class_uid": stored.sop_class_uid,
                                                "queued_for": self.target_names})

@@ -255,58 +255,134 @@ class StowParser:
         self.parts = []
 
 
-def parse_body(body, parser: StowParser) -> defer.Deferred:
-    """Feed a request body (bytes or an ``IBodyProducer``) to *parser*; fires
-    with the parts once the body is done."""
+#: Body bytes held on the reactor while the parser's thread is busy; past this the
+#: body's producer is paused (memory stays bounded however fast the client sends).
+FEED_HIGH_WATER = 4 * 1024 * 1024
+
+
+def _parse_all(parser: StowParser, data: bytes, finish):
+    parser.feed(data)
+    parts = parser.close()
+    return finish(parts) if finish is not None else parts
+
+
+def _close(parser: StowParser, finish):
+    parts = parser.close()
+    return finish(parts) if finish is not None else parts
+
+
+def _feed_batch(parser: StowParser, batch: list[bytes]) -> None:
+    for chunk in batch:
+        parser.feed(chunk)
+
+
+def parse_body(body, parser: StowParser, run=None, finish=None) -> defer.Deferred:
+    """Feed a request body (bytes or an ``IBodyProducer``) to *parser* off the
+    reactor; fires with the parts (or ``finish(parts)``, computed on the same
+    thread) once the body is done, or fails with the parse error (nothing kept).
+
+    The parser writes part files, so it never runs on the reactor thread:
+    ``run(fn, *args)`` runs it elsewhere and returns a Deferred (default: the
+    reactor's thread pool).  One call is in flight at a time, so the parser is
+    used by one thread at a time, in order.  A body arriving faster than it is
+    parsed pauses its producer past :data:`FEED_HIGH_WATER` bytes.
+    """
+    if run is None:
+        from twisted.internet import threads
+        run = threads.deferToThread
     if isinstance(body, (bytes, bytearray)):
-        try:
-            parser.feed(bytes(body))
-            return defer.succeed(parser.close())
-        except Exception:
-            return defer.fail()
+        return run(_parse_all, parser, bytes(body), finish)
+    return _ThreadedFeed(body, parser, run, finish).start()
 
-    # Our own Deferred: once we stop a producer, the one its startProducing
-    # returned may never fire (IBodyProducer's contract; FileBodyProducer, which
-    # twisted.web bodies over 256 KB are read through, keeps it), so waiting on it
-    # after a parse error left the request hanging.
-    outcome: defer.Deferred[list[ReceivedPart]] = defer.Deferred()
 
-    class Sink:
-        def __init__(self):
-            self.error = None
+class _ThreadedFeed:
+    """A producer's body fed to a parser by *run*, one batch of chunks at a time."""
 
-        def write(self, data):
-            if self.error is None:
-                try:
-                    parser.feed(data)
-                except Exception as e:  # noqa: BLE001 - answered at once, the producer stopped
-                    self.error = e
-                    producer.stopProducing()
-                    parser.abort()
-                    if not outcome.called:
-                        outcome.errback(e)
+    def __init__(self, producer, parser: StowParser, run, finish):
+        self.producer = producer
+        self.parser = parser
+        self.run = run
+        self.finish = finish
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.feeding = False
+        self.paused = False
+        self.body_done = False
+        self.error: Failure | None = None
+        # Our own Deferred: once we stop a producer, the one its startProducing
+        # returned may never fire (IBodyProducer's contract; FileBodyProducer, which
+        # twisted.web bodies over 256 KB are read through, keeps it), so waiting on it
+        # after a parse error left the request hanging.
+        self.outcome: defer.Deferred = defer.Deferred()
 
-        def registerProducer(self, p, streaming):
-            pass
+    def start(self) -> defer.Deferred:
+        self.producer.startProducing(self).addCallbacks(self._ended, self._fail)
+        return self.outcome
 
-        def unregisterProducer(self):
-            pass
+    # the consumer side, as the producer sees it
+    def registerProducer(self, producer, streaming):
+        pass
 
-    producer = body
-    sink = Sink()
+    def unregisterProducer(self):
+        pass
 
-    def finished(result):
-        if outcome.called:
-            return None  # already answered (a parse error); the producer's own outcome is moot
-        if isinstance(result, Failure):
-            parser.abort()
-            outcome.errback(result)
+    def write(self, data):
+        if self.error is not None or self.outcome.called:
+            return
+        self.pending.append(bytes(data))
+        self.pending_size += len(data)
+        if self.pending_size > FEED_HIGH_WATER and not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+        if not self.feeding:
+            self._next()
+
+    def _next(self):
+        self.feeding = True
+        if self.pending:
+            batch, self.pending, self.pending_size = self.pending, [], 0
+            self.run(_feed_batch, self.parser, batch).addCallbacks(self._fed, self._fail_fed)
+        else:
+            self.run(_close, self.parser, self.finish).addCallbacks(self._closed, self._fail_fed)
+
+    def _fed(self, _):
+        self.feeding = False
+        if self.error is not None:
+            self._abort()
+        elif self.pending or self.body_done:
+            self._next()
+        elif self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+    def _closed(self, parts):
+        self.feeding = False
+        if not self.outcome.called:
+            self.outcome.callback(parts)
+
+    def _ended(self, _):
+        if self.error is None and not self.outcome.called:
+            self.body_done = True
+            if not self.feeding:
+                self._next()
+
+    def _fail_fed(self, failure):
+        self.feeding = False
+        self._fail(failure)
+
+    def _fail(self, failure):
+        if self.error is not None or self.outcome.called:
             return None
-        try:
-            outcome.callback(parser.close())
-        except Exception:  # noqa: BLE001 - close() reports a truncated body
-            outcome.errback()
+        self.error = failure
+        if not self.body_done:
+            try:
+                self.producer.stopProducing()
+            except Exception:  # noqa: BLE001 - the producer may already be finished
+                pass
+        if not self.feeding:  # else the batch in flight finishes first (the parser is one thread's)
+            self._abort()
         return None
 
-    body.startProducing(sink).addBoth(finished)
-    return outcome
+    def _abort(self):
+        error = self.error
+        self.run(self.parser.abort).addBoth(lambda _: self.outcome.errback(error))

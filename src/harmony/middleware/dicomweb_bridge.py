@@ -419,20 +419,17 @@ class DicomWebBridge(Middleware):
         if not boundary:
             raise BadRequest("STOW-RS needs a multipart/related body with a boundary")
         parser = StowParser(boundary, self.storage / "stow")
-        parts = yield parse_body(request.body, parser)
-        if not parts:
+        # Parsed, written to files and each part's header read on a thread, in
+        # one hand-off per request (all blocking work, none of it on the reactor).
+        described = yield parse_body(request.body, parser, run=self._off_reactor, finish=_describe_parts)
+        if not described:
             raise BadRequest("the multipart body has no parts")
-        referenced, failed = [], []
-        # A few C-STOREs in flight at once: each is a network round trip to the
-        # PACS, and the backend keeps a pool of associations for exactly this.
-        limiter = defer.DeferredSemaphore(self.stow_concurrency)
         try:
-            outcomes = yield defer.gatherResults(
-                [limiter.run(self._store_part, pipeline, request, dw, part) for part in parts], consumeErrors=True)
+            outcomes = yield self._store_parts(pipeline, request, dw, described)
         finally:
-            for part in parts:
+            for part, _instance in described:
                 part.release()
-        reasons = []
+        referenced, failed, reasons = [], [], []
         for ok, entry, reason in outcomes:
             (referenced if ok else failed).append(entry)
             if not ok:
@@ -456,34 +453,47 @@ class DicomWebBridge(Middleware):
             status = 409
         return ResponseEnvelope.json(status, doc, "application/dicom+json")
 
+    def _off_reactor(self, fn, *args):
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
+
     @defer.inlineCallbacks
-    def _store_part(self, pipeline, request, dw, part):
-        ctype = acc.parse_media_range(part.content_type)[0] if part.content_type else acc.DICOM
-        try:
-            if ctype != acc.DICOM:
-                raise ValueError("not application/dicom")
-            instance = yield threads.deferToThread(_describe, part.path)
-        except Exception:  # noqa: BLE001 - any unreadable part is that part's failure, not the request's
-            return False, _failed_entry("", "", dimse.STORE_CANNOT_UNDERSTAND), dimse.STORE_CANNOT_UNDERSTAND
+    def _store_parts(self, pipeline, request, dw, described):
+        """(ok, entry, reason) per part, in order.  The parts that are DICOM of the
+        right study go on together (``Pipeline.send_batch_after``: a backend that
+        files batches commits them at once, else a C-STORE each, ``stow_concurrency``
+        in flight - each is a round trip to a PACS, and a dicom_scu backend keeps a
+        pool of associations for exactly this)."""
+        outcomes: list = [None] * len(described)
+        subs, sent = [], []
+        for i, (_part, instance) in enumerate(described):
+            refused = _refusal(instance, dw)
+            if refused is not None:
+                outcomes[i] = refused
+                continue
+            sub = RequestEnvelope(method="POST", path=request.path, subpath=request.subpath,
+                                  metadata={**request.metadata, "dimse_op": C_STORE},
+                                  client_ip=request.client_ip, scheme=request.scheme, host=request.host)
+            sub.metadata.pop("query_level", None)
+            sub.state.dicom.instance = instance
+            sub.state.dicomweb.request = dw
+            subs.append(sub)
+            sent.append(i)
+        answers = yield pipeline.send_batch_after(self, subs, self.stow_concurrency)
+        for i, sub, answer in zip(sent, subs, answers, strict=True):
+            outcomes[i] = self._stored_entry(dw, sub, described[i][1], answer)
+        return outcomes
+
+    def _stored_entry(self, dw, sub, instance, answer):
         sop_class, sop = instance.sop_class_uid, instance.sop_instance_uid
-        if not (is_uid(sop) and is_uid(instance.study_instance_uid)):
-            return False, _failed_entry(sop_class, sop, dimse.STORE_CANNOT_UNDERSTAND), dimse.STORE_CANNOT_UNDERSTAND
-        if dw.study_uid and instance.study_instance_uid != dw.study_uid:
-            return False, _failed_entry(sop_class, sop, dimse.STORE_DATASET_MISMATCH), dimse.STORE_DATASET_MISMATCH
-        sub = RequestEnvelope(method="POST", path=request.path, subpath=request.subpath,
-                              metadata={**request.metadata, "dimse_op": C_STORE},
-                              client_ip=request.client_ip, scheme=request.scheme, host=request.host)
-        sub.state.dicom.instance = instance
-        sub.state.dicomweb.request = dw
-        sub.metadata.pop("query_level", None)
-        try:
-            response = yield pipeline.send_after(self, sub)
-        except HarmonyError as e:
+        if isinstance(answer, Failure):
+            if not answer.check(HarmonyError):
+                answer.raiseException()  # not a refusal: the request fails as before
+            e = answer.value
             log.warn("dicomweb_bridge {name}: C-STORE failed: {error}", name=self.name, error=e.detail)
             reason = getattr(e, "dimse_status", None) or dimse.PROCESSING_FAILURE  # e.g. 0xA700 from a full store
             return False, _failed_entry(sop_class, sop, reason), reason
-        status = dimse.of_response(response)
-        if status is None or is_failure(status) or response.status >= 400:
+        status = dimse.of_response(answer)
+        if status is None or is_failure(status) or answer.status >= 400:
             reason = status if status not in (None, 0) else dimse.PROCESSING_FAILURE
             return False, _failed_entry(sop_class, sop, reason), reason
         # A middleware that rewrote the instance (deidentify) left the one it stored in the request:
@@ -500,6 +510,32 @@ class DicomWebBridge(Middleware):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _describe_parts(parts) -> list:
+    """(part, its :class:`DicomInstance` or None when it is not DICOM) for each part
+    (off the reactor: each part's header is read from its file)."""
+    described = []
+    for part in parts:
+        ctype = acc.parse_media_range(part.content_type)[0] if part.content_type else acc.DICOM
+        try:
+            instance = _describe(part.path) if ctype == acc.DICOM else None
+        except Exception:  # noqa: BLE001 - any unreadable part is that part's failure, not the request's
+            instance = None
+        described.append((part, instance))
+    return described
+
+
+def _refusal(instance, dw):
+    """The (ok, entry, reason) refusing a part before any store, or None when it may go on."""
+    if instance is None:
+        return False, _failed_entry("", "", dimse.STORE_CANNOT_UNDERSTAND), dimse.STORE_CANNOT_UNDERSTAND
+    sop_class, sop = instance.sop_class_uid, instance.sop_instance_uid
+    if not (is_uid(sop) and is_uid(instance.study_instance_uid)):
+        return False, _failed_entry(sop_class, sop, dimse.STORE_CANNOT_UNDERSTAND), dimse.STORE_CANNOT_UNDERSTAND
+    if dw.study_uid and instance.study_instance_uid != dw.study_uid:
+        return False, _failed_entry(sop_class, sop, dimse.STORE_DATASET_MISMATCH), dimse.STORE_DATASET_MISMATCH
+    return None
 
 
 def _describe(path) -> DicomInstance:

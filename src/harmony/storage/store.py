@@ -751,11 +751,14 @@ class InstanceStore:
             return stored
 
         def refused(f):
-            reason = ("full" if f.check(StorageFull) else "invalid" if f.check(InvalidInstance) else "failed")
-            self.counters[f"refused_{reason}"] += 1
+            self._count_refusal(f)
             return f
 
         return d.addCallbacks(ok, refused)
+
+    def _count_refusal(self, f: Failure) -> None:
+        reason = ("full" if f.check(StorageFull) else "invalid" if f.check(InvalidInstance) else "failed")
+        self.counters[f"refused_{reason}"] += 1
 
     def _place_sync(self, place, *args):
         """Place an instance (storage thread); commit it here and now if the
@@ -798,6 +801,67 @@ class InstanceStore:
             return stored
 
         return d.addCallback(done)
+
+    def put_instances(self, instances: list[DicomInstance], *, enqueue=(), now=None) -> defer.Deferred:
+        """File several instances as one group (the parts of a STOW-RS request).
+
+        They are placed on the storage threads (at most one job per thread,
+        each placing its share in turn), then committed in one group-commit
+        batch: one round of folder fsyncs and one index commit for the lot,
+        where :meth:`put_instance` each would wait for its own.  Fires once,
+        with each instance's outcome in order: its stored
+        :class:`DicomInstance`, or a Failure (that instance was refused, or the
+        batch's commit failed - then none of them is stored).  Owned (staged)
+        instances are moved into place, as with :meth:`put_instance`.
+        """
+        shares = max(1, min(len(instances), self.pool.max))
+        jobs = [self.run(self._place_share_sync, instances[i::shares], enqueue, now) for i in range(shares)]
+
+        def placed(results):
+            outcomes: list = [None] * len(instances)
+            for i, (ok, share) in enumerate(results):
+                if not ok:  # the job itself failed (a closed store): every instance in its share
+                    share = [share] * len(outcomes[i::shares])
+                outcomes[i::shares] = share
+            good = [i for i, o in enumerate(outcomes) if isinstance(o, Placed)]
+            for i in good:
+                if outcomes[i].moved:
+                    instances[i].owned = False  # its file is the store's now
+            if not good:
+                return outcomes
+
+            def committed(stored):
+                for i, one in zip(good, stored, strict=True):
+                    outcomes[i] = one
+                return outcomes
+
+            def failed(failure):
+                for i in good:
+                    outcomes[i] = failure
+                return outcomes
+            return self.committer.submit_many([outcomes[i] for i in good]).addCallbacks(committed, failed)
+
+        def counted(outcomes):
+            for instance, outcome in zip(instances, outcomes, strict=True):
+                if isinstance(outcome, Failure):
+                    self._count_refusal(outcome)
+                else:
+                    self.counters["stored"] += 1
+                if instance.owned:
+                    instance.release()  # copied (or refused): the staged file is not needed any more
+            return outcomes
+
+        return defer.DeferredList(jobs, consumeErrors=True).addCallback(placed).addCallback(counted)
+
+    def _place_share_sync(self, instances: list[DicomInstance], enqueue, now) -> list:
+        """Place each of *instances* (storage thread): a :class:`Placed` or the Failure refusing it."""
+        out: list = []
+        for instance in instances:
+            try:
+                out.append(self._place_file_sync(instance.path, instance.owned, enqueue, now, instance.parsed))
+            except Exception:  # noqa: BLE001 - one instance's refusal is its own, not the group's
+                out.append(Failure())
+        return out
 
     def put_bytes(self, data: bytes, *, enqueue=(), now=None) -> defer.Deferred:
         return self._ingest(self.run(self._place_sync, self._place_bytes_sync, bytes(data), enqueue, now))
