@@ -193,9 +193,14 @@ async def test_concurrent_ingests_share_commits(store, files):
 
 
 @pytest_twisted.ensureDeferred
-async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files, monkeypatch):
+@pytest.mark.parametrize("journal", [False, True], ids=["flushes", "journal"])
+async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files, monkeypatch, journal):
     """The three flushes of an instance overlap (its data, its folder entry, its
-    rows), and its caller hears "durable" only once all three have finished."""
+    rows), and its caller hears "durable" only once all three have finished - or,
+    journaled (its bytes in its committed in_flight row), once its commit is done,
+    the row kept until the file's own flushes have finished."""
+    store.journal = journal and store.journal  # (PostgreSQL never journals)
+    journal = store.journal
     events = []
     lock = threading.Lock()
 
@@ -230,20 +235,23 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
                                for s in staged])
     acks = [i for i, e in enumerate(events) if e[0] == "acked"]
     assert len(acks) == len(files)
+    await threads.deferToThread(lambda: store._flusher.shutdown(wait=True) if store._flusher else None)
     for i in acks:
         path = events[i][1]
         assert path.exists()
         before = events[:i]
-        assert ("dir", path.parent) in before, f"acknowledged before its folder fsync: {before}"
-        assert ("data", path) in before, f"acknowledged before its data sync: {before}"
         assert ("committed",) in before, f"acknowledged before its commit: {before}"
+        if not journal:
+            assert ("dir", path.parent) in before, f"acknowledged before its folder fsync: {before}"
+            assert ("data", path) in before, f"acknowledged before its data sync: {before}"
     # one folder fsync per batch and folder, not one per instance; one data sync per instance
     folders = {e[1] for e in events if e[0] == "dir"}
     assert len([e for e in events if e[0] == "dir"]) == store.committer.batches * len(folders) == 2 * len(folders)
     assert len([e for e in events if e[0] == "data"]) == len(files)
     # and every instance is on record as in flight until its flushes are done
-    rows = await store.read(lambda c: c.execute("SELECT count(*) FROM in_flight").fetchone()[0])
-    assert rows == len(files) - 1  # the first batch's row was forgotten in the second batch's transaction
+    rows = await store.read(lambda c: c.execute("SELECT count(*), count(data) FROM in_flight").fetchone())
+    assert rows[0] == len(files) - 1  # the first batch's row was forgotten in the second batch's transaction
+    assert rows[1] == (rows[0] if journal else 0)
 
 
 @pytest_twisted.ensureDeferred
@@ -284,10 +292,14 @@ async def test_a_failed_commit_fails_its_batch_and_loses_nothing(tmp_path, new_s
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_folder_fsync_fails_the_batch(tmp_path, new_store, files, monkeypatch):
+@pytest.mark.parametrize("journal", [False, True], ids=["flushes", "journal"])
+async def test_a_failed_folder_fsync_fails_the_batch(tmp_path, new_store, files, monkeypatch, journal):
     """Its rows committed alongside, the instance is refused (never acknowledged)
-    and left on record as in flight: the next start checks its file."""
+    and left on record as in flight: the next start checks its file.  Journaled,
+    it was acknowledged at its commit (its bytes are in its row): the next start
+    writes its file again from the row."""
     store = new_store(tmp_path / "store", min_free_bytes=0, fsync=True)
+    store.journal = journal = journal and store.journal  # (PostgreSQL never journals)
     real = store_module.fsync_dir
 
     def broken(folder):
@@ -297,9 +309,12 @@ async def test_a_failed_folder_fsync_fails_the_batch(tmp_path, new_store, files,
     try:
         await threads.deferToThread(store.open_sync)
         monkeypatch.setattr(store_module, "fsync_dir", broken)
-        with pytest.raises(StorageFailure):
+        if journal:
             await store.put_file(files[0])
-        assert store.counters["refused_failed"] == 1
+        else:
+            with pytest.raises(StorageFailure):
+                await store.put_file(files[0])
+            assert store.counters["refused_failed"] == 1
         in_flight = await store.read(lambda c: c.execute("SELECT count(*) FROM in_flight").fetchone()[0])
         assert in_flight == 1
     finally:
@@ -311,6 +326,7 @@ async def test_a_failed_folder_fsync_fails_the_batch(tmp_path, new_store, files,
         await threads.deferToThread(reopened.open_sync)
         found = reopened.recovery
         assert (found.reason, found.in_flight, found.in_flight_removed) == ("unclean", 1, 0)
+        assert found.in_flight_rewritten == (1 if journal else 0)
         assert (await reopened.run(reopened.counts_sync))["instances"] == 1  # its file is whole: kept
         assert await reopened.read(lambda c: c.execute("SELECT count(*) FROM in_flight").fetchone()[0]) == 0
     finally:

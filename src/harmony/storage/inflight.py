@@ -21,6 +21,17 @@ complete one is synced and kept (re-indexed from the file), a missing or
 incomplete one loses its index row and queue rows, and a copy filed before
 it is indexed again.
 
+The journal: with the embedded sqlite index, a small instance's row also
+carries the file's bytes (``data``).  The index commit (a WAL append and one
+fdatasync of a file that is overwritten in place, no file-system journal
+commit) then makes the bytes, the index row and the queue rows durable at
+once, and the instance is acknowledged right after it; the file's own data
+sync and folder fsync finish behind the acknowledgement, and only then is
+the row (and its copy of the bytes) deleted.  Recovery writes such a file
+again from the row's bytes, durably, whatever the crash left of it.  The
+file is in its place before the acknowledgement either way, so whoever is
+told "stored" reads it at once (read-your-writes).
+
 Each node (worker process, cluster node) has its own rows: a live process's
 instances in flight are never checked by another one.
 """
@@ -32,17 +43,20 @@ from harmony.storage import index as idx
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS in_flight (
   node TEXT NOT NULL, sop_uid TEXT NOT NULL, relpath TEXT NOT NULL, prev_relpath TEXT, opening TEXT NOT NULL,
-  PRIMARY KEY (node, sop_uid));
+  data BLOB, PRIMARY KEY (node, sop_uid));
 """
-PG_SCHEMA = SCHEMA
+PG_SCHEMA = SCHEMA.replace("data BLOB", "data BYTEA")
 
 
-def add(conn, node: str, sop_uid: str, relpath: str, prev_relpath: str | None, opening: str) -> None:
-    """Record an instance whose flushes run alongside this transaction."""
-    conn.execute("INSERT INTO in_flight(node, sop_uid, relpath, prev_relpath, opening) VALUES(?,?,?,?,?) "
+def add(conn, node: str, sop_uid: str, relpath: str, prev_relpath: str | None, opening: str,
+        data: bytes | None = None) -> None:
+    """Record an instance whose flushes run alongside (or after) this transaction;
+    *data*: the file's bytes, when the row is the instance's journal (see the module
+    docstring): the acknowledgement then waits for this commit only."""
+    conn.execute("INSERT INTO in_flight(node, sop_uid, relpath, prev_relpath, opening, data) VALUES(?,?,?,?,?,?) "
                  "ON CONFLICT(node, sop_uid) DO UPDATE SET relpath=excluded.relpath, "
-                 "prev_relpath=excluded.prev_relpath, opening=excluded.opening",
-                 (node, sop_uid, relpath, prev_relpath, opening))
+                 "prev_relpath=excluded.prev_relpath, opening=excluded.opening, data=excluded.data",
+                 (node, sop_uid, relpath, prev_relpath, opening, data))
 
 
 def settle(conn, node: str, done: list[tuple[str, str]]) -> None:
@@ -51,10 +65,10 @@ def settle(conn, node: str, done: list[tuple[str, str]]) -> None:
         conn.execute("DELETE FROM in_flight WHERE node=? AND sop_uid=? AND relpath=?", (node, sop_uid, relpath))
 
 
-def left_by_earlier_runs(conn, node: str, opening: str) -> list[tuple[str, str, str | None]]:
-    """``(sop_uid, relpath, prev_relpath)`` rows of *node* written before this *opening*."""
-    return [tuple(r) for r in conn.execute(
-        "SELECT sop_uid, relpath, prev_relpath FROM in_flight WHERE node=? AND opening<>? ORDER BY sop_uid",
+def left_by_earlier_runs(conn, node: str, opening: str) -> list[tuple[str, str, str | None, bytes | None]]:
+    """``(sop_uid, relpath, prev_relpath, data)`` rows of *node* written before this *opening*."""
+    return [(r[0], r[1], r[2], None if r[3] is None else bytes(r[3])) for r in conn.execute(
+        "SELECT sop_uid, relpath, prev_relpath, data FROM in_flight WHERE node=? AND opening<>? ORDER BY sop_uid",
         (node, opening))]
 
 

@@ -109,6 +109,12 @@ BATCH = 32
 CLEAN_MARKER, OPENED_MARKER = "clean-shutdown", "opened-at"
 #: Folder mtimes are compared with this much slack (coarse filesystem timestamps, clock steps).
 MTIME_SLACK_SECS = 2.0
+#: Instances up to this size ride in their in_flight row (the ingest journal, see
+#: harmony.storage.inflight): acknowledged at the index commit, their file's own
+#: flushes finishing behind it.  Larger ones are acknowledged after all three flushes.
+JOURNAL_MAX_BYTES = 256 * 1024
+#: Journaled instances whose file flushes may lag behind at most (then commits wait for them).
+MAX_UNFLUSHED = 512
 _UID_PART = re.compile(r"[0-9.]+")
 _LAYOUT_PATH = re.compile(r"(?:[0-9][0-9.]*/){2}[0-9][0-9.]*\.dcm")
 
@@ -129,6 +135,8 @@ class Placed:
     #: The data sync of a file given a new name before its data was synced
     #: (:func:`~harmony.storage.files.claim_name`), running on a flush thread.
     data_sync: Future | None = None
+    #: The file's bytes, for its journal row (a small instance on sqlite, fsync on).
+    data: bytes | None = None
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -156,6 +164,8 @@ class Recovery:
     #: checked, and of those found missing or incomplete (their rows removed).
     in_flight: int = 0
     in_flight_removed: int = 0
+    #: Of those, files written again from their journal row.
+    in_flight_rewritten: int = 0
     seconds: float = 0.0
 
 
@@ -233,6 +243,11 @@ class InstanceStore:
         #: ``(sop_uid, relpath)`` of instances durable since their commit: their
         #: in_flight rows go in the next ingest transaction.
         self._settled: list[tuple[str, str]] = []
+        #: Journaled instances acknowledged whose file flushes have not finished yet.
+        self._unflushed = 0
+        #: Small instances ride in their in_flight row (see harmony.storage.inflight):
+        #: on the embedded sqlite index, whose commit is a local WAL append.
+        self.journal = self.fsync and self.db.dialect == SQLITE
 
     # ------------------------------------------------------------------ threads and connections
 
@@ -343,11 +358,12 @@ class InstanceStore:
         if found.indexed or found.removed or found.ignored or found.in_flight or (
                 reason == "unknown" and found.series_scanned):
             log.info("storage {root}: start-up scan after an {reason} stop: {in_flight} instance(s) in flight "
-                     "checked ({in_flight_removed} missing or incomplete, their rows removed), {series} series "
+                     "checked ({rewritten} written again from the journal, {in_flight_removed} missing or "
+                     "incomplete, their rows removed), {series} series "
                      "folder(s) scanned, {indexed} complete instance(s) without an index row indexed, {removed} "
                      "incomplete or invalid file(s) removed, {ignored} unexpected file(s) left alone "
                      "({seconds:.2f} s)", root=str(self.root), reason=reason, in_flight=found.in_flight,
-                     in_flight_removed=found.in_flight_removed, series=found.series_scanned,
+                     rewritten=found.in_flight_rewritten, in_flight_removed=found.in_flight_removed, series=found.series_scanned,
                      indexed=found.indexed, removed=found.removed, ignored=found.ignored, seconds=found.seconds)
         return found
 
@@ -355,12 +371,20 @@ class InstanceStore:
         """Check the instances whose flushes were running when this node stopped
         (see :mod:`harmony.storage.inflight`); storage thread, before the folder scan."""
         conn = self._conn()
-        for sop, rel, prev in self.read_sync(inflight.left_by_earlier_runs, self.node, self.opening):
+        for sop, rel, prev, data in self.read_sync(inflight.left_by_earlier_runs, self.node, self.opening):
             found.in_flight += 1
             row = conn.execute("SELECT relpath FROM instances WHERE sop_uid=?", (sop,)).fetchone()
             if row is None or row[0] != rel:
                 continue  # deleted or filed again since: the folder scan sees any file left
             path = self.path_of(rel)
+            if data is not None:
+                # Journaled (maybe acknowledged before its file was on disk): the
+                # bytes in the row are the instance; write them again, durably.
+                with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
+                    tmp.write(data)
+                    tmp.commit(path, self.instances_dir)
+                found.in_flight_rewritten += 1
+                continue
             try:
                 header = self._read_header(path)
                 if header["sop"] != sop or self.path_of(self.relpath(
@@ -594,7 +618,7 @@ class InstanceStore:
             with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
                 tmp.copy_from(source)
                 fresh = tmp.claim(final, self.instances_dir)
-        placed = self._placed(header, final, size, enqueue, now, fresh)
+        placed = self._placed(header, final, size, enqueue, now, fresh, journal=True)
         placed.moved = move
         return placed
 
@@ -608,7 +632,7 @@ class InstanceStore:
             fresh = tmp.claim(final, self.instances_dir)
         finally:
             tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
-        return self._placed(header, final, tmp.size, enqueue, now, fresh)
+        return self._placed(header, final, tmp.size, enqueue, now, fresh, journal=True)
 
     def _place_bytes_sync(self, data: bytes, enqueue, now) -> Placed:
         self.open_sync()
@@ -622,12 +646,16 @@ class InstanceStore:
             raise
         return self._place_temp_sync(tmp, enqueue, now)
 
-    def _placed(self, header: dict, final: Path, size: int, enqueue, now, fresh: bool = False) -> Placed:
+    def _placed(self, header: dict, final: Path, size: int, enqueue, now, fresh: bool = False,
+                journal: bool = False) -> Placed:
         """*fresh*: *final* is a new name whose data is not synced yet; the sync
-        starts now, on a flush thread, and the commit waits for it."""
+        starts now, on a flush thread.  *journal*: a small instance's bytes go
+        into its in_flight row (when this store journals)."""
         with self._placed_lock:
             self._uncommitted += 1
         placed = Placed(header, final, final.relative_to(self.instances_dir).as_posix(), size, tuple(enqueue), now)
+        if journal and self.journal and size <= JOURNAL_MAX_BYTES:
+            placed.data = final.read_bytes()  # just written: from the page cache
         if fresh:
             placed.data_sync = self._flush(fdatasync_file, final)
         return placed
@@ -672,6 +700,33 @@ class InstanceStore:
             header["metadata"] = None
         return header
 
+    def _settle_after(self, flushes: list[Future], done: list[tuple[str, str]]) -> None:
+        """Once every one of *flushes* has finished, forget *done*'s in_flight rows
+        (in the next ingest transaction); a failed flush leaves them for the next
+        start (not a clean stop), which writes the files again from the rows."""
+        left = [len(flushes), False]
+
+        def finished(flush: Future | None) -> None:
+            with self._placed_lock:
+                if flush is not None:
+                    left[0] -= 1
+                    left[1] = left[1] or flush.exception() is not None
+                if left[0]:
+                    return
+                self._unflushed -= len(done)
+                if left[1]:
+                    self._dirty = True
+                else:
+                    self._settled.extend(done)
+            if left[1]:
+                log.error("storage {root}: a file or folder sync failed after its instance was journaled; "
+                          "the next start writes it again from the journal", root=str(self.root))
+
+        if not flushes:
+            finished(None)
+        for flush in flushes:
+            flush.add_done_callback(finished)
+
     def _unsettle(self, settled: list[tuple[str, str]]) -> None:
         """A transaction that was to forget *settled* did not commit: the next one will."""
         with self._placed_lock:
@@ -688,6 +743,8 @@ class InstanceStore:
         when placed) running while the transaction commits - see "Overlapped
         flushes" in the module docstring.  Returns once all of them are done."""
         overlap = sync_folders and self.fsync
+        # Every instance journaled: acknowledged at the commit, its flushes finish behind.
+        journaled = overlap and all(p.data is not None for p in batch) and self._unflushed < MAX_UNFLUSHED
         flushes: list[Future] = []
         if overlap:
             flushes = [self._flush(fsync_dir, folder) for folder in sorted({p.final.parent for p in batch})]
@@ -711,7 +768,8 @@ class InstanceStore:
                                               size=p.size, now=now, metadata=p.header.get("metadata"))
                 if overlap:
                     prev = olds[i] if olds[i] != p.rel else None
-                    inflight.add(conn, self.node, p.header["sop"], p.rel, prev, self.opening)
+                    inflight.add(conn, self.node, p.header["sop"], p.rel, prev, self.opening,
+                                 p.data if journaled else None)
                 if p.enqueue:
                     q.enqueue(conn, p.header["sop"], list(p.enqueue), now)
                 if self.blobs is not None:
@@ -729,18 +787,26 @@ class InstanceStore:
             self._dirty = True
             self._unsettle(settled)
             raise StorageFailure(f"index update failed: {e}") from None
-        for flush in flushes:
-            try:
-                flush.result()
-            except OSError as e:
-                # Rows committed for files not known to be on disk: nobody is told
-                # they are stored, and the next start checks them (in_flight rows).
-                self._dirty = True
-                raise StorageFailure(f"cannot sync an instance or its folder: {e.strerror}") from None
-        with self._placed_lock:
-            self._uncommitted -= len(batch)
-            if overlap:
-                self._settled.extend((p.header["sop"], p.rel) for p in batch)
+        if journaled:
+            # Durable now (the bytes are in the committed row); the row goes once
+            # the file's own flushes are done.
+            with self._placed_lock:
+                self._uncommitted -= len(batch)
+                self._unflushed += len(batch)
+            self._settle_after(flushes, [(p.header["sop"], p.rel) for p in batch])
+        else:
+            for flush in flushes:
+                try:
+                    flush.result()
+                except OSError as e:
+                    # Rows committed for files not known to be on disk: nobody is told
+                    # they are stored, and the next start checks them (in_flight rows).
+                    self._dirty = True
+                    raise StorageFailure(f"cannot sync an instance or its folder: {e.strerror}") from None
+            with self._placed_lock:
+                self._uncommitted -= len(batch)
+                if overlap:
+                    self._settled.extend((p.header["sop"], p.rel) for p in batch)
         # A copy filed elsewhere before goes - unless it is where the row now
         # points (the same instance twice in one batch, at the same place).
         indexed_at = {batch[i].header["sop"]: batch[i].rel for i in order}
