@@ -219,4 +219,5 @@ def clear_temp(folder: Path) -> int:
     return n
 
 
-__all__ = ["SpaceGuard", "TempFile", "claim_name", "fdatasync_file", "fsync_dir", "fsync_file", "make_dirs", "clear_temp"]
+__all__ = ["SpaceGuard", "TempFile", "claim_name", "fdatasync_file", "fsync_dir", "fsync_file", "make_dirs",
+           "clear_temp"]

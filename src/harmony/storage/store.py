@@ -363,8 +363,9 @@ class InstanceStore:
                      "folder(s) scanned, {indexed} complete instance(s) without an index row indexed, {removed} "
                      "incomplete or invalid file(s) removed, {ignored} unexpected file(s) left alone "
                      "({seconds:.2f} s)", root=str(self.root), reason=reason, in_flight=found.in_flight,
-                     rewritten=found.in_flight_rewritten, in_flight_removed=found.in_flight_removed, series=found.series_scanned,
-                     indexed=found.indexed, removed=found.removed, ignored=found.ignored, seconds=found.seconds)
+                     rewritten=found.in_flight_rewritten, in_flight_removed=found.in_flight_removed,
+                     series=found.series_scanned, indexed=found.indexed, removed=found.removed,
+                     ignored=found.ignored, seconds=found.seconds)
         return found
 
     def _recover_in_flight(self, found: Recovery) -> None:
