@@ -178,7 +178,7 @@ class TempFile:
         return False
 
 
-def claim_name(src: Path, final: Path, stop: Path) -> bool:
+def claim_name(src: Path, final: Path, stop: Path, journaled: bool = False) -> bool:
     """Give the closed file *src* (ours, same filesystem) the name *final*.
 
     A name nobody has yet is claimed at once with a hard link - atomic, and it
@@ -188,11 +188,18 @@ def claim_name(src: Path, final: Path, stop: Path) -> bool:
     name (the same instance again) is only ever replaced by synced data:
     *src* is fdatasync'd first, then renamed over it, and False is returned.
     Either way only the folder fsync is left to make the name durable.
+
+    *journaled*: *src*'s bytes are already durable elsewhere (a journal that
+    writes them again after a crash), so an existing name is replaced at once
+    too, and True is returned (the data sync is still the caller's).
     """
     make_dirs(final.parent, stop)
     try:
         os.link(src, final)
     except FileExistsError:
+        if journaled:
+            os.replace(src, final)
+            return True
         fdatasync_file(src)
         os.replace(src, final)
         return False

@@ -141,7 +141,7 @@ class FolderJournal:
         except sqlite3.Error as e:
             raise OSError(5, f"the storage journal refused a write: {e}") from None
         try:
-            fresh = claim_name(src, dest, self.folder)
+            fresh = claim_name(src, dest, self.folder, journaled=True)
         except OSError:
             durable_move(src, dest)  # another file system (EXDEV): copied, synced, renamed
             with self._lock:
