@@ -71,6 +71,7 @@ class FolderJournal:
 
     def open(self) -> int:
         """Replay the journals of processes that are gone; returns the files written again."""
+        self.path = self.dir / f"{os.getpid()}.sqlite"  # this process's (a worker made from a fork has its own)
         make_dirs(self.dir, self.folder)
         replayed = 0
         for other in sorted(self.dir.glob("*.sqlite")):
