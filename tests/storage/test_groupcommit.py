@@ -250,7 +250,9 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
     assert len([e for e in events if e[0] == "data"]) == len(files)
     # and every instance is on record as in flight until its flushes are done
     rows = await store.read(lambda c: c.execute("SELECT count(*), count(data) FROM in_flight").fetchone())
-    assert rows[0] == len(files) - 1  # the first batch's row was forgotten in the second batch's transaction
+    # The first batch's row is forgotten in the second batch's transaction - once its flushes are done,
+    # which, journaled, may be after that transaction (they finish behind the acknowledgement).
+    assert rows[0] == len(files) - 1 or (journal and rows[0] == len(files)), rows
     assert rows[1] == (rows[0] if journal else 0)
 
 

@@ -151,11 +151,15 @@ async def test_a_lost_refiling_brings_back_the_copy_filed_before(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_a_clean_stop_leaves_nothing_to_check_and_rows_are_forgotten_as_flushes_finish(tmp_path):
     root = tmp_path / "store"
-    files = [instance(tmp_path, f"i{n}", seed=10 + n) for n in range(3)]
+    files = [instance(tmp_path, f"i{n}", seed=10 + n) for n in range(4)]
     store = await reopened(root)
     try:
-        for f in files:
+        for f in files[:3]:
             await store.put_file(f)
+        # (journaled, their flushes finish behind the answers: wait for them)
+        await threads.deferToThread(store._flusher.shutdown, wait=True)
+        store._flusher = None
+        await store.put_file(files[3])
         # each transaction forgets the rows of the instances durable before it
         assert len(rows(store, "SELECT * FROM in_flight")) == 1
     finally:
@@ -164,7 +168,7 @@ async def test_a_clean_stop_leaves_nothing_to_check_and_rows_are_forgotten_as_fl
     try:
         assert (store.recovery.reason, store.recovery.in_flight) == ("clean", 0)
         assert rows(store, "SELECT * FROM in_flight") == []
-        assert store.counts_sync()["instances"] == 3
+        assert store.counts_sync()["instances"] == 4
     finally:
         store.close()
 
