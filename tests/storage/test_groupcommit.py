@@ -193,7 +193,14 @@ async def test_concurrent_ingests_share_commits(store, files):
 
 
 @pytest_twisted.ensureDeferred
-async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files, monkeypatch):
+@pytest.mark.parametrize("journal", [False, True], ids=["flushes", "journal"])
+async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files, monkeypatch, journal):
+    """The three flushes of an instance overlap (its data, its folder entry, its
+    rows), and its caller hears "durable" only once all three have finished - or,
+    journaled (its bytes in its committed in_flight row), once its commit is done,
+    the row kept until the file's own flushes have finished."""
+    store.journal = journal and store.journal  # (PostgreSQL never journals)
+    journal = store.journal
     events = []
     lock = threading.Lock()
 
@@ -202,8 +209,10 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
             events.append(event)
 
     store.open_sync()
-    real_fsync_dir, real_write = store_module.fsync_dir, store.write_sync
+    await store.recovered  # the start-up scan (a new store: "unknown") must not race the ingest below
+    real_fsync_dir, real_fdatasync, real_write = store_module.fsync_dir, store_module.fdatasync_file, store.write_sync
     monkeypatch.setattr(store_module, "fsync_dir", lambda folder: (real_fsync_dir(folder), log("dir", folder)))
+    monkeypatch.setattr(store_module, "fdatasync_file", lambda path: (real_fdatasync(path), log("data", path)))
 
     def write_sync(fn, *args, **kwargs):
         result = real_write(fn, *args, **kwargs)
@@ -211,7 +220,7 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
         return result
     store.write_sync = write_sync
     staged = []
-    for f in files:  # owned staging files: the move path (fsync, rename, batch folder fsync)
+    for f in files:  # owned staging files: the move path (link to a new name, data synced with the commit)
         s = store.root / "staged" / f.name
         s.parent.mkdir(parents=True, exist_ok=True)
         s.write_bytes(f.read_bytes())
@@ -226,15 +235,25 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
                                for s in staged])
     acks = [i for i, e in enumerate(events) if e[0] == "acked"]
     assert len(acks) == len(files)
+    await threads.deferToThread(lambda: store._flusher.shutdown(wait=True) if store._flusher else None)
     for i in acks:
         path = events[i][1]
         assert path.exists()
-        dir_synced = [j for j, e in enumerate(events[:i]) if e == ("dir", path.parent)]
-        commits = [j for j, e in enumerate(events[:i]) if e == ("committed",)]
-        assert dir_synced and commits, f"acknowledged before its folder fsync or commit: {events[:i + 1]}"
-        assert dir_synced[-1] < commits[-1]  # folder entry durable before the row that points at it
-    # one folder fsync per batch and folder, not one per instance
-    assert len([e for e in events if e[0] == "dir"]) == store.committer.batches == 2
+        before = events[:i]
+        assert ("committed",) in before, f"acknowledged before its commit: {before}"
+        if not journal:
+            assert ("dir", path.parent) in before, f"acknowledged before its folder fsync: {before}"
+            assert ("data", path) in before, f"acknowledged before its data sync: {before}"
+    # one folder fsync per batch and folder, not one per instance; one data sync per instance
+    folders = {e[1] for e in events if e[0] == "dir"}
+    assert len([e for e in events if e[0] == "dir"]) == store.committer.batches * len(folders) == 2 * len(folders)
+    assert len([e for e in events if e[0] == "data"]) == len(files)
+    # and every instance is on record as in flight until its flushes are done
+    rows = await store.read(lambda c: c.execute("SELECT count(*), count(data) FROM in_flight").fetchone())
+    # The first batch's row is forgotten in the second batch's transaction - once its flushes are done,
+    # which, journaled, may be after that transaction (they finish behind the acknowledgement).
+    assert rows[0] == len(files) - 1 or (journal and rows[0] == len(files)), rows
+    assert rows[1] == (rows[0] if journal else 0)
 
 
 @pytest_twisted.ensureDeferred
@@ -275,14 +294,45 @@ async def test_a_failed_commit_fails_its_batch_and_loses_nothing(tmp_path, new_s
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_folder_fsync_fails_the_batch(store, files, monkeypatch):
+@pytest.mark.parametrize("journal", [False, True], ids=["flushes", "journal"])
+async def test_a_failed_folder_fsync_fails_the_batch(tmp_path, new_store, files, monkeypatch, journal):
+    """Its rows committed alongside, the instance is refused (never acknowledged)
+    and left on record as in flight: the next start checks its file.  Journaled,
+    it was acknowledged at its commit (its bytes are in its row): the next start
+    writes its file again from the row."""
+    store = new_store(tmp_path / "store", min_free_bytes=0, fsync=True)
+    store.journal = journal = journal and store.journal  # (PostgreSQL never journals)
+    real = store_module.fsync_dir
+
     def broken(folder):
-        raise OSError(5, "Input/output error")
-    store.open_sync()
-    monkeypatch.setattr(store_module, "fsync_dir", broken)
-    with pytest.raises(StorageFailure):
-        await store.put_file(files[0])
-    assert (await store.run(store.counts_sync))["instances"] == 0
+        if "instances" in str(folder):
+            raise OSError(5, "Input/output error")
+        return real(folder)
+    try:
+        await threads.deferToThread(store.open_sync)
+        monkeypatch.setattr(store_module, "fsync_dir", broken)
+        if journal:
+            await store.put_file(files[0])
+        else:
+            with pytest.raises(StorageFailure):
+                await store.put_file(files[0])
+            assert store.counters["refused_failed"] == 1
+        in_flight = await store.read(lambda c: c.execute("SELECT count(*) FROM in_flight").fetchone()[0])
+        assert in_flight == 1
+    finally:
+        store.close()
+    monkeypatch.setattr(store_module, "fsync_dir", real)
+    assert not (store.root / store._markers[0]).exists()  # not a clean stop: the next start checks
+    reopened = new_store(tmp_path / "store", min_free_bytes=0, fsync=True)
+    try:
+        await threads.deferToThread(reopened.open_sync)
+        found = reopened.recovery
+        assert (found.reason, found.in_flight, found.in_flight_removed) == ("unclean", 1, 0)
+        assert found.in_flight_rewritten == (1 if journal else 0)
+        assert (await reopened.run(reopened.counts_sync))["instances"] == 1  # its file is whole: kept
+        assert await reopened.read(lambda c: c.execute("SELECT count(*) FROM in_flight").fetchone()[0]) == 0
+    finally:
+        reopened.close()
 
 
 def test_a_group_submitted_together_shares_one_batch_even_when_the_committer_is_idle():

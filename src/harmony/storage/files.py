@@ -1,6 +1,11 @@
 """Crash-safe file writing: temp file in the same filesystem, fsync, rename,
 directory fsync - the sequence after which a file survives power loss.
 
+The store may also *overlap* those flushes (:func:`claim_name`): a file given a
+name nobody had yet is synced together with its folder and its index commit,
+and the store's start-up recovery checks whatever such a crash leaves (see
+:mod:`harmony.storage.store`, "Overlapped flushes").
+
 Also the disk-space guard: :class:`SpaceGuard` refuses a write *before* it
 would take the filesystem below a configured floor, and re-checks while a
 stream of unknown length is being written, so the disk never fills and a
@@ -123,18 +128,33 @@ class TempFile:
                     break
                 self.write(chunk)
 
-    def close(self) -> None:
-        """Flush and fsync the data (the rename comes later, in :meth:`commit`)."""
+    def close(self, sync: bool = True) -> None:
+        """Flush and fsync the data (the rename comes later, in :meth:`commit`);
+        *sync* False leaves the fsync to the caller (:func:`claim_name`)."""
         if self._fh is not None:
             try:
                 self._fh.flush()
-                if self.fsync:
+                if self.fsync and sync:
                     os.fdatasync(self._fh.fileno())  # data and size: the folder fsync makes the name durable
             except OSError as e:
                 raise _io_error(e) from None
             finally:
                 self._fh.close()
                 self._fh = None
+
+    def claim(self, final: Path, stop: Path) -> bool:
+        """Close the file and give it the name *final* without syncing anything
+        yet (:func:`claim_name`); True when *final* is a new name whose data the
+        caller still has to sync (always False without ``fsync``)."""
+        self.close(sync=False)
+        if self.fsync:
+            fresh = claim_name(self.path, final, stop)
+        else:
+            make_dirs(final.parent, stop)
+            os.replace(self.path, final)
+            fresh = False
+        self.committed = True
+        return fresh
 
     def commit(self, final: Path, stop: Path, sync_folder: bool = True) -> None:
         """Atomically move the (closed, synced) file to *final*; fsync its folder
@@ -158,6 +178,35 @@ class TempFile:
         return False
 
 
+def claim_name(src: Path, final: Path, stop: Path, journaled: bool = False) -> bool:
+    """Give the closed file *src* (ours, same filesystem) the name *final*.
+
+    A name nobody has yet is claimed at once with a hard link - atomic, and it
+    fails if the name exists, so two writers never both think the name new -
+    and True is returned: *src*'s data is NOT synced yet, the caller syncs it
+    (and the folder) before telling anybody the file is durable.  An existing
+    name (the same instance again) is only ever replaced by synced data:
+    *src* is fdatasync'd first, then renamed over it, and False is returned.
+    Either way only the folder fsync is left to make the name durable.
+
+    *journaled*: *src*'s bytes are already durable elsewhere (a journal that
+    writes them again after a crash), so an existing name is replaced at once
+    too, and True is returned (the data sync is still the caller's).
+    """
+    make_dirs(final.parent, stop)
+    try:
+        os.link(src, final)
+    except FileExistsError:
+        if journaled:
+            os.replace(src, final)
+            return True
+        fdatasync_file(src)
+        os.replace(src, final)
+        return False
+    os.unlink(src)  # the temp name: gone or not after a crash, the temp sweep deletes it
+    return True
+
+
 def _io_error(e: OSError):
     import errno
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -177,4 +226,5 @@ def clear_temp(folder: Path) -> int:
     return n
 
 
-__all__ = ["SpaceGuard", "TempFile", "fdatasync_file", "fsync_dir", "fsync_file", "make_dirs", "clear_temp"]
+__all__ = ["SpaceGuard", "TempFile", "claim_name", "fdatasync_file", "fsync_dir", "fsync_file", "make_dirs",
+           "clear_temp"]

@@ -27,7 +27,7 @@ from harmony.storage.database import PostgresDatabase, read_password_file
 from harmony.storage.store import schema_pg, schema_sqlite
 
 #: Tables copied, parents first; any not present in the sqlite file is skipped.
-TABLES = ("patients", "studies", "series", "instances", "messages", "queue", "blob_uploads")
+TABLES = ("patients", "studies", "series", "instances", "messages", "queue", "blob_uploads", "in_flight")
 #: Tables deliberately not copied, and why.  A sqlite table in neither list
 #: stops the migration (tests/storage/test_migrate.py checks the store's schema
 #: against both): a new table must be copied or explained here.

@@ -13,17 +13,28 @@ sharing the folder never clear each other's work in progress.
 
 An instance is *durable* once :meth:`InstanceStore.put_file_sync` returns (or
 the Deferred of :meth:`InstanceStore.put_file` and its siblings fires): the
-file was fsynced, renamed into place, its folder fsynced, and the index row
-(with any queue rows for forwarding) committed.  Only then may a C-STORE be
-answered with Success or a STOW part be listed as stored.  Concurrent ingests
-share the folder fsyncs and the transaction (group commit,
+file's data is synced, it is renamed into place, its folder fsynced, and the
+index row (with any queue rows for forwarding) committed.  Only then may a
+C-STORE be answered with Success or a STOW part be listed as stored.
+Concurrent ingests share the folder fsyncs and the transaction (group commit,
 :mod:`harmony.storage.groupcommit`).
+
+Overlapped flushes: the file's data sync, the folder fsync and the index
+commit are issued together, not one after the other (ext4 commits them in one
+journal commit: one flush's wait per instance instead of three), and the
+acknowledgement waits for all three.  A file reaches its name before its data
+is synced only under a name that did not exist (a hard link claims it
+atomically); an existing name is replaced only by synced data.  Each ingest
+transaction also writes an :mod:`harmony.storage.inflight` row, so the
+start-up recovery after a crash checks every instance whose flushes may not
+have finished: kept (synced, re-indexed from the file) if complete, its rows
+removed if not, a copy filed before it restored.
 
 Blocking work runs on the store's own thread pool; the ``*_sync`` methods are
 what runs there, the others return Deferreds and are safe on the reactor.
 
 A crash between the rename and the index commit leaves a file in
-``instances/`` without an index row.  Opening a store that was not closed
+``instances/`` without an index row (its data possibly not yet synced).  Opening a store that was not closed
 cleanly (no ``clean-shutdown`` marker) scans for such files - only in series
 folders changed since the previous open (a rename into a folder updates its
 mtime), so the cost is a stat per series folder plus the files of the folders
@@ -39,7 +50,9 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import attr
@@ -58,7 +71,7 @@ from harmony.dicomweb.routes import resource_path
 from harmony.log import get_logger
 from harmony.storage import blobs as blob_sql
 from harmony.storage import index as idx
-from harmony.storage import nodes
+from harmony.storage import inflight, nodes
 from harmony.storage import queue as q
 from harmony.storage.blobs import BlobUnavailable, LocalCache
 from harmony.storage.database import SQLITE, SqliteDatabase
@@ -69,7 +82,16 @@ from harmony.storage.errors import (
     StorageFailure,
     StorageFull,
 )
-from harmony.storage.files import SpaceGuard, TempFile, clear_temp, fdatasync_file, fsync_dir, fsync_file, make_dirs
+from harmony.storage.files import (
+    SpaceGuard,
+    TempFile,
+    claim_name,
+    clear_temp,
+    fdatasync_file,
+    fsync_dir,
+    fsync_file,
+    make_dirs,
+)
 from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.query import (
     IMAGE,
@@ -93,6 +115,12 @@ BATCH = 32
 CLEAN_MARKER, OPENED_MARKER = "clean-shutdown", "opened-at"
 #: Folder mtimes are compared with this much slack (coarse filesystem timestamps, clock steps).
 MTIME_SLACK_SECS = 2.0
+#: Instances up to this size ride in their in_flight row (the ingest journal, see
+#: harmony.storage.inflight): acknowledged at the index commit, their file's own
+#: flushes finishing behind it.  Larger ones are acknowledged after all three flushes.
+JOURNAL_MAX_BYTES = 256 * 1024
+#: Journaled instances whose file flushes may lag behind at most (then commits wait for them).
+MAX_UNFLUSHED = 512
 _UID_PART = re.compile(r"[0-9.]+")
 _LAYOUT_PATH = re.compile(r"(?:[0-9][0-9.]*/){2}[0-9][0-9.]*\.dcm")
 
@@ -110,6 +138,11 @@ class Placed:
     now: float | None
     #: The source file itself was renamed into place (not copied).
     moved: bool = False
+    #: The data sync of a file given a new name before its data was synced
+    #: (:func:`~harmony.storage.files.claim_name`), running on a flush thread.
+    data_sync: Future | None = None
+    #: The file's bytes, for its journal row (a small instance on sqlite, fsync on).
+    data: bytes | None = None
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -133,6 +166,12 @@ class Recovery:
     indexed: int = 0
     removed: int = 0
     ignored: int = 0
+    #: Instances whose flushes were running at the crash (:mod:`harmony.storage.inflight`):
+    #: checked, and of those found missing or incomplete (their rows removed).
+    in_flight: int = 0
+    in_flight_removed: int = 0
+    #: Of those, files written again from their journal row.
+    in_flight_rewritten: int = 0
     seconds: float = 0.0
 
 
@@ -201,6 +240,20 @@ class InstanceStore:
         self._placed_lock = threading.Lock()
         #: Concurrent ingests share fsync rounds and index transactions (see harmony.storage.groupcommit).
         self.committer = GroupCommit(self.run_commit, lambda batch: self._commit_placed_sync(batch))
+        #: Threads that only wait for fdatasync/fsync, so the flushes of an instance
+        #: run at the same time as its index commit (made on first use).
+        self._flusher: ThreadPoolExecutor | None = None
+        self._flush_threads = 2 * threads + 4
+        #: This opening of the store, on its in_flight rows (recovery checks older ones).
+        self.opening = uuid.uuid4().hex
+        #: ``(sop_uid, relpath)`` of instances durable since their commit: their
+        #: in_flight rows go in the next ingest transaction.
+        self._settled: list[tuple[str, str]] = []
+        #: Journaled instances acknowledged whose file flushes have not finished yet.
+        self._unflushed = 0
+        #: Small instances ride in their in_flight row (see harmony.storage.inflight):
+        #: on the embedded sqlite index, whose commit is a local WAL append.
+        self.journal = self.fsync and self.db.dialect == SQLITE
 
     # ------------------------------------------------------------------ threads and connections
 
@@ -290,7 +343,10 @@ class InstanceStore:
         found = Recovery(reason=reason, since=since)
         self.recovery = found
         if reason == "clean":
+            # Every flush finished before the clean stop: the rows are stale.
+            self.bookkeep_sync(inflight.forget_earlier_runs, self.node, self.opening)
             return found
+        self._recover_in_flight(found)
         conn = self._conn()
         for study in _subdirs(self.instances_dir):
             for series in _subdirs(study):
@@ -305,13 +361,66 @@ class InstanceStore:
                     if entry.is_file(follow_symlinks=False):
                         self._recover_file(conn, Path(entry.path), found)
         found.seconds = time.monotonic() - started
-        if found.indexed or found.removed or found.ignored or (reason == "unknown" and found.series_scanned):
-            log.info("storage {root}: start-up scan after an {reason} stop: {series} series folder(s) "
-                     "scanned, {indexed} complete instance(s) without an index row indexed, {removed} "
+        if found.indexed or found.removed or found.ignored or found.in_flight or (
+                reason == "unknown" and found.series_scanned):
+            log.info("storage {root}: start-up scan after an {reason} stop: {in_flight} instance(s) in flight "
+                     "checked ({rewritten} written again from the journal, {in_flight_removed} missing or "
+                     "incomplete, their rows removed), {series} series "
+                     "folder(s) scanned, {indexed} complete instance(s) without an index row indexed, {removed} "
                      "incomplete or invalid file(s) removed, {ignored} unexpected file(s) left alone "
-                     "({seconds:.2f} s)", root=str(self.root), reason=reason, series=found.series_scanned,
-                     indexed=found.indexed, removed=found.removed, ignored=found.ignored, seconds=found.seconds)
+                     "({seconds:.2f} s)", root=str(self.root), reason=reason, in_flight=found.in_flight,
+                     rewritten=found.in_flight_rewritten, in_flight_removed=found.in_flight_removed,
+                     series=found.series_scanned, indexed=found.indexed, removed=found.removed,
+                     ignored=found.ignored, seconds=found.seconds)
         return found
+
+    def _recover_in_flight(self, found: Recovery) -> None:
+        """Check the instances whose flushes were running when this node stopped
+        (see :mod:`harmony.storage.inflight`); storage thread, before the folder scan."""
+        conn = self._conn()
+        for sop, rel, prev, data in self.read_sync(inflight.left_by_earlier_runs, self.node, self.opening):
+            found.in_flight += 1
+            row = conn.execute("SELECT relpath FROM instances WHERE sop_uid=?", (sop,)).fetchone()
+            if row is None or row[0] != rel:
+                continue  # deleted or filed again since: the folder scan sees any file left
+            path = self.path_of(rel)
+            if data is not None:
+                # Journaled (maybe acknowledged before its file was on disk): the
+                # bytes in the row are the instance; write them again, durably.
+                with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
+                    tmp.write(data)
+                    tmp.commit(path, self.instances_dir)
+                found.in_flight_rewritten += 1
+                continue
+            try:
+                header = self._read_header(path)
+                if header["sop"] != sop or self.path_of(self.relpath(
+                        header["study"], header["series"], header["sop"])) != path.resolve():
+                    raise InvalidInstance("its UIDs do not match its place in the layout")
+                st = path.stat()
+            except (InvalidInstance, OSError) as e:
+                log.debug("storage: an instance in flight at the crash is missing or incomplete ({why})", why=str(e))
+                found.in_flight_removed += 1
+                self.write_sync(inflight.undo, sop, rel, keep_queue=bool(prev))
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                if prev:
+                    prev_path = self.path_of(prev)
+                    if prev_path.is_file():
+                        self._recover_file(conn, prev_path, found)  # the copy filed before: indexed again
+                continue
+            self._sync_recovered(path)
+            self._index_sync(header, path, st.st_size, (), st.st_mtime)  # the row as the file says
+        self.bookkeep_sync(inflight.forget_earlier_runs, self.node, self.opening)
+
+    def _sync_recovered(self, path: Path) -> None:
+        """A file the recovery keeps may have lived only in the page cache (kill -9
+        before its flushes finished): on disk before its row is trusted."""
+        if self.fsync:
+            fdatasync_file(path)
+            fsync_dir(path.parent)
 
     def _recover_file(self, conn, path: Path, found: Recovery) -> None:
         rel = path.relative_to(self.instances_dir).as_posix()
@@ -338,6 +447,7 @@ class InstanceStore:
             except FileNotFoundError:
                 pass
             return
+        self._sync_recovered(path)
         self._index_sync(header, path, size, (), path.stat().st_mtime)
         log.debug("storage: indexed unindexed file {rel}", rel=rel)
         found.indexed += 1
@@ -433,6 +543,8 @@ class InstanceStore:
             except ValueError:
                 pass
         self._stop_pool()  # joins the storage threads: every write has finished
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
         c = self.committer
         if c.entries:
             log.info("storage {root}: {n} instance(s) committed in {batches} commit(s), largest {largest}",
@@ -503,19 +615,21 @@ class InstanceStore:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         self.guard.check(size)
         final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
+        fresh = False
         if move:
             try:
                 if self.fsync:
-                    fdatasync_file(source)
-                make_dirs(final.parent, self.instances_dir)
-                os.replace(source, final)
+                    fresh = claim_name(source, final, self.instances_dir)
+                else:
+                    make_dirs(final.parent, self.instances_dir)
+                    os.replace(source, final)
             except OSError:
                 move = False  # another filesystem (EXDEV) or a read-only source: copy instead
         if not move:
             with TempFile(self.tmp_dir, self.guard, self.fsync) as tmp:
                 tmp.copy_from(source)
-                tmp.commit(final, self.instances_dir, sync_folder=False)
-        placed = self._placed(header, final, size, enqueue, now)
+                fresh = tmp.claim(final, self.instances_dir)
+        placed = self._placed(header, final, size, enqueue, now, fresh, journal=True)
         placed.moved = move
         return placed
 
@@ -523,13 +637,13 @@ class InstanceStore:
         """Place a :class:`TempFile` already written (and closed) in ``tmp_dir``."""
         self.open_sync()
         try:
-            tmp.close()
+            tmp.close(sync=False)  # synced when placed (claim_name), or alongside the commit
             header = self._read_header(tmp.path)
             final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
-            tmp.commit(final, self.instances_dir, sync_folder=False)
+            fresh = tmp.claim(final, self.instances_dir)
         finally:
             tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
-        return self._placed(header, final, tmp.size, enqueue, now)
+        return self._placed(header, final, tmp.size, enqueue, now, fresh, journal=True)
 
     def _place_bytes_sync(self, data: bytes, enqueue, now) -> Placed:
         self.open_sync()
@@ -543,10 +657,26 @@ class InstanceStore:
             raise
         return self._place_temp_sync(tmp, enqueue, now)
 
-    def _placed(self, header: dict, final: Path, size: int, enqueue, now) -> Placed:
+    def _placed(self, header: dict, final: Path, size: int, enqueue, now, fresh: bool = False,
+                journal: bool = False) -> Placed:
+        """*fresh*: *final* is a new name whose data is not synced yet; the sync
+        starts now, on a flush thread.  *journal*: a small instance's bytes go
+        into its in_flight row (when this store journals)."""
         with self._placed_lock:
             self._uncommitted += 1
-        return Placed(header, final, final.relative_to(self.instances_dir).as_posix(), size, tuple(enqueue), now)
+        placed = Placed(header, final, final.relative_to(self.instances_dir).as_posix(), size, tuple(enqueue), now)
+        if journal and self.journal and size <= JOURNAL_MAX_BYTES:
+            placed.data = final.read_bytes()  # just written: from the page cache
+        if fresh:
+            placed.data_sync = self._flush(fdatasync_file, final)
+        return placed
+
+    def _flush(self, fn, *args) -> Future:
+        """Run a blocking flush (fdatasync, fsync) on a flush thread."""
+        with self._placed_lock:
+            if self._flusher is None:
+                self._flusher = ThreadPoolExecutor(self._flush_threads, thread_name_prefix="harmony-storage-flush")
+            return self._flusher.submit(fn, *args)
 
     def _read_header(self, path: Path, parsed=None) -> dict:
         # check_complete: a truncated body (every element must fit in the file)
@@ -585,26 +715,65 @@ class InstanceStore:
             header["metadata"] = None
         return header
 
+    def _settle_after(self, flushes: list[Future], done: list[tuple[str, str]]) -> None:
+        """Once every one of *flushes* has finished, forget *done*'s in_flight rows
+        (in the next ingest transaction); a failed flush leaves them for the next
+        start (not a clean stop), which writes the files again from the rows."""
+        left = [len(flushes), False]
+
+        def finished(flush: Future | None) -> None:
+            with self._placed_lock:
+                if flush is not None:
+                    left[0] -= 1
+                    left[1] = left[1] or flush.exception() is not None
+                if left[0]:
+                    return
+                self._unflushed -= len(done)
+                if left[1]:
+                    self._dirty = True
+                else:
+                    self._settled.extend(done)
+            if left[1]:
+                log.error("storage {root}: a file or folder sync failed after its instance was journaled; "
+                          "the next start writes it again from the journal", root=str(self.root))
+
+        if not flushes:
+            finished(None)
+        for flush in flushes:
+            flush.add_done_callback(finished)
+
+    def _unsettle(self, settled: list[tuple[str, str]]) -> None:
+        """A transaction that was to forget *settled* did not commit: the next one will."""
+        with self._placed_lock:
+            self._settled[:0] = settled
+
     def _index_sync(self, header: dict, final: Path, size: int, enqueue, now) -> DicomInstance:
         """Index a file already in place (the start-up scan's case)."""
         return self._commit_placed_sync([self._placed(header, final, size, enqueue, now)], sync_folders=False)[0]
 
     def _commit_placed_sync(self, batch: list[Placed], sync_folders: bool = True) -> list[DicomInstance]:
         """Make placed instances durable together: each folder they were renamed
-        into fsynced once, then every index and queue row in one transaction."""
-        if sync_folders and self.fsync:
-            for folder in sorted({p.final.parent for p in batch}):
-                try:
-                    fsync_dir(folder)
-                except OSError as e:
-                    self._dirty = True  # files in place without rows: the next start must scan
-                    raise StorageFailure(f"cannot sync the folder of an instance: {e.strerror}") from None
+        into fsynced once and every index and queue row committed in one
+        transaction, the folder fsyncs (and the data syncs of new names, started
+        when placed) running while the transaction commits - see "Overlapped
+        flushes" in the module docstring.  Returns once all of them are done."""
+        overlap = sync_folders and self.fsync
+        # Every instance journaled: acknowledged at the commit, its flushes finish behind.
+        journaled = overlap and all(p.data is not None for p in batch) and self._unflushed < MAX_UNFLUSHED
+        flushes: list[Future] = []
+        if overlap:
+            flushes = [self._flush(fsync_dir, folder) for folder in sorted({p.final.parent for p in batch})]
+            flushes += [p.data_sync for p in batch if p.data_sync is not None]
+        with self._placed_lock:
+            settled, self._settled = self._settled, []
         # Rows in one order whichever batch they come in (PostgreSQL: concurrent
         # nodes lock studies and series in the same order, no deadlock); a stable
         # sort, so the same instance twice in a batch keeps its arrival order.
         order = sorted(range(len(batch)), key=lambda i: batch[i].header["sop"])
 
         def tx(conn):
+            if settled:
+                inflight.settle(conn, self.node, settled)
             olds = [None] * len(batch)
             for i in order:
                 p = batch[i]
@@ -612,6 +781,10 @@ class InstanceStore:
                 olds[i] = idx.upsert_instance(conn, p.header["attrs"], sop_class_uid=p.header["sop_class"],
                                               transfer_syntax_uid=p.header["ts"], relpath=p.rel,
                                               size=p.size, now=now, metadata=p.header.get("metadata"))
+                if overlap:
+                    prev = olds[i] if olds[i] != p.rel else None
+                    inflight.add(conn, self.node, p.header["sop"], p.rel, prev, self.opening,
+                                 p.data if journaled else None)
                 if p.enqueue:
                     q.enqueue(conn, p.header["sop"], list(p.enqueue), now)
                 if self.blobs is not None:
@@ -623,12 +796,32 @@ class InstanceStore:
         except DatabaseUnavailable:
             # The files are in place without their rows: the next start must scan.
             self._dirty = True
+            self._unsettle(settled)
             raise
         except (sqlite3.Error, StorageFailure) as e:
             self._dirty = True
+            self._unsettle(settled)
             raise StorageFailure(f"index update failed: {e}") from None
-        with self._placed_lock:
-            self._uncommitted -= len(batch)
+        if journaled:
+            # Durable now (the bytes are in the committed row); the row goes once
+            # the file's own flushes are done.
+            with self._placed_lock:
+                self._uncommitted -= len(batch)
+                self._unflushed += len(batch)
+            self._settle_after(flushes, [(p.header["sop"], p.rel) for p in batch])
+        else:
+            for flush in flushes:
+                try:
+                    flush.result()
+                except OSError as e:
+                    # Rows committed for files not known to be on disk: nobody is told
+                    # they are stored, and the next start checks them (in_flight rows).
+                    self._dirty = True
+                    raise StorageFailure(f"cannot sync an instance or its folder: {e.strerror}") from None
+            with self._placed_lock:
+                self._uncommitted -= len(batch)
+                if overlap:
+                    self._settled.extend((p.header["sop"], p.rel) for p in batch)
         # A copy filed elsewhere before goes - unless it is where the row now
         # points (the same instance twice in one batch, at the same place).
         indexed_at = {batch[i].header["sop"]: batch[i].rel for i in order}
@@ -999,11 +1192,11 @@ def metadata_of(ds, study: str, series: str, sop: str) -> str:
 
 def schema_sqlite() -> str:
     """Every table the store keeps (harmony storage migrate checks each one is copied)."""
-    return idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA + nodes.SCHEMA
+    return idx.SCHEMA + q.SCHEMA + blob_sql.SCHEMA + nodes.SCHEMA + inflight.SCHEMA
 
 
 def schema_pg() -> str:
-    return idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA + nodes.PG_SCHEMA
+    return idx.PG_SCHEMA + q.PG_SCHEMA + blob_sql.PG_SCHEMA + nodes.PG_SCHEMA + inflight.PG_SCHEMA
 
 
 def _subdirs(folder: Path):

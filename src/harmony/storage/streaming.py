@@ -31,7 +31,8 @@ class ThreadedFileConsumer:
         self._result: defer.Deferred = defer.Deferred()
 
     def consume(self, producer) -> defer.Deferred:
-        """Fires with the closed, fsynced :class:`TempFile` once the body is written."""
+        """Fires with the closed :class:`TempFile` once the body is written (its data
+        is synced when the store places it, alongside the index commit)."""
         self._producer = producer
         producer.startProducing(self).addCallbacks(self._body_done, self._fail)
         return self._result
@@ -94,7 +95,7 @@ class ThreadedFileConsumer:
             if not self._opened:
                 self.tmp.__enter__()
                 self._opened = True
-            self.tmp.close()
+            self.tmp.close(sync=False)
             return self.tmp
 
         self.store.run(close).addCallbacks(self._result.callback, self._fail)
