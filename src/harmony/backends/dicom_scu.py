@@ -588,7 +588,15 @@ class DicomScuBackend(Backend):
             self.pool.limit.release()
 
     def _context(self, assoc, sop_class, syntax=None) -> int:
-        """The accepted context for *sop_class*, in *syntax* if one was accepted in it."""
+        """The accepted context for *sop_class*, in *syntax* if one was accepted in it
+        (worked out once per association: a pooled one answers many requests)."""
+        key = ("context", sop_class, syntax)
+        cid = assoc.memo.get(key)
+        if cid is None:
+            cid = assoc.memo[key] = self._find_context(assoc, sop_class, syntax)
+        return cid
+
+    def _find_context(self, assoc, sop_class, syntax) -> int:
         found = None
         for cid, cx in assoc.contexts.items():
             if str(cx.abstract_syntax) == str(sop_class):
@@ -834,7 +842,8 @@ def _relayed_identifier(request, doc):
     data, syntax, snapshot = kept
     level = request.metadata.get("query_level")
     try:
-        unchanged = json.dumps(doc) == snapshot
+        # No snapshot: the pipeline had no middleware that could change it.
+        unchanged = snapshot is None or json.dumps(doc) == snapshot
     except (TypeError, ValueError):
         return None
     if not unchanged or level not in LEVELS or doc.get("00080052", {}).get("Value") != [level]:

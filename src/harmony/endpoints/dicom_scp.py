@@ -351,7 +351,10 @@ class DicomScpEndpoint(Service):
         md.update({k: v for k, v in extra.items() if v is not None})
         received_identifier = None
         if received is not None and normalized is not None:
-            received_identifier = (received, md["dimse_transfer_syntax"], json.dumps(normalized))
+            # No middleware, nobody to change it before the backend: no snapshot to compare.
+            pipeline = self.pipeline
+            snapshot = None if pipeline is not None and not pipeline.middleware else json.dumps(normalized)
+            received_identifier = (received, md["dimse_transfer_syntax"], snapshot)
         return RequestEnvelope(method="DIMSE", path=f"/{md['called_aet']}/{op}", metadata=md,
                                normalized=normalized, client_ip=str(assoc.peer_address[0]),
                                scheme="dimse+tls" if self.tls is not None else "dimse",
