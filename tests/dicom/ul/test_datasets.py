@@ -84,13 +84,19 @@ def test_identifier_json_is_pydicoms_json(values, syntax):
         elif keyword.endswith("UID") or keyword == "SOPClassesInStudy":
             value = "".join(c for c in value if c in "1.\\")
         setattr(ds, keyword, value)
+    fast, reference = _fast_and_pydicom_json(ds, syntax)
+    assert fast is None or fast == reference
+
+
+def _fast_and_pydicom_json(ds: Dataset, syntax: str) -> tuple:
+    """(identifier_json's DICOM JSON, pydicom's) of *ds* written in *syntax*; both ``None``
+    when pydicom itself cannot write or read the drawn values back."""
     try:
         data = encoded(ds, syntax)
         reference = identifier_to_json(datasets.decode(data, syntax))
     except Exception:  # noqa: BLE001 - a value pydicom itself cannot write or read back
-        return
-    fast = datasets.identifier_json(data, syntax)
-    assert fast is None or fast == reference
+        return None, None
+    return datasets.identifier_json(data, syntax), reference
 
 
 NUMBERS = st.fixed_dictionaries({}, optional={
@@ -113,12 +119,7 @@ def test_identifier_json_gives_numbers_as_pydicom_does(values, syntax):
             ds.add_new(0x00280120, "SS", value)   # "US or SS" in the dictionary: the VR given
         else:
             setattr(ds, keyword, value)
-    try:
-        data = encoded(ds, syntax)
-        reference = identifier_to_json(datasets.decode(data, syntax))
-    except Exception:  # noqa: BLE001 - a value pydicom itself cannot write or read back
-        return
-    fast = datasets.identifier_json(data, syntax)
+    fast, reference = _fast_and_pydicom_json(ds, syntax)
     assert fast == reference or fast is None and syntax == IMPLICIT and "PixelPaddingValue" in values
 
 
