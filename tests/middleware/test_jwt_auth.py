@@ -23,7 +23,9 @@ SECRET = "0123456789abcdef0123456789abcdef"
 
 def _claims(**overrides):
     now = int(time.time())
-    claims = {"sub": "alice", "aud": "harmony", "exp": now + 300, "iat": now, "scope": ["read", "write"]}
+    # A day: the parametrized tokens are made at collection, and a loaded full suite reaches
+    # them more than 5 minutes later (they were refused as expired, not for the reason under test).
+    claims = {"sub": "alice", "aud": "harmony", "exp": now + 86400, "iat": now, "scope": ["read", "write"]}
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 
