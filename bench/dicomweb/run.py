@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RssSampler, free_port, harmony_config, start_harmony, stop  # noqa: E402
+from bench.common import RssSampler, cpu_seconds, free_port, harmony_config, start_harmony, stop  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
 
@@ -210,6 +211,9 @@ def main():
     ap.add_argument("--qido-rounds", type=int, default=100)
     ap.add_argument("--gib", action="store_true", help="retrieve a 1 GiB study for the RSS figure")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--only", choices=("all", "qido"), default="all", help="qido: the QIDO rows only")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy record of Harmony during 1,000 extra QIDO requests "
+                    "(py-spy in the venv, not a dependency; FILE.txt for raw stacks)")
     args = ap.parse_args()
     count = args.instances
     if args.gib:
@@ -217,9 +221,12 @@ def main():
     with tempfile.TemporaryDirectory(prefix="harmony-bench-dw-") as tmp:
         tmp = Path(tmp)
         print(f"making a study of {count} instances ({args.rows}x{args.rows}, 16-bit)...", flush=True)
+        if args.only == "qido":
+            count = min(count, 4)
         paths = make_study(tmp / "study", count, args.rows)
-        stow_a = make_study(tmp / "stow-a", args.instances, 128, study=STUDY + ".7", patient="STOWA")
-        stow_b = make_study(tmp / "stow-b", args.instances, 128, study=STUDY + ".8", patient="STOWB")
+        stow_count = args.instances if args.only == "all" else 0
+        stow_a = make_study(tmp / "stow-a", stow_count, 128, study=STUDY + ".7", patient="STOWA")
+        stow_b = make_study(tmp / "stow-b", stow_count, 128, study=STUDY + ".8", patient="STOWB")
         orthanc = Orthanc(tmp / "orthanc").start()
         harmony = None
         try:
@@ -237,6 +244,26 @@ def main():
             q_b = median_by([b for b, _ in q_rounds], 0)
             q_n = median_by([n for _, n in q_rounds], 0)
             f_pyn = pynetdicom_find(orthanc, args.qido_rounds)
+            cpu = cpu_seconds(harmony.pid)
+            qido(bridge, 500)
+            cpu_per_qido = (cpu_seconds(harmony.pid) - cpu) / 500
+            if args.profile:
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(harmony.pid),
+                                        "-o", args.profile, "--rate", "1000", "--gil", "--nonblocking"]
+                                       + (["--format", "raw"] if args.profile.endswith(".txt") else []),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+                qido(bridge, 1000)
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+            if args.only == "qido":
+                print(f"{'QIDO study search p50 (ms)':44} {q_b[0]:16.2f} {q_n[0]:16.2f} {q_b[0] / q_n[0]:7.2f}x"
+                      "  (goal <= 1.5x)")
+                print(f"  per round: bridge {' '.join(f'{b[0]:.2f}' for b, _ in q_rounds)}; "
+                      f"native {' '.join(f'{n[0]:.2f}' for _, n in q_rounds)}")
+                print(f"{'  DIMSE bound: C-FIND by pynetdicom p50 (ms)':44} {f_pyn:16.2f}")
+                print(f"Harmony CPU per QIDO request: {cpu_per_qido * 1000:.3f} ms")
+                return
 
             wado(native, STUDY)  # warm Orthanc's file cache
             wado(bridge, STUDY)  # and the backend's retrieve association (QIDO warmed its query one)
@@ -263,6 +290,7 @@ def main():
             print(f"{'QIDO study search p50 (ms)':44} {q_b[0]:16.2f} {q_n[0]:16.2f} {q_b[0] / q_n[0]:7.2f}x"
                   "  (goal <= 1.5x)")
             print(f"{'  DIMSE bound: C-FIND by pynetdicom p50 (ms)':44} {f_pyn:16.2f}")
+            print(f"{'  Harmony CPU per QIDO request (ms)':44} {cpu_per_qido * 1000:16.3f}")
             print(f"{'QIDO study search p95 (ms)':44} {q_b[1]:16.2f} {q_n[1]:16.2f} {q_b[1] / q_n[1]:7.2f}x")
             print(f"{f'WADO study retrieve, {count} inst / {mb:.0f} MB (MB/s)':44} {w_b[0]:16.1f} {w_n[0]:16.1f} "
                   f"{w_b[0] / w_n[0] * 100:6.0f}%")

@@ -13,7 +13,11 @@ In one run, with TCP_NODELAY on every peer:
 
 Harmony runs as its own twistd process, as in production.  Usage:
 
-    python bench/dimse/run.py [--quick]
+    python bench/dimse/run.py [--quick] [--only latency] [--profile FILE.svg]
+
+``--only latency`` stops after the C-ECHO/C-FIND rows (and Harmony's CPU per
+proxied C-FIND); ``--profile`` records Harmony with py-spy (installed in the
+venv, not a dependency) during 3,000 extra proxied C-FINDs.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 from tests.dicom_data import make_corpus, make_instance, save, uid  # noqa: E402
+from bench.common import cpu_seconds  # noqa: E402
 from tests.peers import DCMTK, Orthanc, Storescp, free_port, peer_env, port_open, wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -192,6 +197,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)  # pynetdicom reports association trouble through logging
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    ap.add_argument("--only", choices=("all", "latency"), default="all", help="latency: the C-ECHO/C-FIND rows only")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds (medians are reported)")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy flame graph of Harmony during 3,000 proxied C-FINDs")
     args = ap.parse_args()
     n_echo, n_find, n_store, n_get, side = (300, 100, 1000, 200, 256) if not args.quick else (50, 20, 100, 40, 64)
 
@@ -200,8 +208,9 @@ def main() -> int:
     try:
         print(f"preparing data in {work} ...", flush=True)
         corpus = make_corpus(work / "corpus")
-        big = make_big_study(work / "big", n_get, side)
-        make_small(work / "small", n_store)
+        big = make_big_study(work / "big", n_get, side) if args.only == "all" else []
+        if args.only == "all":
+            make_small(work / "small", n_store)
 
         orthanc = Orthanc(work / "orthanc").start()
         procs.append(orthanc)
@@ -216,11 +225,11 @@ def main() -> int:
                                 scp_port, ingest_port)
         rss_start = rss_mb(harmony.pid)
 
-        print(f"\n== latency (bench/dimse/client.py, one association, TCP_NODELAY; {ROUNDS} interleaved rounds) ==")
+        print(f"\n== latency (bench/dimse/client.py, one association, TCP_NODELAY; {args.rounds} interleaved rounds) ==")
         latencies(scp_port, "HARMONY", 10, 20)  # warm Harmony's association pool
         direct = {"echo": [], "find": []}
         proxied = {"echo": [], "find": []}
-        for _ in range(ROUNDS):
+        for _ in range(args.rounds):
             d = latencies(orthanc.dicom_port, orthanc.aet, n_echo, n_find)
             p = latencies(scp_port, "HARMONY", n_echo, n_find)
             assert p["matches"] == d["matches"], (p["matches"], d["matches"])
@@ -234,6 +243,23 @@ def main() -> int:
             print(f"C-{op.upper():4s} via Harmony    : p50 {p * 1000:6.2f} ms  (per round {rounds_ms(proxied[op])})"
                   f"   ratio {ratio(p, d)} (goal {goal})")
         print(f"(C-FIND at STUDY level, {matches} matches; C-ECHO is answered by Harmony itself)")
+        n_cpu = 1000 if not args.quick else 200
+        before = cpu_seconds(harmony.pid)
+        latencies(scp_port, "HARMONY", 0, n_cpu)
+        print(f"Harmony CPU per proxied C-FIND: {(cpu_seconds(harmony.pid) - before) / n_cpu * 1000:.3f} ms "
+              f"(user + system over {n_cpu} C-FINDs)")
+        if args.profile:
+            spy = subprocess.Popen([str(BIN / "py-spy"), "record", "--pid", str(harmony.pid), "-o", args.profile,
+                                    "--rate", "1000", "--gil", "--nonblocking"] +
+                                   (["--format", "raw"] if args.profile.endswith(".txt") else []),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            latencies(scp_port, "HARMONY", 0, 3000)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            print(f"py-spy profile of 3,000 proxied C-FINDs: {args.profile}")
+        if args.only == "latency":
+            return 0
 
         print(f"\n== C-STORE ingest: {n_store} small instances, one association (DCMTK storescu) ==")
         small = work / "small"

@@ -45,8 +45,8 @@ class DicomRequestFacts:
     #: stores also take a file path here.
     instance: Any = None
     #: The identifier as the DIMSE client sent it: ``(bytes, transfer syntax, json.dumps of
-    #: normalized then)`` (``dicom_scp``); ``dicom_scu`` relays the bytes while no
-    #: middleware changed ``normalized``.
+    #: normalized then, or None when the pipeline has no middleware to change it)``
+    #: (``dicom_scp``); ``dicom_scu`` relays the bytes while no middleware changed ``normalized``.
     received_identifier: tuple | None = None
 
 

@@ -65,3 +65,33 @@ def test_header_name_encoder_gives_the_keys_headers_stores_by():
     headers.addRawHeader(b"x-request-id", b"a")
     assert set(headers._rawHeaders) == {encode(b"ETAG"), encode(b"X-Request-Id")}
     assert encode(b"etag") == b"ETag"  # Twisted's special cases, not plain capitalisation
+
+
+def test_send_now_writes_a_tcp_connection_at_once_and_queues_behind_pending_bytes():
+    """send_now() reads FileDescriptor's private queue (dataBuffer, _tempDataBuffer):
+    with nothing queued the bytes are on the socket before the reactor turns again;
+    with something queued they go behind it (order kept); other transports just write."""
+    import socket
+
+    from twisted.internet import reactor, tcp
+    from twisted.internet.testing import StringTransport
+
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        conn = tcp.Connection(a, None, reactor)
+        conn.connected = 1
+        compat.send_now(conn, b"now")
+        assert b.recv(100) == b"now" and not conn.dataBuffer and not conn._tempDataBuffer
+        conn._tempDataBuffer.append(b"first")
+        conn._tempDataLen = 5
+        conn.startWriting = lambda: None   # not registered with the reactor in this test
+        compat.send_now(conn, b"second")
+        assert conn._tempDataBuffer == [b"first", b"second"]
+        conn.connected = 0
+    finally:
+        a.close()
+        b.close()
+    plain = StringTransport()
+    compat.send_now(plain, b"x")
+    assert plain.value() == b"x"

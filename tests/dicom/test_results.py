@@ -76,3 +76,43 @@ def test_collect_and_release(tmp_path):
         item.release()
         item.release()  # twice is harmless
     assert not staged.exists() and kept.exists()
+
+
+def test_a_listener_gets_the_queued_items_then_each_as_it_is_put_and_hears_the_end():
+    stream = ResultStream()
+    stream.put("a")
+    got = []
+    ended = stream.listen(got.append)
+    assert got == ["a"] and not ended.called and stream.pending == 0
+    stream.put("b")
+    assert got == ["a", "b"] and stream.pending == 0   # handed over on put, never queued
+    stream.finish(SUCCESS)
+    assert result_of(ended) is None
+
+
+def test_a_listener_hears_a_failure_after_the_items_and_a_finished_stream_at_once():
+    stream = ResultStream()
+    stream.put(1)
+    stream.fail(RuntimeError("pacs gone"))
+    got = []
+    failure_of(stream.listen(got.append), RuntimeError)
+    assert got == [1]
+    done = ResultStream()
+    done.put(2)
+    done.finish(SUCCESS)
+    assert result_of(done.listen(got.append)) is None and got == [1, 2]
+    live = ResultStream()
+    ended = live.listen(got.append)
+    live.fail(ValueError("x"))
+    failure_of(ended, ValueError)
+
+
+def test_unlisten_puts_the_stream_back_in_pull_mode():
+    stream = ResultStream()
+    got = []
+    ended = stream.listen(got.append)
+    stream.unlisten()
+    stream.put("late")
+    stream.finish(SUCCESS)
+    assert got == [] and not ended.called
+    assert result_of(stream.next()) == "late" and result_of(stream.next()) is None

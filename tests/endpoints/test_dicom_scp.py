@@ -98,6 +98,72 @@ def test_c_find_matches_stream_back_as_pending_responses():
     assert request.metadata["query_level"] == "STUDY" and request.normalized["00100020"]["Value"] == ["SYN-*"]
 
 
+class _OpenStream:
+    """A backend whose C-FIND stream stays open: the test puts, finishes or leaves it silent."""
+
+    def __init__(self, first=()):
+        self.stream = None
+        self.cancelled = []
+        self.first = first
+
+    def __call__(self, request):
+        self.stream = ResultStream(on_cancel=lambda: self.cancelled.append(True))
+        for m in self.first:
+            self.stream.put(m)
+        return ResponseEnvelope(status=200, state=ResponseState(dicom_results=self.stream))
+
+
+def _find(rig, assoc, query):
+    cid = next(i for i, cx in assoc.contexts.items() if str(cx.abstract_syntax) == str(FIND))
+    pending = []
+    d = assoc.request(cid, {"CommandField": commands.C_FIND_RQ, "Priority": 0, "AffectedSOPClassUID": str(FIND)},
+                      datasets.encode(query, str(assoc.contexts[cid].transfer_syntax[0])), on_pending=pending.append)
+    rig.wires.run(d)
+    return cid, d, pending
+
+
+def test_matches_put_after_the_answer_are_relayed_as_they_come():
+    backend = _OpenStream([_match("SYN-1")])
+    rig = Rig(backend)
+    assoc = result_of(rig.associate())
+    _cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    assert len(pending) == 1 and not d.called
+    backend.stream.put(_match("SYN-2"))
+    backend.stream.put({"00100020": {"vr": "LO", "Value": ["SYN-3"]}})   # a backend answering in DICOM JSON
+    backend.stream.finish(dimse.SUCCESS)
+    final = result_of(rig.wires.run(d))
+    assert final.command["Status"] == dimse.SUCCESS
+    syntax = str(next(iter(assoc.contexts.values())).transfer_syntax[0])
+    assert [datasets.decode(p.dataset, syntax).PatientID for p in pending] == ["SYN-1", "SYN-2", "SYN-3"]
+
+
+def test_a_backend_silent_mid_stream_ends_the_c_find_with_a_timeout_status():
+    backend = _OpenStream([_match("SYN-1")])
+    rig = Rig(backend, request_timeout_secs=5)
+    assoc = result_of(rig.associate())
+    _cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    rig.reactor.advance(4)
+    backend.stream.put(_match("SYN-2"))   # a match restarts the clock
+    rig.reactor.advance(4)
+    assert not rig.wires.run(d).called and len(pending) == 2
+    rig.reactor.advance(2)
+    final = result_of(rig.wires.run(d))
+    assert final.command["Status"] == dimse.UNABLE_TO_PROCESS_TIMEOUT and backend.cancelled == [True]
+
+
+def test_c_cancel_mid_stream_stops_the_relay_and_the_backend():
+    backend = _OpenStream([_match("SYN-1")])
+    rig = Rig(backend)
+    assoc = result_of(rig.associate())
+    cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    assoc.send(cid, {"CommandField": commands.C_CANCEL_RQ, "MessageIDBeingRespondedTo": 1})
+    final = result_of(rig.wires.run(d))
+    assert final.command["Status"] == dimse.CANCEL and backend.cancelled == [True]
+    backend.stream.put(_match("SYN-2"))   # too late: nobody relays it
+    assert len(pending) == 1
+    assert not [c for c in rig.reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "silent"]
+
+
 def test_a_failing_backend_is_a_dimse_failure_status():
     rig = Rig(lambda request: BackendUnavailable("the PACS is down"))
     assoc = result_of(rig.associate())

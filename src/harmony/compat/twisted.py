@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # The endpoint factory Agent uses by default (TLS via the policy, HostnameEndpoint):
 # wrapped so IPv4 literals skip HostnameEndpoint's happy-eyeballs delay.
+from twisted.internet import tcp
 from twisted.web.client import _StandardEndpointFactory as StandardEndpointFactory
 
 #: The versions of Twisted this code is tested on: [lowest, first untested).
@@ -29,6 +30,26 @@ def header_name_encoder():
     return http_headers._nameEncoder
 
 
+def send_now(transport, data: bytes) -> None:
+    """Write *data* to *transport* at once when it is a plain TCP connection with
+    nothing queued before it: one ``send()`` now rather than ``transport.write``'s
+    wait for the reactor's next turn (an ``EPOLLOUT`` registration, a poll, a
+    ``doWrite`` and the deregistration; measured on every C-FIND a DIMSE proxy
+    relays, harmony.dicom.ul.association).  What the socket does not take, and
+    anything for a TLS or queued transport, goes through ``transport.write`` as
+    usual, so the order of the bytes and Twisted's flow control stay as they were.
+    Private: ``dataBuffer`` / ``_tempDataBuffer`` (``FileDescriptor``'s queue)."""
+    if (isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent >= len(data):
+                return
+            data = data[sent:]
+        # else the connection is lost: transport.write lets Twisted find out as it always does
+    transport.write(data)
+
+
 def version_tuple(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
@@ -39,5 +60,5 @@ def tested(version: str) -> bool:
     return low <= version_tuple(version) < high
 
 
-__all__ = ["StandardEndpointFactory", "TESTED_RANGE", "header_name_encoder", "server_tls_options", "tested",
-           "version_tuple"]
+__all__ = ["StandardEndpointFactory", "TESTED_RANGE", "header_name_encoder", "send_now", "server_tls_options",
+           "tested", "version_tuple"]

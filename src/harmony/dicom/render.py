@@ -42,7 +42,14 @@ class ResultBodyProducer(CooperativeProducer):
     def __init__(self, stream, kind: str = "json", boundary: str | None = None):
         self.stream = stream
         self.kind = kind
-        self.boundary = boundary or uuid.uuid4().hex
+        self._boundary = boundary
+
+    @property
+    def boundary(self) -> str:
+        """Made when first needed: a C-FIND's JSON body has none (and a DIMSE client never starts it)."""
+        if self._boundary is None:
+            self._boundary = uuid.uuid4().hex
+        return self._boundary
 
     @property
     def content_type(self) -> str:
@@ -58,7 +65,7 @@ class ResultBodyProducer(CooperativeProducer):
         first = True
         if self.kind == "json":
             consumer.write(b"[")
-        boundary = self.boundary.encode("ascii")
+        boundary = self.boundary.encode("ascii") if self.kind != "json" else b""
         while True:
             item = yield from self._result(self.stream.next())
             if item is None:

@@ -92,6 +92,9 @@ class ResultStream:
     Producer side (reactor thread; from other threads go through
     ``reactor.callFromThread``): :meth:`put`, :meth:`finish`, :meth:`fail`.
     Consumer side: :meth:`next` fires with the next item, or ``None`` at the end;
+    or :meth:`listen` has every item handed over the moment it is put (a
+    consumer that does the same thing with each, the DIMSE SCP relaying C-FIND
+    matches: a Deferred and a coroutine step per match cost more than relaying it);
     :meth:`cancel` asks the producer to stop (C-CANCEL) via ``on_cancel``.
     Counters mirror PS3.4 sub-operation counts for retrieves.
     """
@@ -111,10 +114,14 @@ class ResultStream:
         self.failed_sop_uids: list[str] = []
         self._counted: list[defer.Deferred] = []
         self._total: int | None = None
+        self._listener = None
+        self._ended: defer.Deferred | None = None
 
     # -- producer
     def put(self, item) -> None:
-        if self._waiting is not None:
+        if self._listener is not None:
+            self._listener(item)
+        elif self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.callback(item)
         else:
@@ -135,6 +142,7 @@ class ResultStream:
             d, self._waiting = self._waiting, None
             d.callback(None)
         self._fire_counted()
+        self._end(None)
 
     def fail(self, failure) -> None:
         self._failure = failure
@@ -143,6 +151,16 @@ class ResultStream:
             d, self._waiting = self._waiting, None
             d.errback(failure)
         self._fire_counted()
+        self._end(failure)
+
+    def _end(self, failure) -> None:
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            self._listener = None
+            if failure is None:
+                ended.callback(None)
+            else:
+                ended.errback(failure)
 
     def _fire_counted(self) -> None:
         waiting, self._counted = self._counted, []
@@ -181,6 +199,27 @@ class ResultStream:
             return defer.succeed(None)
         self._waiting = defer.Deferred()
         return self._waiting
+
+    def listen(self, on_item) -> defer.Deferred:
+        """Push mode: ``on_item(item)`` for every item queued so far and from now on each
+        one as it is put (on the producer's call stack); the result fires with ``None``
+        when the stream ends, or fails with its failure.  :meth:`unlisten` stops it."""
+        while self._items:
+            on_item(self._items.pop(0))
+            if self.cancelled:
+                break
+        ended: defer.Deferred = defer.Deferred()
+        if self._failure is not None:
+            ended.errback(self._failure)
+        elif self._done and not self._items:
+            ended.callback(None)
+        else:
+            self._listener, self._ended = on_item, ended
+        return ended
+
+    def unlisten(self) -> None:
+        """Back to pull mode: items queue again for :meth:`next` (the listener's Deferred never fires)."""
+        self._listener = self._ended = None
 
     def queued(self) -> list:
         """The items produced but not yet taken, without taking them (a C-MOVE

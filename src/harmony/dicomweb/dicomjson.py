@@ -15,6 +15,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
 from harmony.dicom.rawjson import element_json
+from harmony.dicom.ul.datasets import received_json
 
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_THRESHOLD = 1024
@@ -92,7 +93,13 @@ _DIMSE_ONLY = ("00080052", "00080054")  # QueryRetrieveLevel, RetrieveAETitle
 
 def find_result_to_json(ds) -> dict:
     """A C-FIND match as DICOM JSON, trailing UID padding trimmed and the
-    QueryRetrieveLevel / RetrieveAETitle (DIMSE details) left out."""
+    QueryRetrieveLevel / RetrieveAETitle (DIMSE details) left out.  A match still
+    in the bytes the PACS sent, of the common shape, is read straight from them
+    (:func:`harmony.dicom.ul.datasets.identifier_json`): pydicom's decode and
+    ``to_json_dict`` were a fifth of a QIDO-RS answer's CPU through the bridge."""
+    fast = received_json(ds)
+    if fast is not None:
+        return find_result_json(fast)
     out = dataset_to_json(ds, None)
     for key in _DIMSE_ONLY:
         out.pop(key, None)

@@ -370,7 +370,10 @@ class DicomScpEndpoint(Service):
         md.update({k: v for k, v in extra.items() if v is not None})
         received_identifier = None
         if received is not None and normalized is not None:
-            received_identifier = (received, md["dimse_transfer_syntax"], json.dumps(normalized))
+            # No middleware, nobody to change it before the backend: no snapshot to compare.
+            pipeline = self.pipeline
+            snapshot = None if pipeline is not None and not pipeline.middleware else json.dumps(normalized)
+            received_identifier = (received, md["dimse_transfer_syntax"], snapshot)
         return RequestEnvelope(method="DIMSE", path=f"/{md['called_aet']}/{op}", metadata=md,
                                normalized=normalized, client_ip=str(assoc.peer_address[0]),
                                scheme="dimse+tls" if self.tls is not None else "dimse",
@@ -480,7 +483,8 @@ class Operation:
                     self.context.abstract_syntax)), "CommandField": _RESPONSE_OF[self.message.field],
                 "MessageIDBeingRespondedTo": self.message.message_id, "Status": dimse.PENDING,
                 "CommandDataSetType": commands.HAS_DATASET})
-        return self.assoc.send(self.message.context_id, self._pending_command, identifier)
+        # more: the next match, or the final response, follows; they go out together.
+        return self.assoc.send(self.message.context_id, self._pending_command, identifier, more=True)
 
     async def next(self, stream, timeout: float, reactor):
         """The stream's next item, :data:`CANCELLED` once the peer sent C-CANCEL or left,
@@ -519,6 +523,59 @@ class Operation:
                 timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
+
+
+    def relay_matches(self, stream, timeout: float, reactor) -> defer.Deferred:
+        """Send each C-FIND match to the client the moment the backend puts it
+        (:meth:`ResultStream.listen`: no Deferred, coroutine step or timer per
+        match); fires with ``None`` at the stream's end, :data:`CANCELLED` once the
+        peer sent C-CANCEL or left, or fails with the stream's failure or with
+        :class:`BackendTimeout` when the backend is silent for *timeout* seconds."""
+        done = self._waiter = defer.Deferred()
+        syntax = self.transfer_syntax
+        assoc = self.assoc
+
+        def on_match(item):
+            if done.called:
+                return
+            if assoc.state != "established":
+                done.callback(CANCELLED)
+                return
+            timer.reset(timeout)
+            # A JSON match is Unicode: give it a character set that encodes it.
+            match = item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
+            try:
+                # A match nobody changed goes as the PACS sent it, when it came in our syntax.
+                encoded = datasets.encode_relayed(match, syntax)
+            except Exception:  # noqa: BLE001 - one undecodable match must not end the query
+                log.warn("dicom_scp: dropped a C-FIND match that cannot be encoded")
+                return
+            self.respond_match(encoded).addErrback(_aborted_ok)
+
+        def silent():
+            if not done.called:
+                done.errback(BackendTimeout(f"no result from the backend for {timeout:g}s"))
+
+        def ended(result):
+            if not done.called:
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(None)
+
+        def stop(result):
+            if timer.active():
+                timer.cancel()
+            stream.unlisten()
+            if self._waiter is done:
+                self._waiter = None
+            return result
+
+        if self.cancelled or assoc.state != "established":
+            return defer.succeed(CANCELLED)
+        timer = reactor.callLater(timeout, silent)
+        stream.listen(on_match).addBoth(ended)
+        return done.addBoth(stop)
 
 
 class ScpServices:
@@ -687,30 +744,18 @@ class ScpServices:
         if failure is not None:
             await op.respond(failure[0], comment=failure[1])
             return
-        while True:
-            try:
-                item = await op.next(stream, endpoint.request_timeout, endpoint.reactor)
-            except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
-                status, comment = _broken(stream, e)
-                await op.respond(status, comment=comment)
-                return
-            if item is CANCELLED:
-                stream.cancel()
-                release_rest(stream)
-                if op.assoc.state == "established":
-                    await op.respond(dimse.CANCEL)
-                return
-            if item is None:
-                break
-            # A JSON match is Unicode: give it a character set that encodes it.
-            match = item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
-            try:
-                # A match nobody changed goes as the PACS sent it, when it came in our syntax.
-                encoded = datasets.encode_relayed(match, op.transfer_syntax)
-            except Exception:  # noqa: BLE001 - one undecodable match must not end the query
-                log.warn("dicom_scp {name}: dropped a C-FIND match that cannot be encoded", name=endpoint.name)
-                continue
-            await op.respond_match(encoded)
+        try:
+            outcome = await op.relay_matches(stream, endpoint.request_timeout, endpoint.reactor)
+        except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
+            status, comment = _broken(stream, e)
+            await op.respond(status, comment=comment)
+            return
+        if outcome is CANCELLED:
+            stream.cancel()
+            release_rest(stream)
+            if op.assoc.state == "established":
+                await op.respond(dimse.CANCEL)
+            return
         if dimse.is_failure(stream.status):
             await op.respond(stream.status, comment=stream.error_comment)
         else:
@@ -923,6 +968,11 @@ class ScpServices:
         await stream.when_counted()
         await op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
                          comment=stream.error_comment)
+
+
+def _aborted_ok(failure):
+    """A match that could not be sent because the association ended: the relay stops at its next step."""
+    failure.trap(AssociationAborted)
 
 
 def _broken(stream, error) -> tuple[int, str]:

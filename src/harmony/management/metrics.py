@@ -177,8 +177,8 @@ class HarmonyMetrics:
             op = md.get("dimse_op")
             if op:
                 status = dimse.label(dimse.of_response(response))
-                self.dimse.labels(name, endpoint, op if op in DIMSE_OPS else "other",
-                                  status if _DIMSE_STATUS.match(status) else "other").inc()
+                child(self.dimse, endpoint, op if op in DIMSE_OPS else "other",
+                      status if _DIMSE_STATUS.match(status) else "other").inc()
 
         return observe
 

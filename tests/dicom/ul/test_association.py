@@ -195,3 +195,37 @@ def test_pending_responses_reach_the_caller_before_the_final_one():
     client.request(1, ECHO, on_pending=pending.append).addCallback(final.append)
     pump(client, ct, server, st)
     assert len(pending) == 2 and final[0].command["Status"] == 0
+
+
+class _TwoAnswers(EchoStoreHandler):
+    """Answers a C-ECHO with two messages, the first marked ``more``, and records what the
+    transport held in between (the batch of one delivery)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written_meanwhile = None
+
+    def on_request(self, assoc, message):
+        reply = {"AffectedSOPClassUID": message.command["AffectedSOPClassUID"],
+                 "MessageIDBeingRespondedTo": message.message_id, "CommandField": commands.C_ECHO_RSP}
+        assoc.send(message.context_id, dict(reply, Status=0xFF00), more=True)
+        self.written_meanwhile = assoc.transport.value()
+        assoc.send(message.context_id, dict(reply, Status=0))
+
+
+def test_a_message_marked_more_waits_for_the_next_and_both_leave_in_order():
+    handler = _TwoAnswers()
+    clock, factory, server, st, client, ct = established_pair(handler=handler)
+    st.clear()
+    pending, answers = [], []
+    client.request(1, ECHO, on_pending=pending.append).addCallback(answers.append)
+    pump(client, ct, server, st)
+    assert handler.written_meanwhile == b""          # held back while the delivery ran
+    assert [p.command["Status"] for p in pending] == [0xFF00] and answers[0].command["Status"] == 0
+
+
+def test_more_outside_a_delivery_is_sent_at_once():
+    clock, factory, server, st, client, ct = established_pair()
+    ct.clear()
+    client.send(1, ECHO, more=True)   # a timer or a thread's callback: no delivery will flush it later
+    assert ct.value() != b""

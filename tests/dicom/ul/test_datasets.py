@@ -84,13 +84,43 @@ def test_identifier_json_is_pydicoms_json(values, syntax):
         elif keyword.endswith("UID") or keyword == "SOPClassesInStudy":
             value = "".join(c for c in value if c in "1.\\")
         setattr(ds, keyword, value)
+    fast, reference = _fast_and_pydicom_json(ds, syntax)
+    assert fast is None or fast == reference
+
+
+def _fast_and_pydicom_json(ds: Dataset, syntax: str) -> tuple:
+    """(identifier_json's DICOM JSON, pydicom's) of *ds* written in *syntax*; both ``None``
+    when pydicom itself cannot write or read the drawn values back."""
     try:
         data = encoded(ds, syntax)
         reference = identifier_to_json(datasets.decode(data, syntax))
     except Exception:  # noqa: BLE001 - a value pydicom itself cannot write or read back
-        return
-    fast = datasets.identifier_json(data, syntax)
-    assert fast is None or fast == reference
+        return None, None
+    return datasets.identifier_json(data, syntax), reference
+
+
+NUMBERS = st.fixed_dictionaries({}, optional={
+    "SliceThickness": st.from_regex(r"\A ?[+-]?[0-9]{1,4}(\.[0-9]{0,3})?\Z"),
+    "WindowCenter": st.lists(st.from_regex(r"\A[+-]?[0-9]{1,3}(\.[0-9]{1,2})?(e[+-]?[0-9])?\Z"), min_size=1,
+                             max_size=3).map("\\".join),
+    "InstanceNumber": st.from_regex(r"\A ?[+-]?[0-9]{1,6}\Z"),
+    "NumberOfStudyRelatedInstances": st.from_regex(r"\A[0-9]{0,4}\Z"),
+    "Rows": st.integers(0, 65535), "PixelPaddingValue": st.integers(-32768, 32767)})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=300, deadline=None)
+@given(NUMBERS, st.sampled_from([IMPLICIT, EXPLICIT]))
+def test_identifier_json_gives_numbers_as_pydicom_does(values, syntax):
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    for keyword, value in values.items():
+        if keyword == "PixelPaddingValue":
+            ds.add_new(0x00280120, "SS", value)   # "US or SS" in the dictionary: the VR given
+        else:
+            setattr(ds, keyword, value)
+    fast, reference = _fast_and_pydicom_json(ds, syntax)
+    assert fast == reference or fast is None and syntax == IMPLICIT and "PixelPaddingValue" in values
 
 
 def test_identifier_json_leaves_the_rest_to_pydicom():
@@ -100,8 +130,57 @@ def test_identifier_json_leaves_the_rest_to_pydicom():
     assert datasets.identifier_json(encoded(ds, EXPLICIT), EXPLICIT) is None      # not ASCII
     ds = Dataset()
     ds.NumberOfStudyRelatedInstances = "3"
-    assert datasets.identifier_json(encoded(ds, IMPLICIT), IMPLICIT) is None      # IS: a number in JSON
+    assert datasets.identifier_json(encoded(ds, IMPLICIT), IMPLICIT) == {"00201208": {"vr": "IS", "Value": [3]}}
+    ds.NumberOfStudyRelatedInstances = "3.0"                                        # not an integer string
+    assert datasets.identifier_json(encoded(ds, IMPLICIT), IMPLICIT) is None
     assert datasets.identifier_json(b"\x08\x00\x52\x00CS\x06\x00STUDY ", "1.2.840.10008.1.2.2") is None  # big endian
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the odd values drawn
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYWORDS), TEXT, min_size=1), st.sampled_from([IMPLICIT, EXPLICIT]),
+       st.sets(st.sampled_from(["00201206", "00080061", "00100030", "00081190", "00200011"])))
+def test_identifier_bytes_are_the_bytes_pydicom_writes(values, syntax, empty):
+    from harmony.dicom import charset
+    from harmony.dicom.dicomjson import identifier_from_json
+    from harmony.dicomweb.qido import vr_of
+
+    ds = Dataset()
+    for keyword, value in values.items():
+        if keyword == "NumberOfStudyRelatedInstances":
+            value = ""
+        elif keyword.endswith("UID") or keyword == "SOPClassesInStudy":
+            value = "".join(c for c in value if c in "1.\\")
+        setattr(ds, keyword, value)
+    try:
+        doc = identifier_to_json(ds)
+    except Exception:  # noqa: BLE001 - a value pydicom cannot give as JSON
+        return
+    for tag in empty:
+        doc.setdefault(tag, {"vr": vr_of(tag)})
+    try:
+        reference = datasets.encode(charset.declare(identifier_from_json(doc)), syntax)
+    except Exception:  # noqa: BLE001 - what pydicom cannot write is never taken on the fast path either
+        assert datasets.identifier_bytes(doc, syntax) is None
+        return
+    fast = datasets.identifier_bytes(doc, syntax)
+    assert fast is None or fast == reference
+
+
+def test_identifier_bytes_take_a_qido_identifier_and_leave_the_rest_to_pydicom():
+    doc = {"00080052": {"vr": "CS", "Value": ["STUDY"]}, "00100020": {"vr": "LO", "Value": ["BENCH"]},
+           "00100010": {"vr": "PN", "Value": [{"Alphabetic": "DOE^J*"}]}, "0020000D": {"vr": "UI"},
+           "00201208": {"vr": "IS"}, "00080020": {"vr": "DA", "Value": ["20200101-20201231"]}}
+    for syntax in (IMPLICIT, EXPLICIT):
+        data = datasets.identifier_bytes(doc, syntax)
+        assert data is not None and datasets.identifier_json(data, syntax) == doc
+    for odd in ({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller"}]}},          # not ASCII
+                {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "A", "Ideographic": "B"}]}},
+                {"00201208": {"vr": "IS", "Value": [3]}},                                # a number
+                {"00081110": {"vr": "SQ", "Value": [{}]}},                               # a sequence
+                {"0010002": {"vr": "LO"}}, {"00100020": {"vr": "LO", "Value": "X"}}):
+        assert datasets.identifier_bytes(odd, IMPLICIT) is None, odd
+    assert datasets.identifier_bytes(doc, "1.2.840.10008.1.2.1.99") is None             # deflated
 
 
 def test_a_received_match_is_sent_as_received_until_looked_into():

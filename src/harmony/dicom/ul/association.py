@@ -18,6 +18,13 @@ violation is an A-ABORT and a closed connection, never a growing buffer.
 Sending is flow-controlled: a data set from a file is read and written in
 blocks only while the transport is not paused, and messages never interleave
 (a send queue per association), so a slow peer holds one block of memory.
+
+Sending is also batched per reactor turn: what any association writes while the
+reactor hands bytes to one of them (a relayed C-FIND: the request in, the
+request out; the PACS's matches in, the client's out) is kept and sent with one
+``send()`` per association when that delivery ends, rather than left to
+Twisted's next turn (:func:`harmony.compat.twisted.send_now`): a proxied C-FIND
+went through two reactor turns fewer, and as few system calls as before.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from harmony.compat.twisted import send_now
 from harmony.dicom import status as dimse
 from harmony.dicom.ul import commands, pdu
 from harmony.log import get_logger
@@ -61,6 +69,25 @@ FILE_BLOCK = 1024 * 1024
 #: How long a closing connection may take to flush before it is cut.
 CLOSE_GRACE_SECS = 5.0
 
+
+
+class _Batch:
+    """Writes made while bytes are being delivered to an association, sent when the delivery ends."""
+
+    def __init__(self):
+        #: How many ``dataReceived`` calls are running (a handler may deliver to another).
+        self.depth = 0
+        #: Associations holding written bytes not yet sent.
+        self.waiting: list[Association] = []
+
+    def flush(self) -> None:
+        while self.waiting:
+            waiting, self.waiting = self.waiting, []
+            for assoc in waiting:
+                assoc._flush_out()
+
+
+_batch = _Batch()
 
 
 class DatasetSink(Protocol):
@@ -207,6 +234,8 @@ class Association(protocol.Protocol):
         self._end_reason: str | None = None
         #: What service code worked out once for this association (e.g. which context an instance goes on).
         self.memo: dict = {}
+        #: Bytes written during a delivery, sent when it ends (:class:`_Batch`).
+        self._out: list[bytes] = []
 
     # ------------------------------------------------------------------ connection
 
@@ -225,6 +254,7 @@ class Association(protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone):
         was = self.state
         self.state = CLOSED
+        self._out = []
         self._cancel_timers()
         if self._sink is not None:
             self._sink.abort()
@@ -295,6 +325,7 @@ class Association(protocol.Protocol):
         if self.state == CLOSED:
             return
         self._touch()
+        _batch.depth += 1
         try:
             for pdu_type, body in self.framer.feed(data):
                 self._on_pdu(pdu_type, body)
@@ -304,6 +335,10 @@ class Association(protocol.Protocol):
             self._abort_connection(str(e), reason=e.reason)
         except commands.CommandError as e:
             self._abort_connection(f"malformed command set: {e}", reason=0x06)
+        finally:
+            _batch.depth -= 1
+            if not _batch.depth:
+                _batch.flush()
 
     def _on_pdu(self, pdu_type: int, body: bytes):
         state = self.state
@@ -501,8 +536,33 @@ class Association(protocol.Protocol):
 
     # ------------------------------------------------------------------ sending
 
-    def _write(self, data: bytes):
-        self.transport.write(data)  # type: ignore[call-arg,misc]  # zope ITransport methods have no self
+    def _write(self, data: bytes, more: bool = False):
+        """Send *data* now, with whatever this association wrote before it in the turn.
+        With *more* (another message of the same turn follows it: a C-FIND's next
+        match) it waits, at most until the delivery running ends (:class:`_Batch`)."""
+        out = self._out
+        out.append(data)
+        if more and _batch.depth:
+            if len(out) == 1:
+                _batch.waiting.append(self)
+            return
+        self._flush_out()
+
+    def _write_many(self, chunks: list[bytes], more: bool = False):
+        out = self._out
+        out.extend(chunks)
+        if more and _batch.depth:
+            if len(out) == len(chunks):
+                _batch.waiting.append(self)
+            return
+        self._flush_out()
+
+    def _flush_out(self):
+        out = self._out
+        if out:
+            self._out = []
+            if self.transport is not None:
+                send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def _fragment_size(self) -> int:
         # PDU length = 6 (PDV item header) + fragment; the peer's maximum counts the whole PDU body.
@@ -511,11 +571,12 @@ class Association(protocol.Protocol):
             peer = 4 * 1024 * 1024
         return max(peer - 6, 1)
 
-    def send(self, context_id: int, command: dict | bytes, dataset=None) -> defer.Deferred:
+    def send(self, context_id: int, command: dict | bytes, dataset=None, more: bool = False) -> defer.Deferred:
         """Send one message (*dataset*: ``None``, bytes, or a :class:`FileDataset`); fires once written.
 
         *command* may be already encoded (bytes, its CommandDataSetType right), for a
-        response sent many times over (a C-FIND's pending responses)."""
+        response sent many times over (a C-FIND's pending responses).  *more*: another
+        message follows in this turn, so this one may wait to go out with it."""
         if self.state != ESTABLISHED:
             return defer.fail(AssociationAborted(f"association is {self.state}"))
         if not isinstance(command, bytes):
@@ -523,7 +584,7 @@ class Association(protocol.Protocol):
                 command = dict(command, CommandDataSetType=commands.HAS_DATASET)
             command = commands.encode(command)
         d: defer.Deferred = defer.Deferred()
-        self._send_queue.append((context_id, command, dataset, d))
+        self._send_queue.append((context_id, command, dataset, d, more))
         if not self._sending:
             self._drain()
         return d
@@ -571,17 +632,17 @@ class Association(protocol.Protocol):
         """Write queued messages in order; one data set from a file at a time, paced by the transport."""
         self._sending = True
         while self._send_queue and self.state in (ESTABLISHED, RELEASING):
-            context_id, command_bytes, dataset, d = self._send_queue[0]
+            context_id, command_bytes, dataset, d, more = self._send_queue[0]
             if isinstance(dataset, FileDataset):
                 self._send_queue.popleft()
-                self._write_command(context_id, command_bytes)
+                self._write_command(context_id, command_bytes, True)
                 result = defer.ensureDeferred(self._send_file(context_id, dataset))
                 result.addBoth(self._file_sent, d)
                 return
             self._send_queue.popleft()
-            self._write_command(context_id, command_bytes)
+            self._write_command(context_id, command_bytes, more or dataset is not None)
             if dataset is not None:
-                self._write_data(context_id, dataset)
+                self._write_data(context_id, dataset, more)
             self._touch()
             d.callback(None)
         self._sending = False
@@ -602,30 +663,31 @@ class Association(protocol.Protocol):
 
     def _fail_queue(self):
         queue, self._send_queue = self._send_queue, deque()
-        for *_rest, d in queue:
+        for _cid, _command, _dataset, d, _more in queue:
             d.errback(AssociationAborted("association closed before the message was sent"))
 
-    def _write_command(self, context_id: int, command_bytes: bytes):
+    def _write_command(self, context_id: int, command_bytes: bytes, more: bool = False):
         size = self._fragment_size()
         if len(command_bytes) <= size:
-            self._write(pdu.pdata(context_id, 0x03, command_bytes))
+            self._write(pdu.pdata(context_id, 0x03, command_bytes), more)
             return
         for start in range(0, len(command_bytes), size):
             last = start + size >= len(command_bytes)
-            self._write(pdu.pdata(context_id, 0x03 if last else 0x01, command_bytes[start:start + size]))
+            self._write(pdu.pdata(context_id, 0x03 if last else 0x01, command_bytes[start:start + size]),
+                        more or not last)
 
-    def _write_data(self, context_id: int, data: bytes):
+    def _write_data(self, context_id: int, data: bytes, more: bool = False):
         size = self._fragment_size()
         view = memoryview(data)
         n = len(data)
         if n == 0:
-            self._write(pdu.pdata(context_id, 0x02, b""))
+            self._write(pdu.pdata(context_id, 0x02, b""), more)
             return
         chunks = []
         for start in range(0, n, size):
             last = start + size >= n
             chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
-        self.transport.writeSequence(chunks)  # type: ignore[call-arg,misc]  # as in _write
+        self._write_many(chunks, more)
 
     async def _send_file(self, context_id: int, dataset: FileDataset):
         size = self._fragment_size()
@@ -644,7 +706,8 @@ class Association(protocol.Protocol):
                 for start in range(0, max(n, 1), size):
                     last = not following and start + size >= n
                     chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
-                self.transport.writeSequence(chunks)  # type: ignore[call-arg,misc]  # as in _write
+                self._flush_out()   # the command went first
+                self.transport.writeSequence(chunks)  # type: ignore[call-arg,misc]  # zope methods have no self
                 self._touch()
                 if not following:
                     return
@@ -685,6 +748,7 @@ class Association(protocol.Protocol):
     def _close(self):
         """Close after what is written went out -- but a peer that stops reading
         cannot hold the connection: it is cut after :data:`CLOSE_GRACE_SECS`."""
+        self._flush_out()
         self.transport.loseConnection()
         self._cancel_timers()
         self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, self.transport.abortConnection)
