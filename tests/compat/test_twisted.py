@@ -7,7 +7,9 @@ import configparser
 import re
 from pathlib import Path
 
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
@@ -95,3 +97,40 @@ def test_send_now_writes_a_tcp_connection_at_once_and_queues_behind_pending_byte
     plain = StringTransport()
     compat.send_now(plain, b"x")
     assert plain.value() == b"x"
+
+
+# send_now over a real loopback connection: what the socket does not take at once
+# still arrives, in order, after what it did.
+BIG = bytes(range(256)) * 40_000  # ~10 MB: far more than one send takes
+
+
+class _Writer(protocol.Protocol):
+    def connectionMade(self):
+        compat.send_now(self.transport, b"head:")
+        compat.send_now(self.transport, BIG)  # queued behind the first if the socket is busy
+        compat.send_now(self.transport, b":tail")
+        self.transport.loseConnection()
+
+
+class _Reader(protocol.Protocol):
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(b"".join(self.chunks))
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_now_a_large_write_arrives_whole_and_in_order_over_a_real_socket():
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(_Writer), interface="127.0.0.1")
+    try:
+        reader = _Reader()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), reader)
+        received = await reader.done
+    finally:
+        await port.stopListening()
+    assert received == b"head:" + BIG + b":tail"

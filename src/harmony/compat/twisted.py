@@ -31,22 +31,34 @@ def header_name_encoder():
 
 
 def send_now(transport, data: bytes) -> None:
-    """Write *data* to *transport* at once when it is a plain TCP connection with
-    nothing queued before it: one ``send()`` now rather than ``transport.write``'s
-    wait for the reactor's next turn (an ``EPOLLOUT`` registration, a poll, a
-    ``doWrite`` and the deregistration; measured on every C-FIND a DIMSE proxy
-    relays, harmony.dicom.ul.association).  What the socket does not take, and
-    anything for a TLS or queued transport, goes through ``transport.write`` as
-    usual, so the order of the bytes and Twisted's flow control stay as they were.
-    Private: ``dataBuffer`` / ``_tempDataBuffer`` (``FileDescriptor``'s queue)."""
-    if (isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
+    """``transport.write(data)``, sent at once when nothing is queued before it.
+
+    Twisted's TCP transport always queues a write and sends it on the reactor's
+    next turn, after registering the socket for write readiness (an ``epoll_ctl``)
+    and unregistering it once the queue is empty (another).  For the small
+    messages of the hot paths on a socket whose buffer is empty - a proxied
+    C-FIND's PDUs (harmony.dicom.ul.association), an HTTP passthrough's request
+    head and answer (harmony.web.upstream_client, harmony.web.fast_channel) -
+    that is two system calls and a reactor turn to learn what ``send`` knows at
+    once: strace counted them on every request (bench/dimse,
+    bench/http_passthrough).
+
+    Only a plain TCP connection (not TLS) with an empty queue and an open writing
+    side qualifies (a registered producer is no bar: nothing is queued, so it is
+    not due a pause); what the socket does not take, and any
+    error, go through ``transport.write`` as usual (the queue, and ``doWrite``
+    meeting the error and closing the connection), so the order of the bytes
+    and Twisted's flow control stay as they were.  Private: ``dataBuffer`` /
+    ``_tempDataBuffer`` (``FileDescriptor``'s queue), ``_writeDisconnected``."""
+    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+            and not transport.disconnecting and not transport._writeDisconnected
             and not transport.dataBuffer and not transport._tempDataBuffer):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent >= len(data):
                 return
             data = data[sent:]
-        # else the connection is lost: transport.write lets Twisted find out as it always does
+        # An error instance: transport.write below meets it in doWrite and closes as usual.
     transport.write(data)
 
 

@@ -48,12 +48,11 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from harmony.compat.twisted import header_name_encoder
+from harmony.compat.twisted import header_name_encoder, send_now
 from harmony.envelope import body_length
 from harmony.log import get_logger
 from harmony.web import coding
 from harmony.web.bridge import stop_producing
-from harmony.web.direct_write import write_now
 from harmony.web.headers import HOP_BY_HOP, connection_listed
 
 log = get_logger("harmony.web")
@@ -216,10 +215,10 @@ class FastRequest:
             if body and not bodyless:
                 append(bytes(body))
                 self.sentLength = len(body)
-            write_now(transport, b"".join(parts))
+            send_now(transport, b"".join(parts))
             self._finish()
             return defer.succeed(None)
-        write_now(transport, b"".join(parts))
+        send_now(transport, b"".join(parts))
         # A producer on a bodyless answer (HEAD) still runs, as on twisted.web, and what it
         # writes is dropped: it then ends (and frees what it holds) the way it always does.
         self._discard = bodyless

@@ -57,9 +57,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from harmony.compat.twisted import header_name_encoder
+from harmony.compat.twisted import header_name_encoder, send_now
 from harmony.envelope import BytesProducer
-from harmony.web.direct_write import write_now
 
 #: The most bytes a response head (status line and header lines) may take.
 #: Twisted's client allows 16 KiB a line; nginx's proxy_buffer_size is 4-8 KiB.
@@ -327,7 +326,7 @@ class _Connection(Protocol):
         body = exchange.body
         transport = self.transport
         if body is None:
-            write_now(transport, exchange.head + (b"Content-Length: 0\r\n\r\n" if exchange.method in BODY_EXPECTED
+            send_now(transport, exchange.head + (b"Content-Length: 0\r\n\r\n" if exchange.method in BODY_EXPECTED
                                                   else b"\r\n"))
             return
         length: Any = getattr(body, "length", UNKNOWN_LENGTH)
