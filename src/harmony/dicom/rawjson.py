@@ -54,13 +54,24 @@ def element_json(raw) -> dict | None:
     """*raw* (a pydicom ``RawDataElement`` whose value is loaded) as DICOM JSON,
     exactly as ``DataElement.to_json_dict`` makes it, or ``None`` when this
     cannot tell (the caller then asks pydicom)."""
-    if type(raw) is not RawDataElement or raw.tag in _LUT_DESCRIPTORS:
+    if type(raw) is not RawDataElement:
         return None
     value = raw.value
     if value is None or not raw.is_little_endian:
         return None
     vr = raw.VR if raw.VR else _implicit_vr(raw.tag)
     if vr is None:
+        return None
+    return value_json(raw.tag, vr, value)
+
+
+def value_json(tag: int, vr: str, value: bytes) -> dict | None:
+    """The DICOM JSON of element *tag* of *vr* whose little-endian value is *value*,
+    as pydicom would make it, or ``None`` when this cannot tell.  The one place
+    Harmony converts element bytes to DICOM JSON: :func:`element_json` for parsed
+    data sets, and :func:`harmony.dicom.ul.datasets.identifier_json` for received
+    C-FIND identifiers and matches."""
+    if tag in _LUT_DESCRIPTORS:
         return None
     code = _BINARY.get(vr)
     if code is not None:

@@ -31,6 +31,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from harmony.dicom import fastcmd
+from harmony.dicom.rawjson import value_json
 from harmony.dicom.ul.pdu import PDUError
 
 #: Largest identifier accepted (a C-FIND identifier with every return key is a few KiB).
@@ -250,20 +251,18 @@ def _skip_sequence(data, offset: int, implicit: bool) -> int:
                 offset += length
 
 
-#: VRs whose values :func:`identifier_json` converts itself (text, single-byte ASCII).
+#: VRs whose values :func:`identifier_json` reads (text, single-byte ASCII; numbers in text
+#: and binary, little endian), each converted by :func:`harmony.dicom.rawjson.value_json`.
 _TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI", "PN"))
-_STRIP_EACH = frozenset(("LO", "SH"))
-#: Numbers in text (DICOM JSON numbers, as pydicom gives them) and binary (little endian).
-_IS = re.compile(r"^ *[+-]?[0-9]+ *$")
-_DS = re.compile(r"^ *[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)? *$")
-_BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i"}
+_NUMBER_VRS = frozenset(("IS", "DS", "US", "SS", "UL", "SL"))
 
 
 def identifier_json(data: bytes, transfer_syntax: str) -> dict | None:
     """A C-FIND/C-GET/C-MOVE identifier (or a C-FIND match) as DICOM JSON, for the
     common shape only: flat, ASCII, little endian, text VRs, IS/DS and US/UL/SS/SL
-    numbers (and empty elements of any VR); ``None`` for anything else, which pydicom
-    then decodes.  The same JSON as pydicom's ``to_json_dict`` (property-tested
+    numbers (and empty elements of any VR), each value converted by
+    :func:`harmony.dicom.rawjson.value_json`; ``None`` for anything else, which
+    pydicom then decodes.  The same JSON as pydicom's ``to_json_dict`` (property-tested
     against it) in a tenth of the time: decoding the identifier and converting it
     was a fifth of a proxied C-FIND's CPU, and each match's a fifth of a QIDO-RS
     answer's through the DICOMweb bridge."""
@@ -288,46 +287,14 @@ def identifier_json(data: bytes, transfer_syntax: str) -> dict | None:
             key = f"{tag:08X}"
             raw = data[offset:offset + length]
             offset += length
-            if length and vr in _BINARY:
-                code = _BINARY[vr]
-                size = struct.calcsize(code)
-                if length % size:
-                    return None
-                doc[key] = {"vr": vr, "Value": list(struct.unpack(f"<{length // size}{code}", raw))}
-                continue
-            if not raw.isascii() or b"\x1b" in raw:   # a character set, ISO 2022 escapes: pydicom's job
+            attr = value_json(tag, vr, raw) if length else {"vr": vr}
+            if attr is None:
                 return None
-            text = raw.decode("ascii").rstrip("\0 ")
-            if not text:
-                doc[key] = {"vr": vr}
-                continue
-            values = text.split("\\")
-            if vr == "IS":
-                if not all(_IS.match(v) for v in values):
-                    return None
-                doc[key] = {"vr": vr, "Value": [int(v) for v in values]}
-                continue
-            if vr == "DS":
-                if not all(_DS.match(v) for v in values):
-                    return None
-                doc[key] = {"vr": vr, "Value": [float(v) for v in values]}
-                continue
-            if vr in _STRIP_EACH:          # as pydicom reads them: text strips each value's end,
-                values = [v.rstrip(" ") for v in values]
-            elif vr == "AE":               # an AE title both ends
-                values = [v.strip(" ") for v in values]
-            if vr == "PN":
-                if any("=" in v for v in values):
-                    return None
-                doc[key] = {"vr": vr, "Value": [{"Alphabetic": v} if v else None for v in values]}
-            else:
-                doc[key] = {"vr": vr, "Value": values}
+            doc[key] = attr
     except (_NeedMore, struct.error, UnicodeDecodeError):
         return None
     return doc
 
-
-_NUMBER_VRS = frozenset(("IS", "DS", *_BINARY))
 #: VRs with a 2-byte length in explicit VR (PS3.5 §7.1.2): what :func:`identifier_bytes` writes.
 _SHORT_VRS = frozenset(("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "PN", "SH",
                         "SL", "SS", "ST", "TM", "UI", "UL", "US"))
