@@ -187,6 +187,9 @@ def main() -> int:
     ap.add_argument("--profile-out", type=Path)
     ap.add_argument("--strace", choices=("get", "wado"), help="strace -c -f Harmony during these rounds")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--ab", type=Path, metavar="SRC",
+                    help="also run a second Harmony importing harmony from SRC (e.g. main's src/, exported with "
+                         "git archive), in the same rounds: an A/B of two builds under the same load")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="harmony-bench-retrieve-"))
@@ -203,6 +206,15 @@ def main() -> int:
         harmony = start_harmony(config(work / "harmony", http_port, scp_port, orthanc), http_port,
                                 env=peer_env())
         wait_for(lambda: port_open(scp_port), 30, "harmony's dicom_scp", harmony)
+        other = None
+        if args.ab:
+            b_http, b_scp = free_port(), free_port()
+            other = start_harmony(config(work / "harmony-b", b_http, b_scp, orthanc), b_http,
+                                  env={**peer_env(), "PYTHONPATH": str(args.ab.resolve())})
+            wait_for(lambda: port_open(b_scp), 30, "the second harmony's dicom_scp", other)
+            base_b = f"http://127.0.0.1:{b_http}/dicomweb"
+            getscu(b_scp, "HARMONY", work / "warm", ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid(9, 1)}"])
+            wado(base_b, WADO_STUDY)
         base = f"http://127.0.0.1:{http_port}/dicomweb"
         get_keys = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid(9, 1)}"]
         wado_keys = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={WADO_STUDY}"]
@@ -220,33 +232,40 @@ def main() -> int:
                             args.profile_out or work / (f"{observing}.svg" if args.profile
                                                         else f"strace-{observing}.txt"))
 
-        rows = {"direct": [], "via": [], "wado": [], "getscu": [], "cpu_get": [], "cpu_wado": []}
+        rows: dict[str, list] = {"direct": [], "via": [], "wado": [], "getscu": [], "cpu_get": [], "cpu_wado": [],
+                                 "via_b": [], "wado_b": []}
         wado_bytes = 0
         for r in range(args.rounds):
             # Each pair back to back, in alternating order: what runs first may find the
             # previous round's files still being written back.
-            for what in (("direct", "via") if r % 2 == 0 else ("via", "direct")):
+            order = ["direct", "via"] + (["via_b"] if other else [])
+            for what in order[r % len(order):] + order[:r % len(order)]:
                 if observing == "wado":
                     break
                 if what == "direct":
                     rows["direct"].append(getscu(orthanc.dicom_port, orthanc.aet, work / "get-direct", get_keys))
-                    continue
-                with observer if observing == "get" else Nothing():
-                    cpu = cpu_seconds(harmony.pid)
-                    rows["via"].append(getscu(scp_port, "HARMONY", work / "get-via", get_keys))
-                    rows["cpu_get"].append(cpu_seconds(harmony.pid) - cpu)
-            for what in (("wado", "getscu") if r % 2 == 0 else ("getscu", "wado")):
+                elif what == "via_b":
+                    rows["via_b"].append(getscu(b_scp, "HARMONY", work / "get-via-b", get_keys))
+                else:
+                    with observer if observing == "get" else Nothing():
+                        cpu = cpu_seconds(harmony.pid)
+                        rows["via"].append(getscu(scp_port, "HARMONY", work / "get-via", get_keys))
+                        rows["cpu_get"].append(cpu_seconds(harmony.pid) - cpu)
+            order = ["wado", "getscu"] + (["wado_b"] if other else [])
+            for what in order[r % len(order):] + order[:r % len(order)]:
                 if observing == "get":
                     break
                 if what == "getscu":
                     rows["getscu"].append(getscu(orthanc.dicom_port, orthanc.aet, work / "getscu-wado", wado_keys,
                                                  calling=BRIDGE_AET))
-                    continue
-                with observer if observing == "wado" else Nothing():
-                    cpu = cpu_seconds(harmony.pid)
-                    seconds, wado_bytes = wado(base, WADO_STUDY)
-                    rows["cpu_wado"].append(cpu_seconds(harmony.pid) - cpu)
-                rows["wado"].append(seconds)
+                elif what == "wado_b":
+                    rows["wado_b"].append(wado(base_b, WADO_STUDY)[0])
+                else:
+                    with observer if observing == "wado" else Nothing():
+                        cpu = cpu_seconds(harmony.pid)
+                        seconds, wado_bytes = wado(base, WADO_STUDY)
+                        rows["cpu_wado"].append(cpu_seconds(harmony.pid) - cpu)
+                    rows["wado"].append(seconds)
         sampler.finish()
         observer.close()
 
@@ -268,6 +287,10 @@ def main() -> int:
             print(f"  ratio            {med['via'] / med['direct']:6.2f}x  (goal <= 2x; per round "
                   f"{' '.join(f'{r:.2f}' for r in ratios)})   Harmony CPU {med['cpu_get']:.3f} s")
             print(f"  files byte-identical: {same}")
+            if rows["via_b"]:
+                ratios = [v / d for v, d in zip(rows["via_b"], rows["direct"])]
+                print(f"  B ({args.ab}): {med['via_b']:6.3f} s, ratio {med['via_b'] / med['direct']:.2f}x; "
+                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}")
         if rows["wado"]:
             wado_mb = sum(p.stat().st_size for p in (work / "getscu-wado").iterdir()) / 1e6
             print(f"WADO-RS via the bridge {args.instances} x {args.wado_side}^2 ({wado_mb:.0f} MB of files, "
@@ -279,10 +302,15 @@ def main() -> int:
             ratios = [g / w for w, g in zip(rows["wado"], rows["getscu"])]
             print(f"  ratio            {med['getscu'] / med['wado']:6.2f}x  (goal >= 1.0x; per round "
                   f"{' '.join(f'{r:.2f}' for r in ratios)})")
+            if rows["wado_b"]:
+                ratios = [g / w for w, g in zip(rows["wado_b"], rows["getscu"])]
+                print(f"  B ({args.ab}): {wado_mb / med['wado_b']:6.1f} MB/s, ratio {med['getscu'] / med['wado_b']:.2f}x; "
+                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}")
         print(f"Harmony RSS idle {rss_idle / 1e6:.0f} MB, peak during the rounds {sampler.peak / 1e6:.0f} MB")
         return 0
     finally:
         stop(harmony)
+        stop(locals().get("other"))
         if orthanc is not None:
             orthanc.stop()
         if not args.keep:
