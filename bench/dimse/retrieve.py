@@ -161,7 +161,8 @@ class Observer:
                                               ".svg") else "raw"], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE)
         elif self.tool == "strace":
-            self.proc = subprocess.Popen(os.environ.get("HARMONY_BENCH_STRACE", "strace -c -f").split() + ["-p", str(self.pid), "-o", str(self.out)],
+            command = os.environ.get("HARMONY_BENCH_STRACE", "strace -c -f").split()   # e.g. "strace -f -tt -T"
+            self.proc = subprocess.Popen(command + ["-p", str(self.pid), "-o", str(self.out)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self.proc is not None:
             time.sleep(1.0)  # let it attach (not a synchronisation of the system under test)
@@ -283,12 +284,12 @@ def main() -> int:
             print(f"C-GET {args.instances} x {args.get_side}^2 ({get_mb:.0f} MB), DCMTK getscu:")
             print(f"  direct Orthanc   {med['direct']:6.3f} s   rounds {per_round('direct')}")
             print(f"  via Harmony      {med['via']:6.3f} s   rounds {per_round('via')}")
-            ratios = [v / d for v, d in zip(rows["via"], rows["direct"])]
+            ratios = [v / d for v, d in zip(rows["via"], rows["direct"], strict=False)]
             print(f"  ratio            {med['via'] / med['direct']:6.2f}x  (goal <= 2x; per round "
                   f"{' '.join(f'{r:.2f}' for r in ratios)})   Harmony CPU {med['cpu_get']:.3f} s")
             print(f"  files byte-identical: {same}")
             if rows["via_b"]:
-                ratios = [v / d for v, d in zip(rows["via_b"], rows["direct"])]
+                ratios = [v / d for v, d in zip(rows["via_b"], rows["direct"], strict=False)]
                 print(f"  B ({args.ab}): {med['via_b']:6.3f} s, ratio {med['via_b'] / med['direct']:.2f}x; "
                       f"per round {' '.join(f'{r:.2f}' for r in ratios)}")
         if rows["wado"]:
@@ -299,12 +300,13 @@ def main() -> int:
                   f"{' '.join(f'{wado_mb / v:.0f}' for v in rows['getscu'])}")
             print(f"  WADO bridge      {wado_mb / med['wado']:6.1f} MB/s   rounds "
                   f"{' '.join(f'{wado_mb / v:.0f}' for v in rows['wado'])}   Harmony CPU {med['cpu_wado']:.3f} s")
-            ratios = [g / w for w, g in zip(rows["wado"], rows["getscu"])]
+            ratios = [g / w for w, g in zip(rows["wado"], rows["getscu"], strict=False)]
             print(f"  ratio            {med['getscu'] / med['wado']:6.2f}x  (goal >= 1.0x; per round "
                   f"{' '.join(f'{r:.2f}' for r in ratios)})")
             if rows["wado_b"]:
-                ratios = [g / w for w, g in zip(rows["wado_b"], rows["getscu"])]
-                print(f"  B ({args.ab}): {wado_mb / med['wado_b']:6.1f} MB/s, ratio {med['getscu'] / med['wado_b']:.2f}x; "
+                ratios = [g / w for w, g in zip(rows["wado_b"], rows["getscu"], strict=False)]
+                print(f"  B ({args.ab}): {wado_mb / med['wado_b']:6.1f} MB/s, "
+                      f"ratio {med['getscu'] / med['wado_b']:.2f}x; "
                       f"per round {' '.join(f'{r:.2f}' for r in ratios)}")
         print(f"Harmony RSS idle {rss_idle / 1e6:.0f} MB, peak during the rounds {sampler.peak / 1e6:.0f} MB")
         return 0

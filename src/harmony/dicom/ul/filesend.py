@@ -86,7 +86,7 @@ class Plan:
         data = memoryview(os.pread(fd, last_end - first[1], first[1]))
         if len(data) < last_end - first[1]:
             raise OSError(f"the file ended {last_end - first[1] - len(data)} bytes early")
-        parts = []
+        parts: list = []
         for i in range(index, index + count):
             header, offset, n = self[i]
             parts += (header, data[offset - first[1]:offset - first[1] + n])
