@@ -107,7 +107,7 @@ def test_send_direct_stops_at_a_full_socket_and_the_rest_completes_the_stream(tm
     path = tmp_path / "big"
     path.write_bytes(data)
     prefix = pdu.pdata(1, 0x03, b"command")
-    for fragment in (16_372, 131_066):   # small fragments joined per send; large ones by sendfile
+    for fragment in (16_372, 131_066, 300_000):   # batches per sendmsg; the largest by sendfile
         sender, receiver = tcp_pair(64 * 1024)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -135,10 +135,11 @@ def test_send_direct_sends_everything_a_reader_takes(tmp_path):
     sender, receiver = tcp_pair(4 * 1024 * 1024)
     fd = os.open(path, os.O_RDONLY)
     try:
-        plan = filesend.Plan(3, 0, len(data), 131_066)
-        assert filesend.send_direct(sender, fd, plan, b"") == (len(plan), b"")
-        expected = reference(3, data, 131_066)
-        assert drain(receiver, len(expected)) == expected
+        for fragment in (131_066, 300_000):
+            plan = filesend.Plan(3, 0, len(data), fragment)
+            assert filesend.send_direct(sender, fd, plan, b"response") == (len(plan), b"")
+            expected = b"response" + reference(3, data, fragment)
+            assert drain(receiver, len(expected)) == expected
     finally:
         os.close(fd)
         sender.close()

@@ -645,9 +645,10 @@ class Association(protocol.Protocol):
             start = dataset.offset if dataset.offset is not None else filesend.dataset_start(fd)
             pdus = filesend.Plan(context_id, start, os.fstat(fd).st_size, self._fragment_size())
             index = 0
-            sock = filesend.direct_socket(self.transport)
-            if sock is not None:
-                index, rest = filesend.send_direct(sock, fd, pdus, command)
+            direct = filesend.direct_socket(self.transport)
+            if direct is not None:
+                sock, held = direct
+                index, rest = filesend.send_direct(sock, fd, pdus, held + command)
                 if rest:
                     self._write(rest)
             else:

@@ -31,9 +31,9 @@ from harmony.dicom.ul import pdu
 #: the (0002,0000) group length element).
 _HEAD = 132 + 12
 _PDV_HEADER = struct.Struct(">BxIIBB")
-#: Fragments at least this large go by ``sendfile`` (their PDU header sent on its
-#: own); smaller ones are read and joined with their headers, a batch per ``send``.
-SENDFILE_MIN = 64 * 1024
+#: Fragments at least this large go by ``sendfile`` (their PDU header sent before);
+#: smaller ones are read and sent with their headers, a batch per ``sendmsg``.
+SENDFILE_MIN = 256 * 1024
 #: Most bytes read into memory at once for a batch of small fragments or a
 #: buffered block (what a slow peer can make Harmony hold per association).
 BATCH = 1024 * 1024
@@ -77,9 +77,9 @@ class Plan:
         control = 0x02 if index == self.count - 1 else 0x00
         return _PDV_HEADER.pack(pdu.P_DATA_TF, n + 6, n + 2, self.context_id, control), offset, n
 
-    def block(self, fd: int, index: int, budget: int = BATCH) -> tuple[bytes, int]:
-        """PDUs *index*.. as bytes (one read, one join), up to about *budget* bytes of
-        data and at least one PDU; returns (bytes, the index after the last one)."""
+    def buffers(self, fd: int, index: int, budget: int = BATCH) -> tuple[list, int]:
+        """PDUs *index*.. as a list of headers and views of one read, up to about
+        *budget* bytes of data and at least one PDU; and the index after the last."""
         first = self[index]
         count = max(1, min(budget // self.fragment, self.count - index))
         last_end = min(self.start + (index + count) * self.fragment, self.end)
@@ -90,17 +90,46 @@ class Plan:
         for i in range(index, index + count):
             header, offset, n = self[i]
             parts += (header, data[offset - first[1]:offset - first[1] + n])
-        return b"".join(parts), index + count
+        return parts, index + count
+
+    def block(self, fd: int, index: int, budget: int = BATCH) -> tuple[bytes, int]:
+        """:meth:`buffers` joined (for Twisted, which takes bytes)."""
+        parts, following = self.buffers(fd, index, budget)
+        return b"".join(parts), following
 
 
-def direct_socket(transport) -> socket.socket | None:
-    """The socket of *transport* when bytes may be written to it directly now:
-    plain TCP (not TLS), connected, and nothing of Twisted's still buffered
-    (flushed here when there is: a response written just before).  ``None``
-    means: use the transport."""
-    if not flush(transport):
+def direct_socket(transport) -> tuple[socket.socket, bytes] | None:
+    """``(socket, buffered)`` of *transport* when bytes may be written to its socket
+    directly now: plain TCP (not TLS) and connected.  *buffered* is what Twisted held
+    and had not begun to send (a response written just before), taken back to go
+    first in the same ``sendmsg`` -- one send, one wake-up of the peer, where a flush
+    then a send made two.  ``None`` means: use the transport."""
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return None
-    return transport.socket
+    if not transport.connected or transport.disconnecting:
+        return None
+    held = _take_buffered(transport)
+    if held is None:
+        if not flush(transport):
+            return None
+        held = b""
+    return transport.socket, held
+
+
+def _take_buffered(transport) -> bytes | None:
+    """What Twisted buffered, removed from its buffer, when none of it was sent yet
+    (else ``None``: flush instead).  Its writer registration stays; its next
+    ``doWrite`` finds nothing and stops writing."""
+    temp = getattr(transport, "_tempDataBuffer", None)
+    data = getattr(transport, "dataBuffer", None)
+    offset = getattr(transport, "offset", None)
+    if not isinstance(temp, list) or data is None or offset is None or len(data) > offset \
+            or not hasattr(transport, "_tempDataLen"):
+        return None
+    held = b"".join(temp)
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return held
 
 
 def flush(transport) -> bool:
@@ -133,18 +162,23 @@ def send_direct(sock: socket.socket, fd: int, pdus: Plan, prefix: bytes = b"") -
     """Send *prefix*, then *pdus* from *fd*, on the non-blocking *sock* until all went
     or the socket is full.  Returns ``(index, rest)``: *rest* is what was not sent of
     the prefix or of the PDUs before *index* (to go the buffered way, then PDUs from
-    *index* on); ``(len(pdus), b"")`` when everything went."""
+    *index* on); ``(len(pdus), b"")`` when everything went.
+
+    Up to :data:`BATCH` bytes of data go in one ``sendmsg`` with the prefix (one
+    read, no join: a 130 KB instance with its command and the previous pending
+    response is one syscall and one wake-up of the peer); fragments of
+    :data:`SENDFILE_MIN` and more go by ``sendfile``."""
     out = sock.fileno()
     index = 0
-    pending = prefix
+    pending = [prefix] if prefix else []
     while index < len(pdus):
         header, offset, length = pdus[index]
         if length >= SENDFILE_MIN:
-            chunk = pending + header
-            sent = _send(sock, chunk, socket.MSG_MORE)
-            if sent < len(chunk):
-                return index + 1, chunk[sent:] + os.pread(fd, length, offset)
-            pending = b""
+            parts = pending + [header]
+            sent = _sendmsg(sock, parts, socket.MSG_MORE)
+            if sent < _size(parts):
+                return index + 1, _rest(parts, sent) + os.pread(fd, length, offset)
+            pending = []
             done = 0
             while done < length:
                 try:
@@ -156,21 +190,37 @@ def send_direct(sock: socket.socket, fd: int, pdus: Plan, prefix: bytes = b"") -
                 done += n
             index += 1
             continue
-        block, following = pdus.block(fd, index, BATCH // 4)
-        chunk = pending + block
-        sent = _send(sock, chunk, socket.MSG_MORE if following < len(pdus) else 0)
-        if sent < len(chunk):
-            return following, chunk[sent:]
-        pending = b""
+        buffers, following = pdus.buffers(fd, index, BATCH)
+        parts = pending + buffers
+        sent = _sendmsg(sock, parts, socket.MSG_MORE if following < len(pdus) else 0)
+        if sent < _size(parts):
+            return following, _rest(parts, sent)
+        pending = []
         index = following
-    if pending:   # an empty plan cannot happen (one PDU at least); kept for safety
-        sent = _send(sock, pending, 0)
-        return len(pdus), pending[sent:]
+    if pending:   # cannot happen (a plan has a PDU at least); kept for safety
+        sent = _sendmsg(sock, pending, 0)
+        return len(pdus), _rest(pending, sent)
     return len(pdus), b""
 
 
-def _send(sock: socket.socket, data: bytes, flags: int) -> int:
+def _size(parts) -> int:
+    return sum(len(p) for p in parts)
+
+
+def _rest(parts, sent: int) -> bytes:
+    """The bytes of *parts* after the first *sent*."""
+    out = []
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+            continue
+        out.append(part[sent:])
+        sent = 0
+    return b"".join(out)
+
+
+def _sendmsg(sock: socket.socket, parts, flags: int) -> int:
     try:
-        return sock.send(data, flags)
+        return sock.sendmsg(parts, (), flags)
     except (BlockingIOError, InterruptedError):
         return 0
