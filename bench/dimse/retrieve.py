@@ -234,7 +234,7 @@ def main() -> int:
                                                         else f"strace-{observing}.txt"))
 
         rows: dict[str, list] = {"direct": [], "via": [], "wado": [], "getscu": [], "cpu_get": [], "cpu_wado": [],
-                                 "via_b": [], "wado_b": []}
+                                 "via_b": [], "wado_b": [], "cpu_get_b": [], "cpu_wado_b": []}
         wado_bytes = 0
         for r in range(args.rounds):
             # Each pair back to back, in alternating order: what runs first may find the
@@ -246,7 +246,9 @@ def main() -> int:
                 if what == "direct":
                     rows["direct"].append(getscu(orthanc.dicom_port, orthanc.aet, work / "get-direct", get_keys))
                 elif what == "via_b":
+                    cpu = cpu_seconds(other.pid)
                     rows["via_b"].append(getscu(b_scp, "HARMONY", work / "get-via-b", get_keys))
+                    rows["cpu_get_b"].append(cpu_seconds(other.pid) - cpu)
                 else:
                     with observer if observing == "get" else Nothing():
                         cpu = cpu_seconds(harmony.pid)
@@ -260,7 +262,9 @@ def main() -> int:
                     rows["getscu"].append(getscu(orthanc.dicom_port, orthanc.aet, work / "getscu-wado", wado_keys,
                                                  calling=BRIDGE_AET))
                 elif what == "wado_b":
+                    cpu = cpu_seconds(other.pid)
                     rows["wado_b"].append(wado(base_b, WADO_STUDY)[0])
+                    rows["cpu_wado_b"].append(cpu_seconds(other.pid) - cpu)
                 else:
                     with observer if observing == "wado" else Nothing():
                         cpu = cpu_seconds(harmony.pid)
@@ -291,7 +295,7 @@ def main() -> int:
             if rows["via_b"]:
                 ratios = [v / d for v, d in zip(rows["via_b"], rows["direct"], strict=False)]
                 print(f"  B ({args.ab}): {med['via_b']:6.3f} s, ratio {med['via_b'] / med['direct']:.2f}x; "
-                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}")
+                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}; Harmony CPU {med['cpu_get_b']:.3f} s")
         if rows["wado"]:
             wado_mb = sum(p.stat().st_size for p in (work / "getscu-wado").iterdir()) / 1e6
             print(f"WADO-RS via the bridge {args.instances} x {args.wado_side}^2 ({wado_mb:.0f} MB of files, "
@@ -307,7 +311,7 @@ def main() -> int:
                 ratios = [g / w for w, g in zip(rows["wado_b"], rows["getscu"], strict=False)]
                 print(f"  B ({args.ab}): {wado_mb / med['wado_b']:6.1f} MB/s, "
                       f"ratio {med['getscu'] / med['wado_b']:.2f}x; "
-                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}")
+                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}; Harmony CPU {med['cpu_wado_b']:.3f} s")
         print(f"Harmony RSS idle {rss_idle / 1e6:.0f} MB, peak during the rounds {sampler.peak / 1e6:.0f} MB")
         return 0
     finally:
