@@ -648,7 +648,10 @@ class Association(protocol.Protocol):
             direct = filesend.direct_socket(self.transport)
             if direct is not None:
                 sock, held = direct
-                index, rest = filesend.send_direct(sock, fd, pdus, held + command)
+                try:
+                    index, rest = filesend.send_direct(sock, fd, pdus, held + command)
+                except ConnectionError as e:   # the peer reset or closed: the association is over
+                    raise AssociationAborted(f"connection lost while sending a data set ({e.strerror})") from None
                 if rest:
                     self._write(rest)
             else:
