@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RssSampler, cpu_seconds, free_port, harmony_config, start_harmony, stop  # noqa: E402
+from bench.dimse.run import make_big_study as make_get_study  # noqa: E402  (run.py's C-GET study)
 from tests.dicom_data import make_instance, save, uid  # noqa: E402
 from tests.peers import Orthanc, peer_env, port_open, wait_for  # noqa: E402
 
@@ -43,19 +44,6 @@ GET_AET = "BENCH"
 BRIDGE_AET = "HARMONY_SCU"
 WADO_STUDY = "1.2.826.0.1.3680043.10.543.901.1"
 PY_SPY = Path(sys.executable).parent / "py-spy"
-
-
-def make_get_study(folder: Path, n: int, side: int) -> list[Path]:
-    """bench/dimse/run.py's C-GET study: four series, *side* x *side* 16-bit."""
-    paths = []
-    per_series = max(1, n // 4)
-    for i in range(n):
-        s = i // per_series + 1
-        ds = make_instance(patient_id="BENCH01", patient_name="BENCH^BIG", study_uid=uid(9, 1),
-                           series_uid=uid(9, 1, s), sop_uid=uid(9, 1, s, i + 1), series_number=s,
-                           instance_number=i + 1, rows=side, cols=side, seed=i)
-        paths.append(save(ds, folder / f"{i:04d}.dcm"))
-    return paths
 
 
 def make_wado_study(folder: Path, n: int, side: int) -> list[Path]:
