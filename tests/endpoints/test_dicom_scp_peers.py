@@ -461,6 +461,16 @@ class _Exited(protocol.ProcessProtocol):
 SLOW_STUDY = "1.2.826.0.1.3680043.10.543.77"
 
 
+@pytest.fixture
+def own_pacs(tmp_path):
+    """An Orthanc of its own: the large study must not show in other tests' queries of the shared one."""
+    from tests.peers import Orthanc
+    server = Orthanc(tmp_path / "own-orthanc").start()
+    server.add_modality("harmony_scu", "HARMONY_SCU", free_port())
+    yield server
+    server.stop()
+
+
 async def _getscu_of_a_large_study(tmp_path, pacs, max_staged_mb=2):
     """Harmony (staging bounded at *max_staged_mb*) and DCMTK getscu retrieving a 30 x 512 KB
     study through it: (running Harmony, backend, getscu's process, its exit, output folder,
@@ -489,13 +499,13 @@ def _staged_bytes(backend) -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_getscu_that_stops_reading_holds_the_pacs_back_not_harmony(tmp_path, pacs_modality):
+async def test_a_getscu_that_stops_reading_holds_the_pacs_back_not_harmony(tmp_path, own_pacs):
     """DCMTK getscu stopped (SIGSTOP) after its first instances of a 30 x 512 KB study:
     Harmony relays one sub-operation at a time, stages at most ``max_staged_mb`` of what
     the PACS sends and then holds the PACS back by not answering -- it never buffers the
     study -- and once getscu runs again every instance arrives."""
     from tests.test_client_aborts import until
-    running, backend, process, client, out, instance_bytes = await _getscu_of_a_large_study(tmp_path, pacs_modality)
+    running, backend, process, client, out, instance_bytes = await _getscu_of_a_large_study(tmp_path, own_pacs)
     try:
         await until(lambda: any(out.iterdir()), "getscu stored its first instance")
         process.signalProcess(signal.SIGSTOP)
@@ -517,13 +527,13 @@ async def test_a_getscu_that_stops_reading_holds_the_pacs_back_not_harmony(tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_getscu_killed_mid_study_cancels_upstream_and_counts_a_client_abort(tmp_path, pacs_modality):
+async def test_getscu_killed_mid_study_cancels_upstream_and_releases_staging(tmp_path, own_pacs):
     """getscu killed (SIGKILL) after its first instances: the retrieve from the PACS is
     cancelled (C-CANCEL; Orthanc ends it) and every staged instance is released -- before
     the fix they stayed staged and the PACS kept sending until it timed out -- and the
     target pool records no failure of the PACS."""
     from tests.test_client_aborts import until
-    running, backend, process, client, out, _size = await _getscu_of_a_large_study(tmp_path, pacs_modality)
+    running, backend, process, client, out, _size = await _getscu_of_a_large_study(tmp_path, own_pacs)
     target = backend.target_pool.targets[0]
     try:
         await until(lambda: any(out.iterdir()), "getscu stored its first instance")
