@@ -5,13 +5,14 @@ Every answer through Harmony is compared with the same client's answer from
 the PACS directly: same matches, the same bytes in retrieved files."""
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from pydicom import dcmread
-from twisted.internet import defer, threads
+from twisted.internet import defer, protocol, reactor, threads
 
 from tests.dicom_data import make_instance, save
 from tests.dimse_helpers import dataset_bytes, silent_peer
@@ -453,3 +454,102 @@ async def test_get_counts_follow_ps34(harmony, orthanc, corpus):
                 status.NumberOfWarningSuboperations) == (len(uids) - 1, 1, 0), aet
         if aet == SCP_AET:  # Orthanc 1.10 leaves the (conditional) Failed SOP Instance UID List out
             assert failed.FailedSOPInstanceUIDList == refused
+
+
+class _Exited(protocol.ProcessProtocol):
+    def __init__(self):
+        self.exited = defer.Deferred()
+
+    def processEnded(self, reason):
+        self.exited.callback(reason.value.exitCode)
+
+
+SLOW_STUDY = "1.2.826.0.1.3680043.10.543.77"
+
+
+@pytest.fixture
+def own_pacs(tmp_path):
+    """An Orthanc of its own: the large study must not show in other tests' queries of the shared one."""
+    from tests.peers import Orthanc
+    server = Orthanc(tmp_path / "own-orthanc").start()
+    server.add_modality("harmony_scu", "HARMONY_SCU", free_port())
+    yield server
+    server.stop()
+
+
+async def _getscu_of_a_large_study(tmp_path, pacs, max_staged_mb=2):
+    """Harmony (staging bounded at *max_staged_mb*) and DCMTK getscu retrieving a 30 x 512 KB
+    study through it: (running Harmony, backend, getscu's process, its exit, output folder,
+    size of one instance)."""
+    study = SLOW_STUDY
+    paths = [save(make_instance(patient_id="SLOWGET", study_uid=study, series_uid=f"{study}.1",
+                                sop_uid=f"{study}.1.{n}", instance_number=n, rows=512, cols=512, seed=n),
+                  tmp_path / "study" / f"{n}.dcm") for n in range(1, 31)]
+    pacs.upload(paths)
+    path, scp_port = harmony_config(tmp_path, pacs.aet, pacs.dicom_port)
+    router = tmp_path / "pipelines" / "router.toml"
+    router.write_text(router.read_text() + f"max_staged_mb = {max_staged_mb}\n")   # [backends.pacs.options] ends it
+    running = await start_harmony(path)
+    out = tmp_path / "got"
+    out.mkdir()
+    client = _Exited()
+    tool = DCMTK["getscu"]
+    process = reactor.spawnProcess(client, tool, [tool, "-S", "-aet", "GETSCU", "-aec", SCP_AET, "-od", str(out),
+                                                  "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                                                  "127.0.0.1", str(scp_port)], env=peer_env())
+    return running, running.service.runtime.backends["pacs"], process, client, out, paths[0].stat().st_size
+
+
+def _staged_bytes(backend) -> int:
+    return sum(f.stat().st_size for f in backend.retrieve_staging.base.rglob("*") if f.is_file())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_getscu_that_stops_reading_holds_the_pacs_back_not_harmony(tmp_path, own_pacs):
+    """DCMTK getscu stopped (SIGSTOP) after its first instances of a 30 x 512 KB study:
+    Harmony relays one sub-operation at a time, stages at most ``max_staged_mb`` of what
+    the PACS sends and then holds the PACS back by not answering -- it never buffers the
+    study -- and once getscu runs again every instance arrives."""
+    from tests.test_client_aborts import until
+    running, backend, process, client, out, instance_bytes = await _getscu_of_a_large_study(tmp_path, own_pacs)
+    try:
+        await until(lambda: any(out.iterdir()), "getscu stored its first instance")
+        process.signalProcess(signal.SIGSTOP)
+        await until(lambda: any(job.stream.queued_bytes >= job.stream.limit for job in backend._gets.values()),
+                    "Harmony is holding the PACS back")
+        staged = _staged_bytes(backend)
+        # The limit (crossed by a whole instance), the instance that landed when it was
+        # reached (its answer waits), and the one being relayed to the stopped client.
+        assert staged <= 2 * 1024 * 1024 + 3 * instance_bytes, staged
+        assert staged < 30 * instance_bytes / 3
+        process.signalProcess(signal.SIGCONT)
+        assert await client.exited == 0
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"CT.{SLOW_STUDY}.1.{n}" for n in range(1, 31))
+    finally:
+        if not client.exited.called:
+            process.signalProcess("KILL")
+            await client.exited
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_getscu_killed_mid_study_cancels_upstream_and_releases_staging(tmp_path, own_pacs):
+    """getscu killed (SIGKILL) after its first instances: the retrieve from the PACS is
+    cancelled (C-CANCEL; Orthanc ends it) and every staged instance is released -- before
+    the fix they stayed staged and the PACS kept sending until it timed out -- and the
+    target pool records no failure of the PACS."""
+    from tests.test_client_aborts import until
+    running, backend, process, client, out, _size = await _getscu_of_a_large_study(tmp_path, own_pacs)
+    target = backend.target_pool.targets[0]
+    try:
+        await until(lambda: any(out.iterdir()), "getscu stored its first instance")
+        process.signalProcess("KILL")
+        await client.exited
+        await until(lambda: target.in_flight == 0 and not backend._gets, "the retrieve ended", timeout=20)
+        await until(lambda: _staged_bytes(backend) == 0, "the staged instances were released")
+        assert len(list(out.iterdir())) < 30
+        # Never the PACS's fault.  (Counted in client_aborts_total only when the client leaves
+        # before the first result: the pool's attempt ends there.)
+        assert (target.failures_total, target.last_error, target.circuit) == (0, None, "closed"), target.state(0)
+    finally:
+        await running.stop()

@@ -223,6 +223,9 @@ class _Receiver:
                 "AffectedSOPClassUID": command.get("AffectedSOPClassUID"), "CommandField": commands.C_STORE_RSP,
                 "MessageIDBeingRespondedTo": message.message_id, "Status": status,
                 "AffectedSOPInstanceUID": command.get("AffectedSOPInstanceUID")})
+            # On the wire before the instance is relayed (which may write to the
+            # client at once): the PACS sends the next one meanwhile.
+            assoc.flush()
         if job is None:
             return
         sink = message.sink

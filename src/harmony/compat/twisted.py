@@ -7,9 +7,12 @@ the tested range, so a new major release fails there first.
 
 from __future__ import annotations
 
+import socket
+
+from twisted.internet import tcp
+
 # The endpoint factory Agent uses by default (TLS via the policy, HostnameEndpoint):
 # wrapped so IPv4 literals skip HostnameEndpoint's happy-eyeballs delay.
-from twisted.internet import tcp
 from twisted.web.client import _StandardEndpointFactory as StandardEndpointFactory
 
 #: The versions of Twisted this code is tested on: [lowest, first untested).
@@ -62,6 +65,69 @@ def send_now(transport, data: bytes) -> None:
     transport.write(data)
 
 
+# Writing a data set's file straight to the socket (harmony.dicom.ul.filesend) needs the
+# transport's socket and its write buffer: dataBuffer/offset, _tempDataBuffer/_tempDataLen.
+
+def direct_socket(transport) -> tuple[socket.socket, bytes] | None:
+    """``(socket, buffered)`` of *transport* when bytes may be written to its socket
+    directly now: plain TCP (not TLS) and connected.  *buffered* is what Twisted held
+    and had not begun to send (a response written just before), taken back to go
+    first in the same ``sendmsg`` -- one send, one wake-up of the peer, where a flush
+    then a send made two.  ``None`` means: use the transport."""
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return None
+    if not transport.connected or transport.disconnecting:
+        return None
+    held = _take_buffered(transport)
+    if held is None:
+        if not flush_buffered(transport):
+            return None
+        held = b""
+    return transport.socket, held
+
+
+def _take_buffered(transport) -> bytes | None:
+    """What Twisted buffered, removed from its buffer, when none of it was sent yet
+    (else ``None``: flush instead).  Its writer registration stays; its next
+    ``doWrite`` finds nothing and stops writing."""
+    temp = getattr(transport, "_tempDataBuffer", None)
+    data = getattr(transport, "dataBuffer", None)
+    offset = getattr(transport, "offset", None)
+    if not isinstance(temp, list) or data is None or offset is None or len(data) > offset \
+            or not hasattr(transport, "_tempDataLen"):
+        return None
+    held = b"".join(temp)
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return held
+
+
+def flush_buffered(transport) -> bool:
+    """Write what *transport* buffered now, as the reactor would at its next turn
+    (``doWrite``; an error it meets the reactor meets again there), when it is plain
+    TCP: for an answer a peer waits on before it sends more.  True when nothing is
+    left buffered."""
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return False
+    if not transport.connected or transport.disconnecting:
+        return False
+    if _buffered(transport):
+        transport.doWrite()
+        return not _buffered(transport)
+    return True
+
+
+def _buffered(transport) -> bool:
+    # Twisted keeps what write() was given in dataBuffer (from offset) and in
+    # _tempDataBuffer; an attribute missing means "assume buffered" (the safe way).
+    data = getattr(transport, "dataBuffer", None)
+    offset = getattr(transport, "offset", None)
+    temp = getattr(transport, "_tempDataLen", None)
+    if data is None or offset is None or temp is None:
+        return True
+    return len(data) > offset or temp > 0
+
+
 def version_tuple(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
@@ -72,5 +138,5 @@ def tested(version: str) -> bool:
     return low <= version_tuple(version) < high
 
 
-__all__ = ["StandardEndpointFactory", "TESTED_RANGE", "header_name_encoder", "send_now", "server_tls_options",
-           "tested", "version_tuple"]
+__all__ = ["StandardEndpointFactory", "TESTED_RANGE", "direct_socket", "flush_buffered", "header_name_encoder",
+           "send_now", "server_tls_options", "tested", "version_tuple"]

@@ -869,6 +869,15 @@ class ScpServices:
                                              NumberOfFailedSuboperations=total, NumberOfWarningSuboperations=0)
                             return
                     status = await storage.c_store(target, item, endpoint.reactor, originator=originator)
+                except AssociationAborted:
+                    # The C-GET client (or the C-MOVE destination) left mid sub-operation:
+                    # the PACS is asked to stop (C-CANCEL) and what it already sent is
+                    # released, as on a C-CANCEL -- not left staged until the PACS gives up.
+                    if target is op.assoc:
+                        mark_client_gone(env)
+                    stream.cancel()
+                    release_rest(stream)
+                    raise
                 finally:
                     item.release()
                 if status is None or dimse.is_failure(status):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections import deque
 from typing import Protocol
 
@@ -48,9 +49,9 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from harmony.compat.twisted import send_now
+from harmony.compat.twisted import direct_socket, flush_buffered, send_now
 from harmony.dicom import status as dimse
-from harmony.dicom.ul import commands, pdu
+from harmony.dicom.ul import commands, filesend, pdu
 from harmony.log import get_logger
 
 log = get_logger("harmony.dicom.ul")
@@ -64,8 +65,6 @@ AWAIT_RQ, AWAIT_AC, ESTABLISHED, RELEASING, CLOSED = "await-rq", "await-ac", "es
 #: Slack above our advertised maximum PDU: some peers count the PDV header into the
 #: fragment, some do not; refusing a PDU 12 bytes too long helps nobody.
 PDU_SLACK = 64
-#: Block size for data sets sent from files (fragmented into PDUs of the peer's maximum).
-FILE_BLOCK = 1024 * 1024
 #: How long a closing connection may take to flush before it is cut.
 CLOSE_GRACE_SECS = 5.0
 
@@ -140,11 +139,13 @@ class Message:
 
 
 class FileDataset:
-    """A data set to send from a file, starting at *offset* (after a Part-10 header)."""
+    """A data set to send from a file, starting at *offset*; ``None``: the file is
+    Part-10 and the data set follows its header (found when the file is opened to
+    be sent, on the same descriptor)."""
 
     __slots__ = ("path", "offset")
 
-    def __init__(self, path, offset: int = 0):
+    def __init__(self, path, offset: int | None = 0):
         self.path = path
         self.offset = offset
 
@@ -589,6 +590,14 @@ class Association(protocol.Protocol):
             self._drain()
         return d
 
+    def flush(self) -> None:
+        """Put what was sent so far on the wire now rather than at the reactor's next
+        turn: for an answer the peer waits on before it sends more (a C-STORE
+        sub-operation's response, so the PACS reads its next instance while this
+        one is relayed)."""
+        self._flush_out()
+        flush_buffered(self.transport)
+
     def request(self, context_id: int, command: dict, dataset=None, on_pending=None,
                 timeout: float | None = None) -> defer.Deferred:
         """Send a request; fires with its final response :class:`Message`.
@@ -635,8 +644,7 @@ class Association(protocol.Protocol):
             context_id, command_bytes, dataset, d, more = self._send_queue[0]
             if isinstance(dataset, FileDataset):
                 self._send_queue.popleft()
-                self._write_command(context_id, command_bytes, True)
-                result = defer.ensureDeferred(self._send_file(context_id, dataset))
+                result = defer.ensureDeferred(self._send_file(context_id, command_bytes, dataset))
                 result.addBoth(self._file_sent, d)
                 return
             self._send_queue.popleft()
@@ -667,14 +675,15 @@ class Association(protocol.Protocol):
             d.errback(AssociationAborted("association closed before the message was sent"))
 
     def _write_command(self, context_id: int, command_bytes: bytes, more: bool = False):
+        self._write(self._command_pdus(context_id, command_bytes), more)
+
+    def _command_pdus(self, context_id: int, command_bytes: bytes) -> bytes:
         size = self._fragment_size()
         if len(command_bytes) <= size:
-            self._write(pdu.pdata(context_id, 0x03, command_bytes), more)
-            return
-        for start in range(0, len(command_bytes), size):
-            last = start + size >= len(command_bytes)
-            self._write(pdu.pdata(context_id, 0x03 if last else 0x01, command_bytes[start:start + size]),
-                        more or not last)
+            return pdu.pdata(context_id, 0x03, command_bytes)
+        return b"".join(pdu.pdata(context_id, 0x03 if start + size >= len(command_bytes) else 0x01,
+                                  command_bytes[start:start + size])
+                        for start in range(0, len(command_bytes), size))
 
     def _write_data(self, context_id: int, data: bytes, more: bool = False):
         size = self._fragment_size()
@@ -689,29 +698,37 @@ class Association(protocol.Protocol):
             chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
         self._write_many(chunks, more)
 
-    async def _send_file(self, context_id: int, dataset: FileDataset):
-        size = self._fragment_size()
-        block = max(FILE_BLOCK - FILE_BLOCK % size, size)
-        with open(dataset.path, "rb") as f:
-            f.seek(dataset.offset)
-            current = f.read(block)
-            while True:
+    async def _send_file(self, context_id: int, command_bytes: bytes, dataset: FileDataset):
+        """The command, then the data set from its file (:mod:`.filesend`): straight to
+        the socket while it takes it, the rest in blocks paced by the transport."""
+        command = self._command_pdus(context_id, command_bytes)
+        fd = os.open(dataset.path, os.O_RDONLY)
+        try:
+            start = dataset.offset if dataset.offset is not None else filesend.dataset_start(fd)
+            pdus = filesend.Plan(context_id, start, os.fstat(fd).st_size, self._fragment_size())
+            index = 0
+            self._flush_out()   # what this association wrote before (a batched message) goes first
+            direct = direct_socket(self.transport)
+            if direct is not None:
+                sock, held = direct
+                try:
+                    index, rest = filesend.send_direct(sock, fd, pdus, held + command)
+                except ConnectionError as e:   # the peer reset or closed: the association is over
+                    raise AssociationAborted(f"connection lost while sending a data set ({e.strerror})") from None
+                if rest:
+                    self._write(rest)
+            else:
+                self._write(command)
+            self._touch()
+            while index < len(pdus):
                 await self._flow.ready()
                 if self.state == CLOSED:
                     raise AssociationAborted("association closed while sending a data set")
-                following = f.read(block)
-                view = memoryview(current)
-                n = len(current)
-                chunks = []
-                for start in range(0, max(n, 1), size):
-                    last = not following and start + size >= n
-                    chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
-                self._flush_out()   # the command went first
-                self.transport.writeSequence(chunks)  # type: ignore[call-arg,misc]  # zope methods have no self
+                block, index = pdus.block(fd, index)
+                self._write(block)
                 self._touch()
-                if not following:
-                    return
-                current = following
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ ending
 

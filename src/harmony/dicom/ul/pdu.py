@@ -73,7 +73,9 @@ class PDUFramer:
                                f"{self.max_length}", reason=0x06)
             if end - offset - 6 < length:
                 break
-            pdus.append((pdu_type, bytes(buf[offset + 6:offset + 6 + length])))
+            # One copy through a view: bytes(buf[a:b]) made a bytearray first, and for a
+            # 525 KB P-DATA PDU that was 6 ms against 0.1 ms (issue 13, WADO via the bridge).
+            pdus.append((pdu_type, bytes(memoryview(buf)[offset + 6:offset + 6 + length])))
             offset += 6 + length
         if offset:
             del buf[:offset]

@@ -23,7 +23,6 @@ for it -- never lossy, and never a syntax some instances could not be sent in.
 from __future__ import annotations
 
 import functools
-import struct
 import zlib
 
 from pydicom import dcmread
@@ -80,22 +79,6 @@ def comment_for(status, instance) -> str | None:
     if status == SOP_CLASS_NOT_SUPPORTED:
         return "the peer accepted no context for this SOP class"
     return None
-
-
-def dataset_offset(path) -> int:
-    """Where the data set starts in a Part-10 file (after preamble, ``DICM`` and group 0002)."""
-    with open(path, "rb") as f:
-        head = f.read(132 + 12)
-        if len(head) == 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
-            (group_length,) = struct.unpack_from("<I", head, 140)
-            return 144 + group_length
-    from pydicom.filereader import read_preamble
-
-    from harmony.compat.pydicom import read_file_meta_info
-    with open(path, "rb") as f:
-        read_preamble(f, False)
-        read_file_meta_info(f)
-        return f.tell()
 
 
 def choose_context(assoc, sop_class_uid: str, transfer_syntax: str):
@@ -174,9 +157,9 @@ async def c_store(assoc, instance, reactor, *, originator=None, priority: int = 
         # a stored deflate stream of odd length was refused by DCMTK receivers.
         exact = False
     if exact:
-        # 144 bytes of a file Harmony just wrote or keeps (in the page cache): read here,
-        # as a thread hop would cost more than the read, once per sub-operation.
-        dataset = FileDataset(instance.path, dataset_offset(instance.path))
+        # Where the data set starts is read from the file when it is opened to be sent
+        # (144 bytes in the page cache: a thread hop would cost more than the read).
+        dataset = FileDataset(instance.path, None)
     else:
         try:
             dataset = await blocking.run(reactor, transcode, instance.path, syntax)
