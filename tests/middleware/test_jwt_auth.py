@@ -22,8 +22,9 @@ SECRET = "0123456789abcdef0123456789abcdef"
 
 
 def _claims(**overrides):
+    # Parametrized tokens are made at collection: they must outlive the whole suite (23 min on a loaded machine).
     now = int(time.time())
-    claims = {"sub": "alice", "aud": "harmony", "exp": now + 300, "iat": now, "scope": ["read", "write"]}
+    claims = {"sub": "alice", "aud": "harmony", "exp": now + 86400, "iat": now, "scope": ["read", "write"]}
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 
