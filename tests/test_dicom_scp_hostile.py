@@ -1,30 +1,46 @@
 """dicom_scp against hostile and faulty peers (issue 13's attack run, one test per defect).
 
-Harmony runs in this process on the reactor; the attackers are plain sockets in
-worker threads, and a real DCMTK ``echoscu``/``storescu`` checks after each
-attack that legitimate associations are still served at once.
+Each attack runs twice, with the same test body: against Harmony in this
+process on the reactor, and against a real ``twistd`` with ``[proxy] workers = 2``
+(the main process and a worker serving one port, counting ``max_associations``
+and the connection caps in a file they share).  The attackers are plain sockets
+in worker threads.  After each attack the listener must be as it was: no
+connection left open, the association limit and the per-source cap exactly as
+configured (a count leaked by a silent connection or a storm would refuse
+too early), and real DCMTK ``echoscu`` and ``storescu`` served at once by every
+process.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import struct
+import subprocess
 import time
+from contextlib import ExitStack, contextmanager
 
+import pytest
 import pytest_twisted
 from pynetdicom import build_context
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.sop_class import Verification
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from harmony.dicom.ul import pdu
 from harmony.dicom.ul.requestor import request_primitive
+from tests.dicom_data import UID_ROOT, make_instance, save
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.peers import free_port
+from tests.peers import free_port, wait_for
+from tests.test_workers_dimse import Workers, server_side_connections
 
 ECHOSCU = "/usr/bin/echoscu"
+STORESCU = "/usr/bin/storescu"
+#: Per-source cap of the listener under attack: above every attack's own count
+#: from 127.0.0.1 (at most 110 at once), so only a leaked count reaches it.
+PER_SOURCE = 120
 
 SCP = """
 [pipelines.dimse]
@@ -37,8 +53,11 @@ local_aet = "HARMONY"
 bind_addr = "127.0.0.1"
 port = {port}
 max_associations = {max_associations}
+max_connections_per_source = {per_source}
 acse_timeout_secs = {acse}
 max_pdu_size = 16384
+enable_store = true
+storage_dir = "{storage}"
 [backends.b]
 service = "echo"
 """
@@ -50,10 +69,17 @@ def associate_rq(called="HARMONY", calling="ATTACKER") -> bytes:
 
 
 def echoscu(port: int) -> tuple[int, str]:
-    import subprocess
     done = subprocess.run([ECHOSCU, "-to", "5", "-ta", "5", "-aec", "HARMONY", "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=30, env=dict(os.environ, TCP_NODELAY="1"))
     return done.returncode, done.stderr
+
+
+def storescu(port: int, files) -> tuple[int, str]:
+    done = subprocess.run([STORESCU, "-v", "-to", "5", "-ta", "5", "-aec", "HARMONY", "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, TCP_NODELAY="1"))
+    stored = done.stderr.count("Received Store Response (Success)")
+    return (done.returncode if stored == len(files) else 1), done.stderr
 
 
 def read_until_closed(sock: socket.socket, limit_secs: float = 10.0) -> bytes:
@@ -69,41 +95,198 @@ def read_until_closed(sock: socket.socket, limit_secs: float = 10.0) -> bytes:
         return out
 
 
-async def scp(tmp_path, max_associations=10, acse=30):
-    port = free_port()
-    running = await start_harmony(write_config(tmp_path, MINIMAL_MAIN, {"scp": SCP.format(
-        port=port, max_associations=max_associations, acse=acse)}))
-    return running, port
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
 
 
-@pytest_twisted.ensureDeferred
-async def test_associations_work_with_more_than_1024_open_descriptors(tmp_path):
-    """Defect 1: pynetdicom's select() failed every association past ~1,024 fds."""
-    running, port = await scp(tmp_path)
-    held = [socket.socketpair() for _ in range(700)]     # 1,400 descriptors in this process
+def cpu_secs(pid: int) -> float:
+    """User + system CPU of *pid* so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def highest_fd(pid: int) -> int:
+    return max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextmanager
+def frozen(pids):
+    """SIGSTOP *pids*: only the other processes accept meanwhile."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
-        assert max(s.fileno() for pair in held for s in pair) > 1024
-        code, err = await threads.deferToThread(echoscu, port)
-        assert code == 0, err
+        yield
     finally:
-        for a, b in held:
-            a.close()
-            b.close()
-        await running.stop()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+class InProcess:
+    """Harmony on this process's reactor (tests.harness)."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.running = None
+
+    async def start(self, max_associations: int, acse: float) -> "InProcess":
+        self.port = free_port()
+        self.max_associations = max_associations
+        self.running = await start_harmony(write_config(self.tmp_path, MINIMAL_MAIN, {"scp": SCP.format(
+            port=self.port, max_associations=max_associations, acse=acse, per_source=PER_SOURCE,
+            storage=self.tmp_path / "received")}))
+        return self
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    @contextmanager
+    def descriptors_held(self, count: int):
+        """*count* more open descriptors in the Harmony process (socket pairs here)."""
+        held = [socket.socketpair() for _ in range((count + 1) // 2)]
+        try:
+            yield
+        finally:
+            for a, b in held:
+                a.close()
+                b.close()
+
+    def each_process(self):
+        """Run the body once per process, the others frozen (one process: once)."""
+        yield os.getpid()
+
+    async def stop(self):
+        if self.running is not None:
+            await self.running.stop()
+
+
+class TwoWorkers(InProcess):
+    """``twistd`` with ``[proxy] workers = 2``: the main process and worker 1 share the port."""
+
+    async def start(self, max_associations: int, acse: float) -> "TwoWorkers":
+        self.port, http_port = free_port(), free_port()
+        self.max_associations = max_associations
+        main = MINIMAL_MAIN.replace('log_level = "debug"', 'log_level = "info"\nworkers = 2').replace(
+            "bind_port = 0", f"bind_port = {http_port}")
+        folder = self.tmp_path / "harmony"
+        write_config(folder, main, {"scp": SCP.format(port=self.port, max_associations=max_associations,
+                                                      acse=acse, per_source=PER_SOURCE,
+                                                      storage=self.tmp_path / "received")})
+        self.http_port = http_port
+        self.running = Workers(folder, [http_port, self.port])
+        await threads.deferToThread(self.running.start)
+        self.worker = await threads.deferToThread(self.running.worker_pid)
+        return self
+
+    def pids(self) -> list[int]:
+        return [self.running.proc.pid, self.worker]
+
+    @contextmanager
+    def descriptors_held(self, count: int):
+        """*count* idle HTTP connections held by each process (the others frozen while
+        it accepts its share), as the attack run's 1,500 idle HTTP clients were.  Opened
+        in steps the process keeps up with: past the listen backlog (50) the kernel
+        drops SYNs, and each dropped one costs a 1 s retransmission."""
+        with ExitStack() as stack:
+            for pid in self.pids():
+                with frozen([p for p in self.pids() if p != pid]):
+                    base = len(os.listdir(f"/proc/{pid}/fd"))
+                    for opened in range(0, count, 40):
+                        step = min(40, count - opened)
+                        for _ in range(step):
+                            stack.enter_context(socket.create_connection(("127.0.0.1", self.http_port)))
+                        wait_for(lambda pid=pid, n=base + opened + step: len(os.listdir(f"/proc/{pid}/fd")) >= n,
+                                 30, f"process {pid} accepting its HTTP connections")
+            yield
+
+    def each_process(self):
+        for pid in self.pids():
+            with frozen([p for p in self.pids() if p != pid]):
+                yield pid
+
+    async def stop(self):
+        if self.running is not None:
+            await threads.deferToThread(self.running.stop)
+
+
+@pytest.fixture(params=[InProcess, TwoWorkers], ids=["one-process", "workers-2"])
+def listener(request, tmp_path):
+    made = request.param(tmp_path)
+    yield made
+    pytest_twisted.blockon(defer.ensureDeferred(made.stop()))
+
+
+@pytest.fixture(scope="module")
+def instances(tmp_path_factory):
+    """Three small synthetic instances for the legitimate storescu."""
+    folder = tmp_path_factory.mktemp("legit")
+    return [save(make_instance(patient_id="HOSTILE", study_uid=f"{UID_ROOT}1313.1", series_uid=f"{UID_ROOT}1313.1.1",
+                               sop_uid=f"{UID_ROOT}1313.1.1.{i}", instance_number=i, rows=8, cols=8, seed=i),
+                 folder / f"{i}.dcm") for i in range(1, 4)]
+
+
+def limits_hold(listener) -> None:
+    """Blocking: Harmony has closed every connection, and both limits are exactly as
+    configured across its processes: *max_associations* associations are accepted and
+    one more is refused; PER_SOURCE connections are accepted and one more is closed
+    at once.  A count leaked by an attack would refuse earlier."""
+    port = listener.port
+    wait_for(lambda: server_side_connections(port) == 0, 30, "Harmony closing every connection")
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(listener.max_associations + 1)]
+    try:
+        answers = []
+        for s in socks:
+            s.sendall(associate_rq())
+            s.settimeout(10)
+            answers.append(s.recv(6)[:1])
+        assert answers == [b"\x02"] * listener.max_associations + [b"\x03"], answers
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: server_side_connections(port) == 0, 30, "Harmony closing the associations")
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(PER_SOURCE)]
+    try:
+        wait_for(lambda: server_side_connections(port) == PER_SOURCE, 30, f"{PER_SOURCE} connections accepted")
+        with socket.create_connection(("127.0.0.1", port)) as over:
+            over.settimeout(5)
+            assert over.recv(16) == b"", "a connection over the per-source cap was not closed at once"
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: server_side_connections(port) == 0, 30, "Harmony closing the connections")
+
+
+async def served(listener, files) -> None:
+    """Real DCMTK C-ECHO and C-STORE are served by every process of the listener."""
+    await threads.deferToThread(limits_hold, listener)
+
+    def each():
+        for pid in listener.each_process():
+            code, err = echoscu(listener.port)
+            assert code == 0, f"process {pid}: {err}"
+            code, err = storescu(listener.port, files)
+            assert code == 0, f"process {pid}: {err}"
+
+    await threads.deferToThread(each)
 
 
 @pytest_twisted.ensureDeferred
-async def test_oversized_pdu_is_cut_at_its_header(tmp_path):
+async def test_associations_work_with_more_than_1024_open_descriptors(listener, instances):
+    """Defect 1: pynetdicom's select() failed every association past ~1,024 fds."""
+    await listener.start(max_associations=10, acse=30)
+    with listener.descriptors_held(1100):
+        assert all(highest_fd(pid) > 1024 for pid in listener.pids())
+        await served(listener, instances)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_pdu_is_cut_at_its_header(listener, instances):
     """Defect 2: a PDU declaring 0xFFFFFFFF is refused before its body is read."""
-    running, port = await scp(tmp_path)
+    await listener.start(max_associations=10, acse=30)
+    port = listener.port
 
     def attack(established: bool):
         with socket.create_connection(("127.0.0.1", port)) as s:
@@ -124,42 +307,43 @@ async def test_oversized_pdu_is_cut_at_its_header(tmp_path):
             answer = read_until_closed(s)
             return sent, answer
 
-    before = rss_kib()
+    before = {pid: rss_kib(pid) for pid in listener.pids()}
     for established in (False, True):
-        sent, answer = await threads.deferToThread(attack, established)
-        assert sent < 64 * 1024 * 1024, "Harmony kept reading an oversized PDU"
-        assert answer.startswith(b"\x07"), answer[:16]                  # A-ABORT ...
-        assert answer[9] == 0x06                                        # ... invalid PDU parameter value
-    assert rss_kib() - before < 32 * 1024
-    code, err = await threads.deferToThread(echoscu, port)
-    assert code == 0, err
-    await running.stop()
+        for _ in listener.each_process():
+            sent, answer = await threads.deferToThread(attack, established)
+            assert sent < 64 * 1024 * 1024, "Harmony kept reading an oversized PDU"
+            assert answer.startswith(b"\x07"), answer[:16]                  # A-ABORT ...
+            assert answer[9] == 0x06                                        # ... invalid PDU parameter value
+    assert all(rss_kib(pid) - kib < 32 * 1024 for pid, kib in before.items())
+    await served(listener, instances)
 
 
 @pytest_twisted.ensureDeferred
-async def test_silent_connections_neither_hold_slots_nor_burn_cpu(tmp_path):
-    """Defect 3: 12 connections that never associate locked out a limit of 10."""
-    running, port = await scp(tmp_path, max_associations=2, acse=2)
+async def test_silent_connections_neither_hold_slots_nor_burn_cpu(listener, instances):
+    """Defect 3: 12 connections that never associated locked out a limit of 10."""
+    await listener.start(max_associations=2, acse=2)
+    port = listener.port
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
     try:
-        cpu_before = time.process_time()
+        cpu_before = {pid: cpu_secs(pid) for pid in listener.pids()}
         code, err = await threads.deferToThread(echoscu, port)
         assert code == 0, err                                          # served while 50 sockets say nothing
         # ... and they are cut after the ACSE timeout with an A-ABORT.
         answers = await threads.deferToThread(lambda: [read_until_closed(s, 10) for s in silent])
         assert all(a.startswith(b"\x07") for a in answers)
         # Nothing polls while they wait: the CPU spent is the echo's, not 50 spinning sockets'.
-        assert time.process_time() - cpu_before < 1.5
+        assert all(cpu_secs(pid) - cpu < 1.5 for pid, cpu in cpu_before.items())
     finally:
         for s in silent:
             s.close()
-        await running.stop()
+    await served(listener, instances)
 
 
 @pytest_twisted.ensureDeferred
-async def test_association_burst_every_request_answered(tmp_path):
+async def test_association_burst_every_request_answered(listener, instances):
     """Defect 4: 110 associations against a limit of 10 - each gets an A-ASSOCIATE-AC or -RJ at once."""
-    running, port = await scp(tmp_path, max_associations=10)
+    await listener.start(max_associations=10, acse=30)
+    port = listener.port
 
     def burst():
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(110)]
@@ -178,21 +362,20 @@ async def test_association_burst_every_request_answered(tmp_path):
     answers = await threads.deferToThread(burst)
     assert answers.count(b"\x02") == 10                    # the limit, held because we keep them open
     assert answers.count(b"\x03") == 100                   # A-ASSOCIATE-RJ for every other one
-    code, err = await threads.deferToThread(echoscu, port)
-    assert code == 0, err
-    await running.stop()
+    await served(listener, instances)
 
 
 @pytest_twisted.ensureDeferred
-async def test_garbage_and_truncated_requests_leave_memory_flat(tmp_path):
+async def test_garbage_and_truncated_requests_leave_memory_flat(listener, instances):
     """Defect 5: 500 connections of random bytes or truncated A-ASSOCIATE-RQs."""
-    running, port = await scp(tmp_path, acse=2)
+    await listener.start(max_associations=10, acse=2)
+    port = listener.port
     rq = associate_rq()
     rng = random.Random(13)
 
     def storm():
         closed = 0
-        for batch in range(5):
+        for _ in range(5):
             socks = []
             for i in range(100):
                 s = socket.create_connection(("127.0.0.1", port))
@@ -207,11 +390,7 @@ async def test_garbage_and_truncated_requests_leave_memory_flat(tmp_path):
                 closed += 1
         return closed
 
-    before = rss_kib()
+    before = {pid: rss_kib(pid) for pid in listener.pids()}
     assert await threads.deferToThread(storm) == 500
-    assert rss_kib() - before < 32 * 1024
-    scp_endpoint = running.service.runtime.endpoints["scp"]
-    assert scp_endpoint.factory.settings.connections == 0
-    code, err = await threads.deferToThread(echoscu, port)
-    assert code == 0, err
-    await running.stop()
+    assert all(rss_kib(pid) - kib < 32 * 1024 for pid, kib in before.items())
+    await served(listener, instances)

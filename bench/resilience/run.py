@@ -12,17 +12,21 @@ period's end (down half of the time, killed with requests in flight).  Four runs
 
 and for each: requests served (2xx), failed (non-2xx + socket errors), req/s
 and latency p50/p99, plus ratios to the baseline and to nginx.  The goal for
-idempotent requests is 0 failed.
+idempotent requests is 0 failed.  With ``--rounds N`` the four runs are
+interleaved N times (the shared machine's load moves between runs: a failover
+run measured minutes after its baseline compares two loads, not two behaviours)
+and each figure is the median over the rounds, failures summed.
 
 Harmony runs as its own twistd process, as in production:
 
-    python bench/resilience/run.py [--duration 60] [--connections 20]
+    python bench/resilience/run.py [--duration 60] [--connections 20] [--rounds 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -133,6 +137,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=int, default=60)
     ap.add_argument("--connections", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported")
     args = ap.parse_args(argv)
     require(NGINX, WRK, str(TWISTD))
     work = Path(tempfile.mkdtemp(prefix="harmony-resilience-"))
@@ -140,21 +145,28 @@ def main(argv=None) -> int:
     ups = [upstream(work / f"up{i}", p, f'{{"served_by":"up{i}"}}').start() for i, p in enumerate(ports)]
     harmony = Harmony(work / "harmony", free_port(), ports).start()
     lb = balancer(work / "lb", free_port(), ports).start()
-    results = {}
+    rounds: dict = {}
     try:
-        for name, url in (("harmony", f"http://127.0.0.1:{harmony.port}/"),
-                          ("nginx", f"http://127.0.0.1:{lb.port}/")):
-            print(f"{name}: baseline, {args.duration}s ...", flush=True)
-            results[(name, "baseline")] = load(url, args.duration, args.connections)
-            print(f"{name}: upstream A killed/restarted every 10s, {args.duration}s ...", flush=True)
-            results[(name, "failover")] = load(url, args.duration, args.connections, kill_cycle(ups[0]))
+        for n in range(args.rounds):
+            for name, url in (("harmony", f"http://127.0.0.1:{harmony.port}/"),
+                              ("nginx", f"http://127.0.0.1:{lb.port}/")):
+                for run, chaos in (("baseline", None), ("failover", kill_cycle(ups[0]))):
+                    print(f"round {n + 1}: {name} {run}, {args.duration}s ...", flush=True)
+                    r = load(url, args.duration, args.connections, chaos)
+                    print(f"  served {r['served']} failed {r['errors']} req/s {r['rps']:.0f} "
+                          f"p99 {r['p99_ms']:.2f} ms", flush=True)
+                    rounds.setdefault((name, run), []).append(r)
     finally:
         harmony.stop()
         lb.stop()
         for u in ups:
             u.stop()
+    results = {key: {"served": sum(r["served"] for r in rs), "errors": sum(r["errors"] for r in rs),
+                     **{k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}}
+               for key, rs in rounds.items()}
     print()
-    print(f"{args.duration}s of GETs, wrk -t2 -c{args.connections}; upstream A down 5s of every 10s in 'failover'")
+    print(f"{args.duration}s of GETs a run, {args.rounds} interleaved round(s) (served and failed summed, "
+          f"the rest medians), wrk -t2 -c{args.connections}; upstream A down 5s of every 10s in 'failover'")
     print(f"{'proxy':8} {'run':9} {'served':>9} {'failed':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for (name, run), r in results.items():
         print(f"{name:8} {run:9} {r['served']:9d} {r['errors']:7d} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")

@@ -17,6 +17,7 @@ import pytest_twisted
 import treq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from twisted.internet import defer
 
 from harmony.jmix import (AssertionSpec, BuildOptions, VerifyOptions, build_envelope, crypto, discard,
                           open_envelope, pack, pack_zip)
@@ -83,19 +84,31 @@ def keys():
     return {"recipient": X25519PrivateKey.generate(), "signer": Ed25519PrivateKey.generate()}
 
 
-@pytest.fixture
-def harmony(tmp_path, dicom, keys):
+async def started(tmp_path, dicom, keys, dsn: str = ""):
+    """Harmony with the jmix pipeline, its store under *tmp_path*, indexed in PostgreSQL at *dsn* if given."""
     (tmp_path / "rx.key").write_text(crypto.b64(crypto.raw_private(keys["recipient"])))
     (tmp_path / "sig.pub").write_text(crypto.b64(crypto.raw_public(keys["signer"])))
-    main = MINIMAL_MAIN + f'\n[storage]\nbackend = "filesystem"\n[storage.options]\npath = "{tmp_path / "var"}"\n'
+    index, options = ('index = "postgresql"\n', f'dsn = "{dsn}"\n') if dsn else ("", "")
+    main = MINIMAL_MAIN + (f'\n[storage]\nbackend = "filesystem"\n{index}[storage.options]\n'
+                           f'path = "{tmp_path / "var"}"\n{options}')
     path = write_config(tmp_path / "cfg", main, {"p": PIPES.format(dicom=dicom, key=tmp_path / "rx.key",
                                                                   jws=tmp_path / "sig.pub")})
     StagedStudyBackend.calls.clear()
-    running = pytest_twisted.blockon(start_harmony(path))
+    running = await start_harmony(path)
     running.store_dir = tmp_path / "var" / "jmix"
-    yield running
-    pytest_twisted.blockon(running.stop())
+    return running
+
+
+async def stopped(running):
+    await running.stop()
     EnvelopeStore.open(running.store_dir).close()
+
+
+@pytest.fixture
+def harmony(tmp_path, dicom, keys):
+    running = pytest_twisted.blockon(defer.ensureDeferred(started(tmp_path, dicom, keys)))
+    yield running
+    pytest_twisted.blockon(defer.ensureDeferred(stopped(running)))
 
 
 async def fetch(url, method="GET", **kw):
@@ -362,3 +375,57 @@ async def test_pipeline_without_builder_says_so(tmp_path, dicom):
     finally:
         await running.stop()
         EnvelopeStore.open(tmp_path / "var" / "jmix").close()
+
+
+@pytest.mark.parametrize("index", ["sqlite", "postgresql"])
+@pytest_twisted.ensureDeferred
+async def test_no_store_query_runs_on_the_reactor_thread(request, index, tmp_path, dicom, keys, monkeypatch):
+    """Every index query of the store - above all "does this study have an envelope",
+    asked before the pipeline is chosen, a PostgreSQL round trip on a cluster - runs
+    in a thread, never on the reactor: checked on every route, on both indexes."""
+    from twisted.python.threadable import isInIOThread
+    on_reactor: list[str] = []
+    asked: list[str] = []
+    query = EnvelopeStore._query
+
+    def recorded(self, sql, args=()):
+        (on_reactor if isInIOThread() else asked).append(sql)
+        return query(self, sql, args)
+
+    monkeypatch.setattr(EnvelopeStore, "_query", recorded)
+    dsn = request.getfixturevalue("postgres").new_database() if index == "postgresql" else ""
+    running = await started(tmp_path, dicom, keys, dsn)
+    try:
+        study = running.url(f"/jmix/api/jmix?studyInstanceUid={SAMPLE_STUDY_UID}")
+        resp, _ = await fetch(study)                                     # no envelope yet: built
+        assert resp.code == 200
+        env_id = resp.headers.getRawHeaders("x-jmix-envelope-id")[0]
+        resp, _ = await fetch(study)                                     # stored: from the store
+        assert resp.code == 200 and len(StagedStudyBackend.calls) == 1
+        resp, _ = await fetch(study, headers={"Accept": ["application/json"]})
+        assert resp.code == 200
+        for path in (f"/jmix/api/jmix/{env_id}", f"/jmix/api/jmix/{env_id}/manifest"):
+            resp, _ = await fetch(running.url(path))
+            assert resp.code == 200
+        resp, _ = await fetch(running.url(f"/jmix/api/jmix?studyInstanceUid={MISSING_STUDY}"))
+        assert resp.code == 404
+    finally:
+        await stopped(running)
+    assert len(asked) >= 6
+    assert on_reactor == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_index_is_a_503_after_the_middleware(harmony, monkeypatch):
+    """The "has this study an envelope" lookup failing (PostgreSQL away) answers 503
+    with Retry-After and a problem body; the backend is not asked to build."""
+    from harmony.storage.errors import DatabaseUnavailable
+
+    def unreachable(self, study_uid):
+        raise DatabaseUnavailable("the cluster database cannot be reached")
+
+    monkeypatch.setattr(EnvelopeStore, "newest_for_study", unreachable)
+    resp, body = await fetch(harmony.url(f"/jmix/api/jmix?studyInstanceUid={SAMPLE_STUDY_UID}"))
+    assert resp.code == 503 and resp.headers.getRawHeaders("retry-after") == ["5"]
+    assert "cannot be reached" in problem(body)["detail"]
+    assert StagedStudyBackend.calls == []

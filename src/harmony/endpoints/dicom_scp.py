@@ -287,25 +287,24 @@ class DicomScpEndpoint(Service):
 
     def share(self, slots: int) -> tuple[int, int, int]:
         """Let worker processes serve this listener too (harmony.workers, main
-        process): (listening fd, address family, association count fd); from
-        now on ``max_associations`` counts the associations of all *slots*
-        processes (slot 0 is ours)."""
+        process): (listening fd, address family, shared count fd); from now on
+        ``max_associations`` and the connection caps count the associations
+        and connections of all *slots* processes (slot 0 is ours)."""
         if self.shared_count is None:
-            self.shared_count = SharedAssociationCount.create(slots)
-            self.shared_count.set(len(self.factory.settings.associations))
-            self.factory.settings.shared_count = self.shared_count
+            self.shared_count = SharedAssociationCount.create(slots, self.limits.max_connections)
+            self.factory.settings.share_counts(self.shared_count)
         return self.listening.fileno(), int(self.listening.socket.family), self.shared_count.fd
 
     def worker_ended(self, slot: int) -> None:
-        """A worker process is gone: its associations went with it (main process)."""
+        """A worker process is gone: its associations and connections went with it (main process)."""
         if self.shared_count is not None:
-            self.shared_count.set(0, slot)
+            self.shared_count.clear(slot)
 
     def _adopt(self, fd: int, family: int, count_fd: int, slots: int, slot: int) -> None:
         """Serve the main process's listening socket (a worker process)."""
         factory = self.factory
         self.shared_count = SharedAssociationCount(count_fd, slots, slot)
-        factory.settings.shared_count = self.shared_count
+        factory.settings.share_counts(self.shared_count)
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
         fdesc.setNonBlocking(fd)  # another process may take the connection first: never block in accept()

@@ -22,8 +22,9 @@ import shutil
 from functools import partial
 
 from klein import Klein
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from harmony.config.errors import OptionError
@@ -90,9 +91,8 @@ class StoreBackend:
         ep = self.endpoint
         if route == ROUTE_UPLOAD:
             return ep.upload(request)
-        # Index lookups and manifest reads wait on the store's lock, which a
-        # build or upload in a worker thread may hold: keep them off the reactor.
-        in_thread = partial(threads.deferToThreadPool, ep.reactor, ep.reactor.getThreadPool())
+        # Index lookups (a PostgreSQL round trip on a cluster) and manifest reads: off the reactor.
+        in_thread = partial(ep.store.in_thread, ep.reactor)
         if route == ROUTE_MANIFEST:
             return in_thread(self._manifest, request.metadata[META_ID]).addCallback(self._manifest_response, request)
         fmt = negotiate(request.header("accept"), allow_json=route == ROUTE_STUDY)
@@ -197,29 +197,47 @@ class JmixEndpoint(HttpEndpointBase):
             self.classify(env)
         return env
 
-    def needs_backend(self, env) -> bool:
-        """Only a study query with no stored envelope (and no JSON index asked
-        for) goes to the real backend; the store answers everything else."""
+    def may_need_backend(self, env) -> bool:
+        """Only a study query (not its JSON index) may go to the real backend: when
+        the store has no envelope for the study.  Everything else the store answers."""
         if env.metadata.get(META_ROUTE) != ROUTE_STUDY or env.state.jmix.error is not None:
             return False
         try:
             fmt = negotiate(env.header("accept"), allow_json=True)
         except HarmonyError:
             return False
-        return fmt != JSON and self.store.newest_for_study(env.metadata[META_STUDY]) is None
+        return fmt != JSON
 
     def render_http(self, request, route):
         env = self.envelope(request, route)
         # jmix_builder may ask the same backend whether a study exists (see there).
         env.state.jmix.pipeline = route.pipeline
-        pipeline = self._store_pipeline(route.pipeline)
-        if self.needs_backend(env):
-            if any(getattr(mw, "builds_jmix", False) for mw in route.pipeline.middleware):
-                pipeline = route.pipeline
-            else:
-                env.state.jmix.error = ConfigurationFailure(
-                    f"endpoint {self.name!r}: its pipeline needs the jmix_builder middleware to build envelopes")
-        return super().render_http(request, _RouteWith(route, pipeline))
+        if not self.may_need_backend(env):
+            return super().render_http(request, _RouteWith(route, self._store_pipeline(route.pipeline)))
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+        d = defer.ensureDeferred(self._study_route(env, route))
+        d.addCallback(lambda chosen: None if gone else super(JmixEndpoint, self).render_http(request, chosen))
+        d.addErrback(self._unexpected, request, env)
+        return NOT_DONE_YET
+
+    async def _study_route(self, env, route) -> "_RouteWith":
+        """The store's pipeline when it holds an envelope of the study, else the
+        configured one, whose jmix_builder builds it.  Whether it holds one is an
+        index query (on a cluster a PostgreSQL round trip): asked off the reactor."""
+        store_route = _RouteWith(route, self._store_pipeline(route.pipeline))
+        try:
+            found = await self.store.in_thread(self.reactor, self.store.newest_for_study, env.metadata[META_STUDY])
+        except HarmonyError as e:  # the index is unreachable (503): said after the middleware, like any error
+            env.state.jmix.error = e
+            return store_route
+        if found is not None:
+            return store_route
+        if any(getattr(mw, "builds_jmix", False) for mw in route.pipeline.middleware):
+            return _RouteWith(route, route.pipeline)
+        env.state.jmix.error = ConfigurationFailure(
+            f"endpoint {self.name!r}: its pipeline needs the jmix_builder middleware to build envelopes")
+        return store_route
 
     def error_response(self, error, request):
         response = super().error_response(error, request)
@@ -243,11 +261,9 @@ class JmixEndpoint(HttpEndpointBase):
         work = self.store.new_workdir()
         try:
             yield spool_body(request.body, work / "upload", self.max_upload_bytes)
-            stored = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                                     self._ingest, work)
+            stored = yield self.store.in_thread(self.reactor, self._ingest, work)
         finally:
-            yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                            shutil.rmtree, work, True)
+            yield self.store.in_thread(self.reactor, shutil.rmtree, work, True)
         log.info("stored uploaded JMIX envelope {id} ({size} bytes)", id=stored["id"], size=stored["size"])
         h = Headers({"Location": [f"{self.path_prefix.rstrip('/')}/api/jmix/{stored['id']}"]})
         response = ResponseEnvelope.json(201, {"id": stored["id"], "status": "stored"}, headers=h)

@@ -35,6 +35,8 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from twisted.internet import defer, threads
+
 from harmony.config.errors import OptionError
 from harmony.jmix.archive import pack_zip, zip_to_targz
 from harmony.jmix.crypto import parse_time
@@ -141,8 +143,17 @@ class EnvelopeStore:
         path.mkdir()
         return path
 
-    # -- queries (small and indexed; on a shared database they are network
-    # round trips, so callers on the reactor should prefer a thread)
+    # -- the thread boundary
+    @staticmethod
+    def in_thread(reactor, fn, *args) -> defer.Deferred:
+        """Run a blocking call of the store - an index query (on a cluster, a round trip to
+        PostgreSQL that its retries may stretch to seconds), an S3 fetch, a build or an
+        upload - on *reactor*'s thread pool.  The one way the endpoint, the builder and the
+        response writers reach the store: nothing of it runs on the reactor thread
+        (tests/endpoints/test_jmix.py checks every route)."""
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+    # -- queries (small and indexed; blocking: reach them through in_thread)
     def _query(self, sql: str, args=()) -> list:
         return self._database().read(lambda conn: conn.execute(sql, args).fetchall())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
@@ -93,11 +93,11 @@ def envelope_response(store: EnvelopeStore, env_id: str, fmt: str, method: str, 
     if reactor is None:
         from twisted.internet import reactor
     # The index lookup waits on the store's lock: off the reactor, like the tar.gz.
-    found = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), store.get, env_id)
+    found = yield store.in_thread(reactor, store.get, env_id)
     if found is None:
         raise NotFound(f"JMIX envelope {env_id} not found")
     if fmt == TAR_GZ:
-        path = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), store.targz_path, env_id)
+        path = yield store.in_thread(reactor, store.targz_path, env_id)
         suffix = ".tar.gz"
     else:
         path, suffix = store.zip_path(env_id), ".zip"

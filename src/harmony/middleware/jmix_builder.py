@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
 from harmony.config.errors import OptionError
 from harmony.dicom.results import C_FIND, C_GET, DicomInstance
@@ -88,7 +88,7 @@ class JmixBuilder(Middleware):
         return cls(name, store_option(options, ctx), ctx.reactor, bo)
 
     def _thread(self, f, *args):
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+        return self.store.in_thread(self.reactor, f, *args)
 
     # -- way in
     def on_request(self, request):

@@ -10,19 +10,21 @@ peer can understand is an A-ASSOCIATE-RJ with the right reason; the rest are
 A-ABORTs.
 
 With ``[proxy] workers = N`` every process accepts on the same listening
-socket; ``max_associations`` stays one limit for the listener through a
-:class:`SharedAssociationCount` (one slot per process in a small shared file),
-while the connection caps stay per process (docs/endpoints/dicom_scp.md).
+socket; ``max_associations`` and both connection caps stay one limit each for
+the listener through a :class:`SharedAssociationCount` (a small file every
+process maps, counted under a lock; docs/endpoints/dicom_scp.md).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import mmap
 import os
 import struct
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 
 import attr
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
@@ -64,57 +66,237 @@ class AcceptorLimits:
 
 
 class SharedAssociationCount:
-    """Associations of one listener across the processes sharing its socket.
+    """The counts one listener's limits are checked against, shared by the processes serving its socket.
 
-    A file of one 8-byte slot per process (the main process is slot 0, worker
-    *i* slot *i*), mapped by each: a process writes only its own slot, and the
-    check-and-reserve of a new association runs under a POSIX record lock
-    (``lockf`` is per process, so it excludes processes that share the file
-    descriptor, which ``flock`` would not).  A process killed with -9 leaves its
-    slot behind: the main process clears it when the worker ends and the
-    restarted worker starts from zero, so a crash never shrinks the limit.
+    ``max_associations``, ``max_connections`` and ``max_connections_per_source`` are each one limit
+    for the port, however the kernel spreads connections over the processes.  One small file, mapped
+    by every process, holds:
+
+    - per process (the main process is slot 0, worker *i* slot *i*): its associations and its
+      connections, two 8-byte counters;
+    - a table of the source addresses that have connections open, each with one 4-byte count per
+      process: open addressing with linear probing, keyed by a keyed 16-byte digest of the address
+      (the key is random per listener, so a peer cannot pick addresses that collide), an entry
+      removed with backward shift when its last connection closes, so lookups stay short however
+      many sources came and went.  It has twice as many entries as ``max_connections`` allows
+      sources, so it is never full.
+
+    Every check-and-count runs under a POSIX record lock on the file (``lockf`` is per process,
+    so it excludes processes that share the file descriptor, which ``flock`` would not).  A
+    process writes only its own counters and its own column of the table.  A process killed
+    with -9 leaves its counts behind: the main process clears them when the worker ends (and
+    rebuilds the table without its column), and the restarted worker starts from zero, so a crash
+    never shrinks a limit.
     """
 
-    SLOT = struct.Struct("<q")
+    HEADER = struct.Struct("<8sq16s")          # magic, table entries, digest key
+    MAGIC = b"HMYDIMS1"
+    SLOT = struct.Struct("<qq")                # associations, connections
 
     def __init__(self, fd: int, slots: int, slot: int):
         self.fd = fd
         self.slots = slots
         self.slot = slot
-        self._map = mmap.mmap(fd, self.SLOT.size * slots)
+        # pread: the file offset is shared with every process holding the descriptor.
+        magic, entries, secret = self.HEADER.unpack(os.pread(fd, self.HEADER.size, 0))
+        if magic != self.MAGIC:
+            raise ValueError("not a shared listener count file")
+        self.entries = entries
+        self.mask = entries - 1
+        self.secret = secret
+        self.entry = struct.Struct(f"<16s{slots}i")
+        self.slots_at = self.HEADER.size
+        self.table_at = self.slots_at + self.SLOT.size * slots
+        self._map = mmap.mmap(fd, self.size(slots, entries))
         self.set(0)
+        self.set_connections(0)
 
     @classmethod
-    def create(cls, slots: int) -> "SharedAssociationCount":
+    def size(cls, slots: int, entries: int) -> int:
+        return cls.HEADER.size + cls.SLOT.size * slots + struct.calcsize(f"<16s{slots}i") * entries
+
+    @classmethod
+    def create(cls, slots: int, max_connections: int = 512) -> "SharedAssociationCount":
         """A new count for *slots* processes, held by the main process (slot 0)."""
+        entries = 1 << max(4, (2 * max_connections).bit_length())
         handle = tempfile.TemporaryFile(prefix="harmony-dimse-")
         fd = os.dup(handle.fileno())
         handle.close()
-        os.ftruncate(fd, cls.SLOT.size * slots)
+        os.ftruncate(fd, cls.size(slots, entries))
+        os.pwrite(fd, cls.HEADER.pack(cls.MAGIC, entries, os.urandom(16)), 0)
         os.set_inheritable(fd, False)
         return cls(fd, slots, 0)
 
+    # -- the per-process counters
+
+    def _counter(self, slot: int, field: int) -> int:
+        return struct.unpack_from("<q", self._map, self.slots_at + slot * self.SLOT.size + 8 * field)[0]
+
+    def _set_counter(self, slot: int, field: int, value: int) -> None:
+        struct.pack_into("<q", self._map, self.slots_at + slot * self.SLOT.size + 8 * field, value)
+
     def total(self) -> int:
-        return sum(self.SLOT.unpack_from(self._map, i * self.SLOT.size)[0] for i in range(self.slots))
+        """Associations of the listener, every process counted."""
+        return sum(self._counter(i, 0) for i in range(self.slots))
+
+    def connections(self) -> int:
+        """TCP connections of the listener, every process counted."""
+        return sum(self._counter(i, 1) for i in range(self.slots))
 
     def set(self, count: int, slot: int | None = None) -> None:
-        self.SLOT.pack_into(self._map, (self.slot if slot is None else slot) * self.SLOT.size, count)
+        """Our (or *slot*'s) association count."""
+        self._set_counter(self.slot if slot is None else slot, 0, count)
+
+    def set_connections(self, count: int) -> None:
+        self._set_counter(self.slot, 1, count)
 
     def reserve(self, mine: int, limit: int) -> bool:
         """Count one more association of ours (we hold *mine*) unless the
         listener already has *limit*; atomic across the processes."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
+        with self._locked():
             if self.total() >= limit:
                 return False
             self.set(mine + 1)
             return True
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    # -- connections, in total and by source address
+
+    def admit(self, host: str, max_connections: int, max_per_source: int) -> bool:
+        """Count a new connection from *host* in our slot unless the listener already
+        has *max_connections*, or *max_per_source* from *host*; atomic across the processes."""
+        key = self._key(host)
+        with self._locked():
+            if self.connections() >= max_connections:
+                return False
+            index, free = self._find(key)
+            if index is not None and sum(self._counts(index)) >= max_per_source:
+                return False
+            if index is None:
+                if free < 0:
+                    return False  # only if max_connections grew past the table's size (a reload)
+                index = free
+                self._write(index, key, [0] * self.slots)
+            self._add(index, 1)
+            self._set_counter(self.slot, 1, self._counter(self.slot, 1) + 1)
+            return True
+
+    def count_existing(self, host: str, count: int) -> None:
+        """Count *count* connections from *host* this process held before sharing began."""
+        key = self._key(host)
+        with self._locked():
+            index, free = self._find(key)
+            if index is None:
+                if free < 0:
+                    return
+                index = free
+                self._write(index, key, [0] * self.slots)
+            self._add(index, count)
+            self._set_counter(self.slot, 1, self._counter(self.slot, 1) + count)
+
+    def release(self, host: str) -> None:
+        """One connection of ours from *host* has closed."""
+        key = self._key(host)
+        with self._locked():
+            self._set_counter(self.slot, 1, max(0, self._counter(self.slot, 1) - 1))
+            index, _ = self._find(key)
+            if index is None:
+                return
+            counts = self._counts(index)
+            if counts[self.slot] > 0:
+                self._add(index, -1)
+                counts[self.slot] -= 1
+            if not any(counts):
+                self._remove(index)
+
+    def from_source(self, host: str) -> int:
+        """Connections from *host* open on the listener, every process counted."""
+        index, _ = self._find(self._key(host))
+        return 0 if index is None else sum(self._counts(index))
+
+    def clear(self, slot: int) -> None:
+        """*slot*'s process is gone: none of its associations or connections count (main process)."""
+        with self._locked():
+            self._set_counter(slot, 0, 0)
+            self._set_counter(slot, 1, 0)
+            kept = []
+            for index in range(self.entries):
+                key, *counts = self.entry.unpack_from(self._map, self._at(index))
+                if key != _EMPTY:
+                    counts[slot] = 0
+                    if any(counts):
+                        kept.append((key, counts))
+                    self._write(index, _EMPTY, [0] * self.slots)
+            for key, counts in kept:
+                self._write(self._find(key)[1], key, counts)
 
     def close(self) -> None:
         self._map.close()
         os.close(self.fd)
+
+    # -- the table
+
+    @contextmanager
+    def _locked(self):
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def _key(self, host: str) -> bytes:
+        return hashlib.blake2b(host.encode("utf-8", "replace"), digest_size=16, key=self.secret).digest()
+
+    def _at(self, index: int) -> int:
+        return self.table_at + index * self.entry.size
+
+    def _key_at(self, index: int) -> bytes:
+        return bytes(self._map[self._at(index):self._at(index) + 16])
+
+    def _counts(self, index: int) -> list[int]:
+        return list(self.entry.unpack_from(self._map, self._at(index))[1:])
+
+    def _write(self, index: int, key: bytes, counts) -> None:
+        self.entry.pack_into(self._map, self._at(index), key, *counts)
+
+    def _add(self, index: int, delta: int) -> None:
+        at = self._at(index) + 16 + 4 * self.slot
+        struct.pack_into("<i", self._map, at, struct.unpack_from("<i", self._map, at)[0] + delta)
+
+    def _home(self, key: bytes) -> int:
+        return int.from_bytes(key[:8], "little") & self.mask
+
+    def _find(self, key: bytes) -> tuple[int | None, int]:
+        """(the entry holding *key* or None, the empty entry where it would go, -1 if none)."""
+        index = self._home(key)
+        for _ in range(self.entries):
+            found = self._key_at(index)
+            if found == key:
+                return index, index
+            if found == _EMPTY:
+                return None, index
+            index = (index + 1) & self.mask
+        return None, -1
+
+    def _remove(self, index: int) -> None:
+        """Empty *index*, moving later entries of its probe run back (no tombstones)."""
+        hole = index
+        probe = index
+        for _ in range(self.entries - 1):  # a full table has no empty entry to stop at
+            probe = (probe + 1) & self.mask
+            key = self._key_at(probe)
+            if key == _EMPTY:
+                break
+            home = self._home(key)
+            # The entry at *probe* may move into the hole unless its home lies
+            # cyclically in (hole, probe]: then it is already as close as it can be.
+            if (hole < probe and hole < home <= probe) or (hole > probe and (home > hole or home <= probe)):
+                continue
+            self._write(hole, key, self._counts(probe))
+            hole = probe
+        self._write(hole, _EMPTY, [0] * self.slots)
+
+
+_EMPTY = bytes(16)
 
 
 class AcceptorSettings:
@@ -146,7 +328,17 @@ class AcceptorSettings:
         #: Set when worker processes share the listener (see :class:`SharedAssociationCount`).
         self.shared_count: SharedAssociationCount | None = None
 
-    # -- counting (called by the association)
+    # -- counting (called by the factory and the association)
+
+    def admit(self, host: str) -> bool:
+        """Whether a new connection from *host* is within the connection caps.  When
+        processes share the listener it is counted there at once (check and count under
+        one lock) and given back in :meth:`connection_lost`."""
+        limits = self.limits
+        if self.shared_count is not None:
+            return self.shared_count.admit(host, limits.max_connections, limits.max_connections_per_source)
+        return self.connections < limits.max_connections and self.by_source.get(host, 0) < \
+            limits.max_connections_per_source
 
     def connection_made(self, assoc: Association) -> None:
         self.connections += 1
@@ -160,12 +352,21 @@ class AcceptorSettings:
             del self.by_source[host]
         self.associations.discard(assoc)
         if self.shared_count is not None:
+            self.shared_count.release(host)
             self.shared_count.set(len(self.associations))
 
     def association_established(self, assoc: Association) -> None:
         self.associations.add(assoc)
         if self.shared_count is not None:
             self.shared_count.set(len(self.associations))
+
+    def share_counts(self, shared: SharedAssociationCount) -> None:
+        """From now on count against *shared*, the listener's counts across processes;
+        what this process holds already is counted there first."""
+        shared.set(len(self.associations))
+        for host, count in self.by_source.items():
+            shared.count_existing(host, count)
+        self.shared_count = shared
 
     # -- negotiation
 
@@ -226,10 +427,8 @@ class AcceptorFactory(protocol.Factory):
         self.refused = 0
 
     def buildProtocol(self, addr):
-        limits = self.settings.limits
         host = getattr(addr, "host", "")
-        if (self.settings.connections >= limits.max_connections
-                or self.settings.by_source.get(host, 0) >= limits.max_connections_per_source):
+        if not self.settings.admit(host):
             # Refuse before any state exists: the connection is closed at once.
             self.refused += 1
             if self.refused == 1 or self.refused % 100 == 0:
