@@ -68,7 +68,7 @@ class Staging:
 
     def _purge_dead(self) -> None:
         for child in self.base.iterdir():
-            if child.is_dir() and child.name.isdigit() and child != self.folder and not _alive(int(child.name)):
+            if child.is_dir() and child.name.isdigit() and child != self.folder and not process_alive(int(child.name)):
                 shutil.rmtree(child, ignore_errors=True)
 
     def new_path(self) -> Path:
@@ -85,7 +85,9 @@ class Staging:
         self._ready = False
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process *pid* still runs (a folder or journal named after a process is
+    another live process's while it does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

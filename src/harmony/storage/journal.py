@@ -36,7 +36,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from harmony.dicom.files import durable_move
+from harmony.dicom.files import durable_move, process_alive
 from harmony.log import get_logger
 from harmony.storage.files import claim_name, fdatasync_file, fsync_dir, make_dirs
 
@@ -75,7 +75,7 @@ class FolderJournal:
         make_dirs(self.dir, self.folder)
         replayed = 0
         for other in sorted(self.dir.glob("*.sqlite")):
-            if other == self.path or not other.stem.isdigit() or _alive(int(other.stem)):
+            if other == self.path or not other.stem.isdigit() or process_alive(int(other.stem)):
                 continue
             replayed += self._replay(other)
         if replayed:
@@ -198,16 +198,6 @@ class FolderJournal:
             if self._flusher is None:
                 self._flusher = ThreadPoolExecutor(self._flush_threads, thread_name_prefix="harmony-journal-flush")
             return self._flusher.submit(fn, *args)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _inside(folder: Path, path: Path) -> bool:
