@@ -26,7 +26,7 @@ import re
 import socket
 import uuid
 
-from harmony.dicom.files import _alive as process_alive
+from harmony.dicom.files import process_alive
 from harmony.log import get_logger
 from harmony.storage.database import POSTGRESQL, dialect
 from harmony.storage.errors import StorageFailure
