@@ -124,7 +124,18 @@ async def test_findscu_through_dicomweb_equals_orthanc_dimse(harmony, orthanc, t
 
 
 @pytest_twisted.ensureDeferred
-async def test_getscu_through_dicomweb_gets_identical_files(harmony, orthanc, tmp_path, corpus):
+async def test_getscu_through_dicomweb_gets_identical_files(harmony, orthanc, tmp_path, corpus, monkeypatch):
+    """Identical files, and the multipart answer is parsed (its part files written) off the reactor thread."""
+    import threading
+
+    from harmony.dicomweb.multipart import StowParser
+    fed_on = []
+    real_feed = StowParser.feed
+
+    def feed(self, data):
+        fed_on.append(threading.current_thread() is threading.main_thread())
+        return real_feed(self, data)
+    monkeypatch.setattr(StowParser, "feed", feed)
     study = "1.2.826.0.1.3680043.10.543.1.2"  # MR study, one multi-frame instance
     for name, port, aet in (("direct", orthanc.dicom_port, orthanc.aet), ("proxied", harmony.scp_port, SCP_AET)):
         (tmp_path / name).mkdir()
@@ -138,6 +149,7 @@ async def test_getscu_through_dicomweb_gets_identical_files(harmony, orthanc, tm
     for name in direct:
         a, b = dcmread(direct[name]), dcmread(proxied[name])
         assert {e.tag: e.value for e in a} == {e.tag: e.value for e in b}
+    assert fed_on and not any(fed_on), "the retrieve's multipart body was parsed on the reactor thread"
 
 
 @pytest_twisted.ensureDeferred

@@ -23,7 +23,7 @@ import uuid
 from urllib.parse import quote, urlencode
 
 from pydicom.dataset import Dataset
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
@@ -35,7 +35,7 @@ from harmony.dicom.files import read_instance, valid_uid
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance, ResultStream
 from harmony.dicomweb import qido
 from harmony.dicomweb.accept import parse_media_range
-from harmony.dicomweb.multipart import StowParser
+from harmony.dicomweb.multipart import StowParser, parse_body
 from harmony.envelope import ForwardingProducer, ResponseEnvelope, read_body
 from harmony.errors import BackendUnavailable, BadRequest
 from harmony.log import get_logger
@@ -278,12 +278,16 @@ class DimseOverDicomWeb:
         self.staging.ensure()
 
         def on_part(part):
+            # On the parser's thread (parse_body): the part's file is written and read there, never on the reactor.
             parser.parts.remove(part)  # ours now: released by whoever consumes the instance
             try:
                 instance = read_instance(part.path, owned=True)
             except Exception:  # noqa: BLE001 - a part that is not DICOM is a failed sub-operation
                 part.release()
                 return
+            reactor.callFromThread(deliver, instance)  # in order, and before parse_body's own result
+
+        def deliver(instance):
             if stream.cancelled:
                 instance.release()
                 return
@@ -294,17 +298,7 @@ class DimseOverDicomWeb:
         parser = StowParser(params["boundary"], self.staging.folder, on_part=on_part)
         producer = self.backend.decoded_body(resp, None)
         stream.on_cancel = producer.stopProducing
-
-        class Sink:
-            def write(self, data):
-                parser.feed(data)
-
-        try:
-            await producer.startProducing(Sink())
-        except Exception:
-            parser.abort()
-            raise
-        parser.close()
+        await parse_body(producer, parser)  # a parse error removes every part file written so far
 
     # -- C-STORE
     async def store(self, request):
