@@ -162,24 +162,40 @@ class Pipeline:
         try:
             pre = endpoint.pre_process(request)
             if isinstance(pre, defer.Deferred):
-                d = pre.addCallback(self._run_onion, endpoint, where)
+                d = pre.addCallback(self._run_onion, where)
             else:
-                d = self._run_onion(pre, endpoint, where)
+                d = self._run_onion(pre, where)
         except Exception:
             d = defer.fail()
-        d.addErrback(self._answer_failure, endpoint, where)
-        d.addCallback(self._observe, where, started)
-        return d
+        # One callback pair for the way out (post-process, error mapping,
+        # observers) rather than three Deferred layers: see _finish.
+        return d.addCallbacks(self._finish, self._finish_failed,
+                              callbackArgs=(endpoint, where, started), errbackArgs=(endpoint, where, started))
 
-    def _run_onion(self, request, endpoint, where):
+    def _run_onion(self, request, where):
         where["request"] = request
         where["stage"] = "middleware"
-        return self._onion(request, self.middleware, where).addCallback(self._post_process, endpoint, where)
+        return self._onion(request, self.middleware, where)
 
-    @staticmethod
-    def _post_process(response, endpoint, where):
+    def _finish(self, response, endpoint, where, started):
+        """The endpoint's post-process and the observers, called directly; a
+        Deferred only when the post-process returns one.  A post-process that
+        fails is mapped like any other stage's failure."""
         where["stage"] = "endpoint"
-        return endpoint.post_process(where["request"], response)
+        try:
+            out = endpoint.post_process(where["request"], response)
+        except Exception:
+            return self._finish_failed(Failure(), endpoint, where, started)
+        if isinstance(out, defer.Deferred):
+            return out.addCallbacks(self._observe, self._finish_failed,
+                                    callbackArgs=(where, started), errbackArgs=(endpoint, where, started))
+        return self._observe(out, where, started)
+
+    def _finish_failed(self, failure: Failure, endpoint, where, started):
+        answer = self._answer_failure(failure, endpoint, where)
+        if isinstance(answer, Failure):
+            return answer  # not ours to answer: observers are not told, as before
+        return self._observe(answer, where, started)
 
     def _answer_failure(self, failure: Failure, endpoint, where):
         """A proxy-made answer, in the endpoint's dialect, for whatever failed."""

@@ -107,3 +107,30 @@ def test_nothing_listening_is_a_502():
 ])
 def test_upstream_url(base, subpath, query, expected):
     assert upstream_url(base, subpath, query) == expected
+
+
+def test_head_deadlines_share_one_timer_and_expire_only_the_unanswered():
+    """Bodyless requests' head deadlines share one DelayedCall, re-armed for the
+    oldest unanswered request; an answered one is never expired."""
+    from twisted.internet.task import Clock
+
+    from harmony.backends.http import HeadDeadlines
+
+    clock = Clock()
+    deadlines = HeadDeadlines(clock, 5.0)
+    expired = []
+    first = deadlines.start(lambda: expired.append("first"))
+    clock.advance(2)
+    deadlines.start(lambda: expired.append("second"))
+    third = deadlines.start(lambda: expired.append("third"))
+    assert len(clock.getDelayedCalls()) == 1
+    deadlines.stop(first)
+    deadlines.stop(third)
+    clock.advance(3)  # the first's deadline: answered, nothing expires, re-armed for the second
+    assert expired == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(1.999)
+    assert expired == []
+    clock.advance(0.001)
+    assert expired == ["second"]
+    assert clock.getDelayedCalls() == []
+    deadlines.close()
