@@ -15,7 +15,13 @@ Everything else keeps twisted.web's behaviour: small bodies, bodies for
 endpoints that do not opt in, and the request/response cycle of keep-alive
 connections.  If the response is finished before the body has fully arrived
 (an auth failure, an upstream error), the connection is closed after the
-response rather than reading and discarding the rest of the upload.
+response rather than reading the rest of the upload: the answer is followed by a
+half-close, and what the client still sends is read and dropped for at most
+:data:`LINGER_SECS` (and :data:`LINGER_MAX_BYTES`) before the socket closes.  A
+plain close with unread bytes makes the kernel answer with a reset, which can
+destroy the answer before the client reads it: nginx in front of Harmony saw
+"writev() failed (32: Broken pipe)" and answered 502 instead of the upstream's 405
+(nginx's own ``lingering_close`` exists for the same reason).
 
 Request bodies are also bounded here, where the bytes arrive, not after
 twisted.web has spooled them: an endpoint names its limit per request
@@ -34,7 +40,7 @@ from __future__ import annotations
 from io import BytesIO
 from urllib.parse import parse_qs
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -199,6 +205,7 @@ class HarmonyRequest(Request):
             self.content.close()  # drop what was spooled so far
         self.content = BytesIO()  # type: ignore[assignment]  # as in start_streaming
         self.channel.persistent = False
+        self.channel.linger_wanted = True
         self._received_head(command, uri, version)
         refuse = getattr(getattr(self.channel.site, "resource", None), "refuse", None)
         if refuse is not None:
@@ -270,6 +277,7 @@ class HarmonyRequest(Request):
             # instead of reading the rest of the body into the void, and drop
             # whatever still arrives before the close.
             self.channel.persistent = False
+            self.channel.linger_wanted = True
             self.body_stream.stopProducing()
         return super().finish()
 
@@ -285,6 +293,10 @@ class HarmonyRequest(Request):
 
 #: Defaults of the per-network settings (``[network.X.http]``), see docs/configuration.md.
 HEAD_TIMEOUT = 30.0
+#: After answering before an upload ended: how long, and how many bytes, of the rest
+#: are read and dropped after the half-close, so the close does not reset the answer.
+LINGER_SECS = 2.0
+LINGER_MAX_BYTES = 8 * 1024 * 1024
 BODY_TIMEOUT = 20.0
 BODY_MIN_RATE = 256
 
@@ -313,12 +325,22 @@ class HarmonyChannel(HTTPChannel):
     _body_timer = None
     _body_request = None
     _window_start = (0, 0)  # (bytes received, client pauses) when the window began
+    #: Set when a request was answered before its body was all in (see the module docstring).
+    linger_wanted = False
+    _lingering = False
+    _lingered = 0
+    _linger_timer = None
 
     @property
     def head_deadline(self) -> float:
         return getattr(self.site, "head_timeout", HEAD_TIMEOUT)
 
     def dataReceived(self, data):
+        if self._lingering:
+            self._lingered += len(data)  # dropped unread: the answer is out, the request is over
+            if self._lingered > LINGER_MAX_BYTES:
+                self.transport.abortConnection()
+            return
         if self._head_timer is None and data and getattr(self, "_HTTPChannel__first_line", 0):
             self._head_timer = self.callLater(self.head_deadline, self._head_too_slow)
         super().dataReceived(data)
@@ -336,7 +358,31 @@ class HarmonyChannel(HTTPChannel):
     def connectionLost(self, reason):
         self._cancel_head_timer()
         self._stop_body_clock()
+        if self._linger_timer is not None and self._linger_timer.active():
+            self._linger_timer.cancel()
         super().connectionLost(reason)
+
+    def loseConnection(self):
+        if self.linger_wanted and not self._lingering and self._linger():
+            return None
+        return super().loseConnection()
+
+    def _linger(self) -> bool:
+        """Half-close after the answer and drop what still arrives, for a bounded time,
+        then close.  Only on a plain TCP transport (TLS has no half-close here): else
+        the caller closes at once, as before."""
+        transport = self.transport
+        if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False) \
+                or not transport.connected or transport.disconnecting:
+            return False
+        self._lingering = True
+        self._cancel_head_timer()
+        self._stop_body_clock()
+        self._networkProducer.unregisterProducer()
+        transport.loseWriteConnection()  # FIN once the answer is written
+        transport.resumeProducing()  # flow control may have paused reading
+        self._linger_timer = self.callLater(LINGER_SECS, transport.loseConnection)
+        return True
 
     # -------------------------------------------------------- body data rate
 
