@@ -55,6 +55,16 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise RuntimeError(f"{what}: not ready after {timeout}s")
 
 
+def port_bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -178,11 +188,24 @@ class Orthanc(PeerProcess):
         merge_config(config, self.extra_config)
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config))
-        self.log = open(self.folder / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=peer_env(), cwd=self.folder)
-        wait_for(self._ready, 30, "Orthanc", self.proc)
-        wait_for(lambda: port_open(self.dicom_port), 30, "Orthanc DICOM port", self.proc)
+        for attempt in range(3):
+            self.log = open(self.folder / "orthanc.log", "wb")
+            self.proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
+                                         env=peer_env(), cwd=self.folder)
+            try:
+                wait_for(self._ready, 30, "Orthanc", self.proc)
+                wait_for(lambda: port_open(self.dicom_port), 30, "Orthanc DICOM port", self.proc)
+                return self
+            except RuntimeError:
+                self.stop()
+                # Its ports were chosen (free_port) before anyone else could take them, and
+                # others may already be configured with them: when another process took one
+                # meanwhile (an outgoing connection's ephemeral port), wait until it is free
+                # again and start on the same ports, rather than fail the test.
+                if attempt == 2 or b"already in use" not in (self.folder / "orthanc.log").read_bytes():
+                    raise
+                wait_for(lambda: port_bindable(self.http_port) and port_bindable(self.dicom_port), 60,
+                         "Orthanc's ports to be free again")
         return self
 
     def _ready(self) -> bool:
