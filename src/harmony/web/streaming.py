@@ -381,7 +381,7 @@ class HarmonyChannel(HTTPChannel):
         self._networkProducer.unregisterProducer()
         transport.loseWriteConnection()  # FIN once the answer is written
         transport.resumeProducing()  # flow control may have paused reading
-        self._linger_timer = self.callLater(LINGER_SECS, transport.loseConnection)
+        self._linger_timer = self.callLater(LINGER_SECS, transport.loseConnection)  # type: ignore[misc]  # zope method
         return True
 
     # -------------------------------------------------------- body data rate
