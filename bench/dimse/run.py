@@ -13,11 +13,13 @@ In one run, with TCP_NODELAY on every peer:
 
 Harmony runs as its own twistd process, as in production.  Usage:
 
-    python bench/dimse/run.py [--quick] [--only latency] [--profile FILE.svg]
+    python bench/dimse/run.py [--quick] [--only latency] [--rounds N] [--profile FILE.svg] [--ab DIR]
 
 ``--only latency`` stops after the C-ECHO/C-FIND rows (and Harmony's CPU per
 proxied C-FIND); ``--profile`` records Harmony with py-spy (installed in the
-venv, not a dependency) during 3,000 extra proxied C-FINDs.
+venv, not a dependency) during 3,000 extra proxied C-FINDs; ``--ab DIR`` runs a
+second Harmony, the build installed in DIR (another commit's, ``pip install
+--no-deps --target DIR .``), in the same interleaved rounds (latency rows only).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import statistics
@@ -97,10 +100,15 @@ def harmony_config(folder: Path, orthanc: Orthanc, scp_port: int, ingest_port: i
     return cfg
 
 
-def start_harmony(cfg: Path, *ports) -> subprocess.Popen:
+def start_harmony(cfg: Path, *ports, pythonpath: str | None = None) -> subprocess.Popen:
+    """Harmony under twistd on *cfg*; *pythonpath*: the Harmony build installed in that
+    folder (``pip install --no-deps --target DIR``) instead of the venv's, for an A/B."""
     log = open(cfg.parent / "harmony.log", "wb")
+    env = peer_env()
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     proc = subprocess.Popen([str(BIN / "twistd"), "-n", "--pidfile=", "harmony", "-c", str(cfg)],
-                            cwd=cfg.parent, stdout=log, stderr=subprocess.STDOUT, env=peer_env())
+                            cwd=cfg.parent, stdout=log, stderr=subprocess.STDOUT, env=env)
     for port in ports:
         wait_for(lambda: port_open(port), 30, "harmony", proc)
     return proc
@@ -200,8 +208,13 @@ def main() -> int:
     ap.add_argument("--only", choices=("all", "latency"), default="all", help="latency: the C-ECHO/C-FIND rows only")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds (medians are reported)")
     ap.add_argument("--profile", metavar="FILE", help="py-spy flame graph of Harmony during 3,000 proxied C-FINDs")
+    ap.add_argument("--ab", metavar="DIR", help="latency rows only: also run the Harmony build installed in DIR "
+                                                "(pip install --no-deps --target DIR, e.g. main's), interleaved "
+                                                "in the same rounds")
     args = ap.parse_args()
-    n_echo, n_find, n_store, n_get, side = (300, 100, 1000, 200, 256) if not args.quick else (50, 20, 100, 40, 64)
+    if args.ab:
+        args.only = "latency"
+    n_echo, n_find, n_store, n_get, side = (300, 300, 1000, 200, 256) if not args.quick else (50, 20, 100, 40, 64)
 
     work = Path(tempfile.mkdtemp(prefix="harmony-bench-dimse-"))
     procs = []
@@ -225,25 +238,56 @@ def main() -> int:
                                 scp_port, ingest_port)
         rss_start = rss_mb(harmony.pid)
 
-        print(f"\n== latency (bench/dimse/client.py, one association, TCP_NODELAY; {args.rounds} interleaved rounds) ==")
-        latencies(scp_port, "HARMONY", 10, 20)  # warm Harmony's association pool
+        others = {}
+        if args.ab:
+            ab_port, ab_ingest = free_port(), free_port()
+            others["A (--ab)"] = (start_harmony(harmony_config(work / "harmony-ab", orthanc, ab_port, ab_ingest),
+                                                ab_port, ab_ingest, pythonpath=args.ab), ab_port)
+            procs_ab = [others["A (--ab)"][0]]
+        else:
+            procs_ab = []
+        runs = {"Harmony": (harmony, scp_port), **others}
+
+        print(f"\n== latency (bench/dimse/client.py, one association, TCP_NODELAY; {args.rounds} interleaved rounds;"
+              f" load {os.getloadavg()[0]:.1f}) ==")
+        for _proc, port in runs.values():
+            latencies(port, "HARMONY", 10, 20)  # warm Harmony's association pool
         direct = {"echo": [], "find": []}
-        proxied = {"echo": [], "find": []}
-        for _ in range(args.rounds):
+        proxied = {who: {"echo": [], "find": []} for who in runs}
+        cpu = {who: [] for who in runs}
+        n_cpu = 1000 if not args.quick else 200
+        for r in range(args.rounds):
+            order = list(runs)
+            order = order[r % len(order):] + order[:r % len(order)]
             d = latencies(orthanc.dicom_port, orthanc.aet, n_echo, n_find)
-            p = latencies(scp_port, "HARMONY", n_echo, n_find)
-            assert p["matches"] == d["matches"], (p["matches"], d["matches"])
-            matches = p["matches"]
             for op in ("echo", "find"):
                 direct[op].append(statistics.median(d[op]))
-                proxied[op].append(statistics.median(p[op]))
+            for who in order:
+                proc, port = runs[who]
+                p = latencies(port, "HARMONY", n_echo, 0)
+                before = cpu_seconds(proc.pid)
+                p["find"] = (found := latencies(port, "HARMONY", 0, n_find))["find"]
+                cpu[who].append((cpu_seconds(proc.pid) - before) / n_find)
+                p["matches"] = found["matches"]
+                assert p["matches"] == d["matches"], (p["matches"], d["matches"])
+                matches = p["matches"]
+                for op in ("echo", "find"):
+                    proxied[who][op].append(statistics.median(p[op]))
         for op, goal in (("echo", "<= 1.5x"), ("find", "<= 1.3x")):
-            d, p = statistics.median(direct[op]), statistics.median(proxied[op])
+            d = statistics.median(direct[op])
             print(f"C-{op.upper():4s} direct Orthanc : p50 {d * 1000:6.2f} ms  (per round {rounds_ms(direct[op])})")
-            print(f"C-{op.upper():4s} via Harmony    : p50 {p * 1000:6.2f} ms  (per round {rounds_ms(proxied[op])})"
-                  f"   ratio {ratio(p, d)} (goal {goal})")
+            for who in runs:
+                p = statistics.median(proxied[who][op])
+                ratios = [a / b for a, b in zip(proxied[who][op], direct[op], strict=True)]
+                print(f"C-{op.upper():4s} via {who:11s}: p50 {p * 1000:6.2f} ms  (per round {rounds_ms(proxied[who][op])})"
+                      f"   ratio {ratio(p, d)} (median of rounds {statistics.median(ratios):.2f}x; goal {goal})")
         print(f"(C-FIND at STUDY level, {matches} matches; C-ECHO is answered by Harmony itself)")
-        n_cpu = 1000 if not args.quick else 200
+        for who in runs:
+            print(f"{who} CPU per proxied C-FIND (user + system, its association's set-up included): median "
+                  f"{statistics.median(cpu[who]) * 1000:.3f} ms (rounds {rounds_ms(cpu[who])})")
+        for proc in procs_ab:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
         before = cpu_seconds(harmony.pid)
         latencies(scp_port, "HARMONY", 0, n_cpu)
         print(f"Harmony CPU per proxied C-FIND: {(cpu_seconds(harmony.pid) - before) / n_cpu * 1000:.3f} ms "

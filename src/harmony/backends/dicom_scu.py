@@ -268,6 +268,41 @@ def query_contexts() -> list:
     return contexts
 
 
+class Slots:
+    """At most *limit* associations in use at once; a slot is taken without a Deferred
+    when one is free (``take``), waited for otherwise (``wait``).  Twisted's
+    DeferredSemaphore makes and fires a Deferred for every acquire, free or not: on a
+    pooled C-FIND that was one of the few dozen steps between the client's request
+    and the PACS's (bench/dimse)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.free = limit
+        self._waiting: list[defer.Deferred] = []
+
+    def take(self) -> bool:
+        if self.free > 0 and not self._waiting:
+            self.free -= 1
+            return True
+        return False
+
+    def wait(self) -> defer.Deferred:
+        """Fires once a slot is this caller's (it then holds it, as after ``take``)."""
+        d: defer.Deferred[None] = defer.Deferred(self._withdraw)
+        self._waiting.append(d)
+        return d
+
+    def _withdraw(self, d) -> None:
+        if d in self._waiting:
+            self._waiting.remove(d)
+
+    def release(self) -> None:
+        if self._waiting:
+            self._waiting.pop(0).callback(None)   # the slot passes straight to the next in line
+        else:
+            self.free += 1
+
+
 class AssociationPool:
     """Established associations per target and kind, reused while idle for less than *idle_secs*.
 
@@ -281,7 +316,7 @@ class AssociationPool:
         self.backend = backend
         self.max_idle = max_idle
         self.idle_secs = idle_secs
-        self.limit = defer.DeferredSemaphore(max_concurrency)
+        self.limit = Slots(max_concurrency)
         self.contexts = net.requestor_contexts()
         self.roles = net.storage_roles(self.contexts)
         self.query_contexts = query_contexts()
@@ -553,7 +588,9 @@ class DicomScuBackend(Backend):
     async def _with_association(self, target, job, body, kind=ALL):
         """Run ``body(assoc)`` on a pooled association to *target*; a reused one that
         turns out dead before any result is replaced once by a fresh one."""
-        await self.pool.limit.acquire()
+        limit = self.pool.limit
+        if not limit.take():
+            await limit.wait()
         if job.cancel_requested.called:
             # Cancelled while waiting for an association slot: the PACS was never asked.
             self.pool.limit.release()
@@ -648,11 +685,17 @@ class DicomScuBackend(Backend):
             if message.dataset is not None and not job.stream.cancelled:
                 job.put(datasets.ReceivedIdentifier(message.dataset, syntax))
 
-        response = await assoc.request(cid, {"AffectedSOPClassUID": str(sop_class), "CommandField":
-                                             commands.C_FIND_RQ, "MessageID": msg_id, "Priority": 0},
-                                       datasets.encode_relayed(identifier, syntax), on_pending=pending)
-        job.finish(response.command.get("Status"), response.command.get("ErrorComment"))
-        return not cancelled
+        def final(response):
+            # On the call stack of the PACS's final response, not a coroutine step
+            # later: the client's final response goes out with it.
+            job.finish(response.command.get("Status"), response.command.get("ErrorComment"))
+            return not cancelled
+
+        command = commands.encode_with_id((("AffectedSOPClassUID", str(sop_class)), ("CommandField",
+                                           commands.C_FIND_RQ), ("Priority", 0),
+                                           ("CommandDataSetType", commands.HAS_DATASET)), "MessageID", msg_id)
+        return await assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending=pending,
+                                   message_id=msg_id).addCallback(final)
 
     async def _retrieve(self, assoc, job, identifier, sop_class, msg_id, extra=None):
         cid = self._context(assoc, sop_class)

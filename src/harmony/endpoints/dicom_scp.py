@@ -438,6 +438,8 @@ class Operation:
         self._pending_command: bytes | None = None
         self._pipeline: tuple | None = None
         self.cancelled = False
+        #: The final response was sent (:meth:`respond_final`).
+        self.answered = False
 
     def watch(self, env, d: defer.Deferred) -> None:
         """*d*, the pipeline running *env*, is cancelled with the operation."""
@@ -474,16 +476,25 @@ class Operation:
             command["ErrorComment"] = _comment(comment)
         return self.assoc.send(self.message.context_id, command, identifier)
 
-    def respond_match(self, identifier: bytes):
+    def _response_fields(self, status: int, dataset: bool) -> tuple:
+        return (("AffectedSOPClassUID", self.message.command.get("AffectedSOPClassUID", str(
+                self.context.abstract_syntax))), ("CommandField", _RESPONSE_OF[self.message.field]),
+                ("Status", status), ("CommandDataSetType", commands.HAS_DATASET if dataset else commands.NO_DATASET))
+
+    def respond_match(self, identifier: bytes) -> None:
         """A pending C-FIND response with *identifier*: the same command every time, encoded once."""
         if self._pending_command is None:
-            self._pending_command = commands.encode({
-                "AffectedSOPClassUID": self.message.command.get("AffectedSOPClassUID", str(
-                    self.context.abstract_syntax)), "CommandField": _RESPONSE_OF[self.message.field],
-                "MessageIDBeingRespondedTo": self.message.message_id, "Status": dimse.PENDING,
-                "CommandDataSetType": commands.HAS_DATASET})
+            self._pending_command = commands.encode_with_id(self._response_fields(dimse.PENDING, True),
+                                                            "MessageIDBeingRespondedTo", self.message.message_id)
         # more: the next match, or the final response, follows; they go out together.
-        return self.assoc.send(self.message.context_id, self._pending_command, identifier, more=True)
+        self.assoc.post(self.message.context_id, self._pending_command, identifier, more=True)
+
+    def respond_final(self, status: int) -> None:
+        """The final response of a C-FIND that ended without a comment to send (Success,
+        or a failure the PACS gave none for), from an encoded template, at once."""
+        self.answered = True
+        self.assoc.post(self.message.context_id, commands.encode_with_id(
+            self._response_fields(status, False), "MessageIDBeingRespondedTo", self.message.message_id))
 
     async def next(self, stream, timeout: float, reactor):
         """The stream's next item, :data:`CANCELLED` once the peer sent C-CANCEL or left,
@@ -549,7 +560,7 @@ class Operation:
             except Exception:  # noqa: BLE001 - one undecodable match must not end the query
                 log.warn("dicom_scp: dropped a C-FIND match that cannot be encoded")
                 return
-            self.respond_match(encoded).addErrback(_aborted_ok)
+            self.respond_match(encoded)
 
         def silent():
             if not done.called:
@@ -559,8 +570,13 @@ class Operation:
             if not done.called:
                 if isinstance(result, Failure):
                     done.errback(result)
-                else:
-                    done.callback(None)
+                    return
+                if assoc.state == "established" and not self.cancelled and (
+                        not dimse.is_failure(stream.status) or not stream.error_comment):
+                    # The final response on the call stack of the stream's end (the
+                    # PACS's final response): the client has it a coroutine step sooner.
+                    self.respond_final(dimse.SUCCESS if not dimse.is_failure(stream.status) else stream.status)
+                done.callback(None)
 
         def stop(result):
             if timer.active():
@@ -754,6 +770,8 @@ class ScpServices:
             release_rest(stream)
             if op.assoc.state == "established":
                 await op.respond(dimse.CANCEL)
+            return
+        if op.answered:
             return
         if dimse.is_failure(stream.status):
             await op.respond(stream.status, comment=stream.error_comment)
@@ -976,11 +994,6 @@ class ScpServices:
         await stream.when_counted()
         await op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
                          comment=stream.error_comment)
-
-
-def _aborted_ok(failure):
-    """A match that could not be sent because the association ended: the relay stops at its next step."""
-    failure.trap(AssociationAborted)
 
 
 def _broken(stream, error) -> tuple[int, str]:

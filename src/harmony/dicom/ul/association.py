@@ -181,14 +181,16 @@ class _Flow:
 
 
 class _Pending:
-    """A request we sent, waiting for its response(s)."""
+    """A request we sent, waiting for its response(s); *deadline*: when the DIMSE
+    timeout runs out (``None``: never), moved on by each pending response."""
 
-    __slots__ = ("deferred", "on_pending", "timer")
+    __slots__ = ("deferred", "on_pending", "timeout", "deadline")
 
-    def __init__(self, on_pending):
+    def __init__(self, on_pending, timeout: float | None, now: float):
         self.deferred = defer.Deferred()
         self.on_pending = on_pending
-        self.timer = None
+        self.timeout = timeout or None
+        self.deadline = now + timeout if timeout else None
 
 
 class Association(protocol.Protocol):
@@ -231,6 +233,8 @@ class Association(protocol.Protocol):
         self._pending: dict[int, _Pending] = {}
         self._artim = None
         self._idle = None
+        #: One timer for the DIMSE timeouts of every request outstanding (:meth:`_check_dimse`).
+        self._dimse_timer = None
         self._release_waiter: defer.Deferred | None = None
         self._end_reason: str | None = None
         #: What service code worked out once for this association (e.g. which context an instance goes on).
@@ -266,8 +270,6 @@ class Association(protocol.Protocol):
         error = AssociationAborted(self._end_reason or "connection closed")
         pending, self._pending = self._pending, {}
         for p in pending.values():
-            if p.timer is not None and p.timer.active():
-                p.timer.cancel()
             p.deferred.errback(Failure(error))
         if self.is_requestor and not self.established.called:
             self.established.errback(Failure(error))
@@ -319,6 +321,39 @@ class Association(protocol.Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        if self._dimse_timer is not None and self._dimse_timer.active():
+            self._dimse_timer.cancel()
+        self._dimse_timer = None
+
+    def _arm_dimse(self, deadline: float) -> None:
+        """Have :meth:`_check_dimse` run by *deadline*.  One timer per association,
+        not a ``callLater`` and a cancel per request: a proxied C-FIND was a few
+        dozen small steps, this was two of them.  The timer armed for an earlier
+        request usually fires first and is set again for what is still waiting."""
+        timer = self._dimse_timer
+        if timer is None or not timer.active():
+            self._dimse_timer = self.reactor.callLater(max(deadline - self.reactor.seconds(), 0),
+                                                       self._check_dimse)
+        elif timer.getTime() > deadline:   # a shorter timeout than the one armed
+            timer.reset(max(deadline - self.reactor.seconds(), 0))
+
+    def _check_dimse(self):
+        """A request whose DIMSE timeout ran out aborts the association; otherwise the
+        timer is set for the next deadline of those still waiting."""
+        self._dimse_timer = None
+        now = self.reactor.seconds()
+        earliest = None
+        for message_id, waiting in self._pending.items():
+            deadline = waiting.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                self._abort_connection(f"no response to message {message_id} within the DIMSE timeout")
+                return
+            if earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None:
+            self._arm_dimse(earliest)
 
     # ------------------------------------------------------------------ receiving
 
@@ -426,15 +461,13 @@ class Association(protocol.Protocol):
                          field=commands.NAMES.get(message.field, hex(message.field)), mid=responding_to)
                 return
             status = command.get("Status")
-            if dimse.is_pending(status):
-                if waiting.timer is not None and waiting.timer.active():
-                    waiting.timer.reset(self.settings.dimse_timeout)
+            if status == dimse.PENDING or status == dimse.PENDING_WARNING:   # dimse.is_pending, inlined: per match
+                if waiting.timeout is not None:
+                    waiting.deadline = self.reactor.seconds() + waiting.timeout
                 if waiting.on_pending is not None:
                     waiting.on_pending(message)
                 return
             del self._pending[responding_to]
-            if waiting.timer is not None and waiting.timer.active():
-                waiting.timer.cancel()
             waiting.deferred.callback(message)
             return
         try:
@@ -590,6 +623,21 @@ class Association(protocol.Protocol):
             self._drain()
         return d
 
+    def post(self, context_id: int, command: bytes, dataset: bytes | None = None, more: bool = False) -> None:
+        """:meth:`send` for a message nobody waits on (an SCP's responses): written at
+        once, with no Deferred, when nothing is queued before it; an association that
+        ended meanwhile drops it (the service handler learns that from ``closed``)."""
+        if self.state == ESTABLISHED and not self._sending and not self._send_queue:
+            self._write_message(context_id, command, dataset, more)
+        elif self.state == ESTABLISHED:
+            self.send(context_id, command, dataset, more).addErrback(_ended_meanwhile)
+
+    def _write_message(self, context_id: int, command: bytes, dataset: bytes | None, more: bool) -> None:
+        self._write_command(context_id, command, more or dataset is not None)
+        if dataset is not None:
+            self._write_data(context_id, dataset, more)
+        self._touch()
+
     def flush(self) -> None:
         """Put what was sent so far on the wire now rather than at the reactor's next
         turn: for an answer the peer waits on before it sends more (a C-STORE
@@ -598,38 +646,43 @@ class Association(protocol.Protocol):
         self._flush_out()
         flush_buffered(self.transport)
 
-    def request(self, context_id: int, command: dict, dataset=None, on_pending=None,
-                timeout: float | None = None) -> defer.Deferred:
+    def request(self, context_id: int, command: dict | bytes, dataset=None, on_pending=None,
+                timeout: float | None = None, message_id: int | None = None) -> defer.Deferred:
         """Send a request; fires with its final response :class:`Message`.
 
         Pending responses (0xFF00/0xFF01) go to *on_pending* and restart the DIMSE timer.
+        *command* may be already encoded (:func:`.commands.encode_with_id`), with its
+        *message_id* given.
         """
-        message_id = command.get("MessageID")
-        if message_id is None:
-            message_id = self.next_message_id()
-            command = dict(command, MessageID=message_id)
-        waiting = _Pending(on_pending)
-        self._pending[message_id] = waiting
+        if isinstance(command, bytes):
+            if message_id is None:
+                raise ValueError("an encoded request needs its message_id")
+        else:
+            message_id = command.get("MessageID")
+            if message_id is None:
+                message_id = self.next_message_id()
+                command = dict(command, MessageID=message_id)
         timeout = self.settings.dimse_timeout if timeout is None else timeout
-        if timeout:
-            waiting.timer = self.reactor.callLater(timeout, self._dimse_timeout, message_id)
-        sent = self.send(context_id, command, dataset)
-        sent.addErrback(self._send_failed, message_id)
+        waiting = _Pending(on_pending, timeout, self.reactor.seconds())
+        self._pending[message_id] = waiting
+        if waiting.deadline is not None:
+            self._arm_dimse(waiting.deadline)
+        if self.state == ESTABLISHED and not self._sending and not self._send_queue and (
+                dataset is None or isinstance(dataset, bytes)):
+            # Nothing queued before it: written now, without a Deferred for "sent".
+            if not isinstance(command, bytes):
+                if dataset is not None:
+                    command = dict(command, CommandDataSetType=commands.HAS_DATASET)
+                command = commands.encode(command)
+            self._write_message(context_id, command, dataset, False)
+        else:
+            self.send(context_id, command, dataset).addErrback(self._send_failed, message_id)
         return waiting.deferred
 
     def _send_failed(self, failure, message_id):
         waiting = self._pending.pop(message_id, None)
         if waiting is not None:
-            if waiting.timer is not None and waiting.timer.active():
-                waiting.timer.cancel()
             waiting.deferred.errback(failure)
-
-    def _dimse_timeout(self, message_id):
-        waiting = self._pending.get(message_id)
-        if waiting is None:
-            return
-        waiting.timer = None
-        self._abort_connection(f"no response to message {message_id} within the DIMSE timeout")
 
     def next_message_id(self) -> int:
         message_id = next(self._message_ids) & 0xFFFF
@@ -648,10 +701,7 @@ class Association(protocol.Protocol):
                 result.addBoth(self._file_sent, d)
                 return
             self._send_queue.popleft()
-            self._write_command(context_id, command_bytes, more or dataset is not None)
-            if dataset is not None:
-                self._write_data(context_id, dataset, more)
-            self._touch()
+            self._write_message(context_id, command_bytes, dataset, more)
             d.callback(None)
         self._sending = False
         if self.state == CLOSED:
@@ -769,6 +819,10 @@ class Association(protocol.Protocol):
         self.transport.loseConnection()
         self._cancel_timers()
         self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, self.transport.abortConnection)
+
+
+def _ended_meanwhile(failure):
+    failure.trap(AssociationAborted)
 
 
 @functools.lru_cache(maxsize=32)

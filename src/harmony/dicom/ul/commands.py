@@ -69,8 +69,27 @@ def _text(raw: bytes) -> str:
     return raw.decode("ascii", "replace").rstrip("\0 ").lstrip(" ")
 
 
+#: Command sets decoded lately, by their bytes (:func:`decode`); bounded.
+_DECODED: dict = {}
+_MAX_DECODED = 512
+
+
 def decode(data: bytes) -> dict:
-    """The command set in *data* as ``{keyword: value}`` (unknown tags as ``(tag, bytes)`` pairs)."""
+    """The command set in *data* as ``{keyword: value}`` (unknown tags as ``(tag, bytes)`` pairs).
+
+    A PACS answering a C-FIND sends the same pending command before every match: the
+    same bytes decode from a small cache (a fresh dict each time: callers own it)."""
+    known = _DECODED.get(data)
+    if known is not None:
+        return known.copy()
+    command = _decode(data)
+    if len(_DECODED) >= _MAX_DECODED:
+        _DECODED.clear()
+    _DECODED[data] = command
+    return command.copy()
+
+
+def _decode(data: bytes) -> dict:
     command: dict = {}
     offset = 0
     end = len(data)
@@ -144,6 +163,39 @@ def encode(command: dict) -> bytes:
     elements.sort()
     body = b"".join(_ELEMENT.pack(0, tag & 0xFFFF, len(raw)) + raw for tag, raw in elements)
     return _ELEMENT.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+#: Templates by their command's fixed fields (:func:`encode_with_id`); bounded.
+_TEMPLATES: dict = {}
+_MAX_TEMPLATES = 256
+_US = struct.Struct("<H")
+
+
+def encode_with_id(fields: tuple, id_keyword: str, message_id: int) -> bytes:
+    """``encode(dict(fields, **{id_keyword: message_id}))``, from a template.
+
+    The commands of a busy association differ only in their message id (a proxied
+    C-FIND's request to the PACS, the final response to its client): the set is
+    encoded once per *fields* (a tuple of ``(keyword, value)`` pairs, hashable) with
+    the id's two bytes left out, and each call joins them back -- encoding the dict
+    was ~6 % of a proxied C-FIND's CPU (bench/dimse)."""
+    template = _TEMPLATES.get((fields, id_keyword))
+    if template is None:
+        encoded = encode(dict(fields, **{id_keyword: 0}))
+        tag = TAG_OF[id_keyword]
+        offset = 0
+        while offset < len(encoded):  # the id's element, found in what encode wrote
+            group, element, length = _ELEMENT.unpack_from(encoded, offset)
+            if element == tag & 0xFFFF:
+                break
+            offset += 8 + length
+        value = offset + 8
+        template = (encoded[:value], encoded[value + 2:])
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        _TEMPLATES[(fields, id_keyword)] = template
+    head, tail = template
+    return head + _US.pack(message_id) + tail
 
 
 def has_dataset(command: dict) -> bool:
