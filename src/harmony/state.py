@@ -48,6 +48,11 @@ class DicomRequestFacts:
     #: normalized then, or None when the pipeline has no middleware to change it)``
     #: (``dicom_scp``); ``dicom_scu`` relays the bytes while no middleware changed ``normalized``.
     received_identifier: tuple | None = None
+    #: C-FIND, set by ``dicom_scp`` only when no middleware sits between it and the backend:
+    #: called with the backend's ``ResultStream`` once the request is on its way to the PACS
+    #: (``dicom_scu``), so each match reaches the client as it comes while the pipeline's
+    #: answer -- which waits for the first one -- completes behind it.
+    results_listener: Any = None
 
 
 @attr.s(auto_attribs=True, slots=True)

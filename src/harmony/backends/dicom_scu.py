@@ -54,7 +54,7 @@ from harmony.dicom.results import (
 )
 from harmony.dicom.ul import commands, datasets, storage
 from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
-from harmony.dicom.ul.association import ESTABLISHED, AssociationAborted, AssociationRejected
+from harmony.dicom.ul.association import ESTABLISHED, AssociationAborted, AssociationRejected, after_delivery
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import client_options
 from harmony.envelope import ResponseEnvelope
@@ -143,7 +143,7 @@ class Job:
             item.release()
             return
         self.stream.put(item)
-        self._ready()
+        self._ready_soon()
 
     def counts(self, command: dict):
         self.stream.set_counts(command.get("NumberOfRemainingSuboperations"),
@@ -154,16 +154,29 @@ class Job:
     def finish(self, status, comment=None, failed_uids=()):
         self.stream.failed_sop_uids.extend(failed_uids)
         self.stream.finish(status, comment)
-        self._ready()
+        self._ready_soon()
 
     def _ready(self):
         if not self.ready.called:
             self.ready.callback(self)
 
+    def _ready_soon(self):
+        """:meth:`_ready`; when the consumer already takes the results as they come
+        (``state.dicom.results_listener``), once what they made it write is sent: the
+        pipeline's answer (the target's verdict, observers) need not delay the client's."""
+        if self.ready.called:
+            return
+        if self.stream.listened or self.stream.done and self.request.state.dicom.results_listener is not None:
+            after_delivery(self._ready)
+        else:
+            self._ready()
+
     def failed(self, failure):
-        if not self.ready.called:
+        if not self.ready.called and self.items == 0 and not self.stream.done:
             self.ready.errback(failure)
-        elif not self.stream.done:
+            return
+        self._ready()   # results (or the end) came first: they are the answer, the failure ends them
+        if not self.stream.done:
             err = failure.value
             status = (dimse.UNABLE_TO_PROCESS_TIMEOUT if isinstance(err, BackendTimeout)
                       else dimse.UNABLE_TO_PROCESS_BACKEND)
@@ -694,8 +707,12 @@ class DicomScuBackend(Backend):
         command = commands.encode_with_id((("AffectedSOPClassUID", str(sop_class)), ("CommandField",
                                            commands.C_FIND_RQ), ("Priority", 0),
                                            ("CommandDataSetType", commands.HAS_DATASET)), "MessageID", msg_id)
-        return await assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending=pending,
-                                   message_id=msg_id).addCallback(final)
+        answered = assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending=pending,
+                                 message_id=msg_id).addCallback(final)
+        listener = job.request.state.dicom.results_listener
+        if listener is not None:
+            listener(job.stream)   # the request is out: its matches may go to the client as they come
+        return await answered
 
     async def _retrieve(self, assoc, job, identifier, sop_class, msg_id, extra=None):
         cid = self._context(assoc, sop_class)

@@ -217,6 +217,11 @@ class ResultStream:
             self._listener, self._ended = on_item, ended
         return ended
 
+    @property
+    def listened(self) -> bool:
+        """Whether a consumer takes items as they are put (:meth:`listen`)."""
+        return self._listener is not None
+
     def unlisten(self) -> None:
         """Back to pull mode: items queue again for :meth:`next` (the listener's Deferred never fires)."""
         self._listener = self._ended = None

@@ -440,6 +440,9 @@ class Operation:
         self.cancelled = False
         #: The final response was sent (:meth:`respond_final`).
         self.answered = False
+        #: ``(stream, outcome)`` of the relay started before the pipeline answered (:meth:`relay_early`).
+        self.early: tuple | None = None
+        self._timing: tuple | None = None
 
     def watch(self, env, d: defer.Deferred) -> None:
         """*d*, the pipeline running *env*, is cancelled with the operation."""
@@ -534,6 +537,27 @@ class Operation:
             if self._waiter is waiter:
                 self._waiter = None
 
+
+    def relay_early(self, stream) -> None:
+        """``state.dicom.results_listener``: relay *stream* from now on, before the
+        pipeline's answer (see :meth:`ScpServices.on_find`); a stream that replaces an
+        earlier one (the target pool retried elsewhere) takes over from it."""
+        if self.early is not None:
+            if self.early[0] is stream:
+                return
+            self.stop_early()
+        timeout, reactor = self._timing
+        outcome = self.relay_matches(stream, timeout, reactor)
+        self.early = (stream, outcome)
+
+    def stop_early(self) -> None:
+        """Stop the early relay (the pipeline answered otherwise); its outcome is dropped."""
+        early, self.early = self.early, None
+        if early is not None:
+            stream, outcome = early
+            if not outcome.called:
+                outcome.callback(CANCELLED)   # relay_matches' stop: unlisten, timer cancelled
+            outcome.addErrback(lambda _: None)
 
     def relay_matches(self, stream, timeout: float, reactor) -> defer.Deferred:
         """Send each C-FIND match to the client the moment the backend puts it
@@ -747,8 +771,19 @@ class ScpServices:
             await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
             return
         env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier, op.message.dataset)
+        pipeline = endpoint.pipeline
+        if pipeline is not None and not pipeline.middleware:
+            # Nobody between us and the backend reads or replaces its results: relay them
+            # from the moment the request is out.  The pipeline's answer waits for the
+            # first match; the client's matches (and final response) need not.
+            op._timing = (endpoint.request_timeout, endpoint.reactor)
+            env.state.dicom.results_listener = op.relay_early
         response = await endpoint.run_pipeline(env, op)
         stream, failure = endpoint.results_of(response)
+        early = op.early
+        if early is not None and (early[0] is not stream or op.cancelled or failure is not None):
+            op.stop_early()
+            early = None
         if op.cancelled:
             if stream is not None:
                 stream.cancel()
@@ -757,10 +792,12 @@ class ScpServices:
                 await op.respond(dimse.CANCEL)
             return
         if failure is not None:
-            await op.respond(failure[0], comment=failure[1])
+            if not op.answered:
+                await op.respond(failure[0], comment=failure[1])
             return
         try:
-            outcome = await op.relay_matches(stream, endpoint.request_timeout, endpoint.reactor)
+            outcome = await (early[1] if early is not None else
+                             op.relay_matches(stream, endpoint.request_timeout, endpoint.reactor))
         except Exception as e:  # noqa: BLE001 - the backend broke or stalled mid-stream
             status, comment = _broken(stream, e)
             await op.respond(status, comment=comment)

@@ -78,15 +78,39 @@ class _Batch:
         self.depth = 0
         #: Associations holding written bytes not yet sent.
         self.waiting: list[Association] = []
+        #: Calls put off until what the delivery wrote is sent (:func:`after_delivery`).
+        self.after: list = []
 
     def flush(self) -> None:
-        while self.waiting:
-            waiting, self.waiting = self.waiting, []
-            for assoc in waiting:
-                assoc._flush_out()
+        while self.waiting or self.after:
+            while self.waiting:
+                waiting, self.waiting = self.waiting, []
+                for assoc in waiting:
+                    assoc._flush_out()
+            if self.after:
+                after, self.after = self.after, []
+                self.depth += 1      # what they write goes out together, at the end
+                try:
+                    for call in after:
+                        try:
+                            call()
+                        except Exception:
+                            log.failure("dicom ul: a call put off until after a delivery failed")
+                finally:
+                    self.depth -= 1
 
 
 _batch = _Batch()
+
+
+def after_delivery(call) -> None:
+    """Run *call* once the bytes being delivered to an association are handled and what
+    that wrote is sent (at once outside a delivery): bookkeeping that need not delay
+    the answer it follows (a proxied C-FIND's pipeline verdict after its matches)."""
+    if _batch.depth:
+        _batch.after.append(call)
+    else:
+        call()
 
 
 class DatasetSink(Protocol):
