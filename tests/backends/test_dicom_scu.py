@@ -17,7 +17,7 @@ from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from twisted.internet.testing import MemoryReactorClock
 
-from harmony.backends.dicom_scu import DicomScuBackend
+from harmony.backends.dicom_scu import DicomScuBackend, Slots
 from harmony.config.errors import OptionError
 from harmony.dicom.ul import commands, datasets
 from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
@@ -171,3 +171,39 @@ def test_no_pacs_at_all_is_refused_naming_aet(tmp_path):
     with pytest.raises(OptionError) as e:
         build(DicomScuBackend, {}, ctx=ctx)
     assert e.value.key == "aet"
+
+
+def test_an_early_listener_has_every_match_before_the_pipeline_answers(tmp_path):
+    rig = Rig(tmp_path, FakePacsHandler([_match("SYN-1"), _match("SYN-2")]))
+    events = []
+    req = _find(PatientID="SYN-*")
+
+    def listener(stream):
+        stream.listen(lambda item: events.append(item.PatientID)).addCallback(lambda _: events.append("end"))
+    req.state.dicom.results_listener = listener
+    d = rig.backend.send(req)
+    d.addCallback(lambda response: events.append(("answer", response.status)))
+    rig.run(d)
+    # The verdict (and so the pipeline's answer) follows the matches and the end it was sent with.
+    assert events == ["SYN-1", "SYN-2", "end", ("answer", 200)]
+
+
+def test_a_failure_without_matches_is_still_the_pipelines_error_with_an_early_listener(tmp_path):
+    rig = Rig(tmp_path, FakePacsHandler([], final=0xA700))
+    req = _find()
+    req.state.dicom.results_listener = lambda stream: stream.listen(lambda item: None)
+    response = result_of(rig.run(rig.backend.send(req)))
+    assert response.status != 200 and json.loads(response.body)["dimse_status"] == 0xA700
+
+
+def test_slots_are_taken_without_a_deferred_and_passed_on_in_order():
+    slots = Slots(2)
+    assert slots.take() and slots.take() and not slots.take()
+    first, second = slots.wait(), slots.wait()
+    second.cancel()                       # a caller that gave up leaves the line
+    second.addErrback(lambda f: None)
+    slots.release()
+    assert first.called and not slots.take()   # the freed slot went to the one waiting
+    slots.release()
+    slots.release()
+    assert slots.free == 2

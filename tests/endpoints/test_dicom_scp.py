@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from harmony.config.errors import OptionError
@@ -21,9 +22,10 @@ from harmony.dicom.results import ResultStream
 from harmony.dicom.ul import commands, datasets
 from harmony.dicom.ul.association import AssociationRejected
 from harmony.dicom.ul.requestor import RequestorSettings, associate
-from harmony.endpoints.dicom_scp import DicomScpEndpoint
+from harmony.endpoints.dicom_scp import Deadlines, DicomScpEndpoint
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BackendUnavailable
+from harmony.middleware.base import Middleware
 from harmony.pipeline import Pipeline
 from harmony.state import ResponseState
 from tests.memory import Answering, Wires, build, failure_of, result_of
@@ -200,3 +202,115 @@ def test_option_errors_name_their_key(options, key):
         build(DicomScpEndpoint, {"local_aet": "HARMONY", **options},
               ctx=types.SimpleNamespace(reactor=MemoryReactorClock(), storage_path=None))
     assert e.value.key.startswith(key)
+
+
+def test_a_pipeline_that_never_answers_ends_the_c_find_on_the_listeners_one_timer():
+    rig = Rig(lambda request: defer.Deferred(), request_timeout_secs=5)
+    assoc = result_of(rig.associate())
+    idle = len(rig.reactor.getDelayedCalls())
+    _cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    _cid, d2, _ = _find(rig, assoc, _match("SYN-*"))   # a second one waits behind the first
+    # The listener's deadlines share one timer, the client's requests theirs: no callLater per operation.
+    assert len(rig.reactor.getDelayedCalls()) == idle + 2
+    rig.reactor.advance(4.9)
+    assert not rig.wires.run(d).called
+    rig.reactor.advance(0.2)
+    final = result_of(rig.wires.run(d))
+    assert final.command["Status"] == dimse.UNABLE_TO_PROCESS_TIMEOUT and pending == []
+    rig.reactor.advance(5)
+    assert result_of(rig.wires.run(d2)).command["Status"] == dimse.UNABLE_TO_PROCESS_TIMEOUT
+    assert len(rig.endpoint.deadlines) == 0
+
+
+def test_many_answered_c_finds_leave_no_timer_behind():
+    rig = Rig(_answer_with([_match("SYN-1")]))
+    assoc = result_of(rig.associate())
+    _find(rig, assoc, _match("SYN-*"))
+    after_one = len(rig.reactor.getDelayedCalls())
+    for _ in range(20):
+        _cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+        assert result_of(d).command["Status"] == dimse.SUCCESS and len(pending) == 1
+    assert len(rig.reactor.getDelayedCalls()) == after_one and len(rig.endpoint.deadlines) == 0
+
+
+class _EarlyStream:
+    """A backend like dicom_scu: it hands its stream to ``state.dicom.results_listener`` once the
+    request is out, and answers the pipeline only when the test says (after the first match)."""
+
+    def __init__(self):
+        self.stream = ResultStream()
+        self.answer: defer.Deferred = defer.Deferred()
+        self.listened = []
+
+    def __call__(self, request):
+        listener = request.state.dicom.results_listener
+        self.listened.append(listener is not None)
+        if listener is not None:
+            listener(self.stream)
+        return self.answer
+
+    def respond(self):
+        self.answer.callback(ResponseEnvelope(status=200, state=ResponseState(dicom_results=self.stream)))
+
+
+def test_without_middleware_matches_and_the_final_response_do_not_wait_for_the_pipelines_answer():
+    backend = _EarlyStream()
+    rig = Rig(backend)
+    assoc = result_of(rig.associate())
+    _cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    backend.stream.put(_match("SYN-1"))
+    backend.stream.put(_match("SYN-2"))
+    backend.stream.finish(dimse.SUCCESS)
+    final = result_of(rig.wires.run(d))   # the pipeline has not answered yet
+    assert final.command["Status"] == dimse.SUCCESS and len(pending) == 2 and backend.listened == [True]
+    backend.respond()   # the answer that follows changes nothing: one final response, no error
+    rig.wires.run(defer.succeed(None))
+    assert not rig.endpoint.services.running and len(pending) == 2
+
+
+def test_an_early_stream_the_pipeline_answers_otherwise_is_dropped():
+    backend = _EarlyStream()
+    rig = Rig(backend)
+    assoc = result_of(rig.associate())
+    _cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    backend.answer.callback(ResponseEnvelope(status=502))   # e.g. the target pool gave up: no stream
+    final = result_of(rig.wires.run(d))
+    assert dimse.is_failure(final.command["Status"]) and pending == []
+    backend.stream.put(_match("SYN-1"))   # nobody relays it any more
+    assert pending == [] and len(rig.endpoint.deadlines) == 0
+
+
+def test_middleware_sees_the_results_first_so_nothing_is_relayed_early():
+    backend = _EarlyStream()
+    rig = Rig(backend)
+    rig.endpoint.pipeline = Pipeline("dimse", [Middleware("mw")], [rig.backend])
+    assoc = result_of(rig.associate())
+    _cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    backend.stream.put(_match("SYN-1"))
+    assert pending == [] and backend.listened == [False]
+    backend.stream.finish(dimse.SUCCESS)
+    backend.respond()
+    final = result_of(rig.wires.run(d))
+    assert final.command["Status"] == dimse.SUCCESS and len(pending) == 1
+
+
+def test_deadlines_share_one_timer_and_expire_what_was_not_moved_on():
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    expired = []
+    for key in range(50):
+        deadlines.set(key, 10, lambda key=key: expired.append(key))
+    assert len(clock.getDelayedCalls()) == 1
+    for key in range(1, 50):
+        deadlines.drop(key)
+    clock.advance(5)
+    deadlines.set("late", 10, lambda: expired.append("late"))
+    deadlines.move(0, 10)          # activity at t=5: now due at 15
+    clock.advance(5)
+    assert expired == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(5)
+    assert expired == [0, "late"] and not clock.getDelayedCalls() and len(deadlines) == 0
+    deadlines.set("short", 1, lambda: expired.append("short"))
+    deadlines.set("shorter", 0.5, lambda: expired.append("shorter"))
+    clock.advance(0.5)
+    assert expired[-1] == "shorter"

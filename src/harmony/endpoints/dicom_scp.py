@@ -147,6 +147,8 @@ class DicomScpEndpoint(Service):
         #: Associations of this listener across every process sharing it.
         self.shared_count: SharedAssociationCount | None = None
         self.services = ScpServices(self)
+        #: Every operation's deadline on one timer (the pipeline's answer, a backend silent mid-stream).
+        self.deadlines = Deadlines(reactor)
 
     @classmethod
     def from_config(cls, name, options, ctx):
@@ -406,11 +408,23 @@ class DicomScpEndpoint(Service):
         d = self.pipeline.handle(env, self)
         if op is not None:
             op.watch(env, d)
-        d.addTimeout(self.request_timeout, self.reactor)
+        if d.called:
+            return await d
+        timed_out = []
+
+        def expired():
+            timed_out.append(True)
+            d.cancel()
+        key = id(env)
+        self.deadlines.set(key, self.request_timeout, expired)
         try:
             return await d
-        except defer.TimeoutError:
-            return self.error_response(BackendTimeout("the pipeline did not answer in time"), env)
+        except defer.CancelledError:
+            if timed_out:
+                return self.error_response(BackendTimeout("the pipeline did not answer in time"), env)
+            raise
+        finally:
+            self.deadlines.drop(key)
 
     def results_of(self, response):
         """(stream, None) or (None, (failure status, comment))."""
@@ -426,12 +440,72 @@ class DicomScpEndpoint(Service):
         return stream, None
 
 
+class Deadlines:
+    """The deadlines of a listener's operations in flight, watched by one timer.
+
+    A ``callLater`` (or ``addTimeout``) per operation and a ``reset`` per match cost
+    more than the rest of relaying a pooled C-FIND's match (bench/dimse).  Here an
+    operation's deadline is a number in a dict: set, moved on and dropped without
+    touching the reactor.  The one timer fires at the earliest deadline it was set
+    for; entries that finished meanwhile are gone, those moved on are still waiting,
+    and it is set again for the earliest of them -- with a fixed timeout about once
+    per timeout, however many operations ran."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self._entries: dict = {}
+        self._timer = None
+
+    def set(self, key, seconds: float, on_expiry) -> None:
+        """Call *on_expiry* unless *key* is moved on or dropped within *seconds*."""
+        deadline = self.reactor.seconds() + seconds
+        self._entries[key] = [deadline, on_expiry]
+        self._arm(deadline)
+
+    def move(self, key, seconds: float) -> None:
+        """*key*'s deadline is now *seconds* from now (activity: a match came)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[0] = deadline = self.reactor.seconds() + seconds
+            timer = self._timer
+            if timer is not None and timer.active() and timer.getTime() > deadline:
+                timer.reset(seconds)   # only when moved sooner (a shorter timeout)
+
+    def drop(self, key) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _arm(self, deadline: float) -> None:
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self.reactor.callLater(max(deadline - self.reactor.seconds(), 0), self._expire)
+        elif timer.getTime() > deadline:
+            timer.reset(max(deadline - self.reactor.seconds(), 0))
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.reactor.seconds()
+        expired = [key for key, (deadline, _call) in self._entries.items() if deadline <= now]
+        for key in expired:
+            _deadline, call = self._entries.pop(key)
+            try:
+                call()
+            except Exception:
+                log.failure("dicom_scp: an operation's timeout handler failed")
+        if self._entries:
+            self._arm(min(deadline for deadline, _call in self._entries.values()))
+
+
 class Operation:
     """One DIMSE request being served: its message, and a C-CANCEL that may arrive meanwhile."""
 
-    def __init__(self, assoc, message):
+    def __init__(self, assoc, message, deadlines: Deadlines | None = None):
         self.assoc = assoc
         self.message = message
+        #: The listener's :class:`Deadlines` (the relay's silence timer); ``None``: its own ``callLater``.
+        self.deadlines = deadlines
         self.context = assoc.contexts[message.context_id]
         self.transfer_syntax = str(self.context.transfer_syntax[0])
         self._waiter: defer.Deferred | None = None
@@ -575,7 +649,10 @@ class Operation:
             if assoc.state != "established":
                 done.callback(CANCELLED)
                 return
-            timer.reset(timeout)
+            if deadlines is not None:
+                deadlines.move(self, timeout)
+            else:
+                timer.reset(timeout)
             # A JSON match is Unicode: give it a character set that encodes it.
             match = item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
             try:
@@ -603,7 +680,9 @@ class Operation:
                 done.callback(None)
 
         def stop(result):
-            if timer.active():
+            if deadlines is not None:
+                deadlines.drop(self)
+            elif timer.active():
                 timer.cancel()
             stream.unlisten()
             if self._waiter is done:
@@ -612,7 +691,12 @@ class Operation:
 
         if self.cancelled or assoc.state != "established":
             return defer.succeed(CANCELLED)
-        timer = reactor.callLater(timeout, silent)
+        deadlines = self.deadlines
+        timer = None
+        if deadlines is not None:
+            deadlines.set(self, timeout, silent)
+        else:
+            timer = reactor.callLater(timeout, silent)
         stream.listen(on_match).addBoth(ended)
         return done.addBoth(stop)
 
@@ -716,7 +800,7 @@ class ScpServices:
             if op is not None:
                 op.cancel()
             return
-        op = Operation(assoc, message)
+        op = Operation(assoc, message, self.endpoint.deadlines)
         name = _OPERATION_OF.get(field)
         handler = getattr(self, f"on_{name[2:].lower()}", None) if name else None
         if handler is None:

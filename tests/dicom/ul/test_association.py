@@ -6,7 +6,7 @@ from twisted.python.failure import Failure
 
 from harmony.dicom.ul import commands, pdu
 from harmony.dicom.ul.acceptor import AcceptorLimits
-from harmony.dicom.ul.association import CLOSED, ESTABLISHED, AssociationAborted, AssociationRejected
+from harmony.dicom.ul.association import CLOSED, ESTABLISHED, AssociationAborted, AssociationRejected, after_delivery
 from tests.dicom.ul.memory import EchoStoreHandler, acceptor, connect, pump, requestor
 
 ECHO = {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_ECHO_RQ}
@@ -229,3 +229,59 @@ def test_more_outside_a_delivery_is_sent_at_once():
     ct.clear()
     client.send(1, ECHO, more=True)   # a timer or a thread's callback: no delivery will flush it later
     assert ct.value() != b""
+
+
+def test_one_dimse_timer_per_association_not_one_per_request():
+    clock, factory, server, st, client, ct = established_pair()
+    client.request(1, ECHO)
+    pump(client, ct, server, st)
+    after_one = len(clock.getDelayedCalls())
+    answers = []
+    for _ in range(30):
+        client.request(1, ECHO).addCallback(answers.append)
+        pump(client, ct, server, st)
+    assert len(answers) == 30 and len(clock.getDelayedCalls()) == after_one
+    clock.advance(client.settings.dimse_timeout)   # the timer fires with nothing waiting: no abort
+    assert client.state == ESTABLISHED
+
+
+def test_a_pending_response_moves_the_dimse_deadline_on():
+    clock, factory, server, st, client, ct = established_pair()
+    held = []
+    server.handler.on_request = lambda assoc, message: held.append(message)     # answers when told
+    failures = []
+    client.request(1, ECHO).addErrback(failures.append)
+    pump(client, ct, server, st)
+    timeout = client.settings.dimse_timeout
+    clock.advance(timeout * 0.75)
+    server.send(held[0].context_id, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_ECHO_RSP,
+                                     "Status": 0xFF00, "MessageIDBeingRespondedTo": held[0].message_id})
+    pump(client, ct, server, st)
+    clock.advance(timeout * 0.5)          # past the first deadline, within the moved one
+    assert client.state == ESTABLISHED and not failures
+    clock.advance(timeout * 0.5)
+    assert client.state == CLOSED
+    lost(client)
+    assert failures[0].check(AssociationAborted) and "DIMSE timeout" in str(failures[0].value)
+
+
+def test_calls_put_off_until_after_a_delivery_run_once_its_writes_are_sent():
+    clock, factory, server, st, client, ct = established_pair()
+    seen = []
+
+    def answer(assoc, message):
+        # A pending answer held for the end of the delivery, and bookkeeping put off after it.
+        assoc.post(message.context_id, commands.encode({
+            "AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_ECHO_RSP, "Status": 0,
+            "MessageIDBeingRespondedTo": message.message_id}), more=True)
+        after_delivery(lambda: seen.append(len(st.value())))
+        seen.append(len(st.value()))
+    server.handler.on_request = answer
+    answers = []
+    before = len(st.value())
+    client.request(1, ECHO).addCallback(answers.append)
+    pump(client, ct, server, st)
+    assert seen[0] == before and seen[1] > before     # the call ran after the answer was written
+    assert answers and answers[0].command["Status"] == 0
+    after_delivery(lambda: seen.append("now"))          # outside a delivery: at once
+    assert seen[-1] == "now"

@@ -65,3 +65,23 @@ def test_error_comment_and_unknown_elements_survive():
 def test_malformed_command_sets(raw):
     with pytest.raises(commands.CommandError):
         commands.decode(raw)
+
+
+@given(st.integers(0, 0xFFFF), st.sampled_from([0x0000, 0xFF00, 0xA700]), st.booleans())
+def test_a_template_encodes_what_encode_does(message_id, status, dataset):
+    find = (("AffectedSOPClassUID", "1.2.840.10008.5.1.4.1.2.2.1"), ("CommandField", commands.C_FIND_RQ),
+            ("Priority", 0), ("CommandDataSetType", commands.HAS_DATASET))
+    assert commands.encode_with_id(find, "MessageID", message_id) == commands.encode(dict(find, MessageID=message_id))
+    answer = (("AffectedSOPClassUID", "1.2.840.10008.5.1.4.1.2.2.1"), ("CommandField", commands.C_FIND_RSP),
+              ("Status", status), ("CommandDataSetType", commands.HAS_DATASET if dataset else commands.NO_DATASET))
+    assert commands.encode_with_id(answer, "MessageIDBeingRespondedTo", message_id) == commands.encode(
+        dict(answer, MessageIDBeingRespondedTo=message_id))
+
+
+def test_the_same_bytes_decode_from_the_cache_into_a_dict_of_ones_own():
+    data = commands.encode({"AffectedSOPClassUID": "1.2.3", "CommandField": commands.C_FIND_RSP, "Status": 0xFF00,
+                            "MessageIDBeingRespondedTo": 7, "CommandDataSetType": commands.HAS_DATASET})
+    first = commands.decode(data)
+    first["Status"] = 0   # a caller owns what it got
+    again = commands.decode(bytes(data))
+    assert again["Status"] == 0xFF00 and again is not first and again["MessageIDBeingRespondedTo"] == 7

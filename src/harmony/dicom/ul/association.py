@@ -211,7 +211,7 @@ class _Pending:
     __slots__ = ("deferred", "on_pending", "timeout", "deadline")
 
     def __init__(self, on_pending, timeout: float | None, now: float):
-        self.deferred = defer.Deferred()
+        self.deferred: defer.Deferred = defer.Deferred()
         self.on_pending = on_pending
         self.timeout = timeout or None
         self.deadline = now + timeout if timeout else None
