@@ -49,6 +49,9 @@ class Part:
     headers: dict = attr.Factory(dict)
     #: Called once the part is written (or abandoned): releases staged files.
     release: object = None
+    #: ``release`` deletes the file at ``path`` (a staged instance): the file's
+    #: pages are then freed off the reactor (``harmony.web.sendfile.Piece.discard``).
+    staged: bool = False
 
     def done(self):
         if self.release is not None:
@@ -110,7 +113,7 @@ class MultipartWriter(FileBody):
                              release=part.done)
             # One open file for the length and the bytes: the length announced
             # is the length sent, whatever happens to the path.
-            piece = file_piece(b"", part.path, release=part.done)
+            piece = file_piece(b"", part.path, release=part.done, discard=part.staged)
             head.append(f"Content-Length: {piece.size}")
             piece.head = first + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
             return piece

@@ -309,12 +309,12 @@ class DicomWebBridge(Middleware):
             item.sop_instance_uid)}
         if target == "*" or item.transfer_syntax_uid == (target or ExplicitVRLittleEndian):
             return defer.succeed(Part(f"{acc.DICOM}; transfer-syntax={item.transfer_syntax_uid}", path=item.path,
-                                      headers=where, release=item.release))
+                                      headers=where, release=item.release, staged=item.owned))
 
         def done(path):
             item.release()
             return Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path, headers=where,
-                        release=lambda: _unlink(path))
+                        release=lambda: _unlink(path), staged=True)
 
         def failed(failure):
             item.release()
