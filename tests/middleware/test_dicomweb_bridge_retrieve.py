@@ -2,10 +2,12 @@
 
 dicomweb-client, curl and a raw HTTP client that stops reading or hangs up ->
 Harmony (dicomweb endpoint, dicomweb_bridge, dicom_scu with ``max_staged_mb = 2``)
--> an Orthanc of its own holding a 30 x 512 KB study.  The parts go to the client
-by ``os.sendfile`` from staging (harmony.web.sendfile); gzip and HEAD take the
-copying path; a client that stops reading holds the PACS back rather than
-Harmony's memory or disk; one that leaves cancels the C-GET and frees staging.
+-> an Orthanc of its own holding a 30 x 512 KB study.  The instances are staged in
+memory and go to the client with ``sendmsg``, or, once memory staging is full or
+an instance is large, staged as files that go by ``os.sendfile``
+(harmony.web.sendfile); with sendfile off (the TLS path) they are copied; a
+client that stops reading holds the PACS back rather than Harmony's memory or
+disk; one that leaves cancels the C-GET and frees staging.
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ def _backend(harmony):
 
 
 def _staged_bytes(backend) -> int:
-    return sum(f.stat().st_size for f in backend.retrieve_staging.base.rglob("*") if f.is_file())
+    """Bytes of retrieved instances Harmony holds: staged files, and instances held in
+    memory and queued for a consumer."""
+    files = sum(f.stat().st_size for f in backend.retrieve_staging.base.rglob("*") if f.is_file())
+    return files + sum(item.size for job in backend._gets.values() for item in job.stream._items
+                       if getattr(item, "data", None) is not None)
 
 
 def _by_uid(parts: list[bytes]) -> dict:
@@ -93,23 +99,8 @@ async def _retrieve_ended(backend):
     assert (target.failures_total, target.last_error, target.circuit) == (0, None, "closed"), target.state(0)
 
 
-@pytest_twisted.ensureDeferred
-async def test_dicomweb_client_and_curl_get_every_instance_by_sendfile(harmony, study, tmp_path):
-    """dicomweb-client and curl retrieve the study through the bridge: every instance, its
-    data set byte-identical, the parts sent from staging with ``os.sendfile``; staging
-    is empty once the answer is out."""
-    from harmony.web import sendfile
-    backend = _backend(harmony)
-    before = sendfile.spliced_total
-    got = await in_thread(client(harmony.url("/dicomweb")).retrieve_study, STUDY,
-                          media_types=[("application/dicom", "*")])
-    assert sorted(d.SOPInstanceUID for d in got) == sorted(f"{STUDY}.1.{n}" for n in range(1, INSTANCES + 1))
-    spliced = sendfile.spliced_total - before
-    assert spliced >= sum(p.stat().st_size for p in study)   # Harmony's file meta is a little longer
-    await _retrieve_ended(backend)
-
+async def _curl_study(harmony, tmp_path) -> list[bytes]:
     out = tmp_path / "body"
-    before = sendfile.spliced_total
     done = await in_thread(subprocess.run, ["curl", "-sS", "-o", str(out), "-D", str(tmp_path / "head"),
                                             "-w", "%{http_code}", "-H", f"Accept: {ACCEPT}",
                                             harmony.url(f"/dicomweb/studies/{STUDY}")],
@@ -117,41 +108,81 @@ async def test_dicomweb_client_and_curl_get_every_instance_by_sendfile(harmony, 
     assert done.stdout == "200", done.stderr
     ctype = next(line.split(":", 1)[1].strip() for line in (tmp_path / "head").read_text().splitlines()
                  if line.lower().startswith("content-type:"))
-    parts = parse_multipart(out.read_bytes(), ctype)
+    return parse_multipart(out.read_bytes(), ctype)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dicomweb_client_and_curl_get_every_instance_from_memory(harmony, study, tmp_path):
+    """dicomweb-client and curl retrieve the study through the bridge: every instance, its
+    data set byte-identical; the instances were staged in memory (no staging file) and
+    sent with ``sendmsg``; nothing is held once the answer is out."""
+    from harmony.web import sendfile
+    backend = _backend(harmony)
+    before, spliced = sendfile.sent_from_memory_total, sendfile.spliced_total
+    got = await in_thread(client(harmony.url("/dicomweb")).retrieve_study, STUDY,
+                          media_types=[("application/dicom", "*")])
+    assert sorted(d.SOPInstanceUID for d in got) == sorted(f"{STUDY}.1.{n}" for n in range(1, INSTANCES + 1))
+    # Harmony's file meta is a little longer than pydicom's.
+    assert sendfile.sent_from_memory_total - before >= sum(p.stat().st_size for p in study)
+    await _retrieve_ended(backend)
+
+    before = sendfile.sent_from_memory_total
+    parts = await _curl_study(harmony, tmp_path)
+    _assert_whole_study(parts, study)
+    assert sendfile.sent_from_memory_total - before == sum(len(p) for p in parts)
+    assert sendfile.spliced_total == spliced
+    await _retrieve_ended(backend)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("full,instance_cap", [(True, None), (False, 100_000)])
+async def test_staged_files_go_by_sendfile(harmony, study, tmp_path, monkeypatch, full, instance_cap):
+    """Memory staging full (as if 8 MiB were queued), or instances over the in-memory
+    size cap (spilt to a file mid-instance): the instances are staged as files and go
+    by ``os.sendfile``, byte-identical; staging is empty once the answer is out."""
+    from harmony.backends import dicom_scu
+    from harmony.web import sendfile
+    if full:
+        monkeypatch.setattr(dicom_scu, "MEMORY_STAGING_BYTES", 0)
+    else:
+        monkeypatch.setattr(dicom_scu, "MEMORY_INSTANCE_BYTES", instance_cap)
+    before, memory = sendfile.spliced_total, sendfile.sent_from_memory_total
+    parts = await _curl_study(harmony, tmp_path)
     _assert_whole_study(parts, study)
     assert sendfile.spliced_total - before == sum(len(p) for p in parts)
-    await _retrieve_ended(backend)
+    assert sendfile.sent_from_memory_total == memory
+    await _retrieve_ended(_backend(harmony))
 
 
 @pytest_twisted.ensureDeferred
 async def test_gzip_asked_head_and_the_copying_path(harmony, study, monkeypatch):
     """A client asking for gzip gets the instances as they are (DICOM files are never
-    gzipped, harmony.web.coding.compressible), still by ``sendfile``; with sendfile off
+    gzipped, harmony.web.coding.compressible), not copied; with sendfile off
     (``HARMONY_SENDFILE=0``, the path TLS takes too) the same bytes are copied; HEAD
-    sends no body.  Staging is released every time."""
+    sends no body.  Nothing stays staged any time."""
     from harmony.web import sendfile
     backend = _backend(harmony)
     url = harmony.url(f"/dicomweb/studies/{STUDY}")
-    before = sendfile.spliced_total
+    before = sendfile.sent_from_memory_total
     r = await treq.get(url, headers={"Accept": [ACCEPT], "Accept-Encoding": ["gzip"]})
     assert r.code == 200
     parts = parse_multipart(await r.content(), r.headers.getRawHeaders("content-type")[0])
     _assert_whole_study(parts, study)
-    assert sendfile.spliced_total - before == sum(len(p) for p in parts)
+    assert sendfile.sent_from_memory_total - before == sum(len(p) for p in parts)
     await _retrieve_ended(backend)
 
     monkeypatch.setenv("HARMONY_SENDFILE", "0")
-    before = sendfile.spliced_total
+    before = sendfile.spliced_total + sendfile.sent_from_memory_total
     r = await treq.get(url, headers={"Accept": [ACCEPT]})
     assert r.code == 200
     _assert_whole_study(parse_multipart(await r.content(), r.headers.getRawHeaders("content-type")[0]), study)
-    assert sendfile.spliced_total == before
+    assert sendfile.spliced_total + sendfile.sent_from_memory_total == before
     await _retrieve_ended(backend)
     monkeypatch.delenv("HARMONY_SENDFILE")
 
     r = await treq.request("HEAD", url, headers={"Accept": [ACCEPT]})
     assert r.code == 200 and await r.content() == b""
-    assert sendfile.spliced_total == before
+    assert sendfile.spliced_total + sendfile.sent_from_memory_total == before
     await _retrieve_ended(backend)
 
 
@@ -243,7 +274,10 @@ async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(har
     await raw.first
     raw.transport.pauseProducing()
     await until(lambda: any(job.stream.queued_bytes > 0 for job in backend._gets.values()), "instances are staged")
+    job = next(iter(backend._gets.values()))
     raw.transport.abortConnection()
     await raw.closed
     assert len(raw.received) < INSTANCES * 512 * 512 * 2
     await _retrieve_ended(backend)
+    # The instances held in memory were taken and released too.
+    assert job.stream.cancelled and not job.stream._items and job.stream.queued_bytes == 0

@@ -89,6 +89,8 @@ TURN_BYTES = 1024 * 1024
 
 #: Bytes this process has sent with ``sendfile`` (a diagnostic; tests read it).
 spliced_total = 0
+#: Bytes of in-memory pieces (``Piece.buffers``) this process sent with ``sendmsg`` (likewise).
+sent_from_memory_total = 0
 
 
 def enabled() -> bool:
@@ -110,9 +112,13 @@ class Piece:
     #: *release* deletes the file: it runs before the descriptor is closed, and
     #: the close (where the file's pages are freed) is left to :func:`close_later`.
     discard: bool = False
+    #: Bytes held in memory sent after *head* instead of a file (*fd* is then None
+    #: and *size* their total): with ``sendmsg``, no copy in Python.
+    buffers: list | None = None
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
+        self.buffers = None
         release, self.release = self.release, None
         if self.discard:
             if release is not None:
@@ -245,7 +251,9 @@ class FileBody(CooperativeProducer):
             if piece is None:
                 return
             try:
-                if piece.fd is None:
+                if piece.buffers is not None:
+                    yield from _buffer_chunks(consumer, piece.buffers, piece.head)
+                elif piece.fd is None:
                     if piece.head:
                         consumer.write(piece.head)
                 else:
@@ -274,6 +282,20 @@ def _fd_chunks(consumer, fd: int, size: int, first: bytes):
         consumer.write(prefix)
 
 
+def _buffer_chunks(consumer, buffers: list, first: bytes):
+    """Write *first* and then *buffers* to *consumer*, about :data:`CHUNK` at a time."""
+    out, held = [first] if first else [], len(first)
+    for buf in buffers:
+        out.append(buf)
+        held += len(buf)
+        if held >= CHUNK:
+            consumer.write(b"".join(out))
+            out, held = [], 0
+            yield None
+    if out:
+        consumer.write(b"".join(out))
+
+
 def _sendfile_transport(consumer, body) -> tcp.Connection | None:
     """The TCP transport under *consumer* when *body* may write to its socket
     itself, else ``None`` (copy)."""
@@ -296,6 +318,20 @@ def _sendfile_transport(consumer, body) -> tcp.Connection | None:
 
 
 _HEAD, _SENDING, _DONE = "head", "sending", "done"
+#: Buffers given to one ``sendmsg`` at most (under the system's IOV_MAX).
+_IOV_BATCH = 512
+
+
+def _advance(views: list, sent: int) -> None:
+    """Drop *sent* bytes from the front of *views*."""
+    while sent and views:
+        n = views[0].nbytes
+        if sent >= n:
+            sent -= n
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 @implementer(IWriteDescriptor)
@@ -324,6 +360,7 @@ class _SocketPump:
         self._piece: Piece | None = None
         self._offset = 0
         self._left = 0
+        self._views: list[memoryview] = []  # a piece's buffers still to send
         self._waiting = False  # next_piece() has not fired yet
         self._ended = False
         self._chunked = False
@@ -391,6 +428,7 @@ class _SocketPump:
             self.reactor.removeWriter(self)
 
     def _pump(self):
+        global spliced_total, sent_from_memory_total
         sock = self._sock
         budget = TURN_BYTES
         while self.state == _SENDING and sock is not None:
@@ -402,6 +440,16 @@ class _SocketPump:
                     if self._out:
                         self._want_write()  # the socket is full
                         return
+                elif self._views:
+                    sent = sock.sendmsg(self._views[:_IOV_BATCH])
+                    _advance(self._views, sent)
+                    sent_from_memory_total += sent
+                    self.request.sentLength += sent
+                    budget -= sent
+                    if self._views:
+                        if budget > 0:
+                            self._want_write()  # the socket is full
+                            return
                 elif self._left:
                     sent = os.sendfile(sock.fileno(), self._piece.fd, self._offset, min(self._left, budget))
                     if not sent:
@@ -410,7 +458,6 @@ class _SocketPump:
                     self._offset += sent
                     self._left -= sent
                     self.body.spliced += sent
-                    global spliced_total
                     spliced_total += sent
                     self.request.sentLength += sent
                     budget -= sent
@@ -465,8 +512,14 @@ class _SocketPump:
             self._out, self._more = self._tail, False
             self._tail = b""
             return True
-        head, size = result.head, (result.size if result.fd is not None else 0)
-        self._piece, self._offset, self._left = result, 0, size
+        if result.buffers is not None:
+            self._views = [memoryview(b).cast("B") for b in result.buffers if len(b)]
+            size = sum(v.nbytes for v in self._views)
+            self._piece, self._offset, self._left = result, 0, 0
+        else:
+            size = result.size if result.fd is not None else 0
+            self._piece, self._offset, self._left = result, 0, size
+        head = result.head
         if self._chunked and (head or size):
             self._out = self._tail + b"%x\r\n" % (len(head) + size) + head
             self._tail = b"\r\n"
@@ -480,6 +533,7 @@ class _SocketPump:
 
     def _close(self):
         self.state = _DONE
+        self._views = []
         self._drop_write()
         if self._sock is not None:
             self._sock.close()
