@@ -95,6 +95,7 @@ class GatheringFile:
     received PDUs' own memory (views), held until written."""
 
     def __init__(self, path):
+        self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self._held: list = []
         self._bytes = 0
@@ -110,6 +111,8 @@ class GatheringFile:
         views = [memoryview(b).cast("B") for b in held]
         while views:
             written = os.writev(self._fd, views[:IOV_MAX])
+            if not written:
+                raise OSError(f"could not write the staged instance {self.path}")
             while written and views:
                 n = views[0].nbytes
                 if written >= n:
