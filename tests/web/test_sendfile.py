@@ -292,10 +292,7 @@ async def test_a_slow_reader_holds_one_file_and_nothing_buffered(tmp_path, serve
     fds = open_fds()
     client = await threads.deferToThread(_raw_client, port)
     try:
-        await until(lambda: res.writers and res.writers[0]._pump is not None
-                    and res.writers[0]._pump._writing, "the socket to fill up")
-        writer = res.writers[0]
-        transport = writer._pump.transport
+        writer, transport = await _stalled(res)
         # The client reads nothing: the first file is mid-send, the second not asked for,
         # and nothing waits in Python: the transport's buffer is empty.
         assert 0 < writer.spliced < big and res.asked == 1
@@ -306,6 +303,13 @@ async def test_a_slow_reader_holds_one_file_and_nothing_buffered(tmp_path, serve
         client.close()
     got, complete = _dechunk(body)
     assert complete and parse(got, tmp_path / "p") == [p.read_bytes() for p in paths]
+
+
+async def _stalled(res: Files):
+    """The first writer and its transport, once the socket is full (the client reads nothing)."""
+    await until(lambda: res.writers and res.writers[0]._pump is not None
+                and res.writers[0]._pump._writing, "the socket to fill up")
+    return res.writers[0], res.writers[0]._pump.transport
 
 
 def _read_all_http11(c: socket.socket) -> bytes:
@@ -402,10 +406,7 @@ async def test_a_slow_reader_of_in_memory_parts_holds_only_the_part_being_sent(t
     port = await serve(res)
     client = await threads.deferToThread(_raw_client, port)
     try:
-        await until(lambda: res.writers and res.writers[0]._pump is not None
-                    and res.writers[0]._pump._writing, "the socket to fill up")
-        writer = res.writers[0]
-        transport = writer._pump.transport
+        writer, transport = await _stalled(res)
         # The client reads nothing: the first part is mid-send, the next not asked for,
         # and nothing was copied into the transport's buffer.
         assert res.asked == 1 and writer._pump._views

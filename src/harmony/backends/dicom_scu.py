@@ -62,6 +62,7 @@ from harmony.envelope import ResponseEnvelope
 from harmony.errors import BackendTimeout, BackendUnavailable, BadRequest, HarmonyError
 from harmony.log import get_logger
 from harmony.targets import TargetPool
+from harmony.web.sendfile import drop_sent
 
 IMPLICIT_LE = str(ImplicitVRLittleEndian)
 #: How many extra (SOP class, transfer syntax) pairs the pool proposes at most.
@@ -113,14 +114,7 @@ class GatheringFile:
             written = os.writev(self._fd, views[:IOV_MAX])
             if not written:
                 raise OSError(f"could not write the staged instance {self.path}")
-            while written and views:
-                n = views[0].nbytes
-                if written >= n:
-                    written -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][written:]
-                    written = 0
+            drop_sent(views, written)
 
     def close(self) -> None:
         if self._fd < 0:

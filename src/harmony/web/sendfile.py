@@ -322,8 +322,9 @@ _HEAD, _SENDING, _DONE = "head", "sending", "done"
 _IOV_BATCH = 512
 
 
-def _advance(views: list, sent: int) -> None:
-    """Drop *sent* bytes from the front of *views*."""
+def drop_sent(views: list, sent: int) -> None:
+    """Drop *sent* bytes from the front of *views* (memoryviews), after a ``sendmsg``
+    or ``writev`` took that many."""
     while sent and views:
         n = views[0].nbytes
         if sent >= n:
@@ -442,7 +443,7 @@ class _SocketPump:
                         return
                 elif self._views:
                     sent = sock.sendmsg(self._views[:_IOV_BATCH])
-                    _advance(self._views, sent)
+                    drop_sent(self._views, sent)
                     sent_from_memory_total += sent
                     self.request.sentLength += sent
                     budget -= sent
