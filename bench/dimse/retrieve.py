@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -97,6 +98,22 @@ def config(folder: Path, http_port: int, scp_port: int, orthanc: Orthanc) -> Pat
         dimse_timeout_secs = 120
         network_timeout_secs = 120
         """, storage=True)
+
+
+def thread_cpu(pid: int) -> float:
+    """CPU seconds of *pid*'s main thread alone: Harmony's reactor (work moved to
+    helper threads leaves it, whatever the process total says)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu(who=resource.RUSAGE_SELF) -> float:
+    """CPU seconds (user + system) of this process, or of its finished children (getscu)."""
+    u = resource.getrusage(who)
+    return u.ru_utime + u.ru_stime
 
 
 def getscu(port: int, aet: str, out: Path, keys: list[str], calling=GET_AET) -> float:
@@ -179,6 +196,9 @@ def main() -> int:
     ap.add_argument("--ab", type=Path, metavar="SRC",
                     help="also run a second Harmony importing harmony from SRC (e.g. main's src/, exported with "
                          "git archive), in the same rounds: an A/B of two builds under the same load")
+    ap.add_argument("--ab-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the second Harmony only (e.g. HARMONY_SENDFILE=0); "
+                         "without --ab, the second Harmony runs this build")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="harmony-bench-retrieve-"))
@@ -196,10 +216,12 @@ def main() -> int:
                                 env=peer_env())
         wait_for(lambda: port_open(scp_port), 30, "harmony's dicom_scp", harmony)
         other = None
-        if args.ab:
+        if args.ab or args.ab_env:
             b_http, b_scp = free_port(), free_port()
-            other = start_harmony(config(work / "harmony-b", b_http, b_scp, orthanc), b_http,
-                                  env={**peer_env(), "PYTHONPATH": str(args.ab.resolve())})
+            b_env = {**peer_env(), **dict(kv.split("=", 1) for kv in args.ab_env)}
+            if args.ab:
+                b_env["PYTHONPATH"] = str(args.ab.resolve())
+            other = start_harmony(config(work / "harmony-b", b_http, b_scp, orthanc), b_http, env=b_env)
             wait_for(lambda: port_open(b_scp), 30, "the second harmony's dicom_scp", other)
             base_b = f"http://127.0.0.1:{b_http}/dicomweb"
             getscu(b_scp, "HARMONY", work / "warm", ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid(9, 1)}"])
@@ -222,7 +244,8 @@ def main() -> int:
                                                         else f"strace-{observing}.txt"))
 
         rows: dict[str, list] = {"direct": [], "via": [], "wado": [], "getscu": [], "cpu_get": [], "cpu_wado": [],
-                                 "via_b": [], "wado_b": [], "cpu_get_b": [], "cpu_wado_b": []}
+                                 "via_b": [], "wado_b": [], "cpu_get_b": [], "cpu_wado_b": [],
+                                 "orthanc_wado": [], "client_wado": [], "reactor_wado": [], "reactor_wado_b": [], "orthanc_getscu": [], "client_getscu": []}
         wado_bytes = 0
         for r in range(args.rounds):
             # Each pair back to back, in alternating order: what runs first may find the
@@ -247,17 +270,26 @@ def main() -> int:
                 if observing == "get":
                     break
                 if what == "getscu":
+                    cpu, peer, client = cpu_seconds(harmony.pid), cpu_seconds(orthanc.proc.pid), \
+                        own_cpu(resource.RUSAGE_CHILDREN)
                     rows["getscu"].append(getscu(orthanc.dicom_port, orthanc.aet, work / "getscu-wado", wado_keys,
                                                  calling=BRIDGE_AET))
+                    rows["orthanc_getscu"].append(cpu_seconds(orthanc.proc.pid) - peer)
+                    rows["client_getscu"].append(own_cpu(resource.RUSAGE_CHILDREN) - client)
                 elif what == "wado_b":
-                    cpu = cpu_seconds(other.pid)
+                    cpu, reactor = cpu_seconds(other.pid), thread_cpu(other.pid)
                     rows["wado_b"].append(wado(base_b, WADO_STUDY)[0])
                     rows["cpu_wado_b"].append(cpu_seconds(other.pid) - cpu)
+                    rows["reactor_wado_b"].append(thread_cpu(other.pid) - reactor)
                 else:
                     with observer if observing == "wado" else Nothing():
-                        cpu = cpu_seconds(harmony.pid)
+                        cpu, peer, client = cpu_seconds(harmony.pid), cpu_seconds(orthanc.proc.pid), own_cpu()
+                        reactor = thread_cpu(harmony.pid)
                         seconds, wado_bytes = wado(base, WADO_STUDY)
                         rows["cpu_wado"].append(cpu_seconds(harmony.pid) - cpu)
+                        rows["reactor_wado"].append(thread_cpu(harmony.pid) - reactor)
+                        rows["orthanc_wado"].append(cpu_seconds(orthanc.proc.pid) - peer)
+                        rows["client_wado"].append(own_cpu() - client)
                     rows["wado"].append(seconds)
         sampler.finish()
         observer.close()
@@ -282,7 +314,7 @@ def main() -> int:
             print(f"  files byte-identical: {same}")
             if rows["via_b"]:
                 ratios = [v / d for v, d in zip(rows["via_b"], rows["direct"], strict=False)]
-                print(f"  B ({args.ab}): {med['via_b']:6.3f} s, ratio {med['via_b'] / med['direct']:.2f}x; "
+                print(f"  B ({args.ab or ''} {' '.join(args.ab_env)}): {med['via_b']:6.3f} s, ratio {med['via_b'] / med['direct']:.2f}x; "
                       f"per round {' '.join(f'{r:.2f}' for r in ratios)}; Harmony CPU {med['cpu_get_b']:.3f} s")
         if rows["wado"]:
             wado_mb = sum(p.stat().st_size for p in (work / "getscu-wado").iterdir()) / 1e6
@@ -291,15 +323,22 @@ def main() -> int:
             print(f"  getscu direct    {wado_mb / med['getscu']:6.1f} MB/s   rounds "
                   f"{' '.join(f'{wado_mb / v:.0f}' for v in rows['getscu'])}")
             print(f"  WADO bridge      {wado_mb / med['wado']:6.1f} MB/s   rounds "
-                  f"{' '.join(f'{wado_mb / v:.0f}' for v in rows['wado'])}   Harmony CPU {med['cpu_wado']:.3f} s")
+                  f"{' '.join(f'{wado_mb / v:.0f}' for v in rows['wado'])}   Harmony CPU {med['cpu_wado']:.3f} s "
+                  f"(reactor thread {med['reactor_wado']:.3f} s; all rounds {sum(rows['cpu_wado']):.2f} s, "
+                  f"reactor {sum(rows['reactor_wado']):.2f} s)")
+            print(f"  CPU per study: getscu path Orthanc {med['orthanc_getscu']:.3f} s + getscu "
+                  f"{med['client_getscu']:.3f} s; bridge path Orthanc {med['orthanc_wado']:.3f} s + Harmony "
+                  f"{med['cpu_wado']:.3f} s + client (python requests) {med['client_wado']:.3f} s")
             ratios = [g / w for w, g in zip(rows["wado"], rows["getscu"], strict=False)]
             print(f"  ratio            {med['getscu'] / med['wado']:6.2f}x  (goal >= 1.0x; per round "
                   f"{' '.join(f'{r:.2f}' for r in ratios)})")
             if rows["wado_b"]:
                 ratios = [g / w for w, g in zip(rows["wado_b"], rows["getscu"], strict=False)]
-                print(f"  B ({args.ab}): {wado_mb / med['wado_b']:6.1f} MB/s, "
+                print(f"  B ({args.ab or ''} {' '.join(args.ab_env)}): {wado_mb / med['wado_b']:6.1f} MB/s, "
                       f"ratio {med['getscu'] / med['wado_b']:.2f}x; "
-                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}; Harmony CPU {med['cpu_wado_b']:.3f} s")
+                      f"per round {' '.join(f'{r:.2f}' for r in ratios)}; Harmony CPU {med['cpu_wado_b']:.3f} s "
+                      f"(reactor thread {med['reactor_wado_b']:.3f} s; all rounds {sum(rows['cpu_wado_b']):.2f} s, "
+                      f"reactor {sum(rows['reactor_wado_b']):.2f} s)")
         print(f"Harmony RSS idle {rss_idle / 1e6:.0f} MB, peak during the rounds {sampler.peak / 1e6:.0f} MB")
         return 0
     finally:

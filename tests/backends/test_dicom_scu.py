@@ -207,3 +207,56 @@ def test_slots_are_taken_without_a_deferred_and_passed_on_in_order():
     slots.release()
     slots.release()
     assert slots.free == 2
+
+
+def test_gathering_file_writes_big_fragments_as_they_are_and_gathers_small_ones(tmp_path, monkeypatch):
+    """Staged instances are written with writev of the received fragments: one write per
+    GATHER_BYTES held (small PDUs gathered), a short write carried on, the bytes in order."""
+    import os
+
+    from harmony.backends import dicom_scu
+    real, writes = os.writev, []
+
+    def counted(fd, buffers):
+        writes.append(sum(memoryview(b).nbytes for b in buffers))
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", counted)
+    path = tmp_path / "i.dcm"
+    f = dicom_scu.GatheringFile(path)
+    small = [bytes([n % 256]) * 1000 for n in range(300)]     # 300 KB in 1 KB fragments
+    big = os.urandom(300_000)
+    for frag in small:
+        f.write(memoryview(frag))
+    f.write(big)
+    f.close()
+    assert path.read_bytes() == b"".join(small) + big
+    assert writes == [263_000, 37_000 + 300_000]              # 263 KB >= GATHER_BYTES, then the rest with big
+
+    def short(fd, buffers):                                   # the kernel takes half of the first buffer
+        first = memoryview(buffers[0])
+        return real(fd, [first[:max(1, first.nbytes // 2)]])
+
+    monkeypatch.setattr(os, "writev", short)
+    f = dicom_scu.GatheringFile(path)
+    f.write(big)
+    f.write(memoryview(b"tail"))
+    f.close()
+    assert path.read_bytes() == big + b"tail"
+
+
+def test_memory_file_holds_fragments_and_spills_past_its_cap(tmp_path):
+    from harmony.backends.dicom_scu import MemoryFile
+    data = bytes(range(256)) * 40
+    held = MemoryFile(tmp_path / "a.dcm", spill_at=len(data) * 3)
+    for _ in range(3):
+        held.write(memoryview(data))
+    held.close()
+    assert held.in_memory and held.size == 3 * len(data) and b"".join(held.buffers) == data * 3
+    assert not (tmp_path / "a.dcm").exists()
+    spilt = MemoryFile(tmp_path / "b.dcm", spill_at=len(data) * 2)
+    for _ in range(4):
+        spilt.write(memoryview(data))
+    spilt.close()
+    assert not spilt.in_memory and spilt.buffers is None
+    assert (tmp_path / "b.dcm").read_bytes() == data * 4

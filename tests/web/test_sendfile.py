@@ -50,9 +50,12 @@ class Files(Resource):
 
     isLeaf = True
 
-    def __init__(self, paths, part_type="application/dicom", later=False):
+    def __init__(self, paths, part_type="application/dicom", later=False, kind="file"):
         super().__init__()
         self.paths = list(paths)
+        #: "file"; "memory": each file's bytes as three buffers (Part.buffers); "staged":
+        #: a file its release deletes (Part.staged).
+        self.kind = kind
         #: Each part arrives in a later reactor turn (as from a PACS or the deidentify middleware).
         self.later = later
         self.part_type = part_type
@@ -66,12 +69,25 @@ class Files(Resource):
     def _release(self):
         self.released += 1
 
+    def _part(self, path):
+        if self.kind == "memory":
+            data = memoryview(path.read_bytes())
+            third = len(data) // 3
+            return Part("application/dicom", buffers=[data[:third], data[third:2 * third], data[2 * third:]],
+                        release=self._release)
+        if self.kind == "staged":
+            def delete():
+                self._release()
+                path.unlink()
+            return Part("application/dicom", path=path, release=delete, staged=True)
+        return Part("application/dicom", path=path, release=self._release)
+
     def render_GET(self, request):
         paths = list(self.paths)
 
         def next_part():
             self.asked += 1
-            part = Part("application/dicom", path=paths.pop(0), release=self._release) if paths else None
+            part = self._part(paths.pop(0)) if paths else None
             if not self.later:
                 return defer.succeed(part)
             return deferLater(reactor, 0, lambda: part)
@@ -276,10 +292,7 @@ async def test_a_slow_reader_holds_one_file_and_nothing_buffered(tmp_path, serve
     fds = open_fds()
     client = await threads.deferToThread(_raw_client, port)
     try:
-        await until(lambda: res.writers and res.writers[0]._pump is not None
-                    and res.writers[0]._pump._writing, "the socket to fill up")
-        writer = res.writers[0]
-        transport = writer._pump.transport
+        writer, transport = await _stalled(res)
         # The client reads nothing: the first file is mid-send, the second not asked for,
         # and nothing waits in Python: the transport's buffer is empty.
         assert 0 < writer.spliced < big and res.asked == 1
@@ -290,6 +303,13 @@ async def test_a_slow_reader_holds_one_file_and_nothing_buffered(tmp_path, serve
         client.close()
     got, complete = _dechunk(body)
     assert complete and parse(got, tmp_path / "p") == [p.read_bytes() for p in paths]
+
+
+async def _stalled(res: Files):
+    """The first writer and its transport, once the socket is full (the client reads nothing)."""
+    await until(lambda: res.writers and res.writers[0]._pump is not None
+                and res.writers[0]._pump._writing, "the socket to fill up")
+    return res.writers[0], res.writers[0]._pump.transport
 
 
 def _read_all_http11(c: socket.socket) -> bytes:
@@ -344,3 +364,82 @@ async def test_a_file_cut_short_mid_send_cuts_the_connection(tmp_path, serve):
     assert not complete and b"--BND--" not in got and len(got) < size
     await res.done[0]
     assert res.released == 1
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("later", [False, True])
+async def test_in_memory_parts_go_by_sendmsg_and_parse_back(tmp_path, serve, later):
+    """Parts held in memory (``Part.buffers``, e.g. instances the DICOMweb bridge
+    staged in memory) go to the socket with ``sendmsg``, never joined; the same bytes."""
+    paths = make_files(tmp_path / "f", SIZES)
+    res = Files(paths, later=later, kind="memory")
+    port = await serve(res)
+    before = sendfile.sent_from_memory_total
+    r = await threads.deferToThread(requests.get, f"http://127.0.0.1:{port}/", timeout=SAFETY)
+    assert r.status_code == 200
+    assert parse(r.content, tmp_path / "p") == [p.read_bytes() for p in paths]
+    await res.done[0]
+    assert res.writers[0].spliced == 0 and res.released == len(paths)
+    assert sendfile.sent_from_memory_total - before == sum(SIZES)
+
+
+@pytest_twisted.ensureDeferred
+async def test_in_memory_parts_are_copied_where_sendfile_is_off(tmp_path, serve, monkeypatch):
+    """``HARMONY_SENDFILE=0`` (and TLS, gzip, HEAD: the copying path) writes the
+    buffers through twisted.web: the same bytes, nothing by ``sendmsg``."""
+    monkeypatch.setenv("HARMONY_SENDFILE", "0")
+    paths = make_files(tmp_path / "f", SIZES)
+    res = Files(paths, kind="memory")
+    port = await serve(res)
+    before = sendfile.sent_from_memory_total
+    r = await threads.deferToThread(requests.get, f"http://127.0.0.1:{port}/", timeout=SAFETY)
+    assert parse(r.content, tmp_path / "p") == [p.read_bytes() for p in paths]
+    await res.done[0]
+    assert sendfile.sent_from_memory_total == before and res.released == len(paths)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_of_in_memory_parts_holds_only_the_part_being_sent(tmp_path, serve):
+    big = 8 * 1024 * 1024
+    paths = make_files(tmp_path / "f", [big, big, 1000])
+    res = Files(paths, kind="memory")
+    port = await serve(res)
+    client = await threads.deferToThread(_raw_client, port)
+    try:
+        writer, transport = await _stalled(res)
+        # The client reads nothing: the first part is mid-send, the next not asked for,
+        # and nothing was copied into the transport's buffer.
+        assert res.asked == 1 and writer._pump._views
+        assert transport.dataBuffer == b"" and not transport._tempDataBuffer
+        body = await threads.deferToThread(_read_all_http11, client)
+    finally:
+        client.close()
+    got, complete = _dechunk(body)
+    assert complete and parse(got, tmp_path / "p") == [p.read_bytes() for p in paths]
+
+
+@pytest_twisted.ensureDeferred
+async def test_staged_files_are_gone_once_sent_and_closed_off_the_reactor(tmp_path, serve):
+    """A staged file (``Part.staged``: its release deletes it) is deleted the moment its
+    part is sent, and its descriptor closed on the closer thread (where tmpfs frees the
+    pages); nothing stays open."""
+    paths = make_files(tmp_path / "f", SIZES)
+    expected = [p.read_bytes() for p in paths]
+    res = Files(paths, kind="staged")
+    port = await serve(res)
+    r = await threads.deferToThread(requests.get, f"http://127.0.0.1:{port}/", timeout=SAFETY)
+    assert parse(r.content, tmp_path / "p") == expected
+    await res.done[0]
+    assert res.released == len(paths) and not any(p.exists() for p in paths)
+    assert await threads.deferToThread(sendfile._closer.drain)
+    assert not [fd for fd, target in _fd_targets().items() if target.startswith(str(tmp_path / "f"))]
+
+
+def _fd_targets() -> dict:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out

@@ -43,6 +43,10 @@ from harmony.dicom.status import SUCCESS
 C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE = "C-ECHO", "C-FIND", "C-GET", "C-MOVE", "C-STORE"
 #: ``metadata[RESULTS_AS] = DICOM_JSON``: see the module docstring.
 RESULTS_AS, DICOM_JSON = "results_as", "dicom+json"
+#: ``metadata[STAGE_IN_MEMORY] = True``: the consumer (the DICOMweb bridge, when nothing
+#: between it and the backend reads files) takes retrieved instances held in memory
+#: (:attr:`DicomInstance.data`) as well as staged files.
+STAGE_IN_MEMORY = "stage_in_memory"
 OPERATIONS = (C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE)
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -77,8 +81,12 @@ class DicomInstance:
     #: never parsed: a consumer that files it must first check the file is complete and
     #: is the instance these fields say (``InstanceStore.put_instance`` does).
     unchecked: bool = attr.ib(default=False, eq=False)
+    #: The Part-10 bytes held in memory, in order, instead of a file at ``path`` (which
+    #: then does not exist): only for a consumer that asked (:data:`STAGE_IN_MEMORY`).
+    data: list | None = attr.ib(default=None, eq=False, repr=False)
 
     def release(self) -> None:
+        self.data = None
         if self.owned:
             try:
                 os.unlink(self.path)

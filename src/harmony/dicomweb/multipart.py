@@ -49,6 +49,12 @@ class Part:
     headers: dict = attr.Factory(dict)
     #: Called once the part is written (or abandoned): releases staged files.
     release: object = None
+    #: ``release`` deletes the file at ``path`` (a staged instance): the file's
+    #: pages are then freed off the reactor (``harmony.web.sendfile.Piece.discard``).
+    staged: bool = False
+    #: The part's bytes held in memory (buffers, in order) instead of ``data`` or a file:
+    #: sent with ``sendmsg``, never joined (``harmony.web.sendfile.Piece.buffers``).
+    buffers: list | None = None
 
     def done(self):
         if self.release is not None:
@@ -104,13 +110,18 @@ class MultipartWriter(FileBody):
             first = self._lead + self._delim + b"\r\n"
             self._lead = b"\r\n"
             self._part_out = True
+            if part.buffers is not None:
+                size = sum(len(b) for b in part.buffers)
+                head.append(f"Content-Length: {size}")
+                return Piece(first + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n", size=size,
+                             release=part.done, buffers=part.buffers)
             if part.data is not None:
                 head.append(f"Content-Length: {len(part.data)}")
                 return Piece(first + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + part.data,
                              release=part.done)
             # One open file for the length and the bytes: the length announced
             # is the length sent, whatever happens to the path.
-            piece = file_piece(b"", part.path, release=part.done)
+            piece = file_piece(b"", part.path, release=part.done, discard=part.staged)
             head.append(f"Content-Length: {piece.size}")
             piece.head = first + "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
             return piece

@@ -1,0 +1,283 @@
+"""WADO-RS study retrieves through the DICOMweb bridge over DIMSE, with real clients.
+
+dicomweb-client, curl and a raw HTTP client that stops reading or hangs up ->
+Harmony (dicomweb endpoint, dicomweb_bridge, dicom_scu with ``max_staged_mb = 2``)
+-> an Orthanc of its own holding a 30 x 512 KB study.  The instances are staged in
+memory and go to the client with ``sendmsg``, or, once memory staging is full or
+an instance is large, staged as files that go by ``os.sendfile``
+(harmony.web.sendfile); with sendfile off (the TLS path) they are copied; a
+client that stops reading holds the PACS back rather than Harmony's memory or
+disk; one that leaves cancels the C-GET and frees staging.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from tests.dicom_data import make_instance, save
+from tests.dicomweb_helpers import client, in_thread
+from tests.dimse_helpers import dataset_bytes, parse_multipart
+from tests.harness import MINIMAL_MAIN, start_harmony, write_config
+from tests.middleware.test_dicomweb_bridge import bridge_pipes
+from tests.peers import free_port
+from tests.test_client_aborts import until
+
+STUDY = "1.2.826.0.1.3680043.10.543.78"
+ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+INSTANCES = 30
+MAX_STAGED_MB = 2
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bridge-study")
+    return [save(make_instance(patient_id="BRIDGEGET", study_uid=STUDY, series_uid=f"{STUDY}.1",
+                               sop_uid=f"{STUDY}.1.{n}", instance_number=n, rows=512, cols=512, seed=n),
+                 folder / f"{n}.dcm") for n in range(1, INSTANCES + 1)]
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, study):
+    """An Orthanc of its own: the large study must not show in other tests' queries of the shared one."""
+    from tests.peers import Orthanc
+    server = Orthanc(tmp_path_factory.mktemp("bridge-orthanc")).start()
+    server.add_modality("harmony_dw", "HARMONY_DW", free_port())
+    server.upload(study)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def harmony(tmp_path_factory, pacs):
+    folder = tmp_path_factory.mktemp("bridge-retrieve")
+    pipes = bridge_pipes().format(aet=pacs.aet, port=pacs.dicom_port) + f"max_staged_mb = {MAX_STAGED_MB}\n"
+    path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n', {"p": pipes})
+    running = pytest_twisted.blockon(start_harmony(path))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+def _backend(harmony):
+    return harmony.service.runtime.backends["bridge_pacs"]
+
+
+def _staged_bytes(backend) -> int:
+    """Bytes of retrieved instances Harmony holds: staged files, and instances held in
+    memory and queued for a consumer."""
+    files = sum(f.stat().st_size for f in backend.retrieve_staging.base.rglob("*") if f.is_file())
+    return files + sum(item.size for job in backend._gets.values() for item in job.stream._items
+                       if getattr(item, "data", None) is not None)
+
+
+def _by_uid(parts: list[bytes]) -> dict:
+    from pydicom import dcmread
+    import io
+    return {dcmread(io.BytesIO(p), stop_before_pixels=True).SOPInstanceUID: p for p in parts}
+
+
+def _assert_whole_study(parts: list[bytes], study) -> None:
+    """Every instance of the study, each data set byte for byte the file given to the PACS
+    (the file meta is Harmony's own, as any C-GET receiver's is)."""
+    got = _by_uid(parts)
+    assert sorted(got) == sorted(f"{STUDY}.1.{n}" for n in range(1, INSTANCES + 1))
+    for n, path in enumerate(study, start=1):
+        assert dataset_bytes(got[f"{STUDY}.1.{n}"]) == dataset_bytes(path), n
+
+
+async def _retrieve_ended(backend):
+    target = backend.target_pool.targets[0]
+    await until(lambda: target.in_flight == 0 and not backend._gets, "the retrieve ended", timeout=20)
+    await until(lambda: _staged_bytes(backend) == 0, "the staged instances were released")
+    # Never the PACS's fault.
+    assert (target.failures_total, target.last_error, target.circuit) == (0, None, "closed"), target.state(0)
+
+
+async def _curl_study(harmony, tmp_path) -> list[bytes]:
+    out = tmp_path / "body"
+    done = await in_thread(subprocess.run, ["curl", "-sS", "-o", str(out), "-D", str(tmp_path / "head"),
+                                            "-w", "%{http_code}", "-H", f"Accept: {ACCEPT}",
+                                            harmony.url(f"/dicomweb/studies/{STUDY}")],
+                           capture_output=True, text=True, timeout=60)
+    assert done.stdout == "200", done.stderr
+    ctype = next(line.split(":", 1)[1].strip() for line in (tmp_path / "head").read_text().splitlines()
+                 if line.lower().startswith("content-type:"))
+    return parse_multipart(out.read_bytes(), ctype)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dicomweb_client_and_curl_get_every_instance_from_memory(harmony, study, tmp_path):
+    """dicomweb-client and curl retrieve the study through the bridge: every instance, its
+    data set byte-identical; the instances were staged in memory (no staging file) and
+    sent with ``sendmsg``; nothing is held once the answer is out."""
+    from harmony.web import sendfile
+    backend = _backend(harmony)
+    before, spliced = sendfile.sent_from_memory_total, sendfile.spliced_total
+    got = await in_thread(client(harmony.url("/dicomweb")).retrieve_study, STUDY,
+                          media_types=[("application/dicom", "*")])
+    assert sorted(d.SOPInstanceUID for d in got) == sorted(f"{STUDY}.1.{n}" for n in range(1, INSTANCES + 1))
+    # Harmony's file meta is a little longer than pydicom's.
+    assert sendfile.sent_from_memory_total - before >= sum(p.stat().st_size for p in study)
+    await _retrieve_ended(backend)
+
+    before = sendfile.sent_from_memory_total
+    parts = await _curl_study(harmony, tmp_path)
+    _assert_whole_study(parts, study)
+    assert sendfile.sent_from_memory_total - before == sum(len(p) for p in parts)
+    assert sendfile.spliced_total == spliced
+    await _retrieve_ended(backend)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("full,instance_cap", [(True, None), (False, 100_000)])
+async def test_staged_files_go_by_sendfile(harmony, study, tmp_path, monkeypatch, full, instance_cap):
+    """Memory staging full (as if 8 MiB were queued), or instances over the in-memory
+    size cap (spilt to a file mid-instance): the instances are staged as files and go
+    by ``os.sendfile``, byte-identical; staging is empty once the answer is out."""
+    from harmony.backends import dicom_scu
+    from harmony.web import sendfile
+    if full:
+        monkeypatch.setattr(dicom_scu, "MEMORY_STAGING_BYTES", 0)
+    else:
+        monkeypatch.setattr(dicom_scu, "MEMORY_INSTANCE_BYTES", instance_cap)
+    before, memory = sendfile.spliced_total, sendfile.sent_from_memory_total
+    parts = await _curl_study(harmony, tmp_path)
+    _assert_whole_study(parts, study)
+    assert sendfile.spliced_total - before == sum(len(p) for p in parts)
+    assert sendfile.sent_from_memory_total == memory
+    await _retrieve_ended(_backend(harmony))
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_asked_head_and_the_copying_path(harmony, study, monkeypatch):
+    """A client asking for gzip gets the instances as they are (DICOM files are never
+    gzipped, harmony.web.coding.compressible), not copied; with sendfile off
+    (``HARMONY_SENDFILE=0``, the path TLS takes too) the same bytes are copied; HEAD
+    sends no body.  Nothing stays staged any time."""
+    from harmony.web import sendfile
+    backend = _backend(harmony)
+    url = harmony.url(f"/dicomweb/studies/{STUDY}")
+    before = sendfile.sent_from_memory_total
+    r = await treq.get(url, headers={"Accept": [ACCEPT], "Accept-Encoding": ["gzip"]})
+    assert r.code == 200
+    parts = parse_multipart(await r.content(), r.headers.getRawHeaders("content-type")[0])
+    _assert_whole_study(parts, study)
+    assert sendfile.sent_from_memory_total - before == sum(len(p) for p in parts)
+    await _retrieve_ended(backend)
+
+    monkeypatch.setenv("HARMONY_SENDFILE", "0")
+    before = sendfile.spliced_total + sendfile.sent_from_memory_total
+    r = await treq.get(url, headers={"Accept": [ACCEPT]})
+    assert r.code == 200
+    _assert_whole_study(parse_multipart(await r.content(), r.headers.getRawHeaders("content-type")[0]), study)
+    assert sendfile.spliced_total + sendfile.sent_from_memory_total == before
+    await _retrieve_ended(backend)
+    monkeypatch.delenv("HARMONY_SENDFILE")
+
+    r = await treq.request("HEAD", url, headers={"Accept": [ACCEPT]})
+    assert r.code == 200 and await r.content() == b""
+    assert sendfile.spliced_total + sendfile.sent_from_memory_total == before
+    await _retrieve_ended(backend)
+
+
+class _RawClient(protocol.Protocol):
+    """A plain HTTP/1.1 GET whose reading the test stops, resumes or cuts."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.received = bytearray()
+        self.first = defer.Deferred()
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        # A small receive buffer: the kernel must not hold the study for a client that stops reading.
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {ACCEPT}\r\n"
+                             f"Connection: close\r\n\r\n".encode())
+
+    def dataReceived(self, data):
+        self.received += data
+        if not self.first.called and len(self.received) > 1024 * 1024:
+            self.first.callback(None)
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+async def _raw_get(harmony) -> _RawClient:
+    raw = _RawClient(f"/dicomweb/studies/{STUDY}")
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), raw)
+    return raw
+
+
+def _body_parts(raw: _RawClient) -> list[bytes]:
+    head, _, body = bytes(raw.received).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 200"), lines[0]
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    assert headers.get("transfer-encoding") == "chunked"
+    return parse_multipart(_unchunk(body), headers["content-type"])
+
+
+def _unchunk(body: bytes) -> bytes:
+    out, offset = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", offset)
+        size = int(body[offset:end].split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += body[end + 2:end + 2 + size]
+        offset = end + 2 + size + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_holds_the_pacs_back_not_harmony(harmony, study):
+    """An HTTP client stops reading after its first megabyte: Harmony stages at most
+    ``max_staged_mb`` of what the PACS sends, then holds the PACS back by not answering
+    its next C-STORE sub-operation.  Once the client reads again, every instance
+    arrives whole.  (That the sendfile body buffers nothing in Python is
+    tests/web/test_sendfile.py's slow-reader test.)"""
+    backend = _backend(harmony)
+    instance_bytes = study[0].stat().st_size
+    raw = await _raw_get(harmony)
+    try:
+        await raw.first
+        raw.transport.pauseProducing()
+        await until(lambda: any(job.stream.queued_bytes >= job.stream.limit for job in backend._gets.values()),
+                    "Harmony is holding the PACS back")
+        staged = _staged_bytes(backend)
+        # The limit (crossed by a whole instance), the one that landed when it was reached
+        # (its answer waits), and the one being sent to the stopped client.
+        assert staged <= MAX_STAGED_MB * 1024 * 1024 + 3 * instance_bytes, staged
+        assert staged < INSTANCES * instance_bytes / 3
+        raw.transport.resumeProducing()
+        await raw.closed
+    finally:
+        raw.transport.abortConnection()
+    _assert_whole_study(_body_parts(raw), study)
+    await _retrieve_ended(backend)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(harmony):
+    """The HTTP client hangs up after its first megabyte: the C-GET is cancelled upstream
+    (C-CANCEL; Orthanc ends it), every staged instance is released, and the PACS is not
+    blamed for the client leaving."""
+    backend = _backend(harmony)
+    raw = await _raw_get(harmony)
+    await raw.first
+    raw.transport.pauseProducing()
+    await until(lambda: any(job.stream.queued_bytes > 0 for job in backend._gets.values()), "instances are staged")
+    job = next(iter(backend._gets.values()))
+    raw.transport.abortConnection()
+    await raw.closed
+    assert len(raw.received) < INSTANCES * 512 * 512 * 2
+    await _retrieve_ended(backend)
+    # The instances held in memory were taken and released too.
+    assert job.stream.cancelled and not job.stream._items and job.stream.queued_bytes == 0
