@@ -20,6 +20,8 @@ import textwrap
 import threading
 import time
 
+import pytest
+
 from harmony.storage.journal import FolderJournal, read_log
 
 KILLED_AFTER_PLACING = textwrap.dedent("""
@@ -34,7 +36,12 @@ KILLED_AFTER_PLACING = textwrap.dedent("""
             assert journal.wait_synced(60)
             continue
         src, rel = step.split("=")
-        journal.place(Path(src), Path(folder) / rel)
+        if src.startswith("withdraw:"):  # journaled while checked, then refused
+            journal.begin(Path(src[9:]), Path(folder) / rel).withdraw()
+        elif src.startswith("begin:"):   # journaled while checked, then placed
+            journal.begin(Path(src[6:]), Path(folder) / rel).claim()
+        else:
+            journal.place(Path(src), Path(folder) / rel)
     os._exit(9)  # answered; the files' flushes may still be running, the log not removed
 """)
 
@@ -220,6 +227,31 @@ def test_a_full_log_waits_for_the_syncs_and_starts_again(tmp_path):
     assert logs(folder) == []
 
 
+@pytest.fixture(params=["syncfs", "each file"])
+def sync_mode(request, monkeypatch):
+    """Both ways the flusher makes files durable: syncfs (Linux), or each file and folder."""
+    import harmony.storage.journal as journal_module
+    if request.param == "each file":
+        monkeypatch.setattr(journal_module, "_syncfs", None)
+    elif journal_module._syncfs is None:
+        pytest.skip("no syncfs on this system")
+    return request.param
+
+
+def test_the_flusher_syncs_and_settles_every_file(tmp_path, sync_mode):
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    for i in range(20):
+        src = tmp_path / f"{i}.dcm"
+        src.write_bytes(bytes([i]) * 300)
+        journal.place(src, folder / f"s{i % 3}" / f"{i}.dcm")
+    assert journal.wait_synced(30)
+    assert journal._written_unsynced == 0 and not journal.broken
+    journal.close()
+    assert logs(folder) == []
+
+
 def test_a_journal_left_by_an_earlier_version_is_replayed(tmp_path):
     """Before the log, the journal was a sqlite file: one a crash left is still written again."""
     folder = tmp_path / "out"
@@ -245,3 +277,20 @@ def test_a_damaged_name_is_never_written(tmp_path):
     assert read_log(log.read_bytes()) == {}  # the checksum covers the name too
     assert FolderJournal(folder).open() == 0
     assert not (tmp_path / "x.dc").exists()
+
+
+def test_a_withdrawn_record_is_not_replayed_and_an_earlier_copy_is(tmp_path):
+    """A file journaled while it was checked, then refused: a crash writes the
+    copy placed before it, not the refused one."""
+    folder = tmp_path / "out"
+    (tmp_path / "first.dcm").write_bytes(b"1" * 800)
+    (tmp_path / "refused.dcm").write_bytes(b"2" * 800)
+    (tmp_path / "other.dcm").write_bytes(b"3" * 800)
+    killed_after_placing(folder, f"begin:{tmp_path / 'first'}.dcm=s/a.dcm",
+                         f"withdraw:{tmp_path / 'refused'}.dcm=s/a.dcm", f"withdraw:{tmp_path / 'other'}.dcm=s/b.dcm")
+    [log] = logs(folder)
+    assert read_log(log.read_bytes()) == {"s/a.dcm": b"1" * 800}
+    (folder / "s" / "a.dcm").unlink()  # the fake power loss
+    assert FolderJournal(folder).open() == 1
+    assert (folder / "s" / "a.dcm").read_bytes() == b"1" * 800
+    assert not (folder / "s" / "b.dcm").exists()

@@ -937,7 +937,7 @@ class ScpServices:
         try:
             instance, header, refusal = await blocking.run(
                 endpoint.reactor, _read_received, path, endpoint.forward_store and endpoint.header_has_readers(),
-                command, endpoint.storage_dir, endpoint.storage_journal)
+                command, endpoint.storage_dir, endpoint.storage_journal, described)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
@@ -1018,7 +1018,8 @@ def _unlink(path) -> None:
         pass
 
 
-def _read_received(path, with_header: bool, command: dict, storage_dir: Path | None = None, journal=None):
+def _read_received(path, with_header: bool, command: dict, storage_dir: Path | None = None, journal=None,
+                   described: tuple[str, str] | None = None):
     """Validate a received Part-10 file (every element inside it, its UIDs, its
     match with the C-STORE request), describe it, with its header as DICOM JSON
     when it goes on through the pipeline, and file it durably in *storage_dir*
@@ -1026,31 +1027,60 @@ def _read_received(path, with_header: bool, command: dict, storage_dir: Path | N
     one worker-thread hop per instance (each hop cost a thread hand-off and a
     reactor wake-up per instance, bench/dimse).
 
+    *described*, the (study, series) UIDs read from the data set's head while
+    it arrived, names the file before it is checked, so the journal's flush
+    runs while it is (the flush was half of an instance's time, bench/dimse);
+    a file that fails its checks has its record withdrawn before the answer.
+
     Returns ``(instance, header, refusal)``: refusal None, a (status, comment),
     or the OSError that kept the file out of *storage_dir*."""
-    parsed = parse_stamped(path)  # the one parse: validation, the header JSON and the store's index header
-    instance = read_instance(path, ds=parsed[1])
-    instance.parsed = parsed
-    instance.owned = True
-    uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
-    if not all(valid_uid(u) for u in uids):
-        return instance, None, (dimse.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
-    if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
-            instance.sop_class_uid != command.get("AffectedSOPClassUID"):
-        return instance, None, (dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
-    header = _header_json(parsed[1]) if with_header else None  # before a move: large values read from *path*
-    if storage_dir is not None:
-        dest = storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
-            f"{instance.sop_instance_uid}.dcm"
-        try:
-            if journal is not None:
-                journal.place(Path(instance.path), dest)
-            else:
-                durable_move(instance.path, dest)
-        except OSError as e:
-            return instance, None, e
-        instance.path, instance.owned = dest, False
-    return instance, header, None
+    early = None
+    if journal is not None and described is not None:
+        sop_uid = strip_padding(command.get("AffectedSOPInstanceUID", ""))
+        if all(valid_uid(u) for u in (*described, sop_uid)):
+            try:
+                early = journal.begin(Path(path), _stored_at(storage_dir, *described, sop_uid))
+            except OSError:
+                early = None  # tried again, and reported, below
+    try:
+        parsed = parse_stamped(path)  # the one parse: validation, the header JSON and the store's index header
+        instance = read_instance(path, ds=parsed[1])
+        instance.parsed = parsed
+        instance.owned = True
+        uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
+        if not all(valid_uid(u) for u in uids):
+            return instance, None, (dimse.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
+        if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
+                instance.sop_class_uid != command.get("AffectedSOPClassUID"):
+            return instance, None, (dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
+        header = _header_json(parsed[1]) if with_header else None  # before a move: large values read from *path*
+        if storage_dir is not None:
+            dest = _stored_at(storage_dir, instance.study_instance_uid, instance.series_instance_uid,
+                              instance.sop_instance_uid)
+            try:
+                if early is not None and early.dest == dest:
+                    placement, early = early, None
+                    placement.claim()
+                elif journal is not None:
+                    journal.place(Path(instance.path), dest)
+                else:
+                    durable_move(instance.path, dest)
+            except OSError as e:
+                return instance, None, e
+            instance.path, instance.owned = dest, False
+        return instance, header, None
+    finally:
+        if early is not None:  # refused, or named otherwise than its head said
+            try:
+                early.withdraw()
+            except OSError as e:
+                log.error("storage journal of {path}: a refused file's record could not be withdrawn ({error}); "
+                          "a crash now would write it", path=str(storage_dir), error=e.strerror)
+
+
+def _stored_at(storage_dir: Path, study: str, series: str, sop_instance: str) -> Path:
+    """Where an instance is filed in *storage_dir*."""
+    return storage_dir / study / series / f"{sop_instance}.dcm"
 
 
 def _pairs_listed(stream) -> list:

@@ -21,8 +21,11 @@ Placing a small file:
    data is synced (atomic, fails if the name exists), an existing name
    replaced (:func:`harmony.storage.files.claim_name`) - so a reader finds it
    at once;
-3. the caller may answer; a flusher thread syncs the file's data and, once
-   per batch, each folder it named files in.
+3. the caller may answer; a flusher thread makes the files durable in
+   batches, every few milliseconds: one ``syncfs`` of the folder's file system
+   on Linux (one file-system journal commit for the batch, where a file's
+   fdatasync and its folder's fsync are a commit each), else each file's
+   fdatasync and each folder's fsync.
 
 The log starts again from its beginning (a new *epoch* in its header) at the
 first commit that finds every file it holds synced: records of an older epoch
@@ -45,11 +48,16 @@ long as syncs lag): delivery is at least once, never lost.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import struct
+import sys
 import threading
+import time
 import uuid
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from harmony.dicom.files import durable_move, process_alive
@@ -63,12 +71,20 @@ JOURNAL_MAX_BYTES = 256 * 1024
 #: The log's size, written with zeros and synced once when it is made.
 LOG_BYTES = 8 * 1024 * 1024
 
+#: The flusher syncs at most this often (seconds), unless this many files wait.
+SYNC_INTERVAL = 0.005
+SYNC_BATCH = 64
+
 #: Log header: magic, format version, epoch; CRC-32 of those.
 _HEADER = struct.Struct("<4sIQI")
 _MAGIC = b"HJL1"
 #: A record: epoch, kind, name length, data length; CRC-32 of header fields, name and data.
 _RECORD = struct.Struct("<QBHII")
 _PLACED, _FORGOTTEN = 1, 2
+#: A forgotten record's data: the epoch and [from, to) offsets of the name's records it forgets.
+_RANGE = struct.Struct("<QQQ")
+#: Threads that journal files while their callers check them (one flush carries all that wait).
+COMMIT_THREADS = 4
 _SUFFIX = ".log"
 
 
@@ -78,10 +94,46 @@ class _Batch:
     __slots__ = ("records", "size", "done", "error")
 
     def __init__(self):
-        self.records: list[tuple[int, str, bytes]] = []
+        #: [kind, relpath, data, epoch, offset] - the last two set when written.
+        self.records: list[list] = []
         self.size = 0
         self.done = False
         self.error: BaseException | None = None
+
+
+class Placement:
+    """A file being journaled (:meth:`FolderJournal.begin`): claim it or withdraw it."""
+
+    def __init__(self, journal: FolderJournal, src: Path, dest: Path, relpath: str):
+        self.journal, self.src, self.dest, self.relpath = journal, src, dest, relpath
+        self.committed: Future = Future()
+
+    def claim(self) -> None:
+        """Wait for the journal's flush, then give the file its name: on return
+        it survives a crash."""
+        self.committed.result()  # an OSError when the journal refused it
+        journal = self.journal
+        try:
+            claim_name(self.src, self.dest, journal.folder, journaled=True)
+        except OSError:
+            try:
+                durable_move(self.src, self.dest)  # another file system (EXDEV): copied, synced, renamed
+            finally:
+                journal._synced([self.relpath])  # settled either way: the log may start again
+            return
+        journal._placed(self.relpath, self.dest)
+
+    def withdraw(self) -> None:
+        """The file is not to be placed (it failed its checks): its record is
+        withdrawn, durably, so a replay does not write it either."""
+        try:
+            epoch, offset = self.committed.result()
+        except OSError:
+            return  # never journaled
+        try:
+            self.journal._commit(_FORGOTTEN, self.relpath, _RANGE.pack(epoch, offset, offset + 1))
+        finally:
+            self.journal._synced([self.relpath])
 
 
 class FolderJournal:
@@ -109,6 +161,7 @@ class FolderJournal:
         #: Files named but not yet synced, for the flusher: (relpath, path).
         self._to_sync: list[tuple[str, Path]] = []
         self._flusher: threading.Thread | None = None
+        self._committer: ThreadPoolExecutor | None = None
         #: Log flushes so far (one per group of placements).
         self.flushes = 0
         #: A file's or folder's sync failed: the log must survive for the next start to replay.
@@ -162,7 +215,9 @@ class FolderJournal:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
-            flusher = self._flusher
+            flusher, committer = self._flusher, self._committer
+        if committer is not None:
+            committer.shutdown(wait=True)
         if flusher is not None:
             flusher.join()
         if self._fd is not None:
@@ -177,21 +232,39 @@ class FolderJournal:
     def place(self, src: Path, dest: Path) -> None:
         """Move the file *src* (ours) to *dest* inside the folder, durably: on
         return it survives a crash (see the module docstring)."""
+        placement = self.begin(src, dest, at_once=True)
+        if placement is None:
+            self._place_large(src, dest, dest.relative_to(self.folder).as_posix())
+        else:
+            placement.claim()
+
+    def begin(self, src: Path, dest: Path, at_once: bool = False) -> Placement | None:
+        """Start journaling *src* for *dest* on a commit thread, so the caller
+        can check the file meanwhile; then :meth:`Placement.claim` (it is
+        placed) or :meth:`Placement.withdraw` (it is not).  ``None`` (and
+        nothing done) when the file is too large for the journal.
+        *at_once*: journal it on this thread (nothing to do meanwhile)."""
         if self.closed:
             raise OSError(5, "the storage journal is closed")
         relpath = dest.relative_to(self.folder).as_posix()
         if src.stat().st_size > self.max_bytes:
-            self._place_large(src, dest, relpath)
-            return
-        self._commit(_PLACED, relpath, src.read_bytes())
-        try:
-            claim_name(src, dest, self.folder, journaled=True)
-        except OSError:
+            return None
+        placement = Placement(self, src, dest, relpath)
+        if at_once:
+            placement.committed.set_result(self._commit(_PLACED, relpath, src.read_bytes()))
+        else:
+            with self._cond:
+                if self._committer is None:
+                    self._committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="harmony-journal-commit")
+                committer = self._committer
             try:
-                durable_move(src, dest)  # another file system (EXDEV): copied, synced, renamed
-            finally:
-                self._synced([relpath])  # settled either way: the log may start again
-            return
+                placement.committed = committer.submit(lambda: self._commit(_PLACED, relpath, src.read_bytes()))
+            except RuntimeError:  # closed meanwhile
+                raise OSError(5, "the storage journal is closed") from None
+        return placement
+
+    def _placed(self, relpath: str, dest: Path) -> None:
+        """*dest* has its name: its syncs go to the flusher."""
         with self._cond:
             self._to_sync.append((relpath, dest))
             if self._flusher is None:
@@ -202,21 +275,21 @@ class FolderJournal:
 
     def _place_large(self, src: Path, dest: Path, relpath: str) -> None:
         with self._cond:
-            held = relpath in self._names
             while self._names.get(relpath) and not self.broken:
                 self._cond.wait()   # the journaled older copy synced first: never older bytes over newer
+            held, epoch, before = relpath in self._names, self._epoch, self._end
         durable_move(src, dest)
-        if held:
-            self._commit(_FORGOTTEN, relpath, b"")
+        if held:  # the older copies in the log are forgotten, so a replay cannot put them back
+            self._commit(_FORGOTTEN, relpath, _RANGE.pack(epoch, 0, before))
 
-    def _commit(self, kind: int, relpath: str, data: bytes) -> None:
-        """One record durable in the log; waits for the flush that carries it."""
-        name = relpath.encode()
-        size = _RECORD.size + len(name) + len(data)
+    def _commit(self, kind: int, relpath: str, data: bytes) -> tuple[int, int]:
+        """One record durable in the log; waits for the flush that carries it.
+        Returns the record's (epoch, offset)."""
+        record: list = [kind, relpath, data, 0, 0]
         with self._cond:
             batch = self._batch
-            batch.records.append((kind, relpath, data))
-            batch.size += size
+            batch.records.append(record)
+            batch.size += _RECORD.size + len(relpath.encode()) + len(data)
             if kind == _PLACED:
                 self._names[relpath] = self._names.get(relpath, 0) + 1
             while not batch.done and self._flushing:
@@ -224,7 +297,7 @@ class FolderJournal:
             if batch.done:
                 if batch.error is not None:
                     raise OSError(5, f"the storage journal refused a write: {batch.error}")
-                return
+                return record[3], record[4]
             # This thread writes every record waiting so far (the leader of a group commit).
             self._batch = _Batch()
             self._flushing = True
@@ -244,10 +317,11 @@ class FolderJournal:
             raise OSError(5, f"the storage journal refused a write: {e}") from None
         with self._cond:
             self._finish(batch, None)
+        return record[3], record[4]
 
     def _finish(self, batch: _Batch, error: BaseException | None) -> None:
         batch.done, batch.error = True, error
-        for kind, relpath, _ in batch.records:
+        for kind, relpath, *_ in batch.records:
             if kind == _PLACED:
                 if error is None:
                     self._written_unsynced += 1
@@ -282,11 +356,15 @@ class FolderJournal:
             head = struct.pack("<4sIQ", _MAGIC, 1, self._epoch)
             parts.append(head + struct.pack("<I", zlib.crc32(head)))
             offset = 0
-        for kind, relpath, data in batch.records:
+        at = offset + sum(map(len, parts))
+        for record in batch.records:
+            kind, relpath, data = record[:3]
             name = relpath.encode()
             head = _RECORD.pack(self._epoch, kind, len(name), len(data), 0)[:-4]
             crc = zlib.crc32(data, zlib.crc32(name, zlib.crc32(head)))
             parts.append(head + struct.pack("<I", crc) + name + data)
+            record[3], record[4] = self._epoch, at
+            at += len(parts[-1])
         blob = b"".join(parts)
         assert self._fd is not None
         if os.pwrite(self._fd, blob, offset) != len(blob):
@@ -298,30 +376,20 @@ class FolderJournal:
     # ------------------------------------------------------------------ syncing behind the answers
 
     def _flush_loop(self) -> None:
+        last = 0.0
         while True:
             with self._cond:
                 while not self._to_sync and not self.closed:
                     self._cond.wait()
+                # A few milliseconds to gather more files into one sync (they are durable in the log meanwhile).
+                gather = last + SYNC_INTERVAL - time.monotonic()
+                if gather > 0 and not self.closed:
+                    self._cond.wait_for(lambda: self.closed or len(self._to_sync) >= SYNC_BATCH, gather)
                 batch, self._to_sync = self._to_sync, []
                 if not batch and self.closed:
                     return
-            synced, folders, failed = [], {}, False
-            for relpath, path in batch:
-                try:
-                    fdatasync_file(path)
-                except FileNotFoundError:
-                    pass  # replaced or taken away since: nothing of it left to sync
-                except OSError:
-                    failed = True
-                    continue
-                folders.setdefault(path.parent, []).append(relpath)
-            for folder, names in folders.items():
-                try:
-                    fsync_dir(folder)
-                except OSError:
-                    failed = True
-                    continue
-                synced += names
+            last = time.monotonic()
+            synced, failed = self._sync(batch)
             if failed:
                 with self._cond:
                     self.broken = True
@@ -329,6 +397,41 @@ class FolderJournal:
                 log.error("storage journal {folder}: a file or folder sync failed; the next start writes "
                           "it again from the journal", folder=str(self.folder))
             self._synced(synced)
+
+    def _sync(self, batch: list[tuple[str, Path]]) -> tuple[list[str], bool]:
+        """Make the named files of *batch* durable: one ``syncfs`` of the folder's
+        file system where there is one (every file's data, every folder entry,
+        in one file-system journal commit), else each file's fdatasync and each
+        folder's fsync."""
+        global _syncfs
+        if _syncfs is not None:
+            try:
+                _syncfs(self.folder)
+                return [relpath for relpath, _ in batch], False
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                    return [], True
+                _syncfs = None   # not offered here: one file at a time from now on
+        synced: list[str] = []
+        folders: dict[Path, list[str]] = {}
+        failed = False
+        for relpath, path in batch:
+            try:
+                fdatasync_file(path)
+            except FileNotFoundError:
+                pass  # replaced or taken away since: nothing of it left to sync
+            except OSError:
+                failed = True
+                continue
+            folders.setdefault(path.parent, []).append(relpath)
+        for folder, names in folders.items():
+            try:
+                fsync_dir(folder)
+            except OSError:
+                failed = True
+                continue
+            synced += names
+        return synced, failed
 
     def _synced(self, relpaths: list[str]) -> None:
         with self._cond:
@@ -347,13 +450,13 @@ class FolderJournal:
 
 def read_log(content: bytes) -> dict[str, bytes]:
     """The files a log holds: its current epoch's records up to the first
-    damaged one, the latest for each name (a forgotten name dropped)."""
-    files: dict[str, bytes] = {}
+    damaged one, the latest not forgotten for each name."""
+    placed: dict[str, list[tuple[int, bytes]]] = {}
     if len(content) < _HEADER.size:
-        return files
+        return {}
     magic, version, epoch, crc = _HEADER.unpack_from(content)
     if magic != _MAGIC or version != 1 or crc != zlib.crc32(content[:_HEADER.size - 4]):
-        return files
+        return {}
     at = _HEADER.size
     while at + _RECORD.size <= len(content):
         rec_epoch, kind, name_len, data_len, crc = _RECORD.unpack_from(content, at)
@@ -367,11 +470,38 @@ def read_log(content: bytes) -> dict[str, bytes]:
             break  # a write a crash cut short: never acknowledged, nor anything after it
         relpath = name.decode()
         if kind == _PLACED:
-            files[relpath] = data
-        else:
-            files.pop(relpath, None)
+            placed.setdefault(relpath, []).append((at, data))
+        elif len(data) == _RANGE.size:
+            of_epoch, lo, hi = _RANGE.unpack(data)
+            if of_epoch == epoch:
+                placed[relpath] = [(o, d) for o, d in placed.get(relpath, []) if not lo <= o < hi]
         at = end
-    return files
+    return {relpath: versions[-1][1] for relpath, versions in placed.items() if versions}
+
+
+def _linux_syncfs():
+    """``syncfs(2)`` through libc (Linux; the os module has no binding), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int]
+
+    def syncfs(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if call(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+    return syncfs
+
+
+_syncfs = _linux_syncfs()
 
 
 def _read_sqlite_journal(journal: Path) -> dict[str, bytes]:
