@@ -31,6 +31,9 @@ KILLED_AFTER_PLACING = textwrap.dedent("""
     folder, *steps = sys.argv[1:]
     journal = FolderJournal(Path(folder), max_bytes=int(os.environ.get("MAX_BYTES", 262144)))
     journal.open()
+    if os.environ.get("STALLED_SYNCS"):  # a disk whose syncs do not finish before the crash
+        import threading
+        journal._sync = lambda batch: threading.Event().wait()
     for step in steps:
         if step == "synced":
             assert journal.wait_synced(60)
@@ -46,9 +49,10 @@ KILLED_AFTER_PLACING = textwrap.dedent("""
 """)
 
 
-def killed_after_placing(folder, *steps, max_bytes=262144):
+def killed_after_placing(folder, *steps, max_bytes=262144, stalled_syncs=False):
+    env = {**os.environ, "MAX_BYTES": str(max_bytes), "STALLED_SYNCS": "1" if stalled_syncs else ""}
     result = subprocess.run([sys.executable, "-c", KILLED_AFTER_PLACING, str(folder), *steps],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "MAX_BYTES": str(max_bytes)})
+                            capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 9, result.stderr
 
 
@@ -103,7 +107,7 @@ def test_what_a_killed_process_journaled_is_written_again_after_a_power_loss(tmp
     for name, content in data.items():
         (tmp_path / f"{name}.dcm").write_bytes(content)
         steps.append(f"{tmp_path / name}.dcm=st/se/{name}.dcm")
-    killed_after_placing(folder, *steps)
+    killed_after_placing(folder, *steps, stalled_syncs=True)
     assert len(logs(folder)) == 1  # the dead process's
     cut = folder / "st" / "se" / "cut.dcm"
     cut.write_bytes(cut.read_bytes()[:100])  # the fake power loss (see the module docstring)
@@ -121,7 +125,7 @@ def test_a_torn_last_write_is_not_replayed_nor_anything_after_it(tmp_path):
     folder = tmp_path / "out"
     for name in ("a", "b"):
         (tmp_path / f"{name}.dcm").write_bytes(name.encode() * 3000)
-    killed_after_placing(folder, f"{tmp_path / 'a'}.dcm=st/a.dcm", f"{tmp_path / 'b'}.dcm=st/b.dcm")
+    killed_after_placing(folder, f"{tmp_path / 'a'}.dcm=st/a.dcm", f"{tmp_path / 'b'}.dcm=st/b.dcm", stalled_syncs=True)
     [log] = logs(folder)
     content = log.read_bytes()
     assert read_log(content) == {"st/a.dcm": b"a" * 3000, "st/b.dcm": b"b" * 3000}
@@ -287,7 +291,8 @@ def test_a_withdrawn_record_is_not_replayed_and_an_earlier_copy_is(tmp_path):
     (tmp_path / "refused.dcm").write_bytes(b"2" * 800)
     (tmp_path / "other.dcm").write_bytes(b"3" * 800)
     killed_after_placing(folder, f"begin:{tmp_path / 'first'}.dcm=s/a.dcm",
-                         f"withdraw:{tmp_path / 'refused'}.dcm=s/a.dcm", f"withdraw:{tmp_path / 'other'}.dcm=s/b.dcm")
+                         f"withdraw:{tmp_path / 'refused'}.dcm=s/a.dcm", f"withdraw:{tmp_path / 'other'}.dcm=s/b.dcm",
+                         stalled_syncs=True)
     [log] = logs(folder)
     assert read_log(log.read_bytes()) == {"s/a.dcm": b"1" * 800}
     (folder / "s" / "a.dcm").unlink()  # the fake power loss
