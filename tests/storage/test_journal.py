@@ -20,8 +20,6 @@ import textwrap
 import threading
 import time
 
-import pytest
-
 from harmony.storage.journal import FolderJournal, read_log
 
 KILLED_AFTER_PLACING = textwrap.dedent("""
@@ -231,18 +229,7 @@ def test_a_full_log_waits_for_the_syncs_and_starts_again(tmp_path):
     assert logs(folder) == []
 
 
-@pytest.fixture(params=["syncfs", "each file"])
-def sync_mode(request, monkeypatch):
-    """Both ways the flusher makes files durable: syncfs (Linux), or each file and folder."""
-    import harmony.storage.journal as journal_module
-    if request.param == "each file":
-        monkeypatch.setattr(journal_module, "_syncfs", None)
-    elif journal_module._syncfs is None:
-        pytest.skip("no syncfs on this system")
-    return request.param
-
-
-def test_the_flusher_syncs_and_settles_every_file(tmp_path, sync_mode):
+def test_the_flusher_syncs_and_settles_every_file(tmp_path):
     folder = tmp_path / "out"
     journal = FolderJournal(folder)
     journal.open()

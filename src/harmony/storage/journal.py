@@ -22,10 +22,8 @@ Placing a small file:
    replaced (:func:`harmony.storage.files.claim_name`) - so a reader finds it
    at once;
 3. the caller may answer; a flusher thread makes the files durable in
-   batches, every few milliseconds: one ``syncfs`` of the folder's file system
-   on Linux (one file-system journal commit for the batch, where a file's
-   fdatasync and its folder's fsync are a commit each), else each file's
-   fdatasync and each folder's fsync.
+   batches, every few milliseconds: each file's fdatasync, then one fsync per
+   folder for all the files named in it.
 
 The log starts again from its beginning (a new *epoch* in its header) at the
 first commit that finds every file it holds synced: records of an older epoch
@@ -48,11 +46,8 @@ long as syncs lag): delivery is at least once, never lost.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import struct
-import sys
 import threading
 import time
 import uuid
@@ -399,19 +394,8 @@ class FolderJournal:
             self._synced(synced)
 
     def _sync(self, batch: list[tuple[str, Path]]) -> tuple[list[str], bool]:
-        """Make the named files of *batch* durable: one ``syncfs`` of the folder's
-        file system where there is one (every file's data, every folder entry,
-        in one file-system journal commit), else each file's fdatasync and each
-        folder's fsync."""
-        global _syncfs
-        if _syncfs is not None:
-            try:
-                _syncfs(self.folder)
-                return [relpath for relpath, _ in batch], False
-            except OSError as e:
-                if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
-                    return [], True
-                _syncfs = None   # not offered here: one file at a time from now on
+        """Make the named files of *batch* durable: each file's fdatasync, then
+        each folder's fsync once for all the files named in it."""
         synced: list[str] = []
         folders: dict[Path, list[str]] = {}
         failed = False
@@ -477,31 +461,6 @@ def read_log(content: bytes) -> dict[str, bytes]:
                 placed[relpath] = [(o, d) for o, d in placed.get(relpath, []) if not lo <= o < hi]
         at = end
     return {relpath: versions[-1][1] for relpath, versions in placed.items() if versions}
-
-
-def _linux_syncfs():
-    """``syncfs(2)`` through libc (Linux; the os module has no binding), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int]
-
-    def syncfs(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if call(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-        finally:
-            os.close(fd)
-    return syncfs
-
-
-_syncfs = _linux_syncfs()
 
 
 def _read_sqlite_journal(journal: Path) -> dict[str, bytes]:
