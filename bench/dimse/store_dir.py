@@ -93,27 +93,37 @@ def start_harmony(cfg: Path, port: int, src: Path | None = None) -> subprocess.P
 
 
 def strace_summary(trace: Path, n: int) -> str:
-    """Calls per instance and their p50 (strace -T), from a trace of *n* instances."""
+    """Calls per instance and their p50 (strace -f -T -y), from a trace of *n*
+    instances; syncs of the journal (its log, or the sqlite WAL of earlier
+    builds: waited for before Success) apart from the others (behind it)."""
     calls = collections.defaultdict(list)
     pending: dict[str, str] = {}
     for line in trace.read_text(errors="replace").splitlines():
         pid = line.split(" ", 1)[0]
+        m = re.match(r"\d+\s+(\w+)\((\d+<([^>]*)>)?", line)
         if "<unfinished ...>" in line:
-            m = re.match(r"\d+\s+(\w+)\(", line)
             if m:
-                pending[pid] = m.group(1)
+                pending[pid] = _call_name(m.group(1), m.group(3))
             continue
-        m = re.match(r"\d+\s+<\.\.\. (\w+) resumed>.*<([\d.]+)>$", line) or \
-            re.match(r"\d+\s+(\w+)\(.*<([\d.]+)>$", line)
-        if m:
-            calls[m.group(1)].append(float(m.group(2)))
+        resumed = re.match(r"\d+\s+<\.\.\. (\w+) resumed>.*<([\d.]+)>$", line)
+        if resumed:
+            calls[pending.pop(pid, resumed.group(1))].append(float(resumed.group(2)))
+            continue
+        took = re.search(r"<([\d.]+)>$", line)
+        if m and took:
+            calls[_call_name(m.group(1), m.group(3))].append(float(took.group(1)))
     out = []
-    for name in TRACED:
-        v = calls.get(name, [])
-        if v:
-            out.append(f"    {name:10s} {len(v) / n:5.2f} per instance, p50 {statistics.median(v) * 1000:6.3f} ms, "
-                       f"p90 {sorted(v)[int(len(v) * 0.9)] * 1000:6.3f} ms")
+    for name in sorted(calls, key=lambda c: (c.split()[0] not in ("fdatasync", "fsync"), c)):
+        v = sorted(calls[name])
+        out.append(f"    {name:28s} {len(v) / n:5.2f} per instance, p50 {statistics.median(v) * 1000:6.3f} ms, "
+                   f"p90 {v[int(len(v) * 0.9)] * 1000:6.3f} ms")
     return "\n".join(out)
+
+
+def _call_name(call: str, path: str | None) -> str:
+    if call in ("fdatasync", "fsync") and path:
+        return f"{call} (journal, waited)" if path.endswith((".log", "-wal")) else f"{call} (behind)"
+    return call
 
 
 def main() -> int:
@@ -154,7 +164,7 @@ def main() -> int:
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if args.strace and r == args.rounds - 1:
                     trace = work / f"strace-{side}.txt"
-                    spy = subprocess.Popen(["strace", "-f", "-T", "-e", "trace=" + ",".join(TRACED), "-o",
+                    spy = subprocess.Popen(["strace", "-f", "-T", "-y", "-e", "trace=" + ",".join(TRACED), "-o",
                                             str(trace), "-p", str(harmonies[side].pid)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                     spy.stderr.readline()  # "Process N attached" (strace says so once it is attached)
