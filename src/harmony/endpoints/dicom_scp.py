@@ -934,10 +934,12 @@ class ScpServices:
             finally:
                 instance.release()
             return
+        early = _journal_early(endpoint.storage_journal, endpoint.storage_dir, path, command, described,
+                               op.message.sink)
         try:
             instance, header, refusal = await blocking.run(
                 endpoint.reactor, _read_received, path, endpoint.forward_store and endpoint.header_has_readers(),
-                command, endpoint.storage_dir, endpoint.storage_journal, described)
+                command, endpoint.storage_dir, endpoint.storage_journal, early)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
@@ -1018,8 +1020,25 @@ def _unlink(path) -> None:
         pass
 
 
+def _journal_early(journal, storage_dir, path, command: dict, described, sink):
+    """Start journaling a received file for *storage_dir* before it is checked
+    (on the reactor: the commit thread and the worker thread wake together),
+    named from the UIDs its head gave while it arrived; None when it cannot be."""
+    if journal is None or described is None or path is None:
+        return None
+    sop_uid = strip_padding(command.get("AffectedSOPInstanceUID", ""))
+    if not all(valid_uid(u) for u in (*described, sop_uid)):
+        return None
+    try:
+        study, series = described
+        return journal.begin(Path(path), _stored_at(storage_dir, study, series, sop_uid),
+                             size=sink.meta_length + sink.received)
+    except OSError:
+        return None  # tried again, and reported, when the file is placed
+
+
 def _read_received(path, with_header: bool, command: dict, storage_dir: Path | None = None, journal=None,
-                   described: tuple[str, str] | None = None):
+                   early=None):
     """Validate a received Part-10 file (every element inside it, its UIDs, its
     match with the C-STORE request), describe it, with its header as DICOM JSON
     when it goes on through the pipeline, and file it durably in *storage_dir*
@@ -1027,21 +1046,14 @@ def _read_received(path, with_header: bool, command: dict, storage_dir: Path | N
     one worker-thread hop per instance (each hop cost a thread hand-off and a
     reactor wake-up per instance, bench/dimse).
 
-    *described*, the (study, series) UIDs read from the data set's head while
-    it arrived, names the file before it is checked, so the journal's flush
-    runs while it is (the flush was half of an instance's time, bench/dimse);
-    a file that fails its checks has its record withdrawn before the answer.
+    *early*: the file's journal placement, begun before this hop from the UIDs
+    its head gave (:func:`_journal_early`), so the journal's flush runs while
+    the file is checked here (the flush was half of an instance's time,
+    bench/dimse); a file that fails its checks has its record withdrawn before
+    the answer.
 
     Returns ``(instance, header, refusal)``: refusal None, a (status, comment),
     or the OSError that kept the file out of *storage_dir*."""
-    early = None
-    if journal is not None and described is not None:
-        sop_uid = strip_padding(command.get("AffectedSOPInstanceUID", ""))
-        if all(valid_uid(u) for u in (*described, sop_uid)):
-            try:
-                early = journal.begin(Path(path), _stored_at(storage_dir, *described, sop_uid))
-            except OSError:
-                early = None  # tried again, and reported, below
     try:
         parsed = parse_stamped(path)  # the one parse: validation, the header JSON and the store's index header
         instance = read_instance(path, ds=parsed[1])

@@ -233,16 +233,17 @@ class FolderJournal:
         else:
             placement.claim()
 
-    def begin(self, src: Path, dest: Path, at_once: bool = False) -> Placement | None:
+    def begin(self, src: Path, dest: Path, at_once: bool = False, size: int | None = None) -> Placement | None:
         """Start journaling *src* for *dest* on a commit thread, so the caller
         can check the file meanwhile; then :meth:`Placement.claim` (it is
         placed) or :meth:`Placement.withdraw` (it is not).  ``None`` (and
         nothing done) when the file is too large for the journal.
-        *at_once*: journal it on this thread (nothing to do meanwhile)."""
+        *at_once*: journal it on this thread (nothing to do meanwhile); *size*:
+        the file's, when the caller knows it."""
         if self.closed:
             raise OSError(5, "the storage journal is closed")
         relpath = dest.relative_to(self.folder).as_posix()
-        if src.stat().st_size > self.max_bytes:
+        if (src.stat().st_size if size is None else size) > self.max_bytes:
             return None
         placement = Placement(self, src, dest, relpath)
         if at_once:
