@@ -34,6 +34,7 @@ from harmony.dicom import blocking, charset, net
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.files import Staging, durable_move, parse_stamped, read_instance, valid_uid
+from harmony.dicom.rawscan import ScanDeclined, scan_file
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.uids import strip_padding
@@ -406,11 +407,16 @@ class DicomScpEndpoint(Service):
         d = self.pipeline.handle(env, self)
         if op is not None:
             op.watch(env, d)
+        return await self.within_deadline(d, env)
+
+    def within_deadline(self, d: defer.Deferred, env) -> defer.Deferred:
+        """*d* (the pipeline running *env*), answered with a timeout error after ``request_timeout``."""
         d.addTimeout(self.request_timeout, self.reactor)
-        try:
-            return await d
-        except defer.TimeoutError:
-            return self.error_response(BackendTimeout("the pipeline did not answer in time"), env)
+        return d.addErrback(self._timed_out, env)
+
+    def _timed_out(self, failure, env):
+        failure.trap(defer.TimeoutError)
+        return self.error_response(BackendTimeout("the pipeline did not answer in time"), env)
 
     def results_of(self, response):
         """(stream, None) or (None, (failure status, comment))."""
@@ -692,7 +698,12 @@ class ScpServices:
             return
         key = (id(assoc), message.message_id)
         self.running[key] = op
-        d = defer.ensureDeferred(handler(op))
+        try:
+            d = self._store_described(op) if field == commands.C_STORE_RQ else None
+        except Exception:  # noqa: BLE001 - answered by _failed, as a coroutine's failure would be
+            d = defer.fail()
+        if d is None:
+            d = defer.ensureDeferred(handler(op))
         d.addErrback(self._failed, op)
         d.addBoth(lambda _: self.running.pop(key, None))
 
@@ -920,22 +931,9 @@ class ScpServices:
         if path is None:       # the data set could not be staged (see dataset_sink)
             await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
             return
-        described = getattr(op.message.sink, "described", None)
-        if described is not None and endpoint.checked_downstream():
-            # Described from the request and the data set's head; the store checks the file.
-            instance = DicomInstance(path=path, sop_class_uid=strip_padding(command.get("AffectedSOPClassUID", "")),
-                                     sop_instance_uid=strip_padding(command.get("AffectedSOPInstanceUID", "")),
-                                     transfer_syntax_uid=op.transfer_syntax, study_instance_uid=described[0],
-                                     series_instance_uid=described[1],
-                                     size=op.message.sink.meta_length + op.message.sink.received, owned=True,
-                                     unchecked=True)
-            try:
-                await self._store_through(op, instance, None)
-            finally:
-                instance.release()
-            return
-        early = _journal_early(endpoint.storage_journal, endpoint.storage_dir, path, command, described,
-                               op.message.sink)
+        # The store's C-STORE with a described instance took _store_described before this.
+        early = _journal_early(endpoint.storage_journal, endpoint.storage_dir, path, command,
+                               getattr(op.message.sink, "described", None), op.message.sink)
         try:
             instance, header, refusal = await blocking.run(
                 endpoint.reactor, _read_received, path, endpoint.forward_store and endpoint.header_has_readers(),
@@ -961,23 +959,60 @@ class ScpServices:
         finally:
             instance.release()
 
-    async def _store_through(self, op: Operation, instance: DicomInstance, header: dict | None):
-        """The received *instance* through the pipeline; its answer to the sender."""
+    def _store_described(self, op: Operation) -> defer.Deferred | None:
+        """The common C-STORE, with plain callbacks: an instance described from the
+        request and the data set's head (its UIDs), down a pipeline with no middleware
+        to backends that check the file themselves (the store reads it anyway).  ``None``
+        for any other C-STORE (:meth:`on_store`).  A coroutine per instance and two
+        nested ones cost a visible share of the reactor's time per instance (bench/dimse
+        "CPU per instance"); this is the path every plain archive ingest takes."""
         endpoint = self.endpoint
-        env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
+        message = op.message
+        sink = message.sink
+        described = getattr(sink, "described", None)
+        if message.dataset is None or described is None or not endpoint.checked_downstream():
+            return None
+        command = message.command
+        instance = DicomInstance(path=message.dataset,
+                                 sop_class_uid=strip_padding(command.get("AffectedSOPClassUID", "")),
+                                 sop_instance_uid=strip_padding(command.get("AffectedSOPInstanceUID", "")),
+                                 transfer_syntax_uid=op.transfer_syntax, study_instance_uid=described[0],
+                                 series_instance_uid=described[1], size=sink.meta_length + sink.received,
+                                 owned=True, unchecked=True)
+        env = self._store_envelope(op, instance, None)
+        d = endpoint.within_deadline(endpoint.pipeline.handle(env, endpoint), env)
+        d.addCallback(self._answer_store, op)
+        return d.addBoth(_released, instance)
+
+    def _store_envelope(self, op: Operation, instance: DicomInstance, header: dict | None):
+        env = self.endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
         env.state.dicom.instance = instance
         env.normalized = header
-        response = await endpoint.run_pipeline(env)
+        return env
+
+    async def _store_through(self, op: Operation, instance: DicomInstance, header: dict | None):
+        """The received *instance* through the pipeline; its answer to the sender."""
+        response = await self.endpoint.run_pipeline(self._store_envelope(op, instance, header))
+        await self._answer_store(response, op)
+
+    def _answer_store(self, response, op: Operation) -> defer.Deferred:
+        """The C-STORE response for the pipeline's *response*, once its stream (if any) is counted."""
         stream = response.state.dicom_results
         if stream is None:
             status = response.state.dimse_status
             if status is None:
                 status = dimse.SUCCESS if response.status < 300 else dimse.PROCESSING_FAILURE
-            await op.respond(status, comment=response.state.error_comment)
-            return
-        await stream.when_counted()
-        await op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
-                         comment=stream.error_comment)
+            return op.respond(status, comment=response.state.error_comment)
+
+        def counted(_):
+            return op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
+                              comment=stream.error_comment)
+        return stream.when_counted().addCallback(counted)
+
+
+def _released(result, instance: DicomInstance):
+    instance.release()
+    return result
 
 
 def _aborted_ok(failure):
@@ -1055,9 +1090,12 @@ def _read_received(path, with_header: bool, command: dict, storage_dir: Path | N
     Returns ``(instance, header, refusal)``: refusal None, a (status, comment),
     or the OSError that kept the file out of *storage_dir*."""
     try:
-        parsed = parse_stamped(path)  # the one parse: validation, the header JSON and the store's index header
-        instance = read_instance(path, ds=parsed[1])
-        instance.parsed = parsed
+        parsed = None
+        instance = None if with_header else _scanned(path)
+        if instance is None:
+            parsed = parse_stamped(path)  # the one parse: validation, the header JSON and the store's index header
+            instance = read_instance(path, ds=parsed[1])
+            instance.parsed = parsed
         instance.owned = True
         uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
         if not all(valid_uid(u) for u in uids):
@@ -1065,7 +1103,7 @@ def _read_received(path, with_header: bool, command: dict, storage_dir: Path | N
         if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
                 instance.sop_class_uid != command.get("AffectedSOPClassUID"):
             return instance, None, (dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
-        header = _header_json(parsed[1]) if with_header else None  # before a move: large values read from *path*
+        header = _header_json(parsed[1]) if parsed is not None and with_header else None  # values from *path*
         if storage_dir is not None:
             dest = _stored_at(storage_dir, instance.study_instance_uid, instance.series_instance_uid,
                               instance.sop_instance_uid)
@@ -1088,6 +1126,25 @@ def _read_received(path, with_header: bool, command: dict, storage_dir: Path | N
             except OSError as e:
                 log.error("storage journal of {path}: a refused file's record could not be withdrawn ({error}); "
                           "a crash now would write it", path=str(storage_dir), error=e.strerror)
+
+
+def _scanned(path) -> DicomInstance | None:
+    """The received file described from its bytes (harmony.dicom.rawscan: checked
+    whole, no pydicom Dataset; pydicom's parse was the largest part of the worker
+    thread's CPU per instance), or None when the scanner leaves it to pydicom.
+    Raises CorruptDataset for a file that cannot be complete."""
+    try:
+        scanned = scan_file(path)
+        try:
+            return DicomInstance(path=Path(path), sop_class_uid=scanned.sop_class_uid or "",
+                                 sop_instance_uid=scanned.sop_instance_uid or "",
+                                 transfer_syntax_uid=strip_padding(scanned.transfer_syntax_uid),
+                                 study_instance_uid=scanned.study_instance_uid or "",
+                                 series_instance_uid=scanned.series_instance_uid or "", size=len(scanned.data))
+        finally:
+            scanned.close()
+    except ScanDeclined:
+        return None
 
 
 def _stored_at(storage_dir: Path, study: str, series: str, sop_instance: str) -> Path:
