@@ -357,6 +357,28 @@ async def test_corrupt_dataset_store_is_refused(tmp_path, store_orthanc):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_corrupt_dataset_leaves_nothing_in_storage_dir(tmp_path, store_orthanc):
+    """Its head names it, so its journal record is written while it is checked;
+    refused (0xC000), the record is withdrawn and no file appears."""
+    ds = make_instance(seed=4)
+    bad = corrupted(save(ds, tmp_path / "good.dcm"), tmp_path / "bad.dcm")
+    storage = tmp_path / "store"
+    running, scp_port = await start(tmp_path / "h", store_orthanc.aet, store_orthanc.dicom_port,
+                                    extra=f'storage_dir = "{storage}"\nforward_store = false')
+    try:
+        status = await threads.deferToThread(store_raw, scp_port, bad)
+        good = save(make_instance(seed=6), tmp_path / "next.dcm")
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, good)
+        assert b"Received Store Response (Success)" in r.stderr, r.stderr
+    finally:
+        await running.stop()
+    assert status == 0xC000
+    stored = [p.name for p in storage.rglob("*.dcm")]
+    assert len(stored) == 1 and f"{ds.SOPInstanceUID}.dcm" not in stored
+    assert list((storage / ".journal").glob("*.log")) == []  # every record settled: nothing to replay
+
+
+@pytest_twisted.ensureDeferred
 async def test_unwritable_storage_dir(tmp_path, store_orthanc):
     orthanc = store_orthanc
     blocker = tmp_path / "file"

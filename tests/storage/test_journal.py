@@ -1,39 +1,61 @@
 """The journal of a plain folder of files (harmony.storage.journal, ``dicom_scp``'s ``storage_dir``).
 
-A placed file is answered for once its bytes are committed in the journal; its
-own flushes finish behind.  Here a real process is killed (``os._exit(9)``)
-right after a placement returned - its file's data sync and folder fsync not
+A placed file is answered for once its bytes are flushed in the journal's log;
+its own flushes finish behind.  Here a real process is killed (``os._exit(9)``)
+right after placements returned - their files' data syncs and folder fsyncs not
 awaited - and a new process opens the folder's journal: the dead process's
-rows are written again.  A power loss at that point can leave the file cut
-short or its name missing; no test can pull this machine's power, so the test
-does that to the file itself before reopening (the one fake here).
+records are written again.  A power loss at that point can leave a file cut
+short or its name missing, and the log's last write torn; no test can pull this
+machine's power, so the test does that to the files itself before reopening
+(the one fake here).
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
-from harmony.storage.journal import FolderJournal
+from harmony.storage.journal import FolderJournal, read_log
 
 KILLED_AFTER_PLACING = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from harmony.storage.journal import FolderJournal
-    folder, src, rel = sys.argv[1:]
-    journal = FolderJournal(Path(folder))
+    folder, *steps = sys.argv[1:]
+    journal = FolderJournal(Path(folder), max_bytes=int(os.environ.get("MAX_BYTES", 262144)))
     journal.open()
-    journal.place(Path(src), Path(folder) / rel)
-    os._exit(9)  # answered; the file's flushes may still be running, the row is not deleted
+    if os.environ.get("STALLED_SYNCS"):  # a disk whose syncs do not finish before the crash
+        import threading
+        journal._sync = lambda batch: threading.Event().wait()
+    for step in steps:
+        if step == "synced":
+            assert journal.wait_synced(60)
+            continue
+        src, rel = step.split("=")
+        if src.startswith("withdraw:"):  # journaled while checked, then refused
+            journal.begin(Path(src[9:]), Path(folder) / rel).withdraw()
+        elif src.startswith("begin:"):   # journaled while checked, then placed
+            journal.begin(Path(src[6:]), Path(folder) / rel).claim()
+        else:
+            journal.place(Path(src), Path(folder) / rel)
+    os._exit(9)  # answered; the files' flushes may still be running, the log not removed
 """)
 
 
-def killed_after_placing(folder, src, rel):
-    result = subprocess.run([sys.executable, "-c", KILLED_AFTER_PLACING, str(folder), str(src), rel],
-                            capture_output=True, text=True, timeout=60)
+def killed_after_placing(folder, *steps, max_bytes=262144, stalled_syncs=False):
+    env = {**os.environ, "MAX_BYTES": str(max_bytes), "STALLED_SYNCS": "1" if stalled_syncs else ""}
+    result = subprocess.run([sys.executable, "-c", KILLED_AFTER_PLACING, str(folder), *steps],
+                            capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 9, result.stderr
+
+
+def logs(folder):
+    return sorted((folder / ".journal").glob("*.log"))
 
 
 def test_a_placed_file_is_in_place_at_once_and_the_journal_goes_when_closed(tmp_path):
@@ -46,8 +68,9 @@ def test_a_placed_file_is_in_place_at_once_and_the_journal_goes_when_closed(tmp_
     assert (folder / "1.2" / "3.4" / "5.6.dcm").read_bytes() == b"x" * 5000  # readers find it at once
     assert not src.exists()
     assert journal.path.exists()
+    assert journal.flushes == 1
     journal.close()
-    assert not journal.path.exists()  # every row settled: nothing to replay
+    assert not journal.path.exists()  # every file synced: nothing to replay
 
 
 def test_a_file_too_large_for_the_journal_is_moved_the_classic_way(tmp_path):
@@ -58,7 +81,7 @@ def test_a_file_too_large_for_the_journal_is_moved_the_classic_way(tmp_path):
     journal.open()
     journal.place(src, folder / "a.dcm")
     assert (folder / "a.dcm").read_bytes() == b"y" * 3000
-    assert journal._conns == []  # never journaled
+    assert journal.flushes == 0 and not journal.path.exists()  # never journaled
     journal.close()
 
 
@@ -77,16 +100,189 @@ def test_an_existing_name_is_replaced(tmp_path):
 
 def test_what_a_killed_process_journaled_is_written_again_after_a_power_loss(tmp_path):
     folder = tmp_path / "out"
-    data = os.urandom(9000)
-    for name, damage in (("cut", lambda p: p.write_bytes(p.read_bytes()[:100])), ("lost", lambda p: p.unlink())):
-        src = tmp_path / f"{name}.dcm"
-        src.write_bytes(data)
-        killed_after_placing(folder, src, f"st/se/{name}.dcm")
-        journals = list((folder / ".journal").glob("*.sqlite"))
-        assert len(journals) == 1  # the dead process's, with its row
-        damage(folder / "st" / "se" / f"{name}.dcm")  # the fake power loss (see the module docstring)
-        journal = FolderJournal(folder)
-        assert journal.open() == 1
-        assert (folder / "st" / "se" / f"{name}.dcm").read_bytes() == data
-        assert list((folder / ".journal").glob("*.sqlite")) == []  # replayed once, then gone
-        journal.close()
+    data = {name: os.urandom(9000 + i) for i, name in enumerate(("cut", "lost", "intact"))}
+    steps = []
+    for name, content in data.items():
+        (tmp_path / f"{name}.dcm").write_bytes(content)
+        steps.append(f"{tmp_path / name}.dcm=st/se/{name}.dcm")
+    killed_after_placing(folder, *steps, stalled_syncs=True)
+    assert len(logs(folder)) == 1  # the dead process's
+    cut = folder / "st" / "se" / "cut.dcm"
+    cut.write_bytes(cut.read_bytes()[:100])  # the fake power loss (see the module docstring)
+    (folder / "st" / "se" / "lost.dcm").unlink()
+    journal = FolderJournal(folder)
+    assert journal.open() == 3
+    for name, content in data.items():
+        assert (folder / "st" / "se" / f"{name}.dcm").read_bytes() == content
+    assert logs(folder) == []  # replayed once, then gone
+    journal.close()
+
+
+def test_a_torn_last_write_is_not_replayed_nor_anything_after_it(tmp_path):
+    """A power loss during the log's write: that placement was never answered."""
+    folder = tmp_path / "out"
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.dcm").write_bytes(name.encode() * 3000)
+    killed_after_placing(folder, f"{tmp_path / 'a'}.dcm=st/a.dcm", f"{tmp_path / 'b'}.dcm=st/b.dcm", stalled_syncs=True)
+    [log] = logs(folder)
+    content = log.read_bytes()
+    assert read_log(content) == {"st/a.dcm": b"a" * 3000, "st/b.dcm": b"b" * 3000}
+    end_of_a = content.index(b"st/b.dcm") - 19  # b's record: 19 bytes of header, its name, its data
+    for cut_at in (end_of_a + 1, end_of_a + 19, end_of_a + 1000, end_of_a + 19 + 8 + 3000 - 1):
+        assert read_log(content[:cut_at]) == {"st/a.dcm": b"a" * 3000}
+    flipped = bytearray(content)
+    flipped[end_of_a + 2000] ^= 0xFF
+    assert read_log(bytes(flipped)) == {"st/a.dcm": b"a" * 3000}
+    log.write_bytes(bytes(flipped))
+    (folder / "st" / "a.dcm").unlink()
+    (folder / "st" / "b.dcm").write_bytes(b"b" * 3000)  # answered or not, whatever is there stays
+    assert FolderJournal(folder).open() == 1
+    assert (folder / "st" / "a.dcm").read_bytes() == b"a" * 3000
+    assert (folder / "st" / "b.dcm").read_bytes() == b"b" * 3000
+
+
+def test_the_log_starts_again_once_its_files_are_synced(tmp_path):
+    """Files a consumer took away after they were synced do not come back after a crash."""
+    folder = tmp_path / "out"
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.dcm").write_bytes(name.encode() * 2000)
+    killed_after_placing(folder, f"{tmp_path / 'a'}.dcm=s/a.dcm", "synced", f"{tmp_path / 'b'}.dcm=s/b.dcm",
+                         "synced", f"{tmp_path / 'c'}.dcm=s/c.dcm")
+    [log] = logs(folder)
+    assert read_log(log.read_bytes()) == {"s/c.dcm": b"c" * 2000}  # a and b were written over
+    (folder / "s" / "a.dcm").unlink()
+    (folder / "s" / "b.dcm").unlink()
+    assert FolderJournal(folder).open() == 1
+    assert sorted(p.name for p in (folder / "s").iterdir()) == ["c.dcm"]
+
+
+def test_a_large_file_over_a_journaled_name_is_not_undone_by_a_replay(tmp_path):
+    folder = tmp_path / "out"
+    (tmp_path / "small.dcm").write_bytes(b"s" * 500)
+    (tmp_path / "large.dcm").write_bytes(b"L" * 5000)
+    killed_after_placing(folder, f"{tmp_path / 'small'}.dcm=x/i.dcm", f"{tmp_path / 'large'}.dcm=x/i.dcm",
+                         max_bytes=1000)
+    [log] = logs(folder)
+    assert read_log(log.read_bytes()) == {}  # the small copy recorded, then forgotten
+    FolderJournal(folder).open()
+    assert (folder / "x" / "i.dcm").read_bytes() == b"L" * 5000
+
+
+def test_placements_at_once_share_one_flush(tmp_path, monkeypatch):
+    """Group commit: while one flush runs, the placements that arrive wait for
+    the next one, which carries them all."""
+    import harmony.storage.journal as journal_module
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    first_flush, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def held_fdatasync(fd):
+        if not first_flush.is_set():
+            first_flush.set()
+            assert release.wait(30)
+        real_fdatasync(fd)
+    monkeypatch.setattr(journal_module.os, "fdatasync", held_fdatasync)
+    errors = []
+
+    def place(i):
+        src = tmp_path / f"{i}.dcm"
+        src.write_bytes(bytes([i]) * 700)
+        try:
+            journal.place(src, folder / "s" / f"{i}.dcm")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=place, args=(0,))]
+    threads[0].start()
+    assert first_flush.wait(30)
+    threads += [threading.Thread(target=place, args=(i,)) for i in range(1, 9)]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(journal._batch.records) < 8:  # all eight queued behind the held flush
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert journal.flushes == 2
+    for i in range(9):
+        assert (folder / "s" / f"{i}.dcm").read_bytes() == bytes([i]) * 700
+    journal.close()
+    assert logs(folder) == []
+
+
+def test_a_full_log_waits_for_the_syncs_and_starts_again(tmp_path):
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder, max_bytes=1000, log_bytes=0)  # the smallest log: ~5 KiB
+    journal.open()
+    for i in range(60):
+        src = tmp_path / f"{i}.dcm"
+        src.write_bytes(bytes([i]) * 900)
+        journal.place(src, folder / "s" / f"{i}.dcm")
+    assert journal.flushes == 60
+    assert all((folder / "s" / f"{i}.dcm").read_bytes() == bytes([i]) * 900 for i in range(60))
+    assert os.path.getsize(journal.path) == journal.log_bytes  # never grown
+    journal.close()
+    assert logs(folder) == []
+
+
+def test_the_flusher_syncs_and_settles_every_file(tmp_path):
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    for i in range(20):
+        src = tmp_path / f"{i}.dcm"
+        src.write_bytes(bytes([i]) * 300)
+        journal.place(src, folder / f"s{i % 3}" / f"{i}.dcm")
+    assert journal.wait_synced(30)
+    assert journal._written_unsynced == 0 and not journal.broken
+    journal.close()
+    assert logs(folder) == []
+
+
+def test_a_journal_left_by_an_earlier_version_is_replayed(tmp_path):
+    """Before the log, the journal was a sqlite file: one a crash left is still written again."""
+    folder = tmp_path / "out"
+    (folder / ".journal").mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = folder / ".journal" / f"{int(gone.stdout)}.sqlite"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE pending (relpath TEXT PRIMARY KEY, data BLOB NOT NULL)")
+    conn.execute("INSERT INTO pending VALUES ('a/b.dcm', ?)", (b"old format",))
+    conn.commit()
+    conn.close()
+    assert FolderJournal(folder).open() == 1
+    assert (folder / "a" / "b.dcm").read_bytes() == b"old format"
+    assert not old.exists()
+
+
+def test_a_damaged_name_is_never_written(tmp_path):
+    folder = tmp_path / "out"
+    (tmp_path / "a.dcm").write_bytes(b"a" * 100)
+    killed_after_placing(folder, f"{tmp_path / 'a'}.dcm=s/a.dcm")
+    [log] = logs(folder)
+    log.write_bytes(log.read_bytes().replace(b"s/a.dcm", b"../x.dc"))
+    assert read_log(log.read_bytes()) == {}  # the checksum covers the name too
+    assert FolderJournal(folder).open() == 0
+    assert not (tmp_path / "x.dc").exists()
+
+
+def test_a_withdrawn_record_is_not_replayed_and_an_earlier_copy_is(tmp_path):
+    """A file journaled while it was checked, then refused: a crash writes the
+    copy placed before it, not the refused one."""
+    folder = tmp_path / "out"
+    (tmp_path / "first.dcm").write_bytes(b"1" * 800)
+    (tmp_path / "refused.dcm").write_bytes(b"2" * 800)
+    (tmp_path / "other.dcm").write_bytes(b"3" * 800)
+    killed_after_placing(folder, f"begin:{tmp_path / 'first'}.dcm=s/a.dcm",
+                         f"withdraw:{tmp_path / 'refused'}.dcm=s/a.dcm", f"withdraw:{tmp_path / 'other'}.dcm=s/b.dcm",
+                         stalled_syncs=True)
+    [log] = logs(folder)
+    assert read_log(log.read_bytes()) == {"s/a.dcm": b"1" * 800}
+    (folder / "s" / "a.dcm").unlink()  # the fake power loss
+    assert FolderJournal(folder).open() == 1
+    assert (folder / "s" / "a.dcm").read_bytes() == b"1" * 800
+    assert not (folder / "s" / "b.dcm").exists()

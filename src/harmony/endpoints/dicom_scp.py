@@ -34,6 +34,7 @@ from harmony.dicom import blocking, charset, net
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.files import Staging, durable_move, parse_stamped, read_instance, valid_uid
+from harmony.dicom.rawscan import ScanDeclined, scan_file
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.uids import strip_padding
@@ -408,23 +409,28 @@ class DicomScpEndpoint(Service):
         d = self.pipeline.handle(env, self)
         if op is not None:
             op.watch(env, d)
+        return await self.within_deadline(d, env)
+
+    def within_deadline(self, d: defer.Deferred, env) -> defer.Deferred:
+        """*d* (the pipeline running *env*), answered with a timeout error after ``request_timeout``.
+        The deadline is an entry in the listener's one ``Deadlines`` timer, not a ``callLater``
+        per operation (bench/dimse: C-FIND and C-STORE both pass here)."""
         if d.called:
-            return await d
+            return d
+        key = id(env)
         timed_out = []
 
         def expired():
             timed_out.append(True)
             d.cancel()
-        key = id(env)
-        self.deadlines.set(key, self.request_timeout, expired)
-        try:
-            return await d
-        except defer.CancelledError:
-            if timed_out:
-                return self.error_response(BackendTimeout("the pipeline did not answer in time"), env)
-            raise
-        finally:
+
+        def settled(result):
             self.deadlines.drop(key)
+            if timed_out and isinstance(result, Failure) and result.check(defer.CancelledError):
+                return self.error_response(BackendTimeout("the pipeline did not answer in time"), env)
+            return result
+        self.deadlines.set(key, self.request_timeout, expired)
+        return d.addBoth(settled)
 
     def results_of(self, response):
         """(stream, None) or (None, (failure status, comment))."""
@@ -816,7 +822,12 @@ class ScpServices:
             return
         key = (id(assoc), message.message_id)
         self.running[key] = op
-        d = defer.ensureDeferred(handler(op))
+        try:
+            d = self._store_described(op) if field == commands.C_STORE_RQ else None
+        except Exception:  # noqa: BLE001 - answered by _failed, as a coroutine's failure would be
+            d = defer.fail()
+        if d is None:
+            d = defer.ensureDeferred(handler(op))
         d.addErrback(self._failed, op)
         d.addBoth(lambda _: self.running.pop(key, None))
 
@@ -1059,24 +1070,13 @@ class ScpServices:
         if path is None:       # the data set could not be staged (see dataset_sink)
             await op.respond(dimse.STORE_OUT_OF_RESOURCES, comment="cannot write to storage")
             return
-        described = getattr(op.message.sink, "described", None)
-        if described is not None and endpoint.checked_downstream():
-            # Described from the request and the data set's head; the store checks the file.
-            instance = DicomInstance(path=path, sop_class_uid=strip_padding(command.get("AffectedSOPClassUID", "")),
-                                     sop_instance_uid=strip_padding(command.get("AffectedSOPInstanceUID", "")),
-                                     transfer_syntax_uid=op.transfer_syntax, study_instance_uid=described[0],
-                                     series_instance_uid=described[1],
-                                     size=op.message.sink.meta_length + op.message.sink.received, owned=True,
-                                     unchecked=True)
-            try:
-                await self._store_through(op, instance, None)
-            finally:
-                instance.release()
-            return
+        # The store's C-STORE with a described instance took _store_described before this.
+        early = _journal_early(endpoint.storage_journal, endpoint.storage_dir, path, command,
+                               getattr(op.message.sink, "described", None), op.message.sink)
         try:
             instance, header, refusal = await blocking.run(
                 endpoint.reactor, _read_received, path, endpoint.forward_store and endpoint.header_has_readers(),
-                command, endpoint.storage_dir, endpoint.storage_journal)
+                command, endpoint.storage_dir, endpoint.storage_journal, early)
         except Exception:  # noqa: BLE001 - any decode failure means a corrupt dataset
             _unlink(path)
             log.warn("dicom_scp {name}: refused an unreadable C-STORE dataset", name=endpoint.name)
@@ -1098,23 +1098,60 @@ class ScpServices:
         finally:
             instance.release()
 
-    async def _store_through(self, op: Operation, instance: DicomInstance, header: dict | None):
-        """The received *instance* through the pipeline; its answer to the sender."""
+    def _store_described(self, op: Operation) -> defer.Deferred | None:
+        """The common C-STORE, with plain callbacks: an instance described from the
+        request and the data set's head (its UIDs), down a pipeline with no middleware
+        to backends that check the file themselves (the store reads it anyway).  ``None``
+        for any other C-STORE (:meth:`on_store`).  A coroutine per instance and two
+        nested ones cost a visible share of the reactor's time per instance (bench/dimse
+        "CPU per instance"); this is the path every plain archive ingest takes."""
         endpoint = self.endpoint
-        env = endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
+        message = op.message
+        sink = message.sink
+        described = getattr(sink, "described", None)
+        if message.dataset is None or described is None or not endpoint.checked_downstream():
+            return None
+        command = message.command
+        instance = DicomInstance(path=message.dataset,
+                                 sop_class_uid=strip_padding(command.get("AffectedSOPClassUID", "")),
+                                 sop_instance_uid=strip_padding(command.get("AffectedSOPInstanceUID", "")),
+                                 transfer_syntax_uid=op.transfer_syntax, study_instance_uid=described[0],
+                                 series_instance_uid=described[1], size=sink.meta_length + sink.received,
+                                 owned=True, unchecked=True)
+        env = self._store_envelope(op, instance, None)
+        d = endpoint.within_deadline(endpoint.pipeline.handle(env, endpoint), env)
+        d.addCallback(self._answer_store, op)
+        return d.addBoth(_released, instance)
+
+    def _store_envelope(self, op: Operation, instance: DicomInstance, header: dict | None):
+        env = self.endpoint.envelope(op.assoc, op.context, C_STORE, None, sop_instance_uid=instance.sop_instance_uid)
         env.state.dicom.instance = instance
         env.normalized = header
-        response = await endpoint.run_pipeline(env)
+        return env
+
+    async def _store_through(self, op: Operation, instance: DicomInstance, header: dict | None):
+        """The received *instance* through the pipeline; its answer to the sender."""
+        response = await self.endpoint.run_pipeline(self._store_envelope(op, instance, header))
+        await self._answer_store(response, op)
+
+    def _answer_store(self, response, op: Operation) -> defer.Deferred:
+        """The C-STORE response for the pipeline's *response*, once its stream (if any) is counted."""
         stream = response.state.dicom_results
         if stream is None:
             status = response.state.dimse_status
             if status is None:
                 status = dimse.SUCCESS if response.status < 300 else dimse.PROCESSING_FAILURE
-            await op.respond(status, comment=response.state.error_comment)
-            return
-        await stream.when_counted()
-        await op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
-                         comment=stream.error_comment)
+            return op.respond(status, comment=response.state.error_comment)
+
+        def counted(_):
+            return op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,
+                              comment=stream.error_comment)
+        return stream.when_counted().addCallback(counted)
+
+
+def _released(result, instance: DicomInstance):
+    instance.release()
+    return result
 
 
 def _broken(stream, error) -> tuple[int, str]:
@@ -1152,7 +1189,25 @@ def _unlink(path) -> None:
         pass
 
 
-def _read_received(path, with_header: bool, command: dict, storage_dir: Path | None = None, journal=None):
+def _journal_early(journal, storage_dir, path, command: dict, described, sink):
+    """Start journaling a received file for *storage_dir* before it is checked
+    (on the reactor: the commit thread and the worker thread wake together),
+    named from the UIDs its head gave while it arrived; None when it cannot be."""
+    if journal is None or described is None or path is None:
+        return None
+    sop_uid = strip_padding(command.get("AffectedSOPInstanceUID", ""))
+    if not all(valid_uid(u) for u in (*described, sop_uid)):
+        return None
+    try:
+        study, series = described
+        return journal.begin(Path(path), _stored_at(storage_dir, study, series, sop_uid),
+                             size=sink.meta_length + sink.received)
+    except OSError:
+        return None  # tried again, and reported, when the file is placed
+
+
+def _read_received(path, with_header: bool, command: dict, storage_dir: Path | None = None, journal=None,
+                   early=None):
     """Validate a received Part-10 file (every element inside it, its UIDs, its
     match with the C-STORE request), describe it, with its header as DICOM JSON
     when it goes on through the pipeline, and file it durably in *storage_dir*
@@ -1160,31 +1215,75 @@ def _read_received(path, with_header: bool, command: dict, storage_dir: Path | N
     one worker-thread hop per instance (each hop cost a thread hand-off and a
     reactor wake-up per instance, bench/dimse).
 
+    *early*: the file's journal placement, begun before this hop from the UIDs
+    its head gave (:func:`_journal_early`), so the journal's flush runs while
+    the file is checked here (the flush was half of an instance's time,
+    bench/dimse); a file that fails its checks has its record withdrawn before
+    the answer.
+
     Returns ``(instance, header, refusal)``: refusal None, a (status, comment),
     or the OSError that kept the file out of *storage_dir*."""
-    parsed = parse_stamped(path)  # the one parse: validation, the header JSON and the store's index header
-    instance = read_instance(path, ds=parsed[1])
-    instance.parsed = parsed
-    instance.owned = True
-    uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
-    if not all(valid_uid(u) for u in uids):
-        return instance, None, (dimse.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
-    if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
-            instance.sop_class_uid != command.get("AffectedSOPClassUID"):
-        return instance, None, (dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
-    header = _header_json(parsed[1]) if with_header else None  # before a move: large values read from *path*
-    if storage_dir is not None:
-        dest = storage_dir / instance.study_instance_uid / instance.series_instance_uid / \
-            f"{instance.sop_instance_uid}.dcm"
+    try:
+        parsed = None
+        instance = None if with_header else _scanned(path)
+        if instance is None:
+            parsed = parse_stamped(path)  # the one parse: validation, the header JSON and the store's index header
+            instance = read_instance(path, ds=parsed[1])
+            instance.parsed = parsed
+        instance.owned = True
+        uids = (instance.sop_instance_uid, instance.study_instance_uid, instance.series_instance_uid)
+        if not all(valid_uid(u) for u in uids):
+            return instance, None, (dimse.STORE_CANNOT_UNDERSTAND, "missing or invalid UIDs in the dataset")
+        if instance.sop_instance_uid != command.get("AffectedSOPInstanceUID") or \
+                instance.sop_class_uid != command.get("AffectedSOPClassUID"):
+            return instance, None, (dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
+        header = _header_json(parsed[1]) if parsed is not None and with_header else None  # values from *path*
+        if storage_dir is not None:
+            dest = _stored_at(storage_dir, instance.study_instance_uid, instance.series_instance_uid,
+                              instance.sop_instance_uid)
+            try:
+                if early is not None and early.dest == dest:
+                    placement, early = early, None
+                    placement.claim()
+                elif journal is not None:
+                    journal.place(Path(instance.path), dest)
+                else:
+                    durable_move(instance.path, dest)
+            except OSError as e:
+                return instance, None, e
+            instance.path, instance.owned = dest, False
+        return instance, header, None
+    finally:
+        if early is not None:  # refused, or named otherwise than its head said
+            try:
+                early.withdraw()
+            except OSError as e:
+                log.error("storage journal of {path}: a refused file's record could not be withdrawn ({error}); "
+                          "a crash now would write it", path=str(storage_dir), error=e.strerror)
+
+
+def _scanned(path) -> DicomInstance | None:
+    """The received file described from its bytes (harmony.dicom.rawscan: checked
+    whole, no pydicom Dataset; pydicom's parse was the largest part of the worker
+    thread's CPU per instance), or None when the scanner leaves it to pydicom.
+    Raises CorruptDataset for a file that cannot be complete."""
+    try:
+        scanned = scan_file(path)
         try:
-            if journal is not None:
-                journal.place(Path(instance.path), dest)
-            else:
-                durable_move(instance.path, dest)
-        except OSError as e:
-            return instance, None, e
-        instance.path, instance.owned = dest, False
-    return instance, header, None
+            return DicomInstance(path=Path(path), sop_class_uid=scanned.sop_class_uid or "",
+                                 sop_instance_uid=scanned.sop_instance_uid or "",
+                                 transfer_syntax_uid=strip_padding(scanned.transfer_syntax_uid),
+                                 study_instance_uid=scanned.study_instance_uid or "",
+                                 series_instance_uid=scanned.series_instance_uid or "", size=len(scanned.data))
+        finally:
+            scanned.close()
+    except ScanDeclined:
+        return None
+
+
+def _stored_at(storage_dir: Path, study: str, series: str, sop_instance: str) -> Path:
+    """Where an instance is filed in *storage_dir*."""
+    return storage_dir / study / series / f"{sop_instance}.dcm"
 
 
 def _pairs_listed(stream) -> list:

@@ -111,28 +111,31 @@ def upsert_instance(conn: sqlite3.Connection, attrs: dict, *, sop_class_uid: str
     levels = split_levels(attrs)
     pid, issuer = first(attrs, T_PATIENT_ID), first(attrs, T_ISSUER)
     patient_key, patient_attrs = f"{pid}\\{issuer}", json.dumps(levels[PATIENT])
+    study_uid, study_attrs = first(attrs, T_STUDY_UID), json.dumps(levels[STUDY])
+    series_uid, series_attrs = first(attrs, T_SERIES_UID), json.dumps(levels[SERIES])
+    sop = first(attrs, T_SOP_UID)
+    # What is there already, in one query (was four: a statement each, and on sqlite
+    # the GIL given up and taken back around each, per instance; on PostgreSQL a round trip each).
+    have = conn.execute(_EXISTING, (patient_key, study_uid, series_uid, sop)).fetchone()
     patient_pk = _parent_pk(
-        conn, "patients", "patient_key", patient_key, patient_attrs,
+        conn, have[0:2], patient_attrs,
         "INSERT INTO patients(patient_key, patient_id, attrs) VALUES(?,?,?) "
         "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs RETURNING pk",
         (patient_key, pid, patient_attrs))
-    study_uid, study_attrs = first(attrs, T_STUDY_UID), json.dumps(levels[STUDY])
     study_pk = _parent_pk(
-        conn, "studies", "study_uid", study_uid, study_attrs,
+        conn, have[2:5], study_attrs,
         "INSERT INTO studies(study_uid, patient_pk, accession, study_date, attrs) VALUES(?,?,?,?,?) "
         "ON CONFLICT(study_uid) DO UPDATE SET patient_pk=excluded.patient_pk, accession=excluded.accession, "
         "study_date=excluded.study_date, attrs=excluded.attrs RETURNING pk",
         (study_uid, patient_pk, first(attrs, T_ACCESSION), first(attrs, T_STUDY_DATE), study_attrs),
-        parent=("patient_pk", patient_pk))
-    series_uid, series_attrs = first(attrs, T_SERIES_UID), json.dumps(levels[SERIES])
+        parent_pk=patient_pk)
     series_pk = _parent_pk(
-        conn, "series", "series_uid", series_uid, series_attrs,
+        conn, have[5:8], series_attrs,
         "INSERT INTO series(series_uid, study_pk, modality, attrs) VALUES(?,?,?,?) "
         "ON CONFLICT(series_uid) DO UPDATE SET study_pk=excluded.study_pk, modality=excluded.modality, "
         "attrs=excluded.attrs RETURNING pk",
-        (series_uid, study_pk, first(attrs, T_MODALITY), series_attrs), parent=("study_pk", study_pk))
-    sop = first(attrs, T_SOP_UID)
-    old = conn.execute("SELECT relpath, series_pk FROM instances WHERE sop_uid=?", (sop,)).fetchone()
+        (series_uid, study_pk, first(attrs, T_MODALITY), series_attrs), parent_pk=study_pk)
+    old = have[8:10] if have[8] is not None else None
     conn.execute(
         "INSERT INTO instances(sop_uid, series_pk, sop_class_uid, transfer_syntax_uid, relpath, size, stored_at, "
         "attrs, metadata) "
@@ -148,9 +151,17 @@ def upsert_instance(conn: sqlite3.Connection, attrs: dict, *, sop_class_uid: str
     return None
 
 
-def _parent_pk(conn, table: str, key_column: str, key: str, attrs_json: str, upsert: str, args: tuple,
-               parent: tuple | None = None) -> int:
-    """The pk of a patient/study/series row, written only when it is new or changed.
+#: The patient, study, series and instance rows an instance's keys name, if any: one row,
+#: each part NULL where absent (every key is UNIQUE).
+_EXISTING = ("SELECT p.pk, p.attrs, st.pk, st.attrs, st.patient_pk, se.pk, se.attrs, se.study_pk, i.relpath, "
+             "i.series_pk FROM (SELECT 1 AS one) AS one "
+             "LEFT JOIN patients p ON p.patient_key=? LEFT JOIN studies st ON st.study_uid=? "
+             "LEFT JOIN series se ON se.series_uid=? LEFT JOIN instances i ON i.sop_uid=?")
+
+
+def _parent_pk(conn, have: tuple, attrs_json: str, upsert: str, args: tuple, parent_pk: int | None = None) -> int:
+    """The pk of a patient/study/series row, written only when it is new or changed
+    (*have*: its ``(pk, attrs[, parent pk])`` as read before, pk ``None`` if absent).
 
     Every instance of a study carries the same patient, study and series
     attributes: upserting them each time would make concurrent ingests of one
@@ -159,10 +170,8 @@ def _parent_pk(conn, table: str, key_column: str, key: str, attrs_json: str, ups
     lock); write only what differs.  The instance row's foreign key still
     takes a share lock on its series, which concurrent inserts do not contend for.
     """
-    row = conn.execute(f"SELECT pk, attrs{', ' + parent[0] if parent else ''} FROM {table} WHERE {key_column}=?",
-                       (key,)).fetchone()
-    if row is not None and row[1] == attrs_json and (parent is None or row[2] == parent[1]):
-        return row[0]
+    if have[0] is not None and have[1] == attrs_json and (parent_pk is None or have[2] == parent_pk):
+        return have[0]
     return conn.execute(upsert, args).fetchone()[0]
 
 

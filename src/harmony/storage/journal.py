@@ -3,36 +3,55 @@
 Why it exists: a file in a folder is durable after three things - its data
 synced, its name in the folder, the folder synced - and done in that order
 they are two flushes in a row (fdatasync, then the folder's fsync after the
-rename): 75 % of ``dicom_scp``'s worker-thread time with ``storage_dir``
-(bench/dimse).  The fastest flush on this disk is a write over blocks
-already written, which needs no file-system journal commit: what a sqlite
-WAL is once it has reached its size.
+rename), each a file-system journal commit.  One flush is enough before a
+sender is told Success if the bytes are first made durable somewhere that
+needs no metadata written: a log file whose blocks were written and synced
+when it was made, so a write over them changes no size and no block map, and
+its fdatasync is one data write and a disk cache flush (bench/dimse/README.md
+has the numbers: about half a sqlite WAL commit of the same bytes here).
 
-So each process keeps a journal (a sqlite file in ``<folder>/.journal/``,
-named by its pid).  Placing a small file:
+So each process keeps a log (``<folder>/.journal/<pid>.log``, preallocated).
+Placing a small file:
 
-1. its bytes are committed as a row of the journal (``synchronous=FULL``: the
-   WAL append and one fdatasync) - from here on the file survives a crash;
+1. its bytes are appended to the log as one checksummed record, with one
+   ``pwrite`` and one ``fdatasync`` - from here on the file survives a crash.
+   Placements that arrive while a flush runs share the next one (group
+   commit: the first to wait writes every waiting record and flushes once);
 2. it is given its name in the folder - a new name with a hard link before its
-   data is synced (atomic, fails if the name exists), an existing name only
-   replaced by synced data (:func:`harmony.storage.files.claim_name`) - so a
-   reader finds it at once;
-3. the caller may answer; the file's data sync and its folder's fsync run on a
-   flush thread, and then the row is deleted (in a later transaction).
+   data is synced (atomic, fails if the name exists), an existing name
+   replaced (:func:`harmony.storage.files.claim_name`) - so a reader finds it
+   at once;
+3. the caller may answer; a flusher thread makes the files durable in
+   batches, every few milliseconds: each file's fdatasync, then one fsync per
+   folder for all the files named in it.
 
-A process that starts replays the journals of processes that are gone (the
-pid-named files, as :class:`harmony.dicom.files.Staging` does): every row's
-file is written again, durably, whatever the crash left of it, then the
-journal is removed.  Files larger than ``max_bytes`` skip the journal and are
-moved the classic way (sync, rename, folder sync).
+The log starts again from its beginning (a new *epoch* in its header) at the
+first commit that finds every file it holds synced: records of an older epoch
+that still lie beyond the new end are never replayed.  Only when syncs lag
+behind does the log grow; when it is full a commit waits for the flusher.
+
+A process that starts replays the logs of processes that are gone (the
+pid-named files, as :class:`harmony.dicom.files.Staging` does): the records of
+the log's current epoch up to the first damaged one (a write a power loss cut
+short was never acknowledged), the latest for each name, are written again,
+durably, then the log is removed.  Files larger than ``max_bytes`` skip the
+log and are moved the classic way (sync, rename, folder sync); one that
+replaces a name the log still holds waits for that name's sync and is then
+recorded as *forgotten* so a replay cannot put the older bytes back.
+
+A replay can also bring back a file that a consumer deleted from the folder
+after it was placed but before the log started again (milliseconds, or as
+long as syncs lag): delivery is at least once, never lost.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
+import struct
 import threading
+import time
 import uuid
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,38 +63,116 @@ log = get_logger("harmony.storage.journal")
 
 #: Files up to this size are journaled; larger ones are moved the classic way.
 JOURNAL_MAX_BYTES = 256 * 1024
-SCHEMA = "CREATE TABLE IF NOT EXISTS pending (relpath TEXT PRIMARY KEY, data BLOB NOT NULL)"
+#: The log's size, written with zeros and synced once when it is made.
+LOG_BYTES = 8 * 1024 * 1024
+
+#: The flusher syncs at most this often (seconds), unless this many files wait.
+SYNC_INTERVAL = 0.005
+SYNC_BATCH = 64
+
+#: Log header: magic, format version, epoch; CRC-32 of those.
+_HEADER = struct.Struct("<4sIQI")
+_MAGIC = b"HJL1"
+#: A record: epoch, kind, name length, data length; CRC-32 of header fields, name and data.
+_RECORD = struct.Struct("<QBHII")
+_PLACED, _FORGOTTEN = 1, 2
+#: A forgotten record's data: the epoch and [from, to) offsets of the name's records it forgets.
+_RANGE = struct.Struct("<QQQ")
+#: Threads that journal files while their callers check them (one flush carries all that wait).
+COMMIT_THREADS = 4
+_SUFFIX = ".log"
+
+
+class _Batch:
+    """Records waiting for one write and one flush."""
+
+    __slots__ = ("records", "size", "done", "error")
+
+    def __init__(self):
+        #: [kind, relpath, data, epoch, offset] - the last two set when written.
+        self.records: list[list] = []
+        self.size = 0
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class Placement:
+    """A file being journaled (:meth:`FolderJournal.begin`): claim it or withdraw it."""
+
+    def __init__(self, journal: FolderJournal, src: Path, dest: Path, relpath: str):
+        self.journal, self.src, self.dest, self.relpath = journal, src, dest, relpath
+        self.committed: Future = Future()
+
+    def claim(self) -> None:
+        """Wait for the journal's flush, then give the file its name: on return
+        it survives a crash."""
+        self.committed.result()  # an OSError when the journal refused it
+        journal = self.journal
+        try:
+            claim_name(self.src, self.dest, journal.folder, journaled=True)
+        except OSError:
+            try:
+                durable_move(self.src, self.dest)  # another file system (EXDEV): copied, synced, renamed
+            finally:
+                journal._synced([self.relpath])  # settled either way: the log may start again
+            return
+        journal._placed(self.relpath, self.dest)
+
+    def withdraw(self) -> None:
+        """The file is not to be placed (it failed its checks): its record is
+        withdrawn, durably, so a replay does not write it either."""
+        try:
+            epoch, offset = self.committed.result()
+        except OSError:
+            return  # never journaled
+        try:
+            self.journal._commit(_FORGOTTEN, self.relpath, _RANGE.pack(epoch, offset, offset + 1))
+        finally:
+            self.journal._synced([self.relpath])
 
 
 class FolderJournal:
     """The journal of one process for *folder* (see the module docstring)."""
 
-    def __init__(self, folder: Path, max_bytes: int = JOURNAL_MAX_BYTES, flush_threads: int = 4):
+    def __init__(self, folder: Path, max_bytes: int = JOURNAL_MAX_BYTES, log_bytes: int = LOG_BYTES):
         self.folder = Path(folder)
         self.dir = self.folder / ".journal"
         self.max_bytes = max_bytes
-        self.path = self.dir / f"{os.getpid()}.sqlite"
-        self._flush_threads = flush_threads
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._flusher: ThreadPoolExecutor | None = None
-        #: Rows whose files are durable: deleted in the next journal transaction.
-        self._done: list[str] = []
-        #: A flush failed: the journal must survive for the next start to replay.
+        self.log_bytes = max(log_bytes, _HEADER.size + _RECORD.size + 4096 + max_bytes)
+        self.path = self.dir / f"{os.getpid()}{_SUFFIX}"
+        self._fd: int | None = None
+        self._cond = threading.Condition()
+        #: The batch the next flush writes, and whether a flush is running.
+        self._batch = _Batch()
+        self._flushing = False
+        self._epoch = 0
+        self._end = 0        # where the next record goes
+        #: Names recorded in this epoch -> files of theirs not yet synced.
+        self._names: dict[str, int] = {}
+        #: Placed files written to the log whose sync has not finished.
+        self._written_unsynced = 0
+        #: A write to the log failed: its state is unknown, every later placement is refused.
+        self._write_failed: BaseException | None = None
+        #: Files named but not yet synced, for the flusher: (relpath, path).
+        self._to_sync: list[tuple[str, Path]] = []
+        self._flusher: threading.Thread | None = None
+        self._committer: ThreadPoolExecutor | None = None
+        #: Log flushes so far (one per group of placements).
+        self.flushes = 0
+        #: A file's or folder's sync failed: the log must survive for the next start to replay.
         self.broken = False
         self.closed = False
 
     # ------------------------------------------------------------------ start and stop
 
     def open(self) -> int:
-        """Replay the journals of processes that are gone; returns the files written again."""
-        self.path = self.dir / f"{os.getpid()}.sqlite"  # this process's (a worker made from a fork has its own)
+        """Replay the logs of processes that are gone; returns the files written again."""
+        self.path = self.dir / f"{os.getpid()}{_SUFFIX}"  # this process's (a worker made from a fork has its own)
         make_dirs(self.dir, self.folder)
         replayed = 0
-        for other in sorted(self.dir.glob("*.sqlite")):
-            if other == self.path or not other.stem.isdigit() or process_alive(int(other.stem)):
+        for other in sorted(self.dir.glob("*")):
+            if other.suffix not in (_SUFFIX, ".sqlite") or other == self.path or not other.stem.isdigit() \
+                    or process_alive(int(other.stem)):
                 continue
             replayed += self._replay(other)
         if replayed:
@@ -84,14 +181,8 @@ class FolderJournal:
         return replayed
 
     def _replay(self, journal: Path) -> int:
-        conn = sqlite3.connect(journal, isolation_level=None)
-        try:
-            rows = conn.execute("SELECT relpath, data FROM pending").fetchall()
-        except sqlite3.OperationalError:
-            rows = []  # made but never written to
-        finally:
-            conn.close()
-        for relpath, data in rows:
+        files = read_log(journal.read_bytes()) if journal.suffix == _SUFFIX else _read_sqlite_journal(journal)
+        for relpath, data in files.items():
             dest = self.folder / relpath
             if not _inside(self.folder, dest):
                 continue
@@ -103,101 +194,306 @@ class FolderJournal:
                 os.fdatasync(f.fileno())
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
-        _remove(journal)
-        return len(rows)
+        for suffix in ("", "-wal", "-shm"):
+            _remove(Path(f"{journal}{suffix}"))
+        return len(files)
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until every placed file's own syncs have finished (or one failed)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._written_unsynced or self.broken, timeout)
 
     def close(self) -> None:
-        """Wait for the flushes; remove the journal if every row is settled."""
+        """Wait for the syncs; remove the log if every file is synced."""
         if self.closed:
             return
-        self.closed = True
-        if self._flusher is not None:
-            self._flusher.shutdown(wait=True)
-        with self._lock:
-            conns, self._conns = self._conns, []
-        left = 1
-        if conns and not self.broken:
-            try:
-                left = conns[0].execute("SELECT count(*) FROM pending").fetchone()[0] - len(self._done)
-            except sqlite3.Error:
-                left = 1
-        for c in conns:
-            c.close()
-        if left == 0 or not conns:
-            _remove(self.path)
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+            flusher, committer = self._flusher, self._committer
+        if committer is not None:
+            committer.shutdown(wait=True)
+        if flusher is not None:
+            flusher.join()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            if self.broken or self._written_unsynced or self._write_failed is not None:
+                return  # the next start replays it
+        _remove(self.path)
 
     # ------------------------------------------------------------------ placing (any thread)
 
     def place(self, src: Path, dest: Path) -> None:
         """Move the file *src* (ours) to *dest* inside the folder, durably: on
         return it survives a crash (see the module docstring)."""
+        placement = self.begin(src, dest, at_once=True)
+        if placement is None:
+            self._place_large(src, dest, dest.relative_to(self.folder).as_posix())
+        else:
+            placement.claim()
+
+    def begin(self, src: Path, dest: Path, at_once: bool = False, size: int | None = None) -> Placement | None:
+        """Start journaling *src* for *dest* on a commit thread, so the caller
+        can check the file meanwhile; then :meth:`Placement.claim` (it is
+        placed) or :meth:`Placement.withdraw` (it is not).  ``None`` (and
+        nothing done) when the file is too large for the journal.
+        *at_once*: journal it on this thread (nothing to do meanwhile); *size*:
+        the file's, when the caller knows it."""
         if self.closed:
             raise OSError(5, "the storage journal is closed")
-        if src.stat().st_size > self.max_bytes:
-            durable_move(src, dest)
-            return
         relpath = dest.relative_to(self.folder).as_posix()
-        try:
-            self._record(relpath, src.read_bytes())
-        except sqlite3.Error as e:
-            raise OSError(5, f"the storage journal refused a write: {e}") from None
-        try:
-            fresh = claim_name(src, dest, self.folder, journaled=True)
-        except OSError:
-            durable_move(src, dest)  # another file system (EXDEV): copied, synced, renamed
-            with self._lock:
-                self._done.append(relpath)
-            return
-        flushes = [self._flush(fsync_dir, dest.parent)]
-        if fresh:
-            flushes.append(self._flush(fdatasync_file, dest))
-        left = [len(flushes)]
-
-        def finished(flush: Future) -> None:
-            with self._lock:
-                left[0] -= 1
-                if flush.exception() is not None:
-                    self.broken = True
-                    log.error("storage journal {folder}: a file or folder sync failed; the next start writes "
-                              "it again from the journal", folder=str(self.folder))
-                elif left[0] == 0 and not self.broken:
-                    self._done.append(relpath)
-        for flush in flushes:
-            flush.add_done_callback(finished)
-
-    def _record(self, relpath: str, data: bytes) -> None:
-        conn = self._conn()
-        with self._lock:
-            done, self._done = self._done, []
-        with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
+        if (src.stat().st_size if size is None else size) > self.max_bytes:
+            return None
+        placement = Placement(self, src, dest, relpath)
+        if at_once:
+            placement.committed.set_result(self._commit(_PLACED, relpath, src.read_bytes()))
+        else:
+            with self._cond:
+                if self._committer is None:
+                    self._committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="harmony-journal-commit")
+                committer = self._committer
             try:
-                conn.executemany("DELETE FROM pending WHERE relpath=?", [(r,) for r in done if r != relpath])
-                conn.execute("INSERT OR REPLACE INTO pending(relpath, data) VALUES(?,?)", (relpath, data))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                with self._lock:
-                    self._done[:0] = done
-                raise
-            conn.execute("COMMIT")
+                placement.committed = committer.submit(lambda: self._commit(_PLACED, relpath, src.read_bytes()))
+            except RuntimeError:  # closed meanwhile
+                raise OSError(5, "the storage journal is closed") from None
+        return placement
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(SCHEMA)
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
-        return conn
-
-    def _flush(self, fn, *args) -> Future:
-        with self._lock:
+    def _placed(self, relpath: str, dest: Path) -> None:
+        """*dest* has its name: its syncs go to the flusher."""
+        with self._cond:
+            self._to_sync.append((relpath, dest))
             if self._flusher is None:
-                self._flusher = ThreadPoolExecutor(self._flush_threads, thread_name_prefix="harmony-journal-flush")
-            return self._flusher.submit(fn, *args)
+                self._flusher = threading.Thread(target=self._flush_loop, name="harmony-journal-flush",
+                                                 daemon=True)
+                self._flusher.start()
+            self._cond.notify_all()
+
+    def _place_large(self, src: Path, dest: Path, relpath: str) -> None:
+        with self._cond:
+            while self._names.get(relpath) and not self.broken:
+                self._cond.wait()   # the journaled older copy synced first: never older bytes over newer
+            held, epoch, before = relpath in self._names, self._epoch, self._end
+        durable_move(src, dest)
+        if held:  # the older copies in the log are forgotten, so a replay cannot put them back
+            self._commit(_FORGOTTEN, relpath, _RANGE.pack(epoch, 0, before))
+
+    def _commit(self, kind: int, relpath: str, data: bytes) -> tuple[int, int]:
+        """One record durable in the log; waits for the flush that carries it.
+        Returns the record's (epoch, offset)."""
+        record: list = [kind, relpath, data, 0, 0]
+        with self._cond:
+            batch = self._batch
+            batch.records.append(record)
+            batch.size += _RECORD.size + len(relpath.encode()) + len(data)
+            if kind == _PLACED:
+                self._names[relpath] = self._names.get(relpath, 0) + 1
+            while not batch.done and self._flushing:
+                self._cond.wait()
+            if batch.done:
+                if batch.error is not None:
+                    raise OSError(5, f"the storage journal refused a write: {batch.error}")
+                return record[3], record[4]
+            # This thread writes every record waiting so far (the leader of a group commit).
+            self._batch = _Batch()
+            self._flushing = True
+            try:
+                if self._write_failed is not None:
+                    raise self._write_failed
+                offset = self._make_room(batch.size)
+            except BaseException as e:
+                self._finish(batch, e)
+                raise
+        try:
+            self._write(batch, offset)
+        except BaseException as e:
+            with self._cond:
+                self._write_failed = OSError(5, f"a write to the storage journal failed: {e}")
+                self._finish(batch, e)
+            raise OSError(5, f"the storage journal refused a write: {e}") from None
+        with self._cond:
+            self._finish(batch, None)
+        return record[3], record[4]
+
+    def _finish(self, batch: _Batch, error: BaseException | None) -> None:
+        batch.done, batch.error = True, error
+        for kind, relpath, *_ in batch.records:
+            if kind == _PLACED:
+                if error is None:
+                    self._written_unsynced += 1
+                else:
+                    self._drop_name(relpath)
+        self._flushing = False
+        self._cond.notify_all()
+
+    def _make_room(self, size: int) -> int:
+        """Where a batch of *size* bytes goes, -1 for the top of a new epoch
+        (called with the lock held): the log starts again when every file
+        written to it is synced; when it is full, the batch waits for the flusher."""
+        if self._fd is None:
+            self._fd = _make_log(self.path, self.log_bytes)
+            self._end = 0
+        if size > self.log_bytes - _HEADER.size:
+            raise OSError(27, "a batch larger than the storage journal")
+        while True:
+            if self._end == 0 or (self._written_unsynced == 0 and not self.broken):
+                self._epoch += 1
+                self._names = {r: n for r, n in self._names.items() if n}  # the synced ones leave the log
+                return -1
+            if self._end + size <= self.log_bytes:
+                return self._end
+            if self.broken:
+                raise OSError(28, "the storage journal is full and a sync failed")
+            self._cond.wait()
+
+    def _write(self, batch: _Batch, offset: int) -> None:
+        parts = []
+        if offset < 0:  # a new epoch: header first, records right after it
+            head = struct.pack("<4sIQ", _MAGIC, 1, self._epoch)
+            parts.append(head + struct.pack("<I", zlib.crc32(head)))
+            offset = 0
+        at = offset + sum(map(len, parts))
+        for record in batch.records:
+            kind, relpath, data = record[:3]
+            name = relpath.encode()
+            head = _RECORD.pack(self._epoch, kind, len(name), len(data), 0)[:-4]
+            crc = zlib.crc32(data, zlib.crc32(name, zlib.crc32(head)))
+            parts.append(head + struct.pack("<I", crc) + name + data)
+            record[3], record[4] = self._epoch, at
+            at += len(parts[-1])
+        blob = b"".join(parts)
+        assert self._fd is not None
+        if os.pwrite(self._fd, blob, offset) != len(blob):
+            raise OSError(5, "a short write to the storage journal")
+        os.fdatasync(self._fd)
+        self._end = offset + len(blob)  # only the leader of a flush touches it
+        self.flushes += 1
+
+    # ------------------------------------------------------------------ syncing behind the answers
+
+    def _flush_loop(self) -> None:
+        last = 0.0
+        while True:
+            with self._cond:
+                while not self._to_sync and not self.closed:
+                    self._cond.wait()
+                # A few milliseconds to gather more files into one sync (they are durable in the log meanwhile).
+                gather = last + SYNC_INTERVAL - time.monotonic()
+                if gather > 0 and not self.closed:
+                    self._cond.wait_for(lambda: self.closed or len(self._to_sync) >= SYNC_BATCH, gather)
+                batch, self._to_sync = self._to_sync, []
+                if not batch and self.closed:
+                    return
+            last = time.monotonic()
+            synced, failed = self._sync(batch)
+            if failed:
+                with self._cond:
+                    self.broken = True
+                    self._cond.notify_all()
+                log.error("storage journal {folder}: a file or folder sync failed; the next start writes "
+                          "it again from the journal", folder=str(self.folder))
+            self._synced(synced)
+
+    def _sync(self, batch: list[tuple[str, Path]]) -> tuple[list[str], bool]:
+        """Make the named files of *batch* durable: each file's fdatasync, then
+        each folder's fsync once for all the files named in it."""
+        synced: list[str] = []
+        folders: dict[Path, list[str]] = {}
+        failed = False
+        for relpath, path in batch:
+            try:
+                fdatasync_file(path)
+            except FileNotFoundError:
+                pass  # replaced or taken away since: nothing of it left to sync
+            except OSError:
+                failed = True
+                continue
+            folders.setdefault(path.parent, []).append(relpath)
+        for folder, names in folders.items():
+            try:
+                fsync_dir(folder)
+            except OSError:
+                failed = True
+                continue
+            synced += names
+        return synced, failed
+
+    def _synced(self, relpaths: list[str]) -> None:
+        with self._cond:
+            for relpath in relpaths:
+                self._drop_name(relpath)
+                self._written_unsynced -= 1
+            self._cond.notify_all()
+
+    def _drop_name(self, relpath: str) -> None:
+        left = self._names.get(relpath, 0) - 1
+        if left > 0:
+            self._names[relpath] = left
+        else:
+            self._names[relpath] = 0  # still recorded in this epoch (a large file over it must be forgotten)
+
+
+def read_log(content: bytes) -> dict[str, bytes]:
+    """The files a log holds: its current epoch's records up to the first
+    damaged one, the latest not forgotten for each name."""
+    placed: dict[str, list[tuple[int, bytes]]] = {}
+    if len(content) < _HEADER.size:
+        return {}
+    magic, version, epoch, crc = _HEADER.unpack_from(content)
+    if magic != _MAGIC or version != 1 or crc != zlib.crc32(content[:_HEADER.size - 4]):
+        return {}
+    at = _HEADER.size
+    while at + _RECORD.size <= len(content):
+        rec_epoch, kind, name_len, data_len, crc = _RECORD.unpack_from(content, at)
+        end = at + _RECORD.size + name_len + data_len
+        if rec_epoch != epoch or kind not in (_PLACED, _FORGOTTEN) or end > len(content):
+            break
+        head = content[at:at + _RECORD.size - 4]
+        name = content[at + _RECORD.size:at + _RECORD.size + name_len]
+        data = content[at + _RECORD.size + name_len:end]
+        if zlib.crc32(data, zlib.crc32(name, zlib.crc32(head))) != crc:
+            break  # a write a crash cut short: never acknowledged, nor anything after it
+        relpath = name.decode()
+        if kind == _PLACED:
+            placed.setdefault(relpath, []).append((at, data))
+        elif len(data) == _RANGE.size:
+            of_epoch, lo, hi = _RANGE.unpack(data)
+            if of_epoch == epoch:
+                placed[relpath] = [(o, d) for o, d in placed.get(relpath, []) if not lo <= o < hi]
+        at = end
+    return {relpath: versions[-1][1] for relpath, versions in placed.items() if versions}
+
+
+def _read_sqlite_journal(journal: Path) -> dict[str, bytes]:
+    """The files in a journal an earlier version kept in sqlite (one row a file),
+    so a crash before an upgrade loses nothing."""
+    import sqlite3
+    conn = sqlite3.connect(journal, isolation_level=None)
+    try:
+        return dict(conn.execute("SELECT relpath, data FROM pending").fetchall())
+    except sqlite3.OperationalError:
+        return {}  # made but never written to
+    finally:
+        conn.close()
+
+
+def _make_log(path: Path, size: int) -> int:
+    """The log file, its blocks written (zeros) and synced with its name, so a
+    later write over them changes no metadata."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        zeros = bytes(1024 * 1024)
+        for at in range(0, size, len(zeros)):
+            os.pwrite(fd, zeros[:min(len(zeros), size - at)], at)
+        os.fsync(fd)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        _remove(tmp)
+        raise
+    return fd
 
 
 def _inside(folder: Path, path: Path) -> bool:
@@ -205,8 +501,7 @@ def _inside(folder: Path, path: Path) -> bool:
 
 
 def _remove(journal: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.unlink(f"{journal}{suffix}")
-        except FileNotFoundError:
-            pass
+    try:
+        os.unlink(journal)
+    except FileNotFoundError:
+        pass
