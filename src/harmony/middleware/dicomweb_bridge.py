@@ -427,8 +427,9 @@ class DicomWebBridge(Middleware):
         try:
             outcomes = yield self._store_parts(pipeline, request, dw, described)
         finally:
-            for part, _instance in described:
-                part.release()
+            for part, instance in described:
+                if instance is None or instance.owned:  # else the store moved the file into place
+                    part.release()
         referenced, failed, reasons = [], [], []
         for ok, entry, reason in outcomes:
             (referenced if ok else failed).append(entry)
