@@ -18,7 +18,7 @@ TAG_OF_VR = {
     "TM": 0x00080030, "UI": 0x0020000D, "LO": 0x00081030, "SH": 0x00080050, "UC": 0x00080120,
     "PN": 0x00100010, "LT": 0x00204000, "ST": 0x00080081, "UT": 0x00400602, "IS": 0x00200013,
     "DS": 0x00280030, "US": 0x00280010, "SS": 0x00189219, "UL": 0x00081161, "SL": 0x00186020,
-    "FL": 0x00189087, "FD": 0x00189089,
+    "FL": 0x00181320, "FD": 0x00189089, "AT": 0x00280009,
 }
 TEXT_CHARS = st.sampled_from(list("AZaz09 .\\\0=+-eE^:") + ["\u00e9"])
 NUMERIC_TEXT = st.sampled_from(list("0123456789 .\\+-eE"))
@@ -36,7 +36,7 @@ def raw_element(vr: str, value: bytes, implicit: bool) -> RawDataElement:
 @st.composite
 def values(draw):
     vr = draw(st.sampled_from(sorted(TAG_OF_VR)))
-    if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+    if vr in ("US", "SS", "UL", "SL", "FL", "FD", "AT"):
         value = draw(st.binary(max_size=24))
     else:
         alphabet = NUMERIC_TEXT if vr in ("IS", "DS") and draw(st.booleans()) else TEXT_CHARS

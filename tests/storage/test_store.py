@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import pytest_twisted
@@ -241,3 +242,42 @@ async def test_truncated_instance_is_refused(store, corpus, tmp_path):
     with pytest.raises(InvalidInstance):
         await store.put_bytes(data[:-100])
     assert list(store.instances_dir.rglob("*.dcm")) == [] and leftovers(store) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_ingest_reads_common_instances_without_pydicom(store, corpus, monkeypatch):
+    """The store describes a received instance from its bytes (harmony.dicom.rawscan): no
+    pydicom parse on the common path, and the same index row and stored metadata as pydicom's
+    parse gives (the whole corpus, RLE and multi-frame included, then once more through pydicom)."""
+    from harmony.dicom import files
+    parses = []
+    real = files.dcmread
+    monkeypatch.setattr(files, "dcmread", lambda *a, **k: parses.append(a) or real(*a, **k))
+    rows = ("SELECT sop_uid, sop_class_uid, transfer_syntax_uid, relpath, size, attrs, metadata FROM instances "
+            "ORDER BY sop_uid")
+    for inst in corpus:
+        await store.put_file(inst.path)
+    assert parses == []
+    scanned = await store.read(lambda c: c.execute(rows).fetchall())
+    monkeypatch.setattr("harmony.storage.store.scan_file", _declined)
+    for inst in corpus:
+        await store.put_file(inst.path)
+    assert len(parses) == len(corpus)
+    assert await store.read(lambda c: c.execute(rows).fetchall()) == scanned
+
+
+def _declined(path):
+    from harmony.dicom.rawscan import ScanDeclined
+    raise ScanDeclined("test: every file through pydicom")
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_scanner_declines_pydicom_files(store, tmp_path):
+    """A Latin-1 patient name is left to pydicom: filed and indexed as before."""
+    ds = make_instance(sop_uid="1.2.826.0.1.3680043.10.1442.78.1")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Jürgen"
+    stored = await store.put_file(save(ds, tmp_path / "latin.dcm"))
+    attrs = await store.read(lambda c: c.execute("SELECT attrs FROM instances WHERE sop_uid = ?",
+                                                 (stored.sop_instance_uid,)).fetchone()[0])
+    assert json.loads(attrs)["00100010"]["Value"] == [{"Alphabetic": "Müller^Jürgen"}]

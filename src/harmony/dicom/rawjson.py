@@ -82,6 +82,13 @@ def value_json(tag: int, vr: str, value: bytes) -> dict | None:
         if not count:
             return {"vr": vr}
         return {"vr": vr, "Value": list(struct.unpack(f"<{count}{code}", value))}
+    if vr == "AT":   # tags as (group, element) pairs of 16-bit numbers, in JSON as 8 hex digits
+        count, rest = divmod(len(value), 4)
+        if rest:
+            return None
+        pairs = struct.unpack(f"<{2 * count}H", value)
+        return {"vr": vr, "Value": [f"{pairs[i] << 16 | pairs[i + 1]:08X}" for i in range(0, 2 * count, 2)]
+                } if count else {"vr": vr}
     if vr not in _SPLIT_TEXT and vr not in _SINGLE_TEXT and vr not in ("IS", "DS"):
         return None
     if not value.isascii() or b"\x1b" in value:   # other characters: pydicom decodes with the character set

@@ -15,12 +15,13 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
 from harmony.dicom.rawjson import element_json
+from harmony.dicom.rawscan import UNDEFINED, ScannedFile
 from harmony.dicom.ul.datasets import received_json
 
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_THRESHOLD = 1024
 _NO_BULK = 1 << 62
-UNDEFINED_LENGTH = 0xFFFFFFFF
+UNDEFINED_LENGTH = UNDEFINED
 #: Pixel data (and float/double pixel data) are always bulk data in metadata,
 #: whatever their size: viewers fetch them through frames/bulkdata.
 ALWAYS_BULK = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -51,11 +52,11 @@ def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_T
         key = f"{tag:08X}"
         vr = _vr(raw, tag)
         length = getattr(raw, "length", None) if isinstance(raw, RawDataElement) else None
-        if bulk_base and vr in BULK_VRS and vr != "SQ":
+        if bulk_base and vr in BULK_VRS:
             if length is None:
                 value = ds[tag].value
                 length = len(value) if isinstance(value, (bytes, bytearray)) else 0
-            if length > threshold or length == UNDEFINED_LENGTH or tag in ALWAYS_BULK:
+            if _is_bulk(tag, vr, length, threshold):
                 out[key] = {"vr": vr, "BulkDataURI": bulk_base + "/bulkdata/" + "/".join(_path + (key,))}
                 continue
         attr = element_json(raw)  # the common elements without pydicom's conversions (harmony.dicom.rawjson)
@@ -67,10 +68,43 @@ def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_T
                 out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
                 continue
             attr = elem.to_json_dict(None, _NO_BULK)
-        if vr == "UI" and attr.get("Value"):
-            # DIMSE peers may pad UIDs with NUL; DICOM JSON carries them bare.
-            attr["Value"] = [v.rstrip("\0 ") if isinstance(v, str) else v for v in attr["Value"]]
-        out[key] = attr
+        out[key] = _bare_uids(vr, attr)
+    return out
+
+
+def _is_bulk(tag: int, vr: str, length: int, threshold: int) -> bool:
+    """A binary value given as a BulkDataURI (with a base to point at), never inline."""
+    return vr in BULK_VRS and (length > threshold or length == UNDEFINED_LENGTH or tag in ALWAYS_BULK)
+
+
+def _bare_uids(vr: str, attr: dict) -> dict:
+    if vr == "UI" and attr.get("Value"):
+        # DIMSE peers may pad UIDs with NUL; DICOM JSON carries them bare.
+        attr["Value"] = [v.rstrip("\0 ") if isinstance(v, str) else v for v in attr["Value"]]
+    return attr
+
+
+def scan_to_json(scan: ScannedFile, bulk_base: str | None = None, *, threshold: int = BULK_THRESHOLD,
+                 _elements=None, _path=()) -> dict:
+    """:func:`dataset_to_json` of a file read by :mod:`harmony.dicom.rawscan`, without
+    a pydicom Dataset: the same JSON (tests/dicom/test_rawscan.py), or
+    :class:`~harmony.dicom.rawscan.ScanDeclined` when only pydicom can tell."""
+    out: dict[str, dict] = {}
+    for element in scan.elements if _elements is None else _elements:
+        tag = element.tag
+        if tag >> 16 == 0x0002 or not tag & 0xFFFF:
+            continue
+        key = f"{tag:08X}"
+        vr = element.vr or _vr(None, tag)
+        if bulk_base and _is_bulk(tag, vr, element.length, threshold):
+            out[key] = {"vr": vr, "BulkDataURI": bulk_base + "/bulkdata/" + "/".join(_path + (key,))}
+            continue
+        if element.items is not None:
+            items = [scan_to_json(scan, bulk_base, threshold=threshold, _elements=item, _path=_path + (key, str(i)))
+                     for i, item in enumerate(element.items)]
+            out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            continue
+        out[key] = scan.element_json(element)   # UIDs already bare (rawjson strips them)
     return out
 
 
@@ -84,8 +118,10 @@ def stored_metadata(ds, bulk_base: str) -> str:
     """An instance's WADO-RS metadata as compact JSON text, to keep beside it
     in an archive's index: serving metadata then concatenates stored text
     instead of parsing every file (bench/archive).  *ds* is the instance as
-    read at ingest (values deferred or not: the same answer either way)."""
-    return json.dumps(dataset_to_json(ds, bulk_base), separators=(",", ":"))
+    read at ingest (values deferred or not: the same answer either way), or
+    its :class:`~harmony.dicom.rawscan.ScannedFile`."""
+    doc = scan_to_json(ds, bulk_base) if isinstance(ds, ScannedFile) else dataset_to_json(ds, bulk_base)
+    return json.dumps(doc, separators=(",", ":"))
 
 
 _DIMSE_ONLY = ("00080052", "00080054")  # QueryRetrieveLevel, RetrieveAETitle

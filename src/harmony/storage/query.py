@@ -20,6 +20,7 @@ from pydicom.tag import Tag
 from pydicom.valuerep import VR
 
 from harmony.dicom.rawjson import element_json
+from harmony.dicom.rawscan import ScannedFile
 from harmony.storage.errors import InvalidQuery
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
@@ -85,11 +86,8 @@ def attrs_from_dataset(ds: Dataset) -> dict:
     out = {}
     for tag in list(ds.keys()):
         tag = Tag(tag)
-        if tag.is_private or tag.group in (0x0002, 0x7FE0):
-            continue
         raw = ds.get_item(tag, keep_deferred=True)
-        vr = getattr(raw, "VR", None) or _dictionary_vr(f"{int(tag):08X}", "UN")
-        if vr in BINARY_VRS or vr == "SQ" or (getattr(raw, "length", 0) or 0) > 4 * MAX_VALUE_CHARS:
+        if not _indexed(tag, getattr(raw, "VR", None), getattr(raw, "length", 0) or 0):
             continue
         js = element_json(raw)  # the common elements without pydicom's conversions (harmony.dicom.rawjson)
         if js is None:
@@ -97,10 +95,37 @@ def attrs_from_dataset(ds: Dataset) -> dict:
                 js = ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=MAX_VALUE_CHARS)
             except Exception:  # noqa: BLE001 - a malformed value is skipped, not fatal to ingest
                 continue
-        if "BulkDataURI" in js or "InlineBinary" in js or len(str(js.get("Value", ""))) > MAX_VALUE_CHARS:
-            continue
-        out[f"{int(tag):08X}"] = js
+        if _fits(js):
+            out[f"{int(tag):08X}"] = js
     return out
+
+
+def attrs_from_scan(scan: ScannedFile) -> dict:
+    """:func:`attrs_from_dataset` of a file read by :mod:`harmony.dicom.rawscan`, without
+    a pydicom Dataset: the same attributes (tests/dicom/test_rawscan.py), or
+    :class:`~harmony.dicom.rawscan.ScanDeclined` when only pydicom can tell."""
+    out = {}
+    for element in scan.elements:
+        tag = element.tag
+        if _indexed(tag, element.vr, element.length):
+            js = scan.element_json(element)
+            if _fits(js):
+                out[f"{tag:08X}"] = js
+    return out
+
+
+def _indexed(tag: int, vr: str | None, length: int) -> bool:
+    """Whether an element may be indexed, judged before its value is read: not private,
+    file meta or pixel data, not binary or a sequence, not huge (*vr* ``None``: implicit)."""
+    group = tag >> 16
+    if group & 1 or group == 0x0002 or group == 0x7FE0:
+        return False
+    vr = vr or _dictionary_vr(f"{tag:08X}", "UN")
+    return not (vr in BINARY_VRS or vr == "SQ" or length > 4 * MAX_VALUE_CHARS)
+
+
+def _fits(js: dict) -> bool:
+    return not ("BulkDataURI" in js or "InlineBinary" in js or len(str(js.get("Value", ""))) > MAX_VALUE_CHARS)
 
 
 def split_levels(attrs: dict) -> dict:

@@ -64,6 +64,7 @@ from twisted.python.threadpool import ThreadPool
 
 from harmony.dicom import status as dimse
 from harmony.dicom.files import CorruptDataset, check_complete, stamp_of
+from harmony.dicom.rawscan import ScanDeclined, ScannedFile, scan_file
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.dicomweb.cache import BASE_PLACEHOLDER
 from harmony.dicomweb.dicomjson import stored_metadata
@@ -97,6 +98,7 @@ from harmony.storage.query import (
     IMAGE,
     STUDY_ROOT,
     attrs_from_dataset,
+    attrs_from_scan,
     levels_for,
     query_keys,
     record_matches,
@@ -668,8 +670,9 @@ class InstanceStore:
         with self._placed_lock:
             self._uncommitted += 1
         placed = Placed(header, final, final.relative_to(self.instances_dir).as_posix(), size, tuple(enqueue), now)
+        data = header.pop("bytes", None)   # the file as read to describe it, when read whole
         if journal and self.journal and size <= JOURNAL_MAX_BYTES:
-            placed.data = final.read_bytes()  # just written: from the page cache
+            placed.data = data if data is not None and len(data) == size else final.read_bytes()
         if fresh:
             placed.data_sync = self._flush(fdatasync_file, final)
         return placed
@@ -682,40 +685,39 @@ class InstanceStore:
             return self._flusher.submit(fn, *args)
 
     def _read_header(self, path: Path, parsed=None) -> dict:
-        # check_complete: a truncated body (every element must fit in the file)
-        # is refused here, never acknowledged; large values stay deferred on disk.
+        """The instance's UIDs, index attributes and stored metadata (and, read whole, its
+        ``bytes``): read straight from the file's bytes (:mod:`harmony.dicom.rawscan`),
+        pydicom's parse only for what the scanner leaves to it.  A file that cannot be
+        complete (every element must fit in it) is refused here, never acknowledged."""
         ds = parsed[1] if parsed is not None and parsed[0] == stamp_of(path) else None
-        if ds is None:
-            try:
-                ds = check_complete(path)
-            except CorruptDataset as e:
-                raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
-            except OSError as e:
-                raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
-        if getattr(ds, "preamble", None) is None and not getattr(ds, "file_meta", None):
-            raise InvalidInstance("not a DICOM Part-10 file (no preamble or file meta)")
-        meta = getattr(ds, "file_meta", None)
-        ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-        # The index attributes first: the UIDs are read from them (pydicom converting
-        # the four elements again cost as much as describing the rest).
-        attrs = attrs_from_dataset(ds)
-        sop_class = _uid_in(attrs, ds, "00080016", "SOPClassUID") or (
-            meta.get("MediaStorageSOPClassUID") if meta is not None else None)
-        study = clean_uid(_uid_in(attrs, ds, "0020000D", "StudyInstanceUID"), "StudyInstanceUID")
-        series = clean_uid(_uid_in(attrs, ds, "0020000E", "SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = clean_uid(_uid_in(attrs, ds, "00080018", "SOPInstanceUID"), "SOPInstanceUID")
-        header: dict[str, str | dict | None] = {
-            "study": study,
-            "series": series,
-            "sop": sop,
-            "sop_class": clean_uid(sop_class, "SOPClassUID"),
-            "ts": clean_uid(ts, "TransferSyntaxUID"),
-            "attrs": attrs,
-        }
+        if ds is not None:
+            return _header_of_dataset(ds)
         try:
-            header["metadata"] = metadata_of(ds, study, series, sop)
-        except Exception:  # noqa: BLE001 - never a reason to refuse an instance: made from the file when asked
-            header["metadata"] = None
+            scan = scan_file(path)
+        except ScanDeclined:
+            scan = None
+        except CorruptDataset as e:
+            raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
+        except OSError as e:
+            raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
+        try:
+            if scan is not None:
+                try:
+                    return _header_of_scan(scan)
+                except ScanDeclined:
+                    ds = scan.dataset()
+            else:
+                ds = check_complete(path)
+        except CorruptDataset as e:
+            raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
+        except OSError as e:
+            raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
+        finally:
+            if scan is not None:
+                scan.close()
+        header = _header_of_dataset(ds)
+        if scan is not None and isinstance(scan.data, bytes):
+            header["bytes"] = scan.data
         return header
 
     def _settle_after(self, flushes: list[Future], done: list[tuple[str, str]]) -> None:
@@ -1184,12 +1186,70 @@ class InstanceStore:
                                             for table in ("patients", "studies", "series", "instances")})
 
 
-def _uid_in(attrs: dict, ds, tag: str, keyword: str):
-    """A UID as the index attributes hold it (one value: what pydicom reads), else as pydicom reads it."""
+def _header_of_dataset(ds) -> dict:
+    """:meth:`InstanceStore._read_header` from pydicom's parse of the file."""
+    if getattr(ds, "preamble", None) is None and not getattr(ds, "file_meta", None):
+        raise InvalidInstance("not a DICOM Part-10 file (no preamble or file meta)")
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    # The index attributes first: the UIDs are read from them (pydicom converting
+    # the four elements again cost as much as describing the rest).
+    attrs = attrs_from_dataset(ds)
+    sop_class = _uid_in(attrs, "00080016", lambda: ds.get("SOPClassUID")) or (
+        meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return _header(attrs, sop_class, ts, lambda tag, keyword: ds.get(keyword),
+                   lambda study, series, sop: metadata_of(ds, study, series, sop))
+
+
+def _header_of_scan(scan: ScannedFile) -> dict:
+    """:meth:`InstanceStore._read_header` from the file's bytes (:mod:`harmony.dicom.rawscan`);
+    :class:`ScanDeclined` when pydicom must read it, as :func:`_header_of_dataset` would."""
+    attrs = attrs_from_scan(scan)
+    sop_class = _uid_in(attrs, "00080016", lambda: scan.uid(0x00080016)) or scan.meta.get(0x00020002)
+
+    def metadata(study, series, sop):
+        try:
+            return metadata_of(scan, study, series, sop)
+        except ScanDeclined:
+            return metadata_of(scan.dataset(), study, series, sop)
+
+    header = _header(attrs, sop_class, scan.transfer_syntax_uid or None,
+                     lambda tag, keyword: scan.uid(int(tag, 16)), metadata)
+    if isinstance(scan.data, bytes):
+        header["bytes"] = scan.data
+    return header
+
+
+def _header(attrs: dict, sop_class, ts, uid_of, metadata) -> dict:
+    """The header :meth:`InstanceStore._read_header` gives, from the index attributes;
+    *uid_of(tag, keyword)* reads a UID they do not hold, *metadata(study, series, sop)*
+    makes the stored metadata."""
+    study = clean_uid(_uid_in(attrs, "0020000D", lambda: uid_of("0020000D", "StudyInstanceUID")),
+                      "StudyInstanceUID")
+    series = clean_uid(_uid_in(attrs, "0020000E", lambda: uid_of("0020000E", "SeriesInstanceUID")),
+                       "SeriesInstanceUID")
+    sop = clean_uid(_uid_in(attrs, "00080018", lambda: uid_of("00080018", "SOPInstanceUID")), "SOPInstanceUID")
+    header: dict = {
+        "study": study,
+        "series": series,
+        "sop": sop,
+        "sop_class": clean_uid(sop_class, "SOPClassUID"),
+        "ts": clean_uid(ts, "TransferSyntaxUID"),
+        "attrs": attrs,
+    }
+    try:
+        header["metadata"] = metadata(study, series, sop)
+    except Exception:  # noqa: BLE001 - never a reason to refuse an instance: made from the file when asked
+        header["metadata"] = None
+    return header
+
+
+def _uid_in(attrs: dict, tag: str, otherwise):
+    """A UID as the index attributes hold it (one value: what pydicom reads), else *otherwise()*."""
     values = attrs.get(tag, {}).get("Value")
     if values is not None and len(values) == 1 and isinstance(values[0], str):
         return values[0]
-    return ds.get(keyword)
+    return otherwise()
 
 
 def metadata_of(ds, study: str, series: str, sop: str) -> str:
