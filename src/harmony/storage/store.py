@@ -605,6 +605,7 @@ class InstanceStore:
 
     def _place_file_sync(self, source, move: bool, enqueue, now, parsed=None, expect=None) -> Placed:
         """*parsed*: ``(stamp, dataset)`` from :func:`harmony.dicom.files.parse_stamped`
+        (or ``(stamp, ScannedFile)`` of its bytes, :mod:`harmony.dicom.rawscan`)
         when the caller already parsed (and checked) *source*: used only while
         the file is unchanged since, so it is never parsed twice.  *expect*:
         ``(SOP Class UID, SOP Instance UID)`` the file must have (it came with
@@ -690,10 +691,13 @@ class InstanceStore:
         pydicom's parse only for what the scanner leaves to it.  A file that cannot be
         complete (every element must fit in it) is refused here, never acknowledged."""
         ds = parsed[1] if parsed is not None and parsed[0] == stamp_of(path) else None
-        if ds is not None:
+        if ds is not None and not isinstance(ds, ScannedFile):
             return _header_of_dataset(ds)
+        # A scan handed on (the STOW-RS bridge scans each part from the body's bytes) is used as made here.
+        scan = ds
         try:
-            scan = scan_file(path)
+            if scan is None:
+                scan = scan_file(path)
         except ScanDeclined:
             scan = None
         except CorruptDataset as e:
