@@ -314,6 +314,8 @@ def main():
     args = ap.parse_args()
     global AB_BUILD
     AB_BUILD = str(Path(args.ab).resolve()) if args.ab else None
+    if AB_BUILD and not (Path(AB_BUILD) / "harmony" / "__init__.py").is_file():
+        sys.exit(f"--ab {args.ab}: no harmony package there (PYTHONPATH would silently run this build)")
     only = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
