@@ -311,7 +311,7 @@ def _canonical_parts(body: bytes, delim: bytes) -> list[tuple[dict, int, int]] |
             return None
         pos = at + 2 + len(delim)
     sep = b"\r\n" + delim
-    cuts = []
+    cuts: list[tuple[dict, int, int]] = []
     while True:
         if body.startswith(b"--", pos):
             return cuts if cuts else None  # the close delimiter; an epilogue after it is ignored
