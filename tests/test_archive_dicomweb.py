@@ -234,3 +234,38 @@ async def test_a_large_malformed_stow_body_is_400_and_leaves_no_part_file(tmp_pa
         assert store.committer.entries == 0
     finally:
         await harmony.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stow_body_in_memory_is_filed_from_its_bytes_with_one_scan_and_no_pydicom(tmp_path, monkeypatch):
+    """A STOW-RS body under 256 KB is cut in memory; each part is scanned from those bytes
+    (harmony.dicom.rawscan), and that scan is what the store files: no pydicom parse and
+    no second read of the part file.  A part cut short is still refused (0xC000) and the
+    rest stored byte for byte."""
+    from harmony.dicom import files
+    from tests.sf_helpers import make_instances
+    good = make_instances(tmp_path / "data", 3, 79, size=64)
+    cut = good[0].read_bytes()[:-100]
+    body, ctype = multipart([good[0].read_bytes(), cut, good[1].read_bytes(), good[2].read_bytes()])
+    parses = []
+    real = files.dcmread
+    monkeypatch.setattr(files, "dcmread", lambda *a, **k: parses.append(a) or real(*a, **k))
+
+    def no_second_scan(path):
+        raise AssertionError(f"the store read {path} again")
+    monkeypatch.setattr("harmony.storage.store.scan_file", no_second_scan)
+    harmony = await start_harmony(archive_config(tmp_path / "h"))
+    try:
+        resp = await treq.post(harmony.url("/dicomweb/studies"), body, headers={"Content-Type": ctype})
+        assert resp.code == 202
+        doc = json.loads(await resp.content())
+        assert [e["00081197"]["Value"] for e in doc["00081198"]["Value"]] == [[0xC000]]
+        listed = [e["00081155"]["Value"][0] for e in doc["00081199"]["Value"]]
+        assert len(listed) == 3 and parses == []
+        store = harmony.service.runtime.backends["archive"].store
+        rows = store.read_sync(lambda c: dict(c.execute("SELECT sop_uid, relpath FROM instances")))
+        assert sorted(rows) == sorted(listed)
+        assert sorted(store.path_of(r).read_bytes() for r in rows.values()) == sorted(f.read_bytes() for f in good)
+        assert list((tmp_path / "h").rglob("stow-*.part")) == []
+    finally:
+        await harmony.stop()

@@ -54,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_seconds  # noqa: E402
 from tests.dicomweb_helpers import bridge_pipeline, multipart  # noqa: E402
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, port_open, wait_for  # noqa: E402
 from tests.sf_helpers import STOW_PIPELINE, HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances  # noqa: E402
@@ -151,9 +152,11 @@ open_secs = 0.5
 class Harmony(HarmonyProcess):
     """Harmony under twistd: HTTP ingest (and C-STORE when this build has dicom_scp) -> store_forward."""
 
-    def __init__(self, folder: Path, orthanc_url: str, dimse: bool, backend: str = "sf", workers: int = 1):
+    def __init__(self, folder: Path, orthanc_url: str, dimse: bool, backend: str = "sf", workers: int = 1,
+                 pythonpath: str | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         self.workers = workers
+        self.pythonpath = pythonpath
         self.http_port = free_port()
         self.dimse_port = free_port() if dimse else None
         super().__init__(folder, [p for p in (self.http_port, self.dimse_port) if p])
@@ -171,7 +174,18 @@ class Harmony(HarmonyProcess):
             self.config.write_text(text)
 
     def start(self):
-        super().start()
+        if self.pythonpath:  # --ab: this process runs the other build (read once, at its start)
+            saved = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = self.pythonpath
+            try:
+                super().start()
+            finally:
+                if saved is None:
+                    del os.environ["PYTHONPATH"]
+                else:
+                    os.environ["PYTHONPATH"] = saved
+        else:
+            super().start()
         if self.workers > 1:
             log = self.folder / f"twistd-{self.starts}.log"
             wait_for(lambda: log.read_text(errors="replace").count(") serving ") >= self.workers - 1, 60,
@@ -214,32 +228,50 @@ def row(name, seconds, n, nbytes, ref=None):
     return rate
 
 
+#: ``--ab DIR``: another Harmony build (its ``src``, put first on PYTHONPATH) run in the
+#: same rounds as a third contender, so a change is judged against the build before it
+#: on the same machine at the same minute (set by main()).
+AB_BUILD: str | None = None
+#: Server CPU (utime + stime) per instance of each contender, every round (printed by goal_rows).
+CPU_MS: dict = {}
+
+
 def interleaved(tmp: Path, name: str, rounds: int, orthanc_run, harmony_run, n: int, workers: int = 1) -> tuple:
     """Run Orthanc and Harmony (``local_archive``) *rounds* times each, alternating which
-    goes first, fresh folders every time; returns (orthanc seconds, harmony seconds, ratios)."""
+    goes first, fresh folders every time; returns (orthanc seconds, harmony seconds, ratios).
+    With ``--ab`` the other build runs in each round too (its times in ``CPU_MS["ab-seconds"]``)."""
     t_o, t_h, ratios = [], [], []
+    CPU_MS.clear()
+    contenders = ("orthanc", "harmony") + (("ab",) if AB_BUILD else ())
     for r in range(rounds):
         pair = {}
-        for who in (("orthanc", "harmony") if r % 2 == 0 else ("harmony", "orthanc")):
+        for who in (contenders if r % 2 == 0 else contenders[::-1]):
             if who == "orthanc":
                 orthanc = Orthanc(tmp / f"orthanc-{name}-{r}").start()
                 try:
+                    cpu = cpu_seconds(orthanc.proc.pid)
                     pair[who] = orthanc_run(orthanc)
+                    CPU_MS.setdefault(who, []).append((cpu_seconds(orthanc.proc.pid) - cpu) * 1000 / n)
                     assert orthanc_count(orthanc) == n, "Orthanc stored every instance"
                 finally:
                     orthanc.stop()
             else:
-                harmony = Harmony(tmp / f"harmony-{name}-{r}", "http://127.0.0.1:9", dimse=True, backend="archive",
-                                  workers=workers)
+                harmony = Harmony(tmp / f"harmony-{name}-{r}-{who}", "http://127.0.0.1:9", dimse=True,
+                                  backend="archive", workers=workers, pythonpath=AB_BUILD if who == "ab" else None)
                 harmony.start()
                 try:
+                    cpu = cpu_seconds(harmony.proc.pid)
                     pair[who] = harmony_run(harmony)
+                    CPU_MS.setdefault(who, []).append((cpu_seconds(harmony.proc.pid) - cpu) * 1000 / n)
                 finally:
                     harmony.stop()
                 assert harmony.indexed() == n, "Harmony indexed every instance"
         t_o.append(pair["orthanc"])
         t_h.append(pair["harmony"])
         ratios.append(pair["orthanc"] / pair["harmony"])
+        if "ab" in pair:
+            CPU_MS.setdefault("ab-seconds", []).append(pair["ab"])
+            CPU_MS.setdefault("ab-ratios", []).append(pair["orthanc"] / pair["ab"])
     return t_o, t_h, ratios
 
 
@@ -250,6 +282,15 @@ def goal_rows(label: str, t_o, t_h, ratios, n, nbytes, goal: float):
     print(f"  {'':<52} median of {len(ratios)} interleaved rounds: {ratio:.2f}x Orthanc "
           f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; goal >= {goal:.1f}x: "
           f"{'met' if ratio >= goal else 'MISSED'})")
+    if "ab-seconds" in CPU_MS:
+        ab = CPU_MS["ab-ratios"]
+        row(f"Harmony, --ab build ({AB_BUILD})", statistics.median(CPU_MS["ab-seconds"]), n, nbytes, r_o)
+        print(f"  {'':<52} --ab build: median {statistics.median(ab):.2f}x Orthanc "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in ab)})")
+    # CPU per instance hardly moves with the machine's load, where inst/s does (2 shared cores).
+    print(f"  {'':<52} server CPU ms/instance (median; rounds): " + "; ".join(
+        f"{who} {statistics.median(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})"
+        for who, v in CPU_MS.items() if who in ("orthanc", "harmony", "ab")))
 
 
 def cstore_goal(tmp: Path, name: str, rounds: int, send, n: int, nbytes: int, workers: int = 1):
@@ -268,7 +309,13 @@ def main():
     ap.add_argument("--stow-batch", type=int, default=10, help="instances per STOW-RS request")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each goal row")
     ap.add_argument("--only", default="stow,dimse1,dimse4,http,drain", help="sections to run")
+    ap.add_argument("--ab", metavar="SRC", help="also run the Harmony whose package is in SRC (PYTHONPATH) "
+                    "in every round of the goal rows, e.g. main's: git archive main src | tar -x -C /tmp/main")
     args = ap.parse_args()
+    global AB_BUILD
+    AB_BUILD = str(Path(args.ab).resolve()) if args.ab else None
+    if AB_BUILD and not (Path(AB_BUILD) / "harmony" / "__init__.py").is_file():
+        sys.exit(f"--ab {args.ab}: no harmony package there (PYTHONPATH would silently run this build)")
     only = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:

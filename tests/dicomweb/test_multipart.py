@@ -4,6 +4,7 @@ files, with preambles, truncation, size caps and byte-by-byte arrival."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import pytest_twisted
@@ -61,6 +62,64 @@ def test_limits(tmp_path):
     with pytest.raises(BadRequest, match="does not contain its boundary"):
         StowParser("other", tmp_path).feed(b"x" * (70 * 1024))
     assert list(tmp_path.iterdir()) == []
+
+
+def _outcome(parse, tmp_path):
+    """What a parse gives: each part's headers and bytes (read from its file), or the error's type and text."""
+    try:
+        parts = parse()
+    except (BadRequest, PayloadTooLarge) as e:
+        assert list(tmp_path.iterdir()) == []  # nothing left behind
+        return type(e).__name__, re.sub(r" at \d+$", "", str(e))  # python-multipart's offset is per chunk fed
+    out = [(p.headers, open(p.path, "rb").read(), p.size) for p in parts]
+    for p in parts:
+        assert p.data is None or p.data == open(p.path, "rb").read()
+        p.release()
+    return out
+
+
+WHOLE_BODIES = {
+    "canonical": _body()[0],
+    "preamble": b"This is a preamble.\r\n" + _body()[0],
+    "epilogue": _body()[0] + b"an epilogue\r\n",
+    "LF lines": _body()[0].replace(b"\r\n", b"\n"),
+    "truncated": _body()[0][:-5],
+    "no close delimiter": _body()[0].rsplit(b"--b0undary--", 1)[0],
+    "padding after the delimiter": _body()[0].replace(b"--b0undary\r\n", b"--b0undary  \r\n", 1),
+    "a part without headers": b"--b0undary\r\n\r\nxx\r\n--b0undary--\r\n",
+    "a header without a colon": _body()[0].replace(b"Content-Length: 8", b"Content-Length 8"),
+    "folded header": _body()[0].replace(b"Content-Length: 8", b"Content-Length:\r\n 8"),
+    "no parts": b"--b0undary--\r\n",
+    "garbage": b"x" * 100,
+    "empty part": multipart_bytes([Part("application/dicom", data=b"")], "application/dicom", "b0undary")[0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_BODIES))
+def test_a_body_parsed_whole_gives_what_the_incremental_parser_gives(tmp_path, name):
+    """parse_whole cuts canonical bodies in one pass and keeps each part's bytes; every
+    other body (odd or hostile) must get exactly the incremental parser's answer."""
+    body = WHOLE_BODIES[name]
+
+    def incremental():
+        parser = StowParser("b0undary", tmp_path)
+        for i in range(0, len(body), 7):
+            parser.feed(body[i:i + 7])
+        return parser.close()
+
+    whole = _outcome(lambda: StowParser("b0undary", tmp_path).parse_whole(body), tmp_path)
+    assert whole == _outcome(incremental, tmp_path)
+    if name in ("canonical", "preamble", "epilogue"):
+        parts = StowParser("b0undary", tmp_path).parse_whole(body)
+        assert [p.data for p in parts] == [b"DICM-one", b"\r\n--not-a-boundary\r\n"]  # kept: not read again
+
+
+def test_a_body_parsed_whole_is_held_to_the_size_limit_before_any_file_is_written(tmp_path):
+    body, _ = _body()
+    with pytest.raises(PayloadTooLarge):
+        StowParser("b0undary", tmp_path, max_bytes=len(body) - 1).parse_whole(body)
+    assert list(tmp_path.iterdir()) == []
+    assert len(StowParser("b0undary", tmp_path, max_bytes=len(body)).parse_whole(body)) == 2
 
 
 class HandOff:
@@ -124,13 +183,19 @@ async def test_parse_body_writes_part_files_on_a_thread_by_default(tmp_path):
     threads_seen = []
 
     class Watched(StowParser):
-        def _begin(self):
+        def _begin(self):  # a part file opened by the incremental parser
             threads_seen.append(threading.current_thread() is threading.main_thread())
             super()._begin()
+
+        def _write_whole(self, headers, data):  # ... or by a body parsed whole
+            threads_seen.append(threading.current_thread() is threading.main_thread())
+            super()._write_whole(headers, data)
 
     body, _ = _body()
     parts = await parse_body(body, Watched("b0undary", tmp_path))
     assert len(parts) == 2 and threads_seen == [False, False]
+    parts = await parse_body(WHOLE_BODIES["a part without headers"], Watched("b0undary", tmp_path / "odd"))
+    assert len(parts) == 1 and threads_seen == [False] * 3  # that one went through the incremental parser
 
 
 class Stalling:

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from harmony.backends.base import Backend
@@ -190,7 +191,13 @@ class LocalArchiveBackend(Backend):
 
 
 def _stored_response(stored: DicomInstance) -> ResponseEnvelope:
-    response = ResponseEnvelope.json(200, {"stored": stored.sop_instance_uid, "sop_class_uid": stored.sop_class_uid})
+    # One per stored instance (ten per STOW-RS request): the body is formatted, not
+    # JSON-encoded, as both values are UIDs the store checked (digits and dots).
+    sop, sop_class = stored.sop_instance_uid, stored.sop_class_uid
+    headers = Headers()
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    response = ResponseEnvelope(200, headers, f'{{"stored":"{sop}","sop_class_uid":"{sop_class}"}}'.encode(),
+                                normalized={"stored": sop, "sop_class_uid": sop_class})
     dimse.record(response, dimse.SUCCESS)
     response.state.stored_instance = stored
     return response

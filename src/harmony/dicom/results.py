@@ -75,7 +75,8 @@ class DicomInstance:
     #: what a metadata answer is sorted by, without parsing the text.
     instance_number: int = 0
     #: ``(stamp, dataset)`` of a parse already done (:func:`harmony.dicom.files.parse_stamped`),
-    #: so the store does not parse the file again; ignored once the file changed.
+    #: or ``(stamp, ScannedFile)`` of a scan of its bytes (:mod:`harmony.dicom.rawscan`),
+    #: so the store does not read or parse the file again; ignored once the file changed.
     parsed: object = attr.ib(default=None, eq=False, repr=False)
     #: Described from what came with it (a C-STORE request's UIDs, the data set's head),
     #: never parsed: a consumer that files it must first check the file is complete and

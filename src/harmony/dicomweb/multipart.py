@@ -148,6 +148,9 @@ class ReceivedPart:
     path: str
     headers: dict
     size: int = 0
+    #: The part's bytes too, when the whole body was parsed in memory
+    #: (:meth:`StowParser.parse_whole`): read them here, not from the file again.
+    data: bytes | None = None
 
     @property
     def content_type(self) -> str:
@@ -251,6 +254,48 @@ class StowParser:
         self._preamble = buf
         return b""
 
+    def parse_whole(self, body: bytes) -> list[ReceivedPart]:
+        """Parse a complete body held in memory: ``feed(body)`` then ``close()``.
+
+        A body in the canonical form every STOW-RS client sends (CRLF lines,
+        the delimiter followed by CRLF or by ``--`` at the end, ``name: value``
+        header lines) is cut in one pass with ``bytes.find`` - no per-part
+        parser callbacks - and each part written with one ``os.write`` to a file
+        of its own, the part's bytes kept on it (:attr:`ReceivedPart.data`).
+        Anything else goes through the incremental parser, byte for byte as
+        :meth:`feed` would take it, so odd or hostile bodies get the same answer.
+        """
+        if self.max_bytes is not None and len(body) > self.max_bytes:
+            self.received = len(body)
+            raise PayloadTooLarge(f"STOW-RS body exceeds {self.max_bytes} bytes")
+        if self.received == 0:
+            cuts = _canonical_parts(body, self._delim)
+            if cuts is not None:
+                self.received = len(body)
+                try:
+                    for headers, start, end in cuts:
+                        self._write_whole(headers, body[start:end])
+                except BaseException:
+                    self.abort()
+                    raise
+                self.ended = True
+                return self.parts
+        self.feed(body)
+        return self.close()
+
+    def _write_whole(self, headers: dict, data: bytes) -> None:
+        fd, path = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=self.folder)
+        part = ReceivedPart(path, headers, len(data), data)
+        self.parts.append(part)  # removed by abort() from here on
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        if self.on_part is not None:
+            self.on_part(part)
+
     def close(self) -> list[ReceivedPart]:
         if self._file is not None or not self.ended:
             self.abort()
@@ -266,14 +311,48 @@ class StowParser:
         self.parts = []
 
 
+def _canonical_parts(body: bytes, delim: bytes) -> list[tuple[dict, int, int]] | None:
+    """``(headers, start, end)`` of each part of *body* when it is in canonical form
+    (see :meth:`StowParser.parse_whole`), else None: the incremental parser decides."""
+    if body.startswith(delim):
+        pos = len(delim)
+    else:  # an RFC 2046 preamble, within the incremental parser's limit
+        at = body.find(b"\r\n" + delim, 0, PREAMBLE_LIMIT + len(delim) + 2)
+        if at < 0:
+            return None
+        pos = at + 2 + len(delim)
+    sep = b"\r\n" + delim
+    cuts: list[tuple[dict, int, int]] = []
+    while True:
+        if body.startswith(b"--", pos):
+            return cuts if cuts else None  # the close delimiter; an epilogue after it is ignored
+        if not body.startswith(b"\r\n", pos):
+            return None  # transport padding, a bare LF, or the boundary inside data
+        head = pos + 2
+        blank = body.find(b"\r\n\r\n", head - 2)
+        if blank <= head - 2:
+            return None  # a part without headers: left to the incremental parser
+        headers: dict = {}
+        for line in body[head:blank].split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if not colon or not name or not name.isascii() or b" " in name or b"\t" in name:
+                return None  # folded, malformed or odd: the incremental parser's call
+            headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
+        start = blank + 4
+        end = body.find(sep, start)
+        if end < 0:
+            return None
+        cuts.append((headers, start, end))
+        pos = end + len(sep)
+
+
 #: Body bytes held on the reactor while the parser's thread is busy; past this the
 #: body's producer is paused (memory stays bounded however fast the client sends).
 FEED_HIGH_WATER = 4 * 1024 * 1024
 
 
 def _parse_all(parser: StowParser, data: bytes, finish):
-    parser.feed(data)
-    parts = parser.close()
+    parts = parser.parse_whole(data)
     return finish(parts) if finish is not None else parts
 
 

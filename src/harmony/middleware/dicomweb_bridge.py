@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import defer, threads
@@ -34,7 +35,8 @@ from twisted.web.http_headers import Headers
 
 from harmony.dicom import status as dimse
 from harmony.dicom import transfer
-from harmony.dicom.files import parse_stamped, read_instance
+from harmony.dicom.files import parse_stamped, read_instance, stamp_of
+from harmony.dicom.rawscan import ScanDeclined, scan_bytes, scan_file
 from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DICOM_JSON, RESULTS_AS, STAGE_IN_MEMORY, DicomInstance
 from harmony.dicom.status import is_failure
@@ -439,8 +441,9 @@ class DicomWebBridge(Middleware):
         try:
             outcomes = yield self._store_parts(pipeline, request, dw, described)
         finally:
-            for part, _instance in described:
-                part.release()
+            for part, instance in described:
+                if instance is None or instance.owned:  # else the store moved the file into place
+                    part.release()
         referenced, failed, reasons = [], [], []
         for ok, entry, reason in outcomes:
             (referenced if ok else failed).append(entry)
@@ -526,12 +529,12 @@ class DicomWebBridge(Middleware):
 
 def _describe_parts(parts) -> list:
     """(part, its :class:`DicomInstance` or None when it is not DICOM) for each part
-    (off the reactor: each part's header is read from its file)."""
+    (off the reactor: each part's header is read from its bytes or its file)."""
     described = []
     for part in parts:
         ctype = acc.parse_media_range(part.content_type)[0] if part.content_type else acc.DICOM
         try:
-            instance = _describe(part.path) if ctype == acc.DICOM else None
+            instance = _describe(part.path, part.data) if ctype == acc.DICOM else None
         except Exception:  # noqa: BLE001 - any unreadable part is that part's failure, not the request's
             instance = None
         described.append((part, instance))
@@ -550,12 +553,35 @@ def _refusal(instance, dw):
     return None
 
 
-def _describe(path) -> DicomInstance:
-    """The part's header, checked whole once (every element inside the file); the parse rides
-    on the instance so a store behind the bridge does not parse the part again."""
+def _describe(path, data: bytes | None = None) -> DicomInstance:
+    """The part's header, checked whole once (every element inside the file): scanned
+    from its bytes (*data*, when the body was parsed in memory, else the file) by
+    :mod:`harmony.dicom.rawscan`, pydicom only for what the scanner declines.  The scan
+    (or parse) rides on the instance so a store behind the bridge does not read or
+    parse the part again.  ``CorruptDataset`` (or any error) refuses the part."""
+    stamp = stamp_of(path)
+    try:
+        scan = scan_bytes(data, path) if data is not None else scan_file(path)
+    except ScanDeclined:
+        scan = None
+    if scan is not None:
+        try:
+            uids = (scan.sop_class_uid, scan.sop_instance_uid, scan.study_instance_uid, scan.series_instance_uid)
+        except ScanDeclined:  # a UID only pydicom can read (several values, other characters)
+            uids = None
+        if uids is not None:
+            # The part's file is ours alone: a store may move it into place rather than
+            # copy it (the part's release tolerates it gone).
+            instance = DicomInstance(path=Path(path), sop_class_uid=uids[0] or "", sop_instance_uid=uids[1] or "",
+                                     transfer_syntax_uid=scan.transfer_syntax_uid, study_instance_uid=uids[2] or "",
+                                     series_instance_uid=uids[3] or "", size=stamp[1], owned=True)
+            if isinstance(scan.data, bytes):
+                instance.parsed = (stamp, scan)
+            else:
+                scan.close()  # mapped (a large part): the store maps it again when it files it
+            return instance
+        scan.close()
     parsed = parse_stamped(path)
-    # The part's file is ours alone: a store may move it into place rather than
-    # copy it (the part's release tolerates it gone).
     instance = read_instance(path, owned=True, ds=parsed[1])
     instance.parsed = parsed
     return instance

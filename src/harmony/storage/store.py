@@ -123,6 +123,9 @@ MTIME_SLACK_SECS = 2.0
 JOURNAL_MAX_BYTES = 256 * 1024
 #: Journaled instances whose file flushes may lag behind at most (then commits wait for them).
 MAX_UNFLUSHED = 512
+#: A group of instances (:meth:`InstanceStore.put_instances`) is placed by one
+#: storage thread per this many bytes of them (up to the pool's size).
+SHARE_BYTES = 16 * 1024 * 1024
 _UID_PART = re.compile(r"[0-9.]+")
 _LAYOUT_PATH = re.compile(r"(?:[0-9][0-9.]*/){2}[0-9][0-9.]*\.dcm")
 
@@ -602,6 +605,7 @@ class InstanceStore:
 
     def _place_file_sync(self, source, move: bool, enqueue, now, parsed=None, expect=None) -> Placed:
         """*parsed*: ``(stamp, dataset)`` from :func:`harmony.dicom.files.parse_stamped`
+        (or ``(stamp, ScannedFile)`` of its bytes, :mod:`harmony.dicom.rawscan`)
         when the caller already parsed (and checked) *source*: used only while
         the file is unchanged since, so it is never parsed twice.  *expect*:
         ``(SOP Class UID, SOP Instance UID)`` the file must have (it came with
@@ -687,10 +691,13 @@ class InstanceStore:
         pydicom's parse only for what the scanner leaves to it.  A file that cannot be
         complete (every element must fit in it) is refused here, never acknowledged."""
         ds = parsed[1] if parsed is not None and parsed[0] == stamp_of(path) else None
-        if ds is not None:
+        if ds is not None and not isinstance(ds, ScannedFile):
             return _header_of_dataset(ds)
+        # A scan handed on (the STOW-RS bridge scans each part from the body's bytes) is used as made here.
+        scan = ds
         try:
-            scan = scan_file(path)
+            if scan is None:
+                scan = scan_file(path)
         except ScanDeclined:
             scan = None
         except CorruptDataset as e:
@@ -1000,8 +1007,9 @@ class InstanceStore:
     def put_instances(self, instances: list[DicomInstance], *, enqueue=(), now=None) -> defer.Deferred:
         """File several instances as one group (the parts of a STOW-RS request).
 
-        They are placed on the storage threads (at most one job per thread,
-        each placing its share in turn), then committed in one group-commit
+        They are placed on the storage threads in shares of about
+        :data:`SHARE_BYTES` (one job for a request of small instances, at most
+        one job per thread), then committed in one group-commit
         batch: one round of folder fsyncs and one index commit for the lot,
         where :meth:`put_instance` each would wait for its own.  Fires once,
         with each instance's outcome in order: its stored
@@ -1009,7 +1017,12 @@ class InstanceStore:
         batch's commit failed - then none of them is stored).  Owned (staged)
         instances are moved into place, as with :meth:`put_instance`.
         """
-        shares = max(1, min(len(instances), self.pool.max))
+        # Placing is CPU under the GIL (parse, index header) plus syscalls that do not
+        # wait for the disk: more threads on one small request only fight for the GIL
+        # (a STOW-RS request of 10 small instances split over four threads cost twice
+        # the system time, in futex calls, of one thread placing all ten).
+        size = sum(i.size for i in instances)
+        shares = max(1, min(len(instances), self.pool.max, size // SHARE_BYTES + 1))
         jobs = [self.run(self._place_share_sync, instances[i::shares], enqueue, now) for i in range(shares)]
 
         def placed(results):

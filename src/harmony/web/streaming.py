@@ -331,9 +331,19 @@ class HarmonyChannel(HTTPChannel):
     _lingered = 0
     _linger_timer = None
 
+    _host = None
+
     @property
     def head_deadline(self) -> float:
         return getattr(self.site, "head_timeout", HEAD_TIMEOUT)
+
+    def getHost(self):
+        # twisted.web asks for every request (Request.__init__), and a TCP transport
+        # answers with a getsockname system call each time, for an address a
+        # connection never changes: the reactor gave up the GIL on it once a request.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data):
         if self._lingering:
