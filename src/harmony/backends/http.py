@@ -11,7 +11,8 @@ back as one (neither is ever held whole in memory), and failures arrive as
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from itertools import count
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -105,47 +106,54 @@ class HeadDeadlines:
     a request: a visible share of the passthrough's CPU per request.
 
     Every deadline is the same *seconds* long, so they fall due in the order
-    they were set: a FIFO whose head is the next to expire.  An answered
-    request only marks its entry; answered entries leave from the front, and
-    the timer, when it fires, expires what is due and re-arms for the new
-    front, so under steady traffic it fires about once every *seconds*.
+    they were set: an insertion-ordered map whose first entry is the next to
+    expire.  An answered request's entry leaves at once (``OrderedDict.pop``,
+    wherever it is), so one request stuck until its deadline holds only its own
+    entry, never the ones set after it; the timer, when it fires, expires what
+    is due and re-arms for the new first entry, so under steady traffic it
+    fires about once every *seconds*.
     """
 
     def __init__(self, clock, seconds: float):
         self._clock = clock
         self._seconds = seconds
-        self._pending: deque = deque()  # [due, expire-or-None]
+        self._pending: OrderedDict = OrderedDict()  # key -> (due, expire)
+        self._keys = count()
         self._timer = None
 
-    def start(self, expire) -> list:
-        entry = [self._clock.seconds() + self._seconds, expire]
-        self._pending.append(entry)
+    def start(self, expire) -> int:
+        key = next(self._keys)
+        self._pending[key] = (self._clock.seconds() + self._seconds, expire)
         if self._timer is None:
             self._timer = self._clock.callLater(self._seconds, self._fire)
-        return entry
+        return key
 
-    def stop(self, entry: list) -> None:
-        entry[1] = None
-        pending = self._pending
-        while pending and pending[0][1] is None:
-            pending.popleft()
+    def stop(self, key: int) -> None:
+        self._pending.pop(key, None)
+
+    def __len__(self) -> int:
+        """Deadlines still running (requests not answered yet)."""
+        return len(self._pending)
 
     def _fire(self) -> None:
         self._timer = None
         now = self._clock.seconds()
         pending = self._pending
-        while pending and (pending[0][1] is None or pending[0][0] <= now):
-            expire = pending.popleft()[1]
-            if expire is not None:
-                expire()
-        if pending and self._timer is None:
-            self._timer = self._clock.callLater(max(0.0, pending[0][0] - now), self._fire)
+        while pending:
+            key = next(iter(pending))
+            due, expire = pending[key]
+            if due > now:
+                if self._timer is not None:  # armed by a start() inside an expire() (a retry): too late
+                    self._timer.cancel()
+                self._timer = self._clock.callLater(due - now, self._fire)
+                return
+            del pending[key]
+            expire()
 
     def close(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-
 
 class HttpBackend(Backend):
     def __init__(self, name, base_urls, reactor, *, timeout=30.0, connect_timeout=None,
