@@ -47,6 +47,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.server import version as twisted_web_version
 
 from harmony.compat.twisted import header_name_encoder, send_now
 from harmony.envelope import body_length
@@ -76,6 +77,10 @@ _CONTENT_LENGTH = _encode_name(b"content-length")
 _CONNECTION = _encode_name(b"connection")
 _REQUEST_ID = _encode_name(b"x-request-id")
 _DATE = _encode_name(b"date")
+_SERVER = _encode_name(b"server")
+#: twisted.web's ``Request`` names itself in every answer that has no ``Server`` of its
+#: own (an upstream's passes through): answers from this channel say the same.
+_SERVER_LINE = b"Server: " + twisted_web_version + b"\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 _REASONS: dict[int, bytes] = {}
 
@@ -184,6 +189,8 @@ class FastRequest:
         raw = headers._rawHeaders
         if _DATE not in raw:
             append(b"Date: " + _date.now() + b"\r\n")
+        if _SERVER not in raw:
+            append(_SERVER_LINE)
         rid = self._harmony_request_id
         if rid and _REQUEST_ID not in raw:
             append(b"X-Request-Id: " + rid.encode() + b"\r\n")
