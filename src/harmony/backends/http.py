@@ -79,6 +79,13 @@ _XFF, _XFP, _XFH, _XRID = (header_name_encoder().encode(n) for n in (
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"))
 
 
+def response_headers(response) -> Headers:
+    """The end-to-end headers of an upstream's *response*: made in one pass over the
+    answer's header lines by harmony.web.upstream_client, else copied from ``headers``."""
+    own = getattr(response, "end_to_end_headers", None)
+    return own() if own is not None else end_to_end(response.headers)
+
+
 def client_side_cause(failure):
     """The client-side cause inside one of Agent's wrapper failures, or None.
 
@@ -203,7 +210,7 @@ class HttpBackend(Backend):
     def build_response(self, request, response) -> ResponseEnvelope:
         return ResponseEnvelope(
             status=response.code, reason=response.phrase,
-            headers=end_to_end(response.headers), body=self.passthrough_body(response),
+            headers=response_headers(response), body=self.passthrough_body(response),
             metadata={"upstream_status": str(response.code)},
         )
 

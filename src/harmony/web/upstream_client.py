@@ -59,6 +59,7 @@ from zope.interface import implementer
 
 from harmony.compat.twisted import header_name_encoder, send_now
 from harmony.envelope import BytesProducer
+from harmony.web.headers import HOP_BY_HOP
 
 #: The most bytes a response head (status line and header lines) may take.
 #: Twisted's client allows 16 KiB a line; nginx's proxy_buffer_size is 4-8 KiB.
@@ -86,6 +87,8 @@ _FRAMING_NAMES = frozenset(_header_name(n) for n in _FRAMING)
 _OWN_NAMES = frozenset(_header_name(n) for n in _OWN)
 _TRANSFER_ENCODING = _header_name(b"transfer-encoding")
 _CONTENT_LENGTH = _header_name(b"content-length")
+_CONNECTION = _header_name(b"connection")
+_HOP_BY_HOP_NAMES = frozenset(_header_name(n) for n in HOP_BY_HOP)
 
 
 class UpstreamProtocolError(Exception):
@@ -98,18 +101,45 @@ class _Unsolicited(Exception):
 
 @implementer(IResponse)
 class UpstreamResponse:
-    """An answer whose head has arrived; its body goes to :meth:`deliverBody`."""
+    """An answer whose head has arrived; its body goes to :meth:`deliverBody`.
+
+    Its header lines are kept as llhttp reported them and made a ``Headers``
+    only when someone reads :attr:`headers`: the passthrough takes
+    :meth:`end_to_end_headers` instead, built in one pass over the lines."""
 
     version = (b"HTTP", 1, 1)
     request = None
     previousResponse = None
 
-    def __init__(self, exchange, code: int, phrase: bytes, headers: Headers, length):
+    def __init__(self, exchange, code: int, phrase: bytes, pairs: list, length):
         self._exchange = exchange
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        self._pairs = pairs
+        self._headers: Headers | None = None
         self.length = length
+
+    @property
+    def headers(self) -> Headers:
+        """Every header of the answer but the connection's framing (``Connection`` stays)."""
+        if self._headers is None:
+            self._headers = _headers_from(self._pairs, _FRAMING_NAMES, None)
+        return self._headers
+
+    def end_to_end_headers(self) -> Headers:
+        """A new ``Headers`` of the answer's end-to-end headers: without the hop-by-hop
+        ones and those its ``Connection`` header names (RFC 9110 section 7.6.1), which
+        is what :func:`harmony.web.headers.end_to_end` makes of :attr:`headers`."""
+        listed = None
+        for name, value in self._pairs:
+            if len(name) == 10 and _header_name(name) == _CONNECTION:
+                for token in value.split(b","):
+                    token = token.strip().lower()
+                    if token:
+                        if listed is None:
+                            listed = set()
+                        listed.add(token)
+        return _headers_from(self._pairs, _HOP_BY_HOP_NAMES, listed)
 
     def setPreviousResponse(self, response):
         self.previousResponse = response
@@ -121,6 +151,23 @@ class UpstreamResponse:
         """The body as bytes if all of it arrived with the head (most small answers
         do), taken instead of :meth:`deliverBody`; None when it is still coming."""
         return self._exchange.take_whole()
+
+
+def _headers_from(pairs: list, skip: frozenset, listed: set | None) -> Headers:
+    """A ``Headers`` of *pairs* without the names in *skip* (as ``Headers`` spells
+    them) or in *listed* (lower case); names encoded once each, through Twisted's cache."""
+    headers = Headers()
+    raw = headers._rawHeaders
+    for name, value in pairs:
+        canon = _header_name(name)  # cached: one dict lookup for the names an upstream sends
+        if canon in skip or (listed is not None and name.lower() in listed):
+            continue
+        values = raw.get(canon)
+        if values is None:
+            raw[canon] = [value]
+        else:
+            values.append(value)
+    return headers
 
 
 #: The outcome of a body that ended well, made a ``Failure(ResponseDone)`` only for a
@@ -305,7 +352,6 @@ class _Connection(Protocol):
     def _reset_answer(self):
         self.pairs: list = []
         self.phrase = b""
-        self.head_bytes = 0
         self.head_fed = 0
         self.head_seen = False
         self.interim = False
@@ -450,21 +496,17 @@ class _Connection(Protocol):
             self.phrase = b""
             self.interim = False
 
+    # The head's size is bounded before llhttp sees it (dataReceived feeds at most
+    # MAX_HEAD_BYTES until the head is complete), so these two only gather.
     def on_status(self, status):
-        self.head_bytes += len(status)
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise UpstreamProtocolError(f"the answer's head is over {MAX_HEAD_BYTES} bytes")
         self.phrase += status
 
     def on_header(self, name, value):
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise UpstreamProtocolError(f"the answer's head is over {MAX_HEAD_BYTES} bytes")
-        if len(self.pairs) >= MAX_HEADERS:
-            raise UpstreamProtocolError(f"the answer has over {MAX_HEADERS} header lines")
         self.pairs.append((name, value))
 
     def on_headers_complete(self):
+        if len(self.pairs) > MAX_HEADERS:
+            raise UpstreamProtocolError(f"the answer has over {MAX_HEADERS} header lines")
         code = self.parser.get_status_code()
         if code < 200:
             if code == 101:
@@ -492,24 +534,18 @@ class _Connection(Protocol):
     def _answer(self):
         exchange = self.exchange
         code = self.parser.get_status_code()
-        headers = Headers()
-        raw = headers._rawHeaders
         length = UNKNOWN_LENGTH
         chunked = False
-        for name, value in self.pairs:
-            canon = _header_name(name)  # cached: one dict lookup for the names an upstream sends
-            if canon in _FRAMING_NAMES:
-                if canon == _TRANSFER_ENCODING:
+        pairs = self.pairs
+        for name, value in pairs:
+            size = len(name)
+            if size == 14 or size == 17:  # len("content-length"), len("transfer-encoding")
+                canon = _header_name(name)
+                if canon == _CONTENT_LENGTH:
+                    self.delimited = True
+                    length = int(value)  # llhttp has checked it is a number, and one number
+                elif canon == _TRANSFER_ENCODING:
                     chunked = True
-                continue
-            if canon == _CONTENT_LENGTH:
-                self.delimited = True
-                length = int(value)  # llhttp has checked it is a number, and one number
-            values = raw.get(canon)
-            if values is None:
-                raw[canon] = [value]
-            else:
-                values.append(value)
         if chunked:
             self.delimited = True
             length = UNKNOWN_LENGTH  # the chunked coding wins over a Content-Length
@@ -518,7 +554,7 @@ class _Connection(Protocol):
             self.delimited = True
             self.message_done = True  # llhttp would wait for a HEAD answer's body
         self.pairs = []
-        return UpstreamResponse(exchange, code, self.phrase, headers, length)
+        return UpstreamResponse(exchange, code, self.phrase, pairs, length)
 
     def _finish_body(self):
         exchange = self.exchange
