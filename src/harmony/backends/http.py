@@ -162,6 +162,54 @@ class HeadDeadlines:
             self._timer.cancel()
         self._timer = None
 
+class _Attempt:
+    """One upstream exchange's deadline and the mapping of its outcome
+    (:meth:`HttpBackend.request`): one small object a request, its bound
+    methods the Deferred's callbacks, where closures cost a cell each."""
+
+    __slots__ = ("backend", "answered", "deferred", "deadline", "timer", "timed_out")
+
+    def __init__(self, backend, answered):
+        self.backend = backend
+        self.answered = answered
+        self.deferred = None
+        self.deadline = None
+        self.timer = None
+        self.timed_out = False
+
+    def expire(self):
+        self.timed_out = True
+        self.deferred.cancel()
+
+    def stop(self):
+        if self.timer is None:
+            self.backend.head_deadlines.stop(self.deadline)
+        elif self.timer.active():
+            self.timer.cancel()
+
+    def done(self, response):
+        self.stop()
+        return response if self.answered is None else self.answered(response)
+
+    def failed(self, failure):
+        self.stop()
+        if self.timed_out:
+            raise BackendTimeout(f"upstream did not answer within {self.backend.timeout:g}s")
+        if failure.check(defer.CancelledError):
+            return failure
+        client_side = client_side_cause(failure)
+        if client_side is not None:
+            return client_side
+        if failure.check(ResponseNeverReceived, ResponseFailed):
+            raise BackendUnavailable("upstream closed the connection before answering")
+        from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+        if failure.check(TimeoutError):
+            raise BackendTimeout("timed out connecting to upstream")
+        if failure.check(ConnectError, DNSLookupError):
+            raise BackendUnavailable(f"upstream unreachable: {failure.value.__class__.__name__}")
+        return failure
+
+
 class HttpBackend(Backend):
     def __init__(self, name, base_urls, reactor, *, timeout=30.0, connect_timeout=None,
                  max_connections=64, target_pool: TargetPool | None = None):
@@ -249,50 +297,15 @@ class HttpBackend(Backend):
         callback that stops the deadline (one Deferred callback a request on
         the passthrough's hot path rather than three).
         """
-        state = {"timed_out": False}
-
-        def expire():
-            state["timed_out"] = True
-            d.cancel()
-
+        attempt = _Attempt(self, answered)
         if body_producer is None:
-            deadline = self.head_deadlines.start(expire)
-
-            def stop():
-                self.head_deadlines.stop(deadline)
+            attempt.deadline = self.head_deadlines.start(attempt.expire)
         else:
             # A timer of its own, pushed back by every chunk of the body (no 504 mid-upload).
-            timer = self.reactor.callLater(self.timeout, expire)
-            body_producer = DeadlineBody(body_producer, timer, self.timeout)
-
-            def stop():
-                if timer.active():
-                    timer.cancel()
-        d = self.client.request(method, url, headers, body_producer)
-
-        def done(response):
-            stop()
-            return response if answered is None else answered(response)
-
-        def failed(failure):
-            stop()
-            if state["timed_out"]:
-                raise BackendTimeout(f"upstream did not answer within {self.timeout:g}s")
-            if failure.check(defer.CancelledError):
-                return failure
-            client_side = client_side_cause(failure)
-            if client_side is not None:
-                return client_side
-            if failure.check(ResponseNeverReceived, ResponseFailed):
-                raise BackendUnavailable("upstream closed the connection before answering")
-            from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-            if failure.check(TimeoutError):
-                raise BackendTimeout("timed out connecting to upstream")
-            if failure.check(ConnectError, DNSLookupError):
-                raise BackendUnavailable(f"upstream unreachable: {failure.value.__class__.__name__}")
-            return failure
-
-        return d.addCallbacks(done, failed)
+            attempt.timer = self.reactor.callLater(self.timeout, attempt.expire)
+            body_producer = DeadlineBody(body_producer, attempt.timer, self.timeout)
+        d = attempt.deferred = self.client.request(method, url, headers, body_producer)
+        return d.addCallbacks(attempt.done, attempt.failed)
 
     def close(self):
         self.head_deadlines.close()

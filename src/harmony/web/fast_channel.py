@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import version as twisted_web_version
 
-from harmony.compat.twisted import header_name_encoder, send_now
+from harmony.compat.twisted import header_name_encoder, header_name_lookup, send_now
 from harmony.envelope import body_length
 from harmony.log import get_logger
 from harmony.web import coding
@@ -71,6 +71,7 @@ IDLE_TIMEOUT = 60.0
 ABORT_TIMEOUT = 15.0
 
 _encode_name = header_name_encoder().encode
+_known_name, _ = header_name_lookup()  # _known_name.get(name) or _encode_name(name): no Python call when cached
 #: Response header names never copied from an envelope, as ``Headers`` spells them (canonical case).
 _NOT_COPIED = frozenset(_encode_name(n) for n in HOP_BY_HOP | {b"content-length"})
 _CONTENT_LENGTH = _encode_name(b"content-length")
@@ -182,11 +183,11 @@ class FastRequest:
             reason = reason.encode("latin-1", "replace")
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))]
         append = parts.append
-        for name, values in headers.getAllRawHeaders():
+        raw = headers._rawHeaders
+        for name, values in raw.items():
             if name not in skip:
                 for value in values:
                     append(name + b": " + value + b"\r\n")
-        raw = headers._rawHeaders
         if _DATE not in raw:
             append(b"Date: " + _date.now() + b"\r\n")
         if _SERVER not in raw:
@@ -457,7 +458,7 @@ class FastChannel(Protocol):
         headers = Headers()
         raw = headers._rawHeaders
         for name, value in head.pairs:
-            name = _encode_name(name)
+            name = _known_name.get(name) or _encode_name(name)
             values = raw.get(name)
             if values is None:
                 raw[name] = [value]

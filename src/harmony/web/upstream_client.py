@@ -57,7 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from harmony.compat.twisted import header_name_encoder, send_now
+from harmony.compat.twisted import header_name_encoder, header_name_lookup, send_now
 from harmony.envelope import BytesProducer
 from harmony.web.headers import HOP_BY_HOP
 
@@ -82,6 +82,7 @@ _FRAMING = frozenset({b"transfer-encoding", b"keep-alive", b"proxy-connection", 
 
 #: A response header name as ``Headers`` stores it (Header-Case, ``ETag``...), cached by Twisted.
 _header_name = header_name_encoder().encode
+_known_name, _ = header_name_lookup()  # _known_name.get(name) or _header_name(name): no Python call when cached
 #: The same names as ``Headers`` spells them (its keys): compared without lower-casing.
 _FRAMING_NAMES = frozenset(_header_name(n) for n in _FRAMING)
 _OWN_NAMES = frozenset(_header_name(n) for n in _OWN)
@@ -132,7 +133,7 @@ class UpstreamResponse:
         is what :func:`harmony.web.headers.end_to_end` makes of :attr:`headers`."""
         listed = None
         for name, value in self._pairs:
-            if len(name) == 10 and _header_name(name) == _CONNECTION:
+            if len(name) == 10 and (_known_name.get(name) or _header_name(name)) == _CONNECTION:
                 for token in value.split(b","):
                     token = token.strip().lower()
                     if token:
@@ -159,7 +160,7 @@ def _headers_from(pairs: list, skip: frozenset, listed: set | None) -> Headers:
     headers = Headers()
     raw = headers._rawHeaders
     for name, value in pairs:
-        canon = _header_name(name)  # cached: one dict lookup for the names an upstream sends
+        canon = _known_name.get(name) or _header_name(name)
         if canon in skip or (listed is not None and name.lower() in listed):
             continue
         values = raw.get(canon)
@@ -540,7 +541,7 @@ class _Connection(Protocol):
         for name, value in pairs:
             size = len(name)
             if size == 14 or size == 17:  # len("content-length"), len("transfer-encoding")
-                canon = _header_name(name)
+                canon = _known_name.get(name) or _header_name(name)
                 if canon == _CONTENT_LENGTH:
                     self.delimited = True
                     length = int(value)  # llhttp has checked it is a number, and one number
