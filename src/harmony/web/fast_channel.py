@@ -467,7 +467,7 @@ class FastChannel(Protocol):
         version = b"HTTP/" + head.version.encode("ascii")
         request = FastRequest(self, head.method, url, version, headers, head.keep_alive)
         self._current = request
-        self.router.render(request)
+        self.router.render_route(request, path, route)
 
     def request_done(self, request: FastRequest):
         """*request*'s answer is written: close, or go on with what is buffered."""
