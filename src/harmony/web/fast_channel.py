@@ -135,6 +135,7 @@ class FastRequest:
         self.finished = False
         self._disconnected = False
         self._waiters: list[defer.Deferred] | None = None
+        self._gone: list | None = None
         self._chunked = False
         self._discard = False
 
@@ -161,6 +162,17 @@ class FastRequest:
                 self._waiters = []
             self._waiters.append(d)
         return d
+
+    def notify_gone(self, callback, *args) -> None:
+        """``notifyFinish().addErrback(callback, *args)`` without a Deferred: *callback*
+        is called with the reason if the client hangs up before the answer is written,
+        never otherwise (the endpoint's 499 and cancel, once a request)."""
+        if self._disconnected:
+            callback(self._lost, *args)
+        elif not self.finished:
+            if self._gone is None:
+                self._gone = []
+            self._gone.append((callback, args))
 
     # ---------------------------------------------------------- what is written
 
@@ -285,6 +297,7 @@ class FastRequest:
 
     def _finish(self):
         self.finished = True
+        self._gone = None
         waiters, self._waiters = self._waiters, None
         self.channel.request_done(self)
         for d in waiters or ():
@@ -295,6 +308,9 @@ class FastRequest:
             return
         self._disconnected = True
         self._lost = reason
+        gone, self._gone = self._gone, None
+        for callback, args in gone or ():
+            callback(reason, *args)
         waiters, self._waiters = self._waiters, None
         for d in waiters or ():
             d.errback(reason)

@@ -194,13 +194,13 @@ class _BodyTransport:
 
     def pauseProducing(self):
         conn = self._connection()
-        if conn is not None and conn.transport is not None:
-            conn.transport.pauseProducing()
+        if conn is not None:
+            conn.pause_reading()
 
     def resumeProducing(self):
         conn = self._connection()
-        if conn is not None and conn.transport is not None:
-            conn.transport.resumeProducing()
+        if conn is not None:
+            conn.resume_reading()
 
     def stopProducing(self):
         conn = self._connection()
@@ -290,7 +290,7 @@ class _Exchange:
             protocol.connectionLost(_as_failure(self.outcome))
             self.outcome = None
         elif self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.resumeProducing()  # paused until someone wanted the body
+            self.connection.resume_reading()  # paused until someone wanted the body
 
 
 #: An exchange's ``protocol`` once its whole body was taken as bytes.
@@ -347,6 +347,7 @@ class _Connection(Protocol):
         self.uses = 0
         self.idle_since = 0.0
         self.lost = False
+        self.reading_paused = False
         # Per answer:
         self._reset_answer()
 
@@ -472,7 +473,7 @@ class _Connection(Protocol):
             # (UpstreamResponse.whole_body) and this connection back in the pool.
             self._finish_body()
         elif answer is not None and not self.lost:
-            self.transport.pauseProducing()  # hold the rest until someone reads the body
+            self.pause_reading()  # hold the rest until someone reads the body
         if answer is not None:
             exchange.answered(answer)  # (deliverBody resumes the connection)
 
@@ -578,7 +579,7 @@ class _Connection(Protocol):
             # Content-Length a HEAD answer announces.  The next answer starts afresh.
             self.parser = httptools.HttpResponseParser(self)
         if self.reusable and not self.body_sending and keep:
-            self.transport.resumeProducing()
+            self.resume_reading()
             self.client.release(self)
         else:
             self.close()
@@ -622,6 +623,19 @@ class _Connection(Protocol):
         self._answer_or_fail(reason if reason is not None else Failure(ConnectionError("connection lost")))
         self.exchange = None
         exchange.connection = None
+
+    def pause_reading(self):
+        """Stop reading the upstream (its answer's reader is slow, or not there yet)."""
+        if self.transport is not None and not self.lost:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self):
+        """Read again, if paused: most answers never were, and a resume is several
+        reactor calls (``addReader``) a request for nothing."""
+        if self.reading_paused and self.transport is not None and not self.lost:
+            self.reading_paused = False
+            self.transport.resumeProducing()
 
     def abort(self):
         if self.transport is not None and not self.lost:
