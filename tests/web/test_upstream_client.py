@@ -614,3 +614,18 @@ async def test_a_whole_upstream_body_passes_through_uncompressed_to_a_gzip_clien
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-encoding" not in head.lower(), head  # the upstream's choice stands
     assert body == plain
+
+
+def test_end_to_end_headers_drop_hop_by_hop_and_connection_listed_names_in_any_case():
+    from harmony.web.upstream_client import UpstreamResponse
+
+    pairs = [(b"Connection", b"x-Trace, KEEP-ALIVE, bad name,"), (b"Keep-Alive", b"timeout=5"),
+             (b"X-TRACE", b"1"), (b"Transfer-Encoding", b"chunked"), (b"ETag", b'"a"'),
+             (b"set-cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"Content-Length", b"2")]
+    response = UpstreamResponse(None, 200, b"OK", pairs, 2)
+    kept = response.end_to_end_headers()
+    assert dict(kept.getAllRawHeaders()) == {b"ETag": [b'"a"'], b"Set-Cookie": [b"a=1", b"b=2"],
+                                             b"Content-Length": [b"2"]}
+    # headers: everything but the connection's framing, Connection itself included
+    assert set(dict(response.headers.getAllRawHeaders())) == {b"Connection", b"X-Trace", b"ETag", b"Set-Cookie",
+                                                              b"Content-Length"}

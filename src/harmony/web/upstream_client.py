@@ -124,23 +124,26 @@ class UpstreamResponse:
     def headers(self) -> Headers:
         """Every header of the answer but the connection's framing (``Connection`` stays)."""
         if self._headers is None:
-            self._headers = _headers_from(self._pairs, _FRAMING_NAMES, None)
+            self._headers = _headers_from(self._pairs, _FRAMING_NAMES)
         return self._headers
 
     def end_to_end_headers(self) -> Headers:
         """A new ``Headers`` of the answer's end-to-end headers: without the hop-by-hop
         ones and those its ``Connection`` header names (RFC 9110 section 7.6.1), which
         is what :func:`harmony.web.headers.end_to_end` makes of :attr:`headers`."""
-        listed = None
+        skip = _HOP_BY_HOP_NAMES
         for name, value in self._pairs:
             if len(name) == 10 and (_known_name.get(name) or _header_name(name)) == _CONNECTION:
+                listed = set()
                 for token in value.split(b","):
-                    token = token.strip().lower()
+                    token = token.strip()
                     if token:
-                        if listed is None:
-                            listed = set()
-                        listed.add(token)
-        return _headers_from(self._pairs, _HOP_BY_HOP_NAMES, listed)
+                        try:
+                            listed.add(_known_name.get(token) or _header_name(token))
+                        except ValueError:  # (InvalidHeaderName)
+                            pass  # not a header name: it names nothing to drop
+                skip = skip | listed  # compared as Headers keys names: no lower() a header
+        return _headers_from(self._pairs, skip)
 
     def setPreviousResponse(self, response):
         self.previousResponse = response
@@ -154,14 +157,14 @@ class UpstreamResponse:
         return self._exchange.take_whole()
 
 
-def _headers_from(pairs: list, skip: frozenset, listed: set | None) -> Headers:
+def _headers_from(pairs: list, skip: frozenset) -> Headers:
     """A ``Headers`` of *pairs* without the names in *skip* (as ``Headers`` spells
-    them) or in *listed* (lower case); names encoded once each, through Twisted's cache."""
+    them); names encoded once each, through Twisted's cache."""
     headers = Headers()
     raw = headers._rawHeaders
     for name, value in pairs:
         canon = _known_name.get(name) or _header_name(name)
-        if canon in skip or (listed is not None and name.lower() in listed):
+        if canon in skip:
             continue
         values = raw.get(canon)
         if values is None:
