@@ -134,3 +134,53 @@ def test_head_deadlines_share_one_timer_and_expire_only_the_unanswered():
     assert expired == ["second"]
     assert clock.getDelayedCalls() == []
     deadlines.close()
+
+
+def test_a_stuck_request_does_not_hold_the_deadlines_answered_after_it():
+    """One request the upstream never answers keeps only its own entry: the
+    requests answered after it leave at once, and the ones still waiting
+    expire at their own deadlines, not at the stuck one's."""
+    from twisted.internet.task import Clock
+
+    from harmony.backends.http import HeadDeadlines
+
+    clock = Clock()
+    deadlines = HeadDeadlines(clock, 30.0)
+    expired = []
+    deadlines.start(lambda: expired.append("stuck"))
+    for _ in range(1000):  # steady traffic behind it, each answered at once (7.8 s in all)
+        clock.advance(0.0078125)  # (a power of two: the clock adds up exactly)
+        deadlines.stop(deadlines.start(lambda: expired.append("answered")))
+    assert len(deadlines) == 1  # was 1001 until the stuck one's deadline
+    clock.advance(7.1875)  # 15 s
+    deadlines.start(lambda: expired.append("late"))  # due at 45 s
+    clock.advance(15)  # 30 s: the stuck one's deadline
+    assert expired == ["stuck"] and len(deadlines) == 1
+    assert len(clock.getDelayedCalls()) == 1  # re-armed for the late one, nothing else
+    clock.advance(14.999)
+    assert expired == ["stuck"]
+    clock.advance(0.001)
+    assert expired == ["stuck", "late"] and len(deadlines) == 0
+    assert clock.getDelayedCalls() == []
+    deadlines.close()
+
+
+def test_a_deadline_set_while_one_expires_keeps_a_single_timer():
+    """An expiry that starts another attempt (a retry on another target) sets a
+    deadline from inside the timer: still one timer, armed for the earliest."""
+    from twisted.internet.task import Clock
+
+    from harmony.backends.http import HeadDeadlines
+
+    clock = Clock()
+    deadlines = HeadDeadlines(clock, 10.0)
+    expired = []
+    deadlines.start(lambda: (expired.append("first"), deadlines.start(lambda: expired.append("retry"))))
+    clock.advance(4)
+    deadlines.start(lambda: expired.append("second"))  # due at 14
+    clock.advance(6)
+    assert expired == ["first"] and len(clock.getDelayedCalls()) == 1
+    clock.advance(4)
+    assert expired == ["first", "second"]
+    clock.advance(6)  # the retry's own deadline: 10 s after it started
+    assert expired == ["first", "second", "retry"] and clock.getDelayedCalls() == []

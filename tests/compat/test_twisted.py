@@ -69,6 +69,13 @@ def test_header_name_encoder_gives_the_keys_headers_stores_by():
     assert encode(b"etag") == b"ETag"  # Twisted's special cases, not plain capitalisation
 
 
+def test_header_name_lookup_is_the_encoders_own_cache():
+    cache, encode = compat.header_name_lookup()
+    assert encode(b"x-made-up-for-the-test") == b"X-Made-Up-For-The-Test"
+    assert cache.get(b"x-made-up-for-the-test") == b"X-Made-Up-For-The-Test"  # filled by encode
+    assert cache.get(b"never-seen-before-here") is None
+
+
 def test_send_now_writes_a_tcp_connection_at_once_and_queues_behind_pending_bytes():
     """send_now() reads FileDescriptor's private queue (dataBuffer, _tempDataBuffer):
     with nothing queued the bytes are on the socket before the reactor turns again;

@@ -321,3 +321,21 @@ def test_one_idle_timer_per_connection_not_per_request():
     for _ in range(20):
         proto.dataReceived(b"GET /api/x HTTP/1.1\r\n\r\n")
     assert len(clock.getDelayedCalls()) == 1
+
+
+def test_the_fast_channel_names_the_server_as_twisted_web_does_unless_the_answer_has_its_own():
+    _, proto, transport = connect()
+    proto.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    [(_, fast, _)] = answers(transport.value())
+    _, web_proto, web_transport = connect()
+    web_proto.dataReceived(b"POST /api/x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")  # twisted.web's
+    [(_, web, _)] = answers(web_transport.value())
+    assert web_proto._delegate is not None and fast[b"server"] == web[b"server"]
+    assert fast[b"server"].startswith(b"TwistedWeb/")
+    backend = HeldBackend()
+    _, proto, transport = connect(backend)
+    proto.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    backend.waiting[-1][1].callback(ResponseEnvelope(status=200, headers=Headers({b"server": [b"upstream/1"]}),
+                                                     body=b"ok"))
+    [(_, headers, _)] = answers(transport.value())
+    assert headers[b"server"] == b"upstream/1" and transport.value().count(b"erver:") == 1

@@ -46,13 +46,15 @@ def test_the_longest_prefix_wins_on_a_segment_boundary():
     assert _get(router, "/api/deep/1")[1]["metadata"]["endpoint"] == "deep"
 
 
-@pytest.mark.parametrize("path", ["/a/../b", "/a/%2e%2E/b", "/a\\..\\b", "/a/..;x/b", "/a/.;/b"])
+@pytest.mark.parametrize("path", ["/a/../b", "/a/%2e%2E/b", "/a\\..\\b", "/a/..;x/b", "/a/.;/b",
+                                  "..", "./a", "/a/.", "/a\\."])
 def test_dot_segments_in_every_disguise(path):
     assert has_dot_segment(path)
 
 
 def test_plain_paths_are_not_dot_segments():
     assert not has_dot_segment("/a/b.c/..d/%2e%2ex")
+    assert not has_dot_segment("/hello.txt") and not has_dot_segment("/a.b/c..d") and not has_dot_segment("")
 
 
 def test_a_dot_segment_is_400_in_the_named_endpoints_dialect():

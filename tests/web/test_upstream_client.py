@@ -255,6 +255,41 @@ async def test_an_endless_header_line_is_refused_at_the_limit(upstream):
     assert sent[0] < 16 * MAX_HEAD_BYTES  # cut near the limit, not after megabytes
 
 
+def dripped(pieces):
+    """An answer script writing *pieces* one reactor turn apart, until the client hangs up."""
+    def script(proto):
+        queue = list(pieces)
+
+        def more():
+            if proto.transport.disconnected or not queue:
+                return
+            proto.transport.write(queue.pop(0))
+            reactor.callLater(0, more)
+        more()
+    return script
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_of_many_ordinary_lines_in_small_packets_is_refused_at_the_limit(upstream):
+    # 1 KB lines: each is fine, and fewer than MAX_HEADERS of them, but together over MAX_HEAD_BYTES.
+    lines = [b"HTTP/1.1 200 OK\r\n"] + [b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(2 * MAX_HEAD_BYTES // 1000)]
+    factory, base, client = upstream(dripped(lines + [b"Content-Length: 2\r\n\r\nok"]))
+    closing = factory.next_close()
+    with pytest.raises(ResponseFailed) as failed:
+        await fetch(client, base + b"/")
+    assert "over" in str(failed.value.reasons[0].value)
+    await closing.addTimeout(SAFETY, reactor)
+    assert client.idle_connections() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endless_run_of_interim_answers_is_refused_at_the_head_limit(upstream):
+    factory, base, client = upstream(dripped([b"HTTP/1.1 100 Continue\r\n\r\n" * 100] * 100))
+    with pytest.raises(ResponseFailed) as failed:
+        await fetch(client, base + b"/")
+    assert "over" in str(failed.value.reasons[0].value)
+
+
 @pytest_twisted.ensureDeferred
 async def test_too_many_header_lines_are_refused(upstream):
     factory, base, client = upstream(ok(extra=b"".join(b"X-%d: 1\r\n" % i for i in range(300))))
@@ -579,3 +614,18 @@ async def test_a_whole_upstream_body_passes_through_uncompressed_to_a_gzip_clien
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-encoding" not in head.lower(), head  # the upstream's choice stands
     assert body == plain
+
+
+def test_end_to_end_headers_drop_hop_by_hop_and_connection_listed_names_in_any_case():
+    from harmony.web.upstream_client import UpstreamResponse
+
+    pairs = [(b"Connection", b"x-Trace, KEEP-ALIVE, bad name,"), (b"Keep-Alive", b"timeout=5"),
+             (b"X-TRACE", b"1"), (b"Transfer-Encoding", b"chunked"), (b"ETag", b'"a"'),
+             (b"set-cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"Content-Length", b"2")]
+    response = UpstreamResponse(None, 200, b"OK", pairs, 2)
+    kept = response.end_to_end_headers()
+    assert dict(kept.getAllRawHeaders()) == {b"ETag": [b'"a"'], b"Set-Cookie": [b"a=1", b"b=2"],
+                                             b"Content-Length": [b"2"]}
+    # headers: everything but the connection's framing, Connection itself included
+    assert set(dict(response.headers.getAllRawHeaders())) == {b"Connection", b"X-Trace", b"ETag", b"Set-Cookie",
+                                                              b"Content-Length"}

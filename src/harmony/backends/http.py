@@ -11,7 +11,8 @@ back as one (neither is ever held whole in memory), and failures arrive as
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from itertools import count
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -78,6 +79,13 @@ _XFF, _XFP, _XFH, _XRID = (header_name_encoder().encode(n) for n in (
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"))
 
 
+def response_headers(response) -> Headers:
+    """The end-to-end headers of an upstream's *response*: made in one pass over the
+    answer's header lines by harmony.web.upstream_client, else copied from ``headers``."""
+    own = getattr(response, "end_to_end_headers", None)
+    return own() if own is not None else end_to_end(response.headers)
+
+
 def client_side_cause(failure):
     """The client-side cause inside one of Agent's wrapper failures, or None.
 
@@ -105,46 +113,101 @@ class HeadDeadlines:
     a request: a visible share of the passthrough's CPU per request.
 
     Every deadline is the same *seconds* long, so they fall due in the order
-    they were set: a FIFO whose head is the next to expire.  An answered
-    request only marks its entry; answered entries leave from the front, and
-    the timer, when it fires, expires what is due and re-arms for the new
-    front, so under steady traffic it fires about once every *seconds*.
+    they were set: an insertion-ordered map whose first entry is the next to
+    expire.  An answered request's entry leaves at once (``OrderedDict.pop``,
+    wherever it is), so one request stuck until its deadline holds only its own
+    entry, never the ones set after it; the timer, when it fires, expires what
+    is due and re-arms for the new first entry, so under steady traffic it
+    fires about once every *seconds*.
     """
 
     def __init__(self, clock, seconds: float):
         self._clock = clock
         self._seconds = seconds
-        self._pending: deque = deque()  # [due, expire-or-None]
+        self._pending: OrderedDict = OrderedDict()  # key -> (due, expire)
+        self._keys = count()
         self._timer = None
 
-    def start(self, expire) -> list:
-        entry = [self._clock.seconds() + self._seconds, expire]
-        self._pending.append(entry)
+    def start(self, expire) -> int:
+        key = next(self._keys)
+        self._pending[key] = (self._clock.seconds() + self._seconds, expire)
         if self._timer is None:
             self._timer = self._clock.callLater(self._seconds, self._fire)
-        return entry
+        return key
 
-    def stop(self, entry: list) -> None:
-        entry[1] = None
-        pending = self._pending
-        while pending and pending[0][1] is None:
-            pending.popleft()
+    def stop(self, key: int) -> None:
+        self._pending.pop(key, None)
+
+    def __len__(self) -> int:
+        """Deadlines still running (requests not answered yet)."""
+        return len(self._pending)
 
     def _fire(self) -> None:
         self._timer = None
         now = self._clock.seconds()
         pending = self._pending
-        while pending and (pending[0][1] is None or pending[0][0] <= now):
-            expire = pending.popleft()[1]
-            if expire is not None:
-                expire()
-        if pending and self._timer is None:
-            self._timer = self._clock.callLater(max(0.0, pending[0][0] - now), self._fire)
+        while pending:
+            key = next(iter(pending))
+            due, expire = pending[key]
+            if due > now:
+                if self._timer is not None:  # armed by a start() inside an expire() (a retry): too late
+                    self._timer.cancel()
+                self._timer = self._clock.callLater(due - now, self._fire)
+                return
+            del pending[key]
+            expire()
 
     def close(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+class _Attempt:
+    """One upstream exchange's deadline and the mapping of its outcome
+    (:meth:`HttpBackend.request`): one small object a request, its bound
+    methods the Deferred's callbacks, where closures cost a cell each."""
+
+    __slots__ = ("backend", "answered", "deferred", "deadline", "timer", "timed_out")
+
+    def __init__(self, backend, answered):
+        self.backend = backend
+        self.answered = answered
+        self.deferred = None
+        self.deadline = None
+        self.timer = None
+        self.timed_out = False
+
+    def expire(self):
+        self.timed_out = True
+        self.deferred.cancel()
+
+    def stop(self):
+        if self.timer is None:
+            self.backend.head_deadlines.stop(self.deadline)
+        elif self.timer.active():
+            self.timer.cancel()
+
+    def done(self, response):
+        self.stop()
+        return response if self.answered is None else self.answered(response)
+
+    def failed(self, failure):
+        self.stop()
+        if self.timed_out:
+            raise BackendTimeout(f"upstream did not answer within {self.backend.timeout:g}s")
+        if failure.check(defer.CancelledError):
+            return failure
+        client_side = client_side_cause(failure)
+        if client_side is not None:
+            return client_side
+        if failure.check(ResponseNeverReceived, ResponseFailed):
+            raise BackendUnavailable("upstream closed the connection before answering")
+        from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+        if failure.check(TimeoutError):
+            raise BackendTimeout("timed out connecting to upstream")
+        if failure.check(ConnectError, DNSLookupError):
+            raise BackendUnavailable(f"upstream unreachable: {failure.value.__class__.__name__}")
+        return failure
 
 
 class HttpBackend(Backend):
@@ -195,7 +258,7 @@ class HttpBackend(Backend):
     def build_response(self, request, response) -> ResponseEnvelope:
         return ResponseEnvelope(
             status=response.code, reason=response.phrase,
-            headers=end_to_end(response.headers), body=self.passthrough_body(response),
+            headers=response_headers(response), body=self.passthrough_body(response),
             metadata={"upstream_status": str(response.code)},
         )
 
@@ -234,50 +297,15 @@ class HttpBackend(Backend):
         callback that stops the deadline (one Deferred callback a request on
         the passthrough's hot path rather than three).
         """
-        state = {"timed_out": False}
-
-        def expire():
-            state["timed_out"] = True
-            d.cancel()
-
+        attempt = _Attempt(self, answered)
         if body_producer is None:
-            deadline = self.head_deadlines.start(expire)
-
-            def stop():
-                self.head_deadlines.stop(deadline)
+            attempt.deadline = self.head_deadlines.start(attempt.expire)
         else:
             # A timer of its own, pushed back by every chunk of the body (no 504 mid-upload).
-            timer = self.reactor.callLater(self.timeout, expire)
-            body_producer = DeadlineBody(body_producer, timer, self.timeout)
-
-            def stop():
-                if timer.active():
-                    timer.cancel()
-        d = self.client.request(method, url, headers, body_producer)
-
-        def done(response):
-            stop()
-            return response if answered is None else answered(response)
-
-        def failed(failure):
-            stop()
-            if state["timed_out"]:
-                raise BackendTimeout(f"upstream did not answer within {self.timeout:g}s")
-            if failure.check(defer.CancelledError):
-                return failure
-            client_side = client_side_cause(failure)
-            if client_side is not None:
-                return client_side
-            if failure.check(ResponseNeverReceived, ResponseFailed):
-                raise BackendUnavailable("upstream closed the connection before answering")
-            from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-            if failure.check(TimeoutError):
-                raise BackendTimeout("timed out connecting to upstream")
-            if failure.check(ConnectError, DNSLookupError):
-                raise BackendUnavailable(f"upstream unreachable: {failure.value.__class__.__name__}")
-            return failure
-
-        return d.addCallbacks(done, failed)
+            attempt.timer = self.reactor.callLater(self.timeout, attempt.expire)
+            body_producer = DeadlineBody(body_producer, attempt.timer, self.timeout)
+        d = attempt.deferred = self.client.request(method, url, headers, body_producer)
+        return d.addCallbacks(attempt.done, attempt.failed)
 
     def close(self):
         self.head_deadlines.close()

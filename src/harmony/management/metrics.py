@@ -160,14 +160,24 @@ class HarmonyMetrics:
                 found = children[key] = metric.labels(name, *labels)
             return found
 
+        #: (endpoint, backend, status) as the request says them -> the request counter's and the
+        #: latency histogram's children: one lookup a request (bounded like the children themselves).
+        pairs: dict = {}
+
         def observe(request, response, seconds):
             md = request.metadata
-            endpoint = md.get("endpoint")
-            endpoint = endpoint if endpoint in endpoints else "other"
-            backend = md.get("backend")
-            backend = backend if backend in backends else "none"
-            child(self.requests, endpoint, backend, status_label(response.status)).inc()
-            child(self.latency, endpoint, backend).observe(seconds)
+            said = (md.get("endpoint"), md.get("backend"), response.status)
+            found = pairs.get(said)
+            if found is None:
+                endpoint = said[0] if said[0] in endpoints else "other"
+                backend = said[1] if said[1] in backends else "none"
+                found = (child(self.requests, endpoint, backend, status_label(said[2])),
+                         child(self.latency, endpoint, backend))
+                if len(pairs) < 4096:  # statuses are ints an upstream chooses: never unbounded
+                    pairs[said] = found
+            found[0].inc()
+            found[1].observe(seconds)
+            endpoint = said[0] if said[0] in endpoints else "other"
             n = body_length(request.body)
             if n:
                 child(self.bytes_in, endpoint).inc(n)

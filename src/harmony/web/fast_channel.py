@@ -47,8 +47,9 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.server import version as twisted_web_version
 
-from harmony.compat.twisted import header_name_encoder, send_now
+from harmony.compat.twisted import header_name_encoder, header_name_lookup, send_now
 from harmony.envelope import body_length
 from harmony.log import get_logger
 from harmony.web import coding
@@ -70,12 +71,17 @@ IDLE_TIMEOUT = 60.0
 ABORT_TIMEOUT = 15.0
 
 _encode_name = header_name_encoder().encode
+_known_name, _ = header_name_lookup()  # _known_name.get(name) or _encode_name(name): no Python call when cached
 #: Response header names never copied from an envelope, as ``Headers`` spells them (canonical case).
 _NOT_COPIED = frozenset(_encode_name(n) for n in HOP_BY_HOP | {b"content-length"})
 _CONTENT_LENGTH = _encode_name(b"content-length")
 _CONNECTION = _encode_name(b"connection")
 _REQUEST_ID = _encode_name(b"x-request-id")
 _DATE = _encode_name(b"date")
+_SERVER = _encode_name(b"server")
+#: twisted.web's ``Request`` names itself in every answer that has no ``Server`` of its
+#: own (an upstream's passes through): answers from this channel say the same.
+_SERVER_LINE = b"Server: " + twisted_web_version + b"\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 _REASONS: dict[int, bytes] = {}
 
@@ -129,6 +135,7 @@ class FastRequest:
         self.finished = False
         self._disconnected = False
         self._waiters: list[defer.Deferred] | None = None
+        self._gone: list | None = None
         self._chunked = False
         self._discard = False
 
@@ -156,6 +163,17 @@ class FastRequest:
             self._waiters.append(d)
         return d
 
+    def notify_gone(self, callback, *args) -> None:
+        """``notifyFinish().addErrback(callback, *args)`` without a Deferred: *callback*
+        is called with the reason if the client hangs up before the answer is written,
+        never otherwise (the endpoint's 499 and cancel, once a request)."""
+        if self._disconnected:
+            callback(self._lost, *args)
+        elif not self.finished:
+            if self._gone is None:
+                self._gone = []
+            self._gone.append((callback, args))
+
     # ---------------------------------------------------------- what is written
 
     def write_response(self, response) -> defer.Deferred:
@@ -177,13 +195,15 @@ class FastRequest:
             reason = reason.encode("latin-1", "replace")
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))]
         append = parts.append
-        for name, values in headers.getAllRawHeaders():
+        raw = headers._rawHeaders
+        for name, values in raw.items():
             if name not in skip:
                 for value in values:
                     append(name + b": " + value + b"\r\n")
-        raw = headers._rawHeaders
         if _DATE not in raw:
             append(b"Date: " + _date.now() + b"\r\n")
+        if _SERVER not in raw:
+            append(_SERVER_LINE)
         rid = self._harmony_request_id
         if rid and _REQUEST_ID not in raw:
             append(b"X-Request-Id: " + rid.encode() + b"\r\n")
@@ -277,6 +297,7 @@ class FastRequest:
 
     def _finish(self):
         self.finished = True
+        self._gone = None
         waiters, self._waiters = self._waiters, None
         self.channel.request_done(self)
         for d in waiters or ():
@@ -287,6 +308,9 @@ class FastRequest:
             return
         self._disconnected = True
         self._lost = reason
+        gone, self._gone = self._gone, None
+        for callback, args in gone or ():
+            callback(reason, *args)
         waiters, self._waiters = self._waiters, None
         for d in waiters or ():
             d.errback(reason)
@@ -450,7 +474,7 @@ class FastChannel(Protocol):
         headers = Headers()
         raw = headers._rawHeaders
         for name, value in head.pairs:
-            name = _encode_name(name)
+            name = _known_name.get(name) or _encode_name(name)
             values = raw.get(name)
             if values is None:
                 raw[name] = [value]
@@ -459,7 +483,7 @@ class FastChannel(Protocol):
         version = b"HTTP/" + head.version.encode("ascii")
         request = FastRequest(self, head.method, url, version, headers, head.keep_alive)
         self._current = request
-        self.router.render(request)
+        self.router.render_route(request, path, route)
 
     def request_done(self, request: FastRequest):
         """*request*'s answer is written: close, or go on with what is buffered."""

@@ -38,8 +38,8 @@ def has_dot_segment(path: str) -> bool:
     and ignoring path parameters: Tomcat and Jetty strip ``;...`` from each
     segment before resolving, so ``..;/admin`` and ``.;x`` are dot segments too."""
     if "%" not in path:
-        if "." not in path:
-            return False  # the common case, without splitting the path
+        if "." not in path or (path[0] != "." and "/." not in path and "\\." not in path):
+            return False  # the common case (no segment starts with a dot), without splitting the path
         decoded = path
     else:
         decoded = unquote(path, errors="replace")
@@ -86,7 +86,11 @@ class PrefixRouter(Resource):
 
     def render(self, request):
         path = request.path.decode("utf-8", "surrogateescape")
-        route = self.match(path)
+        return self.render_route(request, path, self.match(path))
+
+    def render_route(self, request, path: str, route):
+        """:meth:`render` for a request whose *path* (decoded) and *route* (``match``) are
+        known already (harmony.web.fast_channel matched them to choose its way)."""
         if has_dot_segment(path):
             # Logged like any request: a refused traversal attempt is what an operator wants to see.
             log_access(request, route.endpoint.name if route is not None else "", time.monotonic())

@@ -57,8 +57,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from harmony.compat.twisted import header_name_encoder, send_now
+from harmony.compat.twisted import header_name_encoder, header_name_lookup, send_now
 from harmony.envelope import BytesProducer
+from harmony.web.headers import HOP_BY_HOP
 
 #: The most bytes a response head (status line and header lines) may take.
 #: Twisted's client allows 16 KiB a line; nginx's proxy_buffer_size is 4-8 KiB.
@@ -81,11 +82,14 @@ _FRAMING = frozenset({b"transfer-encoding", b"keep-alive", b"proxy-connection", 
 
 #: A response header name as ``Headers`` stores it (Header-Case, ``ETag``...), cached by Twisted.
 _header_name = header_name_encoder().encode
+_known_name, _ = header_name_lookup()  # _known_name.get(name) or _header_name(name): no Python call when cached
 #: The same names as ``Headers`` spells them (its keys): compared without lower-casing.
 _FRAMING_NAMES = frozenset(_header_name(n) for n in _FRAMING)
 _OWN_NAMES = frozenset(_header_name(n) for n in _OWN)
 _TRANSFER_ENCODING = _header_name(b"transfer-encoding")
 _CONTENT_LENGTH = _header_name(b"content-length")
+_CONNECTION = _header_name(b"connection")
+_HOP_BY_HOP_NAMES = frozenset(_header_name(n) for n in HOP_BY_HOP)
 
 
 class UpstreamProtocolError(Exception):
@@ -98,18 +102,48 @@ class _Unsolicited(Exception):
 
 @implementer(IResponse)
 class UpstreamResponse:
-    """An answer whose head has arrived; its body goes to :meth:`deliverBody`."""
+    """An answer whose head has arrived; its body goes to :meth:`deliverBody`.
+
+    Its header lines are kept as llhttp reported them and made a ``Headers``
+    only when someone reads :attr:`headers`: the passthrough takes
+    :meth:`end_to_end_headers` instead, built in one pass over the lines."""
 
     version = (b"HTTP", 1, 1)
     request = None
     previousResponse = None
 
-    def __init__(self, exchange, code: int, phrase: bytes, headers: Headers, length):
+    def __init__(self, exchange, code: int, phrase: bytes, pairs: list, length):
         self._exchange = exchange
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        self._pairs = pairs
+        self._headers: Headers | None = None
         self.length = length
+
+    @property
+    def headers(self) -> Headers:
+        """Every header of the answer but the connection's framing (``Connection`` stays)."""
+        if self._headers is None:
+            self._headers = _headers_from(self._pairs, _FRAMING_NAMES)
+        return self._headers
+
+    def end_to_end_headers(self) -> Headers:
+        """A new ``Headers`` of the answer's end-to-end headers: without the hop-by-hop
+        ones and those its ``Connection`` header names (RFC 9110 section 7.6.1), which
+        is what :func:`harmony.web.headers.end_to_end` makes of :attr:`headers`."""
+        skip = _HOP_BY_HOP_NAMES
+        for name, value in self._pairs:
+            if len(name) == 10 and (_known_name.get(name) or _header_name(name)) == _CONNECTION:
+                listed = set()
+                for token in value.split(b","):
+                    token = token.strip()
+                    if token:
+                        try:
+                            listed.add(_known_name.get(token) or _header_name(token))
+                        except ValueError:  # (InvalidHeaderName)
+                            pass  # not a header name: it names nothing to drop
+                skip = skip | listed  # compared as Headers keys names: no lower() a header
+        return _headers_from(self._pairs, skip)
 
     def setPreviousResponse(self, response):
         self.previousResponse = response
@@ -121,6 +155,23 @@ class UpstreamResponse:
         """The body as bytes if all of it arrived with the head (most small answers
         do), taken instead of :meth:`deliverBody`; None when it is still coming."""
         return self._exchange.take_whole()
+
+
+def _headers_from(pairs: list, skip: frozenset) -> Headers:
+    """A ``Headers`` of *pairs* without the names in *skip* (as ``Headers`` spells
+    them); names encoded once each, through Twisted's cache."""
+    headers = Headers()
+    raw = headers._rawHeaders
+    for name, value in pairs:
+        canon = _known_name.get(name) or _header_name(name)
+        if canon in skip:
+            continue
+        values = raw.get(canon)
+        if values is None:
+            raw[canon] = [value]
+        else:
+            values.append(value)
+    return headers
 
 
 #: The outcome of a body that ended well, made a ``Failure(ResponseDone)`` only for a
@@ -146,13 +197,13 @@ class _BodyTransport:
 
     def pauseProducing(self):
         conn = self._connection()
-        if conn is not None and conn.transport is not None:
-            conn.transport.pauseProducing()
+        if conn is not None:
+            conn.pause_reading()
 
     def resumeProducing(self):
         conn = self._connection()
-        if conn is not None and conn.transport is not None:
-            conn.transport.resumeProducing()
+        if conn is not None:
+            conn.resume_reading()
 
     def stopProducing(self):
         conn = self._connection()
@@ -242,7 +293,7 @@ class _Exchange:
             protocol.connectionLost(_as_failure(self.outcome))
             self.outcome = None
         elif self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.resumeProducing()  # paused until someone wanted the body
+            self.connection.resume_reading()  # paused until someone wanted the body
 
 
 #: An exchange's ``protocol`` once its whole body was taken as bytes.
@@ -299,13 +350,13 @@ class _Connection(Protocol):
         self.uses = 0
         self.idle_since = 0.0
         self.lost = False
+        self.reading_paused = False
         # Per answer:
         self._reset_answer()
 
     def _reset_answer(self):
         self.pairs: list = []
         self.phrase = b""
-        self.head_bytes = 0
         self.head_fed = 0
         self.head_seen = False
         self.interim = False
@@ -425,7 +476,7 @@ class _Connection(Protocol):
             # (UpstreamResponse.whole_body) and this connection back in the pool.
             self._finish_body()
         elif answer is not None and not self.lost:
-            self.transport.pauseProducing()  # hold the rest until someone reads the body
+            self.pause_reading()  # hold the rest until someone reads the body
         if answer is not None:
             exchange.answered(answer)  # (deliverBody resumes the connection)
 
@@ -450,21 +501,17 @@ class _Connection(Protocol):
             self.phrase = b""
             self.interim = False
 
+    # The head's size is bounded before llhttp sees it (dataReceived feeds at most
+    # MAX_HEAD_BYTES until the head is complete), so these two only gather.
     def on_status(self, status):
-        self.head_bytes += len(status)
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise UpstreamProtocolError(f"the answer's head is over {MAX_HEAD_BYTES} bytes")
         self.phrase += status
 
     def on_header(self, name, value):
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_HEAD_BYTES:
-            raise UpstreamProtocolError(f"the answer's head is over {MAX_HEAD_BYTES} bytes")
-        if len(self.pairs) >= MAX_HEADERS:
-            raise UpstreamProtocolError(f"the answer has over {MAX_HEADERS} header lines")
         self.pairs.append((name, value))
 
     def on_headers_complete(self):
+        if len(self.pairs) > MAX_HEADERS:
+            raise UpstreamProtocolError(f"the answer has over {MAX_HEADERS} header lines")
         code = self.parser.get_status_code()
         if code < 200:
             if code == 101:
@@ -492,24 +539,18 @@ class _Connection(Protocol):
     def _answer(self):
         exchange = self.exchange
         code = self.parser.get_status_code()
-        headers = Headers()
-        raw = headers._rawHeaders
         length = UNKNOWN_LENGTH
         chunked = False
-        for name, value in self.pairs:
-            canon = _header_name(name)  # cached: one dict lookup for the names an upstream sends
-            if canon in _FRAMING_NAMES:
-                if canon == _TRANSFER_ENCODING:
+        pairs = self.pairs
+        for name, value in pairs:
+            size = len(name)
+            if size == 14 or size == 17:  # len("content-length"), len("transfer-encoding")
+                canon = _known_name.get(name) or _header_name(name)
+                if canon == _CONTENT_LENGTH:
+                    self.delimited = True
+                    length = int(value)  # llhttp has checked it is a number, and one number
+                elif canon == _TRANSFER_ENCODING:
                     chunked = True
-                continue
-            if canon == _CONTENT_LENGTH:
-                self.delimited = True
-                length = int(value)  # llhttp has checked it is a number, and one number
-            values = raw.get(canon)
-            if values is None:
-                raw[canon] = [value]
-            else:
-                values.append(value)
         if chunked:
             self.delimited = True
             length = UNKNOWN_LENGTH  # the chunked coding wins over a Content-Length
@@ -518,7 +559,7 @@ class _Connection(Protocol):
             self.delimited = True
             self.message_done = True  # llhttp would wait for a HEAD answer's body
         self.pairs = []
-        return UpstreamResponse(exchange, code, self.phrase, headers, length)
+        return UpstreamResponse(exchange, code, self.phrase, pairs, length)
 
     def _finish_body(self):
         exchange = self.exchange
@@ -541,7 +582,7 @@ class _Connection(Protocol):
             # Content-Length a HEAD answer announces.  The next answer starts afresh.
             self.parser = httptools.HttpResponseParser(self)
         if self.reusable and not self.body_sending and keep:
-            self.transport.resumeProducing()
+            self.resume_reading()
             self.client.release(self)
         else:
             self.close()
@@ -585,6 +626,19 @@ class _Connection(Protocol):
         self._answer_or_fail(reason if reason is not None else Failure(ConnectionError("connection lost")))
         self.exchange = None
         exchange.connection = None
+
+    def pause_reading(self):
+        """Stop reading the upstream (its answer's reader is slow, or not there yet)."""
+        if self.transport is not None and not self.lost:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self):
+        """Read again, if paused: most answers never were, and a resume is several
+        reactor calls (``addReader``) a request for nothing."""
+        if self.reading_paused and self.transport is not None and not self.lost:
+            self.reading_paused = False
+            self.transport.resumeProducing()
 
     def abort(self):
         if self.transport is not None and not self.lost:
