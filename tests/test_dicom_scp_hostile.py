@@ -13,6 +13,7 @@ process.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -113,11 +114,47 @@ def highest_fd(pid: int) -> int:
     return max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
+def stopped(pid: int) -> bool:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def count_is_free(pid: int) -> bool:
+    """Whether the listener's shared count (the file the processes map) is unlocked, tried
+    through a description of our own as another process would (never waiting)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "harmony-dimse-" not in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                continue
+            probe = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(probe)
+        return True
+    return True  # no DIMSE listener shared yet
+
+
 @contextmanager
 def frozen(pids):
-    """SIGSTOP *pids*: only the other processes accept meanwhile."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    """SIGSTOP *pids*: only the other processes accept meanwhile.  A process is never left
+    stopped inside its few microseconds of counting under the shared count's lock: the
+    others would then refuse every connection after waiting for it (that is the product's
+    answer to a stuck process, not what these attacks test), so such a stop is undone
+    and made again."""
+    for _ in range(1000):
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: all(stopped(pid) for pid in pids), 10, "the frozen processes stopping")
+        if all(count_is_free(pid) for pid in pids):
+            break
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    else:
+        raise AssertionError("the shared count stayed locked")
     try:
         yield
     finally:
