@@ -45,6 +45,7 @@ from harmony.state import DicomRequestFacts, RequestState
 from harmony.storage import queue as q
 from harmony.storage.bodies import FileProducer
 from harmony.storage.errors import StorageFailure
+from harmony.storage.groupcommit import GroupCommit
 
 log = get_logger("harmony.store_forward")
 
@@ -236,6 +237,12 @@ class StoreForward(Service):
         #: waits its turn on a loaded machine) would have its 'delivering' row
         #: put back to pending by the recovery and delivered a second time.
         self.recovered = False
+        #: A delivery is marked delivered in one transaction with every other delivery
+        #: that ended while the previous mark was committing (group commit, as ingest
+        #: does): on PostgreSQL that commit's round trip was half a drain's waiting.
+        #: The row stays 'delivering' until its batch commits, so a crash before
+        #: then delivers it again (at least once), never loses it.
+        self.settles = GroupCommit(self.store.run, self._settle_batch)
 
     # -- lifecycle
     def startService(self):
@@ -386,10 +393,15 @@ class StoreForward(Service):
         return d
 
     # -- delivery bookkeeping (called by drainers)
+    def _settle_batch(self, row_ids: list[int]) -> list[bool]:
+        """(Storage thread.) Mark the deliveries that ended together as delivered, in one transaction."""
+        return self.store.bookkeep_sync(q.delivered_many, row_ids, self.now(), self.node)
+
     def record(self, settings: TargetSettings, row_id: int, sop_uid: str, attempts: int, outcome: Outcome):
         now = self.now()
         if outcome.ok:
-            d = self.store.bookkeep(q.delivered, row_id, now, self.node)
+            # Settled with the other deliveries that ended meanwhile (one transaction: see __init__).
+            d = self.settles.submit(row_id)
             d.addCallback(lambda recorded: recorded or self._lease_lost(settings, row_id))
             result = "delivered"
             if self.delete_after_delivery and not sop_uid.startswith(q.MESSAGE_PREFIX):

@@ -33,6 +33,7 @@ import functools
 import itertools
 import os
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from pynetdicom import pdu as pn_pdu
@@ -344,7 +345,7 @@ class Association(protocol.Protocol):
         self._touch()
         self._receive(data)
 
-    def _receive(self, data: bytes, parsed: list = ()):
+    def _receive(self, data: bytes, parsed: Sequence = ()):
         _batch.depth += 1
         try:
             pdus = [*parsed, *self.framer.feed(data)] if data else list(parsed)
