@@ -284,12 +284,21 @@ def limits_hold(listener) -> None:
         for s in socks:
             s.close()
     wait_for(lambda: server_side_connections(port) == 0, 30, "Harmony closing the associations")
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(PER_SOURCE)]
+    # One more than the cap: exactly one is closed without a word.  Which one is the
+    # processes' affair: each decides the connections it accepted, in its own order.
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(PER_SOURCE + 1)]
+
+    def closed() -> list[bytes]:
+        found = []
+        for s in socks:
+            try:
+                found.append(s.recv(16, socket.MSG_DONTWAIT | socket.MSG_PEEK))
+            except BlockingIOError:
+                pass
+        return found
     try:
-        wait_for(lambda: server_side_connections(port) == PER_SOURCE, 30, f"{PER_SOURCE} connections accepted")
-        with socket.create_connection(("127.0.0.1", port)) as over:
-            over.settimeout(5)
-            assert over.recv(16) == b"", "a connection over the per-source cap was not closed at once"
+        wait_for(lambda: closed(), 10, "the connection over the per-source cap closed")
+        assert closed() == [b""], "not exactly one connection over the per-source cap was closed"
     finally:
         for s in socks:
             s.close()

@@ -249,18 +249,32 @@ def test_an_association_request_waits_for_the_count_and_is_refused_busy_after_th
     assert waiter.total() == 0 and waiter.connections() == 0
 
 
-def test_a_connection_refused_after_the_wait_is_aborted_and_gives_nothing_back(clocked_pair):
+def test_a_connection_refused_after_the_wait_is_closed_and_gives_nothing_back(clocked_pair):
     clock, holder, waiter = clocked_pair
     factory = shared_acceptor(clock, waiter)
     assert waiter.admit("10.0.0.9", 8, 4) is True          # another connection of ours, counted
     assert holder.try_lock()
     server, st = connect(factory, "10.0.0.9")
     clock.advance(SharedAssociationCount.LOCK_WAIT_SECS + 0.1)
-    assert st.value().startswith(bytes([pdu.A_ABORT])) and st.disconnecting
+    assert st.value() == b"" and st.disconnecting          # closed without a word, as over a cap
+    assert server.state == CLOSED
     server.connectionLost()
     holder.unlock()
     clock.advance(0.05)
     assert waiter.from_source("10.0.0.9") == 1             # the refused one was never counted
+
+
+def test_a_connection_over_the_cap_after_a_wait_is_closed_as_at_once(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter, AcceptorLimits(max_connections=8, max_connections_per_source=1))
+    assert holder.admit("10.0.0.9", 8, 1) is True          # the other process holds the source's one
+    assert holder.try_lock()
+    server, st = connect(factory, "10.0.0.9")
+    holder.unlock()
+    clock.advance(0.01)
+    assert st.value() == b"" and st.disconnecting and server.state == CLOSED
+    server.connectionLost()
+    assert waiter.from_source("10.0.0.9") == 1
 
 
 def test_a_connection_gone_before_its_admission_gives_back_what_was_counted(clocked_pair):

@@ -446,12 +446,12 @@ class AcceptorSettings:
         """Whether a new connection from *host* is within the connection caps.  When
         processes share the listener it is counted there at once (check and count under
         one lock) and given back in :meth:`connection_lost`; if another process holds
-        that lock, the answer is a Deferred (False, logged, when the lock stays taken)."""
+        that lock, the answer is a Deferred (None, logged, when the lock stays taken)."""
         limits = self.limits
         if self.shared_count is not None:
             admitted = self.shared_count.admit(host, limits.max_connections, limits.max_connections_per_source)
             if isinstance(admitted, defer.Deferred):
-                admitted.addErrback(self._count_busy, "connection from", host, False)
+                admitted.addErrback(self._count_busy, "connection from", host, None)
             return admitted
         return self.connections < limits.max_connections and self.by_source.get(host, 0) < \
             limits.max_connections_per_source

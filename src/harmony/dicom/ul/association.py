@@ -260,9 +260,15 @@ class Association(protocol.Protocol):
             if self.admission is not None:
                 self._hold(self.admission, self._admitted)
 
-    def _admitted(self, admitted: bool) -> None:
+    def _admitted(self, admitted: bool | None) -> None:
+        """The listener decided after a wait: a refusal closes the connection without a
+        word, as one decided at once does (None: the shared count stayed locked, logged)."""
         if not admitted:
-            self._abort_connection("connection refused: the listener's limits could not be checked in time")
+            self._end_reason = ("connection limit reached" if admitted is False else
+                                "the listener's shared count stayed locked")
+            self.state = CLOSED
+            self._stop_artim()
+            self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone):
         was = self.state
