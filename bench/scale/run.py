@@ -74,6 +74,7 @@ def undelivered(dsn, sqlite_path) -> int:
 def run(name, work: Path, bodies, clients, n_nodes, dsn=None, twistd=None, profile=None):
     shared = work / name / "store"
     shared.mkdir(parents=True)
+    before = committed(dsn, 0) if dsn else 0  # the database's count so far (earlier runs share it)
     hold = PortHold(free_port())
     nodes = []
     for i in range(n_nodes):
@@ -136,7 +137,7 @@ def run(name, work: Path, bodies, clients, n_nodes, dsn=None, twistd=None, profi
         for node in nodes:
             node.stop()
         hold.release()
-    return len(bodies) / ingest_s, len(bodies) / drain_s, committed(dsn, polls + 1) / len(bodies) if dsn else 0.0
+    return len(bodies) / ingest_s, len(bodies) / drain_s, (committed(dsn, polls + 1) - before) / len(bodies) if dsn else 0.0
 
 
 def committed(dsn, ours: int) -> int:
@@ -190,7 +191,8 @@ def main():
                         got = run(f"{key}{label.strip(' []')}-{r}", work, bodies, args.clients, n_nodes,
                                   pg.new_database() if shared else None, twistd, args.profile)
                         rounds.setdefault(name + label, []).append(got)
-                        print(f"  round {r + 1}: {name + label:<26} ingest {got[0]:7.1f}  drain {got[1]:7.1f}",
+                        print(f"  round {r + 1}: {name + label:<26} ingest {got[0]:7.1f}  drain {got[1]:7.1f}"
+                              + (f"  PostgreSQL transactions per instance {got[2]:5.2f}" if got[2] else ""),
                               flush=True)
         finally:
             pg.stop()
