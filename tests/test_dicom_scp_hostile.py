@@ -31,6 +31,7 @@ from pynetdicom.sop_class import Verification
 from twisted.internet import defer, threads
 
 from harmony.dicom.ul import pdu
+from harmony.dicom.ul.acceptor import SharedAssociationCount
 from harmony.dicom.ul.requestor import request_primitive
 from tests.dicom_data import UID_ROOT, make_instance, save
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
@@ -120,7 +121,8 @@ def stopped(pid: int) -> bool:
 
 def count_is_free(pid: int) -> bool:
     """Whether the listener's shared count (the file the processes map) is unlocked, tried
-    through a description of our own as another process would (never waiting)."""
+    through a description of our own as another process would (never waiting), and no
+    process is named in it as the lock's holder (SharedAssociationCount.holder)."""
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             if "harmony-dimse-" not in os.readlink(f"/proc/{pid}/fd/{fd}"):
@@ -130,11 +132,12 @@ def count_is_free(pid: int) -> bool:
             continue
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = struct.unpack("<q", os.pread(probe, 8, SharedAssociationCount.HOLDER_AT))[0]
         except BlockingIOError:
             return False
         finally:
             os.close(probe)
-        return True
+        return holder == 0
     return True  # no DIMSE listener shared yet
 
 

@@ -182,7 +182,7 @@ def test_a_count_locked_too_long_refuses_and_never_counts(clocked_pair):
     assert got == []
     clock.advance(0.02)
     assert isinstance(got[0], Failure) and got[0].check(CountBusy)
-    assert "locked by another process" in str(got[0].value)
+    assert f"locked by another process (pid {os.getpid()})" in str(got[0].value)
     holder.unlock()
     clock.advance(0.05)
     assert waiter.connections() == 0 and waiter.from_source("10.0.0.1") == 0
@@ -286,3 +286,18 @@ def test_a_connection_gone_before_its_admission_gives_back_what_was_counted(cloc
     holder.unlock()
     clock.advance(0.01)
     assert waiter.connections() == 0 and waiter.from_source("10.0.0.9") == 0
+
+
+def test_an_oversized_pdu_is_refused_at_its_header_while_the_count_is_locked(clocked_pair):
+    """Bytes that arrive while the admission waits are kept, at most an A-ASSOCIATE-RQ's
+    worth; a header declaring more is answered as it would be at once: A-ABORT, reason 0x06."""
+    import struct
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter)
+    assert holder.try_lock()
+    server, st = connect(factory, "10.0.0.9")
+    server.dataReceived(struct.pack(">BxI", pdu.A_ASSOCIATE_RQ, 0xFFFFFFFF))
+    for _ in range(5):
+        server.dataReceived(bytes(65536))
+    assert st.value() == pdu.abort(source=0x02, reason=0x06) and server.state == CLOSED
+    holder.unlock()

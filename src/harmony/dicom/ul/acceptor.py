@@ -111,8 +111,9 @@ class SharedAssociationCount:
     FIRST_RETRY_SECS = 0.001
     MAX_RETRY_SECS = 0.02
 
-    HEADER = struct.Struct("<8sq16s")          # magic, table entries, digest key
-    MAGIC = b"HMYDIMS1"
+    HEADER = struct.Struct("<8sq16sq")         # magic, table entries, digest key, pid holding the lock
+    HOLDER_AT = 32
+    MAGIC = b"HMYDIMS2"
     SLOT = struct.Struct("<qq")                # associations, connections
 
     def __init__(self, fd: int, slots: int, slot: int, reactor=None):
@@ -128,7 +129,7 @@ class SharedAssociationCount:
         self._retry = None
         self._retry_secs = self.FIRST_RETRY_SECS
         # pread: the file offset is shared with every process holding the descriptor.
-        magic, entries, secret = self.HEADER.unpack(os.pread(fd, self.HEADER.size, 0))
+        magic, entries, secret, _holder = self.HEADER.unpack(os.pread(fd, self.HEADER.size, 0))
         if magic != self.MAGIC:
             raise ValueError("not a shared listener count file")
         self.entries = entries
@@ -153,7 +154,7 @@ class SharedAssociationCount:
         fd = os.dup(handle.fileno())
         handle.close()
         os.ftruncate(fd, cls.size(slots, entries))
-        os.pwrite(fd, cls.HEADER.pack(cls.MAGIC, entries, os.urandom(16)), 0)
+        os.pwrite(fd, cls.HEADER.pack(cls.MAGIC, entries, os.urandom(16), 0), 0)
         os.set_inheritable(fd, False)
         return cls(fd, slots, 0, reactor)
 
@@ -286,10 +287,16 @@ class SharedAssociationCount:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        struct.pack_into("<q", self._map, self.HOLDER_AT, os.getpid())  # who to name if it is held too long
         return True
 
     def unlock(self) -> None:
+        struct.pack_into("<q", self._map, self.HOLDER_AT, 0)
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def holder(self) -> int:
+        """The pid that last took the lock and has not given it back (0: none)."""
+        return struct.unpack_from("<q", self._map, self.HOLDER_AT)[0]
 
     def _when_locked(self, work, wait: float | None = None):
         """*work()*'s result if the lock is free now (and nothing of ours waits before it);
@@ -313,7 +320,7 @@ class SharedAssociationCount:
         if wait is None:
             d.addErrback(lambda f: log.failure("dicom_scp: a shared count update failed", f))
             return d
-        d.addTimeout(wait, self._reactor(), onTimeoutCancel=lambda result, timeout: _busy(timeout))
+        d.addTimeout(wait, self._reactor(), onTimeoutCancel=lambda result, timeout: _busy(timeout, self.holder()))
         return d
 
     def _run_waiting(self) -> None:
@@ -407,8 +414,9 @@ class CountBusy(Exception):
     """The shared count stayed locked by another process for longer than a connection may wait."""
 
 
-def _busy(timeout: float):
-    raise CountBusy(f"the listener's shared count stayed locked by another process for {timeout:g} s")
+def _busy(timeout: float, holder: int):
+    raise CountBusy(f"the listener's shared count stayed locked by another process (pid {holder}) for "
+                    f"{timeout:g} s")
 
 
 class AcceptorSettings:

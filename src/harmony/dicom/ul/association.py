@@ -260,7 +260,7 @@ class Association(protocol.Protocol):
             if self.admission is not None:
                 self._hold(self.admission, self._admitted)
 
-    def _admitted(self, admitted: bool | None) -> None:
+    def _admitted(self, admitted):
         """The listener decided after a wait: a refusal closes the connection without a
         word, as one decided at once does (None: the shared count stayed locked, logged)."""
         if not admitted:
@@ -346,6 +346,11 @@ class Association(protocol.Protocol):
         if self._held is not None:
             self._held.data += data
             if len(self._held.data) > pdu.MAX_ASSOCIATE_PDU + 6:
+                try:  # a header over the limit is refused as it would be unheld (reason 0x06)
+                    pdu.PDUFramer(self.framer.max_length).feed(bytes(self._held.data))
+                except pdu.PDUError as e:
+                    self._abort_connection(str(e), reason=e.reason)
+                    return
                 self._abort_connection("more than an A-ASSOCIATE-RQ sent before it was answered")
             return
         self._touch()
