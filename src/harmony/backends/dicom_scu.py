@@ -58,7 +58,7 @@ from harmony.dicom.ul.association import ESTABLISHED, AssociationAborted, Associ
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import client_options
 from harmony.envelope import ResponseEnvelope
-from harmony.errors import BackendTimeout, BackendUnavailable, BadRequest, HarmonyError, client_gone
+from harmony.errors import BackendTimeout, BackendUnavailable, BadRequest, HarmonyError
 from harmony.log import get_logger
 from harmony.targets import TargetPool
 
@@ -116,15 +116,6 @@ class _StagedStream(ResultStream):
     def cancel(self) -> None:
         super().cancel()
         self._wake()
-
-
-def _left_after_the_answer(target, job) -> None:
-    """The client left mid-stream (a C-GET client killed after its first instances):
-    the pool's attempt ended at the first result, so the pool never saw it go; it is
-    counted here, as a client abort and never as a failure of the PACS.  A client that
-    leaves before the first result is the pool's to count (the attempt is cancelled)."""
-    if job.ready.called and client_gone(job.request):
-        target.client_left_after_answer()
 
 
 class Job:
@@ -492,7 +483,6 @@ class DicomScuBackend(Backend):
                                                                                           model),
                                                         QUERY if op == C_FIND else ALL))
         d.addErrback(job.failed)
-        job.cancel_requested.addCallback(lambda _: _left_after_the_answer(target, job))
         return job.ready.addCallback(self.respond)
 
     def parse(self, request):

@@ -122,11 +122,6 @@ class Target:
         if client_left:
             self.client_aborts_total += 1
 
-    def client_left_after_answer(self) -> None:
-        """The client left a streamed answer the target was still sending (the attempt
-        had ended at its first result): a client abort all the same, no verdict."""
-        self.client_aborts_total += 1
-
     # -- active health checks
 
     def check_result(self, ok: bool, error: str | None, now: float, healthy_threshold: int,
