@@ -124,11 +124,15 @@ def count_is_free(pid: int) -> bool:
     through a description of our own as another process would (never waiting), and no
     process is named in it as the lock's holder (SharedAssociationCount.holder)."""
     for fd in os.listdir(f"/proc/{pid}/fd"):
+        # An unnamed temporary file (O_TMPFILE: "/tmp/#<inode> (deleted)"), known by its header.
         try:
-            if "harmony-dimse-" not in os.readlink(f"/proc/{pid}/fd/{fd}"):
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").endswith("(deleted)"):
                 continue
             probe = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
         except OSError:
+            continue
+        if os.pread(probe, 8, 0) != SharedAssociationCount.MAGIC:
+            os.close(probe)
             continue
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,7 +142,7 @@ def count_is_free(pid: int) -> bool:
         finally:
             os.close(probe)
         return holder == 0
-    return True  # no DIMSE listener shared yet
+    raise AssertionError(f"process {pid} maps no shared count file")  # a probe that finds nothing proves nothing
 
 
 @contextmanager
