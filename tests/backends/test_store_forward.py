@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, task
+from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 from harmony.backends.http import HttpBackend
@@ -387,6 +388,22 @@ def test_queue_rows_for_repeated_copies(queue_conn):
     assert q.claim(conn, "t", q.FIFO, 4, 10.0)[0][0][1] == "1.2.3"
 
 
+def test_settles_in_one_statement_on_each_database(queue_conn):
+    """Several deliveries marked at once (q.delivered_many), each as q.delivered
+    would: a row with a newer copy goes back to pending, a row whose lease passed
+    to another node is not ours to settle."""
+    conn = queue_conn
+    for sop in ("1", "2", "3", "4"):
+        q.enqueue(conn, sop, ["t"], 0.0)
+    rows = q.claim(conn, "t", q.ROTATE, 4, 1.0, node="A", lease=30)[0]
+    ids = {sop: row_id for row_id, sop, _n in rows}
+    q.enqueue(conn, "2", ["t"], 2.0)                          # a newer copy of "2" while on the wire
+    conn.execute("UPDATE queue SET lease_owner='B' WHERE id=?", (ids["3"],))   # "3" was taken over
+    assert q.delivered_many(conn, [ids["4"], ids["3"], ids["2"], ids["1"]], 5.0, "A") == [True, False, True, True]
+    states = dict(conn.execute("SELECT sop_uid, state FROM queue").fetchall())
+    assert states == {"1": q.DELIVERED, "2": q.PENDING, "3": q.DELIVERING, "4": q.DELIVERED}
+
+
 def test_message_items_on_each_database(queue_conn):
     """HL7 message items (kind + payload row) through the same queue SQL on both databases."""
     conn = queue_conn
@@ -449,5 +466,41 @@ async def test_no_claim_before_start_up_recovery_so_nothing_is_delivered_twice(n
         assert [r[1] for r in await rig.rows("pacs")] == [q.DELIVERED]
         assert target.stored == {sop(files[0]): 1}
         assert rig.forward.attempts[("pacs", "delivered")] == 1
+    finally:
+        await rig.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_ending_together_settle_in_one_transaction(new_store, tmp_path, serve):
+    """Group commit of settles: while one delivery's mark commits, the others that
+    end meanwhile wait and go into the next transaction together.  Until its batch
+    commits a row stays 'delivering' (a crash then delivers it again: at least once)."""
+    from twisted.internet import defer
+
+    from harmony.storage.groupcommit import GroupCommit
+    files = instances(tmp_path, 4)
+    target = ScriptedTarget()
+    rig = Rig(new_store, tmp_path / "store", {"pacs": serve(target)}, task.Clock(), order=q.ROTATE, concurrency=4)
+    gate: defer.Deferred = defer.Deferred()
+    batches: list[list[int]] = []
+
+    def gated_run(fn, row_ids):
+        batches.append(list(row_ids))
+        if len(batches) == 1:   # the first mark waits: the deliveries ending meanwhile queue behind it
+            return gate.addCallback(lambda _: rig.store.run(fn, row_ids))
+        return rig.store.run(fn, row_ids)
+    rig.forward.settles = GroupCommit(gated_run, rig.forward._settle_batch)
+    for f in files:
+        await rig.ingest(f)
+    await rig.start()
+    try:
+        while len(target.stored) < 4 or len(rig.forward.settles._queue) < 3:
+            await deferLater(reactor, 0.01)
+        assert [s for _sop, s, _n in await rig.rows("pacs")] == [q.DELIVERING] * 4   # nothing settled yet
+        gate.callback(None)
+        await rig.settle()
+        assert [len(b) for b in batches] == [1, 3]
+        assert [(s, n) for _sop, s, n in await rig.rows("pacs")] == [(q.DELIVERED, 1)] * 4
+        assert sorted(target.stored.values()) == [1, 1, 1, 1]
     finally:
         await rig.stop()

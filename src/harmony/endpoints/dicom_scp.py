@@ -294,7 +294,7 @@ class DicomScpEndpoint(Service):
         ``max_associations`` and the connection caps count the associations
         and connections of all *slots* processes (slot 0 is ours)."""
         if self.shared_count is None:
-            self.shared_count = SharedAssociationCount.create(slots, self.limits.max_connections)
+            self.shared_count = SharedAssociationCount.create(slots, self.limits.max_connections, self.reactor)
             self.factory.settings.share_counts(self.shared_count)
         return self.listening.fileno(), int(self.listening.socket.family), self.shared_count.fd
 
@@ -306,7 +306,7 @@ class DicomScpEndpoint(Service):
     def _adopt(self, fd: int, family: int, count_fd: int, slots: int, slot: int) -> None:
         """Serve the main process's listening socket (a worker process)."""
         factory = self.factory
-        self.shared_count = SharedAssociationCount(count_fd, slots, slot)
+        self.shared_count = SharedAssociationCount(count_fd, slots, slot, self.reactor)
         factory.settings.share_counts(self.shared_count)
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, False, factory)

@@ -45,6 +45,7 @@ from harmony.state import DicomRequestFacts, RequestState
 from harmony.storage import queue as q
 from harmony.storage.bodies import FileProducer
 from harmony.storage.errors import StorageFailure
+from harmony.storage.groupcommit import GroupCommit
 
 log = get_logger("harmony.store_forward")
 
@@ -236,6 +237,12 @@ class StoreForward(Service):
         #: waits its turn on a loaded machine) would have its 'delivering' row
         #: put back to pending by the recovery and delivered a second time.
         self.recovered = False
+        #: A delivery is marked delivered in one transaction with every other delivery
+        #: that ended while the previous mark was committing (group commit, as ingest
+        #: does): on PostgreSQL that commit's round trip was half a drain's waiting.
+        #: The row stays 'delivering' until its batch commits, so a crash before
+        #: then delivers it again (at least once), never loses it.
+        self.settles = GroupCommit(self.store.run, self._settle_batch)
 
     # -- lifecycle
     def startService(self):
@@ -323,7 +330,7 @@ class StoreForward(Service):
     def _renew_leases(self):
         """Heartbeat: extend this node's leases on the rows it is delivering,
         and give back the ones it holds but no longer delivers."""
-        ids = [row_id for drainer in self.drainers.values() for row_id in drainer.in_flight]
+        ids = [row_id for drainer in self.drainers.values() for row_id in (*drainer.in_flight, *drainer.settling)]
         now = self.now()
         # Rows this node claimed but is not delivering (their outcome could not
         # be recorded) go back at once; a claim of the last moments may not be
@@ -386,10 +393,15 @@ class StoreForward(Service):
         return d
 
     # -- delivery bookkeeping (called by drainers)
+    def _settle_batch(self, row_ids: list[int]) -> list[bool]:
+        """(Storage thread.) Mark the deliveries that ended together as delivered, in one transaction."""
+        return self.store.bookkeep_sync(q.delivered_many, row_ids, self.now(), self.node)
+
     def record(self, settings: TargetSettings, row_id: int, sop_uid: str, attempts: int, outcome: Outcome):
         now = self.now()
         if outcome.ok:
-            d = self.store.bookkeep(q.delivered, row_id, now, self.node)
+            # Settled with the other deliveries that ended meanwhile (one transaction: see __init__).
+            d = self.settles.submit(row_id)
             d.addCallback(lambda recorded: recorded or self._lease_lost(settings, row_id))
             result = "delivered"
             if self.delete_after_delivery and not sop_uid.startswith(q.MESSAGE_PREFIX):
@@ -429,6 +441,8 @@ class _Drainer:
         self.svc = service
         self.settings = settings
         self.in_flight: dict[int, defer.Deferred] = {}
+        #: Delivered rows whose mark is still being committed (see _deliver).
+        self.settling: dict[int, defer.Deferred] = {}
         self.claiming = False
         self.again = False
         self.timer = None
@@ -533,13 +547,30 @@ class _Drainer:
                 return  # shutting down: left 'delivering', recovered and sent again at start-up
             if epoch == self.epoch:
                 yield self._note_reachability(outcome)
-            yield self.svc.record(settings, row_id, sop_uid, attempts, outcome)
+            recorded = self.svc.record(settings, row_id, sop_uid, attempts, outcome)
+            if outcome.ok and settings.order == q.ROTATE:
+                # The target has it: the slot is free for the next item while the mark
+                # commits with the others (the row stays 'delivering', leased to us, until
+                # then; lost with a crash, it is delivered again).  A fifo head waits for
+                # its mark: the next one may not be claimed before it.
+                self.settling[row_id] = recorded
+                recorded.addBoth(self._settled, row_id)
+            else:
+                yield recorded
         except Exception:  # noqa: BLE001 - the row stays 'delivering' and is recovered at restart
             log.failure("store_forward {target}: bookkeeping failed", target=settings.name)
         finally:
             self.in_flight.pop(row_id, None)
             self.wake()
             self._maybe_idle()
+
+    def _settled(self, result, row_id: int):
+        self.settling.pop(row_id, None)
+        if isinstance(result, Failure):
+            # The row stays 'delivering' under our lease: the heartbeat gives it back
+            # (a row claimed but no longer delivered) and it goes out again.
+            log.failure("store_forward {target}: bookkeeping failed", result, target=self.settings.name)
+        self._maybe_idle()
 
     def _note_reachability(self, outcome: Outcome):
         """Pause the target's queue while it is unreachable - in the database,
@@ -575,7 +606,8 @@ class _Drainer:
         waiting = list(self.in_flight.values())
         for d in waiting:
             d.cancel()
-        return [d.addErrback(lambda f: None) for d in waiting]
+        # Marks already on their way are let finish: the deliveries happened.
+        return [d.addErrback(lambda f: None) for d in waiting + list(self.settling.values())]
 
     def idle(self) -> defer.Deferred:
         d: defer.Deferred[None] = defer.Deferred()
@@ -584,7 +616,7 @@ class _Drainer:
         return d
 
     def _maybe_idle(self):
-        if not self.claiming and not self.in_flight:
+        if not self.claiming and not self.in_flight and not self.settling:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)

@@ -272,14 +272,25 @@ def unpause(conn: sqlite3.Connection, target: str) -> int:
 _OWNED = " AND state='delivering' AND lease_owner = ?"
 
 
+_DELIVERED = ("UPDATE queue SET state = CASE WHEN dirty != 0 THEN 'pending' ELSE 'delivered' END, "
+              "attempts = CASE WHEN dirty != 0 THEN 0 ELSE attempts END, "
+              "finished_at = CASE WHEN dirty != 0 THEN NULL ELSE ? END, lease_owner=NULL, lease_until=NULL, "
+              "next_attempt_at = ?, dirty = 0, last_error = NULL WHERE ")
+
+
 def delivered(conn: sqlite3.Connection, row_id: int, now: float, node: str = "") -> bool:
     """Record a delivery; False when the lease had passed to another node
     (the delivery happened, so the re-delivery it makes is idempotent)."""
-    return conn.execute("UPDATE queue SET state = CASE WHEN dirty != 0 THEN 'pending' ELSE 'delivered' END, "
-                        "attempts = CASE WHEN dirty != 0 THEN 0 ELSE attempts END, "
-                        "finished_at = CASE WHEN dirty != 0 THEN NULL ELSE ? END, lease_owner=NULL, lease_until=NULL, "
-                        "next_attempt_at = ?, dirty = 0, last_error = NULL WHERE id=?" + _OWNED,
-                        (now, now, row_id, node)).rowcount > 0
+    return conn.execute(_DELIVERED + "id=?" + _OWNED, (now, now, row_id, node)).rowcount > 0
+
+
+def delivered_many(conn: sqlite3.Connection, row_ids: list[int], now: float, node: str = "") -> list[bool]:
+    """Record several deliveries in one statement (the settles that came together:
+    harmony.storage.forward); for each row, in order, as :func:`delivered`."""
+    marks = ",".join("?" * len(row_ids))
+    recorded = {r[0] for r in conn.execute(_DELIVERED + f"id IN ({marks})" + _OWNED + " RETURNING id",
+                                           (now, now, *row_ids, node))}
+    return [row_id in recorded for row_id in row_ids]
 
 
 def failed(conn: sqlite3.Connection, row_id: int, error: str, now: float, *, retry_at: float | None,

@@ -1,21 +1,31 @@
 """harmony.dicom.ul.acceptor: the listener's limits, alone and shared by worker processes.
 
 The shared counts are a file every process maps; here two handles on one file
-stand for two processes (slot 0 the main process, slot 1 a worker).  The
-record lock only excludes other processes, so what these tests prove is the
-counting; tests/test_dicom_scp_hostile.py runs the attacks against a real
-``workers = 2`` twistd.
+stand for two processes (slot 0 the main process, slot 1 a worker).  Each
+handle locks through its own open file description, so one excludes the other
+even in one process: the tests below hold the lock with one handle and show
+that the other never waits for it on the reactor (a task.Clock drives the
+retries), and that a process killed with -9 drops it.
+tests/test_dicom_scp_hostile.py runs the attacks against a real ``workers = 2``
+twistd.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
-from harmony.dicom.ul.acceptor import AcceptorLimits, SharedAssociationCount
-from tests.dicom.ul.memory import acceptor, connect
+from harmony.dicom.ul import pdu
+from harmony.dicom.ul.acceptor import AcceptorLimits, CountBusy, SharedAssociationCount
+from harmony.dicom.ul.association import CLOSED, ESTABLISHED
+from tests.dicom.ul.memory import acceptor, connect, pump, requestor
 
 
 @pytest.fixture
@@ -125,3 +135,169 @@ def test_a_full_source_table_refuses_rather_than_fails():
         assert shared.admit("10.2.0.1", 1000, 1)
     finally:
         shared.close()
+
+
+@pytest.fixture
+def clocked_pair():
+    """Two counts on one file, retrying on a task.Clock: *holder* stands for a process
+    stopped inside its counting, *waiter* for the process whose reactor must go on."""
+    clock = Clock()
+    holder = SharedAssociationCount.create(2, max_connections=8, reactor=clock)
+    waiter = SharedAssociationCount(os.dup(holder.fd), 2, 1, reactor=clock)
+    yield clock, holder, waiter
+    waiter.close()
+    holder.close()
+
+
+def results(d) -> list:
+    out: list = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_a_locked_count_answers_later_and_in_order_never_blocking(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    assert waiter.admit("10.0.0.1", 8, 3) is True          # free: answered at once
+    assert holder.try_lock()
+    assert not waiter.try_lock()                           # one process excludes the other
+    admitted = waiter.admit("10.0.0.1", 8, 3)              # returns at once: nothing waits on the lock
+    waiter.release("10.0.0.1")                             # queued behind it, in order
+    reserved = waiter.reserve(1)
+    got, got_reserved = results(admitted), results(reserved)
+    for _ in range(20):
+        clock.advance(0.02)
+    assert got == [] and got_reserved == [] and waiter.connections() == 1
+    holder.unlock()
+    clock.advance(0.02)
+    assert got == [True] and got_reserved == [True]
+    assert waiter.connections() == 1 and waiter.from_source("10.0.0.1") == 1 and waiter.total() == 1
+    assert waiter.admit("10.0.0.2", 8, 3) is True         # the queue is empty again: at once
+
+
+def test_a_count_locked_too_long_refuses_and_never_counts(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    assert holder.try_lock()
+    got = results(waiter.admit("10.0.0.1", 8, 3))
+    clock.advance(SharedAssociationCount.LOCK_WAIT_SECS - 0.01)
+    assert got == []
+    clock.advance(0.02)
+    assert isinstance(got[0], Failure) and got[0].check(CountBusy)
+    assert f"locked by another process (pid {os.getpid()})" in str(got[0].value)
+    holder.unlock()
+    clock.advance(0.05)
+    assert waiter.connections() == 0 and waiter.from_source("10.0.0.1") == 0
+    assert not clock.getDelayedCalls()                     # no retry left spinning
+
+
+def test_a_process_killed_with_9_inside_the_count_drops_the_lock(clocked_pair):
+    _, holder, waiter = clocked_pair
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fd = os.open('/proc/{os.getpid()}/fd/{holder.fd}', os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        assert not waiter.try_lock()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        child.stdin.close()
+        child.stdout.close()
+    assert waiter.try_lock()
+    waiter.unlock()
+
+
+def shared_acceptor(clock, count, limits=None):
+    _, factory = acceptor(limits or AcceptorLimits(max_connections=8, max_connections_per_source=4))
+    factory.reactor = clock
+    factory.settings.share_counts(count)
+    return factory
+
+
+def test_a_connection_waits_unread_for_its_admission_then_associates(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter)
+    assert holder.try_lock()
+    server, st = connect(factory, "10.0.0.9")
+    assert server is not None and server.admission is not None
+    client, ct = requestor(clock)
+    pump(client, ct, server, st)                           # its A-ASSOCIATE-RQ is kept, not answered
+    assert st.value() == b"" and client.state != ESTABLISHED
+    holder.unlock()
+    clock.advance(0.01)
+    pump(client, ct, server, st)
+    assert server.state == client.state == ESTABLISHED
+    assert waiter.from_source("10.0.0.9") == 1 and waiter.total() == 1
+
+
+def test_an_association_request_waits_for_the_count_and_is_refused_busy_after_the_wait(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter)
+    server, st = connect(factory, "10.0.0.9")             # admitted at once
+    assert server.admission is None
+    assert holder.try_lock()
+    client, ct = requestor(clock)
+    pump(client, ct, server, st)
+    assert st.value() == b""                               # no answer while the count is locked
+    clock.advance(SharedAssociationCount.LOCK_WAIT_SECS + 0.1)
+    assert st.value() == pdu.associate_rj(0x02, 0x03, 0x02)  # A-ASSOCIATE-RJ, transient, local limit
+    assert server.state == CLOSED
+    server.connectionLost()
+    holder.unlock()
+    clock.advance(0.05)
+    assert waiter.total() == 0 and waiter.connections() == 0
+
+
+def test_a_connection_refused_after_the_wait_is_closed_and_gives_nothing_back(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter)
+    assert waiter.admit("10.0.0.9", 8, 4) is True          # another connection of ours, counted
+    assert holder.try_lock()
+    server, st = connect(factory, "10.0.0.9")
+    clock.advance(SharedAssociationCount.LOCK_WAIT_SECS + 0.1)
+    assert st.value() == b"" and st.disconnecting          # closed without a word, as over a cap
+    assert server.state == CLOSED
+    server.connectionLost()
+    holder.unlock()
+    clock.advance(0.05)
+    assert waiter.from_source("10.0.0.9") == 1             # the refused one was never counted
+
+
+def test_a_connection_over_the_cap_after_a_wait_is_closed_as_at_once(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter, AcceptorLimits(max_connections=8, max_connections_per_source=1))
+    assert holder.admit("10.0.0.9", 8, 1) is True          # the other process holds the source's one
+    assert holder.try_lock()
+    server, st = connect(factory, "10.0.0.9")
+    holder.unlock()
+    clock.advance(0.01)
+    assert st.value() == b"" and st.disconnecting and server.state == CLOSED
+    server.connectionLost()
+    assert waiter.from_source("10.0.0.9") == 1
+
+
+def test_a_connection_gone_before_its_admission_gives_back_what_was_counted(clocked_pair):
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter)
+    assert holder.try_lock()
+    server, st = connect(factory, "10.0.0.9")
+    server.connectionLost()                                # the peer left while it waited
+    holder.unlock()
+    clock.advance(0.01)
+    assert waiter.connections() == 0 and waiter.from_source("10.0.0.9") == 0
+
+
+def test_an_oversized_pdu_is_refused_at_its_header_while_the_count_is_locked(clocked_pair):
+    """Bytes that arrive while the admission waits are kept, at most an A-ASSOCIATE-RQ's
+    worth; a header declaring more is answered as it would be at once: A-ABORT, reason 0x06."""
+    import struct
+    clock, holder, waiter = clocked_pair
+    factory = shared_acceptor(clock, waiter)
+    assert holder.try_lock()
+    server, st = connect(factory, "10.0.0.9")
+    server.dataReceived(struct.pack(">BxI", pdu.A_ASSOCIATE_RQ, 0xFFFFFFFF))
+    for _ in range(5):
+        server.dataReceived(bytes(65536))
+    assert st.value() == pdu.abort(source=0x02, reason=0x06) and server.state == CLOSED
+    holder.unlock()

@@ -12,7 +12,9 @@ A-ABORTs.
 With ``[proxy] workers = N`` every process accepts on the same listening
 socket; ``max_associations`` and both connection caps stay one limit each for
 the listener through a :class:`SharedAssociationCount` (a small file every
-process maps, counted under a lock; docs/endpoints/dicom_scp.md).
+process maps, counted under a lock; docs/endpoints/dicom_scp.md).  That lock is
+never waited for on the reactor: a check that finds it taken by another process
+is retried from the reactor, and the connection waits (unread) for the answer.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import mmap
 import os
 import struct
 import tempfile
-from collections import Counter
-from contextlib import contextmanager
+from collections import Counter, deque
 
 import attr
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
+from twisted.python.failure import Failure
 
-from harmony.dicom.ul.association import Association, BoundedCache, Reject
+from harmony.dicom.ul.association import CLOSED, Association, BoundedCache, Reject
 from harmony.dicom.ul.storage import can_compress
 from harmony.log import get_logger
 
@@ -81,24 +83,53 @@ class SharedAssociationCount:
       many sources came and went.  It has twice as many entries as ``max_connections`` allows
       sources, so it is never full.
 
-    Every check-and-count runs under a POSIX record lock on the file (``lockf`` is per process,
-    so it excludes processes that share the file descriptor, which ``flock`` would not).  A
-    process writes only its own counters and its own column of the table.  A process killed
+    Every check-and-count runs under an exclusive ``flock`` on the file, taken through a
+    descriptor each count opens for itself (``/proc/self/fd``): a ``flock`` belongs to an open file
+    description, so the inherited descriptor, which every process shares, could not exclude
+    anyone, while a private one excludes every other count -- another process's, or a second
+    count in this process (the tests).  POSIX ``lockf`` records would not do that, and closing any
+    descriptor of the file would drop them.  A process killed with -9 closes its description, so
+    its lock goes with it.
+
+    The lock is never waited for on the reactor (a process stopped inside its few microseconds of
+    counting would otherwise stop every other process's reactor): each check tries it without
+    blocking and, when another process holds it, queues itself; the queue is retried from the
+    reactor with a short backoff (1 ms doubling to 20 ms) and runs in order once the lock is
+    free.  A check that needs an answer (a connection to admit, an association to reserve) then
+    returns a Deferred, and gives up with :class:`CountBusy` after :attr:`LOCK_WAIT_SECS`: the
+    connection is refused rather than left hanging.  Counts given back (closed connections, a
+    dead worker's) wait in the queue as long as needed: until then the limits are only stricter.
+
+    A process writes only its own counters and its own column of the table.  A process killed
     with -9 leaves its counts behind: the main process clears them when the worker ends (and
     rebuilds the table without its column), and the restarted worker starts from zero, so a crash
     never shrinks a limit.
     """
 
-    HEADER = struct.Struct("<8sq16s")          # magic, table entries, digest key
-    MAGIC = b"HMYDIMS1"
+    #: How long a connection (or an association request) waits for the lock before it is refused.
+    LOCK_WAIT_SECS = 2.0
+    FIRST_RETRY_SECS = 0.001
+    MAX_RETRY_SECS = 0.02
+
+    HEADER = struct.Struct("<8sq16sq")         # magic, table entries, digest key, pid holding the lock
+    HOLDER_AT = 32
+    MAGIC = b"HMYDIMS2"
     SLOT = struct.Struct("<qq")                # associations, connections
 
-    def __init__(self, fd: int, slots: int, slot: int):
+    def __init__(self, fd: int, slots: int, slot: int, reactor=None):
+        #: The descriptor handed to worker processes (the main process) or inherited (a worker).
         self.fd = fd
         self.slots = slots
         self.slot = slot
+        self.reactor = reactor
+        #: Our own open file description of the file: the lock is taken through it.
+        self._lock_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        #: Work waiting for the lock: (function, Deferred for its result or None), in order.
+        self._waiting: deque = deque()
+        self._retry = None
+        self._retry_secs = self.FIRST_RETRY_SECS
         # pread: the file offset is shared with every process holding the descriptor.
-        magic, entries, secret = self.HEADER.unpack(os.pread(fd, self.HEADER.size, 0))
+        magic, entries, secret, _holder = self.HEADER.unpack(os.pread(fd, self.HEADER.size, 0))
         if magic != self.MAGIC:
             raise ValueError("not a shared listener count file")
         self.entries = entries
@@ -107,7 +138,7 @@ class SharedAssociationCount:
         self.entry = struct.Struct(f"<16s{slots}i")
         self.slots_at = self.HEADER.size
         self.table_at = self.slots_at + self.SLOT.size * slots
-        self._map = mmap.mmap(fd, self.size(slots, entries))
+        self._map = mmap.mmap(self._lock_fd, self.size(slots, entries))
         self.set(0)
         self.set_connections(0)
 
@@ -116,16 +147,16 @@ class SharedAssociationCount:
         return cls.HEADER.size + cls.SLOT.size * slots + struct.calcsize(f"<16s{slots}i") * entries
 
     @classmethod
-    def create(cls, slots: int, max_connections: int = 512) -> "SharedAssociationCount":
+    def create(cls, slots: int, max_connections: int = 512, reactor=None) -> "SharedAssociationCount":
         """A new count for *slots* processes, held by the main process (slot 0)."""
         entries = 1 << max(4, (2 * max_connections).bit_length())
         handle = tempfile.TemporaryFile(prefix="harmony-dimse-")
         fd = os.dup(handle.fileno())
         handle.close()
         os.ftruncate(fd, cls.size(slots, entries))
-        os.pwrite(fd, cls.HEADER.pack(cls.MAGIC, entries, os.urandom(16)), 0)
+        os.pwrite(fd, cls.HEADER.pack(cls.MAGIC, entries, os.urandom(16), 0), 0)
         os.set_inheritable(fd, False)
-        return cls(fd, slots, 0)
+        return cls(fd, slots, 0, reactor)
 
     # -- the per-process counters
 
@@ -150,22 +181,26 @@ class SharedAssociationCount:
     def set_connections(self, count: int) -> None:
         self._set_counter(self.slot, 1, count)
 
-    def reserve(self, mine: int, limit: int) -> bool:
-        """Count one more association of ours (we hold *mine*) unless the
-        listener already has *limit*; atomic across the processes."""
-        with self._locked():
+    def reserve(self, limit: int):
+        """Count one more association of ours unless the listener already has *limit*;
+        atomic across the processes.  A bool, or a Deferred for it when another process
+        holds the lock (:class:`CountBusy` after :attr:`LOCK_WAIT_SECS`)."""
+        def work() -> bool:
             if self.total() >= limit:
                 return False
-            self.set(mine + 1)
+            self.set(self._counter(self.slot, 0) + 1)
             return True
+        return self._when_locked(work, self.LOCK_WAIT_SECS)
 
     # -- connections, in total and by source address
 
-    def admit(self, host: str, max_connections: int, max_per_source: int) -> bool:
+    def admit(self, host: str, max_connections: int, max_per_source: int):
         """Count a new connection from *host* in our slot unless the listener already
-        has *max_connections*, or *max_per_source* from *host*; atomic across the processes."""
+        has *max_connections*, or *max_per_source* from *host*; atomic across the processes.
+        A bool, or a Deferred for it as :meth:`reserve`."""
         key = self._key(host)
-        with self._locked():
+
+        def work() -> bool:
             if self.connections() >= max_connections:
                 return False
             index, free = self._find(key)
@@ -179,11 +214,13 @@ class SharedAssociationCount:
             self._add(index, 1)
             self._set_counter(self.slot, 1, self._counter(self.slot, 1) + 1)
             return True
+        return self._when_locked(work, self.LOCK_WAIT_SECS)
 
     def count_existing(self, host: str, count: int) -> None:
         """Count *count* connections from *host* this process held before sharing began."""
         key = self._key(host)
-        with self._locked():
+
+        def work() -> None:
             index, free = self._find(key)
             if index is None:
                 if free < 0:
@@ -192,11 +229,13 @@ class SharedAssociationCount:
                 self._write(index, key, [0] * self.slots)
             self._add(index, count)
             self._set_counter(self.slot, 1, self._counter(self.slot, 1) + count)
+        self._when_locked(work)
 
     def release(self, host: str) -> None:
-        """One connection of ours from *host* has closed."""
+        """One connection of ours from *host* has closed (counted now, or once the lock is free)."""
         key = self._key(host)
-        with self._locked():
+
+        def work() -> None:
             self._set_counter(self.slot, 1, max(0, self._counter(self.slot, 1) - 1))
             index, _ = self._find(key)
             if index is None:
@@ -207,6 +246,7 @@ class SharedAssociationCount:
                 counts[self.slot] -= 1
             if not any(counts):
                 self._remove(index)
+        self._when_locked(work)
 
     def from_source(self, host: str) -> int:
         """Connections from *host* open on the listener, every process counted."""
@@ -215,7 +255,7 @@ class SharedAssociationCount:
 
     def clear(self, slot: int) -> None:
         """*slot*'s process is gone: none of its associations or connections count (main process)."""
-        with self._locked():
+        def work() -> None:
             self._set_counter(slot, 0, 0)
             self._set_counter(slot, 1, 0)
             kept = []
@@ -228,20 +268,91 @@ class SharedAssociationCount:
                     self._write(index, _EMPTY, [0] * self.slots)
             for key, counts in kept:
                 self._write(self._find(key)[1], key, counts)
+        self._when_locked(work)
 
     def close(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        self._waiting.clear()
         self._map.close()
+        os.close(self._lock_fd)
         os.close(self.fd)
 
-    # -- the table
+    # -- the lock, never waited for
 
-    @contextmanager
-    def _locked(self):
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+    def try_lock(self) -> bool:
+        """Take the lock if no other count holds it; never blocks."""
         try:
-            yield
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        struct.pack_into("<q", self._map, self.HOLDER_AT, os.getpid())  # who to name if it is held too long
+        return True
+
+    def unlock(self) -> None:
+        struct.pack_into("<q", self._map, self.HOLDER_AT, 0)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def holder(self) -> int:
+        """The pid that last took the lock and has not given it back (0: none)."""
+        return struct.unpack_from("<q", self._map, self.HOLDER_AT)[0]
+
+    def _when_locked(self, work, wait: float | None = None):
+        """*work()*'s result if the lock is free now (and nothing of ours waits before it);
+        otherwise a Deferred for it, fired once the lock is ours, in order.  With *wait*,
+        the Deferred fails with :class:`CountBusy` after that many seconds (and *work* never
+        runs); without, the work waits as long as it takes."""
+        if not self._waiting and self.try_lock():
+            try:
+                return work()
+            finally:
+                self.unlock()
+        entry = [work, None]
+
+        def give_up(d):
+            entry[0] = None            # still queued: skipped when the lock comes
+        d: defer.Deferred = defer.Deferred(give_up)
+        entry[1] = d
+        self._waiting.append(entry)
+        if self._retry is None:
+            self._retry = self._reactor().callLater(self._retry_secs, self._run_waiting)
+        if wait is None:
+            d.addErrback(lambda f: log.failure("dicom_scp: a shared count update failed", f))
+            return d
+        d.addTimeout(wait, self._reactor(), onTimeoutCancel=lambda result, timeout: _busy(timeout, self.holder()))
+        return d
+
+    def _run_waiting(self) -> None:
+        self._retry = None
+        if not self.try_lock():
+            self._retry_secs = min(self._retry_secs * 2, self.MAX_RETRY_SECS)
+            self._retry = self._reactor().callLater(self._retry_secs, self._run_waiting)
+            return
+        self._retry_secs = self.FIRST_RETRY_SECS
+        done = []
+        try:
+            while self._waiting:
+                work, d = self._waiting.popleft()
+                if work is None:
+                    continue
+                try:
+                    done.append((d, work()))
+                except Exception:
+                    done.append((d, Failure()))
         finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            self.unlock()
+        # Fired with the lock given back: what they start may count again at once.
+        for d, result in done:
+            d.callback(result)
+
+    def _reactor(self):
+        if self.reactor is None:
+            from twisted.internet import reactor
+            self.reactor = reactor
+        return self.reactor
+
+    # -- the table
 
     def _key(self, host: str) -> bytes:
         return hashlib.blake2b(host.encode("utf-8", "replace"), digest_size=16, key=self.secret).digest()
@@ -299,6 +410,15 @@ class SharedAssociationCount:
 _EMPTY = bytes(16)
 
 
+class CountBusy(Exception):
+    """The shared count stayed locked by another process for longer than a connection may wait."""
+
+
+def _busy(timeout: float, holder: int):
+    raise CountBusy(f"the listener's shared count stayed locked by another process (pid {holder}) for "
+                    f"{timeout:g} s")
+
+
 class AcceptorSettings:
     """What an :class:`~.association.Association` asks its listener: limits, timers and negotiation."""
 
@@ -330,15 +450,25 @@ class AcceptorSettings:
 
     # -- counting (called by the factory and the association)
 
-    def admit(self, host: str) -> bool:
+    def admit(self, host: str):
         """Whether a new connection from *host* is within the connection caps.  When
         processes share the listener it is counted there at once (check and count under
-        one lock) and given back in :meth:`connection_lost`."""
+        one lock) and given back in :meth:`connection_lost`; if another process holds
+        that lock, the answer is a Deferred (None, logged, when the lock stays taken)."""
         limits = self.limits
         if self.shared_count is not None:
-            return self.shared_count.admit(host, limits.max_connections, limits.max_connections_per_source)
+            admitted = self.shared_count.admit(host, limits.max_connections, limits.max_connections_per_source)
+            if isinstance(admitted, defer.Deferred):
+                admitted.addErrback(self._count_busy, "connection from", host, None)
+            return admitted
         return self.connections < limits.max_connections and self.by_source.get(host, 0) < \
             limits.max_connections_per_source
+
+    def _count_busy(self, failure, what: str, host: str, answer):
+        failure.trap(CountBusy)
+        log.warn("dicom_scp {aet}: {what} {host} refused: {reason}", aet=self.local_aet, what=what, host=host,
+                 reason=str(failure.value))
+        return answer
 
     def connection_made(self, assoc: Association) -> None:
         self.connections += 1
@@ -352,8 +482,13 @@ class AcceptorSettings:
             del self.by_source[host]
         self.associations.discard(assoc)
         if self.shared_count is not None:
-            self.shared_count.release(host)
-            self.shared_count.set(len(self.associations))
+            shared = self.shared_count
+            admission = assoc.admission
+            if admission is None:
+                shared.release(host)
+            else:  # admitted after a wait, refused, or still waiting: give back only what was counted
+                admission.addCallback(lambda admitted: shared.release(host) if admitted else None)
+            shared.set(len(self.associations))
 
     def association_established(self, assoc: Association) -> None:
         self.associations.add(assoc)
@@ -383,10 +518,26 @@ class AcceptorSettings:
                 return REJECT_IDENTITY
         if self.shared_count is not None:
             # Reserved now: an accepted negotiation is established in this same call.
-            if not self.shared_count.reserve(len(self.associations), self.limits.max_associations):
+            reserved = self.shared_count.reserve(self.limits.max_associations)
+            if isinstance(reserved, defer.Deferred):   # another process holds the count: answered later
+                reserved.addErrback(self._count_busy, "association request from", assoc.peer_address[0], False)
+                return reserved.addCallback(self._reserved, assoc, rq)
+            if not reserved:
                 return REJECT_BUSY
         elif len(self.associations) >= self.limits.max_associations:
             return REJECT_BUSY
+        return self._contexts(rq)
+
+    def _reserved(self, reserved: bool, assoc: Association, rq):
+        if not reserved:
+            return REJECT_BUSY
+        if assoc.state == CLOSED:
+            # The peer left while we waited: the reservation is not an association.
+            self.shared_count.set(len(self.associations))
+            return REJECT_BUSY
+        return self._contexts(rq)
+
+    def _contexts(self, rq):
         known = self.negotiated.get(rq)
         if known is None:
             known = self._negotiate_contexts(rq)
@@ -428,7 +579,8 @@ class AcceptorFactory(protocol.Factory):
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
-        if not self.settings.admit(host):
+        admitted = self.settings.admit(host)
+        if admitted is False:
             # Refuse before any state exists: the connection is closed at once.
             self.refused += 1
             if self.refused == 1 or self.refused % 100 == 0:
@@ -438,4 +590,7 @@ class AcceptorFactory(protocol.Factory):
             return None
         assoc = Association(self.settings, self.handler, self.reactor)
         assoc.factory = self
+        if admitted is not True:
+            # Another process holds the shared count: the connection is read once admitted.
+            assoc.admission = admitted
         return assoc

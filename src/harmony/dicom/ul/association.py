@@ -33,6 +33,7 @@ import functools
 import itertools
 import os
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from pynetdicom import pdu as pn_pdu
@@ -265,6 +266,11 @@ class Association(protocol.Protocol):
         self.memo: dict = {}
         #: Bytes written during a delivery, sent when it ends (:class:`_Batch`).
         self._out: list[bytes] = []
+        #: An acceptor's admission still being decided (a Deferred[bool], set by the factory
+        #: when the listener's count shared with other processes was locked); None: admitted.
+        self.admission: defer.Deferred | None = None
+        #: While a decision is awaited: what arrived meanwhile (:meth:`_hold`).
+        self._held: _Held | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -279,6 +285,18 @@ class Association(protocol.Protocol):
             self._start_artim()
         else:
             self._start_artim()
+            if self.admission is not None:
+                self._hold(self.admission, self._admitted)
+
+    def _admitted(self, admitted):
+        """The listener decided after a wait: a refusal closes the connection without a
+        word, as one decided at once does (None: the shared count stayed locked, logged)."""
+        if not admitted:
+            self._end_reason = ("connection limit reached" if admitted is False else
+                                "the listener's shared count stayed locked")
+            self.state = CLOSED
+            self._stop_artim()
+            self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone):
         was = self.state
@@ -384,12 +402,29 @@ class Association(protocol.Protocol):
     def dataReceived(self, data: bytes):
         if self.state == CLOSED:
             return
+        if self._held is not None:
+            self._held.data += data
+            if len(self._held.data) > pdu.MAX_ASSOCIATE_PDU + 6:
+                try:  # a header over the limit is refused as it would be unheld (reason 0x06)
+                    pdu.PDUFramer(self.framer.max_length).feed(bytes(self._held.data))
+                except pdu.PDUError as e:
+                    self._abort_connection(str(e), reason=e.reason)
+                    return
+                self._abort_connection("more than an A-ASSOCIATE-RQ sent before it was answered")
+            return
         self._touch()
+        self._receive(data)
+
+    def _receive(self, data: bytes, parsed: Sequence = ()):
         _batch.depth += 1
         try:
-            for pdu_type, body in self.framer.feed(data):
+            pdus = [*parsed, *self.framer.feed(data)] if data else list(parsed)
+            for index, (pdu_type, body) in enumerate(pdus):
                 self._on_pdu(pdu_type, body)
                 if self.state == CLOSED:
+                    return
+                if self._held is not None:
+                    self._held.pdus = pdus[index + 1:]
                     return
         except pdu.PDUError as e:
             self._abort_connection(str(e), reason=e.reason)
@@ -519,6 +554,32 @@ class Association(protocol.Protocol):
             elif item.__class__.__name__ == "UserIdentityNegotiation":
                 self.user_identity = item
         decision = self.settings.negotiate(self, primitive)
+        if isinstance(decision, defer.Deferred):
+            self._hold(decision, lambda decided: self._answer_associate_rq(primitive, decided))
+        else:
+            self._answer_associate_rq(primitive, decision)
+
+    def _hold(self, decision: defer.Deferred, then) -> None:
+        """Read nothing more until *decision* fires (an acceptor waiting for the count it
+        shares with other processes), then call *then* with it and go on with what came
+        meanwhile (kept, at most one A-ASSOCIATE-RQ's worth: a peer waits for our answer)."""
+        self._held = _Held()
+
+        def decided(result):
+            held, self._held = self._held, None
+            if self.state != CLOSED:
+                try:
+                    then(result)
+                except Exception:
+                    log.failure("dicom ul: answering {peer} after a wait failed", peer=self.peer_address[0])
+                    self._abort_connection("internal error")
+                    return result
+                if self.state != CLOSED:
+                    self._receive(bytes(held.data), held.pdus)
+            return result
+        decision.addCallback(decided)
+
+    def _answer_associate_rq(self, primitive, decision) -> None:
         if isinstance(decision, Reject):
             result, source, reason = decision
             self._write(pdu.associate_rj(result, source, reason))
@@ -847,6 +908,16 @@ class Association(protocol.Protocol):
 
 def _ended_meanwhile(failure):
     failure.trap(AssociationAborted)
+
+
+class _Held:
+    """What an association received while its listener decided about it."""
+
+    __slots__ = ("pdus", "data")
+
+    def __init__(self):
+        self.pdus: list = []
+        self.data = bytearray()
 
 
 @functools.lru_cache(maxsize=32)
