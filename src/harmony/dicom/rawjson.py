@@ -39,8 +39,9 @@ _DS_TEXT = re.compile(r"[ +\-0-9.eE\\]*\Z")
 
 
 @functools.lru_cache(maxsize=4096)
-def _implicit_vr(tag: int) -> str | None:
-    """The VR of an implicit-VR element when the dictionary settles it (not ``US or SS``)."""
+def implicit_vr(tag: int) -> str | None:
+    """The VR of an implicit-VR element when the dictionary settles it (not private,
+    not ``US or SS``); ``None`` when only pydicom can tell."""
     if tag >> 16 & 1:   # private: pydicom looks in its private dictionaries
         return None
     try:
@@ -59,7 +60,7 @@ def element_json(raw) -> dict | None:
     value = raw.value
     if value is None or not raw.is_little_endian:
         return None
-    vr = raw.VR if raw.VR else _implicit_vr(raw.tag)
+    vr = raw.VR if raw.VR else implicit_vr(raw.tag)
     if vr is None:
         return None
     return value_json(raw.tag, vr, value)

@@ -42,11 +42,10 @@ import mmap
 import os
 import struct
 
-from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 
 from harmony.dicom.files import WHOLE_READ_BYTES, CorruptDataset, check_complete
-from harmony.dicom.rawjson import value_json
+from harmony.dicom.rawjson import implicit_vr, value_json
 
 
 class ScanDeclined(Exception):
@@ -254,18 +253,6 @@ def _syntax(uid: str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=4096)
-def _implicit_vr(tag: int) -> str | None:
-    """An implicit-VR element's VR when the dictionary settles it (not private, not ``US or SS``)."""
-    if tag >> 16 & 1:
-        return None
-    try:
-        vr = dictionary_VR(tag)
-    except KeyError:
-        return None
-    return vr if len(vr) == 2 else None
-
-
 def _dataset(data, offset: int, end: int, implicit: bool, top: bool = False,
              delimited: bool = False) -> tuple[list[Element], int]:
     """The elements from *offset* to *end* (a defined length) or, *delimited*, to the
@@ -289,7 +276,7 @@ def _dataset(data, offset: int, end: int, implicit: bool, top: bool = False,
             raise ScanDeclined("elements out of order")
         last = tag
         if implicit:
-            vr = _implicit_vr(tag)
+            vr = implicit_vr(tag)
             head = 8
         else:
             raw_vr = data[offset + 4:offset + 6]

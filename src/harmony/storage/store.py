@@ -693,25 +693,14 @@ class InstanceStore:
         ds = parsed[1] if parsed is not None and parsed[0] == stamp_of(path) else None
         if ds is not None and not isinstance(ds, ScannedFile):
             return _header_of_dataset(ds)
-        # A scan handed on (the STOW-RS bridge scans each part from the body's bytes) is used as made here.
-        scan = ds
+        scan = ds   # a scan handed on (the STOW-RS bridge scans each part from the body's bytes) is used as made
         try:
-            if scan is None:
-                scan = scan_file(path)
-        except ScanDeclined:
-            scan = None
-        except CorruptDataset as e:
-            raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
-        except OSError as e:
-            raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
-        try:
-            if scan is not None:
-                try:
-                    return _header_of_scan(scan)
-                except ScanDeclined:
-                    ds = scan.dataset()
-            else:
-                ds = check_complete(path)
+            try:
+                if scan is None:
+                    scan = scan_file(path)
+                return _header_of_scan(scan)
+            except ScanDeclined:   # pydicom's parse of the same bytes (or file), as before the scanner
+                ds = scan.dataset() if scan is not None else check_complete(path)
         except CorruptDataset as e:
             raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
         except OSError as e:
