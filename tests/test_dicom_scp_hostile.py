@@ -13,10 +13,8 @@ process.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
-import signal
 import socket
 import struct
 import subprocess
@@ -31,12 +29,11 @@ from pynetdicom.sop_class import Verification
 from twisted.internet import defer, threads
 
 from harmony.dicom.ul import pdu
-from harmony.dicom.ul.acceptor import SharedAssociationCount
 from harmony.dicom.ul.requestor import request_primitive
 from tests.dicom_data import UID_ROOT, make_instance, save
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.peers import free_port, wait_for
-from tests.test_workers_dimse import Workers, server_side_connections
+from tests.test_workers_dimse import Workers, frozen, server_side_connections
 
 ECHOSCU = "/usr/bin/echoscu"
 STORESCU = "/usr/bin/storescu"
@@ -113,60 +110,6 @@ def cpu_secs(pid: int) -> float:
 
 def highest_fd(pid: int) -> int:
     return max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
-
-
-def stopped(pid: int) -> bool:
-    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-
-
-def count_is_free(pid: int) -> bool:
-    """Whether the listener's shared count (the file the processes map) is unlocked, tried
-    through a description of our own as another process would (never waiting), and no
-    process is named in it as the lock's holder (SharedAssociationCount.holder)."""
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        # An unnamed temporary file (O_TMPFILE: "/tmp/#<inode> (deleted)"), known by its header.
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{fd}").endswith("(deleted)"):
-                continue
-            probe = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
-        except OSError:
-            continue
-        if os.pread(probe, 8, 0) != SharedAssociationCount.MAGIC:
-            os.close(probe)
-            continue
-        try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            holder = struct.unpack("<q", os.pread(probe, 8, SharedAssociationCount.HOLDER_AT))[0]
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(probe)
-        return holder == 0
-    raise AssertionError(f"process {pid} maps no shared count file")  # a probe that finds nothing proves nothing
-
-
-@contextmanager
-def frozen(pids):
-    """SIGSTOP *pids*: only the other processes accept meanwhile.  A process is never left
-    stopped inside its few microseconds of counting under the shared count's lock: the
-    others would then refuse every connection after waiting for it (that is the product's
-    answer to a stuck process, not what these attacks test), so such a stop is undone
-    and made again."""
-    for _ in range(1000):
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        wait_for(lambda: all(stopped(pid) for pid in pids), 10, "the frozen processes stopping")
-        if all(count_is_free(pid) for pid in pids):
-            break
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-    else:
-        raise AssertionError("the shared count stayed locked")
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
 
 
 class InProcess:
