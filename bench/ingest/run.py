@@ -12,6 +12,7 @@ reporting the median rate of each and the median of the per-round ratios:
   keep-alive clients: Harmony ``dicomweb`` -> ``dicomweb_bridge`` ->
   ``local_archive`` (each instance listed in ReferencedSOPSequence only after
   its durable commit) vs Orthanc's DICOMweb plugin STOW-RS.
+- ``stow2`` (not in the default set): the same with ``workers = 2``.
 - ``dimse1``: DCMTK ``storescu`` (TCP_NODELAY=1), one association: Harmony
   ``dicom_scp`` -> ``local_archive`` vs Orthanc (and DCMTK ``storescp``, which
   writes files without fsync, once, for reference).
@@ -336,6 +337,20 @@ def main():
                 lambda h: stow_all("127.0.0.1", h.http_port, "/archive-web/studies", files, args.clients,
                                    args.stow_batch), n)
             goal_rows(("DICOMweb STOW-RS", "dicomweb -> bridge -> local_archive"), t_o, t_h, ratios, n, nbytes, 1.0)
+
+        if "stow2" in only:
+            # The same row with two Harmony processes sharing the HTTP port: Orthanc's own
+            # threads use both cores, one Harmony process's Python uses about one.
+            print(f"\nSTOW-RS, {args.stow_batch} instances per request, {args.clients} keep-alive clients, "
+                  f"durable, into local_archive, workers = 2")
+            t_o, t_h, ratios = interleaved(
+                tmp, "stow2", args.rounds,
+                lambda o: stow_all("127.0.0.1", o.http_port, "/dicom-web/studies", files, args.clients,
+                                   args.stow_batch),
+                lambda h: stow_all("127.0.0.1", h.http_port, "/archive-web/studies", files, args.clients,
+                                   args.stow_batch), n, workers=2)
+            goal_rows(("DICOMweb STOW-RS", "dicomweb -> bridge -> local_archive, workers = 2"), t_o, t_h, ratios, n,
+                      nbytes, 1.0)
 
         if "dimse1" in only:
             print("\nDIMSE C-STORE, DCMTK storescu (TCP_NODELAY=1), one association, durable, into local_archive")
