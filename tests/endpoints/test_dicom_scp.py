@@ -166,6 +166,35 @@ def test_c_cancel_mid_stream_stops_the_relay_and_the_backend():
     assert not [c for c in rig.reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "silent"]
 
 
+@pytest.mark.parametrize("how", ["the client left", "C-CANCEL"])
+def test_a_relay_that_gives_up_says_first_whether_its_client_left(how):
+    """The target pool decides on a client abort when the stream is abandoned (the relay
+    gave up and the backend ended): the relay must have marked the request client-gone
+    BEFORE it cancels the stream, whichever noticed the association's end first -- the
+    race that made a real getscu killed mid-study count 0 instead of 1.  A C-CANCEL is
+    the client's choice, not an abort."""
+    from harmony.errors import client_gone
+
+    backend = _OpenStream([_match("SYN-1")])
+    rig = Rig(backend)
+    assoc = result_of(rig.associate())
+    cid, d, pending = _find(rig, assoc, _match("SYN-*"))
+    request = rig.backend.requests[0]
+    gone_when_cancelled = []
+    backend.stream.on_cancel = lambda: gone_when_cancelled.append(client_gone(request))
+    decided = []
+    backend.stream.when_abandoned().addCallback(lambda _: decided.append(client_gone(request)))
+    if how == "C-CANCEL":
+        assoc.send(cid, {"CommandField": commands.C_CANCEL_RQ, "MessageIDBeingRespondedTo": 1})
+    else:
+        assoc.abort()
+    rig.wires.run(d)
+    left = how == "the client left"
+    assert len(pending) == 1 and gone_when_cancelled == [left] and decided == []
+    backend.stream.finish(dimse.CANCEL)   # the PACS's answer to C-CANCEL: only now is it decided
+    assert decided == [left]
+
+
 def test_a_failing_backend_is_a_dimse_failure_status():
     rig = Rig(lambda request: BackendUnavailable("the PACS is down"))
     assoc = result_of(rig.associate())

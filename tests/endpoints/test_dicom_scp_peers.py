@@ -499,16 +499,17 @@ def own_pacs(tmp_path):
     server.stop()
 
 
-async def _getscu_of_a_large_study(tmp_path, pacs, max_staged_mb=2):
-    """Harmony (staging bounded at *max_staged_mb*) and DCMTK getscu retrieving a 30 x 512 KB
-    study through it: (running Harmony, backend, getscu's process, its exit, output folder,
-    size of one instance)."""
+async def _getscu_of_a_large_study(tmp_path, pacs, max_staged_mb=2, management=""):
+    """Harmony (staging bounded at *max_staged_mb*, and *management* appended to its main
+    configuration) and DCMTK getscu retrieving a 30 x 512 KB study through it: (running
+    Harmony, backend, getscu's process, its exit, output folder, size of one instance)."""
     study = SLOW_STUDY
     paths = [save(make_instance(patient_id="SLOWGET", study_uid=study, series_uid=f"{study}.1",
                                 sop_uid=f"{study}.1.{n}", instance_number=n, rows=512, cols=512, seed=n),
                   tmp_path / "study" / f"{n}.dcm") for n in range(1, 31)]
     pacs.upload(paths)
     path, scp_port = harmony_config(tmp_path, pacs.aet, pacs.dicom_port)
+    path.write_text(path.read_text() + management)
     router = tmp_path / "pipelines" / "router.toml"
     router.write_text(router.read_text() + f"max_staged_mb = {max_staged_mb}\n")   # [backends.pacs.options] ends it
     running = await start_harmony(path)
@@ -559,9 +560,13 @@ async def test_getscu_killed_mid_study_cancels_upstream_and_releases_staging(tmp
     """getscu killed (SIGKILL) after its first instances: the retrieve from the PACS is
     cancelled (C-CANCEL; Orthanc ends it) and every staged instance is released -- before
     the fix they stayed staged and the PACS kept sending until it timed out -- and the
-    target pool records no failure of the PACS."""
+    target pool records no failure of the PACS but one client abort, on the management
+    API's /metrics too (before that fix the attempt, answered at the first instance, was
+    never counted: the client left mid-stream)."""
+    from tests.management.test_api_peers import MANAGEMENT, admin_get
     from tests.test_client_aborts import until
-    running, backend, process, client, out, _size = await _getscu_of_a_large_study(tmp_path, own_pacs)
+    running, backend, process, client, out, _size = await _getscu_of_a_large_study(tmp_path, own_pacs,
+                                                                                   management=MANAGEMENT)
     target = backend.target_pool.targets[0]
     try:
         await until(lambda: any(out.iterdir()), "getscu stored its first instance")
@@ -570,8 +575,15 @@ async def test_getscu_killed_mid_study_cancels_upstream_and_releases_staging(tmp
         await until(lambda: target.in_flight == 0 and not backend._gets, "the retrieve ended", timeout=20)
         await until(lambda: _staged_bytes(backend) == 0, "the staged instances were released")
         assert len(list(out.iterdir())) < 30
-        # Never the PACS's fault.  (Counted in client_aborts_total only when the client leaves
-        # before the first result: the pool's attempt ends there.)
-        assert (target.failures_total, target.last_error, target.circuit) == (0, None, "closed"), target.state(0)
+        # Never the PACS's fault: a client abort, counted once the relay gave up and the
+        # retrieve from the PACS ended (in_flight is 0 from the first instance on).
+        await until(lambda: target.client_aborts_total == 1, "the client abort was counted", timeout=20)
+        assert (target.failures_total, target.last_error, target.circuit, target.healthy) == (
+            0, None, "closed", True), target.state(0)
+        r, body = await admin_get(running, "/metrics")
+        assert r.code == 200, body
+        metrics = body.decode()
+        assert 'harmony_target_client_aborts_total{backend="pacs",target="pacs"} 1.0' in metrics, metrics
+        assert 'harmony_target_failures_total{backend="pacs",target="pacs"} 0.0' in metrics, metrics
     finally:
         await running.stop()

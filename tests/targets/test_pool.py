@@ -561,6 +561,48 @@ def test_a_client_going_away_is_no_verdict_on_the_target(cause):
                                                                                     0 if cause == "cancel" else 2)
 
 
+@pytest.mark.parametrize("upstream_ends", ["before the relay gives up", "after the relay gives up"])
+@pytest.mark.parametrize("pool_size", [1, 2])
+def test_a_client_leaving_mid_stream_is_a_client_abort_whatever_ends_first(upstream_ends, pool_size):
+    """A streamed answer (C-GET instances, C-FIND matches) is judged a success at its
+    first result; a client that leaves afterwards is a client abort, decided once the
+    relay has given up AND the upstream has ended -- in either order -- never a failure.
+    A consumer that gives up for its own reasons (C-CANCEL) or reads the stream to its
+    end is no abort."""
+    from harmony.dicom.results import ResultStream
+    from harmony.errors import mark_client_gone
+
+    pool = _pool(task.Clock(), pool_size, circuit_failures=1)
+    outcomes = []
+    for how in ("client left", "C-CANCEL", "read to the end"):
+        stream = ResultStream()
+        request = RequestEnvelope(method="C-GET")
+        response = ResponseEnvelope(status=200)
+        response.state.dicom_results = stream
+        stream.put("first instance")
+        aborts = sum(t.client_aborts_total for t in pool.targets)
+        assert _result(pool.call(request, lambda t: defer.succeed(response))) is response
+        assert sum(t.in_flight for t in pool.targets) == 0   # the attempt ended at the first result
+        if how == "read to the end":
+            stream.finish()
+            assert [_result(stream.next()) for _ in range(2)] == ["first instance", None]
+        else:
+            if upstream_ends == "before the relay gives up":
+                stream.finish()
+            if how == "client left":
+                mark_client_gone(request)   # what the relay does first, then it cancels
+            stream.cancel()
+            if upstream_ends == "after the relay gives up":
+                # Not yet: only when the upstream has ended is the stream abandoned.
+                assert sum(t.client_aborts_total for t in pool.targets) == aborts
+                stream.finish()   # the upstream's answer to C-CANCEL
+        outcomes.append(sum(t.client_aborts_total for t in pool.targets))
+    assert outcomes == [1, 1, 1]
+    for t in pool.targets:
+        assert (t.circuit, t.failures_total, t.consecutive_failures, t.last_error, t.healthy) == (
+            CLOSED, 0, 0, None, True)
+
+
 def test_an_outer_timeout_cancelling_an_attempt_stays_a_timeout():
     """Store-and-forward bounds a delivery with addTimeout: Agent reports that
     cancel as ResponseNeverReceived([CancelledError]); it must come out as the

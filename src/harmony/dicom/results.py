@@ -125,6 +125,9 @@ class ResultStream:
         self._total: int | None = None
         self._listener = None
         self._ended: defer.Deferred | None = None
+        #: The consumer gave up before taking the end (:meth:`cancel`), even after the producer ended.
+        self._given_up = False
+        self._abandoned: list[defer.Deferred] = []
 
     # -- producer
     def put(self, item) -> None:
@@ -152,6 +155,7 @@ class ResultStream:
             d.callback(None)
         self._fire_counted()
         self._end(None)
+        self._settle()
 
     def fail(self, failure) -> None:
         self._failure = failure
@@ -161,6 +165,7 @@ class ResultStream:
             d.errback(failure)
         self._fire_counted()
         self._end(failure)
+        self._settle()
 
     def _end(self, failure) -> None:
         ended, self._ended = self._ended, None
@@ -246,10 +251,34 @@ class ResultStream:
         return len(self._items)
 
     def cancel(self) -> None:
+        """The consumer gives up before the end: the producer is asked to stop
+        (``on_cancel``, unless it has ended already) and :meth:`when_abandoned` fires
+        once it has."""
+        self._given_up = True
         if not self.cancelled and not self._done:
             self.cancelled = True
             if self.on_cancel is not None:
                 self.on_cancel()
+        self._settle()
+
+    def when_abandoned(self) -> defer.Deferred:
+        """Fires (with ``None``) once the consumer gave up (:meth:`cancel`) AND the
+        producer has ended -- whichever comes last; never, for a stream read to its end.
+
+        The target pool decides there whether a streamed answer's attempt ended as a
+        client abort: by then the consumer has said why it stopped (a DIMSE client
+        that left is marked client-gone before the relay cancels), whatever order the
+        association's end, the relay and the upstream's last response came in."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._abandoned.append(d)
+        self._settle()
+        return d
+
+    def _settle(self) -> None:
+        if self._given_up and self._done and self._abandoned:
+            waiting, self._abandoned = self._abandoned, []
+            for d in waiting:
+                d.callback(None)
 
     @defer.inlineCallbacks
     def collect(self):

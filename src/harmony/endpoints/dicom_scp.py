@@ -548,6 +548,18 @@ class Operation:
                 mark_client_gone(env)
             d.cancel()
 
+    def abandon(self, env, stream, client_left: bool = False) -> None:
+        """The relay stops before *stream*'s end (C-CANCEL, the client left, the
+        C-MOVE destination is unreachable): the backend is asked to stop and what it
+        still sends is released.  A client that left (*client_left*, or the
+        association is no longer established, whichever noticed first) is marked
+        client-gone BEFORE the stream is cancelled: the target pool counts a client
+        abort from that mark once the stream is abandoned (``ResultStream.when_abandoned``)."""
+        if client_left or self.assoc.state != "established":
+            mark_client_gone(env)
+        stream.cancel()
+        release_rest(stream)
+
     def respond(self, status: int, *, identifier: bytes | None = None, comment: str | None = None, **counts):
         command = {"AffectedSOPClassUID": self.message.command.get("AffectedSOPClassUID", str(
             self.context.abstract_syntax)), "CommandField": _RESPONSE_OF[self.message.field],
@@ -881,8 +893,7 @@ class ScpServices:
             early = None
         if op.cancelled:
             if stream is not None:
-                stream.cancel()
-                release_rest(stream)
+                op.abandon(env, stream)
             if op.assoc.state == "established":
                 await op.respond(dimse.CANCEL)
             return
@@ -898,8 +909,7 @@ class ScpServices:
             await op.respond(status, comment=comment)
             return
         if outcome is CANCELLED:
-            stream.cancel()
-            release_rest(stream)
+            op.abandon(env, stream)
             if op.assoc.state == "established":
                 await op.respond(dimse.CANCEL)
             return
@@ -957,8 +967,7 @@ class ScpServices:
         stream, failure = endpoint.results_of(response)
         if op.cancelled:
             if stream is not None:
-                stream.cancel()
-                release_rest(stream)
+                op.abandon(env, stream)
             if op.assoc.state == "established":
                 await op.respond(dimse.CANCEL, NumberOfRemainingSuboperations=0, NumberOfCompletedSuboperations=0,
                                  NumberOfFailedSuboperations=0, NumberOfWarningSuboperations=0)
@@ -984,8 +993,7 @@ class ScpServices:
                     await op.respond(status, comment=comment, identifier=_failed_list(failed_uids, op))
                     return
                 if item is CANCELLED:
-                    stream.cancel()
-                    release_rest(stream)
+                    op.abandon(env, stream)
                     if op.assoc.state == "established":
                         await op.respond(dimse.CANCEL, NumberOfRemainingSuboperations=max(
                             total - completed - failed - warning, 0), NumberOfCompletedSuboperations=completed,
@@ -1008,8 +1016,7 @@ class ScpServices:
                         except (AssociationRejected, AssociationAborted, OSError, ConnectionError) as e:
                             log.warn("dicom_scp {name}: C-MOVE destination {dest} unreachable: {error}",
                                      name=endpoint.name, dest=destination[0], error=str(e))
-                            stream.cancel()
-                            release_rest(stream)
+                            op.abandon(env, stream)
                             item.release()
                             await op.respond(dimse.UNABLE_TO_PROCESS_BACKEND,
                                              comment="move destination unreachable",
@@ -1022,10 +1029,7 @@ class ScpServices:
                     # The C-GET client (or the C-MOVE destination) left mid sub-operation:
                     # the PACS is asked to stop (C-CANCEL) and what it already sent is
                     # released, as on a C-CANCEL -- not left staged until the PACS gives up.
-                    if target is op.assoc:
-                        mark_client_gone(env)
-                    stream.cancel()
-                    release_rest(stream)
+                    op.abandon(env, stream, client_left=target is op.assoc)
                     raise
                 finally:
                     item.release()

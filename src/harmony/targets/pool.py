@@ -20,6 +20,10 @@ Two rules keep the circuit honest:
 * A request cancelled because *our client* went away (a hang-up, an upload
   cut mid-body) says nothing about the target: it is counted apart
   (``client_aborts``, nginx's 499) and never in failures, circuit or retries.
+  An answer that streams on after its first result (a DICOM backend's C-FIND
+  matches, C-GET/C-MOVE instances) is judged at its first result; a client
+  that leaves mid-stream is counted as a client abort once both the consumer
+  has given up and the upstream has ended (:meth:`TargetPool._watch_stream`).
 * A pool of ONE target never opens its circuit (nginx's rule for an upstream
   group of one): failing every request fast for ``open_secs`` helps nobody
   when there is no other target to send them to.  Failures are still counted,
@@ -302,6 +306,7 @@ class TargetPool:
         def answered(response):
             if response.status not in FAILURE_STATUSES:
                 target.succeeded()
+                _watch_stream(target, request, response)
             else:
                 self._failed(target, f"answered {response.status}")
             return response  # an upstream's own answer passes through
@@ -358,6 +363,7 @@ class TargetPool:
             else:
                 if response.status not in FAILURE_STATUSES:
                     target.succeeded()
+                    _watch_stream(target, request, response)
                     return response
                 self._failed(target, f"answered {response.status}")
                 if not (retry and response.status in self.retry_statuses and self._budget(tried, deadline)
@@ -392,6 +398,25 @@ class TargetPool:
             "health_checks": self.health.kind if self.health else None,
             "targets": [t.state(now) for t in self.targets],
         }
+
+
+def _watch_stream(target: Target, request, response) -> None:
+    """The one place a streamed answer's client abort is counted (C-FIND, C-GET and
+    C-MOVE alike, whoever consumes the stream).  It is decided when the stream is
+    abandoned -- the consumer gave up AND the upstream ended, whichever came last --
+    not when it is cancelled: the client's leaving and the relay's cancel come in
+    either order, and only the consumer knows which it was (it marks the request
+    client-gone before it gives up).  Never a failure: the verdict on the target was
+    its first result."""
+    results = response.state.dicom_results
+    if results is None:
+        return
+
+    def abandoned(_):
+        if client_gone(request):
+            target.client_aborted()
+
+    results.when_abandoned().addCallback(abandoned)
 
 
 def build_target(name: str, table: dict, kind: str, source: str, check_url=None, implicit=False) -> Target:

@@ -122,6 +122,12 @@ class Target:
         if client_left:
             self.client_aborts_total += 1
 
+    def client_aborted(self) -> None:
+        """An attempt already answered (and counted a success: the first result of a
+        stream) was left by our client before the stream's end: a client abort, no
+        verdict on the target."""
+        self.client_aborts_total += 1
+
     # -- active health checks
 
     def check_result(self, ok: bool, error: str | None, now: float, healthy_threshold: int,
