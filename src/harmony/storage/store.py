@@ -624,10 +624,12 @@ class InstanceStore:
         self.open_sync()
         source = Path(source)
         try:
-            size = source.stat().st_size
+            st = os.stat(source)
         except OSError as e:
             raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
-        header = self._read_header(source, parsed)
+        size = st.st_size
+        # The stamp from the same stat (stamp_of's fields): one stat per instance, not two.
+        header = self._read_header(source, parsed, (os.fspath(source), size, st.st_mtime_ns, st.st_ino))
         if expect is not None and (header["sop_class"], header["sop"]) != expect:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         self.guard.check(size)
@@ -698,12 +700,12 @@ class InstanceStore:
                 self._flusher = ThreadPoolExecutor(self._flush_threads, thread_name_prefix="harmony-storage-flush")
             return self._flusher.submit(fn, *args)
 
-    def _read_header(self, path: Path, parsed=None) -> dict:
+    def _read_header(self, path: Path, parsed=None, stamp: tuple | None = None) -> dict:
         """The instance's UIDs, index attributes and stored metadata (and, read whole, its
         ``bytes``): read straight from the file's bytes (:mod:`harmony.dicom.rawscan`),
         pydicom's parse only for what the scanner leaves to it.  A file that cannot be
         complete (every element must fit in it) is refused here, never acknowledged."""
-        ds = parsed[1] if parsed is not None and parsed[0] == stamp_of(path) else None
+        ds = parsed[1] if parsed is not None and parsed[0] == (stamp or stamp_of(path)) else None
         if ds is not None and not isinstance(ds, ScannedFile):
             return _header_of_dataset(ds)
         scan = ds   # a scan handed on (the STOW-RS bridge scans each part from the body's bytes) is used as made
