@@ -72,9 +72,14 @@ class SpaceGuard:
 
     def _statvfs_free(self) -> int:
         where = self.root
-        while not where.exists() and where.parent != where:
-            where = where.parent  # not created yet: its filesystem is its nearest parent's
-        st = os.statvfs(where)
+        while True:
+            try:   # one statvfs per check (it runs per instance ingested), no exists() first
+                st = os.statvfs(where)
+                break
+            except (FileNotFoundError, NotADirectoryError):
+                if where.parent == where:
+                    raise
+                where = where.parent  # not created yet: its filesystem is its nearest parent's
         return st.f_bavail * st.f_frsize
 
     def free_bytes(self) -> int:

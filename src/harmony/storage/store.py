@@ -148,6 +148,17 @@ class Placed:
     data_sync: Future | None = None
     #: The file's bytes, for its journal row (a small instance on sqlite, fsync on).
     data: bytes | None = None
+    #: A new name whose data sync waits for the commit: a journaled instance's
+    #: syncs are merged into one flush task per batch there (see _commit_placed_sync).
+    sync_later: bool = False
+
+
+def _sync_all(files: list[Path], folders: list[Path]) -> None:
+    """fdatasync each of *files*, then fsync each of *folders* (a journaled batch's flushes)."""
+    for path in files:
+        fdatasync_file(path)
+    for folder in folders:
+        fsync_dir(folder)
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -613,10 +624,12 @@ class InstanceStore:
         self.open_sync()
         source = Path(source)
         try:
-            size = source.stat().st_size
+            st = os.stat(source)
         except OSError as e:
             raise InvalidInstance(f"cannot read the instance: {e.strerror}") from None
-        header = self._read_header(source, parsed)
+        size = st.st_size
+        # The stamp from the same stat (stamp_of's fields): one stat per instance, not two.
+        header = self._read_header(source, parsed, (os.fspath(source), size, st.st_mtime_ns, st.st_ino))
         if expect is not None and (header["sop_class"], header["sop"]) != expect:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         self.guard.check(size)
@@ -674,7 +687,9 @@ class InstanceStore:
         data = header.pop("bytes", None)   # the file as read to describe it, when read whole
         if journal and self.journal and size <= JOURNAL_MAX_BYTES:
             placed.data = data if data is not None and len(data) == size else final.read_bytes()
-        if fresh:
+        if fresh and placed.data is not None:
+            placed.sync_later = True   # acknowledged by its journal row: synced with its batch
+        elif fresh:
             placed.data_sync = self._flush(fdatasync_file, final)
         return placed
 
@@ -685,12 +700,12 @@ class InstanceStore:
                 self._flusher = ThreadPoolExecutor(self._flush_threads, thread_name_prefix="harmony-storage-flush")
             return self._flusher.submit(fn, *args)
 
-    def _read_header(self, path: Path, parsed=None) -> dict:
+    def _read_header(self, path: Path, parsed=None, stamp: tuple | None = None) -> dict:
         """The instance's UIDs, index attributes and stored metadata (and, read whole, its
         ``bytes``): read straight from the file's bytes (:mod:`harmony.dicom.rawscan`),
         pydicom's parse only for what the scanner leaves to it.  A file that cannot be
         complete (every element must fit in it) is refused here, never acknowledged."""
-        ds = parsed[1] if parsed is not None and parsed[0] == stamp_of(path) else None
+        ds = parsed[1] if parsed is not None and parsed[0] == (stamp or stamp_of(path)) else None
         if ds is not None and not isinstance(ds, ScannedFile):
             return _header_of_dataset(ds)
         scan = ds   # a scan handed on (the STOW-RS bridge scans each part from the body's bytes) is used as made
@@ -759,9 +774,19 @@ class InstanceStore:
         # Every instance journaled: acknowledged at the commit, its flushes finish behind.
         journaled = overlap and all(p.data is not None for p in batch) and self._unflushed < MAX_UNFLUSHED
         flushes: list[Future] = []
-        if overlap:
-            flushes = [self._flush(fsync_dir, folder) for folder in sorted({p.final.parent for p in batch})]
+        later = [p.final for p in batch if p.sync_later]
+        folders = sorted({p.final.parent for p in batch}) if overlap else []
+        if journaled:
+            # Not waited for by the acknowledgement: one flush task syncs the batch's
+            # files and folders in turn (one thread hand-off per batch, not one per file
+            # and folder: bench/ingest measured ~10 % fewer futex calls per instance).
+            flushes = [self._flush(_sync_all, later, folders)]
             flushes += [p.data_sync for p in batch if p.data_sync is not None]
+        else:
+            late = [self._flush(fdatasync_file, path) for path in later]
+            if overlap:
+                flushes = [self._flush(fsync_dir, folder) for folder in folders]
+                flushes += [p.data_sync for p in batch if p.data_sync is not None] + late
         with self._placed_lock:
             settled, self._settled = self._settled, []
         # Rows in one order whichever batch they come in (PostgreSQL: concurrent
