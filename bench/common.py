@@ -132,6 +132,50 @@ def harmony_config(folder: Path, port: int, pipelines: str, *, workers: int | No
     return path
 
 
+def toml_table(header: str, **values) -> str:
+    """One TOML table: ``[header]`` and its ``key = value`` lines (str, int, bool, list).
+    The benches build their Harmony configs from these pieces (below) so the same
+    endpoint or backend is written once."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "\n".join([f"[{header}]"] + [f"{k} = {value(v)}" for k, v in values.items()]) + "\n\n"
+
+
+def dicom_scp_endpoint(name: str, port: int, *, aet: str = "HARMONY", **options) -> str:
+    """A ``dicom_scp`` endpoint on 127.0.0.1:*port* with no PDU size limit (the
+    benches measure throughput, not the limit); *options* are its other options."""
+    return (toml_table(f"endpoints.{name}", service="dicom_scp")
+            + toml_table(f"endpoints.{name}.options", local_aet=aet, bind_addr="127.0.0.1", port=port,
+                         **options, max_pdu_size=0))
+
+
+def dicom_scu_backend(name: str, pacs_aet: str, pacs_port: int, *, local_aet: str | None = None,
+                      timeout_secs: int | None = None) -> str:
+    """A ``dicom_scu`` backend to a PACS on 127.0.0.1:*pacs_port*."""
+    options: dict = {"aet": pacs_aet, "host": "127.0.0.1", "port": pacs_port}
+    if local_aet is not None:
+        options["local_aet"] = local_aet
+    if timeout_secs is not None:
+        options.update(dimse_timeout_secs=timeout_secs, network_timeout_secs=timeout_secs)
+    return toml_table(f"backends.{name}", service="dicom_scu") + toml_table(f"backends.{name}.options", **options)
+
+
+def dicomweb_bridge_pipeline(backend: str, *, prefix: str = "/dicomweb", **endpoint_options) -> str:
+    """Pipeline ``bridge``: a ``dicomweb`` endpoint ``web`` at *prefix* -> the
+    ``dicomweb_bridge`` middleware -> *backend* (a DIMSE backend)."""
+    return (toml_table("pipelines.bridge", networks=["default"], endpoints=["web"], middleware=["bridge"],
+                       backends=[backend])
+            + toml_table("endpoints.web", service="dicomweb")
+            + toml_table("endpoints.web.options", path_prefix=prefix, **endpoint_options)
+            + toml_table("middleware.bridge", type="dicomweb_bridge"))
+
+
 def start_harmony(config: Path, port: int, *, log: Path | None = None, env: dict | None = None,
                   twistd_args=(), timeout: float = 30.0) -> subprocess.Popen:
     """Run Harmony under twistd on *config* (in the config's folder, output to

@@ -32,7 +32,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RssSampler, cpu_seconds, free_port, harmony_config, start_harmony, stop  # noqa: E402
+from bench.common import (RssSampler, cpu_seconds, dicom_scu_backend, dicomweb_bridge_pipeline,  # noqa: E402
+                          free_port, harmony_config, start_harmony, stop)
 from tests.dicom_data import make_instance, save  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
 
@@ -51,32 +52,9 @@ def make_study(folder: Path, count: int, rows: int, study=STUDY, patient="BENCH"
 
 
 def config(folder: Path, port: int, orthanc: Orthanc) -> Path:
-    return harmony_config(folder, port, f"""
-[pipelines.bridge]
-networks = ["default"]
-endpoints = ["web"]
-middleware = ["bridge"]
-backends = ["pacs"]
-
-[endpoints.web]
-service = "dicomweb"
-[endpoints.web.options]
-path_prefix = "/dicomweb"
-max_upload_bytes = 8589934592
-
-[middleware.bridge]
-type = "dicomweb_bridge"
-
-[backends.pacs]
-service = "dicom_scu"
-[backends.pacs.options]
-aet = "{orthanc.aet}"
-host = "127.0.0.1"
-port = {orthanc.dicom_port}
-local_aet = "{AET}"
-dimse_timeout_secs = 120
-network_timeout_secs = 120
-""", storage=True)
+    return harmony_config(folder, port, dicomweb_bridge_pipeline("pacs", max_upload_bytes=8589934592)
+                          + dicom_scu_backend("pacs", orthanc.aet, orthanc.dicom_port, local_aet=AET,
+                                              timeout_secs=120), storage=True)
 
 
 def qido(base: str, rounds: int) -> tuple[float, float]:

@@ -36,7 +36,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RssSampler, cpu_seconds, free_port, harmony_config, start_harmony, stop  # noqa: E402
+from bench.common import (RssSampler, cpu_seconds, dicom_scp_endpoint, dicom_scu_backend,  # noqa: E402
+                          dicomweb_bridge_pipeline, free_port, harmony_config, start_harmony, stop, toml_table)
 from bench.dimse.run import make_big_study as make_get_study  # noqa: E402  (run.py's C-GET study)
 from tests.dicom_data import make_instance, save, uid  # noqa: E402
 from tests.peers import Orthanc, peer_env, port_open, wait_for  # noqa: E402
@@ -59,45 +60,11 @@ def make_wado_study(folder: Path, n: int, side: int) -> list[Path]:
 
 
 def config(folder: Path, http_port: int, scp_port: int, orthanc: Orthanc) -> Path:
-    return harmony_config(folder, http_port, f"""
-        [pipelines.router]
-        endpoints = ["scp"]
-        backends = ["pacs"]
-
-        [pipelines.bridge]
-        networks = ["default"]
-        endpoints = ["web"]
-        middleware = ["bridge"]
-        backends = ["pacs"]
-
-        [endpoints.scp]
-        service = "dicom_scp"
-        [endpoints.scp.options]
-        local_aet = "HARMONY"
-        bind_addr = "127.0.0.1"
-        port = {scp_port}
-        enable_find = true
-        enable_get = true
-        max_pdu_size = 0
-
-        [endpoints.web]
-        service = "dicomweb"
-        [endpoints.web.options]
-        path_prefix = "/dicomweb"
-
-        [middleware.bridge]
-        type = "dicomweb_bridge"
-
-        [backends.pacs]
-        service = "dicom_scu"
-        [backends.pacs.options]
-        aet = "{orthanc.aet}"
-        host = "127.0.0.1"
-        port = {orthanc.dicom_port}
-        local_aet = "{BRIDGE_AET}"
-        dimse_timeout_secs = 120
-        network_timeout_secs = 120
-        """, storage=True)
+    return harmony_config(folder, http_port, toml_table("pipelines.router", endpoints=["scp"], backends=["pacs"])
+                          + dicomweb_bridge_pipeline("pacs")
+                          + dicom_scp_endpoint("scp", scp_port, enable_find=True, enable_get=True)
+                          + dicom_scu_backend("pacs", orthanc.aet, orthanc.dicom_port, local_aet=BRIDGE_AET,
+                                              timeout_secs=120), storage=True)
 
 
 def thread_cpu(pid: int) -> float:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 from tests.dicom_data import make_corpus, make_instance, save, uid  # noqa: E402
-from bench.common import cpu_seconds  # noqa: E402
+from bench.common import cpu_seconds, dicom_scp_endpoint, dicom_scu_backend, toml_table  # noqa: E402
 from tests.peers import DCMTK, Orthanc, Storescp, free_port, peer_env, port_open, wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -61,42 +61,12 @@ def harmony_config(folder: Path, orthanc: Orthanc, scp_port: int, ingest_port: i
         [storage.options]
         path = "{folder / 'var'}"
 
-        [pipelines.router]
-        endpoints = ["scp"]
-        backends = ["pacs"]
-
-        [pipelines.ingest]
-        endpoints = ["ingest"]
-        backends = ["pacs"]
-
-        [endpoints.scp]
-        service = "dicom_scp"
-        [endpoints.scp.options]
-        local_aet = "HARMONY"
-        bind_addr = "127.0.0.1"
-        port = {scp_port}
-        enable_find = true
-        enable_get = true
-        max_pdu_size = 0
-
-        [endpoints.ingest]
-        service = "dicom_scp"
-        [endpoints.ingest.options]
-        local_aet = "INGEST"
-        bind_addr = "127.0.0.1"
-        port = {ingest_port}
-        enable_store = true
-        storage_dir = "{folder / 'ingest'}"
-        forward_store = false
-        max_pdu_size = 0
-
-        [backends.pacs]
-        service = "dicom_scu"
-        [backends.pacs.options]
-        aet = "{orthanc.aet}"
-        host = "127.0.0.1"
-        port = {orthanc.dicom_port}
-        """))
+        """) + toml_table("pipelines.router", endpoints=["scp"], backends=["pacs"])
+        + toml_table("pipelines.ingest", endpoints=["ingest"], backends=["pacs"])
+        + dicom_scp_endpoint("scp", scp_port, enable_find=True, enable_get=True)
+        + dicom_scp_endpoint("ingest", ingest_port, aet="INGEST", enable_store=True,
+                             storage_dir=str(folder / "ingest"), forward_store=False)
+        + dicom_scu_backend("pacs", orthanc.aet, orthanc.dicom_port))
     return cfg
 
 

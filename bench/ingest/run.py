@@ -327,30 +327,21 @@ def main():
         print(f"data: {n} instances ({args.small} x 64x64, {args.large} x 512x512), {nbytes / 1e6:.1f} MB; "
               f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}")
 
-        if "stow" in only:
+        # stow2: the same row with two Harmony processes sharing the HTTP port (not the goal
+        # row): Orthanc's own threads use both cores, one Harmony process's Python about one.
+        for section, workers in (("stow", 1), ("stow2", 2)):
+            if section not in only:
+                continue
+            label = "dicomweb -> bridge -> local_archive" + (f", workers = {workers}" if workers > 1 else "")
             print(f"\nSTOW-RS, {args.stow_batch} instances per request, {args.clients} keep-alive clients, "
-                  f"durable, into local_archive")
+                  f"durable, into local_archive" + (f", workers = {workers}" if workers > 1 else ""))
             t_o, t_h, ratios = interleaved(
-                tmp, "stow", args.rounds,
+                tmp, section, args.rounds,
                 lambda o: stow_all("127.0.0.1", o.http_port, "/dicom-web/studies", files, args.clients,
                                    args.stow_batch),
                 lambda h: stow_all("127.0.0.1", h.http_port, "/archive-web/studies", files, args.clients,
-                                   args.stow_batch), n)
-            goal_rows(("DICOMweb STOW-RS", "dicomweb -> bridge -> local_archive"), t_o, t_h, ratios, n, nbytes, 1.0)
-
-        if "stow2" in only:
-            # The same row with two Harmony processes sharing the HTTP port: Orthanc's own
-            # threads use both cores, one Harmony process's Python uses about one.
-            print(f"\nSTOW-RS, {args.stow_batch} instances per request, {args.clients} keep-alive clients, "
-                  f"durable, into local_archive, workers = 2")
-            t_o, t_h, ratios = interleaved(
-                tmp, "stow2", args.rounds,
-                lambda o: stow_all("127.0.0.1", o.http_port, "/dicom-web/studies", files, args.clients,
-                                   args.stow_batch),
-                lambda h: stow_all("127.0.0.1", h.http_port, "/archive-web/studies", files, args.clients,
-                                   args.stow_batch), n, workers=2)
-            goal_rows(("DICOMweb STOW-RS", "dicomweb -> bridge -> local_archive, workers = 2"), t_o, t_h, ratios, n,
-                      nbytes, 1.0)
+                                   args.stow_batch), n, workers=workers)
+            goal_rows(("DICOMweb STOW-RS", label), t_o, t_h, ratios, n, nbytes, 1.0)
 
         if "dimse1" in only:
             print("\nDIMSE C-STORE, DCMTK storescu (TCP_NODELAY=1), one association, durable, into local_archive")
