@@ -657,9 +657,8 @@ class DicomScuBackend(Backend):
             # A retrieve whose instances come back through Harmony: how to fetch
             # them from the PACS is this backend's choice, not the caller's.
             work = self._move_here if self.retrieve_mode == "move" else self._get
-        d = defer.ensureDeferred(self._with_association(target, job, lambda assoc: work(assoc, job, identifier,
-                                                                                          model),
-                                                        QUERY if op == C_FIND else ALL))
+        d = self._with_association(target, job, lambda assoc: work(assoc, job, identifier, model),
+                                   QUERY if op == C_FIND else ALL)
         d.addErrback(job.failed)
         return job.ready.addCallback(self.respond)
 
@@ -670,7 +669,9 @@ class DicomScuBackend(Backend):
         "query_model": ..., "identifier": {DICOM JSON}}`` instead of metadata.
         """
         md = request.metadata
-        doc = request.normalized
+        # A DIMSE client's identifier nobody read yet (dicom_scp): not made here either
+        # while its bytes can be relayed (_relayed_identifier).
+        doc = request.normalized if request.normalized_read() else None
         if isinstance(doc, dict) and "identifier" in doc and ("dimse_op" in doc or "dimse_op" not in md):
             for key in ("dimse_op", "query_level", "query_model", "move_destination"):
                 if key in doc and key not in md:
@@ -692,6 +693,8 @@ class DicomScuBackend(Backend):
             return op, None, None, model
         relayed = _relayed_identifier(request, doc)
         if relayed is None:
+            if doc is None:
+                doc = request.normalized
             relayed = _encoded_identifier(md, doc)
         if relayed is not None:
             return op, relayed, md["query_level"], model
@@ -728,19 +731,58 @@ class DicomScuBackend(Backend):
 
     # ------------------------------------------------------------------ operations (on the reactor)
 
-    async def _with_association(self, target, job, body, kind=ALL):
-        """Run ``body(assoc)`` on a pooled association to *target*; a reused one that
-        turns out dead before any result is replaced once by a fresh one."""
+    def _with_association(self, target, job, body, kind=ALL) -> defer.Deferred:
+        """Run ``body(assoc)`` (a Deferred or coroutine firing with whether the association
+        may be reused) on a pooled association to *target*; a reused one that turns out
+        dead before any result is replaced once by a fresh one.
+
+        When a slot is free and an idle association is at hand -- a pooled C-FIND's
+        usual case -- this is plain callbacks: the coroutine (and its Deferred) was a
+        few of the steps between the client's request and the PACS's (bench/dimse).
+        Otherwise :meth:`_with_new_association` waits for a slot or connects."""
         limit = self.pool.limit
-        if not limit.take():
+        if job.cancel_requested.called or not limit.take():
+            return defer.ensureDeferred(self._with_new_association(target, job, body, kind))
+        assoc = self.pool.take_idle(target, kind)
+        if assoc is None:
+            return defer.ensureDeferred(self._with_new_association(target, job, body, kind, slot_held=True))
+        try:
+            ran = body(assoc)
+            d = ran if isinstance(ran, defer.Deferred) else defer.ensureDeferred(ran)
+        except Exception:  # noqa: BLE001 - answered below like the body's own failure
+            d = defer.fail()
+
+        def done(reusable):
+            self.pool.give_back(target, assoc, reusable, kind)
+            limit.release()
+
+        def failed(failure):
+            self.pool.give_back(target, assoc, False)
+            if failure.check(AssociationAborted) and job.items == 0:
+                # A pooled association the PACS had closed: once more on a fresh one, slot still held.
+                return defer.ensureDeferred(self._with_new_association(target, job, body, kind, slot_held=True,
+                                                                       after=failure.value))
+            limit.release()
+            if failure.check(AssociationAborted):
+                raise _lost(target, failure.value)
+            return failure
+
+        return d.addCallbacks(done, failed)
+
+    async def _with_new_association(self, target, job, body, kind=ALL, slot_held=False, after=None):
+        """:meth:`_with_association` when it must wait for a slot (``slot_held``: it has one)
+        or connect: a fresh association (*after*: the pooled one failed with that, so
+        only a fresh one is tried, and its failure is final)."""
+        limit = self.pool.limit
+        if not slot_held and not limit.take():
             await limit.wait()
         if job.cancel_requested.called:
             # Cancelled while waiting for an association slot: the PACS was never asked.
-            self.pool.limit.release()
+            limit.release()
             job.finish(dimse.CANCEL)
             return
         try:
-            assoc = self.pool.take_idle(target, kind)
+            assoc = self.pool.take_idle(target, kind) if after is None else None
             reused = assoc is not None
             if assoc is None:
                 assoc = await self.pool.connect(target, kind=kind)
@@ -754,21 +796,19 @@ class DicomScuBackend(Backend):
             except AssociationAborted as e:
                 self.pool.give_back(target, assoc, False)
                 if not (reused and job.items == 0):
-                    raise BackendTimeout(str(e)) if "timeout" in str(e).lower() else \
-                        BackendUnavailable(f"PACS {target.aet}: {e}") from None
+                    raise _lost(target, e) from None
                 assoc = await self.pool.connect(target, kind=kind)
                 try:
                     reusable = await body(assoc)
                 except AssociationAborted as e2:
                     self.pool.give_back(target, assoc, False)
-                    raise BackendTimeout(str(e2)) if "timeout" in str(e2).lower() else \
-                        BackendUnavailable(f"PACS {target.aet}: {e2}") from None
+                    raise _lost(target, e2) from None
             except BaseException:
                 self.pool.give_back(target, assoc, False)
                 raise
             self.pool.give_back(target, assoc, reusable, kind)
         finally:
-            self.pool.limit.release()
+            limit.release()
 
     def _context(self, assoc, sop_class, syntax=None) -> int:
         """The accepted context for *sop_class*, in *syntax* if one was accepted in it
@@ -812,7 +852,9 @@ class DicomScuBackend(Backend):
         job.cancel_requested.addCallback(cancel)
         return sent
 
-    async def _find(self, assoc, job, identifier, model):
+    def _find(self, assoc, job, identifier, model) -> defer.Deferred:
+        """The C-FIND on *assoc*; fires with whether the association may be reused.  Plain
+        callbacks, not a coroutine: it runs on every proxied C-FIND before the request is out."""
         sop_class = net.QUERY_MODELS[model][C_FIND]
         # The syntax of the DIMSE client behind this request (dicom_scp says), so
         # its matches can go back to it as the PACS sent them.
@@ -842,7 +884,7 @@ class DicomScuBackend(Backend):
         listener = job.request.state.dicom.results_listener
         if listener is not None:
             listener(job.stream)   # the request is out: its matches may go to the client as they come
-        return await answered
+        return answered
 
     async def _retrieve(self, assoc, job, identifier, sop_class, msg_id, extra=None):
         cid = self._context(assoc, sop_class)
@@ -1030,10 +1072,15 @@ def _relayed_identifier(request, doc):
     DICOM JSON since: sent on unchanged (no JSON -> Dataset -> bytes, ~20 % of a
     proxied C-FIND's CPU); ``None`` otherwise."""
     kept = request.state.dicom.received_identifier
-    if kept is None or not isinstance(doc, dict):
+    if kept is None:
         return None
     data, syntax, snapshot = kept
     level = request.metadata.get("query_level")
+    if not request.normalized_read():
+        # Never read, so never changed: dicom_scp read its level from these bytes.
+        return datasets.ReceivedIdentifier(data, syntax) if level in LEVELS else None
+    if not isinstance(doc, dict):
+        return None
     try:
         # No snapshot: the pipeline had no middleware that could change it.
         unchanged = snapshot is None or json.dumps(doc) == snapshot
@@ -1054,6 +1101,13 @@ def _encoded_identifier(md, doc):
         return None
     data = datasets.identifier_bytes(doc, IMPLICIT_LE)
     return None if data is None else datasets.ReceivedIdentifier(data, IMPLICIT_LE)
+
+
+def _lost(target, error: AssociationAborted) -> HarmonyError:
+    """What an association that ended under an operation means for the pipeline."""
+    if "timeout" in str(error).lower():
+        return BackendTimeout(str(error))
+    return BackendUnavailable(f"PACS {target.aet}: {error}")
 
 
 def _pairs_of(contexts) -> set:

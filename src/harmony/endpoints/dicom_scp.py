@@ -43,7 +43,7 @@ from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorS
 from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import server_options
-from harmony.envelope import RequestEnvelope, ResponseEnvelope, new_request_id
+from harmony.envelope import MadeOnRead, RequestEnvelope, ResponseEnvelope, new_request_id
 from harmony.errors import (
     AuthenticationFailed,
     BackendTimeout,
@@ -347,41 +347,56 @@ class DicomScpEndpoint(Service):
         resp = ResponseEnvelope.json(error.status, {"dimse_status": status, "detail": error.detail})
         return dimse.record(resp, status, error.detail)
 
-    def envelope(self, assoc, context, op: str, identifier: Dataset | dict | None = None,
+    def envelope(self, assoc, context, op: str, identifier: Dataset | dict | MadeOnRead | None = None,
                  received: bytes | None = None, **extra) -> RequestEnvelope:
         """The pipeline request for one DIMSE operation; *received*: the identifier's
         bytes as the client sent them, which a ``dicom_scu`` backend relays unchanged
         when no middleware changed ``normalized``."""
-        md = {"protocol": "dimse", "request_id": new_request_id(), "endpoint": self.name, "dimse_op": op,
-              "calling_aet": assoc.calling_aet, "called_aet": assoc.called_aet,
-              "sop_class_uid": str(context.abstract_syntax),
-              # A dicom_scu backend queries in this syntax when it can, so that
-              # C-FIND matches pass through without being decoded.
-              "dimse_transfer_syntax": str(context.transfer_syntax[0])}
-        model_op = net.MODEL_OF.get(md["sop_class_uid"])
-        if model_op:
-            md["query_model"] = model_op[0]
+        fixed = self._fixed_metadata(assoc, context, op)
+        md = fixed[0].copy()
+        md["request_id"] = new_request_id()
         normalized = None
-        if identifier is not None:
+        if isinstance(identifier, MadeOnRead):
+            normalized = identifier   # its level came in extra (ScpServices.on_find)
+        elif identifier is not None:
             # The identifier as DICOM JSON already (ScpServices.identifier), or a Dataset.
             normalized = identifier if isinstance(identifier, dict) else identifier_to_json(identifier)
             level = (normalized.get("00080052", {}).get("Value") or [""])[0]
             level = str(level or "").strip().upper()
             if level:
                 md["query_level"] = level
-        md.update({k: v for k, v in extra.items() if v is not None})
+        if extra:
+            md.update({k: v for k, v in extra.items() if v is not None})
         received_identifier = None
         if received is not None and normalized is not None:
             # No middleware, nobody to change it before the backend: no snapshot to compare.
             pipeline = self.pipeline
             snapshot = None if pipeline is not None and not pipeline.middleware else json.dumps(normalized)
             received_identifier = (received, md["dimse_transfer_syntax"], snapshot)
-        return RequestEnvelope(method="DIMSE", path=f"/{md['called_aet']}/{op}", metadata=md,
-                               normalized=normalized, client_ip=str(assoc.peer_address[0]),
-                               scheme="dimse+tls" if self.tls is not None else "dimse",
-                               host=self.local_aet,
+        return RequestEnvelope(method="DIMSE", path=fixed[1], metadata=md, normalized=normalized, client_ip=fixed[2],
+                               scheme=fixed[3], host=self.local_aet,
                                state=RequestState(dicom=DicomRequestFacts(association=assoc,
                                                                           received_identifier=received_identifier)))
+
+    def _fixed_metadata(self, assoc, context, op: str) -> tuple:
+        """(metadata, path, client address, scheme) every *op* on *context* of *assoc* shares:
+        worked out once per association (a pooled client sends many requests on one),
+        not per request (bench/dimse, C-FIND).  Callers copy the metadata."""
+        key = ("envelope", self.name, context.context_id, op)
+        fixed = assoc.memo.get(key)
+        if fixed is None:
+            md = {"protocol": "dimse", "endpoint": self.name, "dimse_op": op,
+                  "calling_aet": assoc.calling_aet, "called_aet": assoc.called_aet,
+                  "sop_class_uid": str(context.abstract_syntax),
+                  # A dicom_scu backend queries in this syntax when it can, so that
+                  # C-FIND matches pass through without being decoded.
+                  "dimse_transfer_syntax": str(context.transfer_syntax[0])}
+            model_op = net.MODEL_OF.get(md["sop_class_uid"])
+            if model_op:
+                md["query_model"] = model_op[0]
+            fixed = assoc.memo[key] = (md, f"/{md['called_aet']}/{op}", str(assoc.peer_address[0]),
+                                       "dimse+tls" if self.tls is not None else "dimse")
+        return fixed
 
     def header_has_readers(self) -> bool:
         """Whether a C-STORE's header as DICOM JSON (``request.normalized``) may be read: by
@@ -873,13 +888,21 @@ class ScpServices:
 
     async def on_find(self, op: Operation):
         endpoint = self.endpoint
-        identifier = self.identifier(op)
-        if identifier is None:
-            await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
-            return
-        env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier, op.message.dataset)
         pipeline = endpoint.pipeline
-        if pipeline is not None and not pipeline.middleware:
+        direct = pipeline is not None and not pipeline.middleware
+        # Without middleware the identifier's DICOM JSON is made only if something reads it
+        # (a routing rule): one that surely converts is only checked here, its level read.
+        level = datasets.identifier_level(op.message.dataset or b"", op.transfer_syntax) if direct else None
+        if level is not None:
+            identifier: dict | MadeOnRead | None = MadeOnRead(lambda: self.identifier(op))
+        else:
+            identifier = self.identifier(op)
+            if identifier is None:
+                await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
+                return
+        env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier, op.message.dataset,
+                                query_level=level or None)
+        if direct:
             # Nobody between us and the backend reads or replaces its results: relay them
             # from the moment the request is out.  The pipeline's answer waits for the
             # first match; the client's matches (and final response) need not.

@@ -295,6 +295,45 @@ def identifier_json(data: bytes, transfer_syntax: str) -> dict | None:
         return None
     return doc
 
+_QUERY_LEVEL = 0x00080052
+
+
+def identifier_level(data: bytes, transfer_syntax: str) -> str | None:
+    """The Query/Retrieve Level of an identifier that :func:`identifier_json` surely
+    converts (flat, ASCII text, no numbers to check; a single, plain level), read
+    without converting it: ``""`` when it has none, ``None`` for any other identifier
+    (convert that one at once, and refuse it when it cannot be).  ``dicom_scp`` makes
+    a C-FIND's DICOM JSON only when something reads it (bench/dimse)."""
+    implicit = _HEAD_SYNTAXES.get(transfer_syntax)
+    if implicit is None:
+        return None
+    level = ""
+    offset, end = 0, len(data)
+    try:
+        while offset < end:
+            tag, vr, length, offset = _element(data, offset, implicit)
+            if length == _UNDEFINED or offset + length > end or tag >> 16 == 0x0002 or tag & 0xFFFF == 0:
+                return None
+            vr = _dictionary_vr(tag) if implicit else vr.decode("ascii")
+            if vr is None:
+                return None
+            if length:
+                raw = data[offset:offset + length]
+                if vr not in _TEXT_VRS or not raw.isascii() or b"\x1b" in raw:
+                    return None
+                text = raw.rstrip(b"\0 ")
+                if vr == "PN" and (b"=" in raw or text and b"" in text.split(b"\\")):
+                    return None   # what identifier_json leaves to pydicom
+                if tag == _QUERY_LEVEL:
+                    level = text.decode("ascii")
+                    if level != level.strip().upper() or "\\" in level:
+                        return None
+                offset += length
+    except (_NeedMore, struct.error, UnicodeDecodeError):
+        return None
+    return level
+
+
 #: VRs with a 2-byte length in explicit VR (PS3.5 §7.1.2): what :func:`identifier_bytes` writes.
 _SHORT_VRS = frozenset(("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "PN", "SH",
                         "SL", "SS", "ST", "TM", "UI", "UL", "US"))
