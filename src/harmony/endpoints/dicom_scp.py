@@ -419,12 +419,16 @@ class DicomScpEndpoint(Service):
     async def run_pipeline(self, env, op: Operation | None = None) -> ResponseEnvelope:
         """Run *env* through the pipeline, with a deadline; *op*'s C-CANCEL or
         hang-up cancels it (a hang-up first marks the request as its client's doing)."""
+        return await self.start_pipeline(env, op)
+
+    def start_pipeline(self, env, op: Operation | None = None) -> defer.Deferred:
+        """:meth:`run_pipeline` without a coroutine: fires with the ResponseEnvelope."""
         if self.pipeline is None:
-            return self.error_response(HarmonyError("no pipeline serves this endpoint"), env)
+            return defer.succeed(self.error_response(HarmonyError("no pipeline serves this endpoint"), env))
         d = self.pipeline.handle(env, self)
         if op is not None:
             op.watch(env, d)
-        return await self.within_deadline(d, env)
+        return self.within_deadline(d, env)
 
     def within_deadline(self, d: defer.Deferred, env) -> defer.Deferred:
         """*d* (the pipeline running *env*), answered with a timeout error after ``request_timeout``.
@@ -854,7 +858,11 @@ class ScpServices:
         except Exception:  # noqa: BLE001 - answered by _failed, as a coroutine's failure would be
             d = defer.fail()
         if d is None:
-            d = defer.ensureDeferred(handler(op))
+            try:
+                started = handler(op)   # a coroutine, or a Deferred (on_find: plain calls up to the PACS)
+                d = started if isinstance(started, defer.Deferred) else defer.ensureDeferred(started)
+            except Exception:  # noqa: BLE001 - answered by _failed, as a coroutine's failure would be
+                d = defer.fail()
         d.addErrback(self._failed, op)
         d.addBoth(lambda _: self.running.pop(key, None))
 
@@ -886,7 +894,10 @@ class ScpServices:
         except Exception:  # noqa: BLE001 - pydicom raises many types for bad input
             return None
 
-    async def on_find(self, op: Operation):
+    def on_find(self, op: Operation) -> defer.Deferred:
+        """A C-FIND: plain calls from the request to the pipeline (and, with ``dicom_scu``,
+        to the PACS) -- a coroutine's start was a few of the microseconds on that way
+        (bench/dimse); what comes of the pipeline's answer is :meth:`_find_answered`."""
         endpoint = self.endpoint
         pipeline = endpoint.pipeline
         direct = pipeline is not None and not pipeline.middleware
@@ -898,8 +909,7 @@ class ScpServices:
         else:
             identifier = self.identifier(op)
             if identifier is None:
-                await op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
-                return
+                return op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
         env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier, op.message.dataset,
                                 query_level=level or None)
         if direct:
@@ -908,7 +918,13 @@ class ScpServices:
             # first match; the client's matches (and final response) need not.
             op._timing = (endpoint.request_timeout, endpoint.reactor)
             env.state.dicom.results_listener = op.relay_early
-        response = await endpoint.run_pipeline(env, op)
+        return endpoint.start_pipeline(env, op).addCallback(
+            lambda response: defer.ensureDeferred(self._find_answered(op, env, response)))
+
+    async def _find_answered(self, op: Operation, env, response):
+        """The C-FIND's matches and final response from the pipeline's answer (with an
+        early relay, usually sent already: then only its outcome is checked)."""
+        endpoint = self.endpoint
         stream, failure = endpoint.results_of(response)
         early = op.early
         if early is not None and (early[0] is not stream or op.cancelled or failure is not None):
