@@ -860,11 +860,18 @@ class DicomScuBackend(Backend):
     def _find(self, assoc, job, identifier, model) -> defer.Deferred:
         """The C-FIND on *assoc*; fires with whether the association may be reused.  Plain
         callbacks, not a coroutine: it runs on every proxied C-FIND before the request is out."""
-        sop_class = net.QUERY_MODELS[model][C_FIND]
-        # The syntax of the DIMSE client behind this request (dicom_scp says), so
-        # its matches can go back to it as the PACS sent them.
-        cid = self._context(assoc, sop_class, job.request.metadata.get("dimse_transfer_syntax"))
-        syntax = str(assoc.contexts[cid].transfer_syntax[0])
+        wanted = job.request.metadata.get("dimse_transfer_syntax")
+        key = ("find", model, wanted)
+        known = assoc.memo.get(key)
+        if known is None:
+            sop_class = net.QUERY_MODELS[model][C_FIND]
+            # The syntax of the DIMSE client behind this request (dicom_scp says), so
+            # its matches can go back to it as the PACS sent them.
+            cid = self._context(assoc, sop_class, wanted)
+            known = assoc.memo[key] = (sop_class, cid, str(assoc.contexts[cid].transfer_syntax[0]), (
+                ("AffectedSOPClassUID", str(sop_class)), ("CommandField", commands.C_FIND_RQ), ("Priority", 0),
+                ("CommandDataSetType", commands.HAS_DATASET)))
+        sop_class, cid, syntax, fields = known   # worked out once per association and query model
         msg_id = self._next_msg_id()
         cancelled = self._cancel_on(assoc, job, cid, sop_class, msg_id)
 
@@ -881,9 +888,7 @@ class DicomScuBackend(Backend):
             job.finish(response.command.get("Status"), response.command.get("ErrorComment"))
             return not cancelled
 
-        command = commands.encode_with_id((("AffectedSOPClassUID", str(sop_class)), ("CommandField",
-                                           commands.C_FIND_RQ), ("Priority", 0),
-                                           ("CommandDataSetType", commands.HAS_DATASET)), "MessageID", msg_id)
+        command = commands.encode_with_id(fields, "MessageID", msg_id)
         answered = assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending=pending,
                                  message_id=msg_id).addCallback(final)
         listener = job.request.state.dicom.results_listener
