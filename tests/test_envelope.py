@@ -14,6 +14,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from harmony.envelope import (
     BytesProducer,
     CooperativeProducer,
+    MadeOnRead,
+    RequestEnvelope,
     ResponseEnvelope,
     as_producer,
     body_length,
@@ -58,6 +60,19 @@ def test_a_json_response_knows_its_document():
     response = ResponseEnvelope.json(201, {"ü": [1]}, "application/fhir+json")
     assert response.body == '{"ü":[1]}'.encode() and response.normalized == {"ü": [1]}
     assert response.header("content-type") == "application/fhir+json"
+
+
+def test_a_normalized_view_made_on_read_is_made_once_and_only_when_read():
+    made = []
+    env = RequestEnvelope(normalized=MadeOnRead(lambda: made.append(1) or {"00080052": {"vr": "CS"}}))
+    assert not env.normalized_read() and made == []
+    assert env.normalized == {"00080052": {"vr": "CS"}} and env.normalized_read()
+    assert env.normalized is env.normalized and made == [1]
+    env.normalized = {"replaced": True}            # a middleware replacing it
+    assert env.normalized == {"replaced": True} and made == [1]
+    given = RequestEnvelope(normalized={"a": 1})
+    assert given.normalized_read() and given.normalized == {"a": 1}
+    assert RequestEnvelope().normalized is None and RequestEnvelope().normalized_read()
 
 
 def test_body_length_and_producers():

@@ -196,6 +196,44 @@ def test_a_failure_without_matches_is_still_the_pipelines_error_with_an_early_li
     assert response.status != 200 and json.loads(response.body)["dimse_status"] == 0xA700
 
 
+class AbortingPacsHandler(FakePacsHandler):
+    """Aborts an association at its C-FIND number *abort_from* (1: every C-FIND; 2: one reused)."""
+
+    def __init__(self, matches=(), abort_from=2):
+        super().__init__(matches)
+        self.abort_from = abort_from
+        self.finds: dict = {}
+
+    def on_request(self, assoc, message):
+        if message.field == commands.C_FIND_RQ:
+            self.finds[id(assoc)] = self.finds.get(id(assoc), 0) + 1
+            if self.finds[id(assoc)] >= self.abort_from:
+                assoc.abort()
+                return
+        super().on_request(assoc, message)
+
+
+def test_a_pooled_association_the_pacs_dropped_is_replaced_once_by_a_fresh_one(tmp_path):
+    rig = Rig(tmp_path, AbortingPacsHandler([_match("SYN-1")], abort_from=2))
+    first = result_of(rig.run(rig.backend.send(_find())))
+    assert [ds.PatientID for ds in result_of(first.state.dicom_results.collect())] == ["SYN-1"]
+    # The idle association is taken (plain callbacks), the PACS aborts it: a fresh one answers.
+    again = result_of(rig.run(rig.backend.send(_find())))
+    assert [ds.PatientID for ds in result_of(again.state.dicom_results.collect())] == ["SYN-1"]
+    assert rig.handler.associations == 2 and rig.backend.pool.limit.free == rig.backend.pool.limit.limit
+
+
+def test_a_fresh_association_that_fails_too_is_the_pipelines_error_and_frees_its_slot(tmp_path):
+    rig = Rig(tmp_path, AbortingPacsHandler([_match("SYN-1")], abort_from=1))
+    failure_of(rig.run(rig.backend.send(_find())), HarmonyError)    # a fresh one: no second try
+    assert rig.handler.associations == 1
+    rig.handler.abort_from = 2
+    result_of(rig.run(rig.backend.send(_find())))                   # pooled for the next one
+    rig.handler.abort_from = 1
+    failure_of(rig.run(rig.backend.send(_find())), HarmonyError)    # reused, then fresh: both aborted
+    assert rig.handler.associations == 3 and rig.backend.pool.limit.free == rig.backend.pool.limit.limit
+
+
 def test_slots_are_taken_without_a_deferred_and_passed_on_in_order():
     slots = Slots(2)
     assert slots.take() and slots.take() and not slots.take()

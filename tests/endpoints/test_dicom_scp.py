@@ -100,6 +100,41 @@ def test_c_find_matches_stream_back_as_pending_responses():
     assert request.metadata["query_level"] == "STUDY" and request.normalized["00100020"]["Value"] == ["SYN-*"]
 
 
+def test_without_middleware_the_identifiers_json_is_made_only_when_read():
+    seen = []
+
+    def respond(request):
+        seen.append((request.normalized_read(), request.metadata))
+        return _answer_with([])(request)
+    rig = Rig(respond)
+    assoc = result_of(rig.associate())
+    for patient_id in ("SYN-1", "SYN-2"):
+        final, _ = rig.request(assoc, FIND, {"CommandField": commands.C_FIND_RQ, "Priority": 0}, _match(patient_id))
+        assert final.command["Status"] == dimse.SUCCESS
+    (read_first, first), (read_second, second) = seen
+    assert not read_first and not read_second    # nothing read it on the way to the backend
+    # The association's fixed metadata is shared, each request's own copy of it is not.
+    assert first is not second and first["request_id"] != second["request_id"]
+    assert first["query_level"] == second["query_level"] == "STUDY" and second["calling_aet"] == "MODALITY"
+    assert rig.backend.requests[1].normalized["00100020"]["Value"] == ["SYN-2"]    # made once read
+
+    rig.endpoint.pipeline = Pipeline("dimse", [Middleware("mw")], [rig.backend])   # middleware reads it
+    final, _ = rig.request(assoc, FIND, {"CommandField": commands.C_FIND_RQ, "Priority": 0}, _match("SYN-3"))
+    assert final.command["Status"] == dimse.SUCCESS and seen[-1][0] is True
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")   # pydicom's, about the value
+def test_an_identifier_that_cannot_be_decoded_is_refused_before_the_pipeline():
+    rig = Rig(_answer_with([_match("SYN-1")]))
+    assoc = result_of(rig.associate())
+    cid = next(i for i, cx in assoc.contexts.items() if str(cx.abstract_syntax) == str(FIND))
+    not_a_number = b"\x20\x00\x13\x00\x03\x00\x00\x00abc"   # Instance Number (IS) "abc"
+    d = assoc.request(cid, {"CommandField": commands.C_FIND_RQ, "Priority": 0, "AffectedSOPClassUID": str(FIND)},
+                      not_a_number)
+    final = result_of(rig.wires.run(d))
+    assert final.command["Status"] == dimse.IDENTIFIER_MISMATCH and rig.backend.requests == []
+
+
 class _OpenStream:
     """A backend whose C-FIND stream stays open: the test puts, finishes or leaves it silent."""
 

@@ -99,6 +99,60 @@ def _fast_and_pydicom_json(ds: Dataset, syntax: str) -> tuple:
     return datasets.identifier_json(data, syntax), reference
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the odd values drawn
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYWORDS), TEXT, min_size=1), st.sampled_from([IMPLICIT, EXPLICIT]),
+       st.sampled_from(["STUDY", "SERIES", "IMAGE", "study", " STUDY", "STUDY\\SERIES", ""]))
+def test_identifier_level_is_read_only_from_identifiers_identifier_json_converts(values, syntax, level):
+    """dicom_scp makes a C-FIND's JSON only when read: an identifier whose level it read
+    without converting must convert later (so none that should be refused goes to the PACS),
+    with that level as its one plain value (so dicom_scu may relay it as received)."""
+    ds = Dataset()
+    for keyword, value in values.items():
+        if keyword == "NumberOfStudyRelatedInstances":
+            value = "".join(c for c in value if c.isdigit())[:4]
+        elif keyword.endswith("UID") or keyword == "SOPClassesInStudy":
+            value = "".join(c for c in value if c in "1.\\")
+        setattr(ds, keyword, value)
+    ds.QueryRetrieveLevel = level
+    try:
+        data = encoded(ds, syntax)
+    except Exception:  # noqa: BLE001 - a value pydicom itself cannot write
+        return
+    read = datasets.identifier_level(data, syntax)
+    if read is None:
+        return
+    doc = datasets.identifier_json(data, syntax)
+    assert doc is not None
+    assert read == (level if level else "")
+    assert doc["00080052"].get("Value", [""]) == [read] if read else "Value" not in doc["00080052"]
+
+
+def test_identifier_level_declines_what_identifier_json_would_not_take():
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = "SYN-1"
+    assert datasets.identifier_level(encoded(ds, IMPLICIT), IMPLICIT) == "STUDY"
+    assert datasets.identifier_level(encoded(ds, EXPLICIT), EXPLICIT) == "STUDY"
+    assert datasets.identifier_level(encoded(Dataset(), IMPLICIT), IMPLICIT) == ""
+    ds.NumberOfStudyRelatedInstances = "3"           # a number identifier_json checks: converted at once
+    assert datasets.identifier_level(encoded(ds, IMPLICIT), IMPLICIT) is None
+    del ds.NumberOfStudyRelatedInstances
+    ds.PatientName = "Yamada^Tarou=山田^太郎"          # not ASCII
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    assert datasets.identifier_level(encoded(ds, EXPLICIT), EXPLICIT) is None
+    del ds.PatientName, ds.SpecificCharacterSet
+    ds.PatientName = "A=B"                           # a PN identifier_json leaves to pydicom
+    assert datasets.identifier_level(encoded(ds, EXPLICIT), EXPLICIT) is None
+    del ds.PatientName
+    ds.ReferencedStudySequence = [Dataset()]        # not flat
+    assert datasets.identifier_level(encoded(ds, EXPLICIT), EXPLICIT) is None
+    del ds.ReferencedStudySequence
+    whole = encoded(ds, IMPLICIT)
+    assert datasets.identifier_level(whole[:-3], IMPLICIT) is None            # cut short
+    assert datasets.identifier_level(whole, "1.2.840.10008.1.2.2") is None    # big endian
+
+
 NUMBERS = st.fixed_dictionaries({}, optional={
     "SliceThickness": st.from_regex(r"\A ?[+-]?[0-9]{1,4}(\.[0-9]{0,3})?\Z"),
     "WindowCenter": st.lists(st.from_regex(r"\A[+-]?[0-9]{1,3}(\.[0-9]{1,2})?(e[+-]?[0-9])?\Z"), min_size=1,
