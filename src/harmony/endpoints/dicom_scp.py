@@ -355,13 +355,14 @@ class DicomScpEndpoint(Service):
         fixed = self._fixed_metadata(assoc, context, op)
         md = fixed[0].copy()
         md["request_id"] = new_request_id()
-        normalized = None
+        normalized: dict | MadeOnRead | None = None
         if isinstance(identifier, MadeOnRead):
             normalized = identifier   # its level came in extra (ScpServices.on_find)
         elif identifier is not None:
             # The identifier as DICOM JSON already (ScpServices.identifier), or a Dataset.
-            normalized = identifier if isinstance(identifier, dict) else identifier_to_json(identifier)
-            level = (normalized.get("00080052", {}).get("Value") or [""])[0]
+            doc = identifier if isinstance(identifier, dict) else identifier_to_json(identifier)
+            normalized = doc
+            level = (doc.get("00080052", {}).get("Value") or [""])[0]
             level = str(level or "").strip().upper()
             if level:
                 md["query_level"] = level
