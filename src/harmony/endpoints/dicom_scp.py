@@ -919,8 +919,18 @@ class ScpServices:
             # first match; the client's matches (and final response) need not.
             op._timing = (endpoint.request_timeout, endpoint.reactor)
             env.state.dicom.results_listener = op.relay_early
-        return endpoint.start_pipeline(env, op).addCallback(
-            lambda response: defer.ensureDeferred(self._find_answered(op, env, response)))
+        return endpoint.start_pipeline(env, op).addCallback(self._find_answered_early, op, env)
+
+    def _find_answered_early(self, response, op: Operation, env):
+        """The pipeline's answer to a C-FIND the early relay already answered in full (its usual
+        end with no middleware: the final response went out on the PACS's call stack) needs
+        nothing more -- no coroutine for it, after every proxied C-FIND; anything else is
+        :meth:`_find_answered`'s."""
+        early = op.early
+        if (early is not None and op.answered and not op.cancelled and early[1].called
+                and early[0] is response.state.dicom_results and self.endpoint.results_of(response)[1] is None):
+            return None
+        return defer.ensureDeferred(self._find_answered(op, env, response))
 
     async def _find_answered(self, op: Operation, env, response):
         """The C-FIND's matches and final response from the pipeline's answer (with an
