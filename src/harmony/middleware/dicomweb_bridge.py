@@ -539,7 +539,9 @@ def _release_parts(result, described):
 def _stow_answer(outcomes, dw) -> ResponseEnvelope:
     """The STOW-RS response for the parts' (ok, entry, reason) outcomes, and its status:
     200 all stored, 202 some, else why none was (507 full, 503 unavailable, 409)."""
-    referenced, failed, reasons = [], [], []
+    referenced: list[dict] = []
+    failed: list[dict] = []
+    reasons: list[int] = []
     for ok, entry, reason in outcomes:
         (referenced if ok else failed).append(entry)
         if not ok:
