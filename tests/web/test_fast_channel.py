@@ -435,3 +435,18 @@ def test_a_smuggling_attempt_with_two_framings_is_not_read_here():
                        b"0\r\n\r\nGET /api/smuggled HTTP/1.1\r\n\r\n")
     assert proto._delegate is not None or transport.value().startswith(b"HTTP/1.1 400 ")
     assert b"/smuggled" not in transport.value()
+
+
+def test_a_flood_after_a_body_pauses_reading_and_bodies_are_served_in_order():
+    backend = HeldBackend()
+    _, proto, transport = connect(backend, body_methods=POST)
+    post = b"POST /api/p HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000
+    proto.dataReceived(post[:1000])  # the first body in pieces...
+    flood = post[1000:] + post * (PIPELINE_BUFFER // len(post) + 10)  # ...then more than the buffer holds
+    for at in range(0, len(flood), 65536):
+        proto.dataReceived(flood[at:at + 65536])
+    assert transport.producerState == "paused" and len(backend.waiting) == 1
+    for n in range(3):
+        assert backend.waiting[n][0].body == b"x" * 2000
+        backend.waiting[n][1].callback(ResponseEnvelope(status=204, headers=Headers(), body=b""))
+    assert transport.producerState == "producing" and len(backend.waiting) == 4 and proto._delegate is None
