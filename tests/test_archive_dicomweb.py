@@ -269,3 +269,74 @@ async def test_a_stow_body_in_memory_is_filed_from_its_bytes_with_one_scan_and_n
         assert list((tmp_path / "h").rglob("stow-*.part")) == []
     finally:
         await harmony.stop()
+
+
+def _stow_with_real_clients(base: str, folder, files, other_study_file) -> dict:
+    """Blocking (on a thread): STOW-RS bodies under 256 KB from python-requests on one keep-alive
+    connection (gzip-coded, plain, another study's instance, then a QIDO and one more STOW after it),
+    dicomweb-client, and curl with ``Expect: 100-continue`` and chunked."""
+    import gzip
+
+    import requests
+    out: dict = {}
+    body, ctype = multipart([f.read_bytes() for f in files[:3]])
+    with requests.Session() as session:
+        coded = session.post(f"{base}/studies", gzip.compress(body), timeout=30, headers={
+            "Content-Type": ctype, "Content-Encoding": "gzip", "Accept": "application/dicom+json"})
+        plain = session.post(f"{base}/studies", body, headers={"Content-Type": ctype}, timeout=30)
+        mismatch_body, _ = multipart([other_study_file.read_bytes()])
+        mismatch = session.post(f"{base}/studies/{pydicom.dcmread(files[0]).StudyInstanceUID}", mismatch_body,
+                                headers={"Content-Type": ctype}, timeout=30)
+        wrong_type = session.post(f"{base}/studies", body, headers={"Content-Type": "application/dicom"}, timeout=30)
+        qido = session.get(f"{base}/studies", timeout=30)
+        after = session.post(f"{base}/studies", body, headers={"Content-Type": ctype}, timeout=30)
+    out["requests"] = [(r.status_code, r.headers.get("Content-Type"), r.headers.get("Content-Encoding"), r.content)
+                       for r in (coded, plain, mismatch, wrong_type, qido, after)]
+    out["dicomweb-client"] = client(base).store_instances([pydicom.dcmread(f) for f in files[3:5]])
+    (folder / "body").write_bytes(body)
+    out["curl"] = []
+    for extra in (["-H", "Expect: 100-continue"], ["-H", "Transfer-Encoding: chunked"]):
+        got = subprocess.run(["/usr/bin/curl", "-sS", "-X", "POST", "--data-binary", f"@{folder / 'body'}",
+                              "-H", f"Content-Type: {ctype}", *extra, "-w", "\n%{http_code}", f"{base}/studies"],
+                             check=True, capture_output=True, timeout=60).stdout
+        out["curl"].append(int(got.rpartition(b"\n")[2]))
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_stow_bodies_take_the_fast_channel_with_every_stow_behaviour_kept(tmp_path, monkeypatch):
+    """STOW-RS bodies held in memory are read by harmony.web.fast_channel, not twisted.web's
+    channel: python-requests (gzip-coded body; a 409 for another study's instance; 415 for a
+    wrong Content-Type; a QIDO on the same connection hands it to twisted.web, where the next
+    STOW still works), dicomweb-client, and curl's ``Expect: 100-continue`` and chunked bodies
+    (both twisted.web's) all get their answers, and every instance is filed."""
+    from harmony.web.fast_channel import FastChannel
+    from tests.sf_helpers import make_instances
+    files = make_instances(tmp_path / "data", 5, 81, size=64)
+    other = make_instances(tmp_path / "other", 1, 82, size=64)[0]
+    fast_posts: list = []
+    dispatch = FastChannel._dispatch
+    monkeypatch.setattr(FastChannel, "_dispatch", lambda self, head, route, path, content: (
+        fast_posts.append(head.method) if head.method == b"POST" else None,
+        dispatch(self, head, route, path, content))[1])
+    harmony = await start_harmony(archive_config(tmp_path / "h"))
+    try:
+        got = await in_thread(_stow_with_real_clients, harmony.url("/dicomweb"), tmp_path, files, other)
+        coded, plain, mismatch, wrong_type, qido, after = got["requests"]
+        for status, ctype, _, content in (coded, plain, after):
+            assert status == 200 and ctype == "application/dicom+json"
+            assert len(json.loads(content)["00081199"]["Value"]) == 3
+        assert coded[2] == "gzip" or coded[2] is None  # answered in the client's coding (requests asks for gzip)
+        assert mismatch[0] == 409 and json.loads(mismatch[3])["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+        assert wrong_type[0] == 415 and wrong_type[1].startswith("application/problem+json")
+        assert qido[0] == 200 and len(json.loads(qido[3])) == 1
+        assert len(got["dicomweb-client"].ReferencedSOPSequence) == 2
+        assert got["curl"] == [200, 200]
+        # requests: four POSTs before the QIDO on the fast channel; the dicomweb-client's one too
+        assert fast_posts == [b"POST"] * 5
+        store = harmony.service.runtime.backends["archive"].store
+        indexed = store.read_sync(lambda c: [r[0] for r in c.execute("SELECT sop_uid FROM instances")])
+        assert sorted(indexed) == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
+        assert list((tmp_path / "h").rglob("stow-*.part")) == []
+    finally:
+        await harmony.stop()

@@ -13,7 +13,8 @@ fsync, on the database, on each other), per thread.
 
 Harmony runs as in bench/ingest/run.py (twistd, ``dicom_scp`` / ``dicomweb`` ->
 ``local_archive``, fsync on); its log level is raised to info so the store's
-closing line (instances, commits, largest batch) is printed.
+closing line (instances, commits, largest batch) is printed (``--log-level warn``
+keeps the bench's level: no access log in the profile, and no closing line).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
     ap.add_argument("--instances", type=int, default=400)
+    ap.add_argument("--log-level", default="info", choices=["info", "warn"],
+                    help="info prints the store's closing line; warn is the bench's level (no access log)")
     args = ap.parse_args()
     if not PY_SPY.exists():
         sys.exit(f"{PY_SPY} is missing: pip install py-spy into this venv")
@@ -52,7 +55,8 @@ def main():
     try:
         files = ingest.make_data(tmp / "data", args.instances, 0)
         harmony = ingest.Harmony(tmp / "h", "http://127.0.0.1:9", dimse=True, backend="archive")
-        harmony.config.write_text(harmony.config.read_text().replace('log_level = "warn"', 'log_level = "info"'))
+        harmony.config.write_text(harmony.config.read_text().replace('log_level = "warn"',
+                                                                         f'log_level = "{args.log_level}"'))
         harmony.start()
         try:
             spy = subprocess.Popen([str(PY_SPY), "record", "-p", str(harmony.proc.pid), "-o", args.out, "-f",

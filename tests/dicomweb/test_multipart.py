@@ -45,6 +45,23 @@ def test_a_preamble_is_skipped_and_each_part_is_announced(tmp_path):
     assert len(parser.close()) == 2 and seen == [8, 20]
 
 
+def test_the_part_folder_is_made_by_the_first_part_not_by_the_parser(tmp_path):
+    """A parser is made on the reactor for every STOW-RS request: it touches no file
+    system there; the folder appears (again, if it was removed) when a part is written."""
+    body, _ = _body()
+    folder = tmp_path / "stow" / "deeper"
+    parser = StowParser("b0undary", folder)
+    assert not folder.exists() and parser._incremental is None
+    assert _contents(parser.parse_whole(body)) == [b"DICM-one", b"\r\n--not-a-boundary\r\n"]
+    assert parser._incremental is None  # the canonical body needed no incremental parser
+    for part in parser.parts:
+        part.release()
+    folder.rmdir()
+    parser = StowParser("b0undary", folder)
+    parser.feed(b"preamble\r\n" + body)
+    assert len(parser.close()) == 2 and folder.is_dir()
+
+
 @pytest.mark.parametrize("cut", [10, -5])
 def test_a_truncated_body_is_refused_and_leaves_no_file(tmp_path, cut):
     body, _ = _body()

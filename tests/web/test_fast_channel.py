@@ -1,6 +1,8 @@
 """harmony.web.fast_channel in memory (StringTransport, task.Clock): what it serves itself, what it
 hands to twisted.web's channel, and hostile input at the head - pipelining, floods, aborts, slow and
-malformed heads, oversized heads and bodies, idle connections."""
+malformed heads, oversized heads and bodies, idle connections; and the small request bodies it reads
+itself for endpoints that name their method in ``fast_body_methods`` (STOW-RS): bodies in pieces,
+dripped, late, cut off, oversized, chunked or expecting 100 Continue."""
 
 from __future__ import annotations
 
@@ -64,10 +66,11 @@ class Body:
         self.stopped = True
 
 
-def connect(backend=None, *, max_body=None):
+def connect(backend=None, *, max_body=None, body_methods=frozenset()):
     clock = task.Clock()
     api = HttpEndpoint("api", "/api")
     api.max_body_bytes = max_body
+    api.fast_body_methods = body_methods
     fhir = FhirEndpoint("fhir", "/fhir")
     pipeline = Pipeline("p", [], [backend or EchoBackend("echo")])
     router = PrefixRouter("n", [Route("n", "/fhir", fhir, Pipeline("f", [], [EchoBackend("e")])),
@@ -339,3 +342,111 @@ def test_the_fast_channel_names_the_server_as_twisted_web_does_unless_the_answer
                                                      body=b"ok"))
     [(_, headers, _)] = answers(transport.value())
     assert headers[b"server"] == b"upstream/1" and transport.value().count(b"erver:") == 1
+
+
+# ------------------------------------------------- small bodies read by the fast channel itself
+
+POST = frozenset({b"POST"})
+
+
+def test_a_small_body_is_read_whole_and_served_on_the_fast_channel():
+    _, proto, transport = connect(body_methods=POST)
+    proto.dataReceived(b"POST /api/a HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello")
+    assert transport.value() == b""  # not dispatched before the body is whole
+    proto.dataReceived(b" world")
+    proto.dataReceived(b"POST /api/b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /api/c HTTP/1.1\r\n\r\n")
+    first, second, third = answers(transport.value())
+    assert json.loads(first[2])["body"] == "hello world" and json.loads(second[2])["body"] == "abc"
+    assert json.loads(third[2])["subpath"] == "/c"  # a body's end is where the next request begins
+    assert first[1][b"x-request-id"] and b"connection" not in first[1]
+    assert proto._delegate is None and not transport.disconnecting
+
+
+def test_an_empty_post_and_a_body_dripped_a_byte_at_a_time_are_served_too():
+    _, proto, transport = connect(body_methods=POST)
+    proto.dataReceived(b"POST /api/e HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    payload = bytes(range(32, 127)) * 20
+    proto.dataReceived(b"POST /api/d HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(payload))
+    for i in range(len(payload)):
+        assert len(answers(transport.value())) == 1
+        proto.dataReceived(payload[i:i + 1])
+    empty, dripped = answers(transport.value())
+    assert json.loads(empty[2]).get("body", "") == "" and json.loads(dripped[2])["body"] == payload.decode()
+    assert proto._delegate is None
+
+
+def test_a_body_late_past_the_body_timeout_is_handed_to_twisted_web_with_every_byte():
+    clock, proto, transport = connect(body_methods=POST)
+    proto.dataReceived(b"POST /api/late HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345")
+    clock.advance(proto.site.body_timeout + 0.1)
+    assert isinstance(proto._delegate, HarmonyChannel)
+    proto.dataReceived(b"67890")
+    [(status, _, body)] = answers(transport.value())
+    assert status == b"HTTP/1.1 200 OK" and json.loads(body)["body"] == "1234567890"
+
+
+def test_a_body_that_stops_arriving_ends_in_twisted_webs_408():
+    clock, proto, transport = connect(body_methods=POST)
+    proto.dataReceived(b"POST /api/stall HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
+    clock.advance(proto.site.body_timeout)  # handed off, twisted.web's body clock starts
+    clock.advance(proto.site.body_timeout)  # a window with 3 bytes of the 256 B/s asked for
+    assert transport.value().startswith(b"HTTP/1.1 408 ") and transport.disconnecting
+
+
+def test_a_pending_body_holds_off_the_idle_timeout_and_its_own_clock_bounds_it():
+    clock, proto, transport = connect(body_methods=POST)
+    proto.site.body_timeout = proto.timeout * 2
+    proto.dataReceived(b"POST /api/slow HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+    clock.advance(proto.timeout * 1.5)
+    assert not transport.disconnecting and proto._delegate is None  # the body's clock, not the idle one
+    clock.advance(proto.timeout)
+    assert isinstance(proto._delegate, HarmonyChannel)
+
+
+def test_a_client_leaving_mid_body_dispatches_nothing_and_leaves_no_timer():
+    backend = HeldBackend()
+    clock, proto, transport = connect(backend, body_methods=POST)
+    proto.dataReceived(b"POST /api/gone HTTP/1.1\r\nContent-Length: 50\r\n\r\npartial")
+    proto.connectionLost(Failure(ConnectionResetError()))
+    assert backend.waiting == [] and clock.getDelayedCalls() == []
+
+
+def test_bodies_the_fast_channel_does_not_read_whole_are_twisted_webs():
+    big = fast_channel.INLINE_BODY_LIMIT + 1
+    for head, expect in [
+        (b"Content-Length: 11\r\n", b"HTTP/1.1 413 "),  # the endpoint's limit (10): refused at the head
+        (b"Content-Length: %d\r\n" % big, b"HTTP/1.1 413 "),  # over the inline limit too
+        (b"Transfer-Encoding: chunked\r\n", b""),  # chunked: twisted.web decodes it
+        (b"Content-Length: 5\r\nExpect: 100-continue\r\n", b"HTTP/1.1 100 Continue"),
+        (b"Content-Length: 5\r\nContent-Length: 5\r\n", b""),  # repeated: twisted.web's to judge
+    ]:
+        _, proto, transport = connect(max_body=10, body_methods=POST)
+        proto.dataReceived(b"POST /api/x HTTP/1.1\r\n" + head + b"\r\n")
+        assert isinstance(proto._delegate, HarmonyChannel), head
+        assert transport.value().startswith(expect), (head, transport.value()[:60])
+    _, proto, transport = connect(max_body=10, body_methods=POST)
+    proto.dataReceived(b"PUT /api/x HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")  # a method not named
+    assert isinstance(proto._delegate, HarmonyChannel) and json.loads(answers(transport.value())[0][2])["body"] == "hi"
+
+
+def test_a_smuggling_attempt_with_two_framings_is_not_read_here():
+    _, proto, transport = connect(body_methods=POST)
+    proto.dataReceived(b"POST /api/x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"0\r\n\r\nGET /api/smuggled HTTP/1.1\r\n\r\n")
+    assert proto._delegate is not None or transport.value().startswith(b"HTTP/1.1 400 ")
+    assert b"/smuggled" not in transport.value()
+
+
+def test_a_flood_after_a_body_pauses_reading_and_bodies_are_served_in_order():
+    backend = HeldBackend()
+    _, proto, transport = connect(backend, body_methods=POST)
+    post = b"POST /api/p HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000
+    proto.dataReceived(post[:1000])  # the first body in pieces...
+    flood = post[1000:] + post * (PIPELINE_BUFFER // len(post) + 10)  # ...then more than the buffer holds
+    for at in range(0, len(flood), 65536):
+        proto.dataReceived(flood[at:at + 65536])
+    assert transport.producerState == "paused" and len(backend.waiting) == 1
+    for n in range(3):
+        assert backend.waiting[n][0].body == b"x" * 2000
+        backend.waiting[n][1].callback(ResponseEnvelope(status=204, headers=Headers(), body=b""))
+    assert transport.producerState == "producing" and len(backend.waiting) == 4 and proto._delegate is None

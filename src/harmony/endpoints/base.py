@@ -45,6 +45,9 @@ class HttpEndpointBase(Service):
     #: ``request.content`` holds it), which endpoints that parse the whole
     #: body anyway may prefer.
     stream_request_body = False
+    #: Methods (bytes) whose requests, with a ``Content-Length`` body small enough to be read
+    #: whole (``INLINE_BODY_LIMIT``), are served on harmony.web.fast_channel rather than twisted.web.
+    fast_body_methods: frozenset = frozenset()
     #: The largest request body this endpoint takes (None: no limit); see request_body_limit.
     max_body_bytes: int | None = None
     #: Methods a CORS preflight is told this endpoint takes (``cors.allow_methods`` overrides).

@@ -57,6 +57,8 @@ def stow_boundary(content_type: str | None) -> str:
 class DicomWebEndpoint(HttpEndpointBase):
     protocol = "dicomweb"
     cors_methods = ("GET", "HEAD", "POST", "DELETE", "OPTIONS")
+    #: STOW-RS bodies held in memory skip twisted.web's receive (harmony.web.fast_channel).
+    fast_body_methods = frozenset({b"POST"})
 
     def __init__(self, name, path_prefix="/", *, public_base_url=None, trust_forwarded=True,
                  max_upload_bytes=DEFAULT_MAX_UPLOAD, qido_max_limit=None, empty_search_status=200):

@@ -424,55 +424,39 @@ class DicomWebBridge(Middleware):
 
     # ------------------------------------------------------------------ STOW
 
-    @defer.inlineCallbacks
     def _stow(self, request, dw):
-        pipeline = request.state.pipeline
-        if pipeline is None:
-            raise ConfigurationFailure("dicomweb_bridge STOW needs to run inside a pipeline")
-        boundary = request.metadata.get("dicomweb.boundary")
-        if not boundary:
-            raise BadRequest("STOW-RS needs a multipart/related body with a boundary")
-        parser = StowParser(boundary, self.storage / "stow")
-        # Parsed, written to files and each part's header read on a thread, in
-        # one hand-off per request (all blocking work, none of it on the reactor).
-        described = yield parse_body(request.body, parser, run=self._off_reactor, finish=_describe_parts)
+        """The STOW-RS answer for *request*.  Plain callbacks rather than generators
+        (``inlineCallbacks``): this runs on the reactor once a request, and each
+        generator layer is a frame resumed per step there."""
+        try:
+            pipeline = request.state.pipeline
+            if pipeline is None:
+                raise ConfigurationFailure("dicomweb_bridge STOW needs to run inside a pipeline")
+            boundary = request.metadata.get("dicomweb.boundary")
+            if not boundary:
+                raise BadRequest("STOW-RS needs a multipart/related body with a boundary")
+            parser = StowParser(boundary, self.storage / "stow")
+            # Parsed, written to files and each part's header read on a thread, in
+            # one hand-off per request (all blocking work, none of it on the reactor).
+            parsed = parse_body(request.body, parser, run=self._off_reactor, finish=_describe_parts)
+        except Exception:
+            return defer.fail()
+        return parsed.addCallback(self._store_described, pipeline, request, dw)
+
+    def _store_described(self, described, pipeline, request, dw):
         if not described:
             raise BadRequest("the multipart body has no parts")
         try:
-            outcomes = yield self._store_parts(pipeline, request, dw, described)
-        finally:
-            for part, instance in described:
-                if instance is None or instance.owned:  # else the store moved the file into place
-                    part.release()
-        referenced, failed, reasons = [], [], []
-        for ok, entry, reason in outcomes:
-            (referenced if ok else failed).append(entry)
-            if not ok:
-                reasons.append(reason)
-        doc = {}
-        if dw.study_uid:
-            doc["00081190"] = {"vr": "UR", "Value": [dw.base_url + resource_path(dw.study_uid)]}
-        if failed:
-            doc["00081198"] = {"vr": "SQ", "Value": failed}
-        if referenced:
-            doc["00081199"] = {"vr": "SQ", "Value": referenced}
-        if not failed:
-            status = 200
-        elif referenced:
-            status = 202
-        elif all(dimse.is_out_of_resources(r) for r in reasons):
-            status = 507  # a full store (or PACS): nothing was written, try again once there is room
-        elif all(dimse.is_unavailable(r) for r in reasons):
-            status = 503  # nothing stored because the PACS could not take it, not because of the request
-        else:
-            status = 409
-        return ResponseEnvelope.json(status, doc, "application/dicom+json")
+            stored = self._store_parts(pipeline, request, dw, described)
+        except BaseException:
+            _release_parts(None, described)
+            raise
+        return stored.addBoth(_release_parts, described).addCallback(_stow_answer, dw)
 
     def _off_reactor(self, fn, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
-    @defer.inlineCallbacks
-    def _store_parts(self, pipeline, request, dw, described):
+    def _store_parts(self, pipeline, request, dw, described) -> defer.Deferred:
         """(ok, entry, reason) per part, in order.  The parts that are DICOM of the
         right study go on together (``Pipeline.send_batch_after``: a backend that
         files batches commits them at once, else a C-STORE each, ``stow_concurrency``
@@ -493,10 +477,12 @@ class DicomWebBridge(Middleware):
             sub.state.dicomweb.request = dw
             subs.append(sub)
             sent.append(i)
-        answers = yield pipeline.send_batch_after(self, subs, self.stow_concurrency)
-        for i, sub, answer in zip(sent, subs, answers, strict=True):
-            outcomes[i] = self._stored_entry(dw, sub, described[i][1], answer)
-        return outcomes
+
+        def answered(answers):
+            for i, sub, answer in zip(sent, subs, answers, strict=True):
+                outcomes[i] = self._stored_entry(dw, sub, described[i][1], answer)
+            return outcomes
+        return pipeline.send_batch_after(self, subs, self.stow_concurrency).addCallback(answered)
 
     def _stored_entry(self, dw, sub, instance, answer):
         sop_class, sop = instance.sop_class_uid, instance.sop_instance_uid
@@ -539,6 +525,45 @@ def _describe_parts(parts) -> list:
             instance = None
         described.append((part, instance))
     return described
+
+
+def _release_parts(result, described):
+    """Remove the part files the store did not take (it moved the others into place);
+    passes *result* on (an outcome or a Failure)."""
+    for part, instance in described:
+        if instance is None or instance.owned:
+            part.release()
+    return result
+
+
+def _stow_answer(outcomes, dw) -> ResponseEnvelope:
+    """The STOW-RS response for the parts' (ok, entry, reason) outcomes, and its status:
+    200 all stored, 202 some, else why none was (507 full, 503 unavailable, 409)."""
+    referenced: list[dict] = []
+    failed: list[dict] = []
+    reasons: list[int] = []
+    for ok, entry, reason in outcomes:
+        (referenced if ok else failed).append(entry)
+        if not ok:
+            reasons.append(reason)
+    doc = {}
+    if dw.study_uid:
+        doc["00081190"] = {"vr": "UR", "Value": [dw.base_url + resource_path(dw.study_uid)]}
+    if failed:
+        doc["00081198"] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        doc["00081199"] = {"vr": "SQ", "Value": referenced}
+    if not failed:
+        status = 200
+    elif referenced:
+        status = 202
+    elif all(dimse.is_out_of_resources(r) for r in reasons):
+        status = 507  # a full store (or PACS): nothing was written, try again once there is room
+    elif all(dimse.is_unavailable(r) for r in reasons):
+        status = 503  # nothing stored because the PACS could not take it, not because of the request
+    else:
+        status = 409
+    return ResponseEnvelope.json(status, doc, "application/dicom+json")
 
 
 def _refusal(instance, dw):

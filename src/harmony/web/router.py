@@ -167,9 +167,10 @@ class HarmonySite(Site):
     def buildProtocol(self, addr):
         """A :class:`~harmony.web.fast_channel.FastChannel` in front of the usual
         channel when a route's endpoint takes the fast path (the ``http``
-        passthrough), else the usual ``HarmonyChannel`` alone."""
+        passthrough, ``dicomweb``'s STOW-RS POST), else the usual ``HarmonyChannel`` alone."""
         channel = super().buildProtocol(addr)
         routes = getattr(self.resource, "routes", ())
-        if any(getattr(route.endpoint, "fast_path", False) for route in routes):
+        if any(getattr(route.endpoint, "fast_path", False) or getattr(route.endpoint, "fast_body_methods", ())
+               for route in routes):
             return FastChannel(self, channel)
         return channel
