@@ -158,7 +158,7 @@ def main() -> int:
                     continue
                 spy = trace = None
                 if args.profile and r == 0 and side == "A":
-                    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--idle",
+                    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", *(["--gil"] if os.environ.get("SPY_GIL") else ["--idle"]),
                                             "--format", "raw", "-r", "200", "-o", args.profile, "-p",
                                             str(harmonies[side].pid)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

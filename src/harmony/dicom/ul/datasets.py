@@ -166,6 +166,63 @@ class PartTenSink:
             pass
 
 
+class HeldSink:
+    """A C-STORE data set kept in memory as a whole Part-10 file while it is at most
+    *hold* bytes (file meta included), handed to a writer that takes bytes
+    (``dicom_scp``'s ``storage_dir`` journal): no staging file written, closed and
+    read back twice (bench/dimse: ~a third of that path's CPU per instance).  A data
+    set that grows past *hold* goes on into the sink *spill()* makes (a
+    :class:`PartTenSink`), and :meth:`close` gives what that one gives (its path).
+
+    :meth:`close` gives the file's ``bytes``; :attr:`meta_length` says where the
+    data set starts in them."""
+
+    __slots__ = ("limit", "hold", "received", "meta_length", "_data", "_spill", "spilled")
+
+    def __init__(self, command: dict, transfer_syntax: str, limit: int, hold: int, spill, source_aet: str = ""):
+        self.limit = limit
+        self.hold = hold
+        self.received = 0
+        meta = file_meta_bytes(command.get("AffectedSOPClassUID", ""), command.get("AffectedSOPInstanceUID", ""),
+                               transfer_syntax, source_aet)
+        self.meta_length = len(meta)
+        self._data: bytearray | None = bytearray(meta)
+        self._spill = spill
+        #: The sink the data set went on into once it outgrew *hold*.
+        self.spilled: PartTenSink | DiscardSink | None = None
+
+    @property
+    def described(self):
+        return getattr(self.spilled, "described", None)
+
+    def write(self, fragment) -> None:
+        self.received += len(fragment)
+        if self.received > self.limit:
+            raise PDUError(f"data set over the limit of {self.limit} bytes", reason=0x00)
+        data = self._data
+        if data is None:
+            self.spilled.write(fragment)   # type: ignore[union-attr]
+        elif self.meta_length + self.received <= self.hold:
+            data += fragment
+        else:
+            self._data = None
+            self.spilled = self._spill()
+            self.spilled.write(memoryview(data)[self.meta_length:])
+            self.spilled.write(fragment)
+            self.received = self.spilled.received
+
+    def close(self):
+        if self._data is None:
+            return self.spilled.close()   # type: ignore[union-attr]
+        data, self._data = self._data, None
+        return bytes(data)
+
+    def abort(self) -> None:
+        self._data = None
+        if self.spilled is not None:
+            self.spilled.abort()
+
+
 #: Transfer syntax -> implicit VR? for the syntaxes :func:`head_uids` reads (little
 #: endian, not deflated; encapsulated ones are explicit VR LE up to the pixel data).
 _HEAD_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
