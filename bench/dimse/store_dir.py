@@ -42,7 +42,8 @@ from run import BIN, storescu  # noqa: E402
 from tests.dicom_data import make_instance, save, uid  # noqa: E402
 from tests.peers import Storescp, free_port, peer_env, port_open, wait_for  # noqa: E402
 
-TRACED = ("fdatasync", "fsync", "pwrite64", "write", "link", "rename", "openat", "read")
+TRACED = ("fdatasync", "fsync", "pwrite64", "write", "link", "rename", "openat", "read", "close", "unlink",
+          "newfstatat", "statx", "futex", "sendto", "recvfrom", "epoll_wait", "epoll_ctl", "getpid", "mkdir")
 
 
 def config(folder: Path, port: int) -> Path:

@@ -308,7 +308,9 @@ class FolderJournal:
                 self._flusher = threading.Thread(target=self._flush_loop, name="harmony-journal-flush",
                                                  daemon=True)
                 self._flusher.start()
-            self._wake_flusher.notify()
+            waiting = len(self._to_sync)
+            if waiting == 1 or waiting >= SYNC_BATCH:   # what the flusher waits for; not a wake-up per file
+                self._wake_flusher.notify()
 
     def _place_large(self, src: Path, dest: Path, relpath: str) -> None:
         with self._cond:
@@ -366,7 +368,8 @@ class FolderJournal:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="harmony-journal-writer", daemon=True)
             self._writer.start()
-        self._wake_writer.notify()
+        if len(batch.records) == 1:   # the writer sleeps only on an empty batch
+            self._wake_writer.notify()
         return record, batch
 
     def _write_loop(self) -> None:
