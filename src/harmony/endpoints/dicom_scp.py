@@ -10,7 +10,10 @@ with a :class:`~harmony.dicom.results.ResultStream`; the service handlers
 DIMSE *as it fills*: a pending C-FIND response per match, a C-STORE
 sub-operation per retrieved instance.  A C-STORE data set is written to a
 Part-10 file while it arrives; reading it (validation) happens on the DICOM
-thread pool (:mod:`harmony.dicom.blocking`), never on the reactor.
+thread pool (:mod:`harmony.dicom.blocking`), never on the reactor -- except a
+small instance stored into ``storage_dir`` alone, which is held in memory,
+checked from its bytes and handed to the folder's journal whole
+(:meth:`ScpServices._store_held`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ Placing a small file:
 
 1. its bytes are appended to the log as one checksummed record, with one
    ``pwrite`` and one ``fdatasync`` - from here on the file survives a crash.
-   Placements that arrive while a flush runs share the next one (group
-   commit: the first to wait writes every waiting record and flushes once);
+   One writer thread makes every flush: placements handed over while a
+   flush runs share the next one (group commit);
 2. it is given its name in the folder - a new name with a hard link before its
    data is synced (atomic, fails if the name exists), an existing name
    replaced (:func:`harmony.storage.files.claim_name`) - so a reader finds it
@@ -86,7 +86,7 @@ _RECORD = struct.Struct("<QBHII")
 _PLACED, _FORGOTTEN = 1, 2
 #: A forgotten record's data: the epoch and [from, to) offsets of the name's records it forgets.
 _RANGE = struct.Struct("<QQQ")
-#: Threads that journal files while their callers check them (one flush carries all that wait).
+#: Threads that read staged files into the journal while their callers check them (the writer flushes).
 COMMIT_THREADS = 4
 _SUFFIX = ".log"
 #: Held files are written under ``<pid>.<n>.part`` in the journal's folder, then renamed into place.
@@ -538,7 +538,7 @@ class FolderJournal:
         if os.pwrite(self._fd, blob, offset) != len(blob):
             raise OSError(5, "a short write to the storage journal")
         os.fdatasync(self._fd)
-        self._end = offset + len(blob)  # only the leader of a flush touches it
+        self._end = offset + len(blob)  # only the writer thread touches it
         self.flushes += 1
 
     # ------------------------------------------------------------------ syncing behind the answers
