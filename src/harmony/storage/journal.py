@@ -86,6 +86,8 @@ _RECORD = struct.Struct("<QBHII")
 _PLACED, _FORGOTTEN = 1, 2
 #: A forgotten record's data: the epoch and [from, to) offsets of the name's records it forgets.
 _RANGE = struct.Struct("<QQQ")
+#: Held files the flusher may keep open while they wait for their sync (each saves an open and a close).
+MAX_OPEN_TO_SYNC = 256
 #: Threads that read staged files into the journal while their callers check them (the writer flushes).
 COMMIT_THREADS = 4
 _SUFFIX = ".log"
@@ -111,10 +113,12 @@ class _Held:
     """A file handed over in memory (:meth:`FolderJournal.store`): where it goes, the
     temporary name it is written under first, and whom to tell."""
 
-    __slots__ = ("dest", "temp", "done")
+    __slots__ = ("dest", "temp", "done", "fd")
 
     def __init__(self, dest: str, temp: str, done):
         self.dest, self.temp, self.done = dest, temp, done
+        #: The file, written and still open: the flusher syncs it without opening it again.
+        self.fd: int | None = None
 
 
 class Placement:
@@ -160,7 +164,8 @@ class FolderJournal:
         self.dir = self.folder / ".journal"
         self.max_bytes = max_bytes
         self.log_bytes = max(log_bytes, _HEADER.size + _RECORD.size + 4096 + max_bytes)
-        self.path = self.dir / f"{os.getpid()}{_SUFFIX}"
+        self._pid = os.getpid()
+        self.path = self.dir / f"{self._pid}{_SUFFIX}"
         self._fd: int | None = None
         # One lock; the writer and the flusher each sleep on a condition of their own, so
         # waking one does not wake every thread that waits on the journal.
@@ -179,7 +184,9 @@ class FolderJournal:
         #: A write to the log failed: its state is unknown, every later placement is refused.
         self._write_failed: BaseException | None = None
         #: Files named but not yet synced, for the flusher: (relpath, path).
-        self._to_sync: list[tuple[str, Path | str]] = []
+        self._to_sync: list[tuple[str, Path | str, int | None]] = []
+        #: Descriptors of held files waiting in _to_sync (bounded: past MAX_OPEN_TO_SYNC, synced by name).
+        self._open_to_sync = 0
         self._flusher: threading.Thread | None = None
         #: The one thread that writes and flushes the log (every commit is its work).
         self._writer: threading.Thread | None = None
@@ -198,7 +205,8 @@ class FolderJournal:
 
     def open(self) -> int:
         """Replay the logs of processes that are gone; returns the files written again."""
-        self.path = self.dir / f"{os.getpid()}{_SUFFIX}"  # this process's (a worker made from a fork has its own)
+        self._pid = os.getpid()
+        self.path = self.dir / f"{self._pid}{_SUFFIX}"  # this process's (a worker made from a fork has its own)
         make_dirs(self.dir, self.folder)
         replayed = 0
         for other in sorted(self.dir.glob("*")):
@@ -300,10 +308,16 @@ class FolderJournal:
                 raise OSError(5, "the storage journal is closed") from None
         return placement
 
-    def _placed(self, relpath: str, dest: Path) -> None:
-        """*dest* has its name: its syncs go to the flusher."""
+    def _placed(self, relpath: str, dest: Path | str, fd: int | None = None) -> None:
+        """*dest* has its name: its syncs go to the flusher (with *fd*, the file still open, if any)."""
         with self._cond:
-            self._to_sync.append((relpath, dest))
+            if fd is not None:
+                if self._open_to_sync >= MAX_OPEN_TO_SYNC:
+                    os.close(fd)   # syncs lag: no descriptor held per file waiting, it is opened again
+                    fd = None
+                else:
+                    self._open_to_sync += 1
+            self._to_sync.append((relpath, dest, fd))
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_loop, name="harmony-journal-flush",
                                                  daemon=True)
@@ -345,7 +359,7 @@ class FolderJournal:
             dest[len(self._prefix):]
         if relpath.startswith(".."):
             raise ValueError(f"{dest} is outside {self.folder}")
-        temp = f"{self.dir}/{os.getpid()}.{next(self._temps)}{_TEMP}"
+        temp = f"{self.dir}/{self._pid}.{next(self._temps)}{_TEMP}"
         with self._cond:
             if self.closed:
                 raise OSError(5, "the storage journal is closed")
@@ -428,7 +442,7 @@ class FolderJournal:
             held = record[5]
             if held is not None and record[0] == _PLACED:
                 try:
-                    _write_file(held.temp, record[2])
+                    held.fd = _write_file(held.temp, record[2])
                 except OSError as e:
                     refused.append((record, e))
         if not refused:
@@ -459,7 +473,8 @@ class FolderJournal:
             except OSError as e:
                 self._forget(record, e)
                 continue
-            self._placed(record[1], held.dest)
+            fd, held.fd = held.fd, None
+            self._placed(record[1], held.dest, fd)
             _tell(record, None)
 
     def _rename(self, temp: str, dest: str) -> None:
@@ -478,6 +493,7 @@ class FolderJournal:
         the writer's next flush) before its sender hears of the refusal, so a replay
         never writes a file nobody was told is stored."""
         held, record[5] = record[5], None
+        _close(held)
         _discard(held.temp)
         relpath = record[1]
 
@@ -554,6 +570,7 @@ class FolderJournal:
                 if gather > 0 and not self.closed:
                     self._wake_flusher.wait_for(lambda: self.closed or len(self._to_sync) >= SYNC_BATCH, gather)
                 batch, self._to_sync = self._to_sync, []
+                self._open_to_sync = 0
                 if not batch and self.closed:
                     return
             last = time.monotonic()
@@ -566,15 +583,21 @@ class FolderJournal:
                           "it again from the journal", folder=str(self.folder))
             self._synced(synced)
 
-    def _sync(self, batch: list[tuple[str, Path | str]]) -> tuple[list[str], bool]:
+    def _sync(self, batch: list[tuple[str, Path | str, int | None]]) -> tuple[list[str], bool]:
         """Make the named files of *batch* durable: each file's fdatasync, then
         each folder's fsync once for all the files named in it."""
         synced: list[str] = []
         folders: dict[str, list[str]] = {}
         failed = False
-        for relpath, path in batch:
+        for relpath, path, fd in batch:
             try:
-                _sync_path(path, os.fdatasync)
+                if fd is None:
+                    _sync_path(path, os.fdatasync)
+                else:
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        os.close(fd)
             except FileNotFoundError:
                 pass  # replaced or taken away since: nothing of it left to sync
             except OSError:
@@ -674,8 +697,15 @@ def _tell(record: list, error: BaseException | None) -> None:
     if held is None:
         return
     if error is not None and held.temp:
+        _close(held)
         _discard(held.temp)
     held.done(error)
+
+
+def _close(held: _Held) -> None:
+    fd, held.fd = held.fd, None
+    if fd is not None:
+        os.close(fd)
 
 
 def _sync_path(path, sync) -> None:
@@ -687,8 +717,8 @@ def _sync_path(path, sync) -> None:
         os.close(fd)
 
 
-def _write_file(path: str, data: bytes) -> None:
-    """*data* as the new file *path* (not synced: the journal holds it)."""
+def _write_file(path: str, data: bytes) -> int:
+    """*data* as the new file *path* (not synced: the journal holds it); its descriptor, still open."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         view = memoryview(data)
@@ -698,7 +728,7 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
         _discard(path)
         raise
-    os.close(fd)
+    return fd
 
 
 def _discard(path: str) -> None:
