@@ -173,7 +173,6 @@ class FolderJournal:
         # waking one does not wake every thread that waits on the journal.
         lock = threading.RLock()
         self._cond = threading.Condition(lock)
-        self._wake_writer = threading.Condition(lock)
         self._wake_flusher = threading.Condition(lock)
         #: The batch the writer's next flush carries.
         self._batch = _Batch()
@@ -193,6 +192,11 @@ class FolderJournal:
         #: The one thread that writes and flushes the log (every commit is its work).
         self._writer: threading.Thread | None = None
         self._writer_done = False
+        #: The writer sleeps reading this eventfd (made with the thread): a wake-up is a
+        #: ``write``, which lets go of the GIL, where notifying a Condition did not -- and the
+        #: woken writer preempting the reactor in it was a fifth of the reactor's GIL samples.
+        self._writer_event: int | None = None
+        self._writer_asleep = False
         self._committer: ThreadPoolExecutor | None = None
         #: Folders known to exist (a file named in one needs no mkdir check).
         self._folders: set[str] = set()
@@ -259,15 +263,18 @@ class FolderJournal:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
-            self._wake_writer.notify()
             self._wake_flusher.notify()
             flusher, committer = self._flusher, self._committer
+            wake, self._writer_asleep = self._writer_asleep, False
+        if wake:
+            os.eventfd_write(self._writer_event, 1)
         if committer is not None:
             committer.shutdown(wait=True)
         with self._cond:
             writer = self._writer
         if writer is not None:
             writer.join()   # what was handed over before the close is written first
+            os.close(self._writer_event)
         if flusher is not None:
             flusher.join()
         if self._fd is not None:
@@ -314,22 +321,29 @@ class FolderJournal:
                 raise OSError(5, "the storage journal is closed") from None
         return placement
 
-    def _placed(self, relpath: str, dest: Path | str, fd: int | None = None) -> None:
-        """*dest* has its name: its syncs go to the flusher (with *fd*, the file still open, if any)."""
+    def _placed(self, relpath: str, dest: Path | str) -> None:
+        """*dest* has its name: its syncs go to the flusher."""
+        self._placed_many([(relpath, dest, None)])
+
+    def _placed_many(self, named: list[tuple[str, Path | str, int | None]]) -> None:
+        """Files that have their names, each (relpath, path, its descriptor still open or
+        None): their syncs go to the flusher."""
         with self._cond:
-            if fd is not None:
-                if self._open_to_sync >= MAX_OPEN_TO_SYNC:
-                    os.close(fd)   # syncs lag: no descriptor held per file waiting, it is opened again
-                    fd = None
-                else:
-                    self._open_to_sync += 1
-            self._to_sync.append((relpath, dest, fd))
+            before = len(self._to_sync)
+            for relpath, dest, fd in named:
+                if fd is not None:
+                    if self._open_to_sync >= MAX_OPEN_TO_SYNC:
+                        os.close(fd)   # syncs lag: no descriptor held per file waiting, it is opened again
+                        fd = None
+                    else:
+                        self._open_to_sync += 1
+                self._to_sync.append((relpath, dest, fd))
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_loop, name="harmony-journal-flush",
                                                  daemon=True)
                 self._flusher.start()
-            waiting = len(self._to_sync)
-            if waiting == 1 or waiting >= SYNC_BATCH:   # what the flusher waits for; not a wake-up per file
+            # What the flusher waits for (files at all, then a full batch); not a wake-up per file.
+            if not before or before < SYNC_BATCH <= len(self._to_sync):
                 self._wake_flusher.notify()
 
     def _place_large(self, src: Path, dest: Path, relpath: str) -> None:
@@ -347,6 +361,7 @@ class FolderJournal:
         (epoch, offset)."""
         with self._cond:
             record, batch = self._enqueue(kind, relpath, data, None)
+            self._wake_writer()
             while not batch.done:
                 self._cond.wait()
             if batch.error is not None:
@@ -371,6 +386,7 @@ class FolderJournal:
                 raise OSError(5, "the storage journal is closed")
             self._holding = True
             self._enqueue(_PLACED, relpath, data, _Held(dest, temp, done))
+        self._wake_writer()
 
     @property
     def _prefix(self) -> str:
@@ -387,11 +403,17 @@ class FolderJournal:
         if kind == _PLACED:
             self._names[relpath] = self._names.get(relpath, 0) + 1
         if self._writer is None:
+            self._writer_event = os.eventfd(0, os.EFD_CLOEXEC)
             self._writer = threading.Thread(target=self._write_loop, name="harmony-journal-writer", daemon=True)
             self._writer.start()
-        if len(batch.records) == 1:   # the writer sleeps only on an empty batch
-            self._wake_writer.notify()
         return record, batch
+
+    def _wake_writer(self) -> None:
+        """Wake the writer if it sleeps (it sleeps only on an empty batch; one write per sleep)."""
+        with self._cond:
+            wake, self._writer_asleep = self._writer_asleep, False
+        if wake:
+            os.eventfd_write(self._writer_event, 1)
 
     def _write_loop(self) -> None:
         """The writer: every record handed over since its last flush, in one ``pwrite``
@@ -404,8 +426,13 @@ class FolderJournal:
                     self._make_spare()
                     continue
             with self._cond:
-                while not self._batch.records and not self.closed:
-                    self._wake_writer.wait()
+                asleep = not self._batch.records and not self.closed
+                self._writer_asleep = asleep
+                batch = self._batch
+            if asleep:
+                os.eventfd_read(self._writer_event)
+                continue
+            with self._cond:
                 batch = self._batch
                 if not batch.records:
                     self._writer_done = True
@@ -490,7 +517,9 @@ class FolderJournal:
 
     def _name_held(self, batch: _Batch, error: BaseException | None) -> None:
         """After the flush: each held file renamed into place (journaled, so an existing
-        name is replaced at once) and handed to the flusher, and its sender told."""
+        name is replaced at once) and its sender told, then the batch handed to the
+        flusher (its syncs are behind the answer: the log holds the file meanwhile)."""
+        named = []
         for record in batch.records:
             held = record[5]
             if held is None:
@@ -506,9 +535,11 @@ class FolderJournal:
             except OSError as e:
                 self._forget(record, e)
                 continue
-            fd, held.fd = held.fd, None
-            self._placed(record[1], held.dest, fd)
+            named.append((record[1], held.dest, held.fd))
+            held.fd = None
             _tell(record, None)
+        if named:
+            self._placed_many(named)
 
     def _rename(self, temp: str, dest: str) -> None:
         folder = os.path.dirname(dest)
