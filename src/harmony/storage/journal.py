@@ -164,6 +164,8 @@ class FolderJournal:
     def __init__(self, folder: Path, max_bytes: int = JOURNAL_MAX_BYTES, log_bytes: int = LOG_BYTES):
         self.folder = Path(folder)
         self.dir = self.folder / ".journal"
+        #: *folder* as the start of a path string (:meth:`store` takes strings).
+        self._prefix = f"{self.folder}/"
         self.max_bytes = max_bytes
         self.log_bytes = max(log_bytes, _HEADER.size + _RECORD.size + 4096 + max_bytes)
         self._pid = os.getpid()
@@ -376,9 +378,9 @@ class FolderJournal:
         is a path string (no :class:`~pathlib.Path` per instance)."""
         if len(data) > self.max_bytes:
             raise ValueError("a file larger than the journal takes")
-        relpath = os.path.relpath(dest, self.folder) if not dest.startswith(self._prefix) else \
-            dest[len(self._prefix):]
-        if relpath.startswith(".."):
+        prefix = self._prefix
+        relpath = dest[len(prefix):] if dest.startswith(prefix) else os.path.relpath(dest, self.folder)
+        if "/../" in f"/{relpath}/":
             raise ValueError(f"{dest} is outside {self.folder}")
         temp = f"{self.dir}/{self._pid}.{next(self._temps)}{_TEMP}"
         with self._cond:
@@ -387,10 +389,6 @@ class FolderJournal:
             self._holding = True
             self._enqueue(_PLACED, relpath, data, _Held(dest, temp, done))
         self._wake_writer()
-
-    @property
-    def _prefix(self) -> str:
-        return f"{self.folder}/"
 
     def _enqueue(self, kind: int, relpath: str, data: bytes, held: _Held | None) -> tuple[list, _Batch]:
         """*data* as a record of the writer's next flush (called with the lock held)."""
@@ -426,9 +424,7 @@ class FolderJournal:
                     self._make_spare()
                     continue
             with self._cond:
-                asleep = not self._batch.records and not self.closed
-                self._writer_asleep = asleep
-                batch = self._batch
+                asleep = self._writer_asleep = not self._batch.records and not self.closed
             if asleep:
                 os.eventfd_read(self._writer_event)
                 continue
