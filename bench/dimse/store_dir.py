@@ -11,12 +11,12 @@ instance replaces an existing file, which is a different (slower) path.
 
 ``--ab SRC`` runs a second Harmony importing harmony from *SRC* (e.g. main's
 ``src/``, exported with ``git archive``) in the same rounds.  ``--profile FILE``
-records the Harmony process with py-spy (raw collapsed stacks, ``--idle``)
-during the first Harmony round (py-spy is not a dependency: ``pip install
+records the Harmony process with py-spy (raw collapsed stacks, ``--idle``, or
+``--gil`` with ``--gil``) during the first Harmony round (py-spy is not a dependency: ``pip install
 py-spy`` into the venv).  ``--strace`` counts and times the flushes of one
 Harmony round (``strace -f -T``): syscalls per instance and their p50.
 
-    python bench/dimse/store_dir.py [--instances 1000] [--rounds 3] [--ab SRC] [--profile out.txt] [--strace]
+    python bench/dimse/store_dir.py [--instances 1000] [--rounds 3] [--ab SRC] [--profile out.txt [--gil]] [--strace]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from run import BIN, storescu  # noqa: E402
 from tests.dicom_data import make_instance, save, uid  # noqa: E402
 from tests.peers import Storescp, free_port, peer_env, port_open, wait_for  # noqa: E402
 
-TRACED = ("fdatasync", "fsync", "pwrite64", "write", "link", "rename", "openat", "read")
+TRACED = ("fdatasync", "fsync", "pwrite64", "write", "link", "rename", "openat", "read", "close", "unlink",
+          "newfstatat", "statx", "futex", "sendto", "recvfrom", "epoll_wait", "epoll_ctl", "getpid", "mkdir")
 
 
 def config(folder: Path, port: int) -> Path:
@@ -92,6 +93,12 @@ def start_harmony(cfg: Path, port: int, src: Path | None = None) -> subprocess.P
     return proc
 
 
+def user_seconds(pid: int) -> float:
+    """The user-mode part of :func:`bench.common.cpu_seconds` (the rest is the kernel's: syncs, writes)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK")
+
+
 def strace_summary(trace: Path, n: int) -> str:
     """Calls per instance and their p50 (strace -f -T -y), from a trace of *n*
     instances; syncs of the journal (its log, or the sqlite WAL of earlier
@@ -132,6 +139,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ab", type=Path, metavar="SRC", help="also a Harmony importing harmony from SRC, same rounds")
     ap.add_argument("--profile", help="py-spy raw output file for the first Harmony round")
+    ap.add_argument("--gil", action="store_true", help="--profile samples only the thread holding the GIL")
     ap.add_argument("--strace", action="store_true", help="strace -f -T the flushes of Harmony's last round")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="harmony-bench-store-dir-"))
@@ -147,6 +155,7 @@ def main() -> int:
             harmonies[name] = start_harmony(config(work / f"harmony-{name}", ports[name]), ports[name], src)
         times: dict[str, list[float]] = {"storescp": [], **{name: [] for name in harmonies}}
         cpu: dict[str, list[float]] = {name: [] for name in harmonies}  # Harmony's CPU seconds a round
+        user: dict[str, list[float]] = {name: [] for name in harmonies}  # ... of it in user mode
         tag = 0
         for r in range(args.rounds):
             order = ["storescp", *harmonies] if r % 2 == 0 else [*reversed(harmonies), "storescp"]
@@ -158,7 +167,8 @@ def main() -> int:
                     continue
                 spy = trace = None
                 if args.profile and r == 0 and side == "A":
-                    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--idle",
+                    mode = "--gil" if args.gil else "--idle"
+                    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", mode,
                                             "--format", "raw", "-r", "200", "-o", args.profile, "-p",
                                             str(harmonies[side].pid)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -168,9 +178,10 @@ def main() -> int:
                                             str(trace), "-p", str(harmonies[side].pid)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                     spy.stderr.readline()  # "Process N attached" (strace says so once it is attached)
-                before = cpu_seconds(harmonies[side].pid)
+                before, user_before = cpu_seconds(harmonies[side].pid), user_seconds(harmonies[side].pid)
                 times[side].append(storescu(ports[side], "INGEST", files))
                 cpu[side].append(cpu_seconds(harmonies[side].pid) - before)
+                user[side].append(user_seconds(harmonies[side].pid) - user_before)
                 if spy is not None:
                     spy.send_signal(2)
                     spy.wait(60)
@@ -192,7 +203,8 @@ def main() -> int:
             label = "Harmony dicom_scp storage_dir" if name == "A" else f"  B ({args.ab})"
             print(f"  {label:30s}  {n / har:8.1f} inst/s   rounds {[round(n / t) for t in times[name]]}   "
                   f"ratio {scp / har:.2f}x (goal >= 0.5x); CPU {statistics.median(cpu[name]) / n * 1000:.2f} ms "
-                  f"an instance (rounds {[round(c / n * 1000, 2) for c in cpu[name]]})")
+                  f"an instance (rounds {[round(c / n * 1000, 2) for c in cpu[name]]}; user "
+                  f"{statistics.median(user[name]) / n * 1000:.2f} ms)")
     finally:
         for proc in harmonies.values():
             proc.terminate()

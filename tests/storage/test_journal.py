@@ -37,7 +37,13 @@ KILLED_AFTER_PLACING = textwrap.dedent("""
             assert journal.wait_synced(60)
             continue
         src, rel = step.split("=")
-        if src.startswith("withdraw:"):  # journaled while checked, then refused
+        if src.startswith("held:"):      # handed over in memory (FolderJournal.store), answered
+            import threading
+            told = []
+            answered = threading.Event()
+            journal.store(f"{folder}/{rel}", Path(src[5:]).read_bytes(), lambda e: (told.append(e), answered.set()))
+            assert answered.wait(60) and told == [None]
+        elif src.startswith("withdraw:"):  # journaled while checked, then refused
             journal.begin(Path(src[9:]), Path(folder) / rel).withdraw()
         elif src.startswith("begin:"):   # journaled while checked, then placed
             journal.begin(Path(src[6:]), Path(folder) / rel).claim()
@@ -286,3 +292,70 @@ def test_a_withdrawn_record_is_not_replayed_and_an_earlier_copy_is(tmp_path):
     assert FolderJournal(folder).open() == 1
     assert (folder / "s" / "a.dcm").read_bytes() == b"1" * 800
     assert not (folder / "s" / "b.dcm").exists()
+
+
+def stored(journal, dest, data):
+    """FolderJournal.store, waited for: the error its callback gave (None: stored)."""
+    told, answered = [], threading.Event()
+    journal.store(str(dest), data, lambda error: (told.append(error), answered.set()))
+    assert answered.wait(30)
+    return told[0]
+
+
+def test_a_held_file_is_named_before_its_sender_is_told_and_its_syncs_follow(tmp_path):
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    seen = []
+
+    def done(error):
+        seen.append((error, (folder / "st" / "se" / "i.dcm").read_bytes()))
+    journal.store(f"{folder}/st/se/i.dcm", b"held" * 300, done)
+    assert stored(journal, folder / "st" / "se" / "j.dcm", b"other") is None
+    assert seen == [(None, b"held" * 300)]   # told after the flush, the file already in place
+    assert journal.flushes >= 1
+    assert journal.wait_synced(30) and not journal.broken
+    assert stored(journal, folder / "st" / "se" / "i.dcm", b"again") is None   # an existing name is replaced
+    assert (folder / "st" / "se" / "i.dcm").read_bytes() == b"again"
+    journal.close()
+    assert logs(folder) == [] and list((folder / ".journal").glob("*.part")) == []
+
+
+def test_a_held_file_a_killed_process_was_answered_for_is_written_again_after_a_power_loss(tmp_path):
+    folder = tmp_path / "out"
+    (tmp_path / "a.dcm").write_bytes(b"A" * 4000)
+    killed_after_placing(folder, f"held:{tmp_path / 'a'}.dcm=st/se/a.dcm", stalled_syncs=True)
+    (folder / "st" / "se" / "a.dcm").unlink()   # the fake power loss: its name never reached the disk
+    (folder / ".journal" / "99999999.7.part").write_bytes(b"half")   # a dead process's unnamed file
+    journal = FolderJournal(folder)
+    assert journal.open() == 1
+    assert (folder / "st" / "se" / "a.dcm").read_bytes() == b"A" * 4000
+    assert list((folder / ".journal").glob("*.part")) == []
+    journal.close()
+
+
+def test_a_held_file_that_cannot_be_written_is_refused_with_nothing_to_replay(tmp_path):
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    (folder / "st").write_text("a file where its folder should be")
+    error = stored(journal, folder / "st" / "se" / "a.dcm", b"x" * 100)
+    assert isinstance(error, OSError)
+    assert stored(journal, folder / "ok" / "b.dcm", b"y" * 100) is None   # the writer goes on
+    content = (journal.path).read_bytes()
+    assert read_log(content) == {"ok/b.dcm": b"y" * 100}   # the refused one was forgotten
+    journal.close()
+    assert list((folder / ".journal").glob("*.part")) == []
+
+
+def test_a_held_file_over_the_journals_size_or_after_close_is_refused_at_once(tmp_path):
+    journal = FolderJournal(tmp_path / "out", max_bytes=1000)
+    journal.open()
+    import pytest
+    with pytest.raises(ValueError):
+        journal.store(f"{tmp_path}/out/a.dcm", b"x" * 1001, lambda error: None)
+    with pytest.raises(ValueError):
+        journal.store(f"{tmp_path}/elsewhere.dcm", b"x", lambda error: None)
+    journal.close()
+    with pytest.raises(OSError):
+        journal.store(f"{tmp_path}/out/a.dcm", b"x", lambda error: None)

@@ -85,3 +85,18 @@ def test_the_same_bytes_decode_from_the_cache_into_a_dict_of_ones_own():
     first["Status"] = 0   # a caller owns what it got
     again = commands.decode(bytes(data))
     assert again["Status"] == 0xFF00 and again is not first and again["MessageIDBeingRespondedTo"] == 7
+
+
+@given(sop_class=uids, sop_instance=uids, message_id=st.one_of(st.none(), us),
+       status=st.sampled_from([0x0000, 0xA700, 0xA900, 0xC000, 0x0107]),
+       comment=st.one_of(st.none(), st.from_regex(r"[ -~]{0,64}", fullmatch=True)))
+def test_a_store_response_written_directly_is_what_encode_writes(sop_class, sop_instance, message_id, status,
+                                                                  comment):
+    command = {"AffectedSOPClassUID": sop_class, "CommandField": commands.C_STORE_RSP,
+               "MessageIDBeingRespondedTo": message_id, "Status": status, "AffectedSOPInstanceUID": sop_instance}
+    if comment is not None:
+        command["ErrorComment"] = comment
+    encoded = commands.store_response(sop_class, sop_instance, message_id, status, comment)
+    assert encoded == commands.encode(command)
+    decoded = commands.decode(encoded)
+    assert (decoded["Status"], decoded["AffectedSOPInstanceUID"]) == (status, sop_instance)

@@ -267,3 +267,44 @@ def test_the_head_of_a_data_set_names_its_study_and_series():
     for syntax in (IMPLICIT, EXPLICIT):
         data = encoded(ds, syntax)
         assert datasets.head_uids(data, syntax == IMPLICIT) == ("1.2.3.4", "1.2.3.4.5")
+
+
+def _store_command(sop_instance="1.2.3.4.5.6"):
+    return {"AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "AffectedSOPInstanceUID": sop_instance}
+
+
+def test_a_small_instance_is_held_whole_as_the_part_ten_file_a_file_sink_writes(tmp_path):
+    """The held bytes are the very file PartTenSink would have written: meta, then the data set."""
+    fragments = [b"\x08\x00\x16\x00" + b"x" * 60, b"y" * 300, b"z" * 7]
+    held = datasets.HeldSink(_store_command(), EXPLICIT, limit=10_000, hold=4096, spill=None, source_aet="MOD")
+    on_disk = datasets.PartTenSink(tmp_path / "f.dcm", _store_command(), EXPLICIT, limit=10_000, source_aet="MOD")
+    for fragment in fragments:
+        held.write(memoryview(fragment))
+        on_disk.write(memoryview(fragment))
+    assert held.close() == on_disk.close().read_bytes()
+    assert held.received == sum(map(len, fragments)) and held.spilled is None
+
+
+def test_a_held_instance_that_outgrows_the_hold_goes_on_into_a_file(tmp_path):
+    made = []
+
+    def spill():
+        made.append(datasets.PartTenSink(tmp_path / "big.dcm", _store_command(), EXPLICIT, limit=100_000))
+        return made[0]
+    held = datasets.HeldSink(_store_command(), EXPLICIT, limit=100_000, hold=1000, spill=spill)
+    chunks = [bytes([i]) * 400 for i in range(5)]
+    for chunk in chunks:
+        held.write(chunk)
+    assert len(made) == 1 and held.spilled is made[0]
+    path = held.close()
+    assert path == tmp_path / "big.dcm"
+    assert path.read_bytes()[held.meta_length:] == b"".join(chunks)
+    assert held.received == 2000
+
+
+def test_a_held_instance_over_the_limit_is_refused_and_abort_drops_it(tmp_path):
+    held = datasets.HeldSink(_store_command(), EXPLICIT, limit=500, hold=4096, spill=None)
+    held.write(b"a" * 400)
+    with pytest.raises(datasets.PDUError):
+        held.write(b"b" * 200)
+    held.abort()

@@ -258,6 +258,8 @@ class Association(protocol.Protocol):
         self._pending: dict[int, _Pending] = {}
         self._artim = None
         self._idle = None
+        #: When bytes last moved either way (the idle timer's reference, :meth:`_touch`).
+        self._active_at = 0.0
         #: One timer for the DIMSE timeouts of every request outstanding (:meth:`_check_dimse`).
         self._dimse_timer = None
         self._release_waiter: defer.Deferred | None = None
@@ -342,17 +344,22 @@ class Association(protocol.Protocol):
             self.transport.abortConnection()
 
     def _touch(self):
-        """Activity in either direction: restart the idle (network) timer."""
+        """Activity in either direction: the idle (network) timer counts from now.  The
+        timer is not moved each time (a ``reset`` per PDU and per message sent): it
+        notes the time, and on expiry sets itself again for what is left."""
         timeout = self.settings.network_timeout
         if not timeout:
             return
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(timeout)
-        else:
+        self._active_at = self.reactor.seconds()
+        if self._idle is None:
             self._idle = self.reactor.callLater(timeout, self._idle_expired)
 
     def _idle_expired(self):
         self._idle = None
+        left = self._active_at + self.settings.network_timeout - self.reactor.seconds()
+        if left > 0:
+            self._idle = self.reactor.callLater(left, self._idle_expired)
+            return
         if self._pending or self._sending or self._incoming is not None:
             self._abort_connection("network timeout during an operation")
         else:
@@ -418,7 +425,10 @@ class Association(protocol.Protocol):
     def _receive(self, data: bytes, parsed: Sequence = ()):
         _batch.depth += 1
         try:
-            pdus = [*parsed, *self.framer.feed(data)] if data else list(parsed)
+            if parsed:
+                pdus = [*parsed, *self.framer.feed(data)] if data else list(parsed)
+            else:
+                pdus = self.framer.feed(data)
             for index, (pdu_type, body) in enumerate(pdus):
                 self._on_pdu(pdu_type, body)
                 if self.state == CLOSED:
@@ -476,8 +486,19 @@ class Association(protocol.Protocol):
             self.state = CLOSED
             self.transport.abortConnection()
 
-    def _on_pdata(self, body: bytes):
-        for context_id, control, fragment in pdu.pdvs(body):
+    def _on_pdata(self, body):
+        # The PDV items one by one (pdu.pdvs, inlined: one struct call per item header).
+        offset, end = 0, len(body)
+        view = body if type(body) is memoryview else memoryview(body)
+        unpack = pdu.PDV_ITEM.unpack_from
+        while offset < end:
+            if end - offset < 6:
+                raise pdu.PDUError("truncated PDV item", reason=0x06)
+            item_length, context_id, control = unpack(body, offset)
+            if item_length < 2 or offset + 4 + item_length > end:
+                raise pdu.PDUError(f"PDV item length {item_length} does not fit its PDU", reason=0x06)
+            fragment = view[offset + 6:offset + 4 + item_length]
+            offset += 4 + item_length
             if context_id not in self.contexts:
                 raise pdu.PDUError(f"PDV on presentation context {context_id}, which was not accepted", 0x06)
             if control & 0x01:                       # command fragment
