@@ -12,6 +12,8 @@ disk; one that leaves cancels the C-GET and frees staging.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 
@@ -264,20 +266,103 @@ async def test_a_client_that_stops_reading_holds_the_pacs_back_not_harmony(harmo
     await _retrieve_ended(backend)
 
 
+def _client_aborts(harmony) -> tuple[int, str]:
+    """The PACS target's client-abort count, as the target and as /metrics say it."""
+    target = _backend(harmony).target_pool.targets[0]
+    line = next(line for line in harmony.service.metrics.text().decode().splitlines()
+                if line.startswith('harmony_target_client_aborts_total{backend="bridge_pacs"'))
+    return target.client_aborts_total, line.rsplit(" ", 1)[1]
+
+
+def _jobs_answered(backend, monkeypatch) -> list:
+    """The backend's retrieve jobs as it answers them (instrumentation of the real backend)."""
+    jobs: list = []
+    original = backend.respond
+
+    def respond(job):
+        jobs.append(job)
+        return original(job)
+    monkeypatch.setattr(backend, "respond", respond)
+    return jobs
+
+
+async def _hang_up(raw: _RawClient) -> None:
+    raw.transport.abortConnection()
+    await raw.closed
+    assert len(raw.received) < INSTANCES * 512 * 512, "the client had the whole study: it did not leave mid-body"
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(harmony):
+async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(harmony, monkeypatch):
     """The HTTP client hangs up after its first megabyte: the C-GET is cancelled upstream
     (C-CANCEL; Orthanc ends it), every staged instance is released, and the PACS is not
-    blamed for the client leaving."""
+    blamed for the client leaving: one client abort (nginx's 499), no failure."""
     backend = _backend(harmony)
+    jobs = _jobs_answered(backend, monkeypatch)
+    aborts, _ = _client_aborts(harmony)
     raw = await _raw_get(harmony)
     await raw.first
     raw.transport.pauseProducing()
     await until(lambda: any(job.stream.queued_bytes > 0 for job in backend._gets.values()), "instances are staged")
-    job = next(iter(backend._gets.values()))
-    raw.transport.abortConnection()
-    await raw.closed
-    assert len(raw.received) < INSTANCES * 512 * 512 * 2
+    await _hang_up(raw)
     await _retrieve_ended(backend)
-    # The instances held in memory were taken and released too.
-    assert job.stream.cancelled and not job.stream._items and job.stream.queued_bytes == 0
+    (job,) = jobs
+    # Cancelled before the PACS ended it, and the instances held in memory were taken and released too.
+    assert job.stream.cancelled and job.stream.completed < INSTANCES
+    assert not job.stream._items and job.stream.queued_bytes == 0
+    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(harmony, monkeypatch):
+    """The PACS has sent the whole study (staged, as memory staging allows, then as files)
+    and the HTTP client hangs up mid-body: nothing is left to cancel upstream, every staged
+    instance is released, and it is counted as a client abort, never a PACS failure.
+    (Before the fix the bridge cancelled the ended stream before the endpoint heard the
+    client had gone, so the abort went uncounted.)"""
+    backend = _backend(harmony)
+    monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)  # room for the study: the C-GET ends first
+    jobs = _jobs_answered(backend, monkeypatch)
+    aborts, _ = _client_aborts(harmony)
+    raw = await _raw_get(harmony)
+    await raw.first
+    raw.transport.pauseProducing()
+    await until(lambda: jobs and jobs[0].stream.done, "the PACS sent the whole study", timeout=20)
+    (job,) = jobs
+    assert job.stream.status == 0 and job.stream.completed == INSTANCES
+    await _hang_up(raw)
+    await _retrieve_ended(backend)
+    assert not job.stream._items and job.stream.queued_bytes == 0
+    assert not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
+    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_before_the_first_instance(harmony, pacs):
+    """The HTTP client hangs up while the PACS has not sent anything yet (Orthanc frozen
+    with the C-GET on its socket): C-CANCEL goes out, whatever the PACS still sends is
+    released, and it is a client abort, never a PACS failure."""
+    backend = _backend(harmony)
+    # A pooled association to the PACS, so the C-GET goes out without the frozen PACS's A-ASSOCIATE-AC.
+    r = await treq.get(harmony.url(f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/instances/{STUDY}.1.1"),
+                       headers={"Accept": [ACCEPT]})
+    assert r.code == 200
+    await r.content()
+    await _retrieve_ended(backend)
+    aborts, _ = _client_aborts(harmony)
+    os.kill(pacs.proc.pid, signal.SIGSTOP)
+    try:
+        raw = await _raw_get(harmony)
+        await until(lambda: backend._gets, "the C-GET is sent")
+        job = next(iter(backend._gets.values()))
+        raw.transport.abortConnection()
+        await raw.closed
+        await until(lambda: job.cancel_requested.called, "C-CANCEL is sent")
+    finally:
+        os.kill(pacs.proc.pid, signal.SIGCONT)
+    await _retrieve_ended(backend)
+    # The PACS sent at least its first sub-operation after the C-CANCEL (DCMTK-based Orthanc
+    # reads it between sub-operations), into a stream no one reads; before the fix it stayed there.
+    assert job.items >= 1 and job.stream.cancelled
+    assert not job.stream._items and job.stream.queued_bytes == 0
+    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")

@@ -37,7 +37,7 @@ from harmony.dicom import status as dimse
 from harmony.dicom import transfer
 from harmony.dicom.files import parse_stamped, read_instance, stamp_of
 from harmony.dicom.rawscan import ScanDeclined, scan_bytes, scan_file
-from harmony.dicom.render import release_rest
+from harmony.dicom.render import abandon_for_client, release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DICOM_JSON, RESULTS_AS, STAGE_IN_MEMORY, DicomInstance
 from harmony.dicom.status import is_failure
 from harmony.dicomweb import accept as acc
@@ -303,11 +303,8 @@ class DicomWebBridge(Middleware):
                 return defer.succeed(pending.pop())
             return stream.next().addCallback(self._instance_part, target, dw)
 
-        def on_stop():
-            stream.cancel()
-            release_rest(stream)
-
-        writer = MultipartWriter(next_part, acc.DICOM, on_stop=on_stop)
+        # The client left mid-body: a client abort, whether the PACS is still sending (C-CANCEL) or done.
+        writer = MultipartWriter(next_part, acc.DICOM, on_stop=lambda: abandon_for_client(stream, request))
         return ResponseEnvelope(200, Headers({"Content-Type": [writer.content_type]}), writer,
                                 metadata={dimse.METADATA_KEY: dimse.label(stream.status)})
 
