@@ -27,7 +27,7 @@ from tests.dicom_data import make_instance, save
 from tests.dicomweb_helpers import client, in_thread
 from tests.dimse_helpers import dataset_bytes, parse_multipart
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.middleware.test_dicomweb_bridge import bridge_pipes
+from tests.middleware.test_dicomweb_bridge import MOVE_PIPES, bridge_pipes
 from tests.peers import free_port
 from tests.test_client_aborts import until
 
@@ -66,6 +66,31 @@ def harmony(tmp_path_factory, pacs):
     pytest_twisted.blockon(running.stop())
 
 
+@pytest.fixture(scope="module")
+def harmony_move(tmp_path_factory, pacs):
+    """The same bridge fetching with C-MOVE to its own store SCP (``dimse_retrieve_mode = "move"``)."""
+    folder = tmp_path_factory.mktemp("bridge-retrieve-move")
+    store_port = free_port()
+    pacs.add_modality("harmony_mv", "HARMONY_MV", store_port)
+    pipes = MOVE_PIPES.format(aet=pacs.aet, port=pacs.dicom_port, store_port=store_port) \
+        + f"max_staged_mb = {MAX_STAGED_MB}\n"
+    path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n', {"p": pipes})
+    running = pytest_twisted.blockon(start_harmony(path))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@pytest.fixture(params=["get", "move"])
+def any_mode(request):
+    """The bridge fetching with C-GET, then the one fetching with C-MOVE."""
+    return request.getfixturevalue("harmony" if request.param == "get" else "harmony_move")
+
+
+def _jobs(backend) -> list:
+    """The retrieves in flight (C-GET on its association, or C-MOVE to the store SCP)."""
+    return list(backend._gets.values()) + list(backend._moves.values())
+
+
 def _backend(harmony):
     return harmony.service.runtime.backends["bridge_pacs"]
 
@@ -74,7 +99,7 @@ def _staged_bytes(backend) -> int:
     """Bytes of retrieved instances Harmony holds: staged files, and instances held in
     memory and queued for a consumer."""
     files = sum(f.stat().st_size for f in backend.retrieve_staging.base.rglob("*") if f.is_file())
-    return files + sum(item.size for job in backend._gets.values() for item in job.stream._items
+    return files + sum(item.size for job in _jobs(backend) for item in job.stream._items
                        if getattr(item, "data", None) is not None)
 
 
@@ -95,7 +120,7 @@ def _assert_whole_study(parts: list[bytes], study) -> None:
 
 async def _retrieve_ended(backend):
     target = backend.target_pool.targets[0]
-    await until(lambda: target.in_flight == 0 and not backend._gets, "the retrieve ended", timeout=20)
+    await until(lambda: target.in_flight == 0 and not _jobs(backend), "the retrieve ended", timeout=20)
     await until(lambda: _staged_bytes(backend) == 0, "the staged instances were released")
     # Never the PACS's fault.
     assert (target.failures_total, target.last_error, target.circuit) == (0, None, "closed"), target.state(0)
@@ -293,17 +318,18 @@ async def _hang_up(raw: _RawClient) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(harmony, monkeypatch):
-    """The HTTP client hangs up after its first megabyte: the C-GET is cancelled upstream
-    (C-CANCEL; Orthanc ends it), every staged instance is released, and the PACS is not
-    blamed for the client leaving: one client abort (nginx's 499), no failure."""
+async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(any_mode, monkeypatch):
+    """The HTTP client hangs up after its first megabyte: the C-GET (or C-MOVE) is cancelled
+    upstream (C-CANCEL; Orthanc ends it), every staged instance is released, and the PACS is
+    not blamed for the client leaving: one client abort (nginx's 499), no failure."""
+    harmony = any_mode
     backend = _backend(harmony)
     jobs = _jobs_answered(backend, monkeypatch)
     aborts, _ = _client_aborts(harmony)
     raw = await _raw_get(harmony)
     await raw.first
     raw.transport.pauseProducing()
-    await until(lambda: any(job.stream.queued_bytes > 0 for job in backend._gets.values()), "instances are staged")
+    await until(lambda: any(job.stream.queued_bytes > 0 for job in _jobs(backend)), "instances are staged")
     await _hang_up(raw)
     await _retrieve_ended(backend)
     (job,) = jobs
@@ -314,12 +340,13 @@ async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(har
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(harmony, monkeypatch):
+async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(any_mode, monkeypatch):
     """The PACS has sent the whole study (staged, as memory staging allows, then as files)
     and the HTTP client hangs up mid-body: nothing is left to cancel upstream, every staged
     instance is released, and it is counted as a client abort, never a PACS failure.
     (Before the fix the bridge cancelled the ended stream before the endpoint heard the
     client had gone, so the abort went uncounted.)"""
+    harmony = any_mode
     backend = _backend(harmony)
     monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)  # room for the study: the C-GET ends first
     jobs = _jobs_answered(backend, monkeypatch)
