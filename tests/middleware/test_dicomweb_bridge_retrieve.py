@@ -393,3 +393,52 @@ async def test_a_client_leaving_before_the_first_instance(harmony, pacs):
     assert job.items >= 1 and job.stream.cancelled
     assert not job.stream._items and job.stream.queued_bytes == 0
     assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_converted_while_the_client_leaves_is_released_after_the_conversion(tmp_path,
+                                                                                             monkeypatch):
+    """A client that asked for Explicit VR Little Endian leaves while the first instance is
+    being converted on a thread (the pipeline is cancelled before the head): the answer
+    is cancelled at once, but the instance is released, and the converted copy deleted,
+    only once the thread is done with them (before: released under the thread's feet, and
+    a copy that finished was left in the bridge's storage)."""
+    import threading
+    import types
+
+    from harmony.dicom import transfer
+    from harmony.dicom.results import DicomInstance
+    from harmony.middleware.dicomweb_bridge import DicomWebBridge
+    from pydicom.uid import ImplicitVRLittleEndian
+    from tests.memory import failure_of
+
+    go, outcome = threading.Event(), []
+    real_copy = transfer.explicit_copy
+
+    def held_copy(path, folder):
+        assert go.wait(SAFETY_SECS)
+        try:
+            outcome.append(real_copy(path, folder))
+        except Exception as e:
+            outcome.append(e)
+            raise
+        return outcome[-1]
+    monkeypatch.setattr(transfer, "explicit_copy", held_copy)
+    source = save(make_instance(study_uid=STUDY, sop_uid=f"{STUDY}.9.1"), tmp_path / "staged" / "1.dcm")
+    item = DicomInstance(source, sop_instance_uid=f"{STUDY}.9.1", study_instance_uid=STUDY,
+                         transfer_syntax_uid=ImplicitVRLittleEndian, owned=True)
+    bridge = DicomWebBridge("bridge", reactor, tmp_path / "bridge")
+    dw = types.SimpleNamespace(base_url="http://harmony.test/dicomweb", study_uid=STUDY, series_uid=None)
+    answer = bridge._instance_part(item, None, dw)
+    try:
+        answer.cancel()
+        failure_of(answer, defer.CancelledError)
+        assert source.exists(), "released while the conversion still reads it"
+    finally:
+        go.set()
+    await until(lambda: outcome and not source.exists(), "the conversion ends and the instance is released")
+    assert isinstance(outcome[0], str), outcome[0]
+    await until(lambda: not os.path.exists(outcome[0]), "the unsent converted copy is deleted")
+
+
+SAFETY_SECS = 20.0

@@ -322,15 +322,26 @@ class DicomWebBridge(Middleware):
             return defer.succeed(Part(f"{acc.DICOM}; transfer-syntax={item.transfer_syntax_uid}", path=item.path,
                                       headers=where, release=item.release, staged=item.owned))
 
+        # A cancel (the client left before the head) answers at once; the copy on the
+        # thread still reads the instance, so it is released, and the copy deleted,
+        # only when the thread is done with them.
+        converted: defer.Deferred[Part] = defer.Deferred(lambda _: None)
+
         def done(path):
             item.release()
-            return Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path, headers=where,
+            part = Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path, headers=where,
                         release=lambda: _unlink(path), staged=True)
+            if converted.called:
+                part.done()  # cancelled meanwhile: no one will send it
+            else:
+                converted.callback(part)
 
         def failed(failure):
             item.release()
-            return failure
-        return threads.deferToThread(_explicit_copy, item, self.storage).addCallbacks(done, failed)
+            if not converted.called:
+                converted.errback(failure)
+        threads.deferToThread(_explicit_copy, item, self.storage).addCallbacks(done, failed)
+        return converted
 
     # -- metadata
     def _metadata_key(self, dw) -> str:
