@@ -56,11 +56,32 @@ def pacs(tmp_path_factory, study):
     server.stop()
 
 
+#: The same PACS without the bridge: dicom_scu's own HTTP rendering of a C-GET (JSON request, multipart answer).
+DIMSE_OVER_HTTP = """
+[pipelines.q]
+networks = ["default"]
+endpoints = ["q"]
+backends = ["plain_pacs"]
+[endpoints.q]
+service = "http"
+[endpoints.q.options]
+path_prefix = "/q"
+[backends.plain_pacs]
+service = "dicom_scu"
+[backends.plain_pacs.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+local_aet = "HARMONY_DW"
+"""
+
+
 @pytest.fixture(scope="module")
 def harmony(tmp_path_factory, pacs):
     folder = tmp_path_factory.mktemp("bridge-retrieve")
     pipes = bridge_pipes().format(aet=pacs.aet, port=pacs.dicom_port) + f"max_staged_mb = {MAX_STAGED_MB}\n"
-    path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n', {"p": pipes})
+    path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
+                        {"p": pipes, "q": DIMSE_OVER_HTTP.format(aet=pacs.aet, port=pacs.dicom_port)})
     running = pytest_twisted.blockon(start_harmony(path))
     yield running
     pytest_twisted.blockon(running.stop())
@@ -216,8 +237,9 @@ async def test_gzip_asked_head_and_the_copying_path(harmony, study, monkeypatch)
 class _RawClient(protocol.Protocol):
     """A plain HTTP/1.1 GET whose reading the test stops, resumes or cuts."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, body: bytes | None = None):
         self.path = path
+        self.body = body  # a POST of this JSON body instead of a GET
         self.received = bytearray()
         self.first = defer.Deferred()
         self.closed = defer.Deferred()
@@ -225,8 +247,12 @@ class _RawClient(protocol.Protocol):
     def connectionMade(self):
         # A small receive buffer: the kernel must not hold the study for a client that stops reading.
         self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {ACCEPT}\r\n"
-                             f"Connection: close\r\n\r\n".encode())
+        if self.body is None:
+            head = f"GET {self.path} HTTP/1.1\r\nAccept: {ACCEPT}\r\n"
+        else:
+            head = (f"POST {self.path} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(self.body)}\r\n")
+        self.transport.write(f"{head}Host: 127.0.0.1\r\nConnection: close\r\n\r\n".encode() + (self.body or b""))
 
     def dataReceived(self, data):
         self.received += data
@@ -237,8 +263,8 @@ class _RawClient(protocol.Protocol):
         self.closed.callback(None)
 
 
-async def _raw_get(harmony) -> _RawClient:
-    raw = _RawClient(f"/dicomweb/studies/{STUDY}")
+async def _raw_get(harmony, path=f"/dicomweb/studies/{STUDY}", body=None) -> _RawClient:
+    raw = _RawClient(path, body)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), raw)
     return raw
 
@@ -291,11 +317,11 @@ async def test_a_client_that_stops_reading_holds_the_pacs_back_not_harmony(harmo
     await _retrieve_ended(backend)
 
 
-def _client_aborts(harmony) -> tuple[int, str]:
+def _client_aborts(harmony, backend="bridge_pacs") -> tuple[int, str]:
     """The PACS target's client-abort count, as the target and as /metrics say it."""
-    target = _backend(harmony).target_pool.targets[0]
+    target = harmony.service.runtime.backends[backend].target_pool.targets[0]
     line = next(line for line in harmony.service.metrics.text().decode().splitlines()
-                if line.startswith('harmony_target_client_aborts_total{backend="bridge_pacs"'))
+                if line.startswith(f'harmony_target_client_aborts_total{{backend="{backend}"'))
     return target.client_aborts_total, line.rsplit(" ", 1)[1]
 
 
@@ -362,6 +388,30 @@ async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(any_mo
     assert not job.stream._items and job.stream.queued_bytes == 0
     assert not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
     assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dicom_scu_over_http_counts_a_client_leaving_after_the_pacs_finished(harmony, monkeypatch):
+    """The same without the bridge: an HTTP client POSTs a C-GET to ``dicom_scu`` (its own
+    multipart rendering), the PACS sends the whole study, and the client hangs up mid-body:
+    one client abort, no failure, every staged file deleted (the abort went uncounted before)."""
+    import json
+    backend = harmony.service.runtime.backends["plain_pacs"]
+    monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)  # room for the study: the C-GET ends first
+    jobs = _jobs_answered(backend, monkeypatch)
+    aborts, _ = _client_aborts(harmony, "plain_pacs")
+    ask = {"dimse_op": "C-GET", "query_level": "STUDY",
+           "identifier": {"0020000D": {"vr": "UI", "Value": [STUDY]}}}
+    raw = await _raw_get(harmony, "/q", json.dumps(ask).encode())
+    await raw.first
+    raw.transport.pauseProducing()
+    await until(lambda: jobs and jobs[0].stream.done, "the PACS sent the whole study", timeout=20)
+    (job,) = jobs
+    assert job.stream.status == 0 and job.stream.completed == INSTANCES
+    await _hang_up(raw)
+    await _retrieve_ended(backend)
+    assert not job.stream._items and not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
+    assert _client_aborts(harmony, "plain_pacs") == (aborts + 1, f"{aborts + 1}.0")
 
 
 @pytest_twisted.ensureDeferred
