@@ -464,9 +464,10 @@ async def test_a_part_arriving_after_the_body_stopped_is_let_go_on_the_copying_p
         def write(self, data):
             pass
 
-    writer = MultipartWriter(lambda: coming, "application/dicom", boundary="BND")
+    asked = []
+    writer = MultipartWriter(lambda: asked.append(True) or coming, "application/dicom", boundary="BND")
     ended = writer.startProducing(Sink())
-    await until(lambda: coming.callbacks, "the body to ask for its first part")
+    await until(lambda: asked, "the body to ask for its first part")
     writer.stopProducing()
     stopped = []
     ended.addErrback(lambda f: stopped.append(f.check(TaskStopped)))
