@@ -12,6 +12,7 @@ disk; one that leaves cancels the C-GET and frees staging.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -237,9 +238,10 @@ async def test_gzip_asked_head_and_the_copying_path(harmony, study, monkeypatch)
 class _RawClient(protocol.Protocol):
     """A plain HTTP/1.1 GET whose reading the test stops, resumes or cuts."""
 
-    def __init__(self, path: str, body: bytes | None = None):
+    def __init__(self, path: str, body: bytes | None = None, accept: str = ACCEPT):
         self.path = path
         self.body = body  # a POST of this JSON body instead of a GET
+        self.accept = accept
         self.received = bytearray()
         self.first = defer.Deferred()
         self.closed = defer.Deferred()
@@ -248,7 +250,7 @@ class _RawClient(protocol.Protocol):
         # A small receive buffer: the kernel must not hold the study for a client that stops reading.
         self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         if self.body is None:
-            head = f"GET {self.path} HTTP/1.1\r\nAccept: {ACCEPT}\r\n"
+            head = f"GET {self.path} HTTP/1.1\r\nAccept: {self.accept}\r\n"
         else:
             head = (f"POST {self.path} HTTP/1.1\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(self.body)}\r\n")
@@ -395,7 +397,6 @@ async def test_dicom_scu_over_http_counts_a_client_leaving_after_the_pacs_finish
     """The same without the bridge: an HTTP client POSTs a C-GET to ``dicom_scu`` (its own
     multipart rendering), the PACS sends the whole study, and the client hangs up mid-body:
     one client abort, no failure, every staged file deleted (the abort went uncounted before)."""
-    import json
     backend = harmony.service.runtime.backends["plain_pacs"]
     monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)  # room for the study: the C-GET ends first
     jobs = _jobs_answered(backend, monkeypatch)
@@ -492,3 +493,45 @@ async def test_an_instance_converted_while_the_client_leaves_is_released_after_t
 
 
 SAFETY_SECS = 20.0
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("others", [1, 0])
+async def test_a_client_leaving_a_shared_metadata_fetch_does_not_fail_the_others(harmony, pacs, others,
+                                                                                 monkeypatch):
+    """Two clients ask for the same series' metadata; the second waits on the first one's
+    fetch (identical fetches are collapsed).  The first hangs up before the PACS answers:
+    the second still gets the whole metadata (it got the first one's 499 before), and as
+    the fetch went on, nothing is counted.  Alone, the first one's leaving cancels the
+    fetch: one client abort.  Never a PACS failure."""
+    backend = _backend(harmony)
+    bridge = harmony.service.runtime.middleware["bridge"]
+    path = f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/metadata"
+    key = f"metadata::/studies/{STUDY}/series/{STUDY}.1"
+    # A pooled association to the PACS, so the C-GET goes out without the frozen PACS's A-ASSOCIATE-AC.
+    r = await treq.get(harmony.url(f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/instances/{STUDY}.1.1"),
+                       headers={"Accept": [ACCEPT]})
+    assert r.code == 200
+    await r.content()
+    await _retrieve_ended(backend)
+    monkeypatch.setattr(bridge.cache, "ttl", 0)  # every run fetches: nothing is cached
+    aborts, _ = _client_aborts(harmony)
+    os.kill(pacs.proc.pid, signal.SIGSTOP)
+    try:
+        first = _RawClient(path, accept="application/dicom+json")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), first)
+        await until(lambda: backend._gets, "the C-GET is sent")
+        if others:
+            second = treq.get(harmony.url(path), headers={"Accept": ["application/dicom+json"]})
+            await until(lambda: bridge.cache.waiting(key), "the second client waits on the first one's fetch")
+        first.transport.abortConnection()
+        await first.closed
+    finally:
+        os.kill(pacs.proc.pid, signal.SIGCONT)
+    if others:
+        answer = await second
+        body = await answer.content()
+        assert answer.code == 200, body
+        assert len(json.loads(body)) == INSTANCES
+    await _retrieve_ended(backend)
+    assert _client_aborts(harmony) == (aborts + 1 - others, f"{aborts + 1 - others}.0")

@@ -28,6 +28,7 @@ import json
 import os
 from pathlib import Path
 
+import attr
 from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -49,7 +50,15 @@ from harmony.dicomweb.pixels import bulk_value, extract_frames, render
 from harmony.dicomweb.routes import QIDO, STOW, WADO, resource_path
 from harmony.dicomweb.uids import is_uid
 from harmony.envelope import RequestEnvelope, ResponseEnvelope
-from harmony.errors import BackendUnavailable, BadRequest, ConfigurationFailure, HarmonyError, NotAcceptable, NotFound
+from harmony.errors import (
+    BackendUnavailable,
+    BadRequest,
+    ConfigurationFailure,
+    HarmonyError,
+    NotAcceptable,
+    NotFound,
+    mark_client_gone,
+)
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
 from harmony.storage.config import shared_parts
@@ -161,8 +170,34 @@ class DicomWebBridge(Middleware):
         if pipeline is not None:
             # Fetch here rather than let the pipeline carry on: a backend
             # failure would skip on_response and leave the waiters hanging.
-            return self._fetch_metadata(pipeline, request, dw, key)
+            return self._shared_fetch(pipeline, request, dw, key)
         return request
+
+    def _shared_fetch(self, pipeline, request, dw, key):
+        """The metadata fetch of *key* for *request*, and for whoever joins it meanwhile.
+
+        It runs on its own copy of the request's state: the first client leaving is
+        not the others' doing.  Its leaving cancels the fetch (a client abort) only
+        when no one else waits on it; otherwise the fetch goes on, for them and the
+        cache (before, they got the first client's 499)."""
+        fetching = attr.evolve(request, state=attr.evolve(request.state))
+        fetch = self._fetch_metadata(pipeline, fetching, dw, key)
+
+        def left(_):
+            if not self.cache.waiting(key):
+                mark_client_gone(fetching)
+                fetch.cancel()
+
+        answer: defer.Deferred = defer.Deferred(left)
+
+        def settled(result):
+            if not answer.called:  # else the first client left, and the others have it (cache.settle)
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+        fetch.addBoth(settled)
+        return answer
 
     def _prepare_retrieve(self, request, dw):
         identifier = {"00080052": {"vr": "CS", "Value": [dw.level]}}
