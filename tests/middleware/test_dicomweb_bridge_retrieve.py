@@ -367,19 +367,12 @@ async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(any
     assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(any_mode, monkeypatch):
-    """The PACS has sent the whole study (staged, as memory staging allows, then as files)
-    and the HTTP client hangs up mid-body: nothing is left to cancel upstream, every staged
-    instance is released, and it is counted as a client abort, never a PACS failure.
-    (Before the fix the bridge cancelled the ended stream before the endpoint heard the
-    client had gone, so the abort went uncounted.)"""
-    harmony = any_mode
-    backend = _backend(harmony)
-    monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)  # room for the study: the C-GET ends first
+async def _leave_once_the_pacs_finished(harmony, backend, monkeypatch, path=f"/dicomweb/studies/{STUDY}", body=None):
+    """A retrieve with room to stage the whole study, so the PACS finishes first; the client
+    hangs up mid-body once it has.  Every staged instance must be released."""
+    monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)
     jobs = _jobs_answered(backend, monkeypatch)
-    aborts, _ = _client_aborts(harmony)
-    raw = await _raw_get(harmony)
+    raw = await _raw_get(harmony, path, body)
     await raw.first
     raw.transport.pauseProducing()
     await until(lambda: jobs and jobs[0].stream.done, "the PACS sent the whole study", timeout=20)
@@ -389,30 +382,41 @@ async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(any_mo
     await _retrieve_ended(backend)
     assert not job.stream._items and job.stream.queued_bytes == 0
     assert not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
-    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(any_mode, monkeypatch):
+    """The PACS has sent the whole study (staged, as memory staging allows, then as files)
+    and the HTTP client hangs up mid-body: nothing is left to cancel upstream, every staged
+    instance is released, and it is counted as a client abort, never a PACS failure.
+    (Before the fix the bridge cancelled the ended stream before the endpoint heard the
+    client had gone, so the abort went uncounted.)"""
+    aborts, _ = _client_aborts(any_mode)
+    await _leave_once_the_pacs_finished(any_mode, _backend(any_mode), monkeypatch)
+    assert _client_aborts(any_mode) == (aborts + 1, f"{aborts + 1}.0")
 
 
 @pytest_twisted.ensureDeferred
 async def test_dicom_scu_over_http_counts_a_client_leaving_after_the_pacs_finished(harmony, monkeypatch):
     """The same without the bridge: an HTTP client POSTs a C-GET to ``dicom_scu`` (its own
     multipart rendering), the PACS sends the whole study, and the client hangs up mid-body:
-    one client abort, no failure, every staged file deleted (the abort went uncounted before)."""
-    backend = harmony.service.runtime.backends["plain_pacs"]
-    monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)  # room for the study: the C-GET ends first
-    jobs = _jobs_answered(backend, monkeypatch)
+    one client abort, no failure, every staged file deleted (before: the abort went
+    uncounted, and the instance being written stayed staged)."""
     aborts, _ = _client_aborts(harmony, "plain_pacs")
-    ask = {"dimse_op": "C-GET", "query_level": "STUDY",
-           "identifier": {"0020000D": {"vr": "UI", "Value": [STUDY]}}}
-    raw = await _raw_get(harmony, "/q", json.dumps(ask).encode())
-    await raw.first
-    raw.transport.pauseProducing()
-    await until(lambda: jobs and jobs[0].stream.done, "the PACS sent the whole study", timeout=20)
-    (job,) = jobs
-    assert job.stream.status == 0 and job.stream.completed == INSTANCES
-    await _hang_up(raw)
-    await _retrieve_ended(backend)
-    assert not job.stream._items and not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
+    ask = {"dimse_op": "C-GET", "query_level": "STUDY", "identifier": {"0020000D": {"vr": "UI", "Value": [STUDY]}}}
+    await _leave_once_the_pacs_finished(harmony, harmony.service.runtime.backends["plain_pacs"], monkeypatch,
+                                        "/q", json.dumps(ask).encode())
     assert _client_aborts(harmony, "plain_pacs") == (aborts + 1, f"{aborts + 1}.0")
+
+
+async def _pooled_association(harmony) -> None:
+    """Leave an idle association to the PACS in the pool, so that a C-GET goes out even
+    while the PACS is frozen (no A-ASSOCIATE-AC needed)."""
+    r = await treq.get(harmony.url(f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/instances/{STUDY}.1.1"),
+                       headers={"Accept": [ACCEPT]})
+    assert r.code == 200
+    await r.content()
+    await _retrieve_ended(_backend(harmony))
 
 
 @pytest_twisted.ensureDeferred
@@ -421,12 +425,7 @@ async def test_a_client_leaving_before_the_first_instance(harmony, pacs):
     with the C-GET on its socket): C-CANCEL goes out, whatever the PACS still sends is
     released, and it is a client abort, never a PACS failure."""
     backend = _backend(harmony)
-    # A pooled association to the PACS, so the C-GET goes out without the frozen PACS's A-ASSOCIATE-AC.
-    r = await treq.get(harmony.url(f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/instances/{STUDY}.1.1"),
-                       headers={"Accept": [ACCEPT]})
-    assert r.code == 200
-    await r.content()
-    await _retrieve_ended(backend)
+    await _pooled_association(harmony)
     aborts, _ = _client_aborts(harmony)
     os.kill(pacs.proc.pid, signal.SIGSTOP)
     try:
@@ -508,12 +507,7 @@ async def test_a_client_leaving_a_shared_metadata_fetch_does_not_fail_the_others
     bridge = harmony.service.runtime.middleware["bridge"]
     path = f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/metadata"
     key = f"metadata::/studies/{STUDY}/series/{STUDY}.1"
-    # A pooled association to the PACS, so the C-GET goes out without the frozen PACS's A-ASSOCIATE-AC.
-    r = await treq.get(harmony.url(f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/instances/{STUDY}.1.1"),
-                       headers={"Accept": [ACCEPT]})
-    assert r.code == 200
-    await r.content()
-    await _retrieve_ended(backend)
+    await _pooled_association(harmony)
     monkeypatch.setattr(bridge.cache, "ttl", 0)  # every run fetches: nothing is cached
     aborts, _ = _client_aborts(harmony)
     os.kill(pacs.proc.pid, signal.SIGSTOP)
