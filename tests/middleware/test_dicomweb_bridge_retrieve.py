@@ -450,14 +450,15 @@ async def test_an_instance_converted_while_the_client_leaves_is_released_after_t
                                                                                              monkeypatch):
     """A client that asked for Explicit VR Little Endian leaves while the first instance is
     being converted on a thread (the pipeline is cancelled before the head): the answer
-    is cancelled at once, but the instance is released, and the converted copy deleted,
-    only once the thread is done with them (before: released under the thread's feet, and
-    a copy that finished was left in the bridge's storage)."""
+    is cancelled at once (a cancel, not a 406) and the retrieve given up, but the instance
+    is released, and the converted copy deleted, only once the thread is done with them
+    (before: released under the thread's feet, and a copy that finished was left in the
+    bridge's storage)."""
     import threading
     import types
 
     from harmony.dicom import transfer
-    from harmony.dicom.results import DicomInstance
+    from harmony.dicom.results import DicomInstance, ResultStream
     from harmony.middleware.dicomweb_bridge import DicomWebBridge
     from pydicom.uid import ImplicitVRLittleEndian
     from tests.memory import failure_of
@@ -478,11 +479,16 @@ async def test_an_instance_converted_while_the_client_leaves_is_released_after_t
     item = DicomInstance(source, sop_instance_uid=f"{STUDY}.9.1", study_instance_uid=STUDY,
                          transfer_syntax_uid=ImplicitVRLittleEndian, owned=True)
     bridge = DicomWebBridge("bridge", reactor, tmp_path / "bridge")
-    dw = types.SimpleNamespace(base_url="http://harmony.test/dicomweb", study_uid=STUDY, series_uid=None)
-    answer = bridge._instance_part(item, None, dw)
+    dw = types.SimpleNamespace(base_url="http://harmony.test/dicomweb", study_uid=STUDY, series_uid=None,
+                               transfer_syntax=None)
+    stream = ResultStream()
+    stream.put(item)
+    stream.finish()
+    answer = bridge._retrieve_response(None, dw, stream)
     try:
         answer.cancel()
         failure_of(answer, defer.CancelledError)
+        assert stream._given_up
         assert source.exists(), "released while the conversion still reads it"
     finally:
         go.set()

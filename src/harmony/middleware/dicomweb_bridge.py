@@ -328,6 +328,8 @@ class DicomWebBridge(Middleware):
         except Exception as e:  # noqa: BLE001 - any decoder failure
             stream.cancel()
             release_rest(stream)
+            if isinstance(e, defer.CancelledError):
+                raise  # the client left (or the pipeline gave up) meanwhile: not a 406
             why = str(e) if isinstance(e, transfer.NotConvertible) else f"converting it failed ({type(e).__name__})"
             raise NotAcceptable(f"cannot serve it as {ExplicitVRLittleEndian}: {why}; "
                                 f"ask with transfer-syntax=* for the instance as stored") from None
