@@ -24,8 +24,9 @@ import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
+from harmony.deid import generate_secret_file
 from tests.dicom_data import make_instance, save
-from tests.dicomweb_helpers import client, in_thread
+from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.dimse_helpers import dataset_bytes, parse_multipart
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
 from tests.middleware.test_dicomweb_bridge import MOVE_PIPES, bridge_pipes
@@ -77,12 +78,29 @@ local_aet = "HARMONY_DW"
 """
 
 
+#: The same PACS behind the ``deidentify`` middleware, reached both ways: dicom_scu's HTTP
+#: rendering (``/d``, re-rendered by the middleware from its de-identified stream) and WADO-RS
+#: through the bridge (``/deid-dicomweb``; the bridge reads the middleware's stream).
+DEID_PIPES = DIMSE_OVER_HTTP.replace("pipelines.q]", "pipelines.d]").replace('["q"]', '["d"]').replace(
+    "endpoints.q", "endpoints.d").replace('"/q"', '"/d"').replace("plain_pacs", "deid_pacs").replace(
+    'backends = ["deid_pacs"]', 'middleware = ["deid"]\nbackends = ["deid_pacs"]') \
+    + bridge_pipeline("deidweb", "deid_pacs", "/deid-dicomweb").replace(
+        'middleware = ["deidweb_bridge"]', 'middleware = ["deidweb_bridge", "deid"]') + """
+[middleware.deid]
+service = "deidentify"
+[middleware.deid.options]
+secret_file = "deid.key"
+"""
+
+
 @pytest.fixture(scope="module")
 def harmony(tmp_path_factory, pacs):
     folder = tmp_path_factory.mktemp("bridge-retrieve")
     pipes = bridge_pipes().format(aet=pacs.aet, port=pacs.dicom_port) + f"max_staged_mb = {MAX_STAGED_MB}\n"
     path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
-                        {"p": pipes, "q": DIMSE_OVER_HTTP.format(aet=pacs.aet, port=pacs.dicom_port)})
+                        {"p": pipes, "q": DIMSE_OVER_HTTP.format(aet=pacs.aet, port=pacs.dicom_port),
+                         "d": DEID_PIPES.format(aet=pacs.aet, port=pacs.dicom_port)})
+    generate_secret_file(folder / "pipelines" / "deid.key")  # relative to the pipeline file
     running = pytest_twisted.blockon(start_harmony(path))
     yield running
     pytest_twisted.blockon(running.stop())
@@ -367,9 +385,10 @@ async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(any
     assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
 
 
-async def _leave_once_the_pacs_finished(harmony, backend, monkeypatch, path=f"/dicomweb/studies/{STUDY}", body=None):
+async def _leave_once_the_pacs_finished(harmony, backend, monkeypatch, path=f"/dicomweb/studies/{STUDY}", body=None,
+                                       also=None):
     """A retrieve with room to stage the whole study, so the PACS finishes first; the client
-    hangs up mid-body once it has.  Every staged instance must be released."""
+    hangs up mid-body once it has (and once *also* holds).  Every staged instance must be released."""
     monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)
     jobs = _jobs_answered(backend, monkeypatch)
     raw = await _raw_get(harmony, path, body)
@@ -378,6 +397,8 @@ async def _leave_once_the_pacs_finished(harmony, backend, monkeypatch, path=f"/d
     await until(lambda: jobs and jobs[0].stream.done, "the PACS sent the whole study", timeout=20)
     (job,) = jobs
     assert job.stream.status == 0 and job.stream.completed == INSTANCES
+    if also is not None:
+        await until(also, "what else must be done before the client leaves", timeout=20)
     await _hang_up(raw)
     await _retrieve_ended(backend)
     assert not job.stream._items and job.stream.queued_bytes == 0
@@ -407,6 +428,30 @@ async def test_dicom_scu_over_http_counts_a_client_leaving_after_the_pacs_finish
     await _leave_once_the_pacs_finished(harmony, harmony.service.runtime.backends["plain_pacs"], monkeypatch,
                                         "/q", json.dumps(ask).encode())
     assert _client_aborts(harmony, "plain_pacs") == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("path", ["/d", f"/deid-dicomweb/studies/{STUDY}"])
+async def test_a_client_leaving_deidentified_instances_after_the_pacs_finished(harmony, monkeypatch, path):
+    """Through the ``deidentify`` middleware: the PACS has sent the whole study, and the
+    HTTP client hangs up mid-body, on dicom_scu's HTTP rendering (which the middleware
+    re-renders from its de-identified copy of the stream) and on WADO-RS through the
+    bridge (which reads that copy).  One client abort, no PACS failure, and nothing left
+    staged by the backend or the middleware.  (Before the fix the abort went uncounted:
+    the copy's cancel never reached the backend's ended stream, and the re-rendered body
+    did not mark the request client-gone.)"""
+    aborts, _ = _client_aborts(harmony, "deid_pacs")
+    deid = harmony.service.runtime.middleware["deid"]
+    before = deid.counts["deidentified"]
+    ask = {"dimse_op": "C-GET", "query_level": "STUDY", "identifier": {"0020000D": {"vr": "UI", "Value": [STUDY]}}}
+    # The client leaves once the middleware, too, has taken the PACS's last instance and
+    # ended its copy of the stream: only what is queued for the client is left.
+    await _leave_once_the_pacs_finished(harmony, harmony.service.runtime.backends["deid_pacs"], monkeypatch,
+                                        path, json.dumps(ask).encode() if path == "/d" else None,
+                                        also=lambda: deid.counts["deidentified"] == before + INSTANCES)
+    await until(lambda: not any(f.is_file() for f in deid.staging.folder.rglob("*")),
+                "the de-identified copies were released")
+    assert _client_aborts(harmony, "deid_pacs") == (aborts + 1, f"{aborts + 1}.0")
 
 
 async def _pooled_association(harmony) -> None:
