@@ -92,6 +92,19 @@ service = "deidentify"
 secret_file = "deid.key"
 """
 
+#: JMIX envelopes of the same PACS's studies (``jmix_builder`` draining dicom_scu's C-GET).
+JMIX_PIPES = """
+[pipelines.jx]
+networks = ["default"]
+endpoints = ["jx"]
+middleware = ["jmix_builder"]
+backends = ["plain_pacs"]
+[endpoints.jx]
+service = "jmix"
+[endpoints.jx.options]
+path_prefix = "/jx"
+"""
+
 
 @pytest.fixture(scope="module")
 def harmony(tmp_path_factory, pacs):
@@ -99,7 +112,7 @@ def harmony(tmp_path_factory, pacs):
     pipes = bridge_pipes().format(aet=pacs.aet, port=pacs.dicom_port) + f"max_staged_mb = {MAX_STAGED_MB}\n"
     path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
                         {"p": pipes, "q": DIMSE_OVER_HTTP.format(aet=pacs.aet, port=pacs.dicom_port),
-                         "d": DEID_PIPES.format(aet=pacs.aet, port=pacs.dicom_port)})
+                         "d": DEID_PIPES.format(aet=pacs.aet, port=pacs.dicom_port), "jx": JMIX_PIPES})
     generate_secret_file(folder / "pipelines" / "deid.key")  # relative to the pipeline file
     running = pytest_twisted.blockon(start_harmony(path))
     yield running
@@ -541,6 +554,41 @@ async def test_an_instance_converted_while_the_client_leaves_is_released_after_t
     assert isinstance(outcome[0], str), outcome[0]
     await until(lambda: not os.path.exists(outcome[0]), "the unsent converted copy is deleted")
 
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_a_jmix_build_while_the_study_arrives(harmony, pacs, monkeypatch):
+    """A JMIX client hangs up while ``jmix_builder`` is taking the study from the PACS
+    (Orthanc frozen once the first instance is in, the C-GET still running): the C-GET
+    is cancelled (C-CANCEL), what the PACS still sends is released, and it is a client
+    abort, never a PACS failure.  (Before the fix the builder let the retrieve run on
+    into a stream no one read: no C-CANCEL, no abort counted.)"""
+    backend = harmony.service.runtime.backends["plain_pacs"]
+    aborts, _ = _client_aborts(harmony, "plain_pacs")
+    jobs: list = []
+    original = backend.respond
+
+    def respond(job):
+        # The backend answers at the PACS's first instance: the study is still on its way.
+        os.kill(pacs.proc.pid, signal.SIGSTOP)
+        jobs.append(job)
+        return original(job)
+    monkeypatch.setattr(backend, "respond", respond)
+    try:
+        raw = _RawClient(f"/jx/api/jmix?studyInstanceUid={STUDY}", accept="*/*")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), raw)
+        await until(lambda: jobs, "the PACS sends the study")
+        (job,) = jobs
+        assert not job.stream.done
+        raw.transport.abortConnection()
+        await raw.closed
+        await until(lambda: job.cancel_requested.called, "C-CANCEL is sent")
+    finally:
+        os.kill(pacs.proc.pid, signal.SIGCONT)
+    await _retrieve_ended(backend)
+    assert job.stream.cancelled and job.stream.completed < INSTANCES
+    assert not job.stream._items and job.stream.queued_bytes == 0
+    assert not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
+    assert _client_aborts(harmony, "plain_pacs") == (aborts + 1, f"{aborts + 1}.0")
 
 SAFETY_SECS = 20.0
 
