@@ -42,6 +42,7 @@ from urllib.parse import urlencode
 from twisted.internet import defer
 
 from harmony.dicom.dicomjson import identifier_to_json
+from harmony.dicom.render import release_rest
 from harmony.dicom.status import is_failure, of_response
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BackendUnavailable, BadRequest, HarmonyError
@@ -107,7 +108,14 @@ class DicomResultsJson(Middleware):
     def _collect(self, stream):
         matches = []
         while True:
-            item = yield stream.next()
+            try:
+                item = yield stream.next()
+            except defer.CancelledError:
+                # The client left (or the pipeline gave up) mid-query: a C-CANCEL stops the
+                # PACS, and the target counts a client abort when it was the client.
+                stream.cancel()
+                release_rest(stream)
+                raise
             if item is None:
                 return matches, False
             matches.append(item if isinstance(item, dict) else identifier_to_json(item))
