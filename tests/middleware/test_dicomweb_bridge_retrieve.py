@@ -392,10 +392,14 @@ async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(any
     await _hang_up(raw)
     await _retrieve_ended(backend)
     (job,) = jobs
-    # Cancelled before the PACS ended it, and the instances held in memory were taken and released too.
+    _assert_cancelled_and_released(job)
+    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+def _assert_cancelled_and_released(job) -> None:
+    """Cancelled before the PACS ended it, and the instances held in memory were taken and released too."""
     assert job.stream.cancelled and job.stream.completed < INSTANCES
     assert not job.stream._items and job.stream.queued_bytes == 0
-    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
 
 
 async def _leave_once_the_pacs_finished(harmony, backend, monkeypatch, path=f"/dicomweb/studies/{STUDY}", body=None,
@@ -579,14 +583,12 @@ async def test_a_client_leaving_a_jmix_build_while_the_study_arrives(harmony, pa
         await until(lambda: jobs, "the PACS sends the study")
         (job,) = jobs
         assert not job.stream.done
-        raw.transport.abortConnection()
-        await raw.closed
+        await _hang_up(raw)
         await until(lambda: job.cancel_requested.called, "C-CANCEL is sent")
     finally:
         os.kill(pacs.proc.pid, signal.SIGCONT)
     await _retrieve_ended(backend)
-    assert job.stream.cancelled and job.stream.completed < INSTANCES
-    assert not job.stream._items and job.stream.queued_bytes == 0
+    _assert_cancelled_and_released(job)
     assert not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
     assert _client_aborts(harmony, "plain_pacs") == (aborts + 1, f"{aborts + 1}.0")
 

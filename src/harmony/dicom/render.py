@@ -39,6 +39,19 @@ def release_rest(stream) -> defer.Deferred:
     return stream.next().addCallback(loop).addErrback(lambda _: None)
 
 
+def next_or_give_up(stream) -> defer.Deferred:
+    """``stream.next()`` for a consumer that drains *stream* in a cancellable chain (a
+    middleware's ``on_response``): cancelling it -- the client left, or the pipeline gave
+    up -- gives the stream up (C-CANCEL upstream) and releases what it still holds,
+    rather than only the wait for the next item."""
+    def cancelled(failure):
+        if failure.check(defer.CancelledError):
+            stream.cancel()
+            release_rest(stream)
+        return failure
+    return stream.next().addErrback(cancelled)
+
+
 def abandon_for_client(stream, request) -> None:
     """An HTTP body made from *stream* was stopped before its end: only the HTTP layer
     stops a body, and only when its client left.  *request* is marked client-gone
