@@ -134,6 +134,40 @@ async def test_a_cooperative_producer_writes_pauses_and_fails_loudly():
         await d
 
 
+class Holding(CooperativeProducer):
+    """Writes while holding something it must let go of, however it ends (a staged file)."""
+
+    def __init__(self):
+        self.held = False
+
+    def _produce(self, consumer):
+        self.held = True
+        try:
+            while True:
+                consumer.write(b"x")
+                yield None
+        finally:
+            self.held = False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_producer_lets_go_of_what_it_was_writing_at_once():
+    """Its generator is closed on stop, so its ``finally`` runs then (the instance being
+    sent is released), not when the garbage collector gets to the stopped generator."""
+    from twisted.internet import reactor
+    body = Holding()
+    d = body.startProducing(io.BytesIO())
+    for _ in range(100):
+        if body.held:
+            break
+        await task.deferLater(reactor, 0, lambda: None)
+    assert body.held, "the cooperator never started the body"
+    body.stopProducing()
+    assert not body.held
+    with pytest.raises(task.TaskStopped):
+        await d
+
+
 def test_request_ids_are_random_v4_uuids_and_differ_in_forked_workers():
     import os
     import uuid

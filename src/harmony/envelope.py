@@ -277,8 +277,11 @@ class CooperativeProducer:
                 consumer.write(chunk)
                 yield None
 
+    _generator = None
+
     def startProducing(self, consumer):
-        self._task = task.cooperate(self._produce(consumer))
+        self._generator = self._produce(consumer)
+        self._task = task.cooperate(self._generator)
         return self._task.whenDone().addCallback(lambda _: None)
 
     def pauseProducing(self):
@@ -295,6 +298,15 @@ class CooperativeProducer:
                 self._task.stop()
             except task.TaskDone:
                 pass
+        # A stopped task never resumes its generator: closing it runs its ``finally``
+        # clauses now (the file or instance being written is released), not whenever
+        # the garbage collector gets to it.
+        generator, self._generator = self._generator, None
+        if generator is not None:
+            try:
+                generator.close()
+            except ValueError:
+                pass  # stopped from inside its own step (a write that lost the connection)
         self._stopped()
 
 

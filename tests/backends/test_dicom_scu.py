@@ -15,10 +15,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from harmony.backends.dicom_scu import DicomScuBackend, Slots
+from harmony.backends.dicom_scu import DicomScuBackend, Job, Slots
 from harmony.config.errors import OptionError
+from harmony.dicom import status as dimse
+from harmony.dicom.results import C_GET, DicomInstance
 from harmony.dicom.ul import commands, datasets
 from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
 from harmony.dicom.ul.datasets import MemorySink
@@ -232,6 +235,21 @@ def test_a_fresh_association_that_fails_too_is_the_pipelines_error_and_frees_its
     rig.handler.abort_from = 1
     failure_of(rig.run(rig.backend.send(_find())), HarmonyError)    # reused, then fresh: both aborted
     assert rig.handler.associations == 3 and rig.backend.pool.limit.free == rig.backend.pool.limit.limit
+
+
+def test_a_retrieve_given_up_before_its_answer_releases_what_still_arrives(tmp_path):
+    """The pipeline is cancelled before the first instance (its client left): C-CANCEL is
+    asked for, and an instance the PACS sends after it is released, not queued in a
+    stream no one will read (it was: in memory or staging for good)."""
+    job = Job(C_GET, request("GET", metadata={"dimse_op": C_GET}))
+    job.ready.cancel()
+    failure_of(job.ready, defer.CancelledError)
+    assert job.cancel_requested.called and job.stream.cancelled
+    late = tmp_path / "late.dcm"
+    late.write_bytes(b"DICM")
+    job.put(DicomInstance(late, owned=True, size=4))
+    job.finish(dimse.CANCEL)
+    assert not late.exists() and not job.stream._items and job.stream.queued_bytes == 0
 
 
 def test_slots_are_taken_without_a_deferred_and_passed_on_in_order():

@@ -313,6 +313,68 @@ async def test_retrieve_withholds_suspect_and_unreadable_instances_and_goes_on(t
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("ended", [False, True])
+async def test_giving_up_the_deidentified_stream_gives_up_the_backends(tmp_path, ended):
+    """A consumer that gives up the middleware's copy of a C-GET answer (an HTTP client
+    that left mid-body) gives up the backend's stream too: with the PACS still sending,
+    it is asked to stop (C-CANCEL), the pump stops de-identifying, and what the PACS
+    still sends is released; with everything sent and de-identified (the copy has
+    ended), the backend's stream is still marked given up, which is where the target
+    pool counts a client abort.  Nothing stays staged either way.  (In process: the
+    real-peer cases are in tests/middleware/test_dicomweb_bridge_retrieve.py.)"""
+    import shutil
+
+    from harmony.deid import Deidentifier, PixelPolicy, Profile, ProfileOptions
+    from harmony.dicom.render import release_rest
+    from harmony.dicom.results import C_GET, DicomInstance, ResultStream
+    from harmony.envelope import RequestEnvelope, ResponseEnvelope
+    from harmony.middleware.deidentify import Deidentify
+    from tests.test_client_aborts import until
+
+    mw = Deidentify("d", Deidentifier(Profile(ProfileOptions()), Keyring(b"k" * 32)), PixelPolicy(), tmp_path / "mw")
+    files, _, _ = write_inputs(tmp_path / "in")
+    staged: list[Path] = []
+
+    def retrieved(n: int) -> DicomInstance:
+        """A copy of an input as the backend stages it (deleted when released)."""
+        path = shutil.copy(files[1], tmp_path / f"staged{n}.dcm")
+        staged.append(Path(path))
+        return DicomInstance(path=Path(path), sop_instance_uid=f"{ROOT}7.{n}", owned=True)
+
+    cancels: list[None] = []
+    source = ResultStream(on_cancel=lambda: cancels.append(None))
+    abandoned = source.when_abandoned()
+    for n in range(3):
+        source.put(retrieved(n))
+    if ended:
+        source.finish(0x0000)
+    response = mw.on_response(RequestEnvelope(metadata={"dimse_op": C_GET}),
+                              ResponseEnvelope(state=ResponseState(dicom_results=source)))
+    out = response.state.dicom_results
+    first = await out.next()
+    first.release()  # sent
+    if ended:
+        await until(lambda: out.done, "the middleware has de-identified the whole answer")
+    out.cancel()  # the consumer gives up: what abandon_for_client does
+    release_rest(out)
+    assert source.given_up
+    if not ended:
+        assert cancels == [None], "the PACS was not asked to stop"
+        for n in range(3, 6):  # what the PACS sends before it heard the C-CANCEL
+            source.put(retrieved(n))
+        source.finish(0xFE00)
+        await until(lambda: out.done, "the pump stopped")
+        assert mw.counts["deidentified"] <= 3, "what the PACS sent after the cancel was de-identified for no one"
+    else:
+        assert cancels == [], "nothing to cancel upstream: it had ended"
+    assert abandoned.called, "the target pool would never hear the answer was abandoned"
+    await until(lambda: not any(p.exists() for p in staged), "the backend's staged instances were released")
+    await until(lambda: not any(f.is_file() for f in mw.staging.folder.rglob("*")),
+                "the de-identified copies were released")
+    mw.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_dimse_clients_into_an_upstream_dicomweb_server(tmp_path):
     """storescu / findscu -> dicom_scp -> deidentify -> ``dicomweb`` backend -> a real Orthanc's DICOMweb
     plugin (the backend answers DIMSE through STOW-RS and QIDO-RS): what is stored upstream is

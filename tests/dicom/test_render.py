@@ -9,10 +9,12 @@ import pytest
 import pytest_twisted
 from pydicom.dataset import Dataset
 
+from harmony.dicom import status as dimse
 from harmony.dicom.render import ResultBodyProducer, StreamBroken, release_rest
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.dicomweb.multipart import StowParser
-from tests.memory import result_of
+from harmony.errors import client_gone
+from tests.memory import request, result_of
 
 
 def _match(pid):
@@ -72,3 +74,25 @@ def test_release_rest_takes_and_releases_what_is_left(tmp_path):
     stream.finish()
     result_of(release_rest(stream))
     assert not path.exists() and stream.pending == 0
+
+
+@pytest.mark.parametrize("pacs_done_first", [True, False])
+def test_a_body_stopped_by_its_client_marks_the_request_before_cancelling(tmp_path, pacs_done_first):
+    """Only the HTTP layer stops a body, and only when its client left.  The request is
+    marked client-gone before the stream is cancelled: a target pool decides at the
+    stream's abandonment whether it was a client abort, and when the PACS had finished
+    that is at once, before the endpoint hears that the connection was lost."""
+    stream = ResultStream()
+    staged = tmp_path / "1.dcm"
+    staged.write_bytes(b"DICM")
+    stream.put(DicomInstance(staged, owned=True))
+    if pacs_done_first:
+        stream.finish()
+    env = request()
+    verdicts = []
+    stream.when_abandoned().addCallback(lambda _: verdicts.append(client_gone(env)))
+    ResultBodyProducer(stream, "multipart", request=env).stopProducing()
+    if not pacs_done_first:
+        assert stream.cancelled  # C-CANCEL asked; the PACS ends after it
+        stream.finish(dimse.CANCEL)
+    assert verdicts == [True] and not staged.exists()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -95,6 +97,37 @@ def test_one_message_at_a_time_with_back_pressure():
     assert [a.control_id for a in link.acks()] == ["C1"] and len(backend.requests) == 2
     waiting[1].callback(ResponseEnvelope(status=200))
     assert [a.control_id for a in link.acks()] == ["C2"] and link.transport.producerState == "producing"
+
+
+@settings(max_examples=150)
+@given(st.integers(1, 12), st.lists(st.integers(0, 4000), max_size=25), st.lists(st.integers(0, 3), max_size=25))
+def test_pipelined_frames_cut_anywhere_are_acknowledged_once_each_in_order(count, cuts, answers_between):
+    """A flood arriving in arbitrary TCP chunks (frames split and merged, more
+    bytes even while the connection is paused) while the backend answers at
+    arbitrary moments: every message reaches the backend once, in order, and
+    each ACK names its own message."""
+    waiting: list = []
+    endpoint, backend, _reactor = _endpoint(lambda request: waiting.append(defer.Deferred()) or waiting[-1])
+    link = Link(endpoint)
+    ids = [f"P{i:02d}" for i in range(count)]
+    stream = b"".join(frame(_message(i)) for i in ids)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    acks: list = []
+
+    def answer(n):
+        for _ in range(n):
+            if waiting and not waiting[0].called:
+                waiting.pop(0).callback(ResponseEnvelope(status=200))
+        acks.extend(link.acks())
+
+    for (a, b), n in zip(zip(points, points[1:]), answers_between + [0] * len(points)):
+        link.protocol.dataReceived(stream[a:b])
+        answer(n)
+    while waiting:
+        answer(1)
+    assert [r.metadata["hl7.control_id"] for r in backend.requests] == ids
+    assert [(ack.code, ack.control_id) for ack in acks] == [("AA", i) for i in ids]
+    assert link.transport.producerState == "producing" and not link.protocol.pending
 
 
 def test_a_duplicate_is_answered_as_the_first_time_not_sent_again():

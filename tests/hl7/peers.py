@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hl7
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
@@ -40,16 +41,19 @@ def oru(control_id: str) -> bytes:
 class Receiver:
     """python-hl7's asyncio MLLP server in a process (see receiver.py)."""
 
-    def __init__(self, folder: Path, port: int = 0):
+    def __init__(self, folder: Path, port: int = 0, seed: int | None = None):
         self.log = folder / "received.jsonl"
         self.proc = None
         self.port = port
+        self.seed = seed  # repeatable ACK control IDs (see receiver.py)
 
     def start(self):
         if not self.log.exists():
             self.log.write_text("")
         self.proc = subprocess.Popen([sys.executable, str(HERE / "receiver.py"), "--log", str(self.log),
-                                      "--port", str(self.port or 0)], stdout=subprocess.PIPE, text=True)
+                                      "--port", str(self.port or 0)]
+                                     + (["--seed", str(self.seed)] if self.seed is not None else []),
+                                     stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY"):
             self.stop()
@@ -106,6 +110,20 @@ port = {receiver_port}
 ack_timeout_secs = {ack_timeout}
 ack_retries = 0
 """
+
+
+def acked_control_ids(stream: bytes) -> list[tuple[str, bytes]]:
+    """(MSA-2, raw frame) of every ACK in the MLLP byte stream a sender received,
+    read segment by segment with python-hl7.  Searching the raw text for ``MSA|``
+    is not enough: python-hl7's random ACK control IDs (MSH-10) end in ``MSA``
+    about once in 43,000, and then ``MSA|`` is found in the MSH segment."""
+    acks = []
+    for raw in stream.split(b"\x1c\r"):
+        if raw.strip(b"\r\n"):
+            assert raw.startswith(b"\x0b"), f"not an MLLP frame: {raw!r}"
+            message = hl7.parse(raw[1:].decode("utf-8"))
+            acks.append((str(message.segment("MSA")(2)), raw))
+    return acks
 
 
 def framed_file(path: Path, messages: list[bytes]) -> Path:

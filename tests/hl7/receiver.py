@@ -7,11 +7,16 @@ message what the receiver does: ``AE-`` -> AE, ``AR-`` -> AR, ``SILENT-`` ->
 no answer (an ACK timeout), ``AEONCE-`` -> AE the first time, AA after;
 anything else AA.  Prints ``READY <port>`` once it listens.  Without
 ``--log`` it only answers (bench/mllp uses it so as the peer).
+
+python-hl7 gives each ACK a random control ID (MSH-10: a timestamp and four
+random letters or digits); ``--seed`` makes that sequence repeatable, so a
+test can reproduce an ACK whose MSH-10 happens to look like something else.
 """
 
 import argparse
 import asyncio
 import json
+import random
 
 from hl7.mllp import start_hl7_server
 
@@ -56,5 +61,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--log", default="")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
+    if args.seed is not None:
+        random.seed(args.seed)
     asyncio.run(serve(args.log, args.port))

@@ -54,6 +54,24 @@ def test_counts_are_capped_and_matches_stop_at_the_limit():
     assert doc["origin"] == "https://public.test"
 
 
+def test_a_client_leaving_mid_query_cancels_it():
+    """The pipeline is cancelled (the client left) while the matches arrive: the C-FIND is
+    cancelled upstream and the stream given up, so the target pool counts a client abort
+    once the PACS ends it (``when_abandoned``); before, the PACS ran on and nothing was counted."""
+    from twisted.internet import defer
+    mw = build(DicomResultsJson)
+    asked: list[str] = []
+    stream = _stream(2, final=None, asked=asked)  # the PACS is still sending
+    abandoned = stream.when_abandoned()
+    answer = mw.on_response(_search(), _answer(stream))
+    answer.cancel()
+    failure_of(answer, defer.CancelledError)
+    assert asked == ["C-CANCEL"] and stream.given_up
+    stream.put(Dataset())  # sent before the PACS heard the C-CANCEL: taken and dropped
+    stream.finish(dimse.CANCEL)
+    assert abandoned.called and not stream.queued()
+
+
 def test_dimse_failures_are_proxy_errors():
     mw = build(DicomResultsJson)
     refused = _answer(_stream(0, final=0xA700), status=502)

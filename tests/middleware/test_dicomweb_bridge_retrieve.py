@@ -12,6 +12,9 @@ disk; one that leaves cancels the C-GET and frees staging.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
 
@@ -21,11 +24,12 @@ import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
+from harmony.deid import generate_secret_file
 from tests.dicom_data import make_instance, save
-from tests.dicomweb_helpers import client, in_thread
+from tests.dicomweb_helpers import bridge_pipeline, client, in_thread
 from tests.dimse_helpers import dataset_bytes, parse_multipart
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
-from tests.middleware.test_dicomweb_bridge import bridge_pipes
+from tests.middleware.test_dicomweb_bridge import MOVE_PIPES, bridge_pipes
 from tests.peers import free_port
 from tests.test_client_aborts import until
 
@@ -54,14 +58,90 @@ def pacs(tmp_path_factory, study):
     server.stop()
 
 
+#: The same PACS without the bridge: dicom_scu's own HTTP rendering of a C-GET (JSON request, multipart answer).
+DIMSE_OVER_HTTP = """
+[pipelines.q]
+networks = ["default"]
+endpoints = ["q"]
+backends = ["plain_pacs"]
+[endpoints.q]
+service = "http"
+[endpoints.q.options]
+path_prefix = "/q"
+[backends.plain_pacs]
+service = "dicom_scu"
+[backends.plain_pacs.options]
+aet = "{aet}"
+host = "127.0.0.1"
+port = {port}
+local_aet = "HARMONY_DW"
+"""
+
+
+#: The same PACS behind the ``deidentify`` middleware, reached both ways: dicom_scu's HTTP
+#: rendering (``/d``, re-rendered by the middleware from its de-identified stream) and WADO-RS
+#: through the bridge (``/deid-dicomweb``; the bridge reads the middleware's stream).
+DEID_PIPES = DIMSE_OVER_HTTP.replace("pipelines.q]", "pipelines.d]").replace('["q"]', '["d"]').replace(
+    "endpoints.q", "endpoints.d").replace('"/q"', '"/d"').replace("plain_pacs", "deid_pacs").replace(
+    'backends = ["deid_pacs"]', 'middleware = ["deid"]\nbackends = ["deid_pacs"]') \
+    + bridge_pipeline("deidweb", "deid_pacs", "/deid-dicomweb").replace(
+        'middleware = ["deidweb_bridge"]', 'middleware = ["deidweb_bridge", "deid"]') + """
+[middleware.deid]
+service = "deidentify"
+[middleware.deid.options]
+secret_file = "deid.key"
+"""
+
+#: JMIX envelopes of the same PACS's studies (``jmix_builder`` draining dicom_scu's C-GET).
+JMIX_PIPES = """
+[pipelines.jx]
+networks = ["default"]
+endpoints = ["jx"]
+middleware = ["jmix_builder"]
+backends = ["plain_pacs"]
+[endpoints.jx]
+service = "jmix"
+[endpoints.jx.options]
+path_prefix = "/jx"
+"""
+
+
 @pytest.fixture(scope="module")
 def harmony(tmp_path_factory, pacs):
     folder = tmp_path_factory.mktemp("bridge-retrieve")
     pipes = bridge_pipes().format(aet=pacs.aet, port=pacs.dicom_port) + f"max_staged_mb = {MAX_STAGED_MB}\n"
+    path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n',
+                        {"p": pipes, "q": DIMSE_OVER_HTTP.format(aet=pacs.aet, port=pacs.dicom_port),
+                         "d": DEID_PIPES.format(aet=pacs.aet, port=pacs.dicom_port), "jx": JMIX_PIPES})
+    generate_secret_file(folder / "pipelines" / "deid.key")  # relative to the pipeline file
+    running = pytest_twisted.blockon(start_harmony(path))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@pytest.fixture(scope="module")
+def harmony_move(tmp_path_factory, pacs):
+    """The same bridge fetching with C-MOVE to its own store SCP (``dimse_retrieve_mode = "move"``)."""
+    folder = tmp_path_factory.mktemp("bridge-retrieve-move")
+    store_port = free_port()
+    pacs.add_modality("harmony_mv", "HARMONY_MV", store_port)
+    pipes = MOVE_PIPES.format(aet=pacs.aet, port=pacs.dicom_port, store_port=store_port) \
+        + f"max_staged_mb = {MAX_STAGED_MB}\n"
     path = write_config(folder, MINIMAL_MAIN + '\n[storage.options]\npath = "var"\n', {"p": pipes})
     running = pytest_twisted.blockon(start_harmony(path))
     yield running
     pytest_twisted.blockon(running.stop())
+
+
+@pytest.fixture(params=["get", "move"])
+def any_mode(request):
+    """The bridge fetching with C-GET, then the one fetching with C-MOVE."""
+    return request.getfixturevalue("harmony" if request.param == "get" else "harmony_move")
+
+
+def _jobs(backend) -> list:
+    """The retrieves in flight (C-GET on its association, or C-MOVE to the store SCP)."""
+    return list(backend._gets.values()) + list(backend._moves.values())
 
 
 def _backend(harmony):
@@ -72,7 +152,7 @@ def _staged_bytes(backend) -> int:
     """Bytes of retrieved instances Harmony holds: staged files, and instances held in
     memory and queued for a consumer."""
     files = sum(f.stat().st_size for f in backend.retrieve_staging.base.rglob("*") if f.is_file())
-    return files + sum(item.size for job in backend._gets.values() for item in job.stream._items
+    return files + sum(item.size for job in _jobs(backend) for item in job.stream._items
                        if getattr(item, "data", None) is not None)
 
 
@@ -93,7 +173,7 @@ def _assert_whole_study(parts: list[bytes], study) -> None:
 
 async def _retrieve_ended(backend):
     target = backend.target_pool.targets[0]
-    await until(lambda: target.in_flight == 0 and not backend._gets, "the retrieve ended", timeout=20)
+    await until(lambda: target.in_flight == 0 and not _jobs(backend), "the retrieve ended", timeout=20)
     await until(lambda: _staged_bytes(backend) == 0, "the staged instances were released")
     # Never the PACS's fault.
     assert (target.failures_total, target.last_error, target.circuit) == (0, None, "closed"), target.state(0)
@@ -189,8 +269,10 @@ async def test_gzip_asked_head_and_the_copying_path(harmony, study, monkeypatch)
 class _RawClient(protocol.Protocol):
     """A plain HTTP/1.1 GET whose reading the test stops, resumes or cuts."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, body: bytes | None = None, accept: str = ACCEPT):
         self.path = path
+        self.body = body  # a POST of this JSON body instead of a GET
+        self.accept = accept
         self.received = bytearray()
         self.first = defer.Deferred()
         self.closed = defer.Deferred()
@@ -198,8 +280,12 @@ class _RawClient(protocol.Protocol):
     def connectionMade(self):
         # A small receive buffer: the kernel must not hold the study for a client that stops reading.
         self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {ACCEPT}\r\n"
-                             f"Connection: close\r\n\r\n".encode())
+        if self.body is None:
+            head = f"GET {self.path} HTTP/1.1\r\nAccept: {self.accept}\r\n"
+        else:
+            head = (f"POST {self.path} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(self.body)}\r\n")
+        self.transport.write(f"{head}Host: 127.0.0.1\r\nConnection: close\r\n\r\n".encode() + (self.body or b""))
 
     def dataReceived(self, data):
         self.received += data
@@ -210,8 +296,8 @@ class _RawClient(protocol.Protocol):
         self.closed.callback(None)
 
 
-async def _raw_get(harmony) -> _RawClient:
-    raw = _RawClient(f"/dicomweb/studies/{STUDY}")
+async def _raw_get(harmony, path=f"/dicomweb/studies/{STUDY}", body=None) -> _RawClient:
+    raw = _RawClient(path, body)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), raw)
     return raw
 
@@ -264,20 +350,283 @@ async def test_a_client_that_stops_reading_holds_the_pacs_back_not_harmony(harmo
     await _retrieve_ended(backend)
 
 
+def _client_aborts(harmony, backend="bridge_pacs") -> tuple[int, str]:
+    """The PACS target's client-abort count, as the target and as /metrics say it."""
+    target = harmony.service.runtime.backends[backend].target_pool.targets[0]
+    line = next(line for line in harmony.service.metrics.text().decode().splitlines()
+                if line.startswith(f'harmony_target_client_aborts_total{{backend="{backend}"'))
+    return target.client_aborts_total, line.rsplit(" ", 1)[1]
+
+
+def _jobs_answered(backend, monkeypatch) -> list:
+    """The backend's retrieve jobs as it answers them (instrumentation of the real backend)."""
+    jobs: list = []
+    original = backend.respond
+
+    def respond(job):
+        jobs.append(job)
+        return original(job)
+    monkeypatch.setattr(backend, "respond", respond)
+    return jobs
+
+
+async def _hang_up(raw: _RawClient) -> None:
+    raw.transport.abortConnection()
+    await raw.closed
+    assert len(raw.received) < INSTANCES * 512 * 512, "the client had the whole study: it did not leave mid-body"
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(harmony):
-    """The HTTP client hangs up after its first megabyte: the C-GET is cancelled upstream
-    (C-CANCEL; Orthanc ends it), every staged instance is released, and the PACS is not
-    blamed for the client leaving."""
+async def test_a_client_leaving_mid_study_cancels_upstream_and_frees_staging(any_mode, monkeypatch):
+    """The HTTP client hangs up after its first megabyte: the C-GET (or C-MOVE) is cancelled
+    upstream (C-CANCEL; Orthanc ends it), every staged instance is released, and the PACS is
+    not blamed for the client leaving: one client abort (nginx's 499), no failure."""
+    harmony = any_mode
     backend = _backend(harmony)
+    jobs = _jobs_answered(backend, monkeypatch)
+    aborts, _ = _client_aborts(harmony)
     raw = await _raw_get(harmony)
     await raw.first
     raw.transport.pauseProducing()
-    await until(lambda: any(job.stream.queued_bytes > 0 for job in backend._gets.values()), "instances are staged")
-    job = next(iter(backend._gets.values()))
-    raw.transport.abortConnection()
-    await raw.closed
-    assert len(raw.received) < INSTANCES * 512 * 512 * 2
+    await until(lambda: any(job.stream.queued_bytes > 0 for job in _jobs(backend)), "instances are staged")
+    await _hang_up(raw)
     await _retrieve_ended(backend)
-    # The instances held in memory were taken and released too.
-    assert job.stream.cancelled and not job.stream._items and job.stream.queued_bytes == 0
+    (job,) = jobs
+    _assert_cancelled_and_released(job)
+    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+def _assert_cancelled_and_released(job) -> None:
+    """Cancelled before the PACS ended it, and the instances held in memory were taken and released too."""
+    assert job.stream.cancelled and job.stream.completed < INSTANCES
+    assert not job.stream._items and job.stream.queued_bytes == 0
+
+
+async def _leave_once_the_pacs_finished(harmony, backend, monkeypatch, path=f"/dicomweb/studies/{STUDY}", body=None,
+                                       also=None):
+    """A retrieve with room to stage the whole study, so the PACS finishes first; the client
+    hangs up mid-body once it has (and once *also* holds).  Every staged instance must be released."""
+    monkeypatch.setattr(backend, "max_staged_bytes", 64 << 20)
+    jobs = _jobs_answered(backend, monkeypatch)
+    raw = await _raw_get(harmony, path, body)
+    await raw.first
+    raw.transport.pauseProducing()
+    await until(lambda: jobs and jobs[0].stream.done, "the PACS sent the whole study", timeout=20)
+    (job,) = jobs
+    assert job.stream.status == 0 and job.stream.completed == INSTANCES
+    if also is not None:
+        await until(also, "what else must be done before the client leaves", timeout=20)
+    await _hang_up(raw)
+    await _retrieve_ended(backend)
+    assert not job.stream._items and job.stream.queued_bytes == 0
+    assert not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_after_the_pacs_finished_is_a_client_abort(any_mode, monkeypatch):
+    """The PACS has sent the whole study (staged, as memory staging allows, then as files)
+    and the HTTP client hangs up mid-body: nothing is left to cancel upstream, every staged
+    instance is released, and it is counted as a client abort, never a PACS failure.
+    (Before the fix the bridge cancelled the ended stream before the endpoint heard the
+    client had gone, so the abort went uncounted.)"""
+    aborts, _ = _client_aborts(any_mode)
+    await _leave_once_the_pacs_finished(any_mode, _backend(any_mode), monkeypatch)
+    assert _client_aborts(any_mode) == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dicom_scu_over_http_counts_a_client_leaving_after_the_pacs_finished(harmony, monkeypatch):
+    """The same without the bridge: an HTTP client POSTs a C-GET to ``dicom_scu`` (its own
+    multipart rendering), the PACS sends the whole study, and the client hangs up mid-body:
+    one client abort, no failure, every staged file deleted (before: the abort went
+    uncounted, and the instance being written stayed staged)."""
+    aborts, _ = _client_aborts(harmony, "plain_pacs")
+    ask = {"dimse_op": "C-GET", "query_level": "STUDY", "identifier": {"0020000D": {"vr": "UI", "Value": [STUDY]}}}
+    await _leave_once_the_pacs_finished(harmony, harmony.service.runtime.backends["plain_pacs"], monkeypatch,
+                                        "/q", json.dumps(ask).encode())
+    assert _client_aborts(harmony, "plain_pacs") == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("path", ["/d", f"/deid-dicomweb/studies/{STUDY}"])
+async def test_a_client_leaving_deidentified_instances_after_the_pacs_finished(harmony, monkeypatch, path):
+    """Through the ``deidentify`` middleware: the PACS has sent the whole study, and the
+    HTTP client hangs up mid-body, on dicom_scu's HTTP rendering (which the middleware
+    re-renders from its de-identified copy of the stream) and on WADO-RS through the
+    bridge (which reads that copy).  One client abort, no PACS failure, and nothing left
+    staged by the backend or the middleware.  (Before the fix the abort went uncounted:
+    the copy's cancel never reached the backend's ended stream, and the re-rendered body
+    did not mark the request client-gone.)"""
+    aborts, _ = _client_aborts(harmony, "deid_pacs")
+    deid = harmony.service.runtime.middleware["deid"]
+    before = deid.counts["deidentified"]
+    ask = {"dimse_op": "C-GET", "query_level": "STUDY", "identifier": {"0020000D": {"vr": "UI", "Value": [STUDY]}}}
+    # The client leaves once the middleware, too, has taken the PACS's last instance and
+    # ended its copy of the stream: only what is queued for the client is left.
+    await _leave_once_the_pacs_finished(harmony, harmony.service.runtime.backends["deid_pacs"], monkeypatch,
+                                        path, json.dumps(ask).encode() if path == "/d" else None,
+                                        also=lambda: deid.counts["deidentified"] == before + INSTANCES)
+    await until(lambda: not any(f.is_file() for f in deid.staging.folder.rglob("*")),
+                "the de-identified copies were released")
+    assert _client_aborts(harmony, "deid_pacs") == (aborts + 1, f"{aborts + 1}.0")
+
+
+async def _pooled_association(harmony) -> None:
+    """Leave an idle association to the PACS in the pool, so that a C-GET goes out even
+    while the PACS is frozen (no A-ASSOCIATE-AC needed)."""
+    r = await treq.get(harmony.url(f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/instances/{STUDY}.1.1"),
+                       headers={"Accept": [ACCEPT]})
+    assert r.code == 200
+    await r.content()
+    await _retrieve_ended(_backend(harmony))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_before_the_first_instance(harmony, pacs):
+    """The HTTP client hangs up while the PACS has not sent anything yet (Orthanc frozen
+    with the C-GET on its socket): C-CANCEL goes out, whatever the PACS still sends is
+    released, and it is a client abort, never a PACS failure."""
+    backend = _backend(harmony)
+    await _pooled_association(harmony)
+    aborts, _ = _client_aborts(harmony)
+    os.kill(pacs.proc.pid, signal.SIGSTOP)
+    try:
+        raw = await _raw_get(harmony)
+        await until(lambda: backend._gets, "the C-GET is sent")
+        job = next(iter(backend._gets.values()))
+        raw.transport.abortConnection()
+        await raw.closed
+        await until(lambda: job.cancel_requested.called, "C-CANCEL is sent")
+    finally:
+        os.kill(pacs.proc.pid, signal.SIGCONT)
+    await _retrieve_ended(backend)
+    # The PACS sent at least its first sub-operation after the C-CANCEL (DCMTK-based Orthanc
+    # reads it between sub-operations), into a stream no one reads; before the fix it stayed there.
+    assert job.items >= 1 and job.stream.cancelled
+    assert not job.stream._items and job.stream.queued_bytes == 0
+    assert _client_aborts(harmony) == (aborts + 1, f"{aborts + 1}.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_converted_while_the_client_leaves_is_released_after_the_conversion(tmp_path,
+                                                                                             monkeypatch):
+    """A client that asked for Explicit VR Little Endian leaves while the first instance is
+    being converted on a thread (the pipeline is cancelled before the head): the answer
+    is cancelled at once (a cancel, not a 406) and the retrieve given up, but the instance
+    is released, and the converted copy deleted, only once the thread is done with them
+    (before: released under the thread's feet, and a copy that finished was left in the
+    bridge's storage)."""
+    import threading
+    import types
+
+    from harmony.dicom import transfer
+    from harmony.dicom.results import DicomInstance, ResultStream
+    from harmony.middleware.dicomweb_bridge import DicomWebBridge
+    from pydicom.uid import ImplicitVRLittleEndian
+    from tests.memory import failure_of
+
+    go, outcome = threading.Event(), []
+    real_copy = transfer.explicit_copy
+
+    def held_copy(path, folder):
+        assert go.wait(SAFETY_SECS)
+        try:
+            outcome.append(real_copy(path, folder))
+        except Exception as e:
+            outcome.append(e)
+            raise
+        return outcome[-1]
+    monkeypatch.setattr(transfer, "explicit_copy", held_copy)
+    source = save(make_instance(study_uid=STUDY, sop_uid=f"{STUDY}.9.1"), tmp_path / "staged" / "1.dcm")
+    item = DicomInstance(source, sop_instance_uid=f"{STUDY}.9.1", study_instance_uid=STUDY,
+                         transfer_syntax_uid=ImplicitVRLittleEndian, owned=True)
+    bridge = DicomWebBridge("bridge", reactor, tmp_path / "bridge")
+    dw = types.SimpleNamespace(base_url="http://harmony.test/dicomweb", study_uid=STUDY, series_uid=None,
+                               transfer_syntax=None)
+    stream = ResultStream()
+    stream.put(item)
+    stream.finish()
+    answer = bridge._retrieve_response(None, dw, stream)
+    try:
+        answer.cancel()
+        failure_of(answer, defer.CancelledError)
+        assert stream._given_up
+        assert source.exists(), "released while the conversion still reads it"
+    finally:
+        go.set()
+    await until(lambda: outcome and not source.exists(), "the conversion ends and the instance is released")
+    assert isinstance(outcome[0], str), outcome[0]
+    await until(lambda: not os.path.exists(outcome[0]), "the unsent converted copy is deleted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_a_jmix_build_while_the_study_arrives(harmony, pacs, monkeypatch):
+    """A JMIX client hangs up while ``jmix_builder`` is taking the study from the PACS
+    (Orthanc frozen once the first instance is in, the C-GET still running): the C-GET
+    is cancelled (C-CANCEL), what the PACS still sends is released, and it is a client
+    abort, never a PACS failure.  (Before the fix the builder let the retrieve run on
+    into a stream no one read: no C-CANCEL, no abort counted.)"""
+    backend = harmony.service.runtime.backends["plain_pacs"]
+    aborts, _ = _client_aborts(harmony, "plain_pacs")
+    jobs: list = []
+    original = backend.respond
+
+    def respond(job):
+        # The backend answers at the PACS's first instance: the study is still on its way.
+        os.kill(pacs.proc.pid, signal.SIGSTOP)
+        jobs.append(job)
+        return original(job)
+    monkeypatch.setattr(backend, "respond", respond)
+    try:
+        raw = _RawClient(f"/jx/api/jmix?studyInstanceUid={STUDY}", accept="*/*")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), raw)
+        await until(lambda: jobs, "the PACS sends the study")
+        (job,) = jobs
+        assert not job.stream.done
+        await _hang_up(raw)
+        await until(lambda: job.cancel_requested.called, "C-CANCEL is sent")
+    finally:
+        os.kill(pacs.proc.pid, signal.SIGCONT)
+    await _retrieve_ended(backend)
+    _assert_cancelled_and_released(job)
+    assert not any(f.is_file() for f in backend.retrieve_staging.base.rglob("*"))
+    assert _client_aborts(harmony, "plain_pacs") == (aborts + 1, f"{aborts + 1}.0")
+
+SAFETY_SECS = 20.0
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("others", [1, 0])
+async def test_a_client_leaving_a_shared_metadata_fetch_does_not_fail_the_others(harmony, pacs, others,
+                                                                                 monkeypatch):
+    """Two clients ask for the same series' metadata; the second waits on the first one's
+    fetch (identical fetches are collapsed).  The first hangs up before the PACS answers:
+    the second still gets the whole metadata (it got the first one's 499 before), and as
+    the fetch went on, nothing is counted.  Alone, the first one's leaving cancels the
+    fetch: one client abort.  Never a PACS failure."""
+    backend = _backend(harmony)
+    bridge = harmony.service.runtime.middleware["bridge"]
+    path = f"/dicomweb/studies/{STUDY}/series/{STUDY}.1/metadata"
+    key = f"metadata::/studies/{STUDY}/series/{STUDY}.1"
+    await _pooled_association(harmony)
+    monkeypatch.setattr(bridge.cache, "ttl", 0)  # every run fetches: nothing is cached
+    aborts, _ = _client_aborts(harmony)
+    os.kill(pacs.proc.pid, signal.SIGSTOP)
+    try:
+        first = _RawClient(path, accept="application/dicom+json")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harmony.port()), first)
+        await until(lambda: backend._gets, "the C-GET is sent")
+        if others:
+            second = treq.get(harmony.url(path), headers={"Accept": ["application/dicom+json"]})
+            await until(lambda: bridge.cache.waiting(key), "the second client waits on the first one's fetch")
+        first.transport.abortConnection()
+        await first.closed
+    finally:
+        os.kill(pacs.proc.pid, signal.SIGCONT)
+    if others:
+        answer = await second
+        body = await answer.content()
+        assert answer.code == 200, body
+        assert len(json.loads(body)) == INSTANCES
+    await _retrieve_ended(backend)
+    assert _client_aborts(harmony) == (aborts + 1 - others, f"{aborts + 1 - others}.0")

@@ -22,7 +22,7 @@ import pytest_twisted
 import requests
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import deferLater
+from twisted.internet.task import TaskStopped, deferLater
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -443,3 +443,36 @@ def _fd_targets() -> dict:
         except OSError:
             pass
     return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_part_arriving_after_the_body_stopped_is_let_go_on_the_copying_path(tmp_path):
+    """The copying path (TLS, gzip, HARMONY_SENDFILE=0) is stopped (its client left) while
+    the next part is still being made, as the DICOMweb bridge converts an instance on a
+    thread: once it arrives it is let go, its staged file deleted and its descriptor
+    closed, not held by a stopped generator until the garbage collector (the sendfile
+    path already did so)."""
+    staged = make_files(tmp_path / "f", [1000])[0]
+    coming: defer.Deferred = defer.Deferred()
+    released = []
+
+    def delete():
+        released.append(staged)
+        staged.unlink()
+
+    class Sink:  # not a twisted.web request: the copying path
+        def write(self, data):
+            pass
+
+    asked = []
+    writer = MultipartWriter(lambda: asked.append(True) or coming, "application/dicom", boundary="BND")
+    ended = writer.startProducing(Sink())
+    await until(lambda: asked, "the body to ask for its first part")
+    writer.stopProducing()
+    stopped = []
+    ended.addErrback(lambda f: stopped.append(f.check(TaskStopped)))
+    assert stopped == [TaskStopped]
+    fds = open_fds()
+    coming.callback(Part("application/dicom", path=staged, release=delete, staged=True))
+    assert released == [staged] and not staged.exists()
+    assert sendfile._closer.drain() and open_fds() == fds

@@ -40,7 +40,7 @@ from harmony.dicom import blocking, charset, net, transfer
 from harmony.dicom import status as dimse
 from harmony.dicom.dicomjson import identifier_from_json, query_level
 from harmony.dicom.files import Staging, read_instance
-from harmony.dicom.render import ResultBodyProducer
+from harmony.dicom.render import ResultBodyProducer, release_rest
 from harmony.dicom.results import (
     C_ECHO,
     C_FIND,
@@ -232,7 +232,7 @@ class Job:
         self.stream = _StagedStream(self._on_cancel, max_staged_bytes)
         # Cancelled when the pipeline is (the DIMSE or HTTP client left, or gave
         # up): the PACS is asked to stop too (C-CANCEL), or never asked at all.
-        self.ready: defer.Deferred = defer.Deferred(lambda _: self._on_cancel())
+        self.ready: defer.Deferred = defer.Deferred(lambda _: self._unanswered())
         self.items = 0
         #: Received instances being described on the DICOM pool, chained to keep their order.
         self.arrivals: defer.Deferred = defer.succeed(None)
@@ -242,6 +242,13 @@ class Job:
     def _on_cancel(self):
         if not self.cancel_requested.called:
             self.cancel_requested.callback(None)
+
+    def _unanswered(self):
+        """Nobody will take the stream: cancelling it sends the C-CANCEL, and makes
+        :meth:`put` release what the PACS still sends after it (it did, into a stream
+        no one reads: instances left in memory or staging for good)."""
+        self.stream.cancel()
+        release_rest(self.stream)
 
     def put(self, item):
         self.items += 1
@@ -724,7 +731,7 @@ class DicomScuBackend(Backend):
                    "completed": stream.completed, "failed": stream.failed}
             resp = ResponseEnvelope.json(dimse.http_status_for(stream.status), doc)
         elif job.op in (C_FIND, C_GET) or job.op == C_MOVE and not self._third_party(job.request):
-            body = ResultBodyProducer(stream, "json" if job.op == C_FIND else "multipart")
+            body = ResultBodyProducer(stream, "json" if job.op == C_FIND else "multipart", request=job.request)
             resp = ResponseEnvelope(status=200, headers=Headers({"Content-Type": [body.content_type]}), body=body)
         else:
             doc = {"dimse_op": job.op, "dimse_status": stream.status, "completed": stream.completed,

@@ -19,6 +19,7 @@ from harmony.dicom.dicomjson import identifier_to_json
 from harmony.dicom.results import DicomInstance
 from harmony.dicom.status import is_failure
 from harmony.envelope import CooperativeProducer
+from harmony.errors import mark_client_gone
 
 CHUNK = 64 * 1024
 
@@ -38,11 +39,41 @@ def release_rest(stream) -> defer.Deferred:
     return stream.next().addCallback(loop).addErrback(lambda _: None)
 
 
+def next_or_give_up(stream) -> defer.Deferred:
+    """``stream.next()`` for a consumer that drains *stream* in a cancellable chain (a
+    middleware's ``on_response``): cancelling it -- the client left, or the pipeline gave
+    up -- gives the stream up (C-CANCEL upstream) and releases what it still holds,
+    rather than only the wait for the next item."""
+    def cancelled(failure):
+        if failure.check(defer.CancelledError):
+            stream.cancel()
+            release_rest(stream)
+        return failure
+    return stream.next().addErrback(cancelled)
+
+
+def abandon_for_client(stream, request) -> None:
+    """An HTTP body made from *stream* was stopped before its end: only the HTTP layer
+    stops a body, and only when its client left.  *request* is marked client-gone
+    first, then the stream is cancelled (C-CANCEL upstream) and what it still holds
+    released.
+
+    The order is the point.  The target pool counts a client abort, never a PACS
+    failure, from that mark when the stream is abandoned (``ResultStream.when_abandoned``),
+    and that is at once when the PACS had already finished; the transport stops its
+    producer before the endpoint hears that the connection was lost."""
+    mark_client_gone(request)
+    stream.cancel()
+    release_rest(stream)
+
+
 class ResultBodyProducer(CooperativeProducer):
-    def __init__(self, stream, kind: str = "json", boundary: str | None = None):
+    def __init__(self, stream, kind: str = "json", boundary: str | None = None, request=None):
         self.stream = stream
         self.kind = kind
         self._boundary = boundary
+        #: The pipeline request this body answers (marked client-gone if the body is stopped).
+        self.request = request
 
     @property
     def boundary(self) -> str:
@@ -58,8 +89,11 @@ class ResultBodyProducer(CooperativeProducer):
         return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
 
     def _stopped(self):
-        self.stream.cancel()
-        release_rest(self.stream)
+        if self.request is not None:
+            abandon_for_client(self.stream, self.request)
+        else:
+            self.stream.cancel()
+            release_rest(self.stream)
 
     def _produce(self, consumer):
         first = True

@@ -261,6 +261,11 @@ class ResultStream:
                 self.on_cancel()
         self._settle()
 
+    @property
+    def given_up(self) -> bool:
+        """Whether the consumer gave up (:meth:`cancel`), before or after the producer ended."""
+        return self._given_up
+
     def when_abandoned(self) -> defer.Deferred:
         """Fires (with ``None``) once the consumer gave up (:meth:`cancel`) AND the
         producer has ended -- whichever comes last; never, for a stream read to its end.

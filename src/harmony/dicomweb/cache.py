@@ -127,6 +127,10 @@ class MetadataCache:
     def running(self, key: str) -> bool:
         return key in self._inflight
 
+    def waiting(self, key: str) -> int:
+        """How many joined the running fetch of *key* and still wait for it (not cancelled)."""
+        return sum(1 for d in self._inflight.get(key, ()) if not d.called)
+
 
 def with_base(body: bytes, base_url: str) -> bytes:
     return body.replace(BASE_PLACEHOLDER.encode(), base_url.encode("utf-8"))

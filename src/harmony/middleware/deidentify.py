@@ -56,7 +56,7 @@ from harmony.deid.config import build
 from harmony.deid.files import QUARANTINED
 from harmony.deid.profile import KEEP
 from harmony.dicom.files import Staging
-from harmony.dicom.render import ResultBodyProducer
+from harmony.dicom.render import ResultBodyProducer, release_rest
 from harmony.dicom.results import (
     C_FIND,
     C_GET,
@@ -345,13 +345,15 @@ class Deidentify(Middleware):
         stream = response.state.dicom_results
         if stream is None or op not in (C_FIND, C_GET, C_MOVE):
             return response
-        out = ResultStream(on_cancel=stream.cancel)
+        out = _DeidentifiedStream(stream)
         self._pump(stream, out, op)
         response.state.dicom_results = out
         body = response.body
         if isinstance(body, ResultBodyProducer):
             kind = "json" if op == C_FIND else "multipart"
-            response.body = ResultBodyProducer(out, kind)
+            # Stopped only when its client left: the request is marked client-gone before the
+            # cancel reaches the backend's stream, so the target pool counts a client abort.
+            response.body = ResultBodyProducer(out, kind, request=request)
             response.headers.setRawHeaders("Content-Type", [response.body.content_type])
         return response
 
@@ -375,12 +377,24 @@ class Deidentify(Middleware):
             comment = "withheld for burned-in identity or unreadable" if state["withheld"] else None
             out.finish(status, source.error_comment or comment)
 
+        def given_up(item=None) -> bool:
+            """The consumer left: what the source still holds or sends is released, not de-identified."""
+            if not out.given_up:
+                return False
+            if isinstance(item, DicomInstance):
+                item.release()
+            release_rest(source)
+            finish()
+            return True
+
         @defer.inlineCallbacks
         def loop():
             while True:
                 item = yield source.next()
                 if item is None:
                     finish()
+                    return
+                if given_up(item):
                     return
                 if isinstance(item, DicomInstance):
                     try:
@@ -398,6 +412,8 @@ class Deidentify(Middleware):
                         state["withheld"].append(outcome.sop_instance_uid)
                         continue
                     self.counts["deidentified"] += 1
+                    if given_up(staged):
+                        return
                     out.put(staged)
                 else:
                     ds = yield threads.deferToThread(self._identifier, item)
@@ -435,6 +451,24 @@ class Deidentify(Middleware):
     def close(self):
         self.staging.clear()
         self.reverse.close()
+
+
+class _DeidentifiedStream(ResultStream):
+    """The de-identified copy of a backend's result stream.
+
+    Giving it up gives up the backend's stream too, even once this copy has ended
+    (the pump has taken the source's end while the consumer still sends what is
+    queued here): the source's abandonment is where the target pool counts a
+    client abort (``ResultStream.when_abandoned``), and where a backend cancels
+    upstream (C-CANCEL) and stops staging."""
+
+    def __init__(self, source: ResultStream):
+        super().__init__()
+        self.source = source
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.source.cancel()
 
 
 def deidentifiers(runtime) -> list[Deidentify]:

@@ -42,6 +42,7 @@ from urllib.parse import urlencode
 from twisted.internet import defer
 
 from harmony.dicom.dicomjson import identifier_to_json
+from harmony.dicom.render import next_or_give_up
 from harmony.dicom.status import is_failure, of_response
 from harmony.envelope import ResponseEnvelope
 from harmony.errors import BackendUnavailable, BadRequest, HarmonyError
@@ -107,7 +108,8 @@ class DicomResultsJson(Middleware):
     def _collect(self, stream):
         matches = []
         while True:
-            item = yield stream.next()
+            # The client leaving mid-query cancels the C-FIND: the target counts a client abort.
+            item = yield next_or_give_up(stream)
             if item is None:
                 return matches, False
             matches.append(item if isinstance(item, dict) else identifier_to_json(item))

@@ -28,6 +28,7 @@ import json
 import os
 from pathlib import Path
 
+import attr
 from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -37,7 +38,7 @@ from harmony.dicom import status as dimse
 from harmony.dicom import transfer
 from harmony.dicom.files import parse_stamped, read_instance, stamp_of
 from harmony.dicom.rawscan import ScanDeclined, scan_bytes, scan_file
-from harmony.dicom.render import release_rest
+from harmony.dicom.render import abandon_for_client, release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DICOM_JSON, RESULTS_AS, STAGE_IN_MEMORY, DicomInstance
 from harmony.dicom.status import is_failure
 from harmony.dicomweb import accept as acc
@@ -49,7 +50,15 @@ from harmony.dicomweb.pixels import bulk_value, extract_frames, render
 from harmony.dicomweb.routes import QIDO, STOW, WADO, resource_path
 from harmony.dicomweb.uids import is_uid
 from harmony.envelope import RequestEnvelope, ResponseEnvelope
-from harmony.errors import BackendUnavailable, BadRequest, ConfigurationFailure, HarmonyError, NotAcceptable, NotFound
+from harmony.errors import (
+    BackendUnavailable,
+    BadRequest,
+    ConfigurationFailure,
+    HarmonyError,
+    NotAcceptable,
+    NotFound,
+    mark_client_gone,
+)
 from harmony.log import get_logger
 from harmony.middleware.base import Middleware
 from harmony.storage.config import shared_parts
@@ -161,8 +170,34 @@ class DicomWebBridge(Middleware):
         if pipeline is not None:
             # Fetch here rather than let the pipeline carry on: a backend
             # failure would skip on_response and leave the waiters hanging.
-            return self._fetch_metadata(pipeline, request, dw, key)
+            return self._shared_fetch(pipeline, request, dw, key)
         return request
+
+    def _shared_fetch(self, pipeline, request, dw, key):
+        """The metadata fetch of *key* for *request*, and for whoever joins it meanwhile.
+
+        It runs on its own copy of the request's state: the first client leaving is
+        not the others' doing.  Its leaving cancels the fetch (a client abort) only
+        when no one else waits on it; otherwise the fetch goes on, for them and the
+        cache (before, they got the first client's 499)."""
+        fetching = attr.evolve(request, state=attr.evolve(request.state))
+        fetch = self._fetch_metadata(pipeline, fetching, dw, key)
+
+        def left(_):
+            if not self.cache.waiting(key):
+                mark_client_gone(fetching)
+                fetch.cancel()
+
+        answer: defer.Deferred = defer.Deferred(left)
+
+        def settled(result):
+            if not answer.called:  # else the first client left, and the others have it (cache.settle)
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+        fetch.addBoth(settled)
+        return answer
 
     def _prepare_retrieve(self, request, dw):
         identifier = {"00080052": {"vr": "CS", "Value": [dw.level]}}
@@ -293,6 +328,8 @@ class DicomWebBridge(Middleware):
         except Exception as e:  # noqa: BLE001 - any decoder failure
             stream.cancel()
             release_rest(stream)
+            if isinstance(e, defer.CancelledError):
+                raise  # the client left (or the pipeline gave up) meanwhile: not a 406
             why = str(e) if isinstance(e, transfer.NotConvertible) else f"converting it failed ({type(e).__name__})"
             raise NotAcceptable(f"cannot serve it as {ExplicitVRLittleEndian}: {why}; "
                                 f"ask with transfer-syntax=* for the instance as stored") from None
@@ -303,11 +340,8 @@ class DicomWebBridge(Middleware):
                 return defer.succeed(pending.pop())
             return stream.next().addCallback(self._instance_part, target, dw)
 
-        def on_stop():
-            stream.cancel()
-            release_rest(stream)
-
-        writer = MultipartWriter(next_part, acc.DICOM, on_stop=on_stop)
+        # The client left mid-body: a client abort, whether the PACS is still sending (C-CANCEL) or done.
+        writer = MultipartWriter(next_part, acc.DICOM, on_stop=lambda: abandon_for_client(stream, request))
         return ResponseEnvelope(200, Headers({"Content-Type": [writer.content_type]}), writer,
                                 metadata={dimse.METADATA_KEY: dimse.label(stream.status)})
 
@@ -325,15 +359,26 @@ class DicomWebBridge(Middleware):
             return defer.succeed(Part(f"{acc.DICOM}; transfer-syntax={item.transfer_syntax_uid}", path=item.path,
                                       headers=where, release=item.release, staged=item.owned))
 
+        # A cancel (the client left before the head) answers at once; the copy on the
+        # thread still reads the instance, so it is released, and the copy deleted,
+        # only when the thread is done with them.
+        converted: defer.Deferred[Part] = defer.Deferred(lambda _: None)
+
         def done(path):
             item.release()
-            return Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path, headers=where,
+            part = Part(f"{acc.DICOM}; transfer-syntax={ExplicitVRLittleEndian}", path=path, headers=where,
                         release=lambda: _unlink(path), staged=True)
+            if converted.called:
+                part.done()  # cancelled meanwhile: no one will send it
+            else:
+                converted.callback(part)
 
         def failed(failure):
             item.release()
-            return failure
-        return threads.deferToThread(_explicit_copy, item, self.storage).addCallbacks(done, failed)
+            if not converted.called:
+                converted.errback(failure)
+        threads.deferToThread(_explicit_copy, item, self.storage).addCallbacks(done, failed)
+        return converted
 
     # -- metadata
     def _metadata_key(self, dw) -> str:

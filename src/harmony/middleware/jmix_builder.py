@@ -22,6 +22,7 @@ from pathlib import Path
 from twisted.internet import defer
 
 from harmony.config.errors import OptionError
+from harmony.dicom.render import next_or_give_up
 from harmony.dicom.results import C_FIND, C_GET, DicomInstance
 from harmony.envelope import RequestEnvelope
 from harmony.errors import BackendUnavailable, NotFound
@@ -132,7 +133,9 @@ class JmixBuilder(Middleware):
         instances: list[DicomInstance] = []
         try:
             while True:
-                item = yield stream.next()
+                # The client leaving meanwhile gives the retrieve up (C-CANCEL; what the PACS
+                # still sends is released): the target counts a client abort.
+                item = yield next_or_give_up(stream)
                 if item is None:
                     break
                 if isinstance(item, DicomInstance):

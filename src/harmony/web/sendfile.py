@@ -209,8 +209,10 @@ class FileBody(CooperativeProducer):
         self.on_stop = on_stop
         self.spliced = 0
         self._pump: _SocketPump | None = None
+        self._gave_up = False
 
     def _stopped(self):
+        self._gave_up = True
         if self.on_stop is not None:
             on_stop, self.on_stop = self.on_stop, None
             on_stop()
@@ -247,7 +249,7 @@ class FileBody(CooperativeProducer):
 
     def _produce(self, consumer):
         while True:
-            piece = yield from self._result(self.next_piece())
+            piece = yield from self._result(self.next_piece().addCallback(self._unless_stopped))
             if piece is None:
                 return
             try:
@@ -260,6 +262,14 @@ class FileBody(CooperativeProducer):
                     yield from _fd_chunks(consumer, piece.fd, piece.size, piece.head)
             finally:
                 piece.close()
+
+    def _unless_stopped(self, piece):
+        """A piece that arrives once the body was stopped is let go (its staged file
+        deleted, its descriptor closed): the stopped generator never takes it."""
+        if self._gave_up and piece is not None:
+            piece.close()
+            return None
+        return piece
 
 
 def _fd_chunks(consumer, fd: int, size: int, first: bytes):
