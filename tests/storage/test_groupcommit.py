@@ -6,8 +6,8 @@ caller in it and touches nothing acknowledged before; concurrent ingests share
 batches (fewer commits than instances); a lone writer is committed at once.
 
 The first tests drive :class:`GroupCommit` in memory: reactor-driven with Deferreds
-standing in for the storage threads, and with thread leaders run on the test's thread; the others run the real store (sqlite and PostgreSQL)
-with fsync on, and one drives a real ``storescu`` -> ``dicom_scp`` -> ``local_archive``.
+standing in for the storage threads, and with thread leaders on the test's thread;
+the others run the real store (sqlite and PostgreSQL) with fsync on, and one drives a real ``storescu`` -> ``dicom_scp`` -> ``local_archive``.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
                                for s in staged])
     acks = [i for i, e in enumerate(events) if e[0] == "acked"]
     assert len(acks) == len(files)
-    await threads.deferToThread(lambda: store._flusher.shutdown(wait=True) if store._flusher else None)
+    await threads.deferToThread(store.flushes_done_sync)
     for i in acks:
         path = events[i][1]
         assert path.exists()

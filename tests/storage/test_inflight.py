@@ -157,8 +157,7 @@ async def test_a_clean_stop_leaves_nothing_to_check_and_rows_are_forgotten_as_fl
         for f in files[:3]:
             await store.put_file(f)
         # (journaled, their flushes finish behind the answers: wait for them)
-        await threads.deferToThread(store._flusher.shutdown, wait=True)
-        store._flusher = None
+        await threads.deferToThread(store.flushes_done_sync)
         await store.put_file(files[3])
         # each transaction forgets the rows of the instances durable before it
         assert len(rows(store, "SELECT * FROM in_flight")) == 1

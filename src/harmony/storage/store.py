@@ -155,12 +155,88 @@ class Placed:
     sync_later: bool = False
 
 
-def _sync_all(files: list[Path], folders: list[Path]) -> None:
-    """fdatasync each of *files*, then fsync each of *folders* (a journaled batch's flushes)."""
-    for path in files:
-        fdatasync_file(path)
-    for folder in folders:
-        fsync_dir(folder)
+class _FlushesBehind:
+    """The flushes no acknowledgement waits for - a journaled batch's file data syncs
+    and folder fsyncs (its bytes are in its committed in_flight row) - run on one
+    thread, everything pending at once.
+
+    A task per batch on a thread pool woke a flush thread per C-STORE of one
+    association: ``ThreadPoolExecutor.submit`` and its ``Condition.notify`` were
+    ~17 % of the GIL-holding samples (py-spy, bench/ingest "C-STORE CPU per
+    instance, session 7").  Here a task is appended under a lock and the thread is
+    woken only when it sleeps; while it syncs, what arrives waits for the next round,
+    and a folder several batches share is fsynced once per round (every name in
+    that round's tasks was linked before the round started).  Each file still gets
+    its own fdatasync.  Each task's *future* gets the round's outcome for it: None,
+    or the OSError that stopped it (its rows stay for the next start).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[tuple[list[Path], list[Path], Future]] = []
+        self._sleeping = False
+        self._busy = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, files: list[Path], folders: list[Path]) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._stopping:
+                raise StorageFailure("the store is closed")
+            self._pending.append((files, folders, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="harmony-storage-flush-behind", daemon=True)
+                self._thread.start()
+            elif self._sleeping:
+                self._wake.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._busy = False
+                while not self._pending:
+                    if self._stopping:
+                        self._wake.notify_all()
+                        return
+                    self._wake.notify_all()   # (wait_idle)
+                    self._sleeping = True
+                    self._wake.wait()
+                    self._sleeping = False
+                work, self._pending = self._pending, []
+                self._busy = True
+            synced: set[Path] = set()
+            for files, folders, future in work:
+                try:
+                    for path in files:
+                        fdatasync_file(path)
+                    for folder in folders:
+                        if folder not in synced:
+                            fsync_dir(folder)
+                            synced.add(folder)
+                except OSError as e:
+                    future.set_exception(e)
+                else:
+                    future.set_result(None)
+
+    def wait_idle(self) -> None:
+        """Return once every task submitted so far has finished (tests, close)."""
+        with self._lock:
+            while self._pending or self._busy:
+                if self._thread is None:
+                    return
+                self._wake.wait()
+
+    def stop(self) -> None:
+        """Finish what is pending, then end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 @attr.s(auto_attribs=True)
@@ -255,6 +331,8 @@ class InstanceStore:
         #: run at the same time as its index commit (made on first use).
         self._flusher: ThreadPoolExecutor | None = None
         self._flush_threads = 2 * threads + 4
+        #: The flushes behind journaled acknowledgements (see _FlushesBehind).
+        self._behind = _FlushesBehind()
         #: This opening of the store, on its in_flight rows (recovery checks older ones).
         self.opening = uuid.uuid4().hex
         #: Numbers the temp files of instances placed from memory (with ``opening``: unique).
@@ -570,6 +648,7 @@ class InstanceStore:
         self._stop_pool()  # joins the storage threads: every write has finished
         if self._flusher is not None:
             self._flusher.shutdown(wait=True)
+        self._behind.stop()
         c = self.committer
         if c.entries:
             log.info("storage {root}: {n} instance(s) committed in {batches} commit(s), largest {largest}",
@@ -727,6 +806,14 @@ class InstanceStore:
             placed.data_sync = self._flush(fdatasync_file, final)
         return placed
 
+    def flushes_done_sync(self) -> None:
+        """Wait until every file and folder flush started so far has finished (not the reactor)."""
+        with self._placed_lock:
+            flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.shutdown(wait=True)
+        self._behind.wait_idle()
+
     def _flush(self, fn, *args) -> Future:
         """Run a blocking flush (fdatasync, fsync) on a flush thread."""
         with self._placed_lock:
@@ -811,10 +898,9 @@ class InstanceStore:
         later = [p.final for p in batch if p.sync_later]
         folders = sorted({p.final.parent for p in batch}) if overlap else []
         if journaled:
-            # Not waited for by the acknowledgement: one flush task syncs the batch's
-            # files and folders in turn (one thread hand-off per batch, not one per file
-            # and folder: bench/ingest measured ~10 % fewer futex calls per instance).
-            flushes = [self._flush(_sync_all, later, folders)]
+            # Not waited for by the acknowledgement: the flush thread behind syncs the
+            # batch's files and folders with whatever else is pending (_FlushesBehind).
+            flushes = [self._behind.submit(later, folders)]
             flushes += [p.data_sync for p in batch if p.data_sync is not None]
         else:
             late = [self._flush(fdatasync_file, path) for path in later]
