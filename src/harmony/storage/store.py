@@ -126,6 +126,8 @@ MTIME_SLACK_SECS = 2.0
 JOURNAL_MAX_BYTES = 256 * 1024
 #: Journaled instances whose file flushes may lag behind at most (then commits wait for them).
 MAX_UNFLUSHED = 512
+#: How long the flushes behind journaled acknowledgements gather before a round (see _FlushesBehind).
+GATHER_SECS = 0.004
 #: A group of instances (:meth:`InstanceStore.put_instances`) is placed by one
 #: storage thread per this many bytes of them (up to the pool's size).
 SHARE_BYTES = 16 * 1024 * 1024
@@ -214,15 +216,17 @@ class _IngestThreads:
 class _FlushesBehind:
     """The flushes no acknowledgement waits for - a journaled batch's file data syncs
     and folder fsyncs (its bytes are in its committed in_flight row) - run on one
-    thread, everything pending at once.
+    thread, everything pending at once, gathered for :data:`GATHER_SECS` first.
 
     A task per batch on a thread pool woke a flush thread per C-STORE of one
     association: ``ThreadPoolExecutor.submit`` and its ``Condition.notify`` were
     ~17 % of the GIL-holding samples (py-spy, bench/ingest "C-STORE CPU per
     instance, session 7").  Here a task is appended under a lock and the thread is
-    woken only when it sleeps; while it syncs, what arrives waits for the next round,
-    and a folder several batches share is fsynced once per round (every name in
-    that round's tasks was linked before the round started).  Each file still gets
+    woken only when it sleeps with nothing to do; a round then gathers what arrives
+    for a few milliseconds (no wake-up per task) and syncs it all, a folder several
+    batches share fsynced once per round (every name in that round's tasks was
+    linked before the round started).  Nobody waits for these flushes but the
+    in_flight rows they let go (and :data:`MAX_UNFLUSHED`).  Each file still gets
     its own fdatasync.  Each task's *future* gets the round's outcome for it: None,
     or the OSError that stopped it (its rows stay for the next start).
     """
@@ -245,7 +249,7 @@ class _FlushesBehind:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="harmony-storage-flush-behind", daemon=True)
                 self._thread.start()
-            elif self._sleeping:
+            elif self._sleeping:   # (not while it gathers a round)
                 self._wake.notify()
         return future
 
@@ -261,6 +265,8 @@ class _FlushesBehind:
                     self._sleeping = True
                     self._wake.wait()
                     self._sleeping = False
+                if not self._stopping:
+                    self._wake.wait(GATHER_SECS)   # submit() does not wake a gathering round
                 work, self._pending = self._pending, []
                 self._busy = True
             synced: set[Path] = set()
