@@ -95,6 +95,7 @@ from harmony.storage.files import (
     fsync_dir,
     fsync_file,
     make_dirs,
+    write_all,
 )
 from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.query import (
@@ -842,9 +843,7 @@ class InstanceStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
             finally:
                 os.close(fd)
             if self.fsync:
