@@ -2,14 +2,12 @@
 
 What the ingest's shortcuts must never change: the patient, study and series records
 are the same whichever way they are split and encoded, a record whose attributes did
-not change is not encoded again, and one that did change is written again.  Also the
-sqlite database's writes, which all run on one connection whatever thread commits.
+not change is not encoded again, and one that did change is written again.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -85,20 +83,3 @@ def test_a_study_attribute_that_changes_is_written_even_when_its_text_was_rememb
     rows = db.read(lambda c: c.execute("SELECT attrs FROM studies").fetchall(), ())
     assert len(rows) == 1 and json.loads(rows[0][0])["00081030"]["Value"] == ["HEAD"]
     assert db.read(lambda c: c.execute("SELECT count(*) FROM instances").fetchone()[0], ()) == 3
-
-
-def test_writes_from_every_thread_run_on_one_connection(db):
-    """One writer connection: a commit from another connection would make sqlite
-    drop this one's page cache (a storage thread each read its pages again)."""
-    used, readers = [], []
-
-    def write(n):
-        used.append(db.transaction(True, lambda conn: conn))
-        readers.append(db.read(lambda conn: conn, ()))
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len({id(c) for c in used}) == 1
-    assert len({id(c) for c in readers}) == 3 and used[0] not in readers   # reads keep a connection per thread
