@@ -2,7 +2,8 @@
 association made with Harmony's own requestor (harmony.dicom.ul.requestor) and joined to it by
 tests.memory.Wires, and the pipeline run for real.  C-ECHO, a C-FIND whose matches stream back as
 pending responses, failures as DIMSE statuses, refusals of what is not enabled or not allowed.
-(C-STORE writes through the DICOM thread pool: that is the real-peer tier's, tests/endpoints/test_dicom_scp_peers.py.)"""
+C-STORE data sets held in memory or spilled to a staging file (``SpoolingSink``).  (C-STORE writes
+through the DICOM thread pool: that is the real-peer tier's, tests/endpoints/test_dicom_scp_peers.py.)"""
 
 from __future__ import annotations
 
