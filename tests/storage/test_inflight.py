@@ -38,6 +38,7 @@ KILLED_AFTER_COMMIT = textwrap.dedent("""
     store.journal = journal == "1"  # off: an instance too large for the journal
     for f in files[:-1]:
         store.put_file_sync(f, enqueue=["pacs"])  # acknowledged (put_file_sync returned)
+    store.flushes_done_sync()  # their flushes (behind a journaled answer) done: settled in the next commit
     real_write = store.write_sync
 
     def kill_after_commit(fn, *args, **kwargs):
