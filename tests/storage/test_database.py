@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 
-from harmony.storage.database import SqliteDatabase
-
-
-@pytest.fixture
-def db(tmp_path):
-    from harmony.storage.store import schema_pg, schema_sqlite
-    database = SqliteDatabase(tmp_path / "index.sqlite")
-    database.create_schema(schema_sqlite(), schema_pg())
-    yield database
-    database.close()
-
-
-def test_writes_from_every_thread_run_on_one_connection(db):
+def test_writes_from_every_thread_run_on_one_connection(sqlite_index):
     used, readers = [], []
 
     def write(n):
-        used.append(db.transaction(True, lambda conn: conn))
-        readers.append(db.read(lambda conn: conn, ()))
+        used.append(sqlite_index.transaction(True, lambda conn: conn))
+        readers.append(sqlite_index.read(lambda conn: conn, ()))
     threads = [threading.Thread(target=write, args=(n,)) for n in range(3)]
     for t in threads:
         t.start()
@@ -38,8 +25,8 @@ def test_writes_from_every_thread_run_on_one_connection(db):
     assert len({id(c) for c in readers}) == 3 and used[0] not in readers   # reads keep a connection per thread
 
 
-def test_a_write_after_close_opens_a_new_writer(db):
-    first = db.transaction(True, lambda conn: conn)
-    db.close()
-    again = db.transaction(True, lambda conn: conn.execute("SELECT count(*) FROM instances").fetchone()[0])
-    assert again == 0 and db._writer is not first
+def test_a_write_after_close_opens_a_new_writer(sqlite_index):
+    first = sqlite_index.transaction(True, lambda conn: conn)
+    sqlite_index.close()
+    again = sqlite_index.transaction(True, lambda conn: conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+    assert again == 0 and sqlite_index._writer is not first

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from harmony.storage import index as idx
-from harmony.storage.database import SqliteDatabase
 from harmony.storage.query import LEVEL_TAGS, PATIENT, SERIES, STUDY, split_levels
 
 
@@ -62,24 +59,15 @@ def test_the_remembered_texts_stay_bounded():
     assert len(texts._seen) <= 4
 
 
-@pytest.fixture
-def db(tmp_path):
-    from harmony.storage.store import schema_pg, schema_sqlite
-    database = SqliteDatabase(tmp_path / "index.sqlite")
-    database.create_schema(schema_sqlite(), schema_pg())
-    yield database
-    database.close()
-
-
 def _upsert(conn, attrs, relpath):
     return idx.upsert_instance(conn, attrs, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                                transfer_syntax_uid="1.2.840.10008.1.2.1", relpath=relpath, size=1, now=0.0)
 
 
-def test_a_study_attribute_that_changes_is_written_even_when_its_text_was_remembered(db):
-    db.transaction(True, _upsert, (_attrs(), "a/b/1.dcm"))
-    db.transaction(True, _upsert, (_attrs(sop="1.2.826.0.1.3680043.10.543.90.1.1.2"), "a/b/2.dcm"))
-    db.transaction(True, _upsert, (_attrs("HEAD", sop="1.2.826.0.1.3680043.10.543.90.1.1.3"), "a/b/3.dcm"))
-    rows = db.read(lambda c: c.execute("SELECT attrs FROM studies").fetchall(), ())
+def test_a_study_attribute_that_changes_is_written_even_when_its_text_was_remembered(sqlite_index):
+    sqlite_index.transaction(True, _upsert, (_attrs(), "a/b/1.dcm"))
+    sqlite_index.transaction(True, _upsert, (_attrs(sop="1.2.826.0.1.3680043.10.543.90.1.1.2"), "a/b/2.dcm"))
+    sqlite_index.transaction(True, _upsert, (_attrs("HEAD", sop="1.2.826.0.1.3680043.10.543.90.1.1.3"), "a/b/3.dcm"))
+    rows = sqlite_index.read(lambda c: c.execute("SELECT attrs FROM studies").fetchall(), ())
     assert len(rows) == 1 and json.loads(rows[0][0])["00081030"]["Value"] == ["HEAD"]
-    assert db.read(lambda c: c.execute("SELECT count(*) FROM instances").fetchone()[0], ()) == 3
+    assert sqlite_index.read(lambda c: c.execute("SELECT count(*) FROM instances").fetchone()[0], ()) == 3
