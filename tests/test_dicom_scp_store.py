@@ -9,6 +9,9 @@ a sender hears when the durable write fails.
   instance is described from the request and the data set's head and the store
   parses and checks it; a file that is corrupt, has invalid UIDs or is not the
   instance the request named is still refused (0xC000, 0xA900) and not kept.
+- Into such a pipeline a small data set is received into memory and filed from its
+  bytes (nothing staged); one over ``IN_MEMORY_BYTES`` is staged to a file on the
+  way in; both are stored whole, as DCMTK ``storescu`` sent them.
 - DCMTK ``storescu`` -> ``dicom_scp`` -> ``local_archive`` with the store's index
   commit failing: each instance is answered 0x0110 (Processing Failure), nothing
   is indexed, and instances acknowledged before are untouched (that a failed
@@ -122,6 +125,40 @@ async def test_into_the_archive_the_store_alone_parses_and_checks(tmp_path, monk
         endpoint = harmony.service.runtime.endpoints["scp"]
         left = [p for p in endpoint.staging.folder.iterdir() if p.suffix != ".part"]  # spares are .part
         assert left == []
+    finally:
+        await harmony.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_data_sets_arrive_in_memory_and_large_ones_are_staged(tmp_path, monkeypatch):
+    from harmony.endpoints.dicom_scp import IN_MEMORY_BYTES, ScpServices
+    staged = []
+    real = ScpServices._staged_file
+
+    def staged_file(self):
+        staged.append(True)
+        return real(self)
+    monkeypatch.setattr(ScpServices, "_staged_file", staged_file)
+    cfg, scp_port = config(tmp_path / "h", "archive")
+    small = make_instances(tmp_path / "small", 3, 49, patient_id="SPOOL")
+    [large] = make_instances(tmp_path / "large", 1, 50, patient_id="SPOOL", size=400)
+    assert large.stat().st_size > IN_MEMORY_BYTES > max(f.stat().st_size for f in small)
+    harmony = await start_harmony(cfg)
+    try:
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, *small)
+        assert r.stderr.count(b"Received Store Response (Success)") == 3, r.stderr
+        assert staged == []   # held in memory, filed from their bytes
+        r = await run("storescu", "-v", "-aec", SCP_AET, "127.0.0.1", scp_port, large)
+        assert r.stderr.count(b"Received Store Response (Success)") == 1, r.stderr
+        assert staged == [True]
+        store = harmony.service.runtime.backends["archive"].store
+        for sent in small + [large]:
+            ds = dcmread(sent)
+            stored = await store.run(store.get_sync, str(ds.SOPInstanceUID))
+            assert dcmread(stored.path) == ds   # every element, the pixel data included
+        assert (await store.run(store.counts_sync))["instances"] == 4
+        endpoint = harmony.service.runtime.endpoints["scp"]
+        assert [p for p in endpoint.staging.folder.iterdir() if p.suffix != ".part"] == []
     finally:
         await harmony.stop()
 

@@ -2,7 +2,8 @@
 association made with Harmony's own requestor (harmony.dicom.ul.requestor) and joined to it by
 tests.memory.Wires, and the pipeline run for real.  C-ECHO, a C-FIND whose matches stream back as
 pending responses, failures as DIMSE statuses, refusals of what is not enabled or not allowed.
-(C-STORE writes through the DICOM thread pool: that is the real-peer tier's, tests/endpoints/test_dicom_scp_peers.py.)"""
+C-STORE data sets held in memory or spilled to a staging file (``SpoolingSink``).  (C-STORE writes
+through the DICOM thread pool: that is the real-peer tier's, tests/endpoints/test_dicom_scp_peers.py.)"""
 
 from __future__ import annotations
 
@@ -378,3 +379,94 @@ def test_deadlines_share_one_timer_and_expire_what_was_not_moved_on():
     deadlines.set("shorter", 0.5, lambda: expired.append("shorter"))
     clock.advance(0.5)
     assert expired[-1] == "shorter"
+
+
+# ---------------------------------------------------------------------- C-STORE data sets held in memory
+
+
+class _Staging:
+    """What a SpoolingSink asks of its ScpServices: a staging file when it spills
+    (real files in *folder*), and the endpoint's name for its log line."""
+
+    def __init__(self, folder, fail=False):
+        self.folder = folder
+        self.fail = fail
+        self.made: list = []
+        self.endpoint = types.SimpleNamespace(name="scp")
+
+    def _staged_file(self):
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        path = self.folder / f"{len(self.made)}.dcm"
+        self.made.append(path)
+        return path, open(path, "wb")
+
+
+def _store_command(sop="1.2.826.0.1.3680043.10.1442.71.1.1"):
+    return {"AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "AffectedSOPInstanceUID": sop}
+
+
+def _data_set(size: int) -> bytes:
+    """A little-endian explicit VR data set: Study and Series Instance UIDs, then *size* bytes of OB."""
+    ds = Dataset()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.1442.71.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1442.71.1.1"
+    ds.add_new(0x00091010, "OB", b"\1" * size)   # private: stands in for pixel data
+    return datasets.encode(ds, "1.2.840.10008.1.2.1")
+
+
+def _part_ten_file(tmp_path, data: bytes, fragment: int):
+    """The file a PartTenSink writes for *data*: what held in memory must equal."""
+    path = tmp_path / "reference.dcm"
+    sink = datasets.PartTenSink(path, _store_command(), "1.2.840.10008.1.2.1", 1 << 30, source_aet="SCU")
+    for i in range(0, len(data), fragment):
+        sink.write(data[i:i + fragment])
+    sink.close()
+    return path.read_bytes(), sink.described
+
+
+def test_a_small_c_store_data_set_is_held_in_memory_as_the_file_it_would_have_been(tmp_path):
+    from harmony.endpoints.dicom_scp import InMemory, SpoolingSink
+    data = _data_set(9000)
+    staging = _Staging(tmp_path)
+    sink = SpoolingSink(staging, _store_command(), "1.2.840.10008.1.2.1", 1 << 30, "SCU")
+    for i in range(0, len(data), 4000):
+        sink.write(data[i:i + 4000])
+    held = sink.close()
+    assert isinstance(held, InMemory) and staging.made == []   # nothing staged
+    expected, described = _part_ten_file(tmp_path, data, 4000)
+    assert b"".join(held.data) == expected
+    assert sink.described == described == ("1.2.826.0.1.3680043.10.1442.71.1", "1.2.826.0.1.3680043.10.1442.71.1.1")
+    assert sink.meta_length + sink.received == len(expected)
+
+
+def test_a_c_store_data_set_over_the_memory_size_goes_on_in_a_staging_file(tmp_path):
+    from harmony.endpoints.dicom_scp import IN_MEMORY_BYTES, SpoolingSink
+    data = _data_set(IN_MEMORY_BYTES + 50_000)
+    staging = _Staging(tmp_path)
+    sink = SpoolingSink(staging, _store_command(), "1.2.840.10008.1.2.1", 1 << 30, "SCU")
+    for i in range(0, len(data), 16_000):
+        sink.write(data[i:i + 16_000])
+    path = sink.close()
+    assert staging.made == [path]
+    expected, described = _part_ten_file(tmp_path, data, 16_000)
+    assert path.read_bytes() == expected
+    assert sink.described == described and sink.received == len(data)
+
+
+def test_a_c_store_data_set_over_the_limit_is_refused_in_memory_too(tmp_path):
+    from harmony.dicom.ul.pdu import PDUError
+    from harmony.endpoints.dicom_scp import SpoolingSink
+    sink = SpoolingSink(_Staging(tmp_path), _store_command(), "1.2.840.10008.1.2.1", 5000, "SCU")
+    sink.write(b"\0" * 4000)
+    with pytest.raises(PDUError):
+        sink.write(b"\0" * 2000)
+
+
+def test_a_spill_that_cannot_be_staged_reads_the_rest_and_is_refused(tmp_path):
+    from harmony.endpoints.dicom_scp import IN_MEMORY_BYTES, SpoolingSink
+    sink = SpoolingSink(_Staging(tmp_path, fail=True), _store_command(), "1.2.840.10008.1.2.1", 1 << 30, "SCU")
+    for _ in range(IN_MEMORY_BYTES // 16_000 + 3):
+        sink.write(b"\0" * 16_000)
+    assert sink.close() is None   # on_store answers 0xA700 "cannot write to storage"
+    assert list(tmp_path.iterdir()) == []

@@ -38,6 +38,7 @@ KILLED_AFTER_COMMIT = textwrap.dedent("""
     store.journal = journal == "1"  # off: an instance too large for the journal
     for f in files[:-1]:
         store.put_file_sync(f, enqueue=["pacs"])  # acknowledged (put_file_sync returned)
+    store.flushes_done_sync()  # their flushes (behind a journaled answer) done: settled in the next commit
     real_write = store.write_sync
 
     def kill_after_commit(fn, *args, **kwargs):
@@ -157,8 +158,7 @@ async def test_a_clean_stop_leaves_nothing_to_check_and_rows_are_forgotten_as_fl
         for f in files[:3]:
             await store.put_file(f)
         # (journaled, their flushes finish behind the answers: wait for them)
-        await threads.deferToThread(store._flusher.shutdown, wait=True)
-        store._flusher = None
+        await threads.deferToThread(store.flushes_done_sync)
         await store.put_file(files[3])
         # each transaction forgets the rows of the instances durable before it
         assert len(rows(store, "SELECT * FROM in_flight")) == 1

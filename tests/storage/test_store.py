@@ -281,3 +281,81 @@ async def test_what_the_scanner_declines_pydicom_files(store, tmp_path):
     attrs = await store.read(lambda c: c.execute("SELECT attrs FROM instances WHERE sop_uid = ?",
                                                  (stored.sop_instance_uid,)).fetchone()[0])
     assert json.loads(attrs)["00100010"]["Value"] == [{"Alphabetic": "Müller^Jürgen"}]
+
+
+# ---------------------------------------------------------------------- instances held in memory
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_held_in_memory_is_filed_from_its_bytes(store, corpus):
+    """A small C-STORE data set received into memory (``DicomInstance.data``): filed
+    from its bytes (no file of its own before), checked against the UIDs it came
+    with, and on a journaling store its bytes ride in its in_flight row."""
+    from harmony.dicom.results import DicomInstance
+    inst = corpus[5]
+    data = inst.path.read_bytes()
+    received = DicomInstance(path=store.root / "never-made", data=[data[:300], data[300:]], unchecked=True,
+                             sop_class_uid=inst.sop_class, sop_instance_uid=inst.sop_uid)
+    stored = await store.put_instance(received)
+    assert stored.path == store.instances_dir / inst.study_uid / inst.series_uid / f"{inst.sop_uid}.dcm"
+    assert stored.path.read_bytes() == data
+    assert (stored.study_instance_uid, stored.series_instance_uid) == (inst.study_uid, inst.series_uid)
+    assert leftovers(store) == []
+    if store.journal:
+        journaled = await store.read(lambda c: c.execute("SELECT data FROM in_flight WHERE sop_uid=?",
+                                                          (inst.sop_uid,)).fetchone())
+        assert journaled is None or bytes(journaled[0]) == data   # (forgotten once its flushes finished)
+    # The same instance again (its name exists): replaced, still one row.
+    await store.put_instance(DicomInstance(path=store.root / "never-made", data=[data]))
+    assert (await store.run(store.counts_sync))["instances"] == 1
+    assert stored.path.read_bytes() == data and leftovers(store) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_in_memory_that_is_not_what_it_came_as_is_refused_and_leaves_nothing(store, corpus):
+    from harmony.dicom.results import DicomInstance
+    from harmony.storage.errors import MismatchedInstance
+    inst = corpus[6]
+    data = inst.path.read_bytes()
+    with pytest.raises(MismatchedInstance):
+        await store.put_instance(DicomInstance(path=store.root / "x", data=[data], unchecked=True,
+                                               sop_class_uid=inst.sop_class, sop_instance_uid="1.2.3.4"))
+    with pytest.raises(InvalidInstance):
+        await store.put_instance(DicomInstance(path=store.root / "x", data=[data[:-100]]))   # cut inside its pixel data
+    with pytest.raises(InvalidInstance):
+        await store.put_instance(DicomInstance(path=store.root / "x", data=[b"not DICOM at all"]))
+    assert (await store.run(store.counts_sync))["instances"] == 0
+    assert leftovers(store) == [] and not any(store.instances_dir.rglob("*.dcm"))
+    assert store.counters["refused_invalid"] == 3
+
+
+def test_the_flushes_behind_run_together_and_a_failure_is_its_tasks_own(tmp_path, monkeypatch):
+    """Tasks queued while the flush thread works go in its next round, a folder shared
+    by them is fsynced once a round, and a sync that fails fails only its own task."""
+    import threading
+
+    from harmony.storage import store as store_module
+    gate, synced = threading.Event(), []
+
+    def fdatasync(path):
+        if path.name == "first":
+            gate.wait(30)   # the first round is still syncing while the others are queued
+        if path.name == "broken":
+            raise OSError(5, "Input/output error")
+        synced.append(path.name)
+
+    monkeypatch.setattr(store_module, "fdatasync_file", fdatasync)
+    monkeypatch.setattr(store_module, "fsync_dir", lambda folder: synced.append(f"dir:{folder.name}"))
+    behind = store_module._FlushesBehind()
+    try:
+        first = behind.submit([tmp_path / "first"], [tmp_path / "a"])
+        later = [behind.submit([tmp_path / name], [tmp_path / "b"]) for name in ("one", "broken", "two")]
+        gate.set()
+        behind.wait_idle()
+        assert first.result() is None
+        assert later[0].result() is None and later[2].result() is None
+        assert isinstance(later[1].exception(), OSError)
+        assert synced == ["first", "dir:a", "one", "dir:b", "two"]   # folder b: once for the round
+    finally:
+        gate.set()
+        behind.stop()

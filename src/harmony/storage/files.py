@@ -41,6 +41,13 @@ def fdatasync_file(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data) -> None:
+    """Write all of *data* to the file descriptor *fd* (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def make_dirs(path: Path, stop: Path) -> None:
     """``mkdir -p`` that fsyncs each parent it adds an entry to (below *stop*)."""
     missing = []

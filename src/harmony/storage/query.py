@@ -65,6 +65,8 @@ def tag_hex(keyword: str) -> str:
 
 LEVEL_TAGS = {lvl: {tag_hex(k) for k in kws + COMPUTED[lvl]} for lvl, kws in LEVEL_KEYWORDS.items()}
 LEVEL_TAGS[IMAGE] = set()
+#: Tag -> the level (patient, study or series) whose record keeps it.
+_LEVEL_OF = {t: lvl for lvl in (PATIENT, STUDY, SERIES) for t in LEVEL_TAGS[lvl]}
 CONTROL_TAGS = {tag_hex(k) for k in CONTROL_KEYWORDS}
 
 
@@ -129,8 +131,16 @@ def _fits(js: dict) -> bool:
 
 
 def split_levels(attrs: dict) -> dict:
-    """Instance attributes split into the patient, study and series records."""
-    return {lvl: {t: v for t, v in attrs.items() if t in LEVEL_TAGS[lvl]} for lvl in (PATIENT, STUDY, SERIES)}
+    """Instance attributes split into the patient, study and series records, each
+    in the order of *attrs*.  One pass over *attrs* (a level's ~15 tags out of an
+    instance's ~50): three filtering passes were ~3 % of an ingest's CPU (bench/ingest)."""
+    levels: dict = {PATIENT: {}, STUDY: {}, SERIES: {}}
+    level_of = _LEVEL_OF
+    for t, v in attrs.items():
+        lvl = level_of.get(t)
+        if lvl is not None:
+            levels[lvl][t] = v
+    return levels
 
 
 def text_values(element: dict | None) -> list[str]:

@@ -45,7 +45,9 @@ resends).  See docs/storage.md, "Crash recovery".
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import re
 import sqlite3
 import threading
@@ -64,7 +66,7 @@ from twisted.python.threadpool import ThreadPool
 
 from harmony.dicom import status as dimse
 from harmony.dicom.files import CorruptDataset, check_complete, stamp_of
-from harmony.dicom.rawscan import ScanDeclined, ScannedFile, scan_file
+from harmony.dicom.rawscan import ScanDeclined, ScannedFile, scan_bytes, scan_file
 from harmony.dicom.results import DicomInstance, ResultStream
 from harmony.dicomweb.cache import BASE_PLACEHOLDER
 from harmony.dicomweb.dicomjson import stored_metadata
@@ -86,12 +88,14 @@ from harmony.storage.errors import (
 from harmony.storage.files import (
     SpaceGuard,
     TempFile,
+    _io_error,
     claim_name,
     clear_temp,
     fdatasync_file,
     fsync_dir,
     fsync_file,
     make_dirs,
+    write_all,
 )
 from harmony.storage.groupcommit import GroupCommit
 from harmony.storage.query import (
@@ -123,6 +127,8 @@ MTIME_SLACK_SECS = 2.0
 JOURNAL_MAX_BYTES = 256 * 1024
 #: Journaled instances whose file flushes may lag behind at most (then commits wait for them).
 MAX_UNFLUSHED = 512
+#: How long the flushes behind journaled acknowledgements gather before a round (see _FlushesBehind).
+GATHER_SECS = 0.004
 #: A group of instances (:meth:`InstanceStore.put_instances`) is placed by one
 #: storage thread per this many bytes of them (up to the pool's size).
 SHARE_BYTES = 16 * 1024 * 1024
@@ -153,21 +159,147 @@ class Placed:
     sync_later: bool = False
 
 
-def _sync_all(files: list[Path], folders: list[Path]) -> None:
-    """fdatasync each of *files*, then fsync each of *folders* (a journaled batch's flushes)."""
-    for path in files:
-        fdatasync_file(path)
-    for folder in folders:
-        fsync_dir(folder)
+class _IngestThreads:
+    """The storage threads that place instances (and lead their group commits):
+    plain threads over one ``queue.SimpleQueue``.
+
+    Twisted's ``ThreadPool.callInThread`` goes through a coordinator, a team and a
+    worker queue per job (and the context and bookkeeping around it): ~7 % of the
+    GIL-holding samples of a C-STORE (py-spy, bench/ingest "C-STORE CPU per
+    instance, session 7"), for a job that reports back by itself
+    (:meth:`InstanceStore._ingest`).  ``SimpleQueue.put`` wakes a thread only
+    when one is waiting."""
+
+    def __init__(self, size: int, name: str):
+        self.size = size
+        self.name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        return bool(self._threads)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._threads:
+                return
+            self._threads = [threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True)
+                             for i in range(self.size)]
+            for thread in self._threads:
+                thread.start()
+
+    def call(self, fn, *args) -> None:
+        self._jobs.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - jobs report their own errors; this is a bug's last stop
+                log.failure("storage: an ingest job failed", Failure())
+
+    def stop(self) -> None:
+        """Finish the jobs queued, then end the threads."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._jobs.put(None)
+        for thread in threads:
+            thread.join()
 
 
-@attr.s(auto_attribs=True, slots=True)
-class _Inline:
-    """A placed instance its own storage thread committed (the committer was idle)."""
+class _FlushesBehind:
+    """The flushes no acknowledgement waits for - a journaled batch's file data syncs
+    and folder fsyncs (its bytes are in its committed in_flight row) - run on one
+    thread, everything pending at once, gathered for :data:`GATHER_SECS` first.
 
-    placed: Placed
-    result: DicomInstance | None = None
-    failure: Failure | None = None
+    A task per batch on a thread pool woke a flush thread per C-STORE of one
+    association: ``ThreadPoolExecutor.submit`` and its ``Condition.notify`` were
+    ~17 % of the GIL-holding samples (py-spy, bench/ingest "C-STORE CPU per
+    instance, session 7").  Here a task is appended under a lock and the thread is
+    woken only when it sleeps with nothing to do; a round then gathers what arrives
+    for a few milliseconds (no wake-up per task) and syncs it all, a folder several
+    batches share fsynced once per round (every name in that round's tasks was
+    linked before the round started).  Nobody waits for these flushes but the
+    in_flight rows they let go (and :data:`MAX_UNFLUSHED`).  Each file still gets
+    its own fdatasync.  Each task's *future* gets the round's outcome for it: None,
+    or the OSError that stopped it (its rows stay for the next start).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[tuple[list[Path], list[Path], Future]] = []
+        self._sleeping = False
+        self._busy = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, files: list[Path], folders: list[Path]) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._stopping:
+                raise StorageFailure("the store is closed")
+            self._pending.append((files, folders, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="harmony-storage-flush-behind", daemon=True)
+                self._thread.start()
+            elif self._sleeping:   # (not while it gathers a round)
+                self._wake.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._busy = False
+                while not self._pending:
+                    if self._stopping:
+                        self._wake.notify_all()
+                        return
+                    self._wake.notify_all()   # (wait_idle)
+                    self._sleeping = True
+                    self._wake.wait()
+                    self._sleeping = False
+                if not self._stopping:
+                    self._wake.wait(GATHER_SECS)   # submit() does not wake a gathering round
+                work, self._pending = self._pending, []
+                self._busy = True
+            synced: set[Path] = set()
+            for files, folders, future in work:
+                try:
+                    for path in files:
+                        fdatasync_file(path)
+                    for folder in folders:
+                        if folder not in synced:
+                            fsync_dir(folder)
+                            synced.add(folder)
+                except OSError as e:
+                    future.set_exception(e)
+                else:
+                    future.set_result(None)
+
+    def wait_idle(self) -> None:
+        """Return once every task submitted so far has finished (tests, close)."""
+        with self._lock:
+            while self._pending or self._busy:
+                if self._thread is None:
+                    return
+                self._wake.wait()
+
+    def stop(self) -> None:
+        """Finish what is pending, then end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 @attr.s(auto_attribs=True)
@@ -240,6 +372,8 @@ class InstanceStore:
         #: Group commits run on a thread of their own: queued behind placements on the
         #: pool (FIFO), a commit would wait for every placement ahead of it.
         self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
+        #: Where single instances are placed and committed (see _IngestThreads).
+        self.ingest_threads = _IngestThreads(threads, "harmony-storage-ingest")
         self._shutdown_trigger = None
         self._refs = 0
         self.closed = False
@@ -255,13 +389,19 @@ class InstanceStore:
         self._uncommitted = 0
         self._placed_lock = threading.Lock()
         #: Concurrent ingests share fsync rounds and index transactions (see harmony.storage.groupcommit).
-        self.committer = GroupCommit(self.run_commit, lambda batch: self._commit_placed_sync(batch))
+        #: Storage threads lead the commits themselves (see harmony.storage.groupcommit).
+        self.committer = GroupCommit(lambda fn: self._spawn(self.commit_pool, fn),
+                                     lambda batch: self._commit_placed_sync(batch), tell=reactor.callFromThread)
         #: Threads that only wait for fdatasync/fsync, so the flushes of an instance
         #: run at the same time as its index commit (made on first use).
         self._flusher: ThreadPoolExecutor | None = None
         self._flush_threads = 2 * threads + 4
+        #: The flushes behind journaled acknowledgements (see _FlushesBehind).
+        self._behind = _FlushesBehind()
         #: This opening of the store, on its in_flight rows (recovery checks older ones).
         self.opening = uuid.uuid4().hex
+        #: Numbers the temp files of instances placed from memory (with ``opening``: unique).
+        self._temp_names = itertools.count()
         #: ``(sop_uid, relpath)`` of instances durable since their commit: their
         #: in_flight rows go in the next ingest transaction.
         self._settled: list[tuple[str, str]] = []
@@ -502,10 +642,26 @@ class InstanceStore:
         return self._run_on(self.commit_pool, fn, args, {})
 
     def _run_on(self, pool: ThreadPool, fn, args, kwargs) -> defer.Deferred:
+        try:
+            self._start_pools()
+        except StorageFailure:
+            return defer.fail()
+        return deferToThreadPool(self.reactor, pool, fn, *args, **kwargs)
+
+    def _spawn(self, pool: ThreadPool | _IngestThreads, fn, *args) -> None:
+        """Start ``fn(*args)`` on *pool*, which reports back by itself (no Deferred,
+        no reactor wake-up when it returns); StorageFailure if the store is closed."""
+        self._start_pools()
+        if isinstance(pool, _IngestThreads):
+            pool.call(fn, *args)
+        else:
+            pool.callInThread(fn, *args)
+
+    def _start_pools(self) -> None:
         if self.closed:
             # Never restart the pool of a closed store: its threads would outlive
             # it, and the shutdown trigger would stop a pool already stopped.
-            return defer.fail(StorageFailure("the store is closed"))
+            raise StorageFailure("the store is closed")
         if not self.pool.started:
             self.pool.start()
             self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
@@ -520,7 +676,8 @@ class InstanceStore:
                 self.reactor.callLater(0, self._upload_loop.start, self.upload_interval, now=True)
         if not self.commit_pool.started:
             self.commit_pool.start()
-        return deferToThreadPool(self.reactor, pool, fn, *args, **kwargs)
+        if not self.ingest_threads.started:
+            self.ingest_threads.start()
 
     def write(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.write_sync, fn, *args, **kwargs)
@@ -540,6 +697,7 @@ class InstanceStore:
         self.bookkeep(nodes.heartbeat, self.node, time.time()).addCallbacks(renewed, lambda f: None)
 
     def _stop_pool(self):
+        self.ingest_threads.stop()
         if self.pool.started:
             self.pool.stop()  # placements first: what they placed may still queue a commit
         if self.commit_pool.started:
@@ -561,6 +719,7 @@ class InstanceStore:
         self._stop_pool()  # joins the storage threads: every write has finished
         if self._flusher is not None:
             self._flusher.shutdown(wait=True)
+        self._behind.stop()
         c = self.committer
         if c.entries:
             log.info("storage {root}: {n} instance(s) committed in {batches} commit(s), largest {largest}",
@@ -664,17 +823,40 @@ class InstanceStore:
             tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
         return self._placed(header, final, tmp.size, enqueue, now, fresh, journal=True)
 
-    def _place_bytes_sync(self, data: bytes, enqueue, now) -> Placed:
+    def _place_bytes_sync(self, data, enqueue, now, expect=None) -> Placed:
+        """Place a Part-10 instance held in memory (*data*: its bytes, or its fragments
+        in order): described from those bytes, written once under a temp name of this
+        store's and claimed into place as :meth:`_place_file_sync` does a staged file.
+        Against staging it to a file first: no file made ahead, read back, stat'ed and
+        renamed (a C-STORE of a small instance, bench/ingest: ~10 system calls and a
+        thread hop fewer).  *expect*: see :meth:`_place_file_sync`."""
         self.open_sync()
-        self.guard.check(len(data))
-        tmp = TempFile(self.tmp_dir, self.guard, self.fsync)
-        tmp.__enter__()
+        if not isinstance(data, bytes):
+            data = b"".join(data)
+        size = len(data)
+        self.guard.check(size)
+        header = _header_of_bytes(data)
+        if expect is not None and (header["sop_class"], header["sop"]) != expect:
+            raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
+        final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
+        tmp = self.tmp_dir / f".{self.opening}-{next(self._temp_names)}.part"
         try:
-            tmp.write(data)
-        except BaseException:
-            tmp.__exit__(None, None, None)
-            raise
-        return self._place_temp_sync(tmp, enqueue, now)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                write_all(fd, data)
+            finally:
+                os.close(fd)
+            if self.fsync:
+                fresh = claim_name(tmp, final, self.instances_dir)
+            else:
+                make_dirs(final.parent, self.instances_dir)
+                os.replace(tmp, final)
+                fresh = False
+        except OSError as e:
+            _unlink_quietly(tmp)
+            raise _io_error(e) from None
+        header.setdefault("bytes", data)
+        return self._placed(header, final, size, enqueue, now, fresh, journal=True)
 
     def _placed(self, header: dict, final: Path, size: int, enqueue, now, fresh: bool = False,
                 journal: bool = False) -> Placed:
@@ -692,6 +874,14 @@ class InstanceStore:
         elif fresh:
             placed.data_sync = self._flush(fdatasync_file, final)
         return placed
+
+    def flushes_done_sync(self) -> None:
+        """Wait until every file and folder flush started so far has finished (not the reactor)."""
+        with self._placed_lock:
+            flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.shutdown(wait=True)
+        self._behind.wait_idle()
 
     def _flush(self, fn, *args) -> Future:
         """Run a blocking flush (fdatasync, fsync) on a flush thread."""
@@ -777,10 +967,9 @@ class InstanceStore:
         later = [p.final for p in batch if p.sync_later]
         folders = sorted({p.final.parent for p in batch}) if overlap else []
         if journaled:
-            # Not waited for by the acknowledgement: one flush task syncs the batch's
-            # files and folders in turn (one thread hand-off per batch, not one per file
-            # and folder: bench/ingest measured ~10 % fewer futex calls per instance).
-            flushes = [self._flush(_sync_all, later, folders)]
+            # Not waited for by the acknowledgement: the flush thread behind syncs the
+            # batch's files and folders with whatever else is pending (_FlushesBehind).
+            flushes = [self._behind.submit(later, folders)]
             flushes += [p.data_sync for p in batch if p.data_sync is not None]
         else:
             late = [self._flush(fdatasync_file, path) for path in later]
@@ -976,40 +1165,47 @@ class InstanceStore:
         reason = ("full" if f.check(StorageFull) else "invalid" if f.check(InvalidInstance) else "failed")
         self.counters[f"refused_{reason}"] += 1
 
-    def _place_sync(self, place, *args):
-        """Place an instance (storage thread); commit it here and now if the
-        committer is idle (the lone writer), else hand it to the next batch."""
-        placed = place(*args)
-        if not self.committer.claim():
-            return placed
+    def _ingest(self, place, *args, placed_hook=None) -> defer.Deferred:
+        """Place an instance on a storage thread (``place(*args)``) and commit it
+        from there with whatever else is waiting (group commit, thread leaders:
+        the lone writer commits at once, on the thread that placed it); fires on
+        the reactor with its stored :class:`DicomInstance`.  *placed_hook(placed)*
+        runs on that thread once it is placed.  One thread hop to the storage
+        thread and one ``callFromThread`` per committed batch back: no Deferred
+        for the placing itself (deferToThreadPool's reactor wake-up per job)."""
+        d: defer.Deferred = defer.Deferred()
+        tell = self.reactor.callFromThread
+
+        def work():
+            try:
+                placed = place(*args)
+                if placed_hook is not None:
+                    placed_hook(placed)
+            except Exception:  # noqa: BLE001 - the caller's refusal, reported on the reactor
+                tell(d.errback, Failure())
+                return
+            self.committer.offer(placed, d)
+
         try:
-            return _Inline(placed, self._commit_placed_sync([placed])[0])
-        except Exception:  # noqa: BLE001 - reported on the reactor, after the claim is released
-            return _Inline(placed, failure=Failure())
-
-    def _ingest(self, placing: defer.Deferred) -> defer.Deferred:
-        """Commit what *placing* placed with whatever else is waiting (group commit)."""
-        def commit(outcome):
-            if not isinstance(outcome, _Inline):
-                return self.committer.submit(outcome)
-            self.committer.inline_done(outcome.failure is None)
-            return outcome.failure if outcome.failure is not None else outcome.result
-
-        return self._count(placing.addCallback(commit))
+            self._spawn(self.ingest_threads, work)
+        except StorageFailure:
+            return self._count(defer.fail())
+        return self._count(d)
 
     def put_file(self, source, *, move=False, enqueue=(), now=None, parsed=None) -> defer.Deferred:
-        return self._ingest(self.run(self._place_sync, self._place_file_sync, source, move, enqueue, now, parsed))
+        return self._ingest(self._place_file_sync, source, move, enqueue, now, parsed)
 
     def put_instance(self, instance: DicomInstance, *, enqueue=(), now=None) -> defer.Deferred:
         """File a :class:`DicomInstance`; an owned (staged) one is moved, not copied."""
-        def placed(outcome):
-            if (outcome.placed if isinstance(outcome, _Inline) else outcome).moved:
+        def placed(placed: Placed):
+            if placed.moved:
                 instance.owned = False  # its file is the store's now: nothing left to release
-            return outcome
 
         expect = (instance.sop_class_uid, instance.sop_instance_uid) if instance.unchecked else None
-        d = self._ingest(self.run(self._place_sync, self._place_file_sync, instance.path, instance.owned, enqueue,
-                                  now, instance.parsed, expect).addCallback(placed))
+        if instance.data is not None:   # held in memory (a small C-STORE data set): no file of its own yet
+            return self._ingest(self._place_bytes_sync, instance.data, enqueue, now, expect)
+        d = self._ingest(self._place_file_sync, instance.path, instance.owned, enqueue, now, instance.parsed, expect,
+                         placed_hook=placed)
 
         def done(stored):
             if instance.owned and Path(instance.path) != stored.path:
@@ -1080,13 +1276,16 @@ class InstanceStore:
         out: list = []
         for instance in instances:
             try:
+                if instance.data is not None:
+                    out.append(self._place_bytes_sync(instance.data, enqueue, now))
+                    continue
                 out.append(self._place_file_sync(instance.path, instance.owned, enqueue, now, instance.parsed))
             except Exception:  # noqa: BLE001 - one instance's refusal is its own, not the group's
                 out.append(Failure())
         return out
 
     def put_bytes(self, data: bytes, *, enqueue=(), now=None) -> defer.Deferred:
-        return self._ingest(self.run(self._place_sync, self._place_bytes_sync, bytes(data), enqueue, now))
+        return self._ingest(self._place_bytes_sync, bytes(data), enqueue, now)
 
     def put_producer(self, producer, *, enqueue=(), now=None) -> defer.Deferred:
         """Stream an ``IBodyProducer`` (a Part-10 body) into the store.
@@ -1104,8 +1303,11 @@ class InstanceStore:
                 return self._count(defer.fail())
         consumer = ThreadedFileConsumer(self)
         d = consumer.consume(producer)
-        d.addCallback(lambda tmp: self.run(self._place_sync, self._place_temp_sync, tmp, enqueue, now))
-        return self._ingest(d)
+
+        def not_consumed(failure):
+            self._count_refusal(failure)
+            return failure
+        return d.addCallbacks(lambda tmp: self._ingest(self._place_temp_sync, tmp, enqueue, now), not_consumed)
 
     # ------------------------------------------------------------------ queries
 
@@ -1217,6 +1419,31 @@ def _header_of_dataset(ds) -> dict:
         meta.get("MediaStorageSOPClassUID") if meta is not None else None)
     return _header(attrs, sop_class, ts, lambda tag, keyword: ds.get(keyword),
                    lambda study, series, sop: metadata_of(ds, study, series, sop))
+
+
+def _header_of_bytes(data: bytes) -> dict:
+    """:meth:`InstanceStore._read_header` of a Part-10 file's bytes held in memory."""
+    scan = None
+    try:
+        try:
+            scan = scan_bytes(data)
+            return _header_of_scan(scan)
+        except ScanDeclined:
+            ds = scan.dataset() if scan is not None else check_complete(data)
+    except CorruptDataset as e:
+        raise InvalidInstance(f"not a complete DICOM Part-10 file: {e}") from None
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for bytes that are not DICOM
+        raise InvalidInstance(f"not a DICOM Part-10 file: {e}") from None
+    header = _header_of_dataset(ds)
+    header["bytes"] = data
+    return header
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _header_of_scan(scan: ScannedFile) -> dict:

@@ -143,7 +143,7 @@ class PartTenSink:
                                transfer_syntax, source_aet)
         self.meta_length = len(meta)
         self._file.write(meta)
-        implicit = _HEAD_SYNTAXES.get(transfer_syntax)
+        implicit = HEAD_SYNTAXES.get(transfer_syntax)
         self._head: bytearray | None = bytearray() if implicit is not None else None
         self._implicit = bool(implicit)
 
@@ -238,7 +238,7 @@ class HeldSink:
 
 #: Transfer syntax -> implicit VR? for the syntaxes :func:`head_uids` reads (little
 #: endian, not deflated; encapsulated ones are explicit VR LE up to the pixel data).
-_HEAD_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
+HEAD_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
 #: Write buffer of a received instance's file.
 FILE_BUFFER = 256 * 1024
 #: How much of a data set's head is kept while looking for its UIDs.
@@ -336,7 +336,7 @@ def identifier_json(data: bytes, transfer_syntax: str) -> dict | None:
     against it) in a tenth of the time: decoding the identifier and converting it
     was a fifth of a proxied C-FIND's CPU, and each match's a fifth of a QIDO-RS
     answer's through the DICOMweb bridge."""
-    implicit = _HEAD_SYNTAXES.get(transfer_syntax)
+    implicit = HEAD_SYNTAXES.get(transfer_syntax)
     if implicit is None:
         return None
     doc: dict = {}
@@ -374,7 +374,7 @@ def identifier_level(data: bytes, transfer_syntax: str) -> str | None:
     without converting it: ``""`` when it has none, ``None`` for any other identifier
     (convert that one at once, and refuse it when it cannot be).  ``dicom_scp`` makes
     a C-FIND's DICOM JSON only when something reads it (bench/dimse)."""
-    implicit = _HEAD_SYNTAXES.get(transfer_syntax)
+    implicit = HEAD_SYNTAXES.get(transfer_syntax)
     if implicit is None:
         return None
     level = ""
@@ -417,7 +417,7 @@ def identifier_bytes(doc: dict, transfer_syntax: str) -> bytes | None:
     ``Dataset.from_json`` and writer then do it, validating as they go).  The same
     bytes (property-tested), without a Dataset: JSON -> Dataset -> bytes was a
     fifth of a QIDO-RS request's CPU through the DICOMweb bridge."""
-    implicit = _HEAD_SYNTAXES.get(transfer_syntax)
+    implicit = HEAD_SYNTAXES.get(transfer_syntax)
     if implicit is None or not isinstance(doc, dict):
         return None
     elements = []
