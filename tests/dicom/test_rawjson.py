@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import struct
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.tag import Tag
 
-from harmony.dicom.rawjson import element_json
+from harmony.dicom.rawjson import element_json, finite_json
 
 #: One standard tag per VR (their dictionary VR is the same, for the implicit-VR case).
 TAG_OF_VR = {
@@ -25,8 +25,9 @@ NUMERIC_TEXT = st.sampled_from(list("0123456789 .\\+-eE"))
 
 
 def pydicom_json(raw) -> str:
+    """pydicom's JSON, NaN and infinities as strings the way Harmony writes every element's."""
     elem = convert_raw_data_element(raw)
-    return json.dumps(DataElement.to_json_dict(elem, None, 1 << 30), sort_keys=True)
+    return json.dumps(finite_json(DataElement.to_json_dict(elem, None, 1 << 30)), sort_keys=True)
 
 
 def raw_element(vr: str, value: bytes, implicit: bool) -> RawDataElement:
@@ -47,6 +48,8 @@ def values(draw):
 
 @settings(max_examples=1500, deadline=None)
 @given(values())
+@example(("FD", struct.pack("<2d", float("nan"), 1.5), False))
+@example(("DS", b"1e999\\-1e999", False))   # out of a double's range: infinite
 def test_equals_pydicom_or_declines(case):
     vr, value, implicit = case
     raw = raw_element(vr, value, implicit)
@@ -69,6 +72,8 @@ def test_common_elements_take_the_fast_way():
              ("IS", b"12", {"vr": "IS", "Value": [12]}),
              ("US", struct.pack("<H", 512), {"vr": "US", "Value": [512]}),
              ("FD", struct.pack("<2d", 1.5, -2.0), {"vr": "FD", "Value": [1.5, -2.0]}),
+             ("FL", struct.pack("<3f", float("nan"), float("inf"), -float("inf")),
+              {"vr": "FL", "Value": ["NaN", "Infinity", "-Infinity"]}),
              ("LO", b"", {"vr": "LO"})]
     for vr, value, expected in cases:
         for implicit in (False, True):

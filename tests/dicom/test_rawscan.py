@@ -9,11 +9,12 @@ cut-short files all occur; pydicom reading them is the oracle.
 
 from __future__ import annotations
 
+import json
 import struct
 import warnings
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from harmony.dicom.files import CorruptDataset, check_complete
@@ -165,13 +166,47 @@ def _described(describe):
     return header
 
 
+def float_instance(values: dict[str, list[float]]) -> bytes:
+    """A file with FL/FD elements holding *values* (NaN and infinities included)."""
+    sop = "1.2.826.0.1.3680043.10.1442.9.7"
+    parts = [element(0x00080016, "UI", uid_value(SOP_CLASS), False),
+             element(0x00080018, "UI", uid_value(sop), False),
+             element(0x0020000D, "UI", uid_value("1.2.3"), False),
+             element(0x0020000E, "UI", uid_value("1.2.3.4"), False)]
+    for vr, numbers in values.items():
+        code = "f" if vr == "FL" else "d"
+        parts.append(element(TAGS[vr], vr, struct.pack(f"<{len(numbers)}{code}", *numbers), False))
+    return file_meta_bytes(SOP_CLASS, sop, EXPLICIT) + b"".join(sorted(parts, key=lambda p: struct.unpack("<HH", p[:4])))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances())
+@example(float_instance({"FL": [NAN], "FD": [1.5, NAN]}))   # NaN never equals itself: once found by this test
 def test_scan_describes_as_pydicom_or_declines(data):
     fast = by_scan(data)
     if fast == "declined":
         return
     assert fast == by_pydicom(data)
+
+
+def refuse_constant(token):
+    raise AssertionError(f"{token} is not JSON (RFC 8259): a browser's JSON.parse refuses it")
+
+
+@pytest.mark.parametrize("describe", [by_scan, by_pydicom], ids=["scan", "pydicom"])
+def test_nan_and_infinite_floats_are_strict_json(describe):
+    """FL/FD values JSON cannot hold as numbers are strings, the same both ways, in the
+    stored metadata and the index attributes alike."""
+    header = describe(float_instance({"FL": [NAN, 2.5], "FD": [INF, -INF, NAN]}))
+    assert isinstance(header, dict), header
+    metadata = json.loads(header["metadata"], parse_constant=refuse_constant)
+    assert metadata["00181320"] == {"vr": "FL", "Value": ["NaN", 2.5]}
+    assert metadata["00189089"] == {"vr": "FD", "Value": ["Infinity", "-Infinity", "NaN"]}
+    assert json.loads(json.dumps(header["attrs"]), parse_constant=refuse_constant)["00181320"]["Value"] == [
+        "NaN", 2.5]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

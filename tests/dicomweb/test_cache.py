@@ -56,3 +56,45 @@ def test_etags_and_the_base_placeholder():
     assert etag_for(b"a") == etag_for(b"a") != etag_for(b"b") and etag_for(b"a").startswith('"')
     body = f'{{"url": "{BASE_PLACEHOLDER}/studies/1"}}'.encode()
     assert with_base(body, "https://h.test/dicomweb") == b'{"url": "https://h.test/dicomweb/studies/1"}'
+
+
+def test_concurrent_first_uses_make_the_schema_once(tmp_path, monkeypatch):
+    """Two first metadata requests on two threads: one opens the sqlite file and makes
+    its schema, the other waits for it (two at once met "database is locked")."""
+    import threading
+
+    from harmony.storage.database import SqliteDatabase
+
+    made, inside, both = [], threading.Event(), threading.Barrier(2)
+    create_schema = SqliteDatabase.create_schema
+
+    def counted(self, script, pg_script):
+        made.append(threading.current_thread().name)
+        inside.set()
+        try:   # the second caller must never get here: waiting for it is bounded
+            both.wait(timeout=1)
+        except threading.BrokenBarrierError:
+            pass
+        create_schema(self, script, pg_script)
+
+    monkeypatch.setattr(SqliteDatabase, "create_schema", counted)
+    cache = MetadataCache(tmp_path, task.Clock(), ttl=60)
+    errors: list = []
+
+    def first_use():
+        try:
+            cache.put("k", b"body")
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    one = threading.Thread(target=first_use, name="one")
+    two = threading.Thread(target=first_use, name="two")
+    one.start()
+    assert inside.wait(30)
+    two.start()   # while "one" is still making the schema
+    one.join()
+    two.join()
+    cache.close()
+    assert errors == []
+    assert made == ["one"]
+    assert MetadataCache(tmp_path, task.Clock(), ttl=60).get("k") == b"body"

@@ -12,11 +12,20 @@ values pydicom would reject or read leniently, implicit-VR elements whose VR the
 dictionary does not settle, deferred values) gets ``None`` and goes the pydicom
 way.  tests/dicom/test_rawjson.py checks the result equals pydicom's, element by
 element, on generated values.
+
+Both ways end in :func:`finite_json`: JSON has no number for NaN or infinity
+(RFC 8259 section 6), and a binary float (FL, FD) may hold either, so
+``json.dumps`` would write the tokens ``NaN``/``Infinity`` that strict parsers
+(a browser's ``JSON.parse``) refuse, and one odd element would make a whole
+study's metadata unreadable.  PS3.18 F.2.3 does not say how to write them; the
+strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` are what fo-dicom reads and
+writes (fo-dicom#1063, #1726) and what Azure's DICOM service sends.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 import struct
 
@@ -34,6 +43,8 @@ _BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "SV
 #: The characters pydicom's IS and DS readers accept without a second look.
 #: LUT descriptors: pydicom reads their first value as unsigned whatever the VR says.
 _LUT_DESCRIPTORS = frozenset((0x00281101, 0x00281102, 0x00281103, 0x00283002))
+#: VRs whose JSON values are floats, so may be NaN or infinite.
+_FLOAT_VRS = frozenset(("FL", "FD", "DS"))
 _IS_TEXT = re.compile(r"[ +\-0-9\\]*\Z")
 _DS_TEXT = re.compile(r"[ +\-0-9.eE\\]*\Z")
 
@@ -82,7 +93,8 @@ def value_json(tag: int, vr: str, value: bytes) -> dict | None:
             return None
         if not count:
             return {"vr": vr}
-        return {"vr": vr, "Value": list(struct.unpack(f"<{count}{code}", value))}
+        attr = {"vr": vr, "Value": list(struct.unpack(f"<{count}{code}", value))}
+        return finite_json(attr) if vr in _FLOAT_VRS else attr
     if vr == "AT":   # tags as (group, element) pairs of 16-bit numbers, in JSON as 8 hex digits
         count, rest = divmod(len(value), 4)
         if rest:
@@ -127,6 +139,25 @@ def _numbers(vr: str, text: str) -> dict | None:
     values = text.split("\\")
     convert = int if vr == "IS" else float
     try:
-        return {"vr": vr, "Value": [convert(v) for v in values]}
+        attr = {"vr": vr, "Value": [convert(v) for v in values]}
     except ValueError:   # an empty value among others, "1.0" as IS: pydicom's own rules
         return None
+    return finite_json(attr) if vr == "DS" else attr
+
+
+def _spelled(value):
+    """A float JSON cannot hold as a number, as the string fo-dicom uses; anything else as is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def finite_json(attr: dict) -> dict:
+    """*attr* (an element's DICOM JSON, changed in place) with each NaN or infinite
+    float value as a string, so that any JSON parser reads it; the rest untouched.
+    Every element's JSON passes here, whether made from bytes or by pydicom."""
+    values = attr.get("Value")
+    if values and attr.get("vr") in _FLOAT_VRS and not all(
+            not isinstance(v, float) or math.isfinite(v) for v in values):
+        attr["Value"] = [_spelled(v) for v in values]
+    return attr

@@ -17,6 +17,7 @@ identical fetches stays per process.
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 from twisted.internet import defer, threads
@@ -49,17 +50,22 @@ class MetadataCache:
         self._db = database
         self._writes = 0
         self._schema = False
+        #: The first uses may come on several threads at once (concurrent first
+        #: metadata requests): the database is opened and its schema made once.
+        self._setup = threading.Lock()
         self._inflight: dict[str, list] = {}
 
     @property
     def db(self):
         # Made on first use: building a configuration (harmony check) creates no file.
-        if self._db is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._db = SqliteDatabase(self.folder / "cache.sqlite3", fsync=False)
         if not self._schema:
-            self._db.create_schema(SCHEMA, PG_SCHEMA)
-            self._schema = True
+            with self._setup:
+                if self._db is None:
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    self._db = SqliteDatabase(self.folder / "cache.sqlite3", fsync=False)
+                if not self._schema:
+                    self._db.create_schema(SCHEMA, PG_SCHEMA)
+                    self._schema = True
         return self._db
 
     def _key(self, key: str) -> str:

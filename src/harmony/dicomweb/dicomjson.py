@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
-from harmony.dicom.rawjson import element_json
+from harmony.dicom.rawjson import element_json, finite_json
 from harmony.dicom.rawscan import UNDEFINED, ScannedFile
 from harmony.dicom.ul.datasets import received_json
 
@@ -67,7 +67,7 @@ def dataset_to_json(ds, bulk_base: str | None = None, *, threshold: int = BULK_T
                          for i, item in enumerate(elem.value)]
                 out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
                 continue
-            attr = elem.to_json_dict(None, _NO_BULK)
+            attr = finite_json(elem.to_json_dict(None, _NO_BULK))
         out[key] = _bare_uids(vr, attr)
     return out
 

@@ -117,6 +117,34 @@ class _NoLock:
 _NO_LOCK = _NoLock()
 
 
+#: Seconds a sqlite connection waits for another's write lock before "database is locked".
+BUSY_TIMEOUT = 60
+#: Between tries of the switch to WAL (:func:`wal_mode`); a test replaces it to act in the pause.
+_pause = time.sleep
+
+
+def wal_mode(conn: sqlite3.Connection) -> None:
+    """Put *conn*'s database in WAL mode, waiting for another connection's write lock.
+
+    Switching a file still in rollback-journal mode (a new one) needs an exclusive
+    lock, and sqlite answers "database is locked" at once, without the busy timeout,
+    while another connection holds the write lock: two first users of a new file
+    (two threads, or two processes) meet exactly that.  So the switch is tried
+    again, for as long as the busy timeout would have waited.  A file already in
+    WAL mode answers at once."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    delay = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+        _pause(delay)
+        delay = min(delay * 2, 0.05)
+
+
 @implementer(IDatabase)
 class SqliteDatabase:
     dialect = SQLITE
@@ -135,10 +163,11 @@ class SqliteDatabase:
         self._process_lock = _ProcessWriteLock(f"{path}.write-lock") if processes_share else None
 
     def create_schema(self, script: str, pg_script: str) -> None:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(script)
+            with self._write_lock:   # this object's threads make it one at a time
+                wal_mode(conn)
+                conn.executescript(script)
         finally:
             conn.close()
 
@@ -150,9 +179,9 @@ class SqliteDatabase:
         return conn
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False,
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False,
                                factory=SqliteConnection)
-        conn.execute("PRAGMA journal_mode=WAL")
+        wal_mode(conn)
         conn.execute("PRAGMA foreign_keys=ON")
         with self._lock:
             self._connections.append(conn)

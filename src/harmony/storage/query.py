@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.valuerep import VR
 
-from harmony.dicom.rawjson import element_json
+from harmony.dicom.rawjson import element_json, finite_json
 from harmony.dicom.rawscan import ScannedFile
 from harmony.storage.errors import InvalidQuery
 
@@ -94,7 +94,8 @@ def attrs_from_dataset(ds: Dataset) -> dict:
         js = element_json(raw)  # the common elements without pydicom's conversions (harmony.dicom.rawjson)
         if js is None:
             try:
-                js = ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=MAX_VALUE_CHARS)
+                js = finite_json(ds[tag].to_json_dict(bulk_data_element_handler=None,
+                                                      bulk_data_threshold=MAX_VALUE_CHARS))
             except Exception:  # noqa: BLE001 - a malformed value is skipped, not fatal to ingest
                 continue
         if _fits(js):
