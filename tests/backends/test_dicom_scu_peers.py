@@ -268,10 +268,9 @@ def test_staged_instances_hold_the_pacs_back_once_over_the_limit(tmp_path):
     """Retrieved instances wait in staging (memory-backed when /dev/shm exists) until
     the consumer takes them; beyond ``max_staged_mb`` the next C-STORE sub-operation
     is answered only once the consumer caught up, so staging stays bounded."""
-    from harmony.backends.dicom_scu import _StagedStream
-    from harmony.dicom.results import DicomInstance
+    from harmony.dicom.results import BoundedResultStream, DicomInstance
 
-    stream = _StagedStream(None, limit=300)
+    stream = BoundedResultStream(None, limit=300)
     first = stream.next()                      # a consumer already waiting: nothing is queued
     stream.put(DicomInstance(tmp_path / "a", size=200))
     assert first.called and stream.queued_bytes == 0

@@ -375,6 +375,65 @@ async def test_giving_up_the_deidentified_stream_gives_up_the_backends(tmp_path,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_that_does_not_read_holds_the_retrieve_back_at_the_backends_limit(tmp_path):
+    """A C-GET answer through the middleware whose consumer stops reading: the middleware takes the
+    next instance from the backend only while its de-identified copies waiting for the client stay
+    under the backend's staging limit (``dicom_scu``'s stream, ``max_staged_mb``), so the backend
+    holds the PACS back and staging stays bounded; read one at a time, every instance arrives
+    de-identified and in order.  (In process, with the backend's own stream type: what the PACS
+    does meanwhile is ``dicom_scu``'s, proved in tests/backends/test_dicom_scu_peers.py.)"""
+    from harmony.deid import Deidentifier, PixelPolicy, Profile, ProfileOptions
+    from harmony.dicom.results import C_GET, BoundedResultStream, DicomInstance
+    from harmony.envelope import RequestEnvelope, ResponseEnvelope
+    from harmony.middleware.deidentify import Deidentify
+    from tests.test_client_aborts import until
+
+    keys = Keyring(b"k" * 32)
+    mw = Deidentify("d", Deidentifier(Profile(ProfileOptions()), keys), PixelPolicy(), tmp_path / "mw")
+    (tmp_path / "in").mkdir()
+    study, series, count = ROOT + "5", ROOT + "5.1", 10
+    sops = [f"{ROOT}5.1.{n}" for n in range(count)]
+    paths = []
+    for sop in sops:
+        path = tmp_path / "in" / f"{sop}.dcm"
+        simple_instance(study, series, sop).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    size = paths[0].stat().st_size
+    source = BoundedResultStream(limit=size * 5 // 2)
+    for path, sop in zip(paths, sops):
+        source.put(DicomInstance(path=path, sop_instance_uid=sop, size=path.stat().st_size))
+    source.finish(0x0000)
+    response = mw.on_response(RequestEnvelope(metadata={"dimse_op": C_GET}),
+                              ResponseEnvelope(state=ResponseState(dicom_results=source)))
+    out = response.state.dicom_results
+    bound = source.limit + 2 * size  # the limit plus the instance that crossed it (de-identified, a little larger)
+
+    def waiting_bytes() -> int:
+        return sum(item.size for item in out.queued())
+
+    def staged_bytes() -> int:
+        return sum(f.stat().st_size for f in mw.staging.folder.rglob("*") if f.is_file())
+
+    received = []
+    while True:
+        await until(lambda: waiting_bytes() >= source.limit or out.done, "the middleware took the next instances")
+        assert waiting_bytes() <= bound and staged_bytes() <= bound, (
+            f"{waiting_bytes()} bytes wait for a client that does not read (limit {source.limit})")
+        if not received:
+            assert source.pending > 0, "the middleware emptied the backend's stream for a client that does not read"
+        item = await out.next()
+        if item is None:
+            break
+        assert dcmread(item.path).PatientIdentityRemoved == "YES"
+        received.append(item.sop_instance_uid)
+        item.release()
+    assert received == [keys.uid(sop) for sop in sops]
+    assert out.status == 0x0000 and mw.counts["deidentified"] == count
+    assert not any(f.is_file() for f in mw.staging.folder.rglob("*"))
+    mw.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_dimse_clients_into_an_upstream_dicomweb_server(tmp_path):
     """storescu / findscu -> dicom_scp -> deidentify -> ``dicomweb`` backend -> a real Orthanc's DICOMweb
     plugin (the backend answers DIMSE through STOW-RS and QIDO-RS): what is stored upstream is

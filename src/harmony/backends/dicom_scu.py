@@ -50,8 +50,8 @@ from harmony.dicom.results import (
     LEVELS,
     OPERATIONS,
     STAGE_IN_MEMORY,
+    BoundedResultStream,
     DicomInstance,
-    ResultStream,
 )
 from harmony.dicom.ul import commands, datasets, storage
 from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings
@@ -182,46 +182,6 @@ class MemoryFile:
             self._file.close()
 
 
-class _StagedStream(ResultStream):
-    """A result stream that counts the bytes of staged instances queued in it and
-    lets a waiting producer go on once the consumer has taken enough of them."""
-
-    def __init__(self, on_cancel, limit: int):
-        super().__init__(on_cancel=on_cancel)
-        self.limit = limit
-        self.queued_bytes = 0
-        self._room: list[defer.Deferred] = []
-
-    def put(self, item) -> None:
-        if self._waiting is None and isinstance(item, DicomInstance):
-            self.queued_bytes += item.size
-        super().put(item)
-
-    def next(self) -> defer.Deferred:
-        if self._items and isinstance(self._items[0], DicomInstance):
-            self.queued_bytes -= self._items[0].size
-            if self.queued_bytes < self.limit and self._room:
-                self._wake()
-        return super().next()
-
-    def room(self) -> defer.Deferred:
-        """Fires once the queued instances are under the limit (at once when they are)."""
-        if self.queued_bytes < self.limit or self.cancelled or self.done:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._room.append(d)
-        return d
-
-    def _wake(self) -> None:
-        waiting, self._room = self._room, []
-        for d in waiting:
-            d.callback(None)
-
-    def cancel(self) -> None:
-        super().cancel()
-        self._wake()
-
-
 class Job:
     """One operation in flight: the stream it feeds and the readiness signal (all on the reactor)."""
 
@@ -229,7 +189,7 @@ class Job:
         self.op = op
         self.request = request
         self.cancel_requested: defer.Deferred[None] = defer.Deferred()
-        self.stream = _StagedStream(self._on_cancel, max_staged_bytes)
+        self.stream = BoundedResultStream(self._on_cancel, max_staged_bytes)
         # Cancelled when the pipeline is (the DIMSE or HTTP client left, or gave
         # up): the PACS is asked to stop too (C-CANCEL), or never asked at all.
         self.ready: defer.Deferred = defer.Deferred(lambda _: self._unanswered())

@@ -294,3 +294,55 @@ class ResultStream:
             if item is None:
                 return out
             out.append(item)
+
+
+class BoundedResultStream(ResultStream):
+    """A result stream that counts the bytes of the instances queued in it and lets a
+    waiting producer go on (:meth:`room`) once the consumer has taken enough of them.
+
+    What bounds memory and staging when a consumer reads slowly: ``dicom_scu`` waits
+    for room before it answers the PACS's next C-STORE, and the ``deidentify``
+    middleware before it takes the next instance from its source.  Items handed
+    straight to a waiting :meth:`next` or a listener (:meth:`listen`) are never queued,
+    so never counted."""
+
+    def __init__(self, on_cancel=None, limit: int = 128 * 1024 * 1024):
+        super().__init__(on_cancel=on_cancel)
+        self.limit = limit
+        self.queued_bytes = 0
+        self._room: list[defer.Deferred] = []
+
+    def put(self, item) -> None:
+        if self._listener is None and self._waiting is None and isinstance(item, DicomInstance):
+            self.queued_bytes += item.size
+        super().put(item)
+
+    def next(self) -> defer.Deferred:
+        if self._items and isinstance(self._items[0], DicomInstance):
+            self.queued_bytes -= self._items[0].size
+            if self.queued_bytes < self.limit and self._room:
+                self._wake()
+        return super().next()
+
+    def listen(self, on_item) -> defer.Deferred:
+        self.queued_bytes = 0  # what is queued is handed over now, and nothing queues from now on
+        ended = super().listen(on_item)
+        self._wake()
+        return ended
+
+    def room(self) -> defer.Deferred:
+        """Fires once the queued instances are under the limit (at once when they are)."""
+        if self.queued_bytes < self.limit or self.cancelled or self.done:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._room.append(d)
+        return d
+
+    def _wake(self) -> None:
+        waiting, self._room = self._room, []
+        for d in waiting:
+            d.callback(None)
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._wake()

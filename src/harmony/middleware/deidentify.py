@@ -14,6 +14,10 @@ a DICOM backend, it sees
 - C-GET / C-MOVE answers (``ResultStream`` of Part-10 files): each instance is
   de-identified off the reactor as it arrives, so WADO-RS multipart answers,
   metadata, frames and JMIX envelopes are all built from de-identified files.
+  The next one is taken from the backend only while the de-identified copies
+  waiting for the client stay under the backend's staging limit
+  (``dicom_scu``'s ``max_staged_mb``): a client that reads slowly holds the
+  PACS back through here as it would without this middleware.
 
 Requests coming back with pseudonymous UIDs (a WADO-RS URL taken from a QIDO
 answer) are mapped to the originals through the UIDs this middleware has
@@ -64,6 +68,7 @@ from harmony.dicom.results import (
     C_STORE,
     OPERATIONS,
     RESULTS_AS,
+    BoundedResultStream,
     DicomInstance,
     ResultStream,
 )
@@ -78,6 +83,9 @@ log = get_logger("harmony.middleware.deidentify")
 #: Staged de-identified copies live for one request; anything older is a leftover of a failed one.
 STAGED_MAX_AGE_SECS = 3600
 STAGING_SWEEP_SECS = 300
+#: How many bytes of de-identified instances wait for a slow client when the backend's stream
+#: sets no limit of its own (``dicom_scu``'s ``max_staged_mb`` default).
+DEFAULT_MAX_QUEUED_BYTES = 128 * 1024 * 1024
 _UID_KEYS = ("0020000D", "0020000E", "00080018")
 _PATIENT_ID = "00100020"
 
@@ -390,6 +398,8 @@ class Deidentify(Middleware):
         @defer.inlineCallbacks
         def loop():
             while True:
+                # Pulled only while the client keeps up: the source (dicom_scu) then holds the PACS back.
+                yield out.room()
                 item = yield source.next()
                 if item is None:
                     finish()
@@ -453,8 +463,9 @@ class Deidentify(Middleware):
         self.reverse.close()
 
 
-class _DeidentifiedStream(ResultStream):
-    """The de-identified copy of a backend's result stream.
+class _DeidentifiedStream(BoundedResultStream):
+    """The de-identified copy of a backend's result stream, bounded in queued bytes like
+    the source (its ``limit`` when it has one, else :data:`DEFAULT_MAX_QUEUED_BYTES`).
 
     Giving it up gives up the backend's stream too, even once this copy has ended
     (the pump has taken the source's end while the consumer still sends what is
@@ -463,7 +474,7 @@ class _DeidentifiedStream(ResultStream):
     upstream (C-CANCEL) and stops staging."""
 
     def __init__(self, source: ResultStream):
-        super().__init__()
+        super().__init__(limit=getattr(source, "limit", DEFAULT_MAX_QUEUED_BYTES))
         self.source = source
 
     def cancel(self) -> None:
