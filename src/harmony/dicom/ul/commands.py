@@ -93,6 +93,7 @@ def decode(data: bytes) -> dict:
     if len(data) > _MAX_CACHED_BYTES:
         return _decode(data)
     data = bytes(data)
+    key: tuple[int, bytes] | bytes
     for header, id_keyword in _ID_HEADERS:
         at = data.find(header)
         if at >= 0:
