@@ -172,6 +172,26 @@ def test_idle_association_closed_after_network_timeout():
     assert server.state == CLOSED
 
 
+def test_an_active_association_outlives_the_network_timeout_on_one_idle_timer():
+    """Activity is noted, not a timer reset per PDU or per write: the one idle call stays
+    where it was while requests go both ways, and the association closes a full network
+    timeout after its last activity."""
+    clock, factory, server, st, client, ct = established_pair(AcceptorLimits(network_timeout=60))
+    first_call = server._idle
+    answers = []
+    for _ in range(5):
+        clock.advance(20)
+        client.request(1, ECHO).addCallback(answers.append)
+        pump(client, ct, server, st)
+        # the call made at establishment is kept until it fires at 60 s (it then sets itself again)
+        assert (server._idle is first_call) == (clock.seconds() < 60)
+    assert len(answers) == 5 and server.state == ESTABLISHED   # 100 s in, active every 20 s
+    clock.advance(59)
+    assert server.state == ESTABLISHED
+    clock.advance(1)
+    assert server.state == CLOSED
+
+
 def test_closing_peer_that_stops_reading_is_cut():
     clock, factory = acceptor()
     server, st = connect(factory)

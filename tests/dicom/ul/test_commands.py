@@ -100,3 +100,62 @@ def test_a_store_response_written_directly_is_what_encode_writes(sop_class, sop_
     assert encoded == commands.encode(command)
     decoded = commands.decode(encoded)
     assert (decoded["Status"], decoded["AffectedSOPInstanceUID"]) == (status, sop_instance)
+
+
+id_fields = st.sampled_from(["MessageID", "MessageIDBeingRespondedTo"])
+# An element the table does not know, ahead of the id, its value maybe holding an id's header (a hostile peer's).
+unknown_values = st.one_of(st.binary(max_size=24), st.builds(
+    bytes.__add__, st.sampled_from([b"\x00\x00\x10\x01\x02\x00\x00\x00", b"\x00\x00\x20\x01\x02\x00\x00\x00"]),
+    st.binary(min_size=2, max_size=4)))
+
+
+@given(sop_class=uids, field=st.sampled_from([commands.C_FIND_RQ, commands.C_FIND_RSP, commands.C_STORE_RSP]),
+       id_field=id_fields, ids=st.lists(us, min_size=2, max_size=4), status=st.sampled_from([0x0000, 0xFF00]),
+       unknown=st.one_of(st.none(), unknown_values), unknown_varies=st.booleans(),
+       flip=st.one_of(st.none(), st.integers(0, 200)))
+def test_a_decode_from_the_cache_equals_a_full_decode(sop_class, field, id_field, ids, status, unknown,
+                                                      unknown_varies, flip):
+    """The cache ignores the message id's value bytes: commands that differ in their id
+    (or anywhere else) decode exactly as they would without a cache."""
+    commands._DECODED.clear()
+    for message_id in ids:
+        data = commands.encode({"AffectedSOPClassUID": sop_class, "CommandField": field, id_field: message_id,
+                                "Status": status, "CommandDataSetType": commands.NO_DATASET})
+        if unknown is not None:
+            value = unknown[:-2] + message_id.to_bytes(2, "little") if unknown_varies else unknown
+            data = b"\x00\x00\x01\x00" + len(value).to_bytes(4, "little") + value + data
+        if flip is not None and flip < len(data):   # one byte changed: a valid command or a refused one
+            data = data[:flip] + bytes([data[flip] ^ 0x10]) + data[flip + 1:]
+        try:
+            expected = commands._decode(data)
+        except commands.CommandError:
+            with pytest.raises(commands.CommandError):
+                commands.decode(data)
+            continue
+        assert commands.decode(data) == expected
+        assert commands.decode(data) == expected
+
+
+def test_a_command_with_a_new_message_id_decodes_from_the_cache():
+    def find(message_id):
+        return commands.encode({"AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.2.2.1",
+                                "CommandField": commands.C_FIND_RQ, "MessageID": message_id, "Priority": 0,
+                                "CommandDataSetType": commands.HAS_DATASET})
+    commands._DECODED.clear()
+    assert commands.decode(find(1))["MessageID"] == 1
+    assert len(commands._DECODED) == 1
+    assert commands.decode(find(513))["MessageID"] == 513
+    assert len(commands._DECODED) == 1
+
+
+def test_a_flood_of_distinct_commands_keeps_the_cache_bounded():
+    commands._DECODED.clear()
+    for n in range(3 * commands._MAX_DECODED):
+        commands.decode(commands.encode({"AffectedSOPClassUID": f"1.2.{n}", "CommandField": commands.C_ECHO_RQ,
+                                         "MessageID": n, "CommandDataSetType": commands.NO_DATASET}))
+        assert len(commands._DECODED) <= commands._MAX_DECODED
+    big = commands.encode({"CommandField": commands.C_STORE_RSP, "Status": 0xC000,
+                           "ErrorComment": "x" * commands._MAX_CACHED_BYTES})
+    commands._DECODED.clear()
+    assert commands.decode(big)["Status"] == 0xC000
+    assert not commands._DECODED   # a large command is decoded, never kept

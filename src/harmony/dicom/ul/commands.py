@@ -71,24 +71,58 @@ def _text(raw: bytes) -> str:
     return raw.decode("ascii", "replace").rstrip("\0 ").lstrip(" ")
 
 
-#: Command sets decoded lately, by their bytes (:func:`decode`); bounded.
+#: Command sets decoded lately (:func:`decode`), by their bytes with the message id's value
+#: cut out; bounded in entries and in the size of a command kept (a hostile peer's flood of
+#: distinct commands costs at most ``_MAX_DECODED * _MAX_CACHED_BYTES``).
 _DECODED: dict = {}
 _MAX_DECODED = 512
+_MAX_CACHED_BYTES = 1024
+#: The header of a MessageID and of a MessageIDBeingRespondedTo element (US, length 2).
+_ID_HEADERS = ((b"\x00\x00\x10\x01\x02\x00\x00\x00", "MessageID"),
+               (b"\x00\x00\x20\x01\x02\x00\x00\x00", "MessageIDBeingRespondedTo"))
 
 
 def decode(data: bytes) -> dict:
     """The command set in *data* as ``{keyword: value}`` (unknown tags as ``(tag, bytes)`` pairs).
 
-    A PACS answering a C-FIND sends the same pending command before every match: the
-    same bytes decode from a small cache (a fresh dict each time: callers own it)."""
-    known = _DECODED.get(data)
+    A proxied C-FIND sees the same commands again and again, differing only in their
+    message id (the client's request, the PACS's pending and final responses): they
+    decode from a small cache keyed by the bytes without the id's two value bytes, and
+    the id is read into a fresh copy (callers own it).  The key is used only when the
+    element found is the one the full decode read there, so a hit equals a full decode."""
+    if len(data) > _MAX_CACHED_BYTES:
+        return _decode(data)
+    data = bytes(data)
+    key: tuple[int, bytes] | bytes
+    for header, id_keyword in _ID_HEADERS:
+        at = data.find(header)
+        if at >= 0:
+            keyword, value_at = id_keyword, at + 8
+            key = (value_at, data[:value_at] + data[value_at + 2:])
+            break
+    else:
+        keyword, value_at, key = None, -1, data
+    known = _DECODED.get(key)
     if known is not None:
-        return known.copy()
+        command = known.copy()
+        if keyword is not None:
+            command[keyword] = _US.unpack_from(data, value_at)[0]
+        return command
     command = _decode(data)
+    if keyword is not None and not _is_element_at(data, value_at - 8):
+        return command      # the id's header bytes sit inside another value: no shortcut
     if len(_DECODED) >= _MAX_DECODED:
         _DECODED.clear()
-    _DECODED[data] = command
+    _DECODED[key] = command
     return command.copy()
+
+
+def _is_element_at(data: bytes, wanted: int) -> bool:
+    """Whether an element of the (valid) command set *data* starts at *wanted*."""
+    offset = 0
+    while offset < wanted:
+        offset += 8 + _UL.unpack_from(data, offset + 4)[0]
+    return offset == wanted
 
 
 #: element number -> (keyword, how its value is read) for :func:`_decode`.
