@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # a TypedDict python-multipart declares for type checkers onl
     from python_multipart.multipart import MultipartCallbacks
 
 from harmony.errors import BadRequest, PayloadTooLarge
+from harmony.storage.files import write_all
 from harmony.web.sendfile import CHUNK, FileBody, Piece, file_piece
 
 __all__ = ["CHUNK", "MultipartWriter", "Part", "ReceivedPart", "StowParser", "multipart_bytes", "new_boundary",
@@ -307,9 +308,7 @@ class StowParser:
         part = ReceivedPart(path, headers, len(data), data)
         self.parts.append(part)  # removed by abort() from here on
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         finally:
             os.close(fd)
         if self.on_part is not None:

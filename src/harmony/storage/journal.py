@@ -65,7 +65,7 @@ from pathlib import Path
 
 from harmony.dicom.files import durable_move, process_alive
 from harmony.log import get_logger
-from harmony.storage.files import claim_name, fsync_dir, make_dirs
+from harmony.storage.files import claim_name, fsync_dir, make_dirs, write_all
 
 log = get_logger("harmony.storage.journal")
 
@@ -496,7 +496,7 @@ class FolderJournal:
                 try:
                     if self._spare_temps:
                         held.temp, held.fd = self._spare_temps.pop()
-                        _write_all(held.fd, record[2])
+                        write_all(held.fd, record[2])
                     else:
                         held.fd = _write_file(held.temp, record[2])
                 except OSError as e:
@@ -781,18 +781,12 @@ def _write_file(path: str, data: bytes) -> int:
     """*data* as the new file *path* (not synced: the journal holds it); its descriptor, still open."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
     except BaseException:
         os.close(fd)
         _discard(path)
         raise
     return fd
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _discard(path: str) -> None:
