@@ -305,3 +305,26 @@ def test_calls_put_off_until_after_a_delivery_run_once_its_writes_are_sent():
     assert answers and answers[0].command["Status"] == 0
     after_delivery(lambda: seen.append("now"))          # outside a delivery: at once
     assert seen[-1] == "now"
+
+
+def test_a_command_and_its_data_set_leave_in_one_write_outside_a_delivery():
+    """A request sent from outside a DIMSE delivery (a C-FIND for a DICOMweb query)
+    went out as two sends, command then data set: two wake-ups of the PACS for one
+    message.  Now one write carries both, and the peer still reads one message."""
+    handler = EchoStoreHandler()
+    clock, factory, server, st, client, ct = established_pair(handler=handler)
+    writes = []
+    real_write = ct.write
+    ct.write = lambda data: (writes.append(bytes(data)), real_write(data))[1]
+    data = b"\x08\x00\x18\x00\x06\x00\x00\x001.2.3\x00"   # (0008,0018) UI "1.2.3", implicit VR LE
+    answers = []
+    client.request(1, STORE, data).addCallback(answers.append)
+    assert len(writes) == 1
+    pdus = writes[0]
+    first_len = struct.unpack(">I", pdus[2:6])[0]
+    command_pdu, data_pdu = pdus[:6 + first_len], pdus[6 + first_len:]
+    assert command_pdu[0] == data_pdu[0] == 0x04            # two P-DATA-TF PDUs
+    assert command_pdu[11] == 0x03 and data_pdu[11] == 0x02  # last command fragment, then last data fragment
+    assert data_pdu.endswith(data)
+    pump(client, ct, server, st)
+    assert answers and answers[0].command["Status"] == 0 and len(handler.stored) == 1

@@ -739,9 +739,12 @@ class Association(protocol.Protocol):
             self.send(context_id, command, dataset, more).addErrback(_ended_meanwhile)
 
     def _write_message(self, context_id: int, command: bytes, dataset: bytes | None, more: bool) -> None:
-        self._write_command(context_id, command, more or dataset is not None)
-        if dataset is not None:
-            self._write_data(context_id, dataset, more)
+        if dataset is None:
+            self._write_command(context_id, command, more)
+        else:
+            # The command and its data set in one write: outside a delivery (a C-FIND
+            # sent for a DICOMweb query) they went out as two sends, two wake-ups of the PACS.
+            self._write_data(context_id, dataset, more, head=self._command_pdus(context_id, command))
         self._touch()
 
     def flush(self) -> None:
@@ -841,14 +844,16 @@ class Association(protocol.Protocol):
                                   command_bytes[start:start + size])
                         for start in range(0, len(command_bytes), size))
 
-    def _write_data(self, context_id: int, data: bytes, more: bool = False):
+    def _write_data(self, context_id: int, data: bytes, more: bool = False, head: bytes | None = None):
+        """The data set's P-DATA PDUs, after *head* (its command's PDUs) when given."""
         size = self._fragment_size()
         view = memoryview(data)
         n = len(data)
+        chunks = [head] if head is not None else []
         if n == 0:
-            self._write(pdu.pdata(context_id, 0x02, b""), more)
+            chunks.append(pdu.pdata(context_id, 0x02, b""))
+            self._write_many(chunks, more)
             return
-        chunks = []
         for start in range(0, n, size):
             last = start + size >= n
             chunks.append(pdu.pdata(context_id, 0x02 if last else 0x00, view[start:start + size]))
