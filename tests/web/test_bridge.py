@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import socket
 
+import pytest_twisted
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.web import resource, server
+from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
+from harmony.envelope import ResponseEnvelope
 from harmony.web.bridge import envelope_from_request, request_body, request_id_for, write_response
 from harmony.web.streaming import INLINE_BODY_LIMIT
 from tests.memory import response
@@ -56,3 +62,37 @@ def test_write_response_sets_status_headers_length_and_drops_hop_by_hop():
     assert h.getRawHeaders(b"content-length") == [b"7"] and h.getRawHeaders(b"x-kept") == [b"y"]
     assert not h.hasHeader(b"x-hop") and not h.hasHeader(b"keep-alive")
     assert h.getRawHeaders(b"x-request-id") == [req._harmony_request_id.encode()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_answer_is_on_the_socket_when_write_response_returns():
+    """A bytes answer is sent at once, not at the reactor's next turn: what the turn
+    still runs after it (the pipeline's observers, logging) must not delay the client.
+    Checked over a real loopback connection (the client socket is read, non-blocking,
+    from inside the server's render, before the reactor turns again)."""
+    site = server.Site(resource.Resource())
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    client.setblocking(False)
+    seen: defer.Deferred = defer.Deferred()
+
+    class Answer(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            write_response(request, ResponseEnvelope(200, Headers({"Content-Type": ["application/json"]}),
+                                                     b'{"ok": true}'))
+            try:
+                seen.callback(client.recv(65536))
+            except BlockingIOError:
+                seen.callback(b"")
+            return server.NOT_DONE_YET
+
+    site.resource = Answer()
+    try:
+        client.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        got = await seen
+    finally:
+        client.close()
+        await port.stopListening()
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b'{"ok": true}')

@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 
 from harmony import jsonutil
+from harmony.compat.twisted import flush_buffered
 from harmony.envelope import RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id, parse_query
 from harmony.log import enabled, get_logger
 from harmony.web import coding
@@ -133,9 +134,14 @@ def write_response(request, response: ResponseEnvelope) -> defer.Deferred:
     elif length is not None and response.status != 204 and not 100 <= response.status < 200:
         request.responseHeaders.setRawHeaders(b"content-length", [str(length).encode()])
     if body is None or isinstance(body, (bytes, bytearray)):
+        transport = getattr(getattr(request, "channel", None), "transport", None)  # finish() drops .channel
         if body:
             request.write(bytes(body))
         request.finish()
+        if transport is not None:
+            # On the wire now, not at the reactor's next turn: the client waits on it, and
+            # what this turn still runs (the pipeline's observers, logging) need not delay it.
+            flush_buffered(transport)
         return defer.succeed(None)
     # A producer: let the transport pause it when the client reads slowly.
     done: defer.Deferred[None] = defer.Deferred()
