@@ -108,6 +108,7 @@ from harmony.storage.query import (
     record_matches,
     response_json,
 )
+from harmony.storage.readers import WokenThreads
 from harmony.storage.uids import clean_uid
 
 log = get_logger("harmony.storage")
@@ -374,6 +375,8 @@ class InstanceStore:
         self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
         #: Where single instances are placed and committed (see _IngestThreads).
         self.ingest_threads = _IngestThreads(threads, "harmony-storage-ingest")
+        #: Where C-FIND/QIDO queries run (:meth:`stream`; harmony.storage.readers).
+        self.query_threads = WokenThreads(threads, "harmony-storage-query")
         self._shutdown_trigger = None
         self._refs = 0
         self.closed = False
@@ -678,6 +681,8 @@ class InstanceStore:
             self.commit_pool.start()
         if not self.ingest_threads.started:
             self.ingest_threads.start()
+        if not self.query_threads.started:
+            self.query_threads.start()
 
     def write(self, fn, *args, **kwargs) -> defer.Deferred:
         return self.run(self.write_sync, fn, *args, **kwargs)
@@ -697,6 +702,7 @@ class InstanceStore:
         self.bookkeep(nodes.heartbeat, self.node, time.time()).addCallbacks(renewed, lambda f: None)
 
     def _stop_pool(self):
+        self.query_threads.stop()
         self.ingest_threads.stop()
         if self.pool.started:
             self.pool.stop()  # placements first: what they placed may still queue a commit
@@ -1398,7 +1404,21 @@ class InstanceStore:
             log.failure("storage query failed", f)
             stream.fail(f)
 
-        self.run(work).addCallbacks(finished, failed)
+        def job():
+            try:
+                last = work()
+            except Exception:  # noqa: BLE001 - any failure ends the stream, on the reactor
+                call(failed, Failure())
+                return
+            call(finished, last)
+
+        try:
+            self._start_pools()
+        except StorageFailure:
+            failed(Failure())
+            return stream
+        # On a query thread woken without the GIL held (harmony.storage.readers), not the pool.
+        self.query_threads.call(job)
         return stream
 
     def counts_sync(self) -> dict:
