@@ -8,6 +8,7 @@ every consumer - the bridge building a C-FIND, a transform middleware, the
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import attr
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -67,6 +68,7 @@ def attribute_path(name: str) -> list[str]:
     return [resolve_attribute(p) for p in name.split(".")]
 
 
+@lru_cache(maxsize=1024)
 def vr_of(tag: str) -> str:
     try:
         vr = dictionary_VR(int(tag, 16))

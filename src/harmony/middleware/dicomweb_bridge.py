@@ -23,7 +23,6 @@ not come through a ``dicomweb`` endpoint pass through untouched.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -123,7 +122,8 @@ class DicomWebBridge(Middleware):
 
     def _qido_request(self, request, dw):
         q = dw.query
-        identifier = copy.deepcopy(request.normalized or {})
+        # A new top level only: the elements are replaced here, never changed in place.
+        identifier = dict(request.normalized or {})
         keys = qido.return_keys(dw.level, q, study_in_path=bool(dw.study_uid), series_in_path=bool(dw.series_uid))
         keys += ["0020000D"] + (["0020000E"] if dw.level != "STUDY" else [])
         if q.include_all:
