@@ -201,7 +201,7 @@ def report(results: dict, count: int, mb: float):
           "request, mean over the rounds\n")
     ab = any(side == "copy" for _l, _c, side in results)
     print(f"{'workload':42} {'Accept-Encoding':14} {'harmony':>9} {'orthanc':>9} {'ratio':>7} {'goal':>7}"
-          f"  {'CPU ms h/o':>13}  wire h/o" + ("     copy path: ratio, CPU ms" if ab else ""))
+          f"  {'CPU ms h/o':>13}  wire h/o" + ("     B (--ab build, or the copy path): ratio, CPU ms" if ab else ""))
     for label, _fn, goal, higher, codings in ROWS:
         for coding in codings:
             if (label, coding, "harmony") not in results:
@@ -221,7 +221,7 @@ def report(results: dict, count: int, mb: float):
             cpu = (statistics.fmean(c for *_, c in h) * 1000, statistics.fmean(c for *_, c in o) * 1000)
             extra = ""
             c = results.get((label, coding, "copy"))
-            if c:  # the same build with HARMONY_SENDFILE=0, measured in the same rounds
+            if c:  # --ab's build, or this one with HARMONY_SENDFILE=0, measured in the same rounds
                 cv = (statistics.median(size / t / 1e6 for t, size, *_ in c) if higher
                       else statistics.median(t for t, *_ in c) * 1000)
                 extra = f"     {cv / ov:6.2f}x {statistics.fmean(x for *_, x in c) * 1000:6.1f}"
@@ -284,6 +284,9 @@ def main():
     ap.add_argument("--profile-out", type=Path, default=None)
     ap.add_argument("--ab-copy", action="store_true",
                     help="also run a second Harmony with HARMONY_SENDFILE=0 (the copying path) in the same rounds")
+    ap.add_argument("--ab", type=Path, metavar="SRC",
+                    help="also run a second Harmony importing harmony from SRC (e.g. main's src/, exported with "
+                         "git archive) in the same rounds, shown in the B column")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="harmony-bench-archive-") as tmp:
         tmp = Path(tmp)
@@ -306,11 +309,11 @@ def main():
             check_same_data(harmony, orthanc.dicomweb_url, args.instances)
             bases = {"harmony": harmony, "orthanc": orthanc.dicomweb_url}
             pids = {"harmony": proc.pid, "orthanc": orthanc.proc.pid}
-            if args.ab_copy:
+            if args.ab_copy or args.ab:
                 (tmp / "copy").mkdir()
                 copy_port = free_port()
-                copy = start_harmony(config(tmp / "copy", copy_port), copy_port,
-                                     env={**(env or os.environ), "HARMONY_SENDFILE": "0"})
+                b_env = ({"PYTHONPATH": str(args.ab.resolve())} if args.ab else {"HARMONY_SENDFILE": "0"})
+                copy = start_harmony(config(tmp / "copy", copy_port), copy_port, env={**(env or os.environ), **b_env})
                 bases["copy"] = f"http://127.0.0.1:{copy_port}/dicomweb"
                 pids["copy"] = copy.pid
                 load(bases["copy"], paths)

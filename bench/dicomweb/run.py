@@ -192,6 +192,9 @@ def main():
     ap.add_argument("--only", choices=("all", "qido"), default="all", help="qido: the QIDO rows only")
     ap.add_argument("--profile", metavar="FILE", help="py-spy record of Harmony during 1,000 extra QIDO requests "
                     "(py-spy in the venv, not a dependency; FILE.txt for raw stacks)")
+    ap.add_argument("--ab", type=Path, metavar="SRC",
+                    help="with --only qido: also run a second Harmony importing harmony from SRC (e.g. main's "
+                         "src/, exported with git archive) in the same interleaved rounds")
     args = ap.parse_args()
     count = args.instances
     if args.gib:
@@ -206,7 +209,7 @@ def main():
         stow_a = make_study(tmp / "stow-a", stow_count, 128, study=STUDY + ".7", patient="STOWA")
         stow_b = make_study(tmp / "stow-b", stow_count, 128, study=STUDY + ".8", patient="STOWB")
         orthanc = Orthanc(tmp / "orthanc").start()
-        harmony = None
+        harmony = other = None
         try:
             print("loading Orthanc...", flush=True)
             orthanc.upload(paths)
@@ -215,10 +218,23 @@ def main():
             harmony = start_harmony(config(tmp, port, orthanc), port, env={**os.environ, "TCP_NODELAY": "1"})
             bridge = f"http://127.0.0.1:{port}/dicomweb"
             native = orthanc.dicomweb_url
+            if args.ab:
+                b_port = free_port()
+                (tmp / "b").mkdir()
+                other = start_harmony(config(tmp / "b", b_port, orthanc), b_port,
+                                      env={**os.environ, "TCP_NODELAY": "1", "PYTHONPATH": str(args.ab.resolve())})
+                bridge_b = f"http://127.0.0.1:{b_port}/dicomweb"
+                qido(bridge_b, 5)
             idle_rss = RssSampler(harmony.pid).rss()
 
             qido(bridge, 5), qido(native, 5)  # warm up associations and caches
-            q_rounds = [(qido(bridge, args.qido_rounds), qido(native, args.qido_rounds)) for _ in range(args.rounds)]
+            q_rounds, b_rounds = [], []
+            for n in range(args.rounds):  # interleaved, who goes first alternating
+                sides = [("bridge", bridge), ("native", native)] + ([("b", bridge_b)] if args.ab else [])
+                got = dict((name, qido(url, args.qido_rounds)) for name, url in (sides if n % 2 else sides[::-1]))
+                q_rounds.append((got["bridge"], got["native"]))
+                if args.ab:
+                    b_rounds.append((got["b"], got["native"]))
             q_b = median_by([b for b, _ in q_rounds], 0)
             q_n = median_by([n for _, n in q_rounds], 0)
             f_pyn = pynetdicom_find(orthanc, args.qido_rounds)
@@ -241,6 +257,13 @@ def main():
                       f"native {' '.join(f'{n[0]:.2f}' for _, n in q_rounds)}")
                 print(f"{'  DIMSE bound: C-FIND by pynetdicom p50 (ms)':44} {f_pyn:16.2f}")
                 print(f"Harmony CPU per QIDO request: {cpu_per_qido * 1000:.3f} ms")
+                if args.ab:
+                    q_ab = median_by([b for b, _ in b_rounds], 0)
+                    cpu = cpu_seconds(other.pid)
+                    qido(bridge_b, 500)
+                    cpu_b = (cpu_seconds(other.pid) - cpu) / 500
+                    print(f"B ({args.ab}): QIDO p50 {q_ab[0]:.2f} ms, {q_ab[0] / q_n[0]:.2f}x native; per round "
+                          f"{' '.join(f'{b[0]:.2f}' for b, _ in b_rounds)}; CPU per QIDO {cpu_b * 1000:.3f} ms")
                 return
 
             wado(native, STUDY)  # warm Orthanc's file cache
@@ -285,6 +308,7 @@ def main():
             print()
             print("goals: QIDO <= 1.5x native, WADO >= 1.0x getscu's MB/s, RSS < 150 MB")
         finally:
+            stop(other)
             stop(harmony)
             orthanc.stop()
 
