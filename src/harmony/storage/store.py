@@ -133,6 +133,12 @@ GATHER_SECS = 0.004
 #: (see _SpareTemps).
 SPARE_TEMPS = 8
 SPARE_RETRY_SECS = 1.0
+#: The index's WAL is checkpointed by an idle storage thread after this many ingest
+#: commits (see InstanceStore._tend_spares) ...
+CHECKPOINT_COMMITS = 16
+#: ... and by the committing thread itself only past this many WAL pages (sqlite's
+#: ``wal_autocheckpoint``; its default is 1,000 pages: a C-STORE's commit writes ~11).
+WAL_BACKSTOP_PAGES = 8192
 #: A group of instances (:meth:`InstanceStore.put_instances`) is placed by one
 #: storage thread per this many bytes of them (up to the pool's size).
 SHARE_BYTES = 16 * 1024 * 1024
@@ -250,6 +256,7 @@ class _SpareTemps:
         self._wanted = 0
         #: The name being created (between its open and joining the spares).
         self._making: Path | None = None
+        self._tending = threading.Lock()
         #: When creating a spare last failed (a full disk, a broken folder): none is tried
         #: for :data:`SPARE_RETRY_SECS` then (each instance makes its own, and meets the error).
         self.failed_at: float | None = None
@@ -272,9 +279,18 @@ class _SpareTemps:
         with self._lock:
             self._unlink.append(path)
 
-    def tend(self, waiting=lambda: 0) -> None:
+    def tend(self, waiting=lambda: 0, wait: bool = False) -> None:
         """Remove the names left to remove, then create spares up to :attr:`size`, one
-        at a time while nothing is *waiting* (a callable: the jobs queued)."""
+        at a time while nothing is *waiting* (a callable: the jobs queued).  One thread
+        tends at a time: another returns at once (or, with *wait*, waits its turn)."""
+        if not self._tending.acquire(blocking=wait):
+            return
+        try:
+            self._tend(waiting)
+        finally:
+            self._tending.release()
+
+    def _tend(self, waiting) -> None:
         with self._lock:
             gone = list(self._unlink)
         for path in gone:
@@ -285,7 +301,7 @@ class _SpareTemps:
             return
         while not waiting():
             with self._lock:
-                if self.closed or self._wanted <= 0 or len(self._ready) >= self.size or self._making is not None:
+                if self.closed or self._wanted <= 0 or len(self._ready) >= self.size:
                     return
                 self._wanted -= 1
                 path = self._making = self._make_name()
@@ -295,6 +311,7 @@ class _SpareTemps:
                 self.failed_at = time.monotonic()
                 with self._lock:
                     self._making = None
+                    self._wanted += 1   # still wanted, once they can be made
                 return
             with self._lock:
                 self._making = None
@@ -507,6 +524,11 @@ class InstanceStore:
         self._temp_names = itertools.count()
         #: Temp files made ahead for them, temp names removed late (see _SpareTemps).
         self.spares = _SpareTemps(self._temp_name)
+        #: Ingest commits since the index's WAL was last checkpointed (sqlite; see _tend_spares).
+        self._commits_since_checkpoint = 0
+        self._checkpointing = threading.Lock()
+        #: Checkpoints idle storage threads made (tests).
+        self.checkpoints = 0
         #: ``(sop_uid, relpath)`` of instances durable since their commit: their
         #: in_flight rows go in the next ingest transaction.
         self._settled: list[tuple[str, str]] = []
@@ -538,6 +560,8 @@ class InstanceStore:
             self.db.create_schema(schema_sqlite(), schema_pg())
             self.db.transaction(True, q.upgrade)
             self.db.transaction(True, idx.upgrade)
+            if self.db.dialect == SQLITE:   # idle storage threads checkpoint (_tend_spares)
+                self.db.transaction(False, _wal_backstop)
             if self.shared:
                 # Refuses to open while another live process uses this node id.
                 self.db.transaction(True, nodes.claim, (self.node, time.time()))
@@ -972,10 +996,32 @@ class InstanceStore:
         """A new temp name of this store's (``opening`` and a counter: unique)."""
         return self.tmp_dir / f".{self.opening}-{next(self._temp_names)}.part"
 
-    def _tend_spares(self, waiting) -> None:
-        """(A storage thread with no job.) Spare temp files made, used temp names removed."""
-        if self._opened and not self.closed:
-            self.spares.tend(waiting)
+    def _tend_spares(self, waiting, wait: bool = False) -> None:
+        """(A storage thread with no job.) Spare temp files made, used temp names removed,
+        and the index's WAL checkpointed when due.
+
+        sqlite checkpoints its WAL inside the commit that takes it past
+        ``wal_autocheckpoint`` pages: every ~90 C-STOREs one of them waited for
+        ~1,000 pages copied into the database and its fsync.  Here a thread with
+        nothing to do checkpoints (PASSIVE: on its own connection, never blocking the
+        writer, who goes on appending meanwhile), and the commit's own checkpoint is
+        only a backstop for a WAL that idle threads never got to
+        (:data:`WAL_BACKSTOP_PAGES`).  *wait*: wait for a thread tending already (tests)."""
+        if not self._opened or self.closed:
+            return
+        self.spares.tend(waiting, wait)
+        if self._commits_since_checkpoint < CHECKPOINT_COMMITS or self.db.dialect != SQLITE or waiting() \
+                or not self._checkpointing.acquire(blocking=wait):
+            return
+        try:
+            if self._commits_since_checkpoint >= CHECKPOINT_COMMITS:
+                self._commits_since_checkpoint = 0
+                self.db.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+        except sqlite3.Error as e:   # the backstop checkpoints instead; nothing is lost
+            log.debug("storage {root}: an idle checkpoint failed: {error}", root=str(self.root), error=str(e))
+        finally:
+            self._checkpointing.release()
 
     def _placed(self, header: dict, final: Path, size: int, enqueue, now, fresh: bool = False,
                 journal: bool = False) -> Placed:
@@ -1133,6 +1179,7 @@ class InstanceStore:
             self._dirty = True
             self._unsettle(settled)
             raise StorageFailure(f"index update failed: {e}") from None
+        self._commits_since_checkpoint += 1
         if journaled:
             # Durable now (the bytes are in the committed row); the row goes once
             # the file's own flushes are done.
@@ -1556,6 +1603,10 @@ def _header_of_bytes(data: bytes) -> dict:
     header = _header_of_dataset(ds)
     header["bytes"] = data
     return header
+
+
+def _wal_backstop(conn) -> None:
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}").fetchall()
 
 
 def _unlink_quietly(path) -> None:
