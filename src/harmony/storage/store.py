@@ -135,7 +135,7 @@ SPARE_TEMPS = 8
 SPARE_RETRY_SECS = 1.0
 #: The index's WAL is checkpointed by an idle storage thread after this many ingest
 #: commits (see InstanceStore._tend_spares) ...
-CHECKPOINT_COMMITS = 16
+CHECKPOINT_COMMITS = 64
 #: ... and by the committing thread itself only past this many WAL pages (sqlite's
 #: ``wal_autocheckpoint``; its default is 1,000 pages: a C-STORE's commit writes ~11).
 WAL_BACKSTOP_PAGES = 8192
