@@ -26,7 +26,9 @@ def store(tmp_path, new_store):
 
 
 def leftovers(store) -> list:
-    return list(store.tmp_dir.iterdir())
+    """Temp files left behind (not counting the empty ones made ahead for the next instances)."""
+    spares = store.spares.held()
+    return [p for p in store.tmp_dir.iterdir() if p not in spares]
 
 
 @pytest_twisted.ensureDeferred
@@ -359,3 +361,99 @@ def test_the_flushes_behind_run_together_and_a_failure_is_its_tasks_own(tmp_path
     finally:
         gate.set()
         behind.stop()
+
+
+# ---------------------------------------------------------------------- off the C-STORE's way: spares, checkpoints
+
+
+def _tend(store):
+    """What a storage thread with nothing to do runs (called here on a store thread, as it would be)."""
+    return store.run(store._tend_spares, lambda: 0, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_instances_from_memory_use_temp_files_made_ahead_and_leave_none_behind(tmp_path, new_store, corpus):
+    """A storage thread with nothing to do makes the temp files the next instances
+    held in memory are written into, and removes the temp names new files were
+    linked from; the instances land whole, and a clean close leaves ``tmp`` empty."""
+    from harmony.storage.files import clear_temp
+    store = new_store(tmp_path / "store", min_free_bytes=0)
+    try:
+        assert not any(store.tmp_dir.iterdir()) if store.tmp_dir.exists() else True
+        first = corpus[0].path.read_bytes()
+        await store.put_bytes(first)
+        await _tend(store)
+        spares = store.spares.held()
+        assert spares and all(p.parent == store.tmp_dir and p.name.endswith(".part") for p in spares)
+        assert {p.name for p in store.tmp_dir.iterdir()} == {p.name for p in spares}   # the used name is gone
+        for inst in corpus[1:6]:
+            stored = await store.put_bytes(inst.path.read_bytes())
+            assert stored.path.read_bytes() == inst.path.read_bytes()
+            assert stored.path.stat().st_nlink in (1, 2)   # (its temp name may not be removed yet)
+        taken = spares - store.spares.held()
+        assert taken, "no instance was written into a temp file made ahead"
+        await _tend(store)
+        assert all(p.stat().st_size == 0 for p in store.tmp_dir.iterdir())   # spares only: nothing written left
+        assert all(p.stat().st_nlink == 1 for p in store.instances_dir.rglob("*.dcm"))
+        # What a crash (kill -9) would leave: the start-up sweep's pattern takes the spares, not the instances.
+        assert clear_temp(store.tmp_dir) == len(store.spares.held())
+        assert (await store.run(store.counts_sync))["instances"] == 6
+    finally:
+        store.close()
+    assert not any(store.tmp_dir.iterdir())
+    assert all(p.read_bytes() for p in store.instances_dir.rglob("*.dcm"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_never_files_from_memory_makes_no_spares(store, corpus):
+    await store.put_file(corpus[0].path)
+    await _tend(store)
+    assert store.spares.held() == set() and leftovers(store) == [] and not any(store.tmp_dir.iterdir())
+
+
+def test_spares_stop_for_a_while_when_they_cannot_be_made(tmp_path, monkeypatch):
+    """A folder where files cannot be created (a full disk): no spare, no error - the
+    instance meets (and reports) the error itself - and no retry before SPARE_RETRY_SECS."""
+    from harmony.storage import store as store_module
+    made = []
+
+    def name():
+        made.append(1)
+        return tmp_path / "missing-folder" / ".x.part"
+    spares = store_module._SpareTemps(name, size=2)
+    assert spares.take() is None
+    spares.tend()
+    spares.tend()
+    assert len(made) == 1 and spares.held() == set()
+    monkeypatch.setattr(store_module, "SPARE_RETRY_SECS", 0.0)
+    spares.tend()
+    assert len(made) == 2
+    spares.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_storage_threads_checkpoint_the_index_and_commits_only_past_the_backstop(tmp_path, new_store,
+                                                                                             corpus, monkeypatch):
+    """The index's WAL is checkpointed by a storage thread with nothing to do, once
+    enough commits are in it; a commit checkpoints only past the backstop."""
+    from harmony.storage import store as store_module
+    store = new_store(tmp_path / "store", min_free_bytes=0)
+    try:
+        monkeypatch.setattr(store_module, "CHECKPOINT_COMMITS", 10**9)   # none while the instances come
+        for inst in corpus[:5]:
+            await store.put_bytes(inst.path.read_bytes())
+        if store.db.dialect != "sqlite":
+            assert store.checkpoints == 0
+            return
+        backstop = await store.run(store.write_sync, lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        assert backstop == store_module.WAL_BACKSTOP_PAGES
+        assert store.checkpoints == 0 and store._commits_since_checkpoint >= 5
+        monkeypatch.setattr(store_module, "CHECKPOINT_COMMITS", 5)
+        await _tend(store)   # (or the storage thread idle after the last commit does it: one of the two)
+        assert store._commits_since_checkpoint == 0 and store.checkpoints == 1
+        frames = await store.run(lambda: store.db.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+        assert frames[1] == frames[2]   # every frame of the WAL is in the database
+        await _tend(store)
+        assert store.checkpoints == 1   # nothing committed since: not again
+    finally:
+        store.close()

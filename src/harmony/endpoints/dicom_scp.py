@@ -1284,16 +1284,22 @@ class ScpServices:
     async def _store_through(self, op: Operation, instance: DicomInstance, header: dict | None):
         """The received *instance* through the pipeline; its answer to the sender."""
         response = await self.endpoint.run_pipeline(self._store_envelope(op, instance, header))
-        await self._answer_store(response, op)
+        answered = self._answer_store(response, op)
+        if answered is not None:
+            await answered
 
-    def _answer_store(self, response, op: Operation) -> defer.Deferred:
-        """The C-STORE response for the pipeline's *response*, once its stream (if any) is counted."""
+    def _answer_store(self, response, op: Operation) -> defer.Deferred | None:
+        """The C-STORE response for the pipeline's *response*, once its stream (if any) is counted
+        (a Deferred then; None when it was written at once)."""
         stream = response.state.dicom_results
         if stream is None:
             status = response.state.dimse_status
             if status is None:
                 status = dimse.SUCCESS if response.status < 300 else dimse.PROCESSING_FAILURE
-            return op.respond(status, comment=response.state.error_comment)
+            # Encoded directly and written at once (no command dict, generic encode and
+            # Deferred per instance): the same bytes as op.respond (tests/dicom/ul).
+            _respond_held(op.assoc, op.message, status, response.state.error_comment)
+            return None
 
         def counted(_):
             return op.respond(stream.status if stream.status is not None else dimse.PROCESSING_FAILURE,

@@ -190,7 +190,7 @@ class TempFile:
         return False
 
 
-def claim_name(src: Path, final: Path, stop: Path, journaled: bool = False) -> bool:
+def claim_name(src: Path, final: Path, stop: Path, journaled: bool = False, keep_source: bool = False) -> bool:
     """Give the closed file *src* (ours, same filesystem) the name *final*.
 
     A name nobody has yet is claimed at once with a hard link - atomic, and it
@@ -204,10 +204,21 @@ def claim_name(src: Path, final: Path, stop: Path, journaled: bool = False) -> b
     *journaled*: *src*'s bytes are already durable elsewhere (a journal that
     writes them again after a crash), so an existing name is replaced at once
     too, and True is returned (the data sync is still the caller's).
+
+    *keep_source*: a new name leaves *src*'s name in place too (a second link to
+    the same file), for the caller to remove later, off its critical path; an
+    existing name still takes *src* by rename.
+
+    The folders are made only when the link finds them missing: the usual
+    instance goes into a series folder that exists, and a ``stat`` of each of
+    its parents first was a wasted system call per instance.
     """
-    make_dirs(final.parent, stop)
     try:
-        os.link(src, final)
+        try:
+            os.link(src, final)
+        except FileNotFoundError:
+            make_dirs(final.parent, stop)
+            os.link(src, final)
     except FileExistsError:
         if journaled:
             os.replace(src, final)
@@ -215,7 +226,8 @@ def claim_name(src: Path, final: Path, stop: Path, journaled: bool = False) -> b
         fdatasync_file(src)
         os.replace(src, final)
         return False
-    os.unlink(src)  # the temp name: gone or not after a crash, the temp sweep deletes it
+    if not keep_source:
+        os.unlink(src)  # the temp name: gone or not after a crash, the temp sweep deletes it
     return True
 
 

@@ -130,6 +130,16 @@ JOURNAL_MAX_BYTES = 256 * 1024
 MAX_UNFLUSHED = 512
 #: How long the flushes behind journaled acknowledgements gather before a round (see _FlushesBehind).
 GATHER_SECS = 0.004
+#: Empty temp files the storage threads keep created ahead for instances placed from memory
+#: (see _SpareTemps).
+SPARE_TEMPS = 8
+SPARE_RETRY_SECS = 1.0
+#: The index's WAL is checkpointed by an idle storage thread after this many ingest
+#: commits (see InstanceStore._tend_spares) ...
+CHECKPOINT_COMMITS = 64
+#: ... and by the committing thread itself only past this many WAL pages (sqlite's
+#: ``wal_autocheckpoint``; its default is 1,000 pages: a C-STORE's commit writes ~11).
+WAL_BACKSTOP_PAGES = 8192
 #: A group of instances (:meth:`InstanceStore.put_instances`) is placed by one
 #: storage thread per this many bytes of them (up to the pool's size).
 SHARE_BYTES = 16 * 1024 * 1024
@@ -171,9 +181,13 @@ class _IngestThreads:
     (:meth:`InstanceStore._ingest`).  ``SimpleQueue.put`` wakes a thread only
     when one is waiting."""
 
-    def __init__(self, size: int, name: str):
+    def __init__(self, size: int, name: str, idle=None):
         self.size = size
         self.name = name
+        #: Called by a thread that finished a job and found no other waiting
+        #: (``idle(busy)``, *busy* saying whether a job has come since): work kept
+        #: off the jobs' way (:class:`_SpareTemps`).
+        self.idle = idle
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -202,6 +216,8 @@ class _IngestThreads:
             fn, args = job
             try:
                 fn(*args)
+                if self.idle is not None and self._jobs.empty():
+                    self.idle(self._jobs.qsize)
             except Exception:  # noqa: BLE001 - jobs report their own errors; this is a bug's last stop
                 log.failure("storage: an ingest job failed", Failure())
 
@@ -213,6 +229,110 @@ class _IngestThreads:
             self._jobs.put(None)
         for thread in threads:
             thread.join()
+
+
+class _SpareTemps:
+    """Empty temp files created ahead, and used temp names removed late, by storage
+    threads with nothing else to do - so that neither is on an instance's way to its
+    acknowledgement.
+
+    Creating a file waits whenever the file system commits somebody's sync (the
+    index's WAL, the flushes behind): 0.2-0.8 ms of wall time a file on this host
+    under a C-STORE stream (bench/ingest, "C-STORE latency, session 8"), against
+    0.06-0.15 ms to write a file made ahead and link it into place.  Likewise the
+    temp name a new file was linked from is removed later (an extra link to the
+    same file meanwhile).  The names are the store's temp names (``.*.part`` in
+    ``tmp_dir``), so a crash leaves nothing the start-up sweep does not remove;
+    a clean close removes them itself.  The storage_dir journal's writer does the
+    same with its own (harmony.storage.journal)."""
+
+    def __init__(self, make_name, size: int = SPARE_TEMPS):
+        self._make_name = make_name
+        self.size = size
+        self._lock = threading.Lock()
+        self._ready: list[tuple[Path, int]] = []
+        self._unlink: list[Path] = []
+        #: Spares to make: one for each taken, or asked for when none was ready (so a
+        #: store that never places from memory makes none), up to ``size``.
+        self._wanted = 0
+        #: The name being created (between its open and joining the spares).
+        self._making: Path | None = None
+        self._tending = threading.Lock()
+        #: When creating a spare last failed (a full disk, a broken folder): none is tried
+        #: for :data:`SPARE_RETRY_SECS` then (each instance makes its own, and meets the error).
+        self.failed_at: float | None = None
+        self.closed = False
+
+    def take(self) -> tuple[Path, int] | None:
+        """A spare ``(path, open descriptor)``, now the caller's; None when none is ready."""
+        with self._lock:
+            self._wanted = min(self._wanted + 1, self.size)
+            return self._ready.pop() if self._ready else None
+
+    def held(self) -> set[Path]:
+        """The temp names that are spares', made or still to remove (tests: what is not a leftover)."""
+        with self._lock:
+            return {path for path, _ in self._ready} | set(self._unlink) | \
+                ({self._making} if self._making is not None else set())
+
+    def unlink_later(self, path: Path) -> None:
+        """*path* (a temp name whose file is also linked elsewhere) is removed when a thread is idle."""
+        with self._lock:
+            self._unlink.append(path)
+
+    def tend(self, waiting=lambda: 0, wait: bool = False) -> None:
+        """Remove the names left to remove, then create spares up to :attr:`size`, one
+        at a time while nothing is *waiting* (a callable: the jobs queued).  One thread
+        tends at a time: another returns at once (or, with *wait*, waits its turn)."""
+        if not self._tending.acquire(blocking=wait):
+            return
+        try:
+            self._tend(waiting)
+        finally:
+            self._tending.release()
+
+    def _tend(self, waiting) -> None:
+        with self._lock:
+            gone = list(self._unlink)
+        for path in gone:
+            _unlink_quietly(path)
+            with self._lock:
+                self._unlink.remove(path)
+        if self.failed_at is not None and time.monotonic() - self.failed_at < SPARE_RETRY_SECS:
+            return
+        while not waiting():
+            with self._lock:
+                if self.closed or self._wanted <= 0 or len(self._ready) >= self.size:
+                    return
+                self._wanted -= 1
+                path = self._making = self._make_name()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError:
+                self.failed_at = time.monotonic()
+                with self._lock:
+                    self._making = None
+                    self._wanted += 1   # still wanted, once they can be made
+                return
+            with self._lock:
+                self._making = None
+                if self.closed:
+                    os.close(fd)
+                    _unlink_quietly(path)
+                    return
+                self._ready.append((path, fd))
+
+    def close(self) -> None:
+        """Close and remove every spare and every name left to remove (the store's close)."""
+        with self._lock:
+            self.closed = True
+            ready, self._ready = self._ready, []
+            gone, self._unlink = self._unlink, []
+        for path, fd in ready:
+            os.close(fd)
+            _unlink_quietly(path)
+        for path in gone:
+            _unlink_quietly(path)
 
 
 class _FlushesBehind:
@@ -374,7 +494,7 @@ class InstanceStore:
         #: pool (FIFO), a commit would wait for every placement ahead of it.
         self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
         #: Where single instances are placed and committed (see _IngestThreads).
-        self.ingest_threads = _IngestThreads(threads, "harmony-storage-ingest")
+        self.ingest_threads = _IngestThreads(threads, "harmony-storage-ingest", idle=self._tend_spares)
         #: Where C-FIND/QIDO queries run (:meth:`stream`; harmony.storage.readers).
         self.query_threads = WokenThreads(threads, "harmony-storage-query")
         self._shutdown_trigger = None
@@ -405,6 +525,13 @@ class InstanceStore:
         self.opening = uuid.uuid4().hex
         #: Numbers the temp files of instances placed from memory (with ``opening``: unique).
         self._temp_names = itertools.count()
+        #: Temp files made ahead for them, temp names removed late (see _SpareTemps).
+        self.spares = _SpareTemps(self._temp_name)
+        #: Ingest commits since the index's WAL was last checkpointed (sqlite; see _tend_spares).
+        self._commits_since_checkpoint = 0
+        self._checkpointing = threading.Lock()
+        #: Checkpoints idle storage threads made (tests).
+        self.checkpoints = 0
         #: ``(sop_uid, relpath)`` of instances durable since their commit: their
         #: in_flight rows go in the next ingest transaction.
         self._settled: list[tuple[str, str]] = []
@@ -431,11 +558,14 @@ class InstanceStore:
                 d.mkdir(parents=True, exist_ok=True)
             left = clear_temp(self.tmp_dir)
             if left:
-                log.info("storage {root}: removed {n} unacknowledged temp file(s) left by a crash",
+                log.info("storage {root}: removed {n} temp file(s) left by an earlier run "
+                         "(spares, second names of filed instances, writes never acknowledged)",
                          root=str(self.root), n=left)
             self.db.create_schema(schema_sqlite(), schema_pg())
             self.db.transaction(True, q.upgrade)
             self.db.transaction(True, idx.upgrade)
+            if self.db.dialect == SQLITE:   # idle storage threads checkpoint (_tend_spares)
+                self.db.transaction(False, _wal_backstop)
             if self.shared:
                 # Refuses to open while another live process uses this node id.
                 self.db.transaction(True, nodes.claim, (self.node, time.time()))
@@ -723,6 +853,7 @@ class InstanceStore:
             except ValueError:
                 pass
         self._stop_pool()  # joins the storage threads: every write has finished
+        self.spares.close()
         if self._flusher is not None:
             self._flusher.shutdown(wait=True)
         self._behind.stop()
@@ -845,15 +976,19 @@ class InstanceStore:
         if expect is not None and (header["sop_class"], header["sop"]) != expect:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
-        tmp = self.tmp_dir / f".{self.opening}-{next(self._temp_names)}.part"
+        spare = self.spares.take()
+        tmp = spare[0] if spare is not None else self._temp_name()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = spare[1] if spare is not None else \
+                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 write_all(fd, data)
             finally:
                 os.close(fd)
             if self.fsync:
-                fresh = claim_name(tmp, final, self.instances_dir)
+                fresh = claim_name(tmp, final, self.instances_dir, keep_source=True)
+                if fresh:
+                    self.spares.unlink_later(tmp)   # linked, not renamed: the temp name goes later
             else:
                 make_dirs(final.parent, self.instances_dir)
                 os.replace(tmp, final)
@@ -863,6 +998,37 @@ class InstanceStore:
             raise _io_error(e) from None
         header.setdefault("bytes", data)
         return self._placed(header, final, size, enqueue, now, fresh, journal=True)
+
+    def _temp_name(self) -> Path:
+        """A new temp name of this store's (``opening`` and a counter: unique)."""
+        return self.tmp_dir / f".{self.opening}-{next(self._temp_names)}.part"
+
+    def _tend_spares(self, waiting, wait: bool = False) -> None:
+        """(A storage thread with no job.) Spare temp files made, used temp names removed,
+        and the index's WAL checkpointed when due.
+
+        sqlite checkpoints its WAL inside the commit that takes it past
+        ``wal_autocheckpoint`` pages: every ~90 C-STOREs one of them waited for
+        ~1,000 pages copied into the database and its fsync.  Here a thread with
+        nothing to do checkpoints (PASSIVE: on its own connection, never blocking the
+        writer, who goes on appending meanwhile), and the commit's own checkpoint is
+        only a backstop for a WAL that idle threads never got to
+        (:data:`WAL_BACKSTOP_PAGES`).  *wait*: wait for a thread tending already (tests)."""
+        if not self._opened or self.closed:
+            return
+        self.spares.tend(waiting, wait)
+        if self._commits_since_checkpoint < CHECKPOINT_COMMITS or self.db.dialect != SQLITE or waiting() \
+                or not self._checkpointing.acquire(blocking=wait):
+            return
+        try:
+            if self._commits_since_checkpoint >= CHECKPOINT_COMMITS:
+                self._commits_since_checkpoint = 0
+                self.db.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+        except sqlite3.Error as e:   # the backstop checkpoints instead; nothing is lost
+            log.debug("storage {root}: an idle checkpoint failed: {error}", root=str(self.root), error=str(e))
+        finally:
+            self._checkpointing.release()
 
     def _placed(self, header: dict, final: Path, size: int, enqueue, now, fresh: bool = False,
                 journal: bool = False) -> Placed:
@@ -1020,6 +1186,7 @@ class InstanceStore:
             self._dirty = True
             self._unsettle(settled)
             raise StorageFailure(f"index update failed: {e}") from None
+        self._commits_since_checkpoint += 1
         if journaled:
             # Durable now (the bytes are in the committed row); the row goes once
             # the file's own flushes are done.
@@ -1457,6 +1624,10 @@ def _header_of_bytes(data: bytes) -> dict:
     header = _header_of_dataset(ds)
     header["bytes"] = data
     return header
+
+
+def _wal_backstop(conn) -> None:
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}").fetchall()
 
 
 def _unlink_quietly(path) -> None:
