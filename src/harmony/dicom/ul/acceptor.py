@@ -452,8 +452,11 @@ class BalancedPort(tcp.Port):
     Before sharing begins (and in a single process) it is Twisted's port unchanged.
     """
 
-    #: How long a process holding more than its share leaves a waiting connection to the others.
-    YIELD_SECS = 0.005
+    #: How long a process holding more than its share leaves a waiting connection to the others:
+    #: long enough for a runnable process to be scheduled on a loaded machine (5 ms was not, at
+    #: a load of 6 on two cores: 3 + 1 again in two rounds of six), short next to an association's
+    #: set-up by a modality.
+    YIELD_SECS = 0.05
 
     shared: SharedAssociationCount | None = None
     _resume = None
