@@ -105,7 +105,6 @@ def test_processes_sharing_the_file_flush_the_wal_after_the_process_lock_before_
 
 
 def test_one_process_keeps_the_flush_inside_sqlites_commit(tmp_path, monkeypatch):
-    import os
     db = SqliteDatabase(str(tmp_path / "index.sqlite"))
     db.create_schema("CREATE TABLE t (v INTEGER);", "")
     flushed = []

@@ -42,8 +42,15 @@ from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.uids import strip_padding
 from harmony.dicom.ul import commands, datasets, storage
-from harmony.dicom.ul.acceptor import (AcceptorFactory, AcceptorLimits, AcceptorSettings, BalancedPort,
-                                       SharedAssociationCount, adopt_balanced, listen_balanced)
+from harmony.dicom.ul.acceptor import (
+    AcceptorFactory,
+    AcceptorLimits,
+    AcceptorSettings,
+    BalancedPort,
+    SharedAssociationCount,
+    adopt_balanced,
+    listen_balanced,
+)
 from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import server_options
