@@ -218,12 +218,21 @@ class SqliteDatabase:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-        if flush_after:
-            self._flush_wal()
+            # Our own descriptor of the WAL, taken under the lock: another thread's flush or a
+            # close() can never leave us syncing a closed or reused descriptor.
+            wal = self._wal_descriptor() if flush_after else None
+        if wal is not None:
+            try:
+                os.fdatasync(wal)
+            except OSError as e:
+                # As a failed sync inside COMMIT would be: the caller does not acknowledge.
+                raise sqlite3.OperationalError(f"disk I/O error: flushing {self.path}-wal: {e.strerror}") from e
+            finally:
+                os.close(wal)
         return result
 
-    def _flush_wal(self) -> None:
-        """fdatasync the WAL file: every frame committed before this call is on disk after it."""
+    def _wal_descriptor(self) -> int:
+        """A new descriptor of the WAL file (under the write lock)."""
         try:
             fd = self._wal_fd
             if fd is None or os.fstat(fd).st_nlink == 0:  # first use, or a WAL made anew since
@@ -231,10 +240,9 @@ class SqliteDatabase:
                     os.close(fd)
                 self._wal_fd = None
                 fd = self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-            os.fdatasync(fd)
+            return os.dup(fd)
         except OSError as e:
-            # As a failed sync inside COMMIT would be: the caller does not acknowledge.
-            raise sqlite3.OperationalError(f"disk I/O error: flushing {self.path}-wal: {e.strerror}") from e
+            raise sqlite3.OperationalError(f"disk I/O error: opening {self.path}-wal: {e.strerror}") from e
 
     def read(self, fn, args=(), kwargs=None):
         return fn(self.connection(), *args, **(kwargs or {}))
