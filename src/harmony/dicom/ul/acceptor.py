@@ -448,7 +448,8 @@ class BalancedPort(tcp.Port):
     the other idled.  Shared (:meth:`share`), this port takes one connection a wake-up, and
     a process that holds more connections than another serving process leaves the waiting
     connection to the others for :attr:`YIELD_SECS` -- then takes it itself if it is still
-    there, so a busy or stopped peer process delays a connection by that much, never more.
+    there, so a busy or stopped peer process delays a connection by that much, never more;
+    once it had to take one back, it accepts without waiting for :attr:`NOT_ACCEPTING_SECS`.
     Before sharing begins (and in a single process) it is Twisted's port unchanged.
     """
 
@@ -457,9 +458,14 @@ class BalancedPort(tcp.Port):
     #: a load of 6 on two cores: 3 + 1 again in two rounds of six), short next to an association's
     #: set-up by a modality.
     YIELD_SECS = 0.05
+    #: After a connection left to the others had to be taken back, how long this process stops
+    #: leaving connections to them: a stuck (not dead) process would otherwise hold the port to
+    #: one accept per YIELD_SECS.
+    NOT_ACCEPTING_SECS = 1.0
 
     shared: SharedAssociationCount | None = None
     _resume = None
+    _others_not_accepting_until = 0.0
 
     def share(self, shared: SharedAssociationCount) -> None:
         """Balance accepts against the other processes counted in *shared*."""
@@ -470,7 +476,7 @@ class BalancedPort(tcp.Port):
         shared = self.shared
         if shared is None:
             return super().doRead()
-        if shared.busier_than_another():
+        if shared.busier_than_another() and self.reactor.seconds() >= self._others_not_accepting_until:
             self.stopReading()
             self._resume = self.reactor.callLater(self.YIELD_SECS, self._take_what_is_left)
             return None
@@ -483,7 +489,10 @@ class BalancedPort(tcp.Port):
     def _take_what_is_left(self) -> None:
         self._resume = None
         if self.connected and not self.disconnecting:
+            taken = self.sessionno
             self._accept_one()   # EAGAIN (nothing) when another process took it meanwhile
+            if self.sessionno != taken:  # nobody else did
+                self._others_not_accepting_until = self.reactor.seconds() + self.NOT_ACCEPTING_SECS
             self.startReading()
 
     def connectionLost(self, reason):
