@@ -449,7 +449,8 @@ class BalancedPort(tcp.Port):
     a process that holds more connections than another serving process leaves the waiting
     connection to the others for :attr:`YIELD_SECS` -- then takes it itself if it is still
     there, so a busy or stopped peer process delays a connection by that much, never more;
-    once it had to take one back, it accepts without waiting for :attr:`NOT_ACCEPTING_SECS`.
+    after :attr:`TAKEN_BACK` such take-backs in a row it accepts without waiting for
+    :attr:`NOT_ACCEPTING_SECS`.
     Before sharing begins (and in a single process) it is Twisted's port unchanged.
     """
 
@@ -458,13 +459,16 @@ class BalancedPort(tcp.Port):
     #: a load of 6 on two cores: 3 + 1 again in two rounds of six), short next to an association's
     #: set-up by a modality.
     YIELD_SECS = 0.05
-    #: After a connection left to the others had to be taken back, how long this process stops
-    #: leaving connections to them: a stuck (not dead) process would otherwise hold the port to
-    #: one accept per YIELD_SECS.
+    #: After TAKEN_BACK connections in a row left to the others had to be taken back, how long
+    #: this process stops leaving connections to them: a stuck (not dead) process would otherwise
+    #: hold the port to one accept per YIELD_SECS.  One take-back alone (the other process was
+    #: late, on a loaded machine) does not: the next connection of a burst is left to it again.
+    TAKEN_BACK = 3
     NOT_ACCEPTING_SECS = 1.0
 
     shared: SharedAssociationCount | None = None
     _resume = None
+    _taken_back = 0
     _others_not_accepting_until = 0.0
 
     def share(self, shared: SharedAssociationCount) -> None:
@@ -491,8 +495,13 @@ class BalancedPort(tcp.Port):
         if self.connected and not self.disconnecting:
             taken = self.sessionno
             self._accept_one()   # EAGAIN (nothing) when another process took it meanwhile
-            if self.sessionno != taken:  # nobody else did
-                self._others_not_accepting_until = self.reactor.seconds() + self.NOT_ACCEPTING_SECS
+            if self.sessionno == taken:
+                self._taken_back = 0
+            else:                # nobody else did
+                self._taken_back += 1
+                if self._taken_back >= self.TAKEN_BACK:
+                    self._taken_back = 0
+                    self._others_not_accepting_until = self.reactor.seconds() + self.NOT_ACCEPTING_SECS
             self.startReading()
 
     def connectionLost(self, reason):
