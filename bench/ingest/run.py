@@ -12,11 +12,15 @@ reporting the median rate of each and the median of the per-round ratios:
   keep-alive clients: Harmony ``dicomweb`` -> ``dicomweb_bridge`` ->
   ``local_archive`` (each instance listed in ReferencedSOPSequence only after
   its durable commit) vs Orthanc's DICOMweb plugin STOW-RS.
-- ``stow2`` (not in the default set): the same with ``workers = 2``.
+- ``stow2`` (not in the default set): the same with ``[proxy] workers = --workers`` (2).
 - ``dimse1``: DCMTK ``storescu`` (TCP_NODELAY=1), one association: Harmony
   ``dicom_scp`` -> ``local_archive`` vs Orthanc (and DCMTK ``storescp``, which
   writes files without fsync, once, for reference).
-- ``dimse4``: the same files split over ``--clients`` concurrent associations.
+- ``dimse4``: the same files split over ``--clients`` concurrent associations; then again
+  with ``workers = --workers`` (that row alone: ``dimse4w2``), printing how many of the
+  associations each Harmony process served in every round.
+
+Server CPU per instance counts every Harmony process (the main one and its workers).
 
 Once each (``store_forward``, whose ingest is the same store write plus queue rows):
 
@@ -32,7 +36,7 @@ its defaults (``SyncStorageArea`` true: it fsyncs each stored file; see
 README.md for what its index does).
 
     .venv/bin/python bench/ingest/run.py [--small 600] [--large 0] [--clients 4] [--stow-batch 10]
-        [--rounds 3] [--only stow,dimse1,dimse4,http,drain]
+        [--rounds 3] [--only stow,dimse1,dimse4,http,drain] [--workers 2] [--ab SRC]
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_seconds  # noqa: E402
+from bench.common import children, cpu_seconds  # noqa: E402
 from tests.dicomweb_helpers import bridge_pipeline, multipart  # noqa: E402
 from tests.peers import DCMTK, Orthanc, free_port, peer_env, port_open, wait_for  # noqa: E402
 from tests.sf_helpers import STOW_PIPELINE, HarmonyProcess, PortHold, dimse_toml, ingest_config, make_instances  # noqa: E402
@@ -233,16 +237,59 @@ def row(name, seconds, n, nbytes, ref=None):
 #: same rounds as a third contender, so a change is judged against the build before it
 #: on the same machine at the same minute (set by main()).
 AB_BUILD: str | None = None
-#: Server CPU (utime + stime) per instance of each contender, every round (printed by goal_rows).
+#: Server CPU (utime + stime, every process of a contender) per instance, every round (printed by goal_rows).
 CPU_MS: dict = {}
+#: With workers: how many of the row's associations (HTTP connections) each Harmony process served, every round.
+SPREAD: dict = {}
 
 
-def interleaved(tmp: Path, name: str, rounds: int, orthanc_run, harmony_run, n: int, workers: int = 1) -> tuple:
+class ConnectionsPerProcess:
+    """Which process holds each connection to *port* while the block runs (``ss -tnp``, polled
+    every 10 ms): with ``workers`` the kernel hands a connection to whichever process accepts."""
+
+    def __init__(self, port: int | None):
+        self.port = port
+        self.owner: dict[str, int] = {}
+        self.counts: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.port is not None and shutil.which("ss"):
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        import re
+        pattern = re.compile(r"127\.0\.0\.1:(\d+)\s+users:\(\(\"[^\"]*\",pid=(\d+)")
+        while not self._stop.wait(0.01):
+            out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{self.port} )"],
+                                 capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                m = pattern.search(line)
+                if m:
+                    self.owner[m.group(1)] = int(m.group(2))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            per_pid: dict[int, int] = {}
+            for pid in self.owner.values():
+                per_pid[pid] = per_pid.get(pid, 0) + 1
+            self.counts = sorted(per_pid.values(), reverse=True)
+        return False
+
+
+def interleaved(tmp: Path, name: str, rounds: int, orthanc_run, harmony_run, n: int, workers: int = 1,
+                dimse_row: bool = False) -> tuple:
     """Run Orthanc and Harmony (``local_archive``) *rounds* times each, alternating which
     goes first, fresh folders every time; returns (orthanc seconds, harmony seconds, ratios).
     With ``--ab`` the other build runs in each round too (its times in ``CPU_MS["ab-seconds"]``)."""
     t_o, t_h, ratios = [], [], []
     CPU_MS.clear()
+    SPREAD.clear()
     contenders = ("orthanc", "harmony") + (("ab",) if AB_BUILD else ())
     for r in range(rounds):
         pair = {}
@@ -261,9 +308,14 @@ def interleaved(tmp: Path, name: str, rounds: int, orthanc_run, harmony_run, n: 
                                   backend="archive", workers=workers, pythonpath=AB_BUILD if who == "ab" else None)
                 harmony.start()
                 try:
-                    cpu = cpu_seconds(harmony.proc.pid)
-                    pair[who] = harmony_run(harmony)
-                    CPU_MS.setdefault(who, []).append((cpu_seconds(harmony.proc.pid) - cpu) * 1000 / n)
+                    pids = [harmony.proc.pid] + children(harmony.proc.pid)  # the workers are up (start waits)
+                    cpu = cpu_seconds(*pids)
+                    watched = (harmony.dimse_port if dimse_row else harmony.http_port) if workers > 1 else None
+                    with ConnectionsPerProcess(watched) as spread:
+                        pair[who] = harmony_run(harmony)
+                    CPU_MS.setdefault(who, []).append((cpu_seconds(*pids) - cpu) * 1000 / n)
+                    if spread.counts:
+                        SPREAD.setdefault(who, []).append(spread.counts)
                 finally:
                     harmony.stop()
                 assert harmony.indexed() == n, "Harmony indexed every instance"
@@ -288,6 +340,9 @@ def goal_rows(label: str, t_o, t_h, ratios, n, nbytes, goal: float):
         row(f"Harmony, --ab build ({AB_BUILD})", statistics.median(CPU_MS["ab-seconds"]), n, nbytes, r_o)
         print(f"  {'':<52} --ab build: median {statistics.median(ab):.2f}x Orthanc "
               f"(rounds: {', '.join(f'{x:.2f}' for x in ab)})")
+    for who, spreads in SPREAD.items():
+        print(f"  {'':<52} {who}: connections per process, each round: "
+              + ", ".join("+".join(str(c) for c in counts) for counts in spreads))
     # CPU per instance hardly moves with the machine's load, where inst/s does (2 shared cores).
     print(f"  {'':<52} server CPU ms/instance (median; rounds): " + "; ".join(
         f"{who} {statistics.median(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})"
@@ -297,7 +352,7 @@ def goal_rows(label: str, t_o, t_h, ratios, n, nbytes, goal: float):
 def cstore_goal(tmp: Path, name: str, rounds: int, send, n: int, nbytes: int, workers: int = 1):
     """A C-STORE goal row: ``send(port, called_aet)`` to Orthanc and to Harmony, interleaved."""
     t_o, t_h, ratios = interleaved(tmp, name, rounds, lambda o: send(o.dicom_port, o.aet),
-                                   lambda h: send(h.dimse_port, "HARMONY"), n, workers)
+                                   lambda h: send(h.dimse_port, "HARMONY"), n, workers, dimse_row=True)
     label = "dicom_scp -> local_archive" + (f", workers = {workers}" if workers > 1 else "")
     goal_rows(("C-STORE", label), t_o, t_h, ratios, n, nbytes, 1.0)
 
@@ -309,7 +364,9 @@ def main():
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--stow-batch", type=int, default=10, help="instances per STOW-RS request")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each goal row")
-    ap.add_argument("--only", default="stow,dimse1,dimse4,http,drain", help="sections to run")
+    ap.add_argument("--only", default="stow,dimse1,dimse4,http,drain", help="sections to run (also: stow2 and "
+                    "dimse4w2, the STOW-RS and 4-association rows alone with --workers; dimse4 runs both of its rows)")
+    ap.add_argument("--workers", type=int, default=2, help="[proxy] workers of the stow2 and dimse4w2 rows")
     ap.add_argument("--ab", metavar="SRC", help="also run the Harmony whose package is in SRC (PYTHONPATH) "
                     "in every round of the goal rows, e.g. main's: git archive main src | tar -x -C /tmp/main")
     args = ap.parse_args()
@@ -329,7 +386,7 @@ def main():
 
         # stow2: the same row with two Harmony processes sharing the HTTP port (not the goal
         # row): Orthanc's own threads use both cores, one Harmony process's Python about one.
-        for section, workers in (("stow", 1), ("stow2", 2)):
+        for section, workers in (("stow", 1), ("stow2", args.workers)):
             if section not in only:
                 continue
             label = "dicomweb -> bridge -> local_archive" + (f", workers = {workers}" if workers > 1 else "")
@@ -365,8 +422,12 @@ def main():
             folders = split_folder(files, tmp / "split", args.clients)
             cstore_goal(tmp, "dimse4", args.rounds, lambda port, aet: storescu_parallel(port, aet, folders), n,
                         nbytes)
+        if only & {"dimse4", "dimse4w2"}:
+            print(f"\nDIMSE C-STORE, DCMTK storescu, {args.clients} associations at once, durable, into local_archive, "
+                  f"workers = {args.workers}")
+            folders = split_folder(files, tmp / "split-w", args.clients)
             cstore_goal(tmp, "dimse4w2", args.rounds, lambda port, aet: storescu_parallel(port, aet, folders), n,
-                        nbytes, workers=2)
+                        nbytes, workers=args.workers)
 
         if "http" in only:
             print(f"\nHTTP POST application/dicom, {args.clients} keep-alive clients, into store_forward (one round)")

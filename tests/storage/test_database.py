@@ -64,3 +64,51 @@ def test_the_switch_to_wal_waits_for_another_connections_write_lock(tmp_path, mo
         db.close()
         holder.close()
 
+
+
+def test_processes_sharing_the_file_flush_the_wal_after_the_process_lock_before_returning(tmp_path, monkeypatch):
+    """With worker processes, a durable commit's flush waits outside the cross-process lock
+    (another process commits meanwhile; concurrent flushes of the WAL merge), and the
+    transaction returns (the instance is acknowledged) only after the WAL is flushed."""
+    import fcntl
+    import os
+
+    db = SqliteDatabase(str(tmp_path / "index.sqlite"), processes_share=True)
+    db.create_schema("CREATE TABLE t (v INTEGER);", "")
+    flushes = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd):
+        other = os.open(tmp_path / "index.sqlite.write-lock", os.O_RDWR)
+        try:  # a lock another process could take now: ours is given back
+            fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except OSError:
+            free = False
+        finally:
+            os.close(other)
+        flushes.append((os.fstat(fd).st_ino, free))
+        return real_fdatasync(fd)
+    monkeypatch.setattr(database.os, "fdatasync", fdatasync)
+
+    def insert(conn):
+        assert not flushes, "flushed before the commit"
+        conn.execute("INSERT INTO t VALUES (1)")
+        return "done"
+    assert db.transaction(True, insert) == "done"
+    wal = os.stat(tmp_path / "index.sqlite-wal")
+    assert flushes == [(wal.st_ino, True)], "one flush of the WAL file, made with the process lock free"
+    assert db._writer.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: checkpoints still sync
+    db.transaction(False, lambda conn: conn.execute("INSERT INTO t VALUES (2)"))
+    assert len(flushes) == 1, "a commit that need not be durable is not flushed"
+    db.close()
+
+
+def test_one_process_keeps_the_flush_inside_sqlites_commit(tmp_path, monkeypatch):
+    db = SqliteDatabase(str(tmp_path / "index.sqlite"))
+    db.create_schema("CREATE TABLE t (v INTEGER);", "")
+    flushed = []
+    monkeypatch.setattr(database.os, "fdatasync", flushed.append)
+    db.transaction(True, lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
+    assert flushed == [] and db._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    db.close()

@@ -42,7 +42,15 @@ from harmony.dicom.render import release_rest
 from harmony.dicom.results import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, DicomInstance
 from harmony.dicom.uids import strip_padding
 from harmony.dicom.ul import commands, datasets, storage
-from harmony.dicom.ul.acceptor import AcceptorFactory, AcceptorLimits, AcceptorSettings, SharedAssociationCount
+from harmony.dicom.ul.acceptor import (
+    AcceptorFactory,
+    AcceptorLimits,
+    AcceptorSettings,
+    BalancedPort,
+    SharedAssociationCount,
+    adopt_balanced,
+    listen_balanced,
+)
 from harmony.dicom.ul.association import AssociationAborted, AssociationRejected
 from harmony.dicom.ul.requestor import RequestorSettings, associate
 from harmony.dicom.ul.tls import server_options
@@ -281,12 +289,8 @@ class DicomScpEndpoint(Service):
             self._adopt(*self.inherited)
             return
         try:
-            if self.tls is not None:
-                self.listening = self.reactor.listenSSL(self.port, self.factory, self.tls,
-                                                        backlog=self.limits.backlog, interface=self.bind_addr)
-            else:
-                self.listening = self.reactor.listenTCP(self.port, self.factory, backlog=self.limits.backlog,
-                                                        interface=self.bind_addr)
+            self.listening = listen_balanced(self.reactor, self.port, self.factory, backlog=self.limits.backlog,
+                                             interface=self.bind_addr, tls=self.tls)
         except Exception as e:
             log.critical("dicom_scp {name} cannot listen on {host}:{port}: {error}", name=self.name,
                          host=self.bind_addr, port=self.port, error=str(e))
@@ -304,6 +308,8 @@ class DicomScpEndpoint(Service):
         if self.shared_count is None:
             self.shared_count = SharedAssociationCount.create(slots, self.limits.max_connections, self.reactor)
             self.factory.settings.share_counts(self.shared_count)
+            if isinstance(self.listening, BalancedPort):
+                self.listening.share(self.shared_count)
         return self.listening.fileno(), int(self.listening.socket.family), self.shared_count.fd
 
     def worker_ended(self, slot: int) -> None:
@@ -319,7 +325,7 @@ class DicomScpEndpoint(Service):
         if self.tls is not None:
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
         fdesc.setNonBlocking(fd)  # another process may take the connection first: never block in accept()
-        self.listening = self.reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
+        self.listening = adopt_balanced(self.reactor, fd, socket.AddressFamily(family), factory, self.shared_count)
         os.close(fd)  # adoptStreamPort dup()s it
         log.info("dicom_scp {name} serving the shared {host}:{port} as {aet}", name=self.name,
                  host=self.bind_addr, port=self.bound_port, aet=self.local_aet)

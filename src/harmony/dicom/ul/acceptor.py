@@ -30,7 +30,8 @@ from collections import Counter, deque
 import attr
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 
 from harmony.dicom.ul.association import CLOSED, Association, BoundedCache, Reject
@@ -74,8 +75,9 @@ class SharedAssociationCount:
     for the port, however the kernel spreads connections over the processes.  One small file, mapped
     by every process, holds:
 
-    - per process (the main process is slot 0, worker *i* slot *i*): its associations and its
-      connections, two 8-byte counters;
+    - per process (the main process is slot 0, worker *i* slot *i*): its associations, its
+      connections and the pid serving the slot (0: none), three 8-byte fields; the pids and the
+      connection counts also steer which process accepts the next connection (:class:`BalancedPort`);
     - a table of the source addresses that have connections open, each with one 4-byte count per
       process: open addressing with linear probing, keyed by a keyed 16-byte digest of the address
       (the key is random per listener, so a peer cannot pick addresses that collide), an entry
@@ -113,8 +115,8 @@ class SharedAssociationCount:
 
     HEADER = struct.Struct("<8sq16sq")         # magic, table entries, digest key, pid holding the lock
     HOLDER_AT = 32
-    MAGIC = b"HMYDIMS2"
-    SLOT = struct.Struct("<qq")                # associations, connections
+    MAGIC = b"HMYDIMS3"
+    SLOT = struct.Struct("<qqq")               # associations, connections, pid serving the slot (0: none)
 
     def __init__(self, fd: int, slots: int, slot: int, reactor=None):
         #: The descriptor handed to worker processes (the main process) or inherited (a worker).
@@ -180,6 +182,20 @@ class SharedAssociationCount:
 
     def set_connections(self, count: int) -> None:
         self._set_counter(self.slot, 1, count)
+
+    def serving(self, serving: bool = True) -> None:
+        """Mark our slot as served by this process (or no longer): only served slots are
+        left connections to (:meth:`busier_than_another`)."""
+        if self._map.closed:  # the port closing after the count (a stop's order is not fixed)
+            return
+        self._set_counter(self.slot, 2, os.getpid() if serving else 0)
+
+    def busier_than_another(self) -> bool:
+        """Whether this process holds more connections of the listener than another process
+        serving it does (read without the lock: a hint for who should accept next)."""
+        mine = self._counter(self.slot, 1)
+        return any(self._counter(i, 1) < mine for i in range(self.slots)
+                   if i != self.slot and self._counter(i, 2))
 
     def reserve(self, limit: int):
         """Count one more association of ours unless the listener already has *limit*;
@@ -255,6 +271,8 @@ class SharedAssociationCount:
 
     def clear(self, slot: int) -> None:
         """*slot*'s process is gone: none of its associations or connections count (main process)."""
+        self._set_counter(slot, 2, 0)  # at once: no process waits for a dead one to accept
+
         def work() -> None:
             self._set_counter(slot, 0, 0)
             self._set_counter(slot, 1, 0)
@@ -275,6 +293,7 @@ class SharedAssociationCount:
             self._retry.cancel()
         self._retry = None
         self._waiting.clear()
+        self.serving(False)
         self._map.close()
         os.close(self._lock_fd)
         os.close(self.fd)
@@ -417,6 +436,105 @@ class CountBusy(Exception):
 def _busy(timeout: float, holder: int):
     raise CountBusy(f"the listener's shared count stayed locked by another process (pid {holder}) for "
                     f"{timeout:g} s")
+
+
+class BalancedPort(tcp.Port):
+    """A listening port that, once processes share it, spreads connections evenly over them.
+
+    Every process serving a shared listening socket is woken for each new connection
+    (epoll, level-triggered), and Twisted's port accepts as many as are waiting in one go:
+    four modalities connecting together mostly landed 3 + 1 or 4 + 0 on two processes
+    (bench/ingest, associations counted per pid), so one process did most of the work while
+    the other idled.  Shared (:meth:`share`), this port takes one connection a wake-up, and
+    a process that holds more connections than another serving process leaves the waiting
+    connection to the others for :attr:`YIELD_SECS` -- then takes it itself if it is still
+    there, so a busy or stopped peer process delays a connection by that much, never more;
+    after :attr:`TAKEN_BACK` such take-backs in a row it accepts without waiting for
+    :attr:`NOT_ACCEPTING_SECS`.
+    Before sharing begins (and in a single process) it is Twisted's port unchanged.
+    """
+
+    #: How long a process holding more than its share leaves a waiting connection to the others:
+    #: long enough for a runnable process to be scheduled on a loaded machine (5 ms was not, at
+    #: a load of 6 on two cores: 3 + 1 again in two rounds of six), short next to an association's
+    #: set-up by a modality.
+    YIELD_SECS = 0.05
+    #: After TAKEN_BACK connections in a row left to the others had to be taken back, how long
+    #: this process stops leaving connections to them: a stuck (not dead) process would otherwise
+    #: hold the port to one accept per YIELD_SECS.  One take-back alone (the other process was
+    #: late, on a loaded machine) does not: the next connection of a burst is left to it again.
+    TAKEN_BACK = 3
+    NOT_ACCEPTING_SECS = 1.0
+
+    shared: SharedAssociationCount | None = None
+    _resume = None
+    _taken_back = 0
+    _others_not_accepting_until = 0.0
+
+    def share(self, shared: SharedAssociationCount) -> None:
+        """Balance accepts against the other processes counted in *shared*."""
+        self.shared = shared
+        shared.serving(True)
+
+    def doRead(self):
+        shared = self.shared
+        if shared is None:
+            return super().doRead()
+        if shared.busier_than_another() and self.reactor.seconds() >= self._others_not_accepting_until:
+            self.stopReading()
+            self._resume = self.reactor.callLater(self.YIELD_SECS, self._take_what_is_left)
+            return None
+        return self._accept_one()
+
+    def _accept_one(self):
+        self.numberAccepts = 1  # tcp.Port grows it after a full round
+        return super().doRead()
+
+    def _take_what_is_left(self) -> None:
+        self._resume = None
+        if self.connected and not self.disconnecting:
+            taken = self.sessionno
+            self._accept_one()   # EAGAIN (nothing) when another process took it meanwhile
+            if self.sessionno == taken:
+                self._taken_back = 0
+            else:                # nobody else did
+                self._taken_back += 1
+                if self._taken_back >= self.TAKEN_BACK:
+                    self._taken_back = 0
+                    self._others_not_accepting_until = self.reactor.seconds() + self.NOT_ACCEPTING_SECS
+            self.startReading()
+
+    def connectionLost(self, reason):
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None
+        if self.shared is not None:
+            self.shared.serving(False)
+        return super().connectionLost(reason)
+
+
+def listen_balanced(reactor, port: int, factory, *, backlog: int, interface: str, tls=None):
+    """``reactor.listenTCP``/``listenSSL``, with a :class:`BalancedPort` where the reactor is a
+    real one (a test's memory reactor gets its own fake port)."""
+    if tls is not None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        if not isinstance(reactor, PosixReactorBase):
+            return reactor.listenSSL(port, factory, tls, backlog=backlog, interface=interface)
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    elif not isinstance(reactor, PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    listening = BalancedPort(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
+
+
+def adopt_balanced(reactor, fd: int, family: int, factory, shared: SharedAssociationCount) -> BalancedPort:
+    """Serve an inherited listening socket *fd* (a worker process), balanced through *shared*.
+    *fd* is duplicated: the caller closes its own."""
+    listening = BalancedPort._fromListeningDescriptor(reactor, fd, family, factory)
+    listening.startListening()
+    listening.share(shared)
+    return listening
 
 
 class AcceptorSettings:
