@@ -823,19 +823,22 @@ class InstanceStore:
             tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
         return self._placed(header, final, tmp.size, enqueue, now, fresh, journal=True)
 
-    def _place_bytes_sync(self, data, enqueue, now, expect=None) -> Placed:
+    def _place_bytes_sync(self, data, enqueue, now, expect=None, parsed=None) -> Placed:
         """Place a Part-10 instance held in memory (*data*: its bytes, or its fragments
         in order): described from those bytes, written once under a temp name of this
         store's and claimed into place as :meth:`_place_file_sync` does a staged file.
         Against staging it to a file first: no file made ahead, read back, stat'ed and
         renamed (a C-STORE of a small instance, bench/ingest: ~10 system calls and a
-        thread hop fewer).  *expect*: see :meth:`_place_file_sync`."""
+        thread hop fewer).  *expect*: see :meth:`_place_file_sync`.  *parsed*:
+        ``(_, ScannedFile)`` of these very bytes (the STOW-RS bridge scanned them to
+        check the part), used as made rather than scanned again."""
         self.open_sync()
         if not isinstance(data, bytes):
             data = b"".join(data)
         size = len(data)
         self.guard.check(size)
-        header = _header_of_bytes(data)
+        scan = parsed[1] if parsed is not None and isinstance(parsed[1], ScannedFile) else None
+        header = _header_of_bytes(data, scan if scan is not None and scan.data is data else None)
         if expect is not None and (header["sop_class"], header["sop"]) != expect:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
@@ -1277,7 +1280,7 @@ class InstanceStore:
         for instance in instances:
             try:
                 if instance.data is not None:
-                    out.append(self._place_bytes_sync(instance.data, enqueue, now))
+                    out.append(self._place_bytes_sync(instance.data, enqueue, now, parsed=instance.parsed))
                     continue
                 out.append(self._place_file_sync(instance.path, instance.owned, enqueue, now, instance.parsed))
             except Exception:  # noqa: BLE001 - one instance's refusal is its own, not the group's
@@ -1421,12 +1424,13 @@ def _header_of_dataset(ds) -> dict:
                    lambda study, series, sop: metadata_of(ds, study, series, sop))
 
 
-def _header_of_bytes(data: bytes) -> dict:
-    """:meth:`InstanceStore._read_header` of a Part-10 file's bytes held in memory."""
-    scan = None
+def _header_of_bytes(data: bytes, scan: ScannedFile | None = None) -> dict:
+    """:meth:`InstanceStore._read_header` of a Part-10 file's bytes held in memory
+    (*scan*: a scan of them already made)."""
     try:
         try:
-            scan = scan_bytes(data)
+            if scan is None:
+                scan = scan_bytes(data)
             return _header_of_scan(scan)
         except ScanDeclined:
             ds = scan.dataset() if scan is not None else check_complete(data)
