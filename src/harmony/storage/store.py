@@ -1236,6 +1236,8 @@ class InstanceStore:
         # the system time, in futex calls, of one thread placing all ten).
         size = sum(i.size for i in instances)
         shares = max(1, min(len(instances), self.pool.max, size // SHARE_BYTES + 1))
+        if shares == 1:
+            return self._place_and_offer(instances, enqueue, now).addCallback(self._counted, instances)
         jobs = [self.run(self._place_share_sync, instances[i::shares], enqueue, now) for i in range(shares)]
 
         def placed(results):
@@ -1262,17 +1264,58 @@ class InstanceStore:
                 return outcomes
             return self.committer.submit_many([outcomes[i] for i in good]).addCallbacks(committed, failed)
 
-        def counted(outcomes):
-            for instance, outcome in zip(instances, outcomes, strict=True):
-                if isinstance(outcome, Failure):
-                    self._count_refusal(outcome)
-                else:
-                    self.counters["stored"] += 1
-                if instance.owned:
-                    instance.release()  # copied (or refused): the staged file is not needed any more
-            return outcomes
+        return defer.DeferredList(jobs, consumeErrors=True).addCallback(placed).addCallback(self._counted, instances)
 
-        return defer.DeferredList(jobs, consumeErrors=True).addCallback(placed).addCallback(counted)
+    def _counted(self, outcomes: list, instances: list[DicomInstance]) -> list:
+        for instance, outcome in zip(instances, outcomes, strict=True):
+            if isinstance(outcome, Failure):
+                self._count_refusal(outcome)
+            else:
+                self.counters["stored"] += 1
+            if instance.owned:
+                instance.release()  # copied (or refused): the staged file is not needed any more
+        return outcomes
+
+    def _place_and_offer(self, instances: list[DicomInstance], enqueue, now) -> defer.Deferred:
+        """:meth:`put_instances` in one share: placed on one storage thread, which offers
+        them to the group commit together (and leads it when none is running), the
+        reactor told once - one thread hand-off a request, where a placing job's answer
+        through the reactor, then a commit submitted from there, were two."""
+        d: defer.Deferred = defer.Deferred()
+        tell = self.reactor.callFromThread
+
+        def work():
+            try:
+                outcomes = self._place_share_sync(instances, enqueue, now)
+            except Exception:  # noqa: BLE001 - a closed store: every instance's refusal, on the reactor
+                tell(d.callback, [Failure()] * len(instances))
+                return
+            good = [i for i, o in enumerate(outcomes) if isinstance(o, Placed)]
+            for i in good:
+                if outcomes[i].moved:
+                    instances[i].owned = False  # its file is the store's now
+            if not good:
+                tell(d.callback, outcomes)
+                return
+            done: defer.Deferred = defer.Deferred()
+
+            def committed(stored):
+                for i, one in zip(good, stored, strict=True):
+                    outcomes[i] = one
+                return outcomes
+
+            def failed(failure):
+                for i in good:
+                    outcomes[i] = failure
+                return outcomes
+            done.addCallbacks(committed, failed).addCallback(d.callback)  # on the reactor (GroupCommit._told)
+            self.committer.offer_many([outcomes[i] for i in good], done)
+
+        try:
+            self._spawn(self.ingest_threads, work)
+        except StorageFailure:
+            return defer.succeed([Failure()] * len(instances))
+        return d
 
     def _place_share_sync(self, instances: list[DicomInstance], enqueue, now) -> list:
         """Place each of *instances* (storage thread): a :class:`Placed` or the Failure refusing it."""
