@@ -678,6 +678,8 @@ def _held_instance(part: HeldPart, scan_only: bool = False) -> DicomInstance | N
     if part.content_type and acc.parse_media_range(part.content_type)[0] != acc.DICOM:
         return None
     data = part.data
+    if data[128:132] != b"DICM":
+        return None  # no Part-10 preamble: pydicom refuses it too (no force), the store would as well
     try:
         scan = scan_bytes(data)
         uids = (scan.sop_class_uid, scan.sop_instance_uid, scan.study_instance_uid, scan.series_instance_uid)
