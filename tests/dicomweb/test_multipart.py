@@ -8,11 +8,10 @@ import re
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
-from twisted.web.client import FileBodyProducer
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.web.client import FileBodyProducer
 
 from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body, split_held
 from harmony.errors import BadRequest, PayloadTooLarge

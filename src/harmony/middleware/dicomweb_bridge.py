@@ -691,7 +691,8 @@ def _held_instance(part: HeldPart, scan_only: bool = False) -> DicomInstance | N
                              sop_instance_uid=strip_padding(ds.get("SOPInstanceUID")),
                              transfer_syntax_uid=strip_padding(ds.file_meta.get("TransferSyntaxUID", "")),
                              study_instance_uid=strip_padding(ds.get("StudyInstanceUID")),
-                             series_instance_uid=strip_padding(ds.get("SeriesInstanceUID")), size=len(data), data=[data])
+                             series_instance_uid=strip_padding(ds.get("SeriesInstanceUID")), size=len(data),
+                             data=[data])
     except Exception:  # noqa: BLE001 - cut short, or not DICOM: that part's refusal
         return None
     return DicomInstance(path=Path(os.devnull), sop_class_uid=uids[0] or "", sop_instance_uid=uids[1] or "",
