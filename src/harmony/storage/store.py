@@ -1246,23 +1246,10 @@ class InstanceStore:
                 if not ok:  # the job itself failed (a closed store): every instance in its share
                     share = [share] * len(outcomes[i::shares])
                 outcomes[i::shares] = share
-            good = [i for i, o in enumerate(outcomes) if isinstance(o, Placed)]
-            for i in good:
-                if outcomes[i].moved:
-                    instances[i].owned = False  # its file is the store's now
+            good = _placed_ones(outcomes, instances)
             if not good:
                 return outcomes
-
-            def committed(stored):
-                for i, one in zip(good, stored, strict=True):
-                    outcomes[i] = one
-                return outcomes
-
-            def failed(failure):
-                for i in good:
-                    outcomes[i] = failure
-                return outcomes
-            return self.committer.submit_many([outcomes[i] for i in good]).addCallbacks(committed, failed)
+            return self.committer.submit_many([outcomes[i] for i in good]).addBoth(_committed_into, outcomes, good)
 
         return defer.DeferredList(jobs, consumeErrors=True).addCallback(placed).addCallback(self._counted, instances)
 
@@ -1290,25 +1277,12 @@ class InstanceStore:
             except Exception:  # noqa: BLE001 - a closed store: every instance's refusal, on the reactor
                 tell(d.callback, [Failure()] * len(instances))
                 return
-            good = [i for i, o in enumerate(outcomes) if isinstance(o, Placed)]
-            for i in good:
-                if outcomes[i].moved:
-                    instances[i].owned = False  # its file is the store's now
+            good = _placed_ones(outcomes, instances)
             if not good:
                 tell(d.callback, outcomes)
                 return
             done: defer.Deferred = defer.Deferred()
-
-            def committed(stored):
-                for i, one in zip(good, stored, strict=True):
-                    outcomes[i] = one
-                return outcomes
-
-            def failed(failure):
-                for i in good:
-                    outcomes[i] = failure
-                return outcomes
-            done.addCallbacks(committed, failed).addCallback(d.callback)  # on the reactor (GroupCommit._told)
+            done.addBoth(_committed_into, outcomes, good).addCallback(d.callback)  # on the reactor (GroupCommit._told)
             self.committer.offer_many([outcomes[i] for i in good], done)
 
         try:
@@ -1450,6 +1424,28 @@ class InstanceStore:
     def counts_sync(self) -> dict:
         return self.read_sync(lambda conn: {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                                             for table in ("patients", "studies", "series", "instances")})
+
+
+def _placed_ones(outcomes: list, instances: list[DicomInstance]) -> list[int]:
+    """Where *outcomes* (of placing *instances*) are :class:`Placed`; an owned instance
+    moved into place is the store's from now on (nothing left to release)."""
+    good = [i for i, o in enumerate(outcomes) if isinstance(o, Placed)]
+    for i in good:
+        if outcomes[i].moved:
+            instances[i].owned = False
+    return good
+
+
+def _committed_into(result, outcomes: list, good: list[int]) -> list:
+    """The commit's *result* for the placed outcomes at *good*: each one's stored
+    instance, or the batch's Failure for every one of them (none is stored)."""
+    if isinstance(result, Failure):
+        for i in good:
+            outcomes[i] = result
+    else:
+        for i, one in zip(good, result, strict=True):
+            outcomes[i] = one
+    return outcomes
 
 
 def _header_of_dataset(ds) -> dict:
