@@ -462,3 +462,33 @@ async def test_hostile_held_stow_bodies_are_refused_early_and_leave_nothing(tmp_
         assert resp.code == 200 and store.committer.entries == 2
     finally:
         await harmony.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_body_of_thousands_of_tiny_parts_is_described_off_the_reactor_without_files(tmp_path,
+                                                                                               monkeypatch):
+    """256 KiB can carry thousands of tiny parts: past HELD_PARTS_ON_REACTOR they are described
+    on a thread (the reactor is not held for the lot), still without a part file; each tiny
+    part is refused with 0xC000 and the two real instances among them are stored (202)."""
+    from harmony.dicomweb.multipart import StowParser
+    from harmony.middleware import dicomweb_bridge
+    from tests.sf_helpers import make_instances
+    good = make_instances(tmp_path / "good", 2, 93)
+    parts = [good[0].read_bytes()] + [b"x"] * 3000 + [good[1].read_bytes()]
+    body, ctype = multipart(parts)
+    assert len(body) <= dicomweb_bridge.HELD_BODY_BYTES
+    hops: list = []
+    real_off = dicomweb_bridge.DicomWebBridge._off_reactor
+    monkeypatch.setattr(dicomweb_bridge.DicomWebBridge, "_off_reactor",
+                        lambda self, fn, *a: hops.append(fn.__name__) or real_off(self, fn, *a))
+    monkeypatch.setattr(StowParser, "_part_file", lambda self: pytest.fail("a part file was made"))
+    harmony = await start_harmony(archive_config(tmp_path / "h"))
+    try:
+        resp = await treq.post(harmony.url("/dicomweb/studies"), body, headers={"Content-Type": ctype})
+        doc = json.loads(await resp.content())
+        assert resp.code == 202 and hops == ["_describe_parts"]
+        assert [e["00081197"]["Value"] for e in doc["00081198"]["Value"]] == [[0xC000]] * 3000
+        assert [e["00081155"]["Value"][0] for e in doc["00081199"]["Value"]] == [
+            pydicom.dcmread(f).SOPInstanceUID for f in good]
+    finally:
+        await harmony.stop()

@@ -88,6 +88,10 @@ ALL_EXTRA = {
 #: in memory, no part files (:meth:`DicomWebBridge._files_held_instances`): the
 #: size twisted.web and the fast channel hand over as bytes.
 HELD_BODY_BYTES = INLINE_BODY_LIMIT
+#: Held parts up to this many are scanned on the reactor; a body cut into more
+#: (256 KiB can carry ~15,000 tiny parts) is described on a thread, still without files,
+#: so no request holds the reactor for more than a few milliseconds.
+HELD_PARTS_ON_REACTOR = 64
 
 
 class DicomWebBridge(Middleware):
@@ -522,8 +526,11 @@ class DicomWebBridge(Middleware):
     def _describe_held(self, parts: list[HeldPart]) -> defer.Deferred:
         """The held parts described on the reactor by the DICOM scanner (tens of
         microseconds a small instance: less than a thread hand-off costs); a part the
-        scanner leaves to pydicom sends the lot to a thread instead.  No part file is
+        scanner leaves to pydicom, or more than :data:`HELD_PARTS_ON_REACTOR` parts,
+        send the lot to a thread instead.  No part file is
         made, written, read back or renamed: the store files each from its bytes."""
+        if len(parts) > HELD_PARTS_ON_REACTOR:
+            return self._off_reactor(_describe_parts, parts)
         try:
             described = [(part, _held_instance(part, scan_only=True)) for part in parts]
         except ScanDeclined:
