@@ -340,3 +340,155 @@ async def test_small_stow_bodies_take_the_fast_channel_with_every_stow_behaviour
         assert list((tmp_path / "h").rglob("stow-*.part")) == []
     finally:
         await harmony.stop()
+
+
+def _post_in_pieces(port: int, path: str, body: bytes, content_type: str, cut_sets: list[list[int]]) -> list:
+    """Blocking: one keep-alive connection; each request (head and body) sent as pieces cut
+    at the given offsets (TCP_NODELAY, one send each); (status, JSON answer) per request."""
+    import http.client
+    import socket
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for cuts in cut_sets:
+            request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                       f"Content-Length: {len(body)}\r\nAccept: application/dicom+json\r\n\r\n").encode() + body
+            last = 0
+            for cut in sorted({c % len(request) for c in cuts}) + [len(request)]:
+                if cut > last:
+                    sock.sendall(request[last:cut])
+                    last = cut
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            answers.append((response.status, json.loads(response.read())))
+    return answers
+
+
+def _people(folder) -> list:
+    """Instances of one study whose names need UTF-8 and ISO 2022 IR 87 (JIS X 0208)."""
+    from tests.dicom_data import UID_ROOT, make_instance, save
+    people = [("ISO_IR 192", "Ωμέγα^Άλφα"), ("ISO_IR 192", "山田^花子"),
+              (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"), (None, "Plain^Ascii")]
+    out = []
+    for i, (charset, name) in enumerate(people, 1):
+        ds = make_instance(patient_id="CS-HELD", study_uid=f"{UID_ROOT}91.1", series_uid=f"{UID_ROOT}91.1.1",
+                           sop_uid=f"{UID_ROOT}91.1.1.{i}", instance_number=i, seed=i)
+        if charset is not None:
+            ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        out.append((save(ds, folder / f"person-{i}.dcm"), name))
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_stow_body_cut_anywhere_with_non_latin_names_is_filed_without_part_files(tmp_path, monkeypatch):
+    """A STOW-RS body under 256 KB, arriving in pieces cut at arbitrary points (inside the head,
+    a boundary, a part's headers, its data), with names in UTF-8 and in ISO 2022 IR 87: no part
+    file is made and the bridge never leaves the reactor for it (the parts go to the store as
+    bytes); every request is 200, the stored files are the bytes sent, and dicomweb-client reads
+    the names back from the metadata as they were written."""
+    import random
+
+    from harmony.dicomweb.multipart import StowParser
+    from harmony.middleware.dicomweb_bridge import DicomWebBridge
+    people = _people(tmp_path)
+    body, ctype = multipart([f.read_bytes() for f, _ in people])
+    part_files: list = []
+    hops: list = []
+    real_part_file, real_off = StowParser._part_file, DicomWebBridge._off_reactor
+    monkeypatch.setattr(StowParser, "_part_file", lambda self: part_files.append(1) or real_part_file(self))
+    monkeypatch.setattr(DicomWebBridge, "_off_reactor", lambda self, fn, *a: hops.append(fn) or real_off(self, fn, *a))
+    rng = random.Random(20261206)
+    head = len(body) // 2  # the request's head is ~200 bytes: cuts land in it, and all over the body
+    cut_sets = [[rng.randrange(len(body) + head) for _ in range(n)] for n in (1, 7, 40)] + [list(range(0, 400, 3))]
+    harmony = await start_harmony(archive_config(tmp_path / "h"))
+    try:
+        answers = await in_thread(_post_in_pieces, harmony.port(), "/dicomweb/studies", body, ctype, cut_sets)
+        sops = [pydicom.dcmread(f).SOPInstanceUID for f, _ in people]
+        for status, doc in answers:
+            assert status == 200
+            assert [e["00081155"]["Value"][0] for e in doc["00081199"]["Value"]] == sops
+        assert part_files == [] and hops == []
+        store = harmony.service.runtime.backends["archive"].store
+        rows = store.read_sync(lambda c: dict(c.execute("SELECT sop_uid, relpath FROM instances")))
+        for f, _ in people:
+            assert store.path_of(rows[pydicom.dcmread(f).SOPInstanceUID]).read_bytes() == f.read_bytes()
+        metadata = await in_thread(client(harmony.url("/dicomweb")).retrieve_study_metadata,
+                                   pydicom.dcmread(people[0][0]).StudyInstanceUID)
+        names = {m["00080018"]["Value"][0]: m["00100010"]["Value"][0] for m in metadata}
+        for (f, name), sop in zip(people, sops, strict=True):
+            written = pydicom.dcmread(f).PatientName
+            got = names[sop]
+            assert got["Alphabetic"] == written.alphabetic
+            if "=" in name:
+                assert (got["Ideographic"], got["Phonetic"]) == (written.ideographic, written.phonetic)
+    finally:
+        await harmony.stop()
+
+
+HOSTILE_HELD = {
+    # (body, status, what the answer says)
+    "cut before its closing boundary": (multipart([b"\0" * 132])[0][:-30], 400, "closing boundary"),
+    "no boundary anywhere": (b"x" * 2000, 400, "boundary"),
+    "a part that is not DICOM": (multipart([b"not DICOM at all"])[0], 409, 0xC000),
+    "a part without headers": (b"--harmony-test-boundary\r\n\r\nxx\r\n--harmony-test-boundary--\r\n", 409, 0xC000),
+    "DICM but cut short": (multipart([b"\0" * 128 + b"DICM\x02\x00\x00\x00UL\x04\x00"])[0], 409, 0xC000),
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_held_stow_bodies_are_refused_early_and_leave_nothing(tmp_path):
+    """Small (held) STOW-RS bodies that are malformed, truncated or not DICOM get the answers
+    they always got - 400 with the reason, or 409 naming 0xC000 for the part - and nothing is
+    committed or left behind; a good request on the same archive afterwards is filed."""
+    from tests.sf_helpers import make_instances
+    ctype = multipart([])[1]
+    harmony = await start_harmony(archive_config(tmp_path / "h"))
+    try:
+        store = harmony.service.runtime.backends["archive"].store
+        for name, (body, status, says) in HOSTILE_HELD.items():
+            resp = await treq.post(harmony.url("/dicomweb/studies"), body, headers={"Content-Type": ctype})
+            doc = json.loads(await resp.content())
+            assert resp.code == status, name
+            if status == 400:
+                assert says in doc["detail"], name
+            else:
+                assert [e["00081197"]["Value"] for e in doc["00081198"]["Value"]] == [[says]], name
+        assert store.committer.entries == 0
+        assert list((tmp_path / "h").rglob("stow-*.part")) == []
+        good = make_instances(tmp_path / "good", 2, 92)
+        resp = await treq.post(harmony.url("/dicomweb/studies"), multipart([f.read_bytes() for f in good])[0],
+                               headers={"Content-Type": ctype})
+        assert resp.code == 200 and store.committer.entries == 2
+    finally:
+        await harmony.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_body_of_thousands_of_tiny_parts_is_described_off_the_reactor_without_files(tmp_path,
+                                                                                               monkeypatch):
+    """256 KiB can carry thousands of tiny parts: past HELD_PARTS_ON_REACTOR they are described
+    on a thread (the reactor is not held for the lot), still without a part file; each tiny
+    part is refused with 0xC000 and the two real instances among them are stored (202)."""
+    from harmony.dicomweb.multipart import StowParser
+    from harmony.middleware import dicomweb_bridge
+    from tests.sf_helpers import make_instances
+    good = make_instances(tmp_path / "good", 2, 93)
+    parts = [good[0].read_bytes()] + [b"x"] * 3000 + [good[1].read_bytes()]
+    body, ctype = multipart(parts)
+    assert len(body) <= dicomweb_bridge.HELD_BODY_BYTES
+    hops: list = []
+    real_off = dicomweb_bridge.DicomWebBridge._off_reactor
+    monkeypatch.setattr(dicomweb_bridge.DicomWebBridge, "_off_reactor",
+                        lambda self, fn, *a: hops.append(fn.__name__) or real_off(self, fn, *a))
+    monkeypatch.setattr(StowParser, "_part_file", lambda self: pytest.fail("a part file was made"))
+    harmony = await start_harmony(archive_config(tmp_path / "h"))
+    try:
+        resp = await treq.post(harmony.url("/dicomweb/studies"), body, headers={"Content-Type": ctype})
+        doc = json.loads(await resp.content())
+        assert resp.code == 202 and hops == ["_describe_parts"]
+        assert [e["00081197"]["Value"] for e in doc["00081198"]["Value"]] == [[0xC000]] * 3000
+        assert [e["00081155"]["Value"][0] for e in doc["00081199"]["Value"]] == [
+            pydicom.dcmread(f).SOPInstanceUID for f in good]
+    finally:
+        await harmony.stop()

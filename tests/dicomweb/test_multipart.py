@@ -8,10 +8,12 @@ import re
 
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.web.client import FileBodyProducer
 
-from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body
+from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body, split_held
 from harmony.errors import BadRequest, PayloadTooLarge
 from tests.memory import failure_of, fired, result_of
 
@@ -129,6 +131,44 @@ def test_a_body_parsed_whole_gives_what_the_incremental_parser_gives(tmp_path, n
     if name in ("canonical", "preamble", "epilogue"):
         parts = StowParser("b0undary", tmp_path).parse_whole(body)
         assert [p.data for p in parts] == [b"DICM-one", b"\r\n--not-a-boundary\r\n"]  # kept: not read again
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_BODIES))
+def test_held_parts_are_the_incremental_parsers_parts_or_none(tmp_path, name):
+    """split_held (a STOW-RS body held in memory, no files) gives each part's headers and
+    bytes exactly as the incremental parser does, or None for a body it leaves to that
+    parser (which then answers odd and hostile bodies as ever)."""
+    body = WHOLE_BODIES[name]
+    held = split_held(body, "b0undary")
+    if name in ("canonical", "preamble", "epilogue", "empty part"):
+        assert held is not None
+    if held is not None:
+        incremental = _outcome(lambda: StowParser("b0undary", tmp_path).parse_whole(body), tmp_path)
+        assert [(p.headers, p.data, p.size) for p in held] == incremental
+        assert all(p.path is None for p in held) and list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.binary(max_size=300), min_size=1, max_size=4), cuts=st.lists(st.integers(0, 2000)),
+       headers=st.dictionaries(st.sampled_from(["Content-ID", "Content-Location", "X-Extra"]),
+                               st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=20)))
+def test_held_parts_equal_the_incremental_parse_of_the_body_cut_at_any_points(tmp_path, parts, cuts, headers):
+    """Any part bytes (a boundary look-alike, CRLFs, nothing) and extra part headers: the held
+    parts are what the incremental parser gives for the same body fed in pieces cut anywhere."""
+    body, _ = multipart_bytes([Part("application/dicom", data=p, headers=headers) for p in parts],
+                              "application/dicom", boundary="b0undary")
+    held = split_held(body, "b0undary")
+    assert held is not None  # what this proxy and every STOW-RS client write is canonical
+    parser = StowParser("b0undary", tmp_path)
+    last = 0
+    for cut in sorted({c % (len(body) + 1) for c in cuts}) + [len(body)]:
+        parser.feed(body[last:cut])
+        last = cut
+    fed = parser.close()
+    try:
+        assert [(p.headers, p.data) for p in held] == [(p.headers, open(p.path, "rb").read()) for p in fed]
+    finally:
+        parser.abort()
 
 
 def test_a_body_parsed_whole_is_held_to_the_size_limit_before_any_file_is_written(tmp_path):

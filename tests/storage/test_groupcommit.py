@@ -176,6 +176,31 @@ def test_a_failed_leader_batch_fails_its_callers_and_the_leader_carries_on():
     assert results["d"] == "durable:d"
 
 
+def test_entries_offered_together_share_one_batch_and_their_group_is_told_once():
+    """offer_many (a STOW-RS request placed on one storage thread): an idle committer commits
+    the whole group on the offering thread at once (offer each would commit the first alone);
+    offered during another commit, the group waits for the next batch whole; a failed batch
+    fails the group once."""
+    told: list = []
+    groups = []
+    rig = Leaders(during={0: lambda: groups.append(offer_group(list("cd")))}, fail={2})
+
+    def offer_group(entries):
+        done = defer.Deferred()
+        done.addBoth(told.append)
+        rig.gc.offer_many(entries, done)
+        return done
+
+    offer_group(list("ab"))
+    assert rig.batches == [["a", "b"], ["c", "d"]] and told == []  # the leader went on to the next group
+    assert rig.deliver() == 2
+    assert told == [["durable:a", "durable:b"], ["durable:c", "durable:d"]] and not rig.gc.busy
+    offer_group(list("ef"))
+    rig.deliver()
+    assert len(told) == 3 and told[2].check(StorageFailure)
+    assert (rig.gc.batches, rig.gc.entries, rig.gc.failed_batches) == (2, 4, 1)
+
+
 def test_reactor_submissions_start_a_leader_on_the_commit_thread():
     rig = Leaders(max_batch=2)
     group: list = []
@@ -485,3 +510,34 @@ async def test_put_instances_commits_a_group_once_and_refuses_only_the_bad_one(s
     assert [s.exists() for s in staged] == [False, False, False, False, False]  # moved in, or released
     assert all(o.path.exists() for o in outcomes if not isinstance(o, Failure))
     assert (store.counters["stored"], store.counters["refused_invalid"]) == (4, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_instances_are_placed_and_committed_with_one_hand_off_and_no_second_scan(store, files,
+                                                                                              monkeypatch):
+    """A STOW-RS request held in memory: its instances go to the store as bytes with the scan
+    the bridge made; the store files them from those bytes without scanning again, on one
+    storage thread (never its thread pool: no answer through the reactor between placing and
+    committing), in one commit, a bad one refused alone.  A closed store refuses every one."""
+    from twisted.python.failure import Failure
+
+    from harmony.dicom.rawscan import scan_bytes
+    from harmony.dicom.results import DicomInstance
+    from harmony.storage.errors import InvalidInstance
+    scans: list = []
+    monkeypatch.setattr(store_module, "scan_bytes", lambda data, *a: scans.append(1) or scan_bytes(data, *a))
+    monkeypatch.setattr(store, "run", lambda *a, **k: pytest.fail("put_instances went through the pool"))
+    datas = [f.read_bytes() for f in files[:4]]
+    held = [DicomInstance(path=store.root / "none", data=[d], parsed=(None, scan_bytes(d)), size=len(d))
+            for d in datas]
+    held.insert(1, DicomInstance(path=store.root / "none", data=[b"not DICOM at all"], size=16))
+    outcomes = await store.put_instances(held)
+    assert [type(o) for o in outcomes] == [DicomInstance, Failure, DicomInstance, DicomInstance, DicomInstance]
+    assert outcomes[1].check(InvalidInstance)
+    assert scans == [1]   # only the part that came without a scan
+    assert store.committer.batches == 1 and store.committer.entries == 4
+    stored = [o for o in outcomes if not isinstance(o, Failure)]
+    assert sorted(o.path.read_bytes() for o in stored) == sorted(datas)
+    store.close()
+    refused = await store.put_instances([DicomInstance(path=store.root / "none", data=[datas[0]], size=9)])
+    assert len(refused) == 1 and refused[0].check(StorageFailure)

@@ -7,7 +7,11 @@ File parts go to the socket with ``os.sendfile`` where the connection allows
 (:mod:`harmony.web.sendfile`).
 The parser is python-multipart's incremental ``MultipartParser`` (it accepts
 parts without Content-Disposition, as DICOMweb sends them), writing each part
-to its own file: an upload of any size never sits in memory.
+to its own file: an upload of any size never sits in memory.  A small body
+already held whole (at most 256 KiB, read by the HTTP layer) in the canonical
+form every STOW-RS client sends is cut with ``bytes.find`` into
+:class:`HeldPart` s instead (:func:`split_held`): no part files at all, for a
+consumer that takes instances as bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from harmony.errors import BadRequest, PayloadTooLarge
 from harmony.storage.files import write_all
 from harmony.web.sendfile import CHUNK, FileBody, Piece, file_piece
 
-__all__ = ["CHUNK", "MultipartWriter", "Part", "ReceivedPart", "StowParser", "multipart_bytes", "new_boundary",
-           "parse_body"]
+__all__ = ["CHUNK", "HeldPart", "MultipartWriter", "Part", "ReceivedPart", "StowParser", "multipart_bytes",
+           "new_boundary", "parse_body", "split_held"]
 
 PREAMBLE_LIMIT = 64 * 1024
 
@@ -162,6 +166,41 @@ class ReceivedPart:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class HeldPart:
+    """One part of a body held in memory (:func:`split_held`): its headers and bytes,
+    no file (``path`` is None; nothing to release)."""
+
+    __slots__ = ("headers", "data")
+    path = None
+
+    def __init__(self, headers: dict, data: bytes):
+        self.headers = headers
+        self.data = data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    def release(self):
+        self.data = b""
+
+
+def split_held(body: bytes, boundary: str) -> list[HeldPart] | None:
+    """The parts of a whole body in memory, when it is in the canonical form
+    :meth:`StowParser.parse_whole` cuts in one pass; None for anything else (an
+    odd or hostile body), which then goes through :class:`StowParser` so it gets
+    the same answer as ever.  Each part's bytes are a copy of its slice: what a
+    DICOM scanner and the store's journal row take."""
+    cuts = _canonical_parts(body, b"--" + boundary.encode("latin-1"))
+    if cuts is None:
+        return None
+    return [HeldPart(headers, body[start:end]) for headers, start, end in cuts]
 
 
 class StowParser:

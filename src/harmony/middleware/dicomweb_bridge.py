@@ -35,16 +35,25 @@ from twisted.web.http_headers import Headers
 
 from harmony.dicom import status as dimse
 from harmony.dicom import transfer
-from harmony.dicom.files import parse_stamped, read_instance, stamp_of
+from harmony.dicom.files import check_complete, parse_stamped, read_instance, stamp_of
 from harmony.dicom.rawscan import ScanDeclined, scan_bytes, scan_file
 from harmony.dicom.render import abandon_for_client, release_rest
 from harmony.dicom.results import C_FIND, C_GET, C_STORE, DICOM_JSON, RESULTS_AS, STAGE_IN_MEMORY, DicomInstance
 from harmony.dicom.status import is_failure
+from harmony.dicom.uids import strip_padding
 from harmony.dicomweb import accept as acc
 from harmony.dicomweb import qido
 from harmony.dicomweb.cache import BASE_PLACEHOLDER, MetadataCache, etag_for, with_base
 from harmony.dicomweb.dicomjson import find_result_json, find_result_to_json, instance_metadata
-from harmony.dicomweb.multipart import MultipartWriter, Part, StowParser, multipart_bytes, parse_body
+from harmony.dicomweb.multipart import (
+    HeldPart,
+    MultipartWriter,
+    Part,
+    StowParser,
+    multipart_bytes,
+    parse_body,
+    split_held,
+)
 from harmony.dicomweb.pixels import bulk_value, extract_frames, render
 from harmony.dicomweb.routes import QIDO, STOW, WADO, resource_path
 from harmony.dicomweb.uids import is_uid
@@ -62,6 +71,7 @@ from harmony.log import get_logger
 from harmony.middleware.base import Middleware
 from harmony.storage.config import shared_parts
 from harmony.web import coding
+from harmony.web.streaming import INLINE_BODY_LIMIT
 
 log = get_logger("harmony.middleware.dicomweb_bridge")
 
@@ -71,6 +81,16 @@ ALL_EXTRA = {
     "SERIES": ("00080021", "00080031", "00181030", "00180015", "00200060", "00081050"),
     "IMAGE": ("00080008", "00080023", "00080033", "00200020", "00200032", "00200037", "00280004"),
 }
+
+
+#: A STOW-RS body up to this size that the HTTP layer read whole is cut into parts
+#: in memory, no part files (:meth:`DicomWebBridge._files_held_instances`): the
+#: size twisted.web and the fast channel hand over as bytes.
+HELD_BODY_BYTES = INLINE_BODY_LIMIT
+#: Held parts up to this many are scanned on the reactor; a body cut into more
+#: (256 KiB can carry ~15,000 tiny parts) is described on a thread, still without files,
+#: so no request holds the reactor for more than a few milliseconds.
+HELD_PARTS_ON_REACTOR = 64
 
 
 class DicomWebBridge(Middleware):
@@ -480,13 +500,42 @@ class DicomWebBridge(Middleware):
             boundary = request.metadata.get("dicomweb.boundary")
             if not boundary:
                 raise BadRequest("STOW-RS needs a multipart/related body with a boundary")
-            parser = StowParser(boundary, self.storage / "stow")
-            # Parsed, written to files and each part's header read on a thread, in
-            # one hand-off per request (all blocking work, none of it on the reactor).
-            parsed = parse_body(request.body, parser, run=self._off_reactor, finish=_describe_parts)
+            body = request.body
+            held = (split_held(body, boundary) if isinstance(body, bytes) and len(body) <= HELD_BODY_BYTES
+                    and self._files_held_instances(pipeline) else None)
+            if held is not None:
+                parsed = self._describe_held(held)
+            else:
+                parser = StowParser(boundary, self.storage / "stow")
+                # Parsed, written to files and each part's header read on a thread, in
+                # one hand-off per request (all blocking work, none of it on the reactor).
+                parsed = parse_body(body, parser, run=self._off_reactor, finish=_describe_parts)
         except Exception:
             return defer.fail()
         return parsed.addCallback(self._store_described, pipeline, request, dw)
+
+    def _files_held_instances(self, pipeline) -> bool:
+        """Whether this STOW-RS's instances may go on as bytes in memory: nothing after
+        this middleware reads them, and every backend files instances from their bytes
+        and checks them itself (``checks_received_instances``: the store)."""
+        middleware = getattr(pipeline, "middleware", None)
+        backends = getattr(pipeline, "backends", None)
+        return bool(middleware) and middleware[-1] is self and bool(backends) and all(
+            getattr(backend, "checks_received_instances", False) for backend in backends)
+
+    def _describe_held(self, parts: list[HeldPart]) -> defer.Deferred:
+        """The held parts described on the reactor by the DICOM scanner (tens of
+        microseconds a small instance: less than a thread hand-off costs); a part the
+        scanner leaves to pydicom, or more than :data:`HELD_PARTS_ON_REACTOR` parts,
+        send the lot to a thread instead.  No part file is
+        made, written, read back or renamed: the store files each from its bytes."""
+        if len(parts) > HELD_PARTS_ON_REACTOR:
+            return self._off_reactor(_describe_parts, parts)
+        try:
+            described = [(part, _held_instance(part, scan_only=True)) for part in parts]
+        except ScanDeclined:
+            return self._off_reactor(_describe_parts, parts)
+        return defer.succeed(described)
 
     def _store_described(self, described, pipeline, request, dw):
         if not described:
@@ -565,7 +614,12 @@ def _describe_parts(parts) -> list:
     for part in parts:
         ctype = acc.parse_media_range(part.content_type)[0] if part.content_type else acc.DICOM
         try:
-            instance = _describe(part.path, part.data) if ctype == acc.DICOM else None
+            if ctype != acc.DICOM:
+                instance = None
+            elif isinstance(part, HeldPart):
+                instance = _held_instance(part)
+            else:
+                instance = _describe(part.path, part.data)
         except Exception:  # noqa: BLE001 - any unreadable part is that part's failure, not the request's
             instance = None
         described.append((part, instance))
@@ -621,6 +675,36 @@ def _refusal(instance, dw):
     if dw.study_uid and instance.study_instance_uid != dw.study_uid:
         return False, _failed_entry(sop_class, sop, dimse.STORE_DATASET_MISMATCH), dimse.STORE_DATASET_MISMATCH
     return None
+
+
+def _held_instance(part: HeldPart, scan_only: bool = False) -> DicomInstance | None:
+    """A held part's instance (None when the part is not DICOM): read by the scanner,
+    whose scan rides on it (the store files the same bytes without scanning them
+    again), pydicom only for what the scanner declines - unless *scan_only*, when
+    that raises :class:`ScanDeclined` (pydicom is not run on the reactor)."""
+    if part.content_type and acc.parse_media_range(part.content_type)[0] != acc.DICOM:
+        return None
+    data = part.data
+    if data[128:132] != b"DICM":
+        return None  # no Part-10 preamble: pydicom refuses it too (no force), the store would as well
+    try:
+        scan = scan_bytes(data)
+        uids = (scan.sop_class_uid, scan.sop_instance_uid, scan.study_instance_uid, scan.series_instance_uid)
+    except ScanDeclined:
+        if scan_only:
+            raise
+        ds = check_complete(data)
+        return DicomInstance(path=Path(os.devnull), sop_class_uid=strip_padding(ds.get("SOPClassUID")),
+                             sop_instance_uid=strip_padding(ds.get("SOPInstanceUID")),
+                             transfer_syntax_uid=strip_padding(ds.file_meta.get("TransferSyntaxUID", "")),
+                             study_instance_uid=strip_padding(ds.get("StudyInstanceUID")),
+                             series_instance_uid=strip_padding(ds.get("SeriesInstanceUID")), size=len(data),
+                             data=[data])
+    except Exception:  # noqa: BLE001 - cut short, or not DICOM: that part's refusal
+        return None
+    return DicomInstance(path=Path(os.devnull), sop_class_uid=uids[0] or "", sop_instance_uid=uids[1] or "",
+                         transfer_syntax_uid=scan.transfer_syntax_uid, study_instance_uid=uids[2] or "",
+                         series_instance_uid=uids[3] or "", size=len(data), parsed=(None, scan), data=[data])
 
 
 def _describe(path, data: bytes | None = None) -> DicomInstance:

@@ -105,6 +105,20 @@ class GroupCommit:
             self._busy = True
         self._lead()
 
+    def offer_many(self, entries: list, done: defer.Deferred) -> None:
+        """(A storage thread; thread leaders only.) :meth:`offer` for entries placed
+        together (a STOW-RS request's instances): they join the same batch (up to
+        ``max_batch``), and *done* is told on the reactor with their results in order,
+        or with their batch's failure."""
+        group = _Group(len(entries), done)
+        items = [(entry, _Slot(group, i)) for i, entry in enumerate(entries)]
+        with self._lock:
+            self._queue.extend(items)
+            if self._busy:
+                return
+            self._busy = True
+        self._lead()
+
     def _enqueue(self, items: list) -> None:
         with self._lock:
             self._queue.extend(items)
@@ -204,8 +218,8 @@ class _Group:
 
     __slots__ = ("done", "results", "left")
 
-    def __init__(self, n: int):
-        self.done: defer.Deferred = defer.Deferred()
+    def __init__(self, n: int, done: defer.Deferred | None = None):
+        self.done: defer.Deferred = defer.Deferred() if done is None else done
         self.results: list = [None] * n
         self.left = n
 

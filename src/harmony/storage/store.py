@@ -960,19 +960,22 @@ class InstanceStore:
             tmp.__exit__(None, None, None)  # deletes the temp file unless it was committed
         return self._placed(header, final, tmp.size, enqueue, now, fresh, journal=True)
 
-    def _place_bytes_sync(self, data, enqueue, now, expect=None) -> Placed:
+    def _place_bytes_sync(self, data, enqueue, now, expect=None, parsed=None) -> Placed:
         """Place a Part-10 instance held in memory (*data*: its bytes, or its fragments
         in order): described from those bytes, written once under a temp name of this
         store's and claimed into place as :meth:`_place_file_sync` does a staged file.
         Against staging it to a file first: no file made ahead, read back, stat'ed and
         renamed (a C-STORE of a small instance, bench/ingest: ~10 system calls and a
-        thread hop fewer).  *expect*: see :meth:`_place_file_sync`."""
+        thread hop fewer).  *expect*: see :meth:`_place_file_sync`.  *parsed*:
+        ``(_, ScannedFile)`` of these very bytes (the STOW-RS bridge scanned them to
+        check the part), used as made rather than scanned again."""
         self.open_sync()
         if not isinstance(data, bytes):
             data = b"".join(data)
         size = len(data)
         self.guard.check(size)
-        header = _header_of_bytes(data)
+        scan = parsed[1] if parsed is not None and isinstance(parsed[1], ScannedFile) else None
+        header = _header_of_bytes(data, scan if scan is not None and scan.data is data else None)
         if expect is not None and (header["sop_class"], header["sop"]) != expect:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
@@ -1406,6 +1409,8 @@ class InstanceStore:
         # the system time, in futex calls, of one thread placing all ten).
         size = sum(i.size for i in instances)
         shares = max(1, min(len(instances), self.pool.max, size // SHARE_BYTES + 1))
+        if shares == 1:
+            return self._place_and_offer(instances, enqueue, now).addCallback(self._counted, instances)
         jobs = [self.run(self._place_share_sync, instances[i::shares], enqueue, now) for i in range(shares)]
 
         def placed(results):
@@ -1414,35 +1419,50 @@ class InstanceStore:
                 if not ok:  # the job itself failed (a closed store): every instance in its share
                     share = [share] * len(outcomes[i::shares])
                 outcomes[i::shares] = share
-            good = [i for i, o in enumerate(outcomes) if isinstance(o, Placed)]
-            for i in good:
-                if outcomes[i].moved:
-                    instances[i].owned = False  # its file is the store's now
+            good = _placed_ones(outcomes, instances)
             if not good:
                 return outcomes
+            return self.committer.submit_many([outcomes[i] for i in good]).addBoth(_committed_into, outcomes, good)
 
-            def committed(stored):
-                for i, one in zip(good, stored, strict=True):
-                    outcomes[i] = one
-                return outcomes
+        return defer.DeferredList(jobs, consumeErrors=True).addCallback(placed).addCallback(self._counted, instances)
 
-            def failed(failure):
-                for i in good:
-                    outcomes[i] = failure
-                return outcomes
-            return self.committer.submit_many([outcomes[i] for i in good]).addCallbacks(committed, failed)
+    def _counted(self, outcomes: list, instances: list[DicomInstance]) -> list:
+        for instance, outcome in zip(instances, outcomes, strict=True):
+            if isinstance(outcome, Failure):
+                self._count_refusal(outcome)
+            else:
+                self.counters["stored"] += 1
+            if instance.owned:
+                instance.release()  # copied (or refused): the staged file is not needed any more
+        return outcomes
 
-        def counted(outcomes):
-            for instance, outcome in zip(instances, outcomes, strict=True):
-                if isinstance(outcome, Failure):
-                    self._count_refusal(outcome)
-                else:
-                    self.counters["stored"] += 1
-                if instance.owned:
-                    instance.release()  # copied (or refused): the staged file is not needed any more
-            return outcomes
+    def _place_and_offer(self, instances: list[DicomInstance], enqueue, now) -> defer.Deferred:
+        """:meth:`put_instances` in one share: placed on one storage thread, which offers
+        them to the group commit together (and leads it when none is running), the
+        reactor told once - one thread hand-off a request, where a placing job's answer
+        through the reactor, then a commit submitted from there, were two."""
+        d: defer.Deferred = defer.Deferred()
+        tell = self.reactor.callFromThread
 
-        return defer.DeferredList(jobs, consumeErrors=True).addCallback(placed).addCallback(counted)
+        def work():
+            try:
+                outcomes = self._place_share_sync(instances, enqueue, now)
+            except Exception:  # noqa: BLE001 - a closed store: every instance's refusal, on the reactor
+                tell(d.callback, [Failure()] * len(instances))
+                return
+            good = _placed_ones(outcomes, instances)
+            if not good:
+                tell(d.callback, outcomes)
+                return
+            done: defer.Deferred = defer.Deferred()
+            done.addBoth(_committed_into, outcomes, good).addCallback(d.callback)  # on the reactor (GroupCommit._told)
+            self.committer.offer_many([outcomes[i] for i in good], done)
+
+        try:
+            self._spawn(self.ingest_threads, work)
+        except StorageFailure:
+            return defer.succeed([Failure()] * len(instances))
+        return d
 
     def _place_share_sync(self, instances: list[DicomInstance], enqueue, now) -> list:
         """Place each of *instances* (storage thread): a :class:`Placed` or the Failure refusing it."""
@@ -1450,7 +1470,7 @@ class InstanceStore:
         for instance in instances:
             try:
                 if instance.data is not None:
-                    out.append(self._place_bytes_sync(instance.data, enqueue, now))
+                    out.append(self._place_bytes_sync(instance.data, enqueue, now, parsed=instance.parsed))
                     continue
                 out.append(self._place_file_sync(instance.path, instance.owned, enqueue, now, instance.parsed))
             except Exception:  # noqa: BLE001 - one instance's refusal is its own, not the group's
@@ -1593,6 +1613,28 @@ class InstanceStore:
                                             for table in ("patients", "studies", "series", "instances")})
 
 
+def _placed_ones(outcomes: list, instances: list[DicomInstance]) -> list[int]:
+    """Where *outcomes* (of placing *instances*) are :class:`Placed`; an owned instance
+    moved into place is the store's from now on (nothing left to release)."""
+    good = [i for i, o in enumerate(outcomes) if isinstance(o, Placed)]
+    for i in good:
+        if outcomes[i].moved:
+            instances[i].owned = False
+    return good
+
+
+def _committed_into(result, outcomes: list, good: list[int]) -> list:
+    """The commit's *result* for the placed outcomes at *good*: each one's stored
+    instance, or the batch's Failure for every one of them (none is stored)."""
+    if isinstance(result, Failure):
+        for i in good:
+            outcomes[i] = result
+    else:
+        for i, one in zip(good, result, strict=True):
+            outcomes[i] = one
+    return outcomes
+
+
 def _header_of_dataset(ds) -> dict:
     """:meth:`InstanceStore._read_header` from pydicom's parse of the file."""
     if getattr(ds, "preamble", None) is None and not getattr(ds, "file_meta", None):
@@ -1608,12 +1650,13 @@ def _header_of_dataset(ds) -> dict:
                    lambda study, series, sop: metadata_of(ds, study, series, sop))
 
 
-def _header_of_bytes(data: bytes) -> dict:
-    """:meth:`InstanceStore._read_header` of a Part-10 file's bytes held in memory."""
-    scan = None
+def _header_of_bytes(data: bytes, scan: ScannedFile | None = None) -> dict:
+    """:meth:`InstanceStore._read_header` of a Part-10 file's bytes held in memory
+    (*scan*: a scan of them already made)."""
     try:
         try:
-            scan = scan_bytes(data)
+            if scan is None:
+                scan = scan_bytes(data)
             return _header_of_scan(scan)
         except ScanDeclined:
             ds = scan.dataset() if scan is not None else check_complete(data)
