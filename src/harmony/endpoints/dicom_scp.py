@@ -543,7 +543,8 @@ class Operation:
         self.context = assoc.contexts[message.context_id]
         self.transfer_syntax = str(self.context.transfer_syntax[0])
         self._waiter: defer.Deferred | None = None
-        self._pending_command: bytes | None = None
+        #: A pending C-FIND response's command, encoded and framed once: ``(bytes, PDUs)``.
+        self._pending_command: tuple[bytes, bytes] | None = None
         self._pipeline: tuple | None = None
         self.cancelled = False
         #: The final response was sent (:meth:`respond_final`).
@@ -606,11 +607,13 @@ class Operation:
 
     def respond_match(self, identifier: bytes) -> None:
         """A pending C-FIND response with *identifier*: the same command every time, encoded once."""
-        if self._pending_command is None:
-            self._pending_command = commands.encode_with_id(self._response_fields(dimse.PENDING, True),
-                                                            "MessageIDBeingRespondedTo", self.message.message_id)
+        pending = self._pending_command
+        if pending is None:
+            command = commands.encode_with_id(self._response_fields(dimse.PENDING, True),
+                                              "MessageIDBeingRespondedTo", self.message.message_id)
+            pending = self._pending_command = (command, self.assoc.command_pdus(self.message.context_id, command))
         # more: the next match, or the final response, follows; they go out together.
-        self.assoc.post(self.message.context_id, self._pending_command, identifier, more=True)
+        self.assoc.post_framed(self.message.context_id, pending[0], pending[1], identifier, more=True)
 
     def respond_final(self, status: int) -> None:
         """The final response of a C-FIND that ended without a comment to send (Success,
@@ -689,16 +692,28 @@ class Operation:
         syntax = self.transfer_syntax
         assoc = self.assoc
 
-        def on_match(item):
+        def relaying() -> bool:
+            """Whether a match that came now is sent (the backend was heard: its silence timer restarts)."""
             if done.called:
-                return
+                return False
             if assoc.state != "established":
                 done.callback(CANCELLED)
-                return
+                return False
             if deadlines is not None:
                 deadlines.move(self, timeout)
             else:
                 timer.reset(timeout)
+            return True
+
+        def on_encoded(data: bytes):
+            # A match as the PACS sent it, in our syntax: on as those bytes -- what
+            # on_match sends for a match nobody looked into, without a Dataset made.
+            if relaying():
+                self.respond_match(data)
+
+        def on_match(item):
+            if not relaying():
+                return
             # A JSON match is Unicode: give it a character set that encodes it.
             match = item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
             try:
@@ -743,7 +758,7 @@ class Operation:
             deadlines.set(self, timeout, silent)
         else:
             timer = reactor.callLater(timeout, silent)
-        stream.listen(on_match).addBoth(ended)
+        stream.listen(on_match, (syntax, on_encoded)).addBoth(ended)
         return done.addBoth(stop)
 
 

@@ -738,6 +738,22 @@ class Association(protocol.Protocol):
         elif self.state == ESTABLISHED:
             self.send(context_id, command, dataset, more).addErrback(_ended_meanwhile)
 
+    def command_pdus(self, context_id: int, command: bytes) -> bytes:
+        """*command* (encoded) framed as the P-DATA-TF PDU(s) that carry it, for
+        :meth:`post_framed`: a response sent many times over is framed once."""
+        return self._command_pdus(context_id, command)
+
+    def post_framed(self, context_id: int, command: bytes, framed: bytes, dataset: bytes, more: bool = False) -> None:
+        """:meth:`post` of *command* with *dataset*, *framed* being its :meth:`command_pdus`
+        (a C-FIND's pending responses, one per match: framing the same command again
+        and cutting a small data set into fragments were most of relaying a match)."""
+        if self.state == ESTABLISHED and not self._sending and not self._send_queue and \
+                len(dataset) <= self._fragment_size():
+            self._write_many([framed, pdu.pdata(context_id, 0x02, dataset)], more)
+            self._touch()
+        else:
+            self.post(context_id, command, dataset, more)
+
     def _write_message(self, context_id: int, command: bytes, dataset: bytes | None, more: bool) -> None:
         self._write_command(context_id, command, more or dataset is not None)
         if dataset is not None:
