@@ -77,6 +77,8 @@ _RESPONSE_OF = {commands.C_FIND_RQ: commands.C_FIND_RSP, commands.C_GET_RQ: comm
                 commands.C_ECHO_RQ: commands.C_ECHO_RSP}
 _OPERATION_OF = {commands.C_FIND_RQ: C_FIND, commands.C_GET_RQ: C_GET, commands.C_MOVE_RQ: C_MOVE,
                  commands.C_STORE_RQ: C_STORE, commands.C_ECHO_RQ: C_ECHO}
+#: The ScpServices method serving each request (``on_find`` ...).
+_HANDLER_OF = {field: f"on_{name[2:].lower()}" for field, name in _OPERATION_OF.items()}
 
 
 #: Staging files a dicom_scp keeps created ahead for the next C-STOREs.
@@ -540,8 +542,12 @@ class Operation:
         self.message = message
         #: The listener's :class:`Deadlines` (the relay's silence timer); ``None``: its own ``callLater``.
         self.deadlines = deadlines
-        self.context = assoc.contexts[message.context_id]
-        self.transfer_syntax = str(self.context.transfer_syntax[0])
+        self.context = context = assoc.contexts[message.context_id]
+        key = ("syntax", message.context_id)
+        syntax = assoc.memo.get(key)   # pynetdicom's context properties, read once per association
+        if syntax is None:
+            syntax = assoc.memo[key] = str(context.transfer_syntax[0])
+        self.transfer_syntax = syntax
         self._waiter: defer.Deferred | None = None
         #: A pending C-FIND response's command, encoded and framed once: ``(bytes, PDUs)``.
         self._pending_command: tuple[bytes, bytes] | None = None
@@ -886,7 +892,7 @@ class ScpServices:
             return
         op = Operation(assoc, message, self.endpoint.deadlines)
         name = _OPERATION_OF.get(field)
-        handler = getattr(self, f"on_{name[2:].lower()}", None) if name else None
+        handler = getattr(self, _HANDLER_OF[field], None) if name else None
         if handler is None:
             # An N-service or a request we do not serve on this context.
             if field in (commands.C_ECHO_RQ,) or field in _RESPONSE_OF:
@@ -894,7 +900,11 @@ class ScpServices:
             else:
                 assoc.abort("unsupported DIMSE request")
             return
-        if not self.endpoint.enabled[name] or not _serves(op.context, name):
+        served_key = ("serves", message.context_id, field)
+        served = assoc.memo.get(served_key)   # once per association and service, not per request
+        if served is None:
+            served = assoc.memo[served_key] = self.endpoint.enabled[name] and _serves(op.context, name)
+        if not served:
             _discard(message)
             op.respond(dimse.SOP_CLASS_NOT_SUPPORTED)
             return

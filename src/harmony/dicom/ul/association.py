@@ -504,22 +504,29 @@ class Association(protocol.Protocol):
             if control & 0x01:                       # command fragment
                 if self._incoming is not None:
                     raise pdu.PDUError("command fragment while a data set was expected", reason=0x02)
-                if self._command_context is not None and self._command_context != context_id:
+                if control & 0x02 and self._command_context is None:
+                    # The usual command: whole in one fragment, decoded from it (not gathered first).
+                    if len(fragment) > commands.MAX_COMMAND_BYTES:
+                        raise pdu.PDUError("command set over the limit", reason=0x06)
+                    command = commands.decode(bytes(fragment))
+                elif self._command_context is not None and self._command_context != context_id:
                     raise pdu.PDUError("command fragments on two presentation contexts", reason=0x02)
-                self._command_context = context_id
-                if len(self._command) + len(fragment) > commands.MAX_COMMAND_BYTES:
-                    raise pdu.PDUError("command set over the limit", reason=0x06)
-                self._command += fragment
-                if control & 0x02:
+                else:
+                    self._command_context = context_id
+                    if len(self._command) + len(fragment) > commands.MAX_COMMAND_BYTES:
+                        raise pdu.PDUError("command set over the limit", reason=0x06)
+                    self._command += fragment
+                    if not control & 0x02:
+                        continue
                     command = commands.decode(bytes(self._command))
                     self._command = bytearray()
                     self._command_context = None
-                    message = Message(context_id, command)
-                    if commands.has_dataset(command):
-                        self._incoming = message
-                        self._sink = self.handler.dataset_sink(self, context_id, command)
-                    else:
-                        self._dispatch(message)
+                message = Message(context_id, command)
+                if commands.has_dataset(command):
+                    self._incoming = message
+                    self._sink = self.handler.dataset_sink(self, context_id, command)
+                else:
+                    self._dispatch(message)
             else:                                    # data set fragment
                 message = self._incoming
                 if message is None or message.context_id != context_id:
@@ -533,7 +540,7 @@ class Association(protocol.Protocol):
 
     def _dispatch(self, message: Message):
         command = message.command
-        if commands.is_response(command):
+        if command["CommandField"] & commands.RESPONSE_BIT:   # commands.is_response, inlined: per message
             responding_to = command.get("MessageIDBeingRespondedTo")
             waiting = self._pending.get(responding_to)
             if waiting is None:
