@@ -703,6 +703,10 @@ class DicomScuBackend(Backend):
             doc = {"dimse_op": job.op, "dimse_status": stream.status, "error_comment": stream.error_comment,
                    "completed": stream.completed, "failed": stream.failed}
             resp = ResponseEnvelope.json(dimse.http_status_for(stream.status), doc)
+        elif job.op == C_FIND and job.request.state.dicom.results_listener is not None:
+            # Relayed by dicom_scp as they came (no middleware between): nobody reads a body,
+            # and making one was part of the work after the client's final response.
+            resp = ResponseEnvelope(status=200)
         elif job.op in (C_FIND, C_GET) or job.op == C_MOVE and not self._third_party(job.request):
             body = ResultBodyProducer(stream, "json" if job.op == C_FIND else "multipart", request=job.request)
             resp = ResponseEnvelope(status=200, headers=Headers({"Content-Type": [body.content_type]}), body=body)
