@@ -5,7 +5,11 @@ Loaded into twistd through PYTHONPATH when CFSPAN_OUT names a file; wraps the as
 A = the client's last read -> the request sent to the PACS (split into its steps), B = the
 PACS's first bytes read -> the client's final response sent, C = that send -> the end of the
 delivery (the work after the final response).  Written at SIGUSR2 (the tenth first left out)."""
-import atexit, os, time, statistics
+import atexit
+import os
+import statistics
+import time
+
 if os.environ.get("CFSPAN_OUT"):
     from harmony.dicom.ul import association as A
     clock = time.perf_counter_ns
@@ -40,18 +44,21 @@ if os.environ.get("CFSPAN_OUT"):
         scu = type(proto.handler).__name__ == "_Receiver"
         if scu and st["req"] is not None and st["pacs_in"] is None:
             spans["A"].append(t - st["req"])
-            marks["read"] = st["req"]; marks["sent"] = t
-            seq = ["read"] + order + ["sent"]
+            marks["read"] = st["req"]
+            marks["sent"] = t
+            seq = ["read", *ORDER, "sent"]
             if all(k in marks for k in seq):
-                for a, b in zip(seq, seq[1:]):
+                for a, b in zip(seq, seq[1:], strict=False):
                     spans[f"{a}->{b}"].append(marks[b] - marks[a])
             marks.clear()
         elif not scu and st["pacs_in"] is not None:
             st["final_out"] = t
 
-    marks = {}
-    from harmony.endpoints import dicom_scp as SCP
+    marks: dict = {}
+    #: The request's steps, in the order they run (each wrapped below).
+    ORDER = ["on_request", "start_pipeline", "backend_send", "attempt", "find", "request"]
     from harmony.backends import dicom_scu as SCU
+    from harmony.endpoints import dicom_scp as SCP
     def wrap(cls, name, label):
         orig = getattr(cls, name)
         def w(*a, **k):
@@ -64,8 +71,7 @@ if os.environ.get("CFSPAN_OUT"):
     wrap(SCU.DicomScuBackend, "_attempt", "attempt")
     wrap(SCU.DicomScuBackend, "_find", "find")
     wrap(A.Association, "request", "request")
-    order = ["on_request", "start_pipeline", "backend_send", "attempt", "find", "request"]
-    for a, b in zip(["read"] + order, order + ["sent"]):
+    for a, b in zip(["read", *ORDER], [*ORDER, "sent"], strict=True):
         spans[f"{a}->{b}"] = []
     A.Association.dataReceived = dataReceived
     A.send_now = send_now
@@ -75,9 +81,12 @@ if os.environ.get("CFSPAN_OUT"):
             for k, v in spans.items():
                 v = v[len(v) // 10:]
                 if v:
-                    f.write(f"{os.getpid()} {k} n={len(v)} p50={statistics.median(v)/1000:.1f}us p25={sorted(v)[len(v)//4]/1000:.1f} p75={sorted(v)[3*len(v)//4]/1000:.1f}\n")
+                    v = sorted(v)
+                    f.write(f"{os.getpid()} {k} n={len(v)} p50={statistics.median(v) / 1000:.1f}us "
+                            f"p25={v[len(v) // 4] / 1000:.1f} p75={v[3 * len(v) // 4] / 1000:.1f}\n")
     atexit.register(dump)
     import signal
-    def term(*a):
-        dump(); os._exit(0)
+    def term(*_args):
+        dump()
+        os._exit(0)
     signal.signal(signal.SIGUSR2, term)
