@@ -23,8 +23,9 @@ The state is protocol-neutral core: values whose classes live in a toolkit
 ``Pipeline``) are typed ``Any`` here because the core imports nothing above it
 (tests/devtools/test_imports.py); each attribute's comment names the class it holds.
 Per-protocol facts are grouped in small parts (``state.dicom``,
-``state.dicomweb``, ``state.jmix``) created with the envelope; each is a
-slotted attrs class, so a request costs a handful of small allocations.
+``state.dicomweb``, ``state.jmix``); each is a slotted attrs class, and the
+DICOMweb and JMIX parts are made when first read, so a request costs a handful
+of small allocations.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ class RequestState:
     #: True once the client hung up (``harmony.errors.mark_client_gone``).
     client_gone: bool = False
     dicom: DicomRequestFacts = attr.Factory(DicomRequestFacts)
-    dicomweb: DicomWebRequestFacts = attr.Factory(DicomWebRequestFacts)
-    jmix: JmixRequestFacts = attr.Factory(JmixRequestFacts)
+    #: Made when first read (:attr:`dicomweb`, :attr:`jmix`): a DIMSE request never reads
+    #: them, and a proxied C-FIND made both for nothing (bench/dimse).
+    _dicomweb: DicomWebRequestFacts | None = None
+    _jmix: JmixRequestFacts | None = None
     #: The parsed ``harmony.hl7.message.V2Message`` (``mllp`` endpoint).
     hl7_message: Any = None
     #: The resource id a FHIR read asked for (``fhir_cfind``); None for a search.
@@ -103,6 +106,28 @@ class RequestState:
     #: The ``DicomWebRequest`` de-identification hid from the backend while a
     #: de-identified copy is stored (restored on the way back).
     deid_hidden_dicomweb: Any = None
+
+    @property
+    def dicomweb(self) -> DicomWebRequestFacts:
+        facts = self._dicomweb
+        if facts is None:
+            facts = self._dicomweb = DicomWebRequestFacts()
+        return facts
+
+    @dicomweb.setter
+    def dicomweb(self, facts: DicomWebRequestFacts) -> None:
+        self._dicomweb = facts
+
+    @property
+    def jmix(self) -> JmixRequestFacts:
+        facts = self._jmix
+        if facts is None:
+            facts = self._jmix = JmixRequestFacts()
+        return facts
+
+    @jmix.setter
+    def jmix(self, facts: JmixRequestFacts) -> None:
+        self._jmix = facts
 
 
 @attr.s(auto_attribs=True, slots=True)

@@ -191,6 +191,22 @@ def test_an_early_listener_has_every_match_before_the_pipeline_answers(tmp_path)
     assert events == ["SYN-1", "SYN-2", "end", ("answer", 200)]
 
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_an_early_listener_in_the_pacs_syntax_has_each_match_as_the_bytes_the_pacs_sent(tmp_path, syntax):
+    """A listener that relays in the syntax the C-FIND ran in takes each match as the PACS's
+    bytes (no Dataset made); the pipeline's answer then carries no body (nobody reads one)."""
+    rig = Rig(tmp_path, FakePacsHandler([_match("SYN-1"), _match("SYN-2")]))
+    req = _find(PatientID="SYN-*")
+    req.metadata["dimse_transfer_syntax"] = syntax
+    encoded, items = [], []
+    req.state.dicom.results_listener = lambda stream: stream.listen(items.append, (syntax, encoded.append))
+    response = result_of(rig.run(rig.backend.send(req)))
+    assert items == []
+    assert [datasets.decode(data, syntax).PatientID for data in encoded] == ["SYN-1", "SYN-2"]
+    assert all(type(data) is bytes for data in encoded)
+    assert response.status == 200 and response.body == b"" and response.state.dicom_results.status == 0x0000
+
+
 def test_a_failure_without_matches_is_still_the_pipelines_error_with_an_early_listener(tmp_path):
     rig = Rig(tmp_path, FakePacsHandler([], final=0xA700))
     req = _find()

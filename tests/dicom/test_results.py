@@ -116,3 +116,33 @@ def test_unlisten_puts_the_stream_back_in_pull_mode():
     stream.finish(SUCCESS)
     assert got == [] and not ended.called
     assert result_of(stream.next()) == "late" and result_of(stream.next()) is None
+
+
+def test_encoded_items_reach_a_listener_in_their_syntax_as_bytes_and_anyone_else_as_items():
+    """``put_encoded``: a C-FIND match held as the bytes the PACS sent goes to a listener
+    that relays in that syntax as those bytes; to a listener in another syntax, a pulling
+    consumer, or after the listener stopped, it is ``as_item(data, syntax)``."""
+    def as_item(data, syntax):
+        return ("item", data, syntax)
+
+    stream = ResultStream()
+    stream.put_encoded(b"queued", "1.2.840.10008.1.2", as_item)      # nobody listens yet: queued as an item
+    items, encoded = [], []
+    ended = stream.listen(items.append, ("1.2.840.10008.1.2", encoded.append))
+    stream.put_encoded(b"m1", "1.2.840.10008.1.2", as_item)
+    stream.put_encoded(b"m2", "1.2.840.10008.1.2.1", as_item)        # another syntax: decoded by the consumer
+    assert encoded == [b"m1"]
+    assert items == [("item", b"queued", "1.2.840.10008.1.2"), ("item", b"m2", "1.2.840.10008.1.2.1")]
+    stream.unlisten()
+    stream.put_encoded(b"m3", "1.2.840.10008.1.2", as_item)
+    assert encoded == [b"m1"] and stream.queued() == [("item", b"m3", "1.2.840.10008.1.2")]
+    assert not ended.called
+
+    plain = ResultStream()
+    seen: list = []
+    plain.listen(seen.append)                                         # a listener that takes only items
+    plain.put_encoded(b"m", "1.2.840.10008.1.2", as_item)
+    plain.finish(SUCCESS)
+    assert seen == [("item", b"m", "1.2.840.10008.1.2")]
+    plain.put_encoded(b"late", "1.2.840.10008.1.2", as_item)          # after the end: no listener any more
+    assert plain.queued() == [("item", b"late", "1.2.840.10008.1.2")]

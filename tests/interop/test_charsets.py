@@ -10,6 +10,10 @@ return the name unchanged.
 from __future__ import annotations
 
 import pytest
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRBigEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from tests.dicomweb_helpers import client
 from tests.interop.data import CHARSETS
@@ -65,3 +69,56 @@ def test_charset_query(path, shape, name, request, charsets, tmp_path):
     stack = request.getfixturevalue(shape)
     load(stack, charsets)
     CHECKS[path](stack, name, charsets, tmp_path)
+
+
+
+def answer_values(ds) -> list:
+    """Each element of an answer as (tag, value as text), read with the answer's character set."""
+    return [(elem.tag, str(elem.value)) for elem in ds if elem.tag.group != 0x0002]
+
+
+def find_big_endian(port: int, keys: dict) -> list:
+    """A C-FIND by pynetdicom proposing only Explicit VR Big Endian: Harmony's query
+    association to the PACS offers only little-endian syntaxes, so each match is
+    decoded and encoded again for this client."""
+    ae = AE(ae_title="IOPBIG")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRBigEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="HARMONY")
+    assert assoc.is_established
+    try:
+        assert [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts] == [ExplicitVRBigEndian]
+        query = Dataset()
+        for keyword, value in keys.items():
+            setattr(query, keyword, "" if value is None else value)
+        answers, final = [], None
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if status is not None and status.Status in (0xFF00, 0xFF01):
+                answers.append(identifier)
+            elif status is not None:
+                final = status.Status
+    finally:
+        assoc.release()
+        ae.shutdown()
+    assert final == 0x0000
+    return answers
+
+
+@pytest.mark.parametrize("name", ["greek", "japanese", "latin1", "iso2022"])
+def test_matches_relayed_as_received_equal_decoded_ones(name, router, charsets, tmp_path):
+    """A C-FIND match the PACS sent in the client's transfer syntax goes on as its bytes
+    (``ResultStream.put_encoded``: DCMTK findscu, little endian); one for a client in
+    another syntax is decoded and encoded again (a big-endian client).  Both must say
+    the same, in every character set, and findscu's must be the PACS's own answer."""
+    load(router, charsets)
+    _charset, person, prefix = CHARSETS[name]
+    keys = {"SpecificCharacterSet": "ISO_IR 192", "PatientName": prefix, "PatientID": None,
+            "StudyInstanceUID": None, "StudyDescription": None}
+    relayed, final = findscu(router.scp_port, "STUDY", keys, tmp_path / "relayed")
+    assert "Success" in final
+    direct, final = findscu(router.pacs.dicom_port, "STUDY", keys, tmp_path / "direct", aec=router.pacs.aet,
+                            extra=("-aet", "ORTHANC"))   # a caller the PACS lists
+    assert "Success" in final
+    decoded = find_big_endian(router.scp_port, {"QueryRetrieveLevel": "STUDY", **keys})
+    assert [str(a.PatientName) for a in relayed] == [person]
+    assert [answer_values(a) for a in relayed] == [answer_values(a) for a in direct]
+    assert [answer_values(a) for a in relayed] == [answer_values(a) for a in decoded]

@@ -198,6 +198,8 @@ class Job:
         self.arrivals: defer.Deferred = defer.succeed(None)
         #: The consumer takes instances held in memory (:class:`MemoryFile`) while few are queued.
         self.in_memory = False
+        #: :meth:`_ready` is put off until the delivery's writes are out (:meth:`_ready_soon`).
+        self._ready_put_off = False
 
     def _on_cancel(self):
         if not self.cancel_requested.called:
@@ -216,6 +218,16 @@ class Job:
             item.release()
             return
         self.stream.put(item)
+        self._ready_soon()
+
+    def put_encoded(self, data: bytes, transfer_syntax: str) -> None:
+        """A C-FIND match as the PACS sent it: its bytes go straight to a consumer that
+        relays them in the same syntax (``ResultStream.put_encoded``), else it is put
+        as a :class:`~harmony.dicom.ul.datasets.ReceivedIdentifier`, decoded when a
+        consumer first looks inside (one that cannot be decoded then is that consumer's
+        error, not the end of the query)."""
+        self.items += 1
+        self.stream.put_encoded(data, transfer_syntax, datasets.ReceivedIdentifier)
         self._ready_soon()
 
     def counts(self, command: dict):
@@ -237,9 +249,10 @@ class Job:
         """:meth:`_ready`; when the consumer already takes the results as they come
         (``state.dicom.results_listener``), once what they made it write is sent: the
         pipeline's answer (the target's verdict, observers) need not delay the client's."""
-        if self.ready.called:
+        if self.ready.called or self._ready_put_off:
             return
         if self.stream.listened or self.stream.done and self.request.state.dicom.results_listener is not None:
+            self._ready_put_off = True   # once: every match of a delivery came here
             after_delivery(self._ready)
         else:
             self._ready()
@@ -690,6 +703,10 @@ class DicomScuBackend(Backend):
             doc = {"dimse_op": job.op, "dimse_status": stream.status, "error_comment": stream.error_comment,
                    "completed": stream.completed, "failed": stream.failed}
             resp = ResponseEnvelope.json(dimse.http_status_for(stream.status), doc)
+        elif job.op == C_FIND and job.request.state.dicom.results_listener is not None:
+            # Relayed by dicom_scp as they came (no middleware between): nobody reads a body,
+            # and making one was part of the work after the client's final response.
+            resp = ResponseEnvelope(status=200)
         elif job.op in (C_FIND, C_GET) or job.op == C_MOVE and not self._third_party(job.request):
             body = ResultBodyProducer(stream, "json" if job.op == C_FIND else "multipart", request=job.request)
             resp = ResponseEnvelope(status=200, headers=Headers({"Content-Type": [body.content_type]}), body=body)
@@ -843,11 +860,8 @@ class DicomScuBackend(Backend):
         cancelled = self._cancel_on(assoc, job, cid, sop_class, msg_id)
 
         def pending(message):
-            # Decoded when a consumer first looks inside (a client in the same
-            # syntax may never need to); one that cannot be decoded then is
-            # that consumer's error, not the end of the query.
             if message.dataset is not None and not job.stream.cancelled:
-                job.put(datasets.ReceivedIdentifier(message.dataset, syntax))
+                job.put_encoded(message.dataset, syntax)
 
         def final(response):
             # On the call stack of the PACS's final response, not a coroutine step

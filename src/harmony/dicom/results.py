@@ -104,6 +104,9 @@ class ResultStream:
     or :meth:`listen` has every item handed over the moment it is put (a
     consumer that does the same thing with each, the DIMSE SCP relaying C-FIND
     matches: a Deferred and a coroutine step per match cost more than relaying it);
+    a producer that holds a C-FIND match as the bytes it received (``dicom_scu``)
+    offers them with :meth:`put_encoded`, and a listener that sends them on in the
+    same transfer syntax takes them as they are, with no Dataset made per match;
     :meth:`cancel` asks the producer to stop (C-CANCEL) via ``on_cancel``.
     Counters mirror PS3.4 sub-operation counts for retrieves.
     """
@@ -124,6 +127,8 @@ class ResultStream:
         self._counted: list[defer.Deferred] = []
         self._total: int | None = None
         self._listener = None
+        #: ``(transfer syntax, on_encoded)`` of a listener that takes matches as bytes (:meth:`listen`).
+        self._encoded: tuple | None = None
         self._ended: defer.Deferred | None = None
         #: The consumer gave up before taking the end (:meth:`cancel`), even after the producer ended.
         self._given_up = False
@@ -138,6 +143,18 @@ class ResultStream:
             d.callback(item)
         else:
             self._items.append(item)
+
+    def put_encoded(self, data: bytes, transfer_syntax: str, as_item) -> None:
+        """An identifier the producer holds as *data*, encoded in *transfer_syntax*: handed
+        as those bytes to a listener that asked for them in that syntax
+        (``listen(encoded=...)``), otherwise put as ``as_item(data, transfer_syntax)``
+        (a Dataset, e.g. ``ReceivedIdentifier``) -- the same bytes either way when
+        nobody looks inside, without the Dataset's making per match (bench/dimse, C-FIND)."""
+        encoded = self._encoded
+        if encoded is not None and encoded[0] == transfer_syntax:
+            encoded[1](data)
+        else:
+            self.put(as_item(data, transfer_syntax))
 
     def set_counts(self, remaining: int | None, completed: int = 0, failed: int = 0, warning: int = 0) -> None:
         """Record PS3.4 sub-operation counts (e.g. from a PACS's pending responses)."""
@@ -170,7 +187,7 @@ class ResultStream:
     def _end(self, failure) -> None:
         ended, self._ended = self._ended, None
         if ended is not None:
-            self._listener = None
+            self._listener = self._encoded = None
             if failure is None:
                 ended.callback(None)
             else:
@@ -214,10 +231,12 @@ class ResultStream:
         self._waiting = defer.Deferred()
         return self._waiting
 
-    def listen(self, on_item) -> defer.Deferred:
+    def listen(self, on_item, encoded: tuple | None = None) -> defer.Deferred:
         """Push mode: ``on_item(item)`` for every item queued so far and from now on each
         one as it is put (on the producer's call stack); the result fires with ``None``
-        when the stream ends, or fails with its failure.  :meth:`unlisten` stops it."""
+        when the stream ends, or fails with its failure.  :meth:`unlisten` stops it.
+        *encoded*: ``(transfer syntax, on_encoded)``: items the producer offers as bytes
+        in that syntax (:meth:`put_encoded`) go to ``on_encoded(data)`` instead."""
         while self._items:
             on_item(self._items.pop(0))
             if self.cancelled:
@@ -228,7 +247,7 @@ class ResultStream:
         elif self._done and not self._items:
             ended.callback(None)
         else:
-            self._listener, self._ended = on_item, ended
+            self._listener, self._ended, self._encoded = on_item, ended, encoded
         return ended
 
     @property
@@ -238,7 +257,7 @@ class ResultStream:
 
     def unlisten(self) -> None:
         """Back to pull mode: items queue again for :meth:`next` (the listener's Deferred never fires)."""
-        self._listener = self._ended = None
+        self._listener = self._ended = self._encoded = None
 
     def queued(self) -> list:
         """The items produced but not yet taken, without taking them (a C-MOVE
@@ -324,9 +343,9 @@ class BoundedResultStream(ResultStream):
                 self._wake()
         return super().next()
 
-    def listen(self, on_item) -> defer.Deferred:
+    def listen(self, on_item, encoded: tuple | None = None) -> defer.Deferred:
         self.queued_bytes = 0  # what is queued is handed over now, and nothing queues from now on
-        ended = super().listen(on_item)
+        ended = super().listen(on_item, encoded)
         self._wake()
         return ended
 

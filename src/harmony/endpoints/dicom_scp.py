@@ -85,6 +85,8 @@ _RESPONSE_OF = {commands.C_FIND_RQ: commands.C_FIND_RSP, commands.C_GET_RQ: comm
                 commands.C_ECHO_RQ: commands.C_ECHO_RSP}
 _OPERATION_OF = {commands.C_FIND_RQ: C_FIND, commands.C_GET_RQ: C_GET, commands.C_MOVE_RQ: C_MOVE,
                  commands.C_STORE_RQ: C_STORE, commands.C_ECHO_RQ: C_ECHO}
+#: The ScpServices method serving each request (``on_find`` ...).
+_HANDLER_OF = {field: f"on_{name[2:].lower()}" for field, name in _OPERATION_OF.items()}
 
 
 #: Staging files a dicom_scp keeps created ahead for the next C-STOREs.
@@ -546,10 +548,15 @@ class Operation:
         self.message = message
         #: The listener's :class:`Deadlines` (the relay's silence timer); ``None``: its own ``callLater``.
         self.deadlines = deadlines
-        self.context = assoc.contexts[message.context_id]
-        self.transfer_syntax = str(self.context.transfer_syntax[0])
+        self.context = context = assoc.contexts[message.context_id]
+        key = ("syntax", message.context_id)
+        syntax = assoc.memo.get(key)   # pynetdicom's context properties, read once per association
+        if syntax is None:
+            syntax = assoc.memo[key] = str(context.transfer_syntax[0])
+        self.transfer_syntax = syntax
         self._waiter: defer.Deferred | None = None
-        self._pending_command: bytes | None = None
+        #: A pending C-FIND response's command, encoded and framed once: ``(bytes, PDUs)``.
+        self._pending_command: tuple[bytes, bytes] | None = None
         self._pipeline: tuple | None = None
         self.cancelled = False
         #: The final response was sent (:meth:`respond_final`).
@@ -612,11 +619,13 @@ class Operation:
 
     def respond_match(self, identifier: bytes) -> None:
         """A pending C-FIND response with *identifier*: the same command every time, encoded once."""
-        if self._pending_command is None:
-            self._pending_command = commands.encode_with_id(self._response_fields(dimse.PENDING, True),
-                                                            "MessageIDBeingRespondedTo", self.message.message_id)
+        pending = self._pending_command
+        if pending is None:
+            command = commands.encode_with_id(self._response_fields(dimse.PENDING, True),
+                                              "MessageIDBeingRespondedTo", self.message.message_id)
+            pending = self._pending_command = (command, self.assoc.command_pdus(self.message.context_id, command))
         # more: the next match, or the final response, follows; they go out together.
-        self.assoc.post(self.message.context_id, self._pending_command, identifier, more=True)
+        self.assoc.post_framed(self.message.context_id, pending[0], pending[1], identifier, more=True)
 
     def respond_final(self, status: int) -> None:
         """The final response of a C-FIND that ended without a comment to send (Success,
@@ -695,16 +704,28 @@ class Operation:
         syntax = self.transfer_syntax
         assoc = self.assoc
 
-        def on_match(item):
+        def relaying() -> bool:
+            """Whether a match that came now is sent (the backend was heard: its silence timer restarts)."""
             if done.called:
-                return
+                return False
             if assoc.state != "established":
                 done.callback(CANCELLED)
-                return
+                return False
             if deadlines is not None:
                 deadlines.move(self, timeout)
             else:
                 timer.reset(timeout)
+            return True
+
+        def on_encoded(data: bytes):
+            # A match as the PACS sent it, in our syntax: on as those bytes -- what
+            # on_match sends for a match nobody looked into, without a Dataset made.
+            if relaying():
+                self.respond_match(data)
+
+        def on_match(item):
+            if not relaying():
+                return
             # A JSON match is Unicode: give it a character set that encodes it.
             match = item if isinstance(item, Dataset) else charset.declare(Dataset.from_json(item))
             try:
@@ -749,7 +770,7 @@ class Operation:
             deadlines.set(self, timeout, silent)
         else:
             timer = reactor.callLater(timeout, silent)
-        stream.listen(on_match).addBoth(ended)
+        stream.listen(on_match, (syntax, on_encoded)).addBoth(ended)
         return done.addBoth(stop)
 
 
@@ -877,7 +898,7 @@ class ScpServices:
             return
         op = Operation(assoc, message, self.endpoint.deadlines)
         name = _OPERATION_OF.get(field)
-        handler = getattr(self, f"on_{name[2:].lower()}", None) if name else None
+        handler = getattr(self, _HANDLER_OF[field], None) if name else None
         if handler is None:
             # An N-service or a request we do not serve on this context.
             if field in (commands.C_ECHO_RQ,) or field in _RESPONSE_OF:
@@ -885,7 +906,11 @@ class ScpServices:
             else:
                 assoc.abort("unsupported DIMSE request")
             return
-        if not self.endpoint.enabled[name] or not _serves(op.context, name):
+        served_key = ("serves", message.context_id, field)
+        served = assoc.memo.get(served_key)   # once per association and service, not per request
+        if served is None:
+            served = assoc.memo[served_key] = self.endpoint.enabled[name] and _serves(op.context, name)
+        if not served:
             _discard(message)
             op.respond(dimse.SOP_CLASS_NOT_SUPPORTED)
             return

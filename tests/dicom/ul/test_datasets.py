@@ -120,6 +120,8 @@ def test_identifier_level_is_read_only_from_identifiers_identifier_json_converts
     except Exception:  # noqa: BLE001 - a value pydicom itself cannot write
         return
     read = datasets.identifier_level(data, syntax)
+    # Read again, from the cache of recent identifiers: the same answer as reading the bytes.
+    assert datasets.identifier_level(data, syntax) == read == datasets._identifier_level(data, syntax)
     if read is None:
         return
     doc = datasets.identifier_json(data, syntax)
@@ -308,3 +310,17 @@ def test_a_held_instance_over_the_limit_is_refused_and_abort_drops_it(tmp_path):
     with pytest.raises(datasets.PDUError):
         held.write(b"b" * 200)
     held.abort()
+
+
+def test_identifier_levels_kept_are_bounded_and_large_identifiers_are_not_kept():
+    """A flood of distinct identifiers (a hostile client) cannot grow the cache of levels."""
+    for n in range(3 * datasets._MAX_LEVELS):
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.PatientID = f"SYN-{n}"
+        assert datasets.identifier_level(encoded(ds, IMPLICIT), IMPLICIT) == "STUDY"
+        assert len(datasets._LEVELS) <= datasets._MAX_LEVELS
+    ds.StudyDescription = "X" * 2000
+    datasets._LEVELS.clear()
+    assert datasets.identifier_level(encoded(ds, IMPLICIT), IMPLICIT) == "STUDY"
+    assert not datasets._LEVELS

@@ -504,22 +504,29 @@ class Association(protocol.Protocol):
             if control & 0x01:                       # command fragment
                 if self._incoming is not None:
                     raise pdu.PDUError("command fragment while a data set was expected", reason=0x02)
-                if self._command_context is not None and self._command_context != context_id:
+                if control & 0x02 and self._command_context is None:
+                    # The usual command: whole in one fragment, decoded from it (not gathered first).
+                    if len(fragment) > commands.MAX_COMMAND_BYTES:
+                        raise pdu.PDUError("command set over the limit", reason=0x06)
+                    command = commands.decode(bytes(fragment))
+                elif self._command_context is not None and self._command_context != context_id:
                     raise pdu.PDUError("command fragments on two presentation contexts", reason=0x02)
-                self._command_context = context_id
-                if len(self._command) + len(fragment) > commands.MAX_COMMAND_BYTES:
-                    raise pdu.PDUError("command set over the limit", reason=0x06)
-                self._command += fragment
-                if control & 0x02:
+                else:
+                    self._command_context = context_id
+                    if len(self._command) + len(fragment) > commands.MAX_COMMAND_BYTES:
+                        raise pdu.PDUError("command set over the limit", reason=0x06)
+                    self._command += fragment
+                    if not control & 0x02:
+                        continue
                     command = commands.decode(bytes(self._command))
                     self._command = bytearray()
                     self._command_context = None
-                    message = Message(context_id, command)
-                    if commands.has_dataset(command):
-                        self._incoming = message
-                        self._sink = self.handler.dataset_sink(self, context_id, command)
-                    else:
-                        self._dispatch(message)
+                message = Message(context_id, command)
+                if commands.has_dataset(command):
+                    self._incoming = message
+                    self._sink = self.handler.dataset_sink(self, context_id, command)
+                else:
+                    self._dispatch(message)
             else:                                    # data set fragment
                 message = self._incoming
                 if message is None or message.context_id != context_id:
@@ -533,7 +540,7 @@ class Association(protocol.Protocol):
 
     def _dispatch(self, message: Message):
         command = message.command
-        if commands.is_response(command):
+        if command["CommandField"] & commands.RESPONSE_BIT:   # commands.is_response, inlined: per message
             responding_to = command.get("MessageIDBeingRespondedTo")
             waiting = self._pending.get(responding_to)
             if waiting is None:
@@ -737,6 +744,22 @@ class Association(protocol.Protocol):
             self._write_message(context_id, command, dataset, more)
         elif self.state == ESTABLISHED:
             self.send(context_id, command, dataset, more).addErrback(_ended_meanwhile)
+
+    def command_pdus(self, context_id: int, command: bytes) -> bytes:
+        """*command* (encoded) framed as the P-DATA-TF PDU(s) that carry it, for
+        :meth:`post_framed`: a response sent many times over is framed once."""
+        return self._command_pdus(context_id, command)
+
+    def post_framed(self, context_id: int, command: bytes, framed: bytes, dataset: bytes, more: bool = False) -> None:
+        """:meth:`post` of *command* with *dataset*, *framed* being its :meth:`command_pdus`
+        (a C-FIND's pending responses, one per match: framing the same command again
+        and cutting a small data set into fragments were most of relaying a match)."""
+        if self.state == ESTABLISHED and not self._sending and not self._send_queue and \
+                len(dataset) <= self._fragment_size():
+            self._write_many([framed, pdu.pdata(context_id, 0x02, dataset)], more)
+            self._touch()
+        else:
+            self.post(context_id, command, dataset, more)
 
     def _write_message(self, context_id: int, command: bytes, dataset: bytes | None, more: bool) -> None:
         if dataset is None:

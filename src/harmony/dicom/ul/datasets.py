@@ -368,12 +368,35 @@ def identifier_json(data: bytes, transfer_syntax: str) -> dict | None:
 _QUERY_LEVEL = 0x00080052
 
 
+#: :func:`identifier_level`'s answers for identifiers seen lately, by (bytes, syntax): a
+#: client polling with the same query (a worklist, "today's studies", the bench's) costs a
+#: dict lookup.  Bounded in entries and in the size of an identifier kept, as the DIMSE
+#: command cache is (``commands.decode``): a flood of distinct ones costs at most ~0.5 MiB.
+_LEVELS: dict = {}
+_MAX_LEVELS = 512
+_MAX_LEVEL_BYTES = 1024
+
+
 def identifier_level(data: bytes, transfer_syntax: str) -> str | None:
     """The Query/Retrieve Level of an identifier that :func:`identifier_json` surely
     converts (flat, ASCII text, no numbers to check; a single, plain level), read
     without converting it: ``""`` when it has none, ``None`` for any other identifier
     (convert that one at once, and refuse it when it cannot be).  ``dicom_scp`` makes
     a C-FIND's DICOM JSON only when something reads it (bench/dimse)."""
+    if len(data) > _MAX_LEVEL_BYTES:
+        return _identifier_level(data, transfer_syntax)
+    key = (bytes(data), str(transfer_syntax))
+    try:
+        return _LEVELS[key]
+    except KeyError:
+        pass
+    level = _LEVELS[key] = _identifier_level(data, transfer_syntax)
+    if len(_LEVELS) > _MAX_LEVELS:
+        _LEVELS.clear()
+    return level
+
+
+def _identifier_level(data: bytes, transfer_syntax: str) -> str | None:
     implicit = HEAD_SYNTAXES.get(transfer_syntax)
     if implicit is None:
         return None

@@ -1,0 +1,92 @@
+"""Bench-only (bench/dimse/spans.py): timestamps inside a Harmony process for proxied C-FINDs.
+
+Loaded into twistd through PYTHONPATH when CFSPAN_OUT names a file; wraps the association's
+``dataReceived`` and ``send_now`` and the C-FIND's functions on the way to the PACS.  Spans:
+A = the client's last read -> the request sent to the PACS (split into its steps), B = the
+PACS's first bytes read -> the client's final response sent, C = that send -> the end of the
+delivery (the work after the final response).  Written at SIGUSR2 (the tenth first left out)."""
+import atexit
+import os
+import statistics
+import time
+
+if os.environ.get("CFSPAN_OUT"):
+    from harmony.dicom.ul import association as A
+    clock = time.perf_counter_ns
+    st = {"req": None, "pacs_in": None, "final_out": None}
+    spans = {"A": [], "B": [], "C": []}
+    orig_dr = A.Association.dataReceived
+    orig_send = A.send_now
+
+    FINAL = b"\x00\x00\x00\x09\x02\x00\x00\x00\x00\x00"
+
+    def dataReceived(self, data):
+        t = clock()
+        scu = type(self.handler).__name__ == "_Receiver"
+        if not scu:
+            st["req"] = t
+        elif st["pacs_in"] is None and st["req"] is not None:
+            st["pacs_in"] = t
+        orig_dr(self, data)
+        if scu and st["pacs_in"] is not None and FINAL in bytes(data) and st["final_out"] is not None:
+            spans["B"].append(st["final_out"] - st["pacs_in"])
+            spans["C"].append(clock() - st["final_out"])
+            st["final_out"] = st["pacs_in"] = st["req"] = None
+
+    def send_now(transport, data):
+        orig_send(transport, data)
+        t = clock()
+        proto = getattr(transport, "protocol", None)
+        while proto is not None and not isinstance(proto, A.Association):
+            proto = getattr(proto, "wrappedProtocol", None) or getattr(proto, "_wrappedProtocol", None)
+        if proto is None:
+            return
+        scu = type(proto.handler).__name__ == "_Receiver"
+        if scu and st["req"] is not None and st["pacs_in"] is None:
+            spans["A"].append(t - st["req"])
+            marks["read"] = st["req"]
+            marks["sent"] = t
+            seq = ["read", *ORDER, "sent"]
+            if all(k in marks for k in seq):
+                for a, b in zip(seq, seq[1:], strict=False):
+                    spans[f"{a}->{b}"].append(marks[b] - marks[a])
+            marks.clear()
+        elif not scu and st["pacs_in"] is not None:
+            st["final_out"] = t
+
+    marks: dict = {}
+    #: The request's steps, in the order they run (each wrapped below).
+    ORDER = ["on_request", "start_pipeline", "backend_send", "attempt", "find", "request"]
+    from harmony.backends import dicom_scu as SCU
+    from harmony.endpoints import dicom_scp as SCP
+    def wrap(cls, name, label):
+        orig = getattr(cls, name)
+        def w(*a, **k):
+            marks[label] = clock()
+            return orig(*a, **k)
+        setattr(cls, name, w)
+    wrap(SCP.ScpServices, "on_request", "on_request")
+    wrap(SCP.DicomScpEndpoint, "start_pipeline", "start_pipeline")
+    wrap(SCU.DicomScuBackend, "send", "backend_send")
+    wrap(SCU.DicomScuBackend, "_attempt", "attempt")
+    wrap(SCU.DicomScuBackend, "_find", "find")
+    wrap(A.Association, "request", "request")
+    for a, b in zip(["read", *ORDER], [*ORDER, "sent"], strict=True):
+        spans[f"{a}->{b}"] = []
+    A.Association.dataReceived = dataReceived
+    A.send_now = send_now
+
+    def dump():
+        with open(os.environ["CFSPAN_OUT"], "a") as f:
+            for k, v in spans.items():
+                v = v[len(v) // 10:]
+                if v:
+                    v = sorted(v)
+                    f.write(f"{os.getpid()} {k} n={len(v)} p50={statistics.median(v) / 1000:.1f}us "
+                            f"p25={v[len(v) // 4] / 1000:.1f} p75={v[3 * len(v) // 4] / 1000:.1f}\n")
+    atexit.register(dump)
+    import signal
+    def term(*_args):
+        dump()
+        os._exit(0)
+    signal.signal(signal.SIGUSR2, term)
