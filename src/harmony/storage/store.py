@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import re
 import sqlite3
 import threading
@@ -108,7 +107,7 @@ from harmony.storage.query import (
     record_matches,
     response_json,
 )
-from harmony.storage.readers import WokenThreads
+from harmony.storage.threads import QueuedThreads, WokenThreads
 from harmony.storage.uids import clean_uid
 
 log = get_logger("harmony.storage")
@@ -168,67 +167,6 @@ class Placed:
     #: A new name whose data sync waits for the commit: a journaled instance's
     #: syncs are merged into one flush task per batch there (see _commit_placed_sync).
     sync_later: bool = False
-
-
-class _IngestThreads:
-    """The storage threads that place instances (and lead their group commits):
-    plain threads over one ``queue.SimpleQueue``.
-
-    Twisted's ``ThreadPool.callInThread`` goes through a coordinator, a team and a
-    worker queue per job (and the context and bookkeeping around it): ~7 % of the
-    GIL-holding samples of a C-STORE (py-spy, bench/ingest "C-STORE CPU per
-    instance, session 7"), for a job that reports back by itself
-    (:meth:`InstanceStore._ingest`).  ``SimpleQueue.put`` wakes a thread only
-    when one is waiting."""
-
-    def __init__(self, size: int, name: str, idle=None):
-        self.size = size
-        self.name = name
-        #: Called by a thread that finished a job and found no other waiting
-        #: (``idle(busy)``, *busy* saying whether a job has come since): work kept
-        #: off the jobs' way (:class:`_SpareTemps`).
-        self.idle = idle
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    @property
-    def started(self) -> bool:
-        return bool(self._threads)
-
-    def start(self) -> None:
-        with self._lock:
-            if self._threads:
-                return
-            self._threads = [threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True)
-                             for i in range(self.size)]
-            for thread in self._threads:
-                thread.start()
-
-    def call(self, fn, *args) -> None:
-        self._jobs.put((fn, args))
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, args = job
-            try:
-                fn(*args)
-                if self.idle is not None and self._jobs.empty():
-                    self.idle(self._jobs.qsize)
-            except Exception:  # noqa: BLE001 - jobs report their own errors; this is a bug's last stop
-                log.failure("storage: an ingest job failed", Failure())
-
-    def stop(self) -> None:
-        """Finish the jobs queued, then end the threads."""
-        with self._lock:
-            threads, self._threads = self._threads, []
-        for _ in threads:
-            self._jobs.put(None)
-        for thread in threads:
-            thread.join()
 
 
 class _SpareTemps:
@@ -493,9 +431,9 @@ class InstanceStore:
         #: Group commits run on a thread of their own: queued behind placements on the
         #: pool (FIFO), a commit would wait for every placement ahead of it.
         self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
-        #: Where single instances are placed and committed (see _IngestThreads).
-        self.ingest_threads = _IngestThreads(threads, "harmony-storage-ingest", idle=self._tend_spares)
-        #: Where C-FIND/QIDO queries run (:meth:`stream`; harmony.storage.readers).
+        #: Where single instances are placed and committed (harmony.storage.threads).
+        self.ingest_threads = QueuedThreads(threads, "harmony-storage-ingest", idle=self._tend_spares)
+        #: Where C-FIND/QIDO queries run (:meth:`stream`; harmony.storage.threads).
         self.query_threads = WokenThreads(threads, "harmony-storage-query")
         self._shutdown_trigger = None
         self._refs = 0
@@ -781,11 +719,11 @@ class InstanceStore:
             return defer.fail()
         return deferToThreadPool(self.reactor, pool, fn, *args, **kwargs)
 
-    def _spawn(self, pool: ThreadPool | _IngestThreads, fn, *args) -> None:
+    def _spawn(self, pool: ThreadPool | QueuedThreads, fn, *args) -> None:
         """Start ``fn(*args)`` on *pool*, which reports back by itself (no Deferred,
         no reactor wake-up when it returns); StorageFailure if the store is closed."""
         self._start_pools()
-        if isinstance(pool, _IngestThreads):
+        if isinstance(pool, QueuedThreads):
             pool.call(fn, *args)
         else:
             pool.callInThread(fn, *args)
@@ -1604,7 +1542,7 @@ class InstanceStore:
         except StorageFailure:
             failed(Failure())
             return stream
-        # On a query thread woken without the GIL held (harmony.storage.readers), not the pool.
+        # On a query thread woken without the GIL held (harmony.storage.threads), not the pool.
         self.query_threads.call(job)
         return stream
 
