@@ -226,7 +226,7 @@ class FastRequest:
         for name, values in raw.items():
             if name not in skip:
                 for value in values:
-                    append(name + b": " + value + b"\r\n")
+                    append(b"%s: %s\r\n" % (name, value))  # one formatting, where + made three bytes
         if _DATE not in raw:
             append(b"Date: " + _date.now() + b"\r\n")
         if _SERVER not in raw:

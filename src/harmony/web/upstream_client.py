@@ -689,6 +689,8 @@ class UpstreamClient:
         self.max_idle_per_target = max_idle_per_target
         self.idle_secs = idle_secs
         self._targets: dict[bytes, _Target] = {}
+        #: (``scheme://authority/``, its target) of the last URL parsed.
+        self._last: tuple[bytes, _Target] | None = None
         self._log = log
         self._closing: list[defer.Deferred] = []
 
@@ -700,17 +702,23 @@ class UpstreamClient:
             return defer.fail(ValueError(f"not a request target: {path!r}"))
         parts = [method, b" ", path, b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
         if headers is not None:
-            for name, values in headers.getAllRawHeaders():
+            raw = getattr(headers, "_rawHeaders", None)  # its dict: no generator a request
+            for name, values in (raw.items() if raw is not None else headers.getAllRawHeaders()):
                 if name in _OWN_NAMES:  # Headers' keys are canonical names
                     continue
                 for value in values:
-                    parts += (name, b": ", value, b"\r\n")
+                    parts.append(b"%s: %s\r\n" % (name, value))
         retryable = method in IDEMPOTENT and (bodyProducer is None or isinstance(bodyProducer, BytesProducer))
         exchange = _Exchange(self, target.key, method, b"".join(parts), bodyProducer, retryable)
         self._start(exchange, target)
         return exchange.deferred
 
     def _target(self, url: bytes):
+        last = self._last
+        if last is not None and url.startswith(last[0]):
+            # The target of the request before (a backend sends to one or few): the
+            # URL is its ``scheme://authority/`` and a path, so no parse is needed.
+            return last[1], url[len(last[1].key):]
         scheme, sep, rest = url.partition(b"://")
         if not sep:
             raise ValueError(f"not an absolute URL: {url!r}")
@@ -728,6 +736,7 @@ class UpstreamClient:
             uri = URI.fromBytes(key + b"/")
             target = self._targets[key] = _Target(
                 key, authority.rpartition(b"@")[2], self.endpoints.endpointForURI(uri), _ConnectionFactory(self, key))
+        self._last = (key + b"/", target)
         return target, path
 
     def _start(self, exchange: _Exchange, target: _Target, fresh: bool = False):
