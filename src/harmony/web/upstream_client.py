@@ -270,8 +270,10 @@ class _Exchange:
 
     def body_end(self, outcome: Failure | object):
         self.complete = True
-        if self.protocol is not None:
-            self.protocol.connectionLost(_as_failure(outcome))
+        protocol = self.protocol
+        if protocol is not None:
+            self.protocol = _TAKEN  # let go of it: its transport holds this exchange (a cycle)
+            protocol.connectionLost(_as_failure(outcome))
         else:
             self.outcome = outcome
 
@@ -294,6 +296,7 @@ class _Exchange:
         for chunk in buffered:
             protocol.dataReceived(chunk)
         if self.outcome is not None:
+            self.protocol = _TAKEN  # as in body_end
             protocol.connectionLost(_as_failure(self.outcome))
             self.outcome = None
         elif self.connection is not None and self.connection.transport is not None:
