@@ -165,8 +165,11 @@ def main(argv=None) -> int:
                     return count_syscalls(url, plain.proc.pid, args.duration)
                 if args.py_spy:
                     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-                    rec = subprocess.Popen([spy, "record", "--pid", str(plain.proc.pid), "--rate", "500",
-                                            "--duration", str(args.duration), "--nonblocking",
+                    # PYSPY_NATIVE=1: C frames too (the collector, send, llhttp); py-spy then pauses
+                    # the process for each sample (--native cannot be --nonblocking).
+                    native = ["--native"] if os.environ.get("PYSPY_NATIVE") else ["--nonblocking"]
+                    rec = subprocess.Popen([spy, "record", "--pid", str(plain.proc.pid), "--rate", "500", *native,
+                                            "--duration", str(args.duration),
                                             "--format", "raw" if args.py_spy.endswith(".txt") else "flamegraph",
                                             "--output", args.py_spy])
                     time.sleep(1)  # let py-spy attach before the load starts

@@ -41,8 +41,18 @@ def get_logger(namespace: str) -> Logger:
 
 def enabled(namespace: str, level: str) -> bool:
     """Whether an event at *level* in *namespace* would pass the level filter
-    (lets a hot path skip building an event nobody will see)."""
-    return _LEVELS[level] >= _predicate.logLevelForNamespace(namespace)
+    (lets a hot path skip building an event nobody will see).  Answered from a
+    cache that :func:`set_level` empties: the access log asks once a request, and
+    the filter's own lookup walks the namespace's parents each time."""
+    key = (namespace, level)
+    answer = _enabled.get(key)
+    if answer is None:
+        answer = _enabled[key] = _LEVELS[level] >= _predicate.logLevelForNamespace(namespace)
+    return answer
+
+
+#: enabled()'s answers since the level was last set.
+_enabled: dict[tuple[str, str], bool] = {}
 
 
 #: pydicom warnings that quote an element's value ("Invalid value for VR DA:
@@ -53,6 +63,7 @@ _VALUE_WARNINGS = {"message": r"Invalid value for VR", "module": r"pydicom(\.|$)
 def set_level(level: str) -> None:
     chosen = _LEVELS.get(level.lower(), LogLevel.info)
     _predicate.setLogLevelForNamespace("", chosen)
+    _enabled.clear()
     # twistd logs Python warnings at warn whatever our level, so PHI-quoting ones
     # are dropped unless the operator asked for debug (where PHI may appear).
     warnings.filterwarnings("ignore", message=_VALUE_WARNINGS["message"], module=_VALUE_WARNINGS["module"])

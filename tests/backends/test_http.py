@@ -184,3 +184,66 @@ def test_a_deadline_set_while_one_expires_keeps_a_single_timer():
     assert expired == ["first", "second"]
     clock.advance(6)  # the retry's own deadline: 10 s after it started
     assert expired == ["first", "second", "retry"] and clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("pieces", [1, 2], ids=["whole", "streamed"])
+def test_a_proxied_request_leaves_no_reference_cycle(pieces):
+    """The plain passthrough (fast channel, endpoint, pipeline, this backend, a pooled upstream
+    connection, in memory) leaves nothing for the cyclic collector, whether the answer came whole
+    or its body streamed after the head: an answer and its exchange held each other (and a streamed
+    body's producer, its relay and its timer), so every proxied request was freed only by a
+    collection (bench/http_passthrough: ~7 % of a passthrough process's CPU)."""
+    import gc
+
+    from twisted.internet import task
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from harmony.endpoints.http import HttpEndpoint
+    from harmony.pipeline import Pipeline
+    from harmony.runtime import Route
+    from harmony.web import upstream_client
+    from harmony.web.router import HarmonySite, PrefixRouter
+
+    clock = task.Clock()
+    backend = HttpBackend("up", ["http://127.0.0.1:8081"], clock)
+    router = PrefixRouter("default", [Route("default", "/", HttpEndpoint("all", "/"), Pipeline("p", [], [backend]))])
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    channel = HarmonySite(router, reactor=clock).buildProtocol(peer)
+    client_side = StringTransport(peerAddress=peer)
+    channel.makeConnection(client_side)
+    target, _ = backend.client._target(b"http://127.0.0.1:8081/")
+    conn = upstream_client._Connection(backend.client, target.key)
+    upstream_side = StringTransport()
+    conn.makeConnection(upstream_side)
+    backend.client.release(conn)
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive\r\n"
+              b"ETag: \"x\"\r\n\r\nhello")
+
+    def proxied():
+        channel.dataReceived(b"GET /a?b=c HTTP/1.1\r\nHost: h\r\nX-Request-ID: r-1\r\n\r\n")
+        assert upstream_side.value().startswith(b"GET /a?b=c HTTP/1.1\r\n")
+        if pieces == 1:
+            conn.dataReceived(answer)
+        else:
+            conn.dataReceived(answer[:-3])
+            conn.dataReceived(answer[-3:])
+        assert client_side.value().startswith(b"HTTP/1.1 200 OK\r\n") and client_side.value().endswith(b"hello")
+        client_side.clear()
+        upstream_side.clear()
+
+    proxied()
+    gc.collect()
+    gc.disable()
+    try:
+        before = {id(o) for o in gc.get_objects()}  # what earlier tests left is not these requests'
+        for _ in range(5):
+            proxied()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection would free stays in gc.garbage, to be named
+        gc.collect()
+        assert [type(o).__qualname__ for o in gc.garbage if id(o) not in before] == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert backend.client.idle_connections() == 1

@@ -64,3 +64,45 @@ def test_dimse_operations_and_reloads(tmp_path):
 def test_status_label():
     assert [status_label(s) for s in (200, 599, 99, 600, "200", None)] == ["200", "599", "other", "other",
                                                                            "other", "other"]
+
+
+def test_tallied_requests_read_as_prometheus_observed_them(tmp_path):
+    """The observers tally plain numbers and every read adds them to the metrics: the
+    exposition is the one prometheus_client's own observe()/inc() would give, bucket
+    edges included, and a second read does not count anything twice."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from harmony.management.metrics import LATENCY_BUCKETS
+
+    runtime, metrics = _metrics(tmp_path)
+    (observe,) = runtime.pipelines["main"].observers
+    reference = Histogram("ref", "", ["pipeline", "endpoint", "backend"], buckets=LATENCY_BUCKETS,
+                          registry=CollectorRegistry()).labels("main", "api", "be")
+    latencies = [0.0, 0.001, 0.0010001, 0.02, 0.025, 0.5, 60, 119.9, 500.0]  # on, just over, past every edge
+    for seconds in latencies:
+        observe(request(metadata={"endpoint": "api", "backend": "be"}), response(200, body=b"abc"), seconds)
+        reference.observe(seconds)
+    expected = {(s.labels.get("le"), s.name): s.value for family in reference.collect() for s in family.samples
+                if not s.name.endswith("_created")}
+    for _ in range(2):  # read twice: flushed once
+        samples = _samples(metrics)
+        got = {(dict(labels).get("le"), name.replace("harmony_request_duration_seconds", "ref")): value
+               for (name, labels), value in samples.items()
+               if name.startswith("harmony_request_duration_seconds") and not name.endswith("_created")}
+        assert got == expected
+        key = (("backend", "be"), ("endpoint", "api"), ("pipeline", "main"), ("status", "200"))
+        assert samples[("harmony_requests_total", key)] == len(latencies)
+        assert samples[("harmony_response_bytes_total", (("endpoint", "api"), ("pipeline", "main")))] == 3 * len(
+            latencies)
+    observe(request(metadata={"endpoint": "api", "backend": "be"}), response(200), 0.3)
+    assert _samples(metrics)[("harmony_requests_total", key)] == len(latencies) + 1
+
+
+def test_traffic_reads_the_tallies(tmp_path):
+    from harmony.management.traffic import Traffic
+
+    runtime, metrics = _metrics(tmp_path)
+    (observe,) = runtime.pipelines["main"].observers
+    observe(request(metadata={"endpoint": "api", "backend": "be"}), response(502), 0.02)
+    total = Traffic(lambda: 1000.0).sample(metrics)["pipelines"]["main"]["total"]
+    assert (total["requests"], total["errors"]) == (1, 1)

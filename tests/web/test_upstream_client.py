@@ -629,3 +629,16 @@ def test_end_to_end_headers_drop_hop_by_hop_and_connection_listed_names_in_any_c
     # headers: everything but the connection's framing, Connection itself included
     assert set(dict(response.headers.getAllRawHeaders())) == {b"Connection", b"X-Trace", b"ETag", b"Set-Cookie",
                                                               b"Content-Length"}
+
+
+def test_targets_are_told_apart_after_the_last_one_is_remembered():
+    """_target skips the parse for the URL prefix it saw last: a port that extends that
+    prefix, a query without a path and another host are still parsed as theirs."""
+    client = UpstreamClient(reactor, DirectEndpointFactory(reactor, 5, None))
+    seen = [client._target(url) for url in (b"http://127.0.0.1:1/a", b"http://127.0.0.1:1/b?c",
+                                            b"http://127.0.0.1:10/d", b"http://127.0.0.1:1?e",
+                                            b"http://127.0.0.2:1/f", b"http://127.0.0.1:1/")]
+    assert [(t.key, path) for t, path in seen] == [
+        (b"http://127.0.0.1:1", b"/a"), (b"http://127.0.0.1:1", b"/b?c"), (b"http://127.0.0.1:10", b"/d"),
+        (b"http://127.0.0.1:1", b"/?e"), (b"http://127.0.0.2:1", b"/f"), (b"http://127.0.0.1:1", b"/")]
+    assert seen[0][0] is seen[1][0] is seen[3][0] is seen[5][0]

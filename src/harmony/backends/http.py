@@ -165,17 +165,21 @@ class HeadDeadlines:
 class _Attempt:
     """One upstream exchange's deadline and the mapping of its outcome
     (:meth:`HttpBackend.request`): one small object a request, its bound
-    methods the Deferred's callbacks, where closures cost a cell each."""
+    methods the Deferred's callbacks, where closures cost a cell each.  With
+    *judge* (a pool of one's ``(pool, target, request)``), the pool's verdict on
+    the target is taken in the same callback (``TargetPool.judge_answer`` /
+    ``judge_failure``), as its own callback after this one would."""
 
-    __slots__ = ("backend", "answered", "deferred", "deadline", "timer", "timed_out")
+    __slots__ = ("backend", "answered", "deferred", "deadline", "timer", "timed_out", "judge")
 
-    def __init__(self, backend, answered):
+    def __init__(self, backend, answered, judge=None):
         self.backend = backend
         self.answered = answered
         self.deferred = None
         self.deadline = None
         self.timer = None
         self.timed_out = False
+        self.judge = judge
 
     def expire(self):
         self.timed_out = True
@@ -189,9 +193,30 @@ class _Attempt:
 
     def done(self, response):
         self.stop()
-        return response if self.answered is None else self.answered(response)
+        judge = self.judge
+        if judge is None:
+            return response if self.answered is None else self.answered(response)
+        pool, target, request = judge
+        if self.answered is not None:
+            try:
+                response = self.answered(response)
+            except Exception:
+                return pool.judge_failure(Failure(), target, request)
+        return pool.judge_answer(response, target, request)
 
     def failed(self, failure):
+        judge = self.judge
+        if judge is None:
+            return self._mapped(failure)
+        try:
+            failure = self._mapped(failure)
+        except Exception:
+            failure = Failure()
+        pool, target, request = judge
+        return pool.judge_failure(failure, target, request)
+
+    def _mapped(self, failure):
+        """The failure a request fails with (returned or raised), from the exchange's."""
         self.stop()
         if self.timed_out:
             raise BackendTimeout(f"upstream did not answer within {self.backend.timeout:g}s")
@@ -277,18 +302,33 @@ class HttpBackend(Backend):
         return ResponseBodyProducer(response, idle_timeout=self.timeout, clock=self.reactor)
 
     def send(self, request):
-        return self.target_pool.call(request, lambda target: self.send_to(target, request))
+        pool = self.target_pool
+        if len(pool.targets) != 1:
+            return pool.call(request, lambda target: self.send_to(target, request))
+        # A pool of one (the plain passthrough): its verdict on the target is taken in
+        # the attempt's own callback (_Attempt), not in a Deferred step of its own.
+        target = pool.enter_one(request)
+        if target is None:
+            return defer.fail(pool.all_down(request))
+        try:
+            return self.send_to(target, request, judge=(pool, target, request))
+        except Exception:
+            try:
+                return defer.fail(pool.judge_failure(Failure(), target, request))
+            except Exception:
+                return defer.fail()
 
-    def send_to(self, target, request):
-        """One attempt at one target (the pool calls this again for a retry)."""
+    def send_to(self, target, request, judge=None):
+        """One attempt at one target (the pool calls this again for a retry); *judge*:
+        see :class:`_Attempt`."""
         url = upstream_url(target.url, request.subpath, request.raw_query)
         headers = self.prepare_headers(request)
         for hname, value in target.headers.items():
             headers.setRawHeaders(hname, [value])
         return self.request(request.method.encode("ascii"), url, headers, as_producer(request.body),
-                            answered=lambda response: self.build_response(request, response))
+                            answered=lambda response: self.build_response(request, response), judge=judge)
 
-    def request(self, method: bytes, url: bytes, headers: Headers, body_producer, answered=None):
+    def request(self, method: bytes, url: bytes, headers: Headers, body_producer, answered=None, judge=None):
         """One upstream exchange with a deadline on the response head.
 
         Fails with BackendTimeout past ``timeout_secs`` and BackendUnavailable
@@ -297,14 +337,18 @@ class HttpBackend(Backend):
         callback that stops the deadline (one Deferred callback a request on
         the passthrough's hot path rather than three).
         """
-        attempt = _Attempt(self, answered)
+        attempt = _Attempt(self, answered, judge)
         if body_producer is None:
             attempt.deadline = self.head_deadlines.start(attempt.expire)
         else:
             # A timer of its own, pushed back by every chunk of the body (no 504 mid-upload).
             attempt.timer = self.reactor.callLater(self.timeout, attempt.expire)
             body_producer = DeadlineBody(body_producer, attempt.timer, self.timeout)
-        d = attempt.deferred = self.client.request(method, url, headers, body_producer)
+        try:
+            d = attempt.deferred = self.client.request(method, url, headers, body_producer)
+        except Exception:
+            attempt.stop()  # no exchange to expire: its deadline goes too
+            raise
         return d.addCallbacks(attempt.done, attempt.failed)
 
     def close(self):

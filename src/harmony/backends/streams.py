@@ -87,9 +87,18 @@ class ResponseBodyProducer(ForwardingProducer):
         if self._idle_timeout:
             self._finished = relay.finished
             self._arm()
-            relay.finished.addBoth(self._disarm)
+            relay.finished.addBoth(self._ended)
             relay.progress = self._rearm
         return relay
+
+    def _ended(self, result):
+        """The body is over: the timer and the relay's hook go, as each refers back to
+        this producer (reference cycles only the cyclic collector would free)."""
+        self._disarm()
+        self._timer = None
+        if self._relay is not None:
+            self._relay.progress = _nothing
+        return result
 
     def _arm(self):
         self._timer = self._clock.callLater(self._idle_timeout, self._stalled)

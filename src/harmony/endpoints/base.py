@@ -6,6 +6,7 @@ import time
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import alsoProvides, implementer, provider
 
@@ -13,7 +14,7 @@ from harmony.config.errors import OptionError
 from harmony.errors import Forbidden, HarmonyError, mark_client_gone
 from harmony.interfaces import IComponentFactory, IHttpEndpoint
 from harmony.log import get_logger
-from harmony.web.bridge import envelope_from_request, log_access, write_response
+from harmony.web.bridge import envelope_from_request, log_access, send_response, write_response
 from harmony.web.cors import CorsPolicy
 from harmony.web.problem import problem_response
 
@@ -120,21 +121,30 @@ class HttpEndpointBase(Service):
             return NOT_DONE_YET
         env = self.envelope(request, route)
         log_access(request, self.name, started)
-        d = defer.maybeDeferred(route.pipeline.handle, env, self)
+        try:
+            d = route.pipeline.handle(env, self)
+        except Exception:
+            d = defer.fail()
+        if not isinstance(d, defer.Deferred):
+            d = defer.succeed(d)
         gone = getattr(request, "notify_gone", None)  # harmony.web.fast_channel: the same, without a Deferred
         if gone is not None:
             gone(self._client_gone, env, d)
         else:
             request.notifyFinish().addErrback(self._client_gone, env, d)
-        d.addCallback(self._answer, request)
-        d.addErrback(self._unexpected, request, env)
+        # One callback pair: _answer reports its own failure to _unexpected, as an
+        # errback added after it would (one Deferred step a request fewer).
+        d.addCallbacks(self._answer, self._unexpected, callbackArgs=(request, env), errbackArgs=(request, env))
         return NOT_DONE_YET
 
-    def _answer(self, response, request) -> None:
-        # The write's own Deferred is not chained in: it never fails (a client that
-        # leaves mid-body is the notify_gone/notifyFinish path's), and chaining an
-        # already-fired Deferred is work on every request for nothing.
-        write_response(request, self.finish_response(request, response))
+    def _answer(self, response, request, env) -> None:
+        # The write's own Deferred is not chained in (none is made on the fast channel):
+        # it never fails (a client that leaves mid-body is the notify_gone/notifyFinish
+        # path's), and chaining an already-fired Deferred is work on every request for nothing.
+        try:
+            send_response(request, self.finish_response(request, response))
+        except Exception:
+            self._unexpected(Failure(), request, env)
 
     @staticmethod
     def _client_gone(_reason, env, d):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -105,9 +106,32 @@ def _mllp_families(listeners):
     yield from (conns, acks, refused)
 
 
+#: The latency histogram's upper bounds with Prometheus' last, +Inf: bisect_left finds
+#: the bucket an observation counts in (the first bound >= it, as ``observe`` does).
+_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+
+
+class _Tally:
+    """The requests of one label set since the metrics were last read, kept as plain
+    numbers: a passthrough request cost four locked prometheus_client increments and
+    a Python walk of the histogram's buckets; it now costs a few additions, and
+    :meth:`HarmonyMetrics.flush` adds the totals at scrape time."""
+
+    __slots__ = ("labels", "count", "seconds", "buckets", "bytes_in", "bytes_out")
+
+    def __init__(self, labels: tuple):
+        self.labels = labels  # (pipeline, endpoint, backend, status) as labelled
+        self.count = 0
+        self.seconds = 0.0
+        self.buckets = [0] * len(_BOUNDS)
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
 class HarmonyMetrics:
     def __init__(self, service, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        self._tallies: dict[tuple, _Tally] = {}
         r = self.registry
         self.requests = Counter("harmony_requests", "Requests finished, by pipeline, endpoint, backend and status",
                                 ["pipeline", "endpoint", "backend", "status"], registry=r)
@@ -150,7 +174,6 @@ class HarmonyMetrics:
         # The labelled children, looked up once per label set rather than through
         # labels() on every request (its lock and label checks showed up in the
         # passthrough profile).  Bounded: endpoints x backends x status classes.
-        # Byte counters are made on first use only, as before.
         children: dict = {}
 
         def child(metric, *labels):
@@ -160,37 +183,68 @@ class HarmonyMetrics:
                 found = children[key] = metric.labels(name, *labels)
             return found
 
-        #: (endpoint, backend, status) as the request says them -> the request counter's and the
-        #: latency histogram's children: one lookup a request (bounded like the children themselves).
+        #: (endpoint, backend, status) as the request says them -> its _Tally: one lookup
+        #: a request (bounded like the label sets themselves).
         pairs: dict = {}
 
         def observe(request, response, seconds):
             md = request.metadata
             said = (md.get("endpoint"), md.get("backend"), response.status)
-            found = pairs.get(said)
-            if found is None:
+            tally = pairs.get(said)
+            if tally is None:
                 endpoint = said[0] if said[0] in endpoints else "other"
                 backend = said[1] if said[1] in backends else "none"
-                found = (child(self.requests, endpoint, backend, status_label(said[2])),
-                         child(self.latency, endpoint, backend))
+                tally = self._tally((name, endpoint, backend, status_label(said[2])))
                 if len(pairs) < 4096:  # statuses are ints an upstream chooses: never unbounded
-                    pairs[said] = found
-            found[0].inc()
-            found[1].observe(seconds)
-            endpoint = said[0] if said[0] in endpoints else "other"
+                    pairs[said] = tally
+            tally.count += 1
+            tally.seconds += seconds
+            tally.buckets[bisect_left(_BOUNDS, seconds)] += 1
             n = body_length(request.body)
             if n:
-                child(self.bytes_in, endpoint).inc(n)
+                tally.bytes_in += n
             n = body_length(response.body)
             if n:
-                child(self.bytes_out, endpoint).inc(n)
+                tally.bytes_out += n
             op = md.get("dimse_op")
             if op:
                 status = dimse.label(dimse.of_response(response))
-                child(self.dimse, endpoint, op if op in DIMSE_OPS else "other",
+                child(self.dimse, tally.labels[1], op if op in DIMSE_OPS else "other",
                       status if _DIMSE_STATUS.match(status) else "other").inc()
 
         return observe
+
+    def _tally(self, labels: tuple) -> _Tally:
+        """The tally of one (pipeline, endpoint, backend, status) label set, shared by
+        every observer that says it (a reload's pipelines find their predecessors')."""
+        tally = self._tallies.get(labels)
+        if tally is None:
+            tally = self._tallies[labels] = _Tally(labels)
+        return tally
+
+    def flush(self) -> None:
+        """Add what the observers tallied since the last flush to the Prometheus metrics;
+        every reader of the request metrics calls it first (:meth:`text`,
+        harmony.management.traffic)."""
+        for tally in self._tallies.values():
+            if tally.count:
+                pipeline, endpoint, backend, status = tally.labels
+                self.requests.labels(pipeline, endpoint, backend, status).inc(tally.count)
+                histogram = self.latency.labels(pipeline, endpoint, backend)
+                # prometheus_client has no "observe many": its histogram child's sum and
+                # bucket values (tests/management/test_metrics.py checks the exposition
+                # against observe()'s).
+                histogram._sum.inc(tally.seconds)
+                for i, n in enumerate(tally.buckets):
+                    if n:
+                        histogram._buckets[i].inc(n)
+                tally.count, tally.seconds, tally.buckets = 0, 0.0, [0] * len(tally.buckets)
+            if tally.bytes_in:  # byte counters are made on first use only
+                self.bytes_in.labels(tally.labels[0], tally.labels[1]).inc(tally.bytes_in)
+                tally.bytes_in = 0
+            if tally.bytes_out:
+                self.bytes_out.labels(tally.labels[0], tally.labels[1]).inc(tally.bytes_out)
+                tally.bytes_out = 0
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "failure").inc()
@@ -198,4 +252,5 @@ class HarmonyMetrics:
         self.last_reload_time.set(time.time())
 
     def text(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)

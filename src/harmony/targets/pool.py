@@ -291,31 +291,44 @@ class TargetPool:
 
     def _call_one(self, request, attempt) -> defer.Deferred:
         """:meth:`_call` for a pool of one, without its generator: there is never
-        another target to retry on, so one attempt (and its verdict) is all of it.
-        This is the plain passthrough's hot path."""
-        target = self.choose(request)
+        another target to retry on, so one attempt (and its verdict) is all of it."""
+        target = self.enter_one(request)
         if target is None:
             return defer.fail(self.all_down(request))
-        target.begin()
-        request.metadata["target"] = target.name
         try:
             d = attempt(target)
         except Exception:
             d = defer.fail()
+        return d.addCallbacks(self.judge_answer, self.judge_failure,
+                              callbackArgs=(target, request), errbackArgs=(target, request))
 
-        def answered(response):
-            if response.status not in FAILURE_STATUSES:
-                target.succeeded()
-                _watch_stream(target, request, response)
-            else:
-                self._failed(target, f"answered {response.status}")
-            return response  # an upstream's own answer passes through
+    # A pool of one's attempt in three calls, for a backend that takes the verdict in
+    # its own callback (harmony.backends.http: the plain passthrough's hot path, one
+    # Deferred step a request fewer): enter_one, then judge_answer or judge_failure.
 
-        def failed(failure):
-            self._attempt_failed(target, request, failure)
-            return failure
+    def enter_one(self, request) -> Target | None:
+        """The target of a pool of one, counted as attempted, or None when it is down
+        (then ``all_down(request)`` says why)."""
+        target = self.choose(request)
+        if target is not None:
+            target.begin()
+            request.metadata["target"] = target.name
+        return target
 
-        return d.addCallbacks(answered, failed)
+    def judge_answer(self, response, target: Target, request):
+        """The verdict on *target* for an answer; the answer passes through as it is."""
+        if response.status not in FAILURE_STATUSES:
+            target.succeeded()
+            _watch_stream(target, request, response)
+        else:
+            self._failed(target, f"answered {response.status}")
+        return response  # an upstream's own answer passes through
+
+    def judge_failure(self, failure: Failure, target: Target, request):
+        """The verdict on *target* for an attempt that failed; returns (or raises) what
+        the request fails with."""
+        self._attempt_failed(target, request, failure)
+        return failure
 
     def _attempt_failed(self, target, request, failure: Failure) -> None:
         """The verdict on *target* for an attempt that failed; raises when the

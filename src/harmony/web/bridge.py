@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 
 from harmony import jsonutil
-from harmony.compat.twisted import flush_buffered
+from harmony.compat.twisted import flush_buffered, header_name_encoder
 from harmony.envelope import RequestEnvelope, ResponseEnvelope, body_length, is_json_type, new_request_id, parse_query
 from harmony.log import enabled, get_logger
 from harmony.web import coding
@@ -54,10 +54,16 @@ def request_id_for(request) -> str:
     one; decided once per request, so every answer and log line agrees."""
     rid = getattr(request, "_harmony_request_id", None)
     if rid is None:
-        incoming = request.requestHeaders.getRawHeaders(b"x-request-id", [b""])[0]
-        rid = _text(incoming) if _REQUEST_ID_OK.match(incoming) else new_request_id()
+        headers = request.requestHeaders
+        raw = getattr(headers, "_rawHeaders", None)  # keyed as Headers spells names: no encoding a request
+        values = raw.get(_X_REQUEST_ID) if raw is not None else headers.getRawHeaders(b"x-request-id")
+        incoming = values[0] if values else None
+        rid = _text(incoming) if incoming and _REQUEST_ID_OK.match(incoming) else new_request_id()
         request._harmony_request_id = rid
     return rid
+
+
+_X_REQUEST_ID = header_name_encoder().encode(b"x-request-id")
 
 
 def envelope_from_request(request, prefix: str, endpoint_name: str, protocol: str = "http") -> RequestEnvelope:
@@ -95,6 +101,16 @@ def stop_producing(_reason, body) -> None:
         body.stopProducing()
     except Exception:  # noqa: BLE001 - a producer that already finished may complain
         pass
+
+
+def send_response(request, response: ResponseEnvelope) -> None:
+    """:func:`write_response` for a caller that does not wait for the write (an
+    endpoint's answer): on the fast channel, an answer written at once makes no Deferred."""
+    own = getattr(request, "send_response", None)
+    if own is not None:
+        own(response)
+    else:
+        write_response(request, response)
 
 
 def write_response(request, response: ResponseEnvelope) -> defer.Deferred:

@@ -159,7 +159,7 @@ class FastRequest:
     # ----------------------------------------------------------- what is read
 
     def getHeader(self, name: bytes):
-        values = self.requestHeaders.getRawHeaders(name)
+        values = self.requestHeaders._rawHeaders.get(_known_name.get(name) or _encode_name(name))
         return values[-1] if values else None
 
     def getClientAddress(self):
@@ -199,8 +199,15 @@ class FastRequest:
     def write_response(self, response) -> defer.Deferred:
         """The answer *response* (a ResponseEnvelope), as harmony.web.bridge.write_response
         writes one on twisted.web, framed here: fires when written (or the client left)."""
+        streaming = self.send_response(response)
+        return defer.succeed(None) if streaming is None else streaming
+
+    def send_response(self, response) -> defer.Deferred | None:
+        """:meth:`write_response` without a Deferred for an answer written at once (the
+        endpoint's answer on the hot path: nobody waits on it); a streamed body's
+        Deferred, firing when it is written, is returned."""
         if self._disconnected or self.finished:
-            return defer.succeed(None)
+            return None
         if not getattr(response.body, "passthrough", False):  # an upstream's coding is the upstream's
             response = coding.compress_for(self, response)  # gzip for clients that ask
         status = response.status
@@ -219,7 +226,7 @@ class FastRequest:
         for name, values in raw.items():
             if name not in skip:
                 for value in values:
-                    append(name + b": " + value + b"\r\n")
+                    append(b"%s: %s\r\n" % (name, value))  # one formatting, where + made three bytes
         if _DATE not in raw:
             append(b"Date: " + _date.now() + b"\r\n")
         if _SERVER not in raw:
@@ -257,7 +264,7 @@ class FastRequest:
                 self.sentLength = len(body)
             send_now(transport, b"".join(parts))
             self._finish()
-            return defer.succeed(None)
+            return None
         send_now(transport, b"".join(parts))
         # A producer on a bodyless answer (HEAD) still runs, as on twisted.web, and what it
         # writes is dropped: it then ends (and frees what it holds) the way it always does.
