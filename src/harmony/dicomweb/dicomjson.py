@@ -8,12 +8,11 @@ are read with deferred values, so pixel data is not loaded to describe it.
 
 from __future__ import annotations
 
-import json
-
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
+from harmony import jsonutil
 from harmony.dicom.rawjson import element_json, finite_json
 from harmony.dicom.rawscan import UNDEFINED, ScannedFile
 from harmony.dicom.ul.datasets import received_json
@@ -121,7 +120,7 @@ def stored_metadata(ds, bulk_base: str) -> str:
     read at ingest (values deferred or not: the same answer either way), or
     its :class:`~harmony.dicom.rawscan.ScannedFile`."""
     doc = scan_to_json(ds, bulk_base) if isinstance(ds, ScannedFile) else dataset_to_json(ds, bulk_base)
-    return json.dumps(doc, separators=(",", ":"))
+    return jsonutil.dumps_stored(doc)
 
 
 _DIMSE_ONLY = ("00080052", "00080054")  # QueryRetrieveLevel, RetrieveAETitle

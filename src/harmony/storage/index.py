@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from harmony import jsonutil
 from harmony.storage.database import POSTGRESQL, dialect
 from harmony.storage.query import COMPUTED, IMAGE, PATIENT, SERIES, STUDY, split_levels, tag_hex, text_values
 
@@ -122,7 +123,7 @@ class LevelText:
         seen = self._seen.get((level, key))
         if seen is not None and seen[0] == record:
             return seen[1]
-        text = json.dumps(record)
+        text = jsonutil.dumps_stored(record)
         if len(self._seen) >= self.max_entries:
             self._seen.clear()   # many entities at once: start again rather than track ages
         self._seen[(level, key)] = (record, text)
@@ -179,7 +180,8 @@ def upsert_instance(conn: sqlite3.Connection, attrs: dict, *, sop_class_uid: str
         "sop_class_uid=excluded.sop_class_uid, transfer_syntax_uid=excluded.transfer_syntax_uid, "
         "relpath=excluded.relpath, size=excluded.size, stored_at=excluded.stored_at, attrs=excluded.attrs, "
         "metadata=excluded.metadata",
-        (sop, series_pk, sop_class_uid, transfer_syntax_uid, relpath, size, now, json.dumps(attrs), metadata))
+        (sop, series_pk, sop_class_uid, transfer_syntax_uid, relpath, size, now, jsonutil.dumps_stored(attrs),
+         metadata))
     if old is not None and old[1] != series_pk:
         prune_empty(conn, old[1])
     if old is not None and old[0] != relpath:
