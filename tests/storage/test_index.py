@@ -41,8 +41,8 @@ def test_split_levels_is_the_three_filters_it_replaced():
 def test_a_record_seen_unchanged_is_not_encoded_again(monkeypatch):
     texts = idx.LevelText()
     calls = []
-    real = json.dumps
-    monkeypatch.setattr(idx.json, "dumps", lambda obj: calls.append(obj) or real(obj))
+    real = idx.jsonutil.dumps_stored
+    monkeypatch.setattr(idx.jsonutil, "dumps_stored", lambda obj: calls.append(obj) or real(obj))
     record = split_levels(_attrs())[STUDY]
     first = texts.text(STUDY, "1.2.3", record)
     again = texts.text(STUDY, "1.2.3", dict(record))   # equal, not the same dict
