@@ -1,20 +1,14 @@
-"""harmony.storage.threads: the plain job threads of the store's ingest (queued) and queries
-(eventfd-woken), the same contract either way."""
+"""harmony.storage.threads: the eventfd-woken job threads of the store's ingest and queries."""
 
 from __future__ import annotations
 
 import threading
 
-import pytest
-
-from harmony.storage.threads import QueuedThreads, WokenThreads
-
-KINDS = pytest.mark.parametrize("kind", [QueuedThreads, WokenThreads])
+from harmony.storage.threads import WokenThreads
 
 
-@KINDS
-def test_one_thread_runs_every_job_in_the_order_given_and_stop_finishes_the_queue(kind):
-    threads = kind(1, "test-readers")
+def test_one_thread_runs_every_job_in_the_order_given_and_stop_finishes_the_queue():
+    threads = WokenThreads(1, "test-readers")
     done: list[int] = []
     gate = threading.Event()
     threads.call(gate.wait)              # holds the thread while the rest queue up
@@ -25,9 +19,8 @@ def test_one_thread_runs_every_job_in_the_order_given_and_stop_finishes_the_queu
     assert done == list(range(50)) and not threads.started
 
 
-@KINDS
-def test_many_threads_share_the_jobs_and_a_failing_job_does_not_end_a_thread(kind):
-    threads = kind(3, "test-readers")
+def test_many_threads_share_the_jobs_and_a_failing_job_does_not_end_a_thread():
+    threads = WokenThreads(3, "test-readers")
     seen: set[str] = set()
     done = []
     lock = threading.Lock()
@@ -48,9 +41,8 @@ def test_many_threads_share_the_jobs_and_a_failing_job_does_not_end_a_thread(kin
     assert seen and all(name.startswith("test-readers-") for name in seen)
 
 
-@KINDS
-def test_stop_of_threads_never_started_is_harmless_and_a_call_starts_them(kind):
-    threads = kind(2, "test-readers")
+def test_stop_of_threads_never_started_is_harmless_and_a_call_starts_them():
+    threads = WokenThreads(2, "test-readers")
     threads.stop()
     done = threading.Event()
     threads.call(done.set)
@@ -59,8 +51,7 @@ def test_stop_of_threads_never_started_is_harmless_and_a_call_starts_them(kind):
     assert not threads.started
 
 
-@KINDS
-def test_an_idle_thread_is_told_how_many_jobs_came_since(kind):
+def test_an_idle_thread_is_told_how_many_jobs_came_since():
     """The idle hook runs after a job only when none waits, and gets the pending count."""
     seen: list[int] = []
     idled = threading.Event()
@@ -69,7 +60,7 @@ def test_an_idle_thread_is_told_how_many_jobs_came_since(kind):
         seen.append(pending())
         idled.set()
 
-    threads = kind(1, "test-idle", idle=idle)
+    threads = WokenThreads(1, "test-idle", idle=idle)
     gate = threading.Event()
     threads.call(gate.wait)
     threads.call(seen.append, -1)            # waits behind the gate: no idle call after the first job

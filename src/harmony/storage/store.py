@@ -107,7 +107,7 @@ from harmony.storage.query import (
     record_matches,
     response_json,
 )
-from harmony.storage.threads import QueuedThreads, WokenThreads
+from harmony.storage.threads import WokenThreads
 from harmony.storage.uids import clean_uid
 
 log = get_logger("harmony.storage")
@@ -432,7 +432,7 @@ class InstanceStore:
         #: pool (FIFO), a commit would wait for every placement ahead of it.
         self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
         #: Where single instances are placed and committed (harmony.storage.threads).
-        self.ingest_threads = QueuedThreads(threads, "harmony-storage-ingest", idle=self._tend_spares)
+        self.ingest_threads = WokenThreads(threads, "harmony-storage-ingest", idle=self._tend_spares)
         #: Where C-FIND/QIDO queries run (:meth:`stream`; harmony.storage.threads).
         self.query_threads = WokenThreads(threads, "harmony-storage-query")
         self._shutdown_trigger = None
@@ -719,11 +719,11 @@ class InstanceStore:
             return defer.fail()
         return deferToThreadPool(self.reactor, pool, fn, *args, **kwargs)
 
-    def _spawn(self, pool: ThreadPool | QueuedThreads, fn, *args) -> None:
+    def _spawn(self, pool: ThreadPool | WokenThreads, fn, *args) -> None:
         """Start ``fn(*args)`` on *pool*, which reports back by itself (no Deferred,
         no reactor wake-up when it returns); StorageFailure if the store is closed."""
         self._start_pools()
-        if isinstance(pool, QueuedThreads):
+        if isinstance(pool, WokenThreads):
             pool.call(fn, *args)
         else:
             pool.callInThread(fn, *args)
