@@ -28,9 +28,7 @@ def _totals(metrics) -> dict:
         return out.setdefault(p, {"requests": 0.0, "errors": 0.0, "dimse": 0.0, "dimse_failures": 0.0,
                                   "buckets": [0.0] * (len(LATENCY_BUCKETS) + 1), "backends": {}})
 
-    flush = getattr(metrics, "flush", None)  # HarmonyMetrics: the observers' tallies since the last read
-    if flush is not None:
-        flush()
+    metrics.flush()  # the observers' tallies since the last read (HarmonyMetrics.flush)
     for family in metrics.requests.collect():
         for s in family.samples:
             if s.name.endswith("_total"):
