@@ -247,3 +247,22 @@ def test_a_proxied_request_leaves_no_reference_cycle(pieces):
         gc.garbage.clear()
         gc.enable()
     assert backend.client.idle_connections() == 1
+
+
+def test_a_client_that_raises_at_once_leaves_no_head_deadline_behind():
+    """``client.request`` raising before any exchange exists: the deadline set for it
+    goes too (it used to stay, and fired later at an attempt with nothing to cancel)."""
+    from twisted.internet.task import Clock
+    from twisted.web.http_headers import Headers
+
+    clock = Clock()
+    backend = HttpBackend("up", ["http://127.0.0.1:8081"], clock)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no such scheme")
+
+    backend.client.request = refuse
+    with pytest.raises(ValueError):
+        backend.request(b"GET", b"http://127.0.0.1:8081/x", Headers(), None)
+    assert len(backend.head_deadlines) == 0
+    clock.advance(backend.timeout + 1)   # nothing left to fire (it raised here before the fix)
