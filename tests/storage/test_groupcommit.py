@@ -176,6 +176,47 @@ def test_a_failed_leader_batch_fails_its_callers_and_the_leader_carries_on():
     assert results["d"] == "durable:d"
 
 
+def test_held_entries_wait_for_the_next_offer_and_are_committed_with_it():
+    """A thread with more placements queued behind its own holds each entry: no commit
+    until the last placement is offered, then one commit of all of them."""
+    rig = Leaders()
+    results: dict = {}
+    for name in "ab":
+        d = defer.Deferred()
+        d.addBoth(lambda r, name=name: results.__setitem__(name, r))
+        rig.gc.hold(name, d)
+    assert rig.batches == [] and rig.gc.busy   # queued, not committed, not told
+    rig.offer("c", results)
+    assert rig.batches == [["a", "b", "c"]]
+    assert rig.deliver() == 1 and results == {n: f"durable:{n}" for n in "abc"}
+
+
+def test_a_kick_commits_what_is_held_unless_nothing_is_or_a_leader_will():
+    rig = Leaders()
+    rig.gc.kick()                    # nothing held: no commit
+    assert rig.batches == [] and not rig.gc.busy
+    results: dict = {}
+    d = defer.Deferred()
+    d.addBoth(lambda r: results.__setitem__("a", r))
+    rig.gc.hold("a", d)              # the placement it was held for failed: the thread kicks
+    rig.gc.kick()
+    assert rig.batches == [["a"]]
+    rig.deliver()
+    assert results == {"a": "durable:a"} and not rig.gc.busy
+
+    def during_first_commit():       # another thread holds and kicks while a leader commits
+        held = defer.Deferred()
+        held.addBoth(lambda r: results.__setitem__("c", r))
+        rig.gc.hold("c", held)
+        rig.gc.kick()
+        assert len(rig.batches) == 2  # the kick did not commit: the leader takes "c" next
+    rig.during[1] = during_first_commit
+    rig.offer("b", results)
+    assert rig.batches[1:] == [["b"], ["c"]]
+    rig.deliver()
+    assert results["c"] == "durable:c" and not rig.gc.busy
+
+
 def test_entries_offered_together_share_one_batch_and_their_group_is_told_once():
     """offer_many (a STOW-RS request placed on one storage thread): an idle committer commits
     the whole group on the offering thread at once (offer each would commit the first alone);
@@ -305,6 +346,52 @@ async def test_concurrent_ingests_share_commits(store, files):
     assert store.committer.entries == len(files)
     assert store.committer.batches == 2  # the first instance alone, then all the others in one
     assert (await store.run(store.counts_sync))["instances"] == len(files)
+
+
+def _held(store, f):
+    from harmony.dicom.results import DicomInstance
+    data = f.read_bytes()
+    return DicomInstance(path=store.root / "none", data=[data], size=len(data))
+
+
+@pytest_twisted.ensureDeferred
+async def test_instances_held_in_memory_are_placed_on_one_thread_and_share_commits(store, files):
+    """Small C-STOREs of several associations: one thread places them in turn, each held
+    for the next one queued, the last committing all of them at once; a refused one
+    among them does not strand what was held before it."""
+    gate = threading.Event()
+    store.held_threads.call(gate.wait)          # the instances queue up behind this job, as in a burst
+    placed_on: set = set()
+    real_place = store._place_bytes_sync
+
+    def place(*a, **k):
+        placed_on.add(threading.current_thread().name)
+        return real_place(*a, **k)
+    store._place_bytes_sync = place
+    bad = _held(store, files[0])
+    bad.data = [b"not DICOM at all"]
+    ds = [store.put_instance(_held(store, f)) for f in files[:6]] + [store.put_instance(bad)]
+    gate.set()
+    outcomes = await defer.DeferredList(ds, consumeErrors=True)
+    assert [ok for ok, _ in outcomes] == [True] * 6 + [False]
+    assert placed_on == {"harmony-storage-ingest-held-0"}
+    assert (store.committer.batches, store.committer.entries) == (1, 6)   # held, then kicked after the refusal
+    assert (await store.run(store.counts_sync))["instances"] == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_placement_held_for_a_job_that_never_offers_is_committed_by_the_idle_thread(store, files):
+    """Held for a queued job that does not place (the thread's stop, say): the thread's
+    idle hook commits it (the stop runs the hook too: test_threads)."""
+    gate = threading.Event()
+    store.held_threads.call(gate.wait)
+    d = store.put_instance(_held(store, files[0]))
+    real_pending = store.held_threads.pending
+    store.held_threads.pending = lambda: max(real_pending(), 1)   # as if its stop were already queued
+    gate.set()
+    stored = await d
+    assert stored.path.exists() and store.committer.entries == 1
+    store.held_threads.pending = real_pending
 
 
 @pytest_twisted.ensureDeferred

@@ -67,4 +67,13 @@ def test_an_idle_thread_is_told_how_many_jobs_came_since():
     gate.set()
     assert idled.wait(10)
     threads.stop()
-    assert seen == [-1, 0]
+    assert seen == [-1, 0, 0]   # after the last job, and as the thread stops
+
+
+def test_a_stopping_thread_runs_the_idle_hook_last():
+    """(What a job held for the one after it is committed when that one is the stop.)"""
+    seen: list[str] = []
+    threads = WokenThreads(2, "test-stop-idle", idle=lambda pending: seen.append("idle"))
+    threads.start()
+    threads.stop()
+    assert seen == ["idle", "idle"]

@@ -31,6 +31,12 @@ Two ways to run the batches:
   instance two more thread hand-offs (placed -> reactor -> commit thread ->
   reactor): 30 % more CPU per instance than with one association
   (bench/ingest, "C-STORE CPU per instance, session 7").
+
+A thread that knows more placements are queued behind its own (one thread
+placing the instances of several associations in turn) holds its entry
+(:meth:`~GroupCommit.hold`): queued, not led, so the placement after it leads
+one commit of both.  A thread that finds nothing more to place kicks
+(:meth:`~GroupCommit.kick`) whatever is still held.
 """
 
 from __future__ import annotations
@@ -101,6 +107,24 @@ class GroupCommit:
         with self._lock:
             self._queue.append((entry, waiter))
             if self._busy:
+                return
+            self._busy = True
+        self._lead()
+
+    def hold(self, entry, waiter) -> None:
+        """(A storage thread; thread leaders only.) Queue *entry* without leading a
+        commit: the caller has more placements queued behind this one, and the one
+        that places the last of them leads (:meth:`offer`) or kicks (:meth:`kick`).
+        Led at once, each entry of a thread placing four associations' instances in
+        turn was a commit of its own (bench/ingest, "C-STORE, session 9")."""
+        with self._lock:
+            self._queue.append((entry, waiter))
+
+    def kick(self) -> None:
+        """(A storage thread; thread leaders only.) Commit what is held, on this thread,
+        unless a commit is running (its leader takes it next) or nothing waits."""
+        with self._lock:
+            if self._busy or not self._queue:
                 return
             self._busy = True
         self._lead()

@@ -43,9 +43,10 @@ class WokenThreads:
     is written, so a thread that has read a count always finds a job.
 
     *idle*, if given, is called by a thread that finished a job and found no
-    other waiting, as ``idle(pending)`` with *pending* a function saying how many
-    jobs have come since: work kept off the jobs' way (the store's spare temp
-    files and WAL checkpoints)."""
+    other waiting, and by each thread as it stops, as ``idle(pending)`` with
+    *pending* a function saying how many jobs have come since: work kept off the
+    jobs' way (the store's spare temp files and WAL checkpoints, and the commit
+    of what a job held for the next one)."""
 
     def __init__(self, size: int, name: str, idle: Callable[[Callable[[], int]], object] | None = None):
         self.size = max(1, size)
@@ -87,6 +88,8 @@ class WokenThreads:
             os.eventfd_read(event)
             fn, args = jobs.popleft()
             if fn is None:
+                if idle is not None:   # (a job may have held work for one queued after it: see GroupCommit.hold)
+                    idle(pending)
                 return
             try:
                 fn(*args)
