@@ -76,8 +76,36 @@ if os.environ.get("CFSPAN_OUT"):
     A.Association.dataReceived = dataReceived
     A.send_now = send_now
 
+    import gc
+    gc_runs: dict = {}
+
+    young_kinds: dict = {}
+    started = [0]   # when the collection running now began
+
+    def gc_timed(phase, info):
+        if not gc.get_freeze_count():
+            return   # start-up's collections (before harmony.service froze what it built) are not the C-FINDs'
+        if phase == "start":
+            if info["generation"] == 0 and os.environ.get("CFSPAN_GC_KINDS") and not young_kinds and \
+                    gc_runs.get(0, [0])[0] == 5:
+                import collections
+                young_kinds.update(collections.Counter(
+                    f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects(0)).most_common(25))
+            started[0] = clock()
+        else:
+            runs = gc_runs.setdefault(info["generation"], [0, 0, 0])
+            runs[0] += 1
+            runs[1] += clock() - started[0]
+            runs[2] += info.get("collected", 0)
+    gc.callbacks.append(gc_timed)
+
     def dump():
         with open(os.environ["CFSPAN_OUT"], "a") as f:
+            for kind, n in young_kinds.items():
+                f.write(f"{os.getpid()} young at the 6th collection after the freeze: {n} {kind}\n")
+            for generation, (n, ns, collected) in sorted(gc_runs.items()):
+                f.write(f"{os.getpid()} gc generation {generation}: {n} collections, {ns / 1e6:.1f} ms in all, "
+                        f"{collected} objects collected\n")
             for k, v in spans.items():
                 v = v[len(v) // 10:]
                 if v:

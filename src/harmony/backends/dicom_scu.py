@@ -21,6 +21,7 @@ refuses or stalls gives 502/504 quickly instead of a response that never ends.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -182,6 +183,20 @@ class MemoryFile:
             self._file.close()
 
 
+def _fire(d: defer.Deferred) -> None:
+    """A job's stream was cancelled: its ``cancel_requested`` fires (once)."""
+    if not d.called:
+        d.callback(None)
+
+
+def _unanswered(stream, _answer: defer.Deferred) -> None:
+    """Nobody will take a job's *stream* (its answer was cancelled): cancelling it sends the
+    C-CANCEL, and makes :meth:`Job.put` release what the PACS still sends after it (it did,
+    into a stream no one reads: instances left in memory or staging for good)."""
+    stream.cancel()
+    release_rest(stream)
+
+
 class Job:
     """One operation in flight: the stream it feeds and the readiness signal (all on the reactor)."""
 
@@ -189,10 +204,14 @@ class Job:
         self.op = op
         self.request = request
         self.cancel_requested: defer.Deferred[None] = defer.Deferred()
-        self.stream = BoundedResultStream(self._on_cancel, max_staged_bytes)
+        # Neither the stream nor the answer's canceller holds the job: a job, its request
+        # and everything they hold are then freed by reference counting when the operation
+        # ends, not left as cyclic garbage for the collector (its young collections stopped
+        # the reactor ~19 ms every ~400 proxied C-FINDs: bench/dimse/README.md, C-FIND).
+        self.stream = BoundedResultStream(functools.partial(_fire, self.cancel_requested), max_staged_bytes)
         # Cancelled when the pipeline is (the DIMSE or HTTP client left, or gave
         # up): the PACS is asked to stop too (C-CANCEL), or never asked at all.
-        self.ready: defer.Deferred = defer.Deferred(lambda _: self._unanswered())
+        self.ready: defer.Deferred = defer.Deferred(functools.partial(_unanswered, self.stream))
         self.items = 0
         #: Received instances being described on the DICOM pool, chained to keep their order.
         self.arrivals: defer.Deferred = defer.succeed(None)
@@ -200,17 +219,6 @@ class Job:
         self.in_memory = False
         #: :meth:`_ready` is put off until the delivery's writes are out (:meth:`_ready_soon`).
         self._ready_put_off = False
-
-    def _on_cancel(self):
-        if not self.cancel_requested.called:
-            self.cancel_requested.callback(None)
-
-    def _unanswered(self):
-        """Nobody will take the stream: cancelling it sends the C-CANCEL, and makes
-        :meth:`put` release what the PACS still sends after it (it did, into a stream
-        no one reads: instances left in memory or staging for good)."""
-        self.stream.cancel()
-        release_rest(self.stream)
 
     def put(self, item):
         self.items += 1

@@ -927,7 +927,16 @@ class ScpServices:
             except Exception:  # noqa: BLE001 - answered by _failed, as a coroutine's failure would be
                 d = defer.fail()
         d.addErrback(self._failed, op)
-        d.addBoth(lambda _: self.running.pop(key, None))
+        d.addBoth(self._ended, key)
+
+    def _ended(self, _result, key) -> None:
+        """An operation is over: forgotten, and its early relay's stream let go -- the stream's
+        end holds the request (the target pool's abandon watch) and the request holds the
+        operation (its results listener), so kept they were a cycle of everything the
+        operation made, left to the garbage collector (bench/dimse/README.md, C-FIND)."""
+        op = self.running.pop(key, None)
+        if op is not None:
+            op.early = None
 
     def _serves_store(self, assoc, context_id: int) -> bool:
         key = ("serves-store", context_id)
