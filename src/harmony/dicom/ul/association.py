@@ -46,7 +46,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import negotiate_as_requestor
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -66,7 +66,8 @@ AWAIT_RQ, AWAIT_AC, ESTABLISHED, RELEASING, CLOSED = "await-rq", "await-ac", "es
 #: Slack above our advertised maximum PDU: some peers count the PDV header into the
 #: fragment, some do not; refusing a PDU 12 bytes too long helps nobody.
 PDU_SLACK = 64
-#: How long a closing connection may take to flush before it is cut.
+#: How long a connection may stay open after our last PDU (PS3.8 Sta13: the peer reads
+#: it and closes; one that does not, or stops reading, is cut then).
 CLOSE_GRACE_SECS = 5.0
 
 
@@ -264,6 +265,8 @@ class Association(protocol.Protocol):
         self._dimse_timer = None
         self._release_waiter: defer.Deferred | None = None
         self._end_reason: str | None = None
+        #: Whether :meth:`_end` ran (what waited on the association was told).
+        self._ended = False
         #: What service code worked out once for this association (e.g. which context an instance goes on).
         self.memo: dict = {}
         #: Bytes written during a delivery, sent when it ends (:class:`_Batch`).
@@ -305,12 +308,22 @@ class Association(protocol.Protocol):
         self.state = CLOSED
         self._out = []
         self._cancel_timers()
+        if self._end_reason is None and not self._ended:
+            self._end_reason = _tls_failure(reason)
+        self.settings.connection_lost(self, was)
+        self._end()
+
+    def _end(self) -> None:
+        """The association is over: what waits on it is told, once -- when our last PDU is
+        written (:meth:`_close`; the connection may linger a moment in Sta13) or when
+        the connection is lost, whichever comes first."""
+        if self._ended:
+            return
+        self._ended = True
         if self._sink is not None:
             self._sink.abort()
             self._sink = None
         self._flow.stopProducing()
-        if self._end_reason is None:
-            self._end_reason = _tls_failure(reason)
         error = AssociationAborted(self._end_reason or "connection closed")
         pending, self._pending = self._pending, {}
         for p in pending.values():
@@ -319,7 +332,7 @@ class Association(protocol.Protocol):
             self.established.errback(Failure(error))
         if self._release_waiter is not None and not self._release_waiter.called:
             self._release_waiter.callback(None)
-        self.settings.connection_lost(self, was)
+        self.settings.association_ended(self)
         self.handler.association_closed(self)
         if not self.closed.called:
             self.closed.callback(self._end_reason)
@@ -947,12 +960,31 @@ class Association(protocol.Protocol):
         self._close()
 
     def _close(self):
-        """Close after what is written went out -- but a peer that stops reading
-        cannot hold the connection: it is cut after :data:`CLOSE_GRACE_SECS`."""
+        """Our last PDU is written (A-ASSOCIATE-RJ, A-RELEASE-RP, A-ABORT, or the peer's
+        RJ or RP read): PS3.8's Sta13, where the side that sent it waits for the peer to
+        close the connection, bounded by a timer.
+
+        We shut our sending side at once (a FIN after the last PDU; under TLS a
+        close_notify) but go on *reading*, dropping what comes, until the peer closes.
+        Closing a socket that has unread bytes makes the kernel answer with a RST
+        instead of a FIN, and a RST throws away what we sent and the network had not
+        delivered yet -- on some systems also what the peer had received but not read
+        -- so the peer would learn of a reset, not of our RJ or A-ABORT.  A peer that
+        never closes (or stops reading) is cut after :data:`CLOSE_GRACE_SECS`; what
+        it sends meanwhile is never kept."""
         self._flush_out()
-        self.transport.loseConnection()
         self._cancel_timers()
-        self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, self.transport.abortConnection)
+        transport = self.transport
+        # Our producer would hold back the FIN (and TLS's close_notify) while it is
+        # registered: nothing more is produced for this connection.
+        transport.unregisterProducer()
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None and not _is_tls(transport):
+            half_close()
+        else:   # TLS: loseConnection sends close_notify and reads on until the peer's
+            transport.loseConnection()
+        self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, transport.abortConnection)
+        self._end()
 
 
 def _ended_meanwhile(failure):
@@ -1015,6 +1047,12 @@ def _tls_failure(reason) -> str | None:
     details = [part for arg in getattr(error, "args", ()) if isinstance(arg, list)
                for entry in arg if isinstance(entry, tuple) for part in entry[-1:] if part]
     return "TLS handshake failed: " + ("; ".join(map(str, details)) or str(error) or type(error).__name__)
+
+
+def _is_tls(transport) -> bool:
+    """Whether *transport* is TLS (whose wrapper lends the TCP transport's
+    ``loseWriteConnection``, which would send a FIN without a close_notify)."""
+    return ISSLTransport.providedBy(transport)
 
 
 def _set_nodelay(transport) -> None:
