@@ -5,6 +5,7 @@ import struct
 from harmony.dicom.ul import commands, pdu
 from harmony.dicom.ul.acceptor import AcceptorLimits
 from harmony.dicom.ul.association import (
+    CLOSE_DRAIN_BYTES,
     CLOSE_GRACE_SECS,
     CLOSED,
     ESTABLISHED,
@@ -48,8 +49,9 @@ def test_echo_round_trip_and_release():
     assert answers[0].command["Status"] == 0
     client.release()
     pump(client, ct, server, st)
-    assert st.write_closed and ct.write_closed       # both sent their FIN; each reads on (Sta13)
-    ct.peer_closes()
+    assert st.write_closed and not st.disconnecting  # the A-RELEASE-RP's sender reads on (Sta13)
+    assert ct.disconnecting                           # its reader closes (AR-3)
+    ct.flushed()
     st.peer_closes()
     assert st.ended_by == ct.ended_by == "FIN"
     assert not clock.getDelayedCalls()
@@ -262,19 +264,26 @@ def test_a_released_association_stops_counting_before_its_peer_closes():
     assert second.state == ESTABLISHED
 
 
-def test_a_peer_that_never_closes_after_our_last_pdu_is_cut_and_nothing_it_sends_is_kept():
+def test_a_peer_that_never_closes_after_our_last_pdu_is_cut_and_one_that_floods_at_once():
     clock, factory = acceptor(AcceptorLimits(max_associations=0))
     server, st = connect(factory)
     client, ct = requestor(clock)
     st.arrive(ct.value())
-    for _ in range(100):
-        st.arrive(b"\xff" * 65536)
-        clock.advance(0.01)
-    assert st.ended_by is None and len(server.framer._buffer) == 0
-    clock.advance(CLOSE_GRACE_SECS)
-    assert st.disconnected                     # cut: the ARTIM of Sta13
+    st.arrive(b"\xff" * (CLOSE_DRAIN_BYTES // 2))  # trailing bytes: read, dropped, waited on
+    clock.advance(CLOSE_GRACE_SECS - 0.5)
+    assert st.ended_by is None and not st.disconnected and len(server.framer._buffer) == 0
+    clock.advance(0.5)
+    assert st.disconnected                         # never closed: cut (the ARTIM of Sta13)
     st.flushed()
     assert st.ended_by == "RST" and factory.settings.connections == 0
+
+    flooding, ft = connect(factory)
+    ft.arrive(ct.value())
+    for _ in range(CLOSE_DRAIN_BYTES // 65536 + 1):
+        assert not ft.disconnected
+        ft.arrive(b"\xff" * 65536)
+    assert ft.disconnected                         # cut at once, not read for the grace period
+    assert len(flooding.framer._buffer) == 0
 
 
 def test_pending_responses_reach_the_caller_before_the_final_one():

@@ -69,6 +69,9 @@ PDU_SLACK = 64
 #: How long a connection may stay open after our last PDU (PS3.8 Sta13: the peer reads
 #: it and closes; one that does not, or stops reading, is cut then).
 CLOSE_GRACE_SECS = 5.0
+#: How much a peer may still send after our last PDU (read and dropped: the rest of a data
+#: set on its way) before it is cut at once rather than waited for.
+CLOSE_DRAIN_BYTES = 1 << 20
 
 
 
@@ -267,6 +270,8 @@ class Association(protocol.Protocol):
         self._end_reason: str | None = None
         #: Whether :meth:`_end` ran (what waited on the association was told).
         self._ended = False
+        #: Bytes read and dropped since the association ended (:data:`CLOSE_DRAIN_BYTES`).
+        self._drained = 0
         #: What service code worked out once for this association (e.g. which context an instance goes on).
         self.memo: dict = {}
         #: Bytes written during a delivery, sent when it ends (:class:`_Batch`).
@@ -421,6 +426,11 @@ class Association(protocol.Protocol):
 
     def dataReceived(self, data: bytes):
         if self.state == CLOSED:
+            # Sta13 (see _close): dropped; a peer that keeps sending is not waited for.
+            drained = self._drained
+            self._drained = drained + len(data)
+            if drained <= CLOSE_DRAIN_BYTES < self._drained:
+                self.transport.abortConnection()
             return
         if self._held is not None:
             self._held.data += data
@@ -479,7 +489,7 @@ class Association(protocol.Protocol):
             self._end_reason = "association rejected"
             self.state = CLOSED
             self.established.errback(Failure(AssociationRejected(result, source, reason)))
-            self._close()
+            self._close(answered=True)
         elif pdu_type == pdu.A_RELEASE_RQ:
             if state not in (ESTABLISHED, RELEASING):
                 raise pdu.PDUError("unexpected A-RELEASE-RQ", reason=0x02)
@@ -492,7 +502,7 @@ class Association(protocol.Protocol):
                 raise pdu.PDUError("unexpected A-RELEASE-RP", reason=0x02)
             self._end_reason = None
             self.state = CLOSED
-            self._close()
+            self._close(answered=True)
         elif pdu_type == pdu.A_ABORT:
             source, reason = pdu.parse_abort(body)
             self._end_reason = f"peer aborted the association (source {source}, reason {reason})"
@@ -959,19 +969,21 @@ class Association(protocol.Protocol):
         self._write(pdu.abort(source=0x02, reason=reason))
         self._close()
 
-    def _close(self):
-        """Our last PDU is written (A-ASSOCIATE-RJ, A-RELEASE-RP, A-ABORT, or the peer's
-        RJ or RP read): PS3.8's Sta13, where the side that sent it waits for the peer to
-        close the connection, bounded by a timer.
+    def _close(self, answered: bool = False):
+        """The association is over: we wrote our last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP,
+        A-ABORT) or, *answered*, read the peer's answer to our request (its RJ or RP).
 
-        We shut our sending side at once (a FIN after the last PDU; under TLS a
-        close_notify) but go on *reading*, dropping what comes, until the peer closes.
-        Closing a socket that has unread bytes makes the kernel answer with a RST
-        instead of a FIN, and a RST throws away what we sent and the network had not
-        delivered yet -- on some systems also what the peer had received but not read
-        -- so the peer would learn of a reset, not of our RJ or A-ABORT.  A peer that
-        never closes (or stops reading) is cut after :data:`CLOSE_GRACE_SECS`; what
-        it sends meanwhile is never kept."""
+        PS3.8 has the side that read the answer close the connection (AE-4, AR-3), and
+        the side that sent the last PDU wait for that close, bounded by the ARTIM timer
+        (Sta13).  So after our own last PDU we shut our sending side (a FIN after it;
+        under TLS a close_notify) but go on *reading*, dropping what comes, until the
+        peer closes: closing a socket that has unread bytes makes the kernel answer
+        with a RST instead of a FIN, and a RST throws away what we sent and the network
+        had not delivered yet -- on some systems also what the peer had received but
+        not read -- so the peer would learn of a reset, not of our RJ or A-ABORT.  A
+        peer that never closes (or stops reading) is cut after :data:`CLOSE_GRACE_SECS`,
+        one that sends more than :data:`CLOSE_DRAIN_BYTES` meanwhile (an oversized
+        PDU's "body", a flood) at once; nothing it sends is kept."""
         self._flush_out()
         self._cancel_timers()
         transport = self.transport
@@ -979,10 +991,11 @@ class Association(protocol.Protocol):
         # registered: nothing more is produced for this connection.
         transport.unregisterProducer()
         half_close = getattr(transport, "loseWriteConnection", None)
-        if half_close is not None and not _is_tls(transport):
-            half_close()
-        else:   # TLS: loseConnection sends close_notify and reads on until the peer's
+        if answered or half_close is None or _is_tls(transport):
+            # TLS: loseConnection sends close_notify and reads on until the peer's.
             transport.loseConnection()
+        else:
+            half_close()
         self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, transport.abortConnection)
         self._end()
 
