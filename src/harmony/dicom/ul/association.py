@@ -7,7 +7,9 @@ two threads per association that poll with sleeps and watch the socket with
 is PS3.8 §9.2's, reduced to the states a DIMSE application can be in:
 
 ``AWAIT_RQ`` (acceptor, ARTIM running) -> ``ESTABLISHED`` -> ``RELEASING``
-(we sent A-RELEASE-RQ) -> ``CLOSED``; a requestor starts in ``AWAIT_AC``.
+(we sent A-RELEASE-RQ) -> ``CLOSED``; a requestor starts in ``AWAIT_AC``.  ``CLOSED``
+after our own last PDU is Sta13: our side shut, reading on until the peer closes
+(:meth:`Association._close`), so the kernel never resets what we sent.
 
 What arrives is checked before it is kept: a PDU's declared length against the
 limit of the state (:mod:`.pdu`), a command set against
