@@ -988,17 +988,17 @@ class Association(protocol.Protocol):
         PDU's "body", a flood) at once; nothing it sends is kept."""
         self._flush_out()
         self._cancel_timers()
-        transport = self.transport
         # Our producer would hold back the FIN (and TLS's close_notify) while it is
         # registered: nothing more is produced for this connection.
-        transport.unregisterProducer()
-        half_close = getattr(transport, "loseWriteConnection", None)
-        if answered or half_close is None or _is_tls(transport):
-            # TLS: loseConnection sends close_notify and reads on until the peer's.
-            transport.loseConnection()
-        else:
+        self.transport.unregisterProducer()
+        half_close = None if answered or _is_tls(self.transport) else \
+            getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
             half_close()
-        self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, transport.abortConnection)
+        else:   # TLS: loseConnection sends close_notify and reads on until the peer's
+            # zope's interface methods take no self for mypy (no mypy-zope plug-in).
+            self.transport.loseConnection()  # type: ignore[misc]
+        self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, self.transport.abortConnection)
         self._end()
 
 
