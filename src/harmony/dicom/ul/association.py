@@ -251,7 +251,7 @@ class Association(protocol.Protocol):
         self.user_identity = None
         # fires with self once established (requestor & acceptor)
         self.established: defer.Deferred[Association] = defer.Deferred()
-        # fires with the reason (None for a clean release)
+        # fires with the reason (None for a clean release) once the connection is gone
         self.closed: defer.Deferred = defer.Deferred()
         self._command = bytearray()
         self._command_context = None
@@ -319,11 +319,14 @@ class Association(protocol.Protocol):
             self._end_reason = _tls_failure(reason)
         self.settings.connection_lost(self, was)
         self._end()
+        if not self.closed.called:
+            self.closed.callback(self._end_reason)
 
     def _end(self) -> None:
         """The association is over: what waits on it is told, once -- when our last PDU is
         written (:meth:`_close`; the connection may linger a moment in Sta13) or when
-        the connection is lost, whichever comes first."""
+        the connection is lost, whichever comes first.  ``closed`` waits for the
+        connection (a stopping listener lets its A-ABORTs go out)."""
         if self._ended:
             return
         self._ended = True
@@ -341,8 +344,6 @@ class Association(protocol.Protocol):
             self._release_waiter.callback(None)
         self.settings.association_ended(self)
         self.handler.association_closed(self)
-        if not self.closed.called:
-            self.closed.callback(self._end_reason)
 
     # ------------------------------------------------------------------ timers
 
