@@ -390,3 +390,56 @@ async def test_garbage_and_truncated_requests_leave_memory_flat(listener, instan
     assert await threads.deferToThread(storm) == 500
     assert all(rss_kib(pid) - kib < 32 * 1024 for pid, kib in before.items())
     await served(listener, instances)
+
+
+
+def how_it_ends(sock: socket.socket, more: bytes) -> tuple[bytes, str]:
+    """What *sock* receives until the listener's FIN, and how the connection ends when we
+    then send *more* and close our side: "FIN" when the listener took it all and closed in
+    order, "RST" when it was reset (a listener that stopped reading is reset by its kernel:
+    a socket closed with unread bytes answers with a RST).  A Linux reader sees no RST that
+    follows a FIN through ``recv``, hence the state and pending error of the socket."""
+    sock.settimeout(10)
+    answer = b""
+    try:
+        while data := sock.recv(65536):
+            answer += data
+        sock.sendall(more)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return answer, "RST"
+    wait_for(lambda: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 7, 10,  # TCP_CLOSE
+             "the connection to close")
+    return answer, "RST" if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) else "FIN"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rejection_or_abort_ends_in_order_while_the_peer_is_still_sending(tmp_path, instances):
+    """After its A-ASSOCIATE-RJ or A-ABORT, Harmony reads on (and drops) what the peer still
+    sends, until the peer closes (PS3.8 Sta13).  It used to stop reading at once, and a socket
+    closed with unread bytes ends in a RST, which destroys what was sent and not yet delivered
+    (on Windows also what was delivered and not yet read): the peer saw a reset, not our answer.
+    One process only: a listener waiting on the count its processes share holds at most one
+    A-ASSOCIATE-RQ's worth of bytes (the workers' own refusal, tested above)."""
+    listener = await InProcess(tmp_path).start(max_associations=1, acse=30)
+    port = listener.port
+    in_flight = pdu.pdata(1, 0x00, b"\0" * 16000) * 16        # 256 KB the peer sends without waiting
+
+    def attack():
+        with socket.create_connection(("127.0.0.1", port)) as held:
+            held.sendall(associate_rq())
+            assert held.recv(65536)[:1] == b"\x02"                   # A-ASSOCIATE-AC: the limit (1) reached
+            with socket.create_connection(("127.0.0.1", port)) as busy:
+                busy.sendall(associate_rq() + in_flight)
+                rejected = how_it_ends(busy, in_flight)
+            held.sendall(pdu.pdata(99, 0x03, b"\0" * 16) + in_flight)   # context 99 was never accepted
+            aborted = how_it_ends(held, in_flight)
+        return rejected, aborted
+
+    try:
+        rejected, aborted = await threads.deferToThread(attack)
+        assert rejected == (pdu.associate_rj(2, 3, 2), "FIN"), rejected
+        assert aborted == (pdu.abort(2, 6), "FIN"), aborted
+        await served(listener, instances)
+    finally:
+        await listener.stop()

@@ -275,9 +275,10 @@ def test_a_relay_that_gives_up_says_first_whether_its_client_left(how):
     backend.stream.when_abandoned().addCallback(lambda _: decided.append(client_gone(request)))
     if how == "C-CANCEL":
         assoc.send(cid, {"CommandField": commands.C_CANCEL_RQ, "MessageIDBeingRespondedTo": 1})
+        rig.wires.run(d)
     else:
-        assoc.abort()
-    rig.wires.run(d)
+        assoc.abort()                       # fails the client's C-FIND at once: the wires run until
+        rig.wires.run(defer.Deferred())     # quiet, for the listener to read the A-ABORT
     left = how == "the client left"
     assert len(pending) == 1 and gone_when_cancelled == [left] and decided == []
     backend.stream.finish(dimse.CANCEL)   # the PACS's answer to C-CANCEL: only now is it decided

@@ -2,11 +2,17 @@
 
 import struct
 
-from twisted.python.failure import Failure
-
 from harmony.dicom.ul import commands, pdu
 from harmony.dicom.ul.acceptor import AcceptorLimits
-from harmony.dicom.ul.association import CLOSED, ESTABLISHED, AssociationAborted, AssociationRejected, after_delivery
+from harmony.dicom.ul.association import (
+    CLOSE_DRAIN_BYTES,
+    CLOSE_GRACE_SECS,
+    CLOSED,
+    ESTABLISHED,
+    AssociationAborted,
+    AssociationRejected,
+    after_delivery,
+)
 from tests.dicom.ul.memory import EchoStoreHandler, acceptor, connect, pump, requestor
 
 ECHO = {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_ECHO_RQ}
@@ -24,8 +30,12 @@ def established_pair(limits=None, handler=None, **kw):
 
 def lost(assoc):
     """What the reactor does once a closing transport is gone."""
-    if not assoc.closed.called:
-        assoc.connectionLost(Failure(ConnectionError("closed")))
+    assoc.transport.gone()
+
+
+def timers(assoc):
+    """The calls *assoc* has pending on the (shared) clock."""
+    return [call for call in assoc.reactor.getDelayedCalls() if getattr(call.func, "__self__", None) is assoc]
 
 
 def test_echo_round_trip_and_release():
@@ -39,7 +49,12 @@ def test_echo_round_trip_and_release():
     assert answers[0].command["Status"] == 0
     client.release()
     pump(client, ct, server, st)
-    assert st.disconnecting and ct.disconnecting
+    assert st.write_closed and not st.disconnecting  # the A-RELEASE-RP's sender reads on (Sta13)
+    assert ct.disconnecting                           # its reader closes (AR-3)
+    ct.flushed()
+    st.peer_closes()
+    assert st.ended_by == ct.ended_by == "FIN"
+    assert not clock.getDelayedCalls()
 
 
 def test_store_dataset_reassembled_from_fragments_of_the_peers_maximum():
@@ -71,7 +86,7 @@ def test_silent_connections_cut_after_acse_timeout_and_never_counted():
     assert server.state == ESTABLISHED
     clock.advance(5)
     for assoc, transport in silent:
-        assert assoc.state == CLOSED and transport.disconnecting
+        assert assoc.state == CLOSED and transport.write_closed
         assert transport.value() == pdu.abort(2, 0)
         lost(assoc)
     assert factory.settings.connections == 1
@@ -123,7 +138,7 @@ def test_oversized_pdu_after_association_is_aborted_at_its_header():
     clock, factory, server, st, client, ct = established_pair(AcceptorLimits(max_pdu=16384))
     st.clear()
     server.dataReceived(struct.pack(">BxI", pdu.P_DATA_TF, 0xFFFFFFFF) + b"\0" * 65536)
-    assert server.state == CLOSED and st.disconnecting
+    assert server.state == CLOSED and st.write_closed
     assert st.value() == pdu.abort(2, 6)
 
 
@@ -159,8 +174,8 @@ def test_dimse_timeout_aborts_and_fails_the_request():
     pump(client, ct, server, st)
     clock.advance(client.settings.dimse_timeout)
     assert client.state == CLOSED
-    lost(client)
-    assert failures[0].check(AssociationAborted)
+    # Failed when the A-ABORT is sent, not once the peer (which did not answer) closes.
+    assert failures and failures[0].check(AssociationAborted)
     assert "DIMSE timeout" in str(failures[0].value)
 
 
@@ -195,11 +210,80 @@ def test_an_active_association_outlives_the_network_timeout_on_one_idle_timer():
 def test_closing_peer_that_stops_reading_is_cut():
     clock, factory = acceptor()
     server, st = connect(factory)
-    st.abortConnection = lambda: setattr(st, "aborted", True)
     server.dataReceived(b"\x09garbage")
-    assert st.disconnecting and not getattr(st, "aborted", False)
-    clock.advance(5)
-    assert st.aborted
+    assert st.write_closed and not st.disconnected
+    clock.advance(CLOSE_GRACE_SECS)
+    assert st.disconnected
+
+
+# PS3.8 Sta13: after our last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP, A-ABORT) the peer reads it and
+# closes; we shut our side and read on until then.  Closing while the peer's bytes sit unread
+# would make the kernel answer with a RST, which destroys the PDU on its way (SocketTransport).
+
+def test_an_a_associate_rj_is_followed_by_a_fin_even_when_the_peer_sent_more():
+    clock, factory = acceptor(AcceptorLimits(max_associations=0))
+    server, st = connect(factory)
+    client, ct = requestor(clock)
+    st.arrive(ct.value())
+    assert st.value() == pdu.associate_rj(2, 3, 2)
+    st.arrive(pdu.pdata(1, 3, b"\0" * 64))     # sent before the peer read the RJ
+    st.flushed()                               # the reactor's next turn: nothing closes yet
+    assert st.ended_by is None and st.write_closed
+    st.peer_closes()                           # the peer read the RJ and closed
+    assert st.ended_by == "FIN" and st.unread == 0
+    assert not timers(server)
+
+
+def test_an_a_abort_mid_data_set_is_followed_by_a_fin_while_the_peer_sends_the_rest():
+    clock, factory, server, st, client, ct = established_pair(AcceptorLimits(max_pdu=4096),
+                                                              handler=EchoStoreHandler(limit=1000))
+    client.request(3, STORE, b"x" * 60000)     # in fragments of 4 KB
+    wire = ct.value()
+    ct.clear()
+    st.arrive(wire[:5000])                     # the limit is passed in the first fragment
+    assert server.state == CLOSED and st.value().endswith(pdu.abort(2, 0))
+    kept = len(server.framer._buffer)
+    st.arrive(wire[5000:])                     # the rest was on its way: read and dropped
+    st.flushed()
+    st.peer_closes()
+    assert st.ended_by == "FIN" and st.unread == 0
+    assert len(server.framer._buffer) == kept  # nothing of it kept
+
+
+def test_a_released_association_stops_counting_before_its_peer_closes():
+    clock, factory = acceptor(AcceptorLimits(max_associations=1))
+    first, ft = connect(factory, port=1)
+    c1, c1t = requestor(clock)
+    pump(c1, c1t, first, ft)
+    c1.release()
+    pump(c1, c1t, first, ft)
+    assert ft.write_closed and ft.ended_by is None       # A-RELEASE-RP sent, the peer not gone yet
+    second, sec_t = connect(factory, port=2)
+    c2, c2t = requestor(clock)
+    pump(c2, c2t, second, sec_t)
+    assert second.state == ESTABLISHED
+
+
+def test_a_peer_that_never_closes_after_our_last_pdu_is_cut_and_one_that_floods_at_once():
+    clock, factory = acceptor(AcceptorLimits(max_associations=0))
+    server, st = connect(factory)
+    client, ct = requestor(clock)
+    st.arrive(ct.value())
+    st.arrive(b"\xff" * (CLOSE_DRAIN_BYTES // 2))  # trailing bytes: read, dropped, waited on
+    clock.advance(CLOSE_GRACE_SECS - 0.5)
+    assert st.ended_by is None and not st.disconnected and len(server.framer._buffer) == 0
+    clock.advance(0.5)
+    assert st.disconnected                         # never closed: cut (the ARTIM of Sta13)
+    st.flushed()
+    assert st.ended_by == "RST" and factory.settings.connections == 0
+
+    flooding, ft = connect(factory)
+    ft.arrive(ct.value())
+    for _ in range(CLOSE_DRAIN_BYTES // 65536 + 1):
+        assert not ft.disconnected
+        ft.arrive(b"\xff" * 65536)
+    assert ft.disconnected                         # cut at once, not read for the grace period
+    assert len(flooding.framer._buffer) == 0
 
 
 def test_pending_responses_reach_the_caller_before_the_final_one():

@@ -613,6 +613,14 @@ class AcceptorSettings:
         if self.shared_count is not None:
             self.shared_count.set(len(self.associations))
 
+    def association_ended(self, assoc: Association) -> None:
+        """Released or aborted: it stops counting against ``max_associations`` now,
+        while its connection may still wait a moment for the peer's close (Sta13)."""
+        if assoc in self.associations:
+            self.associations.discard(assoc)
+            if self.shared_count is not None:
+                self.shared_count.set(len(self.associations))
+
     def share_counts(self, shared: SharedAssociationCount) -> None:
         """From now on count against *shared*, the listener's counts across processes;
         what this process holds already is counted there first."""

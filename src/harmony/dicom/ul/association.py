@@ -7,7 +7,9 @@ two threads per association that poll with sleeps and watch the socket with
 is PS3.8 §9.2's, reduced to the states a DIMSE application can be in:
 
 ``AWAIT_RQ`` (acceptor, ARTIM running) -> ``ESTABLISHED`` -> ``RELEASING``
-(we sent A-RELEASE-RQ) -> ``CLOSED``; a requestor starts in ``AWAIT_AC``.
+(we sent A-RELEASE-RQ) -> ``CLOSED``; a requestor starts in ``AWAIT_AC``.  ``CLOSED``
+after our own last PDU is Sta13: our side shut, reading on until the peer closes
+(:meth:`Association._close`), so the kernel never resets what we sent.
 
 What arrives is checked before it is kept: a PDU's declared length against the
 limit of the state (:mod:`.pdu`), a command set against
@@ -46,7 +48,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import negotiate_as_requestor
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -66,8 +68,12 @@ AWAIT_RQ, AWAIT_AC, ESTABLISHED, RELEASING, CLOSED = "await-rq", "await-ac", "es
 #: Slack above our advertised maximum PDU: some peers count the PDV header into the
 #: fragment, some do not; refusing a PDU 12 bytes too long helps nobody.
 PDU_SLACK = 64
-#: How long a closing connection may take to flush before it is cut.
+#: How long a connection may stay open after our last PDU (PS3.8 Sta13: the peer reads
+#: it and closes; one that does not, or stops reading, is cut then).
 CLOSE_GRACE_SECS = 5.0
+#: How much a peer may still send after our last PDU (read and dropped: the rest of a data
+#: set on its way) before it is cut at once rather than waited for.
+CLOSE_DRAIN_BYTES = 1 << 20
 
 
 
@@ -245,7 +251,7 @@ class Association(protocol.Protocol):
         self.user_identity = None
         # fires with self once established (requestor & acceptor)
         self.established: defer.Deferred[Association] = defer.Deferred()
-        # fires with the reason (None for a clean release)
+        # fires with the reason (None for a clean release) once the connection is gone
         self.closed: defer.Deferred = defer.Deferred()
         self._command = bytearray()
         self._command_context = None
@@ -264,6 +270,10 @@ class Association(protocol.Protocol):
         self._dimse_timer = None
         self._release_waiter: defer.Deferred | None = None
         self._end_reason: str | None = None
+        #: Whether :meth:`_end` ran (what waited on the association was told).
+        self._ended = False
+        #: Bytes read and dropped since the association ended (:data:`CLOSE_DRAIN_BYTES`).
+        self._drained = 0
         #: What service code worked out once for this association (e.g. which context an instance goes on).
         self.memo: dict = {}
         #: Bytes written during a delivery, sent when it ends (:class:`_Batch`).
@@ -305,12 +315,25 @@ class Association(protocol.Protocol):
         self.state = CLOSED
         self._out = []
         self._cancel_timers()
+        if self._end_reason is None and not self._ended:
+            self._end_reason = _tls_failure(reason)
+        self.settings.connection_lost(self, was)
+        self._end()
+        if not self.closed.called:
+            self.closed.callback(self._end_reason)
+
+    def _end(self) -> None:
+        """The association is over: what waits on it is told, once -- when our last PDU is
+        written (:meth:`_close`; the connection may linger a moment in Sta13) or when
+        the connection is lost, whichever comes first.  ``closed`` waits for the
+        connection (a stopping listener lets its A-ABORTs go out)."""
+        if self._ended:
+            return
+        self._ended = True
         if self._sink is not None:
             self._sink.abort()
             self._sink = None
         self._flow.stopProducing()
-        if self._end_reason is None:
-            self._end_reason = _tls_failure(reason)
         error = AssociationAborted(self._end_reason or "connection closed")
         pending, self._pending = self._pending, {}
         for p in pending.values():
@@ -319,10 +342,8 @@ class Association(protocol.Protocol):
             self.established.errback(Failure(error))
         if self._release_waiter is not None and not self._release_waiter.called:
             self._release_waiter.callback(None)
-        self.settings.connection_lost(self, was)
+        self.settings.association_ended(self)
         self.handler.association_closed(self)
-        if not self.closed.called:
-            self.closed.callback(self._end_reason)
 
     # ------------------------------------------------------------------ timers
 
@@ -408,6 +429,11 @@ class Association(protocol.Protocol):
 
     def dataReceived(self, data: bytes):
         if self.state == CLOSED:
+            # Sta13 (see _close): dropped; a peer that keeps sending is not waited for.
+            drained = self._drained
+            self._drained = drained + len(data)
+            if drained <= CLOSE_DRAIN_BYTES < self._drained:
+                self.transport.abortConnection()
             return
         if self._held is not None:
             self._held.data += data
@@ -466,7 +492,7 @@ class Association(protocol.Protocol):
             self._end_reason = "association rejected"
             self.state = CLOSED
             self.established.errback(Failure(AssociationRejected(result, source, reason)))
-            self._close()
+            self._close(answered=True)
         elif pdu_type == pdu.A_RELEASE_RQ:
             if state not in (ESTABLISHED, RELEASING):
                 raise pdu.PDUError("unexpected A-RELEASE-RQ", reason=0x02)
@@ -479,7 +505,7 @@ class Association(protocol.Protocol):
                 raise pdu.PDUError("unexpected A-RELEASE-RP", reason=0x02)
             self._end_reason = None
             self.state = CLOSED
-            self._close()
+            self._close(answered=True)
         elif pdu_type == pdu.A_ABORT:
             source, reason = pdu.parse_abort(body)
             self._end_reason = f"peer aborted the association (source {source}, reason {reason})"
@@ -946,13 +972,35 @@ class Association(protocol.Protocol):
         self._write(pdu.abort(source=0x02, reason=reason))
         self._close()
 
-    def _close(self):
-        """Close after what is written went out -- but a peer that stops reading
-        cannot hold the connection: it is cut after :data:`CLOSE_GRACE_SECS`."""
+    def _close(self, answered: bool = False):
+        """The association is over: we wrote our last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP,
+        A-ABORT) or, *answered*, read the peer's answer to our request (its RJ or RP).
+
+        PS3.8 has the side that read the answer close the connection (AE-4, AR-3), and
+        the side that sent the last PDU wait for that close, bounded by the ARTIM timer
+        (Sta13).  So after our own last PDU we shut our sending side (a FIN after it;
+        under TLS a close_notify) but go on *reading*, dropping what comes, until the
+        peer closes: closing a socket that has unread bytes makes the kernel answer
+        with a RST instead of a FIN, and a RST throws away what we sent and the network
+        had not delivered yet -- on some systems also what the peer had received but
+        not read -- so the peer would learn of a reset, not of our RJ or A-ABORT.  A
+        peer that never closes (or stops reading) is cut after :data:`CLOSE_GRACE_SECS`,
+        one that sends more than :data:`CLOSE_DRAIN_BYTES` meanwhile (an oversized
+        PDU's "body", a flood) at once; nothing it sends is kept."""
         self._flush_out()
-        self.transport.loseConnection()
         self._cancel_timers()
+        # Our producer would hold back the FIN (and TLS's close_notify) while it is
+        # registered: nothing more is produced for this connection.
+        self.transport.unregisterProducer()
+        half_close = None if answered or _is_tls(self.transport) else \
+            getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:   # TLS: loseConnection sends close_notify and reads on until the peer's
+            # zope's interface methods take no self for mypy (no mypy-zope plug-in).
+            self.transport.loseConnection()  # type: ignore[misc]
         self._idle = self.reactor.callLater(CLOSE_GRACE_SECS, self.transport.abortConnection)
+        self._end()
 
 
 def _ended_meanwhile(failure):
@@ -1015,6 +1063,12 @@ def _tls_failure(reason) -> str | None:
     details = [part for arg in getattr(error, "args", ()) if isinstance(arg, list)
                for entry in arg if isinstance(entry, tuple) for part in entry[-1:] if part]
     return "TLS handshake failed: " + ("; ".join(map(str, details)) or str(error) or type(error).__name__)
+
+
+def _is_tls(transport) -> bool:
+    """Whether *transport* is TLS (whose wrapper lends the TCP transport's
+    ``loseWriteConnection``, which would send a FIN without a close_notify)."""
+    return ISSLTransport.providedBy(transport)
 
 
 def _set_nodelay(transport) -> None:

@@ -41,6 +41,9 @@ class RequestorSettings:
     def association_established(self, assoc):
         pass
 
+    def association_ended(self, assoc):
+        pass
+
 
 class NoRequests:
     """The handler of an association that accepts no requests from the peer."""
