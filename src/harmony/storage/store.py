@@ -986,10 +986,12 @@ class InstanceStore:
     def _checkpoint_if_due(self, waiting=lambda: 0, wait: bool = False) -> None:
         """Checkpoint the index's WAL (PASSIVE) when :data:`CHECKPOINT_COMMITS` commits
         have gone by and nobody *waiting*; see :meth:`_tend_spares`."""
-        if not self._opened or self.closed:
+        if not self._opened or self.closed or self.db.dialect != SQLITE or waiting():
             return
-        if self._commits_since_checkpoint < CHECKPOINT_COMMITS or self.db.dialect != SQLITE or waiting() \
-                or not self._checkpointing.acquire(blocking=wait):
+        # (With *wait*, the lock first: a checkpoint another thread has begun is over when we look.)
+        if not wait and self._commits_since_checkpoint < CHECKPOINT_COMMITS:
+            return
+        if not self._checkpointing.acquire(blocking=wait):
             return
         try:
             if self._commits_since_checkpoint >= CHECKPOINT_COMMITS:
