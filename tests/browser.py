@@ -38,7 +38,12 @@ def make_driver(profile: Path):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    # Chromium makes its singleton-socket folders (org.chromium.Chromium.*) in TMPDIR: inside the
+    # profile, they go when the profile does (they were left in /tmp, one per browser session).
+    scratch = profile / "tmp"
+    scratch.mkdir(exist_ok=True)
+    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": str(scratch)})
+    return webdriver.Chrome(service=service, options=options)
 
 
 class Browser:

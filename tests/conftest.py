@@ -23,6 +23,21 @@ pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _pynetdicom_receives_into_the_runs_folder(tmp_path_factory):
+    """pynetdicom writes each received C-STORE data set to a ``NamedTemporaryFile(delete=False)``
+    in /tmp and removes it only after a C-STORE handler ran: an association that ends mid data
+    set, or a C-GET's sub-operations, left them there (12 ``tmp*.dcm`` a run).  Here they go to
+    the run's own folder instead, which pytest removes."""
+    import functools
+
+    from pynetdicom import dimse_messages
+    real = dimse_messages.NamedTemporaryFile
+    dimse_messages.NamedTemporaryFile = functools.partial(real, dir=tmp_path_factory.mktemp("pynetdicom-received"))
+    yield
+    dimse_messages.NamedTemporaryFile = real
+
+
 @pytest.fixture
 def dead_port():
     """A loopback port where nothing listens for the whole test: bound, never

@@ -102,7 +102,7 @@ class StagedStudyBackend(Backend):
     def send(self, request):
         StagedStudyBackend.calls.append({"metadata": dict(request.metadata), "identifier": request.normalized})
         uid = request.normalized["0020000D"]["Value"][0]
-        staging = Path(tempfile.mkdtemp(prefix="staged-"))
+        staging = Path(tempfile.mkdtemp(prefix="staged-", dir=self.folder.parent))   # the test's folder, not /tmp
         matches = [p for p in sorted(self.folder.rglob("*.dcm")) if read_header(p).study_uid == uid]
         stream = ResultStream()
 

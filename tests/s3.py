@@ -9,6 +9,7 @@ Lance side servers are switched off: they default to fixed ports).  A missing
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -42,7 +43,8 @@ class S3Server:
         p = self.ports
         log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(
-            [str(WEED), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir}", "-volume.max=8",
+            [str(WEED), f"-logdir={self.dir}", "server", f"-s3.localSocket={self.dir / 's3.sock'}",
+             f"-filer.localSocket={self.dir / 'filer.sock'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir}", "-volume.max=8",
              # a restarted master elects itself in a second, not the default ten
              "-master.electionTimeout=1s",
              f"-master.port={p['master']}", f"-master.port.grpc={p['g_master']}",
@@ -50,7 +52,10 @@ class S3Server:
              f"-filer.port={p['filer']}", f"-filer.port.grpc={p['g_filer']}",
              "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={p['g_s3']}", "-s3.port.iceberg=0",
              "-s3.port.lance=0"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+            # -logdir, -*.localSocket, TMPDIR: its glog files and local sockets in its folder, removed
+            # with it (its gRPC sockets are /tmp/seaweedfs-*-grpc-PORT.sock whatever it is told:
+            # stop_server removes ours).
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env={**os.environ, "TMPDIR": str(self.dir)})
         wait_for(self._ready, 60, "SeaweedFS S3", self.proc)
         return self
 
@@ -105,3 +110,6 @@ class S3Server:
     def stop(self):
         self.stop_server()
         shutil.rmtree(self.dir, ignore_errors=True)
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
