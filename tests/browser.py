@@ -41,7 +41,7 @@ def make_driver(profile: Path):
     # Chromium makes its singleton-socket folders (org.chromium.Chromium.*) in TMPDIR: inside the
     # profile, they go when the profile does (they were left in /tmp, one per browser session).
     scratch = profile / "tmp"
-    scratch.mkdir(exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)
     service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": str(scratch)})
     return webdriver.Chrome(service=service, options=options)
 

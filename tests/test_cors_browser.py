@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -21,10 +23,9 @@ from twisted.internet import defer, reactor, threads
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tests.browser import make_driver
 from tests.harness import ECHO, MINIMAL_MAIN, http_pipeline, start_harmony, write_config
-from tests.peers import require
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 def pipelines(origin: str) -> str:
     """The same DICOMweb pipeline behind basic_auth at /dw (CORS for *origin*) and /plain (none)."""
@@ -64,23 +65,20 @@ class Page(Resource):
 
 
 def run_browser(url: str) -> dict:
-    """Load *url* in headless Chromium and wait for the page's verdict (blocking: run in a thread)."""
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    """Load *url* in headless Chromium and wait for the page's verdict (blocking: run in a thread).
+    Its profile is a short folder of its own, removed after (tests.browser.make_driver: Chromium's
+    sockets go inside it, and a socket's path must stay under 108 bytes)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = require(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=require(CHROMEDRIVER)), options=options)
+    profile = Path(tempfile.mkdtemp(prefix="harmony-chromium-"))
+    driver = make_driver(profile)
     try:
         driver.get(url)
         WebDriverWait(driver, 30).until(lambda d: d.title.startswith("done "))
         return json.loads(driver.title[len("done "):])
     finally:
         driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest_twisted.ensureDeferred
