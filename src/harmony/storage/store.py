@@ -292,8 +292,8 @@ class _FlushesBehind:
     """
 
     def __init__(self, after_round=None):
-        #: Called (on this thread) after each round: the store's WAL checkpoint, kept
-        #: off the threads that place and commit instances.
+        #: Called (on this thread) after each round: the store's housekeeping (spare temp
+        #: files, the WAL checkpoint), kept off the thread that places held instances.
         self._after_round = after_round
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -1319,7 +1319,7 @@ class InstanceStore:
         reason = ("full" if f.check(StorageFull) else "invalid" if f.check(InvalidInstance) else "failed")
         self.counters[f"refused_{reason}"] += 1
 
-    def _ingest(self, place, *args, placed_hook=None, threads: WokenThreads | None = None) -> defer.Deferred:
+    def _ingest(self, place, *args, placed_hook=None, held: bool = False) -> defer.Deferred:
         """Place an instance on a storage thread (``place(*args)``) and commit it
         from there with whatever else is waiting (group commit, thread leaders:
         the lone writer commits at once, on the thread that placed it); fires on
@@ -1328,7 +1328,7 @@ class InstanceStore:
         thread and one ``callFromThread`` per committed batch back: no Deferred
         for the placing itself (deferToThreadPool's reactor wake-up per job).
 
-        *threads*: :attr:`held_threads` for an instance held in memory.  That one
+        *held*: an instance held in memory, placed on :attr:`held_threads`.  That one
         thread places the instances of every association in turn, and holds each
         placement for the next one queued (:meth:`GroupCommit.hold`), which commits
         them together: four associations' instances in one commit instead of four,
@@ -1337,8 +1337,7 @@ class InstanceStore:
         +5 to +23 % inst/s in the same rounds (bench/ingest, "C-STORE, session 9")."""
         d: defer.Deferred = defer.Deferred()
         tell = self.reactor.callFromThread
-        threads = self.ingest_threads if threads is None else threads
-        hold = threads is self.held_threads
+        threads = self.held_threads if held else self.ingest_threads
 
         def work():
             try:
@@ -1348,7 +1347,7 @@ class InstanceStore:
             except Exception:  # noqa: BLE001 - the caller's refusal, reported on the reactor
                 tell(d.errback, Failure())
                 return
-            if hold and threads.pending():
+            if held and threads.pending():
                 self.committer.hold(placed, d)   # the next placement commits it (or _tend_held)
             else:
                 self.committer.offer(placed, d)
@@ -1370,8 +1369,7 @@ class InstanceStore:
 
         expect = (instance.sop_class_uid, instance.sop_instance_uid) if instance.unchecked else None
         if instance.data is not None:   # held in memory (a small C-STORE data set): no file of its own yet
-            return self._ingest(self._place_bytes_sync, instance.data, enqueue, now, expect,
-                                threads=self.held_threads)
+            return self._ingest(self._place_bytes_sync, instance.data, enqueue, now, expect, held=True)
         d = self._ingest(self._place_file_sync, instance.path, instance.owned, enqueue, now, instance.parsed, expect,
                          placed_hook=placed)
 
