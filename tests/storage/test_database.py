@@ -112,3 +112,35 @@ def test_one_process_keeps_the_flush_inside_sqlites_commit(tmp_path, monkeypatch
     db.transaction(True, lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
     assert flushed == [] and db._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     db.close()
+
+
+def test_a_checkpoint_lets_the_next_commit_start_the_wal_again_though_frames_were_in_use(tmp_path, monkeypatch):
+    """The WAL stays one size, written over.  Frames the checkpoint could not copy at
+    first (a steady ingest's commits landing while it copied; here a reader's snapshot
+    pins them) are copied in a second pass with the writers held, so the commit after
+    the checkpoint starts the WAL again from its top instead of appending to it (an
+    append's fdatasync also commits ext4's journal: 0.42 against 0.20 ms here)."""
+    path = str(tmp_path / "index.sqlite")
+    db = SqliteDatabase(path)
+    db.create_schema("CREATE TABLE t (b BLOB)", "")
+    blob = b"x" * 40_000
+
+    def put(conn):
+        conn.execute("INSERT INTO t VALUES (?)", (blob,))
+    for _ in range(10):
+        db.transaction(True, put)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchone()   # a snapshot: what comes after it cannot be copied yet
+    db.transaction(True, put)
+    monkeypatch.setattr(database, "_between_passes", lambda: reader.execute("COMMIT"))
+    frames, copied = db.checkpoint()
+    assert frames == copied > 0
+    wal = tmp_path / "index.sqlite-wal"
+    size = wal.stat().st_size
+    db.transaction(True, put)
+    assert wal.stat().st_size == size   # written over its top: the file did not grow
+    frames_now = db.read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1], ())
+    assert 0 < frames_now < frames / 5  # only the last commit's frames: the WAL was started again
+    reader.close()
+    db.close()

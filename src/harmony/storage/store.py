@@ -1004,7 +1004,7 @@ class InstanceStore:
         try:
             if self._commits_since_checkpoint >= CHECKPOINT_COMMITS:
                 self._commits_since_checkpoint = 0
-                self.db.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.db.checkpoint()
                 self.checkpoints += 1
         except sqlite3.Error as e:   # the backstop checkpoints instead; nothing is lost
             log.debug("storage {root}: an idle checkpoint failed: {error}", root=str(self.root), error=str(e))
