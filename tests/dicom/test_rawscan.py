@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from harmony.dicom.files import CorruptDataset, check_complete
+from harmony.dicom import rawscan
 from harmony.dicom.rawscan import ScanDeclined, scan_bytes, scan_file
 from harmony.dicom.ul.datasets import file_meta_bytes
 from harmony.storage.errors import InvalidInstance
@@ -253,6 +254,22 @@ def test_common_instances_are_read_without_pydicom(syntax):
     assert (header["study"], header["series"], header["sop"]) == ("1.2.3", "1.2.3.4", "1.2.826.0.1.3680043.10.1442.9.1")
     assert header["attrs"]["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}]}
     assert '"7FE00010":{"vr":"OW","BulkDataURI"' in header["metadata"]
+
+
+def test_a_value_seen_in_an_earlier_file_reuses_its_json(monkeypatch):
+    """The instances of a series repeat most values: the JSON made for one file's value is
+    the next file's (the same object), and only for the same tag, VR and bytes; the
+    memory of them is bounded."""
+    first, second = scan_bytes(common_instance(EXPLICIT)), scan_bytes(common_instance(EXPLICIT))
+    name = [e for e in first.elements if e.tag == 0x00100010][0], [e for e in second.elements if e.tag == 0x00100010][0]
+    assert second.element_json(name[1]) is first.element_json(name[0])
+    other = scan_bytes(common_instance(EXPLICIT).replace(b"Doe^John", b"Doe^Jane"))
+    assert other.element_json([e for e in other.elements if e.tag == 0x00100010][0])["Value"] == [{"Alphabetic": "Doe^Jane"}]
+    monkeypatch.setattr(rawscan, "_seen_json", {})
+    monkeypatch.setattr(rawscan, "SEEN_VALUES", 3)
+    fresh = scan_bytes(common_instance(EXPLICIT))
+    converted = [fresh.element_json(e) for e in fresh.elements if e.vr not in ("SQ", "OB", "OW")]
+    assert len(converted) > 3 and 0 < len(rawscan._seen_json) <= 3
 
 
 def test_what_pydicom_must_decide_is_left_to_it(tmp_path):

@@ -91,6 +91,13 @@ _HEAD = struct.Struct("<HHI")
 _EXPLICIT_HEAD = struct.Struct("<HH2sH")
 _LONG_LENGTH = struct.Struct("<I")
 _PREAMBLE = 128
+#: Element JSON already made, by (tag, VR, value bytes): the instances of a series, filed one
+#: after another, repeat most of their values (patient, study, series, equipment), and
+#: ``value_json`` of the same bytes is the same JSON.  Shared like a file's own (callers
+#: never change it); bounded in entries and in the values kept (a short value's bytes).
+_seen_json: dict[tuple[int, str, bytes], dict] = {}
+SEEN_VALUES = 4096
+SEEN_VALUE_BYTES = 64
 
 
 class ScannedFile:
@@ -166,9 +173,18 @@ class ScannedFile:
         value = self.value(element)
         if vr in _INLINE_BINARY:
             return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")} if value else {"vr": vr}
+        key = (element.tag, vr, value) if element.length <= SEEN_VALUE_BYTES else None
+        if key is not None:
+            attr = _seen_json.get(key)
+            if attr is not None:
+                return attr
         attr = value_json(element.tag, vr, value)
         if attr is None:
             raise ScanDeclined(f"({element.tag:08X}) {vr}: its value needs pydicom")
+        if key is not None:
+            if len(_seen_json) >= SEEN_VALUES:
+                _seen_json.clear()
+            _seen_json[key] = attr
         return attr
 
     def dataset(self):
