@@ -358,9 +358,13 @@ def test_the_flushes_behind_run_together_and_a_failure_is_its_tasks_own(tmp_path
         assert later[0].result() is None and later[2].result() is None
         assert isinstance(later[1].exception(), OSError)
         assert synced == ["first", "dir:a", "one", "dir:b", "two"]   # folder b: once for the round
+        behind.wait_idle()   # the thread sleeps now: a task wakes it, a stop ends it
+        assert behind.submit([tmp_path / "woken"], []).result(timeout=30) is None
+        behind.wait_idle()
     finally:
         gate.set()
         behind.stop()
+    assert synced[-1] == "woken" and not behind._thread.is_alive()
 
 
 # ---------------------------------------------------------------------- off the C-STORE's way: spares, checkpoints
