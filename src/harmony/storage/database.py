@@ -250,9 +250,14 @@ class SqliteDatabase:
         again over the blocks it already has.  A reader's snapshot can still keep frames
         in use; the WAL then grows until it has gone, as before."""
         conn = self.connection()
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if _between_passes is not None:
             _between_passes()
+        if copied < frames:
+            # A reader's snapshot (or another process's checkpoint) kept frames back: the
+            # WAL cannot start again while it holds, and the second pass, copying all of
+            # them with the writers held, could hold them for a long time.
+            return frames, copied
         with self._write_lock, self._process_lock or _NO_LOCK:
             _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return frames, copied
