@@ -244,8 +244,14 @@ SPREAD: dict = {}
 
 
 class ConnectionsPerProcess:
-    """Which process holds each connection to *port* while the block runs (``ss -tnp``, polled
-    every 10 ms): with ``workers`` the kernel hands a connection to whichever process accepts."""
+    """Which process holds each connection to *port* (``ss -tnp``, polled every 20 ms until the
+    set has held still for :data:`SETTLED_POLLS` polls): with ``workers`` the kernel hands a
+    connection to whichever process accepts.  The row's clients connect once, at its start.
+    Polled all through the row (every 10 ms, as it was until session 10), ``ss -p`` - a walk of
+    every process's descriptors, 100 times a second - took CPU from Harmony's workers rounds on
+    the two shared cores, and only from theirs (Orthanc's rounds are not watched)."""
+
+    SETTLED_POLLS = 10
 
     def __init__(self, port: int | None):
         self.port = port
@@ -263,13 +269,16 @@ class ConnectionsPerProcess:
     def _poll(self):
         import re
         pattern = re.compile(r"127\.0\.0\.1:(\d+)\s+users:\(\(\"[^\"]*\",pid=(\d+)")
-        while not self._stop.wait(0.01):
+        still = 0
+        while still < self.SETTLED_POLLS and not self._stop.wait(0.02):
             out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{self.port} )"],
                                  capture_output=True, text=True).stdout
+            before = dict(self.owner)
             for line in out.splitlines():
                 m = pattern.search(line)
                 if m:
                     self.owner[m.group(1)] = int(m.group(2))
+            still = still + 1 if self.owner and self.owner == before else 0
 
     def __exit__(self, *exc):
         self._stop.set()
