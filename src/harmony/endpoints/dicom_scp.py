@@ -764,11 +764,16 @@ class Operation:
                 if isinstance(result, Failure):
                     done.errback(result)
                     return
-                if assoc.state == "established" and not self.cancelled and (
-                        not dimse.is_failure(stream.status) or not stream.error_comment):
+                if assoc.state == "established" and not self.cancelled:
                     # The final response on the call stack of the stream's end (the
                     # PACS's final response): the client has it a coroutine step sooner.
-                    self.respond_final(dimse.SUCCESS if not dimse.is_failure(stream.status) else stream.status)
+                    status = stream.status
+                    if status == dimse.SUCCESS:   # the usual end, without the category look-ups
+                        self.respond_final(status)
+                    elif not dimse.is_failure(status):
+                        self.respond_final(dimse.SUCCESS)
+                    elif not stream.error_comment:
+                        self.respond_final(status)
                 done.callback(None)
 
         def stop(result):
