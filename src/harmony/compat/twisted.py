@@ -192,5 +192,5 @@ def lean_poll(reactor) -> bool:
             if selectable is not None:
                 dispatch(selectable, fd, event)
 
-    reactor.doPoll = reactor.doIteration = do_poll
+    reactor.doPoll = reactor.doIteration = do_poll  # type: ignore[method-assign]  # per instance, on purpose
     return True
