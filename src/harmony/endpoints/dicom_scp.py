@@ -618,8 +618,11 @@ class Operation:
         return self.assoc.send(self.message.context_id, command, identifier)
 
     def _response_fields(self, status: int, dataset: bool) -> tuple:
-        return (("AffectedSOPClassUID", self.message.command.get("AffectedSOPClassUID", str(
-                self.context.abstract_syntax))), ("CommandField", _RESPONSE_OF[self.message.field]),
+        command = self.message.command
+        sop_class = command.get("AffectedSOPClassUID")
+        if sop_class is None:   # not read from the context when the request says it (every real one)
+            sop_class = str(self.context.abstract_syntax)
+        return (("AffectedSOPClassUID", sop_class), ("CommandField", _RESPONSE_OF[command["CommandField"]]),
                 ("Status", status), ("CommandDataSetType", commands.HAS_DATASET if dataset else commands.NO_DATASET))
 
     def respond_match(self, identifier: bytes) -> None:

@@ -812,12 +812,24 @@ class Association(protocol.Protocol):
             # (a proxied C-FIND's matches and final response go out in one send).
             self._touch()
 
-    def _fragment_size(self) -> int:
+    @property
+    def peer_max_pdu(self) -> int:
+        """The largest PDU the peer receives (0: no limit said), as negotiated."""
+        return self._peer_max_pdu
+
+    @peer_max_pdu.setter
+    def peer_max_pdu(self, value: int) -> None:
+        self._peer_max_pdu = value
         # PDU length = 6 (PDV item header) + fragment; the peer's maximum counts the whole PDU body.
-        peer = self.peer_max_pdu or 0
+        peer = value or 0
         if peer <= 0 or peer > 4 * 1024 * 1024:
             peer = 4 * 1024 * 1024
-        return max(peer - 6, 1)
+        #: The largest data-set fragment a P-DATA PDU to the peer carries, worked out when the
+        #: maximum is set rather than on every message sent (eight times a proxied C-FIND).
+        self.max_fragment = max(peer - 6, 1)
+
+    def _fragment_size(self) -> int:
+        return self.max_fragment
 
     def send(self, context_id: int, command: dict | bytes, dataset=None, more: bool = False) -> defer.Deferred:
         """Send one message (*dataset*: ``None``, bytes, or a :class:`FileDataset`); fires once written.
@@ -856,7 +868,7 @@ class Association(protocol.Protocol):
         (a C-FIND's pending responses, one per match: framing the same command again
         and cutting a small data set into fragments were most of relaying a match)."""
         if self.state == ESTABLISHED and not self._sending and not self._send_queue and \
-                len(dataset) <= self._fragment_size():
+                len(dataset) <= self.max_fragment:
             self._write_many([framed, pdu.pdata(context_id, 0x02, dataset)], more)
         else:
             self.post(context_id, command, dataset, more)
@@ -963,7 +975,7 @@ class Association(protocol.Protocol):
         self._write(self._command_pdus(context_id, command_bytes), more)
 
     def _command_pdus(self, context_id: int, command_bytes: bytes) -> bytes:
-        size = self._fragment_size()
+        size = self.max_fragment
         if len(command_bytes) <= size:
             return pdu.pdata(context_id, 0x03, command_bytes)
         return b"".join(pdu.pdata(context_id, 0x03 if start + size >= len(command_bytes) else 0x01,
@@ -972,7 +984,7 @@ class Association(protocol.Protocol):
 
     def _write_data(self, context_id: int, data: bytes, more: bool = False, head: bytes | None = None):
         """The data set's P-DATA PDUs, after *head* (its command's PDUs) when given."""
-        size = self._fragment_size()
+        size = self.max_fragment
         view = memoryview(data)
         n = len(data)
         chunks = [head] if head is not None else []
