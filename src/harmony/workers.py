@@ -338,8 +338,10 @@ def worker_main(argv) -> int:
         watch.startReading()
 
         def up(_):
+            from harmony.compat.twisted import lean_poll
             from harmony.service import settle_heap
             settle_heap()
+            lean_poll(reactor)
             log.info("worker {index} (pid {pid}) serving {networks}", index=args.index, pid=os.getpid(),
                      networks=", ".join(sorted(fds) + [f"dimse:{name}" for name in sorted(dimse)]))
 

@@ -433,6 +433,21 @@ def test_deadlines_share_one_timer_and_expire_what_was_not_moved_on():
     deadlines.set("shorter", 0.5, lambda: expired.append("shorter"))
     clock.advance(0.5)
     assert expired[-1] == "shorter"
+    clock.advance(1)
+    # Moved on with the timeout it was set with, a deadline only moves later (the timer is not
+    # looked at); moved with a shorter one, the timer is brought forward.
+    deadlines.set("a", 10, lambda: expired.append("a"))
+    clock.advance(1)
+    deadlines.move("a", 2)          # sooner than the timer is set for
+    clock.advance(2)
+    assert expired[-1] == "a"
+    deadlines.set("b", 10, lambda: expired.append("b"))
+    clock.advance(5)
+    deadlines.move("b", 10)
+    clock.advance(9)
+    assert expired[-1] == "a"
+    clock.advance(1)
+    assert expired[-1] == "b" and len(deadlines) == 0 and not clock.getDelayedCalls()
 
 
 # ---------------------------------------------------------------------- C-STORE data sets held in memory

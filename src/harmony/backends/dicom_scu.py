@@ -236,7 +236,8 @@ class Job:
         error, not the end of the query)."""
         self.items += 1
         self.stream.put_encoded(data, transfer_syntax, datasets.ReceivedIdentifier)
-        self._ready_soon()
+        if not self._ready_put_off:   # after a delivery's first match, nothing more to arrange
+            self._ready_soon()
 
     def counts(self, command: dict):
         self.stream.set_counts(command.get("NumberOfRemainingSuboperations"),
@@ -867,9 +868,11 @@ class DicomScuBackend(Backend):
         msg_id = self._next_msg_id()
         cancelled = self._cancel_on(assoc, job, cid, sop_class, msg_id)
 
-        def pending(message):
-            if message.dataset is not None and not job.stream.cancelled:
-                job.put_encoded(message.dataset, syntax)
+        def pending(data: bytes):
+            # A match's bytes (the association makes no message for a match whose command
+            # repeats the last one's: bench/dimse, C-FIND).
+            if not job.stream.cancelled:
+                job.put_encoded(data, syntax)
 
         def final(response):
             # On the call stack of the PACS's final response, not a coroutine step
@@ -878,7 +881,7 @@ class DicomScuBackend(Backend):
             return not cancelled
 
         command = commands.encode_with_id(fields, "MessageID", msg_id)
-        answered = assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending=pending,
+        answered = assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending_data=pending,
                                  message_id=msg_id).addCallback(final)
         listener = job.request.state.dicom.results_listener
         if listener is not None:

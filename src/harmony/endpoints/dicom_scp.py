@@ -501,7 +501,7 @@ class Deadlines:
     def set(self, key, seconds: float, on_expiry) -> None:
         """Call *on_expiry* unless *key* is moved on or dropped within *seconds*."""
         deadline = self.reactor.seconds() + seconds
-        self._entries[key] = [deadline, on_expiry]
+        self._entries[key] = [deadline, on_expiry, seconds]
         self._arm(deadline)
 
     def move(self, key, seconds: float) -> None:
@@ -509,9 +509,14 @@ class Deadlines:
         entry = self._entries.get(key)
         if entry is not None:
             entry[0] = deadline = self.reactor.seconds() + seconds
-            timer = self._timer
-            if timer is not None and timer.active() and timer.getTime() > deadline:
-                timer.reset(seconds)   # only when moved sooner (a shorter timeout)
+            if seconds < entry[2]:
+                # Moved sooner than the timer may be set for (a shorter timeout than it was
+                # set with); with the same timeout it only moves later, and the timer finds
+                # it still waiting when it fires (per match, no look at the timer).
+                entry[2] = seconds
+                timer = self._timer
+                if timer is not None and timer.active() and timer.getTime() > deadline:
+                    timer.reset(seconds)
 
     def drop(self, key) -> None:
         self._entries.pop(key, None)
@@ -529,15 +534,15 @@ class Deadlines:
     def _expire(self) -> None:
         self._timer = None
         now = self.reactor.seconds()
-        expired = [key for key, (deadline, _call) in self._entries.items() if deadline <= now]
+        expired = [key for key, (deadline, _call, _seconds) in self._entries.items() if deadline <= now]
         for key in expired:
-            _deadline, call = self._entries.pop(key)
+            _deadline, call, _seconds = self._entries.pop(key)
             try:
                 call()
             except Exception:
                 log.failure("dicom_scp: an operation's timeout handler failed")
         if self._entries:
-            self._arm(min(deadline for deadline, _call in self._entries.values()))
+            self._arm(min(deadline for deadline, _call, _seconds in self._entries.values()))
 
 
 class Operation:
@@ -613,19 +618,25 @@ class Operation:
         return self.assoc.send(self.message.context_id, command, identifier)
 
     def _response_fields(self, status: int, dataset: bool) -> tuple:
-        return (("AffectedSOPClassUID", self.message.command.get("AffectedSOPClassUID", str(
-                self.context.abstract_syntax))), ("CommandField", _RESPONSE_OF[self.message.field]),
+        command = self.message.command
+        sop_class = command.get("AffectedSOPClassUID")
+        if sop_class is None:   # not read from the context when the request says it (every real one)
+            sop_class = str(self.context.abstract_syntax)
+        return (("AffectedSOPClassUID", sop_class), ("CommandField", _RESPONSE_OF[command["CommandField"]]),
                 ("Status", status), ("CommandDataSetType", commands.HAS_DATASET if dataset else commands.NO_DATASET))
 
     def respond_match(self, identifier: bytes) -> None:
         """A pending C-FIND response with *identifier*: the same command every time, encoded once."""
-        pending = self._pending_command
-        if pending is None:
-            command = commands.encode_with_id(self._response_fields(dimse.PENDING, True),
-                                              "MessageIDBeingRespondedTo", self.message.message_id)
-            pending = self._pending_command = (command, self.assoc.command_pdus(self.message.context_id, command))
+        pending = self._pending_command or self._frame_pending()
         # more: the next match, or the final response, follows; they go out together.
         self.assoc.post_framed(self.message.context_id, pending[0], pending[1], identifier, more=True)
+
+    def _frame_pending(self) -> tuple[bytes, bytes]:
+        """The pending response's command, encoded and framed (once per operation)."""
+        command = commands.encode_with_id(self._response_fields(dimse.PENDING, True),
+                                          "MessageIDBeingRespondedTo", self.message.message_id)
+        pending = self._pending_command = (command, self.assoc.command_pdus(self.message.context_id, command))
+        return pending
 
     def respond_final(self, status: int) -> None:
         """The final response of a C-FIND that ended without a comment to send (Success,
@@ -703,6 +714,7 @@ class Operation:
         done = self._waiter = defer.Deferred()
         syntax = self.transfer_syntax
         assoc = self.assoc
+        context_id = self.message.context_id
 
         def relaying() -> bool:
             """Whether a match that came now is sent (the backend was heard: its silence timer restarts)."""
@@ -720,8 +732,18 @@ class Operation:
         def on_encoded(data: bytes):
             # A match as the PACS sent it, in our syntax: on as those bytes -- what
             # on_match sends for a match nobody looked into, without a Dataset made.
-            if relaying():
-                self.respond_match(data)
+            # relaying() and respond_match() inlined: this runs for every match.
+            if done.called:
+                return
+            if assoc.state != "established":
+                done.callback(CANCELLED)
+                return
+            if deadlines is not None:
+                deadlines.move(self, timeout)
+            else:
+                timer.reset(timeout)
+            pending = self._pending_command or self._frame_pending()
+            assoc.post_framed(context_id, pending[0], pending[1], data, more=True)
 
         def on_match(item):
             if not relaying():
@@ -745,11 +767,16 @@ class Operation:
                 if isinstance(result, Failure):
                     done.errback(result)
                     return
-                if assoc.state == "established" and not self.cancelled and (
-                        not dimse.is_failure(stream.status) or not stream.error_comment):
+                if assoc.state == "established" and not self.cancelled:
                     # The final response on the call stack of the stream's end (the
                     # PACS's final response): the client has it a coroutine step sooner.
-                    self.respond_final(dimse.SUCCESS if not dimse.is_failure(stream.status) else stream.status)
+                    status = stream.status
+                    if status == dimse.SUCCESS:   # the usual end, without the category look-ups
+                        self.respond_final(status)
+                    elif not dimse.is_failure(status):
+                        self.respond_final(dimse.SUCCESS)
+                    elif not stream.error_comment:
+                        self.respond_final(status)
                 done.callback(None)
 
         def stop(result):

@@ -412,3 +412,71 @@ def test_a_command_and_its_data_set_leave_in_one_write_outside_a_delivery():
     assert data_pdu.endswith(data)
     pump(client, ct, server, st)
     assert answers and answers[0].command["Status"] == 0 and len(handler.stored) == 1
+
+
+def _find_rsp(message_id, status, dataset=True):
+    return commands.encode({"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": 0x8020,
+                            "MessageIDBeingRespondedTo": message_id, "Status": status,
+                            "CommandDataSetType": commands.HAS_DATASET if dataset else commands.NO_DATASET})
+
+
+def test_repeated_pending_responses_are_taken_as_their_data_sets_without_a_decode(monkeypatch):
+    """A C-FIND's matches: every pending response the same command, then a data set.  With
+    ``on_pending_data`` the first is decoded; a command PDU with the same bytes again is
+    that response again -- its data set goes on as bytes, no command decoded, no message
+    made (bench/dimse, C-FIND).  Any other shape (a data set in two fragments, another
+    status, the command and data set in one PDU) still arrives whole and in order."""
+    clock, factory, server, st, client, ct = established_pair()
+    got, finals = [], []
+    client.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_FIND_RQ,
+                       "Priority": 0}, b"", on_pending_data=got.append,
+                   on_pending=lambda m: got.append(("message", m))).addCallback(finals.append)
+    message_id = 1
+    pending, warning = _find_rsp(message_id, 0xFF00), _find_rsp(message_id, 0xFF01)
+    decoded = []
+    real_decode = commands.decode
+    monkeypatch.setattr(commands, "decode", lambda data: decoded.append(1) or real_decode(data))
+    matches = [bytes([i]) * (10 + i) for i in range(7)]
+    wire = [pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x02, matches[0]),    # learnt here
+            pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x02, matches[1]),    # repeats: no decode
+            pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x00, matches[2][:5]) + pdu.pdata(1, 0x02, matches[2][5:]),
+            pdu.pdata(1, 0x03, warning) + pdu.pdata(1, 0x02, matches[3]),    # another status: decoded
+            pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x02, matches[4]),
+            pdu.header(pdu.P_DATA_TF, 2 * 6 + len(pending) + len(matches[5])) +  # both PDVs in one PDU
+            struct.pack(">IBB", len(pending) + 2, 1, 0x03) + pending +
+            struct.pack(">IBB", len(matches[5]) + 2, 1, 0x02) + matches[5],
+            pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x02, matches[6]),
+            pdu.pdata(1, 0x03, _find_rsp(message_id, 0, dataset=False))]
+    client.dataReceived(b"".join(wire[:2]))
+    assert got == matches[:2] and len(decoded) == 1
+    for data in wire[2:]:
+        client.dataReceived(data)
+    assert got == matches and all(type(g) is bytes for g in got)
+    assert finals and finals[0].command["Status"] == 0
+    # decoded: the first; the one whose data set came in two fragments (its command matched, then decoded
+    # when the data set did not come whole); the warning, learnt in turn; the pending after it; the
+    # two-PDV PDU; the final -- not matches[1] nor matches[6], repeats of the command last learnt.
+    assert len(decoded) == 6
+    assert client._repeat is None                    # forgotten with the request
+
+
+def test_a_response_data_set_is_kept_by_the_association_not_a_handlers_sink():
+    """A response's data set is an identifier we asked for: the association keeps it (in one
+    fragment, as that fragment's bytes); the handler's sinks are for requests' data sets."""
+
+    class NoResponseSinks(EchoStoreHandler):
+        def dataset_sink(self, assoc, context_id, command):
+            assert not command["CommandField"] & commands.RESPONSE_BIT, "a sink asked for a response"
+            return super().dataset_sink(assoc, context_id, command)
+
+    clock, factory = acceptor()
+    server, st = connect(factory)
+    client, ct = requestor(clock, handler=NoResponseSinks())
+    pump(client, ct, server, st)
+    got = []
+    client.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_FIND_RQ,
+                       "Priority": 0}, b"", on_pending=got.append).addCallback(got.append)
+    client.dataReceived(pdu.pdata(1, 0x03, _find_rsp(1, 0xFF00)) + pdu.pdata(1, 0x00, b"ab") +
+                        pdu.pdata(1, 0x02, b"cd") + pdu.pdata(1, 0x03, _find_rsp(1, 0xFF00)) +
+                        pdu.pdata(1, 0x02, b"ef") + pdu.pdata(1, 0x03, _find_rsp(1, 0, dataset=False)))
+    assert [m.dataset for m in got] == [b"abcd", b"ef", None] and client.state == ESTABLISHED

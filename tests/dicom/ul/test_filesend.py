@@ -194,3 +194,23 @@ async def test_a_peer_that_stops_reading_holds_the_sender_to_a_block(tmp_path, m
         await assoc.release()
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requestors_reads_reach_the_association_without_the_endpoints_wrapper():
+    """Once connected, the transport delivers to the association itself: the client
+    endpoint's wrapper only passed each read (and the end) on, one call a read on
+    every pooled association (bench/dimse, C-FIND); reads and the end still arrive."""
+    handler = EchoStoreHandler()
+    settings = AcceptorSettings("HARMONY", CONTEXTS, AcceptorLimits())
+    port = reactor.listenTCP(0, AcceptorFactory(settings, handler, reactor), interface="127.0.0.1")
+    try:
+        assoc = await associate(reactor, "127.0.0.1", port.getHost().port, RequestorSettings(local_aet="SCU"),
+                                "HARMONY", CONTEXTS)
+        assert assoc.transport.protocol is assoc
+        response = await assoc.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": 0x0030})
+        assert response.command["Status"] == 0
+        await assoc.release()
+        assert (await assoc.closed) is None        # the connection's end reached the association too
+    finally:
+        await port.stopListening()

@@ -55,6 +55,7 @@ from zope.interface import implementer
 from harmony.compat.twisted import direct_socket, flush_buffered, send_now
 from harmony.dicom import status as dimse
 from harmony.dicom.ul import commands, filesend, pdu
+from harmony.dicom.ul.datasets import MAX_IDENTIFIER_BYTES, MemorySink
 from harmony.log import get_logger
 
 log = get_logger("harmony.dicom.ul")
@@ -74,6 +75,9 @@ CLOSE_GRACE_SECS = 5.0
 #: How much a peer may still send after our last PDU (read and dropped: the rest of a data
 #: set on its way) before it is cut at once rather than waited for.
 CLOSE_DRAIN_BYTES = 1 << 20
+#: Largest data set a response may carry (received by the association itself, not a handler's
+#: sink: a response's data set is an identifier -- a C-FIND match, a failed-UID list).
+MAX_RESPONSE_DATASET = MAX_IDENTIFIER_BYTES
 
 
 
@@ -215,11 +219,13 @@ class _Pending:
     """A request we sent, waiting for its response(s); *deadline*: when the DIMSE
     timeout runs out (``None``: never), moved on by each pending response."""
 
-    __slots__ = ("deferred", "on_pending", "timeout", "deadline")
+    __slots__ = ("deferred", "on_pending", "on_pending_data", "timeout", "deadline")
 
-    def __init__(self, on_pending, timeout: float | None, now: float):
+    def __init__(self, on_pending, timeout: float | None, now: float, on_pending_data=None):
         self.deferred: defer.Deferred = defer.Deferred()
         self.on_pending = on_pending
+        #: Takes a pending response's data set (bytes) instead of *on_pending* taking the message.
+        self.on_pending_data = on_pending_data
         self.timeout = timeout or None
         self.deadline = now + timeout if timeout else None
 
@@ -283,6 +289,15 @@ class Association(protocol.Protocol):
         self.admission: defer.Deferred | None = None
         #: While a decision is awaited: what arrived meanwhile (:meth:`_hold`).
         self._held: _Held | None = None
+        #: A P-DATA-TF PDU holding a command whole, as received (:meth:`_on_pdata`): what a
+        #: pending response's command is learnt from.
+        self._command_pdu = None
+        #: ``(command PDU, context id, _Pending, message id)``: the pending response a request with
+        #: ``on_pending_data`` was last sent; a PDU with the same bytes is that response
+        #: again, its data set taken without a decode (:meth:`_on_pending_pdu`).
+        self._repeat: tuple | None = None
+        #: The last PDU was that repeated command: its data set is expected next.
+        self._repeat_next = False
 
     # ------------------------------------------------------------------ connection
 
@@ -330,6 +345,7 @@ class Association(protocol.Protocol):
         if self._ended:
             return
         self._ended = True
+        self._repeat = None
         if self._sink is not None:
             self._sink.abort()
             self._sink = None
@@ -456,6 +472,8 @@ class Association(protocol.Protocol):
             else:
                 pdus = self.framer.feed(data)
             for index, (pdu_type, body) in enumerate(pdus):
+                if self._repeat is not None and pdu_type == pdu.P_DATA_TF and self._on_pending_pdu(body):
+                    continue   # a match's PDU taken in two calls fewer (only set while established)
                 self._on_pdu(pdu_type, body)
                 if self.state == CLOSED:
                     return
@@ -535,6 +553,8 @@ class Association(protocol.Protocol):
                     if len(fragment) > commands.MAX_COMMAND_BYTES:
                         raise pdu.PDUError("command set over the limit", reason=0x06)
                     command = commands.decode(bytes(fragment))
+                    if end == 4 + item_length and command["CommandField"] & commands.RESPONSE_BIT:
+                        self._command_pdu = body   # a response's command alone in its PDU: see _dispatch
                 elif self._command_context is not None and self._command_context != context_id:
                     raise pdu.PDUError("command fragments on two presentation contexts", reason=0x02)
                 else:
@@ -550,25 +570,70 @@ class Association(protocol.Protocol):
                 message = Message(context_id, command)
                 if commands.has_dataset(command):
                     self._incoming = message
-                    self._sink = self.handler.dataset_sink(self, context_id, command)
+                    # A response's data set is an identifier we asked for (a C-FIND match, a
+                    # retrieve's failed-UID list): kept here, not by a sink of the handler's
+                    # (None until a second fragment needs one; see below).
+                    self._sink = (None if command["CommandField"] & commands.RESPONSE_BIT
+                                  else self.handler.dataset_sink(self, context_id, command))
                 else:
                     self._dispatch(message)
             else:                                    # data set fragment
                 message = self._incoming
                 if message is None or message.context_id != context_id:
                     raise pdu.PDUError("data set fragment without its command", reason=0x02)
-                self._sink.write(fragment)
+                sink = self._sink
+                if sink is None:
+                    if control & 0x02 and len(fragment) <= MAX_RESPONSE_DATASET:
+                        # A response's data set in one fragment (every C-FIND match a PACS sends):
+                        # its bytes, with no sink made, written to and closed, per match (bench/dimse).
+                        self._incoming = None
+                        message.dataset = bytes(fragment)
+                        self._dispatch(message)
+                        continue
+                    sink = self._sink = MemorySink(MAX_RESPONSE_DATASET)
+                sink.write(fragment)
                 if control & 0x02:
-                    sink, self._sink, self._incoming = self._sink, None, None
+                    self._sink = self._incoming = None
                     message.dataset = sink.close()
                     message.sink = sink
                     self._dispatch(message)
+
+    def _on_pending_pdu(self, body) -> bool:
+        """A PDU of the pending response last seen (``_repeat``) taken without the PDV loop,
+        command decode, :class:`Message` and dispatch: its command PDU by comparing bytes,
+        then its data set, whole in the next PDU, handed to ``on_pending_data``.  A C-FIND's
+        matches are such pairs, every one the same command (bench/dimse, C-FIND: most of
+        relaying a match was receiving it).  ``False``: not such a PDU, for :meth:`_on_pdata`."""
+        command_pdu, context_id, waiting, responding_to = self._repeat
+        if self._repeat_next:
+            self._repeat_next = False
+            n = len(body)
+            if (n >= 6 and body[5] == 0x02 and body[4] == context_id and n <= MAX_RESPONSE_DATASET
+                    and pdu.PDV_ITEM.unpack_from(body)[0] + 4 == n):
+                # The data set, last fragment, alone in its PDU: the pending response is whole.
+                if waiting.timeout is not None:
+                    waiting.deadline = self.reactor.seconds() + waiting.timeout
+                waiting.on_pending_data(bytes(body[6:]))
+                return True
+            # Anything else goes on as if the command had come the usual way.
+            self._command_pdu = None
+            self._incoming = Message(context_id, commands.decode(command_pdu[6:]))
+            self._sink = None
+            return False
+        if body == command_pdu and self._incoming is None and self._command_context is None:
+            if self._pending.get(responding_to) is not waiting:
+                self._repeat = None   # that request ended (its DIMSE timeout): the usual way, and its warning
+                return False
+            self._repeat_next = True
+            return True
+        return False
 
     def _dispatch(self, message: Message):
         command = message.command
         if command["CommandField"] & commands.RESPONSE_BIT:   # commands.is_response, inlined: per message
             responding_to = command.get("MessageIDBeingRespondedTo")
             waiting = self._pending.get(responding_to)
+            command_pdu, self._command_pdu = self._command_pdu, None
             if waiting is None:
                 log.warn("dicom ul: {field} answers message {mid}, which is not outstanding",
                          field=commands.NAMES.get(message.field, hex(message.field)), mid=responding_to)
@@ -577,10 +642,17 @@ class Association(protocol.Protocol):
             if status == dimse.PENDING or status == dimse.PENDING_WARNING:   # dimse.is_pending, inlined: per match
                 if waiting.timeout is not None:
                     waiting.deadline = self.reactor.seconds() + waiting.timeout
-                if waiting.on_pending is not None:
+                if waiting.on_pending_data is not None and message.dataset is not None:
+                    if command_pdu is not None:
+                        # The next pending response of this request is likely these bytes again.
+                        self._repeat = (bytes(command_pdu), message.context_id, waiting, responding_to)
+                    waiting.on_pending_data(message.dataset)
+                elif waiting.on_pending is not None:
                     waiting.on_pending(message)
                 return
             del self._pending[responding_to]
+            if self._repeat is not None and self._repeat[2] is waiting:
+                self._repeat = None
             waiting.deferred.callback(message)
             return
         try:
@@ -736,13 +808,28 @@ class Association(protocol.Protocol):
             self._out = []
             if self.transport is not None:
                 send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            # Activity for the idle timer once per send, not once per message written
+            # (a proxied C-FIND's matches and final response go out in one send).
+            self._touch()
 
-    def _fragment_size(self) -> int:
+    @property
+    def peer_max_pdu(self) -> int:
+        """The largest PDU the peer receives (0: no limit said), as negotiated."""
+        return self._peer_max_pdu
+
+    @peer_max_pdu.setter
+    def peer_max_pdu(self, value: int) -> None:
+        self._peer_max_pdu = value
         # PDU length = 6 (PDV item header) + fragment; the peer's maximum counts the whole PDU body.
-        peer = self.peer_max_pdu or 0
+        peer = value or 0
         if peer <= 0 or peer > 4 * 1024 * 1024:
             peer = 4 * 1024 * 1024
-        return max(peer - 6, 1)
+        #: The largest data-set fragment a P-DATA PDU to the peer carries, worked out when the
+        #: maximum is set rather than on every message sent (eight times a proxied C-FIND).
+        self.max_fragment = max(peer - 6, 1)
+
+    def _fragment_size(self) -> int:
+        return self.max_fragment
 
     def send(self, context_id: int, command: dict | bytes, dataset=None, more: bool = False) -> defer.Deferred:
         """Send one message (*dataset*: ``None``, bytes, or a :class:`FileDataset`); fires once written.
@@ -781,9 +868,8 @@ class Association(protocol.Protocol):
         (a C-FIND's pending responses, one per match: framing the same command again
         and cutting a small data set into fragments were most of relaying a match)."""
         if self.state == ESTABLISHED and not self._sending and not self._send_queue and \
-                len(dataset) <= self._fragment_size():
+                len(dataset) <= self.max_fragment:
             self._write_many([framed, pdu.pdata(context_id, 0x02, dataset)], more)
-            self._touch()
         else:
             self.post(context_id, command, dataset, more)
 
@@ -794,7 +880,6 @@ class Association(protocol.Protocol):
             # The command and its data set in one write: outside a delivery (a C-FIND
             # sent for a DICOMweb query) they went out as two sends, two wake-ups of the PACS.
             self._write_data(context_id, dataset, more, head=self._command_pdus(context_id, command))
-        self._touch()
 
     def flush(self) -> None:
         """Put what was sent so far on the wire now rather than at the reactor's next
@@ -805,10 +890,14 @@ class Association(protocol.Protocol):
         flush_buffered(self.transport)
 
     def request(self, context_id: int, command: dict | bytes, dataset=None, on_pending=None,
-                timeout: float | None = None, message_id: int | None = None) -> defer.Deferred:
+                timeout: float | None = None, message_id: int | None = None,
+                on_pending_data=None) -> defer.Deferred:
         """Send a request; fires with its final response :class:`Message`.
 
         Pending responses (0xFF00/0xFF01) go to *on_pending* and restart the DIMSE timer.
+        *on_pending_data* instead takes the data set (bytes) of each pending response
+        that has one (a C-FIND's matches): no message is made for a pending response
+        whose command is the same bytes as the last one's (:meth:`_on_pending_pdu`).
         *command* may be already encoded (:func:`.commands.encode_with_id`), with its
         *message_id* given.
         """
@@ -821,7 +910,7 @@ class Association(protocol.Protocol):
                 message_id = self.next_message_id()
                 command = dict(command, MessageID=message_id)
         timeout = self.settings.dimse_timeout if timeout is None else timeout
-        waiting = _Pending(on_pending, timeout, self.reactor.seconds())
+        waiting = _Pending(on_pending, timeout, self.reactor.seconds(), on_pending_data)
         self._pending[message_id] = waiting
         if waiting.deadline is not None:
             self._arm_dimse(waiting.deadline)
@@ -886,7 +975,7 @@ class Association(protocol.Protocol):
         self._write(self._command_pdus(context_id, command_bytes), more)
 
     def _command_pdus(self, context_id: int, command_bytes: bytes) -> bytes:
-        size = self._fragment_size()
+        size = self.max_fragment
         if len(command_bytes) <= size:
             return pdu.pdata(context_id, 0x03, command_bytes)
         return b"".join(pdu.pdata(context_id, 0x03 if start + size >= len(command_bytes) else 0x01,
@@ -895,7 +984,7 @@ class Association(protocol.Protocol):
 
     def _write_data(self, context_id: int, data: bytes, more: bool = False, head: bytes | None = None):
         """The data set's P-DATA PDUs, after *head* (its command's PDUs) when given."""
-        size = self._fragment_size()
+        size = self.max_fragment
         view = memoryview(data)
         n = len(data)
         chunks = [head] if head is not None else []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import attr
 from pynetdicom.pdu_primitives import A_ASSOCIATE, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 from harmony.dicom.ul.association import APPLICATION_CONTEXT, Association
@@ -111,5 +111,10 @@ async def associate(reactor, host: str, port: int, settings: RequestorSettings, 
         return Association(settings, assoc_handler, reactor, requestor=primitive)
 
     assoc = await endpoint.connect(_Factory(build))  # type: ignore[arg-type]  # Factory's zope IProtocolFactory, as above
+    transport = assoc.transport
+    if isinstance(transport, tcp.Connection) and getattr(transport.protocol, "_wrappedProtocol", None) is assoc:
+        # The endpoint's wrapper only passes each read (and the end) on: the association
+        # takes them itself, a call less per read on every pooled association (bench/dimse).
+        transport.protocol = assoc
     await assoc.established
     return assoc
