@@ -38,6 +38,38 @@ def _pynetdicom_receives_into_the_runs_folder(tmp_path_factory):
     dimse_messages.NamedTemporaryFile = real
 
 
+#: The run's folder (pytest's base temp), for pytest_sessionfinish.
+_RUNS_FOLDER: list = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_runs_folder(tmp_path_factory):
+    _RUNS_FOLDER.append(tmp_path_factory.getbasetemp())
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A green run leaves nothing in /tmp; a red one keeps its folder to look into.
+
+    pytest keeps the folders of the last three runs (``/tmp/pytest-of-<user>``): ~530 MB
+    after a full run (stores, archives, peers' folders) left on every machine the suite ran
+    on, CI's included.  Every fixture has been torn down by now (peers stopped).  A
+    ``--basetemp`` given on the command line is the caller's and stays."""
+    if exitstatus != 0 or not _RUNS_FOLDER or session.config.getoption("basetemp"):
+        return
+    import shutil
+    folder = _RUNS_FOLDER[0]
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent   # pytest-of-<user>
+    current = parent / f"{folder.name.rsplit('-', 1)[0]}-current"
+    if current.is_symlink() and current.resolve(strict=False) == folder:
+        current.unlink()
+    try:
+        parent.rmdir()   # only when nothing else (an earlier run's folder) is in it
+    except OSError:
+        pass
+
+
 @pytest.fixture
 def dead_port():
     """A loopback port where nothing listens for the whole test: bound, never
