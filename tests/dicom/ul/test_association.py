@@ -2,6 +2,8 @@
 
 import struct
 
+import pytest
+
 from harmony.dicom.ul import commands, pdu
 from harmony.dicom.ul.acceptor import AcceptorLimits
 from harmony.dicom.ul.association import (
@@ -480,3 +482,26 @@ def test_a_response_data_set_is_kept_by_the_association_not_a_handlers_sink():
                         pdu.pdata(1, 0x02, b"cd") + pdu.pdata(1, 0x03, _find_rsp(1, 0xFF00)) +
                         pdu.pdata(1, 0x02, b"ef") + pdu.pdata(1, 0x03, _find_rsp(1, 0, dataset=False)))
     assert [m.dataset for m in got] == [b"abcd", b"ef", None] and client.state == ESTABLISHED
+
+
+@pytest.mark.parametrize("repeated", [False, True])
+def test_a_response_data_set_over_the_limit_aborts_the_association(monkeypatch, repeated):
+    """A hostile or broken PACS's match that never ends: the association keeps a response's
+    data set itself (no handler sink caps it), so it is cut at MAX_RESPONSE_DATASET, in
+    fragments or in one, and whether its command came the usual way or as a repeat of the
+    last one (taken without a decode) -- the association is aborted, nothing grows."""
+    from harmony.dicom.ul import association as association_module
+    monkeypatch.setattr(association_module, "MAX_RESPONSE_DATASET", 8)
+    clock, factory, server, st, client, ct = established_pair()
+    got = []
+    client.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_FIND_RQ,
+                       "Priority": 0}, b"", on_pending_data=got.append).addErrback(lambda _: None)
+    pending = _find_rsp(1, 0xFF00)
+    if repeated:
+        client.dataReceived(pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x02, b"small"))   # learnt
+        assert got == [b"small"] and client._repeat is not None
+        client.dataReceived(pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x02, b"x" * 9))   # one fragment, too big
+    else:
+        client.dataReceived(pdu.pdata(1, 0x03, pending) + pdu.pdata(1, 0x00, b"x" * 5) + pdu.pdata(1, 0x00, b"y" * 5))
+    assert client.state == CLOSED and ct.value().endswith(pdu.abort(2, 0))
+    assert got == ([b"small"] if repeated else [])
