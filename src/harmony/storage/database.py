@@ -241,7 +241,8 @@ class SqliteDatabase:
         with every frame already copied into the database.  One PASSIVE checkpoint beside
         a steady ingest never got there - commits kept landing while it copied - so the
         WAL only grew, to the backstop (~33 MB), and every commit appended to it: new
-        blocks and a new size, which ext4 makes durable with a journal commit of its own.
+        blocks and a new size, metadata the sync must make durable too (ext4 without a
+        journal, as here, writes the inode block synchronously; with one, a journal commit).
         An `fdatasync` of 42 KB appended took 0.42 ms at the median here, of the same
         bytes over blocks already written 0.20 ms (docs/architecture.md, "The index's WAL
         started again").  So the bulk is copied with commits running, then what committed

@@ -174,9 +174,11 @@ class _SpareTemps:
     threads with nothing else to do - so that neither is on an instance's way to its
     acknowledgement.
 
-    Creating a file waits whenever the file system commits somebody's sync (the
-    index's WAL, the flushes behind): 0.2-0.8 ms of wall time a file on this host
-    under a C-STORE stream (bench/ingest, "C-STORE latency, session 8"), against
+    Creating a file costs 0.2-0.8 ms of wall time a file on this host under a
+    C-STORE stream (bench/ingest, "C-STORE latency, session 8"): its ext4 has no
+    journal, and hands out a new inode only after scanning every inode freed in the
+    last minutes (``recently_deleted``, docs/architecture.md "The index's WAL started
+    again"; a journaled ext4 makes a creation wait for its journal commit instead), against
     0.06-0.15 ms to write a file made ahead and link it into place.  Likewise the
     temp name a new file was linked from is removed later (an extra link to the
     same file meanwhile).  The names are the store's temp names (``.*.part`` in
@@ -1003,9 +1005,9 @@ class InstanceStore:
     def _tend_held(self, waiting) -> None:
         """(The held-instance thread, with no job.)  The commit of a placement held for a
         job that is gone (it failed, or was the thread's stop).  Spare temp files and the
-        checkpoint are the flush thread's (:meth:`_tend_behind`): creating a file waits
-        for whatever journal commit ext4 is making (0.2-0.8 ms), and an instance arriving
-        meanwhile would wait for it -- save where no flush thread runs (no journal)."""
+        checkpoint are the flush thread's (:meth:`_tend_behind`): creating a file takes
+        0.2-0.8 ms here (see :class:`_SpareTemps`), and an instance arriving meanwhile
+        would wait for it -- save where no flush thread runs (no ingest journal)."""
         self.committer.kick()
         if not self.journal and self._opened and not self.closed:
             self.spares.tend(waiting)
