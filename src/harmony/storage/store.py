@@ -958,7 +958,8 @@ class InstanceStore:
         header = _header_of_bytes(data, scan if scan is not None and scan.data is data else None)
         if expect is not None and (header["sop_class"], header["sop"]) != expect:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
-        final = self.path_of(self.relpath(header["study"], header["series"], header["sop"]))
+        rel = self.relpath(header["study"], header["series"], header["sop"])
+        final = self.path_of(rel)
         spare = self.spares.take()
         tmp = spare[0] if spare is not None else self._temp_name()
         try:
@@ -980,7 +981,7 @@ class InstanceStore:
             _unlink_quietly(tmp)
             raise _io_error(e) from None
         header.setdefault("bytes", data)
-        return self._placed(header, final, size, enqueue, now, fresh, journal=True)
+        return self._placed(header, final, size, enqueue, now, fresh, journal=True, rel=rel)
 
     def _temp_name(self) -> Path:
         """A new temp name of this store's (``opening`` and a counter: unique)."""
@@ -1040,13 +1041,17 @@ class InstanceStore:
             self._checkpointing.release()
 
     def _placed(self, header: dict, final: Path, size: int, enqueue, now, fresh: bool = False,
-                journal: bool = False) -> Placed:
+                journal: bool = False, rel: str | None = None) -> Placed:
         """*fresh*: *final* is a new name whose data is not synced yet; the sync
         starts now, on a flush thread.  *journal*: a small instance's bytes go
-        into its in_flight row (when this store journals)."""
+        into its in_flight row (when this store journals).  *rel*: *final*'s
+        relpath when the caller made it (pathlib's relative_to took ~2 % of an
+        instance's CPU)."""
         with self._placed_lock:
             self._uncommitted += 1
-        placed = Placed(header, final, final.relative_to(self.instances_dir).as_posix(), size, tuple(enqueue), now)
+        if rel is None:
+            rel = final.relative_to(self.instances_dir).as_posix()
+        placed = Placed(header, final, rel, size, tuple(enqueue), now)
         data = header.pop("bytes", None)   # the file as read to describe it, when read whole
         if journal and self.journal and size <= JOURNAL_MAX_BYTES:
             placed.data = data if data is not None and len(data) == size else final.read_bytes()
