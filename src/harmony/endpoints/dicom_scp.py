@@ -1404,7 +1404,12 @@ class InMemory:
 
     def __init__(self, data: list):
         self.data = data
-        self.path = Path(os.devnull)
+        self.path = _NO_FILE
+
+
+#: What an :class:`InMemory` names as its path (one Path for all: one per instance was a
+#: pathlib parse on the reactor for each C-STORE).
+_NO_FILE = Path(os.devnull)
 
 
 def staging_sink(services: ScpServices, command: dict, transfer_syntax: str, limit: int, source_aet: str):
