@@ -334,13 +334,13 @@ def worker_main(argv) -> int:
     watch = _ParentWatch(reactor, 0, stop)
 
     def started():
+        from harmony.service import settle_heap
+        settle_heap()   # before the shared sockets are adopted, as harmony.tap does before it listens
         service.startService()
         watch.startReading()
 
         def up(_):
             from harmony.compat.twisted import lean_poll
-            from harmony.service import settle_heap
-            settle_heap()
             lean_poll(reactor)
             log.info("worker {index} (pid {pid}) serving {networks}", index=args.index, pid=os.getpid(),
                      networks=", ".join(sorted(fds) + [f"dimse:{name}" for name in sorted(dimse)]))

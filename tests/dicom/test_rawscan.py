@@ -312,3 +312,32 @@ def test_corrupt_files_are_refused():
         scan_bytes(unterminated)
     with pytest.raises(CorruptDataset):
         scan_bytes(file_meta_bytes(SOP_CLASS, "1.2.3", EXPLICIT))   # no elements
+
+
+def _spaced(text: bytes) -> bytes:
+    """*text* padded with spaces to 64 bytes (as a sender pads text VRs)."""
+    assert len(text) <= 64
+    return text + b" " * (64 - len(text))
+
+
+#: The widest DICOM JSON 64 bytes of each VR can make.
+WIDEST_64_BYTES = {
+    "FD": struct.pack("<8d", *[-2.2250738585072014e-308] * 8), "FL": struct.pack("<16f", *[-1.1754944e-38] * 16),
+    "US": struct.pack("<32H", *[65535] * 32), "SS": struct.pack("<32h", *[-32768] * 32),
+    "UL": struct.pack("<16I", *[4294967295] * 16), "SL": struct.pack("<16i", *[-2147483648] * 16),
+    "AT": struct.pack("<32H", *[0xFFFF] * 32), "DS": _spaced(b"\\".join([b"-1.2345678e-100"] * 4)),
+    "IS": _spaced(b"-2147483648\\" * 5 + b"-12"), "PN": _spaced(b"\\".join([b"A"] * 32)),
+    "LO": _spaced(b"\\".join([b"x"] * 32)), "DA": _spaced(b"\\".join([b"20260101"] * 7)),
+}
+
+
+@pytest.mark.parametrize("vr", sorted(WIDEST_64_BYTES))
+def test_a_value_of_64_bytes_always_fits_the_index(vr):
+    """The index skips its length check of values this short (query.ALWAYS_FITS_BYTES):
+    the widest rendering of 64 bytes of each VR stays within MAX_VALUE_CHARS."""
+    from harmony.storage import query
+    value = WIDEST_64_BYTES[vr]
+    assert len(value) == query.ALWAYS_FITS_BYTES == 64
+    js = rawscan.value_json(TAGS.get(vr, 0x00081030), vr, value)
+    assert js is not None and "Value" in js
+    assert query._fits(js) and len(str(js["Value"])) <= query.MAX_VALUE_CHARS

@@ -113,8 +113,12 @@ class LocalArchiveBackend(Backend):
 
     def send(self, request):
         op = request.metadata.get("dimse_op", "")
-        handler = {C_ECHO: self.echo, C_FIND: self.find, C_GET: self.retrieve, C_MOVE: self.retrieve,
-                   C_STORE: self.store_instance}.get(op)
+        if op == C_STORE:   # most requests: no table of bound methods and maybeDeferred each
+            try:
+                return self.store_instance(request)
+            except Exception:  # noqa: BLE001
+                return defer.fail()
+        handler = {C_ECHO: self.echo, C_FIND: self.find, C_GET: self.retrieve, C_MOVE: self.retrieve}.get(op)
         if handler is None:
             return defer.fail(BadRequest(f"local_archive answers C-ECHO, C-FIND, C-GET, C-MOVE and C-STORE, "
                                          f"not {op or 'a request without dimse_op'}"))

@@ -158,6 +158,8 @@ class DicomScpEndpoint(Service):
         self.staging = Staging(Path(staging_dir) if staging_dir else Path("dicom_scp-staging") / name)
         #: Set by HarmonyService from the pipeline that names this endpoint.
         self.pipeline = None
+        #: (middleware, backends, answer) of checked_downstream, for the lists it was asked of.
+        self._downstream_known: tuple | None = None
         self.factory = None
         self.listening = None
         #: In a worker process: (fd, family, count fd, slots, slot) of the main
@@ -429,9 +431,18 @@ class DicomScpEndpoint(Service):
         it (``checks_received_instances``: the store parses it anyway).  Then the endpoint's
         own parse, a worker-thread hop per C-STORE, is skipped (bench/dimse "CPU per instance")."""
         pipeline = self.pipeline
-        return (self.forward_store and self.storage_dir is None and pipeline is not None
-                and not pipeline.middleware and bool(pipeline.backends)
-                and all(getattr(backend, "checks_received_instances", False) for backend in pipeline.backends))
+        if pipeline is None:
+            return False
+        # Asked twice per C-STORE: the answer is kept for the pipeline's current lists
+        # (a reload sets new ones, or a new pipeline).
+        known = self._downstream_known
+        if known is not None and known[0] is pipeline.middleware and known[1] is pipeline.backends:
+            return known[2]
+        checked = (self.forward_store and self.storage_dir is None and not pipeline.middleware
+                   and bool(pipeline.backends)
+                   and all(getattr(backend, "checks_received_instances", False) for backend in pipeline.backends))
+        self._downstream_known = (pipeline.middleware, pipeline.backends, checked)
+        return checked
 
     async def run_pipeline(self, env, op: Operation | None = None) -> ResponseEnvelope:
         """Run *env* through the pipeline, with a deadline; *op*'s C-CANCEL or
@@ -828,7 +839,10 @@ class ScpServices:
     def dataset_sink(self, assoc, context_id, command):
         endpoint = self.endpoint
         if command["CommandField"] == commands.C_STORE_RQ and endpoint.enabled[C_STORE]:
-            transfer_syntax = str(assoc.contexts[context_id].transfer_syntax[0])
+            key = ("syntax", context_id)
+            transfer_syntax = assoc.memo.get(key)   # as Operation reads it: once per association
+            if transfer_syntax is None:
+                transfer_syntax = assoc.memo[key] = str(assoc.contexts[context_id].transfer_syntax[0])
             journal = endpoint.storage_journal
             if journal is not None and not endpoint.forward_store and not journal.closed:
                 # Into storage_dir only: a small instance is held in memory and handed to the journal whole.
@@ -1322,14 +1336,21 @@ class ScpServices:
         message = op.message
         sink = message.sink
         data = message.dataset.data if isinstance(message.dataset, InMemory) else None
-        if data is not None and not endpoint.checked_downstream():
+        checked = endpoint.checked_downstream()
+        if data is not None and not checked:
             # Held in memory for a pipeline that changed meanwhile (a reload): staged after all.
             message.dataset = self._write_staged(data)
             return None
-        described = getattr(sink, "described", None)
-        if message.dataset is None or (described is None and data is None) or not endpoint.checked_downstream():
+        if message.dataset is None or not checked:
             return None
-        described = described or ("", "")   # in memory: the store reads the UIDs from its bytes
+        if data is not None:
+            # In memory: the store reads (and checks) the UIDs from its bytes; reading the
+            # head here as well was ~5 % of the reactor's time per instance (bench/ingest).
+            described: tuple[str, str] | None = ("", "")
+        else:
+            described = getattr(sink, "described", None)
+            if described is None:
+                return None
         command = message.command
         instance = DicomInstance(path=message.dataset.path if data is not None else message.dataset,
                                  sop_class_uid=strip_padding(command.get("AffectedSOPClassUID", "")),
@@ -1383,7 +1404,12 @@ class InMemory:
 
     def __init__(self, data: list):
         self.data = data
-        self.path = Path(os.devnull)
+        self.path = _NO_FILE
+
+
+#: What an :class:`InMemory` names as its path (one Path for all: one per instance was a
+#: pathlib parse on the reactor for each C-STORE).
+_NO_FILE = Path(os.devnull)
 
 
 def staging_sink(services: ScpServices, command: dict, transfer_syntax: str, limit: int, source_aet: str):
@@ -1412,7 +1438,7 @@ class SpoolingSink(datasets.HeldSink):
     bounded: one instance of at most that size per association.
     """
 
-    __slots__ = ("_implicit", "_described")
+    __slots__ = ("_implicit", "_described", "_held")
 
     def __init__(self, services: ScpServices, command: dict, transfer_syntax: str, limit: int, source_aet: str):
         super().__init__(command, transfer_syntax, limit, 0,
@@ -1421,21 +1447,27 @@ class SpoolingSink(datasets.HeldSink):
         self.hold = self.meta_length + IN_MEMORY_BYTES
         self._implicit = datasets.HEAD_SYNTAXES.get(transfer_syntax)
         self._described: tuple[str, str] | None = None
+        self._held: bytes | None = None
 
     @property
     def described(self) -> tuple[str, str] | None:
-        """(Study, Series Instance UID) from the data set's head, when read."""
-        return self._described if self.spilled is None else getattr(self.spilled, "described", None)
+        """(Study, Series Instance UID) from the data set's head, when readable.  Read on
+        demand for a data set held in memory: the common path files it without (the store
+        reads the UIDs from the bytes), only a pipeline changed meanwhile asks."""
+        if self.spilled is not None:
+            return getattr(self.spilled, "described", None)
+        if self._described is None and self._implicit is not None and self._held is not None:
+            try:
+                self._described = datasets.head_uids(memoryview(self._held)[self.meta_length:], self._implicit)
+            except Exception:  # noqa: BLE001 - an unreadable head: the store reads (and judges) the bytes
+                self._implicit = None   # not tried again
+        return self._described
 
     def close(self):
         held = super().close()
         if not isinstance(held, bytes):
             return held    # spilled: the staging file's path (None when staging failed: refused)
-        if self._implicit is not None:
-            try:
-                self._described = datasets.head_uids(memoryview(held)[self.meta_length:], self._implicit)
-            except Exception:  # noqa: BLE001 - an unreadable head: the store reads (and judges) the bytes
-                self._described = None
+        self._held = held
         return InMemory([held])
 
 

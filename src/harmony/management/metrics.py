@@ -132,6 +132,8 @@ class HarmonyMetrics:
     def __init__(self, service, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self._tallies: dict[tuple, _Tally] = {}
+        #: DIMSE operations since the last flush, by the dimse counter's label set.
+        self._dimse_counts: dict[tuple, int] = {}
         r = self.registry
         self.requests = Counter("harmony_requests", "Requests finished, by pipeline, endpoint, backend and status",
                                 ["pipeline", "endpoint", "backend", "status"], registry=r)
@@ -171,21 +173,12 @@ class HarmonyMetrics:
     def _observer(self, pipeline, endpoints):
         backends = frozenset(b.name for b in pipeline.backends)
         name = pipeline.name
-        # The labelled children, looked up once per label set rather than through
-        # labels() on every request (its lock and label checks showed up in the
-        # passthrough profile).  Bounded: endpoints x backends x status classes.
-        children: dict = {}
-
-        def child(metric, *labels):
-            key = (metric, labels)
-            found = children.get(key)
-            if found is None:
-                found = children[key] = metric.labels(name, *labels)
-            return found
-
         #: (endpoint, backend, status) as the request says them -> its _Tally: one lookup
         #: a request (bounded like the label sets themselves).
         pairs: dict = {}
+        #: (endpoint label, operation, status) as said -> the DIMSE counter's label set.
+        dimse_keys: dict = {}
+        dimse_counts = self._dimse_counts
 
         def observe(request, response, seconds):
             md = request.metadata
@@ -208,9 +201,17 @@ class HarmonyMetrics:
                 tally.bytes_out += n
             op = md.get("dimse_op")
             if op:
-                status = dimse.label(dimse.of_response(response))
-                child(self.dimse, tally.labels[1], op if op in DIMSE_OPS else "other",
-                      status if _DIMSE_STATUS.match(status) else "other").inc()
+                # Counted here, added to the Prometheus counter by flush(), like the tallies:
+                # its labels() and locked inc() were ~3 % of a stored instance's reactor time.
+                said_op = (tally.labels[1], op, dimse.of_response(response))
+                key = dimse_keys.get(said_op)
+                if key is None:
+                    status = dimse.label(said_op[2])
+                    key = (name, said_op[0], op if op in DIMSE_OPS else "other",
+                           status if _DIMSE_STATUS.match(status) else "other")
+                    if len(dimse_keys) < 4096:  # statuses are ints a peer chooses: never unbounded
+                        dimse_keys[said_op] = key
+                dimse_counts[key] = dimse_counts.get(key, 0) + 1
 
         return observe
 
@@ -245,6 +246,11 @@ class HarmonyMetrics:
             if tally.bytes_out:
                 self.bytes_out.labels(tally.labels[0], tally.labels[1]).inc(tally.bytes_out)
                 tally.bytes_out = 0
+        counts = self._dimse_counts
+        for key, n in counts.items():
+            if n:
+                self.dimse.labels(*key).inc(n)
+                counts[key] = 0
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "failure").inc()

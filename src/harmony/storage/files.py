@@ -31,7 +31,7 @@ RECHECK_EVERY = 16 * 1024 * 1024
 fsync_dir = fsync_file = fsync_path
 
 
-def fdatasync_file(path: Path) -> None:
+def fdatasync_file(path: Path | str) -> None:
     """A file's data and size on disk (what a later rename needs; its name is made
     durable by the folder fsync, and timestamps need not be)."""
     fd = os.open(path, os.O_RDONLY)
@@ -190,7 +190,7 @@ class TempFile:
         return False
 
 
-def claim_name(src: Path, final: Path, stop: Path, journaled: bool = False, keep_source: bool = False) -> bool:
+def claim_name(src: Path | str, final: Path, stop: Path, journaled: bool = False, keep_source: bool = False) -> bool:
     """Give the closed file *src* (ours, same filesystem) the name *final*.
 
     A name nobody has yet is claimed at once with a hard link - atomic, and it

@@ -108,13 +108,33 @@ def attrs_from_scan(scan: ScannedFile) -> dict:
     a pydicom Dataset: the same attributes (tests/dicom/test_rawscan.py), or
     :class:`~harmony.dicom.rawscan.ScanDeclined` when only pydicom can tell."""
     out = {}
+    keys = _INDEX_KEYS
+    longest = 4 * MAX_VALUE_CHARS
     for element in scan.elements:
-        tag = element.tag
-        if _indexed(tag, element.vr, element.length):
-            js = scan.element_json(element)
-            if _fits(js):
-                out[f"{tag:08X}"] = js
+        said = (element.tag, element.vr)
+        key = keys.get(said)
+        if key is None:
+            key = f"{element.tag:08X}" if _indexed(element.tag, element.vr, 0) else ""
+            if len(keys) >= INDEX_KEYS:   # tags are the sender's: never unbounded
+                keys.clear()
+            keys[said] = key
+        if not key or element.length > longest:
+            continue
+        js = scan.element_json(element)
+        if element.length <= ALWAYS_FITS_BYTES or _fits(js):
+            out[key] = js
     return out
+
+
+#: (tag, VR as the file says it) -> its index key (8 hex digits), or "" when never indexed:
+#: judged once per tag rather than per element of every instance (with implicit VR a
+#: dictionary lookup each; ~40 elements an instance, bench/ingest).  At most INDEX_KEYS.
+_INDEX_KEYS: dict[tuple[int, str | None], str] = {}
+INDEX_KEYS = 4096
+#: A value of at most this many bytes always fits MAX_VALUE_CHARS as DICOM JSON: the widest
+#: renderings are 32 one-letter PN values (~700 characters as objects) and FL's repr (~400),
+#: tests/dicom/test_rawscan.py; _fits' str() of the value is skipped for them.
+ALWAYS_FITS_BYTES = 64
 
 
 def _indexed(tag: int, vr: str | None, length: int) -> bool:
