@@ -294,8 +294,14 @@ class _Receiver:
         # Not on a query association: its answers are small, and a read of up to 1 MiB
         # costs ~20 us more than one of 64 KiB however little comes (the buffer is
         # mapped and unmapped each time), twice per proxied C-FIND (bench/dimse).
-        if self.large_reads and isinstance(assoc.transport, tcp.Connection):
-            assoc.transport.bufferSize = RECEIVE_BYTES
+        transport = assoc.transport
+        if self.large_reads and isinstance(transport, tcp.Connection):
+            transport.bufferSize = RECEIVE_BYTES
+        elif not self.large_reads and isinstance(transport, tcp.Connection) and not transport.TLS \
+                and transport.protocol is assoc:
+            # A query association: its PACS's final response, already in when the matches
+            # before it were read, goes out with them (Association._read_on; bench/dimse).
+            assoc.read_on = True
 
     def association_closed(self, assoc):
         pass
