@@ -961,6 +961,14 @@ class Association(protocol.Protocol):
             self.send(context_id, command, dataset).addErrback(self._send_failed, message_id)
         return waiting.deferred
 
+    def hand_pending_data(self, message_id: int, on_pending_data) -> None:
+        """The pending responses' data sets of the outstanding request *message_id* go to
+        *on_pending_data* from now on (a C-FIND sent before its consumer was made:
+        ``dicom_scu.FindAhead``)."""
+        waiting = self._pending.get(message_id)
+        if waiting is not None:
+            waiting.on_pending_data = on_pending_data
+
     def _send_failed(self, failure, message_id):
         waiting = self._pending.pop(message_id, None)
         if waiting is not None:
