@@ -847,8 +847,9 @@ class DicomScuBackend(Backend):
         try:
             known = self._find_known(assoc, model, syntax)
             msg_id = self._next_msg_id()
-            answered = assoc.request(known[1], commands.encode_with_id(known[3], "MessageID", msg_id),
-                                     datasets.encode_relayed(datasets.ReceivedIdentifier(data, syntax), known[2]),
+            identifier = data if known[2] == syntax else datasets.encode_relayed(  # as received, in its syntax
+                datasets.ReceivedIdentifier(data, syntax), known[2])
+            answered = assoc.request(known[1], commands.encode_with_id(known[3], "MessageID", msg_id), identifier,
                                      on_pending_data=_ignore, message_id=msg_id)
         except Exception:  # noqa: BLE001 - the usual way then, which meets (and answers) it again
             self.pool.give_back(target, assoc, False)
