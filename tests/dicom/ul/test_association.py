@@ -543,6 +543,26 @@ def test_reading_on_with_nothing_in_runs_the_put_off_work_and_reads_once():
     assert len(seen) == 5 and answered.result.command["Status"] == 0 and sock.reads == 2   # none outstanding
 
 
+def test_a_read_on_that_raises_leaves_no_delivery_open():
+    """What the extra read delivers raising (a consumer's bug) propagates as any delivery's
+    would, and the delivery still ends: later writes are not held for a flush that never comes."""
+    from harmony.dicom.ul import association as ul
+    clock, factory, server, st, client, ct = established_pair()
+
+    def pending(data):
+        after_delivery(lambda: None)
+        if data == b"m2":
+            raise RuntimeError("a consumer's bug")
+
+    client.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_FIND_RQ,
+                       "Priority": 0}, b"", on_pending_data=pending)
+    match = pdu.pdata(1, 0x03, _find_rsp(1, 0xFF00))
+    _reading_on(client, ct, match + pdu.pdata(1, 0x02, b"m2"))
+    with pytest.raises(RuntimeError):
+        client.dataReceived(match + pdu.pdata(1, 0x02, b"m1"))
+    assert ul._batch.depth == 0 and not ul._batch.after
+
+
 def test_a_response_data_set_is_kept_by_the_association_not_a_handlers_sink():
     """A response's data set is an identifier we asked for: the association keeps it (in one
     fragment, as that fragment's bytes); the handler's sinks are for requests' data sets."""

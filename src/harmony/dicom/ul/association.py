@@ -489,12 +489,14 @@ class Association(protocol.Protocol):
         except commands.CommandError as e:
             self._abort_connection(f"malformed command set: {e}", reason=0x06)
         finally:
-            if _batch.depth == 1 and self.read_on and self._pending and self.state == ESTABLISHED \
-                    and (_batch.waiting or _batch.after):
-                self._read_on()
-            _batch.depth -= 1
-            if not _batch.depth:
-                _batch.flush()
+            try:
+                if _batch.depth == 1 and self.read_on and self._pending and self.state == ESTABLISHED \
+                        and (_batch.waiting or _batch.after):
+                    self._read_on()
+            finally:
+                _batch.depth -= 1
+                if not _batch.depth:
+                    _batch.flush()
 
     def _read_on(self) -> None:
         """What the peer sent since this delivery's read, delivered as part of it: read
