@@ -54,6 +54,10 @@ class DicomRequestFacts:
     #: (``dicom_scu``), so each match reaches the client as it comes while the pipeline's
     #: answer -- which waits for the first one -- completes behind it.
     results_listener: Any = None
+    #: C-FIND, set by ``dicom_scp`` with no middleware and one ``dicom_scu`` backend: the
+    #: request already sent to the PACS before the pipeline ran (``dicom_scu.FindAhead``),
+    #: which that backend's attempt takes over.
+    ahead: Any = None
 
 
 @attr.s(auto_attribs=True, slots=True)

@@ -125,6 +125,10 @@ async def test_find_over_http_equals_orthanc(harmony, orthanc, model, identifier
     # however little came (bench/dimse, C-FIND); retrieve associations keep large reads.
     assert [assoc.transport.bufferSize for idle in _idle(harmony, QUERY) for assoc, _since in idle] == [
         tcp.Connection.bufferSize]
+    # ... and reads once more before a delivery's put-off work while a C-FIND is outstanding
+    # (Association._read_on: the PACS's final response goes out with its matches); a retrieve
+    # association, whose reads may be paused, does not.
+    assert [assoc.read_on for idle in _idle(harmony, QUERY) for assoc, _since in idle] == [True]
 
 
 def _idle(running, kind):
@@ -152,6 +156,7 @@ async def test_get_over_http_returns_orthanc_bytes(harmony, corpus):
         assert dataset_bytes(part) == dataset_bytes(original.path)
     assert not by_uid
     assert [assoc.transport.bufferSize for idle in _idle(harmony, ALL) for assoc, _since in idle] == [RECEIVE_BYTES]
+    assert [assoc.read_on for idle in _idle(harmony, ALL) for assoc, _since in idle] == [False]
 
 
 @pytest_twisted.ensureDeferred

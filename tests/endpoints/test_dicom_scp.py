@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from harmony.backends.dicom_scu import DicomScuBackend
+from harmony.backends.dicom_scu import QUERY, DicomScuBackend
 from harmony.config.errors import OptionError
 from harmony.dicom import status as dimse
 from harmony.dicom.results import ResultStream
@@ -187,6 +187,87 @@ def test_a_proxied_c_find_leaves_no_cyclic_garbage(tmp_path, middleware):
         if enabled:
             gc.enable()
     assert left == []
+
+
+def _pacs_factory(rig):
+    return next(factory for port, factory, *_ in rig.reactor.tcpServers if port == PACS_PORT)
+
+
+def _pooled(backend):
+    """The dicom_scu backend's idle query associations."""
+    return [assoc for (_target, kind), idle in backend.pool.idle.items() if kind == QUERY for assoc, _since in idle]
+
+
+@pytest.mark.parametrize("middleware", [(), (Middleware("mw"),)], ids=["ahead", "middleware"])
+def test_a_proxied_c_find_goes_to_the_pacs_before_the_pipeline_runs(tmp_path, middleware):
+    """With no middleware and one dicom_scu backend, a C-FIND on a pooled association is sent
+    before the envelope, pipeline and target pool run (dicom_scu.FindAhead: that work then
+    overlaps the PACS's; bench/dimse, "C-FIND, eighth pass"); the pipeline's attempt takes
+    the request over -- the target counted and judged, matches and statuses as before.
+    With middleware the pipeline decides first, as before."""
+    rig = _proxied(tmp_path, middleware)
+    backend = rig.endpoint.pipeline.backends[0]
+    pacs = _pacs_factory(rig).handler
+    assoc = result_of(rig.associate())
+    query = {"CommandField": commands.C_FIND_RQ, "Priority": 0}
+    final, pending = rig.request(assoc, FIND, query, _match("SYN-*"))   # the first connects: the usual way
+    assert final.command["Status"] == dimse.SUCCESS and len(pending) == 2
+    (pooled,) = _pooled(backend)
+    at_handle = []
+    handle = rig.endpoint.pipeline.handle
+
+    def handled(env, endpoint):
+        at_handle.append((len(pooled._pending), _pooled(backend) == [], backend.pool.limit.free))
+        return handle(env, endpoint)
+    rig.endpoint.pipeline.handle = handled
+    target = backend.target_pool.targets[0]
+    requests = target.requests_total
+    syntax = str(next(iter(assoc.contexts.values())).transfer_syntax[0])
+    for patient_id in ("SYN-1", "SYN-2"):
+        final, pending = rig.request(assoc, FIND, query, _match(patient_id))
+        assert final.command["Status"] == dimse.SUCCESS
+        assert [datasets.decode(p.dataset, syntax).PatientID for p in pending] == ["SYN-1", "SYN-2"]
+    limit = backend.pool.limit.limit
+    if middleware:
+        assert at_handle == [(0, False, limit)] * 2
+    else:
+        assert at_handle == [(1, True, limit - 1)] * 2   # out already, on the pooled association, its slot held
+    assert [q.PatientID for q in pacs.queries] == ["SYN-*", "SYN-1", "SYN-2"]
+    assert _pooled(backend) == [pooled] and backend.pool.limit.free == limit   # given back after each
+    assert target.requests_total == requests + 2 and target.in_flight == 0   # counted, then judged
+
+
+class _CancelSeen(FakePacsHandler):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.cancels = []
+
+    def on_request(self, assoc, message):
+        if message.field == commands.C_CANCEL_RQ:
+            self.cancels.append(message.command["MessageIDBeingRespondedTo"])
+            return None   # answered in full already
+        return super().on_request(assoc, message)
+
+
+def test_a_c_find_sent_ahead_that_the_pipeline_does_not_take_over_is_cancelled(tmp_path, monkeypatch):
+    """The pipeline failed (or went elsewhere) before its attempt took the C-FIND sent ahead
+    over: the PACS is sent a C-CANCEL, what it still answers is dropped, the association and
+    its slot go back to the pool, and the client gets the pipeline's failure as before."""
+    rig = _proxied(tmp_path)
+    backend = rig.endpoint.pipeline.backends[0]
+    _pacs_factory(rig).handler = pacs = _CancelSeen([_match("SYN-1")])
+    assoc = result_of(rig.associate())
+    query = {"CommandField": commands.C_FIND_RQ, "Priority": 0}
+    assert rig.request(assoc, FIND, query, _match("SYN-*"))[0].command["Status"] == dimse.SUCCESS
+    (pooled,) = _pooled(backend)
+    monkeypatch.setattr(backend, "send", lambda request: defer.fail(BackendUnavailable("went elsewhere")))
+    final, pending = rig.request(assoc, FIND, query, _match("SYN-2"))
+    assert dimse.is_failure(final.command["Status"]) and pending == []
+    assert [q.PatientID for q in pacs.queries] == ["SYN-*", "SYN-2"] and len(pacs.cancels) == 1
+    assert _pooled(backend) == [pooled] and backend.pool.limit.free == backend.pool.limit.limit
+    monkeypatch.undo()
+    final, pending = rig.request(assoc, FIND, query, _match("SYN-3"))   # the association serves on
+    assert final.command["Status"] == dimse.SUCCESS and len(pending) == 1 and _pooled(backend) == [pooled]
 
 
 class _OpenStream:

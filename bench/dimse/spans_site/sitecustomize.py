@@ -2,9 +2,12 @@
 
 Loaded into twistd through PYTHONPATH when CFSPAN_OUT names a file; wraps the association's
 ``dataReceived`` and ``send_now`` and the C-FIND's functions on the way to the PACS.  Spans:
-A = the client's last read -> the request sent to the PACS (split into its steps), B = the
-PACS's first bytes read -> the client's final response sent, C = that send -> the end of the
-delivery (the work after the final response).  Written at SIGUSR2 (the tenth first left out)."""
+A = the client's last read -> the request sent to the PACS (split into its steps; a C-FIND sent
+before the pipeline runs has its own), B = the PACS's first bytes read -> the client's final
+response sent, C = that send -> the end of the delivery (the work after the final response),
+D = that end -> the client's next request read (near zero when the request was already waiting:
+C was then on its path), E = the final response sent -> the next request read (the client's
+turnaround as Harmony sees it).  Written at SIGUSR2 (the tenth first left out)."""
 import atexit
 import os
 import statistics
@@ -14,7 +17,7 @@ if os.environ.get("CFSPAN_OUT"):
     from harmony.dicom.ul import association as A
     clock = time.perf_counter_ns
     st = {"req": None, "pacs_in": None, "final_out": None}
-    spans = {"A": [], "B": [], "C": []}
+    spans = {"A": [], "B": [], "C": [], "D": [], "E": []}
     orig_dr = A.Association.dataReceived
     orig_send = A.send_now
 
@@ -25,12 +28,18 @@ if os.environ.get("CFSPAN_OUT"):
         scu = type(self.handler).__name__ == "_Receiver"
         if not scu:
             st["req"] = t
+            if st.get("c_end") is not None:
+                spans["D"].append(t - st["c_end"])
+                spans["E"].append(t - st["final_prev"])
+                st["c_end"] = None
         elif st["pacs_in"] is None and st["req"] is not None:
             st["pacs_in"] = t
         orig_dr(self, data)
         if scu and st["pacs_in"] is not None and FINAL in bytes(data) and st["final_out"] is not None:
             spans["B"].append(st["final_out"] - st["pacs_in"])
-            spans["C"].append(clock() - st["final_out"])
+            st["c_end"] = clock()
+            st["final_prev"] = st["final_out"]
+            spans["C"].append(st["c_end"] - st["final_out"])
             st["final_out"] = st["pacs_in"] = st["req"] = None
 
     def send_now(transport, data):
@@ -46,7 +55,7 @@ if os.environ.get("CFSPAN_OUT"):
             spans["A"].append(t - st["req"])
             marks["read"] = st["req"]
             marks["sent"] = t
-            seq = ["read", *ORDER, "sent"]
+            seq = ["read", *(AHEAD if "find_ahead" in marks else ORDER), "sent"]
             if all(k in marks for k in seq):
                 for a, b in zip(seq, seq[1:], strict=False):
                     spans[f"{a}->{b}"].append(marks[b] - marks[a])
@@ -57,6 +66,8 @@ if os.environ.get("CFSPAN_OUT"):
     marks: dict = {}
     #: The request's steps, in the order they run (each wrapped below).
     ORDER = ["on_request", "start_pipeline", "backend_send", "attempt", "find", "request"]
+    #: ... and those of a C-FIND sent before the pipeline runs (dicom_scu.FindAhead), when this build has it.
+    AHEAD = ["on_request", "find_ahead", "request"]
     from harmony.backends import dicom_scu as SCU
     from harmony.endpoints import dicom_scp as SCP
     def wrap(cls, name, label):
@@ -71,8 +82,11 @@ if os.environ.get("CFSPAN_OUT"):
     wrap(SCU.DicomScuBackend, "_attempt", "attempt")
     wrap(SCU.DicomScuBackend, "_find", "find")
     wrap(A.Association, "request", "request")
-    for a, b in zip(["read", *ORDER], [*ORDER, "sent"], strict=True):
-        spans[f"{a}->{b}"] = []
+    if hasattr(SCU.DicomScuBackend, "find_ahead"):
+        wrap(SCU.DicomScuBackend, "find_ahead", "find_ahead")
+    for steps in (ORDER, AHEAD):
+        for a, b in zip(["read", *steps], [*steps, "sent"], strict=True):
+            spans[f"{a}->{b}"] = []
     A.Association.dataReceived = dataReceived
     A.send_now = send_now
 

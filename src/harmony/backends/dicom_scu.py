@@ -197,6 +197,53 @@ def _unanswered(stream, _answer: defer.Deferred) -> None:
     release_rest(stream)
 
 
+def _ignore(_data) -> None:
+    """A match of a C-FIND sent ahead nobody took over (:meth:`FindAhead.drop`)."""
+
+
+class FindAhead:
+    """A C-FIND sent to the PACS before the pipeline ran (:meth:`DicomScuBackend.find_ahead`).
+
+    With no middleware and this backend alone behind ``dicom_scp``, which PACS a C-FIND
+    goes to, on which pooled association and with which bytes, is known as soon as the
+    request is decoded; the envelope, pipeline, target pool and job that decide it again
+    took ~60-70 us before the request was out, each proxied C-FIND, while the PACS
+    waited for it (bench/dimse, "C-FIND, eighth pass").  The request goes first; the
+    pipeline then runs exactly as before and, the same target chosen, its attempt takes
+    this request over (:meth:`DicomScuBackend._find_adopted`) instead of sending one:
+    the PACS's answers can only be read once the reactor is back, after that.  Holds
+    the pool's slot and the association until then."""
+
+    __slots__ = ("backend", "target", "assoc", "known", "msg_id", "answered", "adopted")
+
+    def __init__(self, backend, target, assoc, known, msg_id, answered):
+        self.backend = backend
+        self.target = target
+        self.assoc = assoc
+        #: ``(sop_class, context id, syntax, fields)``, as :meth:`DicomScuBackend._find` keeps them.
+        self.known = known
+        self.msg_id = msg_id
+        #: The request's Deferred (its final response).
+        self.answered = answered
+        self.adopted = False
+
+    def drop(self) -> None:
+        """Nobody took the request over (the pipeline failed or went elsewhere): the PACS is
+        asked to stop (C-CANCEL), what it still sends is ignored, and the association and
+        slot go back to the pool once it has answered."""
+        if self.adopted:
+            return
+        self.adopted = True   # once
+        backend, target, assoc = self.backend, self.target, self.assoc
+        if assoc.state == ESTABLISHED:
+            assoc.send(self.known[1], {"CommandField": commands.C_CANCEL_RQ, "MessageIDBeingRespondedTo": self.msg_id})
+
+        def back(result):
+            backend.pool.give_back(target, assoc, not isinstance(result, Failure), QUERY)
+            backend.pool.limit.release()
+        self.answered.addBoth(back)
+
+
 class Job:
     """One operation in flight: the stream it feeds and the readiness signal (all on the reactor)."""
 
@@ -294,8 +341,14 @@ class _Receiver:
         # Not on a query association: its answers are small, and a read of up to 1 MiB
         # costs ~20 us more than one of 64 KiB however little comes (the buffer is
         # mapped and unmapped each time), twice per proxied C-FIND (bench/dimse).
-        if self.large_reads and isinstance(assoc.transport, tcp.Connection):
-            assoc.transport.bufferSize = RECEIVE_BYTES
+        transport = assoc.transport
+        if self.large_reads and isinstance(transport, tcp.Connection):
+            transport.bufferSize = RECEIVE_BYTES
+        elif not self.large_reads and isinstance(transport, tcp.Connection) and not transport.TLS \
+                and transport.protocol is assoc:
+            # A query association: its PACS's final response, already in when the matches
+            # before it were read, goes out with them (Association._read_on; bench/dimse).
+            assoc.read_on = True
 
     def association_closed(self, assoc):
         pass
@@ -651,8 +704,12 @@ class DicomScuBackend(Backend):
             # A retrieve whose instances come back through Harmony: how to fetch
             # them from the PACS is this backend's choice, not the caller's.
             work = self._move_here if self.retrieve_mode == "move" else self._get
-        d = self._with_association(target, job, lambda assoc: work(assoc, job, identifier, model),
-                                   QUERY if op == C_FIND else ALL)
+        ahead = request.state.dicom.ahead if op == C_FIND else None
+        if ahead is not None and not ahead.adopted and ahead.target is target:
+            d = self._with_ahead(ahead, job, lambda assoc: work(assoc, job, identifier, model))
+        else:
+            d = self._with_association(target, job, lambda assoc: work(assoc, job, identifier, model),
+                                       QUERY if op == C_FIND else ALL)
         d.addErrback(job.failed)
         return job.ready.addCallback(self.respond)
 
@@ -767,6 +824,64 @@ class DicomScuBackend(Backend):
 
         return d.addCallbacks(done, failed)
 
+    def find_ahead(self, data: bytes, syntax: str, level: str, model: str | None) -> FindAhead | None:
+        """Send a C-FIND of *data* (an identifier in the DIMSE client's *syntax*, at *level*)
+        now, before the pipeline runs (:class:`FindAhead`), when this backend surely sends
+        it so: the pool of one target without routing rules, that target healthy (what
+        ``TargetPool.choose`` checks for a pool of one), a slot free and an idle query
+        association at hand.  ``None``: the usual way (the caller runs the pipeline alone)."""
+        pool = self.target_pool
+        if len(pool.targets) != 1 or pool.rules or level not in LEVELS:
+            return None
+        model = (model or "study").lower()
+        if model not in net.QUERY_MODELS:
+            return None
+        target = pool.targets[0]
+        limit = self.pool.limit
+        if not target.healthy or not limit.take():
+            return None
+        assoc = self.pool.take_idle(target, QUERY)
+        if assoc is None:
+            limit.release()
+            return None
+        try:
+            known = self._find_known(assoc, model, syntax)
+            msg_id = self._next_msg_id()
+            identifier = data if known[2] == syntax else datasets.encode_relayed(  # as received, in its syntax
+                datasets.ReceivedIdentifier(data, syntax), known[2])
+            answered = assoc.request(known[1], commands.encode_with_id(known[3], "MessageID", msg_id), identifier,
+                                     on_pending_data=_ignore, message_id=msg_id)
+        except Exception:  # noqa: BLE001 - the usual way then, which meets (and answers) it again
+            self.pool.give_back(target, assoc, False)
+            limit.release()
+            return None
+        return FindAhead(self, target, assoc, known, msg_id, answered)
+
+    def _with_ahead(self, ahead: FindAhead, job, body) -> defer.Deferred:
+        """:meth:`_with_association` for a C-FIND already sent (:class:`FindAhead`): its
+        slot and association are held; the pooled association found dead before any
+        result is replaced once by a fresh one, as there."""
+        ahead.adopted = True
+        target, assoc = ahead.target, ahead.assoc
+        limit = self.pool.limit
+        d = self._find_adopted(ahead, job)
+
+        def done(reusable):
+            self.pool.give_back(target, assoc, reusable, QUERY)
+            limit.release()
+
+        def failed(failure):
+            self.pool.give_back(target, assoc, False)
+            if failure.check(AssociationAborted) and job.items == 0:
+                return defer.ensureDeferred(self._with_new_association(target, job, body, QUERY, slot_held=True,
+                                                                       after=failure.value))
+            limit.release()
+            if failure.check(AssociationAborted):
+                raise _lost(target, failure.value)
+            return failure
+
+        return d.addCallbacks(done, failed)
+
     async def _with_new_association(self, target, job, body, kind=ALL, slot_held=False, after=None):
         """:meth:`_with_association` when it must wait for a slot (``slot_held``: it has one)
         or connect: a fresh association (*after*: the pooled one failed with that, so
@@ -854,6 +969,20 @@ class DicomScuBackend(Backend):
         """The C-FIND on *assoc*; fires with whether the association may be reused.  Plain
         callbacks, not a coroutine: it runs on every proxied C-FIND before the request is out."""
         wanted = job.request.metadata.get("dimse_transfer_syntax")
+        sop_class, cid, syntax, fields = self._find_known(assoc, model, wanted)
+        msg_id = self._next_msg_id()
+        command = commands.encode_with_id(fields, "MessageID", msg_id)
+        answered = assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending_data=_ignore,
+                                 message_id=msg_id)
+        return self._find_answers(assoc, job, (sop_class, cid, syntax, fields), msg_id, answered)
+
+    def _find_adopted(self, ahead: FindAhead, job) -> defer.Deferred:
+        """:meth:`_find` for a C-FIND already sent (:class:`FindAhead`): only its answers are taken."""
+        return self._find_answers(ahead.assoc, job, ahead.known, ahead.msg_id, ahead.answered)
+
+    def _find_known(self, assoc, model, wanted) -> tuple:
+        """``(sop_class, context id, syntax, command fields)`` of a C-FIND on *assoc* for a client
+        querying in *wanted* (worked out once per association, query model and syntax)."""
         key = ("find", model, wanted)
         known = assoc.memo.get(key)
         if known is None:
@@ -864,8 +993,12 @@ class DicomScuBackend(Backend):
             known = assoc.memo[key] = (sop_class, cid, str(assoc.contexts[cid].transfer_syntax[0]), (
                 ("AffectedSOPClassUID", str(sop_class)), ("CommandField", commands.C_FIND_RQ), ("Priority", 0),
                 ("CommandDataSetType", commands.HAS_DATASET)))
-        sop_class, cid, syntax, fields = known   # worked out once per association and query model
-        msg_id = self._next_msg_id()
+        return known
+
+    def _find_answers(self, assoc, job, known, msg_id, answered) -> defer.Deferred:
+        """The C-FIND request *msg_id*, sent on *assoc*: its matches into *job*'s stream, a
+        C-CANCEL when the stream is cancelled, its end; fires with whether *assoc* may be reused."""
+        sop_class, cid, syntax, _fields = known
         cancelled = self._cancel_on(assoc, job, cid, sop_class, msg_id)
 
         def pending(data: bytes):
@@ -880,9 +1013,8 @@ class DicomScuBackend(Backend):
             job.finish(response.command.get("Status"), response.command.get("ErrorComment"))
             return not cancelled
 
-        command = commands.encode_with_id(fields, "MessageID", msg_id)
-        answered = assoc.request(cid, command, datasets.encode_relayed(identifier, syntax), on_pending_data=pending,
-                                 message_id=msg_id).addCallback(final)
+        assoc.hand_pending_data(msg_id, pending)
+        answered.addCallback(final)
         listener = job.request.state.dicom.results_listener
         if listener is not None:
             listener(job.stream)   # the request is out: its matches may go to the client as they come

@@ -417,6 +417,19 @@ class DicomScpEndpoint(Service):
                                        "dimse+tls" if self.tls is not None else "dimse")
         return fixed
 
+    def find_ahead(self, op, level: str):
+        """A C-FIND sent to the PACS before the pipeline runs (``dicom_scu.FindAhead``), when
+        the pipeline has no middleware and one backend that can send it now (``find_ahead``);
+        else ``None``.  *level*: the identifier's Query/Retrieve Level, read from its bytes."""
+        pipeline = self.pipeline
+        if pipeline is None or pipeline.middleware or len(pipeline.backends) != 1:
+            return None
+        send = getattr(pipeline.backends[0], "find_ahead", None)
+        if send is None:
+            return None
+        model = self._fixed_metadata(op.assoc, op.context, C_FIND)[0].get("query_model")
+        return send(op.message.dataset, op.transfer_syntax, level, model)
+
     def header_has_readers(self) -> bool:
         """Whether a C-STORE's header as DICOM JSON (``request.normalized``) may be read: by
         middleware, or by a backend that does not say it never reads it
@@ -1084,15 +1097,25 @@ class ScpServices:
             identifier = self.identifier(op)
             if identifier is None:
                 return op.respond(dimse.IDENTIFIER_MISMATCH, comment="cannot decode the identifier")
-        env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier, op.message.dataset,
-                                query_level=level or None)
-        if direct:
-            # Nobody between us and the backend reads or replaces its results: relay them
-            # from the moment the request is out.  The pipeline's answer waits for the
-            # first match; the client's matches (and final response) need not.
-            op._timing = (endpoint.request_timeout, endpoint.reactor)
-            env.state.dicom.results_listener = op.relay_early
-        return endpoint.start_pipeline(env, op).addCallback(self._find_answered_early, op, env)
+        # The request to the PACS first, when the one backend can say now that it sends it
+        # (dicom_scu.FindAhead): what follows -- envelope, pipeline, target pool -- then
+        # runs while the PACS works, and the pipeline's attempt takes the request over.
+        ahead = endpoint.find_ahead(op, level) if level else None
+        try:
+            env = endpoint.envelope(op.assoc, op.context, C_FIND, identifier, op.message.dataset,
+                                    query_level=level or None)
+            if direct:
+                # Nobody between us and the backend reads or replaces its results: relay them
+                # from the moment the request is out.  The pipeline's answer waits for the
+                # first match; the client's matches (and final response) need not.
+                op._timing = (endpoint.request_timeout, endpoint.reactor)
+                env.state.dicom.results_listener = op.relay_early
+                env.state.dicom.ahead = ahead
+            answered = endpoint.start_pipeline(env, op)
+        finally:
+            if ahead is not None and not ahead.adopted:
+                ahead.drop()   # the pipeline went another way: the PACS is told to stop
+        return answered.addCallback(self._find_answered_early, op, env)
 
     def _find_answered_early(self, response, op: Operation, env):
         """The pipeline's answer to a C-FIND the early relay already answered in full (its usual

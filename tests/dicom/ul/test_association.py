@@ -462,6 +462,107 @@ def test_repeated_pending_responses_are_taken_as_their_data_sets_without_a_decod
     assert client._repeat is None                    # forgotten with the request
 
 
+class _Waiting:
+    """A socket holding what the peer sent since the last read (``recv`` as a
+    non-blocking socket answers: the bytes, or ``BlockingIOError`` once empty)."""
+
+    def __init__(self, *chunks):
+        self.chunks = list(chunks)
+        self.reads = 0
+
+    def recv(self, size):
+        self.reads += 1
+        if not self.chunks:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return self.chunks.pop(0)
+
+
+def _reading_on(client, ct, *waiting) -> _Waiting:
+    sock = _Waiting(*waiting)
+    ct.socket, ct.bufferSize, ct.connected, ct.disconnecting = sock, 65536, True, False
+    client.read_on = True
+    return sock
+
+
+@pytest.mark.parametrize("read_on", [True, False])
+def test_a_final_response_already_in_is_read_before_the_deliverys_put_off_work(read_on):
+    """A PACS's matches read before its final response was in: with ``read_on`` the
+    association reads once more before what the delivery put off (the pipeline's answer
+    of a proxied C-FIND) runs, so the final is handled -- and relayed with the matches --
+    first (bench/dimse, "C-FIND, eighth pass"); without it, that work ran while the final
+    waited in the socket."""
+    clock, factory, server, st, client, ct = established_pair()
+    seen = []
+
+    def pending(data):
+        seen.append(data)
+        if len(seen) == 1:
+            after_delivery(lambda: seen.append(("put off ran; final handled", answered.called)))
+
+    answered = client.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_FIND_RQ,
+                                  "Priority": 0}, b"", on_pending_data=pending)
+    final = pdu.pdata(1, 0x03, _find_rsp(1, 0, dataset=False))
+    sock = _reading_on(client, ct, final)
+    client.read_on = read_on
+    client.dataReceived(pdu.pdata(1, 0x03, _find_rsp(1, 0xFF00)) + pdu.pdata(1, 0x02, b"m1"))
+    if read_on:
+        assert seen == [b"m1", ("put off ran; final handled", True)] and sock.reads == 1
+        assert answered.called and answered.result.command["Status"] == 0
+        client.dataReceived(b"")   # nothing outstanding: no read on
+        assert sock.reads == 1
+    else:
+        assert seen == [b"m1", ("put off ran; final handled", False)] and sock.reads == 0
+        client.dataReceived(final)
+        assert answered.result.command["Status"] == 0
+
+
+def test_reading_on_with_nothing_in_runs_the_put_off_work_and_reads_once():
+    """Nothing more in yet (the PACS still working): one ``recv`` that finds nothing, then the
+    put-off work as before; a PACS that keeps sending is read a delivery at a time, one read
+    on each, not drained in a loop; a delivery that put nothing off and wrote nothing reads
+    no more."""
+    clock, factory, server, st, client, ct = established_pair()
+    seen, after = [], []
+
+    def pending(data):
+        seen.append(data)
+        after_delivery(lambda: after.append(len(seen)))
+
+    answered = client.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_FIND_RQ,
+                                  "Priority": 0}, b"", on_pending_data=pending)
+    match = pdu.pdata(1, 0x03, _find_rsp(1, 0xFF00)) + pdu.pdata(1, 0x02, b"m")
+    sock = _reading_on(client, ct)
+    client.dataReceived(match)
+    assert seen == [b"m"] and after == [1] and sock.reads == 1 and not answered.called
+    sock.chunks = [match, match, match]
+    client.dataReceived(match)
+    assert len(seen) == 3 and after == [1, 3, 3] and sock.reads == 2 and sock.chunks == [match, match]
+    client.dataReceived(b"")   # nothing put off or written: no read on
+    assert sock.reads == 2
+    client.dataReceived(b"".join(sock.chunks) + pdu.pdata(1, 0x03, _find_rsp(1, 0, dataset=False)))
+    assert len(seen) == 5 and answered.result.command["Status"] == 0 and sock.reads == 2   # none outstanding
+
+
+def test_a_read_on_that_raises_leaves_no_delivery_open():
+    """What the extra read delivers raising (a consumer's bug) propagates as any delivery's
+    would, and the delivery still ends: later writes are not held for a flush that never comes."""
+    from harmony.dicom.ul import association as ul
+    clock, factory, server, st, client, ct = established_pair()
+
+    def pending(data):
+        after_delivery(lambda: None)
+        if data == b"m2":
+            raise RuntimeError("a consumer's bug")
+
+    client.request(1, {"AffectedSOPClassUID": "1.2.840.10008.1.1", "CommandField": commands.C_FIND_RQ,
+                       "Priority": 0}, b"", on_pending_data=pending)
+    match = pdu.pdata(1, 0x03, _find_rsp(1, 0xFF00))
+    _reading_on(client, ct, match + pdu.pdata(1, 0x02, b"m2"))
+    with pytest.raises(RuntimeError):
+        client.dataReceived(match + pdu.pdata(1, 0x02, b"m1"))
+    assert ul._batch.depth == 0 and not ul._batch.after
+
+
 def test_a_response_data_set_is_kept_by_the_association_not_a_handlers_sink():
     """A response's data set is an identifier we asked for: the association keeps it (in one
     fragment, as that fragment's bytes); the handler's sinks are for requests' data sets."""
