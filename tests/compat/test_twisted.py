@@ -4,6 +4,7 @@ what Harmony uses it for; the installed Twisted is inside the tested range."""
 from __future__ import annotations
 
 import configparser
+import os
 import re
 from pathlib import Path
 
@@ -203,3 +204,33 @@ def test_lean_poll_dispatches_events_without_the_legacy_log_context(monkeypatch)
         poller._poller.close()
     monkeypatch.setenv(compat.LEAN_POLL_ENV, "0")
     assert not compat.lean_poll(EPollReactor()) and not compat.lean_poll(MemoryReactorClock())
+
+
+def test_lean_poll_wakes_the_reactor_with_one_write_and_leaves_a_closed_waker_alone(monkeypatch):
+    """``callFromThread``'s wake-up writes its byte directly (Twisted's went through a
+    deprecation proxy, bench/ingest session 11); a full pipe is a reactor woken already,
+    and a closed waker is not written to."""
+    import errno
+
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    try:
+        assert compat.lean_poll(reactor)
+        reactor.wakeUp()
+        assert os.read(reactor.waker.i, 10) == b"x"
+        writes = []
+
+        def full(fd, data):
+            writes.append(fd)
+            raise BlockingIOError(errno.EAGAIN, "full")
+        monkeypatch.setattr(os, "write", full)
+        compat._lean_wake(reactor)   # picks up the patched write
+        reactor.wakeUp()
+        assert writes == [reactor.waker.o]
+        fd, reactor.waker.o = reactor.waker.o, None
+        reactor.wakeUp()
+        assert writes == [fd]
+        reactor.waker.o = fd
+    finally:
+        reactor._poller.close()

@@ -193,4 +193,32 @@ def lean_poll(reactor) -> bool:
                 dispatch(selectable, fd, event)
 
     reactor.doPoll = reactor.doIteration = do_poll  # type: ignore[method-assign]  # per instance, on purpose
+    _lean_wake(reactor)
     return True
+
+
+def _lean_wake(reactor) -> None:
+    """The reactor's waker (what ``callFromThread`` writes to) with one ``os.write``.
+
+    Twisted's ``_UnixWaker.wakeUp`` writes through ``util.untilConcludes``, reached
+    through ``twisted.python.util``'s deprecation proxy (``_ModuleProxy.__getattribute__``
+    in Python) -- on a storage thread once a committed batch, ~1.5 % of four C-STORE
+    associations' GIL samples (bench/ingest, session 11).  Python retries EINTR itself
+    (PEP 475); a full pipe means the reactor is woken already, as Twisted has it; the
+    descriptor is read on each call (``None`` once the waker is closed).  Private: the
+    waker's ``o``; left alone for any other waker."""
+    from twisted.internet._signals import _UnixWaker
+    waker = getattr(reactor, "waker", None)
+    if type(waker) is not _UnixWaker:
+        return
+    write = os.write
+
+    def wake_up():
+        fd = waker.o
+        if fd is not None:
+            try:
+                write(fd, b"x")
+            except BlockingIOError:
+                pass
+
+    waker.wakeUp = wake_up  # type: ignore[method-assign]  # this waker only

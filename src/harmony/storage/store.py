@@ -1155,7 +1155,10 @@ class InstanceStore:
         journaled = overlap and all(p.data is not None for p in batch) and self._unflushed < MAX_UNFLUSHED
         flushes: list[Future] = []
         later = [p.final for p in batch if p.sync_later]
-        folders = sorted({p.final.parent for p in batch}) if overlap else []
+        # The folders from the relpaths' strings: a Path's parent and hash per instance showed in
+        # py-spy (~3 % of the storage thread's samples); one Path per folder.
+        folders = [self.instances_dir / rel for rel in sorted({p.rel.rpartition("/")[0] for p in batch})] \
+            if overlap else []
         if journaled:
             # Not waited for by the acknowledgement: the flush thread behind syncs the
             # batch's files and folders with whatever else is pending (_FlushesBehind).
