@@ -22,8 +22,20 @@ Placing a small file:
    replaced (:func:`harmony.storage.files.claim_name`) - so a reader finds it
    at once;
 3. the caller may answer; a flusher thread makes the files durable in
-   batches, every few milliseconds: each file's fdatasync, then one fsync per
-   folder for all the files named in it.
+   batches, every few tens of milliseconds: on Linux one ``syncfs`` of the
+   folder's file system for the whole batch, elsewhere each file's fdatasync,
+   then one fsync per folder for all the files named in it.
+
+Why ``syncfs`` there (session 11, bench/dimse/README.md): on this ext4 without a
+journal each file's ``fdatasync`` writes its data block, its inode's table block
+and flushes the disk cache, and the folder's ``fsync`` its block again - three
+writes and a cache flush per file, made on a thread of ours, every release of
+the GIL around them a chance for the reactor and the writer to fight for it
+(``strace -c``: 16 ``futex`` calls an instance).  One ``syncfs`` per batch
+writes each block once (files made one after another share inode table and
+folder blocks) with one cache flush, and releases the GIL once.  Its price: it
+also writes whatever else on that file system is dirty at the time - behind
+the answers, bounded by the batch interval.
 
 The log starts again from its beginning (a new *epoch* in its header) at the
 first commit that finds every file it holds synced: records of an older epoch
@@ -53,11 +65,12 @@ long as syncs lag): delivery is at least once, never lost.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import struct
+import sys
 import threading
-import time
 import uuid
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,9 +87,11 @@ JOURNAL_MAX_BYTES = 256 * 1024
 #: The log's size, written with zeros and synced once when it is made.
 LOG_BYTES = 8 * 1024 * 1024
 
-#: The flusher syncs at most this often (seconds), unless this many files wait.
-SYNC_INTERVAL = 0.005
-SYNC_BATCH = 64
+#: The flusher gathers files this long (seconds) after the first, unless this many wait (or
+#: the log is full): the files are durable in the log meanwhile, and one sync round a batch
+#: costs about the same whatever the batch's size.
+SYNC_INTERVAL = 0.05
+SYNC_BATCH = 512
 
 #: Log header: magic, format version, epoch; CRC-32 of those.
 _HEADER = struct.Struct("<4sIQI")
@@ -86,8 +101,10 @@ _RECORD = struct.Struct("<QBHII")
 _PLACED, _FORGOTTEN = 1, 2
 #: A forgotten record's data: the epoch and [from, to) offsets of the name's records it forgets.
 _RANGE = struct.Struct("<QQQ")
-#: Temporary files the writer keeps created ahead for held files.
-SPARE_TEMPS = 4
+#: Temporary files kept created ahead for held files (by the flusher, after each sync round):
+#: at least this many, twice what the last round took, at most SPARE_TEMPS_MAX.
+SPARE_TEMPS = 16
+SPARE_TEMPS_MAX = 128
 #: Held files the flusher may keep open while they wait for their sync (each saves an open and a close).
 MAX_OPEN_TO_SYNC = 256
 #: Threads that read staged files into the journal while their callers check them (the writer flushes).
@@ -190,6 +207,8 @@ class FolderJournal:
         self._to_sync: list[tuple[str, Path | str, int | None]] = []
         #: Descriptors of held files waiting in _to_sync (bounded: past MAX_OPEN_TO_SYNC, synced by name).
         self._open_to_sync = 0
+        #: The log is full and a commit waits for the flusher: no gathering.
+        self._hurry = False
         self._flusher: threading.Thread | None = None
         #: The one thread that writes and flushes the log (every commit is its work).
         self._writer: threading.Thread | None = None
@@ -203,8 +222,12 @@ class FolderJournal:
         #: Folders known to exist (a file named in one needs no mkdir check).
         self._folders: set[str] = set()
         self._temps = itertools.count()
-        #: Temporary files the writer created ahead for held files: (path, descriptor); its own.
+        #: Temporary files the flusher created ahead for held files: (path, descriptor).  The
+        #: flusher appends, the writer pops (each atomic under the GIL); emptied at close.
         self._spare_temps: list[tuple[str, int]] = []
+        #: Spares the writer has taken so far, and that count at the flusher's last top-up.
+        self._spares_taken = 0
+        self._spares_seen = 0
         #: Files have been handed over in memory (:meth:`store`): spares are worth making.
         self._holding = False
         #: Log flushes so far (one per group of placements).
@@ -279,6 +302,10 @@ class FolderJournal:
             os.close(self._writer_event)
         if flusher is not None:
             flusher.join()
+        spares, self._spare_temps = self._spare_temps, []
+        for temp, fd in spares:
+            os.close(fd)
+            _discard(temp)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -417,12 +444,6 @@ class FolderJournal:
         """The writer: every record handed over since its last flush, in one ``pwrite``
         and one ``fdatasync``; then the held files named (:meth:`store`)."""
         while True:
-            if self._holding and len(self._spare_temps) < SPARE_TEMPS:
-                with self._cond:
-                    idle = not self._batch.records and not self.closed
-                if idle:
-                    self._make_spare()
-                    continue
             with self._cond:
                 asleep = self._writer_asleep = not self._batch.records and not self.closed
             if asleep:
@@ -432,10 +453,6 @@ class FolderJournal:
                 batch = self._batch
                 if not batch.records:
                     self._writer_done = True
-                    for temp, fd in self._spare_temps:
-                        os.close(fd)
-                        _discard(temp)
-                    self._spare_temps = []
                     return
                 self._batch = _Batch()
             try:
@@ -473,17 +490,26 @@ class FolderJournal:
                     self._finish(batch, None)
         self._name_held(batch, error)
 
-    def _make_spare(self) -> None:
-        """A temporary file created while the writer has nothing to do: creating one
-        waits whenever the file system commits others' syncs (0.05-0.5 ms here), so
-        the held file's way to Success should not include it."""
-        temp = f"{self.dir}/{self._pid}.{next(self._temps)}{_TEMP}"
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except OSError:
-            self._holding = False   # the next held file creates its own, and meets the error
+    def _top_up_spares(self) -> None:
+        """Temporary files for the next held files, created on the flusher thread after
+        its sync round, where the answers do not wait for them: creating a file here
+        scans the inodes its group freed in the last minutes (ext4 without a journal,
+        ``recently_deleted``: 0.1-2 ms an inode while tests delete files by the
+        thousand).  Until session 11 the writer made them whenever it was idle, and
+        the next instance, arriving 0.2-0.5 ms after the answer, waited for it."""
+        if not self._holding:
             return
-        self._spare_temps.append((temp, fd))
+        taken = self._spares_taken
+        want = min(SPARE_TEMPS_MAX, max(SPARE_TEMPS, 2 * (taken - self._spares_seen)))
+        self._spares_seen = taken
+        while len(self._spare_temps) < want and not self.closed:
+            temp = f"{self.dir}/{self._pid}.{next(self._temps)}{_TEMP}"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except OSError:
+                self._holding = False   # the next held file creates its own, and meets the error
+                return
+            self._spare_temps.append((temp, fd))
 
     def _write_held(self, batch: _Batch) -> None:
         """Write each held file of *batch* under its temporary name, before the flush:
@@ -496,6 +522,7 @@ class FolderJournal:
                 try:
                     if self._spare_temps:
                         held.temp, held.fd = self._spare_temps.pop()
+                        self._spares_taken += 1
                         write_all(held.fd, record[2])
                     else:
                         held.fd = _write_file(held.temp, record[2])
@@ -592,6 +619,8 @@ class FolderJournal:
                 return self._end
             if self.broken:
                 raise OSError(28, "the storage journal is full and a sync failed")
+            self._hurry = True
+            self._wake_flusher.notify()
             self._cond.wait()
 
     def _write(self, batch: _Batch, offset: int) -> None:
@@ -620,20 +649,19 @@ class FolderJournal:
     # ------------------------------------------------------------------ syncing behind the answers
 
     def _flush_loop(self) -> None:
-        last = 0.0
         while True:
             with self._cond:
                 while not self._to_sync and not self.closed:
                     self._wake_flusher.wait()
-                # A few milliseconds to gather more files into one sync (they are durable in the log meanwhile).
-                gather = last + SYNC_INTERVAL - time.monotonic()
-                if gather > 0 and not self.closed:
-                    self._wake_flusher.wait_for(lambda: self.closed or len(self._to_sync) >= SYNC_BATCH, gather)
+                # Some milliseconds to gather more files into one sync (they are durable in the log meanwhile).
+                if not self.closed and not self._hurry and len(self._to_sync) < SYNC_BATCH:
+                    self._wake_flusher.wait_for(
+                        lambda: self.closed or self._hurry or len(self._to_sync) >= SYNC_BATCH, SYNC_INTERVAL)
                 batch, self._to_sync = self._to_sync, []
                 self._open_to_sync = 0
+                self._hurry = False
                 if not batch and self.closed:
                     return
-            last = time.monotonic()
             synced, failed = self._sync(batch)
             if failed:
                 with self._cond:
@@ -642,10 +670,22 @@ class FolderJournal:
                 log.error("storage journal {folder}: a file or folder sync failed; the next start writes "
                           "it again from the journal", folder=str(self.folder))
             self._synced(synced)
+            self._top_up_spares()
 
     def _sync(self, batch: list[tuple[str, Path | str, int | None]]) -> tuple[list[str], bool]:
-        """Make the named files of *batch* durable: each file's fdatasync, then
-        each folder's fsync once for all the files named in it."""
+        """Make the named files of *batch* durable: one ``syncfs`` of the log's file
+        system (every file here is named by a rename or a link from it, so it is on
+        the same one), else each file's fdatasync, then each folder's fsync once
+        for all the files named in it."""
+        if _syncfs is not None and self._fd is not None:
+            for _relpath, _path, fd in batch:
+                if fd is not None:
+                    os.close(fd)
+            try:
+                _syncfs(self._fd)
+            except OSError:
+                return [], True
+            return [relpath for relpath, _path, _fd in batch], False
         synced: list[str] = []
         folders: dict[str, list[str]] = {}
         failed = False
@@ -749,6 +789,28 @@ def _make_log(path: Path, size: int) -> int:
         _remove(tmp)
         raise
     return fd
+
+
+def _linux_syncfs():
+    """``syncfs(2)`` through libc (Linux: the os module has no binding; the call
+    lets go of the GIL), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if call(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+    return syncfs
+
+
+#: ``syncfs(fd)``, or None (each file and folder is synced on its own then).
+_syncfs = _linux_syncfs()
 
 
 def _tell(record: list, error: BaseException | None) -> None:
