@@ -359,3 +359,82 @@ def test_a_held_file_over_the_journals_size_or_after_close_is_refused_at_once(tm
     journal.close()
     with pytest.raises(OSError):
         journal.store(f"{tmp_path}/out/a.dcm", b"x", lambda error: None)
+
+
+def test_a_batch_of_files_is_made_durable_with_one_syncfs(tmp_path, monkeypatch):
+    """On Linux the flusher syncs a batch with one ``syncfs`` of the log's file system
+    (each file's data, inode and folder entry in one pass, one disk cache flush)
+    instead of a file ``fdatasync`` and a folder ``fsync`` each; the files settle."""
+    import harmony.storage.journal as journal_module
+    assert journal_module._syncfs is not None   # this machine is Linux: the path the bench measures
+    calls = []
+    real = journal_module._syncfs
+    monkeypatch.setattr(journal_module, "_syncfs", lambda fd: (calls.append(fd), real(fd)))
+    synced_files = []
+    real_fdatasync = os.fdatasync
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    assert stored(journal, folder / "st" / "se" / "first.dcm", b"x" * 100) is None
+    monkeypatch.setattr(journal_module.os, "fdatasync",
+                        lambda fd: (synced_files.append(os.readlink(f"/proc/self/fd/{fd}")), real_fdatasync(fd)))
+    for i in range(10):
+        assert stored(journal, folder / "st" / f"se{i % 2}" / f"{i}.dcm", bytes([i]) * 300) is None
+    assert journal.wait_synced(30) and not journal.broken
+    assert 1 <= len(calls) < 11   # whole batches gathered over SYNC_INTERVAL, not a sync a file
+    assert [f for f in synced_files if not f.endswith(".log")] == []   # only the log's own flushes
+    journal.close()
+    assert logs(folder) == []
+
+
+def test_without_syncfs_each_file_and_folder_is_synced(tmp_path, monkeypatch):
+    import harmony.storage.journal as journal_module
+    monkeypatch.setattr(journal_module, "_syncfs", None)
+    synced = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(journal_module.os, "fdatasync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fdatasync(fd)))
+    monkeypatch.setattr(journal_module.os, "fsync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    for i in range(4):
+        assert stored(journal, folder / "st" / "se" / f"{i}.dcm", bytes([i]) * 300) is None
+    assert journal.wait_synced(30) and not journal.broken
+    assert {f"{folder}/st/se/{i}.dcm" for i in range(4)} | {f"{folder}/st/se"} <= set(synced)
+    journal.close()
+
+
+def test_spare_files_are_made_by_the_flusher_not_between_instances(tmp_path, monkeypatch):
+    """The temp files held instances are written into are created ahead on the flusher
+    thread after its sync round (creating one here can take a millisecond): the writer,
+    between two instances, creates none while the flusher has not made any."""
+    import harmony.storage.journal as journal_module
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    stall, stalled = threading.Event(), threading.Event()
+    real_sync = journal._sync
+
+    def stalled_sync(batch):
+        stalled.set()
+        assert stall.wait(30)
+        return real_sync(batch)
+    journal._sync = stalled_sync
+    assert stored(journal, folder / "st" / "se" / "a.dcm", b"a" * 100) is None
+    assert stored(journal, folder / "st" / "se" / "b.dcm", b"b" * 100) is None
+    assert stalled.wait(30)
+    assert list((folder / ".journal").glob("*.part")) == []   # the idle writer made none
+    stall.set()
+    assert journal.wait_synced(30)
+    deadline = time.monotonic() + 30
+    while len(journal._spare_temps) < journal_module.SPARE_TEMPS:   # the flusher's top-up after its round
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    spares = {temp for temp, _fd in journal._spare_temps}
+    assert stored(journal, folder / "st" / "se" / "c.dcm", b"c" * 100) is None
+    assert (folder / "st" / "se" / "c.dcm").read_bytes() == b"c" * 100
+    assert len(spares - {temp for temp, _fd in journal._spare_temps}) == 1   # it took one of them
+    journal.close()
+    assert list((folder / ".journal").glob("*.part")) == []
