@@ -182,14 +182,14 @@ def test_placements_at_once_share_one_flush(tmp_path, monkeypatch):
     journal = FolderJournal(folder)
     journal.open()
     first_flush, release = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
+    real_write = journal_module._write_durably
 
-    def held_fdatasync(fd):
+    def held_write(fd, blob, offset):
         if not first_flush.is_set():
             first_flush.set()
             assert release.wait(30)
-        real_fdatasync(fd)
-    monkeypatch.setattr(journal_module.os, "fdatasync", held_fdatasync)
+        real_write(fd, blob, offset)
+    monkeypatch.setattr(journal_module, "_write_durably", held_write)
     errors = []
 
     def place(i):
@@ -438,3 +438,31 @@ def test_spare_files_are_made_by_the_flusher_not_between_instances(tmp_path, mon
     assert len(spares - {temp for temp, _fd in journal._spare_temps}) == 1   # it took one of them
     journal.close()
     assert list((folder / ".journal").glob("*.part")) == []
+
+
+def test_the_log_is_written_and_synced_in_one_call_where_the_kernel_takes_it(tmp_path, monkeypatch):
+    """``pwritev2(RWF_DSYNC)``: the log's write and its data sync in one system call
+    (one GIL release on the answer's path); ``pwrite`` + ``fdatasync`` where refused."""
+    import errno
+
+    import harmony.storage.journal as journal_module
+    assert journal_module._dsync_writes   # Linux, Python 3.7+
+    monkeypatch.setattr(journal_module, "_dsync_writes", True)   # put back after the fallback below
+    calls = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+    monkeypatch.setattr(journal_module.os, "pwritev", lambda *a: (calls.append("pwritev"), real_pwritev(*a))[1])
+    monkeypatch.setattr(journal_module.os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd)))
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    assert stored(journal, folder / "st" / "se" / "a.dcm", b"a" * 100) is None
+    assert calls == ["pwritev"]
+
+    def refused(*_args):
+        raise OSError(errno.EOPNOTSUPP, "not here")
+    monkeypatch.setattr(journal_module.os, "pwritev", refused)
+    calls.clear()
+    assert stored(journal, folder / "st" / "se" / "b.dcm", b"b" * 100) is None
+    assert calls == ["fdatasync"] and not journal_module._dsync_writes
+    assert read_log(journal.path.read_bytes()) == {"st/se/a.dcm": b"a" * 100, "st/se/b.dcm": b"b" * 100}
+    journal.close()
