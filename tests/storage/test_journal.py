@@ -466,3 +466,27 @@ def test_the_log_is_written_and_synced_in_one_call_where_the_kernel_takes_it(tmp
     assert calls == ["fdatasync"] and not journal_module._dsync_writes
     assert read_log(journal.path.read_bytes()) == {"st/se/a.dcm": b"a" * 100, "st/se/b.dcm": b"b" * 100}
     journal.close()
+
+
+def test_a_file_not_on_the_logs_file_system_is_synced_on_its_own(tmp_path, monkeypatch):
+    """``syncfs`` of the log covers its file system only: a placed file found on another
+    device (a folder mounted inside ``storage_dir``) gets its own fdatasync and folder fsync."""
+    import harmony.storage.journal as journal_module
+    synced = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(journal_module.os, "fdatasync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fdatasync(fd)))
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    src = tmp_path / "a.dcm"
+    src.write_bytes(b"a" * 500)
+    journal.place(src, folder / "st" / "a.dcm")   # makes the log, whose device the flusher compares
+    assert journal.wait_synced(30)
+    assert synced == [] and journal._log_dev == os.stat(folder).st_dev
+    journal._log_dev = -1   # as if the folder were another file system
+    src.write_bytes(b"b" * 500)
+    journal.place(src, folder / "st" / "b.dcm")
+    assert journal.wait_synced(30) and not journal.broken
+    assert f"{folder}/st/b.dcm" in synced
+    journal.close()

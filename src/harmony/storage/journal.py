@@ -211,6 +211,8 @@ class FolderJournal:
         self._open_to_sync = 0
         #: The log is full and a commit waits for the flusher: no gathering.
         self._hurry = False
+        #: The log's file system (``st_dev``): the one a ``syncfs`` of the log makes durable.
+        self._log_dev: int | None = None
         self._flusher: threading.Thread | None = None
         #: The one thread that writes and flushes the log (every commit is its work).
         self._writer: threading.Thread | None = None
@@ -609,6 +611,7 @@ class FolderJournal:
         written to it is synced; when it is full, the batch waits for the flusher."""
         if self._fd is None:
             self._fd = _make_log(self.path, self.log_bytes)
+            self._log_dev = os.fstat(self._fd).st_dev
             self._end = 0
         if size > self.log_bytes - _HEADER.size:
             raise OSError(27, "a batch larger than the storage journal")
@@ -674,21 +677,21 @@ class FolderJournal:
 
     def _sync(self, batch: list[tuple[str, Path | str, int | None]]) -> tuple[list[str], bool]:
         """Make the named files of *batch* durable: one ``syncfs`` of the log's file
-        system (every file here is named by a rename or a link from it, so it is on
-        the same one), else each file's fdatasync, then each folder's fsync once
-        for all the files named in it."""
-        if _syncfs is not None and self._fd is not None:
-            for _relpath, _path, fd in batch:
-                if fd is not None:
-                    os.close(fd)
-            try:
-                _syncfs(self._fd)
-            except OSError:
-                return [], True
-            return [relpath for relpath, _path, _fd in batch], False
+        system for the files on it (:meth:`_on_log_fs`: in practice all of them), and
+        for any other, or without ``syncfs``, each file's fdatasync, then each
+        folder's fsync once for all the files named in it."""
         synced: list[str] = []
-        folders: dict[str, list[str]] = {}
         failed = False
+        if _syncfs is not None and self._fd is not None:
+            batch, on_log_fs = self._on_log_fs(batch)
+            if on_log_fs:
+                try:
+                    _syncfs(self._fd)
+                except OSError:
+                    failed = True
+                else:
+                    synced += on_log_fs
+        folders: dict[str, list[str]] = {}
         for relpath, path, fd in batch:
             try:
                 if fd is None:
@@ -712,6 +715,30 @@ class FolderJournal:
                 continue
             synced += names
         return synced, failed
+
+    def _on_log_fs(self, batch: list[tuple[str, Path | str, int | None]]) -> tuple[list, list[str]]:
+        """*batch* split into the files a ``syncfs`` of the log may not cover, and the
+        names of those it does: a held file (written in the log's folder and renamed,
+        which never crosses file systems; its descriptor closed here), or a file on
+        the log's device.  The rest (a folder mounted inside ``storage_dir``) is
+        synced file by file."""
+        rest: list[tuple[str, Path | str, int | None]] = []
+        names: list[str] = []
+        for entry in batch:
+            relpath, path, fd = entry
+            if fd is not None:
+                os.close(fd)
+                names.append(relpath)
+                continue
+            try:
+                same = os.stat(path).st_dev == self._log_dev
+            except OSError:
+                same = False   # gone or unreadable: the file-by-file path decides
+            if same:
+                names.append(relpath)
+            else:
+                rest.append(entry)
+        return rest, names
 
     def _synced(self, relpaths: list[str]) -> None:
         with self._cond:
