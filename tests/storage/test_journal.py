@@ -490,3 +490,26 @@ def test_a_file_not_on_the_logs_file_system_is_synced_on_its_own(tmp_path, monke
     assert journal.wait_synced(30) and not journal.broken
     assert f"{folder}/st/b.dcm" in synced
     journal.close()
+
+
+def test_a_full_log_cuts_the_flushers_gathering_short(tmp_path, monkeypatch):
+    """The flusher gathers files for SYNC_INTERVAL before a sync round; a commit that
+    finds the log full must not wait that out (here a minute): it hurries the flusher."""
+    import harmony.storage.journal as journal_module
+    monkeypatch.setattr(journal_module, "SYNC_INTERVAL", 60.0)
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder, max_bytes=1000, log_bytes=0)  # the smallest log: ~5 KiB
+    journal.open()
+    done = threading.Event()
+
+    def place_many():
+        for i in range(20):
+            src = tmp_path / f"{i}.dcm"
+            src.write_bytes(bytes([i]) * 900)
+            journal.place(src, folder / "s" / f"{i}.dcm")
+        done.set()
+    threading.Thread(target=place_many, daemon=True).start()
+    assert done.wait(30)   # ~4 files fill the log: without the hurry, a minute per fill
+    assert all((folder / "s" / f"{i}.dcm").read_bytes() == bytes([i]) * 900 for i in range(20))
+    journal.close()
+    assert logs(folder) == []
