@@ -42,8 +42,8 @@ from run import BIN, storescu  # noqa: E402
 from tests.dicom_data import make_instance, save, uid  # noqa: E402
 from tests.peers import Storescp, free_port, peer_env, port_open, wait_for  # noqa: E402
 
-TRACED = ("fdatasync", "fsync", "pwrite64", "write", "link", "rename", "openat", "read", "close", "unlink",
-          "newfstatat", "statx", "futex", "sendto", "recvfrom", "epoll_wait", "epoll_ctl", "getpid", "mkdir")
+TRACED = ("fdatasync", "fsync", "syncfs", "pwritev2", "pwrite64", "write", "link", "rename", "openat", "read", "close",
+          "unlink", "newfstatat", "statx", "futex", "sendto", "recvfrom", "epoll_wait", "epoll_ctl", "getpid", "mkdir")
 
 
 def config(folder: Path, port: int) -> Path:
@@ -120,16 +120,21 @@ def strace_summary(trace: Path, n: int) -> str:
         if m and took:
             calls[_call_name(m.group(1), m.group(3))].append(float(took.group(1)))
     out = []
-    for name in sorted(calls, key=lambda c: (c.split()[0] not in ("fdatasync", "fsync"), c)):
+    for name in sorted(calls, key=lambda c: (c.split()[0] not in SYNCS, c)):
         v = sorted(calls[name])
         out.append(f"    {name:28s} {len(v) / n:5.2f} per instance, p50 {statistics.median(v) * 1000:6.3f} ms, "
                    f"p90 {v[int(len(v) * 0.9)] * 1000:6.3f} ms")
     return "\n".join(out)
 
 
+#: Calls that flush: the log's ``pwritev2`` carries ``RWF_DSYNC`` (its write and data sync in one call).
+SYNCS = ("fdatasync", "fsync", "syncfs", "pwritev2")
+
+
 def _call_name(call: str, path: str | None) -> str:
-    if call in ("fdatasync", "fsync") and path:
-        return f"{call} (journal, waited)" if path.endswith((".log", "-wal")) else f"{call} (behind)"
+    if call in SYNCS and path:
+        waited = call != "syncfs" and path.endswith((".log", "-wal"))   # a syncfs is through the log's fd, behind
+        return f"{call} (journal, waited)" if waited else f"{call} (behind)"
     return call
 
 

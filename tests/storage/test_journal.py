@@ -182,14 +182,14 @@ def test_placements_at_once_share_one_flush(tmp_path, monkeypatch):
     journal = FolderJournal(folder)
     journal.open()
     first_flush, release = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
+    real_write = journal_module._write_durably
 
-    def held_fdatasync(fd):
+    def held_write(fd, blob, offset):
         if not first_flush.is_set():
             first_flush.set()
             assert release.wait(30)
-        real_fdatasync(fd)
-    monkeypatch.setattr(journal_module.os, "fdatasync", held_fdatasync)
+        real_write(fd, blob, offset)
+    monkeypatch.setattr(journal_module, "_write_durably", held_write)
     errors = []
 
     def place(i):
@@ -359,3 +359,157 @@ def test_a_held_file_over_the_journals_size_or_after_close_is_refused_at_once(tm
     journal.close()
     with pytest.raises(OSError):
         journal.store(f"{tmp_path}/out/a.dcm", b"x", lambda error: None)
+
+
+def test_a_batch_of_files_is_made_durable_with_one_syncfs(tmp_path, monkeypatch):
+    """On Linux the flusher syncs a batch with one ``syncfs`` of the log's file system
+    (each file's data, inode and folder entry in one pass, one disk cache flush)
+    instead of a file ``fdatasync`` and a folder ``fsync`` each; the files settle."""
+    import harmony.storage.journal as journal_module
+    assert journal_module._syncfs is not None   # this machine is Linux: the path the bench measures
+    calls = []
+    real = journal_module._syncfs
+    monkeypatch.setattr(journal_module, "_syncfs", lambda fd: (calls.append(fd), real(fd)))
+    synced_files = []
+    real_fdatasync = os.fdatasync
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    assert stored(journal, folder / "st" / "se" / "first.dcm", b"x" * 100) is None
+    monkeypatch.setattr(journal_module.os, "fdatasync",
+                        lambda fd: (synced_files.append(os.readlink(f"/proc/self/fd/{fd}")), real_fdatasync(fd)))
+    for i in range(10):
+        assert stored(journal, folder / "st" / f"se{i % 2}" / f"{i}.dcm", bytes([i]) * 300) is None
+    assert journal.wait_synced(30) and not journal.broken
+    assert 1 <= len(calls) < 11   # whole batches gathered over SYNC_INTERVAL, not a sync a file
+    assert [f for f in synced_files if not f.endswith(".log")] == []   # only the log's own flushes
+    journal.close()
+    assert logs(folder) == []
+
+
+def test_without_syncfs_each_file_and_folder_is_synced(tmp_path, monkeypatch):
+    import harmony.storage.journal as journal_module
+    monkeypatch.setattr(journal_module, "_syncfs", None)
+    synced = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(journal_module.os, "fdatasync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fdatasync(fd)))
+    monkeypatch.setattr(journal_module.os, "fsync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    for i in range(4):
+        assert stored(journal, folder / "st" / "se" / f"{i}.dcm", bytes([i]) * 300) is None
+    assert journal.wait_synced(30) and not journal.broken
+    assert {f"{folder}/st/se/{i}.dcm" for i in range(4)} | {f"{folder}/st/se"} <= set(synced)
+    journal.close()
+
+
+def test_spare_files_are_made_by_the_flusher_not_between_instances(tmp_path, monkeypatch):
+    """The temp files held instances are written into are created ahead on the flusher
+    thread after its sync round (creating one here can take a millisecond): the writer,
+    between two instances, creates none while the flusher has not made any."""
+    import harmony.storage.journal as journal_module
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    stall, stalled = threading.Event(), threading.Event()
+    real_sync = journal._sync
+
+    def stalled_sync(batch):
+        stalled.set()
+        assert stall.wait(30)
+        return real_sync(batch)
+    journal._sync = stalled_sync
+    assert stored(journal, folder / "st" / "se" / "a.dcm", b"a" * 100) is None
+    assert stored(journal, folder / "st" / "se" / "b.dcm", b"b" * 100) is None
+    assert stalled.wait(30)
+    assert list((folder / ".journal").glob("*.part")) == []   # the idle writer made none
+    stall.set()
+    assert journal.wait_synced(30)
+    deadline = time.monotonic() + 30
+    while len(journal._spare_temps) < journal_module.SPARE_TEMPS:   # the flusher's top-up after its round
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    spares = {temp for temp, _fd in journal._spare_temps}
+    assert stored(journal, folder / "st" / "se" / "c.dcm", b"c" * 100) is None
+    assert (folder / "st" / "se" / "c.dcm").read_bytes() == b"c" * 100
+    assert len(spares - {temp for temp, _fd in journal._spare_temps}) == 1   # it took one of them
+    journal.close()
+    assert list((folder / ".journal").glob("*.part")) == []
+
+
+def test_the_log_is_written_and_synced_in_one_call_where_the_kernel_takes_it(tmp_path, monkeypatch):
+    """``pwritev2(RWF_DSYNC)``: the log's write and its data sync in one system call
+    (one GIL release on the answer's path); ``pwrite`` + ``fdatasync`` where refused."""
+    import errno
+
+    import harmony.storage.journal as journal_module
+    assert journal_module._dsync_writes   # Linux, Python 3.7+
+    monkeypatch.setattr(journal_module, "_dsync_writes", True)   # put back after the fallback below
+    calls = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+    monkeypatch.setattr(journal_module.os, "pwritev", lambda *a: (calls.append("pwritev"), real_pwritev(*a))[1])
+    monkeypatch.setattr(journal_module.os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd)))
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    assert stored(journal, folder / "st" / "se" / "a.dcm", b"a" * 100) is None
+    assert calls == ["pwritev"]
+
+    def refused(*_args):
+        raise OSError(errno.EOPNOTSUPP, "not here")
+    monkeypatch.setattr(journal_module.os, "pwritev", refused)
+    calls.clear()
+    assert stored(journal, folder / "st" / "se" / "b.dcm", b"b" * 100) is None
+    assert calls == ["fdatasync"] and not journal_module._dsync_writes
+    assert read_log(journal.path.read_bytes()) == {"st/se/a.dcm": b"a" * 100, "st/se/b.dcm": b"b" * 100}
+    journal.close()
+
+
+def test_a_file_not_on_the_logs_file_system_is_synced_on_its_own(tmp_path, monkeypatch):
+    """``syncfs`` of the log covers its file system only: a placed file found on another
+    device (a folder mounted inside ``storage_dir``) gets its own fdatasync and folder fsync."""
+    import harmony.storage.journal as journal_module
+    synced = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(journal_module.os, "fdatasync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fdatasync(fd)))
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    src = tmp_path / "a.dcm"
+    src.write_bytes(b"a" * 500)
+    journal.place(src, folder / "st" / "a.dcm")   # makes the log, whose device the flusher compares
+    assert journal.wait_synced(30)
+    assert synced == [] and journal._log_dev == os.stat(folder).st_dev
+    journal._log_dev = -1   # as if the folder were another file system
+    src.write_bytes(b"b" * 500)
+    journal.place(src, folder / "st" / "b.dcm")
+    assert journal.wait_synced(30) and not journal.broken
+    assert f"{folder}/st/b.dcm" in synced
+    journal.close()
+
+
+def test_a_full_log_cuts_the_flushers_gathering_short(tmp_path, monkeypatch):
+    """The flusher gathers files for SYNC_INTERVAL before a sync round; a commit that
+    finds the log full must not wait that out (here a minute): it hurries the flusher."""
+    import harmony.storage.journal as journal_module
+    monkeypatch.setattr(journal_module, "SYNC_INTERVAL", 60.0)
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder, max_bytes=1000, log_bytes=0)  # the smallest log: ~5 KiB
+    journal.open()
+    done = threading.Event()
+
+    def place_many():
+        for i in range(20):
+            src = tmp_path / f"{i}.dcm"
+            src.write_bytes(bytes([i]) * 900)
+            journal.place(src, folder / "s" / f"{i}.dcm")
+        done.set()
+    threading.Thread(target=place_many, daemon=True).start()
+    assert done.wait(30)   # ~4 files fill the log: without the hurry, a minute per fill
+    assert all((folder / "s" / f"{i}.dcm").read_bytes() == bytes([i]) * 900 for i in range(20))
+    journal.close()
+    assert logs(folder) == []

@@ -14,7 +14,8 @@ So each process keeps a log (``<folder>/.journal/<pid>.log``, preallocated).
 Placing a small file:
 
 1. its bytes are appended to the log as one checksummed record, with one
-   ``pwrite`` and one ``fdatasync`` - from here on the file survives a crash.
+   ``pwrite`` and one ``fdatasync`` (on Linux one ``pwritev2`` with
+   ``RWF_DSYNC``, the same two in one call) - from here on the file survives a crash.
    One writer thread makes every flush: placements handed over while a
    flush runs share the next one (group commit);
 2. it is given its name in the folder - a new name with a hard link before its
@@ -22,8 +23,20 @@ Placing a small file:
    replaced (:func:`harmony.storage.files.claim_name`) - so a reader finds it
    at once;
 3. the caller may answer; a flusher thread makes the files durable in
-   batches, every few milliseconds: each file's fdatasync, then one fsync per
-   folder for all the files named in it.
+   batches, every few tens of milliseconds: on Linux one ``syncfs`` of the
+   folder's file system for the whole batch, elsewhere each file's fdatasync,
+   then one fsync per folder for all the files named in it.
+
+Why ``syncfs`` there (session 11, bench/dimse/README.md): on this ext4 without a
+journal each file's ``fdatasync`` writes its data block, its inode's table block
+and flushes the disk cache, and the folder's ``fsync`` its block again - three
+writes and a cache flush per file, made on a thread of ours, every release of
+the GIL around them a chance for the reactor and the writer to fight for it
+(``strace -c``: 16 ``futex`` calls an instance).  One ``syncfs`` per batch
+writes each block once (files made one after another share inode table and
+folder blocks) with one cache flush, and releases the GIL once.  Its price: it
+also writes whatever else on that file system is dirty at the time - behind
+the answers, bounded by the batch interval.
 
 The log starts again from its beginning (a new *epoch* in its header) at the
 first commit that finds every file it holds synced: records of an older epoch
@@ -53,11 +66,13 @@ long as syncs lag): delivery is at least once, never lost.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import itertools
 import os
 import struct
+import sys
 import threading
-import time
 import uuid
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,9 +89,11 @@ JOURNAL_MAX_BYTES = 256 * 1024
 #: The log's size, written with zeros and synced once when it is made.
 LOG_BYTES = 8 * 1024 * 1024
 
-#: The flusher syncs at most this often (seconds), unless this many files wait.
-SYNC_INTERVAL = 0.005
-SYNC_BATCH = 64
+#: The flusher gathers files this long (seconds) after the first, unless this many wait (or
+#: the log is full): the files are durable in the log meanwhile, and one sync round a batch
+#: costs about the same whatever the batch's size.
+SYNC_INTERVAL = 0.05
+SYNC_BATCH = 512
 
 #: Log header: magic, format version, epoch; CRC-32 of those.
 _HEADER = struct.Struct("<4sIQI")
@@ -86,8 +103,10 @@ _RECORD = struct.Struct("<QBHII")
 _PLACED, _FORGOTTEN = 1, 2
 #: A forgotten record's data: the epoch and [from, to) offsets of the name's records it forgets.
 _RANGE = struct.Struct("<QQQ")
-#: Temporary files the writer keeps created ahead for held files.
-SPARE_TEMPS = 4
+#: Temporary files kept created ahead for held files (by the flusher, after each sync round):
+#: at least this many, twice what the last round took, at most SPARE_TEMPS_MAX.
+SPARE_TEMPS = 16
+SPARE_TEMPS_MAX = 128
 #: Held files the flusher may keep open while they wait for their sync (each saves an open and a close).
 MAX_OPEN_TO_SYNC = 256
 #: Threads that read staged files into the journal while their callers check them (the writer flushes).
@@ -190,6 +209,10 @@ class FolderJournal:
         self._to_sync: list[tuple[str, Path | str, int | None]] = []
         #: Descriptors of held files waiting in _to_sync (bounded: past MAX_OPEN_TO_SYNC, synced by name).
         self._open_to_sync = 0
+        #: The log is full and a commit waits for the flusher: no gathering.
+        self._hurry = False
+        #: The log's file system (``st_dev``): the one a ``syncfs`` of the log makes durable.
+        self._log_dev: int | None = None
         self._flusher: threading.Thread | None = None
         #: The one thread that writes and flushes the log (every commit is its work).
         self._writer: threading.Thread | None = None
@@ -203,8 +226,12 @@ class FolderJournal:
         #: Folders known to exist (a file named in one needs no mkdir check).
         self._folders: set[str] = set()
         self._temps = itertools.count()
-        #: Temporary files the writer created ahead for held files: (path, descriptor); its own.
+        #: Temporary files the flusher created ahead for held files: (path, descriptor).  The
+        #: flusher appends, the writer pops (each atomic under the GIL); emptied at close.
         self._spare_temps: list[tuple[str, int]] = []
+        #: Spares the writer has taken so far, and that count at the flusher's last top-up.
+        self._spares_taken = 0
+        self._spares_seen = 0
         #: Files have been handed over in memory (:meth:`store`): spares are worth making.
         self._holding = False
         #: Log flushes so far (one per group of placements).
@@ -279,6 +306,10 @@ class FolderJournal:
             os.close(self._writer_event)
         if flusher is not None:
             flusher.join()
+        spares, self._spare_temps = self._spare_temps, []
+        for temp, fd in spares:
+            os.close(fd)
+            _discard(temp)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -414,15 +445,9 @@ class FolderJournal:
             os.eventfd_write(self._writer_event, 1)
 
     def _write_loop(self) -> None:
-        """The writer: every record handed over since its last flush, in one ``pwrite``
-        and one ``fdatasync``; then the held files named (:meth:`store`)."""
+        """The writer: every record handed over since its last flush, in one durable
+        write (:func:`_write_durably`); then the held files named (:meth:`store`)."""
         while True:
-            if self._holding and len(self._spare_temps) < SPARE_TEMPS:
-                with self._cond:
-                    idle = not self._batch.records and not self.closed
-                if idle:
-                    self._make_spare()
-                    continue
             with self._cond:
                 asleep = self._writer_asleep = not self._batch.records and not self.closed
             if asleep:
@@ -432,10 +457,6 @@ class FolderJournal:
                 batch = self._batch
                 if not batch.records:
                     self._writer_done = True
-                    for temp, fd in self._spare_temps:
-                        os.close(fd)
-                        _discard(temp)
-                    self._spare_temps = []
                     return
                 self._batch = _Batch()
             try:
@@ -473,17 +494,26 @@ class FolderJournal:
                     self._finish(batch, None)
         self._name_held(batch, error)
 
-    def _make_spare(self) -> None:
-        """A temporary file created while the writer has nothing to do: creating one
-        waits whenever the file system commits others' syncs (0.05-0.5 ms here), so
-        the held file's way to Success should not include it."""
-        temp = f"{self.dir}/{self._pid}.{next(self._temps)}{_TEMP}"
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except OSError:
-            self._holding = False   # the next held file creates its own, and meets the error
+    def _top_up_spares(self) -> None:
+        """Temporary files for the next held files, created on the flusher thread after
+        its sync round, where the answers do not wait for them: creating a file here
+        scans the inodes its group freed in the last minutes (ext4 without a journal,
+        ``recently_deleted``: 0.1-2 ms an inode while tests delete files by the
+        thousand).  Until session 11 the writer made them whenever it was idle, and
+        the next instance, arriving 0.2-0.5 ms after the answer, waited for it."""
+        if not self._holding:
             return
-        self._spare_temps.append((temp, fd))
+        taken = self._spares_taken
+        want = min(SPARE_TEMPS_MAX, max(SPARE_TEMPS, 2 * (taken - self._spares_seen)))
+        self._spares_seen = taken
+        while len(self._spare_temps) < want and not self.closed:
+            temp = f"{self.dir}/{self._pid}.{next(self._temps)}{_TEMP}"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except OSError:
+                self._holding = False   # the next held file creates its own, and meets the error
+                return
+            self._spare_temps.append((temp, fd))
 
     def _write_held(self, batch: _Batch) -> None:
         """Write each held file of *batch* under its temporary name, before the flush:
@@ -496,6 +526,7 @@ class FolderJournal:
                 try:
                     if self._spare_temps:
                         held.temp, held.fd = self._spare_temps.pop()
+                        self._spares_taken += 1
                         write_all(held.fd, record[2])
                     else:
                         held.fd = _write_file(held.temp, record[2])
@@ -580,6 +611,7 @@ class FolderJournal:
         written to it is synced; when it is full, the batch waits for the flusher."""
         if self._fd is None:
             self._fd = _make_log(self.path, self.log_bytes)
+            self._log_dev = os.fstat(self._fd).st_dev
             self._end = 0
         if size > self.log_bytes - _HEADER.size:
             raise OSError(27, "a batch larger than the storage journal")
@@ -592,6 +624,8 @@ class FolderJournal:
                 return self._end
             if self.broken:
                 raise OSError(28, "the storage journal is full and a sync failed")
+            self._hurry = True
+            self._wake_flusher.notify()
             self._cond.wait()
 
     def _write(self, batch: _Batch, offset: int) -> None:
@@ -611,29 +645,26 @@ class FolderJournal:
             at += len(parts[-1])
         blob = b"".join(parts)
         assert self._fd is not None
-        if os.pwrite(self._fd, blob, offset) != len(blob):
-            raise OSError(5, "a short write to the storage journal")
-        os.fdatasync(self._fd)
+        _write_durably(self._fd, blob, offset)
         self._end = offset + len(blob)  # only the writer thread touches it
         self.flushes += 1
 
     # ------------------------------------------------------------------ syncing behind the answers
 
     def _flush_loop(self) -> None:
-        last = 0.0
         while True:
             with self._cond:
                 while not self._to_sync and not self.closed:
                     self._wake_flusher.wait()
-                # A few milliseconds to gather more files into one sync (they are durable in the log meanwhile).
-                gather = last + SYNC_INTERVAL - time.monotonic()
-                if gather > 0 and not self.closed:
-                    self._wake_flusher.wait_for(lambda: self.closed or len(self._to_sync) >= SYNC_BATCH, gather)
+                # Some milliseconds to gather more files into one sync (they are durable in the log meanwhile).
+                if not self.closed and not self._hurry and len(self._to_sync) < SYNC_BATCH:
+                    self._wake_flusher.wait_for(
+                        lambda: self.closed or self._hurry or len(self._to_sync) >= SYNC_BATCH, SYNC_INTERVAL)
                 batch, self._to_sync = self._to_sync, []
                 self._open_to_sync = 0
+                self._hurry = False
                 if not batch and self.closed:
                     return
-            last = time.monotonic()
             synced, failed = self._sync(batch)
             if failed:
                 with self._cond:
@@ -642,13 +673,25 @@ class FolderJournal:
                 log.error("storage journal {folder}: a file or folder sync failed; the next start writes "
                           "it again from the journal", folder=str(self.folder))
             self._synced(synced)
+            self._top_up_spares()
 
     def _sync(self, batch: list[tuple[str, Path | str, int | None]]) -> tuple[list[str], bool]:
-        """Make the named files of *batch* durable: each file's fdatasync, then
-        each folder's fsync once for all the files named in it."""
+        """Make the named files of *batch* durable: one ``syncfs`` of the log's file
+        system for the files on it (:meth:`_on_log_fs`: in practice all of them), and
+        for any other, or without ``syncfs``, each file's fdatasync, then each
+        folder's fsync once for all the files named in it."""
         synced: list[str] = []
-        folders: dict[str, list[str]] = {}
         failed = False
+        if _syncfs is not None and self._fd is not None:
+            batch, on_log_fs = self._on_log_fs(batch)
+            if on_log_fs:
+                try:
+                    _syncfs(self._fd)
+                except OSError:
+                    failed = True
+                else:
+                    synced += on_log_fs
+        folders: dict[str, list[str]] = {}
         for relpath, path, fd in batch:
             try:
                 if fd is None:
@@ -672,6 +715,30 @@ class FolderJournal:
                 continue
             synced += names
         return synced, failed
+
+    def _on_log_fs(self, batch: list[tuple[str, Path | str, int | None]]) -> tuple[list, list[str]]:
+        """*batch* split into the files a ``syncfs`` of the log may not cover, and the
+        names of those it does: a held file (written in the log's folder and renamed,
+        which never crosses file systems; its descriptor closed here), or a file on
+        the log's device.  The rest (a folder mounted inside ``storage_dir``) is
+        synced file by file."""
+        rest: list[tuple[str, Path | str, int | None]] = []
+        names: list[str] = []
+        for entry in batch:
+            relpath, path, fd = entry
+            if fd is not None:
+                os.close(fd)
+                names.append(relpath)
+                continue
+            try:
+                same = os.stat(path).st_dev == self._log_dev
+            except OSError:
+                same = False   # gone or unreadable: the file-by-file path decides
+            if same:
+                names.append(relpath)
+            else:
+                rest.append(entry)
+        return rest, names
 
     def _synced(self, relpaths: list[str]) -> None:
         with self._cond:
@@ -749,6 +816,54 @@ def _make_log(path: Path, size: int) -> int:
         _remove(tmp)
         raise
     return fd
+
+
+def _write_durably(fd: int, blob: bytes, offset: int) -> None:
+    """*blob* at *offset* of the log, on the disk when this returns: one ``pwritev2``
+    with ``RWF_DSYNC`` (Linux 4.7+: the write and its data sync in one system call,
+    one release of the GIL on the answers' path) where the kernel takes it, else
+    ``pwrite`` and ``fdatasync``."""
+    global _dsync_writes
+    if _dsync_writes:
+        try:
+            written = os.pwritev(fd, [blob], offset, os.RWF_DSYNC)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            _dsync_writes = False   # not offered here: two calls from now on
+        else:
+            if written != len(blob):
+                raise OSError(5, "a short write to the storage journal")
+            return
+    if os.pwrite(fd, blob, offset) != len(blob):
+        raise OSError(5, "a short write to the storage journal")
+    os.fdatasync(fd)
+
+
+#: ``pwritev2(RWF_DSYNC)`` is worth trying (Linux; cleared when the kernel refuses it).
+_dsync_writes = hasattr(os, "RWF_DSYNC") and hasattr(os, "pwritev")
+
+
+def _linux_syncfs():
+    """``syncfs(2)`` through libc (Linux: the os module has no binding; the call
+    lets go of the GIL), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if call(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+    return syncfs
+
+
+#: ``syncfs(fd)``, or None (each file and folder is synced on its own then).
+_syncfs = _linux_syncfs()
 
 
 def _tell(record: list, error: BaseException | None) -> None:
