@@ -806,6 +806,13 @@ class DicomScuBackend(Backend):
             d = ran if isinstance(ran, defer.Deferred) else defer.ensureDeferred(ran)
         except Exception:  # noqa: BLE001 - answered below like the body's own failure
             d = defer.fail()
+        return self._pooled_done(d, target, assoc, kind, job, body)
+
+    def _pooled_done(self, d: defer.Deferred, target, assoc, kind, job, body) -> defer.Deferred:
+        """*d*, a job's *body* running on *assoc* (a pooled association, its slot held): the
+        association given back and the slot freed when it ends; a pooled association the
+        PACS had closed, found dead before any result, is replaced once by a fresh one."""
+        limit = self.pool.limit
 
         def done(reusable):
             self.pool.give_back(target, assoc, reusable, kind)
@@ -862,25 +869,7 @@ class DicomScuBackend(Backend):
         slot and association are held; the pooled association found dead before any
         result is replaced once by a fresh one, as there."""
         ahead.adopted = True
-        target, assoc = ahead.target, ahead.assoc
-        limit = self.pool.limit
-        d = self._find_adopted(ahead, job)
-
-        def done(reusable):
-            self.pool.give_back(target, assoc, reusable, QUERY)
-            limit.release()
-
-        def failed(failure):
-            self.pool.give_back(target, assoc, False)
-            if failure.check(AssociationAborted) and job.items == 0:
-                return defer.ensureDeferred(self._with_new_association(target, job, body, QUERY, slot_held=True,
-                                                                       after=failure.value))
-            limit.release()
-            if failure.check(AssociationAborted):
-                raise _lost(target, failure.value)
-            return failure
-
-        return d.addCallbacks(done, failed)
+        return self._pooled_done(self._find_adopted(ahead, job), ahead.target, ahead.assoc, QUERY, job, body)
 
     async def _with_new_association(self, target, job, body, kind=ALL, slot_held=False, after=None):
         """:meth:`_with_association` when it must wait for a slot (``slot_held``: it has one)
