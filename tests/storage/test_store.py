@@ -465,34 +465,3 @@ async def test_idle_storage_threads_checkpoint_the_index_and_commits_only_past_t
         assert store.checkpoints == 1   # nothing committed since: not again
     finally:
         store.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_metadata_of_an_instance_from_memory_is_made_behind_its_answer(store, corpus, monkeypatch):
-    """A held instance is committed without its WADO-RS metadata (made while it was placed, it
-    lengthened every instance's way under four associations, docs/architecture.md "C-STORE,
-    session 11"); the flush thread behind the answers makes it - the same text a file-read
-    ingest keeps - and a reader before that makes it itself."""
-    inst = corpus[0]
-    rows = "SELECT metadata FROM instances WHERE sop_uid = ?"
-    if not store.journal:
-        # PostgreSQL: no ingest journal, no flush thread behind the answers: made at ingest, as before.
-        await store.put_bytes(inst.path.read_bytes())
-        assert (await store.read(lambda c: c.execute(rows, (inst.sop_uid,)).fetchone()))[0] is not None
-        assert store._metadata_later == []
-        return
-    stored = await store.put_bytes(inst.path.read_bytes())
-    await store.run(store.flushes_done_sync)
-    made = (await store.read(lambda c: c.execute(rows, (inst.sop_uid,)).fetchone()))[0]
-    assert made is not None and store._metadata_later == []
-    assert made == store._make_metadata(stored)   # what the file gives
-    # Another instance, read before the flush thread's round: made then, and kept.
-    other = corpus[1]
-    monkeypatch.setattr(store, "_metadata_behind", lambda: None)   # no round makes it
-    await store.put_bytes(other.path.read_bytes())
-    assert (await store.read(lambda c: c.execute(rows, (other.sop_uid,)).fetchone()))[0] is None
-    ident = {"00080018": {"vr": "UI", "Value": [other.sop_uid]}}
-    found = await store.run(lambda: list(store.instances_sync(ident, "IMAGE", metadata=True)))
-    assert found and found[0].metadata_json is not None
-    kept = (await store.read(lambda c: c.execute(rows, (other.sop_uid,)).fetchone()))[0]
-    assert kept == found[0].metadata_json

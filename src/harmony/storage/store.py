@@ -45,7 +45,6 @@ resends).  See docs/storage.md, "Crash recovery".
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import re
@@ -56,7 +55,6 @@ import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import attr
 from twisted.internet import defer, task
@@ -135,8 +133,6 @@ GATHER_SECS = 0.004
 #: (see _SpareTemps).
 SPARE_TEMPS = 16
 SPARE_RETRY_SECS = 1.0
-#: Instances whose WADO-RS metadata waits for the flush thread, at most (past it, made when first asked for).
-MAX_METADATA_LATER = 4096
 #: The index's WAL is checkpointed by an idle storage thread after this many ingest
 #: commits (see InstanceStore._tend_spares) ...
 CHECKPOINT_COMMITS = 64
@@ -510,8 +506,6 @@ class InstanceStore:
         self._temp_prefix = f"{self.tmp_dir}/.{self.opening}-"
         #: Temp files made ahead for them, temp names removed late (see _SpareTemps).
         self.spares = _SpareTemps(self._temp_name)
-        #: (sop, relpath, make) of committed instances whose metadata the flush thread makes.
-        self._metadata_later: list[tuple[str, str, Any]] = []
         #: Ingest commits since the index's WAL was last checkpointed (sqlite; see _tend_spares).
         self._commits_since_checkpoint = 0
         self._checkpointing = threading.Lock()
@@ -963,8 +957,7 @@ class InstanceStore:
         size = len(data)
         self.guard.check(size)
         scan = parsed[1] if parsed is not None and isinstance(parsed[1], ScannedFile) else None
-        header = _header_of_bytes(data, scan if scan is not None and scan.data is data else None,
-                                  later=self.journal and size <= JOURNAL_MAX_BYTES)
+        header = _header_of_bytes(data, scan if scan is not None and scan.data is data else None)
         if expect is not None and (header["sop_class"], header["sop"]) != expect:
             raise MismatchedInstance("the data set does not match the SOP Class and Instance UIDs it came with")
         rel = self.relpath(header["study"], header["series"], header["sop"])
@@ -1035,36 +1028,7 @@ class InstanceStore:
         (0.2-0.6 ms here) between an instance's arrival and its commit (strace, bench/ingest)."""
         if self._opened and not self.closed:
             self.spares.tend()
-            self._metadata_behind()
             self._checkpoint_if_due()
-
-    def _metadata_behind(self) -> None:
-        """(The flush thread.)  The WADO-RS metadata of instances placed from memory,
-        made after their answers and kept in one bookkeeping transaction.
-
-        It was made while they were placed, between arrival and commit: ~12 % of the
-        held-instance thread's samples under four associations, whose instances move in
-        lock step (each waits for its answer), so every instance's way got longer by it.
-        Here it fills the gaps the lock step leaves (the WAL flush, the clients' turns).
-        A row without it is valid: whoever reads it first makes and keeps it
-        (:meth:`instances_sync`), as for rows older than the column; so is a crash or
-        a close before this runs."""
-        with self._placed_lock:
-            todo, self._metadata_later = self._metadata_later, []
-        made = []
-        for sop, rel, make in todo:
-            try:
-                text = make()
-            except Exception:  # noqa: BLE001 - made from the file when asked, as a failed one at ingest was
-                continue
-            if text is not None:
-                made.append((sop, rel, text))
-        if made:
-            try:
-                self.bookkeep_sync(idx.fill_metadata, made)
-            except (sqlite3.Error, StorageFailure, DatabaseUnavailable) as e:
-                log.debug("storage {root}: metadata made behind not kept: {error}", root=str(self.root),
-                          error=str(e))
 
     def _checkpoint_if_due(self, waiting=lambda: 0, wait: bool = False) -> None:
         """Checkpoint the index's WAL (PASSIVE) when :data:`CHECKPOINT_COMMITS` commits
@@ -1197,14 +1161,6 @@ class InstanceStore:
         journaled = overlap and all(p.data is not None for p in batch) and self._unflushed < MAX_UNFLUSHED
         flushes: list[Future] = []
         later = [p.final for p in batch if p.sync_later]
-        behind = [(p.header["sop"], p.rel, p.header["make_metadata"]) for p in batch if "make_metadata" in p.header]
-        if behind:
-            # Queued before the flush round below is asked for, so that round makes them: its
-            # transaction waits for this one's (the write lock); a row not there (this commit
-            # failed) is left alone, and one never filled is made when first read.
-            with self._placed_lock:
-                if len(self._metadata_later) < MAX_METADATA_LATER:
-                    self._metadata_later.extend(behind)
         # The folders from the relpaths' strings: a Path's parent and hash per instance showed in
         # py-spy (~3 % of the storage thread's samples); one Path per folder.
         folders = [self.instances_dir / rel for rel in sorted({p.rel.rpartition("/")[0] for p in batch})] \
@@ -1730,14 +1686,14 @@ def _header_of_dataset(ds) -> dict:
                    lambda study, series, sop: metadata_of(ds, study, series, sop))
 
 
-def _header_of_bytes(data: bytes, scan: ScannedFile | None = None, later: bool = False) -> dict:
+def _header_of_bytes(data: bytes, scan: ScannedFile | None = None) -> dict:
     """:meth:`InstanceStore._read_header` of a Part-10 file's bytes held in memory
-    (*scan*: a scan of them already made; *later*: see :func:`_header`)."""
+    (*scan*: a scan of them already made)."""
     try:
         try:
             if scan is None:
                 scan = scan_bytes(data)
-            return _header_of_scan(scan, later)
+            return _header_of_scan(scan)
         except ScanDeclined:
             ds = scan.dataset() if scan is not None else check_complete(data)
     except CorruptDataset as e:
@@ -1760,7 +1716,7 @@ def _unlink_quietly(path) -> None:
         pass
 
 
-def _header_of_scan(scan: ScannedFile, later: bool = False) -> dict:
+def _header_of_scan(scan: ScannedFile) -> dict:
     """:meth:`InstanceStore._read_header` from the file's bytes (:mod:`harmony.dicom.rawscan`);
     :class:`ScanDeclined` when pydicom must read it, as :func:`_header_of_dataset` would."""
     attrs = attrs_from_scan(scan)
@@ -1773,17 +1729,16 @@ def _header_of_scan(scan: ScannedFile, later: bool = False) -> dict:
             return metadata_of(scan.dataset(), study, series, sop)
 
     header = _header(attrs, sop_class, scan.transfer_syntax_uid or None,
-                     lambda tag, keyword: scan.uid(int(tag, 16)), metadata, later)
+                     lambda tag, keyword: scan.uid(int(tag, 16)), metadata)
     if isinstance(scan.data, bytes):
         header["bytes"] = scan.data
     return header
 
 
-def _header(attrs: dict, sop_class, ts, uid_of, metadata, later: bool = False) -> dict:
+def _header(attrs: dict, sop_class, ts, uid_of, metadata) -> dict:
     """The header :meth:`InstanceStore._read_header` gives, from the index attributes;
     *uid_of(tag, keyword)* reads a UID they do not hold, *metadata(study, series, sop)*
-    makes the stored metadata -- *later*: not now, the header's ``make_metadata`` makes it
-    (:meth:`InstanceStore._metadata_behind`)."""
+    makes the stored metadata."""
     study = clean_uid(_uid_in(attrs, "0020000D", lambda: uid_of("0020000D", "StudyInstanceUID")),
                       "StudyInstanceUID")
     series = clean_uid(_uid_in(attrs, "0020000E", lambda: uid_of("0020000E", "SeriesInstanceUID")),
@@ -1797,10 +1752,6 @@ def _header(attrs: dict, sop_class, ts, uid_of, metadata, later: bool = False) -
         "ts": clean_uid(ts, "TransferSyntaxUID"),
         "attrs": attrs,
     }
-    if later:
-        header["metadata"] = None
-        header["make_metadata"] = functools.partial(metadata, study, series, sop)
-        return header
     try:
         header["metadata"] = metadata(study, series, sop)
     except Exception:  # noqa: BLE001 - never a reason to refuse an instance: made from the file when asked
