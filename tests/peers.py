@@ -39,6 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def held_port() -> socket.socket:
+    """A free loopback port kept bound, not listening, until its socket is closed: no
+    outgoing connection can be given it as its ephemeral port meanwhile (Linux skips
+    bound ports), which :func:`free_port` cannot promise between its choice and the
+    server's start (an Orthanc whose port a Harmony pool connection took kept failing
+    to start for 60 s: the pooled association stays open)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
 def peer_env() -> dict:
     return {**os.environ, "TCP_NODELAY": "1"}
 
@@ -147,8 +158,9 @@ class Orthanc(PeerProcess):
         #: anything else replaced), e.g. ``{"HttpCompressionEnabled": True}`` or
         #: ``{"DicomWeb": {"Servers": {"harmony": [url]}}}``.
         self.extra_config = extra_config or {}
-        self.http_port = free_port()
-        self.dicom_port = free_port()
+        #: Its ports, held from now until it starts (others are configured with them meanwhile).
+        self._held = [held_port(), held_port()]
+        self.http_port, self.dicom_port = (h.getsockname()[1] for h in self._held)
         self.modalities = modalities or {}
         self.proc = None
 
@@ -188,6 +200,7 @@ class Orthanc(PeerProcess):
         merge_config(config, self.extra_config)
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config))
+        self._release_ports()
         for attempt in range(3):
             self.log = open(self.folder / "orthanc.log", "wb")
             self.proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
@@ -207,6 +220,15 @@ class Orthanc(PeerProcess):
                 wait_for(lambda: port_bindable(self.http_port) and port_bindable(self.dicom_port), 60,
                          "Orthanc's ports to be free again")
         return self
+
+    def _release_ports(self) -> None:
+        for held in self._held:
+            held.close()
+        self._held = []
+
+    def stop(self):
+        self._release_ports()   # (never started)
+        super().stop()
 
     def _ready(self) -> bool:
         try:
