@@ -44,8 +44,12 @@ def held_port() -> socket.socket:
     outgoing connection can be given it as its ephemeral port meanwhile (Linux skips
     bound ports), which :func:`free_port` cannot promise between its choice and the
     server's start (an Orthanc whose port a Harmony pool connection took kept failing
-    to start for 60 s: the pooled association stays open)."""
+    to start for 60 s: the pooled association stays open).  ``SO_REUSEADDR``, as on
+    :class:`tests.sf_helpers.PortHold`'s: sockets that both set it and never listen may
+    share a port, so a test holding the same port down (a target "down" until it
+    starts) still can; connect() still skips it."""
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", 0))
     return s
 

@@ -165,6 +165,8 @@ class PortHold:
     def __init__(self, port: int = 0):
         import socket
         self.sock = socket.socket()
+        # Shared with a peer's own hold of its ports until it starts (tests.peers.held_port).
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
 
