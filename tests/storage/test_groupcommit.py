@@ -415,6 +415,8 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
     real_fsync_dir, real_fdatasync, real_write = store_module.fsync_dir, store_module.fdatasync_file, store.write_sync
     monkeypatch.setattr(store_module, "fsync_dir", lambda folder: (real_fsync_dir(folder), log("dir", folder)))
     monkeypatch.setattr(store_module, "fdatasync_file", lambda path: (real_fdatasync(path), log("data", path)))
+    real_syncfs = store_module._syncfs
+    monkeypatch.setattr(store_module, "_syncfs", lambda fd: (real_syncfs(fd), log("syncfs")))
 
     def write_sync(fn, *args, **kwargs):
         result = real_write(fn, *args, **kwargs)
@@ -446,16 +448,16 @@ async def test_nobody_is_told_durable_before_its_fsyncs_and_commit(store, files,
         if not journal:
             assert ("dir", path.parent) in before, f"acknowledged before its folder fsync: {before}"
             assert ("data", path) in before, f"acknowledged before its data sync: {before}"
-    # one folder fsync per batch and folder, not one per instance (journaled, behind the answers,
-    # batches whose flushes fall in one round share it); one data sync per instance
+    # one folder fsync per batch and folder, not one per instance, and one data sync per instance;
+    # journaled, behind the answers: one syncfs a round for all of it (batches in one round share it)
     folders = {e[1] for e in events if e[0] == "dir"}
     dir_syncs = len([e for e in events if e[0] == "dir"])
+    data_syncs = len([e for e in events if e[0] == "data"])
     assert store.committer.batches == 2
     if journal:
-        assert len(folders) <= dir_syncs <= 2 * len(folders)
+        assert (dir_syncs, data_syncs) == (0, 0) and 1 <= events.count(("syncfs",)) <= 2
     else:
-        assert dir_syncs == 2 * len(folders)
-    assert len([e for e in events if e[0] == "data"]) == len(files)
+        assert dir_syncs == 2 * len(folders) and data_syncs == len(files) and ("syncfs",) not in events
     # and every instance is on record as in flight until its flushes are done
     rows = await store.read(lambda c: c.execute("SELECT count(*), count(data) FROM in_flight").fetchone())
     # The first batch's row is forgotten in the second batch's transaction - once its flushes are done,
@@ -518,9 +520,13 @@ async def test_a_failed_folder_fsync_fails_the_batch(tmp_path, new_store, files,
         if "instances" in str(folder):
             raise OSError(5, "Input/output error")
         return real(folder)
+
+    def broken_syncfs(fd):   # journaled, the folder's sync behind the answer is the round's syncfs
+        raise OSError(5, "Input/output error")
     try:
         await threads.deferToThread(store.open_sync)
         monkeypatch.setattr(store_module, "fsync_dir", broken)
+        monkeypatch.setattr(store_module, "_syncfs", broken_syncfs)
         if journal:
             await store.put_file(files[0])
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 import pytest_twisted
@@ -336,8 +337,9 @@ async def test_an_instance_in_memory_that_is_not_what_it_came_as_is_refused_and_
 
 
 def test_the_flushes_behind_run_together_and_a_failure_is_its_tasks_own(tmp_path, monkeypatch):
-    """Tasks queued while the flush thread works go in its next round, a folder shared
-    by them is fsynced once a round, and a sync that fails fails only its own task."""
+    """Without ``syncfs`` (no folder given, or not Linux): tasks queued while the flush
+    thread works go in its next round, a folder shared by them is fsynced once a round,
+    and a sync that fails fails only its own task."""
     import threading
 
     from harmony.storage import store as store_module
@@ -369,6 +371,60 @@ def test_the_flushes_behind_run_together_and_a_failure_is_its_tasks_own(tmp_path
         gate.set()
         behind.stop()
     assert synced[-1] == "woken" and not behind._thread.is_alive()
+
+
+def test_a_round_of_flushes_behind_is_one_syncfs_of_the_store_file_system(tmp_path, monkeypatch):
+    """On Linux a round makes every task's files and folders durable with one ``syncfs``
+    of the store's file system, not a ``fdatasync`` a file and a ``fsync`` a folder; a
+    task whose folder cannot be looked at goes the file-by-file way, and fails alone."""
+    from harmony.storage import store as store_module
+    assert store_module._syncfs is not None   # this machine is Linux: the path bench/ingest measures
+    calls, one_by_one = [], []
+    real = store_module._syncfs
+    monkeypatch.setattr(store_module, "_syncfs", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                              real(fd)))
+    monkeypatch.setattr(store_module, "fdatasync_file", lambda path: one_by_one.append(path.name))
+    folders = [tmp_path / "st" / f"se{i}" for i in range(2)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    files = [folders[i % 2] / f"{i}.dcm" for i in range(6)]
+    for path in files:
+        path.write_bytes(b"x" * 100)
+    behind = store_module._FlushesBehind(tmp_path)
+    try:
+        tasks = [behind.submit(files[i:i + 2], folders) for i in range(0, 6, 2)]
+        gone = behind.submit([tmp_path / "gone" / "x.dcm"], [tmp_path / "gone"])
+        behind.wait_idle()
+        assert [t.result() for t in tasks] == [None, None, None]
+        assert isinstance(gone.exception(), OSError)   # its folder's fsync met the missing folder
+        assert calls and set(calls) == {str(tmp_path)} and len(calls) <= 2   # a round or two, not a file each
+        assert one_by_one == ["x.dcm"]
+    finally:
+        behind.stop()
+
+
+def test_a_failed_syncfs_fails_every_task_of_its_round(tmp_path, monkeypatch):
+    """A write-back error ``syncfs`` reports belongs to every file of the round: none of
+    them is known durable, so each task gets it (their in_flight rows stay for the next start)."""
+    from harmony.storage import store as store_module
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "_syncfs", failing)
+    (tmp_path / "se").mkdir()
+    behind = store_module._FlushesBehind(tmp_path)
+    try:
+        tasks = [behind.submit([tmp_path / "se" / f"{i}.dcm"], [tmp_path / "se"]) for i in range(3)]
+        behind.wait_idle()
+        assert all(isinstance(t.exception(), OSError) for t in tasks)
+        # A round that breaks otherwise (a bug) fails its tasks too, and the thread goes on.
+        monkeypatch.setattr(store_module, "_syncfs", lambda fd: 1 / 0)
+        assert isinstance(behind.submit([], [tmp_path / "se"]).exception(timeout=30), OSError)
+        monkeypatch.setattr(store_module, "_syncfs", lambda fd: None)
+        assert behind.submit([], [tmp_path / "se"]).result(timeout=30) is None
+    finally:
+        behind.stop()
 
 
 # ---------------------------------------------------------------------- off the C-STORE's way: spares, checkpoints

@@ -66,12 +66,10 @@ long as syncs lag): delivery is at least once, never lost.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import os
 import struct
-import sys
 import threading
 import uuid
 import zlib
@@ -80,7 +78,7 @@ from pathlib import Path
 
 from harmony.dicom.files import durable_move, process_alive
 from harmony.log import get_logger
-from harmony.storage.files import claim_name, fsync_dir, make_dirs, write_all
+from harmony.storage.files import claim_name, fsync_dir, make_dirs, syncfs, write_all
 
 log = get_logger("harmony.storage.journal")
 
@@ -844,26 +842,9 @@ def _write_durably(fd: int, blob: bytes, offset: int) -> None:
 _dsync_writes = hasattr(os, "RWF_DSYNC") and hasattr(os, "pwritev")
 
 
-def _linux_syncfs():
-    """``syncfs(2)`` through libc (Linux: the os module has no binding; the call
-    lets go of the GIL), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        call = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
-
-    def syncfs(fd: int) -> None:
-        if call(fd) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error))
-    return syncfs
-
-
-#: ``syncfs(fd)``, or None (each file and folder is synced on its own then).
-_syncfs = _linux_syncfs()
+#: ``syncfs(fd)``, or None (each file and folder is synced on its own then); a module
+#: global so that tests can take it away.
+_syncfs = syncfs
 
 
 def _tell(record: list, error: BaseException | None) -> None:
