@@ -423,7 +423,8 @@ class _FlushesBehind:
                             devices[folder] = None   # the file-by-file way meets (and reports) it
         except OSError:
             return work
-        together, rest = [], []
+        together: list = []
+        rest: list = []
         for job in work:
             (together if all(devices[f] == self._root_dev for f in job[1]) else rest).append(job)
         if together:
