@@ -77,3 +77,50 @@ def test_a_stopping_thread_runs_the_idle_hook_last():
     threads.start()
     threads.stop()
     assert seen == ["idle", "idle"]
+
+
+def test_a_job_for_a_busy_thread_wakes_nobody(monkeypatch):
+    """Only a thread asleep is woken (an eventfd write, the GIL let go): a job queued
+    while the one thread is busy is found by it when it is done, with no write."""
+    from harmony.storage import threads as threads_module
+    writes = []
+    real = threads_module.os.eventfd_write
+    monkeypatch.setattr(threads_module.os, "eventfd_write", lambda fd, n: (writes.append(n), real(fd, n)))
+    threads = WokenThreads(1, "test-busy")
+    gate, asleep_again, done = threading.Event(), threading.Event(), []
+    threads.call(gate.wait)   # the thread is started asleep: this one wakes it
+    for n in range(20):
+        threads.call(done.append, n)   # it is busy: no wake-ups
+    assert len(writes) <= 1
+    gate.set()
+    threads.call(asleep_again.set)
+    assert asleep_again.wait(10)
+    threads.stop()
+    assert done == list(range(20)) and len(writes) <= 4   # (a wake-up for a job it then found asleep, the stop)
+
+
+def test_many_producers_and_sleepy_threads_lose_no_job():
+    """Jobs from several threads at once, to threads that keep falling asleep between
+    them: each runs exactly once, and a stop ends threads asleep and busy alike."""
+    import time
+    threads = WokenThreads(3, "test-sleepy")
+    done, lock = [], threading.Lock()
+
+    def job(n):
+        with lock:
+            done.append(n)
+
+    def produce(base):
+        for n in range(base, base + 200):
+            threads.call(job, n)
+            if n % 50 == 0:
+                time.sleep(0.001)   # (not synchronisation: lets the threads run dry and sleep)
+
+    producers = [threading.Thread(target=produce, args=(k * 1000,)) for k in range(4)]
+    for p in producers:
+        p.start()
+    for p in producers:
+        p.join()
+    threads.stop()
+    assert sorted(done) == sorted(n for k in range(4) for n in range(k * 1000, k * 1000 + 200))
+    assert not threads.started

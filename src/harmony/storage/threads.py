@@ -38,9 +38,15 @@ _STOP = (None, ())
 class WokenThreads:
     """*size* plain threads running ``fn(*args)`` jobs in the order given.
 
-    Jobs wait in a deque, each counted on an ``EFD_SEMAPHORE`` eventfd made at
-    each start: one job wakes one thread, and a job is appended before its count
-    is written, so a thread that has read a count always finds a job.
+    Jobs wait in a deque.  A thread that finds none goes to sleep on an
+    ``EFD_SEMAPHORE`` eventfd made at each start, counted as asleep; a job is
+    appended and a sleeper claimed under one lock, and only a claimed sleeper is
+    woken (one ``write``), so a thread busy with the job before finds the next
+    one itself.  Under four associations the one thread placing held instances
+    was busy for most jobs, and the reactor's ``eventfd_write`` per C-STORE -
+    the GIL let go and taken back, often after the busy thread's turn - was
+    ~10 % of its profile (bench/ingest, "C-STORE, session 13").  A woken thread
+    that finds the job taken meanwhile sleeps again.
 
     *idle*, if given, is called by a thread that finished a job and found no
     other waiting, and by each thread as it stops, as ``idle(pending)`` with
@@ -56,6 +62,9 @@ class WokenThreads:
         self._threads: list[threading.Thread] = []
         self._event: int | None = None
         self._lock = threading.Lock()
+        #: Threads asleep on the eventfd that no job has claimed yet (under _jobs_lock).
+        self._asleep = 0
+        self._jobs_lock = threading.Lock()
 
     @property
     def started(self) -> bool:
@@ -75,7 +84,11 @@ class WokenThreads:
         """Run ``fn(*args)`` on one of the threads (started first if need be)."""
         if not self._threads:
             self.start()
-        self._jobs.append((fn, args))
+        with self._jobs_lock:
+            self._jobs.append((fn, args))
+            if not self._asleep:
+                return
+            self._asleep -= 1
         os.eventfd_write(self._event, 1)
 
     def pending(self) -> int:
@@ -83,10 +96,17 @@ class WokenThreads:
         return len(self._jobs)
 
     def _work(self, event: int) -> None:
-        jobs, idle, pending = self._jobs, self.idle, self.pending
+        jobs, idle, pending, lock = self._jobs, self.idle, self.pending, self._jobs_lock
         while True:
-            os.eventfd_read(event)
-            fn, args = jobs.popleft()
+            with lock:
+                if jobs:
+                    fn, args = jobs.popleft()
+                else:
+                    self._asleep += 1
+                    fn = args = None
+            if args is None:
+                os.eventfd_read(event)
+                continue
             if fn is None:
                 if idle is not None:   # (a job may have held work for one queued after it: see GroupCommit.hold)
                     idle(pending)
@@ -103,9 +123,12 @@ class WokenThreads:
         with self._lock:
             threads, self._threads = self._threads, []
             event, self._event = self._event, None
-            for _ in threads:
-                self._jobs.append(_STOP)
-                os.eventfd_write(event, 1)
+            with self._jobs_lock:
+                for _ in threads:
+                    self._jobs.append(_STOP)
+                asleep, self._asleep = self._asleep, 0
+            if asleep:
+                os.eventfd_write(event, asleep)
         for thread in threads:
             thread.join()
         if event is not None:
