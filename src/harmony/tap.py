@@ -13,7 +13,7 @@ import os
 import sys
 
 from harmony import log as hlog
-from harmony.compat.twisted import lean_poll
+from harmony.compat.twisted import lean_io, lean_poll
 from harmony.runtime import load_runtime
 from harmony.service import HarmonyService, settle_heap
 from harmony.storage.nodes import NodeIdInUse, new_process_group
@@ -62,7 +62,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: service.when_listening().addCallbacks(
-        lambda _: lean_poll(reactor), not_listening))
+        lambda _: (lean_poll(reactor), lean_io()), not_listening))
     reactor.callWhenRunning(_claim_node_ids, reactor)
     if runtime.config.proxy.workers > 1:
         WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)

@@ -340,8 +340,9 @@ def worker_main(argv) -> int:
         watch.startReading()
 
         def up(_):
-            from harmony.compat.twisted import lean_poll
+            from harmony.compat.twisted import lean_io, lean_poll
             lean_poll(reactor)
+            lean_io()
             log.info("worker {index} (pid {pid}) serving {networks}", index=args.index, pid=os.getpid(),
                      networks=", ".join(sorted(fds) + [f"dimse:{name}" for name in sorted(dimse)]))
 

@@ -234,3 +234,65 @@ def test_lean_poll_wakes_the_reactor_with_one_write_and_leaves_a_closed_waker_al
         reactor.waker.o = fd
     finally:
         reactor._poller.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lean_io_reads_and_writes_what_twisted_would_and_keeps_its_endings(monkeypatch):
+    """With the libc reads and writes that keep the GIL: 2 MiB echoed whole through
+    partial writes (the rest of a buffer sent later comes as a ``memoryview``, written
+    Twisted's way), a peer's close is a clean end and its reset a lost connection, as
+    with Twisted's own reads."""
+    import socket
+    import struct
+    import threading
+
+    from twisted.internet import tcp, threads
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+
+    monkeypatch.setattr(tcp.Connection, "doRead", tcp.Connection.doRead)   # restored after the test
+    monkeypatch.setattr(tcp.Connection, "writeSomeData", tcp.Connection.writeSomeData)
+    monkeypatch.setattr(compat, "_lean_io_installed", False)
+    assert compat.lean_io() and tcp.Connection.doRead.__module__ == compat.__name__
+    endings = [defer.Deferred(), defer.Deferred()]
+
+    class Echo(protocol.Protocol):
+        def dataReceived(self, data):
+            self.transport.write(data)
+
+        def connectionLost(self, reason):
+            endings.pop(0).callback([reason])   # (a Failure itself would errback)
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    try:
+        payload = os.urandom(2 * 1024 * 1024)
+
+        def client():
+            s = socket.create_connection(("127.0.0.1", port.getHost().port))
+            sender = threading.Thread(target=s.sendall, args=(payload,))
+            sender.start()
+            got = bytearray()
+            while len(got) < len(payload):
+                chunk = s.recv(1 << 20)
+                assert chunk, "the echo ended early"
+                got += chunk
+            sender.join()
+            s.close()
+            return bytes(got)
+        first, second = endings
+        assert await threads.deferToThread(client) == payload
+        assert (await first)[0].check(ConnectionDone)
+
+        def reset():
+            s = socket.create_connection(("127.0.0.1", port.getHost().port))
+            s.sendall(b"x")
+            assert s.recv(10) == b"x"
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()   # an RST
+        await threads.deferToThread(reset)
+        [lost] = await second
+        assert lost.check(ConnectionLost) and not lost.check(ConnectionDone)
+    finally:
+        await defer.maybeDeferred(port.stopListening)
+    monkeypatch.setenv(compat.LEAN_IO_ENV, "0")
+    monkeypatch.setattr(compat, "_lean_io_installed", False)
+    assert not compat.lean_io()
