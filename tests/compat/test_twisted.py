@@ -296,3 +296,45 @@ async def test_lean_io_reads_and_writes_what_twisted_would_and_keeps_its_endings
     monkeypatch.setenv(compat.LEAN_IO_ENV, "0")
     monkeypatch.setattr(compat, "_lean_io_installed", False)
     assert not compat.lean_io()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lean_io_carries_tls_whole(tmp_path, monkeypatch):
+    """TLS rides on the lean reads and writes unchanged (Twisted's TLS sits above the
+    TCP transport): a stdlib ``ssl`` client verifying the server echoes 512 KiB whole."""
+    import socket
+    import ssl
+
+    from twisted.internet import tcp, threads
+
+    monkeypatch.setattr(tcp.Connection, "doRead", tcp.Connection.doRead)   # restored after the test
+    monkeypatch.setattr(tcp.Connection, "writeSomeData", tcp.Connection.writeSomeData)
+    monkeypatch.setattr(compat, "_lean_io_installed", False)
+    assert compat.lean_io()
+    pki = make_pki(tmp_path)
+    key, cert = pki["server"]
+
+    class Echo(protocol.Protocol):
+        def dataReceived(self, data):
+            self.transport.write(data)
+
+    endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    port = await endpoint.listen(protocol.Factory.forProtocol(Echo))
+    try:
+        payload = os.urandom(512 * 1024)
+
+        def client():
+            context = ssl.create_default_context(cafile=str(pki["ca"]))
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as raw, \
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                got = bytearray()
+                for at in range(0, len(payload), 64 * 1024):   # one thread: an SSL socket is not shared
+                    s.sendall(payload[at:at + 64 * 1024])
+                    while len(got) < min(len(payload), at + 64 * 1024):
+                        chunk = s.recv(1 << 16)
+                        assert chunk, "the echo ended early"
+                        got += chunk
+                return bytes(got)
+        assert await threads.deferToThread(client) == payload
+    finally:
+        await defer.maybeDeferred(port.stopListening)

@@ -215,12 +215,14 @@ def lean_io() -> bool:
     ~85 us on each ``recv`` and ~60 us on each ``send`` that take ~5 us in the kernel
     (bench/ingest, "C-STORE, session 13").  Through libc by ``ctypes.PyDLL`` (which
     keeps the GIL), the reactor lets go only where it waits - in ``epoll_wait``.
-    Four associations: +3.7 % and +7 % inst/s, CPU an instance -5 % and -7 %, in two
-    sittings against the build without (``cpu_ab.py ... dimse4``).
+    Four associations: +3.7, +7 and +4.6 % inst/s, CPU an instance -4 to -7 %, in three
+    sittings against the build without (``cpu_ab.py ... dimse4``); one association into
+    ``storage_dir`` and a proxied C-FIND unchanged.
 
-    Linux only; installed with :func:`lean_poll` by a serving process (harmony.tap,
+    Linux only; called next to :func:`lean_poll` by a serving process (harmony.tap,
     harmony.workers), whose reactor's thread is the only one that reads (one read
-    buffer); a test run's reactor keeps Twisted's own.  A write of anything but
+    buffer); a test run's reactor keeps Twisted's own.  TLS rides on it unchanged
+    (Twisted's TLS is a protocol above this transport).  A write of anything but
     ``bytes`` (whose buffer ctypes hands over without a copy) goes Twisted's way.
     Errors are Twisted's: would-block reads nothing and writes 0, a reset or a
     broken pipe loses the connection (SIGPIPE is ignored by Python; MSG_NOSIGNAL
