@@ -62,7 +62,7 @@ def make_service(config_path, reactor=None) -> HarmonyService:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: service.when_listening().addCallbacks(
-        lambda _: (lean_poll(reactor), lean_io()), not_listening))
+        lambda _: (lean_poll(reactor, runtime.config.proxy.poll_spin_us / 1e6), lean_io()), not_listening))
     reactor.callWhenRunning(_claim_node_ids, reactor)
     if runtime.config.proxy.workers > 1:
         WorkerPool(runtime.config.path, runtime.config.proxy.workers - 1, service, reactor).setServiceParent(service)

@@ -341,7 +341,7 @@ def worker_main(argv) -> int:
 
         def up(_):
             from harmony.compat.twisted import lean_io, lean_poll
-            lean_poll(reactor)
+            lean_poll(reactor, runtime.config.proxy.poll_spin_us / 1e6)
             lean_io()
             log.info("worker {index} (pid {pid}) serving {networks}", index=args.index, pid=os.getpid(),
                      networks=", ".join(sorted(fds) + [f"dimse:{name}" for name in sorted(dimse)]))

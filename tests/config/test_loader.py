@@ -302,3 +302,18 @@ def test_unknown_options_are_warnings_not_errors(tmp_path):
     runtime = build_runtime(load_config(path))
     assert any("[endpoints.e.options.path_prefx]: unknown key, ignored (did you mean 'path_prefix'?)" in str(w)
                for w in runtime.warnings), runtime.warnings
+
+
+def test_poll_spin_defaults_on_and_is_checked(tmp_path):
+    """``[proxy] poll_spin_us``: 300 unless said (harmony.compat.spin), 0 turns it off,
+    anything but an integer 0-5000 is named with its file and key."""
+    path = write_config(tmp_path, MINIMAL_MAIN, {"echo": ECHO})
+    assert load_config(path).proxy.poll_spin_us == 300
+    path = write_config(tmp_path, MINIMAL_MAIN.replace("[proxy]", "[proxy]\npoll_spin_us = 0"), {"echo": ECHO})
+    assert load_config(path).proxy.poll_spin_us == 0
+    for bad in ("-1", "5001", "true", '"300"', "0.3"):
+        path = write_config(tmp_path, MINIMAL_MAIN.replace("[proxy]", f"[proxy]\npoll_spin_us = {bad}"),
+                            {"echo": ECHO})
+        with pytest.raises(ConfigErrors) as info:
+            load_config(path)
+        assert "harmony.toml: [proxy.poll_spin_us]: must be an integer 0-5000 (microseconds), got " in str(info.value)

@@ -12,12 +12,15 @@ import errno
 import os
 import socket
 import sys
+import time
 
 from twisted.internet import main, tcp
 
 # The endpoint factory Agent uses by default (TLS via the policy, HostnameEndpoint):
 # wrapped so IPv4 literals skip HostnameEndpoint's happy-eyeballs delay.
 from twisted.web.client import _StandardEndpointFactory as StandardEndpointFactory
+
+from harmony.compat.spin import PollSpin
 
 #: The versions of Twisted this code is tested on: [lowest, first untested).
 TESTED_RANGE = ((24, 7), (27, 0))
@@ -160,7 +163,7 @@ __all__ = ["StandardEndpointFactory", "TESTED_RANGE", "direct_socket", "flush_bu
 LEAN_POLL_ENV = "HARMONY_LEAN_POLL"
 
 
-def lean_poll(reactor) -> bool:
+def lean_poll(reactor, spin: float = 0.0) -> bool:
     """Dispatch an epoll reactor's events to their connections directly, without the
     legacy-log context Twisted opens around each one.
 
@@ -173,18 +176,37 @@ def lean_poll(reactor) -> bool:
     drops the connection, only without the ``system`` prefix.  Called once per serving
     process (harmony.tap, harmony.workers), never by the service itself (a test run
     starts many services on one reactor).  Private: ``_poller``, ``_selectables``,
-    ``_doReadOrWrite`` (the epoll reactor's).  Returns whether it was installed."""
+    ``_doReadOrWrite`` (the epoll reactor's).  Returns whether it was installed.
+
+    *spin*: seconds the reactor keeps polling without sleeping once it has nothing
+    to do, before it blocks (:class:`harmony.compat.spin.PollSpin` says why and when
+    it stands back); 0, or a system without what it needs, never spins."""
     from twisted.internet.epollreactor import EPollReactor
     if not isinstance(reactor, EPollReactor) or os.environ.get(LEAN_POLL_ENV, "1") == "0":
         return False
     selectables = reactor._selectables
     dispatch = reactor._doReadOrWrite
+    poller = reactor._poller
+    spinner = PollSpin.make(poller.fileno(), spin, reactor)
+    clock = time.monotonic
 
     def do_poll(timeout):
         if timeout is None:
             timeout = -1   # wait indefinitely
         try:
-            events = reactor._poller.poll(timeout, len(selectables))
+            if spinner is None or timeout == 0:
+                events = poller.poll(timeout, len(selectables))
+            else:
+                # Whatever is ready first (as poll(timeout) would return it at once);
+                # nothing: the spin, then the sleep for what is left of the timeout.
+                events = poller.poll(0, len(selectables))
+                if not events:
+                    began = clock()
+                    if spinner.wait(timeout):
+                        events = poller.poll(0, len(selectables))
+                    if not events:
+                        left = -1 if timeout < 0 else max(0.0, timeout - (clock() - began))
+                        events = poller.poll(left, len(selectables))
         except OSError as err:
             if err.errno == errno.EINTR:
                 return

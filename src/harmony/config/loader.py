@@ -26,10 +26,13 @@ COMPONENT_TABLES = ("pipelines", "endpoints", "backends", "middleware", "targets
 #: Registration tables Harmony configs carry; ``module = ""`` means built-in.
 TYPE_TABLES = {"services": None, "endpoint_types": "endpoint", "service_types": None,
                "backend_types": "backend", "middleware_types": "middleware"}
+#: A spin longer than this is a core given away for little (harmony.compat.spin).
+MAX_POLL_SPIN_US = 5000
+
 #: Keys each fixed table knows; anything else is warned about (a typo such as
 #: ``log_levl`` or ``bind_adress`` would otherwise be silently ignored).
 KNOWN_KEYS = {
-    "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers", "state_dir"),
+    "proxy": ("id", "log_level", "pipelines_path", "transforms_path", "workers", "state_dir", "poll_spin_us"),
     "logging": ("log_to_file", "log_file_path", "format"),
     "network": ("listen", "http", "tls"),
     "http": ("bind_address", "bind_port", "tls", "head_timeout_secs", "body_timeout_secs", "body_min_rate"),
@@ -374,6 +377,12 @@ def load_config(path: str | Path, *, problems: list | None = None, state_dir: st
         problems.append(Problem(src, "proxy.workers", f"must be an integer 1-256, got {workers!r}"))
         workers = 1
     proxy.workers = workers
+    spin = proxy_raw.get("poll_spin_us", proxy.poll_spin_us)
+    if isinstance(spin, bool) or not isinstance(spin, int) or not 0 <= spin <= MAX_POLL_SPIN_US:
+        problems.append(Problem(src, "proxy.poll_spin_us",
+                                f"must be an integer 0-{MAX_POLL_SPIN_US} (microseconds), got {spin!r}"))
+    else:
+        proxy.poll_spin_us = spin
     # Harmony has carried these both in [proxy] and at the top level.
     for key in ("pipelines_path", "transforms_path"):
         value = proxy_raw.get(key, main.get(key))

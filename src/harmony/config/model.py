@@ -14,6 +14,9 @@ class ProxySettings:
     pipelines_path: Path | None = None
     transforms_path: Path | None = None
     workers: int = 1
+    #: Microseconds a serving process's reactor polls without sleeping once it has
+    #: nothing to do (harmony.compat.spin); 0: never.
+    poll_spin_us: int = 300
     #: Absolute: where state lives (the store, generated secrets); see load_config.
     state_dir: Path | None = None
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from twisted.internet import threads
 from twisted.python.threadpool import ThreadPool
 
+from harmony.compat.spin import watch_threads
+
 #: Enough to keep both cores and the disk busy; more only adds contention.
 POOL_SIZE = 6
 
@@ -24,6 +26,7 @@ def _get_pool(reactor) -> ThreadPool:
     if _pool is None:
         _pool = ThreadPool(minthreads=0, maxthreads=POOL_SIZE, name="harmony-dicom")
         _pool.start()
+        watch_threads(_pool)   # the reactor does not spin while one of these works
         reactor.addSystemEventTrigger("during", "shutdown", _stop)
     return _pool
 

@@ -63,6 +63,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 
+from harmony.compat.spin import watch_threads
 from harmony.dicom import status as dimse
 from harmony.dicom.files import CorruptDataset, check_complete, stamp_of
 from harmony.dicom.rawscan import ScanDeclined, ScannedFile, scan_bytes, scan_file
@@ -529,6 +530,8 @@ class InstanceStore:
         #: Group commits run on a thread of their own: queued behind placements on the
         #: pool (FIFO), a commit would wait for every placement ahead of it.
         self.commit_pool = ThreadPool(minthreads=0, maxthreads=1, name="harmony-storage-commit")
+        watch_threads(self.pool)   # the reactor does not spin while one of these works
+        watch_threads(self.commit_pool)
         #: Where single instances are placed and committed (harmony.storage.threads).
         self.ingest_threads = WokenThreads(threads, "harmony-storage-ingest", idle=self._tend_spares)
         #: Where instances held in memory (small C-STOREs) are placed and committed: one

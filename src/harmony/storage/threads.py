@@ -27,6 +27,7 @@ from typing import Callable
 
 from twisted.python.failure import Failure
 
+from harmony.compat.spin import watch_threads
 from harmony.log import get_logger
 
 log = get_logger("harmony.storage.threads")
@@ -79,6 +80,12 @@ class WokenThreads:
                                               daemon=True) for i in range(self.size)]
             for thread in self._threads:
                 thread.start()
+        watch_threads(self)   # the reactor does not spin while one of these works
+
+    @property
+    def working(self) -> int:
+        """How many of the threads run (or were woken for) a job: read without the lock."""
+        return len(self._threads) - self._asleep
 
     def call(self, fn, *args) -> None:
         """Run ``fn(*args)`` on one of the threads (started first if need be)."""

@@ -1,0 +1,139 @@
+"""The reactor polls a little before it sleeps: a wake-up on this machine kind costs ~65 us.
+
+A serving process's reactor that finds nothing to do sleeps in ``epoll_wait``; its
+virtual CPU then halts (``cpuidle`` here is ``haltpoll`` with
+``guest_halt_poll_ns = 0``: no polling in the guest), and the next packet wakes it
+through the hypervisor.  Traced on a proxied C-FIND (``perf`` on the three
+processes' system calls and switches, bench/dimse "C-FIND, ninth pass"): from the
+client's ``send`` to Harmony's ``epoll_wait`` returning took 60-70 us; Harmony's
+own work between that read and its request to the PACS took about as long.  A
+proxy pays that hop twice a request where the client talking to the PACS
+directly pays it once, and the ratio row of issue 13 counts it.
+
+So, after the reactor handled events, :class:`PollSpin` keeps asking the kernel
+for more, without a timeout, for up to *window* seconds before the reactor
+blocks: the client's next request (its turnaround was 100-200 us) or a thread's
+report usually arrives inside it.  HAProxy's ``busy-polling`` does the same for
+the same reason ("when running inside virtual machines ... 30 to 100
+microseconds"), but for good; Go's scheduler spins a thread briefly before
+parking it.  Here it is bounded, and it stands back whenever the spin would take
+something from somebody:
+
+- **another of this process's threads is working** (:func:`watch_threads`: the
+  store's threads, Twisted's pools).  Each ``epoll_wait`` through the
+  ``select`` module lets go of the GIL, and a thread running Python lost it to
+  the spinning reactor at each of its own system calls: one association into
+  ``local_archive`` went 9 % slower that way.  The spin calls ``epoll_wait``
+  through ``ctypes.PyDLL`` (which keeps the GIL) and does not start, or stops,
+  while such a thread works;
+- **every CPU is taken**: ``/proc/loadavg``'s count of runnable tasks (this
+  thread included) is above the CPUs this process may use - spinning would then
+  only slow whoever waits for one (four associations, or Orthanc beside us).
+
+Both are checked before the spin, the CPUs again every :data:`CHECK_EVERY` polls of it.  An
+idle process never spins: the window starts only after events were handled.
+``[proxy] poll_spin_us`` sets the window; 0 turns it off (docs/configuration.md).
+Linux only; anything missing (``/proc``, ``epoll_wait`` in libc) means no spin.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+import weakref
+from typing import Protocol
+
+
+class _Working(Protocol):
+    @property
+    def working(self) -> object:
+        """Truthy while one of its threads runs a job (Twisted's ``ThreadPool.working``
+        list, :class:`harmony.storage.threads.WokenThreads`' count)."""
+
+
+_watched: weakref.WeakSet = weakref.WeakSet()
+
+
+def watch_threads(pool: _Working) -> None:
+    """Let *pool* hold the reactor's spin off while one of its threads works (kept weakly)."""
+    _watched.add(pool)
+
+
+def threads_working() -> bool:
+    """Whether a thread of a watched pool is running a job now (read without locks:
+    a hint, as the spin needs)."""
+    for pool in list(_watched):
+        if pool.working:
+            return True
+    return False
+
+
+#: Polls of a spin (~1 us each) between two looks at the CPUs (~2 us a look).
+CHECK_EVERY = 32
+
+
+class PollSpin:
+    """``wait(timeout)``: poll *epoll_fd* without sleeping for up to the window."""
+
+    def __init__(self, epoll_fd: int, window: float, reactor=None):
+        self.epoll_fd = epoll_fd
+        self.window = window
+        #: The reactor whose own thread pool (if it made one) counts as a watched pool.
+        self._reactor = reactor
+        self._cpus = len(os.sched_getaffinity(0))
+        self._loadavg = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+        self._epoll_wait = ctypes.PyDLL(None).epoll_wait
+        # Room for one event (12 bytes on x86-64, 16 where it is not packed): the spin
+        # only asks whether something is ready; level-triggered, it stays ready for the
+        # reactor's own poll.
+        self._event = ctypes.create_string_buffer(16)
+
+    @classmethod
+    def make(cls, epoll_fd: int, window: float, reactor=None) -> PollSpin | None:
+        """A spinner, or ``None`` where this system cannot have one (or *window* is 0)."""
+        if window <= 0:
+            return None
+        try:
+            return cls(epoll_fd, window, reactor)
+        except (OSError, AttributeError):
+            return None
+
+    def close(self) -> None:
+        os.close(self._loadavg)
+
+    def _threads_free(self) -> bool:
+        """No other thread of ours works."""
+        if threads_working():
+            return False
+        pool = getattr(self._reactor, "threadpool", None)
+        return pool is None or not pool.working
+
+    def _cpus_free(self) -> bool:
+        """No runnable task (this thread counted) would wait for a CPU."""
+        try:
+            running = int(os.pread(self._loadavg, 64, 0).split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        return running <= self._cpus
+
+    def wait(self, timeout: float) -> bool:
+        """Spin up to the window (or *timeout*, if shorter and not negative); True as
+        soon as an event is ready, False when the window passed or the spin stood back."""
+        window = self.window if timeout < 0 else min(self.window, timeout)
+        if window <= 0 or not self._threads_free() or not self._cpus_free():
+            return False
+        clock = time.perf_counter
+        end = clock() + window
+        epoll_wait, fd, event = self._epoll_wait, self.epoll_fd, self._event
+        polls = 0
+        while clock() < end:
+            if epoll_wait(fd, event, 1, 0) > 0:
+                return True
+            polls += 1
+            # Only the CPUs are looked at again: our threads take work from the reactor's
+            # callbacks (or went on with what they had, and then the spin never began),
+            # and the reactor runs none while it spins.
+            if polls % CHECK_EVERY == 0 and not self._cpus_free():
+                return False
+        return False

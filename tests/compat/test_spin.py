@@ -1,0 +1,237 @@
+"""harmony.compat.spin: the reactor's bounded poll before it sleeps, and when it stands back."""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+from harmony.compat import spin
+from harmony.compat import twisted as compat
+from harmony.storage.threads import WokenThreads
+
+
+class _Pool:
+    def __init__(self, working=0):
+        self.working = working
+
+
+@pytest.fixture
+def epoll():
+    ep = select.epoll()
+    a, b = socket.socketpair()
+    ep.register(b.fileno(), select.EPOLLIN)
+    yield ep, a
+    for s in (a, b):
+        s.close()
+    ep.close()
+
+
+@pytest.fixture
+def loadavg(tmp_path, monkeypatch):
+    """A /proc/loadavg the test writes: "running/total" is its fourth field."""
+    path = tmp_path / "loadavg"
+
+    def write(running: int):
+        path.write_text(f"0.10 0.20 0.30 {running}/200 12345\n")
+    write(1)
+    return path, write
+
+
+def _spinner(ep, window, loadavg_path=None, reactor=None):
+    spinner = spin.PollSpin.make(ep.fileno(), window, reactor)
+    assert spinner is not None
+    if loadavg_path is not None:
+        os.close(spinner._loadavg)
+        spinner._loadavg = os.open(loadavg_path, os.O_RDONLY)
+    return spinner
+
+
+def _counting(spinner, then=None):
+    """The spinner's epoll_wait, counted (and *then* run at each call)."""
+    calls = []
+    real = spinner._epoll_wait
+
+    def counted(*args):
+        calls.append(args)
+        if then is not None:
+            then(len(calls))
+        return real(*args)
+    spinner._epoll_wait = counted
+    return calls
+
+
+def test_an_event_ready_ends_the_spin_at_once(epoll, loadavg):
+    ep, peer = epoll
+    spinner = _spinner(ep, 5.0, loadavg[0])
+    calls = _counting(spinner)
+    peer.send(b"x")
+    assert spinner.wait(-1) is True
+    assert len(calls) == 1
+    # Level-triggered: the event is still there for the reactor's own poll.
+    assert ep.poll(0)
+    spinner.close()
+
+
+def test_an_event_that_comes_during_the_spin_ends_it(epoll, loadavg):
+    ep, peer = epoll
+    spinner = _spinner(ep, 5.0, loadavg[0])
+    calls = _counting(spinner, then=lambda n: n == 50 and peer.send(b"x"))
+    assert spinner.wait(-1) is True
+    assert len(calls) == 50   # the 50th poll, made just after the send, found it
+    spinner.close()
+
+
+def test_nothing_ready_spins_out_the_window_or_the_shorter_timeout(epoll, loadavg):
+    ep, _peer = epoll
+    spinner = _spinner(ep, 0.003, loadavg[0])
+    began = time.perf_counter()
+    assert spinner.wait(-1) is False
+    assert time.perf_counter() - began >= 0.003
+    calls = _counting(spinner)
+    assert spinner.wait(0.0) is False and not calls   # a timeout of 0: no spin at all
+    began = time.perf_counter()
+    assert spinner.wait(0.001) is False
+    assert calls and time.perf_counter() - began >= 0.001
+    spinner.close()
+
+
+def test_no_spin_while_another_of_our_threads_works(epoll, loadavg):
+    ep, _peer = epoll
+    spinner = _spinner(ep, 5.0, loadavg[0])
+    calls = _counting(spinner)
+    busy = _Pool(working=1)
+    spin.watch_threads(busy)
+    try:
+        assert spinner.wait(-1) is False and not calls
+        busy.working = 0
+        spinner.window = 0.001
+        assert spinner.wait(-1) is False and calls
+    finally:
+        busy.working = 0
+
+
+def test_the_reactors_own_thread_pool_counts(epoll, loadavg):
+    ep, _peer = epoll
+
+    class Reactor:
+        threadpool = _Pool(working=[None])
+    spinner = _spinner(ep, 5.0, loadavg[0], reactor=Reactor())
+    calls = _counting(spinner)
+    assert spinner.wait(-1) is False and not calls
+
+
+def test_no_spin_when_every_cpu_is_taken_and_it_stops_when_they_become_so(epoll, loadavg):
+    path, write = loadavg
+    ep, _peer = epoll
+    spinner = _spinner(ep, 5.0, path)
+    cpus = len(os.sched_getaffinity(0))
+    write(cpus + 1)
+    calls = _counting(spinner)
+    assert spinner.wait(-1) is False and not calls
+    write(cpus)
+    calls = _counting(spinner, then=lambda n: n == 10 and write(cpus + 1))
+    assert spinner.wait(-1) is False
+    # Stopped at the first look after the CPUs were taken, not at the end of 5 s.
+    assert len(calls) == spin.CHECK_EVERY
+
+
+def test_an_unreadable_load_means_no_spin(epoll, tmp_path):
+    ep, _peer = epoll
+    garbled = tmp_path / "loadavg"
+    garbled.write_text("nonsense\n")
+    spinner = _spinner(ep, 5.0, garbled)
+    calls = _counting(spinner)
+    assert spinner.wait(-1) is False and not calls
+
+
+def test_no_spinner_for_a_window_of_zero(epoll):
+    ep, _peer = epoll
+    assert spin.PollSpin.make(ep.fileno(), 0.0) is None
+
+
+def test_watched_pools_are_held_weakly():
+    pool = _Pool(working=1)
+    spin.watch_threads(pool)
+    assert spin.threads_working()
+    del pool
+    gc.collect()
+    assert not spin.threads_working()
+
+
+def test_woken_threads_say_when_one_of_them_works():
+    threads = WokenThreads(2, "test-spin")
+    started, release = threading.Event(), threading.Event()
+    threads.call(lambda: (started.set(), release.wait(10)))
+    try:
+        assert started.wait(10)
+        assert threads.working >= 1 and spin.threads_working()
+    finally:
+        release.set()
+        threads.stop()
+    assert not threads.working and not spin.threads_working()
+
+
+def test_lean_poll_spins_before_it_sleeps_and_keeps_the_timeout(monkeypatch):
+    """With a spin, what arrives during it is dispatched; what is ready at once
+    never waits for it; a timer's timeout still bounds the whole wait."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    waits = []
+    real_make = spin.PollSpin.make
+
+    def make(fd, window, r=None):
+        spinner = real_make(fd, window, r)
+        real_wait = spinner.wait
+
+        def wait(timeout):
+            waits.append(timeout)
+            return real_wait(timeout)
+        spinner.wait = wait
+        spinner._threads_free = lambda: True
+        spinner._cpus_free = lambda: True
+        return spinner
+    monkeypatch.setattr(compat.PollSpin, "make", staticmethod(make))
+    try:
+        assert compat.lean_poll(reactor, spin=0.002)
+        a, b = socket.socketpair()
+        reader = _Reader(b)
+        reactor.addReader(reader)
+        a.send(b"ready")
+        reactor.doIteration(1)
+        assert reader.read == [b"ready"] and waits == []   # ready at once: no spin
+        began = time.perf_counter()
+        reactor.doIteration(0.05)
+        elapsed = time.perf_counter() - began
+        assert waits == [0.05] and elapsed >= 0.05   # spun 2 ms, then slept out the rest
+        threading.Timer(0.0, lambda: a.send(b"later")).start()
+        reactor.doIteration(5)
+        assert reader.read[-1:] == [b"later"]
+        for s in (a, b):
+            s.close()
+    finally:
+        reactor._poller.close()
+
+
+class _Reader:
+    def __init__(self, sock):
+        self.sock = sock
+        self.read: list[bytes] = []
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "reader"
+
+    def doRead(self):
+        self.read.append(self.sock.recv(100))
+
+    def connectionLost(self, reason):
+        pass
