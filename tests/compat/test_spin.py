@@ -150,6 +150,63 @@ def test_an_unreadable_load_means_no_spin(epoll, tmp_path):
     assert spinner.wait(-1) is False and not calls
 
 
+def test_the_window_grows_when_a_longer_spin_would_have_caught_the_event(epoll, loadavg):
+    ep, _peer = epoll
+    spinner = _spinner(ep, 0.0003, loadavg[0])
+    spinner.window = 0.0
+    assert spinner.wait(-1) is False          # a window of none: no poll, but it learns
+    spinner.slept(0.0001, woken=True)         # the event came 100 us later: within the limit
+    assert spinner.window == spin.GROW_FROM
+    spinner.window = 0.0002
+    spinner.wait(-1)
+    spinner.slept(0.00025, woken=True)
+    assert spinner.window == 0.0003           # doubled, held at the limit
+
+
+def test_the_window_halves_after_spins_in_a_row_that_nothing_would_have_caught(epoll, loadavg):
+    ep, peer = epoll
+    spinner = _spinner(ep, 0.0003, loadavg[0])
+    spinner.window = 0.0001
+    for gap, woken in [(0.002, True)] * (spin.SHRINK_AFTER - 1) + [(0.5, False)]:
+        assert spinner.wait(-1) is False
+        spinner.slept(gap, woken)
+    assert spinner.window == 0.00005
+    # A spin that catches its event starts the count again.
+    for _ in range(spin.SHRINK_AFTER - 1):
+        spinner.wait(-1)
+        spinner.slept(0.002, True)
+    peer.send(b"x")
+    assert spinner.wait(-1) is True
+    _drain(ep)
+    spinner.wait(-1)
+    spinner.slept(0.002, True)
+    assert spinner.window == 0.00005
+    # Halved below half of GROW_FROM: none at all.
+    for _ in range(spin.SHRINK_AFTER * 2):
+        spinner.wait(-1)
+        spinner.slept(0.002, True)
+    assert spinner.window == 0.0
+
+
+def test_a_wait_that_stood_back_teaches_nothing(epoll, loadavg):
+    path, write = loadavg
+    ep, _peer = epoll
+    spinner = _spinner(ep, 0.0003, path)
+    spinner.window = 0.0001
+    write(len(os.sched_getaffinity(0)) + 1)
+    for _ in range(spin.SHRINK_AFTER * 2):
+        assert spinner.wait(-1) is False
+        spinner.slept(0.002, True)
+    spinner.slept(0.0001, True)
+    assert spinner.window == 0.0001
+
+
+def _drain(ep):
+    """Read what made the registered end ready, so the next spin finds nothing."""
+    for fd, _event in ep.poll(0):
+        os.read(fd, 100)
+
+
 def test_no_spinner_for_a_window_of_zero(epoll):
     ep, _peer = epoll
     assert spin.PollSpin.make(ep.fileno(), 0.0) is None

@@ -32,6 +32,15 @@ something from somebody:
 
 Both are checked before the spin, the CPUs again every :data:`CHECK_EVERY` polls of it.  An
 idle process never spins: the window starts only after events were handled.
+
+The window also learns, as the kernel's own ``haltpoll`` governor does: a spin
+that found nothing, followed by an event within the limit, doubles it (a longer
+spin would have caught that one); :data:`SHRINK_AFTER` spins in a row that found
+nothing and were not followed by an event within the limit halve it, down to
+none.  One association of C-STOREs into ``local_archive`` (``storescu`` reads
+its next file for longer than the limit) then stops paying CPU for spins that
+catch nothing, while a C-FIND client's next request, a gap of 100-200 us every
+other wait, keeps the whole window.
 ``[proxy] poll_spin_us`` sets the window; 0 turns it off (docs/configuration.md).
 Linux only; anything missing (``/proc``, ``epoll_wait`` in libc) means no spin.
 """
@@ -71,6 +80,10 @@ def threads_working() -> bool:
 
 #: Polls of a spin (~1 us each) between two looks at the CPUs (~2 us a look).
 CHECK_EVERY = 32
+#: Spins in a row that caught nothing within the limit before the window is halved.
+SHRINK_AFTER = 4
+#: Where a window grows from (and below half of which it is none), seconds.
+GROW_FROM = 50e-6
 
 
 class PollSpin:
@@ -78,7 +91,13 @@ class PollSpin:
 
     def __init__(self, epoll_fd: int, window: float, reactor=None):
         self.epoll_fd = epoll_fd
-        self.window = window
+        #: The longest spin (``[proxy] poll_spin_us``), and the one made now (learnt).
+        self.limit = self.window = window
+        #: Spins in a row that caught nothing within the limit.
+        self._misses = 0
+        #: Whether the last wait spun (or would have, with a window of none): what
+        #: :meth:`slept` learns from; a wait that stood back teaches nothing.
+        self._spun = False
         #: The reactor whose own thread pool (if it made one) counts as a watched pool.
         self._reactor = reactor
         self._cpus = len(os.sched_getaffinity(0))
@@ -120,8 +139,12 @@ class PollSpin:
     def wait(self, timeout: float) -> bool:
         """Spin up to the window (or *timeout*, if shorter and not negative); True as
         soon as an event is ready, False when the window passed or the spin stood back."""
+        self._spun = False
+        if timeout == 0 or not self._threads_free() or not self._cpus_free():
+            return False
+        self._spun = True
         window = self.window if timeout < 0 else min(self.window, timeout)
-        if window <= 0 or not self._threads_free() or not self._cpus_free():
+        if window <= 0:
             return False
         clock = time.perf_counter
         end = clock() + window
@@ -129,11 +152,30 @@ class PollSpin:
         polls = 0
         while clock() < end:
             if epoll_wait(fd, event, 1, 0) > 0:
+                self._misses = 0
                 return True
             polls += 1
             # Only the CPUs are looked at again: our threads take work from the reactor's
             # callbacks (or went on with what they had, and then the spin never began),
             # and the reactor runs none while it spins.
             if polls % CHECK_EVERY == 0 and not self._cpus_free():
+                self._spun = False
                 return False
         return False
+
+    def slept(self, idle: float, woken: bool) -> None:
+        """After a :meth:`wait` that caught nothing, the reactor slept: *idle* seconds
+        from the spin's start until an event (*woken*) or its timeout.  Grows the
+        window when a longer spin would have caught the event, halves it after
+        :data:`SHRINK_AFTER` such waits in a row when none would have."""
+        if not self._spun:
+            return
+        if woken and idle <= self.limit:
+            self.window = min(self.limit, max(self.window * 2, GROW_FROM))
+            self._misses = 0
+            return
+        self._misses += 1
+        if self._misses >= SHRINK_AFTER:
+            self._misses = 0
+            half = self.window / 2
+            self.window = half if half >= GROW_FROM / 2 else 0.0

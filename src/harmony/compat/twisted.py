@@ -207,6 +207,7 @@ def lean_poll(reactor, spin: float = 0.0) -> bool:
                     if not events:
                         left = -1 if timeout < 0 else max(0.0, timeout - (clock() - began))
                         events = poller.poll(left, len(selectables))
+                        spinner.slept(clock() - began, bool(events))
         except OSError as err:
             if err.errno == errno.EINTR:
                 return
