@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 import os
 import select
 import socket
@@ -19,6 +20,12 @@ from harmony.storage.threads import WokenThreads
 class _Pool:
     def __init__(self, working=0):
         self.working = working
+
+
+@pytest.fixture(autouse=True)
+def watched_here(monkeypatch):
+    """Only the pools a test registers are watched (others' stores may still be open)."""
+    monkeypatch.setattr(spin, "_watched", weakref.WeakSet())
 
 
 @pytest.fixture

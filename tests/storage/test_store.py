@@ -521,3 +521,32 @@ async def test_idle_storage_threads_checkpoint_the_index_and_commits_only_past_t
         assert store.checkpoints == 1   # nothing committed since: not again
     finally:
         store.close()
+
+
+def test_flushes_behind_hold_the_reactors_spin_off_while_a_round_is_on(tmp_path, monkeypatch):
+    """harmony.compat.spin: a round's thread reports back through the GIL the spinning
+    reactor holds, so the flushes count as working from the submit to the round's end,
+    and not once they sleep or stopped."""
+    import threading
+
+    from harmony.compat import spin
+    from harmony.storage import store as store_module
+
+    entered, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(store_module, "_syncfs", lambda fd: (entered.set(), release.wait(10)))
+    (tmp_path / "se").mkdir()
+    (tmp_path / "se" / "1.dcm").write_bytes(b"x")
+    behind = store_module._FlushesBehind(tmp_path)
+    try:
+        assert not behind.working
+        task = behind.submit([tmp_path / "se" / "1.dcm"], [tmp_path / "se"])
+        assert entered.wait(10)
+        assert behind.working and spin.threads_working()
+        release.set()
+        behind.wait_idle()
+        assert task.result() is None
+        assert not behind.working
+    finally:
+        release.set()
+        behind.stop()
+    assert not behind.working

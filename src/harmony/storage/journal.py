@@ -76,6 +76,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from harmony.compat.spin import watch_threads
 from harmony.dicom.files import durable_move, process_alive
 from harmony.log import get_logger
 from harmony.storage.files import claim_name, fsync_dir, make_dirs, syncfs, write_all
@@ -221,6 +222,10 @@ class FolderJournal:
         self._writer_event: int | None = None
         self._writer_asleep = False
         self._committer: ThreadPoolExecutor | None = None
+        #: Placements handed to the committer and not yet journaled (under the lock).
+        self._committing = 0
+        #: The flusher is syncing and settling a batch.
+        self._flushing = False
         #: Folders known to exist (a file named in one needs no mkdir check).
         self._folders: set[str] = set()
         self._temps = itertools.count()
@@ -237,6 +242,7 @@ class FolderJournal:
         #: A file's or folder's sync failed: the log must survive for the next start to replay.
         self.broken = False
         self.closed = False
+        watch_threads(self)   # the reactor does not spin while the journal works
 
     # ------------------------------------------------------------------ start and stop
 
@@ -346,11 +352,23 @@ class FolderJournal:
                 if self._committer is None:
                     self._committer = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="harmony-journal-commit")
                 committer = self._committer
+            with self._cond:
+                self._committing += 1
             try:
-                placement.committed = committer.submit(lambda: self._commit(_PLACED, relpath, src.read_bytes()))
+                placement.committed = committer.submit(self._commit_counted, relpath, src)
             except RuntimeError:  # closed meanwhile
+                with self._cond:
+                    self._committing -= 1
                 raise OSError(5, "the storage journal is closed") from None
         return placement
+
+    def _commit_counted(self, relpath: str, src: Path):
+        """:meth:`_commit` of a placement on a commit thread, counted in :attr:`working`."""
+        try:
+            return self._commit(_PLACED, relpath, src.read_bytes())
+        finally:
+            with self._cond:
+                self._committing -= 1
 
     def _placed(self, relpath: str, dest: Path | str) -> None:
         """*dest* has its name: its syncs go to the flusher."""
@@ -434,6 +452,15 @@ class FolderJournal:
             self._writer = threading.Thread(target=self._write_loop, name="harmony-journal-writer", daemon=True)
             self._writer.start()
         return record, batch
+
+    @property
+    def working(self) -> bool:
+        """The writer has a batch, files wait for the flusher, or a placement is being
+        journaled (read without the lock: a hint, for harmony.compat.spin)."""
+        if self.closed:
+            return False
+        return (self._writer is not None and not self._writer_asleep and not self._writer_done) \
+            or bool(self._to_sync) or self._flushing or self._committing > 0
 
     def _wake_writer(self) -> None:
         """Wake the writer if it sleeps (it sleeps only on an empty batch; one write per sleep)."""
@@ -663,15 +690,23 @@ class FolderJournal:
                 self._hurry = False
                 if not batch and self.closed:
                     return
-            synced, failed = self._sync(batch)
-            if failed:
-                with self._cond:
-                    self.broken = True
-                    self._cond.notify_all()
-                log.error("storage journal {folder}: a file or folder sync failed; the next start writes "
-                          "it again from the journal", folder=str(self.folder))
-            self._synced(synced)
-            self._top_up_spares()
+                self._flushing = True
+            try:
+                self._flush(batch)
+            finally:
+                self._flushing = False
+
+    def _flush(self, batch: list[tuple[str, Path | str, int | None]]) -> None:
+        """One round of the flusher: *batch* synced, settled, spares topped up."""
+        synced, failed = self._sync(batch)
+        if failed:
+            with self._cond:
+                self.broken = True
+                self._cond.notify_all()
+            log.error("storage journal {folder}: a file or folder sync failed; the next start writes "
+                      "it again from the journal", folder=str(self.folder))
+        self._synced(synced)
+        self._top_up_spares()
 
     def _sync(self, batch: list[tuple[str, Path | str, int | None]]) -> tuple[list[str], bool]:
         """Make the named files of *batch* durable: one ``syncfs`` of the log's file

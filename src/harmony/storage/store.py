@@ -338,12 +338,19 @@ class _FlushesBehind:
                 self._thread = threading.Thread(target=self._run, args=(self._event,),
                                                 name="harmony-storage-flush-behind", daemon=True)
                 self._thread.start()
+                watch_threads(self)   # the reactor does not spin while a round is on
             elif self._sleeping:   # (not while it gathers a round): woken once
                 self._sleeping = False
                 wake = True
         if wake:
             os.eventfd_write(self._event, 1)
         return future
+
+    @property
+    def working(self) -> bool:
+        """A round is gathering or syncing (read without the lock: a hint)."""
+        thread = self._thread
+        return thread is not None and not self._sleeping and thread.is_alive()
 
     def _run(self, event: int) -> None:
         try:
