@@ -7,7 +7,9 @@ before the pipeline runs has its own), B = the PACS's first bytes read -> the cl
 response sent, C = that send -> the end of the delivery (the work after the final response),
 D = that end -> the client's next request read (near zero when the request was already waiting:
 C was then on its path), E = the final response sent -> the next request read (the client's
-turnaround as Harmony sees it).  Written at SIGUSR2 (the tenth first left out)."""
+turnaround as Harmony sees it), F = the PACS's first bytes read -> the read holding its final
+response (the PACS's own pace, mostly), G = that read -> the client's final sent (Harmony's part of
+B).  Written at SIGUSR2 (the tenth first left out)."""
 import atexit
 import os
 import statistics
@@ -17,7 +19,7 @@ if os.environ.get("CFSPAN_OUT"):
     from harmony.dicom.ul import association as A
     clock = time.perf_counter_ns
     st = {"req": None, "pacs_in": None, "final_out": None}
-    spans = {"A": [], "B": [], "C": [], "D": [], "E": []}
+    spans = {"A": [], "B": [], "C": [], "D": [], "E": [], "F": [], "G": [], "reads": []}
     orig_dr = A.Association.dataReceived
     orig_send = A.send_now
 
@@ -34,8 +36,12 @@ if os.environ.get("CFSPAN_OUT"):
                 st["c_end"] = None
         elif st["pacs_in"] is None and st["req"] is not None:
             st["pacs_in"] = t
+        if scu and st["pacs_in"] is not None and FINAL in bytes(data):
+            st["final_in"] = t
+            spans["F"].append(t - st["pacs_in"])
         orig_dr(self, data)
         if scu and st["pacs_in"] is not None and FINAL in bytes(data) and st["final_out"] is not None:
+            spans["G"].append(st["final_out"] - st["final_in"])
             spans["B"].append(st["final_out"] - st["pacs_in"])
             st["c_end"] = clock()
             st["final_prev"] = st["final_out"]
