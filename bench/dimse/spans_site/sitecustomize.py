@@ -19,7 +19,7 @@ if os.environ.get("CFSPAN_OUT"):
     from harmony.dicom.ul import association as A
     clock = time.perf_counter_ns
     st = {"req": None, "pacs_in": None, "final_out": None}
-    spans = {"A": [], "B": [], "C": [], "D": [], "E": [], "F": [], "G": [], "reads": []}
+    spans = {"A": [], "B": [], "C": [], "D": [], "E": [], "F": [], "G": []}
     orig_dr = A.Association.dataReceived
     orig_send = A.send_now
 
