@@ -516,30 +516,40 @@ def test_a_full_log_cuts_the_flushers_gathering_short(tmp_path, monkeypatch):
 
 
 def test_the_journal_holds_the_reactors_spin_off_while_it_works(tmp_path):
-    """harmony.compat.spin: the writer, the flusher and the commit threads report back
-    through the GIL a spinning reactor would hold; the journal counts as working while
-    a placement is on its way or files wait for their sync, and never once closed."""
+    """harmony.compat.spin: the writer and the commit threads report back through the
+    GIL a spinning reactor would hold, so the journal counts as working while a
+    placement is on its way; not while only the flusher syncs (nothing waits for it),
+    and never once closed."""
     folder = tmp_path / "out"
     journal = FolderJournal(folder)
     journal.open()
     assert not journal.working
-    syncing, release = threading.Event(), threading.Event()
-    real_sync = journal._sync
+    writing, write = threading.Event(), threading.Event()
+    syncing, sync = threading.Event(), threading.Event()
+    real_serve, real_sync = journal._serve, journal._sync
+
+    def held_serve(batch):
+        writing.set()
+        write.wait(10)
+        return real_serve(batch)
 
     def held_sync(batch):
         syncing.set()
-        release.wait(10)
+        sync.wait(10)
         return real_sync(batch)
-    journal._sync = held_sync
+    journal._serve, journal._sync = held_serve, held_sync
     src = tmp_path / "in.dcm"
     src.write_bytes(b"x" * 5000)
     placement = journal.begin(src, folder / "1.dcm")
     assert placement is not None
-    assert journal.working          # being journaled (or its sync waits behind it)
+    assert journal.working              # being journaled, then written
+    assert writing.wait(10)
+    assert journal.working
+    write.set()
     placement.claim()
     assert syncing.wait(10)
-    assert journal.working          # its sync is on
-    release.set()
+    assert not journal.working          # only its sync is left, behind the answer
+    sync.set()
     assert journal.wait_synced(10)
     journal.close()
     assert not journal.working

@@ -21,8 +21,8 @@ something from somebody:
 
 - **another of this process's threads is working** (:func:`watch_threads`: the
   store's threads and its flushes behind the answers, the folder journal's
-  writer, flusher and commit threads, the DICOM and storage thread pools,
-  the reactor's own).  Each ``epoll_wait`` through the ``select`` module lets
+  writer and commit threads - not its flusher, which nothing waits for -, the
+  DICOM and storage thread pools, the reactor's own).  Each ``epoll_wait`` through the ``select`` module lets
   go of the GIL, and a thread running Python lost it to the spinning reactor
   at each of its own system calls: one association into ``local_archive``
   went 5-9 % slower that way.  So the spin calls ``epoll_wait`` through
