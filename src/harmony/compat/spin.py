@@ -70,12 +70,36 @@ class _Working(Protocol):
         list, :class:`harmony.storage.threads.WokenThreads`' count)."""
 
 
+class _Pending(Protocol):
+    @property
+    def pending(self) -> int:
+        """Operations submitted to the kernel and not yet reaped (harmony.compat.uring)."""
+
+
 _watched: weakref.WeakSet = weakref.WeakSet()
 
 
 def watch_threads(pool: _Working) -> None:
     """Let *pool* hold the reactor's spin off while one of its threads works (kept weakly)."""
     _watched.add(pool)
+
+
+_awaited: weakref.WeakSet = weakref.WeakSet()
+
+
+def await_completions(source: _Pending) -> None:
+    """Let *source*'s operations in flight in the kernel (an io_uring's: its ``pending``
+    count) make the reactor spin up to :data:`AWAITED_FACTOR` times its window for
+    their completion (kept weakly)."""
+    _awaited.add(source)
+
+
+def completions_awaited() -> bool:
+    """Whether an awaited source has an operation in flight (a hint, read without locks)."""
+    for source in list(_awaited):
+        if source.pending:
+            return True
+    return False
 
 
 def threads_working() -> bool:
@@ -91,6 +115,10 @@ def threads_working() -> bool:
 CHECK_EVERY = 32
 #: Spins in a row that caught nothing within the limit before the window is halved.
 SHRINK_AFTER = 4
+#: While an operation of ours is in flight in the kernel (:func:`await_completions`), the
+#: spin lasts up to this many times the limit: its completion is certain and is what the
+#: reactor waits for (a journal write with its data sync: 0.25-0.8 ms here).
+AWAITED_FACTOR = 4
 #: Where a window grows from (and below half of which it is none), seconds.
 GROW_FROM = 50e-6
 
@@ -151,8 +179,14 @@ class PollSpin:
         self._spun = False
         if timeout == 0 or not self._threads_free() or not self._cpus_free():
             return False
-        self._spun = True
-        window = self.window if timeout < 0 else min(self.window, timeout)
+        window = self.window
+        awaited = completions_awaited()
+        yield_cpu = os.sched_yield
+        if awaited:
+            window = self.limit * AWAITED_FACTOR   # not learnt from: an answer is on its way
+        else:
+            self._spun = True
+        window = window if timeout < 0 else min(window, timeout)
         if window <= 0:
             return False
         clock = time.perf_counter
@@ -161,9 +195,16 @@ class PollSpin:
         polls = 0
         while clock() < end:
             if epoll_wait(fd, event, 1, 0) > 0:
-                self._misses = 0
+                if self._spun:
+                    self._misses = 0
                 return True
             polls += 1
+            if awaited:
+                # The completion may need a kernel worker queued on this very CPU (a direct
+                # write's flush runs on a per-CPU workqueue): a spin that keeps the CPU from
+                # it delays what it waits for until the scheduler's tick - p90 1.6 ms
+                # against 0.6 without the spin (bench/dimse "storage_dir, sixth pass").
+                yield_cpu()
             # Only the CPUs are looked at again: our threads take work from the reactor's
             # callbacks (or went on with what they had, and then the spin never began),
             # and the reactor runs none while it spins.

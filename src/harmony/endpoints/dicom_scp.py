@@ -30,6 +30,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, fdesc
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer, provider
 
 from harmony.config.errors import OptionError
@@ -289,6 +290,10 @@ class DicomScpEndpoint(Service):
                 except OSError as e:
                     log.error("dicom_scp {name}: cannot open the journal of storage_dir {path}: {error}",
                               name=self.name, path=str(self.storage_dir), error=e.strerror)
+                else:
+                    # The reactor journals held instances itself, through an io_uring (no writer
+                    # thread between it and the disk; harmony.storage.journal), where it can.
+                    self.storage_journal.use_ring(self.reactor)
         if self.inherited is not None:
             self._adopt(*self.inherited)
             return
@@ -1037,10 +1042,15 @@ class ScpServices:
             _respond_held(assoc, message, dimse.STORE_DATASET_MISMATCH, "dataset does not match the C-STORE request")
             return
         call_from_thread = endpoint.reactor.callFromThread
+
+        def stored(error):   # on the reactor when its ring wrote the journal, else on the journal's writer
+            if isInIOThread():
+                self._held_stored(assoc, message, error)
+            else:
+                call_from_thread(self._held_stored, assoc, message, error)
         try:
             endpoint.storage_journal.store(f"{endpoint.storage_dir}/{study}/{series}/{sop_instance}.dcm",
-                                           message.dataset,
-                                           lambda error: call_from_thread(self._held_stored, assoc, message, error))
+                                           message.dataset, stored)
         except (OSError, ValueError) as e:
             self._held_stored(assoc, message, e)
 

@@ -68,7 +68,9 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import os
+import select
 import struct
 import threading
 import uuid
@@ -76,7 +78,8 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from harmony.compat.spin import watch_threads
+from harmony.compat.spin import await_completions, watch_threads
+from harmony.compat.uring import Ring, RingReader
 from harmony.dicom.files import durable_move, process_alive
 from harmony.log import get_logger
 from harmony.storage.files import claim_name, fsync_dir, make_dirs, syncfs, write_all
@@ -110,6 +113,8 @@ SPARE_TEMPS_MAX = 128
 MAX_OPEN_TO_SYNC = 256
 #: Threads that read staged files into the journal while their callers check them (the writer flushes).
 COMMIT_THREADS = 4
+#: How long (seconds) a close waits for the reactor to reap the ring's last write.
+RING_CLOSE_WAIT = 30.0
 _SUFFIX = ".log"
 #: Held files are written under ``<pid>.<n>.part`` in the journal's folder, then renamed into place.
 _TEMP = ".part"
@@ -185,10 +190,14 @@ class FolderJournal:
         #: *folder* as the start of a path string (:meth:`store` takes strings).
         self._prefix = f"{self.folder}/"
         self.max_bytes = max_bytes
-        self.log_bytes = max(log_bytes, _HEADER.size + _RECORD.size + 4096 + max_bytes)
+        # Whole blocks: a direct write (:class:`_DirectLog`) pads the last one, never past the end.
+        smallest = max(log_bytes, _HEADER.size + _RECORD.size + 4096 + max_bytes)
+        self.log_bytes = -(-smallest // _DirectLog.BLOCK) * _DirectLog.BLOCK
         self._pid = os.getpid()
         self.path = self.dir / f"{self._pid}{_SUFFIX}"
         self._fd: int | None = None
+        #: The log opened around the page cache, where the file system allows it (its writes).
+        self._direct: _DirectLog | None = None
         # One lock; the writer and the flusher each sleep on a condition of their own, so
         # waking one does not wake every thread that waits on the journal.
         lock = threading.RLock()
@@ -221,6 +230,14 @@ class FolderJournal:
         #: woken writer preempting the reactor in it was a fifth of the reactor's GIL samples.
         self._writer_event: int | None = None
         self._writer_asleep = False
+        #: Who writes the log now: the writer thread, or the reactor's ring (one at a time).
+        self._thread_writing = False
+        self._ring_writing = False
+        #: The reactor's io_uring (:meth:`use_ring`), its reader, and the thread it serves.
+        self._ring: Ring | None = None
+        self._ring_reader: RingReader | None = None
+        self._ring_reactor = None
+        self._ring_thread: int | None = None
         self._committer: ThreadPoolExecutor | None = None
         #: Placements handed to the committer and not yet journaled (under the lock).
         self._committing = 0
@@ -297,6 +314,7 @@ class FolderJournal:
             self._wake_flusher.notify()
             flusher, committer = self._flusher, self._committer
             wake, self._writer_asleep = self._writer_asleep, False
+        self._stop_ring()
         if wake:
             os.eventfd_write(self._writer_event, 1)
         if committer is not None:
@@ -312,6 +330,9 @@ class FolderJournal:
         for temp, fd in spares:
             os.close(fd)
             _discard(temp)
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -433,7 +454,125 @@ class FolderJournal:
                 raise OSError(5, "the storage journal is closed")
             self._holding = True
             self._enqueue(_PLACED, relpath, data, _Held(dest, temp, done))
-        self._wake_writer()
+        if self._ring is not None and threading.get_ident() == self._ring_thread:
+            self._ring_write()
+        else:
+            self._wake_writer()
+
+    # ------------------------------------------------------------------ the reactor's own writes (io_uring)
+
+    def use_ring(self, reactor) -> bool:
+        """Let the files stored (:meth:`store`) from *reactor*'s thread be journaled by that thread
+        itself, through an io_uring (harmony.compat.uring), instead of by the writer
+        thread: no hand-off either way, and the reactor may poll for the completion
+        (harmony.compat.spin) where it could not for a thread that needs the GIL to
+        report.  Their ``done`` is then called on the reactor.  Call it on the reactor's
+        thread; ``False`` (and the writer thread does it all) where no ring can be had."""
+        if self._ring is not None:
+            return True
+        ring = Ring.make()
+        if ring is None:
+            return False
+        self._ring, self._ring_reactor, self._ring_thread = ring, reactor, threading.get_ident()
+        self._ring_reader = RingReader(ring, reactor)
+        reactor.addReader(self._ring_reader)
+        await_completions(ring)   # the reactor polls for the write it waits for, rather than sleep
+        return True
+
+    def _ring_write(self) -> None:
+        """On the reactor: the waiting batch written to the log by the ring, unless something
+        else writes it now (it takes the batch when done) or the batch needs anything that
+        could block - the log made, a full log waited out, a folder made, a temporary file
+        created, a failed log's refusals: those go to the writer thread, as before."""
+        ring = self._ring
+        assert ring is not None
+        with self._cond:
+            batch = self._batch
+            if self._ring_writing or self._thread_writing or not batch.records:
+                return
+            offset = None
+            if not self.closed and self._write_failed is None and self._ready_for_ring(batch):
+                offset = self._make_room(batch.size, wait=False)
+            if offset is None:
+                wake, self._writer_asleep = self._writer_asleep, False
+            else:
+                self._batch = _Batch()
+                self._ring_writing = True
+        if offset is None:
+            if wake:
+                os.eventfd_write(self._writer_event, 1)
+            return
+        self._write_held(batch)   # spare files' page cache: no sync, no file made
+        blob, offset = self._blob(batch, offset)
+        direct = self._direct
+        if direct is None:
+            assert self._fd is not None
+            fd, data, at = self._fd, blob, offset
+        else:
+            fd, (data, at) = direct.fd, direct.blocks(blob, offset)
+        size = len(data)
+        try:
+            ring.write(fd, data, at, os.RWF_DSYNC,
+                       lambda result: self._ring_wrote(batch, offset, blob, size if result == size else
+                                                       -errno.EIO if result >= 0 else result))
+        except OSError as e:   # refused at submission: nothing was written
+            self._ring_wrote(batch, offset, blob, -(e.errno or errno.EIO))
+
+    def _ready_for_ring(self, batch: _Batch) -> bool:
+        """Whether each held file of *batch* has a spare temporary file and a known folder
+        (called with the lock held)."""
+        held = 0
+        for record in batch.records:
+            if record[5] is not None and record[0] == _PLACED:
+                held += 1
+                if os.path.dirname(record[5].dest) not in self._folders:
+                    return False
+        return held <= len(self._spare_temps)
+
+    def _ring_wrote(self, batch: _Batch, offset: int, blob: bytes, result: int) -> None:
+        """The ring's write of *batch* finished with *result* (all written, or -errno):
+        as the writer thread would go on after :func:`_write_durably` (:meth:`_serve`)."""
+        error: BaseException | None = None
+        if result >= 0:
+            self._wrote(offset, blob)
+        else:
+            error = OSError(-result, os.strerror(-result))
+        with self._cond:
+            if error is not None:
+                self._write_failed = OSError(5, f"a write to the storage journal failed: {error}")
+            self._finish(batch, error)
+        try:
+            self._name_held(batch, error)
+        finally:
+            with self._cond:
+                self._ring_writing = False
+                self._cond.notify_all()
+        self._ring_write()   # what was handed over meanwhile
+
+    def _stop_ring(self) -> None:
+        """The ring released on the reactor once its last write is done (:meth:`close`)."""
+        ring, reader, reactor = self._ring, self._ring_reader, self._ring_reactor
+        if ring is None:
+            return
+        if threading.get_ident() == self._ring_thread:
+            while ring.pending:   # closing on the reactor: nothing else reaps
+                select.select([ring.fileno()], [], [], 1.0)
+                ring.reap()
+        else:
+            with self._cond:
+                if not self._cond.wait_for(lambda: not self._ring_writing, RING_CLOSE_WAIT):
+                    # The reactor never reaped it: the record may be in the log, unanswered -
+                    # the log stays for the next start to replay.
+                    self._write_failed = OSError(5, "the storage journal closed during a write")
+        self._ring = self._ring_reader = None
+
+        def release():
+            reactor.removeReader(reader)
+            ring.close()
+        if threading.get_ident() == self._ring_thread:
+            release()
+        else:
+            reactor.callFromThread(release)
 
     def _enqueue(self, kind: int, relpath: str, data: bytes, held: _Held | None) -> tuple[list, _Batch]:
         """*data* as a record of the writer's next flush (called with the lock held)."""
@@ -476,16 +615,22 @@ class FolderJournal:
         write (:func:`_write_durably`); then the held files named (:meth:`store`)."""
         while True:
             with self._cond:
-                asleep = self._writer_asleep = not self._batch.records and not self.closed
+                # While the reactor's ring writes the log, what waits is the ring's to take
+                # when it is done (it wakes this thread for what it cannot take).
+                ring_busy = self._ring_writing and not self.closed
+                asleep = self._writer_asleep = (not self._batch.records or ring_busy) and not self.closed
             if asleep:
                 os.eventfd_read(self._writer_event)
                 continue
             with self._cond:
+                while self._ring_writing:   # closing: the ring's last write first
+                    self._cond.wait()
                 batch = self._batch
                 if not batch.records:
                     self._writer_done = True
                     return
                 self._batch = _Batch()
+                self._thread_writing = True
             try:
                 self._serve(batch)
             except Exception as e:  # noqa: BLE001 - a writer that died would leave every sender waiting
@@ -495,6 +640,9 @@ class FolderJournal:
                         self._finish(batch, e)
                 for record in batch.records:
                     _tell(record, OSError(5, f"the storage journal failed: {e}"))
+            finally:
+                with self._cond:
+                    self._thread_writing = False
 
     def _serve(self, batch: _Batch) -> None:
         self._write_held(batch)
@@ -632,13 +780,17 @@ class FolderJournal:
                     self._drop_name(relpath)
         self._cond.notify_all()
 
-    def _make_room(self, size: int) -> int:
+    def _make_room(self, size: int, wait: bool = True) -> int | None:
         """Where a batch of *size* bytes goes, -1 for the top of a new epoch
         (called with the lock held): the log starts again when every file
-        written to it is synced; when it is full, the batch waits for the flusher."""
+        written to it is synced; when it is full, the batch waits for the flusher.
+        Not *wait*: ``None`` instead of making the log or waiting (the ring's case)."""
+        if self._fd is None and not wait:
+            return None
         if self._fd is None:
             self._fd = _make_log(self.path, self.log_bytes)
             self._log_dev = os.fstat(self._fd).st_dev
+            self._direct = _DirectLog.open(self.path)
             self._end = 0
         if size > self.log_bytes - _HEADER.size:
             raise OSError(27, "a batch larger than the storage journal")
@@ -651,11 +803,32 @@ class FolderJournal:
                 return self._end
             if self.broken:
                 raise OSError(28, "the storage journal is full and a sync failed")
+            if not wait:
+                return None
             self._hurry = True
             self._wake_flusher.notify()
             self._cond.wait()
 
     def _write(self, batch: _Batch, offset: int) -> None:
+        blob, offset = self._blob(batch, offset)
+        direct = self._direct
+        if direct is None:
+            assert self._fd is not None
+            _write_durably(self._fd, blob, offset)
+        else:
+            blocks, start = direct.blocks(blob, offset)
+            _write_durably(direct.fd, blocks, start)
+        self._wrote(offset, blob)
+
+    def _wrote(self, offset: int, blob: bytes) -> None:
+        self._end = offset + len(blob)  # only the log's owner (writer thread or ring) touches it
+        if self._direct is not None:
+            self._direct.wrote(self._end)
+        self.flushes += 1
+
+    def _blob(self, batch: _Batch, offset: int) -> tuple[bytes, int]:
+        """*batch*'s records as the bytes to write at *offset* (-1: a new epoch's
+        header first), and where they go; each record learns its epoch and offset."""
         parts = []
         if offset < 0:  # a new epoch: header first, records right after it
             head = struct.pack("<4sIQ", _MAGIC, 1, self._epoch)
@@ -670,11 +843,7 @@ class FolderJournal:
             parts.append(head + struct.pack("<I", crc) + name + data)
             record[3], record[4] = self._epoch, at
             at += len(parts[-1])
-        blob = b"".join(parts)
-        assert self._fd is not None
-        _write_durably(self._fd, blob, offset)
-        self._end = offset + len(blob)  # only the writer thread touches it
-        self.flushes += 1
+        return b"".join(parts), offset
 
     # ------------------------------------------------------------------ syncing behind the answers
 
@@ -845,7 +1014,76 @@ def _make_log(path: Path, size: int) -> int:
     return fd
 
 
-def _write_durably(fd: int, blob: bytes, offset: int) -> None:
+class _DirectLog:
+    """The log's writes made around the page cache (``O_DIRECT``), in whole blocks.
+
+    Why: a write with ``RWF_DSYNC`` through the page cache dirties a page, writes it
+    back and waits; the same bytes written directly go to the device at once, and
+    the data sync is then only the cache flush.  Measured here (``pwritev2`` of
+    4 KiB with ``RWF_DSYNC`` over blocks already written, 400 each, three runs):
+    through the page cache p50 230-365 us, direct 144-193 us - on the path of every
+    instance C-STOREd into ``storage_dir``.
+
+    A direct write must cover whole blocks from a block boundary, from memory aligned
+    the same way: each batch is written from the start of the block the log's end is
+    in, so the bytes of that block already written (kept here, :attr:`_tail`) go
+    again, unchanged, before the batch's records, and zeros after them to the
+    block's end.  A crash tearing that write leaves each sector old or new, and the
+    earlier records' bytes are the same in both; the zeros are where the next batch
+    goes, and stop a replay as any record of no epoch does.
+    """
+
+    #: The alignment a direct write needs on every Linux block device and file system here.
+    BLOCK = 4096
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        #: Page-aligned memory the blocks are assembled in (grown, never shrunk).
+        self._buffer = mmap.mmap(-1, 64 * 1024)
+        #: The log's bytes from the block boundary before its end to its end.
+        self._tail = b""
+        #: Where the last blocks went, and the bytes of them that are the log's.
+        self._start = self._length = 0
+
+    @classmethod
+    def open(cls, path: Path) -> _DirectLog | None:
+        """The log opened for direct writes, ``None`` where its file system refuses them (tmpfs)."""
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            return cls(path)
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def blocks(self, blob: bytes, offset: int) -> tuple[memoryview, int]:
+        """*blob*, to go at *offset* (the log's end), as whole blocks and where they go."""
+        block = self.BLOCK
+        start = offset - offset % block
+        prefix = self._tail if offset > start else b""
+        assert len(prefix) == offset - start, "the log's end moved without this log"
+        total = len(prefix) + len(blob)
+        padded = -(-total // block) * block
+        if padded > len(self._buffer):
+            # Replaced, not closed: a write still in flight may hold the old one.
+            self._buffer = mmap.mmap(-1, 1 << (padded - 1).bit_length())
+        buffer = self._buffer
+        buffer[:len(prefix)] = prefix
+        buffer[len(prefix):total] = blob
+        buffer[total:padded] = bytes(padded - total)
+        self._start, self._length = start, total
+        return memoryview(buffer)[:padded], start
+
+    def wrote(self, end: int) -> None:
+        """The blocks of the last :meth:`blocks` are on the disk, and the log ends at *end*."""
+        assert end == self._start + self._length, "not the end the last blocks were made for"
+        keep = end % self.BLOCK
+        self._tail = bytes(self._buffer[self._length - keep:self._length])
+
+
+def _write_durably(fd: int, blob, offset: int) -> None:
     """*blob* at *offset* of the log, on the disk when this returns: one ``pwritev2``
     with ``RWF_DSYNC`` (Linux 4.7+: the write and its data sync in one system call,
     one release of the GIL on the answers' path) where the kernel takes it, else
