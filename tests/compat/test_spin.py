@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gc
-import weakref
 import os
 import select
 import socket
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -24,8 +24,14 @@ class _Pool:
 
 @pytest.fixture(autouse=True)
 def watched_here(monkeypatch):
-    """Only the pools a test registers are watched (others' stores may still be open)."""
+    """Only the pools and rings a test registers are watched (others' stores may still be open)."""
     monkeypatch.setattr(spin, "_watched", weakref.WeakSet())
+    monkeypatch.setattr(spin, "_awaited", weakref.WeakSet())
+
+
+class _Ring:
+    def __init__(self, pending=0):
+        self.pending = pending
 
 
 @pytest.fixture
@@ -299,3 +305,42 @@ class _Reader:
 
     def connectionLost(self, reason):
         pass
+
+
+def test_a_write_in_flight_spins_longer_than_the_window_yields_and_teaches_nothing(epoll, loadavg, monkeypatch):
+    ep, peer = epoll
+    spinner = _spinner(ep, 0.0003, loadavg[0])
+    spinner.window = 0.0   # learnt down to none: only the awaited write makes it spin
+    ring = _Ring(pending=1)
+    spin.await_completions(ring)
+    yields = []
+    monkeypatch.setattr(spin.os, "sched_yield", lambda: yields.append(1))
+    began = time.perf_counter()
+    assert spinner.wait(-1) is False
+    assert time.perf_counter() - began >= 0.0003 * spin.AWAITED_FACTOR
+    assert len(yields) > 10   # the CPU offered at each poll, to a kernel worker the write may need
+    spinner.slept(0.0001, woken=True)
+    assert spinner.window == 0.0   # not learnt from
+    calls = _counting(spinner, then=lambda n: n == 20 and peer.send(b"x"))
+    assert spinner.wait(-1) is True and len(calls) == 20   # its completion ends the spin
+    _drain(ep)
+    ring.pending = 0
+    yields.clear()
+    assert spinner.wait(-1) is False and not yields   # nothing in flight: the learnt window, none
+    spinner.close()
+
+
+def test_a_write_in_flight_does_not_spin_past_the_other_rules(epoll, loadavg):
+    path, write = loadavg
+    ep, _peer = epoll
+    spinner = _spinner(ep, 0.0003, path)
+    spin.await_completions(_ring := _Ring(pending=1))
+    calls = _counting(spinner)
+    busy = _Pool(working=1)
+    spin.watch_threads(busy)
+    assert spinner.wait(-1) is False and not calls   # a thread of ours works
+    busy.working = 0
+    write(len(os.sched_getaffinity(0)) + 1)
+    assert spinner.wait(-1) is False and not calls   # every CPU taken
+    assert spinner.wait(0.0) is False and not calls
+    spinner.close()

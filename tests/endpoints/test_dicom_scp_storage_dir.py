@@ -14,7 +14,8 @@ import subprocess
 
 import pytest_twisted
 from pydicom import dcmread
-from twisted.internet import threads
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 
 from tests.dicom_data import make_instance, save
 from tests.harness import MINIMAL_MAIN, start_harmony, write_config
@@ -92,3 +93,40 @@ async def test_small_large_and_pydicom_checked_instances_land_as_sent(tmp_path):
     assert syntax == "1.2.840.10008.1.2.2"   # the scanner declined it: pydicom's check took it
     assert len(list(storage.rglob("*.dcm"))) == 3
     assert list((storage / ".journal").iterdir()) == []   # every file synced: no log, no temporary file
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_series_over_one_association_is_journaled_by_the_reactors_ring(tmp_path):
+    """harmony.compat.uring (this machine kind's kernel offers it): once the series' folder
+    and the journal's spare files exist, the reactor writes each instance's journal record
+    itself - the instances still land byte for byte, and a clean stop leaves no journal."""
+    storage = tmp_path / "store"
+    port = free_port()
+    running = await start_harmony(write_config(tmp_path / "h", MINIMAL_MAIN,
+                                               {"ingest": PIPE.format(port=port, storage=storage)}))
+    journal = running.service.runtime.endpoints["scp"].storage_journal
+    series = [make_instance(seed=10 + i, study_uid="1.2.826.0.1.3680043.9.7.2",
+                            series_uid="1.2.826.0.1.3680043.9.7.2.1", sop_uid=f"1.2.826.0.1.3680043.9.7.2.1.{i}")
+              for i in range(40)]
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i, ds in enumerate(series):
+        save(ds, folder / f"{i:02}.dcm")
+    try:
+        first = await threads.deferToThread(storescu, port, folder / "00.dcm")   # makes the folder
+        assert b"Received Store Response (Success)" in first.stderr, first.stderr
+        for _ in range(500):   # the flusher's first round makes the spare files
+            if len(journal._spare_temps) >= 8:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        rest = await threads.deferToThread(
+            subprocess.run, [DCMTK["storescu"], "-v", "-aec", "HARMONY", "127.0.0.1", str(port),
+                             *map(str, sorted(folder.glob("*.dcm"))[1:])], capture_output=True, env=peer_env())
+        assert rest.stderr.count(b"Received Store Response (Success)") == 39, rest.stderr
+        assert journal._ring is not None and journal.ring_flushes >= 8   # at least those the spares waited for served
+    finally:
+        await running.stop()
+    for ds in series:
+        back = dcmread(storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm")
+        assert back.SOPInstanceUID == ds.SOPInstanceUID and back.PixelData == ds.PixelData
+    assert list((storage / ".journal").iterdir()) == []

@@ -20,6 +20,8 @@ import textwrap
 import threading
 import time
 
+import pytest_twisted
+
 from harmony.storage.journal import FolderJournal, read_log
 
 KILLED_AFTER_PLACING = textwrap.dedent("""
@@ -553,3 +555,136 @@ def test_the_journal_holds_the_reactors_spin_off_while_it_works(tmp_path):
     assert journal.wait_synced(10)
     journal.close()
     assert not journal.working
+
+
+def test_the_log_is_written_around_the_page_cache_in_whole_blocks(tmp_path, monkeypatch):
+    """``O_DIRECT`` (bench/dimse "storage_dir, sixth pass"): each write starts at the
+    block the log's end is in and covers whole blocks - that block's records written
+    again, unchanged - and the log never grows; a replay reads every record."""
+    import harmony.storage.journal as journal_module
+    writes = []
+    real_pwritev = os.pwritev
+    monkeypatch.setattr(journal_module.os, "pwritev",
+                        lambda fd, buffers, offset, *flags: (writes.append((offset, sum(map(len, buffers)))),
+                                                             real_pwritev(fd, buffers, offset, *flags))[1])
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    sizes = [1000, 3000, 5000, 10, 4096, 777]
+    for i, size in enumerate(sizes):
+        assert stored(journal, folder / "st" / f"{i}.dcm", bytes([i]) * size) is None
+    assert journal._direct is not None   # this file system takes direct writes
+    assert len(writes) == len(sizes)
+    assert all(offset % 4096 == 0 and length % 4096 == 0 for offset, length in writes)
+    assert [offset for offset, _ in writes] == sorted(offset for offset, _ in writes)   # appended
+    assert os.path.getsize(journal.path) == journal.log_bytes
+    assert read_log(journal.path.read_bytes()) == {f"st/{i}.dcm": bytes([i]) * size for i, size in enumerate(sizes)}
+    journal.close()
+
+
+def test_a_file_system_without_direct_writes_gets_the_page_cache_ones(tmp_path, monkeypatch):
+    import harmony.storage.journal as journal_module
+    monkeypatch.setattr(journal_module._DirectLog, "open", classmethod(lambda cls, path: None))
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    for i in range(3):
+        assert stored(journal, folder / "st" / f"{i}.dcm", bytes([i]) * 999) is None
+    assert journal._direct is None
+    assert read_log(journal.path.read_bytes()) == {f"st/{i}.dcm": bytes([i]) * 999 for i in range(3)}
+    journal.close()
+
+
+def _stored_on_reactor(journal, dest, data):
+    """FolderJournal.store from the reactor: a Deferred of (the error, the thread that was told)."""
+    from twisted.internet import defer, reactor
+    from twisted.python.threadable import isInIOThread
+    told: defer.Deferred = defer.Deferred()
+
+    def done(error):
+        on_reactor = isInIOThread()
+        if on_reactor:
+            told.callback((error, True))
+        else:
+            reactor.callFromThread(told.callback, (error, False))
+    journal.store(str(dest), data, done)
+    return told
+
+
+async def _spares(journal):
+    """The flusher's spare temporary files, once its first round has made them."""
+    from twisted.internet import reactor, task
+    for _ in range(1000):
+        if len(journal._spare_temps) >= 8:
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("the flusher made no spare files")
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_files_stored_from_the_reactor_are_journaled_by_its_ring(tmp_path):
+    """harmony.compat.uring: no writer thread between the reactor and the disk once the
+    log, the folder and spare files exist; the sender told on the reactor itself."""
+    from twisted.internet import reactor, task, threads
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    assert journal.use_ring(reactor)
+    # The first file needs the log made, its folder made and a file created: the writer's.
+    assert await _stored_on_reactor(journal, folder / "st" / "se" / "0.dcm", b"0" * 3000) == (None, False)
+    assert journal.ring_flushes == 0
+    await _spares(journal)
+    for i in range(1, 4):
+        assert await _stored_on_reactor(journal, folder / "st" / "se" / f"{i}.dcm", bytes([i]) * 3000) == (None, True)
+    assert journal.ring_flushes == 3
+    # Handed over together (after the last answer's callbacks have returned): the first goes
+    # at once, the others wait for it and share the next write.
+    await task.deferLater(reactor, 0, lambda: None)
+    together = [_stored_on_reactor(journal, folder / "st" / "se" / f"{i}.dcm", bytes([i]) * 2000)
+                for i in range(4, 8)]
+    for told in together:
+        assert await told == (None, True)
+    assert journal.ring_flushes == 5
+    # A new folder: the writer again.
+    assert await _stored_on_reactor(journal, folder / "st" / "other" / "8.dcm", b"8" * 100) == (None, False)
+    assert "st/other/8.dcm" in read_log(journal.path.read_bytes())   # after the ring's writes, readable
+    # Closed from a thread while a ring write is in flight: that write finishes first.
+    last = _stored_on_reactor(journal, folder / "st" / "se" / "9.dcm", b"9" * 100)
+    await threads.deferToThread(journal.close)
+    assert (await last)[0] is None
+    assert (folder / "st" / "se" / "9.dcm").read_bytes() == b"9" * 100
+    assert all((folder / "st" / "se" / f"{i}.dcm").read_bytes()[:1] == bytes([i])
+               for i in range(1, 8))
+    assert logs(folder) == []   # every file synced: nothing left to replay
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_the_ring_refuses_is_made_by_a_thread_and_a_failed_one_refuses(tmp_path):
+    import errno
+
+    from twisted.internet import reactor
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    assert journal.use_ring(reactor)
+    assert (await _stored_on_reactor(journal, folder / "st" / "0.dcm", b"0" * 100))[0] is None
+    await _spares(journal)
+    ring = journal._ring
+    real_write = ring.write
+
+    def busy(*_args):
+        raise OSError(errno.EBUSY, "the io_uring is full")
+    ring.write = busy
+    assert await _stored_on_reactor(journal, folder / "st" / "1.dcm", b"1" * 100) == (None, True)
+    assert journal.ring_flushes == 1 and (folder / "st" / "1.dcm").read_bytes() == b"1" * 100
+
+    def failing(fd, data, at, flags, done):
+        real_write(-1, data, at, flags, done)   # the kernel's answer: EBADF
+    ring.write = failing
+    error, on_reactor = await _stored_on_reactor(journal, folder / "st" / "2.dcm", b"2" * 100)
+    assert isinstance(error, OSError) and on_reactor
+    assert not (folder / "st" / "2.dcm").exists()
+    # The log's state is unknown after a failed write: every later file is refused.
+    assert isinstance((await _stored_on_reactor(journal, folder / "st" / "3.dcm", b"3" * 100))[0], OSError)
+    journal.close()
+    assert logs(folder)   # kept for the next start

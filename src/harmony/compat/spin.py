@@ -49,6 +49,17 @@ none.  Traffic whose gaps outlast the limit (an upstream slower than the window,
 a client that thinks between requests) stops paying CPU for spins that catch
 nothing, while a C-FIND client's next request, a gap of 100-200 us every other
 wait, keeps the whole window.
+One wait is certain to end soon: a write of ours in flight in the kernel (the
+folder journal's, through harmony.compat.uring: :func:`await_completions`).
+While one is, the spin lasts up to :data:`AWAITED_FACTOR` times the limit
+whatever it has learnt (its completion, a data write and a cache flush, took
+0.15-0.8 ms here, longer than the limit), is not learnt from, and gives the
+CPU up (``sched_yield``) at each poll: the write's flush may run on a kernel
+worker queued on this very CPU, and a spin that kept the CPU from it delayed
+the completion it waited for to the scheduler's next tick.  Nothing of ours
+needs the GIL meanwhile, which is why the journal went to a ring for it
+(bench/dimse, "storage_dir, sixth pass").
+
 ``[proxy] poll_spin_us`` sets the window at start (a reload does not change
 it); 0 turns it off (docs/configuration.md).
 Linux only; anything missing (``/proc``, ``epoll_wait`` in libc) means no spin.

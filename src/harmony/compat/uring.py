@@ -191,13 +191,13 @@ class Ring:
 
     def reap(self) -> int:
         """Call back every completed operation; returns how many."""
+        ring = self._ring
+        if ring is None:
+            return 0
         try:
             os.eventfd_read(self._event)
         except BlockingIOError:
             pass
-        ring = self._ring
-        if ring is None:
-            return 0
         head = _U32.unpack_from(ring, self._cq_head)[0]
         reaped = 0
         while True:

@@ -77,6 +77,9 @@ import uuid
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from twisted.internet import threads
 
 from harmony.compat.spin import await_completions, watch_threads
 from harmony.compat.uring import Ring, RingReader
@@ -236,7 +239,7 @@ class FolderJournal:
         #: The reactor's io_uring (:meth:`use_ring`), its reader, and the thread it serves.
         self._ring: Ring | None = None
         self._ring_reader: RingReader | None = None
-        self._ring_reactor = None
+        self._ring_reactor: Any = None
         self._ring_thread: int | None = None
         self._committer: ThreadPoolExecutor | None = None
         #: Placements handed to the committer and not yet journaled (under the lock).
@@ -252,8 +255,9 @@ class FolderJournal:
         self._spares_seen = 0
         #: Files have been handed over in memory (:meth:`store`): spares are worth making.
         self._holding = False
-        #: Log flushes so far (one per group of placements).
+        #: Log flushes so far (one per group of placements), and how many of them the reactor's ring made.
         self.flushes = 0
+        self.ring_flushes = 0
         #: A file's or folder's sync failed: the log must survive for the next start to replay.
         self.broken = False
         self.closed = False
@@ -505,6 +509,7 @@ class FolderJournal:
         self._write_held(batch)   # spare files' page cache: no sync, no file made
         blob, offset = self._blob(batch, offset)
         direct = self._direct
+        data: bytes | memoryview
         if direct is None:
             assert self._fd is not None
             fd, data, at = self._fd, blob, offset
@@ -515,8 +520,14 @@ class FolderJournal:
             ring.write(fd, data, at, os.RWF_DSYNC,
                        lambda result: self._ring_wrote(batch, offset, blob, size if result == size else
                                                        -errno.EIO if result >= 0 else result))
-        except OSError as e:   # refused at submission: nothing was written
-            self._ring_wrote(batch, offset, blob, -(e.errno or errno.EIO))
+        except OSError:
+            # The ring refused it at submission (nothing written): the reactor's thread pool
+            # makes this one write instead, and the ring is tried again for the next batch.
+            reactor = self._ring_reactor
+            threads.deferToThreadPool(reactor, reactor.getThreadPool(), _write_durably, fd, data, at) \
+                .addCallbacks(lambda _: self._ring_wrote(batch, offset, blob, size),
+                              lambda failure: self._ring_wrote(batch, offset, blob,
+                                                               -(getattr(failure.value, "errno", 0) or errno.EIO)))
 
     def _ready_for_ring(self, batch: _Batch) -> bool:
         """Whether each held file of *batch* has a spare temporary file and a known folder
@@ -535,6 +546,7 @@ class FolderJournal:
         error: BaseException | None = None
         if result >= 0:
             self._wrote(offset, blob)
+            self.ring_flushes += 1
         else:
             error = OSError(-result, os.strerror(-result))
         with self._cond:
