@@ -19,9 +19,9 @@ and posts its completion, which wakes the reactor through an eventfd in its
 ``epoll`` set - or which the reactor's spin finds, because nothing of ours is
 working while it waits.
 
-Only what the journal needs is here: ``write`` at an offset with flags, and
-``rename``; one submission per call (``io_uring_enter``), completions reaped
-when the eventfd is readable.  The rings are shared memory written with plain
+Only what the journal needs is here: ``write`` at an offset with flags; one
+submission per call (``io_uring_enter``), completions reaped when the eventfd is
+readable.  The rings are shared memory written with plain
 stores, which is correct where the CPU keeps stores in order (x86-64, as
 liburing's own barriers are plain there); elsewhere, or where the kernel refuses
 io_uring (``ENOSYS``, ``EPERM`` in a container, ``kernel.io_uring_disabled``),
@@ -45,8 +45,7 @@ _SETUP, _ENTER, _REGISTER = 425, 426, 427   # x86-64 system call numbers
 _REGISTER_EVENTFD = 4
 _OFF_SQES = 0x10000000
 _FEAT_SINGLE_MMAP = 1
-_OP_WRITE, _OP_RENAMEAT = 23, 35
-_AT_FDCWD = -100
+_OP_WRITE = 23
 #: A submission queue entry: opcode, flags, ioprio, fd, off/addr2, addr, len, op flags,
 #: user_data, buf_index, personality, splice_fd_in, addr3, pad (linux/io_uring.h).
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
@@ -71,9 +70,9 @@ def enabled() -> bool:
 
 
 class Ring:
-    """One io_uring; :meth:`write` and :meth:`rename` call back ``done(result)`` (bytes
-    written, 0, or ``-errno``) from :meth:`reap`, which the reactor runs when
-    :meth:`fileno` (an eventfd) is readable (:class:`RingReader`)."""
+    """One io_uring; :meth:`write` calls back ``done(result)`` (bytes written or
+    ``-errno``) from :meth:`reap`, which the reactor runs when :meth:`fileno` (an
+    eventfd) is readable (:class:`RingReader`)."""
 
     def __init__(self, entries: int = 64):
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -156,12 +155,6 @@ class Ring:
             address = ctypes.addressof(keep)
         self._submit(_OP_WRITE, fd, offset, address, len(data), flags, done, keep)
 
-    def rename(self, old: str, new: str, done: Callable[[int], None]) -> None:
-        """``rename(old, new)`` by the kernel; ``done(0 or -errno)``."""
-        paths = (ctypes.create_string_buffer(os.fsencode(old)), ctypes.create_string_buffer(os.fsencode(new)))
-        self._submit(_OP_RENAMEAT, _AT_FDCWD, ctypes.addressof(paths[1]), ctypes.addressof(paths[0]),
-                     _AT_FDCWD & 0xFFFFFFFF, 0, done, paths)
-
     def _submit(self, op: int, fd: int, off: int, addr: int, length: int, op_flags: int,
                 done: Callable[[int], None], keep: object) -> None:
         if self._fd < 0:
@@ -211,6 +204,8 @@ class Ring:
             reaped += 1
             if entry is not None:
                 entry[0](result)
+                if self._ring is not ring:   # closed by that callback: the rest is nobody's
+                    break
         return reaped
 
 

@@ -50,6 +50,18 @@ gives it its name on the same thread, and calls back - one hand-off each way
 per instance, no staging file written and read again (bench/dimse: the
 hand-offs and re-reads were a third of the path's CPU).
 
+Where the kernel offers io_uring and the journal was given the reactor
+(:meth:`FolderJournal.use_ring`, by ``dicom_scp``), an instance stored from the
+reactor is written by the reactor itself: the log's write and flush submitted to
+the kernel (harmony.compat.uring), the reactor free meanwhile, the file named and
+its sender told when the completion comes - no thread hand-off either way
+(session 15, docs/architecture.md: +10-18 % instances a second into
+``storage_dir``).  Only when nothing in it can block (the log made and with room,
+the folder known, a spare temporary file ready); anything else goes to the
+writer thread, and the two never write the log at once.  The log is written
+around the page cache (``O_DIRECT``, :class:`_DirectLog`) where its file system
+allows, on either path.
+
 A process that starts replays the logs of processes that are gone (the
 pid-named files, as :class:`harmony.dicom.files.Staging` does): the records of
 the log's current epoch up to the first damaged one (a write a power loss cut
