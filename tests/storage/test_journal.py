@@ -336,6 +336,64 @@ def test_a_held_file_a_killed_process_was_answered_for_is_written_again_after_a_
     journal.close()
 
 
+KILLED_AFTER_RING_WRITES = textwrap.dedent("""
+    import os, sys, threading
+    from pathlib import Path
+    from twisted.internet import defer, reactor
+    from twisted.python.threadable import isInIOThread
+    from harmony.storage.journal import FolderJournal
+    folder, count = Path(sys.argv[1]), int(sys.argv[2])
+    journal = FolderJournal(folder)
+    journal.open()
+    journal._sync = lambda batch: threading.Event().wait()   # syncs behind never finish before the crash
+    journal._spare_temps[:] = [(f"{journal.dir}/{os.getpid()}.s{i}.part",
+                                os.open(f"{journal.dir}/{os.getpid()}.s{i}.part", os.O_WRONLY | os.O_CREAT))
+                               for i in range(count)]   # as the flusher would have made them
+
+    def store(i):
+        told = defer.Deferred()
+
+        def done(error):
+            if isInIOThread():
+                told.callback((error, True))
+            else:
+                reactor.callFromThread(told.callback, (error, False))
+        journal.store(f"{folder}/st/se/{i}.dcm", bytes([i]) * (1000 + 7 * i), done)
+        return told
+
+    async def run():
+        assert journal.use_ring(reactor)
+        assert await store(0) == (None, False)   # makes the log and the folder: the writer's
+        for i in range(1, count):
+            assert await store(i) == (None, True)
+        assert journal.ring_flushes == count - 1
+        os._exit(9)   # answered for; nothing of it synced but the log
+
+    def start():
+        defer.ensureDeferred(run()).addErrback(lambda f: (print(f.getTraceback(), file=sys.stderr), os._exit(3)))
+    reactor.callWhenRunning(start)
+    reactor.run()
+""")
+
+
+def test_what_the_reactors_ring_wrote_is_written_again_after_a_kill_and_a_power_loss(tmp_path):
+    """The ring's writes (harmony.compat.uring, the log around the page cache) are the
+    same records a replay reads: a process killed after its senders were told, its
+    files' names lost as a power loss could lose them, is made whole by the next start."""
+    folder = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", KILLED_AFTER_RING_WRITES, str(folder), "12"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 9, result.stderr
+    for i in range(12):
+        (folder / "st" / "se" / f"{i}.dcm").unlink()
+    journal = FolderJournal(folder)
+    assert journal.open() == 12
+    for i in range(12):
+        assert (folder / "st" / "se" / f"{i}.dcm").read_bytes() == bytes([i]) * (1000 + 7 * i)
+    journal.close()
+    assert logs(folder) == []
+
+
 def test_a_held_file_that_cannot_be_written_is_refused_with_nothing_to_replay(tmp_path):
     folder = tmp_path / "out"
     journal = FolderJournal(folder)

@@ -691,6 +691,10 @@ class FolderJournal:
             else:
                 with self._cond:
                     self._finish(batch, None)
+        with self._cond:
+            # The log is free: a file stored from the reactor meanwhile may go by its ring
+            # while these are named (their senders told, and the next file handed over at once).
+            self._thread_writing = False
         self._name_held(batch, error)
 
     def _top_up_spares(self) -> None:
