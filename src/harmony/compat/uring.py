@@ -14,10 +14,10 @@ less time an instance - the price of the hand-offs, and the gain on offer if the
 waiting can be taken from the thread without giving it to the reactor.
 
 io_uring does that: the reactor submits the write with ``RWF_DSYNC`` and goes on;
-the kernel makes it (the sync on a worker thread of its own, which needs no GIL)
-and posts its completion, which wakes the reactor through an eventfd in its
-``epoll`` set - or which the reactor's spin finds, because nothing of ours is
-working while it waits.
+the kernel makes it (a direct write goes to the device at once, its cache flush
+runs on a kernel worker, and neither needs the GIL) and posts its completion,
+which wakes the reactor through an eventfd in its ``epoll`` set - or which the
+reactor's spin finds, because nothing of ours is working while it waits.
 
 Only what the journal needs is here: ``write`` at an offset with flags; one
 submission per call (``io_uring_enter``), completions reaped when the eventfd is
@@ -147,27 +147,23 @@ class Ring:
         *data*: bytes, or a writable buffer (memory aligned for ``O_DIRECT``); either is
         held until the write is done.  A short write is the caller's to finish (as a
         ``pwrite``'s would be)."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the io_uring is closed")
+        if len(self._pending) >= self._sq_entries:
+            raise OSError(errno.EBUSY, "the io_uring is full")
         keep: object
         if isinstance(data, bytes):
             keep, address = data, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
         else:
             keep = (ctypes.c_char * len(data)).from_buffer(data)
             address = ctypes.addressof(keep)
-        self._submit(_OP_WRITE, fd, offset, address, len(data), flags, done, keep)
-
-    def _submit(self, op: int, fd: int, off: int, addr: int, length: int, op_flags: int,
-                done: Callable[[int], None], keep: object) -> None:
-        if self._fd < 0:
-            raise OSError(errno.EBADF, "the io_uring is closed")
-        if len(self._pending) >= self._sq_entries:
-            raise OSError(errno.EBUSY, "the io_uring is full")
         ring = self._ring
         tail = _U32.unpack_from(ring, self._sq_tail)[0]
         index = tail & self._sq_mask
         key = self._next
         self._next = key + 1 if key < 2 ** 62 else 1
-        _SQE.pack_into(self._sqes, index * _SQE.size, op, 0, 0, fd, off, addr, length, op_flags, key,
-                       0, 0, 0, 0, 0)
+        _SQE.pack_into(self._sqes, index * _SQE.size, _OP_WRITE, 0, 0, fd, offset, address, len(data), flags,
+                       key, 0, 0, 0, 0, 0)
         _U32.pack_into(ring, self._sq_array + 4 * index, index)
         # The entry is written before the tail moves: plain stores stay in order on x86-64.
         _U32.pack_into(ring, self._sq_tail, (tail + 1) & 0xFFFFFFFF)

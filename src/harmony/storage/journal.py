@@ -562,9 +562,7 @@ class FolderJournal:
         else:
             error = OSError(-result, os.strerror(-result))
         with self._cond:
-            if error is not None:
-                self._write_failed = OSError(5, f"a write to the storage journal failed: {error}")
-            self._finish(batch, error)
+            self._written(batch, error)
         try:
             self._name_held(batch, error)
         finally:
@@ -684,18 +682,22 @@ class FolderJournal:
             try:
                 self._write(batch, offset)
             except Exception as e:  # noqa: BLE001 - as above
-                with self._cond:
-                    self._write_failed = OSError(5, f"a write to the storage journal failed: {e}")
-                    self._finish(batch, e)
                 error = e
-            else:
-                with self._cond:
-                    self._finish(batch, None)
+            with self._cond:
+                self._written(batch, error)
         with self._cond:
             # The log is free: a file stored from the reactor meanwhile may go by its ring
             # while these are named (their senders told, and the next file handed over at once).
             self._thread_writing = False
         self._name_held(batch, error)
+
+    def _written(self, batch: _Batch, error: BaseException | None) -> None:
+        """The log's write of *batch* is over, by the writer or the ring (called with the
+        lock held): after a failed one the log's state is unknown, and every later
+        placement is refused."""
+        if error is not None:
+            self._write_failed = OSError(5, f"a write to the storage journal failed: {error}")
+        self._finish(batch, error)
 
     def _top_up_spares(self) -> None:
         """Temporary files for the next held files, created on the flusher thread after
