@@ -35,6 +35,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 
 from harmony.dicom.ul.association import CLOSED, Association, BoundedCache, Reject
+from harmony.dicom.ul.proposal import Proposal
 from harmony.dicom.ul.storage import can_compress
 from harmony.log import get_logger
 
@@ -557,8 +558,9 @@ class AcceptorSettings:
         self.dimse_timeout = limits.dimse_timeout
         self.network_timeout = limits.network_timeout
         self.connections = 0
-        #: Negotiation results and the A-ASSOCIATE-AC bytes, by (cached, shared) request
-        #: primitive: a client asks with the same request every time (see decode_associate_rq).
+        #: Negotiation results and the A-ASSOCIATE-AC bytes, by the proposal's key (its
+        #: presentation contexts and role selections as sent): clients ask with the same
+        #: proposal every time, and a site's modalities mostly with one (harmony.dicom.ul.proposal).
         self.negotiated = BoundedCache()
         self.accept_pdus = BoundedCache()
         self.by_source: Counter = Counter()
@@ -631,8 +633,9 @@ class AcceptorSettings:
 
     # -- negotiation
 
-    def negotiate(self, assoc: Association, rq):
+    def negotiate(self, assoc: Association, proposal: Proposal):
         """A-ASSOCIATE-RJ (result, source, reason) or (accepted contexts, extra user information items)."""
+        rq = proposal.primitive
         if str(rq.application_context_name or "") != APPLICATION_CONTEXT:
             return REJECT_APPLICATION_CONTEXT
         if self.require_called_aet and assoc.called_aet != self.local_aet:
@@ -647,27 +650,27 @@ class AcceptorSettings:
             reserved = self.shared_count.reserve(self.limits.max_associations)
             if isinstance(reserved, defer.Deferred):   # another process holds the count: answered later
                 reserved.addErrback(self._count_busy, "association request from", assoc.peer_address[0], False)
-                return reserved.addCallback(self._reserved, assoc, rq)
+                return reserved.addCallback(self._reserved, assoc, proposal)
             if not reserved:
                 return REJECT_BUSY
         elif len(self.associations) >= self.limits.max_associations:
             return REJECT_BUSY
-        return self._contexts(rq)
+        return self._contexts(proposal)
 
-    def _reserved(self, reserved: bool, assoc: Association, rq):
+    def _reserved(self, reserved: bool, assoc: Association, proposal: Proposal):
         if not reserved:
             return REJECT_BUSY
         if assoc.state == CLOSED:
             # The peer left while we waited: the reservation is not an association.
             self.shared_count.set(len(self.associations))
             return REJECT_BUSY
-        return self._contexts(rq)
+        return self._contexts(proposal)
 
-    def _contexts(self, rq):
-        known = self.negotiated.get(rq)
+    def _contexts(self, proposal: Proposal):
+        known = self.negotiated.get(proposal.key)
         if known is None:
-            known = self._negotiate_contexts(rq)
-            self.negotiated.put(rq, known)
+            known = self._negotiate_contexts(proposal.primitive)
+            self.negotiated.put(proposal.key, known)
         return known
 
     def _negotiate_contexts(self, rq):

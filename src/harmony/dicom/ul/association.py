@@ -31,7 +31,6 @@ went through two reactor turns fewer, and as few system calls as before.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 from collections import deque
@@ -56,6 +55,7 @@ from harmony.compat.twisted import direct_socket, flush_buffered, send_now
 from harmony.dicom import status as dimse
 from harmony.dicom.ul import commands, filesend, pdu
 from harmony.dicom.ul.datasets import MAX_IDENTIFIER_BYTES, MemorySink
+from harmony.dicom.ul.proposal import AE_FIELDS, Proposal, decode_associate_rq
 from harmony.log import get_logger
 
 log = get_logger("harmony.dicom.ul")
@@ -78,6 +78,8 @@ CLOSE_DRAIN_BYTES = 1 << 20
 #: Largest data set a response may carry (received by the association itself, not a handler's
 #: sink: a response's data set is an identifier -- a C-FIND match, a failed-UID list).
 MAX_RESPONSE_DATASET = MAX_IDENTIFIER_BYTES
+#: The AE title fields in an A-ASSOCIATE-AC PDU (its six-byte header first).
+_AC_AE_FIELDS = slice(6 + AE_FIELDS.start, 6 + AE_FIELDS.stop)
 
 
 
@@ -703,9 +705,10 @@ class Association(protocol.Protocol):
 
     def _on_associate_rq(self, body: bytes):
         try:
-            primitive = decode_associate_rq(body)
+            proposal = decode_associate_rq(body)
         except Exception as e:   # pynetdicom raises assorted errors on garbage
             raise pdu.PDUError(f"malformed A-ASSOCIATE-RQ: {e.__class__.__name__}", reason=0x06) from None
+        primitive = proposal.primitive
         self.calling_aet = _aet(primitive.calling_ae_title)
         self.called_aet = _aet(primitive.called_ae_title)
         self._rq_primitive = primitive
@@ -716,11 +719,11 @@ class Association(protocol.Protocol):
                 self.implementation_class_uid = str(item.implementation_class_uid or "")
             elif item.__class__.__name__ == "UserIdentityNegotiation":
                 self.user_identity = item
-        decision = self.settings.negotiate(self, primitive)
+        decision = self.settings.negotiate(self, proposal)
         if isinstance(decision, defer.Deferred):
-            self._hold(decision, lambda decided: self._answer_associate_rq(primitive, decided))
+            self._hold(decision, lambda decided: self._answer_associate_rq(proposal, decided))
         else:
-            self._answer_associate_rq(primitive, decision)
+            self._answer_associate_rq(proposal, decision)
 
     def _hold(self, decision: defer.Deferred, then) -> None:
         """Read nothing more until *decision* fires (an acceptor waiting for the count it
@@ -742,7 +745,7 @@ class Association(protocol.Protocol):
             return result
         decision.addCallback(decided)
 
-    def _answer_associate_rq(self, primitive, decision) -> None:
+    def _answer_associate_rq(self, proposal: Proposal, decision) -> None:
         if isinstance(decision, Reject):
             result, source, reason = decision
             self._write(pdu.associate_rj(result, source, reason))
@@ -753,9 +756,12 @@ class Association(protocol.Protocol):
             return
         accepted, extra_items = decision
         self.contexts = {cx.context_id: cx for cx in accepted if cx.result == 0x00}
+        # The answer to a proposal is the same but for the AE title fields, which echo the
+        # request's (PS3.8 Table 9-17): kept by the proposal's key, those spliced in.
         cache = getattr(self.settings, "accept_pdus", None)
-        encoded = cache.get(primitive) if cache is not None else None
-        if encoded is None:
+        answer = cache.get(proposal.key) if cache is not None else None
+        if answer is None:
+            primitive = proposal.primitive
             ac = A_ASSOCIATE()
             ac.application_context_name = APPLICATION_CONTEXT
             ac.calling_ae_title = primitive.calling_ae_title
@@ -764,9 +770,10 @@ class Association(protocol.Protocol):
             ac.result_source = 0x01
             ac.presentation_context_definition_results_list = accepted
             ac.user_information = self._user_information() + list(extra_items)
-            encoded = pn_pdu.A_ASSOCIATE_AC(ac).encode()
+            answer = pn_pdu.A_ASSOCIATE_AC(ac).encode()
             if cache is not None:
-                cache.put(primitive, encoded)
+                cache.put(proposal.key, answer)
+        encoded = answer[:_AC_AE_FIELDS.start] + proposal.ae_fields + answer[_AC_AE_FIELDS.stop:]
         self._write(encoded)
         self._stop_artim()
         self._set_established()
@@ -1149,20 +1156,6 @@ class _Held:
     def __init__(self):
         self.pdus: list = []
         self.data = bytearray()
-
-
-@functools.lru_cache(maxsize=32)
-def decode_associate_rq(body: bytes) -> A_ASSOCIATE:
-    """The A-ASSOCIATE-RQ in *body* as pynetdicom's primitive; the same bytes give the same
-    (shared, read-only) primitive.
-
-    pynetdicom validates every UID it decodes with regular expressions: DCMTK
-    getscu's request (121 contexts) took 31 ms to decode, once per association,
-    on the reactor -- a sixth of a 200-instance C-GET.  A client asks with the
-    same bytes every time, so the decoded request is kept (a few dozen)."""
-    rq = pn_pdu.A_ASSOCIATE_RQ()
-    rq.decode(pdu.header(pdu.A_ASSOCIATE_RQ, len(body)) + body)
-    return rq.to_primitive()
 
 
 class BoundedCache:
