@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -371,3 +372,34 @@ http {{
         for port in self.ports:
             wait_for(lambda: port_open(port), 10, f"nginx on {port} ({self.conf})", self.proc)
         return self
+
+
+def dcmtk_association_request(tool: str, *args: str, files: tuple[str, ...] = (), calling: str = "CLIENT",
+                              called: str = "HARMONY") -> bytes:
+    """The A-ASSOCIATE-RQ PDU (whole, header first) DCMTK's *tool* sends, caught on a plain
+    socket that closes once it has it (the tool then fails to associate, as expected)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        got: list[bytes] = []
+
+        def take():
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while len(data) < 6 or len(data) < 6 + int.from_bytes(data[2:6], "big"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                got.append(data)
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        subprocess.run([require(DCMTK[tool]), "-aet", calling, "-aec", called, *args, "127.0.0.1",
+                        str(server.getsockname()[1]), *files], capture_output=True, timeout=30, env=peer_env())
+        taker.join(30)
+    if not got or got[0][:1] != b"\x01":
+        raise RuntimeError(f"{tool} sent no A-ASSOCIATE-RQ")
+    return got[0]

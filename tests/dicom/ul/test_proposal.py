@@ -8,10 +8,6 @@ pynetdicom's decode of the same bytes, which the acceptor used until session 16.
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import threading
-
 import pytest
 from pynetdicom import pdu as pn_pdu
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation, UserIdentityNegotiation
@@ -19,38 +15,14 @@ from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation, UserIden
 from harmony.dicom.ul import pdu
 from harmony.dicom.ul.association import ESTABLISHED
 from harmony.dicom.ul.proposal import Proposal, decode_associate_rq
-from tests.dicom_data import make_instance, save
 from tests.dicom.ul.memory import acceptor, connect
-from tests.peers import DCMTK, require
+from tests.dicom_data import make_instance, save
+from tests.peers import dcmtk_association_request
 
 
-def caught_request(tool: str, *args: str, files: tuple[str, ...] = (), calling: str = "CLIENT") -> bytes:
-    """The A-ASSOCIATE-RQ PDU body DCMTK's *tool* sends (it then finds the connection closed)."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        got: list[bytes] = []
-
-        def take():
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(10)
-                data = b""
-                while len(data) < 6 or len(data) < 6 + int.from_bytes(data[2:6], "big"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                got.append(data)
-
-        taker = threading.Thread(target=take)
-        taker.start()
-        subprocess.run([require(DCMTK[tool]), "-aet", calling, "-aec", "HARMONY", *args, "127.0.0.1",
-                        str(server.getsockname()[1]), *files], capture_output=True, timeout=30)
-        taker.join(30)
-    data = got[0]
-    assert data[0] == pdu.A_ASSOCIATE_RQ
-    return data[6:]
+def caught_request(tool: str, *args: str, files: tuple[str, ...] = ()) -> bytes:
+    """The body of the A-ASSOCIATE-RQ DCMTK's *tool* sends."""
+    return dcmtk_association_request(tool, *args, files=files)[6:]
 
 
 def pynetdicom_decode(body: bytes):
