@@ -8,7 +8,6 @@ import select
 import socket
 import threading
 import time
-import weakref
 
 import pytest
 
@@ -25,8 +24,8 @@ class _Pool:
 @pytest.fixture(autouse=True)
 def watched_here(monkeypatch):
     """Only the pools and rings a test registers are watched (others' stores may still be open)."""
-    monkeypatch.setattr(spin, "_watched", weakref.WeakSet())
-    monkeypatch.setattr(spin, "_awaited", weakref.WeakSet())
+    monkeypatch.setattr(spin, "_watched", spin.WeakMembers())
+    monkeypatch.setattr(spin, "_awaited", spin.WeakMembers())
 
 
 class _Ring:
@@ -226,12 +225,25 @@ def test_no_spinner_for_a_window_of_zero(epoll):
 
 
 def test_watched_pools_are_held_weakly():
-    pool = _Pool(working=1)
+    pool, other = _Pool(working=1), _Pool(working=0)
     spin.watch_threads(pool)
+    spin.watch_threads(other)
+    spin.watch_threads(pool)          # watched once, however often it asks
+    assert len(spin._watched.refs) == 2
     assert spin.threads_working()
     del pool
     gc.collect()
     assert not spin.threads_working()
+    assert [ref() for ref in spin._watched.refs] == [other]
+
+
+def test_awaited_rings_are_held_weakly():
+    ring = _Ring(pending=1)
+    spin.await_completions(ring)
+    assert spin.completions_awaited()
+    del ring
+    gc.collect()
+    assert not spin.completions_awaited() and spin._awaited.refs == ()
 
 
 def test_woken_threads_say_when_one_of_them_works():
