@@ -99,7 +99,7 @@ def _items(data: bytes, offset: int):
         offset += 4 + length
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _contexts(items: bytes) -> tuple[PresentationContext, ...]:
     """The presentation contexts of the context items *items* (shared: read-only)."""
     out = []
