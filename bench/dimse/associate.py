@@ -32,7 +32,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench.common import dicom_scp_endpoint, stop, toml_table  # noqa: E402
+from bench.common import harmony_config as common_config  # noqa: E402
 from bench.dimse.run import start_harmony  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
 from tests.peers import Orthanc, Storescp, dcmtk_association_request, free_port  # noqa: E402
@@ -81,20 +81,12 @@ def measure(port: int, rq: bytes, n: int, tag: str) -> dict:
 
 
 def harmony_config(folder: Path, port: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / "harmony.toml"
-    cfg.write_text(textwrap.dedent(f"""
-        [proxy]
-        id = "bench"
-        log_level = "warn"
-
-        [storage.options]
-        path = "{folder / 'var'}"
-
-        """) + toml_table("pipelines.ingest", endpoints=["ingest"], backends=["echo"])
-        + toml_table("backends.echo", service="echo")
-        + dicom_scp_endpoint("ingest", port, enable_store=True, storage_dir=str(folder / "in"), forward_store=False))
-    return cfg
+    """A ``dicom_scp`` on *port* storing into a folder (its contexts are a C-STORE SCP's); the
+    HTTP network on a free port, unused."""
+    return common_config(folder, free_port(), toml_table("pipelines.ingest", endpoints=["ingest"], backends=["echo"])
+                         + toml_table("backends.echo", service="echo")
+                         + dicom_scp_endpoint("ingest", port, enable_store=True, storage_dir=str(folder / "in"),
+                                              forward_store=False), storage=True)
 
 
 def pcts(values: list[float]) -> str:
@@ -117,16 +109,12 @@ def main() -> int:
         for r in range(args.rounds):
             for who in (who_all if r % 2 == 0 else who_all[::-1]):
                 got = results.setdefault(who, {"same": [], "new": []})
-                if who == "orthanc":
-                    peer = Orthanc(tmp / f"orthanc-{r}").start()
+                if who in ("orthanc", "storescp"):
+                    peer = Orthanc(tmp / f"orthanc-{r}") if who == "orthanc" else Storescp(tmp / f"storescp-{r}")
+                    peer.start()
                     try:
-                        out = measure(peer.dicom_port, with_called(rq, peer.aet), args.associations, f"R{r}O")
-                    finally:
-                        peer.stop()
-                elif who == "storescp":
-                    peer = Storescp(tmp / f"storescp-{r}").start()
-                    try:
-                        out = measure(peer.port, with_called(rq, peer.aet), args.associations, f"R{r}S")
+                        port = peer.dicom_port if who == "orthanc" else peer.port
+                        out = measure(port, with_called(rq, peer.aet), args.associations, f"R{r}{who[0]}")
                     finally:
                         peer.stop()
                 else:
