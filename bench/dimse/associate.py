@@ -18,6 +18,12 @@ rows per listener:
 A client here sends the captured request with the calling AE title changed or
 not, reads the A-ASSOCIATE-AC, and aborts; the time is connect to answer read.
 
+The other direction, *Harmony as requestor*: ``dicom_scu``'s association to a PACS
+(128 storage contexts and their SCP roles, as a C-GET's) opened and aborted again
+and again against Orthanc, by Harmony's ``associate`` and by pynetdicom's own
+``AE.associate`` with the same contexts and roles (the Python DICOM client many
+users run), each in a process of its own; connect to established.
+
     .venv/bin/python bench/dimse/associate.py [--associations 300] [--rounds 3] [--ab SRC]
 
 ``--ab SRC``: a second Harmony from the ``src`` folder SRC (``git archive <commit> src``)
@@ -27,9 +33,11 @@ in the same rounds.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +51,7 @@ from bench.common import dicom_scp_endpoint, stop, toml_table  # noqa: E402
 from bench.common import harmony_config as common_config  # noqa: E402
 from bench.dimse.run import start_harmony  # noqa: E402
 from tests.dicom_data import make_instance, save  # noqa: E402
-from tests.peers import Orthanc, Storescp, dcmtk_association_request, free_port  # noqa: E402
+from tests.peers import Orthanc, Storescp, dcmtk_association_request, free_port, peer_env  # noqa: E402
 
 ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
@@ -78,6 +86,52 @@ def measure(port: int, rq: bytes, n: int, tag: str) -> dict:
     same = [associate_ms(port, with_calling(rq, "SAME")) for _ in range(n)]
     new = [associate_ms(port, with_calling(rq, f"{tag}{i}")) for i in range(n)]
     return {"same": same, "new": new}
+
+
+REQUESTOR = r"""
+import json, sys, time
+port, aet, n, who = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+from harmony.dicom import net
+contexts = net.requestor_contexts()
+roles = net.storage_roles(contexts)
+times = []
+if who == "pynetdicom":
+    from pynetdicom import AE
+    ae = AE(ae_title="BENCH")
+    ae.requested_contexts = contexts
+    for _ in range(n):
+        t = time.perf_counter()
+        assoc = ae.associate("127.0.0.1", port, ae_title=aet, ext_neg=roles)
+        times.append((time.perf_counter() - t) * 1000)
+        assert assoc.is_established
+        assoc.abort()
+    print(json.dumps(times))
+else:
+    from twisted.internet import defer, task
+    from harmony.dicom.ul.requestor import RequestorSettings, associate
+
+    async def run(reactor):
+        settings = RequestorSettings(local_aet="BENCH", max_pdu=16384)
+        for _ in range(n):
+            t = time.perf_counter()
+            assoc = await associate(reactor, "127.0.0.1", port, settings, aet, contexts, extra_items=roles)
+            times.append((time.perf_counter() - t) * 1000)
+            assoc.abort()
+        print(json.dumps(times))
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+"""
+
+
+def requestor_ms(port: int, aet: str, n: int, who: str, pythonpath: str | None = None) -> list[float]:
+    """*n* associations to *port* opened by *who* (``harmony`` or ``pynetdicom``) in a process of its own."""
+    env = peer_env()
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run([sys.executable, "-c", REQUESTOR, str(port), aet, str(n), who], capture_output=True,
+                         text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {who} requestor failed: {out.stderr[-1500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def harmony_config(folder: Path, port: int) -> Path:
@@ -127,6 +181,17 @@ def main() -> int:
                         stop(proc)
                 for kind in ("same", "new"):
                     got[kind] += out[kind]
+        requested: dict[str, list[float]] = {}
+        requestors = ["harmony", "pynetdicom"] + (["ab"] if args.ab else [])
+        orthanc = Orthanc(tmp / "orthanc-requested").start()
+        try:
+            for r in range(args.rounds):
+                for who in (requestors if r % 2 == 0 else requestors[::-1]):
+                    requested.setdefault(who, []).extend(requestor_ms(
+                        orthanc.dicom_port, orthanc.aet, args.associations // 3, "pynetdicom" if who == "pynetdicom"
+                        else "harmony", args.ab if who == "ab" else None))
+        finally:
+            orthanc.stop()
         print(f"A-ASSOCIATE-RQ of DCMTK storescu ({len(rq)} bytes, 128 contexts) to A-ASSOCIATE-AC, "
               f"{args.associations} associations a row a round, {args.rounds} rounds")
         for kind, label in (("same", "same AE title"), ("new", "a new AE title each")):
@@ -137,6 +202,13 @@ def main() -> int:
                 name = {"ab": f"Harmony --ab ({args.ab})"}.get(who, who.capitalize() if who != "storescp"
                                                                  else "DCMTK storescp")
                 print(f"    {name:<40} {pcts(values)}  {statistics.median(values) / orthanc:5.2f}x Orthanc")
+        print(f"Harmony as requestor: dicom_scu's association (128 storage contexts, their SCP roles) to Orthanc, "
+              f"{args.associations // 3} a round a client, connect to established (each in its own process):")
+        pyn = statistics.median(requested["pynetdicom"])
+        for who in requestors:
+            name = {"harmony": "Harmony associate()", "pynetdicom": "pynetdicom AE.associate",
+                    "ab": f"Harmony --ab ({args.ab})"}[who]
+            print(f"    {name:<40} {pcts(requested[who])}  {statistics.median(requested[who]) / pyn:5.2f}x pynetdicom")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
