@@ -717,6 +717,65 @@ async def test_held_files_stored_from_the_reactor_are_journaled_by_its_ring(tmp_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_close_during_a_ring_write_keeps_the_flusher_for_its_files(tmp_path):
+    """The ring's last write names its files on the reactor after the close began: the
+    flusher, told of the close first, must stay for them.  It used to stop at once when
+    it found nothing queued, and the file left unsynced kept the log for a replay
+    (found by CI under load: the test above, whose timing usually hid it)."""
+    from twisted.internet import reactor, threads
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    waiting_closed = threading.Event()
+
+    class Watched(threading.Condition):
+        def wait(self, timeout=None):
+            if journal.closed:
+                waiting_closed.set()
+            return super().wait(timeout)
+    journal._wake_flusher = Watched(journal._cond._lock)   # before the flusher starts
+    assert journal.use_ring(reactor)
+    assert await _stored_on_reactor(journal, folder / "st" / "0.dcm", b"0" * 100) == (None, False)
+    await _spares(journal)
+    flusher = journal._flusher
+    last = _stored_on_reactor(journal, folder / "st" / "1.dcm", b"1" * 100)
+    assert journal._ring_writing      # in flight; the reactor (this thread) reaps it only once we yield
+    closing = threads.deferToThread(journal.close)
+    while flusher.is_alive() and not waiting_closed.wait(0.01):
+        pass                           # the flusher has seen the close: it waits, or it is gone
+    assert flusher.is_alive(), "the flusher stopped while a ring write was in flight"
+    await closing
+    assert await last == (None, True)
+    assert (folder / "st" / "1.dcm").read_bytes() == b"1" * 100
+    assert not flusher.is_alive()
+    assert logs(folder) == []          # both files synced: nothing to replay
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_close_that_outwaits_a_ring_write_returns_and_keeps_the_log(tmp_path, monkeypatch):
+    """A ring write the reactor does not reap within RING_CLOSE_WAIT (here the reactor is
+    this thread, kept busy): the close gives up on it and returns, the log kept for the
+    next start.  The writer used to wait for that write for ever, and the close with it."""
+    import harmony.storage.journal as journal_module
+    from twisted.internet import reactor
+    monkeypatch.setattr(journal_module, "RING_CLOSE_WAIT", 0.2)
+    folder = tmp_path / "out"
+    journal = FolderJournal(folder)
+    journal.open()
+    assert journal.use_ring(reactor)
+    assert await _stored_on_reactor(journal, folder / "st" / "0.dcm", b"0" * 100) == (None, False)
+    await _spares(journal)
+    last = _stored_on_reactor(journal, folder / "st" / "1.dcm", b"1" * 100)
+    assert journal._ring_writing
+    closer = threading.Thread(target=journal.close)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), "the close waited for the ring's write for ever"
+    assert logs(folder) != []          # kept: the next start replays what the write held
+    assert not last.called or last.result[0] is None   # told only if the write was reaped before the ring went
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_write_the_ring_refuses_is_made_by_a_thread_and_a_failed_one_refuses(tmp_path):
     import errno
 

@@ -328,9 +328,14 @@ class FolderJournal:
             self.closed = True
             self._cond.notify_all()
             self._wake_flusher.notify()
-            flusher, committer = self._flusher, self._committer
+            committer = self._committer
             wake, self._writer_asleep = self._writer_asleep, False
         self._stop_ring()
+        with self._cond:
+            # Taken after the ring's last write: the files it named went to the flusher (which
+            # it may have started), and the flusher waited for them (_flush_loop).
+            flusher = self._flusher
+            self._wake_flusher.notify()
         if wake:
             os.eventfd_write(self._writer_event, 1)
         if committer is not None:
@@ -569,6 +574,7 @@ class FolderJournal:
             with self._cond:
                 self._ring_writing = False
                 self._cond.notify_all()
+                self._wake_flusher.notify()   # a closing flusher waits for this write's files
         self._ring_write()   # what was handed over meanwhile
 
     def _stop_ring(self) -> None:
@@ -584,8 +590,11 @@ class FolderJournal:
             with self._cond:
                 if not self._cond.wait_for(lambda: not self._ring_writing, RING_CLOSE_WAIT):
                     # The reactor never reaped it: the record may be in the log, unanswered -
-                    # the log stays for the next start to replay.
+                    # the log stays for the next start to replay.  The writer and the flusher
+                    # stop waiting for it (the writer refuses what is left: the write failed).
                     self._write_failed = OSError(5, "the storage journal closed during a write")
+                    self._ring_writing = False
+                    self._cond.notify_all()
         self._ring = self._ring_reader = None
 
         def release():
@@ -880,7 +889,9 @@ class FolderJournal:
     def _flush_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._to_sync and not self.closed:
+                # Closing, it stays for the files of a ring write still in flight: named on the
+                # reactor after the close began, they would be left unsynced (and the log kept).
+                while not self._to_sync and (not self.closed or self._ring_writing):
                     self._wake_flusher.wait()
                 # Some milliseconds to gather more files into one sync (they are durable in the log meanwhile).
                 if not self.closed and not self._hurry and len(self._to_sync) < SYNC_BATCH:
