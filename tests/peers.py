@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,10 +35,38 @@ def require(path: str) -> str:
     return path
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Where :func:`free_port` chooses: below the kernel's ephemeral range, from which it takes
+#: the source port of every outgoing connection -- a port chosen there could be taken by
+#: any connection made between free_port and the server's bind ("Address already in use",
+#: seen in CI).
+_PORTS = range(20000, max(20001, _ephemeral_low()))
+#: Ports handed out in this process: never twice (one closed again is free to the kernel,
+#: which may give it to the next caller too).
+_handed_out: set[int] = set()
+_choose = random.SystemRandom().choice
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on and no other call here was given."""
+    for _ in range(1000):
+        port = _choose(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def held_port() -> socket.socket:

@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.harness import MINIMAL_MAIN, echo_pipeline, write_config
+from tests.peers import free_port
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_twistd_lists_the_plugin():
