@@ -574,7 +574,10 @@ class FolderJournal:
             with self._cond:
                 self._ring_writing = False
                 self._cond.notify_all()
-                self._wake_flusher.notify()   # a closing flusher waits for this write's files
+                if self.closed:
+                    # A closing flusher waits for this write's files (_flush_loop).  Only then:
+                    # a wake-up of the flusher per ring write was a thread switch per instance.
+                    self._wake_flusher.notify()
         self._ring_write()   # what was handed over meanwhile
 
     def _stop_ring(self) -> None:

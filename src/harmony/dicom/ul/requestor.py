@@ -122,17 +122,19 @@ def _request(settings: RequestorSettings, called_aet: str, contexts: list[Presen
     15 s) - 0.1 ms with the request and its answers kept.  Kept by content, not identity:
     callers build their context lists afresh.  Extra items other than role selections
     (none today) are not kept."""
-    if any(not isinstance(item, SCP_SCU_RoleSelectionNegotiation) for item in extra_items):
+    def made() -> _Request:
         primitive = request_primitive(settings.local_aet, called_aet, contexts, roles, extra_items)
         return _Request(primitive, encode_associate_rq(primitive, settings.max_pdu))
+
+    if any(not isinstance(item, SCP_SCU_RoleSelectionNegotiation) for item in extra_items):
+        return made()
     key = (settings.local_aet, called_aet, settings.max_pdu,
            tuple((str(cx.abstract_syntax), tuple(map(str, cx.transfer_syntax))) for cx in contexts),
            tuple((str(uid), scu, scp) for uid, (scu, scp) in (roles or {}).items()),
            tuple((str(item.sop_class_uid), item.scu_role, item.scp_role) for item in extra_items))
     known = _requests.get(key)
     if known is None:
-        primitive = request_primitive(settings.local_aet, called_aet, contexts, roles, extra_items)
-        known = _Request(primitive, encode_associate_rq(primitive, settings.max_pdu))
+        known = made()
         _requests.put(key, known)
     return known
 
